@@ -1,0 +1,253 @@
+//! The backplane carries invalidations between the instances that share an L2, so that each
+//! evicts its L1 when another writes.
+//!
+//! Delivery is at most once (Redis pub/sub drops messages while a subscriber is disconnected).
+//! That is why a [`Subscription`] also yields [`BackplaneEvent::Resync`]: whenever messages may
+//! have been missed (subscription lost and regained, or the local queue overflowed), the
+//! subscriber must assume anything in its L1 may be stale and clear it.
+
+use std::collections::hash_map::RandomState;
+use std::fmt::Debug;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
+
+use crate::error::{CacheError, Result};
+
+/// What to evict from every other instance's L1.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum Invalidation {
+    /// These keys of the namespace.
+    Keys(Vec<String>),
+    /// Every key of the namespace that starts with this prefix.
+    Prefix(String),
+    /// Every key of the namespace.
+    All,
+}
+
+/// An invalidation of one namespace, as received from the backplane.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidationMessage {
+    /// The cache namespace it applies to.
+    pub namespace: String,
+    /// What to evict.
+    pub invalidation: Invalidation,
+}
+
+/// What a subscriber receives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackplaneEvent {
+    /// Another instance changed these entries.
+    Invalidate(Arc<InvalidationMessage>),
+    /// Messages may have been lost: clear everything local.
+    Resync,
+}
+
+/// Publishes invalidations to, and receives them from, the other instances.
+#[async_trait]
+pub trait Backplane: Send + Sync + Debug + 'static {
+    /// Tells every other instance to evict `invalidation` from `namespace`. The publishing
+    /// backplane does not receive its own message.
+    async fn publish(&self, namespace: &str, invalidation: &Invalidation) -> Result<()>;
+
+    /// A new subscription to the invalidations published by other instances.
+    fn subscribe(&self) -> Subscription;
+}
+
+/// A stream of [`BackplaneEvent`]s.
+#[derive(Debug)]
+pub struct Subscription {
+    receiver: broadcast::Receiver<BackplaneEvent>,
+}
+
+impl Subscription {
+    /// The next event; `None` once the backplane has shut down.
+    ///
+    /// If this subscriber fell so far behind that queued events were dropped, it receives
+    /// [`BackplaneEvent::Resync`] instead of them, so the queue stays bounded and nothing stale
+    /// survives.
+    pub async fn recv(&mut self) -> Option<BackplaneEvent> {
+        match self.receiver.recv().await {
+            Ok(event) => Some(event),
+            Err(broadcast::error::RecvError::Lagged(_)) => Some(BackplaneEvent::Resync),
+            Err(broadcast::error::RecvError::Closed) => None,
+        }
+    }
+}
+
+/// How many events a slow subscriber may have queued before it is resynced instead.
+pub const SUBSCRIPTION_QUEUE: usize = 4096;
+
+/// The largest backplane message accepted, in bytes.
+pub const MAX_MESSAGE_LEN: usize = 1024 * 1024;
+
+/// The fan-out half that every backplane implementation shares: it filters out the instance's own
+/// messages, decodes bounded wire messages and hands events to every [`Subscription`].
+#[derive(Debug, Clone)]
+pub struct BackplaneHub {
+    origin: u64,
+    sender: broadcast::Sender<BackplaneEvent>,
+}
+
+impl Default for BackplaneHub {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl BackplaneHub {
+    /// A hub with a fresh random origin id.
+    pub fn new() -> Self {
+        let (sender, _) = broadcast::channel(SUBSCRIPTION_QUEUE);
+        Self {
+            origin: random_origin(),
+            sender,
+        }
+    }
+
+    /// This instance's origin id, written into every message it publishes.
+    pub fn origin(&self) -> u64 {
+        self.origin
+    }
+
+    /// A new subscription.
+    pub fn subscribe(&self) -> Subscription {
+        Subscription {
+            receiver: self.sender.subscribe(),
+        }
+    }
+
+    /// Encodes a message of this instance for the wire.
+    pub fn encode(&self, namespace: &str, invalidation: &Invalidation) -> Result<Vec<u8>> {
+        let wire = WireMessage {
+            version: WIRE_VERSION,
+            origin: self.origin,
+            namespace: namespace.to_owned(),
+            invalidation: invalidation.clone(),
+        };
+        let bytes = serde_json::to_vec(&wire).map_err(CacheError::serialization)?;
+        if bytes.len() > MAX_MESSAGE_LEN {
+            return Err(CacheError::ValueTooLarge {
+                size: bytes.len(),
+                max: MAX_MESSAGE_LEN,
+            });
+        }
+        Ok(bytes)
+    }
+
+    /// Decodes a message from the wire and delivers it unless this instance published it.
+    /// Undecodable messages are refused with an error (callers count them) and dropped.
+    pub fn deliver_wire(&self, bytes: &[u8]) -> Result<()> {
+        if bytes.len() > MAX_MESSAGE_LEN {
+            return Err(CacheError::ValueTooLarge {
+                size: bytes.len(),
+                max: MAX_MESSAGE_LEN,
+            });
+        }
+        let wire: WireMessage = serde_json::from_slice(bytes).map_err(CacheError::serialization)?;
+        if wire.version != WIRE_VERSION {
+            return Err(CacheError::serialization(format!(
+                "unknown backplane message version {}",
+                wire.version
+            )));
+        }
+        if wire.origin != self.origin {
+            self.deliver(InvalidationMessage {
+                namespace: wire.namespace,
+                invalidation: wire.invalidation,
+            });
+        }
+        Ok(())
+    }
+
+    /// Delivers a decoded message to every subscriber.
+    pub fn deliver(&self, message: InvalidationMessage) {
+        // No subscriber is not an error: nobody has anything to evict.
+        let _ = self
+            .sender
+            .send(BackplaneEvent::Invalidate(Arc::new(message)));
+    }
+
+    /// Tells every subscriber that messages may have been lost.
+    pub fn resync(&self) {
+        let _ = self.sender.send(BackplaneEvent::Resync);
+    }
+}
+
+const WIRE_VERSION: u8 = 1;
+
+#[derive(Serialize, Deserialize)]
+struct WireMessage {
+    version: u8,
+    origin: u64,
+    namespace: String,
+    invalidation: Invalidation,
+}
+
+fn random_origin() -> u64 {
+    let mut hasher = RandomState::new().build_hasher();
+    hasher.write_u32(std::process::id());
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    hasher.write_u128(nanos);
+    hasher.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn own_messages_are_skipped_and_others_delivered() {
+        let a = BackplaneHub::new();
+        let b = BackplaneHub::new();
+        assert_ne!(a.origin(), b.origin());
+        let mut sub_a = a.subscribe();
+        let wire = b
+            .encode("users", &Invalidation::Keys(vec!["1".into()]))
+            .unwrap_or_else(|e| panic!("{e}"));
+        a.deliver_wire(
+            &a.encode("users", &Invalidation::All)
+                .unwrap_or_else(|e| panic!("{e}")),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        a.deliver_wire(&wire).unwrap_or_else(|e| panic!("{e}"));
+        let event = sub_a.recv().await;
+        let expected = BackplaneEvent::Invalidate(Arc::new(InvalidationMessage {
+            namespace: "users".into(),
+            invalidation: Invalidation::Keys(vec!["1".into()]),
+        }));
+        assert_eq!(event, Some(expected));
+    }
+
+    #[test]
+    fn garbage_on_the_wire_is_an_error() {
+        let hub = BackplaneHub::new();
+        assert!(hub.deliver_wire(b"\xff\x00garbage").is_err());
+        assert!(
+            hub.deliver_wire(br#"{"version":9,"origin":1,"namespace":"n","invalidation":"All"}"#)
+                .is_err()
+        );
+        assert!(hub.deliver_wire(&vec![b' '; MAX_MESSAGE_LEN + 1]).is_err());
+    }
+
+    #[tokio::test]
+    async fn a_lagging_subscriber_gets_a_resync() {
+        let hub = BackplaneHub::new();
+        let mut sub = hub.subscribe();
+        for i in 0..=SUBSCRIPTION_QUEUE {
+            hub.deliver(InvalidationMessage {
+                namespace: "n".into(),
+                invalidation: Invalidation::Keys(vec![i.to_string()]),
+            });
+        }
+        assert_eq!(sub.recv().await, Some(BackplaneEvent::Resync));
+    }
+}

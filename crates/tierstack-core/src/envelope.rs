@@ -1,0 +1,329 @@
+//! The versioned envelope around every value written to an L2.
+//!
+//! Layout (version 1, integers little-endian):
+//!
+//! | bytes | field |
+//! |---|---|
+//! | 2 | magic `TS` |
+//! | 1 | format version (1) |
+//! | 1 | codec id ([`Codec::ID`]) |
+//! | 1 | flags: bit 0 = negative entry (a cached "not found"); others reserved |
+//! | 8 | written at, ms since the Unix epoch |
+//! | 8 | expires at, ms since the Unix epoch |
+//! | 4 | payload length |
+//! | n | payload |
+//!
+//! Parsing checks every field before it touches the payload: bytes that are truncated, of another
+//! version or codec, carry unknown flags, or claim a payload over the cap are an [`EnvelopeError`]
+//! (which readers treat as a miss), never a panic and never an allocation.
+
+use bytes::Bytes;
+use serde::Serialize;
+
+use crate::clock::Timestamp;
+use crate::codec::Codec;
+use crate::error::{CacheError, Result};
+
+const MAGIC: [u8; 2] = *b"TS";
+const VERSION: u8 = 1;
+/// The size of the envelope header in bytes.
+pub const HEADER_LEN: usize = 25;
+
+const FLAG_NEGATIVE: u8 = 0b0000_0001;
+const KNOWN_FLAGS: u8 = FLAG_NEGATIVE;
+
+/// Why stored bytes are not a readable envelope.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum EnvelopeError {
+    /// Fewer bytes than a header.
+    #[error("truncated envelope: {len} bytes")]
+    Truncated {
+        /// The number of bytes present.
+        len: usize,
+    },
+    /// The bytes do not start with the magic number: not written by tierstack.
+    #[error("not a tierstack envelope")]
+    BadMagic,
+    /// Written by a format version this build does not read.
+    #[error("unknown envelope version {0}")]
+    UnknownVersion(u8),
+    /// Written with another codec than the reader's.
+    #[error("envelope codec {found} differs from the reader's codec {expected}")]
+    CodecMismatch {
+        /// The codec id in the envelope.
+        found: u8,
+        /// The reader's codec id.
+        expected: u8,
+    },
+    /// Flags this build does not understand (compression, encryption are reserved).
+    #[error("unknown envelope flags {0:#04x}")]
+    UnknownFlags(u8),
+    /// The declared payload length does not match the bytes present.
+    #[error("payload length {declared} does not match the {present} bytes present")]
+    LengthMismatch {
+        /// The declared length.
+        declared: usize,
+        /// The bytes actually present after the header.
+        present: usize,
+    },
+    /// The payload is larger than the reader accepts.
+    #[error("payload of {len} bytes exceeds the cap of {max}")]
+    TooLarge {
+        /// The payload length.
+        len: usize,
+        /// The cap.
+        max: usize,
+    },
+}
+
+impl From<EnvelopeError> for CacheError {
+    fn from(err: EnvelopeError) -> Self {
+        CacheError::serialization(err)
+    }
+}
+
+/// The contents of a parsed envelope, borrowing the payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Envelope<'a> {
+    /// Whether this is a cached "not found" (no payload).
+    pub negative: bool,
+    /// When the value was written.
+    pub written_at: Timestamp,
+    /// When the value expires.
+    pub expires_at: Timestamp,
+    /// The codec's bytes.
+    pub payload: &'a [u8],
+}
+
+impl<'a> Envelope<'a> {
+    /// Parses `bytes` written with codec `C`, refusing payloads over `max_payload` bytes.
+    pub fn parse<C: Codec>(bytes: &'a [u8], max_payload: usize) -> Result<Self, EnvelopeError> {
+        let Some((header, payload)) = bytes.split_first_chunk::<HEADER_LEN>() else {
+            return Err(EnvelopeError::Truncated { len: bytes.len() });
+        };
+        if header[0..2] != MAGIC {
+            return Err(EnvelopeError::BadMagic);
+        }
+        if header[2] != VERSION {
+            return Err(EnvelopeError::UnknownVersion(header[2]));
+        }
+        if header[3] != C::ID {
+            return Err(EnvelopeError::CodecMismatch {
+                found: header[3],
+                expected: C::ID,
+            });
+        }
+        let flags = header[4];
+        if flags & !KNOWN_FLAGS != 0 {
+            return Err(EnvelopeError::UnknownFlags(flags));
+        }
+        let written_at = read_u64(header, 5);
+        let expires_at = read_u64(header, 13);
+        let declared = read_u32(header, 21) as usize;
+        if declared != payload.len() {
+            return Err(EnvelopeError::LengthMismatch {
+                declared,
+                present: payload.len(),
+            });
+        }
+        if declared > max_payload {
+            return Err(EnvelopeError::TooLarge {
+                len: declared,
+                max: max_payload,
+            });
+        }
+        Ok(Self {
+            negative: flags & FLAG_NEGATIVE != 0,
+            written_at: Timestamp::from_millis(written_at),
+            expires_at: Timestamp::from_millis(expires_at),
+            payload,
+        })
+    }
+
+    /// Reads only the expiry of an envelope, for stores that keep it beside the bytes.
+    pub fn expires_at_of(bytes: &[u8]) -> Option<Timestamp> {
+        let header = bytes.first_chunk::<HEADER_LEN>()?;
+        (header[0..2] == MAGIC).then(|| Timestamp::from_millis(read_u64(header, 13)))
+    }
+}
+
+/// Encodes `value` (or a negative entry for `None`) with `codec` into an envelope.
+///
+/// Fails with [`CacheError::ValueTooLarge`] when the envelope would exceed `max_len` bytes.
+pub fn encode<C: Codec, T: Serialize + ?Sized>(
+    codec: &C,
+    value: Option<&T>,
+    written_at: Timestamp,
+    expires_at: Timestamp,
+    max_len: usize,
+) -> Result<Bytes> {
+    let mut out = Vec::with_capacity(HEADER_LEN + 64);
+    out.extend_from_slice(&MAGIC);
+    out.push(VERSION);
+    out.push(C::ID);
+    out.push(if value.is_none() { FLAG_NEGATIVE } else { 0 });
+    out.extend_from_slice(&written_at.as_millis().to_le_bytes());
+    out.extend_from_slice(&expires_at.as_millis().to_le_bytes());
+    out.extend_from_slice(&[0; 4]);
+    if let Some(value) = value {
+        codec.encode_into(value, &mut out)?;
+    }
+    let max = max_len.min(HEADER_LEN + u32::MAX as usize);
+    if out.len() > max {
+        return Err(CacheError::ValueTooLarge {
+            size: out.len(),
+            max: max_len,
+        });
+    }
+    let payload_len =
+        u32::try_from(out.len() - HEADER_LEN).map_err(|_| CacheError::ValueTooLarge {
+            size: out.len(),
+            max: max_len,
+        })?;
+    out[21..25].copy_from_slice(&payload_len.to_le_bytes());
+    Ok(Bytes::from(out))
+}
+
+fn read_u64(header: &[u8; HEADER_LEN], at: usize) -> u64 {
+    let mut raw = [0u8; 8];
+    raw.copy_from_slice(&header[at..at + 8]);
+    u64::from_le_bytes(raw)
+}
+
+fn read_u32(header: &[u8; HEADER_LEN], at: usize) -> u32 {
+    let mut raw = [0u8; 4];
+    raw.copy_from_slice(&header[at..at + 4]);
+    u32::from_le_bytes(raw)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::{BincodeCodec, JsonCodec};
+
+    type Bin = BincodeCodec;
+    const MAX: usize = 1 << 20;
+
+    fn sample() -> Bytes {
+        encode(
+            &Bin::default(),
+            Some("hello"),
+            Timestamp::from_millis(1_000),
+            Timestamp::from_millis(61_000),
+            MAX,
+        )
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn round_trip() {
+        let bytes = sample();
+        let env = Envelope::parse::<Bin>(&bytes, MAX).unwrap_or_else(|e| panic!("{e}"));
+        assert!(!env.negative);
+        assert_eq!(env.written_at.as_millis(), 1_000);
+        assert_eq!(env.expires_at.as_millis(), 61_000);
+        let value: String = Bin::default()
+            .decode(env.payload)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(value, "hello");
+        assert_eq!(Envelope::expires_at_of(&bytes), Some(env.expires_at));
+    }
+
+    #[test]
+    fn negative_entries_have_no_payload() {
+        let bytes = encode::<Bin, str>(
+            &Bin::default(),
+            None,
+            Timestamp::EPOCH,
+            Timestamp::from_millis(5),
+            MAX,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let env = Envelope::parse::<Bin>(&bytes, MAX).unwrap_or_else(|e| panic!("{e}"));
+        assert!(env.negative);
+        assert!(env.payload.is_empty());
+    }
+
+    #[test]
+    fn every_truncation_is_an_error() {
+        let bytes = sample();
+        for cut in 0..bytes.len() {
+            assert!(
+                Envelope::parse::<Bin>(&bytes[..cut], MAX).is_err(),
+                "cut at {cut}"
+            );
+        }
+    }
+
+    #[test]
+    fn foreign_bytes_are_refused() {
+        let bytes = sample();
+        assert_eq!(
+            Envelope::parse::<Bin>(b"definitely not an envelope, but long", MAX),
+            Err(EnvelopeError::BadMagic)
+        );
+        let mut wrong_version = bytes.to_vec();
+        wrong_version[2] = 9;
+        assert_eq!(
+            Envelope::parse::<Bin>(&wrong_version, MAX),
+            Err(EnvelopeError::UnknownVersion(9))
+        );
+        assert!(matches!(
+            Envelope::parse::<JsonCodec>(&bytes, MAX),
+            Err(EnvelopeError::CodecMismatch {
+                found: 1,
+                expected: 2
+            })
+        ));
+        let mut wrong_flags = bytes.to_vec();
+        wrong_flags[4] = 0b10;
+        assert_eq!(
+            Envelope::parse::<Bin>(&wrong_flags, MAX),
+            Err(EnvelopeError::UnknownFlags(2))
+        );
+        let mut extra = bytes.to_vec();
+        extra.push(0);
+        assert!(matches!(
+            Envelope::parse::<Bin>(&extra, MAX),
+            Err(EnvelopeError::LengthMismatch { .. })
+        ));
+    }
+
+    #[test]
+    fn a_huge_declared_length_is_refused_without_allocating() {
+        let mut bytes = sample().to_vec();
+        bytes[21..25].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(
+            Envelope::parse::<Bin>(&bytes, MAX),
+            Err(EnvelopeError::LengthMismatch { .. })
+        ));
+        let big = encode(
+            &Bin::default(),
+            Some(&vec![7u8; 100]),
+            Timestamp::EPOCH,
+            Timestamp::EPOCH,
+            MAX,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert!(matches!(
+            Envelope::parse::<Bin>(&big, 50),
+            Err(EnvelopeError::TooLarge { max: 50, .. })
+        ));
+    }
+
+    #[test]
+    fn oversized_values_are_refused_at_encode() {
+        let result = encode(
+            &Bin::default(),
+            Some(&vec![0u8; 1000]),
+            Timestamp::EPOCH,
+            Timestamp::EPOCH,
+            500,
+        );
+        assert!(matches!(
+            result,
+            Err(CacheError::ValueTooLarge { max: 500, .. })
+        ));
+    }
+}

@@ -1,0 +1,207 @@
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use crate::backplane::{Backplane, BackplaneHub, Invalidation, Subscription};
+use crate::clock::{SharedClock, Timestamp, system_clock};
+use crate::error::Result;
+use crate::key::{DEFAULT_MAX_STORE_KEY_LEN, validate_key};
+use crate::store::{Store, validate_prefix, validate_ttl};
+
+/// An in-memory [`Store`] for tests and examples: a mutex-guarded map whose entries expire by the
+/// injected clock.
+#[derive(Debug, Clone)]
+pub struct MemoryStore {
+    entries: Arc<Mutex<HashMap<String, (Bytes, Timestamp)>>>,
+    clock: SharedClock,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl MemoryStore {
+    /// An empty store on the system clock.
+    pub fn new() -> Self {
+        Self::with_clock(system_clock())
+    }
+
+    /// An empty store on `clock`.
+    pub fn with_clock(clock: SharedClock) -> Self {
+        Self {
+            entries: Arc::default(),
+            clock,
+        }
+    }
+
+    /// Writes raw bytes under `key`, as another client (or an attacker) with access to the
+    /// backend could. Tests use it to plant corrupt entries.
+    pub fn put_raw(&self, key: &str, value: impl Into<Bytes>, ttl: Duration) {
+        let expires = self.clock.now().saturating_add(ttl);
+        self.lock().insert(key.to_owned(), (value.into(), expires));
+    }
+
+    /// The number of live entries.
+    pub fn len(&self) -> usize {
+        let now = self.clock.now();
+        self.lock().values().filter(|(_, exp)| *exp > now).count()
+    }
+
+    /// Whether no live entry exists.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, (Bytes, Timestamp)>> {
+        // A panic while holding the lock cannot leave the map half-updated: every operation
+        // is a single map call.
+        self.entries.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn live<'a>(
+        map: &'a mut HashMap<String, (Bytes, Timestamp)>,
+        key: &str,
+        now: Timestamp,
+    ) -> Option<&'a mut (Bytes, Timestamp)> {
+        if map.get(key).is_some_and(|(_, exp)| *exp <= now) {
+            map.remove(key);
+        }
+        map.get_mut(key)
+    }
+}
+
+#[async_trait]
+impl Store for MemoryStore {
+    async fn get(&self, key: &str) -> Result<Option<Bytes>> {
+        validate_key(key, DEFAULT_MAX_STORE_KEY_LEN)?;
+        let now = self.clock.now();
+        Ok(Self::live(&mut self.lock(), key, now).map(|(v, _)| v.clone()))
+    }
+
+    async fn set(&self, key: &str, value: Bytes, ttl: Duration) -> Result<()> {
+        validate_key(key, DEFAULT_MAX_STORE_KEY_LEN)?;
+        validate_ttl(ttl)?;
+        let expires = self.clock.now().saturating_add(ttl);
+        self.lock().insert(key.to_owned(), (value, expires));
+        Ok(())
+    }
+
+    async fn set_if_absent(&self, key: &str, value: Bytes, ttl: Duration) -> Result<bool> {
+        validate_key(key, DEFAULT_MAX_STORE_KEY_LEN)?;
+        validate_ttl(ttl)?;
+        let now = self.clock.now();
+        let mut map = self.lock();
+        if Self::live(&mut map, key, now).is_some() {
+            return Ok(false);
+        }
+        map.insert(key.to_owned(), (value, now.saturating_add(ttl)));
+        Ok(true)
+    }
+
+    async fn delete(&self, key: &str) -> Result<bool> {
+        validate_key(key, DEFAULT_MAX_STORE_KEY_LEN)?;
+        let now = self.clock.now();
+        Ok(self.lock().remove(key).is_some_and(|(_, exp)| exp > now))
+    }
+
+    async fn expire(&self, key: &str, ttl: Duration) -> Result<bool> {
+        validate_key(key, DEFAULT_MAX_STORE_KEY_LEN)?;
+        validate_ttl(ttl)?;
+        let now = self.clock.now();
+        Ok(Self::live(&mut self.lock(), key, now)
+            .map(|(_, exp)| *exp = now.saturating_add(ttl))
+            .is_some())
+    }
+
+    async fn ttl(&self, key: &str) -> Result<Option<Duration>> {
+        validate_key(key, DEFAULT_MAX_STORE_KEY_LEN)?;
+        let now = self.clock.now();
+        Ok(Self::live(&mut self.lock(), key, now).map(|(_, exp)| now.until(*exp)))
+    }
+
+    async fn delete_prefix(&self, prefix: &str) -> Result<u64> {
+        validate_prefix(prefix)?;
+        let now = self.clock.now();
+        let mut removed = 0;
+        self.lock().retain(|key, (_, exp)| {
+            let hit = key.starts_with(prefix);
+            removed += u64::from(hit && *exp > now);
+            !hit
+        });
+        Ok(removed)
+    }
+
+    async fn sweep_expired(&self) -> Result<u64> {
+        let now = self.clock.now();
+        let mut map = self.lock();
+        let before = map.len();
+        map.retain(|_, (_, exp)| *exp > now);
+        Ok((before - map.len()) as u64)
+    }
+
+    async fn ping(&self) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// An in-process message bus; every [`MemoryBackplane`] made from it receives the others'
+/// invalidations, through the same wire encoding as a networked backplane.
+#[derive(Debug, Clone, Default)]
+pub struct MemoryBus {
+    hubs: Arc<Mutex<Vec<BackplaneHub>>>,
+}
+
+impl MemoryBus {
+    /// A bus with no members.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A new member of the bus, as one instance of a service would hold it.
+    pub fn backplane(&self) -> MemoryBackplane {
+        let hub = BackplaneHub::new();
+        self.lock().push(hub.clone());
+        MemoryBackplane {
+            bus: self.clone(),
+            hub,
+        }
+    }
+
+    /// Sends a resync to every member, as a lost and regained subscription would.
+    pub fn resync_all(&self) {
+        for hub in self.lock().iter() {
+            hub.resync();
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Vec<BackplaneHub>> {
+        self.hubs.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// One member of a [`MemoryBus`].
+#[derive(Debug, Clone)]
+pub struct MemoryBackplane {
+    bus: MemoryBus,
+    hub: BackplaneHub,
+}
+
+#[async_trait]
+impl Backplane for MemoryBackplane {
+    async fn publish(&self, namespace: &str, invalidation: &Invalidation) -> Result<()> {
+        let wire = self.hub.encode(namespace, invalidation)?;
+        for hub in self.bus.lock().iter() {
+            hub.deliver_wire(&wire)?;
+        }
+        Ok(())
+    }
+
+    fn subscribe(&self) -> Subscription {
+        self.hub.subscribe()
+    }
+}
