@@ -1,0 +1,275 @@
+//! The typed L1: decoded values in moka, each with its own deadline.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use moka::future::Cache;
+use tierstack_core::clock::{SharedClock, Timestamp, system_clock};
+
+use crate::expiry::{Deadline, DeadlineExpiry};
+
+/// How an [`L1Cache`] is bounded.
+pub enum L1Capacity<V> {
+    /// At most this many entries.
+    Entries(u64),
+    /// At most this many bytes, as the weigher counts them. Add ~300 bytes of moka overhead per
+    /// entry to the weigher to bound real memory.
+    Bytes {
+        /// The budget in bytes.
+        max_bytes: u64,
+        /// The weight of one entry in bytes.
+        weigher: Weigher<V>,
+    },
+}
+
+/// The weight of one entry, in bytes.
+pub type Weigher<V> = Arc<dyn Fn(&str, &V) -> u32 + Send + Sync>;
+
+impl<V> Clone for L1Capacity<V> {
+    fn clone(&self) -> Self {
+        match self {
+            Self::Entries(n) => Self::Entries(*n),
+            Self::Bytes { max_bytes, weigher } => Self::Bytes {
+                max_bytes: *max_bytes,
+                weigher: Arc::clone(weigher),
+            },
+        }
+    }
+}
+
+impl<V> fmt::Debug for L1Capacity<V> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Entries(n) => f.debug_tuple("Entries").field(n).finish(),
+            Self::Bytes { max_bytes, .. } => f
+                .debug_struct("Bytes")
+                .field("max_bytes", max_bytes)
+                .finish_non_exhaustive(),
+        }
+    }
+}
+
+/// One L1 entry: a value, or a cached "not found", with its deadline.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct L1Entry<V> {
+    /// The value; `None` is a negative entry (the loader found nothing).
+    pub value: Option<V>,
+    /// When the entry stops being served.
+    pub expires_at: Timestamp,
+}
+
+impl<V> Deadline for L1Entry<V> {
+    fn expires_at(&self) -> Timestamp {
+        self.expires_at
+    }
+}
+
+/// An in-process cache of decoded values with per-entry expiry.
+///
+/// A hit clones `V` and does nothing else: no decode, no copy of bytes. Put `Arc<T>` in when `T`
+/// is large. Every read compares the entry's deadline with the injected clock, so an entry is
+/// never served past its deadline even before moka evicts it.
+pub struct L1Cache<V> {
+    cache: Cache<String, L1Entry<V>>,
+    clock: SharedClock,
+}
+
+impl<V> Clone for L1Cache<V> {
+    fn clone(&self) -> Self {
+        Self {
+            cache: self.cache.clone(),
+            clock: Arc::clone(&self.clock),
+        }
+    }
+}
+
+impl<V> fmt::Debug for L1Cache<V> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("L1Cache")
+            .field("entries", &self.cache.entry_count())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<V: Clone + Send + Sync + 'static> L1Cache<V> {
+    /// An L1 bounded by `capacity`, on the system clock.
+    pub fn new(capacity: L1Capacity<V>) -> Self {
+        Self::with_clock(capacity, system_clock())
+    }
+
+    /// An L1 bounded by `capacity`, on `clock`.
+    pub fn with_clock(capacity: L1Capacity<V>, clock: SharedClock) -> Self {
+        let builder = Cache::builder().expire_after(DeadlineExpiry {
+            clock: Arc::clone(&clock),
+        });
+        let cache = match capacity {
+            L1Capacity::Entries(max) => builder.max_capacity(max).build(),
+            L1Capacity::Bytes { max_bytes, weigher } => builder
+                .max_capacity(max_bytes)
+                .weigher(move |key: &String, entry: &L1Entry<V>| match &entry.value {
+                    Some(value) => weigher(key, value),
+                    None => u32::try_from(key.len()).unwrap_or(u32::MAX),
+                })
+                .build(),
+        };
+        Self { cache, clock }
+    }
+
+    /// The live entry under `key`.
+    pub async fn get(&self, key: &str) -> Option<L1Entry<V>> {
+        let entry = self.cache.get(key).await?;
+        (entry.expires_at > self.clock.now()).then_some(entry)
+    }
+
+    /// Stores `value` (or a negative entry) under `key` until `expires_at`. An entry whose deadline
+    /// has already passed is not stored.
+    pub async fn insert(&self, key: String, value: Option<V>, expires_at: Timestamp) {
+        if expires_at > self.clock.now() {
+            self.cache.insert(key, L1Entry { value, expires_at }).await;
+        } else {
+            self.cache.invalidate(&key).await;
+        }
+    }
+
+    /// Removes `key`.
+    pub async fn invalidate(&self, key: &str) {
+        self.cache.invalidate(key).await;
+    }
+
+    /// Removes every key that starts with `prefix`.
+    pub async fn invalidate_prefix(&self, prefix: &str) {
+        let doomed: Vec<Arc<String>> = self
+            .cache
+            .iter()
+            .filter(|(key, _)| key.starts_with(prefix))
+            .map(|(key, _)| key)
+            .collect();
+        for key in doomed {
+            self.cache.invalidate(key.as_str()).await;
+        }
+    }
+
+    /// Removes every entry. Reads stop seeing them at once; memory is freed lazily.
+    pub fn invalidate_all(&self) {
+        self.cache.invalidate_all();
+    }
+
+    /// The remaining time of the live entry under `key`.
+    pub async fn ttl(&self, key: &str) -> Option<Duration> {
+        let entry = self.get(key).await?;
+        Some(self.clock.now().until(entry.expires_at))
+    }
+
+    /// An estimate of the number of entries (moka counts lazily).
+    pub fn entry_count(&self) -> u64 {
+        self.cache.entry_count()
+    }
+
+    /// Runs moka's pending housekeeping, so that counts are exact (for tests and reports).
+    pub async fn run_pending_tasks(&self) {
+        self.cache.run_pending_tasks().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tierstack_core::clock::ManualClock;
+
+    fn l1(clock: &ManualClock) -> L1Cache<String> {
+        L1Cache::with_clock(L1Capacity::Entries(100), Arc::new(clock.clone()))
+    }
+
+    #[tokio::test]
+    async fn entries_stop_being_served_at_their_deadline() {
+        let clock = ManualClock::new();
+        let cache = l1(&clock);
+        let deadline = clock.now().saturating_add(Duration::from_secs(10));
+        cache.insert("k".into(), Some("v".into()), deadline).await;
+        assert_eq!(cache.get("k").await.and_then(|e| e.value), Some("v".into()));
+        assert_eq!(cache.ttl("k").await, Some(Duration::from_secs(10)));
+        clock.advance(Duration::from_secs(10));
+        assert_eq!(cache.get("k").await, None);
+    }
+
+    #[tokio::test]
+    async fn overwrites_take_the_new_deadline() {
+        let clock = ManualClock::new();
+        let cache = l1(&clock);
+        let now = clock.now();
+        cache
+            .insert(
+                "k".into(),
+                Some("a".into()),
+                now.saturating_add(Duration::from_secs(100)),
+            )
+            .await;
+        cache
+            .insert(
+                "k".into(),
+                Some("b".into()),
+                now.saturating_add(Duration::from_secs(1)),
+            )
+            .await;
+        clock.advance(Duration::from_secs(2));
+        assert_eq!(cache.get("k").await, None);
+    }
+
+    #[tokio::test]
+    async fn already_expired_inserts_are_dropped_and_negative_entries_kept() {
+        let clock = ManualClock::new();
+        let cache = l1(&clock);
+        cache
+            .insert("old".into(), Some("v".into()), clock.now())
+            .await;
+        assert_eq!(cache.get("old").await, None);
+        let deadline = clock.now().saturating_add(Duration::from_secs(5));
+        cache.insert("none".into(), None, deadline).await;
+        assert_eq!(cache.get("none").await.map(|e| e.value), Some(None));
+    }
+
+    #[tokio::test]
+    async fn invalidation_by_key_prefix_and_all() {
+        let clock = ManualClock::new();
+        let cache = l1(&clock);
+        let deadline = clock.now().saturating_add(Duration::from_secs(60));
+        for key in ["a:1", "a:2", "b:1", "ab"] {
+            cache.insert(key.into(), Some(key.into()), deadline).await;
+        }
+        cache.invalidate("b:1").await;
+        assert!(cache.get("b:1").await.is_none());
+        cache.invalidate_prefix("a:").await;
+        assert!(cache.get("a:1").await.is_none() && cache.get("a:2").await.is_none());
+        assert!(cache.get("ab").await.is_some());
+        cache.invalidate_all();
+        assert!(cache.get("ab").await.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_byte_budget_bounds_the_cache() {
+        let weigher: Weigher<String> = Arc::new(|key: &str, value: &String| {
+            u32::try_from(key.len() + value.len()).unwrap_or(u32::MAX)
+        });
+        let cache: L1Cache<String> = L1Cache::new(L1Capacity::Bytes {
+            max_bytes: 10_000,
+            weigher,
+        });
+        let deadline = tierstack_core::clock::SystemClock
+            .now()
+            .saturating_add(Duration::from_secs(60));
+        for i in 0..1_000 {
+            cache
+                .insert(format!("k{i:04}"), Some("x".repeat(95)), deadline)
+                .await;
+        }
+        cache.run_pending_tasks().await;
+        assert!(
+            cache.entry_count() <= 100,
+            "{} entries",
+            cache.entry_count()
+        );
+    }
+
+    use tierstack_core::clock::Clock;
+}

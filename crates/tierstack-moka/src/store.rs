@@ -1,0 +1,187 @@
+//! `MokaStore`: a byte [`Store`] on moka, for single-process use and for tests.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use moka::future::Cache;
+use moka::ops::compute::{CompResult, Op};
+use tierstack_core::clock::{SharedClock, Timestamp, system_clock};
+use tierstack_core::error::Result;
+use tierstack_core::key::{DEFAULT_MAX_STORE_KEY_LEN, validate_key};
+use tierstack_core::store::{Store, validate_prefix, validate_ttl};
+
+use crate::expiry::{Deadline, DeadlineExpiry};
+
+/// Bookkeeping bytes counted per entry on top of key and value, so that a byte budget of many
+/// tiny entries still bounds memory.
+const ENTRY_OVERHEAD: usize = 64;
+
+#[derive(Debug, Clone)]
+struct StoredBytes {
+    value: Bytes,
+    expires_at: Timestamp,
+}
+
+impl Deadline for StoredBytes {
+    fn expires_at(&self) -> Timestamp {
+        self.expires_at
+    }
+}
+
+/// A byte [`Store`] in process memory, bounded by bytes, with per-entry expiry.
+///
+/// It behaves like every other store (it passes the conformance suite), so a service can start
+/// on it and move to Redis or Firestore without code changes.
+#[derive(Debug, Clone)]
+pub struct MokaStore {
+    cache: Cache<String, StoredBytes>,
+    clock: SharedClock,
+}
+
+impl MokaStore {
+    /// A store holding at most `max_bytes` of keys and values (plus 64 bytes per entry).
+    pub fn new(max_bytes: u64) -> Self {
+        Self::with_clock(max_bytes, system_clock())
+    }
+
+    /// As [`MokaStore::new`], on `clock`.
+    pub fn with_clock(max_bytes: u64, clock: SharedClock) -> Self {
+        let cache = Cache::builder()
+            .max_capacity(max_bytes)
+            .weigher(|key: &String, entry: &StoredBytes| {
+                let weight = key.len() + entry.value.len() + ENTRY_OVERHEAD;
+                u32::try_from(weight).unwrap_or(u32::MAX)
+            })
+            .expire_after(DeadlineExpiry {
+                clock: Arc::clone(&clock),
+            })
+            .build();
+        Self { cache, clock }
+    }
+
+    fn is_live(&self, entry: &StoredBytes) -> bool {
+        entry.expires_at > self.clock.now()
+    }
+
+    async fn live(&self, key: &str) -> Option<StoredBytes> {
+        self.cache.get(key).await.filter(|e| self.is_live(e))
+    }
+}
+
+#[async_trait]
+impl Store for MokaStore {
+    async fn get(&self, key: &str) -> Result<Option<Bytes>> {
+        validate_key(key, DEFAULT_MAX_STORE_KEY_LEN)?;
+        Ok(self.live(key).await.map(|e| e.value))
+    }
+
+    async fn set(&self, key: &str, value: Bytes, ttl: Duration) -> Result<()> {
+        validate_key(key, DEFAULT_MAX_STORE_KEY_LEN)?;
+        validate_ttl(ttl)?;
+        let expires_at = self.clock.now().saturating_add(ttl);
+        self.cache
+            .insert(key.to_owned(), StoredBytes { value, expires_at })
+            .await;
+        Ok(())
+    }
+
+    async fn set_if_absent(&self, key: &str, value: Bytes, ttl: Duration) -> Result<bool> {
+        validate_key(key, DEFAULT_MAX_STORE_KEY_LEN)?;
+        validate_ttl(ttl)?;
+        let now = self.clock.now();
+        let fresh = StoredBytes {
+            value,
+            expires_at: now.saturating_add(ttl),
+        };
+        // Compute calls on one key are serialised by moka: of concurrent callers exactly one
+        // sees no live entry.
+        let result = self
+            .cache
+            .entry(key.to_owned())
+            .and_compute_with(|current| async move {
+                match current {
+                    Some(entry) if entry.value().expires_at > now => Op::Nop,
+                    _ => Op::Put(fresh),
+                }
+            })
+            .await;
+        Ok(matches!(
+            result,
+            CompResult::Inserted(_) | CompResult::ReplacedWith(_)
+        ))
+    }
+
+    async fn delete(&self, key: &str) -> Result<bool> {
+        validate_key(key, DEFAULT_MAX_STORE_KEY_LEN)?;
+        Ok(self
+            .cache
+            .remove(key)
+            .await
+            .is_some_and(|e| self.is_live(&e)))
+    }
+
+    async fn expire(&self, key: &str, ttl: Duration) -> Result<bool> {
+        validate_key(key, DEFAULT_MAX_STORE_KEY_LEN)?;
+        validate_ttl(ttl)?;
+        let now = self.clock.now();
+        let result = self
+            .cache
+            .entry(key.to_owned())
+            .and_compute_with(|current| async move {
+                match current {
+                    Some(entry) if entry.value().expires_at > now => Op::Put(StoredBytes {
+                        value: entry.into_value().value,
+                        expires_at: now.saturating_add(ttl),
+                    }),
+                    Some(_) => Op::Remove,
+                    None => Op::Nop,
+                }
+            })
+            .await;
+        Ok(matches!(result, CompResult::ReplacedWith(_)))
+    }
+
+    async fn ttl(&self, key: &str) -> Result<Option<Duration>> {
+        validate_key(key, DEFAULT_MAX_STORE_KEY_LEN)?;
+        let now = self.clock.now();
+        Ok(self.live(key).await.map(|e| now.until(e.expires_at)))
+    }
+
+    async fn delete_prefix(&self, prefix: &str) -> Result<u64> {
+        validate_prefix(prefix)?;
+        let doomed: Vec<Arc<String>> = self
+            .cache
+            .iter()
+            .filter(|(key, _)| key.starts_with(prefix))
+            .map(|(key, _)| key)
+            .collect();
+        let mut removed = 0;
+        for key in doomed {
+            if let Some(entry) = self.cache.remove(key.as_str()).await {
+                removed += u64::from(self.is_live(&entry));
+            }
+        }
+        Ok(removed)
+    }
+
+    async fn sweep_expired(&self) -> Result<u64> {
+        let now = self.clock.now();
+        let expired: Vec<Arc<String>> = self
+            .cache
+            .iter()
+            .filter(|(_, entry)| entry.expires_at <= now)
+            .map(|(key, _)| key)
+            .collect();
+        let count = expired.len() as u64;
+        for key in expired {
+            self.cache.invalidate(key.as_str()).await;
+        }
+        Ok(count)
+    }
+
+    async fn ping(&self) -> Result<()> {
+        Ok(())
+    }
+}
