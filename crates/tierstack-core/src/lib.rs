@@ -53,4 +53,4 @@ pub use backplane::{Backplane, BackplaneEvent, Invalidation, InvalidationMessage
 pub use clock::{Clock, SharedClock, Timestamp};
 pub use codec::{BincodeCodec, BoundedBincodeCodec, Codec, JsonCodec};
 pub use error::{BoxError, CacheError, KeyProblem, Result};
-pub use store::{Store, StoreWrite};
+pub use store::{Store, StoreWrite, StoredEntry};

@@ -10,7 +10,7 @@ use crate::error::{CacheError, Result};
 
 /// The longest time to live any store accepts: ten years. Anything longer is almost certainly a
 /// unit mistake (milliseconds passed as seconds), and some backends overflow past it.
-pub const MAX_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 60 * 60);
+pub const MAX_TTL: Duration = Duration::from_hours(10 * 365 * 24);
 
 /// Checks that `ttl` is at least one millisecond and at most [`MAX_TTL`].
 pub fn validate_ttl(ttl: Duration) -> Result<()> {
@@ -40,6 +40,15 @@ pub struct StoreWrite<'a> {
     pub ttl: Duration,
 }
 
+/// Bytes read from a store together with their remaining time to live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredEntry {
+    /// The stored bytes.
+    pub value: Bytes,
+    /// How long the entry still lives.
+    pub ttl: Duration,
+}
+
 /// A byte-level cache tier: Redis, Firestore, moka or memory.
 ///
 /// Every entry has a time to live; a read never returns an entry past it, whatever the backend's
@@ -61,6 +70,25 @@ pub trait Store: Send + Sync + Debug + 'static {
         let mut out = Vec::with_capacity(keys.len());
         for key in keys {
             out.push(self.get(key).await?);
+        }
+        Ok(out)
+    }
+
+    /// The bytes under `key` with their remaining time to live. The composer fills its L1 from
+    /// this, so an entry extended by [`expire`](Store::expire) keeps its new deadline. The default
+    /// asks [`get`](Store::get) then [`ttl`](Store::ttl); backends answer in one round trip.
+    async fn get_with_ttl(&self, key: &str) -> Result<Option<StoredEntry>> {
+        let Some(value) = self.get(key).await? else {
+            return Ok(None);
+        };
+        Ok(self.ttl(key).await?.map(|ttl| StoredEntry { value, ttl }))
+    }
+
+    /// [`get_with_ttl`](Store::get_with_ttl) for each key, in the order of `keys`.
+    async fn get_many_with_ttl(&self, keys: &[&str]) -> Result<Vec<Option<StoredEntry>>> {
+        let mut out = Vec::with_capacity(keys.len());
+        for key in keys {
+            out.push(self.get_with_ttl(key).await?);
         }
         Ok(out)
     }

@@ -233,7 +233,7 @@ mod tests {
     async fn invalidation_by_key_prefix_and_all() {
         let clock = ManualClock::new();
         let cache = l1(&clock);
-        let deadline = clock.now().saturating_add(Duration::from_secs(60));
+        let deadline = clock.now().saturating_add(Duration::from_mins(1));
         for key in ["a:1", "a:2", "b:1", "ab"] {
             cache.insert(key.into(), Some(key.into()), deadline).await;
         }
@@ -257,7 +257,7 @@ mod tests {
         });
         let deadline = tierstack_core::clock::SystemClock
             .now()
-            .saturating_add(Duration::from_secs(60));
+            .saturating_add(Duration::from_mins(1));
         for i in 0..1_000 {
             cache
                 .insert(format!("k{i:04}"), Some("x".repeat(95)), deadline)

@@ -10,7 +10,7 @@ use moka::ops::compute::{CompResult, Op};
 use tierstack_core::clock::{SharedClock, Timestamp, system_clock};
 use tierstack_core::error::Result;
 use tierstack_core::key::{DEFAULT_MAX_STORE_KEY_LEN, validate_key};
-use tierstack_core::store::{Store, validate_prefix, validate_ttl};
+use tierstack_core::store::{Store, StoredEntry, validate_prefix, validate_ttl};
 
 use crate::expiry::{Deadline, DeadlineExpiry};
 
@@ -18,7 +18,7 @@ use crate::expiry::{Deadline, DeadlineExpiry};
 /// tiny entries still bounds memory.
 const ENTRY_OVERHEAD: usize = 64;
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 struct StoredBytes {
     value: Bytes,
     expires_at: Timestamp,
@@ -34,10 +34,19 @@ impl Deadline for StoredBytes {
 ///
 /// It behaves like every other store (it passes the conformance suite), so a service can start
 /// on it and move to Redis or Firestore without code changes.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct MokaStore {
     cache: Cache<String, StoredBytes>,
     clock: SharedClock,
+}
+
+// Hand-written: moka's own `Debug` prints every entry, and values must never reach logs.
+impl std::fmt::Debug for MokaStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MokaStore")
+            .field("entries", &self.cache.entry_count())
+            .finish_non_exhaustive()
+    }
 }
 
 impl MokaStore {
@@ -75,6 +84,15 @@ impl Store for MokaStore {
     async fn get(&self, key: &str) -> Result<Option<Bytes>> {
         validate_key(key, DEFAULT_MAX_STORE_KEY_LEN)?;
         Ok(self.live(key).await.map(|e| e.value))
+    }
+
+    async fn get_with_ttl(&self, key: &str) -> Result<Option<StoredEntry>> {
+        validate_key(key, DEFAULT_MAX_STORE_KEY_LEN)?;
+        let now = self.clock.now();
+        Ok(self.live(key).await.map(|e| StoredEntry {
+            value: e.value,
+            ttl: now.until(e.expires_at),
+        }))
     }
 
     async fn set(&self, key: &str, value: Bytes, ttl: Duration) -> Result<()> {

@@ -13,3 +13,22 @@ async fn harness() -> Harness {
 }
 
 tierstack_core::store_conformance_tests!(harness);
+
+#[tokio::test]
+async fn debug_output_never_shows_values_or_keys() {
+    use tierstack_core::Store;
+    let store = MokaStore::new(1 << 20);
+    store
+        .set(
+            "user:alice",
+            "s3cret".into(),
+            std::time::Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
+    let debug = format!("{store:?}");
+    assert!(
+        !debug.contains("s3cret") && !debug.contains("alice"),
+        "{debug}"
+    );
+}

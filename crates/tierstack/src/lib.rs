@@ -1,1 +1,69 @@
-//! placeholder
+//! A two-level read-through cache for services: an in-process L1 on
+//! [moka](https://docs.rs/moka) over a shared L2 (Redis, Firestore, or any
+//! [`Store`](tierstack_core::Store)), loading each key once, writing through, and keeping every
+//! instance's L1 fresh through a [`Backplane`](tierstack_core::Backplane).
+//!
+//! # Example
+//!
+//! ```
+//! use std::sync::Arc;
+//! use std::time::Duration;
+//! use tierstack::TieredCache;
+//! use tierstack::moka::MokaStore;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), tierstack::CacheError> {
+//! let cache: TieredCache<String> = TieredCache::builder("profiles")
+//!     .l2(Arc::new(MokaStore::new(64 << 20)))   // Redis or Firestore in production
+//!     .default_ttl(Duration::from_secs(600))
+//!     .l1_ttl(Duration::from_secs(30))
+//!     .build()?;
+//!
+//! // Concurrent misses of one key run this loader once; the value lands in both tiers.
+//! let name = cache
+//!     .get_or_load("user:42", || async { Ok::<_, std::io::Error>("Ada".to_string()) })
+//!     .await?;
+//! assert_eq!(name, "Ada");
+//! assert_eq!(cache.get("user:42").await?, Some("Ada".to_string()));
+//!
+//! cache.set("user:42", "Ada L.".to_string()).await?;       // L2, then L1, then invalidation
+//! assert_eq!(cache.stats().l1_hits, 1);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Design
+//!
+//! A read tries L1 (decoded values, no decode on a hit), then L2 (bytes in a versioned
+//! [envelope](tierstack_core::envelope); L1 is filled with the L2 entry's remaining TTL), then the
+//! loader. Misses of one key share one *flight*: one L2 read, one loader call, in a task of its
+//! own so that a cancelled caller or a panicking loader strands nobody. Writes go to L2, then L1,
+//! then an invalidation is published. Every invalidation bumps a generation before it evicts, and
+//! every L1 fill re-checks the generation after it inserts, so a fill that started before an
+//! invalidation never survives it. An L2 that fails or stalls (bounded by
+//! [`l2_timeout`](TieredCacheBuilder::l2_timeout)) degrades reads to L1 and the loader.
+//!
+//! # Features
+//!
+//! - `testkit`: the in-memory store and backplane and the fault-injecting store of
+//!   [`tierstack_core::testkit`], for testing code that uses a cache.
+
+mod builder;
+mod burst_log;
+mod cache;
+mod flight;
+mod freshness;
+mod stats;
+
+pub use builder::TieredCacheBuilder;
+pub use cache::TieredCache;
+pub use flight::{Absent, LoadFailure, LoaderPanicked};
+pub use stats::CacheStats;
+pub use tierstack_core::{
+    Backplane, BincodeCodec, BoxError, CacheError, Codec, JsonCodec, Result, Store,
+};
+
+/// The core contracts (stores, backplanes, codecs, keys, clocks).
+pub use tierstack_core as core;
+/// The moka L1 and `MokaStore`.
+pub use tierstack_moka as moka;

@@ -7,6 +7,11 @@
 //! Cases write only under [`Harness::key`], a prefix unique to the harness, so they can share one
 //! real server.
 
+#![expect(
+    clippy::missing_panics_doc,
+    reason = "every case panics when the store misbehaves: that is how a test fails"
+)]
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,7 +19,7 @@ use bytes::Bytes;
 
 use crate::clock::ManualClock;
 use crate::error::{CacheError, Result};
-use crate::store::{Store, StoreWrite};
+use crate::store::{Store, StoreWrite, StoredEntry};
 
 /// How a case makes time pass.
 #[derive(Debug, Clone)]
@@ -78,6 +83,7 @@ macro_rules! store_conformance_tests {
             entries_expire,
             get_many_returns_partial_hits_in_order,
             set_many_then_get_many,
+            get_with_ttl_reports_value_and_remaining_time,
             set_if_absent_only_writes_once,
             set_if_absent_has_one_winner_among_concurrent_callers,
             set_if_absent_succeeds_after_expiry,
@@ -111,10 +117,10 @@ fn ok<T>(result: Result<T>, what: &str) -> T {
     result.unwrap_or_else(|e| panic!("{what} failed: {e} ({e:?})"))
 }
 
-const LONG: Duration = Duration::from_secs(60);
+const LONG: Duration = Duration::from_mins(1);
 /// A TTL short enough to wait out on a real server, long enough not to expire between calls.
 const SHORT: Duration = Duration::from_millis(400);
-const PAST_SHORT: Duration = Duration::from_millis(1_000);
+const PAST_SHORT: Duration = Duration::from_secs(1);
 
 fn bytes(s: &str) -> Bytes {
     Bytes::copy_from_slice(s.as_bytes())
@@ -150,7 +156,9 @@ pub async fn empty_and_large_values_round_trip(h: &Harness) {
         Some(Bytes::new())
     );
     let large = h.key("large");
-    let value: Vec<u8> = (0..256 * 1024).map(|i| (i % 251) as u8).collect();
+    let value: Vec<u8> = (0..256 * 1024u32)
+        .map(|i| u8::try_from(i % 251).unwrap_or_default())
+        .collect();
     ok(
         h.store.set(&large, Bytes::from(value.clone()), LONG).await,
         "set large",
@@ -267,6 +275,45 @@ pub async fn set_many_then_get_many(h: &Harness) {
     h.pass(PAST_SHORT).await;
     assert_eq!(ok(h.store.get(&keys[0]).await, "get"), None);
     assert_eq!(ok(h.store.get(&keys[1]).await, "get"), Some(bytes("1")));
+}
+
+/// `get_with_ttl` and `get_many_with_ttl` answer the bytes with the remaining time, follow
+/// `expire`, and miss on absent or expired entries.
+pub async fn get_with_ttl_reports_value_and_remaining_time(h: &Harness) {
+    let (a, b, gone) = (h.key("wt-a"), h.key("wt-b"), h.key("wt-gone"));
+    ok(h.store.set(&a, bytes("1"), LONG).await, "set");
+    ok(h.store.set(&b, bytes("2"), SHORT).await, "set");
+    ok(h.store.set(&gone, bytes("3"), SHORT).await, "set");
+    assert!(ok(h.store.expire(&b, LONG * 2).await, "expire"));
+    h.pass(PAST_SHORT).await;
+    let check = |entry: Option<StoredEntry>, value: &str, max: Duration| {
+        let entry = entry.unwrap_or_else(|| panic!("{value:?} missing"));
+        assert_eq!(entry.value, bytes(value));
+        assert!(
+            entry.ttl <= max && entry.ttl > max.saturating_sub(Duration::from_secs(10)),
+            "ttl {:?}",
+            entry.ttl
+        );
+    };
+    check(
+        ok(h.store.get_with_ttl(&a).await, "get_with_ttl"),
+        "1",
+        LONG,
+    );
+    assert_eq!(
+        ok(h.store.get_with_ttl(&gone).await, "get_with_ttl expired"),
+        None
+    );
+    let many = ok(
+        h.store
+            .get_many_with_ttl(&[b.as_str(), gone.as_str(), a.as_str()])
+            .await,
+        "get_many_with_ttl",
+    );
+    let mut many = many.into_iter();
+    check(many.next().flatten(), "2", LONG * 2);
+    assert_eq!(many.next(), Some(None));
+    check(many.next().flatten(), "1", LONG);
 }
 
 /// `set_if_absent` writes only when no live entry exists.
@@ -389,7 +436,7 @@ pub async fn ttl_reports_remaining_time(h: &Harness) {
     ok(h.store.set(&key, bytes("v"), LONG).await, "set");
     let ttl = ok(h.store.ttl(&key).await, "ttl").unwrap_or_else(|| panic!("no ttl for a live key"));
     assert!(
-        ttl <= LONG && ttl > LONG - Duration::from_secs(10),
+        ttl <= LONG && ttl > LONG.saturating_sub(Duration::from_secs(10)),
         "ttl {ttl:?}"
     );
     assert_eq!(ok(h.store.ttl(&h.key("none")).await, "ttl missing"), None);

@@ -6,7 +6,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use crate::error::{CacheError, Result};
-use crate::store::{Store, StoreWrite};
+use crate::store::{Store, StoreWrite, StoredEntry};
 
 /// The error a [`FaultyStore`] injects; the source of the [`CacheError::Connection`] it returns.
 #[derive(Debug, thiserror::Error)]
@@ -114,6 +114,16 @@ impl Store for FaultyStore {
     async fn get_many(&self, keys: &[&str]) -> Result<Vec<Option<Bytes>>> {
         self.before_call().await?;
         self.inner.get_many(keys).await
+    }
+
+    async fn get_with_ttl(&self, key: &str) -> Result<Option<StoredEntry>> {
+        self.before_call().await?;
+        self.inner.get_with_ttl(key).await
+    }
+
+    async fn get_many_with_ttl(&self, keys: &[&str]) -> Result<Vec<Option<StoredEntry>>> {
+        self.before_call().await?;
+        self.inner.get_many_with_ttl(keys).await
     }
 
     async fn set(&self, key: &str, value: Bytes, ttl: Duration) -> Result<()> {

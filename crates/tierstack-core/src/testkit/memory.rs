@@ -9,14 +9,23 @@ use crate::backplane::{Backplane, BackplaneHub, Invalidation, Subscription};
 use crate::clock::{SharedClock, Timestamp, system_clock};
 use crate::error::Result;
 use crate::key::{DEFAULT_MAX_STORE_KEY_LEN, validate_key};
-use crate::store::{Store, validate_prefix, validate_ttl};
+use crate::store::{Store, StoredEntry, validate_prefix, validate_ttl};
 
 /// An in-memory [`Store`] for tests and examples: a mutex-guarded map whose entries expire by the
 /// injected clock.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct MemoryStore {
     entries: Arc<Mutex<HashMap<String, (Bytes, Timestamp)>>>,
     clock: SharedClock,
+}
+
+// Hand-written: values must never reach logs through `Debug`.
+impl std::fmt::Debug for MemoryStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryStore")
+            .field("entries", &self.lock().len())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for MemoryStore {
@@ -81,6 +90,17 @@ impl Store for MemoryStore {
         validate_key(key, DEFAULT_MAX_STORE_KEY_LEN)?;
         let now = self.clock.now();
         Ok(Self::live(&mut self.lock(), key, now).map(|(v, _)| v.clone()))
+    }
+
+    async fn get_with_ttl(&self, key: &str) -> Result<Option<StoredEntry>> {
+        validate_key(key, DEFAULT_MAX_STORE_KEY_LEN)?;
+        let now = self.clock.now();
+        Ok(
+            Self::live(&mut self.lock(), key, now).map(|(value, exp)| StoredEntry {
+                value: value.clone(),
+                ttl: now.until(*exp),
+            }),
+        )
     }
 
     async fn set(&self, key: &str, value: Bytes, ttl: Duration) -> Result<()> {

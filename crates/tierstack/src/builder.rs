@@ -1,0 +1,229 @@
+//! The builder of a [`TieredCache`].
+
+use std::collections::HashMap;
+use std::marker::PhantomData;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tierstack_core::clock::{SharedClock, system_clock};
+use tierstack_core::envelope::HEADER_LEN;
+use tierstack_core::key::{DEFAULT_MAX_STORE_KEY_LEN, Namespace};
+use tierstack_core::store::validate_ttl;
+use tierstack_core::{Backplane, BincodeCodec, CacheError, Codec, Result, Store};
+use tierstack_moka::{L1Cache, L1Capacity};
+
+use crate::burst_log::BurstLog;
+use crate::cache::{Inner, Settings, TieredCache};
+use crate::freshness::Freshness;
+use crate::stats::Recorder;
+
+/// Builds a [`TieredCache`]; start with [`TieredCache::builder`].
+///
+/// Defaults: an L1 of 10,000 entries, no L2, no backplane, bincode, a TTL of 5 minutes, no
+/// separate L1 TTL, no jitter, no negative caching, keys up to 4 KiB, values up to 1 MiB encoded,
+/// L2 calls limited to 1 s.
+#[must_use = "a builder does nothing until built"]
+pub struct TieredCacheBuilder<V, C = BincodeCodec> {
+    namespace: String,
+    l1: Option<L1Capacity<V>>,
+    l2: Option<Arc<dyn Store>>,
+    backplane: Option<Arc<dyn Backplane>>,
+    codec: C,
+    clock: SharedClock,
+    settings: Settings,
+    _value: PhantomData<fn() -> V>,
+}
+
+impl<V> TieredCacheBuilder<V, BincodeCodec> {
+    pub(crate) fn new(namespace: &str) -> Self {
+        Self {
+            namespace: namespace.to_owned(),
+            l1: Some(L1Capacity::Entries(10_000)),
+            l2: None,
+            backplane: None,
+            codec: BincodeCodec::default(),
+            clock: system_clock(),
+            settings: Settings {
+                default_ttl: Duration::from_mins(5),
+                l1_ttl: None,
+                jitter: 0.0,
+                negative_ttl: None,
+                max_key_len: 4096,
+                max_value_len: 1024 * 1024,
+                l2_timeout: Duration::from_secs(1),
+            },
+            _value: PhantomData,
+        }
+    }
+}
+
+impl<V, C> TieredCacheBuilder<V, C>
+where
+    V: Clone + Send + Sync + Serialize + DeserializeOwned + 'static,
+    C: Codec,
+{
+    /// Bounds the L1 by entry count or by bytes.
+    pub fn l1_capacity(mut self, capacity: L1Capacity<V>) -> Self {
+        self.l1 = Some(capacity);
+        self
+    }
+
+    /// Runs without an L1: every read goes to L2 (for values that must never be served from
+    /// process memory, and for measuring L2).
+    pub fn without_l1(mut self) -> Self {
+        self.l1 = None;
+        self
+    }
+
+    /// The shared L2 (Redis, Firestore, moka, memory).
+    pub fn l2(mut self, store: Arc<dyn Store>) -> Self {
+        self.l2 = Some(store);
+        self
+    }
+
+    /// The backplane that carries invalidations between instances. Building then needs a Tokio
+    /// runtime: the cache listens in a task.
+    pub fn backplane(mut self, backplane: Arc<dyn Backplane>) -> Self {
+        self.backplane = Some(backplane);
+        self
+    }
+
+    /// The codec of L2 values (default [`BincodeCodec`]).
+    pub fn codec<C2: Codec>(self, codec: C2) -> TieredCacheBuilder<V, C2> {
+        TieredCacheBuilder {
+            namespace: self.namespace,
+            l1: self.l1,
+            l2: self.l2,
+            backplane: self.backplane,
+            codec,
+            clock: self.clock,
+            settings: self.settings,
+            _value: PhantomData,
+        }
+    }
+
+    /// The time to live of entries written without one (default 5 minutes).
+    pub fn default_ttl(mut self, ttl: Duration) -> Self {
+        self.settings.default_ttl = ttl;
+        self
+    }
+
+    /// A shorter cap on how long L1 keeps an entry, so that instances re-read L2 at least this
+    /// often even if an invalidation is lost.
+    pub fn l1_ttl(mut self, ttl: Duration) -> Self {
+        self.settings.l1_ttl = Some(ttl);
+        self
+    }
+
+    /// Adds up to `fraction` (0 to 1) of each TTL at random, so entries written together do not
+    /// expire together and stampede the origin.
+    pub fn ttl_jitter(mut self, fraction: f64) -> Self {
+        self.settings.jitter = fraction;
+        self
+    }
+
+    /// Caches "the origin has no value" answers of
+    /// [`get_or_load_optional`](TieredCache::get_or_load_optional) for `ttl`, so that lookups of
+    /// keys that do not exist stop reaching the origin.
+    pub fn negative_ttl(mut self, ttl: Duration) -> Self {
+        self.settings.negative_ttl = Some(ttl);
+        self
+    }
+
+    /// The longest user key accepted, in bytes (default 4096).
+    pub fn max_key_len(mut self, len: usize) -> Self {
+        self.settings.max_key_len = len;
+        self
+    }
+
+    /// The largest encoded value accepted, in bytes including the envelope (default 1 MiB).
+    /// Larger values are refused with [`CacheError::ValueTooLarge`] before anything is written;
+    /// larger L2 entries are read as misses.
+    pub fn max_value_len(mut self, len: usize) -> Self {
+        self.settings.max_value_len = len;
+        self
+    }
+
+    /// How long one L2 call may take before the cache gives up on it (default 1 s). A read then
+    /// falls back to the loader.
+    pub fn l2_timeout(mut self, timeout: Duration) -> Self {
+        self.settings.l2_timeout = timeout;
+        self
+    }
+
+    /// The clock that decides expiry (tests inject a manual clock).
+    pub fn clock(mut self, clock: SharedClock) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Builds the cache, checking the configuration.
+    pub fn build(self) -> Result<TieredCache<V, C>> {
+        let namespace = Namespace::new(&self.namespace)
+            .map_err(|e| CacheError::Configuration(format!("namespace: {e}")))?;
+        let settings = self.settings;
+        for (name, ttl) in [
+            ("default_ttl", Some(settings.default_ttl)),
+            ("l1_ttl", settings.l1_ttl),
+            ("negative_ttl", settings.negative_ttl),
+        ] {
+            if let Some(ttl) = ttl {
+                validate_ttl(ttl).map_err(|e| CacheError::Configuration(format!("{name}: {e}")))?;
+            }
+        }
+        if !(0.0..=1.0).contains(&settings.jitter) {
+            return Err(CacheError::Configuration(
+                "ttl_jitter must be between 0 and 1".into(),
+            ));
+        }
+        if settings.max_key_len == 0
+            || settings.max_key_len + namespace.as_str().len() + 1 > DEFAULT_MAX_STORE_KEY_LEN
+        {
+            return Err(CacheError::Configuration(format!(
+                "max_key_len must be between 1 and {} for this namespace",
+                DEFAULT_MAX_STORE_KEY_LEN - namespace.as_str().len() - 1
+            )));
+        }
+        if settings.max_value_len <= HEADER_LEN {
+            return Err(CacheError::Configuration(format!(
+                "max_value_len must exceed the {HEADER_LEN}-byte envelope header"
+            )));
+        }
+        if settings.l2_timeout.is_zero() {
+            return Err(CacheError::Configuration(
+                "l2_timeout must not be zero".into(),
+            ));
+        }
+        let runtime = match &self.backplane {
+            Some(_) => Some(tokio::runtime::Handle::try_current().map_err(|_| {
+                CacheError::Configuration(
+                    "a cache with a backplane must be built inside a Tokio runtime".into(),
+                )
+            })?),
+            None => None,
+        };
+        let inner = Arc::new(Inner {
+            recorder: Recorder::new(namespace.as_str()),
+            namespace,
+            l1: self
+                .l1
+                .map(|capacity| L1Cache::with_clock(capacity, Arc::clone(&self.clock))),
+            l2: self.l2,
+            backplane: self.backplane,
+            codec: self.codec,
+            clock: self.clock,
+            settings,
+            flights: Mutex::new(HashMap::new()),
+            next_flight: std::sync::atomic::AtomicU64::new(0),
+            freshness: Freshness::new(),
+            l2_failures: BurstLog::default(),
+            listener: Mutex::new(None),
+        });
+        if let (Some(runtime), Some(backplane)) = (runtime, &inner.backplane) {
+            Inner::listen(&inner, &runtime, backplane.subscribe());
+        }
+        Ok(TieredCache { inner })
+    }
+}

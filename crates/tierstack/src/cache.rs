@@ -1,0 +1,890 @@
+//! `TieredCache`: L1, then L2, then the loader.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tierstack_core::backplane::{BackplaneEvent, Invalidation, Subscription};
+use tierstack_core::clock::SharedClock;
+use tierstack_core::envelope::{self, Envelope};
+use tierstack_core::key::{Namespace, fingerprint, validate_key};
+use tierstack_core::store::{MAX_TTL, StoreWrite, StoredEntry, validate_ttl};
+use tierstack_core::{Backplane, BincodeCodec, BoxError, CacheError, Codec, Result, Store};
+use tierstack_moka::L1Cache;
+use tokio::sync::watch;
+use tokio::task::AbortHandle;
+
+use crate::builder::TieredCacheBuilder;
+use crate::burst_log::BurstLog;
+use crate::flight::{Absent, FlightHandle, LoadFailure, Loader, LoaderPanicked, Outcome};
+use crate::freshness::{Freshness, Snapshot};
+use crate::stats::{CacheStats, L2Op, Recorder};
+
+/// How often a caller with a loader waits out a loader-less flight of its key before it loads
+/// without coalescing (a bound against starvation by a stream of plain `get`s).
+const MAX_FLIGHT_ROUNDS: usize = 16;
+
+/// A two-level read-through cache of `V`: a typed in-process L1 over an optional shared L2
+/// [`Store`], kept fresh across instances by an optional [`Backplane`].
+///
+/// - Reads try L1, then L2 (filling L1 with the L2 entry's remaining TTL), then the loader
+///   (writing both tiers). Concurrent misses of one key run one L2 read and one loader call.
+/// - Writes go to L2, then L1, then an invalidation is published to the other instances.
+/// - An L2 that fails or is slow does not fail a read that L1 or the loader can serve: the error is
+///   counted and logged once per burst.
+///
+/// Cloning is cheap and clones share everything.
+pub struct TieredCache<V, C = BincodeCodec> {
+    pub(crate) inner: Arc<Inner<V, C>>,
+}
+
+impl<V, C> Clone for TieredCache<V, C> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: Arc::clone(&self.inner),
+        }
+    }
+}
+
+impl<V, C: fmt::Debug> fmt::Debug for TieredCache<V, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TieredCache")
+            .field("namespace", &self.inner.namespace)
+            .field("l1", &self.inner.l1.is_some())
+            .field("l2", &self.inner.l2)
+            .field("backplane", &self.inner.backplane)
+            .field("codec", &self.inner.codec)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Settings {
+    pub(crate) default_ttl: Duration,
+    pub(crate) l1_ttl: Option<Duration>,
+    pub(crate) jitter: f64,
+    pub(crate) negative_ttl: Option<Duration>,
+    pub(crate) max_key_len: usize,
+    pub(crate) max_value_len: usize,
+    pub(crate) l2_timeout: Duration,
+}
+
+pub(crate) struct Inner<V, C> {
+    pub(crate) namespace: Namespace,
+    pub(crate) l1: Option<L1Cache<V>>,
+    pub(crate) l2: Option<Arc<dyn Store>>,
+    pub(crate) backplane: Option<Arc<dyn Backplane>>,
+    pub(crate) codec: C,
+    pub(crate) clock: SharedClock,
+    pub(crate) settings: Settings,
+    pub(crate) flights: Mutex<HashMap<String, FlightHandle<V>>>,
+    pub(crate) next_flight: AtomicU64,
+    pub(crate) freshness: Freshness,
+    pub(crate) recorder: Recorder,
+    pub(crate) l2_failures: BurstLog,
+    pub(crate) listener: Mutex<Option<AbortHandle>>,
+}
+
+impl<V, C> Drop for Inner<V, C> {
+    fn drop(&mut self) {
+        let listener = self
+            .listener
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(handle) = listener.take() {
+            handle.abort();
+        }
+    }
+}
+
+/// What an L2 read found.
+enum L2Read<V> {
+    /// A value or a negative entry, with its remaining time to live.
+    Hit(Option<V>, Duration),
+    Miss,
+}
+
+impl<V> TieredCache<V, BincodeCodec>
+where
+    V: Clone + Send + Sync + Serialize + DeserializeOwned + 'static,
+{
+    /// Starts building a cache whose keys live under `namespace` (`[A-Za-z0-9_.-]`, up to 128
+    /// bytes). Caches sharing an L2 must use distinct namespaces unless they hold the same data.
+    pub fn builder(namespace: &str) -> TieredCacheBuilder<V, BincodeCodec> {
+        TieredCacheBuilder::new(namespace)
+    }
+}
+
+impl<V, C> TieredCache<V, C>
+where
+    V: Clone + Send + Sync + Serialize + DeserializeOwned + 'static,
+    C: Codec,
+{
+    /// The value under `key` from L1 or L2, or `None`. An L2 failure reads as a miss (counted).
+    pub async fn get(&self, key: &str) -> Result<Option<V>> {
+        self.inner.check_key(key)?;
+        if let Some(hit) = self.inner.l1_get(key).await {
+            return Ok(hit);
+        }
+        match self.inner.flight(key, None).await {
+            Outcome::Found { value, .. } => Ok(Some(value)),
+            Outcome::Absent { .. } | Outcome::NotFound => Ok(None),
+            Outcome::Failed(failure) => Err(CacheError::Loader(Box::new(failure))),
+        }
+    }
+
+    /// The value under `key`, loading it with `loader` on a miss of both tiers and writing it to
+    /// both with the default TTL.
+    ///
+    /// Concurrent calls for one key run the loader once; every caller receives its value or its
+    /// error, and errors are not cached. The loader runs in its own task: a caller that is
+    /// cancelled does not cancel it, and a loader that panics fails every waiter with
+    /// [`LoaderPanicked`] instead of hanging them.
+    pub async fn get_or_load<F, Fut, E>(&self, key: &str, loader: F) -> Result<V>
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = std::result::Result<V, E>> + Send + 'static,
+        E: Into<BoxError>,
+    {
+        let optional = move || async move { loader().await.map(Some) };
+        match self.get_or_load_optional(key, optional).await? {
+            Some(value) => Ok(value),
+            None => Err(CacheError::Loader(Box::new(Absent))),
+        }
+    }
+
+    /// Like [`get_or_load`](Self::get_or_load) for origins that may have no value: the loader
+    /// answers `Ok(None)`, and with [`negative_ttl`](TieredCacheBuilder::negative_ttl) set that
+    /// answer is cached too.
+    pub async fn get_or_load_optional<F, Fut, E>(&self, key: &str, loader: F) -> Result<Option<V>>
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = std::result::Result<Option<V>, E>> + Send + 'static,
+        E: Into<BoxError>,
+    {
+        self.inner.check_key(key)?;
+        if let Some(hit) = self.inner.l1_get(key).await {
+            return Ok(hit);
+        }
+        let loader: Loader<V> =
+            Box::new(move || Box::pin(async move { loader().await.map_err(Into::into) }));
+        match self.inner.flight(key, Some(loader)).await {
+            Outcome::Found { value, .. } => Ok(Some(value)),
+            Outcome::Absent { .. } | Outcome::NotFound => Ok(None),
+            Outcome::Failed(failure) => Err(CacheError::Loader(Box::new(failure))),
+        }
+    }
+
+    /// The values under `keys`, in order, from L1 and then from L2 in one round trip.
+    pub async fn get_many(&self, keys: &[&str]) -> Result<Vec<Option<V>>> {
+        let found = self.inner.lookup_many(keys).await?;
+        Ok(found.into_iter().map(Option::flatten).collect())
+    }
+
+    /// The values under `keys`, in order: from L1, then from L2 in one round trip, then from one
+    /// call of `loader` with the keys still missing (each once). Keys the loader leaves out of its
+    /// map have no value (and are negatively cached if configured). Loaded values are written to
+    /// both tiers.
+    pub async fn get_or_load_many<F, Fut, E>(
+        &self,
+        keys: &[&str],
+        loader: F,
+    ) -> Result<Vec<Option<V>>>
+    where
+        F: FnOnce(Vec<String>) -> Fut + Send + 'static,
+        Fut: Future<Output = std::result::Result<HashMap<String, V>, E>> + Send + 'static,
+        E: Into<BoxError>,
+    {
+        let mut found = self.inner.lookup_many(keys).await?;
+        let mut seen = HashSet::new();
+        let missing: Vec<String> = keys
+            .iter()
+            .zip(&found)
+            .filter(|(key, hit)| hit.is_none() && seen.insert(**key))
+            .map(|(key, _)| (*key).to_owned())
+            .collect();
+        if missing.is_empty() {
+            return Ok(found.into_iter().map(Option::flatten).collect());
+        }
+        let snapshots: Vec<Snapshot> = missing
+            .iter()
+            .map(|key| self.inner.freshness.snapshot(key))
+            .collect();
+        let started = Instant::now();
+        let task = tokio::spawn(async move {
+            match loader(missing.clone()).await {
+                Ok(map) => Ok((missing, map)),
+                Err(error) => Err(error.into()),
+            }
+        });
+        let (missing, mut origin_values) = match task.await {
+            Ok(Ok(result)) => {
+                self.inner.recorder.load(true, started.elapsed());
+                result
+            }
+            Ok(Err(error)) => {
+                self.inner.recorder.load(false, started.elapsed());
+                return Err(CacheError::Loader(error));
+            }
+            Err(_) => {
+                self.inner.recorder.load(false, started.elapsed());
+                return Err(CacheError::Loader(Box::new(LoaderPanicked)));
+            }
+        };
+        let mut results: HashMap<String, Option<V>> = HashMap::with_capacity(missing.len());
+        self.inner
+            .store_loaded_many(&missing, &mut origin_values, &snapshots, &mut results)
+            .await;
+        for (key, slot) in keys.iter().zip(found.iter_mut()) {
+            if slot.is_none() {
+                *slot = Some(results.get(*key).cloned().flatten());
+            }
+        }
+        Ok(found.into_iter().map(Option::flatten).collect())
+    }
+
+    /// Writes `value` under `key` with the default TTL: L2, then L1, then an invalidation to the
+    /// other instances.
+    pub async fn set(&self, key: &str, value: V) -> Result<()> {
+        self.set_with_ttl(key, value, self.inner.settings.default_ttl)
+            .await
+    }
+
+    /// Writes `value` under `key` for `ttl`.
+    ///
+    /// Bad input (an empty or long key, a TTL out of range, a value over the maximum) is refused
+    /// before anything is written. If the L2 write fails, the error is returned and this
+    /// instance's L1 entry is evicted, so that no tier serves a value the L2 does not hold.
+    pub async fn set_with_ttl(&self, key: &str, value: V, ttl: Duration) -> Result<()> {
+        let inner = &self.inner;
+        inner.check_key(key)?;
+        validate_ttl(ttl)?;
+        let ttl = inner.jittered(ttl);
+        let now = inner.clock.now();
+        let bytes = envelope::encode(
+            &inner.codec,
+            Some(&value),
+            now,
+            now.saturating_add(ttl),
+            inner.settings.max_value_len,
+        )?;
+        let _write = inner.freshness.lock_key(key).await;
+        if let Some(l2) = &inner.l2 {
+            let store_key = inner.namespace.store_key(key);
+            if let Err(error) = inner
+                .l2_call(L2Op::Set, l2.set(&store_key, bytes, ttl))
+                .await
+            {
+                inner.evict_local(key).await;
+                return Err(error);
+            }
+        }
+        let snapshot = inner.freshness.bump_key(key);
+        inner.fill_l1(key, Some(value), ttl, snapshot).await;
+        inner
+            .publish(Invalidation::Keys(vec![key.to_owned()]))
+            .await;
+        Ok(())
+    }
+
+    /// Removes `key` from both tiers and tells the other instances; `true` if a tier held it.
+    pub async fn delete(&self, key: &str) -> Result<bool> {
+        let inner = &self.inner;
+        inner.check_key(key)?;
+        let _write = inner.freshness.lock_key(key).await;
+        let in_l1 = match &inner.l1 {
+            Some(l1) => l1.get(key).await.is_some(),
+            None => false,
+        };
+        let l2_result = match &inner.l2 {
+            Some(l2) => {
+                let store_key = inner.namespace.store_key(key);
+                inner.l2_call(L2Op::Delete, l2.delete(&store_key)).await
+            }
+            None => Ok(false),
+        };
+        inner.evict_local(key).await;
+        inner
+            .publish(Invalidation::Keys(vec![key.to_owned()]))
+            .await;
+        Ok(l2_result? || in_l1)
+    }
+
+    /// Removes every key that starts with `prefix` (literally) from both tiers and tells the other
+    /// instances; returns how many L2 entries were removed. An empty prefix clears the namespace.
+    pub async fn delete_prefix(&self, prefix: &str) -> Result<u64> {
+        let inner = &self.inner;
+        if prefix.len() > inner.settings.max_key_len {
+            inner.check_key(prefix)?;
+        }
+        let removed = match &inner.l2 {
+            Some(l2) => {
+                let store_prefix = inner.namespace.store_key(prefix);
+                inner
+                    .l2_call(L2Op::Delete, l2.delete_prefix(&store_prefix))
+                    .await
+            }
+            None => Ok(0),
+        };
+        inner.freshness.bump_all();
+        if let Some(l1) = &inner.l1 {
+            l1.invalidate_prefix(prefix).await;
+        }
+        inner.publish(Invalidation::Prefix(prefix.to_owned())).await;
+        removed
+    }
+
+    /// Whether a value exists under `key` in L1 or L2 (a negative entry does not count).
+    pub async fn exists(&self, key: &str) -> Result<bool> {
+        let inner = &self.inner;
+        inner.check_key(key)?;
+        if let Some(hit) = inner.l1_get(key).await {
+            return Ok(hit.is_some());
+        }
+        match inner.read_l2(key).await? {
+            L2Read::Hit(value, _) => Ok(value.is_some()),
+            L2Read::Miss => Ok(false),
+        }
+    }
+
+    /// The remaining time to live of `key`: L2's answer where there is an L2, else L1's.
+    pub async fn ttl(&self, key: &str) -> Result<Option<Duration>> {
+        let inner = &self.inner;
+        inner.check_key(key)?;
+        if let Some(l2) = &inner.l2 {
+            let store_key = inner.namespace.store_key(key);
+            return inner.l2_call(L2Op::Other, l2.ttl(&store_key)).await;
+        }
+        match &inner.l1 {
+            Some(l1) => Ok(l1.ttl(key).await),
+            None => Ok(None),
+        }
+    }
+
+    /// Sets the remaining time to live of `key` to `ttl` in both tiers (a sliding expiry calls it
+    /// on each access); `false` if there is no entry. Other instances evict their copy, so none
+    /// serves it past a shortened deadline.
+    pub async fn touch(&self, key: &str, ttl: Duration) -> Result<bool> {
+        let inner = &self.inner;
+        inner.check_key(key)?;
+        validate_ttl(ttl)?;
+        let _write = inner.freshness.lock_key(key).await;
+        let local = match &inner.l1 {
+            Some(l1) => l1.get(key).await,
+            None => None,
+        };
+        let existed = match &inner.l2 {
+            Some(l2) => {
+                let store_key = inner.namespace.store_key(key);
+                match inner.l2_call(L2Op::Other, l2.expire(&store_key, ttl)).await {
+                    Ok(existed) => existed,
+                    Err(error) => {
+                        inner.evict_local(key).await;
+                        return Err(error);
+                    }
+                }
+            }
+            None => local.is_some(),
+        };
+        let snapshot = inner.freshness.bump_key(key);
+        match local {
+            Some(entry) if existed => inner.fill_l1(key, entry.value, ttl, snapshot).await,
+            _ => inner.evict_local(key).await,
+        }
+        inner
+            .publish(Invalidation::Keys(vec![key.to_owned()]))
+            .await;
+        Ok(existed)
+    }
+
+    /// Evicts `key` from this instance's L1 only (L2 and other instances are untouched).
+    pub async fn invalidate_local(&self, key: &str) {
+        self.inner.evict_local(key).await;
+    }
+
+    /// Evicts everything from this instance's L1 only.
+    pub fn invalidate_local_all(&self) {
+        self.inner.freshness.bump_all();
+        if let Some(l1) = &self.inner.l1 {
+            l1.invalidate_all();
+        }
+    }
+
+    /// The counters of this cache since it was built.
+    pub fn stats(&self) -> CacheStats {
+        self.inner.recorder.snapshot()
+    }
+
+    /// The namespace of this cache.
+    pub fn namespace(&self) -> &str {
+        self.inner.namespace.as_str()
+    }
+}
+
+impl<V, C> Inner<V, C>
+where
+    V: Clone + Send + Sync + Serialize + DeserializeOwned + 'static,
+    C: Codec,
+{
+    fn check_key(&self, key: &str) -> Result<()> {
+        validate_key(key, self.settings.max_key_len)
+    }
+
+    /// The live L1 entry of `key`: `Some(Some(v))` a value, `Some(None)` a negative entry.
+    async fn l1_get(&self, key: &str) -> Option<Option<V>> {
+        let entry = self.l1.as_ref()?.get(key).await?;
+        self.recorder.l1_hit();
+        Some(entry.value)
+    }
+
+    fn jittered(&self, ttl: Duration) -> Duration {
+        if self.settings.jitter <= 0.0 {
+            return ttl;
+        }
+        let extra = ttl.mul_f64(self.settings.jitter * fastrand::f64());
+        (ttl + extra).min(MAX_TTL)
+    }
+
+    /// Inserts into L1 for at most `ttl` (capped by the L1 TTL), unless an invalidation of `key`
+    /// came after `snapshot`: then whatever was inserted is evicted again.
+    async fn fill_l1(&self, key: &str, value: Option<V>, ttl: Duration, snapshot: Snapshot) {
+        let Some(l1) = &self.l1 else { return };
+        let ttl = self.settings.l1_ttl.map_or(ttl, |cap| ttl.min(cap));
+        let deadline = self.clock.now().saturating_add(ttl);
+        l1.insert(key.to_owned(), value, deadline).await;
+        if !self.freshness.is_current(key, snapshot) {
+            l1.invalidate(key).await;
+        }
+    }
+
+    async fn evict_local(&self, key: &str) {
+        self.freshness.bump_key(key);
+        if let Some(l1) = &self.l1 {
+            l1.invalidate(key).await;
+        }
+    }
+
+    /// Runs an L2 call under the L2 timeout, timing it and counting (and logging once per burst)
+    /// its failure.
+    async fn l2_call<T>(&self, op: L2Op, call: impl Future<Output = Result<T>>) -> Result<T> {
+        let started = Instant::now();
+        let result = match tokio::time::timeout(self.settings.l2_timeout, call).await {
+            Ok(result) => result,
+            Err(_) => Err(CacheError::Timeout {
+                operation: op.label(),
+                after: self.settings.l2_timeout,
+            }),
+        };
+        self.recorder.l2_call(op, result.is_ok(), started.elapsed());
+        if let Err(error) = &result
+            && let Some(suppressed) = self.l2_failures.should_log()
+        {
+            tracing::warn!(
+                cache = %self.namespace,
+                op = op.label(),
+                error = %error,
+                suppressed,
+                "L2 call failed; reads fall back to L1 and the loader"
+            );
+        }
+        result
+    }
+
+    /// Decodes an L2 entry; a corrupt one is counted, deleted and read as a miss.
+    async fn decode_entry(&self, key: &str, entry: StoredEntry) -> L2Read<V> {
+        let parsed = Envelope::parse::<C>(&entry.value, self.settings.max_value_len)
+            .map_err(CacheError::from)
+            .and_then(|envelope| {
+                if envelope.negative {
+                    Ok(None)
+                } else {
+                    self.codec.decode::<V>(envelope.payload).map(Some)
+                }
+            });
+        match parsed {
+            Ok(value) => L2Read::Hit(value, entry.ttl),
+            Err(error) => {
+                self.recorder.corrupt_entry();
+                tracing::warn!(
+                    cache = %self.namespace,
+                    key = %fingerprint(key),
+                    error = %error,
+                    "undecodable L2 entry read as a miss and deleted"
+                );
+                if let Some(l2) = &self.l2 {
+                    let store_key = self.namespace.store_key(key);
+                    let _ = self.l2_call(L2Op::Delete, l2.delete(&store_key)).await;
+                }
+                L2Read::Miss
+            }
+        }
+    }
+
+    async fn read_l2(&self, key: &str) -> Result<L2Read<V>> {
+        let Some(l2) = &self.l2 else {
+            return Ok(L2Read::Miss);
+        };
+        let store_key = self.namespace.store_key(key);
+        match self.l2_call(L2Op::Get, l2.get_with_ttl(&store_key)).await? {
+            Some(entry) => Ok(self.decode_entry(key, entry).await),
+            None => Ok(L2Read::Miss),
+        }
+    }
+
+    /// Joins the running flight of `key` or starts one, and waits for its outcome.
+    async fn flight(self: &Arc<Self>, key: &str, mut loader: Option<Loader<V>>) -> Outcome<V> {
+        for _ in 0..MAX_FLIGHT_ROUNDS {
+            let (mut receiver, retry_with_loader) = self.join_or_start(key, &mut loader);
+            let outcome = match receiver.wait_for(Option::is_some).await {
+                Ok(outcome) => outcome.clone(),
+                // The flight task ended without an outcome: it panicked outside the loader or
+                // the runtime is shutting down.
+                Err(_) => Some(Outcome::Failed(LoadFailure::new(Box::new(LoaderPanicked)))),
+            };
+            let Some(outcome) = outcome else { continue };
+            if retry_with_loader && matches!(outcome, Outcome::NotFound) {
+                continue;
+            }
+            self.count_outcome(&outcome);
+            return outcome;
+        }
+        // Starved by loader-less flights: load without coalescing.
+        let snapshot = self.freshness.snapshot(key);
+        let outcome = self.fill(key, loader, snapshot).await;
+        self.count_outcome(&outcome);
+        outcome
+    }
+
+    fn count_outcome(&self, outcome: &Outcome<V>) {
+        match outcome {
+            Outcome::Found { from_l2: true, .. } | Outcome::Absent { from_l2: true } => {
+                self.recorder.l2_hit();
+            }
+            _ => self.recorder.miss(),
+        }
+    }
+
+    fn lock_flights(&self) -> MutexGuard<'_, HashMap<String, FlightHandle<V>>> {
+        self.flights.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Returns the receiver to wait on, and whether the caller must start over with its own
+    /// loader once that flight ends (it joined a flight without a loader).
+    fn join_or_start(
+        self: &Arc<Self>,
+        key: &str,
+        loader: &mut Option<Loader<V>>,
+    ) -> (watch::Receiver<Option<Outcome<V>>>, bool) {
+        let snapshot = self.freshness.snapshot(key);
+        let mut flights = self.lock_flights();
+        if let Some(running) = flights.get(key)
+            && running.snapshot == snapshot
+        {
+            let retry = !running.has_loader && loader.is_some();
+            return (running.receiver.clone(), retry);
+        }
+        // The key was invalidated since that flight started: it may carry the old value.
+        let (sender, receiver) = watch::channel(None);
+        let id = self.next_flight.fetch_add(1, Ordering::Relaxed);
+        let loader = loader.take();
+        flights.insert(
+            key.to_owned(),
+            FlightHandle {
+                id,
+                receiver: receiver.clone(),
+                has_loader: loader.is_some(),
+                snapshot,
+            },
+        );
+        drop(flights);
+        let inner = Arc::clone(self);
+        let key = key.to_owned();
+        tokio::spawn(async move {
+            let guard = FlightGuard {
+                inner: &*inner,
+                key: &key,
+                id,
+            };
+            let outcome = inner.fill(&key, loader, snapshot).await;
+            // Unregister before publishing, so that a caller arriving after this point starts
+            // a fresh flight instead of taking an outcome that an invalidation may have outdated.
+            drop(guard);
+            let _ = sender.send(Some(outcome));
+        });
+        (receiver, false)
+    }
+
+    /// The work of a flight: L2, then the loader, then write-through.
+    async fn fill(&self, key: &str, loader: Option<Loader<V>>, snapshot: Snapshot) -> Outcome<V> {
+        match self.read_l2(key).await {
+            Ok(L2Read::Hit(value, ttl)) => {
+                self.fill_l1(key, value.clone(), ttl, snapshot).await;
+                return match value {
+                    Some(value) => Outcome::Found {
+                        value,
+                        from_l2: true,
+                    },
+                    None => Outcome::Absent { from_l2: true },
+                };
+            }
+            // An L2 failure degrades to the loader; it was counted and logged.
+            Ok(L2Read::Miss) | Err(_) => {}
+        }
+        let Some(loader) = loader else {
+            return Outcome::NotFound;
+        };
+        let started = Instant::now();
+        let result = match tokio::spawn(loader()).await {
+            Ok(result) => result,
+            Err(_) => Err(Box::new(LoaderPanicked) as BoxError),
+        };
+        self.recorder.load(result.is_ok(), started.elapsed());
+        match result {
+            Ok(Some(value)) => {
+                self.store_loaded(key, Some(&value), self.settings.default_ttl, snapshot)
+                    .await;
+                Outcome::Found {
+                    value,
+                    from_l2: false,
+                }
+            }
+            Ok(None) => {
+                if let Some(ttl) = self.settings.negative_ttl {
+                    self.store_loaded(key, None, ttl, snapshot).await;
+                }
+                Outcome::Absent { from_l2: false }
+            }
+            Err(error) => {
+                tracing::warn!(cache = %self.namespace, key = %fingerprint(key), error = %error, "loader failed");
+                Outcome::Failed(LoadFailure::new(error))
+            }
+        }
+    }
+
+    /// Writes a loaded value (or a negative entry) to L2 if no other writer got there first, then
+    /// to L1. An L2 that fails does not stop the L1 fill: L1 and the loader keep serving.
+    async fn store_loaded(&self, key: &str, value: Option<&V>, ttl: Duration, snapshot: Snapshot) {
+        let ttl = self.jittered(ttl);
+        let now = self.clock.now();
+        let bytes = match envelope::encode(
+            &self.codec,
+            value,
+            now,
+            now.saturating_add(ttl),
+            self.settings.max_value_len,
+        ) {
+            Ok(bytes) => bytes,
+            Err(error) => {
+                // Served to the callers, but cached in neither tier.
+                tracing::warn!(cache = %self.namespace, key = %fingerprint(key), error = %error, "loaded value not cached");
+                return;
+            }
+        };
+        if let Some(l2) = &self.l2 {
+            let store_key = self.namespace.store_key(key);
+            let call = l2.set_if_absent(&store_key, bytes, ttl);
+            if let Ok(false) = self.l2_call(L2Op::Set, call).await {
+                // Another writer stored a value meanwhile; it is at least as new as ours, so let
+                // the next read take it from L2.
+                return;
+            }
+        }
+        self.fill_l1(key, value.cloned(), ttl, snapshot).await;
+    }
+
+    /// L1 then one L2 round trip for `keys`: `Some(v)` per found key (`v` `None` for a negative
+    /// entry), `None` where both tiers missed.
+    async fn lookup_many(&self, keys: &[&str]) -> Result<Vec<Option<Option<V>>>> {
+        for key in keys {
+            self.check_key(key)?;
+        }
+        let mut found = Vec::with_capacity(keys.len());
+        let mut missing = Vec::new();
+        for (index, key) in keys.iter().enumerate() {
+            let hit = self.l1_get(key).await;
+            if hit.is_none() {
+                missing.push(index);
+            }
+            found.push(hit);
+        }
+        let Some(l2) = self.l2.as_ref().filter(|_| !missing.is_empty()) else {
+            for _ in &missing {
+                self.recorder.miss();
+            }
+            return Ok(found);
+        };
+        let snapshots: Vec<Snapshot> = missing
+            .iter()
+            .map(|&i| self.freshness.snapshot(keys[i]))
+            .collect();
+        let store_keys: Vec<String> = missing
+            .iter()
+            .map(|&i| self.namespace.store_key(keys[i]))
+            .collect();
+        let refs: Vec<&str> = store_keys.iter().map(String::as_str).collect();
+        let entries = match self.l2_call(L2Op::Get, l2.get_many_with_ttl(&refs)).await {
+            Ok(entries) if entries.len() == refs.len() => entries,
+            Ok(_) | Err(_) => vec![None; refs.len()],
+        };
+        for ((&index, entry), snapshot) in missing.iter().zip(entries).zip(snapshots) {
+            let key = keys[index];
+            let read = match entry {
+                Some(entry) => self.decode_entry(key, entry).await,
+                None => L2Read::Miss,
+            };
+            match read {
+                L2Read::Hit(value, ttl) => {
+                    self.recorder.l2_hit();
+                    self.fill_l1(key, value.clone(), ttl, snapshot).await;
+                    found[index] = Some(value);
+                }
+                L2Read::Miss => self.recorder.miss(),
+            }
+        }
+        Ok(found)
+    }
+
+    /// Writes what a batched loader returned to L2 in one call, then to L1.
+    async fn store_loaded_many(
+        &self,
+        missing: &[String],
+        loaded: &mut HashMap<String, V>,
+        snapshots: &[Snapshot],
+        results: &mut HashMap<String, Option<V>>,
+    ) {
+        let now = self.clock.now();
+        let mut writes = Vec::new();
+        let mut to_fill = Vec::new();
+        for (key, snapshot) in missing.iter().zip(snapshots) {
+            let value = loaded.remove(key);
+            results.insert(key.clone(), value.clone());
+            let ttl = match (&value, self.settings.negative_ttl) {
+                (Some(_), _) => self.jittered(self.settings.default_ttl),
+                (None, Some(negative)) => self.jittered(negative),
+                (None, None) => continue,
+            };
+            match envelope::encode(
+                &self.codec,
+                value.as_ref(),
+                now,
+                now.saturating_add(ttl),
+                self.settings.max_value_len,
+            ) {
+                Ok(bytes) => {
+                    writes.push((self.namespace.store_key(key), bytes, ttl));
+                    to_fill.push((key, value, ttl, *snapshot));
+                }
+                Err(error) => {
+                    tracing::warn!(cache = %self.namespace, key = %fingerprint(key), error = %error, "loaded value not cached");
+                }
+            }
+        }
+        if let Some(l2) = self.l2.as_ref().filter(|_| !writes.is_empty()) {
+            let batch: Vec<StoreWrite<'_>> = writes
+                .iter()
+                .map(|(key, value, ttl)| StoreWrite {
+                    key,
+                    value: value.clone(),
+                    ttl: *ttl,
+                })
+                .collect();
+            let _ = self.l2_call(L2Op::Set, l2.set_many(&batch)).await;
+        }
+        for (key, value, ttl, snapshot) in to_fill {
+            self.fill_l1(key, value, ttl, snapshot).await;
+        }
+    }
+
+    async fn publish(&self, invalidation: Invalidation) {
+        let Some(backplane) = &self.backplane else {
+            return;
+        };
+        if let Err(error) = backplane
+            .publish(self.namespace.as_str(), &invalidation)
+            .await
+        {
+            self.recorder.publish_error();
+            if let Some(suppressed) = self.l2_failures.should_log() {
+                tracing::warn!(cache = %self.namespace, error = %error, suppressed, "invalidation not published; other instances keep their L1 copy until it expires");
+            }
+        }
+    }
+
+    /// Spawns the task that applies other instances' invalidations to this L1.
+    pub(crate) fn listen(
+        this: &Arc<Self>,
+        runtime: &tokio::runtime::Handle,
+        mut subscription: Subscription,
+    ) {
+        let weak = Arc::downgrade(this);
+        let task = runtime.spawn(async move {
+            while let Some(event) = subscription.recv().await {
+                let Some(inner) = weak.upgrade() else { break };
+                inner.apply(event).await;
+            }
+        });
+        *this.listener.lock().unwrap_or_else(PoisonError::into_inner) = Some(task.abort_handle());
+    }
+
+    async fn apply(&self, event: BackplaneEvent) {
+        match event {
+            BackplaneEvent::Invalidate(message) => {
+                if message.namespace != self.namespace.as_str() {
+                    return;
+                }
+                self.recorder.invalidation_received();
+                match &message.invalidation {
+                    Invalidation::Keys(keys) => {
+                        for key in keys {
+                            self.evict_local(key).await;
+                        }
+                    }
+                    Invalidation::Prefix(prefix) => {
+                        self.freshness.bump_all();
+                        if let Some(l1) = &self.l1 {
+                            l1.invalidate_prefix(prefix).await;
+                        }
+                    }
+                    // Invalidation is non-exhaustive: anything unknown clears everything.
+                    _ => self.clear_local(),
+                }
+            }
+            BackplaneEvent::Resync => {
+                self.recorder.resync();
+                self.clear_local();
+            }
+        }
+    }
+
+    fn clear_local(&self) {
+        self.freshness.bump_all();
+        if let Some(l1) = &self.l1 {
+            l1.invalidate_all();
+        }
+    }
+}
+
+/// Unregisters a flight when its task ends, normally or by panic.
+struct FlightGuard<'a, V, C> {
+    inner: &'a Inner<V, C>,
+    key: &'a str,
+    id: u64,
+}
+
+impl<V, C> Drop for FlightGuard<'_, V, C> {
+    fn drop(&mut self) {
+        let mut flights = self
+            .inner
+            .flights
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if flights.get(self.key).is_some_and(|f| f.id == self.id) {
+            flights.remove(self.key);
+        }
+    }
+}

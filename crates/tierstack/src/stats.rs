@@ -1,0 +1,223 @@
+//! Counters of a cache: plain atomics for [`CacheStats`] snapshots, and `metrics` handles
+//! registered once per cache (never per call).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use metrics::{Counter, Histogram};
+
+/// A snapshot of a cache's counters since it was built.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CacheStats {
+    /// Reads served by L1.
+    pub l1_hits: u64,
+    /// Reads served by L2 (after an L1 miss).
+    pub l2_hits: u64,
+    /// Reads that missed every tier (whether or not a loader then ran).
+    pub misses: u64,
+    /// Loader calls (single-flight: concurrent misses of one key count once). A batched loader
+    /// call counts once.
+    pub loads: u64,
+    /// Loader calls that failed or panicked.
+    pub load_errors: u64,
+    /// L2 operations that failed or timed out.
+    pub l2_errors: u64,
+    /// L2 entries that could not be decoded (garbage, truncated, other version or codec); each
+    /// was read as a miss and deleted.
+    pub corrupt_entries: u64,
+    /// Invalidations received from other instances.
+    pub invalidations_received: u64,
+    /// Resyncs (L1 cleared because backplane messages may have been lost).
+    pub resyncs: u64,
+    /// Invalidations that could not be published.
+    pub publish_errors: u64,
+}
+
+impl CacheStats {
+    /// L1 hits over all reads, from 0 to 1.
+    pub fn l1_hit_ratio(&self) -> f64 {
+        ratio(self.l1_hits, self.reads())
+    }
+
+    /// L2 hits over all reads, from 0 to 1.
+    pub fn l2_hit_ratio(&self) -> f64 {
+        ratio(self.l2_hits, self.reads())
+    }
+
+    /// All reads counted.
+    pub fn reads(&self) -> u64 {
+        self.l1_hits + self.l2_hits + self.misses
+    }
+}
+
+#[expect(clippy::cast_precision_loss, reason = "a ratio for reports")]
+fn ratio(part: u64, whole: u64) -> f64 {
+    if whole == 0 {
+        0.0
+    } else {
+        part as f64 / whole as f64
+    }
+}
+
+/// The L2 operations that are timed and counted, as metric labels.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum L2Op {
+    Get,
+    Set,
+    Delete,
+    Other,
+}
+
+impl L2Op {
+    const ALL: [Self; 4] = [Self::Get, Self::Set, Self::Delete, Self::Other];
+
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            Self::Get => "get",
+            Self::Set => "set",
+            Self::Delete => "delete",
+            Self::Other => "other",
+        }
+    }
+}
+
+#[derive(Debug)]
+pub(crate) struct Recorder {
+    l1_hits: AtomicU64,
+    l2_hits: AtomicU64,
+    misses: AtomicU64,
+    loads: AtomicU64,
+    load_errors: AtomicU64,
+    l2_errors: AtomicU64,
+    corrupt_entries: AtomicU64,
+    invalidations_received: AtomicU64,
+    resyncs: AtomicU64,
+    publish_errors: AtomicU64,
+    metrics: Handles,
+}
+
+#[derive(Debug)]
+struct Handles {
+    l1_hits: Counter,
+    l2_hits: Counter,
+    misses: Counter,
+    loads_ok: Counter,
+    loads_failed: Counter,
+    load_duration: Histogram,
+    l2_errors: [Counter; 4],
+    l2_duration: [Histogram; 4],
+    corrupt_entries: Counter,
+    invalidations_received: Counter,
+    resyncs: Counter,
+    publish_errors: Counter,
+}
+
+impl Recorder {
+    pub(crate) fn new(cache: &str) -> Self {
+        let cache = cache.to_owned();
+        let hits = |tier: &'static str| metrics::counter!("tierstack_hits_total", "cache" => cache.clone(), "tier" => tier);
+        let loads = |result: &'static str| metrics::counter!("tierstack_loads_total", "cache" => cache.clone(), "result" => result);
+        let metrics = Handles {
+            l1_hits: hits("l1"),
+            l2_hits: hits("l2"),
+            misses: metrics::counter!("tierstack_misses_total", "cache" => cache.clone()),
+            loads_ok: loads("ok"),
+            loads_failed: loads("error"),
+            load_duration: metrics::histogram!("tierstack_load_duration_seconds", "cache" => cache.clone()),
+            l2_errors: L2Op::ALL.map(|op| {
+                metrics::counter!("tierstack_l2_errors_total", "cache" => cache.clone(), "op" => op.label())
+            }),
+            l2_duration: L2Op::ALL.map(|op| {
+                metrics::histogram!("tierstack_l2_duration_seconds", "cache" => cache.clone(), "op" => op.label())
+            }),
+            corrupt_entries: metrics::counter!("tierstack_corrupt_entries_total", "cache" => cache.clone()),
+            invalidations_received: metrics::counter!("tierstack_invalidations_received_total", "cache" => cache.clone()),
+            resyncs: metrics::counter!("tierstack_resyncs_total", "cache" => cache.clone()),
+            publish_errors: metrics::counter!("tierstack_publish_errors_total", "cache" => cache),
+        };
+        Self {
+            l1_hits: AtomicU64::new(0),
+            l2_hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+            loads: AtomicU64::new(0),
+            load_errors: AtomicU64::new(0),
+            l2_errors: AtomicU64::new(0),
+            corrupt_entries: AtomicU64::new(0),
+            invalidations_received: AtomicU64::new(0),
+            resyncs: AtomicU64::new(0),
+            publish_errors: AtomicU64::new(0),
+            metrics,
+        }
+    }
+
+    pub(crate) fn l1_hit(&self) {
+        self.l1_hits.fetch_add(1, Ordering::Relaxed);
+        self.metrics.l1_hits.increment(1);
+    }
+
+    pub(crate) fn l2_hit(&self) {
+        self.l2_hits.fetch_add(1, Ordering::Relaxed);
+        self.metrics.l2_hits.increment(1);
+    }
+
+    pub(crate) fn miss(&self) {
+        self.misses.fetch_add(1, Ordering::Relaxed);
+        self.metrics.misses.increment(1);
+    }
+
+    pub(crate) fn load(&self, ok: bool, took: Duration) {
+        self.loads.fetch_add(1, Ordering::Relaxed);
+        self.metrics.load_duration.record(took.as_secs_f64());
+        if ok {
+            self.metrics.loads_ok.increment(1);
+        } else {
+            self.load_errors.fetch_add(1, Ordering::Relaxed);
+            self.metrics.loads_failed.increment(1);
+        }
+    }
+
+    pub(crate) fn l2_call(&self, op: L2Op, ok: bool, took: Duration) {
+        self.metrics.l2_duration[op as usize].record(took.as_secs_f64());
+        if !ok {
+            self.l2_errors.fetch_add(1, Ordering::Relaxed);
+            self.metrics.l2_errors[op as usize].increment(1);
+        }
+    }
+
+    pub(crate) fn corrupt_entry(&self) {
+        self.corrupt_entries.fetch_add(1, Ordering::Relaxed);
+        self.metrics.corrupt_entries.increment(1);
+    }
+
+    pub(crate) fn invalidation_received(&self) {
+        self.invalidations_received.fetch_add(1, Ordering::Relaxed);
+        self.metrics.invalidations_received.increment(1);
+    }
+
+    pub(crate) fn resync(&self) {
+        self.resyncs.fetch_add(1, Ordering::Relaxed);
+        self.metrics.resyncs.increment(1);
+    }
+
+    pub(crate) fn publish_error(&self) {
+        self.publish_errors.fetch_add(1, Ordering::Relaxed);
+        self.metrics.publish_errors.increment(1);
+    }
+
+    pub(crate) fn snapshot(&self) -> CacheStats {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        CacheStats {
+            l1_hits: get(&self.l1_hits),
+            l2_hits: get(&self.l2_hits),
+            misses: get(&self.misses),
+            loads: get(&self.loads),
+            load_errors: get(&self.load_errors),
+            l2_errors: get(&self.l2_errors),
+            corrupt_entries: get(&self.corrupt_entries),
+            invalidations_received: get(&self.invalidations_received),
+            resyncs: get(&self.resyncs),
+            publish_errors: get(&self.publish_errors),
+        }
+    }
+}

@@ -1,0 +1,64 @@
+//! Helpers shared by the composer's integration tests.
+#![allow(dead_code, unreachable_pub)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tierstack::TieredCache;
+use tierstack::core::clock::ManualClock;
+use tierstack::core::testkit::{FaultyStore, MemoryStore};
+
+/// A cache over a fault-injectable in-memory L2, all on one manual clock.
+pub struct Fixture {
+    pub clock: ManualClock,
+    pub l2: Arc<MemoryStore>,
+    pub faulty: Arc<FaultyStore>,
+}
+
+impl Fixture {
+    pub fn new() -> Self {
+        let clock = ManualClock::new();
+        let l2 = Arc::new(MemoryStore::with_clock(Arc::new(clock.clone())));
+        let faulty = Arc::new(FaultyStore::new(l2.clone()));
+        Self { clock, l2, faulty }
+    }
+
+    pub fn builder(&self, namespace: &str) -> tierstack::TieredCacheBuilder<String> {
+        TieredCache::builder(namespace)
+            .l2(self.faulty.clone())
+            .clock(Arc::new(self.clock.clone()))
+            .default_ttl(Duration::from_secs(60))
+    }
+
+    pub fn cache(&self) -> TieredCache<String> {
+        self.builder("test").build().unwrap()
+    }
+}
+
+/// Counts calls of a loader.
+#[derive(Clone, Default)]
+pub struct Calls(Arc<AtomicUsize>);
+
+impl Calls {
+    pub fn hit(&self) -> usize {
+        self.0.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    pub fn count(&self) -> usize {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// A loader that counts its calls and answers `value`.
+pub fn loader(
+    calls: &Calls,
+    value: &str,
+) -> impl FnOnce() -> std::future::Ready<Result<String, std::io::Error>> + Send + 'static {
+    let calls = calls.clone();
+    let value = value.to_owned();
+    move || {
+        calls.hit();
+        std::future::ready(Ok(value))
+    }
+}

@@ -1,0 +1,407 @@
+//! The read path (L1, L2, loader), the write path and the key operations of `TieredCache`.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{Calls, Fixture, loader};
+use tierstack::core::Store;
+use tierstack::core::clock::Clock;
+use tierstack::core::envelope::Envelope;
+use tierstack::{BincodeCodec, CacheError, JsonCodec, TieredCache};
+
+#[tokio::test]
+async fn a_miss_loads_once_and_fills_both_tiers() {
+    let fx = Fixture::new();
+    let cache = fx.cache();
+    let calls = Calls::default();
+    assert_eq!(
+        cache.get_or_load("k", loader(&calls, "v")).await.unwrap(),
+        "v"
+    );
+    assert_eq!(
+        cache
+            .get_or_load("k", loader(&calls, "other"))
+            .await
+            .unwrap(),
+        "v"
+    );
+    assert_eq!(calls.count(), 1);
+    let stored = fx.l2.get("test:k").await.unwrap().expect("written to L2");
+    let envelope = Envelope::parse::<BincodeCodec>(&stored, 1 << 20).unwrap();
+    assert_eq!(envelope.written_at, fx.clock.now());
+    let stats = cache.stats();
+    assert_eq!(
+        (stats.l1_hits, stats.l2_hits, stats.misses, stats.loads),
+        (1, 0, 1, 1)
+    );
+}
+
+#[tokio::test]
+async fn an_l1_miss_is_served_by_l2_with_the_remaining_ttl() {
+    let fx = Fixture::new();
+    let writer = fx.cache();
+    let reader = fx.cache();
+    writer
+        .set_with_ttl("k", "v".into(), Duration::from_secs(30))
+        .await
+        .unwrap();
+    fx.clock.advance(Duration::from_secs(20));
+    let calls = Calls::default();
+    assert_eq!(
+        reader
+            .get_or_load("k", loader(&calls, "loaded"))
+            .await
+            .unwrap(),
+        "v"
+    );
+    assert_eq!(calls.count(), 0);
+    assert_eq!(reader.stats().l2_hits, 1);
+    // The L1 copy expires with the L2 entry, 10 s later, not a full TTL later.
+    fx.clock.advance(Duration::from_secs(10));
+    assert_eq!(reader.get("k").await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn the_l1_ttl_caps_how_long_l1_serves() {
+    let fx = Fixture::new();
+    let cache = fx
+        .builder("test")
+        .l1_ttl(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    cache.set("k", "v".into()).await.unwrap();
+    fx.clock.advance(Duration::from_secs(6));
+    fx.faulty.set_failing(true);
+    assert_eq!(
+        cache.get("k").await.unwrap(),
+        None,
+        "L1 must not serve past its own TTL"
+    );
+    fx.faulty.set_failing(false);
+    assert_eq!(cache.get("k").await.unwrap(), Some("v".into()));
+}
+
+#[tokio::test]
+async fn write_through_then_delete_in_both_tiers() {
+    let fx = Fixture::new();
+    let cache = fx.cache();
+    cache.set("k", "v1".into()).await.unwrap();
+    assert!(fx.l2.get("test:k").await.unwrap().is_some());
+    assert!(cache.exists("k").await.unwrap());
+    assert!(cache.delete("k").await.unwrap());
+    assert!(fx.l2.get("test:k").await.unwrap().is_none());
+    assert_eq!(cache.get("k").await.unwrap(), None);
+    assert!(!cache.exists("k").await.unwrap());
+    assert!(!cache.delete("k").await.unwrap());
+}
+
+#[tokio::test]
+async fn ttl_and_touch_give_a_sliding_expiry() {
+    let fx = Fixture::new();
+    let cache = fx.cache();
+    let other = fx.cache();
+    cache
+        .set_with_ttl("session", "s".into(), Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(
+        cache.ttl("session").await.unwrap(),
+        Some(Duration::from_secs(10))
+    );
+    for _ in 0..3 {
+        fx.clock.advance(Duration::from_secs(8));
+        assert!(
+            cache
+                .touch("session", Duration::from_secs(10))
+                .await
+                .unwrap()
+        );
+    }
+    assert_eq!(cache.get("session").await.unwrap(), Some("s".into()));
+    // Another instance fills from L2 with the extended deadline.
+    assert_eq!(other.get("session").await.unwrap(), Some("s".into()));
+    fx.clock.advance(Duration::from_secs(9));
+    assert_eq!(other.get("session").await.unwrap(), Some("s".into()));
+    fx.clock.advance(Duration::from_secs(2));
+    assert_eq!(cache.get("session").await.unwrap(), None);
+    assert_eq!(other.get("session").await.unwrap(), None);
+    assert!(
+        !cache
+            .touch("session", Duration::from_secs(10))
+            .await
+            .unwrap()
+    );
+    assert_eq!(cache.ttl("session").await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn delete_prefix_removes_literal_prefixes_in_both_tiers() {
+    let fx = Fixture::new();
+    let cache = fx.cache();
+    for key in ["user:1", "user:2", "user*:3", "users:4", "order:1"] {
+        cache.set(key, key.into()).await.unwrap();
+    }
+    assert_eq!(cache.delete_prefix("user:").await.unwrap(), 2);
+    for key in ["user:1", "user:2"] {
+        assert_eq!(cache.get(key).await.unwrap(), None);
+    }
+    for key in ["user*:3", "users:4", "order:1"] {
+        assert_eq!(cache.get(key).await.unwrap(), Some(key.to_owned()));
+    }
+}
+
+#[tokio::test]
+async fn namespaces_sharing_an_l2_never_see_each_other() {
+    let fx = Fixture::new();
+    let users = fx.builder("users").build().unwrap();
+    let admins = fx.builder("users-admin").build().unwrap();
+    users.set("1", "user".into()).await.unwrap();
+    admins.set("1", "admin".into()).await.unwrap();
+    users.invalidate_local_all();
+    assert_eq!(users.get("1").await.unwrap(), Some("user".into()));
+    assert_eq!(users.delete_prefix("").await.unwrap(), 1);
+    assert_eq!(admins.get("1").await.unwrap(), Some("admin".into()));
+}
+
+#[tokio::test]
+async fn invalidate_local_only_touches_this_l1() {
+    let fx = Fixture::new();
+    let cache = fx.cache();
+    cache.set("k", "v".into()).await.unwrap();
+    cache.invalidate_local("k").await;
+    assert_eq!(cache.get("k").await.unwrap(), Some("v".into()));
+    assert_eq!(
+        cache.stats().l2_hits,
+        1,
+        "served by L2 after the local eviction"
+    );
+}
+
+#[tokio::test]
+async fn get_many_reads_l2_in_one_round_trip() {
+    let fx = Fixture::new();
+    let writer = fx.cache();
+    let reader = fx.cache();
+    for i in 0..10 {
+        writer.set(&format!("k{i}"), i.to_string()).await.unwrap();
+    }
+    reader.get("k0").await.unwrap();
+    let before = fx.faulty.calls();
+    let keys: Vec<String> = (0..12).map(|i| format!("k{i}")).collect();
+    let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+    let values = reader.get_many(&refs).await.unwrap();
+    assert_eq!(
+        fx.faulty.calls() - before,
+        1,
+        "one L2 call for the 11 L1 misses"
+    );
+    for (i, value) in values.iter().enumerate() {
+        assert_eq!(value.as_deref(), (i < 10).then(|| i.to_string()).as_deref());
+    }
+}
+
+#[tokio::test]
+async fn get_or_load_many_calls_the_loader_once_for_the_keys_still_missing() {
+    let fx = Fixture::new();
+    let cache = fx.cache();
+    cache.set("a", "A".into()).await.unwrap();
+    let asked = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = asked.clone();
+    let values = cache
+        .get_or_load_many(&["a", "b", "c", "b"], move |keys| {
+            seen.lock().unwrap().push(keys.clone());
+            async move {
+                Ok::<_, std::io::Error>(
+                    keys.into_iter()
+                        .filter(|k| k != "c")
+                        .map(|k| (k.clone(), k.to_uppercase()))
+                        .collect::<HashMap<_, _>>(),
+                )
+            }
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        values,
+        vec![Some("A".into()), Some("B".into()), None, Some("B".into())]
+    );
+    assert_eq!(
+        *asked.lock().unwrap(),
+        vec![vec!["b".to_owned(), "c".to_owned()]]
+    );
+    assert_eq!(
+        fx.l2.get("test:b").await.unwrap().is_some(),
+        true,
+        "loaded values are written through"
+    );
+    let again = cache
+        .get_or_load_many(&["a", "b"], |_| async {
+            Err::<HashMap<String, String>, _>("not called")
+        })
+        .await
+        .unwrap();
+    assert_eq!(again, vec![Some("A".into()), Some("B".into())]);
+}
+
+#[tokio::test]
+async fn negative_caching_is_opt_in() {
+    let fx = Fixture::new();
+    let plain = fx.cache();
+    let calls = Calls::default();
+    for _ in 0..2 {
+        let c = calls.clone();
+        let found = plain
+            .get_or_load_optional("ghost", move || {
+                c.hit();
+                async { Ok::<Option<String>, std::io::Error>(None) }
+            })
+            .await
+            .unwrap();
+        assert_eq!(found, None);
+    }
+    assert_eq!(
+        calls.count(),
+        2,
+        "without negative_ttl every lookup asks the origin"
+    );
+
+    let negative = fx
+        .builder("neg")
+        .negative_ttl(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let calls = Calls::default();
+    for _ in 0..3 {
+        let c = calls.clone();
+        let found = negative
+            .get_or_load_optional("ghost", move || {
+                c.hit();
+                async { Ok::<Option<String>, std::io::Error>(None) }
+            })
+            .await
+            .unwrap();
+        assert_eq!(found, None);
+    }
+    assert_eq!(calls.count(), 1);
+    let err = negative
+        .get_or_load("ghost", || async {
+            Ok::<_, std::io::Error>("x".to_string())
+        })
+        .await;
+    assert!(
+        matches!(err, Err(CacheError::Loader(_))),
+        "a cached absence is reported, not hidden"
+    );
+    assert!(!negative.exists("ghost").await.unwrap());
+    fx.clock.advance(Duration::from_secs(6));
+    let loaded = negative
+        .get_or_load("ghost", || async {
+            Ok::<_, std::io::Error>("x".to_string())
+        })
+        .await;
+    assert_eq!(loaded.unwrap(), "x");
+}
+
+#[tokio::test]
+async fn ttl_jitter_stays_within_its_fraction() {
+    let fx = Fixture::new();
+    let cache = fx.builder("jitter").ttl_jitter(0.5).build().unwrap();
+    let mut seen = Vec::new();
+    for i in 0..50 {
+        let key = format!("k{i}");
+        cache
+            .set_with_ttl(&key, "v".into(), Duration::from_secs(100))
+            .await
+            .unwrap();
+        let ttl = fx.l2.ttl(&format!("jitter:{key}")).await.unwrap().unwrap();
+        assert!(
+            ttl >= Duration::from_secs(100) && ttl <= Duration::from_secs(150),
+            "{ttl:?}"
+        );
+        seen.push(ttl);
+    }
+    seen.dedup();
+    assert!(seen.len() > 1, "jitter must vary the TTL");
+}
+
+#[tokio::test]
+async fn a_json_cache_stores_json() {
+    let fx = Fixture::new();
+    let cache: TieredCache<serde_json::Value, JsonCodec> = TieredCache::builder("json")
+        .l2(fx.faulty.clone())
+        .codec(JsonCodec)
+        .build()
+        .unwrap();
+    let value = serde_json::json!({"theme": "dark", "n": [1, 2]});
+    cache.set("prefs", value.clone()).await.unwrap();
+    let bytes = fx.l2.get("json:prefs").await.unwrap().unwrap();
+    assert!(
+        bytes.ends_with(br#"{"n":[1,2],"theme":"dark"}"#)
+            || bytes.ends_with(br#"{"theme":"dark","n":[1,2]}"#)
+    );
+    cache.invalidate_local_all();
+    assert_eq!(cache.get("prefs").await.unwrap(), Some(value));
+}
+
+#[tokio::test]
+async fn an_l1_only_cache_works_without_l2() {
+    let cache: TieredCache<u64> = TieredCache::builder("local").build().unwrap();
+    assert_eq!(
+        cache
+            .get_or_load("n", || async { Ok::<_, std::io::Error>(7) })
+            .await
+            .unwrap(),
+        7
+    );
+    assert_eq!(cache.get("n").await.unwrap(), Some(7));
+    assert!(cache.ttl("n").await.unwrap().is_some());
+    assert!(cache.touch("n", Duration::from_secs(1)).await.unwrap());
+    assert!(cache.delete("n").await.unwrap());
+    assert_eq!(cache.get("n").await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn builder_refuses_bad_configuration() {
+    let bad = [
+        TieredCache::<String>::builder("bad:ns").build().err(),
+        TieredCache::<String>::builder("ok")
+            .default_ttl(Duration::ZERO)
+            .build()
+            .err(),
+        TieredCache::<String>::builder("ok")
+            .ttl_jitter(2.0)
+            .build()
+            .err(),
+        TieredCache::<String>::builder("ok")
+            .max_value_len(3)
+            .build()
+            .err(),
+        TieredCache::<String>::builder("ok")
+            .max_key_len(0)
+            .build()
+            .err(),
+        TieredCache::<String>::builder("ok")
+            .l2_timeout(Duration::ZERO)
+            .build()
+            .err(),
+    ];
+    for (i, err) in bad.into_iter().enumerate() {
+        assert!(
+            matches!(err, Some(CacheError::Configuration(_))),
+            "case {i}: {err:?}"
+        );
+    }
+}
+
+#[test]
+fn a_backplane_needs_a_runtime_at_build() {
+    let bus = tierstack::core::testkit::MemoryBus::new();
+    let err = TieredCache::<String>::builder("ns")
+        .backplane(Arc::new(bus.backplane()))
+        .build()
+        .err();
+    assert!(matches!(err, Some(CacheError::Configuration(_))));
+}
