@@ -1,0 +1,188 @@
+//! Keeping every instance's L1 fresh: the backplane, resyncs, and the generation check that stops
+//! a stale fill from landing after an invalidation.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::Fixture;
+use tierstack::TieredCache;
+use tierstack::core::testkit::{MemoryBus, MemoryStore};
+use tokio::sync::Notify;
+
+async fn eventually(mut check: impl AsyncFnMut() -> bool) {
+    for _ in 0..200 {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("condition not reached within a second");
+}
+
+fn instances(count: usize) -> (Arc<MemoryStore>, MemoryBus, Vec<TieredCache<String>>) {
+    let l2 = Arc::new(MemoryStore::new());
+    let bus = MemoryBus::new();
+    let caches = (0..count)
+        .map(|_| {
+            TieredCache::builder("shared")
+                .l2(l2.clone())
+                .backplane(Arc::new(bus.backplane()))
+                .build()
+                .unwrap()
+        })
+        .collect();
+    (l2, bus, caches)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_on_one_instance_evicts_every_other_l1() {
+    let (_l2, _bus, caches) = instances(3);
+    caches[0].set("k", "v1".into()).await.unwrap();
+    for cache in &caches {
+        assert_eq!(cache.get("k").await.unwrap(), Some("v1".into()));
+    }
+    caches[1].set("k", "v2".into()).await.unwrap();
+    for cache in &caches {
+        eventually(async || cache.get("k").await.unwrap() == Some("v2".into())).await;
+    }
+    // Once delivered, no instance serves the old value again.
+    for cache in &caches {
+        for _ in 0..10 {
+            assert_eq!(cache.get("k").await.unwrap(), Some("v2".into()));
+        }
+    }
+    // Each instance receives the other writers' messages, never its own.
+    let received: Vec<u64> = caches
+        .iter()
+        .map(|c| c.stats().invalidations_received)
+        .collect();
+    assert_eq!(received, vec![1, 1, 2]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deletes_and_prefix_deletes_reach_every_instance() {
+    let (_l2, _bus, caches) = instances(3);
+    for key in ["a:1", "a:2", "b:1"] {
+        caches[0].set(key, key.into()).await.unwrap();
+    }
+    for cache in &caches {
+        assert!(
+            cache.get("a:1").await.unwrap().is_some() && cache.get("b:1").await.unwrap().is_some()
+        );
+    }
+    caches[2].delete("b:1").await.unwrap();
+    caches[2].delete_prefix("a:").await.unwrap();
+    for cache in &caches {
+        eventually(async || {
+            cache.get("a:1").await.unwrap().is_none()
+                && cache.get("a:2").await.unwrap().is_none()
+                && cache.get("b:1").await.unwrap().is_none()
+        })
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resync_clears_l1() {
+    let (l2, bus, caches) = instances(2);
+    caches[0].set("k", "v1".into()).await.unwrap();
+    eventually(async || caches[1].stats().invalidations_received == 1).await;
+    assert_eq!(caches[1].get("k").await.unwrap(), Some("v1".into()));
+    // A write whose invalidation is lost (a writer without the backplane)...
+    let other: TieredCache<String> = TieredCache::builder("shared")
+        .l2(l2.clone())
+        .build()
+        .unwrap();
+    other.set("k", "v2".into()).await.unwrap();
+    assert_eq!(
+        caches[1].get("k").await.unwrap(),
+        Some("v1".into()),
+        "stale until resync"
+    );
+    // ...is repaired by the resync that follows a lost subscription.
+    bus.resync_all();
+    eventually(async || caches[1].get("k").await.unwrap() == Some("v2".into())).await;
+    assert!(caches[1].stats().resyncs >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fill_that_started_before_an_invalidation_does_not_land_after_it() {
+    let fx = Fixture::new();
+    let cache = fx.cache();
+    let loader_started = Arc::new(Notify::new());
+    let release = Arc::new(Notify::new());
+    let reader = {
+        let cache = cache.clone();
+        let (started, release) = (loader_started.clone(), release.clone());
+        tokio::spawn(async move {
+            cache
+                .get_or_load("k", move || async move {
+                    started.notify_one();
+                    release.notified().await;
+                    Ok::<_, std::io::Error>("stale".to_string())
+                })
+                .await
+        })
+    };
+    loader_started.notified().await;
+    // While the loader is out, the key is written and the invalidation happens.
+    cache.set("k", "fresh".into()).await.unwrap();
+    release.notify_one();
+    assert_eq!(
+        reader.await.unwrap().unwrap(),
+        "stale",
+        "the slow caller gets what it loaded"
+    );
+    for _ in 0..5 {
+        assert_eq!(
+            cache.get("k").await.unwrap(),
+            Some("fresh".into()),
+            "but it never reaches L1 or L2"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_arriving_after_an_invalidation_does_not_join_an_older_flight() {
+    let fx = Fixture::new();
+    let cache = fx.cache();
+    cache.set("k", "v".into()).await.unwrap();
+    fx.faulty.set_delay(Duration::from_millis(100));
+    let concurrent_reads = async |invalidate_between: bool| {
+        cache.invalidate_local("k").await;
+        let before = fx.faulty.calls();
+        let early = {
+            let cache = cache.clone();
+            tokio::spawn(async move { cache.get("k").await })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        if invalidate_between {
+            cache.invalidate_local("k").await;
+        }
+        assert_eq!(cache.get("k").await.unwrap(), Some("v".into()));
+        assert_eq!(early.await.unwrap().unwrap(), Some("v".into()));
+        fx.faulty.calls() - before
+    };
+    assert_eq!(
+        concurrent_reads(false).await,
+        1,
+        "the second caller joins the running flight"
+    );
+    assert_eq!(
+        concurrent_reads(true).await,
+        2,
+        "after an invalidation it reads L2 itself"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_cache_stops_listening() {
+    let (_l2, bus, mut caches) = instances(2);
+    let survivor = caches.pop().unwrap();
+    drop(caches);
+    survivor.set("k", "v".into()).await.unwrap();
+    bus.resync_all();
+    eventually(async || survivor.stats().resyncs == 1).await;
+}

@@ -1,0 +1,112 @@
+//! The `metrics` counters a cache reports, through a local debugging recorder.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Calls, Fixture, loader};
+use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+
+fn counter(
+    snapshot: &[(String, Vec<(String, String)>, DebugValue)],
+    name: &str,
+    labels: &[(&str, &str)],
+) -> u64 {
+    snapshot
+        .iter()
+        .filter(|(n, l, _)| {
+            n == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| l.iter().any(|(lk, lv)| lk == k && lv == v))
+        })
+        .map(|(_, _, value)| match value {
+            DebugValue::Counter(c) => *c,
+            _ => 0,
+        })
+        .sum()
+}
+
+#[tokio::test]
+async fn hits_misses_loads_and_l2_errors_are_counted_per_tier() {
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let fx = Fixture::new();
+    // Handles are created once, at build; they keep reporting to this recorder afterwards.
+    let cache = metrics::with_local_recorder(&recorder, || fx.builder("metered").build().unwrap());
+    let calls = Calls::default();
+    cache.get_or_load("a", loader(&calls, "1")).await.unwrap(); // miss + load
+    cache.get("a").await.unwrap(); // L1 hit
+    cache.invalidate_local("a").await;
+    cache.get("a").await.unwrap(); // L2 hit
+    fx.faulty.fail_next(1);
+    cache.get("b").await.unwrap(); // L2 error, then miss
+    fx.l2
+        .put_raw("metered:c", b"junk".to_vec(), Duration::from_secs(60));
+    cache.get("c").await.unwrap(); // corrupt entry
+
+    let snapshot: Vec<_> = snapshotter
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .map(|(key, _, _, value)| {
+            let key = key.key();
+            let labels = key
+                .labels()
+                .map(|l| (l.key().to_owned(), l.value().to_owned()))
+                .collect();
+            (key.name().to_owned(), labels, value)
+        })
+        .collect();
+    let cache_label = ("cache", "metered");
+    assert_eq!(
+        counter(
+            &snapshot,
+            "tierstack_hits_total",
+            &[cache_label, ("tier", "l1")]
+        ),
+        1
+    );
+    assert_eq!(
+        counter(
+            &snapshot,
+            "tierstack_hits_total",
+            &[cache_label, ("tier", "l2")]
+        ),
+        1
+    );
+    assert_eq!(
+        counter(&snapshot, "tierstack_misses_total", &[cache_label]),
+        3
+    );
+    assert_eq!(
+        counter(
+            &snapshot,
+            "tierstack_loads_total",
+            &[cache_label, ("result", "ok")]
+        ),
+        1
+    );
+    assert_eq!(
+        counter(
+            &snapshot,
+            "tierstack_l2_errors_total",
+            &[cache_label, ("op", "get")]
+        ),
+        1
+    );
+    assert_eq!(
+        counter(&snapshot, "tierstack_corrupt_entries_total", &[cache_label]),
+        1
+    );
+    let histograms = snapshot
+        .iter()
+        .filter(|(n, _, _)| n == "tierstack_l2_duration_seconds")
+        .count();
+    assert_eq!(histograms, 4, "one L2 latency histogram per operation kind");
+    let stats = cache.stats();
+    assert_eq!(
+        (stats.l1_hits, stats.l2_hits, stats.misses, stats.l2_errors),
+        (1, 1, 3, 1)
+    );
+}
