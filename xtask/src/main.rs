@@ -1,1 +1,50 @@
-fn main() {}
+//! Project automation, run as `cargo xtask <command>` (an alias in `.cargo/config.toml`).
+//!
+//! - `ci [fmt|clippy|doc|test]`: every check CI runs, or one step of it. `test` starts the
+//!   servers the tests need and stops them afterwards.
+//! - `services up [all|redis|redis-cluster|firestore]`, `services down`, `services status`: test
+//!   servers on free loopback ports, described in `target/services.env`.
+//! - `bench [--quick]`: the side-by-side benchmarks; writes `target/bench/results.json`.
+
+mod bench;
+mod ci;
+mod cmd;
+mod services;
+
+use std::process::ExitCode;
+
+const USAGE: &str = "usage: cargo xtask <command>
+
+commands:
+  ci [fmt|clippy|doc|test]                  run every CI check, or one step
+  services up [all|redis|redis-cluster|firestore]
+                                            start test servers (writes target/services.env)
+  services down                             stop every server `services up` started
+  services status                           show the running servers
+  bench [--quick]                           run the benchmarks, write target/bench/results.json";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let result = match args.as_slice() {
+        ["ci"] => ci::run(None),
+        ["ci", step] => ci::run(Some(step)),
+        ["services", "up"] => services::up_command("all"),
+        ["services", "up", which] => services::up_command(which),
+        ["services", "down"] => services::down(),
+        ["services", "status"] => services::status(),
+        ["bench", rest @ ..] => bench::run(rest),
+        ["help" | "--help" | "-h"] => {
+            println!("{USAGE}");
+            Ok(())
+        }
+        _ => Err(format!("unknown command {args:?}\n\n{USAGE}")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("xtask: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}

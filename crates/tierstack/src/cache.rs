@@ -25,10 +25,6 @@ use crate::flight::{Absent, FlightHandle, LoadFailure, Loader, LoaderPanicked, O
 use crate::freshness::{Freshness, Snapshot};
 use crate::stats::{CacheStats, L2Op, Recorder};
 
-/// How often a caller with a loader waits out a loader-less flight of its key before it loads
-/// without coalescing (a bound against starvation by a stream of plain `get`s).
-const MAX_FLIGHT_ROUNDS: usize = 16;
-
 /// A two-level read-through cache of `V`: a typed in-process L1 over an optional shared L2
 /// [`Store`], kept fresh across instances by an optional [`Backplane`].
 ///
@@ -126,15 +122,26 @@ where
     C: Codec,
 {
     /// The value under `key` from L1 or L2, or `None`. An L2 failure reads as a miss (counted).
+    ///
+    /// Plain reads go to L2 directly: coalescing protects the origin, which only
+    /// [`get_or_load`](Self::get_or_load) calls.
     pub async fn get(&self, key: &str) -> Result<Option<V>> {
-        self.inner.check_key(key)?;
-        if let Some(hit) = self.inner.l1_get(key).await {
+        let inner = &self.inner;
+        inner.check_key(key)?;
+        if let Some(hit) = inner.l1_get(key).await {
             return Ok(hit);
         }
-        match self.inner.flight(key, None).await {
-            Outcome::Found { value, .. } => Ok(Some(value)),
-            Outcome::Absent { .. } | Outcome::NotFound => Ok(None),
-            Outcome::Failed(failure) => Err(CacheError::Loader(Box::new(failure))),
+        let snapshot = inner.freshness.snapshot(key);
+        match inner.read_l2(key).await {
+            Ok(L2Read::Hit(value, ttl)) => {
+                inner.recorder.l2_hit();
+                inner.fill_l1(key, value.clone(), ttl, snapshot).await;
+                Ok(value)
+            }
+            Ok(L2Read::Miss) | Err(_) => {
+                inner.recorder.miss();
+                Ok(None)
+            }
         }
     }
 
@@ -173,9 +180,9 @@ where
         }
         let loader: Loader<V> =
             Box::new(move || Box::pin(async move { loader().await.map_err(Into::into) }));
-        match self.inner.flight(key, Some(loader)).await {
+        match self.inner.flight(key, loader).await {
             Outcome::Found { value, .. } => Ok(Some(value)),
-            Outcome::Absent { .. } | Outcome::NotFound => Ok(None),
+            Outcome::Absent { .. } => Ok(None),
             Outcome::Failed(failure) => Err(CacheError::Loader(Box::new(failure))),
         }
     }
@@ -537,25 +544,15 @@ where
     }
 
     /// Joins the running flight of `key` or starts one, and waits for its outcome.
-    async fn flight(self: &Arc<Self>, key: &str, mut loader: Option<Loader<V>>) -> Outcome<V> {
-        for _ in 0..MAX_FLIGHT_ROUNDS {
-            let (mut receiver, retry_with_loader) = self.join_or_start(key, &mut loader);
-            let outcome = match receiver.wait_for(Option::is_some).await {
-                Ok(outcome) => outcome.clone(),
-                // The flight task ended without an outcome: it panicked outside the loader or
-                // the runtime is shutting down.
-                Err(_) => Some(Outcome::Failed(LoadFailure::new(Box::new(LoaderPanicked)))),
-            };
-            let Some(outcome) = outcome else { continue };
-            if retry_with_loader && matches!(outcome, Outcome::NotFound) {
-                continue;
-            }
-            self.count_outcome(&outcome);
-            return outcome;
-        }
-        // Starved by loader-less flights: load without coalescing.
-        let snapshot = self.freshness.snapshot(key);
-        let outcome = self.fill(key, loader, snapshot).await;
+    async fn flight(self: &Arc<Self>, key: &str, loader: Loader<V>) -> Outcome<V> {
+        let mut receiver = self.join_or_start(key, loader);
+        let outcome = match receiver.wait_for(Option::is_some).await {
+            Ok(outcome) => outcome.clone(),
+            // The flight task ended without an outcome: the runtime is shutting down.
+            Err(_) => None,
+        };
+        let outcome =
+            outcome.unwrap_or_else(|| Outcome::Failed(LoadFailure::new(Box::new(LoaderPanicked))));
         self.count_outcome(&outcome);
         outcome
     }
@@ -573,31 +570,27 @@ where
         self.flights.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Returns the receiver to wait on, and whether the caller must start over with its own
-    /// loader once that flight ends (it joined a flight without a loader).
+    /// The receiver of the running flight of `key`, or of a new one running `loader`.
     fn join_or_start(
         self: &Arc<Self>,
         key: &str,
-        loader: &mut Option<Loader<V>>,
-    ) -> (watch::Receiver<Option<Outcome<V>>>, bool) {
+        loader: Loader<V>,
+    ) -> watch::Receiver<Option<Outcome<V>>> {
         let snapshot = self.freshness.snapshot(key);
         let mut flights = self.lock_flights();
-        if let Some(running) = flights.get(key)
-            && running.snapshot == snapshot
-        {
-            let retry = !running.has_loader && loader.is_some();
-            return (running.receiver.clone(), retry);
+        if let Some(running) = flights.get(key) {
+            if running.snapshot == snapshot {
+                return running.receiver.clone();
+            }
+            // The key was invalidated since that flight started: it may carry the old value.
         }
-        // The key was invalidated since that flight started: it may carry the old value.
         let (sender, receiver) = watch::channel(None);
         let id = self.next_flight.fetch_add(1, Ordering::Relaxed);
-        let loader = loader.take();
         flights.insert(
             key.to_owned(),
             FlightHandle {
                 id,
                 receiver: receiver.clone(),
-                has_loader: loader.is_some(),
                 snapshot,
             },
         );
@@ -616,11 +609,11 @@ where
             drop(guard);
             let _ = sender.send(Some(outcome));
         });
-        (receiver, false)
+        receiver
     }
 
     /// The work of a flight: L2, then the loader, then write-through.
-    async fn fill(&self, key: &str, loader: Option<Loader<V>>, snapshot: Snapshot) -> Outcome<V> {
+    async fn fill(&self, key: &str, loader: Loader<V>, snapshot: Snapshot) -> Outcome<V> {
         match self.read_l2(key).await {
             Ok(L2Read::Hit(value, ttl)) => {
                 self.fill_l1(key, value.clone(), ttl, snapshot).await;
@@ -635,9 +628,6 @@ where
             // An L2 failure degrades to the loader; it was counted and logged.
             Ok(L2Read::Miss) | Err(_) => {}
         }
-        let Some(loader) = loader else {
-            return Outcome::NotFound;
-        };
         let started = Instant::now();
         let result = match tokio::spawn(loader()).await {
             Ok(result) => result,

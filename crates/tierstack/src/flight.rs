@@ -1,4 +1,5 @@
-//! Single-flight: concurrent misses of one key share one L2 read and one loader call.
+//! Single-flight: concurrent read-through misses of one key share one L2 read and one loader
+//! call.
 //!
 //! The first caller registers a flight and spawns its work as a task; later callers subscribe to
 //! its outcome. Because the work runs in its own task, a caller that is cancelled (its future
@@ -30,8 +31,6 @@ pub(crate) enum Outcome<V> {
     Found { value: V, from_l2: bool },
     /// The origin has no value (a negative entry, or the loader said so).
     Absent { from_l2: bool },
-    /// Not in L2, and the flight had no loader.
-    NotFound,
     /// The loader failed or panicked.
     Failed(LoadFailure),
 }
@@ -41,7 +40,6 @@ pub(crate) enum Outcome<V> {
 pub(crate) struct FlightHandle<V> {
     pub(crate) id: u64,
     pub(crate) receiver: watch::Receiver<Option<Outcome<V>>>,
-    pub(crate) has_loader: bool,
     /// The generations when the flight started: a caller that arrives after an invalidation
     /// must not join a flight that may have read the old value.
     pub(crate) snapshot: Snapshot,

@@ -171,26 +171,6 @@ async fn a_cancelled_caller_does_not_strand_the_others() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_loader_joining_a_plain_get_still_loads() {
-    let fx = Fixture::new();
-    fx.faulty.set_delay(Duration::from_millis(50));
-    let cache = fx.cache();
-    let getter = {
-        let cache = cache.clone();
-        tokio::spawn(async move { cache.get("k").await })
-    };
-    tokio::time::sleep(Duration::from_millis(10)).await;
-    let calls = Calls::default();
-    let loaded = cache
-        .get_or_load("k", common::loader(&calls, "v"))
-        .await
-        .unwrap();
-    assert_eq!(loaded, "v");
-    assert_eq!(getter.await.unwrap().unwrap(), None);
-    assert_eq!(calls.count(), 1);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn different_keys_load_in_parallel() {
     let cache: TieredCache<String> = TieredCache::builder("p").build().unwrap();
     let calls = Calls::default();

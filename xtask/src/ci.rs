@@ -1,0 +1,54 @@
+//! `cargo xtask ci`: the checks CI runs, each step also on its own.
+
+use crate::cmd::{cargo, run};
+use crate::services::{Services, Which};
+
+/// The test servers the workspace's tests need. The backend crates add theirs here.
+const TEST_SERVICES: &[Which] = &[];
+
+pub(crate) fn run_step(step: &str) -> Result<(), String> {
+    match step {
+        "fmt" => run(cargo().args(["fmt", "--all", "--", "--check"])),
+        "clippy" => run(cargo().args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--all-features",
+            "--",
+            "-D",
+            "warnings",
+        ])),
+        "doc" => run(cargo()
+            .args(["doc", "--workspace", "--all-features", "--no-deps"])
+            .env("RUSTDOCFLAGS", "-D warnings")),
+        "test" => test(),
+        other => Err(format!(
+            "unknown ci step {other:?}: expected fmt, clippy, doc or test"
+        )),
+    }
+}
+
+pub(crate) fn run(step: Option<&str>) -> Result<(), String> {
+    match step {
+        Some(step) => run_step(step),
+        None => {
+            for step in ["fmt", "clippy", "doc", "test"] {
+                eprintln!("\n== ci: {step}");
+                run_step(step)?;
+            }
+            eprintln!("\n== ci: all steps passed");
+            Ok(())
+        }
+    }
+}
+
+/// Starts the servers the tests need, runs every test, and stops the servers whatever happened.
+fn test() -> Result<(), String> {
+    let services = Services::start(TEST_SERVICES)?;
+    let mut command = cargo();
+    command.args(["test", "--workspace", "--all-features", "--no-fail-fast"]);
+    services.apply_env(&mut command);
+    let result = run(&mut command);
+    drop(services);
+    result
+}
