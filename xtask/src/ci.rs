@@ -1,15 +1,15 @@
 //! `cargo xtask ci`: the checks CI runs, each step also on its own.
 
-use crate::cmd::{cargo, run};
+use crate::cmd::{cargo, run as run_command};
 use crate::services::{Services, Which};
 
 /// The test servers the workspace's tests need. The backend crates add theirs here.
 const TEST_SERVICES: &[Which] = &[];
 
-pub(crate) fn run_step(step: &str) -> Result<(), String> {
+fn run_step(step: &str) -> Result<(), String> {
     match step {
-        "fmt" => run(cargo().args(["fmt", "--all", "--", "--check"])),
-        "clippy" => run(cargo().args([
+        "fmt" => run_command(cargo().args(["fmt", "--all", "--", "--check"])),
+        "clippy" => run_command(cargo().args([
             "clippy",
             "--workspace",
             "--all-targets",
@@ -18,9 +18,11 @@ pub(crate) fn run_step(step: &str) -> Result<(), String> {
             "-D",
             "warnings",
         ])),
-        "doc" => run(cargo()
-            .args(["doc", "--workspace", "--all-features", "--no-deps"])
-            .env("RUSTDOCFLAGS", "-D warnings")),
+        "doc" => run_command(
+            cargo()
+                .args(["doc", "--workspace", "--all-features", "--no-deps"])
+                .env("RUSTDOCFLAGS", "-D warnings"),
+        ),
         "test" => test(),
         other => Err(format!(
             "unknown ci step {other:?}: expected fmt, clippy, doc or test"
@@ -29,17 +31,15 @@ pub(crate) fn run_step(step: &str) -> Result<(), String> {
 }
 
 pub(crate) fn run(step: Option<&str>) -> Result<(), String> {
-    match step {
-        Some(step) => run_step(step),
-        None => {
-            for step in ["fmt", "clippy", "doc", "test"] {
-                eprintln!("\n== ci: {step}");
-                run_step(step)?;
-            }
-            eprintln!("\n== ci: all steps passed");
-            Ok(())
-        }
+    if let Some(step) = step {
+        return run_step(step);
     }
+    for step in ["fmt", "clippy", "doc", "test"] {
+        eprintln!("\n== ci: {step}");
+        run_step(step)?;
+    }
+    eprintln!("\n== ci: all steps passed");
+    Ok(())
 }
 
 /// Starts the servers the tests need, runs every test, and stops the servers whatever happened.
@@ -48,7 +48,7 @@ fn test() -> Result<(), String> {
     let mut command = cargo();
     command.args(["test", "--workspace", "--all-features", "--no-fail-fast"]);
     services.apply_env(&mut command);
-    let result = run(&mut command);
+    let result = run_command(&mut command);
     drop(services);
     result
 }

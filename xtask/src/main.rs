@@ -31,9 +31,15 @@ fn main() -> ExitCode {
         ["ci", step] => ci::run(Some(step)),
         ["services", "up"] => services::up_command("all"),
         ["services", "up", which] => services::up_command(which),
-        ["services", "down"] => services::down(),
-        ["services", "status"] => services::status(),
-        ["bench", rest @ ..] => bench::run(rest),
+        ["services", "down"] => {
+            services::down();
+            Ok(())
+        }
+        ["services", "status"] => {
+            services::status();
+            Ok(())
+        }
+        ["bench", rest @ ..] => bench::run_bench(rest),
         ["help" | "--help" | "-h"] => {
             println!("{USAGE}");
             Ok(())

@@ -74,6 +74,8 @@ impl Services {
 
     fn spawn(&mut self, name: &str, command: &mut Command) -> Result<(), String> {
         let dir = services_dir().join(name);
+        // A fresh folder: a cluster node must not find an old run's nodes.conf.
+        let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
         let log = fs::File::create(dir.join("server.log"))
             .map_err(|e| format!("cannot create the log of {name}: {e}"))?;
@@ -167,8 +169,10 @@ impl Services {
             .env("CLOUDSDK_CORE_DISABLE_PROMPTS", "1");
         self.spawn("firestore", &mut command)?;
         wait_for_http_ok(port, Duration::from_secs(90))?;
-        self.env
-            .push(("FIRESTORE_EMULATOR_HOST".into(), format!("127.0.0.1:{port}")));
+        self.env.push((
+            "FIRESTORE_EMULATOR_HOST".into(),
+            format!("127.0.0.1:{port}"),
+        ));
         let nanos = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_nanos())
@@ -250,12 +254,15 @@ fn wait_for_redis(port: u16, command: &str, expect: &str) -> Result<(), String> 
     loop {
         if let Ok(mut stream) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
             let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
-            if stream.write_all(format!("{command}\r\n").as_bytes()).is_ok() {
+            if stream
+                .write_all(format!("{command}\r\n").as_bytes())
+                .is_ok()
+            {
                 let mut reply = [0u8; 4096];
-                if let Ok(n) = stream.read(&mut reply) {
-                    if String::from_utf8_lossy(&reply[..n]).contains(expect) {
-                        return Ok(());
-                    }
+                if let Ok(n) = stream.read(&mut reply)
+                    && String::from_utf8_lossy(&reply[..n]).contains(expect)
+                {
+                    return Ok(());
                 }
             }
         }
@@ -275,7 +282,8 @@ fn wait_for_http_ok(port: u16, limit: Duration) -> Result<(), String> {
     loop {
         if let Ok(mut stream) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
             let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
-            let request = format!("GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n");
+            let request =
+                format!("GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n");
             if stream.write_all(request.as_bytes()).is_ok() {
                 let mut reply = String::new();
                 let _ = stream.read_to_string(&mut reply);
@@ -332,29 +340,31 @@ pub(crate) fn up_command(which: &str) -> Result<(), String> {
         println!("export {key}={value}");
     }
     fs::write(env_file(), env).map_err(|e| format!("cannot write target/services.env: {e}"))?;
-    eprintln!("written to {}; stop with `cargo xtask services down`", env_file().display());
+    eprintln!(
+        "written to {}; stop with `cargo xtask services down`",
+        env_file().display()
+    );
     services.keep = true;
     Ok(())
 }
 
 /// `cargo xtask services down`: stops every server `services up` started.
-pub(crate) fn down() -> Result<(), String> {
+pub(crate) fn down() {
     let state = fs::read_to_string(state_file()).unwrap_or_default();
     for line in state.lines() {
-        if let Some((name, group)) = line.split_once(' ') {
-            if let Ok(group) = group.trim().parse() {
-                stop_group(name, group);
-                eprintln!("stopped {name}");
-            }
+        if let Some((name, group)) = line.split_once(' ')
+            && let Ok(group) = group.trim().parse()
+        {
+            stop_group(name, group);
+            eprintln!("stopped {name}");
         }
     }
     let _ = fs::remove_file(state_file());
     let _ = fs::remove_file(env_file());
-    Ok(())
 }
 
 /// `cargo xtask services status`: lists the recorded servers and whether they still run.
-pub(crate) fn status() -> Result<(), String> {
+pub(crate) fn status() {
     let state = fs::read_to_string(state_file()).unwrap_or_default();
     if state.trim().is_empty() {
         println!("no servers started by `cargo xtask services up`");
@@ -372,5 +382,4 @@ pub(crate) fn status() -> Result<(), String> {
     if let Ok(env) = fs::read_to_string(env_file()) {
         print!("{env}");
     }
-    Ok(())
 }

@@ -68,11 +68,14 @@ impl<V> Deadline for L1Entry<V> {
 /// An in-process cache of decoded values with per-entry expiry.
 ///
 /// A hit clones `V` and does nothing else: no decode, no copy of bytes. Put `Arc<T>` in when `T`
-/// is large. Every read compares the entry's deadline with the injected clock, so an entry is
-/// never served past its deadline even before moka evicts it.
+/// is large. moka expires every entry at its own deadline; with an injected clock (tests), every
+/// read also compares the deadline with that clock, so time moved by hand is honoured too.
 pub struct L1Cache<V> {
     cache: Cache<String, L1Entry<V>>,
     clock: SharedClock,
+    /// moka expires each entry at its deadline on the system clock; an injected clock needs the
+    /// deadline compared on every read instead.
+    check_deadlines: bool,
 }
 
 impl<V> Clone for L1Cache<V> {
@@ -80,6 +83,7 @@ impl<V> Clone for L1Cache<V> {
         Self {
             cache: self.cache.clone(),
             clock: Arc::clone(&self.clock),
+            check_deadlines: self.check_deadlines,
         }
     }
 }
@@ -113,13 +117,20 @@ impl<V: Clone + Send + Sync + 'static> L1Cache<V> {
                 })
                 .build(),
         };
-        Self { cache, clock }
+        Self {
+            cache,
+            check_deadlines: !clock.is_system_clock(),
+            clock,
+        }
     }
 
     /// The live entry under `key`.
     pub async fn get(&self, key: &str) -> Option<L1Entry<V>> {
         let entry = self.cache.get(key).await?;
-        (entry.expires_at > self.clock.now()).then_some(entry)
+        if self.check_deadlines && entry.expires_at <= self.clock.now() {
+            return None;
+        }
+        Some(entry)
     }
 
     /// Stores `value` (or a negative entry) under `key` until `expires_at`. An entry whose deadline

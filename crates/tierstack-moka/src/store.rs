@@ -74,8 +74,9 @@ impl MokaStore {
         entry.expires_at > self.clock.now()
     }
 
-    async fn live(&self, key: &str) -> Option<StoredBytes> {
-        self.cache.get(key).await.filter(|e| self.is_live(e))
+    /// The entry under `key` if it is live at `now`.
+    async fn live_at(&self, key: &str, now: Timestamp) -> Option<StoredBytes> {
+        self.cache.get(key).await.filter(|e| e.expires_at > now)
     }
 }
 
@@ -83,13 +84,13 @@ impl MokaStore {
 impl Store for MokaStore {
     async fn get(&self, key: &str) -> Result<Option<Bytes>> {
         validate_key(key, DEFAULT_MAX_STORE_KEY_LEN)?;
-        Ok(self.live(key).await.map(|e| e.value))
+        Ok(self.live_at(key, self.clock.now()).await.map(|e| e.value))
     }
 
     async fn get_with_ttl(&self, key: &str) -> Result<Option<StoredEntry>> {
         validate_key(key, DEFAULT_MAX_STORE_KEY_LEN)?;
         let now = self.clock.now();
-        Ok(self.live(key).await.map(|e| StoredEntry {
+        Ok(self.live_at(key, now).await.map(|e| StoredEntry {
             value: e.value,
             ttl: now.until(e.expires_at),
         }))
@@ -164,7 +165,10 @@ impl Store for MokaStore {
     async fn ttl(&self, key: &str) -> Result<Option<Duration>> {
         validate_key(key, DEFAULT_MAX_STORE_KEY_LEN)?;
         let now = self.clock.now();
-        Ok(self.live(key).await.map(|e| now.until(e.expires_at)))
+        Ok(self
+            .live_at(key, now)
+            .await
+            .map(|e| now.until(e.expires_at)))
     }
 
     async fn delete_prefix(&self, prefix: &str) -> Result<u64> {

@@ -5,6 +5,7 @@ use std::fmt;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -131,11 +132,13 @@ where
         if let Some(hit) = inner.l1_get(key).await {
             return Ok(hit);
         }
-        let snapshot = inner.freshness.snapshot(key);
+        let snapshot = inner.l1.as_ref().map(|_| inner.freshness.snapshot(key));
         match inner.read_l2(key).await {
             Ok(L2Read::Hit(value, ttl)) => {
                 inner.recorder.l2_hit();
-                inner.fill_l1(key, value.clone(), ttl, snapshot).await;
+                if let Some(snapshot) = snapshot {
+                    inner.fill_l1(key, value.clone(), ttl, snapshot).await;
+                }
                 Ok(value)
             }
             Ok(L2Read::Miss) | Err(_) => {
@@ -479,15 +482,30 @@ where
     /// Runs an L2 call under the L2 timeout, timing it and counting (and logging once per burst)
     /// its failure.
     async fn l2_call<T>(&self, op: L2Op, call: impl Future<Output = Result<T>>) -> Result<T> {
-        let started = Instant::now();
-        let result = match tokio::time::timeout(self.settings.l2_timeout, call).await {
-            Ok(result) => result,
-            Err(_) => Err(CacheError::Timeout {
-                operation: op.label(),
-                after: self.settings.l2_timeout,
-            }),
+        let mut call = std::pin::pin!(call);
+        // In-process stores answer on the first poll: such a call arms no timer and is not
+        // timed (two clock reads would cost more than the call). A call that waits on I/O is
+        // timed from its first poll, which has only sent the request.
+        let first = std::future::poll_fn(|cx| Poll::Ready(call.as_mut().poll(cx))).await;
+        let result = match first {
+            Poll::Ready(result) => {
+                self.recorder.l2_call(op, result.is_ok(), None);
+                result
+            }
+            Poll::Pending => {
+                let started = Instant::now();
+                let result = match tokio::time::timeout(self.settings.l2_timeout, call).await {
+                    Ok(result) => result,
+                    Err(_) => Err(CacheError::Timeout {
+                        operation: op.label(),
+                        after: self.settings.l2_timeout,
+                    }),
+                };
+                self.recorder
+                    .l2_call(op, result.is_ok(), Some(started.elapsed()));
+                result
+            }
         };
-        self.recorder.l2_call(op, result.is_ok(), started.elapsed());
         if let Err(error) = &result
             && let Some(suppressed) = self.l2_failures.should_log()
         {
@@ -578,12 +596,12 @@ where
     ) -> watch::Receiver<Option<Outcome<V>>> {
         let snapshot = self.freshness.snapshot(key);
         let mut flights = self.lock_flights();
-        if let Some(running) = flights.get(key) {
-            if running.snapshot == snapshot {
-                return running.receiver.clone();
-            }
-            // The key was invalidated since that flight started: it may carry the old value.
+        if let Some(running) = flights.get(key)
+            && running.snapshot == snapshot
+        {
+            return running.receiver.clone();
         }
+        // The key was invalidated since that flight started: it may carry the old value.
         let (sender, receiver) = watch::channel(None);
         let id = self.next_flight.fetch_add(1, Ordering::Relaxed);
         flights.insert(

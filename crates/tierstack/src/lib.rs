@@ -67,3 +67,13 @@ pub use tierstack_core::{
 pub use tierstack_core as core;
 /// The moka L1 and `MokaStore`.
 pub use tierstack_moka as moka;
+
+/// The workspace README's examples, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md"))]
+pub struct ReadmeDoctests;
+
+/// This crate's README's examples, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct CrateReadmeDoctests;

@@ -1,7 +1,8 @@
 //! Counters of a cache: plain atomics for [`CacheStats`] snapshots, and `metrics` handles
 //! registered once per cache (never per call).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::cell::Cell;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use metrics::{Counter, Histogram};
@@ -82,11 +83,53 @@ impl L2Op {
     }
 }
 
+const STRIPES: usize = 16;
+
+/// A counter striped over cache lines, so that threads counting hits at once do not bounce one
+/// line between their cores (that alone costs more than an L1 hit's bookkeeping).
+#[derive(Debug, Default)]
+struct StripedCounter {
+    stripes: [Padded; STRIPES],
+}
+
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct Padded(AtomicU64);
+
+thread_local! {
+    static STRIPE: Cell<usize> = const { Cell::new(usize::MAX) };
+}
+
+fn this_threads_stripe() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    STRIPE.with(|stripe| {
+        if stripe.get() == usize::MAX {
+            stripe.set(NEXT.fetch_add(1, Ordering::Relaxed) % STRIPES);
+        }
+        stripe.get()
+    })
+}
+
+impl StripedCounter {
+    fn add(&self, n: u64) {
+        self.stripes[this_threads_stripe()]
+            .0
+            .fetch_add(n, Ordering::Relaxed);
+    }
+
+    fn get(&self) -> u64 {
+        self.stripes
+            .iter()
+            .map(|s| s.0.load(Ordering::Relaxed))
+            .sum()
+    }
+}
+
 #[derive(Debug)]
 pub(crate) struct Recorder {
-    l1_hits: AtomicU64,
-    l2_hits: AtomicU64,
-    misses: AtomicU64,
+    l1_hits: StripedCounter,
+    l2_hits: StripedCounter,
+    misses: StripedCounter,
     loads: AtomicU64,
     load_errors: AtomicU64,
     l2_errors: AtomicU64,
@@ -137,9 +180,9 @@ impl Recorder {
             publish_errors: metrics::counter!("tierstack_publish_errors_total", "cache" => cache),
         };
         Self {
-            l1_hits: AtomicU64::new(0),
-            l2_hits: AtomicU64::new(0),
-            misses: AtomicU64::new(0),
+            l1_hits: StripedCounter::default(),
+            l2_hits: StripedCounter::default(),
+            misses: StripedCounter::default(),
             loads: AtomicU64::new(0),
             load_errors: AtomicU64::new(0),
             l2_errors: AtomicU64::new(0),
@@ -152,17 +195,17 @@ impl Recorder {
     }
 
     pub(crate) fn l1_hit(&self) {
-        self.l1_hits.fetch_add(1, Ordering::Relaxed);
+        self.l1_hits.add(1);
         self.metrics.l1_hits.increment(1);
     }
 
     pub(crate) fn l2_hit(&self) {
-        self.l2_hits.fetch_add(1, Ordering::Relaxed);
+        self.l2_hits.add(1);
         self.metrics.l2_hits.increment(1);
     }
 
     pub(crate) fn miss(&self) {
-        self.misses.fetch_add(1, Ordering::Relaxed);
+        self.misses.add(1);
         self.metrics.misses.increment(1);
     }
 
@@ -177,8 +220,11 @@ impl Recorder {
         }
     }
 
-    pub(crate) fn l2_call(&self, op: L2Op, ok: bool, took: Duration) {
-        self.metrics.l2_duration[op as usize].record(took.as_secs_f64());
+    /// Counts an L2 call; `took` is `None` for calls answered without waiting (not timed).
+    pub(crate) fn l2_call(&self, op: L2Op, ok: bool, took: Option<Duration>) {
+        if let Some(took) = took {
+            self.metrics.l2_duration[op as usize].record(took.as_secs_f64());
+        }
         if !ok {
             self.l2_errors.fetch_add(1, Ordering::Relaxed);
             self.metrics.l2_errors[op as usize].increment(1);
@@ -208,9 +254,9 @@ impl Recorder {
     pub(crate) fn snapshot(&self) -> CacheStats {
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
         CacheStats {
-            l1_hits: get(&self.l1_hits),
-            l2_hits: get(&self.l2_hits),
-            misses: get(&self.misses),
+            l1_hits: self.l1_hits.get(),
+            l2_hits: self.l2_hits.get(),
+            misses: self.misses.get(),
             loads: get(&self.loads),
             load_errors: get(&self.load_errors),
             l2_errors: get(&self.l2_errors),

@@ -1,5 +1,6 @@
 //! Keeping every instance's L1 fresh: the backplane, resyncs, and the generation check that stops
 //! a stale fill from landing after an invalidation.
+#![allow(clippy::unwrap_used)]
 
 mod common;
 
@@ -155,13 +156,19 @@ async fn a_caller_arriving_after_an_invalidation_does_not_join_an_older_flight()
         let before = fx.faulty.calls();
         let early = {
             let cache = cache.clone();
-            tokio::spawn(async move { cache.get_or_load("k", || async { Err::<String, _>("unused") }).await })
+            tokio::spawn(async move {
+                cache
+                    .get_or_load("k", || async { Err::<String, _>("unused") })
+                    .await
+            })
         };
         tokio::time::sleep(Duration::from_millis(20)).await;
         if invalidate_between {
             cache.invalidate_local("k").await;
         }
-        let late = cache.get_or_load("k", || async { Err::<String, _>("unused") }).await;
+        let late = cache
+            .get_or_load("k", || async { Err::<String, _>("unused") })
+            .await;
         assert_eq!(late.unwrap(), "v");
         assert_eq!(early.await.unwrap().unwrap(), "v");
         fx.faulty.calls() - before

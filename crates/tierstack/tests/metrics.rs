@@ -7,11 +7,9 @@ use std::time::Duration;
 use common::{Calls, Fixture, loader};
 use metrics_util::debugging::{DebugValue, DebuggingRecorder};
 
-fn counter(
-    snapshot: &[(String, Vec<(String, String)>, DebugValue)],
-    name: &str,
-    labels: &[(&str, &str)],
-) -> u64 {
+type Snapshot = [(String, Vec<(String, String)>, DebugValue)];
+
+fn counter(snapshot: &Snapshot, name: &str, labels: &[(&str, &str)]) -> u64 {
     snapshot
         .iter()
         .filter(|(n, l, _)| {

@@ -89,6 +89,10 @@ async fn a_loader_error_reaches_every_waiter_and_is_not_cached() {
     assert_eq!(ok.unwrap(), "back");
 }
 
+fn buggy_origin() -> Result<String, std::io::Error> {
+    panic!("loader bug")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicking_loader_fails_every_waiter_without_hanging_them() {
     let fx = Fixture::new();
@@ -100,10 +104,7 @@ async fn a_panicking_loader_fails_every_waiter_without_hanging_them() {
                 cache
                     .get_or_load("k", || async {
                         tokio::time::sleep(Duration::from_millis(30)).await;
-                        if true {
-                            panic!("loader bug");
-                        }
-                        Ok::<String, std::io::Error>(String::new())
+                        buggy_origin()
                     })
                     .await
             })

@@ -1,0 +1,219 @@
+//! Interleaved rounds, medians, percentiles and the results file.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+/// How much work a run does.
+pub(crate) struct Sizes {
+    pub(crate) rounds: usize,
+    pub(crate) keys: usize,
+    pub(crate) ops_per_task: usize,
+    pub(crate) stampede_callers: usize,
+}
+
+impl Sizes {
+    pub(crate) const QUICK: Self = Self {
+        rounds: 5,
+        keys: 10_000,
+        ops_per_task: 100_000,
+        stampede_callers: 1_000,
+    };
+    pub(crate) const FULL: Self = Self {
+        rounds: 11,
+        keys: 10_000,
+        ops_per_task: 1_000_000,
+        stampede_callers: 1_000,
+    };
+}
+
+/// One line of `results.json`.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Record {
+    pub(crate) scenario: String,
+    pub(crate) system: String,
+    pub(crate) baseline: String,
+    pub(crate) ratio: f64,
+    pub(crate) ops_per_sec: f64,
+    pub(crate) p50_ns: u64,
+    pub(crate) p99_ns: u64,
+    pub(crate) loader_calls: Option<u64>,
+}
+
+/// One operation of a system under test; `i` picks the key.
+pub(crate) trait Workload: Send + Sync + 'static {
+    fn op(&self, i: usize) -> impl Future<Output = ()> + Send;
+}
+
+/// The timing of one round of one system.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Round {
+    pub(crate) nanos_per_op: f64,
+    pub(crate) samples: Vec<u64>,
+    pub(crate) loader_calls: Option<u64>,
+}
+
+/// Every 8th operation is timed on its own for the percentiles; the rest only count toward the
+/// round's wall time, so the clock reads do not dominate sub-microsecond operations.
+const SAMPLE_EVERY: usize = 8;
+
+/// Runs `ops` operations in each of `tasks` tasks, each task walking `order` from its own offset.
+pub(crate) async fn run_round<W: Workload>(
+    workload: &Arc<W>,
+    order: &Arc<Vec<usize>>,
+    tasks: usize,
+    ops: usize,
+) -> Round {
+    let started = Instant::now();
+    let handles: Vec<_> = (0..tasks)
+        .map(|task| {
+            let workload = Arc::clone(workload);
+            let order = Arc::clone(order);
+            tokio::spawn(async move {
+                let mut samples = Vec::with_capacity(ops / SAMPLE_EVERY + 1);
+                let offset = task * order.len() / tasks.max(1);
+                for j in 0..ops {
+                    let i = order[(offset + j) % order.len()];
+                    if j % SAMPLE_EVERY == 0 {
+                        let t = Instant::now();
+                        workload.op(i).await;
+                        samples.push(nanos(t.elapsed()));
+                    } else {
+                        workload.op(i).await;
+                    }
+                }
+                samples
+            })
+        })
+        .collect();
+    let mut samples = Vec::new();
+    for handle in handles {
+        samples.extend(handle.await.unwrap_or_default());
+    }
+    let elapsed = started.elapsed();
+    #[expect(clippy::cast_precision_loss, reason = "timing report")]
+    let nanos_per_op = elapsed.as_nanos() as f64 / (tasks * ops) as f64;
+    Round {
+        nanos_per_op,
+        samples,
+        loader_calls: None,
+    }
+}
+
+pub(crate) fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// A deterministic pseudo-random permutation of `0..n` (xorshift), the key stream of a scenario.
+pub(crate) fn shuffled(n: usize) -> Arc<Vec<usize>> {
+    let mut order: Vec<usize> = (0..n).collect();
+    let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
+    for i in (1..n).rev() {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        #[expect(clippy::cast_possible_truncation, reason = "reduced modulo i + 1")]
+        let j = (state % (i as u64 + 1)) as usize;
+        order.swap(i, j);
+    }
+    Arc::new(order)
+}
+
+/// Runs `rounds` measured rounds (after one warm-up) of every system, rotating their order each
+/// round; returns each system's rounds.
+pub(crate) async fn interleave<F, Fut>(systems: usize, rounds: usize, mut run: F) -> Vec<Vec<Round>>
+where
+    F: FnMut(usize) -> Fut,
+    Fut: Future<Output = Round>,
+{
+    let mut results = vec![Vec::new(); systems];
+    for round in 0..=rounds {
+        for k in 0..systems {
+            let system = (round + k) % systems;
+            let result = run(system).await;
+            if round > 0 {
+                results[system].push(result);
+            }
+        }
+    }
+    results
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+fn percentile(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        clippy::cast_precision_loss,
+        reason = "an index into the samples"
+    )]
+    let index = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[index]
+}
+
+/// Turns each system's rounds into records against `names[baseline]`.
+pub(crate) fn records(
+    scenario: &str,
+    names: &[&str],
+    baseline: usize,
+    ops_per_round: usize,
+    rounds: &[Vec<Round>],
+) -> Vec<Record> {
+    let medians: Vec<f64> = rounds
+        .iter()
+        .map(|r| median(&mut r.iter().map(|r| r.nanos_per_op).collect::<Vec<_>>()))
+        .collect();
+    names
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let mut samples: Vec<u64> = rounds[i]
+                .iter()
+                .flat_map(|r| r.samples.iter().copied())
+                .collect();
+            samples.sort_unstable();
+            let loader_calls = rounds[i].iter().filter_map(|r| r.loader_calls).max();
+            let _ = ops_per_round;
+            Record {
+                scenario: scenario.to_owned(),
+                system: (*name).to_owned(),
+                baseline: names[baseline].to_owned(),
+                ratio: medians[i] / medians[baseline],
+                ops_per_sec: 1e9 / medians[i],
+                p50_ns: percentile(&samples, 0.50),
+                p99_ns: percentile(&samples, 0.99),
+                loader_calls,
+            }
+        })
+        .collect()
+}
+
+pub(crate) fn print_table(records: &[Record]) {
+    println!(
+        "{:<18} {:<22} {:<22} {:>7} {:>13} {:>9} {:>9} {:>7}",
+        "scenario", "system", "baseline", "ratio", "ops/s", "p50 ns", "p99 ns", "loads"
+    );
+    for r in records {
+        println!(
+            "{:<18} {:<22} {:<22} {:>7.3} {:>13.0} {:>9} {:>9} {:>7}",
+            r.scenario,
+            r.system,
+            r.baseline,
+            r.ratio,
+            r.ops_per_sec,
+            r.p50_ns,
+            r.p99_ns,
+            r.loader_calls
+                .map_or_else(|| "-".to_owned(), |n| n.to_string())
+        );
+    }
+}

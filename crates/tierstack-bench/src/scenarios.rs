@@ -1,0 +1,236 @@
+//! The scenarios of the foundation: L1 hits, L2 hits over `MokaStore`, and a stampede.
+
+use std::hint::black_box;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use tierstack::TieredCache;
+use tierstack_core::{BincodeCodec, Codec, Store};
+use tierstack_moka::{L1Capacity, MokaStore};
+
+use crate::harness::{Record, Round, Sizes, Workload, interleave, records, run_round, shuffled};
+
+const TTL: Duration = Duration::from_hours(1);
+
+fn keys(n: usize) -> Arc<Vec<String>> {
+    Arc::new((0..n).map(|i| format!("key-{i:06}")).collect())
+}
+
+fn value(i: usize) -> String {
+    format!("value-{i:06}-{}", "x".repeat(24))
+}
+
+struct TieredGet {
+    cache: TieredCache<String>,
+    keys: Arc<Vec<String>>,
+}
+
+impl Workload for TieredGet {
+    async fn op(&self, i: usize) {
+        black_box(self.cache.get(&self.keys[i]).await.ok().flatten());
+    }
+}
+
+struct MokaGet {
+    cache: moka::future::Cache<String, String>,
+    keys: Arc<Vec<String>>,
+}
+
+impl Workload for MokaGet {
+    async fn op(&self, i: usize) {
+        black_box(self.cache.get(&self.keys[i]).await);
+    }
+}
+
+/// `TieredCache::get` on an L1 hit vs raw `moka::future::Cache::get` of the same values.
+pub(crate) async fn l1_hit(sizes: &Sizes, tasks: usize) -> Vec<Record> {
+    let keys = keys(sizes.keys);
+    let capacity = u64::try_from(sizes.keys * 2).unwrap_or(u64::MAX);
+    let tiered = TieredCache::builder("bench")
+        .l1_capacity(L1Capacity::Entries(capacity))
+        .default_ttl(TTL)
+        .build()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let raw = moka::future::Cache::builder()
+        .max_capacity(capacity)
+        .build();
+    for (i, key) in keys.iter().enumerate() {
+        tiered
+            .set(key, value(i))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        raw.insert(key.clone(), value(i)).await;
+    }
+    let tiered = Arc::new(TieredGet {
+        cache: tiered,
+        keys: keys.clone(),
+    });
+    let raw = Arc::new(MokaGet { cache: raw, keys });
+    let order = shuffled(sizes.keys);
+    let rounds = interleave(2, sizes.rounds, |system| {
+        let (tiered, raw, order) = (tiered.clone(), raw.clone(), order.clone());
+        async move {
+            match system {
+                0 => run_round(&tiered, &order, tasks, sizes.ops_per_task).await,
+                _ => run_round(&raw, &order, tasks, sizes.ops_per_task).await,
+            }
+        }
+    })
+    .await;
+    let scenario = format!("l1_hit/{tasks}task");
+    records(
+        &scenario,
+        &["tierstack", "moka"],
+        1,
+        sizes.ops_per_task * tasks,
+        &rounds,
+    )
+}
+
+struct RawStoreGet {
+    store: MokaStore,
+    keys: Arc<Vec<String>>,
+}
+
+impl Workload for RawStoreGet {
+    async fn op(&self, i: usize) {
+        let bytes = self.store.get(&self.keys[i]).await.ok().flatten();
+        if let Some(bytes) = bytes {
+            black_box(BincodeCodec::default().decode::<String>(&bytes).ok());
+        }
+    }
+}
+
+/// A cold L1 over `MokaStore` as L2 vs raw `MokaStore` get + decode.
+pub(crate) async fn l2_hit_memory(sizes: &Sizes) -> Vec<Record> {
+    let keys = keys(sizes.keys);
+    let store = Arc::new(MokaStore::new(1 << 30));
+    let tiered = TieredCache::builder("bench")
+        .without_l1()
+        .l2(store)
+        .default_ttl(TTL)
+        .build()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let raw = MokaStore::new(1 << 30);
+    for (i, key) in keys.iter().enumerate() {
+        tiered
+            .set(key, value(i))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut bytes = Vec::new();
+        BincodeCodec::default()
+            .encode_into(&value(i), &mut bytes)
+            .unwrap_or_else(|e| panic!("{e}"));
+        raw.set(&format!("bench:{key}"), bytes.into(), TTL)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let raw_keys = Arc::new(keys.iter().map(|k| format!("bench:{k}")).collect());
+    let tiered = Arc::new(TieredGet {
+        cache: tiered,
+        keys,
+    });
+    let raw = Arc::new(RawStoreGet {
+        store: raw,
+        keys: raw_keys,
+    });
+    let order = shuffled(sizes.keys);
+    let ops = sizes.ops_per_task / 2;
+    let rounds = interleave(2, sizes.rounds, |system| {
+        let (tiered, raw, order) = (tiered.clone(), raw.clone(), order.clone());
+        async move {
+            match system {
+                0 => run_round(&tiered, &order, 1, ops).await,
+                _ => run_round(&raw, &order, 1, ops).await,
+            }
+        }
+    })
+    .await;
+    records(
+        "l2_hit_memory",
+        &["tierstack", "mokastore+decode"],
+        1,
+        ops,
+        &rounds,
+    )
+}
+
+const LOADER_DELAY: Duration = Duration::from_millis(20);
+
+async fn slow_origin(calls: &AtomicU64) -> String {
+    calls.fetch_add(1, Ordering::SeqCst);
+    tokio::time::sleep(LOADER_DELAY).await;
+    value(0)
+}
+
+/// `callers` concurrent read-through calls of one missing key, per system.
+async fn stampede_round(system: usize, round: usize, callers: usize) -> Round {
+    let calls = Arc::new(AtomicU64::new(0));
+    let key = format!("hot-{round}");
+    let tiered: TieredCache<String> = TieredCache::builder("stampede")
+        .l2(Arc::new(MokaStore::new(1 << 20)))
+        .build()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let moka: moka::future::Cache<String, String> = moka::future::Cache::new(1_000);
+    let started = Instant::now();
+    let handles: Vec<_> = (0..callers)
+        .map(|_| {
+            let (calls, key, tiered, moka) =
+                (calls.clone(), key.clone(), tiered.clone(), moka.clone());
+            tokio::spawn(async move {
+                let t = Instant::now();
+                match system {
+                    0 => {
+                        let loader = move || async move {
+                            Ok::<_, std::io::Error>(slow_origin(&calls).await)
+                        };
+                        black_box(tiered.get_or_load(&key, loader).await.ok());
+                    }
+                    1 => {
+                        black_box(
+                            moka.get_with(key, async move { slow_origin(&calls).await })
+                                .await,
+                        );
+                    }
+                    _ => {
+                        // The naive composition: look, load, insert; no coalescing.
+                        if moka.get(&key).await.is_none() {
+                            let loaded = slow_origin(&calls).await;
+                            moka.insert(key, loaded).await;
+                        }
+                    }
+                }
+                crate::harness::nanos(t.elapsed())
+            })
+        })
+        .collect();
+    let mut samples = Vec::with_capacity(callers);
+    for handle in handles {
+        samples.push(handle.await.unwrap_or_default());
+    }
+    #[expect(clippy::cast_precision_loss, reason = "timing report")]
+    let nanos_per_op = started.elapsed().as_nanos() as f64 / callers as f64;
+    Round {
+        nanos_per_op,
+        samples,
+        loader_calls: Some(calls.load(Ordering::SeqCst)),
+    }
+}
+
+/// 1,000 concurrent `get_or_load` of one missing key with a 20 ms origin: loader calls and time.
+pub(crate) async fn stampede(sizes: &Sizes) -> Vec<Record> {
+    let mut round = 0;
+    let rounds = interleave(3, sizes.rounds, |system| {
+        round += 1;
+        stampede_round(system, round, sizes.stampede_callers)
+    })
+    .await;
+    records(
+        "stampede",
+        &["tierstack", "moka_get_with", "naive"],
+        1,
+        sizes.stampede_callers,
+        &rounds,
+    )
+}
