@@ -12,6 +12,9 @@ use tierstack::core::testkit::MemoryBus;
 use tierstack::moka::MokaStore;
 use tierstack::{CacheStats, TieredCache};
 
+/// How many distinct keys the demo reads.
+const KEYS: usize = 100;
+
 /// A slow origin (a database, a remote API): 25 ms a call, counted.
 #[derive(Clone, Default)]
 struct Origin {
@@ -101,7 +104,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let a = instance(&l2, &bus)?;
     let b = instance(&l2, &bus)?;
     let origin = Origin::default();
-    const KEYS: usize = 100;
 
     println!(
         "tierstack read-through demo: L1 moka + shared L2 (MokaStore), origin 25 ms per call\n"
