@@ -1,7 +1,7 @@
 //! A two-level read-through cache for services: an in-process L1 on
 //! [moka](https://docs.rs/moka) over a shared L2 (Redis, Firestore, or any
-//! [`Store`](tierstack_core::Store)), loading each key once, writing through, and keeping every
-//! instance's L1 fresh through a [`Backplane`](tierstack_core::Backplane).
+//! [`Store`]), loading each key once, writing through, and keeping every
+//! instance's L1 fresh through a [`Backplane`].
 //!
 //! # Example
 //!
