@@ -3,9 +3,11 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-/// The workspace root (the parent of this crate's folder).
+/// The workspace root (the parent of this crate's folder). `cargo run` sets the manifest
+/// folder at run time; the compile-time value would name whichever checkout built the binary.
 pub(crate) fn root() -> PathBuf {
-    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let manifest = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from);
     manifest.parent().map_or(manifest.clone(), PathBuf::from)
 }
 
