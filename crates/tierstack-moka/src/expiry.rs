@@ -3,6 +3,8 @@
 use std::time::{Duration, Instant};
 
 use moka::Expiry;
+use moka::future::Cache;
+use std::sync::Arc;
 use tierstack_core::clock::{SharedClock, Timestamp};
 
 /// Something that knows when it expires.
@@ -37,4 +39,16 @@ impl<K, V: Deadline> Expiry<K, V> for DeadlineExpiry {
     ) -> Option<Duration> {
         Some(self.remaining(value.expires_at()))
     }
+}
+
+/// The keys of `cache` whose entries match `matches` (a weakly consistent snapshot).
+pub(crate) fn keys_where<V: Clone + Send + Sync + 'static>(
+    cache: &Cache<String, V>,
+    matches: impl Fn(&str, &V) -> bool,
+) -> Vec<Arc<String>> {
+    cache
+        .iter()
+        .filter(|(key, value)| matches(key, value))
+        .map(|(key, _)| key)
+        .collect()
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use moka::future::Cache;
 use tierstack_core::clock::{SharedClock, Timestamp, system_clock};
 
-use crate::expiry::{Deadline, DeadlineExpiry};
+use crate::expiry::{Deadline, DeadlineExpiry, keys_where};
 
 /// How an [`L1Cache`] is bounded.
 pub enum L1Capacity<V> {
@@ -150,13 +150,7 @@ impl<V: Clone + Send + Sync + 'static> L1Cache<V> {
 
     /// Removes every key that starts with `prefix`.
     pub async fn invalidate_prefix(&self, prefix: &str) {
-        let doomed: Vec<Arc<String>> = self
-            .cache
-            .iter()
-            .filter(|(key, _)| key.starts_with(prefix))
-            .map(|(key, _)| key)
-            .collect();
-        for key in doomed {
+        for key in keys_where(&self.cache, |key, _| key.starts_with(prefix)) {
             self.cache.invalidate(key.as_str()).await;
         }
     }

@@ -12,7 +12,7 @@ use tierstack_core::error::Result;
 use tierstack_core::key::{DEFAULT_MAX_STORE_KEY_LEN, validate_key};
 use tierstack_core::store::{Store, StoredEntry, validate_prefix, validate_ttl};
 
-use crate::expiry::{Deadline, DeadlineExpiry};
+use crate::expiry::{Deadline, DeadlineExpiry, keys_where};
 
 /// Bookkeeping bytes counted per entry on top of key and value, so that a byte budget of many
 /// tiny entries still bounds memory.
@@ -173,14 +173,8 @@ impl Store for MokaStore {
 
     async fn delete_prefix(&self, prefix: &str) -> Result<u64> {
         validate_prefix(prefix)?;
-        let doomed: Vec<Arc<String>> = self
-            .cache
-            .iter()
-            .filter(|(key, _)| key.starts_with(prefix))
-            .map(|(key, _)| key)
-            .collect();
         let mut removed = 0;
-        for key in doomed {
+        for key in keys_where(&self.cache, |key, _| key.starts_with(prefix)) {
             if let Some(entry) = self.cache.remove(key.as_str()).await {
                 removed += u64::from(self.is_live(&entry));
             }
@@ -190,12 +184,7 @@ impl Store for MokaStore {
 
     async fn sweep_expired(&self) -> Result<u64> {
         let now = self.clock.now();
-        let expired: Vec<Arc<String>> = self
-            .cache
-            .iter()
-            .filter(|(_, entry)| entry.expires_at <= now)
-            .map(|(key, _)| key)
-            .collect();
+        let expired = keys_where(&self.cache, |_, entry| entry.expires_at <= now);
         let count = expired.len() as u64;
         for key in expired {
             self.cache.invalidate(key.as_str()).await;

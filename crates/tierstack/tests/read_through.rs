@@ -1,5 +1,7 @@
 //! The read path (L1, L2, loader), the write path and the key operations of `TieredCache`.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::collections::HashMap;
@@ -245,14 +247,12 @@ async fn get_or_load_many_calls_the_loader_once_for_the_keys_still_missing() {
     assert_eq!(again, vec![Some("A".into()), Some("B".into())]);
 }
 
-#[tokio::test]
-async fn negative_caching_is_opt_in() {
-    let fx = Fixture::new();
-    let plain = fx.cache();
+/// Looks up a key the origin does not have, `times` times; returns how often the origin was asked.
+async fn ghost_lookups(cache: &TieredCache<String>, times: usize) -> usize {
     let calls = Calls::default();
-    for _ in 0..2 {
+    for _ in 0..times {
         let c = calls.clone();
-        let found = plain
+        let found = cache
             .get_or_load_optional("ghost", move || {
                 c.hit();
                 async { Ok::<Option<String>, std::io::Error>(None) }
@@ -261,30 +261,24 @@ async fn negative_caching_is_opt_in() {
             .unwrap();
         assert_eq!(found, None);
     }
+    calls.count()
+}
+
+#[tokio::test]
+async fn negative_caching_is_opt_in() {
+    let fx = Fixture::new();
+    let plain = fx.cache();
     assert_eq!(
-        calls.count(),
+        ghost_lookups(&plain, 2).await,
         2,
         "without negative_ttl every lookup asks the origin"
     );
-
     let negative = fx
         .builder("neg")
         .negative_ttl(Duration::from_secs(5))
         .build()
         .unwrap();
-    let calls = Calls::default();
-    for _ in 0..3 {
-        let c = calls.clone();
-        let found = negative
-            .get_or_load_optional("ghost", move || {
-                c.hit();
-                async { Ok::<Option<String>, std::io::Error>(None) }
-            })
-            .await
-            .unwrap();
-        assert_eq!(found, None);
-    }
-    assert_eq!(calls.count(), 1);
+    assert_eq!(ghost_lookups(&negative, 3).await, 1);
     let err = negative
         .get_or_load("ghost", || async {
             Ok::<_, std::io::Error>("x".to_string())
