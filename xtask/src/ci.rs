@@ -4,7 +4,7 @@ use crate::cmd::{cargo, run as run_command};
 use crate::services::{Services, Which};
 
 /// The test servers the workspace's tests need. The backend crates add theirs here.
-const TEST_SERVICES: &[Which] = &[];
+const TEST_SERVICES: &[Which] = &[Which::Redis, Which::RedisCluster];
 
 fn run_step(step: &str) -> Result<(), String> {
     match step {

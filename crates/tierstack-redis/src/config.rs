@@ -1,0 +1,226 @@
+//! Configuration of a Redis connection. Passwords never appear in `Debug` or `Display`.
+
+use std::fmt;
+use std::time::Duration;
+
+use redis::{ConnectionAddr, ConnectionInfo, IntoConnectionInfo};
+use tierstack_core::{CacheError, Result};
+
+/// Where and how to reach Redis: one server, or the seed nodes of a cluster.
+///
+/// ```
+/// use std::time::Duration;
+/// use tierstack_redis::RedisConfig;
+///
+/// let config = RedisConfig::from_url("redis://cache:s3cret@127.0.0.1:6379/2")?
+///     .key_prefix("shop:")
+///     .response_timeout(Duration::from_millis(250));
+/// assert!(!format!("{config:?}").contains("s3cret"));
+/// # Ok::<(), tierstack_core::CacheError>(())
+/// ```
+#[derive(Clone)]
+pub struct RedisConfig {
+    pub(crate) nodes: Vec<ConnectionInfo>,
+    pub(crate) cluster: bool,
+    pub(crate) key_prefix: String,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) response_timeout: Duration,
+    pub(crate) max_in_flight: usize,
+    pub(crate) channel: String,
+}
+
+impl RedisConfig {
+    /// One Redis server from a URL: `redis://[user[:password]@]host[:port][/db]`, or
+    /// `rediss://` for TLS (with the crate feature `tls`).
+    pub fn from_url(url: &str) -> Result<Self> {
+        Ok(Self::with_nodes(vec![parse(url)?], false))
+    }
+
+    /// A Redis Cluster, from the URLs of some of its nodes (the rest are discovered).
+    pub fn cluster<S: AsRef<str>>(urls: &[S]) -> Result<Self> {
+        if urls.is_empty() {
+            return Err(CacheError::Configuration(
+                "a cluster needs at least one node URL".into(),
+            ));
+        }
+        let nodes = urls
+            .iter()
+            .map(|url| parse(url.as_ref()))
+            .collect::<Result<_>>()?;
+        Ok(Self::with_nodes(nodes, true))
+    }
+
+    /// One Redis server from its parts.
+    pub fn from_parts(host: &str, port: u16, db: i64) -> Result<Self> {
+        let info = ConnectionAddr::Tcp(host.to_owned(), port)
+            .into_connection_info()
+            .map_err(|e| {
+                CacheError::Configuration(format!("invalid Redis address ({:?})", e.kind()))
+            })?;
+        let redis = info.redis_settings().clone().set_db(db);
+        let info = info
+            .set_redis_settings(redis)
+            .set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
+        Ok(Self::with_nodes(vec![info], false))
+    }
+
+    fn with_nodes(nodes: Vec<ConnectionInfo>, cluster: bool) -> Self {
+        Self {
+            nodes,
+            cluster,
+            key_prefix: String::new(),
+            connect_timeout: Duration::from_secs(2),
+            response_timeout: Duration::from_millis(500),
+            max_in_flight: 1024,
+            channel: "tierstack:invalidations".into(),
+        }
+    }
+
+    /// Authenticates as an ACL user (or with the legacy `requirepass` password for `default`).
+    #[must_use]
+    pub fn credentials(mut self, username: Option<&str>, password: &str) -> Self {
+        self.nodes = self
+            .nodes
+            .into_iter()
+            .map(|info| {
+                let mut redis = info.redis_settings().clone().set_password(password);
+                if let Some(username) = username {
+                    redis = redis.set_username(username);
+                }
+                info.set_redis_settings(redis)
+            })
+            .collect();
+        self
+    }
+
+    /// A prefix put before every key this store writes (for example `"myapp:"`), so that several
+    /// applications can share one Redis.
+    #[must_use]
+    pub fn key_prefix(mut self, prefix: &str) -> Self {
+        prefix.clone_into(&mut self.key_prefix);
+        self
+    }
+
+    /// How long connecting may take (default 2 s).
+    #[must_use]
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// How long one request may take before it fails with a timeout (default 500 ms).
+    #[must_use]
+    pub fn response_timeout(mut self, timeout: Duration) -> Self {
+        self.response_timeout = timeout;
+        self
+    }
+
+    /// How many requests may be in flight at once (default 1024). Callers beyond it wait up to
+    /// the response timeout, so a stalled server cannot make requests queue without bound.
+    #[must_use]
+    pub fn max_in_flight(mut self, max: usize) -> Self {
+        self.max_in_flight = max.max(1);
+        self
+    }
+
+    /// The pub/sub channel of the invalidation backplane (default `tierstack:invalidations`;
+    /// the key prefix is put before it).
+    #[must_use]
+    pub fn channel(mut self, channel: &str) -> Self {
+        channel.clone_into(&mut self.channel);
+        self
+    }
+
+    /// `host:port` of the first node, for error messages (never with credentials).
+    pub fn endpoint(&self) -> String {
+        self.nodes
+            .first()
+            .map_or_else(|| "redis".to_owned(), endpoint_of)
+    }
+
+    pub(crate) fn channel_name(&self) -> String {
+        format!("{}{}", self.key_prefix, self.channel)
+    }
+}
+
+pub(crate) fn endpoint_of(info: &ConnectionInfo) -> String {
+    match info.addr() {
+        ConnectionAddr::Tcp(host, port) | ConnectionAddr::TcpTls { host, port, .. } => {
+            format!("{host}:{port}")
+        }
+        ConnectionAddr::Unix(path) => path.display().to_string(),
+        other => other.to_string(),
+    }
+}
+
+fn parse(url: &str) -> Result<ConnectionInfo> {
+    let info = url.into_connection_info().map_err(|e| {
+        // The driver's message may quote the URL, password included: report the kind only.
+        CacheError::Configuration(format!("invalid Redis URL ({:?})", e.kind()))
+    })?;
+    Ok(info.set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true)))
+}
+
+impl fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let nodes: Vec<String> = self.nodes.iter().map(endpoint_of).collect();
+        let first = self.nodes.first().map(ConnectionInfo::redis_settings);
+        f.debug_struct("RedisConfig")
+            .field("nodes", &nodes)
+            .field("cluster", &self.cluster)
+            .field("db", &first.map(redis::RedisConnectionInfo::db))
+            .field("username", &first.and_then(|r| r.username()))
+            .field(
+                "password",
+                &first.and_then(|r| r.password()).map(|_| "<redacted>"),
+            )
+            .field("key_prefix", &self.key_prefix)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("response_timeout", &self.response_timeout)
+            .field("max_in_flight", &self.max_in_flight)
+            .field("channel", &self.channel)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_parse_and_never_show_their_password() {
+        let config = RedisConfig::from_url("redis://alice:hunter2@10.1.2.3:6380/4")
+            .unwrap()
+            .key_prefix("app:");
+        let debug = format!("{config:?}");
+        assert!(!debug.contains("hunter2"), "{debug}");
+        assert!(
+            debug.contains("10.1.2.3:6380")
+                && debug.contains("alice")
+                && debug.contains("<redacted>")
+        );
+        assert_eq!(config.endpoint(), "10.1.2.3:6380");
+        assert_eq!(config.nodes[0].redis_settings().db(), 4);
+        assert!(config.nodes[0].tcp_settings().nodelay());
+        assert_eq!(config.channel_name(), "app:tierstack:invalidations");
+    }
+
+    #[test]
+    fn a_bad_url_is_a_configuration_error_without_the_url() {
+        let err = RedisConfig::from_url("http://bob:topsecret@host").unwrap_err();
+        assert!(matches!(err, CacheError::Configuration(_)));
+        assert!(!err.to_string().contains("topsecret"), "{err}");
+        assert!(RedisConfig::cluster::<&str>(&[]).is_err());
+    }
+
+    #[test]
+    fn credentials_apply_to_every_node() {
+        let config = RedisConfig::cluster(&["redis://127.0.0.1:7000", "redis://127.0.0.1:7001"])
+            .unwrap()
+            .credentials(Some("svc"), "pw");
+        for node in &config.nodes {
+            assert_eq!(node.redis_settings().username(), Some("svc"));
+            assert_eq!(node.redis_settings().password(), Some("pw"));
+        }
+    }
+}

@@ -1,0 +1,311 @@
+//! One self-reconnecting connection to standalone Redis or a Redis Cluster, with a bound on the
+//! requests in flight, a timeout on each, and driver errors mapped into [`CacheError`].
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClientBuilder;
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo, Slot};
+use redis::{Cmd, ErrorKind, FromRedisValue, Pipeline, RedisError, RetryMethod, ServerErrorKind};
+use tierstack_core::{CacheError, Result};
+use tokio::sync::Semaphore;
+
+use crate::config::RedisConfig;
+
+#[derive(Clone)]
+enum Link {
+    Standalone(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+/// A cheap-to-clone handle on one connection (standalone: one multiplexed socket that
+/// reconnects by itself; cluster: one per node).
+#[derive(Clone)]
+pub(crate) struct Connection {
+    link: Link,
+    permits: Arc<Semaphore>,
+    response_timeout: Duration,
+    endpoint: Arc<str>,
+}
+
+impl Connection {
+    /// Connects, failing within the connect timeout when the server is unreachable.
+    pub(crate) async fn connect(config: &RedisConfig) -> Result<Self> {
+        let endpoint: Arc<str> = config.endpoint().into();
+        let connecting = async {
+            if config.cluster {
+                let client = ClusterClientBuilder::new(config.nodes.clone())
+                    .connection_timeout(config.connect_timeout)
+                    .response_timeout(config.response_timeout)
+                    .tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true))
+                    .retries(2)
+                    .build()?;
+                Ok(Link::Cluster(client.get_async_connection().await?))
+            } else {
+                let info = config.nodes.first().cloned().ok_or_else(|| {
+                    RedisError::from((ErrorKind::InvalidClientConfig, "no node configured"))
+                })?;
+                let client = redis::Client::open(info)?;
+                let manager = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(config.connect_timeout))
+                    .set_response_timeout(Some(config.response_timeout))
+                    .set_number_of_retries(1)
+                    .set_max_delay(Duration::from_secs(1));
+                Ok(Link::Standalone(
+                    client.get_connection_manager_with_config(manager).await?,
+                ))
+            }
+        };
+        // The driver retries a failed connect; the caller asked for an answer within the
+        // connect timeout (plus a margin for the authentication round trip).
+        let limit = config.connect_timeout + config.response_timeout;
+        let link = match tokio::time::timeout(limit, connecting).await {
+            Ok(Ok(link)) => link,
+            Ok(Err(error)) => return Err(map_error("connect", &endpoint, limit, error)),
+            Err(_) => {
+                return Err(CacheError::Connection {
+                    endpoint: endpoint.to_string(),
+                    source: format!("no connection within {limit:?}").into(),
+                });
+            }
+        };
+        Ok(Self {
+            link,
+            permits: Arc::new(Semaphore::new(config.max_in_flight)),
+            response_timeout: config.response_timeout,
+            endpoint,
+        })
+    }
+
+    pub(crate) fn is_cluster(&self) -> bool {
+        matches!(self.link, Link::Cluster(_))
+    }
+
+    pub(crate) fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    /// Runs `request` on the link under the in-flight bound and the response timeout.
+    async fn guarded<T, F, Fut>(&self, operation: &'static str, request: F) -> Result<T>
+    where
+        F: FnOnce(Link) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
+        let limit = self.response_timeout;
+        let work = async {
+            let _permit = self
+                .permits
+                .acquire()
+                .await
+                .map_err(|_| RedisError::from((ErrorKind::Client, "connection closed")))?;
+            request(self.link.clone()).await
+        };
+        match tokio::time::timeout(limit, work).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(error)) => Err(map_error(operation, &self.endpoint, limit, error)),
+            Err(_) => Err(CacheError::Timeout {
+                operation,
+                after: limit,
+            }),
+        }
+    }
+
+    /// One command.
+    pub(crate) async fn query<T: FromRedisValue>(
+        &self,
+        operation: &'static str,
+        cmd: &Cmd,
+    ) -> Result<T> {
+        self.guarded(operation, |link| async move {
+            match link {
+                Link::Standalone(mut c) => cmd.query_async(&mut c).await,
+                Link::Cluster(mut c) => cmd.query_async(&mut c).await,
+            }
+        })
+        .await
+    }
+
+    /// One pipeline. In a cluster every command of it must address one slot.
+    pub(crate) async fn pipeline<T: FromRedisValue>(
+        &self,
+        operation: &'static str,
+        pipe: &Pipeline,
+    ) -> Result<T> {
+        self.guarded(operation, |link| async move {
+            match link {
+                Link::Standalone(mut c) => pipe.query_async(&mut c).await,
+                Link::Cluster(mut c) => pipe.query_async(&mut c).await,
+            }
+        })
+        .await
+    }
+
+    /// A script (EVALSHA, loading it on NOSCRIPT). In a cluster its keys must share a slot.
+    pub(crate) async fn script<T: FromRedisValue>(
+        &self,
+        operation: &'static str,
+        invocation: &redis::ScriptInvocation<'_>,
+    ) -> Result<T> {
+        self.guarded(operation, |link| async move {
+            match link {
+                Link::Standalone(mut c) => invocation.invoke_async(&mut c).await,
+                Link::Cluster(mut c) => invocation.invoke_async(&mut c).await,
+            }
+        })
+        .await
+    }
+
+    /// One command to one node of a cluster, by address.
+    pub(crate) async fn query_node<T: FromRedisValue>(
+        &self,
+        operation: &'static str,
+        node: &(String, u16),
+        cmd: &Cmd,
+    ) -> Result<T> {
+        let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+            host: node.0.clone(),
+            port: node.1,
+        });
+        let value = self
+            .guarded(operation, |link| async move {
+                match link {
+                    Link::Cluster(mut c) => c.route_command(cmd.clone(), routing).await,
+                    Link::Standalone(mut c) => cmd.query_async(&mut c).await,
+                }
+            })
+            .await?;
+        T::from_redis_value(value)
+            .map_err(|e| CacheError::backend(operation, false, RedisError::from(e)))
+    }
+
+    /// The primaries of the cluster (`host`, `port`), from `CLUSTER NODES`.
+    pub(crate) async fn primaries(&self) -> Result<Vec<(String, u16)>> {
+        let nodes: String = self
+            .query("cluster nodes", redis::cmd("CLUSTER").arg("NODES"))
+            .await?;
+        let mut primaries = Vec::new();
+        for line in nodes.lines() {
+            let fields: Vec<&str> = line.split(' ').collect();
+            let (Some(address), Some(flags)) = (fields.get(1), fields.get(2)) else {
+                continue;
+            };
+            if !flags.split(',').any(|f| f == "master") || flags.contains("fail") {
+                continue;
+            }
+            // host:port@cluster-bus-port[,hostname]
+            let address = address.split('@').next().unwrap_or_default();
+            if let Some((host, port)) = address.rsplit_once(':')
+                && let Ok(port) = port.parse()
+            {
+                primaries.push((host.to_owned(), port));
+            }
+        }
+        if primaries.is_empty() {
+            return Err(CacheError::backend(
+                "cluster nodes",
+                true,
+                "CLUSTER NODES listed no healthy primary",
+            ));
+        }
+        Ok(primaries)
+    }
+}
+
+/// Groups item indexes by the slot of their key (one group on a standalone server), so that a
+/// bulk operation sends one pipeline per slot, all at once.
+pub(crate) fn by_slot<K: AsRef<[u8]>>(
+    cluster: bool,
+    keys: impl Iterator<Item = K>,
+) -> Vec<Vec<usize>> {
+    if !cluster {
+        let all: Vec<usize> = keys.enumerate().map(|(i, _)| i).collect();
+        return if all.is_empty() {
+            Vec::new()
+        } else {
+            vec![all]
+        };
+    }
+    let mut groups: std::collections::HashMap<Slot, Vec<usize>> = std::collections::HashMap::new();
+    for (index, key) in keys.enumerate() {
+        groups.entry(Slot::for_key(key)).or_default().push(index);
+    }
+    groups.into_values().collect()
+}
+
+/// Maps a driver error into the cache's error, naming the endpoint (never the password).
+pub(crate) fn map_error(
+    operation: &'static str,
+    endpoint: &str,
+    limit: Duration,
+    error: RedisError,
+) -> CacheError {
+    let kind = error.kind();
+    let refused_credentials = matches!(
+        kind,
+        ErrorKind::AuthenticationFailed | ErrorKind::Server(ServerErrorKind::NoPerm)
+    ) || error
+        .code()
+        .is_some_and(|code| matches!(code, "WRONGPASS" | "NOAUTH" | "NOPERM"));
+    if refused_credentials {
+        return CacheError::Authentication {
+            endpoint: endpoint.to_owned(),
+            source: Box::new(error),
+        };
+    }
+    if error.is_timeout() {
+        return CacheError::Timeout {
+            operation,
+            after: limit,
+        };
+    }
+    if error.is_io_error() || error.is_connection_refusal() || error.is_connection_dropped() {
+        return CacheError::Connection {
+            endpoint: endpoint.to_owned(),
+            source: Box::new(error),
+        };
+    }
+    let transient = !matches!(error.retry_method(), RetryMethod::NoRetry);
+    CacheError::backend(operation, transient, error)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn standalone_keys_form_one_group_and_cluster_keys_group_by_slot() {
+        let keys = ["a", "b", "{a}x", "c"];
+        assert_eq!(by_slot(false, keys.iter().copied()), vec![vec![0, 1, 2, 3]]);
+        let groups = by_slot(true, keys.iter().copied());
+        assert!(
+            groups.contains(&vec![0, 2]),
+            "{groups:?}: a hash tag shares its slot"
+        );
+        assert_eq!(groups.iter().map(Vec::len).sum::<usize>(), 4);
+        assert!(by_slot(false, std::iter::empty::<&str>()).is_empty());
+    }
+
+    #[test]
+    fn errors_map_to_their_kind_without_secrets() {
+        let auth = RedisError::from((ErrorKind::AuthenticationFailed, "denied"));
+        assert!(matches!(
+            map_error("get", "h:1", Duration::ZERO, auth),
+            CacheError::Authentication { .. }
+        ));
+        let io = RedisError::from(std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            "refused",
+        ));
+        let mapped = map_error("get", "h:1", Duration::ZERO, io);
+        assert!(matches!(mapped, CacheError::Connection { .. }) && mapped.is_transient());
+        assert_eq!(mapped.to_string(), "cannot connect to h:1");
+        let wrong_type = RedisError::from((
+            ErrorKind::Server(ServerErrorKind::ResponseError),
+            "WRONGTYPE",
+        ));
+        assert!(!map_error("get", "h:1", Duration::ZERO, wrong_type).is_transient());
+    }
+}

@@ -1,0 +1,47 @@
+//! The Redis tier of [tierstack](https://docs.rs/tierstack), on redis-rs 1.8.
+//!
+//! - [`RedisStore`]: a byte [`Store`](tierstack_core::Store) on standalone Redis or Redis Cluster.
+//!   One connection that reconnects by itself, `TCP_NODELAY`, explicit connect and response
+//!   timeouts, a bound on requests in flight, bulk operations in one round trip (per slot in a
+//!   cluster), `delete_prefix` by SCAN with escaped patterns (never KEYS). It passes the core
+//!   conformance suite against a real server and a real cluster.
+//! - [`RedisBackplane`]: invalidations between instances over pub/sub, with resyncs when the
+//!   subscription is lost.
+//! - The data structures of services that use Redis directly: [`Sessions`] (hashes with partial
+//!   update and a touch that extends every key of a session), [`CappedList`], [`RateLimiter`]
+//!   (sliding window, one atomic script) and [`Lease`] (a lock only its holder can release).
+//!
+//! # Example
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use tierstack::TieredCache;
+//! use tierstack_redis::{RedisBackplane, RedisConfig, RedisStore};
+//!
+//! # async fn run() -> Result<(), tierstack_core::CacheError> {
+//! let config = RedisConfig::from_url("redis://127.0.0.1:6379/")?.key_prefix("shop:");
+//! let cache: TieredCache<String> = TieredCache::builder("products")
+//!     .l2(Arc::new(RedisStore::connect(&config).await?))
+//!     .backplane(Arc::new(RedisBackplane::connect(&config).await?))
+//!     .build()?;
+//! let name = cache
+//!     .get_or_load("sku-1", || async { Ok::<_, std::io::Error>("Teapot".to_string()) })
+//!     .await?;
+//! # Ok(()) }
+//! ```
+//!
+//! # Features
+//!
+//! None yet: cluster support is always built. TLS (`rediss://`) is planned behind a `tls`
+//! feature.
+
+mod backplane;
+mod config;
+mod connection;
+mod store;
+mod structures;
+
+pub use backplane::RedisBackplane;
+pub use config::RedisConfig;
+pub use store::{DEFAULT_MAX_VALUE_LEN, RedisStore};
+pub use structures::{CappedList, Lease, RateDecision, RateLimiter, Sessions};

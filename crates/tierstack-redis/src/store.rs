@@ -1,0 +1,384 @@
+//! `RedisStore`: the byte [`Store`] on standalone Redis or Redis Cluster.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use redis::{Cmd, Value, cmd, pipe};
+use tierstack_core::key::{DEFAULT_MAX_STORE_KEY_LEN, validate_key};
+use tierstack_core::store::{
+    MAX_TTL, Store, StoreWrite, StoredEntry, validate_prefix, validate_ttl,
+};
+use tierstack_core::{CacheError, Result};
+
+use crate::config::RedisConfig;
+use crate::connection::{Connection, by_slot};
+
+/// How many keys one SCAN step asks for, and one UNLINK removes, during `delete_prefix`.
+const SCAN_BATCH: usize = 1_000;
+
+/// A [`Store`] on Redis: standalone or cluster, one connection that reconnects by itself,
+/// bounded and timed requests, bulk operations in one round trip (one pipeline per slot in a
+/// cluster, sent together), and `delete_prefix` by SCAN with escaped patterns, never KEYS.
+///
+/// Entries expire by Redis's own TTL (`PX`), so [`sweep_expired`](Store::sweep_expired) has
+/// nothing to do.
+#[derive(Clone)]
+pub struct RedisStore {
+    conn: Connection,
+    prefix: Arc<str>,
+    max_value_len: usize,
+}
+
+impl fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("endpoint", &self.conn.endpoint())
+            .field("cluster", &self.conn.is_cluster())
+            .field("prefix", &&*self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The largest value a `RedisStore` writes by default: 64 MiB (Redis itself allows 512 MiB).
+pub const DEFAULT_MAX_VALUE_LEN: usize = 64 * 1024 * 1024;
+
+impl RedisStore {
+    /// Connects to Redis, failing with [`CacheError::Connection`] (naming the host, never the
+    /// password) within the connect timeout when it is unreachable, or with
+    /// [`CacheError::Authentication`] when it refuses the credentials.
+    pub async fn connect(config: &RedisConfig) -> Result<Self> {
+        let conn = Connection::connect(config).await?;
+        let store = Self {
+            conn,
+            prefix: config.key_prefix.as_str().into(),
+            max_value_len: DEFAULT_MAX_VALUE_LEN,
+        };
+        // Checks the credentials' rights now rather than on the first cache miss.
+        store.ping().await?;
+        Ok(store)
+    }
+
+    /// Refuses values over `max` bytes with [`CacheError::ValueTooLarge`] before sending them.
+    #[must_use]
+    pub fn max_value_len(mut self, max: usize) -> Self {
+        self.max_value_len = max;
+        self
+    }
+
+    /// The Redis key of `key`: the configured prefix, then the key.
+    pub fn redis_key(&self, key: &str) -> String {
+        let mut out = String::with_capacity(self.prefix.len() + key.len());
+        out.push_str(&self.prefix);
+        out.push_str(key);
+        out
+    }
+
+    pub(crate) fn connection(&self) -> &Connection {
+        &self.conn
+    }
+
+    fn checked_key(&self, key: &str) -> Result<String> {
+        validate_key(key, DEFAULT_MAX_STORE_KEY_LEN)?;
+        Ok(self.redis_key(key))
+    }
+
+    fn check_value(&self, value: &Bytes) -> Result<()> {
+        if value.len() > self.max_value_len {
+            return Err(CacheError::ValueTooLarge {
+                size: value.len(),
+                max: self.max_value_len,
+            });
+        }
+        Ok(())
+    }
+
+    /// GET and PTTL of every key, one pipeline per slot group, all groups at once.
+    async fn read_with_ttl(&self, keys: &[String]) -> Result<Vec<Option<StoredEntry>>> {
+        let groups = by_slot(self.conn.is_cluster(), keys.iter().map(String::as_str));
+        let requests = groups.iter().map(|group| {
+            let mut pipeline = pipe();
+            for &index in group {
+                pipeline.get(&keys[index]).pttl(&keys[index]);
+            }
+            async move {
+                let values: Vec<Value> = self.conn.pipeline("get", &pipeline).await?;
+                Ok::<_, CacheError>((group, values))
+            }
+        });
+        let mut out = vec![None; keys.len()];
+        for result in futures_util::future::join_all(requests).await {
+            let (group, values) = result?;
+            if values.len() != group.len() * 2 {
+                return Err(CacheError::backend("get", true, "short pipeline reply"));
+            }
+            for (&index, pair) in group.iter().zip(values.chunks_exact(2)) {
+                out[index] = entry_of(&pair[0], &pair[1])?;
+            }
+        }
+        Ok(out)
+    }
+
+    /// UNLINKs `keys` (bytes: SCAN may find keys that are not UTF-8), one call per slot group.
+    async fn unlink(&self, keys: &[Vec<u8>]) -> Result<u64> {
+        let groups = by_slot(self.conn.is_cluster(), keys.iter().map(Vec::as_slice));
+        let requests = groups.iter().map(|group| {
+            let mut command = cmd("UNLINK");
+            for &index in group {
+                command.arg(&keys[index]);
+            }
+            async move { self.conn.query::<u64>("delete", &command).await }
+        });
+        let mut removed = 0;
+        for result in futures_util::future::join_all(requests).await {
+            removed += result?;
+        }
+        Ok(removed)
+    }
+
+    /// SCANs one node (or the standalone server) for `pattern`, unlinking as it goes.
+    async fn scan_and_unlink(&self, node: Option<&(String, u16)>, pattern: &str) -> Result<u64> {
+        let mut cursor: u64 = 0;
+        let mut removed = 0;
+        loop {
+            let mut scan: Cmd = cmd("SCAN");
+            scan.arg(cursor)
+                .arg("MATCH")
+                .arg(pattern)
+                .arg("COUNT")
+                .arg(SCAN_BATCH);
+            let (next, keys): (u64, Vec<Vec<u8>>) = match node {
+                Some(node) => self.conn.query_node("delete_prefix", node, &scan).await?,
+                None => self.conn.query("delete_prefix", &scan).await?,
+            };
+            if !keys.is_empty() {
+                removed += self.unlink(&keys).await?;
+            }
+            if next == 0 {
+                return Ok(removed);
+            }
+            cursor = next;
+        }
+    }
+}
+
+/// Escapes the glob characters of SCAN MATCH, so that a prefix is matched literally.
+pub(crate) fn glob_escape(literal: &str) -> String {
+    let mut out = String::with_capacity(literal.len() + 8);
+    for ch in literal.chars() {
+        if matches!(ch, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(ch);
+    }
+    out
+}
+
+fn millis(ttl: Duration) -> u64 {
+    u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// A GET reply and a PTTL reply as an entry: PTTL -2 is a missing key, -1 a key without expiry
+/// (not written by tierstack; reported with the longest TTL).
+fn entry_of(value: &Value, pttl: &Value) -> Result<Option<StoredEntry>> {
+    let value: Option<Vec<u8>> = redis::from_redis_value_ref(value)
+        .map_err(|e| CacheError::backend("get", false, redis::RedisError::from(e)))?;
+    let pttl: i64 = redis::from_redis_value_ref(pttl)
+        .map_err(|e| CacheError::backend("get", false, redis::RedisError::from(e)))?;
+    let Some(value) = value else { return Ok(None) };
+    let ttl = match pttl {
+        -1 => MAX_TTL,
+        ms if ms > 0 => Duration::from_millis(ms.unsigned_abs()),
+        _ => return Ok(None),
+    };
+    Ok(Some(StoredEntry {
+        value: Bytes::from(value),
+        ttl,
+    }))
+}
+
+#[async_trait]
+impl Store for RedisStore {
+    async fn get(&self, key: &str) -> Result<Option<Bytes>> {
+        let key = self.checked_key(key)?;
+        let value: Option<Vec<u8>> = self.conn.query("get", cmd("GET").arg(&key)).await?;
+        Ok(value.map(Bytes::from))
+    }
+
+    async fn get_many(&self, keys: &[&str]) -> Result<Vec<Option<Bytes>>> {
+        let entries = self.get_many_with_ttl(keys).await?;
+        Ok(entries.into_iter().map(|e| e.map(|e| e.value)).collect())
+    }
+
+    async fn get_with_ttl(&self, key: &str) -> Result<Option<StoredEntry>> {
+        let key = self.checked_key(key)?;
+        Ok(self.read_with_ttl(&[key]).await?.pop().flatten())
+    }
+
+    async fn get_many_with_ttl(&self, keys: &[&str]) -> Result<Vec<Option<StoredEntry>>> {
+        let keys: Vec<String> = keys
+            .iter()
+            .map(|k| self.checked_key(k))
+            .collect::<Result<_>>()?;
+        self.read_with_ttl(&keys).await
+    }
+
+    async fn set(&self, key: &str, value: Bytes, ttl: Duration) -> Result<()> {
+        let key = self.checked_key(key)?;
+        validate_ttl(ttl)?;
+        self.check_value(&value)?;
+        let mut command = cmd("SET");
+        command
+            .arg(&key)
+            .arg(value.as_ref())
+            .arg("PX")
+            .arg(millis(ttl));
+        self.conn.query::<()>("set", &command).await
+    }
+
+    async fn set_many(&self, writes: &[StoreWrite<'_>]) -> Result<()> {
+        // Everything is checked before anything is sent.
+        let mut keys = Vec::with_capacity(writes.len());
+        for write in writes {
+            keys.push(self.checked_key(write.key)?);
+            validate_ttl(write.ttl)?;
+            self.check_value(&write.value)?;
+        }
+        let groups = by_slot(self.conn.is_cluster(), keys.iter().map(String::as_str));
+        let requests = groups.iter().map(|group| {
+            let mut pipeline = pipe();
+            for &index in group {
+                let write = &writes[index];
+                pipeline
+                    .cmd("SET")
+                    .arg(&keys[index])
+                    .arg(write.value.as_ref())
+                    .arg("PX")
+                    .arg(millis(write.ttl))
+                    .ignore();
+            }
+            async move { self.conn.pipeline::<()>("set", &pipeline).await }
+        });
+        for result in futures_util::future::join_all(requests).await {
+            result?;
+        }
+        Ok(())
+    }
+
+    async fn set_if_absent(&self, key: &str, value: Bytes, ttl: Duration) -> Result<bool> {
+        let key = self.checked_key(key)?;
+        validate_ttl(ttl)?;
+        self.check_value(&value)?;
+        let mut command = cmd("SET");
+        command
+            .arg(&key)
+            .arg(value.as_ref())
+            .arg("NX")
+            .arg("PX")
+            .arg(millis(ttl));
+        let reply: Option<String> = self.conn.query("set", &command).await?;
+        Ok(reply.is_some())
+    }
+
+    async fn delete(&self, key: &str) -> Result<bool> {
+        let key = self.checked_key(key)?;
+        let removed: u64 = self.conn.query("delete", cmd("UNLINK").arg(&key)).await?;
+        Ok(removed > 0)
+    }
+
+    async fn delete_many(&self, keys: &[&str]) -> Result<u64> {
+        let keys: Vec<Vec<u8>> = keys
+            .iter()
+            .map(|k| self.checked_key(k).map(String::into_bytes))
+            .collect::<Result<_>>()?;
+        self.unlink(&keys).await
+    }
+
+    async fn exists(&self, key: &str) -> Result<bool> {
+        let key = self.checked_key(key)?;
+        let count: u64 = self.conn.query("exists", cmd("EXISTS").arg(&key)).await?;
+        Ok(count > 0)
+    }
+
+    async fn expire(&self, key: &str, ttl: Duration) -> Result<bool> {
+        let key = self.checked_key(key)?;
+        validate_ttl(ttl)?;
+        let mut command = cmd("PEXPIRE");
+        command.arg(&key).arg(millis(ttl));
+        let updated: u64 = self.conn.query("expire", &command).await?;
+        Ok(updated > 0)
+    }
+
+    async fn ttl(&self, key: &str) -> Result<Option<Duration>> {
+        let key = self.checked_key(key)?;
+        let pttl: i64 = self.conn.query("ttl", cmd("PTTL").arg(&key)).await?;
+        Ok(match pttl {
+            -1 => Some(MAX_TTL),
+            ms if ms > 0 => Some(Duration::from_millis(ms.unsigned_abs())),
+            _ => None,
+        })
+    }
+
+    async fn delete_prefix(&self, prefix: &str) -> Result<u64> {
+        validate_prefix(prefix)?;
+        validate_key(prefix, DEFAULT_MAX_STORE_KEY_LEN)?;
+        let pattern = format!("{}*", glob_escape(&self.redis_key(prefix)));
+        if !self.conn.is_cluster() {
+            return self.scan_and_unlink(None, &pattern).await;
+        }
+        let primaries = self.conn.primaries().await?;
+        let scans = primaries
+            .iter()
+            .map(|node| self.scan_and_unlink(Some(node), &pattern));
+        let mut removed = 0;
+        for result in futures_util::future::join_all(scans).await {
+            removed += result?;
+        }
+        Ok(removed)
+    }
+
+    async fn ping(&self) -> Result<()> {
+        let reply: String = self.conn.query("ping", &cmd("PING")).await?;
+        if reply == "PONG" {
+            Ok(())
+        } else {
+            Err(CacheError::backend(
+                "ping",
+                true,
+                format!("unexpected PING reply {reply:?}"),
+            ))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn glob_characters_are_escaped() {
+        assert_eq!(glob_escape("a*b?c[d]e\\f"), "a\\*b\\?c\\[d\\]e\\\\f");
+        assert_eq!(glob_escape("ü:日本"), "ü:日本");
+    }
+
+    #[test]
+    fn pttl_replies_map_to_entries() {
+        let value = Value::BulkString(b"v".to_vec());
+        assert_eq!(entry_of(&Value::Nil, &Value::Int(-2)).unwrap(), None);
+        assert_eq!(
+            entry_of(&value, &Value::Int(-2)).unwrap(),
+            None,
+            "expired between GET and PTTL"
+        );
+        assert_eq!(
+            entry_of(&value, &Value::Int(1500)).unwrap().unwrap().ttl,
+            Duration::from_millis(1500)
+        );
+        assert_eq!(
+            entry_of(&value, &Value::Int(-1)).unwrap().unwrap().ttl,
+            MAX_TTL
+        );
+    }
+}
