@@ -1,0 +1,134 @@
+//! Cross-instance freshness over Redis pub/sub.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::PrivateRedis;
+use tierstack::TieredCache;
+use tierstack_redis::{RedisBackplane, RedisConfig, RedisStore};
+
+async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !check().await {
+        assert!(Instant::now() < deadline, "{what}: not within 10 s");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// `count` instances of one service: each its own connections, store, backplane and L1.
+async fn instances(config: &RedisConfig, count: usize) -> Vec<TieredCache<String>> {
+    let mut caches = Vec::new();
+    for _ in 0..count {
+        let store = RedisStore::connect(config).await.unwrap();
+        let backplane = RedisBackplane::connect(config).await.unwrap();
+        caches.push(
+            TieredCache::builder("svc")
+                .l2(Arc::new(store))
+                .backplane(Arc::new(backplane))
+                .build()
+                .unwrap(),
+        );
+    }
+    caches
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_instances_never_serve_the_old_value_after_delivery() {
+    let config = RedisConfig::from_url(&common::redis_url())
+        .unwrap()
+        .key_prefix(&common::unique_prefix("bp3"));
+    let caches = instances(&config, 3).await;
+    caches[0].set("k", "v1".into()).await.unwrap();
+    for cache in &caches {
+        assert_eq!(cache.get("k").await.unwrap(), Some("v1".into()));
+    }
+    for (round, writer) in [1usize, 2, 0, 1].into_iter().enumerate() {
+        let value = format!("v{}", round + 2);
+        caches[writer].set("k", value.clone()).await.unwrap();
+        for cache in &caches {
+            eventually("new value served", async || {
+                cache.get("k").await.unwrap().as_deref() == Some(&value)
+            })
+            .await;
+            // Once delivered, the old value never comes back.
+            for _ in 0..20 {
+                assert_eq!(
+                    cache.get("k").await.unwrap().as_deref(),
+                    Some(value.as_str())
+                );
+            }
+        }
+    }
+    let received: Vec<u64> = caches
+        .iter()
+        .map(|c| c.stats().invalidations_received)
+        .collect();
+    // Five writes: 1 by instance 0 at the start, then by 1, 2, 0, 1. Each instance hears the
+    // others' writes and never its own.
+    assert_eq!(received, vec![3, 3, 4], "{received:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deletes_and_prefix_deletes_reach_every_instance() {
+    let config = RedisConfig::from_url(&common::redis_url())
+        .unwrap()
+        .key_prefix(&common::unique_prefix("bpdel"));
+    let caches = instances(&config, 3).await;
+    for key in ["user:1", "user:2", "order:1"] {
+        caches[0].set(key, key.into()).await.unwrap();
+    }
+    for cache in &caches {
+        assert!(cache.get("user:1").await.unwrap().is_some());
+        assert!(cache.get("order:1").await.unwrap().is_some());
+    }
+    caches[1].delete_prefix("user:").await.unwrap();
+    caches[2].delete("order:1").await.unwrap();
+    for cache in &caches {
+        eventually("deletes applied", async || {
+            cache.get("user:1").await.unwrap().is_none()
+                && cache.get("user:2").await.unwrap().is_none()
+                && cache.get("order:1").await.unwrap().is_none()
+        })
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_subscription_resyncs_and_resubscribes_by_itself() {
+    let server = PrivateRedis::start(&[]);
+    let config = RedisConfig::from_url(&server.url()).unwrap();
+    let caches = instances(&config, 2).await;
+    caches[0].set("k", "v1".into()).await.unwrap();
+    eventually("first invalidation", async || {
+        caches[1].stats().invalidations_received == 1
+    })
+    .await;
+    assert_eq!(caches[1].get("k").await.unwrap(), Some("v1".into()));
+
+    let killed = server.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]);
+    assert_eq!(killed.trim(), "2", "both subscriptions killed");
+    eventually("resync after the lost subscription", async || {
+        caches[1].stats().resyncs >= 2
+    })
+    .await;
+    // The resync cleared L1: the next read goes to Redis.
+    let l2_hits = caches[1].stats().l2_hits;
+    assert_eq!(caches[1].get("k").await.unwrap(), Some("v1".into()));
+    assert_eq!(caches[1].stats().l2_hits, l2_hits + 1);
+
+    // Resubscribed: invalidations flow again.
+    eventually("resubscribed", async || {
+        server
+            .cli(&["PUBSUB", "NUMSUB", "tierstack:invalidations"])
+            .contains("\n2")
+    })
+    .await;
+    caches[0].set("k", "v2".into()).await.unwrap();
+    eventually("invalidation after resubscription", async || {
+        caches[1].get("k").await.unwrap().as_deref() == Some("v2")
+    })
+    .await;
+}

@@ -1,0 +1,252 @@
+//! Faults and bad input against real Redis servers: unreachable, killed and restarted, stalled,
+//! wrong credentials, missing ACL rights, foreign bytes, oversized values.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use common::PrivateRedis;
+use tierstack::TieredCache;
+use tierstack_core::{CacheError, Store};
+use tierstack_redis::{RedisConfig, RedisStore};
+
+fn loader(
+    calls: &Arc<AtomicUsize>,
+    value: &str,
+) -> impl FnOnce() -> std::future::Ready<Result<String, std::io::Error>> + Send + 'static {
+    let (calls, value) = (calls.clone(), value.to_owned());
+    move || {
+        calls.fetch_add(1, Ordering::SeqCst);
+        std::future::ready(Ok(value))
+    }
+}
+
+async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !check().await {
+        assert!(Instant::now() < deadline, "{what}: not within 10 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn an_unreachable_server_fails_within_the_connect_timeout_naming_the_host_not_the_password() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = RedisConfig::from_url(&format!("redis://app:sup3rsecret@127.0.0.1:{port}/"))
+        .unwrap()
+        .connect_timeout(Duration::from_millis(300))
+        .response_timeout(Duration::from_millis(300));
+    let started = Instant::now();
+    let err = RedisStore::connect(&config).await.unwrap_err();
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(matches!(err, CacheError::Connection { .. }), "{err:?}");
+    assert!(err.is_transient());
+    let shown = format!("{err} / {err:?}");
+    assert!(shown.contains(&format!("127.0.0.1:{port}")), "{shown}");
+    assert!(!shown.contains("sup3rsecret"), "{shown}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_server_degrades_to_l1_and_loader_and_is_used_again_after_restart() {
+    let mut server = PrivateRedis::start(&[]);
+    let config = RedisConfig::from_url(&server.url())
+        .unwrap()
+        .connect_timeout(Duration::from_millis(300))
+        .response_timeout(Duration::from_millis(300));
+    let store = Arc::new(RedisStore::connect(&config).await.unwrap());
+    let cache: TieredCache<String> = TieredCache::builder("kill")
+        .l2(store.clone())
+        .build()
+        .unwrap();
+    cache.set("warm", "in-l1".into()).await.unwrap();
+
+    server.kill();
+    let calls = Arc::new(AtomicUsize::new(0));
+    for _ in 0..20 {
+        assert_eq!(
+            cache.get("warm").await.unwrap(),
+            Some("in-l1".into()),
+            "L1 keeps serving"
+        );
+        assert_eq!(
+            cache
+                .get_or_load("cold", loader(&calls, "loaded"))
+                .await
+                .unwrap(),
+            "loaded"
+        );
+    }
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "the loaded value is kept in L1 meanwhile"
+    );
+    assert!(
+        cache.stats().l2_errors >= 1,
+        "errors are counted, not returned to readers"
+    );
+
+    server.restart();
+    // The same cache and store, no rebuild: Redis serves again once the connection is back.
+    eventually("writes reach the restarted server", async || {
+        cache.set("after", "v".into()).await.is_ok()
+    })
+    .await;
+    cache.invalidate_local("after").await;
+    let l2_hits = cache.stats().l2_hits;
+    assert_eq!(cache.get("after").await.unwrap(), Some("v".into()));
+    assert_eq!(cache.stats().l2_hits, l2_hits + 1);
+    assert!(store.get("kill:after").await.unwrap().is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_server_fails_requests_within_the_response_timeout_and_queues_nothing() {
+    let server = PrivateRedis::start(&[]);
+    let config = RedisConfig::from_url(&server.url())
+        .unwrap()
+        .response_timeout(Duration::from_millis(200))
+        .max_in_flight(4);
+    let store = Arc::new(RedisStore::connect(&config).await.unwrap());
+    server.cli(&["CLIENT", "PAUSE", "3000", "ALL"]);
+    let started = Instant::now();
+    let requests: Vec<_> = (0..50)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move { store.get(&format!("k{i}")).await })
+        })
+        .collect();
+    for request in requests {
+        let err = request.await.unwrap().unwrap_err();
+        assert!(matches!(err, CacheError::Timeout { .. }), "{err:?}");
+    }
+    // 50 requests, 4 in flight at a time: all failed within one response timeout each, not
+    // after the 3 s pause.
+    assert!(
+        started.elapsed() < Duration::from_millis(2_000),
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn a_wrong_password_is_an_authentication_error_that_hides_the_password() {
+    let server = PrivateRedis::start(&["--requirepass", "right-one"]);
+    let config = RedisConfig::from_url(&server.url())
+        .unwrap()
+        .credentials(None, "wr0ng-guess");
+    let err = RedisStore::connect(&config).await.unwrap_err();
+    assert!(matches!(err, CacheError::Authentication { .. }), "{err:?}");
+    assert!(!err.is_transient());
+    let shown = format!("{err} / {err:?}");
+    assert!(
+        !shown.contains("wr0ng-guess") && !shown.contains("right-one"),
+        "{shown}"
+    );
+    let ok = RedisConfig::from_url(&server.url())
+        .unwrap()
+        .credentials(None, "right-one");
+    RedisStore::connect(&ok)
+        .await
+        .unwrap()
+        .ping()
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn an_acl_user_without_rights_gets_an_authentication_error() {
+    let server = PrivateRedis::start(&[]);
+    server.cli(&[
+        "ACL", "SETUSER", "reader", "on", ">pw", "~*", "-@all", "+ping", "+hello", "+client",
+        "+get",
+    ]);
+    let config = RedisConfig::from_url(&server.url())
+        .unwrap()
+        .credentials(Some("reader"), "pw");
+    let store = RedisStore::connect(&config).await.unwrap();
+    assert_eq!(store.get("k").await.unwrap(), None, "GET is allowed");
+    let err = store
+        .set("k", "v".into(), Duration::from_secs(5))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, CacheError::Authentication { .. }), "{err:?}");
+    assert!(!format!("{err:?}").contains(">pw"));
+}
+
+#[tokio::test]
+async fn foreign_bytes_under_a_cache_key_are_a_counted_miss_and_deleted() {
+    let server = PrivateRedis::start(&[]);
+    let config = RedisConfig::from_url(&server.url()).unwrap();
+    let store = Arc::new(RedisStore::connect(&config).await.unwrap());
+    let cache: TieredCache<String> = TieredCache::builder("ns")
+        .l2(store.clone())
+        .build()
+        .unwrap();
+    server.cli(&[
+        "SET",
+        "ns:planted",
+        "\u{1}\u{2}garbage from another client",
+        "EX",
+        "60",
+    ]);
+    server.cli(&["SET", "ns:truncated", "TS\u{1}\u{1}", "EX", "60"]);
+    for key in ["planted", "truncated"] {
+        assert_eq!(cache.get(key).await.unwrap(), None);
+        assert!(
+            !store.exists(&format!("ns:{key}")).await.unwrap(),
+            "{key} deleted"
+        );
+    }
+    assert_eq!(cache.stats().corrupt_entries, 2);
+}
+
+#[tokio::test]
+async fn oversized_values_are_refused_before_anything_is_written() {
+    let server = PrivateRedis::start(&[]);
+    let config = RedisConfig::from_url(&server.url()).unwrap();
+    let store = Arc::new(
+        RedisStore::connect(&config)
+            .await
+            .unwrap()
+            .max_value_len(4096),
+    );
+    let err = store
+        .set("raw", vec![0u8; 5000].into(), Duration::from_secs(5))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            CacheError::ValueTooLarge {
+                size: 5000,
+                max: 4096
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(!store.exists("raw").await.unwrap());
+
+    let cache: TieredCache<String> = TieredCache::builder("big")
+        .l2(store.clone())
+        .max_value_len(1024)
+        .build()
+        .unwrap();
+    let err = cache.set("k", "x".repeat(2048)).await.unwrap_err();
+    assert!(
+        matches!(err, CacheError::ValueTooLarge { max: 1024, .. }),
+        "{err:?}"
+    );
+    assert!(!store.exists("big:k").await.unwrap());
+    assert_eq!(cache.get("k").await.unwrap(), None);
+}

@@ -1,0 +1,173 @@
+//! Sessions, capped lists, the rate limiter and leases on a real server and a real cluster.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use tierstack_core::Store;
+use tierstack_redis::{CappedList, Lease, RateLimiter, RedisConfig, RedisStore, Sessions};
+
+async fn stores(test: &str) -> Vec<RedisStore> {
+    let cluster = RedisConfig::cluster(&common::cluster_urls())
+        .unwrap()
+        .key_prefix(&common::unique_prefix(test));
+    vec![
+        common::standalone(test).await,
+        RedisStore::connect(&cluster).await.unwrap(),
+    ]
+}
+
+#[tokio::test]
+async fn sessions_update_partially_touch_every_key_and_delete_everything() {
+    for store in stores("sessions").await {
+        let sessions = Sessions::new(&store, Duration::from_secs(2)).unwrap();
+        sessions
+            .set_fields("abc", &[("user", b"u-1"), ("ready", b"0")])
+            .await
+            .unwrap();
+        sessions
+            .set_fields("abc", &[("ready", b"1")])
+            .await
+            .unwrap();
+        let fields = sessions.get("abc").await.unwrap().unwrap();
+        assert_eq!(fields.len(), 2);
+        assert_eq!(
+            &fields["user"][..],
+            b"u-1",
+            "a partial update keeps the other fields"
+        );
+        assert_eq!(
+            sessions.get_field("abc", "ready").await.unwrap().as_deref(),
+            Some(&b"1"[..])
+        );
+        let chain = sessions.list("abc", "chain", 20).unwrap();
+        chain.append(b"resp-1").await.unwrap();
+
+        // Touching extends the hash *and* the list beyond their original 2 s.
+        tokio::time::sleep(Duration::from_millis(1_200)).await;
+        assert_eq!(sessions.touch("abc").await.unwrap(), 2);
+        tokio::time::sleep(Duration::from_millis(1_200)).await;
+        assert!(
+            sessions.get("abc").await.unwrap().is_some(),
+            "the hash outlived its first TTL"
+        );
+        assert_eq!(chain.len().await.unwrap(), 1, "so did the list");
+
+        assert_eq!(
+            sessions
+                .remove_fields("abc", &["ready", "nope"])
+                .await
+                .unwrap(),
+            1
+        );
+        assert_eq!(sessions.delete("abc").await.unwrap(), 2);
+        assert_eq!(sessions.get("abc").await.unwrap(), None);
+        assert!(chain.is_empty().await.unwrap());
+        assert_eq!(
+            sessions.touch("abc").await.unwrap(),
+            0,
+            "touching a missing session"
+        );
+        assert!(sessions.get("").await.is_err(), "an empty id is refused");
+    }
+}
+
+#[tokio::test]
+async fn capped_lists_keep_the_last_n() {
+    for store in stores("lists").await {
+        let list = CappedList::new(&store, "chain", 20, Duration::from_secs(60)).unwrap();
+        for i in 0..25 {
+            list.append(format!("resp-{i:03}").as_bytes())
+                .await
+                .unwrap();
+        }
+        let all = list.all().await.unwrap();
+        assert_eq!(all.len(), 20);
+        assert_eq!(&all[0][..], b"resp-005");
+        assert_eq!(
+            list.last().await.unwrap().as_deref(),
+            Some(&b"resp-024"[..])
+        );
+        assert_eq!(list.range(-2, -1).await.unwrap().len(), 2);
+        assert!(CappedList::new(&store, "zero", 0, Duration::from_secs(1)).is_err());
+    }
+}
+
+#[tokio::test]
+async fn the_rate_limiter_admits_the_limit_per_sliding_window() {
+    for store in stores("ratelimit").await {
+        let limiter = RateLimiter::new(&store, "api", 5, Duration::from_millis(800)).unwrap();
+        for i in 1..=5 {
+            let decision = limiter.hit("client-1").await.unwrap();
+            assert!(decision.allowed && decision.count == i, "{decision:?}");
+        }
+        let refused = limiter.hit("client-1").await.unwrap();
+        assert!(!refused.allowed && refused.count == 5, "{refused:?}");
+        let retry = refused.retry_after.unwrap();
+        assert!(retry <= Duration::from_millis(800), "{retry:?}");
+        assert_eq!(limiter.count("client-1").await.unwrap(), 5);
+        assert!(
+            limiter.hit("client-2").await.unwrap().allowed,
+            "subjects are independent"
+        );
+        tokio::time::sleep(retry + Duration::from_millis(50)).await;
+        assert!(
+            limiter.hit("client-1").await.unwrap().allowed,
+            "the window slid"
+        );
+    }
+}
+
+#[tokio::test]
+async fn concurrent_hits_never_exceed_the_limit() {
+    let store = common::standalone("ratelimit-race").await;
+    let limiter = RateLimiter::new(&store, "burst", 10, Duration::from_secs(30)).unwrap();
+    let hits: Vec<_> = (0..50)
+        .map(|_| {
+            let limiter = limiter.clone();
+            tokio::spawn(async move { limiter.hit("one").await.unwrap().allowed })
+        })
+        .collect();
+    let mut allowed = 0;
+    for hit in hits {
+        allowed += usize::from(hit.await.unwrap());
+    }
+    assert_eq!(allowed, 10);
+}
+
+#[tokio::test]
+async fn only_the_holder_releases_or_extends_a_lease() {
+    for store in stores("lease").await {
+        let lease = Lease::acquire(&store, "job", Duration::from_millis(500))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            Lease::acquire(&store, "job", Duration::from_secs(5))
+                .await
+                .unwrap()
+                .is_none()
+        );
+        assert!(lease.extend(Duration::from_millis(500)).await.unwrap());
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        // Expired: another holder takes it, and the first can neither extend nor release it.
+        let second = Lease::acquire(&store, "job", Duration::from_secs(5))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(!lease.extend(Duration::from_secs(5)).await.unwrap());
+        assert!(!lease.release().await.unwrap());
+        assert!(
+            store.exists("lease:job").await.unwrap(),
+            "the second holder keeps it"
+        );
+        assert!(second.release().await.unwrap());
+        assert!(
+            Lease::acquire(&store, "job", Duration::from_secs(1))
+                .await
+                .unwrap()
+                .is_some()
+        );
+    }
+}
