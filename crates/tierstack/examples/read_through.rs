@@ -1,16 +1,19 @@
-//! The read-through cache at work over a slow origin, on the embedded default: moka only, no
-//! server. Two service instances share an L2 (`MokaStore` standing in for Redis or Firestore)
-//! and a backplane.
+//! The read-through cache at work over a slow origin. Two service instances share an L2 and a
+//! backplane. On the embedded default the L2 is a `MokaStore` standing in for a shared server
+//! (no server needed); with `REDIS_URL` set it is Redis, with pub/sub invalidations.
 //!
-//! Run: `cargo run -p tierstack --example read_through`
+//! Run: `cargo run --release -p tierstack --example read_through`
+//! or:  `REDIS_URL=redis://127.0.0.1:6379/ cargo run --release -p tierstack --example read_through`
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tierstack::core::testkit::MemoryBus;
+use tierstack::core::{Backplane, Store};
 use tierstack::moka::MokaStore;
 use tierstack::{CacheStats, TieredCache};
+use tierstack_redis::{RedisBackplane, RedisConfig, RedisStore};
 
 /// How many distinct keys the demo reads.
 const KEYS: usize = 100;
@@ -59,16 +62,55 @@ impl Timings {
     }
 }
 
-fn instance(
-    l2: &Arc<MokaStore>,
-    bus: &MemoryBus,
-) -> Result<TieredCache<String>, tierstack::CacheError> {
-    TieredCache::builder("profiles")
-        .l2(l2.clone())
-        .backplane(Arc::new(bus.backplane()))
-        .default_ttl(Duration::from_secs(600))
-        .l1_ttl(Duration::from_secs(60))
-        .build()
+/// Where the instances share their L2 and invalidations.
+enum Shared {
+    Embedded { l2: Arc<MokaStore>, bus: MemoryBus },
+    Redis(RedisConfig),
+}
+
+impl Shared {
+    async fn from_env() -> Result<Self, tierstack::CacheError> {
+        let Ok(url) = std::env::var("REDIS_URL") else {
+            return Ok(Self::Embedded {
+                l2: Arc::new(MokaStore::new(64 << 20)),
+                bus: MemoryBus::new(),
+            });
+        };
+        let config = RedisConfig::from_url(&url)?.key_prefix("tierstack-demo:");
+        // Start cold: remove what an earlier run left.
+        RedisStore::connect(&config)
+            .await?
+            .delete_prefix("profiles:")
+            .await?;
+        Ok(Self::Redis(config))
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Self::Embedded { .. } => "L1 moka + shared L2 MokaStore (embedded, no server)".into(),
+            Self::Redis(config) => format!(
+                "L1 moka + L2 Redis at {} with pub/sub invalidations",
+                config.endpoint()
+            ),
+        }
+    }
+
+    /// One service instance: its own L1, connections and subscription.
+    async fn instance(&self) -> Result<TieredCache<String>, tierstack::CacheError> {
+        let (l2, backplane): (Arc<dyn Store>, Arc<dyn Backplane>) = match self {
+            Self::Embedded { l2, bus } => (l2.clone(), Arc::new(bus.backplane())),
+            Self::Redis(config) => (
+                Arc::new(RedisStore::connect(config).await?),
+                Arc::new(RedisBackplane::connect(config).await?),
+            ),
+        };
+        TieredCache::builder("profiles")
+            .l2(l2)
+            .backplane(backplane)
+            .default_ttl(Duration::from_secs(600))
+            .l1_ttl(Duration::from_secs(60))
+            .build()
+    }
 }
 
 async fn read(
@@ -99,14 +141,14 @@ fn print_stats(name: &str, stats: &CacheStats) {
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let l2 = Arc::new(MokaStore::new(64 << 20));
-    let bus = MemoryBus::new();
-    let a = instance(&l2, &bus)?;
-    let b = instance(&l2, &bus)?;
+    let shared = Shared::from_env().await?;
+    let a = shared.instance().await?;
+    let b = shared.instance().await?;
     let origin = Origin::default();
 
     println!(
-        "tierstack read-through demo: L1 moka + shared L2 (MokaStore), origin 25 ms per call\n"
+        "tierstack read-through demo: {}, origin 25 ms per call\n",
+        shared.describe()
     );
 
     // 1. A concurrent burst on a cold cache: 1,000 callers over 100 keys, 10 per key.
@@ -149,14 +191,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     a.set("user:7", "profile of user:7 (edited)".to_string())
         .await?;
     let mut fresh = false;
-    for _ in 0..100 {
+    let edited_at = Instant::now();
+    for _ in 0..1_000 {
         if b.get("user:7").await?.as_deref() == Some("profile of user:7 (edited)") {
             fresh = true;
             break;
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
-    println!("4. A edited user:7; B serves the new value: {fresh}");
+    let lag = edited_at.elapsed();
+    println!("4. A edited user:7; B serves the new value: {fresh} (after {lag:.1?})");
 
     println!("\nlatency per tier:");
     cold.report("loader (cold, coalesced)");

@@ -47,6 +47,7 @@
 //!
 //! - `testkit`: the in-memory store and backplane and the fault-injecting store of
 //!   [`tierstack_core::testkit`], for testing code that uses a cache.
+//! - `redis`: re-exports [`tierstack_redis`] as `tierstack::redis`.
 
 mod builder;
 mod burst_log;
@@ -67,6 +68,9 @@ pub use tierstack_core::{
 pub use tierstack_core as core;
 /// The moka L1 and `MokaStore`.
 pub use tierstack_moka as moka;
+/// The Redis L2 and backplane (feature `redis`).
+#[cfg(feature = "redis")]
+pub use tierstack_redis as redis;
 
 /// The workspace README's examples, compiled and run as doctests.
 #[cfg(doctest)]
