@@ -1,6 +1,8 @@
-//! `cargo xtask bench [--quick]`: builds the benchmark binary in release mode and runs it.
+//! `cargo xtask bench [--quick]`: builds the benchmark binary in release mode and runs it
+//! against a Redis it starts and stops.
 
 use crate::cmd::{cargo, run, target_dir};
+use crate::services::{Services, Which};
 
 pub(crate) fn run_bench(args: &[&str]) -> Result<(), String> {
     let quick = match args {
@@ -19,5 +21,10 @@ pub(crate) fn run_bench(args: &[&str]) -> Result<(), String> {
         command.arg("--quick");
     }
     command.arg("--out").arg(&out);
-    run(&mut command)
+    // The Redis scenarios run against a server of their own, stopped afterwards.
+    let services = Services::start(&[Which::Redis])?;
+    services.apply_env(&mut command);
+    let result = run(&mut command);
+    drop(services);
+    result
 }

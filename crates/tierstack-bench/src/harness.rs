@@ -12,6 +12,10 @@ pub(crate) struct Sizes {
     pub(crate) keys: usize,
     pub(crate) ops_per_task: usize,
     pub(crate) stampede_callers: usize,
+    /// Operations per round of a Redis scenario (all tasks together).
+    pub(crate) redis_ops: usize,
+    /// The key space of `mixed_zipf`.
+    pub(crate) zipf_keys: usize,
 }
 
 impl Sizes {
@@ -20,12 +24,16 @@ impl Sizes {
         keys: 10_000,
         ops_per_task: 100_000,
         stampede_callers: 1_000,
+        redis_ops: 20_000,
+        zipf_keys: 100_000,
     };
     pub(crate) const FULL: Self = Self {
         rounds: 11,
         keys: 10_000,
         ops_per_task: 1_000_000,
         stampede_callers: 1_000,
+        redis_ops: 200_000,
+        zipf_keys: 1_000_000,
     };
 }
 

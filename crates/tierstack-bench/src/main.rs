@@ -7,6 +7,7 @@
 //! the scenarios whose name starts with `PREFIX`.
 
 mod harness;
+mod redis_scenarios;
 mod scenarios;
 
 use std::path::PathBuf;
@@ -44,6 +45,28 @@ fn main() -> Result<(), String> {
         }
         if wanted("stampede") {
             records.extend(scenarios::stampede(&sizes).await);
+        }
+        if wanted("l2_hit_redis") {
+            records.extend(redis_scenarios::l2_hit_redis(&sizes).await);
+        }
+        if wanted("get_many_redis") {
+            records.extend(redis_scenarios::get_many_redis(&sizes).await);
+        }
+        if wanted("write_through_redis") {
+            records.extend(redis_scenarios::write_through_redis(&sizes).await);
+        }
+        if wanted("invalidation_lag") {
+            records.extend(redis_scenarios::invalidation_lag(&sizes).await);
+        }
+        if wanted("mixed_zipf") {
+            records.extend(redis_scenarios::mixed_zipf(&sizes).await);
+        }
+        if records.iter().any(|r| {
+            r.scenario.contains("redis")
+                || r.scenario.starts_with("invalidation")
+                || r.scenario.starts_with("mixed")
+        }) {
+            redis_scenarios::cleanup().await;
         }
         records
     });

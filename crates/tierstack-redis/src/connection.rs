@@ -88,29 +88,33 @@ impl Connection {
         &self.endpoint
     }
 
-    /// Runs `request` on the link under the in-flight bound and the response timeout.
+    /// Runs `request` on the link under the in-flight bound. The driver enforces the response
+    /// timeout on the request itself (set at connect); only the wait for a free slot is timed
+    /// here, and only when there is none.
     async fn guarded<T, F, Fut>(&self, operation: &'static str, request: F) -> Result<T>
     where
         F: FnOnce(Link) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
         let limit = self.response_timeout;
-        let work = async {
-            let _permit = self
-                .permits
-                .acquire()
-                .await
-                .map_err(|_| RedisError::from((ErrorKind::Client, "connection closed")))?;
-            request(self.link.clone()).await
+        let _permit = match self.permits.try_acquire() {
+            Ok(permit) => permit,
+            Err(_) => match tokio::time::timeout(limit, self.permits.acquire()).await {
+                Ok(Ok(permit)) => permit,
+                Ok(Err(_)) => {
+                    return Err(CacheError::backend(operation, false, "connection closed"));
+                }
+                Err(_) => {
+                    return Err(CacheError::Timeout {
+                        operation,
+                        after: limit,
+                    });
+                }
+            },
         };
-        match tokio::time::timeout(limit, work).await {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(error)) => Err(map_error(operation, &self.endpoint, limit, error)),
-            Err(_) => Err(CacheError::Timeout {
-                operation,
-                after: limit,
-            }),
-        }
+        request(self.link.clone())
+            .await
+            .map_err(|error| map_error(operation, &self.endpoint, limit, error))
     }
 
     /// One command.

@@ -208,8 +208,32 @@ impl Store for RedisStore {
     }
 
     async fn get_many(&self, keys: &[&str]) -> Result<Vec<Option<Bytes>>> {
-        let entries = self.get_many_with_ttl(keys).await?;
-        Ok(entries.into_iter().map(|e| e.map(|e| e.value)).collect())
+        let keys: Vec<String> = keys
+            .iter()
+            .map(|k| self.checked_key(k))
+            .collect::<Result<_>>()?;
+        let groups = by_slot(self.conn.is_cluster(), keys.iter().map(String::as_str));
+        let requests = groups.iter().map(|group| {
+            let mut mget = cmd("MGET");
+            for &index in group {
+                mget.arg(&keys[index]);
+            }
+            async move {
+                let values: Vec<Option<Vec<u8>>> = self.conn.query("get", &mget).await?;
+                Ok::<_, CacheError>((group, values))
+            }
+        });
+        let mut out = vec![None; keys.len()];
+        for result in futures_util::future::join_all(requests).await {
+            let (group, values) = result?;
+            if values.len() != group.len() {
+                return Err(CacheError::backend("get", true, "short MGET reply"));
+            }
+            for (&index, value) in group.iter().zip(values) {
+                out[index] = value.map(Bytes::from);
+            }
+        }
+        Ok(out)
     }
 
     async fn get_with_ttl(&self, key: &str) -> Result<Option<StoredEntry>> {

@@ -3,11 +3,13 @@
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
+use futures_util::FutureExt;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tierstack_core::backplane::{BackplaneEvent, Invalidation, Subscription};
@@ -132,20 +134,12 @@ where
         if let Some(hit) = inner.l1_get(key).await {
             return Ok(hit);
         }
-        let snapshot = inner.l1.as_ref().map(|_| inner.freshness.snapshot(key));
-        match inner.read_l2(key).await {
-            Ok(L2Read::Hit(value, ttl)) => {
-                inner.recorder.l2_hit();
-                if let Some(snapshot) = snapshot {
-                    inner.fill_l1(key, value.clone(), ttl, snapshot).await;
-                }
-                Ok(value)
-            }
-            Ok(L2Read::Miss) | Err(_) => {
-                inner.recorder.miss();
-                Ok(None)
-            }
+        if let Ok(Some(hit)) = inner.l2_lookup(key).await {
+            return Ok(hit);
         }
+        // A miss, or an L2 failure (counted and logged) read as one.
+        inner.recorder.miss();
+        Ok(None)
     }
 
     /// The value under `key`, loading it with `loader` on a miss of both tiers and writing it to
@@ -177,16 +171,24 @@ where
         Fut: Future<Output = std::result::Result<Option<V>, E>> + Send + 'static,
         E: Into<BoxError>,
     {
-        self.inner.check_key(key)?;
-        if let Some(hit) = self.inner.l1_get(key).await {
+        let inner = &self.inner;
+        inner.check_key(key)?;
+        if let Some(hit) = inner.l1_get(key).await {
+            return Ok(hit);
+        }
+        // An L2 hit needs no flight: only a miss of both tiers (or a failed L2) reaches the
+        // origin.
+        if let Ok(Some(hit)) = inner.l2_lookup(key).await {
             return Ok(hit);
         }
         let loader: Loader<V> =
             Box::new(move || Box::pin(async move { loader().await.map_err(Into::into) }));
-        match self.inner.flight(key, loader).await {
-            Outcome::Found { value, .. } => Ok(Some(value)),
-            Outcome::Absent { .. } => Ok(None),
+        match inner.flight(key, loader).await {
+            Outcome::Found(value) => Ok(Some(value)),
+            Outcome::Absent => Ok(None),
             Outcome::Failed(failure) => Err(CacheError::Loader(Box::new(failure))),
+            // `flight` never returns it: waiters of an abandoned flight lead a new one.
+            Outcome::Abandoned => Err(CacheError::Loader(Box::new(LoaderPanicked))),
         }
     }
 
@@ -550,37 +552,76 @@ where
         }
     }
 
+    /// Reads `key` from L2 and fills L1 on a hit: `Some(v)` a hit (`v` is `None` for a negative
+    /// entry), `None` a miss. Counts the hit; a miss is counted by the caller.
+    async fn l2_lookup(&self, key: &str) -> Result<Option<Option<V>>> {
+        let snapshot = self.l1.as_ref().map(|_| self.freshness.snapshot(key));
+        match self.read_l2(key).await? {
+            L2Read::Hit(value, ttl) => {
+                self.recorder.l2_hit();
+                if let Some(snapshot) = snapshot {
+                    self.fill_l1(key, value.clone(), ttl, snapshot).await;
+                }
+                Ok(Some(value))
+            }
+            L2Read::Miss => Ok(None),
+        }
+    }
+
     async fn read_l2(&self, key: &str) -> Result<L2Read<V>> {
         let Some(l2) = &self.l2 else {
             return Ok(L2Read::Miss);
         };
         let store_key = self.namespace.store_key(key);
-        match self.l2_call(L2Op::Get, l2.get_with_ttl(&store_key)).await? {
+        // The remaining TTL only serves to fill L1: without one, a plain GET will do.
+        let entry = if self.l1.is_some() {
+            self.l2_call(L2Op::Get, l2.get_with_ttl(&store_key)).await?
+        } else {
+            let value = self.l2_call(L2Op::Get, l2.get(&store_key)).await?;
+            value.map(|value| StoredEntry {
+                value,
+                ttl: Duration::ZERO,
+            })
+        };
+        match entry {
             Some(entry) => Ok(self.decode_entry(key, entry).await),
             None => Ok(L2Read::Miss),
         }
     }
 
-    /// Joins the running flight of `key` or starts one, and waits for its outcome.
-    async fn flight(self: &Arc<Self>, key: &str, loader: Loader<V>) -> Outcome<V> {
-        let mut receiver = self.join_or_start(key, loader);
-        let outcome = match receiver.wait_for(Option::is_some).await {
-            Ok(outcome) => outcome.clone(),
-            // The flight task ended without an outcome: the runtime is shutting down.
-            Err(_) => None,
-        };
-        let outcome =
-            outcome.unwrap_or_else(|| Outcome::Failed(LoadFailure::new(Box::new(LoaderPanicked))));
-        self.count_outcome(&outcome);
-        outcome
-    }
-
-    fn count_outcome(&self, outcome: &Outcome<V>) {
-        match outcome {
-            Outcome::Found { from_l2: true, .. } | Outcome::Absent { from_l2: true } => {
-                self.recorder.l2_hit();
+    /// Runs `loader` as the flight of `key`, or waits for the flight already running.
+    ///
+    /// The first caller leads: it runs the load inline (no task, no extra wake-up) behind a
+    /// guard. If the leader is cancelled or unwinds, the guard unregisters the flight and tells
+    /// the waiters, and one of them leads again with its own loader: nobody is stranded.
+    async fn flight(&self, key: &str, loader: Loader<V>) -> Outcome<V> {
+        let mut loader = Some(loader);
+        loop {
+            match self.join_or_lead(key) {
+                Role::Wait(mut receiver) => {
+                    let outcome = match receiver.wait_for(Option::is_some).await {
+                        Ok(outcome) => outcome.clone(),
+                        Err(_) => None,
+                    };
+                    match outcome {
+                        Some(Outcome::Abandoned) | None => {}
+                        Some(outcome) => {
+                            self.recorder.miss();
+                            return outcome;
+                        }
+                    }
+                }
+                Role::Lead(mut guard) => {
+                    let Some(loader) = loader.take() else {
+                        // Unreachable: a caller leads at most once, and returns.
+                        return Outcome::Failed(LoadFailure::new(Box::new(LoaderPanicked)));
+                    };
+                    let outcome = self.load(key, loader, guard.snapshot).await;
+                    guard.complete(outcome.clone());
+                    self.recorder.miss();
+                    return outcome;
+                }
             }
-            _ => self.recorder.miss(),
         }
     }
 
@@ -588,66 +629,43 @@ where
         self.flights.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The receiver of the running flight of `key`, or of a new one running `loader`.
-    fn join_or_start(
-        self: &Arc<Self>,
-        key: &str,
-        loader: Loader<V>,
-    ) -> watch::Receiver<Option<Outcome<V>>> {
+    /// Joins the running flight of `key`, or registers a new one led by the caller.
+    fn join_or_lead<'a>(&'a self, key: &'a str) -> Role<'a, V, C> {
         let snapshot = self.freshness.snapshot(key);
         let mut flights = self.lock_flights();
         if let Some(running) = flights.get(key)
             && running.snapshot == snapshot
         {
-            return running.receiver.clone();
+            return Role::Wait(running.receiver.clone());
         }
-        // The key was invalidated since that flight started: it may carry the old value.
+        // No flight, or one that started before an invalidation of the key (it may carry the
+        // old value): lead a new one.
         let (sender, receiver) = watch::channel(None);
         let id = self.next_flight.fetch_add(1, Ordering::Relaxed);
         flights.insert(
             key.to_owned(),
             FlightHandle {
                 id,
-                receiver: receiver.clone(),
+                receiver,
                 snapshot,
             },
         );
-        drop(flights);
-        let inner = Arc::clone(self);
-        let key = key.to_owned();
-        tokio::spawn(async move {
-            let guard = FlightGuard {
-                inner: &*inner,
-                key: &key,
-                id,
-            };
-            let outcome = inner.fill(&key, loader, snapshot).await;
-            // Unregister before publishing, so that a caller arriving after this point starts
-            // a fresh flight instead of taking an outcome that an invalidation may have outdated.
-            drop(guard);
-            let _ = sender.send(Some(outcome));
-        });
-        receiver
+        Role::Lead(LeaderGuard {
+            inner: self,
+            key,
+            id,
+            snapshot,
+            sender: Some(sender),
+        })
     }
 
-    /// The work of a flight: L2, then the loader, then write-through.
-    async fn fill(&self, key: &str, loader: Loader<V>, snapshot: Snapshot) -> Outcome<V> {
-        match self.read_l2(key).await {
-            Ok(L2Read::Hit(value, ttl)) => {
-                self.fill_l1(key, value.clone(), ttl, snapshot).await;
-                return match value {
-                    Some(value) => Outcome::Found {
-                        value,
-                        from_l2: true,
-                    },
-                    None => Outcome::Absent { from_l2: true },
-                };
-            }
-            // An L2 failure degrades to the loader; it was counted and logged.
-            Ok(L2Read::Miss) | Err(_) => {}
-        }
+    /// The work of a flight: the loader, then write-through. (Its callers have each just missed
+    /// L2; a writer that stores the key meanwhile wins, through `set_if_absent`.)
+    async fn load(&self, key: &str, loader: Loader<V>, snapshot: Snapshot) -> Outcome<V> {
         let started = Instant::now();
-        let result = match tokio::spawn(loader()).await {
+        // The flight already runs in a task of its own; a panicking loader is caught here and
+        // becomes every waiter's error.
+        let result = match AssertUnwindSafe(loader()).catch_unwind().await {
             Ok(result) => result,
             Err(_) => Err(Box::new(LoaderPanicked) as BoxError),
         };
@@ -656,16 +674,13 @@ where
             Ok(Some(value)) => {
                 self.store_loaded(key, Some(&value), self.settings.default_ttl, snapshot)
                     .await;
-                Outcome::Found {
-                    value,
-                    from_l2: false,
-                }
+                Outcome::Found(value)
             }
             Ok(None) => {
                 if let Some(ttl) = self.settings.negative_ttl {
                     self.store_loaded(key, None, ttl, snapshot).await;
                 }
-                Outcome::Absent { from_l2: false }
+                Outcome::Absent
             }
             Err(error) => {
                 tracing::warn!(cache = %self.namespace, key = %fingerprint(key), error = %error, "loader failed");
@@ -735,7 +750,25 @@ where
             .map(|&i| self.namespace.store_key(keys[i]))
             .collect();
         let refs: Vec<&str> = store_keys.iter().map(String::as_str).collect();
-        let entries = match self.l2_call(L2Op::Get, l2.get_many_with_ttl(&refs)).await {
+        let read = if self.l1.is_some() {
+            self.l2_call(L2Op::Get, l2.get_many_with_ttl(&refs)).await
+        } else {
+            // Without an L1 to fill, the remaining TTLs are not needed.
+            self.l2_call(L2Op::Get, l2.get_many(&refs))
+                .await
+                .map(|values| {
+                    values
+                        .into_iter()
+                        .map(|value| {
+                            value.map(|value| StoredEntry {
+                                value,
+                                ttl: Duration::ZERO,
+                            })
+                        })
+                        .collect()
+                })
+        };
+        let entries = match read {
             Ok(entries) if entries.len() == refs.len() => entries,
             Ok(_) | Err(_) => vec![None; refs.len()],
         };
@@ -877,15 +910,25 @@ where
     }
 }
 
-/// Unregisters a flight when its task ends, normally or by panic.
-struct FlightGuard<'a, V, C> {
+/// What a caller of a flight does: wait for the leader's outcome, or lead.
+enum Role<'a, V, C> {
+    Wait(watch::Receiver<Option<Outcome<V>>>),
+    Lead(LeaderGuard<'a, V, C>),
+}
+
+/// The leader's registration of its flight. Completing it unregisters the flight, then
+/// publishes the outcome; dropping it uncompleted (the leader was cancelled, or unwound)
+/// unregisters it and tells the waiters to lead again.
+struct LeaderGuard<'a, V, C> {
     inner: &'a Inner<V, C>,
     key: &'a str,
     id: u64,
+    snapshot: Snapshot,
+    sender: Option<watch::Sender<Option<Outcome<V>>>>,
 }
 
-impl<V, C> Drop for FlightGuard<'_, V, C> {
-    fn drop(&mut self) {
+impl<V, C> LeaderGuard<'_, V, C> {
+    fn unregister(&self) {
         let mut flights = self
             .inner
             .flights
@@ -893,6 +936,24 @@ impl<V, C> Drop for FlightGuard<'_, V, C> {
             .unwrap_or_else(PoisonError::into_inner);
         if flights.get(self.key).is_some_and(|f| f.id == self.id) {
             flights.remove(self.key);
+        }
+    }
+
+    /// Unregisters before publishing, so that a caller arriving from now on starts a fresh
+    /// flight instead of taking an outcome that a later invalidation may have outdated.
+    fn complete(&mut self, outcome: Outcome<V>) {
+        self.unregister();
+        if let Some(sender) = self.sender.take() {
+            let _ = sender.send(Some(outcome));
+        }
+    }
+}
+
+impl<V, C> Drop for LeaderGuard<'_, V, C> {
+    fn drop(&mut self) {
+        if let Some(sender) = self.sender.take() {
+            self.unregister();
+            let _ = sender.send(Some(Outcome::Abandoned));
         }
     }
 }

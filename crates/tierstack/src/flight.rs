@@ -1,11 +1,10 @@
-//! Single-flight: concurrent read-through misses of one key share one L2 read and one loader
-//! call.
+//! Single-flight: concurrent read-through misses of one key share one loader call.
 //!
-//! The first caller registers a flight and spawns its work as a task; later callers subscribe to
-//! its outcome. Because the work runs in its own task, a caller that is cancelled (its future
-//! dropped, a timeout) strands nobody: the task finishes and the others get the outcome. A loader
-//! that panics is caught at its task boundary and every waiter gets [`LoaderPanicked`]; an error
-//! reaches every waiter and is not cached.
+//! The first caller registers a flight and runs the load itself; later callers subscribe to its
+//! outcome. A leader that is cancelled (its future dropped, a timeout) strands nobody: its guard
+//! tells the waiters, and one of them leads a new flight with its own loader. A loader that
+//! panics is caught (`catch_unwind`) and every waiter gets [`LoaderPanicked`]; an error reaches
+//! every waiter and is not cached.
 
 use std::error::Error as StdError;
 use std::fmt;
@@ -27,12 +26,14 @@ pub(crate) type Loader<V> = Box<dyn FnOnce() -> BoxFuture<Result<Option<V>, BoxE
 /// How a flight ended.
 #[derive(Debug, Clone)]
 pub(crate) enum Outcome<V> {
-    /// A value, from L2 (`from_l2`) or from the loader.
-    Found { value: V, from_l2: bool },
-    /// The origin has no value (a negative entry, or the loader said so).
-    Absent { from_l2: bool },
+    /// The loader's value.
+    Found(V),
+    /// The loader answered that the origin has no value.
+    Absent,
     /// The loader failed or panicked.
     Failed(LoadFailure),
+    /// The leader was cancelled before it finished: a waiter leads a new flight.
+    Abandoned,
 }
 
 /// The registry entry of a running flight.

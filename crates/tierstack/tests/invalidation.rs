@@ -149,39 +149,41 @@ async fn a_fill_that_started_before_an_invalidation_does_not_land_after_it() {
 async fn a_caller_arriving_after_an_invalidation_does_not_join_an_older_flight() {
     let fx = Fixture::new();
     let cache = fx.cache();
-    cache.set("k", "v".into()).await.unwrap();
-    fx.faulty.set_delay(Duration::from_millis(100));
-    let concurrent_reads = async |invalidate_between: bool| {
-        cache.invalidate_local("k").await;
-        let before = fx.faulty.calls();
+    let calls = common::Calls::default();
+    let slow_loader = |calls: &common::Calls| {
+        let calls = calls.clone();
+        move || async move {
+            calls.hit();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            Ok::<_, std::io::Error>("v".to_string())
+        }
+    };
+    let concurrent_loads = async |key: &str, invalidate_between: bool| {
+        let before = calls.count();
         let early = {
-            let cache = cache.clone();
-            tokio::spawn(async move {
-                cache
-                    .get_or_load("k", || async { Err::<String, _>("unused") })
-                    .await
-            })
+            let (cache, key, loader) = (cache.clone(), key.to_owned(), slow_loader(&calls));
+            tokio::spawn(async move { cache.get_or_load(&key, loader).await })
         };
         tokio::time::sleep(Duration::from_millis(20)).await;
         if invalidate_between {
-            cache.invalidate_local("k").await;
+            cache.invalidate_local(key).await;
         }
-        let late = cache
-            .get_or_load("k", || async { Err::<String, _>("unused") })
-            .await;
-        assert_eq!(late.unwrap(), "v");
+        assert_eq!(
+            cache.get_or_load(key, slow_loader(&calls)).await.unwrap(),
+            "v"
+        );
         assert_eq!(early.await.unwrap().unwrap(), "v");
-        fx.faulty.calls() - before
+        calls.count() - before
     };
     assert_eq!(
-        concurrent_reads(false).await,
+        concurrent_loads("a", false).await,
         1,
         "the second caller joins the running flight"
     );
     assert_eq!(
-        concurrent_reads(true).await,
+        concurrent_loads("b", true).await,
         2,
-        "after an invalidation it reads L2 itself"
+        "after an invalidation it starts its own"
     );
 }
 

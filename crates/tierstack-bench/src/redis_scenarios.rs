@@ -1,0 +1,543 @@
+//! The Redis scenarios: tierstack over Redis vs raw redis-rs on the same connection type, and
+//! vs the naive "moka, then Redis, then the origin" composition.
+
+use std::hint::black_box;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use redis::aio::ConnectionManager;
+use tierstack::TieredCache;
+use tierstack_core::{BincodeCodec, Codec};
+use tierstack_moka::L1Capacity;
+use tierstack_redis::{RedisBackplane, RedisConfig, RedisStore};
+
+use crate::harness::{
+    Record, Round, Sizes, Workload, interleave, nanos, records, run_round, shuffled,
+};
+
+const TTL: Duration = Duration::from_hours(1);
+
+fn fail(e: impl std::fmt::Display) -> ! {
+    panic!("redis benchmark setup failed: {e}")
+}
+
+fn redis_url() -> String {
+    std::env::var("REDIS_URL").unwrap_or_else(|_| {
+        fail("REDIS_URL is not set: run `cargo xtask bench`, which starts Redis itself")
+    })
+}
+
+/// The prefix of every key this run writes: unique per run, so that runs against a long-lived
+/// server never find each other's keys (a warm L2 would turn misses into hits).
+fn run_prefix() -> &'static str {
+    static PREFIX: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    PREFIX.get_or_init(|| {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default();
+        format!("tierstack-bench-{}-{nanos}:", std::process::id())
+    })
+}
+
+fn config(prefix: &str) -> RedisConfig {
+    RedisConfig::from_url(&redis_url())
+        .unwrap_or_else(|e| fail(e))
+        .key_prefix(&format!("{}{prefix}", run_prefix()))
+        .response_timeout(Duration::from_secs(5))
+}
+
+/// Deletes every key this run wrote.
+pub(crate) async fn cleanup() {
+    let config = RedisConfig::from_url(&redis_url()).unwrap_or_else(|e| fail(e));
+    let store = RedisStore::connect(&config)
+        .await
+        .unwrap_or_else(|e| fail(e));
+    tierstack_core::Store::delete_prefix(&store, run_prefix())
+        .await
+        .unwrap_or_else(|e| fail(e));
+}
+
+async fn raw_connection() -> ConnectionManager {
+    let client = redis::Client::open(redis_url()).unwrap_or_else(|e| fail(e));
+    client
+        .get_connection_manager()
+        .await
+        .unwrap_or_else(|e| fail(e))
+}
+
+fn value(i: usize) -> String {
+    format!("value-{i:06}-{}", "x".repeat(48))
+}
+
+fn encoded(i: usize) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    BincodeCodec::default()
+        .encode_into(&value(i), &mut bytes)
+        .unwrap_or_else(|e| fail(e));
+    bytes
+}
+
+fn keys(n: usize) -> Arc<Vec<String>> {
+    Arc::new((0..n).map(|i| format!("key-{i:06}")).collect())
+}
+
+async fn l2_only_cache(prefix: &str) -> TieredCache<String> {
+    let store = RedisStore::connect(&config(prefix))
+        .await
+        .unwrap_or_else(|e| fail(e));
+    TieredCache::builder("bench")
+        .without_l1()
+        .l2(Arc::new(store))
+        .default_ttl(TTL)
+        .build()
+        .unwrap_or_else(|e| fail(e))
+}
+
+struct TieredGet {
+    cache: TieredCache<String>,
+    keys: Arc<Vec<String>>,
+}
+
+impl Workload for TieredGet {
+    async fn op(&self, i: usize) {
+        black_box(self.cache.get(&self.keys[i]).await.ok().flatten());
+    }
+}
+
+struct RawGet {
+    conn: ConnectionManager,
+    keys: Arc<Vec<String>>,
+}
+
+impl Workload for RawGet {
+    async fn op(&self, i: usize) {
+        let mut conn = self.conn.clone();
+        let bytes: Option<Vec<u8>> = redis::cmd("GET")
+            .arg(&self.keys[i])
+            .query_async(&mut conn)
+            .await
+            .ok()
+            .flatten();
+        if let Some(bytes) = bytes {
+            black_box(BincodeCodec::default().decode::<String>(&bytes).ok());
+        }
+    }
+}
+
+/// `TieredCache::get` served by Redis with L1 off vs raw GET + decode, 64 tasks.
+pub(crate) async fn l2_hit_redis(sizes: &Sizes) -> Vec<Record> {
+    let n = sizes.keys;
+    let keys = keys(n);
+    let tiered = l2_only_cache("bench-l2:").await;
+    let mut raw = raw_connection().await;
+    for (i, key) in keys.iter().enumerate() {
+        tiered.set(key, value(i)).await.unwrap_or_else(|e| fail(e));
+        let _: () = redis::cmd("SET")
+            .arg(format!("{}raw:{key}", run_prefix()))
+            .arg(encoded(i))
+            .query_async(&mut raw)
+            .await
+            .unwrap_or_else(|e| fail(e));
+    }
+    let raw_keys = Arc::new(
+        keys.iter()
+            .map(|k| format!("{}raw:{k}", run_prefix()))
+            .collect(),
+    );
+    let tiered = Arc::new(TieredGet {
+        cache: tiered,
+        keys,
+    });
+    let raw = Arc::new(RawGet {
+        conn: raw,
+        keys: raw_keys,
+    });
+    let order = shuffled(n);
+    let ops = sizes.redis_ops / 64;
+    let rounds = interleave(2, sizes.rounds, |system| {
+        let (tiered, raw, order) = (tiered.clone(), raw.clone(), order.clone());
+        async move {
+            match system {
+                0 => run_round(&tiered, &order, 64, ops).await,
+                _ => run_round(&raw, &order, 64, ops).await,
+            }
+        }
+    })
+    .await;
+    records(
+        "l2_hit_redis/64task",
+        &["tierstack", "redis-rs"],
+        1,
+        ops * 64,
+        &rounds,
+    )
+}
+
+struct TieredGetMany {
+    cache: TieredCache<String>,
+    keys: Arc<Vec<String>>,
+}
+
+impl Workload for TieredGetMany {
+    async fn op(&self, i: usize) {
+        let start = (i / 100) * 100 % (self.keys.len() - 100);
+        let batch: Vec<&str> = self.keys[start..start + 100]
+            .iter()
+            .map(String::as_str)
+            .collect();
+        black_box(self.cache.get_many(&batch).await.ok());
+    }
+}
+
+struct SequentialGets {
+    cache: TieredCache<String>,
+    keys: Arc<Vec<String>>,
+}
+
+impl Workload for SequentialGets {
+    async fn op(&self, i: usize) {
+        let start = (i / 100) * 100 % (self.keys.len() - 100);
+        for key in &self.keys[start..start + 100] {
+            black_box(self.cache.get(key).await.ok());
+        }
+    }
+}
+
+/// `get_many` of 100 keys vs 100 sequential `get`s, L1 off, one task.
+pub(crate) async fn get_many_redis(sizes: &Sizes) -> Vec<Record> {
+    let keys = keys(sizes.keys);
+    let cache = l2_only_cache("bench-many:").await;
+    for (i, key) in keys.iter().enumerate() {
+        cache.set(key, value(i)).await.unwrap_or_else(|e| fail(e));
+    }
+    let many = Arc::new(TieredGetMany {
+        cache: cache.clone(),
+        keys: keys.clone(),
+    });
+    let sequential = Arc::new(SequentialGets { cache, keys });
+    let order = shuffled(sizes.keys);
+    let ops = (sizes.redis_ops / 1000).max(20);
+    let rounds = interleave(2, sizes.rounds, |system| {
+        let (many, sequential, order) = (many.clone(), sequential.clone(), order.clone());
+        async move {
+            match system {
+                0 => run_round(&many, &order, 1, ops).await,
+                _ => run_round(&sequential, &order, 1, ops).await,
+            }
+        }
+    })
+    .await;
+    records(
+        "get_many_redis/100keys",
+        &["get_many", "100 sequential gets"],
+        1,
+        ops,
+        &rounds,
+    )
+}
+
+struct TieredSet {
+    cache: TieredCache<String>,
+    keys: Arc<Vec<String>>,
+}
+
+impl Workload for TieredSet {
+    async fn op(&self, i: usize) {
+        black_box(self.cache.set(&self.keys[i], value(i)).await.ok());
+    }
+}
+
+struct RawSet {
+    conn: ConnectionManager,
+    keys: Arc<Vec<String>>,
+}
+
+impl Workload for RawSet {
+    async fn op(&self, i: usize) {
+        let mut conn = self.conn.clone();
+        let mut bytes = Vec::new();
+        let _ = BincodeCodec::default().encode_into(&value(i), &mut bytes);
+        let result: redis::RedisResult<()> = redis::cmd("SET")
+            .arg(&self.keys[i])
+            .arg(bytes)
+            .arg("PX")
+            .arg(3_600_000)
+            .query_async(&mut conn)
+            .await;
+        black_box(result.ok());
+    }
+}
+
+/// `set` (write-through, with the invalidation publish) vs raw SET, one task.
+pub(crate) async fn write_through_redis(sizes: &Sizes) -> Vec<Record> {
+    let keys = keys(sizes.keys);
+    let config = config("bench-write:");
+    let store = RedisStore::connect(&config)
+        .await
+        .unwrap_or_else(|e| fail(e));
+    let backplane = RedisBackplane::connect(&config)
+        .await
+        .unwrap_or_else(|e| fail(e));
+    let cache = TieredCache::builder("bench")
+        .l2(Arc::new(store))
+        .backplane(Arc::new(backplane))
+        .l1_capacity(L1Capacity::Entries(100_000))
+        .default_ttl(TTL)
+        .build()
+        .unwrap_or_else(|e| fail(e));
+    let raw_keys = Arc::new(
+        keys.iter()
+            .map(|k| format!("{}raw-write:{k}", run_prefix()))
+            .collect(),
+    );
+    let tiered = Arc::new(TieredSet { cache, keys });
+    let raw = Arc::new(RawSet {
+        conn: raw_connection().await,
+        keys: raw_keys,
+    });
+    let order = shuffled(sizes.keys);
+    let ops = sizes.redis_ops / 20;
+    let rounds = interleave(2, sizes.rounds, |system| {
+        let (tiered, raw, order) = (tiered.clone(), raw.clone(), order.clone());
+        async move {
+            match system {
+                0 => run_round(&tiered, &order, 1, ops).await,
+                _ => run_round(&raw, &order, 1, ops).await,
+            }
+        }
+    })
+    .await;
+    records(
+        "write_through_redis/1task",
+        &["tierstack set+publish", "redis-rs SET"],
+        1,
+        ops,
+        &rounds,
+    )
+}
+
+/// From `set` returning on instance A until instance B's L1 stops serving the old value.
+pub(crate) async fn invalidation_lag(sizes: &Sizes) -> Vec<Record> {
+    let config = config("bench-lag:");
+    let instance = async || {
+        let store = RedisStore::connect(&config)
+            .await
+            .unwrap_or_else(|e| fail(e));
+        let backplane = RedisBackplane::connect(&config)
+            .await
+            .unwrap_or_else(|e| fail(e));
+        TieredCache::<String>::builder("lag")
+            .l2(Arc::new(store))
+            .backplane(Arc::new(backplane))
+            .default_ttl(TTL)
+            .build()
+            .unwrap_or_else(|e| fail(e))
+    };
+    let (a, b) = (instance().await, instance().await);
+    let mut lags = Vec::new();
+    let samples = (sizes.redis_ops / 100).clamp(100, 2_000);
+    for i in 0..samples {
+        let old = format!("old-{i}");
+        a.set("hot", old.clone()).await.unwrap_or_else(|e| fail(e));
+        // B holds the old value in L1.
+        while b.get("hot").await.ok().flatten().as_deref() != Some(old.as_str()) {
+            tokio::task::yield_now().await;
+        }
+        a.set("hot", format!("new-{i}"))
+            .await
+            .unwrap_or_else(|e| fail(e));
+        let written = Instant::now();
+        let deadline = written + Duration::from_secs(1);
+        while b.get("hot").await.ok().flatten().as_deref() == Some(old.as_str()) {
+            if Instant::now() > deadline {
+                fail("instance B kept the old value for over a second");
+            }
+            tokio::task::yield_now().await;
+        }
+        lags.push(nanos(written.elapsed()));
+    }
+    #[expect(clippy::cast_precision_loss, reason = "timing report")]
+    let mean = lags.iter().sum::<u64>() as f64 / lags.len() as f64;
+    let round = Round {
+        nanos_per_op: mean,
+        samples: lags,
+        loader_calls: None,
+    };
+    records(
+        "invalidation_lag",
+        &["tierstack"],
+        0,
+        samples,
+        &[vec![round]],
+    )
+}
+
+/// A Zipf(s) sampler over `0..n` by inverse CDF.
+struct Zipf {
+    cdf: Vec<f64>,
+}
+
+impl Zipf {
+    fn new(n: usize, s: f64) -> Self {
+        let mut cdf = Vec::with_capacity(n);
+        let mut total = 0.0;
+        for rank in 1..=n {
+            #[expect(clippy::cast_precision_loss, reason = "ranks are far below 2^52")]
+            let weight = 1.0 / (rank as f64).powf(s);
+            total += weight;
+            cdf.push(total);
+        }
+        for c in &mut cdf {
+            *c /= total;
+        }
+        Self { cdf }
+    }
+
+    /// The rank for a uniform `u` in `0..1`.
+    fn sample(&self, u: f64) -> usize {
+        self.cdf.partition_point(|&c| c < u).min(self.cdf.len() - 1)
+    }
+}
+
+/// A deterministic Zipf(0.9) stream of key indexes.
+fn zipf_stream(keys: usize, len: usize) -> Arc<Vec<usize>> {
+    let zipf = Zipf::new(keys, 0.9);
+    let mut state: u64 = 0x2545_F491_4F6C_DD1D;
+    Arc::new(
+        (0..len)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                #[expect(clippy::cast_precision_loss, reason = "a uniform sample")]
+                let u = (state >> 11) as f64 / (1u64 << 53) as f64;
+                zipf.sample(u)
+            })
+            .collect(),
+    )
+}
+
+const ORIGIN_DELAY: Duration = Duration::from_millis(2);
+
+struct OurStack {
+    cache: TieredCache<String>,
+    origin_calls: Arc<AtomicU64>,
+}
+
+impl Workload for OurStack {
+    async fn op(&self, i: usize) {
+        let calls = self.origin_calls.clone();
+        let loaded = self
+            .cache
+            .get_or_load(&format!("k{i}"), move || async move {
+                calls.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(ORIGIN_DELAY).await;
+                Ok::<_, std::io::Error>(value(i))
+            })
+            .await;
+        black_box(loaded.ok());
+    }
+}
+
+/// The naive composition teams hand-write: moka get, Redis GET, the origin, then SET + insert;
+/// no single-flight, no envelope, no backplane.
+struct Naive {
+    l1: moka::future::Cache<String, String>,
+    conn: ConnectionManager,
+    prefix: String,
+    origin_calls: Arc<AtomicU64>,
+}
+
+impl Workload for Naive {
+    async fn op(&self, i: usize) {
+        let key = format!("k{i}");
+        if let Some(hit) = self.l1.get(&key).await {
+            black_box(hit);
+            return;
+        }
+        let mut conn = self.conn.clone();
+        let redis_key = format!("{}{key}", self.prefix);
+        let cached: Option<Vec<u8>> = redis::cmd("GET")
+            .arg(&redis_key)
+            .query_async(&mut conn)
+            .await
+            .ok()
+            .flatten();
+        if let Some(value) = cached.and_then(|b| BincodeCodec::default().decode::<String>(&b).ok())
+        {
+            self.l1.insert(key, value).await;
+            return;
+        }
+        self.origin_calls.fetch_add(1, Ordering::Relaxed);
+        tokio::time::sleep(ORIGIN_DELAY).await;
+        let loaded = value(i);
+        let mut bytes = Vec::new();
+        let _ = BincodeCodec::default().encode_into(&loaded, &mut bytes);
+        let _: redis::RedisResult<()> = redis::cmd("SET")
+            .arg(&redis_key)
+            .arg(bytes)
+            .arg("PX")
+            .arg(3_600_000)
+            .query_async(&mut conn)
+            .await;
+        self.l1.insert(key, loaded).await;
+    }
+}
+
+/// Our stack vs the naive composition on one Zipf(0.9) stream, 2 ms origin, 64 tasks, each
+/// round starting cold (fresh L1, fresh Redis prefix).
+pub(crate) async fn mixed_zipf(sizes: &Sizes) -> Vec<Record> {
+    let stream = zipf_stream(sizes.zipf_keys, sizes.redis_ops);
+    let ops = sizes.redis_ops / 64;
+    let l1_entries = u64::try_from(sizes.zipf_keys / 10).unwrap_or(u64::MAX);
+    let mut round = 0;
+    let rounds = interleave(2, sizes.rounds, |system| {
+        round += 1;
+        let stream = stream.clone();
+        async move {
+            let origin_calls = Arc::new(AtomicU64::new(0));
+            let prefix = format!("bench-zipf-{round}-{system}:");
+            let mut result = if system == 0 {
+                let config = config(&prefix);
+                let store = RedisStore::connect(&config)
+                    .await
+                    .unwrap_or_else(|e| fail(e));
+                let backplane = RedisBackplane::connect(&config)
+                    .await
+                    .unwrap_or_else(|e| fail(e));
+                let cache = TieredCache::builder("z")
+                    .l2(Arc::new(store))
+                    .backplane(Arc::new(backplane))
+                    .l1_capacity(L1Capacity::Entries(l1_entries))
+                    .default_ttl(TTL)
+                    .build()
+                    .unwrap_or_else(|e| fail(e));
+                let stack = Arc::new(OurStack {
+                    cache,
+                    origin_calls: origin_calls.clone(),
+                });
+                run_round(&stack, &stream, 64, ops).await
+            } else {
+                let naive = Arc::new(Naive {
+                    l1: moka::future::Cache::new(l1_entries),
+                    conn: raw_connection().await,
+                    prefix: format!("{}{prefix}z:", run_prefix()),
+                    origin_calls: origin_calls.clone(),
+                });
+                run_round(&naive, &stream, 64, ops).await
+            };
+            result.loader_calls = Some(origin_calls.load(Ordering::Relaxed));
+            result
+        }
+    })
+    .await;
+    records(
+        "mixed_zipf/64task",
+        &["tierstack", "naive moka+redis"],
+        1,
+        ops * 64,
+        &rounds,
+    )
+}
