@@ -3,6 +3,9 @@
 use crate::cmd::{cargo, run as run_command};
 use crate::services::{Services, Which};
 
+/// The steps of `cargo xtask ci`, in order.
+pub(crate) const STEPS: [&str; 5] = ["fmt", "clippy", "doc", "test", "bench-check"];
+
 /// The test servers the workspace's tests need. The backend crates add theirs here.
 const TEST_SERVICES: &[Which] = &[Which::Redis, Which::RedisCluster];
 
@@ -24,8 +27,9 @@ fn run_step(step: &str) -> Result<(), String> {
                 .env("RUSTDOCFLAGS", "-D warnings"),
         ),
         "test" => test(),
+        "bench-check" => crate::bench::check(),
         other => Err(format!(
-            "unknown ci step {other:?}: expected fmt, clippy, doc or test"
+            "unknown ci step {other:?}: expected fmt, clippy, doc, test or bench-check"
         )),
     }
 }
@@ -34,7 +38,7 @@ pub(crate) fn run(step: Option<&str>) -> Result<(), String> {
     if let Some(step) = step {
         return run_step(step);
     }
-    for step in ["fmt", "clippy", "doc", "test"] {
+    for step in STEPS {
         eprintln!("\n== ci: {step}");
         run_step(step)?;
     }
@@ -51,4 +55,16 @@ fn test() -> Result<(), String> {
     let result = run_command(&mut command);
     drop(services);
     result
+}
+
+/// `cargo xtask deny`: cargo-deny over licenses, advisories, bans and sources (`deny.toml`).
+pub(crate) fn deny() -> Result<(), String> {
+    let installed = cargo()
+        .args(["deny", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !installed {
+        return Err("cargo-deny is not installed: cargo install --locked cargo-deny".into());
+    }
+    run_command(cargo().args(["deny", "--all-features", "check"]))
 }

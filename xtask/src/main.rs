@@ -4,11 +4,15 @@
 //!   servers the tests need and stops them afterwards.
 //! - `services up [all|redis|redis-cluster|firestore]`, `services down`, `services status`: test
 //!   servers on free loopback ports, described in `target/services.env`.
-//! - `bench [--quick]`: the side-by-side benchmarks; writes `target/bench/results.json`.
+//! - `bench [--quick]`: the side-by-side benchmarks; writes `target/bench/results.json` and
+//!   `target/bench/results.svg`.
+//! - `release <major|minor|patch|X.Y.Z> [--dry-run]`: version bump, changelogs, packaging, tag.
+//! - `deny`: licenses, advisories and duplicate versions with cargo-deny.
 
 mod bench;
 mod ci;
 mod cmd;
+mod release;
 mod services;
 
 use std::process::ExitCode;
@@ -16,12 +20,15 @@ use std::process::ExitCode;
 const USAGE: &str = "usage: cargo xtask <command>
 
 commands:
-  ci [fmt|clippy|doc|test]                  run every CI check, or one step
+  ci [fmt|clippy|doc|test|bench-check]      run every CI check, or one step
   services up [all|redis|redis-cluster|firestore]
                                             start test servers (writes target/services.env)
   services down                             stop every server `services up` started
   services status                           show the running servers
-  bench [--quick]                           run the benchmarks, write target/bench/results.json";
+  bench [--quick]                           run the benchmarks, write target/bench/results.json
+  release <major|minor|patch|X.Y.Z> [--dry-run]
+                                            bump, update changelogs, package, commit and tag
+  deny                                      cargo-deny: licenses, advisories, duplicates";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -40,6 +47,8 @@ fn main() -> ExitCode {
             Ok(())
         }
         ["bench", rest @ ..] => bench::run_bench(rest),
+        ["release", rest @ ..] => release::run_release(rest),
+        ["deny"] => ci::deny(),
         ["help" | "--help" | "-h"] => {
             println!("{USAGE}");
             Ok(())

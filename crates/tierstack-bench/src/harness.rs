@@ -4,7 +4,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// How much work a run does.
 pub(crate) struct Sizes {
@@ -38,7 +38,7 @@ impl Sizes {
 }
 
 /// One line of `results.json`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct Record {
     pub(crate) scenario: String,
     pub(crate) system: String,

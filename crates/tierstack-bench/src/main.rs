@@ -4,8 +4,10 @@
 //! rotates (ABC, BCA, CAB, ...) so that drifts of a shared, noisy machine hit every system alike.
 //! A record's `ratio` is the median time per operation of the system over that of its baseline
 //! (lower is better). Run through `cargo xtask bench [--quick]`; `--scenario PREFIX` runs only
-//! the scenarios whose name starts with `PREFIX`.
+//! the scenarios whose name starts with `PREFIX`; `--chart results.json` re-renders the SVG
+//! chart of an earlier run.
 
+mod chart;
 mod harness;
 mod redis_scenarios;
 mod scenarios;
@@ -24,6 +26,19 @@ fn main() -> Result<(), String> {
             "--quick" => quick = true,
             "--out" => out = args.next().ok_or("--out needs a path")?.into(),
             "--scenario" => only = Some(args.next().ok_or("--scenario needs a name")?),
+            "--chart" => {
+                // Re-renders the chart of an earlier results file.
+                let path: PathBuf = args.next().ok_or("--chart needs a results.json")?.into();
+                let text = std::fs::read_to_string(&path)
+                    .map_err(|e| format!("{}: {e}", path.display()))?;
+                let records: Vec<Record> =
+                    serde_json::from_str(&text).map_err(|e| e.to_string())?;
+                let chart = path.with_extension("svg");
+                std::fs::write(&chart, chart::svg(&records))
+                    .map_err(|e| format!("{}: {e}", chart.display()))?;
+                println!("written to {}", chart.display());
+                return Ok(());
+            }
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
@@ -76,6 +91,9 @@ fn main() -> Result<(), String> {
     }
     let json = serde_json::to_string_pretty(&records).map_err(|e| e.to_string())?;
     std::fs::write(&out, json + "\n").map_err(|e| format!("{}: {e}", out.display()))?;
-    println!("\nwritten to {}", out.display());
+    let chart = out.with_extension("svg");
+    std::fs::write(&chart, chart::svg(&records))
+        .map_err(|e| format!("{}: {e}", chart.display()))?;
+    println!("\nwritten to {} and {}", out.display(), chart.display());
     Ok(())
 }
