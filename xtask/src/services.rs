@@ -43,6 +43,9 @@ impl Which {
 /// Servers started by this process; dropped, it stops them.
 pub(crate) struct Services {
     groups: Vec<(String, u32)>,
+    /// The group leaders this process spawned; reaped when stopped (an exited, unreaped child
+    /// is a zombie that still looks alive to `kill -0`).
+    children: Vec<std::process::Child>,
     env: Vec<(String, String)>,
     keep: bool,
 }
@@ -52,6 +55,7 @@ impl Services {
     pub(crate) fn start(which: &[Which]) -> Result<Self, String> {
         let mut services = Self {
             groups: Vec::new(),
+            children: Vec::new(),
             env: Vec::new(),
             keep: false,
         };
@@ -89,6 +93,7 @@ impl Services {
             .spawn()
             .map_err(|e| format!("cannot start {}: {e}", describe(command)))?;
         self.groups.push((name.to_owned(), child.id()));
+        self.children.push(child);
         Ok(())
     }
 
@@ -188,8 +193,10 @@ impl Services {
 impl Drop for Services {
     fn drop(&mut self) {
         if !self.keep {
+            let mut children = std::mem::take(&mut self.children);
             for (name, group) in self.groups.drain(..).rev() {
-                stop_group(&name, group);
+                let leader = children.iter_mut().find(|c| c.id() == group);
+                stop_group(&name, group, leader);
             }
         }
     }
@@ -302,8 +309,9 @@ fn wait_for_http_ok(port: u16, limit: Duration) -> Result<(), String> {
     }
 }
 
-/// Stops a process group: TERM, then KILL if it lingers.
-fn stop_group(name: &str, group: u32) {
+/// Stops a process group: TERM, then KILL if it lingers. `leader` is reaped if this process
+/// spawned it.
+fn stop_group(name: &str, group: u32, mut leader: Option<&mut std::process::Child>) {
     let signal = |sig: &str| {
         Command::new("kill")
             .args([sig, "--", &format!("-{group}")])
@@ -316,13 +324,19 @@ fn stop_group(name: &str, group: u32) {
     }
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
+        if let Some(child) = leader.as_deref_mut() {
+            let _ = child.try_wait();
+        }
         if !signal("-0") {
             return;
         }
-        sleep(Duration::from_millis(100));
+        sleep(Duration::from_millis(50));
     }
     eprintln!("xtask: {name} (group {group}) ignored TERM; killing it");
     signal("-KILL");
+    if let Some(child) = leader {
+        let _ = child.wait();
+    }
 }
 
 /// `cargo xtask services up WHICH`: starts the servers and leaves them running.
@@ -355,7 +369,7 @@ pub(crate) fn down() {
         if let Some((name, group)) = line.split_once(' ')
             && let Ok(group) = group.trim().parse()
         {
-            stop_group(name, group);
+            stop_group(name, group, None);
             eprintln!("stopped {name}");
         }
     }

@@ -12,7 +12,7 @@ use tokio::sync::oneshot;
 use tokio::task::AbortHandle;
 
 use crate::config::{RedisConfig, endpoint_of};
-use crate::connection::{Connection, map_error};
+use crate::connection::{Connection, client_for, map_error};
 
 /// The longest pause between two attempts to resubscribe.
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
@@ -108,7 +108,7 @@ async fn listen(
         let info = config.nodes[node % config.nodes.len()].clone();
         let endpoint = endpoint_of(&info);
         let subscribed = async {
-            let client = redis::Client::open(info)?;
+            let client = client_for(info, &config)?;
             let mut pubsub = client.get_async_pubsub().await?;
             pubsub.subscribe(&channel).await?;
             Ok::<_, redis::RedisError>(pubsub)

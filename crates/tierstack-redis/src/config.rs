@@ -27,6 +27,8 @@ pub struct RedisConfig {
     pub(crate) response_timeout: Duration,
     pub(crate) max_in_flight: usize,
     pub(crate) channel: String,
+    /// A PEM root certificate to trust instead of the built-in roots (feature `tls`).
+    pub(crate) root_certificate: Option<Vec<u8>>,
 }
 
 impl RedisConfig {
@@ -73,6 +75,7 @@ impl RedisConfig {
             response_timeout: Duration::from_millis(500),
             max_in_flight: 1024,
             channel: "tierstack:invalidations".into(),
+            root_certificate: None,
         }
     }
 
@@ -131,6 +134,21 @@ impl RedisConfig {
         self
     }
 
+    /// Trusts `pem` (a PEM root certificate, such as a private CA's) for `rediss://` connections,
+    /// instead of the built-in web PKI roots.
+    #[cfg(feature = "tls")]
+    #[must_use]
+    pub fn tls_root_certificate(mut self, pem: &[u8]) -> Self {
+        self.root_certificate = Some(pem.to_vec());
+        self
+    }
+
+    pub(crate) fn uses_tls(&self) -> bool {
+        self.nodes
+            .iter()
+            .any(|info| matches!(info.addr(), ConnectionAddr::TcpTls { .. }))
+    }
+
     /// `host:port` of the first node, for error messages (never with credentials).
     pub fn endpoint(&self) -> String {
         self.nodes
@@ -154,6 +172,11 @@ pub(crate) fn endpoint_of(info: &ConnectionInfo) -> String {
 }
 
 fn parse(url: &str) -> Result<ConnectionInfo> {
+    if cfg!(not(feature = "tls")) && url.starts_with("rediss://") {
+        return Err(CacheError::Configuration(
+            "rediss:// (TLS) needs the `tls` feature of tierstack-redis".into(),
+        ));
+    }
     let info = url.into_connection_info().map_err(|e| {
         // The driver's message may quote the URL, password included: report the kind only.
         CacheError::Configuration(format!("invalid Redis URL ({:?})", e.kind()))
@@ -179,6 +202,8 @@ impl fmt::Debug for RedisConfig {
             .field("response_timeout", &self.response_timeout)
             .field("max_in_flight", &self.max_in_flight)
             .field("channel", &self.channel)
+            .field("tls", &self.uses_tls())
+            .field("root_certificate", &self.root_certificate.as_ref().map(|_| "<custom CA>"))
             .finish()
     }
 }

@@ -9,7 +9,10 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo, Slot};
-use redis::{Cmd, ErrorKind, FromRedisValue, Pipeline, RedisError, RetryMethod, ServerErrorKind};
+use redis::{
+    Cmd, ConnectionInfo, ErrorKind, FromRedisValue, Pipeline, RedisError, RetryMethod,
+    ServerErrorKind,
+};
 use tierstack_core::{CacheError, Result};
 use tokio::sync::Semaphore;
 
@@ -35,9 +38,22 @@ impl Connection {
     /// Connects, failing within the connect timeout when the server is unreachable.
     pub(crate) async fn connect(config: &RedisConfig) -> Result<Self> {
         let endpoint: Arc<str> = config.endpoint().into();
+        #[cfg(feature = "tls")]
+        if config.uses_tls() || config.root_certificate.is_some() {
+            install_crypto_provider();
+        }
         let connecting = async {
             if config.cluster {
-                let client = ClusterClientBuilder::new(config.nodes.clone())
+                let builder = ClusterClientBuilder::new(config.nodes.clone());
+                #[cfg(feature = "tls")]
+                let builder = match &config.root_certificate {
+                    Some(pem) => builder.certs(redis::TlsCertificates {
+                        client_tls: None,
+                        root_cert: Some(pem.clone()),
+                    }),
+                    None => builder,
+                };
+                let client = builder
                     .connection_timeout(config.connect_timeout)
                     .response_timeout(config.response_timeout)
                     .tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true))
@@ -48,7 +64,7 @@ impl Connection {
                 let info = config.nodes.first().cloned().ok_or_else(|| {
                     RedisError::from((ErrorKind::InvalidClientConfig, "no node configured"))
                 })?;
-                let client = redis::Client::open(info)?;
+                let client = client_for(info, config)?;
                 let manager = ConnectionManagerConfig::new()
                     .set_connection_timeout(Some(config.connect_timeout))
                     .set_response_timeout(Some(config.response_timeout))
@@ -216,6 +232,37 @@ impl Connection {
         }
         Ok(primaries)
     }
+}
+
+/// A client for one node, trusting the configured root certificate if there is one.
+pub(crate) fn client_for(
+    info: ConnectionInfo,
+    config: &RedisConfig,
+) -> redis::RedisResult<redis::Client> {
+    #[cfg(feature = "tls")]
+    {
+        if config.uses_tls() || config.root_certificate.is_some() {
+            install_crypto_provider();
+        }
+        if let Some(pem) = &config.root_certificate {
+            return redis::Client::build_with_tls(
+                info,
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem.clone()),
+                },
+            );
+        }
+    }
+    let _ = config;
+    redis::Client::open(info)
+}
+
+/// rustls needs one process-wide crypto provider; tierstack uses aws-lc-rs. Installing fails
+/// harmlessly when the application (or the Firestore stack) installed one already.
+#[cfg(feature = "tls")]
+fn install_crypto_provider() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
 }
 
 /// Groups item indexes by the slot of their key (one group on a standalone server), so that a

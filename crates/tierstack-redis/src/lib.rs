@@ -32,8 +32,9 @@
 //!
 //! # Features
 //!
-//! None yet: cluster support is always built. TLS (`rediss://`) is planned behind a `tls`
-//! feature.
+//! - `tls`: `rediss://` URLs and [`RedisConfig::tls_root_certificate`], on rustls with the
+//!   aws-lc-rs provider (installed as the process default if none is). Cluster support is always
+//!   built.
 
 mod backplane;
 mod config;
