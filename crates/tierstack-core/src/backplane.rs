@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
 use crate::error::{CacheError, Result};
+use crate::store::{Store, StoreWrite};
 
 /// What to evict from every other instance's L1.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -57,6 +58,24 @@ pub trait Backplane: Send + Sync + Debug + 'static {
 
     /// A new subscription to the invalidations published by other instances.
     fn subscribe(&self) -> Subscription;
+
+    /// Writes `write` to `store`, then publishes `invalidation`: never the other way round, or
+    /// another instance could evict, re-read the old value and keep it. `Err` means the write
+    /// failed (and nothing was published); `Ok(Some(error))` means the write landed but the
+    /// publish failed.
+    ///
+    /// The default does the two in sequence. A backplane that shares an ordered connection with
+    /// the store overrides it to do both in one round trip.
+    async fn write_then_publish(
+        &self,
+        store: &dyn Store,
+        write: StoreWrite<'_>,
+        namespace: &str,
+        invalidation: &Invalidation,
+    ) -> Result<Option<CacheError>> {
+        store.set(write.key, write.value, write.ttl).await?;
+        Ok(self.publish(namespace, invalidation).await.err())
+    }
 }
 
 /// A stream of [`BackplaneEvent`]s.

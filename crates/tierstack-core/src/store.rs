@@ -1,5 +1,6 @@
 //! The byte-level tier trait that every L2 implements.
 
+use std::any::Any;
 use std::fmt::Debug;
 use std::time::Duration;
 
@@ -59,9 +60,11 @@ pub struct StoredEntry {
 /// Bulk operations have correct defaults that loop over the single ones; backends override them
 /// with one round trip.
 ///
-/// The trait is object-safe: the composer holds an `Arc<dyn Store>`.
+/// The trait is object-safe: the composer holds an `Arc<dyn Store>`. It extends [`Any`] so that a
+/// backplane can recognise a store it shares a connection with (see
+/// [`Backplane::write_then_publish`](crate::Backplane::write_then_publish)).
 #[async_trait]
-pub trait Store: Send + Sync + Debug + 'static {
+pub trait Store: Any + Send + Sync + Debug {
     /// The bytes stored under `key`, or `None`.
     async fn get(&self, key: &str) -> Result<Option<Bytes>>;
 

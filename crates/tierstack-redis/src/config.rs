@@ -203,7 +203,10 @@ impl fmt::Debug for RedisConfig {
             .field("max_in_flight", &self.max_in_flight)
             .field("channel", &self.channel)
             .field("tls", &self.uses_tls())
-            .field("root_certificate", &self.root_certificate.as_ref().map(|_| "<custom CA>"))
+            .field(
+                "root_certificate",
+                &self.root_certificate.as_ref().map(|_| "<custom CA>"),
+            )
             .finish()
     }
 }

@@ -16,6 +16,14 @@ use tierstack_core::{CacheError, Result};
 use crate::config::RedisConfig;
 use crate::connection::{Connection, by_slot};
 
+/// `SET key value PX ttl`, then `PUBLISH channel message`.
+static SET_AND_PUBLISH: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(
+        r"redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+          return redis.call('PUBLISH', ARGV[3], ARGV[4])",
+    )
+});
+
 /// How many keys one SCAN step asks for, and one UNLINK removes, during `delete_prefix`.
 const SCAN_BATCH: usize = 1_000;
 
@@ -119,6 +127,29 @@ impl RedisStore {
             }
         }
         Ok(out)
+    }
+
+    /// Writes `value` and then publishes `message` on `channel`, in one script: one round trip,
+    /// atomic, and the subscribers hear of the write only after it happened.
+    pub(crate) async fn set_and_publish(
+        &self,
+        key: &str,
+        value: &Bytes,
+        ttl: Duration,
+        channel: &str,
+        message: &[u8],
+    ) -> Result<()> {
+        let key = self.checked_key(key)?;
+        validate_ttl(ttl)?;
+        self.check_value(value)?;
+        let mut invocation = SET_AND_PUBLISH.key(&key);
+        invocation
+            .arg(value.as_ref())
+            .arg(millis(ttl))
+            .arg(channel)
+            .arg(message);
+        self.conn.script::<u64>("set", &invocation).await?;
+        Ok(())
     }
 
     /// UNLINKs `keys` (bytes: SCAN may find keys that are not UTF-8), one call per slot group.

@@ -132,3 +132,83 @@ async fn a_killed_subscription_resyncs_and_resubscribes_by_itself() {
     })
     .await;
 }
+
+/// Calls of `command` since the server started, from INFO commandstats.
+fn calls(server: &PrivateRedis, command: &str) -> u64 {
+    let stats = server.cli(&["INFO", "commandstats"]);
+    stats
+        .lines()
+        .find_map(|line| line.strip_prefix(&format!("cmdstat_{command}:calls=")))
+        .and_then(|rest| rest.split(',').next())
+        .map_or(0, |n| n.parse().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_and_its_invalidation_take_one_round_trip_on_a_shared_server() {
+    let server = PrivateRedis::start(&[]);
+    let config = RedisConfig::from_url(&server.url()).unwrap();
+    let caches = instances(&config, 2).await;
+    // The first call loads the script (NOSCRIPT, SCRIPT LOAD, retry); measure the steady state.
+    caches[0].set("warm-up", "v".into()).await.unwrap();
+    let (scripts, publishes, sets) = (
+        calls(&server, "evalsha"),
+        calls(&server, "publish"),
+        calls(&server, "set"),
+    );
+    caches[0].set("k", "v".into()).await.unwrap();
+    assert_eq!(
+        calls(&server, "evalsha"),
+        scripts + 1,
+        "one script call for the write"
+    );
+    assert_eq!(
+        calls(&server, "publish"),
+        publishes + 1,
+        "which published inside it"
+    );
+    assert_eq!(calls(&server, "set"), sets + 1, "and wrote inside it");
+    eventually("delivered", async || {
+        caches[1].stats().invalidations_received == 2
+    })
+    .await;
+
+    // A store the backplane cannot see through takes the ordered two-step path.
+    let store: Arc<dyn tierstack_core::Store> =
+        Arc::new(tierstack_core::testkit::FaultyStore::new(Arc::new(
+            RedisStore::connect(&config).await.unwrap(),
+        )));
+    let wrapped = TieredCache::<String>::builder("svc")
+        .l2(store)
+        .backplane(Arc::new(RedisBackplane::connect(&config).await.unwrap()))
+        .build()
+        .unwrap();
+    let scripts = calls(&server, "evalsha");
+    wrapped.set("k", "w".into()).await.unwrap();
+    assert_eq!(
+        calls(&server, "evalsha"),
+        scripts,
+        "no script through a wrapper"
+    );
+    eventually("delivered", async || {
+        caches[1].get("k").await.unwrap().as_deref() == Some("w")
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_write_publishes_nothing() {
+    // A full Redis with the default noeviction policy refuses writes.
+    let server = PrivateRedis::start(&["--maxmemory", "1", "--maxmemory-policy", "noeviction"]);
+    let config = RedisConfig::from_url(&server.url()).unwrap();
+    let caches = instances(&config, 2).await;
+    let err = caches[0].set("k", "v".into()).await.unwrap_err();
+    assert!(err.to_string().contains("set"), "{err}");
+    assert!(!err.is_transient(), "OOM is not fixed by retrying: {err:?}");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(caches[1].stats().invalidations_received, 0);
+    assert_eq!(
+        caches[0].get("k").await.unwrap(),
+        None,
+        "no tier holds the refused value"
+    );
+}

@@ -285,22 +285,46 @@ where
             now.saturating_add(ttl),
             inner.settings.max_value_len,
         )?;
+        let invalidation = Invalidation::Keys(vec![key.to_owned()]);
         let _write = inner.freshness.lock_key(key).await;
+        let mut published = false;
         if let Some(l2) = &inner.l2 {
             let store_key = inner.namespace.store_key(key);
-            if let Err(error) = inner
-                .l2_call(L2Op::Set, l2.set(&store_key, bytes, ttl))
-                .await
-            {
+            let written = match &inner.backplane {
+                // The backplane orders the publish after the write (in one round trip when it
+                // shares a connection with the store).
+                Some(backplane) => {
+                    let write = StoreWrite {
+                        key: &store_key,
+                        value: bytes,
+                        ttl,
+                    };
+                    let namespace = inner.namespace.as_str();
+                    let call =
+                        backplane.write_then_publish(l2.as_ref(), write, namespace, &invalidation);
+                    inner.l2_call(L2Op::Set, call).await.map(|publish_error| {
+                        published = true;
+                        if let Some(error) = publish_error {
+                            inner.publish_failed(&error);
+                        }
+                    })
+                }
+                None => {
+                    inner
+                        .l2_call(L2Op::Set, l2.set(&store_key, bytes, ttl))
+                        .await
+                }
+            };
+            if let Err(error) = written {
                 inner.evict_local(key).await;
                 return Err(error);
             }
         }
         let snapshot = inner.freshness.bump_key(key);
         inner.fill_l1(key, Some(value), ttl, snapshot).await;
-        inner
-            .publish(Invalidation::Keys(vec![key.to_owned()]))
-            .await;
+        if !published {
+            inner.publish(invalidation).await;
+        }
         Ok(())
     }
 
@@ -849,10 +873,14 @@ where
             .publish(self.namespace.as_str(), &invalidation)
             .await
         {
-            self.recorder.publish_error();
-            if let Some(suppressed) = self.l2_failures.should_log() {
-                tracing::warn!(cache = %self.namespace, error = %error, suppressed, "invalidation not published; other instances keep their L1 copy until it expires");
-            }
+            self.publish_failed(&error);
+        }
+    }
+
+    fn publish_failed(&self, error: &CacheError) {
+        self.recorder.publish_error();
+        if let Some(suppressed) = self.l2_failures.should_log() {
+            tracing::warn!(cache = %self.namespace, error = %error, suppressed, "invalidation not published; other instances keep their L1 copy until it expires");
         }
     }
 
