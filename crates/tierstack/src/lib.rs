@@ -47,15 +47,21 @@
 //!
 //! - `testkit`: the in-memory store and backplane and the fault-injecting store of
 //!   [`tierstack_core::testkit`], for testing code that uses a cache.
-//! - `redis`: re-exports [`tierstack_redis`] as `tierstack::redis`.
+//! - `redis`: re-exports [`tierstack_redis`] as `tierstack::redis`; [`StoreConfig`] can choose it.
+//! - `firestore`: re-exports [`tierstack_firestore`] as `tierstack::firestore`; [`StoreConfig`]
+//!   can choose it.
 
+pub mod backend;
 mod builder;
 mod burst_log;
 mod cache;
 mod flight;
 mod freshness;
+pub mod handles;
+pub mod migrate;
 mod stats;
 
+pub use backend::StoreConfig;
 pub use builder::TieredCacheBuilder;
 pub use cache::TieredCache;
 pub use flight::{Absent, LoadFailure, LoaderPanicked};
@@ -66,6 +72,9 @@ pub use tierstack_core::{
 
 /// The core contracts (stores, backplanes, codecs, keys, clocks).
 pub use tierstack_core as core;
+/// The Firestore L2 (feature `firestore`).
+#[cfg(feature = "firestore")]
+pub use tierstack_firestore as firestore;
 /// The moka L1 and `MokaStore`.
 pub use tierstack_moka as moka;
 /// The Redis L2 and backplane (feature `redis`).

@@ -1,0 +1,740 @@
+//! `FirestoreStore`: the byte [`Store`] on Google Cloud Firestore.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use firestore::errors::FirestoreError;
+use firestore::{FirestoreDb, FirestoreDbOptions, FirestoreWritePrecondition, path, paths};
+use futures_util::StreamExt;
+use tierstack_core::clock::{SharedClock, Timestamp, system_clock};
+use tierstack_core::key::{DEFAULT_MAX_STORE_KEY_LEN, validate_key};
+use tierstack_core::store::{Store, StoreWrite, StoredEntry, validate_prefix, validate_ttl};
+use tierstack_core::{CacheError, Result};
+
+use crate::document::{CacheDocument, ExpiryFields, StoredDocument, document_id, prefix_successor};
+
+/// Firestore's limit on one document, in bytes.
+pub const MAX_DOCUMENT_LEN: usize = 1_048_576;
+/// Room kept in a document for the field names, the timestamps and the key's index entry.
+const DOCUMENT_OVERHEAD: usize = 512;
+/// The most writes Firestore takes in one batch.
+const BATCH: usize = 500;
+
+/// Where a `FirestoreStore` keeps its entries.
+///
+/// With `FIRESTORE_EMULATOR_HOST` set, the store talks to the emulator without credentials;
+/// otherwise it uses the usual Google credentials (`GOOGLE_APPLICATION_CREDENTIALS`, the
+/// metadata server, gcloud's application default credentials).
+#[derive(Clone)]
+pub struct FirestoreConfig {
+    project_id: String,
+    database_id: String,
+    collection: String,
+    key_prefix: String,
+    request_timeout: Duration,
+    max_retries: usize,
+}
+
+impl fmt::Debug for FirestoreConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FirestoreConfig")
+            .field("project_id", &self.project_id)
+            .field("database_id", &self.database_id)
+            .field("collection", &self.collection)
+            .field("key_prefix", &self.key_prefix)
+            .field("request_timeout", &self.request_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The default collection of cache entries.
+pub const DEFAULT_COLLECTION: &str = "tierstack_cache";
+
+impl FirestoreConfig {
+    /// Entries of project `project_id`, default database, collection
+    /// [`DEFAULT_COLLECTION`], requests limited to 5 s with 2 retries.
+    pub fn new(project_id: &str) -> Self {
+        Self {
+            project_id: project_id.to_owned(),
+            database_id: firestore::FIREBASE_DEFAULT_DATABASE_ID.to_owned(),
+            collection: DEFAULT_COLLECTION.to_owned(),
+            key_prefix: String::new(),
+            request_timeout: Duration::from_secs(5),
+            max_retries: 2,
+        }
+    }
+
+    /// A named database instead of `(default)`.
+    #[must_use]
+    pub fn database_id(mut self, database_id: &str) -> Self {
+        database_id.clone_into(&mut self.database_id);
+        self
+    }
+
+    /// The collection of the entries.
+    #[must_use]
+    pub fn collection(mut self, collection: &str) -> Self {
+        collection.clone_into(&mut self.collection);
+        self
+    }
+
+    /// A prefix put before every key, so that applications can share a collection.
+    #[must_use]
+    pub fn key_prefix(mut self, prefix: &str) -> Self {
+        prefix.clone_into(&mut self.key_prefix);
+        self
+    }
+
+    /// How long one request attempt may take (default 5 s; Firestore's client sets none).
+    #[must_use]
+    pub fn request_timeout(mut self, timeout: Duration) -> Self {
+        self.request_timeout = timeout;
+        self
+    }
+
+    /// How often a failed read is retried (default 2).
+    #[must_use]
+    pub fn max_retries(mut self, retries: usize) -> Self {
+        self.max_retries = retries;
+        self
+    }
+}
+
+/// An expired entry handed to a [`FirestoreStore::sweep_expired_with`] callback before it is
+/// deleted.
+#[derive(Debug, Clone)]
+pub struct ExpiredEntry {
+    /// The key, without the store's prefix.
+    pub key: String,
+    /// The stored bytes.
+    pub value: Bytes,
+    /// When it expired.
+    pub expires_at: SystemTime,
+}
+
+/// A [`Store`] on Firestore: one document per key in one collection.
+///
+/// The document id is the hex SHA-256 of the key (Firestore forbids `/`, `.`, `..`, `__x__` and
+/// long ids); the key itself is stored in the field `key` and compared on every read, so a
+/// forged or colliding document is a miss. `expires_at` is a timestamp field to name in a
+/// Firestore TTL policy; since that deletion runs up to a day late, every read checks it too.
+#[derive(Clone)]
+pub struct FirestoreStore {
+    db: FirestoreDb,
+    collection: Arc<str>,
+    prefix: Arc<str>,
+    endpoint: Arc<str>,
+    timeout: Duration,
+    clock: SharedClock,
+}
+
+impl fmt::Debug for FirestoreStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FirestoreStore")
+            .field("endpoint", &&*self.endpoint)
+            .field("collection", &&*self.collection)
+            .field("prefix", &&*self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FirestoreStore {
+    /// Connects to Firestore (or the emulator named by `FIRESTORE_EMULATOR_HOST`).
+    pub async fn connect(config: &FirestoreConfig) -> Result<Self> {
+        Self::connect_with_clock(config, system_clock()).await
+    }
+
+    /// As [`connect`](Self::connect), deciding expiry by `clock` (tests move time by hand).
+    pub async fn connect_with_clock(config: &FirestoreConfig, clock: SharedClock) -> Result<Self> {
+        if config.collection.is_empty() || config.collection.contains('/') {
+            return Err(CacheError::Configuration(format!(
+                "invalid Firestore collection {:?}",
+                config.collection
+            )));
+        }
+        let endpoint: Arc<str> = std::env::var("FIRESTORE_EMULATOR_HOST")
+            .map_or_else(
+                |_| "firestore.googleapis.com".to_owned(),
+                |host| format!("emulator {host}"),
+            )
+            .into();
+        let options = FirestoreDbOptions::new(config.project_id.clone())
+            .with_database_id(config.database_id.clone())
+            .with_max_retries(config.max_retries)
+            .with_request_timeout(config.request_timeout);
+        let connecting = FirestoreDb::with_options(options);
+        let db = match tokio::time::timeout(config.request_timeout, connecting).await {
+            Ok(Ok(db)) => db,
+            Ok(Err(error)) => {
+                return Err(map_error(
+                    "connect",
+                    &endpoint,
+                    config.request_timeout,
+                    error,
+                ));
+            }
+            Err(_) => {
+                return Err(CacheError::Connection {
+                    endpoint: endpoint.to_string(),
+                    source: format!("no connection within {:?}", config.request_timeout).into(),
+                });
+            }
+        };
+        Ok(Self {
+            db,
+            collection: config.collection.as_str().into(),
+            prefix: config.key_prefix.as_str().into(),
+            endpoint,
+            timeout: config.request_timeout,
+            clock,
+        })
+    }
+
+    fn full_key(&self, key: &str) -> Result<String> {
+        validate_key(key, DEFAULT_MAX_STORE_KEY_LEN)?;
+        let mut full = String::with_capacity(self.prefix.len() + key.len());
+        full.push_str(&self.prefix);
+        full.push_str(key);
+        Ok(full)
+    }
+
+    fn check_size(key: &str, value: &Bytes) -> Result<()> {
+        let max = MAX_DOCUMENT_LEN.saturating_sub(DOCUMENT_OVERHEAD + 2 * key.len());
+        if value.len() > max {
+            return Err(CacheError::ValueTooLarge {
+                size: value.len(),
+                max,
+            });
+        }
+        Ok(())
+    }
+
+    fn now(&self) -> (Timestamp, SystemTime) {
+        let now = self.clock.now();
+        (now, now.to_system_time())
+    }
+
+    /// Runs a Firestore call under the request timeout (the client's own applies per attempt;
+    /// this bounds the retries too), mapping its error.
+    async fn call<T>(
+        &self,
+        operation: &'static str,
+        call: impl Future<Output = std::result::Result<T, FirestoreError>>,
+    ) -> Result<T> {
+        let limit = self.timeout * 3;
+        match tokio::time::timeout(limit, call).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(error)) => Err(map_error(operation, &self.endpoint, limit, error)),
+            Err(_) => Err(CacheError::Timeout {
+                operation,
+                after: limit,
+            }),
+        }
+    }
+
+    /// The live document of `full_key`: its key matches and it has not expired.
+    async fn read(&self, full_key: &str) -> Result<Option<StoredDocument>> {
+        let id = document_id(full_key);
+        let document: Option<StoredDocument> = self
+            .call(
+                "get",
+                self.db
+                    .fluent()
+                    .select()
+                    .by_id_in(&self.collection)
+                    .obj()
+                    .one(&id),
+            )
+            .await?;
+        let (_, now) = self.now();
+        Ok(document.filter(|d| d.key == full_key && d.expires_at > now))
+    }
+
+    /// The documents of many keys in one batch read, live ones only, by full key.
+    async fn read_many(&self, full_keys: &[String]) -> Result<HashMap<String, StoredDocument>> {
+        let mut ids: Vec<String> = full_keys.iter().map(|k| document_id(k)).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let mut found = HashMap::with_capacity(ids.len());
+        if ids.is_empty() {
+            return Ok(found);
+        }
+        let stream = self
+            .call(
+                "get",
+                self.db
+                    .fluent()
+                    .select()
+                    .by_id_in(&self.collection)
+                    .obj::<StoredDocument>()
+                    .batch(ids),
+            )
+            .await?;
+        let documents: Vec<(String, Option<StoredDocument>)> = stream.collect().await;
+        let (_, now) = self.now();
+        for document in documents.into_iter().filter_map(|(_, d)| d) {
+            if document.expires_at > now {
+                found.insert(document.key.clone(), document);
+            }
+        }
+        Ok(found)
+    }
+
+    async fn write(&self, full_key: &str, value: &[u8], ttl: Duration) -> Result<()> {
+        let (now, now_time) = self.now();
+        let document = CacheDocument {
+            key: full_key.to_owned(),
+            value: value.to_vec(),
+            created_at: now_time,
+            expires_at: now.saturating_add(ttl).to_system_time(),
+            last_accessed: now_time,
+        };
+        let id = document_id(full_key);
+        self.call(
+            "set",
+            self.db
+                .fluent()
+                .update()
+                .in_col(&self.collection)
+                .document_id(&id)
+                .object(&document)
+                .execute::<()>(),
+        )
+        .await
+    }
+
+    /// Deletes documents by id in batches of 500.
+    async fn delete_ids(&self, ids: Vec<String>) -> Result<()> {
+        for chunk in ids.chunks(BATCH) {
+            let writer = self
+                .call("delete", self.db.create_simple_batch_writer())
+                .await?;
+            let mut batch = writer.new_batch();
+            for id in chunk {
+                self.db
+                    .fluent()
+                    .delete()
+                    .from(&self.collection)
+                    .document_id(id)
+                    .add_to_batch(&mut batch)
+                    .map_err(|e| map_error("delete", &self.endpoint, self.timeout, e))?;
+            }
+            let response = self.call("delete", batch.write()).await?;
+            check_statuses("delete", &response.statuses)?;
+        }
+        Ok(())
+    }
+
+    /// Deletes expired entries like [`Store::sweep_expired`], handing each to `on_expired` first
+    /// (seed 000: delete the remote resource the entry points at). An entry whose callback fails
+    /// is kept, so the next sweep tries again. Returns how many entries were deleted.
+    pub async fn sweep_expired_with<F, Fut>(&self, on_expired: F) -> Result<u64>
+    where
+        F: Fn(ExpiredEntry) -> Fut + Send + Sync,
+        Fut: Future<Output = std::result::Result<(), tierstack_core::BoxError>> + Send,
+    {
+        let mut deleted = 0;
+        let mut failed: Vec<String> = Vec::new();
+        loop {
+            let (_, now) = self.now();
+            let limit = u32::try_from(BATCH + failed.len()).unwrap_or(u32::MAX);
+            let documents: Vec<StoredDocument> = self
+                .call(
+                    "sweep",
+                    self.db
+                        .fluent()
+                        .select()
+                        .from(&*self.collection)
+                        .filter(|q| {
+                            q.for_all([q.field(path!(StoredDocument::expires_at)).less_than(now)])
+                        })
+                        .limit(limit)
+                        .obj()
+                        .query(),
+                )
+                .await?;
+            let fetched = documents.len();
+            let mut doomed = Vec::new();
+            for document in documents {
+                let id = document_id(&document.key);
+                if failed.contains(&id) {
+                    continue;
+                }
+                let Some(key) = document.key.strip_prefix(&*self.prefix) else {
+                    continue; // another application's entry in a shared collection
+                };
+                let entry = ExpiredEntry {
+                    key: key.to_owned(),
+                    value: Bytes::from(document.value),
+                    expires_at: document.expires_at,
+                };
+                match on_expired(entry).await {
+                    Ok(()) => doomed.push(id),
+                    Err(error) => {
+                        tracing::warn!(error = %error, "sweep callback failed; the entry is kept for the next sweep");
+                        failed.push(id);
+                    }
+                }
+            }
+            deleted += doomed.len() as u64;
+            let progress = !doomed.is_empty();
+            self.delete_ids(doomed).await?;
+            if fetched < usize::try_from(limit).unwrap_or(usize::MAX) || !progress {
+                return Ok(deleted);
+            }
+        }
+    }
+}
+
+fn check_statuses(
+    operation: &'static str,
+    statuses: &[firestore::gcloud_sdk::google::rpc::Status],
+) -> Result<()> {
+    match statuses.iter().find(|s| s.code != 0) {
+        Some(status) => Err(CacheError::backend(
+            operation,
+            true,
+            format!(
+                "batch write failed with code {}: {}",
+                status.code, status.message
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Maps a Firestore error into the cache's error, naming the endpoint (never credentials).
+pub(crate) fn map_error(
+    operation: &'static str,
+    endpoint: &str,
+    limit: Duration,
+    error: FirestoreError,
+) -> CacheError {
+    match &error {
+        FirestoreError::DatabaseError(e) => {
+            let code = e.public.code.to_ascii_lowercase();
+            if code.contains("unauthenticated") || code.contains("permission") {
+                CacheError::Authentication {
+                    endpoint: endpoint.to_owned(),
+                    source: Box::new(error),
+                }
+            } else if code.contains("deadline") {
+                CacheError::Timeout {
+                    operation,
+                    after: limit,
+                }
+            } else if code.contains("unavailable") {
+                CacheError::Connection {
+                    endpoint: endpoint.to_owned(),
+                    source: Box::new(error),
+                }
+            } else {
+                let transient = e.retry_possible;
+                CacheError::backend(operation, transient, error)
+            }
+        }
+        FirestoreError::NetworkError(_) | FirestoreError::SystemError(_) => {
+            CacheError::Connection {
+                endpoint: endpoint.to_owned(),
+                source: Box::new(error),
+            }
+        }
+        FirestoreError::SerializeError(_) | FirestoreError::DeserializeError(_) => {
+            CacheError::serialization(error)
+        }
+        FirestoreError::InvalidParametersError(_) => CacheError::backend(operation, false, error),
+        _ => CacheError::backend(operation, true, error),
+    }
+}
+
+#[async_trait]
+impl Store for FirestoreStore {
+    async fn get(&self, key: &str) -> Result<Option<Bytes>> {
+        let full = self.full_key(key)?;
+        Ok(self.read(&full).await?.map(|d| Bytes::from(d.value)))
+    }
+
+    async fn get_with_ttl(&self, key: &str) -> Result<Option<StoredEntry>> {
+        let full = self.full_key(key)?;
+        let (_, now) = self.now();
+        Ok(self.read(&full).await?.map(|d| StoredEntry {
+            ttl: d.expires_at.duration_since(now).unwrap_or_default(),
+            value: Bytes::from(d.value),
+        }))
+    }
+
+    async fn get_many(&self, keys: &[&str]) -> Result<Vec<Option<Bytes>>> {
+        let entries = self.get_many_with_ttl(keys).await?;
+        Ok(entries.into_iter().map(|e| e.map(|e| e.value)).collect())
+    }
+
+    async fn get_many_with_ttl(&self, keys: &[&str]) -> Result<Vec<Option<StoredEntry>>> {
+        let full: Vec<String> = keys
+            .iter()
+            .map(|k| self.full_key(k))
+            .collect::<Result<_>>()?;
+        let found = self.read_many(&full).await?;
+        let (_, now) = self.now();
+        Ok(full
+            .iter()
+            .map(|key| {
+                found.get(key).map(|d| StoredEntry {
+                    ttl: d.expires_at.duration_since(now).unwrap_or_default(),
+                    value: Bytes::from(d.value.clone()),
+                })
+            })
+            .collect())
+    }
+
+    async fn set(&self, key: &str, value: Bytes, ttl: Duration) -> Result<()> {
+        let full = self.full_key(key)?;
+        validate_ttl(ttl)?;
+        Self::check_size(&full, &value)?;
+        self.write(&full, &value, ttl).await
+    }
+
+    async fn set_many(&self, writes: &[StoreWrite<'_>]) -> Result<()> {
+        let mut prepared = Vec::with_capacity(writes.len());
+        for write in writes {
+            let full = self.full_key(write.key)?;
+            validate_ttl(write.ttl)?;
+            Self::check_size(&full, &write.value)?;
+            prepared.push((full, write));
+        }
+        let (now, now_time) = self.now();
+        for chunk in prepared.chunks(BATCH) {
+            let batch_writer = self
+                .call("set", self.db.create_simple_batch_writer())
+                .await?;
+            let mut batch = batch_writer.new_batch();
+            for (full, write) in chunk {
+                let document = CacheDocument {
+                    key: full.clone(),
+                    value: write.value.to_vec(),
+                    created_at: now_time,
+                    expires_at: now.saturating_add(write.ttl).to_system_time(),
+                    last_accessed: now_time,
+                };
+                self.db
+                    .fluent()
+                    .update()
+                    .in_col(&self.collection)
+                    .document_id(document_id(full))
+                    .object(&document)
+                    .add_to_batch(&mut batch)
+                    .map_err(|e| map_error("set", &self.endpoint, self.timeout, e))?;
+            }
+            let response = self.call("set", batch.write()).await?;
+            check_statuses("set", &response.statuses)?;
+        }
+        Ok(())
+    }
+
+    async fn set_if_absent(&self, key: &str, value: Bytes, ttl: Duration) -> Result<bool> {
+        let full = self.full_key(key)?;
+        validate_ttl(ttl)?;
+        Self::check_size(&full, &value)?;
+        let (now, now_time) = self.now();
+        let document = CacheDocument {
+            key: full.clone(),
+            value: value.to_vec(),
+            created_at: now_time,
+            expires_at: now.saturating_add(ttl).to_system_time(),
+            last_accessed: now_time,
+        };
+        let id = document_id(&full);
+        // A create succeeds for exactly one of concurrent callers.
+        let created = self
+            .db
+            .fluent()
+            .insert()
+            .into(&self.collection)
+            .document_id(&id)
+            .object(&document)
+            .execute::<()>();
+        match tokio::time::timeout(self.timeout * 3, created).await {
+            Ok(Ok(())) => return Ok(true),
+            Ok(Err(FirestoreError::DataConflictError(_))) => {}
+            Ok(Err(error)) => return Err(map_error("set", &self.endpoint, self.timeout, error)),
+            Err(_) => {
+                return Err(CacheError::Timeout {
+                    operation: "set",
+                    after: self.timeout * 3,
+                });
+            }
+        }
+        // A document exists. It only blocks us if it is live and ours; an expired one (TTL
+        // deletion runs late) or a foreign one is replaced, on condition that nobody changed it
+        // since we read it, so that again exactly one caller wins.
+        let existing: Option<StoredDocument> = self
+            .call(
+                "set",
+                self.db
+                    .fluent()
+                    .select()
+                    .by_id_in(&self.collection)
+                    .obj()
+                    .one(&id),
+            )
+            .await?;
+        let Some(existing) = existing else {
+            return Ok(false); // deleted meanwhile: a concurrent caller is about to win
+        };
+        if existing.key == full && existing.expires_at > now_time {
+            return Ok(false);
+        }
+        let Some(update_time) = existing.update_time else {
+            return Ok(false);
+        };
+        let replaced = self
+            .db
+            .fluent()
+            .update()
+            .in_col(&self.collection)
+            .precondition(FirestoreWritePrecondition::UpdateTime(update_time.0))
+            .document_id(&id)
+            .object(&document)
+            .execute::<()>();
+        match tokio::time::timeout(self.timeout * 3, replaced).await {
+            Ok(Ok(())) => Ok(true),
+            // The precondition failed: another caller replaced it first.
+            Ok(Err(FirestoreError::DataConflictError(_) | FirestoreError::DatabaseError(_))) => {
+                Ok(false)
+            }
+            Ok(Err(error)) => Err(map_error("set", &self.endpoint, self.timeout, error)),
+            Err(_) => Err(CacheError::Timeout {
+                operation: "set",
+                after: self.timeout * 3,
+            }),
+        }
+    }
+
+    async fn delete(&self, key: &str) -> Result<bool> {
+        let full = self.full_key(key)?;
+        let live = self.read(&full).await?.is_some();
+        let id = document_id(&full);
+        self.call(
+            "delete",
+            self.db
+                .fluent()
+                .delete()
+                .from(&self.collection)
+                .document_id(&id)
+                .execute(),
+        )
+        .await?;
+        Ok(live)
+    }
+
+    async fn delete_many(&self, keys: &[&str]) -> Result<u64> {
+        let full: Vec<String> = keys
+            .iter()
+            .map(|k| self.full_key(k))
+            .collect::<Result<_>>()?;
+        let live = self.read_many(&full).await?;
+        let mut ids: Vec<String> = full.iter().map(|k| document_id(k)).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        self.delete_ids(ids).await?;
+        Ok(live.len() as u64)
+    }
+
+    async fn expire(&self, key: &str, ttl: Duration) -> Result<bool> {
+        let full = self.full_key(key)?;
+        validate_ttl(ttl)?;
+        let Some(document) = self.read(&full).await? else {
+            return Ok(false);
+        };
+        let (now, now_time) = self.now();
+        let fields = ExpiryFields {
+            expires_at: now.saturating_add(ttl).to_system_time(),
+            last_accessed: now_time,
+        };
+        let mut update = self
+            .db
+            .fluent()
+            .update()
+            .fields(paths!(ExpiryFields::{expires_at, last_accessed}))
+            .in_col(&self.collection);
+        if let Some(update_time) = document.update_time {
+            update = update.precondition(FirestoreWritePrecondition::UpdateTime(update_time.0));
+        }
+        let id = document_id(&full);
+        match self
+            .call(
+                "expire",
+                update.document_id(&id).object(&fields).execute::<()>(),
+            )
+            .await
+        {
+            Ok(()) => Ok(true),
+            // Rewritten or deleted since we read it: the new entry's TTL stands.
+            Err(CacheError::Backend {
+                transient: false, ..
+            }) => Ok(false),
+            Err(error) => Err(error),
+        }
+    }
+
+    async fn ttl(&self, key: &str) -> Result<Option<Duration>> {
+        Ok(self.get_with_ttl(key).await?.map(|e| e.ttl))
+    }
+
+    async fn delete_prefix(&self, prefix: &str) -> Result<u64> {
+        validate_prefix(prefix)?;
+        let start = self.full_key(prefix)?;
+        let end = prefix_successor(&start);
+        let mut removed = 0;
+        loop {
+            let (_, now) = self.now();
+            let documents: Vec<StoredDocument> = self
+                .call(
+                    "delete_prefix",
+                    self.db
+                        .fluent()
+                        .select()
+                        .from(&*self.collection)
+                        .filter(|q| {
+                            q.for_all([
+                                q.field(path!(StoredDocument::key))
+                                    .greater_than_or_equal(start.as_str()),
+                                end.as_deref().and_then(|end| {
+                                    q.field(path!(StoredDocument::key)).less_than(end)
+                                }),
+                            ])
+                        })
+                        .limit(u32::try_from(BATCH).unwrap_or(u32::MAX))
+                        .obj()
+                        .query(),
+                )
+                .await?;
+            let fetched = documents.len();
+            let mut ids = Vec::with_capacity(fetched);
+            for document in &documents {
+                // The index keeps the first 1,500 bytes of a string: check the whole key.
+                if document.key.starts_with(&start) {
+                    removed += u64::from(document.expires_at > now);
+                    ids.push(document_id(&document.key));
+                }
+            }
+            let progress = !ids.is_empty();
+            self.delete_ids(ids).await?;
+            if fetched < BATCH || !progress {
+                return Ok(removed);
+            }
+        }
+    }
+
+    async fn sweep_expired(&self) -> Result<u64> {
+        self.sweep_expired_with(|_| async { Ok(()) }).await
+    }
+
+    async fn ping(&self) -> Result<()> {
+        self.call("ping", self.db.ping()).await
+    }
+}

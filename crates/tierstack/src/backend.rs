@@ -1,0 +1,258 @@
+//! Choosing the L2 by configuration (seed 001): a service changes backend by changing its
+//! environment, not its code.
+//!
+//! | variable | meaning | default |
+//! |---|---|---|
+//! | `CACHE_BACKEND` | `memory`, `redis` or `firestore` | `memory` |
+//! | `CACHE_MEMORY_MAX_BYTES` | the `memory` backend's budget | 268435456 (256 MiB) |
+//! | `REDIS_URL` | `redis://[user[:password]@]host[:port][/db]` (`rediss://` with TLS) | required for `redis` without a cluster |
+//! | `REDIS_CLUSTER_URLS` | comma-separated node URLs: a Redis Cluster | |
+//! | `REDIS_KEY_PREFIX` | prefix of every Redis key | empty |
+//! | `REDIS_RESPONSE_TIMEOUT_MS` | per-request timeout | 500 |
+//! | `FIRESTORE_PROJECT_ID` | Google Cloud project | required for `firestore` |
+//! | `FIRESTORE_DATABASE_ID` | database | `(default)` |
+//! | `CACHE_COLLECTION_NAME` | collection of the entries | `tierstack_cache` |
+//! | `FIRESTORE_KEY_PREFIX` | prefix of every key | empty |
+//!
+//! `redis` needs this crate's feature `redis`, `firestore` its feature `firestore`.
+
+use std::fmt;
+use std::sync::Arc;
+
+use tierstack_core::{CacheError, Result, Store};
+
+/// Which L2 to use, and its settings.
+#[derive(Clone)]
+#[non_exhaustive]
+pub enum StoreConfig {
+    /// `MokaStore` in this process, bounded to `max_bytes`.
+    Memory {
+        /// The budget in bytes.
+        max_bytes: u64,
+    },
+    /// Redis, standalone or cluster.
+    #[cfg(feature = "redis")]
+    Redis(tierstack_redis::RedisConfig),
+    /// Google Cloud Firestore (or its emulator, through `FIRESTORE_EMULATOR_HOST`).
+    #[cfg(feature = "firestore")]
+    Firestore(tierstack_firestore::FirestoreConfig),
+}
+
+impl fmt::Debug for StoreConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Memory { max_bytes } => f
+                .debug_struct("Memory")
+                .field("max_bytes", max_bytes)
+                .finish(),
+            #[cfg(feature = "redis")]
+            Self::Redis(config) => f.debug_tuple("Redis").field(config).finish(),
+            #[cfg(feature = "firestore")]
+            Self::Firestore(config) => f.debug_tuple("Firestore").field(config).finish(),
+        }
+    }
+}
+
+impl StoreConfig {
+    /// The configuration in the process environment (see the module documentation).
+    pub fn from_env() -> Result<Self> {
+        Self::from_vars(|name| std::env::var(name).ok())
+    }
+
+    /// The configuration from `var`, which answers a variable's value (for tests, or for
+    /// settings that come from a file).
+    pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<Self> {
+        let backend = var("CACHE_BACKEND").unwrap_or_else(|| "memory".into());
+        match backend.trim().to_ascii_lowercase().as_str() {
+            "memory" => {
+                let max_bytes = match var("CACHE_MEMORY_MAX_BYTES") {
+                    Some(text) => text.trim().parse().map_err(|_| {
+                        CacheError::Configuration(format!(
+                            "CACHE_MEMORY_MAX_BYTES is not a number: {text:?}"
+                        ))
+                    })?,
+                    None => 256 * 1024 * 1024,
+                };
+                Ok(Self::Memory { max_bytes })
+            }
+            "redis" => redis_from_vars(&var),
+            "firestore" => firestore_from_vars(&var),
+            other => Err(CacheError::Configuration(format!(
+                "CACHE_BACKEND must be memory, redis or firestore, not {other:?}"
+            ))),
+        }
+    }
+
+    /// Connects to the configured backend.
+    pub async fn connect(&self) -> Result<Arc<dyn Store>> {
+        match self {
+            Self::Memory { max_bytes } => Ok(Arc::new(tierstack_moka::MokaStore::new(*max_bytes))),
+            #[cfg(feature = "redis")]
+            Self::Redis(config) => Ok(Arc::new(
+                tierstack_redis::RedisStore::connect(config).await?,
+            )),
+            #[cfg(feature = "firestore")]
+            Self::Firestore(config) => Ok(Arc::new(
+                tierstack_firestore::FirestoreStore::connect(config).await?,
+            )),
+        }
+    }
+}
+
+#[cfg(feature = "redis")]
+fn redis_from_vars(var: &impl Fn(&str) -> Option<String>) -> Result<StoreConfig> {
+    use tierstack_redis::RedisConfig;
+    let mut config = match (var("REDIS_CLUSTER_URLS"), var("REDIS_URL")) {
+        (Some(urls), _) => {
+            let urls: Vec<&str> = urls
+                .split(',')
+                .map(str::trim)
+                .filter(|u| !u.is_empty())
+                .collect();
+            RedisConfig::cluster(&urls)?
+        }
+        (None, Some(url)) => RedisConfig::from_url(&url)?,
+        (None, None) => {
+            return Err(CacheError::Configuration(
+                "CACHE_BACKEND=redis needs REDIS_URL or REDIS_CLUSTER_URLS".into(),
+            ));
+        }
+    };
+    if let Some(prefix) = var("REDIS_KEY_PREFIX") {
+        config = config.key_prefix(&prefix);
+    }
+    if let Some(ms) = var("REDIS_RESPONSE_TIMEOUT_MS") {
+        let ms: u64 = ms.trim().parse().map_err(|_| {
+            CacheError::Configuration(format!("REDIS_RESPONSE_TIMEOUT_MS is not a number: {ms:?}"))
+        })?;
+        config = config.response_timeout(std::time::Duration::from_millis(ms));
+    }
+    Ok(StoreConfig::Redis(config))
+}
+
+#[cfg(not(feature = "redis"))]
+fn redis_from_vars(_: &impl Fn(&str) -> Option<String>) -> Result<StoreConfig> {
+    Err(CacheError::Configuration(
+        "CACHE_BACKEND=redis needs tierstack's feature `redis`".into(),
+    ))
+}
+
+#[cfg(feature = "firestore")]
+fn firestore_from_vars(var: &impl Fn(&str) -> Option<String>) -> Result<StoreConfig> {
+    use tierstack_firestore::FirestoreConfig;
+    let project = var("FIRESTORE_PROJECT_ID").ok_or_else(|| {
+        CacheError::Configuration("CACHE_BACKEND=firestore needs FIRESTORE_PROJECT_ID".into())
+    })?;
+    let mut config = FirestoreConfig::new(&project);
+    if let Some(database) = var("FIRESTORE_DATABASE_ID") {
+        config = config.database_id(&database);
+    }
+    if let Some(collection) = var("CACHE_COLLECTION_NAME") {
+        config = config.collection(&collection);
+    }
+    if let Some(prefix) = var("FIRESTORE_KEY_PREFIX") {
+        config = config.key_prefix(&prefix);
+    }
+    Ok(StoreConfig::Firestore(config))
+}
+
+#[cfg(not(feature = "firestore"))]
+fn firestore_from_vars(_: &impl Fn(&str) -> Option<String>) -> Result<StoreConfig> {
+    Err(CacheError::Configuration(
+        "CACHE_BACKEND=firestore needs tierstack's feature `firestore`".into(),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn vars(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        move |name| map.get(name).cloned()
+    }
+
+    #[test]
+    fn memory_is_the_default() {
+        let config = StoreConfig::from_vars(vars(&[])).unwrap();
+        assert!(matches!(
+            config,
+            StoreConfig::Memory {
+                max_bytes: 268_435_456
+            }
+        ));
+        let config = StoreConfig::from_vars(vars(&[
+            ("CACHE_BACKEND", "Memory"),
+            ("CACHE_MEMORY_MAX_BYTES", "1024"),
+        ]))
+        .unwrap();
+        assert!(matches!(config, StoreConfig::Memory { max_bytes: 1024 }));
+    }
+
+    #[test]
+    fn bad_settings_are_clear_configuration_errors() {
+        for bad in [
+            vec![("CACHE_BACKEND", "memcached")],
+            vec![("CACHE_MEMORY_MAX_BYTES", "lots")],
+            vec![("CACHE_BACKEND", "redis")],
+            vec![("CACHE_BACKEND", "firestore")],
+            vec![
+                ("CACHE_BACKEND", "redis"),
+                ("REDIS_URL", "redis://h/"),
+                ("REDIS_RESPONSE_TIMEOUT_MS", "x"),
+            ],
+        ] {
+            let err = StoreConfig::from_vars(vars(&bad)).unwrap_err();
+            assert!(
+                matches!(err, CacheError::Configuration(_)),
+                "{bad:?}: {err:?}"
+            );
+        }
+    }
+
+    #[cfg(feature = "redis")]
+    #[test]
+    fn redis_settings_are_read_and_the_password_stays_hidden() {
+        let config = StoreConfig::from_vars(vars(&[
+            ("CACHE_BACKEND", "redis"),
+            ("REDIS_URL", "redis://svc:s3cret@10.0.0.1:6379/1"),
+            ("REDIS_KEY_PREFIX", "app:"),
+        ]))
+        .unwrap();
+        let debug = format!("{config:?}");
+        assert!(
+            debug.contains("Redis") && debug.contains("10.0.0.1:6379") && debug.contains("app:"),
+            "{debug}"
+        );
+        assert!(!debug.contains("s3cret"), "{debug}");
+        let cluster = StoreConfig::from_vars(vars(&[
+            ("CACHE_BACKEND", "redis"),
+            (
+                "REDIS_CLUSTER_URLS",
+                "redis://127.0.0.1:7000, redis://127.0.0.1:7001",
+            ),
+        ]))
+        .unwrap();
+        assert!(format!("{cluster:?}").contains("cluster: true"));
+    }
+
+    #[cfg(feature = "firestore")]
+    #[test]
+    fn firestore_settings_are_read() {
+        let config = StoreConfig::from_vars(vars(&[
+            ("CACHE_BACKEND", "firestore"),
+            ("FIRESTORE_PROJECT_ID", "phoenix"),
+            ("CACHE_COLLECTION_NAME", "cache_sessions"),
+        ]))
+        .unwrap();
+        let debug = format!("{config:?}");
+        assert!(
+            debug.contains("phoenix") && debug.contains("cache_sessions"),
+            "{debug}"
+        );
+    }
+}
