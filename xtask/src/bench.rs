@@ -1,5 +1,5 @@
 //! `cargo xtask bench [--quick]`: builds the benchmark binary in release mode and runs it
-//! against a Redis it starts and stops.
+//! against a Redis and a Firestore emulator it starts and stops.
 
 use crate::cmd::{cargo, run, target_dir};
 use crate::services::{Services, Which};
@@ -22,7 +22,7 @@ pub(crate) fn run_bench(args: &[&str]) -> Result<(), String> {
     }
     command.arg("--out").arg(&out);
     // The Redis scenarios run against a server of their own, stopped afterwards.
-    let services = Services::start(&[Which::Redis])?;
+    let services = Services::start(&[Which::Redis, Which::Firestore])?;
     services.apply_env(&mut command);
     let result = run(&mut command);
     drop(services);
@@ -46,6 +46,8 @@ pub(crate) fn check() -> Result<(), String> {
         "write_through_redis",
         "invalidation_lag",
         "mixed_zipf",
+        "l2_hit_firestore",
+        "get_many_firestore",
     ] {
         if !results.contains(&format!("\"scenario\": \"{scenario}")) {
             return Err(format!(

@@ -8,6 +8,7 @@
 //! chart of an earlier run.
 
 mod chart;
+mod firestore_scenarios;
 mod harness;
 mod redis_scenarios;
 mod scenarios;
@@ -75,6 +76,12 @@ fn main() -> Result<(), String> {
         }
         if wanted("mixed_zipf") {
             records.extend(redis_scenarios::mixed_zipf(&sizes).await);
+        }
+        if wanted("l2_hit_firestore") {
+            records.extend(firestore_scenarios::l2_hit_firestore(&sizes).await);
+        }
+        if wanted("get_many_firestore") {
+            records.extend(firestore_scenarios::get_many_firestore(&sizes).await);
         }
         if records.iter().any(|r| {
             r.scenario.contains("redis")
