@@ -30,9 +30,8 @@ const PENDING: &[u8] = b"\0pending";
 ///   short-lived "pending" marker) and creates the resource; the others wait for its handle.
 ///   If the creator dies, its claim expires and another instance takes over.
 /// - **Validated**: a stored handle whose resource no longer exists is replaced.
-/// - **Cleaned up**: [`HandleMap::sweep`] hands the sweep's expired entries to the remote for
-///   deletion (with a store that keeps expired entries, such as Firestore, through the
-///   store's `sweep_expired_with`).
+/// - **Cleaned up**: [`HandleMap::release`] deletes the remote resource of an expired entry,
+///   from a store's sweep callback (Firestore's `sweep_expired_with`).
 pub struct HandleMap<R> {
     store: Arc<dyn Store>,
     remote: Arc<R>,
