@@ -900,13 +900,14 @@ where
         *this.listener.lock().unwrap_or_else(PoisonError::into_inner) = Some(task.abort_handle());
     }
 
+    /// Applies an event to L1, then counts it: whoever watches the counters (a test, a
+    /// dashboard) sees an invalidation only once it has taken effect.
     async fn apply(&self, event: BackplaneEvent) {
         match event {
             BackplaneEvent::Invalidate(message) => {
                 if message.namespace != self.namespace.as_str() {
                     return;
                 }
-                self.recorder.invalidation_received();
                 match &message.invalidation {
                     Invalidation::Keys(keys) => {
                         for key in keys {
@@ -922,10 +923,11 @@ where
                     // Invalidation is non-exhaustive: anything unknown clears everything.
                     _ => self.clear_local(),
                 }
+                self.recorder.invalidation_received();
             }
             BackplaneEvent::Resync => {
-                self.recorder.resync();
                 self.clear_local();
+                self.recorder.resync();
             }
         }
     }
