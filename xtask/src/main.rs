@@ -28,7 +28,7 @@ commands:
   bench [--quick]                           run the benchmarks, write target/bench/results.json
   release <major|minor|patch|X.Y.Z> [--dry-run]
                                             bump, update changelogs, package, commit and tag
-  deny                                      cargo-deny: licenses, advisories, duplicates";
+  deny [CHECK ...]                          cargo-deny: licenses, advisories, bans, sources";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -48,7 +48,7 @@ fn main() -> ExitCode {
         }
         ["bench", rest @ ..] => bench::run_bench(rest),
         ["release", rest @ ..] => release::run_release(rest),
-        ["deny"] => ci::deny(),
+        ["deny", checks @ ..] => ci::deny(checks),
         ["help" | "--help" | "-h"] => {
             println!("{USAGE}");
             Ok(())

@@ -17,6 +17,7 @@ use crate::harness::{
 };
 
 const TTL: Duration = Duration::from_hours(1);
+const BENCH_L2_TIMEOUT: Duration = Duration::from_secs(60);
 
 fn fail(e: impl std::fmt::Display) -> ! {
     panic!("redis benchmark setup failed: {e}")
@@ -91,6 +92,8 @@ async fn l2_only_cache(prefix: &str) -> TieredCache<String> {
         .without_l1()
         .l2(Arc::new(store))
         .default_ttl(TTL)
+        // Throughput is measured here, not failure handling: never give up on a slow call.
+        .l2_timeout(BENCH_L2_TIMEOUT)
         .build()
         .unwrap_or_else(|e| fail(e))
 }
@@ -285,6 +288,8 @@ pub(crate) async fn write_through_redis(sizes: &Sizes) -> Vec<Record> {
         .backplane(Arc::new(backplane))
         .l1_capacity(L1Capacity::Entries(100_000))
         .default_ttl(TTL)
+        // Throughput is measured here, not failure handling: never give up on a slow call.
+        .l2_timeout(BENCH_L2_TIMEOUT)
         .build()
         .unwrap_or_else(|e| fail(e));
     let raw_keys = Arc::new(
@@ -332,6 +337,7 @@ pub(crate) async fn invalidation_lag(sizes: &Sizes) -> Vec<Record> {
             .l2(Arc::new(store))
             .backplane(Arc::new(backplane))
             .default_ttl(TTL)
+            .l2_timeout(BENCH_L2_TIMEOUT)
             .build()
             .unwrap_or_else(|e| fail(e))
     };
@@ -512,6 +518,7 @@ pub(crate) async fn mixed_zipf(sizes: &Sizes) -> Vec<Record> {
                     .backplane(Arc::new(backplane))
                     .l1_capacity(L1Capacity::Entries(l1_entries))
                     .default_ttl(TTL)
+                    .l2_timeout(BENCH_L2_TIMEOUT)
                     .build()
                     .unwrap_or_else(|e| fail(e));
                 let stack = Arc::new(OurStack {
