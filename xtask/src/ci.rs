@@ -58,7 +58,7 @@ fn test() -> Result<(), String> {
 }
 
 /// `cargo xtask deny [CHECK ...]`: cargo-deny over licenses, advisories, bans and sources
-/// (`deny.toml`), or the checks named. `advisories` fetches the RustSec database from GitHub;
+/// (`deny.toml`), or the checks named. `advisories` fetches the advisory database from GitHub;
 /// the others run offline.
 pub(crate) fn deny(checks: &[&str]) -> Result<(), String> {
     let installed = cargo()

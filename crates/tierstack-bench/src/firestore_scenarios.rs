@@ -10,7 +10,7 @@ use tierstack::TieredCache;
 use tierstack_core::{BincodeCodec, Codec};
 use tierstack_firestore::{FirestoreConfig, FirestoreStore};
 
-use crate::harness::{Record, Sizes, Workload, interleave, records, run_round, shuffled};
+use crate::harness::{Record, Sizes, Workload, head_to_head, records, shuffled};
 
 const TTL: Duration = Duration::from_hours(1);
 const BENCH_L2_TIMEOUT: Duration = Duration::from_secs(60);
@@ -140,16 +140,7 @@ pub(crate) async fn l2_hit_firestore(sizes: &Sizes) -> Vec<Record> {
     });
     let order = shuffled(KEYS);
     let ops = (sizes.redis_ops / 40).max(100);
-    let rounds = interleave(2, sizes.rounds, |system| {
-        let (tiered, raw, order) = (tiered.clone(), raw.clone(), order.clone());
-        async move {
-            match system {
-                0 => run_round(&tiered, &order, 8, ops).await,
-                _ => run_round(&raw, &order, 8, ops).await,
-            }
-        }
-    })
-    .await;
+    let rounds = head_to_head(&tiered, &raw, &order, sizes.rounds, 8, ops).await;
     records(
         "l2_hit_firestore/8task",
         &["tierstack", "firestore crate"],
@@ -203,16 +194,7 @@ pub(crate) async fn get_many_firestore(sizes: &Sizes) -> Vec<Record> {
     let sequential = Arc::new(Sequential { cache, keys });
     let order = shuffled(KEYS);
     let ops = if sizes.rounds > 5 { 20 } else { 5 };
-    let rounds = interleave(2, sizes.rounds, |system| {
-        let (many, sequential, order) = (many.clone(), sequential.clone(), order.clone());
-        async move {
-            match system {
-                0 => run_round(&many, &order, 1, ops).await,
-                _ => run_round(&sequential, &order, 1, ops).await,
-            }
-        }
-    })
-    .await;
+    let rounds = head_to_head(&many, &sequential, &order, sizes.rounds, 1, ops).await;
     records(
         "get_many_firestore/100keys",
         &["get_many", "100 sequential gets"],

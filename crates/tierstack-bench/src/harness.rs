@@ -149,6 +149,25 @@ where
     results
 }
 
+/// Two systems on the same key stream, `tasks` tasks of `ops` operations each, in interleaved
+/// rounds: the common shape of a head-to-head scenario.
+pub(crate) async fn head_to_head<A: Workload, B: Workload>(
+    a: &Arc<A>,
+    b: &Arc<B>,
+    order: &Arc<Vec<usize>>,
+    rounds: usize,
+    tasks: usize,
+    ops: usize,
+) -> Vec<Vec<Round>> {
+    interleave(2, rounds, |system| async move {
+        match system {
+            0 => run_round(a, order, tasks, ops).await,
+            _ => run_round(b, order, tasks, ops).await,
+        }
+    })
+    .await
+}
+
 fn median(values: &mut [f64]) -> f64 {
     values.sort_by(f64::total_cmp);
     values.get(values.len() / 2).copied().unwrap_or(f64::NAN)

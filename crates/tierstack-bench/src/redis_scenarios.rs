@@ -13,7 +13,7 @@ use tierstack_moka::L1Capacity;
 use tierstack_redis::{RedisBackplane, RedisConfig, RedisStore};
 
 use crate::harness::{
-    Record, Round, Sizes, Workload, interleave, nanos, records, run_round, shuffled,
+    Record, Round, Sizes, Workload, head_to_head, interleave, nanos, records, run_round, shuffled,
 };
 
 const TTL: Duration = Duration::from_hours(1);
@@ -159,16 +159,7 @@ pub(crate) async fn l2_hit_redis(sizes: &Sizes) -> Vec<Record> {
     });
     let order = shuffled(n);
     let ops = sizes.redis_ops / 64;
-    let rounds = interleave(2, sizes.rounds, |system| {
-        let (tiered, raw, order) = (tiered.clone(), raw.clone(), order.clone());
-        async move {
-            match system {
-                0 => run_round(&tiered, &order, 64, ops).await,
-                _ => run_round(&raw, &order, 64, ops).await,
-            }
-        }
-    })
-    .await;
+    let rounds = head_to_head(&tiered, &raw, &order, sizes.rounds, 64, ops).await;
     records(
         "l2_hit_redis/64task",
         &["tierstack", "redis-rs"],
@@ -222,16 +213,7 @@ pub(crate) async fn get_many_redis(sizes: &Sizes) -> Vec<Record> {
     let sequential = Arc::new(SequentialGets { cache, keys });
     let order = shuffled(sizes.keys);
     let ops = (sizes.redis_ops / 1000).max(20);
-    let rounds = interleave(2, sizes.rounds, |system| {
-        let (many, sequential, order) = (many.clone(), sequential.clone(), order.clone());
-        async move {
-            match system {
-                0 => run_round(&many, &order, 1, ops).await,
-                _ => run_round(&sequential, &order, 1, ops).await,
-            }
-        }
-    })
-    .await;
+    let rounds = head_to_head(&many, &sequential, &order, sizes.rounds, 1, ops).await;
     records(
         "get_many_redis/100keys",
         &["get_many", "100 sequential gets"],
@@ -304,16 +286,7 @@ pub(crate) async fn write_through_redis(sizes: &Sizes) -> Vec<Record> {
     });
     let order = shuffled(sizes.keys);
     let ops = sizes.redis_ops / 20;
-    let rounds = interleave(2, sizes.rounds, |system| {
-        let (tiered, raw, order) = (tiered.clone(), raw.clone(), order.clone());
-        async move {
-            match system {
-                0 => run_round(&tiered, &order, 1, ops).await,
-                _ => run_round(&raw, &order, 1, ops).await,
-            }
-        }
-    })
-    .await;
+    let rounds = head_to_head(&tiered, &raw, &order, sizes.rounds, 1, ops).await;
     records(
         "write_through_redis/1task",
         &["tierstack set+publish", "redis-rs SET"],

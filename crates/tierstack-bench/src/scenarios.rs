@@ -9,7 +9,9 @@ use tierstack::TieredCache;
 use tierstack_core::{BincodeCodec, Codec, Store};
 use tierstack_moka::{L1Capacity, MokaStore};
 
-use crate::harness::{Record, Round, Sizes, Workload, interleave, records, run_round, shuffled};
+use crate::harness::{
+    Record, Round, Sizes, Workload, head_to_head, interleave, records, run_round, shuffled,
+};
 
 const TTL: Duration = Duration::from_hours(1);
 
@@ -137,16 +139,7 @@ pub(crate) async fn l2_hit_memory(sizes: &Sizes) -> Vec<Record> {
     });
     let order = shuffled(sizes.keys);
     let ops = sizes.ops_per_task / 2;
-    let rounds = interleave(2, sizes.rounds, |system| {
-        let (tiered, raw, order) = (tiered.clone(), raw.clone(), order.clone());
-        async move {
-            match system {
-                0 => run_round(&tiered, &order, 1, ops).await,
-                _ => run_round(&raw, &order, 1, ops).await,
-            }
-        }
-    })
-    .await;
+    let rounds = head_to_head(&tiered, &raw, &order, sizes.rounds, 1, ops).await;
     records(
         "l2_hit_memory",
         &["tierstack", "mokastore+decode"],

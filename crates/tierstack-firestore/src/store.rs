@@ -237,20 +237,23 @@ impl FirestoreStore {
         }
     }
 
+    /// The document with id `id`, whatever it holds.
+    async fn fetch(&self, id: &str) -> Result<Option<StoredDocument>> {
+        self.call(
+            "get",
+            self.db
+                .fluent()
+                .select()
+                .by_id_in(&self.collection)
+                .obj()
+                .one(id),
+        )
+        .await
+    }
+
     /// The live document of `full_key`: its key matches and it has not expired.
     async fn read(&self, full_key: &str) -> Result<Option<StoredDocument>> {
-        let id = document_id(full_key);
-        let document: Option<StoredDocument> = self
-            .call(
-                "get",
-                self.db
-                    .fluent()
-                    .select()
-                    .by_id_in(&self.collection)
-                    .obj()
-                    .one(&id),
-            )
-            .await?;
+        let document = self.fetch(&document_id(full_key)).await?;
         let (_, now) = self.now();
         Ok(document.filter(|d| d.key == full_key && d.expires_at > now))
     }
@@ -571,17 +574,7 @@ impl Store for FirestoreStore {
         // A document exists. It only blocks us if it is live and ours; an expired one (TTL
         // deletion runs late) or a foreign one is replaced, on condition that nobody changed it
         // since we read it, so that again exactly one caller wins.
-        let existing: Option<StoredDocument> = self
-            .call(
-                "set",
-                self.db
-                    .fluent()
-                    .select()
-                    .by_id_in(&self.collection)
-                    .obj()
-                    .one(&id),
-            )
-            .await?;
+        let existing = self.fetch(&id).await?;
         let Some(existing) = existing else {
             return Ok(false); // deleted meanwhile: a concurrent caller is about to win
         };
