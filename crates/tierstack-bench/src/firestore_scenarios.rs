@@ -10,7 +10,7 @@ use tierstack::TieredCache;
 use tierstack_core::{BincodeCodec, Codec};
 use tierstack_firestore::{FirestoreConfig, FirestoreStore};
 
-use crate::harness::{Record, Sizes, Workload, head_to_head, records, shuffled};
+use crate::harness::{Record, Sizes, TieredGet, Workload, head_to_head, records, shuffled};
 
 const TTL: Duration = Duration::from_hours(1);
 const BENCH_L2_TIMEOUT: Duration = Duration::from_secs(60);
@@ -53,23 +53,6 @@ async fn l2_only_cache(collection: &str) -> TieredCache<String> {
         .l2_timeout(BENCH_L2_TIMEOUT)
         .build()
         .unwrap_or_else(|e| fail(e))
-}
-
-struct TieredGet {
-    cache: TieredCache<String>,
-    keys: Arc<Vec<String>>,
-}
-
-impl Workload for TieredGet {
-    async fn op(&self, i: usize) {
-        black_box(
-            self.cache
-                .get(&self.keys[i % self.keys.len()])
-                .await
-                .ok()
-                .flatten(),
-        );
-    }
 }
 
 struct RawGet {

@@ -50,6 +50,24 @@ pub(crate) struct Record {
     pub(crate) loader_calls: Option<u64>,
 }
 
+/// `TieredCache::get` of key `i`: the tierstack side of the read scenarios.
+pub(crate) struct TieredGet {
+    pub(crate) cache: tierstack::TieredCache<String>,
+    pub(crate) keys: Arc<Vec<String>>,
+}
+
+impl Workload for TieredGet {
+    async fn op(&self, i: usize) {
+        std::hint::black_box(
+            self.cache
+                .get(&self.keys[i % self.keys.len()])
+                .await
+                .ok()
+                .flatten(),
+        );
+    }
+}
+
 /// One operation of a system under test; `i` picks the key.
 pub(crate) trait Workload: Send + Sync + 'static {
     fn op(&self, i: usize) -> impl Future<Output = ()> + Send;

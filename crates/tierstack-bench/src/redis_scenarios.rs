@@ -13,7 +13,8 @@ use tierstack_moka::L1Capacity;
 use tierstack_redis::{RedisBackplane, RedisConfig, RedisStore};
 
 use crate::harness::{
-    Record, Round, Sizes, Workload, head_to_head, interleave, nanos, records, run_round, shuffled,
+    Record, Round, Sizes, TieredGet, Workload, head_to_head, interleave, nanos, records, run_round,
+    shuffled,
 };
 
 const TTL: Duration = Duration::from_hours(1);
@@ -96,17 +97,6 @@ async fn l2_only_cache(prefix: &str) -> TieredCache<String> {
         .l2_timeout(BENCH_L2_TIMEOUT)
         .build()
         .unwrap_or_else(|e| fail(e))
-}
-
-struct TieredGet {
-    cache: TieredCache<String>,
-    keys: Arc<Vec<String>>,
-}
-
-impl Workload for TieredGet {
-    async fn op(&self, i: usize) {
-        black_box(self.cache.get(&self.keys[i]).await.ok().flatten());
-    }
 }
 
 struct RawGet {

@@ -10,7 +10,8 @@ use tierstack_core::{BincodeCodec, Codec, Store};
 use tierstack_moka::{L1Capacity, MokaStore};
 
 use crate::harness::{
-    Record, Round, Sizes, Workload, head_to_head, interleave, records, run_round, shuffled,
+    Record, Round, Sizes, TieredGet, Workload, head_to_head, interleave, records, run_round,
+    shuffled,
 };
 
 const TTL: Duration = Duration::from_hours(1);
@@ -21,17 +22,6 @@ fn keys(n: usize) -> Arc<Vec<String>> {
 
 fn value(i: usize) -> String {
     format!("value-{i:06}-{}", "x".repeat(24))
-}
-
-struct TieredGet {
-    cache: TieredCache<String>,
-    keys: Arc<Vec<String>>,
-}
-
-impl Workload for TieredGet {
-    async fn op(&self, i: usize) {
-        black_box(self.cache.get(&self.keys[i]).await.ok().flatten());
-    }
 }
 
 struct MokaGet {

@@ -73,9 +73,21 @@ pub trait Backplane: Send + Sync + Debug + 'static {
         namespace: &str,
         invalidation: &Invalidation,
     ) -> Result<Option<CacheError>> {
-        store.set(write.key, write.value, write.ttl).await?;
-        Ok(self.publish(namespace, invalidation).await.err())
+        write_then_publish_in_order(self, store, write, namespace, invalidation).await
     }
+}
+
+/// The write, then the publish, in two steps: the default of
+/// [`Backplane::write_then_publish`], for overrides that fall back to it.
+pub async fn write_then_publish_in_order<B: Backplane + ?Sized>(
+    backplane: &B,
+    store: &dyn Store,
+    write: StoreWrite<'_>,
+    namespace: &str,
+    invalidation: &Invalidation,
+) -> Result<Option<CacheError>> {
+    store.set(write.key, write.value, write.ttl).await?;
+    Ok(backplane.publish(namespace, invalidation).await.err())
 }
 
 /// A stream of [`BackplaneEvent`]s.

@@ -7,7 +7,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures_util::StreamExt;
 use redis::cmd;
-use tierstack_core::backplane::{Backplane, BackplaneHub, Invalidation, Subscription};
+use tierstack_core::backplane::{
+    Backplane, BackplaneHub, Invalidation, Subscription, write_then_publish_in_order,
+};
 use tierstack_core::store::{Store, StoreWrite};
 use tierstack_core::{CacheError, Result};
 use tokio::sync::oneshot;
@@ -117,8 +119,7 @@ impl Backplane for RedisBackplane {
                 .await?;
             return Ok(None);
         }
-        store.set(write.key, write.value, write.ttl).await?;
-        Ok(self.publish(namespace, invalidation).await.err())
+        write_then_publish_in_order(self, store, write, namespace, invalidation).await
     }
 }
 
