@@ -10,7 +10,9 @@ use tierstack::TieredCache;
 use tierstack_core::{BincodeCodec, Codec};
 use tierstack_firestore::{FirestoreConfig, FirestoreStore};
 
-use crate::harness::{Record, Sizes, TieredGet, Workload, head_to_head, records, shuffled};
+use crate::harness::{
+    GetMany, Record, SequentialGets, Sizes, TieredGet, Workload, head_to_head, records, shuffled,
+};
 
 const TTL: Duration = Duration::from_hours(1);
 const BENCH_L2_TIMEOUT: Duration = Duration::from_secs(60);
@@ -133,36 +135,6 @@ pub(crate) async fn l2_hit_firestore(sizes: &Sizes) -> Vec<Record> {
     )
 }
 
-struct GetMany {
-    cache: TieredCache<String>,
-    keys: Arc<Vec<String>>,
-}
-
-impl Workload for GetMany {
-    async fn op(&self, i: usize) {
-        let start = (i * 100) % (self.keys.len() - 100);
-        let batch: Vec<&str> = self.keys[start..start + 100]
-            .iter()
-            .map(String::as_str)
-            .collect();
-        black_box(self.cache.get_many(&batch).await.ok());
-    }
-}
-
-struct Sequential {
-    cache: TieredCache<String>,
-    keys: Arc<Vec<String>>,
-}
-
-impl Workload for Sequential {
-    async fn op(&self, i: usize) {
-        let start = (i * 100) % (self.keys.len() - 100);
-        for key in &self.keys[start..start + 100] {
-            black_box(self.cache.get(key).await.ok());
-        }
-    }
-}
-
 /// `get_many` of 100 keys (one batch read) vs 100 sequential `get`s, L1 off, one task.
 pub(crate) async fn get_many_firestore(sizes: &Sizes) -> Vec<Record> {
     let keys: Arc<Vec<String>> = Arc::new((0..KEYS).map(|i| format!("key-{i:06}")).collect());
@@ -174,7 +146,7 @@ pub(crate) async fn get_many_firestore(sizes: &Sizes) -> Vec<Record> {
         cache: cache.clone(),
         keys: keys.clone(),
     });
-    let sequential = Arc::new(Sequential { cache, keys });
+    let sequential = Arc::new(SequentialGets { cache, keys });
     let order = shuffled(KEYS);
     let ops = if sizes.rounds > 5 { 20 } else { 5 };
     let rounds = head_to_head(&many, &sequential, &order, sizes.rounds, 1, ops).await;

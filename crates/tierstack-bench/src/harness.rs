@@ -68,6 +68,43 @@ impl Workload for TieredGet {
     }
 }
 
+/// The first key of the 100-key batch of operation `i`.
+fn batch_start(i: usize, keys: usize) -> usize {
+    (i * 100) % (keys - 100)
+}
+
+/// `TieredCache::get_many` of 100 keys: one L2 round trip.
+pub(crate) struct GetMany {
+    pub(crate) cache: tierstack::TieredCache<String>,
+    pub(crate) keys: Arc<Vec<String>>,
+}
+
+impl Workload for GetMany {
+    async fn op(&self, i: usize) {
+        let start = batch_start(i, self.keys.len());
+        let batch: Vec<&str> = self.keys[start..start + 100]
+            .iter()
+            .map(String::as_str)
+            .collect();
+        std::hint::black_box(self.cache.get_many(&batch).await.ok());
+    }
+}
+
+/// The same 100 keys as [`GetMany`], one `TieredCache::get` after the other.
+pub(crate) struct SequentialGets {
+    pub(crate) cache: tierstack::TieredCache<String>,
+    pub(crate) keys: Arc<Vec<String>>,
+}
+
+impl Workload for SequentialGets {
+    async fn op(&self, i: usize) {
+        let start = batch_start(i, self.keys.len());
+        for key in &self.keys[start..start + 100] {
+            std::hint::black_box(self.cache.get(key).await.ok());
+        }
+    }
+}
+
 /// One operation of a system under test; `i` picks the key.
 pub(crate) trait Workload: Send + Sync + 'static {
     fn op(&self, i: usize) -> impl Future<Output = ()> + Send;
@@ -116,7 +153,11 @@ pub(crate) async fn run_round<W: Workload>(
         .collect();
     let mut samples = Vec::new();
     for handle in handles {
-        samples.extend(handle.await.unwrap_or_default());
+        samples.extend(
+            handle
+                .await
+                .unwrap_or_else(|e| panic!("a benchmark task failed: {e}")),
+        );
     }
     let elapsed = started.elapsed();
     #[expect(clippy::cast_precision_loss, reason = "timing report")]

@@ -13,8 +13,8 @@ use tierstack_moka::L1Capacity;
 use tierstack_redis::{RedisBackplane, RedisConfig, RedisStore};
 
 use crate::harness::{
-    Record, Round, Sizes, TieredGet, Workload, head_to_head, interleave, nanos, records, run_round,
-    shuffled,
+    GetMany, Record, Round, SequentialGets, Sizes, TieredGet, Workload, head_to_head, interleave,
+    nanos, records, run_round, shuffled,
 };
 
 const TTL: Duration = Duration::from_hours(1);
@@ -159,36 +159,6 @@ pub(crate) async fn l2_hit_redis(sizes: &Sizes) -> Vec<Record> {
     )
 }
 
-struct TieredGetMany {
-    cache: TieredCache<String>,
-    keys: Arc<Vec<String>>,
-}
-
-impl Workload for TieredGetMany {
-    async fn op(&self, i: usize) {
-        let start = (i / 100) * 100 % (self.keys.len() - 100);
-        let batch: Vec<&str> = self.keys[start..start + 100]
-            .iter()
-            .map(String::as_str)
-            .collect();
-        black_box(self.cache.get_many(&batch).await.ok());
-    }
-}
-
-struct SequentialGets {
-    cache: TieredCache<String>,
-    keys: Arc<Vec<String>>,
-}
-
-impl Workload for SequentialGets {
-    async fn op(&self, i: usize) {
-        let start = (i / 100) * 100 % (self.keys.len() - 100);
-        for key in &self.keys[start..start + 100] {
-            black_box(self.cache.get(key).await.ok());
-        }
-    }
-}
-
 /// `get_many` of 100 keys vs 100 sequential `get`s, L1 off, one task.
 pub(crate) async fn get_many_redis(sizes: &Sizes) -> Vec<Record> {
     let keys = keys(sizes.keys);
@@ -196,7 +166,7 @@ pub(crate) async fn get_many_redis(sizes: &Sizes) -> Vec<Record> {
     for (i, key) in keys.iter().enumerate() {
         cache.set(key, value(i)).await.unwrap_or_else(|e| fail(e));
     }
-    let many = Arc::new(TieredGetMany {
+    let many = Arc::new(GetMany {
         cache: cache.clone(),
         keys: keys.clone(),
     });

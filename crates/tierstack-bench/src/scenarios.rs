@@ -190,7 +190,11 @@ async fn stampede_round(system: usize, round: usize, callers: usize) -> Round {
         .collect();
     let mut samples = Vec::with_capacity(callers);
     for handle in handles {
-        samples.push(handle.await.unwrap_or_default());
+        samples.push(
+            handle
+                .await
+                .unwrap_or_else(|e| panic!("a stampede caller failed: {e}")),
+        );
     }
     #[expect(clippy::cast_precision_loss, reason = "timing report")]
     let nanos_per_op = started.elapsed().as_nanos() as f64 / callers as f64;

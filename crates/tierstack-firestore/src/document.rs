@@ -1,11 +1,12 @@
 //! The layout of a cache entry in Firestore, and its document id.
 
 use std::fmt::Write as _;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use firestore::FirestoreTimestamp;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use tierstack_core::clock::Timestamp;
 
 /// One cache entry as written: one document per key.
 ///
@@ -21,6 +22,20 @@ pub(crate) struct CacheDocument {
     pub(crate) created_at: SystemTime,
     pub(crate) expires_at: SystemTime,
     pub(crate) last_accessed: SystemTime,
+}
+
+impl CacheDocument {
+    /// The document of `key` holding `value`, written at `now` and living `ttl`.
+    pub(crate) fn new(key: &str, value: &[u8], now: Timestamp, ttl: Duration) -> Self {
+        let written = now.to_system_time();
+        Self {
+            key: key.to_owned(),
+            value: value.to_vec(),
+            created_at: written,
+            expires_at: now.saturating_add(ttl).to_system_time(),
+            last_accessed: written,
+        }
+    }
 }
 
 /// One cache entry as read, with Firestore's own update time (for conditional writes).

@@ -289,14 +289,8 @@ impl FirestoreStore {
     }
 
     async fn write(&self, full_key: &str, value: &[u8], ttl: Duration) -> Result<()> {
-        let (now, now_time) = self.now();
-        let document = CacheDocument {
-            key: full_key.to_owned(),
-            value: value.to_vec(),
-            created_at: now_time,
-            expires_at: now.saturating_add(ttl).to_system_time(),
-            last_accessed: now_time,
-        };
+        let (now, _) = self.now();
+        let document = CacheDocument::new(full_key, value, now, ttl);
         let id = document_id(full_key);
         self.call(
             "set",
@@ -509,20 +503,14 @@ impl Store for FirestoreStore {
             Self::check_size(&full, &write.value)?;
             prepared.push((full, write));
         }
-        let (now, now_time) = self.now();
+        let (now, _) = self.now();
         for chunk in prepared.chunks(BATCH) {
             let batch_writer = self
                 .call("set", self.db.create_simple_batch_writer())
                 .await?;
             let mut batch = batch_writer.new_batch();
             for (full, write) in chunk {
-                let document = CacheDocument {
-                    key: full.clone(),
-                    value: write.value.to_vec(),
-                    created_at: now_time,
-                    expires_at: now.saturating_add(write.ttl).to_system_time(),
-                    last_accessed: now_time,
-                };
+                let document = CacheDocument::new(full, &write.value, now, write.ttl);
                 self.db
                     .fluent()
                     .update()
@@ -543,13 +531,7 @@ impl Store for FirestoreStore {
         validate_ttl(ttl)?;
         Self::check_size(&full, &value)?;
         let (now, now_time) = self.now();
-        let document = CacheDocument {
-            key: full.clone(),
-            value: value.to_vec(),
-            created_at: now_time,
-            expires_at: now.saturating_add(ttl).to_system_time(),
-            last_accessed: now_time,
-        };
+        let document = CacheDocument::new(&full, &value, now, ttl);
         let id = document_id(&full);
         // A create succeeds for exactly one of concurrent callers.
         let created = self
