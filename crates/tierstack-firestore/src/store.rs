@@ -195,6 +195,18 @@ impl FirestoreStore {
         })
     }
 
+    /// The id of the document that holds `key` in this store's collection: the hex SHA-256 of
+    /// the prefixed key. For operators finding an entry in the console, and for tools that read
+    /// the documents directly.
+    pub fn document_id(&self, key: &str) -> Result<String> {
+        Ok(document_id(&self.full_key(key)?))
+    }
+
+    /// The collection this store writes to.
+    pub fn collection(&self) -> &str {
+        &self.collection
+    }
+
     fn full_key(&self, key: &str) -> Result<String> {
         validate_key(key, DEFAULT_MAX_STORE_KEY_LEN)?;
         let mut full = String::with_capacity(self.prefix.len() + key.len());

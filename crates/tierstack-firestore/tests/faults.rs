@@ -132,7 +132,12 @@ async fn a_document_whose_stored_key_differs_is_a_miss() {
         .unwrap();
     // A store with another prefix writes the same document id for a different key only if the
     // hashes collide; forge that by writing under the victim's id through a raw client.
-    let victim_id = tierstack_firestore_test_support::document_id("victim");
+    let victim_id = store.document_id("victim").unwrap();
+    assert_eq!(
+        victim_id,
+        tierstack_firestore_test_support::document_id("victim"),
+        "the documented id scheme: hex SHA-256 of the prefixed key"
+    );
     let db = firestore::FirestoreDb::new(project()).await.unwrap();
     let forged = Forged {
         key: "attacker".into(),
@@ -164,7 +169,7 @@ async fn a_document_whose_stored_key_differs_is_a_miss() {
     );
 }
 
-/// The document id scheme, mirrored here so the forgery test can aim at a key's document.
+/// The document id scheme, mirrored here to pin down the documented layout.
 mod tierstack_firestore_test_support {
     use sha2::{Digest, Sha256};
     use std::fmt::Write as _;

@@ -26,6 +26,7 @@ use crate::builder::TieredCacheBuilder;
 use crate::burst_log::BurstLog;
 use crate::flight::{Absent, FlightHandle, LoadFailure, Loader, LoaderPanicked, Outcome};
 use crate::freshness::{Freshness, Snapshot};
+use crate::key_buffer::BufferedKey;
 use crate::stats::{CacheStats, L2Op, Recorder};
 
 /// A two-level read-through cache of `V`: a typed in-process L1 over an optional shared L2
@@ -131,11 +132,19 @@ where
     pub async fn get(&self, key: &str) -> Result<Option<V>> {
         let inner = &self.inner;
         inner.check_key(key)?;
-        if let Some(hit) = inner.l1_get(key).await {
-            return Ok(hit);
-        }
-        if let Ok(Some(hit)) = inner.l2_lookup(key).await {
-            return Ok(hit);
+        if inner.l1.is_none() {
+            // Without an L1 there is nothing to fill: read L2 directly, one layer less.
+            if let Ok(L2Read::Hit(value, _)) = inner.read_l2(key).await {
+                inner.recorder.l2_hit();
+                return Ok(value);
+            }
+        } else {
+            if let Some(hit) = inner.l1_get(key).await {
+                return Ok(hit);
+            }
+            if let Ok(Some(hit)) = inner.l2_lookup(key).await {
+                return Ok(hit);
+            }
         }
         // A miss, or an L2 failure (counted and logged) read as one.
         inner.recorder.miss();
@@ -546,33 +555,27 @@ where
         result
     }
 
-    /// Decodes an L2 entry; a corrupt one is counted, deleted and read as a miss.
-    async fn decode_entry(&self, key: &str, entry: StoredEntry) -> L2Read<V> {
-        let parsed = Envelope::parse::<C>(&entry.value, self.settings.max_value_len)
-            .map_err(CacheError::from)
-            .and_then(|envelope| {
-                if envelope.negative {
-                    Ok(None)
-                } else {
-                    self.codec.decode::<V>(envelope.payload).map(Some)
-                }
-            });
-        match parsed {
-            Ok(value) => L2Read::Hit(value, entry.ttl),
-            Err(error) => {
-                self.recorder.corrupt_entry();
-                tracing::warn!(
-                    cache = %self.namespace,
-                    key = %fingerprint(key),
-                    error = %error,
-                    "undecodable L2 entry read as a miss and deleted"
-                );
-                if let Some(l2) = &self.l2 {
-                    let store_key = self.namespace.store_key(key);
-                    let _ = self.l2_call(L2Op::Delete, l2.delete(&store_key)).await;
-                }
-                L2Read::Miss
-            }
+    /// Decodes an L2 entry: `Some(v)` a value, `None` a negative entry.
+    fn decode_entry(&self, bytes: &[u8]) -> Result<Option<V>> {
+        let envelope = Envelope::parse::<C>(bytes, self.settings.max_value_len)?;
+        if envelope.negative {
+            Ok(None)
+        } else {
+            self.codec.decode::<V>(envelope.payload).map(Some)
+        }
+    }
+
+    /// Counts, logs and deletes an L2 entry that did not decode; the read goes on as a miss.
+    async fn discard_corrupt(&self, key: &str, store_key: &str, error: CacheError) {
+        self.recorder.corrupt_entry();
+        tracing::warn!(
+            cache = %self.namespace,
+            key = %fingerprint(key),
+            error = %error,
+            "undecodable L2 entry read as a miss and deleted"
+        );
+        if let Some(l2) = &self.l2 {
+            let _ = self.l2_call(L2Op::Delete, l2.delete(store_key)).await;
         }
     }
 
@@ -592,24 +595,32 @@ where
         }
     }
 
+    /// Reads and decodes `key` from L2; a corrupt entry is discarded and reads as a miss.
     async fn read_l2(&self, key: &str) -> Result<L2Read<V>> {
         let Some(l2) = &self.l2 else {
             return Ok(L2Read::Miss);
         };
-        let store_key = self.namespace.store_key(key);
+        let store_key = BufferedKey::new(&self.namespace, key);
         // The remaining TTL only serves to fill L1: without one, a plain GET will do.
-        let entry = if self.l1.is_some() {
-            self.l2_call(L2Op::Get, l2.get_with_ttl(&store_key)).await?
+        let found = if self.l1.is_some() {
+            self.l2_call(L2Op::Get, l2.get_with_ttl(&store_key))
+                .await?
+                .map(|entry| (entry.value, entry.ttl))
         } else {
-            let value = self.l2_call(L2Op::Get, l2.get(&store_key)).await?;
-            value.map(|value| StoredEntry {
-                value,
-                ttl: Duration::ZERO,
-            })
+            self.l2_call(L2Op::Get, l2.get(&store_key))
+                .await?
+                .map(|value| (value, Duration::ZERO))
         };
-        match entry {
-            Some(entry) => Ok(self.decode_entry(key, entry).await),
-            None => Ok(L2Read::Miss),
+        let Some((bytes, ttl)) = found else {
+            return Ok(L2Read::Miss);
+        };
+        match self.decode_entry(&bytes) {
+            Ok(value) => Ok(L2Read::Hit(value, ttl)),
+            Err(error) => {
+                // Boxed, so that this rare path does not enlarge every read's future.
+                Box::pin(self.discard_corrupt(key, &store_key, error)).await;
+                Ok(L2Read::Miss)
+            }
         }
     }
 
@@ -796,10 +807,16 @@ where
             Ok(entries) if entries.len() == refs.len() => entries,
             Ok(_) | Err(_) => vec![None; refs.len()],
         };
-        for ((&index, entry), snapshot) in missing.iter().zip(entries).zip(snapshots) {
+        for (((&index, entry), snapshot), store_key) in
+            missing.iter().zip(entries).zip(snapshots).zip(&refs)
+        {
             let key = keys[index];
-            let read = match entry {
-                Some(entry) => self.decode_entry(key, entry).await,
+            let read = match entry.map(|entry| (self.decode_entry(&entry.value), entry.ttl)) {
+                Some((Ok(value), ttl)) => L2Read::Hit(value, ttl),
+                Some((Err(error), _)) => {
+                    self.discard_corrupt(key, store_key, error).await;
+                    L2Read::Miss
+                }
                 None => L2Read::Miss,
             };
             match read {

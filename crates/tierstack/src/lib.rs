@@ -58,6 +58,7 @@ mod cache;
 mod flight;
 mod freshness;
 pub mod handles;
+mod key_buffer;
 pub mod migrate;
 mod stats;
 
