@@ -148,6 +148,17 @@ pub trait Store: Any + Send + Sync + Debug {
 
     /// Checks that the backend answers.
     async fn ping(&self) -> Result<()>;
+
+    /// The time within which every single-key operation of this store (`get`, `get_with_ttl`,
+    /// `set`, `set_if_absent`, `delete`, `exists`, `expire`, `ttl`) answers or fails by itself,
+    /// if the store enforces such a bound end to end (queueing and reconnecting included).
+    ///
+    /// A composer with a timeout of its own can skip its timer for those operations when this
+    /// bound is no longer than its timeout: one timer per request instead of two. The default,
+    /// `None`, promises nothing, and callers keep their own timers.
+    fn single_key_timeout(&self) -> Option<Duration> {
+        None
+    }
 }
 
 /// Refuses an empty prefix for [`Store::delete_prefix`].

@@ -111,15 +111,17 @@ impl RedisConfig {
         self
     }
 
-    /// How long one request may take before it fails with a timeout (default 500 ms).
+    /// How long one call (a command, a pipeline or a script) may take before it fails with a
+    /// timeout (default 500 ms), counted from the call: the wait for a free in-flight slot and
+    /// for a reconnect count too.
     #[must_use]
     pub fn response_timeout(mut self, timeout: Duration) -> Self {
         self.response_timeout = timeout;
         self
     }
 
-    /// How many requests may be in flight at once (default 1024). Callers beyond it wait up to
-    /// the response timeout, so a stalled server cannot make requests queue without bound.
+    /// How many requests may be in flight at once (default 1024). Callers beyond it wait, within
+    /// their response timeout, so a stalled server cannot make requests queue without bound.
     #[must_use]
     pub fn max_in_flight(mut self, max: usize) -> Self {
         self.max_in_flight = max.max(1);

@@ -65,9 +65,10 @@ impl Connection {
                     RedisError::from((ErrorKind::InvalidClientConfig, "no node configured"))
                 })?;
                 let client = client_for(info, config)?;
+                // No response timeout in the driver: `guarded` times each call end to end.
                 let manager = ConnectionManagerConfig::new()
                     .set_connection_timeout(Some(config.connect_timeout))
-                    .set_response_timeout(Some(config.response_timeout))
+                    .set_response_timeout(None)
                     .set_number_of_retries(1)
                     .set_max_delay(Duration::from_secs(1));
                 Ok(Link::Standalone(
@@ -104,33 +105,40 @@ impl Connection {
         &self.endpoint
     }
 
-    /// Runs `request` on the link under the in-flight bound. The driver enforces the response
-    /// timeout on the request itself (set at connect); only the wait for a free slot is timed
-    /// here, and only when there is none.
+    /// Runs `request` on the link under the in-flight bound, failing it with a timeout once the
+    /// response timeout has passed since the call: waiting for a free slot, for a reconnect and
+    /// for the reply all count. One timer per call: the standalone driver arms none of its own.
     async fn guarded<T, F, Fut>(&self, operation: &'static str, request: F) -> Result<T>
     where
         F: FnOnce(Link) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
         let limit = self.response_timeout;
-        let _permit = match self.permits.try_acquire() {
-            Ok(permit) => permit,
-            Err(_) => match tokio::time::timeout(limit, self.permits.acquire()).await {
-                Ok(Ok(permit)) => permit,
-                Ok(Err(_)) => {
-                    return Err(CacheError::backend(operation, false, "connection closed"));
-                }
-                Err(_) => {
-                    return Err(CacheError::Timeout {
-                        operation,
-                        after: limit,
-                    });
-                }
-            },
+        let call = async {
+            let _permit = match self.permits.try_acquire() {
+                Ok(permit) => permit,
+                Err(_) => self
+                    .permits
+                    .acquire()
+                    .await
+                    .map_err(|_| CacheError::backend(operation, false, "connection closed"))?,
+            };
+            request(self.link.clone())
+                .await
+                .map_err(|error| map_error(operation, &self.endpoint, limit, error))
         };
-        request(self.link.clone())
-            .await
-            .map_err(|error| map_error(operation, &self.endpoint, limit, error))
+        match tokio::time::timeout(limit, call).await {
+            Ok(result) => result,
+            Err(_) => Err(CacheError::Timeout {
+                operation,
+                after: limit,
+            }),
+        }
+    }
+
+    /// The bound [`guarded`](Self::guarded) puts on every call.
+    pub(crate) fn response_timeout(&self) -> Duration {
+        self.response_timeout
     }
 
     /// One command.

@@ -1,12 +1,13 @@
 //! `RedisStore`: the byte [`Store`] on standalone Redis or Redis Cluster.
 
 use std::fmt;
+use std::io::Write as _;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use redis::{Cmd, Value, cmd, pipe};
+use redis::{Cmd, RedisWrite, ToRedisArgs, Value, cmd, pipe};
 use tierstack_core::key::{DEFAULT_MAX_STORE_KEY_LEN, validate_key};
 use tierstack_core::store::{
     MAX_TTL, Store, StoreWrite, StoredEntry, validate_prefix, validate_ttl,
@@ -82,6 +83,26 @@ impl RedisStore {
         out.push_str(&self.prefix);
         out.push_str(key);
         out
+    }
+
+    /// The command `name key`, with buffers sized for `more_args` further arguments of
+    /// `more_bytes` bytes in all, so that building it allocates once and never regrows (the key
+    /// goes straight into the buffer, prefix and all: no `String` per request).
+    fn key_command(
+        &self,
+        name: &str,
+        key: &str,
+        more_args: usize,
+        more_bytes: usize,
+    ) -> Result<Cmd> {
+        validate_key(key, DEFAULT_MAX_STORE_KEY_LEN)?;
+        let bytes = name.len() + self.prefix.len() + key.len() + more_bytes;
+        let mut command = Cmd::with_capacity(2 + more_args, bytes);
+        command.arg(name).arg(PrefixedKey {
+            prefix: &self.prefix,
+            key,
+        });
+        Ok(command)
     }
 
     pub(crate) fn connection(&self) -> &Connection {
@@ -230,11 +251,29 @@ fn entry_of(value: &Value, pttl: &Value) -> Result<Option<StoredEntry>> {
     }))
 }
 
+/// Room for `PX` and a TTL in milliseconds (at most 20 digits).
+const MILLIS_ARGS_LEN: usize = 2 + 20;
+
+/// A Redis key as its two parts, the store's prefix and the caller's key.
+struct PrefixedKey<'a> {
+    prefix: &'a str,
+    key: &'a str,
+}
+
+impl ToRedisArgs for PrefixedKey<'_> {
+    fn write_redis_args<W: ?Sized + RedisWrite>(&self, out: &mut W) {
+        let mut arg = out.writer_for_next_arg();
+        // Writing into the command's own buffer cannot fail.
+        let _ = arg.write_all(self.prefix.as_bytes());
+        let _ = arg.write_all(self.key.as_bytes());
+    }
+}
+
 #[async_trait]
 impl Store for RedisStore {
     async fn get(&self, key: &str) -> Result<Option<Bytes>> {
-        let key = self.checked_key(key)?;
-        let value: Option<Vec<u8>> = self.conn.query("get", cmd("GET").arg(&key)).await?;
+        let command = self.key_command("GET", key, 0, 0)?;
+        let value: Option<Vec<u8>> = self.conn.query("get", &command).await?;
         Ok(value.map(Bytes::from))
     }
 
@@ -281,15 +320,10 @@ impl Store for RedisStore {
     }
 
     async fn set(&self, key: &str, value: Bytes, ttl: Duration) -> Result<()> {
-        let key = self.checked_key(key)?;
         validate_ttl(ttl)?;
         self.check_value(&value)?;
-        let mut command = cmd("SET");
-        command
-            .arg(&key)
-            .arg(value.as_ref())
-            .arg("PX")
-            .arg(millis(ttl));
+        let mut command = self.key_command("SET", key, 3, value.len() + MILLIS_ARGS_LEN)?;
+        command.arg(value.as_ref()).arg("PX").arg(millis(ttl));
         self.conn.query::<()>("set", &command).await
     }
 
@@ -323,12 +357,10 @@ impl Store for RedisStore {
     }
 
     async fn set_if_absent(&self, key: &str, value: Bytes, ttl: Duration) -> Result<bool> {
-        let key = self.checked_key(key)?;
         validate_ttl(ttl)?;
         self.check_value(&value)?;
-        let mut command = cmd("SET");
+        let mut command = self.key_command("SET", key, 4, value.len() + 2 + MILLIS_ARGS_LEN)?;
         command
-            .arg(&key)
             .arg(value.as_ref())
             .arg("NX")
             .arg("PX")
@@ -338,8 +370,8 @@ impl Store for RedisStore {
     }
 
     async fn delete(&self, key: &str) -> Result<bool> {
-        let key = self.checked_key(key)?;
-        let removed: u64 = self.conn.query("delete", cmd("UNLINK").arg(&key)).await?;
+        let command = self.key_command("UNLINK", key, 0, 0)?;
+        let removed: u64 = self.conn.query("delete", &command).await?;
         Ok(removed > 0)
     }
 
@@ -352,23 +384,22 @@ impl Store for RedisStore {
     }
 
     async fn exists(&self, key: &str) -> Result<bool> {
-        let key = self.checked_key(key)?;
-        let count: u64 = self.conn.query("exists", cmd("EXISTS").arg(&key)).await?;
+        let command = self.key_command("EXISTS", key, 0, 0)?;
+        let count: u64 = self.conn.query("exists", &command).await?;
         Ok(count > 0)
     }
 
     async fn expire(&self, key: &str, ttl: Duration) -> Result<bool> {
-        let key = self.checked_key(key)?;
         validate_ttl(ttl)?;
-        let mut command = cmd("PEXPIRE");
-        command.arg(&key).arg(millis(ttl));
+        let mut command = self.key_command("PEXPIRE", key, 1, MILLIS_ARGS_LEN)?;
+        command.arg(millis(ttl));
         let updated: u64 = self.conn.query("expire", &command).await?;
         Ok(updated > 0)
     }
 
     async fn ttl(&self, key: &str) -> Result<Option<Duration>> {
-        let key = self.checked_key(key)?;
-        let pttl: i64 = self.conn.query("ttl", cmd("PTTL").arg(&key)).await?;
+        let command = self.key_command("PTTL", key, 0, 0)?;
+        let pttl: i64 = self.conn.query("ttl", &command).await?;
         Ok(match pttl {
             -1 => Some(MAX_TTL),
             ms if ms > 0 => Some(Duration::from_millis(ms.unsigned_abs())),
@@ -405,6 +436,12 @@ impl Store for RedisStore {
                 format!("unexpected PING reply {reply:?}"),
             ))
         }
+    }
+
+    /// Every single-key operation is one call to the server, timed end to end by the
+    /// connection: waiting for a free slot, for a reconnect and for the reply.
+    fn single_key_timeout(&self) -> Option<Duration> {
+        Some(self.conn.response_timeout())
     }
 }
 

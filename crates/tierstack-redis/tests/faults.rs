@@ -139,6 +139,38 @@ async fn a_stalled_server_fails_requests_within_the_response_timeout_and_queues_
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_redis_fails_reads_within_its_response_timeout_whatever_the_cache_timeout() {
+    // The store bounds its single-key calls itself, so the cache arms no timer of its own: the
+    // store's bound must hold on its own, for reads and for the loader's write-back.
+    let server = PrivateRedis::start(&[]);
+    let config = RedisConfig::from_url(&server.url())
+        .unwrap()
+        .response_timeout(Duration::from_millis(200));
+    let store = RedisStore::connect(&config).await.unwrap();
+    assert_eq!(store.single_key_timeout(), Some(Duration::from_millis(200)));
+    let cache: TieredCache<String> = TieredCache::builder("paused")
+        .l2(Arc::new(store))
+        .l2_timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    server.cli(&["CLIENT", "PAUSE", "5000", "ALL"]);
+    let started = Instant::now();
+    let calls = Arc::new(AtomicUsize::new(0));
+    assert_eq!(
+        cache.get_or_load("k", loader(&calls, "v")).await.unwrap(),
+        "v"
+    );
+    assert_eq!(cache.get("other").await.unwrap(), None);
+    // A read, a write-back and a read: three response timeouts, not the 5 s pause.
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(cache.stats().l2_errors >= 3, "{:?}", cache.stats());
+}
+
 #[tokio::test]
 async fn a_wrong_password_is_an_authentication_error_that_hides_the_password() {
     let server = PrivateRedis::start(&["--requirepass", "right-one"]);

@@ -84,6 +84,13 @@ impl StoreConfig {
     }
 
     /// Connects to the configured backend.
+    #[cfg_attr(
+        not(any(feature = "redis", feature = "firestore")),
+        expect(
+            clippy::unused_async,
+            reason = "async for the network backends, which these features leave out"
+        )
+    )]
     pub async fn connect(&self) -> Result<Arc<dyn Store>> {
         match self {
             Self::Memory { max_bytes } => Ok(Arc::new(tierstack_moka::MokaStore::new(*max_bytes))),

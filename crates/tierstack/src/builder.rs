@@ -147,7 +147,9 @@ where
     }
 
     /// How long one L2 call may take before the cache gives up on it (default 1 s). A read then
-    /// falls back to the loader.
+    /// falls back to the loader. A store whose own timeout bounds its single-key calls within
+    /// this one ([`Store::single_key_timeout`](tierstack_core::Store::single_key_timeout)) is
+    /// trusted with those calls, so that no request carries two timers.
     pub fn l2_timeout(mut self, timeout: Duration) -> Self {
         self.settings.l2_timeout = timeout;
         self
@@ -204,8 +206,14 @@ where
             })?),
             None => None,
         };
+        // A store that bounds its single-key calls within our timeout needs no second timer.
+        let l2_bounds_single_keys = self.l2.as_ref().is_some_and(|l2| {
+            l2.single_key_timeout()
+                .is_some_and(|bound| bound <= settings.l2_timeout)
+        });
         let inner = Arc::new(Inner {
             recorder: Recorder::new(namespace.as_str()),
+            l2_bounds_single_keys,
             namespace,
             l1: self
                 .l1

@@ -78,6 +78,8 @@ pub(crate) struct Inner<V, C> {
     pub(crate) namespace: Namespace,
     pub(crate) l1: Option<L1Cache<V>>,
     pub(crate) l2: Option<Arc<dyn Store>>,
+    /// Whether L2 bounds its single-key calls within `settings.l2_timeout` itself.
+    pub(crate) l2_bounds_single_keys: bool,
     pub(crate) backplane: Option<Arc<dyn Backplane>>,
     pub(crate) codec: C,
     pub(crate) clock: SharedClock,
@@ -320,7 +322,7 @@ where
                 }
                 None => {
                     inner
-                        .l2_call(L2Op::Set, l2.set(&store_key, bytes, ttl))
+                        .l2_single_key_call(L2Op::Set, l2.set(&store_key, bytes, ttl))
                         .await
                 }
             };
@@ -349,7 +351,9 @@ where
         let l2_result = match &inner.l2 {
             Some(l2) => {
                 let store_key = inner.namespace.store_key(key);
-                inner.l2_call(L2Op::Delete, l2.delete(&store_key)).await
+                inner
+                    .l2_single_key_call(L2Op::Delete, l2.delete(&store_key))
+                    .await
             }
             None => Ok(false),
         };
@@ -403,7 +407,9 @@ where
         inner.check_key(key)?;
         if let Some(l2) = &inner.l2 {
             let store_key = inner.namespace.store_key(key);
-            return inner.l2_call(L2Op::Other, l2.ttl(&store_key)).await;
+            return inner
+                .l2_single_key_call(L2Op::Other, l2.ttl(&store_key))
+                .await;
         }
         match &inner.l1 {
             Some(l1) => Ok(l1.ttl(key).await),
@@ -426,7 +432,10 @@ where
         let existed = match &inner.l2 {
             Some(l2) => {
                 let store_key = inner.namespace.store_key(key);
-                match inner.l2_call(L2Op::Other, l2.expire(&store_key, ttl)).await {
+                match inner
+                    .l2_single_key_call(L2Op::Other, l2.expire(&store_key, ttl))
+                    .await
+                {
                     Ok(existed) => existed,
                     Err(error) => {
                         inner.evict_local(key).await;
@@ -514,9 +523,30 @@ where
         }
     }
 
+    /// Runs a single-key L2 call: under the L2 timeout, unless the store bounds it within that
+    /// timeout itself.
+    async fn l2_single_key_call<T>(
+        &self,
+        op: L2Op,
+        call: impl Future<Output = Result<T>>,
+    ) -> Result<T> {
+        self.l2_call_bounded(op, call, !self.l2_bounds_single_keys)
+            .await
+    }
+
     /// Runs an L2 call under the L2 timeout, timing it and counting (and logging once per burst)
     /// its failure.
     async fn l2_call<T>(&self, op: L2Op, call: impl Future<Output = Result<T>>) -> Result<T> {
+        self.l2_call_bounded(op, call, true).await
+    }
+
+    /// Runs an L2 call, under the L2 timeout if `guard`; see [`Self::l2_call`].
+    async fn l2_call_bounded<T>(
+        &self,
+        op: L2Op,
+        call: impl Future<Output = Result<T>>,
+        guard: bool,
+    ) -> Result<T> {
         let mut call = std::pin::pin!(call);
         // In-process stores answer on the first poll: such a call arms no timer and is not
         // timed (two clock reads would cost more than the call). A call that waits on I/O is
@@ -525,6 +555,13 @@ where
         let result = match first {
             Poll::Ready(result) => {
                 self.recorder.l2_call(op, result.is_ok(), None);
+                result
+            }
+            Poll::Pending if !guard => {
+                let started = Instant::now();
+                let result = call.await;
+                self.recorder
+                    .l2_call(op, result.is_ok(), Some(started.elapsed()));
                 result
             }
             Poll::Pending => {
@@ -575,7 +612,9 @@ where
             "undecodable L2 entry read as a miss and deleted"
         );
         if let Some(l2) = &self.l2 {
-            let _ = self.l2_call(L2Op::Delete, l2.delete(store_key)).await;
+            let _ = self
+                .l2_single_key_call(L2Op::Delete, l2.delete(store_key))
+                .await;
         }
     }
 
@@ -603,11 +642,11 @@ where
         let store_key = BufferedKey::new(&self.namespace, key);
         // The remaining TTL only serves to fill L1: without one, a plain GET will do.
         let found = if self.l1.is_some() {
-            self.l2_call(L2Op::Get, l2.get_with_ttl(&store_key))
+            self.l2_single_key_call(L2Op::Get, l2.get_with_ttl(&store_key))
                 .await?
                 .map(|entry| (entry.value, entry.ttl))
         } else {
-            self.l2_call(L2Op::Get, l2.get(&store_key))
+            self.l2_single_key_call(L2Op::Get, l2.get(&store_key))
                 .await?
                 .map(|value| (value, Duration::ZERO))
         };
@@ -746,7 +785,7 @@ where
         if let Some(l2) = &self.l2 {
             let store_key = self.namespace.store_key(key);
             let call = l2.set_if_absent(&store_key, bytes, ttl);
-            if let Ok(false) = self.l2_call(L2Op::Set, call).await {
+            if let Ok(false) = self.l2_single_key_call(L2Op::Set, call).await {
                 // Another writer stored a value meanwhile; it is at least as new as ours, so let
                 // the next read take it from L2.
                 return;

@@ -3,10 +3,12 @@
 
 mod common;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{Calls, Fixture, loader};
-use tierstack::CacheError;
+use tierstack::core::testkit::{FaultyStore, MemoryStore};
+use tierstack::{CacheError, TieredCache};
 
 #[tokio::test]
 async fn a_failing_l2_degrades_to_l1_and_the_loader_and_recovers() {
@@ -93,6 +95,51 @@ async fn a_stalled_l2_is_abandoned_after_the_l2_timeout() {
             }
         ),
         "{err:?}"
+    );
+}
+
+/// A cache over `store`, stalled for 30 s per call, with a 100 ms L2 timeout.
+fn stalled_cache(store: FaultyStore) -> TieredCache<String> {
+    store.set_delay(Duration::from_secs(30));
+    TieredCache::builder("test")
+        .l2(Arc::new(store))
+        .l2_timeout(Duration::from_millis(100))
+        .build()
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_bound_longer_than_the_l2_timeout_does_not_replace_it() {
+    let store = FaultyStore::new(Arc::new(MemoryStore::new()))
+        .declaring_single_key_timeout(Duration::from_secs(10));
+    let cache = stalled_cache(store);
+    let started = Instant::now();
+    let err = cache.ttl("k").await.unwrap_err();
+    assert!(matches!(err, CacheError::Timeout { .. }), "{err:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_bounds_its_calls_within_the_l2_timeout_is_trusted_with_them() {
+    // The store promises 50 ms but stalls: the cache arms no second timer for single-key calls
+    // (the store's own is the one that fires in real stores), so the call is still waiting.
+    let store = FaultyStore::new(Arc::new(MemoryStore::new()))
+        .declaring_single_key_timeout(Duration::from_millis(50));
+    let cache = stalled_cache(store);
+    let waited = tokio::time::timeout(Duration::from_millis(500), cache.ttl("k")).await;
+    assert!(waited.is_err(), "no timer of the cache's own: {waited:?}");
+    // Calls outside the promise (bulk, prefix) keep the cache's timer.
+    let started = Instant::now();
+    let err = cache.delete_prefix("p").await.unwrap_err();
+    assert!(matches!(err, CacheError::Timeout { .. }), "{err:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
     );
 }
 
