@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use redis::{Cmd, RedisWrite, ToRedisArgs, Value, cmd, pipe};
+use redis::{Cmd, Pipeline, RedisWrite, ToRedisArgs, Value, cmd, pipe};
 use tierstack_core::key::{DEFAULT_MAX_STORE_KEY_LEN, validate_key};
 use tierstack_core::store::{
     MAX_TTL, Store, StoreWrite, StoredEntry, validate_prefix, validate_ttl,
@@ -307,8 +307,16 @@ impl Store for RedisStore {
     }
 
     async fn get_with_ttl(&self, key: &str) -> Result<Option<StoredEntry>> {
-        let key = self.checked_key(key)?;
-        Ok(self.read_with_ttl(&[key]).await?.pop().flatten())
+        // The hot read of a cache with an L1: one pipeline, without the grouping by slot.
+        let mut pipeline = Pipeline::with_capacity(2);
+        pipeline
+            .add_command(self.key_command("GET", key, 0, 0)?)
+            .add_command(self.key_command("PTTL", key, 0, 0)?);
+        let values: Vec<Value> = self.conn.pipeline("get", &pipeline).await?;
+        match values.as_slice() {
+            [value, pttl] => entry_of(value, pttl),
+            _ => Err(CacheError::backend("get", true, "short pipeline reply")),
+        }
     }
 
     async fn get_many_with_ttl(&self, keys: &[&str]) -> Result<Vec<Option<StoredEntry>>> {
