@@ -207,7 +207,6 @@ pub(crate) async fn l2_hit_firestore(sizes: &Sizes) -> Vec<Record> {
         "l2_hit_firestore/8task",
         &["tierstack", "firestore crate", "minimal document"],
         1,
-        ops * 8,
         &rounds,
     )
 }
@@ -231,7 +230,6 @@ pub(crate) async fn get_many_firestore(sizes: &Sizes) -> Vec<Record> {
         "get_many_firestore/100keys",
         &["get_many", "100 sequential gets"],
         1,
-        ops,
         &rounds,
     )
 }

@@ -251,7 +251,6 @@ pub(crate) fn records(
     scenario: &str,
     names: &[&str],
     baseline: usize,
-    ops_per_round: usize,
     rounds: &[Vec<Round>],
 ) -> Vec<Record> {
     let medians: Vec<f64> = rounds
@@ -268,7 +267,6 @@ pub(crate) fn records(
                 .collect();
             samples.sort_unstable();
             let loader_calls = rounds[i].iter().filter_map(|r| r.loader_calls).max();
-            let _ = ops_per_round;
             Record {
                 scenario: scenario.to_owned(),
                 system: (*name).to_owned(),

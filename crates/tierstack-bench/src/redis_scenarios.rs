@@ -154,7 +154,6 @@ pub(crate) async fn l2_hit_redis(sizes: &Sizes) -> Vec<Record> {
         "l2_hit_redis/64task",
         &["tierstack", "redis-rs"],
         1,
-        ops * 64,
         &rounds,
     )
 }
@@ -178,7 +177,6 @@ pub(crate) async fn get_many_redis(sizes: &Sizes) -> Vec<Record> {
         "get_many_redis/100keys",
         &["get_many", "100 sequential gets"],
         1,
-        ops,
         &rounds,
     )
 }
@@ -251,7 +249,6 @@ pub(crate) async fn write_through_redis(sizes: &Sizes) -> Vec<Record> {
         "write_through_redis/1task",
         &["tierstack set+publish", "redis-rs SET"],
         1,
-        ops,
         &rounds,
     )
 }
@@ -304,13 +301,7 @@ pub(crate) async fn invalidation_lag(sizes: &Sizes) -> Vec<Record> {
         samples: lags,
         loader_calls: None,
     };
-    records(
-        "invalidation_lag",
-        &["tierstack"],
-        0,
-        samples,
-        &[vec![round]],
-    )
+    records("invalidation_lag", &["tierstack"], 0, &[vec![round]])
 }
 
 /// A Zipf(s) sampler over `0..n` by inverse CDF.
@@ -477,7 +468,6 @@ pub(crate) async fn mixed_zipf(sizes: &Sizes) -> Vec<Record> {
         "mixed_zipf/64task",
         &["tierstack", "naive moka+redis"],
         1,
-        ops * 64,
         &rounds,
     )
 }

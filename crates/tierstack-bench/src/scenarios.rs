@@ -71,13 +71,7 @@ pub(crate) async fn l1_hit(sizes: &Sizes, tasks: usize) -> Vec<Record> {
     })
     .await;
     let scenario = format!("l1_hit/{tasks}task");
-    records(
-        &scenario,
-        &["tierstack", "moka"],
-        1,
-        sizes.ops_per_task * tasks,
-        &rounds,
-    )
+    records(&scenario, &["tierstack", "moka"], 1, &rounds)
 }
 
 struct RawStoreGet {
@@ -134,7 +128,6 @@ pub(crate) async fn l2_hit_memory(sizes: &Sizes) -> Vec<Record> {
         "l2_hit_memory",
         &["tierstack", "mokastore+decode"],
         1,
-        ops,
         &rounds,
     )
 }
@@ -217,7 +210,6 @@ pub(crate) async fn stampede(sizes: &Sizes) -> Vec<Record> {
         "stampede",
         &["tierstack", "moka_get_with", "naive"],
         1,
-        sizes.stampede_callers,
         &rounds,
     )
 }

@@ -16,7 +16,10 @@ use tierstack_core::key::{DEFAULT_MAX_STORE_KEY_LEN, validate_key};
 use tierstack_core::store::{Store, StoreWrite, StoredEntry, validate_prefix, validate_ttl};
 use tierstack_core::{CacheError, Result};
 
-use crate::document::{CacheDocument, ExpiryFields, StoredDocument, document_id, prefix_successor};
+use crate::document::{
+    CacheDocument, ExpiryFields, ReadDocument, StoredDocument, ValueDocument, document_id,
+    prefix_successor,
+};
 
 /// Firestore's limit on one document, in bytes.
 pub const MAX_DOCUMENT_LEN: usize = 1_048_576;
@@ -250,7 +253,7 @@ impl FirestoreStore {
     }
 
     /// The document with id `id`, whatever it holds.
-    async fn fetch(&self, id: &str) -> Result<Option<StoredDocument>> {
+    async fn fetch<D: ReadDocument>(&self, id: &str) -> Result<Option<D>> {
         self.call(
             "get",
             self.db
@@ -264,10 +267,10 @@ impl FirestoreStore {
     }
 
     /// The live document of `full_key`: its key matches and it has not expired.
-    async fn read(&self, full_key: &str) -> Result<Option<StoredDocument>> {
-        let document = self.fetch(&document_id(full_key)).await?;
+    async fn read<D: ReadDocument>(&self, full_key: &str) -> Result<Option<D>> {
+        let document: Option<D> = self.fetch(&document_id(full_key)).await?;
         let (_, now) = self.now();
-        Ok(document.filter(|d| d.key == full_key && d.expires_at > now))
+        Ok(document.filter(|d| d.key() == full_key && d.expires_at() > now))
     }
 
     /// The documents of many keys in one batch read, live ones only, by full key.
@@ -465,13 +468,15 @@ pub(crate) fn map_error(
 impl Store for FirestoreStore {
     async fn get(&self, key: &str) -> Result<Option<Bytes>> {
         let full = self.full_key(key)?;
-        Ok(self.read(&full).await?.map(|d| Bytes::from(d.value)))
+        let document: Option<ValueDocument> = self.read(&full).await?;
+        Ok(document.map(|d| Bytes::from(d.value)))
     }
 
     async fn get_with_ttl(&self, key: &str) -> Result<Option<StoredEntry>> {
         let full = self.full_key(key)?;
         let (_, now) = self.now();
-        Ok(self.read(&full).await?.map(|d| StoredEntry {
+        let document: Option<ValueDocument> = self.read(&full).await?;
+        Ok(document.map(|d| StoredEntry {
             ttl: d.expires_at.duration_since(now).unwrap_or_default(),
             value: Bytes::from(d.value),
         }))
@@ -568,7 +573,7 @@ impl Store for FirestoreStore {
         // A document exists. It only blocks us if it is live and ours; an expired one (TTL
         // deletion runs late) or a foreign one is replaced, on condition that nobody changed it
         // since we read it, so that again exactly one caller wins.
-        let existing = self.fetch(&id).await?;
+        let existing: Option<StoredDocument> = self.fetch(&id).await?;
         let Some(existing) = existing else {
             return Ok(false); // deleted meanwhile: a concurrent caller is about to win
         };
@@ -603,7 +608,7 @@ impl Store for FirestoreStore {
 
     async fn delete(&self, key: &str) -> Result<bool> {
         let full = self.full_key(key)?;
-        let live = self.read(&full).await?.is_some();
+        let live = self.read::<ValueDocument>(&full).await?.is_some();
         let id = document_id(&full);
         self.call(
             "delete",
@@ -634,7 +639,7 @@ impl Store for FirestoreStore {
     async fn expire(&self, key: &str, ttl: Duration) -> Result<bool> {
         let full = self.full_key(key)?;
         validate_ttl(ttl)?;
-        let Some(document) = self.read(&full).await? else {
+        let Some(document) = self.read::<StoredDocument>(&full).await? else {
             return Ok(false);
         };
         let (now, now_time) = self.now();
