@@ -557,21 +557,18 @@ where
                 self.recorder.l2_call(op, result.is_ok(), None);
                 result
             }
-            Poll::Pending if !guard => {
-                let started = Instant::now();
-                let result = call.await;
-                self.recorder
-                    .l2_call(op, result.is_ok(), Some(started.elapsed()));
-                result
-            }
             Poll::Pending => {
                 let started = Instant::now();
-                let result = match tokio::time::timeout(self.settings.l2_timeout, call).await {
-                    Ok(result) => result,
-                    Err(_) => Err(CacheError::Timeout {
-                        operation: op.label(),
-                        after: self.settings.l2_timeout,
-                    }),
+                let result = if guard {
+                    match tokio::time::timeout(self.settings.l2_timeout, call).await {
+                        Ok(result) => result,
+                        Err(_) => Err(CacheError::Timeout {
+                            operation: op.label(),
+                            after: self.settings.l2_timeout,
+                        }),
+                    }
+                } else {
+                    call.await
                 };
                 self.recorder
                     .l2_call(op, result.is_ok(), Some(started.elapsed()));
