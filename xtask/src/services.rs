@@ -182,10 +182,9 @@ impl Services {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_nanos())
             .unwrap_or_default();
-        self.env.push((
-            "FIRESTORE_PROJECT_ID".into(),
-            format!("tierstack-test-{}", nanos % 1_000_000_000),
-        ));
+        let project = format!("tierstack-test-{}", nanos % 1_000_000_000);
+        warm_up_firestore(port, &project, Duration::from_secs(90))?;
+        self.env.push(("FIRESTORE_PROJECT_ID".into(), project));
         Ok(())
     }
 }
@@ -307,6 +306,53 @@ fn wait_for_http_ok(port: u16, limit: Duration) -> Result<(), String> {
         }
         sleep(Duration::from_millis(250));
     }
+}
+
+/// Writes a few documents through the emulator's REST API until they are answered quickly.
+/// A fresh emulator answers `GET /` long before its first writes: the first ones set the
+/// database up and warm the JVM, and tests sent then saw 15 s stalls.
+fn warm_up_firestore(port: u16, project: &str, limit: Duration) -> Result<(), String> {
+    let deadline = Instant::now() + limit;
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let path =
+        format!("/v1/projects/{project}/databases/(default)/documents/tierstack_warmup/warmup");
+    let body = r#"{"fields":{"ready":{"booleanValue":true}}}"#;
+    let mut quick_answers = 0;
+    while quick_answers < 3 {
+        let started = Instant::now();
+        let answered = TcpStream::connect_timeout(&addr, Duration::from_millis(500))
+            .ok()
+            .and_then(|mut stream| {
+                stream
+                    .set_read_timeout(Some(Duration::from_secs(30)))
+                    .ok()?;
+                // `Bearer owner` is the emulator's admin credential: no security rules apply.
+                let request = format!(
+                    "PATCH {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\
+                     Authorization: Bearer owner\r\nContent-Type: application/json\r\n\
+                     Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                stream.write_all(request.as_bytes()).ok()?;
+                // The status line is all we need (the emulator may keep the connection open).
+                let mut reply = [0u8; 512];
+                let read = stream.read(&mut reply).ok()?;
+                Some(reply[..read].starts_with(b"HTTP/1.1 200"))
+            })
+            .unwrap_or(false);
+        if answered && started.elapsed() < Duration::from_secs(1) {
+            quick_answers += 1;
+        } else if !answered {
+            sleep(Duration::from_millis(250));
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "the Firestore emulator on port {port} did not answer writes promptly within \
+                 {limit:?} (see target/services/firestore/server.log)"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Stops a process group: TERM, then KILL if it lingers. `leader` is reaped if this process
