@@ -281,23 +281,27 @@ fn wait_for_redis(port: u16, command: &str, expect: &str) -> Result<(), String> 
     }
 }
 
+/// Sends one HTTP/1.1 request to 127.0.0.1:`port`; whether the reply's status is 200. Only
+/// the first read is looked at: the status line is all we need, and the emulator may keep the
+/// connection open.
+fn answers_200(port: u16, request: &str, read_timeout: Duration) -> bool {
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let Ok(mut stream) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
+        return false;
+    };
+    let mut reply = [0u8; 512];
+    stream.set_read_timeout(Some(read_timeout)).is_ok()
+        && stream.write_all(request.as_bytes()).is_ok()
+        && stream
+            .read(&mut reply)
+            .is_ok_and(|read| reply[..read].starts_with(b"HTTP/1.1 200"))
+}
+
 /// Polls `GET /` until the emulator answers 200.
 fn wait_for_http_ok(port: u16, limit: Duration) -> Result<(), String> {
     let deadline = Instant::now() + limit;
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    loop {
-        if let Ok(mut stream) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
-            let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
-            let request =
-                format!("GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n");
-            if stream.write_all(request.as_bytes()).is_ok() {
-                let mut reply = String::new();
-                let _ = stream.read_to_string(&mut reply);
-                if reply.starts_with("HTTP/1.1 200") {
-                    return Ok(());
-                }
-            }
-        }
+    let request = format!("GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n");
+    while !answers_200(port, &request, Duration::from_secs(2)) {
         if Instant::now() > deadline {
             return Err(format!(
                 "the Firestore emulator on port {port} did not come up within {limit:?} \
@@ -306,44 +310,34 @@ fn wait_for_http_ok(port: u16, limit: Duration) -> Result<(), String> {
         }
         sleep(Duration::from_millis(250));
     }
+    Ok(())
 }
 
-/// Writes a few documents through the emulator's REST API until they are answered quickly.
-/// A fresh emulator answers `GET /` long before its first writes: the first ones set the
-/// database up and warm the JVM, and tests sent then saw 15 s stalls.
+/// Writes a document through the emulator's REST API until three writes in a row are answered
+/// within a second. A fresh emulator answers `GET /` long before its first writes: the first
+/// ones set the database up and warm the JVM, and tests sent then saw 15 s stalls.
 fn warm_up_firestore(port: u16, project: &str, limit: Duration) -> Result<(), String> {
     let deadline = Instant::now() + limit;
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let path =
         format!("/v1/projects/{project}/databases/(default)/documents/tierstack_warmup/warmup");
     let body = r#"{"fields":{"ready":{"booleanValue":true}}}"#;
+    // `Bearer owner` is the emulator's admin credential: no security rules apply.
+    let request = format!(
+        "PATCH {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\
+         Authorization: Bearer owner\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
     let mut quick_answers = 0;
     while quick_answers < 3 {
         let started = Instant::now();
-        let answered = TcpStream::connect_timeout(&addr, Duration::from_millis(500))
-            .ok()
-            .and_then(|mut stream| {
-                stream
-                    .set_read_timeout(Some(Duration::from_secs(30)))
-                    .ok()?;
-                // `Bearer owner` is the emulator's admin credential: no security rules apply.
-                let request = format!(
-                    "PATCH {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\
-                     Authorization: Bearer owner\r\nContent-Type: application/json\r\n\
-                     Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                stream.write_all(request.as_bytes()).ok()?;
-                // The status line is all we need (the emulator may keep the connection open).
-                let mut reply = [0u8; 512];
-                let read = stream.read(&mut reply).ok()?;
-                Some(reply[..read].starts_with(b"HTTP/1.1 200"))
-            })
-            .unwrap_or(false);
-        if answered && started.elapsed() < Duration::from_secs(1) {
-            quick_answers += 1;
-        } else if !answered {
+        if !answers_200(port, &request, Duration::from_secs(30)) {
+            quick_answers = 0;
             sleep(Duration::from_millis(250));
+        } else if started.elapsed() < Duration::from_secs(1) {
+            quick_answers += 1;
+        } else {
+            quick_answers = 0;
         }
         if Instant::now() > deadline {
             return Err(format!(
