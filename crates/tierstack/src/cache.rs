@@ -6,7 +6,6 @@ use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
@@ -157,9 +156,10 @@ where
     /// both with the default TTL.
     ///
     /// Concurrent calls for one key run the loader once; every caller receives its value or its
-    /// error, and errors are not cached. The loader runs in its own task: a caller that is
-    /// cancelled does not cancel it, and a loader that panics fails every waiter with
-    /// [`LoaderPanicked`] instead of hanging them.
+    /// error, and errors are not cached. The first caller runs the loader itself, without
+    /// spawning a task: if that caller is cancelled, a waiting caller takes over with its own
+    /// loader, and a loader that panics fails every waiter with [`LoaderPanicked`] instead of
+    /// hanging them.
     pub async fn get_or_load<F, Fut, E>(&self, key: &str, loader: F) -> Result<V>
     where
         F: FnOnce() -> Fut + Send + 'static,
@@ -523,72 +523,6 @@ where
         }
     }
 
-    /// Runs a single-key L2 call: under the L2 timeout, unless the store bounds it within that
-    /// timeout itself.
-    async fn l2_single_key_call<T>(
-        &self,
-        op: L2Op,
-        call: impl Future<Output = Result<T>>,
-    ) -> Result<T> {
-        self.l2_call_bounded(op, call, !self.l2_bounds_single_keys)
-            .await
-    }
-
-    /// Runs an L2 call under the L2 timeout, timing it and counting (and logging once per burst)
-    /// its failure.
-    async fn l2_call<T>(&self, op: L2Op, call: impl Future<Output = Result<T>>) -> Result<T> {
-        self.l2_call_bounded(op, call, true).await
-    }
-
-    /// Runs an L2 call, under the L2 timeout if `guard`; see [`Self::l2_call`].
-    async fn l2_call_bounded<T>(
-        &self,
-        op: L2Op,
-        call: impl Future<Output = Result<T>>,
-        guard: bool,
-    ) -> Result<T> {
-        let mut call = std::pin::pin!(call);
-        // In-process stores answer on the first poll: such a call arms no timer and is not
-        // timed (two clock reads would cost more than the call). A call that waits on I/O is
-        // timed from its first poll, which has only sent the request.
-        let first = std::future::poll_fn(|cx| Poll::Ready(call.as_mut().poll(cx))).await;
-        let result = match first {
-            Poll::Ready(result) => {
-                self.recorder.l2_call(op, result.is_ok(), None);
-                result
-            }
-            Poll::Pending => {
-                let started = Instant::now();
-                let result = if guard {
-                    match tokio::time::timeout(self.settings.l2_timeout, call).await {
-                        Ok(result) => result,
-                        Err(_) => Err(CacheError::Timeout {
-                            operation: op.label(),
-                            after: self.settings.l2_timeout,
-                        }),
-                    }
-                } else {
-                    call.await
-                };
-                self.recorder
-                    .l2_call(op, result.is_ok(), Some(started.elapsed()));
-                result
-            }
-        };
-        if let Err(error) = &result
-            && let Some(suppressed) = self.l2_failures.should_log()
-        {
-            tracing::warn!(
-                cache = %self.namespace,
-                op = op.label(),
-                error = %error,
-                suppressed,
-                "L2 call failed; reads fall back to L1 and the loader"
-            );
-        }
-        result
-    }
-
     /// Decodes an L2 entry: `Some(v)` a value, `None` a negative entry.
     fn decode_entry(&self, bytes: &[u8]) -> Result<Option<V>> {
         let envelope = Envelope::parse::<C>(bytes, self.settings.max_value_len)?;
@@ -734,8 +668,8 @@ where
     /// L2; a writer that stores the key meanwhile wins, through `set_if_absent`.)
     async fn load(&self, key: &str, loader: Loader<V>, snapshot: Snapshot) -> Outcome<V> {
         let started = Instant::now();
-        // The flight already runs in a task of its own; a panicking loader is caught here and
-        // becomes every waiter's error.
+        // A panicking loader is caught here and becomes every waiter's error (the leader's
+        // guard covers only cancellation and unwinding outside the loader).
         let result = match AssertUnwindSafe(loader()).catch_unwind().await {
             Ok(result) => result,
             Err(_) => Err(Box::new(LoaderPanicked) as BoxError),

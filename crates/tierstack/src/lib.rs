@@ -59,6 +59,7 @@ mod flight;
 mod freshness;
 pub mod handles;
 mod key_buffer;
+mod l2_call;
 pub mod migrate;
 mod stats;
 
