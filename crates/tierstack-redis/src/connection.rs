@@ -14,7 +14,6 @@ use redis::{
     ServerErrorKind,
 };
 use tierstack_core::{CacheError, Result};
-use tokio::sync::Semaphore;
 
 use crate::config::RedisConfig;
 
@@ -29,7 +28,8 @@ enum Link {
 #[derive(Clone)]
 pub(crate) struct Connection {
     link: Link,
-    permits: Arc<Semaphore>,
+    /// The in-flight bound. (async-lock's semaphore: tokio's takes a lock on every release.)
+    permits: Arc<async_lock::Semaphore>,
     response_timeout: Duration,
     endpoint: Arc<str>,
 }
@@ -91,7 +91,7 @@ impl Connection {
         };
         Ok(Self {
             link,
-            permits: Arc::new(Semaphore::new(config.max_in_flight)),
+            permits: Arc::new(async_lock::Semaphore::new(config.max_in_flight)),
             response_timeout: config.response_timeout,
             endpoint,
         })
@@ -116,12 +116,8 @@ impl Connection {
         let limit = self.response_timeout;
         let call = async {
             let _permit = match self.permits.try_acquire() {
-                Ok(permit) => permit,
-                Err(_) => self
-                    .permits
-                    .acquire()
-                    .await
-                    .map_err(|_| CacheError::backend(operation, false, "connection closed"))?,
+                Some(permit) => permit,
+                None => self.permits.acquire().await,
             };
             request(self.link.clone())
                 .await
