@@ -144,22 +144,20 @@ fn calls(server: &PrivateRedis, command: &str) -> u64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_write_and_its_invalidation_take_one_round_trip_on_a_shared_server() {
+async fn a_write_and_its_invalidation_go_in_one_transaction_on_a_shared_server() {
     let server = PrivateRedis::start(&[]);
     let config = RedisConfig::from_url(&server.url()).unwrap();
     let caches = instances(&config, 2).await;
-    // The first call loads the script (NOSCRIPT, SCRIPT LOAD, retry); measure the steady state.
-    caches[0].set("warm-up", "v".into()).await.unwrap();
-    let (scripts, publishes, sets) = (
-        calls(&server, "evalsha"),
+    let (transactions, publishes, sets) = (
+        calls(&server, "exec"),
         calls(&server, "publish"),
         calls(&server, "set"),
     );
     caches[0].set("k", "v".into()).await.unwrap();
     assert_eq!(
-        calls(&server, "evalsha"),
-        scripts + 1,
-        "one script call for the write"
+        calls(&server, "exec"),
+        transactions + 1,
+        "one transaction (sent as one pipeline) for the write"
     );
     assert_eq!(
         calls(&server, "publish"),
@@ -168,7 +166,7 @@ async fn a_write_and_its_invalidation_take_one_round_trip_on_a_shared_server() {
     );
     assert_eq!(calls(&server, "set"), sets + 1, "and wrote inside it");
     eventually("delivered", async || {
-        caches[1].stats().invalidations_received == 2
+        caches[1].stats().invalidations_received == 1
     })
     .await;
 
@@ -182,12 +180,12 @@ async fn a_write_and_its_invalidation_take_one_round_trip_on_a_shared_server() {
         .backplane(Arc::new(RedisBackplane::connect(&config).await.unwrap()))
         .build()
         .unwrap();
-    let scripts = calls(&server, "evalsha");
+    let transactions = calls(&server, "exec");
     wrapped.set("k", "w".into()).await.unwrap();
     assert_eq!(
-        calls(&server, "evalsha"),
-        scripts,
-        "no script through a wrapper"
+        calls(&server, "exec"),
+        transactions,
+        "no transaction through a wrapper"
     );
     eventually("delivered", async || {
         caches[1].get("k").await.unwrap().as_deref() == Some("w")
