@@ -106,7 +106,7 @@ where
     D: HasValue + for<'de> Deserialize<'de> + Send + 'static,
 {
     async fn op(&self, i: usize) {
-        let id = &self.ids[i % self.ids.len()];
+        let id = &self.ids[i];
         let document: Option<D> = self
             .db
             .fluent()

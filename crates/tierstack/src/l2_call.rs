@@ -13,24 +13,24 @@ use crate::stats::L2Op;
 
 impl<V, C> Inner<V, C> {
     /// Runs a single-key L2 call: under the L2 timeout, unless the store bounds it within that
-    /// timeout itself.
-    pub(crate) async fn l2_single_key_call<T>(
+    /// timeout itself. (Plain functions returning the future, not `async fn`s: each async layer
+    /// adds a state machine to every read.)
+    pub(crate) fn l2_single_key_call<T>(
         &self,
         op: L2Op,
         call: impl Future<Output = Result<T>>,
-    ) -> Result<T> {
+    ) -> impl Future<Output = Result<T>> {
         self.l2_call_bounded(op, call, !self.l2_bounds_single_keys)
-            .await
     }
 
     /// Runs an L2 call under the L2 timeout, timing it and counting (and logging once per burst)
     /// its failure.
-    pub(crate) async fn l2_call<T>(
+    pub(crate) fn l2_call<T>(
         &self,
         op: L2Op,
         call: impl Future<Output = Result<T>>,
-    ) -> Result<T> {
-        self.l2_call_bounded(op, call, true).await
+    ) -> impl Future<Output = Result<T>> {
+        self.l2_call_bounded(op, call, true)
     }
 
     /// Runs an L2 call, under the L2 timeout if `guard`; see [`Self::l2_call`].
