@@ -17,7 +17,6 @@ use tierstack_core::{CacheError, Result};
 use crate::config::RedisConfig;
 use crate::connection::{Connection, by_slot};
 
-/// `SET key value PX ttl`, then `PUBLISH channel message`.
 /// How many keys one SCAN step asks for, and one UNLINK removes, during `delete_prefix`.
 const SCAN_BATCH: usize = 1_000;
 
