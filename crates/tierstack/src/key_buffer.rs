@@ -23,7 +23,9 @@ pub(crate) struct BufferedKey(String);
 
 impl BufferedKey {
     pub(crate) fn new(namespace: &Namespace, key: &str) -> Self {
-        // `try_with` fails only while the thread is being torn down: then allocate.
+        // A fresh `String` when there is no spare: the thread's first read, a spare lent to a
+        // read still running on this thread, or (`try_with` failing) the thread being torn
+        // down. None of these is an error; the read only costs one allocation more.
         let mut buffer = SPARE
             .try_with(Cell::take)
             .ok()
