@@ -162,6 +162,8 @@ async fn a_stalled_redis_fails_reads_within_its_response_timeout_whatever_the_ca
         "v"
     );
     assert_eq!(cache.get("other").await.unwrap(), None);
+    // The write-back runs in the background: wait for it, it is bounded too.
+    cache.wait_for_background_fills().await;
     // A read, a write-back and a read: three response timeouts, not the 5 s pause.
     assert!(
         started.elapsed() < Duration::from_secs(3),

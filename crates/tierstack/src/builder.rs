@@ -16,6 +16,7 @@ use tierstack_moka::{L1Cache, L1Capacity};
 
 use crate::burst_log::BurstLog;
 use crate::cache::{Inner, Settings, TieredCache};
+use crate::fill::{FillBudget, L2Fill};
 use crate::freshness::Freshness;
 use crate::stats::Recorder;
 
@@ -23,7 +24,7 @@ use crate::stats::Recorder;
 ///
 /// Defaults: an L1 of 10,000 entries, no L2, no backplane, bincode, a TTL of 5 minutes, no
 /// separate L1 TTL, no jitter, no negative caching, keys up to 4 KiB, values up to 1 MiB encoded,
-/// L2 calls limited to 1 s.
+/// L2 calls limited to 1 s, loaded values written to L2 in the background (8 MiB budget).
 #[must_use = "a builder does nothing until built"]
 pub struct TieredCacheBuilder<V, C = BincodeCodec> {
     namespace: String,
@@ -33,6 +34,7 @@ pub struct TieredCacheBuilder<V, C = BincodeCodec> {
     codec: C,
     clock: SharedClock,
     settings: Settings,
+    l2_fill: L2Fill,
     _value: PhantomData<fn() -> V>,
 }
 
@@ -54,6 +56,7 @@ impl<V> TieredCacheBuilder<V, BincodeCodec> {
                 max_value_len: 1024 * 1024,
                 l2_timeout: Duration::from_secs(1),
             },
+            l2_fill: L2Fill::DEFAULT,
             _value: PhantomData,
         }
     }
@@ -100,6 +103,7 @@ where
             codec,
             clock: self.clock,
             settings: self.settings,
+            l2_fill: self.l2_fill,
             _value: PhantomData,
         }
     }
@@ -155,6 +159,15 @@ where
         self
     }
 
+    /// How `get_or_load` writes a loaded value to L2 (default: [`L2Fill::DEFAULT`], in the
+    /// background with an 8 MiB budget). Choose [`L2Fill::Inline`] if another process must find
+    /// the value in L2 as soon as `get_or_load` returns, or call
+    /// [`wait_for_background_fills`](TieredCache::wait_for_background_fills).
+    pub fn l2_fill(mut self, fill: L2Fill) -> Self {
+        self.l2_fill = fill;
+        self
+    }
+
     /// The clock that decides expiry (tests inject a manual clock).
     pub fn clock(mut self, clock: SharedClock) -> Self {
         self.clock = clock;
@@ -198,6 +211,22 @@ where
                 "l2_timeout must not be zero".into(),
             ));
         }
+        if self.l2_fill
+            == (L2Fill::Background {
+                max_pending_bytes: 0,
+            })
+        {
+            return Err(CacheError::Configuration(
+                "a background L2 fill needs a budget above zero bytes".into(),
+            ));
+        }
+        // Without an L1 to serve from while the write is in flight, fills stay inline.
+        let fill_budget = match self.l2_fill {
+            L2Fill::Background { max_pending_bytes } if self.l1.is_some() && self.l2.is_some() => {
+                Some(FillBudget::new(max_pending_bytes))
+            }
+            _ => None,
+        };
         let runtime = match &self.backplane {
             Some(_) => Some(tokio::runtime::Handle::try_current().map_err(|_| {
                 CacheError::Configuration(
@@ -226,6 +255,7 @@ where
             flights: Mutex::new(HashMap::new()),
             next_flight: std::sync::atomic::AtomicU64::new(0),
             freshness: Freshness::new(),
+            fill_budget,
             l2_failures: BurstLog::default(),
             listener: Mutex::new(None),
         });

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use futures_util::FutureExt;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -23,6 +24,7 @@ use tokio::task::AbortHandle;
 
 use crate::builder::TieredCacheBuilder;
 use crate::burst_log::BurstLog;
+use crate::fill::FillBudget;
 use crate::flight::{Absent, FlightHandle, LoadFailure, Loader, LoaderPanicked, Outcome};
 use crate::freshness::{Freshness, Snapshot};
 use crate::key_buffer::BufferedKey;
@@ -32,7 +34,7 @@ use crate::stats::{CacheStats, L2Op, Recorder};
 /// [`Store`], kept fresh across instances by an optional [`Backplane`].
 ///
 /// - Reads try L1, then L2 (filling L1 with the L2 entry's remaining TTL), then the loader
-///   (writing both tiers). Concurrent misses of one key run one L2 read and one loader call.
+///   (writing both tiers). Concurrent misses of one key run one loader call.
 /// - Writes go to L2, then L1, then an invalidation is published to the other instances.
 /// - An L2 that fails or is slow does not fail a read that L1 or the loader can serve: the error is
 ///   counted and logged once per burst.
@@ -86,6 +88,8 @@ pub(crate) struct Inner<V, C> {
     pub(crate) flights: Mutex<HashMap<String, FlightHandle<V>>>,
     pub(crate) next_flight: AtomicU64,
     pub(crate) freshness: Freshness,
+    /// The budget of background L2 fills; `None` when fills are written inline.
+    pub(crate) fill_budget: Option<FillBudget>,
     pub(crate) recorder: Recorder,
     pub(crate) l2_failures: BurstLog,
     pub(crate) listener: Mutex<Option<AbortHandle>>,
@@ -101,6 +105,16 @@ impl<V, C> Drop for Inner<V, C> {
             handle.abort();
         }
     }
+}
+
+/// What became of a loaded value's L2 write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Written {
+    Yes,
+    /// Not written: another writer had the key, or it changed since the load began.
+    No,
+    /// The L2 call failed.
+    Failed,
 }
 
 /// What an L2 read found.
@@ -371,6 +385,10 @@ where
         if prefix.len() > inner.settings.max_key_len {
             inner.check_key(prefix)?;
         }
+        // Fills of loads that began before this call skip their L2 write from now on; the
+        // barrier waits for those already writing, so the scan below sees (and removes) them.
+        inner.freshness.bump_all();
+        inner.freshness.wait_for_writes().await;
         let removed = match &inner.l2 {
             Some(l2) => {
                 let store_prefix = inner.namespace.store_key(prefix);
@@ -456,14 +474,27 @@ where
         Ok(existed)
     }
 
+    /// Waits until the L2 writes that [`get_or_load`](Self::get_or_load) left to background
+    /// tasks (see [`L2Fill`](crate::L2Fill)) have finished: before a graceful shutdown, or before
+    /// another process is expected to find the values in L2.
+    pub async fn wait_for_background_fills(&self) {
+        if let Some(budget) = &self.inner.fill_budget {
+            budget.settle().await;
+        }
+    }
+
     /// Evicts `key` from this instance's L1 only (L2 and other instances are untouched).
     pub async fn invalidate_local(&self, key: &str) {
-        self.inner.evict_local(key).await;
+        let inner = &self.inner;
+        inner.freshness.bump_local_key(key);
+        if let Some(l1) = &inner.l1 {
+            l1.invalidate(key).await;
+        }
     }
 
     /// Evicts everything from this instance's L1 only.
     pub fn invalidate_local_all(&self) {
-        self.inner.freshness.bump_all();
+        self.inner.freshness.bump_local();
         if let Some(l1) = &self.inner.l1 {
             l1.invalidate_all();
         }
@@ -599,7 +630,7 @@ where
     /// The first caller leads: it runs the load inline (no task, no extra wake-up) behind a
     /// guard. If the leader is cancelled or unwinds, the guard unregisters the flight and tells
     /// the waiters, and one of them leads again with its own loader: nobody is stranded.
-    async fn flight(&self, key: &str, loader: Loader<V>) -> Outcome<V> {
+    async fn flight(self: &Arc<Self>, key: &str, loader: Loader<V>) -> Outcome<V> {
         let mut loader = Some(loader);
         loop {
             match self.join_or_lead(key) {
@@ -664,9 +695,14 @@ where
         })
     }
 
-    /// The work of a flight: the loader, then write-through. (Its callers have each just missed
-    /// L2; a writer that stores the key meanwhile wins, through `set_if_absent`.)
-    async fn load(&self, key: &str, loader: Loader<V>, snapshot: Snapshot) -> Outcome<V> {
+    /// The work of a flight: the loader, then caching what it answered. (Its callers have each
+    /// just missed L2; a writer that stores the key meanwhile wins, through `set_if_absent`.)
+    async fn load(
+        self: &Arc<Self>,
+        key: &str,
+        loader: Loader<V>,
+        snapshot: Snapshot,
+    ) -> Outcome<V> {
         let started = Instant::now();
         // A panicking loader is caught here and becomes every waiter's error (the leader's
         // guard covers only cancellation and unwinding outside the loader).
@@ -694,9 +730,19 @@ where
         }
     }
 
-    /// Writes a loaded value (or a negative entry) to L2 if no other writer got there first, then
-    /// to L1. An L2 that fails does not stop the L1 fill: L1 and the loader keep serving.
-    async fn store_loaded(&self, key: &str, value: Option<&V>, ttl: Duration, snapshot: Snapshot) {
+    /// Caches a loaded value (or a negative entry) in both tiers.
+    ///
+    /// With a background fill and room in its budget, L1 is filled first and the L2 write is
+    /// left to a task, so that the callers have the value one L2 round trip sooner. Otherwise
+    /// the L2 write comes first, and L1 is filled only if it stored the value. An L2 that fails
+    /// does not stop the L1 fill: L1 and the loader keep serving.
+    async fn store_loaded(
+        self: &Arc<Self>,
+        key: &str,
+        value: Option<&V>,
+        ttl: Duration,
+        snapshot: Snapshot,
+    ) {
         let ttl = self.jittered(ttl);
         let now = self.clock.now();
         let bytes = match envelope::encode(
@@ -713,16 +759,71 @@ where
                 return;
             }
         };
-        if let Some(l2) = &self.l2 {
-            let store_key = self.namespace.store_key(key);
-            let call = l2.set_if_absent(&store_key, bytes, ttl);
-            if let Ok(false) = self.l2_single_key_call(L2Op::Set, call).await {
-                // Another writer stored a value meanwhile; it is at least as new as ours, so let
-                // the next read take it from L2.
-                return;
-            }
+        let reserved = self
+            .fill_budget
+            .as_ref()
+            .and_then(|budget| budget.try_reserve(bytes.len()));
+        let runtime = reserved
+            .as_ref()
+            .and_then(|_| tokio::runtime::Handle::try_current().ok());
+        if let (Some(reserved), Some(runtime)) = (reserved, runtime) {
+            self.fill_l1(key, value.cloned(), ttl, snapshot).await;
+            let this = Arc::clone(self);
+            let key = key.to_owned();
+            runtime.spawn(async move {
+                if this.write_loaded(&key, bytes, ttl, snapshot).await == Written::No {
+                    this.drop_unwritten_fill(&key, snapshot).await;
+                }
+                drop(reserved);
+            });
+            return;
         }
-        self.fill_l1(key, value.cloned(), ttl, snapshot).await;
+        if self.write_loaded(key, bytes, ttl, snapshot).await != Written::No {
+            self.fill_l1(key, value.cloned(), ttl, snapshot).await;
+        }
+    }
+
+    /// Writes a loaded entry to L2 with `set_if_absent`, under the key's write lock, unless the
+    /// key was written or invalidated since `snapshot`.
+    ///
+    /// The lock orders this write before any later `set`, `delete` or `touch` of the key from
+    /// this cache (they take it too, and bump the generation before they release it), and
+    /// `delete_prefix` waits for every lock: so a fill never brings back what this cache
+    /// deleted after the load began.
+    async fn write_loaded(
+        &self,
+        key: &str,
+        bytes: Bytes,
+        ttl: Duration,
+        snapshot: Snapshot,
+    ) -> Written {
+        let Some(l2) = &self.l2 else {
+            return Written::Yes;
+        };
+        let _write = self.freshness.lock_key(key).await;
+        if !self.freshness.key_unchanged(key, snapshot) {
+            return Written::No;
+        }
+        let store_key = self.namespace.store_key(key);
+        let call = l2.set_if_absent(&store_key, bytes, ttl);
+        match self.l2_single_key_call(L2Op::Set, call).await {
+            Ok(true) => Written::Yes,
+            // Another writer stored a value meanwhile; it is at least as new as ours, so let the
+            // next read take it from L2.
+            Ok(false) => Written::No,
+            // Counted and logged; L1 and the loader keep serving.
+            Err(_) => Written::Failed,
+        }
+    }
+
+    /// Takes back the L1 fill of a background write that L2 did not take, unless the key has
+    /// changed since (then whatever L1 holds is newer than the fill, or already gone).
+    async fn drop_unwritten_fill(&self, key: &str, snapshot: Snapshot) {
+        let Some(l1) = &self.l1 else { return };
+        let _write = self.freshness.lock_key(key).await;
+        if self.freshness.is_current(key, snapshot) {
+            l1.invalidate(key).await;
+        }
     }
 
     /// L1 then one L2 round trip for `keys`: `Some(v)` per found key (`v` `None` for a negative
@@ -815,6 +916,11 @@ where
         for (key, snapshot) in missing.iter().zip(snapshots) {
             let value = loaded.remove(key);
             results.insert(key.clone(), value.clone());
+            if !self.freshness.key_unchanged(key, *snapshot) {
+                // Written or invalidated since the load began: caching the loaded value could
+                // bring back what was deleted.
+                continue;
+            }
             let ttl = match (&value, self.settings.negative_ttl) {
                 (Some(_), _) => self.jittered(self.settings.default_ttl),
                 (None, Some(negative)) => self.jittered(negative),
@@ -907,8 +1013,12 @@ where
                             l1.invalidate_prefix(prefix).await;
                         }
                     }
-                    // Invalidation is non-exhaustive: anything unknown clears everything.
-                    _ => self.clear_local(),
+                    // Invalidation is non-exhaustive: anything unknown may have changed any
+                    // key, so it counts as a change of every key and clears L1.
+                    _ => {
+                        self.freshness.bump_all();
+                        self.clear_local();
+                    }
                 }
                 self.recorder.invalidation_received();
             }
@@ -920,7 +1030,7 @@ where
     }
 
     fn clear_local(&self) {
-        self.freshness.bump_all();
+        self.freshness.bump_local();
         if let Some(l1) = &self.l1 {
             l1.invalidate_all();
         }

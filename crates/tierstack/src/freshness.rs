@@ -2,11 +2,14 @@
 //! locks that keep one process's writes of a key in order.
 //!
 //! Every invalidation bumps a generation *before* it evicts: the key's stripe for a key, the
-//! global one for a prefix or everything. A fill snapshots both generations before it reads L2 or
-//! runs the loader, inserts into L1, and then checks the snapshot: if anything was bumped in
-//! between, it evicts what it inserted. Whichever way the two race, the stale value does not
-//! survive: either the fill sees the bump and evicts, or the invalidation's evict comes after the
-//! insert.
+//! global one for a prefix, the local one for an L1-only clear. A fill snapshots the generations
+//! before it reads L2 or runs the loader, inserts into L1, and then checks the snapshot: if
+//! anything was bumped in between, it evicts what it inserted. Whichever way the two race, the
+//! stale value does not survive: either the fill sees the bump and evicts, or the invalidation's
+//! evict comes after the insert.
+//!
+//! The L2 write of a loaded value checks the key and global generations only: a clear of this
+//! process's L1 says nothing about what L2 should hold.
 
 use std::hash::{BuildHasher, Hash};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,7 +21,9 @@ const STRIPES: usize = 256;
 #[derive(Debug)]
 pub(crate) struct Freshness {
     global: AtomicU64,
+    local: AtomicU64,
     stripes: Box<[AtomicU64]>,
+    local_stripes: Box<[AtomicU64]>,
     write_locks: Box<[Mutex<()>]>,
     hasher: std::collections::hash_map::RandomState,
 }
@@ -27,14 +32,18 @@ pub(crate) struct Freshness {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Snapshot {
     global: u64,
+    local: u64,
     stripe: u64,
+    local_stripe: u64,
 }
 
 impl Freshness {
     pub(crate) fn new() -> Self {
         Self {
             global: AtomicU64::new(0),
+            local: AtomicU64::new(0),
             stripes: (0..STRIPES).map(|_| AtomicU64::new(0)).collect(),
+            local_stripes: (0..STRIPES).map(|_| AtomicU64::new(0)).collect(),
             write_locks: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             hasher: std::collections::hash_map::RandomState::new(),
         }
@@ -49,14 +58,24 @@ impl Freshness {
     }
 
     pub(crate) fn snapshot(&self, key: &str) -> Snapshot {
+        let stripe = self.stripe(key);
         Snapshot {
             global: self.global.load(Ordering::SeqCst),
-            stripe: self.stripes[self.stripe(key)].load(Ordering::SeqCst),
+            local: self.local.load(Ordering::SeqCst),
+            stripe: self.stripes[stripe].load(Ordering::SeqCst),
+            local_stripe: self.local_stripes[stripe].load(Ordering::SeqCst),
         }
     }
 
     pub(crate) fn is_current(&self, key: &str, snapshot: Snapshot) -> bool {
         self.snapshot(key) == snapshot
+    }
+
+    /// Whether no write or invalidation of `key` (or of every key) came after `snapshot`,
+    /// L1-only clears aside.
+    pub(crate) fn key_unchanged(&self, key: &str, snapshot: Snapshot) -> bool {
+        let now = self.snapshot(key);
+        now.global == snapshot.global && now.stripe == snapshot.stripe
     }
 
     /// Marks `key` as changed; returns the snapshot that includes this change.
@@ -68,6 +87,23 @@ impl Freshness {
     /// Marks every key as changed.
     pub(crate) fn bump_all(&self) {
         self.global.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Marks `key`'s L1 copy as gone (an L1-only eviction).
+    pub(crate) fn bump_local_key(&self, key: &str) {
+        self.local_stripes[self.stripe(key)].fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Marks every key's L1 copy as gone (an L1-only clear).
+    pub(crate) fn bump_local(&self) {
+        self.local.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Waits until every write that holds a key's lock now has released it.
+    pub(crate) async fn wait_for_writes(&self) {
+        for lock in &self.write_locks {
+            drop(lock.lock().await);
+        }
     }
 
     /// Serialises this process's writes of one key (and of the keys sharing its stripe), so that
@@ -93,5 +129,32 @@ mod tests {
         assert!(!f.is_current("a", snap));
         let after_own_bump = f.bump_key("b");
         assert!(f.is_current("b", after_own_bump));
+    }
+
+    #[test]
+    fn an_l1_only_clear_leaves_keys_unchanged() {
+        let f = Freshness::new();
+        let snap = f.snapshot("a");
+        f.bump_local();
+        assert!(
+            !f.is_current("a", snap),
+            "an L1 fill must not survive the clear"
+        );
+        assert!(
+            f.key_unchanged("a", snap),
+            "but the key itself did not change"
+        );
+        let snap = f.snapshot("a");
+        f.bump_local_key("a");
+        assert!(
+            !f.is_current("a", snap),
+            "nor an L1-only eviction of its key"
+        );
+        assert!(f.key_unchanged("a", snap));
+        f.bump_all();
+        assert!(!f.key_unchanged("a", snap));
+        let snap = f.snapshot("a");
+        f.bump_key("a");
+        assert!(!f.key_unchanged("a", snap));
     }
 }

@@ -36,9 +36,10 @@
 //!
 //! A read tries L1 (decoded values, no decode on a hit), then L2 (bytes in a versioned
 //! [envelope](tierstack_core::envelope); L1 is filled with the L2 entry's remaining TTL), then the
-//! loader. Misses of one key share one *flight*: one L2 read, one loader call, in a task of its
-//! own so that a cancelled caller or a panicking loader strands nobody. Writes go to L2, then L1,
-//! then an invalidation is published. Every invalidation bumps a generation before it evicts, and
+//! loader. Misses of one key share one *flight*: one loader call, run by the first caller, whose
+//! cancellation or panic strands nobody (a waiter takes over, or every waiter gets the error).
+//! The loaded value is in L1 when the callers get it; its L2 write follows in the background
+//! ([`L2Fill`]). Writes go to L2, then L1, then an invalidation is published. Every invalidation bumps a generation before it evicts, and
 //! every L1 fill re-checks the generation after it inserts, so a fill that started before an
 //! invalidation never survives it. An L2 that fails or stalls (bounded by
 //! [`l2_timeout`](TieredCacheBuilder::l2_timeout)) degrades reads to L1 and the loader.
@@ -55,6 +56,7 @@ pub mod backend;
 mod builder;
 mod burst_log;
 mod cache;
+mod fill;
 mod flight;
 mod freshness;
 pub mod handles;
@@ -66,6 +68,7 @@ mod stats;
 pub use backend::StoreConfig;
 pub use builder::TieredCacheBuilder;
 pub use cache::TieredCache;
+pub use fill::L2Fill;
 pub use flight::{Absent, LoadFailure, LoaderPanicked};
 pub use stats::CacheStats;
 pub use tierstack_core::{

@@ -180,6 +180,7 @@ async fn corrupt_l2_entries_are_counted_misses_and_deleted() {
             .unwrap(),
         "fresh"
     );
+    cache.wait_for_background_fills().await;
     cache.invalidate_local_all();
     assert_eq!(cache.get("rt").await.unwrap(), Some("fresh".into()));
     // Bulk reads treat corrupt entries the same way.

@@ -34,6 +34,7 @@ async fn hits_misses_loads_and_l2_errors_are_counted_per_tier() {
     let cache = metrics::with_local_recorder(&recorder, || fx.builder("metered").build().unwrap());
     let calls = Calls::default();
     cache.get_or_load("a", loader(&calls, "1")).await.unwrap(); // miss + load
+    cache.wait_for_background_fills().await; // the L2 write of the loaded value
     cache.get("a").await.unwrap(); // L1 hit
     cache.invalidate_local("a").await;
     cache.get("a").await.unwrap(); // L2 hit

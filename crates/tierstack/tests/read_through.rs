@@ -31,6 +31,7 @@ async fn a_miss_loads_once_and_fills_both_tiers() {
         "v"
     );
     assert_eq!(calls.count(), 1);
+    cache.wait_for_background_fills().await;
     let stored = fx.l2.get("test:k").await.unwrap().expect("written to L2");
     let envelope = Envelope::parse::<BincodeCodec>(&stored, 1 << 20).unwrap();
     assert_eq!(envelope.written_at, fx.clock.now());

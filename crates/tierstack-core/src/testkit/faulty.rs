@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use tokio::sync::watch;
 
 use crate::error::{CacheError, Result};
 use crate::store::{Store, StoreWrite, StoredEntry};
@@ -24,7 +25,7 @@ pub struct FaultyStore {
     declared_timeout: Option<Duration>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct FaultState {
     failing: AtomicBool,
     fail_next: AtomicU32,
@@ -33,6 +34,24 @@ struct FaultState {
     delay_micros: AtomicU64,
     calls: AtomicU64,
     injected: AtomicU64,
+    /// Whether writes wait at their start, and how many are waiting.
+    writes_held: watch::Sender<bool>,
+    writes_waiting: AtomicU64,
+}
+
+impl Default for FaultState {
+    fn default() -> Self {
+        Self {
+            failing: AtomicBool::default(),
+            fail_next: AtomicU32::default(),
+            fail_ppm: AtomicU32::default(),
+            delay_micros: AtomicU64::default(),
+            calls: AtomicU64::default(),
+            injected: AtomicU64::default(),
+            writes_held: watch::Sender::new(false),
+            writes_waiting: AtomicU64::default(),
+        }
+    }
 }
 
 impl FaultyStore {
@@ -80,6 +99,17 @@ impl FaultyStore {
         self.state.delay_micros.store(micros, Ordering::SeqCst);
     }
 
+    /// Holds every write (`set`, `set_many`, `set_if_absent`) at its start (`true`) until told to
+    /// let them through (`false`): a write in flight, frozen, for ordering tests.
+    pub fn hold_writes(&self, held: bool) {
+        self.state.writes_held.send_replace(held);
+    }
+
+    /// How many writes are held now.
+    pub fn held_writes(&self) -> u64 {
+        self.state.writes_waiting.load(Ordering::SeqCst)
+    }
+
     /// How many calls reached this wrapper.
     pub fn calls(&self) -> u64 {
         self.state.calls.load(Ordering::SeqCst)
@@ -88,6 +118,18 @@ impl FaultyStore {
     /// How many calls failed by injection.
     pub fn injected_failures(&self) -> u64 {
         self.state.injected.load(Ordering::SeqCst)
+    }
+
+    async fn before_write(&self) -> Result<()> {
+        let state = &self.state;
+        let mut held = state.writes_held.subscribe();
+        if *held.borrow_and_update() {
+            state.writes_waiting.fetch_add(1, Ordering::SeqCst);
+            // The sender lives in `state`, which outlives this call: the wait cannot fail.
+            let _ = held.wait_for(|held| !held).await;
+            state.writes_waiting.fetch_sub(1, Ordering::SeqCst);
+        }
+        self.before_call().await
     }
 
     async fn before_call(&self) -> Result<()> {
@@ -137,17 +179,17 @@ impl Store for FaultyStore {
     }
 
     async fn set(&self, key: &str, value: Bytes, ttl: Duration) -> Result<()> {
-        self.before_call().await?;
+        self.before_write().await?;
         self.inner.set(key, value, ttl).await
     }
 
     async fn set_many(&self, writes: &[StoreWrite<'_>]) -> Result<()> {
-        self.before_call().await?;
+        self.before_write().await?;
         self.inner.set_many(writes).await
     }
 
     async fn set_if_absent(&self, key: &str, value: Bytes, ttl: Duration) -> Result<bool> {
-        self.before_call().await?;
+        self.before_write().await?;
         self.inner.set_if_absent(key, value, ttl).await
     }
 

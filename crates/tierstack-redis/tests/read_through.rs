@@ -1,0 +1,165 @@
+//! Read-through over a real Redis: where loaded values land, and that a write or delete from the
+//! same cache is never undone by the fill of an earlier load.
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tierstack::core::Store;
+use tierstack::{L2Fill, TieredCache};
+use tierstack_redis::{RedisBackplane, RedisConfig, RedisStore};
+use tokio::sync::Notify;
+
+mod common;
+
+struct Service {
+    config: RedisConfig,
+    /// A store of its own, to look at what L2 holds.
+    raw: RedisStore,
+}
+
+impl Service {
+    async fn new(test: &str) -> Self {
+        let config = RedisConfig::from_url(&common::redis_url())
+            .unwrap()
+            .key_prefix(&common::unique_prefix(test));
+        let raw = RedisStore::connect(&config).await.unwrap();
+        Self { config, raw }
+    }
+
+    async fn instance(&self, fill: L2Fill) -> TieredCache<String> {
+        let store = RedisStore::connect(&self.config).await.unwrap();
+        let backplane = RedisBackplane::connect(&self.config).await.unwrap();
+        TieredCache::builder("svc")
+            .l2(Arc::new(store))
+            .backplane(Arc::new(backplane))
+            .l2_fill(fill)
+            .build()
+            .unwrap()
+    }
+
+    async fn in_l2(&self, key: &str) -> bool {
+        self.raw.get(&format!("svc:{key}")).await.unwrap().is_some()
+    }
+}
+
+fn counting(
+    calls: &Arc<AtomicUsize>,
+    value: &str,
+) -> impl FnOnce() -> std::future::Ready<Result<String, std::io::Error>> + Send + 'static {
+    let calls = Arc::clone(calls);
+    let value = value.to_owned();
+    move || {
+        calls.fetch_add(1, Ordering::SeqCst);
+        std::future::ready(Ok(value))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_loaded_value_reaches_redis_for_the_other_instances() {
+    let service = Service::new("rt-fill").await;
+    for fill in [L2Fill::DEFAULT, L2Fill::Inline] {
+        let key = format!("{fill:?}");
+        let a = service.instance(fill).await;
+        let b = service.instance(fill).await;
+        let calls = Arc::new(AtomicUsize::new(0));
+        assert_eq!(
+            a.get_or_load(&key, counting(&calls, "v")).await.unwrap(),
+            "v"
+        );
+        a.wait_for_background_fills().await;
+        assert!(service.in_l2(&key).await, "{fill:?}");
+        assert_eq!(
+            b.get_or_load(&key, counting(&calls, "other"))
+                .await
+                .unwrap(),
+            "v"
+        );
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            1,
+            "{fill:?}: B read it from Redis"
+        );
+        assert_eq!(b.stats().l2_hits, 1);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delete_after_the_load_stays_deleted_in_redis() {
+    let service = Service::new("rt-del").await;
+    let cache = service.instance(L2Fill::DEFAULT).await;
+    let calls = Arc::new(AtomicUsize::new(0));
+    for round in 0..20 {
+        let key = format!("k{round}");
+        cache
+            .get_or_load(&key, counting(&calls, "v"))
+            .await
+            .unwrap();
+        // Whether the fill is still queued, writing, or done, the delete comes after it.
+        cache.delete(&key).await.unwrap();
+        cache.wait_for_background_fills().await;
+        assert!(
+            !service.in_l2(&key).await,
+            "round {round}: the fill came back"
+        );
+        assert_eq!(cache.get(&key).await.unwrap(), None);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delete_during_the_load_keeps_the_old_value_out_of_redis() {
+    let service = Service::new("rt-during").await;
+    for fill in [L2Fill::DEFAULT, L2Fill::Inline] {
+        let cache = service.instance(fill).await;
+        let release = Arc::new(Notify::new());
+        let load = {
+            let cache = cache.clone();
+            let release = Arc::clone(&release);
+            tokio::spawn(async move {
+                cache
+                    .get_or_load("k", move || async move {
+                        release.notified().await;
+                        Ok::<_, std::io::Error>("read before the delete".to_owned())
+                    })
+                    .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        cache.delete("k").await.unwrap();
+        release.notify_one();
+        assert_eq!(load.await.unwrap().unwrap(), "read before the delete");
+        cache.wait_for_background_fills().await;
+        assert!(!service.in_l2("k").await, "{fill:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_instance_writing_during_the_load_keeps_its_value() {
+    let service = Service::new("rt-race").await;
+    let a = service.instance(L2Fill::DEFAULT).await;
+    let b = service.instance(L2Fill::DEFAULT).await;
+    let loaded = a
+        .get_or_load("k", move || async move {
+            b.set("k", "written by B".into()).await.unwrap();
+            Ok::<_, std::io::Error>("loaded by A".to_owned())
+        })
+        .await
+        .unwrap();
+    assert_eq!(loaded, "loaded by A");
+    a.wait_for_background_fills().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    // B's invalidation reaches A over pub/sub; from then on A serves what Redis kept.
+    while a.get("k").await.unwrap().as_deref() != Some("written by B") {
+        assert!(std::time::Instant::now() < deadline, "A kept its own load");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let stored = service.raw.get("svc:k").await.unwrap().unwrap();
+    let envelope =
+        tierstack::core::envelope::Envelope::parse::<tierstack::BincodeCodec>(&stored, 1 << 20)
+            .unwrap();
+    let value: String =
+        tierstack::core::Codec::decode(&tierstack::BincodeCodec::default(), envelope.payload)
+            .unwrap();
+    assert_eq!(value, "written by B", "Redis holds B's write, not A's load");
+}

@@ -1,0 +1,282 @@
+//! How a loaded value reaches L2: in the background by default, inline on request, and never
+//! after a write or delete of the key from this cache.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{Calls, Fixture, loader};
+use tierstack::core::Store;
+use tierstack::{CacheError, L2Fill, TieredCache};
+use tokio::sync::Notify;
+
+const BOUND: Duration = Duration::from_secs(5);
+
+/// Waits (bounded) until the L2 holds `count` writes.
+async fn until_held(fx: &Fixture, count: u64) {
+    tokio::time::timeout(BOUND, async {
+        while fx.faulty.held_writes() != count {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{count} L2 writes were never held"));
+}
+
+async fn in_l2(fx: &Fixture, key: &str) -> bool {
+    fx.l2
+        .get(&format!("test:{key}"))
+        .await
+        .expect("the in-memory store answers")
+        .is_some()
+}
+
+#[tokio::test]
+async fn a_background_fill_returns_before_the_l2_write_lands() {
+    let fx = Fixture::new();
+    let cache = fx.cache();
+    fx.faulty.hold_writes(true);
+    let calls = Calls::default();
+    let loaded = tokio::time::timeout(BOUND, cache.get_or_load("k", loader(&calls, "v")))
+        .await
+        .expect("the caller does not wait for the held L2 write");
+    assert_eq!(loaded.unwrap(), "v");
+    until_held(&fx, 1).await;
+    assert!(!in_l2(&fx, "k").await, "the write is still held");
+    assert_eq!(cache.get("k").await.unwrap(), Some("v".into()), "L1 serves");
+    assert_eq!(cache.stats().l1_hits, 1);
+    fx.faulty.hold_writes(false);
+    cache.wait_for_background_fills().await;
+    assert!(in_l2(&fx, "k").await);
+    assert_eq!(calls.count(), 1);
+}
+
+#[tokio::test]
+async fn an_inline_fill_returns_after_the_l2_write() {
+    let fx = Fixture::new();
+    let cache = fx.builder("test").l2_fill(L2Fill::Inline).build().unwrap();
+    fx.faulty.hold_writes(true);
+    let calls = Calls::default();
+    let task = {
+        let cache = cache.clone();
+        let calls = calls.clone();
+        tokio::spawn(async move { cache.get_or_load("k", loader(&calls, "v")).await })
+    };
+    until_held(&fx, 1).await;
+    assert!(!task.is_finished(), "the caller waits for the L2 write");
+    fx.faulty.hold_writes(false);
+    assert_eq!(task.await.unwrap().unwrap(), "v");
+    assert!(in_l2(&fx, "k").await, "written before get_or_load returned");
+}
+
+#[tokio::test]
+async fn a_cache_without_l1_fills_inline() {
+    let fx = Fixture::new();
+    let cache = fx.builder("test").without_l1().build().unwrap();
+    let calls = Calls::default();
+    cache.get_or_load("k", loader(&calls, "v")).await.unwrap();
+    assert!(
+        in_l2(&fx, "k").await,
+        "nothing else could serve it meanwhile"
+    );
+}
+
+#[tokio::test]
+async fn a_spent_budget_fills_inline() {
+    let fx = Fixture::new();
+    let cache = fx
+        .builder("test")
+        .l2_fill(L2Fill::Background {
+            max_pending_bytes: 8,
+        })
+        .build()
+        .unwrap();
+    let calls = Calls::default();
+    cache.get_or_load("k", loader(&calls, "v")).await.unwrap();
+    assert!(
+        in_l2(&fx, "k").await,
+        "an entry larger than the budget is written inline"
+    );
+}
+
+#[tokio::test]
+async fn a_delete_right_after_get_or_load_stays_deleted() {
+    let fx = Fixture::new();
+    let cache = fx.cache();
+    let calls = Calls::default();
+    cache.get_or_load("k", loader(&calls, "v")).await.unwrap();
+    // On this single-threaded runtime the fill's task has not run yet: the delete comes first.
+    cache.delete("k").await.unwrap();
+    cache.wait_for_background_fills().await;
+    assert!(
+        !in_l2(&fx, "k").await,
+        "the fill must not bring the key back"
+    );
+    assert_eq!(cache.get("k").await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn a_delete_waits_for_a_fill_already_writing() {
+    let fx = Fixture::new();
+    let cache = fx.cache();
+    fx.faulty.hold_writes(true);
+    let calls = Calls::default();
+    cache.get_or_load("k", loader(&calls, "v")).await.unwrap();
+    until_held(&fx, 1).await;
+    let delete = {
+        let cache = cache.clone();
+        tokio::spawn(async move { cache.delete("k").await })
+    };
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert!(
+        !delete.is_finished(),
+        "the delete waits for the fill that holds the key"
+    );
+    fx.faulty.hold_writes(false);
+    delete.await.unwrap().unwrap();
+    cache.wait_for_background_fills().await;
+    assert!(!in_l2(&fx, "k").await, "the delete came after the fill");
+}
+
+#[tokio::test]
+async fn a_set_after_get_or_load_wins_over_the_pending_fill() {
+    let fx = Fixture::new();
+    let cache = fx.cache();
+    fx.faulty.hold_writes(true);
+    let calls = Calls::default();
+    cache.get_or_load("k", loader(&calls, "old")).await.unwrap();
+    until_held(&fx, 1).await;
+    let set = {
+        let cache = cache.clone();
+        tokio::spawn(async move { cache.set("k", "new".into()).await })
+    };
+    fx.faulty.hold_writes(false);
+    set.await.unwrap().unwrap();
+    cache.wait_for_background_fills().await;
+    assert_eq!(cache.get("k").await.unwrap(), Some("new".into()));
+    cache.invalidate_local_all();
+    assert_eq!(cache.get("k").await.unwrap(), Some("new".into()), "L2 too");
+}
+
+#[tokio::test]
+async fn delete_prefix_removes_fills_in_flight() {
+    let fx = Fixture::new();
+    let cache = fx.cache();
+    fx.faulty.hold_writes(true);
+    let calls = Calls::default();
+    cache.get_or_load("p:1", loader(&calls, "v")).await.unwrap();
+    until_held(&fx, 1).await;
+    let delete = {
+        let cache = cache.clone();
+        tokio::spawn(async move { cache.delete_prefix("p:").await })
+    };
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    fx.faulty.hold_writes(false);
+    delete.await.unwrap().unwrap();
+    cache.wait_for_background_fills().await;
+    assert!(!in_l2(&fx, "p:1").await);
+    assert_eq!(cache.get("p:1").await.unwrap(), None);
+}
+
+/// A loader that waits for `release`, then answers `value`.
+fn gated_loader(
+    release: &Arc<Notify>,
+    value: &'static str,
+) -> impl FnOnce() -> std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<String, std::io::Error>> + Send>,
+> + Send
++ 'static {
+    let release = Arc::clone(release);
+    move || {
+        Box::pin(async move {
+            release.notified().await;
+            Ok(value.to_owned())
+        })
+    }
+}
+
+async fn delete_during_load_keeps_the_value_out(cache: TieredCache<String>, fx: &Fixture) {
+    let release = Arc::new(Notify::new());
+    let load = {
+        let cache = cache.clone();
+        let loader = gated_loader(&release, "read before the delete");
+        tokio::spawn(async move { cache.get_or_load("k", loader).await })
+    };
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert!(!load.is_finished(), "the loader is still running");
+    cache.delete("k").await.expect("the delete succeeds");
+    release.notify_one();
+    assert_eq!(
+        load.await
+            .expect("the load does not panic")
+            .expect("the load succeeds"),
+        "read before the delete",
+        "its callers still get the loaded value"
+    );
+    cache.wait_for_background_fills().await;
+    assert!(
+        !in_l2(fx, "k").await,
+        "a value loaded before a delete must not be cached after it"
+    );
+    assert_eq!(cache.get("k").await.expect("the read succeeds"), None);
+}
+
+#[tokio::test]
+async fn a_delete_during_the_load_keeps_the_loaded_value_out_of_both_tiers() {
+    let fx = Fixture::new();
+    delete_during_load_keeps_the_value_out(fx.cache(), &fx).await;
+    let fx = Fixture::new();
+    let inline = fx.builder("test").l2_fill(L2Fill::Inline).build().unwrap();
+    delete_during_load_keeps_the_value_out(inline, &fx).await;
+}
+
+#[tokio::test]
+async fn a_value_another_instance_stored_first_wins_over_the_fill() {
+    let fx = Fixture::new();
+    let cache = fx.cache();
+    let other = fx.cache();
+    let loaded = cache
+        .get_or_load("k", move || async move {
+            // Another instance (no backplane here) stores its value while this load runs.
+            other.set("k", "theirs".into()).await.unwrap();
+            Ok::<_, std::io::Error>("ours".to_owned())
+        })
+        .await
+        .unwrap();
+    assert_eq!(loaded, "ours", "the callers get what their loader answered");
+    cache.wait_for_background_fills().await;
+    assert_eq!(
+        cache.get("k").await.unwrap(),
+        Some("theirs".into()),
+        "then the cache serves what L2 kept"
+    );
+}
+
+#[tokio::test]
+async fn a_failing_background_fill_is_counted_and_l1_keeps_serving() {
+    let fx = Fixture::new();
+    let cache = fx.cache();
+    fx.faulty.set_failing(true);
+    let calls = Calls::default();
+    assert_eq!(
+        cache.get_or_load("k", loader(&calls, "v")).await.unwrap(),
+        "v"
+    );
+    cache.wait_for_background_fills().await;
+    assert!(cache.stats().l2_errors >= 2, "the read and the fill failed");
+    assert_eq!(cache.get("k").await.unwrap(), Some("v".into()));
+    assert_eq!(calls.count(), 1);
+}
+
+#[tokio::test]
+async fn a_background_fill_needs_a_budget() {
+    let fx = Fixture::new();
+    let refused = fx
+        .builder("test")
+        .l2_fill(L2Fill::Background {
+            max_pending_bytes: 0,
+        })
+        .build();
+    assert!(matches!(refused, Err(CacheError::Configuration(_))));
+}
