@@ -153,15 +153,17 @@ impl BackplaneHub {
         }
     }
 
-    /// Encodes a message of this instance for the wire.
+    /// Encodes a message of this instance for the wire: a 9-byte header (the format version and
+    /// this instance's origin id) and a JSON body (namespace and invalidation).
     pub fn encode(&self, namespace: &str, invalidation: &Invalidation) -> Result<Vec<u8>> {
-        let wire = WireMessage {
-            version: WIRE_VERSION,
-            origin: self.origin,
-            namespace: namespace.to_owned(),
-            invalidation: invalidation.clone(),
+        let mut bytes = Vec::with_capacity(HEADER_LEN + 64 + namespace.len());
+        bytes.push(WIRE_VERSION);
+        bytes.extend_from_slice(&self.origin.to_le_bytes());
+        let body = WireBodyRef {
+            namespace,
+            invalidation,
         };
-        let bytes = serde_json::to_vec(&wire).map_err(CacheError::serialization)?;
+        serde_json::to_writer(&mut bytes, &body).map_err(CacheError::serialization)?;
         if bytes.len() > MAX_MESSAGE_LEN {
             return Err(CacheError::ValueTooLarge {
                 size: bytes.len(),
@@ -173,6 +175,9 @@ impl BackplaneHub {
 
     /// Decodes a message from the wire and delivers it unless this instance published it.
     /// Undecodable messages are refused with an error (callers count them) and dropped.
+    ///
+    /// The origin sits in the fixed header, so an instance drops its own messages (it receives
+    /// every one it publishes) without decoding their body.
     pub fn deliver_wire(&self, bytes: &[u8]) -> Result<()> {
         if bytes.len() > MAX_MESSAGE_LEN {
             return Err(CacheError::ValueTooLarge {
@@ -180,19 +185,27 @@ impl BackplaneHub {
                 max: MAX_MESSAGE_LEN,
             });
         }
-        let wire: WireMessage = serde_json::from_slice(bytes).map_err(CacheError::serialization)?;
-        if wire.version != WIRE_VERSION {
+        let Some((header, body)) = bytes.split_at_checked(HEADER_LEN) else {
+            return Err(CacheError::serialization(
+                "backplane message shorter than its header",
+            ));
+        };
+        let (version, origin) = header.split_at(1);
+        if version[0] != WIRE_VERSION {
             return Err(CacheError::serialization(format!(
                 "unknown backplane message version {}",
-                wire.version
+                version[0]
             )));
         }
-        if wire.origin != self.origin {
-            self.deliver(InvalidationMessage {
-                namespace: wire.namespace,
-                invalidation: wire.invalidation,
-            });
+        let origin = u64::from_le_bytes(origin.try_into().map_err(CacheError::serialization)?);
+        if origin == self.origin {
+            return Ok(());
         }
+        let body: WireBody = serde_json::from_slice(body).map_err(CacheError::serialization)?;
+        self.deliver(InvalidationMessage {
+            namespace: body.namespace,
+            invalidation: body.invalidation,
+        });
         Ok(())
     }
 
@@ -210,12 +223,19 @@ impl BackplaneHub {
     }
 }
 
-const WIRE_VERSION: u8 = 1;
+/// Version 2 moved the origin into a fixed header (version 1 was all JSON).
+const WIRE_VERSION: u8 = 2;
+/// The version byte and the origin id, little-endian.
+const HEADER_LEN: usize = 9;
 
-#[derive(Serialize, Deserialize)]
-struct WireMessage {
-    version: u8,
-    origin: u64,
+#[derive(Serialize)]
+struct WireBodyRef<'a> {
+    namespace: &'a str,
+    invalidation: &'a Invalidation,
+}
+
+#[derive(Deserialize)]
+struct WireBody {
     namespace: String,
     invalidation: Invalidation,
 }
@@ -261,12 +281,54 @@ mod tests {
     #[test]
     fn garbage_on_the_wire_is_an_error() {
         let hub = BackplaneHub::new();
+        let other = BackplaneHub::new().origin().to_le_bytes();
+        let with_header = |version: u8, body: &[u8]| {
+            let mut bytes = vec![version];
+            bytes.extend_from_slice(&other);
+            bytes.extend_from_slice(body);
+            bytes
+        };
         assert!(hub.deliver_wire(b"\xff\x00garbage").is_err());
+        assert!(hub.deliver_wire(b"").is_err(), "empty");
         assert!(
-            hub.deliver_wire(br#"{"version":9,"origin":1,"namespace":"n","invalidation":"All"}"#)
-                .is_err()
+            hub.deliver_wire(&[WIRE_VERSION, 1, 2]).is_err(),
+            "truncated header"
+        );
+        assert!(
+            hub.deliver_wire(&with_header(
+                9,
+                br#"{"namespace":"n","invalidation":"All"}"#
+            ))
+            .is_err(),
+            "unknown version"
+        );
+        assert!(
+            hub.deliver_wire(br#"{"version":1,"origin":1,"namespace":"n","invalidation":"All"}"#)
+                .is_err(),
+            "the old all-JSON format"
+        );
+        assert!(
+            hub.deliver_wire(&with_header(WIRE_VERSION, b"{not json"))
+                .is_err(),
+            "a bad body"
         );
         assert!(hub.deliver_wire(&vec![b' '; MAX_MESSAGE_LEN + 1]).is_err());
+    }
+
+    #[tokio::test]
+    async fn own_messages_are_dropped_without_decoding_their_body() {
+        let hub = BackplaneHub::new();
+        let mut sub = hub.subscribe();
+        let mut own = vec![WIRE_VERSION];
+        own.extend_from_slice(&hub.origin().to_le_bytes());
+        own.extend_from_slice(b"{not json: never read");
+        assert!(hub.deliver_wire(&own).is_ok());
+        hub.resync();
+        assert_eq!(
+            sub.recv().await,
+            Some(BackplaneEvent::Resync),
+            "nothing was delivered before the resync"
+        );
     }
 
     #[tokio::test]
