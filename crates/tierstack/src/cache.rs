@@ -913,6 +913,16 @@ where
         let now = self.clock.now();
         let mut writes = Vec::new();
         let mut to_fill = Vec::new();
+        // As for a single key's fill: under the keys' write locks, a `set`, `delete` or `touch`
+        // of one of them either came before the check below or waits for the write.
+        let locks = match &self.l2 {
+            Some(_) => {
+                self.freshness
+                    .lock_keys(missing.iter().map(String::as_str))
+                    .await
+            }
+            None => Vec::new(),
+        };
         for (key, snapshot) in missing.iter().zip(snapshots) {
             let value = loaded.remove(key);
             results.insert(key.clone(), value.clone());
@@ -953,6 +963,7 @@ where
                 .collect();
             let _ = self.l2_call(L2Op::Set, l2.set_many(&batch)).await;
         }
+        drop(locks);
         for (key, value, ttl, snapshot) in to_fill {
             self.fill_l1(key, value, ttl, snapshot).await;
         }

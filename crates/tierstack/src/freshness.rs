@@ -99,6 +99,22 @@ impl Freshness {
         self.local.fetch_add(1, Ordering::SeqCst);
     }
 
+    /// The write locks of all `keys` (each stripe once), taken in ascending stripe order so that
+    /// two callers locking overlapping sets cannot deadlock.
+    pub(crate) async fn lock_keys<'a>(
+        &self,
+        keys: impl IntoIterator<Item = &'a str>,
+    ) -> Vec<MutexGuard<'_, ()>> {
+        let mut stripes: Vec<usize> = keys.into_iter().map(|key| self.stripe(key)).collect();
+        stripes.sort_unstable();
+        stripes.dedup();
+        let mut guards = Vec::with_capacity(stripes.len());
+        for stripe in stripes {
+            guards.push(self.write_locks[stripe].lock().await);
+        }
+        guards
+    }
+
     /// Waits until every write that holds a key's lock now has released it.
     pub(crate) async fn wait_for_writes(&self) {
         for lock in &self.write_locks {
@@ -129,6 +145,24 @@ mod tests {
         assert!(!f.is_current("a", snap));
         let after_own_bump = f.bump_key("b");
         assert!(f.is_current("b", after_own_bump));
+    }
+
+    #[tokio::test]
+    async fn locking_many_keys_takes_each_stripe_once_and_excludes_single_writers() {
+        let f = Freshness::new();
+        let guards = f.lock_keys(["a", "b", "a", "c"]).await;
+        let distinct = ["a", "b", "c"]
+            .iter()
+            .map(|key| f.stripe(key))
+            .collect::<std::collections::HashSet<_>>()
+            .len();
+        assert_eq!(guards.len(), distinct);
+        assert!(
+            f.write_locks[f.stripe("b")].try_lock().is_err(),
+            "a single-key writer waits"
+        );
+        drop(guards);
+        assert!(f.write_locks[f.stripe("b")].try_lock().is_ok());
     }
 
     #[test]

@@ -280,3 +280,50 @@ async fn a_background_fill_needs_a_budget() {
         .build();
     assert!(matches!(refused, Err(CacheError::Configuration(_))));
 }
+
+#[tokio::test]
+async fn a_delete_during_a_bulk_fill_waits_and_wins() {
+    let fx = Fixture::new();
+    let cache = fx.cache();
+    fx.faulty.hold_writes(true);
+    let load = {
+        let cache = cache.clone();
+        tokio::spawn(async move {
+            cache
+                .get_or_load_many(&["a", "b"], |keys: Vec<String>| async move {
+                    Ok::<_, std::io::Error>(
+                        keys.into_iter()
+                            .map(|key| (key.clone(), format!("loaded {key}")))
+                            .collect(),
+                    )
+                })
+                .await
+        })
+    };
+    until_held(&fx, 1).await;
+    let delete = {
+        let cache = cache.clone();
+        tokio::spawn(async move { cache.delete("b").await })
+    };
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert!(
+        !delete.is_finished(),
+        "the delete waits for the batch that holds its key"
+    );
+    fx.faulty.hold_writes(false);
+    let loaded = load
+        .await
+        .expect("the load does not panic")
+        .expect("the load succeeds");
+    assert_eq!(
+        loaded,
+        vec![Some("loaded a".into()), Some("loaded b".into())]
+    );
+    delete
+        .await
+        .expect("the delete does not panic")
+        .expect("the delete succeeds");
+    assert!(in_l2(&fx, "a").await);
+    assert!(!in_l2(&fx, "b").await, "the delete came after the batch");
+    assert_eq!(cache.get("b").await.expect("the read succeeds"), None);
+}
