@@ -3,7 +3,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClientBuilder;
@@ -115,9 +115,21 @@ impl Connection {
     {
         let limit = self.response_timeout;
         let call = async {
-            let _permit = match self.permits.try_acquire() {
-                Some(permit) => permit,
-                None => self.permits.acquire().await,
+            let _permit = if let Some(permit) = self.permits.try_acquire() {
+                permit
+            } else {
+                // Waited for a slot: if the deadline passed meanwhile, give up rather than send
+                // a request whose caller is already gone (the timer below may not have fired yet
+                // when the slot frees up).
+                let deadline = Instant::now() + limit;
+                let permit = self.permits.acquire().await;
+                if Instant::now() >= deadline {
+                    return Err(CacheError::Timeout {
+                        operation,
+                        after: limit,
+                    });
+                }
+                permit
             };
             request(self.link.clone())
                 .await

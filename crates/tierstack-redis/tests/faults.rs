@@ -137,6 +137,18 @@ async fn a_stalled_server_fails_requests_within_the_response_timeout_and_queues_
         "took {:?}",
         started.elapsed()
     );
+    // Seen from the server once the pause is over: only the requests that held one of the 4
+    // slots were sent (a waiter whose deadline passed while it waited gives up instead of
+    // sending late), not all 50. (The CLI call waits for the pause to end.)
+    server.cli(&["CLIENT", "UNPAUSE"]);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let stats = server.cli(&["INFO", "commandstats"]);
+    let sent: u64 = stats
+        .lines()
+        .find_map(|line| line.strip_prefix("cmdstat_get:calls="))
+        .and_then(|rest| rest.split(',').next())
+        .map_or(0, |calls| calls.parse().unwrap());
+    assert!(sent <= 8, "{sent} of 50 GETs reached the server");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
