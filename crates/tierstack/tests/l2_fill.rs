@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::{Calls, Fixture, loader};
 use tierstack::core::Store;
-use tierstack::{CacheError, L2Fill, TieredCache};
+use tierstack::{CacheError, L2Fill, TieredCache, TieredCacheBuilder};
 use tokio::sync::Notify;
 
 const BOUND: Duration = Duration::from_secs(5);
@@ -30,6 +30,20 @@ async fn in_l2(fx: &Fixture, key: &str) -> bool {
         .await
         .expect("the in-memory store answers")
         .is_some()
+}
+
+/// A cache whose loaded `value` of `key` is served from L1 while its background L2 write is held.
+async fn with_a_held_fill(key: &str, value: &str) -> (Fixture, TieredCache<String>) {
+    let fx = Fixture::new();
+    let cache = fx.cache();
+    fx.faulty.hold_writes(true);
+    let calls = Calls::default();
+    cache
+        .get_or_load(key, loader(&calls, value))
+        .await
+        .expect("the load succeeds");
+    until_held(&fx, 1).await;
+    (fx, cache)
 }
 
 #[tokio::test]
@@ -70,34 +84,27 @@ async fn an_inline_fill_returns_after_the_l2_write() {
     assert!(in_l2(&fx, "k").await, "written before get_or_load returned");
 }
 
-#[tokio::test]
-async fn a_cache_without_l1_fills_inline() {
-    let fx = Fixture::new();
-    let cache = fx.builder("test").without_l1().build().unwrap();
-    let calls = Calls::default();
-    cache.get_or_load("k", loader(&calls, "v")).await.unwrap();
-    assert!(
-        in_l2(&fx, "k").await,
-        "nothing else could serve it meanwhile"
-    );
-}
+type Configure = fn(TieredCacheBuilder<String>) -> TieredCacheBuilder<String>;
 
 #[tokio::test]
-async fn a_spent_budget_fills_inline() {
-    let fx = Fixture::new();
-    let cache = fx
-        .builder("test")
-        .l2_fill(L2Fill::Background {
-            max_pending_bytes: 8,
-        })
-        .build()
-        .unwrap();
-    let calls = Calls::default();
-    cache.get_or_load("k", loader(&calls, "v")).await.unwrap();
-    assert!(
-        in_l2(&fx, "k").await,
-        "an entry larger than the budget is written inline"
-    );
+async fn without_an_l1_or_room_in_the_budget_the_fill_is_inline() {
+    let cases: [(&str, Configure); 2] = [
+        ("no L1 could serve the value meanwhile", |builder| {
+            builder.without_l1()
+        }),
+        ("the entry is larger than the budget", |builder| {
+            builder.l2_fill(L2Fill::Background {
+                max_pending_bytes: 8,
+            })
+        }),
+    ];
+    for (why, configure) in cases {
+        let fx = Fixture::new();
+        let cache = configure(fx.builder("test")).build().unwrap();
+        let calls = Calls::default();
+        cache.get_or_load("k", loader(&calls, "v")).await.unwrap();
+        assert!(in_l2(&fx, "k").await, "written inline: {why}");
+    }
 }
 
 #[tokio::test]
@@ -116,23 +123,27 @@ async fn a_delete_right_after_get_or_load_stays_deleted() {
     assert_eq!(cache.get("k").await.unwrap(), None);
 }
 
-#[tokio::test]
-async fn a_delete_waits_for_a_fill_already_writing() {
-    let fx = Fixture::new();
-    let cache = fx.cache();
-    fx.faulty.hold_writes(true);
-    let calls = Calls::default();
-    cache.get_or_load("k", loader(&calls, "v")).await.unwrap();
-    until_held(&fx, 1).await;
+/// Starts `delete(key)` while L2 holds a write of it, and checks that the delete waits for it.
+async fn delete_behind_the_held_write(
+    cache: &TieredCache<String>,
+    key: &'static str,
+) -> tokio::task::JoinHandle<Result<bool, CacheError>> {
     let delete = {
         let cache = cache.clone();
-        tokio::spawn(async move { cache.delete("k").await })
+        tokio::spawn(async move { cache.delete(key).await })
     };
     tokio::time::sleep(Duration::from_millis(20)).await;
     assert!(
         !delete.is_finished(),
-        "the delete waits for the fill that holds the key"
+        "the delete of {key} waits for the write that holds the key"
     );
+    delete
+}
+
+#[tokio::test]
+async fn a_delete_waits_for_a_fill_already_writing() {
+    let (fx, cache) = with_a_held_fill("k", "v").await;
+    let delete = delete_behind_the_held_write(&cache, "k").await;
     fx.faulty.hold_writes(false);
     delete.await.unwrap().unwrap();
     cache.wait_for_background_fills().await;
@@ -141,12 +152,7 @@ async fn a_delete_waits_for_a_fill_already_writing() {
 
 #[tokio::test]
 async fn a_set_after_get_or_load_wins_over_the_pending_fill() {
-    let fx = Fixture::new();
-    let cache = fx.cache();
-    fx.faulty.hold_writes(true);
-    let calls = Calls::default();
-    cache.get_or_load("k", loader(&calls, "old")).await.unwrap();
-    until_held(&fx, 1).await;
+    let (fx, cache) = with_a_held_fill("k", "old").await;
     let set = {
         let cache = cache.clone();
         tokio::spawn(async move { cache.set("k", "new".into()).await })
@@ -161,12 +167,7 @@ async fn a_set_after_get_or_load_wins_over_the_pending_fill() {
 
 #[tokio::test]
 async fn delete_prefix_removes_fills_in_flight() {
-    let fx = Fixture::new();
-    let cache = fx.cache();
-    fx.faulty.hold_writes(true);
-    let calls = Calls::default();
-    cache.get_or_load("p:1", loader(&calls, "v")).await.unwrap();
-    until_held(&fx, 1).await;
+    let (fx, cache) = with_a_held_fill("p:1", "v").await;
     let delete = {
         let cache = cache.clone();
         tokio::spawn(async move { cache.delete_prefix("p:").await })
@@ -301,15 +302,7 @@ async fn a_delete_during_a_bulk_fill_waits_and_wins() {
         })
     };
     until_held(&fx, 1).await;
-    let delete = {
-        let cache = cache.clone();
-        tokio::spawn(async move { cache.delete("b").await })
-    };
-    tokio::time::sleep(Duration::from_millis(20)).await;
-    assert!(
-        !delete.is_finished(),
-        "the delete waits for the batch that holds its key"
-    );
+    let delete = delete_behind_the_held_write(&cache, "b").await;
     fx.faulty.hold_writes(false);
     let loaded = load
         .await
