@@ -542,7 +542,7 @@ where
         let ttl = self.settings.l1_ttl.map_or(ttl, |cap| ttl.min(cap));
         let deadline = self.clock.now().saturating_add(ttl);
         l1.insert(key.to_owned(), value, deadline).await;
-        if !self.freshness.is_current(key, snapshot) {
+        if !self.freshness.is_current(snapshot) {
             l1.invalidate(key).await;
         }
     }
@@ -800,8 +800,8 @@ where
         let Some(l2) = &self.l2 else {
             return Written::Yes;
         };
-        let _write = self.freshness.lock_key(key).await;
-        if !self.freshness.key_unchanged(key, snapshot) {
+        let _write = self.freshness.lock_key_of(snapshot).await;
+        if !self.freshness.key_unchanged(snapshot) {
             return Written::No;
         }
         let store_key = self.namespace.store_key(key);
@@ -820,8 +820,8 @@ where
     /// changed since (then whatever L1 holds is newer than the fill, or already gone).
     async fn drop_unwritten_fill(&self, key: &str, snapshot: Snapshot) {
         let Some(l1) = &self.l1 else { return };
-        let _write = self.freshness.lock_key(key).await;
-        if self.freshness.is_current(key, snapshot) {
+        let _write = self.freshness.lock_key_of(snapshot).await;
+        if self.freshness.is_current(snapshot) {
             l1.invalidate(key).await;
         }
     }
@@ -926,7 +926,7 @@ where
         for (key, snapshot) in missing.iter().zip(snapshots) {
             let value = loaded.remove(key);
             results.insert(key.clone(), value.clone());
-            if !self.freshness.key_unchanged(key, *snapshot) {
+            if !self.freshness.key_unchanged(*snapshot) {
                 // Written or invalidated since the load began: caching the loaded value could
                 // bring back what was deleted.
                 continue;

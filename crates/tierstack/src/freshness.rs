@@ -28,9 +28,11 @@ pub(crate) struct Freshness {
     hasher: std::collections::hash_map::RandomState,
 }
 
-/// The generations a fill saw when it started.
+/// The generations a fill saw when it started, and the stripe of its key (so that the checks
+/// that follow need not hash the key again).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Snapshot {
+    index: usize,
     global: u64,
     local: u64,
     stripe: u64,
@@ -58,30 +60,36 @@ impl Freshness {
     }
 
     pub(crate) fn snapshot(&self, key: &str) -> Snapshot {
-        let stripe = self.stripe(key);
+        self.snapshot_of_stripe(self.stripe(key))
+    }
+
+    fn snapshot_of_stripe(&self, index: usize) -> Snapshot {
         Snapshot {
+            index,
             global: self.global.load(Ordering::SeqCst),
             local: self.local.load(Ordering::SeqCst),
-            stripe: self.stripes[stripe].load(Ordering::SeqCst),
-            local_stripe: self.local_stripes[stripe].load(Ordering::SeqCst),
+            stripe: self.stripes[index].load(Ordering::SeqCst),
+            local_stripe: self.local_stripes[index].load(Ordering::SeqCst),
         }
     }
 
-    pub(crate) fn is_current(&self, key: &str, snapshot: Snapshot) -> bool {
-        self.snapshot(key) == snapshot
+    /// Whether nothing invalidated the key of `snapshot` since it was taken.
+    pub(crate) fn is_current(&self, snapshot: Snapshot) -> bool {
+        self.snapshot_of_stripe(snapshot.index) == snapshot
     }
 
-    /// Whether no write or invalidation of `key` (or of every key) came after `snapshot`,
-    /// L1-only clears aside.
-    pub(crate) fn key_unchanged(&self, key: &str, snapshot: Snapshot) -> bool {
-        let now = self.snapshot(key);
+    /// Whether no write or invalidation of the key of `snapshot` (or of every key) came after
+    /// it, L1-only clears aside.
+    pub(crate) fn key_unchanged(&self, snapshot: Snapshot) -> bool {
+        let now = self.snapshot_of_stripe(snapshot.index);
         now.global == snapshot.global && now.stripe == snapshot.stripe
     }
 
     /// Marks `key` as changed; returns the snapshot that includes this change.
     pub(crate) fn bump_key(&self, key: &str) -> Snapshot {
-        self.stripes[self.stripe(key)].fetch_add(1, Ordering::SeqCst);
-        self.snapshot(key)
+        let index = self.stripe(key);
+        self.stripes[index].fetch_add(1, Ordering::SeqCst);
+        self.snapshot_of_stripe(index)
     }
 
     /// Marks every key as changed.
@@ -115,6 +123,11 @@ impl Freshness {
         guards
     }
 
+    /// The write lock of the key of `snapshot` (see [`lock_key`](Self::lock_key)).
+    pub(crate) async fn lock_key_of(&self, snapshot: Snapshot) -> MutexGuard<'_, ()> {
+        self.write_locks[snapshot.index].lock().await
+    }
+
     /// Waits until every write that holds a key's lock now has released it.
     pub(crate) async fn wait_for_writes(&self) {
         for lock in &self.write_locks {
@@ -137,14 +150,14 @@ mod tests {
     fn bumps_invalidate_snapshots() {
         let f = Freshness::new();
         let snap = f.snapshot("a");
-        assert!(f.is_current("a", snap));
+        assert!(f.is_current(snap));
         f.bump_key("a");
-        assert!(!f.is_current("a", snap));
+        assert!(!f.is_current(snap));
         let snap = f.snapshot("a");
         f.bump_all();
-        assert!(!f.is_current("a", snap));
+        assert!(!f.is_current(snap));
         let after_own_bump = f.bump_key("b");
-        assert!(f.is_current("b", after_own_bump));
+        assert!(f.is_current(after_own_bump));
     }
 
     #[tokio::test]
@@ -170,25 +183,16 @@ mod tests {
         let f = Freshness::new();
         let snap = f.snapshot("a");
         f.bump_local();
-        assert!(
-            !f.is_current("a", snap),
-            "an L1 fill must not survive the clear"
-        );
-        assert!(
-            f.key_unchanged("a", snap),
-            "but the key itself did not change"
-        );
+        assert!(!f.is_current(snap), "an L1 fill must not survive the clear");
+        assert!(f.key_unchanged(snap), "but the key itself did not change");
         let snap = f.snapshot("a");
         f.bump_local_key("a");
-        assert!(
-            !f.is_current("a", snap),
-            "nor an L1-only eviction of its key"
-        );
-        assert!(f.key_unchanged("a", snap));
+        assert!(!f.is_current(snap), "nor an L1-only eviction of its key");
+        assert!(f.key_unchanged(snap));
         f.bump_all();
-        assert!(!f.key_unchanged("a", snap));
+        assert!(!f.key_unchanged(snap));
         let snap = f.snapshot("a");
         f.bump_key("a");
-        assert!(!f.key_unchanged("a", snap));
+        assert!(!f.key_unchanged(snap));
     }
 }
