@@ -211,17 +211,15 @@ where
                 "l2_timeout must not be zero".into(),
             ));
         }
-        if self.l2_fill
-            == (L2Fill::Background {
-                max_pending_bytes: 0,
-            })
-        {
-            return Err(CacheError::Configuration(
-                "a background L2 fill needs a budget above zero bytes".into(),
-            ));
-        }
         // Without an L1 to serve from while the write is in flight, fills stay inline.
         let fill_budget = match self.l2_fill {
+            L2Fill::Background {
+                max_pending_bytes: 0,
+            } => {
+                return Err(CacheError::Configuration(
+                    "a background L2 fill needs a budget above zero bytes".into(),
+                ));
+            }
             L2Fill::Background { max_pending_bytes } if self.l1.is_some() && self.l2.is_some() => {
                 Some(FillBudget::new(max_pending_bytes))
             }
