@@ -68,6 +68,21 @@ pub trait Store: Any + Send + Sync + Debug {
     /// The bytes stored under `key`, or `None`.
     async fn get(&self, key: &str) -> Result<Option<Bytes>>;
 
+    /// [`get`](Store::get), answered without waiting if the store can: `None` means "await
+    /// `get`". In-process stores answer here, which spares the composer a boxed future on every
+    /// read; stores that do I/O keep this default. An answer must be the one `get` would give.
+    fn get_now(&self, key: &str) -> Option<Result<Option<Bytes>>> {
+        let _ = key;
+        None
+    }
+
+    /// [`get_with_ttl`](Store::get_with_ttl), answered without waiting if the store can; see
+    /// [`get_now`](Store::get_now).
+    fn get_with_ttl_now(&self, key: &str) -> Option<Result<Option<StoredEntry>>> {
+        let _ = key;
+        None
+    }
+
     /// The bytes stored under each key, in the order of `keys`.
     async fn get_many(&self, keys: &[&str]) -> Result<Vec<Option<Bytes>>> {
         let mut out = Vec::with_capacity(keys.len());

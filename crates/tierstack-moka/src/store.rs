@@ -1,6 +1,8 @@
 //! `MokaStore`: a byte [`Store`] on moka, for single-process use and for tests.
 
+use std::future::Future;
 use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -22,6 +24,15 @@ const ENTRY_OVERHEAD: usize = 64;
 struct StoredBytes {
     value: Bytes,
     expires_at: Timestamp,
+}
+
+impl StoredBytes {
+    fn with_ttl_at(self, now: Timestamp) -> StoredEntry {
+        StoredEntry {
+            ttl: now.until(self.expires_at),
+            value: self.value,
+        }
+    }
 }
 
 impl Deadline for StoredBytes {
@@ -78,6 +89,13 @@ impl MokaStore {
     async fn live_at(&self, key: &str, now: Timestamp) -> Option<StoredBytes> {
         self.cache.get(key).await.filter(|e| e.expires_at > now)
     }
+
+    /// [`live_at`](Self::live_at) in one poll: `Pending` if moka has to wait (for its own
+    /// housekeeping lock). moka's operations are cancel-safe, so dropping the read then is fine:
+    /// the caller reads again, awaiting.
+    fn live_at_now(&self, key: &str, now: Timestamp) -> Poll<Option<StoredBytes>> {
+        std::pin::pin!(self.live_at(key, now)).poll(&mut Context::from_waker(Waker::noop()))
+    }
 }
 
 #[async_trait]
@@ -87,13 +105,31 @@ impl Store for MokaStore {
         Ok(self.live_at(key, self.clock.now()).await.map(|e| e.value))
     }
 
+    fn get_now(&self, key: &str) -> Option<Result<Option<Bytes>>> {
+        if let Err(error) = validate_key(key, DEFAULT_MAX_STORE_KEY_LEN) {
+            return Some(Err(error));
+        }
+        match self.live_at_now(key, self.clock.now()) {
+            Poll::Ready(entry) => Some(Ok(entry.map(|e| e.value))),
+            Poll::Pending => None,
+        }
+    }
+
     async fn get_with_ttl(&self, key: &str) -> Result<Option<StoredEntry>> {
         validate_key(key, DEFAULT_MAX_STORE_KEY_LEN)?;
         let now = self.clock.now();
-        Ok(self.live_at(key, now).await.map(|e| StoredEntry {
-            value: e.value,
-            ttl: now.until(e.expires_at),
-        }))
+        Ok(self.live_at(key, now).await.map(|e| e.with_ttl_at(now)))
+    }
+
+    fn get_with_ttl_now(&self, key: &str) -> Option<Result<Option<StoredEntry>>> {
+        if let Err(error) = validate_key(key, DEFAULT_MAX_STORE_KEY_LEN) {
+            return Some(Err(error));
+        }
+        let now = self.clock.now();
+        match self.live_at_now(key, now) {
+            Poll::Ready(entry) => Some(Ok(entry.map(|e| e.with_ttl_at(now)))),
+            Poll::Pending => None,
+        }
     }
 
     async fn set(&self, key: &str, value: Bytes, ttl: Duration) -> Result<()> {

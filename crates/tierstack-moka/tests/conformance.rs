@@ -32,3 +32,23 @@ async fn debug_output_never_shows_values_or_keys() {
         "{debug}"
     );
 }
+
+#[tokio::test]
+async fn reads_are_answered_without_waiting() {
+    use tierstack_core::Store;
+    let store = MokaStore::new(1 << 20);
+    let ttl = std::time::Duration::from_secs(60);
+    store.set("k", "v".into(), ttl).await.unwrap();
+    let hit = store.get_now("k").expect("answered at once").unwrap();
+    assert_eq!(hit.as_deref(), Some(&b"v"[..]));
+    assert_eq!(
+        store.get_now("missing").expect("answered at once").unwrap(),
+        None
+    );
+    let entry = store
+        .get_with_ttl_now("k")
+        .expect("answered at once")
+        .unwrap()
+        .expect("a hit");
+    assert!(entry.ttl <= ttl && entry.ttl > ttl.saturating_sub(std::time::Duration::from_secs(5)));
+}

@@ -149,7 +149,11 @@ where
         inner.check_key(key)?;
         if inner.l1.is_none() {
             // Without an L1 there is nothing to fill: read L2 directly, one layer less.
-            if let Ok(L2Read::Hit(value, _)) = inner.read_l2(key).await {
+            let read = match inner.read_l2_now(key) {
+                Some(read) => read,
+                None => inner.read_l2(key).await,
+            };
+            if let Ok(L2Read::Hit(value, _)) = read {
                 inner.recorder.l2_hit();
                 return Ok(value);
             }
@@ -584,7 +588,11 @@ where
     /// entry), `None` a miss. Counts the hit; a miss is counted by the caller.
     async fn l2_lookup(&self, key: &str) -> Result<Option<Option<V>>> {
         let snapshot = self.l1.as_ref().map(|_| self.freshness.snapshot(key));
-        match self.read_l2(key).await? {
+        let read = match self.read_l2_now(key) {
+            Some(read) => read,
+            None => self.read_l2(key).await,
+        };
+        match read? {
             L2Read::Hit(value, ttl) => {
                 self.recorder.l2_hit();
                 if let Some(snapshot) = snapshot {
@@ -593,6 +601,31 @@ where
                 Ok(Some(value))
             }
             L2Read::Miss => Ok(None),
+        }
+    }
+
+    /// [`read_l2`](Self::read_l2) without waiting, from a store that answers at once (an
+    /// in-process one): no boxed future, no async layers. `None` when the store cannot answer
+    /// now, or when the entry does not decode (the awaited read then discards it).
+    fn read_l2_now(&self, key: &str) -> Option<Result<L2Read<V>>> {
+        let Some(l2) = &self.l2 else {
+            return Some(Ok(L2Read::Miss));
+        };
+        let store_key = BufferedKey::new(&self.namespace, key);
+        let found = if self.l1.is_some() {
+            l2.get_with_ttl_now(&store_key)?
+                .map(|found| found.map(|entry| (entry.value, entry.ttl)))
+        } else {
+            l2.get_now(&store_key)?
+                .map(|found| found.map(|value| (value, Duration::ZERO)))
+        };
+        match self.l2_answered(L2Op::Get, found) {
+            Err(error) => Some(Err(error)),
+            Ok(None) => Some(Ok(L2Read::Miss)),
+            Ok(Some((bytes, ttl))) => {
+                let value = self.decode_entry(&bytes).ok()?;
+                Some(Ok(L2Read::Hit(value, ttl)))
+            }
         }
     }
 

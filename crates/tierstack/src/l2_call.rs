@@ -44,11 +44,8 @@ impl<V, C> Inner<V, C> {
         // In-process stores answer on the first poll: such a call arms no timer and is not timed
         // (two clock reads would cost more than the call).
         let first = std::future::poll_fn(|cx| Poll::Ready(call.as_mut().poll(cx))).await;
-        let result = match first {
-            Poll::Ready(result) => {
-                self.recorder.l2_call(op, result.is_ok(), None);
-                result
-            }
+        match first {
+            Poll::Ready(result) => self.l2_answered(op, result),
             Poll::Pending => {
                 // A call that waits on I/O is timed from its first poll, which sent the request.
                 let started = Instant::now();
@@ -61,10 +58,22 @@ impl<V, C> Inner<V, C> {
                 });
                 self.recorder
                     .l2_call(op, result.is_ok(), Some(started.elapsed()));
+                self.log_l2_failure(op, &result);
                 result
             }
-        };
-        if let Err(error) = &result
+        }
+    }
+
+    /// Counts (and logs, once per burst, if it failed) an L2 call that answered without
+    /// waiting, so not timed.
+    pub(crate) fn l2_answered<T>(&self, op: L2Op, result: Result<T>) -> Result<T> {
+        self.recorder.l2_call(op, result.is_ok(), None);
+        self.log_l2_failure(op, &result);
+        result
+    }
+
+    fn log_l2_failure<T>(&self, op: L2Op, result: &Result<T>) {
+        if let Err(error) = result
             && let Some(suppressed) = self.l2_failures.should_log()
         {
             tracing::warn!(
@@ -75,7 +84,6 @@ impl<V, C> Inner<V, C> {
                 "L2 call failed; reads fall back to L1 and the loader"
             );
         }
-        result
     }
 }
 

@@ -82,17 +82,14 @@ impl MemoryStore {
         }
         map.get_mut(key)
     }
-}
 
-#[async_trait]
-impl Store for MemoryStore {
-    async fn get(&self, key: &str) -> Result<Option<Bytes>> {
+    fn read(&self, key: &str) -> Result<Option<Bytes>> {
         validate_key(key, DEFAULT_MAX_STORE_KEY_LEN)?;
         let now = self.clock.now();
         Ok(Self::live(&mut self.lock(), key, now).map(|(v, _)| v.clone()))
     }
 
-    async fn get_with_ttl(&self, key: &str) -> Result<Option<StoredEntry>> {
+    fn read_with_ttl(&self, key: &str) -> Result<Option<StoredEntry>> {
         validate_key(key, DEFAULT_MAX_STORE_KEY_LEN)?;
         let now = self.clock.now();
         Ok(
@@ -101,6 +98,25 @@ impl Store for MemoryStore {
                 ttl: now.until(*exp),
             }),
         )
+    }
+}
+
+#[async_trait]
+impl Store for MemoryStore {
+    async fn get(&self, key: &str) -> Result<Option<Bytes>> {
+        self.read(key)
+    }
+
+    fn get_now(&self, key: &str) -> Option<Result<Option<Bytes>>> {
+        Some(self.read(key))
+    }
+
+    async fn get_with_ttl(&self, key: &str) -> Result<Option<StoredEntry>> {
+        self.read_with_ttl(key)
+    }
+
+    fn get_with_ttl_now(&self, key: &str) -> Option<Result<Option<StoredEntry>>> {
+        Some(self.read_with_ttl(key))
     }
 
     async fn set(&self, key: &str, value: Bytes, ttl: Duration) -> Result<()> {
