@@ -1,18 +1,21 @@
 //! `RedisBackplane`: invalidations over Redis pub/sub.
 
 use std::any::Any;
+use std::convert::Infallible;
 use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use futures_util::StreamExt;
-use redis::cmd;
+use redis::{PushInfo, PushKind, Value, cmd};
 use tierstack_core::backplane::{
     Backplane, BackplaneHub, Invalidation, Subscription, write_then_publish_in_order,
 };
 use tierstack_core::store::{Store, StoreWrite};
 use tierstack_core::{CacheError, Result};
-use tokio::sync::oneshot;
+use tokio::sync::{Notify, oneshot};
 use tokio::task::AbortHandle;
 
 use crate::config::{RedisConfig, endpoint_of};
@@ -25,14 +28,24 @@ const MAX_BACKOFF: Duration = Duration::from_secs(2);
 /// A [`Backplane`] on Redis pub/sub (standalone or cluster: a cluster forwards `PUBLISH` to
 /// every node).
 ///
+/// On a standalone server it listens, by default, on the connection it publishes on (RESP3,
+/// Redis 6 or later; see [`RedisConfig::resp3_backplane`]). A `set` through a `TieredCache` on
+/// a [`RedisStore`] of the same server and login then writes and publishes on that connection
+/// in one transaction, and the server sends the writer's own invalidation with the reply, on
+/// one socket. A cluster, or `resp3_backplane(false)`, listens on a dedicated pub/sub
+/// connection instead.
+///
 /// Pub/sub delivers at most once: a subscriber that is disconnected misses what is published
 /// meanwhile. So when the subscription is lost, and again once it is re-established, every
 /// subscriber receives [`Resync`](tierstack_core::BackplaneEvent::Resync) and clears its L1.
-/// The listener resubscribes by itself, with a backoff of up to 2 s.
+/// The backplane resubscribes by itself, with a backoff of up to 2 s.
 pub struct RedisBackplane {
     hub: BackplaneHub,
     publisher: Connection,
+    /// Whether `publisher` is also the subscribed connection.
+    listens_on_publisher: bool,
     channel: String,
+    /// The task that keeps the subscription alive.
     listener: AbortHandle,
 }
 
@@ -41,6 +54,7 @@ impl fmt::Debug for RedisBackplane {
         f.debug_struct("RedisBackplane")
             .field("endpoint", &self.publisher.endpoint())
             .field("channel", &self.channel)
+            .field("listens_on_publisher", &self.listens_on_publisher)
             .finish_non_exhaustive()
     }
 }
@@ -55,6 +69,33 @@ impl RedisBackplane {
     /// Connects the publisher and subscribes; returns once the subscription is active, so that
     /// nothing published afterwards is missed. Needs a Tokio runtime.
     pub async fn connect(config: &RedisConfig) -> Result<Self> {
+        if config.cluster || !config.resp3_backplane {
+            Self::connect_dedicated(config).await
+        } else {
+            Self::connect_on_publisher(config).await
+        }
+    }
+
+    /// One RESP3 connection publishes and listens; its pushes are handled as they are read.
+    async fn connect_on_publisher(config: &RedisConfig) -> Result<Self> {
+        let hub = BackplaneHub::new();
+        let channel = config.channel_name();
+        let hearing = Arc::new(Hearing::default());
+        let pushes = on_push(hub.clone(), channel.clone(), hearing.clone());
+        let publisher = Connection::connect_for_pushes(config, pushes).await?;
+        publisher.subscribe(&channel).await?;
+        let listener = tokio::spawn(keep_subscribed(publisher.clone(), channel.clone(), hearing));
+        Ok(Self {
+            hub,
+            publisher,
+            listens_on_publisher: true,
+            channel,
+            listener: listener.abort_handle(),
+        })
+    }
+
+    /// A publishing connection, and a pub/sub connection kept alive by a task.
+    async fn connect_dedicated(config: &RedisConfig) -> Result<Self> {
         let publisher = Connection::connect(config).await?;
         let hub = BackplaneHub::new();
         let channel = config.channel_name();
@@ -78,9 +119,25 @@ impl RedisBackplane {
         Ok(Self {
             hub,
             publisher,
+            listens_on_publisher: false,
             channel,
             listener: listener.abort_handle(),
         })
+    }
+
+    /// The connection on which a write to `store` and its publish can go in one transaction:
+    /// this backplane's own when it listens on it and reaches the same server and login (the
+    /// invalidation then rides with the reply), else the store's when both are on one
+    /// standalone server; `None` otherwise.
+    fn transaction_connection<'a>(&'a self, store: &'a RedisStore) -> Option<&'a Connection> {
+        let theirs = store.connection();
+        if self.listens_on_publisher && self.publisher.same_server_and_login(theirs) {
+            Some(&self.publisher)
+        } else if !theirs.is_cluster() && theirs.endpoint() == self.publisher.endpoint() {
+            Some(theirs)
+        } else {
+            None
+        }
     }
 }
 
@@ -98,9 +155,10 @@ impl Backplane for RedisBackplane {
         self.hub.subscribe()
     }
 
-    /// On a standalone [`RedisStore`] of the same server: one script writes and then publishes,
-    /// so a write costs one round trip instead of two. Anything else (a cluster, another store,
-    /// a wrapped store): the write, then the publish.
+    /// On a standalone [`RedisStore`] of the same server: one transaction writes and then
+    /// publishes, so a write costs one round trip instead of two (see
+    /// [`RedisBackplane`] for the connection it goes on). Anything else (a cluster, another
+    /// store, a wrapped store): the write, then the publish.
     async fn write_then_publish(
         &self,
         store: &dyn Store,
@@ -110,12 +168,18 @@ impl Backplane for RedisBackplane {
     ) -> Result<Option<CacheError>> {
         let any: &dyn Any = store;
         if let Some(redis) = any.downcast_ref::<RedisStore>()
-            && !redis.connection().is_cluster()
-            && redis.connection().endpoint() == self.publisher.endpoint()
+            && let Some(connection) = self.transaction_connection(redis)
             && let Ok(message) = self.hub.encode(namespace, invalidation)
         {
             redis
-                .set_and_publish(write.key, &write.value, write.ttl, &self.channel, &message)
+                .set_and_publish(
+                    connection,
+                    write.key,
+                    &write.value,
+                    write.ttl,
+                    &self.channel,
+                    &message,
+                )
                 .await?;
             return Ok(None);
         }
@@ -123,7 +187,75 @@ impl Backplane for RedisBackplane {
     }
 }
 
-/// Keeps one subscription alive: subscribe, forward messages, and on loss resync and start over.
+/// Whether the subscription of a publishing connection is lost, and a wake-up for the task
+/// that restores it.
+#[derive(Default)]
+struct Hearing {
+    deaf: AtomicBool,
+    lost: Notify,
+}
+
+/// Handles the pushes of a publishing connection as the driver reads them, without a task in
+/// between: messages on `channel` go to the hub (an instance's own are dropped after a look at
+/// their header), a lost connection resyncs and wakes [`keep_subscribed`], and the first
+/// subscription confirmed after that resyncs again (whatever was published meanwhile is lost).
+fn on_push(
+    hub: BackplaneHub,
+    channel: String,
+    hearing: Arc<Hearing>,
+) -> impl Fn(PushInfo) -> std::result::Result<(), Infallible> + Send + Sync + 'static {
+    move |push| {
+        match push.kind {
+            PushKind::Message => {
+                if let [Value::BulkString(from), Value::BulkString(message)] = push.data.as_slice()
+                    && from.as_slice() == channel.as_bytes()
+                    && let Err(error) = hub.deliver_wire(message)
+                {
+                    tracing::warn!(error = %error, "undecodable backplane message dropped");
+                }
+            }
+            PushKind::Disconnection if !hearing.deaf.swap(true, Ordering::SeqCst) => {
+                tracing::warn!("backplane connection lost; clearing L1 and resubscribing");
+                hub.resync();
+                hearing.lost.notify_one();
+            }
+            PushKind::Subscribe if hearing.deaf.swap(false, Ordering::SeqCst) => {
+                tracing::info!("backplane resubscribed; clearing L1");
+                hub.resync();
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+/// Restores the subscription of a publishing connection after each loss. The connection
+/// reconnects and resubscribes by itself on its next command; this task sends that command
+/// (a `PING`), with a backoff, until the subscription is confirmed, and subscribes again if a
+/// live connection still is not (its resubscription failed).
+async fn keep_subscribed(connection: Connection, channel: String, hearing: Arc<Hearing>) {
+    loop {
+        hearing.lost.notified().await;
+        let mut backoff = Duration::from_millis(50);
+        while hearing.deaf.load(Ordering::SeqCst) {
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+            let alive = connection
+                .query::<String>("ping", &cmd("PING"))
+                .await
+                .is_ok();
+            if alive
+                && hearing.deaf.load(Ordering::SeqCst)
+                && let Err(error) = connection.subscribe(&channel).await
+            {
+                tracing::warn!(error = %error, "backplane cannot resubscribe; retrying");
+            }
+        }
+    }
+}
+
+/// Keeps one dedicated subscription alive: subscribe, forward messages, and on loss resync and
+/// start over.
 async fn listen(
     config: RedisConfig,
     channel: String,

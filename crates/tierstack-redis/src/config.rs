@@ -27,6 +27,8 @@ pub struct RedisConfig {
     pub(crate) response_timeout: Duration,
     pub(crate) max_in_flight: usize,
     pub(crate) channel: String,
+    /// Whether a standalone backplane listens on its publishing connection (RESP3).
+    pub(crate) resp3_backplane: bool,
     /// A PEM root certificate to trust instead of the built-in roots (feature `tls`).
     pub(crate) root_certificate: Option<Vec<u8>>,
 }
@@ -75,6 +77,7 @@ impl RedisConfig {
             response_timeout: Duration::from_millis(500),
             max_in_flight: 1024,
             channel: "tierstack:invalidations".into(),
+            resp3_backplane: true,
             root_certificate: None,
         }
     }
@@ -133,6 +136,17 @@ impl RedisConfig {
     #[must_use]
     pub fn channel(mut self, channel: &str) -> Self {
         channel.clone_into(&mut self.channel);
+        self
+    }
+
+    /// Whether a backplane on a standalone server listens on the connection it writes and
+    /// publishes on (default `true`). That connection speaks RESP3 (Redis 6 or later), and the
+    /// server sends an invalidation and the reply to the write that caused it on one socket.
+    /// `false` listens on a dedicated RESP2 pub/sub connection instead, for servers or proxies
+    /// without RESP3. A cluster backplane always uses a dedicated connection.
+    #[must_use]
+    pub fn resp3_backplane(mut self, on: bool) -> Self {
+        self.resp3_backplane = on;
         self
     }
 
@@ -204,6 +218,7 @@ impl fmt::Debug for RedisConfig {
             .field("response_timeout", &self.response_timeout)
             .field("max_in_flight", &self.max_in_flight)
             .field("channel", &self.channel)
+            .field("resp3_backplane", &self.resp3_backplane)
             .field("tls", &self.uses_tls())
             .field(
                 "root_certificate",

@@ -5,13 +5,13 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::{AsyncPushSender, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo, Slot};
 use redis::{
-    Cmd, ConnectionInfo, ErrorKind, FromRedisValue, Pipeline, RedisError, RetryMethod,
-    ServerErrorKind,
+    Cmd, ConnectionInfo, ErrorKind, FromRedisValue, Pipeline, ProtocolVersion, PushInfo,
+    RedisError, RetryMethod, ServerErrorKind,
 };
 use tierstack_core::{CacheError, Result};
 
@@ -32,11 +32,31 @@ pub(crate) struct Connection {
     permits: Arc<async_lock::Semaphore>,
     response_timeout: Duration,
     endpoint: Arc<str>,
+    /// The standalone server's address and login (`None` in a cluster), to tell whether two
+    /// connections may stand in for each other.
+    node: Option<Arc<ConnectionInfo>>,
 }
 
 impl Connection {
     /// Connects, failing within the connect timeout when the server is unreachable.
     pub(crate) async fn connect(config: &RedisConfig) -> Result<Self> {
+        Self::connect_with(config, None::<fn(PushInfo) -> std::result::Result<(), ()>>).await
+    }
+
+    /// Connects to a standalone server over RESP3, handing every push (pub/sub messages, and a
+    /// `Disconnection` when the socket is lost) to `push`, and resubscribing by itself to what
+    /// was subscribed once it reconnects.
+    pub(crate) async fn connect_for_pushes(
+        config: &RedisConfig,
+        push: impl AsyncPushSender,
+    ) -> Result<Self> {
+        Self::connect_with(config, Some(push)).await
+    }
+
+    async fn connect_with(
+        config: &RedisConfig,
+        push: Option<impl AsyncPushSender>,
+    ) -> Result<Self> {
         let endpoint: Arc<str> = config.endpoint().into();
         #[cfg(feature = "tls")]
         if config.uses_tls() || config.root_certificate.is_some() {
@@ -61,16 +81,26 @@ impl Connection {
                     .build()?;
                 Ok(Link::Cluster(client.get_async_connection().await?))
             } else {
-                let info = config.nodes.first().cloned().ok_or_else(|| {
+                let mut info = config.nodes.first().cloned().ok_or_else(|| {
                     RedisError::from((ErrorKind::InvalidClientConfig, "no node configured"))
                 })?;
+                if push.is_some() {
+                    let resp3 = info
+                        .redis_settings()
+                        .clone()
+                        .set_protocol(ProtocolVersion::RESP3);
+                    info = info.set_redis_settings(resp3);
+                }
                 let client = client_for(info, config)?;
                 // No response timeout in the driver: `guarded` times each call end to end.
-                let manager = ConnectionManagerConfig::new()
+                let mut manager = ConnectionManagerConfig::new()
                     .set_connection_timeout(Some(config.connect_timeout))
                     .set_response_timeout(None)
                     .set_number_of_retries(1)
                     .set_max_delay(Duration::from_secs(1));
+                if let Some(push) = push {
+                    manager = manager.set_push_sender(push).set_automatic_resubscription();
+                }
                 Ok(Link::Standalone(
                     client.get_connection_manager_with_config(manager).await?,
                 ))
@@ -94,7 +124,23 @@ impl Connection {
             permits: Arc::new(async_lock::Semaphore::new(config.max_in_flight)),
             response_timeout: config.response_timeout,
             endpoint,
+            node: (!config.cluster)
+                .then(|| config.nodes.first().cloned().map(Arc::new))
+                .flatten(),
         })
+    }
+
+    /// Whether both connections reach one standalone server, database and user, so that a
+    /// write may go over either.
+    pub(crate) fn same_server_and_login(&self, other: &Self) -> bool {
+        let (Some(mine), Some(theirs)) = (&self.node, &other.node) else {
+            return false;
+        };
+        let (a, b) = (mine.redis_settings(), theirs.redis_settings());
+        self.endpoint == other.endpoint
+            && a.db() == b.db()
+            && a.username() == b.username()
+            && a.password() == b.password()
     }
 
     pub(crate) fn is_cluster(&self) -> bool {
@@ -142,6 +188,21 @@ impl Connection {
                 after: limit,
             }),
         }
+    }
+
+    /// Subscribes a connection made by [`connect_for_pushes`](Self::connect_for_pushes) to
+    /// `channel`; its messages arrive as pushes.
+    pub(crate) async fn subscribe(&self, channel: &str) -> Result<()> {
+        self.guarded("subscribe", |link| async move {
+            match link {
+                Link::Standalone(mut c) => c.subscribe(channel).await,
+                Link::Cluster(_) => Err(RedisError::from((
+                    ErrorKind::InvalidClientConfig,
+                    "a cluster connection does not take subscriptions",
+                ))),
+            }
+        })
+        .await
     }
 
     /// The bound [`guarded`](Self::guarded) puts on every call.

@@ -147,8 +147,12 @@ impl RedisStore {
     /// the write only after it happened, and a write the server refuses (a full Redis under
     /// `noeviction`) aborts the transaction, so nothing is published. A Lua script did the same
     /// at a higher cost on the server.
+    ///
+    /// `on` is this store's connection, or a backplane's that reaches the same server, database
+    /// and user ([`Connection::same_server_and_login`]).
     pub(crate) async fn set_and_publish(
         &self,
+        on: &Connection,
         key: &str,
         value: &Bytes,
         ttl: Duration,
@@ -167,7 +171,7 @@ impl RedisStore {
             .add_command(set)
             .add_command(publish)
             .ignore();
-        self.conn.pipeline::<()>("set", &transaction).await
+        on.pipeline::<()>("set", &transaction).await
     }
 
     /// UNLINKs `keys` (bytes: SCAN may find keys that are not UTF-8), one call per slot group.

@@ -37,9 +37,19 @@ async fn instances(config: &RedisConfig, count: usize) -> Vec<TieredCache<String
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_instances_never_serve_the_old_value_after_delivery() {
+    three_instances_stay_fresh(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_instances_on_dedicated_subscriptions_never_serve_the_old_value() {
+    three_instances_stay_fresh(false).await;
+}
+
+async fn three_instances_stay_fresh(resp3: bool) {
     let config = RedisConfig::from_url(&common::redis_url())
         .unwrap()
-        .key_prefix(&common::unique_prefix("bp3"));
+        .key_prefix(&common::unique_prefix("bp3"))
+        .resp3_backplane(resp3);
     let caches = instances(&config, 3).await;
     caches[0].set("k", "v1".into()).await.unwrap();
     for cache in &caches {
@@ -98,8 +108,19 @@ async fn deletes_and_prefix_deletes_reach_every_instance() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_subscription_resyncs_and_resubscribes_by_itself() {
+    a_killed_subscription_comes_back(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_dedicated_subscription_resyncs_and_resubscribes_by_itself() {
+    a_killed_subscription_comes_back(false).await;
+}
+
+async fn a_killed_subscription_comes_back(resp3: bool) {
     let server = PrivateRedis::start(&[]);
-    let config = RedisConfig::from_url(&server.url()).unwrap();
+    let config = RedisConfig::from_url(&server.url())
+        .unwrap()
+        .resp3_backplane(resp3);
     let caches = instances(&config, 2).await;
     caches[0].set("k", "v1".into()).await.unwrap();
     eventually("first invalidation", async || {
@@ -131,6 +152,67 @@ async fn a_killed_subscription_resyncs_and_resubscribes_by_itself() {
         caches[1].get("k").await.unwrap().as_deref() == Some("v2")
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_backplane_resubscribes_after_a_server_restart() {
+    let mut server = PrivateRedis::start(&[]);
+    let config = RedisConfig::from_url(&server.url()).unwrap();
+    let caches = instances(&config, 2).await;
+    caches[0].set("k", "v1".into()).await.unwrap();
+    assert_eq!(caches[1].get("k").await.unwrap(), Some("v1".into()));
+    let resyncs = caches[1].stats().resyncs;
+
+    server.kill();
+    eventually("resync on the lost connection", async || {
+        caches[1].stats().resyncs > resyncs
+    })
+    .await;
+    // Down for longer than the driver's own reconnect attempts last.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    server.restart();
+
+    // Nobody writes or reads in between: the backplane comes back by itself.
+    eventually("resubscribed after the restart", async || {
+        server
+            .cli(&["PUBSUB", "NUMSUB", "tierstack:invalidations"])
+            .contains("\n2")
+    })
+    .await;
+    eventually("writes accepted again", async || {
+        caches[0].set("k", "v2".into()).await.is_ok()
+    })
+    .await;
+    // B's store reconnects on its first call after the outage (that call reads as a miss).
+    eventually("B reads Redis again", async || {
+        caches[1].get("k").await.unwrap().as_deref() == Some("v2")
+    })
+    .await;
+    caches[0].set("k", "v3".into()).await.unwrap();
+    eventually("invalidation after the restart", async || {
+        caches[1].get("k").await.unwrap().as_deref() == Some("v3")
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_on_another_database_keeps_its_writes_there() {
+    let server = PrivateRedis::start(&[]);
+    let store_config = RedisConfig::from_url(&format!("{}2", server.url())).unwrap();
+    let backplane_config = RedisConfig::from_url(&server.url()).unwrap();
+    let cache = TieredCache::<String>::builder("svc")
+        .l2(Arc::new(RedisStore::connect(&store_config).await.unwrap()))
+        .backplane(Arc::new(
+            RedisBackplane::connect(&backplane_config).await.unwrap(),
+        ))
+        .build()
+        .unwrap();
+    let transactions = calls(&server, "exec");
+    cache.set("k", "v".into()).await.unwrap();
+    assert_eq!(calls(&server, "exec"), transactions + 1, "one transaction");
+    // It went over the store's connection: the backplane's reaches database 0.
+    assert_eq!(server.cli(&["-n", "2", "DBSIZE"]).trim(), "1");
+    assert_eq!(server.cli(&["-n", "0", "DBSIZE"]).trim(), "0");
 }
 
 /// Calls of `command` since the server started, from INFO commandstats.
