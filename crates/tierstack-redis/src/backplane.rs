@@ -76,7 +76,7 @@ impl RedisBackplane {
         }
     }
 
-    /// One RESP3 connection publishes and listens; its pushes are handled as they are read.
+    /// One RESP3 connection publishes and listens; its pushes go to [`on_push`].
     async fn connect_on_publisher(config: &RedisConfig) -> Result<Self> {
         let hub = BackplaneHub::new();
         let channel = config.channel_name();
@@ -195,8 +195,9 @@ struct Hearing {
     lost: Notify,
 }
 
-/// Handles the pushes of a publishing connection as the driver reads them, without a task in
-/// between: messages on `channel` go to the hub (an instance's own are dropped after a look at
+/// Handles the pushes of a publishing connection, called by redis-rs's connection manager from
+/// the task that forwards them (no channel or task of ours in between): messages on `channel`
+/// go to the hub (an instance's own are dropped after a look at
 /// their header), a lost connection resyncs and wakes [`keep_subscribed`], and the first
 /// subscription confirmed after that resyncs again (whatever was published meanwhile is lost).
 fn on_push(

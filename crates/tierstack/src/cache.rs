@@ -117,6 +117,12 @@ enum Written {
     Failed,
 }
 
+/// A read of L2 answered without waiting, or the store key to await it with.
+enum L2Now<V> {
+    Answered(Result<L2Read<V>>),
+    Await(BufferedKey),
+}
+
 /// What an L2 read found.
 enum L2Read<V> {
     /// A value or a negative entry, with its remaining time to live.
@@ -150,8 +156,8 @@ where
         if inner.l1.is_none() {
             // Without an L1 there is nothing to fill: read L2 directly, one layer less.
             let read = match inner.read_l2_now(key) {
-                Some(read) => read,
-                None => inner.read_l2(key).await,
+                L2Now::Answered(read) => read,
+                L2Now::Await(store_key) => inner.read_l2(key, &store_key).await,
             };
             if let Ok(L2Read::Hit(value, _)) = read {
                 inner.recorder.l2_hit();
@@ -417,7 +423,11 @@ where
         if let Some(hit) = inner.l1_get(key).await {
             return Ok(hit.is_some());
         }
-        match inner.read_l2(key).await? {
+        let read = match inner.read_l2_now(key) {
+            L2Now::Answered(read) => read,
+            L2Now::Await(store_key) => inner.read_l2(key, &store_key).await,
+        };
+        match read? {
             L2Read::Hit(value, _) => Ok(value.is_some()),
             L2Read::Miss => Ok(false),
         }
@@ -589,8 +599,8 @@ where
     async fn l2_lookup(&self, key: &str) -> Result<Option<Option<V>>> {
         let snapshot = self.l1.as_ref().map(|_| self.freshness.snapshot(key));
         let read = match self.read_l2_now(key) {
-            Some(read) => read,
-            None => self.read_l2(key).await,
+            L2Now::Answered(read) => read,
+            L2Now::Await(store_key) => self.read_l2(key, &store_key).await,
         };
         match read? {
             L2Read::Hit(value, ttl) => {
@@ -604,44 +614,48 @@ where
         }
     }
 
-    /// [`read_l2`](Self::read_l2) without waiting, from a store that answers at once (an
-    /// in-process one): no boxed future, no async layers. `None` when the store cannot answer
-    /// now, or when the entry does not decode (the awaited read then discards it).
-    fn read_l2_now(&self, key: &str) -> Option<Result<L2Read<V>>> {
+    /// Reads `key` from a store that answers at once (an in-process one), with no boxed future
+    /// and no async layers; otherwise hands back the store key for [`read_l2`](Self::read_l2)
+    /// to await the read with. A corrupt entry is handed back too: the awaited read discards it.
+    fn read_l2_now(&self, key: &str) -> L2Now<V> {
         let Some(l2) = &self.l2 else {
-            return Some(Ok(L2Read::Miss));
+            return L2Now::Answered(Ok(L2Read::Miss));
         };
         let store_key = BufferedKey::new(&self.namespace, key);
         let found = if self.l1.is_some() {
-            l2.get_with_ttl_now(&store_key)?
-                .map(|found| found.map(|entry| (entry.value, entry.ttl)))
+            match l2.get_with_ttl_now(&store_key) {
+                Some(found) => found.map(|found| found.map(|entry| (entry.value, entry.ttl))),
+                None => return L2Now::Await(store_key),
+            }
         } else {
-            l2.get_now(&store_key)?
-                .map(|found| found.map(|value| (value, Duration::ZERO)))
+            match l2.get_now(&store_key) {
+                Some(found) => found.map(|found| found.map(|value| (value, Duration::ZERO))),
+                None => return L2Now::Await(store_key),
+            }
         };
         match self.l2_answered(L2Op::Get, found) {
-            Err(error) => Some(Err(error)),
-            Ok(None) => Some(Ok(L2Read::Miss)),
-            Ok(Some((bytes, ttl))) => {
-                let value = self.decode_entry(&bytes).ok()?;
-                Some(Ok(L2Read::Hit(value, ttl)))
-            }
+            Err(error) => L2Now::Answered(Err(error)),
+            Ok(None) => L2Now::Answered(Ok(L2Read::Miss)),
+            Ok(Some((bytes, ttl))) => match self.decode_entry(&bytes) {
+                Ok(value) => L2Now::Answered(Ok(L2Read::Hit(value, ttl))),
+                Err(_) => L2Now::Await(store_key),
+            },
         }
     }
 
-    /// Reads and decodes `key` from L2; a corrupt entry is discarded and reads as a miss.
-    async fn read_l2(&self, key: &str) -> Result<L2Read<V>> {
+    /// Reads and decodes `key` (under `store_key`) from L2, awaiting the store; a corrupt entry
+    /// is discarded and reads as a miss.
+    async fn read_l2(&self, key: &str, store_key: &str) -> Result<L2Read<V>> {
         let Some(l2) = &self.l2 else {
             return Ok(L2Read::Miss);
         };
-        let store_key = BufferedKey::new(&self.namespace, key);
         // The remaining TTL only serves to fill L1: without one, a plain GET will do.
         let found = if self.l1.is_some() {
-            self.l2_single_key_call(L2Op::Get, l2.get_with_ttl(&store_key))
+            self.l2_single_key_call(L2Op::Get, l2.get_with_ttl(store_key))
                 .await?
                 .map(|entry| (entry.value, entry.ttl))
         } else {
-            self.l2_single_key_call(L2Op::Get, l2.get(&store_key))
+            self.l2_single_key_call(L2Op::Get, l2.get(store_key))
                 .await?
                 .map(|value| (value, Duration::ZERO))
         };
@@ -652,7 +666,7 @@ where
             Ok(value) => Ok(L2Read::Hit(value, ttl)),
             Err(error) => {
                 // Boxed, so that this rare path does not enlarge every read's future.
-                Box::pin(self.discard_corrupt(key, &store_key, error)).await;
+                Box::pin(self.discard_corrupt(key, store_key, error)).await;
                 Ok(L2Read::Miss)
             }
         }
