@@ -31,7 +31,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(2);
 /// On a standalone server it listens, by default, on the connection it publishes on (RESP3,
 /// Redis 6 or later; see [`RedisConfig::resp3_backplane`]). A `set` through a `TieredCache` on
 /// a [`RedisStore`] of the same server and login then writes and publishes on that connection
-/// in one transaction, and the server sends the writer's own invalidation with the reply, on
+/// in one pipeline, and the server sends the writer's own invalidation with the replies, on
 /// one socket. A cluster, or `resp3_backplane(false)`, listens on a dedicated pub/sub
 /// connection instead.
 ///
@@ -125,11 +125,11 @@ impl RedisBackplane {
         })
     }
 
-    /// The connection on which a write to `store` and its publish can go in one transaction:
+    /// The connection on which a write to `store` and its publish can go in one pipeline:
     /// this backplane's own when it listens on it and reaches the same server and login (the
     /// invalidation then rides with the reply), else the store's when both are on one
     /// standalone server; `None` otherwise.
-    fn transaction_connection<'a>(&'a self, store: &'a RedisStore) -> Option<&'a Connection> {
+    fn pipeline_connection<'a>(&'a self, store: &'a RedisStore) -> Option<&'a Connection> {
         let theirs = store.connection();
         if self.listens_on_publisher && self.publisher.same_server_and_login(theirs) {
             Some(&self.publisher)
@@ -155,7 +155,7 @@ impl Backplane for RedisBackplane {
         self.hub.subscribe()
     }
 
-    /// On a standalone [`RedisStore`] of the same server: one transaction writes and then
+    /// On a standalone [`RedisStore`] of the same server: one pipeline writes and then
     /// publishes, so a write costs one round trip instead of two (see
     /// [`RedisBackplane`] for the connection it goes on). Anything else (a cluster, another
     /// store, a wrapped store): the write, then the publish.
@@ -168,10 +168,10 @@ impl Backplane for RedisBackplane {
     ) -> Result<Option<CacheError>> {
         let any: &dyn Any = store;
         if let Some(redis) = any.downcast_ref::<RedisStore>()
-            && let Some(connection) = self.transaction_connection(redis)
+            && let Some(connection) = self.pipeline_connection(redis)
             && let Ok(message) = self.hub.encode(namespace, invalidation)
         {
-            redis
+            return redis
                 .set_and_publish(
                     connection,
                     write.key,
@@ -180,8 +180,7 @@ impl Backplane for RedisBackplane {
                     &self.channel,
                     &message,
                 )
-                .await?;
-            return Ok(None);
+                .await;
         }
         write_then_publish_in_order(self, store, write, namespace, invalidation).await
     }

@@ -11,7 +11,7 @@ use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo, Slot};
 use redis::{
     Cmd, ConnectionInfo, ErrorKind, FromRedisValue, Pipeline, ProtocolVersion, PushInfo,
-    RedisError, RetryMethod, ServerErrorKind,
+    RedisError, RetryMethod, ServerError, ServerErrorKind,
 };
 use tierstack_core::{CacheError, Result};
 
@@ -188,6 +188,17 @@ impl Connection {
                 after: limit,
             }),
         }
+    }
+
+    /// A command's refusal, found among a pipeline's replies, as the error the command alone
+    /// would have returned.
+    pub(crate) fn refused(&self, operation: &'static str, refusal: ServerError) -> CacheError {
+        map_error(
+            operation,
+            &self.endpoint,
+            self.response_timeout,
+            RedisError::from(refusal),
+        )
     }
 
     /// Subscribes a connection made by [`connect_for_pushes`](Self::connect_for_pushes) to

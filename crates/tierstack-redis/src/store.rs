@@ -142,11 +142,15 @@ impl RedisStore {
         Ok(out)
     }
 
-    /// Writes `value` and then publishes `message` on `channel` in one transaction (`MULTI`,
-    /// `SET`, `PUBLISH`, `EXEC`, sent as one pipeline): one round trip, the subscribers hear of
-    /// the write only after it happened, and a write the server refuses (a full Redis under
-    /// `noeviction`) aborts the transaction, so nothing is published. A Lua script did the same
-    /// at a higher cost on the server.
+    /// Writes `value` and then publishes `message` on `channel`: `SET` and `PUBLISH` sent as
+    /// one pipeline, so one round trip, and the server runs them in that order, so the
+    /// subscribers hear of the write only after it happened.
+    ///
+    /// Returns the publish's error if only the publish was refused (the write stands). No
+    /// `MULTI`/`EXEC`: a transaction would spare the other instances one needless eviction when
+    /// the server refuses the write (a full Redis under `noeviction`), but its three extra
+    /// replies cost every write about 7,000 client instructions (docs/benchmarks.md), and an
+    /// eviction of an entry that did not change is harmless.
     ///
     /// `on` is this store's connection, or a backplane's that reaches the same server, database
     /// and user ([`Connection::same_server_and_login`]).
@@ -158,20 +162,29 @@ impl RedisStore {
         ttl: Duration,
         channel: &str,
         message: &[u8],
-    ) -> Result<()> {
+    ) -> Result<Option<CacheError>> {
         validate_ttl(ttl)?;
         self.check_value(value)?;
         let mut set = self.key_command("SET", key, 3, value.len() + MILLIS_ARGS_LEN)?;
         set.arg(value.as_ref()).arg("PX").arg(millis(ttl));
         let mut publish = Cmd::with_capacity(3, "PUBLISH".len() + channel.len() + message.len());
         publish.arg("PUBLISH").arg(channel).arg(message);
-        let mut transaction = Pipeline::with_capacity(2);
-        transaction
-            .atomic()
+        let mut pipeline = Pipeline::with_capacity(2);
+        // Each command's own reply, a refusal included: the write and the publish fail apart.
+        pipeline
             .add_command(set)
             .add_command(publish)
-            .ignore();
-        on.pipeline::<()>("set", &transaction).await
+            .ignore_errors();
+        let replies: Vec<Value> = on.pipeline("set", &pipeline).await?;
+        let [written, published] = <[Value; 2]>::try_from(replies)
+            .map_err(|_| CacheError::backend("set", true, "short pipeline reply"))?;
+        if let Value::ServerError(refusal) = written {
+            return Err(on.refused("set", refusal));
+        }
+        Ok(match published {
+            Value::ServerError(refusal) => Some(on.refused("publish", refusal)),
+            _ => None,
+        })
     }
 
     /// UNLINKs `keys` (bytes: SCAN may find keys that are not UTF-8), one call per slot group.
