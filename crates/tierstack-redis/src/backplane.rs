@@ -1,7 +1,6 @@
 //! `RedisBackplane`: invalidations over Redis pub/sub.
 
 use std::any::Any;
-use std::convert::Infallible;
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,6 +21,8 @@ use crate::config::{RedisConfig, endpoint_of};
 use crate::connection::{Connection, client_for, map_error};
 use crate::store::RedisStore;
 
+/// The first pause between two attempts to resubscribe, doubled after each failure.
+const FIRST_BACKOFF: Duration = Duration::from_millis(50);
 /// The longest pause between two attempts to resubscribe.
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
@@ -42,8 +43,8 @@ const MAX_BACKOFF: Duration = Duration::from_secs(2);
 pub struct RedisBackplane {
     hub: BackplaneHub,
     publisher: Connection,
-    /// Whether `publisher` is also the subscribed connection.
-    listens_on_publisher: bool,
+    /// Set when `publisher` is also the subscribed connection: whether it is listening.
+    hearing: Option<Arc<Hearing>>,
     channel: String,
     /// The task that keeps the subscription alive.
     listener: AbortHandle,
@@ -54,7 +55,7 @@ impl fmt::Debug for RedisBackplane {
         f.debug_struct("RedisBackplane")
             .field("endpoint", &self.publisher.endpoint())
             .field("channel", &self.channel)
-            .field("listens_on_publisher", &self.listens_on_publisher)
+            .field("listens_on_publisher", &self.hearing.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -82,13 +83,12 @@ impl RedisBackplane {
         let channel = config.channel_name();
         let hearing = Arc::new(Hearing::default());
         let pushes = on_push(hub.clone(), channel.clone(), hearing.clone());
-        let publisher = Connection::connect_for_pushes(config, pushes).await?;
-        publisher.subscribe(&channel).await?;
-        let listener = tokio::spawn(keep_subscribed(publisher.clone(), channel.clone(), hearing));
+        let publisher = Connection::connect_for_pushes(config, &channel, pushes).await?;
+        let listener = tokio::spawn(keep_subscribed(publisher.clone(), hearing.clone()));
         Ok(Self {
             hub,
             publisher,
-            listens_on_publisher: true,
+            hearing: Some(hearing),
             channel,
             listener: listener.abort_handle(),
         })
@@ -119,19 +119,24 @@ impl RedisBackplane {
         Ok(Self {
             hub,
             publisher,
-            listens_on_publisher: false,
+            hearing: None,
             channel,
             listener: listener.abort_handle(),
         })
     }
 
     /// The connection on which a write to `store` and its publish can go in one pipeline:
-    /// this backplane's own when it listens on it and reaches the same server and login (the
-    /// invalidation then rides with the reply), else the store's when both are on one
-    /// standalone server; `None` otherwise.
+    /// this backplane's own when it is listening on it and reaches the same server and login
+    /// (the invalidation then rides with the replies), else the store's when both are on one
+    /// standalone server (so a write does not wait for the backplane to reconnect); `None`
+    /// otherwise.
     fn pipeline_connection<'a>(&'a self, store: &'a RedisStore) -> Option<&'a Connection> {
         let theirs = store.connection();
-        if self.listens_on_publisher && self.publisher.same_server_and_login(theirs) {
+        let listening = self
+            .hearing
+            .as_ref()
+            .is_some_and(|hearing| !hearing.deaf.load(Ordering::SeqCst));
+        if listening && self.publisher.same_server_and_login(theirs) {
             Some(&self.publisher)
         } else if !theirs.is_cluster() && theirs.endpoint() == self.publisher.endpoint() {
             Some(theirs)
@@ -194,62 +199,48 @@ struct Hearing {
     lost: Notify,
 }
 
-/// Handles the pushes of a publishing connection, called by redis-rs's connection manager from
-/// the task that forwards them (no channel or task of ours in between): messages on `channel`
-/// go to the hub (an instance's own are dropped after a look at
-/// their header), a lost connection resyncs and wakes [`keep_subscribed`], and the first
-/// subscription confirmed after that resyncs again (whatever was published meanwhile is lost).
+/// Handles the pushes of a publishing connection, called by redis-rs's driver as it reads them
+/// (no channel or task in between): messages on `channel` go to the hub (an instance's own are
+/// dropped after a look at their header), a lost connection resyncs and wakes
+/// [`keep_subscribed`], and the first subscription confirmed after that resyncs again (whatever
+/// was published meanwhile is lost).
 fn on_push(
     hub: BackplaneHub,
     channel: String,
     hearing: Arc<Hearing>,
-) -> impl Fn(PushInfo) -> std::result::Result<(), Infallible> + Send + Sync + 'static {
-    move |push| {
-        match push.kind {
-            PushKind::Message => {
-                if let [Value::BulkString(from), Value::BulkString(message)] = push.data.as_slice()
-                    && from.as_slice() == channel.as_bytes()
-                    && let Err(error) = hub.deliver_wire(message)
-                {
-                    tracing::warn!(error = %error, "undecodable backplane message dropped");
-                }
+) -> impl Fn(PushInfo) + Send + Sync + 'static {
+    move |push| match push.kind {
+        PushKind::Message => {
+            if let [Value::BulkString(from), Value::BulkString(message)] = push.data.as_slice()
+                && from.as_slice() == channel.as_bytes()
+                && let Err(error) = hub.deliver_wire(message)
+            {
+                tracing::warn!(error = %error, "undecodable backplane message dropped");
             }
-            PushKind::Disconnection if !hearing.deaf.swap(true, Ordering::SeqCst) => {
-                tracing::warn!("backplane connection lost; clearing L1 and resubscribing");
-                hub.resync();
-                hearing.lost.notify_one();
-            }
-            PushKind::Subscribe if hearing.deaf.swap(false, Ordering::SeqCst) => {
-                tracing::info!("backplane resubscribed; clearing L1");
-                hub.resync();
-            }
-            _ => {}
         }
-        Ok(())
+        PushKind::Disconnection if !hearing.deaf.swap(true, Ordering::SeqCst) => {
+            tracing::warn!("backplane connection lost; clearing L1 and resubscribing");
+            hub.resync();
+            hearing.lost.notify_one();
+        }
+        PushKind::Subscribe if hearing.deaf.swap(false, Ordering::SeqCst) => {
+            tracing::info!("backplane resubscribed; clearing L1");
+            hub.resync();
+        }
+        _ => {}
     }
 }
 
-/// Restores the subscription of a publishing connection after each loss. The connection
-/// reconnects and resubscribes by itself on its next command; this task sends that command
-/// (a `PING`), with a backoff, until the subscription is confirmed, and subscribes again if a
-/// live connection still is not (its resubscription failed).
-async fn keep_subscribed(connection: Connection, channel: String, hearing: Arc<Hearing>) {
+/// Replaces the socket of a publishing connection after each loss: a new socket, subscribed,
+/// tried at once and then with a backoff until the server answers.
+async fn keep_subscribed(connection: Connection, hearing: Arc<Hearing>) {
     loop {
         hearing.lost.notified().await;
-        let mut backoff = Duration::from_millis(50);
-        while hearing.deaf.load(Ordering::SeqCst) {
+        let mut backoff = FIRST_BACKOFF;
+        while let Err(error) = connection.reconnect().await {
+            tracing::warn!(error = %error, retry_in = ?backoff, "backplane cannot resubscribe");
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(MAX_BACKOFF);
-            let alive = connection
-                .query::<String>("ping", &cmd("PING"))
-                .await
-                .is_ok();
-            if alive
-                && hearing.deaf.load(Ordering::SeqCst)
-                && let Err(error) = connection.subscribe(&channel).await
-            {
-                tracing::warn!(error = %error, "backplane cannot resubscribe; retrying");
-            }
         }
     }
 }
@@ -263,7 +254,7 @@ async fn listen(
     ready: oneshot::Sender<Result<()>>,
 ) {
     let mut ready = Some(ready);
-    let mut backoff = Duration::from_millis(50);
+    let mut backoff = FIRST_BACKOFF;
     let mut node = 0;
     loop {
         let info = config.nodes[node % config.nodes.len()].clone();
@@ -304,7 +295,7 @@ async fn listen(
                 continue;
             }
         };
-        backoff = Duration::from_millis(50);
+        backoff = FIRST_BACKOFF;
         if let Some(ready) = ready.take() {
             let _ = ready.send(Ok(()));
         } else {

@@ -5,22 +5,76 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use redis::aio::{AsyncPushSender, ConnectionManager, ConnectionManagerConfig};
+use redis::aio::{
+    ConnectionLike, ConnectionManager, ConnectionManagerConfig, MultiplexedConnection,
+};
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo, Slot};
 use redis::{
-    Cmd, ConnectionInfo, ErrorKind, FromRedisValue, Pipeline, ProtocolVersion, PushInfo,
-    RedisError, RetryMethod, ServerError, ServerErrorKind,
+    AsyncConnectionConfig, Cmd, ConnectionInfo, ErrorKind, FromRedisValue, Pipeline,
+    ProtocolVersion, PushInfo, RedisError, RedisFuture, RetryMethod, ServerError, ServerErrorKind,
+    Value,
 };
 use tierstack_core::{CacheError, Result};
 
 use crate::config::RedisConfig;
+use crate::pushing::PushingSocket;
 
 #[derive(Clone)]
 enum Link {
     Standalone(ConnectionManager),
+    /// A standalone backplane's subscribed RESP3 socket.
+    Pushing(Arc<PushingSocket>),
     Cluster(ClusterConnection),
+}
+
+/// What one request goes on: the link's connection at the time of the call.
+enum Handle {
+    Managed(ConnectionManager),
+    Direct(MultiplexedConnection),
+    Cluster(ClusterConnection),
+}
+
+impl Link {
+    async fn handle(&self) -> Handle {
+        match self {
+            Link::Standalone(c) => Handle::Managed(c.clone()),
+            Link::Pushing(socket) => Handle::Direct(socket.live().await),
+            Link::Cluster(c) => Handle::Cluster(c.clone()),
+        }
+    }
+}
+
+impl ConnectionLike for Handle {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Handle::Managed(c) => c.req_packed_command(cmd),
+            Handle::Direct(c) => c.req_packed_command(cmd),
+            Handle::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Handle::Managed(c) => c.req_packed_commands(pipeline, offset, count),
+            Handle::Direct(c) => c.req_packed_commands(pipeline, offset, count),
+            Handle::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Handle::Managed(c) => c.get_db(),
+            Handle::Direct(c) => c.get_db(),
+            Handle::Cluster(c) => c.get_db(),
+        }
+    }
 }
 
 /// A cheap-to-clone handle on one connection (standalone: one multiplexed socket that
@@ -31,6 +85,8 @@ pub(crate) struct Connection {
     /// The in-flight bound. (async-lock's semaphore: tokio's takes a lock on every release.)
     permits: Arc<async_lock::Semaphore>,
     response_timeout: Duration,
+    /// How long a connect may take: the connect timeout plus one round trip to log in.
+    connect_limit: Duration,
     endpoint: Arc<str>,
     /// The standalone server's address and login (`None` in a cluster), to tell whether two
     /// connections may stand in for each other.
@@ -40,28 +96,6 @@ pub(crate) struct Connection {
 impl Connection {
     /// Connects, failing within the connect timeout when the server is unreachable.
     pub(crate) async fn connect(config: &RedisConfig) -> Result<Self> {
-        Self::connect_with(config, None::<fn(PushInfo) -> std::result::Result<(), ()>>).await
-    }
-
-    /// Connects to a standalone server over RESP3, handing every push (pub/sub messages, and a
-    /// `Disconnection` when the socket is lost) to `push`, and resubscribing by itself to what
-    /// was subscribed once it reconnects.
-    pub(crate) async fn connect_for_pushes(
-        config: &RedisConfig,
-        push: impl AsyncPushSender,
-    ) -> Result<Self> {
-        Self::connect_with(config, Some(push)).await
-    }
-
-    async fn connect_with(
-        config: &RedisConfig,
-        push: Option<impl AsyncPushSender>,
-    ) -> Result<Self> {
-        let endpoint: Arc<str> = config.endpoint().into();
-        #[cfg(feature = "tls")]
-        if config.uses_tls() || config.root_certificate.is_some() {
-            install_crypto_provider();
-        }
         let connecting = async {
             if config.cluster {
                 let builder = ClusterClientBuilder::new(config.nodes.clone());
@@ -81,31 +115,75 @@ impl Connection {
                     .build()?;
                 Ok(Link::Cluster(client.get_async_connection().await?))
             } else {
-                let mut info = config.nodes.first().cloned().ok_or_else(|| {
-                    RedisError::from((ErrorKind::InvalidClientConfig, "no node configured"))
-                })?;
-                if push.is_some() {
-                    let resp3 = info
-                        .redis_settings()
-                        .clone()
-                        .set_protocol(ProtocolVersion::RESP3);
-                    info = info.set_redis_settings(resp3);
-                }
-                let client = client_for(info, config)?;
+                let client = client_for(first_node(config)?, config)?;
                 // No response timeout in the driver: `guarded` times each call end to end.
-                let mut manager = ConnectionManagerConfig::new()
+                let manager = ConnectionManagerConfig::new()
                     .set_connection_timeout(Some(config.connect_timeout))
                     .set_response_timeout(None)
                     .set_number_of_retries(1)
                     .set_max_delay(Duration::from_secs(1));
-                if let Some(push) = push {
-                    manager = manager.set_push_sender(push).set_automatic_resubscription();
-                }
                 Ok(Link::Standalone(
                     client.get_connection_manager_with_config(manager).await?,
                 ))
             }
         };
+        Self::connect_within_limit(config, connecting).await
+    }
+
+    /// Connects to a standalone server over RESP3 and subscribes to `channel`, handing every
+    /// push (the channel's messages, subscription confirmations, and a `Disconnection` when the
+    /// socket is lost) to `on_push`, on the task that reads the socket. It does not reconnect
+    /// by itself: after a loss, requests wait (within the response timeout) for
+    /// [`reconnect`](Self::reconnect).
+    pub(crate) async fn connect_for_pushes(
+        config: &RedisConfig,
+        channel: &str,
+        on_push: impl Fn(PushInfo) + Send + Sync + 'static,
+    ) -> Result<Self> {
+        let connecting = async {
+            let info = first_node(config)?;
+            let resp3 = info
+                .redis_settings()
+                .clone()
+                .set_protocol(ProtocolVersion::RESP3);
+            let client = client_for(info.set_redis_settings(resp3), config)?;
+            let socket = AsyncConnectionConfig::new()
+                .set_connection_timeout(Some(config.connect_timeout))
+                .set_response_timeout(None);
+            let socket = PushingSocket::connect(client, socket, channel, on_push).await?;
+            Ok(Link::Pushing(Arc::new(socket)))
+        };
+        Self::connect_within_limit(config, connecting).await
+    }
+
+    /// Replaces the socket of a connection made by
+    /// [`connect_for_pushes`](Self::connect_for_pushes) with a new, subscribed one; a no-op
+    /// on other connections, which reconnect by themselves.
+    pub(crate) async fn reconnect(&self) -> Result<()> {
+        let Link::Pushing(socket) = &self.link else {
+            return Ok(());
+        };
+        let limit = self.connect_limit;
+        match tokio::time::timeout(limit, socket.reconnect()).await {
+            Ok(result) => {
+                result.map_err(|error| map_error("reconnect", &self.endpoint, limit, error))
+            }
+            Err(_) => Err(CacheError::Timeout {
+                operation: "reconnect",
+                after: limit,
+            }),
+        }
+    }
+
+    async fn connect_within_limit(
+        config: &RedisConfig,
+        connecting: impl Future<Output = redis::RedisResult<Link>>,
+    ) -> Result<Self> {
+        let endpoint: Arc<str> = config.endpoint().into();
+        #[cfg(feature = "tls")]
+        if config.uses_tls() || config.root_certificate.is_some() {
+            install_crypto_provider();
+        }
         // The driver retries a failed connect; the caller asked for an answer within the
         // connect timeout (plus a margin for the authentication round trip).
         let limit = config.connect_timeout + config.response_timeout;
@@ -123,6 +201,7 @@ impl Connection {
             link,
             permits: Arc::new(async_lock::Semaphore::new(config.max_in_flight)),
             response_timeout: config.response_timeout,
+            connect_limit: limit,
             endpoint,
             node: (!config.cluster)
                 .then(|| config.nodes.first().cloned().map(Arc::new))
@@ -156,7 +235,7 @@ impl Connection {
     /// for the reply all count. One timer per call: the standalone driver arms none of its own.
     async fn guarded<T, F, Fut>(&self, operation: &'static str, request: F) -> Result<T>
     where
-        F: FnOnce(Link) -> Fut,
+        F: FnOnce(Handle) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
         let limit = self.response_timeout;
@@ -177,7 +256,7 @@ impl Connection {
                 }
                 permit
             };
-            request(self.link.clone())
+            request(self.link.handle().await)
                 .await
                 .map_err(|error| map_error(operation, &self.endpoint, limit, error))
         };
@@ -201,21 +280,6 @@ impl Connection {
         )
     }
 
-    /// Subscribes a connection made by [`connect_for_pushes`](Self::connect_for_pushes) to
-    /// `channel`; its messages arrive as pushes.
-    pub(crate) async fn subscribe(&self, channel: &str) -> Result<()> {
-        self.guarded("subscribe", |link| async move {
-            match link {
-                Link::Standalone(mut c) => c.subscribe(channel).await,
-                Link::Cluster(_) => Err(RedisError::from((
-                    ErrorKind::InvalidClientConfig,
-                    "a cluster connection does not take subscriptions",
-                ))),
-            }
-        })
-        .await
-    }
-
     /// The bound [`guarded`](Self::guarded) puts on every call.
     pub(crate) fn response_timeout(&self) -> Duration {
         self.response_timeout
@@ -227,11 +291,8 @@ impl Connection {
         operation: &'static str,
         cmd: &Cmd,
     ) -> Result<T> {
-        self.guarded(operation, |link| async move {
-            match link {
-                Link::Standalone(mut c) => cmd.query_async(&mut c).await,
-                Link::Cluster(mut c) => cmd.query_async(&mut c).await,
-            }
+        self.guarded(operation, |mut handle| async move {
+            cmd.query_async(&mut handle).await
         })
         .await
     }
@@ -242,11 +303,8 @@ impl Connection {
         operation: &'static str,
         pipe: &Pipeline,
     ) -> Result<T> {
-        self.guarded(operation, |link| async move {
-            match link {
-                Link::Standalone(mut c) => pipe.query_async(&mut c).await,
-                Link::Cluster(mut c) => pipe.query_async(&mut c).await,
-            }
+        self.guarded(operation, |mut handle| async move {
+            pipe.query_async(&mut handle).await
         })
         .await
     }
@@ -257,11 +315,8 @@ impl Connection {
         operation: &'static str,
         invocation: &redis::ScriptInvocation<'_>,
     ) -> Result<T> {
-        self.guarded(operation, |link| async move {
-            match link {
-                Link::Standalone(mut c) => invocation.invoke_async(&mut c).await,
-                Link::Cluster(mut c) => invocation.invoke_async(&mut c).await,
-            }
+        self.guarded(operation, |mut handle| async move {
+            invocation.invoke_async(&mut handle).await
         })
         .await
     }
@@ -278,10 +333,10 @@ impl Connection {
             port: node.1,
         });
         let value = self
-            .guarded(operation, |link| async move {
-                match link {
-                    Link::Cluster(mut c) => c.route_command(cmd.clone(), routing).await,
-                    Link::Standalone(mut c) => cmd.query_async(&mut c).await,
+            .guarded(operation, |handle| async move {
+                match handle {
+                    Handle::Cluster(mut c) => c.route_command(cmd.clone(), routing).await,
+                    mut standalone => cmd.query_async(&mut standalone).await,
                 }
             })
             .await?;
@@ -323,6 +378,15 @@ impl Connection {
 }
 
 /// A client for one node, trusting the configured root certificate if there is one.
+/// A standalone configuration's server.
+fn first_node(config: &RedisConfig) -> redis::RedisResult<ConnectionInfo> {
+    config
+        .nodes
+        .first()
+        .cloned()
+        .ok_or_else(|| RedisError::from((ErrorKind::InvalidClientConfig, "no node configured")))
+}
+
 pub(crate) fn client_for(
     info: ConnectionInfo,
     config: &RedisConfig,

@@ -39,6 +39,7 @@
 mod backplane;
 mod config;
 mod connection;
+mod pushing;
 mod store;
 mod structures;
 

@@ -401,3 +401,58 @@ async fn the_documented_acl_is_enough_for_the_cache_and_its_backplane() {
         server.cli(&["ACL", "LOG"])
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_go_through_the_store_while_the_backplane_cannot_resubscribe() {
+    let server = PrivateRedis::start(&[]);
+    server.cli(&["ACL", "SETUSER", "svc", "on", ">pw", "~*", "&*", "+@all"]);
+    let config = RedisConfig::from_url(&server.url())
+        .unwrap()
+        .credentials(Some("svc"), "pw")
+        .response_timeout(Duration::from_millis(300));
+    let caches = instances(&config, 2).await;
+    caches[0].set("k", "v1".into()).await.unwrap();
+    assert_eq!(caches[1].get("k").await.unwrap().as_deref(), Some("v1"));
+
+    // Both backplanes lose their socket and cannot subscribe a new one.
+    server.cli(&["ACL", "SETUSER", "svc", "-subscribe"]);
+    server.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]);
+    eventually("both resynced", async || {
+        caches.iter().all(|cache| cache.stats().resyncs >= 1)
+    })
+    .await;
+    caches[0].set("k", "v2".into()).await.unwrap();
+    assert_eq!(
+        caches[1].get("k").await.unwrap().as_deref(),
+        Some("v2"),
+        "the write reached Redis (the resync emptied the reader's L1)"
+    );
+
+    server.cli(&["ACL", "SETUSER", "svc", "+subscribe"]);
+    let resyncs = caches[1].stats().resyncs;
+    eventually("resubscribed", async || caches[1].stats().resyncs > resyncs).await;
+    caches[0].set("k", "v3".into()).await.unwrap();
+    eventually("fresh again", async || {
+        caches[1].get("k").await.unwrap().as_deref() == Some("v3")
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_backplane_closes_its_connection() {
+    let server = PrivateRedis::start(&[]);
+    let config = RedisConfig::from_url(&server.url()).unwrap();
+    let subscribed = || {
+        server
+            .cli(&["CLIENT", "LIST", "TYPE", "pubsub"])
+            .lines()
+            .count()
+    };
+    let backplane = RedisBackplane::connect(&config).await.unwrap();
+    assert_eq!(subscribed(), 1);
+    // Once across a reconnect, whose handler outlives the first socket.
+    server.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]);
+    eventually("reconnected", async || subscribed() == 1).await;
+    drop(backplane);
+    eventually("closed", async || subscribed() == 0).await;
+}
