@@ -18,6 +18,21 @@ async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
     }
 }
 
+/// `writer` sets `key` to `value`, and `reader` serves it within 10 s.
+async fn write_and_see(
+    what: &str,
+    writer: &TieredCache<String>,
+    reader: &TieredCache<String>,
+    key: &str,
+    value: &str,
+) {
+    writer.set(key, value.to_owned()).await.unwrap();
+    eventually(what, async || {
+        reader.get(key).await.unwrap().as_deref() == Some(value)
+    })
+    .await;
+}
+
 /// `count` instances of one service: each its own connections, store, backplane and L1.
 async fn instances(config: &RedisConfig, count: usize) -> Vec<TieredCache<String>> {
     let mut caches = Vec::new();
@@ -188,10 +203,13 @@ async fn the_backplane_resubscribes_after_a_server_restart() {
         caches[1].get("k").await.unwrap().as_deref() == Some("v2")
     })
     .await;
-    caches[0].set("k", "v3".into()).await.unwrap();
-    eventually("invalidation after the restart", async || {
-        caches[1].get("k").await.unwrap().as_deref() == Some("v3")
-    })
+    write_and_see(
+        "invalidation after the restart",
+        &caches[0],
+        &caches[1],
+        "k",
+        "v3",
+    )
     .await;
 }
 
@@ -378,11 +396,7 @@ async fn the_documented_acl_is_enough_for_the_cache_and_its_backplane() {
     let caches = instances(&config, 2).await;
     caches[0].set("k", "v1".into()).await.unwrap();
     assert_eq!(caches[1].get("k").await.unwrap().as_deref(), Some("v1"));
-    caches[0].set("k", "v2".into()).await.unwrap();
-    eventually("the set's invalidation", async || {
-        caches[1].get("k").await.unwrap().as_deref() == Some("v2")
-    })
-    .await;
+    write_and_see("the set's invalidation", &caches[0], &caches[1], "k", "v2").await;
     assert!(caches[0].exists("k").await.unwrap());
     caches[0].delete("k").await.unwrap();
     caches[0].set("p:1", "x".into()).await.unwrap();
@@ -431,11 +445,7 @@ async fn writes_go_through_the_store_while_the_backplane_cannot_resubscribe() {
     server.cli(&["ACL", "SETUSER", "svc", "+subscribe"]);
     let resyncs = caches[1].stats().resyncs;
     eventually("resubscribed", async || caches[1].stats().resyncs > resyncs).await;
-    caches[0].set("k", "v3".into()).await.unwrap();
-    eventually("fresh again", async || {
-        caches[1].get("k").await.unwrap().as_deref() == Some("v3")
-    })
-    .await;
+    write_and_see("fresh again", &caches[0], &caches[1], "k", "v3").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
