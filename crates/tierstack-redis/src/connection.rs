@@ -1,5 +1,6 @@
-//! One self-reconnecting connection to standalone Redis or a Redis Cluster, with a bound on the
-//! requests in flight, a timeout on each, and driver errors mapped into [`CacheError`].
+//! One connection to standalone Redis or a Redis Cluster (reconnecting by itself, except a
+//! backplane's subscribed socket, which the backplane replaces), with a bound on the requests in
+//! flight, a timeout on each, and driver errors mapped into [`CacheError`].
 
 use std::future::Future;
 use std::sync::Arc;
@@ -77,8 +78,9 @@ impl ConnectionLike for Handle {
     }
 }
 
-/// A cheap-to-clone handle on one connection (standalone: one multiplexed socket that
-/// reconnects by itself; cluster: one per node).
+/// A cheap-to-clone handle on one connection: standalone, one multiplexed socket that
+/// reconnects by itself, or a backplane's subscribed socket that its owner replaces
+/// ([`reconnect`](Self::reconnect)); cluster, one socket per node.
 #[derive(Clone)]
 pub(crate) struct Connection {
     link: Link,
