@@ -10,7 +10,7 @@ use std::collections::hash_map::RandomState;
 use std::fmt::Debug;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -74,6 +74,17 @@ pub trait Backplane: Send + Sync + Debug + 'static {
         invalidation: &Invalidation,
     ) -> Result<Option<CacheError>> {
         write_then_publish_in_order(self, store, write, namespace, invalidation).await
+    }
+
+    /// The time within which [`write_then_publish`](Self::write_then_publish) to `store`
+    /// answers or fails by itself, if this backplane enforces such a bound end to end.
+    ///
+    /// Like [`Store::single_key_timeout`]: a composer with a timeout of its own can skip its
+    /// timer around the call when this bound is no longer than its timeout. The default,
+    /// `None`, promises nothing.
+    fn write_then_publish_timeout(&self, store: &dyn Store) -> Option<Duration> {
+        let _ = store;
+        None
     }
 }
 

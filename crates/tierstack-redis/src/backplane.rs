@@ -189,6 +189,21 @@ impl Backplane for RedisBackplane {
         }
         write_then_publish_in_order(self, store, write, namespace, invalidation).await
     }
+
+    /// On a [`RedisStore`] the write and the publish go in one pipeline: one call, timed end to
+    /// end by the connection it goes on (this backplane's or the store's), so the larger of
+    /// their response timeouts bounds it. (A message that does not encode leaves the write
+    /// alone, on the store's connection.) Anything else: no promise.
+    fn write_then_publish_timeout(&self, store: &dyn Store) -> Option<Duration> {
+        let any: &dyn Any = store;
+        let redis = any.downcast_ref::<RedisStore>()?;
+        self.pipeline_connection(redis)?;
+        Some(
+            self.publisher
+                .response_timeout()
+                .max(redis.connection().response_timeout()),
+        )
+    }
 }
 
 /// Whether the subscription of a publishing connection is lost, and a wake-up for the task

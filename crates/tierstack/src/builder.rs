@@ -238,9 +238,16 @@ where
             l2.single_key_timeout()
                 .is_some_and(|bound| bound <= settings.l2_timeout)
         });
+        let backplane_bounds_writes = match (&self.l2, &self.backplane) {
+            (Some(l2), Some(backplane)) => backplane
+                .write_then_publish_timeout(l2.as_ref())
+                .is_some_and(|bound| bound <= settings.l2_timeout),
+            _ => false,
+        };
         let inner = Arc::new(Inner {
             recorder: Recorder::new(namespace.as_str()),
             l2_bounds_single_keys,
+            backplane_bounds_writes,
             namespace,
             l1: self
                 .l1

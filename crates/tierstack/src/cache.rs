@@ -81,6 +81,8 @@ pub(crate) struct Inner<V, C> {
     pub(crate) l2: Option<Arc<dyn Store>>,
     /// Whether L2 bounds its single-key calls within `settings.l2_timeout` itself.
     pub(crate) l2_bounds_single_keys: bool,
+    /// Whether the backplane bounds a write and its publish within `l2_timeout` itself.
+    pub(crate) backplane_bounds_writes: bool,
     pub(crate) backplane: Option<Arc<dyn Backplane>>,
     pub(crate) codec: C,
     pub(crate) clock: SharedClock,
@@ -338,12 +340,15 @@ where
                     let namespace = inner.namespace.as_str();
                     let call =
                         backplane.write_then_publish(l2.as_ref(), write, namespace, &invalidation);
-                    inner.l2_call(L2Op::Set, call).await.map(|publish_error| {
-                        published = true;
-                        if let Some(error) = publish_error {
-                            inner.publish_failed(&error);
-                        }
-                    })
+                    inner
+                        .l2_backplane_write_call(call)
+                        .await
+                        .map(|publish_error| {
+                            published = true;
+                            if let Some(error) = publish_error {
+                                inner.publish_failed(&error);
+                            }
+                        })
                 }
                 None => {
                     inner

@@ -23,6 +23,15 @@ impl<V, C> Inner<V, C> {
         self.l2_call_bounded(op, call, !self.l2_bounds_single_keys)
     }
 
+    /// Runs a backplane's write and publish: under the L2 timeout, unless the backplane bounds
+    /// it within that timeout itself.
+    pub(crate) fn l2_backplane_write_call<T>(
+        &self,
+        call: impl Future<Output = Result<T>>,
+    ) -> impl Future<Output = Result<T>> {
+        self.l2_call_bounded(L2Op::Set, call, !self.backplane_bounds_writes)
+    }
+
     /// Runs an L2 call under the L2 timeout, timing it and counting (and logging once per burst)
     /// its failure.
     pub(crate) fn l2_call<T>(
