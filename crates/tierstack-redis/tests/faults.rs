@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use common::PrivateRedis;
 use tierstack::TieredCache;
-use tierstack_core::{CacheError, Store};
-use tierstack_redis::{RedisConfig, RedisStore};
+use tierstack_core::{Backplane, CacheError, Store};
+use tierstack_redis::{RedisBackplane, RedisConfig, RedisStore};
 
 fn loader(
     calls: &Arc<AtomicUsize>,
@@ -151,16 +151,27 @@ async fn a_stalled_server_fails_requests_within_the_response_timeout_and_queues_
     assert!(sent <= 8, "{sent} of 50 GETs reached the server");
 }
 
+/// The response timeout of the stall tests.
+const STALL_BOUND: Duration = Duration::from_millis(200);
+
+/// A private server, and a configuration and store for it with `response_timeout`.
+async fn store_timing_out_after(
+    response_timeout: Duration,
+) -> (PrivateRedis, RedisConfig, RedisStore) {
+    let server = PrivateRedis::start(&[]);
+    let config = RedisConfig::from_url(&server.url())
+        .unwrap()
+        .response_timeout(response_timeout);
+    let store = RedisStore::connect(&config).await.unwrap();
+    (server, config, store)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_redis_fails_reads_within_its_response_timeout_whatever_the_cache_timeout() {
     // The store bounds its single-key calls itself, so the cache arms no timer of its own: the
     // store's bound must hold on its own, for reads and for the loader's write-back.
-    let server = PrivateRedis::start(&[]);
-    let config = RedisConfig::from_url(&server.url())
-        .unwrap()
-        .response_timeout(Duration::from_millis(200));
-    let store = RedisStore::connect(&config).await.unwrap();
-    assert_eq!(store.single_key_timeout(), Some(Duration::from_millis(200)));
+    let (server, _, store) = store_timing_out_after(STALL_BOUND).await;
+    assert_eq!(store.single_key_timeout(), Some(STALL_BOUND));
     let cache: TieredCache<String> = TieredCache::builder("paused")
         .l2(Arc::new(store))
         .l2_timeout(Duration::from_secs(30))
@@ -295,4 +306,38 @@ async fn oversized_values_are_refused_before_anything_is_written() {
     );
     assert!(!store.exists("big:k").await.unwrap());
     assert_eq!(cache.get("k").await.unwrap(), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_redis_fails_a_write_within_its_response_timeout_whatever_the_cache_timeout() {
+    // The backplane bounds a write and its publish itself, so the cache arms no timer of its
+    // own around them: the backplane's bound must hold on its own.
+    let (server, config, store) = store_timing_out_after(STALL_BOUND).await;
+    let store = Arc::new(store);
+    let backplane = RedisBackplane::connect(&config).await.unwrap();
+    assert_eq!(
+        backplane.write_then_publish_timeout(store.as_ref()),
+        Some(STALL_BOUND)
+    );
+    let wrapped = tierstack_core::testkit::FaultyStore::new(store.clone());
+    assert_eq!(
+        backplane.write_then_publish_timeout(&wrapped),
+        None,
+        "no promise through a wrapper"
+    );
+    let cache = TieredCache::<String>::builder("paused")
+        .l2(store)
+        .backplane(Arc::new(backplane))
+        .l2_timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    server.cli(&["CLIENT", "PAUSE", "5000", "ALL"]);
+    let started = Instant::now();
+    let err = cache.set("k", "v".into()).await.unwrap_err();
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(matches!(err, CacheError::Timeout { .. }), "{err:?}");
 }
