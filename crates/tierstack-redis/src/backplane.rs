@@ -197,6 +197,8 @@ impl Backplane for RedisBackplane {
     fn write_then_publish_timeout(&self, store: &dyn Store) -> Option<Duration> {
         let any: &dyn Any = store;
         let redis = any.downcast_ref::<RedisStore>()?;
+        // Whether there is such a connection does not depend on whether this backplane is
+        // listening right now, only which of the two it is.
         self.pipeline_connection(redis)?;
         Some(
             self.publisher

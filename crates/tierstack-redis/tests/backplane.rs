@@ -245,7 +245,7 @@ fn last_commands(server: &PrivateRedis) -> Vec<(String, String)> {
     let field = |line: &str, name: &str| {
         line.split(' ')
             .find_map(|pair| pair.strip_prefix(&format!("{name}=")))
-            .unwrap_or_default()
+            .unwrap_or_else(|| panic!("no {name}= in CLIENT LIST line {line:?}"))
             .to_owned()
     };
     let mut found: Vec<(String, String)> = list
