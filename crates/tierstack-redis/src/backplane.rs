@@ -2,12 +2,14 @@
 
 use std::any::Any;
 use std::fmt;
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use futures_util::StreamExt;
+use redis::aio::PubSubSink;
 use redis::{PushInfo, PushKind, Value, cmd};
 use tierstack_core::backplane::{
     Backplane, BackplaneHub, Invalidation, Subscription, write_then_publish_in_order,
@@ -84,7 +86,11 @@ impl RedisBackplane {
         let hearing = Arc::new(Hearing::default());
         let pushes = on_push(hub.clone(), channel.clone(), hearing.clone());
         let publisher = Connection::connect_for_pushes(config, &channel, pushes).await?;
-        let listener = tokio::spawn(keep_subscribed(publisher.clone(), hearing.clone()));
+        let listener = tokio::spawn(keep_subscribed(
+            publisher.clone(),
+            hearing.clone(),
+            config.backplane_ping_interval,
+        ));
         Ok(Self {
             hub,
             publisher,
@@ -248,17 +254,68 @@ fn on_push(
     }
 }
 
-/// Replaces the socket of a publishing connection after each loss: a new socket, subscribed,
-/// tried at once and then with a backoff until the server answers.
-async fn keep_subscribed(connection: Connection, hearing: Arc<Hearing>) {
+/// Replaces the socket of a publishing connection after each loss (reported by the socket, or
+/// found by a `PING` every `ping_every` that went unanswered): a new socket, subscribed, tried at
+/// once and then with a backoff until the server answers.
+async fn keep_subscribed(
+    connection: Connection,
+    hearing: Arc<Hearing>,
+    ping_every: Option<Duration>,
+) {
     loop {
-        hearing.lost.notified().await;
+        tokio::select! {
+            biased;
+            () = hearing.lost.notified() => {}
+            () = until_unanswered(ping_every, || {
+                let connection = connection.clone();
+                async move { connection.query::<Value>("ping", &cmd("PING")).await.map(drop) }
+            }) => {
+                tracing::warn!("backplane connection stopped answering; clearing L1 and resubscribing");
+                // Its handler hears of the loss as if the socket had reported it: it resyncs
+                // and wakes this loop again, which then replaces the socket.
+                connection.abandon();
+                continue;
+            }
+        }
         let mut backoff = FIRST_BACKOFF;
         while let Err(error) = connection.reconnect().await {
             tracing::warn!(error = %error, retry_in = ?backoff, "backplane cannot resubscribe");
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(MAX_BACKOFF);
         }
+    }
+}
+
+/// Calls `ping` every `interval` and returns once a ping goes unanswered: it timed out, or found
+/// the connection gone. Any reply, even a refusal, shows that the connection is alive. Without an
+/// interval, never returns.
+///
+/// A subscription that hears nothing looks the same whether nobody publishes or the network in
+/// between went silent without closing anything; only asking tells them apart.
+async fn until_unanswered<F>(interval: Option<Duration>, mut ping: impl FnMut() -> F)
+where
+    F: Future<Output = Result<()>>,
+{
+    let Some(interval) = interval else {
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::time::sleep(interval).await;
+        if let Err(CacheError::Timeout { .. } | CacheError::Connection { .. }) = ping().await {
+            return;
+        }
+    }
+}
+
+/// One `PING` on a dedicated subscription, within `limit`.
+async fn ping_subscribed(mut sink: PubSubSink, endpoint: String, limit: Duration) -> Result<()> {
+    match tokio::time::timeout(limit, sink.ping::<Value>()).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(error)) => Err(map_error("ping", &endpoint, limit, error)),
+        Err(_) => Err(CacheError::Timeout {
+            operation: "ping",
+            after: limit,
+        }),
     }
 }
 
@@ -320,14 +377,29 @@ async fn listen(
             tracing::info!(endpoint = %endpoint, "backplane resubscribed; clearing L1");
             hub.resync();
         }
-        let mut messages = pubsub.into_on_message();
-        while let Some(message) = messages.next().await {
-            if let Err(error) = hub.deliver_wire(message.get_payload_bytes()) {
-                tracing::warn!(error = %error, "undecodable backplane message dropped");
+        let (sink, mut messages) = pubsub.split();
+        let silent = until_unanswered(config.backplane_ping_interval, || {
+            ping_subscribed(sink.clone(), endpoint.clone(), config.response_timeout)
+        });
+        let mut silent = std::pin::pin!(silent);
+        loop {
+            tokio::select! {
+                message = messages.next() => match message {
+                    Some(message) => {
+                        if let Err(error) = hub.deliver_wire(message.get_payload_bytes()) {
+                            tracing::warn!(error = %error, "undecodable backplane message dropped");
+                        }
+                    }
+                    None => break,
+                },
+                () = &mut silent => {
+                    tracing::warn!(endpoint = %endpoint, "backplane subscription stopped answering");
+                    break;
+                }
             }
         }
-        // The connection is gone (server restart, CLIENT KILL, network): resync now, so nothing
-        // stale is served while we are deaf, and again once we are back.
+        // The connection is gone (server restart, CLIENT KILL, network) or silent: resync now,
+        // so nothing stale is served while we are deaf, and again once we are back.
         tracing::warn!(endpoint = %endpoint, "backplane subscription lost; clearing L1 and resubscribing");
         hub.resync();
     }

@@ -6,6 +6,11 @@ use std::time::Duration;
 use redis::{ConnectionAddr, ConnectionInfo, IntoConnectionInfo};
 use tierstack_core::{CacheError, Result};
 
+/// How often a backplane checks its subscribed connection unless told otherwise.
+const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(5);
+/// The shortest interval between two checks (a zero interval would ping without pause).
+const MIN_PING_INTERVAL: Duration = Duration::from_millis(10);
+
 /// Where and how to reach Redis: one server, or the seed nodes of a cluster.
 ///
 /// ```
@@ -29,6 +34,8 @@ pub struct RedisConfig {
     pub(crate) channel: String,
     /// Whether a standalone backplane listens on its publishing connection (RESP3).
     pub(crate) resp3_backplane: bool,
+    /// How often a backplane pings its subscribed connection (`None`: never).
+    pub(crate) backplane_ping_interval: Option<Duration>,
     /// A PEM root certificate to trust instead of the built-in roots (feature `tls`).
     pub(crate) root_certificate: Option<Vec<u8>>,
 }
@@ -78,6 +85,7 @@ impl RedisConfig {
             max_in_flight: 1024,
             channel: "tierstack:invalidations".into(),
             resp3_backplane: true,
+            backplane_ping_interval: Some(DEFAULT_PING_INTERVAL),
             root_certificate: None,
         }
     }
@@ -150,6 +158,21 @@ impl RedisConfig {
         self
     }
 
+    /// How often a backplane checks, with a `PING`, that its subscribed connection still
+    /// answers (default 5 s; `None`: never; at least 10 ms).
+    ///
+    /// A connection that gives no answer within the response timeout is treated as lost: the
+    /// instance clears its L1 and the backplane subscribes on a new connection. Without the
+    /// check, a network partition that closes nothing (no reset reaches either side) would leave
+    /// the instance deaf to invalidations, serving what it holds in L1, until the operating
+    /// system gave up on the socket, which can take hours. With it, such an instance serves
+    /// nothing stale from L1 for longer than about this interval plus the response timeout.
+    #[must_use]
+    pub fn backplane_ping_interval(mut self, interval: Option<Duration>) -> Self {
+        self.backplane_ping_interval = interval.map(|every| every.max(MIN_PING_INTERVAL));
+        self
+    }
+
     /// Trusts `pem` (a PEM root certificate, such as a private CA's) for `rediss://` connections,
     /// instead of the built-in web PKI roots.
     #[cfg(feature = "tls")]
@@ -219,6 +242,7 @@ impl fmt::Debug for RedisConfig {
             .field("max_in_flight", &self.max_in_flight)
             .field("channel", &self.channel)
             .field("resp3_backplane", &self.resp3_backplane)
+            .field("backplane_ping_interval", &self.backplane_ping_interval)
             .field("tls", &self.uses_tls())
             .field(
                 "root_certificate",
@@ -247,6 +271,7 @@ mod tests {
         assert_eq!(config.endpoint(), "10.1.2.3:6380");
         assert_eq!(config.nodes[0].redis_settings().db(), 4);
         assert!(config.nodes[0].tcp_settings().nodelay());
+        assert_eq!(config.backplane_ping_interval, Some(Duration::from_secs(5)));
         assert_eq!(config.channel_name(), "app:tierstack:invalidations");
     }
 
@@ -256,6 +281,16 @@ mod tests {
         assert!(matches!(err, CacheError::Configuration(_)));
         assert!(!err.to_string().contains("topsecret"), "{err}");
         assert!(RedisConfig::cluster::<&str>(&[]).is_err());
+    }
+
+    #[test]
+    fn the_ping_interval_can_be_turned_off_but_not_made_zero() {
+        let config = RedisConfig::from_parts("127.0.0.1", 6379, 0).unwrap();
+        let zero = config.clone().backplane_ping_interval(Some(Duration::ZERO));
+        assert_eq!(zero.backplane_ping_interval, Some(MIN_PING_INTERVAL));
+        let off = config.backplane_ping_interval(None);
+        assert_eq!(off.backplane_ping_interval, None);
+        assert!(format!("{off:?}").contains("backplane_ping_interval: None"));
     }
 
     #[test]

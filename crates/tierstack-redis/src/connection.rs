@@ -177,6 +177,16 @@ impl Connection {
         }
     }
 
+    /// Gives up the socket of a connection made by
+    /// [`connect_for_pushes`](Self::connect_for_pushes) as lost, although it reported nothing
+    /// (its handler gets a `Disconnection`; requests wait for [`reconnect`](Self::reconnect)).
+    /// A no-op on other connections.
+    pub(crate) fn abandon(&self) {
+        if let Link::Pushing(socket) = &self.link {
+            socket.abandon();
+        }
+    }
+
     async fn connect_within_limit(
         config: &RedisConfig,
         connecting: impl Future<Output = redis::RedisResult<Link>>,

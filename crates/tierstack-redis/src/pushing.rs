@@ -15,44 +15,47 @@ use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Client, PushInfo, PushKind, RedisResult};
 use tokio::sync::watch;
 
+type PushHandler = Arc<dyn Fn(PushInfo) + Send + Sync>;
+
+/// Which socket is current. Each socket is numbered, so that the late `Disconnection` of one
+/// that was [abandoned](PushingSocket::abandon) cannot mark its successor lost.
+struct Slot {
+    generation: u64,
+    connection: Option<MultiplexedConnection>,
+}
+
 /// One subscribed RESP3 socket at a time; none between a loss and the next
 /// [`reconnect`](Self::reconnect).
 pub(crate) struct PushingSocket {
     client: Client,
-    /// Carries the push handler, so that every socket hands its pushes to the same one.
+    /// Without a push sender: each socket gets its own (see [`Slot`]).
     config: AsyncConnectionConfig,
     channel: String,
-    /// Shared with the push handler by a weak reference: the handler lives in the socket's
-    /// driver, and a strong one would keep the socket alive through its own handle.
-    current: Arc<watch::Sender<Option<MultiplexedConnection>>>,
+    on_push: PushHandler,
+    /// Shared with the push senders by weak references: a sender lives in its socket's driver,
+    /// and a strong one would keep the socket alive through its own handle.
+    current: Arc<watch::Sender<Slot>>,
 }
 
 impl PushingSocket {
-    /// Connects `client` (set up for RESP3) and subscribes to `channel`. Every push goes to
-    /// `on_push`, a `Disconnection` after the socket is marked lost, so that requests wait for
-    /// the next socket instead of failing on the dead one.
+    /// Connects `client` (set up for RESP3) and subscribes to `channel`. Every push of the
+    /// current socket goes to `on_push`, a `Disconnection` after the socket is marked lost, so
+    /// that requests wait for the next socket instead of failing on the dead one.
     pub(crate) async fn connect(
         client: Client,
         config: AsyncConnectionConfig,
         channel: &str,
         on_push: impl Fn(PushInfo) + Send + Sync + 'static,
     ) -> RedisResult<Self> {
-        let current = Arc::new(watch::Sender::new(None));
-        let lost: Weak<watch::Sender<_>> = Arc::downgrade(&current);
-        let config = config.set_push_sender(move |push: PushInfo| {
-            if push.kind == PushKind::Disconnection
-                && let Some(current) = lost.upgrade()
-            {
-                current.send_replace(None);
-            }
-            on_push(push);
-            Ok::<(), Infallible>(())
-        });
         let socket = Self {
             client,
             config,
             channel: channel.to_owned(),
-            current,
+            on_push: Arc::new(on_push),
+            current: Arc::new(watch::Sender::new(Slot {
+                generation: 0,
+                connection: None,
+            })),
         };
         socket.reconnect().await?;
         Ok(socket)
@@ -60,24 +63,87 @@ impl PushingSocket {
 
     /// Opens a new socket, subscribes it, and makes it the one requests use.
     pub(crate) async fn reconnect(&self) -> RedisResult<()> {
+        let generation = self.retire_current();
+        let config = self
+            .config
+            .clone()
+            .set_push_sender(self.push_sender(generation));
         let mut connection = self
             .client
-            .get_multiplexed_async_connection_with_config(&self.config)
+            .get_multiplexed_async_connection_with_config(&config)
             .await?;
         connection.subscribe(&self.channel).await?;
-        self.current.send_replace(Some(connection));
+        self.current.send_if_modified(|slot| {
+            // A newer socket (or an abandonment) came meanwhile: this one is not current.
+            let current = slot.generation == generation;
+            if current {
+                slot.connection = Some(connection);
+            }
+            current
+        });
         Ok(())
+    }
+
+    /// Gives the current socket up as lost although it reported nothing (it stopped answering),
+    /// and tells the handler so with a `Disconnection`, as if the socket had reported it.
+    pub(crate) fn abandon(&self) {
+        self.retire_current();
+        (self.on_push)(PushInfo {
+            kind: PushKind::Disconnection,
+            data: Vec::new(),
+        });
+    }
+
+    /// Takes the current socket out of use; returns the number of its successor.
+    fn retire_current(&self) -> u64 {
+        let mut generation = 0;
+        self.current.send_modify(|slot| {
+            slot.generation += 1;
+            slot.connection = None;
+            generation = slot.generation;
+        });
+        generation
+    }
+
+    /// What socket number `generation` does with its pushes: hands them to the handler while it
+    /// is current; after a `Disconnection`, it is no longer current.
+    fn push_sender(
+        &self,
+        generation: u64,
+    ) -> impl Fn(PushInfo) -> Result<(), Infallible> + Send + Sync + 'static {
+        let slot: Weak<watch::Sender<Slot>> = Arc::downgrade(&self.current);
+        let on_push = Arc::clone(&self.on_push);
+        move |push: PushInfo| {
+            let Some(slot) = slot.upgrade() else {
+                return Ok(());
+            };
+            let current = if push.kind == PushKind::Disconnection {
+                slot.send_if_modified(|slot| {
+                    let current = slot.generation == generation;
+                    if current {
+                        slot.connection = None;
+                    }
+                    current
+                })
+            } else {
+                slot.borrow().generation == generation
+            };
+            if current {
+                on_push(push);
+            }
+            Ok(())
+        }
     }
 
     /// The live socket, waiting for [`reconnect`](Self::reconnect) while there is none (the
     /// caller bounds the wait).
     pub(crate) async fn live(&self) -> MultiplexedConnection {
-        if let Some(connection) = self.current.borrow().as_ref() {
+        if let Some(connection) = self.current.borrow().connection.as_ref() {
             return connection.clone();
         }
         let mut changes = self.current.subscribe();
         loop {
-            if let Some(connection) = changes.borrow_and_update().as_ref() {
+            if let Some(connection) = changes.borrow_and_update().connection.as_ref() {
                 return connection.clone();
             }
             changes

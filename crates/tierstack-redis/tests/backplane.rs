@@ -6,7 +6,7 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::PrivateRedis;
+use common::{Partition, PrivateRedis};
 use tierstack::TieredCache;
 use tierstack_redis::{RedisBackplane, RedisConfig, RedisStore};
 
@@ -170,6 +170,62 @@ async fn a_killed_subscription_comes_back(resp3: bool) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_subscription_is_found_by_its_ping_and_replaced() {
+    a_silent_subscription_is_replaced(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_dedicated_subscription_is_found_by_its_ping_and_replaced() {
+    a_silent_subscription_is_replaced(false).await;
+}
+
+/// Instance B listens through a link that goes silent without closing anything. It must stop
+/// serving what its L1 holds once a ping goes unanswered, and hear invalidations again once
+/// the link is back.
+async fn a_silent_subscription_is_replaced(resp3: bool) {
+    let server = PrivateRedis::start(&[]);
+    let partition = Partition::start(server.port).await;
+    let direct = RedisConfig::from_url(&server.url())
+        .unwrap()
+        .resp3_backplane(resp3);
+    let through_partition = RedisConfig::from_url(&partition.url())
+        .unwrap()
+        .resp3_backplane(resp3)
+        .connect_timeout(Duration::from_millis(300))
+        .response_timeout(Duration::from_millis(300))
+        .backplane_ping_interval(Some(Duration::from_millis(200)));
+    let a = instances(&direct, 1).await.remove(0);
+    let b = TieredCache::<String>::builder("svc")
+        .l2(Arc::new(RedisStore::connect(&direct).await.unwrap()))
+        .backplane(Arc::new(
+            RedisBackplane::connect(&through_partition).await.unwrap(),
+        ))
+        .build()
+        .unwrap();
+    write_and_see("before the partition", &a, &b, "k", "v1").await;
+    write_and_see("B holds v2 in L1", &a, &b, "k", "v2").await;
+    let resyncs = b.stats().resyncs;
+
+    partition.freeze();
+    // B does not hear this write; only noticing the silence clears v2 from its L1.
+    write_and_see("silence noticed", &a, &b, "k", "v3").await;
+    assert!(b.stats().resyncs > resyncs, "the loss resynced B");
+
+    partition.thaw();
+    eventually("resubscribed (a second resync)", async || {
+        b.stats().resyncs >= resyncs + 2
+    })
+    .await;
+    let received = b.stats().invalidations_received;
+    write_and_see("heard again after the partition", &a, &b, "k", "v4").await;
+    eventually(
+        "the invalidation came over the new subscription",
+        async || b.stats().invalidations_received > received,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_backplane_resubscribes_after_a_server_restart() {
     let mut server = PrivateRedis::start(&[]);
     let config = RedisConfig::from_url(&server.url()).unwrap();
@@ -217,7 +273,10 @@ async fn the_backplane_resubscribes_after_a_server_restart() {
 async fn a_store_on_another_database_keeps_its_writes_there() {
     let server = PrivateRedis::start(&[]);
     let store_config = RedisConfig::from_url(&format!("{}2", server.url())).unwrap();
-    let backplane_config = RedisConfig::from_url(&server.url()).unwrap();
+    // No pings: the backplane's connection's last command must stay `subscribe`.
+    let backplane_config = RedisConfig::from_url(&server.url())
+        .unwrap()
+        .backplane_ping_interval(None);
     let cache = TieredCache::<String>::builder("svc")
         .l2(Arc::new(RedisStore::connect(&store_config).await.unwrap()))
         .backplane(Arc::new(
@@ -270,7 +329,10 @@ fn calls(server: &PrivateRedis, command: &str) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_and_its_invalidation_go_in_one_pipeline_on_the_listening_connection() {
     let server = PrivateRedis::start(&[]);
-    let config = RedisConfig::from_url(&server.url()).unwrap();
+    // No pings: each connection's last command must be the one the test looks for.
+    let config = RedisConfig::from_url(&server.url())
+        .unwrap()
+        .backplane_ping_interval(None);
     let caches = instances(&config, 2).await;
     let (transactions, publishes, sets) = (
         calls(&server, "exec"),

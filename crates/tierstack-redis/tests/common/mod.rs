@@ -132,3 +132,93 @@ impl Drop for PrivateRedis {
         self.kill();
     }
 }
+
+/// A TCP relay to a local port that can go silent: while frozen it passes no byte either way
+/// and closes nothing, as a network partition that sends no reset looks to both ends. New
+/// connections are accepted meanwhile and held. Stops relaying when dropped.
+pub struct Partition {
+    pub port: u16,
+    frozen: tokio::sync::watch::Sender<bool>,
+    relay: tokio::task::JoinHandle<()>,
+}
+
+impl Partition {
+    pub async fn start(target: u16) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let frozen = tokio::sync::watch::Sender::new(false);
+        let thawed = frozen.subscribe();
+        let relay = tokio::spawn(async move {
+            // Dropped with the accept loop: aborts every connection's relay.
+            let mut connections = tokio::task::JoinSet::new();
+            while let Ok((client, _)) = listener.accept().await {
+                connections.spawn(relay(client, target, thawed.clone()));
+            }
+        });
+        Self {
+            port,
+            frozen,
+            relay,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    pub fn freeze(&self) {
+        self.frozen.send_replace(true);
+    }
+
+    pub fn thaw(&self) {
+        self.frozen.send_replace(false);
+    }
+}
+
+impl Drop for Partition {
+    fn drop(&mut self) {
+        self.relay.abort();
+    }
+}
+
+async fn relay(
+    client: tokio::net::TcpStream,
+    target: u16,
+    mut thawed: tokio::sync::watch::Receiver<bool>,
+) {
+    if thawed.wait_for(|frozen| !frozen).await.is_err() {
+        return;
+    }
+    let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await else {
+        return;
+    };
+    let (client_reads, client_writes) = client.into_split();
+    let (server_reads, server_writes) = server.into_split();
+    tokio::join!(
+        pass(client_reads, server_writes, thawed.clone()),
+        pass(server_reads, client_writes, thawed),
+    );
+}
+
+/// Passes bytes one way, holding each read until the link is thawed. One buffer at most is
+/// held: the sender's socket buffers fill up behind it, as they would behind a partition.
+async fn pass(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut thawed: tokio::sync::watch::Receiver<bool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buffer = vec![0; 16 * 1024];
+    loop {
+        let read = match from.read(&mut buffer).await {
+            Ok(0) | Err(_) => break,
+            Ok(read) => read,
+        };
+        if thawed.wait_for(|frozen| !frozen).await.is_err()
+            || to.write_all(&buffer[..read]).await.is_err()
+        {
+            break;
+        }
+    }
+    let _ = to.shutdown().await;
+}
