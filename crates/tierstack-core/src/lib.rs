@@ -36,8 +36,13 @@
 //!
 //! # Features
 //!
-//! - `testkit`: [`testkit::MemoryStore`], [`testkit::MemoryBus`], [`testkit::FaultyStore`] and the
-//!   [`testkit::conformance`] suite with [`store_conformance_tests!`].
+// Page links, not paths: the module exists only with the feature, and the docs must build
+// without it too.
+//! - `testkit`: [`testkit::MemoryStore`](testkit/struct.MemoryStore.html),
+//!   [`testkit::MemoryBus`](testkit/struct.MemoryBus.html),
+//!   [`testkit::FaultyStore`](testkit/struct.FaultyStore.html) and the
+//!   [`testkit::conformance`](testkit/conformance/index.html) suite with
+//!   [`store_conformance_tests!`](macro.store_conformance_tests.html).
 
 pub mod backplane;
 pub mod clock;

@@ -32,9 +32,11 @@
 //!
 //! # Features
 //!
-//! - `tls`: `rediss://` URLs and [`RedisConfig::tls_root_certificate`], on rustls with the
-//!   aws-lc-rs provider (installed as the process default if none is). Cluster support is always
-//!   built.
+// The link names its anchor so that the docs build without the feature too.
+//! - `tls`: `rediss://` URLs and
+//!   [`RedisConfig::tls_root_certificate`](RedisConfig#method.tls_root_certificate), on rustls
+//!   with the aws-lc-rs provider (installed as the process default if none is). Cluster support
+//!   is always built.
 
 mod backplane;
 mod config;

@@ -46,11 +46,14 @@
 //!
 //! # Features
 //!
+// These crates are optional dependencies: links to docs.rs keep the docs building without them.
 //! - `testkit`: the in-memory store and backplane and the fault-injecting store of
-//!   [`tierstack_core::testkit`], for testing code that uses a cache.
-//! - `redis`: re-exports [`tierstack_redis`] as `tierstack::redis`; [`StoreConfig`] can choose it.
-//! - `firestore`: re-exports [`tierstack_firestore`] as `tierstack::firestore`; [`StoreConfig`]
-//!   can choose it.
+//!   [`tierstack_core::testkit`](https://docs.rs/tierstack-core/latest/tierstack_core/testkit/),
+//!   for testing code that uses a cache.
+//! - `redis`: re-exports [`tierstack_redis`](https://docs.rs/tierstack-redis) as
+//!   `tierstack::redis`; [`StoreConfig`] can choose it.
+//! - `firestore`: re-exports [`tierstack_firestore`](https://docs.rs/tierstack-firestore) as
+//!   `tierstack::firestore`; [`StoreConfig`] can choose it.
 
 pub mod backend;
 mod builder;
