@@ -153,3 +153,88 @@ impl PushingSocket {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    use redis::{ProtocolVersion, cmd};
+
+    use super::*;
+
+    /// The standalone server of the test run; a failure, never a skip, without it.
+    fn resp3_client() -> Client {
+        let url = std::env::var("REDIS_URL").unwrap_or_else(|_| {
+            panic!(
+                "REDIS_URL is not set: run `cargo xtask services up redis` and source \
+                 target/services.env, or `cargo xtask ci` (needs redis-server)"
+            )
+        });
+        let info = redis::IntoConnectionInfo::into_connection_info(url.as_str())
+            .expect("REDIS_URL parses");
+        let resp3 = info
+            .redis_settings()
+            .clone()
+            .set_protocol(ProtocolVersion::RESP3);
+        Client::open(info.set_redis_settings(resp3)).expect("a client")
+    }
+
+    async fn client_id(connection: &mut MultiplexedConnection) -> i64 {
+        cmd("CLIENT")
+            .arg("ID")
+            .query_async(connection)
+            .await
+            .expect("CLIENT ID")
+    }
+
+    #[tokio::test]
+    async fn an_abandoned_socket_that_drops_later_does_not_take_its_successor_down() {
+        let kinds = Arc::new(Mutex::new(Vec::new()));
+        let seen = Arc::clone(&kinds);
+        let socket = PushingSocket::connect(
+            resp3_client(),
+            AsyncConnectionConfig::new(),
+            "tierstack:test:pushing",
+            move |push| seen.lock().expect("not poisoned").push(push.kind),
+        )
+        .await
+        .expect("connects");
+        let mut abandoned = socket.live().await;
+        let abandoned_id = client_id(&mut abandoned).await;
+
+        socket.abandon();
+        socket.reconnect().await.expect("a new socket");
+        let mut successor = socket.live().await;
+        assert_ne!(client_id(&mut successor).await, abandoned_id);
+        // The abandoned socket now drops (we still hold a handle, so its driver is running and
+        // reports the loss): that report is about a socket nobody uses any more.
+        let killed: i64 = cmd("CLIENT")
+            .arg("KILL")
+            .arg("ID")
+            .arg(abandoned_id)
+            .query_async(&mut successor)
+            .await
+            .expect("CLIENT KILL");
+        assert_eq!(killed, 1);
+        let dropped = cmd("PING").query_async::<String>(&mut abandoned).await;
+        assert!(dropped.is_err(), "the abandoned socket is gone");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+
+        let disconnections = kinds
+            .lock()
+            .expect("not poisoned")
+            .iter()
+            .filter(|kind| **kind == PushKind::Disconnection)
+            .count();
+        assert_eq!(disconnections, 1, "only the abandonment was reported");
+        let mut current = tokio::time::timeout(Duration::from_secs(1), socket.live())
+            .await
+            .expect("the successor is still the current socket");
+        let pong: String = cmd("PING")
+            .query_async(&mut current)
+            .await
+            .expect("the successor answers");
+        assert_eq!(pong, "PONG");
+    }
+}
