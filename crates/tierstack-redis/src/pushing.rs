@@ -38,9 +38,9 @@ pub(crate) struct PushingSocket {
 }
 
 impl PushingSocket {
-    /// Connects `client` (set up for RESP3) and subscribes to `channel`. Every push of the
-    /// current socket goes to `on_push`, a `Disconnection` after the socket is marked lost, so
-    /// that requests wait for the next socket instead of failing on the dead one.
+    /// Connects `client` (set up for RESP3) and subscribes to `channel`. Every push goes to
+    /// `on_push`; the current socket's `Disconnection` after the socket is marked lost, so that
+    /// requests wait for the next socket instead of failing on the dead one.
     pub(crate) async fn connect(
         client: Client,
         config: AsyncConnectionConfig,
@@ -105,8 +105,10 @@ impl PushingSocket {
         generation
     }
 
-    /// What socket number `generation` does with its pushes: hands them to the handler while it
-    /// is current; after a `Disconnection`, it is no longer current.
+    /// What socket number `generation` does with its pushes: hands them to the handler, except
+    /// a `Disconnection` once it is no longer current (an abandoned socket that drops later
+    /// concerns nobody). Messages are not checked: a late one from an abandoned socket only
+    /// evicts again, and this runs for every write's own invalidation.
     fn push_sender(
         &self,
         generation: u64,
@@ -114,23 +116,21 @@ impl PushingSocket {
         let slot: Weak<watch::Sender<Slot>> = Arc::downgrade(&self.current);
         let on_push = Arc::clone(&self.on_push);
         move |push: PushInfo| {
-            let Some(slot) = slot.upgrade() else {
-                return Ok(());
-            };
-            let current = if push.kind == PushKind::Disconnection {
-                slot.send_if_modified(|slot| {
-                    let current = slot.generation == generation;
-                    if current {
-                        slot.connection = None;
-                    }
-                    current
-                })
-            } else {
-                slot.borrow().generation == generation
-            };
-            if current {
-                on_push(push);
+            if push.kind == PushKind::Disconnection {
+                let was_current = slot.upgrade().is_some_and(|slot| {
+                    slot.send_if_modified(|slot| {
+                        let current = slot.generation == generation;
+                        if current {
+                            slot.connection = None;
+                        }
+                        current
+                    })
+                });
+                if !was_current {
+                    return Ok(());
+                }
             }
+            on_push(push);
             Ok(())
         }
     }
