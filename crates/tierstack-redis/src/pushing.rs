@@ -73,14 +73,8 @@ impl PushingSocket {
             .get_multiplexed_async_connection_with_config(&config)
             .await?;
         connection.subscribe(&self.channel).await?;
-        self.current.send_if_modified(|slot| {
-            // A newer socket (or an abandonment) came meanwhile: this one is not current.
-            let current = slot.generation == generation;
-            if current {
-                slot.connection = Some(connection);
-            }
-            current
-        });
+        // A newer socket (or an abandonment) may have come meanwhile: then this one is dropped.
+        replace_if_current(&self.current, generation, Some(connection));
         Ok(())
     }
 
@@ -117,15 +111,9 @@ impl PushingSocket {
         let on_push = Arc::clone(&self.on_push);
         move |push: PushInfo| {
             if push.kind == PushKind::Disconnection {
-                let was_current = slot.upgrade().is_some_and(|slot| {
-                    slot.send_if_modified(|slot| {
-                        let current = slot.generation == generation;
-                        if current {
-                            slot.connection = None;
-                        }
-                        current
-                    })
-                });
+                let was_current = slot
+                    .upgrade()
+                    .is_some_and(|slot| replace_if_current(&slot, generation, None));
                 if !was_current {
                     return Ok(());
                 }
@@ -152,6 +140,22 @@ impl PushingSocket {
                 .expect("the sender lives as long as `self`");
         }
     }
+}
+
+/// Sets the connection of socket number `generation` if it is still the current one; whether
+/// it was.
+fn replace_if_current(
+    slot: &watch::Sender<Slot>,
+    generation: u64,
+    connection: Option<MultiplexedConnection>,
+) -> bool {
+    slot.send_if_modified(|slot| {
+        let current = slot.generation == generation;
+        if current {
+            slot.connection = connection;
+        }
+        current
+    })
 }
 
 #[cfg(test)]
