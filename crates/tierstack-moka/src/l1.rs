@@ -8,6 +8,7 @@ use moka::future::Cache;
 use tierstack_core::clock::{SharedClock, Timestamp, system_clock};
 
 use crate::expiry::{Deadline, DeadlineExpiry, keys_where};
+use crate::quiet::without_self_wake;
 
 /// How an [`L1Cache`] is bounded.
 pub enum L1Capacity<V> {
@@ -126,7 +127,7 @@ impl<V: Clone + Send + Sync + 'static> L1Cache<V> {
 
     /// The live entry under `key`.
     pub async fn get(&self, key: &str) -> Option<L1Entry<V>> {
-        let entry = self.cache.get(key).await?;
+        let entry = without_self_wake(self.cache.get(key)).await?;
         if self.check_deadlines && entry.expires_at <= self.clock.now() {
             return None;
         }
@@ -137,21 +138,21 @@ impl<V: Clone + Send + Sync + 'static> L1Cache<V> {
     /// has already passed is not stored.
     pub async fn insert(&self, key: String, value: Option<V>, expires_at: Timestamp) {
         if expires_at > self.clock.now() {
-            self.cache.insert(key, L1Entry { value, expires_at }).await;
+            without_self_wake(self.cache.insert(key, L1Entry { value, expires_at })).await;
         } else {
-            self.cache.invalidate(&key).await;
+            without_self_wake(self.cache.invalidate(&key)).await;
         }
     }
 
     /// Removes `key`.
     pub async fn invalidate(&self, key: &str) {
-        self.cache.invalidate(key).await;
+        without_self_wake(self.cache.invalidate(key)).await;
     }
 
     /// Removes every key that starts with `prefix`.
     pub async fn invalidate_prefix(&self, prefix: &str) {
         for key in keys_where(&self.cache, |key, _| key.starts_with(prefix)) {
-            self.cache.invalidate(key.as_str()).await;
+            without_self_wake(self.cache.invalidate(key.as_str())).await;
         }
     }
 
@@ -180,10 +181,38 @@ impl<V: Clone + Send + Sync + 'static> L1Cache<V> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::quiet::testing::CountingWaker;
     use tierstack_core::clock::ManualClock;
 
     fn l1(clock: &ManualClock) -> L1Cache<String> {
         L1Cache::with_clock(L1Capacity::Entries(100), Arc::new(clock.clone()))
+    }
+
+    /// moka runs its housekeeping inline every 64 writes or reads, and then wakes each task that
+    /// polled it; the L1 keeps that wake from its caller (see `quiet`).
+    #[test]
+    fn writes_and_reads_answer_at_once_without_waking_the_caller() {
+        let clock = ManualClock::new();
+        let cache = l1(&clock);
+        let deadline = clock.now().saturating_add(Duration::from_secs(10));
+        let caller = CountingWaker::default();
+        for i in 0..1_000 {
+            let key = format!("k{i}");
+            let inserted = caller.poll(std::pin::pin!(cache.insert(
+                key.clone(),
+                Some("v".into()),
+                deadline
+            )));
+            assert!(inserted.is_ready(), "insert {i} waited");
+            let read = caller.poll(std::pin::pin!(cache.get(&key)));
+            assert!(read.is_ready(), "read {i} waited");
+            assert!(
+                caller
+                    .poll(std::pin::pin!(cache.invalidate(&key)))
+                    .is_ready()
+            );
+        }
+        assert_eq!(caller.wakes(), 0);
     }
 
     #[tokio::test]

@@ -27,6 +27,7 @@
 
 mod expiry;
 mod l1;
+mod quiet;
 mod store;
 
 pub use l1::{L1Cache, L1Capacity, L1Entry, Weigher};

@@ -15,6 +15,7 @@ use tierstack_core::key::{DEFAULT_MAX_STORE_KEY_LEN, validate_key};
 use tierstack_core::store::{Store, StoredEntry, validate_prefix, validate_ttl};
 
 use crate::expiry::{Deadline, DeadlineExpiry, keys_where};
+use crate::quiet::without_self_wake;
 
 /// Bookkeeping bytes counted per entry on top of key and value, so that a byte budget of many
 /// tiny entries still bounds memory.
@@ -87,7 +88,9 @@ impl MokaStore {
 
     /// The entry under `key` if it is live at `now`.
     async fn live_at(&self, key: &str, now: Timestamp) -> Option<StoredBytes> {
-        self.cache.get(key).await.filter(|e| e.expires_at > now)
+        without_self_wake(self.cache.get(key))
+            .await
+            .filter(|e| e.expires_at > now)
     }
 
     /// [`live_at`](Self::live_at) in one poll: `Pending` if moka has to wait (for its own
@@ -136,9 +139,11 @@ impl Store for MokaStore {
         validate_key(key, DEFAULT_MAX_STORE_KEY_LEN)?;
         validate_ttl(ttl)?;
         let expires_at = self.clock.now().saturating_add(ttl);
-        self.cache
-            .insert(key.to_owned(), StoredBytes { value, expires_at })
-            .await;
+        without_self_wake(
+            self.cache
+                .insert(key.to_owned(), StoredBytes { value, expires_at }),
+        )
+        .await;
         Ok(())
     }
 
@@ -152,16 +157,15 @@ impl Store for MokaStore {
         };
         // Compute calls on one key are serialised by moka: of concurrent callers exactly one
         // sees no live entry.
-        let result = self
-            .cache
-            .entry(key.to_owned())
-            .and_compute_with(|current| async move {
+        let result = without_self_wake(self.cache.entry(key.to_owned()).and_compute_with(
+            |current| async move {
                 match current {
                     Some(entry) if entry.value().expires_at > now => Op::Nop,
                     _ => Op::Put(fresh),
                 }
-            })
-            .await;
+            },
+        ))
+        .await;
         Ok(matches!(
             result,
             CompResult::Inserted(_) | CompResult::ReplacedWith(_)
@@ -170,9 +174,7 @@ impl Store for MokaStore {
 
     async fn delete(&self, key: &str) -> Result<bool> {
         validate_key(key, DEFAULT_MAX_STORE_KEY_LEN)?;
-        Ok(self
-            .cache
-            .remove(key)
+        Ok(without_self_wake(self.cache.remove(key))
             .await
             .is_some_and(|e| self.is_live(&e)))
     }
@@ -181,10 +183,8 @@ impl Store for MokaStore {
         validate_key(key, DEFAULT_MAX_STORE_KEY_LEN)?;
         validate_ttl(ttl)?;
         let now = self.clock.now();
-        let result = self
-            .cache
-            .entry(key.to_owned())
-            .and_compute_with(|current| async move {
+        let result = without_self_wake(self.cache.entry(key.to_owned()).and_compute_with(
+            |current| async move {
                 match current {
                     Some(entry) if entry.value().expires_at > now => Op::Put(StoredBytes {
                         value: entry.into_value().value,
@@ -193,8 +193,9 @@ impl Store for MokaStore {
                     Some(_) => Op::Remove,
                     None => Op::Nop,
                 }
-            })
-            .await;
+            },
+        ))
+        .await;
         Ok(matches!(result, CompResult::ReplacedWith(_)))
     }
 
@@ -211,7 +212,7 @@ impl Store for MokaStore {
         validate_prefix(prefix)?;
         let mut removed = 0;
         for key in keys_where(&self.cache, |key, _| key.starts_with(prefix)) {
-            if let Some(entry) = self.cache.remove(key.as_str()).await {
+            if let Some(entry) = without_self_wake(self.cache.remove(key.as_str())).await {
                 removed += u64::from(self.is_live(&entry));
             }
         }
@@ -223,12 +224,37 @@ impl Store for MokaStore {
         let expired = keys_where(&self.cache, |_, entry| entry.expires_at <= now);
         let count = expired.len() as u64;
         for key in expired {
-            self.cache.invalidate(key.as_str()).await;
+            without_self_wake(self.cache.invalidate(key.as_str())).await;
         }
         Ok(count)
     }
 
     async fn ping(&self) -> Result<()> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quiet::testing::CountingWaker;
+    use std::pin::pin;
+
+    /// As for the L1: moka's inline housekeeping does not wake the store's caller.
+    #[test]
+    fn writes_and_reads_answer_at_once_without_waking_the_caller() {
+        let store = MokaStore::new(1024 * 1024);
+        let ttl = Duration::from_secs(10);
+        let caller = CountingWaker::default();
+        for i in 0..1_000 {
+            let key = format!("k{i}");
+            let written = caller.poll(pin!(store.set(&key, Bytes::from_static(b"v"), ttl)));
+            assert!(matches!(written, Poll::Ready(Ok(()))), "write {i}");
+            let read = caller.poll(pin!(store.get(&key)));
+            assert!(matches!(read, Poll::Ready(Ok(Some(_)))), "read {i}");
+            let deleted = caller.poll(pin!(store.delete(&key)));
+            assert!(matches!(deleted, Poll::Ready(Ok(true))), "delete {i}");
+        }
+        assert_eq!(caller.wakes(), 0);
     }
 }
