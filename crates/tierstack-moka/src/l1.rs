@@ -1,6 +1,7 @@
 //! The typed L1: decoded values in moka, each with its own deadline.
 
 use std::fmt;
+use std::pin::pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -127,7 +128,7 @@ impl<V: Clone + Send + Sync + 'static> L1Cache<V> {
 
     /// The live entry under `key`.
     pub async fn get(&self, key: &str) -> Option<L1Entry<V>> {
-        let entry = without_self_wake(self.cache.get(key)).await?;
+        let entry = without_self_wake(pin!(self.cache.get(key))).await?;
         if self.check_deadlines && entry.expires_at <= self.clock.now() {
             return None;
         }
@@ -138,21 +139,21 @@ impl<V: Clone + Send + Sync + 'static> L1Cache<V> {
     /// has already passed is not stored.
     pub async fn insert(&self, key: String, value: Option<V>, expires_at: Timestamp) {
         if expires_at > self.clock.now() {
-            without_self_wake(self.cache.insert(key, L1Entry { value, expires_at })).await;
+            without_self_wake(pin!(self.cache.insert(key, L1Entry { value, expires_at }))).await;
         } else {
-            without_self_wake(self.cache.invalidate(&key)).await;
+            without_self_wake(pin!(self.cache.invalidate(&key))).await;
         }
     }
 
     /// Removes `key`.
     pub async fn invalidate(&self, key: &str) {
-        without_self_wake(self.cache.invalidate(key)).await;
+        without_self_wake(pin!(self.cache.invalidate(key))).await;
     }
 
     /// Removes every key that starts with `prefix`.
     pub async fn invalidate_prefix(&self, prefix: &str) {
         for key in keys_where(&self.cache, |key, _| key.starts_with(prefix)) {
-            without_self_wake(self.cache.invalidate(key.as_str())).await;
+            without_self_wake(pin!(self.cache.invalidate(key.as_str()))).await;
         }
     }
 

@@ -8,16 +8,20 @@
 //! as often as it stayed; see docs/benchmarks.md ("A task that stays on its thread").
 
 use std::future::Future;
-use std::pin::pin;
+use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 
 /// Awaits `call`. Its first poll gets a waker that ignores wakes; if `call` is not ready after
 /// that poll, it is polled again at once with the caller's waker. Any future must arrange to wake
 /// the waker of the latest poll that returned `Pending`, so no wake is lost.
-pub(crate) async fn without_self_wake<F: Future>(call: F) -> F::Output {
-    let mut call = pin!(call);
+///
+/// `call` comes pinned by the caller, so that it is not moved into another future: moka's are
+/// large, and the L1's read path is short.
+pub(crate) fn without_self_wake<F: Future>(
+    mut call: Pin<&mut F>,
+) -> impl Future<Output = F::Output> + '_ {
     let mut first = true;
-    std::future::poll_fn(|cx| {
+    std::future::poll_fn(move |cx| {
         if std::mem::take(&mut first)
             && let Poll::Ready(output) = call.as_mut().poll(&mut Context::from_waker(Waker::noop()))
         {
@@ -25,7 +29,6 @@ pub(crate) async fn without_self_wake<F: Future>(call: F) -> F::Output {
         }
         call.as_mut().poll(cx)
     })
-    .await
 }
 
 /// Polling by hand, with a waker that counts its wakes.
@@ -66,6 +69,7 @@ pub(crate) mod testing {
 mod tests {
     use super::testing::CountingWaker;
     use super::*;
+    use std::pin::pin;
 
     /// A call that wakes whatever waker polls it, and is ready at once (as moka's housekeeping
     /// does when it completes).
@@ -79,7 +83,7 @@ mod tests {
     #[test]
     fn a_call_ready_at_once_does_not_wake_the_caller() {
         let caller = CountingWaker::default();
-        let polled = caller.poll(pin!(without_self_wake(wakes_and_answers(7))));
+        let polled = caller.poll(pin!(without_self_wake(pin!(wakes_and_answers(7)))));
         assert_eq!(polled, Poll::Ready(7));
         assert_eq!(caller.wakes(), 0);
     }
@@ -88,7 +92,8 @@ mod tests {
     fn a_call_that_waits_is_woken_through_the_caller() {
         let caller = CountingWaker::default();
         let (send, receive) = tokio::sync::oneshot::channel::<u32>();
-        let mut call = pin!(without_self_wake(receive));
+        let mut receive = pin!(receive);
+        let mut call = pin!(without_self_wake(receive.as_mut()));
         assert!(caller.poll(call.as_mut()).is_pending());
         send.send(5).unwrap();
         assert_eq!(caller.wakes(), 1);

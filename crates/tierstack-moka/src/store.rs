@@ -1,6 +1,7 @@
 //! `MokaStore`: a byte [`Store`] on moka, for single-process use and for tests.
 
 use std::future::Future;
+use std::pin::pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -88,7 +89,7 @@ impl MokaStore {
 
     /// The entry under `key` if it is live at `now`.
     async fn live_at(&self, key: &str, now: Timestamp) -> Option<StoredBytes> {
-        without_self_wake(self.cache.get(key))
+        without_self_wake(pin!(self.cache.get(key)))
             .await
             .filter(|e| e.expires_at > now)
     }
@@ -139,10 +140,10 @@ impl Store for MokaStore {
         validate_key(key, DEFAULT_MAX_STORE_KEY_LEN)?;
         validate_ttl(ttl)?;
         let expires_at = self.clock.now().saturating_add(ttl);
-        without_self_wake(
+        without_self_wake(pin!(
             self.cache
                 .insert(key.to_owned(), StoredBytes { value, expires_at }),
-        )
+        ))
         .await;
         Ok(())
     }
@@ -157,14 +158,14 @@ impl Store for MokaStore {
         };
         // Compute calls on one key are serialised by moka: of concurrent callers exactly one
         // sees no live entry.
-        let result = without_self_wake(self.cache.entry(key.to_owned()).and_compute_with(
+        let result = without_self_wake(pin!(self.cache.entry(key.to_owned()).and_compute_with(
             |current| async move {
                 match current {
                     Some(entry) if entry.value().expires_at > now => Op::Nop,
                     _ => Op::Put(fresh),
                 }
             },
-        ))
+        )))
         .await;
         Ok(matches!(
             result,
@@ -174,7 +175,7 @@ impl Store for MokaStore {
 
     async fn delete(&self, key: &str) -> Result<bool> {
         validate_key(key, DEFAULT_MAX_STORE_KEY_LEN)?;
-        Ok(without_self_wake(self.cache.remove(key))
+        Ok(without_self_wake(pin!(self.cache.remove(key)))
             .await
             .is_some_and(|e| self.is_live(&e)))
     }
@@ -183,7 +184,7 @@ impl Store for MokaStore {
         validate_key(key, DEFAULT_MAX_STORE_KEY_LEN)?;
         validate_ttl(ttl)?;
         let now = self.clock.now();
-        let result = without_self_wake(self.cache.entry(key.to_owned()).and_compute_with(
+        let result = without_self_wake(pin!(self.cache.entry(key.to_owned()).and_compute_with(
             |current| async move {
                 match current {
                     Some(entry) if entry.value().expires_at > now => Op::Put(StoredBytes {
@@ -194,7 +195,7 @@ impl Store for MokaStore {
                     None => Op::Nop,
                 }
             },
-        ))
+        )))
         .await;
         Ok(matches!(result, CompResult::ReplacedWith(_)))
     }
@@ -212,7 +213,7 @@ impl Store for MokaStore {
         validate_prefix(prefix)?;
         let mut removed = 0;
         for key in keys_where(&self.cache, |key, _| key.starts_with(prefix)) {
-            if let Some(entry) = without_self_wake(self.cache.remove(key.as_str())).await {
+            if let Some(entry) = without_self_wake(pin!(self.cache.remove(key.as_str()))).await {
                 removed += u64::from(self.is_live(&entry));
             }
         }
@@ -224,7 +225,7 @@ impl Store for MokaStore {
         let expired = keys_where(&self.cache, |_, entry| entry.expires_at <= now);
         let count = expired.len() as u64;
         for key in expired {
-            without_self_wake(self.cache.invalidate(key.as_str())).await;
+            without_self_wake(pin!(self.cache.invalidate(key.as_str()))).await;
         }
         Ok(count)
     }
@@ -238,7 +239,6 @@ impl Store for MokaStore {
 mod tests {
     use super::*;
     use crate::quiet::testing::CountingWaker;
-    use std::pin::pin;
 
     /// As for the L1: moka's inline housekeeping does not wake the store's caller.
     #[test]
