@@ -20,11 +20,12 @@ use redis::{
 use tierstack_core::{CacheError, Result};
 
 use crate::config::RedisConfig;
+use crate::managed::ManagedSocket;
 use crate::pushing::PushingSocket;
 
 #[derive(Clone)]
 enum Link {
-    Standalone(ConnectionManager),
+    Standalone(Arc<ManagedSocket>),
     /// A standalone backplane's subscribed RESP3 socket.
     Pushing(Arc<PushingSocket>),
     Cluster(ClusterConnection),
@@ -38,11 +39,16 @@ enum Handle {
 }
 
 impl Link {
-    async fn handle(&self) -> Handle {
+    /// The handle to send one request on, and for a standalone connection the number of the
+    /// socket it goes on (see [`ManagedSocket`]).
+    async fn handle(&self) -> (Handle, Option<u64>) {
         match self {
-            Link::Standalone(c) => Handle::Managed(c.clone()),
-            Link::Pushing(socket) => Handle::Direct(socket.live().await),
-            Link::Cluster(c) => Handle::Cluster(c.clone()),
+            Link::Standalone(socket) => {
+                let (connection, number) = socket.current();
+                (Handle::Managed(connection), Some(number))
+            }
+            Link::Pushing(socket) => (Handle::Direct(socket.live().await), None),
+            Link::Cluster(c) => (Handle::Cluster(c.clone()), None),
         }
     }
 }
@@ -124,9 +130,9 @@ impl Connection {
                     .set_response_timeout(None)
                     .set_number_of_retries(1)
                     .set_max_delay(Duration::from_secs(1));
-                Ok(Link::Standalone(
-                    client.get_connection_manager_with_config(manager).await?,
-                ))
+                Ok(Link::Standalone(Arc::new(
+                    ManagedSocket::connect(client, manager).await?,
+                )))
             }
         };
         Self::connect_within_limit(config, connecting).await
@@ -245,12 +251,14 @@ impl Connection {
     /// Runs `request` on the link under the in-flight bound, failing it with a timeout once the
     /// response timeout has passed since the call: waiting for a free slot, for a reconnect and
     /// for the reply all count. One timer per call: the standalone driver arms none of its own.
+    /// A standalone socket hears whether its request was answered (see [`ManagedSocket`]).
     async fn guarded<T, F, Fut>(&self, operation: &'static str, request: F) -> Result<T>
     where
         F: FnOnce(Handle) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
         let limit = self.response_timeout;
+        let mut sent_on = None;
         let call = async {
             let _permit = if let Some(permit) = self.permits.try_acquire() {
                 permit
@@ -268,17 +276,27 @@ impl Connection {
                 }
                 permit
             };
-            request(self.link.handle().await)
+            let (handle, socket) = self.link.handle().await;
+            sent_on = socket;
+            request(handle)
                 .await
                 .map_err(|error| map_error(operation, &self.endpoint, limit, error))
         };
-        match tokio::time::timeout(limit, call).await {
+        let result = match tokio::time::timeout(limit, call).await {
             Ok(result) => result,
             Err(_) => Err(CacheError::Timeout {
                 operation,
                 after: limit,
             }),
+        };
+        if let (Link::Standalone(socket), Some(number)) = (&self.link, sent_on) {
+            if matches!(result, Err(CacheError::Timeout { .. })) {
+                socket.unanswered(number, &self.endpoint, self.connect_limit);
+            } else {
+                socket.answered(number);
+            }
         }
+        result
     }
 
     /// A command's refusal, found among a pipeline's replies, as the error the command alone

@@ -41,6 +41,7 @@
 mod backplane;
 mod config;
 mod connection;
+mod managed;
 mod pushing;
 mod store;
 mod structures;

@@ -1,5 +1,5 @@
 //! Faults and bad input against real Redis servers: unreachable, killed and restarted, stalled,
-//! wrong credentials, missing ACL rights, foreign bytes, oversized values.
+//! silent, wrong credentials, missing ACL rights, foreign bytes, oversized values.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::PrivateRedis;
+use common::{Partition, PrivateRedis};
 use tierstack::TieredCache;
 use tierstack_core::{Backplane, CacheError, Store};
 use tierstack_redis::{RedisBackplane, RedisConfig, RedisStore};
@@ -340,4 +340,77 @@ async fn a_stalled_redis_fails_a_write_within_its_response_timeout_whatever_the_
         started.elapsed()
     );
     assert!(matches!(err, CacheError::Timeout { .. }), "{err:?}");
+}
+
+/// A socket that goes silent without an error (a NAT or a firewall that forgot it) times every
+/// call out until the kernel gives up on it, a quarter of an hour later. Three calls in a row
+/// without an answer replace it; the calls after that go on a new socket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_stops_answering_is_replaced() {
+    let server = PrivateRedis::start(&[]);
+    let relay = Partition::start(server.port).await;
+    let config = RedisConfig::from_url(&relay.url())
+        .unwrap()
+        .response_timeout(STALL_BOUND);
+    let store = RedisStore::connect(&config).await.unwrap();
+    let ttl = Duration::from_secs(60);
+    store.set("silent", "v".into(), ttl).await.unwrap();
+    assert_eq!(relay.accepted(), 1);
+    relay.forget_open_connections();
+    let err = store.get("silent").await.unwrap_err();
+    assert!(matches!(err, CacheError::Timeout { .. }), "{err:?}");
+    let mut timeouts = 1;
+    eventually("an answer on a new socket", async || {
+        match store.get("silent").await {
+            Ok(value) => {
+                assert_eq!(value.as_deref(), Some(&b"v"[..]));
+                true
+            }
+            Err(CacheError::Timeout { .. }) => {
+                timeouts += 1;
+                false
+            }
+            Err(other) => panic!("{other:?}"),
+        }
+    })
+    .await;
+    assert!(timeouts >= 3, "replaced after {timeouts} timeouts");
+    assert_eq!(relay.accepted(), 2, "one new socket");
+}
+
+/// Calls sent on the silent socket before it was replaced time out afterwards: they must not
+/// count against its successor, or every replacement would bring on the next.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_that_time_out_on_a_replaced_socket_leave_its_successor_alone() {
+    let server = PrivateRedis::start(&[]);
+    let relay = Partition::start(server.port).await;
+    let config = RedisConfig::from_url(&relay.url())
+        .unwrap()
+        .response_timeout(STALL_BOUND);
+    let store = Arc::new(RedisStore::connect(&config).await.unwrap());
+    store
+        .set("silent", "v".into(), Duration::from_secs(60))
+        .await
+        .unwrap();
+    relay.forget_open_connections();
+    // Four callers keep four calls in flight, so that some are still waiting on the old socket
+    // when the new one takes over.
+    let callers: Vec<_> = (0..4)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while store.get("silent").await.is_err() {
+                    assert!(Instant::now() < deadline, "no answer within 10 s");
+                }
+            })
+        })
+        .collect();
+    for caller in callers {
+        caller.await.unwrap();
+    }
+    // Every call sent on the old socket has timed out by now.
+    tokio::time::sleep(STALL_BOUND * 3).await;
+    assert_eq!(store.get("silent").await.unwrap().as_deref(), Some(&b"v"[..]));
+    assert_eq!(relay.accepted(), 2, "one new socket, not more");
 }

@@ -8,6 +8,7 @@
 
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tierstack_redis::{RedisConfig, RedisStore};
@@ -135,29 +136,49 @@ impl Drop for PrivateRedis {
 
 /// A TCP relay to a local port that can go silent: while frozen it passes no byte either way
 /// and closes nothing, as a network partition that sends no reset looks to both ends. New
-/// connections are accepted meanwhile and held. Stops relaying when dropped.
+/// connections are accepted meanwhile and held. It can also forget the connections open so far,
+/// as a NAT or a firewall that lost their state does: they stay silent for good, and new ones
+/// pass. Stops relaying when dropped.
 pub struct Partition {
     pub port: u16,
-    frozen: tokio::sync::watch::Sender<bool>,
+    links: tokio::sync::watch::Sender<Links>,
+    accepted: Arc<std::sync::atomic::AtomicU64>,
     relay: tokio::task::JoinHandle<()>,
+}
+
+/// What passes: nothing while frozen, and never a connection numbered below `forgotten_below`.
+#[derive(Clone, Copy, Default)]
+struct Links {
+    frozen: bool,
+    forgotten_below: u64,
+}
+
+impl Links {
+    fn pass(self, connection: u64) -> bool {
+        !self.frozen && connection >= self.forgotten_below
+    }
 }
 
 impl Partition {
     pub async fn start(target: u16) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
-        let frozen = tokio::sync::watch::Sender::new(false);
-        let thawed = frozen.subscribe();
+        let links = tokio::sync::watch::Sender::new(Links::default());
+        let passing = links.subscribe();
+        let accepted = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counter = Arc::clone(&accepted);
         let relay = tokio::spawn(async move {
             // Dropped with the accept loop: aborts every connection's relay.
             let mut connections = tokio::task::JoinSet::new();
             while let Ok((client, _)) = listener.accept().await {
-                connections.spawn(relay(client, target, thawed.clone()));
+                let number = counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                connections.spawn(relay(client, target, number, passing.clone()));
             }
         });
         Self {
             port,
-            frozen,
+            links,
+            accepted,
             relay,
         }
     }
@@ -167,11 +188,23 @@ impl Partition {
     }
 
     pub fn freeze(&self) {
-        self.frozen.send_replace(true);
+        self.links.send_modify(|links| links.frozen = true);
     }
 
     pub fn thaw(&self) {
-        self.frozen.send_replace(false);
+        self.links.send_modify(|links| links.frozen = false);
+    }
+
+    /// Silences every connection accepted so far, for good.
+    pub fn forget_open_connections(&self) {
+        let accepted = self.accepted();
+        self.links
+            .send_modify(|links| links.forgotten_below = accepted);
+    }
+
+    /// How many connections the relay has accepted.
+    pub fn accepted(&self) -> u64 {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
     }
 }
 
@@ -184,9 +217,10 @@ impl Drop for Partition {
 async fn relay(
     client: tokio::net::TcpStream,
     target: u16,
-    mut thawed: tokio::sync::watch::Receiver<bool>,
+    number: u64,
+    mut links: tokio::sync::watch::Receiver<Links>,
 ) {
-    if thawed.wait_for(|frozen| !frozen).await.is_err() {
+    if links.wait_for(|links| links.pass(number)).await.is_err() {
         return;
     }
     let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await else {
@@ -195,17 +229,18 @@ async fn relay(
     let (client_reads, client_writes) = client.into_split();
     let (server_reads, server_writes) = server.into_split();
     tokio::join!(
-        pass(client_reads, server_writes, thawed.clone()),
-        pass(server_reads, client_writes, thawed),
+        pass(client_reads, server_writes, number, links.clone()),
+        pass(server_reads, client_writes, number, links),
     );
 }
 
-/// Passes bytes one way, holding each read until the link is thawed. One buffer at most is
+/// Passes bytes one way, holding each read while the connection may not pass. One buffer at most is
 /// held: the sender's socket buffers fill up behind it, as they would behind a partition.
 async fn pass(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
-    mut thawed: tokio::sync::watch::Receiver<bool>,
+    number: u64,
+    mut links: tokio::sync::watch::Receiver<Links>,
 ) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut buffer = vec![0; 16 * 1024];
@@ -214,7 +249,7 @@ async fn pass(
             Ok(0) | Err(_) => break,
             Ok(read) => read,
         };
-        if thawed.wait_for(|frozen| !frozen).await.is_err()
+        if links.wait_for(|links| links.pass(number)).await.is_err()
             || to.write_all(&buffer[..read]).await.is_err()
         {
             break;
