@@ -411,6 +411,9 @@ async fn calls_that_time_out_on_a_replaced_socket_leave_its_successor_alone() {
     }
     // Every call sent on the old socket has timed out by now.
     tokio::time::sleep(STALL_BOUND * 3).await;
-    assert_eq!(store.get("silent").await.unwrap().as_deref(), Some(&b"v"[..]));
+    assert_eq!(
+        store.get("silent").await.unwrap().as_deref(),
+        Some(&b"v"[..])
+    );
     assert_eq!(relay.accepted(), 2, "one new socket, not more");
 }
