@@ -93,6 +93,7 @@ impl ManagedSocket {
 
     async fn replace(self: Arc<Self>, endpoint: Arc<str>, limit: Duration) {
         tracing::warn!(endpoint = %endpoint, "Redis connection stopped answering; opening a new one");
+        let started = tokio::time::Instant::now();
         let connecting = self
             .client
             .get_connection_manager_with_config(self.config.clone());
@@ -106,7 +107,6 @@ impl ManagedSocket {
                 self.unanswered.store(0, Ordering::Relaxed);
                 tracing::info!(endpoint = %endpoint, "Redis connection replaced");
             }
-            // Tried again after the next call that goes unanswered.
             Ok(Err(error)) => {
                 let error = map_error("connect", &endpoint, limit, error);
                 tracing::warn!(endpoint = %endpoint, error = %error, "cannot open a new Redis connection");
@@ -115,6 +115,10 @@ impl ManagedSocket {
                 tracing::warn!(endpoint = %endpoint, after = ?limit, "cannot open a new Redis connection in time");
             }
         }
+        // The next attempt follows the next call that goes unanswered, but not before `limit`
+        // has passed since this one began: a server that is down is not dialled (and logged)
+        // on every timeout.
+        tokio::time::sleep_until(started + limit).await;
         self.replacing.store(false, Ordering::Release);
     }
 }

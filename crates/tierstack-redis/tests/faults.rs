@@ -417,3 +417,36 @@ async fn calls_that_time_out_on_a_replaced_socket_leave_its_successor_alone() {
     );
     assert_eq!(relay.accepted(), 2, "one new socket, not more");
 }
+
+/// While no new connection can be opened (here every one is closed at once), the replacement is
+/// tried again after later timeouts, but at most once per connect limit (connect timeout plus
+/// response timeout): a server that is down is not dialled, and logged, on every timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_replacement_holds_the_next_attempt_back() {
+    let server = PrivateRedis::start(&[]);
+    let relay = Partition::start(server.port).await;
+    let config = RedisConfig::from_url(&relay.url())
+        .unwrap()
+        .connect_timeout(Duration::from_millis(500))
+        .response_timeout(STALL_BOUND);
+    let store = RedisStore::connect(&config).await.unwrap();
+    relay.forget_open_connections();
+    relay.refuse_new_connections(true);
+    // 2.1 s of calls, each timing out after 200 ms: about ten timeouts, so about eight tries
+    // without the hold-back; with it, one try per 700 ms, at most three. redis-rs dials twice
+    // per try (the store sets one retry): without the hold-back the relay saw 16 and 17
+    // connections, with it 4 and 5.
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_millis(2_100) {
+        let err = store.get("down").await.unwrap_err();
+        assert!(matches!(err, CacheError::Timeout { .. }), "{err:?}");
+    }
+    let tries = relay.accepted() - 1;
+    assert!((1..=6).contains(&tries), "{tries} connection attempts");
+    // Once connections open again, the next try succeeds.
+    relay.refuse_new_connections(false);
+    eventually("an answer on a new socket", async || {
+        store.get("down").await.is_ok()
+    })
+    .await;
+}

@@ -147,10 +147,12 @@ pub struct Partition {
 }
 
 /// What passes: nothing while frozen, and never a connection numbered below `forgotten_below`.
+/// While `refusing`, a new connection is closed as soon as it is accepted.
 #[derive(Clone, Copy, Default)]
 struct Links {
     frozen: bool,
     forgotten_below: u64,
+    refusing: bool,
 }
 
 impl Links {
@@ -202,6 +204,11 @@ impl Partition {
             .send_modify(|links| links.forgotten_below = accepted);
     }
 
+    /// Closes every new connection at once (as a server that is down), or stops doing so.
+    pub fn refuse_new_connections(&self, refusing: bool) {
+        self.links.send_modify(|links| links.refusing = refusing);
+    }
+
     /// How many connections the relay has accepted.
     pub fn accepted(&self) -> u64 {
         self.accepted.load(std::sync::atomic::Ordering::SeqCst)
@@ -220,7 +227,7 @@ async fn relay(
     number: u64,
     mut links: tokio::sync::watch::Receiver<Links>,
 ) {
-    if links.wait_for(|links| links.pass(number)).await.is_err() {
+    if links.borrow().refusing || links.wait_for(|links| links.pass(number)).await.is_err() {
         return;
     }
     let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await else {
