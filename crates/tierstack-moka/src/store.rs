@@ -94,11 +94,14 @@ impl MokaStore {
             .filter(|e| e.expires_at > now)
     }
 
-    /// [`live_at`](Self::live_at) in one poll: `Pending` if moka has to wait (for its own
+    /// [`live_at`](Self::live_at) in one poll, with a waker that ignores wakes (so, like
+    /// `live_at`, it cannot wake the caller): `Pending` if moka has to wait (for its own
     /// housekeeping lock). moka's operations are cancel-safe, so dropping the read then is fine:
     /// the caller reads again, awaiting.
     fn live_at_now(&self, key: &str, now: Timestamp) -> Poll<Option<StoredBytes>> {
-        std::pin::pin!(self.live_at(key, now)).poll(&mut Context::from_waker(Waker::noop()))
+        pin!(self.cache.get(key))
+            .poll(&mut Context::from_waker(Waker::noop()))
+            .map(|entry| entry.filter(|e| e.expires_at > now))
     }
 }
 
