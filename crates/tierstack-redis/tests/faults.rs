@@ -342,19 +342,30 @@ async fn a_stalled_redis_fails_a_write_within_its_response_timeout_whatever_the_
     assert!(matches!(err, CacheError::Timeout { .. }), "{err:?}");
 }
 
+/// A private server, a relay in front of it that can silence its connections, and a store
+/// through the relay (connect timeout 500 ms, response timeout `STALL_BOUND`) holding
+/// `"silent"`.
+async fn store_behind_relay() -> (PrivateRedis, Partition, RedisStore) {
+    let server = PrivateRedis::start(&[]);
+    let relay = Partition::start(server.port).await;
+    let config = RedisConfig::from_url(&relay.url())
+        .unwrap()
+        .connect_timeout(Duration::from_millis(500))
+        .response_timeout(STALL_BOUND);
+    let store = RedisStore::connect(&config).await.unwrap();
+    store
+        .set("silent", "v".into(), Duration::from_secs(60))
+        .await
+        .unwrap();
+    (server, relay, store)
+}
+
 /// A socket that goes silent without an error (a NAT or a firewall that forgot it) times every
 /// call out until the kernel gives up on it, a quarter of an hour later. Three calls in a row
 /// without an answer replace it; the calls after that go on a new socket.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_that_stops_answering_is_replaced() {
-    let server = PrivateRedis::start(&[]);
-    let relay = Partition::start(server.port).await;
-    let config = RedisConfig::from_url(&relay.url())
-        .unwrap()
-        .response_timeout(STALL_BOUND);
-    let store = RedisStore::connect(&config).await.unwrap();
-    let ttl = Duration::from_secs(60);
-    store.set("silent", "v".into(), ttl).await.unwrap();
+    let (_server, relay, store) = store_behind_relay().await;
     assert_eq!(relay.accepted(), 1);
     relay.forget_open_connections();
     let err = store.get("silent").await.unwrap_err();
@@ -382,16 +393,8 @@ async fn a_connection_that_stops_answering_is_replaced() {
 /// count against its successor, or every replacement would bring on the next.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_that_time_out_on_a_replaced_socket_leave_its_successor_alone() {
-    let server = PrivateRedis::start(&[]);
-    let relay = Partition::start(server.port).await;
-    let config = RedisConfig::from_url(&relay.url())
-        .unwrap()
-        .response_timeout(STALL_BOUND);
-    let store = Arc::new(RedisStore::connect(&config).await.unwrap());
-    store
-        .set("silent", "v".into(), Duration::from_secs(60))
-        .await
-        .unwrap();
+    let (_server, relay, store) = store_behind_relay().await;
+    let store = Arc::new(store);
     relay.forget_open_connections();
     // Four callers keep four calls in flight, so that some are still waiting on the old socket
     // when the new one takes over.
@@ -423,13 +426,7 @@ async fn calls_that_time_out_on_a_replaced_socket_leave_its_successor_alone() {
 /// response timeout): a server that is down is not dialled, and logged, on every timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_replacement_holds_the_next_attempt_back() {
-    let server = PrivateRedis::start(&[]);
-    let relay = Partition::start(server.port).await;
-    let config = RedisConfig::from_url(&relay.url())
-        .unwrap()
-        .connect_timeout(Duration::from_millis(500))
-        .response_timeout(STALL_BOUND);
-    let store = RedisStore::connect(&config).await.unwrap();
+    let (_server, relay, store) = store_behind_relay().await;
     relay.forget_open_connections();
     relay.refuse_new_connections(true);
     // 2.1 s of calls, each timing out after 200 ms: about ten timeouts, so about eight tries
