@@ -199,19 +199,11 @@ mod tests {
         let caller = CountingWaker::default();
         for i in 0..1_000 {
             let key = format!("k{i}");
-            let inserted = caller.poll(std::pin::pin!(cache.insert(
-                key.clone(),
-                Some("v".into()),
-                deadline
-            )));
+            let inserted = caller.poll(pin!(cache.insert(key.clone(), Some("v".into()), deadline)));
             assert!(inserted.is_ready(), "insert {i} waited");
-            let read = caller.poll(std::pin::pin!(cache.get(&key)));
+            let read = caller.poll(pin!(cache.get(&key)));
             assert!(read.is_ready(), "read {i} waited");
-            assert!(
-                caller
-                    .poll(std::pin::pin!(cache.invalidate(&key)))
-                    .is_ready()
-            );
+            assert!(caller.poll(pin!(cache.invalidate(&key))).is_ready());
         }
         assert_eq!(caller.wakes(), 0);
     }

@@ -4,8 +4,8 @@
 //! completes, it wakes every task that polled it, the caller included, although the caller's own
 //! poll is about to return the result. A task woken while it runs is queued again once it next
 //! waits, as if it had yielded, and Tokio wakes another worker to take it. So without this, a task
-//! doing one L1 write per Redis round trip moved between the two workers of a 2-core runtime about
-//! as often as it stayed; see docs/benchmarks.md ("A task that stays on its thread").
+//! doing one L1 write per Redis round trip moved to the other worker of a 2-core runtime every
+//! hundred writes or so; see docs/benchmarks.md ("A task that stays on its thread").
 
 use std::future::Future;
 use std::pin::Pin;

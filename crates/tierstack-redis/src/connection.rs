@@ -85,8 +85,9 @@ impl ConnectionLike for Handle {
 }
 
 /// A cheap-to-clone handle on one connection: standalone, one multiplexed socket that
-/// reconnects by itself, or a backplane's subscribed socket that its owner replaces
-/// ([`reconnect`](Self::reconnect)); cluster, one socket per node.
+/// reconnects by itself and is replaced when it goes silent ([`ManagedSocket`]), or a
+/// backplane's subscribed socket that its owner replaces ([`reconnect`](Self::reconnect));
+/// cluster, one socket per node.
 #[derive(Clone)]
 pub(crate) struct Connection {
     link: Link,

@@ -19,7 +19,6 @@ const UNANSWERED_BEFORE_REPLACING: u32 = 3;
 
 /// The connection calls go on now, numbered so that calls sent on one it replaced do not
 /// count against it.
-#[derive(Clone)]
 struct Numbered {
     number: u64,
     connection: ConnectionManager,
