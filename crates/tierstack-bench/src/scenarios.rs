@@ -25,17 +25,18 @@ fn value(i: usize) -> String {
 }
 
 struct MokaGet {
-    cache: moka::future::Cache<String, String>,
+    cache: moka::sync::Cache<String, String>,
     keys: Arc<Vec<String>>,
 }
 
 impl Workload for MokaGet {
     async fn op(&self, i: usize) {
-        black_box(self.cache.get(&self.keys[i]).await);
+        black_box(self.cache.get(&self.keys[i]));
     }
 }
 
-/// `TieredCache::get` on an L1 hit vs raw `moka::future::Cache::get` of the same values.
+/// `TieredCache::get` on an L1 hit vs raw `moka::sync::Cache::get` (the cache type of the L1)
+/// of the same values.
 pub(crate) async fn l1_hit(sizes: &Sizes, tasks: usize) -> Vec<Record> {
     let keys = keys(sizes.keys);
     let capacity = u64::try_from(sizes.keys * 2).unwrap_or(u64::MAX);
@@ -44,15 +45,13 @@ pub(crate) async fn l1_hit(sizes: &Sizes, tasks: usize) -> Vec<Record> {
         .default_ttl(TTL)
         .build()
         .unwrap_or_else(|e| panic!("{e}"));
-    let raw = moka::future::Cache::builder()
-        .max_capacity(capacity)
-        .build();
+    let raw = moka::sync::Cache::builder().max_capacity(capacity).build();
     for (i, key) in keys.iter().enumerate() {
         tiered
             .set(key, value(i))
             .await
             .unwrap_or_else(|e| panic!("{e}"));
-        raw.insert(key.clone(), value(i)).await;
+        raw.insert(key.clone(), value(i));
     }
     let tiered = Arc::new(TieredGet {
         cache: tiered,

@@ -10,14 +10,13 @@ use std::collections::hash_map::RandomState;
 use std::fmt::Debug;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
 use crate::error::{CacheError, Result};
-use crate::store::{Store, StoreWrite};
 
 /// What to evict from every other instance's L1.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -59,46 +58,18 @@ pub trait Backplane: Send + Sync + Debug + 'static {
     /// A new subscription to the invalidations published by other instances.
     fn subscribe(&self) -> Subscription;
 
-    /// Writes `write` to `store`, then publishes `invalidation`: never the other way round, or
-    /// another instance could evict, re-read the old value and keep it. `Err` means the write
-    /// failed (and nothing was published); `Ok(Some(error))` means the write landed but the
-    /// publish failed.
+    /// Whether the L2 store this backplane was built with publishes the invalidation of each of
+    /// its own key writes (`set`, `set_many`, `delete`, `delete_many`, `expire`) in the write's
+    /// round trip, ordered after the write. A composer then publishes only prefix and
+    /// namespace-wide invalidations itself, and the write of a key costs one round trip instead
+    /// of two.
     ///
-    /// The default does the two in sequence. A backplane that shares an ordered connection with
-    /// the store overrides it to do both in one round trip.
-    async fn write_then_publish(
-        &self,
-        store: &dyn Store,
-        write: StoreWrite<'_>,
-        namespace: &str,
-        invalidation: &Invalidation,
-    ) -> Result<Option<CacheError>> {
-        write_then_publish_in_order(self, store, write, namespace, invalidation).await
+    /// Because the store publishes, any decorator around it (a migration, fault injection, a
+    /// user's own) keeps every write announced. The default, `false`: the composer publishes
+    /// after each write.
+    fn publishes_store_writes(&self) -> bool {
+        false
     }
-
-    /// The time within which [`write_then_publish`](Self::write_then_publish) to `store`
-    /// answers or fails by itself, if this backplane enforces such a bound end to end.
-    ///
-    /// Like [`Store::single_key_timeout`]: a composer with a timeout of its own can skip its
-    /// timer around the call when this bound is no longer than its timeout. The default,
-    /// `None`, promises nothing.
-    fn write_then_publish_timeout(&self, store: &dyn Store) -> Option<Duration> {
-        let _ = store;
-        None
-    }
-}
-
-/// The write, then the publish, in two steps: the default of
-/// [`Backplane::write_then_publish`], for overrides that fall back to it.
-pub async fn write_then_publish_in_order<B: Backplane + ?Sized>(
-    backplane: &B,
-    store: &dyn Store,
-    write: StoreWrite<'_>,
-    namespace: &str,
-    invalidation: &Invalidation,
-) -> Result<Option<CacheError>> {
-    store.set(write.key, write.value, write.ttl).await?;
-    Ok(backplane.publish(namespace, invalidation).await.err())
 }
 
 /// A stream of [`BackplaneEvent`]s.

@@ -1,6 +1,5 @@
 //! The byte-level tier trait that every L2 implements.
 
-use std::any::Any;
 use std::fmt::Debug;
 use std::time::Duration;
 
@@ -60,28 +59,12 @@ pub struct StoredEntry {
 /// Bulk operations have correct defaults that loop over the single ones; backends override them
 /// with one round trip.
 ///
-/// The trait is object-safe: the composer holds an `Arc<dyn Store>`. It extends [`Any`] so that a
-/// backplane can recognise a store it shares a connection with (see
-/// [`Backplane::write_then_publish`](crate::Backplane::write_then_publish)).
+/// The trait is object-safe: the composer holds an `Arc<dyn Store>`, and a decorator (a
+/// migration between stores, fault injection, a user's own) wraps one store in another.
 #[async_trait]
-pub trait Store: Any + Send + Sync + Debug {
+pub trait Store: Send + Sync + Debug + 'static {
     /// The bytes stored under `key`, or `None`.
     async fn get(&self, key: &str) -> Result<Option<Bytes>>;
-
-    /// [`get`](Store::get), answered without waiting if the store can: `None` means "await
-    /// `get`". In-process stores answer here, which spares the composer a boxed future on every
-    /// read; stores that do I/O keep this default. An answer must be the one `get` would give.
-    fn get_now(&self, key: &str) -> Option<Result<Option<Bytes>>> {
-        let _ = key;
-        None
-    }
-
-    /// [`get_with_ttl`](Store::get_with_ttl), answered without waiting if the store can; see
-    /// [`get_now`](Store::get_now).
-    fn get_with_ttl_now(&self, key: &str) -> Option<Result<Option<StoredEntry>>> {
-        let _ = key;
-        None
-    }
 
     /// The bytes stored under each key, in the order of `keys`.
     async fn get_many(&self, keys: &[&str]) -> Result<Vec<Option<Bytes>>> {
@@ -163,17 +146,6 @@ pub trait Store: Any + Send + Sync + Debug {
 
     /// Checks that the backend answers.
     async fn ping(&self) -> Result<()>;
-
-    /// The time within which every single-key operation of this store (`get`, `get_with_ttl`,
-    /// `set`, `set_if_absent`, `delete`, `exists`, `expire`, `ttl`) answers or fails by itself,
-    /// if the store enforces such a bound end to end (queueing and reconnecting included).
-    ///
-    /// A composer with a timeout of its own can skip its timer for those operations when this
-    /// bound is no longer than its timeout: one timer per request instead of two. The default,
-    /// `None`, promises nothing, and callers keep their own timers.
-    fn single_key_timeout(&self) -> Option<Duration> {
-        None
-    }
 }
 
 /// Refuses an empty prefix for [`Store::delete_prefix`].

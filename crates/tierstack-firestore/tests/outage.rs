@@ -130,7 +130,7 @@ async fn scenario(port: u16, restart: impl FnOnce() + Send) {
         assert!(Instant::now() < deadline, "the store did not recover");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    cache.invalidate_local("after").await;
+    cache.invalidate_local("after");
     let l2_hits = cache.stats().l2_hits;
     assert_eq!(cache.get("after").await.unwrap(), Some("v".into()));
     assert_eq!(

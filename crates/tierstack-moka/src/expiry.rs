@@ -3,7 +3,7 @@
 use std::time::{Duration, Instant};
 
 use moka::Expiry;
-use moka::future::Cache;
+use moka::sync::Cache;
 use std::sync::Arc;
 use tierstack_core::clock::{SharedClock, Timestamp};
 

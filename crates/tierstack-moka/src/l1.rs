@@ -1,15 +1,13 @@
 //! The typed L1: decoded values in moka, each with its own deadline.
 
 use std::fmt;
-use std::pin::pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use moka::future::Cache;
+use moka::sync::Cache;
 use tierstack_core::clock::{SharedClock, Timestamp, system_clock};
 
 use crate::expiry::{Deadline, DeadlineExpiry, keys_where};
-use crate::quiet::without_self_wake;
 
 /// How an [`L1Cache`] is bounded.
 pub enum L1Capacity<V> {
@@ -127,8 +125,8 @@ impl<V: Clone + Send + Sync + 'static> L1Cache<V> {
     }
 
     /// The live entry under `key`.
-    pub async fn get(&self, key: &str) -> Option<L1Entry<V>> {
-        let entry = without_self_wake(pin!(self.cache.get(key))).await?;
+    pub fn get(&self, key: &str) -> Option<L1Entry<V>> {
+        let entry = self.cache.get(key)?;
         if self.check_deadlines && entry.expires_at <= self.clock.now() {
             return None;
         }
@@ -137,23 +135,23 @@ impl<V: Clone + Send + Sync + 'static> L1Cache<V> {
 
     /// Stores `value` (or a negative entry) under `key` until `expires_at`. An entry whose deadline
     /// has already passed is not stored.
-    pub async fn insert(&self, key: String, value: Option<V>, expires_at: Timestamp) {
+    pub fn insert(&self, key: String, value: Option<V>, expires_at: Timestamp) {
         if expires_at > self.clock.now() {
-            without_self_wake(pin!(self.cache.insert(key, L1Entry { value, expires_at }))).await;
+            self.cache.insert(key, L1Entry { value, expires_at });
         } else {
-            without_self_wake(pin!(self.cache.invalidate(&key))).await;
+            self.cache.invalidate(&key);
         }
     }
 
     /// Removes `key`.
-    pub async fn invalidate(&self, key: &str) {
-        without_self_wake(pin!(self.cache.invalidate(key))).await;
+    pub fn invalidate(&self, key: &str) {
+        self.cache.invalidate(key);
     }
 
     /// Removes every key that starts with `prefix`.
-    pub async fn invalidate_prefix(&self, prefix: &str) {
+    pub fn invalidate_prefix(&self, prefix: &str) {
         for key in keys_where(&self.cache, |key, _| key.starts_with(prefix)) {
-            without_self_wake(pin!(self.cache.invalidate(key.as_str()))).await;
+            self.cache.invalidate(key.as_str());
         }
     }
 
@@ -163,8 +161,8 @@ impl<V: Clone + Send + Sync + 'static> L1Cache<V> {
     }
 
     /// The remaining time of the live entry under `key`.
-    pub async fn ttl(&self, key: &str) -> Option<Duration> {
-        let entry = self.get(key).await?;
+    pub fn ttl(&self, key: &str) -> Option<Duration> {
+        let entry = self.get(key)?;
         Some(self.clock.now().until(entry.expires_at))
     }
 
@@ -174,107 +172,81 @@ impl<V: Clone + Send + Sync + 'static> L1Cache<V> {
     }
 
     /// Runs moka's pending housekeeping, so that counts are exact (for tests and reports).
-    pub async fn run_pending_tasks(&self) {
-        self.cache.run_pending_tasks().await;
+    pub fn run_pending_tasks(&self) {
+        self.cache.run_pending_tasks();
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::quiet::testing::CountingWaker;
     use tierstack_core::clock::ManualClock;
 
     fn l1(clock: &ManualClock) -> L1Cache<String> {
         L1Cache::with_clock(L1Capacity::Entries(100), Arc::new(clock.clone()))
     }
 
-    /// moka runs its housekeeping inline every 64 writes or reads, and then wakes each task that
-    /// polled it; the L1 keeps that wake from its caller (see `quiet`).
     #[test]
-    fn writes_and_reads_answer_at_once_without_waking_the_caller() {
+    fn entries_stop_being_served_at_their_deadline() {
         let clock = ManualClock::new();
         let cache = l1(&clock);
         let deadline = clock.now().saturating_add(Duration::from_secs(10));
-        let caller = CountingWaker::default();
-        for i in 0..1_000 {
-            let key = format!("k{i}");
-            let inserted = caller.poll(pin!(cache.insert(key.clone(), Some("v".into()), deadline)));
-            assert!(inserted.is_ready(), "insert {i} waited");
-            let read = caller.poll(pin!(cache.get(&key)));
-            assert!(read.is_ready(), "read {i} waited");
-            assert!(caller.poll(pin!(cache.invalidate(&key))).is_ready());
-        }
-        assert_eq!(caller.wakes(), 0);
-    }
-
-    #[tokio::test]
-    async fn entries_stop_being_served_at_their_deadline() {
-        let clock = ManualClock::new();
-        let cache = l1(&clock);
-        let deadline = clock.now().saturating_add(Duration::from_secs(10));
-        cache.insert("k".into(), Some("v".into()), deadline).await;
-        assert_eq!(cache.get("k").await.and_then(|e| e.value), Some("v".into()));
-        assert_eq!(cache.ttl("k").await, Some(Duration::from_secs(10)));
+        cache.insert("k".into(), Some("v".into()), deadline);
+        assert_eq!(cache.get("k").and_then(|e| e.value), Some("v".into()));
+        assert_eq!(cache.ttl("k"), Some(Duration::from_secs(10)));
         clock.advance(Duration::from_secs(10));
-        assert_eq!(cache.get("k").await, None);
+        assert_eq!(cache.get("k"), None);
     }
 
-    #[tokio::test]
-    async fn overwrites_take_the_new_deadline() {
+    #[test]
+    fn overwrites_take_the_new_deadline() {
         let clock = ManualClock::new();
         let cache = l1(&clock);
         let now = clock.now();
-        cache
-            .insert(
-                "k".into(),
-                Some("a".into()),
-                now.saturating_add(Duration::from_secs(100)),
-            )
-            .await;
-        cache
-            .insert(
-                "k".into(),
-                Some("b".into()),
-                now.saturating_add(Duration::from_secs(1)),
-            )
-            .await;
+        cache.insert(
+            "k".into(),
+            Some("a".into()),
+            now.saturating_add(Duration::from_secs(100)),
+        );
+        cache.insert(
+            "k".into(),
+            Some("b".into()),
+            now.saturating_add(Duration::from_secs(1)),
+        );
         clock.advance(Duration::from_secs(2));
-        assert_eq!(cache.get("k").await, None);
+        assert_eq!(cache.get("k"), None);
     }
 
-    #[tokio::test]
-    async fn already_expired_inserts_are_dropped_and_negative_entries_kept() {
+    #[test]
+    fn already_expired_inserts_are_dropped_and_negative_entries_kept() {
         let clock = ManualClock::new();
         let cache = l1(&clock);
-        cache
-            .insert("old".into(), Some("v".into()), clock.now())
-            .await;
-        assert_eq!(cache.get("old").await, None);
+        cache.insert("old".into(), Some("v".into()), clock.now());
+        assert_eq!(cache.get("old"), None);
         let deadline = clock.now().saturating_add(Duration::from_secs(5));
-        cache.insert("none".into(), None, deadline).await;
-        assert_eq!(cache.get("none").await.map(|e| e.value), Some(None));
+        cache.insert("none".into(), None, deadline);
+        assert_eq!(cache.get("none").map(|e| e.value), Some(None));
     }
 
-    #[tokio::test]
-    async fn invalidation_by_key_prefix_and_all() {
+    #[test]
+    fn invalidation_by_key_prefix_and_all() {
         let clock = ManualClock::new();
         let cache = l1(&clock);
         let deadline = clock.now().saturating_add(Duration::from_mins(1));
         for key in ["a:1", "a:2", "b:1", "ab"] {
-            cache.insert(key.into(), Some(key.into()), deadline).await;
+            cache.insert(key.into(), Some(key.into()), deadline);
         }
-        cache.invalidate("b:1").await;
-        assert!(cache.get("b:1").await.is_none());
-        cache.invalidate_prefix("a:").await;
-        assert!(cache.get("a:1").await.is_none() && cache.get("a:2").await.is_none());
-        assert!(cache.get("ab").await.is_some());
+        cache.invalidate("b:1");
+        assert!(cache.get("b:1").is_none());
+        cache.invalidate_prefix("a:");
+        assert!(cache.get("a:1").is_none() && cache.get("a:2").is_none());
+        assert!(cache.get("ab").is_some());
         cache.invalidate_all();
-        assert!(cache.get("ab").await.is_none());
+        assert!(cache.get("ab").is_none());
     }
 
-    #[tokio::test]
-    async fn a_byte_budget_bounds_the_cache() {
+    #[test]
+    fn a_byte_budget_bounds_the_cache() {
         let weigher: Weigher<String> = Arc::new(|key: &str, value: &String| {
             u32::try_from(key.len() + value.len()).unwrap_or(u32::MAX)
         });
@@ -286,11 +258,9 @@ mod tests {
             .now()
             .saturating_add(Duration::from_mins(1));
         for i in 0..1_000 {
-            cache
-                .insert(format!("k{i:04}"), Some("x".repeat(95)), deadline)
-                .await;
+            cache.insert(format!("k{i:04}"), Some("x".repeat(95)), deadline);
         }
-        cache.run_pending_tasks().await;
+        cache.run_pending_tasks();
         assert!(
             cache.entry_count() <= 100,
             "{} entries",

@@ -27,7 +27,6 @@
 
 mod expiry;
 mod l1;
-mod quiet;
 mod store;
 
 pub use l1::{L1Cache, L1Capacity, L1Entry, Weigher};

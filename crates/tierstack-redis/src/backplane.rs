@@ -1,6 +1,5 @@
 //! `RedisBackplane`: invalidations over Redis pub/sub.
 
-use std::any::Any;
 use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
@@ -11,17 +10,13 @@ use async_trait::async_trait;
 use futures_util::StreamExt;
 use redis::aio::PubSubSink;
 use redis::{PushInfo, PushKind, Value, cmd};
-use tierstack_core::backplane::{
-    Backplane, BackplaneHub, Invalidation, Subscription, write_then_publish_in_order,
-};
-use tierstack_core::store::{Store, StoreWrite};
+use tierstack_core::backplane::{Backplane, BackplaneHub, Invalidation, Subscription};
 use tierstack_core::{CacheError, Result};
 use tokio::sync::{Notify, oneshot};
 use tokio::task::AbortHandle;
 
 use crate::config::{RedisConfig, endpoint_of};
 use crate::connection::{Connection, client_for, map_error};
-use crate::store::RedisStore;
 
 /// The first pause between two attempts to resubscribe, doubled after each failure.
 const FIRST_BACKOFF: Duration = Duration::from_millis(50);
@@ -32,11 +27,13 @@ const MAX_BACKOFF: Duration = Duration::from_secs(2);
 /// every node).
 ///
 /// On a standalone server it listens, by default, on the connection it publishes on (RESP3,
-/// Redis 6 or later; see [`RedisConfig::resp3_backplane`]). A `set` through a `TieredCache` on
-/// a [`RedisStore`] of the same server and login then writes and publishes on that connection
-/// in one pipeline, and the server sends the writer's own invalidation with the replies, on
-/// one socket. A cluster, or `resp3_backplane(false)`, listens on a dedicated pub/sub
-/// connection instead.
+/// Redis 6 or later; see [`RedisConfig::resp3_backplane`]). A cluster, or
+/// `resp3_backplane(false)`, listens on a dedicated pub/sub connection instead.
+///
+/// Connected on its own, it publishes what the composer asks it to, after each write: two
+/// round trips per write. Connected with its store
+/// ([`RedisStore::connect_with_backplane`](crate::RedisStore::connect_with_backplane)), the
+/// store announces each key write in the write's own pipeline: one round trip.
 ///
 /// Pub/sub delivers at most once: a subscriber that is disconnected misses what is published
 /// meanwhile. So when the subscription is lost, and again once it is re-established, every
@@ -48,6 +45,9 @@ pub struct RedisBackplane {
     /// Set when `publisher` is also the subscribed connection: whether it is listening.
     hearing: Option<Arc<Hearing>>,
     channel: String,
+    /// Whether the store this backplane was connected with announces its own writes (see
+    /// [`RedisStore::connect_with_backplane`](crate::RedisStore::connect_with_backplane)).
+    store_publishes: bool,
     /// The task that keeps the subscription alive.
     listener: AbortHandle,
 }
@@ -96,6 +96,7 @@ impl RedisBackplane {
             publisher,
             hearing: Some(hearing),
             channel,
+            store_publishes: false,
             listener: listener.abort_handle(),
         })
     }
@@ -127,28 +128,19 @@ impl RedisBackplane {
             publisher,
             hearing: None,
             channel,
+            store_publishes: false,
             listener: listener.abort_handle(),
         })
     }
 
-    /// The connection on which a write to `store` and its publish can go in one pipeline:
-    /// this backplane's own when it is listening on it and reaches the same server and login
-    /// (the invalidation then rides with the replies), else the store's when both are on one
-    /// standalone server (so a write does not wait for the backplane to reconnect); `None`
-    /// otherwise.
-    fn pipeline_connection<'a>(&'a self, store: &'a RedisStore) -> Option<&'a Connection> {
-        let theirs = store.connection();
-        let listening = self
-            .hearing
-            .as_ref()
-            .is_some_and(|hearing| !hearing.deaf.load(Ordering::SeqCst));
-        if listening && self.publisher.same_server_and_login(theirs) {
-            Some(&self.publisher)
-        } else if !theirs.is_cluster() && theirs.endpoint() == self.publisher.endpoint() {
-            Some(theirs)
-        } else {
-            None
-        }
+    /// The hub that filters this instance's own messages and fans the others out.
+    pub(crate) fn hub(&self) -> &BackplaneHub {
+        &self.hub
+    }
+
+    /// Records that the store this backplane was connected with announces its own writes.
+    pub(crate) fn mark_store_publishes(&mut self) {
+        self.store_publishes = true;
     }
 }
 
@@ -166,51 +158,8 @@ impl Backplane for RedisBackplane {
         self.hub.subscribe()
     }
 
-    /// On a standalone [`RedisStore`] of the same server: one pipeline writes and then
-    /// publishes, so a write costs one round trip instead of two (see
-    /// [`RedisBackplane`] for the connection it goes on). Anything else (a cluster, another
-    /// store, a wrapped store): the write, then the publish.
-    async fn write_then_publish(
-        &self,
-        store: &dyn Store,
-        write: StoreWrite<'_>,
-        namespace: &str,
-        invalidation: &Invalidation,
-    ) -> Result<Option<CacheError>> {
-        let any: &dyn Any = store;
-        if let Some(redis) = any.downcast_ref::<RedisStore>()
-            && let Some(connection) = self.pipeline_connection(redis)
-            && let Ok(message) = self.hub.encode(namespace, invalidation)
-        {
-            return redis
-                .set_and_publish(
-                    connection,
-                    write.key,
-                    &write.value,
-                    write.ttl,
-                    &self.channel,
-                    &message,
-                )
-                .await;
-        }
-        write_then_publish_in_order(self, store, write, namespace, invalidation).await
-    }
-
-    /// On a [`RedisStore`] the write and the publish go in one pipeline: one call, timed end to
-    /// end by the connection it goes on (this backplane's or the store's), so the larger of
-    /// their response timeouts bounds it. (A message that does not encode leaves the write
-    /// alone, on the store's connection.) Anything else: no promise.
-    fn write_then_publish_timeout(&self, store: &dyn Store) -> Option<Duration> {
-        let any: &dyn Any = store;
-        let redis = any.downcast_ref::<RedisStore>()?;
-        // Whether there is such a connection does not depend on whether this backplane is
-        // listening right now, only which of the two it is.
-        self.pipeline_connection(redis)?;
-        Some(
-            self.publisher
-                .response_timeout()
-                .max(redis.connection().response_timeout()),
-        )
+    fn publishes_store_writes(&self) -> bool {
+        self.store_publishes
     }
 }
 

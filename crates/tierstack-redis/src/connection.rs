@@ -97,9 +97,6 @@ pub(crate) struct Connection {
     /// How long a connect may take: the connect timeout plus one round trip to log in.
     connect_limit: Duration,
     endpoint: Arc<str>,
-    /// The standalone server's address and login (`None` in a cluster), to tell whether two
-    /// connections may stand in for each other.
-    node: Option<Arc<ConnectionInfo>>,
 }
 
 impl Connection {
@@ -222,23 +219,7 @@ impl Connection {
             response_timeout: config.response_timeout,
             connect_limit: limit,
             endpoint,
-            node: (!config.cluster)
-                .then(|| config.nodes.first().cloned().map(Arc::new))
-                .flatten(),
         })
-    }
-
-    /// Whether both connections reach one standalone server, database and user, so that a
-    /// write may go over either.
-    pub(crate) fn same_server_and_login(&self, other: &Self) -> bool {
-        let (Some(mine), Some(theirs)) = (&self.node, &other.node) else {
-            return false;
-        };
-        let (a, b) = (mine.redis_settings(), theirs.redis_settings());
-        self.endpoint == other.endpoint
-            && a.db() == b.db()
-            && a.username() == b.username()
-            && a.password() == b.password()
     }
 
     pub(crate) fn is_cluster(&self) -> bool {
@@ -309,11 +290,6 @@ impl Connection {
             self.response_timeout,
             RedisError::from(refusal),
         )
-    }
-
-    /// The bound [`guarded`](Self::guarded) puts on every call.
-    pub(crate) fn response_timeout(&self) -> Duration {
-        self.response_timeout
     }
 
     /// One command.

@@ -6,7 +6,9 @@
 //!   cluster), `delete_prefix` by SCAN with escaped patterns (never KEYS). It passes the core
 //!   conformance suite against a real server and a real cluster.
 //! - [`RedisBackplane`]: invalidations between instances over pub/sub, with resyncs when the
-//!   subscription is lost.
+//!   subscription is lost. Connected with its store
+//!   ([`RedisStore::connect_with_backplane`]), the store announces each write in the write's
+//!   own round trip.
 //! - The data structures of services that use Redis directly: [`Sessions`] (hashes with partial
 //!   update and a touch that extends every key of a session), [`CappedList`], [`RateLimiter`]
 //!   (sliding window, one atomic script) and [`Lease`] (a lock only its holder can release).
@@ -16,13 +18,15 @@
 //! ```no_run
 //! use std::sync::Arc;
 //! use tierstack::TieredCache;
-//! use tierstack_redis::{RedisBackplane, RedisConfig, RedisStore};
+//! use tierstack_redis::{RedisConfig, RedisStore};
 //!
 //! # async fn run() -> Result<(), tierstack_core::CacheError> {
 //! let config = RedisConfig::from_url("redis://127.0.0.1:6379/")?.key_prefix("shop:");
+//! // Paired: the store announces each write in the write's own round trip.
+//! let (store, backplane) = RedisStore::connect_with_backplane(&config).await?;
 //! let cache: TieredCache<String> = TieredCache::builder("products")
-//!     .l2(Arc::new(RedisStore::connect(&config).await?))
-//!     .backplane(Arc::new(RedisBackplane::connect(&config).await?))
+//!     .l2(Arc::new(store))
+//!     .backplane(Arc::new(backplane))
 //!     .build()?;
 //! let name = cache
 //!     .get_or_load("sku-1", || async { Ok::<_, std::io::Error>("Teapot".to_string()) })

@@ -7,13 +7,15 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use redis::{Cmd, Pipeline, RedisWrite, ToRedisArgs, Value, cmd, pipe};
+use redis::{Cmd, FromRedisValue, Pipeline, RedisWrite, ToRedisArgs, Value, cmd, pipe};
+use tierstack_core::backplane::{BackplaneHub, Invalidation};
 use tierstack_core::key::{DEFAULT_MAX_STORE_KEY_LEN, validate_key};
 use tierstack_core::store::{
     MAX_TTL, Store, StoreWrite, StoredEntry, validate_prefix, validate_ttl,
 };
 use tierstack_core::{CacheError, Result};
 
+use crate::backplane::RedisBackplane;
 use crate::config::RedisConfig;
 use crate::connection::{Connection, by_slot};
 
@@ -26,11 +28,24 @@ const SCAN_BATCH: usize = 1_000;
 ///
 /// Entries expire by Redis's own TTL (`PX`), so [`sweep_expired`](Store::sweep_expired) has
 /// nothing to do.
+///
+/// A store connected with its backplane ([`connect_with_backplane`](Self::connect_with_backplane))
+/// announces its own key writes: each `set`, `set_many`, `delete`, `delete_many` and `expire`
+/// sends the invalidation of its keys right after the write, in the same pipeline.
 #[derive(Clone)]
 pub struct RedisStore {
     conn: Connection,
     prefix: Arc<str>,
     max_value_len: usize,
+    /// Set when the store announces its writes on its backplane's channel.
+    announcer: Option<Arc<Announcer>>,
+}
+
+/// What a store needs to announce its writes: the backplane's hub (its origin id, so that the
+/// writer does not evict its own L1) and channel.
+struct Announcer {
+    hub: BackplaneHub,
+    channel: String,
 }
 
 impl fmt::Debug for RedisStore {
@@ -56,12 +71,39 @@ impl RedisStore {
             conn,
             prefix: config.key_prefix.as_str().into(),
             max_value_len: DEFAULT_MAX_VALUE_LEN,
+            announcer: None,
         };
         // Checks the credentials' rights now rather than on the first cache miss.
         store.ping().await?;
         Ok(store)
     }
 
+    /// Connects a store and the backplane that carries its invalidations, paired: on a
+    /// standalone server the store announces each of its key writes on the backplane's channel
+    /// in the write's own pipeline (`SET` then `PUBLISH`: one round trip, and subscribers hear
+    /// of a write only after it happened, whether or not the writer waited for the reply), and
+    /// the backplane tells the composer so
+    /// ([`Backplane::publishes_store_writes`](tierstack_core::Backplane::publishes_store_writes)).
+    ///
+    /// The announcement travels with the store, so a decorator around it (a
+    /// `MigratingStore`, fault injection, a user's own) keeps every write announced. On a
+    /// cluster, where a write and a publish may go to different nodes, the two are returned
+    /// unpaired: the composer publishes after each write.
+    ///
+    /// Writes are announced for keys of the form `namespace:key` (the keys of a
+    /// `TieredCache`); other keys are written without an announcement.
+    pub async fn connect_with_backplane(config: &RedisConfig) -> Result<(Self, RedisBackplane)> {
+        let mut store = Self::connect(config).await?;
+        let mut backplane = RedisBackplane::connect(config).await?;
+        if !store.conn.is_cluster() {
+            store.announcer = Some(Arc::new(Announcer {
+                hub: backplane.hub().clone(),
+                channel: config.channel_name(),
+            }));
+            backplane.mark_store_publishes();
+        }
+        Ok((store, backplane))
+    }
     /// Refuses values over `max` bytes with [`CacheError::ValueTooLarge`] before sending them.
     #[must_use]
     pub fn max_value_len(mut self, max: usize) -> Self {
@@ -142,49 +184,82 @@ impl RedisStore {
         Ok(out)
     }
 
-    /// Writes `value` and then publishes `message` on `channel`: `SET` and `PUBLISH` sent as
-    /// one pipeline, so one round trip, and the server runs them in that order, so the
-    /// subscribers hear of the write only after it happened.
-    ///
-    /// Returns the publish's error if only the publish was refused (the write stands). No
-    /// `MULTI`/`EXEC`: a transaction would spare the other instances one needless eviction when
-    /// the server refuses the write (a full Redis under `noeviction`), but its three extra
-    /// replies cost every write about 7,000 client instructions (docs/benchmarks.md), and an
-    /// eviction of an entry that did not change is harmless.
-    ///
-    /// `on` is this store's connection, or a backplane's that reaches the same server, database
-    /// and user ([`Connection::same_server_and_login`]).
-    pub(crate) async fn set_and_publish(
-        &self,
-        on: &Connection,
-        key: &str,
-        value: &Bytes,
-        ttl: Duration,
-        channel: &str,
-        message: &[u8],
-    ) -> Result<Option<CacheError>> {
-        validate_ttl(ttl)?;
-        self.check_value(value)?;
-        let mut set = self.key_command("SET", key, 3, value.len() + MILLIS_ARGS_LEN)?;
-        set.arg(value.as_ref()).arg("PX").arg(millis(ttl));
-        let mut publish = Cmd::with_capacity(3, "PUBLISH".len() + channel.len() + message.len());
-        publish.arg("PUBLISH").arg(channel).arg(message);
-        let mut pipeline = Pipeline::with_capacity(2);
-        // Each command's own reply, a refusal included: the write and the publish fail apart.
-        pipeline
-            .add_command(set)
-            .add_command(publish)
-            .ignore_errors();
-        let replies: Vec<Value> = on.pipeline("set", &pipeline).await?;
-        let [written, published] = <[Value; 2]>::try_from(replies)
-            .map_err(|_| CacheError::backend("set", true, "short pipeline reply"))?;
-        if let Value::ServerError(refusal) = written {
-            return Err(on.refused("set", refusal));
+    /// The invalidation messages announcing a write of `keys`, one per namespace, or none
+    /// when this store does not announce its writes. Keys that are not `namespace:key` are not
+    /// announced.
+    fn announcements<'k>(&self, keys: impl IntoIterator<Item = &'k str>) -> Vec<Vec<u8>> {
+        let Some(announcer) = &self.announcer else {
+            return Vec::new();
+        };
+        let mut by_namespace: Vec<(&str, Vec<String>)> = Vec::new();
+        for key in keys {
+            let Some((namespace, user_key)) = key.split_once(':') else {
+                continue;
+            };
+            if namespace.is_empty() {
+                continue;
+            }
+            match by_namespace.iter_mut().find(|(ns, _)| *ns == namespace) {
+                Some((_, keys)) => keys.push(user_key.to_owned()),
+                None => by_namespace.push((namespace, vec![user_key.to_owned()])),
+            }
         }
-        Ok(match published {
-            Value::ServerError(refusal) => Some(on.refused("publish", refusal)),
-            _ => None,
-        })
+        by_namespace
+            .into_iter()
+            .filter_map(|(namespace, keys)| {
+                // A message over the backplane's size cap is not sent; the write still is.
+                announcer
+                    .hub
+                    .encode(namespace, &Invalidation::Keys(keys))
+                    .ok()
+            })
+            .collect()
+    }
+
+    /// Sends `write` and, when this store announces its writes, the `PUBLISH` of each of
+    /// `announcements` after it in one pipeline: one round trip, and the server runs them in
+    /// that order, so subscribers hear of the write only after it happened. No `MULTI`: an
+    /// eviction announced for a write that the server refused is harmless.
+    ///
+    /// The write's refusal is the call's error; a refused publish (the write stands) is an
+    /// error too, naming `publish`, because other instances keep their copy.
+    async fn write_announced<T: FromRedisValue>(
+        &self,
+        operation: &'static str,
+        write: Cmd,
+        announcements: Vec<Vec<u8>>,
+    ) -> Result<T> {
+        let Some(announcer) = self
+            .announcer
+            .as_ref()
+            .filter(|_| !announcements.is_empty())
+        else {
+            return self.conn.query(operation, &write).await;
+        };
+        let mut pipeline = Pipeline::with_capacity(1 + announcements.len());
+        // Each command's own reply, a refusal included: the write and the publish fail apart.
+        pipeline.add_command(write).ignore_errors();
+        for message in announcements {
+            let mut publish =
+                Cmd::with_capacity(3, "PUBLISH".len() + announcer.channel.len() + message.len());
+            publish.arg("PUBLISH").arg(&announcer.channel).arg(message);
+            pipeline.add_command(publish);
+        }
+        let replies: Vec<Value> = self.conn.pipeline(operation, &pipeline).await?;
+        let mut replies = replies.into_iter();
+        let written = replies
+            .next()
+            .ok_or_else(|| CacheError::backend(operation, true, "short pipeline reply"))?;
+        if let Value::ServerError(refusal) = written {
+            return Err(self.conn.refused(operation, refusal));
+        }
+        for published in replies {
+            if let Value::ServerError(refusal) = published {
+                return Err(self.conn.refused("publish", refusal));
+            }
+        }
+        redis::from_redis_value_ref(&written)
+            .map_err(|e| CacheError::backend(operation, false, redis::RedisError::from(e)))
     }
 
     /// UNLINKs `keys` (bytes: SCAN may find keys that are not UTF-8), one call per slot group.
@@ -346,7 +421,9 @@ impl Store for RedisStore {
         self.check_value(&value)?;
         let mut command = self.key_command("SET", key, 3, value.len() + MILLIS_ARGS_LEN)?;
         command.arg(value.as_ref()).arg("PX").arg(millis(ttl));
-        self.conn.query::<()>("set", &command).await
+        let announcements = self.announcements([key]);
+        self.write_announced::<()>("set", command, announcements)
+            .await
     }
 
     async fn set_many(&self, writes: &[StoreWrite<'_>]) -> Result<()> {
@@ -369,6 +446,18 @@ impl Store for RedisStore {
                     .arg("PX")
                     .arg(millis(write.ttl))
                     .ignore();
+            }
+            // Only a standalone store announces, so this is the one group: the publishes
+            // follow every write of the pipeline.
+            let announcements = self.announcements(group.iter().map(|&index| writes[index].key));
+            if let Some(announcer) = &self.announcer {
+                for message in announcements {
+                    pipeline
+                        .cmd("PUBLISH")
+                        .arg(&announcer.channel)
+                        .arg(message)
+                        .ignore();
+                }
             }
             async move { self.conn.pipeline::<()>("set", &pipeline).await }
         });
@@ -393,16 +482,28 @@ impl Store for RedisStore {
 
     async fn delete(&self, key: &str) -> Result<bool> {
         let command = self.key_command("UNLINK", key, 0, 0)?;
-        let removed: u64 = self.conn.query("delete", &command).await?;
+        let announcements = self.announcements([key]);
+        let removed: u64 = self
+            .write_announced("delete", command, announcements)
+            .await?;
         Ok(removed > 0)
     }
 
     async fn delete_many(&self, keys: &[&str]) -> Result<u64> {
-        let keys: Vec<Vec<u8>> = keys
+        let redis_keys: Vec<Vec<u8>> = keys
             .iter()
             .map(|k| self.checked_key(k).map(String::into_bytes))
             .collect::<Result<_>>()?;
-        self.unlink(&keys).await
+        if self.announcer.is_some() && !keys.is_empty() {
+            // Standalone: one UNLINK, announced.
+            let mut command = cmd("UNLINK");
+            for key in &redis_keys {
+                command.arg(key);
+            }
+            let announcements = self.announcements(keys.iter().copied());
+            return self.write_announced("delete", command, announcements).await;
+        }
+        self.unlink(&redis_keys).await
     }
 
     async fn exists(&self, key: &str) -> Result<bool> {
@@ -415,7 +516,10 @@ impl Store for RedisStore {
         validate_ttl(ttl)?;
         let mut command = self.key_command("PEXPIRE", key, 1, MILLIS_ARGS_LEN)?;
         command.arg(millis(ttl));
-        let updated: u64 = self.conn.query("expire", &command).await?;
+        let announcements = self.announcements([key]);
+        let updated: u64 = self
+            .write_announced("expire", command, announcements)
+            .await?;
         Ok(updated > 0)
     }
 
@@ -458,12 +562,6 @@ impl Store for RedisStore {
                 format!("unexpected PING reply {reply:?}"),
             ))
         }
-    }
-
-    /// Every single-key operation is one call to the server, timed end to end by the
-    /// connection: waiting for a free slot, for a reconnect and for the reply.
-    fn single_key_timeout(&self) -> Option<Duration> {
-        Some(self.conn.response_timeout())
     }
 }
 

@@ -291,10 +291,10 @@ async fn a_store_on_another_database_keeps_its_writes_there() {
     assert_eq!(
         last_commands(&server),
         vec![
-            ("0".to_owned(), "subscribe".to_owned()),
-            ("2".to_owned(), "publish".to_owned())
+            ("0".to_owned(), "publish".to_owned()),
+            ("2".to_owned(), "set".to_owned())
         ],
-        "the store's connection wrote and then published; the backplane's only listened"
+        "the store's connection wrote; the backplane's published"
     );
 }
 
@@ -326,14 +326,30 @@ fn calls(server: &PrivateRedis, command: &str) -> u64 {
         .map_or(0, |n| n.parse().unwrap())
 }
 
+/// Caches on stores paired with their backplanes (`RedisStore::connect_with_backplane`).
+async fn paired_instances(config: &RedisConfig, count: usize) -> Vec<TieredCache<String>> {
+    let mut caches = Vec::new();
+    for _ in 0..count {
+        let (store, backplane) = RedisStore::connect_with_backplane(config).await.unwrap();
+        caches.push(
+            TieredCache::builder("svc")
+                .l2(Arc::new(store))
+                .backplane(Arc::new(backplane))
+                .build()
+                .unwrap(),
+        );
+    }
+    caches
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_write_and_its_invalidation_go_in_one_pipeline_on_the_listening_connection() {
+async fn a_paired_store_writes_and_announces_in_one_pipeline() {
     let server = PrivateRedis::start(&[]);
     // No pings: each connection's last command must be the one the test looks for.
     let config = RedisConfig::from_url(&server.url())
         .unwrap()
         .backplane_ping_interval(None);
-    let caches = instances(&config, 2).await;
+    let caches = paired_instances(&config, 2).await;
     let (transactions, publishes, sets) = (
         calls(&server, "exec"),
         calls(&server, "publish"),
@@ -343,13 +359,12 @@ async fn a_write_and_its_invalidation_go_in_one_pipeline_on_the_listening_connec
     assert_eq!(calls(&server, "set"), sets + 1, "one write");
     assert_eq!(calls(&server, "publish"), publishes + 1, "one publish");
     assert_eq!(calls(&server, "exec"), transactions, "no transaction");
-    let mut commands: Vec<String> = last_commands(&server)
+    // The writer's store connection sent SET then PUBLISH in one pipeline: its last command is
+    // the publish, and no connection ended on the SET alone.
+    let commands: Vec<String> = last_commands(&server)
         .into_iter()
         .map(|(_, cmd)| cmd)
         .collect();
-    commands.retain(|cmd| cmd != "subscribe");
-    // Each store's connection only said hello (or nothing); the writer's subscribed connection
-    // wrote and then published.
     assert_eq!(
         commands.iter().filter(|cmd| *cmd == "publish").count(),
         1,
@@ -360,26 +375,46 @@ async fn a_write_and_its_invalidation_go_in_one_pipeline_on_the_listening_connec
         caches[1].stats().invalidations_received == 1
     })
     .await;
+}
 
-    // A store the backplane cannot see through takes the ordered two-step path.
-    let store: Arc<dyn tierstack_core::Store> =
-        Arc::new(tierstack_core::testkit::FaultyStore::new(Arc::new(
-            RedisStore::connect(&config).await.unwrap(),
-        )));
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decorated_paired_store_keeps_announcing_its_writes() {
+    let server = PrivateRedis::start(&[]);
+    let config = RedisConfig::from_url(&server.url()).unwrap();
+    let caches = paired_instances(&config, 2).await;
+    let (store, backplane) = RedisStore::connect_with_backplane(&config).await.unwrap();
+    let faulty = Arc::new(tierstack_core::testkit::FaultyStore::new(Arc::new(store)));
     let wrapped = TieredCache::<String>::builder("svc")
-        .l2(store)
-        .backplane(Arc::new(RedisBackplane::connect(&config).await.unwrap()))
+        .l2(faulty)
+        .backplane(Arc::new(backplane))
         .build()
         .unwrap();
-    wrapped.set("k", "w".into()).await.unwrap();
-    assert!(
-        last_commands(&server).iter().any(|(_, cmd)| cmd == "set"),
-        "through a wrapper the store's own connection writes"
-    );
-    eventually("delivered", async || {
-        caches[1].get("k").await.unwrap().as_deref() == Some("w")
-    })
-    .await;
+    let (store, backplane) = RedisStore::connect_with_backplane(&config).await.unwrap();
+    let migrating = TieredCache::<String>::builder("svc")
+        .l2(Arc::new(tierstack::migrate::MigratingStore::new(
+            Arc::new(store),
+            Arc::new(tierstack_core::testkit::MemoryStore::new()),
+        )))
+        .backplane(Arc::new(backplane))
+        .build()
+        .unwrap();
+    for (name, writer) in [("fault injection", &wrapped), ("migration", &migrating)] {
+        caches[1].set("k", "old".into()).await.unwrap();
+        assert_eq!(caches[1].get("k").await.unwrap().as_deref(), Some("old"));
+        let publishes = calls(&server, "publish");
+        writer.set("k", name.to_owned()).await.unwrap();
+        assert_eq!(
+            calls(&server, "publish"),
+            publishes + 1,
+            "{name}: announced once, by the store"
+        );
+        eventually(name, async || {
+            caches[1].get("k").await.unwrap().as_deref() == Some(name)
+        })
+        .await;
+        writer.delete("k").await.unwrap();
+        eventually(name, async || caches[1].get("k").await.unwrap().is_none()).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

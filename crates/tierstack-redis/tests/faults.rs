@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use common::{Partition, PrivateRedis};
 use tierstack::TieredCache;
-use tierstack_core::{Backplane, CacheError, Store};
-use tierstack_redis::{RedisBackplane, RedisConfig, RedisStore};
+use tierstack_core::{CacheError, Store};
+use tierstack_redis::{RedisConfig, RedisStore};
 
 fn loader(
     calls: &Arc<AtomicUsize>,
@@ -103,7 +103,7 @@ async fn a_killed_server_degrades_to_l1_and_loader_and_is_used_again_after_resta
         cache.set("after", "v".into()).await.is_ok()
     })
     .await;
-    cache.invalidate_local("after").await;
+    cache.invalidate_local("after");
     let l2_hits = cache.stats().l2_hits;
     assert_eq!(cache.get("after").await.unwrap(), Some("v".into()));
     assert_eq!(cache.stats().l2_hits, l2_hits + 1);
@@ -168,10 +168,9 @@ async fn store_timing_out_after(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_redis_fails_reads_within_its_response_timeout_whatever_the_cache_timeout() {
-    // The store bounds its single-key calls itself, so the cache arms no timer of its own: the
-    // store's bound must hold on its own, for reads and for the loader's write-back.
+    // The store bounds its calls itself: under a cache whose own timeout is far longer, the
+    // store's bound holds on its own, for reads and for the loader's write-back.
     let (server, _, store) = store_timing_out_after(STALL_BOUND).await;
-    assert_eq!(store.single_key_timeout(), Some(STALL_BOUND));
     let cache: TieredCache<String> = TieredCache::builder("paused")
         .l2(Arc::new(store))
         .l2_timeout(Duration::from_secs(30))
@@ -310,21 +309,11 @@ async fn oversized_values_are_refused_before_anything_is_written() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_redis_fails_a_write_within_its_response_timeout_whatever_the_cache_timeout() {
-    // The backplane bounds a write and its publish itself, so the cache arms no timer of its
-    // own around them: the backplane's bound must hold on its own.
-    let (server, config, store) = store_timing_out_after(STALL_BOUND).await;
+    // A paired store announces its write in the write's pipeline, bounded by the store's
+    // response timeout: under a cache whose own timeout is far longer, that bound holds.
+    let (server, config, _) = store_timing_out_after(STALL_BOUND).await;
+    let (store, backplane) = RedisStore::connect_with_backplane(&config).await.unwrap();
     let store = Arc::new(store);
-    let backplane = RedisBackplane::connect(&config).await.unwrap();
-    assert_eq!(
-        backplane.write_then_publish_timeout(store.as_ref()),
-        Some(STALL_BOUND)
-    );
-    let wrapped = tierstack_core::testkit::FaultyStore::new(store.clone());
-    assert_eq!(
-        backplane.write_then_publish_timeout(&wrapped),
-        None,
-        "no promise through a wrapper"
-    );
     let cache = TieredCache::<String>::builder("paused")
         .l2(store)
         .backplane(Arc::new(backplane))
@@ -446,4 +435,61 @@ async fn a_failed_replacement_holds_the_next_attempt_back() {
         store.get("down").await.is_ok()
     })
     .await;
+}
+
+/// Two caches on one server, each with a store and a backplane, paired or connected apart; the
+/// store's response timeout is short so that a paused server times writes out.
+async fn two_writers(server: &PrivateRedis, paired: bool) -> [TieredCache<String>; 2] {
+    let config = RedisConfig::from_url(&server.url())
+        .unwrap()
+        .response_timeout(Duration::from_millis(200));
+    let mut caches = Vec::new();
+    for _ in 0..2 {
+        let (store, backplane) = if paired {
+            RedisStore::connect_with_backplane(&config).await.unwrap()
+        } else {
+            (
+                RedisStore::connect(&config).await.unwrap(),
+                tierstack_redis::RedisBackplane::connect(&config)
+                    .await
+                    .unwrap(),
+            )
+        };
+        caches.push(
+            TieredCache::builder("late")
+                .l2(Arc::new(store))
+                .backplane(Arc::new(backplane))
+                .l2_timeout(Duration::from_millis(300))
+                .build()
+                .unwrap(),
+        );
+    }
+    caches.try_into().unwrap()
+}
+
+/// A write that times out may still land (the server had it queued). The writer must not leave
+/// the others serving the old value: with a paired store the announcement lands with the write;
+/// otherwise the writer invalidates on failure, and again one timeout later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timed_out_write_that_lands_later_still_reaches_every_instance() {
+    for paired in [true, false] {
+        let server = PrivateRedis::start(&[]);
+        let [a, b] = two_writers(&server, paired).await;
+        a.set("k", "old".into()).await.unwrap();
+        assert_eq!(b.get("k").await.unwrap().as_deref(), Some("old"));
+        // Writes (and publishes) wait at the server for 600 ms, then run.
+        server.cli(&["CLIENT", "PAUSE", "600", "WRITE"]);
+        let err = a.set("k", "new".into()).await.unwrap_err();
+        assert!(matches!(err, CacheError::Timeout { .. }), "{err:?}");
+        eventually(&format!("paired {paired}: the write landed"), async || {
+            server.cli(&["GET", "late:k"]).contains("new")
+        })
+        .await;
+        for (name, cache) in [("the writer", &a), ("the other", &b)] {
+            eventually(&format!("paired {paired}: {name} serves it"), async || {
+                cache.get("k").await.unwrap().as_deref() == Some("new")
+            })
+            .await;
+        }
+    }
 }

@@ -117,7 +117,7 @@ async fn read(
     cache: &TieredCache<String>,
     origin: &Origin,
     key: String,
-) -> Result<Duration, tierstack::CacheError> {
+) -> Result<Duration, tierstack::LoadError<std::io::Error>> {
     let origin = origin.clone();
     let started = Instant::now();
     let loader_key = key.clone();

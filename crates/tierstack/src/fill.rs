@@ -24,7 +24,8 @@ pub enum L2Fill {
     /// The callers wait for the L2 write.
     Inline,
     /// The callers return once L1 holds the value; the L2 write follows in a Tokio task. At most
-    /// `max_pending_bytes` of encoded values wait in such tasks; beyond that, and for a value
+    /// `max_pending_bytes` wait in such tasks (their encoded values and keys, and about 1 KiB
+    /// per task for the task itself); beyond that, and for a value
     /// larger than the budget, callers write inline. A cache without an L1 always writes inline:
     /// it would have nowhere to serve the value from meanwhile.
     Background {
@@ -46,6 +47,10 @@ impl Default for L2Fill {
     }
 }
 
+/// What one background fill holds besides its encoded value and key: its task, its future and
+/// the bookkeeping that follows it. Counting it keeps a flood of tiny fills within the budget.
+const FILL_OVERHEAD: u32 = 1024;
+
 /// The byte budget of background fills.
 #[derive(Debug)]
 pub(crate) struct FillBudget {
@@ -61,10 +66,10 @@ impl FillBudget {
         }
     }
 
-    /// Reserves `len` bytes for one background write, or `None` if the budget cannot hold them
-    /// now (the caller then writes inline).
+    /// Reserves `len` bytes (and the fill's own overhead) for one background write, or `None`
+    /// if the budget cannot hold them now (the caller then writes inline).
     pub(crate) fn try_reserve(&self, len: usize) -> Option<OwnedSemaphorePermit> {
-        let len = u32::try_from(len.max(1)).ok()?;
+        let len = u32::try_from(len).ok()?.checked_add(FILL_OVERHEAD)?;
         Arc::clone(&self.bytes).try_acquire_many_owned(len).ok()
     }
 
@@ -82,12 +87,12 @@ mod tests {
 
     #[test]
     fn the_budget_refuses_what_it_cannot_hold_and_returns_what_is_released() {
-        let budget = FillBudget::new(100);
+        let budget = FillBudget::new(100 + 2 * FILL_OVERHEAD);
         let first = budget.try_reserve(60);
         assert!(first.is_some());
         assert!(budget.try_reserve(60).is_none(), "only 40 bytes are left");
         assert!(
-            budget.try_reserve(1_000).is_none(),
+            budget.try_reserve(10_000).is_none(),
             "larger than the budget"
         );
         drop(first);
@@ -95,8 +100,8 @@ mod tests {
     }
 
     #[test]
-    fn an_empty_value_still_takes_a_share() {
-        let budget = FillBudget::new(1);
+    fn an_empty_value_still_takes_its_overhead() {
+        let budget = FillBudget::new(FILL_OVERHEAD);
         let held = budget.try_reserve(0);
         assert!(held.is_some());
         assert!(budget.try_reserve(0).is_none());
@@ -104,7 +109,7 @@ mod tests {
 
     #[tokio::test]
     async fn settle_waits_for_every_reservation() {
-        let budget = Arc::new(FillBudget::new(10));
+        let budget = Arc::new(FillBudget::new(10 + FILL_OVERHEAD));
         let held = budget.try_reserve(5);
         let waiter = {
             let budget = Arc::clone(&budget);

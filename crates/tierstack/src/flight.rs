@@ -1,94 +1,263 @@
-//! Single-flight: concurrent read-through misses of one key share one loader call.
+//! Single-flight: concurrent misses of one key share one L2 read and one loader call.
 //!
-//! The first caller registers a flight and runs the load itself; later callers subscribe to its
-//! outcome. A leader that is cancelled (its future dropped, a timeout) strands nobody: its guard
-//! tells the waiters, and one of them leads a new flight with its own loader. A loader that
-//! panics is caught (`catch_unwind`) and every waiter gets [`LoaderPanicked`]; an error reaches
-//! every waiter and is not cached.
+//! The first caller registers a flight and runs it itself (no task); later callers of the key
+//! wait for its outcome. A leader that is cancelled (its future dropped, a timeout) or unwinds
+//! strands nobody: its guard unregisters the flight and tells the waiters, and one of them leads
+//! a new flight with its own loader. Flights are told apart by the loader's error type too (as
+//! moka's `try_get_with` does), so that every waiter can receive the leader's error as its own
+//! type.
 
-use std::error::Error as StdError;
-use std::fmt;
-use std::future::Future;
-use std::pin::Pin;
-use std::sync::Arc;
+use std::any::{Any, TypeId};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 
-use tierstack_core::BoxError;
 use tokio::sync::watch;
 
-use crate::freshness::Snapshot;
+use crate::freshness::Stamp;
 
-/// A boxed, sendable future.
-pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
-
-/// A type-erased loader of one key: `Ok(None)` means the origin has no value.
-pub(crate) type Loader<V> = Box<dyn FnOnce() -> BoxFuture<Result<Option<V>, BoxError>> + Send>;
+/// A loader's error as the waiters of its flight receive it: an `Arc<E>` behind `Any`, so that
+/// one registry holds flights of every error type.
+pub(crate) type SharedError = Arc<dyn Any + Send + Sync>;
 
 /// How a flight ended.
 #[derive(Debug, Clone)]
 pub(crate) enum Outcome<V> {
-    /// The loader's value.
+    /// A value (from L1, L2 or the loader).
     Found(V),
-    /// The loader answered that the origin has no value.
+    /// No value: the loader answered `None`, or a negative entry was found.
     Absent,
-    /// The loader failed or panicked.
-    Failed(LoadFailure),
+    /// The loader failed with this error (an `Arc<E>`).
+    Failed(SharedError),
+    /// The loader panicked.
+    Panicked,
     /// The leader was cancelled before it finished: a waiter leads a new flight.
     Abandoned,
 }
 
-/// The registry entry of a running flight.
-#[derive(Debug)]
-pub(crate) struct FlightHandle<V> {
-    pub(crate) id: u64,
-    pub(crate) receiver: watch::Receiver<Option<Outcome<V>>>,
-    /// The generations when the flight started: a caller that arrives after an invalidation
-    /// must not join a flight that may have read the old value.
-    pub(crate) snapshot: Snapshot,
+/// What a caller of a flight does.
+pub(crate) enum Role<V> {
+    /// Wait for the outcome of the running flight.
+    Wait(FlightWait<V>),
+    /// Lead a new flight; completing the guard (or dropping it) ends the flight.
+    Lead(Leader<V>),
+    /// The caller is already leading this flight further up its own call stack (a loader that
+    /// asked the cache for the key it is loading): waiting would wait for itself.
+    Reentrant,
 }
 
-/// A loader's failure as every waiter of the flight receives it (the source of
-/// [`CacheError::Loader`](tierstack_core::CacheError::Loader)).
-#[derive(Clone)]
-pub struct LoadFailure(Arc<dyn StdError + Send + Sync>);
+/// The outcome of a running flight, awaited.
+pub(crate) struct FlightWait<V>(watch::Receiver<Option<Outcome<V>>>);
 
-impl LoadFailure {
-    pub(crate) fn new(error: BoxError) -> Self {
-        Self(Arc::from(error))
-    }
-
-    /// The loader's own error.
-    pub fn inner(&self) -> &(dyn StdError + Send + Sync + 'static) {
-        &*self.0
+impl<V: Clone> FlightWait<V> {
+    /// The flight's outcome; [`Outcome::Abandoned`] if its leader went away without one.
+    pub(crate) async fn outcome(mut self) -> Outcome<V> {
+        match self.0.wait_for(Option::is_some).await {
+            Ok(outcome) => outcome.clone().unwrap_or(Outcome::Abandoned),
+            Err(_) => Outcome::Abandoned,
+        }
     }
 }
 
-impl fmt::Debug for LoadFailure {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(&*self.0, f)
+type FlightKey = (Box<str>, TypeId);
+
+struct Registered<V> {
+    id: u64,
+    /// What the leader knew of the key when the flight began.
+    stamp: Stamp,
+    receiver: watch::Receiver<Option<Outcome<V>>>,
+}
+
+/// The running flights of one cache.
+pub(crate) struct Flights<V> {
+    running: Arc<Mutex<HashMap<FlightKey, Registered<V>>>>,
+}
+
+impl<V> Default for Flights<V> {
+    fn default() -> Self {
+        Self {
+            running: Arc::default(),
+        }
     }
 }
 
-impl fmt::Display for LoadFailure {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Display::fmt(&*self.0, f)
+impl<V> std::fmt::Debug for Flights<V> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Flights").finish_non_exhaustive()
     }
 }
 
-impl StdError for LoadFailure {
-    fn source(&self) -> Option<&(dyn StdError + 'static)> {
-        Some(&*self.0)
+/// Flight ids, unique in the process, so that a task can tell the flights it leads.
+static NEXT_FLIGHT: AtomicU64 = AtomicU64::new(1);
+
+tokio::task_local! {
+    /// The flights that the current task leads, innermost last.
+    static LEADING: Vec<u64>;
+}
+
+impl<V: Clone> Flights<V> {
+    /// Joins the running flight of `key` for loaders failing with `kind`, or registers a new
+    /// one led by the caller. A flight that began before an invalidation the caller has seen
+    /// (its `stamp` differs) may carry the old value: the caller leads a new one instead.
+    pub(crate) fn join_or_lead(&self, key: &str, kind: TypeId, stamp: Stamp) -> Role<V> {
+        let mut running = self.running.lock().unwrap_or_else(PoisonError::into_inner);
+        let flight_key: FlightKey = (key.into(), kind);
+        if let Some(flight) = running.get(&flight_key).filter(|f| f.stamp == stamp) {
+            let own = LEADING
+                .try_with(|leading| leading.contains(&flight.id))
+                .unwrap_or(false);
+            if own {
+                return Role::Reentrant;
+            }
+            return Role::Wait(FlightWait(flight.receiver.clone()));
+        }
+        let (sender, receiver) = watch::channel(None);
+        let id = NEXT_FLIGHT.fetch_add(1, Ordering::Relaxed);
+        running.insert(
+            flight_key.clone(),
+            Registered {
+                id,
+                stamp,
+                receiver,
+            },
+        );
+        Role::Lead(Leader {
+            running: Arc::clone(&self.running),
+            key: flight_key,
+            id,
+            sender: Some(sender),
+        })
     }
 }
 
-/// The loader panicked (or its task was cancelled by a runtime shutdown).
-#[derive(Debug, Clone, Copy, thiserror::Error)]
-#[error("the loader panicked")]
-pub struct LoaderPanicked;
+/// The leader's registration of its flight. Completing it unregisters the flight, then
+/// publishes the outcome; dropping it uncompleted (the leader was cancelled, or unwound)
+/// unregisters it and tells the waiters to lead again.
+pub(crate) struct Leader<V> {
+    running: Arc<Mutex<HashMap<FlightKey, Registered<V>>>>,
+    key: FlightKey,
+    id: u64,
+    sender: Option<watch::Sender<Option<Outcome<V>>>>,
+}
 
-/// The loader answered that the key has no value, and that answer is cached (negative caching).
-/// [`TieredCache::get_or_load`](crate::TieredCache::get_or_load) returns it inside
-/// [`CacheError::Loader`](tierstack_core::CacheError::Loader);
-/// [`get_or_load_optional`](crate::TieredCache::get_or_load_optional) returns `Ok(None)` instead.
-#[derive(Debug, Clone, Copy, thiserror::Error)]
-#[error("the key has no value (cached absence)")]
-pub struct Absent;
+impl<V> Leader<V> {
+    fn unregister(&self) {
+        let mut running = self.running.lock().unwrap_or_else(PoisonError::into_inner);
+        if running.get(&self.key).is_some_and(|f| f.id == self.id) {
+            running.remove(&self.key);
+        }
+    }
+
+    /// Unregisters, then publishes `outcome`: a caller arriving from now on starts a fresh
+    /// flight (which finds what this one cached) instead of taking an outcome that a later
+    /// invalidation may have outdated.
+    pub(crate) fn complete(mut self, outcome: Outcome<V>) {
+        self.unregister();
+        if let Some(sender) = self.sender.take() {
+            let _ = sender.send(Some(outcome));
+        }
+    }
+
+    /// Runs `work` (the loader) marked as led by this flight, so that the loader's own call
+    /// for the same key is recognised as [`Role::Reentrant`] instead of waiting for itself.
+    pub(crate) async fn run_marked<F: Future>(&self, work: F) -> F::Output {
+        let mut leading = LEADING.try_with(Clone::clone).unwrap_or_default();
+        leading.push(self.id);
+        LEADING.scope(leading, work).await
+    }
+}
+
+impl<V> Drop for Leader<V> {
+    fn drop(&mut self) {
+        if let Some(sender) = self.sender.take() {
+            self.unregister();
+            let _ = sender.send(Some(Outcome::Abandoned));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kind() -> TypeId {
+        TypeId::of::<std::io::Error>()
+    }
+
+    fn stamp(f: &crate::freshness::Freshness) -> Stamp {
+        f.watch("k").stamp()
+    }
+
+    #[tokio::test]
+    async fn one_leader_per_key_and_error_type() {
+        let f = crate::freshness::Freshness::new();
+        let flights: Flights<u32> = Flights::default();
+        let Role::Lead(leader) = flights.join_or_lead("k", kind(), stamp(&f)) else {
+            panic!("the first caller leads");
+        };
+        let Role::Wait(waiter) = flights.join_or_lead("k", kind(), stamp(&f)) else {
+            panic!("the second waits");
+        };
+        assert!(matches!(
+            flights.join_or_lead("k", TypeId::of::<String>(), stamp(&f)),
+            Role::Lead(_)
+        ));
+        leader.complete(Outcome::Found(7));
+        assert!(matches!(waiter.outcome().await, Outcome::Found(7)));
+        assert!(matches!(
+            flights.join_or_lead("k", kind(), stamp(&f)),
+            Role::Lead(_)
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_caller_that_saw_an_invalidation_leads_a_new_flight() {
+        let f = crate::freshness::Freshness::new();
+        let flights: Flights<u32> = Flights::default();
+        let watch = f.watch("k");
+        let Role::Lead(_old) = flights.join_or_lead("k", kind(), watch.stamp()) else {
+            panic!("the first caller leads");
+        };
+        f.bump_key("k");
+        assert!(matches!(
+            flights.join_or_lead("k", kind(), stamp(&f)),
+            Role::Lead(_)
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_dropped_leader_abandons_its_flight() {
+        let f = crate::freshness::Freshness::new();
+        let flights: Flights<u32> = Flights::default();
+        let Role::Lead(leader) = flights.join_or_lead("k", kind(), stamp(&f)) else {
+            panic!("the first caller leads");
+        };
+        let Role::Wait(waiter) = flights.join_or_lead("k", kind(), stamp(&f)) else {
+            panic!("the second waits");
+        };
+        drop(leader);
+        assert!(matches!(waiter.outcome().await, Outcome::Abandoned));
+    }
+
+    #[tokio::test]
+    async fn the_leader_asking_for_its_own_key_is_told_so() {
+        let f = crate::freshness::Freshness::new();
+        let flights: Flights<u32> = Flights::default();
+        let Role::Lead(leader) = flights.join_or_lead("k", kind(), stamp(&f)) else {
+            panic!("the first caller leads");
+        };
+        let inner = leader
+            .run_marked(async {
+                matches!(
+                    flights.join_or_lead("k", kind(), stamp(&f)),
+                    Role::Reentrant
+                )
+            })
+            .await;
+        assert!(inner);
+        assert!(
+            matches!(flights.join_or_lead("k", kind(), stamp(&f)), Role::Wait(_)),
+            "another caller waits"
+        );
+    }
+}

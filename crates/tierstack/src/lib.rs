@@ -56,23 +56,20 @@
 //!   `tierstack::firestore`; [`StoreConfig`] can choose it.
 
 pub mod backend;
-mod builder;
 mod burst_log;
 mod cache;
+mod error;
 mod fill;
 mod flight;
 mod freshness;
 pub mod handles;
-mod key_buffer;
-mod l2_call;
 pub mod migrate;
 mod stats;
 
 pub use backend::StoreConfig;
-pub use builder::TieredCacheBuilder;
-pub use cache::TieredCache;
+pub use cache::{TieredCache, TieredCacheBuilder};
+pub use error::LoadError;
 pub use fill::L2Fill;
-pub use flight::{Absent, LoadFailure, LoaderPanicked};
 pub use stats::CacheStats;
 pub use tierstack_core::{
     Backplane, BincodeCodec, BoxError, CacheError, Codec, JsonCodec, Result, Store,

@@ -4,7 +4,7 @@
 mod common;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{Calls, Fixture, loader};
 use tierstack::core::testkit::{FaultyStore, MemoryStore};
@@ -73,7 +73,7 @@ async fn a_stalled_l2_is_abandoned_after_the_l2_timeout() {
         .build()
         .unwrap();
     fx.faulty.set_delay(Duration::from_secs(30));
-    let started = Instant::now();
+    let started = std::time::Instant::now();
     let calls = Calls::default();
     assert_eq!(
         cache.get_or_load("k", loader(&calls, "v")).await.unwrap(),
@@ -108,41 +108,72 @@ fn stalled_cache(store: FaultyStore) -> TieredCache<String> {
         .unwrap_or_else(|e| panic!("{e}"))
 }
 
-/// Asserts that a call started at `started` failed with the cache's timeout, long before the
-/// 30 s stall ended.
-fn assert_timed_out_early<T: std::fmt::Debug>(result: Result<T, CacheError>, started: Instant) {
-    let Err(err) = result else {
-        panic!("expected a timeout, got {result:?}");
-    };
-    assert!(matches!(err, CacheError::Timeout { .. }), "{err:?}");
-    assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "{:?}",
-        started.elapsed()
-    );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_store_bound_longer_than_the_l2_timeout_does_not_replace_it() {
-    let store = FaultyStore::new(Arc::new(MemoryStore::new()))
-        .declaring_single_key_timeout(Duration::from_secs(10));
-    let cache = stalled_cache(store);
-    let started = Instant::now();
-    assert_timed_out_early(cache.ttl("k").await, started);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_store_that_bounds_its_calls_within_the_l2_timeout_is_trusted_with_them() {
-    // The store promises 50 ms but stalls: the cache arms no second timer for single-key calls
-    // (the store's own is the one that fires in real stores), so the call is still waiting.
-    let store = FaultyStore::new(Arc::new(MemoryStore::new()))
-        .declaring_single_key_timeout(Duration::from_millis(50));
-    let cache = stalled_cache(store);
-    let waited = tokio::time::timeout(Duration::from_millis(500), cache.ttl("k")).await;
-    assert!(waited.is_err(), "no timer of the cache's own: {waited:?}");
-    // Calls outside the promise (bulk, prefix) keep the cache's timer.
-    let started = Instant::now();
-    assert_timed_out_early(cache.delete_prefix("p").await, started);
+/// Every operation has one deadline: its L2 call, the wait for the key's lock and the rest share
+/// the L2 timeout. On the paused clock each call against a stalled store takes exactly that long.
+#[tokio::test(start_paused = true)]
+async fn every_operation_on_a_stalled_store_ends_at_one_l2_timeout() {
+    let cache = stalled_cache(FaultyStore::new(Arc::new(MemoryStore::new())));
+    let timeout = Duration::from_millis(100);
+    let timed =
+        async |name: &str,
+               call: std::pin::Pin<Box<dyn std::future::Future<Output = bool> + '_>>| {
+            let started = tokio::time::Instant::now();
+            let timed_out = call.await;
+            assert_eq!(started.elapsed(), timeout, "{name}");
+            assert!(timed_out, "{name}");
+        };
+    let is_timeout = |e: &CacheError| matches!(e, CacheError::Timeout { .. });
+    timed(
+        "set",
+        Box::pin(async {
+            cache
+                .set("k", "v".into())
+                .await
+                .is_err_and(|e| is_timeout(&e))
+        }),
+    )
+    .await;
+    timed(
+        "delete",
+        Box::pin(async { cache.delete("k").await.is_err_and(|e| is_timeout(&e)) }),
+    )
+    .await;
+    timed(
+        "touch",
+        Box::pin(async {
+            cache
+                .touch("k", timeout)
+                .await
+                .is_err_and(|e| is_timeout(&e))
+        }),
+    )
+    .await;
+    timed(
+        "delete_prefix",
+        Box::pin(async {
+            cache
+                .delete_prefix("k")
+                .await
+                .is_err_and(|e| is_timeout(&e))
+        }),
+    )
+    .await;
+    // Reads: an L2 that stalls reads as a miss, within the same bound.
+    timed(
+        "get",
+        Box::pin(async { cache.get("k").await.unwrap().is_none() }),
+    )
+    .await;
+    timed(
+        "exists",
+        Box::pin(async { !cache.exists("k").await.unwrap() }),
+    )
+    .await;
+    timed(
+        "ttl",
+        Box::pin(async { cache.ttl("k").await.unwrap().is_none() }),
+    )
+    .await;
 }
 
 #[tokio::test]

@@ -36,7 +36,7 @@ async fn hits_misses_loads_and_l2_errors_are_counted_per_tier() {
     cache.get_or_load("a", loader(&calls, "1")).await.unwrap(); // miss + load
     cache.wait_for_background_fills().await; // the L2 write of the loaded value
     cache.get("a").await.unwrap(); // L1 hit
-    cache.invalidate_local("a").await;
+    cache.invalidate_local("a");
     cache.get("a").await.unwrap(); // L2 hit
     fx.faulty.fail_next(1);
     cache.get("b").await.unwrap(); // L2 error, then miss

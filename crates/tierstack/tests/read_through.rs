@@ -174,7 +174,7 @@ async fn invalidate_local_only_touches_this_l1() {
     let fx = Fixture::new();
     let cache = fx.cache();
     cache.set("k", "v".into()).await.unwrap();
-    cache.invalidate_local("k").await;
+    cache.invalidate_local("k");
     assert_eq!(cache.get("k").await.unwrap(), Some("v".into()));
     assert_eq!(
         cache.stats().l2_hits,
@@ -280,23 +280,26 @@ async fn negative_caching_is_opt_in() {
         .build()
         .unwrap();
     assert_eq!(ghost_lookups(&negative, 3).await, 1);
-    let err = negative
-        .get_or_load("ghost", || async {
-            Ok::<_, std::io::Error>("x".to_string())
-        })
-        .await;
-    assert!(
-        matches!(err, Err(CacheError::Loader(_))),
-        "a cached absence is reported, not hidden"
-    );
     assert!(!negative.exists("ghost").await.unwrap());
     fx.clock.advance(Duration::from_secs(6));
-    let loaded = negative
-        .get_or_load("ghost", || async {
-            Ok::<_, std::io::Error>("x".to_string())
-        })
-        .await;
+    assert_eq!(ghost_lookups(&negative, 1).await, 1, "the absence expired");
+}
+
+#[tokio::test]
+async fn a_cached_absence_does_not_answer_get_or_load() {
+    let fx = Fixture::new();
+    let negative = fx
+        .builder("neg")
+        .negative_ttl(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    assert_eq!(ghost_lookups(&negative, 2).await, 1);
+    // `get_or_load` needs a value: the absence is not an error of its own, the loader runs.
+    let calls = Calls::default();
+    let loaded = negative.get_or_load("ghost", loader(&calls, "x")).await;
     assert_eq!(loaded.unwrap(), "x");
+    assert_eq!(calls.count(), 1);
+    assert_eq!(negative.get("ghost").await.unwrap(), Some("x".into()));
 }
 
 #[tokio::test]

@@ -84,7 +84,6 @@ macro_rules! store_conformance_tests {
             get_many_returns_partial_hits_in_order,
             set_many_then_get_many,
             get_with_ttl_reports_value_and_remaining_time,
-            reads_without_waiting_agree_with_awaited_reads,
             set_if_absent_only_writes_once,
             set_if_absent_has_one_winner_among_concurrent_callers,
             set_if_absent_succeeds_after_expiry,
@@ -315,47 +314,6 @@ pub async fn get_with_ttl_reports_value_and_remaining_time(h: &Harness) {
     check(many.next().flatten(), "2", LONG * 2);
     assert_eq!(many.next(), Some(None));
     check(many.next().flatten(), "1", LONG);
-}
-
-/// A store that answers `get_now` or `get_with_ttl_now` (an in-process one) answers what the
-/// awaited read answers: for a hit, a miss, an expired entry and an invalid key. A store that
-/// does I/O answers `None` (await) and is not checked further.
-pub async fn reads_without_waiting_agree_with_awaited_reads(h: &Harness) {
-    let (hit, missing, expired) = (h.key("now-hit"), h.key("now-missing"), h.key("now-expired"));
-    ok(h.store.set(&hit, bytes("v"), LONG).await, "set");
-    ok(h.store.set(&expired, bytes("old"), SHORT).await, "set");
-    h.pass(PAST_SHORT).await;
-    for key in [hit.as_str(), missing.as_str(), expired.as_str()] {
-        if let Some(now) = h.store.get_now(key) {
-            assert_eq!(
-                ok(now, "get_now"),
-                ok(h.store.get(key).await, "get"),
-                "{key}"
-            );
-        }
-        if let Some(now) = h.store.get_with_ttl_now(key) {
-            let awaited = ok(h.store.get_with_ttl(key).await, "get_with_ttl");
-            let now = ok(now, "get_with_ttl_now");
-            assert_eq!(
-                now.as_ref().map(|e| &e.value),
-                awaited.as_ref().map(|e| &e.value),
-                "{key}"
-            );
-            if let (Some(now), Some(awaited)) = (now, awaited) {
-                let gap = now.ttl.abs_diff(awaited.ttl);
-                assert!(
-                    gap < Duration::from_secs(5),
-                    "ttl {:?} vs {:?}",
-                    now.ttl,
-                    awaited.ttl
-                );
-            }
-        }
-    }
-    let invalid =
-        |r: Option<Result<()>>| r.is_none_or(|r| matches!(r, Err(CacheError::InvalidKey { .. })));
-    assert!(invalid(h.store.get_now("").map(|r| r.map(drop))));
-    assert!(invalid(h.store.get_with_ttl_now("").map(|r| r.map(drop))));
 }
 
 /// `set_if_absent` writes only when no live entry exists.

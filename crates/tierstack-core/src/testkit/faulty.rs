@@ -22,7 +22,6 @@ pub struct InjectedFault;
 pub struct FaultyStore {
     inner: Arc<dyn Store>,
     state: Arc<FaultState>,
-    declared_timeout: Option<Duration>,
 }
 
 #[derive(Debug)]
@@ -60,16 +59,7 @@ impl FaultyStore {
         Self {
             inner,
             state: Arc::default(),
-            declared_timeout: None,
         }
-    }
-
-    /// Declares `timeout` as this store's [`Store::single_key_timeout`] (none by default). The
-    /// delays it injects do not honour it: this is for testing how callers rely on the promise.
-    #[must_use]
-    pub fn declaring_single_key_timeout(mut self, timeout: Duration) -> Self {
-        self.declared_timeout = Some(timeout);
-        self
     }
 
     /// Makes every call fail (`true`) or pass (`false`) from now on.
@@ -231,9 +221,5 @@ impl Store for FaultyStore {
     async fn ping(&self) -> Result<()> {
         self.before_call().await?;
         self.inner.ping().await
-    }
-
-    fn single_key_timeout(&self) -> Option<Duration> {
-        self.declared_timeout
     }
 }

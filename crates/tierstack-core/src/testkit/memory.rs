@@ -107,16 +107,8 @@ impl Store for MemoryStore {
         self.read(key)
     }
 
-    fn get_now(&self, key: &str) -> Option<Result<Option<Bytes>>> {
-        Some(self.read(key))
-    }
-
     async fn get_with_ttl(&self, key: &str) -> Result<Option<StoredEntry>> {
         self.read_with_ttl(key)
-    }
-
-    fn get_with_ttl_now(&self, key: &str) -> Option<Result<Option<StoredEntry>>> {
-        Some(self.read_with_ttl(key))
     }
 
     async fn set(&self, key: &str, value: Bytes, ttl: Duration) -> Result<()> {

@@ -1,6 +1,5 @@
 //! The builder of a [`TieredCache`].
 
-use std::collections::HashMap;
 use std::marker::PhantomData;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -14,9 +13,10 @@ use tierstack_core::store::validate_ttl;
 use tierstack_core::{Backplane, BincodeCodec, CacheError, Codec, Result, Store};
 use tierstack_moka::{L1Cache, L1Capacity};
 
+use super::{Inner, Settings, TieredCache};
 use crate::burst_log::BurstLog;
-use crate::cache::{Inner, Settings, TieredCache};
 use crate::fill::{FillBudget, L2Fill};
+use crate::flight::Flights;
 use crate::freshness::Freshness;
 use crate::stats::Recorder;
 
@@ -39,7 +39,7 @@ pub struct TieredCacheBuilder<V, C = BincodeCodec> {
 }
 
 impl<V> TieredCacheBuilder<V, BincodeCodec> {
-    pub(crate) fn new(namespace: &str) -> Self {
+    pub(super) fn new(namespace: &str) -> Self {
         Self {
             namespace: namespace.to_owned(),
             l1: Some(L1Capacity::Entries(10_000)),
@@ -150,10 +150,9 @@ where
         self
     }
 
-    /// How long one L2 call may take before the cache gives up on it (default 1 s). A read then
-    /// falls back to the loader. A store whose own timeout bounds its single-key calls within
-    /// this one ([`Store::single_key_timeout`](tierstack_core::Store::single_key_timeout)) is
-    /// trusted with those calls, so that no request carries two timers.
+    /// How long one operation may wait on L2 and the backplane before the cache gives up on it
+    /// (default 1 s): every L2 call, lock and publish of the operation shares this deadline. A
+    /// read then falls back to the loader; a write returns a timeout.
     pub fn l2_timeout(mut self, timeout: Duration) -> Self {
         self.settings.l2_timeout = timeout;
         self
@@ -233,21 +232,14 @@ where
             })?),
             None => None,
         };
-        // A store that bounds its single-key calls within our timeout needs no second timer.
-        let l2_bounds_single_keys = self.l2.as_ref().is_some_and(|l2| {
-            l2.single_key_timeout()
-                .is_some_and(|bound| bound <= settings.l2_timeout)
-        });
-        let backplane_bounds_writes = match (&self.l2, &self.backplane) {
-            (Some(l2), Some(backplane)) => backplane
-                .write_then_publish_timeout(l2.as_ref())
-                .is_some_and(|bound| bound <= settings.l2_timeout),
-            _ => false,
-        };
+        // The store announces its own key writes when its backplane says so.
+        let publishes_key_writes = self
+            .backplane
+            .as_ref()
+            .is_some_and(|backplane| !backplane.publishes_store_writes());
         let inner = Arc::new(Inner {
             recorder: Recorder::new(namespace.as_str()),
-            l2_bounds_single_keys,
-            backplane_bounds_writes,
+            publishes_key_writes,
             namespace,
             l1: self
                 .l1
@@ -257,8 +249,7 @@ where
             codec: self.codec,
             clock: self.clock,
             settings,
-            flights: Mutex::new(HashMap::new()),
-            next_flight: std::sync::atomic::AtomicU64::new(0),
+            flights: Flights::default(),
             freshness: Freshness::new(),
             fill_budget,
             l2_failures: BurstLog::default(),

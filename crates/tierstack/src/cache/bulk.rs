@@ -1,0 +1,237 @@
+//! Bulk reads: L1 per key, one L2 round trip for the rest, one batched loader call for what is
+//! still missing.
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::time::{Duration, Instant};
+
+use futures_util::FutureExt;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tierstack_core::envelope;
+use tierstack_core::key::fingerprint;
+use tierstack_core::store::StoreWrite;
+use tierstack_core::{Codec, Result};
+
+use super::Inner;
+use crate::error::LoadError;
+use crate::freshness::KeyWatch;
+use crate::stats::L2Op;
+
+impl<V, C> Inner<V, C>
+where
+    V: Clone + Send + Sync + Serialize + DeserializeOwned + 'static,
+    C: Codec,
+{
+    pub(super) async fn get_many<K: AsRef<str>>(&self, keys: &[K]) -> Result<Vec<Option<V>>> {
+        let found = self.lookup_many(keys).await?;
+        Ok(found.into_iter().map(Option::flatten).collect())
+    }
+
+    pub(super) async fn get_or_load_many<K, F, Fut, E>(
+        &self,
+        keys: &[K],
+        loader: F,
+    ) -> std::result::Result<Vec<Option<V>>, LoadError<E>>
+    where
+        K: AsRef<str>,
+        F: FnOnce(Vec<String>) -> Fut,
+        Fut: Future<Output = std::result::Result<HashMap<String, V>, E>>,
+    {
+        let mut found = self.lookup_many(keys).await?;
+        let mut seen = HashSet::new();
+        let missing: Vec<&str> = keys
+            .iter()
+            .map(AsRef::as_ref)
+            .zip(&found)
+            .filter(|(key, hit)| hit.is_none() && seen.insert(*key))
+            .map(|(key, _)| key)
+            .collect();
+        if missing.is_empty() {
+            return Ok(found.into_iter().map(Option::flatten).collect());
+        }
+        // Watched before the load: a write or delete of one of these keys meanwhile keeps its
+        // loaded value out of both tiers. Dropped (with the call, if it is cancelled), the
+        // watches leave nothing behind.
+        let watches: Vec<KeyWatch> = missing
+            .iter()
+            .map(|key| self.freshness.watch(key))
+            .collect();
+        let started = Instant::now();
+        let request: Vec<String> = missing.iter().map(|key| (*key).to_owned()).collect();
+        let answer = AssertUnwindSafe(async move { loader(request).await })
+            .catch_unwind()
+            .await;
+        let mut origin_values = match answer {
+            Ok(Ok(map)) => {
+                self.recorder.load(true, started.elapsed());
+                map
+            }
+            Ok(Err(error)) => {
+                self.recorder.load(false, started.elapsed());
+                return Err(LoadError::Loader(std::sync::Arc::new(error)));
+            }
+            Err(_) => {
+                self.recorder.load(false, started.elapsed());
+                return Err(LoadError::Panicked);
+            }
+        };
+        let values: Vec<Option<V>> = missing
+            .iter()
+            .map(|key| origin_values.remove(*key))
+            .collect();
+        self.store_loaded_many(&watches, &values).await;
+        let by_key: HashMap<&str, &Option<V>> = missing.iter().copied().zip(&values).collect();
+        for (key, slot) in keys.iter().zip(found.iter_mut()) {
+            if slot.is_none() {
+                *slot = Some(by_key.get(key.as_ref()).and_then(|value| (*value).clone()));
+            }
+        }
+        Ok(found.into_iter().map(Option::flatten).collect())
+    }
+
+    /// L1 then one L2 round trip for `keys`: `Some(v)` per found key (`v` `None` for a negative
+    /// entry), `None` where both tiers missed.
+    async fn lookup_many<K: AsRef<str>>(&self, keys: &[K]) -> Result<Vec<Option<Option<V>>>> {
+        for key in keys {
+            self.check_key(key.as_ref())?;
+        }
+        let mut found = Vec::with_capacity(keys.len());
+        let mut missing = Vec::new();
+        for (index, key) in keys.iter().enumerate() {
+            let hit = self.l1_get(key.as_ref());
+            if hit.is_none() {
+                missing.push(index);
+            }
+            found.push(hit);
+        }
+        let Some(l2) = self.l2.as_ref().filter(|_| !missing.is_empty()) else {
+            for _ in &missing {
+                self.recorder.miss();
+            }
+            return Ok(found);
+        };
+        let deadline = self.deadline();
+        let snapshots: Vec<_> = missing
+            .iter()
+            .map(|&i| self.freshness.snapshot(keys[i].as_ref()))
+            .collect();
+        let store_keys: Vec<String> = missing
+            .iter()
+            .map(|&i| self.namespace.store_key(keys[i].as_ref()))
+            .collect();
+        let refs: Vec<&str> = store_keys.iter().map(String::as_str).collect();
+        let read = if self.l1.is_some() {
+            self.l2_call(L2Op::Get, deadline, l2.get_many_with_ttl(&refs))
+                .await
+                .map(|entries| {
+                    entries
+                        .into_iter()
+                        .map(|entry| entry.map(|entry| (entry.value, entry.ttl)))
+                        .collect::<Vec<_>>()
+                })
+        } else {
+            // Without an L1 to fill, the remaining TTLs are not needed.
+            self.l2_call(L2Op::Get, deadline, l2.get_many(&refs))
+                .await
+                .map(|values| {
+                    values
+                        .into_iter()
+                        .map(|value| value.map(|value| (value, Duration::ZERO)))
+                        .collect()
+                })
+        };
+        let entries = match read {
+            Ok(entries) if entries.len() == refs.len() => entries,
+            // A failed L2 (counted and logged) reads as misses.
+            Ok(_) | Err(_) => vec![None; refs.len()],
+        };
+        for ((&index, entry), snapshot) in missing.iter().zip(entries).zip(snapshots) {
+            let key = keys[index].as_ref();
+            let decoded = match entry {
+                Some((bytes, ttl)) => self
+                    .decode_or_discard(key, &bytes, deadline)
+                    .await
+                    .map(|value| (value, ttl)),
+                None => None,
+            };
+            match decoded {
+                Some((value, ttl)) => {
+                    self.recorder.l2_hit();
+                    self.fill_l1_since(key, value.clone(), ttl, snapshot);
+                    found[index] = Some(value);
+                }
+                None => self.recorder.miss(),
+            }
+        }
+        Ok(found)
+    }
+
+    /// Writes what a batched loader returned to L2 in one call, then to L1, skipping keys that
+    /// changed since their watch began.
+    async fn store_loaded_many(&self, watches: &[KeyWatch], values: &[Option<V>]) {
+        let now = self.clock.now();
+        let deadline = self.deadline();
+        // As for a single key's fill: under the keys' locks, a `delete` or `touch` of one of them
+        // either came before the check below or waits for the write.
+        let locks = match &self.l2 {
+            Some(_) => {
+                let keys = watches.iter().map(KeyWatch::key);
+                // L2 busy with these keys past the deadline: keep the values in L1 only.
+                tokio::time::timeout_at(deadline, self.freshness.lock_keys(keys))
+                    .await
+                    .ok()
+            }
+            None => None,
+        };
+        let mut writes = Vec::new();
+        let mut to_fill = Vec::new();
+        for (watch, value) in watches.iter().zip(values) {
+            if !self.freshness.key_unchanged(watch) {
+                // Written or invalidated since the load began: caching the loaded value could
+                // bring back what was deleted.
+                continue;
+            }
+            let ttl = match (value, self.settings.negative_ttl) {
+                (Some(_), _) => self.jittered(self.settings.default_ttl),
+                (None, Some(negative)) => self.jittered(negative),
+                (None, None) => continue,
+            };
+            match envelope::encode(
+                &self.codec,
+                value.as_ref(),
+                now,
+                now.saturating_add(ttl),
+                self.settings.max_value_len,
+            ) {
+                Ok(bytes) => {
+                    writes.push((self.namespace.store_key(watch.key()), bytes, ttl));
+                    to_fill.push((watch, value, ttl));
+                }
+                Err(error) => {
+                    tracing::warn!(cache = %self.namespace, key = %fingerprint(watch.key()), error = %error, "loaded value not cached");
+                }
+            }
+        }
+        if let (Some(l2), Some(_)) = (&self.l2, &locks)
+            && !writes.is_empty()
+        {
+            let batch: Vec<StoreWrite<'_>> = writes
+                .iter()
+                .map(|(key, value, ttl)| StoreWrite {
+                    key,
+                    value: value.clone(),
+                    ttl: *ttl,
+                })
+                .collect();
+            let _ = self.l2_call(L2Op::Set, deadline, l2.set_many(&batch)).await;
+        }
+        drop(locks);
+        for (watch, value, ttl) in to_fill {
+            self.fill_l1(watch.key(), value.clone(), ttl, || {
+                self.freshness.watch_is_current(watch)
+            });
+        }
+    }
+}

@@ -1,0 +1,75 @@
+//! Applying other instances' invalidations to this instance's L1.
+
+use std::sync::{Arc, PoisonError};
+
+use tierstack_core::backplane::{BackplaneEvent, Invalidation, Subscription};
+
+use super::Inner;
+
+impl<V, C> Inner<V, C>
+where
+    V: Clone + Send + Sync + 'static,
+    C: Send + Sync + 'static,
+{
+    /// Spawns the task that applies other instances' invalidations to this L1. It holds the
+    /// cache weakly: dropping the last handle of the cache ends it.
+    pub(super) fn listen(
+        this: &Arc<Self>,
+        runtime: &tokio::runtime::Handle,
+        mut subscription: Subscription,
+    ) {
+        let weak = Arc::downgrade(this);
+        let task = runtime.spawn(async move {
+            while let Some(event) = subscription.recv().await {
+                let Some(inner) = weak.upgrade() else { break };
+                inner.apply(&event);
+            }
+        });
+        *this.listener.lock().unwrap_or_else(PoisonError::into_inner) = Some(task.abort_handle());
+    }
+
+    /// Applies an event to L1, then counts it: whoever watches the counters (a test, a
+    /// dashboard) sees an invalidation only once it has taken effect.
+    fn apply(&self, event: &BackplaneEvent) {
+        match event {
+            BackplaneEvent::Invalidate(message) => {
+                if message.namespace != self.namespace.as_str() {
+                    return;
+                }
+                match &message.invalidation {
+                    Invalidation::Keys(keys) => {
+                        for key in keys {
+                            self.freshness.bump_key(key);
+                            if let Some(l1) = &self.l1 {
+                                l1.invalidate(key);
+                            }
+                        }
+                    }
+                    Invalidation::Prefix(prefix) => {
+                        self.freshness.bump_all();
+                        if let Some(l1) = &self.l1 {
+                            l1.invalidate_prefix(prefix);
+                        }
+                    }
+                    // Invalidation is non-exhaustive: anything unknown may have changed any
+                    // key, so it counts as a change of every key and clears L1.
+                    _ => {
+                        self.freshness.bump_all();
+                        self.freshness.bump_local();
+                        if let Some(l1) = &self.l1 {
+                            l1.invalidate_all();
+                        }
+                    }
+                }
+                self.recorder.invalidation_received();
+            }
+            BackplaneEvent::Resync => {
+                self.freshness.bump_local();
+                if let Some(l1) = &self.l1 {
+                    l1.invalidate_all();
+                }
+                self.recorder.resync();
+            }
+        }
+    }
+}

@@ -1,0 +1,373 @@
+//! `TieredCache`: the public API, and the state its operations share.
+//!
+//! Each concern lives in a child module, which sees this module's private fields:
+//! - `read`: L1, then L2 (filling L1), decoding, corrupt entries; `get`, `exists`, `ttl`;
+//! - `load`: read-through (`get_or_load*`): the flight that covers the L2 read and the loader,
+//!   and caching what was loaded;
+//! - `bulk`: `get_many`, `get_or_load_many`;
+//! - `write`: `set`, `delete`, `delete_prefix`, `touch`, and their invalidations;
+//! - `listener`: applying other instances' invalidations;
+//! - `l2`: one L2 call under a deadline, timed, counted and logged;
+//! - `builder`: configuration and its validation.
+
+use std::fmt;
+use std::future::Future;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tierstack_core::clock::SharedClock;
+use tierstack_core::key::{Namespace, validate_key};
+use tierstack_core::store::MAX_TTL;
+use tierstack_core::{Backplane, BincodeCodec, Codec, Result, Store};
+use tierstack_moka::L1Cache;
+use tokio::task::AbortHandle;
+
+use crate::burst_log::BurstLog;
+use crate::error::LoadError;
+use crate::fill::FillBudget;
+use crate::flight::Flights;
+use crate::freshness::Freshness;
+use crate::stats::{CacheStats, Recorder};
+
+mod builder;
+mod bulk;
+mod l2;
+mod listener;
+mod load;
+mod read;
+mod write;
+
+pub use builder::TieredCacheBuilder;
+
+/// A two-level read-through cache of `V`: a typed in-process L1 over an optional shared L2
+/// [`Store`], kept fresh across instances by an optional [`Backplane`].
+///
+/// - Reads try L1, then L2 (filling L1 with the L2 entry's remaining TTL), then the loader
+///   (writing both tiers). Concurrent misses of one key share one L2 read and one loader call.
+/// - Writes go to L2, then L1, and other instances are told to evict their copy.
+/// - An L2 that fails or is slow does not fail a read that L1 or the loader can serve: the error
+///   is counted and logged once per burst.
+///
+/// Cloning is cheap and clones share everything.
+///
+/// `V` must be `Serialize + DeserializeOwned` even without an L2: the L2 is chosen at run time
+/// (an `Option<Arc<dyn Store>>`), so every operation may have to encode or decode.
+pub struct TieredCache<V, C = BincodeCodec> {
+    inner: Arc<Inner<V, C>>,
+}
+
+impl<V, C> Clone for TieredCache<V, C> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: Arc::clone(&self.inner),
+        }
+    }
+}
+
+impl<V, C: fmt::Debug> fmt::Debug for TieredCache<V, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TieredCache")
+            .field("namespace", &self.inner.namespace)
+            .field("l1", &self.inner.l1.is_some())
+            .field("l2", &self.inner.l2)
+            .field("backplane", &self.inner.backplane)
+            .field("codec", &self.inner.codec)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Settings {
+    default_ttl: Duration,
+    l1_ttl: Option<Duration>,
+    jitter: f64,
+    negative_ttl: Option<Duration>,
+    max_key_len: usize,
+    max_value_len: usize,
+    l2_timeout: Duration,
+}
+
+struct Inner<V, C> {
+    namespace: Namespace,
+    l1: Option<L1Cache<V>>,
+    l2: Option<Arc<dyn Store>>,
+    backplane: Option<Arc<dyn Backplane>>,
+    /// Whether this cache publishes the invalidation of a key write itself (`false` when the
+    /// store announces its own writes, or without a backplane).
+    publishes_key_writes: bool,
+    codec: C,
+    clock: SharedClock,
+    settings: Settings,
+    flights: Flights<V>,
+    freshness: Freshness,
+    /// The budget of background L2 fills; `None` when fills are written inline.
+    fill_budget: Option<FillBudget>,
+    recorder: Recorder,
+    l2_failures: BurstLog,
+    listener: Mutex<Option<AbortHandle>>,
+}
+
+impl<V, C> Drop for Inner<V, C> {
+    fn drop(&mut self) {
+        let listener = self
+            .listener
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(handle) = listener.take() {
+            handle.abort();
+        }
+    }
+}
+
+impl<V> TieredCache<V, BincodeCodec>
+where
+    V: Clone + Send + Sync + Serialize + DeserializeOwned + 'static,
+{
+    /// Starts building a cache whose keys live under `namespace` (`[A-Za-z0-9_.-]`, up to 128
+    /// bytes). Caches sharing an L2 must use distinct namespaces unless they hold the same data.
+    pub fn builder(namespace: &str) -> TieredCacheBuilder<V, BincodeCodec> {
+        TieredCacheBuilder::new(namespace)
+    }
+}
+
+impl<V, C> TieredCache<V, C>
+where
+    V: Clone + Send + Sync + Serialize + DeserializeOwned + 'static,
+    C: Codec,
+{
+    /// The value under `key` from L1 or L2, or `None` (a negative entry reads as `None` too).
+    ///
+    /// Plain reads are not coalesced: only [`get_or_load`](Self::get_or_load) protects the
+    /// origin.
+    ///
+    /// # Errors
+    ///
+    /// [`CacheError::InvalidKey`](tierstack_core::CacheError::InvalidKey) for an empty or long
+    /// key. An L2 that fails or times out reads as a miss (counted and logged), as in
+    /// [`exists`](Self::exists).
+    pub async fn get(&self, key: &str) -> Result<Option<V>> {
+        self.inner.get(key).await
+    }
+
+    /// The value under `key`, loading it with `loader` on a miss of both tiers and writing it to
+    /// both with the default TTL.
+    ///
+    /// Concurrent calls for one key share one L2 read and one loader call; every caller receives
+    /// its value or its error, and errors are not cached. The first caller runs the loader
+    /// itself (no task is spawned), so the loader may borrow from the caller. If that caller is
+    /// cancelled, a waiting caller takes over with its own loader. A negative entry (cached by
+    /// [`get_or_load_optional`](Self::get_or_load_optional)) does not satisfy this call: the
+    /// loader runs.
+    ///
+    /// # Errors
+    ///
+    /// [`LoadError::Loader`] with the loader's error (shared by every caller of the flight),
+    /// [`LoadError::Panicked`] if it panicked, [`LoadError::Reentrant`] if it asked the cache
+    /// for the key it is loading, and [`LoadError::Cache`] for an invalid key. An L2 failure is
+    /// not an error: the loader serves the read.
+    pub async fn get_or_load<F, Fut, E>(&self, key: &str, loader: F) -> Result<V, LoadError<E>>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = std::result::Result<V, E>>,
+        E: Send + Sync + 'static,
+    {
+        self.inner.get_or_load(key, loader).await
+    }
+
+    /// Like [`get_or_load`](Self::get_or_load) for origins that may have no value: the loader
+    /// answers `Ok(None)`, and with [`negative_ttl`](TieredCacheBuilder::negative_ttl) set that
+    /// answer is cached too.
+    ///
+    /// # Errors
+    ///
+    /// As [`get_or_load`](Self::get_or_load).
+    pub async fn get_or_load_optional<F, Fut, E>(
+        &self,
+        key: &str,
+        loader: F,
+    ) -> Result<Option<V>, LoadError<E>>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = std::result::Result<Option<V>, E>>,
+        E: Send + Sync + 'static,
+    {
+        self.inner.get_or_load_optional(key, loader).await
+    }
+
+    /// The values under `keys`, in order, from L1 and then from L2 in one round trip.
+    ///
+    /// # Errors
+    ///
+    /// [`CacheError::InvalidKey`](tierstack_core::CacheError::InvalidKey) if any key is invalid
+    /// (nothing is read then). An L2 failure reads as misses.
+    pub async fn get_many<K: AsRef<str>>(&self, keys: &[K]) -> Result<Vec<Option<V>>> {
+        self.inner.get_many(keys).await
+    }
+
+    /// The values under `keys`, in order: from L1, then from L2 in one round trip, then from one
+    /// call of `loader` with the keys still missing (each once). Keys the loader leaves out of its
+    /// map have no value (and are negatively cached if configured). Loaded values are written to
+    /// both tiers.
+    ///
+    /// The loader runs inline in the caller's task; cancelling the call cancels it and leaves
+    /// nothing behind.
+    ///
+    /// # Errors
+    ///
+    /// As [`get_or_load`](Self::get_or_load) (but a batch is not coalesced with other callers,
+    /// so [`LoadError::Reentrant`] does not occur).
+    pub async fn get_or_load_many<K, F, Fut, E>(
+        &self,
+        keys: &[K],
+        loader: F,
+    ) -> Result<Vec<Option<V>>, LoadError<E>>
+    where
+        K: AsRef<str>,
+        F: FnOnce(Vec<String>) -> Fut,
+        Fut: Future<Output = std::result::Result<std::collections::HashMap<String, V>, E>>,
+    {
+        self.inner.get_or_load_many(keys, loader).await
+    }
+
+    /// Writes `value` under `key` with the default TTL: L2, then L1, then the other instances
+    /// evict their copy.
+    ///
+    /// # Errors
+    ///
+    /// As [`set_with_ttl`](Self::set_with_ttl).
+    pub async fn set(&self, key: &str, value: V) -> Result<()> {
+        self.inner
+            .set(key, value, self.inner.settings.default_ttl)
+            .await
+    }
+
+    /// Writes `value` under `key` for `ttl`.
+    ///
+    /// # Errors
+    ///
+    /// Bad input (an empty or long key, a TTL out of range, a value over the maximum) is refused
+    /// before anything is written. If the L2 write fails or times out, the error is returned,
+    /// this instance's L1 entry is evicted and the other instances are told to evict theirs: the
+    /// write may still land, and no tier keeps serving the old value.
+    pub async fn set_with_ttl(&self, key: &str, value: V, ttl: Duration) -> Result<()> {
+        self.inner.set(key, value, ttl).await
+    }
+
+    /// Removes `key` from both tiers and tells the other instances; `true` if a tier held it.
+    ///
+    /// # Errors
+    ///
+    /// An invalid key; an L2 that fails or times out (the local copy is evicted and the other
+    /// instances are told all the same). The whole call stays within the L2 timeout.
+    pub async fn delete(&self, key: &str) -> Result<bool> {
+        self.inner.delete(key).await
+    }
+
+    /// Removes every key that starts with `prefix` (literally) from both tiers and tells the other
+    /// instances; returns how many L2 entries were removed. An empty prefix clears the namespace.
+    ///
+    /// # Errors
+    ///
+    /// A prefix longer than the longest key; an L2 that fails or times out.
+    pub async fn delete_prefix(&self, prefix: &str) -> Result<u64> {
+        self.inner.delete_prefix(prefix).await
+    }
+
+    /// Whether a value exists under `key` in L1 or L2 (a negative entry does not count).
+    ///
+    /// # Errors
+    ///
+    /// An invalid key. An L2 that fails or times out reads as a miss, as in [`get`](Self::get).
+    pub async fn exists(&self, key: &str) -> Result<bool> {
+        self.inner.exists(key).await
+    }
+
+    /// The remaining time to live of `key`: L2's answer where there is an L2, else L1's.
+    ///
+    /// # Errors
+    ///
+    /// An invalid key. An L2 that fails or times out reads as a miss of L2, as in
+    /// [`get`](Self::get): L1 answers.
+    pub async fn ttl(&self, key: &str) -> Result<Option<Duration>> {
+        self.inner.ttl(key).await
+    }
+
+    /// Sets the remaining time to live of `key` to `ttl` in both tiers (a sliding expiry calls it
+    /// on each access); `false` if there is no entry. Other instances evict their copy, so none
+    /// serves it past a shortened deadline.
+    ///
+    /// # Errors
+    ///
+    /// An invalid key or TTL; an L2 that fails or times out (the local copy is evicted).
+    pub async fn touch(&self, key: &str, ttl: Duration) -> Result<bool> {
+        self.inner.touch(key, ttl).await
+    }
+
+    /// Waits until the L2 writes that [`get_or_load`](Self::get_or_load) left to background
+    /// tasks (see [`L2Fill`](crate::L2Fill)) have finished: before a graceful shutdown, or before
+    /// another process is expected to find the values in L2.
+    pub async fn wait_for_background_fills(&self) {
+        if let Some(budget) = &self.inner.fill_budget {
+            budget.settle().await;
+        }
+    }
+
+    /// Evicts `key` from this instance's L1 only (L2 and other instances are untouched).
+    pub fn invalidate_local(&self, key: &str) {
+        let inner = &self.inner;
+        inner.freshness.bump_local_key(key);
+        if let Some(l1) = &inner.l1 {
+            l1.invalidate(key);
+        }
+    }
+
+    /// Evicts everything from this instance's L1 only.
+    pub fn invalidate_local_all(&self) {
+        self.inner.clear_local();
+    }
+
+    /// The counters of this cache since it was built.
+    pub fn stats(&self) -> CacheStats {
+        self.inner.recorder.snapshot()
+    }
+
+    /// The namespace of this cache.
+    pub fn namespace(&self) -> &str {
+        self.inner.namespace.as_str()
+    }
+}
+
+impl<V, C> Inner<V, C>
+where
+    V: Clone + Send + Sync + Serialize + DeserializeOwned + 'static,
+    C: Codec,
+{
+    fn check_key(&self, key: &str) -> Result<()> {
+        validate_key(key, self.settings.max_key_len)
+    }
+
+    fn jittered(&self, ttl: Duration) -> Duration {
+        if self.settings.jitter <= 0.0 {
+            return ttl;
+        }
+        let extra = ttl.mul_f64(self.settings.jitter * fastrand::f64());
+        (ttl + extra).min(MAX_TTL)
+    }
+
+    /// Evicts `key` from L1 as a change of the key: fills that started before do not land.
+    fn evict_local(&self, key: &str) {
+        self.freshness.bump_key(key);
+        if let Some(l1) = &self.l1 {
+            l1.invalidate(key);
+        }
+    }
+
+    fn clear_local(&self) {
+        self.freshness.bump_local();
+        if let Some(l1) = &self.l1 {
+            l1.invalidate_all();
+        }
+    }
+}

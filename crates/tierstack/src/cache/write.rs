@@ -1,0 +1,248 @@
+//! The write path: `set`, `delete`, `delete_prefix` and `touch`, and the invalidations that tell
+//! the other instances.
+//!
+//! A write whose L2 call fails or times out may still land, so every outcome evicts the local
+//! copy and invalidates the other instances' copies. Other instances are told after the write,
+//! never before: told first, one could evict, re-read the old value and keep it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tierstack_core::backplane::Invalidation;
+use tierstack_core::envelope;
+use tierstack_core::store::validate_ttl;
+use tierstack_core::{CacheError, Codec, Result};
+use tokio::time::Instant;
+
+use super::Inner;
+use crate::stats::L2Op;
+
+impl<V, C> Inner<V, C>
+where
+    V: Clone + Send + Sync + Serialize + DeserializeOwned + 'static,
+    C: Codec,
+{
+    pub(super) async fn set(self: &Arc<Self>, key: &str, value: V, ttl: Duration) -> Result<()> {
+        self.check_key(key)?;
+        validate_ttl(ttl)?;
+        let ttl = self.jittered(ttl);
+        let now = self.clock.now();
+        let bytes = envelope::encode(
+            &self.codec,
+            Some(&value),
+            now,
+            now.saturating_add(ttl),
+            self.settings.max_value_len,
+        )?;
+        // Taken before the write: an invalidation of the key that arrives while the write is in
+        // flight (another instance's write, which may have landed after this one) keeps this
+        // value out of L1, so that every instance converges on what L2 holds.
+        let before = self.freshness.snapshot(key);
+        let deadline = self.deadline();
+        if let Some(l2) = &self.l2 {
+            let store_key = self.namespace.store_key(key);
+            let written = self
+                .l2_call(L2Op::Set, deadline, l2.set(&store_key, bytes, ttl))
+                .await;
+            if let Err(error) = written {
+                self.invalidate_after_failure(key, deadline).await;
+                return Err(error);
+            }
+        }
+        if self.freshness.is_current(before) {
+            let after = self.freshness.bump_key(key);
+            self.fill_l1_since(key, Some(value), ttl, after);
+        } else {
+            self.evict_local(key);
+        }
+        self.publish_keys(key, deadline).await;
+        Ok(())
+    }
+
+    pub(super) async fn delete(self: &Arc<Self>, key: &str) -> Result<bool> {
+        self.check_key(key)?;
+        let deadline = self.deadline();
+        let in_l1 = self.l1.as_ref().is_some_and(|l1| l1.get(key).is_some());
+        let removed = if let Some(l2) = &self.l2 {
+            let store_key = self.namespace.store_key(key);
+            // The key's lock waits for a load's L2 write of the key already under way, so that
+            // the delete comes after it; bounded by the same deadline as the call.
+            if let Ok(_lock) = tokio::time::timeout_at(deadline, self.freshness.lock_key(key)).await
+            {
+                let removed = self
+                    .l2_call(L2Op::Delete, deadline, l2.delete(&store_key))
+                    .await;
+                // Under the lock: a fill that takes it next sees the key changed.
+                self.evict_local(key);
+                removed
+            } else {
+                self.evict_local(key);
+                Err(CacheError::Timeout {
+                    operation: L2Op::Delete.label(),
+                    after: self.settings.l2_timeout,
+                })
+            }
+        } else {
+            self.evict_local(key);
+            Ok(false)
+        };
+        match removed {
+            Ok(removed) => {
+                self.publish_keys(key, deadline).await;
+                Ok(removed || in_l1)
+            }
+            Err(error) => {
+                self.invalidate_after_failure(key, deadline).await;
+                Err(error)
+            }
+        }
+    }
+
+    pub(super) async fn delete_prefix(self: &Arc<Self>, prefix: &str) -> Result<u64> {
+        if prefix.len() > self.settings.max_key_len {
+            self.check_key(prefix)?;
+        }
+        let deadline = self.deadline();
+        // Loads that began before this call skip their L2 write from now on; the barrier waits
+        // for those already writing, so the scan below sees (and removes) them.
+        self.freshness.bump_all();
+        let removed = match &self.l2 {
+            Some(l2) => {
+                let store_prefix = self.namespace.store_key(prefix);
+                let scan = async {
+                    self.freshness.wait_for_writes().await;
+                    l2.delete_prefix(&store_prefix).await
+                };
+                self.l2_call(L2Op::Delete, deadline, scan).await
+            }
+            None => Ok(0),
+        };
+        self.freshness.bump_all();
+        if let Some(l1) = &self.l1 {
+            l1.invalidate_prefix(prefix);
+        }
+        // Whatever the scan did, it may have removed entries: the others evict too.
+        self.publish(Invalidation::Prefix(prefix.to_owned()), deadline)
+            .await;
+        removed
+    }
+
+    pub(super) async fn touch(self: &Arc<Self>, key: &str, ttl: Duration) -> Result<bool> {
+        self.check_key(key)?;
+        validate_ttl(ttl)?;
+        let deadline = self.deadline();
+        let local = self.l1.as_ref().and_then(|l1| l1.get(key));
+        let before = self.freshness.snapshot(key);
+        let existed = match &self.l2 {
+            Some(l2) => {
+                let store_key = self.namespace.store_key(key);
+                let extended =
+                    match tokio::time::timeout_at(deadline, self.freshness.lock_key(key)).await {
+                        Ok(_lock) => {
+                            self.l2_call(L2Op::Other, deadline, l2.expire(&store_key, ttl))
+                                .await
+                        }
+                        Err(_) => Err(CacheError::Timeout {
+                            operation: L2Op::Other.label(),
+                            after: self.settings.l2_timeout,
+                        }),
+                    };
+                match extended {
+                    Ok(existed) => existed,
+                    Err(error) => {
+                        self.invalidate_after_failure(key, deadline).await;
+                        return Err(error);
+                    }
+                }
+            }
+            None => local.is_some(),
+        };
+        match local {
+            Some(entry) if existed && self.freshness.is_current(before) => {
+                let after = self.freshness.bump_key(key);
+                self.fill_l1_since(key, entry.value, ttl, after);
+            }
+            _ => self.evict_local(key),
+        }
+        self.publish_keys(key, deadline).await;
+        Ok(existed)
+    }
+
+    /// After a write of `key` that failed or timed out, and so may still land: evicts the local
+    /// copy and tells the other instances, now and once more one L2 timeout later, so that an
+    /// instance (this one included) that re-read the old value between now and the write's late
+    /// landing drops it too. (A store that announces its writes sends the announcement with the
+    /// write, so the others hear of it after it lands, whenever that is.)
+    async fn invalidate_after_failure(self: &Arc<Self>, key: &str, deadline: Instant) {
+        self.evict_local(key);
+        self.publish_keys(key, deadline).await;
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let this = Arc::clone(self);
+            let key = key.to_owned();
+            runtime.spawn(async move {
+                tokio::time::sleep(this.settings.l2_timeout).await;
+                this.evict_local(&key);
+                if this.publishes_key_writes {
+                    let deadline = this.deadline();
+                    this.publish_by(&Invalidation::Keys(vec![key]), deadline)
+                        .await;
+                }
+            });
+        }
+    }
+
+    /// Tells the other instances that `key` changed, unless the store announced the write
+    /// itself.
+    async fn publish_keys(self: &Arc<Self>, key: &str, deadline: Instant) {
+        if self.publishes_key_writes {
+            self.publish(Invalidation::Keys(vec![key.to_owned()]), deadline)
+                .await;
+        }
+    }
+
+    /// Publishes `invalidation` by the operation's `deadline`. If the deadline has passed (the
+    /// L2 call took it all, and may still land), the publish goes on in a task of its own,
+    /// bounded by the L2 timeout: the caller returns on time and the others still evict.
+    async fn publish(self: &Arc<Self>, invalidation: Invalidation, deadline: Instant) {
+        if self.backplane.is_none() {
+            return;
+        }
+        if Instant::now() >= deadline
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            let this = Arc::clone(self);
+            runtime.spawn(async move {
+                let deadline = this.deadline();
+                this.publish_by(&invalidation, deadline).await;
+            });
+            return;
+        }
+        self.publish_by(&invalidation, deadline).await;
+    }
+
+    async fn publish_by(&self, invalidation: &Invalidation, deadline: Instant) {
+        let Some(backplane) = &self.backplane else {
+            return;
+        };
+        let call = backplane.publish(self.namespace.as_str(), invalidation);
+        let result = match tokio::time::timeout_at(deadline, call).await {
+            Ok(result) => result,
+            Err(_) => Err(CacheError::Timeout {
+                operation: "publish",
+                after: self.settings.l2_timeout,
+            }),
+        };
+        if let Err(error) = result {
+            self.publish_failed(&error);
+        }
+    }
+
+    fn publish_failed(&self, error: &CacheError) {
+        self.recorder.publish_error();
+        if let Some(suppressed) = self.l2_failures.should_log() {
+            tracing::warn!(cache = %self.namespace, error = %error, suppressed, "invalidation not published; other instances keep their L1 copy until it expires");
+        }
+    }
+}
