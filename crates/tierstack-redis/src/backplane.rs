@@ -16,7 +16,8 @@ use tokio::sync::{Notify, oneshot};
 use tokio::task::AbortHandle;
 
 use crate::config::{RedisConfig, endpoint_of};
-use crate::connection::{Connection, client_for, map_error};
+use crate::connection::{Connection, client_for};
+use crate::errors::map_error;
 
 /// The first pause between two attempts to resubscribe, doubled after each failure.
 const FIRST_BACKOFF: Duration = Duration::from_millis(50);

@@ -14,12 +14,12 @@ use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo, Slot};
 use redis::{
     AsyncConnectionConfig, Cmd, ConnectionInfo, ErrorKind, FromRedisValue, Pipeline,
-    ProtocolVersion, PushInfo, RedisError, RedisFuture, RetryMethod, ServerError, ServerErrorKind,
-    Value,
+    ProtocolVersion, PushInfo, RedisError, RedisFuture, ServerError, Value,
 };
 use tierstack_core::{CacheError, Result};
 
 use crate::config::RedisConfig;
+use crate::errors::map_error;
 use crate::managed::ManagedSocket;
 use crate::pushing::PushingSocket;
 
@@ -445,42 +445,6 @@ pub(crate) fn by_slot<K: AsRef<[u8]>>(
     groups.into_values().collect()
 }
 
-/// Maps a driver error into the cache's error, naming the endpoint (never the password).
-pub(crate) fn map_error(
-    operation: &'static str,
-    endpoint: &str,
-    limit: Duration,
-    error: RedisError,
-) -> CacheError {
-    let kind = error.kind();
-    let refused_credentials = matches!(
-        kind,
-        ErrorKind::AuthenticationFailed | ErrorKind::Server(ServerErrorKind::NoPerm)
-    ) || error
-        .code()
-        .is_some_and(|code| matches!(code, "WRONGPASS" | "NOAUTH" | "NOPERM"));
-    if refused_credentials {
-        return CacheError::Authentication {
-            endpoint: endpoint.to_owned(),
-            source: Box::new(error),
-        };
-    }
-    if error.is_timeout() {
-        return CacheError::Timeout {
-            operation,
-            after: limit,
-        };
-    }
-    if error.is_io_error() || error.is_connection_refusal() || error.is_connection_dropped() {
-        return CacheError::Connection {
-            endpoint: endpoint.to_owned(),
-            source: Box::new(error),
-        };
-    }
-    let transient = !matches!(error.retry_method(), RetryMethod::NoRetry);
-    CacheError::backend(operation, transient, error)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -496,26 +460,5 @@ mod tests {
         );
         assert_eq!(groups.iter().map(Vec::len).sum::<usize>(), 4);
         assert!(by_slot(false, std::iter::empty::<&str>()).is_empty());
-    }
-
-    #[test]
-    fn errors_map_to_their_kind_without_secrets() {
-        let auth = RedisError::from((ErrorKind::AuthenticationFailed, "denied"));
-        assert!(matches!(
-            map_error("get", "h:1", Duration::ZERO, auth),
-            CacheError::Authentication { .. }
-        ));
-        let io = RedisError::from(std::io::Error::new(
-            std::io::ErrorKind::ConnectionRefused,
-            "refused",
-        ));
-        let mapped = map_error("get", "h:1", Duration::ZERO, io);
-        assert!(matches!(mapped, CacheError::Connection { .. }) && mapped.is_transient());
-        assert_eq!(mapped.to_string(), "cannot connect to h:1");
-        let wrong_type = RedisError::from((
-            ErrorKind::Server(ServerErrorKind::ResponseError),
-            "WRONGTYPE",
-        ));
-        assert!(!map_error("get", "h:1", Duration::ZERO, wrong_type).is_transient());
     }
 }

@@ -45,6 +45,7 @@
 mod backplane;
 mod config;
 mod connection;
+mod errors;
 mod managed;
 mod pushing;
 mod store;

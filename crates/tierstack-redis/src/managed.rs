@@ -11,7 +11,7 @@ use std::time::Duration;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Client, RedisResult};
 
-use crate::connection::map_error;
+use crate::errors::map_error;
 
 /// Calls in a row, sent on one socket, that must go unanswered before it is replaced: one slow
 /// command may time out, but three with no reply in between mean the socket is dead.

@@ -18,6 +18,7 @@ use tierstack_core::{CacheError, Result};
 use crate::backplane::RedisBackplane;
 use crate::config::RedisConfig;
 use crate::connection::{Connection, by_slot};
+use crate::errors::is_wrong_type;
 
 /// How many keys one SCAN step asks for, and one UNLINK removes, during `delete_prefix`.
 const SCAN_BATCH: usize = 1_000;
@@ -166,6 +167,7 @@ impl RedisStore {
             for &index in group {
                 pipeline.get(&keys[index]).pttl(&keys[index]);
             }
+            pipeline.ignore_errors();
             async move {
                 let values: Vec<Value> = self.conn.pipeline("get", &pipeline).await?;
                 Ok::<_, CacheError>((group, values))
@@ -178,10 +180,29 @@ impl RedisStore {
                 return Err(CacheError::backend("get", true, "short pipeline reply"));
             }
             for (&index, pair) in group.iter().zip(values.chunks_exact(2)) {
-                out[index] = entry_of(&pair[0], &pair[1])?;
+                out[index] = self.entry_of(&pair[0], &pair[1])?;
             }
         }
         Ok(out)
+    }
+
+    /// The entry of a `GET` and `PTTL` pair of replies (from a pipeline that keeps each
+    /// command's refusal). A key of another type (a list, a hash: foreign data under a cache
+    /// key) reads as an empty value, which is no envelope: the composer counts it as corrupt and
+    /// deletes it, and the next load replaces it.
+    fn entry_of(&self, value: &Value, pttl: &Value) -> Result<Option<StoredEntry>> {
+        match (value, pttl) {
+            (Value::ServerError(refusal), _) if refusal.code() == "WRONGTYPE" => {
+                Ok(Some(StoredEntry {
+                    value: Bytes::new(),
+                    ttl: MAX_TTL,
+                }))
+            }
+            (Value::ServerError(refusal), _) | (_, Value::ServerError(refusal)) => {
+                Err(self.conn.refused("get", refusal.clone()))
+            }
+            _ => entry_from_replies(value, pttl),
+        }
     }
 
     /// The invalidation messages announcing a write of `keys`, one per namespace, or none
@@ -323,7 +344,7 @@ fn millis(ttl: Duration) -> u64 {
 
 /// A GET reply and a PTTL reply as an entry: PTTL -2 is a missing key, -1 a key without expiry
 /// (not written by tierstack; reported with the longest TTL).
-fn entry_of(value: &Value, pttl: &Value) -> Result<Option<StoredEntry>> {
+fn entry_from_replies(value: &Value, pttl: &Value) -> Result<Option<StoredEntry>> {
     let value: Option<Vec<u8>> = redis::from_redis_value_ref(value)
         .map_err(|e| CacheError::backend("get", false, redis::RedisError::from(e)))?;
     let pttl: i64 = redis::from_redis_value_ref(pttl)
@@ -362,8 +383,11 @@ impl ToRedisArgs for PrefixedKey<'_> {
 impl Store for RedisStore {
     async fn get(&self, key: &str) -> Result<Option<Bytes>> {
         let command = self.key_command("GET", key, 0, 0)?;
-        let value: Option<Vec<u8>> = self.conn.query("get", &command).await?;
-        Ok(value.map(Bytes::from))
+        match self.conn.query::<Option<Vec<u8>>>("get", &command).await {
+            Ok(value) => Ok(value.map(Bytes::from)),
+            Err(error) if is_wrong_type(&error) => Ok(Some(Bytes::new())),
+            Err(error) => Err(error),
+        }
     }
 
     async fn get_many(&self, keys: &[&str]) -> Result<Vec<Option<Bytes>>> {
@@ -400,10 +424,11 @@ impl Store for RedisStore {
         let mut pipeline = Pipeline::with_capacity(2);
         pipeline
             .add_command(self.key_command("GET", key, 0, 0)?)
-            .add_command(self.key_command("PTTL", key, 0, 0)?);
+            .add_command(self.key_command("PTTL", key, 0, 0)?)
+            .ignore_errors();
         let values: Vec<Value> = self.conn.pipeline("get", &pipeline).await?;
         match values.as_slice() {
-            [value, pttl] => entry_of(value, pttl),
+            [value, pttl] => self.entry_of(value, pttl),
             _ => Err(CacheError::backend("get", true, "short pipeline reply")),
         }
     }
@@ -578,18 +603,27 @@ mod tests {
     #[test]
     fn pttl_replies_map_to_entries() {
         let value = Value::BulkString(b"v".to_vec());
-        assert_eq!(entry_of(&Value::Nil, &Value::Int(-2)).unwrap(), None);
         assert_eq!(
-            entry_of(&value, &Value::Int(-2)).unwrap(),
+            entry_from_replies(&Value::Nil, &Value::Int(-2)).unwrap(),
+            None
+        );
+        assert_eq!(
+            entry_from_replies(&value, &Value::Int(-2)).unwrap(),
             None,
             "expired between GET and PTTL"
         );
         assert_eq!(
-            entry_of(&value, &Value::Int(1500)).unwrap().unwrap().ttl,
+            entry_from_replies(&value, &Value::Int(1500))
+                .unwrap()
+                .unwrap()
+                .ttl,
             Duration::from_millis(1500)
         );
         assert_eq!(
-            entry_of(&value, &Value::Int(-1)).unwrap().unwrap().ttl,
+            entry_from_replies(&value, &Value::Int(-1))
+                .unwrap()
+                .unwrap()
+                .ttl,
             MAX_TTL
         );
     }

@@ -267,6 +267,44 @@ async fn foreign_bytes_under_a_cache_key_are_a_counted_miss_and_deleted() {
     assert_eq!(cache.stats().corrupt_entries, 2);
 }
 
+/// A list, hash, set or sorted set under a cache key (another client's data) is repaired like
+/// garbage bytes: a counted miss, deleted, and replaced by the next load. It used to make every
+/// read an L2 error and every fill lose its `SET NX`, so each read called the loader, forever.
+#[tokio::test]
+async fn foreign_data_types_under_a_cache_key_are_replaced_by_the_next_load() {
+    let server = PrivateRedis::start(&[]);
+    let config = RedisConfig::from_url(&server.url()).unwrap();
+    for (type_name, plant) in [
+        ("list", vec!["RPUSH", "ns:k-list", "a"]),
+        ("hash", vec!["HSET", "ns:k-hash", "f", "v"]),
+        ("set", vec!["SADD", "ns:k-set", "m"]),
+        ("zset", vec!["ZADD", "ns:k-zset", "1", "m"]),
+    ] {
+        for l1 in [true, false] {
+            server.cli(&plant);
+            let key = format!("k-{type_name}");
+            let builder = TieredCache::<String>::builder("ns")
+                .l2(Arc::new(RedisStore::connect(&config).await.unwrap()))
+                .l2_fill(tierstack::L2Fill::Inline);
+            let cache = if l1 { builder } else { builder.without_l1() }
+                .build()
+                .unwrap();
+            let calls = Arc::new(AtomicUsize::new(0));
+            for _ in 0..3 {
+                assert_eq!(
+                    cache.get_or_load(&key, loader(&calls, "v")).await.unwrap(),
+                    "v"
+                );
+            }
+            assert_eq!(calls.load(Ordering::SeqCst), 1, "{type_name}, L1 {l1}");
+            assert_eq!(cache.stats().corrupt_entries, 1, "{type_name}, L1 {l1}");
+            assert_eq!(cache.stats().l2_errors, 0, "{type_name}, L1 {l1}");
+            assert_eq!(server.cli(&["TYPE", &format!("ns:{key}")]).trim(), "string");
+            server.cli(&["DEL", &format!("ns:{key}")]);
+        }
+    }
+}
+
 #[tokio::test]
 async fn oversized_values_are_refused_before_anything_is_written() {
     let server = PrivateRedis::start(&[]);

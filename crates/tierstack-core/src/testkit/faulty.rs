@@ -114,10 +114,17 @@ impl FaultyStore {
         let state = &self.state;
         let mut held = state.writes_held.subscribe();
         if *held.borrow_and_update() {
+            // Counted while it waits, however the wait ends (a caller may give up on it).
+            struct Waiting<'a>(&'a AtomicU64);
+            impl Drop for Waiting<'_> {
+                fn drop(&mut self) {
+                    self.0.fetch_sub(1, Ordering::SeqCst);
+                }
+            }
             state.writes_waiting.fetch_add(1, Ordering::SeqCst);
+            let _waiting = Waiting(&state.writes_waiting);
             // The sender lives in `state`, which outlives this call: the wait cannot fail.
             let _ = held.wait_for(|held| !held).await;
-            state.writes_waiting.fetch_sub(1, Ordering::SeqCst);
         }
         self.before_call().await
     }
