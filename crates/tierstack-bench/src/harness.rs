@@ -43,11 +43,21 @@ pub(crate) struct Record {
     pub(crate) scenario: String,
     pub(crate) system: String,
     pub(crate) baseline: String,
+    /// The median over rounds of this round's time per operation over the baseline's in the
+    /// same round.
     pub(crate) ratio: f64,
+    /// The lowest and highest of those per-round ratios.
+    #[serde(default)]
+    pub(crate) ratio_min: f64,
+    #[serde(default)]
+    pub(crate) ratio_max: f64,
     pub(crate) ops_per_sec: f64,
     pub(crate) p50_ns: u64,
     pub(crate) p99_ns: u64,
     pub(crate) loader_calls: Option<u64>,
+    /// Commands (or store calls) the system sent to L2 in its busiest round, where counted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) l2_commands: Option<u64>,
 }
 
 /// `TieredCache::get` of key `i`: the tierstack side of the read scenarios. (`i` is an index
@@ -111,6 +121,7 @@ pub(crate) struct Round {
     pub(crate) nanos_per_op: f64,
     pub(crate) samples: Vec<u64>,
     pub(crate) loader_calls: Option<u64>,
+    pub(crate) l2_commands: Option<u64>,
 }
 
 /// Every 8th operation is timed on its own for the percentiles; the rest only count toward the
@@ -161,6 +172,7 @@ pub(crate) async fn run_round<W: Workload>(
         nanos_per_op,
         samples,
         loader_calls: None,
+        l2_commands: None,
     }
 }
 
@@ -241,36 +253,42 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
     sorted[index]
 }
 
-/// Turns each system's rounds into records against `names[baseline]`.
+/// Turns each system's rounds into records against `names[baseline]`: each round's ratio is
+/// taken against the baseline's round of the same index (run next to it), and the record gives
+/// their median, minimum and maximum.
 pub(crate) fn records(
     scenario: &str,
     names: &[&str],
     baseline: usize,
     rounds: &[Vec<Round>],
 ) -> Vec<Record> {
-    let medians: Vec<f64> = rounds
-        .iter()
-        .map(|r| median(&mut r.iter().map(|r| r.nanos_per_op).collect::<Vec<_>>()))
-        .collect();
     names
         .iter()
         .enumerate()
         .map(|(i, name)| {
+            let mut ratios: Vec<f64> = rounds[i]
+                .iter()
+                .zip(&rounds[baseline])
+                .map(|(mine, base)| mine.nanos_per_op / base.nanos_per_op)
+                .collect();
+            let mut times: Vec<f64> = rounds[i].iter().map(|r| r.nanos_per_op).collect();
             let mut samples: Vec<u64> = rounds[i]
                 .iter()
                 .flat_map(|r| r.samples.iter().copied())
                 .collect();
             samples.sort_unstable();
-            let loader_calls = rounds[i].iter().filter_map(|r| r.loader_calls).max();
             Record {
                 scenario: scenario.to_owned(),
                 system: (*name).to_owned(),
                 baseline: names[baseline].to_owned(),
-                ratio: medians[i] / medians[baseline],
-                ops_per_sec: 1e9 / medians[i],
+                ratio: median(&mut ratios),
+                ratio_min: ratios.first().copied().unwrap_or(f64::NAN),
+                ratio_max: ratios.last().copied().unwrap_or(f64::NAN),
+                ops_per_sec: 1e9 / median(&mut times),
                 p50_ns: percentile(&samples, 0.50),
                 p99_ns: percentile(&samples, 0.99),
-                loader_calls,
+                loader_calls: rounds[i].iter().filter_map(|r| r.loader_calls).max(),
+                l2_commands: rounds[i].iter().filter_map(|r| r.l2_commands).max(),
             }
         })
         .collect()
@@ -278,21 +296,32 @@ pub(crate) fn records(
 
 pub(crate) fn print_table(records: &[Record]) {
     println!(
-        "{:<18} {:<22} {:<22} {:>7} {:>13} {:>9} {:>9} {:>7}",
-        "scenario", "system", "baseline", "ratio", "ops/s", "p50 ns", "p99 ns", "loads"
+        "{:<26} {:<22} {:<22} {:>7} {:>15} {:>13} {:>9} {:>9} {:>7} {:>6}",
+        "scenario",
+        "system",
+        "baseline",
+        "ratio",
+        "min-max",
+        "ops/s",
+        "p50 ns",
+        "p99 ns",
+        "loads",
+        "L2 cmd"
     );
+    let count = |n: Option<u64>| n.map_or_else(|| "-".to_owned(), |n| n.to_string());
     for r in records {
         println!(
-            "{:<18} {:<22} {:<22} {:>7.3} {:>13.0} {:>9} {:>9} {:>7}",
+            "{:<26} {:<22} {:<22} {:>7.3} {:>15} {:>13.0} {:>9} {:>9} {:>7} {:>6}",
             r.scenario,
             r.system,
             r.baseline,
             r.ratio,
+            format!("{:.3}-{:.3}", r.ratio_min, r.ratio_max),
             r.ops_per_sec,
             r.p50_ns,
             r.p99_ns,
-            r.loader_calls
-                .map_or_else(|| "-".to_owned(), |n| n.to_string())
+            count(r.loader_calls),
+            count(r.l2_commands),
         );
     }
 }

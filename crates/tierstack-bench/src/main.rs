@@ -124,8 +124,12 @@ fn run_scenarios(options: &RunOptions) -> Result<Vec<Record>, String> {
     Ok(runtime.block_on(async {
         let mut records = Vec::new();
         if options.wants("l1_hit") {
-            records.extend(scenarios::l1_hit(&sizes, 1).await);
-            records.extend(scenarios::l1_hit(&sizes, 2).await);
+            // A hundred hot keys, then the 10,000 of a larger working set.
+            for key_count in [100, sizes.keys] {
+                for tasks in [1, 2] {
+                    records.extend(scenarios::l1_hit(&sizes, tasks, key_count).await);
+                }
+            }
         }
         if options.wants("l2_hit_memory") {
             records.extend(scenarios::l2_hit_memory(&sizes).await);
@@ -133,8 +137,12 @@ fn run_scenarios(options: &RunOptions) -> Result<Vec<Record>, String> {
         if options.wants("stampede") {
             records.extend(scenarios::stampede(&sizes).await);
         }
+        if options.wants("stampede_redis") {
+            records.extend(redis_scenarios::stampede_redis(&sizes).await);
+        }
         if options.wants("l2_hit_redis") {
             records.extend(redis_scenarios::l2_hit_redis(&sizes).await);
+            records.extend(redis_scenarios::l2_hit_redis_cold_l1(&sizes).await);
         }
         if options.wants("get_many_redis") {
             records.extend(redis_scenarios::get_many_redis(&sizes).await);
@@ -147,6 +155,7 @@ fn run_scenarios(options: &RunOptions) -> Result<Vec<Record>, String> {
         }
         if options.wants("mixed_zipf") {
             records.extend(redis_scenarios::mixed_zipf(&sizes).await);
+            records.extend(redis_scenarios::mixed_zipf_churn(&sizes).await);
         }
         if options.wants("l2_hit_firestore") {
             records.extend(firestore_scenarios::l2_hit_firestore(&sizes).await);
@@ -156,6 +165,7 @@ fn run_scenarios(options: &RunOptions) -> Result<Vec<Record>, String> {
         }
         if records.iter().any(|r| {
             r.scenario.contains("redis")
+                || r.scenario.starts_with("stampede")
                 || r.scenario.starts_with("invalidation")
                 || r.scenario.starts_with("mixed")
         }) {

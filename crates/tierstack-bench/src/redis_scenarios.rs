@@ -10,7 +10,7 @@ use redis::aio::ConnectionManager;
 use tierstack::TieredCache;
 use tierstack_core::{BincodeCodec, Codec};
 use tierstack_moka::L1Capacity;
-use tierstack_redis::{RedisBackplane, RedisConfig, RedisStore};
+use tierstack_redis::{RedisConfig, RedisStore};
 
 use crate::harness::{
     GetMany, Record, Round, SequentialGets, Sizes, TieredGet, Workload, head_to_head, interleave,
@@ -167,6 +167,56 @@ pub(crate) async fn l2_hit_redis(sizes: &Sizes) -> Vec<Record> {
     )
 }
 
+/// `TieredCache::get` that misses L1 and hits Redis (an L1 of 1 ms TTL, so every read of the
+/// shuffled key stream finds its L1 entry expired: a read of L2, then an L1 fill) vs raw GET +
+/// decode, 64 tasks.
+pub(crate) async fn l2_hit_redis_cold_l1(sizes: &Sizes) -> Vec<Record> {
+    let n = sizes.keys;
+    let keys = keys(n);
+    let store = RedisStore::connect(&config("bench-cold:"))
+        .await
+        .unwrap_or_else(|e| fail(e));
+    let tiered = TieredCache::builder("bench")
+        .l2(Arc::new(store))
+        .l1_ttl(Duration::from_millis(1))
+        .default_ttl(TTL)
+        .l2_timeout(BENCH_L2_TIMEOUT)
+        .build()
+        .unwrap_or_else(|e| fail(e));
+    let mut raw = raw_connection().await;
+    for (i, key) in keys.iter().enumerate() {
+        tiered.set(key, value(i)).await.unwrap_or_else(|e| fail(e));
+        let _: () = redis::cmd("SET")
+            .arg(format!("{}raw-cold:{key}", run_prefix()))
+            .arg(encoded(i))
+            .query_async(&mut raw)
+            .await
+            .unwrap_or_else(|e| fail(e));
+    }
+    let raw_keys = Arc::new(
+        keys.iter()
+            .map(|k| format!("{}raw-cold:{k}", run_prefix()))
+            .collect(),
+    );
+    let tiered = Arc::new(TieredGet {
+        cache: tiered,
+        keys,
+    });
+    let raw = Arc::new(RawGet {
+        conn: raw,
+        keys: raw_keys,
+    });
+    let order = shuffled(n);
+    let ops = sizes.redis_ops / 64;
+    let rounds = head_to_head(&tiered, &raw, &order, sizes.rounds, 64, ops).await;
+    records(
+        "l2_hit_redis_cold_l1/64task",
+        &["tierstack", "redis-rs"],
+        1,
+        &rounds,
+    )
+}
+
 /// `get_many` of 100 keys vs 100 sequential `get`s, L1 off, one task.
 pub(crate) async fn get_many_redis(sizes: &Sizes) -> Vec<Record> {
     let keys = keys(sizes.keys);
@@ -226,10 +276,7 @@ impl Workload for RawSet {
 pub(crate) async fn write_through_redis(sizes: &Sizes) -> Vec<Record> {
     let keys = keys(sizes.keys);
     let config = config("bench-write:");
-    let store = RedisStore::connect(&config)
-        .await
-        .unwrap_or_else(|e| fail(e));
-    let backplane = RedisBackplane::connect(&config)
+    let (store, backplane) = RedisStore::connect_with_backplane(&config)
         .await
         .unwrap_or_else(|e| fail(e));
     let cache = TieredCache::builder("bench")
@@ -266,10 +313,7 @@ pub(crate) async fn write_through_redis(sizes: &Sizes) -> Vec<Record> {
 pub(crate) async fn invalidation_lag(sizes: &Sizes) -> Vec<Record> {
     let config = config("bench-lag:");
     let instance = async || {
-        let store = RedisStore::connect(&config)
-            .await
-            .unwrap_or_else(|e| fail(e));
-        let backplane = RedisBackplane::connect(&config)
+        let (store, backplane) = RedisStore::connect_with_backplane(&config)
             .await
             .unwrap_or_else(|e| fail(e));
         TieredCache::<String>::builder("lag")
@@ -309,6 +353,7 @@ pub(crate) async fn invalidation_lag(sizes: &Sizes) -> Vec<Record> {
         nanos_per_op: mean,
         samples: lags,
         loader_calls: None,
+        l2_commands: None,
     };
     records("invalidation_lag", &["tierstack"], 0, &[vec![round]])
 }
@@ -391,6 +436,12 @@ struct Naive {
 
 impl Workload for Naive {
     async fn op(&self, i: usize) {
+        self.load_slowly(i, ORIGIN_DELAY).await;
+    }
+}
+
+impl Naive {
+    async fn load_slowly(&self, i: usize, origin_delay: Duration) {
         let key = format!("k{i}");
         if let Some(hit) = self.l1.get(&key).await {
             black_box(hit);
@@ -410,7 +461,7 @@ impl Workload for Naive {
             return;
         }
         self.origin_calls.fetch_add(1, Ordering::Relaxed);
-        tokio::time::sleep(ORIGIN_DELAY).await;
+        tokio::time::sleep(origin_delay).await;
         let loaded = value(i);
         let mut bytes = Vec::new();
         let _ = BincodeCodec::default().encode_into(&loaded, &mut bytes);
@@ -426,24 +477,31 @@ impl Workload for Naive {
 }
 
 /// Our stack vs the naive composition on one Zipf(0.9) stream, 2 ms origin, 64 tasks, each
-/// round starting cold (fresh L1, fresh Redis prefix).
+/// round starting cold (fresh L1, fresh Redis prefix); L1 holds a tenth of the keys.
 pub(crate) async fn mixed_zipf(sizes: &Sizes) -> Vec<Record> {
-    let stream = zipf_stream(sizes.zipf_keys, sizes.redis_ops);
+    zipf_against_naive("mixed_zipf/64task", sizes.zipf_keys, sizes).await
+}
+
+/// As [`mixed_zipf`] on 100,000 keys with an L1 of 10,000, whatever the run's size: an L1
+/// that churns, where a write or invalidation that discards the wrong fill costs origin calls.
+pub(crate) async fn mixed_zipf_churn(sizes: &Sizes) -> Vec<Record> {
+    zipf_against_naive("mixed_zipf_churn/64task", 100_000, sizes).await
+}
+
+async fn zipf_against_naive(scenario: &str, key_count: usize, sizes: &Sizes) -> Vec<Record> {
+    let stream = zipf_stream(key_count, sizes.redis_ops);
     let ops = sizes.redis_ops / 64;
-    let l1_entries = u64::try_from(sizes.zipf_keys / 10).unwrap_or(u64::MAX);
+    let l1_entries = u64::try_from(key_count / 10).unwrap_or(u64::MAX);
     let mut round = 0;
     let rounds = interleave(2, sizes.rounds, |system| {
         round += 1;
         let stream = stream.clone();
         async move {
             let origin_calls = Arc::new(AtomicU64::new(0));
-            let prefix = format!("bench-zipf-{round}-{system}:");
+            let tag = scenario.split('/').next().unwrap_or(scenario);
+            let prefix = format!("bench-{tag}-{round}-{system}:");
             let mut result = if system == 0 {
-                let config = config(&prefix);
-                let store = RedisStore::connect(&config)
-                    .await
-                    .unwrap_or_else(|e| fail(e));
-                let backplane = RedisBackplane::connect(&config)
+                let (store, backplane) = RedisStore::connect_with_backplane(&config(&prefix))
                     .await
                     .unwrap_or_else(|e| fail(e));
                 let cache = TieredCache::builder("z")
@@ -473,8 +531,96 @@ pub(crate) async fn mixed_zipf(sizes: &Sizes) -> Vec<Record> {
         }
     })
     .await;
+    records(scenario, &["tierstack", "naive moka+redis"], 1, &rounds)
+}
+
+/// Commands the server has processed so far (`INFO stats`), this query excluded.
+async fn commands_processed(conn: &mut ConnectionManager) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("stats")
+        .query_async(conn)
+        .await
+        .unwrap_or_else(|e| fail(e));
+    info.lines()
+        .find_map(|line| line.strip_prefix("total_commands_processed:"))
+        .and_then(|n| n.trim().parse::<u64>().ok())
+        .unwrap_or_else(|| fail("no total_commands_processed in INFO stats"))
+}
+
+const STAMPEDE_ORIGIN: Duration = Duration::from_millis(20);
+
+/// `callers` concurrent read-through calls of one missing key over Redis, per system: the
+/// loader calls and the commands the server received.
+async fn stampede_redis_round(system: usize, round: usize, callers: usize) -> Round {
+    let prefix = format!("bench-stampede-{round}-{system}:");
+    let origin_calls = Arc::new(AtomicU64::new(0));
+    let mut counter = raw_connection().await;
+    let tiered = {
+        let store = RedisStore::connect(&config(&prefix))
+            .await
+            .unwrap_or_else(|e| fail(e));
+        TieredCache::<String>::builder("s")
+            .l2(Arc::new(store))
+            .default_ttl(TTL)
+            .l2_timeout(BENCH_L2_TIMEOUT)
+            .build()
+            .unwrap_or_else(|e| fail(e))
+    };
+    let naive = Arc::new(Naive {
+        l1: moka::future::Cache::new(1_000),
+        conn: raw_connection().await,
+        prefix: format!("{}{prefix}s:", run_prefix()),
+        origin_calls: origin_calls.clone(),
+    });
+    let before = commands_processed(&mut counter).await;
+    let started = Instant::now();
+    let handles: Vec<_> = (0..callers)
+        .map(|_| {
+            let (tiered, naive, calls) = (tiered.clone(), naive.clone(), origin_calls.clone());
+            tokio::spawn(async move {
+                let t = Instant::now();
+                if system == 0 {
+                    let loader = move || async move {
+                        calls.fetch_add(1, Ordering::SeqCst);
+                        tokio::time::sleep(STAMPEDE_ORIGIN).await;
+                        Ok::<_, std::io::Error>(value(0))
+                    };
+                    black_box(tiered.get_or_load("hot", loader).await.ok());
+                } else {
+                    naive.load_slowly(0, STAMPEDE_ORIGIN).await;
+                }
+                nanos(t.elapsed())
+            })
+        })
+        .collect();
+    let mut samples = Vec::with_capacity(callers);
+    for handle in handles {
+        samples.push(handle.await.unwrap_or_else(|e| fail(e)));
+    }
+    #[expect(clippy::cast_precision_loss, reason = "timing report")]
+    let nanos_per_op = started.elapsed().as_nanos() as f64 / callers as f64;
+    tiered.wait_for_background_fills().await;
+    // The second INFO counts the first.
+    let commands = commands_processed(&mut counter).await - before - 1;
+    Round {
+        nanos_per_op,
+        samples,
+        loader_calls: Some(origin_calls.load(Ordering::SeqCst)),
+        l2_commands: Some(commands),
+    }
+}
+
+/// 1,000 concurrent `get_or_load` of one missing key over Redis with a 20 ms origin, against
+/// the naive composition: loader calls and Redis commands per stampede.
+pub(crate) async fn stampede_redis(sizes: &Sizes) -> Vec<Record> {
+    let mut round = 0;
+    let rounds = interleave(2, sizes.rounds, |system| {
+        round += 1;
+        stampede_redis_round(system, round, sizes.stampede_callers)
+    })
+    .await;
     records(
-        "mixed_zipf/64task",
+        "stampede_redis",
         &["tierstack", "naive moka+redis"],
         1,
         &rounds,

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tierstack::TieredCache;
+use tierstack_core::testkit::FaultyStore;
 use tierstack_core::{BincodeCodec, Codec, Store};
 use tierstack_moka::{L1Capacity, MokaStore};
 
@@ -36,10 +37,10 @@ impl Workload for MokaGet {
 }
 
 /// `TieredCache::get` on an L1 hit vs raw `moka::sync::Cache::get` (the cache type of the L1)
-/// of the same values.
-pub(crate) async fn l1_hit(sizes: &Sizes, tasks: usize) -> Vec<Record> {
-    let keys = keys(sizes.keys);
-    let capacity = u64::try_from(sizes.keys * 2).unwrap_or(u64::MAX);
+/// of the same values, over `key_count` hot keys.
+pub(crate) async fn l1_hit(sizes: &Sizes, tasks: usize, key_count: usize) -> Vec<Record> {
+    let keys = keys(key_count);
+    let capacity = u64::try_from(key_count * 2).unwrap_or(u64::MAX);
     let tiered = TieredCache::builder("bench")
         .l1_capacity(L1Capacity::Entries(capacity))
         .default_ttl(TTL)
@@ -58,7 +59,7 @@ pub(crate) async fn l1_hit(sizes: &Sizes, tasks: usize) -> Vec<Record> {
         keys: keys.clone(),
     });
     let raw = Arc::new(MokaGet { cache: raw, keys });
-    let order = shuffled(sizes.keys);
+    let order = shuffled(key_count);
     let rounds = interleave(2, sizes.rounds, |system| {
         let (tiered, raw, order) = (tiered.clone(), raw.clone(), order.clone());
         async move {
@@ -69,7 +70,11 @@ pub(crate) async fn l1_hit(sizes: &Sizes, tasks: usize) -> Vec<Record> {
         }
     })
     .await;
-    let scenario = format!("l1_hit/{tasks}task");
+    let scenario = if key_count == sizes.keys {
+        format!("l1_hit_10k/{tasks}task")
+    } else {
+        format!("l1_hit/{tasks}task")
+    };
     records(&scenario, &["tierstack", "moka"], 1, &rounds)
 }
 
@@ -147,8 +152,10 @@ async fn slow_origin(calls: &AtomicU64) -> String {
 async fn stampede_round(system: usize, round: usize, callers: usize) -> Round {
     let calls = Arc::new(AtomicU64::new(0));
     let key = format!("hot-{round}");
+    // Counts the calls that reach the L2 (it injects nothing).
+    let l2 = Arc::new(FaultyStore::new(Arc::new(MokaStore::new(1 << 20))));
     let tiered: TieredCache<String> = TieredCache::builder("stampede")
-        .l2(Arc::new(MokaStore::new(1 << 20)))
+        .l2(l2.clone())
         .build()
         .unwrap_or_else(|e| panic!("{e}"));
     let moka: moka::future::Cache<String, String> = moka::future::Cache::new(1_000);
@@ -194,14 +201,18 @@ async fn stampede_round(system: usize, round: usize, callers: usize) -> Round {
     }
     #[expect(clippy::cast_precision_loss, reason = "timing report")]
     let nanos_per_op = started.elapsed().as_nanos() as f64 / callers as f64;
+    // The L2 calls of the tierstack side, its background fill included.
+    tiered.wait_for_background_fills().await;
     Round {
         nanos_per_op,
         samples,
         loader_calls: Some(calls.load(Ordering::SeqCst)),
+        l2_commands: (system == 0).then(|| l2.calls()),
     }
 }
 
-/// 1,000 concurrent `get_or_load` of one missing key with a 20 ms origin: loader calls and time.
+/// 1,000 concurrent `get_or_load` of one missing key with a 20 ms origin: loader calls, L2
+/// calls and time.
 pub(crate) async fn stampede(sizes: &Sizes) -> Vec<Record> {
     let mut round = 0;
     let rounds = interleave(3, sizes.rounds, |system| {
