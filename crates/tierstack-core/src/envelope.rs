@@ -24,10 +24,15 @@ use crate::clock::Timestamp;
 use crate::codec::Codec;
 use crate::error::{CacheError, Result};
 
-const MAGIC: [u8; 2] = *b"TS";
+/// The first two bytes of every envelope.
+pub const MAGIC: [u8; 2] = *b"TS";
 const VERSION: u8 = 1;
 /// The size of the envelope header in bytes.
 pub const HEADER_LEN: usize = 25;
+/// Where the expiry (ms since the Unix epoch, 8 bytes little-endian) sits in the header: a store
+/// that changes an entry's time to live rewrites it there, so that readers can take the
+/// remaining time from the bytes.
+pub const EXPIRES_AT: std::ops::Range<usize> = 13..21;
 
 const FLAG_NEGATIVE: u8 = 0b0000_0001;
 const KNOWN_FLAGS: u8 = FLAG_NEGATIVE;
@@ -144,7 +149,7 @@ impl<'a> Envelope<'a> {
     /// Reads only the expiry of an envelope, for stores that keep it beside the bytes.
     pub fn expires_at_of(bytes: &[u8]) -> Option<Timestamp> {
         let header = bytes.first_chunk::<HEADER_LEN>()?;
-        (header[0..2] == MAGIC).then(|| Timestamp::from_millis(read_u64(header, 13)))
+        (header[0..2] == MAGIC).then(|| Timestamp::from_millis(read_u64(header, EXPIRES_AT.start)))
     }
 }
 

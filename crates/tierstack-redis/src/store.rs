@@ -2,13 +2,15 @@
 
 use std::fmt;
 use std::io::Write as _;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use redis::{Cmd, FromRedisValue, Pipeline, RedisWrite, ToRedisArgs, Value, cmd, pipe};
 use tierstack_core::backplane::{BackplaneHub, Invalidation};
+use tierstack_core::clock::{Clock, SystemClock};
+use tierstack_core::envelope::{self, Envelope};
 use tierstack_core::key::{DEFAULT_MAX_STORE_KEY_LEN, validate_key};
 use tierstack_core::store::{
     MAX_TTL, Store, StoreWrite, StoredEntry, validate_prefix, validate_ttl,
@@ -19,6 +21,30 @@ use crate::backplane::RedisBackplane;
 use crate::config::RedisConfig;
 use crate::connection::{Connection, by_slot};
 use crate::errors::is_wrong_type;
+
+/// `expire` of one key: its TTL and, if its bytes are an envelope, the expiry written in them,
+/// in one atomic step (so that `get_with_ttl` can read the remaining time from the bytes). Keys
+/// of other types, and strings that are no envelope, get a plain `PEXPIRE`.
+static EXPIRE_SCRIPT: LazyLock<String> = LazyLock::new(|| {
+    let magic = String::from_utf8_lossy(&envelope::MAGIC).into_owned();
+    format!(
+        "local kind = redis.call('TYPE', KEYS[1]).ok
+         if kind == 'none' then return 0 end
+         if kind == 'string' then
+           local value = redis.call('GET', KEYS[1])
+           if #value >= {header} and string.sub(value, 1, 2) == '{magic}' then
+             redis.call('SET', KEYS[1],
+               string.sub(value, 1, {before}) .. ARGV[2] .. string.sub(value, {after}),
+               'PX', ARGV[1])
+             return 1
+           end
+         end
+         return redis.call('PEXPIRE', KEYS[1], ARGV[1])",
+        header = envelope::HEADER_LEN,
+        before = envelope::EXPIRES_AT.start,
+        after = envelope::EXPIRES_AT.end + 1,
+    )
+});
 
 /// How many keys one SCAN step asks for, and one UNLINK removes, during `delete_prefix`.
 const SCAN_BATCH: usize = 1_000;
@@ -420,17 +446,18 @@ impl Store for RedisStore {
     }
 
     async fn get_with_ttl(&self, key: &str) -> Result<Option<StoredEntry>> {
-        // The hot read of a cache with an L1: one pipeline, without the grouping by slot.
-        let mut pipeline = Pipeline::with_capacity(2);
-        pipeline
-            .add_command(self.key_command("GET", key, 0, 0)?)
-            .add_command(self.key_command("PTTL", key, 0, 0)?)
-            .ignore_errors();
-        let values: Vec<Value> = self.conn.pipeline("get", &pipeline).await?;
-        match values.as_slice() {
-            [value, pttl] => self.entry_of(value, pttl),
-            _ => Err(CacheError::backend("get", true, "short pipeline reply")),
+        // The hot read of a cache with an L1: one `GET`. An envelope carries its expiry, which
+        // `expire` keeps up to date, so the remaining time needs no `PTTL` (a second command
+        // for the server on every read).
+        let Some(value) = self.get(key).await? else {
+            return Ok(None);
+        };
+        if let Some(expires_at) = Envelope::expires_at_of(&value) {
+            let ttl = SystemClock.now().until(expires_at);
+            return Ok(Some(StoredEntry { value, ttl }));
         }
+        // Other bytes (not written by a cache, or another type's placeholder): ask the server.
+        Ok(self.ttl(key).await?.map(|ttl| StoredEntry { value, ttl }))
     }
 
     async fn get_many_with_ttl(&self, keys: &[&str]) -> Result<Vec<Option<StoredEntry>>> {
@@ -538,9 +565,23 @@ impl Store for RedisStore {
     }
 
     async fn expire(&self, key: &str, ttl: Duration) -> Result<bool> {
+        validate_key(key, DEFAULT_MAX_STORE_KEY_LEN)?;
         validate_ttl(ttl)?;
-        let mut command = self.key_command("PEXPIRE", key, 1, MILLIS_ARGS_LEN)?;
-        command.arg(millis(ttl));
+        let expires_at = SystemClock.now().saturating_add(ttl).as_millis();
+        let mut command = Cmd::with_capacity(
+            6,
+            EXPIRE_SCRIPT.len() + self.prefix.len() + key.len() + MILLIS_ARGS_LEN + 16,
+        );
+        command
+            .arg("EVAL")
+            .arg(EXPIRE_SCRIPT.as_str())
+            .arg(1)
+            .arg(PrefixedKey {
+                prefix: &self.prefix,
+                key,
+            })
+            .arg(millis(ttl))
+            .arg(&expires_at.to_le_bytes()[..]);
         let announcements = self.announcements([key]);
         let updated: u64 = self
             .write_announced("expire", command, announcements)

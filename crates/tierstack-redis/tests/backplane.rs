@@ -478,6 +478,8 @@ async fn the_documented_acl_is_enough_for_the_cache_and_its_backplane() {
         "+exists",
         "+pexpire",
         "+pttl",
+        "+type",
+        "+eval",
         "+scan",
         "+ping",
         "+publish",
@@ -495,6 +497,12 @@ async fn the_documented_acl_is_enough_for_the_cache_and_its_backplane() {
     assert_eq!(caches[1].get("k").await.unwrap().as_deref(), Some("v1"));
     write_and_see("the set's invalidation", &caches[0], &caches[1], "k", "v2").await;
     assert!(caches[0].exists("k").await.unwrap());
+    assert!(
+        caches[0]
+            .touch("k", std::time::Duration::from_secs(60))
+            .await
+            .unwrap()
+    );
     caches[0].delete("k").await.unwrap();
     caches[0].set("p:1", "x".into()).await.unwrap();
     assert_eq!(caches[0].delete_prefix("p:").await.unwrap(), 1);

@@ -91,6 +91,7 @@ macro_rules! store_conformance_tests {
             delete_many_counts_removed_entries,
             exists_tracks_presence,
             expire_extends_and_shortens,
+            expire_of_an_envelope_shows_in_get_with_ttl,
             ttl_reports_remaining_time,
             delete_prefix_takes_glob_characters_literally,
             delete_prefix_handles_unicode,
@@ -428,6 +429,36 @@ pub async fn expire_extends_and_shortens(h: &Harness) {
         h.store.expire(&h.key("nothing"), LONG).await,
         "expire missing"
     ));
+}
+
+/// An entry written as an envelope (as a cache writes it) and then extended or shortened by
+/// `expire` reports its new remaining time through `get_with_ttl`, whatever the expiry written
+/// in its bytes said (a store may read the time from there, if it keeps it up to date).
+pub async fn expire_of_an_envelope_shows_in_get_with_ttl(h: &Harness) {
+    let key = h.key("enveloped");
+    let now = crate::clock::Clock::now(&crate::clock::SystemClock);
+    let written = crate::envelope::encode(
+        &crate::codec::BincodeCodec::default(),
+        Some("v"),
+        now,
+        now.saturating_add(LONG),
+        1 << 20,
+    );
+    ok(h.store.set(&key, ok(written, "encode"), LONG).await, "set");
+    let window = Duration::from_secs(5);
+    for ttl in [Duration::from_secs(20), LONG * 3] {
+        assert!(ok(h.store.expire(&key, ttl).await, "expire"));
+        let entry = ok(h.store.get_with_ttl(&key).await, "get_with_ttl")
+            .unwrap_or_else(|| panic!("the entry lives after expire({ttl:?})"));
+        assert!(
+            entry.ttl <= ttl && entry.ttl + window > ttl,
+            "expire({ttl:?}) then get_with_ttl reports {:?}",
+            entry.ttl
+        );
+        let value =
+            crate::envelope::Envelope::parse::<crate::codec::BincodeCodec>(&entry.value, 1 << 20);
+        assert!(value.is_ok(), "the bytes are still an envelope: {value:?}");
+    }
 }
 
 /// `ttl` reports the remaining time of a live entry and `None` for a missing one.
