@@ -4,6 +4,10 @@
 //! Every multi-step operation is one script or one `MULTI`, so it is atomic, and every key of a
 //! session carries the session id as a hash tag (`{id}`), so a session's keys share one cluster
 //! slot and one script can reach them all.
+//!
+//! Their keys start with `@` after the store's prefix (`PREFIX @lease:NAME`). A cache key is
+//! `NAMESPACE:KEY` and a namespace holds only `[A-Za-z0-9_.-]`, so no cache key, and no
+//! `delete_prefix` of a cache, can reach a structure's keys.
 
 use std::collections::HashMap;
 use std::collections::hash_map::RandomState;
@@ -21,6 +25,15 @@ use tierstack_core::{CacheError, Result};
 
 use crate::connection::Connection;
 use crate::store::RedisStore;
+
+/// The first character of every structure key (after the store's prefix): outside the namespace
+/// alphabet, so that no cache key can spell a structure key.
+const STRUCTURE_MARK: char = '@';
+
+/// The Redis key of a structure: the store's prefix, `@`, then `kind:name`.
+fn structure_key(store: &RedisStore, kind: &str, name: &str) -> String {
+    store.redis_key(&format!("{STRUCTURE_MARK}{kind}:{name}"))
+}
 
 fn millis(ttl: Duration) -> u64 {
     u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX)
@@ -75,8 +88,8 @@ static DELETE_SESSION: LazyLock<Script> = LazyLock::new(|| {
 /// Sessions as Redis hashes (seed 002): partial updates of fields, reads, a touch that extends
 /// *every* key of the session (its hash and its lists), and a delete of all of them.
 ///
-/// A session's keys are `PREFIX session:{ID}:meta` (the hash), `PREFIX session:{ID}:list:NAME`
-/// (its lists) and `PREFIX session:{ID}:keys` (the registry of the others).
+/// A session's keys are `PREFIX @session:{ID}:meta` (the hash), `PREFIX @session:{ID}:list:NAME`
+/// (its lists) and `PREFIX @session:{ID}:keys` (the registry of the others).
 #[derive(Clone)]
 pub struct Sessions {
     conn: Connection,
@@ -99,7 +112,7 @@ impl Sessions {
         validate_ttl(ttl)?;
         Ok(Self {
             conn: store.connection().clone(),
-            prefix: store.redis_key("session:"),
+            prefix: store.redis_key(&format!("{STRUCTURE_MARK}session:")),
             ttl,
         })
     }
@@ -262,7 +275,7 @@ impl CappedList {
         }
         Ok(Self {
             conn: store.connection().clone(),
-            key: store.redis_key(name),
+            key: structure_key(store, "list", name),
             registry: None,
             max_len,
             ttl,
@@ -393,7 +406,7 @@ impl RateLimiter {
         }
         Ok(Self {
             conn: store.connection().clone(),
-            prefix: store.redis_key(&format!("ratelimit:{name}:")),
+            prefix: structure_key(store, "ratelimit", &format!("{name}:")),
             limit,
             window,
         })
@@ -476,7 +489,7 @@ impl Lease {
     pub async fn acquire(store: &RedisStore, name: &str, ttl: Duration) -> Result<Option<Self>> {
         validate_key(name, DEFAULT_MAX_STORE_KEY_LEN)?;
         validate_ttl(ttl)?;
-        let key = store.redis_key(&format!("lease:{name}"));
+        let key = structure_key(store, "lease", name);
         let token = unique_token();
         let mut set = cmd("SET");
         set.arg(&key)

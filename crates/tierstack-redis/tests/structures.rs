@@ -159,7 +159,10 @@ async fn only_the_holder_releases_or_extends_a_lease() {
         assert!(!lease.extend(Duration::from_secs(5)).await.unwrap());
         assert!(!lease.release().await.unwrap());
         assert!(
-            store.exists("lease:job").await.unwrap(),
+            Lease::acquire(&store, "job", Duration::from_secs(5))
+                .await
+                .unwrap()
+                .is_none(),
             "the second holder keeps it"
         );
         assert!(second.release().await.unwrap());
@@ -169,5 +172,61 @@ async fn only_the_holder_releases_or_extends_a_lease() {
                 .unwrap()
                 .is_some()
         );
+    }
+}
+
+/// A cache namespace may be `lease`, `ratelimit`, `session` or a capped list's name: its keys
+/// and prefixes must still never reach a structure's keys.
+#[tokio::test]
+async fn cache_keys_and_prefixes_never_reach_structure_keys() {
+    for store in stores("keyspace").await {
+        let limiter = RateLimiter::new(&store, "api", 2, Duration::from_secs(60)).unwrap();
+        assert!(limiter.hit("alice").await.unwrap().allowed);
+        assert!(limiter.hit("alice").await.unwrap().allowed);
+        store.delete_prefix("ratelimit:").await.unwrap();
+        assert_eq!(
+            limiter.count("alice").await.unwrap(),
+            2,
+            "a cache's delete_prefix wiped the limiter's window"
+        );
+        assert!(!limiter.hit("alice").await.unwrap().allowed);
+
+        let lease = Lease::acquire(&store, "jobs", Duration::from_secs(60))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(store.get("lease:jobs").await.unwrap(), None);
+        assert!(!store.delete("lease:jobs").await.unwrap());
+        store.delete_prefix("lease:").await.unwrap();
+        assert!(
+            Lease::acquire(&store, "jobs", Duration::from_secs(60))
+                .await
+                .unwrap()
+                .is_none(),
+            "the lease is still held"
+        );
+        assert!(lease.release().await.unwrap());
+
+        let sessions = Sessions::new(&store, Duration::from_secs(60)).unwrap();
+        sessions
+            .set_fields("abc", &[("user", b"u-1")])
+            .await
+            .unwrap();
+        store.delete_prefix("session:").await.unwrap();
+        assert!(sessions.get("abc").await.unwrap().is_some());
+
+        let list = CappedList::new(&store, "users:1", 5, Duration::from_secs(60)).unwrap();
+        list.append(b"item").await.unwrap();
+        store
+            .set(
+                "users:1",
+                b"cached".to_vec().into(),
+                Duration::from_secs(60),
+            )
+            .await
+            .unwrap();
+        assert_eq!(list.all().await.unwrap(), vec![&b"item"[..]]);
+        store.delete_prefix("users:").await.unwrap();
+        assert_eq!(list.len().await.unwrap(), 1);
     }
 }
