@@ -7,7 +7,11 @@
 //!
 //! Their keys start with `@` after the store's prefix (`PREFIX @lease:NAME`). A cache key is
 //! `NAMESPACE:KEY` and a namespace holds only `[A-Za-z0-9_.-]`, so no cache key, and no
-//! `delete_prefix` of a cache, can reach a structure's keys.
+//! `delete_prefix` of a cache, can reach a structure's keys. Every part a caller names (a
+//! limiter and its subject, a session id, a list name) is escaped with
+//! [`compose_key`](tierstack_core::key::compose_key), so parts that contain `:` never run into
+//! each other: limiter `api` with subject `v1:alice` and limiter `api:v1` with subject `alice`
+//! count apart.
 
 use std::collections::HashMap;
 use std::collections::hash_map::RandomState;
@@ -19,7 +23,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use redis::{Script, cmd, pipe};
-use tierstack_core::key::{DEFAULT_MAX_STORE_KEY_LEN, validate_key};
+use tierstack_core::key::{DEFAULT_MAX_STORE_KEY_LEN, compose_key, validate_key};
 use tierstack_core::store::validate_ttl;
 use tierstack_core::{CacheError, Result};
 
@@ -30,9 +34,13 @@ use crate::store::RedisStore;
 /// alphabet, so that no cache key can spell a structure key.
 const STRUCTURE_MARK: char = '@';
 
-/// The Redis key of a structure: the store's prefix, `@`, then `kind:name`.
-fn structure_key(store: &RedisStore, kind: &str, name: &str) -> String {
-    store.redis_key(&format!("{STRUCTURE_MARK}{kind}:{name}"))
+/// The Redis key of a structure: the store's prefix, `@`, then its kind and `parts`, each
+/// escaped and joined by `:`.
+fn structure_key(store: &RedisStore, kind: &str, parts: &[&str]) -> String {
+    let mut all = Vec::with_capacity(parts.len() + 1);
+    all.push(kind);
+    all.extend_from_slice(parts);
+    store.redis_key(&format!("{STRUCTURE_MARK}{}", compose_key(&all)))
 }
 
 fn millis(ttl: Duration) -> u64 {
@@ -89,7 +97,8 @@ static DELETE_SESSION: LazyLock<Script> = LazyLock::new(|| {
 /// *every* key of the session (its hash and its lists), and a delete of all of them.
 ///
 /// A session's keys are `PREFIX @session:{ID}:meta` (the hash), `PREFIX @session:{ID}:list:NAME`
-/// (its lists) and `PREFIX @session:{ID}:keys` (the registry of the others).
+/// (its lists) and `PREFIX @session:{ID}:keys` (the registry of the others), with `ID` and
+/// `NAME` escaped.
 #[derive(Clone)]
 pub struct Sessions {
     conn: Connection,
@@ -112,14 +121,19 @@ impl Sessions {
         validate_ttl(ttl)?;
         Ok(Self {
             conn: store.connection().clone(),
-            prefix: store.redis_key(&format!("{STRUCTURE_MARK}session:")),
+            prefix: structure_key(store, "session", &[""]),
             ttl,
         })
     }
 
     fn key(&self, id: &str, suffix: &str) -> Result<String> {
         validate_key(id, DEFAULT_MAX_STORE_KEY_LEN)?;
-        Ok(format!("{}{{{id}}}:{suffix}", self.prefix))
+        // The escaped id holds no `:`, so the key reads back as exactly one id and suffix.
+        Ok(format!(
+            "{}{{{}}}:{suffix}",
+            self.prefix,
+            compose_key(&[id])
+        ))
     }
 
     /// Sets `fields` of session `id` (other fields stay), and restarts its time to live.
@@ -215,7 +229,7 @@ impl Sessions {
     pub fn list(&self, id: &str, name: &str, max_len: usize) -> Result<CappedList> {
         Ok(CappedList {
             conn: self.conn.clone(),
-            key: self.key(id, &format!("list:{name}"))?,
+            key: self.key(id, &compose_key(&["list", name]))?,
             registry: Some(self.key(id, "keys")?),
             max_len,
             ttl: self.ttl,
@@ -275,7 +289,7 @@ impl CappedList {
         }
         Ok(Self {
             conn: store.connection().clone(),
-            key: structure_key(store, "list", name),
+            key: structure_key(store, "list", &[name]),
             registry: None,
             max_len,
             ttl,
@@ -406,7 +420,7 @@ impl RateLimiter {
         }
         Ok(Self {
             conn: store.connection().clone(),
-            prefix: structure_key(store, "ratelimit", &format!("{name}:")),
+            prefix: structure_key(store, "ratelimit", &[name, ""]),
             limit,
             window,
         })
@@ -414,7 +428,7 @@ impl RateLimiter {
 
     fn key(&self, subject: &str) -> Result<String> {
         validate_key(subject, DEFAULT_MAX_STORE_KEY_LEN)?;
-        Ok(format!("{}{subject}", self.prefix))
+        Ok(format!("{}{}", self.prefix, compose_key(&[subject])))
     }
 
     /// Records a request of `subject` if it is within the limit.
@@ -489,7 +503,7 @@ impl Lease {
     pub async fn acquire(store: &RedisStore, name: &str, ttl: Duration) -> Result<Option<Self>> {
         validate_key(name, DEFAULT_MAX_STORE_KEY_LEN)?;
         validate_ttl(ttl)?;
-        let key = structure_key(store, "lease", name);
+        let key = structure_key(store, "lease", &[name]);
         let token = unique_token();
         let mut set = cmd("SET");
         set.arg(&key)

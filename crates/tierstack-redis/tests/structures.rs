@@ -230,3 +230,39 @@ async fn cache_keys_and_prefixes_never_reach_structure_keys() {
         assert_eq!(list.len().await.unwrap(), 1);
     }
 }
+
+/// Every part of a structure key is escaped, so parts that contain `:` (or `}`) can never run
+/// into each other.
+#[tokio::test]
+async fn structure_keys_keep_their_parts_apart() {
+    for store in stores("parts").await {
+        let api = RateLimiter::new(&store, "api", 1, Duration::from_secs(60)).unwrap();
+        let api_v1 = RateLimiter::new(&store, "api:v1", 1, Duration::from_secs(60)).unwrap();
+        assert!(api.hit("v1:alice").await.unwrap().allowed);
+        assert!(
+            api_v1.hit("alice").await.unwrap().allowed,
+            "limiter api:v1 / alice shares a window with limiter api / v1:alice"
+        );
+        assert_eq!(api.count("v1:alice").await.unwrap(), 1);
+        assert_eq!(api_v1.count("alice").await.unwrap(), 1);
+
+        // Session `a}:list:b`'s hash against session `a`'s list `b}:meta`.
+        let sessions = Sessions::new(&store, Duration::from_secs(60)).unwrap();
+        sessions
+            .set_fields("a}:list:b", &[("user", b"u-1")])
+            .await
+            .unwrap();
+        let list = sessions.list("a", "b}:meta", 5).unwrap();
+        assert_eq!(list.append(b"item").await.unwrap(), 1);
+        assert_eq!(
+            sessions
+                .get_field("a}:list:b", "user")
+                .await
+                .unwrap()
+                .as_deref(),
+            Some(&b"u-1"[..])
+        );
+        assert_eq!(sessions.delete("a").await.unwrap(), 1);
+        assert!(sessions.get("a}:list:b").await.unwrap().is_some());
+    }
+}
