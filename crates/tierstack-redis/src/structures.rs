@@ -226,7 +226,9 @@ impl Sessions {
 
     /// The capped list `name` of session `id`, keeping the last `max_len` items; it lives and
     /// dies with the session.
+    /// Fails like [`CappedList::new`] for a `max_len` of 0 or above [`CappedList::MAX_LEN`].
     pub fn list(&self, id: &str, name: &str, max_len: usize) -> Result<CappedList> {
+        validate_cap(max_len)?;
         Ok(CappedList {
             conn: self.conn.clone(),
             key: self.key(id, &compose_key(&["list", name]))?,
@@ -241,10 +243,19 @@ impl Sessions {
 // Capped lists
 
 /// Appends, trims to the last N and sets the TTL; registers the list with its session if any.
+/// Checks its arguments before the first write, so that it never pushes and then fails.
 static APPEND_CAPPED: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
-        r"redis.call('RPUSH', KEYS[1], ARGV[1])
-          redis.call('LTRIM', KEYS[1], -tonumber(ARGV[2]), -1)
+        r"local cap = tonumber(ARGV[2])
+          local ttl = tonumber(ARGV[3])
+          if not cap or cap < 1 or cap > 4294967295 or cap % 1 ~= 0 then
+            return redis.error_reply('ERR capped list: the cap must be a whole number from 1 to 4294967295')
+          end
+          if not ttl or ttl < 1 or ttl % 1 ~= 0 then
+            return redis.error_reply('ERR capped list: the ttl must be a whole number of milliseconds')
+          end
+          redis.call('RPUSH', KEYS[1], ARGV[1])
+          redis.call('LTRIM', KEYS[1], -cap, -1)
           redis.call('PEXPIRE', KEYS[1], ARGV[3])
           if KEYS[2] then
             redis.call('SADD', KEYS[2], KEYS[1])
@@ -276,17 +287,35 @@ impl fmt::Debug for CappedList {
     }
 }
 
+/// Refuses a cap of 0 or one beyond the longest list Redis keeps.
+fn validate_cap(max_len: usize) -> Result<()> {
+    if max_len == 0 {
+        return Err(CacheError::Configuration(
+            "a capped list keeps at least one item".into(),
+        ));
+    }
+    if max_len > CappedList::MAX_LEN {
+        return Err(CacheError::Configuration(format!(
+            "a capped list keeps at most {} items (the longest list Redis keeps), not {max_len}",
+            CappedList::MAX_LEN
+        )));
+    }
+    Ok(())
+}
+
 impl CappedList {
+    /// The largest cap: Redis keeps at most 2^32 - 1 items in a list.
+    pub const MAX_LEN: usize = 4_294_967_295;
+
     /// The capped list `name` on `store`, keeping the last `max_len` items for `ttl` after the
     /// last append.
+    ///
+    /// Fails with [`CacheError::Configuration`] for a `max_len` of 0 or above
+    /// [`MAX_LEN`](Self::MAX_LEN), before anything is written.
     pub fn new(store: &RedisStore, name: &str, max_len: usize, ttl: Duration) -> Result<Self> {
         validate_key(name, DEFAULT_MAX_STORE_KEY_LEN)?;
         validate_ttl(ttl)?;
-        if max_len == 0 {
-            return Err(CacheError::Configuration(
-                "a capped list keeps at least one item".into(),
-            ));
-        }
+        validate_cap(max_len)?;
         Ok(Self {
             conn: store.connection().clone(),
             key: structure_key(store, "list", &[name]),

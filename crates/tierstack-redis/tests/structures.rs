@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use tierstack_core::Store;
+use tierstack_core::{CacheError, Store};
 use tierstack_redis::{CappedList, Lease, RateLimiter, RedisConfig, RedisStore, Sessions};
 
 async fn stores(test: &str) -> Vec<RedisStore> {
@@ -265,4 +265,37 @@ async fn structure_keys_keep_their_parts_apart() {
         assert_eq!(sessions.delete("a").await.unwrap(), 1);
         assert!(sessions.get("a}:list:b").await.unwrap().is_some());
     }
+}
+
+/// A cap Redis cannot trim to is refused before anything is written; it used to push the item,
+/// fail on the trim and leave the list without a time to live.
+#[tokio::test]
+async fn a_cap_redis_cannot_trim_to_is_refused_up_front() {
+    let store = common::standalone("huge-cap").await;
+    let sessions = Sessions::new(&store, Duration::from_secs(60)).unwrap();
+    for cap in [usize::MAX, (1 << 63) + 1, 1 << 32] {
+        match CappedList::new(&store, "huge", cap, Duration::from_secs(60)) {
+            Err(error) => assert!(matches!(error, CacheError::Configuration(_)), "{error:?}"),
+            Ok(list) => {
+                let appended = list.append(b"item").await;
+                let left = list.len().await.unwrap();
+                panic!(
+                    "a cap of {cap} was accepted: append gave {appended:?}, {left} item(s) left"
+                );
+            }
+        }
+        let refused = sessions.list("abc", "huge", cap).unwrap_err();
+        assert!(
+            matches!(refused, CacheError::Configuration(_)),
+            "{refused:?}"
+        );
+    }
+    assert_eq!(
+        store.delete_prefix("@").await.unwrap(),
+        0,
+        "nothing was written"
+    );
+    let largest =
+        CappedList::new(&store, "largest", (1 << 32) - 1, Duration::from_secs(60)).unwrap();
+    assert_eq!(largest.append(b"item").await.unwrap(), 1);
 }
