@@ -420,6 +420,42 @@ fn check_statuses(
     }
 }
 
+/// One of the two conditional writes of `set_if_absent`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ConditionalWrite {
+    /// The create, which fails if the document exists.
+    Create,
+    /// The replacement of an expired or foreign document, on condition that it is unchanged.
+    Replace,
+}
+
+/// The code the firestore crate gives a failed precondition (gRPC `FAILED_PRECONDITION`): the
+/// document changed, or was deleted, since the update time the write names.
+const FAILED_PRECONDITION: &str = "FailedPrecondition";
+
+fn is_failed_precondition(error: &FirestoreError) -> bool {
+    matches!(error, FirestoreError::DatabaseError(e) if e.public.code == FAILED_PRECONDITION)
+}
+
+/// Whether `error`, from a conditional write of `set_if_absent`, means that another caller
+/// wrote first: the document exists (the create's `ALREADY_EXISTS`, which the firestore crate
+/// turns into a `DataConflictError`), or it changed since it was read (the replacement's failed
+/// precondition). Anything else (a permission, an unavailable server, a bad request) is an
+/// error of this call, not a lost race.
+fn lost_to_another_writer(write: ConditionalWrite, error: &FirestoreError) -> bool {
+    match write {
+        ConditionalWrite::Create => matches!(error, FirestoreError::DataConflictError(_)),
+        ConditionalWrite::Replace => is_failed_precondition(error),
+    }
+}
+
+/// Whether `error`, from `expire`'s update, means that there is no entry to extend: the
+/// document is gone (`NOT_FOUND`), or it was deleted or rewritten since it was read (a failed
+/// precondition; a rewrite's own time to live stands). Anything else is an error.
+fn no_entry_to_extend(error: &FirestoreError) -> bool {
+    matches!(error, FirestoreError::DataNotFoundError(_)) || is_failed_precondition(error)
+}
+
 /// Maps a Firestore error into the cache's error, naming the endpoint (never credentials).
 pub(crate) fn map_error(
     operation: &'static str,
@@ -561,7 +597,7 @@ impl Store for FirestoreStore {
             .execute::<()>();
         match tokio::time::timeout(self.timeout * 3, created).await {
             Ok(Ok(())) => return Ok(true),
-            Ok(Err(FirestoreError::DataConflictError(_))) => {}
+            Ok(Err(error)) if lost_to_another_writer(ConditionalWrite::Create, &error) => {}
             Ok(Err(error)) => return Err(map_error("set", &self.endpoint, self.timeout, error)),
             Err(_) => {
                 return Err(CacheError::Timeout {
@@ -594,8 +630,7 @@ impl Store for FirestoreStore {
             .execute::<()>();
         match tokio::time::timeout(self.timeout * 3, replaced).await {
             Ok(Ok(())) => Ok(true),
-            // The precondition failed: another caller replaced it first.
-            Ok(Err(FirestoreError::DataConflictError(_) | FirestoreError::DatabaseError(_))) => {
+            Ok(Err(error)) if lost_to_another_writer(ConditionalWrite::Replace, &error) => {
                 Ok(false)
             }
             Ok(Err(error)) => Err(map_error("set", &self.endpoint, self.timeout, error)),
@@ -657,19 +692,15 @@ impl Store for FirestoreStore {
             update = update.precondition(FirestoreWritePrecondition::UpdateTime(update_time.0));
         }
         let id = document_id(&full);
-        match self
-            .call(
-                "expire",
-                update.document_id(&id).object(&fields).execute::<()>(),
-            )
-            .await
-        {
-            Ok(()) => Ok(true),
-            // Rewritten or deleted since we read it: the new entry's TTL stands.
-            Err(CacheError::Backend {
-                transient: false, ..
-            }) => Ok(false),
-            Err(error) => Err(error),
+        let updated = update.document_id(&id).object(&fields).execute::<()>();
+        match tokio::time::timeout(self.timeout * 3, updated).await {
+            Ok(Ok(())) => Ok(true),
+            Ok(Err(error)) if no_entry_to_extend(&error) => Ok(false),
+            Ok(Err(error)) => Err(map_error("expire", &self.endpoint, self.timeout * 3, error)),
+            Err(_) => Err(CacheError::Timeout {
+                operation: "expire",
+                after: self.timeout * 3,
+            }),
         }
     }
 
@@ -728,5 +759,80 @@ impl Store for FirestoreStore {
 
     async fn ping(&self) -> Result<()> {
         self.call("ping", self.db.ping()).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use firestore::gcloud_sdk::tonic::{Code, Status};
+
+    use super::*;
+
+    fn status(code: Code) -> FirestoreError {
+        FirestoreError::from(Status::new(code, "from the test"))
+    }
+
+    /// Only "the document exists" (a create) and "it changed since it was read" (a
+    /// replacement) mean that another caller won; anything else is an error of this call.
+    #[test]
+    fn only_a_conflict_means_another_writer_won() {
+        use ConditionalWrite::{Create, Replace};
+        let lost = [
+            (Create, Code::AlreadyExists),
+            (Replace, Code::FailedPrecondition),
+        ];
+        for (write, code) in lost {
+            assert!(
+                lost_to_another_writer(write, &status(code)),
+                "{write:?} {code:?}"
+            );
+        }
+        let failed = [
+            Code::PermissionDenied,
+            Code::Unauthenticated,
+            Code::Unavailable,
+            Code::DeadlineExceeded,
+            Code::ResourceExhausted,
+            Code::InvalidArgument,
+            Code::Internal,
+            Code::NotFound,
+        ];
+        for write in [Create, Replace] {
+            for code in failed {
+                assert!(
+                    !lost_to_another_writer(write, &status(code)),
+                    "{write:?} {code:?} is an error, not a lost race"
+                );
+            }
+        }
+        assert!(!lost_to_another_writer(
+            Create,
+            &status(Code::FailedPrecondition)
+        ));
+        assert!(!lost_to_another_writer(
+            Replace,
+            &status(Code::AlreadyExists)
+        ));
+    }
+
+    /// `expire` finds no entry when the document is gone, or changed since it was read (the
+    /// new entry's time to live stands); any other failure is an error.
+    #[test]
+    fn only_a_missing_or_changed_document_means_no_entry_to_extend() {
+        for code in [Code::NotFound, Code::FailedPrecondition] {
+            assert!(no_entry_to_extend(&status(code)), "{code:?}");
+        }
+        for code in [
+            Code::PermissionDenied,
+            Code::Unauthenticated,
+            Code::Unavailable,
+            Code::DeadlineExceeded,
+            Code::InvalidArgument,
+            Code::Internal,
+            Code::AlreadyExists,
+            Code::OutOfRange,
+        ] {
+            assert!(!no_entry_to_extend(&status(code)), "{code:?} is an error");
+        }
     }
 }
