@@ -27,6 +27,13 @@ pub const MAX_DOCUMENT_LEN: usize = 1_048_576;
 const DOCUMENT_OVERHEAD: usize = 512;
 /// The most writes Firestore takes in one batch.
 const BATCH: usize = 500;
+/// The shortest request timeout (zero would fail every request).
+const MIN_REQUEST_TIMEOUT: Duration = Duration::from_millis(1);
+/// The longest request timeout: a longer one is a slip of units.
+const MAX_REQUEST_TIMEOUT: Duration = Duration::from_secs(3600);
+/// The most retries: the client's pause before retry `n` is up to 2^(n-1) s, so more retries
+/// would let one request wait for hours.
+const MAX_RETRIES: usize = 10;
 
 /// Where a `FirestoreStore` keeps its entries.
 ///
@@ -60,7 +67,7 @@ pub const DEFAULT_COLLECTION: &str = "tierstack_cache";
 
 impl FirestoreConfig {
     /// Entries of project `project_id`, default database, collection
-    /// [`DEFAULT_COLLECTION`], requests limited to 5 s with 2 retries.
+    /// [`DEFAULT_COLLECTION`], request attempts limited to 5 s, reads retried twice.
     pub fn new(project_id: &str) -> Self {
         Self {
             project_id: project_id.to_owned(),
@@ -93,18 +100,67 @@ impl FirestoreConfig {
         self
     }
 
-    /// How long one request attempt may take (default 5 s; Firestore's client sets none).
+    /// How long one attempt of a request may take (default 5 s, from 1 ms to 1 h; Firestore's
+    /// client sets none).
+    ///
+    /// A read whose attempt fails with a transient error (this timeout included) is sent again,
+    /// up to [`max_retries`](Self::max_retries) times, after a random pause of the client's: up
+    /// to 1 s before the first retry, 2 s before the second, doubling. So every request the
+    /// store sends ends within `request_timeout` × (1 + `max_retries`) plus those pauses (with
+    /// the defaults, 5 s × 3 + 3 s = 18 s), and the store enforces that bound on each request,
+    /// writes included (the client retries a failed batch write by itself, without a limit of
+    /// its own). A store operation may send more than one request (`set_if_absent`, `delete`,
+    /// `delete_prefix`); bound whole operations with the composer's L2 timeout.
     #[must_use]
     pub fn request_timeout(mut self, timeout: Duration) -> Self {
         self.request_timeout = timeout;
         self
     }
 
-    /// How often a failed read is retried (default 2).
+    /// How often a read that failed with a transient error is sent again (default 2, at most
+    /// 10); see [`request_timeout`](Self::request_timeout) for the bound this sets.
     #[must_use]
     pub fn max_retries(mut self, retries: usize) -> Self {
         self.max_retries = retries;
         self
+    }
+
+    /// Checks the request timeout (from 1 ms to 1 h) and the retries (at most 10), failing
+    /// with [`CacheError::Configuration`] naming the setting. [`FirestoreStore::connect`] calls
+    /// it before connecting.
+    pub fn validate(&self) -> Result<()> {
+        if self.request_timeout < MIN_REQUEST_TIMEOUT || self.request_timeout > MAX_REQUEST_TIMEOUT
+        {
+            return Err(CacheError::Configuration(format!(
+                "FirestoreConfig::request_timeout must be from {MIN_REQUEST_TIMEOUT:?} to \
+                 {MAX_REQUEST_TIMEOUT:?}, not {:?}",
+                self.request_timeout
+            )));
+        }
+        if self.max_retries > MAX_RETRIES {
+            return Err(CacheError::Configuration(format!(
+                "FirestoreConfig::max_retries must be at most {MAX_RETRIES}, not {}",
+                self.max_retries
+            )));
+        }
+        Ok(())
+    }
+
+    /// The longest one request may take: every attempt at the request timeout, plus the
+    /// client's longest pause before each retry (2^n s before retry n + 1).
+    fn request_limit(&self) -> Duration {
+        let attempts = u32::try_from(self.max_retries)
+            .unwrap_or(u32::MAX)
+            .saturating_add(1);
+        let pauses = (0..self.max_retries).fold(Duration::ZERO, |total, retry| {
+            let pause = 1u64
+                .checked_shl(u32::try_from(retry).unwrap_or(u32::MAX))
+                .unwrap_or(u64::MAX);
+            total.saturating_add(Duration::from_secs(pause))
+        });
+        self.request_timeout
+            .saturating_mul(attempts)
+            .saturating_add(pauses)
     }
 }
 
@@ -132,7 +188,8 @@ pub struct FirestoreStore {
     collection: Arc<str>,
     prefix: Arc<str>,
     endpoint: Arc<str>,
-    timeout: Duration,
+    /// The bound of one request, retries included (see [`FirestoreConfig::request_timeout`]).
+    limit: Duration,
     clock: SharedClock,
 }
 
@@ -147,13 +204,15 @@ impl fmt::Debug for FirestoreStore {
 }
 
 impl FirestoreStore {
-    /// Connects to Firestore (or the emulator named by `FIRESTORE_EMULATOR_HOST`).
+    /// Connects to Firestore (or the emulator named by `FIRESTORE_EMULATOR_HOST`). A
+    /// configuration that [`FirestoreConfig::validate`] refuses fails before connecting.
     pub async fn connect(config: &FirestoreConfig) -> Result<Self> {
         Self::connect_with_clock(config, system_clock()).await
     }
 
     /// As [`connect`](Self::connect), deciding expiry by `clock` (tests move time by hand).
     pub async fn connect_with_clock(config: &FirestoreConfig, clock: SharedClock) -> Result<Self> {
+        config.validate()?;
         if config.collection.is_empty() || config.collection.contains('/') {
             return Err(CacheError::Configuration(format!(
                 "invalid Firestore collection {:?}",
@@ -193,7 +252,7 @@ impl FirestoreStore {
             collection: config.collection.as_str().into(),
             prefix: config.key_prefix.as_str().into(),
             endpoint,
-            timeout: config.request_timeout,
+            limit: config.request_limit(),
             clock,
         })
     }
@@ -234,22 +293,31 @@ impl FirestoreStore {
         (now, now.to_system_time())
     }
 
-    /// Runs a Firestore call under the request timeout (the client's own applies per attempt;
-    /// this bounds the retries too), mapping its error.
+    /// Runs one Firestore request within the store's bound of a request, retries included
+    /// (the client's own timeout applies to each attempt), handing back the request's own
+    /// error.
+    async fn bounded<T>(
+        &self,
+        operation: &'static str,
+        call: impl Future<Output = std::result::Result<T, FirestoreError>>,
+    ) -> Result<std::result::Result<T, FirestoreError>> {
+        tokio::time::timeout(self.limit, call)
+            .await
+            .map_err(|_| CacheError::Timeout {
+                operation,
+                after: self.limit,
+            })
+    }
+
+    /// Runs one Firestore request like [`bounded`](Self::bounded), mapping its error.
     async fn call<T>(
         &self,
         operation: &'static str,
         call: impl Future<Output = std::result::Result<T, FirestoreError>>,
     ) -> Result<T> {
-        let limit = self.timeout * 3;
-        match tokio::time::timeout(limit, call).await {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(error)) => Err(map_error(operation, &self.endpoint, limit, error)),
-            Err(_) => Err(CacheError::Timeout {
-                operation,
-                after: limit,
-            }),
-        }
+        self.bounded(operation, call)
+            .await?
+            .map_err(|error| map_error(operation, &self.endpoint, self.limit, error))
     }
 
     /// The document with id `id`, whatever it holds.
@@ -334,7 +402,7 @@ impl FirestoreStore {
                     .from(&self.collection)
                     .document_id(id)
                     .add_to_batch(&mut batch)
-                    .map_err(|e| map_error("delete", &self.endpoint, self.timeout, e))?;
+                    .map_err(|e| map_error("delete", &self.endpoint, self.limit, e))?;
             }
             let response = self.call("delete", batch.write()).await?;
             check_statuses("delete", &response.statuses)?;
@@ -418,6 +486,42 @@ fn check_statuses(
         )),
         None => Ok(()),
     }
+}
+
+/// One of the two conditional writes of `set_if_absent`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ConditionalWrite {
+    /// The create, which fails if the document exists.
+    Create,
+    /// The replacement of an expired or foreign document, on condition that it is unchanged.
+    Replace,
+}
+
+/// The code the firestore crate gives a failed precondition (gRPC `FAILED_PRECONDITION`): the
+/// document changed, or was deleted, since the update time the write names.
+const FAILED_PRECONDITION: &str = "FailedPrecondition";
+
+fn is_failed_precondition(error: &FirestoreError) -> bool {
+    matches!(error, FirestoreError::DatabaseError(e) if e.public.code == FAILED_PRECONDITION)
+}
+
+/// Whether `error`, from a conditional write of `set_if_absent`, means that another caller
+/// wrote first: the document exists (the create's `ALREADY_EXISTS`, which the firestore crate
+/// turns into a `DataConflictError`), or it changed since it was read (the replacement's failed
+/// precondition). Anything else (a permission, an unavailable server, a bad request) is an
+/// error of this call, not a lost race.
+fn lost_to_another_writer(write: ConditionalWrite, error: &FirestoreError) -> bool {
+    match write {
+        ConditionalWrite::Create => matches!(error, FirestoreError::DataConflictError(_)),
+        ConditionalWrite::Replace => is_failed_precondition(error),
+    }
+}
+
+/// Whether `error`, from `expire`'s update, means that there is no entry to extend: the
+/// document is gone (`NOT_FOUND`), or it was deleted or rewritten since it was read (a failed
+/// precondition; a rewrite's own time to live stands). Anything else is an error.
+fn no_entry_to_extend(error: &FirestoreError) -> bool {
+    matches!(error, FirestoreError::DataNotFoundError(_)) || is_failed_precondition(error)
 }
 
 /// Maps a Firestore error into the cache's error, naming the endpoint (never credentials).
@@ -535,7 +639,7 @@ impl Store for FirestoreStore {
                     .document_id(document_id(full))
                     .object(&document)
                     .add_to_batch(&mut batch)
-                    .map_err(|e| map_error("set", &self.endpoint, self.timeout, e))?;
+                    .map_err(|e| map_error("set", &self.endpoint, self.limit, e))?;
             }
             let response = self.call("set", batch.write()).await?;
             check_statuses("set", &response.statuses)?;
@@ -559,16 +663,10 @@ impl Store for FirestoreStore {
             .document_id(&id)
             .object(&document)
             .execute::<()>();
-        match tokio::time::timeout(self.timeout * 3, created).await {
-            Ok(Ok(())) => return Ok(true),
-            Ok(Err(FirestoreError::DataConflictError(_))) => {}
-            Ok(Err(error)) => return Err(map_error("set", &self.endpoint, self.timeout, error)),
-            Err(_) => {
-                return Err(CacheError::Timeout {
-                    operation: "set",
-                    after: self.timeout * 3,
-                });
-            }
+        match self.bounded("set", created).await? {
+            Ok(()) => return Ok(true),
+            Err(error) if lost_to_another_writer(ConditionalWrite::Create, &error) => {}
+            Err(error) => return Err(map_error("set", &self.endpoint, self.limit, error)),
         }
         // A document exists. It only blocks us if it is live and ours; an expired one (TTL
         // deletion runs late) or a foreign one is replaced, on condition that nobody changed it
@@ -592,17 +690,10 @@ impl Store for FirestoreStore {
             .document_id(&id)
             .object(&document)
             .execute::<()>();
-        match tokio::time::timeout(self.timeout * 3, replaced).await {
-            Ok(Ok(())) => Ok(true),
-            // The precondition failed: another caller replaced it first.
-            Ok(Err(FirestoreError::DataConflictError(_) | FirestoreError::DatabaseError(_))) => {
-                Ok(false)
-            }
-            Ok(Err(error)) => Err(map_error("set", &self.endpoint, self.timeout, error)),
-            Err(_) => Err(CacheError::Timeout {
-                operation: "set",
-                after: self.timeout * 3,
-            }),
+        match self.bounded("set", replaced).await? {
+            Ok(()) => Ok(true),
+            Err(error) if lost_to_another_writer(ConditionalWrite::Replace, &error) => Ok(false),
+            Err(error) => Err(map_error("set", &self.endpoint, self.limit, error)),
         }
     }
 
@@ -657,19 +748,11 @@ impl Store for FirestoreStore {
             update = update.precondition(FirestoreWritePrecondition::UpdateTime(update_time.0));
         }
         let id = document_id(&full);
-        match self
-            .call(
-                "expire",
-                update.document_id(&id).object(&fields).execute::<()>(),
-            )
-            .await
-        {
+        let updated = update.document_id(&id).object(&fields).execute::<()>();
+        match self.bounded("expire", updated).await? {
             Ok(()) => Ok(true),
-            // Rewritten or deleted since we read it: the new entry's TTL stands.
-            Err(CacheError::Backend {
-                transient: false, ..
-            }) => Ok(false),
-            Err(error) => Err(error),
+            Err(error) if no_entry_to_extend(&error) => Ok(false),
+            Err(error) => Err(map_error("expire", &self.endpoint, self.limit, error)),
         }
     }
 
@@ -728,5 +811,119 @@ impl Store for FirestoreStore {
 
     async fn ping(&self) -> Result<()> {
         self.call("ping", self.db.ping()).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use firestore::gcloud_sdk::tonic::{Code, Status};
+
+    use super::*;
+
+    fn status(code: Code) -> FirestoreError {
+        FirestoreError::from(Status::new(code, "from the test"))
+    }
+
+    /// Only "the document exists" (a create) and "it changed since it was read" (a
+    /// replacement) mean that another caller won; anything else is an error of this call.
+    #[test]
+    fn only_a_conflict_means_another_writer_won() {
+        use ConditionalWrite::{Create, Replace};
+        let lost = [
+            (Create, Code::AlreadyExists),
+            (Replace, Code::FailedPrecondition),
+        ];
+        for (write, code) in lost {
+            assert!(
+                lost_to_another_writer(write, &status(code)),
+                "{write:?} {code:?}"
+            );
+        }
+        let failed = [
+            Code::PermissionDenied,
+            Code::Unauthenticated,
+            Code::Unavailable,
+            Code::DeadlineExceeded,
+            Code::ResourceExhausted,
+            Code::InvalidArgument,
+            Code::Internal,
+            Code::NotFound,
+        ];
+        for write in [Create, Replace] {
+            for code in failed {
+                assert!(
+                    !lost_to_another_writer(write, &status(code)),
+                    "{write:?} {code:?} is an error, not a lost race"
+                );
+            }
+        }
+        assert!(!lost_to_another_writer(
+            Create,
+            &status(Code::FailedPrecondition)
+        ));
+        assert!(!lost_to_another_writer(
+            Replace,
+            &status(Code::AlreadyExists)
+        ));
+    }
+
+    #[test]
+    fn a_request_is_bounded_by_its_attempts_and_the_pauses_between_them() {
+        let config = FirestoreConfig::new("p");
+        assert_eq!(config.request_limit(), Duration::from_secs(5 * 3 + 1 + 2));
+        let once = config.clone().max_retries(0);
+        assert_eq!(once.request_limit(), Duration::from_secs(5));
+        let most = config
+            .request_timeout(MAX_REQUEST_TIMEOUT)
+            .max_retries(MAX_RETRIES);
+        assert!(most.validate().is_ok());
+        assert_eq!(
+            most.request_limit(),
+            MAX_REQUEST_TIMEOUT * 11 + Duration::from_secs(1023)
+        );
+    }
+
+    #[tokio::test]
+    async fn zero_or_absurd_settings_are_refused_before_connecting() {
+        let config = FirestoreConfig::new("p");
+        for (bad, setting) in [
+            (
+                config.clone().request_timeout(Duration::ZERO),
+                "request_timeout",
+            ),
+            (
+                config.clone().request_timeout(MAX_REQUEST_TIMEOUT * 2),
+                "request_timeout",
+            ),
+            (config.clone().max_retries(MAX_RETRIES + 1), "max_retries"),
+            (config.clone().max_retries(usize::MAX), "max_retries"),
+        ] {
+            let err = FirestoreStore::connect(&bad).await.unwrap_err();
+            assert!(
+                matches!(&err, CacheError::Configuration(m) if m.contains(setting)),
+                "{setting}: {err:?}"
+            );
+        }
+    }
+
+    /// `expire` finds no entry when the document is gone, or changed since it was read (the
+    /// new entry's time to live stands); any other failure is an error.
+    #[test]
+    fn only_a_missing_or_changed_document_means_no_entry_to_extend() {
+        for code in [Code::NotFound, Code::FailedPrecondition] {
+            assert!(no_entry_to_extend(&status(code)), "{code:?}");
+        }
+        for code in [
+            Code::PermissionDenied,
+            Code::Unauthenticated,
+            Code::Unavailable,
+            Code::DeadlineExceeded,
+            Code::InvalidArgument,
+            Code::Internal,
+            Code::AlreadyExists,
+            Code::OutOfRange,
+        ] {
+            assert!(!no_entry_to_extend(&status(code)), "{code:?} is an error");
+        }
     }
 }

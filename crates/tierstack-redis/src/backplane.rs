@@ -71,8 +71,10 @@ impl Drop for RedisBackplane {
 
 impl RedisBackplane {
     /// Connects the publisher and subscribes; returns once the subscription is active, so that
-    /// nothing published afterwards is missed. Needs a Tokio runtime.
+    /// nothing published afterwards is missed. Needs a Tokio runtime. A configuration that
+    /// [`RedisConfig::validate`] refuses fails before any connection is tried.
     pub async fn connect(config: &RedisConfig) -> Result<Self> {
+        config.validate()?;
         if config.cluster || !config.resp3_backplane {
             Self::connect_dedicated(config).await
         } else {

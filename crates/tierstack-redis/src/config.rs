@@ -10,6 +10,11 @@ use tierstack_core::{CacheError, Result};
 const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(5);
 /// The shortest interval between two checks (a zero interval would ping without pause).
 const MIN_PING_INTERVAL: Duration = Duration::from_millis(10);
+/// The shortest connect or response timeout (zero would fail every call).
+const MIN_TIMEOUT: Duration = Duration::from_millis(1);
+/// The longest timeout or ping interval: a longer one is a slip of units, and would leave a
+/// stalled server unnoticed for longer than any caller waits.
+const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
 
 /// Where and how to reach Redis: one server, or the seed nodes of a cluster.
 ///
@@ -115,7 +120,8 @@ impl RedisConfig {
         self
     }
 
-    /// How long connecting may take (default 2 s).
+    /// How long connecting may take (default 2 s; from 1 ms to 1 h, checked by
+    /// [`validate`](Self::validate)).
     #[must_use]
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
@@ -123,8 +129,8 @@ impl RedisConfig {
     }
 
     /// How long one call (a command, a pipeline or a script) may take before it fails with a
-    /// timeout (default 500 ms), counted from the call: the wait for a free in-flight slot and
-    /// for a reconnect count too.
+    /// timeout (default 500 ms; from 1 ms to 1 h, checked by [`validate`](Self::validate)),
+    /// counted from the call: the wait for a free in-flight slot and for a reconnect count too.
     #[must_use]
     pub fn response_timeout(mut self, timeout: Duration) -> Self {
         self.response_timeout = timeout;
@@ -159,7 +165,8 @@ impl RedisConfig {
     }
 
     /// How often a backplane checks, with a `PING`, that its subscribed connection still
-    /// answers (default 5 s; `None`: never; at least 10 ms).
+    /// answers (default 5 s; `None`: never; from 10 ms to 1 h, checked by
+    /// [`validate`](Self::validate)).
     ///
     /// A connection that gives no answer within the response timeout is treated as lost: the
     /// instance clears its L1 and the backplane subscribes on a new connection. Without the
@@ -169,8 +176,35 @@ impl RedisConfig {
     /// nothing stale from L1 for longer than about this interval plus the response timeout.
     #[must_use]
     pub fn backplane_ping_interval(mut self, interval: Option<Duration>) -> Self {
-        self.backplane_ping_interval = interval.map(|every| every.max(MIN_PING_INTERVAL));
+        self.backplane_ping_interval = interval;
         self
+    }
+
+    /// Checks the settings that the builder methods take as given: the connect and response
+    /// timeouts (from 1 ms to 1 h) and the backplane ping interval (from 10 ms to 1 h). A zero
+    /// timeout would fail every call, and an hour-long one is a slip of units. Fails with
+    /// [`CacheError::Configuration`] naming the setting.
+    ///
+    /// [`RedisStore::connect`](crate::RedisStore::connect) and
+    /// [`RedisBackplane::connect`](crate::RedisBackplane::connect) call it before connecting.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tierstack_redis::RedisConfig;
+    ///
+    /// let config = RedisConfig::from_url("redis://127.0.0.1:6379/")?;
+    /// assert!(config.clone().validate().is_ok());
+    /// let err = config.response_timeout(Duration::ZERO).validate().unwrap_err();
+    /// assert!(err.to_string().contains("response_timeout"));
+    /// # Ok::<(), tierstack_core::CacheError>(())
+    /// ```
+    pub fn validate(&self) -> Result<()> {
+        within("connect_timeout", self.connect_timeout, MIN_TIMEOUT)?;
+        within("response_timeout", self.response_timeout, MIN_TIMEOUT)?;
+        if let Some(every) = self.backplane_ping_interval {
+            within("backplane_ping_interval", every, MIN_PING_INTERVAL)?;
+        }
+        Ok(())
     }
 
     /// Trusts `pem` (a PEM root certificate, such as a private CA's) for `rediss://` connections,
@@ -198,6 +232,16 @@ impl RedisConfig {
     pub(crate) fn channel_name(&self) -> String {
         format!("{}{}", self.key_prefix, self.channel)
     }
+}
+
+/// Refuses `value` of `setting` below `min` or above [`MAX_TIMEOUT`].
+fn within(setting: &str, value: Duration, min: Duration) -> Result<()> {
+    if value < min || value > MAX_TIMEOUT {
+        return Err(CacheError::Configuration(format!(
+            "RedisConfig::{setting} must be from {min:?} to {MAX_TIMEOUT:?}, not {value:?}"
+        )));
+    }
+    Ok(())
 }
 
 pub(crate) fn endpoint_of(info: &ConnectionInfo) -> String {
@@ -287,10 +331,80 @@ mod tests {
     fn the_ping_interval_can_be_turned_off_but_not_made_zero() {
         let config = RedisConfig::from_parts("127.0.0.1", 6379, 0).unwrap();
         let zero = config.clone().backplane_ping_interval(Some(Duration::ZERO));
-        assert_eq!(zero.backplane_ping_interval, Some(MIN_PING_INTERVAL));
+        assert!(zero.validate().is_err());
+        let shortest = config
+            .clone()
+            .backplane_ping_interval(Some(MIN_PING_INTERVAL));
+        assert!(shortest.validate().is_ok());
         let off = config.backplane_ping_interval(None);
         assert_eq!(off.backplane_ping_interval, None);
+        assert!(off.validate().is_ok());
         assert!(format!("{off:?}").contains("backplane_ping_interval: None"));
+    }
+
+    #[test]
+    fn the_bounds_themselves_are_accepted() {
+        let config = RedisConfig::from_parts("127.0.0.1", 6379, 0).unwrap();
+        assert!(config.validate().is_ok(), "the defaults");
+        let shortest = config
+            .clone()
+            .connect_timeout(MIN_TIMEOUT)
+            .response_timeout(MIN_TIMEOUT);
+        assert!(shortest.validate().is_ok());
+        let longest = config
+            .connect_timeout(MAX_TIMEOUT)
+            .response_timeout(MAX_TIMEOUT)
+            .backplane_ping_interval(Some(MAX_TIMEOUT));
+        assert!(longest.validate().is_ok());
+    }
+
+    /// A configuration with a zero or absurd timeout is refused by `connect` before any
+    /// connection is tried, with an error that names the setting.
+    #[tokio::test]
+    async fn zero_and_absurd_timeouts_are_refused_naming_the_setting() {
+        // A port nothing listens on: whatever fails here must fail before connecting.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let base = RedisConfig::from_parts("127.0.0.1", port, 0).unwrap();
+        let hour = Duration::from_secs(3600);
+        let cases = [
+            (
+                base.clone().connect_timeout(Duration::ZERO),
+                "connect_timeout",
+            ),
+            (base.clone().connect_timeout(hour * 24), "connect_timeout"),
+            (
+                base.clone().response_timeout(Duration::ZERO),
+                "response_timeout",
+            ),
+            (
+                base.clone()
+                    .response_timeout(hour + Duration::from_millis(1)),
+                "response_timeout",
+            ),
+            (
+                base.clone().backplane_ping_interval(Some(Duration::ZERO)),
+                "backplane_ping_interval",
+            ),
+            (
+                base.clone().backplane_ping_interval(Some(hour * 2)),
+                "backplane_ping_interval",
+            ),
+        ];
+        for (config, setting) in cases {
+            for err in [
+                crate::RedisStore::connect(&config).await.unwrap_err(),
+                crate::RedisBackplane::connect(&config).await.unwrap_err(),
+            ] {
+                assert!(
+                    matches!(&err, CacheError::Configuration(message) if message.contains(setting)),
+                    "{setting}: {err:?}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -91,8 +91,10 @@ pub const DEFAULT_MAX_VALUE_LEN: usize = 64 * 1024 * 1024;
 impl RedisStore {
     /// Connects to Redis, failing with [`CacheError::Connection`] (naming the host, never the
     /// password) within the connect timeout when it is unreachable, or with
-    /// [`CacheError::Authentication`] when it refuses the credentials.
+    /// [`CacheError::Authentication`] when it refuses the credentials. A configuration that
+    /// [`RedisConfig::validate`] refuses fails before any connection is tried.
     pub async fn connect(config: &RedisConfig) -> Result<Self> {
+        config.validate()?;
         let conn = Connection::connect(config).await?;
         let store = Self {
             conn,

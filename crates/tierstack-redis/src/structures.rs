@@ -4,6 +4,14 @@
 //! Every multi-step operation is one script or one `MULTI`, so it is atomic, and every key of a
 //! session carries the session id as a hash tag (`{id}`), so a session's keys share one cluster
 //! slot and one script can reach them all.
+//!
+//! Their keys start with `@` after the store's prefix (`PREFIX @lease:NAME`). A cache key is
+//! `NAMESPACE:KEY` and a namespace holds only `[A-Za-z0-9_.-]`, so no cache key, and no
+//! `delete_prefix` of a cache, can reach a structure's keys. Every part a caller names (a
+//! limiter and its subject, a session id, a list name) is escaped with
+//! [`compose_key`](tierstack_core::key::compose_key), so parts that contain `:` never run into
+//! each other: limiter `api` with subject `v1:alice` and limiter `api:v1` with subject `alice`
+//! count apart.
 
 use std::collections::HashMap;
 use std::collections::hash_map::RandomState;
@@ -15,12 +23,25 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use redis::{Script, cmd, pipe};
-use tierstack_core::key::{DEFAULT_MAX_STORE_KEY_LEN, validate_key};
+use tierstack_core::key::{DEFAULT_MAX_STORE_KEY_LEN, compose_key, validate_key};
 use tierstack_core::store::validate_ttl;
 use tierstack_core::{CacheError, Result};
 
 use crate::connection::Connection;
 use crate::store::RedisStore;
+
+/// The first character of every structure key (after the store's prefix): outside the namespace
+/// alphabet, so that no cache key can spell a structure key.
+const STRUCTURE_MARK: char = '@';
+
+/// The Redis key of a structure: the store's prefix, `@`, then its kind and `parts`, each
+/// escaped and joined by `:`.
+fn structure_key(store: &RedisStore, kind: &str, parts: &[&str]) -> String {
+    let mut all = Vec::with_capacity(parts.len() + 1);
+    all.push(kind);
+    all.extend_from_slice(parts);
+    store.redis_key(&format!("{STRUCTURE_MARK}{}", compose_key(&all)))
+}
 
 fn millis(ttl: Duration) -> u64 {
     u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX)
@@ -75,8 +96,9 @@ static DELETE_SESSION: LazyLock<Script> = LazyLock::new(|| {
 /// Sessions as Redis hashes (seed 002): partial updates of fields, reads, a touch that extends
 /// *every* key of the session (its hash and its lists), and a delete of all of them.
 ///
-/// A session's keys are `PREFIX session:{ID}:meta` (the hash), `PREFIX session:{ID}:list:NAME`
-/// (its lists) and `PREFIX session:{ID}:keys` (the registry of the others).
+/// A session's keys are `PREFIX @session:{ID}:meta` (the hash), `PREFIX @session:{ID}:list:NAME`
+/// (its lists) and `PREFIX @session:{ID}:keys` (the registry of the others), with `ID` and
+/// `NAME` escaped.
 #[derive(Clone)]
 pub struct Sessions {
     conn: Connection,
@@ -99,14 +121,19 @@ impl Sessions {
         validate_ttl(ttl)?;
         Ok(Self {
             conn: store.connection().clone(),
-            prefix: store.redis_key("session:"),
+            prefix: structure_key(store, "session", &[""]),
             ttl,
         })
     }
 
     fn key(&self, id: &str, suffix: &str) -> Result<String> {
         validate_key(id, DEFAULT_MAX_STORE_KEY_LEN)?;
-        Ok(format!("{}{{{id}}}:{suffix}", self.prefix))
+        // The escaped id holds no `:`, so the key reads back as exactly one id and suffix.
+        Ok(format!(
+            "{}{{{}}}:{suffix}",
+            self.prefix,
+            compose_key(&[id])
+        ))
     }
 
     /// Sets `fields` of session `id` (other fields stay), and restarts its time to live.
@@ -199,10 +226,12 @@ impl Sessions {
 
     /// The capped list `name` of session `id`, keeping the last `max_len` items; it lives and
     /// dies with the session.
+    /// Fails like [`CappedList::new`] for a `max_len` of 0 or above [`CappedList::MAX_LEN`].
     pub fn list(&self, id: &str, name: &str, max_len: usize) -> Result<CappedList> {
+        validate_cap(max_len)?;
         Ok(CappedList {
             conn: self.conn.clone(),
-            key: self.key(id, &format!("list:{name}"))?,
+            key: self.key(id, &compose_key(&["list", name]))?,
             registry: Some(self.key(id, "keys")?),
             max_len,
             ttl: self.ttl,
@@ -214,10 +243,19 @@ impl Sessions {
 // Capped lists
 
 /// Appends, trims to the last N and sets the TTL; registers the list with its session if any.
+/// Checks its arguments before the first write, so that it never pushes and then fails.
 static APPEND_CAPPED: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
-        r"redis.call('RPUSH', KEYS[1], ARGV[1])
-          redis.call('LTRIM', KEYS[1], -tonumber(ARGV[2]), -1)
+        r"local cap = tonumber(ARGV[2])
+          local ttl = tonumber(ARGV[3])
+          if not cap or cap < 1 or cap > 4294967295 or cap % 1 ~= 0 then
+            return redis.error_reply('ERR capped list: the cap must be a whole number from 1 to 4294967295')
+          end
+          if not ttl or ttl < 1 or ttl % 1 ~= 0 then
+            return redis.error_reply('ERR capped list: the ttl must be a whole number of milliseconds')
+          end
+          redis.call('RPUSH', KEYS[1], ARGV[1])
+          redis.call('LTRIM', KEYS[1], -cap, -1)
           redis.call('PEXPIRE', KEYS[1], ARGV[3])
           if KEYS[2] then
             redis.call('SADD', KEYS[2], KEYS[1])
@@ -249,20 +287,38 @@ impl fmt::Debug for CappedList {
     }
 }
 
+/// Refuses a cap of 0 or one beyond the longest list Redis keeps.
+fn validate_cap(max_len: usize) -> Result<()> {
+    if max_len == 0 {
+        return Err(CacheError::Configuration(
+            "a capped list keeps at least one item".into(),
+        ));
+    }
+    if max_len > CappedList::MAX_LEN {
+        return Err(CacheError::Configuration(format!(
+            "a capped list keeps at most {} items (the longest list Redis keeps), not {max_len}",
+            CappedList::MAX_LEN
+        )));
+    }
+    Ok(())
+}
+
 impl CappedList {
+    /// The largest cap: Redis keeps at most 2^32 - 1 items in a list.
+    pub const MAX_LEN: usize = 4_294_967_295;
+
     /// The capped list `name` on `store`, keeping the last `max_len` items for `ttl` after the
     /// last append.
+    ///
+    /// Fails with [`CacheError::Configuration`] for a `max_len` of 0 or above
+    /// [`MAX_LEN`](Self::MAX_LEN), before anything is written.
     pub fn new(store: &RedisStore, name: &str, max_len: usize, ttl: Duration) -> Result<Self> {
         validate_key(name, DEFAULT_MAX_STORE_KEY_LEN)?;
         validate_ttl(ttl)?;
-        if max_len == 0 {
-            return Err(CacheError::Configuration(
-                "a capped list keeps at least one item".into(),
-            ));
-        }
+        validate_cap(max_len)?;
         Ok(Self {
             conn: store.connection().clone(),
-            key: store.redis_key(name),
+            key: structure_key(store, "list", &[name]),
             registry: None,
             max_len,
             ttl,
@@ -393,7 +449,7 @@ impl RateLimiter {
         }
         Ok(Self {
             conn: store.connection().clone(),
-            prefix: store.redis_key(&format!("ratelimit:{name}:")),
+            prefix: structure_key(store, "ratelimit", &[name, ""]),
             limit,
             window,
         })
@@ -401,7 +457,7 @@ impl RateLimiter {
 
     fn key(&self, subject: &str) -> Result<String> {
         validate_key(subject, DEFAULT_MAX_STORE_KEY_LEN)?;
-        Ok(format!("{}{subject}", self.prefix))
+        Ok(format!("{}{}", self.prefix, compose_key(&[subject])))
     }
 
     /// Records a request of `subject` if it is within the limit.
@@ -476,7 +532,7 @@ impl Lease {
     pub async fn acquire(store: &RedisStore, name: &str, ttl: Duration) -> Result<Option<Self>> {
         validate_key(name, DEFAULT_MAX_STORE_KEY_LEN)?;
         validate_ttl(ttl)?;
-        let key = store.redis_key(&format!("lease:{name}"));
+        let key = structure_key(store, "lease", &[name]);
         let token = unique_token();
         let mut set = cmd("SET");
         set.arg(&key)

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use tierstack_core::Store;
+use tierstack_core::{CacheError, Store};
 use tierstack_redis::{CappedList, Lease, RateLimiter, RedisConfig, RedisStore, Sessions};
 
 async fn stores(test: &str) -> Vec<RedisStore> {
@@ -159,7 +159,10 @@ async fn only_the_holder_releases_or_extends_a_lease() {
         assert!(!lease.extend(Duration::from_secs(5)).await.unwrap());
         assert!(!lease.release().await.unwrap());
         assert!(
-            store.exists("lease:job").await.unwrap(),
+            Lease::acquire(&store, "job", Duration::from_secs(5))
+                .await
+                .unwrap()
+                .is_none(),
             "the second holder keeps it"
         );
         assert!(second.release().await.unwrap());
@@ -170,4 +173,129 @@ async fn only_the_holder_releases_or_extends_a_lease() {
                 .is_some()
         );
     }
+}
+
+/// A cache namespace may be `lease`, `ratelimit`, `session` or a capped list's name: its keys
+/// and prefixes must still never reach a structure's keys.
+#[tokio::test]
+async fn cache_keys_and_prefixes_never_reach_structure_keys() {
+    for store in stores("keyspace").await {
+        let limiter = RateLimiter::new(&store, "api", 2, Duration::from_secs(60)).unwrap();
+        assert!(limiter.hit("alice").await.unwrap().allowed);
+        assert!(limiter.hit("alice").await.unwrap().allowed);
+        store.delete_prefix("ratelimit:").await.unwrap();
+        assert_eq!(
+            limiter.count("alice").await.unwrap(),
+            2,
+            "a cache's delete_prefix wiped the limiter's window"
+        );
+        assert!(!limiter.hit("alice").await.unwrap().allowed);
+
+        let lease = Lease::acquire(&store, "jobs", Duration::from_secs(60))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(store.get("lease:jobs").await.unwrap(), None);
+        assert!(!store.delete("lease:jobs").await.unwrap());
+        store.delete_prefix("lease:").await.unwrap();
+        assert!(
+            Lease::acquire(&store, "jobs", Duration::from_secs(60))
+                .await
+                .unwrap()
+                .is_none(),
+            "the lease is still held"
+        );
+        assert!(lease.release().await.unwrap());
+
+        let sessions = Sessions::new(&store, Duration::from_secs(60)).unwrap();
+        sessions
+            .set_fields("abc", &[("user", b"u-1")])
+            .await
+            .unwrap();
+        store.delete_prefix("session:").await.unwrap();
+        assert!(sessions.get("abc").await.unwrap().is_some());
+
+        let list = CappedList::new(&store, "users:1", 5, Duration::from_secs(60)).unwrap();
+        list.append(b"item").await.unwrap();
+        store
+            .set(
+                "users:1",
+                b"cached".to_vec().into(),
+                Duration::from_secs(60),
+            )
+            .await
+            .unwrap();
+        assert_eq!(list.all().await.unwrap(), vec![&b"item"[..]]);
+        store.delete_prefix("users:").await.unwrap();
+        assert_eq!(list.len().await.unwrap(), 1);
+    }
+}
+
+/// Every part of a structure key is escaped, so parts that contain `:` (or `}`) can never run
+/// into each other.
+#[tokio::test]
+async fn structure_keys_keep_their_parts_apart() {
+    for store in stores("parts").await {
+        let api = RateLimiter::new(&store, "api", 1, Duration::from_secs(60)).unwrap();
+        let api_v1 = RateLimiter::new(&store, "api:v1", 1, Duration::from_secs(60)).unwrap();
+        assert!(api.hit("v1:alice").await.unwrap().allowed);
+        assert!(
+            api_v1.hit("alice").await.unwrap().allowed,
+            "limiter api:v1 / alice shares a window with limiter api / v1:alice"
+        );
+        assert_eq!(api.count("v1:alice").await.unwrap(), 1);
+        assert_eq!(api_v1.count("alice").await.unwrap(), 1);
+
+        // Session `a}:list:b`'s hash against session `a`'s list `b}:meta`.
+        let sessions = Sessions::new(&store, Duration::from_secs(60)).unwrap();
+        sessions
+            .set_fields("a}:list:b", &[("user", b"u-1")])
+            .await
+            .unwrap();
+        let list = sessions.list("a", "b}:meta", 5).unwrap();
+        assert_eq!(list.append(b"item").await.unwrap(), 1);
+        assert_eq!(
+            sessions
+                .get_field("a}:list:b", "user")
+                .await
+                .unwrap()
+                .as_deref(),
+            Some(&b"u-1"[..])
+        );
+        assert_eq!(sessions.delete("a").await.unwrap(), 1);
+        assert!(sessions.get("a}:list:b").await.unwrap().is_some());
+    }
+}
+
+/// A cap Redis cannot trim to is refused before anything is written; it used to push the item,
+/// fail on the trim and leave the list without a time to live.
+#[tokio::test]
+async fn a_cap_redis_cannot_trim_to_is_refused_up_front() {
+    let store = common::standalone("huge-cap").await;
+    let sessions = Sessions::new(&store, Duration::from_secs(60)).unwrap();
+    for cap in [usize::MAX, (1 << 63) + 1, 1 << 32] {
+        match CappedList::new(&store, "huge", cap, Duration::from_secs(60)) {
+            Err(error) => assert!(matches!(error, CacheError::Configuration(_)), "{error:?}"),
+            Ok(list) => {
+                let appended = list.append(b"item").await;
+                let left = list.len().await.unwrap();
+                panic!(
+                    "a cap of {cap} was accepted: append gave {appended:?}, {left} item(s) left"
+                );
+            }
+        }
+        let refused = sessions.list("abc", "huge", cap).unwrap_err();
+        assert!(
+            matches!(refused, CacheError::Configuration(_)),
+            "{refused:?}"
+        );
+    }
+    assert_eq!(
+        store.delete_prefix("@").await.unwrap(),
+        0,
+        "nothing was written"
+    );
+    let largest =
+        CappedList::new(&store, "largest", (1 << 32) - 1, Duration::from_secs(60)).unwrap();
+    assert_eq!(largest.append(b"item").await.unwrap(), 1);
 }

@@ -8,7 +8,7 @@
 //! | `REDIS_URL` | `redis://[user[:password]@]host[:port][/db]` (`rediss://` with TLS) | required for `redis` without a cluster |
 //! | `REDIS_CLUSTER_URLS` | comma-separated node URLs: a Redis Cluster | |
 //! | `REDIS_KEY_PREFIX` | prefix of every Redis key | empty |
-//! | `REDIS_RESPONSE_TIMEOUT_MS` | per-request timeout | 500 |
+//! | `REDIS_RESPONSE_TIMEOUT_MS` | per-request timeout, from 1 to 3600000 | 500 |
 //! | `FIRESTORE_PROJECT_ID` | Google Cloud project | required for `firestore` |
 //! | `FIRESTORE_DATABASE_ID` | database | `(default)` |
 //! | `CACHE_COLLECTION_NAME` | collection of the entries | `tierstack_cache` |
@@ -133,6 +133,11 @@ fn redis_from_vars(var: &impl Fn(&str) -> Option<String>) -> Result<StoreConfig>
             CacheError::Configuration(format!("REDIS_RESPONSE_TIMEOUT_MS is not a number: {ms:?}"))
         })?;
         config = config.response_timeout(std::time::Duration::from_millis(ms));
+        config.validate().map_err(|_| {
+            CacheError::Configuration(format!(
+                "REDIS_RESPONSE_TIMEOUT_MS must be from 1 to 3600000, not {ms}"
+            ))
+        })?;
     }
     Ok(StoreConfig::Redis(config))
 }
@@ -245,6 +250,23 @@ mod tests {
         ]))
         .unwrap();
         assert!(format!("{cluster:?}").contains("cluster: true"));
+    }
+
+    #[cfg(feature = "redis")]
+    #[test]
+    fn a_zero_or_absurd_redis_timeout_is_refused_naming_the_variable() {
+        for ms in ["0", "3600001"] {
+            let err = StoreConfig::from_vars(vars(&[
+                ("CACHE_BACKEND", "redis"),
+                ("REDIS_URL", "redis://h/"),
+                ("REDIS_RESPONSE_TIMEOUT_MS", ms),
+            ]))
+            .unwrap_err();
+            assert!(
+                matches!(&err, CacheError::Configuration(m) if m.contains("REDIS_RESPONSE_TIMEOUT_MS")),
+                "{ms}: {err:?}"
+            );
+        }
     }
 
     #[cfg(feature = "firestore")]
