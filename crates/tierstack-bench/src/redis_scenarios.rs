@@ -130,49 +130,14 @@ impl Workload for RawGet {
 
 /// `TieredCache::get` served by Redis with L1 off vs raw GET + decode, 64 tasks.
 pub(crate) async fn l2_hit_redis(sizes: &Sizes) -> Vec<Record> {
-    let n = sizes.keys;
-    let keys = keys(n);
     let tiered = l2_only_cache("bench-l2:").await;
-    let mut raw = raw_connection().await;
-    for (i, key) in keys.iter().enumerate() {
-        tiered.set(key, value(i)).await.unwrap_or_else(|e| fail(e));
-        let _: () = redis::cmd("SET")
-            .arg(format!("{}raw:{key}", run_prefix()))
-            .arg(encoded(i))
-            .query_async(&mut raw)
-            .await
-            .unwrap_or_else(|e| fail(e));
-    }
-    let raw_keys = Arc::new(
-        keys.iter()
-            .map(|k| format!("{}raw:{k}", run_prefix()))
-            .collect(),
-    );
-    let tiered = Arc::new(TieredGet {
-        cache: tiered,
-        keys,
-    });
-    let raw = Arc::new(RawGet {
-        conn: raw,
-        keys: raw_keys,
-    });
-    let order = shuffled(n);
-    let ops = sizes.redis_ops / 64;
-    let rounds = head_to_head(&tiered, &raw, &order, sizes.rounds, 64, ops).await;
-    records(
-        "l2_hit_redis/64task",
-        &["tierstack", "redis-rs"],
-        1,
-        &rounds,
-    )
+    reads_against_raw_get("l2_hit_redis/64task", "raw:", tiered, sizes).await
 }
 
 /// `TieredCache::get` that misses L1 and hits Redis (an L1 of 1 ms TTL, so every read of the
 /// shuffled key stream finds its L1 entry expired: a read of L2, then an L1 fill) vs raw GET +
 /// decode, 64 tasks.
 pub(crate) async fn l2_hit_redis_cold_l1(sizes: &Sizes) -> Vec<Record> {
-    let n = sizes.keys;
-    let keys = keys(n);
     let store = RedisStore::connect(&config("bench-cold:"))
         .await
         .unwrap_or_else(|e| fail(e));
@@ -183,21 +148,34 @@ pub(crate) async fn l2_hit_redis_cold_l1(sizes: &Sizes) -> Vec<Record> {
         .l2_timeout(BENCH_L2_TIMEOUT)
         .build()
         .unwrap_or_else(|e| fail(e));
+    reads_against_raw_get("l2_hit_redis_cold_l1/64task", "raw-cold:", tiered, sizes).await
+}
+
+/// Writes the run's keys through `tiered` and, as plain encodings under `raw_prefix`, through a
+/// raw connection; then reads them back on both sides, 64 tasks, in interleaved rounds.
+async fn reads_against_raw_get(
+    scenario: &str,
+    raw_prefix: &str,
+    tiered: TieredCache<String>,
+    sizes: &Sizes,
+) -> Vec<Record> {
+    let n = sizes.keys;
+    let keys = keys(n);
+    let raw_keys: Arc<Vec<String>> = Arc::new(
+        keys.iter()
+            .map(|k| format!("{}{raw_prefix}{k}", run_prefix()))
+            .collect(),
+    );
     let mut raw = raw_connection().await;
-    for (i, key) in keys.iter().enumerate() {
+    for (i, (key, raw_key)) in keys.iter().zip(raw_keys.iter()).enumerate() {
         tiered.set(key, value(i)).await.unwrap_or_else(|e| fail(e));
         let _: () = redis::cmd("SET")
-            .arg(format!("{}raw-cold:{key}", run_prefix()))
+            .arg(raw_key)
             .arg(encoded(i))
             .query_async(&mut raw)
             .await
             .unwrap_or_else(|e| fail(e));
     }
-    let raw_keys = Arc::new(
-        keys.iter()
-            .map(|k| format!("{}raw-cold:{k}", run_prefix()))
-            .collect(),
-    );
     let tiered = Arc::new(TieredGet {
         cache: tiered,
         keys,
@@ -209,12 +187,7 @@ pub(crate) async fn l2_hit_redis_cold_l1(sizes: &Sizes) -> Vec<Record> {
     let order = shuffled(n);
     let ops = sizes.redis_ops / 64;
     let rounds = head_to_head(&tiered, &raw, &order, sizes.rounds, 64, ops).await;
-    records(
-        "l2_hit_redis_cold_l1/64task",
-        &["tierstack", "redis-rs"],
-        1,
-        &rounds,
-    )
+    records(scenario, &["tierstack", "redis-rs"], 1, &rounds)
 }
 
 /// `get_many` of 100 keys vs 100 sequential `get`s, L1 off, one task.

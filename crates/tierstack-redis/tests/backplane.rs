@@ -35,10 +35,25 @@ async fn write_and_see(
 
 /// `count` instances of one service: each its own connections, store, backplane and L1.
 async fn instances(config: &RedisConfig, count: usize) -> Vec<TieredCache<String>> {
+    caches(config, count, false).await
+}
+
+/// Caches on stores paired with their backplanes (`RedisStore::connect_with_backplane`).
+async fn paired_instances(config: &RedisConfig, count: usize) -> Vec<TieredCache<String>> {
+    caches(config, count, true).await
+}
+
+async fn caches(config: &RedisConfig, count: usize, paired: bool) -> Vec<TieredCache<String>> {
     let mut caches = Vec::new();
     for _ in 0..count {
-        let store = RedisStore::connect(config).await.unwrap();
-        let backplane = RedisBackplane::connect(config).await.unwrap();
+        let (store, backplane) = if paired {
+            RedisStore::connect_with_backplane(config).await.unwrap()
+        } else {
+            (
+                RedisStore::connect(config).await.unwrap(),
+                RedisBackplane::connect(config).await.unwrap(),
+            )
+        };
         caches.push(
             TieredCache::builder("svc")
                 .l2(Arc::new(store))
@@ -324,22 +339,6 @@ fn calls(server: &PrivateRedis, command: &str) -> u64 {
         .find_map(|line| line.strip_prefix(&format!("cmdstat_{command}:calls=")))
         .and_then(|rest| rest.split(',').next())
         .map_or(0, |n| n.parse().unwrap())
-}
-
-/// Caches on stores paired with their backplanes (`RedisStore::connect_with_backplane`).
-async fn paired_instances(config: &RedisConfig, count: usize) -> Vec<TieredCache<String>> {
-    let mut caches = Vec::new();
-    for _ in 0..count {
-        let (store, backplane) = RedisStore::connect_with_backplane(config).await.unwrap();
-        caches.push(
-            TieredCache::builder("svc")
-                .l2(Arc::new(store))
-                .backplane(Arc::new(backplane))
-                .build()
-                .unwrap(),
-        );
-    }
-    caches
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
