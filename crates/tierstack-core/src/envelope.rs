@@ -7,11 +7,16 @@
 //! | 2 | magic `TS` |
 //! | 1 | format version (1) |
 //! | 1 | codec id ([`Codec::ID`]) |
-//! | 1 | flags: bit 0 = negative entry (a cached "not found"); others reserved |
+//! | 1 | flags: bit 0 = negative entry (a cached "not found"); bit 1 = tombstone; others reserved |
 //! | 8 | written at, ms since the Unix epoch |
 //! | 8 | expires at, ms since the Unix epoch |
 //! | 4 | payload length |
 //! | n | payload |
+//!
+//! A *tombstone* marks a key deleted: readers treat it as no entry, and a loaded value may only
+//! replace the very tombstone its load saw (`Store::compare_and_set`), so that a load that began
+//! before a delete on any instance cannot bring the value back. Its payload is a nonce, so that no
+//! two deletions write the same bytes.
 //!
 //! Parsing checks every field before it touches the payload: bytes that are truncated, of another
 //! version or codec, carry unknown flags, or claim a payload over the cap are an [`EnvelopeError`]
@@ -35,7 +40,10 @@ pub const HEADER_LEN: usize = 25;
 pub const EXPIRES_AT: std::ops::Range<usize> = 13..21;
 
 const FLAG_NEGATIVE: u8 = 0b0000_0001;
-const KNOWN_FLAGS: u8 = FLAG_NEGATIVE;
+const FLAG_TOMBSTONE: u8 = 0b0000_0010;
+const KNOWN_FLAGS: u8 = FLAG_NEGATIVE | FLAG_TOMBSTONE;
+/// The length of a tombstone's payload: its nonce.
+const TOMBSTONE_PAYLOAD_LEN: usize = 8;
 
 /// Why stored bytes are not a readable envelope.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -93,6 +101,8 @@ impl From<EnvelopeError> for CacheError {
 pub struct Envelope<'a> {
     /// Whether this is a cached "not found" (no payload).
     pub negative: bool,
+    /// Whether this marks a deleted key (readers treat it as no entry; its payload is a nonce).
+    pub tombstone: bool,
     /// When the value was written.
     pub written_at: Timestamp,
     /// When the value expires.
@@ -120,9 +130,10 @@ impl<'a> Envelope<'a> {
             });
         }
         let flags = header[4];
-        if flags & !KNOWN_FLAGS != 0 {
+        if flags & !KNOWN_FLAGS != 0 || flags == KNOWN_FLAGS {
             return Err(EnvelopeError::UnknownFlags(flags));
         }
+        let tombstone = flags & FLAG_TOMBSTONE != 0;
         let written_at = read_u64(header, 5);
         let expires_at = read_u64(header, 13);
         let declared = read_u32(header, 21) as usize;
@@ -130,6 +141,12 @@ impl<'a> Envelope<'a> {
             return Err(EnvelopeError::LengthMismatch {
                 declared,
                 present: payload.len(),
+            });
+        }
+        if tombstone && declared != TOMBSTONE_PAYLOAD_LEN {
+            return Err(EnvelopeError::LengthMismatch {
+                declared,
+                present: TOMBSTONE_PAYLOAD_LEN,
             });
         }
         if declared > max_payload {
@@ -140,6 +157,7 @@ impl<'a> Envelope<'a> {
         }
         Ok(Self {
             negative: flags & FLAG_NEGATIVE != 0,
+            tombstone,
             written_at: Timestamp::from_millis(written_at),
             expires_at: Timestamp::from_millis(expires_at),
             payload,
@@ -188,6 +206,38 @@ pub fn encode<C: Codec, T: Serialize + ?Sized>(
         })?;
     out[21..25].copy_from_slice(&payload_len.to_le_bytes());
     Ok(Bytes::from(out))
+}
+
+/// Encodes a tombstone for a cache of codec `C`: the marker a delete leaves for `expires_at`.
+/// `nonce` should differ between deletions (see [`tombstone_nonce`]).
+pub fn encode_tombstone<C: Codec>(
+    written_at: Timestamp,
+    expires_at: Timestamp,
+    nonce: u64,
+) -> Bytes {
+    let mut out = Vec::with_capacity(HEADER_LEN + TOMBSTONE_PAYLOAD_LEN);
+    out.extend_from_slice(&MAGIC);
+    out.push(VERSION);
+    out.push(C::ID);
+    out.push(FLAG_TOMBSTONE);
+    out.extend_from_slice(&written_at.as_millis().to_le_bytes());
+    out.extend_from_slice(&expires_at.as_millis().to_le_bytes());
+    #[expect(clippy::cast_possible_truncation, reason = "a constant of 8")]
+    out.extend_from_slice(&(TOMBSTONE_PAYLOAD_LEN as u32).to_le_bytes());
+    out.extend_from_slice(&nonce.to_le_bytes());
+    Bytes::from(out)
+}
+
+/// A number that differs between calls and between processes (a random per-process seed plus a
+/// counter), for [`encode_tombstone`].
+pub fn tombstone_nonce() -> u64 {
+    use std::hash::BuildHasher;
+    use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static SEED: OnceLock<u64> = OnceLock::new();
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let seed = *SEED.get_or_init(|| std::collections::hash_map::RandomState::new().hash_one(0u8));
+    seed.wrapping_add(COUNTER.fetch_add(1, Ordering::Relaxed))
 }
 
 fn read_u64(header: &[u8; HEADER_LEN], at: usize) -> u64 {
@@ -251,6 +301,34 @@ mod tests {
     }
 
     #[test]
+    fn tombstones_carry_distinct_nonces_and_no_value() {
+        let (at, until) = (Timestamp::from_millis(1), Timestamp::from_millis(2));
+        let first = encode_tombstone::<Bin>(at, until, tombstone_nonce());
+        let second = encode_tombstone::<Bin>(at, until, tombstone_nonce());
+        assert_ne!(first, second, "two deletions never write the same bytes");
+        let env = Envelope::parse::<Bin>(&first, MAX).unwrap_or_else(|e| panic!("{e}"));
+        assert!(env.tombstone && !env.negative);
+        assert_eq!(env.expires_at, until);
+        assert!(
+            !Envelope::parse::<Bin>(&sample(), MAX)
+                .unwrap_or_else(|e| panic!("{e}"))
+                .tombstone
+        );
+        let mut both = first.to_vec();
+        both[4] = FLAG_NEGATIVE | FLAG_TOMBSTONE;
+        assert_eq!(
+            Envelope::parse::<Bin>(&both, MAX),
+            Err(EnvelopeError::UnknownFlags(3))
+        );
+        let mut long = sample().to_vec();
+        long[4] = FLAG_TOMBSTONE;
+        assert!(
+            Envelope::parse::<Bin>(&long, MAX).is_err(),
+            "a tombstone holds only its nonce"
+        );
+    }
+
+    #[test]
     fn every_truncation_is_an_error() {
         let bytes = sample();
         for cut in 0..bytes.len() {
@@ -282,10 +360,10 @@ mod tests {
             })
         ));
         let mut wrong_flags = bytes.to_vec();
-        wrong_flags[4] = 0b10;
+        wrong_flags[4] = 0b100;
         assert_eq!(
             Envelope::parse::<Bin>(&wrong_flags, MAX),
-            Err(EnvelopeError::UnknownFlags(2))
+            Err(EnvelopeError::UnknownFlags(4))
         );
         let mut extra = bytes.to_vec();
         extra.push(0);

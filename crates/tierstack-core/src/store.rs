@@ -109,6 +109,28 @@ pub trait Store: Send + Sync + Debug + 'static {
     /// Atomic: of concurrent callers on one key, exactly one wins.
     async fn set_if_absent(&self, key: &str, value: Bytes, ttl: Duration) -> Result<bool>;
 
+    /// Stores `value` under `key` for `ttl`, like [`set`](Store::set), and returns the live
+    /// bytes it replaced. Atomic: what it returns is exactly what the write replaced. The
+    /// composer writes its tombstones (see [`envelope`](crate::envelope)) with it, and reads
+    /// from the answer whether a delete removed anything.
+    async fn replace(&self, key: &str, value: Bytes, ttl: Duration) -> Result<Option<Bytes>>;
+
+    /// Writes `new` under `key` (or removes the key, for `None`) only if its live entry holds
+    /// exactly the bytes `current`; `true` if it did. Atomic: of concurrent callers that saw the
+    /// same `current`, at most one wins, and a write of the key by anyone in between makes it
+    /// fail. An entry the backend cannot read as bytes (a Redis list under the key, say) reads
+    /// as empty bytes here, as in [`get`](Store::get).
+    ///
+    /// The composer fills a loaded value over the entry its load saw (a tombstone, a negative
+    /// entry, undecodable bytes) with it: a delete on any instance while the load ran changed
+    /// that entry, so the stale value stays out.
+    async fn compare_and_set(
+        &self,
+        key: &str,
+        current: &[u8],
+        new: Option<(Bytes, Duration)>,
+    ) -> Result<bool>;
+
     /// Removes `key`; `true` if a live entry was removed.
     async fn delete(&self, key: &str) -> Result<bool>;
 

@@ -371,6 +371,43 @@ impl FirestoreStore {
         Ok(found)
     }
 
+    /// Creates document `id`; the inner error is the driver's (a conflict: it exists).
+    async fn create(
+        &self,
+        id: &str,
+        document: &CacheDocument,
+    ) -> Result<std::result::Result<(), FirestoreError>> {
+        let create = self
+            .db
+            .fluent()
+            .insert()
+            .into(&self.collection)
+            .document_id(id)
+            .object(document)
+            .execute::<()>();
+        self.bounded("set", create).await
+    }
+
+    /// Writes document `id` on `precondition`; the inner error is the driver's (a failed
+    /// precondition: it changed).
+    async fn update_if(
+        &self,
+        id: &str,
+        document: &CacheDocument,
+        precondition: FirestoreWritePrecondition,
+    ) -> Result<std::result::Result<(), FirestoreError>> {
+        let update = self
+            .db
+            .fluent()
+            .update()
+            .in_col(&self.collection)
+            .precondition(precondition)
+            .document_id(id)
+            .object(document)
+            .execute::<()>();
+        self.bounded("set", update).await
+    }
+
     async fn write(&self, full_key: &str, value: &[u8], ttl: Duration) -> Result<()> {
         let (now, _) = self.now();
         let document = CacheDocument::new(full_key, value, now, ttl);
@@ -500,6 +537,9 @@ enum ConditionalWrite {
 /// The code the firestore crate gives a failed precondition (gRPC `FAILED_PRECONDITION`): the
 /// document changed, or was deleted, since the update time the write names.
 const FAILED_PRECONDITION: &str = "FailedPrecondition";
+
+/// How many read-then-conditional-write rounds `replace` tries before it writes unconditionally.
+const REPLACE_ATTEMPTS: usize = 4;
 
 fn is_failed_precondition(error: &FirestoreError) -> bool {
     matches!(error, FirestoreError::DatabaseError(e) if e.public.code == FAILED_PRECONDITION)
@@ -693,6 +733,88 @@ impl Store for FirestoreStore {
         match self.bounded("set", replaced).await? {
             Ok(()) => Ok(true),
             Err(error) if lost_to_another_writer(ConditionalWrite::Replace, &error) => Ok(false),
+            Err(error) => Err(map_error("set", &self.endpoint, self.limit, error)),
+        }
+    }
+
+    async fn replace(&self, key: &str, value: Bytes, ttl: Duration) -> Result<Option<Bytes>> {
+        let full = self.full_key(key)?;
+        validate_ttl(ttl)?;
+        Self::check_size(&full, &value)?;
+        let id = document_id(&full);
+        // Read, then write on condition that nothing changed since: what was read is what the
+        // write replaced. A writer that keeps winning in between costs a few more rounds; past
+        // them the write goes through unconditionally and reports what it last read.
+        let mut replaced = None;
+        for _ in 0..REPLACE_ATTEMPTS {
+            let existing: Option<StoredDocument> = self.fetch(&id).await?;
+            let (now, now_time) = self.now();
+            let document = CacheDocument::new(&full, &value, now, ttl);
+            let (written, condition) = if let Some(existing) = &existing {
+                let Some(update_time) = &existing.update_time else {
+                    break;
+                };
+                let precondition = FirestoreWritePrecondition::UpdateTime(update_time.0);
+                let written = self.update_if(&id, &document, precondition).await?;
+                (written, ConditionalWrite::Replace)
+            } else {
+                (self.create(&id, &document).await?, ConditionalWrite::Create)
+            };
+            replaced = existing
+                .filter(|d| d.key == full && d.expires_at > now_time)
+                .map(|d| Bytes::from(d.value));
+            match written {
+                Ok(()) => return Ok(replaced),
+                Err(error) if lost_to_another_writer(condition, &error) => {}
+                Err(error) => return Err(map_error("set", &self.endpoint, self.limit, error)),
+            }
+        }
+        self.write(&full, &value, ttl).await?;
+        Ok(replaced)
+    }
+
+    async fn compare_and_set(
+        &self,
+        key: &str,
+        current: &[u8],
+        new: Option<(Bytes, Duration)>,
+    ) -> Result<bool> {
+        let full = self.full_key(key)?;
+        if let Some((value, ttl)) = &new {
+            validate_ttl(*ttl)?;
+            Self::check_size(&full, value)?;
+        }
+        let id = document_id(&full);
+        let existing: Option<StoredDocument> = self.fetch(&id).await?;
+        let (now, now_time) = self.now();
+        let Some(existing) = existing
+            .filter(|d| d.key == full && d.expires_at > now_time && d.value.as_slice() == current)
+        else {
+            return Ok(false);
+        };
+        let Some(update_time) = existing.update_time else {
+            return Ok(false);
+        };
+        let precondition = FirestoreWritePrecondition::UpdateTime(update_time.0);
+        // On condition that the document is still the one read: of concurrent callers, the
+        // first write wins and the others' preconditions fail.
+        let written = if let Some((value, ttl)) = new {
+            let document = CacheDocument::new(&full, &value, now, ttl);
+            self.update_if(&id, &document, precondition).await?
+        } else {
+            let delete = self
+                .db
+                .fluent()
+                .delete()
+                .from(&self.collection)
+                .document_id(&id)
+                .precondition(precondition)
+                .execute();
+            self.bounded("delete", delete).await?
+        };
+        match written {
+            Ok(()) => Ok(true),
+            Err(error) if no_entry_to_extend(&error) => Ok(false),
             Err(error) => Err(map_error("set", &self.endpoint, self.limit, error)),
         }
     }

@@ -134,6 +134,61 @@ impl Store for MokaStore {
         ))
     }
 
+    async fn replace(&self, key: &str, value: Bytes, ttl: Duration) -> Result<Option<Bytes>> {
+        validate_key(key, DEFAULT_MAX_STORE_KEY_LEN)?;
+        validate_ttl(ttl)?;
+        let now = self.clock.now();
+        let fresh = StoredBytes {
+            value,
+            expires_at: now.saturating_add(ttl),
+        };
+        // Serialised with every other compute on the key: what it saw is what it replaced.
+        let mut replaced = None;
+        self.cache
+            .entry(key.to_owned())
+            .and_compute_with(|current| {
+                replaced = current
+                    .map(moka::Entry::into_value)
+                    .filter(|entry| entry.expires_at > now)
+                    .map(|entry| entry.value);
+                Op::Put(fresh)
+            });
+        Ok(replaced)
+    }
+
+    async fn compare_and_set(
+        &self,
+        key: &str,
+        current: &[u8],
+        new: Option<(Bytes, Duration)>,
+    ) -> Result<bool> {
+        validate_key(key, DEFAULT_MAX_STORE_KEY_LEN)?;
+        let now = self.clock.now();
+        let op = match new {
+            Some((value, ttl)) => {
+                validate_ttl(ttl)?;
+                Op::Put(StoredBytes {
+                    value,
+                    expires_at: now.saturating_add(ttl),
+                })
+            }
+            None => Op::Remove,
+        };
+        let result = self
+            .cache
+            .entry(key.to_owned())
+            .and_compute_with(|entry| match entry {
+                Some(entry) if entry.value().expires_at > now && entry.value().value == current => {
+                    op
+                }
+                _ => Op::Nop,
+            });
+        Ok(matches!(
+            result,
+            CompResult::ReplacedWith(_) | CompResult::Removed(_)
+        ))
+    }
+
     async fn delete(&self, key: &str) -> Result<bool> {
         validate_key(key, DEFAULT_MAX_STORE_KEY_LEN)?;
         Ok(self.cache.remove(key).is_some_and(|e| self.is_live(&e)))

@@ -46,6 +46,18 @@ static EXPIRE_SCRIPT: LazyLock<String> = LazyLock::new(|| {
     )
 });
 
+/// `compare_and_set` of one key: writes `ARGV[2]` for `ARGV[3]` ms (or, without them, removes
+/// the key) only if the key's bytes are `ARGV[1]`. A key of another type reads as empty bytes,
+/// as in `get`.
+const COMPARE_AND_SET_SCRIPT: &str = "local kind = redis.call('TYPE', KEYS[1]).ok
+     if kind == 'none' then return 0 end
+     local value = ''
+     if kind == 'string' then value = redis.call('GET', KEYS[1]) end
+     if value ~= ARGV[1] then return 0 end
+     if #ARGV == 1 then redis.call('UNLINK', KEYS[1])
+     else redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) end
+     return 1";
+
 /// How many keys one SCAN step asks for, and one UNLINK removes, during `delete_prefix`.
 const SCAN_BATCH: usize = 1_000;
 
@@ -532,6 +544,74 @@ impl Store for RedisStore {
             .arg(millis(ttl));
         let reply: Option<String> = self.conn.query("set", &command).await?;
         Ok(reply.is_some())
+    }
+
+    async fn replace(&self, key: &str, value: Bytes, ttl: Duration) -> Result<Option<Bytes>> {
+        validate_ttl(ttl)?;
+        self.check_value(&value)?;
+        let mut command = self.key_command("SET", key, 4, value.len() + 3 + MILLIS_ARGS_LEN)?;
+        command
+            .arg(value.as_ref())
+            .arg("PX")
+            .arg(millis(ttl))
+            .arg("GET");
+        let announcements = self.announcements([key]);
+        match self
+            .write_announced::<Option<Vec<u8>>>("set", command, announcements.clone())
+            .await
+        {
+            Ok(old) => Ok(old.map(Bytes::from)),
+            // `SET … GET` refuses a key of another type and writes nothing; a plain `SET`
+            // replaces it. Like `get`, the foreign value reads as empty bytes.
+            Err(error) if is_wrong_type(&error) => {
+                let mut command = self.key_command("SET", key, 3, value.len() + MILLIS_ARGS_LEN)?;
+                command.arg(value.as_ref()).arg("PX").arg(millis(ttl));
+                self.write_announced::<()>("set", command, announcements)
+                    .await?;
+                Ok(Some(Bytes::new()))
+            }
+            Err(error) => Err(error),
+        }
+    }
+
+    async fn compare_and_set(
+        &self,
+        key: &str,
+        current: &[u8],
+        new: Option<(Bytes, Duration)>,
+    ) -> Result<bool> {
+        validate_key(key, DEFAULT_MAX_STORE_KEY_LEN)?;
+        if let Some((value, ttl)) = &new {
+            validate_ttl(*ttl)?;
+            self.check_value(value)?;
+        }
+        let new_len = new.as_ref().map_or(0, |(value, _)| value.len());
+        let mut command = Cmd::with_capacity(
+            7,
+            COMPARE_AND_SET_SCRIPT.len()
+                + self.prefix.len()
+                + key.len()
+                + current.len()
+                + new_len
+                + MILLIS_ARGS_LEN
+                + 16,
+        );
+        command
+            .arg("EVAL")
+            .arg(COMPARE_AND_SET_SCRIPT)
+            .arg(1)
+            .arg(PrefixedKey {
+                prefix: &self.prefix,
+                key,
+            })
+            .arg(current);
+        if let Some((value, ttl)) = &new {
+            command.arg(value.as_ref()).arg(millis(*ttl));
+        }
+        // Not announced: it only replaces what its caller read, which no instance serves (a
+        // tombstone, undecodable bytes) or serves as "not found" (a negative entry).
+        let written: u64 = self.conn.query("compare_and_set", &command).await?;
+        Ok(written > 0)
     }
 
     async fn delete(&self, key: &str) -> Result<bool> {

@@ -48,7 +48,7 @@ pub(crate) struct Snapshot {
     local_stripe: u64,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Watched {
     /// Bumped by every write or invalidation of the key (local or from the backplane).
     generation: u64,
@@ -156,7 +156,15 @@ impl Freshness {
         // Taken under the table's lock: a bump of the key either came before (and is in the
         // stripes, not in the entry) or after (and is in the entry).
         let stripes = self.snapshot(key);
-        let entry = table.entry(key.into()).or_default();
+        // A new entry starts from its stripe's generations, not from zero: a stripe counts every
+        // bump of its keys, so a bump of this key while nobody watched it makes the new entry's
+        // stamp differ from any stamp taken before that bump (a flight still finishing under an
+        // old stamp must not answer a caller that came after a delete).
+        let entry = table.entry(key.into()).or_insert_with(|| Watched {
+            generation: stripes.stripe,
+            local: stripes.local_stripe,
+            holders: 0,
+        });
         entry.holders += 1;
         KeyWatch {
             key: key.into(),
@@ -275,6 +283,18 @@ mod tests {
         assert!(!f.is_current(snap));
         let after_own_bump = f.bump_key("b");
         assert!(f.is_current(after_own_bump));
+    }
+
+    #[test]
+    fn a_watch_begun_after_an_unwatched_bump_has_another_stamp() {
+        let f = Freshness::new();
+        let before = f.watch("a").stamp();
+        f.bump_key("a");
+        assert_ne!(f.watch("a").stamp(), before, "a delete in between");
+        let again = f.watch("a").stamp();
+        assert_eq!(f.watch("a").stamp(), again, "nothing in between");
+        f.bump_local_key("a");
+        assert_ne!(f.watch("a").stamp(), again, "an L1 eviction in between");
     }
 
     #[test]

@@ -114,6 +114,38 @@ impl Store for MigratingStore {
         Ok(true)
     }
 
+    async fn replace(&self, key: &str, value: Bytes, ttl: Duration) -> Result<Option<Bytes>> {
+        let in_new = self.new.replace(key, value.clone(), ttl).await?;
+        let in_old = self.old.replace(key, value, ttl).await?;
+        Ok(in_new.or(in_old))
+    }
+
+    /// Atomic within each backend: decided by the new one, or by the old one for an entry that
+    /// is still only there, and then mirrored to the other.
+    async fn compare_and_set(
+        &self,
+        key: &str,
+        current: &[u8],
+        new: Option<(Bytes, Duration)>,
+    ) -> Result<bool> {
+        let mirror = if self.new.compare_and_set(key, current, new.clone()).await? {
+            &self.old
+        } else if self.new.get(key).await?.is_none()
+            && self.old.compare_and_set(key, current, new.clone()).await?
+        {
+            &self.new
+        } else {
+            return Ok(false);
+        };
+        match new {
+            Some((value, ttl)) => mirror.set(key, value, ttl).await?,
+            None => {
+                mirror.delete(key).await?;
+            }
+        }
+        Ok(true)
+    }
+
     async fn delete(&self, key: &str) -> Result<bool> {
         let in_new = self.new.delete(key).await?;
         let in_old = self.old.delete(key).await?;

@@ -126,6 +126,17 @@ impl Store for SlowReply {
     async fn set_if_absent(&self, key: &str, value: Bytes, ttl: Duration) -> Result<bool> {
         self.inner.set_if_absent(key, value, ttl).await
     }
+    async fn replace(&self, key: &str, value: Bytes, ttl: Duration) -> Result<Option<Bytes>> {
+        self.inner.replace(key, value, ttl).await
+    }
+    async fn compare_and_set(
+        &self,
+        key: &str,
+        current: &[u8],
+        new: Option<(Bytes, Duration)>,
+    ) -> Result<bool> {
+        self.inner.compare_and_set(key, current, new).await
+    }
     async fn delete(&self, key: &str) -> Result<bool> {
         self.inner.delete(key).await
     }

@@ -87,6 +87,10 @@ macro_rules! store_conformance_tests {
             set_if_absent_only_writes_once,
             set_if_absent_has_one_winner_among_concurrent_callers,
             set_if_absent_succeeds_after_expiry,
+            replace_returns_what_it_replaced,
+            compare_and_set_writes_only_over_the_bytes_it_was_given,
+            compare_and_set_has_one_winner_among_concurrent_callers,
+            compare_and_set_can_remove_and_ignores_expired_entries,
             delete_reports_whether_an_entry_existed,
             delete_many_counts_removed_entries,
             exists_tracks_presence,
@@ -372,6 +376,143 @@ pub async fn set_if_absent_succeeds_after_expiry(h: &Harness) {
         "after expiry"
     ));
     assert_eq!(ok(h.store.get(&key).await, "get"), Some(bytes("b")));
+}
+
+/// `replace` writes like `set` and returns the live bytes it replaced, none for an absent or
+/// expired entry.
+pub async fn replace_returns_what_it_replaced(h: &Harness) {
+    let key = h.key("replace");
+    assert_eq!(
+        ok(h.store.replace(&key, bytes("a"), SHORT).await, "first"),
+        None
+    );
+    assert_eq!(
+        ok(h.store.replace(&key, bytes("b"), SHORT).await, "second"),
+        Some(bytes("a"))
+    );
+    assert_eq!(ok(h.store.get(&key).await, "get"), Some(bytes("b")));
+    h.pass(PAST_SHORT).await;
+    assert_eq!(
+        ok(
+            h.store.replace(&key, bytes("c"), LONG).await,
+            "after expiry"
+        ),
+        None
+    );
+    let ttl = ok(h.store.ttl(&key).await, "ttl").unwrap_or_default();
+    assert!(ttl > SHORT, "the new TTL stands: {ttl:?}");
+    assert!(matches!(
+        h.store.replace(&key, bytes("d"), Duration::ZERO).await,
+        Err(CacheError::InvalidTtl { .. })
+    ));
+    assert!(matches!(
+        h.store.replace("", bytes("d"), LONG).await,
+        Err(CacheError::InvalidKey { .. })
+    ));
+    assert_eq!(ok(h.store.get(&key).await, "get"), Some(bytes("c")));
+}
+
+/// `compare_and_set` writes only over exactly the bytes given: not over other bytes, not over
+/// an absent key, and the new value comes with its own TTL.
+pub async fn compare_and_set_writes_only_over_the_bytes_it_was_given(h: &Harness) {
+    let key = h.key("cas");
+    let new = |s: &str| Some((bytes(s), LONG));
+    assert!(!ok(
+        h.store.compare_and_set(&key, b"x", new("a")).await,
+        "absent"
+    ));
+    assert_eq!(ok(h.store.get(&key).await, "get"), None, "nothing written");
+    ok(h.store.set(&key, bytes("seen"), SHORT).await, "set");
+    assert!(!ok(
+        h.store.compare_and_set(&key, b"other", new("a")).await,
+        "other bytes"
+    ));
+    assert!(!ok(
+        h.store.compare_and_set(&key, b"see", new("a")).await,
+        "a prefix of the bytes"
+    ));
+    assert!(ok(
+        h.store.compare_and_set(&key, b"seen", new("won")).await,
+        "same bytes"
+    ));
+    assert_eq!(ok(h.store.get(&key).await, "get"), Some(bytes("won")));
+    let ttl = ok(h.store.ttl(&key).await, "ttl").unwrap_or_default();
+    assert!(ttl > SHORT, "the new value's TTL stands: {ttl:?}");
+    assert!(!ok(
+        h.store.compare_and_set(&key, b"seen", new("again")).await,
+        "the old bytes are gone"
+    ));
+    ok(h.store.set(&key, Bytes::new(), LONG).await, "set empty");
+    assert!(ok(
+        h.store.compare_and_set(&key, b"", new("over empty")).await,
+        "empty bytes"
+    ));
+    assert!(matches!(
+        h.store
+            .compare_and_set(&key, b"over empty", Some((bytes("v"), Duration::ZERO)))
+            .await,
+        Err(CacheError::InvalidTtl { .. })
+    ));
+    assert!(matches!(
+        h.store.compare_and_set("", b"v", None).await,
+        Err(CacheError::InvalidKey { .. })
+    ));
+    assert_eq!(
+        ok(h.store.get(&key).await, "get"),
+        Some(bytes("over empty"))
+    );
+}
+
+/// Of 16 concurrent `compare_and_set` calls over the same bytes, exactly one wins.
+pub async fn compare_and_set_has_one_winner_among_concurrent_callers(h: &Harness) {
+    let key = h.key("cas-race");
+    ok(h.store.set(&key, bytes("seen"), LONG).await, "set");
+    let mut tasks = Vec::new();
+    for i in 0..16 {
+        let store = Arc::clone(&h.store);
+        let key = key.clone();
+        tasks.push(tokio::spawn(async move {
+            let new = Some((bytes(&i.to_string()), LONG));
+            (i, store.compare_and_set(&key, b"seen", new).await)
+        }));
+    }
+    let mut winners = Vec::new();
+    for task in tasks {
+        let (i, won) = task.await.unwrap_or_else(|e| panic!("task failed: {e}"));
+        if ok(won, "compare_and_set") {
+            winners.push(i);
+        }
+    }
+    assert_eq!(winners.len(), 1, "winners: {winners:?}");
+    assert_eq!(
+        ok(h.store.get(&key).await, "get"),
+        Some(bytes(&winners[0].to_string()))
+    );
+}
+
+/// `compare_and_set` with no new value removes the entry, only over the same bytes; an expired
+/// entry is no entry.
+pub async fn compare_and_set_can_remove_and_ignores_expired_entries(h: &Harness) {
+    let key = h.key("cas-remove");
+    ok(h.store.set(&key, bytes("seen"), LONG).await, "set");
+    assert!(!ok(
+        h.store.compare_and_set(&key, b"other", None).await,
+        "other bytes"
+    ));
+    assert!(ok(
+        h.store.compare_and_set(&key, b"seen", None).await,
+        "remove"
+    ));
+    assert_eq!(ok(h.store.get(&key).await, "get"), None);
+    ok(h.store.set(&key, bytes("old"), SHORT).await, "set short");
+    h.pass(PAST_SHORT).await;
+    assert!(!ok(
+        h.store
+            .compare_and_set(&key, b"old", Some((bytes("new"), LONG)))
+            .await,
+        "over an expired entry"
+    ));
+    assert_eq!(ok(h.store.get(&key).await, "get"), None);
 }
 
 /// `delete` removes and says whether a live entry existed.

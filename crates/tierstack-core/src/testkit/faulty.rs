@@ -190,6 +190,22 @@ impl Store for FaultyStore {
         self.inner.set_if_absent(key, value, ttl).await
     }
 
+    // A delete's write: not held, like `delete`.
+    async fn replace(&self, key: &str, value: Bytes, ttl: Duration) -> Result<Option<Bytes>> {
+        self.before_call().await?;
+        self.inner.replace(key, value, ttl).await
+    }
+
+    async fn compare_and_set(
+        &self,
+        key: &str,
+        current: &[u8],
+        new: Option<(Bytes, Duration)>,
+    ) -> Result<bool> {
+        self.before_write().await?;
+        self.inner.compare_and_set(key, current, new).await
+    }
+
     async fn delete(&self, key: &str) -> Result<bool> {
         self.before_call().await?;
         self.inner.delete(key).await

@@ -131,6 +131,38 @@ impl Store for MemoryStore {
         Ok(true)
     }
 
+    async fn replace(&self, key: &str, value: Bytes, ttl: Duration) -> Result<Option<Bytes>> {
+        validate_key(key, DEFAULT_MAX_STORE_KEY_LEN)?;
+        validate_ttl(ttl)?;
+        let now = self.clock.now();
+        let old = self
+            .lock()
+            .insert(key.to_owned(), (value, now.saturating_add(ttl)));
+        Ok(old.filter(|(_, exp)| *exp > now).map(|(value, _)| value))
+    }
+
+    async fn compare_and_set(
+        &self,
+        key: &str,
+        current: &[u8],
+        new: Option<(Bytes, Duration)>,
+    ) -> Result<bool> {
+        validate_key(key, DEFAULT_MAX_STORE_KEY_LEN)?;
+        if let Some((_, ttl)) = &new {
+            validate_ttl(*ttl)?;
+        }
+        let now = self.clock.now();
+        let mut map = self.lock();
+        if Self::live(&mut map, key, now).is_none_or(|(value, _)| value.as_ref() != current) {
+            return Ok(false);
+        }
+        match new {
+            Some((value, ttl)) => map.insert(key.to_owned(), (value, now.saturating_add(ttl))),
+            None => map.remove(key),
+        };
+        Ok(true)
+    }
+
     async fn delete(&self, key: &str) -> Result<bool> {
         validate_key(key, DEFAULT_MAX_STORE_KEY_LEN)?;
         let now = self.clock.now();

@@ -55,6 +55,7 @@ impl<V> TieredCacheBuilder<V, BincodeCodec> {
                 max_key_len: 4096,
                 max_value_len: 1024 * 1024,
                 l2_timeout: Duration::from_secs(1),
+                tombstone_ttl: Duration::from_mins(1),
             },
             l2_fill: L2Fill::DEFAULT,
             _value: PhantomData,
@@ -158,6 +159,18 @@ where
         self
     }
 
+    /// How long a delete's tombstone stays in L2 (default 1 minute).
+    ///
+    /// A delete leaves a tombstone instead of removing the entry, and a loaded value only
+    /// replaces the very entry its load saw: so a load that was running anywhere when the key was
+    /// deleted cannot bring the value back. A load that outlasts the tombstone can; make this
+    /// longer than your slowest loader. Tombstones read as misses and cost L2 a few dozen bytes
+    /// each.
+    pub fn tombstone_ttl(mut self, ttl: Duration) -> Self {
+        self.settings.tombstone_ttl = ttl;
+        self
+    }
+
     /// How `get_or_load` writes a loaded value to L2 (default: [`L2Fill::DEFAULT`], in the
     /// background with an 8 MiB budget). Choose [`L2Fill::Inline`] if another process must find
     /// the value in L2 as soon as `get_or_load` returns, or call
@@ -182,6 +195,7 @@ where
             ("default_ttl", Some(settings.default_ttl)),
             ("l1_ttl", settings.l1_ttl),
             ("negative_ttl", settings.negative_ttl),
+            ("tombstone_ttl", Some(settings.tombstone_ttl)),
         ] {
             if let Some(ttl) = ttl {
                 validate_ttl(ttl).map_err(|e| CacheError::Configuration(format!("{name}: {e}")))?;

@@ -6,15 +6,16 @@ use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use futures_util::FutureExt;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tierstack_core::envelope;
 use tierstack_core::key::fingerprint;
-use tierstack_core::store::StoreWrite;
 use tierstack_core::{Codec, Result};
 
 use super::Inner;
+use super::read::L2Read;
 use crate::error::LoadError;
 use crate::freshness::KeyWatch;
 use crate::stats::L2Op;
@@ -25,7 +26,7 @@ where
     C: Codec,
 {
     pub(super) async fn get_many<K: AsRef<str>>(&self, keys: &[K]) -> Result<Vec<Option<V>>> {
-        let found = self.lookup_many(keys).await?;
+        let (found, _) = self.lookup_many(keys).await?;
         Ok(found.into_iter().map(Option::flatten).collect())
     }
 
@@ -39,15 +40,16 @@ where
         F: FnOnce(Vec<String>) -> Fut,
         Fut: Future<Output = std::result::Result<HashMap<String, V>, E>>,
     {
-        let mut found = self.lookup_many(keys).await?;
-        let mut seen = HashSet::new();
-        let missing: Vec<&str> = keys
+        let (mut found, mut seen_in_l2) = self.lookup_many(keys).await?;
+        let mut distinct = HashSet::new();
+        let (missing, seen): (Vec<&str>, Vec<Option<Bytes>>) = keys
             .iter()
             .map(AsRef::as_ref)
             .zip(&found)
-            .filter(|(key, hit)| hit.is_none() && seen.insert(*key))
-            .map(|(key, _)| key)
-            .collect();
+            .zip(seen_in_l2.iter_mut())
+            .filter(|((key, hit), _)| hit.is_none() && distinct.insert(*key))
+            .map(|((key, _), seen)| (key, seen.take()))
+            .unzip();
         if missing.is_empty() {
             return Ok(found.into_iter().map(Option::flatten).collect());
         }
@@ -81,7 +83,7 @@ where
             .iter()
             .map(|key| origin_values.remove(*key))
             .collect();
-        self.store_loaded_many(&watches, &values).await;
+        self.store_loaded_many(&watches, &values, seen).await;
         let by_key: HashMap<&str, &Option<V>> = missing.iter().copied().zip(&values).collect();
         for (key, slot) in keys.iter().zip(found.iter_mut()) {
             if slot.is_none() {
@@ -92,12 +94,17 @@ where
     }
 
     /// L1 then one L2 round trip for `keys`: `Some(v)` per found key (`v` `None` for a negative
-    /// entry), `None` where both tiers missed.
-    async fn lookup_many<K: AsRef<str>>(&self, keys: &[K]) -> Result<Vec<Option<Option<V>>>> {
+    /// entry), `None` where both tiers missed; and, per key, what L2 held instead of a usable
+    /// entry (see [`L2Read::Miss`]), for a loaded value to replace.
+    async fn lookup_many<K: AsRef<str>>(
+        &self,
+        keys: &[K],
+    ) -> Result<(Vec<Option<Option<V>>>, Vec<Option<Bytes>>)> {
         for key in keys {
             self.check_key(key.as_ref())?;
         }
         let mut found = Vec::with_capacity(keys.len());
+        let mut seen = vec![None; keys.len()];
         let mut missing = Vec::new();
         for (index, key) in keys.iter().enumerate() {
             let hit = self.l1_get(key.as_ref());
@@ -110,7 +117,7 @@ where
             for _ in &missing {
                 self.recorder.miss();
             }
-            return Ok(found);
+            return Ok((found, seen));
         };
         let deadline = self.deadline();
         let snapshots: Vec<_> = missing
@@ -149,28 +156,36 @@ where
         };
         for ((&index, entry), snapshot) in missing.iter().zip(entries).zip(snapshots) {
             let key = keys[index].as_ref();
-            let decoded = match entry {
-                Some((bytes, ttl)) => self
-                    .decode_or_discard(key, &bytes, deadline)
-                    .await
-                    .map(|value| (value, ttl)),
-                None => None,
+            let read = match entry {
+                Some((bytes, ttl)) => self.classify(key, bytes, ttl, deadline).await,
+                None => L2Read::Miss { seen: None },
             };
-            match decoded {
-                Some((value, ttl)) => {
+            match read {
+                L2Read::Hit { value, ttl, bytes } => {
                     self.recorder.l2_hit();
                     self.fill_l1_since(key, value.clone(), ttl, snapshot);
+                    // A negative entry answers `get_many`; a load replaces it.
+                    seen[index] = Some(bytes);
                     found[index] = Some(value);
                 }
-                None => self.recorder.miss(),
+                L2Read::Miss { seen: there } => {
+                    self.recorder.miss();
+                    seen[index] = there;
+                }
             }
         }
-        Ok(found)
+        Ok((found, seen))
     }
 
-    /// Writes what a batched loader returned to L2 in one call, then to L1, skipping keys that
-    /// changed since their watch began.
-    async fn store_loaded_many(&self, watches: &[KeyWatch], values: &[Option<V>]) {
+    /// Writes what a batched loader returned to L2, each key over exactly what its read saw
+    /// there (as a single key's fill does; the writes go out together), then to L1, skipping
+    /// keys that changed since their watch began.
+    async fn store_loaded_many(
+        &self,
+        watches: &[KeyWatch],
+        values: &[Option<V>],
+        seen: Vec<Option<Bytes>>,
+    ) {
         let now = self.clock.now();
         let deadline = self.deadline();
         // As for a single key's fill: under the keys' locks, a `delete` or `touch` of one of them
@@ -186,8 +201,7 @@ where
             None => None,
         };
         let mut writes = Vec::new();
-        let mut to_fill = Vec::new();
-        for (watch, value) in watches.iter().zip(values) {
+        for ((watch, value), seen) in watches.iter().zip(values).zip(seen) {
             if !self.freshness.key_unchanged(watch) {
                 // Written or invalidated since the load began: caching the loaded value could
                 // bring back what was deleted.
@@ -205,33 +219,45 @@ where
                 now.saturating_add(ttl),
                 self.settings.max_value_len,
             ) {
-                Ok(bytes) => {
-                    writes.push((self.namespace.store_key(watch.key()), bytes, ttl));
-                    to_fill.push((watch, value, ttl));
-                }
+                Ok(bytes) => writes.push((watch, value, ttl, bytes, seen)),
                 Err(error) => {
                     tracing::warn!(cache = %self.namespace, key = %fingerprint(watch.key()), error = %error, "loaded value not cached");
                 }
             }
         }
-        if let (Some(l2), Some(_)) = (&self.l2, &locks)
-            && !writes.is_empty()
-        {
-            let batch: Vec<StoreWrite<'_>> = writes
-                .iter()
-                .map(|(key, value, ttl)| StoreWrite {
-                    key,
-                    value: value.clone(),
-                    ttl: *ttl,
-                })
-                .collect();
-            let _ = self.l2_call(L2Op::Set, deadline, l2.set_many(&batch)).await;
-        }
+        let written: Vec<bool> = match (&self.l2, &locks) {
+            (Some(l2), Some(_)) => {
+                let calls = writes
+                    .iter()
+                    .map(|(watch, _, ttl, bytes, seen)| async move {
+                        let store_key = self.namespace.store_key(watch.key());
+                        let write = async {
+                            match seen {
+                                None => l2.set_if_absent(&store_key, bytes.clone(), *ttl).await,
+                                Some(seen) => {
+                                    let new = Some((bytes.clone(), *ttl));
+                                    l2.compare_and_set(&store_key, seen, new).await
+                                }
+                            }
+                        };
+                        // Like a single fill: L1 keeps a value that L2 did not refuse (a failed L2
+                        // keeps serving from L1), and drops one that lost to another writer.
+                        self.l2_call(L2Op::Set, deadline, write)
+                            .await
+                            .unwrap_or(true)
+                    });
+                futures_util::future::join_all(calls).await
+            }
+            // No L2, or its locks timed out: L1 only.
+            _ => vec![true; writes.len()],
+        };
         drop(locks);
-        for (watch, value, ttl) in to_fill {
-            self.fill_l1(watch.key(), value.clone(), ttl, || {
-                self.freshness.watch_is_current(watch)
-            });
+        for ((watch, value, ttl, _, _), written) in writes.iter().zip(written) {
+            if written {
+                self.fill_l1(watch.key(), (*value).clone(), *ttl, || {
+                    self.freshness.watch_is_current(watch)
+                });
+            }
         }
     }
 }

@@ -16,6 +16,7 @@ use tierstack_core::key::fingerprint;
 use tierstack_core::{CacheError, Codec};
 
 use super::Inner;
+use super::read::L2Read;
 use crate::error::LoadError;
 use crate::flight::{Leader, Outcome, Role, SharedError};
 use crate::freshness::KeyWatch;
@@ -143,23 +144,33 @@ where
             Some(None) if accepts_absent => return Outcome::Absent,
             _ => {}
         }
-        match self.read_l2(key, self.deadline()).await {
-            Ok(super::read::L2Read::Hit(Some(value), ttl)) => {
+        // What the load's value may replace in L2: what this read saw there (nothing, a
+        // tombstone, a negative entry this call cannot use, bytes that stayed undecodable).
+        // After an L2 failure, nothing is known: the value is only written over no entry.
+        let seen = match self.read_l2(key, self.deadline(), self.l1.is_some()).await {
+            Ok(L2Read::Hit {
+                value: Some(value),
+                ttl,
+                ..
+            }) => {
                 self.recorder.l2_hit();
                 self.fill_l1(key, Some(value.clone()), ttl, || {
                     self.freshness.watch_is_current(&watch)
                 });
                 return Outcome::Found(value);
             }
-            Ok(super::read::L2Read::Hit(None, ttl)) if accepts_absent => {
+            Ok(L2Read::Hit {
+                value: None, ttl, ..
+            }) if accepts_absent => {
                 self.recorder.l2_hit();
                 self.fill_l1(key, None, ttl, || self.freshness.watch_is_current(&watch));
                 return Outcome::Absent;
             }
-            // A miss, a negative entry this call cannot use, or an L2 failure (counted and
-            // logged): the origin answers.
-            _ => {}
-        }
+            Ok(L2Read::Hit { bytes, .. }) => Some(bytes),
+            Ok(L2Read::Miss { seen }) => seen,
+            // Counted and logged: the origin answers.
+            Err(_) => None,
+        };
         self.recorder.miss();
         let started = Instant::now();
         // A panicking loader is caught here and becomes every waiter's outcome.
@@ -174,13 +185,13 @@ where
         self.recorder.load(result.is_ok(), started.elapsed());
         match result {
             Ok(Some(value)) => {
-                self.store_loaded(Some(&value), self.settings.default_ttl, watch)
+                self.store_loaded(Some(&value), self.settings.default_ttl, watch, seen)
                     .await;
                 Outcome::Found(value)
             }
             Ok(None) => {
                 if let Some(ttl) = self.settings.negative_ttl {
-                    self.store_loaded(None, ttl, watch).await;
+                    self.store_loaded(None, ttl, watch, seen).await;
                 }
                 Outcome::Absent
             }
@@ -202,7 +213,13 @@ where
     /// left to a task, so that the callers have the value one L2 round trip sooner. Otherwise
     /// the L2 write comes first, and L1 is filled only if L2 took the value or failed (L1 and
     /// the loader keep serving while L2 is down).
-    async fn store_loaded(self: &Arc<Self>, value: Option<&V>, ttl: Duration, watch: KeyWatch) {
+    async fn store_loaded(
+        self: &Arc<Self>,
+        value: Option<&V>,
+        ttl: Duration,
+        watch: KeyWatch,
+        seen: Option<Bytes>,
+    ) {
         let key = watch.key().to_owned();
         let ttl = self.jittered(ttl);
         let now = self.clock.now();
@@ -233,28 +250,36 @@ where
             });
             let this = Arc::clone(self);
             runtime.spawn(async move {
-                if this.write_loaded(bytes, ttl, &watch).await == Written::No {
+                if this.write_loaded(bytes, ttl, &watch, seen).await == Written::No {
                     this.drop_unwritten_fill(&watch);
                 }
                 drop(reserved);
             });
             return;
         }
-        if self.write_loaded(bytes, ttl, &watch).await != Written::No {
+        if self.write_loaded(bytes, ttl, &watch, seen).await != Written::No {
             self.fill_l1(&key, value.cloned(), ttl, || {
                 self.freshness.watch_is_current(&watch)
             });
         }
     }
 
-    /// Writes a loaded entry to L2 with `set_if_absent` (a value another writer stored meanwhile
-    /// wins), unless the key was written or invalidated since the watch began.
+    /// Writes a loaded entry to L2 over exactly what the load's L2 read saw there: over no entry
+    /// (`set_if_absent`), or over the same bytes (`compare_and_set`). A value another writer
+    /// stored meanwhile wins, and so does a delete on any instance meanwhile (its tombstone
+    /// differs from what the load saw): a load never brings back what was deleted after it
+    /// began. Skipped if this cache wrote or invalidated the key since the watch began.
     ///
     /// The key's lock orders the check and the write before any later `delete` or `touch` of the
     /// key from this cache (they take it too, and bump the key before they release it), and
-    /// `delete_prefix` waits for every lock: so a fill never brings back what this cache
-    /// deleted after the load began.
-    async fn write_loaded(&self, bytes: Bytes, ttl: Duration, watch: &KeyWatch) -> Written {
+    /// `delete_prefix` waits for every lock.
+    async fn write_loaded(
+        &self,
+        bytes: Bytes,
+        ttl: Duration,
+        watch: &KeyWatch,
+        seen: Option<Bytes>,
+    ) -> Written {
         let Some(l2) = &self.l2 else {
             return Written::Yes;
         };
@@ -267,11 +292,24 @@ where
             return Written::No;
         }
         let store_key = self.namespace.store_key(watch.key());
-        let call = l2.set_if_absent(&store_key, bytes, ttl);
-        match self.l2_call(L2Op::Set, deadline, call).await {
+        let written = match &seen {
+            None => {
+                self.l2_call(
+                    L2Op::Set,
+                    deadline,
+                    l2.set_if_absent(&store_key, bytes, ttl),
+                )
+                .await
+            }
+            Some(seen) => {
+                let call = l2.compare_and_set(&store_key, seen, Some((bytes, ttl)));
+                self.l2_call(L2Op::Set, deadline, call).await
+            }
+        };
+        match written {
             Ok(true) => Written::Yes,
-            // Another writer stored a value meanwhile; it is at least as new as ours, so let the
-            // next read take it from L2.
+            // Another writer stored a value meanwhile, or deleted the key; either is newer than
+            // the load, so let the next read take it from L2.
             Ok(false) => Written::No,
             // Counted and logged; L1 and the loader keep serving.
             Err(_) => Written::Failed,

@@ -87,6 +87,7 @@ struct Settings {
     max_key_len: usize,
     max_value_len: usize,
     l2_timeout: Duration,
+    tombstone_ttl: Duration,
 }
 
 struct Inner<V, C> {

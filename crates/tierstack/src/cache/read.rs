@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use bytes::Bytes;
+
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tierstack_core::envelope::Envelope;
@@ -16,9 +18,25 @@ use crate::stats::L2Op;
 
 /// What an L2 read found.
 pub(super) enum L2Read<V> {
-    /// A value, or a negative entry (`None`), with its remaining time to live.
-    Hit(Option<V>, Duration),
-    Miss,
+    /// A value, or a negative entry (`None`), with its remaining time to live (zero when the
+    /// read did not ask for it) and the bytes it was read from.
+    Hit {
+        value: Option<V>,
+        ttl: Duration,
+        bytes: Bytes,
+    },
+    /// No live entry. `seen` holds what lies under the key instead, if anything: a tombstone,
+    /// or undecodable bytes that are still there. A loaded value may replace exactly those.
+    Miss { seen: Option<Bytes> },
+}
+
+/// An L2 entry's bytes, read as this cache reads them.
+enum Decoded<V> {
+    /// A value, or a negative entry (`None`).
+    Live(Option<V>),
+    /// A delete's marker: no entry.
+    Tombstone,
+    Undecodable(Undecodable),
 }
 
 /// Why an L2 entry did not decode, for the log: never the payload, which serde's messages may
@@ -72,15 +90,13 @@ where
 
     pub(super) async fn ttl(&self, key: &str) -> Result<Option<Duration>> {
         self.check_key(key)?;
-        if let Some(l2) = &self.l2 {
-            let store_key = self.namespace.store_key(key);
+        if self.l2.is_some() {
             // Like `get`: an L2 that fails (counted and logged) reads as a miss of L2, and L1
             // answers.
-            if let Ok(ttl) = self
-                .l2_call(L2Op::Other, self.deadline(), l2.ttl(&store_key))
-                .await
-            {
-                return Ok(ttl);
+            match self.read_l2(key, self.deadline(), true).await {
+                Ok(L2Read::Hit { ttl, .. }) => return Ok(Some(ttl)),
+                Ok(L2Read::Miss { .. }) => return Ok(None),
+                Err(_) => {}
             }
         }
         Ok(self.l1.as_ref().and_then(|l1| l1.ttl(key)))
@@ -105,27 +121,32 @@ where
         deadline: Instant,
     ) -> Result<Option<Option<V>>> {
         let snapshot = self.freshness.snapshot(key);
-        match self.read_l2(key, deadline).await? {
-            L2Read::Hit(value, ttl) => {
+        match self.read_l2(key, deadline, self.l1.is_some()).await? {
+            L2Read::Hit { value, ttl, .. } => {
                 self.recorder.l2_hit();
                 self.fill_l1(key, value.clone(), ttl, || {
                     self.freshness.is_current(snapshot)
                 });
                 Ok(Some(value))
             }
-            L2Read::Miss => Ok(None),
+            L2Read::Miss { .. } => Ok(None),
         }
     }
 
-    /// Reads and decodes `key` from L2; an entry that does not decode is discarded and reads as
-    /// a miss.
-    pub(super) async fn read_l2(&self, key: &str, deadline: Instant) -> Result<L2Read<V>> {
+    /// Reads and decodes `key` from L2, with the entry's remaining time to live if `with_ttl`
+    /// (to fill L1 with). A tombstone reads as a miss; so does an entry that does not decode,
+    /// which is discarded.
+    pub(super) async fn read_l2(
+        &self,
+        key: &str,
+        deadline: Instant,
+        with_ttl: bool,
+    ) -> Result<L2Read<V>> {
         let Some(l2) = &self.l2 else {
-            return Ok(L2Read::Miss);
+            return Ok(L2Read::Miss { seen: None });
         };
         let store_key = self.namespace.store_key(key);
-        // The remaining TTL only serves to fill L1: without one, a plain GET will do.
-        let found = if self.l1.is_some() {
+        let found = if with_ttl {
             self.l2_call(L2Op::Get, deadline, l2.get_with_ttl(&store_key))
                 .await?
                 .map(|entry| (entry.value, entry.ttl))
@@ -134,61 +155,70 @@ where
                 .await?
                 .map(|value| (value, Duration::ZERO))
         };
-        let Some((bytes, ttl)) = found else {
-            return Ok(L2Read::Miss);
-        };
-        match self.decode_entry(&bytes) {
-            Ok(value) => Ok(L2Read::Hit(value, ttl)),
-            Err(reason) => {
-                self.discard_undecodable(key, &store_key, reason, deadline)
-                    .await;
-                Ok(L2Read::Miss)
-            }
-        }
+        Ok(match found {
+            Some((bytes, ttl)) => self.classify(key, bytes, ttl, deadline).await,
+            None => L2Read::Miss { seen: None },
+        })
     }
 
-    /// Decodes an L2 entry: `Some(v)` a value, `None` a negative entry.
-    fn decode_entry(&self, bytes: &[u8]) -> std::result::Result<Option<V>, Undecodable> {
-        let envelope = Envelope::parse::<C>(bytes, self.settings.max_value_len)
-            .map_err(|_| Undecodable::Envelope)?;
-        if envelope.negative {
-            return Ok(None);
-        }
-        self.codec
-            .decode::<V>(envelope.payload)
-            .map(Some)
-            .map_err(|_| Undecodable::Payload)
-    }
-
-    /// Decodes a bulk read's entry, discarding it (as a single read would) if it does not
-    /// decode.
-    pub(super) async fn decode_or_discard(
+    /// What the bytes read under `key` are to this cache. Undecodable bytes are discarded: the
+    /// read goes on as a miss.
+    pub(super) async fn classify(
         &self,
         key: &str,
-        bytes: &[u8],
+        bytes: Bytes,
+        ttl: Duration,
         deadline: Instant,
-    ) -> Option<Option<V>> {
-        match self.decode_entry(bytes) {
-            Ok(value) => Some(value),
-            Err(reason) => {
-                let store_key = self.namespace.store_key(key);
-                self.discard_undecodable(key, &store_key, reason, deadline)
+    ) -> L2Read<V> {
+        match self.decode_entry(&bytes) {
+            Decoded::Live(value) => L2Read::Hit { value, ttl, bytes },
+            Decoded::Tombstone => L2Read::Miss { seen: Some(bytes) },
+            Decoded::Undecodable(reason) => {
+                let removed = self
+                    .discard_undecodable(key, &bytes, reason, deadline)
                     .await;
-                None
+                L2Read::Miss {
+                    seen: (!removed).then_some(bytes),
+                }
             }
         }
     }
 
-    /// Counts, logs (the key's fingerprint and the kind of problem, never the bytes) and
-    /// deletes an L2 entry that did not decode; the read goes on as a miss, and the next load
-    /// replaces the entry.
+    /// Decodes an L2 entry.
+    fn decode_entry(&self, bytes: &[u8]) -> Decoded<V> {
+        let Ok(envelope) = Envelope::parse::<C>(bytes, self.settings.max_value_len) else {
+            return Decoded::Undecodable(Undecodable::Envelope);
+        };
+        if envelope.tombstone {
+            return Decoded::Tombstone;
+        }
+        if envelope.negative {
+            return Decoded::Live(None);
+        }
+        match self.codec.decode::<V>(envelope.payload) {
+            Ok(value) => Decoded::Live(Some(value)),
+            Err(_) => Decoded::Undecodable(Undecodable::Payload),
+        }
+    }
+
+    /// Whether the bytes a delete replaced were an entry (anything but a tombstone).
+    pub(super) fn is_entry(&self, bytes: &[u8]) -> bool {
+        !matches!(
+            Envelope::parse::<C>(bytes, self.settings.max_value_len),
+            Ok(envelope) if envelope.tombstone
+        )
+    }
+
+    /// Counts and logs (the key's fingerprint and the kind of problem, never the bytes) an L2
+    /// entry that did not decode, and removes it unless the key was written meanwhile (the
+    /// removal compares the bytes). Returns whether it removed them.
     async fn discard_undecodable(
         &self,
         key: &str,
-        store_key: &str,
+        bytes: &[u8],
         reason: Undecodable,
         deadline: Instant,
-    ) {
+    ) -> bool {
         self.recorder.corrupt_entry();
         tracing::warn!(
             cache = %self.namespace,
@@ -196,11 +226,15 @@ where
             reason = reason.describe(),
             "undecodable L2 entry read as a miss and deleted"
         );
-        if let Some(l2) = &self.l2 {
-            let _ = self
-                .l2_call(L2Op::Delete, deadline, l2.delete(store_key))
-                .await;
-        }
+        let Some(l2) = &self.l2 else { return false };
+        let store_key = self.namespace.store_key(key);
+        self.l2_call(
+            L2Op::Delete,
+            deadline,
+            l2.compare_and_set(&store_key, bytes, None),
+        )
+        .await
+        .unwrap_or(false)
     }
 
     /// Inserts into L1 for at most `ttl` (capped by the L1 TTL), then evicts it again unless

@@ -43,9 +43,11 @@ where
         let deadline = self.deadline();
         if let Some(l2) = &self.l2 {
             let store_key = self.namespace.store_key(key);
+            let in_flight = InFlightWrite::new(self, key);
             let written = self
                 .l2_call(L2Op::Set, deadline, l2.set(&store_key, bytes, ttl))
                 .await;
+            in_flight.finished();
             if let Err(error) = written {
                 self.invalidate_after_failure(key, deadline).await;
                 return Err(error);
@@ -71,12 +73,27 @@ where
             // the delete comes after it; bounded by the same deadline as the call.
             if let Ok(_lock) = tokio::time::timeout_at(deadline, self.freshness.lock_key(key)).await
             {
-                let removed = self
-                    .l2_call(L2Op::Delete, deadline, l2.delete(&store_key))
+                // A tombstone, not a removal: a load that is running anywhere saw the key
+                // before it, and may only write its value over what it saw.
+                let now = self.clock.now();
+                let ttl = self.settings.tombstone_ttl;
+                let tombstone = envelope::encode_tombstone::<C>(
+                    now,
+                    now.saturating_add(ttl),
+                    envelope::tombstone_nonce(),
+                );
+                let in_flight = InFlightWrite::new(self, key);
+                let replaced = self
+                    .l2_call(
+                        L2Op::Delete,
+                        deadline,
+                        l2.replace(&store_key, tombstone, ttl),
+                    )
                     .await;
+                in_flight.finished();
                 // Under the lock: a fill that takes it next sees the key changed.
                 self.evict_local(key);
-                removed
+                replaced.map(|old| old.is_some_and(|bytes| self.is_entry(&bytes)))
             } else {
                 self.evict_local(key);
                 Err(CacheError::Timeout {
@@ -133,17 +150,28 @@ where
         self.check_key(key)?;
         validate_ttl(ttl)?;
         let deadline = self.deadline();
-        let local = self.l1.as_ref().and_then(|l1| l1.get(key));
+        // Taken before L1 is read: an invalidation after it keeps the L1 copy from coming back.
         let before = self.freshness.snapshot(key);
+        let local = self.l1.as_ref().and_then(|l1| l1.get(key));
         let existed = match &self.l2 {
             Some(l2) => {
                 let store_key = self.namespace.store_key(key);
                 let extended =
                     match tokio::time::timeout_at(deadline, self.freshness.lock_key(key)).await {
-                        Ok(_lock) => {
-                            self.l2_call(L2Op::Other, deadline, l2.expire(&store_key, ttl))
-                                .await
-                        }
+                        // Only an entry is extended: not a tombstone, which would then keep
+                        // answering "exists" to `expire`.
+                        Ok(_lock) => match self.read_l2(key, deadline, false).await {
+                            Ok(super::read::L2Read::Hit { .. }) => {
+                                let in_flight = InFlightWrite::new(self, key);
+                                let extended = self
+                                    .l2_call(L2Op::Other, deadline, l2.expire(&store_key, ttl))
+                                    .await;
+                                in_flight.finished();
+                                extended
+                            }
+                            Ok(super::read::L2Read::Miss { .. }) => Ok(false),
+                            Err(error) => Err(error),
+                        },
                         Err(_) => Err(CacheError::Timeout {
                             operation: L2Op::Other.label(),
                             after: self.settings.l2_timeout,
@@ -173,22 +201,27 @@ where
     /// After a write of `key` that failed or timed out, and so may still land: evicts the local
     /// copy and tells the other instances, now and once more one L2 timeout later, so that an
     /// instance (this one included) that re-read the old value between now and the write's late
-    /// landing drops it too. (A store that announces its writes sends the announcement with the
-    /// write, so the others hear of it after it lands, whenever that is.)
+    /// landing drops it too. The cache publishes even when its store announces its writes: the
+    /// announcement went out with a write whose fate is unknown.
     async fn invalidate_after_failure(self: &Arc<Self>, key: &str, deadline: Instant) {
         self.evict_local(key);
-        self.publish_keys(key, deadline).await;
+        self.publish(Invalidation::Keys(vec![key.to_owned()]), deadline)
+            .await;
+        self.republish_later(key);
+    }
+
+    /// The second half of [`invalidate_after_failure`](Self::invalidate_after_failure): one L2
+    /// timeout from now, evicts `key` again and tells the others again, in a task of its own.
+    fn republish_later(self: &Arc<Self>, key: &str) {
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             let this = Arc::clone(self);
             let key = key.to_owned();
             runtime.spawn(async move {
                 tokio::time::sleep(this.settings.l2_timeout).await;
                 this.evict_local(&key);
-                if this.publishes_key_writes {
-                    let deadline = this.deadline();
-                    this.publish_by(&Invalidation::Keys(vec![key]), deadline)
-                        .await;
-                }
+                let deadline = this.deadline();
+                this.publish_by(&Invalidation::Keys(vec![key]), deadline)
+                    .await;
             });
         }
     }
@@ -244,5 +277,59 @@ where
         if let Some(suppressed) = self.l2_failures.should_log() {
             tracing::warn!(cache = %self.namespace, error = %error, suppressed, "invalidation not published; other instances keep their L1 copy until it expires");
         }
+    }
+}
+
+/// Armed while a write's L2 call is in flight. If the caller drops the call there (a timeout of
+/// its own, a `select!`), the write may still land: the drop evicts the local copy and tells
+/// the other instances, as a failed write does.
+struct InFlightWrite<'a, V, C>
+where
+    V: Clone + Send + Sync + Serialize + DeserializeOwned + 'static,
+    C: Codec,
+{
+    cache: &'a Arc<Inner<V, C>>,
+    key: &'a str,
+    armed: bool,
+}
+
+impl<'a, V, C> InFlightWrite<'a, V, C>
+where
+    V: Clone + Send + Sync + Serialize + DeserializeOwned + 'static,
+    C: Codec,
+{
+    fn new(cache: &'a Arc<Inner<V, C>>, key: &'a str) -> Self {
+        Self {
+            cache,
+            key,
+            armed: true,
+        }
+    }
+
+    /// The call came back (with whatever outcome): its caller handles it from here.
+    fn finished(mut self) {
+        self.armed = false;
+    }
+}
+
+impl<V, C> Drop for InFlightWrite<'_, V, C>
+where
+    V: Clone + Send + Sync + Serialize + DeserializeOwned + 'static,
+    C: Codec,
+{
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        self.cache.evict_local(self.key);
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let cache = Arc::clone(self.cache);
+        let key = self.key.to_owned();
+        runtime.spawn(async move {
+            let deadline = cache.deadline();
+            cache.invalidate_after_failure(&key, deadline).await;
+        });
     }
 }

@@ -34,6 +34,18 @@ impl Fixture {
     pub fn cache(&self) -> TieredCache<String> {
         self.builder("test").build().unwrap()
     }
+
+    /// Whether L2 holds an entry (a value or a negative entry, not a delete's tombstone) under
+    /// the store key `store_key`.
+    pub async fn holds(&self, store_key: &str) -> bool {
+        use tierstack::core::Store as _;
+        use tierstack::core::envelope::Envelope;
+        let Some(bytes) = self.l2.get(store_key).await.unwrap() else {
+            return false;
+        };
+        !Envelope::parse::<tierstack::core::BincodeCodec>(&bytes, usize::MAX)
+            .is_ok_and(|envelope| envelope.tombstone)
+    }
 }
 
 /// Counts calls of a loader.
