@@ -258,6 +258,11 @@ where
 
     /// Removes `key` from both tiers and tells the other instances; `true` if a tier held it.
     ///
+    /// In L2 the entry is replaced by a tombstone that lives for
+    /// [`tombstone_ttl`](TieredCacheBuilder::tombstone_ttl) and reads as no entry: a
+    /// `get_or_load` of the key already running on any instance then cannot write its value
+    /// back, because its write only replaces what it saw in L2.
+    ///
     /// # Errors
     ///
     /// An invalid key; an L2 that fails or times out (the local copy is evicted and the other
@@ -297,7 +302,8 @@ where
 
     /// Sets the remaining time to live of `key` to `ttl` in both tiers (a sliding expiry calls it
     /// on each access); `false` if there is no entry. Other instances evict their copy, so none
-    /// serves it past a shortened deadline.
+    /// serves it past a shortened deadline. With an L2 it is two round trips: a read (a
+    /// tombstone is no entry, and is not extended), then the new TTL.
     ///
     /// # Errors
     ///
