@@ -33,6 +33,9 @@ pub struct CacheStats {
     pub resyncs: u64,
     /// Invalidations that could not be published.
     pub publish_errors: u64,
+    /// Whole-namespace invalidations made because too many single-key ones were waiting (L2
+    /// failing the writes of a busy service): each cleared this L1 and the other instances'.
+    pub invalidation_sweeps: u64,
 }
 
 impl CacheStats {
@@ -137,6 +140,7 @@ pub(crate) struct Recorder {
     invalidations_received: AtomicU64,
     resyncs: AtomicU64,
     publish_errors: AtomicU64,
+    invalidation_sweeps: AtomicU64,
     metrics: Handles,
 }
 
@@ -154,6 +158,7 @@ struct Handles {
     invalidations_received: Counter,
     resyncs: Counter,
     publish_errors: Counter,
+    invalidation_sweeps: Counter,
 }
 
 impl Recorder {
@@ -177,7 +182,8 @@ impl Recorder {
             corrupt_entries: metrics::counter!("tierstack_corrupt_entries_total", "cache" => cache.clone()),
             invalidations_received: metrics::counter!("tierstack_invalidations_received_total", "cache" => cache.clone()),
             resyncs: metrics::counter!("tierstack_resyncs_total", "cache" => cache.clone()),
-            publish_errors: metrics::counter!("tierstack_publish_errors_total", "cache" => cache),
+            publish_errors: metrics::counter!("tierstack_publish_errors_total", "cache" => cache.clone()),
+            invalidation_sweeps: metrics::counter!("tierstack_invalidation_sweeps_total", "cache" => cache),
         };
         Self {
             l1_hits: StripedCounter::default(),
@@ -190,6 +196,7 @@ impl Recorder {
             invalidations_received: AtomicU64::new(0),
             resyncs: AtomicU64::new(0),
             publish_errors: AtomicU64::new(0),
+            invalidation_sweeps: AtomicU64::new(0),
             metrics,
         }
     }
@@ -251,6 +258,11 @@ impl Recorder {
         self.metrics.publish_errors.increment(1);
     }
 
+    pub(crate) fn detached_sweep(&self) {
+        self.invalidation_sweeps.fetch_add(1, Ordering::Relaxed);
+        self.metrics.invalidation_sweeps.increment(1);
+    }
+
     pub(crate) fn snapshot(&self) -> CacheStats {
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
         CacheStats {
@@ -264,6 +276,7 @@ impl Recorder {
             invalidations_received: get(&self.invalidations_received),
             resyncs: get(&self.resyncs),
             publish_errors: get(&self.publish_errors),
+            invalidation_sweeps: get(&self.invalidation_sweeps),
         }
     }
 }

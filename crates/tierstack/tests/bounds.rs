@@ -198,3 +198,47 @@ async fn concurrent_writers_converge_on_what_l2_holds() {
         );
     }
 }
+
+/// Every failed write leaves a task that tells the others once more an L2 timeout later. With
+/// L2 failing the writes of a busy service, at most 1,024 such tasks wait; the rest is folded
+/// into whole-namespace invalidations, which clear the other instances' L1 too.
+#[tokio::test(start_paused = true)]
+async fn invalidations_left_by_failed_writes_are_bounded() {
+    let fx = Fixture::new();
+    let bus = MemoryBus::new();
+    let [a, b]: [TieredCache<String>; 2] = [0, 1].map(|_| {
+        fx.builder("test")
+            .backplane(Arc::new(bus.backplane()))
+            .l2_timeout(Duration::from_secs(1))
+            .build()
+            .unwrap()
+    });
+    a.set("watched", "old".into()).await.unwrap();
+    assert_eq!(b.get("watched").await.unwrap(), Some("old".into()));
+    fx.faulty.set_failing(true);
+    for i in 0..3_000 {
+        assert!(a.set(&format!("k{i}"), "v".into()).await.is_err());
+    }
+    for _ in 0..50 {
+        tokio::task::yield_now().await;
+    }
+    let alive = tokio::runtime::Handle::current()
+        .metrics()
+        .num_alive_tasks();
+    assert!(alive <= 1_024 + 8, "{alive} tasks alive");
+    assert!(a.stats().invalidation_sweeps >= 1);
+    assert_eq!(
+        b.get("watched").await.unwrap(),
+        None,
+        "B's copy went with the sweep (its L2 read fails: a miss)"
+    );
+    // An L2 timeout later every waiting task has run, and the sweeps have stopped.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for _ in 0..50 {
+        tokio::task::yield_now().await;
+    }
+    let alive = tokio::runtime::Handle::current()
+        .metrics()
+        .num_alive_tasks();
+    assert!(alive <= 4, "{alive} tasks alive");
+}

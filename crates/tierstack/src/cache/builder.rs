@@ -268,6 +268,7 @@ where
             fill_budget,
             l2_failures: BurstLog::default(),
             listener: Mutex::new(None),
+            detached: super::detached::Detached::default(),
         });
         if let (Some(runtime), Some(backplane)) = (runtime, &inner.backplane) {
             Inner::listen(&inner, &runtime, backplane.subscribe());

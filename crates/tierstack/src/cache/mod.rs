@@ -33,6 +33,7 @@ use crate::stats::{CacheStats, Recorder};
 
 mod builder;
 mod bulk;
+mod detached;
 mod l2;
 mod listener;
 mod load;
@@ -108,6 +109,7 @@ struct Inner<V, C> {
     recorder: Recorder,
     l2_failures: BurstLog,
     listener: Mutex<Option<AbortHandle>>,
+    detached: detached::Detached,
 }
 
 impl<V, C> Drop for Inner<V, C> {

@@ -211,19 +211,16 @@ where
     }
 
     /// The second half of [`invalidate_after_failure`](Self::invalidate_after_failure): one L2
-    /// timeout from now, evicts `key` again and tells the others again, in a task of its own.
+    /// timeout from now, evicts `key` again and tells the others again, in a detached task.
     fn republish_later(self: &Arc<Self>, key: &str) {
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            let this = Arc::clone(self);
-            let key = key.to_owned();
-            runtime.spawn(async move {
-                tokio::time::sleep(this.settings.l2_timeout).await;
-                this.evict_local(&key);
-                let deadline = this.deadline();
-                this.publish_by(&Invalidation::Keys(vec![key]), deadline)
-                    .await;
-            });
-        }
+        let key = key.to_owned();
+        self.detach(|this| async move {
+            tokio::time::sleep(this.settings.l2_timeout).await;
+            this.evict_local(&key);
+            let deadline = this.deadline();
+            this.publish_by(&Invalidation::Keys(vec![key]), deadline)
+                .await;
+        });
     }
 
     /// Tells the other instances that `key` changed, unless the store announced the write
@@ -242,11 +239,8 @@ where
         if self.backplane.is_none() {
             return;
         }
-        if Instant::now() >= deadline
-            && let Ok(runtime) = tokio::runtime::Handle::try_current()
-        {
-            let this = Arc::clone(self);
-            runtime.spawn(async move {
+        if Instant::now() >= deadline && tokio::runtime::Handle::try_current().is_ok() {
+            self.detach(|this| async move {
                 let deadline = this.deadline();
                 this.publish_by(&invalidation, deadline).await;
             });
@@ -255,7 +249,7 @@ where
         self.publish_by(&invalidation, deadline).await;
     }
 
-    async fn publish_by(&self, invalidation: &Invalidation, deadline: Instant) {
+    pub(super) async fn publish_by(&self, invalidation: &Invalidation, deadline: Instant) {
         let Some(backplane) = &self.backplane else {
             return;
         };
@@ -322,12 +316,8 @@ where
             return;
         }
         self.cache.evict_local(self.key);
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let cache = Arc::clone(self.cache);
         let key = self.key.to_owned();
-        runtime.spawn(async move {
+        self.cache.detach(|cache| async move {
             let deadline = cache.deadline();
             cache.invalidate_after_failure(&key, deadline).await;
         });
