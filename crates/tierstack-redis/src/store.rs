@@ -268,10 +268,12 @@ impl RedisStore {
         by_namespace
             .into_iter()
             .filter_map(|(namespace, keys)| {
-                // A message over the backplane's size cap is not sent; the write still is.
+                // Keys too many for one message (over the backplane's size cap) are announced as
+                // the whole namespace: coarser, but nobody keeps a stale copy.
                 announcer
                     .hub
                     .encode(namespace, &Invalidation::Keys(keys))
+                    .or_else(|_| announcer.hub.encode(namespace, &Invalidation::All))
                     .ok()
             })
             .collect()

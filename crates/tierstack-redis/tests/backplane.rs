@@ -570,3 +570,26 @@ async fn a_dropped_backplane_closes_its_connection() {
     drop(backplane);
     eventually("closed", async || subscribed() == 0).await;
 }
+
+/// A bulk write whose keys do not fit in one backplane message (1 MiB) is announced as the
+/// whole namespace: it used to be announced not at all, and other instances kept their copies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bulk_write_too_large_for_one_message_is_still_announced() {
+    let server = PrivateRedis::start(&[]);
+    let config = RedisConfig::from_url(&server.url()).unwrap();
+    let caches = paired_instances(&config, 1).await;
+    let (store, _backplane) = RedisStore::connect_with_backplane(&config).await.unwrap();
+    caches[0].set("k", "old".into()).await.unwrap();
+    assert_eq!(caches[0].get("k").await.unwrap().as_deref(), Some("old"));
+    let long = "x".repeat(2_000);
+    let mut keys: Vec<String> = (0..600).map(|i| format!("svc:{long}-{i}")).collect();
+    keys.push("svc:k".to_owned());
+    let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+    tierstack_core::Store::delete_many(&store, &refs)
+        .await
+        .unwrap();
+    eventually("the namespace is invalidated", async || {
+        caches[0].get("k").await.unwrap().is_none()
+    })
+    .await;
+}

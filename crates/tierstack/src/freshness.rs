@@ -8,7 +8,7 @@
 //! after the insert.
 //!
 //! Two kinds of snapshot:
-//! - [`Snapshot`]: striped generations, two atomic loads. A write to another key of the same
+//! - [`Snapshot`]: striped generations, four atomic loads (no lock). A write to another key of the same
 //!   stripe reads as a change too, which costs at most one more L2 read; plain reads use it.
 //! - [`KeyWatch`]: the exact generation of one key, kept in a table while a load of the key is
 //!   in flight. A write to another key never discards a loaded value, so it never costs the
