@@ -385,6 +385,15 @@ async fn builder_refuses_bad_configuration() {
             .l2_timeout(Duration::ZERO)
             .build()
             .err(),
+        // Would overflow the key-length arithmetic (a panic in debug builds).
+        TieredCache::<String>::builder("ok")
+            .max_key_len(usize::MAX)
+            .build()
+            .err(),
+        TieredCache::<String>::builder("ok")
+            .tombstone_ttl(Duration::ZERO)
+            .build()
+            .err(),
     ];
     for (i, err) in bad.into_iter().enumerate() {
         assert!(

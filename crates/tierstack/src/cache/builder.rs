@@ -206,8 +206,12 @@ where
                 "ttl_jitter must be between 0 and 1".into(),
             ));
         }
+        // A store key is `namespace:key`; checked, since `max_key_len` is the user's number.
+        let longest_store_key = settings
+            .max_key_len
+            .checked_add(namespace.as_str().len() + 1);
         if settings.max_key_len == 0
-            || settings.max_key_len + namespace.as_str().len() + 1 > DEFAULT_MAX_STORE_KEY_LEN
+            || longest_store_key.is_none_or(|len| len > DEFAULT_MAX_STORE_KEY_LEN)
         {
             return Err(CacheError::Configuration(format!(
                 "max_key_len must be between 1 and {} for this namespace",
