@@ -2,9 +2,10 @@
 //! evicts its L1 when another writes.
 //!
 //! Delivery is at most once (Redis pub/sub drops messages while a subscriber is disconnected).
-//! That is why a [`Subscription`] also yields [`BackplaneEvent::Resync`]: whenever messages may
-//! have been missed (subscription lost and regained, or the local queue overflowed), the
-//! subscriber must assume anything in its L1 may be stale and clear it.
+//! That is why a [`Subscription`] also yields [`BackplaneEvent::Lost`] when the subscription is
+//! lost (the subscriber clears its L1 and keeps nothing new in it, since nobody would tell it of
+//! changes) and [`BackplaneEvent::Resync`] whenever messages may have been missed (the
+//! subscription is back, or the local queue overflowed): the subscriber clears its L1 again.
 
 use std::collections::hash_map::RandomState;
 use std::fmt::Debug;
@@ -41,11 +42,17 @@ pub struct InvalidationMessage {
 
 /// What a subscriber receives.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum BackplaneEvent {
     /// Another instance changed these entries.
     Invalidate(Arc<InvalidationMessage>),
-    /// Messages may have been lost: clear everything local.
+    /// Messages may have been lost: clear everything local. If the subscription was
+    /// [`Lost`](Self::Lost), it is back.
     Resync,
+    /// The subscription is lost: messages are missed until the next [`Resync`](Self::Resync).
+    /// Clear everything local, and keep nothing new locally until then (it could go stale
+    /// without anyone saying so).
+    Lost,
 }
 
 /// Publishes invalidations to, and receives them from, the other instances.
@@ -199,9 +206,16 @@ impl BackplaneHub {
             .send(BackplaneEvent::Invalidate(Arc::new(message)));
     }
 
-    /// Tells every subscriber that messages may have been lost.
+    /// Tells every subscriber that messages may have been lost (and that the subscription, if
+    /// it was lost, is back).
     pub fn resync(&self) {
         let _ = self.sender.send(BackplaneEvent::Resync);
+    }
+
+    /// Tells every subscriber that the subscription is lost until the next
+    /// [`resync`](Self::resync).
+    pub fn lost(&self) {
+        let _ = self.sender.send(BackplaneEvent::Lost);
     }
 }
 

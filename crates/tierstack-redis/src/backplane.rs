@@ -21,8 +21,9 @@ use crate::errors::map_error;
 
 /// The first pause between two attempts to resubscribe, doubled after each failure.
 const FIRST_BACKOFF: Duration = Duration::from_millis(50);
-/// The longest pause between two attempts to resubscribe.
-const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// The longest pause between two attempts to resubscribe: short, because a deaf cache reads
+/// every value from L2.
+const MAX_BACKOFF: Duration = Duration::from_millis(500);
 
 /// A [`Backplane`] on Redis pub/sub (standalone or cluster: a cluster forwards `PUBLISH` to
 /// every node).
@@ -37,9 +38,11 @@ const MAX_BACKOFF: Duration = Duration::from_secs(2);
 /// store announces each key write in the write's own pipeline: one round trip.
 ///
 /// Pub/sub delivers at most once: a subscriber that is disconnected misses what is published
-/// meanwhile. So when the subscription is lost, and again once it is re-established, every
-/// subscriber receives [`Resync`](tierstack_core::BackplaneEvent::Resync) and clears its L1.
-/// The backplane resubscribes by itself, with a backoff of up to 2 s.
+/// meanwhile. So when the subscription is lost every subscriber receives
+/// [`Lost`](tierstack_core::BackplaneEvent::Lost) (a cache clears its L1 and fills it no more),
+/// and once it is re-established [`Resync`](tierstack_core::BackplaneEvent::Resync) (it clears
+/// L1 again and fills it again). The backplane resubscribes by itself, with a backoff of up to
+/// 500 ms.
 pub struct RedisBackplane {
     hub: BackplaneHub,
     publisher: Connection,
@@ -195,7 +198,7 @@ fn on_push(
         }
         PushKind::Disconnection if !hearing.deaf.swap(true, Ordering::SeqCst) => {
             tracing::warn!("backplane connection lost; clearing L1 and resubscribing");
-            hub.resync();
+            hub.lost();
             hearing.lost.notify_one();
         }
         PushKind::Subscribe if hearing.deaf.swap(false, Ordering::SeqCst) => {
@@ -350,9 +353,10 @@ async fn listen(
                 }
             }
         }
-        // The connection is gone (server restart, CLIENT KILL, network) or silent: resync now,
-        // so nothing stale is served while we are deaf, and again once we are back.
+        // The connection is gone (server restart, CLIENT KILL, network) or silent: the caches
+        // clear L1 now and keep nothing in it while we are deaf, and clear it again once we are
+        // back.
         tracing::warn!(endpoint = %endpoint, "backplane subscription lost; clearing L1 and resubscribing");
-        hub.resync();
+        hub.lost();
     }
 }

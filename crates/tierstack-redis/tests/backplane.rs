@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use common::{Partition, PrivateRedis};
 use tierstack::TieredCache;
+use tierstack_core::backplane::{Backplane as _, BackplaneEvent};
 use tierstack_redis::{RedisBackplane, RedisConfig, RedisStore};
 
 async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
@@ -592,4 +593,35 @@ async fn a_bulk_write_too_large_for_one_message_is_still_announced() {
         caches[0].get("k").await.unwrap().is_none()
     })
     .await;
+}
+
+/// A subscription lost to a server restart is reported as `Lost` (a cache then keeps nothing new
+/// in L1) and, once back, as `Resync`: on the publishing connection (RESP3) and on a dedicated
+/// one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_subscription_is_reported_lost_then_resynced() {
+    for resp3 in [true, false] {
+        let mut server = PrivateRedis::start(&[]);
+        let config = RedisConfig::from_url(&server.url())
+            .unwrap()
+            .resp3_backplane(resp3);
+        let backplane = RedisBackplane::connect(&config).await.unwrap();
+        let mut events = backplane.subscribe();
+        server.kill();
+        let limit = Duration::from_secs(15);
+        let first = tokio::time::timeout(limit, events.recv())
+            .await
+            .expect("an event after the kill");
+        assert_eq!(first, Some(BackplaneEvent::Lost), "resp3 {resp3}");
+        server.restart();
+        // Whatever else comes first (a queue overflow's resync), a resync follows the restart.
+        loop {
+            let event = tokio::time::timeout(limit, events.recv())
+                .await
+                .expect("resubscribed after the restart");
+            if event == Some(BackplaneEvent::Resync) {
+                break;
+            }
+        }
+    }
 }

@@ -196,3 +196,32 @@ async fn a_dropped_cache_stops_listening() {
     bus.resync_all();
     eventually(async || survivor.stats().resyncs == 1).await;
 }
+
+/// While the subscription is lost, writes of other instances go unannounced: a deaf instance
+/// clears its L1 and reads every value from L2 until it hears again, instead of filling L1 with
+/// values nobody will invalidate. (After a Redis restart an instance used to serve an
+/// overwritten value from such a fill until its resubscription.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deaf_instance_serves_from_l2_until_it_hears_again() {
+    let (_l2, bus, caches) = instances(2);
+    let (writer, deaf) = (&caches[0], &caches[1]);
+    writer.set("k", "v1".into()).await.unwrap();
+    assert_eq!(deaf.get("k").await.unwrap(), Some("v1".into()));
+    bus.lose_all();
+    eventually(async || deaf.stats().resyncs == 1).await;
+    let hits = deaf.stats().l1_hits;
+    assert_eq!(deaf.get("k").await.unwrap(), Some("v1".into()));
+    assert_eq!(deaf.get("k").await.unwrap(), Some("v1".into()));
+    assert_eq!(
+        deaf.stats().l1_hits,
+        hits,
+        "cleared, and not filled while deaf"
+    );
+    writer.set("k", "v2".into()).await.unwrap(); // nobody hears of it
+    assert_eq!(deaf.get("k").await.unwrap(), Some("v2".into()));
+    bus.resync_all();
+    eventually(async || deaf.stats().resyncs == 2).await;
+    assert_eq!(deaf.get("k").await.unwrap(), Some("v2".into()));
+    assert_eq!(deaf.get("k").await.unwrap(), Some("v2".into()));
+    assert_eq!(deaf.stats().l1_hits, hits + 1, "filled again once it hears");
+}

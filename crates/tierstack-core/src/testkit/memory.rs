@@ -214,6 +214,7 @@ impl Store for MemoryStore {
 #[derive(Debug, Clone, Default)]
 pub struct MemoryBus {
     hubs: Arc<Mutex<Vec<BackplaneHub>>>,
+    deaf: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl MemoryBus {
@@ -232,10 +233,21 @@ impl MemoryBus {
         }
     }
 
-    /// Sends a resync to every member, as a lost and regained subscription would.
+    /// Sends a resync to every member, as a regained subscription would; a bus that
+    /// [`lose_all`](Self::lose_all) made deaf delivers again.
     pub fn resync_all(&self) {
+        self.deaf.store(false, std::sync::atomic::Ordering::SeqCst);
         for hub in self.lock().iter() {
             hub.resync();
+        }
+    }
+
+    /// Tells every member that its subscription is lost, and drops every message published
+    /// until [`resync_all`](Self::resync_all), as a lost subscription would.
+    pub fn lose_all(&self) {
+        self.deaf.store(true, std::sync::atomic::Ordering::SeqCst);
+        for hub in self.lock().iter() {
+            hub.lost();
         }
     }
 
@@ -255,6 +267,9 @@ pub struct MemoryBackplane {
 impl Backplane for MemoryBackplane {
     async fn publish(&self, namespace: &str, invalidation: &Invalidation) -> Result<()> {
         let wire = self.hub.encode(namespace, invalidation)?;
+        if self.bus.deaf.load(std::sync::atomic::Ordering::SeqCst) {
+            return Ok(());
+        }
         for hub in self.bus.lock().iter() {
             hub.deliver_wire(&wire)?;
         }

@@ -272,6 +272,7 @@ where
             fill_budget,
             l2_failures: BurstLog::default(),
             listener: Mutex::new(None),
+            deaf: std::sync::atomic::AtomicBool::new(false),
             detached: super::detached::Detached::default(),
         });
         if let (Some(runtime), Some(backplane)) = (runtime, &inner.backplane) {

@@ -1,5 +1,6 @@
 //! Applying other instances' invalidations to this instance's L1.
 
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, PoisonError};
 
 use tierstack_core::backplane::{BackplaneEvent, Invalidation, Subscription};
@@ -26,6 +27,14 @@ where
             }
         });
         *this.listener.lock().unwrap_or_else(PoisonError::into_inner) = Some(task.abort_handle());
+    }
+
+    /// Clears L1 as an L1-only change: fills under way do not land.
+    fn clear_l1(&self) {
+        self.freshness.bump_local();
+        if let Some(l1) = &self.l1 {
+            l1.invalidate_all();
+        }
     }
 
     /// Applies an event to L1, then counts it: whoever watches the counters (a test, a
@@ -64,10 +73,20 @@ where
                 self.recorder.invalidation_received();
             }
             BackplaneEvent::Resync => {
-                self.freshness.bump_local();
-                if let Some(l1) = &self.l1 {
-                    l1.invalidate_all();
-                }
+                self.deaf.store(false, Ordering::SeqCst);
+                self.clear_l1();
+                self.recorder.resync();
+            }
+            BackplaneEvent::Lost => {
+                // Set before the clear: a fill that missed the flag lands before the clear (which
+                // removes it) or sees the clear's generation bump (and evicts itself).
+                self.deaf.store(true, Ordering::SeqCst);
+                self.clear_l1();
+                self.recorder.resync();
+            }
+            // Unknown events: whatever they mean, a clear keeps nothing stale.
+            _ => {
+                self.clear_l1();
                 self.recorder.resync();
             }
         }

@@ -12,6 +12,7 @@
 
 use std::fmt;
 use std::future::Future;
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -109,6 +110,9 @@ struct Inner<V, C> {
     recorder: Recorder,
     l2_failures: BurstLog,
     listener: Mutex<Option<AbortHandle>>,
+    /// Whether the backplane's subscription is lost: L1 is then not filled, since nobody
+    /// would say when what it holds changed.
+    deaf: AtomicBool,
     detached: detached::Detached,
 }
 

@@ -247,6 +247,10 @@ where
         still_current: impl Fn() -> bool,
     ) {
         let Some(l1) = &self.l1 else { return };
+        if self.deaf.load(std::sync::atomic::Ordering::SeqCst) {
+            // No invalidation would reach the copy: serve from L2 until the backplane is back.
+            return;
+        }
         let ttl = self.settings.l1_ttl.map_or(ttl, |cap| ttl.min(cap));
         let deadline = self.clock.now().saturating_add(ttl);
         l1.insert(key.to_owned(), value, deadline);
