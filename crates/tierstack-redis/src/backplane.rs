@@ -52,6 +52,10 @@ pub struct RedisBackplane {
     /// Whether the store this backplane was connected with announces its own writes (see
     /// [`RedisStore::connect_with_backplane`](crate::RedisStore::connect_with_backplane)).
     store_publishes: bool,
+    /// A plain connection to publish on while `publisher`, which is also the subscribed
+    /// connection, is down: connected on first need.
+    fallback: tokio::sync::OnceCell<Connection>,
+    config: RedisConfig,
     /// The task that keeps the subscription alive.
     listener: AbortHandle,
 }
@@ -103,6 +107,8 @@ impl RedisBackplane {
             hearing: Some(hearing),
             channel,
             store_publishes: false,
+            fallback: tokio::sync::OnceCell::new(),
+            config: config.clone(),
             listener: listener.abort_handle(),
         })
     }
@@ -135,6 +141,8 @@ impl RedisBackplane {
             hearing: None,
             channel,
             store_publishes: false,
+            fallback: tokio::sync::OnceCell::new(),
+            config: config.clone(),
             listener: listener.abort_handle(),
         })
     }
@@ -152,12 +160,34 @@ impl RedisBackplane {
 
 #[async_trait]
 impl Backplane for RedisBackplane {
+    /// Publishes on the publishing connection. When that connection is also the subscribed one
+    /// (RESP3) and it is down, or its publish fails, the message goes out on a plain connection
+    /// instead: other instances must hear of a write even while this one cannot listen.
     async fn publish(&self, namespace: &str, invalidation: &Invalidation) -> Result<()> {
         let message = self.hub.encode(namespace, invalidation)?;
         let mut publish = cmd("PUBLISH");
         publish.arg(&self.channel).arg(message);
-        self.publisher.query::<u64>("publish", &publish).await?;
-        Ok(())
+        let Some(hearing) = &self.hearing else {
+            return self
+                .publisher
+                .query::<u64>("publish", &publish)
+                .await
+                .map(drop);
+        };
+        if !hearing.deaf.load(Ordering::SeqCst)
+            && self
+                .publisher
+                .query::<u64>("publish", &publish)
+                .await
+                .is_ok()
+        {
+            return Ok(());
+        }
+        let fallback = self
+            .fallback
+            .get_or_try_init(|| Connection::connect(&self.config))
+            .await?;
+        fallback.query::<u64>("publish", &publish).await.map(drop)
     }
 
     fn subscribe(&self) -> Subscription {

@@ -625,3 +625,53 @@ async fn a_lost_subscription_is_reported_lost_then_resynced() {
         }
     }
 }
+
+/// An instance whose own subscription is down and cannot come back (its user lost the right
+/// to subscribe) still tells the others of its deletes: the publish goes out on a plain
+/// connection. (The delete used to answer `Ok(true)` while the others kept the value.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deaf_instance_still_reaches_the_others() {
+    let server = PrivateRedis::start(&[]);
+    let mut configs = Vec::new();
+    for user in ["deaf", "hearing"] {
+        server.cli(&["ACL", "SETUSER", user, "on", ">pw", "~*", "&*", "+@all"]);
+        configs.push(
+            RedisConfig::from_url(&server.url())
+                .unwrap()
+                .credentials(Some(user), "pw")
+                .response_timeout(Duration::from_millis(300)),
+        );
+    }
+    let deaf = instances(&configs[0], 1).await.remove(0);
+    let hearing = instances(&configs[1], 1).await.remove(0);
+    for (i, key) in ["k", "p:k", "t"].into_iter().enumerate() {
+        deaf.set(key, format!("v{i}")).await.unwrap();
+        assert!(hearing.get(key).await.unwrap().is_some(), "{key} in L1");
+    }
+    server.cli(&["ACL", "SETUSER", "deaf", "-subscribe"]);
+    server.cli(&["CLIENT", "KILL", "USER", "deaf"]);
+    eventually("the deaf instance knows", async || {
+        deaf.stats().resyncs >= 1
+    })
+    .await;
+    // Its store lost its socket too: the first call after the kill fails, then it reconnects.
+    eventually("the store is back", async || {
+        deaf.set("warm", "up".into()).await.is_ok()
+    })
+    .await;
+    assert!(deaf.delete("k").await.unwrap());
+    eventually("the delete reached the other", async || {
+        hearing.get("k").await.unwrap().is_none()
+    })
+    .await;
+    deaf.delete_prefix("p:").await.unwrap();
+    eventually("the prefix delete reached the other", async || {
+        hearing.get("p:k").await.unwrap().is_none()
+    })
+    .await;
+    assert!(deaf.touch("t", Duration::from_secs(1)).await.unwrap());
+    eventually("the touch reached the other", async || {
+        hearing.stats().invalidations_received >= 3
+    })
+    .await;
+}

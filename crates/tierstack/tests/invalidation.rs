@@ -225,3 +225,65 @@ async fn a_deaf_instance_serves_from_l2_until_it_hears_again() {
     assert_eq!(deaf.get("k").await.unwrap(), Some("v2".into()));
     assert_eq!(deaf.stats().l1_hits, hits + 1, "filled again once it hears");
 }
+
+/// A backplane member whose first `failures` publishes fail.
+#[derive(Debug)]
+struct FlakyPublisher {
+    inner: tierstack::core::testkit::MemoryBackplane,
+    failures: std::sync::atomic::AtomicU32,
+}
+
+#[async_trait::async_trait]
+impl tierstack::core::Backplane for FlakyPublisher {
+    async fn publish(
+        &self,
+        namespace: &str,
+        invalidation: &tierstack::core::backplane::Invalidation,
+    ) -> tierstack::core::Result<()> {
+        let failing = self
+            .failures
+            .fetch_update(
+                std::sync::atomic::Ordering::SeqCst,
+                std::sync::atomic::Ordering::SeqCst,
+                |n| n.checked_sub(1),
+            )
+            .is_ok();
+        if failing {
+            return Err(tierstack::core::CacheError::backend(
+                "publish", true, "refused",
+            ));
+        }
+        self.inner.publish(namespace, invalidation).await
+    }
+
+    fn subscribe(&self) -> tierstack::core::backplane::Subscription {
+        self.inner.subscribe()
+    }
+}
+
+/// A publish that fails is tried again: the write stands, and the other instances must hear of
+/// it. (It used to be counted and dropped, and the others kept serving the old value.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_publish_is_tried_again() {
+    let l2 = Arc::new(MemoryStore::new());
+    let bus = MemoryBus::new();
+    let writer = TieredCache::<String>::builder("shared")
+        .l2(l2.clone())
+        .backplane(Arc::new(FlakyPublisher {
+            inner: bus.backplane(),
+            failures: std::sync::atomic::AtomicU32::new(1),
+        }))
+        .l2_timeout(Duration::from_millis(50))
+        .build()
+        .unwrap();
+    let reader = TieredCache::<String>::builder("shared")
+        .l2(l2.clone())
+        .backplane(Arc::new(bus.backplane()))
+        .build()
+        .unwrap();
+    reader.set("k", "v1".into()).await.unwrap();
+    assert_eq!(reader.get("k").await.unwrap(), Some("v1".into()), "in L1");
+    writer.set("k", "v2".into()).await.unwrap();
+    assert_eq!(writer.stats().publish_errors, 1, "the first publish failed");
+    eventually(async || reader.get("k").await.unwrap() == Some("v2".into())).await;
+}

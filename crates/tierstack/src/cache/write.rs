@@ -233,8 +233,10 @@ where
     }
 
     /// Publishes `invalidation` by the operation's `deadline`. If the deadline has passed (the
-    /// L2 call took it all, and may still land), the publish goes on in a task of its own,
-    /// bounded by the L2 timeout: the caller returns on time and the others still evict.
+    /// L2 call took it all, and may still land), the publish goes on in a detached task,
+    /// bounded by the L2 timeout: the caller returns on time and the others still evict. A
+    /// publish that fails is tried once more an L2 timeout later, in a detached task: the write
+    /// stands, and the others must hear of it.
     async fn publish(self: &Arc<Self>, invalidation: Invalidation, deadline: Instant) {
         if self.backplane.is_none() {
             return;
@@ -242,16 +244,31 @@ where
         if Instant::now() >= deadline && tokio::runtime::Handle::try_current().is_ok() {
             self.detach(|this| async move {
                 let deadline = this.deadline();
-                this.publish_by(&invalidation, deadline).await;
+                if !this.publish_by(&invalidation, deadline).await {
+                    this.publish_again_later(invalidation);
+                }
             });
             return;
         }
-        self.publish_by(&invalidation, deadline).await;
+        if !self.publish_by(&invalidation, deadline).await {
+            self.publish_again_later(invalidation);
+        }
     }
 
-    pub(super) async fn publish_by(&self, invalidation: &Invalidation, deadline: Instant) {
+    /// One more try at a publish that failed, an L2 timeout from now.
+    fn publish_again_later(self: &Arc<Self>, invalidation: Invalidation) {
+        self.detach(|this| async move {
+            tokio::time::sleep(this.settings.l2_timeout).await;
+            let deadline = this.deadline();
+            this.publish_by(&invalidation, deadline).await;
+        });
+    }
+
+    /// Publishes `invalidation` by `deadline`; whether it went out (a failure is counted and
+    /// logged).
+    pub(super) async fn publish_by(&self, invalidation: &Invalidation, deadline: Instant) -> bool {
         let Some(backplane) = &self.backplane else {
-            return;
+            return true;
         };
         let call = backplane.publish(self.namespace.as_str(), invalidation);
         let result = match tokio::time::timeout_at(deadline, call).await {
@@ -261,8 +278,12 @@ where
                 after: self.settings.l2_timeout,
             }),
         };
-        if let Err(error) = result {
-            self.publish_failed(&error);
+        match result {
+            Ok(()) => true,
+            Err(error) => {
+                self.publish_failed(&error);
+                false
+            }
         }
     }
 
