@@ -80,6 +80,12 @@ pub enum EnvelopeError {
         /// The bytes actually present after the header.
         present: usize,
     },
+    /// A tombstone whose payload is not its 8-byte nonce.
+    #[error("tombstone with a payload of {len} bytes instead of 8")]
+    MalformedTombstone {
+        /// The payload length.
+        len: usize,
+    },
     /// The payload is larger than the reader accepts.
     #[error("payload of {len} bytes exceeds the cap of {max}")]
     TooLarge {
@@ -130,7 +136,8 @@ impl<'a> Envelope<'a> {
             });
         }
         let flags = header[4];
-        if flags & !KNOWN_FLAGS != 0 || flags == KNOWN_FLAGS {
+        let both = FLAG_NEGATIVE | FLAG_TOMBSTONE;
+        if flags & !KNOWN_FLAGS != 0 || flags & both == both {
             return Err(EnvelopeError::UnknownFlags(flags));
         }
         let tombstone = flags & FLAG_TOMBSTONE != 0;
@@ -144,10 +151,7 @@ impl<'a> Envelope<'a> {
             });
         }
         if tombstone && declared != TOMBSTONE_PAYLOAD_LEN {
-            return Err(EnvelopeError::LengthMismatch {
-                declared,
-                present: TOMBSTONE_PAYLOAD_LEN,
-            });
+            return Err(EnvelopeError::MalformedTombstone { len: declared });
         }
         if declared > max_payload {
             return Err(EnvelopeError::TooLarge {
@@ -226,6 +230,16 @@ pub fn encode_tombstone<C: Codec>(
     out.extend_from_slice(&(TOMBSTONE_PAYLOAD_LEN as u32).to_le_bytes());
     out.extend_from_slice(&nonce.to_le_bytes());
     Bytes::from(out)
+}
+
+/// Whether `bytes` are a tombstone (of any codec). A store's
+/// [`expire`](crate::Store::expire) checks it: a tombstone is no entry, and extending one would
+/// keep a delete's marker alive as if it were a value.
+pub fn is_tombstone(bytes: &[u8]) -> bool {
+    bytes.len() >= HEADER_LEN
+        && bytes[0..2] == MAGIC
+        && bytes[2] == VERSION
+        && bytes[4] & FLAG_TOMBSTONE != 0
 }
 
 /// A number that differs between calls and between processes (a random per-process seed plus a
@@ -308,6 +322,7 @@ mod tests {
         assert_ne!(first, second, "two deletions never write the same bytes");
         let env = Envelope::parse::<Bin>(&first, MAX).unwrap_or_else(|e| panic!("{e}"));
         assert!(env.tombstone && !env.negative);
+        assert!(is_tombstone(&first) && !is_tombstone(&sample()) && !is_tombstone(b"TS"));
         assert_eq!(env.expires_at, until);
         assert!(
             !Envelope::parse::<Bin>(&sample(), MAX)

@@ -149,7 +149,9 @@ pub trait Store: Send + Sync + Debug + 'static {
     }
 
     /// Sets the remaining time to live of a live entry to `ttl` (extending or shortening it);
-    /// `false` if there is no live entry. A sliding expiry calls this on access.
+    /// `false` if there is no live entry. A sliding expiry calls this on access. A tombstone
+    /// ([`envelope::is_tombstone`](crate::envelope::is_tombstone)) counts as no entry: it is
+    /// left as it is, and the answer is `false`.
     async fn expire(&self, key: &str, ttl: Duration) -> Result<bool>;
 
     /// The remaining time to live of `key`, or `None` if there is no live entry.

@@ -855,6 +855,9 @@ impl Store for FirestoreStore {
         let Some(document) = self.read::<StoredDocument>(&full).await? else {
             return Ok(false);
         };
+        if tierstack_core::envelope::is_tombstone(&document.value) {
+            return Ok(false);
+        }
         let (now, now_time) = self.now();
         let fields = ExpiryFields {
             expires_at: now.saturating_add(ttl).to_system_time(),

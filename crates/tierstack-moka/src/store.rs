@@ -8,6 +8,7 @@ use bytes::Bytes;
 use moka::ops::compute::{CompResult, Op};
 use moka::sync::Cache;
 use tierstack_core::clock::{SharedClock, Timestamp, system_clock};
+use tierstack_core::envelope::is_tombstone;
 use tierstack_core::error::Result;
 use tierstack_core::key::{DEFAULT_MAX_STORE_KEY_LEN, validate_key};
 use tierstack_core::store::{Store, StoredEntry, validate_prefix, validate_ttl};
@@ -89,6 +90,31 @@ impl MokaStore {
     }
 }
 
+impl MokaStore {
+    /// Stores `entry` under `key`. Every write goes through moka's per-key compute, which runs
+    /// one at a time per key: a `compare_and_set` that read the key cannot have a plain insert
+    /// land between its read and its write.
+    fn put(&self, key: &str, entry: StoredBytes) {
+        self.cache
+            .entry(key.to_owned())
+            .and_compute_with(|_| Op::Put(entry));
+    }
+
+    /// Removes `key` (through the per-key compute, like [`put`](Self::put)); what it held.
+    fn remove(&self, key: &str) -> Option<StoredBytes> {
+        match self
+            .cache
+            .entry(key.to_owned())
+            .and_compute_with(|current| match current {
+                Some(_) => Op::Remove,
+                None => Op::Nop,
+            }) {
+            CompResult::Removed(entry) => Some(entry.into_value()),
+            _ => None,
+        }
+    }
+}
+
 #[async_trait]
 impl Store for MokaStore {
     async fn get(&self, key: &str) -> Result<Option<Bytes>> {
@@ -106,8 +132,7 @@ impl Store for MokaStore {
         validate_key(key, DEFAULT_MAX_STORE_KEY_LEN)?;
         validate_ttl(ttl)?;
         let expires_at = self.clock.now().saturating_add(ttl);
-        self.cache
-            .insert(key.to_owned(), StoredBytes { value, expires_at });
+        self.put(key, StoredBytes { value, expires_at });
         Ok(())
     }
 
@@ -191,7 +216,7 @@ impl Store for MokaStore {
 
     async fn delete(&self, key: &str) -> Result<bool> {
         validate_key(key, DEFAULT_MAX_STORE_KEY_LEN)?;
-        Ok(self.cache.remove(key).is_some_and(|e| self.is_live(&e)))
+        Ok(self.remove(key).is_some_and(|e| self.is_live(&e)))
     }
 
     async fn expire(&self, key: &str, ttl: Duration) -> Result<bool> {
@@ -202,11 +227,12 @@ impl Store for MokaStore {
             .cache
             .entry(key.to_owned())
             .and_compute_with(|current| match current {
-                Some(entry) if entry.value().expires_at > now => Op::Put(StoredBytes {
+                Some(entry) if entry.value().expires_at <= now => Op::Remove,
+                Some(entry) if is_tombstone(&entry.value().value) => Op::Nop,
+                Some(entry) => Op::Put(StoredBytes {
                     value: entry.into_value().value,
                     expires_at: now.saturating_add(ttl),
                 }),
-                Some(_) => Op::Remove,
                 None => Op::Nop,
             });
         Ok(matches!(result, CompResult::ReplacedWith(_)))
@@ -222,7 +248,7 @@ impl Store for MokaStore {
         validate_prefix(prefix)?;
         let mut removed = 0;
         for key in keys_where(&self.cache, |key, _| key.starts_with(prefix)) {
-            if let Some(entry) = self.cache.remove(key.as_str()) {
+            if let Some(entry) = self.remove(key.as_str()) {
                 removed += u64::from(self.is_live(&entry));
             }
         }
@@ -232,9 +258,17 @@ impl Store for MokaStore {
     async fn sweep_expired(&self) -> Result<u64> {
         let now = self.clock.now();
         let expired = keys_where(&self.cache, |_, entry| entry.expires_at <= now);
-        let count = expired.len() as u64;
+        let mut count = 0;
         for key in expired {
-            self.cache.invalidate(key.as_str());
+            // Only if still expired: the key may have been written since the scan.
+            let result =
+                self.cache
+                    .entry(key.to_string())
+                    .and_compute_with(|current| match current {
+                        Some(entry) if entry.value().expires_at <= now => Op::Remove,
+                        _ => Op::Nop,
+                    });
+            count += u64::from(matches!(result, CompResult::Removed(_)));
         }
         Ok(count)
     }

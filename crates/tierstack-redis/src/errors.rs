@@ -45,12 +45,22 @@ pub(crate) fn map_error(
 /// Whether `error` is the server's refusal to run a command on a key of another type (a list
 /// where a string was expected): foreign data under a cache key.
 pub(crate) fn is_wrong_type(error: &CacheError) -> bool {
+    refused_with(error, "WRONGTYPE")
+}
+
+/// Whether `error` is the server's refusal to write because it is out of memory (`maxmemory`
+/// reached under `noeviction`).
+pub(crate) fn is_out_of_memory(error: &CacheError) -> bool {
+    refused_with(error, "OOM")
+}
+
+fn refused_with(error: &CacheError, code: &str) -> bool {
     let CacheError::Backend { source, .. } = error else {
         return false;
     };
     source
         .downcast_ref::<RedisError>()
-        .is_some_and(|error| error.code() == Some("WRONGTYPE"))
+        .is_some_and(|error| error.code() == Some(code))
 }
 
 #[cfg(test)]

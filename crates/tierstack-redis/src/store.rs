@@ -20,11 +20,12 @@ use tierstack_core::{CacheError, Result};
 use crate::backplane::RedisBackplane;
 use crate::config::RedisConfig;
 use crate::connection::{Connection, by_slot};
-use crate::errors::is_wrong_type;
+use crate::errors::{is_out_of_memory, is_wrong_type};
 
 /// `expire` of one key: its TTL and, if its bytes are an envelope, the expiry written in them,
 /// in one atomic step (so that `get_with_ttl` can read the remaining time from the bytes). Keys
-/// of other types, and strings that are no envelope, get a plain `PEXPIRE`.
+/// of other types, and strings that are no envelope, get a plain `PEXPIRE`; a tombstone is left
+/// as it is (0: no entry).
 static EXPIRE_SCRIPT: LazyLock<String> = LazyLock::new(|| {
     let magic = String::from_utf8_lossy(&envelope::MAGIC).into_owned();
     format!(
@@ -33,6 +34,7 @@ static EXPIRE_SCRIPT: LazyLock<String> = LazyLock::new(|| {
          if kind == 'string' then
            local value = redis.call('GET', KEYS[1])
            if #value >= {header} and string.sub(value, 1, 2) == '{magic}' then
+             if math.floor(string.byte(value, 5) / 2) % 2 == 1 then return 0 end
              redis.call('SET', KEYS[1],
                string.sub(value, 1, {before}) .. ARGV[2] .. string.sub(value, {after}),
                'PX', ARGV[1])
@@ -548,6 +550,9 @@ impl Store for RedisStore {
         Ok(reply.is_some())
     }
 
+    /// `SET … GET`. A key of another type is replaced by a plain `SET`; on a server out of
+    /// memory (`noeviction`), which refuses every write, the key is removed instead: a delete
+    /// still frees what it can, without its tombstone.
     async fn replace(&self, key: &str, value: Bytes, ttl: Duration) -> Result<Option<Bytes>> {
         validate_ttl(ttl)?;
         self.check_value(&value)?;
@@ -571,6 +576,15 @@ impl Store for RedisStore {
                 self.write_announced::<()>("set", command, announcements)
                     .await?;
                 Ok(Some(Bytes::new()))
+            }
+            // A full server (`noeviction`) refuses the write but still removes: the key goes,
+            // which frees memory. What it held reads as empty bytes (an entry).
+            Err(error) if is_out_of_memory(&error) => {
+                let command = self.key_command("UNLINK", key, 0, 0)?;
+                let removed: u64 = self
+                    .write_announced("delete", command, announcements)
+                    .await?;
+                Ok((removed > 0).then(Bytes::new))
             }
             Err(error) => Err(error),
         }

@@ -441,6 +441,14 @@ async fn a_refused_write_changes_nothing_any_instance_serves() {
             "every instance serves what Redis holds"
         );
     }
+    // A delete still works: it removes the key (there is no room for its tombstone).
+    assert!(caches[0].delete("k").await.unwrap());
+    for cache in &caches {
+        eventually("deleted everywhere", async || {
+            cache.get("k").await.unwrap().is_none()
+        })
+        .await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

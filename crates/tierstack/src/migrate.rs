@@ -121,27 +121,25 @@ impl Store for MigratingStore {
     }
 
     /// Atomic within each backend: decided by the new one, or by the old one for an entry that
-    /// is still only there, and then mirrored to the other.
+    /// is still only there. The other backend follows on a condition too (the same bytes, or no
+    /// entry), so that a write that reached it meanwhile (another instance's delete) stays.
     async fn compare_and_set(
         &self,
         key: &str,
         current: &[u8],
         new: Option<(Bytes, Duration)>,
     ) -> Result<bool> {
-        let mirror = if self.new.compare_and_set(key, current, new.clone()).await? {
-            &self.old
-        } else if self.new.get(key).await?.is_none()
-            && self.old.compare_and_set(key, current, new.clone()).await?
+        if self.new.compare_and_set(key, current, new.clone()).await? {
+            self.old.compare_and_set(key, current, new).await?;
+            return Ok(true);
+        }
+        if self.new.get(key).await?.is_some()
+            || !self.old.compare_and_set(key, current, new.clone()).await?
         {
-            &self.new
-        } else {
             return Ok(false);
-        };
-        match new {
-            Some((value, ttl)) => mirror.set(key, value, ttl).await?,
-            None => {
-                mirror.delete(key).await?;
-            }
+        }
+        if let Some((value, ttl)) = new {
+            self.new.set_if_absent(key, value, ttl).await?;
         }
         Ok(true)
     }
@@ -188,5 +186,92 @@ impl Store for MigratingStore {
     async fn ping(&self) -> Result<()> {
         self.new.ping().await?;
         self.old.ping().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use tierstack_core::testkit::MemoryStore;
+
+    use super::*;
+
+    /// A store that runs a hook right after its next `get`: another instance's write landing
+    /// between two steps of a decorator.
+    #[derive(Debug)]
+    struct AfterGet {
+        inner: MemoryStore,
+        hook: Mutex<Option<Bytes>>,
+    }
+
+    #[async_trait]
+    impl Store for AfterGet {
+        async fn get(&self, key: &str) -> Result<Option<Bytes>> {
+            let found = self.inner.get(key).await?;
+            let landing = self
+                .hook
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .take();
+            if let Some(bytes) = landing {
+                self.inner.put_raw(key, bytes, Duration::from_secs(60));
+            }
+            Ok(found)
+        }
+        async fn set(&self, key: &str, value: Bytes, ttl: Duration) -> Result<()> {
+            self.inner.set(key, value, ttl).await
+        }
+        async fn set_if_absent(&self, key: &str, value: Bytes, ttl: Duration) -> Result<bool> {
+            self.inner.set_if_absent(key, value, ttl).await
+        }
+        async fn replace(&self, key: &str, value: Bytes, ttl: Duration) -> Result<Option<Bytes>> {
+            self.inner.replace(key, value, ttl).await
+        }
+        async fn compare_and_set(
+            &self,
+            key: &str,
+            current: &[u8],
+            new: Option<(Bytes, Duration)>,
+        ) -> Result<bool> {
+            self.inner.compare_and_set(key, current, new).await
+        }
+        async fn delete(&self, key: &str) -> Result<bool> {
+            self.inner.delete(key).await
+        }
+        async fn expire(&self, key: &str, ttl: Duration) -> Result<bool> {
+            self.inner.expire(key, ttl).await
+        }
+        async fn ttl(&self, key: &str) -> Result<Option<Duration>> {
+            self.inner.ttl(key).await
+        }
+        async fn delete_prefix(&self, prefix: &str) -> Result<u64> {
+            self.inner.delete_prefix(prefix).await
+        }
+        async fn ping(&self) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    /// The old backend alone holds what a load saw; another instance's delete reaches the new
+    /// backend while the migrating store is deciding. The loaded value wins in the old backend
+    /// but must not overwrite the delete's marker in the new one (it used to: a plain `set`).
+    #[tokio::test]
+    async fn a_conditional_write_never_overwrites_what_landed_meanwhile() {
+        let ttl = Duration::from_secs(60);
+        let old = Arc::new(MemoryStore::new());
+        old.put_raw("k", Bytes::from_static(b"seen"), ttl);
+        let new = Arc::new(AfterGet {
+            inner: MemoryStore::new(),
+            hook: Mutex::new(Some(Bytes::from_static(b"deleted meanwhile"))),
+        });
+        let store = MigratingStore::new(old.clone(), new.clone());
+        let loaded = Some((Bytes::from_static(b"loaded"), ttl));
+        assert!(store.compare_and_set("k", b"seen", loaded).await.unwrap());
+        assert_eq!(
+            new.inner.get("k").await.unwrap().as_deref(),
+            Some(&b"deleted meanwhile"[..])
+        );
+        assert_eq!(old.get("k").await.unwrap().as_deref(), Some(&b"loaded"[..]));
     }
 }

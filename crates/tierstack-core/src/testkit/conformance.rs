@@ -96,6 +96,7 @@ macro_rules! store_conformance_tests {
             exists_tracks_presence,
             expire_extends_and_shortens,
             expire_of_an_envelope_shows_in_get_with_ttl,
+            expire_leaves_a_tombstone_alone,
             ttl_reports_remaining_time,
             delete_prefix_takes_glob_characters_literally,
             delete_prefix_handles_unicode,
@@ -513,6 +514,23 @@ pub async fn compare_and_set_can_remove_and_ignores_expired_entries(h: &Harness)
         "over an expired entry"
     ));
     assert_eq!(ok(h.store.get(&key).await, "get"), None);
+}
+
+/// `expire` of a tombstone answers `false` and leaves it as it was: a delete's marker is no
+/// entry, and must not outlive its own time to live.
+pub async fn expire_leaves_a_tombstone_alone(h: &Harness) {
+    use crate::clock::Timestamp;
+    let key = h.key("tombstone");
+    let tombstone = crate::envelope::encode_tombstone::<crate::codec::BincodeCodec>(
+        Timestamp::EPOCH,
+        Timestamp::from_millis(1),
+        crate::envelope::tombstone_nonce(),
+    );
+    ok(h.store.set(&key, tombstone.clone(), SHORT).await, "set");
+    assert!(!ok(h.store.expire(&key, LONG).await, "expire"));
+    let ttl = ok(h.store.ttl(&key).await, "ttl").unwrap_or_default();
+    assert!(ttl <= SHORT, "not extended: {ttl:?}");
+    assert_eq!(ok(h.store.get(&key).await, "get"), Some(tombstone));
 }
 
 /// `delete` removes and says whether a live entry existed.

@@ -174,6 +174,7 @@ impl Store for MemoryStore {
         validate_ttl(ttl)?;
         let now = self.clock.now();
         Ok(Self::live(&mut self.lock(), key, now)
+            .filter(|(value, _)| !crate::envelope::is_tombstone(value))
             .map(|(_, exp)| *exp = now.saturating_add(ttl))
             .is_some())
     }

@@ -308,8 +308,8 @@ where
 
     /// Sets the remaining time to live of `key` to `ttl` in both tiers (a sliding expiry calls it
     /// on each access); `false` if there is no entry. Other instances evict their copy, so none
-    /// serves it past a shortened deadline. With an L2 it is two round trips: a read (a
-    /// tombstone is no entry, and is not extended), then the new TTL.
+    /// serves it past a shortened deadline. A deleted key's tombstone is no entry: it is not
+    /// extended.
     ///
     /// # Errors
     ///

@@ -158,20 +158,11 @@ where
                 let store_key = self.namespace.store_key(key);
                 let extended =
                     match tokio::time::timeout_at(deadline, self.freshness.lock_key(key)).await {
-                        // Only an entry is extended: not a tombstone, which would then keep
-                        // answering "exists" to `expire`.
-                        Ok(_lock) => match self.read_l2(key, deadline, false).await {
-                            Ok(super::read::L2Read::Hit { .. }) => {
-                                let in_flight = InFlightWrite::new(self, key);
-                                let extended = self
-                                    .l2_call(L2Op::Other, deadline, l2.expire(&store_key, ttl))
-                                    .await;
-                                in_flight.finished();
-                                extended
-                            }
-                            Ok(super::read::L2Read::Miss { .. }) => Ok(false),
-                            Err(error) => Err(error),
-                        },
+                        // A tombstone is no entry to `expire`: it stays as it is.
+                        Ok(_lock) => {
+                            self.l2_call(L2Op::Other, deadline, l2.expire(&store_key, ttl))
+                                .await
+                        }
                         Err(_) => Err(CacheError::Timeout {
                             operation: L2Op::Other.label(),
                             after: self.settings.l2_timeout,
