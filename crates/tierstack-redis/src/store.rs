@@ -71,8 +71,12 @@ const SCAN_BATCH: usize = 1_000;
 /// nothing to do.
 ///
 /// A store connected with its backplane ([`connect_with_backplane`](Self::connect_with_backplane))
-/// announces its own key writes: each `set`, `set_many`, `delete`, `delete_many` and `expire`
-/// sends the invalidation of its keys right after the write, in the same pipeline.
+/// announces its own key writes: each `set`, `set_many`, `replace`, `delete`, `delete_many` and
+/// `expire` sends the invalidation of its keys right after the write, in the same pipeline.
+/// (`compare_and_set` is not announced: it only replaces what its caller read, which no instance
+/// serves as a value.)
+///
+/// Needs Redis 6.2 or later (`SET … GET`).
 #[derive(Clone)]
 pub struct RedisStore {
     conn: Connection,

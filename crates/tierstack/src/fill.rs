@@ -2,8 +2,8 @@
 //! byte budget.
 //!
 //! A value that `get_or_load` loaded came from the origin: nobody wrote it, so no reader depends
-//! on finding it in L2 at once. Once L1 holds it, the callers can have it; the L2 write
-//! (`set_if_absent`) only spares the other instances a load of their own. Writing it in the
+//! on finding it in L2 at once. Once L1 holds it, the callers can have it; the L2 write only
+//! spares the other instances a load of their own. Writing it in the
 //! background takes one L2 round trip out of every miss.
 //!
 //! The budget bounds what background writes may hold (their encoded values) while L2 is slow or
@@ -15,9 +15,11 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// How [`get_or_load`](crate::TieredCache::get_or_load) writes a loaded value to L2.
 ///
-/// Either way the write is `set_if_absent` (a value another writer stored meanwhile wins), it is
-/// skipped if the key was written, deleted or invalidated since the load began, and it is ordered
-/// before any later `set`, `delete`, `touch` or `delete_prefix` of the key from this cache.
+/// Either way the write only replaces what the load saw in L2 (nothing: `set_if_absent`; a
+/// tombstone, a negative entry or undecodable bytes: `compare_and_set`), so a value another
+/// writer stored meanwhile wins, and so does a delete on any instance; it is skipped if the key
+/// was written, deleted or invalidated since the load began, and it is ordered before any later
+/// `set`, `delete`, `touch` or `delete_prefix` of the key from this cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum L2Fill {

@@ -190,6 +190,12 @@ impl Freshness {
         generation == watch.generation && self.global.load(Ordering::SeqCst) == watch.stripes.global
     }
 
+    /// Whether no write or invalidation of the watched key itself came since the watch began
+    /// (changes of every key aside).
+    pub(crate) fn own_key_unchanged(&self, watch: &KeyWatch) -> bool {
+        self.watched_now(watch).0 == watch.generation
+    }
+
     /// Whether nothing at all invalidated the watched key since the watch began, L1-only
     /// evictions and clears included: whether its loaded value may stay in L1.
     pub(crate) fn watch_is_current(&self, watch: &KeyWatch) -> bool {

@@ -287,3 +287,65 @@ async fn a_failed_publish_is_tried_again() {
     assert_eq!(writer.stats().publish_errors, 1, "the first publish failed");
     eventually(async || reader.get("k").await.unwrap() == Some("v2".into())).await;
 }
+
+/// A backplane member whose first publish never finishes (it says when it started).
+#[derive(Debug)]
+struct StuckFirstPublish {
+    inner: tierstack::core::testkit::MemoryBackplane,
+    first: std::sync::atomic::AtomicBool,
+    started: Arc<Notify>,
+}
+
+#[async_trait::async_trait]
+impl tierstack::core::Backplane for StuckFirstPublish {
+    async fn publish(
+        &self,
+        namespace: &str,
+        invalidation: &tierstack::core::backplane::Invalidation,
+    ) -> tierstack::core::Result<()> {
+        if self.first.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            self.started.notify_one();
+            std::future::pending::<()>().await;
+        }
+        self.inner.publish(namespace, invalidation).await
+    }
+
+    fn subscribe(&self) -> tierstack::core::backplane::Subscription {
+        self.inner.subscribe()
+    }
+}
+
+/// A `set` whose caller gives up while its invalidation is being published has written L2: the
+/// others are still told, by a detached task. (The cancelled publish used to be the only one.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_set_cancelled_while_publishing_still_reaches_the_others() {
+    let l2 = Arc::new(MemoryStore::new());
+    let bus = MemoryBus::new();
+    let started = Arc::new(Notify::new());
+    let writer = TieredCache::<String>::builder("shared")
+        .l2(l2.clone())
+        .backplane(Arc::new(StuckFirstPublish {
+            inner: bus.backplane(),
+            first: std::sync::atomic::AtomicBool::new(true),
+            started: started.clone(),
+        }))
+        .build()
+        .unwrap();
+    let reader = TieredCache::<String>::builder("shared")
+        .l2(l2.clone())
+        .backplane(Arc::new(bus.backplane()))
+        .build()
+        .unwrap();
+    reader.set("k", "v1".into()).await.unwrap();
+    assert_eq!(reader.get("k").await.unwrap(), Some("v1".into()), "in L1");
+    let set = {
+        let writer = writer.clone();
+        tokio::spawn(async move { writer.set("k", "v2".into()).await })
+    };
+    tokio::time::timeout(Duration::from_secs(5), started.notified())
+        .await
+        .expect("the publish starts");
+    set.abort();
+    assert!(set.await.unwrap_err().is_cancelled());
+    eventually(async || reader.get("k").await.unwrap() == Some("v2".into())).await;
+}

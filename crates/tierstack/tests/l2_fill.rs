@@ -475,3 +475,23 @@ async fn a_deleted_key_has_no_ttl_and_touch_finds_nothing() {
         "a tombstone is not corrupt"
     );
 }
+
+/// A background fill that L2 refuses (another instance deleted the key meanwhile) takes its L1
+/// copy back, even when an invalidation of every key (here an unrelated prefix) came in
+/// between: that one need not have removed it. (It used to stay, served until its TTL.)
+#[tokio::test]
+async fn a_refused_fill_leaves_l1_even_after_an_unrelated_prefix_invalidation() {
+    let (fx, cache) = with_a_held_fill("k", "loaded before the delete").await;
+    fx.cache().delete("k").await.unwrap();
+    let prefix = {
+        let cache = cache.clone();
+        tokio::spawn(async move { cache.delete_prefix("unrelated:").await })
+    };
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    fx.faulty.hold_writes(false);
+    prefix.await.unwrap().unwrap();
+    cache.wait_for_background_fills().await;
+    assert_eq!(cache.get("k").await.unwrap(), None);
+}

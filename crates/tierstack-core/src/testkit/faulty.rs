@@ -89,8 +89,10 @@ impl FaultyStore {
         self.state.delay_micros.store(micros, Ordering::SeqCst);
     }
 
-    /// Holds every write (`set`, `set_many`, `set_if_absent`) at its start (`true`) until told to
-    /// let them through (`false`): a write in flight, frozen, for ordering tests.
+    /// Holds every conditional or plain write (`set`, `set_many`, `set_if_absent`,
+    /// `compare_and_set`: a load's fill, the removal of undecodable bytes) at its start (`true`)
+    /// until told to let them through (`false`): a write in flight, frozen, for ordering tests.
+    /// `replace` and `delete` (a delete's writes) are not held.
     pub fn hold_writes(&self, held: bool) {
         self.state.writes_held.send_replace(held);
     }

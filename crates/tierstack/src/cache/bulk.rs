@@ -15,6 +15,9 @@ use tierstack_core::key::fingerprint;
 use tierstack_core::{Codec, Result};
 
 use super::Inner;
+
+/// How many conditional writes of one bulk fill are in flight at once.
+const BULK_FILL_CONCURRENCY: usize = 64;
 use super::read::L2Read;
 use crate::error::LoadError;
 use crate::freshness::KeyWatch;
@@ -161,11 +164,9 @@ where
                 None => L2Read::Miss { seen: None },
             };
             match read {
-                L2Read::Hit { value, ttl, bytes } => {
+                L2Read::Hit { value, ttl, .. } => {
                     self.recorder.l2_hit();
                     self.fill_l1_since(key, value.clone(), ttl, snapshot);
-                    // A negative entry answers `get_many`; a load replaces it.
-                    seen[index] = Some(bytes);
                     found[index] = Some(value);
                 }
                 L2Read::Miss { seen: there } => {
@@ -227,26 +228,23 @@ where
         }
         let written: Vec<bool> = match (&self.l2, &locks) {
             (Some(l2), Some(_)) => {
-                let calls = writes
-                    .iter()
-                    .map(|(watch, _, ttl, bytes, seen)| async move {
-                        let store_key = self.namespace.store_key(watch.key());
-                        let write = async {
-                            match seen {
-                                None => l2.set_if_absent(&store_key, bytes.clone(), *ttl).await,
-                                Some(seen) => {
-                                    let new = Some((bytes.clone(), *ttl));
-                                    l2.compare_and_set(&store_key, seen, new).await
-                                }
-                            }
-                        };
-                        // Like a single fill: L1 keeps a value that L2 did not refuse (a failed L2
-                        // keeps serving from L1), and drops one that lost to another writer.
-                        self.l2_call(L2Op::Set, deadline, write)
-                            .await
-                            .unwrap_or(true)
+                let mut written = Vec::with_capacity(writes.len());
+                // At most `BULK_FILL_CONCURRENCY` at a time, in order: a large batch does not
+                // take every slot of the L2 connection from other callers.
+                for chunk in writes.chunks(BULK_FILL_CONCURRENCY) {
+                    let calls = chunk.iter().map(|(watch, _, ttl, bytes, seen)| {
+                        self.fill_one(
+                            l2.as_ref(),
+                            watch.key(),
+                            bytes,
+                            *ttl,
+                            seen.as_ref(),
+                            deadline,
+                        )
                     });
-                futures_util::future::join_all(calls).await
+                    written.extend(futures_util::future::join_all(calls).await);
+                }
+                written
             }
             // No L2, or its locks timed out: L1 only.
             _ => vec![true; writes.len()],
@@ -259,5 +257,32 @@ where
                 });
             }
         }
+    }
+
+    /// One key's conditional write of a bulk fill: over no entry, or over the bytes its read
+    /// saw. Like a single fill, L1 keeps a value that L2 did not refuse (a failing L2 keeps
+    /// serving from L1), and drops one that lost to another writer.
+    async fn fill_one(
+        &self,
+        l2: &dyn tierstack_core::Store,
+        key: &str,
+        bytes: &Bytes,
+        ttl: Duration,
+        seen: Option<&Bytes>,
+        deadline: tokio::time::Instant,
+    ) -> bool {
+        let store_key = self.namespace.store_key(key);
+        let write = async {
+            match seen {
+                None => l2.set_if_absent(&store_key, bytes.clone(), ttl).await,
+                Some(seen) => {
+                    let new = Some((bytes.clone(), ttl));
+                    l2.compare_and_set(&store_key, seen, new).await
+                }
+            }
+        };
+        self.l2_call(L2Op::Set, deadline, write)
+            .await
+            .unwrap_or(true)
     }
 }

@@ -316,11 +316,13 @@ where
         }
     }
 
-    /// Takes back the L1 fill of a background write that L2 did not take, unless the key has
-    /// changed since (then whatever L1 holds is newer than the fill, or already gone).
+    /// Takes back the L1 fill of a background write that L2 did not take, unless the key itself
+    /// was written or invalidated since (then whatever L1 holds is newer than the fill, or
+    /// already gone). A change of every key (an unrelated prefix's invalidation) does not
+    /// spare the fill: it may not have removed it.
     fn drop_unwritten_fill(&self, watch: &KeyWatch) {
         let Some(l1) = &self.l1 else { return };
-        if self.freshness.watch_is_current(watch) {
+        if self.freshness.own_key_unchanged(watch) {
             l1.invalidate(watch.key());
         }
     }

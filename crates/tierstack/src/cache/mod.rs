@@ -278,7 +278,8 @@ where
     }
 
     /// Removes every key that starts with `prefix` (literally) from both tiers and tells the other
-    /// instances; returns how many L2 entries were removed. An empty prefix clears the namespace.
+    /// instances; returns how many L2 entries were removed (the tombstones of recent deletes
+    /// count too). An empty prefix clears the namespace.
     ///
     /// # Errors
     ///

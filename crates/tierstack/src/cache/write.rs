@@ -41,15 +41,15 @@ where
         // value out of L1, so that every instance converges on what L2 holds.
         let before = self.freshness.snapshot(key);
         let deadline = self.deadline();
+        let in_flight = InFlightWrite::new(self, key);
         if let Some(l2) = &self.l2 {
             let store_key = self.namespace.store_key(key);
-            let in_flight = InFlightWrite::new(self, key);
             let written = self
                 .l2_call(L2Op::Set, deadline, l2.set(&store_key, bytes, ttl))
                 .await;
-            in_flight.finished();
             if let Err(error) = written {
                 self.invalidate_after_failure(key, deadline).await;
+                in_flight.finished();
                 return Err(error);
             }
         }
@@ -60,6 +60,7 @@ where
             self.evict_local(key);
         }
         self.publish_keys(key, deadline).await;
+        in_flight.finished();
         Ok(())
     }
 
@@ -67,6 +68,7 @@ where
         self.check_key(key)?;
         let deadline = self.deadline();
         let in_l1 = self.l1.as_ref().is_some_and(|l1| l1.get(key).is_some());
+        let in_flight = InFlightWrite::new(self, key);
         let removed = if let Some(l2) = &self.l2 {
             let store_key = self.namespace.store_key(key);
             // The key's lock waits for a load's L2 write of the key already under way, so that
@@ -82,7 +84,6 @@ where
                     now.saturating_add(ttl),
                     envelope::tombstone_nonce(),
                 );
-                let in_flight = InFlightWrite::new(self, key);
                 let replaced = self
                     .l2_call(
                         L2Op::Delete,
@@ -90,7 +91,6 @@ where
                         l2.replace(&store_key, tombstone, ttl),
                     )
                     .await;
-                in_flight.finished();
                 // Under the lock: a fill that takes it next sees the key changed.
                 self.evict_local(key);
                 replaced.map(|old| old.is_some_and(|bytes| self.is_entry(&bytes)))
@@ -105,7 +105,7 @@ where
             self.evict_local(key);
             Ok(false)
         };
-        match removed {
+        let answer = match removed {
             Ok(removed) => {
                 self.publish_keys(key, deadline).await;
                 Ok(removed || in_l1)
@@ -114,7 +114,9 @@ where
                 self.invalidate_after_failure(key, deadline).await;
                 Err(error)
             }
-        }
+        };
+        in_flight.finished();
+        answer
     }
 
     pub(super) async fn delete_prefix(self: &Arc<Self>, prefix: &str) -> Result<u64> {
@@ -153,6 +155,7 @@ where
         // Taken before L1 is read: an invalidation after it keeps the L1 copy from coming back.
         let before = self.freshness.snapshot(key);
         let local = self.l1.as_ref().and_then(|l1| l1.get(key));
+        let in_flight = InFlightWrite::new(self, key);
         let existed = match &self.l2 {
             Some(l2) => {
                 let store_key = self.namespace.store_key(key);
@@ -172,6 +175,7 @@ where
                     Ok(existed) => existed,
                     Err(error) => {
                         self.invalidate_after_failure(key, deadline).await;
+                        in_flight.finished();
                         return Err(error);
                     }
                 }
@@ -186,6 +190,7 @@ where
             _ => self.evict_local(key),
         }
         self.publish_keys(key, deadline).await;
+        in_flight.finished();
         Ok(existed)
     }
 
@@ -286,9 +291,10 @@ where
     }
 }
 
-/// Armed while a write's L2 call is in flight. If the caller drops the call there (a timeout of
-/// its own, a `select!`), the write may still land: the drop evicts the local copy and tells
-/// the other instances, as a failed write does.
+/// Armed from before a write's L2 call until the other instances have been told. If the caller
+/// drops the call in between (a timeout of its own, a `select!`), the write may have landed or
+/// may still land: the drop evicts the local copy and tells the other instances, in a detached
+/// task, as a failed write does.
 struct InFlightWrite<'a, V, C>
 where
     V: Clone + Send + Sync + Serialize + DeserializeOwned + 'static,
