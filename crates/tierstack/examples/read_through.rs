@@ -13,7 +13,7 @@ use tierstack::core::testkit::MemoryBus;
 use tierstack::core::{Backplane, Store};
 use tierstack::moka::MokaStore;
 use tierstack::{CacheStats, TieredCache};
-use tierstack_redis::{RedisBackplane, RedisConfig, RedisStore};
+use tierstack_redis::{RedisConfig, RedisStore};
 
 /// How many distinct keys the demo reads.
 const KEYS: usize = 100;
@@ -99,10 +99,12 @@ impl Shared {
     async fn instance(&self) -> Result<TieredCache<String>, tierstack::CacheError> {
         let (l2, backplane): (Arc<dyn Store>, Arc<dyn Backplane>) = match self {
             Self::Embedded { l2, bus } => (l2.clone(), Arc::new(bus.backplane())),
-            Self::Redis(config) => (
-                Arc::new(RedisStore::connect(config).await?),
-                Arc::new(RedisBackplane::connect(config).await?),
-            ),
+            // Paired: each write and its invalidation in one round trip (what
+            // `StoreConfig::connect` answers for CACHE_BACKEND=redis).
+            Self::Redis(config) => {
+                let (store, backplane) = RedisStore::connect_with_backplane(config).await?;
+                (Arc::new(store), Arc::new(backplane))
+            }
         };
         TieredCache::builder("profiles")
             .l2(l2)

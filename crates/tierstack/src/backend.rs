@@ -1,10 +1,18 @@
-//! Choosing the L2 by configuration (seed 001): a service changes backend by changing its
-//! environment, not its code.
+//! Choosing the L2 by configuration: a service changes backend by changing its environment, not
+//! its code.
+//!
+//! ```no_run
+//! # async fn run() -> tierstack::core::Result<()> {
+//! use tierstack::{StoreConfig, TieredCache};
+//! let backend = StoreConfig::from_env()?.connect().await?;
+//! let cache: TieredCache<String> = backend.apply(TieredCache::builder("users")).build()?;
+//! # Ok(()) }
+//! ```
 //!
 //! | variable | meaning | default |
 //! |---|---|---|
 //! | `CACHE_BACKEND` | `memory`, `redis` or `firestore` | `memory` |
-//! | `CACHE_MEMORY_MAX_BYTES` | the `memory` backend's budget | 268435456 (256 MiB) |
+//! | `CACHE_MEMORY_MAX_BYTES` | the `memory` backend's budget, at least 1 | 268435456 (256 MiB) |
 //! | `REDIS_URL` | `redis://[user[:password]@]host[:port][/db]` (`rediss://` with TLS) | required for `redis` without a cluster |
 //! | `REDIS_CLUSTER_URLS` | comma-separated node URLs: a Redis Cluster | |
 //! | `REDIS_KEY_PREFIX` | prefix of every Redis key | empty |
@@ -19,7 +27,39 @@
 use std::fmt;
 use std::sync::Arc;
 
-use tierstack_core::{CacheError, Result, Store};
+use tierstack_core::{Backplane, CacheError, Codec, Result, Store};
+
+use crate::TieredCacheBuilder;
+
+/// What a cache needs from the configured backend: its store and, where the backend has one,
+/// the backplane that keeps every instance's L1 fresh.
+///
+/// Redis comes with its backplane, paired with the store (one round trip per write). The memory
+/// backend lives in one process and Firestore has no pub/sub: they come without one, so
+/// several instances on Firestore keep L1 copies up to their `l1_ttl` after another instance's
+/// write; set a short `l1_ttl`, or add a Redis backplane.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Backend {
+    /// The L2.
+    pub store: Arc<dyn Store>,
+    /// The backplane, if the backend has one.
+    pub backplane: Option<Arc<dyn Backplane>>,
+}
+
+impl Backend {
+    /// Gives `builder` this backend's store and backplane.
+    pub fn apply<V, C: Codec>(self, builder: TieredCacheBuilder<V, C>) -> TieredCacheBuilder<V, C>
+    where
+        V: Clone + Send + Sync + serde::Serialize + serde::de::DeserializeOwned + 'static,
+    {
+        let builder = builder.l2(self.store);
+        match self.backplane {
+            Some(backplane) => builder.backplane(backplane),
+            None => builder,
+        }
+    }
+}
 
 /// Which L2 to use, and its settings.
 #[derive(Clone)]
@@ -73,6 +113,11 @@ impl StoreConfig {
                     })?,
                     None => 256 * 1024 * 1024,
                 };
+                if max_bytes == 0 {
+                    return Err(CacheError::Configuration(
+                        "CACHE_MEMORY_MAX_BYTES must be at least 1".into(),
+                    ));
+                }
                 Ok(Self::Memory { max_bytes })
             }
             "redis" => redis_from_vars(&var),
@@ -83,7 +128,12 @@ impl StoreConfig {
         }
     }
 
-    /// Connects to the configured backend.
+    /// Connects to the configured backend: its store and, for Redis, the backplane paired with
+    /// it ([`RedisStore::connect_with_backplane`](tierstack_redis::RedisStore::connect_with_backplane)).
+    ///
+    /// # Errors
+    ///
+    /// The backend's connection errors (a server that does not answer, refused credentials).
     #[cfg_attr(
         not(any(feature = "redis", feature = "firestore")),
         expect(
@@ -91,17 +141,26 @@ impl StoreConfig {
             reason = "async for the network backends, which these features leave out"
         )
     )]
-    pub async fn connect(&self) -> Result<Arc<dyn Store>> {
+    pub async fn connect(&self) -> Result<Backend> {
         match self {
-            Self::Memory { max_bytes } => Ok(Arc::new(tierstack_moka::MokaStore::new(*max_bytes))),
+            Self::Memory { max_bytes } => Ok(Backend {
+                store: Arc::new(tierstack_moka::MokaStore::new(*max_bytes)),
+                backplane: None,
+            }),
             #[cfg(feature = "redis")]
-            Self::Redis(config) => Ok(Arc::new(
-                tierstack_redis::RedisStore::connect(config).await?,
-            )),
+            Self::Redis(config) => {
+                let (store, backplane) =
+                    tierstack_redis::RedisStore::connect_with_backplane(config).await?;
+                Ok(Backend {
+                    store: Arc::new(store),
+                    backplane: Some(Arc::new(backplane)),
+                })
+            }
             #[cfg(feature = "firestore")]
-            Self::Firestore(config) => Ok(Arc::new(
-                tierstack_firestore::FirestoreStore::connect(config).await?,
-            )),
+            Self::Firestore(config) => Ok(Backend {
+                store: Arc::new(tierstack_firestore::FirestoreStore::connect(config).await?),
+                backplane: None,
+            }),
         }
     }
 }
@@ -210,6 +269,7 @@ mod tests {
         for bad in [
             vec![("CACHE_BACKEND", "memcached")],
             vec![("CACHE_MEMORY_MAX_BYTES", "lots")],
+            vec![("CACHE_MEMORY_MAX_BYTES", "0")],
             vec![("CACHE_BACKEND", "redis")],
             vec![("CACHE_BACKEND", "firestore")],
             vec![

@@ -66,7 +66,7 @@ pub mod handles;
 pub mod migrate;
 mod stats;
 
-pub use backend::StoreConfig;
+pub use backend::{Backend, StoreConfig};
 pub use cache::{TieredCache, TieredCacheBuilder};
 pub use error::LoadError;
 pub use fill::L2Fill;
