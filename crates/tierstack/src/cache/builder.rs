@@ -187,6 +187,11 @@ where
     }
 
     /// Builds the cache, checking the configuration.
+    ///
+    /// The cache registers its [`metrics`](https://docs.rs/metrics) handles here, once (never per
+    /// call): install the process's metrics recorder **before** building caches, or they
+    /// record into the no-op recorder for good. (`metrics` gives no way to tell which recorder
+    /// a handle went to.) [`stats`](TieredCache::stats) counts either way.
     pub fn build(self) -> Result<TieredCache<V, C>> {
         let namespace = Namespace::new(&self.namespace)
             .map_err(|e| CacheError::Configuration(format!("namespace: {e}")))?;
