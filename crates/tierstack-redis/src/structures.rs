@@ -128,12 +128,13 @@ impl Sessions {
 
     fn key(&self, id: &str, suffix: &str) -> Result<String> {
         validate_key(id, DEFAULT_MAX_STORE_KEY_LEN)?;
-        // The escaped id holds no `:`, so the key reads back as exactly one id and suffix.
-        Ok(format!(
-            "{}{{{}}}:{suffix}",
-            self.prefix,
-            compose_key(&[id])
-        ))
+        // The escaped id holds no `:`, so the key reads back as exactly one id and suffix; and
+        // no brace, so the hash tag is the whole id whatever it holds (an id of `}` would
+        // otherwise end the tag early, and the session's keys would land in different slots).
+        let id = compose_key(&[id])
+            .replace('{', "%7B")
+            .replace('}', "%7D");
+        Ok(format!("{}{{{id}}}:{suffix}", self.prefix))
     }
 
     /// Sets `fields` of session `id` (other fields stay), and restarts its time to live.

@@ -299,3 +299,31 @@ async fn a_cap_redis_cannot_trim_to_is_refused_up_front() {
         CappedList::new(&store, "largest", (1 << 32) - 1, Duration::from_secs(60)).unwrap();
     assert_eq!(largest.append(b"item").await.unwrap(), 1);
 }
+
+/// Session ids with hash-tag braces of their own: every key of one session must still share a
+/// slot on a cluster (a script on several keys of different slots fails with CROSSSLOT), and
+/// two ids must never share keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_ids_with_braces_keep_their_keys_together() {
+    for store in stores("session-braces").await {
+        let sessions = Sessions::new(&store, Duration::from_secs(60)).unwrap();
+        let ids = ["}", "{", "{}", "}x{", "a}b{c", "{tag}", "x{y}z"];
+        for id in ids {
+            sessions
+                .set_fields(id, &[("who", id.as_bytes())])
+                .await
+                .unwrap();
+            let chain = sessions.list(id, "chain", 5).unwrap();
+            chain.append(id.as_bytes()).await.unwrap();
+            assert_eq!(sessions.touch(id).await.unwrap(), 2, "{id:?}");
+        }
+        for id in ids {
+            assert_eq!(
+                sessions.get_field(id, "who").await.unwrap().as_deref(),
+                Some(id.as_bytes()),
+                "{id:?} kept its own fields"
+            );
+            assert_eq!(sessions.delete(id).await.unwrap(), 2, "{id:?}");
+        }
+    }
+}
