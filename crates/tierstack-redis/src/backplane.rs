@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use backon::{BackoffBuilder, ExponentialBuilder};
 use futures_util::StreamExt;
 use redis::aio::PubSubSink;
 use redis::{PushInfo, PushKind, Value, cmd};
@@ -21,9 +22,21 @@ use crate::errors::map_error;
 
 /// The first pause between two attempts to resubscribe, doubled after each failure.
 const FIRST_BACKOFF: Duration = Duration::from_millis(50);
-/// The longest pause between two attempts to resubscribe: short, because a deaf cache reads
-/// every value from L2.
-const MAX_BACKOFF: Duration = Duration::from_millis(500);
+/// The longest pause before jitter (which adds up to as much again): short, because a deaf
+/// cache reads every value from L2.
+const MAX_BACKOFF: Duration = Duration::from_millis(250);
+
+/// The pauses between attempts to resubscribe: from 50 ms, doubling, at most 250 ms plus a
+/// random jitter of up to as much again (instances that lost the server together do not all
+/// come back at the same instant), for as long as it takes.
+fn resubscribe_pauses() -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::new()
+        .with_min_delay(FIRST_BACKOFF)
+        .with_max_delay(MAX_BACKOFF)
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
 
 /// A [`Backplane`] on Redis pub/sub (standalone or cluster: a cluster forwards `PUBLISH` to
 /// every node).
@@ -42,7 +55,7 @@ const MAX_BACKOFF: Duration = Duration::from_millis(500);
 /// [`Lost`](tierstack_core::BackplaneEvent::Lost) (a cache clears its L1 and fills it no more),
 /// and once it is re-established [`Resync`](tierstack_core::BackplaneEvent::Resync) (it clears
 /// L1 again and fills it again). The backplane resubscribes by itself, with a backoff of up to
-/// 500 ms.
+/// 500 ms (jitter included).
 pub struct RedisBackplane {
     hub: BackplaneHub,
     publisher: Connection,
@@ -262,11 +275,11 @@ async fn keep_subscribed(
                 continue;
             }
         }
-        let mut backoff = FIRST_BACKOFF;
+        let mut pauses = resubscribe_pauses();
         while let Err(error) = connection.reconnect().await {
-            tracing::warn!(error = %error, retry_in = ?backoff, "backplane cannot resubscribe");
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(MAX_BACKOFF);
+            let pause = pauses.next().unwrap_or(MAX_BACKOFF);
+            tracing::warn!(error = %error, retry_in = ?pause, "backplane cannot resubscribe");
+            tokio::time::sleep(pause).await;
         }
     }
 }
@@ -313,7 +326,7 @@ async fn listen(
     ready: oneshot::Sender<Result<()>>,
 ) {
     let mut ready = Some(ready);
-    let mut backoff = FIRST_BACKOFF;
+    let mut pauses = resubscribe_pauses();
     let mut node = 0;
     loop {
         let info = config.nodes[node % config.nodes.len()].clone();
@@ -336,8 +349,7 @@ async fn listen(
                 }
                 tracing::warn!(endpoint = %endpoint, error = %error, "backplane cannot resubscribe; retrying");
                 node += 1;
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(MAX_BACKOFF);
+                tokio::time::sleep(pauses.next().unwrap_or(MAX_BACKOFF)).await;
                 continue;
             }
             Err(_) => {
@@ -349,12 +361,11 @@ async fn listen(
                     return;
                 }
                 node += 1;
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(MAX_BACKOFF);
+                tokio::time::sleep(pauses.next().unwrap_or(MAX_BACKOFF)).await;
                 continue;
             }
         };
-        backoff = FIRST_BACKOFF;
+        pauses = resubscribe_pauses();
         if let Some(ready) = ready.take() {
             let _ = ready.send(Ok(()));
         } else {

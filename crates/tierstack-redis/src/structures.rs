@@ -131,9 +131,7 @@ impl Sessions {
         // The escaped id holds no `:`, so the key reads back as exactly one id and suffix; and
         // no brace, so the hash tag is the whole id whatever it holds (an id of `}` would
         // otherwise end the tag early, and the session's keys would land in different slots).
-        let id = compose_key(&[id])
-            .replace('{', "%7B")
-            .replace('}', "%7D");
+        let id = compose_key(&[id]).replace('{', "%7B").replace('}', "%7D");
         Ok(format!("{}{{{id}}}:{suffix}", self.prefix))
     }
 
