@@ -95,12 +95,22 @@ impl fmt::Debug for StoreConfig {
 
 impl StoreConfig {
     /// The configuration in the process environment (see the module documentation).
+    ///
+    /// # Errors
+    ///
+    /// As [`from_vars`](Self::from_vars).
     pub fn from_env() -> Result<Self> {
         Self::from_vars(|name| std::env::var(name).ok())
     }
 
     /// The configuration from `var`, which answers a variable's value (for tests, or for
     /// settings that come from a file).
+    ///
+    /// # Errors
+    ///
+    /// [`CacheError::Configuration`] naming the variable: an unknown backend, a missing
+    /// required setting, a number that does not parse or is out of range, a backend whose
+    /// feature this build leaves out.
     pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<Self> {
         let backend = var("CACHE_BACKEND").unwrap_or_else(|| "memory".into());
         match backend.trim().to_ascii_lowercase().as_str() {
@@ -129,7 +139,7 @@ impl StoreConfig {
     }
 
     /// Connects to the configured backend: its store and, for Redis, the backplane paired with
-    /// it ([`RedisStore::connect_with_backplane`](tierstack_redis::RedisStore::connect_with_backplane)).
+    /// it (`RedisStore::connect_with_backplane`).
     ///
     /// # Errors
     ///

@@ -192,6 +192,13 @@ where
     /// call): install the process's metrics recorder **before** building caches, or they
     /// record into the no-op recorder for good. (`metrics` gives no way to tell which recorder
     /// a handle went to.) [`stats`](TieredCache::stats) counts either way.
+    ///
+    /// # Errors
+    ///
+    /// [`CacheError::Configuration`], naming the setting: a namespace outside
+    /// `[A-Za-z0-9_.-]{1,128}`, a TTL of zero or over the maximum, a jitter outside 0..=1, a key
+    /// or value limit out of range, a zero `l2_timeout`, or a backplane without a Tokio runtime
+    /// to listen on.
     pub fn build(self) -> Result<TieredCache<V, C>> {
         let namespace = Namespace::new(&self.namespace)
             .map_err(|e| CacheError::Configuration(format!("namespace: {e}")))?;
