@@ -448,8 +448,9 @@ impl FirestoreStore {
     }
 
     /// Deletes expired entries like [`Store::sweep_expired`], handing each to `on_expired` first
-    /// (seed 000: delete the remote resource the entry points at). An entry whose callback fails
-    /// is kept, so the next sweep tries again. Returns how many entries were deleted.
+    /// (for persistent handles: delete the remote resource the entry points at). An entry whose
+    /// callback fails is kept, so the next sweep tries again. Returns how many entries were
+    /// deleted.
     pub async fn sweep_expired_with<F, Fut>(&self, on_expired: F) -> Result<u64>
     where
         F: Fn(ExpiredEntry) -> Fut + Send + Sync,

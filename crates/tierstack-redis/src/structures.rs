@@ -93,7 +93,7 @@ static DELETE_SESSION: LazyLock<Script> = LazyLock::new(|| {
     )
 });
 
-/// Sessions as Redis hashes (seed 002): partial updates of fields, reads, a touch that extends
+/// Sessions as Redis hashes: partial updates of fields, reads, a touch that extends
 /// *every* key of the session (its hash and its lists), and a delete of all of them.
 ///
 /// A session's keys are `PREFIX @session:{ID}:meta` (the hash), `PREFIX @session:{ID}:list:NAME`
@@ -206,7 +206,7 @@ impl Sessions {
         self.conn.query("session set", &hdel).await
     }
 
-    /// Restarts the time to live of every key of session `id` (seed 002's `touch_session`);
+    /// Restarts the time to live of every key of session `id`;
     /// returns how many keys were extended (0: no such session).
     pub async fn touch(&self, id: &str) -> Result<u64> {
         let registry = self.key(id, "keys")?;
@@ -266,7 +266,7 @@ static APPEND_CAPPED: LazyLock<Script> = LazyLock::new(|| {
     )
 });
 
-/// A list that keeps its last `max_len` items (seed 002's response chain): append with trim in
+/// A list that keeps its last `max_len` items (a session's response chain): append with trim in
 /// one atomic step, ranges, and the last item in O(1).
 #[derive(Clone)]
 pub struct CappedList {
@@ -415,7 +415,7 @@ pub struct RateDecision {
     pub retry_after: Option<Duration>,
 }
 
-/// A sliding-window rate limiter (seed 002): at most `limit` requests per subject in any
+/// A sliding-window rate limiter: at most `limit` requests per subject in any
 /// `window`, decided atomically by one script on the server's clock (so instances with skewed
 /// clocks agree).
 #[derive(Clone)]

@@ -1,5 +1,5 @@
-//! Moving a cache from one backend to another without a cold start (seed 001: Firestore to
-//! Redis).
+//! Moving a cache from one backend to another without a cold start (from Firestore to
+//! Redis, for example).
 
 use std::time::Duration;
 
