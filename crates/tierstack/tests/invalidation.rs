@@ -187,11 +187,26 @@ async fn a_caller_arriving_after_an_invalidation_does_not_join_an_older_flight()
     );
 }
 
+/// Each cache listens in a task of its own. Dropping a cache ends it, before any message arrives:
+/// nothing the task holds keeps the dropped cache alive, and the cache that is left still listens.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dropped_cache_stops_listening() {
-    let (_l2, bus, mut caches) = instances(2);
+    let metrics = tokio::runtime::Handle::current().metrics();
+    let before = metrics.num_alive_tasks();
+    let (l2, bus, mut caches) = instances(3);
+    assert_eq!(
+        metrics.num_alive_tasks(),
+        before + 3,
+        "one listening task per cache"
+    );
     let survivor = caches.pop().unwrap();
     drop(caches);
+    assert_eq!(
+        Arc::strong_count(&l2),
+        2,
+        "the dropped caches are gone at once: only the test and the survivor hold the L2"
+    );
+    eventually(async || metrics.num_alive_tasks() == before + 1).await;
     survivor.set("k", "v".into()).await.unwrap();
     bus.resync_all();
     eventually(async || survivor.stats().resyncs == 1).await;
