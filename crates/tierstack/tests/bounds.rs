@@ -232,7 +232,8 @@ async fn invalidations_left_by_failed_writes_are_bounded() {
         None,
         "B's copy went with the sweep (its L2 read fails: a miss)"
     );
-    // An L2 timeout later every waiting task has run, and the sweeps have stopped.
+    // paused clock: an L2 timeout later every waiting task has run, and the sweeps have
+    // stopped.
     tokio::time::sleep(Duration::from_secs(3)).await;
     for _ in 0..50 {
         tokio::task::yield_now().await;

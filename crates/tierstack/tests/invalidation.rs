@@ -13,13 +13,14 @@ use tierstack::core::testkit::{MemoryBus, MemoryStore};
 use tokio::sync::Notify;
 
 async fn eventually(mut check: impl AsyncFnMut() -> bool) {
-    for _ in 0..200 {
-        if check().await {
-            return;
-        }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition not reached within a second"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    panic!("condition not reached within a second");
 }
 
 fn instances(count: usize) -> (Arc<MemoryStore>, MemoryBus, Vec<TieredCache<String>>) {
@@ -145,33 +146,37 @@ async fn a_fill_that_started_before_an_invalidation_does_not_land_after_it() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+/// On the paused clock: the early caller's loader has started (it says so) and runs for 100 ms of
+/// paused time, so the second caller arrives while its flight runs.
+#[tokio::test(start_paused = true)]
 async fn a_caller_arriving_after_an_invalidation_does_not_join_an_older_flight() {
     let fx = Fixture::new();
     let cache = fx.cache();
     let calls = common::Calls::default();
-    let slow_loader = |calls: &common::Calls| {
+    let slow_loader = |calls: &common::Calls, started: Arc<Notify>| {
         let calls = calls.clone();
         move || async move {
             calls.hit();
+            started.notify_one();
+            // paused clock: the load takes 100 ms.
             tokio::time::sleep(Duration::from_millis(100)).await;
             Ok::<_, std::io::Error>("v".to_string())
         }
     };
     let concurrent_loads = async |key: &str, invalidate_between: bool| {
         let before = calls.count();
+        let started = Arc::new(Notify::new());
         let early = {
-            let (cache, key, loader) = (cache.clone(), key.to_owned(), slow_loader(&calls));
+            let loader = slow_loader(&calls, started.clone());
+            let (cache, key) = (cache.clone(), key.to_owned());
             tokio::spawn(async move { cache.get_or_load(&key, loader).await })
         };
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        started.notified().await;
         if invalidate_between {
             cache.invalidate_local(key);
         }
-        assert_eq!(
-            cache.get_or_load(key, slow_loader(&calls)).await.unwrap(),
-            "v"
-        );
+        let loader = slow_loader(&calls, Arc::new(Notify::new()));
+        assert_eq!(cache.get_or_load(key, loader).await.unwrap(), "v");
         assert_eq!(early.await.unwrap().unwrap(), "v");
         calls.count() - before
     };

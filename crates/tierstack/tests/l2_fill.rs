@@ -120,6 +120,7 @@ async fn a_delete_right_after_get_or_load_stays_deleted() {
 }
 
 /// Starts `delete(key)` while L2 holds a write of it, and checks that the delete waits for it.
+/// For tests on the paused clock.
 async fn delete_behind_the_held_write(
     cache: &TieredCache<String>,
     key: &'static str,
@@ -128,6 +129,8 @@ async fn delete_behind_the_held_write(
         let cache = cache.clone();
         tokio::spawn(async move { cache.delete(key).await })
     };
+    // paused clock: every task runs until it waits (the delete, behind the held write), then
+    // 20 ms pass.
     tokio::time::sleep(Duration::from_millis(20)).await;
     assert!(
         !delete.is_finished(),
@@ -136,7 +139,7 @@ async fn delete_behind_the_held_write(
     delete
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_delete_waits_for_a_fill_already_writing() {
     let (fx, cache) = with_a_held_fill("k", "v").await;
     let delete = delete_behind_the_held_write(&cache, "k").await;
@@ -161,13 +164,14 @@ async fn a_set_after_get_or_load_wins_over_the_pending_fill() {
     assert_eq!(cache.get("k").await.unwrap(), Some("new".into()), "L2 too");
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn delete_prefix_removes_fills_in_flight() {
     let (fx, cache) = with_a_held_fill("p:1", "v").await;
     let delete = {
         let cache = cache.clone();
         tokio::spawn(async move { cache.delete_prefix("p:").await })
     };
+    // paused clock: the delete runs until it waits behind the held write.
     tokio::time::sleep(Duration::from_millis(20)).await;
     fx.faulty.hold_writes(false);
     delete.await.unwrap().unwrap();
@@ -176,17 +180,19 @@ async fn delete_prefix_removes_fills_in_flight() {
     assert_eq!(cache.get("p:1").await.unwrap(), None);
 }
 
-/// A loader that waits for `release`, then answers `value`.
+/// A loader that says it has `started`, waits for `release`, then answers `value`.
 fn gated_loader(
+    started: &Arc<Notify>,
     release: &Arc<Notify>,
     value: &'static str,
 ) -> impl FnOnce() -> std::pin::Pin<
     Box<dyn std::future::Future<Output = Result<String, std::io::Error>> + Send>,
 > + Send
 + 'static {
-    let release = Arc::clone(release);
+    let (started, release) = (Arc::clone(started), Arc::clone(release));
     move || {
         Box::pin(async move {
+            started.notify_one();
             release.notified().await;
             Ok(value.to_owned())
         })
@@ -194,13 +200,13 @@ fn gated_loader(
 }
 
 async fn delete_during_load_keeps_the_value_out(cache: TieredCache<String>, fx: &Fixture) {
-    let release = Arc::new(Notify::new());
+    let (started, release) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
     let load = {
         let cache = cache.clone();
-        let loader = gated_loader(&release, "read before the delete");
+        let loader = gated_loader(&started, &release, "read before the delete");
         tokio::spawn(async move { cache.get_or_load("k", loader).await })
     };
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    started.notified().await;
     assert!(!load.is_finished(), "the loader is still running");
     cache.delete("k").await.expect("the delete succeeds");
     release.notify_one();
@@ -278,7 +284,7 @@ async fn a_background_fill_needs_a_budget() {
     assert!(matches!(refused, Err(CacheError::Configuration(_))));
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_delete_during_a_bulk_fill_waits_and_wins() {
     let fx = Fixture::new();
     let cache = fx.cache();

@@ -26,6 +26,7 @@ fn delayed_loader(
     move || {
         calls.hit();
         Box::pin(async move {
+            // paused clock: the origin takes `delay`.
             tokio::time::sleep(delay).await;
             Ok(value.to_owned())
         })
@@ -67,7 +68,7 @@ async fn callers_arriving_as_a_flight_finishes_do_not_load_again() {
             let cache = cache.clone();
             let loader = delayed_loader(&calls, "v", Duration::ZERO);
             tokio::spawn(async move {
-                // Spread the callers over the flight's lifetime.
+                // paused clock: spread the callers over the flight's lifetime.
                 tokio::time::sleep(Duration::from_micros(10 * i)).await;
                 cache.get_or_load("k", loader).await
             })
@@ -93,6 +94,7 @@ async fn a_loader_error_reaches_every_waiter_typed_and_is_not_cached() {
                     .get_or_load("k", move || {
                         calls.hit();
                         async {
+                            // paused clock: the origin takes 30 ms to fail.
                             tokio::time::sleep(Duration::from_millis(30)).await;
                             Err::<String, _>(std::io::Error::other("origin down"))
                         }
@@ -138,6 +140,7 @@ async fn a_panicking_loader_fails_every_waiter_without_hanging_them() {
             tokio::spawn(async move {
                 cache
                     .get_or_load("k", || async {
+                        // paused clock: every caller joins before the loader panics.
                         tokio::time::sleep(Duration::from_millis(30)).await;
                         buggy_origin()
                     })
@@ -210,6 +213,7 @@ async fn a_loader_that_asks_for_its_own_key_fails_instead_of_hanging() {
                         .await;
                     let reentrant = matches!(inner, Err(LoadError::Reentrant));
                     *inner_result.lock().unwrap() = Some(reentrant);
+                    // paused clock: the bystander joins while the leader runs.
                     tokio::time::sleep(Duration::from_millis(10)).await;
                     Ok::<_, std::io::Error>("outer".to_string())
                 })
