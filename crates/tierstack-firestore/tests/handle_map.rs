@@ -24,6 +24,7 @@ struct SimulatedGemini {
 #[async_trait]
 impl Remote for SimulatedGemini {
     async fn create(&self, key: &str) -> Result<String, BoxError> {
+        // real time: a slow remote, so that instances overlap; one resource in any order.
         tokio::time::sleep(Duration::from_millis(100)).await;
         let n = self.created.fetch_add(1, Ordering::SeqCst) + 1;
         let handle = format!("cachedContents/{key}-{n}");

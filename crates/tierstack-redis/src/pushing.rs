@@ -223,6 +223,7 @@ mod tests {
         assert_eq!(killed, 1);
         let dropped = cmd("PING").query_async::<String>(&mut abandoned).await;
         assert!(dropped.is_err(), "the abandoned socket is gone");
+        // real time: the abandoned socket's driver would report its loss on its own schedule.
         tokio::time::sleep(Duration::from_millis(100)).await;
 
         let disconnections = kinds

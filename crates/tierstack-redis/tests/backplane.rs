@@ -255,7 +255,7 @@ async fn the_backplane_resubscribes_after_a_server_restart() {
         caches[1].stats().resyncs > resyncs
     })
     .await;
-    // Down for longer than the driver's own reconnect attempts last.
+    // real time: down for longer than the driver's own reconnect attempts last.
     tokio::time::sleep(Duration::from_secs(2)).await;
     server.restart();
 

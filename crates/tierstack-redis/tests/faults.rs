@@ -141,6 +141,7 @@ async fn a_stalled_server_fails_requests_within_the_response_timeout_and_queues_
     // slots were sent (a waiter whose deadline passed while it waited gives up instead of
     // sending late), not all 50. (The CLI call waits for the pause to end.)
     server.cli(&["CLIENT", "UNPAUSE"]);
+    // real time: the server runs whatever reached it during the pause before it counts.
     tokio::time::sleep(Duration::from_millis(200)).await;
     let stats = server.cli(&["INFO", "commandstats"]);
     let sent: u64 = stats
@@ -439,7 +440,7 @@ async fn calls_that_time_out_on_a_replaced_socket_leave_its_successor_alone() {
     for caller in callers {
         caller.await.unwrap();
     }
-    // Every call sent on the old socket has timed out by now.
+    // real time: every call sent on the old socket times out (the response timeout under test).
     tokio::time::sleep(STALL_BOUND * 3).await;
     assert_eq!(
         store.get("silent").await.unwrap().as_deref(),

@@ -45,8 +45,10 @@ async fn sessions_update_partially_touch_every_key_and_delete_everything() {
         chain.append(b"resp-1").await.unwrap();
 
         // Touching extends the hash *and* the list beyond their original 2 s.
+        // real time: the session's TTL runs on the server's clock.
         tokio::time::sleep(Duration::from_millis(1_200)).await;
         assert_eq!(sessions.touch("abc").await.unwrap(), 2);
+        // real time: past the first TTL.
         tokio::time::sleep(Duration::from_millis(1_200)).await;
         assert!(
             sessions.get("abc").await.unwrap().is_some(),
@@ -111,6 +113,7 @@ async fn the_rate_limiter_admits_the_limit_per_sliding_window() {
             limiter.hit("client-2").await.unwrap().allowed,
             "subjects are independent"
         );
+        // real time: the window slides on the server's clock, when `retry_after` says.
         tokio::time::sleep(retry + Duration::from_millis(50)).await;
         assert!(
             limiter.hit("client-1").await.unwrap().allowed,
@@ -150,6 +153,7 @@ async fn only_the_holder_releases_or_extends_a_lease() {
                 .is_none()
         );
         assert!(lease.extend(Duration::from_millis(500)).await.unwrap());
+        // real time: the extended 500 ms run out on the server's clock.
         tokio::time::sleep(Duration::from_millis(700)).await;
         // Expired: another holder takes it, and the first can neither extend nor release it.
         let second = Lease::acquire(&store, "job", Duration::from_secs(5))

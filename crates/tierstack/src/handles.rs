@@ -289,6 +289,7 @@ mod tests {
                 started.notify_one();
                 open.notified().await;
             }
+            // real time: a slow remote, so that instances overlap; one resource in any order.
             tokio::time::sleep(Duration::from_millis(30)).await;
             let mut created = self.created.lock().unwrap();
             *created += 1;
