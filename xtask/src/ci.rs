@@ -4,7 +4,7 @@ use crate::cmd::{cargo, run as run_command};
 use crate::services::{Services, Which};
 
 /// The steps of `cargo xtask ci`, in order.
-pub(crate) const STEPS: [&str; 5] = ["fmt", "clippy", "doc", "test", "bench-check"];
+pub(crate) const STEPS: [&str; 6] = ["fmt", "tidy", "clippy", "doc", "test", "bench-check"];
 
 /// The test servers the workspace's tests need. The backend crates add theirs here.
 const TEST_SERVICES: &[Which] = &[Which::Redis, Which::RedisCluster, Which::Firestore];
@@ -12,6 +12,7 @@ const TEST_SERVICES: &[Which] = &[Which::Redis, Which::RedisCluster, Which::Fire
 fn run_step(step: &str) -> Result<(), String> {
     match step {
         "fmt" => run_command(cargo().args(["fmt", "--all", "--", "--check"])),
+        "tidy" => crate::tidy::check(),
         "clippy" => run_command(cargo().args([
             "clippy",
             "--workspace",
@@ -38,7 +39,7 @@ fn run_step(step: &str) -> Result<(), String> {
         "test" => test(),
         "bench-check" => crate::bench::check(),
         other => Err(format!(
-            "unknown ci step {other:?}: expected fmt, clippy, doc, test or bench-check"
+            "unknown ci step {other:?}: expected fmt, tidy, clippy, doc, test or bench-check"
         )),
     }
 }

@@ -1,7 +1,8 @@
 //! Project automation, run as `cargo xtask <command>` (an alias in `.cargo/config.toml`).
 //!
-//! - `ci [fmt|clippy|doc|test]`: every check CI runs, or one step of it. `test` starts the
-//!   servers the tests need and stops them afterwards.
+//! - `ci [fmt|tidy|clippy|doc|test|bench-check]`: every check CI runs, or one step of it.
+//!   `tidy` finds working notes in docs and sleeps that order tests; `test` starts the servers
+//!   the tests need and stops them afterwards.
 //! - `services up [all|redis|redis-cluster|firestore]`, `services down`, `services status`: test
 //!   servers on free loopback ports, described in `target/services.env`.
 //! - `bench [--quick]`: the side-by-side benchmarks; writes `target/bench/results.json` and
@@ -14,13 +15,15 @@ mod ci;
 mod cmd;
 mod release;
 mod services;
+mod tidy;
 
 use std::process::ExitCode;
 
 const USAGE: &str = "usage: cargo xtask <command>
 
 commands:
-  ci [fmt|clippy|doc|test|bench-check]      run every CI check, or one step
+  ci [fmt|tidy|clippy|doc|test|bench-check]
+                                            run every CI check, or one step
   services up [all|redis|redis-cluster|firestore]
                                             start test servers (writes target/services.env)
   services down                             stop every server `services up` started
