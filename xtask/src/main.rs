@@ -7,7 +7,8 @@
 //!   servers on free loopback ports, described in `target/services.env`.
 //! - `bench [--quick]`: the side-by-side benchmarks; writes `target/bench/results.json` and
 //!   `target/bench/results.svg`.
-//! - `release <major|minor|patch|X.Y.Z> [--dry-run]`: version bump, changelogs, packaging, tag.
+//! - `release <major|minor|patch|X.Y.Z> [--dry-run]`: version bump, changelogs, packaging, tag;
+//!   `release --check-tag vX.Y.Z`: the tag names the release of the commit it is on.
 //! - `deny`: licenses, advisories and duplicate versions with cargo-deny.
 
 mod bench;
@@ -31,6 +32,7 @@ commands:
   bench [--quick]                           run the benchmarks, write target/bench/results.json
   release <major|minor|patch|X.Y.Z> [--dry-run]
                                             bump, update changelogs, package, commit and tag
+  release --check-tag vX.Y.Z                the tag names this commit's release (release.yml)
   deny [CHECK ...]                          cargo-deny: licenses, advisories, bans, sources";
 
 fn main() -> ExitCode {

@@ -1,14 +1,19 @@
-//! `cargo xtask release <major|minor|patch|X.Y.Z> [--dry-run]`.
+//! `cargo xtask release <major|minor|patch|X.Y.Z> [--dry-run]` makes a release commit and its
+//! tag; `cargo xtask release --check-tag vX.Y.Z` checks, on the commit a tag points at, that the
+//! tag names that commit's release.
 //!
-//! Refuses, changing nothing, on: an invalid version, a version not above the current one, a
-//! publishable crate without a non-empty "Unreleased" changelog section, or a tree with modified
-//! or untracked files. Then: `cargo xtask ci`; bump the workspace version and every internal
-//! dependency's version together; move each changelog's "Unreleased" entries under the new
-//! version and today's date; package and dry-run-publish every publishable crate in dependency
-//! order; commit; tag `vX.Y.Z`. `--dry-run` checks and prints every step, and changes nothing.
+//! A release refuses, changing nothing, on: an invalid version, a version not above the current
+//! one, a publishable crate without a non-empty "Unreleased" changelog section, or a tree with
+//! modified or untracked files. Then: `cargo xtask ci`; bump the workspace version and every
+//! internal dependency's version together; move each changelog's "Unreleased" entries under the
+//! new version and today's date; `cargo publish --workspace --dry-run` (cargo packages and builds
+//! every publishable crate in dependency order); commit; tag `vX.Y.Z`. `--dry-run` checks and
+//! prints every step, and changes nothing.
+//!
+//! Pushing the tag runs `.github/workflows/release.yml`: `--check-tag`, then
+//! `cargo publish --workspace`.
 
 use std::cmp::Ordering;
-use std::collections::BTreeMap;
 use std::fmt;
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -198,9 +203,6 @@ fn civil_date(days: i64) -> String {
 pub(crate) struct Crate {
     pub(crate) name: String,
     pub(crate) dir: PathBuf,
-    /// Workspace crates it depends on (normal dependencies only: dev-dependencies do not order
-    /// publishing).
-    pub(crate) depends_on: Vec<String>,
 }
 
 /// The publishable crates under `root/crates`.
@@ -223,56 +225,9 @@ pub(crate) fn publishable_crates(root: &Path) -> Result<Vec<Crate>, String> {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let depends_on = section(&manifest, "[dependencies]")
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|line| {
-                let dep = line.split(['.', '=', ' ']).next()?.trim();
-                dep.starts_with("tierstack").then(|| dep.to_owned())
-            })
-            .collect();
-        crates.push(Crate {
-            name,
-            dir: path,
-            depends_on,
-        });
+        crates.push(Crate { name, dir: path });
     }
     Ok(crates)
-}
-
-/// The crates in an order where every crate comes after the crates it depends on.
-pub(crate) fn publish_order(crates: &[Crate]) -> Result<Vec<String>, String> {
-    let mut remaining: BTreeMap<&str, Vec<&str>> = crates
-        .iter()
-        .map(|c| {
-            let deps = c
-                .depends_on
-                .iter()
-                .map(String::as_str)
-                .filter(|d| crates.iter().any(|c| c.name == *d))
-                .collect();
-            (c.name.as_str(), deps)
-        })
-        .collect();
-    let mut order = Vec::new();
-    while !remaining.is_empty() {
-        let ready: Vec<&str> = remaining
-            .iter()
-            .filter(|(_, deps)| deps.iter().all(|d| order.iter().any(|o: &String| o == d)))
-            .map(|(name, _)| *name)
-            .collect();
-        if ready.is_empty() {
-            return Err(format!(
-                "dependency cycle among {:?}",
-                remaining.keys().collect::<Vec<_>>()
-            ));
-        }
-        for name in ready {
-            remaining.remove(name);
-            order.push(name.to_owned());
-        }
-    }
-    Ok(order)
 }
 
 /// Files git reports as modified or untracked.
@@ -301,7 +256,6 @@ fn dirty_files(root: &Path) -> Result<Vec<String>, String> {
 pub(crate) struct Plan {
     pub(crate) current: Version,
     pub(crate) next: Version,
-    pub(crate) order: Vec<String>,
     pub(crate) edits: Vec<(PathBuf, String)>,
 }
 
@@ -332,20 +286,61 @@ pub(crate) fn plan(root: &Path, request: &str, date: &str) -> Result<Plan, Strin
     Ok(Plan {
         current,
         next,
-        order: publish_order(&crates)?,
         edits,
     })
 }
 
+/// Checks that `tag` (`vX.Y.Z`) names the release at `root`: the workspace version, with a
+/// changelog section for it in every publishable crate.
+pub(crate) fn check_tag(root: &Path, tag: &str) -> Result<Version, String> {
+    let version = tag
+        .strip_prefix('v')
+        .ok_or_else(|| format!("tag {tag:?} does not start with v"))
+        .and_then(Version::parse)?;
+    let manifest_path = root.join("Cargo.toml");
+    let manifest = fs::read_to_string(&manifest_path)
+        .map_err(|e| format!("{}: {e}", manifest_path.display()))?;
+    let current = workspace_version(&manifest)?;
+    if current != version {
+        return Err(format!(
+            "tag {tag} names {version}, but the workspace version is {current}"
+        ));
+    }
+    let heading = format!("## [{version}]");
+    for krate in publishable_crates(root)? {
+        let text = fs::read_to_string(krate.dir.join("CHANGELOG.md"))
+            .map_err(|_| format!("{} has no CHANGELOG.md", krate.name))?;
+        if !text.lines().any(|line| line.starts_with(&heading)) {
+            return Err(format!(
+                "{}/CHANGELOG.md has no \"{heading}\" section",
+                krate.name
+            ));
+        }
+    }
+    Ok(version)
+}
+
+const USAGE: &str =
+    "usage: cargo xtask release <major|minor|patch|X.Y.Z> [--dry-run] | --check-tag vX.Y.Z";
+
 /// `cargo xtask release ...`
 pub(crate) fn run_release(args: &[&str]) -> Result<(), String> {
+    run_release_in(&root(), args)
+}
+
+/// `cargo xtask release ...` on the workspace at `root`.
+pub(crate) fn run_release_in(root: &Path, args: &[&str]) -> Result<(), String> {
     let (request, dry_run) = match args {
-        [request] => (*request, false),
+        ["--check-tag", tag] => {
+            let version = check_tag(root, tag)?;
+            eprintln!("{tag} names this commit's release {version}");
+            return Ok(());
+        }
+        [request] if !request.starts_with('-') => (*request, false),
         [request, "--dry-run"] | ["--dry-run", request] => (*request, true),
-        _ => return Err("usage: cargo xtask release <major|minor|patch|X.Y.Z> [--dry-run]".into()),
+        _ => return Err(USAGE.into()),
     };
-    let root = root();
-    let plan = plan(&root, request, &today())?;
+    let plan = plan(root, request, &today())?;
     let step = |text: String| eprintln!("{}{text}", if dry_run { "[dry run] " } else { "" });
     step(format!("release {} -> {}", plan.current, plan.next));
     step("run `cargo xtask ci`".into());
@@ -355,7 +350,7 @@ pub(crate) fn run_release(args: &[&str]) -> Result<(), String> {
     for (path, _) in &plan.edits {
         step(format!(
             "update {}",
-            path.strip_prefix(&root).unwrap_or(path).display()
+            path.strip_prefix(root).unwrap_or(path).display()
         ));
     }
     if !dry_run {
@@ -363,40 +358,31 @@ pub(crate) fn run_release(args: &[&str]) -> Result<(), String> {
             fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))?;
         }
     }
-    let packages: Vec<String> = plan
-        .order
-        .iter()
-        .flat_map(|c| ["-p".to_owned(), c.clone()])
-        .collect();
-    step(format!(
-        "cargo package {} (in dependency order)",
-        packages.join(" ")
-    ));
-    step(format!("cargo publish --dry-run {}", packages.join(" ")));
+    // cargo packages every publishable crate in dependency order and builds each against the
+    // packages before it.
+    step("cargo publish --workspace --dry-run".into());
     let tag = format!("v{}", plan.next);
     step(format!("git commit -am \"release {tag}\" && git tag {tag}"));
     if dry_run {
         return Ok(());
     }
-    run(cargo().arg("package").args(&packages).arg("--allow-dirty"))?;
     run(cargo()
-        .args(["publish", "--dry-run"])
-        .args(&packages)
-        .arg("--allow-dirty"))?;
-    run(Command::new("git").arg("-C").arg(&root).args([
+        .current_dir(root)
+        .args(["publish", "--workspace", "--dry-run", "--allow-dirty"]))?;
+    run(Command::new("git").arg("-C").arg(root).args([
         "commit",
         "-am",
         &format!("release {tag}"),
     ]))?;
-    run(Command::new("git").arg("-C").arg(&root).args(["tag", &tag]))?;
+    run(Command::new("git").arg("-C").arg(root).args(["tag", &tag]))?;
     eprintln!(
-        "released {tag}: push the commit and the tag, then `cargo publish` in the order above"
+        "released {tag}: push the commit, then the tag; the tag's workflow publishes every crate"
     );
     Ok(())
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     const MANIFEST: &str = r#"[workspace]
@@ -488,30 +474,13 @@ serde = { version = "0.3.1" }
         assert_eq!(civil_date(11_016), "2000-02-29");
     }
 
-    #[test]
-    fn publish_order_follows_dependencies() {
-        let krate = |name: &str, deps: &[&str]| Crate {
-            name: name.into(),
-            dir: PathBuf::new(),
-            depends_on: deps.iter().map(|d| (*d).to_owned()).collect(),
-        };
-        let crates = [
-            krate("top", &["mid", "core"]),
-            krate("mid", &["core"]),
-            krate("core", &[]),
-        ];
-        assert_eq!(publish_order(&crates).unwrap(), ["core", "mid", "top"]);
-        let cycle = [krate("a", &["b"]), krate("b", &["a"])];
-        assert!(publish_order(&cycle).is_err());
-    }
-
     /// A throwaway git workspace with two publishable crates and one private one.
-    struct TempWorkspace {
-        root: PathBuf,
+    pub(crate) struct TempWorkspace {
+        pub(crate) root: PathBuf,
     }
 
     impl TempWorkspace {
-        fn new(name: &str) -> Self {
+        pub(crate) fn new(name: &str) -> Self {
             let root = std::env::temp_dir()
                 .join(format!("tierstack-release-{name}-{}", std::process::id()));
             let _ = fs::remove_dir_all(&root);
@@ -527,22 +496,37 @@ serde = { version = "0.3.1" }
                 fs::create_dir_all(path.parent().unwrap()).unwrap();
                 fs::write(path, text).unwrap();
             }
-            let git = |args: &[&str]| {
-                let ok = Command::new("git")
-                    .arg("-C")
-                    .arg(&root)
-                    .args(["-c", "user.name=t", "-c", "user.email=t@t"])
-                    .args(args)
-                    .output()
-                    .unwrap()
-                    .status
-                    .success();
-                assert!(ok, "git {args:?}");
-            };
-            git(&["init", "-q"]);
-            git(&["add", "-A"]);
-            git(&["commit", "-qm", "init"]);
-            Self { root }
+            let ws = Self { root };
+            ws.git(&["init", "-q"]);
+            ws.git(&["add", "-A"]);
+            ws.git(&["commit", "-qm", "init"]);
+            ws
+        }
+
+        pub(crate) fn git(&self, args: &[&str]) {
+            let ok = Command::new("git")
+                .arg("-C")
+                .arg(&self.root)
+                .args(["-c", "user.name=t", "-c", "user.email=t@t"])
+                .args(args)
+                .output()
+                .unwrap()
+                .status
+                .success();
+            assert!(ok, "git {args:?}");
+        }
+
+        /// Makes the release commit of `request` as `cargo xtask release` does (without its
+        /// checks and packaging) and tags it; returns the tag.
+        pub(crate) fn release_commit(&self, request: &str) -> String {
+            let plan = plan(&self.root, request, "2026-11-21").unwrap();
+            for (path, text) in &plan.edits {
+                fs::write(path, text).unwrap();
+            }
+            let tag = format!("v{}", plan.next);
+            self.git(&["commit", "-qam", &format!("release {tag}")]);
+            self.git(&["tag", &tag]);
+            tag
         }
 
         fn snapshot(&self) -> Vec<(String, String)> {
@@ -569,12 +553,11 @@ serde = { version = "0.3.1" }
     }
 
     #[test]
-    fn a_clean_workspace_plans_every_edit_in_dependency_order() {
+    fn a_clean_workspace_plans_every_edit() {
         let ws = TempWorkspace::new("plan");
         let before = ws.snapshot();
         let plan = plan(&ws.root, "minor", "2026-11-21").unwrap();
         assert_eq!(plan.next, v("0.4.0"));
-        assert_eq!(plan.order, ["tierstack-alpha", "tierstack-beta"]);
         assert_eq!(
             plan.edits.len(),
             3,
@@ -587,6 +570,40 @@ serde = { version = "0.3.1" }
         let after = ws.snapshot();
         assert!(after[0].1.contains("version = \"0.4.0\""));
         assert!(after[1].1.contains("## [0.4.0] - 2026-11-21"));
+    }
+
+    #[test]
+    fn a_tag_names_the_release_of_its_commit() {
+        let ws = TempWorkspace::new("tag");
+        let tag = ws.release_commit("minor");
+        assert_eq!(tag, "v0.4.0");
+        assert_eq!(check_tag(&ws.root, &tag).unwrap(), v("0.4.0"));
+        assert!(run_release_in(&ws.root, &["--check-tag", &tag]).is_ok());
+        for (wrong, expected) in [
+            ("v0.4.1", "workspace version is 0.4.0"),
+            ("v0.3.1", "workspace version is 0.4.0"),
+            ("0.4.0", "does not start with v"),
+            ("v0.4", "invalid version"),
+        ] {
+            let err = check_tag(&ws.root, wrong).unwrap_err();
+            assert!(err.contains(expected), "{wrong}: {err}");
+        }
+        let changelog = ws.root.join("crates/tierstack-beta/CHANGELOG.md");
+        let text = fs::read_to_string(&changelog).unwrap();
+        fs::write(&changelog, text.replace("## [0.4.0]", "## [0.3.9]")).unwrap();
+        let err = check_tag(&ws.root, &tag).unwrap_err();
+        assert!(
+            err.contains("tierstack-beta/CHANGELOG.md") && err.contains("## [0.4.0]"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_release_commit_has_nothing_left_to_release() {
+        let ws = TempWorkspace::new("released");
+        ws.release_commit("patch");
+        let err = run_release_in(&ws.root, &["patch", "--dry-run"]).unwrap_err();
+        assert!(err.contains("Unreleased") && err.contains("empty"), "{err}");
     }
 
     #[test]
