@@ -9,6 +9,15 @@ const WITHOUT_FIRESTORE: &str = "l1_hit,l2_hit_memory,stampede,l2_hit_redis,get_
                                  write_through_redis,invalidation_lag,mixed_zipf";
 const WITH_FIRESTORE: &str = "l2_hit_firestore,get_many_firestore";
 
+/// The benchmark's phases: scenarios, the one server running while they run, and whether the
+/// phase appends to the results of the one before. Two phases, each with only the server it
+/// measures running: the idle emulator (a JVM and its Python wrapper) takes enough CPU on a
+/// small machine to blur the other scenarios.
+pub(crate) const PHASES: [(&str, Which, bool); 2] = [
+    (WITHOUT_FIRESTORE, Which::Redis, false),
+    (WITH_FIRESTORE, Which::Firestore, true),
+];
+
 pub(crate) fn run_bench(args: &[&str]) -> Result<(), String> {
     let quick = match args {
         [] => false,
@@ -20,13 +29,7 @@ pub(crate) fn run_bench(args: &[&str]) -> Result<(), String> {
         }
     };
     let out = target_dir().join("bench").join("results.json");
-    // Two phases, each with only the server it measures running: the idle emulator (a JVM and
-    // its Python wrapper) takes enough CPU on a small machine to blur the other scenarios.
-    let phases = [
-        (WITHOUT_FIRESTORE, Which::Redis, false),
-        (WITH_FIRESTORE, Which::Firestore, true),
-    ];
-    for (scenarios, server, append) in phases {
+    for (scenarios, server, append) in PHASES {
         let mut command = cargo();
         command.args(["run", "--release", "--quiet", "-p", "tierstack-bench", "--"]);
         if quick {

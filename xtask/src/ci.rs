@@ -7,7 +7,7 @@ use crate::services::{Services, Which};
 pub(crate) const STEPS: [&str; 6] = ["fmt", "tidy", "clippy", "doc", "test", "bench-check"];
 
 /// The test servers the workspace's tests need. The backend crates add theirs here.
-const TEST_SERVICES: &[Which] = &[Which::Redis, Which::RedisCluster, Which::Firestore];
+pub(crate) const TEST_SERVICES: &[Which] = &[Which::Redis, Which::RedisCluster, Which::Firestore];
 
 fn run_step(step: &str) -> Result<(), String> {
     match step {

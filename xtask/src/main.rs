@@ -17,6 +17,8 @@ mod cmd;
 mod release;
 mod services;
 mod tidy;
+#[cfg(test)]
+mod workflows;
 
 use std::process::ExitCode;
 
