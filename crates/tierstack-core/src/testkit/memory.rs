@@ -5,6 +5,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 
+use super::backplane_conformance::SubscriptionOutage;
 use crate::backplane::{Backplane, BackplaneHub, Invalidation, Subscription};
 use crate::clock::{SharedClock, Timestamp, system_clock};
 use crate::error::Result;
@@ -254,6 +255,19 @@ impl MemoryBus {
 
     fn lock(&self) -> MutexGuard<'_, Vec<BackplaneHub>> {
         self.hubs.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Losing the bus's subscriptions makes it deaf ([`lose_all`](MemoryBus::lose_all)); restoring
+/// them resyncs every member ([`resync_all`](MemoryBus::resync_all)).
+#[async_trait]
+impl SubscriptionOutage for MemoryBus {
+    async fn lose(&self) {
+        self.lose_all();
+    }
+
+    async fn restore(&self) {
+        self.resync_all();
     }
 }
 

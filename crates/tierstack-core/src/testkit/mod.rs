@@ -5,7 +5,10 @@
 //! - [`FaultyStore`]: wraps any store and fails or delays its calls, by probability or on command.
 //! - [`conformance`]: the one suite of `Store` behaviour that every backend runs, through
 //!   [`store_conformance_tests!`](crate::store_conformance_tests).
+//! - [`backplane_conformance`]: the one suite of `Backplane` behaviour that every backplane
+//!   runs, through [`backplane_conformance_tests!`](crate::backplane_conformance_tests).
 
+pub mod backplane_conformance;
 pub mod conformance;
 mod faulty;
 mod memory;
