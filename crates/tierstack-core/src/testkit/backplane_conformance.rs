@@ -108,7 +108,7 @@ async fn next_event(subscription: &mut Subscription, what: &str) -> BackplaneEve
     match tokio::time::timeout(WAIT, subscription.recv()).await {
         Ok(Some(event)) => event,
         Ok(None) => panic!("{what}: the backplane shut down"),
-        Err(_) => panic!("{what}: no event within {WAIT:?}"),
+        Err(tokio::time::error::Elapsed { .. }) => panic!("{what}: no event within {WAIT:?}"),
     }
 }
 
