@@ -27,6 +27,8 @@ enum Flaw {
     NeverReportsLost,
     /// Reports a resync but stays deaf.
     DeafAfterResync,
+    /// A member that cannot hear cannot publish either.
+    MuteWhileDeaf,
     /// A new subscription ends the member's earlier ones.
     SubscribeEndsOthers,
 }
@@ -36,7 +38,7 @@ enum Flaw {
 struct Bus {
     flaw: Flaw,
     hubs: Mutex<Vec<BackplaneHub>>,
-    deaf: AtomicBool,
+    deaf: Vec<AtomicBool>,
 }
 
 #[derive(Debug)]
@@ -59,7 +61,7 @@ impl Backplane for Member {
         if bus.flaw != Flaw::NoSizeLimit {
             hub.encode(namespace, &invalidation)?;
         }
-        if bus.deaf.load(Ordering::SeqCst) {
+        if bus.flaw == Flaw::MuteWhileDeaf && bus.deaf[self.index].load(Ordering::SeqCst) {
             return Ok(());
         }
         let message = InvalidationMessage {
@@ -78,7 +80,8 @@ impl Backplane for Member {
         }
         for message in batch {
             for (index, hub) in bus.hubs.lock().unwrap().iter().enumerate() {
-                if index != self.index || bus.flaw == Flaw::HearsItself {
+                let hears = !bus.deaf[index].load(Ordering::SeqCst);
+                if hears && (index != self.index || bus.flaw == Flaw::HearsItself) {
                     hub.deliver(message.clone());
                 }
             }
@@ -100,28 +103,18 @@ struct Outage(Arc<Bus>);
 
 #[async_trait]
 impl SubscriptionOutage for Outage {
-    async fn lose(&self) {
-        self.0.deaf.store(true, Ordering::SeqCst);
+    async fn lose(&self, member: usize) {
+        self.0.deaf[member].store(true, Ordering::SeqCst);
         if self.0.flaw != Flaw::NeverReportsLost {
-            self.0
-                .hubs
-                .lock()
-                .unwrap()
-                .iter()
-                .for_each(BackplaneHub::lost);
+            self.0.hubs.lock().unwrap()[member].lost();
         }
     }
 
-    async fn restore(&self) {
+    async fn restore(&self, member: usize) {
         if self.0.flaw != Flaw::DeafAfterResync {
-            self.0.deaf.store(false, Ordering::SeqCst);
+            self.0.deaf[member].store(false, Ordering::SeqCst);
         }
-        self.0
-            .hubs
-            .lock()
-            .unwrap()
-            .iter()
-            .for_each(BackplaneHub::resync);
+        self.0.hubs.lock().unwrap()[member].resync();
     }
 }
 
@@ -129,7 +122,7 @@ fn harness(flaw: Flaw) -> BackplaneHarness {
     let bus = Arc::new(Bus {
         flaw,
         hubs: Mutex::new((0..3).map(|_| BackplaneHub::new()).collect()),
-        deaf: AtomicBool::new(false),
+        deaf: (0..3).map(|_| AtomicBool::new(false)).collect(),
     });
     let members = (0..3)
         .map(|index| {
@@ -175,5 +168,7 @@ catches! {
     a_message_over_the_size_limit_is_refused_and_nothing_is_delivered: Flaw::NoSizeLimit;
     a_lost_subscription_is_reported_lost_then_resynced_and_hears_again:
         Flaw::NeverReportsLost, Flaw::DeafAfterResync;
+    a_member_that_lost_its_subscription_still_reaches_the_others:
+        Flaw::MuteWhileDeaf, Flaw::NeverReportsLost, Flaw::DeafAfterResync;
     a_dropped_subscription_does_not_stop_the_others: Flaw::SubscribeEndsOthers;
 }

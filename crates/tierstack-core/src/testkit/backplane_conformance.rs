@@ -3,7 +3,7 @@
 //! A backend crate calls [`backplane_conformance_tests!`](crate::backplane_conformance_tests) in
 //! an integration test with an async factory that returns a fresh [`BackplaneHarness`]: three
 //! members of one bus (as three instances of a service would hold them), and a
-//! [`SubscriptionOutage`] that makes their subscriptions lost and lets them come back. The macro
+//! [`SubscriptionOutage`] that makes a member's subscription lost and lets it come back. The macro
 //! generates one `#[tokio::test]` per case below, so a failure names the behaviour that broke.
 //!
 //! Every wait is bounded by [`WAIT`]; nothing is ordered by sleeping: a case publishes a marker
@@ -30,16 +30,17 @@ use crate::error::CacheError;
 /// delivered) before it fails.
 pub const WAIT: Duration = Duration::from_secs(10);
 
-/// How a backend makes the subscriptions of a harness's members lost, and lets them come back.
+/// How a backend makes the subscription of one of a harness's members lost, and lets it come
+/// back. Members are numbered by their place in [`BackplaneHarness::members`].
 #[async_trait]
 pub trait SubscriptionOutage: Send + Sync + Debug + 'static {
-    /// Makes every member's subscription lost, and keeps it lost until
-    /// [`restore`](Self::restore) (a member that resubscribes by itself must fail to).
-    async fn lose(&self);
+    /// Makes the subscription of `member` lost, and keeps it lost until
+    /// [`restore`](Self::restore) (a member that resubscribes by itself must fail to). The
+    /// member itself stays up: only its subscription is lost.
+    async fn lose(&self, member: usize);
 
-    /// Lets the members subscribe again (or makes them, for a bus that resubscribes only when
-    /// told).
-    async fn restore(&self);
+    /// Lets `member` subscribe again (or makes it, for a bus that resubscribes only when told).
+    async fn restore(&self, member: usize);
 }
 
 /// Members of one bus under test, and how to make their subscriptions lost.
@@ -52,7 +53,7 @@ pub struct BackplaneHarness {
 
 impl BackplaneHarness {
     /// A harness over `members` (at least three, of one bus) and `outage`, which loses and
-    /// restores their subscriptions.
+    /// restores the subscription of each.
     pub fn new(members: Vec<Arc<dyn Backplane>>, outage: impl SubscriptionOutage) -> Self {
         assert!(
             members.len() >= 3,
@@ -87,6 +88,7 @@ macro_rules! backplane_conformance_tests {
             messages_from_one_sender_arrive_in_order,
             a_message_over_the_size_limit_is_refused_and_nothing_is_delivered,
             a_lost_subscription_is_reported_lost_then_resynced_and_hears_again,
+            a_member_that_lost_its_subscription_still_reaches_the_others,
             a_dropped_subscription_does_not_stop_the_others,
         );
     };
@@ -309,14 +311,52 @@ pub async fn a_message_over_the_size_limit_is_refused_and_nothing_is_delivered(
     }
 }
 
-/// A lost subscription is reported as [`BackplaneEvent::Lost`] to every member's subscriber while
-/// it is lost, and as [`BackplaneEvent::Resync`] once it is back; a publish meanwhile returns
-/// (whatever it answers), and a message published after the resync is heard again.
+/// Waits, on the subscription of a member whose subscription was lost and is restored, for the
+/// [`BackplaneEvent::Resync`]; a repeated [`BackplaneEvent::Lost`], or one of `missable` (sent
+/// while it was lost: delivered late, it is still a message that was sent), may come first.
+async fn until_resync(
+    subscription: &mut Subscription,
+    missable: &[&InvalidationMessage],
+    what: &str,
+) {
+    loop {
+        match next_event(subscription, what).await {
+            BackplaneEvent::Resync => return,
+            BackplaneEvent::Lost => {}
+            BackplaneEvent::Invalidate(got) if missable.contains(&got.as_ref()) => {}
+            other => panic!("{what}: expected a resync, got {other:?}"),
+        }
+    }
+}
+
+/// The next message of `subscription`, which must be `expected`; one of `missable` may come
+/// first.
+async fn until_message(
+    subscription: &mut Subscription,
+    expected: &InvalidationMessage,
+    missable: &[&InvalidationMessage],
+    what: &str,
+) {
+    loop {
+        match next_event(subscription, what).await {
+            BackplaneEvent::Invalidate(got) if *got == *expected => return,
+            BackplaneEvent::Invalidate(got) if missable.contains(&got.as_ref()) => {}
+            other => panic!("{what}: expected {expected:?}, got {other:?}"),
+        }
+    }
+}
+
+/// When every member's subscription is lost (a server restart), each subscriber receives
+/// [`BackplaneEvent::Lost`] while it is lost and [`BackplaneEvent::Resync`] once it is back; a
+/// publish meanwhile returns (whatever it answers), and a message published after the resync
+/// is heard again.
 pub async fn a_lost_subscription_is_reported_lost_then_resynced_and_hears_again(
     h: &BackplaneHarness,
 ) {
     let mut subscriptions = h.subscribe_all();
-    h.outage.lose().await;
+    for member in 0..h.members.len() {
+        h.outage.lose(member).await;
+    }
     for (receiver, subscription) in subscriptions.iter_mut().enumerate() {
         let what = format!("member {receiver}, once its subscription is lost");
         assert_eq!(
@@ -334,31 +374,77 @@ pub async fn a_lost_subscription_is_reported_lost_then_resynced_and_hears_again(
     .await
     .unwrap_or_else(|_| panic!("a publish while lost did not return within {WAIT:?}"));
 
-    h.outage.restore().await;
+    for member in 0..h.members.len() {
+        h.outage.restore(member).await;
+    }
     for (receiver, subscription) in subscriptions.iter_mut().enumerate() {
         let what = format!("member {receiver}, once its subscription is back");
-        loop {
-            match next_event(subscription, &what).await {
-                BackplaneEvent::Resync => break,
-                BackplaneEvent::Lost => {}
-                BackplaneEvent::Invalidate(got) if *got == during => {}
-                other => panic!("{what}: expected a resync, got {other:?}"),
-            }
-        }
+        until_resync(subscription, &[&during], &what).await;
     }
     let after = message("users", keys(&["published after the resync"]));
     publish(h.members[0].as_ref(), &after).await;
     for (receiver, subscription) in subscriptions.iter_mut().enumerate().skip(1) {
         let what = format!("member {receiver}, after the resync");
-        loop {
-            match next_event(subscription, &what).await {
-                BackplaneEvent::Invalidate(got) if *got == after => break,
-                // Delivered late, it is still a message that was sent.
-                BackplaneEvent::Invalidate(got) if *got == during => {}
-                other => panic!("{what}: expected {after:?}, got {other:?}"),
-            }
-        }
+        until_message(subscription, &after, &[&during], &what).await;
     }
+}
+
+/// A member whose own subscription is lost is told so, while the others are not; what it
+/// publishes meanwhile still reaches them (they would otherwise keep serving what it changed),
+/// and once its subscription is back it is resynced and hears again.
+pub async fn a_member_that_lost_its_subscription_still_reaches_the_others(h: &BackplaneHarness) {
+    let mut subscriptions = h.subscribe_all();
+    h.outage.lose(1).await;
+    assert_eq!(
+        next_event(
+            &mut subscriptions[1],
+            "member 1, once its subscription is lost"
+        )
+        .await,
+        BackplaneEvent::Lost
+    );
+    let from_deaf = message("users", keys(&["from the member that cannot hear"]));
+    publish(h.members[1].as_ref(), &from_deaf).await;
+    for receiver in [0, 2] {
+        let what = format!("member {receiver}, from the member that cannot hear");
+        assert_eq!(
+            next_message(&mut subscriptions[receiver], &what).await,
+            from_deaf,
+            "{what}"
+        );
+    }
+    let to_deaf = message("users", keys(&["while member 1 cannot hear"]));
+    publish(h.members[0].as_ref(), &to_deaf).await;
+    assert_eq!(
+        next_message(
+            &mut subscriptions[2],
+            "member 2, while member 1 cannot hear"
+        )
+        .await,
+        to_deaf
+    );
+
+    h.outage.restore(1).await;
+    until_resync(
+        &mut subscriptions[1],
+        &[&to_deaf],
+        "member 1, once its subscription is back",
+    )
+    .await;
+    let after = message("users", keys(&["heard again"]));
+    publish(h.members[0].as_ref(), &after).await;
+    until_message(
+        &mut subscriptions[1],
+        &after,
+        &[&to_deaf],
+        "member 1, after its resync",
+    )
+    .await;
+    assert_eq!(
+        next_message(&mut subscriptions[2], "member 2, after member 1's resync").await,
+        after,
+        "member 2 saw nothing of member 1's loss"
+    );
 }
 
 /// Dropping one subscription leaves the member's other subscriptions, and the other members,

@@ -215,8 +215,15 @@ impl Store for MemoryStore {
 /// invalidations, through the same wire encoding as a networked backplane.
 #[derive(Debug, Clone, Default)]
 pub struct MemoryBus {
-    hubs: Arc<Mutex<Vec<BackplaneHub>>>,
+    members: Arc<Mutex<Vec<BusMember>>>,
     deaf: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// A member's hub, and whether its subscription is lost.
+#[derive(Debug)]
+struct BusMember {
+    hub: BackplaneHub,
+    deaf: bool,
 }
 
 impl MemoryBus {
@@ -228,7 +235,10 @@ impl MemoryBus {
     /// A new member of the bus, as one instance of a service would hold it.
     pub fn backplane(&self) -> MemoryBackplane {
         let hub = BackplaneHub::new();
-        self.lock().push(hub.clone());
+        self.lock().push(BusMember {
+            hub: hub.clone(),
+            deaf: false,
+        });
         MemoryBackplane {
             bus: self.clone(),
             hub,
@@ -236,11 +246,13 @@ impl MemoryBus {
     }
 
     /// Sends a resync to every member, as a regained subscription would; a bus that
-    /// [`lose_all`](Self::lose_all) made deaf delivers again.
+    /// [`lose_all`](Self::lose_all) made deaf, and every member that [`lose`](Self::lose) made
+    /// deaf, hear again.
     pub fn resync_all(&self) {
         self.deaf.store(false, std::sync::atomic::Ordering::SeqCst);
-        for hub in self.lock().iter() {
-            hub.resync();
+        for member in self.lock().iter_mut() {
+            member.deaf = false;
+            member.hub.resync();
         }
     }
 
@@ -248,26 +260,54 @@ impl MemoryBus {
     /// until [`resync_all`](Self::resync_all), as a lost subscription would.
     pub fn lose_all(&self) {
         self.deaf.store(true, std::sync::atomic::Ordering::SeqCst);
-        for hub in self.lock().iter() {
-            hub.lost();
+        for member in self.lock().iter() {
+            member.hub.lost();
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, Vec<BackplaneHub>> {
-        self.hubs.lock().unwrap_or_else(PoisonError::into_inner)
+    /// Tells member `index` (numbered from 0 in the order [`backplane`](Self::backplane) made
+    /// them) that its subscription is lost: it hears nothing until [`resync`](Self::resync),
+    /// while what it publishes still reaches the others, as one instance whose subscription
+    /// alone is lost.
+    ///
+    /// # Panics
+    ///
+    /// If the bus has no member `index`.
+    pub fn lose(&self, index: usize) {
+        let mut members = self.lock();
+        let member = &mut members[index];
+        member.deaf = true;
+        member.hub.lost();
+    }
+
+    /// Sends a resync to member `index`, as its regained subscription would; if
+    /// [`lose`](Self::lose) made it deaf, it hears again.
+    ///
+    /// # Panics
+    ///
+    /// If the bus has no member `index`.
+    pub fn resync(&self, index: usize) {
+        let mut members = self.lock();
+        let member = &mut members[index];
+        member.deaf = false;
+        member.hub.resync();
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Vec<BusMember>> {
+        self.members.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
-/// Losing the bus's subscriptions makes it deaf ([`lose_all`](MemoryBus::lose_all)); restoring
-/// them resyncs every member ([`resync_all`](MemoryBus::resync_all)).
+/// A member's subscription is lost with [`lose`](MemoryBus::lose) and restored with
+/// [`resync`](MemoryBus::resync); members are numbered in the order they were made.
 #[async_trait]
 impl SubscriptionOutage for MemoryBus {
-    async fn lose(&self) {
-        self.lose_all();
+    async fn lose(&self, member: usize) {
+        MemoryBus::lose(self, member);
     }
 
-    async fn restore(&self) {
-        self.resync_all();
+    async fn restore(&self, member: usize) {
+        self.resync(member);
     }
 }
 
@@ -285,8 +325,8 @@ impl Backplane for MemoryBackplane {
         if self.bus.deaf.load(std::sync::atomic::Ordering::SeqCst) {
             return Ok(());
         }
-        for hub in self.bus.lock().iter() {
-            hub.deliver_wire(&wire)?;
+        for member in self.bus.lock().iter().filter(|member| !member.deaf) {
+            member.hub.deliver_wire(&wire)?;
         }
         Ok(())
     }
