@@ -42,7 +42,9 @@
 //!   [`testkit::MemoryBus`](testkit/struct.MemoryBus.html),
 //!   [`testkit::FaultyStore`](testkit/struct.FaultyStore.html) and the
 //!   [`testkit::conformance`](testkit/conformance/index.html) suite with
-//!   [`store_conformance_tests!`](macro.store_conformance_tests.html).
+//!   [`store_conformance_tests!`](macro.store_conformance_tests.html), and the
+//!   [`testkit::backplane_conformance`](testkit/backplane_conformance/index.html) suite with
+//!   [`backplane_conformance_tests!`](macro.backplane_conformance_tests.html).
 
 pub mod backplane;
 pub mod clock;
