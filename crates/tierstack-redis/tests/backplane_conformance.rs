@@ -11,6 +11,7 @@
 mod common;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use tierstack_core::Backplane;
@@ -26,6 +27,8 @@ struct AclUser {
 }
 
 const PASSWORD: &str = "conformance";
+/// The longest an admin command (an ACL change, a kill) may take.
+const ADMIN_LIMIT: Duration = Duration::from_secs(10);
 
 impl AclUser {
     async fn create(nodes: &[String]) -> Self {
@@ -46,17 +49,21 @@ impl AclUser {
         config.credentials(Some(&self.name), PASSWORD)
     }
 
+    /// Runs an admin command on every node (as the default user), within a bound.
     async fn on_every_node(&self, args: &[&str]) {
         for node in &self.nodes {
-            let client = redis::Client::open(node.as_str()).unwrap();
-            let mut connection = client.get_multiplexed_async_connection().await.unwrap();
-            let mut command = redis::cmd(args[0]);
-            for arg in &args[1..] {
-                command.arg(*arg);
-            }
-            command
-                .query_async::<redis::Value>(&mut connection)
+            let run = async {
+                let client = redis::Client::open(node.as_str())?;
+                let mut connection = client.get_multiplexed_async_connection().await?;
+                let mut command = redis::cmd(args[0]);
+                for arg in &args[1..] {
+                    command.arg(*arg);
+                }
+                command.query_async::<redis::Value>(&mut connection).await
+            };
+            tokio::time::timeout(ADMIN_LIMIT, run)
                 .await
+                .unwrap_or_else(|_| panic!("{args:?} on {node}: no answer within {ADMIN_LIMIT:?}"))
                 .unwrap_or_else(|e| panic!("{args:?} on {node}: {e}"));
         }
     }
@@ -67,8 +74,9 @@ impl Drop for AclUser {
         for node in &self.nodes {
             // Best effort: a user left behind on a test server harms nothing.
             let deleted = redis::Client::open(node.as_str())
-                .and_then(|client| client.get_connection())
+                .and_then(|client| client.get_connection_with_timeout(ADMIN_LIMIT))
                 .and_then(|mut connection| {
+                    connection.set_read_timeout(Some(ADMIN_LIMIT))?;
                     redis::cmd("ACL")
                         .arg("DELUSER")
                         .arg(&self.name)
