@@ -246,32 +246,54 @@ async fn a_deaf_instance_serves_from_l2_until_it_hears_again() {
     assert_eq!(deaf.stats().l1_hits, hits + 1, "filled again once it hears");
 }
 
-/// A backplane member whose first `failures` publishes fail.
+/// What becomes of a backplane member's first publish.
 #[derive(Debug)]
-struct FlakyPublisher {
+enum FirstPublish {
+    /// It fails.
+    Fails,
+    /// It never finishes; it says when it started.
+    Hangs(Arc<Notify>),
+}
+
+/// A backplane member whose first publish goes wrong, and whose others go through.
+#[derive(Debug)]
+struct FirstPublishGoesWrong {
     inner: tierstack::core::testkit::MemoryBackplane,
-    failures: std::sync::atomic::AtomicU32,
+    first: std::sync::Mutex<Option<FirstPublish>>,
+}
+
+impl FirstPublishGoesWrong {
+    fn new(inner: tierstack::core::testkit::MemoryBackplane, first: FirstPublish) -> Self {
+        Self {
+            inner,
+            first: std::sync::Mutex::new(Some(first)),
+        }
+    }
 }
 
 #[async_trait::async_trait]
-impl tierstack::core::Backplane for FlakyPublisher {
+impl tierstack::core::Backplane for FirstPublishGoesWrong {
     async fn publish(
         &self,
         namespace: &str,
         invalidation: &tierstack::core::backplane::Invalidation,
     ) -> tierstack::core::Result<()> {
-        let failing = self
-            .failures
-            .fetch_update(
-                std::sync::atomic::Ordering::SeqCst,
-                std::sync::atomic::Ordering::SeqCst,
-                |n| n.checked_sub(1),
-            )
-            .is_ok();
-        if failing {
-            return Err(tierstack::core::CacheError::backend(
-                "publish", true, "refused",
-            ));
+        let first = self
+            .first
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        match first {
+            Some(FirstPublish::Fails) => {
+                return Err(tierstack::core::CacheError::backend(
+                    "publish", true, "refused",
+                ));
+            }
+            Some(FirstPublish::Hangs(started)) => {
+                started.notify_one();
+                std::future::pending::<()>().await;
+            }
+            None => {}
         }
         self.inner.publish(namespace, invalidation).await
     }
@@ -289,10 +311,10 @@ async fn a_failed_publish_is_tried_again() {
     let bus = MemoryBus::new();
     let writer = TieredCache::<String>::builder("shared")
         .l2(l2.clone())
-        .backplane(Arc::new(FlakyPublisher {
-            inner: bus.backplane(),
-            failures: std::sync::atomic::AtomicU32::new(1),
-        }))
+        .backplane(Arc::new(FirstPublishGoesWrong::new(
+            bus.backplane(),
+            FirstPublish::Fails,
+        )))
         .l2_timeout(Duration::from_millis(50))
         .build()
         .unwrap();
@@ -308,33 +330,6 @@ async fn a_failed_publish_is_tried_again() {
     eventually(async || reader.get("k").await.unwrap() == Some("v2".into())).await;
 }
 
-/// A backplane member whose first publish never finishes (it says when it started).
-#[derive(Debug)]
-struct StuckFirstPublish {
-    inner: tierstack::core::testkit::MemoryBackplane,
-    first: std::sync::atomic::AtomicBool,
-    started: Arc<Notify>,
-}
-
-#[async_trait::async_trait]
-impl tierstack::core::Backplane for StuckFirstPublish {
-    async fn publish(
-        &self,
-        namespace: &str,
-        invalidation: &tierstack::core::backplane::Invalidation,
-    ) -> tierstack::core::Result<()> {
-        if self.first.swap(false, std::sync::atomic::Ordering::SeqCst) {
-            self.started.notify_one();
-            std::future::pending::<()>().await;
-        }
-        self.inner.publish(namespace, invalidation).await
-    }
-
-    fn subscribe(&self) -> tierstack::core::backplane::Subscription {
-        self.inner.subscribe()
-    }
-}
-
 /// A `set` whose caller gives up while its invalidation is being published has written L2: the
 /// others are still told, by a detached task. (The cancelled publish used to be the only one.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -344,11 +339,10 @@ async fn a_set_cancelled_while_publishing_still_reaches_the_others() {
     let started = Arc::new(Notify::new());
     let writer = TieredCache::<String>::builder("shared")
         .l2(l2.clone())
-        .backplane(Arc::new(StuckFirstPublish {
-            inner: bus.backplane(),
-            first: std::sync::atomic::AtomicBool::new(true),
-            started: started.clone(),
-        }))
+        .backplane(Arc::new(FirstPublishGoesWrong::new(
+            bus.backplane(),
+            FirstPublish::Hangs(started.clone()),
+        )))
         .build()
         .unwrap();
     let reader = TieredCache::<String>::builder("shared")

@@ -400,7 +400,7 @@ pub async fn replace_returns_what_it_replaced(h: &Harness) {
         ),
         None
     );
-    let ttl = ok(h.store.ttl(&key).await, "ttl").unwrap_or_default();
+    let ttl = ok(h.store.ttl(&key).await, "ttl").expect("the key has an entry");
     assert!(ttl > SHORT, "the new TTL stands: {ttl:?}");
     assert!(matches!(
         h.store.replace(&key, bytes("d"), Duration::ZERO).await,
@@ -437,7 +437,7 @@ pub async fn compare_and_set_writes_only_over_the_bytes_it_was_given(h: &Harness
         "same bytes"
     ));
     assert_eq!(ok(h.store.get(&key).await, "get"), Some(bytes("won")));
-    let ttl = ok(h.store.ttl(&key).await, "ttl").unwrap_or_default();
+    let ttl = ok(h.store.ttl(&key).await, "ttl").expect("the key has an entry");
     assert!(ttl > SHORT, "the new value's TTL stands: {ttl:?}");
     assert!(!ok(
         h.store.compare_and_set(&key, b"seen", new("again")).await,
@@ -528,7 +528,7 @@ pub async fn expire_leaves_a_tombstone_alone(h: &Harness) {
     );
     ok(h.store.set(&key, tombstone.clone(), SHORT).await, "set");
     assert!(!ok(h.store.expire(&key, LONG).await, "expire"));
-    let ttl = ok(h.store.ttl(&key).await, "ttl").unwrap_or_default();
+    let ttl = ok(h.store.ttl(&key).await, "ttl").expect("the key has an entry");
     assert!(ttl <= SHORT, "not extended: {ttl:?}");
     assert_eq!(ok(h.store.get(&key).await, "get"), Some(tombstone));
 }

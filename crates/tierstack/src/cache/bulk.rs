@@ -233,16 +233,13 @@ where
                 // take every slot of the L2 connection from other callers.
                 for chunk in writes.chunks(BULK_FILL_CONCURRENCY) {
                     let calls = chunk.iter().map(|(watch, _, ttl, bytes, seen)| {
-                        self.fill_one(
-                            l2.as_ref(),
-                            watch.key(),
-                            bytes,
-                            *ttl,
-                            seen.as_ref(),
-                            deadline,
-                        )
+                        let (bytes, seen) = (bytes.clone(), seen.as_deref());
+                        self.write_over_seen(l2.as_ref(), watch.key(), bytes, *ttl, seen, deadline)
                     });
-                    written.extend(futures_util::future::join_all(calls).await);
+                    // Like a single fill: L1 keeps a value that L2 did not refuse (a failing L2
+                    // keeps serving from L1), and drops one that lost to another writer.
+                    let results = futures_util::future::join_all(calls).await;
+                    written.extend(results.into_iter().map(|result| result.unwrap_or(true)));
                 }
                 written
             }
@@ -257,32 +254,5 @@ where
                 });
             }
         }
-    }
-
-    /// One key's conditional write of a bulk fill: over no entry, or over the bytes its read
-    /// saw. Like a single fill, L1 keeps a value that L2 did not refuse (a failing L2 keeps
-    /// serving from L1), and drops one that lost to another writer.
-    async fn fill_one(
-        &self,
-        l2: &dyn tierstack_core::Store,
-        key: &str,
-        bytes: &Bytes,
-        ttl: Duration,
-        seen: Option<&Bytes>,
-        deadline: tokio::time::Instant,
-    ) -> bool {
-        let store_key = self.namespace.store_key(key);
-        let write = async {
-            match seen {
-                None => l2.set_if_absent(&store_key, bytes.clone(), ttl).await,
-                Some(seen) => {
-                    let new = Some((bytes.clone(), ttl));
-                    l2.compare_and_set(&store_key, seen, new).await
-                }
-            }
-        };
-        self.l2_call(L2Op::Set, deadline, write)
-            .await
-            .unwrap_or(true)
     }
 }

@@ -109,9 +109,7 @@ where
     /// land), and on the other instances.
     async fn sweep(&self) {
         self.freshness.bump_all();
-        if let Some(l1) = &self.l1 {
-            l1.invalidate_all();
-        }
+        self.clear_local();
         self.recorder.detached_sweep();
         let deadline = self.deadline();
         self.publish_by(&Invalidation::All, deadline).await;

@@ -29,14 +29,6 @@ where
         *this.listener.lock().unwrap_or_else(PoisonError::into_inner) = Some(task.abort_handle());
     }
 
-    /// Clears L1 as an L1-only change: fills under way do not land.
-    fn clear_l1(&self) {
-        self.freshness.bump_local();
-        if let Some(l1) = &self.l1 {
-            l1.invalidate_all();
-        }
-    }
-
     /// Applies an event to L1, then counts it: whoever watches the counters (a test, a
     /// dashboard) sees an invalidation only once it has taken effect.
     fn apply(&self, event: &BackplaneEvent) {
@@ -48,10 +40,7 @@ where
                 match &message.invalidation {
                     Invalidation::Keys(keys) => {
                         for key in keys {
-                            self.freshness.bump_key(key);
-                            if let Some(l1) = &self.l1 {
-                                l1.invalidate(key);
-                            }
+                            self.evict_local(key);
                         }
                     }
                     Invalidation::Prefix(prefix) => {
@@ -64,29 +53,26 @@ where
                     // key, so it counts as a change of every key and clears L1.
                     _ => {
                         self.freshness.bump_all();
-                        self.freshness.bump_local();
-                        if let Some(l1) = &self.l1 {
-                            l1.invalidate_all();
-                        }
+                        self.clear_local();
                     }
                 }
                 self.recorder.invalidation_received();
             }
             BackplaneEvent::Resync => {
                 self.deaf.store(false, Ordering::SeqCst);
-                self.clear_l1();
+                self.clear_local();
                 self.recorder.resync();
             }
             BackplaneEvent::Lost => {
                 // Set before the clear: a fill that missed the flag lands before the clear (which
                 // removes it) or sees the clear's generation bump (and evicts itself).
                 self.deaf.store(true, Ordering::SeqCst);
-                self.clear_l1();
+                self.clear_local();
                 self.recorder.resync();
             }
             // Unknown events: whatever they mean, a clear keeps nothing stale.
             _ => {
-                self.clear_l1();
+                self.clear_local();
                 self.recorder.resync();
             }
         }

@@ -13,7 +13,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tierstack_core::envelope;
 use tierstack_core::key::fingerprint;
-use tierstack_core::{CacheError, Codec};
+use tierstack_core::{CacheError, Codec, Store};
 
 use super::Inner;
 use super::read::L2Read;
@@ -291,21 +291,16 @@ where
         if !self.freshness.key_unchanged(watch) {
             return Written::No;
         }
-        let store_key = self.namespace.store_key(watch.key());
-        let written = match &seen {
-            None => {
-                self.l2_call(
-                    L2Op::Set,
-                    deadline,
-                    l2.set_if_absent(&store_key, bytes, ttl),
-                )
-                .await
-            }
-            Some(seen) => {
-                let call = l2.compare_and_set(&store_key, seen, Some((bytes, ttl)));
-                self.l2_call(L2Op::Set, deadline, call).await
-            }
-        };
+        let written = self
+            .write_over_seen(
+                l2.as_ref(),
+                watch.key(),
+                bytes,
+                ttl,
+                seen.as_deref(),
+                deadline,
+            )
+            .await;
         match written {
             Ok(true) => Written::Yes,
             // Another writer stored a value meanwhile, or deleted the key; either is newer than
@@ -314,6 +309,31 @@ where
             // Counted and logged; L1 and the loader keep serving.
             Err(_) => Written::Failed,
         }
+    }
+
+    /// Writes a loaded entry of `key` over exactly what its read saw in L2: no entry
+    /// (`set_if_absent`), or the bytes `seen` (`compare_and_set`). `false`: the key holds
+    /// something else now (another writer's value, a delete's tombstone), which wins.
+    pub(super) async fn write_over_seen(
+        &self,
+        l2: &dyn Store,
+        key: &str,
+        bytes: Bytes,
+        ttl: Duration,
+        seen: Option<&[u8]>,
+        deadline: tokio::time::Instant,
+    ) -> tierstack_core::Result<bool> {
+        let store_key = self.namespace.store_key(key);
+        let write = async {
+            match seen {
+                None => l2.set_if_absent(&store_key, bytes, ttl).await,
+                Some(seen) => {
+                    l2.compare_and_set(&store_key, seen, Some((bytes, ttl)))
+                        .await
+                }
+            }
+        };
+        self.l2_call(L2Op::Set, deadline, write).await
     }
 
     /// Takes back the L1 fill of a background write that L2 did not take, unless the key itself

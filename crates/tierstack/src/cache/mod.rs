@@ -369,7 +369,13 @@ where
         let extra = ttl.mul_f64(self.settings.jitter * fastrand::f64());
         (ttl + extra).min(MAX_TTL)
     }
+}
 
+/// What the listener needs too, under its weaker bounds.
+impl<V, C> Inner<V, C>
+where
+    V: Clone + Send + Sync + 'static,
+{
     /// Evicts `key` from L1 as a change of the key: fills that started before do not land.
     fn evict_local(&self, key: &str) {
         self.freshness.bump_key(key);
@@ -378,6 +384,7 @@ where
         }
     }
 
+    /// Clears L1 as an L1-only change: fills under way do not land.
     fn clear_local(&self) {
         self.freshness.bump_local();
         if let Some(l1) = &self.l1 {

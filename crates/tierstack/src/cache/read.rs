@@ -201,14 +201,6 @@ where
         }
     }
 
-    /// Whether the bytes a delete replaced were an entry (anything but a tombstone).
-    pub(super) fn is_entry(&self, bytes: &[u8]) -> bool {
-        !matches!(
-            Envelope::parse::<C>(bytes, self.settings.max_value_len),
-            Ok(envelope) if envelope.tombstone
-        )
-    }
-
     /// Counts and logs (the key's fingerprint and the kind of problem, never the bytes) an L2
     /// entry that did not decode, and removes it unless the key was written meanwhile (the
     /// removal compares the bytes). Returns whether it removed them.

@@ -93,7 +93,7 @@ where
                     .await;
                 // Under the lock: a fill that takes it next sees the key changed.
                 self.evict_local(key);
-                replaced.map(|old| old.is_some_and(|bytes| self.is_entry(&bytes)))
+                replaced.map(|old| old.is_some_and(|bytes| !envelope::is_tombstone(&bytes)))
             } else {
                 self.evict_local(key);
                 Err(CacheError::Timeout {
@@ -203,20 +203,7 @@ where
         self.evict_local(key);
         self.publish(Invalidation::Keys(vec![key.to_owned()]), deadline)
             .await;
-        self.republish_later(key);
-    }
-
-    /// The second half of [`invalidate_after_failure`](Self::invalidate_after_failure): one L2
-    /// timeout from now, evicts `key` again and tells the others again, in a detached task.
-    fn republish_later(self: &Arc<Self>, key: &str) {
-        let key = key.to_owned();
-        self.detach(|this| async move {
-            tokio::time::sleep(this.settings.l2_timeout).await;
-            this.evict_local(&key);
-            let deadline = this.deadline();
-            this.publish_by(&Invalidation::Keys(vec![key]), deadline)
-                .await;
-        });
+        self.invalidate_again_later(Invalidation::Keys(vec![key.to_owned()]));
     }
 
     /// Tells the other instances that `key` changed, unless the store announced the write
@@ -241,20 +228,27 @@ where
             self.detach(|this| async move {
                 let deadline = this.deadline();
                 if !this.publish_by(&invalidation, deadline).await {
-                    this.publish_again_later(invalidation);
+                    this.invalidate_again_later(invalidation);
                 }
             });
             return;
         }
         if !self.publish_by(&invalidation, deadline).await {
-            self.publish_again_later(invalidation);
+            self.invalidate_again_later(invalidation);
         }
     }
 
-    /// One more try at a publish that failed, an L2 timeout from now.
-    fn publish_again_later(self: &Arc<Self>, invalidation: Invalidation) {
+    /// One L2 timeout from now, in a detached task: evicts the keys of `invalidation` here
+    /// again and publishes it again. Serves a write of unknown fate (it may land late, after
+    /// someone re-read the old value) and a publish that failed.
+    fn invalidate_again_later(self: &Arc<Self>, invalidation: Invalidation) {
         self.detach(|this| async move {
             tokio::time::sleep(this.settings.l2_timeout).await;
+            if let Invalidation::Keys(keys) = &invalidation {
+                for key in keys {
+                    this.evict_local(key);
+                }
+            }
             let deadline = this.deadline();
             this.publish_by(&invalidation, deadline).await;
         });
