@@ -7,11 +7,17 @@
 //! | 2 | magic `TS` |
 //! | 1 | format version (1) |
 //! | 1 | codec id ([`Codec::ID`]) |
-//! | 1 | flags: bit 0 = negative entry (a cached "not found"); bit 1 = tombstone; others reserved |
+//! | 1 | flags: bit 0 = negative entry (a cached "not found"); bit 1 = tombstone; bit 2 = fresh-until field present; bit 3 = stale; others reserved |
 //! | 8 | written at, ms since the Unix epoch |
 //! | 8 | expires at, ms since the Unix epoch |
 //! | 4 | payload length |
+//! | 8 | fresh until, ms since the Unix epoch (only with flag bit 2) |
 //! | n | payload |
+//!
+//! *Fail-safe* entries live past their time to live: they are fresh until *fresh until* and stay
+//! in the store, stale, until *expires at*, as a fallback for when the origin fails. An envelope
+//! without the field is fresh until it expires. The *stale* flag marks a stale value written back
+//! after the origin failed (its fresh-until then only delays the next attempt).
 //!
 //! A *tombstone* marks a key deleted: readers treat it as no entry, and a loaded value may only
 //! replace the very tombstone its load saw (`Store::compare_and_set`), so that a load that began
@@ -41,7 +47,11 @@ pub const EXPIRES_AT: std::ops::Range<usize> = 13..21;
 
 const FLAG_NEGATIVE: u8 = 0b0000_0001;
 const FLAG_TOMBSTONE: u8 = 0b0000_0010;
-const KNOWN_FLAGS: u8 = FLAG_NEGATIVE | FLAG_TOMBSTONE;
+const FLAG_FRESH_UNTIL: u8 = 0b0000_0100;
+const FLAG_STALE: u8 = 0b0000_1000;
+const KNOWN_FLAGS: u8 = FLAG_NEGATIVE | FLAG_TOMBSTONE | FLAG_FRESH_UNTIL | FLAG_STALE;
+/// The length of the optional fresh-until field.
+const FRESH_UNTIL_LEN: usize = 8;
 /// The length of a tombstone's payload: its nonce.
 const TOMBSTONE_PAYLOAD_LEN: usize = 8;
 
@@ -111,8 +121,13 @@ pub struct Envelope<'a> {
     pub tombstone: bool,
     /// When the value was written.
     pub written_at: Timestamp,
-    /// When the value expires.
+    /// When the value expires (leaves the store).
     pub expires_at: Timestamp,
+    /// Until when the value is fresh: before [`expires_at`](Self::expires_at) for a fail-safe
+    /// entry, which is stale in between; else equal to it.
+    pub fresh_until: Timestamp,
+    /// Whether this is a stale value written back after the origin failed.
+    pub stale: bool,
     /// The codec's bytes.
     pub payload: &'a [u8],
 }
@@ -144,6 +159,14 @@ impl<'a> Envelope<'a> {
         let written_at = read_u64(header, 5);
         let expires_at = read_u64(header, 13);
         let declared = read_u32(header, 21) as usize;
+        let (fresh_until, payload) = if flags & FLAG_FRESH_UNTIL == 0 {
+            (expires_at, payload)
+        } else {
+            let Some((field, payload)) = payload.split_first_chunk::<FRESH_UNTIL_LEN>() else {
+                return Err(EnvelopeError::Truncated { len: bytes.len() });
+            };
+            (u64::from_le_bytes(*field), payload)
+        };
         if declared != payload.len() {
             return Err(EnvelopeError::LengthMismatch {
                 declared,
@@ -164,6 +187,8 @@ impl<'a> Envelope<'a> {
             tombstone,
             written_at: Timestamp::from_millis(written_at),
             expires_at: Timestamp::from_millis(expires_at),
+            fresh_until: Timestamp::from_millis(fresh_until.min(expires_at)),
+            stale: flags & FLAG_STALE != 0,
             payload,
         })
     }
@@ -185,14 +210,60 @@ pub fn encode<C: Codec, T: Serialize + ?Sized>(
     expires_at: Timestamp,
     max_len: usize,
 ) -> Result<Bytes> {
-    let mut out = Vec::with_capacity(HEADER_LEN + 64);
+    let lifetime = Lifetime {
+        written_at,
+        fresh_until: expires_at,
+        expires_at,
+        stale: false,
+    };
+    encode_entry(codec, value, lifetime, max_len)
+}
+
+/// When an entry was written, until when it is fresh, and when it leaves the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lifetime {
+    /// When the value was written.
+    pub written_at: Timestamp,
+    /// Until when it is fresh (at most `expires_at`).
+    pub fresh_until: Timestamp,
+    /// When it leaves the store.
+    pub expires_at: Timestamp,
+    /// A stale value written back after the origin failed.
+    pub stale: bool,
+}
+
+/// Encodes `value` (or a negative entry for `None`) with `codec` into an envelope with
+/// `lifetime`. The fresh-until field is written only when it differs from the expiry or the value
+/// is stale, so that entries without fail-safe keep the plain layout.
+///
+/// Fails with [`CacheError::ValueTooLarge`] when the envelope would exceed `max_len` bytes.
+pub fn encode_entry<C: Codec, T: Serialize + ?Sized>(
+    codec: &C,
+    value: Option<&T>,
+    lifetime: Lifetime,
+    max_len: usize,
+) -> Result<Bytes> {
+    let fresh_until = lifetime.fresh_until.min(lifetime.expires_at);
+    let with_field = fresh_until != lifetime.expires_at || lifetime.stale;
+    let mut flags = if value.is_none() { FLAG_NEGATIVE } else { 0 };
+    if with_field {
+        flags |= FLAG_FRESH_UNTIL;
+    }
+    if lifetime.stale {
+        flags |= FLAG_STALE;
+    }
+    let mut out = Vec::with_capacity(HEADER_LEN + FRESH_UNTIL_LEN + 64);
     out.extend_from_slice(&MAGIC);
     out.push(VERSION);
     out.push(C::ID);
-    out.push(if value.is_none() { FLAG_NEGATIVE } else { 0 });
-    out.extend_from_slice(&written_at.as_millis().to_le_bytes());
-    out.extend_from_slice(&expires_at.as_millis().to_le_bytes());
+    out.push(flags);
+    out.extend_from_slice(&lifetime.written_at.as_millis().to_le_bytes());
+    out.extend_from_slice(&lifetime.expires_at.as_millis().to_le_bytes());
     out.extend_from_slice(&[0; 4]);
+    if with_field {
+        out.extend_from_slice(&fresh_until.as_millis().to_le_bytes());
+    }
+    let payload_start = out.len();
     if let Some(value) = value {
         codec.encode_into(value, &mut out)?;
     }
@@ -204,7 +275,7 @@ pub fn encode<C: Codec, T: Serialize + ?Sized>(
         });
     }
     let payload_len =
-        u32::try_from(out.len() - HEADER_LEN).map_err(|_| CacheError::ValueTooLarge {
+        u32::try_from(out.len() - payload_start).map_err(|_| CacheError::ValueTooLarge {
             size: out.len(),
             max: max_len,
         })?;
@@ -300,6 +371,59 @@ mod tests {
     }
 
     #[test]
+    fn fail_safe_entries_carry_when_they_stop_being_fresh() {
+        let lifetime = Lifetime {
+            written_at: Timestamp::from_millis(1_000),
+            fresh_until: Timestamp::from_millis(11_000),
+            expires_at: Timestamp::from_millis(61_000),
+            stale: false,
+        };
+        let bytes = encode_entry(&Bin::default(), Some("hello"), lifetime, MAX)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let env = Envelope::parse::<Bin>(&bytes, MAX).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(env.fresh_until.as_millis(), 11_000);
+        assert_eq!(env.expires_at.as_millis(), 61_000);
+        assert!(!env.stale);
+        let value: String = Bin::default()
+            .decode(env.payload)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(value, "hello");
+        // The expiry stays where stores rewrite it.
+        assert_eq!(Envelope::expires_at_of(&bytes), Some(env.expires_at));
+        let stale = Lifetime {
+            stale: true,
+            ..lifetime
+        };
+        let bytes = encode_entry(&Bin::default(), Some("hello"), stale, MAX)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(Envelope::parse::<Bin>(&bytes, MAX).is_ok_and(|env| env.stale));
+    }
+
+    #[test]
+    fn plain_entries_are_fresh_until_they_expire_and_keep_their_layout() {
+        let bytes = sample();
+        assert_eq!(bytes.len(), HEADER_LEN + 6, "no fresh-until field");
+        let env = Envelope::parse::<Bin>(&bytes, MAX).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(env.fresh_until, env.expires_at);
+        assert!(!env.stale);
+    }
+
+    #[test]
+    fn a_truncated_fresh_until_field_is_refused() {
+        let lifetime = Lifetime {
+            written_at: Timestamp::EPOCH,
+            fresh_until: Timestamp::from_millis(5),
+            expires_at: Timestamp::from_millis(10),
+            stale: false,
+        };
+        let bytes = encode_entry::<Bin, str>(&Bin::default(), None, lifetime, MAX)
+            .unwrap_or_else(|e| panic!("{e}"));
+        for cut in HEADER_LEN..bytes.len() {
+            assert!(Envelope::parse::<Bin>(&bytes[..cut], MAX).is_err(), "{cut}");
+        }
+    }
+
+    #[test]
     fn negative_entries_have_no_payload() {
         let bytes = encode::<Bin, str>(
             &Bin::default(),
@@ -375,10 +499,10 @@ mod tests {
             })
         ));
         let mut wrong_flags = bytes.to_vec();
-        wrong_flags[4] = 0b100;
+        wrong_flags[4] = 0b1_0000;
         assert_eq!(
             Envelope::parse::<Bin>(&wrong_flags, MAX),
-            Err(EnvelopeError::UnknownFlags(4))
+            Err(EnvelopeError::UnknownFlags(0b1_0000))
         );
         let mut extra = bytes.to_vec();
         extra.push(0);

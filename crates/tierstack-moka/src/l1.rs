@@ -50,13 +50,41 @@ impl<V> fmt::Debug for L1Capacity<V> {
     }
 }
 
-/// One L1 entry: a value, or a cached "not found", with its deadline.
+/// One L1 entry: a value, or a cached "not found", with its deadlines.
+///
+/// An entry is *fresh* until `fresh_until`, then *stale* until `expires_at`, when it leaves the
+/// cache. A stale entry is a fallback for when the origin fails (fail-safe); without fail-safe
+/// both deadlines are the same.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct L1Entry<V> {
     /// The value; `None` is a negative entry (the loader found nothing).
     pub value: Option<V>,
-    /// When the entry stops being served.
+    /// Until when the entry is fresh (at most `expires_at`).
+    pub fresh_until: Timestamp,
+    /// When the entry stops being served at all.
     pub expires_at: Timestamp,
+    /// Whether the value is a stale one kept after the origin failed: `fresh_until` then only
+    /// delays the next attempt.
+    pub stale: bool,
+}
+
+impl<V> L1Entry<V> {
+    /// An entry that is fresh until it expires.
+    pub fn fresh(value: Option<V>, expires_at: Timestamp) -> Self {
+        Self {
+            value,
+            fresh_until: expires_at,
+            expires_at,
+            stale: false,
+        }
+    }
+
+    /// Whether the entry answers reads at `now` without a reload: before `fresh_until`. (A
+    /// stale value re-armed after a failure answers until its next attempt, still marked
+    /// `stale`.)
+    pub fn is_fresh_at(&self, now: Timestamp) -> bool {
+        now < self.fresh_until
+    }
 }
 
 impl<V> Deadline for L1Entry<V> {
@@ -133,11 +161,11 @@ impl<V: Clone + Send + Sync + 'static> L1Cache<V> {
         Some(entry)
     }
 
-    /// Stores `value` (or a negative entry) under `key` until `expires_at`. An entry whose deadline
-    /// has already passed is not stored.
-    pub fn insert(&self, key: String, value: Option<V>, expires_at: Timestamp) {
-        if expires_at > self.clock.now() {
-            self.cache.insert(key, L1Entry { value, expires_at });
+    /// Stores `entry` under `key` until its `expires_at`. An entry whose deadline has already
+    /// passed is not stored (and removes what was there).
+    pub fn insert(&self, key: String, entry: L1Entry<V>) {
+        if entry.expires_at > self.clock.now() {
+            self.cache.insert(key, entry);
         } else {
             self.cache.invalidate(&key);
         }
@@ -191,10 +219,30 @@ mod tests {
         let clock = ManualClock::new();
         let cache = l1(&clock);
         let deadline = clock.now().saturating_add(Duration::from_secs(10));
-        cache.insert("k".into(), Some("v".into()), deadline);
+        cache.insert("k".into(), L1Entry::fresh(Some("v".into()), deadline));
         assert_eq!(cache.get("k").and_then(|e| e.value), Some("v".into()));
         assert_eq!(cache.ttl("k"), Some(Duration::from_secs(10)));
         clock.advance(Duration::from_secs(10));
+        assert_eq!(cache.get("k"), None);
+    }
+
+    #[test]
+    fn a_stale_entry_outlives_its_freshness() {
+        let clock = ManualClock::new();
+        let cache = l1(&clock);
+        let now = clock.now();
+        let entry = L1Entry {
+            value: Some("v".to_owned()),
+            fresh_until: now.saturating_add(Duration::from_secs(1)),
+            expires_at: now.saturating_add(Duration::from_secs(10)),
+            stale: false,
+        };
+        cache.insert("k".into(), entry);
+        assert!(cache.get("k").is_some_and(|e| e.is_fresh_at(clock.now())));
+        clock.advance(Duration::from_secs(2));
+        let stale = cache.get("k").unwrap_or_else(|| panic!("kept while stale"));
+        assert!(!stale.is_fresh_at(clock.now()));
+        clock.advance(Duration::from_secs(8));
         assert_eq!(cache.get("k"), None);
     }
 
@@ -205,13 +253,14 @@ mod tests {
         let now = clock.now();
         cache.insert(
             "k".into(),
-            Some("a".into()),
-            now.saturating_add(Duration::from_secs(100)),
+            L1Entry::fresh(
+                Some("a".into()),
+                now.saturating_add(Duration::from_secs(100)),
+            ),
         );
         cache.insert(
             "k".into(),
-            Some("b".into()),
-            now.saturating_add(Duration::from_secs(1)),
+            L1Entry::fresh(Some("b".into()), now.saturating_add(Duration::from_secs(1))),
         );
         clock.advance(Duration::from_secs(2));
         assert_eq!(cache.get("k"), None);
@@ -221,10 +270,10 @@ mod tests {
     fn already_expired_inserts_are_dropped_and_negative_entries_kept() {
         let clock = ManualClock::new();
         let cache = l1(&clock);
-        cache.insert("old".into(), Some("v".into()), clock.now());
+        cache.insert("old".into(), L1Entry::fresh(Some("v".into()), clock.now()));
         assert_eq!(cache.get("old"), None);
         let deadline = clock.now().saturating_add(Duration::from_secs(5));
-        cache.insert("none".into(), None, deadline);
+        cache.insert("none".into(), L1Entry::fresh(None, deadline));
         assert_eq!(cache.get("none").map(|e| e.value), Some(None));
     }
 
@@ -234,7 +283,7 @@ mod tests {
         let cache = l1(&clock);
         let deadline = clock.now().saturating_add(Duration::from_mins(1));
         for key in ["a:1", "a:2", "b:1", "ab"] {
-            cache.insert(key.into(), Some(key.into()), deadline);
+            cache.insert(key.into(), L1Entry::fresh(Some(key.into()), deadline));
         }
         cache.invalidate("b:1");
         assert!(cache.get("b:1").is_none());
@@ -258,7 +307,10 @@ mod tests {
             .now()
             .saturating_add(Duration::from_mins(1));
         for i in 0..1_000 {
-            cache.insert(format!("k{i:04}"), Some("x".repeat(95)), deadline);
+            cache.insert(
+                format!("k{i:04}"),
+                L1Entry::fresh(Some("x".repeat(95)), deadline),
+            );
         }
         cache.run_pending_tasks();
         assert!(

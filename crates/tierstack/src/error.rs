@@ -20,6 +20,12 @@ pub enum LoadError<E> {
     /// The loader asked the cache for the key it is loading (directly, on the same task): it
     /// would have waited for itself.
     Reentrant,
+    /// The loader ran past the call's hard timeout and was cancelled (fail-safe had no stale
+    /// value to answer instead).
+    TimedOut {
+        /// The hard timeout.
+        after: std::time::Duration,
+    },
     /// The cache refused the call: an invalid key, for instance.
     Cache(CacheError),
 }
@@ -46,6 +52,7 @@ impl<E: fmt::Display> fmt::Display for LoadError<E> {
             Self::Loader(error) => write!(f, "loader failed: {error}"),
             Self::Panicked => f.write_str("the loader panicked"),
             Self::Reentrant => f.write_str("the loader asked the cache for the key it is loading"),
+            Self::TimedOut { after } => write!(f, "the loader timed out after {after:?}"),
             Self::Cache(error) => fmt::Display::fmt(error, f),
         }
     }
@@ -56,7 +63,7 @@ impl<E: StdError + 'static> StdError for LoadError<E> {
         match self {
             Self::Loader(error) => Some(&**error),
             Self::Cache(error) => Some(error),
-            Self::Panicked | Self::Reentrant => None,
+            Self::Panicked | Self::Reentrant | Self::TimedOut { .. } => None,
         }
     }
 }

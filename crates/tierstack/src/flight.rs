@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use tokio::sync::watch;
 
 use crate::freshness::Stamp;
+use crate::options::Fetched;
 
 /// A loader's error as the waiters of its flight receive it: an `Arc<E>` behind `Any`, so that
 /// one registry holds flights of every error type.
@@ -23,14 +24,16 @@ pub(crate) type SharedError = Arc<dyn Any + Send + Sync>;
 /// How a flight ended.
 #[derive(Debug, Clone)]
 pub(crate) enum Outcome<V> {
-    /// A value (from L1, L2 or the loader).
-    Found(V),
+    /// A value, with where it came from.
+    Found(Fetched<V>),
     /// No value: the loader answered `None`, or a negative entry was found.
     Absent,
     /// The loader failed with this error (an `Arc<E>`).
     Failed(SharedError),
     /// The loader panicked.
     Panicked,
+    /// The loader ran past this hard timeout and was cancelled.
+    TimedOut(std::time::Duration),
     /// The leader was cancelled before it finished: a waiter leads a new flight.
     Abandoned,
 }
@@ -202,8 +205,8 @@ mod tests {
             flights.join_or_lead("k", TypeId::of::<String>(), stamp(&f)),
             Role::Lead(_)
         ));
-        leader.complete(Outcome::Found(7));
-        assert!(matches!(waiter.outcome().await, Outcome::Found(7)));
+        leader.complete(Outcome::Found(Fetched::new(7, crate::Source::Loader)));
+        assert!(matches!(waiter.outcome().await, Outcome::Found(f) if f.value == 7));
         assert!(matches!(
             flights.join_or_lead("k", kind(), stamp(&f)),
             Role::Lead(_)

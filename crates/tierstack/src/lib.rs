@@ -64,12 +64,14 @@ mod flight;
 mod freshness;
 pub mod handles;
 pub mod migrate;
+mod options;
 mod stats;
 
 pub use backend::{Backend, StoreConfig};
 pub use cache::{TieredCache, TieredCacheBuilder};
 pub use error::LoadError;
 pub use fill::L2Fill;
+pub use options::{EntryOptions, FailSafe, Fetched, Loaded, Source};
 pub use stats::CacheStats;
 pub use tierstack_core::{
     Backplane, BincodeCodec, BoxError, CacheError, Codec, JsonCodec, Result, Store,

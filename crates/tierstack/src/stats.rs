@@ -36,6 +36,8 @@ pub struct CacheStats {
     /// Whole-namespace invalidations made because too many single-key ones were waiting (L2
     /// failing the writes of a busy service): each cleared this L1 and the other instances'.
     pub invalidation_sweeps: u64,
+    /// Stale values served by fail-safe because the loader failed or timed out.
+    pub stale_served: u64,
 }
 
 impl CacheStats {
@@ -141,6 +143,7 @@ pub(crate) struct Recorder {
     resyncs: AtomicU64,
     publish_errors: AtomicU64,
     invalidation_sweeps: AtomicU64,
+    stale_served: AtomicU64,
     metrics: Handles,
 }
 
@@ -159,6 +162,7 @@ struct Handles {
     resyncs: Counter,
     publish_errors: Counter,
     invalidation_sweeps: Counter,
+    stale_served: Counter,
 }
 
 impl Recorder {
@@ -183,7 +187,8 @@ impl Recorder {
             invalidations_received: metrics::counter!("tierstack_invalidations_received_total", "cache" => cache.clone()),
             resyncs: metrics::counter!("tierstack_resyncs_total", "cache" => cache.clone()),
             publish_errors: metrics::counter!("tierstack_publish_errors_total", "cache" => cache.clone()),
-            invalidation_sweeps: metrics::counter!("tierstack_invalidation_sweeps_total", "cache" => cache),
+            invalidation_sweeps: metrics::counter!("tierstack_invalidation_sweeps_total", "cache" => cache.clone()),
+            stale_served: metrics::counter!("tierstack_stale_served_total", "cache" => cache),
         };
         Self {
             l1_hits: StripedCounter::default(),
@@ -197,6 +202,7 @@ impl Recorder {
             resyncs: AtomicU64::new(0),
             publish_errors: AtomicU64::new(0),
             invalidation_sweeps: AtomicU64::new(0),
+            stale_served: AtomicU64::new(0),
             metrics,
         }
     }
@@ -238,6 +244,11 @@ impl Recorder {
         }
     }
 
+    pub(crate) fn stale_served(&self) {
+        self.stale_served.fetch_add(1, Ordering::Relaxed);
+        self.metrics.stale_served.increment(1);
+    }
+
     pub(crate) fn corrupt_entry(&self) {
         self.corrupt_entries.fetch_add(1, Ordering::Relaxed);
         self.metrics.corrupt_entries.increment(1);
@@ -277,6 +288,7 @@ impl Recorder {
             resyncs: get(&self.resyncs),
             publish_errors: get(&self.publish_errors),
             invalidation_sweeps: get(&self.invalidation_sweeps),
+            stale_served: get(&self.stale_served),
         }
     }
 }

@@ -18,6 +18,7 @@ use crate::burst_log::BurstLog;
 use crate::fill::{FillBudget, L2Fill};
 use crate::flight::Flights;
 use crate::freshness::Freshness;
+use crate::options::EntryOptions;
 use crate::stats::Recorder;
 
 /// Builds a [`TieredCache`]; start with [`TieredCache::builder`].
@@ -48,10 +49,7 @@ impl<V> TieredCacheBuilder<V, BincodeCodec> {
             codec: BincodeCodec::default(),
             clock: system_clock(),
             settings: Settings {
-                default_ttl: Duration::from_mins(5),
-                l1_ttl: None,
-                jitter: 0.0,
-                negative_ttl: None,
+                defaults: EntryOptions::default(),
                 max_key_len: 4096,
                 max_value_len: 1024 * 1024,
                 l2_timeout: Duration::from_secs(1),
@@ -111,21 +109,21 @@ where
 
     /// The time to live of entries written without one (default 5 minutes).
     pub fn default_ttl(mut self, ttl: Duration) -> Self {
-        self.settings.default_ttl = ttl;
+        self.settings.defaults.set_ttl(ttl);
         self
     }
 
     /// A shorter cap on how long L1 keeps an entry, so that instances re-read L2 at least this
     /// often even if an invalidation is lost.
     pub fn l1_ttl(mut self, ttl: Duration) -> Self {
-        self.settings.l1_ttl = Some(ttl);
+        self.settings.defaults.set_l1_ttl(ttl);
         self
     }
 
     /// Adds up to `fraction` (0 to 1) of each TTL at random, so entries written together do not
     /// expire together and stampede the origin.
     pub fn ttl_jitter(mut self, fraction: f64) -> Self {
-        self.settings.jitter = fraction;
+        self.settings.defaults.set_jitter(fraction);
         self
     }
 
@@ -133,7 +131,16 @@ where
     /// [`get_or_load_optional`](TieredCache::get_or_load_optional) for `ttl`, so that lookups of
     /// keys that do not exist stop reaching the origin.
     pub fn negative_ttl(mut self, ttl: Duration) -> Self {
-        self.settings.negative_ttl = Some(ttl);
+        self.settings.defaults.set_negative_ttl(ttl);
+        self
+    }
+
+    /// The options of every call that names none (default: [`EntryOptions::default`]). Sets
+    /// what [`default_ttl`](Self::default_ttl), [`l1_ttl`](Self::l1_ttl),
+    /// [`ttl_jitter`](Self::ttl_jitter) and [`negative_ttl`](Self::negative_ttl) set, and
+    /// fail-safe and the load timeout.
+    pub fn default_options(mut self, options: EntryOptions) -> Self {
+        self.settings.defaults = options;
         self
     }
 
@@ -203,21 +210,9 @@ where
         let namespace = Namespace::new(&self.namespace)
             .map_err(|e| CacheError::Configuration(format!("namespace: {e}")))?;
         let settings = self.settings;
-        for (name, ttl) in [
-            ("default_ttl", Some(settings.default_ttl)),
-            ("l1_ttl", settings.l1_ttl),
-            ("negative_ttl", settings.negative_ttl),
-            ("tombstone_ttl", Some(settings.tombstone_ttl)),
-        ] {
-            if let Some(ttl) = ttl {
-                validate_ttl(ttl).map_err(|e| CacheError::Configuration(format!("{name}: {e}")))?;
-            }
-        }
-        if !(0.0..=1.0).contains(&settings.jitter) {
-            return Err(CacheError::Configuration(
-                "ttl_jitter must be between 0 and 1".into(),
-            ));
-        }
+        settings.defaults.validate()?;
+        validate_ttl(settings.tombstone_ttl)
+            .map_err(|e| CacheError::Configuration(format!("tombstone_ttl: {e}")))?;
         // A store key is `namespace:key`; checked, since `max_key_len` is the user's number.
         let longest_store_key = settings
             .max_key_len

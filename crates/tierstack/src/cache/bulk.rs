@@ -10,7 +10,6 @@ use bytes::Bytes;
 use futures_util::FutureExt;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tierstack_core::envelope;
 use tierstack_core::key::fingerprint;
 use tierstack_core::{Codec, Result};
 
@@ -164,10 +163,15 @@ where
                 None => L2Read::Miss { seen: None },
             };
             match read {
-                L2Read::Hit { value, ttl, .. } => {
+                L2Read::Hit { value, life, .. } => {
                     self.recorder.l2_hit();
-                    self.fill_l1_since(key, value.clone(), ttl, snapshot);
+                    self.fill_l1_since(key, value.clone(), life, snapshot);
                     found[index] = Some(value);
+                }
+                // A stale entry is replaced by what the batch loads.
+                L2Read::Stale { bytes, .. } => {
+                    self.recorder.miss();
+                    seen[index] = Some(bytes);
                 }
                 L2Read::Miss { seen: there } => {
                     self.recorder.miss();
@@ -187,8 +191,8 @@ where
         values: &[Option<V>],
         seen: Vec<Option<Bytes>>,
     ) {
-        let now = self.clock.now();
         let deadline = self.deadline();
+        let options = self.settings.defaults;
         // As for a single key's fill: under the keys' locks, a `delete` or `touch` of one of them
         // either came before the check below or waits for the write.
         let locks = match &self.l2 {
@@ -208,19 +212,13 @@ where
                 // bring back what was deleted.
                 continue;
             }
-            let ttl = match (value, self.settings.negative_ttl) {
-                (Some(_), _) => self.jittered(self.settings.default_ttl),
-                (None, Some(negative)) => self.jittered(negative),
+            let life = match (value, options.negative_ttl()) {
+                (Some(_), _) => Self::life(&options, options.ttl()),
+                (None, Some(negative)) => Self::life(&options, negative),
                 (None, None) => continue,
             };
-            match envelope::encode(
-                &self.codec,
-                value.as_ref(),
-                now,
-                now.saturating_add(ttl),
-                self.settings.max_value_len,
-            ) {
-                Ok(bytes) => writes.push((watch, value, ttl, bytes, seen)),
+            match self.encode_with_life(value.as_ref(), life) {
+                Ok(bytes) => writes.push((watch, value, life, bytes, seen)),
                 Err(error) => {
                     tracing::warn!(cache = %self.namespace, key = %fingerprint(watch.key()), error = %error, "loaded value not cached");
                 }
@@ -232,9 +230,16 @@ where
                 // At most `BULK_FILL_CONCURRENCY` at a time, in order: a large batch does not
                 // take every slot of the L2 connection from other callers.
                 for chunk in writes.chunks(BULK_FILL_CONCURRENCY) {
-                    let calls = chunk.iter().map(|(watch, _, ttl, bytes, seen)| {
+                    let calls = chunk.iter().map(|(watch, _, life, bytes, seen)| {
                         let (bytes, seen) = (bytes.clone(), seen.as_deref());
-                        self.write_over_seen(l2.as_ref(), watch.key(), bytes, *ttl, seen, deadline)
+                        self.write_over_seen(
+                            l2.as_ref(),
+                            watch.key(),
+                            bytes,
+                            life.lives,
+                            seen,
+                            deadline,
+                        )
                     });
                     // Like a single fill: L1 keeps a value that L2 did not refuse (a failing L2
                     // keeps serving from L1), and drops one that lost to another writer.
@@ -247,9 +252,9 @@ where
             _ => vec![true; writes.len()],
         };
         drop(locks);
-        for ((watch, value, ttl, _, _), written) in writes.iter().zip(written) {
+        for ((watch, value, life, _, _), written) in writes.iter().zip(written) {
             if written {
-                self.fill_l1(watch.key(), (*value).clone(), *ttl, || {
+                self.fill_l1(watch.key(), (*value).clone(), *life, || {
                     self.freshness.watch_is_current(watch)
                 });
             }

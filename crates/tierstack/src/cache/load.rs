@@ -11,15 +11,18 @@ use bytes::Bytes;
 use futures_util::FutureExt;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tierstack_core::envelope;
+use tierstack_core::clock::Timestamp;
+use tierstack_core::envelope::{self, Lifetime};
 use tierstack_core::key::fingerprint;
+use tierstack_core::store::validate_ttl;
 use tierstack_core::{CacheError, Codec, Store};
 
 use super::Inner;
-use super::read::L2Read;
+use super::read::{L2Read, Life};
 use crate::error::LoadError;
 use crate::flight::{Leader, Outcome, Role, SharedError};
 use crate::freshness::KeyWatch;
+use crate::options::{EntryOptions, Fetched, Loaded, Source};
 use crate::stats::L2Op;
 
 /// Whether a negative entry answers the call (`get_or_load_optional`) or not (`get_or_load`).
@@ -42,24 +45,39 @@ where
     V: Clone + Send + Sync + Serialize + DeserializeOwned + 'static,
     C: Codec,
 {
-    pub(super) async fn get_or_load<F, Fut, E>(
+    pub(super) async fn get_or_load_with<F, Fut, R, E>(
         self: &Arc<Self>,
         key: &str,
+        options: &EntryOptions,
         loader: F,
-    ) -> Result<V, LoadError<E>>
+    ) -> Result<Fetched<V>, LoadError<E>>
     where
         F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<V, E>>,
+        Fut: Future<Output = Result<R, E>>,
+        R: Into<Loaded<V>>,
         E: Send + Sync + 'static,
     {
         self.check_key(key)?;
-        if let Some(Some(hit)) = self.l1_get(key) {
-            return Ok(hit);
+        if let Some((Some(value), stale)) = self.l1_fresh(key) {
+            return Ok(Fetched {
+                stale,
+                ..Fetched::new(value, Source::L1)
+            });
         }
-        let optional = || async move { loader().await.map(Some) };
+        options.validate()?;
+        let optional = || async move {
+            loader().await.map(|loaded| {
+                let Loaded { value, ttl, cache } = loaded.into();
+                Loaded {
+                    value: Some(value),
+                    ttl,
+                    cache,
+                }
+            })
+        };
         let kind = TypeId::of::<NeedsValue<E>>();
-        match self.flight(key, kind, false, optional).await? {
-            Some(value) => Ok(value),
+        match self.flight(key, kind, false, options, optional).await? {
+            Some(fetched) => Ok(fetched),
             // Unreachable: a flight that needs a value neither accepts a negative entry nor has a
             // loader that can answer `None`.
             None => Err(LoadError::Cache(CacheError::Configuration(
@@ -83,7 +101,10 @@ where
             return Ok(hit);
         }
         let kind = TypeId::of::<AcceptsAbsent<E>>();
-        self.flight(key, kind, true, loader).await
+        let options = self.settings.defaults;
+        let loader = || async move { loader().await.map(Loaded::new) };
+        let fetched = self.flight(key, kind, true, &options, loader).await?;
+        Ok(fetched.map(|fetched| fetched.value))
     }
 
     /// Runs the flight of `key`, or waits for the one already running. A waiter whose leader
@@ -93,11 +114,12 @@ where
         key: &str,
         kind: TypeId,
         accepts_absent: bool,
+        options: &EntryOptions,
         loader: F,
-    ) -> Result<Option<V>, LoadError<E>>
+    ) -> Result<Option<Fetched<V>>, LoadError<E>>
     where
         F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<Option<V>, E>>,
+        Fut: Future<Output = Result<Loaded<Option<V>>, E>>,
         E: Send + Sync + 'static,
     {
         loop {
@@ -115,7 +137,9 @@ where
                     }
                 }
                 Role::Lead(guard) => {
-                    let outcome = self.lead(accepts_absent, watch, &guard, loader).await;
+                    let outcome = self
+                        .lead(accepts_absent, options, watch, &guard, loader)
+                        .await;
                     guard.complete(outcome.clone());
                     return answer(outcome);
                 }
@@ -123,87 +147,220 @@ where
         }
     }
 
-    /// The work of a flight: L1 again (a flight that just finished may have filled it), L2, and
-    /// on a miss the loader, whose answer is cached.
+    /// The work of a flight: [`look`](Self::look) in L1 and L2, and on a miss the loader, whose
+    /// answer is cached. With fail-safe, a stale value found on the way answers instead if the
+    /// loader fails.
     async fn lead<F, Fut, E>(
         self: &Arc<Self>,
         accepts_absent: bool,
+        options: &EntryOptions,
         watch: KeyWatch,
         guard: &Leader<V>,
         loader: F,
     ) -> Outcome<V>
     where
         F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<Option<V>, E>>,
+        Fut: Future<Output = Result<Loaded<Option<V>>, E>>,
         E: Send + Sync + 'static,
     {
+        // The hard timeout bounds the whole call: the L2 read, then the loader.
+        let hard_deadline = options
+            .hard_timeout()
+            .map(|limit| tokio::time::Instant::now() + limit);
+        let deadline = hard_deadline.map_or(self.deadline(), |hard| hard.min(self.deadline()));
+        let (seen, fallback) = match self.look(accepts_absent, options, &watch, deadline).await {
+            Looked::Answered(outcome) => return outcome,
+            Looked::Load { seen, fallback } => (seen, fallback),
+        };
         let key = watch.key().to_owned();
         let key = key.as_str();
-        match self.l1_get(key) {
-            Some(Some(value)) => return Outcome::Found(value),
-            Some(None) if accepts_absent => return Outcome::Absent,
-            _ => {}
+        self.recorder.miss();
+        let started = Instant::now();
+        // A panicking loader is caught here and becomes every waiter's outcome.
+        let run = AssertUnwindSafe(guard.run_marked(async move { loader().await })).catch_unwind();
+        let ran = match hard_deadline {
+            Some(hard) => tokio::time::timeout_at(hard, run).await.ok(),
+            None => Some(run.await),
+        };
+        let result = match ran {
+            Some(Ok(Ok(answer))) => Ok(answer),
+            Some(Ok(Err(error))) => Err(Failure::Loader(error)),
+            Some(Err(_)) => Err(Failure::Panicked),
+            None => Err(Failure::TimedOut(
+                options.hard_timeout().unwrap_or_default(),
+            )),
+        };
+        self.recorder.load(result.is_ok(), started.elapsed());
+        match result {
+            Ok(Loaded { value, ttl, cache }) => {
+                let ttl = if value.is_some() {
+                    Some(ttl.unwrap_or(options.ttl()))
+                } else {
+                    ttl.or(options.negative_ttl())
+                };
+                if let (true, Some(ttl)) = (cache, ttl) {
+                    self.store_loaded(value.as_ref(), options, ttl, watch, seen)
+                        .await;
+                }
+                match value {
+                    Some(value) => Outcome::Found(Fetched::new(value, Source::Loader)),
+                    None => Outcome::Absent,
+                }
+            }
+            Err(failure) => {
+                // The loader's error is the callers' business; its text may hold anything.
+                tracing::debug!(cache = %self.namespace, key = %fingerprint(key), "loader failed");
+                if let (Some(fallback), Some(fail_safe)) = (fallback, options.fail_safe()) {
+                    return self
+                        .serve_stale(key, fallback, fail_safe.throttle(), &watch)
+                        .await;
+                }
+                match failure {
+                    Failure::Loader(error) => Outcome::Failed(Arc::new(error) as SharedError),
+                    Failure::Panicked => Outcome::Panicked,
+                    Failure::TimedOut(after) => Outcome::TimedOut(after),
+                }
+            }
+        }
+    }
+
+    /// The part of a flight before the loader: L1 again (a flight that just finished may have
+    /// filled it), then L2. Answers, or says what the loader's value may replace and which stale
+    /// value answers if the loader fails.
+    async fn look(
+        &self,
+        accepts_absent: bool,
+        options: &EntryOptions,
+        watch: &KeyWatch,
+        deadline: tokio::time::Instant,
+    ) -> Looked<V> {
+        let key = watch.key();
+        let mut fallback = None;
+        if let Some(entry) = self.l1_entry(key) {
+            match entry.value {
+                Some(value) if entry.is_fresh_at(self.clock.now()) => {
+                    return Looked::Answered(Outcome::Found(Fetched {
+                        stale: entry.stale,
+                        ..Fetched::new(value, Source::L1)
+                    }));
+                }
+                None if accepts_absent && entry.is_fresh_at(self.clock.now()) => {
+                    return Looked::Answered(Outcome::Absent);
+                }
+                Some(value) if options.fail_safe().is_some() => {
+                    fallback = Some(Fallback {
+                        value,
+                        source: Source::L1,
+                        expires_at: entry.expires_at,
+                        bytes: None,
+                    });
+                }
+                _ => {}
+            }
         }
         // What the load's value may replace in L2: what this read saw there (nothing, a
-        // tombstone, a negative entry this call cannot use, bytes that stayed undecodable).
-        // After an L2 failure, nothing is known: the value is only written over no entry.
-        let seen = match self.read_l2(key, self.deadline(), self.l1.is_some()).await {
-            Ok(L2Read::Hit {
-                value: Some(value),
-                ttl,
+        // tombstone, a negative entry this call cannot use, a stale entry, bytes that stayed
+        // undecodable). After an L2 failure, nothing is known: the value is only written over
+        // no entry.
+        let seen = match self.read_l2(key, deadline, self.l1.is_some()).await {
+            Ok(L2Read::Hit { value, life, bytes }) => {
+                let life = Life {
+                    l1_cap: options.l1_ttl(),
+                    ..life
+                };
+                match value {
+                    Some(value) => {
+                        self.recorder.l2_hit();
+                        self.fill_l1(key, Some(value.clone()), life, || {
+                            self.freshness.watch_is_current(watch)
+                        });
+                        return Looked::Answered(Outcome::Found(Fetched {
+                            stale: life.stale,
+                            ..Fetched::new(value, Source::L2)
+                        }));
+                    }
+                    None if accepts_absent => {
+                        self.recorder.l2_hit();
+                        self.fill_l1(key, None, life, || self.freshness.watch_is_current(watch));
+                        return Looked::Answered(Outcome::Absent);
+                    }
+                    None => Some(bytes),
+                }
+            }
+            Ok(L2Read::Stale {
+                value,
+                expires_at,
+                bytes,
                 ..
             }) => {
-                self.recorder.l2_hit();
-                self.fill_l1(key, Some(value.clone()), ttl, || {
-                    self.freshness.watch_is_current(&watch)
-                });
-                return Outcome::Found(value);
+                if let (Some(value), Some(_)) = (value, options.fail_safe()) {
+                    fallback = Some(Fallback {
+                        value,
+                        source: Source::L2,
+                        expires_at,
+                        bytes: Some(bytes.clone()),
+                    });
+                }
+                Some(bytes)
             }
-            Ok(L2Read::Hit {
-                value: None, ttl, ..
-            }) if accepts_absent => {
-                self.recorder.l2_hit();
-                self.fill_l1(key, None, ttl, || self.freshness.watch_is_current(&watch));
-                return Outcome::Absent;
-            }
-            Ok(L2Read::Hit { bytes, .. }) => Some(bytes),
             Ok(L2Read::Miss { seen }) => seen,
             // Counted and logged: the origin answers.
             Err(_) => None,
         };
-        self.recorder.miss();
-        let started = Instant::now();
-        // A panicking loader is caught here and becomes every waiter's outcome.
-        let result = match AssertUnwindSafe(guard.run_marked(async move { loader().await }))
-            .catch_unwind()
-            .await
-        {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(error)) => Err(Some(error)),
-            Err(_) => Err(None),
+        Looked::Load { seen, fallback }
+    }
+
+    /// Fail-safe: answers a stale value after the loader failed, and re-arms it so that it
+    /// answers for `throttle` before the origin is tried again: in L1, or without an L1 in L2
+    /// (over the very bytes read, so that a newer value or a delete wins).
+    async fn serve_stale(
+        &self,
+        key: &str,
+        fallback: Fallback<V>,
+        throttle: Duration,
+        watch: &KeyWatch,
+    ) -> Outcome<V> {
+        self.recorder.stale_served();
+        tracing::debug!(cache = %self.namespace, key = %fingerprint(key), "fail-safe: stale value served");
+        let now = self.clock.now();
+        let lives = now.until(fallback.expires_at);
+        let life = Life {
+            fresh: throttle.min(lives),
+            lives,
+            stale: true,
+            l1_cap: None,
         };
-        self.recorder.load(result.is_ok(), started.elapsed());
-        match result {
-            Ok(Some(value)) => {
-                self.store_loaded(Some(&value), self.settings.default_ttl, watch, seen)
+        if self.l1.is_some() {
+            self.fill_l1(key, Some(fallback.value.clone()), life, || {
+                self.freshness.watch_is_current(watch)
+            });
+        } else if let (Some(l2), Some(seen)) = (&self.l2, &fallback.bytes) {
+            let lifetime = Lifetime {
+                written_at: now,
+                fresh_until: now.saturating_add(life.fresh),
+                expires_at: fallback.expires_at,
+                stale: true,
+            };
+            let rearmed = envelope::encode_entry(
+                &self.codec,
+                Some(&fallback.value),
+                lifetime,
+                self.settings.max_value_len,
+            );
+            if let (Ok(bytes), false) = (rearmed, lives.is_zero()) {
+                // Best effort: a failure is counted and logged, and the origin is tried again
+                // sooner.
+                let deadline = self.deadline();
+                let _ = self
+                    .write_over_seen(l2.as_ref(), key, bytes, lives, Some(seen), deadline)
                     .await;
-                Outcome::Found(value)
-            }
-            Ok(None) => {
-                if let Some(ttl) = self.settings.negative_ttl {
-                    self.store_loaded(None, ttl, watch, seen).await;
-                }
-                Outcome::Absent
-            }
-            Err(error) => {
-                // The loader's error is the callers' business; its text may hold anything.
-                tracing::debug!(cache = %self.namespace, key = %fingerprint(key), "loader failed");
-                match error {
-                    Some(error) => Outcome::Failed(Arc::new(error) as SharedError),
-                    None => Outcome::Panicked,
-                }
             }
         }
+        Outcome::Found(Fetched {
+            value: fallback.value,
+            source: fallback.source,
+            stale: true,
+        })
     }
 
     /// Caches a loaded value (or a negative entry) in both tiers, unless the key was written or
@@ -216,20 +373,19 @@ where
     async fn store_loaded(
         self: &Arc<Self>,
         value: Option<&V>,
+        options: &EntryOptions,
         ttl: Duration,
         watch: KeyWatch,
         seen: Option<Bytes>,
     ) {
         let key = watch.key().to_owned();
-        let ttl = self.jittered(ttl);
-        let now = self.clock.now();
-        let bytes = match envelope::encode(
-            &self.codec,
-            value,
-            now,
-            now.saturating_add(ttl),
-            self.settings.max_value_len,
-        ) {
+        if let Err(error) = validate_ttl(ttl) {
+            // A loader's own TTL (adaptive options) out of range: served, not cached.
+            tracing::warn!(cache = %self.namespace, key = %fingerprint(&key), error = %error, "loaded value not cached");
+            return;
+        }
+        let life = Self::life(options, ttl);
+        let bytes = match self.encode_with_life(value, life) {
             Ok(bytes) => bytes,
             Err(error) => {
                 // Served to the callers, but cached in neither tier.
@@ -245,20 +401,20 @@ where
             .as_ref()
             .and_then(|_| tokio::runtime::Handle::try_current().ok());
         if let (Some(reserved), Some(runtime)) = (reserved, runtime) {
-            self.fill_l1(&key, value.cloned(), ttl, || {
+            self.fill_l1(&key, value.cloned(), life, || {
                 self.freshness.watch_is_current(&watch)
             });
             let this = Arc::clone(self);
             runtime.spawn(async move {
-                if this.write_loaded(bytes, ttl, &watch, seen).await == Written::No {
+                if this.write_loaded(bytes, life.lives, &watch, seen).await == Written::No {
                     this.drop_unwritten_fill(&watch);
                 }
                 drop(reserved);
             });
             return;
         }
-        if self.write_loaded(bytes, ttl, &watch, seen).await != Written::No {
-            self.fill_l1(&key, value.cloned(), ttl, || {
+        if self.write_loaded(bytes, life.lives, &watch, seen).await != Written::No {
+            self.fill_l1(&key, value.cloned(), life, || {
                 self.freshness.watch_is_current(&watch)
             });
         }
@@ -348,16 +504,47 @@ where
     }
 }
 
+/// What a flight's look in L1 and L2 found.
+enum Looked<V> {
+    /// The flight's outcome, without the loader.
+    Answered(Outcome<V>),
+    /// A miss: load, and write over `seen`; answer `fallback` if the load fails.
+    Load {
+        seen: Option<Bytes>,
+        fallback: Option<Fallback<V>>,
+    },
+}
+
+/// A stale value that answers if the loader fails (fail-safe).
+struct Fallback<V> {
+    value: V,
+    source: Source,
+    /// When it leaves the stores.
+    expires_at: Timestamp,
+    /// The L2 bytes it was read from, if it came from L2.
+    bytes: Option<Bytes>,
+}
+
+/// Why a load gave no value.
+enum Failure<E> {
+    Loader(E),
+    Panicked,
+    TimedOut(Duration),
+}
+
 /// A caller's answer from a flight's outcome.
-fn answer<V, E: Send + Sync + 'static>(outcome: Outcome<V>) -> Result<Option<V>, LoadError<E>> {
+fn answer<V, E: Send + Sync + 'static>(
+    outcome: Outcome<V>,
+) -> Result<Option<Fetched<V>>, LoadError<E>> {
     match outcome {
-        Outcome::Found(value) => Ok(Some(value)),
+        Outcome::Found(fetched) => Ok(Some(fetched)),
         Outcome::Absent => Ok(None),
         Outcome::Failed(error) => match error.downcast::<E>() {
             Ok(error) => Err(LoadError::Loader(error)),
             // Unreachable: a flight's waiters share its loader's error type.
             Err(_) => Err(LoadError::Panicked),
         },
+        Outcome::TimedOut(after) => Err(LoadError::TimedOut { after }),
         // `flight` leads again instead of answering an abandoned flight.
         Outcome::Panicked | Outcome::Abandoned => Err(LoadError::Panicked),
     }

@@ -30,6 +30,7 @@ use crate::error::LoadError;
 use crate::fill::FillBudget;
 use crate::flight::Flights;
 use crate::freshness::Freshness;
+use crate::options::{EntryOptions, Fetched, Loaded};
 use crate::stats::{CacheStats, Recorder};
 
 mod builder;
@@ -82,10 +83,8 @@ impl<V, C: fmt::Debug> fmt::Debug for TieredCache<V, C> {
 
 #[derive(Debug, Clone, Copy)]
 struct Settings {
-    default_ttl: Duration,
-    l1_ttl: Option<Duration>,
-    jitter: f64,
-    negative_ttl: Option<Duration>,
+    /// The options of calls that name none.
+    defaults: EntryOptions,
     max_key_len: usize,
     max_value_len: usize,
     l2_timeout: Duration,
@@ -180,7 +179,44 @@ where
         Fut: Future<Output = std::result::Result<V, E>>,
         E: Send + Sync + 'static,
     {
-        self.inner.get_or_load(key, loader).await
+        let options = self.inner.settings.defaults;
+        let fetched = self.inner.get_or_load_with(key, &options, loader).await?;
+        Ok(fetched.value)
+    }
+
+    /// [`get_or_load`](Self::get_or_load) with this call's `options` (start from
+    /// [`default_options`](Self::default_options)), answering where the value came from and
+    /// whether it is stale.
+    ///
+    /// The loader may answer a plain value, or a [`Loaded`] that says how to cache it (its own
+    /// TTL, or not at all). With [fail-safe](EntryOptions::with_fail_safe), a value past its TTL
+    /// stays stored as a fallback: when the loader fails, panics or passes the
+    /// [hard timeout](EntryOptions::with_hard_timeout), the stale value answers instead
+    /// ([`Fetched::stale`]) and the origin is left alone for the fail-safe throttle.
+    ///
+    /// # Errors
+    ///
+    /// As [`get_or_load`](Self::get_or_load), and [`LoadError::TimedOut`] when the loader passed
+    /// the hard timeout with no stale value to answer; [`LoadError::Cache`] for options out of
+    /// range.
+    pub async fn get_or_load_with<F, Fut, R, E>(
+        &self,
+        key: &str,
+        options: &EntryOptions,
+        loader: F,
+    ) -> Result<Fetched<V>, LoadError<E>>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = std::result::Result<R, E>>,
+        R: Into<Loaded<V>>,
+        E: Send + Sync + 'static,
+    {
+        self.inner.get_or_load_with(key, options, loader).await
+    }
+
+    /// The options of calls that name none, as the builder set them.
+    pub fn default_options(&self) -> EntryOptions {
+        self.inner.settings.defaults
     }
 
     /// Like [`get_or_load`](Self::get_or_load) for origins that may have no value: the loader
@@ -245,9 +281,8 @@ where
     ///
     /// As [`set_with_ttl`](Self::set_with_ttl).
     pub async fn set(&self, key: &str, value: V) -> Result<()> {
-        self.inner
-            .set(key, value, self.inner.settings.default_ttl)
-            .await
+        let ttl = self.inner.settings.defaults.ttl();
+        self.inner.set(key, value, ttl).await
     }
 
     /// Writes `value` under `key` for `ttl`.
@@ -362,12 +397,16 @@ where
         validate_key(key, self.settings.max_key_len)
     }
 
-    fn jittered(&self, ttl: Duration) -> Duration {
-        if self.settings.jitter <= 0.0 {
-            return ttl;
-        }
-        let extra = ttl.mul_f64(self.settings.jitter * fastrand::f64());
-        (ttl + extra).min(MAX_TTL)
+    /// The life of an entry written with `options` and `ttl` (jittered): fresh for the TTL,
+    /// stored longer by the fail-safe maximum.
+    fn life(options: &EntryOptions, ttl: Duration) -> read::Life {
+        let fresh = if options.jitter() <= 0.0 {
+            ttl
+        } else {
+            let extra = ttl.mul_f64(options.jitter() * fastrand::f64());
+            (ttl + extra).min(MAX_TTL)
+        };
+        read::Life::new(fresh, options.lives(fresh), options.l1_ttl())
     }
 }
 

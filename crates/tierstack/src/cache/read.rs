@@ -7,22 +7,72 @@ use bytes::Bytes;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tierstack_core::envelope::Envelope;
+use tierstack_core::clock::Timestamp;
+use tierstack_core::envelope::{self, Envelope, Lifetime};
 use tierstack_core::key::fingerprint;
 use tierstack_core::{Codec, Result};
+use tierstack_moka::L1Entry;
 use tokio::time::Instant;
 
 use super::Inner;
 use crate::freshness::Snapshot;
 use crate::stats::L2Op;
 
+/// How long an entry is fresh, and how long it stays stored (stale in between), from now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Life {
+    pub(super) fresh: Duration,
+    pub(super) lives: Duration,
+    /// A stale value kept after the origin failed: `fresh` only delays the next attempt.
+    pub(super) stale: bool,
+    /// How long L1 may serve it before reading L2 again.
+    pub(super) l1_cap: Option<Duration>,
+}
+
+impl Life {
+    /// Fresh for `fresh`, then stale until `lives`.
+    pub(super) fn new(fresh: Duration, lives: Duration, l1_cap: Option<Duration>) -> Self {
+        Self {
+            fresh,
+            lives: lives.max(fresh),
+            stale: false,
+            l1_cap,
+        }
+    }
+
+    /// The L1 entry of `value` from `now`: the cap shortens its freshness, and a fail-safe entry
+    /// stays, stale, until it leaves L2 too.
+    fn l1_entry<V>(self, value: Option<V>, now: Timestamp) -> L1Entry<V> {
+        let fresh = self.l1_cap.map_or(self.fresh, |cap| self.fresh.min(cap));
+        let fresh_until = now.saturating_add(fresh);
+        let expires_at = if self.lives > self.fresh {
+            now.saturating_add(self.lives)
+        } else {
+            fresh_until
+        };
+        L1Entry {
+            value,
+            fresh_until,
+            expires_at,
+            stale: self.stale,
+        }
+    }
+}
+
 /// What an L2 read found.
 pub(super) enum L2Read<V> {
-    /// A value, or a negative entry (`None`), with its remaining time to live (zero when the
-    /// read did not ask for it) and the bytes it was read from.
+    /// A fresh value, or a negative entry (`None`), with how long it lives (its remaining time
+    /// to live is zero when the read did not ask for it) and the bytes it was read from.
     Hit {
         value: Option<V>,
-        ttl: Duration,
+        life: Life,
+        bytes: Bytes,
+    },
+    /// A fail-safe entry past its TTL: a fallback if the origin fails, and what a loaded value
+    /// replaces.
+    Stale {
+        value: Option<V>,
+        expires_at: Timestamp,
         bytes: Bytes,
     },
     /// No live entry. `seen` holds what lies under the key instead, if anything: a tombstone,
@@ -32,8 +82,13 @@ pub(super) enum L2Read<V> {
 
 /// An L2 entry's bytes, read as this cache reads them.
 enum Decoded<V> {
-    /// A value, or a negative entry (`None`).
-    Live(Option<V>),
+    /// A value, or a negative entry (`None`), with its envelope's deadlines.
+    Live {
+        value: Option<V>,
+        fresh_until: Timestamp,
+        expires_at: Timestamp,
+        stale: bool,
+    },
     /// A delete's marker: no entry.
     Tombstone,
     Undecodable(Undecodable),
@@ -94,12 +149,18 @@ where
             // Like `get`: an L2 that fails (counted and logged) reads as a miss of L2, and L1
             // answers.
             match self.read_l2(key, self.deadline(), true).await {
-                Ok(L2Read::Hit { ttl, .. }) => return Ok(Some(ttl)),
-                Ok(L2Read::Miss { .. }) => return Ok(None),
+                Ok(L2Read::Hit { life, .. }) => return Ok(Some(life.fresh)),
+                Ok(L2Read::Miss { .. } | L2Read::Stale { .. }) => return Ok(None),
                 Err(_) => {}
             }
         }
-        Ok(self.l1.as_ref().and_then(|l1| l1.ttl(key)))
+        let now = self.clock.now();
+        Ok(self
+            .l1
+            .as_ref()
+            .and_then(|l1| l1.get(key))
+            .filter(|entry| entry.is_fresh_at(now))
+            .map(|entry| now.until(entry.fresh_until)))
     }
 
     /// The live L1 entry of `key`: `Some(Some(v))` a value, `Some(None)` a negative entry.
@@ -108,9 +169,36 @@ where
         reason = "a negative entry is a hit with no value, unlike a miss"
     )]
     pub(super) fn l1_get(&self, key: &str) -> Option<Option<V>> {
+        self.l1_fresh(key).map(|(value, _)| value)
+    }
+
+    /// [`l1_get`](Self::l1_get), and whether the value is a stale one that fail-safe re-armed.
+    pub(super) fn l1_fresh(&self, key: &str) -> Option<(Option<V>, bool)> {
         let entry = self.l1.as_ref()?.get(key)?;
+        // Plain entries are fresh for as long as L1 keeps them; only fail-safe ones need the
+        // clock.
+        if entry.fresh_until != entry.expires_at && !entry.is_fresh_at(self.clock.now()) {
+            return None;
+        }
         self.recorder.l1_hit();
-        Some(entry.value)
+        Some((entry.value, entry.stale))
+    }
+
+    /// The envelope of `value` (or of a negative entry) written now for `life`.
+    pub(super) fn encode_with_life(&self, value: Option<&V>, life: Life) -> Result<Bytes> {
+        let now = self.clock.now();
+        let lifetime = Lifetime {
+            written_at: now,
+            fresh_until: now.saturating_add(life.fresh),
+            expires_at: now.saturating_add(life.lives),
+            stale: life.stale,
+        };
+        envelope::encode_entry(&self.codec, value, lifetime, self.settings.max_value_len)
+    }
+
+    /// The L1 entry of `key`, fresh or stale, without counting a hit.
+    pub(super) fn l1_entry(&self, key: &str) -> Option<L1Entry<V>> {
+        self.l1.as_ref()?.get(key)
     }
 
     /// Reads `key` from L2 and fills L1 on a hit: `Some(v)` a hit (`v` is `None` for a negative
@@ -122,14 +210,15 @@ where
     ) -> Result<Option<Option<V>>> {
         let snapshot = self.freshness.snapshot(key);
         match self.read_l2(key, deadline, self.l1.is_some()).await? {
-            L2Read::Hit { value, ttl, .. } => {
+            L2Read::Hit { value, life, .. } => {
                 self.recorder.l2_hit();
-                self.fill_l1(key, value.clone(), ttl, || {
+                self.fill_l1(key, value.clone(), life, || {
                     self.freshness.is_current(snapshot)
                 });
                 Ok(Some(value))
             }
-            L2Read::Miss { .. } => Ok(None),
+            // A plain read serves fresh values only; a stale one is a loader's fallback.
+            L2Read::Miss { .. } | L2Read::Stale { .. } => Ok(None),
         }
     }
 
@@ -171,7 +260,44 @@ where
         deadline: Instant,
     ) -> L2Read<V> {
         match self.decode_entry(&bytes) {
-            Decoded::Live(value) => L2Read::Hit { value, ttl, bytes },
+            Decoded::Live {
+                value,
+                fresh_until,
+                expires_at,
+                stale,
+            } => {
+                let now = self.clock.now();
+                // The store's own time to live where the read asked for it (`touch` may have
+                // changed it), else the envelope's.
+                let lives = if ttl.is_zero() {
+                    now.until(expires_at)
+                } else {
+                    ttl
+                };
+                // A plain entry is fresh for as long as the store keeps it (a store's `expire`
+                // need not rewrite the envelope); a fail-safe one until its own field says.
+                let fail_safe = fresh_until != expires_at || stale;
+                let fresh = if fail_safe {
+                    now.until(fresh_until).min(lives)
+                } else {
+                    lives
+                };
+                let life = Life {
+                    fresh,
+                    lives,
+                    stale,
+                    l1_cap: self.settings.defaults.l1_ttl(),
+                };
+                if !fail_safe || now < fresh_until {
+                    L2Read::Hit { value, life, bytes }
+                } else {
+                    L2Read::Stale {
+                        value,
+                        expires_at,
+                        bytes,
+                    }
+                }
+            }
             Decoded::Tombstone => L2Read::Miss { seen: Some(bytes) },
             Decoded::Undecodable(reason) => {
                 let removed = self
@@ -192,12 +318,19 @@ where
         if envelope.tombstone {
             return Decoded::Tombstone;
         }
-        if envelope.negative {
-            return Decoded::Live(None);
-        }
-        match self.codec.decode::<V>(envelope.payload) {
-            Ok(value) => Decoded::Live(Some(value)),
-            Err(_) => Decoded::Undecodable(Undecodable::Payload),
+        let value = if envelope.negative {
+            None
+        } else {
+            match self.codec.decode::<V>(envelope.payload) {
+                Ok(value) => Some(value),
+                Err(_) => return Decoded::Undecodable(Undecodable::Payload),
+            }
+        };
+        Decoded::Live {
+            value,
+            fresh_until: envelope.fresh_until,
+            expires_at: envelope.expires_at,
+            stale: envelope.stale,
         }
     }
 
@@ -229,13 +362,13 @@ where
         .unwrap_or(false)
     }
 
-    /// Inserts into L1 for at most `ttl` (capped by the L1 TTL), then evicts it again unless
-    /// `still_current` says that no invalidation of `key` came since the value was read.
+    /// Inserts into L1 for `life` (its freshness capped by the L1 TTL), then evicts it again
+    /// unless `still_current` says that no invalidation of `key` came since the value was read.
     pub(super) fn fill_l1(
         &self,
         key: &str,
         value: Option<V>,
-        ttl: Duration,
+        life: Life,
         still_current: impl Fn() -> bool,
     ) {
         let Some(l1) = &self.l1 else { return };
@@ -243,22 +376,14 @@ where
             // No invalidation would reach the copy: serve from L2 until the backplane is back.
             return;
         }
-        let ttl = self.settings.l1_ttl.map_or(ttl, |cap| ttl.min(cap));
-        let deadline = self.clock.now().saturating_add(ttl);
-        l1.insert(key.to_owned(), value, deadline);
+        l1.insert(key.to_owned(), life.l1_entry(value, self.clock.now()));
         if !still_current() {
             l1.invalidate(key);
         }
     }
 
     /// [`fill_l1`](Self::fill_l1) checked against a striped snapshot.
-    pub(super) fn fill_l1_since(
-        &self,
-        key: &str,
-        value: Option<V>,
-        ttl: Duration,
-        since: Snapshot,
-    ) {
-        self.fill_l1(key, value, ttl, || self.freshness.is_current(since));
+    pub(super) fn fill_l1_since(&self, key: &str, value: Option<V>, life: Life, since: Snapshot) {
+        self.fill_l1(key, value, life, || self.freshness.is_current(since));
     }
 }

@@ -17,6 +17,7 @@ use tierstack_core::{CacheError, Codec, Result};
 use tokio::time::Instant;
 
 use super::Inner;
+use super::read::Life;
 use crate::stats::L2Op;
 
 impl<V, C> Inner<V, C>
@@ -27,15 +28,8 @@ where
     pub(super) async fn set(self: &Arc<Self>, key: &str, value: V, ttl: Duration) -> Result<()> {
         self.check_key(key)?;
         validate_ttl(ttl)?;
-        let ttl = self.jittered(ttl);
-        let now = self.clock.now();
-        let bytes = envelope::encode(
-            &self.codec,
-            Some(&value),
-            now,
-            now.saturating_add(ttl),
-            self.settings.max_value_len,
-        )?;
+        let life = Self::life(&self.settings.defaults, ttl);
+        let bytes = self.encode_with_life(Some(&value), life)?;
         // Taken before the write: an invalidation of the key that arrives while the write is in
         // flight (another instance's write, which may have landed after this one) keeps this
         // value out of L1, so that every instance converges on what L2 holds.
@@ -45,7 +39,7 @@ where
         if let Some(l2) = &self.l2 {
             let store_key = self.namespace.store_key(key);
             let written = self
-                .l2_call(L2Op::Set, deadline, l2.set(&store_key, bytes, ttl))
+                .l2_call(L2Op::Set, deadline, l2.set(&store_key, bytes, life.lives))
                 .await;
             if let Err(error) = written {
                 self.invalidate_after_failure(key, deadline).await;
@@ -55,7 +49,7 @@ where
         }
         if self.freshness.is_current(before) {
             let after = self.freshness.bump_key(key);
-            self.fill_l1_since(key, Some(value), ttl, after);
+            self.fill_l1_since(key, Some(value), life, after);
         } else {
             self.evict_local(key);
         }
@@ -185,7 +179,8 @@ where
         match local {
             Some(entry) if existed && self.freshness.is_current(before) => {
                 let after = self.freshness.bump_key(key);
-                self.fill_l1_since(key, entry.value, ttl, after);
+                let life = Life::new(ttl, ttl, self.settings.defaults.l1_ttl());
+                self.fill_l1_since(key, entry.value, life, after);
             }
             _ => self.evict_local(key),
         }

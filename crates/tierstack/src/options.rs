@@ -1,0 +1,307 @@
+//! Per-call options, what a loader may say about what it loaded, and where a value came from.
+
+use std::time::Duration;
+
+use tierstack_core::store::{MAX_TTL, validate_ttl};
+use tierstack_core::{CacheError, Result};
+
+/// How a read-through call caches what it loads, and how it behaves when the origin fails.
+///
+/// The cache's builder holds the defaults ([`default_options`](crate::TieredCacheBuilder::default_options));
+/// start a call's options from them with
+/// [`TieredCache::default_options`](crate::TieredCache::default_options) and change what differs:
+///
+/// ```
+/// # use std::time::Duration;
+/// # use tierstack::{EntryOptions, FailSafe};
+/// let options = EntryOptions::default()
+///     .with_ttl(Duration::from_secs(30))
+///     .with_fail_safe(FailSafe::new(Duration::from_secs(3600)))
+///     .with_hard_timeout(Duration::from_millis(500));
+/// # let _ = options;
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EntryOptions {
+    ttl: Duration,
+    l1_ttl: Option<Duration>,
+    jitter: f64,
+    negative_ttl: Option<Duration>,
+    fail_safe: Option<FailSafe>,
+    hard_timeout: Option<Duration>,
+}
+
+impl Default for EntryOptions {
+    /// A TTL of 5 minutes; no L1 cap, jitter, negative caching, fail-safe or timeout.
+    fn default() -> Self {
+        Self {
+            ttl: Duration::from_mins(5),
+            l1_ttl: None,
+            jitter: 0.0,
+            negative_ttl: None,
+            fail_safe: None,
+            hard_timeout: None,
+        }
+    }
+}
+
+impl EntryOptions {
+    /// How long a loaded or written value is fresh.
+    #[must_use]
+    pub fn with_ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = ttl;
+        self
+    }
+
+    /// A shorter cap on how long L1 serves an entry before it reads L2 again, so that instances
+    /// re-read L2 at least this often even if an invalidation is lost.
+    #[must_use]
+    pub fn with_l1_ttl(mut self, ttl: Duration) -> Self {
+        self.l1_ttl = Some(ttl);
+        self
+    }
+
+    /// Adds up to `fraction` (0 to 1) of each TTL at random, so that entries written together do
+    /// not expire together.
+    #[must_use]
+    pub fn with_jitter(mut self, fraction: f64) -> Self {
+        self.jitter = fraction;
+        self
+    }
+
+    /// Caches a loader's "no value" answer for `ttl`.
+    #[must_use]
+    pub fn with_negative_ttl(mut self, ttl: Duration) -> Self {
+        self.negative_ttl = Some(ttl);
+        self
+    }
+
+    /// Keeps values past their TTL as a fallback for when the origin fails; see [`FailSafe`].
+    #[must_use]
+    pub fn with_fail_safe(mut self, fail_safe: FailSafe) -> Self {
+        self.fail_safe = Some(fail_safe);
+        self
+    }
+
+    /// Turns fail-safe off.
+    #[must_use]
+    pub fn without_fail_safe(mut self) -> Self {
+        self.fail_safe = None;
+        self
+    }
+
+    /// How long a loader may run before the call gives up on it: the loader is cancelled, and
+    /// the call answers the stale value if fail-safe holds one, else
+    /// [`LoadError::TimedOut`](crate::LoadError::TimedOut). Every caller waiting for that load
+    /// receives the same answer.
+    #[must_use]
+    pub fn with_hard_timeout(mut self, timeout: Duration) -> Self {
+        self.hard_timeout = Some(timeout);
+        self
+    }
+
+    /// The TTL.
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    /// The L1 cap, if any.
+    pub fn l1_ttl(&self) -> Option<Duration> {
+        self.l1_ttl
+    }
+
+    /// The jitter fraction.
+    pub fn jitter(&self) -> f64 {
+        self.jitter
+    }
+
+    /// The TTL of negative entries, if they are cached.
+    pub fn negative_ttl(&self) -> Option<Duration> {
+        self.negative_ttl
+    }
+
+    /// The fail-safe settings, if fail-safe is on.
+    pub fn fail_safe(&self) -> Option<FailSafe> {
+        self.fail_safe
+    }
+
+    /// The hard timeout of loads, if any.
+    pub fn hard_timeout(&self) -> Option<Duration> {
+        self.hard_timeout
+    }
+
+    pub(crate) fn set_ttl(&mut self, ttl: Duration) {
+        self.ttl = ttl;
+    }
+
+    pub(crate) fn set_l1_ttl(&mut self, ttl: Duration) {
+        self.l1_ttl = Some(ttl);
+    }
+
+    pub(crate) fn set_jitter(&mut self, fraction: f64) {
+        self.jitter = fraction;
+    }
+
+    pub(crate) fn set_negative_ttl(&mut self, ttl: Duration) {
+        self.negative_ttl = Some(ttl);
+    }
+
+    /// Checks every setting, naming the one that is out of range.
+    pub(crate) fn validate(&self) -> Result<()> {
+        let named = |name: &str, ttl: Duration| {
+            validate_ttl(ttl).map_err(|e| CacheError::Configuration(format!("{name}: {e}")))
+        };
+        named("ttl", self.ttl)?;
+        if let Some(ttl) = self.l1_ttl {
+            named("l1_ttl", ttl)?;
+        }
+        if let Some(ttl) = self.negative_ttl {
+            named("negative_ttl", ttl)?;
+        }
+        if !(0.0..=1.0).contains(&self.jitter) {
+            return Err(CacheError::Configuration(
+                "ttl_jitter must be between 0 and 1".into(),
+            ));
+        }
+        if let Some(fail_safe) = self.fail_safe {
+            named("fail_safe max_stale", fail_safe.max_stale)?;
+            named("fail_safe throttle", fail_safe.throttle)?;
+        }
+        if self.hard_timeout.is_some_and(|t| t.is_zero()) {
+            return Err(CacheError::Configuration(
+                "hard_timeout must not be zero".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// How long an entry of `fresh` lives in the stores: longer by the fail-safe maximum.
+    pub(crate) fn lives(&self, fresh: Duration) -> Duration {
+        match self.fail_safe {
+            Some(fail_safe) => fresh.saturating_add(fail_safe.max_stale).min(MAX_TTL),
+            None => fresh,
+        }
+    }
+}
+
+/// Fail-safe: a value stays stored up to `max_stale` past its TTL, stale. A read after the TTL
+/// reloads it; when the loader fails (an error, a panic, a hard timeout), the stale value is
+/// served instead, marked [`Fetched::stale`], and is not retried for `throttle`, so that a
+/// failing origin sees at most one call per key per throttle window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FailSafe {
+    max_stale: Duration,
+    throttle: Duration,
+}
+
+impl FailSafe {
+    /// Keeps values up to `max_stale` past their TTL; retries a failing origin every 30 seconds.
+    pub fn new(max_stale: Duration) -> Self {
+        Self {
+            max_stale,
+            throttle: Duration::from_secs(30),
+        }
+    }
+
+    /// How long a stale value served after a failure is served before the origin is tried
+    /// again.
+    #[must_use]
+    pub fn with_throttle(mut self, throttle: Duration) -> Self {
+        self.throttle = throttle;
+        self
+    }
+
+    /// How long past its TTL a value is kept.
+    pub fn max_stale(&self) -> Duration {
+        self.max_stale
+    }
+
+    /// How long a failing origin is left alone.
+    pub fn throttle(&self) -> Duration {
+        self.throttle
+    }
+}
+
+/// What a loader answers when it decides how its value is cached (adaptive options): a plain
+/// value converts into one cached with the call's options.
+///
+/// ```
+/// # use std::time::Duration;
+/// # use tierstack::Loaded;
+/// // A token's own expiry as its TTL:
+/// let token = Loaded::new("token").with_ttl(Duration::from_secs(90));
+/// // A value for this caller only:
+/// let partial = Loaded::new("partial").uncached();
+/// # let _ = (token, partial);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Loaded<V> {
+    pub(crate) value: V,
+    pub(crate) ttl: Option<Duration>,
+    pub(crate) cache: bool,
+}
+
+impl<V> Loaded<V> {
+    /// `value`, cached with the call's options.
+    pub fn new(value: V) -> Self {
+        Self {
+            value,
+            ttl: None,
+            cache: true,
+        }
+    }
+
+    /// Cached for `ttl` instead of the call's TTL (fail-safe still adds its maximum).
+    #[must_use]
+    pub fn with_ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = Some(ttl);
+        self
+    }
+
+    /// Answered to the callers of this load but cached in neither tier.
+    #[must_use]
+    pub fn uncached(mut self) -> Self {
+        self.cache = false;
+        self
+    }
+}
+
+impl<V> From<V> for Loaded<V> {
+    fn from(value: V) -> Self {
+        Self::new(value)
+    }
+}
+
+/// Where a value came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Source {
+    /// This instance's in-process tier.
+    L1,
+    /// The shared store.
+    L2,
+    /// The loader, just now.
+    Loader,
+}
+
+/// A value with where it came from; see
+/// [`get_or_load_with`](crate::TieredCache::get_or_load_with).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Fetched<V> {
+    /// The value.
+    pub value: V,
+    /// The tier (or the loader) that answered.
+    pub source: Source,
+    /// Whether the value is past its TTL: fail-safe served it because the origin failed.
+    pub stale: bool,
+}
+
+impl<V> Fetched<V> {
+    pub(crate) fn new(value: V, source: Source) -> Self {
+        Self {
+            value,
+            source,
+            stale: false,
+        }
+    }
+}

@@ -1,0 +1,317 @@
+//! Per-call options and the resilience policies: fail-safe, the hard timeout, adaptive options
+//! and provenance. TTLs run on a manual clock; timeouts on Tokio's paused clock.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Calls, Fixture, loader};
+use tierstack::core::Store;
+use tierstack::core::envelope::Envelope;
+use tierstack::{
+    BincodeCodec, EntryOptions, FailSafe, Fetched, LoadError, Loaded, Source, TieredCache,
+};
+
+const TTL: Duration = Duration::from_secs(10);
+const MAX_STALE: Duration = Duration::from_secs(3600);
+const THROTTLE: Duration = Duration::from_secs(30);
+
+fn fail_safe() -> EntryOptions {
+    EntryOptions::default()
+        .with_ttl(TTL)
+        .with_fail_safe(FailSafe::new(MAX_STALE).with_throttle(THROTTLE))
+}
+
+fn failing(calls: &Calls) -> impl FnOnce() -> std::future::Ready<Result<String, std::io::Error>> {
+    let calls = calls.clone();
+    move || {
+        calls.hit();
+        std::future::ready(Err(std::io::Error::other("origin down")))
+    }
+}
+
+async fn fetch(
+    cache: &TieredCache<String>,
+    options: &EntryOptions,
+    load: impl FnOnce() -> std::future::Ready<Result<String, std::io::Error>>,
+) -> Result<Fetched<String>, LoadError<std::io::Error>> {
+    cache.get_or_load_with("k", options, load).await
+}
+
+#[tokio::test]
+async fn fail_safe_serves_the_stale_value_when_the_loader_fails() {
+    let fx = Fixture::new();
+    let cache = fx.cache();
+    let calls = Calls::default();
+    let options = fail_safe();
+    let first = fetch(&cache, &options, loader(&calls, "v1")).await.unwrap();
+    assert_eq!((first.source, first.stale), (Source::Loader, false));
+    fx.clock.advance(TTL + Duration::from_secs(1));
+    let stale = fetch(&cache, &options, failing(&calls)).await.unwrap();
+    assert_eq!(stale.value, "v1");
+    assert_eq!((stale.source, stale.stale), (Source::L1, true));
+    assert_eq!(calls.count(), 2, "the origin was tried once");
+    let stats = cache.stats();
+    assert_eq!((stats.stale_served, stats.load_errors), (1, 1));
+    // A plain read serves fresh values only.
+    assert_eq!(cache.get("k").await.unwrap(), Some("v1".into()));
+    let other = fx.cache();
+    assert_eq!(other.get("k").await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn without_fail_safe_nothing_is_kept_past_the_ttl() {
+    let fx = Fixture::new();
+    let cache = fx.cache();
+    let calls = Calls::default();
+    let options = EntryOptions::default().with_ttl(TTL);
+    fetch(&cache, &options, loader(&calls, "v1")).await.unwrap();
+    cache.wait_for_background_fills().await;
+    fx.clock.advance(TTL);
+    assert!(fx.l2.get("test:k").await.unwrap().is_none());
+    let error = fetch(&cache, &options, failing(&calls)).await.unwrap_err();
+    assert!(error.loader_error().is_some(), "{error}");
+    // The same stale entry, read by a call without fail-safe, is no fallback either.
+    let fx = Fixture::new();
+    let cache = fx.cache();
+    fetch(&cache, &fail_safe(), loader(&calls, "v1"))
+        .await
+        .unwrap();
+    fx.clock.advance(TTL);
+    assert!(fetch(&cache, &options, failing(&calls)).await.is_err());
+}
+
+#[tokio::test]
+async fn a_failing_origin_is_tried_once_per_throttle_window() {
+    let fx = Fixture::new();
+    let cache = fx.cache();
+    let calls = Calls::default();
+    let options = fail_safe();
+    fetch(&cache, &options, loader(&calls, "v1")).await.unwrap();
+    fx.clock.advance(TTL);
+    for _ in 0..100 {
+        let fetched = fetch(&cache, &options, failing(&calls)).await.unwrap();
+        assert!(fetched.stale && fetched.value == "v1");
+        fx.clock.advance(Duration::from_millis(100));
+    }
+    // 10 s of reads inside one 30 s window: one attempt.
+    assert_eq!(calls.count(), 2);
+    fx.clock.advance(THROTTLE);
+    assert!(
+        fetch(&cache, &options, failing(&calls))
+            .await
+            .unwrap()
+            .stale
+    );
+    assert_eq!(calls.count(), 3, "the next window tries again");
+    // The origin is back: the next attempt after the window stores a fresh value.
+    fx.clock.advance(THROTTLE);
+    let fresh = fetch(&cache, &options, loader(&calls, "v2")).await.unwrap();
+    assert_eq!((fresh.value.as_str(), fresh.stale), ("v2", false));
+    let hit = fetch(&cache, &options, failing(&calls)).await.unwrap();
+    assert_eq!(
+        (hit.value.as_str(), hit.source, hit.stale),
+        ("v2", Source::L1, false)
+    );
+}
+
+#[tokio::test]
+async fn the_stale_value_survives_a_restart_through_l2() {
+    let fx = Fixture::new();
+    let calls = Calls::default();
+    let options = fail_safe();
+    {
+        let cache = fx.cache();
+        fetch(&cache, &options, loader(&calls, "v1")).await.unwrap();
+        cache.wait_for_background_fills().await;
+    }
+    fx.clock.advance(TTL + Duration::from_secs(60));
+    let restarted = fx.cache();
+    let stale = fetch(&restarted, &options, failing(&calls)).await.unwrap();
+    assert_eq!(
+        (stale.value.as_str(), stale.source, stale.stale),
+        ("v1", Source::L2, true)
+    );
+    // Stored as fresh for its TTL and kept, stale, for the fail-safe maximum.
+    let bytes = fx.l2.get("test:k").await.unwrap().unwrap();
+    let envelope = Envelope::parse::<BincodeCodec>(&bytes, 1 << 20).unwrap();
+    assert_eq!(
+        envelope.expires_at.as_millis() - envelope.fresh_until.as_millis(),
+        u64::try_from(MAX_STALE.as_millis()).unwrap()
+    );
+}
+
+#[tokio::test]
+async fn without_l1_the_throttle_is_kept_in_l2() {
+    let fx = Fixture::new();
+    let cache = fx.builder("test").without_l1().build().unwrap();
+    let calls = Calls::default();
+    let options = fail_safe();
+    fetch(&cache, &options, loader(&calls, "v1")).await.unwrap();
+    fx.clock.advance(TTL);
+    for _ in 0..5 {
+        let stale = fetch(&cache, &options, failing(&calls)).await.unwrap();
+        assert_eq!((stale.source, stale.stale), (Source::L2, true));
+    }
+    assert_eq!(calls.count(), 2, "re-armed in L2: one attempt per window");
+    // Another instance sees the re-armed entry as stale too, not as fresh.
+    let other = fx.builder("test").without_l1().build().unwrap();
+    let seen = fetch(&other, &options, failing(&calls)).await.unwrap();
+    assert!(seen.stale);
+    fx.clock.advance(THROTTLE);
+    fetch(&cache, &options, failing(&calls)).await.unwrap();
+    assert_eq!(calls.count(), 3);
+}
+
+#[tokio::test]
+async fn a_delete_removes_the_fallback_too() {
+    let fx = Fixture::new();
+    let cache = fx.cache();
+    let calls = Calls::default();
+    let options = fail_safe();
+    fetch(&cache, &options, loader(&calls, "v1")).await.unwrap();
+    fx.clock.advance(TTL);
+    assert!(cache.delete("k").await.unwrap());
+    assert!(fetch(&cache, &options, failing(&calls)).await.is_err());
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_hard_timeout_answers_the_stale_value_or_a_timeout() {
+    let fx = Fixture::new();
+    let cache = fx.cache();
+    let calls = Calls::default();
+    let limit = Duration::from_millis(200);
+    let options = fail_safe().with_hard_timeout(limit);
+    let slow = || async {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        Ok::<_, std::io::Error>("late".to_owned())
+    };
+    // No stale value yet: a timeout.
+    let started = tokio::time::Instant::now();
+    let error = cache
+        .get_or_load_with("k", &options, slow)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(error, LoadError::TimedOut { after } if after == limit),
+        "{error}"
+    );
+    assert_eq!(started.elapsed(), limit);
+    fetch(&cache, &options, loader(&calls, "v1")).await.unwrap();
+    fx.clock.advance(TTL);
+    let started = tokio::time::Instant::now();
+    let stale = cache.get_or_load_with("k", &options, slow).await.unwrap();
+    assert_eq!((stale.value.as_str(), stale.stale), ("v1", true));
+    assert_eq!(started.elapsed(), limit);
+}
+
+#[tokio::test]
+async fn a_loader_can_choose_its_ttl_or_not_to_be_cached() {
+    let fx = Fixture::new();
+    let cache = fx.cache();
+    let options = EntryOptions::default().with_ttl(TTL);
+    let token = cache
+        .get_or_load_with("token", &options, || async {
+            Ok::<_, std::io::Error>(Loaded::new("t".to_owned()).with_ttl(Duration::from_secs(90)))
+        })
+        .await
+        .unwrap();
+    assert_eq!(token.source, Source::Loader);
+    cache.wait_for_background_fills().await;
+    assert_eq!(
+        fx.l2.ttl("test:token").await.unwrap(),
+        Some(Duration::from_secs(90))
+    );
+    let calls = Calls::default();
+    for _ in 0..2 {
+        let partial = cache
+            .get_or_load_with("partial", &options, || {
+                calls.hit();
+                async { Ok::<_, std::io::Error>(Loaded::new("p".to_owned()).uncached()) }
+            })
+            .await
+            .unwrap();
+        assert_eq!(partial.value, "p");
+    }
+    assert_eq!(calls.count(), 2, "an uncached answer is loaded again");
+    cache.wait_for_background_fills().await;
+    assert!(fx.l2.get("test:partial").await.unwrap().is_none());
+    // A TTL out of range is served, not cached.
+    let zero = cache
+        .get_or_load_with("zero", &options, || async {
+            Ok::<_, std::io::Error>(Loaded::new("z".to_owned()).with_ttl(Duration::ZERO))
+        })
+        .await
+        .unwrap();
+    assert_eq!(zero.value, "z");
+    assert_eq!(cache.get("zero").await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn provenance_names_the_tier_that_answered() {
+    let fx = Fixture::new();
+    let cache = fx.cache();
+    let calls = Calls::default();
+    let options = cache.default_options();
+    let loaded = fetch(&cache, &options, loader(&calls, "v")).await.unwrap();
+    let from_l1 = fetch(&cache, &options, loader(&calls, "x")).await.unwrap();
+    cache.wait_for_background_fills().await;
+    let from_l2 = fetch(&fx.cache(), &options, loader(&calls, "x"))
+        .await
+        .unwrap();
+    let sources = [loaded.source, from_l1.source, from_l2.source];
+    assert_eq!(sources, [Source::Loader, Source::L1, Source::L2]);
+    assert!(!(loaded.stale || from_l1.stale || from_l2.stale));
+    assert_eq!(calls.count(), 1);
+}
+
+#[tokio::test]
+async fn options_out_of_range_are_refused() {
+    let fx = Fixture::new();
+    let cache = fx.cache();
+    let calls = Calls::default();
+    for options in [
+        EntryOptions::default().with_ttl(Duration::ZERO),
+        EntryOptions::default().with_jitter(2.0),
+        EntryOptions::default().with_hard_timeout(Duration::ZERO),
+        EntryOptions::default().with_fail_safe(FailSafe::new(Duration::ZERO)),
+    ] {
+        let error = fetch(&cache, &options, loader(&calls, "v"))
+            .await
+            .unwrap_err();
+        assert!(matches!(error, LoadError::Cache(_)), "{error}");
+    }
+    assert_eq!(calls.count(), 0);
+    assert!(
+        fx.builder("test")
+            .default_options(EntryOptions::default().with_jitter(-1.0))
+            .build()
+            .is_err()
+    );
+}
+
+#[tokio::test]
+async fn the_builder_defaults_apply_to_plain_calls() {
+    let fx = Fixture::new();
+    let cache = fx
+        .builder("test")
+        .default_options(fail_safe())
+        .build()
+        .unwrap();
+    let calls = Calls::default();
+    cache.get_or_load("k", loader(&calls, "v1")).await.unwrap();
+    fx.clock.advance(TTL);
+    // get_or_load answers the value only: a stale one after a failure too.
+    assert_eq!(cache.get_or_load("k", failing(&calls)).await.unwrap(), "v1");
+    assert_eq!(cache.stats().stale_served, 1);
+    // `set` writes fail-safe entries with the defaults too.
+    cache.set("s", "w".into()).await.unwrap();
+    fx.clock.advance(TTL);
+    let stale = cache
+        .get_or_load_with("s", &cache.default_options(), failing(&calls))
+        .await
+        .unwrap();
+    assert_eq!((stale.value.as_str(), stale.stale), ("w", true));
+}
