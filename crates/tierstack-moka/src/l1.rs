@@ -66,6 +66,8 @@ pub struct L1Entry<V> {
     /// Whether the value is a stale one kept after the origin failed: `fresh_until` then only
     /// delays the next attempt.
     pub stale: bool,
+    /// When a hit should start reloading the entry in the background (eager refresh), if ever.
+    pub refresh_at: Option<Timestamp>,
 }
 
 impl<V> L1Entry<V> {
@@ -76,6 +78,7 @@ impl<V> L1Entry<V> {
             fresh_until: expires_at,
             expires_at,
             stale: false,
+            refresh_at: None,
         }
     }
 
@@ -236,6 +239,7 @@ mod tests {
             fresh_until: now.saturating_add(Duration::from_secs(1)),
             expires_at: now.saturating_add(Duration::from_secs(10)),
             stale: false,
+            refresh_at: None,
         };
         cache.insert("k".into(), entry);
         assert!(cache.get("k").is_some_and(|e| e.is_fresh_at(clock.now())));

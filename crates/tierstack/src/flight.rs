@@ -49,16 +49,48 @@ pub(crate) enum Role<V> {
     Reentrant,
 }
 
+/// What a flight has to say: its outcome once it ends, and before that the stale value it found
+/// (fail-safe), which a caller whose soft timeout passes answers instead.
+#[derive(Debug)]
+pub(crate) struct FlightState<V> {
+    stale: Option<Fetched<V>>,
+    outcome: Option<Outcome<V>>,
+}
+
+impl<V> Default for FlightState<V> {
+    fn default() -> Self {
+        Self {
+            stale: None,
+            outcome: None,
+        }
+    }
+}
+
 /// The outcome of a running flight, awaited.
-pub(crate) struct FlightWait<V>(watch::Receiver<Option<Outcome<V>>>);
+pub(crate) struct FlightWait<V>(watch::Receiver<FlightState<V>>);
 
 impl<V: Clone> FlightWait<V> {
     /// The flight's outcome; [`Outcome::Abandoned`] if its leader went away without one.
     pub(crate) async fn outcome(mut self) -> Outcome<V> {
-        match self.0.wait_for(Option::is_some).await {
-            Ok(outcome) => outcome.clone().unwrap_or(Outcome::Abandoned),
+        match self.0.wait_for(|state| state.outcome.is_some()).await {
+            Ok(state) => state.outcome.clone().unwrap_or(Outcome::Abandoned),
             Err(_) => Outcome::Abandoned,
         }
+    }
+
+    /// The flight's outcome if it ends before `deadline`; else `Err` with the stale value the
+    /// flight found meanwhile, if any.
+    pub(crate) async fn outcome_until(
+        &mut self,
+        deadline: tokio::time::Instant,
+    ) -> Result<Outcome<V>, Option<Fetched<V>>> {
+        let ended = self.0.wait_for(|state| state.outcome.is_some());
+        let ended = match tokio::time::timeout_at(deadline, ended).await {
+            Ok(Ok(state)) => Some(state.outcome.clone().unwrap_or(Outcome::Abandoned)),
+            Ok(Err(_)) => Some(Outcome::Abandoned),
+            Err(_) => None,
+        };
+        ended.ok_or_else(|| self.0.borrow().stale.clone())
     }
 }
 
@@ -68,7 +100,7 @@ struct Registered<V> {
     id: u64,
     /// What the leader knew of the key when the flight began.
     stamp: Stamp,
-    receiver: watch::Receiver<Option<Outcome<V>>>,
+    receiver: watch::Receiver<FlightState<V>>,
 }
 
 /// The running flights of one cache.
@@ -114,7 +146,7 @@ impl<V: Clone> Flights<V> {
             }
             return Role::Wait(FlightWait(flight.receiver.clone()));
         }
-        let (sender, receiver) = watch::channel(None);
+        let (sender, receiver) = watch::channel(FlightState::default());
         let id = NEXT_FLIGHT.fetch_add(1, Ordering::Relaxed);
         running.insert(
             flight_key.clone(),
@@ -140,7 +172,7 @@ pub(crate) struct Leader<V> {
     running: Arc<Mutex<HashMap<FlightKey, Registered<V>>>>,
     key: FlightKey,
     id: u64,
-    sender: Option<watch::Sender<Option<Outcome<V>>>>,
+    sender: Option<watch::Sender<FlightState<V>>>,
 }
 
 impl<V> Leader<V> {
@@ -157,8 +189,22 @@ impl<V> Leader<V> {
     pub(crate) fn complete(mut self, outcome: Outcome<V>) {
         self.unregister();
         if let Some(sender) = self.sender.take() {
-            let _ = sender.send(Some(outcome));
+            sender.send_modify(|state| state.outcome = Some(outcome));
         }
+    }
+
+    /// Tells the waiters of the stale value the flight found, for a soft timeout to answer.
+    pub(crate) fn offer_stale(&self, stale: Fetched<V>) {
+        if let Some(sender) = &self.sender {
+            sender.send_modify(|state| state.stale = Some(stale));
+        }
+    }
+
+    /// A wait for this flight's outcome, for a leader that runs the flight in a task.
+    pub(crate) fn waiter(&self) -> Option<FlightWait<V>> {
+        self.sender
+            .as_ref()
+            .map(|sender| FlightWait(sender.subscribe()))
     }
 
     /// Runs `work` (the loader) marked as led by this flight, so that the loader's own call
@@ -174,7 +220,7 @@ impl<V> Drop for Leader<V> {
     fn drop(&mut self) {
         if let Some(sender) = self.sender.take() {
             self.unregister();
-            let _ = sender.send(Some(Outcome::Abandoned));
+            sender.send_modify(|state| state.outcome = Some(Outcome::Abandoned));
         }
     }
 }

@@ -27,11 +27,15 @@ pub struct EntryOptions {
     jitter: f64,
     negative_ttl: Option<Duration>,
     fail_safe: Option<FailSafe>,
+    soft_timeout: Option<Duration>,
     hard_timeout: Option<Duration>,
+    background_completion: bool,
+    eager_refresh: Option<f64>,
 }
 
 impl Default for EntryOptions {
-    /// A TTL of 5 minutes; no L1 cap, jitter, negative caching, fail-safe or timeout.
+    /// A TTL of 5 minutes; no L1 cap, jitter, negative caching, fail-safe, timeouts or eager
+    /// refresh; a load that outlives its caller's timeout completes in the background.
     fn default() -> Self {
         Self {
             ttl: Duration::from_mins(5),
@@ -39,7 +43,10 @@ impl Default for EntryOptions {
             jitter: 0.0,
             negative_ttl: None,
             fail_safe: None,
+            soft_timeout: None,
             hard_timeout: None,
+            background_completion: true,
+            eager_refresh: None,
         }
     }
 }
@@ -89,13 +96,48 @@ impl EntryOptions {
         self
     }
 
-    /// How long a loader may run before the call gives up on it: the loader is cancelled, and
-    /// the call answers the stale value if fail-safe holds one, else
-    /// [`LoadError::TimedOut`](crate::LoadError::TimedOut). Every caller waiting for that load
-    /// receives the same answer.
+    /// How long a call waits (L2 read and loader together) before it gives up: it answers the
+    /// stale value if fail-safe holds one, else
+    /// [`LoadError::TimedOut`](crate::LoadError::TimedOut).
+    ///
+    /// With [`get_or_load`](crate::TieredCache::get_or_load) the loader runs in the caller's
+    /// task and is cancelled then. With [`get_or_load_with`](crate::TieredCache::get_or_load_with)
+    /// it runs in a task of its own and, with
+    /// [background completion](Self::with_background_completion) (the default), finishes and
+    /// updates both tiers anyway.
     #[must_use]
     pub fn with_hard_timeout(mut self, timeout: Duration) -> Self {
         self.hard_timeout = Some(timeout);
+        self
+    }
+
+    /// How long a call waits for a reload when fail-safe holds a stale value: past it, the call
+    /// answers the stale value (marked stale) while the load goes on in the background and
+    /// updates both tiers when it finishes. Without a stale value the call waits on, up to the
+    /// hard timeout. Applies to [`get_or_load_with`](crate::TieredCache::get_or_load_with),
+    /// whose loader can outlive the call.
+    #[must_use]
+    pub fn with_soft_timeout(mut self, timeout: Duration) -> Self {
+        self.soft_timeout = Some(timeout);
+        self
+    }
+
+    /// Whether a load that outlived its callers' hard timeout goes on in the background
+    /// (default `true`) or is cancelled.
+    #[must_use]
+    pub fn with_background_completion(mut self, complete: bool) -> Self {
+        self.background_completion = complete;
+        self
+    }
+
+    /// Eager refresh: a hit after `fraction` (between 0 and 1, exclusive) of an entry's TTL
+    /// starts one reload in the background, so that hot keys are reloaded before they expire
+    /// and no caller waits for it. Callers keep getting the current value meanwhile.
+    /// Concurrent hits and misses share that one reload. Applies to
+    /// [`get_or_load_with`](crate::TieredCache::get_or_load_with).
+    #[must_use]
+    pub fn with_eager_refresh(mut self, fraction: f64) -> Self {
+        self.eager_refresh = Some(fraction);
         self
     }
 
@@ -127,6 +169,26 @@ impl EntryOptions {
     /// The hard timeout of loads, if any.
     pub fn hard_timeout(&self) -> Option<Duration> {
         self.hard_timeout
+    }
+
+    /// The soft timeout of loads, if any.
+    pub fn soft_timeout(&self) -> Option<Duration> {
+        self.soft_timeout
+    }
+
+    /// Whether a load outlives its callers' hard timeout.
+    pub fn background_completion(&self) -> bool {
+        self.background_completion
+    }
+
+    /// The eager refresh threshold, if any.
+    pub fn eager_refresh(&self) -> Option<f64> {
+        self.eager_refresh
+    }
+
+    pub(crate) fn without_hard_timeout(mut self) -> Self {
+        self.hard_timeout = None;
+        self
     }
 
     pub(crate) fn set_ttl(&mut self, ttl: Duration) {
@@ -166,9 +228,22 @@ impl EntryOptions {
             named("fail_safe max_stale", fail_safe.max_stale)?;
             named("fail_safe throttle", fail_safe.throttle)?;
         }
-        if self.hard_timeout.is_some_and(|t| t.is_zero()) {
+        for (name, timeout) in [
+            ("hard_timeout", self.hard_timeout),
+            ("soft_timeout", self.soft_timeout),
+        ] {
+            if timeout.is_some_and(|t| t.is_zero()) {
+                return Err(CacheError::Configuration(format!(
+                    "{name} must not be zero"
+                )));
+            }
+        }
+        if self
+            .eager_refresh
+            .is_some_and(|fraction| !(fraction > 0.0 && fraction < 1.0))
+        {
             return Err(CacheError::Configuration(
-                "hard_timeout must not be zero".into(),
+                "eager_refresh must be between 0 and 1 (exclusive)".into(),
             ));
         }
         Ok(())

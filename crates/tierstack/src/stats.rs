@@ -38,6 +38,10 @@ pub struct CacheStats {
     pub invalidation_sweeps: u64,
     /// Stale values served by fail-safe because the loader failed or timed out.
     pub stale_served: u64,
+    /// Calls that answered a stale value at their soft timeout while the load went on.
+    pub soft_timeouts: u64,
+    /// Background reloads started by eager refresh.
+    pub eager_refreshes: u64,
 }
 
 impl CacheStats {
@@ -144,6 +148,8 @@ pub(crate) struct Recorder {
     publish_errors: AtomicU64,
     invalidation_sweeps: AtomicU64,
     stale_served: AtomicU64,
+    soft_timeouts: AtomicU64,
+    eager_refreshes: AtomicU64,
     metrics: Handles,
 }
 
@@ -163,6 +169,8 @@ struct Handles {
     publish_errors: Counter,
     invalidation_sweeps: Counter,
     stale_served: Counter,
+    soft_timeouts: Counter,
+    eager_refreshes: Counter,
 }
 
 impl Recorder {
@@ -188,7 +196,9 @@ impl Recorder {
             resyncs: metrics::counter!("tierstack_resyncs_total", "cache" => cache.clone()),
             publish_errors: metrics::counter!("tierstack_publish_errors_total", "cache" => cache.clone()),
             invalidation_sweeps: metrics::counter!("tierstack_invalidation_sweeps_total", "cache" => cache.clone()),
-            stale_served: metrics::counter!("tierstack_stale_served_total", "cache" => cache),
+            stale_served: metrics::counter!("tierstack_stale_served_total", "cache" => cache.clone()),
+            soft_timeouts: metrics::counter!("tierstack_soft_timeouts_total", "cache" => cache.clone()),
+            eager_refreshes: metrics::counter!("tierstack_eager_refreshes_total", "cache" => cache),
         };
         Self {
             l1_hits: StripedCounter::default(),
@@ -203,6 +213,8 @@ impl Recorder {
             publish_errors: AtomicU64::new(0),
             invalidation_sweeps: AtomicU64::new(0),
             stale_served: AtomicU64::new(0),
+            soft_timeouts: AtomicU64::new(0),
+            eager_refreshes: AtomicU64::new(0),
             metrics,
         }
     }
@@ -249,6 +261,16 @@ impl Recorder {
         self.metrics.stale_served.increment(1);
     }
 
+    pub(crate) fn soft_timeout(&self) {
+        self.soft_timeouts.fetch_add(1, Ordering::Relaxed);
+        self.metrics.soft_timeouts.increment(1);
+    }
+
+    pub(crate) fn eager_refresh(&self) {
+        self.eager_refreshes.fetch_add(1, Ordering::Relaxed);
+        self.metrics.eager_refreshes.increment(1);
+    }
+
     pub(crate) fn corrupt_entry(&self) {
         self.corrupt_entries.fetch_add(1, Ordering::Relaxed);
         self.metrics.corrupt_entries.increment(1);
@@ -289,6 +311,8 @@ impl Recorder {
             publish_errors: get(&self.publish_errors),
             invalidation_sweeps: get(&self.invalidation_sweeps),
             stale_served: get(&self.stale_served),
+            soft_timeouts: get(&self.soft_timeouts),
+            eager_refreshes: get(&self.eager_refreshes),
         }
     }
 }

@@ -24,7 +24,9 @@ fn fail_safe() -> EntryOptions {
         .with_fail_safe(FailSafe::new(MAX_STALE).with_throttle(THROTTLE))
 }
 
-fn failing(calls: &Calls) -> impl FnOnce() -> std::future::Ready<Result<String, std::io::Error>> {
+fn failing(
+    calls: &Calls,
+) -> impl FnOnce() -> std::future::Ready<Result<String, std::io::Error>> + Send + 'static {
     let calls = calls.clone();
     move || {
         calls.hit();
@@ -35,7 +37,7 @@ fn failing(calls: &Calls) -> impl FnOnce() -> std::future::Ready<Result<String, 
 async fn fetch(
     cache: &TieredCache<String>,
     options: &EntryOptions,
-    load: impl FnOnce() -> std::future::Ready<Result<String, std::io::Error>>,
+    load: impl FnOnce() -> std::future::Ready<Result<String, std::io::Error>> + Send + 'static,
 ) -> Result<Fetched<String>, LoadError<std::io::Error>> {
     cache.get_or_load_with("k", options, load).await
 }
@@ -177,21 +179,43 @@ async fn a_delete_removes_the_fallback_too() {
     assert!(fetch(&cache, &options, failing(&calls)).await.is_err());
 }
 
+/// A loader that answers `value` after `delay` (on Tokio's clock), counting its calls and
+/// its completions.
+fn slow(
+    calls: &Calls,
+    done: &Calls,
+    delay: Duration,
+    value: &str,
+) -> impl FnOnce() -> BoxFuture<'static, Result<String, std::io::Error>> + Send + 'static {
+    let (calls, done, value) = (calls.clone(), done.clone(), value.to_owned());
+    move || {
+        calls.hit();
+        Box::pin(async move {
+            tokio::time::sleep(delay).await;
+            done.hit();
+            Ok(value)
+        })
+    }
+}
+
+type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
 #[tokio::test(start_paused = true)]
-async fn the_hard_timeout_answers_the_stale_value_or_a_timeout() {
+async fn the_hard_timeout_answers_a_timeout_and_cancels_without_background_completion() {
     let fx = Fixture::new();
     let cache = fx.cache();
-    let calls = Calls::default();
+    let (calls, done) = (Calls::default(), Calls::default());
     let limit = Duration::from_millis(200);
-    let options = fail_safe().with_hard_timeout(limit);
-    let slow = || async {
-        tokio::time::sleep(Duration::from_secs(5)).await;
-        Ok::<_, std::io::Error>("late".to_owned())
-    };
-    // No stale value yet: a timeout.
+    let options = fail_safe()
+        .with_hard_timeout(limit)
+        .with_background_completion(false);
     let started = tokio::time::Instant::now();
     let error = cache
-        .get_or_load_with("k", &options, slow)
+        .get_or_load_with(
+            "k",
+            &options,
+            slow(&calls, &done, Duration::from_secs(5), "late"),
+        )
         .await
         .unwrap_err();
     assert!(
@@ -199,12 +223,201 @@ async fn the_hard_timeout_answers_the_stale_value_or_a_timeout() {
         "{error}"
     );
     assert_eq!(started.elapsed(), limit);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(
+        (calls.count(), done.count()),
+        (1, 0),
+        "the load was cancelled"
+    );
+    assert_eq!(cache.get("k").await.unwrap(), None);
+    // The inline `get_or_load` cancels its loader at the default hard timeout too.
+    let inline = fx.builder("test").default_options(options).build().unwrap();
+    let error = inline
+        .get_or_load("k", slow(&calls, &done, Duration::from_secs(5), "late"))
+        .await
+        .unwrap_err();
+    assert!(matches!(error, LoadError::TimedOut { .. }), "{error}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn past_the_hard_timeout_the_load_completes_in_the_background() {
+    let fx = Fixture::new();
+    let cache = fx.cache();
+    let (calls, done) = (Calls::default(), Calls::default());
+    let limit = Duration::from_millis(200);
+    let options = fail_safe().with_hard_timeout(limit);
     fetch(&cache, &options, loader(&calls, "v1")).await.unwrap();
     fx.clock.advance(TTL);
     let started = tokio::time::Instant::now();
-    let stale = cache.get_or_load_with("k", &options, slow).await.unwrap();
+    let stale = cache
+        .get_or_load_with(
+            "k",
+            &options,
+            slow(&calls, &done, Duration::from_secs(5), "v2"),
+        )
+        .await
+        .unwrap();
     assert_eq!((stale.value.as_str(), stale.stale), ("v1", true));
     assert_eq!(started.elapsed(), limit);
+    // A caller arriving meanwhile joins the running load instead of starting another.
+    let joined = fetch(&cache, &options, failing(&calls)).await.unwrap();
+    assert!(joined.stale);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!((calls.count(), done.count()), (2, 1));
+    let fresh = fetch(&cache, &options, failing(&calls)).await.unwrap();
+    assert_eq!((fresh.value.as_str(), fresh.stale), ("v2", false));
+    cache.wait_for_background_fills().await;
+    let other = fx.cache();
+    assert_eq!(other.get("k").await.unwrap(), Some("v2".into()));
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_soft_timeout_answers_stale_and_the_late_value_lands_in_both_tiers() {
+    let fx = Fixture::new();
+    let cache = fx.cache();
+    let (calls, done) = (Calls::default(), Calls::default());
+    let soft = Duration::from_millis(20);
+    let options = fail_safe()
+        .with_soft_timeout(soft)
+        .with_hard_timeout(Duration::from_secs(2));
+    fetch(&cache, &options, loader(&calls, "v1")).await.unwrap();
+    cache.wait_for_background_fills().await;
+    fx.clock.advance(TTL);
+    let started = tokio::time::Instant::now();
+    let stale = cache
+        .get_or_load_with(
+            "k",
+            &options,
+            slow(&calls, &done, Duration::from_millis(500), "v2"),
+        )
+        .await
+        .unwrap();
+    assert_eq!((stale.value.as_str(), stale.stale), ("v1", true));
+    assert_eq!(started.elapsed(), soft);
+    assert_eq!(cache.stats().soft_timeouts, 1);
+    // An instance with nothing in L1 gets the stale value found in L2 at its soft timeout too.
+    let other = fx.cache();
+    let from_l2 = other
+        .get_or_load_with(
+            "k",
+            &options,
+            slow(&calls, &done, Duration::from_millis(500), "v3"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (from_l2.value.as_str(), from_l2.source, from_l2.stale),
+        ("v1", Source::L2, true)
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(done.count(), 2);
+    assert_eq!(cache.get("k").await.unwrap(), Some("v2".into()));
+    cache.wait_for_background_fills().await;
+    let third = fx.cache();
+    assert!(
+        third
+            .get("k")
+            .await
+            .unwrap()
+            .is_some_and(|v| v == "v2" || v == "v3")
+    );
+    // Without a stale value, the soft timeout does not apply: the call waits for the load.
+    let started = tokio::time::Instant::now();
+    let waited = cache
+        .get_or_load_with(
+            "new",
+            &options,
+            slow(&calls, &done, Duration::from_millis(500), "n"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (waited.value.as_str(), waited.source),
+        ("n", Source::Loader)
+    );
+    assert_eq!(started.elapsed(), Duration::from_millis(500));
+}
+
+#[tokio::test(start_paused = true)]
+async fn eager_refresh_reloads_once_in_the_background_and_nobody_waits() {
+    let fx = Fixture::new();
+    let cache = fx.cache();
+    let (calls, done) = (Calls::default(), Calls::default());
+    let options = EntryOptions::default()
+        .with_ttl(TTL)
+        .with_eager_refresh(0.8);
+    fetch(&cache, &options, loader(&calls, "v1")).await.unwrap();
+    // Before the threshold: plain hits.
+    fx.clock.advance(Duration::from_secs(7));
+    let hit = cache
+        .get_or_load_with(
+            "k",
+            &options,
+            slow(&calls, &done, Duration::from_millis(50), "v2"),
+        )
+        .await
+        .unwrap();
+    assert_eq!((hit.value.as_str(), hit.source), ("v1", Source::L1));
+    assert_eq!(calls.count(), 1);
+    // Past 80 % of the TTL: 1,000 concurrent hits answer at once and start one reload.
+    fx.clock.advance(Duration::from_secs(1));
+    let started = tokio::time::Instant::now();
+    let hits: Vec<_> = (0..1_000)
+        .map(|_| {
+            let cache = cache.clone();
+            let load = slow(&calls, &done, Duration::from_millis(50), "v2");
+            tokio::spawn(async move { cache.get_or_load_with("k", &options, load).await })
+        })
+        .collect();
+    for hit in hits {
+        let hit = hit.await.unwrap().unwrap();
+        assert_eq!((hit.value.as_str(), hit.source), ("v1", Source::L1));
+    }
+    assert_eq!(started.elapsed(), Duration::ZERO, "no caller waited");
+    assert_eq!(calls.count(), 2, "one reload");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    tokio::task::yield_now().await;
+    assert_eq!(done.count(), 1);
+    let refreshed = fetch(&cache, &options, failing(&calls)).await.unwrap();
+    assert_eq!(
+        (refreshed.value.as_str(), refreshed.source),
+        ("v2", Source::L1)
+    );
+    assert_eq!(cache.stats().eager_refreshes, 1);
+    // The reloaded value is fresh for a whole TTL from its reload.
+    fx.clock.advance(Duration::from_secs(7));
+    assert_eq!(cache.get("k").await.unwrap(), Some("v2".into()));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_eager_refresh_takes_a_value_another_instance_refreshed_already() {
+    let fx = Fixture::new();
+    let (calls, done) = (Calls::default(), Calls::default());
+    let options = EntryOptions::default()
+        .with_ttl(TTL)
+        .with_eager_refresh(0.5);
+    let a = fx.cache();
+    let b = fx.cache();
+    fetch(&a, &options, loader(&calls, "v1")).await.unwrap();
+    a.wait_for_background_fills().await;
+    fetch(&b, &options, loader(&calls, "never")).await.unwrap();
+    fx.clock.advance(Duration::from_secs(6));
+    // A refreshes from the origin and writes L2.
+    fetch(&a, &options, loader(&calls, "v2")).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    a.wait_for_background_fills().await;
+    assert_eq!(calls.count(), 2);
+    // B's refresh finds A's value in L2, younger than the threshold: no origin call.
+    b.get_or_load_with(
+        "k",
+        &options,
+        slow(&calls, &done, Duration::from_millis(1), "v3"),
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    assert_eq!(calls.count(), 2);
+    assert_eq!(b.get("k").await.unwrap(), Some("v2".into()));
 }
 
 #[tokio::test]
@@ -226,8 +439,9 @@ async fn a_loader_can_choose_its_ttl_or_not_to_be_cached() {
     );
     let calls = Calls::default();
     for _ in 0..2 {
+        let calls = calls.clone();
         let partial = cache
-            .get_or_load_with("partial", &options, || {
+            .get_or_load_with("partial", &options, move || {
                 calls.hit();
                 async { Ok::<_, std::io::Error>(Loaded::new("p".to_owned()).uncached()) }
             })

@@ -28,7 +28,7 @@ use crate::stats::L2Op;
 /// Whether a negative entry answers the call (`get_or_load_optional`) or not (`get_or_load`).
 /// Part of the flight's identity, so that the two never share an outcome.
 struct AcceptsAbsent<E>(std::marker::PhantomData<E>);
-struct NeedsValue<E>(std::marker::PhantomData<E>);
+pub(super) struct NeedsValue<E>(std::marker::PhantomData<E>);
 
 /// What became of a loaded value's L2 write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,39 +45,27 @@ where
     V: Clone + Send + Sync + Serialize + DeserializeOwned + 'static,
     C: Codec,
 {
-    pub(super) async fn get_or_load_with<F, Fut, R, E>(
+    /// `get_or_load`: the loader runs in the caller's task (it may borrow), under the default
+    /// options.
+    pub(super) async fn get_or_load<F, Fut, E>(
         self: &Arc<Self>,
         key: &str,
-        options: &EntryOptions,
         loader: F,
-    ) -> Result<Fetched<V>, LoadError<E>>
+    ) -> Result<V, LoadError<E>>
     where
         F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<R, E>>,
-        R: Into<Loaded<V>>,
+        Fut: Future<Output = Result<V, E>>,
         E: Send + Sync + 'static,
     {
         self.check_key(key)?;
-        if let Some((Some(value), stale)) = self.l1_fresh(key) {
-            return Ok(Fetched {
-                stale,
-                ..Fetched::new(value, Source::L1)
-            });
+        if let Some(Some(value)) = self.l1_get(key) {
+            return Ok(value);
         }
-        options.validate()?;
-        let optional = || async move {
-            loader().await.map(|loaded| {
-                let Loaded { value, ttl, cache } = loaded.into();
-                Loaded {
-                    value: Some(value),
-                    ttl,
-                    cache,
-                }
-            })
-        };
+        let options = self.settings.defaults;
+        let optional = || async move { loader().await.map(|value| Loaded::new(Some(value))) };
         let kind = TypeId::of::<NeedsValue<E>>();
-        match self.flight(key, kind, false, options, optional).await? {
-            Some(fetched) => Ok(fetched),
+        match self.flight(key, kind, false, &options, optional).await? {
+            Some(fetched) => Ok(fetched.value),
             // Unreachable: a flight that needs a value neither accepts a negative entry nor has a
             // loader that can answer `None`.
             None => Err(LoadError::Cache(CacheError::Configuration(
@@ -138,7 +126,7 @@ where
                 }
                 Role::Lead(guard) => {
                     let outcome = self
-                        .lead(accepts_absent, options, watch, &guard, loader)
+                        .lead(accepts_absent, false, options, watch, &guard, loader)
                         .await;
                     guard.complete(outcome.clone());
                     return answer(outcome);
@@ -150,9 +138,10 @@ where
     /// The work of a flight: [`look`](Self::look) in L1 and L2, and on a miss the loader, whose
     /// answer is cached. With fail-safe, a stale value found on the way answers instead if the
     /// loader fails.
-    async fn lead<F, Fut, E>(
+    pub(super) async fn lead<F, Fut, E>(
         self: &Arc<Self>,
         accepts_absent: bool,
+        refreshing: bool,
         options: &EntryOptions,
         watch: KeyWatch,
         guard: &Leader<V>,
@@ -168,10 +157,20 @@ where
             .hard_timeout()
             .map(|limit| tokio::time::Instant::now() + limit);
         let deadline = hard_deadline.map_or(self.deadline(), |hard| hard.min(self.deadline()));
-        let (seen, fallback) = match self.look(accepts_absent, options, &watch, deadline).await {
+        let looked = self
+            .look(accepts_absent, refreshing, options, &watch, deadline)
+            .await;
+        let (seen, fallback) = match looked {
             Looked::Answered(outcome) => return outcome,
             Looked::Load { seen, fallback } => (seen, fallback),
         };
+        if let Some(fallback) = &fallback {
+            // For the callers whose soft timeout passes before the loader answers.
+            guard.offer_stale(Fetched {
+                stale: true,
+                ..Fetched::new(fallback.value.clone(), fallback.source)
+            });
+        }
         let key = watch.key().to_owned();
         let key = key.as_str();
         self.recorder.miss();
@@ -227,9 +226,13 @@ where
     /// The part of a flight before the loader: L1 again (a flight that just finished may have
     /// filled it), then L2. Answers, or says what the loader's value may replace and which stale
     /// value answers if the loader fails.
+    ///
+    /// An eager refresh (`refreshing`) does not answer L1's value (it is the one to replace),
+    /// nor an L2 value that is as old: only one that another instance refreshed already.
     async fn look(
         &self,
         accepts_absent: bool,
+        refreshing: bool,
         options: &EntryOptions,
         watch: &KeyWatch,
         deadline: tokio::time::Instant,
@@ -238,7 +241,7 @@ where
         let mut fallback = None;
         if let Some(entry) = self.l1_entry(key) {
             match entry.value {
-                Some(value) if entry.is_fresh_at(self.clock.now()) => {
+                Some(value) if !refreshing && entry.is_fresh_at(self.clock.now()) => {
                     return Looked::Answered(Outcome::Found(Fetched {
                         stale: entry.stale,
                         ..Fetched::new(value, Source::L1)
@@ -264,11 +267,10 @@ where
         // no entry.
         let seen = match self.read_l2(key, deadline, self.l1.is_some()).await {
             Ok(L2Read::Hit { value, life, bytes }) => {
-                let life = Life {
-                    l1_cap: options.l1_ttl(),
-                    ..life
-                };
+                let life = life.under(options);
+                let due = refreshing && life.refresh_in().is_none_or(|after| after.is_zero());
                 match value {
+                    Some(_) if due => Some(bytes),
                     Some(value) => {
                         self.recorder.l2_hit();
                         self.fill_l1(key, Some(value.clone()), life, || {
@@ -293,7 +295,11 @@ where
                 bytes,
                 ..
             }) => {
-                if let (Some(value), Some(_)) = (value, options.fail_safe()) {
+                // The newer of L1's and L2's stale values (a later expiry was written later).
+                let newer = fallback
+                    .as_ref()
+                    .is_none_or(|l1: &Fallback<V>| expires_at > l1.expires_at);
+                if let (Some(value), Some(_), true) = (value, options.fail_safe(), newer) {
                     fallback = Some(Fallback {
                         value,
                         source: Source::L2,
@@ -325,10 +331,8 @@ where
         let now = self.clock.now();
         let lives = now.until(fallback.expires_at);
         let life = Life {
-            fresh: throttle.min(lives),
-            lives,
             stale: true,
-            l1_cap: None,
+            ..Life::new(throttle.min(lives), lives, None)
         };
         if self.l1.is_some() {
             self.fill_l1(key, Some(fallback.value.clone()), life, || {
@@ -533,7 +537,7 @@ enum Failure<E> {
 }
 
 /// A caller's answer from a flight's outcome.
-fn answer<V, E: Send + Sync + 'static>(
+pub(super) fn answer<V, E: Send + Sync + 'static>(
     outcome: Outcome<V>,
 ) -> Result<Option<Fetched<V>>, LoadError<E>> {
     match outcome {

@@ -33,6 +33,7 @@ use crate::freshness::Freshness;
 use crate::options::{EntryOptions, Fetched, Loaded};
 use crate::stats::{CacheStats, Recorder};
 
+mod background;
 mod builder;
 mod bulk;
 mod detached;
@@ -167,38 +168,52 @@ where
     /// [`get_or_load_optional`](Self::get_or_load_optional)) does not satisfy this call: the
     /// loader runs.
     ///
+    /// The [default options](TieredCacheBuilder::default_options) apply: fail-safe answers a
+    /// stale value when the loader fails, and at the hard timeout the loader (running in this
+    /// task) is cancelled. The soft timeout and eager refresh need a load that outlives the
+    /// call: use [`get_or_load_with`](Self::get_or_load_with).
+    ///
     /// # Errors
     ///
     /// [`LoadError::Loader`] with the loader's error (shared by every caller of the flight),
     /// [`LoadError::Panicked`] if it panicked, [`LoadError::Reentrant`] if it asked the cache
-    /// for the key it is loading, and [`LoadError::Cache`] for an invalid key. An L2 failure is
-    /// not an error: the loader serves the read.
+    /// for the key it is loading, [`LoadError::TimedOut`] past the default hard timeout, and
+    /// [`LoadError::Cache`] for an invalid key. An L2 failure is not an error: the loader serves
+    /// the read.
     pub async fn get_or_load<F, Fut, E>(&self, key: &str, loader: F) -> Result<V, LoadError<E>>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = std::result::Result<V, E>>,
         E: Send + Sync + 'static,
     {
-        let options = self.inner.settings.defaults;
-        let fetched = self.inner.get_or_load_with(key, &options, loader).await?;
-        Ok(fetched.value)
+        self.inner.get_or_load(key, loader).await
     }
 
     /// [`get_or_load`](Self::get_or_load) with this call's `options` (start from
     /// [`default_options`](Self::default_options)), answering where the value came from and
     /// whether it is stale.
     ///
+    /// The load runs in a task of its own (so the loader owns what it uses: clone your client
+    /// into it), which lets it outlive the call:
+    /// - [fail-safe](EntryOptions::with_fail_safe): a value past its TTL stays stored as a
+    ///   fallback; when the loader fails, panics or passes the
+    ///   [hard timeout](EntryOptions::with_hard_timeout), the stale value answers instead
+    ///   ([`Fetched::stale`]) and the origin is left alone for the fail-safe throttle;
+    /// - the [soft timeout](EntryOptions::with_soft_timeout): past it, the stale value answers
+    ///   while the load finishes in the background and updates both tiers;
+    /// - [eager refresh](EntryOptions::with_eager_refresh): a hit late in an entry's TTL starts
+    ///   one background reload and answers the current value at once.
+    ///
     /// The loader may answer a plain value, or a [`Loaded`] that says how to cache it (its own
-    /// TTL, or not at all). With [fail-safe](EntryOptions::with_fail_safe), a value past its TTL
-    /// stays stored as a fallback: when the loader fails, panics or passes the
-    /// [hard timeout](EntryOptions::with_hard_timeout), the stale value answers instead
-    /// ([`Fetched::stale`]) and the origin is left alone for the fail-safe throttle.
+    /// TTL, or not at all). A caller that stops waiting (cancelled, timed out) does not cancel
+    /// the load, unless [background completion](EntryOptions::with_background_completion) is
+    /// off and the hard timeout passed.
     ///
     /// # Errors
     ///
-    /// As [`get_or_load`](Self::get_or_load), and [`LoadError::TimedOut`] when the loader passed
-    /// the hard timeout with no stale value to answer; [`LoadError::Cache`] for options out of
-    /// range.
+    /// As [`get_or_load`](Self::get_or_load), and [`LoadError::TimedOut`] when the hard timeout
+    /// passed with no stale value to answer; [`LoadError::Cache`] for options out of range, or
+    /// outside a Tokio runtime.
     pub async fn get_or_load_with<F, Fut, R, E>(
         &self,
         key: &str,
@@ -206,9 +221,9 @@ where
         loader: F,
     ) -> Result<Fetched<V>, LoadError<E>>
     where
-        F: FnOnce() -> Fut,
-        Fut: Future<Output = std::result::Result<R, E>>,
-        R: Into<Loaded<V>>,
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = std::result::Result<R, E>> + Send + 'static,
+        R: Into<Loaded<V>> + 'static,
         E: Send + Sync + 'static,
     {
         self.inner.get_or_load_with(key, options, loader).await
@@ -406,7 +421,7 @@ where
             let extra = ttl.mul_f64(options.jitter() * fastrand::f64());
             (ttl + extra).min(MAX_TTL)
         };
-        read::Life::new(fresh, options.lives(fresh), options.l1_ttl())
+        read::Life::new(fresh, options.lives(fresh), None).under(options)
     }
 }
 

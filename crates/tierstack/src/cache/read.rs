@@ -16,10 +16,11 @@ use tokio::time::Instant;
 
 use super::Inner;
 use crate::freshness::Snapshot;
+use crate::options::EntryOptions;
 use crate::stats::L2Op;
 
 /// How long an entry is fresh, and how long it stays stored (stale in between), from now.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub(super) struct Life {
     pub(super) fresh: Duration,
     pub(super) lives: Duration,
@@ -27,6 +28,10 @@ pub(super) struct Life {
     pub(super) stale: bool,
     /// How long L1 may serve it before reading L2 again.
     pub(super) l1_cap: Option<Duration>,
+    /// How long ago the value was written.
+    pub(super) age: Duration,
+    /// The eager refresh threshold (a fraction of the TTL), if any.
+    pub(super) eager: Option<f64>,
 }
 
 impl Life {
@@ -37,7 +42,26 @@ impl Life {
             lives: lives.max(fresh),
             stale: false,
             l1_cap,
+            age: Duration::ZERO,
+            eager: None,
         }
+    }
+
+    /// This life under a call's options: its L1 cap and eager refresh threshold.
+    pub(super) fn under(self, options: &EntryOptions) -> Self {
+        Self {
+            l1_cap: options.l1_ttl(),
+            eager: options.eager_refresh(),
+            ..self
+        }
+    }
+
+    /// How long from now a hit should start an eager refresh: once `eager` of the whole TTL
+    /// (age and remaining freshness) has passed. Never for a stale value.
+    pub(super) fn refresh_in(self) -> Option<Duration> {
+        let fraction = self.eager.filter(|_| !self.stale)?;
+        let ttl = self.age.saturating_add(self.fresh);
+        Some(ttl.mul_f64(fraction).saturating_sub(self.age))
     }
 
     /// The L1 entry of `value` from `now`: the cap shortens its freshness, and a fail-safe entry
@@ -55,6 +79,7 @@ impl Life {
             fresh_until,
             expires_at,
             stale: self.stale,
+            refresh_at: self.refresh_in().map(|after| now.saturating_add(after)),
         }
     }
 }
@@ -85,6 +110,7 @@ enum Decoded<V> {
     /// A value, or a negative entry (`None`), with its envelope's deadlines.
     Live {
         value: Option<V>,
+        written_at: Timestamp,
         fresh_until: Timestamp,
         expires_at: Timestamp,
         stale: bool,
@@ -262,6 +288,7 @@ where
         match self.decode_entry(&bytes) {
             Decoded::Live {
                 value,
+                written_at,
                 fresh_until,
                 expires_at,
                 stale,
@@ -286,8 +313,11 @@ where
                     fresh,
                     lives,
                     stale,
-                    l1_cap: self.settings.defaults.l1_ttl(),
-                };
+                    l1_cap: None,
+                    age: written_at.until(now),
+                    eager: None,
+                }
+                .under(&self.settings.defaults);
                 if !fail_safe || now < fresh_until {
                     L2Read::Hit { value, life, bytes }
                 } else {
@@ -328,6 +358,7 @@ where
         };
         Decoded::Live {
             value,
+            written_at: envelope.written_at,
             fresh_until: envelope.fresh_until,
             expires_at: envelope.expires_at,
             stale: envelope.stale,

@@ -1,0 +1,225 @@
+//! `get_or_load_with`: flights whose load runs in a task of its own, so that it can outlive its
+//! callers. A caller waits for the flight under its own deadlines: past the soft timeout it
+//! answers a stale value (fail-safe) and past the hard timeout the stale value or a timeout,
+//! while the load goes on and updates both tiers (background completion). A hit past the eager
+//! refresh threshold starts such a flight and does not wait for it.
+
+use std::any::TypeId;
+use std::future::Future;
+use std::sync::Arc;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tierstack_core::{CacheError, Codec};
+use tokio::runtime::Handle;
+use tokio::time::Instant;
+
+use super::Inner;
+use super::load::{NeedsValue, answer};
+use crate::error::LoadError;
+use crate::flight::{FlightWait, Leader, Outcome, Role};
+use crate::freshness::KeyWatch;
+use crate::options::{EntryOptions, Fetched, Loaded, Source};
+
+impl<V, C> Inner<V, C>
+where
+    V: Clone + Send + Sync + Serialize + DeserializeOwned + 'static,
+    C: Codec,
+{
+    pub(super) async fn get_or_load_with<F, Fut, R, E>(
+        self: &Arc<Self>,
+        key: &str,
+        options: &EntryOptions,
+        loader: F,
+    ) -> Result<Fetched<V>, LoadError<E>>
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = Result<R, E>> + Send + 'static,
+        R: Into<Loaded<V>> + 'static,
+        E: Send + Sync + 'static,
+    {
+        self.check_key(key)?;
+        let kind = TypeId::of::<NeedsValue<E>>();
+        let mut fallback = None;
+        if let Some(entry) = self.l1_entry(key) {
+            // Plain entries without eager refresh need no clock: L1 keeps them while fresh.
+            let plain = entry.fresh_until == entry.expires_at && entry.refresh_at.is_none();
+            let now = if plain { None } else { Some(self.clock.now()) };
+            let fresh = now.is_none_or(|now| entry.is_fresh_at(now));
+            match entry.value {
+                Some(value) if fresh => {
+                    self.recorder.l1_hit();
+                    if let (Some(now), Some(at)) = (now, entry.refresh_at)
+                        && now >= at
+                    {
+                        self.refresh(key, kind, options, loader);
+                    }
+                    return Ok(Fetched {
+                        stale: entry.stale,
+                        ..Fetched::new(value, Source::L1)
+                    });
+                }
+                Some(value) if options.fail_safe().is_some() => {
+                    fallback = Some(Fetched {
+                        stale: true,
+                        ..Fetched::new(value, Source::L1)
+                    });
+                }
+                _ => {}
+            }
+        }
+        options.validate()?;
+        let started = Instant::now();
+        let deadlines = Deadlines {
+            soft: options.soft_timeout().map(|limit| started + limit),
+            hard: options.hard_timeout().map(|limit| started + limit),
+        };
+        let mut loader = Some(loader);
+        loop {
+            let watch = self.freshness.watch(key);
+            let wait = match self.flights.join_or_lead(key, kind, watch.stamp()) {
+                Role::Reentrant => return Err(LoadError::Reentrant),
+                Role::Wait(wait) => wait,
+                Role::Lead(guard) => {
+                    let Ok(runtime) = Handle::try_current() else {
+                        return Err(LoadError::Cache(CacheError::Configuration(
+                            "get_or_load_with runs its load in a task: call it in a Tokio runtime"
+                                .into(),
+                        )));
+                    };
+                    // Only a flight of a task that was aborted (a runtime shutting down) comes
+                    // back to lead again, and its loader is gone with it.
+                    let (Some(loader), Some(wait)) = (loader.take(), guard.waiter()) else {
+                        return Err(LoadError::Panicked);
+                    };
+                    self.spawn_flight(&runtime, false, options, watch, guard, loader);
+                    wait
+                }
+            };
+            match self
+                .await_flight(wait, deadlines, options, fallback.clone())
+                .await
+            {
+                Outcome::Abandoned => {}
+                outcome => {
+                    return match answer(outcome)? {
+                        Some(fetched) => Ok(fetched),
+                        None => Err(LoadError::Panicked),
+                    };
+                }
+            }
+        }
+    }
+
+    /// Starts an eager refresh of `key` unless a flight of it is running already; returns at
+    /// once.
+    fn refresh<F, Fut, R, E>(
+        self: &Arc<Self>,
+        key: &str,
+        kind: TypeId,
+        options: &EntryOptions,
+        loader: F,
+    ) where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = Result<R, E>> + Send + 'static,
+        R: Into<Loaded<V>> + 'static,
+        E: Send + Sync + 'static,
+    {
+        let Ok(runtime) = Handle::try_current() else {
+            return;
+        };
+        if options.validate().is_err() {
+            return;
+        }
+        let watch = self.freshness.watch(key);
+        if let Role::Lead(guard) = self.flights.join_or_lead(key, kind, watch.stamp()) {
+            self.recorder.eager_refresh();
+            self.spawn_flight(&runtime, true, options, watch, guard, loader);
+        }
+    }
+
+    /// Runs the flight that `guard` leads in a task: the caller waits for it like any other
+    /// caller, and it goes on if they all stop waiting. With background completion off, the
+    /// flight itself gives up at the hard timeout.
+    fn spawn_flight<F, Fut, R, E>(
+        self: &Arc<Self>,
+        runtime: &Handle,
+        refreshing: bool,
+        options: &EntryOptions,
+        watch: KeyWatch,
+        guard: Leader<V>,
+        loader: F,
+    ) where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = Result<R, E>> + Send + 'static,
+        R: Into<Loaded<V>> + 'static,
+        E: Send + Sync + 'static,
+    {
+        let mut flight_options = *options;
+        if options.background_completion() {
+            flight_options = flight_options.without_hard_timeout();
+        }
+        let this = Arc::clone(self);
+        let flight = async move {
+            let loader = || async move {
+                loader().await.map(|answer| {
+                    let Loaded { value, ttl, cache } = answer.into();
+                    Loaded {
+                        value: Some(value),
+                        ttl,
+                        cache,
+                    }
+                })
+            };
+            let outcome = this
+                .lead(false, refreshing, &flight_options, watch, &guard, loader)
+                .await;
+            guard.complete(outcome);
+        };
+        runtime.spawn(flight);
+    }
+
+    /// A caller's wait for a flight under its deadlines. Past the soft one, a stale value
+    /// answers (the caller's own, or the one the flight found); past the hard one, a stale value
+    /// if fail-safe is on, else a timeout.
+    async fn await_flight(
+        &self,
+        mut wait: FlightWait<V>,
+        deadlines: Deadlines,
+        options: &EntryOptions,
+        fallback: Option<Fetched<V>>,
+    ) -> Outcome<V> {
+        if let (Some(soft), Some(_)) = (deadlines.soft, options.fail_safe()) {
+            match wait.outcome_until(soft).await {
+                Ok(outcome) => return outcome,
+                Err(found) => {
+                    if let Some(stale) = found.or_else(|| fallback.clone()) {
+                        self.recorder.soft_timeout();
+                        self.recorder.stale_served();
+                        return Outcome::Found(stale);
+                    }
+                }
+            }
+        }
+        let Some(hard) = deadlines.hard else {
+            return wait.outcome().await;
+        };
+        match wait.outcome_until(hard).await {
+            Ok(outcome) => outcome,
+            Err(found) => match (found.or(fallback), options.fail_safe()) {
+                (Some(stale), Some(_)) => {
+                    self.recorder.stale_served();
+                    Outcome::Found(stale)
+                }
+                _ => Outcome::TimedOut(options.hard_timeout().unwrap_or_default()),
+            },
+        }
+    }
+}
+
+/// When a caller stops waiting for a load.
+#[derive(Debug, Clone, Copy)]
+struct Deadlines {
+    soft: Option<Instant>,
+    hard: Option<Instant>,
+}
