@@ -6,6 +6,10 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use metrics::{Counter, Histogram};
+use tierstack_core::key::fingerprint;
+
+use crate::events::{CacheEvent, CacheEvents, EventHub, StaleReason};
+use crate::options::Source;
 
 /// A snapshot of a cache's counters since it was built.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -150,6 +154,7 @@ pub(crate) struct Recorder {
     stale_served: AtomicU64,
     soft_timeouts: AtomicU64,
     eager_refreshes: AtomicU64,
+    events: EventHub,
     metrics: Handles,
 }
 
@@ -215,23 +220,46 @@ impl Recorder {
             stale_served: AtomicU64::new(0),
             soft_timeouts: AtomicU64::new(0),
             eager_refreshes: AtomicU64::new(0),
+            events: EventHub::default(),
             metrics,
         }
     }
 
-    pub(crate) fn l1_hit(&self) {
+    pub(crate) fn l1_hit(&self, key: &str) {
         self.l1_hits.add(1);
         self.metrics.l1_hits.increment(1);
+        self.events.emit(|| CacheEvent::Hit {
+            key: key.into(),
+            tier: Source::L1,
+        });
     }
 
-    pub(crate) fn l2_hit(&self) {
+    pub(crate) fn l2_hit(&self, key: &str) {
         self.l2_hits.add(1);
         self.metrics.l2_hits.increment(1);
+        self.events.emit(|| CacheEvent::Hit {
+            key: key.into(),
+            tier: Source::L2,
+        });
     }
 
-    pub(crate) fn miss(&self) {
+    pub(crate) fn miss(&self, key: &str) {
         self.misses.add(1);
         self.metrics.misses.increment(1);
+        self.events.emit(|| CacheEvent::Miss { key: key.into() });
+    }
+
+    /// A load that ran in a task of its own finished (its duration is counted by `load`).
+    pub(crate) fn background_load(&self, key: &str, ok: bool) {
+        tracing::debug!(key = %fingerprint(key), ok, "background load finished");
+        self.events.emit(|| CacheEvent::BackgroundLoad {
+            key: key.into(),
+            ok,
+        });
+    }
+
+    pub(crate) fn subscribe(&self) -> CacheEvents {
+        self.events.subscribe()
     }
 
     pub(crate) fn load(&self, ok: bool, took: Duration) {
@@ -256,19 +284,26 @@ impl Recorder {
         }
     }
 
-    pub(crate) fn stale_served(&self) {
+    pub(crate) fn stale_served(&self, key: &str, reason: StaleReason) {
         self.stale_served.fetch_add(1, Ordering::Relaxed);
         self.metrics.stale_served.increment(1);
+        if reason == StaleReason::SoftTimeout {
+            self.soft_timeouts.fetch_add(1, Ordering::Relaxed);
+            self.metrics.soft_timeouts.increment(1);
+        }
+        tracing::debug!(key = %fingerprint(key), ?reason, "fail-safe: stale value served");
+        self.events.emit(|| CacheEvent::StaleServed {
+            key: key.into(),
+            reason,
+        });
     }
 
-    pub(crate) fn soft_timeout(&self) {
-        self.soft_timeouts.fetch_add(1, Ordering::Relaxed);
-        self.metrics.soft_timeouts.increment(1);
-    }
-
-    pub(crate) fn eager_refresh(&self) {
+    pub(crate) fn eager_refresh(&self, key: &str) {
         self.eager_refreshes.fetch_add(1, Ordering::Relaxed);
         self.metrics.eager_refreshes.increment(1);
+        tracing::debug!(key = %fingerprint(key), "eager refresh started");
+        self.events
+            .emit(|| CacheEvent::EagerRefresh { key: key.into() });
     }
 
     pub(crate) fn corrupt_entry(&self) {
@@ -279,11 +314,13 @@ impl Recorder {
     pub(crate) fn invalidation_received(&self) {
         self.invalidations_received.fetch_add(1, Ordering::Relaxed);
         self.metrics.invalidations_received.increment(1);
+        self.events.emit(|| CacheEvent::InvalidationReceived);
     }
 
     pub(crate) fn resync(&self) {
         self.resyncs.fetch_add(1, Ordering::Relaxed);
         self.metrics.resyncs.increment(1);
+        self.events.emit(|| CacheEvent::Resync);
     }
 
     pub(crate) fn publish_error(&self) {

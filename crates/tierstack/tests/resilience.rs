@@ -11,7 +11,8 @@ use common::{Calls, Fixture, loader};
 use tierstack::core::Store;
 use tierstack::core::envelope::Envelope;
 use tierstack::{
-    BincodeCodec, EntryOptions, FailSafe, Fetched, LoadError, Loaded, Source, TieredCache,
+    BincodeCodec, CacheEvent, EntryOptions, FailSafe, Fetched, LoadError, Loaded, Source,
+    StaleReason, TieredCache,
 };
 
 const TTL: Duration = Duration::from_secs(10);
@@ -528,4 +529,87 @@ async fn the_builder_defaults_apply_to_plain_calls() {
         .await
         .unwrap();
     assert_eq!((stale.value.as_str(), stale.stale), ("w", true));
+}
+
+#[tokio::test(start_paused = true)]
+async fn events_tell_what_happened() {
+    let fx = Fixture::new();
+    let cache = fx.cache();
+    let mut events = cache.events();
+    let calls = Calls::default();
+    let options = fail_safe()
+        .with_soft_timeout(Duration::from_millis(20))
+        .with_eager_refresh(0.5);
+    fetch(&cache, &options, loader(&calls, "v1")).await.unwrap();
+    tokio::task::yield_now().await;
+    fetch(&cache, &options, loader(&calls, "v1")).await.unwrap();
+    cache.wait_for_background_fills().await;
+    fx.cache().get("k").await.unwrap();
+    fx.clock.advance(Duration::from_secs(6));
+    fetch(&cache, &options, failing(&calls)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    // Not refreshed early again after a failure.
+    let still = fetch(&cache, &options, failing(&calls)).await.unwrap();
+    assert_eq!((still.source, still.stale), (Source::L1, false));
+    fx.clock.advance(TTL);
+    fetch(&cache, &options, failing(&calls)).await.unwrap();
+    let (done, slow_done) = (Calls::default(), Calls::default());
+    cache
+        .get_or_load_with(
+            "slow",
+            &options,
+            slow(&done, &slow_done, Duration::from_secs(1), "s"),
+        )
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    while let Some(event) = events.try_recv() {
+        seen.push(event);
+    }
+    let key = |k: &str| -> std::sync::Arc<str> { k.into() };
+    let expected = [
+        CacheEvent::Miss { key: key("k") },
+        CacheEvent::BackgroundLoad {
+            key: key("k"),
+            ok: true,
+        },
+        CacheEvent::Hit {
+            key: key("k"),
+            tier: Source::L1,
+        },
+        // Past half the TTL: a hit, and a refresh whose loader fails (the value stays).
+        CacheEvent::Hit {
+            key: key("k"),
+            tier: Source::L1,
+        },
+        CacheEvent::EagerRefresh { key: key("k") },
+        CacheEvent::Miss { key: key("k") },
+        CacheEvent::BackgroundLoad {
+            key: key("k"),
+            ok: false,
+        },
+        CacheEvent::Hit {
+            key: key("k"),
+            tier: Source::L1,
+        },
+        // Past the TTL: the loader fails, fail-safe answers.
+        CacheEvent::Miss { key: key("k") },
+        CacheEvent::StaleServed {
+            key: key("k"),
+            reason: StaleReason::LoaderFailed,
+        },
+        CacheEvent::BackgroundLoad {
+            key: key("k"),
+            ok: false,
+        },
+        CacheEvent::Miss { key: key("slow") },
+        CacheEvent::BackgroundLoad {
+            key: key("slow"),
+            ok: true,
+        },
+    ];
+    assert_eq!(seen, expected);
+    // The other instance's L2 hit went to its own subscribers, not to these.
+    drop(events);
+    fetch(&cache, &options, failing(&calls)).await.unwrap();
 }

@@ -17,6 +17,7 @@ use tokio::time::Instant;
 use super::Inner;
 use super::load::{NeedsValue, answer};
 use crate::error::LoadError;
+use crate::events::StaleReason;
 use crate::flight::{FlightWait, Leader, Outcome, Role};
 use crate::freshness::KeyWatch;
 use crate::options::{EntryOptions, Fetched, Loaded, Source};
@@ -48,7 +49,7 @@ where
             let fresh = now.is_none_or(|now| entry.is_fresh_at(now));
             match entry.value {
                 Some(value) if fresh => {
-                    self.recorder.l1_hit();
+                    self.recorder.l1_hit(key);
                     if let (Some(now), Some(at)) = (now, entry.refresh_at)
                         && now >= at
                     {
@@ -97,7 +98,7 @@ where
                 }
             };
             match self
-                .await_flight(wait, deadlines, options, fallback.clone())
+                .await_flight(key, wait, deadlines, options, fallback.clone())
                 .await
             {
                 Outcome::Abandoned => {}
@@ -133,7 +134,7 @@ where
         }
         let watch = self.freshness.watch(key);
         if let Role::Lead(guard) = self.flights.join_or_lead(key, kind, watch.stamp()) {
-            self.recorder.eager_refresh();
+            self.recorder.eager_refresh(key);
             self.spawn_flight(&runtime, true, options, watch, guard, loader);
         }
     }
@@ -171,9 +172,20 @@ where
                     }
                 })
             };
+            let key = watch.key().to_owned();
             let outcome = this
                 .lead(false, refreshing, &flight_options, watch, &guard, loader)
                 .await;
+            match &outcome {
+                Outcome::Found(found) if found.source == Source::Loader => {
+                    this.recorder.background_load(&key, true);
+                }
+                Outcome::Found(Fetched { stale: true, .. })
+                | Outcome::Failed(_)
+                | Outcome::Panicked
+                | Outcome::TimedOut(_) => this.recorder.background_load(&key, false),
+                _ => {}
+            }
             guard.complete(outcome);
         };
         runtime.spawn(flight);
@@ -184,6 +196,7 @@ where
     /// if fail-safe is on, else a timeout.
     async fn await_flight(
         &self,
+        key: &str,
         mut wait: FlightWait<V>,
         deadlines: Deadlines,
         options: &EntryOptions,
@@ -194,8 +207,7 @@ where
                 Ok(outcome) => return outcome,
                 Err(found) => {
                     if let Some(stale) = found.or_else(|| fallback.clone()) {
-                        self.recorder.soft_timeout();
-                        self.recorder.stale_served();
+                        self.recorder.stale_served(key, StaleReason::SoftTimeout);
                         return Outcome::Found(stale);
                     }
                 }
@@ -208,7 +220,7 @@ where
             Ok(outcome) => outcome,
             Err(found) => match (found.or(fallback), options.fail_safe()) {
                 (Some(stale), Some(_)) => {
-                    self.recorder.stale_served();
+                    self.recorder.stale_served(key, StaleReason::HardTimeout);
                     Outcome::Found(stale)
                 }
                 _ => Outcome::TimedOut(options.hard_timeout().unwrap_or_default()),

@@ -116,8 +116,8 @@ where
             found.push(hit);
         }
         let Some(l2) = self.l2.as_ref().filter(|_| !missing.is_empty()) else {
-            for _ in &missing {
-                self.recorder.miss();
+            for &index in &missing {
+                self.recorder.miss(keys[index].as_ref());
             }
             return Ok((found, seen));
         };
@@ -164,17 +164,17 @@ where
             };
             match read {
                 L2Read::Hit { value, life, .. } => {
-                    self.recorder.l2_hit();
+                    self.recorder.l2_hit(key);
                     self.fill_l1_since(key, value.clone(), life, snapshot);
                     found[index] = Some(value);
                 }
                 // A stale entry is replaced by what the batch loads.
                 L2Read::Stale { bytes, .. } => {
-                    self.recorder.miss();
+                    self.recorder.miss(key);
                     seen[index] = Some(bytes);
                 }
                 L2Read::Miss { seen: there } => {
-                    self.recorder.miss();
+                    self.recorder.miss(key);
                     seen[index] = there;
                 }
             }

@@ -16,10 +16,12 @@ use tierstack_core::envelope::{self, Lifetime};
 use tierstack_core::key::fingerprint;
 use tierstack_core::store::validate_ttl;
 use tierstack_core::{CacheError, Codec, Store};
+use tierstack_moka::L1Entry;
 
 use super::Inner;
 use super::read::{L2Read, Life};
 use crate::error::LoadError;
+use crate::events::StaleReason;
 use crate::flight::{Leader, Outcome, Role, SharedError};
 use crate::freshness::KeyWatch;
 use crate::options::{EntryOptions, Fetched, Loaded, Source};
@@ -173,7 +175,7 @@ where
         }
         let key = watch.key().to_owned();
         let key = key.as_str();
-        self.recorder.miss();
+        self.recorder.miss(key);
         let started = Instant::now();
         // A panicking loader is caught here and becomes every waiter's outcome.
         let run = AssertUnwindSafe(guard.run_marked(async move { loader().await })).catch_unwind();
@@ -209,7 +211,17 @@ where
             Err(failure) => {
                 // The loader's error is the callers' business; its text may hold anything.
                 tracing::debug!(cache = %self.namespace, key = %fingerprint(key), "loader failed");
+                if refreshing {
+                    // The current value stays, fresh until its TTL; it is not refreshed early
+                    // again, so that a failing origin sees one early attempt per entry.
+                    self.stop_eager_refresh(key, &watch);
+                }
                 if let (Some(fallback), Some(fail_safe)) = (fallback, options.fail_safe()) {
+                    let reason = match failure {
+                        Failure::TimedOut(_) => StaleReason::HardTimeout,
+                        Failure::Loader(_) | Failure::Panicked => StaleReason::LoaderFailed,
+                    };
+                    self.recorder.stale_served(key, reason);
                     return self
                         .serve_stale(key, fallback, fail_safe.throttle(), &watch)
                         .await;
@@ -250,7 +262,7 @@ where
                 None if accepts_absent && entry.is_fresh_at(self.clock.now()) => {
                     return Looked::Answered(Outcome::Absent);
                 }
-                Some(value) if options.fail_safe().is_some() => {
+                Some(value) if !refreshing && options.fail_safe().is_some() => {
                     fallback = Some(Fallback {
                         value,
                         source: Source::L1,
@@ -272,7 +284,7 @@ where
                 match value {
                     Some(_) if due => Some(bytes),
                     Some(value) => {
-                        self.recorder.l2_hit();
+                        self.recorder.l2_hit(key);
                         self.fill_l1(key, Some(value.clone()), life, || {
                             self.freshness.watch_is_current(watch)
                         });
@@ -282,7 +294,7 @@ where
                         }));
                     }
                     None if accepts_absent => {
-                        self.recorder.l2_hit();
+                        self.recorder.l2_hit(key);
                         self.fill_l1(key, None, life, || self.freshness.watch_is_current(watch));
                         return Looked::Answered(Outcome::Absent);
                     }
@@ -316,6 +328,23 @@ where
         Looked::Load { seen, fallback }
     }
 
+    /// Takes `key`'s L1 entry off eager refresh (after a refresh failed), unless it changed.
+    fn stop_eager_refresh(&self, key: &str, watch: &KeyWatch) {
+        let Some(l1) = &self.l1 else { return };
+        if let Some(entry) = l1.get(key).filter(|entry| entry.refresh_at.is_some()) {
+            l1.insert(
+                key.to_owned(),
+                L1Entry {
+                    refresh_at: None,
+                    ..entry
+                },
+            );
+            if !self.freshness.watch_is_current(watch) {
+                l1.invalidate(key);
+            }
+        }
+    }
+
     /// Fail-safe: answers a stale value after the loader failed, and re-arms it so that it
     /// answers for `throttle` before the origin is tried again: in L1, or without an L1 in L2
     /// (over the very bytes read, so that a newer value or a delete wins).
@@ -326,8 +355,6 @@ where
         throttle: Duration,
         watch: &KeyWatch,
     ) -> Outcome<V> {
-        self.recorder.stale_served();
-        tracing::debug!(cache = %self.namespace, key = %fingerprint(key), "fail-safe: stale value served");
         let now = self.clock.now();
         let lives = now.until(fallback.expires_at);
         let life = Life {

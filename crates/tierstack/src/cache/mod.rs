@@ -27,6 +27,7 @@ use tokio::task::AbortHandle;
 
 use crate::burst_log::BurstLog;
 use crate::error::LoadError;
+use crate::events::CacheEvents;
 use crate::fill::FillBudget;
 use crate::flight::Flights;
 use crate::freshness::Freshness;
@@ -390,6 +391,14 @@ where
     /// Evicts everything from this instance's L1 only.
     pub fn invalidate_local_all(&self) {
         self.inner.clear_local();
+    }
+
+    /// A subscription to what happens in this cache from now on: hits per tier, misses, stale
+    /// values served (and why), background loads, eager refreshes, invalidations received and
+    /// resyncs. While nobody subscribes, no event is built. A subscriber that falls more than
+    /// 1,024 events behind loses the oldest ([`EventsError::Lagged`](crate::EventsError)).
+    pub fn events(&self) -> CacheEvents {
+        self.inner.recorder.subscribe()
     }
 
     /// The counters of this cache since it was built.

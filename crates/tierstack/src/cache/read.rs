@@ -153,7 +153,7 @@ where
         if let Ok(Some(hit)) = self.l2_lookup(key, self.deadline()).await {
             return Ok(hit);
         }
-        self.recorder.miss();
+        self.recorder.miss(key);
         Ok(None)
     }
 
@@ -206,7 +206,7 @@ where
         if entry.fresh_until != entry.expires_at && !entry.is_fresh_at(self.clock.now()) {
             return None;
         }
-        self.recorder.l1_hit();
+        self.recorder.l1_hit(key);
         Some((entry.value, entry.stale))
     }
 
@@ -237,7 +237,7 @@ where
         let snapshot = self.freshness.snapshot(key);
         match self.read_l2(key, deadline, self.l1.is_some()).await? {
             L2Read::Hit { value, life, .. } => {
-                self.recorder.l2_hit();
+                self.recorder.l2_hit(key);
                 self.fill_l1(key, value.clone(), life, || {
                     self.freshness.is_current(snapshot)
                 });
