@@ -73,7 +73,7 @@ pub use cache::{TieredCache, TieredCacheBuilder};
 pub use error::LoadError;
 pub use events::{CacheEvent, CacheEvents, EventsError, StaleReason};
 pub use fill::L2Fill;
-pub use options::{EntryOptions, FailSafe, Fetched, Loaded, Source};
+pub use options::{EntryOptions, FailSafe, Fetched, Loaded, Skips, Source};
 pub use stats::CacheStats;
 pub use tierstack_core::{
     Backplane, BincodeCodec, BoxError, CacheError, Codec, JsonCodec, Result, Store,

@@ -31,6 +31,41 @@ pub struct EntryOptions {
     hard_timeout: Option<Duration>,
     background_completion: bool,
     eager_refresh: Option<f64>,
+    skips: Skips,
+}
+
+/// Tiers (and the backplane) that a call leaves alone; see
+/// [`EntryOptions::with_skips`]. All `false` by default.
+///
+/// ```
+/// # use tierstack::{EntryOptions, Skips};
+/// // A value that only this instance keeps (no L2 read or write, nobody told):
+/// let local = EntryOptions::default().with_skips(Skips {
+///     l2_read: true,
+///     l2_write: true,
+///     backplane: true,
+///     ..Skips::default()
+/// });
+/// # let _ = local;
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "independent switches, each named for what it leaves out"
+)]
+pub struct Skips {
+    /// Do not answer from L1 (read L2, then the loader).
+    pub l1_read: bool,
+    /// Do not keep what was read, loaded or written in L1.
+    pub l1_write: bool,
+    /// Do not read L2. A loaded value is then written to L2 only where it holds no entry (a
+    /// newer value or a delete there still wins).
+    pub l2_read: bool,
+    /// Do not write L2 (a loaded or written value stays in this instance's L1).
+    pub l2_write: bool,
+    /// Do not tell the other instances of a write. (A store that announces its own writes,
+    /// as a Redis store paired with its backplane does, still announces them.)
+    pub backplane: bool,
 }
 
 impl Default for EntryOptions {
@@ -47,6 +82,13 @@ impl Default for EntryOptions {
             hard_timeout: None,
             background_completion: true,
             eager_refresh: None,
+            skips: Skips {
+                l1_read: false,
+                l1_write: false,
+                l2_read: false,
+                l2_write: false,
+                backplane: false,
+            },
         }
     }
 }
@@ -139,6 +181,18 @@ impl EntryOptions {
     pub fn with_eager_refresh(mut self, fraction: f64) -> Self {
         self.eager_refresh = Some(fraction);
         self
+    }
+
+    /// Leaves tiers (or the backplane) out of the call; see [`Skips`].
+    #[must_use]
+    pub fn with_skips(mut self, skips: Skips) -> Self {
+        self.skips = skips;
+        self
+    }
+
+    /// What the call leaves out.
+    pub fn skips(&self) -> Skips {
+        self.skips
     }
 
     /// The TTL.

@@ -11,7 +11,7 @@ use common::{Calls, Fixture, loader};
 use tierstack::core::Store;
 use tierstack::core::envelope::Envelope;
 use tierstack::{
-    BincodeCodec, CacheEvent, EntryOptions, FailSafe, Fetched, LoadError, Loaded, Source,
+    BincodeCodec, CacheEvent, EntryOptions, FailSafe, Fetched, LoadError, Loaded, Skips, Source,
     StaleReason, TieredCache,
 };
 
@@ -612,4 +612,82 @@ async fn events_tell_what_happened() {
     // The other instance's L2 hit went to its own subscribers, not to these.
     drop(events);
     fetch(&cache, &options, failing(&calls)).await.unwrap();
+}
+
+#[tokio::test]
+async fn options_can_skip_a_tier_on_read_or_write() {
+    let fx = Fixture::new();
+    let cache = fx.cache();
+    let calls = Calls::default();
+    let skip = |skips: Skips| EntryOptions::default().with_ttl(TTL).with_skips(skips);
+    // No L2 write: the value stays in this instance.
+    let local = skip(Skips {
+        l2_write: true,
+        ..Skips::default()
+    });
+    fetch(&cache, &local, loader(&calls, "mine")).await.unwrap();
+    cache.wait_for_background_fills().await;
+    assert!(!fx.holds("test:k").await);
+    assert_eq!(cache.get("k").await.unwrap(), Some("mine".into()));
+    // No L1 read: L2's newer value answers although L1 holds one.
+    cache.set("n", "old".into()).await.unwrap();
+    let raw = fx.cache();
+    raw.set_with(
+        "n",
+        "new".into(),
+        &skip(Skips {
+            backplane: true,
+            ..Skips::default()
+        }),
+    )
+    .await
+    .unwrap();
+    assert_eq!(cache.get("n").await.unwrap(), Some("old".into()));
+    let from_l2 = cache
+        .get_or_load_with(
+            "n",
+            &skip(Skips {
+                l1_read: true,
+                ..Skips::default()
+            }),
+            failing(&calls),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (from_l2.value.as_str(), from_l2.source),
+        ("new", Source::L2)
+    );
+    // No L1 write: the next read goes to L2 again.
+    let no_l1 = skip(Skips {
+        l1_write: true,
+        ..Skips::default()
+    });
+    let fresh = fx.cache();
+    let loaded = fresh
+        .get_or_load_with("x", &no_l1, loader(&calls, "x"))
+        .await
+        .unwrap();
+    assert_eq!(loaded.source, Source::Loader);
+    fresh.wait_for_background_fills().await;
+    let again = fresh
+        .get_or_load_with("x", &no_l1, failing(&calls))
+        .await
+        .unwrap();
+    assert_eq!(again.source, Source::L2);
+    // No L2 read: the loader answers although L2 holds a value, which it does not replace.
+    let no_l2_read = skip(Skips {
+        l2_read: true,
+        ..Skips::default()
+    });
+    let loaded = fx
+        .cache()
+        .get_or_load_with("x", &no_l2_read, loader(&calls, "y"))
+        .await
+        .unwrap();
+    assert_eq!(
+        (loaded.value.as_str(), loaded.source),
+        ("y", Source::Loader)
+    );
+    assert_eq!(fx.cache().get("x").await.unwrap(), Some("x".into()));
 }

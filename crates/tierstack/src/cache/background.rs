@@ -42,7 +42,8 @@ where
         self.check_key(key)?;
         let kind = TypeId::of::<NeedsValue<E>>();
         let mut fallback = None;
-        if let Some(entry) = self.l1_entry(key) {
+        let l1_entry = self.l1_entry(key).filter(|_| !options.skips().l1_read);
+        if let Some(entry) = l1_entry {
             // Plain entries without eager refresh need no clock: L1 keeps them while fresh.
             let plain = entry.fresh_until == entry.expires_at && entry.refresh_at.is_none();
             let now = if plain { None } else { Some(self.clock.now()) };

@@ -251,7 +251,8 @@ where
     ) -> Looked<V> {
         let key = watch.key();
         let mut fallback = None;
-        if let Some(entry) = self.l1_entry(key) {
+        let skips = options.skips();
+        if let Some(entry) = self.l1_entry(key).filter(|_| !skips.l1_read) {
             match entry.value {
                 Some(value) if !refreshing && entry.is_fresh_at(self.clock.now()) => {
                     return Looked::Answered(Outcome::Found(Fetched {
@@ -277,7 +278,12 @@ where
         // tombstone, a negative entry this call cannot use, a stale entry, bytes that stayed
         // undecodable). After an L2 failure, nothing is known: the value is only written over
         // no entry.
-        let seen = match self.read_l2(key, deadline, self.l1.is_some()).await {
+        let read = if skips.l2_read {
+            Ok(L2Read::Miss { seen: None })
+        } else {
+            self.read_l2(key, deadline, self.l1.is_some()).await
+        };
+        let seen = match read {
             Ok(L2Read::Hit { value, life, bytes }) => {
                 let life = life.under(options);
                 let due = refreshing && life.refresh_in().is_none_or(|after| after.is_zero());
@@ -416,6 +422,12 @@ where
             return;
         }
         let life = Self::life(options, ttl);
+        if options.skips().l2_write {
+            self.fill_l1(&key, value.cloned(), life, || {
+                self.freshness.watch_is_current(&watch)
+            });
+            return;
+        }
         let bytes = match self.encode_with_life(value, life) {
             Ok(bytes) => bytes,
             Err(error) => {

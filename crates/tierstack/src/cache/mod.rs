@@ -297,8 +297,8 @@ where
     ///
     /// As [`set_with_ttl`](Self::set_with_ttl).
     pub async fn set(&self, key: &str, value: V) -> Result<()> {
-        let ttl = self.inner.settings.defaults.ttl();
-        self.inner.set(key, value, ttl).await
+        let options = self.inner.settings.defaults;
+        self.inner.set(key, value, &options).await
     }
 
     /// Writes `value` under `key` for `ttl`.
@@ -310,7 +310,18 @@ where
     /// this instance's L1 entry is evicted and the other instances are told to evict theirs: the
     /// write may still land, and no tier keeps serving the old value.
     pub async fn set_with_ttl(&self, key: &str, value: V, ttl: Duration) -> Result<()> {
-        self.inner.set(key, value, ttl).await
+        let options = self.inner.settings.defaults.with_ttl(ttl);
+        self.inner.set(key, value, &options).await
+    }
+
+    /// Writes `value` under `key` with this call's `options`: its TTL (and jitter), fail-safe
+    /// (the value stays stored, stale, past its TTL), and the tiers it [skips](crate::Skips).
+    ///
+    /// # Errors
+    ///
+    /// As [`set_with_ttl`](Self::set_with_ttl), and options out of range.
+    pub async fn set_with(&self, key: &str, value: V, options: &EntryOptions) -> Result<()> {
+        self.inner.set(key, value, options).await
     }
 
     /// Removes `key` from both tiers and tells the other instances; `true` if a tier held it.

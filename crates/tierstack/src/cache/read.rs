@@ -32,6 +32,8 @@ pub(super) struct Life {
     pub(super) age: Duration,
     /// The eager refresh threshold (a fraction of the TTL), if any.
     pub(super) eager: Option<f64>,
+    /// Whether L1 keeps it (the call did not skip L1 writes).
+    pub(super) to_l1: bool,
 }
 
 impl Life {
@@ -44,6 +46,7 @@ impl Life {
             l1_cap,
             age: Duration::ZERO,
             eager: None,
+            to_l1: true,
         }
     }
 
@@ -52,6 +55,7 @@ impl Life {
         Self {
             l1_cap: options.l1_ttl(),
             eager: options.eager_refresh(),
+            to_l1: !options.skips().l1_write,
             ..self
         }
     }
@@ -316,6 +320,7 @@ where
                     l1_cap: None,
                     age: written_at.until(now),
                     eager: None,
+                    to_l1: true,
                 }
                 .under(&self.settings.defaults);
                 if !fail_safe || now < fresh_until {
@@ -402,7 +407,9 @@ where
         life: Life,
         still_current: impl Fn() -> bool,
     ) {
-        let Some(l1) = &self.l1 else { return };
+        let Some(l1) = self.l1.as_ref().filter(|_| life.to_l1) else {
+            return;
+        };
         if self.deaf.load(std::sync::atomic::Ordering::SeqCst) {
             // No invalidation would reach the copy: serve from L2 until the backplane is back.
             return;

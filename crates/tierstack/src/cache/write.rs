@@ -18,6 +18,7 @@ use tokio::time::Instant;
 
 use super::Inner;
 use super::read::Life;
+use crate::options::EntryOptions;
 use crate::stats::L2Op;
 
 impl<V, C> Inner<V, C>
@@ -25,10 +26,17 @@ where
     V: Clone + Send + Sync + Serialize + DeserializeOwned + 'static,
     C: Codec,
 {
-    pub(super) async fn set(self: &Arc<Self>, key: &str, value: V, ttl: Duration) -> Result<()> {
+    pub(super) async fn set(
+        self: &Arc<Self>,
+        key: &str,
+        value: V,
+        options: &EntryOptions,
+    ) -> Result<()> {
         self.check_key(key)?;
-        validate_ttl(ttl)?;
-        let life = Self::life(&self.settings.defaults, ttl);
+        validate_ttl(options.ttl())?;
+        options.validate()?;
+        let life = Self::life(options, options.ttl());
+        let skips = options.skips();
         let bytes = self.encode_with_life(Some(&value), life)?;
         // Taken before the write: an invalidation of the key that arrives while the write is in
         // flight (another instance's write, which may have landed after this one) keeps this
@@ -36,7 +44,7 @@ where
         let before = self.freshness.snapshot(key);
         let deadline = self.deadline();
         let in_flight = InFlightWrite::new(self, key);
-        if let Some(l2) = &self.l2 {
+        if let Some(l2) = self.l2.as_ref().filter(|_| !skips.l2_write) {
             let store_key = self.namespace.store_key(key);
             let written = self
                 .l2_call(L2Op::Set, deadline, l2.set(&store_key, bytes, life.lives))
@@ -47,13 +55,15 @@ where
                 return Err(error);
             }
         }
-        if self.freshness.is_current(before) {
+        if self.freshness.is_current(before) && life.to_l1 {
             let after = self.freshness.bump_key(key);
             self.fill_l1_since(key, Some(value), life, after);
         } else {
             self.evict_local(key);
         }
-        self.publish_keys(key, deadline).await;
+        if !skips.backplane {
+            self.publish_keys(key, deadline).await;
+        }
         in_flight.finished();
         Ok(())
     }
