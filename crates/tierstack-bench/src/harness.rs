@@ -58,6 +58,9 @@ pub(crate) struct Record {
     /// Commands (or store calls) the system sent to L2 in its busiest round, where counted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) l2_commands: Option<u64>,
+    /// Calls that failed, in the round with the most, where counted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) errors: Option<u64>,
 }
 
 /// `TieredCache::get` of key `i`: the tierstack side of the read scenarios. (`i` is an index
@@ -122,6 +125,7 @@ pub(crate) struct Round {
     pub(crate) samples: Vec<u64>,
     pub(crate) loader_calls: Option<u64>,
     pub(crate) l2_commands: Option<u64>,
+    pub(crate) errors: Option<u64>,
 }
 
 /// Every 8th operation is timed on its own for the percentiles; the rest only count toward the
@@ -173,6 +177,7 @@ pub(crate) async fn run_round<W: Workload>(
         samples,
         loader_calls: None,
         l2_commands: None,
+        errors: None,
     }
 }
 
@@ -289,6 +294,7 @@ pub(crate) fn records(
                 p99_ns: percentile(&samples, 0.99),
                 loader_calls: rounds[i].iter().filter_map(|r| r.loader_calls).max(),
                 l2_commands: rounds[i].iter().filter_map(|r| r.l2_commands).max(),
+                errors: rounds[i].iter().filter_map(|r| r.errors).max(),
             }
         })
         .collect()

@@ -14,6 +14,7 @@
 mod chart;
 mod firestore_scenarios;
 mod harness;
+mod policy_scenarios;
 mod redis_scenarios;
 mod scenarios;
 
@@ -130,6 +131,18 @@ fn run_scenarios(options: &RunOptions) -> Result<Vec<Record>, String> {
                     records.extend(scenarios::l1_hit(&sizes, tasks, key_count).await);
                 }
             }
+        }
+        if options.wants("l1_hit_eager") {
+            records.extend(policy_scenarios::l1_hit_eager(&sizes).await);
+        }
+        if options.wants("failsafe_outage") {
+            records.extend(policy_scenarios::failsafe_outage(&sizes).await);
+        }
+        if options.wants("eager_refresh") {
+            records.extend(policy_scenarios::eager_refresh(&sizes).await);
+        }
+        if options.wants("soft_timeout") {
+            records.extend(policy_scenarios::soft_timeout(&sizes).await);
         }
         if options.wants("l2_hit_memory") {
             records.extend(scenarios::l2_hit_memory(&sizes).await);

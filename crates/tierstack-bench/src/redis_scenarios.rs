@@ -327,6 +327,7 @@ pub(crate) async fn invalidation_lag(sizes: &Sizes) -> Vec<Record> {
         samples: lags,
         loader_calls: None,
         l2_commands: None,
+        errors: None,
     };
     records("invalidation_lag", &["tierstack"], 0, &[vec![round]])
 }
@@ -580,6 +581,7 @@ async fn stampede_redis_round(system: usize, round: usize, callers: usize) -> Ro
         samples,
         loader_calls: Some(origin_calls.load(Ordering::SeqCst)),
         l2_commands: Some(commands),
+        errors: None,
     }
 }
 

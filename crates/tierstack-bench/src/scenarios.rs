@@ -247,6 +247,7 @@ async fn stampede_round(system: usize, round: usize, callers: usize) -> Round {
         samples,
         loader_calls: Some(calls.load(Ordering::SeqCst)),
         l2_commands: (system == 0).then(|| l2.calls()),
+        errors: None,
     }
 }
 

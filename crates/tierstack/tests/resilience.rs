@@ -691,3 +691,49 @@ async fn options_can_skip_a_tier_on_read_or_write() {
     );
     assert_eq!(fx.cache().get("x").await.unwrap(), Some("x".into()));
 }
+#[tokio::test(start_paused = true)]
+async fn a_written_value_is_refreshed_early_cycle_after_cycle() {
+    let fx = Fixture::new();
+    let cache = fx.cache();
+    let (calls, done) = (Calls::default(), Calls::default());
+    let options = EntryOptions::default()
+        .with_ttl(TTL)
+        .with_eager_refresh(0.5);
+    cache.set_with("k", "v1".into(), &options).await.unwrap();
+    fx.clock.advance(Duration::from_secs(6));
+    let hit = cache
+        .get_or_load_with(
+            "k",
+            &options,
+            slow(&calls, &done, Duration::from_millis(50), "v2"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(hit.source, Source::L1);
+    tokio::task::yield_now().await;
+    assert_eq!(calls.count(), 1, "refresh started");
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    assert_eq!(done.count(), 1);
+    fx.clock.advance(Duration::from_secs(5));
+    let hit = cache
+        .get_or_load_with(
+            "k",
+            &options,
+            slow(&calls, &done, Duration::from_millis(50), "v3"),
+        )
+        .await
+        .unwrap();
+    assert_eq!((hit.value.as_str(), hit.source), ("v2", Source::L1));
+    fx.clock.advance(Duration::from_millis(200));
+    let hit = cache
+        .get_or_load_with(
+            "k",
+            &options,
+            slow(&calls, &done, Duration::from_millis(50), "v3"),
+        )
+        .await
+        .unwrap();
+    assert_eq!((hit.value.as_str(), hit.source), ("v2", Source::L1));
+    tokio::task::yield_now().await;
+    assert_eq!(calls.count(), 2, "second refresh started");
+}
