@@ -95,6 +95,11 @@ pub use tierstack_redis as redis;
 #[doc = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md"))]
 pub struct ReadmeDoctests;
 
+/// The getting-started guide's examples, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/getting-started.md"))]
+pub struct GettingStartedDoctests;
+
 /// This crate's README's examples, compiled and run as doctests.
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]

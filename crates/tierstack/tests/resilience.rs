@@ -192,7 +192,7 @@ fn slow(
     move || {
         calls.hit();
         Box::pin(async move {
-            tokio::time::sleep(delay).await;
+            tokio::time::sleep(delay).await; // paused clock
             done.hit();
             Ok(value)
         })
@@ -224,7 +224,7 @@ async fn the_hard_timeout_answers_a_timeout_and_cancels_without_background_compl
         "{error}"
     );
     assert_eq!(started.elapsed(), limit);
-    tokio::time::sleep(Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_secs(10)).await; // paused clock
     assert_eq!(
         (calls.count(), done.count()),
         (1, 0),
@@ -263,7 +263,7 @@ async fn past_the_hard_timeout_the_load_completes_in_the_background() {
     // A caller arriving meanwhile joins the running load instead of starting another.
     let joined = fetch(&cache, &options, failing(&calls)).await.unwrap();
     assert!(joined.stale);
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    tokio::time::sleep(Duration::from_secs(5)).await; // paused clock
     assert_eq!((calls.count(), done.count()), (2, 1));
     let fresh = fetch(&cache, &options, failing(&calls)).await.unwrap();
     assert_eq!((fresh.value.as_str(), fresh.stale), ("v2", false));
@@ -310,7 +310,7 @@ async fn the_soft_timeout_answers_stale_and_the_late_value_lands_in_both_tiers()
         (from_l2.value.as_str(), from_l2.source, from_l2.stale),
         ("v1", Source::L2, true)
     );
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await; // paused clock
     assert_eq!(done.count(), 2);
     assert_eq!(cache.get("k").await.unwrap(), Some("v2".into()));
     cache.wait_for_background_fills().await;
@@ -376,7 +376,7 @@ async fn eager_refresh_reloads_once_in_the_background_and_nobody_waits() {
     }
     assert_eq!(started.elapsed(), Duration::ZERO, "no caller waited");
     assert_eq!(calls.count(), 2, "one reload");
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    tokio::time::sleep(Duration::from_millis(50)).await; // paused clock
     tokio::task::yield_now().await;
     assert_eq!(done.count(), 1);
     let refreshed = fetch(&cache, &options, failing(&calls)).await.unwrap();
@@ -405,7 +405,7 @@ async fn an_eager_refresh_takes_a_value_another_instance_refreshed_already() {
     fx.clock.advance(Duration::from_secs(6));
     // A refreshes from the origin and writes L2.
     fetch(&a, &options, loader(&calls, "v2")).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(1)).await;
+    tokio::time::sleep(Duration::from_millis(1)).await; // paused clock
     a.wait_for_background_fills().await;
     assert_eq!(calls.count(), 2);
     // B's refresh finds A's value in L2, younger than the threshold: no origin call.
@@ -416,7 +416,7 @@ async fn an_eager_refresh_takes_a_value_another_instance_refreshed_already() {
     )
     .await
     .unwrap();
-    tokio::time::sleep(Duration::from_millis(5)).await;
+    tokio::time::sleep(Duration::from_millis(5)).await; // paused clock
     assert_eq!(calls.count(), 2);
     assert_eq!(b.get("k").await.unwrap(), Some("v2".into()));
 }
@@ -547,7 +547,7 @@ async fn events_tell_what_happened() {
     fx.cache().get("k").await.unwrap();
     fx.clock.advance(Duration::from_secs(6));
     fetch(&cache, &options, failing(&calls)).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(1)).await;
+    tokio::time::sleep(Duration::from_millis(1)).await; // paused clock
     // Not refreshed early again after a failure.
     let still = fetch(&cache, &options, failing(&calls)).await.unwrap();
     assert_eq!((still.source, still.stale), (Source::L1, false));
@@ -712,7 +712,7 @@ async fn a_written_value_is_refreshed_early_cycle_after_cycle() {
     assert_eq!(hit.source, Source::L1);
     tokio::task::yield_now().await;
     assert_eq!(calls.count(), 1, "refresh started");
-    tokio::time::sleep(Duration::from_millis(60)).await;
+    tokio::time::sleep(Duration::from_millis(60)).await; // paused clock
     assert_eq!(done.count(), 1);
     fx.clock.advance(Duration::from_secs(5));
     let hit = cache

@@ -102,7 +102,7 @@ mod tests {
     async fn a_call_that_answers_later_beats_a_later_deadline() {
         let deadline = Instant::now() + Duration::from_millis(300);
         let slow = async {
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            tokio::time::sleep(Duration::from_millis(100)).await; // paused clock
             5
         };
         assert_eq!(until(deadline, slow).await, Some(5));
