@@ -71,11 +71,16 @@ pub(crate) struct FlightWait<V>(watch::Receiver<FlightState<V>>);
 
 impl<V: Clone> FlightWait<V> {
     /// The flight's outcome; [`Outcome::Abandoned`] if its leader went away without one.
-    pub(crate) async fn outcome(mut self) -> Outcome<V> {
+    pub(crate) async fn outcome(&mut self) -> Outcome<V> {
         match self.0.wait_for(|state| state.outcome.is_some()).await {
             Ok(state) => state.outcome.clone().unwrap_or(Outcome::Abandoned),
             Err(_) => Outcome::Abandoned,
         }
+    }
+
+    /// The stale value the flight offers (fail-safe), if any.
+    pub(crate) fn stale(&self) -> Option<Fetched<V>> {
+        self.0.borrow().stale.clone()
     }
 
     /// The flight's outcome if it ends before `deadline`; else `Err` with the stale value the
@@ -193,10 +198,11 @@ impl<V> Leader<V> {
         }
     }
 
-    /// Tells the waiters of the stale value the flight found, for a soft timeout to answer.
-    pub(crate) fn offer_stale(&self, stale: Fetched<V>) {
+    /// Tells the waiters of the stale value the flight found (or that there is none after
+    /// all), for a soft timeout or a failed load to answer.
+    pub(crate) fn offer_stale(&self, stale: Option<Fetched<V>>) {
         if let Some(sender) = &self.sender {
-            sender.send_modify(|state| state.stale = Some(stale));
+            sender.send_modify(|state| state.stale = stale);
         }
     }
 
@@ -244,7 +250,7 @@ mod tests {
         let Role::Lead(leader) = flights.join_or_lead("k", kind(), stamp(&f)) else {
             panic!("the first caller leads");
         };
-        let Role::Wait(waiter) = flights.join_or_lead("k", kind(), stamp(&f)) else {
+        let Role::Wait(mut waiter) = flights.join_or_lead("k", kind(), stamp(&f)) else {
             panic!("the second waits");
         };
         assert!(matches!(
@@ -281,7 +287,7 @@ mod tests {
         let Role::Lead(leader) = flights.join_or_lead("k", kind(), stamp(&f)) else {
             panic!("the first caller leads");
         };
-        let Role::Wait(waiter) = flights.join_or_lead("k", kind(), stamp(&f)) else {
+        let Role::Wait(mut waiter) = flights.join_or_lead("k", kind(), stamp(&f)) else {
             panic!("the second waits");
         };
         drop(leader);

@@ -172,8 +172,9 @@ impl EntryOptions {
         self
     }
 
-    /// Eager refresh: a hit after `fraction` (between 0 and 1, exclusive) of an entry's TTL
-    /// starts one reload in the background, so that hot keys are reloaded before they expire
+    /// Eager refresh: an L1 hit of [`get_or_load_with`](crate::TieredCache::get_or_load_with)
+    /// after `fraction` (between 0 and 1, exclusive) of an entry's TTL starts one reload in the
+    /// background, so that hot keys are reloaded before they expire
     /// and no caller waits for it. Callers keep getting the current value meanwhile.
     /// Concurrent hits and misses share that one reload. Applies to
     /// [`get_or_load_with`](crate::TieredCache::get_or_load_with).
@@ -315,7 +316,8 @@ impl EntryOptions {
 /// Fail-safe: a value stays stored up to `max_stale` past its TTL, stale. A read after the TTL
 /// reloads it; when the loader fails (an error, a panic, a hard timeout), the stale value is
 /// served instead, marked [`Fetched::stale`], and is not retried for `throttle`, so that a
-/// failing origin sees at most one call per key per throttle window.
+/// failing origin sees at most one call per key per throttle window from each instance. A
+/// delete (on any instance) removes the stale value too. Negative entries are not kept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FailSafe {
     max_stale: Duration,
@@ -351,7 +353,7 @@ impl FailSafe {
 }
 
 /// What a loader answers when it decides how its value is cached (adaptive options): a plain
-/// value converts into one cached with the call's options.
+/// value converts into one cached with the call's options. Its `Debug` prints the value.
 ///
 /// ```
 /// # use std::time::Duration;
@@ -413,7 +415,7 @@ pub enum Source {
 }
 
 /// A value with where it came from; see
-/// [`get_or_load_with`](crate::TieredCache::get_or_load_with).
+/// [`get_or_load_with`](crate::TieredCache::get_or_load_with). Its `Debug` prints the value.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Fetched<V> {

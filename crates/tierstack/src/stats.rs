@@ -155,6 +155,8 @@ pub(crate) struct Recorder {
     soft_timeouts: AtomicU64,
     eager_refreshes: AtomicU64,
     events: EventHub,
+    /// The namespace, for logs.
+    cache: Box<str>,
     metrics: Handles,
 }
 
@@ -180,6 +182,7 @@ struct Handles {
 
 impl Recorder {
     pub(crate) fn new(cache: &str) -> Self {
+        let cache_name: Box<str> = cache.into();
         let cache = cache.to_owned();
         let hits = |tier: &'static str| metrics::counter!("tierstack_hits_total", "cache" => cache.clone(), "tier" => tier);
         let loads = |result: &'static str| metrics::counter!("tierstack_loads_total", "cache" => cache.clone(), "result" => result);
@@ -221,6 +224,7 @@ impl Recorder {
             soft_timeouts: AtomicU64::new(0),
             eager_refreshes: AtomicU64::new(0),
             events: EventHub::default(),
+            cache: cache_name,
             metrics,
         }
     }
@@ -251,7 +255,7 @@ impl Recorder {
 
     /// A load that ran in a task of its own finished (its duration is counted by `load`).
     pub(crate) fn background_load(&self, key: &str, ok: bool) {
-        tracing::debug!(key = %fingerprint(key), ok, "background load finished");
+        tracing::debug!(cache = %self.cache, key = %fingerprint(key), ok, "background load finished");
         self.events.emit(|| CacheEvent::BackgroundLoad {
             key: key.into(),
             ok,
@@ -291,7 +295,7 @@ impl Recorder {
             self.soft_timeouts.fetch_add(1, Ordering::Relaxed);
             self.metrics.soft_timeouts.increment(1);
         }
-        tracing::debug!(key = %fingerprint(key), ?reason, "fail-safe: stale value served");
+        tracing::debug!(cache = %self.cache, key = %fingerprint(key), ?reason, "fail-safe: stale value served");
         self.events.emit(|| CacheEvent::StaleServed {
             key: key.into(),
             reason,
@@ -301,7 +305,7 @@ impl Recorder {
     pub(crate) fn eager_refresh(&self, key: &str) {
         self.eager_refreshes.fetch_add(1, Ordering::Relaxed);
         self.metrics.eager_refreshes.increment(1);
-        tracing::debug!(key = %fingerprint(key), "eager refresh started");
+        tracing::debug!(cache = %self.cache, key = %fingerprint(key), "eager refresh started");
         self.events
             .emit(|| CacheEvent::EagerRefresh { key: key.into() });
     }

@@ -58,8 +58,8 @@ async fn fail_safe_serves_the_stale_value_when_the_loader_fails() {
     assert_eq!(calls.count(), 2, "the origin was tried once");
     let stats = cache.stats();
     assert_eq!((stats.stale_served, stats.load_errors), (1, 1));
-    // A plain read serves fresh values only.
-    assert_eq!(cache.get("k").await.unwrap(), Some("v1".into()));
+    // A plain read serves fresh values only: not the stale value, nor its re-armed copy.
+    assert_eq!(cache.get("k").await.unwrap(), None);
     let other = fx.cache();
     assert_eq!(other.get("k").await.unwrap(), None);
 }
@@ -736,4 +736,131 @@ async fn a_written_value_is_refreshed_early_cycle_after_cycle() {
     assert_eq!((hit.value.as_str(), hit.source), ("v2", Source::L1));
     tokio::task::yield_now().await;
     assert_eq!(calls.count(), 2, "second refresh started");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_caller_with_fail_safe_gets_stale_from_a_flight_without_it() {
+    let fx = Fixture::new();
+    let cache = fx.cache();
+    let (calls, done) = (Calls::default(), Calls::default());
+    fetch(&cache, &fail_safe(), loader(&calls, "v1"))
+        .await
+        .unwrap();
+    fx.clock.advance(TTL);
+    let plain = EntryOptions::default().with_ttl(TTL);
+    let failing_slowly = {
+        let calls = calls.clone();
+        move || async move {
+            calls.hit();
+            tokio::time::sleep(Duration::from_millis(50)).await; // paused clock
+            Err::<String, _>(std::io::Error::other("origin down"))
+        }
+    };
+    let without = {
+        let cache = cache.clone();
+        tokio::spawn(async move { cache.get_or_load_with("k", &plain, failing_slowly).await })
+    };
+    tokio::task::yield_now().await;
+    // Joins the running flight (one origin call), and answers its stale value when it fails.
+    let with = cache
+        .get_or_load_with("k", &fail_safe(), slow(&calls, &done, Duration::ZERO, "x"))
+        .await
+        .unwrap();
+    assert_eq!((with.value.as_str(), with.stale), ("v1", true));
+    assert!(without.await.unwrap().is_err(), "no fail-safe: the error");
+    assert_eq!(calls.count(), 2, "one load for both");
+}
+
+#[tokio::test]
+async fn a_delete_on_another_instance_takes_the_stale_copy_with_it() {
+    let fx = Fixture::new();
+    let (a, b) = (fx.cache(), fx.cache());
+    let calls = Calls::default();
+    fetch(&a, &fail_safe(), loader(&calls, "v1")).await.unwrap();
+    a.wait_for_background_fills().await;
+    // No backplane: A's L1 keeps its copy, but L2 holds B's tombstone.
+    assert!(b.delete("k").await.unwrap());
+    fx.clock.advance(TTL);
+    let error = fetch(&a, &fail_safe(), failing(&calls)).await.unwrap_err();
+    assert!(error.loader_error().is_some(), "{error}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_eager_refresh_that_caches_nothing_is_not_repeated() {
+    let fx = Fixture::new();
+    let cache = fx.cache();
+    let calls = Calls::default();
+    let options = EntryOptions::default()
+        .with_ttl(TTL)
+        .with_eager_refresh(0.5);
+    fetch(&cache, &options, loader(&calls, "v1")).await.unwrap();
+    fx.clock.advance(Duration::from_secs(6));
+    for _ in 0..10 {
+        let calls = calls.clone();
+        let hit = cache
+            .get_or_load_with("k", &options, move || {
+                calls.hit();
+                async { Ok::<_, std::io::Error>(Loaded::new("mine".to_owned()).uncached()) }
+            })
+            .await
+            .unwrap();
+        assert_eq!(hit.value, "v1");
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(calls.count(), 2, "one refresh, which cached nothing");
+}
+
+#[tokio::test]
+async fn touch_does_not_make_a_stale_value_fresh() {
+    let fx = Fixture::new();
+    let cache = fx.cache();
+    let calls = Calls::default();
+    fetch(&cache, &fail_safe(), loader(&calls, "v1"))
+        .await
+        .unwrap();
+    cache.wait_for_background_fills().await;
+    fx.clock.advance(TTL);
+    assert!(cache.touch("k", Duration::from_secs(600)).await.unwrap());
+    let stale = fetch(&cache, &fail_safe(), failing(&calls)).await.unwrap();
+    assert_eq!((stale.value.as_str(), stale.stale), ("v1", true));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deaf_instance_still_falls_back_on_its_stale_copy_when_l2_and_the_origin_fail() {
+    let fx = Fixture::new();
+    let bus = tierstack::core::testkit::MemoryBus::new();
+    let cache = fx
+        .builder("test")
+        .backplane(std::sync::Arc::new(bus.backplane()))
+        .l2_timeout(Duration::from_millis(50))
+        .build()
+        .unwrap();
+    let calls = Calls::default();
+    fetch(&cache, &fail_safe(), loader(&calls, "v1"))
+        .await
+        .unwrap();
+    cache.wait_for_background_fills().await;
+    // The Redis of both L2 and the backplane goes away.
+    bus.lose_all();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while cache.stats().resyncs == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never heard of the loss"
+        );
+        tokio::task::yield_now().await; // poll loop
+    }
+    fx.faulty.set_failing(true);
+    // Deaf, L1 serves nothing as fresh...
+    assert_eq!(cache.get("k").await.unwrap(), None);
+    fx.clock.advance(TTL);
+    // ...but fail-safe falls back on it, and the throttle holds while deaf.
+    for _ in 0..5 {
+        let stale = fetch(&cache, &fail_safe(), failing(&calls)).await.unwrap();
+        assert_eq!(
+            (stale.value.as_str(), stale.source, stale.stale),
+            ("v1", Source::L1, true)
+        );
+    }
+    assert_eq!(calls.count(), 2, "one attempt in the throttle window");
 }

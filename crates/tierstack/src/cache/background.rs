@@ -21,6 +21,7 @@ use crate::events::StaleReason;
 use crate::flight::{FlightWait, Leader, Outcome, Role};
 use crate::freshness::KeyWatch;
 use crate::options::{EntryOptions, Fetched, Loaded, Source};
+use tierstack_moka::L1Entry;
 
 impl<V, C> Inner<V, C>
 where
@@ -41,34 +42,28 @@ where
     {
         self.check_key(key)?;
         let kind = TypeId::of::<NeedsValue<E>>();
-        let mut fallback = None;
         let l1_entry = self.l1_entry(key).filter(|_| !options.skips().l1_read);
         if let Some(entry) = l1_entry {
             // Plain entries without eager refresh need no clock: L1 keeps them while fresh.
             let plain = entry.fresh_until == entry.expires_at && entry.refresh_at.is_none();
             let now = if plain { None } else { Some(self.clock.now()) };
-            let fresh = now.is_none_or(|now| entry.is_fresh_at(now));
-            match entry.value {
-                Some(value) if fresh => {
-                    self.recorder.l1_hit(key);
-                    if let (Some(now), Some(at)) = (now, entry.refresh_at)
-                        && now >= at
-                    {
-                        self.refresh(key, kind, options, loader);
-                    }
-                    return Ok(Fetched {
-                        stale: entry.stale,
-                        ..Fetched::new(value, Source::L1)
-                    });
+            let serving = match now {
+                Some(now) => self.serving(&entry, now),
+                None => !self.is_deaf(),
+            };
+            if let (Some(value), true) = (&entry.value, serving) {
+                self.recorder.l1_hit(key);
+                if let (Some(now), Some(at)) = (now, entry.refresh_at)
+                    && now >= at
+                {
+                    self.refresh(key, kind, options, &entry, loader);
                 }
-                Some(value) if options.fail_safe().is_some() => {
-                    fallback = Some(Fetched {
-                        stale: true,
-                        ..Fetched::new(value, Source::L1)
-                    });
-                }
-                _ => {}
+                return Ok(Fetched {
+                    stale: entry.stale,
+                    ..Fetched::new(value.clone(), Source::L1)
+                });
             }
+            // A stale value is the flight's to offer (it checks L2 first: a delete there wins).
         }
         options.validate()?;
         let started = Instant::now();
@@ -98,10 +93,7 @@ where
                     wait
                 }
             };
-            match self
-                .await_flight(key, wait, deadlines, options, fallback.clone())
-                .await
-            {
+            match self.await_flight(key, wait, deadlines, options).await {
                 Outcome::Abandoned => {}
                 outcome => {
                     return match answer(outcome)? {
@@ -114,12 +106,15 @@ where
     }
 
     /// Starts an eager refresh of `key` unless a flight of it is running already; returns at
-    /// once.
+    /// once. The entry's refresh time is cleared first, so that later hits do not start another
+    /// one; the refresh's value comes with its own. (A refresh that caches nothing, or fails,
+    /// leaves the value until its TTL without refreshing it early again.)
     fn refresh<F, Fut, R, E>(
         self: &Arc<Self>,
         key: &str,
         kind: TypeId,
         options: &EntryOptions,
+        entry: &L1Entry<V>,
         loader: F,
     ) where
         F: FnOnce() -> Fut + Send + 'static,
@@ -136,6 +131,14 @@ where
         let watch = self.freshness.watch(key);
         if let Role::Lead(guard) = self.flights.join_or_lead(key, kind, watch.stamp()) {
             self.recorder.eager_refresh(key);
+            self.replace_l1_entry(
+                key,
+                L1Entry {
+                    refresh_at: None,
+                    ..entry.clone()
+                },
+                &watch,
+            );
             self.spawn_flight(&runtime, true, options, watch, guard, loader);
         }
     }
@@ -192,40 +195,47 @@ where
         runtime.spawn(flight);
     }
 
-    /// A caller's wait for a flight under its deadlines. Past the soft one, a stale value
-    /// answers (the caller's own, or the one the flight found); past the hard one, a stale value
-    /// if fail-safe is on, else a timeout.
+    /// A caller's wait for a flight under its deadlines. Past the soft one, the stale value the
+    /// flight found answers; past the hard one, that stale value with fail-safe, else a
+    /// timeout. A flight that failed (it may have been started without fail-safe) also
+    /// answers its stale value to a caller with fail-safe.
     async fn await_flight(
         &self,
         key: &str,
         mut wait: FlightWait<V>,
         deadlines: Deadlines,
         options: &EntryOptions,
-        fallback: Option<Fetched<V>>,
     ) -> Outcome<V> {
-        if let (Some(soft), Some(_)) = (deadlines.soft, options.fail_safe()) {
-            match wait.outcome_until(soft).await {
-                Ok(outcome) => return outcome,
-                Err(found) => {
-                    if let Some(stale) = found.or_else(|| fallback.clone()) {
+        let fail_safe = options.fail_safe().is_some();
+        let outcome = 'waited: {
+            if let (Some(soft), true) = (deadlines.soft, fail_safe) {
+                match wait.outcome_until(soft).await {
+                    Ok(outcome) => break 'waited outcome,
+                    Err(Some(stale)) => {
                         self.recorder.stale_served(key, StaleReason::SoftTimeout);
                         return Outcome::Found(stale);
                     }
+                    Err(None) => {}
                 }
             }
-        }
-        let Some(hard) = deadlines.hard else {
-            return wait.outcome().await;
-        };
-        match wait.outcome_until(hard).await {
-            Ok(outcome) => outcome,
-            Err(found) => match (found.or(fallback), options.fail_safe()) {
-                (Some(stale), Some(_)) => {
+            let Some(hard) = deadlines.hard else {
+                break 'waited wait.outcome().await;
+            };
+            match wait.outcome_until(hard).await {
+                Ok(outcome) => outcome,
+                Err(Some(stale)) if fail_safe => {
                     self.recorder.stale_served(key, StaleReason::HardTimeout);
-                    Outcome::Found(stale)
+                    return Outcome::Found(stale);
                 }
-                _ => Outcome::TimedOut(options.hard_timeout().unwrap_or_default()),
-            },
+                Err(_) => return Outcome::TimedOut(options.hard_timeout().unwrap_or_default()),
+            }
+        };
+        match (&outcome, fail_safe, wait.stale()) {
+            (Outcome::Failed(_) | Outcome::Panicked | Outcome::TimedOut(_), true, Some(stale)) => {
+                self.recorder.stale_served(key, StaleReason::LoaderFailed);
+                Outcome::Found(stale)
+            }
+            _ => outcome,
         }
     }
 }

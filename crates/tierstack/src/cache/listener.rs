@@ -64,10 +64,12 @@ where
                 self.recorder.resync();
             }
             BackplaneEvent::Lost => {
-                // Set before the clear: a fill that missed the flag lands before the clear (which
-                // removes it) or sees the clear's generation bump (and evicts itself).
+                // Deaf: L1 serves nothing as fresh (nobody would say when it changed) and takes
+                // no fills until `Resync` clears it. Its entries stay, as fail-safe's last
+                // resort when L2 and the origin fail too. Set before the bump: a fill that
+                // missed the flag sees the bump and evicts itself.
                 self.deaf.store(true, Ordering::SeqCst);
-                self.clear_local();
+                self.freshness.bump_local();
                 self.recorder.resync();
             }
             // Unknown events: whatever they mean, a clear keeps nothing stale.

@@ -119,7 +119,7 @@ where
             let watch = self.freshness.watch(key);
             match self.flights.join_or_lead(key, kind, watch.stamp()) {
                 Role::Reentrant => return Err(LoadError::Reentrant),
-                Role::Wait(waiting) => {
+                Role::Wait(mut waiting) => {
                     drop(watch);
                     match waiting.outcome().await {
                         Outcome::Abandoned => {}
@@ -160,19 +160,12 @@ where
             .map(|limit| tokio::time::Instant::now() + limit);
         let deadline = hard_deadline.map_or(self.deadline(), |hard| hard.min(self.deadline()));
         let looked = self
-            .look(accepts_absent, refreshing, options, &watch, deadline)
+            .look(accepts_absent, refreshing, options, &watch, guard, deadline)
             .await;
         let (seen, fallback) = match looked {
             Looked::Answered(outcome) => return outcome,
             Looked::Load { seen, fallback } => (seen, fallback),
         };
-        if let Some(fallback) = &fallback {
-            // For the callers whose soft timeout passes before the loader answers.
-            guard.offer_stale(Fetched {
-                stale: true,
-                ..Fetched::new(fallback.value.clone(), fallback.source)
-            });
-        }
         let key = watch.key().to_owned();
         let key = key.as_str();
         self.recorder.miss(key);
@@ -211,20 +204,13 @@ where
             Err(failure) => {
                 // The loader's error is the callers' business; its text may hold anything.
                 tracing::debug!(cache = %self.namespace, key = %fingerprint(key), "loader failed");
-                if refreshing {
-                    // The current value stays, fresh until its TTL; it is not refreshed early
-                    // again, so that a failing origin sees one early attempt per entry.
-                    self.stop_eager_refresh(key, &watch);
-                }
-                if let (Some(fallback), Some(fail_safe)) = (fallback, options.fail_safe()) {
+                if let (Some(fallback), Some(_)) = (fallback, options.fail_safe()) {
                     let reason = match failure {
                         Failure::TimedOut(_) => StaleReason::HardTimeout,
                         Failure::Loader(_) | Failure::Panicked => StaleReason::LoaderFailed,
                     };
                     self.recorder.stale_served(key, reason);
-                    return self
-                        .serve_stale(key, fallback, fail_safe.throttle(), &watch)
-                        .await;
+                    return self.serve_stale(key, fallback, options, &watch).await;
                 }
                 match failure {
                     Failure::Loader(error) => Outcome::Failed(Arc::new(error) as SharedError),
@@ -239,6 +225,11 @@ where
     /// filled it), then L2. Answers, or says what the loader's value may replace and which stale
     /// value answers if the loader fails.
     ///
+    /// The stale value (fail-safe) is offered to the flight's waiters as soon as L1 shows one,
+    /// so that a soft timeout can answer it while L2 is slow; L2 then has the last word: its own
+    /// stale value if newer, and no stale value at all if it holds a delete's tombstone or a
+    /// "not found" (a delete on another instance wins over this instance's old copy).
+    ///
     /// An eager refresh (`refreshing`) does not answer L1's value (it is the one to replace),
     /// nor an L2 value that is as old: only one that another instance refreshed already.
     async fn look(
@@ -247,29 +238,33 @@ where
         refreshing: bool,
         options: &EntryOptions,
         watch: &KeyWatch,
+        guard: &Leader<V>,
         deadline: tokio::time::Instant,
     ) -> Looked<V> {
         let key = watch.key();
         let mut fallback = None;
         let skips = options.skips();
         if let Some(entry) = self.l1_entry(key).filter(|_| !skips.l1_read) {
+            let serving = self.serving(&entry, self.clock.now());
             match entry.value {
-                Some(value) if !refreshing && entry.is_fresh_at(self.clock.now()) => {
+                Some(value) if !refreshing && serving => {
                     return Looked::Answered(Outcome::Found(Fetched {
                         stale: entry.stale,
                         ..Fetched::new(value, Source::L1)
                     }));
                 }
-                None if accepts_absent && entry.is_fresh_at(self.clock.now()) => {
+                None if accepts_absent && serving => {
                     return Looked::Answered(Outcome::Absent);
                 }
-                Some(value) if !refreshing && options.fail_safe().is_some() => {
-                    fallback = Some(Fallback {
+                Some(value) if !refreshing => {
+                    let stale = Fallback {
                         value,
                         source: Source::L1,
                         expires_at: entry.expires_at,
                         bytes: None,
-                    });
+                    };
+                    guard.offer_stale(Some(stale.offered()));
+                    fallback = Some(stale);
                 }
                 _ => {}
             }
@@ -286,7 +281,10 @@ where
         let seen = match read {
             Ok(L2Read::Hit { value, life, bytes }) => {
                 let life = life.under(options);
-                let due = refreshing && life.refresh_in().is_none_or(|after| after.is_zero());
+                let due = refreshing
+                    && life
+                        .refresh_in(self.clock.now())
+                        .is_none_or(|after| after.is_zero());
                 match value {
                     Some(_) if due => Some(bytes),
                     Some(value) => {
@@ -304,7 +302,11 @@ where
                         self.fill_l1(key, None, life, || self.freshness.watch_is_current(watch));
                         return Looked::Answered(Outcome::Absent);
                     }
-                    None => Some(bytes),
+                    None => {
+                        // A negative entry this call cannot use: no value to fall back on.
+                        fallback = None;
+                        Some(bytes)
+                    }
                 }
             }
             Ok(L2Read::Stale {
@@ -317,60 +319,72 @@ where
                 let newer = fallback
                     .as_ref()
                     .is_none_or(|l1: &Fallback<V>| expires_at > l1.expires_at);
-                if let (Some(value), Some(_), true) = (value, options.fail_safe(), newer) {
-                    fallback = Some(Fallback {
-                        value,
-                        source: Source::L2,
-                        expires_at,
-                        bytes: Some(bytes.clone()),
-                    });
+                match value {
+                    Some(value) if newer => {
+                        fallback = Some(Fallback {
+                            value,
+                            source: Source::L2,
+                            expires_at,
+                            bytes: Some(bytes.clone()),
+                        });
+                    }
+                    Some(_) => {}
+                    // A stale "not found" is no value to fall back on, nor is L1's older one.
+                    None => fallback = None,
                 }
                 Some(bytes)
             }
-            Ok(L2Read::Miss { seen }) => seen,
+            Ok(L2Read::Miss { seen }) => {
+                // A delete's tombstone: the key was deleted (on any instance), and this
+                // instance's old copy goes with it. (No entry at all says less: an eviction, or
+                // this instance's own fill still on its way.)
+                if seen.as_deref().is_some_and(envelope::is_tombstone) {
+                    fallback = None;
+                }
+                seen
+            }
             // Counted and logged: the origin answers.
             Err(_) => None,
         };
+        let offered = fallback.as_ref().map(Fallback::offered);
+        guard.offer_stale(offered);
         Looked::Load { seen, fallback }
     }
 
-    /// Takes `key`'s L1 entry off eager refresh (after a refresh failed), unless it changed.
-    fn stop_eager_refresh(&self, key: &str, watch: &KeyWatch) {
+    /// Puts `entry` in L1 under `key` as it is, unless the key changed since `watch` began (or
+    /// the cache is deaf).
+    pub(super) fn replace_l1_entry(&self, key: &str, entry: L1Entry<V>, watch: &KeyWatch) {
         let Some(l1) = &self.l1 else { return };
-        if let Some(entry) = l1.get(key).filter(|entry| entry.refresh_at.is_some()) {
-            l1.insert(
-                key.to_owned(),
-                L1Entry {
-                    refresh_at: None,
-                    ..entry
-                },
-            );
-            if !self.freshness.watch_is_current(watch) {
-                l1.invalidate(key);
-            }
+        if self.is_deaf() && !entry.stale {
+            return;
+        }
+        l1.insert(key.to_owned(), entry);
+        if !self.freshness.watch_is_current(watch) {
+            l1.invalidate(key);
         }
     }
 
     /// Fail-safe: answers a stale value after the loader failed, and re-arms it so that it
-    /// answers for `throttle` before the origin is tried again: in L1, or without an L1 in L2
-    /// (over the very bytes read, so that a newer value or a delete wins).
+    /// answers for `throttle` before the origin is tried again: in L1 (marked stale, so even a
+    /// deaf instance may answer it), or where the call keeps nothing in L1, in L2 (over the very
+    /// bytes read, so that a newer value or a delete wins).
     async fn serve_stale(
         &self,
         key: &str,
         fallback: Fallback<V>,
-        throttle: Duration,
+        options: &EntryOptions,
         watch: &KeyWatch,
     ) -> Outcome<V> {
+        let throttle = options.fail_safe().map_or(Duration::ZERO, |f| f.throttle());
         let now = self.clock.now();
         let lives = now.until(fallback.expires_at);
         let life = Life {
             stale: true,
             ..Life::new(throttle.min(lives), lives, None)
         };
-        if self.l1.is_some() {
-            self.fill_l1(key, Some(fallback.value.clone()), life, || {
-                self.freshness.watch_is_current(watch)
-            });
+        if self.l1.is_some() && !options.skips().l1_write {
+            let entry = life.l1_entry(Some(fallback.value.clone()), now);
+            self.replace_l1_entry(key, entry, watch);
         } else if let (Some(l2), Some(seen)) = (&self.l2, &fallback.bytes) {
             let lifetime = Lifetime {
                 written_at: now,
@@ -421,7 +435,11 @@ where
             tracing::warn!(cache = %self.namespace, key = %fingerprint(&key), error = %error, "loaded value not cached");
             return;
         }
-        let life = Self::life(options, ttl);
+        // A "not found" is no fallback: it is not kept past its TTL.
+        let life = match value {
+            Some(_) => Self::life(options, ttl),
+            None => Self::life(&options.without_fail_safe(), ttl),
+        };
         if options.skips().l2_write {
             self.fill_l1(&key, value.cloned(), life, || {
                 self.freshness.watch_is_current(&watch)
@@ -566,6 +584,16 @@ struct Fallback<V> {
     expires_at: Timestamp,
     /// The L2 bytes it was read from, if it came from L2.
     bytes: Option<Bytes>,
+}
+
+impl<V: Clone> Fallback<V> {
+    /// The stale value as a flight offers it to its waiters.
+    fn offered(&self) -> Fetched<V> {
+        Fetched {
+            stale: true,
+            ..Fetched::new(self.value.clone(), self.source)
+        }
+    }
 }
 
 /// Why a load gave no value.

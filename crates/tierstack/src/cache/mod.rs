@@ -406,8 +406,10 @@ where
 
     /// A subscription to what happens in this cache from now on: hits per tier, misses, stale
     /// values served (and why), background loads, eager refreshes, invalidations received and
-    /// resyncs. While nobody subscribes, no event is built. A subscriber that falls more than
-    /// 1,024 events behind loses the oldest ([`EventsError::Lagged`](crate::EventsError)).
+    /// resyncs. Events carry keys (never values). While nobody subscribes, no event is built;
+    /// while someone does, every hit allocates its event and takes the channel's lock. A
+    /// subscriber that falls more than 1,024 events behind loses the oldest
+    /// ([`EventsError::Lagged`](crate::EventsError)).
     pub fn events(&self) -> CacheEvents {
         self.inner.recorder.subscribe()
     }

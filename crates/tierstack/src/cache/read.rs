@@ -28,8 +28,8 @@ pub(super) struct Life {
     pub(super) stale: bool,
     /// How long L1 may serve it before reading L2 again.
     pub(super) l1_cap: Option<Duration>,
-    /// How long ago the value was written.
-    pub(super) age: Duration,
+    /// When the value was written, if not just now (an L2 entry's).
+    pub(super) written_at: Option<Timestamp>,
     /// The eager refresh threshold (a fraction of the TTL), if any.
     pub(super) eager: Option<f64>,
     /// Whether L1 keeps it (the call did not skip L1 writes).
@@ -44,7 +44,7 @@ impl Life {
             lives: lives.max(fresh),
             stale: false,
             l1_cap,
-            age: Duration::ZERO,
+            written_at: None,
             eager: None,
             to_l1: true,
         }
@@ -60,17 +60,18 @@ impl Life {
         }
     }
 
-    /// How long from now a hit should start an eager refresh: once `eager` of the whole TTL
+    /// How long from `now` a hit should start an eager refresh: once `eager` of the whole TTL
     /// (age and remaining freshness) has passed. Never for a stale value.
-    pub(super) fn refresh_in(self) -> Option<Duration> {
+    pub(super) fn refresh_in(self, now: Timestamp) -> Option<Duration> {
         let fraction = self.eager.filter(|_| !self.stale)?;
-        let ttl = self.age.saturating_add(self.fresh);
-        Some(ttl.mul_f64(fraction).saturating_sub(self.age))
+        let age = self.written_at.map_or(Duration::ZERO, |at| at.until(now));
+        let ttl = age.saturating_add(self.fresh);
+        Some(ttl.mul_f64(fraction).saturating_sub(age))
     }
 
     /// The L1 entry of `value` from `now`: the cap shortens its freshness, and a fail-safe entry
     /// stays, stale, until it leaves L2 too.
-    fn l1_entry<V>(self, value: Option<V>, now: Timestamp) -> L1Entry<V> {
+    pub(super) fn l1_entry<V>(self, value: Option<V>, now: Timestamp) -> L1Entry<V> {
         let fresh = self.l1_cap.map_or(self.fresh, |cap| self.fresh.min(cap));
         let fresh_until = now.saturating_add(fresh);
         let expires_at = if self.lives > self.fresh {
@@ -83,7 +84,7 @@ impl Life {
             fresh_until,
             expires_at,
             stale: self.stale,
-            refresh_at: self.refresh_in().map(|after| now.saturating_add(after)),
+            refresh_at: self.refresh_in(now).map(|after| now.saturating_add(after)),
         }
     }
 }
@@ -179,8 +180,10 @@ where
             // Like `get`: an L2 that fails (counted and logged) reads as a miss of L2, and L1
             // answers.
             match self.read_l2(key, self.deadline(), true).await {
-                Ok(L2Read::Hit { life, .. }) => return Ok(Some(life.fresh)),
-                Ok(L2Read::Miss { .. } | L2Read::Stale { .. }) => return Ok(None),
+                Ok(L2Read::Hit { life, .. }) if !life.stale => return Ok(Some(life.fresh)),
+                Ok(L2Read::Hit { .. } | L2Read::Miss { .. } | L2Read::Stale { .. }) => {
+                    return Ok(None);
+                }
                 Err(_) => {}
             }
         }
@@ -189,7 +192,7 @@ where
             .l1
             .as_ref()
             .and_then(|l1| l1.get(key))
-            .filter(|entry| entry.is_fresh_at(now))
+            .filter(|entry| entry.is_fresh_at(now) && !entry.stale && !self.is_deaf())
             .map(|entry| now.until(entry.fresh_until)))
     }
 
@@ -210,8 +213,24 @@ where
         if entry.fresh_until != entry.expires_at && !entry.is_fresh_at(self.clock.now()) {
             return None;
         }
+        // A re-armed stale value answers read-through calls only (see `serving`).
+        if entry.stale || self.is_deaf() {
+            return None;
+        }
         self.recorder.l1_hit(key);
         Some((entry.value, entry.stale))
+    }
+
+    /// Whether a read-through call may answer `entry` without loading, at `now`: fresh, and
+    /// trusted (a deaf instance trusts only the stale values that fail-safe re-armed, which say
+    /// they are stale).
+    pub(super) fn serving(&self, entry: &L1Entry<V>, now: Timestamp) -> bool {
+        entry.is_fresh_at(now) && (entry.stale || !self.is_deaf())
+    }
+
+    /// Whether the backplane's subscription is lost (see the listener).
+    pub(super) fn is_deaf(&self) -> bool {
+        self.deaf.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// The envelope of `value` (or of a negative entry) written now for `life`.
@@ -240,7 +259,7 @@ where
     ) -> Result<Option<Option<V>>> {
         let snapshot = self.freshness.snapshot(key);
         match self.read_l2(key, deadline, self.l1.is_some()).await? {
-            L2Read::Hit { value, life, .. } => {
+            L2Read::Hit { value, life, .. } if !life.stale => {
                 self.recorder.l2_hit(key);
                 self.fill_l1(key, value.clone(), life, || {
                     self.freshness.is_current(snapshot)
@@ -248,7 +267,7 @@ where
                 Ok(Some(value))
             }
             // A plain read serves fresh values only; a stale one is a loader's fallback.
-            L2Read::Miss { .. } | L2Read::Stale { .. } => Ok(None),
+            L2Read::Hit { .. } | L2Read::Miss { .. } | L2Read::Stale { .. } => Ok(None),
         }
     }
 
@@ -297,33 +316,37 @@ where
                 expires_at,
                 stale,
             } => {
-                let now = self.clock.now();
-                // The store's own time to live where the read asked for it (`touch` may have
-                // changed it), else the envelope's.
-                let lives = if ttl.is_zero() {
-                    now.until(expires_at)
-                } else {
-                    ttl
-                };
                 // A plain entry is fresh for as long as the store keeps it (a store's `expire`
-                // need not rewrite the envelope); a fail-safe one until its own field says.
+                // need not rewrite the envelope); a fail-safe one until its own field says. The
+                // store's own time to live counts where the read asked for it (`touch` may have
+                // changed it), else the envelope's; the clock is read only when needed.
                 let fail_safe = fresh_until != expires_at || stale;
-                let fresh = if fail_safe {
-                    now.until(fresh_until).min(lives)
+                let (fresh, lives, is_fresh) = if fail_safe || ttl.is_zero() {
+                    let now = self.clock.now();
+                    let lives = if ttl.is_zero() {
+                        now.until(expires_at)
+                    } else {
+                        ttl
+                    };
+                    if fail_safe {
+                        (now.until(fresh_until).min(lives), lives, now < fresh_until)
+                    } else {
+                        (lives, lives, true)
+                    }
                 } else {
-                    lives
+                    (ttl, ttl, true)
                 };
                 let life = Life {
                     fresh,
                     lives,
                     stale,
                     l1_cap: None,
-                    age: written_at.until(now),
+                    written_at: Some(written_at),
                     eager: None,
                     to_l1: true,
                 }
                 .under(&self.settings.defaults);
-                if !fail_safe || now < fresh_until {
+                if is_fresh {
                     L2Read::Hit { value, life, bytes }
                 } else {
                     L2Read::Stale {
@@ -410,7 +433,7 @@ where
         let Some(l1) = self.l1.as_ref().filter(|_| life.to_l1) else {
             return;
         };
-        if self.deaf.load(std::sync::atomic::Ordering::SeqCst) {
+        if self.is_deaf() {
             // No invalidation would reach the copy: serve from L2 until the backplane is back.
             return;
         }

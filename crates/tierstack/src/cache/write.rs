@@ -61,7 +61,8 @@ where
         } else {
             self.evict_local(key);
         }
-        if !skips.backplane {
+        // A write that left L2 alone changed nothing the others read.
+        if !skips.backplane && !skips.l2_write {
             self.publish_keys(key, deadline).await;
         }
         in_flight.finished();
@@ -187,7 +188,14 @@ where
             None => local.is_some(),
         };
         match local {
-            Some(entry) if existed && self.freshness.is_current(before) => {
+            // A fail-safe entry is evicted instead: `touch` moves when it leaves the stores, not
+            // when it stops being fresh, and a refill here would make it fresh for `ttl`.
+            Some(entry)
+                if existed
+                    && self.freshness.is_current(before)
+                    && entry.fresh_until == entry.expires_at
+                    && !entry.stale =>
+            {
                 let after = self.freshness.bump_key(key);
                 let life = Life::new(ttl, ttl, self.settings.defaults.l1_ttl());
                 self.fill_l1_since(key, entry.value, life, after);
