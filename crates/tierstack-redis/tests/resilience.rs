@@ -221,3 +221,55 @@ async fn a_slow_origin_behind_a_soft_timeout_answers_stale_then_lands_in_redis()
         .unwrap();
     assert_eq!((fresh.value.as_str(), fresh.stale), ("v2", false));
 }
+
+/// The common deployment: the store and its backplane share one Redis. When that Redis dies,
+/// the instance loses its subscription (deaf) and its L2 at once; with the origin down too,
+/// fail-safe still answers from this instance's L1, and the throttle holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_redis_and_the_origin_die_a_paired_instance_answers_stale_from_l1() {
+    let mut redis = common::PrivateRedis::start(&[]);
+    let config = RedisConfig::from_url(&redis.url())
+        .unwrap()
+        .key_prefix(&common::unique_prefix("rs-paired"));
+    let clock = ManualClock::starting_at(SystemClock.now());
+    let (store, backplane) = RedisStore::connect_with_backplane(&config).await.unwrap();
+    let cache: TieredCache<String> = TieredCache::builder("svc")
+        .l2(Arc::new(store))
+        .backplane(Arc::new(backplane))
+        .clock(Arc::new(clock.clone()))
+        .default_options(options())
+        .l2_timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    cache
+        .get_or_load("k", || async { Ok::<_, std::io::Error>("v1".to_owned()) })
+        .await
+        .unwrap();
+    cache.wait_for_background_fills().await;
+    redis.kill();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while cache.stats().resyncs == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the lost subscription was never noticed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await; // poll loop
+    }
+    clock.advance(TTL);
+    let calls = Arc::new(AtomicUsize::new(0));
+    for _ in 0..5 {
+        let stale = cache
+            .get_or_load_with("k", &options(), failing(&calls))
+            .await
+            .unwrap();
+        assert_eq!(
+            (stale.value.as_str(), stale.source, stale.stale),
+            ("v1", Source::L1, true)
+        );
+    }
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "one attempt per throttle window"
+    );
+}
