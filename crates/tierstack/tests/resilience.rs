@@ -864,3 +864,104 @@ async fn a_deaf_instance_still_falls_back_on_its_stale_copy_when_l2_and_the_orig
     }
     assert_eq!(calls.count(), 2, "one attempt in the throttle window");
 }
+
+#[tokio::test]
+async fn the_optional_read_through_takes_options_too() {
+    let fx = Fixture::new();
+    let cache = fx.cache();
+    let calls = Calls::default();
+    let options = fail_safe().with_negative_ttl(Duration::from_secs(5));
+    let absent = |calls: &Calls| {
+        let calls = calls.clone();
+        move || {
+            calls.hit();
+            std::future::ready(Ok::<Option<String>, std::io::Error>(None))
+        }
+    };
+    for _ in 0..3 {
+        let none = cache
+            .get_or_load_optional_with("gone", &options, absent(&calls))
+            .await
+            .unwrap();
+        assert_eq!(none, None);
+    }
+    assert_eq!(calls.count(), 1, "the negative answer is cached");
+    let present = {
+        let calls = calls.clone();
+        move || {
+            calls.hit();
+            std::future::ready(Ok::<_, std::io::Error>(Some("v1".to_owned())))
+        }
+    };
+    let found = cache
+        .get_or_load_optional_with("k", &options, present)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((found.value.as_str(), found.source), ("v1", Source::Loader));
+    fx.clock.advance(TTL);
+    let failing_optional = {
+        let calls = calls.clone();
+        move || {
+            calls.hit();
+            std::future::ready(Err::<Option<String>, _>(std::io::Error::other("down")))
+        }
+    };
+    let stale = cache
+        .get_or_load_optional_with("k", &options, failing_optional)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((stale.value.as_str(), stale.stale), ("v1", true));
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_batch_read_through_takes_options_too() {
+    let fx = Fixture::new();
+    let cache = fx.cache();
+    let keys = ["a", "b"];
+    let batch = |value: &'static str| {
+        move |missing: Vec<String>| async move {
+            Ok::<_, std::io::Error>(
+                missing
+                    .into_iter()
+                    .map(|key| (key, value.to_owned()))
+                    .collect::<std::collections::HashMap<_, _>>(),
+            )
+        }
+    };
+    let options = EntryOptions::default().with_ttl(Duration::from_secs(42));
+    let values = cache
+        .get_or_load_many_with(&keys, &options, batch("v"))
+        .await
+        .unwrap();
+    assert_eq!(values, vec![Some("v".to_owned()), Some("v".to_owned())]);
+    assert_eq!(
+        fx.l2.ttl("test:a").await.unwrap(),
+        Some(Duration::from_secs(42))
+    );
+    // Skipping L2 writes keeps the batch in this instance.
+    let local = EntryOptions::default().with_skips(Skips {
+        l2_write: true,
+        ..Skips::default()
+    });
+    cache
+        .get_or_load_many_with(&["c"], &local, batch("c"))
+        .await
+        .unwrap();
+    assert!(!fx.holds("test:c").await);
+    // The hard timeout cancels the batch loader.
+    let limit = Duration::from_millis(100);
+    let hanging = |_: Vec<String>| async {
+        std::future::pending::<()>().await;
+        Ok::<_, std::io::Error>(std::collections::HashMap::<String, String>::new())
+    };
+    let error = cache
+        .get_or_load_many_with(&["d"], &options.with_hard_timeout(limit), hanging)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(error, LoadError::TimedOut { after } if after == limit),
+        "{error}"
+    );
+}

@@ -15,7 +15,7 @@ use tokio::runtime::Handle;
 use tokio::time::Instant;
 
 use super::Inner;
-use super::load::{NeedsValue, answer};
+use super::load::{AcceptsAbsent, NeedsValue, answer};
 use crate::error::LoadError;
 use crate::events::StaleReason;
 use crate::flight::{FlightWait, Leader, Outcome, Role};
@@ -40,8 +40,62 @@ where
         R: Into<Loaded<V>> + 'static,
         E: Send + Sync + 'static,
     {
+        let loader = move || async move {
+            loader().await.map(|answer| {
+                let Loaded { value, ttl, cache } = answer.into();
+                Loaded {
+                    value: Some(value),
+                    ttl,
+                    cache,
+                }
+            })
+        };
+        match self.fetch(key, options, false, loader).await? {
+            Some(fetched) => Ok(fetched),
+            // Unreachable: a flight that needs a value answers none only by failing.
+            None => Err(LoadError::Panicked),
+        }
+    }
+
+    pub(super) async fn get_or_load_optional_with<F, Fut, E>(
+        self: &Arc<Self>,
+        key: &str,
+        options: &EntryOptions,
+        loader: F,
+    ) -> Result<Option<Fetched<V>>, LoadError<E>>
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = Result<Option<V>, E>> + Send + 'static,
+        E: Send + Sync + 'static,
+    {
+        let loader = move || async move { loader().await.map(Loaded::new) };
+        self.fetch(key, options, true, loader).await
+    }
+
+    /// The read-through of `get_or_load_with` and `get_or_load_optional_with`: L1, then the
+    /// key's flight in a task of its own, waited for under the call's deadlines.
+    async fn fetch<F, Fut, E>(
+        self: &Arc<Self>,
+        key: &str,
+        options: &EntryOptions,
+        accepts_absent: bool,
+        loader: F,
+    ) -> Result<Option<Fetched<V>>, LoadError<E>>
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = Result<Loaded<Option<V>>, E>> + Send + 'static,
+        E: Send + Sync + 'static,
+    {
         self.check_key(key)?;
-        let kind = TypeId::of::<NeedsValue<E>>();
+        let kind = if accepts_absent {
+            TypeId::of::<AcceptsAbsent<E>>()
+        } else {
+            TypeId::of::<NeedsValue<E>>()
+        };
+        let flight = FlightKind {
+            kind,
+            accepts_absent,
+        };
         let l1_entry = self.l1_entry(key).filter(|_| !options.skips().l1_read);
         if let Some(entry) = l1_entry {
             // Plain entries without eager refresh need no clock: L1 keeps them while fresh.
@@ -51,19 +105,27 @@ where
                 Some(now) => self.serving(&entry, now),
                 None => !self.is_deaf(),
             };
-            if let (Some(value), true) = (&entry.value, serving) {
-                self.recorder.l1_hit(key);
-                if let (Some(now), Some(at)) = (now, entry.refresh_at)
-                    && now >= at
-                {
-                    self.refresh(key, kind, options, &entry, loader);
+            match &entry.value {
+                Some(value) if serving => {
+                    self.recorder.l1_hit(key);
+                    if let (Some(now), Some(at)) = (now, entry.refresh_at)
+                        && now >= at
+                    {
+                        self.refresh(key, flight, options, &entry, loader);
+                    }
+                    return Ok(Some(Fetched {
+                        stale: entry.stale,
+                        ..Fetched::new(value.clone(), Source::L1)
+                    }));
                 }
-                return Ok(Fetched {
-                    stale: entry.stale,
-                    ..Fetched::new(value.clone(), Source::L1)
-                });
+                None if serving && accepts_absent => {
+                    self.recorder.l1_hit(key);
+                    return Ok(None);
+                }
+                // A stale value is the flight's to offer (it checks L2 first: a delete there
+                // wins).
+                _ => {}
             }
-            // A stale value is the flight's to offer (it checks L2 first: a delete there wins).
         }
         options.validate()?;
         let started = Instant::now();
@@ -89,18 +151,13 @@ where
                     let (Some(loader), Some(wait)) = (loader.take(), guard.waiter()) else {
                         return Err(LoadError::Panicked);
                     };
-                    self.spawn_flight(&runtime, false, options, watch, guard, loader);
+                    self.spawn_flight(&runtime, flight, false, options, watch, guard, loader);
                     wait
                 }
             };
             match self.await_flight(key, wait, deadlines, options).await {
                 Outcome::Abandoned => {}
-                outcome => {
-                    return match answer(outcome)? {
-                        Some(fetched) => Ok(fetched),
-                        None => Err(LoadError::Panicked),
-                    };
-                }
+                outcome => return answer(outcome),
             }
         }
     }
@@ -109,17 +166,16 @@ where
     /// once. The entry's refresh time is cleared first, so that later hits do not start another
     /// one; the refresh's value comes with its own. (A refresh that caches nothing, or fails,
     /// leaves the value until its TTL without refreshing it early again.)
-    fn refresh<F, Fut, R, E>(
+    fn refresh<F, Fut, E>(
         self: &Arc<Self>,
         key: &str,
-        kind: TypeId,
+        flight: FlightKind,
         options: &EntryOptions,
         entry: &L1Entry<V>,
         loader: F,
     ) where
         F: FnOnce() -> Fut + Send + 'static,
-        Fut: Future<Output = Result<R, E>> + Send + 'static,
-        R: Into<Loaded<V>> + 'static,
+        Fut: Future<Output = Result<Loaded<Option<V>>, E>> + Send + 'static,
         E: Send + Sync + 'static,
     {
         let Ok(runtime) = Handle::try_current() else {
@@ -129,7 +185,7 @@ where
             return;
         }
         let watch = self.freshness.watch(key);
-        if let Role::Lead(guard) = self.flights.join_or_lead(key, kind, watch.stamp()) {
+        if let Role::Lead(guard) = self.flights.join_or_lead(key, flight.kind, watch.stamp()) {
             self.recorder.eager_refresh(key);
             self.replace_l1_entry(
                 key,
@@ -139,16 +195,21 @@ where
                 },
                 &watch,
             );
-            self.spawn_flight(&runtime, true, options, watch, guard, loader);
+            self.spawn_flight(&runtime, flight, true, options, watch, guard, loader);
         }
     }
 
     /// Runs the flight that `guard` leads in a task: the caller waits for it like any other
     /// caller, and it goes on if they all stop waiting. With background completion off, the
     /// flight itself gives up at the hard timeout.
-    fn spawn_flight<F, Fut, R, E>(
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "a flight's identity, mode, options, watch, registration and loader"
+    )]
+    fn spawn_flight<F, Fut, E>(
         self: &Arc<Self>,
         runtime: &Handle,
+        flight: FlightKind,
         refreshing: bool,
         options: &EntryOptions,
         watch: KeyWatch,
@@ -156,8 +217,7 @@ where
         loader: F,
     ) where
         F: FnOnce() -> Fut + Send + 'static,
-        Fut: Future<Output = Result<R, E>> + Send + 'static,
-        R: Into<Loaded<V>> + 'static,
+        Fut: Future<Output = Result<Loaded<Option<V>>, E>> + Send + 'static,
         E: Send + Sync + 'static,
     {
         let mut flight_options = *options;
@@ -165,20 +225,18 @@ where
             flight_options = flight_options.without_hard_timeout();
         }
         let this = Arc::clone(self);
+        let accepts_absent = flight.accepts_absent;
         let flight = async move {
-            let loader = || async move {
-                loader().await.map(|answer| {
-                    let Loaded { value, ttl, cache } = answer.into();
-                    Loaded {
-                        value: Some(value),
-                        ttl,
-                        cache,
-                    }
-                })
-            };
             let key = watch.key().to_owned();
             let outcome = this
-                .lead(false, refreshing, &flight_options, watch, &guard, loader)
+                .lead(
+                    accepts_absent,
+                    refreshing,
+                    &flight_options,
+                    watch,
+                    &guard,
+                    loader,
+                )
                 .await;
             match &outcome {
                 Outcome::Found(found) if found.source == Source::Loader => {
@@ -238,6 +296,14 @@ where
             _ => outcome,
         }
     }
+}
+
+/// Which flights a call may share: its loader's error type, and whether a "not found" answers
+/// it.
+#[derive(Debug, Clone, Copy)]
+struct FlightKind {
+    kind: TypeId,
+    accepts_absent: bool,
 }
 
 /// When a caller stops waiting for a load.

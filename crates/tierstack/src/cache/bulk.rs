@@ -20,6 +20,7 @@ const BULK_FILL_CONCURRENCY: usize = 64;
 use super::read::L2Read;
 use crate::error::LoadError;
 use crate::freshness::KeyWatch;
+use crate::options::EntryOptions;
 use crate::stats::L2Op;
 
 impl<V, C> Inner<V, C>
@@ -35,6 +36,7 @@ where
     pub(super) async fn get_or_load_many<K, F, Fut, E>(
         &self,
         keys: &[K],
+        options: &EntryOptions,
         loader: F,
     ) -> std::result::Result<Vec<Option<V>>, LoadError<E>>
     where
@@ -42,6 +44,7 @@ where
         F: FnOnce(Vec<String>) -> Fut,
         Fut: Future<Output = std::result::Result<HashMap<String, V>, E>>,
     {
+        options.validate()?;
         let (mut found, mut seen_in_l2) = self.lookup_many(keys).await?;
         let mut distinct = HashSet::new();
         let (missing, seen): (Vec<&str>, Vec<Option<Bytes>>) = keys
@@ -64,28 +67,38 @@ where
             .collect();
         let started = Instant::now();
         let request: Vec<String> = missing.iter().map(|key| (*key).to_owned()).collect();
-        let answer = AssertUnwindSafe(async move { loader(request).await })
-            .catch_unwind()
-            .await;
+        let run = AssertUnwindSafe(async move { loader(request).await }).catch_unwind();
+        // The hard timeout cancels the batch loader (it runs in the caller's task).
+        let answer = match options.hard_timeout() {
+            Some(limit) => tokio::time::timeout(limit, run).await.ok(),
+            None => Some(run.await),
+        };
         let mut origin_values = match answer {
-            Ok(Ok(map)) => {
+            Some(Ok(Ok(map))) => {
                 self.recorder.load(true, started.elapsed());
                 map
             }
-            Ok(Err(error)) => {
+            Some(Ok(Err(error))) => {
                 self.recorder.load(false, started.elapsed());
                 return Err(LoadError::Loader(std::sync::Arc::new(error)));
             }
-            Err(_) => {
+            Some(Err(_)) => {
                 self.recorder.load(false, started.elapsed());
                 return Err(LoadError::Panicked);
+            }
+            None => {
+                self.recorder.load(false, started.elapsed());
+                return Err(LoadError::TimedOut {
+                    after: options.hard_timeout().unwrap_or_default(),
+                });
             }
         };
         let values: Vec<Option<V>> = missing
             .iter()
             .map(|key| origin_values.remove(*key))
             .collect();
-        self.store_loaded_many(&watches, &values, seen).await;
+        self.store_loaded_many(&watches, &values, seen, options)
+            .await;
         let by_key: HashMap<&str, &Option<V>> = missing.iter().copied().zip(&values).collect();
         for (key, slot) in keys.iter().zip(found.iter_mut()) {
             if slot.is_none() {
@@ -190,9 +203,9 @@ where
         watches: &[KeyWatch],
         values: &[Option<V>],
         seen: Vec<Option<Bytes>>,
+        options: &EntryOptions,
     ) {
         let deadline = self.deadline();
-        let options = self.settings.defaults;
         // As for a single key's fill: under the keys' locks, a `delete` or `touch` of one of them
         // either came before the check below or waits for the write.
         let locks = match &self.l2 {
@@ -212,9 +225,10 @@ where
                 // bring back what was deleted.
                 continue;
             }
+            // A "not found" is no fallback: it is not kept past its TTL.
             let life = match (value, options.negative_ttl()) {
-                (Some(_), _) => Self::life(&options, options.ttl()),
-                (None, Some(negative)) => Self::life(&options, negative),
+                (Some(_), _) => Self::life(options, options.ttl()),
+                (None, Some(negative)) => Self::life(&options.without_fail_safe(), negative),
                 (None, None) => continue,
             };
             match self.encode_with_life(value.as_ref(), life) {
@@ -225,7 +239,7 @@ where
             }
         }
         let written: Vec<bool> = match (&self.l2, &locks) {
-            (Some(l2), Some(_)) => {
+            (Some(l2), Some(_)) if !options.skips().l2_write => {
                 let mut written = Vec::with_capacity(writes.len());
                 // At most `BULK_FILL_CONCURRENCY` at a time, in order: a large batch does not
                 // take every slot of the L2 connection from other callers.

@@ -29,7 +29,7 @@ use crate::stats::L2Op;
 
 /// Whether a negative entry answers the call (`get_or_load_optional`) or not (`get_or_load`).
 /// Part of the flight's identity, so that the two never share an outcome.
-struct AcceptsAbsent<E>(std::marker::PhantomData<E>);
+pub(super) struct AcceptsAbsent<E>(std::marker::PhantomData<E>);
 pub(super) struct NeedsValue<E>(std::marker::PhantomData<E>);
 
 /// What became of a loaded value's L2 write.

@@ -230,6 +230,53 @@ where
         self.inner.get_or_load_with(key, options, loader).await
     }
 
+    /// [`get_or_load_optional`](Self::get_or_load_optional) with this call's `options`, as
+    /// [`get_or_load_with`](Self::get_or_load_with) runs it: the load in a task of its own, the
+    /// answer with where it came from. `Ok(None)`: the origin has no value (cached for the
+    /// options' negative TTL, if any).
+    ///
+    /// # Errors
+    ///
+    /// As [`get_or_load_with`](Self::get_or_load_with).
+    pub async fn get_or_load_optional_with<F, Fut, E>(
+        &self,
+        key: &str,
+        options: &EntryOptions,
+        loader: F,
+    ) -> Result<Option<Fetched<V>>, LoadError<E>>
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = std::result::Result<Option<V>, E>> + Send + 'static,
+        E: Send + Sync + 'static,
+    {
+        self.inner
+            .get_or_load_optional_with(key, options, loader)
+            .await
+    }
+
+    /// [`get_or_load_many`](Self::get_or_load_many) with this call's `options`: their TTLs,
+    /// fail-safe lifetime, skips, and their hard timeout for the batch loader (which runs in the
+    /// caller's task and is cancelled then). A batch does not answer stale values when its
+    /// loader fails.
+    ///
+    /// # Errors
+    ///
+    /// As [`get_or_load_many`](Self::get_or_load_many), [`LoadError::TimedOut`] past the hard
+    /// timeout, and options out of range.
+    pub async fn get_or_load_many_with<K, F, Fut, E>(
+        &self,
+        keys: &[K],
+        options: &EntryOptions,
+        loader: F,
+    ) -> Result<Vec<Option<V>>, LoadError<E>>
+    where
+        K: AsRef<str>,
+        F: FnOnce(Vec<String>) -> Fut,
+        Fut: Future<Output = std::result::Result<std::collections::HashMap<String, V>, E>>,
+    {
+        self.inner.get_or_load_many(keys, options, loader).await
+    }
+
     /// The options of calls that name none, as the builder set them.
     pub fn default_options(&self) -> EntryOptions {
         self.inner.settings.defaults
@@ -287,7 +334,8 @@ where
         F: FnOnce(Vec<String>) -> Fut,
         Fut: Future<Output = std::result::Result<std::collections::HashMap<String, V>, E>>,
     {
-        self.inner.get_or_load_many(keys, loader).await
+        let options = self.inner.settings.defaults;
+        self.inner.get_or_load_many(keys, &options, loader).await
     }
 
     /// Writes `value` under `key` with the default TTL: L2, then L1, then the other instances
