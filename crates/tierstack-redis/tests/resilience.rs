@@ -273,3 +273,110 @@ async fn when_redis_and_the_origin_die_a_paired_instance_answers_stale_from_l1()
         "one attempt per throttle window"
     );
 }
+
+/// Four paired instances on one Redis race sets, deletes and read-through calls with every
+/// policy on (fail-safe, soft timeout, eager refresh) over ten keys, with an origin that fails a
+/// third of its calls and is slow a quarter of the time. Once they stop, every instance answers
+/// every key alike: plain reads (fresh values), and read-through calls while the origin is down
+/// (the same stale value, or the same error).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_instances_with_every_policy_on_converge() {
+    let config = RedisConfig::from_url(&common::redis_url())
+        .unwrap()
+        .key_prefix(&common::unique_prefix("rs-race"));
+    let mut caches = Vec::new();
+    for _ in 0..4 {
+        let (store, backplane) = RedisStore::connect_with_backplane(&config).await.unwrap();
+        caches.push(
+            TieredCache::<String>::builder("race")
+                .l2(Arc::new(store))
+                .backplane(Arc::new(backplane))
+                .l2_timeout(Duration::from_millis(500))
+                .build()
+                .unwrap(),
+        );
+    }
+    let options = EntryOptions::default()
+        .with_ttl(Duration::from_millis(300))
+        .with_fail_safe(
+            FailSafe::new(Duration::from_secs(60)).with_throttle(Duration::from_millis(100)),
+        )
+        .with_soft_timeout(Duration::from_millis(10))
+        .with_eager_refresh(0.5);
+    let version = Arc::new(AtomicUsize::new(0));
+    let mut workers = Vec::new();
+    for (instance, cache) in caches.iter().enumerate() {
+        for worker in 0..4 {
+            let (cache, version) = (cache.clone(), Arc::clone(&version));
+            workers.push(tokio::spawn(async move {
+                let mut state = 0x9E37_79B9_u64 ^ (instance as u64 * 16 + worker + 1);
+                for _ in 0..400 {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    let key = format!("k{}", state % 10);
+                    match (state >> 8) % 10 {
+                        0 => {
+                            let v = version.fetch_add(1, Ordering::SeqCst);
+                            let _ = cache.set(&key, format!("set{v}")).await;
+                        }
+                        1 => {
+                            let _ = cache.delete(&key).await;
+                        }
+                        _ => {
+                            let (fails, slow) = (
+                                (state >> 16).is_multiple_of(3),
+                                (state >> 20).is_multiple_of(4),
+                            );
+                            let version = Arc::clone(&version);
+                            let load = move || async move {
+                                if slow {
+                                    tokio::time::sleep(Duration::from_millis(30)).await; // real time: a slow origin
+                                }
+                                if fails {
+                                    return Err(std::io::Error::other("origin down"));
+                                }
+                                Ok(format!("load{}", version.fetch_add(1, Ordering::SeqCst)))
+                            };
+                            let _ = cache.get_or_load_with(&key, &options, load).await;
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(2)).await; // real time: pacing
+                }
+            }));
+        }
+    }
+    for worker in workers {
+        worker.await.unwrap();
+    }
+    for cache in &caches {
+        cache.wait_for_background_fills().await;
+    }
+    // real time: background loads finish and invalidations arrive
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let keys: Vec<String> = (0..10).map(|k| format!("k{k}")).collect();
+    for key in &keys {
+        let reads = futures_util::future::join_all(caches.iter().map(|c| c.get(key))).await;
+        let reads: Vec<_> = reads.into_iter().map(Result::unwrap).collect();
+        assert!(reads.windows(2).all(|w| w[0] == w[1]), "{key}: {reads:?}");
+    }
+    // real time: every entry past its TTL, the origin down for good
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    for key in &keys {
+        let down = || async { Err::<String, _>(std::io::Error::other("origin down")) };
+        let answers = futures_util::future::join_all(
+            caches
+                .iter()
+                .map(|c| c.get_or_load_with(key, &options, down)),
+        )
+        .await;
+        let answers: Vec<_> = answers
+            .into_iter()
+            .map(|answer| answer.ok().map(|fetched| (fetched.value, fetched.stale)))
+            .collect();
+        assert!(
+            answers.windows(2).all(|w| w[0] == w[1]),
+            "{key}: {answers:?}"
+        );
+    }
+}
