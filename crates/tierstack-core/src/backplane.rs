@@ -3,8 +3,8 @@
 //!
 //! Delivery is at most once (Redis pub/sub drops messages while a subscriber is disconnected).
 //! That is why a [`Subscription`] also yields [`BackplaneEvent::Lost`] when the subscription is
-//! lost (the subscriber clears its L1 and keeps nothing new in it, since nobody would tell it of
-//! changes) and [`BackplaneEvent::Resync`] whenever messages may have been missed (the
+//! lost (the subscriber serves nothing from its L1 as fresh and keeps nothing new in it, since
+//! nobody would tell it of changes) and [`BackplaneEvent::Resync`] whenever messages may have been missed (the
 //! subscription is back, or the local queue overflowed): the subscriber clears its L1 again.
 
 use std::collections::hash_map::RandomState;
@@ -50,8 +50,8 @@ pub enum BackplaneEvent {
     /// [`Lost`](Self::Lost), it is back.
     Resync,
     /// The subscription is lost: messages are missed until the next [`Resync`](Self::Resync).
-    /// Clear everything local, and keep nothing new locally until then (it could go stale
-    /// without anyone saying so).
+    /// Trust nothing local, and keep nothing new locally until then (it could go stale without
+    /// anyone saying so).
     Lost,
 }
 

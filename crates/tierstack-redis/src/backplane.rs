@@ -52,7 +52,8 @@ fn resubscribe_pauses() -> impl Iterator<Item = Duration> {
 ///
 /// Pub/sub delivers at most once: a subscriber that is disconnected misses what is published
 /// meanwhile. So when the subscription is lost every subscriber receives
-/// [`Lost`](tierstack_core::BackplaneEvent::Lost) (a cache clears its L1 and fills it no more),
+/// [`Lost`](tierstack_core::BackplaneEvent::Lost) (a cache serves nothing from L1 as fresh and
+/// fills it no more),
 /// and once it is re-established [`Resync`](tierstack_core::BackplaneEvent::Resync) (it clears
 /// L1 again and fills it again). The backplane resubscribes by itself, with a backoff of up to
 /// 500 ms (jitter included).
@@ -240,12 +241,12 @@ fn on_push(
             }
         }
         PushKind::Disconnection if !hearing.deaf.swap(true, Ordering::SeqCst) => {
-            tracing::warn!("backplane connection lost; clearing L1 and resubscribing");
+            tracing::warn!("backplane connection lost; resubscribing");
             hub.lost();
             hearing.lost.notify_one();
         }
         PushKind::Subscribe if hearing.deaf.swap(false, Ordering::SeqCst) => {
-            tracing::info!("backplane resubscribed; clearing L1");
+            tracing::info!("backplane resubscribed; L1 is cleared");
             hub.resync();
         }
         _ => {}
@@ -268,7 +269,7 @@ async fn keep_subscribed(
                 let connection = connection.clone();
                 async move { connection.query::<Value>("ping", &cmd("PING")).await.map(drop) }
             }) => {
-                tracing::warn!("backplane connection stopped answering; clearing L1 and resubscribing");
+                tracing::warn!("backplane connection stopped answering; resubscribing");
                 // Its handler hears of the loss as if the socket had reported it: it resyncs
                 // and wakes this loop again, which then replaces the socket.
                 connection.abandon();
@@ -370,7 +371,7 @@ async fn listen(
             let _ = ready.send(Ok(()));
         } else {
             // Subscribed again: whatever was published while we were away is lost.
-            tracing::info!(endpoint = %endpoint, "backplane resubscribed; clearing L1");
+            tracing::info!(endpoint = %endpoint, "backplane resubscribed; L1 is cleared");
             hub.resync();
         }
         let (sink, mut messages) = pubsub.split();
@@ -397,7 +398,7 @@ async fn listen(
         // The connection is gone (server restart, CLIENT KILL, network) or silent: the caches
         // clear L1 now and keep nothing in it while we are deaf, and clear it again once we are
         // back.
-        tracing::warn!(endpoint = %endpoint, "backplane subscription lost; clearing L1 and resubscribing");
+        tracing::warn!(endpoint = %endpoint, "backplane subscription lost; resubscribing");
         hub.lost();
     }
 }

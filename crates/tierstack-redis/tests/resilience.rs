@@ -297,11 +297,11 @@ async fn racing_instances_with_every_policy_on_converge() {
         );
     }
     let options = EntryOptions::default()
-        .with_ttl(Duration::from_millis(300))
+        .with_ttl(Duration::from_millis(1_500))
         .with_fail_safe(
             FailSafe::new(Duration::from_secs(60)).with_throttle(Duration::from_millis(100)),
         )
-        .with_soft_timeout(Duration::from_millis(10))
+        .with_soft_timeout(Duration::from_millis(50))
         .with_eager_refresh(0.5);
     let version = Arc::new(AtomicUsize::new(0));
     let mut workers = Vec::new();
@@ -361,7 +361,7 @@ async fn racing_instances_with_every_policy_on_converge() {
         assert!(reads.windows(2).all(|w| w[0] == w[1]), "{key}: {reads:?}");
     }
     // real time: every entry past its TTL, the origin down for good
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    tokio::time::sleep(Duration::from_millis(1_600)).await;
     for key in &keys {
         let down = || async { Err::<String, _>(std::io::Error::other("origin down")) };
         let answers = futures_util::future::join_all(

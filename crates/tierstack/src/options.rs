@@ -156,8 +156,8 @@ impl EntryOptions {
     /// How long a call waits for a reload when fail-safe holds a stale value: past it, the call
     /// answers the stale value (marked stale) while the load goes on in the background and
     /// updates both tiers when it finishes. Without a stale value the call waits on, up to the
-    /// hard timeout. Applies to [`get_or_load_with`](crate::TieredCache::get_or_load_with),
-    /// whose loader can outlive the call.
+    /// hard timeout. Applies to [`get_or_load_with`](crate::TieredCache::get_or_load_with) and
+    /// `get_or_load_optional_with`, whose loaders can outlive the call.
     #[must_use]
     pub fn with_soft_timeout(mut self, timeout: Duration) -> Self {
         self.soft_timeout = Some(timeout);

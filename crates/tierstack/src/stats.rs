@@ -33,7 +33,7 @@ pub struct CacheStats {
     pub corrupt_entries: u64,
     /// Invalidations received from other instances.
     pub invalidations_received: u64,
-    /// Resyncs (L1 cleared because backplane messages may have been lost).
+    /// Resyncs: the subscription was lost (L1 no longer trusted) or came back (L1 cleared).
     pub resyncs: u64,
     /// Invalidations that could not be published.
     pub publish_errors: u64,

@@ -965,3 +965,61 @@ async fn the_batch_read_through_takes_options_too() {
         "{error}"
     );
 }
+
+#[tokio::test]
+async fn a_batch_read_does_not_serve_a_value_re_armed_stale_in_l2() {
+    let fx = Fixture::new();
+    let cache = fx.builder("test").without_l1().build().unwrap();
+    let calls = Calls::default();
+    fetch(&cache, &fail_safe(), loader(&calls, "v1"))
+        .await
+        .unwrap();
+    fx.clock.advance(TTL);
+    assert!(
+        fetch(&cache, &fail_safe(), failing(&calls))
+            .await
+            .unwrap()
+            .stale
+    );
+    // Re-armed in L2, the value answers read-through calls with fail-safe only.
+    assert_eq!(cache.get_many(&["k"]).await.unwrap(), vec![None]);
+    assert_eq!(cache.get("k").await.unwrap(), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_while_deaf_leaves_no_older_copy_to_fall_back_on() {
+    let fx = Fixture::new();
+    let bus = tierstack::core::testkit::MemoryBus::new();
+    let cache = fx
+        .builder("test")
+        .backplane(std::sync::Arc::new(bus.backplane()))
+        .l2_timeout(Duration::from_millis(50))
+        .build()
+        .unwrap();
+    let calls = Calls::default();
+    fetch(&cache, &fail_safe(), loader(&calls, "v1"))
+        .await
+        .unwrap();
+    cache.wait_for_background_fills().await;
+    bus.lose_all();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while cache.stats().resyncs == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never heard of the loss"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await; // poll loop
+    }
+    cache
+        .set_with("k", "v2".into(), &fail_safe())
+        .await
+        .unwrap();
+    fx.faulty.set_failing(true);
+    fx.clock.advance(TTL);
+    // L2 and the origin fail: nothing older than the instance's own write may answer.
+    let answer = fetch(&cache, &fail_safe(), failing(&calls)).await;
+    assert!(
+        answer.as_ref().map_or(true, |f| f.value != "v1"),
+        "{answer:?}"
+    );
+}

@@ -176,13 +176,13 @@ where
                 None => L2Read::Miss { seen: None },
             };
             match read {
-                L2Read::Hit { value, life, .. } => {
+                L2Read::Hit { value, life, .. } if !life.stale => {
                     self.recorder.l2_hit(key);
                     self.fill_l1_since(key, value.clone(), life, snapshot);
                     found[index] = Some(value);
                 }
-                // A stale entry is replaced by what the batch loads.
-                L2Read::Stale { bytes, .. } => {
+                // A stale entry (or a stale value re-armed) is replaced by what the batch loads.
+                L2Read::Stale { bytes, .. } | L2Read::Hit { bytes, .. } => {
                     self.recorder.miss(key);
                     seen[index] = Some(bytes);
                 }

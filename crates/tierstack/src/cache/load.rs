@@ -232,6 +232,10 @@ where
     ///
     /// An eager refresh (`refreshing`) does not answer L1's value (it is the one to replace),
     /// nor an L2 value that is as old: only one that another instance refreshed already.
+    #[expect(
+        clippy::too_many_lines,
+        reason = "one decision over L1 then L2; split, its cases would lose their order"
+    )]
     async fn look(
         &self,
         accepts_absent: bool,
@@ -245,7 +249,9 @@ where
         let mut fallback = None;
         let skips = options.skips();
         if let Some(entry) = self.l1_entry(key).filter(|_| !skips.l1_read) {
-            let serving = self.serving(&entry, self.clock.now());
+            // A re-armed stale value answers only calls with fail-safe.
+            let serving = self.serving(&entry, self.clock.now())
+                && (!entry.stale || options.fail_safe().is_some());
             match entry.value {
                 Some(value) if !refreshing && serving => {
                     return Looked::Answered(Outcome::Found(Fetched {
@@ -263,7 +269,11 @@ where
                         expires_at: entry.expires_at,
                         bytes: None,
                     };
-                    guard.offer_stale(Some(stale.offered()));
+                    // Offered before L2 answers, so that a soft timeout can answer it while L2 is
+                    // slow; not by a deaf instance, whose copy may be outdated.
+                    if !self.is_deaf() {
+                        guard.offer_stale(Some(stale.offered()));
+                    }
                     fallback = Some(stale);
                 }
                 _ => {}
@@ -281,10 +291,13 @@ where
         let seen = match read {
             Ok(L2Read::Hit { value, life, bytes }) => {
                 let life = life.under(options);
-                let due = refreshing
-                    && life
-                        .refresh_in(self.clock.now())
-                        .is_none_or(|after| after.is_zero());
+                // A stale value re-armed in L2 answers only calls with fail-safe.
+                let unwanted = life.stale && options.fail_safe().is_none();
+                let due = unwanted
+                    || (refreshing
+                        && life
+                            .refresh_in(self.clock.now())
+                            .is_none_or(|after| after.is_zero()));
                 match value {
                     Some(_) if due => Some(bytes),
                     Some(value) => {

@@ -434,7 +434,9 @@ where
             return;
         };
         if self.is_deaf() {
-            // No invalidation would reach the copy: serve from L2 until the backplane is back.
+            // No invalidation would reach the copy: serve from L2 until the backplane is back,
+            // and drop the older copy this value replaces (it stays as a last resort otherwise).
+            l1.invalidate(key);
             return;
         }
         l1.insert(key.to_owned(), life.l1_entry(value, self.clock.now()));
