@@ -246,22 +246,6 @@ impl EntryOptions {
         self
     }
 
-    pub(crate) fn set_ttl(&mut self, ttl: Duration) {
-        self.ttl = ttl;
-    }
-
-    pub(crate) fn set_l1_ttl(&mut self, ttl: Duration) {
-        self.l1_ttl = Some(ttl);
-    }
-
-    pub(crate) fn set_jitter(&mut self, fraction: f64) {
-        self.jitter = fraction;
-    }
-
-    pub(crate) fn set_negative_ttl(&mut self, ttl: Duration) {
-        self.negative_ttl = Some(ttl);
-    }
-
     /// Checks every setting, naming the one that is out of range.
     pub(crate) fn validate(&self) -> Result<()> {
         let named = |name: &str, ttl: Duration| {

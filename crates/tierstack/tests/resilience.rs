@@ -492,6 +492,9 @@ async fn options_out_of_range_are_refused() {
         EntryOptions::default().with_jitter(2.0),
         EntryOptions::default().with_hard_timeout(Duration::ZERO),
         EntryOptions::default().with_fail_safe(FailSafe::new(Duration::ZERO)),
+        EntryOptions::default().with_soft_timeout(Duration::ZERO),
+        EntryOptions::default().with_eager_refresh(1.0),
+        EntryOptions::default().with_eager_refresh(0.0),
     ] {
         let error = fetch(&cache, &options, loader(&calls, "v"))
             .await
@@ -825,8 +828,14 @@ async fn touch_does_not_make_a_stale_value_fresh() {
     assert_eq!((stale.value.as_str(), stale.stale), ("v1", true));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_deaf_instance_still_falls_back_on_its_stale_copy_when_l2_and_the_origin_fail() {
+/// A cache with a backplane that loaded `k` = `v1` with fail-safe, then lost its subscription
+/// (the Redis of both L2 and the backplane went away), and has heard of the loss.
+async fn deaf_after_loading_v1() -> (
+    Fixture,
+    tierstack::core::testkit::MemoryBus,
+    TieredCache<String>,
+    Calls,
+) {
     let fx = Fixture::new();
     let bus = tierstack::core::testkit::MemoryBus::new();
     let cache = fx
@@ -840,7 +849,6 @@ async fn a_deaf_instance_still_falls_back_on_its_stale_copy_when_l2_and_the_orig
         .await
         .unwrap();
     cache.wait_for_background_fills().await;
-    // The Redis of both L2 and the backplane goes away.
     bus.lose_all();
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while cache.stats().resyncs == 0 {
@@ -848,8 +856,14 @@ async fn a_deaf_instance_still_falls_back_on_its_stale_copy_when_l2_and_the_orig
             std::time::Instant::now() < deadline,
             "never heard of the loss"
         );
-        tokio::task::yield_now().await; // poll loop
+        tokio::time::sleep(Duration::from_millis(5)).await; // poll loop
     }
+    (fx, bus, cache, calls)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deaf_instance_still_falls_back_on_its_stale_copy_when_l2_and_the_origin_fail() {
+    let (fx, _bus, cache, calls) = deaf_after_loading_v1().await;
     fx.faulty.set_failing(true);
     // Deaf, L1 serves nothing as fresh...
     assert_eq!(cache.get("k").await.unwrap(), None);
@@ -988,28 +1002,7 @@ async fn a_batch_read_does_not_serve_a_value_re_armed_stale_in_l2() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_while_deaf_leaves_no_older_copy_to_fall_back_on() {
-    let fx = Fixture::new();
-    let bus = tierstack::core::testkit::MemoryBus::new();
-    let cache = fx
-        .builder("test")
-        .backplane(std::sync::Arc::new(bus.backplane()))
-        .l2_timeout(Duration::from_millis(50))
-        .build()
-        .unwrap();
-    let calls = Calls::default();
-    fetch(&cache, &fail_safe(), loader(&calls, "v1"))
-        .await
-        .unwrap();
-    cache.wait_for_background_fills().await;
-    bus.lose_all();
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while cache.stats().resyncs == 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "never heard of the loss"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await; // poll loop
-    }
+    let (fx, _bus, cache, calls) = deaf_after_loading_v1().await;
     cache
         .set_with("k", "v2".into(), &fail_safe())
         .await

@@ -109,21 +109,21 @@ where
 
     /// The time to live of entries written without one (default 5 minutes).
     pub fn default_ttl(mut self, ttl: Duration) -> Self {
-        self.settings.defaults.set_ttl(ttl);
+        self.settings.defaults = self.settings.defaults.with_ttl(ttl);
         self
     }
 
     /// A shorter cap on how long L1 keeps an entry, so that instances re-read L2 at least this
     /// often even if an invalidation is lost.
     pub fn l1_ttl(mut self, ttl: Duration) -> Self {
-        self.settings.defaults.set_l1_ttl(ttl);
+        self.settings.defaults = self.settings.defaults.with_l1_ttl(ttl);
         self
     }
 
     /// Adds up to `fraction` (0 to 1) of each TTL at random, so entries written together do not
     /// expire together and stampede the origin.
     pub fn ttl_jitter(mut self, fraction: f64) -> Self {
-        self.settings.defaults.set_jitter(fraction);
+        self.settings.defaults = self.settings.defaults.with_jitter(fraction);
         self
     }
 
@@ -131,7 +131,7 @@ where
     /// [`get_or_load_optional`](TieredCache::get_or_load_optional) for `ttl`, so that lookups of
     /// keys that do not exist stop reaching the origin.
     pub fn negative_ttl(mut self, ttl: Duration) -> Self {
-        self.settings.defaults.set_negative_ttl(ttl);
+        self.settings.defaults = self.settings.defaults.with_negative_ttl(ttl);
         self
     }
 

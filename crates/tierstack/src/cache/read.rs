@@ -192,7 +192,7 @@ where
             .l1
             .as_ref()
             .and_then(|l1| l1.get(key))
-            .filter(|entry| entry.is_fresh_at(now) && !entry.stale && !self.is_deaf())
+            .filter(|entry| entry.is_fresh_at(now) && self.trusted_fresh(entry))
             .map(|entry| now.until(entry.fresh_until)))
     }
 
@@ -213,12 +213,18 @@ where
         if entry.fresh_until != entry.expires_at && !entry.is_fresh_at(self.clock.now()) {
             return None;
         }
-        // A re-armed stale value answers read-through calls only (see `serving`).
-        if entry.stale || self.is_deaf() {
+        if !self.trusted_fresh(&entry) {
             return None;
         }
         self.recorder.l1_hit(key);
         Some((entry.value, entry.stale))
+    }
+
+    /// Whether a plain read may answer `entry` (already known fresh): not a stale value that
+    /// fail-safe re-armed (those answer read-through calls only, see `serving`), and not while
+    /// deaf.
+    fn trusted_fresh(&self, entry: &L1Entry<V>) -> bool {
+        !entry.stale && !self.is_deaf()
     }
 
     /// Whether a read-through call may answer `entry` without loading, at `now`: fresh, and
