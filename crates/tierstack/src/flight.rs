@@ -97,6 +97,29 @@ impl<V: Clone> FlightWait<V> {
         };
         ended.ok_or_else(|| self.0.borrow().stale.clone())
     }
+
+    /// The flight's outcome, or the first stale value it offers, whichever comes first (by
+    /// `deadline`, if any); `Err(None)` if the deadline passed with neither.
+    pub(crate) async fn outcome_or_stale_until(
+        &mut self,
+        deadline: Option<tokio::time::Instant>,
+    ) -> Result<Outcome<V>, Option<Fetched<V>>> {
+        let first = self
+            .0
+            .wait_for(|state| state.outcome.is_some() || state.stale.is_some());
+        let first = match deadline {
+            Some(deadline) => tokio::time::timeout_at(deadline, first).await,
+            None => Ok(first.await),
+        };
+        match first {
+            Ok(Ok(state)) => match &state.outcome {
+                Some(outcome) => Ok(outcome.clone()),
+                None => Err(state.stale.clone()),
+            },
+            Ok(Err(_)) => Ok(Outcome::Abandoned),
+            Err(_) => Err(None),
+        }
+    }
 }
 
 type FlightKey = (Box<str>, TypeId);
@@ -257,7 +280,11 @@ mod tests {
             flights.join_or_lead("k", TypeId::of::<String>(), stamp(&f)),
             Role::Lead(_)
         ));
-        leader.complete(Outcome::Found(Fetched::new(7, crate::Source::Loader)));
+        leader.complete(Outcome::Found(Fetched::fresh(
+            7,
+            crate::Source::Loader,
+            None,
+        )));
         assert!(matches!(waiter.outcome().await, Outcome::Found(f) if f.value == 7));
         assert!(matches!(
             flights.join_or_lead("k", kind(), stamp(&f)),

@@ -63,8 +63,10 @@ pub struct Skips {
     pub l2_read: bool,
     /// Do not write L2 (a loaded or written value stays in this instance's L1).
     pub l2_write: bool,
-    /// Do not tell the other instances of a write. (A store that announces its own writes,
-    /// as a Redis store paired with its backplane does, still announces them.)
+    /// Do not tell the other instances of a write: they keep their L1 copies until their TTL.
+    /// A write whose outcome is unknown (an L2 failure or timeout) tells them all the same, and
+    /// a store that announces its own writes (a Redis store paired with its backplane) still
+    /// announces them.
     pub backplane: bool,
 }
 
@@ -409,14 +411,31 @@ pub struct Fetched<V> {
     pub source: Source,
     /// Whether the value is past its TTL: fail-safe served it because the origin failed.
     pub stale: bool,
+    /// How long the value stays fresh from when it was answered: the remaining TTL of the L1
+    /// or L2 entry, or the TTL a loaded value was cached with. `None` for a stale value and for
+    /// a loaded value that was not cached (the loader said [`Loaded::uncached`], its TTL was
+    /// refused, or the call skipped both tiers' writes).
+    pub ttl: Option<Duration>,
 }
 
 impl<V> Fetched<V> {
-    pub(crate) fn new(value: V, source: Source) -> Self {
+    /// A fresh value, cached for `ttl` from now (`None`: not cached).
+    pub(crate) fn fresh(value: V, source: Source, ttl: Option<Duration>) -> Self {
         Self {
             value,
             source,
             stale: false,
+            ttl,
+        }
+    }
+
+    /// A value past its TTL that fail-safe answers.
+    pub(crate) fn stale(value: V, source: Source) -> Self {
+        Self {
+            value,
+            source,
+            stale: true,
+            ttl: None,
         }
     }
 }

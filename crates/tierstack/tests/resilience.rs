@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use common::{Calls, Fixture, loader};
@@ -340,6 +341,41 @@ async fn the_soft_timeout_answers_stale_and_the_late_value_lands_in_both_tiers()
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_stale_value_found_after_the_soft_timeout_answers_when_found() {
+    let fx = Fixture::new();
+    let (calls, done) = (Calls::default(), Calls::default());
+    let soft = Duration::from_millis(20);
+    let options = fail_safe().with_soft_timeout(soft);
+    fetch(&fx.cache(), &options, loader(&calls, "v1"))
+        .await
+        .unwrap();
+    fx.clock.advance(TTL);
+    // A new instance (nothing in L1) whose L2 answers only after the soft timeout.
+    let cache = fx
+        .builder("test")
+        .l2_timeout(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let l2_delay = Duration::from_millis(100);
+    fx.faulty.set_delay(l2_delay);
+    let started = tokio::time::Instant::now();
+    let stale = cache
+        .get_or_load_with(
+            "k",
+            &options,
+            slow(&calls, &done, Duration::from_millis(500), "v2"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (stale.value.as_str(), stale.source, stale.stale),
+        ("v1", Source::L2, true)
+    );
+    assert_eq!(started.elapsed(), l2_delay, "answered when L2 answered");
+    assert_eq!(cache.stats().soft_timeouts, 1);
+}
+
+#[tokio::test(start_paused = true)]
 async fn eager_refresh_reloads_once_in_the_background_and_nobody_waits() {
     let fx = Fixture::new();
     let cache = fx.cache();
@@ -432,7 +468,10 @@ async fn a_loader_can_choose_its_ttl_or_not_to_be_cached() {
         })
         .await
         .unwrap();
-    assert_eq!(token.source, Source::Loader);
+    assert_eq!(
+        (token.source, token.ttl),
+        (Source::Loader, Some(Duration::from_secs(90)))
+    );
     cache.wait_for_background_fills().await;
     assert_eq!(
         fx.l2.ttl("test:token").await.unwrap(),
@@ -448,7 +487,7 @@ async fn a_loader_can_choose_its_ttl_or_not_to_be_cached() {
             })
             .await
             .unwrap();
-        assert_eq!(partial.value, "p");
+        assert_eq!((partial.value.as_str(), partial.ttl), ("p", None));
     }
     assert_eq!(calls.count(), 2, "an uncached answer is loaded again");
     cache.wait_for_background_fills().await;
@@ -460,7 +499,7 @@ async fn a_loader_can_choose_its_ttl_or_not_to_be_cached() {
         })
         .await
         .unwrap();
-    assert_eq!(zero.value, "z");
+    assert_eq!((zero.value.as_str(), zero.ttl), ("z", None));
     assert_eq!(cache.get("zero").await.unwrap(), None);
 }
 
@@ -469,17 +508,44 @@ async fn provenance_names_the_tier_that_answered() {
     let fx = Fixture::new();
     let cache = fx.cache();
     let calls = Calls::default();
-    let options = cache.default_options();
+    let options = cache.default_options().with_ttl(TTL);
     let loaded = fetch(&cache, &options, loader(&calls, "v")).await.unwrap();
-    let from_l1 = fetch(&cache, &options, loader(&calls, "x")).await.unwrap();
     cache.wait_for_background_fills().await;
+    fx.clock.advance(Duration::from_secs(4));
+    let from_l1 = fetch(&cache, &options, loader(&calls, "x")).await.unwrap();
     let from_l2 = fetch(&fx.cache(), &options, loader(&calls, "x"))
         .await
         .unwrap();
     let sources = [loaded.source, from_l1.source, from_l2.source];
     assert_eq!(sources, [Source::Loader, Source::L1, Source::L2]);
     assert!(!(loaded.stale || from_l1.stale || from_l2.stale));
+    // The remaining TTL (10 s less the 4 s that passed), from each tier's own entry.
+    let remaining = Some(Duration::from_secs(6));
+    assert_eq!(
+        [loaded.ttl, from_l1.ttl, from_l2.ttl],
+        [Some(TTL), remaining, remaining]
+    );
     assert_eq!(calls.count(), 1);
+}
+
+#[tokio::test]
+async fn a_stale_answer_has_no_remaining_ttl() {
+    let fx = Fixture::new();
+    let cache = fx.cache();
+    let calls = Calls::default();
+    fetch(&cache, &fail_safe(), loader(&calls, "v1"))
+        .await
+        .unwrap();
+    fx.clock.advance(TTL);
+    let stale = fetch(&cache, &fail_safe(), failing(&calls)).await.unwrap();
+    assert_eq!((stale.stale, stale.ttl), (true, None));
+    // The re-armed copy answers the next call, stale too.
+    let again = fetch(&cache, &fail_safe(), failing(&calls)).await.unwrap();
+    assert_eq!(
+        (again.source, again.stale, again.ttl),
+        (Source::L1, true, None)
+    );
+    assert_eq!(calls.count(), 2);
 }
 
 #[tokio::test]
@@ -694,6 +760,81 @@ async fn options_can_skip_a_tier_on_read_or_write() {
     );
     assert_eq!(fx.cache().get("x").await.unwrap(), Some("x".into()));
 }
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deletes_and_touches_take_options_too() {
+    let fx = Fixture::new();
+    let bus = tierstack::core::testkit::MemoryBus::new();
+    let instance = || {
+        fx.builder("test")
+            .backplane(std::sync::Arc::new(bus.backplane()))
+            .build()
+            .unwrap()
+    };
+    let (a, b) = (instance(), instance());
+    let skip = |skips: Skips| EntryOptions::default().with_ttl(TTL).with_skips(skips);
+    let heard = |count: u64| {
+        let b = &b;
+        async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while b.stats().invalidations_received < count {
+                assert!(std::time::Instant::now() < deadline, "B never heard");
+                tokio::time::sleep(Duration::from_millis(5)).await; // poll loop
+            }
+            b.stats().invalidations_received
+        }
+    };
+    let keys = ["k", "local", "p:1", "p:2", "t"];
+    for key in keys {
+        a.set(key, "v".into()).await.unwrap();
+    }
+    assert_eq!(heard(5).await, 5);
+    for key in keys {
+        assert_eq!(b.get(key).await.unwrap(), Some("v".into()));
+    }
+    // Skipping the backplane: L2 is changed, the other instance is not told...
+    let quiet = skip(Skips {
+        backplane: true,
+        ..Skips::default()
+    });
+    assert!(a.delete_with("k", &quiet).await.unwrap());
+    assert!(!fx.holds("test:k").await);
+    // ...which a plain delete after it shows: the one invalidation B hears is that one's.
+    assert!(a.delete("t").await.unwrap());
+    assert_eq!(heard(6).await, 6);
+    assert_eq!(
+        b.get("k").await.unwrap(),
+        Some("v".into()),
+        "B was not told"
+    );
+    // Skipping L2 writes: this instance's L1 copy only.
+    let local = skip(Skips {
+        l2_write: true,
+        ..Skips::default()
+    });
+    assert!(a.delete_with("local", &local).await.unwrap());
+    assert!(fx.holds("test:local").await);
+    assert_eq!(a.get("local").await.unwrap(), Some("v".into()));
+    assert_eq!(a.delete_prefix_with("p:", &local).await.unwrap(), 0);
+    assert!(fx.holds("test:p:1").await && fx.holds("test:p:2").await);
+    let l1_reads = a.stats().l1_hits;
+    assert_eq!(a.get("p:1").await.unwrap(), Some("v".into()));
+    assert_eq!(a.stats().l1_hits, l1_reads, "read again from L2");
+    // A local touch extends L1's copy only: past L2's TTL, only this instance still has it.
+    let longer = local.with_ttl(Duration::from_mins(2));
+    assert!(a.touch_with("local", &longer).await.unwrap());
+    assert!(!a.touch_with("never", &longer).await.unwrap());
+    fx.clock.advance(Duration::from_secs(61));
+    assert!(!fx.holds("test:local").await);
+    assert_eq!(a.get("local").await.unwrap(), Some("v".into()));
+    assert_eq!(instance().get("local").await.unwrap(), None);
+    // And with options out of range, nothing is touched.
+    assert!(
+        a.touch_with("local", &EntryOptions::default().with_ttl(Duration::ZERO))
+            .await
+            .is_err()
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_written_value_is_refreshed_early_cycle_after_cycle() {
     let fx = Fixture::new();
@@ -977,6 +1118,121 @@ async fn the_batch_read_through_takes_options_too() {
     assert!(
         matches!(error, LoadError::TimedOut { after } if after == limit),
         "{error}"
+    );
+}
+
+/// A batch loader answering `value` for every key, counting its calls.
+fn batch_of(
+    calls: &Calls,
+    value: &'static str,
+) -> impl FnOnce(Vec<String>) -> std::future::Ready<Result<HashMap<String, String>, std::io::Error>>
+{
+    let calls = calls.clone();
+    move |missing| {
+        calls.hit();
+        std::future::ready(Ok(missing
+            .into_iter()
+            .map(|key| (key, value.to_owned()))
+            .collect()))
+    }
+}
+
+fn failing_batch(
+    calls: &Calls,
+) -> impl FnOnce(Vec<String>) -> std::future::Ready<Result<HashMap<String, String>, std::io::Error>>
+{
+    let calls = calls.clone();
+    move |_| {
+        calls.hit();
+        std::future::ready(Err(std::io::Error::other("origin down")))
+    }
+}
+
+#[tokio::test]
+async fn a_failed_batch_answers_stale_values_with_fail_safe() {
+    let fx = Fixture::new();
+    let cache = fx.cache();
+    let calls = Calls::default();
+    let options = fail_safe();
+    let some = |v: &str| Some(v.to_owned());
+    cache
+        .get_or_load_many_with(&["a", "b"], &options, batch_of(&calls, "v1"))
+        .await
+        .unwrap();
+    cache.wait_for_background_fills().await;
+    fx.clock.advance(TTL);
+    // `a` stale in L1 and L2; `b` stale in L2 only (another instance's view).
+    cache.invalidate_local("b");
+    let stale = cache
+        .get_or_load_many_with(&["a", "b", "a"], &options, failing_batch(&calls))
+        .await
+        .unwrap();
+    assert_eq!(stale, vec![some("v1"), some("v1"), some("v1")]);
+    assert_eq!((calls.count(), cache.stats().stale_served), (2, 2));
+    // Re-armed for the throttle: the next batch answers without calling the origin...
+    let again = cache
+        .get_or_load_many_with(&["a", "b"], &options, failing_batch(&calls))
+        .await
+        .unwrap();
+    assert_eq!(again, vec![some("v1"), some("v1")]);
+    assert_eq!(calls.count(), 2);
+    // ...but plain reads and calls without fail-safe do not take a stale value.
+    assert_eq!(cache.get_many(&["a", "b"]).await.unwrap(), vec![None, None]);
+    let plain = EntryOptions::default().with_ttl(TTL);
+    assert!(
+        cache
+            .get_or_load_many_with(&["a"], &plain, failing_batch(&calls))
+            .await
+            .is_err()
+    );
+    // A key with no stale value: the batch's error stands.
+    let error = cache
+        .get_or_load_many_with(&["a", "new"], &options, failing_batch(&calls))
+        .await
+        .unwrap_err();
+    assert!(error.loader_error().is_some(), "{error}");
+}
+
+#[tokio::test]
+async fn a_batch_can_skip_reading_a_tier() {
+    let fx = Fixture::new();
+    let cache = fx.cache();
+    let calls = Calls::default();
+    let some = |v: &str| Some(v.to_owned());
+    cache.set("a", "old".into()).await.unwrap();
+    // Another instance writes L2 without telling this one.
+    let quiet = EntryOptions::default().with_skips(Skips {
+        backplane: true,
+        ..Skips::default()
+    });
+    fx.cache()
+        .set_with("a", "new".into(), &quiet)
+        .await
+        .unwrap();
+    let skip = |skips: Skips| EntryOptions::default().with_ttl(TTL).with_skips(skips);
+    let no_l1 = skip(Skips {
+        l1_read: true,
+        ..Skips::default()
+    });
+    let read = cache
+        .get_or_load_many_with(&["a"], &no_l1, failing_batch(&calls))
+        .await
+        .unwrap();
+    assert_eq!(read, vec![some("new")]);
+    let no_l2 = skip(Skips {
+        l1_read: true,
+        l2_read: true,
+        ..Skips::default()
+    });
+    let loaded = cache
+        .get_or_load_many_with(&["a"], &no_l2, batch_of(&calls, "loaded"))
+        .await
+        .unwrap();
+    assert_eq!(loaded, vec![some("loaded")]);
+    assert_eq!(
+        calls.count(),
+        1,
+        "the failing batch was never called; this one was"
     );
 }
 

@@ -98,24 +98,22 @@ where
         };
         let l1_entry = self.l1_entry(key).filter(|_| !options.skips().l1_read);
         if let Some(entry) = l1_entry {
-            // Plain entries without eager refresh need no clock: L1 keeps them while fresh.
-            let plain = entry.fresh_until == entry.expires_at && entry.refresh_at.is_none();
-            let now = if plain { None } else { Some(self.clock.now()) };
-            let serving = match now {
-                Some(now) => self.serving(&entry, now),
-                None => !self.is_deaf(),
-            };
+            let now = self.clock.now();
+            let serving = self.serving(&entry, now);
             match &entry.value {
                 Some(value) if serving => {
                     self.recorder.l1_hit(key);
-                    if let (Some(now), Some(at)) = (now, entry.refresh_at)
-                        && now >= at
-                    {
+                    if entry.refresh_at.is_some_and(|at| now >= at) {
                         self.refresh(key, flight, options, &entry, loader);
                     }
-                    return Ok(Some(Fetched {
-                        stale: entry.stale,
-                        ..Fetched::new(value.clone(), Source::L1)
+                    return Ok(Some(if entry.stale {
+                        Fetched::stale(value.clone(), Source::L1)
+                    } else {
+                        Fetched::fresh(
+                            value.clone(),
+                            Source::L1,
+                            Some(now.until(entry.fresh_until)),
+                        )
                     }));
                 }
                 None if serving && accepts_absent => {
@@ -254,9 +252,10 @@ where
     }
 
     /// A caller's wait for a flight under its deadlines. Past the soft one, the stale value the
-    /// flight found answers; past the hard one, that stale value with fail-safe, else a
-    /// timeout. A flight that failed (it may have been started without fail-safe) also
-    /// answers its stale value to a caller with fail-safe.
+    /// flight found answers (or, if it has found none yet, the first it finds before the load
+    /// ends); past the hard one, that stale value with fail-safe, else a timeout. A flight
+    /// that failed (it may have been started without fail-safe) also answers its stale value
+    /// to a caller with fail-safe.
     async fn await_flight(
         &self,
         key: &str,
@@ -273,7 +272,18 @@ where
                         self.recorder.stale_served(key, StaleReason::SoftTimeout);
                         return Outcome::Found(stale);
                     }
-                    Err(None) => {}
+                    // No stale value yet (L2 is slow to answer, say): the first one found
+                    // answers, as it would have at the soft timeout.
+                    Err(None) => match wait.outcome_or_stale_until(deadlines.hard).await {
+                        Ok(outcome) => break 'waited outcome,
+                        Err(Some(stale)) => {
+                            self.recorder.stale_served(key, StaleReason::SoftTimeout);
+                            return Outcome::Found(stale);
+                        }
+                        Err(None) => {
+                            return Outcome::TimedOut(options.hard_timeout().unwrap_or_default());
+                        }
+                    },
                 }
             }
             let Some(hard) = deadlines.hard else {

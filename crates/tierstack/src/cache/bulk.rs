@@ -13,15 +13,42 @@ use serde::de::DeserializeOwned;
 use tierstack_core::key::fingerprint;
 use tierstack_core::{Codec, Result};
 
+use tierstack_core::envelope;
+
 use super::Inner;
+use super::load::Fallback;
+use super::read::L2Read;
+use crate::error::LoadError;
+use crate::events::StaleReason;
+use crate::flight::Outcome;
+use crate::freshness::{KeyWatch, Snapshot};
+use crate::options::{EntryOptions, Source};
+use crate::stats::L2Op;
 
 /// How many conditional writes of one bulk fill are in flight at once.
 const BULK_FILL_CONCURRENCY: usize = 64;
-use super::read::L2Read;
-use crate::error::LoadError;
-use crate::freshness::KeyWatch;
-use crate::options::EntryOptions;
-use crate::stats::L2Op;
+
+/// What a batch's look in L1 and L2 found, per key of the call.
+struct Looked<V> {
+    /// `Some(v)` where a tier answered (`v` `None` for a negative entry), `None` to load.
+    #[expect(
+        clippy::option_option,
+        reason = "a negative entry is a hit with no value, unlike a miss"
+    )]
+    found: Vec<Option<Option<V>>>,
+    /// What L2 held instead of a usable entry (see [`L2Read::Miss`]), for a loaded value to
+    /// replace.
+    seen: Vec<Option<Bytes>>,
+    /// With fail-safe, the stale value that answers if the loader fails.
+    fallbacks: Vec<Option<Fallback<V>>>,
+}
+
+/// A key the batch loads (each once, however often the call names it).
+struct Missing<'a, V> {
+    key: &'a str,
+    seen: Option<Bytes>,
+    fallback: Option<Fallback<V>>,
+}
 
 impl<V, C> Inner<V, C>
 where
@@ -29,8 +56,10 @@ where
     C: Codec,
 {
     pub(super) async fn get_many<K: AsRef<str>>(&self, keys: &[K]) -> Result<Vec<Option<V>>> {
-        let (found, _) = self.lookup_many(keys).await?;
-        Ok(found.into_iter().map(Option::flatten).collect())
+        // A plain read never answers a stale value, not even one that fail-safe re-armed.
+        let options = self.settings.defaults.without_fail_safe();
+        let looked = self.lookup_many(keys, &options).await?;
+        Ok(looked.found.into_iter().map(Option::flatten).collect())
     }
 
     pub(super) async fn get_or_load_many<K, F, Fut, E>(
@@ -45,16 +74,22 @@ where
         Fut: Future<Output = std::result::Result<HashMap<String, V>, E>>,
     {
         options.validate()?;
-        let (mut found, mut seen_in_l2) = self.lookup_many(keys).await?;
+        let Looked {
+            mut found,
+            mut seen,
+            mut fallbacks,
+        } = self.lookup_many(keys, options).await?;
         let mut distinct = HashSet::new();
-        let (missing, seen): (Vec<&str>, Vec<Option<Bytes>>) = keys
-            .iter()
-            .map(AsRef::as_ref)
-            .zip(&found)
-            .zip(seen_in_l2.iter_mut())
-            .filter(|((key, hit), _)| hit.is_none() && distinct.insert(*key))
-            .map(|((key, _), seen)| (key, seen.take()))
-            .unzip();
+        let mut missing = Vec::new();
+        for (index, key) in keys.iter().map(AsRef::as_ref).enumerate() {
+            if found[index].is_none() && distinct.insert(key) {
+                missing.push(Missing {
+                    key,
+                    seen: seen[index].take(),
+                    fallback: fallbacks[index].take(),
+                });
+            }
+        }
         if missing.is_empty() {
             return Ok(found.into_iter().map(Option::flatten).collect());
         }
@@ -63,43 +98,43 @@ where
         // watches leave nothing behind.
         let watches: Vec<KeyWatch> = missing
             .iter()
-            .map(|key| self.freshness.watch(key))
+            .map(|missing| self.freshness.watch(missing.key))
             .collect();
         let started = Instant::now();
-        let request: Vec<String> = missing.iter().map(|key| (*key).to_owned()).collect();
+        let request: Vec<String> = missing.iter().map(|m| m.key.to_owned()).collect();
         let run = AssertUnwindSafe(async move { loader(request).await }).catch_unwind();
         // The hard timeout cancels the batch loader (it runs in the caller's task).
         let answer = match options.hard_timeout() {
             Some(limit) => tokio::time::timeout(limit, run).await.ok(),
             None => Some(run.await),
         };
-        let mut origin_values = match answer {
-            Some(Ok(Ok(map))) => {
-                self.recorder.load(true, started.elapsed());
-                map
+        let origin = match answer {
+            Some(Ok(Ok(map))) => Ok(map),
+            Some(Ok(Err(error))) => Err(LoadError::Loader(std::sync::Arc::new(error))),
+            Some(Err(_)) => Err(LoadError::Panicked),
+            None => Err(LoadError::TimedOut {
+                after: options.hard_timeout().unwrap_or_default(),
+            }),
+        };
+        self.recorder.load(origin.is_ok(), started.elapsed());
+        let values: Vec<Option<V>> = match origin {
+            Ok(mut origin_values) => {
+                let values: Vec<Option<V>> = missing
+                    .iter()
+                    .map(|missing| origin_values.remove(missing.key))
+                    .collect();
+                let seen = missing.iter_mut().map(|missing| missing.seen.take());
+                self.store_loaded_many(&watches, &values, seen.collect(), options)
+                    .await;
+                values
             }
-            Some(Ok(Err(error))) => {
-                self.recorder.load(false, started.elapsed());
-                return Err(LoadError::Loader(std::sync::Arc::new(error)));
-            }
-            Some(Err(_)) => {
-                self.recorder.load(false, started.elapsed());
-                return Err(LoadError::Panicked);
-            }
-            None => {
-                self.recorder.load(false, started.elapsed());
-                return Err(LoadError::TimedOut {
-                    after: options.hard_timeout().unwrap_or_default(),
-                });
+            Err(error) => {
+                self.serve_stale_many(missing, &watches, options, error)
+                    .await?
             }
         };
-        let values: Vec<Option<V>> = missing
-            .iter()
-            .map(|key| origin_values.remove(*key))
-            .collect();
-        self.store_loaded_many(&watches, &values, seen, options)
-            .await;
-        let by_key: HashMap<&str, &Option<V>> = missing.iter().copied().zip(&values).collect();
+        let by_key: HashMap<&str, &Option<V>> =
+            watches.iter().map(KeyWatch::key).zip(&values).collect();
         for (key, slot) in keys.iter().zip(found.iter_mut()) {
             if slot.is_none() {
                 *slot = Some(by_key.get(key.as_ref()).and_then(|value| (*value).clone()));
@@ -108,31 +143,97 @@ where
         Ok(found.into_iter().map(Option::flatten).collect())
     }
 
-    /// L1 then one L2 round trip for `keys`: `Some(v)` per found key (`v` `None` for a negative
-    /// entry), `None` where both tiers missed; and, per key, what L2 held instead of a usable
-    /// entry (see [`L2Read::Miss`]), for a loaded value to replace.
+    /// Fail-safe for a batch whose loader failed (or timed out): if every key the batch
+    /// loaded has a stale value, those answer, each re-armed for the throttle as a single key's
+    /// is; otherwise the load's error stands (no key answers "not found" in place of a value).
+    async fn serve_stale_many<E>(
+        &self,
+        missing: Vec<Missing<'_, V>>,
+        watches: &[KeyWatch],
+        options: &EntryOptions,
+        error: LoadError<E>,
+    ) -> std::result::Result<Vec<Option<V>>, LoadError<E>> {
+        let covered = options.fail_safe().is_some()
+            && missing.iter().all(|missing| missing.fallback.is_some());
+        if !covered {
+            return Err(error);
+        }
+        let reason = match error {
+            LoadError::TimedOut { .. } => StaleReason::HardTimeout,
+            _ => StaleReason::LoaderFailed,
+        };
+        let mut values = Vec::with_capacity(missing.len());
+        for (missing, watch) in missing.into_iter().zip(watches) {
+            let Some(fallback) = missing.fallback else {
+                return Err(error);
+            };
+            self.recorder.stale_served(missing.key, reason);
+            values.push(
+                match self
+                    .serve_stale(missing.key, fallback, options, watch)
+                    .await
+                {
+                    Outcome::Found(fetched) => Some(fetched.value),
+                    _ => None,
+                },
+            );
+        }
+        Ok(values)
+    }
+
+    /// L1 then one L2 round trip for `keys`, under a call's `options` (the tiers it skips, and
+    /// with fail-safe, the stale values that answer if the loader fails).
     async fn lookup_many<K: AsRef<str>>(
         &self,
         keys: &[K],
-    ) -> Result<(Vec<Option<Option<V>>>, Vec<Option<Bytes>>)> {
+        options: &EntryOptions,
+    ) -> Result<Looked<V>> {
         for key in keys {
             self.check_key(key.as_ref())?;
         }
-        let mut found = Vec::with_capacity(keys.len());
-        let mut seen = vec![None; keys.len()];
+        let skips = options.skips();
+        let fail_safe = options.fail_safe().is_some();
+        let mut looked = Looked {
+            found: Vec::with_capacity(keys.len()),
+            seen: vec![None; keys.len()],
+            fallbacks: std::iter::repeat_with(|| None).take(keys.len()).collect(),
+        };
         let mut missing = Vec::new();
+        let now = self.clock.now();
         for (index, key) in keys.iter().enumerate() {
-            let hit = self.l1_get(key.as_ref());
-            if hit.is_none() {
+            let key = key.as_ref();
+            let Some(entry) = self.l1_entry(key).filter(|_| !skips.l1_read) else {
                 missing.push(index);
+                looked.found.push(None);
+                continue;
+            };
+            // As for a single key: a stale value that fail-safe re-armed answers only calls
+            // with fail-safe, and one past its throttle is their fallback.
+            if self.serving(&entry, now) && (!entry.stale || fail_safe) {
+                self.recorder.l1_hit(key);
+                looked.found.push(Some(entry.value));
+                continue;
             }
-            found.push(hit);
+            if let (Some(value), true) = (entry.value, fail_safe) {
+                looked.fallbacks[index] = Some(Fallback {
+                    value,
+                    source: Source::L1,
+                    expires_at: entry.expires_at,
+                    bytes: None,
+                });
+            }
+            missing.push(index);
+            looked.found.push(None);
         }
-        let Some(l2) = self.l2.as_ref().filter(|_| !missing.is_empty()) else {
+        let l2 = self
+            .l2
+            .as_ref()
+            .filter(|_| !missing.is_empty() && !skips.l2_read);
+        let Some(l2) = l2 else {
             for &index in &missing {
                 self.recorder.miss(keys[index].as_ref());
             }
-            return Ok((found, seen));
+            return Ok(looked);
         };
         let deadline = self.deadline();
         let snapshots: Vec<_> = missing
@@ -175,24 +276,67 @@ where
                 Some((bytes, ttl)) => self.classify(key, bytes, ttl, deadline).await,
                 None => L2Read::Miss { seen: None },
             };
-            match read {
-                L2Read::Hit { value, life, .. } if !life.stale => {
-                    self.recorder.l2_hit(key);
-                    self.fill_l1_since(key, value.clone(), life, snapshot);
-                    found[index] = Some(value);
-                }
-                // A stale entry (or a stale value re-armed) is replaced by what the batch loads.
-                L2Read::Stale { bytes, .. } | L2Read::Hit { bytes, .. } => {
-                    self.recorder.miss(key);
-                    seen[index] = Some(bytes);
-                }
-                L2Read::Miss { seen: there } => {
-                    self.recorder.miss(key);
-                    seen[index] = there;
+            self.take_l2_read(key, index, read, options, snapshot, &mut looked);
+        }
+        Ok(looked)
+    }
+
+    /// What one key's L2 read in a batch answers, or leaves to load (and fall back on).
+    fn take_l2_read(
+        &self,
+        key: &str,
+        index: usize,
+        read: L2Read<V>,
+        options: &EntryOptions,
+        snapshot: Snapshot,
+        looked: &mut Looked<V>,
+    ) {
+        let fail_safe = options.fail_safe().is_some();
+        match read {
+            // A stale value re-armed in L2 answers only calls with fail-safe.
+            L2Read::Hit { value, life, .. } if !life.stale || fail_safe => {
+                self.recorder.l2_hit(key);
+                self.fill_l1_since(key, value.clone(), life.under(options), snapshot);
+                looked.found[index] = Some(value);
+            }
+            L2Read::Hit { bytes, .. } => {
+                self.recorder.miss(key);
+                looked.seen[index] = Some(bytes);
+            }
+            L2Read::Stale {
+                value,
+                expires_at,
+                bytes,
+            } => {
+                self.recorder.miss(key);
+                looked.seen[index] = Some(bytes.clone());
+                let fallback = &mut looked.fallbacks[index];
+                // The newer of L1's and L2's stale values; a stale "not found" is none.
+                let newer = fallback
+                    .as_ref()
+                    .is_none_or(|l1| expires_at > l1.expires_at);
+                match value {
+                    Some(value) if newer && fail_safe => {
+                        *fallback = Some(Fallback {
+                            value,
+                            source: Source::L2,
+                            expires_at,
+                            bytes: Some(bytes),
+                        });
+                    }
+                    Some(_) => {}
+                    None => *fallback = None,
                 }
             }
+            L2Read::Miss { seen } => {
+                self.recorder.miss(key);
+                // A delete's tombstone takes this instance's old copy with it.
+                if seen.as_deref().is_some_and(envelope::is_tombstone) {
+                    looked.fallbacks[index] = None;
+                }
+                looked.seen[index] = seen;
+            }
         }
-        Ok((found, seen))
     }
 
     /// Writes what a batched loader returned to L2, each key over exactly what its read saw

@@ -192,12 +192,17 @@ where
                 } else {
                     ttl.or(options.negative_ttl())
                 };
-                if let (true, Some(ttl)) = (cache, ttl) {
-                    self.store_loaded(value.as_ref(), options, ttl, watch, seen)
-                        .await;
-                }
+                let cached_for = match (cache, ttl) {
+                    (true, Some(ttl)) => {
+                        self.store_loaded(value.as_ref(), options, ttl, watch, seen)
+                            .await
+                    }
+                    _ => None,
+                };
                 match value {
-                    Some(value) => Outcome::Found(Fetched::new(value, Source::Loader)),
+                    Some(value) => {
+                        Outcome::Found(Fetched::fresh(value, Source::Loader, cached_for))
+                    }
                     None => Outcome::Absent,
                 }
             }
@@ -250,13 +255,15 @@ where
         let skips = options.skips();
         if let Some(entry) = self.l1_entry(key).filter(|_| !skips.l1_read) {
             // A re-armed stale value answers only calls with fail-safe.
-            let serving = self.serving(&entry, self.clock.now())
-                && (!entry.stale || options.fail_safe().is_some());
+            let now = self.clock.now();
+            let serving =
+                self.serving(&entry, now) && (!entry.stale || options.fail_safe().is_some());
             match entry.value {
                 Some(value) if !refreshing && serving => {
-                    return Looked::Answered(Outcome::Found(Fetched {
-                        stale: entry.stale,
-                        ..Fetched::new(value, Source::L1)
+                    return Looked::Answered(Outcome::Found(if entry.stale {
+                        Fetched::stale(value, Source::L1)
+                    } else {
+                        Fetched::fresh(value, Source::L1, Some(now.until(entry.fresh_until)))
                     }));
                 }
                 None if accepts_absent && serving => {
@@ -305,9 +312,10 @@ where
                         self.fill_l1(key, Some(value.clone()), life, || {
                             self.freshness.watch_is_current(watch)
                         });
-                        return Looked::Answered(Outcome::Found(Fetched {
-                            stale: life.stale,
-                            ..Fetched::new(value, Source::L2)
+                        return Looked::Answered(Outcome::Found(if life.stale {
+                            Fetched::stale(value, Source::L2)
+                        } else {
+                            Fetched::fresh(value, Source::L2, Some(life.fresh))
                         }));
                     }
                     None if accepts_absent => {
@@ -381,7 +389,7 @@ where
     /// answers for `throttle` before the origin is tried again: in L1 (marked stale, so even a
     /// deaf instance may answer it), or where the call keeps nothing in L1, in L2 (over the very
     /// bytes read, so that a newer value or a delete wins).
-    async fn serve_stale(
+    pub(super) async fn serve_stale(
         &self,
         key: &str,
         fallback: Fallback<V>,
@@ -420,11 +428,7 @@ where
                     .await;
             }
         }
-        Outcome::Found(Fetched {
-            value: fallback.value,
-            source: fallback.source,
-            stale: true,
-        })
+        Outcome::Found(Fetched::stale(fallback.value, fallback.source))
     }
 
     /// Caches a loaded value (or a negative entry) in both tiers, unless the key was written or
@@ -434,6 +438,8 @@ where
     /// left to a task, so that the callers have the value one L2 round trip sooner. Otherwise
     /// the L2 write comes first, and L1 is filled only if L2 took the value or failed (L1 and
     /// the loader keep serving while L2 is down).
+    ///
+    /// Returns how long the value is fresh as cached (`None`: cached in neither tier).
     async fn store_loaded(
         self: &Arc<Self>,
         value: Option<&V>,
@@ -441,12 +447,12 @@ where
         ttl: Duration,
         watch: KeyWatch,
         seen: Option<Bytes>,
-    ) {
+    ) -> Option<Duration> {
         let key = watch.key().to_owned();
         if let Err(error) = validate_ttl(ttl) {
             // A loader's own TTL (adaptive options) out of range: served, not cached.
             tracing::warn!(cache = %self.namespace, key = %fingerprint(&key), error = %error, "loaded value not cached");
-            return;
+            return None;
         }
         // A "not found" is no fallback: it is not kept past its TTL.
         let life = match value {
@@ -457,14 +463,14 @@ where
             self.fill_l1(&key, value.cloned(), life, || {
                 self.freshness.watch_is_current(&watch)
             });
-            return;
+            return life.to_l1.then_some(life.fresh);
         }
         let bytes = match self.encode_with_life(value, life) {
             Ok(bytes) => bytes,
             Err(error) => {
                 // Served to the callers, but cached in neither tier.
                 tracing::warn!(cache = %self.namespace, key = %fingerprint(&key), error = %error, "loaded value not cached");
-                return;
+                return None;
             }
         };
         let reserved = self
@@ -485,13 +491,16 @@ where
                 }
                 drop(reserved);
             });
-            return;
+            return Some(life.fresh);
         }
-        if self.write_loaded(bytes, life.lives, &watch, seen).await != Written::No {
-            self.fill_l1(&key, value.cloned(), life, || {
-                self.freshness.watch_is_current(&watch)
-            });
+        if self.write_loaded(bytes, life.lives, &watch, seen).await == Written::No {
+            // Another writer's value or a delete won: the next read goes to L2.
+            return None;
         }
+        self.fill_l1(&key, value.cloned(), life, || {
+            self.freshness.watch_is_current(&watch)
+        });
+        Some(life.fresh)
     }
 
     /// Writes a loaded entry to L2 over exactly what the load's L2 read saw there: over no entry
@@ -590,22 +599,19 @@ enum Looked<V> {
 }
 
 /// A stale value that answers if the loader fails (fail-safe).
-struct Fallback<V> {
-    value: V,
-    source: Source,
+pub(super) struct Fallback<V> {
+    pub(super) value: V,
+    pub(super) source: Source,
     /// When it leaves the stores.
-    expires_at: Timestamp,
+    pub(super) expires_at: Timestamp,
     /// The L2 bytes it was read from, if it came from L2.
-    bytes: Option<Bytes>,
+    pub(super) bytes: Option<Bytes>,
 }
 
 impl<V: Clone> Fallback<V> {
     /// The stale value as a flight offers it to its waiters.
     fn offered(&self) -> Fetched<V> {
-        Fetched {
-            stale: true,
-            ..Fetched::new(self.value.clone(), self.source)
-        }
+        Fetched::stale(self.value.clone(), self.source)
     }
 }
 

@@ -384,7 +384,21 @@ where
     /// An invalid key; an L2 that fails or times out (the local copy is evicted and the other
     /// instances are told all the same). The whole call stays within the L2 timeout.
     pub async fn delete(&self, key: &str) -> Result<bool> {
-        self.inner.delete(key).await
+        let skips = self.inner.settings.defaults.skips();
+        self.inner.delete(key, skips).await
+    }
+
+    /// [`delete`](Self::delete) with this call's `options`; only their [skips](crate::Skips)
+    /// apply. Skipping L2 writes removes this instance's L1 copy only (as
+    /// [`invalidate_local`](Self::invalidate_local) does); skipping the backplane leaves the
+    /// other instances' copies until their TTL, unless the outcome is unknown (an L2 failure or
+    /// timeout), when they are told all the same.
+    ///
+    /// # Errors
+    ///
+    /// As [`delete`](Self::delete).
+    pub async fn delete_with(&self, key: &str, options: &EntryOptions) -> Result<bool> {
+        self.inner.delete(key, options.skips()).await
     }
 
     /// Removes every key that starts with `prefix` (literally) from both tiers and tells the other
@@ -395,7 +409,19 @@ where
     ///
     /// A prefix longer than the longest key; an L2 that fails or times out.
     pub async fn delete_prefix(&self, prefix: &str) -> Result<u64> {
-        self.inner.delete_prefix(prefix).await
+        let skips = self.inner.settings.defaults.skips();
+        self.inner.delete_prefix(prefix, skips).await
+    }
+
+    /// [`delete_prefix`](Self::delete_prefix) with this call's `options`; only their
+    /// [skips](crate::Skips) apply, as in [`delete_with`](Self::delete_with). Skipping L2
+    /// writes clears the prefix from this instance's L1 only and returns 0.
+    ///
+    /// # Errors
+    ///
+    /// As [`delete_prefix`](Self::delete_prefix).
+    pub async fn delete_prefix_with(&self, prefix: &str, options: &EntryOptions) -> Result<u64> {
+        self.inner.delete_prefix(prefix, options.skips()).await
     }
 
     /// Whether a value exists under `key` in L1 or L2 (a negative entry does not count).
@@ -426,7 +452,20 @@ where
     ///
     /// An invalid key or TTL; an L2 that fails or times out (the local copy is evicted).
     pub async fn touch(&self, key: &str, ttl: Duration) -> Result<bool> {
-        self.inner.touch(key, ttl).await
+        let skips = self.inner.settings.defaults.skips();
+        self.inner.touch(key, ttl, skips).await
+    }
+
+    /// [`touch`](Self::touch) to the TTL of this call's `options`, with their
+    /// [skips](crate::Skips), as in [`delete_with`](Self::delete_with): skipping L2 writes
+    /// extends this instance's L1 copy only (`false` if it holds none).
+    ///
+    /// # Errors
+    ///
+    /// As [`touch`](Self::touch), and options out of range.
+    pub async fn touch_with(&self, key: &str, options: &EntryOptions) -> Result<bool> {
+        options.validate()?;
+        self.inner.touch(key, options.ttl(), options.skips()).await
     }
 
     /// Waits until the L2 writes that [`get_or_load`](Self::get_or_load) left to background
@@ -440,11 +479,7 @@ where
 
     /// Evicts `key` from this instance's L1 only (L2 and other instances are untouched).
     pub fn invalidate_local(&self, key: &str) {
-        let inner = &self.inner;
-        inner.freshness.bump_local_key(key);
-        if let Some(l1) = &inner.l1 {
-            l1.invalidate(key);
-        }
+        self.inner.evict_l1_only(key);
     }
 
     /// Evicts everything from this instance's L1 only.
@@ -503,6 +538,15 @@ where
     /// Evicts `key` from L1 as a change of the key: fills that started before do not land.
     fn evict_local(&self, key: &str) {
         self.freshness.bump_key(key);
+        if let Some(l1) = &self.l1 {
+            l1.invalidate(key);
+        }
+    }
+
+    /// Evicts `key` from L1 as an L1-only change: a fill under way does not land in L1, and a
+    /// load's L2 write goes on.
+    fn evict_l1_only(&self, key: &str) {
+        self.freshness.bump_local_key(key);
         if let Some(l1) = &self.l1 {
             l1.invalidate(key);
         }

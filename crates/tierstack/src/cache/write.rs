@@ -18,7 +18,7 @@ use tokio::time::Instant;
 
 use super::Inner;
 use super::read::Life;
-use crate::options::EntryOptions;
+use crate::options::{EntryOptions, Skips};
 use crate::stats::L2Op;
 
 impl<V, C> Inner<V, C>
@@ -69,10 +69,15 @@ where
         Ok(())
     }
 
-    pub(super) async fn delete(self: &Arc<Self>, key: &str) -> Result<bool> {
+    pub(super) async fn delete(self: &Arc<Self>, key: &str, skips: Skips) -> Result<bool> {
         self.check_key(key)?;
         let deadline = self.deadline();
         let in_l1 = self.l1.as_ref().is_some_and(|l1| l1.get(key).is_some());
+        if skips.l2_write {
+            // This instance's copy only: the others read nothing that changed.
+            self.evict_l1_only(key);
+            return Ok(in_l1);
+        }
         let in_flight = InFlightWrite::new(self, key);
         let removed = if let Some(l2) = &self.l2 {
             let store_key = self.namespace.store_key(key);
@@ -112,7 +117,9 @@ where
         };
         let answer = match removed {
             Ok(removed) => {
-                self.publish_keys(key, deadline).await;
+                if !skips.backplane {
+                    self.publish_keys(key, deadline).await;
+                }
                 Ok(removed || in_l1)
             }
             Err(error) => {
@@ -124,9 +131,16 @@ where
         answer
     }
 
-    pub(super) async fn delete_prefix(self: &Arc<Self>, prefix: &str) -> Result<u64> {
+    pub(super) async fn delete_prefix(self: &Arc<Self>, prefix: &str, skips: Skips) -> Result<u64> {
         if prefix.len() > self.settings.max_key_len {
             self.check_key(prefix)?;
+        }
+        if skips.l2_write {
+            self.freshness.bump_local();
+            if let Some(l1) = &self.l1 {
+                l1.invalidate_prefix(prefix);
+            }
+            return Ok(0);
         }
         let deadline = self.deadline();
         // Loads that began before this call skip their L2 write from now on; the barrier waits
@@ -147,13 +161,21 @@ where
         if let Some(l1) = &self.l1 {
             l1.invalidate_prefix(prefix);
         }
-        // Whatever the scan did, it may have removed entries: the others evict too.
-        self.publish(Invalidation::Prefix(prefix.to_owned()), deadline)
-            .await;
+        // Whatever the scan did, it may have removed entries: the others evict too (a call
+        // that skips the backplane tells them only when the outcome is unknown).
+        if !skips.backplane || removed.is_err() {
+            self.publish(Invalidation::Prefix(prefix.to_owned()), deadline)
+                .await;
+        }
         removed
     }
 
-    pub(super) async fn touch(self: &Arc<Self>, key: &str, ttl: Duration) -> Result<bool> {
+    pub(super) async fn touch(
+        self: &Arc<Self>,
+        key: &str,
+        ttl: Duration,
+        skips: Skips,
+    ) -> Result<bool> {
         self.check_key(key)?;
         validate_ttl(ttl)?;
         let deadline = self.deadline();
@@ -161,7 +183,7 @@ where
         let before = self.freshness.snapshot(key);
         let local = self.l1.as_ref().and_then(|l1| l1.get(key));
         let in_flight = InFlightWrite::new(self, key);
-        let existed = match &self.l2 {
+        let existed = match self.l2.as_ref().filter(|_| !skips.l2_write) {
             Some(l2) => {
                 let store_key = self.namespace.store_key(key);
                 let extended =
@@ -202,7 +224,9 @@ where
             }
             _ => self.evict_local(key),
         }
-        self.publish_keys(key, deadline).await;
+        if !skips.backplane && !skips.l2_write {
+            self.publish_keys(key, deadline).await;
+        }
         in_flight.finished();
         Ok(existed)
     }
