@@ -200,6 +200,18 @@ fn slow(
     }
 }
 
+/// Lets the other tasks run (on Tokio's paused clock no time passes) until `happened`, for at
+/// most 1,000 turns.
+async fn until(happened: impl Fn() -> bool) {
+    for _ in 0..1_000 {
+        if happened() {
+            return;
+        }
+        tokio::task::yield_now().await;
+    }
+    panic!("did not happen in 1,000 turns of the scheduler");
+}
+
 type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
 
 #[tokio::test(start_paused = true)]
@@ -413,8 +425,7 @@ async fn eager_refresh_reloads_once_in_the_background_and_nobody_waits() {
     assert_eq!(started.elapsed(), Duration::ZERO, "no caller waited");
     assert_eq!(calls.count(), 2, "one reload");
     tokio::time::sleep(Duration::from_millis(50)).await; // paused clock
-    tokio::task::yield_now().await;
-    assert_eq!(done.count(), 1);
+    until(|| done.count() == 1).await;
     let refreshed = fetch(&cache, &options, failing(&calls)).await.unwrap();
     assert_eq!(
         (refreshed.value.as_str(), refreshed.source),
@@ -854,8 +865,7 @@ async fn a_written_value_is_refreshed_early_cycle_after_cycle() {
         .await
         .unwrap();
     assert_eq!(hit.source, Source::L1);
-    tokio::task::yield_now().await;
-    assert_eq!(calls.count(), 1, "refresh started");
+    until(|| calls.count() == 1).await;
     tokio::time::sleep(Duration::from_millis(60)).await; // paused clock
     assert_eq!(done.count(), 1);
     fx.clock.advance(Duration::from_secs(5));
@@ -878,8 +888,7 @@ async fn a_written_value_is_refreshed_early_cycle_after_cycle() {
         .await
         .unwrap();
     assert_eq!((hit.value.as_str(), hit.source), ("v2", Source::L1));
-    tokio::task::yield_now().await;
-    assert_eq!(calls.count(), 2, "second refresh started");
+    until(|| calls.count() == 2).await;
 }
 
 #[tokio::test(start_paused = true)]
@@ -904,7 +913,8 @@ async fn a_caller_with_fail_safe_gets_stale_from_a_flight_without_it() {
         let cache = cache.clone();
         tokio::spawn(async move { cache.get_or_load_with("k", &plain, failing_slowly).await })
     };
-    tokio::task::yield_now().await;
+    // The flight without fail-safe is running.
+    until(|| calls.count() == 2).await;
     // Joins the running flight (one origin call), and answers its stale value when it fails.
     let with = cache
         .get_or_load_with("k", &fail_safe(), slow(&calls, &done, Duration::ZERO, "x"))
