@@ -329,6 +329,26 @@ async fn when_redis_and_the_origin_die_a_paired_instance_answers_stale_from_l1()
 /// third of its calls and is slow a quarter of the time. Once they stop, every instance answers
 /// every key alike: plain reads (fresh values), and read-through calls while the origin is down
 /// (the same stale value, or the same error).
+/// Background loads finish and invalidations arrive: every instance reads what the others read,
+/// within the delivery time (1 s, far above the sub-millisecond delivery measured).
+async fn assert_converge(caches: &[TieredCache<String>], keys: &[String]) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(1);
+    for key in keys {
+        loop {
+            let reads = futures_util::future::join_all(caches.iter().map(|c| c.get(key))).await;
+            let reads: Vec<_> = reads.into_iter().map(Result::unwrap).collect();
+            if reads.windows(2).all(|w| w[0] == w[1]) {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{key} diverges: {reads:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await; // poll loop
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn racing_instances_with_every_policy_on_converge() {
     let config = RedisConfig::from_url(&common::redis_url())
@@ -402,24 +422,8 @@ async fn racing_instances_with_every_policy_on_converge() {
     for cache in &caches {
         cache.wait_for_background_fills().await;
     }
-    // Background loads finish and invalidations arrive: every instance reads what the others
-    // read, within the delivery time (1 s, far above the sub-millisecond delivery measured).
     let keys: Vec<String> = (0..10).map(|k| format!("k{k}")).collect();
-    let deadline = std::time::Instant::now() + Duration::from_secs(1);
-    for key in &keys {
-        loop {
-            let reads = futures_util::future::join_all(caches.iter().map(|c| c.get(key))).await;
-            let reads: Vec<_> = reads.into_iter().map(Result::unwrap).collect();
-            if reads.windows(2).all(|w| w[0] == w[1]) {
-                break;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "{key} diverges: {reads:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await; // poll loop
-        }
-    }
+    assert_converge(&caches, &keys).await;
     // real time: every entry past its TTL, the origin down for good
     tokio::time::sleep(Duration::from_millis(1_600)).await;
     for key in &keys {
