@@ -45,9 +45,3 @@ pub(crate) fn describe(command: &Command) -> String {
     }
     out
 }
-
-/// Whether `program` can be found on `PATH`.
-pub(crate) fn on_path(program: &str) -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
-}

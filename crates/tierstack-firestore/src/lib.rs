@@ -37,6 +37,7 @@
 //! ```
 
 mod document;
+mod emulator;
 mod store;
 
 pub use store::{

@@ -16,10 +16,13 @@ use tierstack_core::key::{DEFAULT_MAX_STORE_KEY_LEN, validate_key};
 use tierstack_core::store::{Store, StoreWrite, StoredEntry, validate_prefix, validate_ttl};
 use tierstack_core::{CacheError, Result};
 
+use firestore::gcloud_sdk::google_cloud_auth::credentials::Credentials;
+
 use crate::document::{
     CacheDocument, ExpiryFields, ReadDocument, StoredDocument, ValueDocument, document_id,
     prefix_successor,
 };
+use crate::emulator::EmulatorCredentials;
 
 /// Firestore's limit on one document, in bytes.
 pub const MAX_DOCUMENT_LEN: usize = 1_048_576;
@@ -37,9 +40,10 @@ const MAX_RETRIES: usize = 10;
 
 /// Where a `FirestoreStore` keeps its entries.
 ///
-/// With `FIRESTORE_EMULATOR_HOST` set, the store talks to the emulator without credentials;
-/// otherwise it uses the usual Google credentials (`GOOGLE_APPLICATION_CREDENTIALS`, the
-/// metadata server, gcloud's application default credentials).
+/// With an [`emulator_host`](Self::emulator_host), or else with `FIRESTORE_EMULATOR_HOST` set,
+/// the store talks to that emulator without credentials; otherwise it uses the usual Google
+/// credentials (`GOOGLE_APPLICATION_CREDENTIALS`, the metadata server, gcloud's application
+/// default credentials).
 #[derive(Clone)]
 pub struct FirestoreConfig {
     project_id: String,
@@ -48,6 +52,7 @@ pub struct FirestoreConfig {
     key_prefix: String,
     request_timeout: Duration,
     max_retries: usize,
+    emulator_host: Option<String>,
 }
 
 impl fmt::Debug for FirestoreConfig {
@@ -58,6 +63,7 @@ impl fmt::Debug for FirestoreConfig {
             .field("collection", &self.collection)
             .field("key_prefix", &self.key_prefix)
             .field("request_timeout", &self.request_timeout)
+            .field("emulator_host", &self.emulator_host)
             .finish_non_exhaustive()
     }
 }
@@ -76,7 +82,17 @@ impl FirestoreConfig {
             key_prefix: String::new(),
             request_timeout: Duration::from_secs(5),
             max_retries: 2,
+            emulator_host: None,
         }
+    }
+
+    /// Talks to the Firestore emulator at `host` (`127.0.0.1:8080`, as `FIRESTORE_EMULATOR_HOST`
+    /// would name it) without credentials, whatever the environment says: for tests that start
+    /// an emulator of their own.
+    #[must_use]
+    pub fn emulator_host(mut self, host: &str) -> Self {
+        self.emulator_host = Some(host.to_owned());
+        self
     }
 
     /// A named database instead of `(default)`.
@@ -219,9 +235,14 @@ impl FirestoreStore {
                 config.collection
             )));
         }
-        let endpoint: Arc<str> = std::env::var("FIRESTORE_EMULATOR_HOST")
+        let emulator = config
+            .emulator_host
+            .clone()
+            .or_else(|| std::env::var("FIRESTORE_EMULATOR_HOST").ok());
+        let endpoint: Arc<str> = emulator
+            .as_ref()
             .map_or_else(
-                |_| "firestore.googleapis.com".to_owned(),
+                || "firestore.googleapis.com".to_owned(),
                 |host| format!("emulator {host}"),
             )
             .into();
@@ -229,7 +250,16 @@ impl FirestoreStore {
             .with_database_id(config.database_id.clone())
             .with_max_retries(config.max_retries)
             .with_request_timeout(config.request_timeout);
-        let connecting = FirestoreDb::with_options(options);
+        let connecting = async {
+            match &config.emulator_host {
+                Some(host) => {
+                    let options = options.with_firebase_api_url(format!("http://{host}"));
+                    let credentials = Credentials::from(EmulatorCredentials::new());
+                    FirestoreDb::with_options_auth(options, credentials).await
+                }
+                None => FirestoreDb::with_options(options).await,
+            }
+        };
         let db = match tokio::time::timeout(config.request_timeout, connecting).await {
             Ok(Ok(db)) => db,
             Ok(Err(error)) => {

@@ -167,16 +167,12 @@ mod tests {
 
     use super::*;
 
-    /// The standalone server of the test run; a failure, never a skip, without it.
+    /// A RESP3 client of the standalone server of the test run (started by this process if
+    /// `cargo xtask ci` did not start one).
     fn resp3_client() -> Client {
-        let url = std::env::var("REDIS_URL").unwrap_or_else(|_| {
-            panic!(
-                "REDIS_URL is not set: run `cargo xtask services up redis` and source \
-                 target/services.env, or `cargo xtask ci` (needs redis-server)"
-            )
-        });
-        let info = redis::IntoConnectionInfo::into_connection_info(url.as_str())
-            .expect("REDIS_URL parses");
+        let url = tierstack_test_support::redis::redis_url();
+        let info =
+            redis::IntoConnectionInfo::into_connection_info(url.as_str()).expect("the URL parses");
         let resp3 = info
             .redis_settings()
             .clone()

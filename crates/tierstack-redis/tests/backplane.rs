@@ -6,7 +6,7 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{Partition, PrivateRedis};
+use common::{Partition, RedisServer, private_redis};
 use tierstack::TieredCache;
 use tierstack_core::backplane::{Backplane as _, BackplaneEvent};
 use tierstack_redis::{RedisBackplane, RedisConfig, RedisStore};
@@ -148,7 +148,7 @@ async fn a_killed_dedicated_subscription_resyncs_and_resubscribes_by_itself() {
 }
 
 async fn a_killed_subscription_comes_back(resp3: bool) {
-    let server = PrivateRedis::start(&[]);
+    let server = private_redis(&[]);
     let config = RedisConfig::from_url(&server.url())
         .unwrap()
         .resp3_backplane(resp3);
@@ -199,8 +199,8 @@ async fn a_silent_dedicated_subscription_is_found_by_its_ping_and_replaced() {
 /// serving what its L1 holds once a ping goes unanswered, and hear invalidations again once
 /// the link is back.
 async fn a_silent_subscription_is_replaced(resp3: bool) {
-    let server = PrivateRedis::start(&[]);
-    let partition = Partition::start(server.port).await;
+    let server = private_redis(&[]);
+    let partition = Partition::start(server.port()).await;
     let direct = RedisConfig::from_url(&server.url())
         .unwrap()
         .resp3_backplane(resp3);
@@ -243,7 +243,7 @@ async fn a_silent_subscription_is_replaced(resp3: bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_backplane_resubscribes_after_a_server_restart() {
-    let mut server = PrivateRedis::start(&[]);
+    let mut server = private_redis(&[]);
     let config = RedisConfig::from_url(&server.url()).unwrap();
     let caches = instances(&config, 2).await;
     caches[0].set("k", "v1".into()).await.unwrap();
@@ -287,7 +287,7 @@ async fn the_backplane_resubscribes_after_a_server_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_on_another_database_keeps_its_writes_there() {
-    let server = PrivateRedis::start(&[]);
+    let server = private_redis(&[]);
     let store_config = RedisConfig::from_url(&format!("{}2", server.url())).unwrap();
     // No pings: the backplane's connection's last command must stay `subscribe`.
     let backplane_config = RedisConfig::from_url(&server.url())
@@ -315,7 +315,7 @@ async fn a_store_on_another_database_keeps_its_writes_there() {
 }
 
 /// The database and the last command of each connection but the one asking, sorted.
-fn last_commands(server: &PrivateRedis) -> Vec<(String, String)> {
+fn last_commands(server: &RedisServer) -> Vec<(String, String)> {
     let list = server.cli(&["CLIENT", "LIST"]);
     let field = |line: &str, name: &str| {
         line.split(' ')
@@ -333,7 +333,7 @@ fn last_commands(server: &PrivateRedis) -> Vec<(String, String)> {
 }
 
 /// Calls of `command` since the server started, from INFO commandstats.
-fn calls(server: &PrivateRedis, command: &str) -> u64 {
+fn calls(server: &RedisServer, command: &str) -> u64 {
     let stats = server.cli(&["INFO", "commandstats"]);
     stats
         .lines()
@@ -344,7 +344,7 @@ fn calls(server: &PrivateRedis, command: &str) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paired_store_writes_and_announces_in_one_pipeline() {
-    let server = PrivateRedis::start(&[]);
+    let server = private_redis(&[]);
     // No pings: each connection's last command must be the one the test looks for.
     let config = RedisConfig::from_url(&server.url())
         .unwrap()
@@ -379,7 +379,7 @@ async fn a_paired_store_writes_and_announces_in_one_pipeline() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_decorated_paired_store_keeps_announcing_its_writes() {
-    let server = PrivateRedis::start(&[]);
+    let server = private_redis(&[]);
     let config = RedisConfig::from_url(&server.url()).unwrap();
     let caches = paired_instances(&config, 2).await;
     let (store, backplane) = RedisStore::connect_with_backplane(&config).await.unwrap();
@@ -419,7 +419,7 @@ async fn a_decorated_paired_store_keeps_announcing_its_writes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_write_changes_nothing_any_instance_serves() {
-    let server = PrivateRedis::start(&["--maxmemory-policy", "noeviction"]);
+    let server = private_redis(&["--maxmemory-policy", "noeviction"]);
     let config = RedisConfig::from_url(&server.url()).unwrap();
     let caches = instances(&config, 2).await;
     caches[0].set("k", "v1".into()).await.unwrap();
@@ -453,7 +453,7 @@ async fn a_refused_write_changes_nothing_any_instance_serves() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_publish_keeps_the_write_and_is_counted() {
-    let server = PrivateRedis::start(&[]);
+    let server = private_redis(&[]);
     server.cli(&[
         "ACL", "SETUSER", "writer", "on", ">pw", "~*", "&*", "+@all", "-publish",
     ]);
@@ -470,7 +470,7 @@ async fn a_refused_publish_keeps_the_write_and_is_counted() {
 /// The ACL that docs/backends/redis.md recommends for the cache and its backplane.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_documented_acl_is_enough_for_the_cache_and_its_backplane() {
-    let server = PrivateRedis::start(&[]);
+    let server = private_redis(&[]);
     server.cli(&[
         "ACL",
         "SETUSER",
@@ -531,7 +531,7 @@ async fn the_documented_acl_is_enough_for_the_cache_and_its_backplane() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_go_through_the_store_while_the_backplane_cannot_resubscribe() {
-    let server = PrivateRedis::start(&[]);
+    let server = private_redis(&[]);
     server.cli(&["ACL", "SETUSER", "svc", "on", ">pw", "~*", "&*", "+@all"]);
     let config = RedisConfig::from_url(&server.url())
         .unwrap()
@@ -563,7 +563,7 @@ async fn writes_go_through_the_store_while_the_backplane_cannot_resubscribe() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dropped_backplane_closes_its_connection() {
-    let server = PrivateRedis::start(&[]);
+    let server = private_redis(&[]);
     let config = RedisConfig::from_url(&server.url()).unwrap();
     let subscribed = || {
         server
@@ -584,7 +584,7 @@ async fn a_dropped_backplane_closes_its_connection() {
 /// whole namespace: it used to be announced not at all, and other instances kept their copies.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bulk_write_too_large_for_one_message_is_still_announced() {
-    let server = PrivateRedis::start(&[]);
+    let server = private_redis(&[]);
     let config = RedisConfig::from_url(&server.url()).unwrap();
     let caches = paired_instances(&config, 1).await;
     let (store, _backplane) = RedisStore::connect_with_backplane(&config).await.unwrap();
@@ -609,7 +609,7 @@ async fn a_bulk_write_too_large_for_one_message_is_still_announced() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_subscription_is_reported_lost_then_resynced() {
     for resp3 in [true, false] {
-        let mut server = PrivateRedis::start(&[]);
+        let mut server = private_redis(&[]);
         let config = RedisConfig::from_url(&server.url())
             .unwrap()
             .resp3_backplane(resp3);
@@ -639,7 +639,7 @@ async fn a_lost_subscription_is_reported_lost_then_resynced() {
 /// connection. (The delete used to answer `Ok(true)` while the others kept the value.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deaf_instance_still_reaches_the_others() {
-    let server = PrivateRedis::start(&[]);
+    let server = private_redis(&[]);
     let mut configs = Vec::new();
     for user in ["deaf", "hearing"] {
         server.cli(&["ACL", "SETUSER", user, "on", ">pw", "~*", "&*", "+@all"]);

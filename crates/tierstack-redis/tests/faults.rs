@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Partition, PrivateRedis};
+use common::{Partition, RedisServer, private_redis};
 use tierstack::TieredCache;
 use tierstack_core::{CacheError, Store};
 use tierstack_redis::{RedisConfig, RedisStore};
@@ -59,7 +59,7 @@ async fn an_unreachable_server_fails_within_the_connect_timeout_naming_the_host_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_server_degrades_to_l1_and_loader_and_is_used_again_after_restart() {
-    let mut server = PrivateRedis::start(&[]);
+    let mut server = private_redis(&[]);
     let config = RedisConfig::from_url(&server.url())
         .unwrap()
         .connect_timeout(Duration::from_millis(300))
@@ -112,7 +112,7 @@ async fn a_killed_server_degrades_to_l1_and_loader_and_is_used_again_after_resta
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_server_fails_requests_within_the_response_timeout_and_queues_nothing() {
-    let server = PrivateRedis::start(&[]);
+    let server = private_redis(&[]);
     let config = RedisConfig::from_url(&server.url())
         .unwrap()
         .response_timeout(Duration::from_millis(200))
@@ -158,8 +158,8 @@ const STALL_BOUND: Duration = Duration::from_millis(200);
 /// A private server, and a configuration and store for it with `response_timeout`.
 async fn store_timing_out_after(
     response_timeout: Duration,
-) -> (PrivateRedis, RedisConfig, RedisStore) {
-    let server = PrivateRedis::start(&[]);
+) -> (RedisServer, RedisConfig, RedisStore) {
+    let server = private_redis(&[]);
     let config = RedisConfig::from_url(&server.url())
         .unwrap()
         .response_timeout(response_timeout);
@@ -198,7 +198,7 @@ async fn a_stalled_redis_fails_reads_within_its_response_timeout_whatever_the_ca
 
 #[tokio::test]
 async fn a_wrong_password_is_an_authentication_error_that_hides_the_password() {
-    let server = PrivateRedis::start(&["--requirepass", "right-one"]);
+    let server = private_redis(&["--requirepass", "right-one"]);
     let config = RedisConfig::from_url(&server.url())
         .unwrap()
         .credentials(None, "wr0ng-guess");
@@ -223,7 +223,7 @@ async fn a_wrong_password_is_an_authentication_error_that_hides_the_password() {
 
 #[tokio::test]
 async fn an_acl_user_without_rights_gets_an_authentication_error() {
-    let server = PrivateRedis::start(&[]);
+    let server = private_redis(&[]);
     server.cli(&[
         "ACL", "SETUSER", "reader", "on", ">pw", "~*", "-@all", "+ping", "+hello", "+client",
         "+get",
@@ -243,7 +243,7 @@ async fn an_acl_user_without_rights_gets_an_authentication_error() {
 
 #[tokio::test]
 async fn foreign_bytes_under_a_cache_key_are_a_counted_miss_and_deleted() {
-    let server = PrivateRedis::start(&[]);
+    let server = private_redis(&[]);
     let config = RedisConfig::from_url(&server.url()).unwrap();
     let store = Arc::new(RedisStore::connect(&config).await.unwrap());
     let cache: TieredCache<String> = TieredCache::builder("ns")
@@ -273,7 +273,7 @@ async fn foreign_bytes_under_a_cache_key_are_a_counted_miss_and_deleted() {
 /// read an L2 error and every fill lose its `SET NX`, so each read called the loader, forever.
 #[tokio::test]
 async fn foreign_data_types_under_a_cache_key_are_replaced_by_the_next_load() {
-    let server = PrivateRedis::start(&[]);
+    let server = private_redis(&[]);
     let config = RedisConfig::from_url(&server.url()).unwrap();
     for (type_name, plant) in [
         ("list", vec!["RPUSH", "ns:k-list", "a"]),
@@ -308,7 +308,7 @@ async fn foreign_data_types_under_a_cache_key_are_replaced_by_the_next_load() {
 
 #[tokio::test]
 async fn oversized_values_are_refused_before_anything_is_written() {
-    let server = PrivateRedis::start(&[]);
+    let server = private_redis(&[]);
     let config = RedisConfig::from_url(&server.url()).unwrap();
     let store = Arc::new(
         RedisStore::connect(&config)
@@ -373,9 +373,9 @@ async fn a_stalled_redis_fails_a_write_within_its_response_timeout_whatever_the_
 /// A private server, a relay in front of it that can silence its connections, and a store
 /// through the relay (connect timeout 500 ms, response timeout `STALL_BOUND`) holding
 /// `"silent"`.
-async fn store_behind_relay() -> (PrivateRedis, Partition, RedisStore) {
-    let server = PrivateRedis::start(&[]);
-    let relay = Partition::start(server.port).await;
+async fn store_behind_relay() -> (RedisServer, Partition, RedisStore) {
+    let server = private_redis(&[]);
+    let relay = Partition::start(server.port()).await;
     let config = RedisConfig::from_url(&relay.url())
         .unwrap()
         .connect_timeout(Duration::from_millis(500))
@@ -478,7 +478,7 @@ async fn a_failed_replacement_holds_the_next_attempt_back() {
 
 /// Two caches on one server, each with a store and a backplane, paired or connected apart; the
 /// store's response timeout is short so that a paused server times writes out.
-async fn two_writers(server: &PrivateRedis, paired: bool) -> [TieredCache<String>; 2] {
+async fn two_writers(server: &RedisServer, paired: bool) -> [TieredCache<String>; 2] {
     let config = RedisConfig::from_url(&server.url())
         .unwrap()
         .response_timeout(Duration::from_millis(200));
@@ -512,7 +512,7 @@ async fn two_writers(server: &PrivateRedis, paired: bool) -> [TieredCache<String
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_timed_out_write_that_lands_later_still_reaches_every_instance() {
     for paired in [true, false] {
-        let server = PrivateRedis::start(&[]);
+        let server = private_redis(&[]);
         let [a, b] = two_writers(&server, paired).await;
         a.set("k", "old".into()).await.unwrap();
         assert_eq!(b.get("k").await.unwrap().as_deref(), Some("old"));

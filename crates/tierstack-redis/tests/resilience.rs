@@ -147,7 +147,7 @@ async fn a_failed_batch_answers_the_stale_values_redis_kept_across_a_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn while_redis_is_down_and_the_origin_fails_l1_answers_stale() {
-    let mut redis = common::PrivateRedis::start(&[]);
+    let mut redis = common::private_redis(&[]);
     let config = RedisConfig::from_url(&redis.url())
         .unwrap()
         .key_prefix(&common::unique_prefix("rs-down"));
@@ -277,7 +277,7 @@ async fn a_slow_origin_behind_a_soft_timeout_answers_stale_then_lands_in_redis()
 /// fail-safe still answers from this instance's L1, and the throttle holds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn when_redis_and_the_origin_die_a_paired_instance_answers_stale_from_l1() {
-    let mut redis = common::PrivateRedis::start(&[]);
+    let mut redis = common::private_redis(&[]);
     let config = RedisConfig::from_url(&redis.url())
         .unwrap()
         .key_prefix(&common::unique_prefix("rs-paired"));

@@ -3,13 +3,15 @@
 #![allow(clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tierstack::TieredCache;
 use tierstack_core::{CacheError, Store};
 use tierstack_redis::{RedisBackplane, RedisConfig, RedisStore};
+use tierstack_test_support::Launch;
+use tierstack_test_support::redis::RedisServer;
 
 fn openssl(dir: &Path, args: &[&str]) {
     let status = Command::new("openssl")
@@ -90,56 +92,22 @@ fn certificates() -> PathBuf {
     dir
 }
 
+/// A TLS-only redis-server with a certificate of the test's private CA.
 struct TlsRedis {
-    port: u16,
-    child: Child,
+    server: RedisServer,
     dir: PathBuf,
 }
 
 impl TlsRedis {
     fn start() -> Self {
         let dir = certificates();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = Command::new("redis-server")
-            .current_dir(&dir)
-            .args([
-                "--port",
-                "0",
-                "--tls-port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-            ])
-            .args([
-                "--tls-cert-file",
-                "server.crt",
-                "--tls-key-file",
-                "server.key",
-            ])
-            .args([
-                "--tls-ca-cert-file",
-                "ca.crt",
-                "--tls-auth-clients",
-                "no",
-                "--save",
-                "",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!("cannot start redis-server ({e}): apt-get install redis-server")
-            });
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "TLS redis-server did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Self { port, child, dir }
+        let server = RedisServer::start_tls(&Launch::for_tests(), &dir)
+            .unwrap_or_else(|error| panic!("{error}"));
+        Self { server, dir }
+    }
+
+    fn port(&self) -> u16 {
+        self.server.port()
     }
 
     fn ca(&self) -> Vec<u8> {
@@ -149,8 +117,7 @@ impl TlsRedis {
 
 impl Drop for TlsRedis {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.server.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -158,7 +125,7 @@ impl Drop for TlsRedis {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cache_works_over_tls_with_a_private_ca() {
     let server = TlsRedis::start();
-    let config = RedisConfig::from_url(&format!("rediss://127.0.0.1:{}/", server.port))
+    let config = RedisConfig::from_url(&format!("rediss://127.0.0.1:{}/", server.port()))
         .unwrap()
         .tls_root_certificate(&server.ca());
     assert!(format!("{config:?}").contains("tls: true"));
@@ -189,7 +156,7 @@ async fn a_cache_works_over_tls_with_a_private_ca() {
             Instant::now() < deadline,
             "the invalidation did not arrive over TLS"
         );
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        tokio::time::sleep(Duration::from_millis(10)).await; // poll loop
     }
 }
 
@@ -197,13 +164,13 @@ async fn a_cache_works_over_tls_with_a_private_ca() {
 async fn an_untrusted_certificate_is_a_connection_error() {
     let server = TlsRedis::start();
     // The built-in web PKI roots do not include the test's private CA.
-    let config = RedisConfig::from_url(&format!("rediss://127.0.0.1:{}/", server.port))
+    let config = RedisConfig::from_url(&format!("rediss://127.0.0.1:{}/", server.port()))
         .unwrap()
         .connect_timeout(Duration::from_millis(500));
     let err = RedisStore::connect(&config).await.unwrap_err();
     assert!(matches!(err, CacheError::Connection { .. }), "{err:?}");
     // And plain text to a TLS port does not hang either.
-    let plain = RedisConfig::from_url(&format!("redis://127.0.0.1:{}/", server.port))
+    let plain = RedisConfig::from_url(&format!("redis://127.0.0.1:{}/", server.port()))
         .unwrap()
         .connect_timeout(Duration::from_millis(500))
         .response_timeout(Duration::from_millis(500));

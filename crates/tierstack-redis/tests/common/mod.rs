@@ -1,32 +1,23 @@
-//! Test support: the servers `cargo xtask ci` starts, and private servers a test can kill.
+//! Test support: the servers of the run (started by `cargo xtask ci`, or by this test process
+//! itself), private servers a test can kill, and a relay that can cut the network.
 #![allow(
     dead_code,
+    unused_imports,
     unreachable_pub,
     clippy::unwrap_used,
     clippy::missing_panics_doc
 )]
 
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use tierstack_redis::{RedisConfig, RedisStore};
 
-const HINT: &str = "start the test servers with `cargo xtask services up all` and source \
-    target/services.env, or run everything with `cargo xtask ci` (needs redis-server: \
-    apt-get install redis-server)";
+pub use tierstack_test_support::redis::{RedisServer, cluster_urls, redis_url};
 
-/// The standalone server of this test run (`REDIS_URL`). Missing: a failure, never a skip.
-pub fn redis_url() -> String {
-    std::env::var("REDIS_URL").unwrap_or_else(|_| panic!("REDIS_URL is not set: {HINT}"))
-}
-
-/// The cluster of this test run (`TIERSTACK_REDIS_CLUSTER_URLS`, comma-separated).
-pub fn cluster_urls() -> Vec<String> {
-    let urls = std::env::var("TIERSTACK_REDIS_CLUSTER_URLS")
-        .unwrap_or_else(|_| panic!("TIERSTACK_REDIS_CLUSTER_URLS is not set: {HINT}"));
-    urls.split(',').map(str::to_owned).collect()
+/// A redis-server of the test's own, on a free port, stopped when dropped.
+pub fn private_redis(extra: &[&str]) -> RedisServer {
+    RedisServer::start(&tierstack_test_support::Launch::for_tests(), extra)
+        .unwrap_or_else(|error| panic!("{error}"))
 }
 
 /// A key prefix unique to one test, so tests sharing a server never see each other's keys.
@@ -43,95 +34,6 @@ pub async fn standalone(test: &str) -> RedisStore {
         .unwrap()
         .key_prefix(&unique_prefix(test));
     RedisStore::connect(&config).await.unwrap()
-}
-
-/// A redis-server of the test's own, on a free port, killed when dropped.
-pub struct PrivateRedis {
-    pub port: u16,
-    child: Option<Child>,
-    extra: Vec<String>,
-}
-
-impl PrivateRedis {
-    pub fn start(extra: &[&str]) -> Self {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut server = Self {
-            port,
-            child: None,
-            extra: extra.iter().map(|s| (*s).to_owned()).collect(),
-        };
-        server.launch();
-        server
-    }
-
-    fn launch(&mut self) {
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .args(&self.extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!("cannot start redis-server ({e}): apt-get install redis-server")
-            });
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "redis-server did not start on {}",
-                self.port
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
-    }
-
-    /// Kills the server (SIGKILL: no goodbye to clients).
-    pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// Starts the server again on the same port (empty: it keeps nothing on disk).
-    pub fn restart(&mut self) {
-        self.kill();
-        self.launch();
-    }
-
-    /// Runs a command on the server through redis-cli.
-    pub fn cli(&self, args: &[&str]) -> String {
-        let out = Command::new("redis-cli")
-            .args(["-p", &self.port.to_string()])
-            .args(args)
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run redis-cli ({e}): apt-get install redis-tools"));
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-}
-
-impl Drop for PrivateRedis {
-    fn drop(&mut self) {
-        self.kill();
-    }
 }
 
 /// A TCP relay to a local port that can go silent: while frozen it passes no byte either way

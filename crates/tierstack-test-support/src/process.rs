@@ -1,0 +1,225 @@
+//! A server process in a group of its own, with its log, stopped by group.
+
+use std::fs;
+use std::io::Write as _;
+use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use crate::Launch;
+
+/// A running server: the leader of its process group. Dropped, it stops the group (unless
+/// [kept](Self::keep)).
+#[derive(Debug)]
+pub struct ServerProcess {
+    name: String,
+    dir: PathBuf,
+    leader: Option<Child>,
+    watchdog: Option<Watchdog>,
+}
+
+/// A shell that waits for its standard input to close (this process exited, or stopped the
+/// server) and then kills the group: servers of a test process never outlive it.
+#[derive(Debug)]
+struct Watchdog {
+    shell: Child,
+    stdin: Option<ChildStdin>,
+}
+
+impl Watchdog {
+    /// Kills group `group` when released, and then removes `scratch`, if any.
+    fn start(group: u32, scratch: Option<&Path>) -> Result<Self, String> {
+        let script = r#"read _closed; kill -KILL "-$0" 2>/dev/null; [ -z "$1" ] || rm -rf "$1""#;
+        let mut shell = Command::new("sh")
+            .args(["-c", script])
+            .arg(group.to_string())
+            .arg(scratch.map(Path::as_os_str).unwrap_or_default())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("cannot start the watchdog shell: {e}"))?;
+        let stdin = shell.stdin.take();
+        Ok(Self { shell, stdin })
+    }
+
+    fn release(&mut self) {
+        drop(self.stdin.take());
+        let _ = self.shell.wait();
+    }
+}
+
+impl ServerProcess {
+    /// Starts `command` as `name`: in a new process group, in a fresh folder of its own under
+    /// `launch.root` (its working directory), its output in `server.log` there.
+    pub fn spawn(launch: &Launch, name: &str, command: &mut Command) -> Result<Self, String> {
+        let dir = if launch.scratch {
+            // The test process's id keeps runs of several test binaries apart.
+            launch
+                .root
+                .join(format!("tierstack-test-{}-{name}", std::process::id()))
+        } else {
+            launch.root.join(name)
+        };
+        // A fresh folder: a cluster node must not find an old run's nodes.conf.
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        let log = fs::File::create(dir.join("server.log"))
+            .map_err(|e| format!("cannot create the log of {name}: {e}"))?;
+        let log_err = log.try_clone().map_err(|e| e.to_string())?;
+        let leader = command
+            .current_dir(&dir)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err)
+            .process_group(0)
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", describe(command)))?;
+        let group = leader.id();
+        let mut server = Self {
+            name: name.to_owned(),
+            dir,
+            leader: Some(leader),
+            watchdog: None,
+        };
+        if !launch.detached {
+            let scratch = launch.scratch.then_some(server.dir.as_path());
+            server.watchdog = Some(Watchdog::start(group, scratch)?);
+        }
+        Ok(server)
+    }
+
+    /// The server's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Its folder (working directory and `server.log`).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The id of its process group.
+    pub fn group(&self) -> Option<u32> {
+        self.leader.as_ref().map(Child::id)
+    }
+
+    /// Stops the group at once (SIGKILL: no goodbye to clients, as a crash or a pulled cable).
+    pub fn kill(&mut self) {
+        if let Some(mut leader) = self.leader.take() {
+            signal_group(leader.id(), "-KILL");
+            let _ = leader.wait();
+        }
+        if let Some(mut watchdog) = self.watchdog.take() {
+            watchdog.release();
+        }
+    }
+
+    /// Stops the group: TERM, then KILL if it lingers past 10 s.
+    pub fn stop(&mut self) {
+        if let Some(mut leader) = self.leader.take() {
+            stop_group(&self.name, leader.id(), Some(&mut leader));
+        }
+        if let Some(mut watchdog) = self.watchdog.take() {
+            watchdog.release();
+        }
+    }
+
+    /// Leaves the server running past this value (and this process, if it was started
+    /// detached); answers its name and group, to stop it later with [`stop_group`].
+    pub fn keep(mut self) -> Option<(String, u32)> {
+        let group = self.group()?;
+        self.leader = None;
+        Some((std::mem::take(&mut self.name), group))
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Sends `signal` (as `kill` names it: `-TERM`, `-KILL`, `-0`) to process group `group`;
+/// whether it was delivered.
+fn signal_group(group: u32, signal: &str) -> bool {
+    Command::new("kill")
+        .args([signal, "--", &format!("-{group}")])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success())
+}
+
+/// Whether process group `group` still has a live process.
+pub fn group_alive(group: u32) -> bool {
+    signal_group(group, "-0")
+}
+
+/// Stops process group `group` (named `name` in messages): TERM, then KILL if it lingers past
+/// 10 s. `leader` is reaped if this process spawned it (an exited, unreaped child is a zombie
+/// that still looks alive).
+pub fn stop_group(name: &str, group: u32, mut leader: Option<&mut Child>) {
+    if !signal_group(group, "-TERM") {
+        return; // already gone
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if let Some(child) = leader.as_deref_mut() {
+            let _ = child.try_wait();
+        }
+        if !group_alive(group) {
+            return;
+        }
+        sleep(Duration::from_millis(50)); // poll loop
+    }
+    let _ = writeln!(
+        std::io::stderr(),
+        "{name} (group {group}) ignored TERM; killing it"
+    );
+    signal_group(group, "-KILL");
+    if let Some(child) = leader {
+        let _ = child.wait();
+    }
+}
+
+/// A port free on 127.0.0.1 (and, for a cluster node, with port + 10000, its cluster bus, free
+/// too).
+pub fn free_port(with_bus: bool) -> Result<u16, String> {
+    for _ in 0..100 {
+        let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+        let port = listener.local_addr().map_err(|e| e.to_string())?.port();
+        if !with_bus {
+            return Ok(port);
+        }
+        if port < 55_000 && TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+            return Ok(port);
+        }
+    }
+    Err("no free loopback port found".into())
+}
+
+/// Fails, saying how to install it, unless `program` is on `PATH`.
+pub fn require(program: &str, install: &str) -> Result<(), String> {
+    let found = std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()));
+    if found {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{program}` is not installed, and the tests need it: {install}"
+        ))
+    }
+}
+
+/// `command` as a shell would show it.
+pub fn describe(command: &Command) -> String {
+    let mut out = command.get_program().to_string_lossy().into_owned();
+    for arg in command.get_args() {
+        out.push(' ');
+        out.push_str(&arg.to_string_lossy());
+    }
+    out
+}
