@@ -7,16 +7,10 @@ use tierstack_core::clock::ManualClock;
 use tierstack_core::testkit::conformance::{Harness, TimeControl};
 use tierstack_firestore::{FirestoreConfig, FirestoreStore};
 
-const HINT: &str = "start the emulator with `cargo xtask services up firestore` and source \
-    target/services.env, or run everything with `cargo xtask ci` (needs the Google Cloud CLI \
-    with its Firestore emulator and Java)";
+mod common;
 
 fn config() -> FirestoreConfig {
-    std::env::var("FIRESTORE_EMULATOR_HOST")
-        .unwrap_or_else(|_| panic!("FIRESTORE_EMULATOR_HOST is not set: {HINT}"));
-    let project = std::env::var("FIRESTORE_PROJECT_ID")
-        .unwrap_or_else(|_| panic!("FIRESTORE_PROJECT_ID is not set: {HINT}"));
-    FirestoreConfig::new(&project).collection(&format!("conformance-{:016x}", fastrand_u64()))
+    common::config(&format!("conformance-{:016x}", fastrand_u64()))
 }
 
 fn fastrand_u64() -> u64 {

@@ -9,15 +9,7 @@ use tierstack_core::clock::ManualClock;
 use tierstack_core::{CacheError, Store};
 use tierstack_firestore::{FirestoreConfig, FirestoreStore, MAX_DOCUMENT_LEN};
 
-const HINT: &str =
-    "run `cargo xtask services up firestore` and source target/services.env, or `cargo xtask ci`";
-
-fn project() -> String {
-    std::env::var("FIRESTORE_EMULATOR_HOST")
-        .unwrap_or_else(|_| panic!("FIRESTORE_EMULATOR_HOST is not set: {HINT}"));
-    std::env::var("FIRESTORE_PROJECT_ID")
-        .unwrap_or_else(|_| panic!("FIRESTORE_PROJECT_ID is not set: {HINT}"))
-}
+mod common;
 
 fn collection(test: &str) -> String {
     let nanos = std::time::SystemTime::now()
@@ -28,7 +20,7 @@ fn collection(test: &str) -> String {
 }
 
 fn config(test: &str) -> FirestoreConfig {
-    FirestoreConfig::new(&project()).collection(&collection(test))
+    common::config(&collection(test))
 }
 
 #[tokio::test]
@@ -127,7 +119,7 @@ struct Forged {
 #[tokio::test]
 async fn a_document_whose_stored_key_differs_is_a_miss() {
     let collection = collection("forged");
-    let store = FirestoreStore::connect(&FirestoreConfig::new(&project()).collection(&collection))
+    let store = FirestoreStore::connect(&common::config(&collection))
         .await
         .unwrap();
     // A store with another prefix writes the same document id for a different key only if the
@@ -138,7 +130,7 @@ async fn a_document_whose_stored_key_differs_is_a_miss() {
         tierstack_firestore_test_support::document_id("victim"),
         "the documented id scheme: hex SHA-256 of the prefixed key"
     );
-    let db = firestore::FirestoreDb::new(project()).await.unwrap();
+    let db = common::raw_client().await;
     let forged = Forged {
         key: "attacker".into(),
         value: b"planted".to_vec(),

@@ -42,15 +42,10 @@ impl Remote for SimulatedGemini {
     }
 }
 
+mod common;
+
 fn config(collection: &str) -> FirestoreConfig {
-    let hint = "run `cargo xtask services up firestore` and source target/services.env, or `cargo xtask ci`";
-    std::env::var("FIRESTORE_EMULATOR_HOST")
-        .unwrap_or_else(|_| panic!("FIRESTORE_EMULATOR_HOST is not set: {hint}"));
-    let project = std::env::var("FIRESTORE_PROJECT_ID")
-        .unwrap_or_else(|_| panic!("FIRESTORE_PROJECT_ID is not set: {hint}"));
-    FirestoreConfig::new(&project)
-        .collection(collection)
-        .key_prefix("user_caches:")
+    common::config(collection).key_prefix("user_caches:")
 }
 
 const TTL: Duration = Duration::from_secs(4 * 3600);

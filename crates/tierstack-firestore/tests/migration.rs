@@ -8,25 +8,19 @@ use std::time::Duration;
 use tierstack::TieredCache;
 use tierstack::migrate::MigratingStore;
 use tierstack_core::Store;
-use tierstack_firestore::{FirestoreConfig, FirestoreStore};
+use tierstack_firestore::FirestoreStore;
 use tierstack_redis::{RedisConfig, RedisStore};
 
-const HINT: &str =
-    "run `cargo xtask services up all` and source target/services.env, or `cargo xtask ci`";
+mod common;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_data_moves_from_firestore_to_redis_without_a_miss() {
-    let project = std::env::var("FIRESTORE_PROJECT_ID")
-        .unwrap_or_else(|_| panic!("FIRESTORE_PROJECT_ID is not set: {HINT}"));
-    let redis_url =
-        std::env::var("REDIS_URL").unwrap_or_else(|_| panic!("REDIS_URL is not set: {HINT}"));
+    let redis_url = tierstack_test_support::redis::redis_url();
     let run = std::process::id();
     let firestore: Arc<dyn Store> = Arc::new(
-        FirestoreStore::connect(
-            &FirestoreConfig::new(&project).collection(&format!("migration-{run}")),
-        )
-        .await
-        .unwrap(),
+        FirestoreStore::connect(&common::config(&format!("migration-{run}")))
+            .await
+            .unwrap(),
     );
     let redis: Arc<dyn Store> = Arc::new(
         RedisStore::connect(

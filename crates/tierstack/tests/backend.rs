@@ -7,14 +7,7 @@ use std::time::Duration;
 
 use tierstack::{StoreConfig, TieredCache};
 
-fn redis_url() -> String {
-    std::env::var("REDIS_URL").unwrap_or_else(|_| {
-        panic!(
-            "REDIS_URL is not set: run `cargo xtask services up redis` and \
-             `source target/services.env` (redis-server must be installed: apt install redis-server)"
-        )
-    })
-}
+use tierstack_test_support::redis::redis_url;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_by_environment_comes_with_its_backplane() {
