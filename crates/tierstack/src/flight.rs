@@ -280,7 +280,7 @@ mod tests {
             flights.join_or_lead("k", TypeId::of::<String>(), stamp(&f)),
             Role::Lead(_)
         ));
-        leader.complete(Outcome::Found(Fetched::fresh(
+        leader.complete(Outcome::Found(Fetched::new_fresh(
             7,
             crate::Source::Loader,
             None,

@@ -420,7 +420,7 @@ pub struct Fetched<V> {
 
 impl<V> Fetched<V> {
     /// A fresh value, cached for `ttl` from now (`None`: not cached).
-    pub(crate) fn fresh(value: V, source: Source, ttl: Option<Duration>) -> Self {
+    pub(crate) fn new_fresh(value: V, source: Source, ttl: Option<Duration>) -> Self {
         Self {
             value,
             source,
@@ -430,7 +430,7 @@ impl<V> Fetched<V> {
     }
 
     /// A value past its TTL that fail-safe answers.
-    pub(crate) fn stale(value: V, source: Source) -> Self {
+    pub(crate) fn new_stale(value: V, source: Source) -> Self {
         Self {
             value,
             source,

@@ -107,9 +107,9 @@ where
                         self.refresh(key, flight, options, &entry, loader);
                     }
                     return Ok(Some(if entry.stale {
-                        Fetched::stale(value.clone(), Source::L1)
+                        Fetched::new_stale(value.clone(), Source::L1)
                     } else {
-                        Fetched::fresh(
+                        Fetched::new_fresh(
                             value.clone(),
                             Source::L1,
                             Some(now.until(entry.fresh_until)),

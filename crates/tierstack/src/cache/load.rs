@@ -201,7 +201,7 @@ where
                 };
                 match value {
                     Some(value) => {
-                        Outcome::Found(Fetched::fresh(value, Source::Loader, cached_for))
+                        Outcome::Found(Fetched::new_fresh(value, Source::Loader, cached_for))
                     }
                     None => Outcome::Absent,
                 }
@@ -261,9 +261,9 @@ where
             match entry.value {
                 Some(value) if !refreshing && serving => {
                     return Looked::Answered(Outcome::Found(if entry.stale {
-                        Fetched::stale(value, Source::L1)
+                        Fetched::new_stale(value, Source::L1)
                     } else {
-                        Fetched::fresh(value, Source::L1, Some(now.until(entry.fresh_until)))
+                        Fetched::new_fresh(value, Source::L1, Some(now.until(entry.fresh_until)))
                     }));
                 }
                 None if accepts_absent && serving => {
@@ -313,9 +313,9 @@ where
                             self.freshness.watch_is_current(watch)
                         });
                         return Looked::Answered(Outcome::Found(if life.stale {
-                            Fetched::stale(value, Source::L2)
+                            Fetched::new_stale(value, Source::L2)
                         } else {
-                            Fetched::fresh(value, Source::L2, Some(life.fresh))
+                            Fetched::new_fresh(value, Source::L2, Some(life.fresh))
                         }));
                     }
                     None if accepts_absent => {
@@ -428,7 +428,7 @@ where
                     .await;
             }
         }
-        Outcome::Found(Fetched::stale(fallback.value, fallback.source))
+        Outcome::Found(Fetched::new_stale(fallback.value, fallback.source))
     }
 
     /// Caches a loaded value (or a negative entry) in both tiers, unless the key was written or
@@ -611,7 +611,7 @@ pub(super) struct Fallback<V> {
 impl<V: Clone> Fallback<V> {
     /// The stale value as a flight offers it to its waiters.
     fn offered(&self) -> Fetched<V> {
-        Fetched::stale(self.value.clone(), self.source)
+        Fetched::new_stale(self.value.clone(), self.source)
     }
 }
 
