@@ -411,10 +411,13 @@ pub struct Fetched<V> {
     pub source: Source,
     /// Whether the value is past its TTL: fail-safe served it because the origin failed.
     pub stale: bool,
-    /// How long the value stays fresh from when it was answered: the remaining TTL of the L1
-    /// or L2 entry, or the TTL a loaded value was cached with. `None` for a stale value and for
-    /// a loaded value that was not cached (the loader said [`Loaded::uncached`], its TTL was
-    /// refused, or the call skipped both tiers' writes).
+    /// How long, from when it was answered, the tier that answered serves the value as fresh:
+    /// the remaining TTL of the L2 entry, the TTL a loaded value was cached with, or for an L1
+    /// hit the time until L1 reads L2 again (an [L1 TTL](EntryOptions::with_l1_ttl) may end
+    /// that before the entry's TTL). Never more than the remaining TTL, so it can bound an
+    /// HTTP `max-age`. `None` for a stale value, and for a loaded value that was not cached:
+    /// the loader said [`Loaded::uncached`], its TTL was refused, the call skipped the writes
+    /// of every tier there is, or another write of the key won over it.
     pub ttl: Option<Duration>,
 }
 

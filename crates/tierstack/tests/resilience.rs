@@ -1204,6 +1204,108 @@ async fn a_failed_batch_answers_stale_values_with_fail_safe() {
 }
 
 #[tokio::test]
+async fn a_batch_falls_back_on_no_copy_that_another_instance_deleted() {
+    let fx = Fixture::new();
+    let (a, b) = (fx.cache(), fx.cache());
+    let calls = Calls::default();
+    a.get_or_load_many_with(&["k"], &fail_safe(), batch_of(&calls, "v1"))
+        .await
+        .unwrap();
+    // No backplane: A's L1 keeps its copy, but L2 holds B's tombstone.
+    assert!(b.delete("k").await.unwrap());
+    fx.clock.advance(TTL);
+    let error = a
+        .get_or_load_many_with(&["k"], &fail_safe(), failing_batch(&calls))
+        .await
+        .unwrap_err();
+    assert!(error.loader_error().is_some(), "{error}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_batch_keeps_no_fallback_in_l1_past_an_invalidation_during_its_read() {
+    let fx = Fixture::new();
+    let cache = fx.cache();
+    let calls = Calls::default();
+    cache
+        .get_or_load_many_with(&["k"], &fail_safe(), batch_of(&calls, "v1"))
+        .await
+        .unwrap();
+    fx.clock.advance(TTL);
+    // The batch's L2 read takes 100 ms; this instance's copy is evicted meanwhile.
+    fx.faulty.set_delay(Duration::from_millis(100));
+    let batch = {
+        let (cache, calls) = (cache.clone(), calls.clone());
+        tokio::spawn(async move {
+            cache
+                .get_or_load_many_with(&["k"], &fail_safe(), failing_batch(&calls))
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await; // paused clock
+    cache.invalidate_local("k");
+    let stale = batch.await.unwrap().unwrap();
+    assert_eq!(stale, vec![Some("v1".to_owned())]);
+    assert_eq!(calls.count(), 2);
+    // The stale value was not re-armed in L1 over the eviction: the next call tries the
+    // origin again (and falls back on L2's copy).
+    fx.faulty.set_delay(Duration::ZERO);
+    cache
+        .get_or_load_many_with(&["k"], &fail_safe(), failing_batch(&calls))
+        .await
+        .unwrap();
+    assert_eq!(calls.count(), 3);
+}
+
+#[tokio::test]
+async fn a_call_without_fail_safe_does_not_take_a_re_armed_stale_value() {
+    let fx = Fixture::new();
+    let cache = fx.cache();
+    let calls = Calls::default();
+    fetch(&cache, &fail_safe(), loader(&calls, "v1"))
+        .await
+        .unwrap();
+    fx.clock.advance(TTL);
+    assert!(
+        fetch(&cache, &fail_safe(), failing(&calls))
+            .await
+            .unwrap()
+            .stale
+    );
+    // Re-armed in L1 for the throttle; a call without fail-safe loads all the same.
+    let plain = EntryOptions::default().with_ttl(TTL);
+    let fresh = fetch(&cache, &plain, loader(&calls, "v2")).await.unwrap();
+    assert_eq!(
+        (fresh.value.as_str(), fresh.source, fresh.stale),
+        ("v2", Source::Loader, false)
+    );
+    assert_eq!(calls.count(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delete_that_skips_the_backplane_still_tells_the_others_when_its_outcome_is_unknown() {
+    let fx = Fixture::new();
+    let bus = tierstack::core::testkit::MemoryBus::new();
+    let instance = || {
+        fx.builder("test")
+            .backplane(std::sync::Arc::new(bus.backplane()))
+            .build()
+            .unwrap()
+    };
+    let (a, b) = (instance(), instance());
+    let quiet = EntryOptions::default().with_skips(Skips {
+        backplane: true,
+        ..Skips::default()
+    });
+    fx.faulty.set_failing(true);
+    assert!(a.delete_with("k", &quiet).await.is_err());
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while b.stats().invalidations_received == 0 {
+        assert!(std::time::Instant::now() < deadline, "B was never told");
+        tokio::time::sleep(Duration::from_millis(5)).await; // poll loop
+    }
+}
+
+#[tokio::test]
 async fn a_batch_can_skip_reading_a_tier() {
     let fx = Fixture::new();
     let cache = fx.cache();

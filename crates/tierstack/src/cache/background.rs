@@ -99,7 +99,9 @@ where
         let l1_entry = self.l1_entry(key).filter(|_| !options.skips().l1_read);
         if let Some(entry) = l1_entry {
             let now = self.clock.now();
-            let serving = self.serving(&entry, now);
+            // A re-armed stale value answers only calls with fail-safe (as in the flight).
+            let serving =
+                self.serving(&entry, now) && (!entry.stale || options.fail_safe().is_some());
             match &entry.value {
                 Some(value) if serving => {
                     self.recorder.l1_hit(key);

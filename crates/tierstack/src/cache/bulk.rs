@@ -1,7 +1,7 @@
 //! Bulk reads: L1 per key, one L2 round trip for the rest, one batched loader call for what is
 //! still missing.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::time::{Duration, Instant};
@@ -20,16 +20,15 @@ use super::load::Fallback;
 use super::read::L2Read;
 use crate::error::LoadError;
 use crate::events::StaleReason;
-use crate::flight::Outcome;
 use crate::freshness::{KeyWatch, Snapshot};
-use crate::options::{EntryOptions, Source};
+use crate::options::{EntryOptions, Skips, Source};
 use crate::stats::L2Op;
 
 /// How many conditional writes of one bulk fill are in flight at once.
 const BULK_FILL_CONCURRENCY: usize = 64;
 
 /// What a batch's look in L1 and L2 found, per key of the call.
-struct Looked<V> {
+struct BatchLook<V> {
     /// `Some(v)` where a tier answered (`v` `None` for a negative entry), `None` to load.
     #[expect(
         clippy::option_option,
@@ -57,7 +56,14 @@ where
 {
     pub(super) async fn get_many<K: AsRef<str>>(&self, keys: &[K]) -> Result<Vec<Option<V>>> {
         // A plain read never answers a stale value, not even one that fail-safe re-armed.
-        let options = self.settings.defaults.without_fail_safe();
+        // As `get`: fresh values only (not even one that fail-safe re-armed), and every tier
+        // read whatever the defaults skip.
+        let defaults = self.settings.defaults;
+        let options = defaults.without_fail_safe().with_skips(Skips {
+            l1_read: false,
+            l2_read: false,
+            ..defaults.skips()
+        });
         let looked = self.lookup_many(keys, &options).await?;
         Ok(looked.found.into_iter().map(Option::flatten).collect())
     }
@@ -74,32 +80,41 @@ where
         Fut: Future<Output = std::result::Result<HashMap<String, V>, E>>,
     {
         options.validate()?;
-        let Looked {
+        for key in keys {
+            self.check_key(key.as_ref())?;
+        }
+        // Watched from before L1 is read, as a single key's flight is: a write, delete or
+        // invalidation of a key from now on keeps what this batch reads, loads or falls back on
+        // out of both tiers. Dropped (with the call, if it is cancelled), the watches leave
+        // nothing behind.
+        let mut by_key: HashMap<&str, KeyWatch> = keys
+            .iter()
+            .map(|key| (key.as_ref(), self.freshness.watch(key.as_ref())))
+            .collect();
+        let BatchLook {
             mut found,
             mut seen,
             mut fallbacks,
         } = self.lookup_many(keys, options).await?;
-        let mut distinct = HashSet::new();
         let mut missing = Vec::new();
+        let mut watches = Vec::new();
         for (index, key) in keys.iter().map(AsRef::as_ref).enumerate() {
-            if found[index].is_none() && distinct.insert(key) {
+            // The first time a missing key is named (`remove` answers it once).
+            if found[index].is_none()
+                && let Some(watch) = by_key.remove(key)
+            {
                 missing.push(Missing {
                     key,
                     seen: seen[index].take(),
                     fallback: fallbacks[index].take(),
                 });
+                watches.push(watch);
             }
         }
+        drop(by_key);
         if missing.is_empty() {
             return Ok(found.into_iter().map(Option::flatten).collect());
         }
-        // Watched before the load: a write or delete of one of these keys meanwhile keeps its
-        // loaded value out of both tiers. Dropped (with the call, if it is cancelled), the
-        // watches leave nothing behind.
-        let watches: Vec<KeyWatch> = missing
-            .iter()
-            .map(|missing| self.freshness.watch(missing.key))
-            .collect();
         let started = Instant::now();
         let request: Vec<String> = missing.iter().map(|m| m.key.to_owned()).collect();
         let run = AssertUnwindSafe(async move { loader(request).await }).catch_unwind();
@@ -153,30 +168,32 @@ where
         options: &EntryOptions,
         error: LoadError<E>,
     ) -> std::result::Result<Vec<Option<V>>, LoadError<E>> {
-        let covered = options.fail_safe().is_some()
-            && missing.iter().all(|missing| missing.fallback.is_some());
-        if !covered {
+        let fallbacks: Option<Vec<(&str, Fallback<V>)>> = missing
+            .into_iter()
+            .map(|missing| Some((missing.key, missing.fallback?)))
+            .collect();
+        let (Some(fallbacks), Some(_)) = (fallbacks, options.fail_safe()) else {
             return Err(error);
-        }
+        };
         let reason = match error {
             LoadError::TimedOut { .. } => StaleReason::HardTimeout,
             _ => StaleReason::LoaderFailed,
         };
-        let mut values = Vec::with_capacity(missing.len());
-        for (missing, watch) in missing.into_iter().zip(watches) {
-            let Some(fallback) = missing.fallback else {
-                return Err(error);
-            };
-            self.recorder.stale_served(missing.key, reason);
-            values.push(
-                match self
-                    .serve_stale(missing.key, fallback, options, watch)
-                    .await
-                {
-                    Outcome::Found(fetched) => Some(fetched.value),
-                    _ => None,
-                },
-            );
+        let mut values = Vec::with_capacity(fallbacks.len());
+        let mut stale = fallbacks.into_iter().zip(watches);
+        // Re-armed at most `BULK_FILL_CONCURRENCY` at a time (in L2, each is a conditional
+        // write), as a batch's fill is.
+        loop {
+            let chunk: Vec<_> = stale.by_ref().take(BULK_FILL_CONCURRENCY).collect();
+            if chunk.is_empty() {
+                break;
+            }
+            let rearms = chunk.into_iter().map(|((key, fallback), watch)| {
+                self.recorder.stale_served(key, reason);
+                self.serve_stale(key, fallback, options, watch)
+            });
+            let served = futures_util::future::join_all(rearms).await;
+            values.extend(served.into_iter().map(|fetched| Some(fetched.value)));
         }
         Ok(values)
     }
@@ -187,13 +204,13 @@ where
         &self,
         keys: &[K],
         options: &EntryOptions,
-    ) -> Result<Looked<V>> {
+    ) -> Result<BatchLook<V>> {
         for key in keys {
             self.check_key(key.as_ref())?;
         }
         let skips = options.skips();
         let fail_safe = options.fail_safe().is_some();
-        let mut looked = Looked {
+        let mut looked = BatchLook {
             found: Vec::with_capacity(keys.len()),
             seen: vec![None; keys.len()],
             fallbacks: std::iter::repeat_with(|| None).take(keys.len()).collect(),
@@ -289,7 +306,7 @@ where
         read: L2Read<V>,
         options: &EntryOptions,
         snapshot: Snapshot,
-        looked: &mut Looked<V>,
+        looked: &mut BatchLook<V>,
     ) {
         let fail_safe = options.fail_safe().is_some();
         match read {

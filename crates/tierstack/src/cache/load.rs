@@ -215,7 +215,7 @@ where
                         Failure::Loader(_) | Failure::Panicked => StaleReason::LoaderFailed,
                     };
                     self.recorder.stale_served(key, reason);
-                    return self.serve_stale(key, fallback, options, &watch).await;
+                    return Outcome::Found(self.serve_stale(key, fallback, options, &watch).await);
                 }
                 match failure {
                     Failure::Loader(error) => Outcome::Failed(Arc::new(error) as SharedError),
@@ -395,7 +395,7 @@ where
         fallback: Fallback<V>,
         options: &EntryOptions,
         watch: &KeyWatch,
-    ) -> Outcome<V> {
+    ) -> Fetched<V> {
         let throttle = options.fail_safe().map_or(Duration::ZERO, |f| f.throttle());
         let now = self.clock.now();
         let lives = now.until(fallback.expires_at);
@@ -428,7 +428,7 @@ where
                     .await;
             }
         }
-        Outcome::Found(Fetched::new_stale(fallback.value, fallback.source))
+        Fetched::new_stale(fallback.value, fallback.source)
     }
 
     /// Caches a loaded value (or a negative entry) in both tiers, unless the key was written or
@@ -463,7 +463,8 @@ where
             self.fill_l1(&key, value.cloned(), life, || {
                 self.freshness.watch_is_current(&watch)
             });
-            return life.to_l1.then_some(life.fresh);
+            let kept = life.to_l1 && self.l1.is_some() && !self.is_deaf();
+            return kept.then_some(life.fresh);
         }
         let bytes = match self.encode_with_life(value, life) {
             Ok(bytes) => bytes,

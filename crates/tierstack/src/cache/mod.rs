@@ -255,9 +255,11 @@ where
     }
 
     /// [`get_or_load_many`](Self::get_or_load_many) with this call's `options`: their TTLs,
-    /// fail-safe lifetime, skips, and their hard timeout for the batch loader (which runs in the
-    /// caller's task and is cancelled then). A batch does not answer stale values when its
-    /// loader fails.
+    /// skips, and their hard timeout for the batch loader (which runs in the caller's task and
+    /// is cancelled then). With fail-safe, a batch whose loader fails (or passes the hard
+    /// timeout) answers the stale values of the keys it loaded, each re-armed for the throttle,
+    /// if every one of them has one; otherwise the error stands. There is no soft timeout or
+    /// eager refresh for a batch.
     ///
     /// # Errors
     ///
@@ -318,7 +320,8 @@ where
     /// both tiers.
     ///
     /// The loader runs inline in the caller's task; cancelling the call cancels it and leaves
-    /// nothing behind.
+    /// nothing behind. The [default options](TieredCacheBuilder::default_options) apply, their
+    /// fail-safe too (see [`get_or_load_many_with`](Self::get_or_load_many_with)).
     ///
     /// # Errors
     ///
@@ -452,20 +455,19 @@ where
     ///
     /// An invalid key or TTL; an L2 that fails or times out (the local copy is evicted).
     pub async fn touch(&self, key: &str, ttl: Duration) -> Result<bool> {
-        let skips = self.inner.settings.defaults.skips();
-        self.inner.touch(key, ttl, skips).await
+        let options = self.inner.settings.defaults.with_ttl(ttl);
+        self.inner.touch(key, &options).await
     }
 
-    /// [`touch`](Self::touch) to the TTL of this call's `options`, with their
+    /// [`touch`](Self::touch) to the TTL of this call's `options`, with their L1 TTL and
     /// [skips](crate::Skips), as in [`delete_with`](Self::delete_with): skipping L2 writes
     /// extends this instance's L1 copy only (`false` if it holds none).
     ///
     /// # Errors
     ///
-    /// As [`touch`](Self::touch), and options out of range.
+    /// As [`touch`](Self::touch).
     pub async fn touch_with(&self, key: &str, options: &EntryOptions) -> Result<bool> {
-        options.validate()?;
-        self.inner.touch(key, options.ttl(), options.skips()).await
+        self.inner.touch(key, options).await
     }
 
     /// Waits until the L2 writes that [`get_or_load`](Self::get_or_load) left to background

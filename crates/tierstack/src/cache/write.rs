@@ -6,7 +6,6 @@
 //! never before: told first, one could evict, re-read the old value and keep it.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -170,12 +169,9 @@ where
         removed
     }
 
-    pub(super) async fn touch(
-        self: &Arc<Self>,
-        key: &str,
-        ttl: Duration,
-        skips: Skips,
-    ) -> Result<bool> {
+    /// Sets `key`'s time to live to `options.ttl()`, with their skips and L1 TTL.
+    pub(super) async fn touch(self: &Arc<Self>, key: &str, options: &EntryOptions) -> Result<bool> {
+        let (ttl, skips) = (options.ttl(), options.skips());
         self.check_key(key)?;
         validate_ttl(ttl)?;
         let deadline = self.deadline();
@@ -219,7 +215,7 @@ where
                     && !entry.stale =>
             {
                 let after = self.freshness.bump_key(key);
-                let life = Life::new(ttl, ttl, self.settings.defaults.l1_ttl());
+                let life = Life::new(ttl, ttl, options.l1_ttl());
                 self.fill_l1_since(key, entry.value, life, after);
             }
             _ => self.evict_local(key),
