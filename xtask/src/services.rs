@@ -55,6 +55,7 @@ impl Services {
     }
 
     fn launch(which: &[Which], detached: bool) -> Result<Self, String> {
+        prune_stopped();
         let launch = Launch {
             root: services_dir(),
             detached,
@@ -104,13 +105,40 @@ impl Services {
         }
     }
 
-    /// Leaves every server running; their names and process groups, to stop them later.
-    fn keep(self) -> Vec<(String, u32)> {
+    /// Every server's name and process group, to stop them later.
+    fn record(&self) -> Vec<(String, u32)> {
         let mut groups = Vec::new();
-        groups.extend(self.redis.and_then(RedisServer::keep));
-        groups.extend(self.cluster.map(RedisCluster::keep).unwrap_or_default());
-        groups.extend(self.firestore.and_then(FirestoreEmulator::keep));
+        groups.extend(self.redis.iter().flat_map(RedisServer::record));
+        groups.extend(self.cluster.iter().flat_map(RedisCluster::record));
+        groups.extend(self.firestore.iter().flat_map(FirestoreEmulator::record));
         groups
+    }
+
+    /// Leaves every server running.
+    fn keep(self) {
+        self.redis.map(RedisServer::keep);
+        self.cluster.map(RedisCluster::keep);
+        self.firestore.map(FirestoreEmulator::keep);
+    }
+}
+
+/// Removes the folders (and logs) of servers no longer running: every folder under
+/// `target/services` that `services up` did not record.
+fn prune_stopped() {
+    let state = fs::read_to_string(state_file()).unwrap_or_default();
+    let running: Vec<&str> = state
+        .lines()
+        .filter_map(|line| line.split_once(' ').map(|(name, _)| name))
+        .collect();
+    let Ok(entries) = fs::read_dir(services_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let recorded = running.iter().any(|running| name == *running);
+        if entry.path().is_dir() && !recorded {
+            let _ = fs::remove_dir_all(entry.path());
+        }
     }
 }
 
@@ -136,10 +164,12 @@ pub(crate) fn up_command(which: &str) -> Result<(), String> {
         .map(|(key, value)| format!("export {key}={value}"))
         .collect();
     let mut state = fs::read_to_string(state_file()).unwrap_or_default();
-    for (name, group) in services.keep() {
+    for (name, group) in services.record() {
         let _ = writeln!(state, "{name} {group}");
     }
+    // Recorded first: if this fails, dropping `services` stops them.
     fs::write(state_file(), state).map_err(|e| format!("cannot record the servers: {e}"))?;
+    services.keep();
     let mut env = fs::read_to_string(env_file()).unwrap_or_default();
     for line in env_lines {
         println!("{line}");

@@ -141,8 +141,9 @@ impl FirestoreConfig {
         self
     }
 
-    /// Checks the request timeout (from 1 ms to 1 h) and the retries (at most 10), failing
-    /// with [`CacheError::Configuration`] naming the setting. [`FirestoreStore::connect`] calls
+    /// Checks the request timeout (from 1 ms to 1 h), the retries (at most 10) and the
+    /// emulator host (`host:port`), failing with [`CacheError::Configuration`] naming the
+    /// setting. [`FirestoreStore::connect`] calls
     /// it before connecting.
     pub fn validate(&self) -> Result<()> {
         if self.request_timeout < MIN_REQUEST_TIMEOUT || self.request_timeout > MAX_REQUEST_TIMEOUT
@@ -151,6 +152,14 @@ impl FirestoreConfig {
                 "FirestoreConfig::request_timeout must be from {MIN_REQUEST_TIMEOUT:?} to \
                  {MAX_REQUEST_TIMEOUT:?}, not {:?}",
                 self.request_timeout
+            )));
+        }
+        if let Some(host) = &self.emulator_host
+            && (host.is_empty() || host.contains('/'))
+        {
+            return Err(CacheError::Configuration(format!(
+                "FirestoreConfig::emulator_host must be host:port, without a scheme or path, \
+                 not {host:?}"
             )));
         }
         if self.max_retries > MAX_RETRIES {
@@ -220,8 +229,9 @@ impl fmt::Debug for FirestoreStore {
 }
 
 impl FirestoreStore {
-    /// Connects to Firestore (or the emulator named by `FIRESTORE_EMULATOR_HOST`). A
-    /// configuration that [`FirestoreConfig::validate`] refuses fails before connecting.
+    /// Connects to Firestore, or to the emulator named by
+    /// [`FirestoreConfig::emulator_host`] or else by `FIRESTORE_EMULATOR_HOST`. A configuration
+    /// that [`FirestoreConfig::validate`] refuses fails before connecting.
     pub async fn connect(config: &FirestoreConfig) -> Result<Self> {
         Self::connect_with_clock(config, system_clock()).await
     }
@@ -1053,6 +1063,11 @@ mod tests {
             ),
             (config.clone().max_retries(MAX_RETRIES + 1), "max_retries"),
             (config.clone().max_retries(usize::MAX), "max_retries"),
+            (
+                config.clone().emulator_host("http://127.0.0.1:8080"),
+                "emulator_host",
+            ),
+            (config.clone().emulator_host(""), "emulator_host"),
         ] {
             let err = FirestoreStore::connect(&bad).await.unwrap_err();
             assert!(

@@ -19,9 +19,9 @@ pub const INSTALL: &str = "install the Google Cloud CLI with its Firestore emula
 const START_LIMIT: Duration = Duration::from_secs(90);
 
 /// The emulator of this test run and a project id warmed up on it: `FIRESTORE_EMULATOR_HOST`
-/// and `FIRESTORE_PROJECT_ID` if set (`cargo xtask ci` starts one emulator for every test
-/// binary), else an emulator this process starts on first use, shared by its tests and
-/// stopped when it exits. Pass the host to `FirestoreConfig::emulator_host`.
+/// and `FIRESTORE_PROJECT_ID` if both are set (`cargo xtask ci` starts one emulator for every
+/// test binary and sets both), else an emulator this process starts on first use, shared by
+/// its tests and stopped when it exits. Pass the host to `FirestoreConfig::emulator_host`.
 ///
 /// # Panics
 ///
@@ -67,7 +67,7 @@ pub struct FirestoreEmulator {
 impl FirestoreEmulator {
     /// Starts the emulator on a free port and waits until it answers.
     pub fn start(launch: &Launch) -> Result<Self, String> {
-        Self::start_on(launch, free_port(false)?)
+        Self::start_on(launch, free_port()?)
     }
 
     /// Starts the emulator on `port` and waits until it answers.
@@ -89,11 +89,19 @@ impl FirestoreEmulator {
             .arg(format!("--host-port=127.0.0.1:{}", self.port))
             .env("CLOUDSDK_CORE_DISABLE_PROMPTS", "1");
         let name = format!("firestore-{}", self.port);
-        let process = ServerProcess::spawn(&self.launch, &name, &mut command)?;
-        let log = process.dir().join("server.log");
+        let mut process = ServerProcess::spawn(&self.launch, &name, &mut command)?;
+        let port = self.port;
+        let request =
+            format!("GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n");
+        process
+            .wait_ready(START_LIMIT, || {
+                answers_200(port, &request, Duration::from_secs(2))
+            })
+            .map_err(|error| {
+                format!("the Firestore emulator did not start: {error}\n({INSTALL})")
+            })?;
         self.process = Some(process);
-        wait_for_http_ok(self.port, START_LIMIT)
-            .map_err(|error| format!("{error} (see {})", log.display()))
+        Ok(())
     }
 
     /// `127.0.0.1:PORT`, as `FIRESTORE_EMULATOR_HOST` names it.
@@ -126,6 +134,14 @@ impl FirestoreEmulator {
         self.run()
     }
 
+    /// Its name and process group while it runs (see [`ServerProcess::record`]).
+    pub fn record(&self) -> Vec<(String, u32)> {
+        self.process
+            .iter()
+            .filter_map(ServerProcess::record)
+            .collect()
+    }
+
     /// Leaves the emulator running past this value (see [`ServerProcess::keep`]).
     pub fn keep(mut self) -> Option<(String, u32)> {
         self.process.take()?.keep()
@@ -146,21 +162,6 @@ fn answers_200(port: u16, request: &str, read_timeout: Duration) -> bool {
         && stream
             .read(&mut reply)
             .is_ok_and(|read| reply[..read].starts_with(b"HTTP/1.1 200"))
-}
-
-/// Polls `GET /` until the emulator answers 200.
-fn wait_for_http_ok(port: u16, limit: Duration) -> Result<(), String> {
-    let deadline = Instant::now() + limit;
-    let request = format!("GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n");
-    while !answers_200(port, &request, Duration::from_secs(2)) {
-        if Instant::now() > deadline {
-            return Err(format!(
-                "the Firestore emulator on port {port} did not come up within {limit:?}"
-            ));
-        }
-        sleep(Duration::from_millis(250)); // poll loop
-    }
-    Ok(())
 }
 
 fn warm_up(port: u16, project: &str, limit: Duration) -> Result<(), String> {

@@ -17,12 +17,15 @@ use crate::Launch;
 pub struct ServerProcess {
     name: String,
     dir: PathBuf,
+    scratch: bool,
     leader: Option<Child>,
     watchdog: Option<Watchdog>,
 }
 
-/// A shell that waits for its standard input to close (this process exited, or stopped the
-/// server) and then kills the group: servers of a test process never outlive it.
+/// A shell, in a process group of its own and deaf to the terminal's signals, that waits on its
+/// standard input: told `release`, it exits; if the pipe closes without a word (this process
+/// exited, however: a panic, Ctrl-C, SIGKILL), it kills the server's group and removes its
+/// scratch folder. Servers of a test process never outlive it.
 #[derive(Debug)]
 struct Watchdog {
     shell: Child,
@@ -30,9 +33,12 @@ struct Watchdog {
 }
 
 impl Watchdog {
-    /// Kills group `group` when released, and then removes `scratch`, if any.
     fn start(group: u32, scratch: Option<&Path>) -> Result<Self, String> {
-        let script = r#"read _closed; kill -KILL "-$0" 2>/dev/null; [ -z "$1" ] || rm -rf "$1""#;
+        let script = r#"trap '' INT QUIT TERM HUP
+read word
+[ "$word" = release ] && exit 0
+kill -KILL "-$0" 2>/dev/null
+[ -z "$1" ] || rm -rf "$1""#;
         let mut shell = Command::new("sh")
             .args(["-c", script])
             .arg(group.to_string())
@@ -40,14 +46,18 @@ impl Watchdog {
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
+            .process_group(0)
             .spawn()
             .map_err(|e| format!("cannot start the watchdog shell: {e}"))?;
         let stdin = shell.stdin.take();
         Ok(Self { shell, stdin })
     }
 
-    fn release(&mut self) {
-        drop(self.stdin.take());
+    /// Lets the shell go without it touching the server (which its owner stops itself).
+    fn release(mut self) {
+        if let Some(mut stdin) = self.stdin.take() {
+            let _ = stdin.write_all(b"release\n");
+        }
         let _ = self.shell.wait();
     }
 }
@@ -64,9 +74,12 @@ impl ServerProcess {
         } else {
             launch.root.join(name)
         };
-        // A fresh folder: a cluster node must not find an old run's nodes.conf.
+        // A fresh folder (a cluster node must not find an old run's nodes.conf), made by this
+        // call: `create_dir` fails rather than follow whatever another user put there.
         let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        fs::create_dir_all(&launch.root)
+            .and_then(|()| fs::create_dir(&dir))
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
         let log = fs::File::create(dir.join("server.log"))
             .map_err(|e| format!("cannot create the log of {name}: {e}"))?;
         let log_err = log.try_clone().map_err(|e| e.to_string())?;
@@ -82,6 +95,7 @@ impl ServerProcess {
         let mut server = Self {
             name: name.to_owned(),
             dir,
+            scratch: launch.scratch,
             leader: Some(leader),
             watchdog: None,
         };
@@ -102,37 +116,83 @@ impl ServerProcess {
         &self.dir
     }
 
-    /// The id of its process group.
+    /// The id of its process group (and of its leader).
     pub fn group(&self) -> Option<u32> {
         self.leader.as_ref().map(Child::id)
     }
 
+    /// Its name and process group while it runs, to record (see [`stop_group`]).
+    pub fn record(&self) -> Option<(String, u32)> {
+        Some((self.name.clone(), self.group()?))
+    }
+
+    /// Polls `ready` until it holds, for up to `limit`. Fails early if the server exits, and
+    /// on failure tells the end of its log.
+    pub fn wait_ready(
+        &mut self,
+        limit: Duration,
+        mut ready: impl FnMut() -> bool,
+    ) -> Result<(), String> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(leader) = self.leader.as_mut()
+                && let Ok(Some(status)) = leader.try_wait()
+            {
+                return Err(self.failure(&format!("{} exited ({status})", self.name)));
+            }
+            if ready() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(self.failure(&format!("{} not ready within {limit:?}", self.name)));
+            }
+            sleep(Duration::from_millis(50)); // poll loop
+        }
+    }
+
+    /// `what`, with the last lines of the server's log.
+    fn failure(&self, what: &str) -> String {
+        let log = fs::read_to_string(self.dir.join("server.log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        let tail = lines[lines.len().saturating_sub(15)..].join("\n");
+        format!("{what}; the end of its log:\n{tail}")
+    }
+
     /// Stops the group at once (SIGKILL: no goodbye to clients, as a crash or a pulled cable).
     pub fn kill(&mut self) {
-        if let Some(mut leader) = self.leader.take() {
+        self.end(|_, mut leader| {
             signal_group(leader.id(), "-KILL");
             let _ = leader.wait();
-        }
-        if let Some(mut watchdog) = self.watchdog.take() {
-            watchdog.release();
-        }
+        });
     }
 
     /// Stops the group: TERM, then KILL if it lingers past 10 s.
     pub fn stop(&mut self) {
-        if let Some(mut leader) = self.leader.take() {
-            stop_group(&self.name, leader.id(), Some(&mut leader));
-        }
-        if let Some(mut watchdog) = self.watchdog.take() {
+        self.end(|name, mut leader| stop_group(name, leader.id(), Some(&mut leader)));
+    }
+
+    /// Releases the watchdog first (the group is stopped here, by `stop`, while its leader is
+    /// unreaped and its id cannot be reused), then removes a scratch folder.
+    fn end(&mut self, stop: impl FnOnce(&str, Child)) {
+        if let Some(watchdog) = self.watchdog.take() {
             watchdog.release();
+        }
+        if let Some(leader) = self.leader.take() {
+            stop(&self.name, leader);
+            if self.scratch {
+                let _ = fs::remove_dir_all(&self.dir);
+            }
         }
     }
 
-    /// Leaves the server running past this value (and this process, if it was started
-    /// detached); answers its name and group, to stop it later with [`stop_group`].
+    /// Leaves the server running past this value: until this process exits if it is watched,
+    /// for good if it was started detached. Answers its name and group, to stop it later with
+    /// [`stop_group`].
     pub fn keep(mut self) -> Option<(String, u32)> {
         let group = self.group()?;
         self.leader = None;
+        // Its pipe stays open until this process exits; then it stops the server.
+        std::mem::forget(self.watchdog.take());
         Some((std::mem::take(&mut self.name), group))
     }
 }
@@ -185,20 +245,36 @@ pub fn stop_group(name: &str, group: u32, mut leader: Option<&mut Child>) {
     }
 }
 
-/// A port free on 127.0.0.1 (and, for a cluster node, with port + 10000, its cluster bus, free
-/// too).
-pub fn free_port(with_bus: bool) -> Result<u16, String> {
+/// A port free on 127.0.0.1.
+pub fn free_port() -> Result<u16, String> {
+    Ok(free_ports(1, false)?[0])
+}
+
+/// `count` distinct ports free on 127.0.0.1 (for cluster nodes, `with_bus`: each with port +
+/// 10000, its cluster bus, free too). All are held until all are found, so that none is picked
+/// twice or is another's bus port.
+pub fn free_ports(count: usize, with_bus: bool) -> Result<Vec<u16>, String> {
+    let mut held = Vec::new();
+    let mut ports = Vec::new();
     for _ in 0..100 {
+        if ports.len() == count {
+            return Ok(ports);
+        }
         let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
         let port = listener.local_addr().map_err(|e| e.to_string())?.port();
         if !with_bus {
-            return Ok(port);
+            held.push(listener);
+            ports.push(port);
+            continue;
         }
-        if port < 55_000 && TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
-            return Ok(port);
+        if port < 55_000
+            && let Ok(bus) = TcpListener::bind(("127.0.0.1", port + 10_000))
+        {
+            held.extend([listener, bus]);
+            ports.push(port);
         }
     }
-    Err("no free loopback port found".into())
+    Err("not enough free loopback ports".into())
 }
 
 /// Fails, saying how to install it, unless `program` is on `PATH`.

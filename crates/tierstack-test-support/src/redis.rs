@@ -10,7 +10,7 @@ use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 use crate::Launch;
-use crate::process::{ServerProcess, free_port, require};
+use crate::process::{ServerProcess, free_port, free_ports, require};
 
 /// How to get `redis-server` and `redis-cli`.
 pub const INSTALL: &str = "apt-get install redis-server (redis-cli comes with it)";
@@ -81,14 +81,22 @@ impl RedisServer {
     ) -> Result<Self, String> {
         require("redis-server", INSTALL)?;
         let mut server = Self {
-            port: free_port(false)?,
+            port: 0,
             launch: launch.clone(),
             extra: extra.iter().map(|arg| (*arg).to_owned()).collect(),
             tls_dir,
             process: None,
         };
-        server.run()?;
-        Ok(server)
+        // A port found free can be taken before the server binds it: try another.
+        let mut attempts = 0;
+        loop {
+            server.port = free_port()?;
+            match server.run() {
+                Ok(()) => return Ok(server),
+                Err(error) if attempts == 2 => return Err(error),
+                Err(_) => attempts += 1,
+            }
+        }
     }
 
     fn run(&mut self) -> Result<(), String> {
@@ -110,13 +118,28 @@ impl RedisServer {
             .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .args(&self.extra);
         let name = format!("redis-{}", self.port);
-        self.process = Some(ServerProcess::spawn(&self.launch, &name, &mut command)?);
-        if self.tls_dir.is_some() {
-            wait_for_port(self.port)
-        } else {
-            // `+PONG`, or `-NOAUTH` from a server started with `--requirepass`: either way, up.
-            wait_for_reply(self.port, "PING", "").map_err(|error| format!("{error}: {INSTALL}"))
+        let mut process = ServerProcess::spawn(&self.launch, &name, &mut command)?;
+        let (port, tls) = (self.port, self.tls_dir.is_some());
+        // Up, and this server (not another that took the port): its pid is the group's leader.
+        let pid = process.group().unwrap_or_default();
+        let limit = Duration::from_secs(15);
+        process.wait_ready(limit, || {
+            if tls {
+                TcpStream::connect(("127.0.0.1", port)).is_ok()
+            } else {
+                // `+PONG`, or `-NOAUTH` from a server with `--requirepass`: either way, up.
+                reply(port, "PING").is_some()
+            }
+        })?;
+        if !tls && !self.extra.iter().any(|arg| arg == "--requirepass") {
+            let ours = reply(port, "INFO server")
+                .is_some_and(|info| info.contains(&format!("process_id:{pid}\r\n")));
+            if !ours {
+                return Err(format!("another server answers on port {port}"));
+            }
         }
+        self.process = Some(process);
+        Ok(())
     }
 
     /// Its port.
@@ -166,6 +189,14 @@ impl RedisServer {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// Its name and process group while it runs (see [`ServerProcess::record`]).
+    pub fn record(&self) -> Vec<(String, u32)> {
+        self.process
+            .iter()
+            .filter_map(ServerProcess::record)
+            .collect()
+    }
+
     /// Leaves the server running past this value (see [`ServerProcess::keep`]).
     pub fn keep(mut self) -> Option<(String, u32)> {
         self.process.take()?.keep()
@@ -186,11 +217,10 @@ impl RedisCluster {
         require("redis-server", INSTALL)?;
         require("redis-cli", INSTALL)?;
         let mut cluster = Self {
-            ports: Vec::new(),
+            ports: free_ports(3, true)?,
             nodes: Vec::new(),
         };
-        for _ in 0..3 {
-            let port = free_port(true)?;
+        for &port in &cluster.ports {
             let mut command = Command::new("redis-server");
             command
                 .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
@@ -199,13 +229,11 @@ impl RedisCluster {
                 .args(["--cluster-config-file", "nodes.conf"])
                 .args(["--cluster-node-timeout", "2000"]);
             let name = format!("redis-cluster-{port}");
-            cluster
-                .nodes
-                .push(ServerProcess::spawn(launch, &name, &mut command)?);
-            cluster.ports.push(port);
-        }
-        for port in &cluster.ports {
-            wait_for_reply(*port, "PING", "+PONG")?;
+            let mut node = ServerProcess::spawn(launch, &name, &mut command)?;
+            node.wait_ready(Duration::from_secs(15), || {
+                reply(port, "PING").is_some_and(|pong| pong.contains("PONG"))
+            })?;
+            cluster.nodes.push(node);
         }
         let mut create = Command::new("redis-cli");
         create.args(["--cluster", "create"]);
@@ -236,6 +264,14 @@ impl RedisCluster {
             .collect()
     }
 
+    /// The nodes' names and process groups (see [`ServerProcess::record`]).
+    pub fn record(&self) -> Vec<(String, u32)> {
+        self.nodes
+            .iter()
+            .filter_map(ServerProcess::record)
+            .collect()
+    }
+
     /// Leaves the nodes running past this value (see [`ServerProcess::keep`]).
     pub fn keep(mut self) -> Vec<(String, u32)> {
         self.nodes
@@ -245,45 +281,32 @@ impl RedisCluster {
     }
 }
 
-/// Sends one inline command to 127.0.0.1:`port` until the reply contains `expect` (any reply
-/// but `-LOADING`, if `expect` is empty), for up to 15 s.
+/// The reply to one inline command sent to 127.0.0.1:`port` (its first read), unless there is
+/// none or the server is still loading.
+fn reply(port: u16, command: &str) -> Option<String> {
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .ok()?;
+    stream.write_all(format!("{command}\r\n").as_bytes()).ok()?;
+    let mut reply = [0u8; 8192];
+    let read = stream.read(&mut reply).ok()?;
+    let reply = String::from_utf8_lossy(&reply[..read]).into_owned();
+    (read > 0 && !reply.starts_with("-LOADING")).then_some(reply)
+}
+
+/// Sends one inline command to 127.0.0.1:`port` until the reply contains `expect`, for up to
+/// 15 s.
 pub fn wait_for_reply(port: u16, command: &str, expect: &str) -> Result<(), String> {
     let deadline = Instant::now() + Duration::from_secs(15);
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    loop {
-        if let Ok(mut stream) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
-            let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
-            if stream
-                .write_all(format!("{command}\r\n").as_bytes())
-                .is_ok()
-            {
-                let mut reply = [0u8; 4096];
-                if let Ok(n) = stream.read(&mut reply)
-                    && n > 0
-                    && !reply.starts_with(b"-LOADING")
-                    && String::from_utf8_lossy(&reply[..n]).contains(expect)
-                {
-                    return Ok(());
-                }
-            }
-        }
+    while !reply(port, command).is_some_and(|reply| reply.contains(expect)) {
         if Instant::now() > deadline {
             return Err(format!(
                 "redis on port {port} did not answer `{command}` with {expect:?} within 15 s"
             ));
         }
         sleep(Duration::from_millis(50)); // poll loop
-    }
-}
-
-/// Waits up to 15 s until 127.0.0.1:`port` accepts a connection.
-fn wait_for_port(port: u16) -> Result<(), String> {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if Instant::now() > deadline {
-            return Err(format!("nothing listens on port {port} after 15 s"));
-        }
-        sleep(Duration::from_millis(20)); // poll loop
     }
     Ok(())
 }
