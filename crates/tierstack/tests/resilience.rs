@@ -775,30 +775,14 @@ async fn options_can_skip_a_tier_on_read_or_write() {
 async fn deletes_and_touches_take_options_too() {
     let fx = Fixture::new();
     let bus = tierstack::core::testkit::MemoryBus::new();
-    let instance = || {
-        fx.builder("test")
-            .backplane(std::sync::Arc::new(bus.backplane()))
-            .build()
-            .unwrap()
-    };
+    let instance = || on_bus(&fx, &bus);
     let (a, b) = (instance(), instance());
     let skip = |skips: Skips| EntryOptions::default().with_ttl(TTL).with_skips(skips);
-    let heard = |count: u64| {
-        let b = &b;
-        async move {
-            let deadline = std::time::Instant::now() + Duration::from_secs(5);
-            while b.stats().invalidations_received < count {
-                assert!(std::time::Instant::now() < deadline, "B never heard");
-                tokio::time::sleep(Duration::from_millis(5)).await; // poll loop
-            }
-            b.stats().invalidations_received
-        }
-    };
     let keys = ["k", "local", "p:1", "p:2", "t"];
     for key in keys {
         a.set(key, "v".into()).await.unwrap();
     }
-    assert_eq!(heard(5).await, 5);
+    assert_eq!(heard(&b, 5).await, 5);
     for key in keys {
         assert_eq!(b.get(key).await.unwrap(), Some("v".into()));
     }
@@ -811,7 +795,7 @@ async fn deletes_and_touches_take_options_too() {
     assert!(!fx.holds("test:k").await);
     // ...which a plain delete after it shows: the one invalidation B hears is that one's.
     assert!(a.delete("t").await.unwrap());
-    assert_eq!(heard(6).await, 6);
+    assert_eq!(heard(&b, 6).await, 6);
     assert_eq!(
         b.get("k").await.unwrap(),
         Some("v".into()),
@@ -1285,24 +1269,35 @@ async fn a_call_without_fail_safe_does_not_take_a_re_armed_stale_value() {
 async fn a_delete_that_skips_the_backplane_still_tells_the_others_when_its_outcome_is_unknown() {
     let fx = Fixture::new();
     let bus = tierstack::core::testkit::MemoryBus::new();
-    let instance = || {
-        fx.builder("test")
-            .backplane(std::sync::Arc::new(bus.backplane()))
-            .build()
-            .unwrap()
-    };
-    let (a, b) = (instance(), instance());
+    let (a, b) = (on_bus(&fx, &bus), on_bus(&fx, &bus));
     let quiet = EntryOptions::default().with_skips(Skips {
         backplane: true,
         ..Skips::default()
     });
     fx.faulty.set_failing(true);
     assert!(a.delete_with("k", &quiet).await.is_err());
+    heard(&b, 1).await;
+}
+
+/// An instance of the fixture's cache whose backplane is on `bus`.
+fn on_bus(fx: &Fixture, bus: &tierstack::core::testkit::MemoryBus) -> TieredCache<String> {
+    fx.builder("test")
+        .backplane(std::sync::Arc::new(bus.backplane()))
+        .build()
+        .unwrap()
+}
+
+/// Waits (up to 5 s) until `cache` has received `count` invalidations; how many it has.
+async fn heard(cache: &TieredCache<String>, count: u64) -> u64 {
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while b.stats().invalidations_received == 0 {
-        assert!(std::time::Instant::now() < deadline, "B was never told");
+    while cache.stats().invalidations_received < count {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{count} invalidations never arrived"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await; // poll loop
     }
+    cache.stats().invalidations_received
 }
 
 #[tokio::test]
