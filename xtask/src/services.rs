@@ -7,6 +7,7 @@
 
 use std::fmt::Write as _;
 use std::fs;
+use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -122,21 +123,22 @@ impl Services {
     }
 }
 
-/// Removes the folders (and logs) of servers no longer running: every folder under
-/// `target/services` that `services up` did not record.
+/// Removes the folders (and logs) of servers no longer running: each folder under
+/// `target/services` is named for its server's port (`redis-6390`), and one whose port nothing
+/// listens on is a stopped server's. A server still running (`services up`, or another `ci`)
+/// keeps its folder.
 fn prune_stopped() {
-    let state = fs::read_to_string(state_file()).unwrap_or_default();
-    let running: Vec<&str> = state
-        .lines()
-        .filter_map(|line| line.split_once(' ').map(|(name, _)| name))
-        .collect();
     let Ok(entries) = fs::read_dir(services_dir()) else {
         return;
     };
     for entry in entries.flatten() {
         let name = entry.file_name();
-        let recorded = running.iter().any(|running| name == *running);
-        if entry.path().is_dir() && !recorded {
+        let port = name
+            .to_str()
+            .and_then(|name| name.rsplit_once('-'))
+            .and_then(|(_, port)| port.parse::<u16>().ok());
+        let stopped = port.is_some_and(|port| TcpStream::connect(("127.0.0.1", port)).is_err());
+        if entry.path().is_dir() && stopped {
             let _ = fs::remove_dir_all(entry.path());
         }
     }

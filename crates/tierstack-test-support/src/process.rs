@@ -38,7 +38,7 @@ impl Watchdog {
 read word
 [ "$word" = release ] && exit 0
 kill -KILL "-$0" 2>/dev/null
-[ -z "$1" ] || rm -rf "$1""#;
+[ -z "$1" ] || rm -rf -- "$1""#;
         let mut shell = Command::new("sh")
             .args(["-c", script])
             .arg(group.to_string())
@@ -138,6 +138,11 @@ impl ServerProcess {
             if let Some(leader) = self.leader.as_mut()
                 && let Ok(Some(status)) = leader.try_wait()
             {
+                // Reaped: its id may be reused from now on, so nothing signals it any more.
+                self.leader = None;
+                if let Some(watchdog) = self.watchdog.take() {
+                    watchdog.release();
+                }
                 return Err(self.failure(&format!("{} exited ({status})", self.name)));
             }
             if ready() {

@@ -417,7 +417,9 @@ pub struct Fetched<V> {
     /// that before the entry's TTL). Never more than the remaining TTL, so it can bound an
     /// HTTP `max-age`. `None` for a stale value, and for a loaded value that was not cached:
     /// the loader said [`Loaded::uncached`], its TTL was refused, the call skipped the writes
-    /// of every tier there is, or another write of the key won over it.
+    /// of every tier there is, or L2 already held another write of the key. (A write or
+    /// invalidation of the key racing with the load may still remove a value reported as
+    /// cached.)
     pub ttl: Option<Duration>,
 }
 

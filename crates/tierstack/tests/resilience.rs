@@ -1265,6 +1265,52 @@ async fn a_call_without_fail_safe_does_not_take_a_re_armed_stale_value() {
     assert_eq!(calls.count(), 3);
 }
 
+#[tokio::test(start_paused = true)]
+async fn callers_without_fail_safe_do_not_take_the_stale_answer_of_a_shared_flight() {
+    let fx = Fixture::new();
+    let cache = fx.cache();
+    let (calls, done) = (Calls::default(), Calls::default());
+    fetch(&cache, &fail_safe(), loader(&calls, "v1"))
+        .await
+        .unwrap();
+    fx.clock.advance(TTL);
+    let failing_slowly = {
+        let calls = calls.clone();
+        move || async move {
+            calls.hit();
+            tokio::time::sleep(Duration::from_millis(50)).await; // paused clock
+            Err::<String, _>(std::io::Error::other("origin down"))
+        }
+    };
+    let with = {
+        let cache = cache.clone();
+        tokio::spawn(async move {
+            cache
+                .get_or_load_with("k", &fail_safe(), failing_slowly)
+                .await
+        })
+    };
+    until(|| calls.count() == 2).await;
+    // Two callers without fail-safe join the failing flight: one inline, one in a task.
+    let inline = {
+        let cache = cache.clone();
+        let load = slow(&calls, &done, Duration::from_millis(10), "v2");
+        tokio::spawn(async move { cache.get_or_load("k", load).await })
+    };
+    let plain = EntryOptions::default().with_ttl(TTL);
+    let spawned = {
+        let cache = cache.clone();
+        let load = slow(&calls, &done, Duration::from_millis(10), "v3");
+        tokio::spawn(async move { cache.get_or_load_with("k", &plain, load).await })
+    };
+    let with = with.await.unwrap().unwrap();
+    assert_eq!((with.value.as_str(), with.stale), ("v1", true));
+    let inline = inline.await.unwrap().unwrap();
+    let spawned = spawned.await.unwrap().unwrap();
+    assert!(inline == "v2" || inline == "v3", "{inline}");
+    assert!(!spawned.stale && spawned.value != "v1", "{spawned:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delete_that_skips_the_backplane_still_tells_the_others_when_its_outcome_is_unknown() {
     let fx = Fixture::new();

@@ -157,6 +157,10 @@ where
             };
             match self.await_flight(key, wait, deadlines, options).await {
                 Outcome::Abandoned => {}
+                // Another caller's fail-safe answer (this call's own flight gives none without
+                // fail-safe): this call leads a flight of its own.
+                Outcome::Found(found)
+                    if found.stale && options.fail_safe().is_none() && loader.is_some() => {}
                 outcome => return answer(outcome),
             }
         }

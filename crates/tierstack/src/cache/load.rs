@@ -123,6 +123,9 @@ where
                     drop(watch);
                     match waiting.outcome().await {
                         Outcome::Abandoned => {}
+                        // Another caller's fail-safe answer: this call has none, so it leads a
+                        // flight of its own (which answers its own loader's outcome).
+                        Outcome::Found(found) if found.stale && options.fail_safe().is_none() => {}
                         outcome => return answer(outcome),
                     }
                 }

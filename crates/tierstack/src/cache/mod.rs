@@ -465,8 +465,9 @@ where
     ///
     /// # Errors
     ///
-    /// As [`touch`](Self::touch).
+    /// As [`touch`](Self::touch), and options out of range.
     pub async fn touch_with(&self, key: &str, options: &EntryOptions) -> Result<bool> {
+        options.validate()?;
         self.inner.touch(key, options).await
     }
 
