@@ -46,6 +46,15 @@ pub enum CacheError {
         /// The limit that was exceeded.
         after: Duration,
     },
+    /// The L2 was not called: its circuit breaker is open after repeated failures, and lets a
+    /// call through again (to probe it) in `retry_in`.
+    #[error("{operation} skipped: the L2's circuit breaker is open (a probe in {retry_in:?})")]
+    CircuitOpen {
+        /// The operation that was skipped, such as `get` or `set`.
+        operation: &'static str,
+        /// When a call may probe the L2 again.
+        retry_in: Duration,
+    },
     /// The backend answered with an error.
     #[error("backend error during {operation}")]
     Backend {
@@ -122,7 +131,7 @@ impl CacheError {
     /// callers may retry; a non-transient error (bad input, bad configuration) will fail again.
     pub fn is_transient(&self) -> bool {
         match self {
-            Self::Connection { .. } | Self::Timeout { .. } => true,
+            Self::Connection { .. } | Self::Timeout { .. } | Self::CircuitOpen { .. } => true,
             Self::Backend { transient, .. } => *transient,
             _ => false,
         }

@@ -533,3 +533,43 @@ async fn a_timed_out_write_that_lands_later_still_reaches_every_instance() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_server_opens_the_circuit_breaker_and_it_closes_after_the_pause() {
+    let server = private_redis(&[]);
+    let config = RedisConfig::from_url(&server.url())
+        .unwrap()
+        .response_timeout(Duration::from_millis(200));
+    let store = Arc::new(RedisStore::connect(&config).await.unwrap());
+    let cache: TieredCache<String> = TieredCache::builder("breaker")
+        .l2(store)
+        .l2_timeout(Duration::from_millis(300))
+        .l2_circuit_breaker(tierstack::CircuitBreaker::new(
+            2,
+            Duration::from_millis(500),
+        ))
+        .build()
+        .unwrap();
+    cache.set("k", "v".into()).await.unwrap();
+    // Paused for longer than a few timeouts: two reads time out and the breaker opens.
+    server.cli(&["CLIENT", "PAUSE", "3000", "ALL"]);
+    for key in ["a", "b"] {
+        assert_eq!(cache.get(key).await.unwrap(), None);
+    }
+    assert_eq!(cache.stats().l2_circuit_opens, 1);
+    let errors = cache.stats().l2_errors;
+    assert!(matches!(
+        cache.set("w", "x".into()).await,
+        Err(CacheError::CircuitOpen { .. })
+    ));
+    assert_eq!(cache.stats().l2_errors, errors, "refused, not sent");
+    // After the pause a probe finds the server again and the breaker closes.
+    server.cli(&["CLIENT", "UNPAUSE"]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while cache.set("w", "x".into()).await.is_err() {
+        assert!(Instant::now() < deadline, "the breaker never closed");
+        tokio::time::sleep(Duration::from_millis(50)).await; // poll loop
+    }
+    cache.invalidate_local("k");
+    assert_eq!(cache.get("k").await.unwrap(), Some("v".into()));
+}

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tokio::sync::broadcast;
 
+use crate::breaker::CircuitState;
 use crate::options::Source;
 
 /// How many events a listener may fall behind before it loses the oldest.
@@ -56,6 +57,11 @@ pub enum CacheEvent {
     /// The backplane's subscription came back after messages may have been lost: L1 was
     /// cleared.
     Resync,
+    /// The L2's circuit breaker changed state.
+    L2Circuit {
+        /// The state it moved to.
+        state: CircuitState,
+    },
 }
 
 /// Why fail-safe answered a stale value.

@@ -56,6 +56,7 @@
 //!   `tierstack::firestore`; [`StoreConfig`] can choose it.
 
 pub mod backend;
+mod breaker;
 mod burst_log;
 mod cache;
 mod error;
@@ -69,6 +70,7 @@ mod options;
 mod stats;
 
 pub use backend::{Backend, StoreConfig};
+pub use breaker::{CircuitBreaker, CircuitState};
 pub use cache::{TieredCache, TieredCacheBuilder};
 pub use error::LoadError;
 pub use events::{CacheEvent, CacheEvents, EventsError, StaleReason};

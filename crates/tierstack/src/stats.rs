@@ -8,6 +8,7 @@ use std::time::Duration;
 use metrics::{Counter, Histogram};
 use tierstack_core::key::fingerprint;
 
+use crate::breaker::CircuitState;
 use crate::events::{CacheEvent, CacheEvents, EventHub, StaleReason};
 use crate::options::Source;
 
@@ -46,6 +47,8 @@ pub struct CacheStats {
     pub soft_timeouts: u64,
     /// Background reloads started by eager refresh.
     pub eager_refreshes: u64,
+    /// Times the L2's circuit breaker opened.
+    pub l2_circuit_opens: u64,
 }
 
 impl CacheStats {
@@ -154,6 +157,7 @@ pub(crate) struct Recorder {
     stale_served: AtomicU64,
     soft_timeouts: AtomicU64,
     eager_refreshes: AtomicU64,
+    l2_circuit_opens: AtomicU64,
     events: EventHub,
     /// The namespace, for logs.
     cache: Box<str>,
@@ -178,6 +182,8 @@ struct Handles {
     stale_served: Counter,
     soft_timeouts: Counter,
     eager_refreshes: Counter,
+    /// Per state the breaker moved to: closed, open, half-open.
+    l2_circuit_changes: [Counter; 3],
 }
 
 impl Recorder {
@@ -206,7 +212,10 @@ impl Recorder {
             invalidation_sweeps: metrics::counter!("tierstack_invalidation_sweeps_total", "cache" => cache.clone()),
             stale_served: metrics::counter!("tierstack_stale_served_total", "cache" => cache.clone()),
             soft_timeouts: metrics::counter!("tierstack_soft_timeouts_total", "cache" => cache.clone()),
-            eager_refreshes: metrics::counter!("tierstack_eager_refreshes_total", "cache" => cache),
+            eager_refreshes: metrics::counter!("tierstack_eager_refreshes_total", "cache" => cache.clone()),
+            l2_circuit_changes: ["closed", "open", "half_open"].map(|state| {
+                metrics::counter!("tierstack_l2_circuit_changes_total", "cache" => cache.clone(), "state" => state)
+            }),
         };
         Self {
             l1_hits: StripedCounter::default(),
@@ -223,6 +232,7 @@ impl Recorder {
             stale_served: AtomicU64::new(0),
             soft_timeouts: AtomicU64::new(0),
             eager_refreshes: AtomicU64::new(0),
+            l2_circuit_opens: AtomicU64::new(0),
             events: EventHub::default(),
             cache: cache_name,
             metrics,
@@ -302,6 +312,29 @@ impl Recorder {
         });
     }
 
+    /// The L2's circuit breaker moved to `state`: one log line, a count, an event.
+    pub(crate) fn circuit(&self, state: CircuitState) {
+        let index = match state {
+            CircuitState::Closed => 0,
+            CircuitState::Open => 1,
+            CircuitState::HalfOpen => 2,
+        };
+        self.metrics.l2_circuit_changes[index].increment(1);
+        match state {
+            CircuitState::Open => {
+                self.l2_circuit_opens.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(cache = %self.cache, "L2 circuit breaker opened: L2 is skipped, reads are served by L1, fail-safe and the loader");
+            }
+            CircuitState::HalfOpen => {
+                tracing::info!(cache = %self.cache, "L2 circuit breaker half-open: one call probes L2");
+            }
+            CircuitState::Closed => {
+                tracing::info!(cache = %self.cache, "L2 circuit breaker closed: L2 answers again");
+            }
+        }
+        self.events.emit(|| CacheEvent::L2Circuit { state });
+    }
+
     pub(crate) fn eager_refresh(&self, key: &str) {
         self.eager_refreshes.fetch_add(1, Ordering::Relaxed);
         self.metrics.eager_refreshes.increment(1);
@@ -354,6 +387,7 @@ impl Recorder {
             stale_served: get(&self.stale_served),
             soft_timeouts: get(&self.soft_timeouts),
             eager_refreshes: get(&self.eager_refreshes),
+            l2_circuit_opens: get(&self.l2_circuit_opens),
         }
     }
 }

@@ -14,6 +14,7 @@ use tierstack_core::{Backplane, BincodeCodec, CacheError, Codec, Result, Store};
 use tierstack_moka::{L1Cache, L1Capacity};
 
 use super::{Inner, Settings, TieredCache};
+use crate::breaker::{Breaker, CircuitBreaker};
 use crate::burst_log::BurstLog;
 use crate::fill::{FillBudget, L2Fill};
 use crate::flight::Flights;
@@ -36,6 +37,7 @@ pub struct TieredCacheBuilder<V, C = BincodeCodec> {
     clock: SharedClock,
     settings: Settings,
     l2_fill: L2Fill,
+    l2_circuit_breaker: Option<CircuitBreaker>,
     _value: PhantomData<fn() -> V>,
 }
 
@@ -56,6 +58,7 @@ impl<V> TieredCacheBuilder<V, BincodeCodec> {
                 tombstone_ttl: Duration::from_mins(1),
             },
             l2_fill: L2Fill::DEFAULT,
+            l2_circuit_breaker: None,
             _value: PhantomData,
         }
     }
@@ -103,6 +106,7 @@ where
             clock: self.clock,
             settings: self.settings,
             l2_fill: self.l2_fill,
+            l2_circuit_breaker: self.l2_circuit_breaker,
             _value: PhantomData,
         }
     }
@@ -187,6 +191,18 @@ where
         self
     }
 
+    /// A circuit breaker for the L2 (default: none). After `failures` consecutive failed L2
+    /// calls (timeouts, lost connections), the cache stops calling the L2 for `open_for`: reads
+    /// are served by L1, fail-safe and the loader at once instead of after a timeout each, and
+    /// writes fail at once with [`CacheError::CircuitOpen`]. Then one call at a time probes the
+    /// L2; the first that succeeds closes the breaker. Each change is a
+    /// [`CacheEvent::L2Circuit`](crate::CacheEvent::L2Circuit), a count in
+    /// `tierstack_l2_circuit_changes_total` and one log line.
+    pub fn l2_circuit_breaker(mut self, breaker: CircuitBreaker) -> Self {
+        self.l2_circuit_breaker = Some(breaker);
+        self
+    }
+
     /// The clock that decides expiry (tests inject a manual clock).
     pub fn clock(mut self, clock: SharedClock) -> Self {
         self.clock = clock;
@@ -229,6 +245,9 @@ where
             return Err(CacheError::Configuration(format!(
                 "max_value_len must exceed the {HEADER_LEN}-byte envelope header"
             )));
+        }
+        if let Some(breaker) = &self.l2_circuit_breaker {
+            breaker.validate()?;
         }
         if settings.l2_timeout.is_zero() {
             return Err(CacheError::Configuration(
@@ -278,6 +297,7 @@ where
             freshness: Freshness::new(),
             fill_budget,
             l2_failures: BurstLog::default(),
+            breaker: self.l2_circuit_breaker.map(Breaker::new),
             listener: Mutex::new(None),
             deaf: std::sync::atomic::AtomicBool::new(false),
             detached: super::detached::Detached::default(),

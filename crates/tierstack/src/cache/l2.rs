@@ -8,6 +8,7 @@ use tierstack_core::{CacheError, Result};
 use tokio::time::{Instant, Sleep, sleep_until};
 
 use super::Inner;
+use crate::breaker::{Admission, ProbeGuard};
 use crate::stats::L2Op;
 
 impl<V, C> Inner<V, C> {
@@ -19,12 +20,35 @@ impl<V, C> Inner<V, C> {
 
     /// Runs `call` until `deadline`, timing it and counting (and logging once per burst) its
     /// failure.
+    ///
+    /// With a circuit breaker, a call it refuses fails at once with
+    /// [`CacheError::CircuitOpen`], without calling L2 or counting an L2 error.
     pub(super) async fn l2_call<T>(
         &self,
         op: L2Op,
         deadline: Instant,
         call: impl Future<Output = Result<T>>,
     ) -> Result<T> {
+        let admission = match &self.breaker {
+            Some(breaker) => {
+                let (admission, moved) = breaker.admit();
+                if let Some(state) = moved {
+                    self.recorder.circuit(state);
+                }
+                if let Admission::Refused { retry_in } = admission {
+                    return Err(CacheError::CircuitOpen {
+                        operation: op.label(),
+                        retry_in,
+                    });
+                }
+                admission
+            }
+            None => Admission::Call,
+        };
+        let probe = self
+            .breaker
+            .as_ref()
+            .map(|breaker| ProbeGuard::new(breaker, admission));
         let started = Instant::now();
         let result = match until(deadline, call).await {
             Some(result) => result,
@@ -37,6 +61,16 @@ impl<V, C> Inner<V, C> {
             .l2_call(op, result.is_ok(), Some(started.elapsed()));
         if let Err(error) = &result {
             self.log_l2_failure(op, error);
+        }
+        if let Some(breaker) = &self.breaker {
+            // An answer of any kind says the L2 is up; only transient failures count.
+            let healthy = result.as_ref().map_or_else(|e| !e.is_transient(), |_| true);
+            if let Some(state) = breaker.record(admission, healthy) {
+                self.recorder.circuit(state);
+            }
+        }
+        if let Some(probe) = probe {
+            probe.disarm();
         }
         result
     }

@@ -23,6 +23,8 @@ use tierstack_core::key::{Namespace, validate_key};
 use tierstack_core::store::MAX_TTL;
 use tierstack_core::{Backplane, BincodeCodec, Codec, Result, Store};
 use tierstack_moka::L1Cache;
+
+use crate::breaker::Breaker;
 use tokio::task::AbortHandle;
 
 use crate::burst_log::BurstLog;
@@ -110,6 +112,8 @@ struct Inner<V, C> {
     fill_budget: Option<FillBudget>,
     recorder: Recorder,
     l2_failures: BurstLog,
+    /// The L2's circuit breaker, if the builder set one.
+    breaker: Option<Breaker>,
     listener: Mutex<Option<AbortHandle>>,
     /// Whether the backplane's subscription is lost: L1 is then not filled, since nobody
     /// would say when what it holds changed.
