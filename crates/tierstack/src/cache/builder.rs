@@ -194,7 +194,8 @@ where
     /// A circuit breaker for the L2 (default: none). After `failures` consecutive failed L2
     /// calls (timeouts, lost connections), the cache stops calling the L2 for `open_for`: reads
     /// are served by L1, fail-safe and the loader at once instead of after a timeout each, and
-    /// writes fail at once with [`CacheError::CircuitOpen`]. Then one call at a time probes the
+    /// writes fail with [`CacheError::CircuitOpen`] without waiting for L2 (their invalidation
+    /// still goes to the backplane). Then one call at a time probes the
     /// L2; the first that succeeds closes the breaker. Each change is a
     /// [`CacheEvent::L2Circuit`](crate::CacheEvent::L2Circuit), a count in
     /// `tierstack_l2_circuit_changes_total` and one log line.
