@@ -157,7 +157,10 @@ impl ServerProcess {
 
     /// `what`, with the last lines of the server's log.
     fn failure(&self, what: &str) -> String {
-        let log = fs::read_to_string(self.dir.join("server.log")).unwrap_or_default();
+        let log = match fs::read_to_string(self.dir.join("server.log")) {
+            Ok(log) => log,
+            Err(error) => return format!("{what}; its log cannot be read: {error}"),
+        };
         let lines: Vec<&str> = log.lines().collect();
         let tail = lines[lines.len().saturating_sub(15)..].join("\n");
         format!("{what}; the end of its log:\n{tail}")

@@ -121,7 +121,9 @@ impl RedisServer {
         let mut process = ServerProcess::spawn(&self.launch, &name, &mut command)?;
         let (port, tls) = (self.port, self.tls_dir.is_some());
         // Up, and this server (not another that took the port): its pid is the group's leader.
-        let pid = process.group().unwrap_or_default();
+        let pid = process
+            .group()
+            .ok_or_else(|| format!("{name} has no process to check"))?;
         let limit = Duration::from_secs(15);
         process.wait_ready(limit, || {
             if tls {
