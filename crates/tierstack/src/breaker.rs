@@ -11,8 +11,10 @@ use tokio::time::Instant;
 /// When the L2's circuit breaker opens, and for how long
 /// ([`TieredCacheBuilder::l2_circuit_breaker`](crate::TieredCacheBuilder::l2_circuit_breaker)).
 ///
-/// Only transient failures count (a timeout, a lost connection, an overloaded server); an
-/// answer of any kind, an error about the request itself included, resets the count.
+/// Only transient failures count (a lost connection, an overloaded server, a timeout with at
+/// least half the L2 timeout to run in); an answer of any kind, an error about the request
+/// itself included, resets the count. A check before any round trip, or a call cut short by
+/// its caller's own deadline, counts for nothing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CircuitBreaker {
     failures: u32,
@@ -63,35 +65,72 @@ pub enum CircuitState {
 }
 
 #[derive(Debug, Clone, Copy)]
-enum State {
-    Closed { failures: u32 },
-    Open { until: Instant },
-    Probing,
+enum Phase {
+    Closed {
+        failures: u32,
+    },
+    Open {
+        until: Instant,
+    },
+    /// A probe runs; it ends by `until` (its L2 timeout) at the latest.
+    Probing {
+        until: Instant,
+    },
+}
+
+#[derive(Debug, Clone, Copy)]
+struct State {
+    phase: Phase,
+    /// Counts the phase changes: the outcome of a call admitted in an earlier phase (a call
+    /// still running when the breaker opened, then closed again) changes nothing.
+    generation: u64,
 }
 
 /// Whether a call may go to the L2.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Admission {
-    Call,
+    Call {
+        generation: u64,
+    },
     /// The one call that tests the L2 after the open time.
-    Probe,
+    Probe {
+        generation: u64,
+    },
     Refused {
         retry_in: Duration,
     },
+}
+
+/// What an admitted L2 call said about the L2's health.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// The L2 answered (an error about the request included).
+    Answered,
+    /// The L2 failed: a lost connection, an overloaded server, no answer within its timeout.
+    Failed,
+    /// Nothing learned: the call ended for a reason of its own (a check before any round trip,
+    /// a deadline that its caller or a lock wait had mostly used up).
+    Unknown,
 }
 
 /// The breaker of one cache's L2.
 #[derive(Debug)]
 pub(crate) struct Breaker {
     settings: CircuitBreaker,
+    /// How long a probe may run: the L2 timeout.
+    probe_for: Duration,
     state: Mutex<State>,
 }
 
 impl Breaker {
-    pub(crate) fn new(settings: CircuitBreaker) -> Self {
+    pub(crate) fn new(settings: CircuitBreaker, probe_for: Duration) -> Self {
         Self {
             settings,
-            state: Mutex::new(State::Closed { failures: 0 }),
+            probe_for,
+            state: Mutex::new(State {
+                phase: Phase::Closed { failures: 0 },
+                generation: 0,
+            }),
         }
     }
 
@@ -99,71 +138,98 @@ impl Breaker {
     pub(crate) fn admit(&self) -> (Admission, Option<CircuitState>) {
         let now = Instant::now();
         let mut state = self.lock();
-        match *state {
-            State::Closed { .. } => (Admission::Call, None),
-            State::Open { until } if now < until => (
-                Admission::Refused {
-                    retry_in: until.saturating_duration_since(now),
-                },
-                None,
-            ),
-            State::Open { .. } => {
-                *state = State::Probing;
-                (Admission::Probe, Some(CircuitState::HalfOpen))
+        let generation = state.generation;
+        match state.phase {
+            Phase::Closed { .. } => (Admission::Call { generation }, None),
+            Phase::Open { until } if now < until => (Self::refused(now, until), None),
+            Phase::Open { .. } => {
+                state.enter(Phase::Probing {
+                    until: now + self.probe_for,
+                });
+                let generation = state.generation;
+                (
+                    Admission::Probe { generation },
+                    Some(CircuitState::HalfOpen),
+                )
             }
-            State::Probing => (
-                Admission::Refused {
-                    retry_in: Duration::ZERO,
-                },
-                None,
-            ),
+            Phase::Probing { until } => (Self::refused(now, until), None),
         }
     }
 
-    /// Records the end of an admitted call (`healthy`: the L2 answered); the state it moved
-    /// to, if it moved.
-    pub(crate) fn record(&self, admission: Admission, healthy: bool) -> Option<CircuitState> {
+    /// A refusal until `until`: at least a millisecond, so that a retry loop that trusts it
+    /// cannot spin.
+    fn refused(now: Instant, until: Instant) -> Admission {
+        Admission::Refused {
+            retry_in: until
+                .saturating_duration_since(now)
+                .max(Duration::from_millis(1)),
+        }
+    }
+
+    /// Records the outcome of an admitted call; the state it moved to, if it moved.
+    pub(crate) fn record(&self, admission: Admission, outcome: Outcome) -> Option<CircuitState> {
         let mut state = self.lock();
-        match (*state, healthy) {
-            (State::Probing, true) if admission == Admission::Probe => {
-                *state = State::Closed { failures: 0 };
-                Some(CircuitState::Closed)
-            }
-            (State::Probing, false) if admission == Admission::Probe => {
-                *state = self.opened();
-                Some(CircuitState::Open)
-            }
-            (State::Closed { .. }, true) => {
-                *state = State::Closed { failures: 0 };
+        let (admitted, probe) = match admission {
+            Admission::Call { generation } => (generation, false),
+            Admission::Probe { generation } => (generation, true),
+            Admission::Refused { .. } => return None,
+        };
+        // A call admitted in an earlier phase says nothing of this one.
+        if admitted != state.generation {
+            return None;
+        }
+        match (state.phase, outcome) {
+            (Phase::Probing { .. }, Outcome::Unknown) if probe => {
+                // The probe learned nothing: the next call probes.
+                state.enter(Phase::Open {
+                    until: Instant::now(),
+                });
                 None
             }
-            (State::Closed { failures }, false) => {
+            // Nothing learned, or a call that ended while the breaker was open: no change.
+            (_, Outcome::Unknown) | (Phase::Open { .. }, _) => None,
+            (Phase::Probing { .. }, Outcome::Answered) => {
+                state.enter(Phase::Closed { failures: 0 });
+                Some(CircuitState::Closed)
+            }
+            (Phase::Probing { .. }, _) => {
+                state.enter(self.opened());
+                Some(CircuitState::Open)
+            }
+            (Phase::Closed { .. }, Outcome::Answered) => {
+                state.phase = Phase::Closed { failures: 0 };
+                None
+            }
+            (Phase::Closed { failures }, _) => {
                 let failures = failures.saturating_add(1);
                 if failures >= self.settings.failures {
-                    *state = self.opened();
+                    state.enter(self.opened());
                     Some(CircuitState::Open)
                 } else {
-                    *state = State::Closed { failures };
+                    state.phase = Phase::Closed { failures };
                     None
                 }
             }
-            // A call admitted before the breaker opened, ending after: the state stands.
-            _ => None,
         }
     }
 
     /// A probe that ended without an outcome (its caller went away): the next call probes.
-    pub(crate) fn abandon_probe(&self) {
+    pub(crate) fn abandon_probe(&self, admission: Admission) {
         let mut state = self.lock();
-        if matches!(*state, State::Probing) {
-            *state = State::Open {
+        if matches!(state.phase, Phase::Probing { .. })
+            && admission
+                == (Admission::Probe {
+                    generation: state.generation,
+                })
+        {
+            state.enter(Phase::Open {
                 until: Instant::now(),
-            };
+            });
         }
     }
 
-    fn opened(&self) -> State {
-        State::Open {
+    fn opened(&self) -> Phase {
+        Phase::Open {
             until: Instant::now() + self.settings.open_for,
         }
     }
@@ -176,15 +242,22 @@ impl Breaker {
     }
 }
 
+impl State {
+    fn enter(&mut self, phase: Phase) {
+        self.phase = phase;
+        self.generation += 1;
+    }
+}
+
 /// Ends a probe that is dropped before its outcome is recorded.
 pub(crate) struct ProbeGuard<'a> {
-    breaker: Option<&'a Breaker>,
+    breaker: Option<(&'a Breaker, Admission)>,
 }
 
 impl<'a> ProbeGuard<'a> {
     pub(crate) fn new(breaker: &'a Breaker, admission: Admission) -> Self {
         Self {
-            breaker: (admission == Admission::Probe).then_some(breaker),
+            breaker: matches!(admission, Admission::Probe { .. }).then_some((breaker, admission)),
         }
     }
 
@@ -196,8 +269,8 @@ impl<'a> ProbeGuard<'a> {
 
 impl Drop for ProbeGuard<'_> {
     fn drop(&mut self) {
-        if let Some(breaker) = self.breaker {
-            breaker.abandon_probe();
+        if let Some((breaker, admission)) = self.breaker {
+            breaker.abandon_probe(admission);
         }
     }
 }
@@ -209,12 +282,14 @@ mod tests {
     const OPEN_FOR: Duration = Duration::from_secs(5);
 
     fn breaker() -> Breaker {
-        Breaker::new(CircuitBreaker::new(3, OPEN_FOR))
+        Breaker::new(CircuitBreaker::new(3, OPEN_FOR), PROBE_FOR)
     }
+
+    const PROBE_FOR: Duration = Duration::from_millis(100);
 
     fn fail(breaker: &Breaker) -> Option<CircuitState> {
         let (admission, _) = breaker.admit();
-        breaker.record(admission, false)
+        breaker.record(admission, Outcome::Failed)
     }
 
     #[tokio::test(start_paused = true)]
@@ -224,7 +299,7 @@ mod tests {
         assert_eq!(fail(&breaker), None);
         // A success in between starts the count again.
         let (admission, _) = breaker.admit();
-        assert_eq!(breaker.record(admission, true), None);
+        assert_eq!(breaker.record(admission, Outcome::Answered), None);
         assert_eq!(fail(&breaker), None);
         assert_eq!(fail(&breaker), None);
         assert_eq!(fail(&breaker), Some(CircuitState::Open));
@@ -242,21 +317,30 @@ mod tests {
         }
         tokio::time::advance(OPEN_FOR).await;
         let (probe, moved) = breaker.admit();
+        assert!(matches!(probe, Admission::Probe { .. }));
+        assert_eq!(moved, Some(CircuitState::HalfOpen));
+        // Everyone else is still refused while the probe runs, until it ends at the latest.
         assert_eq!(
-            (probe, moved),
-            (Admission::Probe, Some(CircuitState::HalfOpen))
+            breaker.admit().0,
+            Admission::Refused {
+                retry_in: PROBE_FOR
+            }
         );
-        // Everyone else is still refused while the probe runs.
-        assert!(matches!(breaker.admit().0, Admission::Refused { .. }));
         // A failed probe opens it for another full period...
-        assert_eq!(breaker.record(probe, false), Some(CircuitState::Open));
+        assert_eq!(
+            breaker.record(probe, Outcome::Failed),
+            Some(CircuitState::Open)
+        );
         tokio::time::advance(Duration::from_millis(4_999)).await;
         assert!(matches!(breaker.admit().0, Admission::Refused { .. }));
         tokio::time::advance(Duration::from_millis(1)).await;
         // ...and a successful one closes it.
         let (probe, _) = breaker.admit();
-        assert_eq!(breaker.record(probe, true), Some(CircuitState::Closed));
-        assert_eq!(breaker.admit(), (Admission::Call, None));
+        assert_eq!(
+            breaker.record(probe, Outcome::Answered),
+            Some(CircuitState::Closed)
+        );
+        assert!(matches!(breaker.admit(), (Admission::Call { .. }, None)));
     }
 
     #[tokio::test(start_paused = true)]
@@ -268,10 +352,53 @@ mod tests {
         tokio::time::advance(OPEN_FOR).await;
         let (probe, _) = breaker.admit();
         drop(ProbeGuard::new(&breaker, probe));
-        assert_eq!(
+        assert!(matches!(
             breaker.admit(),
-            (Admission::Probe, Some(CircuitState::HalfOpen))
+            (Admission::Probe { .. }, Some(CircuitState::HalfOpen))
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_probe_that_learned_nothing_lets_the_next_call_probe() {
+        let breaker = breaker();
+        for _ in 0..3 {
+            fail(&breaker);
+        }
+        tokio::time::advance(OPEN_FOR).await;
+        let (probe, _) = breaker.admit();
+        assert_eq!(breaker.record(probe, Outcome::Unknown), None);
+        assert!(matches!(breaker.admit().0, Admission::Probe { .. }));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn outcomes_of_calls_from_an_earlier_phase_change_nothing() {
+        let breaker = breaker();
+        // Admitted while closed, still running while the breaker opens and closes again.
+        let (late, _) = breaker.admit();
+        for _ in 0..3 {
+            fail(&breaker);
+        }
+        tokio::time::advance(OPEN_FOR).await;
+        let (probe, _) = breaker.admit();
+        assert_eq!(
+            breaker.record(probe, Outcome::Answered),
+            Some(CircuitState::Closed)
         );
+        assert_eq!(breaker.record(late, Outcome::Failed), None);
+        // Two more failures do not open it: the late one was not counted.
+        assert_eq!(fail(&breaker), None);
+        assert_eq!(fail(&breaker), None);
+        assert_eq!(fail(&breaker), Some(CircuitState::Open));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn unknown_outcomes_neither_count_nor_reset() {
+        let breaker = breaker();
+        fail(&breaker);
+        fail(&breaker);
+        let (admission, _) = breaker.admit();
+        assert_eq!(breaker.record(admission, Outcome::Unknown), None);
+        assert_eq!(fail(&breaker), Some(CircuitState::Open));
     }
 
     #[test]

@@ -5,11 +5,14 @@
 
 mod common;
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use common::Fixture;
-use tierstack::core::CacheError;
-use tierstack::{CacheEvent, CircuitBreaker, CircuitState, TieredCache};
+use tierstack::core::testkit::MemoryBus;
+use tierstack::core::{CacheError, Result, Store};
+use tierstack::{CacheEvent, CircuitBreaker, CircuitState, EntryOptions, TieredCache};
 
 const TIMEOUT: Duration = Duration::from_millis(100);
 const OPEN_FOR: Duration = Duration::from_secs(5);
@@ -97,18 +100,134 @@ async fn a_probe_that_fails_opens_it_for_another_period() {
     assert_eq!(cache.stats().l2_circuit_opens, 2);
 }
 
-#[tokio::test]
+/// A store whose server refuses every request (as Redis answers `WRONGTYPE`): it answers.
+#[derive(Debug)]
+struct Refusing;
+
+#[async_trait::async_trait]
+impl Store for Refusing {
+    async fn get(&self, _: &str) -> Result<Option<Bytes>> {
+        Err(refusal())
+    }
+    async fn set(&self, _: &str, _: Bytes, _: Duration) -> Result<()> {
+        Err(refusal())
+    }
+    async fn set_if_absent(&self, _: &str, _: Bytes, _: Duration) -> Result<bool> {
+        Err(refusal())
+    }
+    async fn replace(&self, _: &str, _: Bytes, _: Duration) -> Result<Option<Bytes>> {
+        Err(refusal())
+    }
+    async fn compare_and_set(
+        &self,
+        _: &str,
+        _: &[u8],
+        _: Option<(Bytes, Duration)>,
+    ) -> Result<bool> {
+        Err(refusal())
+    }
+    async fn delete(&self, _: &str) -> Result<bool> {
+        Err(refusal())
+    }
+    async fn expire(&self, _: &str, _: Duration) -> Result<bool> {
+        Err(refusal())
+    }
+    async fn ttl(&self, _: &str) -> Result<Option<Duration>> {
+        Err(refusal())
+    }
+    async fn delete_prefix(&self, _: &str) -> Result<u64> {
+        Err(refusal())
+    }
+    async fn ping(&self) -> Result<()> {
+        Err(refusal())
+    }
+}
+
+fn refusal() -> CacheError {
+    CacheError::backend("call", false, "WRONGTYPE")
+}
+
+#[tokio::test(start_paused = true)]
 async fn answers_that_are_errors_about_the_request_do_not_open_it() {
+    let cache: TieredCache<String> = TieredCache::builder("test")
+        .l2(Arc::new(Refusing))
+        .l2_timeout(TIMEOUT)
+        .l2_circuit_breaker(CircuitBreaker::new(3, OPEN_FOR))
+        .build()
+        .unwrap();
+    for key in ["a", "b", "c", "d"] {
+        assert_eq!(cache.get(key).await.unwrap(), None);
+        let refused = cache.set(key, "v".into()).await.unwrap_err();
+        assert!(matches!(refused, CacheError::Backend { .. }), "{refused:?}");
+    }
+    assert_eq!(cache.stats().l2_errors, 8, "every call reached the store");
+    assert_eq!(cache.stats().l2_circuit_opens, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_callers_own_short_deadline_does_not_open_it() {
     let fx = Fixture::new();
     let cache = cache(&fx);
-    // Bytes that are no envelope: L2 answers, the read is a counted miss. Not a failure.
+    fx.faulty.set_delay(Duration::from_secs(60));
+    // A hard timeout of a fifth of the L2 timeout cuts each L2 read short: no failure of L2.
+    let hurried = EntryOptions::default().with_hard_timeout(TIMEOUT / 5);
     for key in ["a", "b", "c", "d"] {
-        fx.l2
-            .put_raw(&format!("test:{key}"), "garbage", Duration::from_secs(60));
-        assert_eq!(cache.get(key).await.unwrap(), None);
+        let started = tokio::time::Instant::now();
+        let _ = cache
+            .get_or_load_with(key, &hurried, || async {
+                Ok::<_, std::io::Error>("loaded".to_owned())
+            })
+            .await;
+        assert!(started.elapsed() <= TIMEOUT / 5);
     }
     assert_eq!(cache.stats().l2_circuit_opens, 0);
-    cache.set("w", "x".into()).await.unwrap();
+    // Reads with the whole L2 timeout to run in do count.
+    for key in ["e", "f", "g"] {
+        assert_eq!(cache.get(key).await.unwrap(), None);
+    }
+    assert_eq!(cache.stats().l2_circuit_opens, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refused_write_evicts_this_instance_only() {
+    let fx = Fixture::new();
+    let bus = MemoryBus::new();
+    let instance = || {
+        fx.builder("test")
+            .l2_timeout(TIMEOUT)
+            .l2_circuit_breaker(CircuitBreaker::new(3, OPEN_FOR))
+            .backplane(Arc::new(bus.backplane()))
+            .build()
+            .unwrap()
+    };
+    let (a, b) = (instance(), instance());
+    a.set("k", "old".into()).await.unwrap();
+    tokio::time::sleep(TIMEOUT).await; // paused clock: B's listener takes the set's news
+    let heard = b.stats().invalidations_received;
+    assert_eq!(heard, 1);
+    assert_eq!(b.get("k").await.unwrap(), Some("old".into()));
+    fx.faulty.set_failing(true);
+    for key in ["x", "y", "z"] {
+        a.get(key).await.unwrap();
+    }
+    assert_eq!(a.stats().l2_circuit_opens, 1);
+    // Refused writes never reached L2: L2 and B's copy still agree, so B is not told, now or
+    // later, and nothing is left running to tell it.
+    for _ in 0..10 {
+        let refused = a.set("k", "new".into()).await.unwrap_err();
+        assert!(matches!(refused, CacheError::CircuitOpen { .. }));
+        assert!(matches!(
+            a.delete("k").await,
+            Err(CacheError::CircuitOpen { .. })
+        ));
+    }
+    tokio::time::sleep(TIMEOUT * 3).await; // paused clock
+    assert_eq!(b.stats().invalidations_received, heard);
+    assert_eq!(a.stats().invalidation_sweeps, 0);
+    assert_eq!(b.get("k").await.unwrap(), Some("old".into()));
+    // A dropped its own copy: what it wrote did not land, and the old value is not served as
+    // if it were the new one.
+    assert_eq!(a.get("k").await.unwrap(), None);
 }
 
 #[test]

@@ -194,9 +194,9 @@ where
     /// A circuit breaker for the L2 (default: none). After `failures` consecutive failed L2
     /// calls (timeouts, lost connections), the cache stops calling the L2 for `open_for`: reads
     /// are served by L1, fail-safe and the loader at once instead of after a timeout each, and
-    /// writes fail with [`CacheError::CircuitOpen`] without waiting for L2 (their invalidation
-    /// still goes to the backplane). Then one call at a time probes the
-    /// L2; the first that succeeds closes the breaker. Each change is a
+    /// writes fail with [`CacheError::CircuitOpen`] without waiting for L2 (a refused write
+    /// evicts this instance's copy only: it never reached L2, so nothing is published). Then one
+    /// call at a time probes the L2; the first that succeeds closes the breaker. Each change is a
     /// [`CacheEvent::L2Circuit`](crate::CacheEvent::L2Circuit), a count in
     /// `tierstack_l2_circuit_changes_total` and one log line.
     pub fn l2_circuit_breaker(mut self, breaker: CircuitBreaker) -> Self {
@@ -282,6 +282,9 @@ where
             .backplane
             .as_ref()
             .is_some_and(|backplane| !backplane.publishes_store_writes());
+        let breaker = self
+            .l2_circuit_breaker
+            .map(|breaker| Breaker::new(breaker, settings.l2_timeout));
         let inner = Arc::new(Inner {
             recorder: Recorder::new(namespace.as_str()),
             publishes_key_writes,
@@ -298,7 +301,7 @@ where
             freshness: Freshness::new(),
             fill_budget,
             l2_failures: BurstLog::default(),
-            breaker: self.l2_circuit_breaker.map(Breaker::new),
+            breaker,
             listener: Mutex::new(None),
             deaf: std::sync::atomic::AtomicBool::new(false),
             detached: super::detached::Detached::default(),

@@ -8,7 +8,7 @@ use tierstack_core::{CacheError, Result};
 use tokio::time::{Instant, Sleep, sleep_until};
 
 use super::Inner;
-use crate::breaker::{Admission, ProbeGuard};
+use crate::breaker::{Admission, Outcome, ProbeGuard};
 use crate::stats::L2Op;
 
 impl<V, C> Inner<V, C> {
@@ -43,19 +43,23 @@ impl<V, C> Inner<V, C> {
                 }
                 admission
             }
-            None => Admission::Call,
+            None => Admission::Call { generation: 0 },
         };
         let probe = self
             .breaker
             .as_ref()
             .map(|breaker| ProbeGuard::new(breaker, admission));
         let started = Instant::now();
-        let result = match until(deadline, call).await {
-            Some(result) => result,
-            None => Err(CacheError::Timeout {
-                operation: op.label(),
-                after: deadline.saturating_duration_since(started),
-            }),
+        let budget = deadline.saturating_duration_since(started);
+        let (result, timed_out) = match until(deadline, call).await {
+            Some(result) => (result, false),
+            None => (
+                Err(CacheError::Timeout {
+                    operation: op.label(),
+                    after: budget,
+                }),
+                true,
+            ),
         };
         self.recorder
             .l2_call(op, result.is_ok(), Some(started.elapsed()));
@@ -63,9 +67,21 @@ impl<V, C> Inner<V, C> {
             self.log_l2_failure(op, error);
         }
         if let Some(breaker) = &self.breaker {
-            // An answer of any kind says the L2 is up; only transient failures count.
-            let healthy = result.as_ref().map_or_else(|e| !e.is_transient(), |_| true);
-            if let Some(state) = breaker.record(admission, healthy) {
+            let outcome = match &result {
+                Ok(_) => Outcome::Answered,
+                // A deadline shortened by the caller's own timeout or by a wait for a lock
+                // says little of the L2: only a timeout with at least half the L2 timeout
+                // to run in counts.
+                Err(_) if timed_out => {
+                    if budget >= self.settings.l2_timeout / 2 {
+                        Outcome::Failed
+                    } else {
+                        Outcome::Unknown
+                    }
+                }
+                Err(error) => outcome_of(error),
+            };
+            if let Some(state) = breaker.record(admission, outcome) {
                 self.recorder.circuit(state);
             }
         }
@@ -85,6 +101,20 @@ impl<V, C> Inner<V, C> {
                 "L2 call failed; reads fall back to L1 and the loader"
             );
         }
+    }
+}
+
+/// What an error a store returned says of the L2's health.
+fn outcome_of(error: &CacheError) -> Outcome {
+    match error {
+        // The server answered, refusing the request.
+        CacheError::Backend {
+            transient: false, ..
+        }
+        | CacheError::Authentication { .. } => Outcome::Answered,
+        error if error.is_transient() => Outcome::Failed,
+        // A check before any round trip (a key, a TTL, a size), or a decorator's own refusal.
+        _ => Outcome::Unknown,
     }
 }
 
@@ -114,6 +144,21 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+
+    #[test]
+    fn errors_say_whether_the_l2_answered() {
+        let refused = CacheError::backend("get", false, "WRONGTYPE");
+        assert_eq!(outcome_of(&refused), Outcome::Answered);
+        let lost = CacheError::backend("get", true, "connection reset");
+        assert_eq!(outcome_of(&lost), Outcome::Failed);
+        let checked = CacheError::ValueTooLarge { size: 2, max: 1 };
+        assert_eq!(outcome_of(&checked), Outcome::Unknown);
+        let nested = CacheError::CircuitOpen {
+            operation: "get",
+            retry_in: Duration::from_secs(1),
+        };
+        assert_eq!(outcome_of(&nested), Outcome::Failed);
+    }
 
     #[tokio::test(start_paused = true)]
     async fn a_call_that_answers_at_once_is_not_timed_out() {

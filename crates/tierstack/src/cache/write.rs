@@ -49,7 +49,7 @@ where
                 .l2_call(L2Op::Set, deadline, l2.set(&store_key, bytes, life.lives))
                 .await;
             if let Err(error) = written {
-                self.invalidate_after_failure(key, deadline).await;
+                self.after_failed_write(key, &error, deadline).await;
                 in_flight.finished();
                 return Err(error);
             }
@@ -122,7 +122,7 @@ where
                 Ok(removed || in_l1)
             }
             Err(error) => {
-                self.invalidate_after_failure(key, deadline).await;
+                self.after_failed_write(key, &error, deadline).await;
                 Err(error)
             }
         };
@@ -148,11 +148,19 @@ where
         let removed = match &self.l2 {
             Some(l2) => {
                 let store_prefix = self.namespace.store_key(prefix);
-                let scan = async {
-                    self.freshness.wait_for_writes().await;
-                    l2.delete_prefix(&store_prefix).await
-                };
-                self.l2_call(L2Op::Delete, deadline, scan).await
+                // Waited for apart from the L2 call: a slow fill is no failure of the L2.
+                if tokio::time::timeout_at(deadline, self.freshness.wait_for_writes())
+                    .await
+                    .is_ok()
+                {
+                    self.l2_call(L2Op::Delete, deadline, l2.delete_prefix(&store_prefix))
+                        .await
+                } else {
+                    Err(CacheError::Timeout {
+                        operation: L2Op::Delete.label(),
+                        after: self.settings.l2_timeout,
+                    })
+                }
             }
             None => Ok(0),
         };
@@ -197,7 +205,7 @@ where
                 match extended {
                     Ok(existed) => existed,
                     Err(error) => {
-                        self.invalidate_after_failure(key, deadline).await;
+                        self.after_failed_write(key, &error, deadline).await;
                         in_flight.finished();
                         return Err(error);
                     }
@@ -225,6 +233,22 @@ where
         }
         in_flight.finished();
         Ok(existed)
+    }
+
+    /// After a write of `key` that failed: a write the circuit breaker refused never reached
+    /// L2, so only the local copy goes (L2 and the others' copies still agree); any other
+    /// failure may have landed, or may still land, and is invalidated everywhere.
+    async fn after_failed_write(
+        self: &Arc<Self>,
+        key: &str,
+        error: &CacheError,
+        deadline: Instant,
+    ) {
+        if matches!(error, CacheError::CircuitOpen { .. }) {
+            self.evict_local(key);
+        } else {
+            self.invalidate_after_failure(key, deadline).await;
+        }
     }
 
     /// After a write of `key` that failed or timed out, and so may still land: evicts the local
