@@ -65,6 +65,7 @@ mod fill;
 mod flight;
 mod freshness;
 pub mod handles;
+mod lease;
 pub mod migrate;
 mod options;
 mod stats;
@@ -75,6 +76,7 @@ pub use cache::{TieredCache, TieredCacheBuilder};
 pub use error::LoadError;
 pub use events::{CacheEvent, CacheEvents, EventsError, StaleReason};
 pub use fill::L2Fill;
+pub use lease::LoadLease;
 pub use options::{EntryOptions, FailSafe, Fetched, Loaded, Skips, Source};
 pub use stats::CacheStats;
 pub use tierstack_core::{

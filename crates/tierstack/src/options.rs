@@ -5,6 +5,8 @@ use std::time::Duration;
 use tierstack_core::store::{MAX_TTL, validate_ttl};
 use tierstack_core::{CacheError, Result};
 
+use crate::lease::LoadLease;
+
 /// How a read-through call caches what it loads, and how it behaves when the origin fails.
 ///
 /// The cache's builder holds the defaults ([`default_options`](crate::TieredCacheBuilder::default_options));
@@ -31,6 +33,7 @@ pub struct EntryOptions {
     hard_timeout: Option<Duration>,
     background_completion: bool,
     eager_refresh: Option<f64>,
+    load_lease: Option<LoadLease>,
     skips: Skips,
 }
 
@@ -84,6 +87,7 @@ impl Default for EntryOptions {
             hard_timeout: None,
             background_completion: true,
             eager_refresh: None,
+            load_lease: None,
             skips: Skips {
                 l1_read: false,
                 l1_write: false,
@@ -186,6 +190,35 @@ impl EntryOptions {
         self
     }
 
+    /// Shares the call's load with the other instances: a miss takes a lease on the L2 before
+    /// calling the loader, and a caller that finds another instance holding it waits for that
+    /// instance's value instead (see [`LoadLease`]). Without an L2, or when the call skips
+    /// reading or writing it, there is nothing to share and the lease is not taken.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use tierstack::{EntryOptions, LoadLease};
+    /// let shared = EntryOptions::default().with_load_lease(LoadLease::new(Duration::from_secs(5)));
+    /// # let _ = shared;
+    /// ```
+    #[must_use]
+    pub fn with_load_lease(mut self, lease: LoadLease) -> Self {
+        self.load_lease = Some(lease);
+        self
+    }
+
+    /// Loads on this instance without a lease (the default).
+    #[must_use]
+    pub fn without_load_lease(mut self) -> Self {
+        self.load_lease = None;
+        self
+    }
+
+    /// The load lease, if the call takes one.
+    pub fn load_lease(&self) -> Option<LoadLease> {
+        self.load_lease
+    }
+
     /// Leaves tiers (or the backplane) out of the call; see [`Skips`].
     #[must_use]
     pub fn with_skips(mut self, skips: Skips) -> Self {
@@ -278,6 +311,9 @@ impl EntryOptions {
                     "{name} must not be zero"
                 )));
             }
+        }
+        if let Some(lease) = self.load_lease {
+            lease.validate()?;
         }
         if self
             .eager_refresh

@@ -49,6 +49,12 @@ pub struct CacheStats {
     pub eager_refreshes: u64,
     /// Times the L2's circuit breaker opened.
     pub l2_circuit_opens: u64,
+    /// Loads run under a load lease this instance took ([`LoadLease`](crate::LoadLease)).
+    pub leased_loads: u64,
+    /// Flights answered by another instance's leased load, which they waited for.
+    pub lease_waits: u64,
+    /// Flights that loaded without a lease because the L2 could not be asked for one.
+    pub leases_unavailable: u64,
 }
 
 impl CacheStats {
@@ -95,6 +101,29 @@ impl L2Op {
             Self::Set => "set",
             Self::Delete => "delete",
             Self::Other => "other",
+        }
+    }
+}
+
+/// What became of a flight's load lease, as metric labels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LeaseOutcome {
+    /// This instance took it and loaded.
+    Taken,
+    /// Another instance held it; its value answered.
+    Waited,
+    /// The L2 could not be asked: loaded without one.
+    Unavailable,
+}
+
+impl LeaseOutcome {
+    const ALL: [Self; 3] = [Self::Taken, Self::Waited, Self::Unavailable];
+
+    fn label(self) -> &'static str {
+        match self {
+            Self::Taken => "taken",
+            Self::Waited => "waited",
+            Self::Unavailable => "unavailable",
         }
     }
 }
@@ -158,6 +187,8 @@ pub(crate) struct Recorder {
     soft_timeouts: AtomicU64,
     eager_refreshes: AtomicU64,
     l2_circuit_opens: AtomicU64,
+    /// Taken, waited for, unavailable.
+    leases: [AtomicU64; 3],
     events: EventHub,
     /// The namespace, for logs.
     cache: Box<str>,
@@ -184,6 +215,8 @@ struct Handles {
     eager_refreshes: Counter,
     /// Per state the breaker moved to: closed, open, half-open.
     l2_circuit_changes: [Counter; 3],
+    /// Per lease outcome: taken, waited, unavailable.
+    leases: [Counter; 3],
 }
 
 impl Recorder {
@@ -216,6 +249,9 @@ impl Recorder {
             l2_circuit_changes: ["closed", "open", "half_open"].map(|state| {
                 metrics::counter!("tierstack_l2_circuit_changes_total", "cache" => cache.clone(), "state" => state)
             }),
+            leases: LeaseOutcome::ALL.map(|outcome| {
+                metrics::counter!("tierstack_load_leases_total", "cache" => cache.clone(), "outcome" => outcome.label())
+            }),
         };
         Self {
             l1_hits: StripedCounter::default(),
@@ -233,6 +269,7 @@ impl Recorder {
             soft_timeouts: AtomicU64::new(0),
             eager_refreshes: AtomicU64::new(0),
             l2_circuit_opens: AtomicU64::new(0),
+            leases: Default::default(),
             events: EventHub::default(),
             cache: cache_name,
             metrics,
@@ -335,6 +372,12 @@ impl Recorder {
         self.events.emit(|| CacheEvent::L2Circuit { state });
     }
 
+    /// What became of a flight's load lease.
+    pub(crate) fn lease(&self, outcome: LeaseOutcome) {
+        self.leases[outcome as usize].fetch_add(1, Ordering::Relaxed);
+        self.metrics.leases[outcome as usize].increment(1);
+    }
+
     pub(crate) fn eager_refresh(&self, key: &str) {
         self.eager_refreshes.fetch_add(1, Ordering::Relaxed);
         self.metrics.eager_refreshes.increment(1);
@@ -388,6 +431,9 @@ impl Recorder {
             soft_timeouts: get(&self.soft_timeouts),
             eager_refreshes: get(&self.eager_refreshes),
             l2_circuit_opens: get(&self.l2_circuit_opens),
+            leased_loads: get(&self.leases[LeaseOutcome::Taken as usize]),
+            lease_waits: get(&self.leases[LeaseOutcome::Waited as usize]),
+            leases_unavailable: get(&self.leases[LeaseOutcome::Unavailable as usize]),
         }
     }
 }

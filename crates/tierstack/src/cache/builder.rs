@@ -305,6 +305,7 @@ where
             listener: Mutex::new(None),
             deaf: std::sync::atomic::AtomicBool::new(false),
             detached: super::detached::Detached::default(),
+            lease_waiters: crate::lease::LeaseWaiters::default(),
         });
         if let (Some(runtime), Some(backplane)) = (runtime, &inner.backplane) {
             Inner::listen(&inner, &runtime, backplane.subscribe());

@@ -41,6 +41,7 @@ where
                     Invalidation::Keys(keys) => {
                         for key in keys {
                             self.evict_local(key);
+                            self.lease_waiters.wake(key);
                         }
                     }
                     Invalidation::Prefix(prefix) => {
@@ -48,12 +49,14 @@ where
                         if let Some(l1) = &self.l1 {
                             l1.invalidate_prefix(prefix);
                         }
+                        self.lease_waiters.wake_all();
                     }
                     // Invalidation is non-exhaustive: anything unknown may have changed any
                     // key, so it counts as a change of every key and clears L1.
                     _ => {
                         self.freshness.bump_all();
                         self.clear_local();
+                        self.lease_waiters.wake_all();
                     }
                 }
                 self.recorder.invalidation_received();
@@ -61,6 +64,8 @@ where
             BackplaneEvent::Resync => {
                 self.deaf.store(false, Ordering::SeqCst);
                 self.clear_local();
+                // Messages may have been lost: waiting flights look again at once.
+                self.lease_waiters.wake_all();
                 self.recorder.resync();
             }
             BackplaneEvent::Lost => {

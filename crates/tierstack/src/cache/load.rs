@@ -19,6 +19,7 @@ use tierstack_core::{CacheError, Codec, Store};
 use tierstack_moka::L1Entry;
 
 use super::Inner;
+use super::lease::{Asking, ToLoad};
 use super::read::{L2Read, Life};
 use crate::error::LoadError;
 use crate::events::StaleReason;
@@ -169,6 +170,24 @@ where
             Looked::Answered(outcome) => return outcome,
             Looked::Load { seen, fallback } => (seen, fallback),
         };
+        let asking = Asking {
+            accepts_absent,
+            refreshing,
+            options,
+            guard,
+        };
+        let ToLoad {
+            lease,
+            watch,
+            seen,
+            fallback,
+        } = match self
+            .lease_first(asking, watch, seen, fallback, hard_deadline)
+            .await
+        {
+            Ok(to_load) => to_load,
+            Err(outcome) => return outcome,
+        };
         let key = watch.key().to_owned();
         let key = key.as_str();
         self.recorder.miss(key);
@@ -195,13 +214,19 @@ where
                 } else {
                     ttl.or(options.negative_ttl())
                 };
+                // A leased value is in L2 before the waiters are told: written inline.
+                let inline = lease.is_some();
                 let cached_for = match (cache, ttl) {
                     (true, Some(ttl)) => {
-                        self.store_loaded(value.as_ref(), options, ttl, watch, seen)
+                        self.store_loaded(value.as_ref(), options, ttl, watch, seen, inline)
                             .await
                     }
                     _ => None,
                 };
+                if let Some(lease) = lease {
+                    self.announce_leased_load(key, options).await;
+                    lease.release().await;
+                }
                 match value {
                     Some(value) => {
                         Outcome::Found(Fetched::new_fresh(value, Source::Loader, cached_for))
@@ -210,22 +235,39 @@ where
                 }
             }
             Err(failure) => {
-                // The loader's error is the callers' business; its text may hold anything.
-                tracing::debug!(cache = %self.namespace, key = %fingerprint(key), "loader failed");
-                if let (Some(fallback), Some(_)) = (fallback, options.fail_safe()) {
-                    let reason = match failure {
-                        Failure::TimedOut(_) => StaleReason::HardTimeout,
-                        Failure::Loader(_) | Failure::Panicked => StaleReason::LoaderFailed,
-                    };
-                    self.recorder.stale_served(key, reason);
-                    return Outcome::Found(self.serve_stale(key, fallback, options, &watch).await);
+                if let Some(lease) = lease {
+                    lease.release().await;
                 }
-                match failure {
-                    Failure::Loader(error) => Outcome::Failed(Arc::new(error) as SharedError),
-                    Failure::Panicked => Outcome::Panicked,
-                    Failure::TimedOut(after) => Outcome::TimedOut(after),
-                }
+                self.after_failure(key, failure, fallback, options, &watch)
+                    .await
             }
+        }
+    }
+
+    /// A flight whose loader failed, panicked or timed out (or that timed out waiting for
+    /// another instance's load): with fail-safe, its stale value answers; else the failure.
+    pub(super) async fn after_failure<E: Send + Sync + 'static>(
+        &self,
+        key: &str,
+        failure: Failure<E>,
+        fallback: Option<Fallback<V>>,
+        options: &EntryOptions,
+        watch: &KeyWatch,
+    ) -> Outcome<V> {
+        // The loader's error is the callers' business; its text may hold anything.
+        tracing::debug!(cache = %self.namespace, key = %fingerprint(key), "loader failed");
+        if let (Some(fallback), Some(_)) = (fallback, options.fail_safe()) {
+            let reason = match failure {
+                Failure::TimedOut(_) => StaleReason::HardTimeout,
+                Failure::Loader(_) | Failure::Panicked => StaleReason::LoaderFailed,
+            };
+            self.recorder.stale_served(key, reason);
+            return Outcome::Found(self.serve_stale(key, fallback, options, watch).await);
+        }
+        match failure {
+            Failure::Loader(error) => Outcome::Failed(Arc::new(error) as SharedError),
+            Failure::Panicked => Outcome::Panicked,
+            Failure::TimedOut(after) => Outcome::TimedOut(after),
         }
     }
 
@@ -244,7 +286,7 @@ where
         clippy::too_many_lines,
         reason = "one decision over L1 then L2; split, its cases would lose their order"
     )]
-    async fn look(
+    pub(super) async fn look(
         &self,
         accepts_absent: bool,
         refreshing: bool,
@@ -437,7 +479,8 @@ where
     /// Caches a loaded value (or a negative entry) in both tiers, unless the key was written or
     /// invalidated since `watch` began.
     ///
-    /// With a background fill and room in its budget, L1 is filled first and the L2 write is
+    /// With a background fill and room in its budget (and unless `inline`: a leased load's
+    /// waiters are told once its value is in L2), L1 is filled first and the L2 write is
     /// left to a task, so that the callers have the value one L2 round trip sooner. Otherwise
     /// the L2 write comes first, and L1 is filled only if L2 took the value or failed (L1 and
     /// the loader keep serving while L2 is down).
@@ -450,6 +493,7 @@ where
         ttl: Duration,
         watch: KeyWatch,
         seen: Option<Bytes>,
+        inline: bool,
     ) -> Option<Duration> {
         let key = watch.key().to_owned();
         if let Err(error) = validate_ttl(ttl) {
@@ -480,6 +524,7 @@ where
         let reserved = self
             .fill_budget
             .as_ref()
+            .filter(|_| !inline)
             .and_then(|budget| budget.try_reserve(bytes.len() + key.len()));
         let runtime = reserved
             .as_ref()
@@ -592,7 +637,7 @@ where
 }
 
 /// What a flight's look in L1 and L2 found.
-enum Looked<V> {
+pub(super) enum Looked<V> {
     /// The flight's outcome, without the loader.
     Answered(Outcome<V>),
     /// A miss: load, and write over `seen`; answer `fallback` if the load fails.
@@ -620,7 +665,7 @@ impl<V: Clone> Fallback<V> {
 }
 
 /// Why a load gave no value.
-enum Failure<E> {
+pub(super) enum Failure<E> {
     Loader(E),
     Panicked,
     TimedOut(Duration),

@@ -33,6 +33,7 @@ use crate::events::CacheEvents;
 use crate::fill::FillBudget;
 use crate::flight::Flights;
 use crate::freshness::Freshness;
+use crate::lease::LeaseWaiters;
 use crate::options::{EntryOptions, Fetched, Loaded};
 use crate::stats::{CacheStats, Recorder};
 
@@ -41,6 +42,7 @@ mod builder;
 mod bulk;
 mod detached;
 mod l2;
+mod lease;
 mod listener;
 mod load;
 mod read;
@@ -119,6 +121,8 @@ struct Inner<V, C> {
     /// would say when what it holds changed.
     deaf: AtomicBool,
     detached: detached::Detached,
+    /// Flights waiting for another instance's leased load, woken by the listener.
+    lease_waiters: LeaseWaiters,
 }
 
 impl<V, C> Drop for Inner<V, C> {
