@@ -74,6 +74,7 @@ pub(crate) fn check() -> Result<(), String> {
         "l2_hit_memory",
         "stampede",
         "stampede_redis",
+        "stampede_distributed",
         "l2_hit_redis",
         "l2_hit_redis_cold_l1",
         "get_many_redis",
@@ -121,6 +122,21 @@ pub(crate) fn check() -> Result<(), String> {
                 ));
             }
         }
+    }
+    // Four instances sharing a load lease load a cold key once between them (in every round:
+    // the record keeps the most).
+    let distributed = records
+        .iter()
+        .find(|record| {
+            field(record, "scenario").as_deref() == Some("stampede_distributed")
+                && field(record, "system").as_deref() == Some("tierstack lease")
+        })
+        .ok_or("bench-check: no stampede_distributed record for the lease")?;
+    if distributed["loader_calls"].as_u64() != Some(1) {
+        return Err(format!(
+            "bench-check: four instances with the load lease called the loader more than once: \
+             {distributed}"
+        ));
     }
     // Fail-safe through an outage answers every call (its origin-call bound is checked by the
     // scenario itself, against the run's measured time).

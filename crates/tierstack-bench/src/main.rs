@@ -153,6 +153,9 @@ fn run_scenarios(options: &RunOptions) -> Result<Vec<Record>, String> {
         if options.wants("stampede_redis") {
             records.extend(redis_scenarios::stampede_redis(&sizes).await);
         }
+        if options.wants("stampede_distributed") {
+            records.extend(redis_scenarios::stampede_distributed(&sizes).await);
+        }
         if options.wants("l2_hit_redis") {
             records.extend(redis_scenarios::l2_hit_redis(&sizes).await);
             records.extend(redis_scenarios::l2_hit_redis_cold_l1(&sizes).await);

@@ -7,10 +7,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use redis::aio::ConnectionManager;
-use tierstack::TieredCache;
+use tierstack::{EntryOptions, LoadLease, TieredCache};
 use tierstack_core::{BincodeCodec, Codec};
 use tierstack_moka::L1Capacity;
-use tierstack_redis::{RedisConfig, RedisStore};
+use tierstack_redis::{RedisBackplane, RedisConfig, RedisStore};
 
 use crate::harness::{
     GetMany, Record, Round, SequentialGets, Sizes, TieredGet, Workload, head_to_head, interleave,
@@ -597,6 +597,87 @@ pub(crate) async fn stampede_redis(sizes: &Sizes) -> Vec<Record> {
     records(
         "stampede_redis",
         &["tierstack", "naive moka+redis"],
+        1,
+        &rounds,
+    )
+}
+
+const INSTANCES: usize = 4;
+
+/// `callers` concurrent read-through calls of one missing key on each of four instances (each
+/// with its own connections and backplane) over one Redis, with the load lease (system 0) or
+/// without (system 1): the loader calls of the whole stampede.
+async fn stampede_distributed_round(system: usize, round: usize, callers: usize) -> Round {
+    let prefix = format!("bench-stampede-distributed-{round}-{system}:");
+    let origin_calls = Arc::new(AtomicU64::new(0));
+    let mut caches = Vec::with_capacity(INSTANCES);
+    for _ in 0..INSTANCES {
+        let store = RedisStore::connect(&config(&prefix))
+            .await
+            .unwrap_or_else(|e| fail(e));
+        let backplane = RedisBackplane::connect(&config(&prefix))
+            .await
+            .unwrap_or_else(|e| fail(e));
+        let cache = TieredCache::<String>::builder("s")
+            .l2(Arc::new(store))
+            .backplane(Arc::new(backplane))
+            .default_ttl(TTL)
+            .l2_timeout(BENCH_L2_TIMEOUT)
+            .build()
+            .unwrap_or_else(|e| fail(e));
+        caches.push(cache);
+    }
+    let options = match system {
+        0 => EntryOptions::default()
+            .with_ttl(TTL)
+            .with_load_lease(LoadLease::new(Duration::from_secs(5))),
+        _ => EntryOptions::default().with_ttl(TTL),
+    };
+    let started = Instant::now();
+    let handles: Vec<_> = caches
+        .iter()
+        .flat_map(|cache| std::iter::repeat_n(cache, callers))
+        .map(|cache| {
+            let (cache, calls) = (cache.clone(), origin_calls.clone());
+            tokio::spawn(async move {
+                let t = Instant::now();
+                let loader = move || async move {
+                    calls.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(STAMPEDE_ORIGIN).await;
+                    Ok::<_, std::io::Error>(value(0))
+                };
+                black_box(cache.get_or_load_with("hot", &options, loader).await.ok());
+                nanos(t.elapsed())
+            })
+        })
+        .collect();
+    let mut samples = Vec::with_capacity(handles.len());
+    for handle in handles {
+        samples.push(handle.await.unwrap_or_else(|e| fail(e)));
+    }
+    #[expect(clippy::cast_precision_loss, reason = "timing report")]
+    let nanos_per_op = started.elapsed().as_nanos() as f64 / samples.len() as f64;
+    Round {
+        nanos_per_op,
+        samples,
+        loader_calls: Some(origin_calls.load(Ordering::SeqCst)),
+        l2_commands: None,
+        errors: None,
+    }
+}
+
+/// 4 instances x 1,000 concurrent `get_or_load_with` of one missing key over one Redis with a
+/// 20 ms origin: loader calls with the load lease against the same caches without it.
+pub(crate) async fn stampede_distributed(sizes: &Sizes) -> Vec<Record> {
+    let mut round = 0;
+    let rounds = interleave(2, sizes.rounds, |system| {
+        round += 1;
+        stampede_distributed_round(system, round, sizes.stampede_callers)
+    })
+    .await;
+    records(
+        "stampede_distributed",
+        &["tierstack lease", "tierstack without lease"],
         1,
         &rounds,
     )
