@@ -68,6 +68,7 @@ pub mod handles;
 mod lease;
 pub mod migrate;
 mod options;
+mod recovery;
 mod stats;
 
 pub use backend::{Backend, StoreConfig};
@@ -78,6 +79,7 @@ pub use events::{CacheEvent, CacheEvents, EventsError, StaleReason};
 pub use fill::L2Fill;
 pub use lease::LoadLease;
 pub use options::{EntryOptions, FailSafe, Fetched, Loaded, Skips, Source};
+pub use recovery::WriteRecovery;
 pub use stats::CacheStats;
 pub use tierstack_core::{
     Backplane, BincodeCodec, BoxError, CacheError, Codec, JsonCodec, Result, Store,

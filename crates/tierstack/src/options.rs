@@ -34,6 +34,7 @@ pub struct EntryOptions {
     background_completion: bool,
     eager_refresh: Option<f64>,
     load_lease: Option<LoadLease>,
+    write_recovery: bool,
     skips: Skips,
 }
 
@@ -88,6 +89,7 @@ impl Default for EntryOptions {
             background_completion: true,
             eager_refresh: None,
             load_lease: None,
+            write_recovery: false,
             skips: Skips {
                 l1_read: false,
                 l1_write: false,
@@ -217,6 +219,23 @@ impl EntryOptions {
     /// The load lease, if the call takes one.
     pub fn load_lease(&self) -> Option<LoadLease> {
         self.load_lease
+    }
+
+    /// What a write (`set_with`, `delete_with`) does when the L2 fails it (a timeout, a lost
+    /// connection, the breaker open): with `true`, and a cache built with
+    /// [`write_recovery`](crate::TieredCacheBuilder::write_recovery), the write is kept and
+    /// replayed once the L2 answers again, and the call succeeds (this instance serves the
+    /// written value meanwhile; the others learn of it at the replay). With `false` (the
+    /// default), or when the queue is full, the call returns the error and keeps nothing.
+    #[must_use]
+    pub fn with_write_recovery(mut self, recover: bool) -> Self {
+        self.write_recovery = recover;
+        self
+    }
+
+    /// Whether a write that the L2 failed is kept for a replay.
+    pub fn write_recovery(&self) -> bool {
+        self.write_recovery
     }
 
     /// Leaves tiers (or the backplane) out of the call; see [`Skips`].

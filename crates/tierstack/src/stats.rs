@@ -55,6 +55,15 @@ pub struct CacheStats {
     pub lease_waits: u64,
     /// Flights that loaded without a lease because the L2 could not be asked for one.
     pub leases_unavailable: u64,
+    /// Writes and deletes that failed to reach the L2 and were kept for a replay
+    /// ([`WriteRecovery`](crate::WriteRecovery)).
+    pub writes_kept: u64,
+    /// Kept writes replayed to the L2 once it answered again.
+    pub writes_replayed: u64,
+    /// Kept writes not replayed because a later write of the key was in the L2.
+    pub writes_superseded: u64,
+    /// Writes not kept (the queue was full) or kept but not replayed (expired first).
+    pub writes_dropped: u64,
 }
 
 impl CacheStats {
@@ -128,6 +137,28 @@ impl LeaseOutcome {
     }
 }
 
+/// What became of writes handed to the recovery queue, as metric labels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RecoveryOutcome {
+    Kept,
+    Replayed,
+    Superseded,
+    Dropped,
+}
+
+impl RecoveryOutcome {
+    const ALL: [Self; 4] = [Self::Kept, Self::Replayed, Self::Superseded, Self::Dropped];
+
+    fn label(self) -> &'static str {
+        match self {
+            Self::Kept => "kept",
+            Self::Replayed => "replayed",
+            Self::Superseded => "superseded",
+            Self::Dropped => "dropped",
+        }
+    }
+}
+
 const STRIPES: usize = 16;
 
 /// A counter striped over cache lines, so that threads counting hits at once do not bounce one
@@ -189,6 +220,8 @@ pub(crate) struct Recorder {
     l2_circuit_opens: AtomicU64,
     /// Taken, waited for, unavailable.
     leases: [AtomicU64; 3],
+    /// Kept, replayed, superseded, dropped.
+    recovery: [AtomicU64; 4],
     events: EventHub,
     /// The namespace, for logs.
     cache: Box<str>,
@@ -217,6 +250,8 @@ struct Handles {
     l2_circuit_changes: [Counter; 3],
     /// Per lease outcome: taken, waited, unavailable.
     leases: [Counter; 3],
+    /// Per recovery outcome: kept, replayed, superseded, dropped.
+    recovery: [Counter; 4],
 }
 
 impl Recorder {
@@ -252,6 +287,9 @@ impl Recorder {
             leases: LeaseOutcome::ALL.map(|outcome| {
                 metrics::counter!("tierstack_load_leases_total", "cache" => cache.clone(), "outcome" => outcome.label())
             }),
+            recovery: RecoveryOutcome::ALL.map(|outcome| {
+                metrics::counter!("tierstack_write_recovery_total", "cache" => cache.clone(), "outcome" => outcome.label())
+            }),
         };
         Self {
             l1_hits: StripedCounter::default(),
@@ -270,6 +308,7 @@ impl Recorder {
             eager_refreshes: AtomicU64::new(0),
             l2_circuit_opens: AtomicU64::new(0),
             leases: Default::default(),
+            recovery: Default::default(),
             events: EventHub::default(),
             cache: cache_name,
             metrics,
@@ -378,6 +417,14 @@ impl Recorder {
         self.metrics.leases[outcome as usize].increment(1);
     }
 
+    /// `count` writes of the recovery queue had `outcome`.
+    pub(crate) fn recovery(&self, outcome: RecoveryOutcome, count: u64) {
+        if count > 0 {
+            self.recovery[outcome as usize].fetch_add(count, Ordering::Relaxed);
+            self.metrics.recovery[outcome as usize].increment(count);
+        }
+    }
+
     pub(crate) fn eager_refresh(&self, key: &str) {
         self.eager_refreshes.fetch_add(1, Ordering::Relaxed);
         self.metrics.eager_refreshes.increment(1);
@@ -434,6 +481,10 @@ impl Recorder {
             leased_loads: get(&self.leases[LeaseOutcome::Taken as usize]),
             lease_waits: get(&self.leases[LeaseOutcome::Waited as usize]),
             leases_unavailable: get(&self.leases[LeaseOutcome::Unavailable as usize]),
+            writes_kept: get(&self.recovery[RecoveryOutcome::Kept as usize]),
+            writes_replayed: get(&self.recovery[RecoveryOutcome::Replayed as usize]),
+            writes_superseded: get(&self.recovery[RecoveryOutcome::Superseded as usize]),
+            writes_dropped: get(&self.recovery[RecoveryOutcome::Dropped as usize]),
         }
     }
 }

@@ -20,6 +20,7 @@ use crate::fill::{FillBudget, L2Fill};
 use crate::flight::Flights;
 use crate::freshness::Freshness;
 use crate::options::EntryOptions;
+use crate::recovery::{RecoveryQueue, WriteRecovery};
 use crate::stats::Recorder;
 
 /// Builds a [`TieredCache`]; start with [`TieredCache::builder`].
@@ -38,6 +39,7 @@ pub struct TieredCacheBuilder<V, C = BincodeCodec> {
     settings: Settings,
     l2_fill: L2Fill,
     l2_circuit_breaker: Option<CircuitBreaker>,
+    write_recovery: Option<WriteRecovery>,
     _value: PhantomData<fn() -> V>,
 }
 
@@ -59,6 +61,7 @@ impl<V> TieredCacheBuilder<V, BincodeCodec> {
             },
             l2_fill: L2Fill::DEFAULT,
             l2_circuit_breaker: None,
+            write_recovery: None,
             _value: PhantomData,
         }
     }
@@ -107,6 +110,7 @@ where
             settings: self.settings,
             l2_fill: self.l2_fill,
             l2_circuit_breaker: self.l2_circuit_breaker,
+            write_recovery: self.write_recovery,
             _value: PhantomData,
         }
     }
@@ -204,6 +208,15 @@ where
         self
     }
 
+    /// A queue for the writes that fail to reach the L2 (default: none). A write or delete
+    /// whose call asks for it ([`EntryOptions::with_write_recovery`]; turn it on for every
+    /// call in [`default_options`](Self::default_options)) and that the L2 fails is kept,
+    /// and replayed once the L2 answers again; see [`WriteRecovery`].
+    pub fn write_recovery(mut self, recovery: WriteRecovery) -> Self {
+        self.write_recovery = Some(recovery);
+        self
+    }
+
     /// The clock that decides expiry (tests inject a manual clock).
     pub fn clock(mut self, clock: SharedClock) -> Self {
         self.clock = clock;
@@ -249,6 +262,9 @@ where
         }
         if let Some(breaker) = &self.l2_circuit_breaker {
             breaker.validate()?;
+        }
+        if let Some(recovery) = &self.write_recovery {
+            recovery.validate()?;
         }
         if settings.l2_timeout.is_zero() {
             return Err(CacheError::Configuration(
@@ -306,6 +322,7 @@ where
             deaf: std::sync::atomic::AtomicBool::new(false),
             detached: super::detached::Detached::default(),
             lease_waiters: crate::lease::LeaseWaiters::default(),
+            recovery: self.write_recovery.map(RecoveryQueue::new),
         });
         if let (Some(runtime), Some(backplane)) = (runtime, &inner.backplane) {
             Inner::listen(&inner, &runtime, backplane.subscribe());

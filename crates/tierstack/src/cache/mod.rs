@@ -35,6 +35,7 @@ use crate::flight::Flights;
 use crate::freshness::Freshness;
 use crate::lease::LeaseWaiters;
 use crate::options::{EntryOptions, Fetched, Loaded};
+use crate::recovery::RecoveryQueue;
 use crate::stats::{CacheStats, Recorder};
 
 mod background;
@@ -46,6 +47,7 @@ mod lease;
 mod listener;
 mod load;
 mod read;
+mod recovery;
 mod write;
 
 pub use builder::TieredCacheBuilder;
@@ -123,6 +125,8 @@ struct Inner<V, C> {
     detached: detached::Detached,
     /// Flights waiting for another instance's leased load, woken by the listener.
     lease_waiters: LeaseWaiters,
+    /// The writes kept for a replay, if the builder set a recovery queue.
+    recovery: Option<RecoveryQueue>,
 }
 
 impl<V, C> Drop for Inner<V, C> {
@@ -395,11 +399,12 @@ where
     /// An invalid key; an L2 that fails or times out (the local copy is evicted and the other
     /// instances are told all the same). The whole call stays within the L2 timeout.
     pub async fn delete(&self, key: &str) -> Result<bool> {
-        let skips = self.inner.settings.defaults.skips();
-        self.inner.delete(key, skips).await
+        let options = self.inner.settings.defaults;
+        self.inner.delete(key, &options).await
     }
 
-    /// [`delete`](Self::delete) with this call's `options`; only their [skips](crate::Skips)
+    /// [`delete`](Self::delete) with this call's `options`; only their [skips](crate::Skips) and
+    /// [write recovery](EntryOptions::with_write_recovery)
     /// apply. Skipping L2 writes removes this instance's L1 copy only (as
     /// [`invalidate_local`](Self::invalidate_local) does); skipping the backplane leaves the
     /// other instances' copies until their TTL, unless the outcome is unknown (an L2 failure or
@@ -409,7 +414,7 @@ where
     ///
     /// As [`delete`](Self::delete).
     pub async fn delete_with(&self, key: &str, options: &EntryOptions) -> Result<bool> {
-        self.inner.delete(key, options.skips()).await
+        self.inner.delete(key, options).await
     }
 
     /// Removes every key that starts with `prefix` (literally) from both tiers and tells the other

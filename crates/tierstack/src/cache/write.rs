@@ -43,15 +43,26 @@ where
         let before = self.freshness.snapshot(key);
         let deadline = self.deadline();
         let in_flight = InFlightWrite::new(self, key);
+        let mut kept = false;
         if let Some(l2) = self.l2.as_ref().filter(|_| !skips.l2_write) {
             let store_key = self.namespace.store_key(key);
+            let keep = options.write_recovery().then(|| bytes.clone());
             let written = self
                 .l2_call(L2Op::Set, deadline, l2.set(&store_key, bytes, life.lives))
                 .await;
-            if let Err(error) = written {
-                self.after_failed_write(key, &error, deadline).await;
-                in_flight.finished();
-                return Err(error);
+            match written {
+                Ok(()) => self.forget_kept(key),
+                Err(error) if self.keep_for_replay(key, keep, &error) => {
+                    // Kept: served here as written; the others hear of it at the replay (and
+                    // now, if the failed write may have landed).
+                    self.tell_of_kept_write(key, &error, deadline).await;
+                    kept = true;
+                }
+                Err(error) => {
+                    self.after_failed_write(key, &error, deadline).await;
+                    in_flight.finished();
+                    return Err(error);
+                }
             }
         }
         if self.freshness.is_current(before) && life.to_l1 {
@@ -61,14 +72,19 @@ where
             self.evict_local(key);
         }
         // A write that left L2 alone changed nothing the others read.
-        if !skips.backplane && !skips.l2_write {
+        if !skips.backplane && !skips.l2_write && !kept {
             self.publish_keys(key, deadline).await;
         }
         in_flight.finished();
         Ok(())
     }
 
-    pub(super) async fn delete(self: &Arc<Self>, key: &str, skips: Skips) -> Result<bool> {
+    pub(super) async fn delete(
+        self: &Arc<Self>,
+        key: &str,
+        options: &EntryOptions,
+    ) -> Result<bool> {
+        let skips = options.skips();
         self.check_key(key)?;
         let deadline = self.deadline();
         let in_l1 = self.l1.as_ref().is_some_and(|l1| l1.get(key).is_some());
@@ -78,21 +94,22 @@ where
             return Ok(in_l1);
         }
         let in_flight = InFlightWrite::new(self, key);
+        // A tombstone, not a removal: a load that is running anywhere saw the key before it,
+        // and may only write its value over what it saw.
+        let now = self.clock.now();
+        let ttl = self.settings.tombstone_ttl;
+        let tombstone = envelope::encode_tombstone::<C>(
+            now,
+            now.saturating_add(ttl),
+            envelope::tombstone_nonce(),
+        );
+        let keep = options.write_recovery().then(|| tombstone.clone());
         let removed = if let Some(l2) = &self.l2 {
             let store_key = self.namespace.store_key(key);
             // The key's lock waits for a load's L2 write of the key already under way, so that
             // the delete comes after it; bounded by the same deadline as the call.
             if let Ok(_lock) = tokio::time::timeout_at(deadline, self.freshness.lock_key(key)).await
             {
-                // A tombstone, not a removal: a load that is running anywhere saw the key
-                // before it, and may only write its value over what it saw.
-                let now = self.clock.now();
-                let ttl = self.settings.tombstone_ttl;
-                let tombstone = envelope::encode_tombstone::<C>(
-                    now,
-                    now.saturating_add(ttl),
-                    envelope::tombstone_nonce(),
-                );
                 let replaced = self
                     .l2_call(
                         L2Op::Delete,
@@ -116,10 +133,15 @@ where
         };
         let answer = match removed {
             Ok(removed) => {
+                self.forget_kept(key);
                 if !skips.backplane {
                     self.publish_keys(key, deadline).await;
                 }
                 Ok(removed || in_l1)
+            }
+            Err(error) if self.keep_for_replay(key, keep, &error) => {
+                self.tell_of_kept_write(key, &error, deadline).await;
+                Ok(in_l1)
             }
             Err(error) => {
                 self.after_failed_write(key, &error, deadline).await;
@@ -233,6 +255,21 @@ where
         }
         in_flight.finished();
         Ok(existed)
+    }
+
+    /// After a write of `key` that failed and was kept for a replay: if it may have landed (it
+    /// was not refused by the breaker), the other instances evict their copy now; the replay
+    /// tells them again.
+    async fn tell_of_kept_write(
+        self: &Arc<Self>,
+        key: &str,
+        error: &CacheError,
+        deadline: Instant,
+    ) {
+        if !matches!(error, CacheError::CircuitOpen { .. }) {
+            self.publish(Invalidation::Keys(vec![key.to_owned()]), deadline)
+                .await;
+        }
     }
 
     /// After a write of `key` that failed: a write the circuit breaker refused never reached

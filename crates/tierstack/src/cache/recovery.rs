@@ -1,0 +1,198 @@
+//! Auto-recovery (see [`crate::recovery`]): a write or delete whose L2 call failed is kept, and
+//! a task replays the kept writes once the L2 answers again, then tells the other instances.
+//!
+//! A replay never overwrites what was written after the kept write: it reads the key, leaves a
+//! newer entry (by the write time both envelopes carry) alone, and otherwise writes over exactly
+//! the bytes it read (`set_if_absent` over nothing, `compare_and_set` over the rest), so that a
+//! write landing in between wins too.
+
+use std::sync::{Arc, Weak};
+
+use bytes::Bytes;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tierstack_core::backplane::Invalidation;
+use tierstack_core::envelope::Envelope;
+use tierstack_core::{CacheError, Codec, Result};
+
+use super::Inner;
+use crate::recovery::{Kept, Pushed, RecoveryQueue};
+use crate::stats::{L2Op, RecoveryOutcome};
+
+/// How many keys one invalidation of replayed writes names.
+const KEYS_PER_MESSAGE: usize = 64;
+
+/// What the replay of one kept write did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Replayed {
+    /// Written to the L2 (or already there).
+    Written,
+    /// A later write of the key is in the L2: it stays, and the kept one is dropped.
+    Superseded,
+    /// The kept write's entry has expired meanwhile: nothing to replay.
+    Expired,
+}
+
+impl<V, C> Inner<V, C>
+where
+    V: Clone + Send + Sync + Serialize + DeserializeOwned + 'static,
+    C: Codec,
+{
+    /// Keeps `bytes` (what a write of `key` would have stored) for a replay, if the call asked
+    /// for it, the error may pass, and the cache has a recovery queue; whether it was kept.
+    pub(super) fn keep_for_replay(
+        self: &Arc<Self>,
+        key: &str,
+        bytes: Option<Bytes>,
+        error: &CacheError,
+    ) -> bool {
+        let (Some(queue), Some(bytes)) = (&self.recovery, bytes) else {
+            return false;
+        };
+        if !error.is_transient() {
+            return false;
+        }
+        match queue.push(key, bytes) {
+            Pushed::Dropped => {
+                self.recorder.recovery(RecoveryOutcome::Dropped, 1);
+                false
+            }
+            Pushed::Kept => {
+                self.recorder.recovery(RecoveryOutcome::Kept, 1);
+                true
+            }
+            Pushed::KeptFirst => {
+                self.recorder.recovery(RecoveryOutcome::Kept, 1);
+                self.start_replays(queue.settings().retry_interval());
+                true
+            }
+        }
+    }
+
+    /// A write of `key` reached the L2: an earlier kept write of it has nothing left to do.
+    pub(super) fn forget_kept(&self, key: &str) {
+        if let Some(queue) = &self.recovery {
+            queue.forget(key);
+        }
+    }
+
+    /// Starts the task that replays the kept writes every `retry` until none is left. It holds
+    /// the cache weakly: a dropped cache's kept writes are lost with it.
+    fn start_replays(self: &Arc<Self>, retry: std::time::Duration) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            // Nowhere to replay from: the writes stay kept, and the next one kept tries again.
+            if let Some(queue) = &self.recovery {
+                queue.abandon_replays();
+            }
+            return;
+        };
+        let cache = Arc::downgrade(self);
+        runtime.spawn(async move {
+            loop {
+                tokio::time::sleep(retry).await;
+                let Some(cache) = Weak::upgrade(&cache) else {
+                    return;
+                };
+                cache.replay_kept().await;
+                if cache
+                    .recovery
+                    .as_ref()
+                    .is_none_or(RecoveryQueue::finish_if_empty)
+                {
+                    return;
+                }
+            }
+        });
+    }
+
+    /// Replays every kept write, oldest first, until the L2 fails; tells the other instances of
+    /// the keys written, and evicts this instance's copy of the superseded ones.
+    async fn replay_kept(&self) {
+        let Some(queue) = &self.recovery else { return };
+        let mut pending = queue.take_all().into_iter();
+        let mut written = Vec::new();
+        let (mut superseded, mut expired) = (0, 0);
+        while let Some((key, kept)) = pending.next() {
+            match self.replay_one(&key, &kept).await {
+                Ok(Replayed::Written) => written.push(key.into_string()),
+                Ok(Replayed::Superseded) => {
+                    self.evict_local(&key);
+                    superseded += 1;
+                }
+                Ok(Replayed::Expired) => expired += 1,
+                Err(_) => {
+                    // Still down: this write and the rest wait for the next attempt.
+                    let dropped = queue.put_back(std::iter::once((key, kept)).chain(pending));
+                    self.recorder.recovery(RecoveryOutcome::Dropped, dropped);
+                    break;
+                }
+            }
+        }
+        self.recorder
+            .recovery(RecoveryOutcome::Replayed, written.len() as u64);
+        self.recorder
+            .recovery(RecoveryOutcome::Superseded, superseded);
+        self.recorder.recovery(RecoveryOutcome::Dropped, expired);
+        if written.is_empty() && superseded == 0 {
+            return;
+        }
+        tracing::info!(
+            cache = %self.namespace,
+            replayed = written.len(),
+            superseded,
+            expired,
+            "writes kept during an L2 failure replayed"
+        );
+        for keys in written.chunks(KEYS_PER_MESSAGE) {
+            let deadline = self.deadline();
+            self.publish_by(&Invalidation::Keys(keys.to_vec()), deadline)
+                .await;
+        }
+    }
+
+    /// Writes one kept write over what the L2 holds for `key`, unless that is newer.
+    async fn replay_one(&self, key: &str, kept: &Kept) -> Result<Replayed> {
+        let Some(l2) = &self.l2 else {
+            return Ok(Replayed::Written);
+        };
+        let Ok(envelope) = Envelope::parse::<C>(&kept.bytes, usize::MAX) else {
+            // Unreachable: the cache encoded these bytes itself.
+            return Ok(Replayed::Expired);
+        };
+        let (written_at, expires_at) = (envelope.written_at, envelope.expires_at);
+        let store_key = self.namespace.store_key(key);
+        // A few rounds: each lost race means someone else wrote the key meanwhile.
+        for _ in 0..3 {
+            let now = self.clock.now();
+            if expires_at <= now {
+                return Ok(Replayed::Expired);
+            }
+            let ttl = now.until(expires_at);
+            let deadline = self.deadline();
+            let current = self
+                .l2_call(L2Op::Get, deadline, l2.get(&store_key))
+                .await?;
+            let replaced = match current {
+                None => {
+                    let write = l2.set_if_absent(&store_key, kept.bytes.clone(), ttl);
+                    self.l2_call(L2Op::Set, deadline, write).await?
+                }
+                Some(current) if current == kept.bytes => return Ok(Replayed::Written),
+                Some(current) => {
+                    let newer = Envelope::parse::<C>(&current, usize::MAX)
+                        .is_ok_and(|stored| stored.written_at > written_at);
+                    if newer {
+                        return Ok(Replayed::Superseded);
+                    }
+                    let write =
+                        l2.compare_and_set(&store_key, &current, Some((kept.bytes.clone(), ttl)));
+                    self.l2_call(L2Op::Set, deadline, write).await?
+                }
+            };
+            if replaced {
+                return Ok(Replayed::Written);
+            }
+        }
+        Ok(Replayed::Superseded)
+    }
+}

@@ -1,0 +1,145 @@
+//! Auto-recovery: writes and deletes that the L2 failed are kept, replayed once it answers, and
+//! never overwrite a later write. Tokio's clock is paused (the replay's retry interval); the
+//! entries' write times come from the fixture's manual clock.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::Fixture;
+use tierstack::core::CacheError;
+use tierstack::core::testkit::{FaultyStore, MemoryBus};
+use tierstack::{EntryOptions, TieredCache, WriteRecovery};
+
+const RETRY: Duration = Duration::from_millis(500);
+
+fn recovering() -> EntryOptions {
+    EntryOptions::default()
+        .with_ttl(Duration::from_secs(60))
+        .with_write_recovery(true)
+}
+
+/// An instance over its own fault injector around the fixture's L2, on `bus`.
+fn instance(fx: &Fixture, bus: &MemoryBus, recovery: usize) -> (TieredCache<String>, FaultyStore) {
+    let faulty = FaultyStore::new(fx.l2.clone());
+    let cache = TieredCache::builder("test")
+        .l2(Arc::new(faulty.clone()))
+        .clock(Arc::new(fx.clock.clone()))
+        .backplane(Arc::new(bus.backplane()))
+        .l2_timeout(Duration::from_millis(100))
+        .write_recovery(WriteRecovery::new(recovery).with_retry_interval(RETRY))
+        .build()
+        .unwrap();
+    (cache, faulty)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_write_the_l2_failed_is_kept_and_replayed_once_it_answers() {
+    let fx = Fixture::new();
+    let bus = MemoryBus::new();
+    let (a, a_l2) = instance(&fx, &bus, 100);
+    let (b, _) = instance(&fx, &bus, 100);
+    a.set("k", "old".into()).await.unwrap();
+    tokio::time::sleep(RETRY).await; // paused clock: B hears of the write
+    assert_eq!(b.get("k").await.unwrap(), Some("old".into()));
+    a_l2.set_failing(true);
+    a.set_with("k", "new".into(), &recovering()).await.unwrap();
+    assert!(a.delete_with("gone", &recovering()).await.is_ok());
+    // This instance serves its write; the L2 and the others still have the old value.
+    assert_eq!(a.get("k").await.unwrap(), Some("new".into()));
+    assert_eq!(b.get("k").await.unwrap(), Some("old".into()));
+    assert_eq!(a.stats().writes_kept, 2);
+    // Still failing: the replay keeps trying.
+    tokio::time::sleep(RETRY * 3).await; // paused clock
+    assert_eq!(a.stats().writes_replayed, 0);
+    a_l2.set_failing(false);
+    tokio::time::sleep(RETRY * 2).await; // paused clock: the next attempt replays
+    assert_eq!(a.stats().writes_replayed, 2);
+    assert_eq!(b.get("k").await.unwrap(), Some("new".into()), "B was told");
+    assert!(!fx.holds("test:gone").await);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_replay_never_overwrites_a_later_write_of_another_instance() {
+    let fx = Fixture::new();
+    let bus = MemoryBus::new();
+    let (a, a_l2) = instance(&fx, &bus, 100);
+    let (b, _) = instance(&fx, &bus, 100);
+    a_l2.set_failing(true);
+    a.set_with("k", "a's, during the outage".into(), &recovering())
+        .await
+        .unwrap();
+    a.set_with("d", "a's".into(), &recovering()).await.unwrap();
+    // Later, another instance writes both keys (it deletes one).
+    fx.clock.advance(Duration::from_millis(5));
+    b.set("k", "b's, later".into()).await.unwrap();
+    assert!(!b.delete("d").await.unwrap());
+    a_l2.set_failing(false);
+    tokio::time::sleep(RETRY * 2).await; // paused clock: the replay
+    assert_eq!(a.stats().writes_superseded, 2);
+    assert_eq!(a.stats().writes_replayed, 0);
+    // Every instance converges on the later writes, A included (its own copies were evicted).
+    for cache in [&a, &b] {
+        assert_eq!(cache.get("k").await.unwrap(), Some("b's, later".into()));
+        assert_eq!(cache.get("d").await.unwrap(), None);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_full_queue_returns_the_error_and_counts_the_write_dropped() {
+    let fx = Fixture::new();
+    let bus = MemoryBus::new();
+    let (a, a_l2) = instance(&fx, &bus, 1);
+    a_l2.set_failing(true);
+    a.set_with("one", "1".into(), &recovering()).await.unwrap();
+    // The same key again replaces it; another key does not fit.
+    a.set_with("one", "2".into(), &recovering()).await.unwrap();
+    let error = a
+        .set_with("two", "2".into(), &recovering())
+        .await
+        .unwrap_err();
+    assert!(matches!(error, CacheError::Connection { .. }), "{error:?}");
+    // A call that does not ask for recovery gets its error too.
+    let error = a.set("three", "3".into()).await.unwrap_err();
+    assert!(error.is_transient());
+    let stats = a.stats();
+    assert_eq!((stats.writes_kept, stats.writes_dropped), (2, 1));
+    a_l2.set_failing(false);
+    tokio::time::sleep(RETRY * 2).await; // paused clock
+    assert_eq!(a.stats().writes_replayed, 1);
+    assert_eq!(b_reads(&fx, &bus, "one").await, Some("2".into()));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_kept_write_that_expires_before_the_l2_answers_is_not_replayed() {
+    let fx = Fixture::new();
+    let bus = MemoryBus::new();
+    let (a, a_l2) = instance(&fx, &bus, 100);
+    a_l2.set_failing(true);
+    let short = recovering().with_ttl(Duration::from_secs(1));
+    a.set_with("k", "short-lived".into(), &short).await.unwrap();
+    fx.clock.advance(Duration::from_secs(2));
+    a_l2.set_failing(false);
+    tokio::time::sleep(RETRY * 2).await; // paused clock
+    let stats = a.stats();
+    assert_eq!((stats.writes_replayed, stats.writes_dropped), (0, 1));
+    assert!(!fx.holds("test:k").await);
+}
+
+/// What a new instance reads under `key`.
+async fn b_reads(fx: &Fixture, bus: &MemoryBus, key: &str) -> Option<String> {
+    instance(fx, bus, 1).0.get(key).await.unwrap()
+}
+
+#[test]
+fn a_queue_out_of_range_is_refused() {
+    let fx = Fixture::new();
+    let error = fx
+        .builder("test")
+        .write_recovery(WriteRecovery::new(0))
+        .build()
+        .unwrap_err();
+    assert!(error.to_string().contains("write_recovery"), "{error}");
+}
