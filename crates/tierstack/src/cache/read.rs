@@ -439,9 +439,10 @@ where
         let Some(l1) = self.l1.as_ref().filter(|_| life.to_l1) else {
             return;
         };
-        if self.is_deaf() {
+        if self.is_deaf() && !life.stale {
             // No invalidation would reach the copy: serve from L2 until the backplane is back,
             // and drop the older copy this value replaces (it stays as a last resort otherwise).
+            // A stale copy answers only as fail-safe's last resort, deaf or not: it is kept.
             l1.invalidate(key);
             return;
         }

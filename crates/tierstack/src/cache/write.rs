@@ -67,6 +67,16 @@ where
         }
         if self.freshness.is_current(before) && life.to_l1 {
             let after = self.freshness.bump_key(key);
+            // A kept write on an instance cut off from its backplane is the newest value it
+            // knows, but nobody would tell it of a later one: kept as fail-safe's fallback.
+            let life = if kept && self.is_deaf() {
+                Life {
+                    stale: true,
+                    ..life
+                }
+            } else {
+                life
+            };
             self.fill_l1_since(key, Some(value), life, after);
         } else {
             self.evict_local(key);
