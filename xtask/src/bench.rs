@@ -7,7 +7,7 @@ use crate::services::{Services, Which};
 /// The scenarios that need only Redis (or nothing); the rest need the Firestore emulator.
 const WITHOUT_FIRESTORE: &str = "l1_hit,failsafe_outage,eager_refresh,soft_timeout,\
                                  l2_hit_memory,stampede,l2_hit_redis,get_many_redis,\
-                                 write_through_redis,invalidation_lag,mixed_zipf";
+                                 write_through_redis,invalidation_lag,mixed_zipf,l2_outage";
 const WITH_FIRESTORE: &str = "l2_hit_firestore,get_many_firestore";
 
 /// The benchmark's phases: scenarios, the one server running while they run, and whether the
@@ -75,6 +75,7 @@ pub(crate) fn check() -> Result<(), String> {
         "stampede",
         "stampede_redis",
         "stampede_distributed",
+        "l2_outage",
         "l2_hit_redis",
         "l2_hit_redis_cold_l1",
         "get_many_redis",
@@ -99,16 +100,33 @@ pub(crate) fn check() -> Result<(), String> {
             ));
         }
     }
-    // Deterministic promises: one loader call per stampede, and at most a few L2 commands
-    // (one read, one write of the loaded value; GET and PTTL count as two on Redis).
+    check_promises(&records)?;
+    eprintln!(
+        "bench-check: every scenario reported; each stampede called the loader once and sent at \
+         most a few L2 commands, four leased instances loaded once; fail-safe answered every \
+         call of the origin and L2 outages"
+    );
+    Ok(())
+}
+
+/// The record of `system` in `scenario`.
+fn record<'a>(
+    records: &'a [serde_json::Value],
+    scenario: &str,
+    system: &str,
+) -> Result<&'a serde_json::Value, String> {
+    records
+        .iter()
+        .find(|record| record["scenario"] == scenario && record["system"] == system)
+        .ok_or_else(|| format!("bench-check: no {scenario} record for {system}"))
+}
+
+/// The results that do not depend on timing.
+fn check_promises(records: &[serde_json::Value]) -> Result<(), String> {
+    // One loader call per stampede, and at most a few L2 commands (one read, one write of the
+    // loaded value; GET and PTTL count as two on Redis).
     for (scenario, most_commands) in [("stampede", 2), ("stampede_redis", 3)] {
-        let record = records
-            .iter()
-            .find(|record| {
-                field(record, "scenario").as_deref() == Some(scenario)
-                    && field(record, "system").as_deref() == Some("tierstack")
-            })
-            .ok_or_else(|| format!("bench-check: no {scenario} record for tierstack"))?;
+        let record = record(records, scenario, "tierstack")?;
         if record["loader_calls"].as_u64() != Some(1) {
             return Err(format!(
                 "bench-check: {scenario} called the loader more than once: {record}"
@@ -125,36 +143,26 @@ pub(crate) fn check() -> Result<(), String> {
     }
     // Four instances sharing a load lease load a cold key once between them (in every round:
     // the record keeps the most).
-    let distributed = records
-        .iter()
-        .find(|record| {
-            field(record, "scenario").as_deref() == Some("stampede_distributed")
-                && field(record, "system").as_deref() == Some("tierstack lease")
-        })
-        .ok_or("bench-check: no stampede_distributed record for the lease")?;
+    let distributed = record(records, "stampede_distributed", "tierstack lease")?;
     if distributed["loader_calls"].as_u64() != Some(1) {
         return Err(format!(
             "bench-check: four instances with the load lease called the loader more than once: \
              {distributed}"
         ));
     }
-    // Fail-safe through an outage answers every call (its origin-call bound is checked by the
-    // scenario itself, against the run's measured time).
-    let outage = records
-        .iter()
-        .find(|record| {
-            field(record, "scenario").as_deref() == Some("failsafe_outage/64task")
-                && field(record, "system").as_deref() == Some("fail-safe")
-        })
-        .ok_or("bench-check: no failsafe_outage record for fail-safe")?;
-    if outage["errors"].as_u64() != Some(0) {
-        return Err(format!(
-            "bench-check: fail-safe answered errors through the outage: {outage}"
-        ));
+    // Fail-safe answers every call through an origin outage, and every read through an L2
+    // outage, breaker or not (its origin-call bound is checked by the scenario itself).
+    for (scenario, system) in [
+        ("failsafe_outage/64task", "fail-safe"),
+        ("l2_outage/64task", "breaker"),
+        ("l2_outage/64task", "no breaker"),
+    ] {
+        let record = record(records, scenario, system)?;
+        if record["errors"].as_u64() != Some(0) {
+            return Err(format!(
+                "bench-check: fail-safe answered errors through the outage: {record}"
+            ));
+        }
     }
-    eprintln!(
-        "bench-check: every scenario reported; each stampede called the loader once and sent at \
-         most a few L2 commands; fail-safe answered every call of the outage"
-    );
     Ok(())
 }

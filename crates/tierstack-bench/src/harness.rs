@@ -61,6 +61,10 @@ pub(crate) struct Record {
     /// Calls that failed, in the round with the most, where counted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) errors: Option<u64>,
+    /// After an outage, the milliseconds from the L2's return to the first L2 hit: the median
+    /// over rounds, where measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) recovery_ms: Option<u64>,
 }
 
 /// `TieredCache::get` of key `i`: the tierstack side of the read scenarios. (`i` is an index
@@ -126,6 +130,7 @@ pub(crate) struct Round {
     pub(crate) loader_calls: Option<u64>,
     pub(crate) l2_commands: Option<u64>,
     pub(crate) errors: Option<u64>,
+    pub(crate) recovery_ms: Option<u64>,
 }
 
 /// Every 8th operation is timed on its own for the percentiles; the rest only count toward the
@@ -178,6 +183,7 @@ pub(crate) async fn run_round<W: Workload>(
         loader_calls: None,
         l2_commands: None,
         errors: None,
+        recovery_ms: None,
     }
 }
 
@@ -295,6 +301,12 @@ pub(crate) fn records(
                 loader_calls: rounds[i].iter().filter_map(|r| r.loader_calls).max(),
                 l2_commands: rounds[i].iter().filter_map(|r| r.l2_commands).max(),
                 errors: rounds[i].iter().filter_map(|r| r.errors).max(),
+                recovery_ms: {
+                    let mut recoveries: Vec<u64> =
+                        rounds[i].iter().filter_map(|r| r.recovery_ms).collect();
+                    recoveries.sort_unstable();
+                    recoveries.get(recoveries.len() / 2).copied()
+                },
             }
         })
         .collect()

@@ -14,6 +14,7 @@
 mod chart;
 mod firestore_scenarios;
 mod harness;
+mod outage_scenarios;
 mod policy_scenarios;
 mod redis_scenarios;
 mod scenarios;
@@ -156,6 +157,9 @@ fn run_scenarios(options: &RunOptions) -> Result<Vec<Record>, String> {
         if options.wants("stampede_distributed") {
             records.extend(redis_scenarios::stampede_distributed(&sizes).await);
         }
+        if options.wants("l2_outage") {
+            records.extend(outage_scenarios::l2_outage(&sizes).await);
+        }
         if options.wants("l2_hit_redis") {
             records.extend(redis_scenarios::l2_hit_redis(&sizes).await);
             records.extend(redis_scenarios::l2_hit_redis_cold_l1(&sizes).await);
@@ -184,6 +188,7 @@ fn run_scenarios(options: &RunOptions) -> Result<Vec<Record>, String> {
                 || r.scenario.starts_with("stampede")
                 || r.scenario.starts_with("invalidation")
                 || r.scenario.starts_with("mixed")
+                || r.scenario.starts_with("l2_outage")
         }) {
             redis_scenarios::cleanup().await;
         }

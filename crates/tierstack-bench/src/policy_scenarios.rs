@@ -117,6 +117,7 @@ async fn outage_round(fail_safe: bool, tasks: usize, ops: usize) -> Round {
         loader_calls: Some(calls),
         l2_commands: None,
         errors: Some(errors.load(Ordering::Relaxed)),
+        recovery_ms: None,
     }
 }
 
@@ -190,6 +191,7 @@ async fn paced_reads(
         loader_calls: Some(calls.load(Ordering::Relaxed)),
         l2_commands: None,
         errors: None,
+        recovery_ms: None,
     }
 }
 

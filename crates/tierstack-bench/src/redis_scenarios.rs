@@ -20,7 +20,7 @@ use crate::harness::{
 const TTL: Duration = Duration::from_hours(1);
 const BENCH_L2_TIMEOUT: Duration = Duration::from_secs(60);
 
-fn fail(e: impl std::fmt::Display) -> ! {
+pub(crate) fn fail(e: impl std::fmt::Display) -> ! {
     panic!("redis benchmark setup failed: {e}")
 }
 
@@ -45,7 +45,7 @@ fn run_prefix() -> &'static str {
 
 /// `RedisStore`'s configuration: its response timeout is the one the raw side's driver arms by
 /// default (500 ms), so that each side runs one timer of the same length per request.
-fn config(prefix: &str) -> RedisConfig {
+pub(crate) fn config(prefix: &str) -> RedisConfig {
     RedisConfig::from_url(&redis_url())
         .unwrap_or_else(|e| fail(e))
         .key_prefix(&format!("{}{prefix}", run_prefix()))
@@ -67,7 +67,7 @@ pub(crate) async fn cleanup() {
 /// same socket options. redis-rs leaves `TCP_NODELAY` off by default, and `RedisStore` turns it
 /// on; with Nagle's algorithm left on, the raw side's loopback writes coalesce into fewer
 /// packets, and the ratio would measure that socket option, not the library's overhead.
-async fn raw_connection() -> ConnectionManager {
+pub(crate) async fn raw_connection() -> ConnectionManager {
     let info = redis::IntoConnectionInfo::into_connection_info(redis_url())
         .unwrap_or_else(|e| fail(e))
         .set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
@@ -328,6 +328,7 @@ pub(crate) async fn invalidation_lag(sizes: &Sizes) -> Vec<Record> {
         loader_calls: None,
         l2_commands: None,
         errors: None,
+        recovery_ms: None,
     };
     records("invalidation_lag", &["tierstack"], 0, &[vec![round]])
 }
@@ -582,6 +583,7 @@ async fn stampede_redis_round(system: usize, round: usize, callers: usize) -> Ro
         loader_calls: Some(origin_calls.load(Ordering::SeqCst)),
         l2_commands: Some(commands),
         errors: None,
+        recovery_ms: None,
     }
 }
 
@@ -663,6 +665,7 @@ async fn stampede_distributed_round(system: usize, round: usize, callers: usize)
         loader_calls: Some(origin_calls.load(Ordering::SeqCst)),
         l2_commands: None,
         errors: None,
+        recovery_ms: None,
     }
 }
 

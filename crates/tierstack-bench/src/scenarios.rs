@@ -248,6 +248,7 @@ async fn stampede_round(system: usize, round: usize, callers: usize) -> Round {
         loader_calls: Some(calls.load(Ordering::SeqCst)),
         l2_commands: (system == 0).then(|| l2.calls()),
         errors: None,
+        recovery_ms: None,
     }
 }
 
