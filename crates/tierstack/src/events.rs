@@ -62,6 +62,11 @@ pub enum CacheEvent {
         /// The state it moved to.
         state: CircuitState,
     },
+    /// The backplane's circuit breaker changed state.
+    BackplaneCircuit {
+        /// The state it moved to.
+        state: CircuitState,
+    },
 }
 
 /// Why fail-safe answered a stale value.

@@ -49,6 +49,8 @@ pub struct CacheStats {
     pub eager_refreshes: u64,
     /// Times the L2's circuit breaker opened.
     pub l2_circuit_opens: u64,
+    /// Times the backplane's circuit breaker opened.
+    pub backplane_circuit_opens: u64,
     /// Loads run under a load lease this instance took ([`LoadLease`](crate::LoadLease)).
     pub leased_loads: u64,
     /// Flights answered by another instance's leased load, which they waited for.
@@ -218,6 +220,7 @@ pub(crate) struct Recorder {
     soft_timeouts: AtomicU64,
     eager_refreshes: AtomicU64,
     l2_circuit_opens: AtomicU64,
+    backplane_circuit_opens: AtomicU64,
     /// Taken, waited for, unavailable.
     leases: [AtomicU64; 3],
     /// Kept, replayed, superseded, dropped.
@@ -248,6 +251,8 @@ struct Handles {
     eager_refreshes: Counter,
     /// Per state the breaker moved to: closed, open, half-open.
     l2_circuit_changes: [Counter; 3],
+    /// Per state the backplane's breaker moved to.
+    backplane_circuit_changes: [Counter; 3],
     /// Per lease outcome: taken, waited, unavailable.
     leases: [Counter; 3],
     /// Per recovery outcome: kept, replayed, superseded, dropped.
@@ -284,6 +289,9 @@ impl Recorder {
             l2_circuit_changes: ["closed", "open", "half_open"].map(|state| {
                 metrics::counter!("tierstack_l2_circuit_changes_total", "cache" => cache.clone(), "state" => state)
             }),
+            backplane_circuit_changes: ["closed", "open", "half_open"].map(|state| {
+                metrics::counter!("tierstack_backplane_circuit_changes_total", "cache" => cache.clone(), "state" => state)
+            }),
             leases: LeaseOutcome::ALL.map(|outcome| {
                 metrics::counter!("tierstack_load_leases_total", "cache" => cache.clone(), "outcome" => outcome.label())
             }),
@@ -307,6 +315,7 @@ impl Recorder {
             soft_timeouts: AtomicU64::new(0),
             eager_refreshes: AtomicU64::new(0),
             l2_circuit_opens: AtomicU64::new(0),
+            backplane_circuit_opens: AtomicU64::new(0),
             leases: Default::default(),
             recovery: Default::default(),
             events: EventHub::default(),
@@ -411,6 +420,29 @@ impl Recorder {
         self.events.emit(|| CacheEvent::L2Circuit { state });
     }
 
+    /// The backplane's circuit breaker moved to `state`: one log line, a count, an event.
+    pub(crate) fn backplane_circuit(&self, state: CircuitState) {
+        let index = match state {
+            CircuitState::Closed => 0,
+            CircuitState::Open => 1,
+            CircuitState::HalfOpen => 2,
+        };
+        self.metrics.backplane_circuit_changes[index].increment(1);
+        match state {
+            CircuitState::Open => {
+                self.backplane_circuit_opens.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(cache = %self.cache, "backplane circuit breaker opened: invalidations are held until it closes");
+            }
+            CircuitState::HalfOpen => {
+                tracing::info!(cache = %self.cache, "backplane circuit breaker half-open: one publish probes the backplane");
+            }
+            CircuitState::Closed => {
+                tracing::info!(cache = %self.cache, "backplane circuit breaker closed: held invalidations are sent");
+            }
+        }
+        self.events.emit(|| CacheEvent::BackplaneCircuit { state });
+    }
+
     /// What became of a flight's load lease.
     pub(crate) fn lease(&self, outcome: LeaseOutcome) {
         self.leases[outcome as usize].fetch_add(1, Ordering::Relaxed);
@@ -478,6 +510,7 @@ impl Recorder {
             soft_timeouts: get(&self.soft_timeouts),
             eager_refreshes: get(&self.eager_refreshes),
             l2_circuit_opens: get(&self.l2_circuit_opens),
+            backplane_circuit_opens: get(&self.backplane_circuit_opens),
             leased_loads: get(&self.leases[LeaseOutcome::Taken as usize]),
             lease_waits: get(&self.leases[LeaseOutcome::Waited as usize]),
             leases_unavailable: get(&self.leases[LeaseOutcome::Unavailable as usize]),

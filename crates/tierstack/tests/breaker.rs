@@ -243,3 +243,84 @@ fn a_breaker_out_of_range_is_refused() {
         "{error:?}"
     );
 }
+
+/// A backplane whose publishes fail while told to, over a memory bus.
+#[derive(Debug)]
+struct FlakyBackplane {
+    inner: tierstack::core::testkit::MemoryBackplane,
+    failing: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl tierstack::core::Backplane for FlakyBackplane {
+    async fn publish(
+        &self,
+        namespace: &str,
+        invalidation: &tierstack::core::backplane::Invalidation,
+    ) -> Result<()> {
+        if self.failing.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(CacheError::Connection {
+                endpoint: "bus".into(),
+                source: "down".into(),
+            });
+        }
+        self.inner.publish(namespace, invalidation).await
+    }
+
+    fn subscribe(&self) -> tierstack::core::backplane::Subscription {
+        self.inner.subscribe()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_backplane_breaker_holds_invalidations_and_sends_them_when_it_closes() {
+    let fx = Fixture::new();
+    let bus = MemoryBus::new();
+    let flaky = Arc::new(FlakyBackplane {
+        inner: bus.backplane(),
+        failing: std::sync::atomic::AtomicBool::new(false),
+    });
+    let a = fx
+        .builder("test")
+        .l2_timeout(TIMEOUT)
+        .backplane(flaky.clone())
+        .backplane_circuit_breaker(CircuitBreaker::new(2, OPEN_FOR))
+        .build()
+        .unwrap();
+    let b = fx
+        .builder("test")
+        .backplane(Arc::new(bus.backplane()))
+        .build()
+        .unwrap();
+    for key in ["k1", "k2", "k3"] {
+        a.set(key, "old".into()).await.unwrap();
+    }
+    tokio::time::sleep(TIMEOUT).await; // paused clock: B hears of the writes
+    for key in ["k1", "k2", "k3"] {
+        assert_eq!(b.get(key).await.unwrap(), Some("old".into()));
+    }
+    flaky
+        .failing
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    // Two failed publishes open it; the writes go on, and nobody waits for the backplane.
+    a.set("k1", "new".into()).await.unwrap();
+    a.set("k2", "new".into()).await.unwrap();
+    assert_eq!(a.stats().backplane_circuit_opens, 1);
+    let errors = a.stats().publish_errors;
+    let started = tokio::time::Instant::now();
+    a.set("k3", "new".into()).await.unwrap();
+    assert_eq!(started.elapsed(), Duration::ZERO);
+    assert_eq!(a.stats().publish_errors, errors, "held, not sent");
+    // B still serves its old copies: it was not told.
+    assert_eq!(b.get("k3").await.unwrap(), Some("old".into()));
+    // The backplane is back: after the open time, a publish probes it and the held ones follow.
+    flaky
+        .failing
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    tokio::time::sleep(OPEN_FOR).await; // paused clock
+    a.set("probe", "p".into()).await.unwrap();
+    tokio::time::sleep(TIMEOUT).await; // paused clock: the held invalidations go out
+    for key in ["k1", "k2", "k3"] {
+        assert_eq!(b.get(key).await.unwrap(), Some("new".into()), "{key}");
+    }
+}

@@ -40,6 +40,7 @@ pub struct TieredCacheBuilder<V, C = BincodeCodec> {
     l2_fill: L2Fill,
     l2_circuit_breaker: Option<CircuitBreaker>,
     write_recovery: Option<WriteRecovery>,
+    backplane_circuit_breaker: Option<CircuitBreaker>,
     _value: PhantomData<fn() -> V>,
 }
 
@@ -62,6 +63,7 @@ impl<V> TieredCacheBuilder<V, BincodeCodec> {
             l2_fill: L2Fill::DEFAULT,
             l2_circuit_breaker: None,
             write_recovery: None,
+            backplane_circuit_breaker: None,
             _value: PhantomData,
         }
     }
@@ -111,6 +113,7 @@ where
             l2_fill: self.l2_fill,
             l2_circuit_breaker: self.l2_circuit_breaker,
             write_recovery: self.write_recovery,
+            backplane_circuit_breaker: self.backplane_circuit_breaker,
             _value: PhantomData,
         }
     }
@@ -208,6 +211,17 @@ where
         self
     }
 
+    /// A circuit breaker for the backplane (default: none): after `failures` consecutive
+    /// failed publishes, invalidations are held for `open_for` instead of each waiting for the
+    /// backplane, then one publish probes it; once one goes out, the held invalidations follow
+    /// (the keys, up to 10,000; past that, the whole namespace's). Each change is a
+    /// [`CacheEvent::BackplaneCircuit`](crate::CacheEvent::BackplaneCircuit), a count in
+    /// `tierstack_backplane_circuit_changes_total` and one log line.
+    pub fn backplane_circuit_breaker(mut self, breaker: CircuitBreaker) -> Self {
+        self.backplane_circuit_breaker = Some(breaker);
+        self
+    }
+
     /// A queue for the writes that fail to reach the L2 (default: none). A write or delete
     /// whose call asks for it ([`EntryOptions::with_write_recovery`]; turn it on for every
     /// call in [`default_options`](Self::default_options)) and that the L2 fails is kept,
@@ -266,6 +280,9 @@ where
         if let Some(recovery) = &self.write_recovery {
             recovery.validate()?;
         }
+        if let Some(breaker) = &self.backplane_circuit_breaker {
+            breaker.validate()?;
+        }
         if settings.l2_timeout.is_zero() {
             return Err(CacheError::Configuration(
                 "l2_timeout must not be zero".into(),
@@ -298,6 +315,7 @@ where
             .backplane
             .as_ref()
             .is_some_and(|backplane| !backplane.publishes_store_writes());
+        let settings_l2_timeout = settings.l2_timeout;
         let breaker = self
             .l2_circuit_breaker
             .map(|breaker| Breaker::new(breaker, settings.l2_timeout));
@@ -323,6 +341,10 @@ where
             detached: super::detached::Detached::default(),
             lease_waiters: crate::lease::LeaseWaiters::default(),
             recovery: self.write_recovery.map(RecoveryQueue::new),
+            backplane_breaker: self
+                .backplane_circuit_breaker
+                .map(|breaker| Breaker::new(breaker, settings_l2_timeout)),
+            held: super::publish::Held::default(),
         });
         if let (Some(runtime), Some(backplane)) = (runtime, &inner.backplane) {
             Inner::listen(&inner, &runtime, backplane.subscribe());

@@ -107,7 +107,7 @@ where
 
     /// Invalidates the whole namespace: here as a change of every key (fills in flight do not
     /// land), and on the other instances.
-    async fn sweep(&self) {
+    async fn sweep(self: &Arc<Self>) {
         self.freshness.bump_all();
         self.clear_local();
         self.recorder.detached_sweep();

@@ -105,7 +105,7 @@ impl<V, C> Inner<V, C> {
 }
 
 /// What an error a store returned says of the L2's health.
-fn outcome_of(error: &CacheError) -> Outcome {
+pub(super) fn outcome_of(error: &CacheError) -> Outcome {
     match error {
         // The server answered, refusing the request.
         CacheError::Backend {

@@ -215,7 +215,7 @@ where
     /// After a leased load: tells the instances waiting for the key that its value is in L2
     /// (unless the call skips the backplane; they poll), whatever became of the write: a
     /// value another writer stored meanwhile answers them as well.
-    pub(super) async fn announce_leased_load(&self, key: &str, options: &EntryOptions) {
+    pub(super) async fn announce_leased_load(self: &Arc<Self>, key: &str, options: &EntryOptions) {
         if options.skips().backplane {
             return;
         }

@@ -46,6 +46,7 @@ mod l2;
 mod lease;
 mod listener;
 mod load;
+mod publish;
 mod read;
 mod recovery;
 mod write;
@@ -127,6 +128,10 @@ struct Inner<V, C> {
     lease_waiters: LeaseWaiters,
     /// The writes kept for a replay, if the builder set a recovery queue.
     recovery: Option<RecoveryQueue>,
+    /// The backplane's circuit breaker, if the builder set one.
+    backplane_breaker: Option<Breaker>,
+    /// Invalidations held while the backplane's breaker is open.
+    held: publish::Held,
 }
 
 impl<V, C> Drop for Inner<V, C> {

@@ -107,7 +107,7 @@ where
 
     /// Replays every kept write, oldest first, until the L2 fails; tells the other instances of
     /// the keys written, and evicts this instance's copy of the superseded ones.
-    async fn replay_kept(&self) {
+    async fn replay_kept(self: &Arc<Self>) {
         let Some(queue) = &self.recovery else { return };
         let mut pending = queue.take_all().into_iter();
         let mut written = Vec::new();

@@ -1,0 +1,271 @@
+//! Publishing invalidations: by the operation's deadline, retried once later when it fails, and
+//! with a backplane circuit breaker, held while the breaker is open and sent once it closes.
+//!
+//! A held invalidation is kept in a bounded set (keys, prefixes, or "everything" once the set is
+//! full), not in a task per publish: an outage of the backplane costs neither a task nor a
+//! timeout per write, and the other instances still hear of every change afterwards.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tierstack_core::backplane::Invalidation;
+use tierstack_core::{CacheError, Codec};
+use tokio::time::Instant;
+
+use super::Inner;
+use super::l2::outcome_of;
+use crate::breaker::{Admission, CircuitState, Outcome, ProbeGuard};
+
+/// The most keys held while the backplane's breaker is open; past it, everything is.
+const MAX_HELD_KEYS: usize = 10_000;
+/// The most prefixes held; past it, everything is.
+const MAX_HELD_PREFIXES: usize = 64;
+/// How many keys one released invalidation names.
+const KEYS_PER_MESSAGE: usize = 64;
+
+/// What a publish did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Published {
+    Sent,
+    /// It failed (counted and logged).
+    Failed,
+    /// The backplane's breaker is open: held, and sent once it closes.
+    Held,
+}
+
+/// The invalidations held while the backplane's breaker is open.
+#[derive(Debug, Default)]
+pub(super) struct Held {
+    state: Mutex<HeldState>,
+}
+
+#[derive(Debug, Default)]
+struct HeldState {
+    keys: HashSet<String>,
+    prefixes: Vec<String>,
+    /// Too much was held to name: the whole namespace is invalidated on release.
+    everything: bool,
+}
+
+impl HeldState {
+    fn is_empty(&self) -> bool {
+        self.keys.is_empty() && self.prefixes.is_empty() && !self.everything
+    }
+}
+
+impl Held {
+    fn hold(&self, invalidation: &Invalidation) {
+        let mut state = self.lock();
+        if state.everything {
+            return;
+        }
+        match invalidation {
+            Invalidation::Keys(keys) if state.keys.len() + keys.len() <= MAX_HELD_KEYS => {
+                state.keys.extend(keys.iter().cloned());
+            }
+            Invalidation::Prefix(prefix) if state.prefixes.len() < MAX_HELD_PREFIXES => {
+                state.prefixes.push(prefix.clone());
+            }
+            _ => {
+                *state = HeldState {
+                    everything: true,
+                    ..HeldState::default()
+                };
+            }
+        }
+    }
+
+    /// Everything held, as the invalidations to send, emptying the set.
+    fn take(&self) -> Vec<Invalidation> {
+        let state = std::mem::take(&mut *self.lock());
+        if state.everything {
+            return vec![Invalidation::All];
+        }
+        let keys: Vec<String> = state.keys.into_iter().collect();
+        let mut out: Vec<Invalidation> = keys
+            .chunks(KEYS_PER_MESSAGE)
+            .map(|chunk| Invalidation::Keys(chunk.to_vec()))
+            .collect();
+        out.extend(state.prefixes.into_iter().map(Invalidation::Prefix));
+        out
+    }
+
+    fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HeldState> {
+        // Each change is whole under the lock: a panic cannot leave it half-written.
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl<V, C> Inner<V, C>
+where
+    V: Clone + Send + Sync + Serialize + DeserializeOwned + 'static,
+    C: Codec,
+{
+    /// Publishes `invalidation` by the operation's `deadline`. If the deadline has passed (the
+    /// L2 call took it all, and may still land), the publish goes on in a detached task,
+    /// bounded by the L2 timeout: the caller returns on time and the others still evict. A
+    /// publish that fails is tried once more an L2 timeout later, in a detached task: the write
+    /// stands, and the others must hear of it. One the breaker holds is sent when it closes.
+    pub(super) async fn publish(self: &Arc<Self>, invalidation: Invalidation, deadline: Instant) {
+        if self.backplane.is_none() {
+            return;
+        }
+        if Instant::now() >= deadline && tokio::runtime::Handle::try_current().is_ok() {
+            self.detach(|this| async move {
+                let deadline = this.deadline();
+                if this.publish_by(&invalidation, deadline).await == Published::Failed {
+                    this.invalidate_again_later(invalidation);
+                }
+            });
+            return;
+        }
+        if self.publish_by(&invalidation, deadline).await == Published::Failed {
+            self.invalidate_again_later(invalidation);
+        }
+    }
+
+    /// One L2 timeout from now, in a detached task: evicts the keys of `invalidation` here
+    /// again and publishes it again. Serves a write of unknown fate (it may land late, after
+    /// someone re-read the old value) and a publish that failed.
+    pub(super) fn invalidate_again_later(self: &Arc<Self>, invalidation: Invalidation) {
+        self.detach(|this| async move {
+            tokio::time::sleep(this.settings.l2_timeout).await;
+            if let Invalidation::Keys(keys) = &invalidation {
+                for key in keys {
+                    this.evict_local(key);
+                }
+            }
+            let deadline = this.deadline();
+            this.publish_by(&invalidation, deadline).await;
+        });
+    }
+
+    /// Publishes `invalidation` by `deadline` (a failure is counted and logged). With a
+    /// backplane breaker, a publish it refuses is held instead, and the held ones go out, in a
+    /// task, once a publish has closed it.
+    pub(super) async fn publish_by(
+        self: &Arc<Self>,
+        invalidation: &Invalidation,
+        deadline: Instant,
+    ) -> Published {
+        let Some(backplane) = &self.backplane else {
+            return Published::Sent;
+        };
+        let admission = match &self.backplane_breaker {
+            Some(breaker) => {
+                let (admission, moved) = breaker.admit();
+                if let Some(state) = moved {
+                    self.recorder.backplane_circuit(state);
+                }
+                if let Admission::Refused { .. } = admission {
+                    self.held.hold(invalidation);
+                    return Published::Held;
+                }
+                admission
+            }
+            None => Admission::Call { generation: 0 },
+        };
+        let probe = self
+            .backplane_breaker
+            .as_ref()
+            .map(|breaker| ProbeGuard::new(breaker, admission));
+        let started = Instant::now();
+        let budget = deadline.saturating_duration_since(started);
+        let call = backplane.publish(self.namespace.as_str(), invalidation);
+        let (result, timed_out) = match tokio::time::timeout_at(deadline, call).await {
+            Ok(result) => (result, false),
+            Err(_) => (
+                Err(CacheError::Timeout {
+                    operation: "publish",
+                    after: budget,
+                }),
+                true,
+            ),
+        };
+        if let Some(breaker) = &self.backplane_breaker {
+            let outcome = match &result {
+                Ok(()) => Outcome::Answered,
+                // As for the L2: a deadline mostly spent elsewhere says little.
+                Err(_) if timed_out && budget < self.settings.l2_timeout / 2 => Outcome::Unknown,
+                Err(_) if timed_out => Outcome::Failed,
+                Err(error) => outcome_of(error),
+            };
+            let moved = breaker.record(admission, outcome);
+            if let Some(state) = moved {
+                self.recorder.backplane_circuit(state);
+            }
+            if moved == Some(CircuitState::Open) {
+                // This one is held too, with those that follow.
+                self.held.hold(invalidation);
+            }
+            if moved == Some(CircuitState::Closed) {
+                self.release_held();
+            }
+        }
+        if let Some(probe) = probe {
+            probe.disarm();
+        }
+        match result {
+            Ok(()) => Published::Sent,
+            Err(error) => {
+                self.publish_failed(&error);
+                Published::Failed
+            }
+        }
+    }
+
+    /// Sends the invalidations held while the backplane's breaker was open, in a task of its
+    /// own; what fails to go out is held again (the breaker may open again meanwhile).
+    fn release_held(self: &Arc<Self>) {
+        if self.held.is_empty() {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let this = Arc::clone(self);
+        runtime.spawn(async move {
+            let held = this.held.take();
+            tracing::info!(cache = %this.namespace, messages = held.len(), "invalidations held while the backplane was down sent");
+            for invalidation in held {
+                let deadline = this.deadline();
+                if this.publish_by(&invalidation, deadline).await == Published::Failed {
+                    this.held.hold(&invalidation);
+                }
+            }
+        });
+    }
+
+    fn publish_failed(&self, error: &CacheError) {
+        self.recorder.publish_error();
+        if let Some(suppressed) = self.l2_failures.should_log() {
+            tracing::warn!(cache = %self.namespace, error = %error, suppressed, "invalidation not published; other instances keep their L1 copy until it expires");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn held_keys_past_the_bound_become_everything() {
+        let held = Held::default();
+        held.hold(&Invalidation::Keys(vec!["a".into(), "b".into()]));
+        held.hold(&Invalidation::Prefix("p:".into()));
+        let sent = held.take();
+        assert_eq!(sent.len(), 2);
+        assert!(held.is_empty());
+        let many: Vec<String> = (0..=MAX_HELD_KEYS).map(|i| i.to_string()).collect();
+        held.hold(&Invalidation::Keys(many));
+        assert_eq!(held.take(), vec![Invalidation::All]);
+    }
+}
