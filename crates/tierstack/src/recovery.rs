@@ -166,6 +166,15 @@ impl RecoveryQueue {
         }
     }
 
+    /// Forgets the kept writes of every key that starts with `prefix` (a prefix delete came
+    /// after them, and leaves no tombstone a replay could compare with); how many.
+    pub(crate) fn forget_prefix(&self, prefix: &str) -> u64 {
+        let mut state = self.lock();
+        let before = state.kept.len();
+        state.kept.retain(|key, _| !key.starts_with(prefix));
+        (before - state.kept.len()) as u64
+    }
+
     /// Ends the replay task if nothing is kept; whether it ended.
     pub(crate) fn finish_if_empty(&self) -> bool {
         let mut state = self.lock();
@@ -230,6 +239,17 @@ mod tests {
         assert_eq!(queue.put_back(taken), 0);
         let kept = queue.take_all();
         assert_eq!(kept[0].1.bytes, Bytes::from("new"));
+    }
+
+    #[test]
+    fn a_prefix_delete_forgets_the_kept_writes_under_it() {
+        let queue = queue(10);
+        for key in ["p:1", "p:2", "q:1"] {
+            queue.push(key, Bytes::from("v"));
+        }
+        assert_eq!(queue.forget_prefix("p:"), 2);
+        let kept: Vec<_> = queue.take_all().into_iter().map(|(key, _)| key).collect();
+        assert_eq!(kept, [Box::from("q:1")]);
     }
 
     #[test]

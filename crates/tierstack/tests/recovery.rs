@@ -143,3 +143,28 @@ fn a_queue_out_of_range_is_refused() {
         .unwrap_err();
     assert!(error.to_string().contains("write_recovery"), "{error}");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_prefix_delete_after_a_kept_write_wins_over_its_replay() {
+    let fx = Fixture::new();
+    let bus = MemoryBus::new();
+    let (a, a_l2) = instance(&fx, &bus, 100);
+    let (b, _) = instance(&fx, &bus, 100);
+    a_l2.set_failing(true);
+    a.set_with("p:1", "kept".into(), &recovering())
+        .await
+        .unwrap();
+    a.set_with("q:1", "kept".into(), &recovering())
+        .await
+        .unwrap();
+    // Another instance deletes the prefix: it leaves no tombstone to compare with, so A's
+    // listener drops the kept write under it.
+    b.delete_prefix("p:").await.unwrap();
+    tokio::time::sleep(RETRY).await; // paused clock: A hears of it
+    a_l2.set_failing(false);
+    tokio::time::sleep(RETRY * 2).await; // paused clock: the replay
+    let stats = a.stats();
+    assert_eq!((stats.writes_replayed, stats.writes_superseded), (1, 1));
+    assert!(!fx.holds("test:p:1").await);
+    assert!(fx.holds("test:q:1").await);
+}

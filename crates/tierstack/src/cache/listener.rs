@@ -45,6 +45,7 @@ where
                         }
                     }
                     Invalidation::Prefix(prefix) => {
+                        self.forget_kept_prefix(prefix);
                         self.freshness.bump_all();
                         if let Some(l1) = &self.l1 {
                             l1.invalidate_prefix(prefix);

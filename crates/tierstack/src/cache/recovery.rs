@@ -33,6 +33,19 @@ enum Replayed {
     Expired,
 }
 
+impl<V, C> Inner<V, C> {
+    /// A prefix delete (here or on another instance) came after the kept writes under
+    /// `prefix`: they are dropped, as superseded. It leaves no tombstone that a replay could
+    /// compare its write time with.
+    pub(super) fn forget_kept_prefix(&self, prefix: &str) {
+        if let Some(queue) = &self.recovery {
+            let forgotten = queue.forget_prefix(prefix);
+            self.recorder
+                .recovery(RecoveryOutcome::Superseded, forgotten);
+        }
+    }
+}
+
 impl<V, C> Inner<V, C>
 where
     V: Clone + Send + Sync + Serialize + DeserializeOwned + 'static,

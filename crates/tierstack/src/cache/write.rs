@@ -174,6 +174,7 @@ where
             return Ok(0);
         }
         let deadline = self.deadline();
+        self.forget_kept_prefix(prefix);
         // Loads that began before this call skip their L2 write from now on; the barrier waits
         // for those already writing, so the scan below sees (and removes) them.
         self.freshness.bump_all();
