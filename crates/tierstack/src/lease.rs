@@ -31,7 +31,8 @@ pub struct LoadLease {
 }
 
 impl LoadLease {
-    /// A lease that lives `ttl`, polled every 50 ms (at most) by the callers waiting for it.
+    /// A lease that lives `ttl`, polled every 50 ms (at most) by the callers waiting for it,
+    /// backing off to eight times that while nothing changes.
     pub fn new(ttl: Duration) -> Self {
         Self {
             ttl,
@@ -39,8 +40,8 @@ impl LoadLease {
         }
     }
 
-    /// How often a waiting caller looks at L2 when no notification came (a cache without a
-    /// backplane, a lost message): the longest a value that landed goes unnoticed.
+    /// How often a waiting caller first looks at L2 when no notification came (a cache without
+    /// a backplane, a lost message); each quiet wait doubles it, up to eight times this.
     #[must_use]
     pub fn with_poll_interval(mut self, poll: Duration) -> Self {
         self.poll = poll;

@@ -139,6 +139,9 @@ where
         let store_key = lease_key(self.namespace.as_str(), &key);
         let token = token();
         let registration = self.lease_waiters.register(&key);
+        // Doubled after each quiet wait, up to eight times the setting: a notification wakes
+        // the waiter at once, so a long load costs few polls.
+        let mut poll = settings.poll_interval();
         loop {
             // Armed before the lease is asked for: a value that lands from then on wakes the
             // wait below.
@@ -177,9 +180,13 @@ where
                     });
                 }
             }
-            let poll = Instant::now() + settings.poll_interval();
-            let wake_at = hard_deadline.map_or(poll, |hard| hard.min(poll));
-            let _ = tokio::time::timeout_at(wake_at, landed).await;
+            let next_poll = Instant::now() + poll;
+            let wake_at = hard_deadline.map_or(next_poll, |hard| hard.min(next_poll));
+            if tokio::time::timeout_at(wake_at, landed).await.is_err() {
+                poll = (poll * 2)
+                    .min(settings.poll_interval() * 8)
+                    .min(settings.ttl());
+            }
             if hard_deadline.is_some_and(|hard| Instant::now() >= hard) {
                 return Leased::TimedOut { watch, fallback };
             }
