@@ -141,7 +141,9 @@ impl Breaker {
         let generation = state.generation;
         match state.phase {
             Phase::Closed { .. } => (Admission::Call { generation }, None),
-            Phase::Open { until } if now < until => (Self::refused(now, until), None),
+            Phase::Open { until } | Phase::Probing { until } if now < until => {
+                (Self::refused(now, until), None)
+            }
             Phase::Open { .. } => {
                 state.enter(Phase::Probing {
                     until: now + self.probe_for,
@@ -152,7 +154,15 @@ impl Breaker {
                     Some(CircuitState::HalfOpen),
                 )
             }
-            Phase::Probing { until } => (Self::refused(now, until), None),
+            // A probe past its time that nobody polls any more (a future kept but not
+            // dropped): it is given up, and this call probes instead.
+            Phase::Probing { .. } => {
+                state.enter(Phase::Probing {
+                    until: now + self.probe_for,
+                });
+                let generation = state.generation;
+                (Admission::Probe { generation }, None)
+            }
         }
     }
 
@@ -356,6 +366,25 @@ mod tests {
             breaker.admit(),
             (Admission::Probe { .. }, Some(CircuitState::HalfOpen))
         ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_probe_nobody_finishes_is_given_up_after_its_time() {
+        let breaker = breaker();
+        for _ in 0..3 {
+            fail(&breaker);
+        }
+        tokio::time::advance(OPEN_FOR).await;
+        let (stuck, _) = breaker.admit();
+        tokio::time::advance(PROBE_FOR).await;
+        let (next, _) = breaker.admit();
+        assert!(matches!(next, Admission::Probe { .. }));
+        // The stuck one's late outcome changes nothing; the new probe's does.
+        assert_eq!(breaker.record(stuck, Outcome::Failed), None);
+        assert_eq!(
+            breaker.record(next, Outcome::Answered),
+            Some(CircuitState::Closed)
+        );
     }
 
     #[tokio::test(start_paused = true)]

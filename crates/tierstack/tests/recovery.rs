@@ -168,3 +168,33 @@ async fn a_prefix_delete_after_a_kept_write_wins_over_its_replay() {
     assert!(!fx.holds("test:p:1").await);
     assert!(fx.holds("test:q:1").await);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_kept_delete_whose_tombstone_expired_still_removes_the_older_value() {
+    let fx = Fixture::new();
+    let faulty = FaultyStore::new(fx.l2.clone());
+    let a: TieredCache<String> = TieredCache::builder("test")
+        .l2(Arc::new(faulty.clone()))
+        .clock(Arc::new(fx.clock.clone()))
+        .l2_timeout(Duration::from_millis(100))
+        .tombstone_ttl(Duration::from_secs(1))
+        .write_recovery(WriteRecovery::new(10).with_retry_interval(RETRY))
+        .build()
+        .unwrap();
+    a.set_with("k", "deleted later".into(), &recovering())
+        .await
+        .unwrap();
+    fx.clock.advance(Duration::from_millis(1));
+    faulty.set_failing(true);
+    assert!(a.delete_with("k", &recovering()).await.is_ok());
+    // The outage outlasts the tombstone; the value it deleted is still in L2.
+    fx.clock.advance(Duration::from_secs(2));
+    assert!(fx.holds("test:k").await);
+    faulty.set_failing(false);
+    tokio::time::sleep(RETRY * 2).await; // paused clock: the replay
+    assert!(
+        !fx.holds("test:k").await,
+        "the deleted value did not come back"
+    );
+    assert_eq!(a.get("k").await.unwrap(), None);
+}

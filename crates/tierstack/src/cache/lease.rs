@@ -10,7 +10,6 @@
 //! lease cannot overwrite the value of the one that took it over, nor any later write.
 
 use std::convert::Infallible;
-use std::pin::pin;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -118,6 +117,10 @@ where
     /// Takes the lease of `watch`'s key, or waits for the value of the instance that holds it,
     /// until `hard_deadline`. `seen` and `fallback` are what the flight's look found; the answer
     /// carries the latest look's.
+    #[expect(
+        clippy::too_many_lines,
+        reason = "one loop: ask, wait, look again; its exits read best in order"
+    )]
     async fn lease_or_wait(
         self: &Arc<Self>,
         settings: LoadLease,
@@ -142,11 +145,14 @@ where
         // Doubled after each quiet wait, up to eight times the setting: a notification wakes
         // the waiter at once, so a long load costs few polls.
         let mut poll = settings.poll_interval();
+        // However others keep taking the lease (a holder that fails, then another), a caller
+        // waits at most twice its TTL before loading on its own.
+        let give_up = Instant::now() + settings.ttl() * 2;
+        // Armed before the lease is asked for, and again before each look: a value that lands
+        // from then on wakes the wait.
+        let mut landed = Box::pin(registration.notify().notified());
+        landed.as_mut().enable();
         loop {
-            // Armed before the lease is asked for: a value that lands from then on wakes the
-            // wait below.
-            let mut landed = pin!(registration.notify().notified());
-            landed.as_mut().enable();
             let deadline = hard_deadline.map_or(self.deadline(), |hard| hard.min(self.deadline()));
             let asked = l2.set_if_absent(&store_key, token.clone(), settings.ttl());
             match self.l2_call(L2Op::Other, deadline, asked).await {
@@ -182,7 +188,10 @@ where
             }
             let next_poll = Instant::now() + poll;
             let wake_at = hard_deadline.map_or(next_poll, |hard| hard.min(next_poll));
-            if tokio::time::timeout_at(wake_at, landed).await.is_err() {
+            if tokio::time::timeout_at(wake_at, landed.as_mut())
+                .await
+                .is_err()
+            {
                 poll = (poll * 2)
                     .min(settings.poll_interval() * 8)
                     .min(settings.ttl());
@@ -190,6 +199,8 @@ where
             if hard_deadline.is_some_and(|hard| Instant::now() >= hard) {
                 return Leased::TimedOut { watch, fallback };
             }
+            landed = Box::pin(registration.notify().notified());
+            landed.as_mut().enable();
             // A new watch: the holder's invalidation changed the key since the last one.
             watch = self.freshness.watch(&key);
             let deadline = hard_deadline.map_or(self.deadline(), |hard| hard.min(self.deadline()));
@@ -214,6 +225,15 @@ where
                 } => {
                     seen = now_seen;
                     fallback = now_fallback;
+                    if Instant::now() >= give_up {
+                        self.recorder.lease(LeaseOutcome::Unavailable);
+                        return Leased::Load(ToLoad {
+                            lease: None,
+                            watch,
+                            seen,
+                            fallback,
+                        });
+                    }
                 }
             }
         }
@@ -253,8 +273,9 @@ where
 {
     /// Removes the lease if it is still this holder's (a lease that ran out may be another's).
     pub(super) async fn release(mut self) {
-        self.held = false;
         release(&self.cache, &self.store_key, &self.token).await;
+        // Only now: a release cancelled half-way is finished by `drop`.
+        self.held = false;
     }
 }
 

@@ -133,6 +133,9 @@ where
                     superseded += 1;
                 }
                 Ok(Replayed::Expired) => expired += 1,
+                // An error about the write itself will not pass with time: dropped, so that
+                // it does not hold the others back.
+                Err(error) if !error.is_transient() => expired += 1,
                 Err(_) => {
                     // Still down: this write and the rest wait for the next attempt.
                     let dropped = queue.put_back(std::iter::once((key, kept)).chain(pending));
@@ -158,7 +161,8 @@ where
         );
         for keys in written.chunks(KEYS_PER_MESSAGE) {
             let deadline = self.deadline();
-            self.publish_by(&Invalidation::Keys(keys.to_vec()), deadline)
+            // Retried once later if it fails (the backplane may come back after the L2).
+            self.publish(Invalidation::Keys(keys.to_vec()), deadline)
                 .await;
         }
     }
@@ -177,14 +181,27 @@ where
         // A few rounds: each lost race means someone else wrote the key meanwhile.
         for _ in 0..3 {
             let now = self.clock.now();
-            if expires_at <= now {
-                return Ok(Replayed::Expired);
-            }
-            let ttl = now.until(expires_at);
             let deadline = self.deadline();
             let current = self
                 .l2_call(L2Op::Get, deadline, l2.get(&store_key))
                 .await?;
+            if expires_at <= now {
+                // Nothing left to write, but what the kept write replaced must not come back
+                // (a kept delete's tombstone outlived by the value it deleted): an entry older
+                // than it is removed.
+                if let Some(current) = current {
+                    let older = Envelope::parse::<C>(&current, usize::MAX)
+                        .is_ok_and(|stored| stored.written_at < written_at);
+                    if older {
+                        let removal = l2.compare_and_set(&store_key, &current, None);
+                        if self.l2_call(L2Op::Delete, deadline, removal).await? {
+                            return Ok(Replayed::Written);
+                        }
+                    }
+                }
+                return Ok(Replayed::Expired);
+            }
+            let ttl = now.until(expires_at);
             let replaced = match current {
                 None => {
                     let write = l2.set_if_absent(&store_key, kept.bytes.clone(), ttl);
