@@ -72,10 +72,14 @@ impl LoadLease {
     }
 }
 
+/// Each waited-for key's notifier and how many registrations hold it.
+type Waiting = HashMap<Box<str>, (Arc<Notify>, usize)>;
+
 /// The callers of this cache waiting for another instance's load, by key.
 #[derive(Debug, Default)]
 pub(crate) struct LeaseWaiters {
-    keys: Mutex<HashMap<Box<str>, Arc<Notify>>>,
+    /// Each key's notifier and how many registrations hold it.
+    keys: Mutex<Waiting>,
     /// How many keys are waited for: the listener skips the lock when nobody waits.
     waiting: AtomicUsize,
 }
@@ -84,11 +88,12 @@ impl LeaseWaiters {
     /// Registers a wait for `key` until the registration is dropped.
     pub(crate) fn register(&self, key: &str) -> Registration<'_> {
         let mut keys = self.lock();
-        let notify = if let Some(notify) = keys.get(key) {
+        let notify = if let Some((notify, holders)) = keys.get_mut(key) {
+            *holders += 1;
             Arc::clone(notify)
         } else {
             let notify = Arc::new(Notify::new());
-            keys.insert(key.into(), Arc::clone(&notify));
+            keys.insert(key.into(), (Arc::clone(&notify), 1));
             self.waiting.fetch_add(1, Ordering::SeqCst);
             notify
         };
@@ -104,7 +109,7 @@ impl LeaseWaiters {
         if self.waiting.load(Ordering::SeqCst) == 0 {
             return;
         }
-        if let Some(notify) = self.lock().get(key) {
+        if let Some((notify, _)) = self.lock().get(key) {
             notify.notify_waiters();
         }
     }
@@ -114,12 +119,12 @@ impl LeaseWaiters {
         if self.waiting.load(Ordering::SeqCst) == 0 {
             return;
         }
-        for notify in self.lock().values() {
+        for (notify, _) in self.lock().values() {
             notify.notify_waiters();
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Box<str>, Arc<Notify>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Waiting> {
         // The map is changed by single inserts and removes: a panic cannot leave it half-done.
         self.keys
             .lock()
@@ -143,9 +148,14 @@ impl Registration<'_> {
 impl Drop for Registration<'_> {
     fn drop(&mut self) {
         let mut keys = self.waiters.lock();
-        // Counts change only under the lock: two are the map's and this registration's.
-        if Arc::strong_count(&self.notify) == 2 && keys.remove(&self.key).is_some() {
-            self.waiters.waiting.fetch_sub(1, Ordering::SeqCst);
+        // The count changes only under the lock (an `Arc`'s own count would not: two drops at
+        // once could each see the other's).
+        if let Some((_, holders)) = keys.get_mut(&self.key) {
+            *holders -= 1;
+            if *holders == 0 {
+                keys.remove(&self.key);
+                self.waiters.waiting.fetch_sub(1, Ordering::SeqCst);
+            }
         }
     }
 }

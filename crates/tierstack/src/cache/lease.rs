@@ -164,12 +164,31 @@ where
                         token,
                         held: true,
                     };
-                    return Leased::Load(ToLoad {
-                        lease: Some(lease),
-                        watch,
-                        seen,
-                        fallback,
-                    });
+                    // The lease may be free because its last holder has just finished: one
+                    // more look, so that its value answers instead of a second load.
+                    let watch = self.freshness.watch(&key);
+                    let looked = self
+                        .look(
+                            asking.accepts_absent,
+                            asking.refreshing,
+                            asking.options,
+                            &watch,
+                            asking.guard,
+                            deadline,
+                        )
+                        .await;
+                    return match looked {
+                        Looked::Answered(outcome) => {
+                            lease.release().await;
+                            Leased::Answered(outcome)
+                        }
+                        Looked::Load { seen, fallback } => Leased::Load(ToLoad {
+                            lease: Some(lease),
+                            watch,
+                            seen,
+                            fallback,
+                        }),
+                    };
                 }
                 Ok(false) => {}
                 Err(_) if hard_deadline.is_some_and(|hard| Instant::now() >= hard) => {

@@ -238,7 +238,8 @@ where
             for invalidation in held {
                 let deadline = this.deadline();
                 if this.publish_by(&invalidation, deadline).await == Published::Failed {
-                    this.held.hold(&invalidation);
+                    // Tried once more later (held again if the breaker opened meanwhile).
+                    this.invalidate_again_later(invalidation);
                 }
             }
         });

@@ -209,6 +209,8 @@ where
                 }
                 Some(current) if current == kept.bytes => return Ok(Replayed::Written),
                 Some(current) => {
+                    // Write times are in milliseconds: a tie goes to the replay (the usual case
+                    // is this instance's own write just before the failed one).
                     let newer = Envelope::parse::<C>(&current, usize::MAX)
                         .is_ok_and(|stored| stored.written_at > written_at);
                     if newer {
