@@ -143,7 +143,7 @@ async fn round(breaker: bool, round: usize) -> Round {
     let p99 = samples
         .get(samples.len() * 99 / 100)
         .copied()
-        .unwrap_or_default();
+        .unwrap_or_else(|| fail("no read ran during the outage"));
     #[expect(clippy::cast_precision_loss, reason = "timing report")]
     let nanos_per_op = p99 as f64;
     Round {

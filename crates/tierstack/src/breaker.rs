@@ -38,12 +38,13 @@ impl CircuitBreaker {
     }
 
     /// At least one failure, open from 1 ms to 1 h.
-    pub(crate) fn validate(&self) -> Result<()> {
+    /// `setting`: the builder method it came from, named in the error.
+    pub(crate) fn validate(&self, setting: &str) -> Result<()> {
         let open_for = Duration::from_millis(1)..=Duration::from_secs(3600);
         if self.failures == 0 || !open_for.contains(&self.open_for) {
             return Err(CacheError::Configuration(format!(
-                "l2_circuit_breaker needs at least 1 failure and an open time from 1 ms to 1 h, \
-                 not {} and {:?}",
+                "{setting} needs at least 1 failure and an open time from 1 ms to 1 h, not {} \
+                 and {:?}",
                 self.failures, self.open_for
             )));
         }
@@ -113,7 +114,36 @@ pub(crate) enum Outcome {
     Unknown,
 }
 
-/// The breaker of one cache's L2.
+impl Outcome {
+    /// What a call's `result` says of its server's health. `timed_out`: its deadline ended
+    /// it, with `budget` of the full `timeout` to run in. A deadline mostly spent elsewhere (the
+    /// caller's own hard timeout, a wait for a lock) says little: only a timeout with at least
+    /// half of `timeout` to run in counts as a failure.
+    pub(crate) fn of<T>(
+        result: &Result<T>,
+        timed_out: bool,
+        budget: Duration,
+        timeout: Duration,
+    ) -> Self {
+        match result {
+            // An answer, or the server refusing the request: it is up.
+            Ok(_)
+            | Err(
+                CacheError::Backend {
+                    transient: false, ..
+                }
+                | CacheError::Authentication { .. },
+            ) => Self::Answered,
+            Err(_) if timed_out && budget >= timeout / 2 => Self::Failed,
+            Err(_) if timed_out => Self::Unknown,
+            Err(error) if error.is_transient() => Self::Failed,
+            // A check before any round trip (a key, a TTL, a size), or a decorator's refusal.
+            Err(_) => Self::Unknown,
+        }
+    }
+}
+
+/// The breaker of one cache's L2 (or backplane).
 #[derive(Debug)]
 pub(crate) struct Breaker {
     settings: CircuitBreaker,
@@ -431,14 +461,59 @@ mod tests {
     }
 
     #[test]
+    fn results_say_whether_the_server_answered() {
+        let of = |error: CacheError| Outcome::of::<()>(&Err(error), false, PROBE_FOR, PROBE_FOR);
+        assert_eq!(
+            of(CacheError::backend("get", false, "WRONGTYPE")),
+            Outcome::Answered
+        );
+        assert_eq!(
+            of(CacheError::backend("get", true, "reset")),
+            Outcome::Failed
+        );
+        assert_eq!(
+            of(CacheError::ValueTooLarge { size: 2, max: 1 }),
+            Outcome::Unknown
+        );
+        let nested = CacheError::CircuitOpen {
+            operation: "get",
+            retry_in: Duration::from_secs(1),
+        };
+        assert_eq!(of(nested), Outcome::Failed);
+        let timeout = || {
+            Err::<(), _>(CacheError::Timeout {
+                operation: "get",
+                after: PROBE_FOR,
+            })
+        };
+        // A timeout counts only with at least half the full timeout to run in.
+        assert_eq!(
+            Outcome::of(&timeout(), true, PROBE_FOR / 2, PROBE_FOR),
+            Outcome::Failed
+        );
+        assert_eq!(
+            Outcome::of(&timeout(), true, PROBE_FOR / 3, PROBE_FOR),
+            Outcome::Unknown
+        );
+        assert_eq!(
+            Outcome::of(&Ok(()), false, PROBE_FOR, PROBE_FOR),
+            Outcome::Answered
+        );
+    }
+
+    #[test]
     fn settings_out_of_range_are_refused() {
-        assert!(CircuitBreaker::new(0, OPEN_FOR).validate().is_err());
-        assert!(CircuitBreaker::new(1, Duration::ZERO).validate().is_err());
+        assert!(CircuitBreaker::new(0, OPEN_FOR).validate("b").is_err());
         assert!(
-            CircuitBreaker::new(1, Duration::from_secs(7200))
-                .validate()
+            CircuitBreaker::new(1, Duration::ZERO)
+                .validate("b")
                 .is_err()
         );
-        assert!(CircuitBreaker::new(1, OPEN_FOR).validate().is_ok());
+        assert!(
+            CircuitBreaker::new(1, Duration::from_secs(7200))
+                .validate("b")
+                .is_err()
+        );
+        assert!(CircuitBreaker::new(1, OPEN_FOR).validate("b").is_ok());
     }
 }

@@ -55,7 +55,8 @@ pub struct CacheStats {
     pub leased_loads: u64,
     /// Flights answered by another instance's leased load, which they waited for.
     pub lease_waits: u64,
-    /// Flights that loaded without a lease because the L2 could not be asked for one.
+    /// Flights that loaded without a lease: the L2 could not be asked for one, or the flight
+    /// had waited twice the lease's TTL while others kept taking it.
     pub leases_unavailable: u64,
     /// Writes and deletes that failed to reach the L2 and were kept for a replay
     /// ([`WriteRecovery`](crate::WriteRecovery)).
@@ -114,6 +115,13 @@ impl L2Op {
             Self::Other => "other",
         }
     }
+}
+
+/// What a circuit breaker guards.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Guarded {
+    L2,
+    Backplane,
 }
 
 /// What became of a flight's load lease, as metric labels.
@@ -219,8 +227,8 @@ pub(crate) struct Recorder {
     stale_served: AtomicU64,
     soft_timeouts: AtomicU64,
     eager_refreshes: AtomicU64,
-    l2_circuit_opens: AtomicU64,
-    backplane_circuit_opens: AtomicU64,
+    /// Per [`Guarded`]: times its breaker opened.
+    circuit_opens: [AtomicU64; 2],
     /// Taken, waited for, unavailable.
     leases: [AtomicU64; 3],
     /// Kept, replayed, superseded, dropped.
@@ -249,10 +257,8 @@ struct Handles {
     stale_served: Counter,
     soft_timeouts: Counter,
     eager_refreshes: Counter,
-    /// Per state the breaker moved to: closed, open, half-open.
-    l2_circuit_changes: [Counter; 3],
-    /// Per state the backplane's breaker moved to.
-    backplane_circuit_changes: [Counter; 3],
+    /// Per [`Guarded`], per state its breaker moved to: closed, open, half-open.
+    circuit_changes: [[Counter; 3]; 2],
     /// Per lease outcome: taken, waited, unavailable.
     leases: [Counter; 3],
     /// Per recovery outcome: kept, replayed, superseded, dropped.
@@ -286,11 +292,14 @@ impl Recorder {
             stale_served: metrics::counter!("tierstack_stale_served_total", "cache" => cache.clone()),
             soft_timeouts: metrics::counter!("tierstack_soft_timeouts_total", "cache" => cache.clone()),
             eager_refreshes: metrics::counter!("tierstack_eager_refreshes_total", "cache" => cache.clone()),
-            l2_circuit_changes: ["closed", "open", "half_open"].map(|state| {
-                metrics::counter!("tierstack_l2_circuit_changes_total", "cache" => cache.clone(), "state" => state)
-            }),
-            backplane_circuit_changes: ["closed", "open", "half_open"].map(|state| {
-                metrics::counter!("tierstack_backplane_circuit_changes_total", "cache" => cache.clone(), "state" => state)
+            circuit_changes: [
+                "tierstack_l2_circuit_changes_total",
+                "tierstack_backplane_circuit_changes_total",
+            ]
+            .map(|name| {
+                ["closed", "open", "half_open"].map(|state| {
+                    metrics::counter!(name, "cache" => cache.clone(), "state" => state)
+                })
             }),
             leases: LeaseOutcome::ALL.map(|outcome| {
                 metrics::counter!("tierstack_load_leases_total", "cache" => cache.clone(), "outcome" => outcome.label())
@@ -314,8 +323,7 @@ impl Recorder {
             stale_served: AtomicU64::new(0),
             soft_timeouts: AtomicU64::new(0),
             eager_refreshes: AtomicU64::new(0),
-            l2_circuit_opens: AtomicU64::new(0),
-            backplane_circuit_opens: AtomicU64::new(0),
+            circuit_opens: Default::default(),
             leases: Default::default(),
             recovery: Default::default(),
             events: EventHub::default(),
@@ -397,50 +405,46 @@ impl Recorder {
         });
     }
 
-    /// The L2's circuit breaker moved to `state`: one log line, a count, an event.
-    pub(crate) fn circuit(&self, state: CircuitState) {
+    /// The circuit breaker of the L2 or of the backplane moved to `state`: one log line, a
+    /// count, an event.
+    pub(crate) fn circuit(&self, of: Guarded, state: CircuitState) {
         let index = match state {
             CircuitState::Closed => 0,
             CircuitState::Open => 1,
             CircuitState::HalfOpen => 2,
         };
-        self.metrics.l2_circuit_changes[index].increment(1);
-        match state {
-            CircuitState::Open => {
-                self.l2_circuit_opens.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(cache = %self.cache, "L2 circuit breaker opened: L2 is skipped, reads are served by L1, fail-safe and the loader");
+        self.metrics.circuit_changes[of as usize][index].increment(1);
+        let cache = &self.cache;
+        match (of, state) {
+            (_, CircuitState::Open) => {
+                self.circuit_opens[of as usize].fetch_add(1, Ordering::Relaxed);
+                let message = match of {
+                    Guarded::L2 => {
+                        "L2 circuit breaker opened: L2 is skipped, reads are served by L1, fail-safe and the loader"
+                    }
+                    Guarded::Backplane => {
+                        "backplane circuit breaker opened: invalidations are held until it closes"
+                    }
+                };
+                tracing::warn!(cache = %cache, "{message}");
             }
-            CircuitState::HalfOpen => {
-                tracing::info!(cache = %self.cache, "L2 circuit breaker half-open: one call probes L2");
+            (Guarded::L2, CircuitState::HalfOpen) => {
+                tracing::info!(cache = %cache, "L2 circuit breaker half-open: one call probes L2");
             }
-            CircuitState::Closed => {
-                tracing::info!(cache = %self.cache, "L2 circuit breaker closed: L2 answers again");
+            (Guarded::L2, CircuitState::Closed) => {
+                tracing::info!(cache = %cache, "L2 circuit breaker closed: L2 answers again");
             }
-        }
-        self.events.emit(|| CacheEvent::L2Circuit { state });
-    }
-
-    /// The backplane's circuit breaker moved to `state`: one log line, a count, an event.
-    pub(crate) fn backplane_circuit(&self, state: CircuitState) {
-        let index = match state {
-            CircuitState::Closed => 0,
-            CircuitState::Open => 1,
-            CircuitState::HalfOpen => 2,
-        };
-        self.metrics.backplane_circuit_changes[index].increment(1);
-        match state {
-            CircuitState::Open => {
-                self.backplane_circuit_opens.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(cache = %self.cache, "backplane circuit breaker opened: invalidations are held until it closes");
+            (Guarded::Backplane, CircuitState::HalfOpen) => {
+                tracing::info!(cache = %cache, "backplane circuit breaker half-open: one publish probes the backplane");
             }
-            CircuitState::HalfOpen => {
-                tracing::info!(cache = %self.cache, "backplane circuit breaker half-open: one publish probes the backplane");
-            }
-            CircuitState::Closed => {
-                tracing::info!(cache = %self.cache, "backplane circuit breaker closed: held invalidations are sent");
+            (Guarded::Backplane, CircuitState::Closed) => {
+                tracing::info!(cache = %cache, "backplane circuit breaker closed: held invalidations are sent");
             }
         }
-        self.events.emit(|| CacheEvent::BackplaneCircuit { state });
+        self.events.emit(|| match of {
+            Guarded::L2 => CacheEvent::L2Circuit { state },
+            Guarded::Backplane => CacheEvent::BackplaneCircuit { state },
+        });
     }
 
     /// What became of a flight's load lease.
@@ -509,8 +513,8 @@ impl Recorder {
             stale_served: get(&self.stale_served),
             soft_timeouts: get(&self.soft_timeouts),
             eager_refreshes: get(&self.eager_refreshes),
-            l2_circuit_opens: get(&self.l2_circuit_opens),
-            backplane_circuit_opens: get(&self.backplane_circuit_opens),
+            l2_circuit_opens: get(&self.circuit_opens[Guarded::L2 as usize]),
+            backplane_circuit_opens: get(&self.circuit_opens[Guarded::Backplane as usize]),
             leased_loads: get(&self.leases[LeaseOutcome::Taken as usize]),
             lease_waits: get(&self.leases[LeaseOutcome::Waited as usize]),
             leases_unavailable: get(&self.leases[LeaseOutcome::Unavailable as usize]),

@@ -242,6 +242,16 @@ fn a_breaker_out_of_range_is_refused() {
         matches!(&error, CacheError::Configuration(m) if m.contains("l2_circuit_breaker")),
         "{error:?}"
     );
+    // The backplane's breaker takes the same settings, checked the same way.
+    let error = fx
+        .builder("test")
+        .backplane_circuit_breaker(CircuitBreaker::new(1, Duration::ZERO))
+        .build()
+        .unwrap_err();
+    assert!(
+        matches!(&error, CacheError::Configuration(m) if m.contains("backplane_circuit_breaker")),
+        "{error:?}"
+    );
 }
 
 /// A backplane whose publishes fail while told to, over a memory bus.

@@ -147,14 +147,8 @@ async fn stalled_holder(
             .await
             .map(|fetched| fetched.value)
     });
-    let lease = format!("test!lease:{key}");
-    for _ in 0..1_000 {
-        if fx.l2.exists(&lease).await.unwrap() {
-            return (answer, task);
-        }
-        tokio::task::yield_now().await;
-    }
-    panic!("the holder never took the lease");
+    until_leased(fx, key).await;
+    (answer, task)
 }
 
 #[tokio::test(start_paused = true)]

@@ -275,13 +275,13 @@ where
             )));
         }
         if let Some(breaker) = &self.l2_circuit_breaker {
-            breaker.validate()?;
+            breaker.validate("l2_circuit_breaker")?;
         }
         if let Some(recovery) = &self.write_recovery {
             recovery.validate()?;
         }
         if let Some(breaker) = &self.backplane_circuit_breaker {
-            breaker.validate()?;
+            breaker.validate("backplane_circuit_breaker")?;
         }
         if settings.l2_timeout.is_zero() {
             return Err(CacheError::Configuration(

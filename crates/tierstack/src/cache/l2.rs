@@ -9,7 +9,7 @@ use tokio::time::{Instant, Sleep, sleep_until};
 
 use super::Inner;
 use crate::breaker::{Admission, Outcome, ProbeGuard};
-use crate::stats::L2Op;
+use crate::stats::{Guarded, L2Op};
 
 impl<V, C> Inner<V, C> {
     /// The deadline of an operation that starts now: the L2 timeout from now. Every L2 call and
@@ -33,7 +33,7 @@ impl<V, C> Inner<V, C> {
             Some(breaker) => {
                 let (admission, moved) = breaker.admit();
                 if let Some(state) = moved {
-                    self.recorder.circuit(state);
+                    self.recorder.circuit(Guarded::L2, state);
                 }
                 if let Admission::Refused { retry_in } = admission {
                     return Err(CacheError::CircuitOpen {
@@ -67,22 +67,9 @@ impl<V, C> Inner<V, C> {
             self.log_l2_failure(op, error);
         }
         if let Some(breaker) = &self.breaker {
-            let outcome = match &result {
-                Ok(_) => Outcome::Answered,
-                // A deadline shortened by the caller's own timeout or by a wait for a lock
-                // says little of the L2: only a timeout with at least half the L2 timeout
-                // to run in counts.
-                Err(_) if timed_out => {
-                    if budget >= self.settings.l2_timeout / 2 {
-                        Outcome::Failed
-                    } else {
-                        Outcome::Unknown
-                    }
-                }
-                Err(error) => outcome_of(error),
-            };
+            let outcome = Outcome::of(&result, timed_out, budget, self.settings.l2_timeout);
             if let Some(state) = breaker.record(admission, outcome) {
-                self.recorder.circuit(state);
+                self.recorder.circuit(Guarded::L2, state);
             }
         }
         if let Some(probe) = probe {
@@ -101,20 +88,6 @@ impl<V, C> Inner<V, C> {
                 "L2 call failed; reads fall back to L1 and the loader"
             );
         }
-    }
-}
-
-/// What an error a store returned says of the L2's health.
-pub(super) fn outcome_of(error: &CacheError) -> Outcome {
-    match error {
-        // The server answered, refusing the request.
-        CacheError::Backend {
-            transient: false, ..
-        }
-        | CacheError::Authentication { .. } => Outcome::Answered,
-        error if error.is_transient() => Outcome::Failed,
-        // A check before any round trip (a key, a TTL, a size), or a decorator's own refusal.
-        _ => Outcome::Unknown,
     }
 }
 
@@ -144,21 +117,6 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-
-    #[test]
-    fn errors_say_whether_the_l2_answered() {
-        let refused = CacheError::backend("get", false, "WRONGTYPE");
-        assert_eq!(outcome_of(&refused), Outcome::Answered);
-        let lost = CacheError::backend("get", true, "connection reset");
-        assert_eq!(outcome_of(&lost), Outcome::Failed);
-        let checked = CacheError::ValueTooLarge { size: 2, max: 1 };
-        assert_eq!(outcome_of(&checked), Outcome::Unknown);
-        let nested = CacheError::CircuitOpen {
-            operation: "get",
-            retry_in: Duration::from_secs(1),
-        };
-        assert_eq!(outcome_of(&nested), Outcome::Failed);
-    }
 
     #[tokio::test(start_paused = true)]
     async fn a_call_that_answers_at_once_is_not_timed_out() {

@@ -117,10 +117,6 @@ where
     /// Takes the lease of `watch`'s key, or waits for the value of the instance that holds it,
     /// until `hard_deadline`. `seen` and `fallback` are what the flight's look found; the answer
     /// carries the latest look's.
-    #[expect(
-        clippy::too_many_lines,
-        reason = "one loop: ask, wait, look again; its exits read best in order"
-    )]
     async fn lease_or_wait(
         self: &Arc<Self>,
         settings: LoadLease,
@@ -167,16 +163,7 @@ where
                     // The lease may be free because its last holder has just finished: one
                     // more look, so that its value answers instead of a second load.
                     let watch = self.freshness.watch(&key);
-                    let looked = self
-                        .look(
-                            asking.accepts_absent,
-                            asking.refreshing,
-                            asking.options,
-                            &watch,
-                            asking.guard,
-                            deadline,
-                        )
-                        .await;
+                    let looked = self.look_again(&asking, &watch, deadline).await;
                     return match looked {
                         Looked::Answered(outcome) => {
                             lease.release().await;
@@ -223,16 +210,7 @@ where
             // A new watch: the holder's invalidation changed the key since the last one.
             watch = self.freshness.watch(&key);
             let deadline = hard_deadline.map_or(self.deadline(), |hard| hard.min(self.deadline()));
-            let looked = self
-                .look(
-                    asking.accepts_absent,
-                    asking.refreshing,
-                    asking.options,
-                    &watch,
-                    asking.guard,
-                    deadline,
-                )
-                .await;
+            let looked = self.look_again(&asking, &watch, deadline).await;
             match looked {
                 Looked::Answered(outcome) => {
                     self.recorder.lease(LeaseOutcome::Waited);
@@ -256,6 +234,24 @@ where
                 }
             }
         }
+    }
+
+    /// The flight's look in L1 and L2 once more, under a new `watch`.
+    async fn look_again(
+        &self,
+        asking: &Asking<'_, V>,
+        watch: &KeyWatch,
+        deadline: Instant,
+    ) -> Looked<V> {
+        self.look(
+            asking.accepts_absent,
+            asking.refreshing,
+            asking.options,
+            watch,
+            asking.guard,
+            deadline,
+        )
+        .await
     }
 
     /// After a leased load: tells the instances waiting for the key that its value is in L2

@@ -15,15 +15,15 @@ use tierstack_core::{CacheError, Codec};
 use tokio::time::Instant;
 
 use super::Inner;
-use super::l2::outcome_of;
 use crate::breaker::{Admission, CircuitState, Outcome, ProbeGuard};
+use crate::stats::Guarded;
 
 /// The most keys held while the backplane's breaker is open; past it, everything is.
 const MAX_HELD_KEYS: usize = 10_000;
 /// The most prefixes held; past it, everything is.
 const MAX_HELD_PREFIXES: usize = 64;
-/// How many keys one released invalidation names.
-const KEYS_PER_MESSAGE: usize = 64;
+/// How many keys one invalidation names when many are sent at once (held ones, replayed ones).
+pub(super) const KEYS_PER_MESSAGE: usize = 64;
 
 /// What a publish did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -163,7 +163,7 @@ where
             Some(breaker) => {
                 let (admission, moved) = breaker.admit();
                 if let Some(state) = moved {
-                    self.recorder.backplane_circuit(state);
+                    self.recorder.circuit(Guarded::Backplane, state);
                 }
                 if let Admission::Refused { .. } = admission {
                     self.held.hold(invalidation);
@@ -191,16 +191,10 @@ where
             ),
         };
         if let Some(breaker) = &self.backplane_breaker {
-            let outcome = match &result {
-                Ok(()) => Outcome::Answered,
-                // As for the L2: a deadline mostly spent elsewhere says little.
-                Err(_) if timed_out && budget < self.settings.l2_timeout / 2 => Outcome::Unknown,
-                Err(_) if timed_out => Outcome::Failed,
-                Err(error) => outcome_of(error),
-            };
+            let outcome = Outcome::of(&result, timed_out, budget, self.settings.l2_timeout);
             let moved = breaker.record(admission, outcome);
             if let Some(state) = moved {
-                self.recorder.backplane_circuit(state);
+                self.recorder.circuit(Guarded::Backplane, state);
             }
             if moved == Some(CircuitState::Open) {
                 // This one is held too, with those that follow.

@@ -16,11 +16,9 @@ use tierstack_core::envelope::Envelope;
 use tierstack_core::{CacheError, Codec, Result};
 
 use super::Inner;
+use super::publish::KEYS_PER_MESSAGE;
 use crate::recovery::{Kept, Pushed, RecoveryQueue};
 use crate::stats::{L2Op, RecoveryOutcome};
-
-/// How many keys one invalidation of replayed writes names.
-const KEYS_PER_MESSAGE: usize = 64;
 
 /// What the replay of one kept write did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
