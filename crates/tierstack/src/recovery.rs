@@ -7,7 +7,8 @@
 //! bound is dropped and counted.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -71,7 +72,8 @@ impl WriteRecovery {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Kept {
     pub(crate) bytes: Bytes,
-    /// Orders the writes of the queue: a later one of the same key replaces it.
+    /// Orders the writes of the queue, and tells a replay whether the write it is replaying is
+    /// still the one kept (a later write of the key replaces it with a higher number).
     seq: u64,
 }
 
@@ -88,16 +90,24 @@ pub(crate) enum Pushed {
 
 #[derive(Debug, Default)]
 struct State {
-    kept: HashMap<Box<str>, Kept>,
+    kept: HashMap<Arc<str>, Kept>,
     next_seq: u64,
     /// Whether a replay task runs (it ends once the queue is empty).
     replaying: bool,
 }
 
 /// The writes of one cache waiting for the L2.
+///
+/// A replay works from a [`snapshot`](Self::snapshot) and removes each write only once it is
+/// done with it ([`finish`](Self::finish)): the writes it has not reached yet still count
+/// toward the bound, and a write kept, replaced or forgotten meanwhile is seen by the next
+/// check of [`holds`](Self::holds).
 #[derive(Debug)]
 pub(crate) struct RecoveryQueue {
     settings: WriteRecovery,
+    /// How many writes are kept: read without the lock by every L2 read, which looks for a
+    /// kept write of its key only when there is one.
+    len: AtomicUsize,
     state: Mutex<State>,
 }
 
@@ -105,6 +115,7 @@ impl RecoveryQueue {
     pub(crate) fn new(settings: WriteRecovery) -> Self {
         Self {
             settings,
+            len: AtomicUsize::new(0),
             state: Mutex::default(),
         }
     }
@@ -124,6 +135,7 @@ impl RecoveryQueue {
             return Pushed::Dropped;
         } else {
             state.kept.insert(key.into(), Kept { bytes, seq });
+            self.len.store(state.kept.len(), Ordering::Release);
         }
         if state.replaying {
             Pushed::Kept
@@ -133,37 +145,58 @@ impl RecoveryQueue {
         }
     }
 
-    /// Takes every kept write, oldest first, for a replay.
-    pub(crate) fn take_all(&self) -> Vec<(Box<str>, Kept)> {
-        let mut taken: Vec<_> = self.lock().kept.drain().collect();
-        taken.sort_by_key(|(_, kept)| kept.seq);
-        taken
+    /// The bytes of the write kept for `key`, if any: what a read of the key is to see until
+    /// the replay has written it.
+    pub(crate) fn kept(&self, key: &str) -> Option<Bytes> {
+        if self.len.load(Ordering::Acquire) == 0 {
+            return None;
+        }
+        self.lock().kept.get(key).map(|kept| kept.bytes.clone())
     }
 
-    /// Puts back the writes a replay did not get to, unless a later write of the same key was
-    /// kept meanwhile; how many were dropped because the queue filled up meanwhile.
-    pub(crate) fn put_back(&self, writes: impl IntoIterator<Item = (Box<str>, Kept)>) -> u64 {
+    /// Every kept write, oldest first, for a replay; they stay kept until finished.
+    pub(crate) fn snapshot(&self) -> Vec<(Arc<str>, Kept)> {
+        let mut writes: Vec<_> = self
+            .lock()
+            .kept
+            .iter()
+            .map(|(key, kept)| (Arc::clone(key), kept.clone()))
+            .collect();
+        writes.sort_by_key(|(_, kept)| kept.seq);
+        writes
+    }
+
+    /// Whether `kept` is still the write kept for `key` (not replaced by a later one, nor
+    /// forgotten).
+    pub(crate) fn holds(&self, key: &str, kept: &Kept) -> bool {
+        self.lock()
+            .kept
+            .get(key)
+            .is_some_and(|current| current.seq == kept.seq)
+    }
+
+    /// A replay is done with `kept`: removed, unless a later write of `key` replaced it
+    /// meanwhile (that one waits for the next replay).
+    pub(crate) fn finish(&self, key: &str, kept: &Kept) {
         let mut state = self.lock();
-        let mut dropped = 0;
-        for (key, kept) in writes {
-            if state.kept.contains_key(&key) {
-                continue;
-            }
-            if state.kept.len() >= self.settings.max_keys {
-                dropped += 1;
-                continue;
-            }
-            state.kept.insert(key, kept);
+        if state
+            .kept
+            .get(key)
+            .is_some_and(|current| current.seq == kept.seq)
+        {
+            state.kept.remove(key);
+            self.len.store(state.kept.len(), Ordering::Release);
         }
-        dropped
     }
 
     /// Forgets the kept write of `key`: a later write of the key reached the L2.
     pub(crate) fn forget(&self, key: &str) {
-        let mut state = self.lock();
-        if !state.kept.is_empty() {
-            state.kept.remove(key);
+        if self.len.load(Ordering::Acquire) == 0 {
+            return;
         }
+        let mut state = self.lock();
+        state.kept.remove(key);
+        self.len.store(state.kept.len(), Ordering::Release);
     }
 
     /// Forgets the kept writes of every key that starts with `prefix` (a prefix delete came
@@ -172,6 +205,7 @@ impl RecoveryQueue {
         let mut state = self.lock();
         let before = state.kept.len();
         state.kept.retain(|key, _| !key.starts_with(prefix));
+        self.len.store(state.kept.len(), Ordering::Release);
         (before - state.kept.len()) as u64
     }
 
@@ -186,7 +220,8 @@ impl RecoveryQueue {
         }
     }
 
-    /// No replay task could be started: the next write kept starts one.
+    /// The replay task is gone without finishing (none could be started, or it was cancelled
+    /// with its runtime): the next write kept starts another.
     pub(crate) fn abandon_replays(&self) {
         self.lock().replaying = false;
     }
@@ -207,6 +242,14 @@ mod tests {
         RecoveryQueue::new(WriteRecovery::new(max_keys))
     }
 
+    fn keys_and_bytes(queue: &RecoveryQueue) -> Vec<(String, Bytes)> {
+        queue
+            .snapshot()
+            .into_iter()
+            .map(|(key, kept)| (key.to_string(), kept.bytes))
+            .collect()
+    }
+
     #[test]
     fn the_last_write_of_a_key_wins_and_the_bound_drops_new_keys() {
         let queue = queue(2);
@@ -216,40 +259,57 @@ mod tests {
         assert_eq!(queue.push("c", Bytes::from("4")), Pushed::Dropped);
         // A key already kept is replaced, even when full.
         assert_eq!(queue.push("b", Bytes::from("5")), Pushed::Kept);
-        let taken: Vec<_> = queue
-            .take_all()
-            .into_iter()
-            .map(|(key, kept)| (key.to_string(), kept.bytes))
-            .collect();
         assert_eq!(
-            taken,
+            keys_and_bytes(&queue),
             [
                 ("a".into(), Bytes::from("2")),
                 ("b".into(), Bytes::from("5"))
             ]
         );
+        assert_eq!(queue.kept("b"), Some(Bytes::from("5")));
+        assert_eq!(queue.kept("c"), None);
     }
 
     #[test]
-    fn a_write_kept_during_a_replay_beats_the_one_put_back() {
+    fn writes_being_replayed_still_count_toward_the_bound() {
+        let queue = queue(2);
+        queue.push("a", Bytes::from("1"));
+        queue.push("b", Bytes::from("2"));
+        let replaying = queue.snapshot();
+        assert_eq!(queue.push("c", Bytes::from("3")), Pushed::Dropped);
+        queue.finish(&replaying[0].0, &replaying[0].1);
+        assert_eq!(queue.push("c", Bytes::from("3")), Pushed::Kept);
+        assert_eq!(queue.snapshot().len(), 2);
+    }
+
+    #[test]
+    fn a_write_kept_during_a_replay_outlives_the_replay_of_the_older_one() {
         let queue = queue(10);
         queue.push("a", Bytes::from("old"));
-        let taken = queue.take_all();
+        let replaying = queue.snapshot();
+        let (key, old) = &replaying[0];
+        assert!(queue.holds(key, old));
         queue.push("a", Bytes::from("new"));
-        assert_eq!(queue.put_back(taken), 0);
-        let kept = queue.take_all();
-        assert_eq!(kept[0].1.bytes, Bytes::from("new"));
+        assert!(!queue.holds(key, old), "replaced: the replay must skip it");
+        queue.finish(key, old);
+        assert_eq!(keys_and_bytes(&queue), [("a".into(), Bytes::from("new"))]);
     }
 
     #[test]
-    fn a_prefix_delete_forgets_the_kept_writes_under_it() {
+    fn a_prefix_delete_forgets_the_kept_writes_under_it_even_mid_replay() {
         let queue = queue(10);
         for key in ["p:1", "p:2", "q:1"] {
             queue.push(key, Bytes::from("v"));
         }
+        let replaying = queue.snapshot();
         assert_eq!(queue.forget_prefix("p:"), 2);
-        let kept: Vec<_> = queue.take_all().into_iter().map(|(key, _)| key).collect();
-        assert_eq!(kept, [Box::from("q:1")]);
+        let still: Vec<bool> = replaying
+            .iter()
+            .map(|(key, kept)| queue.holds(key, kept))
+            .collect();
+        assert_eq!(still, [false, false, true]);
+        assert_eq!(queue.kept("p:1"), None);
+        assert_eq!(keys_and_bytes(&queue), [("q:1".into(), Bytes::from("v"))]);
     }
 
     #[test]
@@ -259,7 +319,10 @@ mod tests {
         assert!(!queue.finish_if_empty());
         queue.forget("a");
         assert!(queue.finish_if_empty());
+        assert_eq!(queue.kept("a"), None);
         assert_eq!(queue.push("b", Bytes::from("2")), Pushed::KeptFirst);
+        queue.abandon_replays();
+        assert_eq!(queue.push("c", Bytes::from("3")), Pushed::KeptFirst);
     }
 
     #[test]

@@ -198,3 +198,85 @@ async fn a_kept_delete_whose_tombstone_expired_still_removes_the_older_value() {
     );
     assert_eq!(a.get("k").await.unwrap(), None);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_kept_delete_is_what_this_instance_reads_until_it_is_replayed() {
+    let fx = Fixture::new();
+    let bus = MemoryBus::new();
+    let (a, a_l2) = instance(&fx, &bus, 100);
+    let (b, _) = instance(&fx, &bus, 100);
+    b.set("k", "deleted".into()).await.unwrap();
+    a_l2.set_failing(true);
+    assert!(a.delete_with("k", &recovering()).await.is_ok());
+    // The L2 answers again, but the replay has not run: the deleted value is still there,
+    // and this instance must not read it back.
+    a_l2.set_failing(false);
+    assert!(fx.holds("test:k").await);
+    assert_eq!(a.get("k").await.unwrap(), None);
+    assert_eq!(a.get_many(&["k"]).await.unwrap(), vec![None]);
+    let loaded = a
+        .get_or_load("k", || async {
+            Ok::<_, std::io::Error>("reloaded".to_string())
+        })
+        .await
+        .unwrap();
+    assert_eq!(loaded, "reloaded");
+    tokio::time::sleep(RETRY * 2).await; // paused clock: the replay
+    assert_eq!(b.get("k").await.unwrap(), None, "the delete reached the L2");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_prefix_delete_during_a_replay_removes_what_it_wrote_and_stops_the_rest() {
+    let fx = Fixture::new();
+    let bus = MemoryBus::new();
+    let (a, a_l2) = instance(&fx, &bus, 100);
+    a_l2.set_failing(true);
+    for key in ["p:1", "p:2"] {
+        a.set_with(key, "kept".into(), &recovering()).await.unwrap();
+    }
+    // The replay's first write is frozen in flight while this instance deletes the prefix.
+    a_l2.hold_writes(true);
+    a_l2.set_failing(false);
+    while a_l2.held_writes() == 0 {
+        tokio::time::sleep(Duration::from_millis(1)).await; // poll loop, paused clock
+    }
+    let deleting = tokio::spawn({
+        let a = a.clone();
+        async move { a.delete_prefix("p:").await }
+    });
+    tokio::time::sleep(Duration::from_millis(10)).await; // paused clock: the delete waits
+    a_l2.hold_writes(false);
+    deleting.await.unwrap().unwrap();
+    tokio::time::sleep(RETRY * 3).await; // paused clock: any replay left would run
+    assert!(!fx.holds("test:p:1").await, "written before the scan");
+    assert!(!fx.holds("test:p:2").await, "not replayed after it");
+    assert_eq!(a.get("p:2").await.unwrap(), None);
+}
+
+#[test]
+fn a_replay_cancelled_with_its_runtime_is_started_again_by_the_next_kept_write() {
+    let fx = Fixture::new();
+    let bus = MemoryBus::new();
+    let paused = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .start_paused(true)
+            .build()
+            .unwrap()
+    };
+    let first = paused();
+    let (a, a_l2) = first.block_on(async { instance(&fx, &bus, 100) });
+    a_l2.set_failing(true);
+    first.block_on(async {
+        a.set_with("one", "1".into(), &recovering()).await.unwrap();
+    });
+    // Its replay task dies with the runtime.
+    drop(first);
+    paused().block_on(async {
+        a.set_with("two", "2".into(), &recovering()).await.unwrap();
+        a_l2.set_failing(false);
+        tokio::time::sleep(RETRY * 2).await; // paused clock: the new task replays both
+        assert_eq!(a.stats().writes_replayed, 2);
+        assert!(fx.holds("test:one").await && fx.holds("test:two").await);
+    });
+}

@@ -340,7 +340,9 @@ where
             deaf: std::sync::atomic::AtomicBool::new(false),
             detached: super::detached::Detached::default(),
             lease_waiters: crate::lease::LeaseWaiters::default(),
-            recovery: self.write_recovery.map(RecoveryQueue::new),
+            recovery: self
+                .write_recovery
+                .map(|settings| Arc::new(RecoveryQueue::new(settings))),
             backplane_breaker: self
                 .backplane_circuit_breaker
                 .map(|breaker| Breaker::new(breaker, settings_l2_timeout)),

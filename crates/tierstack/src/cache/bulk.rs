@@ -289,6 +289,11 @@ where
         };
         for ((&index, entry), snapshot) in missing.iter().zip(entries).zip(snapshots) {
             let key = keys[index].as_ref();
+            // A write kept for a replay is what this instance reads until it is replayed.
+            let entry = match self.kept_write(key) {
+                Some(kept) => Some((kept, Duration::ZERO)),
+                None => entry,
+            };
             let read = match entry {
                 Some((bytes, ttl)) => self.classify(key, bytes, ttl, deadline).await,
                 None => L2Read::Miss { seen: None },

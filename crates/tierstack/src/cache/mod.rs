@@ -127,7 +127,7 @@ struct Inner<V, C> {
     /// Flights waiting for another instance's leased load, woken by the listener.
     lease_waiters: LeaseWaiters,
     /// The writes kept for a replay, if the builder set a recovery queue.
-    recovery: Option<RecoveryQueue>,
+    recovery: Option<Arc<RecoveryQueue>>,
     /// The backplane's circuit breaker, if the builder set one.
     backplane_breaker: Option<Breaker>,
     /// Invalidations held while the backplane's breaker is open.

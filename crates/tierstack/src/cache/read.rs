@@ -289,6 +289,9 @@ where
         let Some(l2) = &self.l2 else {
             return Ok(L2Read::Miss { seen: None });
         };
+        if let Some(kept) = self.kept_write(key) {
+            return Ok(self.classify(key, kept, Duration::ZERO, deadline).await);
+        }
         let store_key = self.namespace.store_key(key);
         let found = if with_ttl {
             self.l2_call(L2Op::Get, deadline, l2.get_with_ttl(&store_key))

@@ -29,6 +29,8 @@ enum Replayed {
     Superseded,
     /// The kept write's entry has expired meanwhile: nothing to replay.
     Expired,
+    /// This instance changed the key (or every key) while the replay ran: not written.
+    Overtaken,
 }
 
 impl<V, C> Inner<V, C> {
@@ -41,6 +43,14 @@ impl<V, C> Inner<V, C> {
             self.recorder
                 .recovery(RecoveryOutcome::Superseded, forgotten);
         }
+    }
+}
+
+impl<V, C> Inner<V, C> {
+    /// The bytes of the write of `key` kept for a replay, if any: until it is replayed, this
+    /// instance reads it in place of what the L2 holds (which it was meant to replace).
+    pub(super) fn kept_write(&self, key: &str) -> Option<Bytes> {
+        self.recovery.as_ref()?.kept(key)
     }
 }
 
@@ -90,12 +100,15 @@ where
     /// Starts the task that replays the kept writes every `retry` until none is left. It holds
     /// the cache weakly: a dropped cache's kept writes are lost with it.
     fn start_replays(self: &Arc<Self>, retry: std::time::Duration) {
+        let Some(queue) = &self.recovery else { return };
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             // Nowhere to replay from: the writes stay kept, and the next one kept tries again.
-            if let Some(queue) = &self.recovery {
-                queue.abandon_replays();
-            }
+            queue.abandon_replays();
             return;
+        };
+        let mut task = ReplayTask {
+            queue: Arc::clone(queue),
+            finished: false,
         };
         let cache = Arc::downgrade(self);
         runtime.spawn(async move {
@@ -104,12 +117,8 @@ where
                 let Some(cache) = Weak::upgrade(&cache) else {
                     return;
                 };
-                cache.replay_kept().await;
-                if cache
-                    .recovery
-                    .as_ref()
-                    .is_none_or(RecoveryQueue::finish_if_empty)
-                {
+                cache.replay_kept(&task.queue).await;
+                if task.finish_if_empty() {
                     return;
                 }
             }
@@ -117,30 +126,34 @@ where
     }
 
     /// Replays every kept write, oldest first, until the L2 fails; tells the other instances of
-    /// the keys written, and evicts this instance's copy of the superseded ones.
-    async fn replay_kept(self: &Arc<Self>) {
-        let Some(queue) = &self.recovery else { return };
-        let mut pending = queue.take_all().into_iter();
+    /// the keys written, and evicts this instance's copy of the superseded ones. Each write
+    /// stays kept until it is done with (it counts toward the bound, and reads see it).
+    async fn replay_kept(self: &Arc<Self>, queue: &RecoveryQueue) {
         let mut written = Vec::new();
         let (mut superseded, mut expired) = (0, 0);
-        while let Some((key, kept)) = pending.next() {
+        for (key, kept) in queue.snapshot() {
+            // Replaced by a later write (replayed next time) or forgotten (a prefix delete, a
+            // later write that reached the L2) since the snapshot.
+            if !queue.holds(&key, &kept) {
+                continue;
+            }
             match self.replay_one(&key, &kept).await {
-                Ok(Replayed::Written) => written.push(key.into_string()),
+                Ok(Replayed::Written) => written.push(key.to_string()),
                 Ok(Replayed::Superseded) => {
                     self.evict_local(&key);
                     superseded += 1;
                 }
                 Ok(Replayed::Expired) => expired += 1,
+                // Something changed the key here while it replayed: looked at again next time,
+                // if it is still kept.
+                Ok(Replayed::Overtaken) => continue,
                 // An error about the write itself will not pass with time: dropped, so that
                 // it does not hold the others back.
                 Err(error) if !error.is_transient() => expired += 1,
-                Err(_) => {
-                    // Still down: this write and the rest wait for the next attempt.
-                    let dropped = queue.put_back(std::iter::once((key, kept)).chain(pending));
-                    self.recorder.recovery(RecoveryOutcome::Dropped, dropped);
-                    break;
-                }
+                // Still down: this write and the rest wait for the next attempt.
+                Err(_) => break,
             }
+            queue.finish(&key, &kept);
         }
         self.recorder
             .recovery(RecoveryOutcome::Replayed, written.len() as u64);
@@ -166,6 +179,10 @@ where
     }
 
     /// Writes one kept write over what the L2 holds for `key`, unless that is newer.
+    ///
+    /// The write itself is made under the key's lock, and only if nothing changed the key here
+    /// since the replay began: a prefix delete, a delete or a write of this instance either
+    /// comes after it (and removes or replaces it) or makes it stand down.
     async fn replay_one(&self, key: &str, kept: &Kept) -> Result<Replayed> {
         let Some(l2) = &self.l2 else {
             return Ok(Replayed::Written);
@@ -176,6 +193,7 @@ where
         };
         let (written_at, expires_at) = (envelope.written_at, envelope.expires_at);
         let store_key = self.namespace.store_key(key);
+        let watch = self.freshness.watch(key);
         // A few rounds: each lost race means someone else wrote the key meanwhile.
         for _ in 0..3 {
             let now = self.clock.now();
@@ -183,37 +201,59 @@ where
             let current = self
                 .l2_call(L2Op::Get, deadline, l2.get(&store_key))
                 .await?;
-            if expires_at <= now {
+            let stored_written_at = |bytes: &Bytes| {
+                Envelope::parse::<C>(bytes, usize::MAX).map(|stored| stored.written_at)
+            };
+            let write = if expires_at <= now {
                 // Nothing left to write, but what the kept write replaced must not come back
                 // (a kept delete's tombstone outlived by the value it deleted): an entry older
                 // than it is removed.
-                if let Some(current) = current {
-                    let older = Envelope::parse::<C>(&current, usize::MAX)
-                        .is_ok_and(|stored| stored.written_at < written_at);
-                    if older {
-                        let removal = l2.compare_and_set(&store_key, &current, None);
-                        if self.l2_call(L2Op::Delete, deadline, removal).await? {
-                            return Ok(Replayed::Written);
-                        }
+                match current {
+                    Some(current)
+                        if stored_written_at(&current).is_ok_and(|at| at < written_at) =>
+                    {
+                        ReplayWrite::Remove(current)
                     }
+                    _ => return Ok(Replayed::Expired),
                 }
-                return Ok(Replayed::Expired);
+            } else {
+                match current {
+                    None => ReplayWrite::IfAbsent,
+                    Some(current) if current == kept.bytes => return Ok(Replayed::Written),
+                    // Write times are in milliseconds: a tie goes to the replay (the usual
+                    // case is this instance's own write just before the failed one).
+                    Some(current)
+                        if stored_written_at(&current).is_ok_and(|at| at > written_at) =>
+                    {
+                        return Ok(Replayed::Superseded);
+                    }
+                    Some(current) => ReplayWrite::Over(current),
+                }
+            };
+            let Ok(_lock) =
+                tokio::time::timeout_at(deadline, self.freshness.lock_watched(&watch)).await
+            else {
+                return Ok(Replayed::Overtaken);
+            };
+            if !self.freshness.key_unchanged(&watch) {
+                return Ok(Replayed::Overtaken);
             }
             let ttl = now.until(expires_at);
-            let replaced = match current {
-                None => {
+            let replaced = match write {
+                ReplayWrite::Remove(current) => {
+                    let removal = l2.compare_and_set(&store_key, &current, None);
+                    let removed = self.l2_call(L2Op::Delete, deadline, removal).await?;
+                    return Ok(if removed {
+                        Replayed::Written
+                    } else {
+                        Replayed::Expired
+                    });
+                }
+                ReplayWrite::IfAbsent => {
                     let write = l2.set_if_absent(&store_key, kept.bytes.clone(), ttl);
                     self.l2_call(L2Op::Set, deadline, write).await?
                 }
-                Some(current) if current == kept.bytes => return Ok(Replayed::Written),
-                Some(current) => {
-                    // Write times are in milliseconds: a tie goes to the replay (the usual case
-                    // is this instance's own write just before the failed one).
-                    let newer = Envelope::parse::<C>(&current, usize::MAX)
-                        .is_ok_and(|stored| stored.written_at > written_at);
-                    if newer {
-                        return Ok(Replayed::Superseded);
-                    }
+                ReplayWrite::Over(current) => {
                     let write =
                         l2.compare_and_set(&store_key, &current, Some((kept.bytes.clone(), ttl)));
                     self.l2_call(L2Op::Set, deadline, write).await?
@@ -224,5 +264,38 @@ where
             }
         }
         Ok(Replayed::Superseded)
+    }
+}
+
+/// How a replay writes over what it read.
+enum ReplayWrite {
+    /// Nothing was there: write if still nothing is.
+    IfAbsent,
+    /// Write over exactly these bytes.
+    Over(Bytes),
+    /// The kept write has expired: remove exactly these (older) bytes.
+    Remove(Bytes),
+}
+
+/// The replay task's hold on its queue: a task that ends without finishing (cancelled with its
+/// runtime, or panicked) lets the next write kept start another.
+struct ReplayTask {
+    queue: Arc<RecoveryQueue>,
+    finished: bool,
+}
+
+impl ReplayTask {
+    /// Ends the task if nothing is kept; whether it ended.
+    fn finish_if_empty(&mut self) -> bool {
+        self.finished = self.queue.finish_if_empty();
+        self.finished
+    }
+}
+
+impl Drop for ReplayTask {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.queue.abandon_replays();
+        }
     }
 }
