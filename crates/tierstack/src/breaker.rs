@@ -164,6 +164,11 @@ impl Breaker {
         }
     }
 
+    /// How long it stays open before a probe is let through.
+    pub(crate) fn open_for(&self) -> Duration {
+        self.settings.open_for()
+    }
+
     /// Whether a call may go to the L2 now, and the state it moved to, if it moved.
     pub(crate) fn admit(&self) -> (Admission, Option<CircuitState>) {
         let now = Instant::now();

@@ -160,6 +160,9 @@ impl Drop for Registration<'_> {
     }
 }
 
+/// How much longer than `key` its lease's store key is, beside the namespace.
+pub(crate) const LEASE_KEY_OVERHEAD: usize = "!lease:".len();
+
 /// The key of `key`'s lease in the store, beside its value's `namespace:key`. A namespace
 /// holds no `!`, so no namespace's keys (nor their prefix deletes) reach it.
 pub(crate) fn lease_key(namespace: &str, key: &str) -> String {
@@ -223,6 +226,7 @@ mod tests {
     #[test]
     fn lease_keys_sit_outside_every_namespace() {
         let key = lease_key("users", "42");
+        assert_eq!(key.len(), "users".len() + LEASE_KEY_OVERHEAD + "42".len());
         assert_eq!(key, "users!lease:42");
         assert!(!key.starts_with("users:"));
     }

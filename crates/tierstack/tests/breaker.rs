@@ -334,3 +334,44 @@ async fn a_backplane_breaker_holds_invalidations_and_sends_them_when_it_closes()
         assert_eq!(b.get(key).await.unwrap(), Some("new".into()), "{key}");
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn held_invalidations_go_out_without_another_publish_once_the_backplane_is_back() {
+    let fx = Fixture::new();
+    let bus = MemoryBus::new();
+    let flaky = Arc::new(FlakyBackplane {
+        inner: bus.backplane(),
+        failing: std::sync::atomic::AtomicBool::new(false),
+    });
+    let a = fx
+        .builder("test")
+        .l2_timeout(TIMEOUT)
+        .backplane(flaky.clone())
+        .backplane_circuit_breaker(CircuitBreaker::new(1, OPEN_FOR))
+        .build()
+        .unwrap();
+    let b = fx
+        .builder("test")
+        .backplane(Arc::new(bus.backplane()))
+        .build()
+        .unwrap();
+    a.set("k", "old".into()).await.unwrap();
+    tokio::time::sleep(TIMEOUT).await; // paused clock: B hears of it
+    assert_eq!(b.get("k").await.unwrap(), Some("old".into()));
+    flaky
+        .failing
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    a.set("k", "new".into()).await.unwrap();
+    a.delete_prefix("p:").await.unwrap();
+    assert_eq!(a.stats().backplane_circuit_opens, 1);
+    // Still down when the breaker first lets a probe through: held again.
+    tokio::time::sleep(OPEN_FOR + TIMEOUT).await; // paused clock
+    assert_eq!(b.get("k").await.unwrap(), Some("old".into()));
+    assert_eq!(a.stats().backplane_circuit_opens, 2, "the probe failed");
+    // Back: the next probe sends what is held, though this instance writes nothing more.
+    flaky
+        .failing
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    tokio::time::sleep(OPEN_FOR + TIMEOUT).await; // paused clock
+    assert_eq!(b.get("k").await.unwrap(), Some("new".into()));
+}

@@ -385,6 +385,11 @@ async fn builder_refuses_bad_configuration() {
             .l2_timeout(Duration::ZERO)
             .build()
             .err(),
+        // Its load lease's key would not fit a store key.
+        TieredCache::<String>::builder("ok")
+            .max_key_len(tierstack::core::key::DEFAULT_MAX_STORE_KEY_LEN - "ok:".len())
+            .build()
+            .err(),
         // Would overflow the key-length arithmetic (a panic in debug builds).
         TieredCache::<String>::builder("ok")
             .max_key_len(usize::MAX)

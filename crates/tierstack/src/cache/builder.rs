@@ -20,6 +20,7 @@ use crate::fill::{FillBudget, L2Fill};
 use crate::flight::Flights;
 use crate::freshness::Freshness;
 use crate::options::EntryOptions;
+use crate::lease::LEASE_KEY_OVERHEAD;
 use crate::recovery::{RecoveryQueue, WriteRecovery};
 use crate::stats::Recorder;
 
@@ -155,7 +156,8 @@ where
         self
     }
 
-    /// The longest user key accepted, in bytes (default 4096).
+    /// The longest user key accepted, in bytes (default 4096). With the namespace and the
+    /// 7 bytes of a load lease's `!lease:` it must fit the stores' 64 KiB key limit.
     pub fn max_key_len(mut self, len: usize) -> Self {
         self.settings.max_key_len = len;
         self
@@ -257,16 +259,16 @@ where
         settings.defaults.validate()?;
         validate_ttl(settings.tombstone_ttl)
             .map_err(|e| CacheError::Configuration(format!("tombstone_ttl: {e}")))?;
-        // A store key is `namespace:key`; checked, since `max_key_len` is the user's number.
-        let longest_store_key = settings
-            .max_key_len
-            .checked_add(namespace.as_str().len() + 1);
+        // The longest store key is a load lease's, `namespace!lease:key`; checked, since
+        // `max_key_len` is the user's number.
+        let overhead = namespace.as_str().len() + LEASE_KEY_OVERHEAD;
+        let longest_store_key = settings.max_key_len.checked_add(overhead);
         if settings.max_key_len == 0
             || longest_store_key.is_none_or(|len| len > DEFAULT_MAX_STORE_KEY_LEN)
         {
             return Err(CacheError::Configuration(format!(
                 "max_key_len must be between 1 and {} for this namespace",
-                DEFAULT_MAX_STORE_KEY_LEN - namespace.as_str().len() - 1
+                DEFAULT_MAX_STORE_KEY_LEN - overhead
             )));
         }
         if settings.max_value_len <= HEADER_LEN {

@@ -47,6 +47,8 @@ struct HeldState {
     prefixes: Vec<String>,
     /// Too much was held to name: the whole namespace is invalidated on release.
     everything: bool,
+    /// Whether a task will send what is held once the breaker lets a probe through.
+    sender: bool,
 }
 
 impl HeldState {
@@ -56,30 +58,43 @@ impl HeldState {
 }
 
 impl Held {
-    fn hold(&self, invalidation: &Invalidation) {
+    /// Holds `invalidation`; whether a task must be started to send what is held (none is).
+    fn hold(&self, invalidation: &Invalidation) -> bool {
         let mut state = self.lock();
+        let start_sender = !state.sender;
+        state.sender = true;
         if state.everything {
-            return;
+            return start_sender;
         }
         match invalidation {
             Invalidation::Keys(keys) if state.keys.len() + keys.len() <= MAX_HELD_KEYS => {
                 state.keys.extend(keys.iter().cloned());
             }
+            Invalidation::Prefix(prefix) if state.prefixes.contains(prefix) => {}
             Invalidation::Prefix(prefix) if state.prefixes.len() < MAX_HELD_PREFIXES => {
                 state.prefixes.push(prefix.clone());
             }
             _ => {
-                *state = HeldState {
-                    everything: true,
-                    ..HeldState::default()
-                };
+                state.keys = HashSet::new();
+                state.prefixes = Vec::new();
+                state.everything = true;
             }
         }
+        start_sender
     }
 
     /// Everything held, as the invalidations to send, emptying the set.
     fn take(&self) -> Vec<Invalidation> {
-        let state = std::mem::take(&mut *self.lock());
+        let mut guard = self.lock();
+        let sender = guard.sender;
+        let state = std::mem::replace(
+            &mut *guard,
+            HeldState {
+                sender,
+                ..HeldState::default()
+            },
+        );
+        drop(guard);
         if state.everything {
             return vec![Invalidation::All];
         }
@@ -90,6 +105,18 @@ impl Held {
             .collect();
         out.extend(state.prefixes.into_iter().map(Invalidation::Prefix));
         out
+    }
+
+    /// For the sending task: everything held, or `None` (and the task ends) if nothing is.
+    fn take_or_stop(&self) -> Option<Vec<Invalidation>> {
+        {
+            let mut state = self.lock();
+            if state.is_empty() {
+                state.sender = false;
+                return None;
+            }
+        }
+        Some(self.take())
     }
 
     fn is_empty(&self) -> bool {
@@ -166,7 +193,7 @@ where
                     self.recorder.circuit(Guarded::Backplane, state);
                 }
                 if let Admission::Refused { .. } = admission {
-                    self.held.hold(invalidation);
+                    self.hold(invalidation);
                     return Published::Held;
                 }
                 admission
@@ -198,7 +225,7 @@ where
             }
             if moved == Some(CircuitState::Open) {
                 // This one is held too, with those that follow.
-                self.held.hold(invalidation);
+                self.hold(invalidation);
             }
             if moved == Some(CircuitState::Closed) {
                 self.release_held();
@@ -216,6 +243,35 @@ where
         }
     }
 
+    /// Holds `invalidation` while the backplane's breaker is open. The first one held starts
+    /// a task that, once the breaker lets a probe through, sends what is held (the first
+    /// message being the probe), and again every `open_for` until nothing is: a cache that
+    /// publishes nothing more still gets its held invalidations out.
+    fn hold(self: &Arc<Self>, invalidation: &Invalidation) {
+        if !self.held.hold(invalidation) {
+            return;
+        }
+        let (Ok(runtime), Some(breaker)) = (
+            tokio::runtime::Handle::try_current(),
+            &self.backplane_breaker,
+        ) else {
+            // Nowhere to send from: sent when a publish closes the breaker.
+            return;
+        };
+        let every = breaker.open_for();
+        let cache = Arc::downgrade(self);
+        runtime.spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let Some(this) = cache.upgrade() else { return };
+                let Some(held) = this.held.take_or_stop() else {
+                    return;
+                };
+                this.send_held(held).await;
+            }
+        });
+    }
+
     /// Sends the invalidations held while the backplane's breaker was open, in a task of its
     /// own; what fails to go out is held again (the breaker may open again meanwhile).
     fn release_held(self: &Arc<Self>) {
@@ -228,15 +284,22 @@ where
         let this = Arc::clone(self);
         runtime.spawn(async move {
             let held = this.held.take();
-            tracing::info!(cache = %this.namespace, messages = held.len(), "invalidations held while the backplane was down sent");
-            for invalidation in held {
-                let deadline = this.deadline();
-                if this.publish_by(&invalidation, deadline).await == Published::Failed {
-                    // Tried once more later (held again if the breaker opened meanwhile).
-                    this.invalidate_again_later(invalidation);
-                }
-            }
+            this.send_held(held).await;
         });
+    }
+
+    async fn send_held(self: &Arc<Self>, held: Vec<Invalidation>) {
+        if held.is_empty() {
+            return;
+        }
+        tracing::info!(cache = %self.namespace, messages = held.len(), "sending invalidations held while the backplane was down");
+        for invalidation in held {
+            let deadline = self.deadline();
+            if self.publish_by(&invalidation, deadline).await == Published::Failed {
+                // Tried once more later (held again if the breaker opened meanwhile).
+                self.invalidate_again_later(invalidation);
+            }
+        }
     }
 
     fn publish_failed(&self, error: &CacheError) {
@@ -254,11 +317,14 @@ mod tests {
     #[test]
     fn held_keys_past_the_bound_become_everything() {
         let held = Held::default();
-        held.hold(&Invalidation::Keys(vec!["a".into(), "b".into()]));
-        held.hold(&Invalidation::Prefix("p:".into()));
+        assert!(held.hold(&Invalidation::Keys(vec!["a".into(), "b".into()])));
+        assert!(!held.hold(&Invalidation::Prefix("p:".into())), "one sender");
+        assert!(!held.hold(&Invalidation::Prefix("p:".into())));
         let sent = held.take();
-        assert_eq!(sent.len(), 2);
+        assert_eq!(sent.len(), 2, "the same prefix is held once: {sent:?}");
         assert!(held.is_empty());
+        assert_eq!(held.take_or_stop(), None);
+        assert!(held.hold(&Invalidation::Keys(vec!["c".into()])), "sender ended");
         let many: Vec<String> = (0..=MAX_HELD_KEYS).map(|i| i.to_string()).collect();
         held.hold(&Invalidation::Keys(many));
         assert_eq!(held.take(), vec![Invalidation::All]);
