@@ -361,3 +361,41 @@ fn a_lease_out_of_range_is_refused() {
         .unwrap_err();
     assert!(error.to_string().contains("load_lease"), "{error}");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_holder_without_background_completion_answers_while_its_value_is_being_written() {
+    let fx = Fixture::new();
+    let faulty = tierstack::core::testkit::FaultyStore::new(fx.l2.clone());
+    let cache: TieredCache<String> = fx
+        .builder("test")
+        .l2(Arc::new(faulty.clone()))
+        .l2_timeout(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let hard = Duration::from_millis(100);
+    // The caller's flight itself stops at the hard timeout (with background completion, the
+    // caller stops waiting for it instead, and the flight writes on).
+    let options = leased()
+        .with_hard_timeout(hard)
+        .with_background_completion(false);
+    // The lease is taken (a conditional write), then every write freezes: the value's too.
+    let started = tokio::time::Instant::now();
+    let holding = faulty.clone();
+    let loading = cache.get_or_load_with("k", &options, move || async move {
+        holding.hold_writes(true);
+        Ok::<_, std::io::Error>("v".to_string())
+    });
+    let fetched = loading.await.unwrap();
+    assert_eq!(fetched.value, "v");
+    assert_eq!(fetched.ttl, None, "not known yet");
+    assert!(
+        started.elapsed() < hard,
+        "answered in {:?}",
+        started.elapsed()
+    );
+    assert_eq!(faulty.held_writes(), 1, "the value's write goes on");
+    faulty.hold_writes(false);
+    tokio::time::sleep(Duration::from_millis(10)).await; // paused clock: it lands
+    assert!(fx.holds("test:k").await);
+    assert_eq!(fx.l2.get("test!lease:k").await.unwrap(), None, "released");
+}

@@ -19,8 +19,8 @@ use crate::burst_log::BurstLog;
 use crate::fill::{FillBudget, L2Fill};
 use crate::flight::Flights;
 use crate::freshness::Freshness;
-use crate::options::EntryOptions;
 use crate::lease::LEASE_KEY_OVERHEAD;
+use crate::options::EntryOptions;
 use crate::recovery::{RecoveryQueue, WriteRecovery};
 use crate::stats::Recorder;
 

@@ -11,6 +11,7 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use serde::Serialize;
@@ -257,7 +258,44 @@ where
     /// After a leased load: tells the instances waiting for the key that its value is in L2
     /// (unless the call skips the backplane; they poll), whatever became of the write: a
     /// value another writer stored meanwhile answers them as well.
-    pub(super) async fn announce_leased_load(self: &Arc<Self>, key: &str, options: &EntryOptions) {
+    /// The end of a leased load: its value (`to_store`, if it is to be cached) goes to L2
+    /// inline, then the other instances are told and the lease is released, so that a waiter
+    /// woken finds the value. How long the value is fresh as cached, if known.
+    ///
+    /// A caller with a hard timeout does not wait for these three round trips (its wait for
+    /// the flight would end at that timeout, with its loaded value lost): they go on in a
+    /// task, and the value reports no TTL, since whether it is cached is not known yet.
+    pub(super) async fn finish_leased_load(
+        self: &Arc<Self>,
+        lease: HeldLease<V, C>,
+        to_store: Option<(Option<V>, Duration)>,
+        options: EntryOptions,
+        watch: KeyWatch,
+        seen: Option<Bytes>,
+        hard_deadline: Option<Instant>,
+    ) -> Option<Duration> {
+        let this = Arc::clone(self);
+        let finish = async move {
+            let key = watch.key().to_owned();
+            let cached_for = match to_store {
+                Some((value, ttl)) => {
+                    this.store_loaded(value.as_ref(), &options, ttl, watch, seen, true)
+                        .await
+                }
+                None => None,
+            };
+            this.announce_leased_load(&key, &options).await;
+            lease.release().await;
+            cached_for
+        };
+        if hard_deadline.is_none() {
+            return finish.await;
+        }
+        tokio::spawn(finish);
+        None
+    }
+
+    async fn announce_leased_load(self: &Arc<Self>, key: &str, options: &EntryOptions) {
         if options.skips().backplane {
             return;
         }

@@ -214,19 +214,26 @@ where
                 } else {
                     ttl.or(options.negative_ttl())
                 };
-                // A leased value is in L2 before the waiters are told: written inline.
-                let inline = lease.is_some();
-                let cached_for = match (cache, ttl) {
-                    (true, Some(ttl)) => {
-                        self.store_loaded(value.as_ref(), options, ttl, watch, seen, inline)
+                let store_for = ttl.filter(|_| cache);
+                let cached_for = match (lease, store_for) {
+                    (Some(lease), _) => {
+                        let to_store = store_for.map(|ttl| (value.clone(), ttl));
+                        self.finish_leased_load(
+                            lease,
+                            to_store,
+                            *options,
+                            watch,
+                            seen,
+                            hard_deadline,
+                        )
+                        .await
+                    }
+                    (None, Some(ttl)) => {
+                        self.store_loaded(value.as_ref(), options, ttl, watch, seen, false)
                             .await
                     }
-                    _ => None,
+                    (None, None) => None,
                 };
-                if let Some(lease) = lease {
-                    self.announce_leased_load(key, options).await;
-                    lease.release().await;
-                }
                 match value {
                     Some(value) => {
                         Outcome::Found(Fetched::new_fresh(value, Source::Loader, cached_for))
@@ -486,7 +493,7 @@ where
     /// the loader keep serving while L2 is down).
     ///
     /// Returns how long the value is fresh as cached (`None`: cached in neither tier).
-    async fn store_loaded(
+    pub(super) async fn store_loaded(
         self: &Arc<Self>,
         value: Option<&V>,
         options: &EntryOptions,

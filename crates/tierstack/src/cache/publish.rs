@@ -324,7 +324,10 @@ mod tests {
         assert_eq!(sent.len(), 2, "the same prefix is held once: {sent:?}");
         assert!(held.is_empty());
         assert_eq!(held.take_or_stop(), None);
-        assert!(held.hold(&Invalidation::Keys(vec!["c".into()])), "sender ended");
+        assert!(
+            held.hold(&Invalidation::Keys(vec!["c".into()])),
+            "sender ended"
+        );
         let many: Vec<String> = (0..=MAX_HELD_KEYS).map(|i| i.to_string()).collect();
         held.hold(&Invalidation::Keys(many));
         assert_eq!(held.take(), vec![Invalidation::All]);
