@@ -399,3 +399,93 @@ async fn a_holder_without_background_completion_answers_while_its_value_is_being
     assert!(fx.holds("test:k").await);
     assert_eq!(fx.l2.get("test!lease:k").await.unwrap(), None, "released");
 }
+
+/// The fixture's store, but a lease request (a `set_if_absent` of a lease key) answers only
+/// after `LATE`, once it has landed: a request that times out yet takes the lease.
+#[derive(Debug)]
+struct LateLeases(Arc<tierstack::core::testkit::MemoryStore>);
+
+const LATE: Duration = Duration::from_secs(5);
+
+#[async_trait::async_trait]
+impl tierstack::core::Store for LateLeases {
+    async fn get(&self, key: &str) -> tierstack::core::Result<Option<bytes::Bytes>> {
+        self.0.get(key).await
+    }
+    async fn set(
+        &self,
+        key: &str,
+        value: bytes::Bytes,
+        ttl: Duration,
+    ) -> tierstack::core::Result<()> {
+        self.0.set(key, value, ttl).await
+    }
+    async fn set_if_absent(
+        &self,
+        key: &str,
+        value: bytes::Bytes,
+        ttl: Duration,
+    ) -> tierstack::core::Result<bool> {
+        let taken = self.0.set_if_absent(key, value, ttl).await;
+        if key.contains("!lease:") {
+            tokio::time::sleep(LATE).await; // paused clock: the answer is late
+        }
+        taken
+    }
+    async fn replace(
+        &self,
+        key: &str,
+        value: bytes::Bytes,
+        ttl: Duration,
+    ) -> tierstack::core::Result<Option<bytes::Bytes>> {
+        self.0.replace(key, value, ttl).await
+    }
+    async fn compare_and_set(
+        &self,
+        key: &str,
+        expected: &[u8],
+        new: Option<(bytes::Bytes, Duration)>,
+    ) -> tierstack::core::Result<bool> {
+        self.0.compare_and_set(key, expected, new).await
+    }
+    async fn delete(&self, key: &str) -> tierstack::core::Result<bool> {
+        self.0.delete(key).await
+    }
+    async fn expire(&self, key: &str, ttl: Duration) -> tierstack::core::Result<bool> {
+        self.0.expire(key, ttl).await
+    }
+    async fn ttl(&self, key: &str) -> tierstack::core::Result<Option<Duration>> {
+        self.0.ttl(key).await
+    }
+    async fn delete_prefix(&self, prefix: &str) -> tierstack::core::Result<u64> {
+        self.0.delete_prefix(prefix).await
+    }
+    async fn ping(&self) -> tierstack::core::Result<()> {
+        self.0.ping().await
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lease_request_that_times_out_but_lands_is_released() {
+    let fx = Fixture::new();
+    let cache: TieredCache<String> = fx
+        .builder("test")
+        .l2(Arc::new(LateLeases(fx.l2.clone())))
+        .l2_timeout(Duration::from_millis(100))
+        .build()
+        .unwrap();
+    let fetched = cache
+        .get_or_load_with("k", &leased(), || async {
+            Ok::<_, std::io::Error>("v".to_string())
+        })
+        .await
+        .unwrap();
+    assert_eq!(fetched.value, "v");
+    assert_eq!(cache.stats().leases_unavailable, 1, "loaded without it");
+    tokio::time::sleep(Duration::from_millis(10)).await; // paused clock: the release runs
+    assert_eq!(
+        fx.l2.get("test!lease:k").await.unwrap(),
+        None,
+        "nobody waits for the lease's TTL"
+    );
+}

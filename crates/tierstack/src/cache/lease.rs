@@ -16,8 +16,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tierstack_core::Codec;
 use tierstack_core::backplane::Invalidation;
+use tierstack_core::{CacheError, Codec};
 use tokio::time::Instant;
 
 use super::Inner;
@@ -179,11 +179,13 @@ where
                     };
                 }
                 Ok(false) => {}
-                Err(_) if hard_deadline.is_some_and(|hard| Instant::now() >= hard) => {
+                Err(error) if hard_deadline.is_some_and(|hard| Instant::now() >= hard) => {
+                    self.release_if_landed(&error, store_key, token);
                     return Leased::TimedOut { watch, fallback };
                 }
                 // Down, or its breaker open: the origin answers, once per instance.
-                Err(_) => {
+                Err(error) => {
+                    self.release_if_landed(&error, store_key, token);
                     self.recorder.lease(LeaseOutcome::Unavailable);
                     return Leased::Load(ToLoad {
                         lease: None,
@@ -293,6 +295,19 @@ where
         }
         tokio::spawn(finish);
         None
+    }
+
+    /// A request for the lease that timed out may still have taken it: released (by its
+    /// token, so only if it did) in a task, so that the others need not wait for its TTL.
+    fn release_if_landed(self: &Arc<Self>, error: &CacheError, store_key: String, token: Bytes) {
+        if matches!(error, CacheError::Timeout { .. }) {
+            drop(HeldLease {
+                cache: Arc::clone(self),
+                store_key,
+                token,
+                held: true,
+            });
+        }
     }
 
     async fn announce_leased_load(self: &Arc<Self>, key: &str, options: &EntryOptions) {
