@@ -179,13 +179,12 @@ where
                     };
                 }
                 Ok(false) => {}
-                Err(error) if hard_deadline.is_some_and(|hard| Instant::now() >= hard) => {
-                    self.release_if_landed(&error, store_key, token);
-                    return Leased::TimedOut { watch, fallback };
-                }
-                // Down, or its breaker open: the origin answers, once per instance.
                 Err(error) => {
                     self.release_if_landed(&error, store_key, token);
+                    if hard_deadline.is_some_and(|hard| Instant::now() >= hard) {
+                        return Leased::TimedOut { watch, fallback };
+                    }
+                    // Down, or its breaker open: the origin answers, once per instance.
                     self.recorder.lease(LeaseOutcome::Unavailable);
                     return Leased::Load(ToLoad {
                         lease: None,
