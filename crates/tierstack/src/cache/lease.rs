@@ -154,29 +154,13 @@ where
             let asked = l2.set_if_absent(&store_key, token.clone(), settings.ttl());
             match self.l2_call(L2Op::Other, deadline, asked).await {
                 Ok(true) => {
-                    self.recorder.lease(LeaseOutcome::Taken);
                     let lease = HeldLease {
                         cache: Arc::clone(self),
                         store_key,
                         token,
                         held: true,
                     };
-                    // The lease may be free because its last holder has just finished: one
-                    // more look, so that its value answers instead of a second load.
-                    let watch = self.freshness.watch(&key);
-                    let looked = self.look_again(&asking, &watch, deadline).await;
-                    return match looked {
-                        Looked::Answered(outcome) => {
-                            lease.release().await;
-                            Leased::Answered(outcome)
-                        }
-                        Looked::Load { seen, fallback } => Leased::Load(ToLoad {
-                            lease: Some(lease),
-                            watch,
-                            seen,
-                            fallback,
-                        }),
-                    };
+                    return self.took_lease(lease, &key, &asking, deadline).await;
                 }
                 Ok(false) => {}
                 Err(error) => {
@@ -294,6 +278,31 @@ where
         }
         tokio::spawn(finish);
         None
+    }
+
+    /// This flight took the lease. It may be free because its last holder has just finished:
+    /// one more look, so that its value answers instead of a second load.
+    async fn took_lease(
+        self: &Arc<Self>,
+        lease: HeldLease<V, C>,
+        key: &str,
+        asking: &Asking<'_, V>,
+        deadline: Instant,
+    ) -> Leased<V, C> {
+        self.recorder.lease(LeaseOutcome::Taken);
+        let watch = self.freshness.watch(key);
+        match self.look_again(asking, &watch, deadline).await {
+            Looked::Answered(outcome) => {
+                lease.release().await;
+                Leased::Answered(outcome)
+            }
+            Looked::Load { seen, fallback } => Leased::Load(ToLoad {
+                lease: Some(lease),
+                watch,
+                seen,
+                fallback,
+            }),
+        }
     }
 
     /// A request for the lease that timed out may still have taken it: released (by its
