@@ -280,3 +280,71 @@ fn a_replay_cancelled_with_its_runtime_is_started_again_by_the_next_kept_write()
         assert!(fx.holds("test:one").await && fx.holds("test:two").await);
     });
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_kept_write_that_has_expired_is_not_served() {
+    let fx = Fixture::new();
+    let bus = MemoryBus::new();
+    let (a, a_l2) = instance(&fx, &bus, 100);
+    a_l2.set_failing(true);
+    let short = recovering().with_ttl(Duration::from_secs(1));
+    a.set_with("k", "short-lived".into(), &short).await.unwrap();
+    assert_eq!(a.get("k").await.unwrap(), Some("short-lived".into()));
+    fx.clock.advance(Duration::from_secs(2));
+    a.invalidate_local("k");
+    // Still down: the kept write is what this instance has, but it has expired.
+    assert_eq!(a.get("k").await.unwrap(), None);
+    assert_eq!(a.get_many(&["k"]).await.unwrap(), vec![None]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_later_write_of_another_instance_is_read_over_a_kept_one() {
+    let fx = Fixture::new();
+    let bus = MemoryBus::new();
+    let (a, a_l2) = instance(&fx, &bus, 100);
+    let (b, _) = instance(&fx, &bus, 100);
+    a_l2.set_failing(true);
+    a.set_with("k", "a's, kept".into(), &recovering())
+        .await
+        .unwrap();
+    fx.clock.advance(Duration::from_millis(5));
+    b.set("k", "b's, later".into()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(10)).await; // paused clock: A hears of it
+    // The L2 answers again before A's replay: A reads B's later write, not its own.
+    a_l2.set_failing(false);
+    assert_eq!(a.get("k").await.unwrap(), Some("b's, later".into()));
+    assert_eq!(
+        a.get_many(&["k"]).await.unwrap(),
+        vec![Some("b's, later".into())]
+    );
+    tokio::time::sleep(RETRY * 2).await; // paused clock: the replay
+    assert_eq!(a.stats().writes_superseded, 1);
+    assert_eq!(b.get("k").await.unwrap(), Some("b's, later".into()));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_value_loaded_after_a_kept_delete_is_cached_over_what_the_l2_holds() {
+    let fx = Fixture::new();
+    let bus = MemoryBus::new();
+    let (a, a_l2) = instance(&fx, &bus, 100);
+    let (b, _) = instance(&fx, &bus, 100);
+    b.set("k", "deleted".into()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(10)).await; // paused clock: A hears of it
+    fx.clock.advance(Duration::from_millis(5));
+    a_l2.set_failing(true);
+    assert!(a.delete_with("k", &recovering()).await.is_ok());
+    a_l2.set_failing(false);
+    fx.clock.advance(Duration::from_millis(5));
+    let loaded = a
+        .get_or_load("k", || async {
+            Ok::<_, std::io::Error>("reloaded".to_string())
+        })
+        .await
+        .unwrap();
+    assert_eq!(loaded, "reloaded");
+    a.wait_for_background_fills().await;
+    assert!(fx.holds("test:k").await, "the fill landed: {:?}", a.stats());
+    // The fill replaced the deleted value in L2; the replayed delete does not remove it.
+    tokio::time::sleep(RETRY * 2).await; // paused clock: the replay
+    assert_eq!(b.get("k").await.unwrap(), Some("reloaded".into()));
+}

@@ -348,7 +348,7 @@ where
             backplane_breaker: self
                 .backplane_circuit_breaker
                 .map(|breaker| Breaker::new(breaker, settings_l2_timeout)),
-            held: super::publish::Held::default(),
+            held: Arc::default(),
         });
         if let (Some(runtime), Some(backplane)) = (runtime, &inner.backplane) {
             Inner::listen(&inner, &runtime, backplane.subscribe());

@@ -282,21 +282,20 @@ where
                         .collect()
                 })
         };
-        let entries = match read {
-            Ok(entries) if entries.len() == refs.len() => entries,
+        let (entries, answered) = match read {
+            Ok(entries) if entries.len() == refs.len() => (entries, true),
             // A failed L2 (counted and logged) reads as misses.
-            Ok(_) | Err(_) => vec![None; refs.len()],
+            Ok(_) | Err(_) => (vec![None; refs.len()], false),
         };
         for ((&index, entry), snapshot) in missing.iter().zip(entries).zip(snapshots) {
             let key = keys[index].as_ref();
-            // A write kept for a replay is what this instance reads until it is replayed.
-            let entry = match self.kept_write(key) {
-                Some(kept) => Some((kept, Duration::ZERO)),
-                None => entry,
-            };
-            let read = match entry {
-                Some((bytes, ttl)) => self.classify(key, bytes, ttl, deadline).await,
-                None => L2Read::Miss { seen: None },
+            let read = match (self.kept_write(key), entry) {
+                (Some(kept), entry) => {
+                    self.read_with_kept(key, kept, entry, !answered, deadline)
+                        .await
+                }
+                (None, Some((bytes, ttl))) => self.classify(key, bytes, ttl, deadline).await,
+                (None, None) => L2Read::Miss { seen: None },
             };
             self.take_l2_read(key, index, read, options, snapshot, &mut looked);
         }

@@ -247,9 +247,9 @@ where
     /// inline, then the other instances are told and the lease is released, so that a waiter
     /// woken finds the value. How long the value is fresh as cached, if known.
     ///
-    /// A caller with a hard timeout does not wait for these three round trips (its wait for
-    /// the flight would end at that timeout, with its loaded value lost): they go on in a
-    /// task, and the value reports no TTL, since whether it is cached is not known yet.
+    /// A flight with a hard timeout does not wait for these three round trips (its caller's
+    /// wait would end at that timeout, with the loaded value lost): they go on in a task, and
+    /// the value reports no TTL, since whether it is cached is not known yet.
     pub(super) async fn finish_leased_load(
         self: &Arc<Self>,
         lease: HeldLease<V, C>,
@@ -273,10 +273,12 @@ where
             lease.release().await;
             cached_for
         };
-        if hard_deadline.is_none() {
+        let (Some(_), Ok(runtime)) = (hard_deadline, tokio::runtime::Handle::try_current()) else {
             return finish.await;
-        }
-        tokio::spawn(finish);
+        };
+        // Not awaited even while time is left: the caller's own wait for the flight ends at
+        // the same instant, and would win with a timeout whenever the two coincide.
+        runtime.spawn(finish);
         None
     }
 

@@ -131,7 +131,7 @@ struct Inner<V, C> {
     /// The backplane's circuit breaker, if the builder set one.
     backplane_breaker: Option<Breaker>,
     /// Invalidations held while the backplane's breaker is open.
-    held: publish::Held,
+    held: Arc<publish::Held>,
 }
 
 impl<V, C> Drop for Inner<V, C> {

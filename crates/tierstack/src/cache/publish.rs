@@ -119,6 +119,12 @@ impl Held {
         Some(self.take())
     }
 
+    /// The sending task is gone without stopping (none could be started, or it was cancelled
+    /// with its runtime): the next invalidation held starts another.
+    fn sender_gone(&self) {
+        self.lock().sender = false;
+    }
+
     fn is_empty(&self) -> bool {
         self.lock().is_empty()
     }
@@ -128,6 +134,29 @@ impl Held {
         self.state
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// The sending task's hold on the set: a task that ends without stopping (cancelled with its
+/// runtime, or panicked) lets the next invalidation held start another.
+struct SenderTask {
+    held: Arc<Held>,
+    stopped: bool,
+}
+
+impl SenderTask {
+    fn take_or_stop(&mut self) -> Option<Vec<Invalidation>> {
+        let taken = self.held.take_or_stop();
+        self.stopped = taken.is_none();
+        taken
+    }
+}
+
+impl Drop for SenderTask {
+    fn drop(&mut self) {
+        if !self.stopped {
+            self.held.sender_gone();
+        }
     }
 }
 
@@ -217,6 +246,7 @@ where
                 true,
             ),
         };
+        let mut held = false;
         if let Some(breaker) = &self.backplane_breaker {
             let outcome = Outcome::of(&result, timed_out, budget, self.settings.l2_timeout);
             let moved = breaker.record(admission, outcome);
@@ -224,8 +254,10 @@ where
                 self.recorder.circuit(Guarded::Backplane, state);
             }
             if moved == Some(CircuitState::Open) {
-                // This one is held too, with those that follow.
+                // This one is held too, with those that follow (and sent with them, not
+                // retried on its own).
                 self.hold(invalidation);
+                held = true;
             }
             if moved == Some(CircuitState::Closed) {
                 self.release_held();
@@ -238,7 +270,11 @@ where
             Ok(()) => Published::Sent,
             Err(error) => {
                 self.publish_failed(&error);
-                Published::Failed
+                if held {
+                    Published::Held
+                } else {
+                    Published::Failed
+                }
             }
         }
     }
@@ -255,16 +291,22 @@ where
             tokio::runtime::Handle::try_current(),
             &self.backplane_breaker,
         ) else {
-            // Nowhere to send from: sent when a publish closes the breaker.
+            // Nowhere to send from: sent when a publish closes the breaker, and the next one
+            // held starts a task.
+            self.held.sender_gone();
             return;
         };
         let every = breaker.open_for();
         let cache = Arc::downgrade(self);
+        let mut sender = SenderTask {
+            held: Arc::clone(&self.held),
+            stopped: false,
+        };
         runtime.spawn(async move {
             loop {
                 tokio::time::sleep(every).await;
                 let Some(this) = cache.upgrade() else { return };
-                let Some(held) = this.held.take_or_stop() else {
+                let Some(held) = sender.take_or_stop() else {
                     return;
                 };
                 this.send_held(held).await;
@@ -313,6 +355,31 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_sender_gone_without_stopping_lets_the_next_hold_start_another() {
+        let held = Arc::new(Held::default());
+        assert!(held.hold(&Invalidation::Keys(vec!["a".into()])));
+        let sender = SenderTask {
+            held: Arc::clone(&held),
+            stopped: false,
+        };
+        // Cancelled with its runtime while it slept.
+        drop(sender);
+        assert!(held.hold(&Invalidation::Keys(vec!["b".into()])));
+        let mut sender = SenderTask {
+            held: Arc::clone(&held),
+            stopped: false,
+        };
+        assert!(sender.take_or_stop().is_some());
+        assert!(sender.take_or_stop().is_none(), "stopped: nothing held");
+        drop(sender);
+        assert!(held.hold(&Invalidation::Keys(vec!["c".into()])));
+        assert!(
+            !held.hold(&Invalidation::Keys(vec!["d".into()])),
+            "one sender"
+        );
+    }
 
     #[test]
     fn held_keys_past_the_bound_become_everything() {

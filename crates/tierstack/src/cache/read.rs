@@ -289,20 +289,26 @@ where
         let Some(l2) = &self.l2 else {
             return Ok(L2Read::Miss { seen: None });
         };
-        if let Some(kept) = self.kept_write(key) {
-            return Ok(self.classify(key, kept, Duration::ZERO, deadline).await);
-        }
         let store_key = self.namespace.store_key(key);
         let found = if with_ttl {
             self.l2_call(L2Op::Get, deadline, l2.get_with_ttl(&store_key))
-                .await?
-                .map(|entry| (entry.value, entry.ttl))
+                .await
+                .map(|found| found.map(|entry| (entry.value, entry.ttl)))
         } else {
             self.l2_call(L2Op::Get, deadline, l2.get(&store_key))
-                .await?
-                .map(|value| (value, Duration::ZERO))
+                .await
+                .map(|found| found.map(|value| (value, Duration::ZERO)))
         };
-        Ok(match found {
+        if let Some(kept) = self.kept_write(key) {
+            let (found, l2_failed) = match found {
+                Ok(found) => (found, false),
+                Err(_) => (None, true),
+            };
+            return Ok(self
+                .read_with_kept(key, kept, found, l2_failed, deadline)
+                .await);
+        }
+        Ok(match found? {
             Some((bytes, ttl)) => self.classify(key, bytes, ttl, deadline).await,
             None => L2Read::Miss { seen: None },
         })

@@ -7,6 +7,7 @@
 //! write landing in between wins too.
 
 use std::sync::{Arc, Weak};
+use std::time::Duration;
 
 use bytes::Bytes;
 use serde::Serialize;
@@ -14,9 +15,11 @@ use serde::de::DeserializeOwned;
 use tierstack_core::backplane::Invalidation;
 use tierstack_core::envelope::Envelope;
 use tierstack_core::{CacheError, Codec, Result};
+use tokio::time::Instant;
 
 use super::Inner;
 use super::publish::KEYS_PER_MESSAGE;
+use super::read::L2Read;
 use crate::recovery::{Kept, Pushed, RecoveryQueue};
 use crate::stats::{L2Op, RecoveryOutcome};
 
@@ -29,7 +32,8 @@ enum Replayed {
     Superseded,
     /// The kept write's entry has expired meanwhile: nothing to replay.
     Expired,
-    /// This instance changed the key (or every key) while the replay ran: not written.
+    /// This instance wrote the key, or replaced or forgot the kept write (a later write, a
+    /// prefix delete), while the replay ran: not written.
     Overtaken,
 }
 
@@ -47,8 +51,8 @@ impl<V, C> Inner<V, C> {
 }
 
 impl<V, C> Inner<V, C> {
-    /// The bytes of the write of `key` kept for a replay, if any: until it is replayed, this
-    /// instance reads it in place of what the L2 holds (which it was meant to replace).
+    /// The bytes of the write of `key` kept for a replay, if any (see
+    /// [`read_with_kept`](Self::read_with_kept)).
     pub(super) fn kept_write(&self, key: &str) -> Option<Bytes> {
         self.recovery.as_ref()?.kept(key)
     }
@@ -87,6 +91,51 @@ where
                 self.start_replays(queue.settings().retry_interval());
                 true
             }
+        }
+    }
+
+    /// What a read of `key` sees while a write of it is kept: the later of the kept write and
+    /// what the L2 answered (`found`, unless `l2_failed`), by the write times both carry, the
+    /// kept one when the L2 failed (a recovered L2 may still hold what a kept delete removed).
+    /// A kept write that has expired reads as a miss; its replay still removes the older
+    /// value. A load after a kept write's miss replaces what the L2 holds, not the kept bytes.
+    pub(super) async fn read_with_kept(
+        &self,
+        key: &str,
+        kept: Bytes,
+        found: Option<(Bytes, Duration)>,
+        l2_failed: bool,
+        deadline: Instant,
+    ) -> L2Read<V> {
+        let kept_at = Envelope::parse::<C>(&kept, usize::MAX)
+            .map(|envelope| (envelope.written_at, envelope.expires_at));
+        let Ok((written_at, expires_at)) = kept_at else {
+            // Unreachable: the cache encoded these bytes itself.
+            return L2Read::Miss { seen: None };
+        };
+        if let (Some((bytes, ttl)), false) = (&found, l2_failed) {
+            let newer = Envelope::parse::<C>(bytes, usize::MAX)
+                .is_ok_and(|stored| stored.written_at > written_at);
+            if newer {
+                return self.classify(key, bytes.clone(), *ttl, deadline).await;
+            }
+        }
+        let stored = found.filter(|_| !l2_failed).map(|(bytes, _)| bytes);
+        if expires_at <= self.clock.now() {
+            return L2Read::Miss { seen: stored };
+        }
+        match self.classify(key, kept, Duration::ZERO, deadline).await {
+            L2Read::Miss { .. } => L2Read::Miss { seen: stored },
+            L2Read::Stale {
+                value,
+                expires_at,
+                bytes,
+            } => L2Read::Stale {
+                value,
+                expires_at,
+                bytes: stored.unwrap_or(bytes),
+            },
+            hit @ L2Read::Hit { .. } => hit,
         }
     }
 
@@ -137,7 +186,7 @@ where
             if !queue.holds(&key, &kept) {
                 continue;
             }
-            match self.replay_one(&key, &kept).await {
+            match self.replay_one(queue, &key, &kept).await {
                 Ok(Replayed::Written) => written.push(key.to_string()),
                 Ok(Replayed::Superseded) => {
                     self.evict_local(&key);
@@ -180,10 +229,12 @@ where
 
     /// Writes one kept write over what the L2 holds for `key`, unless that is newer.
     ///
-    /// The write itself is made under the key's lock, and only if nothing changed the key here
-    /// since the replay began: a prefix delete, a delete or a write of this instance either
-    /// comes after it (and removes or replaces it) or makes it stand down.
-    async fn replay_one(&self, key: &str, kept: &Kept) -> Result<Replayed> {
+    /// The write itself is made under the key's lock, and only if the kept write is still the
+    /// one kept and nothing wrote the key here since the replay began: a prefix delete (which
+    /// forgets the kept writes under it before it waits for the keys' locks and scans), a
+    /// delete or a write of this instance either comes after it (and removes or replaces it)
+    /// or makes it stand down.
+    async fn replay_one(&self, queue: &RecoveryQueue, key: &str, kept: &Kept) -> Result<Replayed> {
         let Some(l2) = &self.l2 else {
             return Ok(Replayed::Written);
         };
@@ -235,7 +286,7 @@ where
             else {
                 return Ok(Replayed::Overtaken);
             };
-            if !self.freshness.key_unchanged(&watch) {
+            if !self.freshness.own_key_unchanged(&watch) || !queue.holds(key, kept) {
                 return Ok(Replayed::Overtaken);
             }
             let ttl = now.until(expires_at);
