@@ -262,6 +262,11 @@ where
             .map(|&i| self.namespace.store_key(keys[i].as_ref()))
             .collect();
         let refs: Vec<&str> = store_keys.iter().map(String::as_str).collect();
+        // Looked at before the L2 call too (see `read_l2`).
+        let kept_before: Vec<Option<Bytes>> = missing
+            .iter()
+            .map(|&i| self.kept_write(keys[i].as_ref()))
+            .collect();
         let read = if self.l1.is_some() {
             self.l2_call(L2Op::Get, deadline, l2.get_many_with_ttl(&refs))
                 .await
@@ -287,9 +292,10 @@ where
             // A failed L2 (counted and logged) reads as misses.
             Ok(_) | Err(_) => (vec![None; refs.len()], false),
         };
-        for ((&index, entry), snapshot) in missing.iter().zip(entries).zip(snapshots) {
+        let reads = missing.iter().zip(entries).zip(snapshots).zip(kept_before);
+        for (((&index, entry), snapshot), kept_before) in reads {
             let key = keys[index].as_ref();
-            let read = match (self.kept_write(key), entry) {
+            let read = match (self.kept_write(key).or(kept_before), entry) {
                 (Some(kept), entry) => {
                     self.read_with_kept(key, kept, entry, !answered, deadline)
                         .await

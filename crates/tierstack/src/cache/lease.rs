@@ -240,9 +240,6 @@ where
         .await
     }
 
-    /// After a leased load: tells the instances waiting for the key that its value is in L2
-    /// (unless the call skips the backplane; they poll), whatever became of the write: a
-    /// value another writer stored meanwhile answers them as well.
     /// The end of a leased load: its value (`to_store`, if it is to be cached) goes to L2
     /// inline, then the other instances are told and the lease is released, so that a waiter
     /// woken finds the value. How long the value is fresh as cached, if known.
@@ -320,6 +317,9 @@ where
         }
     }
 
+    /// After a leased load: tells the instances waiting for the key that its value is in L2
+    /// (unless the call skips the backplane; they poll), whatever became of the write: a
+    /// value another writer stored meanwhile answers them as well.
     async fn announce_leased_load(self: &Arc<Self>, key: &str, options: &EntryOptions) {
         if options.skips().backplane {
             return;

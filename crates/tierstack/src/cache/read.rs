@@ -289,6 +289,9 @@ where
         let Some(l2) = &self.l2 else {
             return Ok(L2Read::Miss { seen: None });
         };
+        // Looked at before the L2 call too: a replay that finishes during the call removes the
+        // kept write, and the old value the call read must not then pass for current.
+        let kept_before = self.kept_write(key);
         let store_key = self.namespace.store_key(key);
         let found = if with_ttl {
             self.l2_call(L2Op::Get, deadline, l2.get_with_ttl(&store_key))
@@ -299,7 +302,7 @@ where
                 .await
                 .map(|found| found.map(|value| (value, Duration::ZERO)))
         };
-        if let Some(kept) = self.kept_write(key) {
+        if let Some(kept) = self.kept_write(key).or(kept_before) {
             let (found, l2_failed) = match found {
                 Ok(found) => (found, false),
                 Err(_) => (None, true),

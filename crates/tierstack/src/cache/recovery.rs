@@ -135,7 +135,11 @@ where
                 expires_at,
                 bytes: stored.unwrap_or(bytes),
             },
-            hit @ L2Read::Hit { .. } => hit,
+            L2Read::Hit { value, life, bytes } => L2Read::Hit {
+                value,
+                life,
+                bytes: stored.unwrap_or(bytes),
+            },
         }
     }
 
