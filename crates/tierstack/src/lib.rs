@@ -59,6 +59,7 @@ pub mod backend;
 mod breaker;
 mod burst_log;
 mod cache;
+pub mod dataset;
 mod error;
 mod events;
 mod fill;

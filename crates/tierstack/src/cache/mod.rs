@@ -157,6 +157,29 @@ where
     }
 }
 
+impl<V, C> TieredCache<V, C> {
+    /// The namespace of this cache.
+    pub fn namespace(&self) -> &str {
+        self.inner.namespace.as_str()
+    }
+
+    /// The L2, for the modules that keep records of their own beside the cache's entries (a
+    /// dataset's index and lease).
+    pub(crate) fn store(&self) -> Option<&Arc<dyn Store>> {
+        self.inner.l2.as_ref()
+    }
+
+    /// How long one L2 call may take.
+    pub(crate) fn l2_timeout(&self) -> Duration {
+        self.inner.settings.l2_timeout
+    }
+
+    /// The clock entries are written with.
+    pub(crate) fn clock(&self) -> &SharedClock {
+        &self.inner.clock
+    }
+}
+
 impl<V, C> TieredCache<V, C>
 where
     V: Clone + Send + Sync + Serialize + DeserializeOwned + 'static,
@@ -521,11 +544,6 @@ where
     /// The counters of this cache since it was built.
     pub fn stats(&self) -> CacheStats {
         self.inner.recorder.snapshot()
-    }
-
-    /// The namespace of this cache.
-    pub fn namespace(&self) -> &str {
-        self.inner.namespace.as_str()
     }
 }
 

@@ -1,0 +1,312 @@
+//! Refreshing datasets over the in-memory L2 and bus: the start, refreshes that write only what
+//! changed and remove what is gone, backoff while the source fails (the last good data served
+//! meanwhile), on-demand fills, shutdown, and two instances sharing one refresh per interval.
+//! Tokio's clock is paused (the schedule); the entries' times come from the fixture's clock.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::Fixture;
+use tierstack::TieredCache;
+use tierstack::core::Store as _;
+use tierstack::core::testkit::MemoryBus;
+use tierstack::dataset::{Dataset, DatasetError, DatasetEvent, Role};
+
+const EVERY: Duration = Duration::from_secs(60);
+
+/// A source table that tests change, fail, and count reads of.
+#[derive(Clone, Default)]
+struct Source {
+    rows: Arc<Mutex<HashMap<String, String>>>,
+    down: Arc<AtomicBool>,
+    reads: Arc<AtomicUsize>,
+    single_reads: Arc<AtomicUsize>,
+}
+
+impl Source {
+    fn with(rows: &[(&str, &str)]) -> Self {
+        let source = Self::default();
+        for (key, value) in rows {
+            source.put(key, value);
+        }
+        source
+    }
+
+    fn put(&self, key: &str, value: &str) {
+        self.rows.lock().unwrap().insert(key.into(), value.into());
+    }
+
+    fn remove(&self, key: &str) {
+        self.rows.lock().unwrap().remove(key);
+    }
+
+    fn set_down(&self, down: bool) {
+        self.down.store(down, Ordering::SeqCst);
+    }
+
+    fn reads(&self) -> usize {
+        self.reads.load(Ordering::SeqCst)
+    }
+
+    /// `fetch_all` over this source.
+    fn fetch_all(
+        &self,
+    ) -> impl Fn() -> std::future::Ready<Result<HashMap<String, String>, std::io::Error>>
+    + Send
+    + Sync
+    + 'static {
+        let source = self.clone();
+        move || {
+            source.reads.fetch_add(1, Ordering::SeqCst);
+            std::future::ready(if source.down.load(Ordering::SeqCst) {
+                Err(std::io::Error::other("the database is down"))
+            } else {
+                Ok(source.rows.lock().unwrap().clone())
+            })
+        }
+    }
+}
+
+fn cache(fx: &Fixture, bus: Option<&MemoryBus>) -> TieredCache<String> {
+    let builder = fx.builder("tools");
+    match bus {
+        Some(bus) => builder.backplane(Arc::new(bus.backplane())),
+        None => builder,
+    }
+    .build()
+    .unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dataset_is_loaded_at_start_and_served() {
+    let fx = Fixture::new();
+    let source = Source::with(&[("a", "1"), ("b", "2"), ("c", "3")]);
+    let tools = Dataset::builder(cache(&fx, None), source.fetch_all())
+        .refresh_every(EVERY)
+        .start()
+        .await
+        .unwrap();
+    assert_eq!(tools.get("a").await.unwrap(), Some("1".into()));
+    assert_eq!(tools.get("missing").await.unwrap(), None);
+    let state = tools.state();
+    assert_eq!((state.entries, state.generation, state.changed), (3, 1, 3));
+    assert_eq!(state.role, Role::Refresher);
+    assert!(state.last_refresh.is_some() && state.next_attempt.is_some());
+    let mut keys = tools.keys();
+    keys.sort();
+    assert_eq!(keys, ["a", "b", "c"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refresh_writes_what_changed_and_removes_what_is_gone() {
+    let fx = Fixture::new();
+    let source = Source::with(&[("same", "s"), ("changes", "old"), ("goes", "g")]);
+    let tools = Dataset::builder(cache(&fx, None), source.fetch_all())
+        .refresh_every(EVERY)
+        .start()
+        .await
+        .unwrap();
+    let mut events = tools.events();
+    source.put("changes", "new");
+    source.remove("goes");
+    source.put("comes", "c");
+    let writes_before = fx.faulty.calls();
+    tokio::time::sleep(EVERY).await; // paused clock: one refresh
+    let Ok(DatasetEvent::Refreshed(report)) = events.recv().await else {
+        panic!("no refresh");
+    };
+    assert_eq!((report.changed, report.removed, report.entries), (2, 1, 3));
+    assert_eq!(tools.get("changes").await.unwrap(), Some("new".into()));
+    assert_eq!(tools.get("comes").await.unwrap(), Some("c".into()));
+    assert_eq!(tools.get("goes").await.unwrap(), None);
+    assert!(!fx.holds("tools:goes").await);
+    // Two writes, one delete, the lease and the index: the unchanged entry was not rewritten.
+    let calls = fx.faulty.calls() - writes_before;
+    assert!(calls <= 8, "{calls} L2 calls");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failing_source_is_retried_with_backoff_while_the_last_good_data_is_served() {
+    let fx = Fixture::new();
+    let source = Source::with(&[("a", "1")]);
+    let tools = Dataset::builder(cache(&fx, None), source.fetch_all())
+        .refresh_every(EVERY)
+        .backoff(Duration::from_secs(1), Duration::from_secs(8))
+        .start()
+        .await
+        .unwrap();
+    let mut events = tools.events();
+    source.set_down(true);
+    let mut waits = Vec::new();
+    for expected in 1..=5 {
+        let DatasetEvent::RefreshFailed {
+            consecutive_failures,
+            retry_in,
+            error,
+        } = events.recv().await.unwrap()
+        else {
+            panic!("not a failure");
+        };
+        assert_eq!(consecutive_failures, expected);
+        assert!(matches!(*error, DatasetError::Fetch(_)), "{error:?}");
+        waits.push(retry_in);
+        // The last good data is served meanwhile.
+        assert_eq!(tools.get("a").await.unwrap(), Some("1".into()));
+    }
+    // Doubling from 1 s up to 8 s, each between half and all of it.
+    for (wait, full) in waits.iter().zip([1, 2, 4, 8, 8]) {
+        let full = Duration::from_secs(full);
+        assert!(*wait >= full / 2 && *wait <= full, "{waits:?}");
+    }
+    assert_eq!(tools.state().consecutive_failures, 5);
+    source.set_down(false);
+    source.put("a", "2");
+    loop {
+        if let DatasetEvent::Refreshed(report) = events.recv().await.unwrap() {
+            assert_eq!(report.changed, 1);
+            break;
+        }
+    }
+    assert_eq!(tools.state().consecutive_failures, 0);
+    assert_eq!(tools.get("a").await.unwrap(), Some("2".into()));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_start_retries_a_bounded_number_of_times() {
+    let fx = Fixture::new();
+    let source = Source::with(&[("a", "1")]);
+    source.set_down(true);
+    let error = Dataset::builder(cache(&fx, None), source.fetch_all())
+        .initial_attempts(3)
+        .start()
+        .await
+        .unwrap_err();
+    assert!(matches!(error, DatasetError::Fetch(_)), "{error:?}");
+    assert_eq!(source.reads(), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_missing_key_is_fetched_once_under_a_hundred_concurrent_callers() {
+    let fx = Fixture::new();
+    let source = Source::with(&[("a", "1")]);
+    let fetch_single = {
+        let source = source.clone();
+        move |key: String| {
+            let source = source.clone();
+            async move {
+                source.single_reads.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(20)).await; // paused clock: a query
+                Ok::<_, std::io::Error>(Some(format!("{key} on demand")))
+            }
+        }
+    };
+    let tools = Arc::new(
+        Dataset::builder(cache(&fx, None), source.fetch_all())
+            .fetch_single(fetch_single)
+            .start()
+            .await
+            .unwrap(),
+    );
+    let mut callers = Vec::new();
+    for _ in 0..100 {
+        let tools = Arc::clone(&tools);
+        callers.push(tokio::spawn(async move { tools.get("new").await.unwrap() }));
+    }
+    for caller in callers {
+        assert_eq!(caller.await.unwrap(), Some("new on demand".into()));
+    }
+    assert_eq!(source.single_reads.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_stops_the_refreshes_and_frees_the_lease() {
+    let fx = Fixture::new();
+    let source = Source::with(&[("a", "1")]);
+    let tools = Dataset::builder(cache(&fx, None), source.fetch_all())
+        .refresh_every(EVERY)
+        .start()
+        .await
+        .unwrap();
+    tokio::time::sleep(EVERY * 2 + EVERY / 2).await; // paused clock: two refreshes
+    assert_eq!(source.reads(), 3);
+    assert!(fx.l2.get("tools!dataset:lease").await.unwrap().is_some());
+    tools.shutdown().await;
+    assert_eq!(fx.l2.get("tools!dataset:lease").await.unwrap(), None);
+    tokio::time::sleep(EVERY * 10).await; // paused clock: nothing more runs
+    assert_eq!(source.reads(), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn two_instances_refresh_once_per_interval_and_both_serve_the_result() {
+    let fx = Fixture::new();
+    let bus = MemoryBus::new();
+    let source = Source::with(&[("a", "1")]);
+    let first = Dataset::builder(cache(&fx, Some(&bus)), source.fetch_all())
+        .refresh_every(EVERY)
+        .start()
+        .await
+        .unwrap();
+    tokio::time::sleep(EVERY / 3).await; // paused clock: the second starts out of phase
+    let second = Dataset::builder(cache(&fx, Some(&bus)), source.fetch_all())
+        .refresh_every(EVERY)
+        .start()
+        .await
+        .unwrap();
+    assert_eq!(second.state().role, Role::Follower);
+    assert_eq!(second.get("a").await.unwrap(), Some("1".into()));
+    assert_eq!(source.reads(), 1, "the second took the first's data");
+    source.put("a", "2");
+    tokio::time::sleep(EVERY * 5).await; // paused clock: five intervals
+    assert_eq!(source.reads(), 6, "one refresh per interval");
+    for dataset in [&first, &second] {
+        assert_eq!(dataset.get("a").await.unwrap(), Some("2".into()));
+        assert_eq!(dataset.state().generation, 6);
+    }
+    assert_eq!(first.state().role, Role::Refresher);
+    assert_eq!(second.state().role, Role::Follower);
+    // The refresher stops: the other takes over within an interval.
+    first.shutdown().await;
+    tokio::time::sleep(EVERY * 2).await; // paused clock
+    assert_eq!(second.state().role, Role::Refresher);
+}
+
+#[tokio::test(start_paused = true)]
+async fn settings_out_of_range_are_refused() {
+    let fx = Fixture::new();
+    let source = Source::default();
+    let refused = [
+        Dataset::builder(cache(&fx, None), source.fetch_all())
+            .refresh_every(EVERY)
+            .entry_ttl(EVERY)
+            .start()
+            .await,
+        Dataset::builder(cache(&fx, None), source.fetch_all())
+            .initial_attempts(0)
+            .start()
+            .await,
+        Dataset::builder(cache(&fx, None), source.fetch_all())
+            .backoff(Duration::from_secs(2), Duration::from_secs(1))
+            .start()
+            .await,
+        Dataset::builder(cache(&fx, None), source.fetch_all())
+            .refresh_every(Duration::ZERO)
+            .start()
+            .await,
+    ];
+    for (i, refused) in refused.into_iter().enumerate() {
+        let error = refused.unwrap_err();
+        assert!(
+            matches!(
+                error,
+                DatasetError::Cache(tierstack::CacheError::Configuration(_))
+            ),
+            "{i}: {error:?}"
+        );
+    }
+    assert_eq!(source.reads(), 0);
+}
