@@ -310,3 +310,32 @@ async fn settings_out_of_range_are_refused() {
     }
     assert_eq!(source.reads(), 0);
 }
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_cancels_a_fetch_under_way() {
+    let fx = Fixture::new();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let fetch_all = {
+        let calls = Arc::clone(&calls);
+        move || {
+            let call = calls.fetch_add(1, Ordering::SeqCst);
+            async move {
+                if call > 0 {
+                    tokio::time::sleep(Duration::from_secs(3600)).await; // paused clock: hangs
+                }
+                Ok::<_, std::io::Error>(vec![("a".to_string(), "1".to_string())])
+            }
+        }
+    };
+    let tools = Dataset::builder(cache(&fx, None), fetch_all)
+        .refresh_every(EVERY)
+        .fetch_timeout(Duration::from_secs(3000))
+        .start()
+        .await
+        .unwrap();
+    tokio::time::sleep(EVERY + Duration::from_secs(1)).await; // paused clock: it hangs
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    let stopping = tokio::time::Instant::now();
+    tools.shutdown().await;
+    assert_eq!(stopping.elapsed(), Duration::ZERO, "not waited for");
+}

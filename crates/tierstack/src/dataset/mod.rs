@@ -113,6 +113,9 @@ pub enum DatasetError {
     /// The cache or its L2 failed (the lease, the index).
     #[error(transparent)]
     Cache(#[from] CacheError),
+    /// The dataset was shut down while `fetch_all` ran.
+    #[error("the dataset was shut down")]
+    ShutDown,
     /// At start: another instance holds the refresh lease, and its data did not appear in the
     /// L2 within the fetch timeout.
     #[error("another instance is refreshing the dataset, and its data did not appear in time")]

@@ -178,17 +178,20 @@ where
             {
                 return;
             }
-            match unless_stopped(&mut stop, self.attempt()).await {
-                Some(next) => wait = next,
-                None => return,
+            // Not cancelled as a whole: a shutdown stops `fetch_all` only, and lets the writes
+            // of a refresh that has fetched run to their end (an entry half-written and never
+            // announced would leave other instances with their old copies).
+            wait = self.attempt(&mut stop).await;
+            if *stop.borrow() {
+                return;
             }
         }
     }
 
     /// One periodic attempt; the wait until the next.
-    async fn attempt(&self) -> Duration {
+    async fn attempt(&self, stop: &mut watch::Receiver<bool>) -> Duration {
         let attempted = match self.take_lease().await {
-            Ok(true) => self.refresh().await.map(Attempted::Refreshed),
+            Ok(true) => self.refresh(Some(stop)).await.map(Attempted::Refreshed),
             Ok(false) => self.follow().await.map(Attempted::Followed),
             Err(error) => Err(error.into()),
         };
@@ -205,6 +208,7 @@ where
                 let _ = self.events.send(DatasetEvent::Followed { generation });
                 self.settings.interval
             }
+            Err(DatasetError::ShutDown) => Duration::ZERO,
             Err(error) => self.failed(error),
         }
     }
@@ -254,7 +258,7 @@ where
 
     /// A refresh on this instance, reported as the periodic ones are.
     pub(super) async fn refresh_and_report(&self) -> Result<RefreshReport, DatasetError> {
-        match self.refresh().await {
+        match self.refresh(None).await {
             Ok(report) => {
                 self.succeeded(Role::Refresher);
                 self.metrics.refreshed(&report);
@@ -332,14 +336,23 @@ where
 
     /// One refresh: `fetch_all`, then the writes of what changed and the removals of what is
     /// gone, then the new index.
-    async fn refresh(&self) -> Result<RefreshReport, DatasetError> {
+    async fn refresh(
+        &self,
+        stop: Option<&mut watch::Receiver<bool>>,
+    ) -> Result<RefreshReport, DatasetError> {
         let _one_at_a_time = self.refreshing.lock().await;
         let started = tokio::time::Instant::now();
         let store = self.cache.store().cloned();
         let previous = self.current_index(store.as_ref()).await?;
         let limit = self.settings.fetch_timeout();
-        let fetched = tokio::time::timeout(limit, (self.fetch_all)())
-            .await
+        let fetch = tokio::time::timeout(limit, (self.fetch_all)());
+        let fetched = match stop {
+            Some(stop) => unless_stopped(stop, fetch)
+                .await
+                .ok_or(DatasetError::ShutDown)?,
+            None => fetch.await,
+        };
+        let fetched = fetched
             .map_err(|_| DatasetError::FetchTimedOut(limit))?
             .map_err(DatasetError::Fetch)?;
         let now = self.cache.clock().now().as_millis();
