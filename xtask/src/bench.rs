@@ -7,7 +7,8 @@ use crate::services::{Services, Which};
 /// The scenarios that need only Redis (or nothing); the rest need the Firestore emulator.
 const WITHOUT_FIRESTORE: &str = "l1_hit,failsafe_outage,eager_refresh,soft_timeout,\
                                  l2_hit_memory,stampede,l2_hit_redis,get_many_redis,\
-                                 write_through_redis,invalidation_lag,mixed_zipf,l2_outage";
+                                 write_through_redis,invalidation_lag,mixed_zipf,l2_outage,\
+                                 dataset_read";
 const WITH_FIRESTORE: &str = "l2_hit_firestore,get_many_firestore";
 
 /// The benchmark's phases: scenarios, the one server running while they run, and whether the
@@ -72,6 +73,7 @@ pub(crate) fn check() -> Result<(), String> {
         "eager_refresh",
         "soft_timeout",
         "l2_hit_memory",
+        "dataset_read",
         "stampede",
         "stampede_redis",
         "stampede_distributed",

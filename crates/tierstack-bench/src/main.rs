@@ -12,6 +12,7 @@
 //! - `--chart FILE.json` re-renders the chart of an earlier run.
 
 mod chart;
+mod dataset_scenarios;
 mod firestore_scenarios;
 mod harness;
 mod outage_scenarios;
@@ -144,6 +145,9 @@ fn run_scenarios(options: &RunOptions) -> Result<Vec<Record>, String> {
         }
         if options.wants("soft_timeout") {
             records.extend(policy_scenarios::soft_timeout(&sizes).await);
+        }
+        if options.wants("dataset_read") {
+            records.extend(dataset_scenarios::dataset_read(&sizes).await);
         }
         if options.wants("l2_hit_memory") {
             records.extend(scenarios::l2_hit_memory(&sizes).await);

@@ -17,11 +17,11 @@ use crate::harness::{
 
 const TTL: Duration = Duration::from_hours(1);
 
-fn keys(n: usize) -> Arc<Vec<String>> {
+pub(crate) fn keys(n: usize) -> Arc<Vec<String>> {
     Arc::new((0..n).map(|i| format!("key-{i:06}")).collect())
 }
 
-fn value(i: usize) -> String {
+pub(crate) fn value(i: usize) -> String {
     format!("value-{i:06}-{}", "x".repeat(24))
 }
 

@@ -405,6 +405,11 @@ where
     /// the cache's own errors (an invalid key).
     pub async fn get(&self, key: &str) -> Result<Option<V>, LoadError<SourceError>> {
         let shared = &self.shared;
+        // A live entry answers as for any read; the rest (a miss, a stale entry past its TTL,
+        // a key remembered as absent) goes the read-through way.
+        if let Some(value) = shared.cache.get(key).await.map_err(LoadError::Cache)? {
+            return Ok(Some(value));
+        }
         let fetched = if let Some(fetch_single) = &shared.fetch_single {
             let (fetch_single, owned) = (Arc::clone(fetch_single), key.to_owned());
             shared
