@@ -89,8 +89,8 @@ pub(crate) async fn dataset_read(sizes: &Sizes) -> Vec<Record> {
         }
     })
     .await;
-    let refreshed = dataset.dataset.state().generation;
-    eprintln!("dataset_read: {refreshed} refreshes of 10,000 entries during the run");
+    let generation = dataset.dataset.state().generation;
+    eprintln!("dataset_read: {generation} refreshes of 10,000 entries during the run");
     records(
         "dataset_read/1task",
         &["dataset (refreshing)", "plain cache L1 hit"],
