@@ -126,7 +126,10 @@ async fn a_refresh_writes_what_changed_and_removes_what_is_gone() {
     assert_eq!(tools.get("goes").await.unwrap(), None);
     assert!(!fx.holds("tools:goes").await);
     let same_after = fx.l2.get("tools:same").await.unwrap();
-    assert_eq!(same_before, same_after, "the unchanged entry was not rewritten");
+    assert_eq!(
+        same_before, same_after,
+        "the unchanged entry was not rewritten"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -157,10 +160,15 @@ async fn a_failing_source_is_retried_with_backoff_while_the_last_good_data_is_se
         // The last good data is served meanwhile.
         assert_eq!(tools.get("a").await.unwrap(), Some("1".into()));
     }
-    // Doubling from 1 s up to 8 s, each between half and all of it.
-    for (wait, full) in waits.iter().zip([1, 2, 4, 8, 8]) {
+    // Doubling from 1 s up to 8 s, each between half and all of it; at the third failure in a
+    // row the holder lets the lease go and waits an interval, for another to try.
+    for (n, (wait, full)) in waits.iter().zip([1, 2, 4, 8, 8]).enumerate() {
         let full = Duration::from_secs(full);
-        assert!(*wait >= full / 2 && *wait <= full, "{waits:?}");
+        if n == 2 {
+            assert_eq!(*wait, EVERY, "{waits:?}");
+        } else {
+            assert!(*wait >= full / 2 && *wait <= full, "{waits:?}");
+        }
     }
     assert_eq!(tools.state().consecutive_failures, 5);
     source.set_down(false);
@@ -328,7 +336,7 @@ async fn shutdown_cancels_a_fetch_under_way() {
     };
     let tools = Dataset::builder(cache(&fx, None), fetch_all)
         .refresh_every(EVERY)
-        .fetch_timeout(Duration::from_secs(3000))
+        .fetch_timeout(EVERY)
         .start()
         .await
         .unwrap();
@@ -337,4 +345,133 @@ async fn shutdown_cancels_a_fetch_under_way() {
     let stopping = tokio::time::Instant::now();
     tools.shutdown().await;
     assert_eq!(stopping.elapsed(), Duration::ZERO, "not waited for");
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_an_l2_each_instance_refreshes_for_itself() {
+    let source = Source::with(&[("a", "1")]);
+    let cache: TieredCache<String> = TieredCache::builder("local").build().unwrap();
+    let tools = Dataset::builder(cache, source.fetch_all())
+        .refresh_every(EVERY)
+        .start()
+        .await
+        .unwrap();
+    source.put("a", "2");
+    tokio::time::sleep(EVERY + EVERY / 2).await; // paused clock: one refresh
+    assert_eq!(tools.get("a").await.unwrap(), Some("2".into()));
+    assert_eq!(tools.state().role, Role::Refresher);
+}
+
+#[tokio::test(start_paused = true)]
+async fn past_their_ttl_entries_are_served_stale_while_the_source_is_down() {
+    let fx = Fixture::new();
+    let source = Source::with(&[("a", "1")]);
+    let tools = Dataset::builder(cache(&fx, None), source.fetch_all())
+        .refresh_every(EVERY)
+        .entry_ttl(EVERY * 2)
+        .start()
+        .await
+        .unwrap();
+    source.set_down(true);
+    fx.clock.advance(EVERY * 3);
+    tokio::time::sleep(EVERY * 3).await; // paused clock: failed attempts
+    assert!(tools.state().consecutive_failures > 0);
+    assert_eq!(
+        tools.get("a").await.unwrap(),
+        Some("1".into()),
+        "served stale"
+    );
+    assert_eq!(tools.get("never").await.unwrap(), None);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_unchanged_entry_is_rewritten_once_half_its_ttl_has_passed() {
+    let fx = Fixture::new();
+    let source = Source::with(&[("a", "1")]);
+    let tools = Dataset::builder(cache(&fx, None), source.fetch_all())
+        .refresh_every(EVERY)
+        .entry_ttl(EVERY * 4)
+        .start()
+        .await
+        .unwrap();
+    let before = fx.l2.get("tools:a").await.unwrap();
+    tokio::time::sleep(EVERY + EVERY / 2).await; // paused clock: a refresh, nothing old
+    assert_eq!(fx.l2.get("tools:a").await.unwrap(), before);
+    fx.clock.advance(EVERY * 3);
+    tokio::time::sleep(EVERY).await; // paused clock: the next, past half the TTL
+    assert_ne!(
+        fx.l2.get("tools:a").await.unwrap(),
+        before,
+        "rewritten to live on"
+    );
+    assert_eq!(tools.state().changed, 0, "an aged entry is no change");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_version_decides_what_changed() {
+    let fx = Fixture::new();
+    let source = Source::with(&[("a", "v1 first")]);
+    let tools = Dataset::builder(cache(&fx, None), source.fetch_all())
+        .refresh_every(EVERY)
+        // The version is the text before the space.
+        .version(|value: &String| u64::from(value.as_bytes()[1] - b'0'))
+        .start()
+        .await
+        .unwrap();
+    source.put("a", "v1 edited without a new version");
+    tokio::time::sleep(EVERY + EVERY / 2).await; // paused clock: a refresh
+    assert_eq!(tools.get("a").await.unwrap(), Some("v1 first".into()));
+    source.put("a", "v2 second");
+    tokio::time::sleep(EVERY).await; // paused clock: a refresh
+    assert_eq!(tools.get("a").await.unwrap(), Some("v2 second".into()));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_l2_that_fails_a_refresh_gets_its_writes_at_the_next() {
+    let fx = Fixture::new();
+    let source = Source::with(&[("a", "1")]);
+    let tools = Dataset::builder(cache(&fx, None), source.fetch_all())
+        .refresh_every(EVERY)
+        .start()
+        .await
+        .unwrap();
+    let mut events = tools.events();
+    source.put("a", "2");
+    fx.faulty.set_failing(true);
+    let DatasetEvent::RefreshFailed { error, .. } = events.recv().await.unwrap() else {
+        panic!("not a failure");
+    };
+    assert!(matches!(*error, DatasetError::Cache(_)), "{error:?}");
+    fx.faulty.set_failing(false);
+    loop {
+        if let DatasetEvent::Refreshed(report) = events.recv().await.unwrap() {
+            assert_eq!(report.changed, 1);
+            break;
+        }
+    }
+    assert_eq!(tools.get("a").await.unwrap(), Some("2".into()));
+}
+
+#[tokio::test(start_paused = true)]
+async fn refresh_now_refreshes_on_the_holder_and_tells_a_follower_who_does() {
+    let fx = Fixture::new();
+    let bus = MemoryBus::new();
+    let source = Source::with(&[("a", "1")]);
+    let first = Dataset::builder(cache(&fx, Some(&bus)), source.fetch_all())
+        .start()
+        .await
+        .unwrap();
+    let second = Dataset::builder(cache(&fx, Some(&bus)), source.fetch_all())
+        .start()
+        .await
+        .unwrap();
+    source.put("a", "2");
+    let report = first.refresh_now().await.unwrap();
+    assert_eq!((report.changed, report.generation), (1, 2));
+    assert!(matches!(
+        second.refresh_now().await,
+        Err(DatasetError::NotRefresher)
+    ));
+    tokio::time::sleep(Duration::from_millis(10)).await; // paused clock: the invalidation
+    assert_eq!(second.get("a").await.unwrap(), Some("2".into()));
 }

@@ -113,6 +113,14 @@ pub enum DatasetError {
     /// The cache or its L2 failed (the lease, the index).
     #[error(transparent)]
     Cache(#[from] CacheError),
+    /// Another instance holds the refresh lease: it refreshes (for
+    /// [`refresh_now`](Dataset::refresh_now), at its next interval).
+    #[error("another instance holds the dataset's refresh lease")]
+    NotRefresher,
+    /// Another refresh stored its index first (a refresh that outlasted the lease ran beside
+    /// another): this one's writes stand, and the next refresh starts from that index.
+    #[error("another refresh stored the dataset's index first")]
+    Conflict,
     /// The dataset was shut down while `fetch_all` ran.
     #[error("the dataset was shut down")]
     ShutDown,
@@ -172,9 +180,18 @@ impl Settings {
         }
         validate_ttl(self.stale_for)
             .map_err(|e| CacheError::Configuration(format!("stale_for: {e}")))?;
-        if self.fetch_timeout().is_zero() || self.initial_attempts == 0 {
-            return invalid("fetch_timeout and initial_attempts must not be zero".into());
+        if self.fetch_timeout().is_zero() || self.fetch_timeout() > self.interval {
+            return invalid(format!(
+                "fetch_timeout must be above zero and at most refresh_every ({:?}), not {:?}",
+                self.interval,
+                self.fetch_timeout()
+            ));
         }
+        if self.initial_attempts == 0 {
+            return invalid("initial_attempts must not be zero".into());
+        }
+        validate_ttl(self.backoff_to())
+            .map_err(|e| CacheError::Configuration(format!("backoff: {e}")))?;
         if self.backoff_from().is_zero() || self.backoff_to() < self.backoff_from() {
             return invalid(format!(
                 "backoff must start above zero and not end below its start, not {:?}..{:?}",
@@ -321,7 +338,7 @@ where
         Ok(Dataset {
             shared,
             stop,
-            task: Some(task),
+            task: tokio::sync::Mutex::new(Some(task)),
         })
     }
 }
@@ -332,7 +349,7 @@ where
 pub struct Dataset<V, C = BincodeCodec> {
     shared: Arc<Shared<V, C>>,
     stop: watch::Sender<bool>,
-    task: Option<JoinHandle<()>>,
+    task: tokio::sync::Mutex<Option<JoinHandle<()>>>,
 }
 
 impl<V, C> fmt::Debug for Dataset<V, C> {
@@ -343,16 +360,16 @@ impl<V, C> fmt::Debug for Dataset<V, C> {
     }
 }
 
-impl<V> Dataset<V, BincodeCodec>
+impl<V, C> Dataset<V, C>
 where
     V: Clone + Send + Sync + Serialize + DeserializeOwned + 'static,
+    C: Codec,
 {
     /// A dataset over `cache`, read whole by `fetch_all` (any collection of key and value
     /// pairs; a key that appears twice keeps its last value). Nothing runs until
     /// [`start`](DatasetBuilder::start).
-    pub fn builder<C, F, Fut, I, E>(cache: TieredCache<V, C>, fetch_all: F) -> DatasetBuilder<V, C>
+    pub fn builder<F, Fut, I, E>(cache: TieredCache<V, C>, fetch_all: F) -> DatasetBuilder<V, C>
     where
-        C: Codec,
         F: Fn() -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<I, E>> + Send + 'static,
         I: IntoIterator<Item = (String, V)>,
@@ -430,12 +447,13 @@ where
         }
     }
 
-    /// Refreshes the dataset now, on this instance, whichever instance holds the refresh lease
-    /// (after a change the source announced, say). The periodic refreshes go on as before.
+    /// Refreshes the dataset now (after a change the source announced, say), if this instance
+    /// holds the refresh lease or can take it. The periodic refreshes go on as before.
     ///
     /// # Errors
     ///
-    /// As a refresh fails: [`DatasetError`].
+    /// [`DatasetError::NotRefresher`] if another instance holds the lease (it refreshes at its
+    /// next interval); otherwise as a refresh fails.
     pub async fn refresh_now(&self) -> Result<RefreshReport, DatasetError> {
         self.shared.refresh_and_report().await
     }
@@ -458,10 +476,10 @@ where
 
     /// Stops refreshing: waits for a refresh under way to finish its writes (a `fetch_all`
     /// still running is cancelled), then releases the refresh lease so that another instance
-    /// takes over at its next attempt. The entries stay in the cache.
-    pub async fn shutdown(mut self) {
+    /// takes over at its next attempt. The entries stay in the cache, and reads go on.
+    pub async fn shutdown(&self) {
         self.stop.send_replace(true);
-        if let Some(task) = self.task.take() {
+        if let Some(task) = self.task.lock().await.take() {
             // A panic of the task has been reported by the runtime already.
             let _ = task.await;
         }
@@ -470,10 +488,10 @@ where
 }
 
 impl<V, C> Drop for Dataset<V, C> {
+    /// Stops the refreshes as [`shutdown`](Dataset::shutdown) does, without waiting: a
+    /// refresh under way finishes its writes in its task. The lease then runs out.
     fn drop(&mut self) {
-        if let Some(task) = self.task.take() {
-            task.abort();
-        }
+        self.stop.send_replace(true);
     }
 }
 

@@ -23,6 +23,9 @@ use crate::options::EntryOptions;
 
 /// How often a starting follower looks for the refresher's index.
 const START_POLL: Duration = Duration::from_millis(50);
+/// After this many failed attempts in a row, the holder lets the lease go: perhaps only it
+/// cannot reach the source.
+const LET_GO_AFTER: u32 = 3;
 
 /// What the dataset's task and handle share.
 pub(super) struct Shared<V, C> {
@@ -134,16 +137,17 @@ where
     pub(super) async fn start(&self) -> Result<(), DatasetError> {
         let mut failures = 0;
         loop {
-            let attempt = match self.take_lease().await {
-                Ok(true) => self.refresh_and_report().await.map(|_| ()),
-                Ok(false) => self.wait_for_refresher().await,
-                Err(error) => Err(error.into()),
+            let attempt = match self.refresh_and_report().await {
+                Err(DatasetError::NotRefresher) => self.wait_for_refresher().await,
+                other => other.map(|_| ()),
             };
             match attempt {
                 Ok(()) => return Ok(()),
                 Err(error) => {
                     failures += 1;
                     if failures >= self.settings.initial_attempts {
+                        // The instances that start next need not wait for this one's lease.
+                        self.release_lease().await;
                         return Err(error);
                     }
                     tokio::time::sleep(self.backoff(failures)).await;
@@ -169,19 +173,23 @@ where
 
     /// The periodic attempts, until `stop` says so.
     pub(super) async fn run(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
-        let mut wait = self.settings.interval;
+        let mut next = tokio::time::Instant::now() + self.settings.interval;
         loop {
-            self.status().next_attempt = Some(SystemTime::now() + wait);
-            if unless_stopped(&mut stop, tokio::time::sleep(wait))
+            let wait = next.saturating_duration_since(tokio::time::Instant::now());
+            self.status().next_attempt = SystemTime::now().checked_add(wait);
+            if unless_stopped(&mut stop, tokio::time::sleep_until(next))
                 .await
                 .is_none()
             {
                 return;
             }
+            // Counted from each attempt's start, so that the lease's holder renews it every
+            // interval however long its refreshes take.
+            let began = tokio::time::Instant::now();
             // Not cancelled as a whole: a shutdown stops `fetch_all` only, and lets the writes
             // of a refresh that has fetched run to their end (an entry half-written and never
             // announced would leave other instances with their old copies).
-            wait = self.attempt(&mut stop).await;
+            next = began + self.attempt(&mut stop).await;
             if *stop.borrow() {
                 return;
             }
@@ -190,10 +198,10 @@ where
 
     /// One periodic attempt; the wait until the next.
     async fn attempt(&self, stop: &mut watch::Receiver<bool>) -> Duration {
-        let attempted = match self.take_lease().await {
-            Ok(true) => self.refresh(Some(stop)).await.map(Attempted::Refreshed),
-            Ok(false) => self.follow().await.map(Attempted::Followed),
-            Err(error) => Err(error.into()),
+        let known = self.known_index().generation;
+        let attempted = match self.refresh(Some(stop)).await {
+            Err(DatasetError::NotRefresher) => self.follow().await.map(Attempted::Followed),
+            other => other.map(Attempted::Refreshed),
         };
         match attempted {
             Ok(Attempted::Refreshed(report)) => {
@@ -203,13 +211,20 @@ where
                 self.settings.interval
             }
             Ok(Attempted::Followed(generation)) => {
-                self.succeeded(Role::Follower);
-                self.metrics.followed(self.known_index().entries.len());
+                if generation > known {
+                    // Someone refreshed: the source answers again.
+                    self.succeeded(Role::Follower);
+                    self.metrics.followed(self.known_index().entries.len());
+                } else {
+                    // Failures counted here stand while the holder fails too, so that the
+                    // backoff goes on growing when the lease changes hands.
+                    self.status().role = Role::Follower;
+                }
                 let _ = self.events.send(DatasetEvent::Followed { generation });
                 self.settings.interval
             }
             Err(DatasetError::ShutDown) => Duration::ZERO,
-            Err(error) => self.failed(error),
+            Err(error) => self.failed(error).await,
         }
     }
 
@@ -220,9 +235,15 @@ where
     }
 
     /// Counts a failed attempt, and tells of it; the wait until the next.
-    fn failed(&self, error: DatasetError) -> Duration {
+    async fn failed(&self, error: DatasetError) -> Duration {
         let failures = self.count_failure(&error);
-        let retry_in = self.backoff(failures);
+        let mut retry_in = self.backoff(failures);
+        if failures.is_multiple_of(LET_GO_AFTER) && self.cache.store().is_some() {
+            // Perhaps only this instance cannot reach the source: the lease is let go, and
+            // this instance waits an interval, so that another may take it at its attempt.
+            self.release_lease().await;
+            retry_in = retry_in.max(self.settings.interval);
+        }
         let _ = self.events.send(DatasetEvent::RefreshFailed {
             error: Arc::new(error),
             consecutive_failures: failures,
@@ -265,6 +286,8 @@ where
                 let _ = self.events.send(DatasetEvent::Refreshed(report.clone()));
                 Ok(report)
             }
+            // Not a failure: the holder refreshes.
+            Err(DatasetError::NotRefresher) => Err(DatasetError::NotRefresher),
             Err(error) => {
                 self.count_failure(&error);
                 Err(error)
@@ -319,31 +342,67 @@ where
 
     /// The index a refresh starts from: the L2's (another instance may have refreshed last),
     /// else the one known here.
-    async fn current_index(&self, store: Option<&Arc<dyn Store>>) -> CacheResult<Arc<Index>> {
+    /// The index a refresh starts from: the L2's (another instance may have refreshed last),
+    /// else the one known here; and the bytes read, which the new index must replace.
+    async fn current_index(
+        &self,
+        store: Option<&Arc<dyn Store>>,
+    ) -> CacheResult<(Arc<Index>, Option<Bytes>)> {
+        let mut read = None;
         if let Some(store) = store {
-            let key = self.index_key();
-            if let Some(index) = self
-                .l2("get", store.get(&key))
-                .await?
-                .as_deref()
-                .and_then(Index::decode)
-            {
+            read = self.l2("get", store.get(&self.index_key())).await?;
+            if let Some(index) = read.as_deref().and_then(Index::decode) {
                 self.know(Arc::new(index));
             }
         }
-        Ok(self.known_index())
+        Ok((self.known_index(), read))
     }
 
-    /// One refresh: `fetch_all`, then the writes of what changed and the removals of what is
-    /// gone, then the new index.
+    /// Stores `next` over exactly the index the refresh read (`read`): a refresh that ran
+    /// beside this one and stored first wins, and this one fails (it is tried again).
+    async fn store_index(
+        &self,
+        store: &Arc<dyn Store>,
+        next: &Index,
+        read: Option<Bytes>,
+    ) -> Result<(), DatasetError> {
+        let lives = self
+            .settings
+            .entry_ttl()
+            .saturating_add(self.settings.stale_for);
+        let bytes = next.encode(self.cache.clock().now(), lives)?;
+        let key = self.index_key();
+        let stored = match read {
+            Some(read) => {
+                let replace = store.compare_and_set(&key, &read, Some((bytes, lives)));
+                self.l2("set", replace).await?
+            }
+            None => {
+                self.l2("set", store.set_if_absent(&key, bytes, lives))
+                    .await?
+            }
+        };
+        if stored {
+            Ok(())
+        } else {
+            Err(DatasetError::Conflict)
+        }
+    }
+
+    /// One refresh, if this instance holds the refresh lease (else `NotRefresher`):
+    /// `fetch_all`, the lease renewed, then the writes of what changed and the removals of what
+    /// is gone, then the new index.
     async fn refresh(
         &self,
         stop: Option<&mut watch::Receiver<bool>>,
     ) -> Result<RefreshReport, DatasetError> {
         let _one_at_a_time = self.refreshing.lock().await;
+        if !self.take_lease().await? {
+            return Err(DatasetError::NotRefresher);
+        }
         let started = tokio::time::Instant::now();
         let store = self.cache.store().cloned();
-        let previous = self.current_index(store.as_ref()).await?;
+        let (previous, read) = self.current_index(store.as_ref()).await?;
         let limit = self.settings.fetch_timeout();
         let fetch = tokio::time::timeout(limit, (self.fetch_all)());
         let fetched = match stop {
@@ -355,6 +414,11 @@ where
         let fetched = fetched
             .map_err(|_| DatasetError::FetchTimedOut(limit))?
             .map_err(DatasetError::Fetch)?;
+        // Renewed before anything is written: if it lapsed during the fetch and another
+        // instance took it, that one refreshes, not this one.
+        if !self.take_lease().await? {
+            return Err(DatasetError::NotRefresher);
+        }
         let now = self.cache.clock().now().as_millis();
         let mut plan = self.plan(&previous, fetched, now);
         self.apply(&previous, &mut plan, now).await;
@@ -363,18 +427,14 @@ where
         next.took = u64::try_from(took.as_millis()).unwrap_or(u64::MAX);
         next.refreshed_at = self.cache.clock().now().as_millis();
         let next = Arc::new(next);
+        // Known here before it is stored: a store that refuses it (too large, down) must not
+        // make the next refresh start again from the old one.
+        self.know(Arc::clone(&next));
         // Stored even when some writes failed: what did land is known, and the rest is
         // written again next time.
         if let Some(store) = &store {
-            let lives = self
-                .settings
-                .entry_ttl()
-                .saturating_add(self.settings.stale_for);
-            let bytes = next.encode(self.cache.clock().now(), lives)?;
-            self.l2("set", store.set(&self.index_key(), bytes, lives))
-                .await?;
+            self.store_index(store, &next, read).await?;
         }
-        self.know(Arc::clone(&next));
         if let Some(first) = plan.first_error {
             return Err(DatasetError::Apply {
                 failed: plan.failed,
@@ -400,7 +460,7 @@ where
             u64::try_from((self.settings.entry_ttl() / 2).as_millis()).unwrap_or(u64::MAX);
         let mut plan = Plan {
             next: Index {
-                generation: previous.generation + 1,
+                generation: previous.generation.saturating_add(1),
                 entries: HashMap::with_capacity(fetched.len()),
                 ..Index::default()
             },
@@ -420,7 +480,7 @@ where
                 None => match fingerprint(&value) {
                     Ok(fingerprint) => fingerprint,
                     Err(error) => {
-                        plan.failure(error);
+                        plan.keep(previous, key, error);
                         continue;
                     }
                 },
@@ -498,12 +558,15 @@ impl<V> Plan<V> {
         self.first_error.get_or_insert(error);
     }
 
-    /// A write or removal of `key` failed: the key stays in the index as it was, so that the
-    /// next refresh does it again.
+    /// A write or removal of `key` failed: the key stays in the index as it was (a new key
+    /// with a stamp that matches no value: the write may have landed all the same), so that
+    /// the next refresh writes or removes it again.
     fn keep(&mut self, previous: &Index, key: String, error: CacheError) {
-        if let Some(stamp) = previous.entries.get(&key) {
-            self.next.entries.insert(key, *stamp);
-        }
+        let stamp = previous.entries.get(&key).copied().unwrap_or(Stamp {
+            fingerprint: 0,
+            written_at: 0,
+        });
+        self.next.entries.insert(key, stamp);
         self.failure(error);
     }
 }
