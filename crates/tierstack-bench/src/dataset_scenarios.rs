@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use tierstack::TieredCache;
 use tierstack::dataset::Dataset;
+use tierstack::{FailSafe, TieredCache};
 use tierstack_moka::{L1Capacity, MokaStore};
 
 use crate::harness::{
@@ -67,9 +67,20 @@ pub(crate) async fn dataset_read(sizes: &Sizes) -> Vec<Record> {
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     let plain = cache("plain", keys.len());
+    // The same cache with entries written as the dataset writes them (fail-safe), not
+    // refreshing: what of the difference the entries' kind accounts for.
+    let fail_safe = cache("fail_safe", keys.len());
+    let fail_safe_options = fail_safe
+        .default_options()
+        .with_ttl(Duration::from_secs(600))
+        .with_fail_safe(FailSafe::new(Duration::from_secs(24 * 3600)));
     for (i, key) in keys.iter().enumerate() {
         plain
             .set(key, value(i))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        fail_safe
+            .set_with(key, value(i), &fail_safe_options)
             .await
             .unwrap_or_else(|e| panic!("{e}"));
     }
@@ -77,14 +88,24 @@ pub(crate) async fn dataset_read(sizes: &Sizes) -> Vec<Record> {
         dataset,
         keys: Arc::clone(&keys),
     });
+    let fail_safe = Arc::new(TieredGet {
+        cache: fail_safe,
+        keys: Arc::clone(&keys),
+    });
     let plain = Arc::new(TieredGet { cache: plain, keys });
     let order = shuffled(sizes.keys);
-    let rounds = interleave(2, sizes.rounds, |system| {
-        let (dataset, plain, order) = (dataset.clone(), plain.clone(), order.clone());
+    let rounds = interleave(3, sizes.rounds, |system| {
+        let (dataset, plain, fail_safe, order) = (
+            dataset.clone(),
+            plain.clone(),
+            fail_safe.clone(),
+            order.clone(),
+        );
         async move {
             match system {
                 0 => run_round(&dataset, &order, 1, sizes.ops_per_task).await,
-                _ => run_round(&plain, &order, 1, sizes.ops_per_task).await,
+                1 => run_round(&plain, &order, 1, sizes.ops_per_task).await,
+                _ => run_round(&fail_safe, &order, 1, sizes.ops_per_task).await,
             }
         }
     })
@@ -93,7 +114,11 @@ pub(crate) async fn dataset_read(sizes: &Sizes) -> Vec<Record> {
     eprintln!("dataset_read: {generation} refreshes of 10,000 entries during the run");
     records(
         "dataset_read/1task",
-        &["dataset (refreshing)", "plain cache L1 hit"],
+        &[
+            "dataset (refreshing)",
+            "plain cache L1 hit",
+            "fail-safe entry L1 hit",
+        ],
         1,
         &rounds,
     )

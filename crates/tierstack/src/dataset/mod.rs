@@ -41,8 +41,9 @@
 //! within one and a half intervals. Without an L2, every instance refreshes for itself.
 //!
 //! A refresh that fails (the source is down, too slow, or the L2 fails) is retried with an
-//! exponential backoff with jitter; meanwhile the entries stay, and past their TTL they are
-//! served stale (fail-safe) for `stale_for`.
+//! exponential backoff with jitter; meanwhile the entries stay. They live `entry_ttl` (a day by
+//! default) and refreshes rewrite an unchanged one once half of that has passed, so the last
+//! good data outlives an outage of at least half the TTL.
 
 mod index;
 mod refresh;
@@ -56,7 +57,7 @@ use std::time::Duration;
 use futures_util::future::BoxFuture;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tierstack_core::store::validate_ttl;
+use tierstack_core::store::{MAX_TTL, validate_ttl};
 use tierstack_core::{BincodeCodec, BoxError, CacheError, Codec};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -135,7 +136,6 @@ pub enum DatasetError {
 struct Settings {
     interval: Duration,
     entry_ttl: Option<Duration>,
-    stale_for: Duration,
     fetch_timeout: Option<Duration>,
     initial_attempts: u32,
     backoff_from: Option<Duration>,
@@ -145,7 +145,12 @@ struct Settings {
 
 impl Settings {
     fn entry_ttl(&self) -> Duration {
-        self.entry_ttl.unwrap_or(self.interval.saturating_mul(10))
+        self.entry_ttl.unwrap_or_else(|| {
+            self.interval
+                .saturating_mul(10)
+                .max(Duration::from_secs(24 * 3600))
+                .min(MAX_TTL)
+        })
     }
 
     fn fetch_timeout(&self) -> Duration {
@@ -178,8 +183,6 @@ impl Settings {
                 self.interval
             ));
         }
-        validate_ttl(self.stale_for)
-            .map_err(|e| CacheError::Configuration(format!("stale_for: {e}")))?;
         if self.fetch_timeout().is_zero() || self.fetch_timeout() > self.interval {
             return invalid(format!(
                 "fetch_timeout must be above zero and at most refresh_every ({:?}), not {:?}",
@@ -265,19 +268,12 @@ where
         self
     }
 
-    /// How long an entry lives unless a refresh rewrites it (default ten intervals; at least
-    /// two). Unchanged entries are rewritten once half of it has passed.
+    /// How long an entry lives unless a refresh rewrites it (default a day, or ten intervals
+    /// if longer; at least two intervals). Unchanged entries are rewritten once half of it has
+    /// passed, so the last good data outlives an outage of the source of at least half of it.
     #[must_use]
     pub fn entry_ttl(mut self, ttl: Duration) -> Self {
         self.settings.entry_ttl = Some(ttl);
-        self
-    }
-
-    /// How long past its TTL an entry is still served (stale) while refreshes fail (default 24
-    /// hours).
-    #[must_use]
-    pub fn stale_for(mut self, stale_for: Duration) -> Self {
-        self.settings.stale_for = stale_for;
         self
     }
 
@@ -392,7 +388,6 @@ where
             settings: Settings {
                 interval: Duration::from_secs(60),
                 entry_ttl: None,
-                stale_for: Duration::from_secs(24 * 3600),
                 fetch_timeout: None,
                 initial_attempts: 3,
                 backoff_from: None,
@@ -413,8 +408,8 @@ where
     V: Clone + Send + Sync + Serialize + DeserializeOwned + 'static,
     C: Codec,
 {
-    /// The value of `key`: from L1, L2, or `fetch_single` (if set) when neither has it. While
-    /// refreshes fail, an entry past its TTL is served stale for `stale_for`.
+    /// The value of `key`: from L1, L2, or `fetch_single` (if set) when neither has it. A value
+    /// `fetch_single` filled is served stale (for up to `entry_ttl`) while the source fails.
     ///
     /// # Errors
     ///
@@ -505,7 +500,7 @@ where
         .default_options()
         .with_ttl(settings.interval)
         .with_negative_ttl(settings.interval)
-        .with_fail_safe(FailSafe::new(settings.stale_for))
+        .with_fail_safe(FailSafe::new(settings.entry_ttl()))
 }
 
 /// The options of the entries a refresh writes.
@@ -514,8 +509,10 @@ where
     V: Clone + Send + Sync + Serialize + DeserializeOwned + 'static,
     C: Codec,
 {
+    // No fail-safe: the entries live long and are rewritten before they expire, and a plain
+    // entry's L1 hit reads no clock.
     cache
         .default_options()
         .with_ttl(settings.entry_ttl())
-        .with_fail_safe(FailSafe::new(settings.stale_for))
+        .without_fail_safe()
 }

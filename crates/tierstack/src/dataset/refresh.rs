@@ -41,6 +41,9 @@ pub(super) struct Shared<V, C> {
     token: Bytes,
     /// The last index known here: applied by this instance, or read from the L2.
     index: Mutex<Arc<Index>>,
+    /// The bytes of the index this instance last stored: read back unchanged, they need no
+    /// decoding (a large dataset's index is the bulk of a refresh's own work).
+    stored: Mutex<Option<Bytes>>,
     status: Mutex<Status>,
     /// One refresh at a time on this instance (the periodic one, `refresh_now`).
     refreshing: tokio::sync::Mutex<()>,
@@ -79,6 +82,7 @@ where
             entries,
             token: Bytes::copy_from_slice(&fastrand::u128(..).to_le_bytes()),
             index: Mutex::default(),
+            stored: Mutex::default(),
             status: Mutex::default(),
             refreshing: tokio::sync::Mutex::new(()),
             events: broadcast::channel(64).0,
@@ -351,7 +355,11 @@ where
         let mut read = None;
         if let Some(store) = store {
             read = self.l2("get", store.get(&self.index_key())).await?;
-            if let Some(index) = read.as_deref().and_then(Index::decode) {
+            let ours = {
+                let stored = self.stored.lock().unwrap_or_else(PoisonError::into_inner);
+                stored.is_some() && *stored == read
+            };
+            if !ours && let Some(index) = read.as_deref().and_then(Index::decode) {
                 self.know(Arc::new(index));
             }
         }
@@ -366,23 +374,18 @@ where
         next: &Index,
         read: Option<Bytes>,
     ) -> Result<(), DatasetError> {
-        let lives = self
-            .settings
-            .entry_ttl()
-            .saturating_add(self.settings.stale_for);
+        let lives = self.settings.entry_ttl();
         let bytes = next.encode(self.cache.clock().now(), lives)?;
         let key = self.index_key();
-        let stored = match read {
-            Some(read) => {
-                let replace = store.compare_and_set(&key, &read, Some((bytes, lives)));
-                self.l2("set", replace).await?
-            }
-            None => {
-                self.l2("set", store.set_if_absent(&key, bytes, lives))
-                    .await?
-            }
+        let stored = if let Some(read) = read {
+            let replace = store.compare_and_set(&key, &read, Some((bytes.clone(), lives)));
+            self.l2("set", replace).await?
+        } else {
+            let create = store.set_if_absent(&key, bytes.clone(), lives);
+            self.l2("set", create).await?
         };
         if stored {
+            *self.stored.lock().unwrap_or_else(PoisonError::into_inner) = Some(bytes);
             Ok(())
         } else {
             Err(DatasetError::Conflict)
