@@ -398,11 +398,6 @@ where
     }
 }
 
-/// The loader's error of a key that is not in the dataset (and no `fetch_single` to ask).
-#[derive(Debug, thiserror::Error)]
-#[error("not in the dataset")]
-struct NotInDataset;
-
 impl<V, C> Dataset<V, C>
 where
     V: Clone + Send + Sync + Serialize + DeserializeOwned + 'static,
@@ -422,24 +417,17 @@ where
         if let Some(value) = shared.cache.get(key).await.map_err(LoadError::Cache)? {
             return Ok(Some(value));
         }
-        let fetched = if let Some(fetch_single) = &shared.fetch_single {
-            let (fetch_single, owned) = (Arc::clone(fetch_single), key.to_owned());
-            shared
-                .cache
-                .get_or_load_optional_with(key, &shared.on_demand, move || fetch_single(owned))
-                .await
-        } else {
-            let missing = || async { Err::<Option<V>, _>(SourceError(Box::new(NotInDataset))) };
-            shared
-                .cache
-                .get_or_load_optional_with(key, &shared.on_demand, missing)
-                .await
+        // Without `fetch_single` there is nothing more to ask: the entries carry no fail-safe
+        // value to fall back on.
+        let Some(fetch_single) = &shared.fetch_single else {
+            return Ok(None);
         };
-        match fetched {
-            Ok(found) => Ok(found.map(|fetched| fetched.value)),
-            Err(LoadError::Loader(error)) if error.0.is::<NotInDataset>() => Ok(None),
-            Err(error) => Err(error),
-        }
+        let (fetch_single, owned) = (Arc::clone(fetch_single), key.to_owned());
+        let fetched = shared
+            .cache
+            .get_or_load_optional_with(key, &shared.on_demand, move || fetch_single(owned))
+            .await?;
+        Ok(fetched.map(|fetched| fetched.value))
     }
 
     /// Refreshes the dataset now (after a change the source announced, say), if this instance

@@ -146,7 +146,12 @@ where
                 other => other.map(|_| ()),
             };
             match attempt {
-                Ok(()) => return Ok(()),
+                Ok(()) => {
+                    // The task's first attempt comes an interval from now.
+                    self.status().next_attempt =
+                        SystemTime::now().checked_add(self.settings.interval);
+                    return Ok(());
+                }
                 Err(error) => {
                     failures += 1;
                     if failures >= self.settings.initial_attempts {
