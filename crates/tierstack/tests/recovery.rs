@@ -355,3 +355,30 @@ async fn a_value_loaded_after_a_kept_delete_is_cached_over_what_the_l2_holds() {
     tokio::time::sleep(RETRY * 2).await; // paused clock: the replay
     assert_eq!(b.get("k").await.unwrap(), Some("reloaded".into()));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_value_loaded_over_a_stale_kept_write_lands_in_an_empty_l2() {
+    let fx = Fixture::new();
+    let bus = MemoryBus::new();
+    let (a, a_l2) = instance(&fx, &bus, 100);
+    let options = recovering()
+        .with_ttl(Duration::from_secs(1))
+        .with_fail_safe(tierstack::FailSafe::new(Duration::from_secs(3600)));
+    a_l2.set_failing(true);
+    a.set_with("k", "kept".into(), &options).await.unwrap();
+    fx.clock.advance(Duration::from_secs(2));
+    a_l2.set_failing(false);
+    // The kept write is stale and the L2 holds nothing: the load writes over nothing.
+    let loaded = a
+        .get_or_load_with("k", &options, || async {
+            Ok::<_, std::io::Error>("fresh".to_string())
+        })
+        .await
+        .unwrap();
+    assert_eq!(loaded.value, "fresh");
+    a.wait_for_background_fills().await;
+    let stored = fx.l2.get("test:k").await.unwrap().expect("cached in L2");
+    let envelope = Envelope::parse::<BincodeCodec>(&stored, usize::MAX).unwrap();
+    let value: String = BincodeCodec::default().decode(envelope.payload).unwrap();
+    assert_eq!(value, "fresh");
+}

@@ -326,17 +326,17 @@ where
                 self.fill_l1_since(key, value.clone(), life.under(options), snapshot);
                 looked.found[index] = Some(value);
             }
-            L2Read::Hit { bytes, .. } => {
+            L2Read::Hit { seen, .. } => {
                 self.recorder.miss(key);
-                looked.seen[index] = Some(bytes);
+                looked.seen[index] = seen;
             }
             L2Read::Stale {
                 value,
                 expires_at,
-                bytes,
+                seen,
             } => {
                 self.recorder.miss(key);
-                looked.seen[index] = Some(bytes.clone());
+                looked.seen[index].clone_from(&seen);
                 let fallback = &mut looked.fallbacks[index];
                 // The newer of L1's and L2's stale values; a stale "not found" is none.
                 let newer = fallback
@@ -348,7 +348,7 @@ where
                             value,
                             source: Source::L2,
                             expires_at,
-                            bytes: Some(bytes),
+                            bytes: seen,
                         });
                     }
                     Some(_) => {}

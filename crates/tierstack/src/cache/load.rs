@@ -348,7 +348,7 @@ where
             self.read_l2(key, deadline, self.l1.is_some()).await
         };
         let seen = match read {
-            Ok(L2Read::Hit { value, life, bytes }) => {
+            Ok(L2Read::Hit { value, life, seen }) => {
                 let life = life.under(options);
                 // A stale value re-armed in L2 answers only calls with fail-safe.
                 let unwanted = life.stale && options.fail_safe().is_none();
@@ -358,7 +358,7 @@ where
                             .refresh_in(self.clock.now())
                             .is_none_or(|after| after.is_zero()));
                 match value {
-                    Some(_) if due => Some(bytes),
+                    Some(_) if due => seen,
                     Some(value) => {
                         self.recorder.l2_hit(key);
                         self.fill_l1(key, Some(value.clone()), life, || {
@@ -378,15 +378,14 @@ where
                     None => {
                         // A negative entry this call cannot use: no value to fall back on.
                         fallback = None;
-                        Some(bytes)
+                        seen
                     }
                 }
             }
             Ok(L2Read::Stale {
                 value,
                 expires_at,
-                bytes,
-                ..
+                seen,
             }) => {
                 // The newer of L1's and L2's stale values (a later expiry was written later).
                 let newer = fallback
@@ -398,14 +397,14 @@ where
                             value,
                             source: Source::L2,
                             expires_at,
-                            bytes: Some(bytes.clone()),
+                            bytes: seen.clone(),
                         });
                     }
                     Some(_) => {}
                     // A stale "not found" is no value to fall back on, nor is L1's older one.
                     None => fallback = None,
                 }
-                Some(bytes)
+                seen
             }
             Ok(L2Read::Miss { seen }) => {
                 // A delete's tombstone: the key was deleted (on any instance), and this

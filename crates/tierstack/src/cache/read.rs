@@ -92,18 +92,19 @@ impl Life {
 /// What an L2 read found.
 pub(super) enum L2Read<V> {
     /// A fresh value, or a negative entry (`None`), with how long it lives (its remaining time
-    /// to live is zero when the read did not ask for it) and the bytes it was read from.
+    /// to live is zero when the read did not ask for it) and what the L2 holds under the key
+    /// (the bytes it was read from; for a write kept for a replay, what it is to replace).
     Hit {
         value: Option<V>,
         life: Life,
-        bytes: Bytes,
+        seen: Option<Bytes>,
     },
-    /// A fail-safe entry past its TTL: a fallback if the origin fails, and what a loaded value
-    /// replaces.
+    /// A fail-safe entry past its TTL: a fallback if the origin fails; `seen` (as for a hit) is
+    /// what a loaded value replaces.
     Stale {
         value: Option<V>,
         expires_at: Timestamp,
-        bytes: Bytes,
+        seen: Option<Bytes>,
     },
     /// No live entry. `seen` holds what lies under the key instead, if anything: a tombstone,
     /// or undecodable bytes that are still there. A loaded value may replace exactly those.
@@ -365,12 +366,16 @@ where
                 }
                 .under(&self.settings.defaults);
                 if is_fresh {
-                    L2Read::Hit { value, life, bytes }
+                    L2Read::Hit {
+                        value,
+                        life,
+                        seen: Some(bytes),
+                    }
                 } else {
                     L2Read::Stale {
                         value,
                         expires_at,
-                        bytes,
+                        seen: Some(bytes),
                     }
                 }
             }

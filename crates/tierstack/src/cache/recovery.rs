@@ -124,21 +124,20 @@ where
         if expires_at <= self.clock.now() {
             return L2Read::Miss { seen: stored };
         }
+        // What a load is to replace is what the L2 holds, not the kept bytes.
         match self.classify(key, kept, Duration::ZERO, deadline).await {
             L2Read::Miss { .. } => L2Read::Miss { seen: stored },
             L2Read::Stale {
-                value,
-                expires_at,
-                bytes,
+                value, expires_at, ..
             } => L2Read::Stale {
                 value,
                 expires_at,
-                bytes: stored.unwrap_or(bytes),
+                seen: stored,
             },
-            L2Read::Hit { value, life, bytes } => L2Read::Hit {
+            L2Read::Hit { value, life, .. } => L2Read::Hit {
                 value,
                 life,
-                bytes: stored.unwrap_or(bytes),
+                seen: stored,
             },
         }
     }
