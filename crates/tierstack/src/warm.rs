@@ -30,7 +30,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures_util::{Stream, StreamExt, stream};
@@ -95,7 +95,7 @@ pub struct WarmReport<E> {
     pub failed: u64,
     /// The first keys of the failed batches (up to 1,000), to retry or report.
     pub failed_keys: Vec<String>,
-    /// The first batch's error, if any failed.
+    /// The first error of a failed batch, if any (not of one fail-safe answered).
     pub first_error: Option<LoadError<E>>,
     /// How long it took.
     pub took: Duration,
@@ -148,9 +148,10 @@ where
 
     /// Warms the cache with `keys`; `loader` gets the keys of a batch that no tier holds and
     /// answers the values it has (keys it leaves out have none). A key that appears twice is
-    /// warmed twice (the second time from the cache). A batch that fails (the loader's error,
-    /// an invalid key in it) fails as a whole, is counted and named in the report, and the
-    /// rest go on.
+    /// warmed twice: the second time from the cache, unless the two batches run at once. A
+    /// batch that fails (the loader's error, an invalid key in it) fails as a whole, is counted
+    /// and named in the report, and the rest go on; so does one whose loader failed and which
+    /// fail-safe answered with stale values (its error is not kept: the cache took it).
     pub async fn run<I, K, F, Fut, E>(self, keys: I, loader: F) -> WarmReport<E>
     where
         I: IntoIterator<Item = K>,
@@ -189,16 +190,15 @@ where
         let (mut failed_keys, mut first_error) = (Vec::new(), None);
         while let Some(batch) = batches.next().await {
             progress.done += batch.keys.len() as u64;
-            match batch.result {
-                Ok(()) => {
-                    progress.loaded += batch.loaded;
-                    progress.absent += batch.asked - batch.loaded;
-                    progress.cached += batch.keys.len() as u64 - batch.asked;
-                }
-                Err(error) => {
-                    progress.failed += batch.keys.len() as u64;
-                    let room = MAX_FAILED_KEYS.saturating_sub(failed_keys.len());
-                    failed_keys.extend(batch.keys.into_iter().take(room));
+            if let Outcome::Warmed = batch.outcome {
+                progress.loaded += batch.loaded;
+                progress.absent += batch.asked - batch.loaded;
+                progress.cached += batch.keys.len() as u64 - batch.asked;
+            } else {
+                progress.failed += batch.keys.len() as u64;
+                let room = MAX_FAILED_KEYS.saturating_sub(failed_keys.len());
+                failed_keys.extend(batch.keys.into_iter().take(room));
+                if let Outcome::Failed(error) = batch.outcome {
                     first_error.get_or_insert(error);
                 }
             }
@@ -223,7 +223,7 @@ struct Batch<E> {
     /// How many keys the loader was asked for, and how many it answered.
     asked: u64,
     loaded: u64,
-    result: Result<(), LoadError<E>>,
+    outcome: Outcome<E>,
 }
 
 async fn warm_batch<V, C, F, Fut, E>(
@@ -240,21 +240,43 @@ where
     E: Send + Sync + 'static,
 {
     let (asked, answered) = (AtomicU64::new(0), AtomicU64::new(0));
+    let loader_failed = AtomicBool::new(false);
     let result = cache
         .get_or_load_many_with(&keys, options, |missing: Vec<String>| async {
-            let wanted = missing.len();
-            asked.store(wanted as u64, Ordering::Relaxed);
-            let values = loader(missing).await?;
-            // Keys the loader answered beyond those asked for are not cached.
-            answered.store(values.len().min(wanted) as u64, Ordering::Relaxed);
+            asked.store(missing.len() as u64, Ordering::Relaxed);
+            let wanted = missing.clone();
+            let values = loader(missing).await.inspect_err(|_| {
+                loader_failed.store(true, Ordering::Relaxed);
+            })?;
+            // Only keys asked for count (the cache ignores the others).
+            let found = wanted
+                .iter()
+                .filter(|key| values.contains_key(*key))
+                .count();
+            answered.store(found as u64, Ordering::Relaxed);
             Ok(values)
         })
         .await
         .map(|_| ());
+    // With fail-safe, a loader that failed leaves the batch answered by stale values: not
+    // warmed all the same (its error went to the cache, which answered without it).
+    let outcome = match result {
+        Ok(()) if loader_failed.into_inner() => Outcome::StaleAfterFailure,
+        Ok(()) => Outcome::Warmed,
+        Err(error) => Outcome::Failed(error),
+    };
     Batch {
         keys,
         asked: asked.into_inner(),
         loaded: answered.into_inner(),
-        result,
+        outcome,
     }
+}
+
+/// What became of one batch.
+enum Outcome<E> {
+    Warmed,
+    /// The loader failed and fail-safe answered stale values.
+    StaleAfterFailure,
+    Failed(LoadError<E>),
 }

@@ -132,3 +132,38 @@ async fn an_invalid_key_fails_its_batch_only() {
         Some(tierstack::LoadError::Cache(_))
     ));
 }
+
+#[tokio::test(start_paused = true)]
+async fn only_the_keys_asked_for_count_as_loaded() {
+    let fx = Fixture::new();
+    let cache = fx.cache();
+    let report = Warmer::new(&cache)
+        .run(["a", "b"], |keys: Vec<String>| async move {
+            assert_eq!(keys, ["a", "b"]);
+            // "a" and a key nobody asked for.
+            Ok::<_, std::io::Error>(HashMap::from([
+                ("a".to_string(), "1".to_string()),
+                ("z".to_string(), "26".to_string()),
+            ]))
+        })
+        .await;
+    assert_eq!((report.loaded, report.progress.absent), (1, 1));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_batch_fail_safe_answered_after_its_loader_failed_counts_as_failed() {
+    let fx = Fixture::new();
+    let options = tierstack::EntryOptions::default()
+        .with_ttl(Duration::from_secs(1))
+        .with_fail_safe(tierstack::FailSafe::new(Duration::from_secs(3600)));
+    let cache = fx.builder("test").default_options(options).build().unwrap();
+    cache.set("a", "old".into()).await.unwrap();
+    fx.clock.advance(Duration::from_secs(2));
+    let report = Warmer::new(&cache)
+        .run(["a"], |_keys: Vec<String>| async {
+            Err::<HashMap<String, String>, _>(std::io::Error::other("the origin is down"))
+        })
+        .await;
+    assert_eq!((report.failed, report.loaded), (1, 0));
+    assert_eq!(report.failed_keys, ["a"]);
+}
