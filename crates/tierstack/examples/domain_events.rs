@@ -14,9 +14,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use tierstack::TieredCache;
 use tierstack::core::testkit::MemoryBus;
 use tierstack::moka::MokaStore;
+use tierstack::{CacheEvent, TieredCache};
 
 /// What the rest of the system announces (from a message queue, an outbox table, a webhook).
 #[derive(Debug)]
@@ -105,6 +105,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
 
     database.version.fetch_add(1, Ordering::SeqCst);
+    let mut heard = second.events();
     for event in [
         DomainEvent::UserUpdated { user: 7 },
         DomainEvent::OrganisationRenamed { organisation: 2 },
@@ -112,7 +113,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         apply(&first, &event).await?;
         println!("applied {event:?} on the first instance");
     }
-    tokio::time::sleep(Duration::from_millis(10)).await; // the backplane's delivery
+    // The three invalidations (a key, two prefixes) reach the second instance.
+    let mut received = 0;
+    while received < 3 {
+        if let CacheEvent::InvalidationReceived = heard.recv().await? {
+            received += 1;
+        }
+    }
     let before = database.queries.load(Ordering::SeqCst);
     for key in keys {
         println!(

@@ -73,10 +73,10 @@ async fn main() -> Result<(), tierstack::CacheError> {
          failed (first: {:?}; retry e.g. {:?})",
         report.took,
         queries.load(Ordering::Relaxed),
-        report.loaded,
+        report.progress.loaded,
         report.progress.cached,
         report.progress.absent,
-        report.failed,
+        report.progress.failed,
         report.first_error.map(|error| error.to_string()),
         report.failed_keys.first(),
     );

@@ -22,7 +22,7 @@
 //!         Ok::<_, std::io::Error>(rows)
 //!     })
 //!     .await;
-//! assert_eq!((report.loaded, report.failed), (1_000, 0));
+//! assert_eq!((report.progress.loaded, report.progress.failed), (1_000, 0));
 //! # Ok(())
 //! # }
 //! ```
@@ -89,10 +89,6 @@ pub struct WarmProgress {
 pub struct WarmReport<E> {
     /// Keys warmed, by outcome; `done` is all of them.
     pub progress: WarmProgress,
-    /// Keys the loader answered (as `progress.loaded`).
-    pub loaded: u64,
-    /// Keys in batches that failed (as `progress.failed`).
-    pub failed: u64,
     /// The first keys of the failed batches (up to 1,000), to retry or report.
     pub failed_keys: Vec<String>,
     /// The first error of a failed batch, if any (not of one fail-safe answered).
@@ -208,8 +204,6 @@ where
         }
         WarmReport {
             progress,
-            loaded: progress.loaded,
-            failed: progress.failed,
             failed_keys,
             first_error,
             took: started.elapsed(),

@@ -15,7 +15,7 @@ use common::Fixture;
 use tierstack::TieredCache;
 use tierstack::core::Store as _;
 use tierstack::core::testkit::MemoryBus;
-use tierstack::dataset::{Dataset, DatasetError, DatasetEvent, Role};
+use tierstack::dataset::{Dataset, DatasetBuilder, DatasetError, DatasetEvent, Role};
 
 const EVERY: Duration = Duration::from_secs(60);
 
@@ -82,15 +82,16 @@ fn cache(fx: &Fixture, bus: Option<&MemoryBus>) -> TieredCache<String> {
     .unwrap()
 }
 
+/// A dataset of `source` on the fixture's L2 (no backplane), refreshed every `EVERY`.
+fn dataset(fx: &Fixture, source: &Source) -> DatasetBuilder<String> {
+    Dataset::builder(cache(fx, None), source.fetch_all()).refresh_every(EVERY)
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_dataset_is_loaded_at_start_and_served() {
     let fx = Fixture::new();
     let source = Source::with(&[("a", "1"), ("b", "2"), ("c", "3")]);
-    let tools = Dataset::builder(cache(&fx, None), source.fetch_all())
-        .refresh_every(EVERY)
-        .start()
-        .await
-        .unwrap();
+    let tools = dataset(&fx, &source).start().await.unwrap();
     assert_eq!(tools.get("a").await.unwrap(), Some("1".into()));
     assert_eq!(tools.get("missing").await.unwrap(), None);
     let state = tools.state();
@@ -106,11 +107,7 @@ async fn a_dataset_is_loaded_at_start_and_served() {
 async fn a_refresh_writes_what_changed_and_removes_what_is_gone() {
     let fx = Fixture::new();
     let source = Source::with(&[("same", "s"), ("changes", "old"), ("goes", "g")]);
-    let tools = Dataset::builder(cache(&fx, None), source.fetch_all())
-        .refresh_every(EVERY)
-        .start()
-        .await
-        .unwrap();
+    let tools = dataset(&fx, &source).start().await.unwrap();
     let mut events = tools.events();
     let same_before = fx.l2.get("tools:same").await.unwrap();
     source.put("changes", "new");
@@ -136,8 +133,7 @@ async fn a_refresh_writes_what_changed_and_removes_what_is_gone() {
 async fn a_failing_source_is_retried_with_backoff_while_the_last_good_data_is_served() {
     let fx = Fixture::new();
     let source = Source::with(&[("a", "1")]);
-    let tools = Dataset::builder(cache(&fx, None), source.fetch_all())
-        .refresh_every(EVERY)
+    let tools = dataset(&fx, &source)
         .backoff(Duration::from_secs(1), Duration::from_secs(8))
         .start()
         .await
@@ -234,11 +230,7 @@ async fn a_missing_key_is_fetched_once_under_a_hundred_concurrent_callers() {
 async fn shutdown_stops_the_refreshes_and_frees_the_lease() {
     let fx = Fixture::new();
     let source = Source::with(&[("a", "1")]);
-    let tools = Dataset::builder(cache(&fx, None), source.fetch_all())
-        .refresh_every(EVERY)
-        .start()
-        .await
-        .unwrap();
+    let tools = dataset(&fx, &source).start().await.unwrap();
     tokio::time::sleep(EVERY * 2 + EVERY / 2).await; // paused clock: two refreshes
     assert_eq!(source.reads(), 3);
     assert!(fx.l2.get("tools!dataset:lease").await.unwrap().is_some());
@@ -366,8 +358,7 @@ async fn without_an_l2_each_instance_refreshes_for_itself() {
 async fn the_last_good_data_outlives_an_outage_of_half_its_ttl_but_not_its_ttl() {
     let fx = Fixture::new();
     let source = Source::with(&[("a", "1")]);
-    let tools = Dataset::builder(cache(&fx, None), source.fetch_all())
-        .refresh_every(EVERY)
+    let tools = dataset(&fx, &source)
         .entry_ttl(EVERY * 4)
         .start()
         .await
@@ -385,8 +376,7 @@ async fn the_last_good_data_outlives_an_outage_of_half_its_ttl_but_not_its_ttl()
 async fn an_unchanged_entry_is_rewritten_once_half_its_ttl_has_passed() {
     let fx = Fixture::new();
     let source = Source::with(&[("a", "1")]);
-    let tools = Dataset::builder(cache(&fx, None), source.fetch_all())
-        .refresh_every(EVERY)
+    let tools = dataset(&fx, &source)
         .entry_ttl(EVERY * 4)
         .start()
         .await
@@ -408,8 +398,7 @@ async fn an_unchanged_entry_is_rewritten_once_half_its_ttl_has_passed() {
 async fn a_version_decides_what_changed() {
     let fx = Fixture::new();
     let source = Source::with(&[("a", "v1 first")]);
-    let tools = Dataset::builder(cache(&fx, None), source.fetch_all())
-        .refresh_every(EVERY)
+    let tools = dataset(&fx, &source)
         // The version is the text before the space.
         .version(|value: &String| u64::from(value.as_bytes()[1] - b'0'))
         .start()
@@ -427,11 +416,7 @@ async fn a_version_decides_what_changed() {
 async fn an_l2_that_fails_a_refresh_gets_its_writes_at_the_next() {
     let fx = Fixture::new();
     let source = Source::with(&[("a", "1")]);
-    let tools = Dataset::builder(cache(&fx, None), source.fetch_all())
-        .refresh_every(EVERY)
-        .start()
-        .await
-        .unwrap();
+    let tools = dataset(&fx, &source).start().await.unwrap();
     let mut events = tools.events();
     source.put("a", "2");
     fx.faulty.set_failing(true);

@@ -61,7 +61,7 @@ async fn ten_thousand_keys_are_warmed_in_batches_a_few_at_a_time() {
             origin.load(keys)
         })
         .await;
-    assert_eq!((report.loaded, report.failed), (9_950, 0));
+    assert_eq!((report.progress.loaded, report.progress.failed), (9_950, 0));
     assert_eq!(report.progress.cached, 50);
     assert_eq!(origin.calls.load(Ordering::SeqCst), 100);
     assert!(origin.most_at_once.load(Ordering::SeqCst) <= 4);
@@ -96,10 +96,10 @@ async fn a_failed_batch_is_counted_and_named_and_the_rest_go_on() {
         .concurrency(1)
         .run(keys, |keys| origin.load(keys))
         .await;
-    assert_eq!(report.failed, 2);
+    assert_eq!(report.progress.failed, 2);
     assert_eq!(report.failed_keys, ["poison", "b1"]);
     assert!(report.first_error.is_some());
-    assert_eq!((report.loaded, report.progress.absent), (3, 1));
+    assert_eq!((report.progress.loaded, report.progress.absent), (3, 1));
     assert_eq!(cache.get("b2").await.unwrap(), Some("value of b2".into()));
     assert_eq!(cache.get("b1").await.unwrap(), None);
 }
@@ -113,7 +113,7 @@ async fn keys_can_come_from_a_stream() {
     let report = Warmer::new(&cache)
         .run_stream(keys, |keys| origin.load(keys))
         .await;
-    assert_eq!((report.progress.done, report.loaded), (250, 250));
+    assert_eq!((report.progress.done, report.progress.loaded), (250, 250));
     assert_eq!(origin.calls.load(Ordering::SeqCst), 3);
 }
 
@@ -126,7 +126,7 @@ async fn an_invalid_key_fails_its_batch_only() {
         .batch_size(2)
         .run(["", "x", "y", "z"], |keys| origin.load(keys))
         .await;
-    assert_eq!((report.failed, report.loaded), (2, 2));
+    assert_eq!((report.progress.failed, report.progress.loaded), (2, 2));
     assert!(matches!(
         report.first_error,
         Some(tierstack::LoadError::Cache(_))
@@ -147,7 +147,7 @@ async fn only_the_keys_asked_for_count_as_loaded() {
             ]))
         })
         .await;
-    assert_eq!((report.loaded, report.progress.absent), (1, 1));
+    assert_eq!((report.progress.loaded, report.progress.absent), (1, 1));
 }
 
 #[tokio::test(start_paused = true)]
@@ -164,6 +164,6 @@ async fn a_batch_fail_safe_answered_after_its_loader_failed_counts_as_failed() {
             Err::<HashMap<String, String>, _>(std::io::Error::other("the origin is down"))
         })
         .await;
-    assert_eq!((report.failed, report.loaded), (1, 0));
+    assert_eq!((report.progress.failed, report.progress.loaded), (1, 0));
     assert_eq!(report.failed_keys, ["a"]);
 }

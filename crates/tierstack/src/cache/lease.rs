@@ -169,13 +169,7 @@ where
                         return Leased::TimedOut { watch, fallback };
                     }
                     // Down, or its breaker open: the origin answers, once per instance.
-                    self.recorder.lease(LeaseOutcome::Unavailable);
-                    return Leased::Load(ToLoad {
-                        lease: None,
-                        watch,
-                        seen,
-                        fallback,
-                    });
+                    return self.load_unleased(watch, seen, fallback);
                 }
             }
             let next_poll = Instant::now() + poll;
@@ -209,13 +203,7 @@ where
                     seen = now_seen;
                     fallback = now_fallback;
                     if Instant::now() >= give_up {
-                        self.recorder.lease(LeaseOutcome::Unavailable);
-                        return Leased::Load(ToLoad {
-                            lease: None,
-                            watch,
-                            seen,
-                            fallback,
-                        });
+                        return self.load_unleased(watch, seen, fallback);
                     }
                 }
             }
@@ -277,6 +265,23 @@ where
         // the same instant, and would win with a timeout whenever the two coincide.
         runtime.spawn(finish);
         None
+    }
+
+    /// The flight loads without a lease (the L2 could not be asked, or it waited long enough),
+    /// counted as such.
+    fn load_unleased(
+        &self,
+        watch: KeyWatch,
+        seen: Option<Bytes>,
+        fallback: Option<Fallback<V>>,
+    ) -> Leased<V, C> {
+        self.recorder.lease(LeaseOutcome::Unavailable);
+        Leased::Load(ToLoad {
+            lease: None,
+            watch,
+            seen,
+            fallback,
+        })
     }
 
     /// This flight took the lease. It may be free because its last holder has just finished:

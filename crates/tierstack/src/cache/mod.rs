@@ -169,9 +169,14 @@ impl<V, C> TieredCache<V, C> {
         self.inner.l2.as_ref()
     }
 
-    /// How long one L2 call may take.
-    pub(crate) fn l2_timeout(&self) -> Duration {
-        self.inner.settings.l2_timeout
+    /// One call to the L2 for a module that keeps records beside the entries, as the cache's
+    /// own calls run: bounded by the L2 timeout, through the circuit breaker, timed and counted.
+    pub(crate) async fn store_call<T>(
+        &self,
+        op: crate::stats::L2Op,
+        call: impl Future<Output = Result<T>>,
+    ) -> Result<T> {
+        self.inner.l2_call(op, self.inner.deadline(), call).await
     }
 
     /// The clock entries are written with.

@@ -64,7 +64,7 @@ use tokio::task::JoinHandle;
 
 use crate::TieredCache;
 use crate::error::LoadError;
-use crate::options::FailSafe;
+use crate::options::{EntryOptions, FailSafe};
 pub use state::{DatasetEvent, DatasetEvents, DatasetState, RefreshReport, Role};
 
 use refresh::Shared;
@@ -155,6 +155,22 @@ impl Settings {
 
     fn fetch_timeout(&self) -> Duration {
         self.fetch_timeout.unwrap_or(self.interval / 2)
+    }
+
+    /// The options of on-demand fills, from the cache's `defaults`: they live an interval
+    /// (the next refresh writes or removes them) and are served stale while the source fails.
+    fn on_demand(&self, defaults: EntryOptions) -> EntryOptions {
+        defaults
+            .with_ttl(self.interval)
+            .with_negative_ttl(self.interval)
+            .with_fail_safe(FailSafe::new(self.entry_ttl()))
+    }
+
+    /// The options of the entries a refresh writes, from the cache's `defaults`. No fail-safe:
+    /// the entries live long and are rewritten before they expire, and a plain entry's L1 hit
+    /// reads no clock.
+    fn entries(&self, defaults: EntryOptions) -> EntryOptions {
+        defaults.with_ttl(self.entry_ttl()).without_fail_safe()
     }
 
     fn backoff_from(&self) -> Duration {
@@ -476,31 +492,4 @@ impl<V, C> Drop for Dataset<V, C> {
     fn drop(&mut self) {
         self.stop.send_replace(true);
     }
-}
-
-/// The options of the dataset's reads and on-demand fills.
-fn on_demand_options<V, C>(cache: &TieredCache<V, C>, settings: &Settings) -> crate::EntryOptions
-where
-    V: Clone + Send + Sync + Serialize + DeserializeOwned + 'static,
-    C: Codec,
-{
-    cache
-        .default_options()
-        .with_ttl(settings.interval)
-        .with_negative_ttl(settings.interval)
-        .with_fail_safe(FailSafe::new(settings.entry_ttl()))
-}
-
-/// The options of the entries a refresh writes.
-fn entry_options<V, C>(cache: &TieredCache<V, C>, settings: &Settings) -> crate::EntryOptions
-where
-    V: Clone + Send + Sync + Serialize + DeserializeOwned + 'static,
-    C: Codec,
-{
-    // No fail-safe: the entries live long and are rewritten before they expire, and a plain
-    // entry's L1 hit reads no clock.
-    cache
-        .default_options()
-        .with_ttl(settings.entry_ttl())
-        .without_fail_safe()
 }

@@ -15,11 +15,10 @@ use tokio::sync::{broadcast, watch};
 
 use super::index::{Index, Stamp, fingerprint};
 use super::state::{DatasetEvent, DatasetState, Metrics, RefreshReport, Role, Status};
-use super::{
-    DatasetError, FetchAll, FetchSingle, Settings, VersionOf, entry_options, on_demand_options,
-};
+use super::{DatasetError, FetchAll, FetchSingle, Settings, VersionOf};
 use crate::TieredCache;
 use crate::options::EntryOptions;
+use crate::stats::L2Op;
 
 /// How often a starting follower looks for the refresher's index.
 const START_POLL: Duration = Duration::from_millis(50);
@@ -69,8 +68,8 @@ where
         version: Option<VersionOf<V>>,
         settings: Settings,
     ) -> Self {
-        let on_demand = on_demand_options(&cache, &settings);
-        let entries = entry_options(&cache, &settings);
+        let on_demand = settings.on_demand(cache.default_options());
+        let entries = settings.entries(cache.default_options());
         let metrics = Metrics::new(cache.namespace());
         Self {
             cache,
@@ -120,21 +119,6 @@ where
 
     pub(super) fn keys(&self) -> Vec<String> {
         self.known_index().entries.keys().cloned().collect()
-    }
-
-    /// An L2 call, bounded by the cache's L2 timeout.
-    async fn l2<T>(
-        &self,
-        operation: &'static str,
-        call: impl Future<Output = CacheResult<T>>,
-    ) -> CacheResult<T> {
-        let limit = self.cache.l2_timeout();
-        tokio::time::timeout(limit, call)
-            .await
-            .unwrap_or(Err(CacheError::Timeout {
-                operation,
-                after: limit,
-            }))
     }
 
     /// The first load: up to `initial_attempts` attempts, with the backoff between them.
@@ -316,13 +300,17 @@ where
         let ttl = self.settings.interval.mul_f64(1.5);
         let key = self.lease_key();
         let taken = self
-            .l2("set", store.set_if_absent(&key, self.token.clone(), ttl))
+            .cache
+            .store_call(
+                L2Op::Set,
+                store.set_if_absent(&key, self.token.clone(), ttl),
+            )
             .await?;
         if taken {
             return Ok(true);
         }
         let renewal = store.compare_and_set(&key, &self.token, Some((self.token.clone(), ttl)));
-        self.l2("set", renewal).await
+        self.cache.store_call(L2Op::Set, renewal).await
     }
 
     /// Releases the refresh lease if this instance holds it.
@@ -331,7 +319,8 @@ where
             let key = self.lease_key();
             // A failure leaves it to expire within an interval.
             let _ = self
-                .l2("delete", store.compare_and_set(&key, &self.token, None))
+                .cache
+                .store_call(L2Op::Delete, store.compare_and_set(&key, &self.token, None))
                 .await;
         }
     }
@@ -342,7 +331,7 @@ where
             return Ok(self.known_index().generation);
         };
         let key = self.index_key();
-        let stored = self.l2("get", store.get(&key)).await?;
+        let stored = self.cache.store_call(L2Op::Get, store.get(&key)).await?;
         if let Some(index) = stored.as_deref().and_then(Index::decode) {
             self.know(Arc::new(index));
         }
@@ -359,7 +348,10 @@ where
     ) -> CacheResult<(Arc<Index>, Option<Bytes>)> {
         let mut read = None;
         if let Some(store) = store {
-            read = self.l2("get", store.get(&self.index_key())).await?;
+            read = self
+                .cache
+                .store_call(L2Op::Get, store.get(&self.index_key()))
+                .await?;
             let ours = {
                 let stored = self.stored.lock().unwrap_or_else(PoisonError::into_inner);
                 stored.is_some() && *stored == read
@@ -384,10 +376,10 @@ where
         let key = self.index_key();
         let stored = if let Some(read) = read {
             let replace = store.compare_and_set(&key, &read, Some((bytes.clone(), lives)));
-            self.l2("set", replace).await?
+            self.cache.store_call(L2Op::Set, replace).await?
         } else {
             let create = store.set_if_absent(&key, bytes.clone(), lives);
-            self.l2("set", create).await?
+            self.cache.store_call(L2Op::Set, create).await?
         };
         if stored {
             *self.stored.lock().unwrap_or_else(PoisonError::into_inner) = Some(bytes);
