@@ -27,6 +27,14 @@ pub enum Invalidation {
     Keys(Vec<String>),
     /// Every key of the namespace that starts with this prefix.
     Prefix(String),
+    /// Every entry of the namespace that carries this tag (see [`tag`](crate::tag)): with
+    /// `remove`, gone; else stale (a fail-safe fallback).
+    Tag {
+        /// The tag.
+        tag: String,
+        /// Whether its entries are removed rather than expired.
+        remove: bool,
+    },
     /// Every key of the namespace.
     All,
 }

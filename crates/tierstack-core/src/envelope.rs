@@ -7,11 +7,12 @@
 //! | 2 | magic `TS` |
 //! | 1 | format version (1) |
 //! | 1 | codec id ([`Codec::ID`]) |
-//! | 1 | flags: bit 0 = negative entry (a cached "not found"); bit 1 = tombstone; bit 2 = fresh-until field present; bit 3 = stale; others reserved |
+//! | 1 | flags: bit 0 = negative entry (a cached "not found"); bit 1 = tombstone; bit 2 = fresh-until field present; bit 3 = stale; bit 4 = tags present; others reserved |
 //! | 8 | written at, ms since the Unix epoch |
 //! | 8 | expires at, ms since the Unix epoch |
 //! | 4 | payload length |
 //! | 8 | fresh until, ms since the Unix epoch (only with flag bit 2) |
+//! | t | tags (only with flag bit 4): a count (1 to 16), then per tag its length (1 byte), its UTF-8 bytes, and the incarnation and counter of its record (8 bytes each) |
 //! | n | payload |
 //!
 //! *Fail-safe* entries live past their time to live: they are fresh until *fresh until* and stay
@@ -24,6 +25,10 @@
 //! before a delete on any instance cannot bring the value back. Its payload is a nonce, so that no
 //! two deletions write the same bytes.
 //!
+//! A *tagged* entry carries the version of each of its tags' records when it was written (see
+//! [`tag`](crate::tag)); readers compare them with the records to tell whether a tag was
+//! invalidated since.
+//!
 //! Parsing checks every field before it touches the payload: bytes that are truncated, of another
 //! version or codec, carry unknown flags, or claim a payload over the cap are an [`EnvelopeError`]
 //! (which readers treat as a miss), never a panic and never an allocation.
@@ -34,6 +39,7 @@ use serde::Serialize;
 use crate::clock::Timestamp;
 use crate::codec::Codec;
 use crate::error::{CacheError, Result};
+use crate::tag::TagStamps;
 
 /// The first two bytes of every envelope.
 pub const MAGIC: [u8; 2] = *b"TS";
@@ -49,7 +55,8 @@ const FLAG_NEGATIVE: u8 = 0b0000_0001;
 const FLAG_TOMBSTONE: u8 = 0b0000_0010;
 const FLAG_FRESH_UNTIL: u8 = 0b0000_0100;
 const FLAG_STALE: u8 = 0b0000_1000;
-const KNOWN_FLAGS: u8 = FLAG_NEGATIVE | FLAG_TOMBSTONE | FLAG_FRESH_UNTIL | FLAG_STALE;
+const FLAG_TAGS: u8 = 0b0001_0000;
+const KNOWN_FLAGS: u8 = FLAG_NEGATIVE | FLAG_TOMBSTONE | FLAG_FRESH_UNTIL | FLAG_STALE | FLAG_TAGS;
 /// The length of the optional fresh-until field.
 const FRESH_UNTIL_LEN: usize = 8;
 /// The length of a tombstone's payload: its nonce.
@@ -90,6 +97,9 @@ pub enum EnvelopeError {
         /// The bytes actually present after the header.
         present: usize,
     },
+    /// A tag section that is truncated or holds a tag that is not allowed.
+    #[error("malformed tag section")]
+    MalformedTags,
     /// A tombstone whose payload is not its 8-byte nonce.
     #[error("tombstone with a payload of {len} bytes instead of 8")]
     MalformedTombstone {
@@ -130,6 +140,8 @@ pub struct Envelope<'a> {
     pub stale: bool,
     /// The codec's bytes.
     pub payload: &'a [u8],
+    /// The tag section, checked, if the entry is tagged (see [`tags`](Self::tags)).
+    tag_section: Option<&'a [u8]>,
 }
 
 impl<'a> Envelope<'a> {
@@ -167,13 +179,21 @@ impl<'a> Envelope<'a> {
             };
             (u64::from_le_bytes(*field), payload)
         };
+        let (tag_section, payload) = if flags & FLAG_TAGS == 0 {
+            (None, payload)
+        } else {
+            let Some((section, payload)) = TagStamps::split_section(payload) else {
+                return Err(EnvelopeError::MalformedTags);
+            };
+            (Some(section), payload)
+        };
         if declared != payload.len() {
             return Err(EnvelopeError::LengthMismatch {
                 declared,
                 present: payload.len(),
             });
         }
-        if tombstone && declared != TOMBSTONE_PAYLOAD_LEN {
+        if tombstone && (declared != TOMBSTONE_PAYLOAD_LEN || tag_section.is_some()) {
             return Err(EnvelopeError::MalformedTombstone { len: declared });
         }
         if declared > max_payload {
@@ -190,7 +210,13 @@ impl<'a> Envelope<'a> {
             fresh_until: Timestamp::from_millis(fresh_until.min(expires_at)),
             stale: flags & FLAG_STALE != 0,
             payload,
+            tag_section,
         })
+    }
+
+    /// The entry's tags with the versions it was written under, if it is tagged.
+    pub fn tags(&self) -> Option<TagStamps> {
+        self.tag_section.map(TagStamps::read_section)
     }
 
     /// Reads only the expiry of an envelope, for stores that keep it beside the bytes.
@@ -243,6 +269,20 @@ pub fn encode_entry<C: Codec, T: Serialize + ?Sized>(
     lifetime: Lifetime,
     max_len: usize,
 ) -> Result<Bytes> {
+    encode_tagged_entry(codec, value, lifetime, None, max_len)
+}
+
+/// [`encode_entry`] for an entry that carries `tags` (none if `None` or empty).
+///
+/// Fails with [`CacheError::ValueTooLarge`] when the envelope would exceed `max_len` bytes.
+pub fn encode_tagged_entry<C: Codec, T: Serialize + ?Sized>(
+    codec: &C,
+    value: Option<&T>,
+    lifetime: Lifetime,
+    tags: Option<&TagStamps>,
+    max_len: usize,
+) -> Result<Bytes> {
+    let tags = tags.filter(|tags| !tags.is_empty());
     let fresh_until = lifetime.fresh_until.min(lifetime.expires_at);
     let with_field = fresh_until != lifetime.expires_at || lifetime.stale;
     let mut flags = if value.is_none() { FLAG_NEGATIVE } else { 0 };
@@ -251,6 +291,9 @@ pub fn encode_entry<C: Codec, T: Serialize + ?Sized>(
     }
     if lifetime.stale {
         flags |= FLAG_STALE;
+    }
+    if tags.is_some() {
+        flags |= FLAG_TAGS;
     }
     let mut out = Vec::with_capacity(HEADER_LEN + FRESH_UNTIL_LEN + 64);
     out.extend_from_slice(&MAGIC);
@@ -262,6 +305,9 @@ pub fn encode_entry<C: Codec, T: Serialize + ?Sized>(
     out.extend_from_slice(&[0; 4]);
     if with_field {
         out.extend_from_slice(&fresh_until.as_millis().to_le_bytes());
+    }
+    if let Some(tags) = tags {
+        tags.write_section(&mut out);
     }
     let payload_start = out.len();
     if let Some(value) = value {
@@ -424,6 +470,49 @@ mod tests {
     }
 
     #[test]
+    fn tagged_entries_carry_their_stamps_and_every_truncation_is_refused() {
+        use crate::tag::{TagStamps, TagVersion};
+        let tags = TagStamps::new(vec![
+            ("user:7".into(), TagVersion::NONE),
+            (
+                "org:2".into(),
+                TagVersion {
+                    incarnation: 5,
+                    counter: 1,
+                },
+            ),
+        ])
+        .unwrap_or_else(|e| panic!("{e}"));
+        let lifetime = Lifetime {
+            written_at: Timestamp::from_millis(1),
+            fresh_until: Timestamp::from_millis(5),
+            expires_at: Timestamp::from_millis(10),
+            stale: false,
+        };
+        let bytes = encode_tagged_entry(&Bin::default(), Some("hello"), lifetime, Some(&tags), MAX)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let env = Envelope::parse::<Bin>(&bytes, MAX).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(env.tags(), Some(tags));
+        assert_eq!(env.fresh_until.as_millis(), 5);
+        let value: String = Bin::default()
+            .decode(env.payload)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(value, "hello");
+        assert_eq!(Envelope::expires_at_of(&bytes), Some(env.expires_at));
+        for cut in HEADER_LEN..bytes.len() {
+            assert!(Envelope::parse::<Bin>(&bytes[..cut], MAX).is_err(), "{cut}");
+        }
+        assert_eq!(
+            Envelope::parse::<Bin>(&sample(), MAX).map(|env| env.tags()),
+            Ok(None)
+        );
+        let mut empty_tag = bytes.to_vec();
+        // The first tag's length, after the header and the fresh-until field.
+        empty_tag[HEADER_LEN + 9] = 0;
+        assert!(Envelope::parse::<Bin>(&empty_tag, MAX).is_err());
+    }
+
+    #[test]
     fn negative_entries_have_no_payload() {
         let bytes = encode::<Bin, str>(
             &Bin::default(),
@@ -499,10 +588,10 @@ mod tests {
             })
         ));
         let mut wrong_flags = bytes.to_vec();
-        wrong_flags[4] = 0b1_0000;
+        wrong_flags[4] = 0b10_0000;
         assert_eq!(
             Envelope::parse::<Bin>(&wrong_flags, MAX),
-            Err(EnvelopeError::UnknownFlags(0b1_0000))
+            Err(EnvelopeError::UnknownFlags(0b10_0000))
         );
         let mut extra = bytes.to_vec();
         extra.push(0);

@@ -75,6 +75,12 @@ pub enum CacheError {
         /// Why the key was refused.
         reason: KeyProblem,
     },
+    /// A tag was empty, too long, or an entry carried too many.
+    #[error("invalid tag: {reason}")]
+    InvalidTag {
+        /// Why the tag was refused.
+        reason: crate::tag::TagProblem,
+    },
     /// A time to live was zero or beyond the supported maximum.
     #[error("invalid ttl {ttl:?}: {reason}")]
     InvalidTtl {

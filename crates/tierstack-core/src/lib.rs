@@ -12,6 +12,7 @@
 //!   [`is_transient`](CacheError::is_transient).
 //! - [`key`]: namespaces and escaping, so that no user key can spell another namespace's key.
 //! - [`clock`]: an injectable clock, so expiry tests never sleep.
+//! - [`tag`]: the versions of tags that entries carry, compared without scans or clocks.
 //!
 //! This crate holds no runtime and no network client; backends depend on it alone.
 //!
@@ -53,6 +54,7 @@ pub mod envelope;
 pub mod error;
 pub mod key;
 pub mod store;
+pub mod tag;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use moka::sync::Cache;
 use tierstack_core::clock::{SharedClock, Timestamp, system_clock};
+use tierstack_core::tag::TagStamps;
 
 use crate::expiry::{Deadline, DeadlineExpiry, keys_where};
 
@@ -68,6 +69,9 @@ pub struct L1Entry<V> {
     pub stale: bool,
     /// When a hit should start reloading the entry in the background (eager refresh), if ever.
     pub refresh_at: Option<Timestamp>,
+    /// The entry's tags with the versions it was written under, if it is tagged: a reader
+    /// compares them with the tags' current versions.
+    pub tags: Option<TagStamps>,
 }
 
 impl<V> L1Entry<V> {
@@ -79,6 +83,7 @@ impl<V> L1Entry<V> {
             expires_at,
             stale: false,
             refresh_at: None,
+            tags: None,
         }
     }
 
@@ -240,6 +245,7 @@ mod tests {
             expires_at: now.saturating_add(Duration::from_secs(10)),
             stale: false,
             refresh_at: None,
+            tags: None,
         };
         cache.insert("k".into(), entry);
         assert!(cache.get("k").is_some_and(|e| e.is_fresh_at(clock.now())));

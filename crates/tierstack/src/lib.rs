@@ -71,6 +71,7 @@ pub mod migrate;
 mod options;
 mod recovery;
 mod stats;
+mod tags;
 pub mod warm;
 
 pub use backend::{Backend, StoreConfig};

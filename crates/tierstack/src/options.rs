@@ -410,6 +410,7 @@ pub struct Loaded<V> {
     pub(crate) value: V,
     pub(crate) ttl: Option<Duration>,
     pub(crate) cache: bool,
+    pub(crate) tags: Vec<String>,
 }
 
 impl<V> Loaded<V> {
@@ -419,6 +420,7 @@ impl<V> Loaded<V> {
             value,
             ttl: None,
             cache: true,
+            tags: Vec::new(),
         }
     }
 
@@ -426,6 +428,19 @@ impl<V> Loaded<V> {
     #[must_use]
     pub fn with_ttl(mut self, ttl: Duration) -> Self {
         self.ttl = Some(ttl);
+        self
+    }
+
+    /// Cached carrying `tags`, so that
+    /// [`invalidate_tag`](crate::TieredCache::invalidate_tag) of any reaches it (see
+    /// [`set_with_tags`](crate::TieredCache::set_with_tags) for what a tag may be). The tags'
+    /// versions are taken when the loader answers: if one of them was invalidated while it
+    /// ran, here or on an instance whose message arrived by then, the value answers its
+    /// callers but is not cached. A tag that is not allowed leaves the value uncached too (and
+    /// logs a warning).
+    #[must_use]
+    pub fn with_tags<T: Into<String>>(mut self, tags: impl IntoIterator<Item = T>) -> Self {
+        self.tags = tags.into_iter().map(Into::into).collect();
         self
     }
 

@@ -34,6 +34,8 @@ pub struct CacheStats {
     pub corrupt_entries: u64,
     /// Invalidations received from other instances.
     pub invalidations_received: u64,
+    /// Tags this instance invalidated (`invalidate_tag` and `expire_tag`).
+    pub tag_invalidations: u64,
     /// Resyncs: the subscription was lost (L1 no longer trusted) or came back (L1 cleared).
     pub resyncs: u64,
     /// Invalidations that could not be published.
@@ -221,6 +223,7 @@ pub(crate) struct Recorder {
     l2_errors: AtomicU64,
     corrupt_entries: AtomicU64,
     invalidations_received: AtomicU64,
+    tag_invalidations: AtomicU64,
     resyncs: AtomicU64,
     publish_errors: AtomicU64,
     invalidation_sweeps: AtomicU64,
@@ -251,6 +254,8 @@ struct Handles {
     l2_duration: [Histogram; 4],
     corrupt_entries: Counter,
     invalidations_received: Counter,
+    /// By mode: `remove`, `expire`.
+    tag_invalidations: [Counter; 2],
     resyncs: Counter,
     publish_errors: Counter,
     invalidation_sweeps: Counter,
@@ -286,6 +291,9 @@ impl Recorder {
             }),
             corrupt_entries: metrics::counter!("tierstack_corrupt_entries_total", "cache" => cache.clone()),
             invalidations_received: metrics::counter!("tierstack_invalidations_received_total", "cache" => cache.clone()),
+            tag_invalidations: ["remove", "expire"].map(|mode| {
+                metrics::counter!("tierstack_tag_invalidations_total", "cache" => cache.clone(), "mode" => mode)
+            }),
             resyncs: metrics::counter!("tierstack_resyncs_total", "cache" => cache.clone()),
             publish_errors: metrics::counter!("tierstack_publish_errors_total", "cache" => cache.clone()),
             invalidation_sweeps: metrics::counter!("tierstack_invalidation_sweeps_total", "cache" => cache.clone()),
@@ -317,6 +325,7 @@ impl Recorder {
             l2_errors: AtomicU64::new(0),
             corrupt_entries: AtomicU64::new(0),
             invalidations_received: AtomicU64::new(0),
+            tag_invalidations: AtomicU64::new(0),
             resyncs: AtomicU64::new(0),
             publish_errors: AtomicU64::new(0),
             invalidation_sweeps: AtomicU64::new(0),
@@ -480,6 +489,11 @@ impl Recorder {
         self.events.emit(|| CacheEvent::InvalidationReceived);
     }
 
+    pub(crate) fn tag_invalidated(&self, remove: bool) {
+        self.tag_invalidations.fetch_add(1, Ordering::Relaxed);
+        self.metrics.tag_invalidations[usize::from(!remove)].increment(1);
+    }
+
     pub(crate) fn resync(&self) {
         self.resyncs.fetch_add(1, Ordering::Relaxed);
         self.metrics.resyncs.increment(1);
@@ -507,6 +521,7 @@ impl Recorder {
             l2_errors: get(&self.l2_errors),
             corrupt_entries: get(&self.corrupt_entries),
             invalidations_received: get(&self.invalidations_received),
+            tag_invalidations: get(&self.tag_invalidations),
             resyncs: get(&self.resyncs),
             publish_errors: get(&self.publish_errors),
             invalidation_sweeps: get(&self.invalidation_sweeps),

@@ -42,11 +42,17 @@ where
     {
         let loader = move || async move {
             loader().await.map(|answer| {
-                let Loaded { value, ttl, cache } = answer.into();
+                let Loaded {
+                    value,
+                    ttl,
+                    cache,
+                    tags,
+                } = answer.into();
                 Loaded {
                     value: Some(value),
                     ttl,
                     cache,
+                    tags,
                 }
             })
         };

@@ -45,6 +45,9 @@ pub struct TieredCacheBuilder<V, C = BincodeCodec> {
     _value: PhantomData<fn() -> V>,
 }
 
+/// The default of [`TieredCacheBuilder::tag_record_ttl`].
+const DEFAULT_TAG_RECORD_TTL: Duration = Duration::from_hours(24 * 7);
+
 impl<V> TieredCacheBuilder<V, BincodeCodec> {
     pub(super) fn new(namespace: &str) -> Self {
         Self {
@@ -60,6 +63,7 @@ impl<V> TieredCacheBuilder<V, BincodeCodec> {
                 max_value_len: 1024 * 1024,
                 l2_timeout: Duration::from_secs(1),
                 tombstone_ttl: Duration::from_mins(1),
+                tag_record_ttl: DEFAULT_TAG_RECORD_TTL,
             },
             l2_fill: L2Fill::DEFAULT,
             l2_circuit_breaker: None,
@@ -191,6 +195,16 @@ where
         self
     }
 
+    /// How long a tag's record stays in L2 after the tag's last invalidation (default 7 days),
+    /// and so the longest an entry that carries tags may live (its TTL, plus fail-safe's
+    /// maximum): a tagged write that would live longer is refused, and a loaded value that
+    /// would is served but not cached. Records are a few dozen bytes each, one per tag ever
+    /// invalidated within this time. Without an L2 this instance keeps them itself.
+    pub fn tag_record_ttl(mut self, ttl: Duration) -> Self {
+        self.settings.tag_record_ttl = ttl;
+        self
+    }
+
     /// How `get_or_load` writes a loaded value to L2 (default: [`L2Fill::DEFAULT`], in the
     /// background with an 8 MiB budget). Choose [`L2Fill::Inline`] if another process must find
     /// the value in L2 as soon as `get_or_load` returns, or call
@@ -256,26 +270,7 @@ where
         let namespace = Namespace::new(&self.namespace)
             .map_err(|e| CacheError::Configuration(format!("namespace: {e}")))?;
         let settings = self.settings;
-        settings.defaults.validate()?;
-        validate_ttl(settings.tombstone_ttl)
-            .map_err(|e| CacheError::Configuration(format!("tombstone_ttl: {e}")))?;
-        // The longest store key is a load lease's, `namespace!lease:key`; checked, since
-        // `max_key_len` is the user's number.
-        let overhead = namespace.as_str().len() + LEASE_KEY_OVERHEAD;
-        let longest_store_key = settings.max_key_len.checked_add(overhead);
-        if settings.max_key_len == 0
-            || longest_store_key.is_none_or(|len| len > DEFAULT_MAX_STORE_KEY_LEN)
-        {
-            return Err(CacheError::Configuration(format!(
-                "max_key_len must be between 1 and {} for this namespace",
-                DEFAULT_MAX_STORE_KEY_LEN - overhead
-            )));
-        }
-        if settings.max_value_len <= HEADER_LEN {
-            return Err(CacheError::Configuration(format!(
-                "max_value_len must exceed the {HEADER_LEN}-byte envelope header"
-            )));
-        }
+        settings.validate(&namespace)?;
         if let Some(breaker) = &self.l2_circuit_breaker {
             breaker.validate("l2_circuit_breaker")?;
         }
@@ -321,6 +316,11 @@ where
         let breaker = self
             .l2_circuit_breaker
             .map(|breaker| Breaker::new(breaker, settings.l2_timeout));
+        let tags = crate::tags::TagRegistry::new(
+            self.l2.is_some(),
+            settings.tag_record_ttl,
+            Arc::clone(&self.clock),
+        );
         let inner = Arc::new(Inner {
             recorder: Recorder::new(namespace.as_str()),
             publishes_key_writes,
@@ -349,10 +349,40 @@ where
                 .backplane_circuit_breaker
                 .map(|breaker| Breaker::new(breaker, settings_l2_timeout)),
             held: Arc::default(),
+            tags,
         });
         if let (Some(runtime), Some(backplane)) = (runtime, &inner.backplane) {
             Inner::listen(&inner, &runtime, backplane.subscribe());
         }
         Ok(TieredCache { inner })
+    }
+}
+
+impl Settings {
+    /// Checks the options and limits, naming the setting that is out of range.
+    fn validate(&self, namespace: &Namespace) -> Result<()> {
+        self.defaults.validate()?;
+        validate_ttl(self.tombstone_ttl)
+            .map_err(|e| CacheError::Configuration(format!("tombstone_ttl: {e}")))?;
+        validate_ttl(self.tag_record_ttl)
+            .map_err(|e| CacheError::Configuration(format!("tag_record_ttl: {e}")))?;
+        // The longest store key is a load lease's, `namespace!lease:key`; checked, since
+        // `max_key_len` is the user's number.
+        let overhead = namespace.as_str().len() + LEASE_KEY_OVERHEAD;
+        let longest_store_key = self.max_key_len.checked_add(overhead);
+        if self.max_key_len == 0
+            || longest_store_key.is_none_or(|len| len > DEFAULT_MAX_STORE_KEY_LEN)
+        {
+            return Err(CacheError::Configuration(format!(
+                "max_key_len must be between 1 and {} for this namespace",
+                DEFAULT_MAX_STORE_KEY_LEN - overhead
+            )));
+        }
+        if self.max_value_len <= HEADER_LEN {
+            return Err(CacheError::Configuration(format!(
+                "max_value_len must exceed the {HEADER_LEN}-byte envelope header"
+            )));
+        }
+        Ok(())
     }
 }

@@ -237,6 +237,7 @@ where
                     source: Source::L1,
                     expires_at: entry.expires_at,
                     bytes: None,
+                    tags: entry.tags.clone(),
                 });
             }
             missing.push(index);
@@ -323,7 +324,7 @@ where
             // A stale value re-armed in L2 answers only calls with fail-safe.
             L2Read::Hit { value, life, .. } if !life.stale || fail_safe => {
                 self.recorder.l2_hit(key);
-                self.fill_l1_since(key, value.clone(), life.under(options), snapshot);
+                self.fill_l1_since(key, value.clone(), &life.under(options), snapshot);
                 looked.found[index] = Some(value);
             }
             L2Read::Hit { seen, .. } => {
@@ -334,6 +335,7 @@ where
                 value,
                 expires_at,
                 seen,
+                tags,
             } => {
                 self.recorder.miss(key);
                 looked.seen[index].clone_from(&seen);
@@ -349,6 +351,7 @@ where
                             source: Source::L2,
                             expires_at,
                             bytes: seen,
+                            tags,
                         });
                     }
                     Some(_) => {}
@@ -402,7 +405,7 @@ where
                 (None, Some(negative)) => Self::life(&options.without_fail_safe(), negative),
                 (None, None) => continue,
             };
-            match self.encode_with_life(value.as_ref(), life) {
+            match self.encode_with_life(value.as_ref(), &life) {
                 Ok(bytes) => writes.push((watch, value, life, bytes, seen)),
                 Err(error) => {
                     tracing::warn!(cache = %self.namespace, key = %fingerprint(watch.key()), error = %error, "loaded value not cached");
@@ -439,7 +442,7 @@ where
         drop(locks);
         for ((watch, value, life, _, _), written) in writes.iter().zip(written) {
             if written {
-                self.fill_l1(watch.key(), (*value).clone(), *life, || {
+                self.fill_l1(watch.key(), (*value).clone(), life, || {
                     self.freshness.watch_is_current(watch)
                 });
             }

@@ -21,7 +21,7 @@ use tierstack_core::{CacheError, Codec};
 use tokio::time::Instant;
 
 use super::Inner;
-use super::load::{Failure, Fallback, Looked};
+use super::load::{Caching, Failure, Fallback, Looked};
 use crate::flight::{Leader, Outcome};
 use crate::freshness::KeyWatch;
 use crate::lease::{LoadLease, lease_key, token};
@@ -238,7 +238,7 @@ where
     pub(super) async fn finish_leased_load(
         self: &Arc<Self>,
         lease: HeldLease<V, C>,
-        to_store: Option<(Option<V>, Duration)>,
+        to_store: Option<(Option<V>, Caching)>,
         options: EntryOptions,
         watch: KeyWatch,
         seen: Option<Bytes>,
@@ -248,8 +248,8 @@ where
         let finish = async move {
             let key = watch.key().to_owned();
             let cached_for = match to_store {
-                Some((value, ttl)) => {
-                    this.store_loaded(value.as_ref(), &options, ttl, watch, seen, true)
+                Some((value, caching)) => {
+                    this.store_loaded(value.as_ref(), &options, caching, watch, seen, true)
                         .await
                 }
                 None => None,

@@ -52,10 +52,13 @@ where
                         }
                         self.lease_waiters.wake_all();
                     }
+                    // Nothing to evict: each tagged entry is judged against the tag when read.
+                    Invalidation::Tag { tag, remove } => self.apply_tag_message(tag, *remove),
                     // Invalidation is non-exhaustive: anything unknown may have changed any
                     // key, so it counts as a change of every key and clears L1.
                     _ => {
                         self.freshness.bump_all();
+                        self.tags.note_all_changed();
                         self.clear_local();
                         self.lease_waiters.wake_all();
                     }
@@ -64,6 +67,7 @@ where
             }
             BackplaneEvent::Resync => {
                 self.deaf.store(false, Ordering::SeqCst);
+                self.tags.note_all_changed();
                 self.clear_local();
                 // Messages may have been lost: waiting flights look again at once.
                 self.lease_waiters.wake_all();
@@ -75,11 +79,13 @@ where
                 // resort when L2 and the origin fail too. Set before the bump: a fill that
                 // missed the flag sees the bump and evicts itself.
                 self.deaf.store(true, Ordering::SeqCst);
+                self.tags.note_all_changed();
                 self.freshness.bump_local();
                 self.recorder.resync();
             }
             // Unknown events: whatever they mean, a clear keeps nothing stale.
             _ => {
+                self.tags.note_all_changed();
                 self.clear_local();
                 self.recorder.resync();
             }

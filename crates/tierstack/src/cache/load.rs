@@ -15,6 +15,7 @@ use tierstack_core::clock::Timestamp;
 use tierstack_core::envelope::{self, Lifetime};
 use tierstack_core::key::fingerprint;
 use tierstack_core::store::validate_ttl;
+use tierstack_core::tag::{TagStamps, validate_tags};
 use tierstack_core::{CacheError, Codec, Store};
 use tierstack_moka::L1Entry;
 
@@ -158,6 +159,8 @@ where
         Fut: Future<Output = Result<Loaded<Option<V>>, E>>,
         E: Send + Sync + 'static,
     {
+        // Tags the loader names are judged against changes from here on.
+        let tag_mark = self.tags.mark();
         // The hard timeout bounds the whole call: the L2 read, then the loader.
         let hard_deadline = options
             .hard_timeout()
@@ -208,16 +211,23 @@ where
         };
         self.recorder.load(result.is_ok(), started.elapsed());
         match result {
-            Ok(Loaded { value, ttl, cache }) => {
+            Ok(Loaded {
+                value,
+                ttl,
+                cache,
+                tags,
+            }) => {
                 let ttl = if value.is_some() {
                     Some(ttl.unwrap_or(options.ttl()))
                 } else {
                     ttl.or(options.negative_ttl())
                 };
-                let store_for = ttl.filter(|_| cache);
-                let cached_for = match (lease, store_for) {
-                    (Some(lease), _) => {
-                        let to_store = store_for.map(|ttl| (value.clone(), ttl));
+                let caching = self
+                    .caching_of(key, ttl.filter(|_| cache), &tags, tag_mark)
+                    .await;
+                let cached_for = match (lease, caching) {
+                    (Some(lease), caching) => {
+                        let to_store = caching.map(|caching| (value.clone(), caching));
                         self.finish_leased_load(
                             lease,
                             to_store,
@@ -228,8 +238,8 @@ where
                         )
                         .await
                     }
-                    (None, Some(ttl)) => {
-                        self.store_loaded(value.as_ref(), options, ttl, watch, seen, false)
+                    (None, Some(caching)) => {
+                        self.store_loaded(value.as_ref(), options, caching, watch, seen, false)
                             .await
                     }
                     (None, None) => None,
@@ -249,6 +259,40 @@ where
                     .await
             }
         }
+    }
+
+    /// How a loaded value is cached: for `ttl` (`None`: it is not), carrying `tags` at their
+    /// versions now; not at all if a tag is not allowed, changed while the loader ran (here,
+    /// or in a message from another instance: the value may predate the change), or its
+    /// version cannot be read.
+    async fn caching_of(
+        &self,
+        key: &str,
+        ttl: Option<Duration>,
+        tags: &[String],
+        tag_mark: u64,
+    ) -> Option<Caching> {
+        let ttl = ttl?;
+        if tags.is_empty() {
+            return Some(Caching { ttl, tags: None });
+        }
+        let tags = match validate_tags(tags) {
+            Ok(tags) => tags,
+            Err(error) => {
+                tracing::warn!(cache = %self.namespace, key = %fingerprint(key), error = %error, "loaded value not cached");
+                return None;
+            }
+        };
+        if self
+            .tags
+            .changed_since(tag_mark, tags.iter().map(|tag| &**tag))
+        {
+            tracing::debug!(cache = %self.namespace, key = %fingerprint(key), "a tag of the loaded value changed during the load: not cached");
+            return None;
+        }
+        // An L2 failure is counted and logged; the value is served, not cached.
+        let stamps = self.stamp_tags(&tags, self.deadline()).await.ok()?;
+        Some(Caching { ttl, tags: stamps })
     }
 
     /// A flight whose loader failed, panicked or timed out (or that timed out waiting for
@@ -327,6 +371,7 @@ where
                         source: Source::L1,
                         expires_at: entry.expires_at,
                         bytes: None,
+                        tags: entry.tags.clone(),
                     };
                     // Offered before L2 answers, so that a soft timeout can answer it while L2 is
                     // slow; not by a deaf instance, whose copy may be outdated.
@@ -361,7 +406,7 @@ where
                     Some(_) if due => seen,
                     Some(value) => {
                         self.recorder.l2_hit(key);
-                        self.fill_l1(key, Some(value.clone()), life, || {
+                        self.fill_l1(key, Some(value.clone()), &life, || {
                             self.freshness.watch_is_current(watch)
                         });
                         return Looked::Answered(Outcome::Found(if life.stale {
@@ -372,7 +417,7 @@ where
                     }
                     None if accepts_absent => {
                         self.recorder.l2_hit(key);
-                        self.fill_l1(key, None, life, || self.freshness.watch_is_current(watch));
+                        self.fill_l1(key, None, &life, || self.freshness.watch_is_current(watch));
                         return Looked::Answered(Outcome::Absent);
                     }
                     None => {
@@ -386,6 +431,7 @@ where
                 value,
                 expires_at,
                 seen,
+                tags,
             }) => {
                 // The newer of L1's and L2's stale values (a later expiry was written later).
                 let newer = fallback
@@ -398,6 +444,7 @@ where
                             source: Source::L2,
                             expires_at,
                             bytes: seen.clone(),
+                            tags,
                         });
                     }
                     Some(_) => {}
@@ -452,6 +499,7 @@ where
         let lives = now.until(fallback.expires_at);
         let life = Life {
             stale: true,
+            tags: fallback.tags.clone(),
             ..Life::new(throttle.min(lives), lives, None)
         };
         if self.l1.is_some() && !options.skips().l1_write {
@@ -464,10 +512,11 @@ where
                 expires_at: fallback.expires_at,
                 stale: true,
             };
-            let rearmed = envelope::encode_entry(
+            let rearmed = envelope::encode_tagged_entry(
                 &self.codec,
                 Some(&fallback.value),
                 lifetime,
+                fallback.tags.as_ref(),
                 self.settings.max_value_len,
             );
             if let (Ok(bytes), false) = (rearmed, lives.is_zero()) {
@@ -496,30 +545,38 @@ where
         self: &Arc<Self>,
         value: Option<&V>,
         options: &EntryOptions,
-        ttl: Duration,
+        caching: Caching,
         watch: KeyWatch,
         seen: Option<Bytes>,
         inline: bool,
     ) -> Option<Duration> {
         let key = watch.key().to_owned();
+        let Caching { ttl, tags } = caching;
         if let Err(error) = validate_ttl(ttl) {
             // A loader's own TTL (adaptive options) out of range: served, not cached.
             tracing::warn!(cache = %self.namespace, key = %fingerprint(&key), error = %error, "loaded value not cached");
             return None;
         }
         // A "not found" is no fallback: it is not kept past its TTL.
-        let life = match value {
+        let mut life = match value {
             Some(_) => Self::life(options, ttl),
             None => Self::life(&options.without_fail_safe(), ttl),
         };
+        if tags.is_some() {
+            if let Err(error) = self.check_tagged_life(&life) {
+                tracing::warn!(cache = %self.namespace, key = %fingerprint(&key), error = %error, "loaded value not cached");
+                return None;
+            }
+            life.tags = tags;
+        }
         if options.skips().l2_write {
-            self.fill_l1(&key, value.cloned(), life, || {
+            self.fill_l1(&key, value.cloned(), &life, || {
                 self.freshness.watch_is_current(&watch)
             });
             let kept = life.to_l1 && self.l1.is_some() && !self.is_deaf();
             return kept.then_some(life.fresh);
         }
-        let bytes = match self.encode_with_life(value, life) {
+        let bytes = match self.encode_with_life(value, &life) {
             Ok(bytes) => bytes,
             Err(error) => {
                 // Served to the callers, but cached in neither tier.
@@ -536,7 +593,7 @@ where
             .as_ref()
             .and_then(|_| tokio::runtime::Handle::try_current().ok());
         if let (Some(reserved), Some(runtime)) = (reserved, runtime) {
-            self.fill_l1(&key, value.cloned(), life, || {
+            self.fill_l1(&key, value.cloned(), &life, || {
                 self.freshness.watch_is_current(&watch)
             });
             let this = Arc::clone(self);
@@ -552,7 +609,7 @@ where
             // Another writer's value or a delete won: the next read goes to L2.
             return None;
         }
-        self.fill_l1(&key, value.cloned(), life, || {
+        self.fill_l1(&key, value.cloned(), &life, || {
             self.freshness.watch_is_current(&watch)
         });
         Some(life.fresh)
@@ -661,6 +718,9 @@ pub(super) struct Fallback<V> {
     pub(super) expires_at: Timestamp,
     /// The L2 bytes it was read from, if it came from L2.
     pub(super) bytes: Option<Bytes>,
+    /// The tags it carries: a re-armed copy keeps them, so that a later removal of a tag
+    /// reaches it too.
+    pub(super) tags: Option<TagStamps>,
 }
 
 impl<V: Clone> Fallback<V> {
@@ -668,6 +728,12 @@ impl<V: Clone> Fallback<V> {
     fn offered(&self) -> Fetched<V> {
         Fetched::new_stale(self.value.clone(), self.source)
     }
+}
+
+/// How a loaded value is cached: for how long, and with which tags' versions.
+pub(super) struct Caching {
+    pub(super) ttl: Duration,
+    pub(super) tags: Option<TagStamps>,
 }
 
 /// Why a load gave no value.

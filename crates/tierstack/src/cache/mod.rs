@@ -21,6 +21,7 @@ use serde::de::DeserializeOwned;
 use tierstack_core::clock::SharedClock;
 use tierstack_core::key::{Namespace, validate_key};
 use tierstack_core::store::MAX_TTL;
+use tierstack_core::tag::validate_tags;
 use tierstack_core::{Backplane, BincodeCodec, Codec, Result, Store};
 use tierstack_moka::L1Cache;
 
@@ -49,6 +50,7 @@ mod load;
 mod publish;
 mod read;
 mod recovery;
+mod tags;
 mod write;
 
 pub use builder::TieredCacheBuilder;
@@ -98,6 +100,8 @@ struct Settings {
     max_value_len: usize,
     l2_timeout: Duration,
     tombstone_ttl: Duration,
+    /// How long a tag's record lives past its last invalidation.
+    tag_record_ttl: Duration,
 }
 
 struct Inner<V, C> {
@@ -132,6 +136,8 @@ struct Inner<V, C> {
     backplane_breaker: Option<Breaker>,
     /// Invalidations held while the backplane's breaker is open.
     held: Arc<publish::Held>,
+    /// What this instance knows of its tags' records.
+    tags: crate::tags::TagRegistry,
 }
 
 impl<V, C> Drop for Inner<V, C> {
@@ -394,7 +400,7 @@ where
     /// As [`set_with_ttl`](Self::set_with_ttl).
     pub async fn set(&self, key: &str, value: V) -> Result<()> {
         let options = self.inner.settings.defaults;
-        self.inner.set(key, value, &options).await
+        self.inner.set(key, value, &options, &[]).await
     }
 
     /// Writes `value` under `key` for `ttl`.
@@ -407,7 +413,7 @@ where
     /// write may still land, and no tier keeps serving the old value.
     pub async fn set_with_ttl(&self, key: &str, value: V, ttl: Duration) -> Result<()> {
         let options = self.inner.settings.defaults.with_ttl(ttl);
-        self.inner.set(key, value, &options).await
+        self.inner.set(key, value, &options, &[]).await
     }
 
     /// Writes `value` under `key` with this call's `options`: its TTL (and jitter), fail-safe
@@ -417,7 +423,68 @@ where
     ///
     /// As [`set_with_ttl`](Self::set_with_ttl), and options out of range.
     pub async fn set_with(&self, key: &str, value: V, options: &EntryOptions) -> Result<()> {
-        self.inner.set(key, value, options).await
+        self.inner.set(key, value, options, &[]).await
+    }
+
+    /// Writes `value` under `key` with `options`, carrying `tags`: an
+    /// [`invalidate_tag`](Self::invalidate_tag) of any of them, on any instance, then reaches
+    /// it. A tag is 1 to 128 bytes without control characters, an entry carries at most 16
+    /// (repeats count once), and a tagged entry lives at most
+    /// [`tag_record_ttl`](TieredCacheBuilder::tag_record_ttl).
+    ///
+    /// ```
+    /// # async fn run() -> tierstack::Result<()> {
+    /// let cache = tierstack::TieredCache::<String>::builder("orders").build()?;
+    /// let options = cache.default_options();
+    /// cache.set_with_tags("order:9", "shipped".into(), &["user:7", "org:2"], &options).await?;
+    /// cache.invalidate_tag("user:7").await?; // user 7 changed
+    /// assert_eq!(cache.get("order:9").await?, None);
+    /// # Ok(())
+    /// # }
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(run()).unwrap();
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// As [`set_with`](Self::set_with), and [`CacheError::InvalidTag`](tierstack_core::CacheError::InvalidTag) for a tag that is not
+    /// allowed (nothing is written). With an L2, the tags' current versions are read from it
+    /// unless this instance knows them: its failure fails the write.
+    pub async fn set_with_tags<T: AsRef<str>>(
+        &self,
+        key: &str,
+        value: V,
+        tags: &[T],
+        options: &EntryOptions,
+    ) -> Result<()> {
+        let tags = validate_tags(tags)?;
+        self.inner.set(key, value, options, &tags).await
+    }
+
+    /// Removes every entry that carries `tag`, on every instance, without reading or scanning
+    /// them: each is judged against the tag when read. This instance misses them at once; the
+    /// others as soon as the backplane delivers the message (or, if they lost it unnoticed,
+    /// within 30 seconds). A load of a tagged entry under way when the tag is removed does not
+    /// cache its value over the removal. Fail-safe keeps nothing of them: see
+    /// [`expire_tag`](Self::expire_tag).
+    ///
+    /// # Errors
+    ///
+    /// [`CacheError::InvalidTag`](tierstack_core::CacheError::InvalidTag) for a tag that is not allowed; the L2's error if the tag's
+    /// record could not be raised (nothing changed then).
+    pub async fn invalidate_tag(&self, tag: &str) -> Result<()> {
+        self.inner.invalidate_tag(tag, true).await
+    }
+
+    /// Expires every entry that carries `tag`, on every instance, like
+    /// [`invalidate_tag`](Self::invalidate_tag), but keeps them as fail-safe's fallback: the
+    /// next read-through call reloads each, and serves the old value (marked stale) if its
+    /// loader fails. Entries without fail-safe are simply gone.
+    ///
+    /// # Errors
+    ///
+    /// As [`invalidate_tag`](Self::invalidate_tag).
+    pub async fn expire_tag(&self, tag: &str) -> Result<()> {
+        self.inner.invalidate_tag(tag, false).await
     }
 
     /// Removes `key` from both tiers and tells the other instances; `true` if a tier held it.

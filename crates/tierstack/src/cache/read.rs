@@ -10,6 +10,7 @@ use serde::de::DeserializeOwned;
 use tierstack_core::clock::Timestamp;
 use tierstack_core::envelope::{self, Envelope, Lifetime};
 use tierstack_core::key::fingerprint;
+use tierstack_core::tag::{TagStamps, TagVerdict};
 use tierstack_core::{Codec, Result};
 use tierstack_moka::L1Entry;
 use tokio::time::Instant;
@@ -19,8 +20,9 @@ use crate::freshness::Snapshot;
 use crate::options::EntryOptions;
 use crate::stats::L2Op;
 
-/// How long an entry is fresh, and how long it stays stored (stale in between), from now.
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// How long an entry is fresh, and how long it stays stored (stale in between), from now; and
+/// the tags it carries.
+#[derive(Debug, Clone, PartialEq)]
 pub(super) struct Life {
     pub(super) fresh: Duration,
     pub(super) lives: Duration,
@@ -34,6 +36,8 @@ pub(super) struct Life {
     pub(super) eager: Option<f64>,
     /// Whether L1 keeps it (the call did not skip L1 writes).
     pub(super) to_l1: bool,
+    /// Its tags with the versions it was written under, if it carries tags.
+    pub(super) tags: Option<TagStamps>,
 }
 
 impl Life {
@@ -47,6 +51,7 @@ impl Life {
             written_at: None,
             eager: None,
             to_l1: true,
+            tags: None,
         }
     }
 
@@ -62,7 +67,7 @@ impl Life {
 
     /// How long from `now` a hit should start an eager refresh: once `eager` of the whole TTL
     /// (age and remaining freshness) has passed. Never for a stale value.
-    pub(super) fn refresh_in(self, now: Timestamp) -> Option<Duration> {
+    pub(super) fn refresh_in(&self, now: Timestamp) -> Option<Duration> {
         let fraction = self.eager.filter(|_| !self.stale)?;
         let age = self.written_at.map_or(Duration::ZERO, |at| at.until(now));
         let ttl = age.saturating_add(self.fresh);
@@ -71,7 +76,7 @@ impl Life {
 
     /// The L1 entry of `value` from `now`: the cap shortens its freshness, and a fail-safe entry
     /// stays, stale, until it leaves L2 too.
-    pub(super) fn l1_entry<V>(self, value: Option<V>, now: Timestamp) -> L1Entry<V> {
+    pub(super) fn l1_entry<V>(&self, value: Option<V>, now: Timestamp) -> L1Entry<V> {
         let fresh = self.l1_cap.map_or(self.fresh, |cap| self.fresh.min(cap));
         let fresh_until = now.saturating_add(fresh);
         let expires_at = if self.lives > self.fresh {
@@ -85,6 +90,7 @@ impl Life {
             expires_at,
             stale: self.stale,
             refresh_at: self.refresh_in(now).map(|after| now.saturating_add(after)),
+            tags: self.tags.clone(),
         }
     }
 }
@@ -105,6 +111,7 @@ pub(super) enum L2Read<V> {
         value: Option<V>,
         expires_at: Timestamp,
         seen: Option<Bytes>,
+        tags: Option<TagStamps>,
     },
     /// No live entry. `seen` holds what lies under the key instead, if anything: a tombstone,
     /// or undecodable bytes that are still there. A loaded value may replace exactly those.
@@ -120,6 +127,7 @@ enum Decoded<V> {
         fresh_until: Timestamp,
         expires_at: Timestamp,
         stale: bool,
+        tags: Option<TagStamps>,
     },
     /// A delete's marker: no entry.
     Tombstone,
@@ -190,9 +198,7 @@ where
         }
         let now = self.clock.now();
         Ok(self
-            .l1
-            .as_ref()
-            .and_then(|l1| l1.get(key))
+            .l1_entry(key)
             .filter(|entry| entry.is_fresh_at(now) && self.trusted_fresh(entry))
             .map(|entry| now.until(entry.fresh_until)))
     }
@@ -208,7 +214,7 @@ where
 
     /// [`l1_get`](Self::l1_get), and whether the value is a stale one that fail-safe re-armed.
     pub(super) fn l1_fresh(&self, key: &str) -> Option<(Option<V>, bool)> {
-        let entry = self.l1.as_ref()?.get(key)?;
+        let entry = self.l1_entry(key)?;
         // Plain entries are fresh for as long as L1 keeps them; only fail-safe ones need the
         // clock.
         if entry.fresh_until != entry.expires_at && !entry.is_fresh_at(self.clock.now()) {
@@ -241,7 +247,7 @@ where
     }
 
     /// The envelope of `value` (or of a negative entry) written now for `life`.
-    pub(super) fn encode_with_life(&self, value: Option<&V>, life: Life) -> Result<Bytes> {
+    pub(super) fn encode_with_life(&self, value: Option<&V>, life: &Life) -> Result<Bytes> {
         let now = self.clock.now();
         let lifetime = Lifetime {
             written_at: now,
@@ -249,12 +255,38 @@ where
             expires_at: now.saturating_add(life.lives),
             stale: life.stale,
         };
-        envelope::encode_entry(&self.codec, value, lifetime, self.settings.max_value_len)
+        envelope::encode_tagged_entry(
+            &self.codec,
+            value,
+            lifetime,
+            life.tags.as_ref(),
+            self.settings.max_value_len,
+        )
     }
 
-    /// The L1 entry of `key`, fresh or stale, without counting a hit.
+    /// The L1 entry of `key`, fresh or stale, without counting a hit, as its tags leave it:
+    /// stale if one was expired since it was written (when it has a fail-safe life to be stale
+    /// in), none if one was removed, and none while a tag's record is not known here (the read
+    /// goes on to L2, which learns it).
     pub(super) fn l1_entry(&self, key: &str) -> Option<L1Entry<V>> {
-        self.l1.as_ref()?.get(key)
+        let entry = self.l1.as_ref()?.get(key)?;
+        let Some(tags) = &entry.tags else {
+            return Some(entry);
+        };
+        match self.tags.verdict_now(tags)? {
+            TagVerdict::Current => Some(entry),
+            // A stale value that fail-safe re-armed keeps its throttle.
+            TagVerdict::Expired if entry.stale => Some(entry),
+            TagVerdict::Expired if entry.expires_at > entry.fresh_until => {
+                let now = self.clock.now();
+                Some(L1Entry {
+                    fresh_until: entry.fresh_until.min(now),
+                    refresh_at: None,
+                    ..entry
+                })
+            }
+            TagVerdict::Expired | TagVerdict::Removed => None,
+        }
     }
 
     /// Reads `key` from L2 and fills L1 on a hit: `Some(v)` a hit (`v` is `None` for a negative
@@ -268,7 +300,7 @@ where
         match self.read_l2(key, deadline, self.l1.is_some()).await? {
             L2Read::Hit { value, life, .. } if !life.stale => {
                 self.recorder.l2_hit(key);
-                self.fill_l1(key, value.clone(), life, || {
+                self.fill_l1(key, value.clone(), &life, || {
                     self.freshness.is_current(snapshot)
                 });
                 Ok(Some(value))
@@ -334,12 +366,37 @@ where
                 fresh_until,
                 expires_at,
                 stale,
+                tags,
             } => {
+                // A tag invalidated since: removed, or stale if it was expired and the entry
+                // has a fail-safe life to be stale in. A record that cannot be read leaves the
+                // entry only as a fallback.
+                let verdict = match &tags {
+                    None => TagVerdict::Current,
+                    Some(stamps) => self
+                        .tag_verdict(stamps, deadline)
+                        .await
+                        .unwrap_or(TagVerdict::Expired),
+                };
+                let fail_safe = fresh_until != expires_at || stale;
+                match verdict {
+                    TagVerdict::Current => {}
+                    TagVerdict::Expired if fail_safe && self.clock.now() < expires_at => {
+                        return L2Read::Stale {
+                            value,
+                            expires_at,
+                            seen: Some(bytes),
+                            tags,
+                        };
+                    }
+                    TagVerdict::Expired | TagVerdict::Removed => {
+                        return L2Read::Miss { seen: Some(bytes) };
+                    }
+                }
                 // A plain entry is fresh for as long as the store keeps it (a store's `expire`
                 // need not rewrite the envelope); a fail-safe one until its own field says. The
                 // store's own time to live counts where the read asked for it (`touch` may have
                 // changed it), else the envelope's; the clock is read only when needed.
-                let fail_safe = fresh_until != expires_at || stale;
                 let (fresh, lives, is_fresh) = if fail_safe || ttl.is_zero() {
                     let now = self.clock.now();
                     let lives = if ttl.is_zero() {
@@ -363,6 +420,7 @@ where
                     written_at: Some(written_at),
                     eager: None,
                     to_l1: true,
+                    tags: tags.clone(),
                 }
                 .under(&self.settings.defaults);
                 if is_fresh {
@@ -376,6 +434,7 @@ where
                         value,
                         expires_at,
                         seen: Some(bytes),
+                        tags,
                     }
                 }
             }
@@ -413,6 +472,7 @@ where
             fresh_until: envelope.fresh_until,
             expires_at: envelope.expires_at,
             stale: envelope.stale,
+            tags: envelope.tags(),
         }
     }
 
@@ -450,7 +510,7 @@ where
         &self,
         key: &str,
         value: Option<V>,
-        life: Life,
+        life: &Life,
         still_current: impl Fn() -> bool,
     ) {
         let Some(l1) = self.l1.as_ref().filter(|_| life.to_l1) else {
@@ -470,7 +530,7 @@ where
     }
 
     /// [`fill_l1`](Self::fill_l1) checked against a striped snapshot.
-    pub(super) fn fill_l1_since(&self, key: &str, value: Option<V>, life: Life, since: Snapshot) {
+    pub(super) fn fill_l1_since(&self, key: &str, value: Option<V>, life: &Life, since: Snapshot) {
         self.fill_l1(key, value, life, || self.freshness.is_current(since));
     }
 }

@@ -128,11 +128,15 @@ where
         match self.classify(key, kept, Duration::ZERO, deadline).await {
             L2Read::Miss { .. } => L2Read::Miss { seen: stored },
             L2Read::Stale {
-                value, expires_at, ..
+                value,
+                expires_at,
+                tags,
+                ..
             } => L2Read::Stale {
                 value,
                 expires_at,
                 seen: stored,
+                tags,
             },
             L2Read::Hit { value, life, .. } => L2Read::Hit {
                 value,

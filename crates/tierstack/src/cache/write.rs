@@ -30,13 +30,18 @@ where
         key: &str,
         value: V,
         options: &EntryOptions,
+        tags: &[Arc<str>],
     ) -> Result<()> {
         self.check_key(key)?;
         validate_ttl(options.ttl())?;
         options.validate()?;
-        let life = Self::life(options, options.ttl());
+        let mut life = Self::life(options, options.ttl());
+        if !tags.is_empty() {
+            self.check_tagged_life(&life)?;
+            life.tags = self.stamp_tags(tags, self.deadline()).await?;
+        }
         let skips = options.skips();
-        let bytes = self.encode_with_life(Some(&value), life)?;
+        let bytes = self.encode_with_life(Some(&value), &life)?;
         // Taken before the write: an invalidation of the key that arrives while the write is in
         // flight (another instance's write, which may have landed after this one) keeps this
         // value out of L1, so that every instance converges on what L2 holds.
@@ -77,7 +82,7 @@ where
             } else {
                 life
             };
-            self.fill_l1_since(key, Some(value), life, after);
+            self.fill_l1_since(key, Some(value), &life, after);
         } else {
             self.evict_local(key);
         }
@@ -256,8 +261,12 @@ where
                     && !entry.stale =>
             {
                 let after = self.freshness.bump_key(key);
-                let life = Life::new(ttl, ttl, options.l1_ttl());
-                self.fill_l1_since(key, entry.value, life, after);
+                // Its tags stay with it, at the versions it was written under.
+                let life = Life {
+                    tags: entry.tags,
+                    ..Life::new(ttl, ttl, options.l1_ttl())
+                };
+                self.fill_l1_since(key, entry.value, &life, after);
             }
             _ => self.evict_local(key),
         }

@@ -1,0 +1,422 @@
+//! Tags: `invalidate_tag` and `expire_tag` reach every entry that carries the tag, on every
+//! instance, without a scan; loads under way do not cache over them; bad tags are refused.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use common::Fixture;
+use tierstack::core::Store;
+use tierstack::core::tag::{MAX_TAG_LEN, MAX_TAGS, TagProblem, TagRecord};
+use tierstack::core::testkit::{MemoryBus, MemoryStore};
+use tierstack::{CacheError, EntryOptions, FailSafe, Loaded, Source, TieredCache};
+use tokio::sync::Notify;
+
+async fn eventually(mut check: impl AsyncFnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition not reached within two seconds"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await; // poll loop
+    }
+}
+
+fn instances(count: usize, l2: Option<&Arc<MemoryStore>>) -> Vec<TieredCache<String>> {
+    let bus = MemoryBus::new();
+    (0..count)
+        .map(|_| {
+            let builder = TieredCache::builder("shared").backplane(Arc::new(bus.backplane()));
+            match l2 {
+                Some(l2) => builder.l2(l2.clone()),
+                None => builder,
+            }
+            .build()
+            .unwrap()
+        })
+        .collect()
+}
+
+/// Fail-safe whose stale answers are re-tried after a millisecond.
+fn fail_safe(cache: &TieredCache<String>) -> EntryOptions {
+    cache.default_options().with_fail_safe(
+        FailSafe::new(Duration::from_secs(600)).with_throttle(Duration::from_millis(1)),
+    )
+}
+
+async fn failing_load(
+    cache: &TieredCache<String>,
+    key: &str,
+    options: &EntryOptions,
+) -> Option<(String, bool)> {
+    cache
+        .get_or_load_with(key, options, || async {
+            Err::<String, _>(std::io::Error::other("origin down"))
+        })
+        .await
+        .ok()
+        .map(|fetched| (fetched.value, fetched.stale))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_tag_misses_on_every_instance_and_leaves_the_rest() {
+    let caches = instances(2, Some(&Arc::new(MemoryStore::new())));
+    let (a, b) = (&caches[0], &caches[1]);
+    let options = a.default_options();
+    a.set_with_tags("order:1", "o1".into(), &["user:7"], &options)
+        .await
+        .unwrap();
+    a.set_with_tags("order:2", "o2".into(), &["user:7", "org:2"], &options)
+        .await
+        .unwrap();
+    a.set_with_tags("order:3", "o3".into(), &["org:2"], &options)
+        .await
+        .unwrap();
+    a.set("plain", "p".into()).await.unwrap();
+    for cache in [a, b] {
+        for key in ["order:1", "order:2", "order:3", "plain"] {
+            assert!(cache.get(key).await.unwrap().is_some(), "{key} cached");
+        }
+    }
+    b.invalidate_tag("user:7").await.unwrap();
+    // At once on the instance that invalidated; within the delivery time on the other.
+    assert_eq!(b.get("order:1").await.unwrap(), None);
+    assert_eq!(b.get("order:2").await.unwrap(), None);
+    eventually(async || a.get("order:1").await.unwrap().is_none()).await;
+    for cache in [a, b] {
+        assert_eq!(cache.get("order:2").await.unwrap(), None, "one tag of two");
+        assert_eq!(cache.get("order:3").await.unwrap(), Some("o3".into()));
+        assert_eq!(cache.get("plain").await.unwrap(), Some("p".into()));
+        assert!(!cache.exists("order:1").await.unwrap());
+    }
+    assert_eq!(b.stats().tag_invalidations, 1);
+    // Written after the invalidation: current again.
+    a.set_with_tags("order:1", "o1 v2".into(), &["user:7"], &options)
+        .await
+        .unwrap();
+    for cache in [a, b] {
+        eventually(async || cache.get("order:1").await.unwrap() == Some("o1 v2".into())).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tag_invalidated_while_its_load_runs_keeps_the_value_out() {
+    for on_other_instance in [false, true] {
+        let caches = instances(2, Some(&Arc::new(MemoryStore::new())));
+        let (a, b) = (caches[0].clone(), caches[1].clone());
+        let loads = Arc::new(AtomicUsize::new(0));
+        let (started, release) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+        let load = {
+            let (a, loads, started, release) =
+                (a.clone(), loads.clone(), started.clone(), release.clone());
+            tokio::spawn(async move {
+                let options = a.default_options();
+                a.get_or_load_with("report", &options, move || async move {
+                    loads.fetch_add(1, Ordering::SeqCst);
+                    started.notify_one();
+                    release.notified().await;
+                    Ok::<_, std::io::Error>(Loaded::new("old".to_string()).with_tags(["user:7"]))
+                })
+                .await
+            })
+        };
+        started.notified().await;
+        if on_other_instance {
+            b.invalidate_tag("user:7").await.unwrap();
+            // The message has reached `a` once `a` counts it.
+            eventually(async || a.stats().invalidations_received == 1).await;
+        } else {
+            a.invalidate_tag("user:7").await.unwrap();
+        }
+        release.notify_one();
+        let fetched = load.await.unwrap().unwrap();
+        assert_eq!(fetched.value, "old", "its callers get it");
+        assert_eq!(fetched.ttl, None, "not cached");
+        for cache in [&a, &b] {
+            assert_eq!(cache.get("report").await.unwrap(), None);
+        }
+        let options = a.default_options();
+        let again = a
+            .get_or_load_with("report", &options, || async {
+                Ok::<_, std::io::Error>(Loaded::new("new".to_string()).with_tags(["user:7"]))
+            })
+            .await
+            .unwrap();
+        assert_eq!(again.value, "new");
+        assert!(again.ttl.is_some(), "cached this time");
+        a.wait_for_background_fills().await;
+        assert_eq!(b.get("report").await.unwrap(), Some("new".into()));
+        assert_eq!(loads.load(Ordering::SeqCst), 1);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expire_keeps_a_fallback_only_for_fail_safe_entries_and_remove_keeps_none() {
+    let caches = instances(2, Some(&Arc::new(MemoryStore::new())));
+    let (a, b) = (&caches[0], &caches[1]);
+    let safe = fail_safe(a);
+    let plain = a.default_options();
+    a.set_with_tags("safe", "kept".into(), &["t"], &safe)
+        .await
+        .unwrap();
+    a.set_with_tags("plain", "gone".into(), &["t"], &plain)
+        .await
+        .unwrap();
+    assert!(a.get("safe").await.unwrap().is_some());
+    a.expire_tag("t").await.unwrap();
+    assert_eq!(a.get("safe").await.unwrap(), None, "no longer fresh");
+    // From L1 here, from L2 on the other instance (which never held it).
+    assert_eq!(
+        failing_load(a, "safe", &safe).await,
+        Some(("kept".into(), true))
+    );
+    assert_eq!(
+        failing_load(b, "safe", &fail_safe(b)).await,
+        Some(("kept".into(), true))
+    );
+    assert_eq!(
+        failing_load(a, "plain", &safe).await,
+        None,
+        "no fail-safe life"
+    );
+    assert_eq!(failing_load(b, "plain", &fail_safe(b)).await, None);
+    // A reload after the expiry is current.
+    tokio::time::sleep(Duration::from_millis(5)).await; // real time: past the throttle
+    let reloaded = a
+        .get_or_load_with("safe", &safe, || async {
+            Ok::<_, std::io::Error>(Loaded::new("fresh".to_string()).with_tags(["t"]))
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        (reloaded.value.as_str(), reloaded.source),
+        ("fresh", Source::Loader)
+    );
+    eventually(async || b.get("safe").await.unwrap() == Some("fresh".into())).await;
+    // A removal leaves no fallback, not even the stale copies re-armed above.
+    a.set_with_tags("other", "x".into(), &["t"], &safe)
+        .await
+        .unwrap();
+    a.expire_tag("t").await.unwrap();
+    assert_eq!(
+        failing_load(a, "other", &safe).await,
+        Some(("x".into(), true))
+    );
+    let heard = a.stats().invalidations_received;
+    b.invalidate_tag("t").await.unwrap();
+    eventually(async || a.stats().invalidations_received > heard).await;
+    for cache in [a, b] {
+        assert_eq!(failing_load(cache, "safe", &fail_safe(cache)).await, None);
+        assert_eq!(failing_load(cache, "other", &fail_safe(cache)).await, None);
+    }
+}
+
+#[tokio::test]
+async fn bad_tags_are_refused_clearly_and_nothing_is_written() {
+    let cache = Fixture::new().cache();
+    let options = cache.default_options();
+    let too_many: Vec<String> = (0..=MAX_TAGS).map(|i| format!("t{i}")).collect();
+    let cases: Vec<(Vec<String>, TagProblem)> = vec![
+        (vec![String::new()], TagProblem::Empty),
+        (
+            vec!["x".repeat(MAX_TAG_LEN + 1)],
+            TagProblem::TooLong {
+                len: MAX_TAG_LEN + 1,
+            },
+        ),
+        (vec!["a\u{0}b".into()], TagProblem::ControlCharacter),
+        (
+            too_many,
+            TagProblem::TooMany {
+                count: MAX_TAGS + 1,
+            },
+        ),
+    ];
+    for (tags, problem) in cases {
+        let result = cache.set_with_tags("k", "v".into(), &tags, &options).await;
+        assert!(
+            matches!(&result, Err(CacheError::InvalidTag { reason }) if *reason == problem),
+            "{problem:?}: {result:?}"
+        );
+        assert_eq!(cache.get("k").await.unwrap(), None, "nothing written");
+    }
+    assert!(matches!(
+        cache.invalidate_tag("").await,
+        Err(CacheError::InvalidTag {
+            reason: TagProblem::Empty
+        })
+    ));
+    // A loader's bad tag: its callers get the value, nothing is cached.
+    let loads = Arc::new(AtomicUsize::new(0));
+    for _ in 0..2 {
+        let loads = loads.clone();
+        let fetched = cache
+            .get_or_load_with("k", &options, move || async move {
+                loads.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, std::io::Error>(Loaded::new("v".to_string()).with_tags([""]))
+            })
+            .await
+            .unwrap();
+        assert_eq!((fetched.value.as_str(), fetched.ttl), ("v", None));
+    }
+    assert_eq!(loads.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn a_tagged_entry_may_not_outlive_its_tags_records() {
+    let fixture = Fixture::new();
+    let cache = fixture
+        .builder("test")
+        .tag_record_ttl(Duration::from_secs(3600))
+        .build()
+        .unwrap();
+    let long = cache.default_options().with_ttl(Duration::from_secs(7200));
+    assert!(matches!(
+        cache.set_with_tags("k", "v".into(), &["t"], &long).await,
+        Err(CacheError::InvalidTtl { .. })
+    ));
+    let stale_too_long = cache
+        .default_options()
+        .with_fail_safe(FailSafe::new(Duration::from_secs(3600)));
+    assert!(matches!(
+        cache
+            .set_with_tags("k", "v".into(), &["t"], &stale_too_long)
+            .await,
+        Err(CacheError::InvalidTtl { .. })
+    ));
+    assert_eq!(cache.get("k").await.unwrap(), None);
+    // Untagged, the same options are fine.
+    cache.set_with("k", "v".into(), &long).await.unwrap();
+    assert!(matches!(
+        TieredCache::<String>::builder("x")
+            .tag_record_ttl(Duration::ZERO)
+            .build(),
+        Err(CacheError::Configuration(message)) if message.contains("tag_record_ttl")
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_an_l2_tags_reach_every_instance_through_the_backplane() {
+    let caches = instances(2, None);
+    let (a, b) = (&caches[0], &caches[1]);
+    let options = a.default_options();
+    // Each instance its own keys: without an L2, another instance's write of a key evicts
+    // this one's copy.
+    for (cache, own) in [(a, "a"), (b, "b")] {
+        cache
+            .set_with_tags(own, "v".into(), &["t"], &options)
+            .await
+            .unwrap();
+        cache
+            .set(&format!("plain-{own}"), "p".into())
+            .await
+            .unwrap();
+    }
+    a.invalidate_tag("t").await.unwrap();
+    assert_eq!(a.get("a").await.unwrap(), None);
+    eventually(async || b.get("b").await.unwrap().is_none()).await;
+    assert_eq!(b.get("plain-b").await.unwrap(), Some("p".into()));
+    assert_eq!(a.get("plain-a").await.unwrap(), Some("p".into()));
+    for (cache, own) in [(a, "a"), (b, "b")] {
+        cache
+            .set_with_tags(own, "v2".into(), &["t"], &options)
+            .await
+            .unwrap();
+        assert_eq!(cache.get(own).await.unwrap(), Some("v2".into()));
+    }
+}
+
+#[tokio::test]
+async fn a_record_lost_from_the_l2_removes_what_was_stamped_under_it() {
+    let fixture = Fixture::new();
+    let writer = fixture.cache();
+    let options = writer.default_options();
+    writer.invalidate_tag("t").await.unwrap();
+    writer
+        .set_with_tags("k", "v".into(), &["t"], &options)
+        .await
+        .unwrap();
+    let record = fixture.l2.get("test!tag:t").await.unwrap().unwrap();
+    assert!(TagRecord::decode(&record).is_some());
+    assert_eq!(fixture.cache().get("k").await.unwrap(), Some("v".into()));
+    // Evicted, say: an instance that reads it again misses rather than trusts the entry.
+    fixture.l2.delete("test!tag:t").await.unwrap();
+    assert_eq!(fixture.cache().get("k").await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn an_l2_that_fails_the_invalidation_fails_it_and_changes_nothing() {
+    let fixture = Fixture::new();
+    let cache = fixture.cache();
+    let options = cache.default_options();
+    cache
+        .set_with_tags("k", "v".into(), &["t"], &options)
+        .await
+        .unwrap();
+    fixture.faulty.set_failing(true);
+    assert!(cache.invalidate_tag("t").await.is_err());
+    fixture.faulty.set_failing(false);
+    assert_eq!(cache.get("k").await.unwrap(), Some("v".into()));
+    assert_eq!(fixture.cache().get("k").await.unwrap(), Some("v".into()));
+    assert_eq!(cache.stats().tag_invalidations, 0);
+    // And a tagged write whose tag cannot be read fails without writing.
+    let other = fixture.cache();
+    fixture.faulty.set_failing(true);
+    assert!(
+        other
+            .set_with_tags("k2", "v".into(), &["new-tag"], &options)
+            .await
+            .is_err()
+    );
+    fixture.faulty.set_failing(false);
+    assert_eq!(other.get("k2").await.unwrap(), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_invalidations_of_one_tag_all_land() {
+    let l2 = Arc::new(MemoryStore::new());
+    let caches = instances(2, Some(&l2));
+    let mut tasks = Vec::new();
+    for round in 0..20 {
+        let cache = caches[round % 2].clone();
+        tasks.push(tokio::spawn(
+            async move { cache.invalidate_tag("hot").await },
+        ));
+    }
+    for task in tasks {
+        task.await.unwrap().unwrap();
+    }
+    let bytes = l2.get("shared!tag:hot").await.unwrap().unwrap();
+    let record = TagRecord::decode(&bytes).unwrap();
+    assert_eq!(record.counter, 20, "each raised the record once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cleared_l1_judges_tagged_entries_from_the_l2_again() {
+    let caches = instances(1, Some(&Arc::new(MemoryStore::new())));
+    let cache = &caches[0];
+    let options = cache.default_options();
+    cache
+        .set_with_tags("before", "b".into(), &["t"], &options)
+        .await
+        .unwrap();
+    cache.invalidate_tag("t").await.unwrap();
+    cache
+        .set_with_tags("after", "a".into(), &["t"], &options)
+        .await
+        .unwrap();
+    cache.invalidate_local_all();
+    assert_eq!(cache.get("before").await.unwrap(), None);
+    assert_eq!(cache.get("after").await.unwrap(), Some("a".into()));
+    let loaded = cache
+        .get_or_load("before", || async {
+            Ok::<_, std::io::Error>("b2".to_string())
+        })
+        .await
+        .unwrap();
+    assert_eq!(loaded, "b2");
+}
