@@ -19,6 +19,7 @@ mod outage_scenarios;
 mod policy_scenarios;
 mod redis_scenarios;
 mod scenarios;
+mod tag_scenarios;
 
 use std::path::{Path, PathBuf};
 
@@ -164,6 +165,9 @@ fn run_scenarios(options: &RunOptions) -> Result<Vec<Record>, String> {
         if options.wants("l2_outage") {
             records.extend(outage_scenarios::l2_outage(&sizes).await);
         }
+        if options.wants("tag_invalidation") {
+            records.extend(tag_scenarios::tag_invalidation(&sizes).await);
+        }
         if options.wants("l2_hit_redis") {
             records.extend(redis_scenarios::l2_hit_redis(&sizes).await);
             records.extend(redis_scenarios::l2_hit_redis_cold_l1(&sizes).await);
@@ -193,6 +197,7 @@ fn run_scenarios(options: &RunOptions) -> Result<Vec<Record>, String> {
                 || r.scenario.starts_with("invalidation")
                 || r.scenario.starts_with("mixed")
                 || r.scenario.starts_with("l2_outage")
+                || r.scenario.starts_with("tag_")
         }) {
             redis_scenarios::cleanup().await;
         }
