@@ -49,11 +49,12 @@ where
     V: Clone + Send + Sync + Serialize + DeserializeOwned + 'static,
     C: Codec,
 {
-    /// `get_or_load`: the loader runs in the caller's task (it may borrow), under the default
-    /// options.
+    /// `get_or_load` and `get_or_load_inline`: the loader runs in the caller's task (it may
+    /// borrow).
     pub(super) async fn get_or_load<F, Fut, E>(
         self: &Arc<Self>,
         key: &str,
+        options: &EntryOptions,
         loader: F,
     ) -> Result<V, LoadError<E>>
     where
@@ -62,13 +63,15 @@ where
         E: Send + Sync + 'static,
     {
         self.check_key(key)?;
-        if let Some(Some(value)) = self.l1_get(key) {
+        if !options.skips().l1_read
+            && let Some(Some(value)) = self.l1_get(key)
+        {
             return Ok(value);
         }
-        let options = self.settings.defaults;
+        options.validate()?;
         let optional = || async move { loader().await.map(|value| Loaded::new(Some(value))) };
         let kind = TypeId::of::<NeedsValue<E>>();
-        match self.flight(key, kind, false, &options, optional).await? {
+        match self.flight(key, kind, false, options, optional).await? {
             Some(fetched) => Ok(fetched.value),
             // Unreachable: a flight that needs a value neither accepts a negative entry nor has a
             // loader that can answer `None`.

@@ -238,7 +238,34 @@ where
         Fut: Future<Output = std::result::Result<V, E>>,
         E: Send + Sync + 'static,
     {
-        self.inner.get_or_load(key, loader).await
+        let options = self.inner.settings.defaults;
+        self.inner.get_or_load(key, &options, loader).await
+    }
+
+    /// [`get_or_load`](Self::get_or_load) with this call's `options` (start from
+    /// [`default_options`](Self::default_options)): the loader still runs in the calling task,
+    /// so it may borrow. Every option that does not need the load to outlive the call applies:
+    /// the TTLs, negative caching, fail-safe (a stale value answers a failed load), the hard
+    /// timeout (which cancels the loader), the load lease and the skips. The soft timeout,
+    /// background completion and eager refresh do not: use
+    /// [`get_or_load_with`](Self::get_or_load_with) for those.
+    ///
+    /// # Errors
+    ///
+    /// As [`get_or_load`](Self::get_or_load), and [`LoadError::Cache`] for options out of
+    /// range.
+    pub async fn get_or_load_inline<F, Fut, E>(
+        &self,
+        key: &str,
+        options: &EntryOptions,
+        loader: F,
+    ) -> Result<V, LoadError<E>>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = std::result::Result<V, E>>,
+        E: Send + Sync + 'static,
+    {
+        self.inner.get_or_load(key, options, loader).await
     }
 
     /// [`get_or_load`](Self::get_or_load) with this call's `options` (start from

@@ -1,0 +1,155 @@
+//! `#[cached]` end to end on real caches: loads once, single-flight, errors not cached,
+//! invalidation, methods borrowing `self`, per-call TTL and options.
+#![allow(clippy::unwrap_used)]
+
+use std::sync::LazyLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tierstack::{EntryOptions, LoadError, TieredCache};
+use tierstack_macros::cached;
+
+fn cache(namespace: &str) -> TieredCache<String> {
+    TieredCache::builder(namespace).build().unwrap()
+}
+
+static PROFILES: LazyLock<TieredCache<String>> = LazyLock::new(|| cache("profiles"));
+static PROFILE_LOADS: AtomicUsize = AtomicUsize::new(0);
+
+/// The profile of a user.
+#[cached(cache = PROFILES, key = "user:{id}")]
+async fn profile(id: u64) -> Result<String, std::io::Error> {
+    PROFILE_LOADS.fetch_add(1, Ordering::SeqCst);
+    Ok(format!("profile of {id}"))
+}
+
+static ACCOUNTS: LazyLock<TieredCache<String>> = LazyLock::new(|| cache("accounts"));
+static ACCOUNT_LOADS: AtomicUsize = AtomicUsize::new(0);
+
+#[cached(cache = ACCOUNTS, key = "account:{id}")]
+async fn account(id: u64) -> Result<String, std::io::Error> {
+    ACCOUNT_LOADS.fetch_add(1, Ordering::SeqCst);
+    if id == 0 {
+        return Err(std::io::Error::other("no account 0"));
+    }
+    Ok(format!("account {id}"))
+}
+
+#[tokio::test]
+async fn a_call_loads_once_and_invalidation_loads_again() {
+    assert_eq!(profile(7).await.unwrap(), "profile of 7");
+    assert_eq!(profile(7).await.unwrap(), "profile of 7");
+    assert_eq!(
+        PROFILES.get("user:7").await.unwrap(),
+        Some("profile of 7".into())
+    );
+    assert_eq!(PROFILE_LOADS.load(Ordering::SeqCst), 1);
+    assert!(invalidate_profile(7).await.unwrap());
+    assert!(!invalidate_profile(7).await.unwrap(), "nothing left");
+    assert_eq!(profile(7).await.unwrap(), "profile of 7");
+    assert_eq!(PROFILE_LOADS.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn an_error_reaches_the_caller_and_is_not_cached() {
+    for _ in 0..2 {
+        match account(0).await {
+            Err(LoadError::Loader(error)) => assert_eq!(error.to_string(), "no account 0"),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(ACCOUNT_LOADS.load(Ordering::SeqCst), 2);
+    assert_eq!(ACCOUNTS.get("account:0").await.unwrap(), None);
+}
+
+static SLOW: LazyLock<TieredCache<String>> = LazyLock::new(|| cache("slow"));
+static SLOW_LOADS: AtomicUsize = AtomicUsize::new(0);
+
+#[cached(cache = SLOW, key = "report:{day}")]
+async fn report(day: u32) -> String {
+    SLOW_LOADS.fetch_add(1, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(50)).await; // paused clock
+    format!("report of day {day}")
+}
+
+#[tokio::test(start_paused = true)]
+async fn concurrent_calls_share_one_load() {
+    let calls = (0..100).map(|_| report(3));
+    let answers = futures_util::future::join_all(calls).await;
+    assert!(
+        answers
+            .iter()
+            .all(|answer| answer.as_deref().ok() == Some("report of day 3"))
+    );
+    assert_eq!(SLOW_LOADS.load(Ordering::SeqCst), 1);
+}
+
+static PRICES: LazyLock<TieredCache<u64>> =
+    LazyLock::new(|| TieredCache::builder("prices").build().expect("a valid configuration"));
+
+/// The example of `docs/getting-started.md`, section 13.
+#[cached(cache = PRICES, key = "price:{sku}", ttl = "30s")]
+async fn price(sku: &str) -> Result<u64, std::io::Error> {
+    Ok(sku.len() as u64 * 100) // the pricing service, on a miss
+}
+
+#[tokio::test]
+async fn the_getting_started_example_runs() {
+    assert_eq!(price("abc").await.unwrap(), 300);
+    assert!(invalidate_price("abc").await.unwrap());
+    assert!(PRICES.get("price:abc").await.unwrap().is_none());
+}
+
+struct Directory {
+    cache: TieredCache<String>,
+    loads: AtomicUsize,
+}
+
+impl Directory {
+    /// A method: the cache is the instance's, the body borrows `self` and a `&str`.
+    #[cached(cache = self.cache, key = "search:{query:?}:{page}", ttl = "5m")]
+    async fn search(&self, query: &str, page: u32) -> Result<String, std::io::Error> {
+        self.loads.fetch_add(1, Ordering::SeqCst);
+        Ok(format!("{query} page {page}"))
+    }
+
+    #[cached(
+        cache = self.cache,
+        key = "slow:{id}",
+        options = EntryOptions::default().with_hard_timeout(Duration::from_millis(100)),
+        invalidate = forget_slow
+    )]
+    async fn slow(&self, id: u64) -> Result<String, std::io::Error> {
+        tokio::time::sleep(Duration::from_secs(id)).await; // paused clock
+        Ok(format!("slow {id}"))
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn methods_borrow_self_and_take_a_ttl_and_options() {
+    let directory = Directory {
+        cache: cache("directory"),
+        loads: AtomicUsize::new(0),
+    };
+    let query = String::from("ada");
+    assert_eq!(directory.search(&query, 2).await.unwrap(), "ada page 2");
+    assert_eq!(directory.search(&query, 2).await.unwrap(), "ada page 2");
+    assert_eq!(directory.loads.load(Ordering::SeqCst), 1);
+    let ttl = directory
+        .cache
+        .ttl("search:\"ada\":2")
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        ttl <= Duration::from_secs(300) && ttl > Duration::from_secs(290),
+        "{ttl:?}"
+    );
+    assert!(directory.invalidate_search("ada", 2).await.unwrap());
+    assert!(matches!(
+        directory.slow(1).await,
+        Err(LoadError::TimedOut { .. })
+    ));
+    assert_eq!(directory.slow(0).await.unwrap(), "slow 0");
+    assert!(directory.forget_slow(0).await.unwrap());
+}
