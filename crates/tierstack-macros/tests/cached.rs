@@ -84,8 +84,11 @@ async fn concurrent_calls_share_one_load() {
     assert_eq!(SLOW_LOADS.load(Ordering::SeqCst), 1);
 }
 
-static PRICES: LazyLock<TieredCache<u64>> =
-    LazyLock::new(|| TieredCache::builder("prices").build().expect("a valid configuration"));
+static PRICES: LazyLock<TieredCache<u64>> = LazyLock::new(|| {
+    TieredCache::builder("prices")
+        .build()
+        .expect("a valid configuration")
+});
 
 /// The example of `docs/getting-started.md`, section 13.
 #[cached(cache = PRICES, key = "price:{sku}", ttl = "30s")]

@@ -43,6 +43,7 @@ mod background;
 mod builder;
 mod bulk;
 mod detached;
+mod insert;
 mod l2;
 mod lease;
 mod listener;
@@ -451,6 +452,25 @@ where
     /// As [`set_with_ttl`](Self::set_with_ttl), and options out of range.
     pub async fn set_with(&self, key: &str, value: V, options: &EntryOptions) -> Result<()> {
         self.inner.set(key, value, options, &[]).await
+    }
+
+    /// Writes `value` under `key` with `options` only if the key holds no value: `true` if it
+    /// wrote, `false` if a value was there (on any instance, through the L2). A new session
+    /// under a fresh id, a resource created once: a write that must never replace someone
+    /// else's.
+    ///
+    /// What it replaces is exactly what it read (nothing, a delete's tombstone, a cached "not
+    /// found", a stale or undecodable entry), by compare-and-set, so that of two calls racing on
+    /// one key only one writes. The other instances evict their copies, as after `set`. Without
+    /// an L2 (or skipping L2 writes), the check and the write are one step on this instance
+    /// only; a plain `set` of the key may still overwrite.
+    ///
+    /// # Errors
+    ///
+    /// As [`set_with`](Self::set_with); an L2 that fails or times out fails the call (nothing
+    /// is kept for a replay: whether the key held a value is not known).
+    pub async fn set_if_absent(&self, key: &str, value: V, options: &EntryOptions) -> Result<bool> {
+        self.inner.set_if_absent(key, value, options).await
     }
 
     /// Writes `value` under `key` with `options`, carrying `tags`: an

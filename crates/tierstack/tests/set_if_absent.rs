@@ -1,0 +1,185 @@
+//! `set_if_absent`: writes only where no value is, never over another writer's value, on one
+//! instance or many.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::Fixture;
+use tierstack::core::testkit::{MemoryBus, MemoryStore};
+use tierstack::{FailSafe, TieredCache};
+
+fn instances(count: usize, l2: Option<&Arc<MemoryStore>>) -> Vec<TieredCache<String>> {
+    let bus = MemoryBus::new();
+    (0..count)
+        .map(|_| {
+            let builder = TieredCache::builder("shared").backplane(Arc::new(bus.backplane()));
+            match l2 {
+                Some(l2) => builder.l2(l2.clone()),
+                None => builder,
+            }
+            .build()
+            .unwrap()
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_an_absent_key_is_written() {
+    let caches = instances(2, Some(&Arc::new(MemoryStore::new())));
+    let (a, b) = (&caches[0], &caches[1]);
+    let options = a.default_options();
+    assert!(
+        a.set_if_absent("k", "first".into(), &options)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !a.set_if_absent("k", "second".into(), &options)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !b.set_if_absent("k", "third".into(), &options)
+            .await
+            .unwrap(),
+        "through the L2"
+    );
+    for cache in [a, b] {
+        assert_eq!(cache.get("k").await.unwrap(), Some("first".into()));
+    }
+    // A delete leaves a tombstone: the key is absent again.
+    b.delete("k").await.unwrap();
+    assert!(
+        a.set_if_absent("k", "after delete".into(), &options)
+            .await
+            .unwrap()
+    );
+    assert_eq!(b.get("k").await.unwrap(), Some("after delete".into()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_not_found_or_a_stale_value_is_no_value() {
+    let fixture = Fixture::new();
+    let cache = fixture.cache();
+    let negative = cache
+        .default_options()
+        .with_negative_ttl(Duration::from_secs(60));
+    let absent = cache
+        .get_or_load_optional_with("missing", &negative, || async {
+            Ok::<_, std::io::Error>(None)
+        })
+        .await
+        .unwrap();
+    assert!(absent.is_none());
+    let options = cache.default_options();
+    assert!(
+        cache
+            .set_if_absent("missing", "now here".into(), &options)
+            .await
+            .unwrap()
+    );
+    assert_eq!(cache.get("missing").await.unwrap(), Some("now here".into()));
+
+    let fail_safe = cache
+        .default_options()
+        .with_ttl(Duration::from_secs(10))
+        .with_fail_safe(FailSafe::new(Duration::from_secs(600)));
+    cache
+        .set_with("old", "stale".into(), &fail_safe)
+        .await
+        .unwrap();
+    fixture.clock.advance(Duration::from_secs(11));
+    assert!(
+        cache
+            .set_if_absent("old", "fresh".into(), &options)
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        fixture.cache().get("old").await.unwrap(),
+        Some("fresh".into())
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn of_concurrent_calls_on_many_instances_exactly_one_writes() {
+    for l2 in [Some(Arc::new(MemoryStore::new())), None] {
+        let shared = l2.is_some();
+        let caches = instances(if shared { 3 } else { 1 }, l2.as_ref());
+        let mut calls = Vec::new();
+        for i in 0..30 {
+            let cache = caches[i % caches.len()].clone();
+            calls.push(tokio::spawn(async move {
+                let options = cache.default_options();
+                let won = cache
+                    .set_if_absent("id", format!("writer {i}"), &options)
+                    .await
+                    .unwrap();
+                won.then_some(i)
+            }));
+        }
+        let mut winners = Vec::new();
+        for call in calls {
+            winners.extend(call.await.unwrap());
+        }
+        assert_eq!(winners.len(), 1, "shared: {shared}, winners {winners:?}");
+        let expected = format!("writer {}", winners[0]);
+        for cache in &caches {
+            assert_eq!(cache.get("id").await.unwrap(), Some(expected.clone()));
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_l2_that_fails_fails_the_call() {
+    let fixture = Fixture::new();
+    let cache = fixture.cache();
+    let options = cache.default_options();
+    fixture.faulty.set_failing(true);
+    assert!(
+        cache
+            .set_if_absent("k", "v".into(), &options)
+            .await
+            .is_err()
+    );
+    fixture.faulty.set_failing(false);
+    assert_eq!(cache.get("k").await.unwrap(), None, "nothing kept");
+    assert!(
+        cache
+            .set_if_absent("k", "v".into(), &options)
+            .await
+            .unwrap()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_other_instances_drop_what_they_held() {
+    let caches = instances(2, Some(&Arc::new(MemoryStore::new())));
+    let (a, b) = (&caches[0], &caches[1]);
+    let negative = b
+        .default_options()
+        .with_negative_ttl(Duration::from_secs(60));
+    let held = b
+        .get_or_load_optional_with("k", &negative, || async { Ok::<_, std::io::Error>(None) })
+        .await
+        .unwrap();
+    assert!(held.is_none(), "b holds a cached not-found");
+    let options = a.default_options();
+    assert!(
+        a.set_if_absent("k", "created".into(), &options)
+            .await
+            .unwrap()
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    while b.get("k").await.unwrap().is_none() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "b kept its not-found"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await; // poll loop
+    }
+    assert_eq!(b.get("k").await.unwrap(), Some("created".into()));
+}
