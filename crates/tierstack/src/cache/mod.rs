@@ -454,6 +454,21 @@ where
         self.inner.set(key, value, options, &[]).await
     }
 
+    /// Deletes the expired entries the L2 keeps until its own expiry runs (Firestore's TTL
+    /// policy deletes them up to a day late; they are never read meanwhile), returning how
+    /// many. Stores that expire entries themselves (Redis, moka) answer 0, as does a cache
+    /// without an L2. The sweep covers the whole store, not only this namespace.
+    ///
+    /// # Errors
+    ///
+    /// The L2's error.
+    pub async fn sweep_expired(&self) -> Result<u64> {
+        match &self.inner.l2 {
+            Some(l2) => l2.sweep_expired().await,
+            None => Ok(0),
+        }
+    }
+
     /// Writes `value` under `key` with `options` only if the key holds no value: `true` if it
     /// wrote, `false` if a value was there (on any instance, through the L2). A new session
     /// under a fresh id, a resource created once: a write that must never replace someone

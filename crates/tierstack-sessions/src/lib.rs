@@ -1,0 +1,160 @@
+//! Server-side sessions for axum and tower: a
+//! [`tower_sessions_core::SessionStore`] on a [tierstack](https://docs.rs/tierstack)
+//! `TieredCache`, so that sessions live in Redis or Firestore (and survive the instance that
+//! created them) with an in-process L1 in front.
+//!
+//! ```
+//! use tierstack_sessions::{TieredSessionStore, cache_builder};
+//!
+//! # fn main() -> Result<(), tierstack::CacheError> {
+//! // The embedded default here; give the builder `.l2(...)` and `.backplane(...)` (a
+//! // `RedisStore` and its `RedisBackplane`, say) so that every instance shares the sessions
+//! // and sees a logout at once.
+//! let store = TieredSessionStore::new(cache_builder("sessions").build()?);
+//! // tower_sessions::SessionManagerLayer::new(store) in the app's router.
+//! # let _ = store;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! What the store does:
+//! - **create** writes a new session only where its id holds none ([`TieredCache::set_if_absent`]),
+//!   and draws another id on the (astronomically rare) collision: it never overwrites another
+//!   session.
+//! - **save** writes the whole record, living until the session's own expiry date; a
+//!   sliding session (`Expiry::OnInactivity`) is saved, and so extended, as tower-sessions asks.
+//! - **load** answers only a record whose expiry date is in the future, even from a backend
+//!   that keeps expired records (Firestore deletes them up to a day late).
+//! - **delete** (a logout, an id cycled at login against session fixation) removes the record
+//!   from both tiers, and the backplane makes every other instance drop its copy.
+//! - [`ExpiredDeletion::delete_expired`](tower_sessions_core::ExpiredDeletion) sweeps what the
+//!   backend keeps past its expiry ([`TieredCache::sweep_expired`]).
+//!
+//! Concurrent requests of one session each save the whole record: the last save wins, as with
+//! every tower-sessions store. What a save returned for is then what every later load on every
+//! instance reads (until a later save); an update of a request that ran beside another may be
+//! overwritten by it.
+//!
+//! Records are encoded as JSON: a session's data holds `serde_json::Value`s, which bincode
+//! cannot decode.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tierstack::{CacheError, JsonCodec, TieredCache, TieredCacheBuilder};
+use time::OffsetDateTime;
+use tower_sessions_core::session::{Id, Record};
+use tower_sessions_core::session_store::{self, ExpiredDeletion, SessionStore};
+
+/// How many ids `create` draws before it gives up: a collision of two random 128-bit ids is
+/// never expected, so more than one means something else is wrong.
+const CREATE_ATTEMPTS: usize = 8;
+
+/// A builder for the cache a [`TieredSessionStore`] keeps sessions in: a `TieredCache` of
+/// session records, encoded as JSON, under `namespace`.
+pub fn cache_builder(namespace: &str) -> TieredCacheBuilder<Record, JsonCodec> {
+    TieredCache::<Record>::builder(namespace).codec(JsonCodec)
+}
+
+/// A [`SessionStore`] on a [`TieredCache`]; see the [crate docs](crate). Cloning is cheap.
+#[derive(Debug, Clone)]
+pub struct TieredSessionStore {
+    cache: TieredCache<Record, JsonCodec>,
+}
+
+impl TieredSessionStore {
+    /// A store that keeps sessions in `cache` (see [`cache_builder`]).
+    pub fn new(cache: TieredCache<Record, JsonCodec>) -> Self {
+        Self { cache }
+    }
+
+    /// The cache the sessions live in.
+    pub fn cache(&self) -> &TieredCache<Record, JsonCodec> {
+        &self.cache
+    }
+}
+
+/// How long a record has left to live, if any.
+fn remaining(record: &Record) -> Option<Duration> {
+    let left = record.expiry_date - OffsetDateTime::now_utc();
+    Duration::try_from(left)
+        .ok()
+        .filter(|left| *left >= Duration::from_millis(1))
+        .map(|left| left.min(tierstack::core::store::MAX_TTL))
+}
+
+fn backend(error: &CacheError) -> session_store::Error {
+    session_store::Error::Backend(error.to_string())
+}
+
+#[async_trait]
+impl SessionStore for TieredSessionStore {
+    async fn create(&self, record: &mut Record) -> session_store::Result<()> {
+        let Some(ttl) = remaining(record) else {
+            // Expired already: nothing to keep.
+            return Ok(());
+        };
+        let options = self.cache.default_options().with_ttl(ttl);
+        for _ in 0..CREATE_ATTEMPTS {
+            let key = record.id.to_string();
+            let created = self
+                .cache
+                .set_if_absent(&key, record.clone(), &options)
+                .await
+                .map_err(|e| backend(&e))?;
+            if created {
+                return Ok(());
+            }
+            record.id = Id::default();
+        }
+        Err(session_store::Error::Backend(format!(
+            "no free session id after {CREATE_ATTEMPTS} attempts"
+        )))
+    }
+
+    async fn save(&self, record: &Record) -> session_store::Result<()> {
+        let key = record.id.to_string();
+        let Some(ttl) = remaining(record) else {
+            self.cache.delete(&key).await.map_err(|e| backend(&e))?;
+            return Ok(());
+        };
+        let options = self.cache.default_options().with_ttl(ttl);
+        self.cache
+            .set_with(&key, record.clone(), &options)
+            .await
+            .map_err(|e| backend(&e))
+    }
+
+    async fn load(&self, id: &Id) -> session_store::Result<Option<Record>> {
+        let record = self
+            .cache
+            .get(&id.to_string())
+            .await
+            .map_err(|e| backend(&e))?;
+        Ok(record.filter(|record| record.id == *id && remaining(record).is_some()))
+    }
+
+    async fn delete(&self, id: &Id) -> session_store::Result<()> {
+        self.cache
+            .delete(&id.to_string())
+            .await
+            .map(|_| ())
+            .map_err(|e| backend(&e))
+    }
+}
+
+#[async_trait]
+impl ExpiredDeletion for TieredSessionStore {
+    async fn delete_expired(&self) -> session_store::Result<()> {
+        self.cache
+            .sweep_expired()
+            .await
+            .map(|_| ())
+            .map_err(|e| backend(&e))
+    }
+}
+
+/// The README's example, compiled as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
