@@ -19,6 +19,7 @@ mod outage_scenarios;
 mod policy_scenarios;
 mod redis_scenarios;
 mod scenarios;
+mod session_scenarios;
 mod tag_scenarios;
 
 use std::path::{Path, PathBuf};
@@ -165,6 +166,9 @@ fn run_scenarios(options: &RunOptions) -> Result<Vec<Record>, String> {
         if options.wants("l2_outage") {
             records.extend(outage_scenarios::l2_outage(&sizes).await);
         }
+        if options.wants("session_load") {
+            records.extend(session_scenarios::session_load(&sizes).await);
+        }
         if options.wants("tag_invalidation") {
             records.extend(tag_scenarios::tag_invalidation(&sizes).await);
         }
@@ -198,6 +202,7 @@ fn run_scenarios(options: &RunOptions) -> Result<Vec<Record>, String> {
                 || r.scenario.starts_with("mixed")
                 || r.scenario.starts_with("l2_outage")
                 || r.scenario.starts_with("tag_")
+                || r.scenario.starts_with("session_")
         }) {
             redis_scenarios::cleanup().await;
         }

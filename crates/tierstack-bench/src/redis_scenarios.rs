@@ -32,7 +32,7 @@ fn redis_url() -> String {
 
 /// The prefix of every key this run writes: unique per run, so that runs against a long-lived
 /// server never find each other's keys (a warm L2 would turn misses into hits).
-fn run_prefix() -> &'static str {
+pub(crate) fn run_prefix() -> &'static str {
     static PREFIX: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     PREFIX.get_or_init(|| {
         let nanos = std::time::SystemTime::now()
