@@ -444,6 +444,16 @@ impl<V> Loaded<V> {
         self
     }
 
+    /// The same answer, as a flight that may also answer "no value" holds it.
+    pub(crate) fn into_optional(self) -> Loaded<Option<V>> {
+        Loaded {
+            value: Some(self.value),
+            ttl: self.ttl,
+            cache: self.cache,
+            tags: self.tags,
+        }
+    }
+
     /// Answered to the callers of this load but cached in neither tier.
     #[must_use]
     pub fn uncached(mut self) -> Self {

@@ -41,20 +41,9 @@ where
         E: Send + Sync + 'static,
     {
         let loader = move || async move {
-            loader().await.map(|answer| {
-                let Loaded {
-                    value,
-                    ttl,
-                    cache,
-                    tags,
-                } = answer.into();
-                Loaded {
-                    value: Some(value),
-                    ttl,
-                    cache,
-                    tags,
-                }
-            })
+            loader()
+                .await
+                .map(|answer| Into::<Loaded<V>>::into(answer).into_optional())
         };
         match self.fetch(key, options, false, loader).await? {
             Some(fetched) => Ok(fetched),

@@ -51,7 +51,7 @@ where
 {
     /// `get_or_load` and `get_or_load_inline`: the loader runs in the caller's task (it may
     /// borrow).
-    pub(super) async fn get_or_load<F, Fut, E>(
+    pub(super) async fn get_or_load<F, Fut, R, E>(
         self: &Arc<Self>,
         key: &str,
         options: &EntryOptions,
@@ -59,7 +59,8 @@ where
     ) -> Result<V, LoadError<E>>
     where
         F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<V, E>>,
+        Fut: Future<Output = Result<R, E>>,
+        R: Into<Loaded<V>>,
         E: Send + Sync + 'static,
     {
         self.check_key(key)?;
@@ -69,7 +70,11 @@ where
             return Ok(value);
         }
         options.validate()?;
-        let optional = || async move { loader().await.map(|value| Loaded::new(Some(value))) };
+        let optional = || async move {
+            loader()
+                .await
+                .map(|answer| Into::<Loaded<V>>::into(answer).into_optional())
+        };
         let kind = TypeId::of::<NeedsValue<E>>();
         match self.flight(key, kind, false, options, optional).await? {
             Some(fetched) => Ok(fetched.value),

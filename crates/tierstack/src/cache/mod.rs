@@ -245,7 +245,8 @@ where
 
     /// [`get_or_load`](Self::get_or_load) with this call's `options` (start from
     /// [`default_options`](Self::default_options)): the loader still runs in the calling task,
-    /// so it may borrow. Every option that does not need the load to outlive the call applies:
+    /// so it may borrow. It may answer a plain value or a [`Loaded`] (its own TTL, tags, or not
+    /// cached), as for [`get_or_load_with`](Self::get_or_load_with). Every option that does not need the load to outlive the call applies:
     /// the TTLs, negative caching, fail-safe (a stale value answers a failed load), the hard
     /// timeout (which cancels the loader), the load lease and the skips. The soft timeout,
     /// background completion and eager refresh do not: use
@@ -255,7 +256,7 @@ where
     ///
     /// As [`get_or_load`](Self::get_or_load), and [`LoadError::Cache`] for options out of
     /// range.
-    pub async fn get_or_load_inline<F, Fut, E>(
+    pub async fn get_or_load_inline<F, Fut, R, E>(
         &self,
         key: &str,
         options: &EntryOptions,
@@ -263,7 +264,8 @@ where
     ) -> Result<V, LoadError<E>>
     where
         F: FnOnce() -> Fut,
-        Fut: Future<Output = std::result::Result<V, E>>,
+        Fut: Future<Output = std::result::Result<R, E>>,
+        R: Into<Loaded<V>>,
         E: Send + Sync + 'static,
     {
         self.inner.get_or_load(key, options, loader).await

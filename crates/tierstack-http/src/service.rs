@@ -1,0 +1,352 @@
+//! The layer's service: which requests meet the cache, the read-through call around the
+//! handler, and the handler's own response where nothing is shared.
+
+use std::fmt::Write as _;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode};
+use http_body::Body;
+use http_body_util::BodyExt;
+use sha2::{Digest, Sha256};
+use tierstack::{LoadError, Loaded, TieredCache};
+use tower_service::Service;
+
+use crate::entry::CachedResponse;
+use crate::policy::{self, Lookup, Rules};
+use crate::{BoxError, HttpCacheBody};
+
+/// What the layer shares between its services.
+#[derive(Clone)]
+pub(crate) struct Shared {
+    pub(crate) cache: TieredCache<CachedResponse>,
+    pub(crate) rules: Rules,
+    pub(crate) tag_header: HeaderName,
+    pub(crate) cache_authorized: bool,
+}
+
+/// The [`Service`] of an [`HttpCacheLayer`](crate::HttpCacheLayer) around `S`.
+pub struct HttpCacheService<S> {
+    pub(crate) inner: S,
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl<S: Clone> Clone for HttpCacheService<S> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            shared: Arc::clone(&self.shared),
+        }
+    }
+}
+
+impl<S: std::fmt::Debug> std::fmt::Debug for HttpCacheService<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpCacheService")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a flight's handler call left nothing to share: its caller has its own response.
+#[derive(Debug, Clone, Copy)]
+enum Unshared {
+    /// The response may not be stored (or its body failed): only its own caller gets it.
+    NotStored,
+    /// The handler failed.
+    Failed,
+}
+
+/// A response that may be stored, for how long, with its tags.
+struct ToStore {
+    response: CachedResponse,
+    ttl: std::time::Duration,
+    tags: Vec<String>,
+}
+
+/// What a read-through call keeps beside the flight: the request, until a handler call takes
+/// it, and the leader's own response when it is not shared.
+struct Slot<B, E> {
+    request: Option<Request<B>>,
+    own: Option<Result<Response<HttpCacheBody>, E>>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn boxed<B>(response: Response<B>) -> Response<HttpCacheBody>
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    response.map(|body| body.map_err(Into::into).boxed_unsync())
+}
+
+fn full(response: Response<Bytes>) -> Response<HttpCacheBody> {
+    response.map(|bytes| {
+        http_body_util::Full::new(bytes)
+            .map_err(|never| match never {})
+            .boxed_unsync()
+    })
+}
+
+fn status_only(status: StatusCode) -> Response<HttpCacheBody> {
+    let mut response = Response::new(Bytes::new());
+    *response.status_mut() = status;
+    full(response)
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for HttpCacheService<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: Send + 'static,
+    ReqBody: Send + 'static,
+    ResBody: Body<Data = Bytes> + Send + 'static,
+    ResBody::Error: Into<BoxError>,
+{
+    type Response = Response<HttpCacheBody>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+        // The service that was polled ready serves this call; its clone waits for the next.
+        let clone = self.inner.clone();
+        let ready = std::mem::replace(&mut self.inner, clone);
+        let shared = Arc::clone(&self.shared);
+        Box::pin(async move { shared.serve(ready, request).await })
+    }
+}
+
+impl Shared {
+    /// The key of a request: its path and query, then a hash of the headers the cache varies
+    /// on, if the request has any. Prefix invalidation works on the path.
+    fn key<B>(&self, request: &Request<B>) -> String {
+        let uri = request.uri();
+        let mut key = uri.path().to_owned();
+        if let Some(query) = uri.query() {
+            key.push('?');
+            key.push_str(query);
+        }
+        let mut varying = Sha256::new();
+        let mut any = false;
+        for name in &self.rules.vary_on {
+            for value in request.headers().get_all(name) {
+                any = true;
+                varying.update(name.as_str().as_bytes());
+                varying.update([0]);
+                varying.update(value.as_bytes());
+                varying.update([0]);
+            }
+        }
+        if any {
+            key.push('#');
+            for byte in &varying.finalize()[..8] {
+                let _ = write!(key, "{byte:02x}");
+            }
+        }
+        key
+    }
+
+    async fn serve<S, ReqBody, ResBody>(
+        self: Arc<Self>,
+        mut inner: S,
+        request: Request<ReqBody>,
+    ) -> Result<Response<HttpCacheBody>, S::Error>
+    where
+        S: Service<Request<ReqBody>, Response = Response<ResBody>> + Send,
+        S::Future: Send,
+        S::Error: Send + 'static,
+        ReqBody: Send,
+        ResBody: Body<Data = Bytes> + Send + 'static,
+        ResBody::Error: Into<BoxError>,
+    {
+        match policy::lookup(request.method(), request.headers(), self.cache_authorized) {
+            Lookup::Bypass => inner.call(request).await.map(boxed),
+            Lookup::Head => {
+                let key = self.key(&request);
+                if let Ok(Some(stored)) = self.cache.get(&key).await {
+                    let hit = HeaderValue::from_static("HIT");
+                    return Ok(full(stored.answer(request.headers(), true, hit)));
+                }
+                inner.call(request).await.map(boxed)
+            }
+            Lookup::ReadThrough => self.read_through(inner, request).await,
+            Lookup::Refresh => self.refresh(inner, request).await,
+        }
+    }
+
+    /// Answers from the cache, or runs the handler once for every request of the key that
+    /// waits meanwhile (single-flight) and stores what may be stored. A response that may not
+    /// be stored (or a failure) goes to its own request only: each waiter then runs the
+    /// handler itself, since a response with a cookie, say, is not theirs.
+    async fn read_through<S, ReqBody, ResBody>(
+        &self,
+        mut inner: S,
+        request: Request<ReqBody>,
+    ) -> Result<Response<HttpCacheBody>, S::Error>
+    where
+        S: Service<Request<ReqBody>, Response = Response<ResBody>> + Send,
+        S::Future: Send,
+        S::Error: Send + 'static,
+        ReqBody: Send,
+        ResBody: Body<Data = Bytes> + Send + 'static,
+        ResBody::Error: Into<BoxError>,
+    {
+        let key = self.key(&request);
+        let headers: HeaderMap = request.headers().clone();
+        let slot = Mutex::new(Slot {
+            request: Some(request),
+            own: None,
+        });
+        let options = self.cache.default_options();
+        let loaded = {
+            let (inner, slot) = (&mut inner, &slot);
+            self.cache
+                .get_or_load_inline(&key, &options, || async move {
+                    let Some(request) = lock(slot).request.take() else {
+                        return Err(Unshared::Failed);
+                    };
+                    self.load(inner, request, slot).await.map(|to_store| {
+                        Loaded::new(to_store.response)
+                            .with_ttl(to_store.ttl)
+                            .with_tags(to_store.tags)
+                    })
+                })
+                .await
+        };
+        let ran = lock(&slot).request.is_none();
+        let own = lock(&slot).own.take();
+        match (loaded, own) {
+            (Ok(stored), _) => {
+                let hit = HeaderValue::from_static(if ran { "MISS" } else { "HIT" });
+                Ok(full(stored.answer(&headers, false, hit)))
+            }
+            (Err(_), Some(own)) => own,
+            (Err(error), None) => {
+                let request = lock(&slot).request.take();
+                // Nothing shared (or a cache error): this request runs the handler.
+                if let Some(request) = request {
+                    return inner.call(request).await.map(boxed);
+                }
+                // The handler panicked on this request.
+                if let LoadError::Panicked = error {
+                    tracing::warn!("the handler panicked under the HTTP cache");
+                }
+                Ok(status_only(StatusCode::INTERNAL_SERVER_ERROR))
+            }
+        }
+    }
+
+    /// A request for a fresh copy (`no-cache`): the handler runs, and what it answers replaces
+    /// what is stored (no flight: the request asked not to share an answer).
+    async fn refresh<S, ReqBody, ResBody>(
+        &self,
+        mut inner: S,
+        request: Request<ReqBody>,
+    ) -> Result<Response<HttpCacheBody>, S::Error>
+    where
+        S: Service<Request<ReqBody>, Response = Response<ResBody>> + Send,
+        S::Future: Send,
+        S::Error: Send + 'static,
+        ReqBody: Send,
+        ResBody: Body<Data = Bytes> + Send + 'static,
+        ResBody::Error: Into<BoxError>,
+    {
+        let key = self.key(&request);
+        let headers: HeaderMap = request.headers().clone();
+        let slot = Mutex::new(Slot {
+            request: None,
+            own: None,
+        });
+        match self.load(&mut inner, request, &slot).await {
+            Ok(to_store) => {
+                let options = self.cache.default_options().with_ttl(to_store.ttl);
+                let stored = self
+                    .cache
+                    .set_with_tags(&key, to_store.response.clone(), &to_store.tags, &options)
+                    .await;
+                if let Err(error) = stored {
+                    tracing::debug!(error = %error, "refreshed response not cached");
+                }
+                let miss = HeaderValue::from_static("MISS");
+                Ok(full(to_store.response.answer(&headers, false, miss)))
+            }
+            Err(_) => lock(&slot)
+                .own
+                .take()
+                .unwrap_or_else(|| Ok(status_only(StatusCode::INTERNAL_SERVER_ERROR))),
+        }
+    }
+
+    /// A handler call: what to store, or its own response kept in `slot`.
+    async fn load<S, ReqBody, ResBody>(
+        &self,
+        inner: &mut S,
+        request: Request<ReqBody>,
+        slot: &Mutex<Slot<ReqBody, S::Error>>,
+    ) -> Result<ToStore, Unshared>
+    where
+        S: Service<Request<ReqBody>, Response = Response<ResBody>> + Send,
+        S::Future: Send,
+        S::Error: Send + 'static,
+        ReqBody: Send,
+        ResBody: Body<Data = Bytes> + Send + 'static,
+        ResBody::Error: Into<BoxError>,
+    {
+        let response = match inner.call(request).await {
+            Ok(response) => response,
+            Err(error) => {
+                lock(slot).own = Some(Err(error));
+                return Err(Unshared::Failed);
+            }
+        };
+        let (parts, body) = response.into_parts();
+        let ttl = match self
+            .rules
+            .ttl(parts.status, &parts.headers, body.size_hint().upper())
+        {
+            Ok(ttl) => ttl,
+            Err(reason) => {
+                tracing::debug!(reason = reason.describe(), "response not cached");
+                let mut parts = parts;
+                parts.headers.remove(&self.tag_header);
+                lock(slot).own = Some(Ok(boxed(Response::from_parts(parts, body))));
+                return Err(Unshared::NotStored);
+            }
+        };
+        let Ok(collected) = body.collect().await else {
+            lock(slot).own = Some(Ok(status_only(StatusCode::BAD_GATEWAY)));
+            return Err(Unshared::Failed);
+        };
+        let tags: Vec<String> = parts
+            .headers
+            .get_all(&self.tag_header)
+            .iter()
+            .filter_map(|value| value.to_str().ok())
+            .flat_map(|list| list.split(','))
+            .map(str::trim)
+            .filter(|tag| !tag.is_empty())
+            .map(str::to_owned)
+            .collect();
+        let stored = CachedResponse::new(
+            parts.status,
+            &parts.headers,
+            &collected.to_bytes(),
+            &self.tag_header,
+        );
+        Ok(ToStore {
+            response: stored,
+            ttl,
+            tags,
+        })
+    }
+}

@@ -1,0 +1,371 @@
+//! The layer in front of a real axum server on a socket, driven by a real HTTP client.
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::Path;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use tierstack::TieredCache;
+use tierstack::core::testkit::{MemoryBus, MemoryStore};
+use tierstack_http::{CachedResponse, HttpCacheLayer};
+
+/// How many times each handler ran.
+#[derive(Default)]
+struct Calls(AtomicUsize);
+
+impl Calls {
+    fn next(&self) -> usize {
+        self.0.fetch_add(1, Ordering::SeqCst) + 1
+    }
+    fn count(&self) -> usize {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+fn app(calls: &Arc<Calls>) -> Router {
+    let c = Arc::clone(calls);
+    let plain = move || {
+        let c = Arc::clone(&c);
+        async move { format!("call {}", c.next()) }
+    };
+    let c = Arc::clone(calls);
+    let no_store = move || {
+        let c = Arc::clone(&c);
+        async move {
+            (
+                [(header::CACHE_CONTROL, "no-store")],
+                format!("call {}", c.next()),
+            )
+        }
+    };
+    let c = Arc::clone(calls);
+    let language = move |headers: HeaderMap| {
+        let c = Arc::clone(&c);
+        async move {
+            c.next();
+            let language = headers
+                .get(header::ACCEPT_LANGUAGE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("en")
+                .to_owned();
+            let greeting = if language.starts_with("fr") {
+                "bonjour"
+            } else {
+                "hello"
+            };
+            ([(header::VARY, "Accept-Language")], greeting)
+        }
+    };
+    let c = Arc::clone(calls);
+    let cookie = move || {
+        let c = Arc::clone(&c);
+        async move { ([(header::SET_COOKIE, format!("id={}", c.next()))], "yours") }
+    };
+    let c = Arc::clone(calls);
+    let failing = move || {
+        let c = Arc::clone(&c);
+        async move {
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("failure {}", c.next()),
+            )
+        }
+    };
+    let c = Arc::clone(calls);
+    let stream = move || {
+        let c = Arc::clone(&c);
+        async move {
+            c.next();
+            let chunks = futures_chunks();
+            Response::new(Body::from_stream(chunks))
+        }
+    };
+    let c = Arc::clone(calls);
+    let big = move || {
+        let c = Arc::clone(&c);
+        async move { format!("{}{}", c.next(), "x".repeat(2_000)) }
+    };
+    let c = Arc::clone(calls);
+    let slow = move || {
+        let c = Arc::clone(&c);
+        async move {
+            tokio::time::sleep(Duration::from_millis(100)).await; // real time: a slow handler
+            format!("call {}", c.next())
+        }
+    };
+    let c = Arc::clone(calls);
+    let product = move |Path(id): Path<u32>| {
+        let c = Arc::clone(&c);
+        async move {
+            let tags = format!("product:{id}, catalogue");
+            (
+                [("x-tierstack-tags", tags)],
+                format!("product {id} call {}", c.next()),
+            )
+                .into_response()
+        }
+    };
+    Router::new()
+        .route("/plain", get(plain).post(|| async { "posted" }))
+        .route("/no-store", get(no_store))
+        .route("/language", get(language))
+        .route("/cookie", get(cookie))
+        .route("/failing", get(failing))
+        .route("/stream", get(stream))
+        .route("/big", get(big))
+        .route("/slow", get(slow))
+        .route("/products/{id}", get(product))
+}
+
+fn futures_chunks() -> impl futures_util::Stream<Item = Result<&'static str, std::io::Error>> + Send
+{
+    futures_util::stream::iter(["streamed ", "in ", "parts"].map(Ok))
+}
+
+/// The cache a server instance keeps responses in.
+fn cache(l2: &Arc<MemoryStore>, bus: &MemoryBus) -> TieredCache<CachedResponse> {
+    TieredCache::builder("http")
+        .l2(l2.clone())
+        .backplane(Arc::new(bus.backplane()))
+        .default_ttl(Duration::from_secs(60))
+        .build()
+        .unwrap()
+}
+
+/// Serves `app` behind `layer` on a loopback port; answers the base URL.
+async fn serve(layer: HttpCacheLayer, calls: &Arc<Calls>) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let router = app(calls).layer(layer);
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    format!("http://{address}")
+}
+
+async fn single(layer: HttpCacheLayer) -> (String, Arc<Calls>, reqwest::Client) {
+    let calls = Arc::new(Calls::default());
+    let base = serve(layer, &calls).await;
+    (base, calls, reqwest::Client::new())
+}
+
+fn layer() -> HttpCacheLayer {
+    HttpCacheLayer::new(cache(&Arc::new(MemoryStore::new()), &MemoryBus::new()))
+        .vary_on(["accept-language"])
+        .max_body_bytes(1_000)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cached_route_runs_its_handler_once_and_answers_conditional_requests() {
+    let (base, calls, client) = single(layer()).await;
+    let first = client.get(format!("{base}/plain")).send().await.unwrap();
+    assert_eq!(first.headers()["x-cache"], "MISS");
+    let etag = first.headers()[header::ETAG].clone();
+    assert_eq!(first.text().await.unwrap(), "call 1");
+    let second = client.get(format!("{base}/plain")).send().await.unwrap();
+    assert_eq!(second.headers()["x-cache"], "HIT");
+    assert!(second.headers().contains_key(header::AGE));
+    assert_eq!(second.headers()[header::ETAG], etag);
+    assert_eq!(second.text().await.unwrap(), "call 1");
+    let conditional = client
+        .get(format!("{base}/plain"))
+        .header(header::IF_NONE_MATCH, etag.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(conditional.status(), StatusCode::NOT_MODIFIED);
+    assert_eq!(conditional.headers()[header::ETAG], etag);
+    assert!(conditional.text().await.unwrap().is_empty());
+    let head = client.head(format!("{base}/plain")).send().await.unwrap();
+    assert_eq!(
+        (head.status(), head.headers()["x-cache"].clone()),
+        (StatusCode::OK, "HIT".parse().unwrap())
+    );
+    assert_eq!(calls.count(), 1, "one handler call for all of them");
+    // Methods other than GET pass through; a request asking for a fresh copy gets one.
+    let posted = client.post(format!("{base}/plain")).send().await.unwrap();
+    assert_eq!(posted.text().await.unwrap(), "posted");
+    let fresh = client
+        .get(format!("{base}/plain"))
+        .header(header::CACHE_CONTROL, "no-cache")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(fresh.text().await.unwrap(), "call 2");
+    let after = client.get(format!("{base}/plain")).send().await.unwrap();
+    assert_eq!(
+        after.text().await.unwrap(),
+        "call 2",
+        "the fresh copy was stored"
+    );
+    let authorized = client
+        .get(format!("{base}/plain"))
+        .header(header::AUTHORIZATION, "Bearer secret")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        authorized.text().await.unwrap(),
+        "call 3",
+        "credentials pass through"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_may_not_be_stored_is_not() {
+    let (base, calls, client) = single(layer()).await;
+    for (path, first, second) in [
+        ("/no-store", "call 1", "call 2"),
+        ("/failing", "failure 3", "failure 4"),
+    ] {
+        let one = client.get(format!("{base}{path}")).send().await.unwrap();
+        assert_eq!(one.text().await.unwrap(), first, "{path}");
+        let two = client.get(format!("{base}{path}")).send().await.unwrap();
+        assert_eq!(two.text().await.unwrap(), second, "{path}");
+    }
+    let cookies: Vec<String> = get_each(&client, &format!("{base}/cookie"), 2)
+        .await
+        .into_iter()
+        .map(|(headers, _)| headers[header::SET_COOKIE].to_str().unwrap().to_owned())
+        .collect();
+    assert_ne!(
+        cookies[0], cookies[1],
+        "each response with a cookie is its own caller's"
+    );
+    for _ in 0..2 {
+        let streamed = client.get(format!("{base}/stream")).send().await.unwrap();
+        assert_eq!(streamed.text().await.unwrap(), "streamed in parts");
+    }
+    let big: Vec<String> = get_each(&client, &format!("{base}/big"), 2)
+        .await
+        .into_iter()
+        .map(|(_, body)| body)
+        .collect();
+    assert!(big.iter().all(|body| body.len() > 2_000));
+    assert_eq!(calls.count(), 10, "every one of them ran its handler");
+}
+
+/// `count` GETs of `url`, one after the other: the headers and body of each.
+async fn get_each(
+    client: &reqwest::Client,
+    url: &str,
+    count: usize,
+) -> Vec<(reqwest::header::HeaderMap, String)> {
+    let mut answers = Vec::new();
+    for _ in 0..count {
+        let response = client.get(url).send().await.unwrap();
+        let headers = response.headers().clone();
+        answers.push((headers, response.text().await.unwrap()));
+    }
+    answers
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_varying_on_the_language_keeps_one_variant_per_language() {
+    let (base, calls, client) = single(layer()).await;
+    for (language, greeting) in [
+        ("fr", "bonjour"),
+        ("en", "hello"),
+        ("fr", "bonjour"),
+        ("en", "hello"),
+    ] {
+        let answer = client
+            .get(format!("{base}/language"))
+            .header(header::ACCEPT_LANGUAGE, language)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.text().await.unwrap(), greeting);
+    }
+    assert_eq!(calls.count(), 2, "one handler call per variant");
+    // A layer that does not vary on the language stores neither.
+    let (base, calls, client) = single(HttpCacheLayer::new(cache(
+        &Arc::new(MemoryStore::new()),
+        &MemoryBus::new(),
+    )))
+    .await;
+    for _ in 0..2 {
+        client.get(format!("{base}/language")).send().await.unwrap();
+    }
+    assert_eq!(calls.count(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_misses_of_one_url_run_the_handler_once() {
+    let (base, calls, client) = single(layer()).await;
+    let requests: Vec<_> = (0..20)
+        .map(|_| {
+            let (client, url) = (client.clone(), format!("{base}/slow"));
+            tokio::spawn(async move { client.get(url).send().await.unwrap().text().await.unwrap() })
+        })
+        .collect();
+    for request in requests {
+        assert_eq!(request.await.unwrap(), "call 1");
+    }
+    assert_eq!(calls.count(), 1);
+}
+
+/// A server instance's cache over the run's Redis (its own connections and backplane).
+async fn redis_cache(prefix: &str) -> TieredCache<CachedResponse> {
+    let config =
+        tierstack_redis::RedisConfig::from_url(&tierstack_test_support::redis::redis_url())
+            .unwrap()
+            .key_prefix(prefix);
+    let (store, backplane) = tierstack_redis::RedisStore::connect_with_backplane(&config)
+        .await
+        .unwrap();
+    TieredCache::builder("http")
+        .l2(Arc::new(store))
+        .backplane(Arc::new(backplane))
+        .default_ttl(Duration::from_secs(60))
+        .build()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalidation_by_prefix_and_tag_reaches_another_instance_through_redis() {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let prefix = format!("t-http-{nanos}:");
+    let calls = Arc::new(Calls::default());
+    let first = HttpCacheLayer::new(redis_cache(&prefix).await);
+    let second = HttpCacheLayer::new(redis_cache(&prefix).await);
+    let a = serve(first.clone(), &calls).await;
+    let b = serve(second, &calls).await;
+    let client = reqwest::Client::new();
+    let get = async |url: String| client.get(url).send().await.unwrap().text().await.unwrap();
+    assert_eq!(get(format!("{a}/products/7")).await, "product 7 call 1");
+    first.cache().wait_for_background_fills().await;
+    assert_eq!(
+        get(format!("{b}/products/7")).await,
+        "product 7 call 1",
+        "from the L2"
+    );
+    assert_eq!(get(format!("{b}/products/8")).await, "product 8 call 2");
+    first.invalidate_prefix("/products/7").await.unwrap();
+    eventually(async || get(format!("{b}/products/7")).await == "product 7 call 3").await;
+    assert_eq!(
+        get(format!("{b}/products/8")).await,
+        "product 8 call 2",
+        "another prefix"
+    );
+    first.invalidate_tag("catalogue").await.unwrap();
+    eventually(async || get(format!("{b}/products/8")).await == "product 8 call 4").await;
+}
+
+async fn eventually(mut check: impl AsyncFnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not reached within two seconds"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await; // poll loop
+    }
+}
