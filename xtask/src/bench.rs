@@ -8,7 +8,8 @@ use crate::services::{Services, Which};
 const WITHOUT_FIRESTORE: &str = "l1_hit,failsafe_outage,eager_refresh,soft_timeout,\
                                  l2_hit_memory,stampede,l2_hit_redis,get_many_redis,\
                                  write_through_redis,invalidation_lag,mixed_zipf,l2_outage,\
-                                 dataset_read,tag_invalidation,session_load";
+                                 dataset_read,tag_invalidation,session_load,\
+                                 http_cached_get";
 const WITH_FIRESTORE: &str = "l2_hit_firestore,get_many_firestore";
 
 /// The benchmark's phases: scenarios, the one server running while they run, and whether the
@@ -76,6 +77,7 @@ pub(crate) fn check() -> Result<(), String> {
         "dataset_read",
         "tag_invalidation",
         "session_load",
+        "http_cached_get",
         "stampede",
         "stampede_redis",
         "stampede_distributed",

@@ -15,6 +15,7 @@ mod chart;
 mod dataset_scenarios;
 mod firestore_scenarios;
 mod harness;
+mod http_scenarios;
 mod outage_scenarios;
 mod policy_scenarios;
 mod redis_scenarios;
@@ -165,6 +166,9 @@ fn run_scenarios(options: &RunOptions) -> Result<Vec<Record>, String> {
         }
         if options.wants("l2_outage") {
             records.extend(outage_scenarios::l2_outage(&sizes).await);
+        }
+        if options.wants("http_cached_get") {
+            records.extend(http_scenarios::http_cached_get(&sizes).await);
         }
         if options.wants("session_load") {
             records.extend(session_scenarios::session_load(&sizes).await);
