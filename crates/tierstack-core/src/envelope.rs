@@ -471,9 +471,9 @@ mod tests {
 
     #[test]
     fn tagged_entries_carry_their_stamps_and_every_truncation_is_refused() {
-        use crate::tag::{TagStamps, TagVersion};
+        use crate::tag::{TagRecord, TagStamps, TagVersion};
         let tags = TagStamps::new(vec![
-            ("user:7".into(), TagVersion::NONE),
+            ("user:7".into(), TagRecord::create().version()),
             (
                 "org:2".into(),
                 TagVersion {

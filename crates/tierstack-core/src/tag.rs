@@ -1,12 +1,13 @@
 //! Tags: names an entry carries so that one call can invalidate every entry that has it.
 //!
-//! Each tag that was ever invalidated has a small *record* in the shared store: a random
-//! *incarnation* (chosen when the record is created) and a *counter* that every invalidation
-//! raises. An entry carries, for each of its tags, the version of the record it was written
-//! under ([`TagVersion`]): [`TagVersion::NONE`] while the tag has no record. A reader compares
-//! the two: the entry is current only while its tag's record has not moved since. Nothing is
-//! scanned and no clock is compared; a record lost from the store (evicted, expired) makes every
-//! entry stamped under it read as removed, never as current.
+//! Each tag in use has a small *record* in the shared store: a random *incarnation* (chosen
+//! when the record is created, the first time an entry is stamped with the tag) and a
+//! *counter* that every invalidation raises. An entry carries, for each of its tags, the
+//! version of the record it was written under ([`TagVersion`]). A reader compares the two: the
+//! entry is current only while its tag's record has not moved since. Nothing is scanned and no
+//! clock is compared. A record that is missing (expired, evicted, never there) makes every
+//! entry stamped under any version read as removed, never as current: losing records costs
+//! reloads, never freshness.
 //!
 //! A record also remembers the counter of its last *removal*: an entry written before it is
 //! gone, one written after it but before a later *expiry* is stale (a fail-safe fallback).
@@ -92,19 +93,10 @@ pub fn validate_tags<T: AsRef<str>>(tags: &[T]) -> Result<Vec<Arc<str>>> {
 /// The version of a tag's record an entry was written under.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct TagVersion {
-    /// The record's random incarnation; zero when the tag had no record.
+    /// The record's random incarnation.
     pub incarnation: u64,
     /// How many times the tag had been invalidated in that incarnation.
     pub counter: u64,
-}
-
-impl TagVersion {
-    /// The version of a tag that has no record (never invalidated, or forgotten long enough
-    /// ago that no entry from before can still live).
-    pub const NONE: Self = Self {
-        incarnation: 0,
-        counter: 0,
-    };
 }
 
 /// What a tag's record says of an entry stamped with some version of it.
@@ -134,23 +126,35 @@ const RECORD_VERSION: u8 = 1;
 const RECORD_LEN: usize = 3 + 24;
 
 impl TagRecord {
-    /// The version entries written now are stamped with.
-    pub fn version(record: Option<&Self>) -> TagVersion {
-        record.map_or(TagVersion::NONE, |record| TagVersion {
-            incarnation: record.incarnation,
-            counter: record.counter,
-        })
-    }
-
-    /// The record after one more invalidation of `current` (`None`: no record yet): a removal
-    /// if `remove`, else an expiry.
-    pub fn next(current: Option<&Self>, remove: bool) -> Self {
-        let mut next = current.copied().unwrap_or(Self {
+    /// A new record: a fresh incarnation, never invalidated.
+    pub fn create() -> Self {
+        Self {
             incarnation: random_incarnation(),
             counter: 0,
             removed_at: 0,
-        });
-        next.counter += 1;
+        }
+    }
+
+    /// The version entries written now are stamped with.
+    pub fn version(&self) -> TagVersion {
+        TagVersion {
+            incarnation: self.incarnation,
+            counter: self.counter,
+        }
+    }
+
+    /// The record after one more invalidation of `current` (`None`: no record yet): a removal
+    /// if `remove`, else an expiry. A counter that cannot grow starts a new incarnation (every
+    /// entry of the old one reads as removed).
+    pub fn next(current: Option<&Self>, remove: bool) -> Self {
+        let current = current.copied().unwrap_or_else(Self::create);
+        let mut next = match current.counter.checked_add(1) {
+            Some(counter) => Self { counter, ..current },
+            None => Self {
+                counter: 1,
+                ..Self::create()
+            },
+        };
         if remove {
             next.removed_at = next.counter;
         }
@@ -159,22 +163,12 @@ impl TagRecord {
 
     /// What `record` (`None`: none in the store) says of an entry stamped with `stamp`.
     pub fn judge(record: Option<&Self>, stamp: TagVersion) -> TagVerdict {
-        let Some(record) = record else {
-            // No record: the tag was never invalidated since any entry that can still live.
-            return if stamp == TagVersion::NONE {
-                TagVerdict::Current
-            } else {
-                TagVerdict::Removed
-            };
-        };
-        // An entry stamped before the record existed stands at counter zero of it.
-        let counter = if stamp == TagVersion::NONE {
-            0
-        } else if stamp.incarnation == record.incarnation {
-            stamp.counter
-        } else {
+        // No record, or another incarnation: whatever came since is unknown, so the entry is
+        // gone.
+        let Some(record) = record.filter(|record| record.incarnation == stamp.incarnation) else {
             return TagVerdict::Removed;
         };
+        let counter = stamp.counter;
         if counter == record.counter {
             TagVerdict::Current
         } else if counter >= record.removed_at && counter < record.counter {
@@ -335,59 +329,64 @@ impl fmt::Debug for TagStamps {
 mod tests {
     use super::*;
 
-    fn stamp(record: Option<&TagRecord>) -> TagVersion {
-        TagRecord::version(record)
-    }
-
     #[test]
     fn a_stamp_is_current_until_its_tag_moves() {
+        let created = TagRecord::create();
         assert_eq!(
-            TagRecord::judge(None, TagVersion::NONE),
+            TagRecord::judge(Some(&created), created.version()),
             TagVerdict::Current
         );
-        let first = TagRecord::next(None, true);
+        let expired = TagRecord::next(Some(&created), false);
         assert_eq!(
-            TagRecord::judge(Some(&first), TagVersion::NONE),
-            TagVerdict::Removed
-        );
-        assert_eq!(
-            TagRecord::judge(Some(&first), stamp(Some(&first))),
-            TagVerdict::Current
-        );
-        let expired = TagRecord::next(Some(&first), false);
-        assert_eq!(
-            TagRecord::judge(Some(&expired), stamp(Some(&first))),
+            TagRecord::judge(Some(&expired), created.version()),
             TagVerdict::Expired
+        );
+        assert_eq!(
+            TagRecord::judge(Some(&expired), expired.version()),
+            TagVerdict::Current
         );
         let removed = TagRecord::next(Some(&expired), true);
         assert_eq!(
-            TagRecord::judge(Some(&removed), stamp(Some(&first))),
+            TagRecord::judge(Some(&removed), created.version()),
             TagVerdict::Removed,
             "a removal after an expiry removes"
         );
         assert_eq!(
-            TagRecord::judge(Some(&removed), stamp(Some(&expired))),
+            TagRecord::judge(Some(&removed), expired.version()),
             TagVerdict::Removed
+        );
+        let expired_again = TagRecord::next(Some(&removed), false);
+        assert_eq!(
+            TagRecord::judge(Some(&expired_again), removed.version()),
+            TagVerdict::Expired,
+            "written after the removal, stale after the expiry"
         );
     }
 
     #[test]
-    fn entries_from_before_a_first_expiry_are_stale_and_a_lost_record_removes() {
-        let expired = TagRecord::next(None, false);
+    fn a_missing_record_or_another_incarnation_removes() {
+        let record = TagRecord::create();
         assert_eq!(
-            TagRecord::judge(Some(&expired), TagVersion::NONE),
-            TagVerdict::Expired
+            TagRecord::judge(None, record.version()),
+            TagVerdict::Removed
         );
-        let other = TagRecord::next(None, false);
+        let other = TagRecord::create();
         assert_eq!(
-            TagRecord::judge(Some(&other), stamp(Some(&expired))),
-            TagVerdict::Removed,
-            "another incarnation"
+            TagRecord::judge(Some(&other), record.version()),
+            TagVerdict::Removed
+        );
+        let worn = TagRecord {
+            counter: u64::MAX,
+            ..record
+        };
+        let next = TagRecord::next(Some(&worn), false);
+        assert_ne!(
+            next.incarnation, worn.incarnation,
+            "a counter that cannot grow"
         );
         assert_eq!(
-            TagRecord::judge(None, stamp(Some(&expired))),
-            TagVerdict::Removed,
-            "record lost"
+            TagRecord::judge(Some(&next), worn.version()),
+            TagVerdict::Removed
         );
     }
 
@@ -395,6 +394,8 @@ mod tests {
     fn records_round_trip_and_garbage_is_no_record() {
         let record = TagRecord::next(Some(&TagRecord::next(None, true)), false);
         assert_eq!(TagRecord::decode(&record.encode()), Some(record));
+        let created = TagRecord::create();
+        assert_eq!(TagRecord::decode(&created.encode()), Some(created));
         assert_eq!(TagRecord::decode(b"TG"), None);
         let mut bad = record.encode().to_vec();
         bad[0] = b'X';
@@ -439,7 +440,7 @@ mod tests {
     #[test]
     fn sections_round_trip_and_every_truncation_is_refused() {
         let stamps = TagStamps::new(vec![
-            ("user:7".into(), TagVersion::NONE),
+            ("user:7".into(), TagRecord::create().version()),
             (
                 "org:2".into(),
                 TagVersion {

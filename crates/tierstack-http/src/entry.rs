@@ -28,6 +28,25 @@ struct StoredHeader {
     value: Vec<u8>,
 }
 
+/// Headers that belong to one connection, not to the response (RFC 9110, 7.6.1): not stored.
+fn hop_by_hop(name: &HeaderName) -> bool {
+    use http::header::{
+        CONNECTION, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, TRAILER, TRANSFER_ENCODING,
+        UPGRADE,
+    };
+    [
+        CONNECTION,
+        PROXY_AUTHENTICATE,
+        PROXY_AUTHORIZATION,
+        TE,
+        TRAILER,
+        TRANSFER_ENCODING,
+        UPGRADE,
+    ]
+    .contains(name)
+        || name.as_str() == "keep-alive"
+}
+
 /// A strong `ETag` of `body`: the first 16 bytes of its SHA-256, in hex.
 pub(crate) fn etag_of(body: &[u8]) -> HeaderValue {
     let digest = Sha256::digest(body);
@@ -74,7 +93,7 @@ impl CachedResponse {
     ) -> Self {
         let mut stored: Vec<StoredHeader> = headers
             .iter()
-            .filter(|(name, _)| *name != skip && *name != AGE)
+            .filter(|(name, _)| *name != skip && *name != AGE && !hop_by_hop(name))
             .map(|(name, value)| StoredHeader {
                 name: name.as_str().to_owned(),
                 value: value.as_bytes().to_vec(),

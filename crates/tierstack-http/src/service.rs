@@ -156,6 +156,17 @@ impl Shared {
         key
     }
 
+    /// The handler's own response, as it goes to its request: without the tag header, which is
+    /// for the layer.
+    fn own<B>(&self, mut response: Response<B>) -> Response<HttpCacheBody>
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        response.headers_mut().remove(&self.tag_header);
+        boxed(response)
+    }
+
     async fn serve<S, ReqBody, ResBody>(
         self: Arc<Self>,
         mut inner: S,
@@ -170,14 +181,14 @@ impl Shared {
         ResBody::Error: Into<BoxError>,
     {
         match policy::lookup(request.method(), request.headers(), self.cache_authorized) {
-            Lookup::Bypass => inner.call(request).await.map(boxed),
+            Lookup::Bypass => inner.call(request).await.map(|r| self.own(r)),
             Lookup::Head => {
                 let key = self.key(&request);
                 if let Ok(Some(stored)) = self.cache.get(&key).await {
                     let hit = HeaderValue::from_static("HIT");
                     return Ok(full(stored.answer(request.headers(), true, hit)));
                 }
-                inner.call(request).await.map(boxed)
+                inner.call(request).await.map(|r| self.own(r))
             }
             Lookup::ReadThrough => self.read_through(inner, request).await,
             Lookup::Refresh => self.refresh(inner, request).await,
@@ -235,7 +246,7 @@ impl Shared {
                 let request = lock(&slot).request.take();
                 // Nothing shared (or a cache error): this request runs the handler.
                 if let Some(request) = request {
-                    return inner.call(request).await.map(boxed);
+                    return inner.call(request).await.map(|r| self.own(r));
                 }
                 // The handler panicked on this request.
                 if let LoadError::Panicked = error {
@@ -317,9 +328,7 @@ impl Shared {
             Ok(ttl) => ttl,
             Err(reason) => {
                 tracing::debug!(reason = reason.describe(), "response not cached");
-                let mut parts = parts;
-                parts.headers.remove(&self.tag_header);
-                lock(slot).own = Some(Ok(boxed(Response::from_parts(parts, body))));
+                lock(slot).own = Some(Ok(self.own(Response::from_parts(parts, body))));
                 return Err(Unshared::NotStored);
             }
         };

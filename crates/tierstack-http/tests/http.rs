@@ -355,8 +355,13 @@ async fn invalidation_by_prefix_and_tag_reaches_another_instance_through_redis()
         "product 8 call 2",
         "another prefix"
     );
+    // The tag header is the layer's: no client sees it, on a miss or a hit.
+    for _ in 0..2 {
+        let response = client.get(format!("{a}/products/9")).send().await.unwrap();
+        assert!(!response.headers().contains_key("x-tierstack-tags"));
+    }
     first.invalidate_tag("catalogue").await.unwrap();
-    eventually(async || get(format!("{b}/products/8")).await == "product 8 call 4").await;
+    eventually(async || get(format!("{b}/products/8")).await == "product 8 call 5").await;
 }
 
 async fn eventually(mut check: impl AsyncFnMut() -> bool) {

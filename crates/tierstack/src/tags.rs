@@ -4,8 +4,9 @@
 //! With an L2, the records live there and this is a bounded cache of them: a record is known
 //! until a message says its tag changed, the backplane may have lost messages, or
 //! [`RECHECK`] passes; an unknown tag is read from the L2 again. Without an L2 there is nobody
-//! to share records with: this instance keeps them itself, each for the record TTL after its
-//! last invalidation (entries that carry tags live no longer than that).
+//! to share records with: this instance keeps them itself (as many as [`KNOWN_CAPACITY`]),
+//! each for the record TTL after it was last used. Either way a record that is gone makes
+//! the entries stamped under it read as removed, so the bound costs reloads, never freshness.
 
 use std::hash::BuildHasher;
 use std::sync::Arc;
@@ -19,9 +20,12 @@ use tierstack_moka::{L1Cache, L1Capacity, L1Entry};
 /// How long a record read from the L2 is trusted without a message: the bound on how late an
 /// instance that lost a tag's message (without noticing) sees its invalidation.
 pub(crate) const RECHECK: Duration = Duration::from_secs(30);
-/// How many records an instance with an L2 keeps in memory.
-const KNOWN_CAPACITY: u64 = 100_000;
-const STRIPES: usize = 64;
+/// How many records an instance keeps in memory.
+pub(crate) const KNOWN_CAPACITY: u64 = 100_000;
+/// The stripes of the change log: a load's tags are "changed" when any tag of their stripes
+/// changed during it, so there are enough that unrelated invalidations rarely keep a value
+/// out.
+const STRIPES: usize = 4096;
 
 pub(crate) struct TagRegistry {
     /// `Some(record)` or `None` (no record) per known tag.
@@ -50,9 +54,8 @@ impl std::fmt::Debug for TagRegistry {
 
 impl TagRegistry {
     pub(crate) fn new(shared: bool, record_ttl: Duration, clock: SharedClock) -> Self {
-        let capacity = if shared { KNOWN_CAPACITY } else { u64::MAX };
         Self {
-            known: L1Cache::with_clock(L1Capacity::Entries(capacity), Arc::clone(&clock)),
+            known: L1Cache::with_clock(L1Capacity::Entries(KNOWN_CAPACITY), Arc::clone(&clock)),
             shared,
             record_ttl,
             clock,
@@ -99,7 +102,7 @@ impl TagRegistry {
     }
 
     /// Keeps `record` (`None`: the tag has none) as what this instance knows of `tag`.
-    pub(crate) fn remember(&self, tag: &str, record: Option<TagRecord>) {
+    fn remember(&self, tag: &str, record: Option<TagRecord>) {
         let keep = if self.shared {
             RECHECK
         } else if record.is_some() {
@@ -113,11 +116,28 @@ impl TagRegistry {
     }
 
     /// Keeps what a read of the L2 found for `tag`, unless the tag changed since `mark` (the
-    /// read may have come before the change).
+    /// read may have come before the change). Checked again after the insert: a change between
+    /// the check and the insert forgets it (a change counts itself before it forgets).
     pub(crate) fn remember_read(&self, tag: &str, record: Option<TagRecord>, mark: u64) {
-        if !self.changed_since(mark, [tag]) {
-            self.remember(tag, record);
+        if self.changed_since(mark, [tag]) {
+            return;
         }
+        self.remember(tag, record);
+        if self.changed_since(mark, [tag]) {
+            self.known.invalidate(tag);
+        }
+    }
+
+    /// Without an L2: this instance's record of `tag`, created if it has none, and kept for
+    /// another record TTL from now (it is in use).
+    pub(crate) fn local_record(&self, tag: &str) -> TagRecord {
+        let _raising = self
+            .local_raise
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let record = self.known(tag).flatten().unwrap_or_else(TagRecord::create);
+        self.remember(tag, Some(record));
+        record
     }
 
     /// What the known records say of `stamps` (the worst of its tags), or `None` if a tag is
@@ -189,8 +209,6 @@ pub(crate) fn record_key(namespace: &str, tag: &str) -> String {
 mod tests {
     use tierstack_core::clock::ManualClock;
 
-    use tierstack_core::tag::TagVersion;
-
     use super::*;
 
     fn registry(shared: bool) -> (TagRegistry, ManualClock) {
@@ -217,15 +235,28 @@ mod tests {
     }
 
     #[test]
-    fn without_an_l2_records_are_kept_for_their_ttl() {
+    fn without_an_l2_records_are_kept_while_in_use() {
         let (registry, clock) = registry(false);
         assert_eq!(registry.known("t"), Some(None), "no record");
-        let record = TagRecord::next(None, true);
-        registry.remember("t", Some(record));
+        let record = registry.local_record("t");
+        assert_eq!(registry.local_record("t"), record, "created once");
+        registry.raise_local("t", true);
         registry.note_change("t");
-        assert_eq!(registry.known("t"), Some(Some(record)), "a change keeps it");
+        let raised = registry
+            .known("t")
+            .flatten()
+            .unwrap_or_else(|| panic!("kept"));
+        assert_eq!(
+            raised.counter,
+            record.counter + 1,
+            "a change keeps it, raised"
+        );
+        clock.advance(Duration::from_secs(40));
+        assert_eq!(registry.local_record("t"), raised, "used: kept another TTL");
+        clock.advance(Duration::from_secs(40));
+        assert_eq!(registry.known("t"), Some(Some(raised)));
         clock.advance(Duration::from_secs(60));
-        assert_eq!(registry.known("t"), Some(None));
+        assert_eq!(registry.known("t"), Some(None), "unused for a TTL");
     }
 
     #[test]
@@ -247,17 +278,20 @@ mod tests {
     #[test]
     fn verdicts_take_the_worst_tag_and_need_every_tag_known() {
         let (registry, _clock) = registry(true);
-        let removed = TagRecord::next(None, true);
-        let stamps = TagStamps::new(vec![
-            ("a".into(), TagVersion::NONE),
-            ("b".into(), TagVersion::NONE),
-        ])
-        .unwrap_or_else(|e| panic!("{e}"));
-        registry.remember("a", None);
+        let (a, b) = (TagRecord::create(), TagRecord::create());
+        let stamps = TagStamps::new(vec![("a".into(), a.version()), ("b".into(), b.version())])
+            .unwrap_or_else(|e| panic!("{e}"));
+        registry.remember("a", Some(a));
         assert_eq!(registry.verdict_now(&stamps), None);
-        registry.remember("b", None);
+        registry.remember("b", Some(b));
         assert_eq!(registry.verdict_now(&stamps), Some(TagVerdict::Current));
-        registry.remember("b", Some(removed));
+        registry.remember("b", Some(TagRecord::next(Some(&b), true)));
         assert_eq!(registry.verdict_now(&stamps), Some(TagVerdict::Removed));
+        registry.remember("b", None);
+        assert_eq!(
+            registry.verdict_now(&stamps),
+            Some(TagVerdict::Removed),
+            "no record"
+        );
     }
 }

@@ -335,17 +335,125 @@ async fn a_record_lost_from_the_l2_removes_what_was_stamped_under_it() {
     let fixture = Fixture::new();
     let writer = fixture.cache();
     let options = writer.default_options();
-    writer.invalidate_tag("t").await.unwrap();
+    // Stamped when the tag was first used, before any invalidation.
     writer
-        .set_with_tags("k", "v".into(), &["t"], &options)
+        .set_with_tags("early", "e".into(), &["t"], &options)
         .await
         .unwrap();
     let record = fixture.l2.get("test!tag:t").await.unwrap().unwrap();
-    assert!(TagRecord::decode(&record).is_some());
-    assert_eq!(fixture.cache().get("k").await.unwrap(), Some("v".into()));
-    // Evicted, say: an instance that reads it again misses rather than trusts the entry.
+    assert_eq!(
+        TagRecord::decode(&record).map(|r| r.counter),
+        Some(0),
+        "created at first use"
+    );
+    writer.invalidate_tag("t").await.unwrap();
+    writer
+        .set_with_tags("late", "l".into(), &["t"], &options)
+        .await
+        .unwrap();
+    assert_eq!(fixture.cache().get("early").await.unwrap(), None);
+    assert_eq!(fixture.cache().get("late").await.unwrap(), Some("l".into()));
+    // Evicted, say: an instance that reads it again misses both rather than trust either (the
+    // one removed before must not come back).
     fixture.l2.delete("test!tag:t").await.unwrap();
-    assert_eq!(fixture.cache().get("k").await.unwrap(), None);
+    assert_eq!(fixture.cache().get("early").await.unwrap(), None);
+    assert_eq!(fixture.cache().get("late").await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn a_record_in_use_is_kept_past_its_first_ttl() {
+    let fixture = Fixture::new();
+    let hour = Duration::from_secs(3600);
+    let cache = || {
+        fixture
+            .builder("test")
+            .tag_record_ttl(hour)
+            .build()
+            .unwrap()
+    };
+    let options = cache()
+        .default_options()
+        .with_ttl(Duration::from_secs(1800));
+    cache()
+        .set_with_tags("k", "v".into(), &["t"], &options)
+        .await
+        .unwrap();
+    fixture.clock.advance(Duration::from_secs(40 * 60));
+    // Read with 20 minutes left, under half its TTL: given a whole one again.
+    assert_eq!(
+        cache().get("k").await.unwrap(),
+        None,
+        "the entry itself expired"
+    );
+    cache()
+        .set_with_tags("k", "v2".into(), &["t"], &options)
+        .await
+        .unwrap();
+    fixture.clock.advance(Duration::from_secs(25 * 60));
+    assert!(
+        fixture.l2.get("test!tag:t").await.unwrap().is_some(),
+        "past its first hour"
+    );
+    assert_eq!(cache().get("k").await.unwrap(), Some("v2".into()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fallback_whose_tag_was_removed_during_the_load_is_not_served() {
+    let caches = instances(1, Some(&Arc::new(MemoryStore::new())));
+    let cache = caches[0].clone();
+    let safe = fail_safe(&cache);
+    cache
+        .set_with_tags("k", "old".into(), &["t"], &safe)
+        .await
+        .unwrap();
+    cache.expire_tag("t").await.unwrap();
+    let (started, release) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+    let load = {
+        let (cache, started, release) = (cache.clone(), started.clone(), release.clone());
+        tokio::spawn(async move {
+            let options = fail_safe(&cache);
+            cache
+                .get_or_load_with("k", &options, move || async move {
+                    started.notify_one();
+                    release.notified().await;
+                    Err::<String, _>(std::io::Error::other("origin down"))
+                })
+                .await
+        })
+    };
+    started.notified().await;
+    cache.invalidate_tag("t").await.unwrap();
+    release.notify_one();
+    assert!(
+        load.await.unwrap().is_err(),
+        "no stale answer after a removal"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tag_message_this_build_would_refuse_is_dropped() {
+    let bus = MemoryBus::new();
+    let cache = TieredCache::<String>::builder("shared")
+        .backplane(Arc::new(bus.backplane()))
+        .build()
+        .unwrap();
+    let options = cache.default_options();
+    cache
+        .set_with_tags("k", "v".into(), &["t"], &options)
+        .await
+        .unwrap();
+    let other = bus.backplane();
+    for bad in [String::new(), "x".repeat(10_000), "a\nb".into()] {
+        let message = tierstack::core::Invalidation::Tag {
+            tag: bad,
+            remove: true,
+        };
+        tierstack::core::Backplane::publish(&other, "shared", &message)
+            .await
+            .unwrap();
+    }
+    eventually(async || cache.stats().invalidations_received == 3).await;
+    assert_eq!(cache.get("k").await.unwrap(), Some("v".into()));
 }
 
 #[tokio::test]

@@ -89,7 +89,7 @@ where
         fallback: Option<Fallback<V>>,
         hard_deadline: Option<Instant>,
     ) -> Result<ToLoad<V, C>, Outcome<V>> {
-        let options = asking.options;
+        let (options, guard) = (asking.options, asking.guard);
         let Some(settings) = self.lease_settings(options) else {
             return Ok(ToLoad {
                 lease: None,
@@ -107,9 +107,8 @@ where
             Leased::TimedOut { watch, fallback } => {
                 let timed_out =
                     Failure::<Infallible>::TimedOut(options.hard_timeout().unwrap_or_default());
-                let key = watch.key().to_owned();
                 Err(self
-                    .after_failure(&key, timed_out, fallback, options, &watch)
+                    .after_failure(timed_out, fallback, options, &watch, guard)
                     .await)
             }
         }

@@ -15,7 +15,7 @@ use tierstack_core::clock::Timestamp;
 use tierstack_core::envelope::{self, Lifetime};
 use tierstack_core::key::fingerprint;
 use tierstack_core::store::validate_ttl;
-use tierstack_core::tag::{TagStamps, validate_tags};
+use tierstack_core::tag::{TagStamps, TagVerdict, validate_tags};
 use tierstack_core::{CacheError, Codec, Store};
 use tierstack_moka::L1Entry;
 
@@ -263,7 +263,7 @@ where
                 if let Some(lease) = lease {
                     lease.release().await;
                 }
-                self.after_failure(key, failure, fallback, options, &watch)
+                self.after_failure(failure, fallback, options, &watch, guard)
                     .await
             }
         }
@@ -291,6 +291,10 @@ where
                 return None;
             }
         };
+        // An L2 failure is counted and logged; the value is served, not cached.
+        let stamps = self.stamp_tags(&tags, self.deadline()).await.ok()?;
+        // Checked after the stamps were read: a change before this check keeps the value out;
+        // one after it came after the read too, so the stamps are older than it.
         if self
             .tags
             .changed_since(tag_mark, tags.iter().map(|tag| &**tag))
@@ -298,8 +302,6 @@ where
             tracing::debug!(cache = %self.namespace, key = %fingerprint(key), "a tag of the loaded value changed during the load: not cached");
             return None;
         }
-        // An L2 failure is counted and logged; the value is served, not cached.
-        let stamps = self.stamp_tags(&tags, self.deadline()).await.ok()?;
         Some(Caching { ttl, tags: stamps })
     }
 
@@ -307,14 +309,30 @@ where
     /// another instance's load): with fail-safe, its stale value answers; else the failure.
     pub(super) async fn after_failure<E: Send + Sync + 'static>(
         &self,
-        key: &str,
         failure: Failure<E>,
         fallback: Option<Fallback<V>>,
         options: &EntryOptions,
         watch: &KeyWatch,
+        guard: &Leader<V>,
     ) -> Outcome<V> {
+        let key = watch.key();
         // The loader's error is the callers' business; its text may hold anything.
         tracing::debug!(cache = %self.namespace, key = %fingerprint(key), "loader failed");
+        // A fallback found before a tag of it was removed is no fallback now, for this flight
+        // or for the callers waiting on it (which were offered it).
+        let removed = match &fallback {
+            Some(Fallback {
+                tags: Some(stamps), ..
+            }) => matches!(
+                self.tag_verdict(stamps, self.deadline()).await,
+                Ok(TagVerdict::Removed)
+            ),
+            _ => false,
+        };
+        if removed {
+            guard.offer_stale(None);
+        }
+        let fallback = fallback.filter(|_| !removed);
         if let (Some(fallback), Some(_)) = (fallback, options.fail_safe()) {
             let reason = match failure {
                 Failure::TimedOut(_) => StaleReason::HardTimeout,

@@ -1,5 +1,6 @@
-//! Tags: stamping an entry with its tags' versions, judging a tagged entry, and invalidating a
-//! tag (its record raised in the L2, then announced).
+//! Tags: stamping an entry with its tags' versions (creating a tag's record when it is first
+//! used), judging a tagged entry, and invalidating a tag (its record raised in the L2, then
+//! announced).
 
 use std::sync::Arc;
 
@@ -17,7 +18,8 @@ use crate::tags::record_key;
 
 impl<V, C> Inner<V, C> {
     /// The records of `tags` (`None`: no record), from what this instance knows, else read
-    /// from the L2 in one call.
+    /// from the L2 in one call. A record read with less than half its TTL left is given a
+    /// whole one again (it is in use), so that records of live tags do not lapse.
     async fn tag_records(
         &self,
         tags: &[&str],
@@ -41,22 +43,81 @@ impl<V, C> Inner<V, C> {
             .iter()
             .map(|&index| record_key(self.namespace.as_str(), tags[index]))
             .collect();
-        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+        let key_refs: Vec<&str> = keys.iter().map(String::as_str).collect();
         let found = self
-            .l2_call(L2Op::Get, deadline, l2.get_many(&keys))
+            .l2_call(L2Op::Get, deadline, l2.get_many_with_ttl(&key_refs))
             .await?;
-        for (&index, bytes) in unknown.iter().zip(found) {
+        let record_ttl = self.tags.record_ttl();
+        for ((&index, key), entry) in unknown.iter().zip(&keys).zip(found) {
             // Bytes that are not a record count as none: the entries stamped under a record
             // read as removed.
-            let record = bytes.as_deref().and_then(TagRecord::decode);
+            let record = entry
+                .as_ref()
+                .and_then(|entry| TagRecord::decode(&entry.value));
+            if entry.is_some_and(|entry| entry.ttl < record_ttl / 2) && record.is_some() {
+                // Best effort: a record that lapses costs reloads, not freshness.
+                let _ = self
+                    .l2_call(L2Op::Other, deadline, l2.expire(key, record_ttl))
+                    .await;
+            }
             self.tags.remember_read(tags[index], record, mark);
             records[index] = record;
         }
         Ok(records)
     }
 
-    /// Refuses a tagged entry that would outlive its tags' records (which would then read as
-    /// never invalidated).
+    /// The record of `tag` for an entry written now: read (see `tag_records`), or created in
+    /// the L2 if it has none (over no entry, reading again if another instance created it
+    /// first).
+    async fn record_for_stamp(
+        &self,
+        tag: &str,
+        known: Option<TagRecord>,
+        deadline: Instant,
+    ) -> Result<TagRecord> {
+        let Some(l2) = &self.l2 else {
+            return Ok(self.tags.local_record(tag));
+        };
+        if let Some(record) = known {
+            return Ok(record);
+        }
+        let key = record_key(self.namespace.as_str(), tag);
+        loop {
+            let mark = self.tags.mark();
+            let created = TagRecord::create();
+            let write = l2.set_if_absent(&key, created.encode(), self.tags.record_ttl());
+            if self.l2_call(L2Op::Set, deadline, write).await? {
+                self.tags.remember_read(tag, Some(created), mark);
+                return Ok(created);
+            }
+            let current = self.l2_call(L2Op::Get, deadline, l2.get(&key)).await?;
+            if let Some(record) = current.as_deref().and_then(TagRecord::decode) {
+                self.tags.remember_read(tag, Some(record), mark);
+                return Ok(record);
+            }
+            if let Some(bytes) = current {
+                // Not a record: replaced by a new one (entries stamped under it are removed).
+                let replace = l2.compare_and_set(
+                    &key,
+                    &bytes,
+                    Some((created.encode(), self.tags.record_ttl())),
+                );
+                if self.l2_call(L2Op::Set, deadline, replace).await? {
+                    self.tags.remember_read(tag, Some(created), mark);
+                    return Ok(created);
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(CacheError::Timeout {
+                    operation: "tag record",
+                    after: self.settings.l2_timeout,
+                });
+            }
+        }
+    }
+
+    /// Refuses a tagged entry that would outlive its tags' records' TTL (it would be removed
+    /// before its time when they lapse).
     pub(super) fn check_tagged_life(&self, life: &Life) -> Result<()> {
         if life.lives > self.tags.record_ttl() {
             return Err(CacheError::InvalidTtl {
@@ -78,11 +139,11 @@ impl<V, C> Inner<V, C> {
         }
         let names: Vec<&str> = tags.iter().map(|tag| &**tag).collect();
         let records = self.tag_records(&names, deadline).await?;
-        let stamps = tags
-            .iter()
-            .zip(&records)
-            .map(|(tag, record)| (Arc::clone(tag), TagRecord::version(record.as_ref())))
-            .collect();
+        let mut stamps = Vec::with_capacity(tags.len());
+        for (tag, known) in tags.iter().zip(records) {
+            let record = self.record_for_stamp(tag, known, deadline).await?;
+            stamps.push((Arc::clone(tag), record.version()));
+        }
         TagStamps::new(stamps).map(Some)
     }
 
@@ -145,8 +206,12 @@ impl<V, C> Inner<V, C> {
     }
 
     /// Applies another instance's invalidation of `tag`: with an L2, forgets its record (read
-    /// again when needed); without, raises this instance's own record.
+    /// again when needed); without, raises this instance's own record. A tag this build would
+    /// not accept is dropped.
     pub(super) fn apply_tag_message(&self, tag: &str, remove: bool) {
+        if validate_tag(tag).is_err() {
+            return;
+        }
         if !self.tags.shared() {
             self.tags.raise_local(tag, remove);
         }
@@ -164,12 +229,13 @@ where
         validate_tag(tag)?;
         let deadline = self.deadline();
         if let Some(l2) = &self.l2 {
-            let record = self
-                .raise_tag_record(l2.as_ref(), tag, remove, deadline)
-                .await?;
-            // Forgotten first, so that a read of the old record now under way is not kept.
+            // Noted before the raise, so that a load stamping meanwhile keeps its value out,
+            // and after, so that a read of the old record meanwhile is not kept. The new record
+            // is not kept either: a later raise by another instance may already be on its way.
             self.tags.note_change(tag);
-            self.tags.remember(tag, Some(record));
+            self.raise_tag_record(l2.as_ref(), tag, remove, deadline)
+                .await?;
+            self.tags.note_change(tag);
         } else {
             self.tags.raise_local(tag, remove);
             self.tags.note_change(tag);
