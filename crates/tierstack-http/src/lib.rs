@@ -35,6 +35,9 @@
 //!   unknown size (a stream) passes through as it comes, not cached. They live `s-maxage`,
 //!   else `max-age`, else the cache's default TTL.
 //!
+//! The key holds nothing else: a route whose answer depends on more (the session cookie, the
+//! signed-in user) must answer `Cache-Control: private`, or stay outside the layer.
+//!
 //! # What a response gets
 //!
 //! An `ETag` (a hash of the body) when the handler set none; `Age`; `x-cache: HIT` or `MISS`.
