@@ -2,6 +2,7 @@
 //! its headers alone for `HEAD`, or `304 Not Modified`).
 
 use std::fmt::Write as _;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -11,12 +12,25 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 /// A stored response: status, headers (the `ETag` among them), body, and when it was stored.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CachedResponse {
+/// Cloning is cheap (shared): an L1 hit clones it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CachedResponse(Arc<Kept>);
+
+#[derive(Debug, PartialEq, Eq)]
+struct Kept {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Bytes,
+    stored_at_ms: u64,
+}
+
+/// How a stored response is encoded in the L2.
+#[derive(Serialize, Deserialize)]
+struct Wire<'a> {
     status: u16,
     headers: Vec<StoredHeader>,
-    #[serde(with = "serde_bytes")]
-    body: Vec<u8>,
+    #[serde(with = "serde_bytes", borrow)]
+    body: std::borrow::Cow<'a, [u8]>,
     stored_at_ms: u64,
 }
 
@@ -26,6 +40,49 @@ struct StoredHeader {
     name: String,
     #[serde(with = "serde_bytes")]
     value: Vec<u8>,
+}
+
+impl Serialize for CachedResponse {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let headers = self
+            .0
+            .headers
+            .iter()
+            .map(|(name, value)| StoredHeader {
+                name: name.as_str().to_owned(),
+                value: value.as_bytes().to_vec(),
+            })
+            .collect();
+        Wire {
+            status: self.0.status.as_u16(),
+            headers,
+            body: std::borrow::Cow::Borrowed(&self.0.body),
+            stored_at_ms: self.0.stored_at_ms,
+        }
+        .serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for CachedResponse {
+    /// Headers that no longer parse are skipped; a status out of range reads as 200.
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let wire = Wire::deserialize(deserializer)?;
+        let mut headers = HeaderMap::with_capacity(wire.headers.len());
+        for StoredHeader { name, value } in wire.headers {
+            if let (Ok(name), Ok(value)) = (
+                HeaderName::from_bytes(name.as_bytes()),
+                HeaderValue::from_bytes(&value),
+            ) {
+                headers.append(name, value);
+            }
+        }
+        Ok(Self(Arc::new(Kept {
+            status: StatusCode::from_u16(wire.status).unwrap_or(StatusCode::OK),
+            headers,
+            body: Bytes::from(wire.body.into_owned()),
+            stored_at_ms: wire.stored_at_ms,
+        })))
+    }
 }
 
 /// Headers that belong to one connection, not to the response (RFC 9110, 7.6.1): not stored.
@@ -67,14 +124,14 @@ fn now_ms() -> u64 {
         })
 }
 
-/// Whether `If-None-Match` in `request` names `etag` (or is `*`). Weak comparison, as RFC 9110
+/// Whether the `If-None-Match` values name `etag` (or are `*`). Weak comparison, as RFC 9110
 /// asks of `If-None-Match`: `W/"x"` matches `"x"`.
-pub(crate) fn not_modified(request: &HeaderMap, etag: Option<&HeaderValue>) -> bool {
+pub(crate) fn not_modified(if_none_match: &[HeaderValue], etag: Option<&HeaderValue>) -> bool {
     let Some(etag) = etag.and_then(|etag| etag.to_str().ok()) else {
         return false;
     };
     let bare = |tag: &str| tag.trim().trim_start_matches("W/").to_owned();
-    request.get_all(IF_NONE_MATCH).iter().any(|value| {
+    if_none_match.iter().any(|value| {
         value.to_str().is_ok_and(|list| {
             list.split(',')
                 .any(|candidate| candidate.trim() == "*" || bare(candidate) == bare(etag))
@@ -83,77 +140,57 @@ pub(crate) fn not_modified(request: &HeaderMap, etag: Option<&HeaderValue>) -> b
 }
 
 impl CachedResponse {
-    /// A response to store, with `etag` among its headers (the handler's own, else one of
-    /// its body) and the headers the layer removes (`hop`: its tag header) left out.
+    /// A response to store, with an `ETag` among its headers (the handler's own, else one of
+    /// its body), without the layer's tag header (`skip`), `Age`, or hop-by-hop headers.
     pub(crate) fn new(
         status: StatusCode,
         headers: &HeaderMap,
-        body: &[u8],
+        body: Bytes,
         skip: &HeaderName,
     ) -> Self {
-        let mut stored: Vec<StoredHeader> = headers
-            .iter()
-            .filter(|(name, _)| *name != skip && *name != AGE && !hop_by_hop(name))
-            .map(|(name, value)| StoredHeader {
-                name: name.as_str().to_owned(),
-                value: value.as_bytes().to_vec(),
-            })
-            .collect();
-        if !headers.contains_key(ETAG) {
-            stored.push(StoredHeader {
-                name: ETAG.as_str().to_owned(),
-                value: etag_of(body).as_bytes().to_vec(),
-            });
-        }
-        Self {
-            status: status.as_u16(),
-            headers: stored,
-            body: body.to_vec(),
-            stored_at_ms: now_ms(),
-        }
-    }
-
-    /// The stored headers, skipping any that no longer parse.
-    pub(crate) fn headers(&self) -> HeaderMap {
-        let mut map = HeaderMap::with_capacity(self.headers.len());
-        for StoredHeader { name, value } in &self.headers {
-            if let (Ok(name), Ok(value)) = (
-                HeaderName::from_bytes(name.as_bytes()),
-                HeaderValue::from_bytes(value),
-            ) {
-                map.append(name, value);
+        let mut stored = HeaderMap::with_capacity(headers.len() + 1);
+        for (name, value) in headers {
+            if name != skip && name != AGE && !hop_by_hop(name) {
+                stored.append(name.clone(), value.clone());
             }
         }
-        map
+        if !stored.contains_key(ETAG) {
+            stored.insert(ETAG, etag_of(&body));
+        }
+        Self(Arc::new(Kept {
+            status,
+            headers: stored,
+            body,
+            stored_at_ms: now_ms(),
+        }))
     }
 
     /// How long ago it was stored, in whole seconds (the `Age` header).
     fn age(&self) -> Duration {
-        Duration::from_millis(now_ms().saturating_sub(self.stored_at_ms))
+        Duration::from_millis(now_ms().saturating_sub(self.0.stored_at_ms))
     }
 
-    /// What it answers to a request with `request` headers: `304 Not Modified` if the
-    /// request's `If-None-Match` names its `ETag`, else itself (without the body, for `HEAD`).
-    /// `Age` and `hit` (the layer's `x-cache` header) are added.
+    /// What it answers to a request whose `If-None-Match` is `if_none_match`: `304 Not
+    /// Modified` if that names its `ETag`, else itself (without the body, for `HEAD`). `Age`
+    /// and `hit` (the layer's `x-cache` header) are added.
     pub(crate) fn answer(
-        self,
-        request: &HeaderMap,
+        &self,
+        if_none_match: &[HeaderValue],
         head: bool,
         hit: HeaderValue,
     ) -> Response<Bytes> {
-        let mut headers = self.headers();
+        let mut headers = self.0.headers.clone();
         headers.insert(AGE, HeaderValue::from(self.age().as_secs()));
         headers.insert(crate::X_CACHE, hit);
-        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::OK);
-        let (status, body) = if not_modified(request, headers.get(ETAG)) {
+        let (status, body) = if not_modified(if_none_match, headers.get(ETAG)) {
             // A 304 carries the validators and caching headers, not the representation's.
             headers.remove(http::header::CONTENT_LENGTH);
             headers.remove(http::header::CONTENT_TYPE);
             (StatusCode::NOT_MODIFIED, Bytes::new())
         } else if head {
-            (status, Bytes::new())
+            (self.0.status, Bytes::new())
         } else {
-            (status, Bytes::from(self.body))
+            (self.0.status, self.0.body.clone())
         };
         let mut response = Response::new(body);
         *response.status_mut() = status;
@@ -162,16 +199,17 @@ impl CachedResponse {
     }
 }
 
+/// The `If-None-Match` values of a request's headers (usually none: nothing is copied then).
+pub(crate) fn if_none_match(request: &HeaderMap) -> Vec<HeaderValue> {
+    request.get_all(IF_NONE_MATCH).iter().cloned().collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn request(if_none_match: &str) -> HeaderMap {
-        let mut map = HeaderMap::new();
-        if let Ok(value) = HeaderValue::from_str(if_none_match) {
-            map.insert(IF_NONE_MATCH, value);
-        }
-        map
+    fn request(if_none_match: &str) -> Vec<HeaderValue> {
+        HeaderValue::from_str(if_none_match).into_iter().collect()
     }
 
     #[test]
@@ -188,7 +226,7 @@ mod tests {
         ));
         assert!(not_modified(&request("*"), Some(&etag)));
         assert!(!not_modified(&request("\"other\""), Some(&etag)));
-        assert!(!not_modified(&HeaderMap::new(), Some(&etag)));
+        assert!(!not_modified(&[], Some(&etag)));
     }
 
     #[test]
@@ -200,9 +238,14 @@ mod tests {
         );
         headers.insert("x-tags", HeaderValue::from_static("a"));
         let skip = HeaderName::from_static("x-tags");
-        let stored = CachedResponse::new(StatusCode::OK, &headers, b"body", &skip);
+        let stored = CachedResponse::new(StatusCode::OK, &headers, Bytes::from("body"), &skip);
+        let wire = serde_json::to_vec(&stored).unwrap_or_default();
+        assert_eq!(
+            serde_json::from_slice::<CachedResponse>(&wire).ok(),
+            Some(stored.clone())
+        );
         let hit = HeaderValue::from_static("HIT");
-        let full = stored.clone().answer(&HeaderMap::new(), false, hit.clone());
+        let full = stored.answer(&[], false, hit.clone());
         assert_eq!(
             (full.status(), full.body().as_ref()),
             (StatusCode::OK, b"body".as_ref())
@@ -217,11 +260,9 @@ mod tests {
             .get(ETAG)
             .cloned()
             .unwrap_or_else(|| etag_of(b""));
-        let head = stored.clone().answer(&HeaderMap::new(), true, hit.clone());
+        let head = stored.answer(&[], true, hit.clone());
         assert!(head.body().is_empty() && head.status() == StatusCode::OK);
-        let mut conditional = HeaderMap::new();
-        conditional.insert(IF_NONE_MATCH, etag);
-        let not_modified = stored.answer(&conditional, false, hit);
+        let not_modified = stored.answer(&[etag], false, hit);
         assert_eq!(not_modified.status(), StatusCode::NOT_MODIFIED);
         assert!(not_modified.body().is_empty());
     }

@@ -8,14 +8,14 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode};
+use http::{HeaderName, HeaderValue, Request, Response, StatusCode};
 use http_body::Body;
 use http_body_util::BodyExt;
 use sha2::{Digest, Sha256};
 use tierstack::{LoadError, Loaded, TieredCache};
 use tower_service::Service;
 
-use crate::entry::CachedResponse;
+use crate::entry::{self, CachedResponse};
 use crate::policy::{self, Lookup, Rules};
 use crate::{BoxError, HttpCacheBody};
 
@@ -186,7 +186,8 @@ impl Shared {
                 let key = self.key(&request);
                 if let Ok(Some(stored)) = self.cache.get(&key).await {
                     let hit = HeaderValue::from_static("HIT");
-                    return Ok(full(stored.answer(request.headers(), true, hit)));
+                    let conditional = entry::if_none_match(request.headers());
+                    return Ok(full(stored.answer(&conditional, true, hit)));
                 }
                 inner.call(request).await.map(|r| self.own(r))
             }
@@ -213,7 +214,7 @@ impl Shared {
         ResBody::Error: Into<BoxError>,
     {
         let key = self.key(&request);
-        let headers: HeaderMap = request.headers().clone();
+        let conditional = entry::if_none_match(request.headers());
         let slot = Mutex::new(Slot {
             request: Some(request),
             own: None,
@@ -239,7 +240,7 @@ impl Shared {
         match (loaded, own) {
             (Ok(stored), _) => {
                 let hit = HeaderValue::from_static(if ran { "MISS" } else { "HIT" });
-                Ok(full(stored.answer(&headers, false, hit)))
+                Ok(full(stored.answer(&conditional, false, hit)))
             }
             (Err(_), Some(own)) => own,
             (Err(error), None) => {
@@ -273,7 +274,7 @@ impl Shared {
         ResBody::Error: Into<BoxError>,
     {
         let key = self.key(&request);
-        let headers: HeaderMap = request.headers().clone();
+        let conditional = entry::if_none_match(request.headers());
         let slot = Mutex::new(Slot {
             request: None,
             own: None,
@@ -289,7 +290,7 @@ impl Shared {
                     tracing::debug!(error = %error, "refreshed response not cached");
                 }
                 let miss = HeaderValue::from_static("MISS");
-                Ok(full(to_store.response.answer(&headers, false, miss)))
+                Ok(full(to_store.response.answer(&conditional, false, miss)))
             }
             Err(_) => lock(&slot)
                 .own
@@ -349,7 +350,7 @@ impl Shared {
         let stored = CachedResponse::new(
             parts.status,
             &parts.headers,
-            &collected.to_bytes(),
+            collected.to_bytes(),
             &self.tag_header,
         );
         Ok(ToStore {

@@ -7,24 +7,9 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::Fixture;
-use tierstack::core::testkit::{MemoryBus, MemoryStore};
-use tierstack::{FailSafe, TieredCache};
-
-fn instances(count: usize, l2: Option<&Arc<MemoryStore>>) -> Vec<TieredCache<String>> {
-    let bus = MemoryBus::new();
-    (0..count)
-        .map(|_| {
-            let builder = TieredCache::builder("shared").backplane(Arc::new(bus.backplane()));
-            match l2 {
-                Some(l2) => builder.l2(l2.clone()),
-                None => builder,
-            }
-            .build()
-            .unwrap()
-        })
-        .collect()
-}
+use common::{Fixture, instances};
+use tierstack::core::testkit::MemoryStore;
+use tierstack::FailSafe;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_an_absent_key_is_written() {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use common::Fixture;
+use common::{Fixture, instances};
 use tierstack::core::Store;
 use tierstack::core::tag::{MAX_TAG_LEN, MAX_TAGS, TagProblem, TagRecord};
 use tierstack::core::testkit::{MemoryBus, MemoryStore};
@@ -24,21 +24,6 @@ async fn eventually(mut check: impl AsyncFnMut() -> bool) {
         );
         tokio::time::sleep(Duration::from_millis(5)).await; // poll loop
     }
-}
-
-fn instances(count: usize, l2: Option<&Arc<MemoryStore>>) -> Vec<TieredCache<String>> {
-    let bus = MemoryBus::new();
-    (0..count)
-        .map(|_| {
-            let builder = TieredCache::builder("shared").backplane(Arc::new(bus.backplane()));
-            match l2 {
-                Some(l2) => builder.l2(l2.clone()),
-                None => builder,
-            }
-            .build()
-            .unwrap()
-        })
-        .collect()
 }
 
 /// Fail-safe whose stale answers are re-tried after a millisecond.

@@ -74,3 +74,23 @@ pub fn loader(
         std::future::ready(Ok(value))
     }
 }
+
+/// `count` instances of the namespace `shared` on one in-memory backplane, over `l2` if given
+/// (else each with its L1 alone).
+pub fn instances(
+    count: usize,
+    l2: Option<&Arc<tierstack::core::testkit::MemoryStore>>,
+) -> Vec<TieredCache<String>> {
+    let bus = tierstack::core::testkit::MemoryBus::new();
+    (0..count)
+        .map(|_| {
+            let builder = TieredCache::builder("shared").backplane(Arc::new(bus.backplane()));
+            match l2 {
+                Some(l2) => builder.l2(l2.clone()),
+                None => builder,
+            }
+            .build()
+            .unwrap()
+        })
+        .collect()
+}
