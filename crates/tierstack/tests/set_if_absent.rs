@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{Fixture, instances};
-use tierstack::core::testkit::MemoryStore;
 use tierstack::FailSafe;
+use tierstack::core::testkit::MemoryStore;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_an_absent_key_is_written() {
