@@ -21,19 +21,25 @@
 //! - **create** writes a new session only where its id holds none ([`TieredCache::set_if_absent`]),
 //!   and draws another id on the (astronomically rare) collision: it never overwrites another
 //!   session.
-//! - **save** writes the whole record, living until the session's own expiry date; a
-//!   sliding session (`Expiry::OnInactivity`) is saved, and so extended, as tower-sessions asks.
+//! - **save** writes the whole record, living until the session's own expiry date, only over
+//!   a live record ([`TieredCache::set_if_present`]): a request that ran beside a logout (or an
+//!   id cycled at login) cannot bring the ended session back when it saves after it. A sliding
+//!   session (`Expiry::OnInactivity`) is saved, and so extended, as tower-sessions asks.
 //! - **load** answers only a record whose expiry date is in the future, even from a backend
 //!   that keeps expired records (Firestore deletes them up to a day late).
 //! - **delete** (a logout, an id cycled at login against session fixation) removes the record
 //!   from both tiers, and the backplane makes every other instance drop its copy.
+//! - **Without a backplane** (an L2 such as Firestore, which has none), another instance's L1
+//!   would keep a logged-out session: the store then reads and writes sessions in L2 only and
+//!   leaves L1 out ([`TieredCache::l1_kept_coherent`]). Every load is then an L2 read.
 //! - [`ExpiredDeletion::delete_expired`](tower_sessions_core::ExpiredDeletion) sweeps what the
 //!   backend keeps past its expiry ([`TieredCache::sweep_expired`]).
 //!
 //! Concurrent requests of one session each save the whole record: the last save wins, as with
 //! every tower-sessions store. What a save returned for is then what every later load on every
-//! instance reads (until a later save); an update of a request that ran beside another may be
-//! overwritten by it.
+//! instance reads (until a later save or the session's end); an update of a request that ran
+//! beside another may be overwritten by it. A save that finds the session ended keeps nothing
+//! and succeeds, as tower-sessions' Redis store does: the next request gets a new session.
 //!
 //! Records are encoded as JSON: a session's data holds `serde_json::Value`s, which bincode
 //! cannot decode.
@@ -41,7 +47,7 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use tierstack::{CacheError, JsonCodec, TieredCache, TieredCacheBuilder};
+use tierstack::{CacheError, EntryOptions, JsonCodec, TieredCache, TieredCacheBuilder};
 use time::OffsetDateTime;
 use tower_sessions_core::session::{Id, Record};
 use tower_sessions_core::session_store::{self, ExpiredDeletion, SessionStore};
@@ -60,12 +66,36 @@ pub fn cache_builder(namespace: &str) -> TieredCacheBuilder<Record, JsonCodec> {
 #[derive(Debug, Clone)]
 pub struct TieredSessionStore {
     cache: TieredCache<Record, JsonCodec>,
+    /// Whether sessions may be kept in L1: only where other instances' logouts reach it.
+    use_l1: bool,
 }
 
 impl TieredSessionStore {
-    /// A store that keeps sessions in `cache` (see [`cache_builder`]).
+    /// A store that keeps sessions in `cache` (see [`cache_builder`]). If the cache has an L2
+    /// without a backplane, sessions bypass its L1 (see the [crate docs](crate)).
     pub fn new(cache: TieredCache<Record, JsonCodec>) -> Self {
-        Self { cache }
+        let use_l1 = cache.l1_kept_coherent();
+        if !use_l1 {
+            tracing::info!(
+                namespace = cache.namespace(),
+                "sessions bypass L1: the cache's L2 has no backplane to tell this instance \
+                 of other instances' logouts"
+            );
+        }
+        Self { cache, use_l1 }
+    }
+
+    /// The options of a session's reads and writes: living `ttl`, and past L1 when other
+    /// instances' writes would not reach it.
+    fn options(&self, ttl: Duration) -> EntryOptions {
+        let options = self.cache.default_options().with_ttl(ttl);
+        if self.use_l1 {
+            return options;
+        }
+        let mut skips = options.skips();
+        skips.l1_read = true;
+        skips.l1_write = true;
+        options.with_skips(skips)
     }
 
     /// The cache the sessions live in.
@@ -94,7 +124,7 @@ impl SessionStore for TieredSessionStore {
             // Expired already: nothing to keep.
             return Ok(());
         };
-        let options = self.cache.default_options().with_ttl(ttl);
+        let options = self.options(ttl);
         for _ in 0..CREATE_ATTEMPTS {
             let key = record.id.to_string();
             let created = self
@@ -118,17 +148,24 @@ impl SessionStore for TieredSessionStore {
             self.cache.delete(&key).await.map_err(|e| backend(&e))?;
             return Ok(());
         };
-        let options = self.cache.default_options().with_ttl(ttl);
-        self.cache
-            .set_with(&key, record.clone(), &options)
+        let saved = self
+            .cache
+            .set_if_present(&key, record.clone(), &self.options(ttl))
             .await
-            .map_err(|e| backend(&e))
+            .map_err(|e| backend(&e))?;
+        if !saved {
+            // Ended (a logout, a cycled id, its expiry) while this request ran.
+            tracing::debug!("session ended before its save: not saved");
+        }
+        Ok(())
     }
 
     async fn load(&self, id: &Id) -> session_store::Result<Option<Record>> {
+        // The TTL is not read: only the skips matter to a read.
+        let options = self.options(Duration::from_secs(1));
         let record = self
             .cache
-            .get(&id.to_string())
+            .get_with(&id.to_string(), &options)
             .await
             .map_err(|e| backend(&e))?;
         Ok(record.filter(|record| record.id == *id && remaining(record).is_some()))

@@ -74,8 +74,8 @@ async fn eventually(mut check: impl AsyncFnMut() -> bool) {
 #[tokio::test]
 async fn create_never_overwrites_another_session() {
     let store = &stores(1)[0];
-    let existing = record(Duration::hours(1));
-    store.save(&existing).await.unwrap();
+    let mut existing = record(Duration::hours(1));
+    store.create(&mut existing).await.unwrap();
     let mut colliding = record(Duration::hours(1));
     colliding.id = existing.id;
     colliding
@@ -141,4 +141,54 @@ async fn a_failing_backend_is_an_error_not_a_lost_session() {
     faulty.set_failing(false);
     store.create(&mut session).await.unwrap();
     assert_eq!(store.load(&session.id).await.unwrap(), Some(session));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_save_after_a_logout_does_not_bring_the_session_back() {
+    let stores = stores(2);
+    let (a, b) = (&stores[0], &stores[1]);
+    let mut session = record(Duration::hours(1));
+    a.create(&mut session).await.unwrap();
+    // A request on `b` loaded the session and is still running...
+    let mut loaded = b.load(&session.id).await.unwrap().unwrap();
+    // ...when the user logs out on `a`.
+    a.delete(&session.id).await.unwrap();
+    loaded.data.insert("visits".into(), serde_json::json!(9));
+    b.save(&loaded).await.unwrap();
+    assert_eq!(a.load(&session.id).await.unwrap(), None);
+    // `b`'s L1 copy goes when the logout's invalidation arrives.
+    eventually(async || b.load(&session.id).await.unwrap().is_none()).await;
+    assert_eq!(
+        a.cache().get(&session.id.to_string()).await.unwrap(),
+        None,
+        "nothing written under the ended id"
+    );
+    // A save of a live session still lands.
+    let mut live = record(Duration::hours(1));
+    a.create(&mut live).await.unwrap();
+    live.data.insert("visits".into(), serde_json::json!(1));
+    b.save(&live).await.unwrap();
+    eventually(async || a.load(&live.id).await.unwrap() == Some(live.clone())).await;
+}
+
+#[tokio::test]
+async fn without_a_backplane_sessions_bypass_l1() {
+    // Two instances share an L2 that has no backplane (Firestore, say).
+    let l2 = Arc::new(MemoryStore::new());
+    let instance = || {
+        let cache = cache_builder("sessions").l2(l2.clone()).build().unwrap();
+        assert!(!cache.l1_kept_coherent());
+        TieredSessionStore::new(cache)
+    };
+    let (a, b) = (instance(), instance());
+    let mut session = record(Duration::hours(1));
+    a.create(&mut session).await.unwrap();
+    assert_eq!(b.load(&session.id).await.unwrap(), Some(session.clone()));
+    session.data.insert("visits".into(), serde_json::json!(2));
+    a.save(&session).await.unwrap();
+    // No waiting: no L1 copy on `b` to outlive the write or the logout.
+    assert_eq!(b.load(&session.id).await.unwrap(), Some(session.clone()));
+    a.delete(&session.id).await.unwrap();
+    assert_eq!(b.load(&session.id).await.unwrap(), None);
+    assert_eq!(b.cache().stats().l1_hits, 0, "L1 never answered");
 }

@@ -417,3 +417,44 @@ fn a_backplane_needs_a_runtime_at_build() {
         .err();
     assert!(matches!(err, Some(CacheError::Configuration(_))));
 }
+
+#[tokio::test]
+async fn get_with_reads_the_tiers_its_options_allow() {
+    // Two instances on one L2 without a backplane: `b`'s L1 keeps what it read.
+    let l2 = Arc::new(tierstack::core::testkit::MemoryStore::new());
+    let instance = || {
+        TieredCache::<String>::builder("shared")
+            .l2(l2.clone())
+            .build()
+            .unwrap()
+    };
+    let (a, b) = (instance(), instance());
+    assert!(!b.l1_kept_coherent());
+    a.set("k", "old".into()).await.unwrap();
+    assert_eq!(b.get("k").await.unwrap(), Some("old".into()));
+    a.set("k", "new".into()).await.unwrap();
+    let options = b.default_options();
+    assert_eq!(b.get("k").await.unwrap(), Some("old".into()), "L1 answers");
+    let mut skips = options.skips();
+    skips.l1_read = true;
+    skips.l1_write = true;
+    let past_l1 = options.with_skips(skips);
+    assert_eq!(b.get_with("k", &past_l1).await.unwrap(), Some("new".into()));
+    assert_eq!(
+        b.get("k").await.unwrap(),
+        Some("old".into()),
+        "l1_write kept the L2 answer out of L1"
+    );
+    let mut skips = options.skips();
+    skips.l2_read = true;
+    let l1_only = options.with_skips(skips);
+    assert_eq!(b.get_with("other", &l1_only).await.unwrap(), None);
+    a.set("other", "in L2".into()).await.unwrap();
+    assert_eq!(b.get_with("other", &l1_only).await.unwrap(), None);
+    assert_eq!(
+        b.get_with("other", &options).await.unwrap(),
+        Some("in L2".into())
+    );
+    let coherent = TieredCache::<String>::builder("alone").build().unwrap();
+    assert!(coherent.l1_kept_coherent(), "no L2: nothing to share");
+}

@@ -1,5 +1,6 @@
-//! `set_if_absent`: a write that never replaces another writer's value (a new session under a
-//! fresh id, a handle created once).
+//! Conditional writes: `set_if_absent`, a write that never replaces another writer's value (a
+//! new session under a fresh id, a handle created once), and `set_if_present`, one that never
+//! brings back a value someone removed (a session saved after its logout).
 
 use std::sync::Arc;
 
@@ -14,17 +15,38 @@ use super::Inner;
 use super::read::{L2Read, Life};
 use crate::options::EntryOptions;
 
+/// What a conditional write needs the key to hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Condition {
+    /// No fresh value.
+    Absent,
+    /// A fresh value.
+    Present,
+}
+
+impl Condition {
+    fn operation(self) -> &'static str {
+        match self {
+            Self::Absent => "set_if_absent",
+            Self::Present => "set_if_present",
+        }
+    }
+}
+
 impl<V, C> Inner<V, C>
 where
     V: Clone + Send + Sync + Serialize + DeserializeOwned + 'static,
     C: Codec,
 {
-    pub(super) async fn set_if_absent(
+    /// Writes `value` under `key` if the key meets `condition`; `true` if it wrote.
+    pub(super) async fn set_if(
         self: &Arc<Self>,
+        condition: Condition,
         key: &str,
         value: V,
         options: &EntryOptions,
     ) -> Result<bool> {
+        let operation = condition.operation();
         self.check_key(key)?;
         validate_ttl(options.ttl())?;
         options.validate()?;
@@ -35,7 +57,7 @@ where
         let _lock = tokio::time::timeout_at(deadline, self.freshness.lock_key(key))
             .await
             .map_err(|_| CacheError::Timeout {
-                operation: "set_if_absent",
+                operation,
                 after: self.settings.l2_timeout,
             })?;
         let Some(l2) = self.l2.as_ref().filter(|_| !options.skips().l2_write) else {
@@ -43,27 +65,45 @@ where
             let held = self
                 .l1_entry(key)
                 .is_some_and(|entry| entry.value.is_some() && entry.is_fresh_at(now));
-            if held {
+            if held != (condition == Condition::Present) {
                 return Ok(false);
             }
-            self.keep_inserted(key, value, &life);
+            if self.l1.is_none() {
+                // Nothing holds the value: a write that keeps nothing is not one.
+                return Err(CacheError::Configuration(format!(
+                    "{operation} needs a tier to write to: this cache has no L1 and no L2 \
+                     (or the options skip L2 writes without an L1)"
+                )));
+            }
+            self.keep_inserted(key, value, &life, options);
             return Ok(true);
         };
         let bytes = self.encode_with_life(Some(&value), &life)?;
         loop {
-            // What the key holds now: a value ends it; anything else (nothing, a delete's
-            // tombstone, a "not found", a stale or undecodable entry, an entry of a removed
-            // tag) is replaced, over exactly those bytes.
-            let seen = match self.read_l2(key, deadline, false).await? {
+            // What the key holds now, as a value (fresh) or not (nothing, a delete's tombstone,
+            // a "not found", a stale or undecodable entry, an entry of a removed tag); the
+            // write replaces exactly the bytes seen.
+            let (holds_value, seen) = match self.read_l2(key, deadline, false).await? {
                 L2Read::Hit {
                     value: Some(_),
                     life,
-                    ..
-                } if !life.stale => return Ok(false),
+                    seen,
+                } if !life.stale => (true, seen),
                 L2Read::Hit { seen, .. } | L2Read::Stale { seen, .. } | L2Read::Miss { seen } => {
-                    seen
+                    (false, seen)
                 }
             };
+            if holds_value != (condition == Condition::Present) {
+                return Ok(false);
+            }
+            if holds_value && seen.is_none() {
+                // The value is a write kept for a replay while the L2 fails: what the L2
+                // holds is not known, so neither is whether the condition holds there.
+                return Err(CacheError::Timeout {
+                    operation,
+                    after: self.settings.l2_timeout,
+                });
+            }
             let written = self
                 .write_over_seen(
                     l2.as_ref(),
@@ -80,12 +120,12 @@ where
             // Another write came between the read and this one: look again.
             if Instant::now() >= deadline {
                 return Err(CacheError::Timeout {
-                    operation: "set_if_absent",
+                    operation,
                     after: self.settings.l2_timeout,
                 });
             }
         }
-        self.keep_inserted(key, value, &life);
+        self.keep_inserted(key, value, &life, options);
         if !options.skips().backplane {
             // A compare-and-set is not among the writes a store announces itself.
             self.publish(Invalidation::Keys(vec![key.to_owned()]), deadline)
@@ -94,11 +134,11 @@ where
         Ok(true)
     }
 
-    /// Puts what `set_if_absent` wrote in L1, as `set` does.
-    fn keep_inserted(&self, key: &str, value: V, life: &Life) {
+    /// Puts what a conditional write wrote in L1, as `set` does.
+    fn keep_inserted(&self, key: &str, value: V, life: &Life, options: &EntryOptions) {
         self.forget_kept(key);
         let after = self.freshness.bump_key(key);
-        if life.to_l1 {
+        if life.to_l1 && !options.skips().l1_write {
             self.fill_l1_since(key, Some(value), life, after);
         } else {
             self.evict_local(key);

@@ -211,6 +211,25 @@ where
         self.inner.get(key).await
     }
 
+    /// [`get`](Self::get), with `options`' [`Skips`](crate::Skips): `l1_read` reads L2 even
+    /// when L1 holds the key, `l2_read` reads L1 only, and `l1_write` keeps what L2 answered
+    /// out of L1. For a value other instances change without a backplane to tell this one:
+    /// read it from L2 every time.
+    ///
+    /// # Errors
+    ///
+    /// As [`get`](Self::get).
+    pub async fn get_with(&self, key: &str, options: &EntryOptions) -> Result<Option<V>> {
+        self.inner.get_with(key, options.skips()).await
+    }
+
+    /// Whether other instances' writes reach this cache's L1 at once: `true` with a backplane,
+    /// and when there is nothing to share (no L2); `false` for an L2 without a backplane,
+    /// where L1 copies live out their TTL whatever other instances write.
+    pub fn l1_kept_coherent(&self) -> bool {
+        self.inner.l2.is_none() || self.inner.backplane.is_some()
+    }
+
     /// The value under `key`, loading it with `loader` on a miss of both tiers and writing it to
     /// both with the default TTL.
     ///
@@ -487,7 +506,46 @@ where
     /// As [`set_with`](Self::set_with); an L2 that fails or times out fails the call (nothing
     /// is kept for a replay: whether the key held a value is not known).
     pub async fn set_if_absent(&self, key: &str, value: V, options: &EntryOptions) -> Result<bool> {
-        self.inner.set_if_absent(key, value, options).await
+        self.inner
+            .set_if(insert::Condition::Absent, key, value, options)
+            .await
+    }
+
+    /// Writes `value` under `key` with `options` only if the key holds a fresh value: `true`
+    /// if it wrote, `false` if there was none (never written, deleted, expired, or only a
+    /// stale fail-safe copy). A session saved after its logout, a record updated after its
+    /// removal: a write that must not bring back what someone removed.
+    ///
+    /// As with [`set_if_absent`](Self::set_if_absent), it replaces exactly the bytes it read,
+    /// by compare-and-set: a delete on any instance between the read and the write makes it
+    /// look again, and then answer `false`.
+    ///
+    /// ```
+    /// # async fn run() -> tierstack::Result<()> {
+    /// let cache = tierstack::TieredCache::<u32>::builder("counters").build()?;
+    /// let options = cache.default_options();
+    /// assert!(!cache.set_if_present("visits", 1, &options).await?);
+    /// cache.set("visits", 1).await?;
+    /// assert!(cache.set_if_present("visits", 2, &options).await?);
+    /// cache.delete("visits").await?;
+    /// assert!(!cache.set_if_present("visits", 3, &options).await?);
+    /// # Ok(())
+    /// # }
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(run()).unwrap();
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// As [`set_if_absent`](Self::set_if_absent).
+    pub async fn set_if_present(
+        &self,
+        key: &str,
+        value: V,
+        options: &EntryOptions,
+    ) -> Result<bool> {
+        self.inner
+            .set_if(insert::Condition::Present, key, value, options)
+            .await
     }
 
     /// Writes `value` under `key` with `options`, carrying `tags`: an

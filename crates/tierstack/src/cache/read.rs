@@ -17,7 +17,7 @@ use tokio::time::Instant;
 
 use super::Inner;
 use crate::freshness::Snapshot;
-use crate::options::EntryOptions;
+use crate::options::{EntryOptions, Skips};
 use crate::stats::L2Op;
 
 /// How long an entry is fresh, and how long it stays stored (stale in between), from now; and
@@ -159,12 +159,20 @@ where
     C: Codec,
 {
     pub(super) async fn get(&self, key: &str) -> Result<Option<V>> {
+        self.get_with(key, Skips::default()).await
+    }
+
+    pub(super) async fn get_with(&self, key: &str, skips: Skips) -> Result<Option<V>> {
         self.check_key(key)?;
-        if let Some(hit) = self.l1_get(key) {
+        if !skips.l1_read
+            && let Some(hit) = self.l1_get(key)
+        {
             return Ok(hit);
         }
         // A miss, or an L2 failure (counted and logged) read as one.
-        if let Ok(Some(hit)) = self.l2_lookup(key, self.deadline()).await {
+        if !skips.l2_read
+            && let Ok(Some(hit)) = self.l2_lookup(key, self.deadline(), !skips.l1_write).await
+        {
             return Ok(hit);
         }
         self.recorder.miss(key);
@@ -178,7 +186,7 @@ where
         }
         // Like `get`: an L2 that fails reads as a miss.
         Ok(matches!(
-            self.l2_lookup(key, self.deadline()).await,
+            self.l2_lookup(key, self.deadline(), true).await,
             Ok(Some(Some(_)))
         ))
     }
@@ -295,14 +303,18 @@ where
         &self,
         key: &str,
         deadline: Instant,
+        to_l1: bool,
     ) -> Result<Option<Option<V>>> {
         let snapshot = self.freshness.snapshot(key);
-        match self.read_l2(key, deadline, self.l1.is_some()).await? {
+        let to_l1 = to_l1 && self.l1.is_some();
+        match self.read_l2(key, deadline, to_l1).await? {
             L2Read::Hit { value, life, .. } if !life.stale => {
                 self.recorder.l2_hit(key);
-                self.fill_l1(key, value.clone(), &life, || {
-                    self.freshness.is_current(snapshot)
-                });
+                if to_l1 {
+                    self.fill_l1(key, value.clone(), &life, || {
+                        self.freshness.is_current(snapshot)
+                    });
+                }
                 Ok(Some(value))
             }
             // A plain read serves fresh values only; a stale one is a loader's fallback.

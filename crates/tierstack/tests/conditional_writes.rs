@@ -1,5 +1,6 @@
-//! `set_if_absent`: writes only where no value is, never over another writer's value, on one
-//! instance or many.
+//! Conditional writes: `set_if_absent` writes only where no value is, never over another
+//! writer's value; `set_if_present` only where one is, never bringing back what a delete
+//! removed; on one instance or many.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -167,4 +168,120 @@ async fn the_other_instances_drop_what_they_held() {
         tokio::time::sleep(Duration::from_millis(5)).await; // poll loop
     }
     assert_eq!(b.get("k").await.unwrap(), Some("created".into()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_a_present_key_is_written() {
+    for l2 in [Some(Arc::new(MemoryStore::new())), None] {
+        let shared = l2.is_some();
+        let caches = instances(if shared { 2 } else { 1 }, l2.as_ref());
+        let (a, b) = (&caches[0], &caches[caches.len() - 1]);
+        let options = a.default_options();
+        assert!(
+            !a.set_if_present("k", "nobody".into(), &options)
+                .await
+                .unwrap()
+        );
+        assert_eq!(a.get("k").await.unwrap(), None, "shared: {shared}");
+        a.set("k", "first".into()).await.unwrap();
+        assert!(
+            b.set_if_present("k", "second".into(), &options)
+                .await
+                .unwrap()
+        );
+        assert_eq!(b.get("k").await.unwrap(), Some("second".into()));
+        b.delete("k").await.unwrap();
+        assert!(
+            !a.set_if_present("k", "after delete".into(), &options)
+                .await
+                .unwrap(),
+            "shared: {shared}"
+        );
+        for cache in [a, b] {
+            assert_eq!(cache.get("k").await.unwrap(), None, "shared: {shared}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_present_write_after_another_instances_delete_writes_nothing() {
+    let l2 = Arc::new(MemoryStore::new());
+    for round in 0..20 {
+        // A fresh pair each round: `b`'s L1 still holds the value when the write starts,
+        // since the delete's invalidation may not have reached it yet.
+        let caches = instances(2, Some(&l2));
+        let (a, b) = (&caches[0], &caches[1]);
+        let key = format!("k{round}");
+        a.set(&key, "live".into()).await.unwrap();
+        assert_eq!(b.get(&key).await.unwrap(), Some("live".into()));
+        a.delete(&key).await.unwrap();
+        let options = b.default_options();
+        assert!(
+            !b.set_if_present(&key, "resurrected".into(), &options)
+                .await
+                .unwrap(),
+            "round {round}"
+        );
+        assert_eq!(a.get(&key).await.unwrap(), None, "round {round}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn present_writes_racing_a_delete_leave_a_winner_or_nothing() {
+    let l2 = Arc::new(MemoryStore::new());
+    let caches = instances(3, Some(&l2));
+    for round in 0..10 {
+        let key = format!("k{round}");
+        caches[0].set(&key, "initial".into()).await.unwrap();
+        let mut calls = Vec::new();
+        for i in 0..12 {
+            let cache = caches[i % caches.len()].clone();
+            let key = key.clone();
+            calls.push(tokio::spawn(async move {
+                let options = cache.default_options();
+                let written = cache
+                    .set_if_present(&key, format!("writer {i}"), &options)
+                    .await
+                    .unwrap();
+                written.then(|| format!("writer {i}"))
+            }));
+        }
+        let deleter = caches[1].clone();
+        let deleted_key = key.clone();
+        let delete = tokio::spawn(async move { deleter.delete(&deleted_key).await.unwrap() });
+        let mut written = Vec::new();
+        for call in calls {
+            written.extend(call.await.unwrap());
+        }
+        delete.await.unwrap();
+        let left = caches[2].get(&key).await.unwrap();
+        if let Some(value) = &left {
+            assert!(
+                written.contains(value),
+                "round {round}: {value} was not written by a call that said so"
+            );
+        }
+        // Whatever is left, every instance agrees on it once the invalidations arrived.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        for cache in &caches {
+            while cache.get(&key).await.unwrap() != left {
+                assert!(tokio::time::Instant::now() < deadline, "round {round}");
+                tokio::time::sleep(Duration::from_millis(5)).await; // poll loop
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_cache_with_no_tier_refuses_a_conditional_write() {
+    let cache = tierstack::TieredCache::<String>::builder("nothing")
+        .without_l1()
+        .build()
+        .unwrap();
+    let options = cache.default_options();
+    let refused = cache.set_if_absent("k", "v".into(), &options).await;
+    assert!(
+        matches!(refused, Err(tierstack::CacheError::Configuration(_))),
+        "{refused:?}"
+    );
 }
