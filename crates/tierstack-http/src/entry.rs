@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use http::header::{AGE, ETAG, IF_NONE_MATCH};
+use http::header::{AGE, CONNECTION, CONTENT_LENGTH, ETAG, IF_NONE_MATCH, SET_COOKIE};
 use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -72,7 +72,10 @@ impl<'de> Deserialize<'de> for CachedResponse {
             if let (Ok(name), Ok(value)) = (
                 HeaderName::from_bytes(name.as_bytes()),
                 HeaderValue::from_bytes(&value),
-            ) {
+            ) && storable(&name)
+            {
+                // The storing rules again: an entry another writer put in the L2 answers
+                // every client, so it never replays a cookie or a connection's headers.
                 headers.append(name, value);
             }
         }
@@ -102,6 +105,23 @@ fn hop_by_hop(name: &HeaderName) -> bool {
     ]
     .contains(name)
         || name.as_str() == "keep-alive"
+}
+
+/// Whether a response header may be stored and replayed to other clients.
+fn storable(name: &HeaderName) -> bool {
+    name != SET_COOKIE && name != AGE && !hop_by_hop(name)
+}
+
+/// The headers a response's `Connection` header names: they belong to the connection too.
+fn named_by_connection(headers: &HeaderMap) -> Vec<String> {
+    headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|list| list.split(','))
+        .map(|name| name.trim().to_ascii_lowercase())
+        .filter(|name| !name.is_empty())
+        .collect()
 }
 
 /// A strong `ETag` of `body`: the first 16 bytes of its SHA-256, in hex.
@@ -148,9 +168,11 @@ impl CachedResponse {
         body: Bytes,
         skip: &HeaderName,
     ) -> Self {
+        let connection = named_by_connection(headers);
         let mut stored = HeaderMap::with_capacity(headers.len() + 1);
         for (name, value) in headers {
-            if name != skip && name != AGE && !hop_by_hop(name) {
+            let per_connection = connection.iter().any(|named| named == name.as_str());
+            if name != skip && storable(name) && !per_connection {
                 stored.append(name.clone(), value.clone());
             }
         }
@@ -184,10 +206,12 @@ impl CachedResponse {
         headers.insert(crate::X_CACHE, hit);
         let (status, body) = if not_modified(if_none_match, headers.get(ETAG)) {
             // A 304 carries the validators and caching headers, not the representation's.
-            headers.remove(http::header::CONTENT_LENGTH);
+            headers.remove(CONTENT_LENGTH);
             headers.remove(http::header::CONTENT_TYPE);
             (StatusCode::NOT_MODIFIED, Bytes::new())
         } else if head {
+            // The length of the body a GET would get, not of the empty one sent.
+            headers.insert(CONTENT_LENGTH, HeaderValue::from(self.0.body.len()));
             (self.0.status, Bytes::new())
         } else {
             (self.0.status, self.0.body.clone())
@@ -230,6 +254,41 @@ mod tests {
     }
 
     #[test]
+    fn per_connection_headers_and_cookies_are_never_stored_or_replayed() {
+        let mut headers = HeaderMap::new();
+        headers.insert(CONNECTION, HeaderValue::from_static("close, X-Hop"));
+        headers.insert("x-hop", HeaderValue::from_static("1"));
+        headers.insert("x-kept", HeaderValue::from_static("1"));
+        let skip = HeaderName::from_static("x-tags");
+        let stored = CachedResponse::new(StatusCode::OK, &headers, Bytes::new(), &skip);
+        let answer = stored.answer(&[], false, HeaderValue::from_static("HIT"));
+        assert!(answer.headers().get("x-hop").is_none());
+        assert!(answer.headers().get(CONNECTION).is_none());
+        assert!(answer.headers().get("x-kept").is_some());
+        // Written to the L2 by another writer with a cookie in it: dropped when read.
+        let wire = Wire {
+            status: 200,
+            headers: vec![
+                StoredHeader {
+                    name: "set-cookie".into(),
+                    value: b"session=victim".to_vec(),
+                },
+                StoredHeader {
+                    name: "x-kept".into(),
+                    value: b"1".to_vec(),
+                },
+            ],
+            body: std::borrow::Cow::Borrowed(b"".as_slice()),
+            stored_at_ms: 0,
+        };
+        let bytes = serde_json::to_vec(&wire).unwrap_or_default();
+        let read: CachedResponse =
+            serde_json::from_slice(&bytes).unwrap_or_else(|_| stored.clone());
+        assert!(read.0.headers.get(SET_COOKIE).is_none());
+        assert!(read.0.headers.get("x-kept").is_some());
+    }
+
+    #[test]
     fn a_stored_response_answers_304_head_or_itself() {
         let mut headers = HeaderMap::new();
         headers.insert(
@@ -262,6 +321,11 @@ mod tests {
             .unwrap_or_else(|| etag_of(b""));
         let head = stored.answer(&[], true, hit.clone());
         assert!(head.body().is_empty() && head.status() == StatusCode::OK);
+        assert_eq!(
+            head.headers().get(CONTENT_LENGTH),
+            Some(&HeaderValue::from(4)),
+            "HEAD says how long the GET's body is"
+        );
         let not_modified = stored.answer(&[etag], false, hit);
         assert_eq!(not_modified.status(), StatusCode::NOT_MODIFIED);
         assert!(not_modified.body().is_empty());

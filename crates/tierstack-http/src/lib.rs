@@ -23,20 +23,25 @@
 //!
 //! # What is cached
 //!
-//! - `GET` requests, keyed by path, query and the values of the headers named in
+//! - `GET` requests, keyed by path, query, host and the values of the headers named in
 //!   [`vary_on`](HttpCacheLayer::vary_on); `HEAD` is answered from a cached `GET` (and passes
-//!   through on a miss). Other methods, requests with `Cache-Control: no-store`, and requests
-//!   with `Authorization` (unless [`cache_authorized`](HttpCacheLayer::cache_authorized)) pass
+//!   through on a miss). Other methods, requests with `Cache-Control: no-store`, requests with
+//!   `Authorization` (unless [`cache_authorized`](HttpCacheLayer::cache_authorized)) and
+//!   requests with a `Cookie` (unless
+//!   [`cache_requests_with_cookies`](HttpCacheLayer::cache_requests_with_cookies)) pass
 //!   through untouched. `Cache-Control: no-cache` (or `max-age=0`) on a request runs the
-//!   handler and stores its fresh response.
+//!   handler and stores its fresh response (unless
+//!   [`honor_request_no_cache`](HttpCacheLayer::honor_request_no_cache) is off).
 //! - Responses with a cacheable status (2xx except 206, by default), no `Set-Cookie`, no
 //!   `no-store`, `no-cache` or `private`, a `Vary` only on headers of `vary_on`, and a body of
 //!   known size within [`max_body_bytes`](HttpCacheLayer::max_body_bytes) (1 MiB). A body of
 //!   unknown size (a stream) passes through as it comes, not cached. They live `s-maxage`,
 //!   else `max-age`, else the cache's default TTL.
 //!
-//! The key holds nothing else: a route whose answer depends on more (the session cookie, the
-//! signed-in user) must answer `Cache-Control: private`, or stay outside the layer.
+//! The key holds nothing else: a route whose answer depends on more (the signed-in user, a
+//! header outside `vary_on`) must answer `Cache-Control: private`, or stay outside the layer.
+//! With fail-safe in the cache's options, a stale copy answers when the handler fails (an
+//! error, a 5xx), never in place of a response it gave that may not be stored.
 //!
 //! # What a response gets
 //!
@@ -108,7 +113,11 @@ impl HttpCacheLayer {
                     default_ttl,
                 },
                 tag_header: DEFAULT_TAG_HEADER,
-                cache_authorized: false,
+                requests: policy::RequestRules {
+                    authorized: false,
+                    with_cookies: false,
+                    honor_no_cache: true,
+                },
             }),
         }
     }
@@ -153,7 +162,24 @@ impl HttpCacheLayer {
     /// through). Turn it on only when every such response is the same for every caller.
     #[must_use]
     pub fn cache_authorized(self, cache: bool) -> Self {
-        self.with(|shared| shared.cache_authorized = cache)
+        self.with(|shared| shared.requests.authorized = cache)
+    }
+
+    /// Whether requests with a `Cookie` header meet the cache (default: no, they pass
+    /// through: a handler may answer from the session the cookie names). Turn it on for routes
+    /// that answer the same whatever the cookies (an analytics cookie on a product page), or
+    /// name `cookie` in [`vary_on`](Self::vary_on).
+    #[must_use]
+    pub fn cache_requests_with_cookies(self, cache: bool) -> Self {
+        self.with(|shared| shared.requests.with_cookies = cache)
+    }
+
+    /// Whether a request's `Cache-Control: no-cache` (or `max-age=0`) runs the handler and
+    /// stores its fresh answer (default: yes, as RFC 9111 asks). A public service may turn it
+    /// off: then any client can no longer make every request reach the handler.
+    #[must_use]
+    pub fn honor_request_no_cache(self, honor: bool) -> Self {
+        self.with(|shared| shared.requests.honor_no_cache = honor)
     }
 
     /// The response header a handler tags its response with (default `x-tierstack-tags`).

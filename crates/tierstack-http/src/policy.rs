@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use http::header::{AUTHORIZATION, CACHE_CONTROL, SET_COOKIE, VARY};
+use http::header::{AUTHORIZATION, CACHE_CONTROL, COOKIE, SET_COOKIE, VARY};
 use http::{HeaderMap, HeaderName, Method, StatusCode};
 
 /// The directives of a `Cache-Control` header this cache acts on.
@@ -53,7 +53,7 @@ impl Directives {
 /// How a request meets the cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Lookup {
-    /// Not through the cache at all: another method, `no-store`, or credentials.
+    /// Not through the cache at all: another method, `no-store`, credentials or cookies.
     Bypass,
     /// Read the cache, and on a miss run the handler and store what it answers.
     ReadThrough,
@@ -64,16 +64,33 @@ pub(crate) enum Lookup {
     Head,
 }
 
-pub(crate) fn lookup(method: &Method, headers: &HeaderMap, cache_authorized: bool) -> Lookup {
-    let directives = Directives::of(headers);
-    if directives.no_store || (headers.contains_key(AUTHORIZATION) && !cache_authorized) {
-        return Lookup::Bypass;
-    }
-    match *method {
-        Method::GET if directives.no_cache || directives.max_age == Some(0) => Lookup::Refresh,
-        Method::GET => Lookup::ReadThrough,
-        Method::HEAD => Lookup::Head,
-        _ => Lookup::Bypass,
+/// What the layer's settings say of requests.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RequestRules {
+    /// Requests with `Authorization` meet the cache.
+    pub(crate) authorized: bool,
+    /// Requests with `Cookie` meet the cache.
+    pub(crate) with_cookies: bool,
+    /// A request's `no-cache` (or `max-age=0`) runs the handler instead of answering from the
+    /// cache.
+    pub(crate) honor_no_cache: bool,
+}
+
+impl RequestRules {
+    pub(crate) fn lookup(self, method: &Method, headers: &HeaderMap) -> Lookup {
+        let directives = Directives::of(headers);
+        let credentials = (headers.contains_key(AUTHORIZATION) && !self.authorized)
+            || (headers.contains_key(COOKIE) && !self.with_cookies);
+        if directives.no_store || credentials {
+            return Lookup::Bypass;
+        }
+        let refresh = self.honor_no_cache && (directives.no_cache || directives.max_age == Some(0));
+        match *method {
+            Method::GET if refresh => Lookup::Refresh,
+            Method::GET => Lookup::ReadThrough,
+            Method::HEAD => Lookup::Head,
+            _ => Lookup::Bypass,
+        }
     }
 }
 
@@ -185,22 +202,45 @@ mod tests {
 
     #[test]
     fn requests() {
+        let rules = RequestRules {
+            authorized: false,
+            with_cookies: false,
+            honor_no_cache: true,
+        };
         let get = Method::GET;
-        assert_eq!(lookup(&get, &headers(&[]), false), Lookup::ReadThrough);
-        assert_eq!(lookup(&Method::POST, &headers(&[]), false), Lookup::Bypass);
-        assert_eq!(lookup(&Method::HEAD, &headers(&[]), false), Lookup::Head);
+        assert_eq!(rules.lookup(&get, &headers(&[])), Lookup::ReadThrough);
+        assert_eq!(rules.lookup(&Method::POST, &headers(&[])), Lookup::Bypass);
+        assert_eq!(rules.lookup(&Method::HEAD, &headers(&[])), Lookup::Head);
         let no_store = headers(&[("cache-control", "no-store")]);
-        assert_eq!(lookup(&get, &no_store, false), Lookup::Bypass);
+        assert_eq!(rules.lookup(&get, &no_store), Lookup::Bypass);
         for refresh in ["no-cache", "max-age=0", "Max-Age=0, foo"] {
+            let request = headers(&[("cache-control", refresh)]);
+            assert_eq!(rules.lookup(&get, &request), Lookup::Refresh, "{refresh}");
+            let ignoring = RequestRules {
+                honor_no_cache: false,
+                ..rules
+            };
             assert_eq!(
-                lookup(&get, &headers(&[("cache-control", refresh)]), false),
-                Lookup::Refresh,
+                ignoring.lookup(&get, &request),
+                Lookup::ReadThrough,
                 "{refresh}"
             );
         }
         let authorized = headers(&[("authorization", "Bearer x")]);
-        assert_eq!(lookup(&get, &authorized, false), Lookup::Bypass);
-        assert_eq!(lookup(&get, &authorized, true), Lookup::ReadThrough);
+        assert_eq!(rules.lookup(&get, &authorized), Lookup::Bypass);
+        let allowed = RequestRules {
+            authorized: true,
+            ..rules
+        };
+        assert_eq!(allowed.lookup(&get, &authorized), Lookup::ReadThrough);
+        let cookie = headers(&[("cookie", "session=1")]);
+        assert_eq!(rules.lookup(&get, &cookie), Lookup::Bypass);
+        assert_eq!(rules.lookup(&Method::HEAD, &cookie), Lookup::Bypass);
+        let allowed = RequestRules {
+            with_cookies: true,
+            ..rules
+        };
+        assert_eq!(allowed.lookup(&get, &cookie), Lookup::ReadThrough);
     }
 
     #[test]

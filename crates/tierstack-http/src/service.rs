@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
+use http::header::HOST;
 use http::{HeaderName, HeaderValue, Request, Response, StatusCode};
 use http_body::Body;
 use http_body_util::BodyExt;
@@ -25,7 +26,7 @@ pub(crate) struct Shared {
     pub(crate) cache: TieredCache<CachedResponse>,
     pub(crate) rules: Rules,
     pub(crate) tag_header: HeaderName,
-    pub(crate) cache_authorized: bool,
+    pub(crate) requests: policy::RequestRules,
 }
 
 /// The [`Service`] of an [`HttpCacheLayer`](crate::HttpCacheLayer) around `S`.
@@ -54,9 +55,11 @@ impl<S: std::fmt::Debug> std::fmt::Debug for HttpCacheService<S> {
 /// Why a flight's handler call left nothing to share: its caller has its own response.
 #[derive(Debug, Clone, Copy)]
 enum Unshared {
-    /// The response may not be stored (or its body failed): only its own caller gets it.
+    /// The response may not be stored: only its own caller gets it, even where fail-safe
+    /// has a stale copy (the handler answered; a cookie or `no-store` is not a failure).
     NotStored,
-    /// The handler failed.
+    /// The handler failed (an error, a 5xx, a body that failed): its caller gets its own
+    /// response unless fail-safe answers a stale copy.
     Failed,
 }
 
@@ -72,6 +75,8 @@ struct ToStore {
 struct Slot<B, E> {
     request: Option<Request<B>>,
     own: Option<Result<Response<HttpCacheBody>, E>>,
+    /// Why `own` was not shared, if it was not.
+    unshared: Option<Unshared>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -127,8 +132,8 @@ where
 }
 
 impl Shared {
-    /// The key of a request: its path and query, then a hash of the headers the cache varies
-    /// on, if the request has any. Prefix invalidation works on the path.
+    /// The key of a request: its path and query, then a hash of its host and of the headers
+    /// the cache varies on. Prefix invalidation works on the path, for every host.
     fn key<B>(&self, request: &Request<B>) -> String {
         let uri = request.uri();
         let mut key = uri.path().to_owned();
@@ -138,6 +143,18 @@ impl Shared {
         }
         let mut varying = Sha256::new();
         let mut any = false;
+        // A handler that builds links from the host answers per host: one host's answer
+        // must never go to another's request.
+        let host = uri
+            .authority()
+            .map(|authority| authority.as_str().as_bytes())
+            .or_else(|| request.headers().get(HOST).map(HeaderValue::as_bytes));
+        if let Some(host) = host {
+            any = true;
+            varying.update(b"host\0");
+            varying.update(host);
+            varying.update([0]);
+        }
         for name in &self.rules.vary_on {
             for value in request.headers().get_all(name) {
                 any = true;
@@ -180,7 +197,7 @@ impl Shared {
         ResBody: Body<Data = Bytes> + Send + 'static,
         ResBody::Error: Into<BoxError>,
     {
-        match policy::lookup(request.method(), request.headers(), self.cache_authorized) {
+        match self.requests.lookup(request.method(), request.headers()) {
             Lookup::Bypass => inner.call(request).await.map(|r| self.own(r)),
             Lookup::Head => {
                 let key = self.key(&request);
@@ -218,6 +235,7 @@ impl Shared {
         let slot = Mutex::new(Slot {
             request: Some(request),
             own: None,
+            unshared: None,
         });
         let options = self.cache.default_options();
         let loaded = {
@@ -227,7 +245,11 @@ impl Shared {
                     let Some(request) = lock(slot).request.take() else {
                         return Err(Unshared::Failed);
                     };
-                    self.load(inner, request, slot).await.map(|to_store| {
+                    let loaded = self.load(inner, request, slot).await;
+                    if let Err(why) = loaded {
+                        lock(slot).unshared = Some(why);
+                    }
+                    loaded.map(|to_store| {
                         Loaded::new(to_store.response)
                             .with_ttl(to_store.ttl)
                             .with_tags(to_store.tags)
@@ -235,9 +257,14 @@ impl Shared {
                 })
                 .await
         };
-        let ran = lock(&slot).request.is_none();
-        let own = lock(&slot).own.take();
+        let (ran, own, unshared) = {
+            let mut slot = lock(&slot);
+            (slot.request.is_none(), slot.own.take(), slot.unshared)
+        };
         match (loaded, own) {
+            // The handler answered for this request alone: a stale copy that fail-safe may
+            // hold is no answer to it.
+            (_, Some(own)) if matches!(unshared, Some(Unshared::NotStored)) => own,
             (Ok(stored), _) => {
                 let hit = HeaderValue::from_static(if ran { "MISS" } else { "HIT" });
                 Ok(full(stored.answer(&conditional, false, hit)))
@@ -278,6 +305,7 @@ impl Shared {
         let slot = Mutex::new(Slot {
             request: None,
             own: None,
+            unshared: None,
         });
         match self.load(&mut inner, request, &slot).await {
             Ok(to_store) => {
@@ -329,11 +357,20 @@ impl Shared {
             Ok(ttl) => ttl,
             Err(reason) => {
                 tracing::debug!(reason = reason.describe(), "response not cached");
+                // A server error is the origin failing: fail-safe may answer a stale copy.
+                let why = if parts.status.is_server_error() {
+                    Unshared::Failed
+                } else {
+                    Unshared::NotStored
+                };
                 lock(slot).own = Some(Ok(self.own(Response::from_parts(parts, body))));
-                return Err(Unshared::NotStored);
+                return Err(why);
             }
         };
-        let Ok(collected) = body.collect().await else {
+        // The size hint said the body fits; a body that lies about it fails here, with at
+        // most `max_body` bytes read.
+        let limited = http_body_util::Limited::new(body, self.rules.max_body);
+        let Ok(collected) = limited.collect().await else {
             lock(slot).own = Some(Ok(status_only(StatusCode::BAD_GATEWAY)));
             return Err(Unshared::Failed);
         };

@@ -15,6 +15,10 @@ use tierstack::TieredCache;
 use tierstack::core::testkit::{MemoryBus, MemoryStore};
 use tierstack_http::{CachedResponse, HttpCacheLayer};
 
+/// What `/flaky` answers: 0 a fresh response, 1 a 503, 2 a response with a cookie. Only
+/// `a_fail_safe_stale_copy_stands_in_for_a_failure_not_for_an_answer` changes it.
+static FLAKY_MODE: AtomicUsize = AtomicUsize::new(0);
+
 /// How many times each handler ran.
 #[derive(Default)]
 struct Calls(AtomicUsize);
@@ -121,6 +125,53 @@ fn app(calls: &Arc<Calls>) -> Router {
         .route("/big", get(big))
         .route("/slow", get(slow))
         .route("/products/{id}", get(product))
+        .merge(per_request_routes(calls))
+}
+
+/// Routes whose answer depends on the request (its host, its cookie) or on `FLAKY_MODE`.
+fn per_request_routes(calls: &Arc<Calls>) -> Router {
+    let c = Arc::clone(calls);
+    let host = move |headers: HeaderMap| {
+        let c = Arc::clone(&c);
+        async move {
+            c.next();
+            let host = headers.get(header::HOST).cloned();
+            format!("links to {}", host.unwrap().to_str().unwrap())
+        }
+    };
+    let c = Arc::clone(calls);
+    let whoami = move |headers: HeaderMap| {
+        let c = Arc::clone(&c);
+        async move {
+            c.next();
+            // A handler that answers from the cookie but forgot `private`.
+            let cookie = headers.get(header::COOKIE).cloned();
+            format!(
+                "account of {}",
+                cookie.map_or("nobody".into(), |c| c.to_str().unwrap().to_owned())
+            )
+        }
+    };
+    let c = Arc::clone(calls);
+    let flaky = move || {
+        let c = Arc::clone(&c);
+        async move {
+            let call = c.next();
+            match FLAKY_MODE.load(Ordering::SeqCst) {
+                0 => format!("fresh {call}").into_response(),
+                1 => (StatusCode::SERVICE_UNAVAILABLE, "down").into_response(),
+                _ => (
+                    [(header::SET_COOKIE, "consent=1")],
+                    format!("cookie {call}"),
+                )
+                    .into_response(),
+            }
+        }
+    };
+    Router::new()
+        .route("/host", get(host))
+        .route("/whoami", get(whoami))
+        .route("/flaky", get(flaky))
 }
 
 fn futures_chunks() -> impl futures_util::Stream<Item = Result<&'static str, std::io::Error>> + Send
@@ -339,7 +390,11 @@ async fn invalidation_by_prefix_and_tag_reaches_another_instance_through_redis()
     let a = serve(first.clone(), &calls).await;
     let b = serve(second, &calls).await;
     let client = reqwest::Client::new();
-    let get = async |url: String| client.get(url).send().await.unwrap().text().await.unwrap();
+    // Both instances behind one public host, as behind a load balancer.
+    let get = async |url: String| {
+        let request = client.get(url).header(header::HOST, "shop.example");
+        request.send().await.unwrap().text().await.unwrap()
+    };
     assert_eq!(get(format!("{a}/products/7")).await, "product 7 call 1");
     first.cache().wait_for_background_fills().await;
     assert_eq!(
@@ -373,4 +428,115 @@ async fn eventually(mut check: impl AsyncFnMut() -> bool) {
         );
         tokio::time::sleep(Duration::from_millis(5)).await; // poll loop
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_host_has_its_own_entries() {
+    let (base, calls, client) = single(layer()).await;
+    for (host, expected) in [
+        ("a.example", "links to a.example"),
+        ("b.example", "links to b.example"),
+        ("a.example", "links to a.example"),
+        ("b.example", "links to b.example"),
+    ] {
+        let answer = client
+            .get(format!("{base}/host"))
+            .header(header::HOST, host)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.text().await.unwrap(), expected);
+    }
+    assert_eq!(calls.count(), 2, "one handler call per host");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_with_cookies_pass_through_unless_allowed() {
+    let (base, calls, client) = single(layer()).await;
+    let whoami = async |cookie: &str| {
+        let request = client.get(format!("{base}/whoami"));
+        let request = request.header(header::COOKIE, cookie);
+        request.send().await.unwrap().text().await.unwrap()
+    };
+    assert_eq!(whoami("user=alice").await, "account of user=alice");
+    assert_eq!(
+        whoami("user=bob").await,
+        "account of user=bob",
+        "not alice's page"
+    );
+    let anonymous = client.get(format!("{base}/whoami")).send().await.unwrap();
+    assert_eq!(anonymous.text().await.unwrap(), "account of nobody");
+    assert_eq!(calls.count(), 3);
+    // Allowed: the route says its answer does not depend on cookies.
+    let (base, calls, client) = single(layer().cache_requests_with_cookies(true)).await;
+    for cookie in ["analytics=1", "analytics=2"] {
+        let request = client
+            .get(format!("{base}/plain"))
+            .header(header::COOKIE, cookie);
+        assert_eq!(
+            request.send().await.unwrap().text().await.unwrap(),
+            "call 1"
+        );
+    }
+    assert_eq!(calls.count(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn head_answers_the_length_of_the_cached_body() {
+    let (base, _calls, client) = single(layer()).await;
+    let body = client.get(format!("{base}/plain")).send().await.unwrap();
+    assert_eq!(body.text().await.unwrap(), "call 1");
+    let head = client.head(format!("{base}/plain")).send().await.unwrap();
+    assert_eq!(head.headers()["x-cache"], "HIT");
+    assert_eq!(head.headers()[header::CONTENT_LENGTH], "6");
+    assert!(head.text().await.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_no_cache_can_be_ignored() {
+    let (base, calls, client) = single(layer().honor_request_no_cache(false)).await;
+    for _ in 0..3 {
+        let request = client
+            .get(format!("{base}/plain"))
+            .header(header::CACHE_CONTROL, "no-cache");
+        assert_eq!(
+            request.send().await.unwrap().text().await.unwrap(),
+            "call 1"
+        );
+    }
+    assert_eq!(calls.count(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fail_safe_stale_copy_stands_in_for_a_failure_not_for_an_answer() {
+    let clock = tierstack::core::clock::ManualClock::new();
+    let options = tierstack::EntryOptions::default()
+        .with_ttl(Duration::from_secs(10))
+        .with_fail_safe(
+            tierstack::FailSafe::new(Duration::from_secs(600))
+                .with_throttle(Duration::from_secs(1)),
+        );
+    let cache = TieredCache::builder("http")
+        .l2(Arc::new(MemoryStore::new()))
+        .clock(Arc::new(clock.clone()))
+        .default_options(options)
+        .build()
+        .unwrap();
+    let (base, calls, client) = single(HttpCacheLayer::new(cache)).await;
+    let get = async || {
+        let response = client.get(format!("{base}/flaky")).send().await.unwrap();
+        (response.status(), response.text().await.unwrap())
+    };
+    FLAKY_MODE.store(0, Ordering::SeqCst);
+    assert_eq!(get().await, (StatusCode::OK, "fresh 1".to_owned()));
+    clock.advance(Duration::from_secs(11));
+    // The origin fails: the stale copy answers.
+    FLAKY_MODE.store(1, Ordering::SeqCst);
+    assert_eq!(get().await, (StatusCode::OK, "fresh 1".to_owned()));
+    assert_eq!(calls.count(), 2, "the handler was asked");
+    clock.advance(Duration::from_secs(2));
+    // The origin answers, with something that may not be stored: that answer goes out.
+    FLAKY_MODE.store(2, Ordering::SeqCst);
+    assert_eq!(get().await, (StatusCode::OK, "cookie 3".to_owned()));
+    FLAKY_MODE.store(0, Ordering::SeqCst);
 }
