@@ -105,16 +105,39 @@ pub fn compose_key(parts: &[&str]) -> String {
         if index > 0 {
             out.push(':');
         }
-        for ch in part.chars() {
-            match ch {
-                '%' => out.push_str("%25"),
-                ':' => out.push_str("%3A"),
-                other => out.push(other),
-            }
-        }
+        push_key_part(&mut out, part, ":");
     }
     out
 }
+
+/// Appends `part` to `key`, escaping `%` and every character of `reserved` as `%` and the
+/// hex of its UTF-8 bytes, so that a part can never pass for the separators around it: with
+/// the separators of a key's template in `reserved`, two different lists of parts always give
+/// two different keys. `#[cached]` builds its keys with it; [`compose_key`] is the same with
+/// `:` as the only separator.
+///
+/// ```
+/// use tierstack_core::key::push_key_part;
+/// let mut key = String::from("search/");
+/// push_key_part(&mut key, "shoes/red 100%", "/");
+/// assert_eq!(key, "search/shoes%2Fred 100%25");
+/// ```
+pub fn push_key_part(key: &mut String, part: &str, reserved: &str) {
+    for ch in part.chars() {
+        if ch == '%' || reserved.contains(ch) {
+            let mut utf8 = [0; 4];
+            for byte in ch.encode_utf8(&mut utf8).bytes() {
+                key.push('%');
+                key.push(char::from(HEX[usize::from(byte >> 4)]));
+                key.push(char::from(HEX[usize::from(byte & 0xf)]));
+            }
+        } else {
+            key.push(ch);
+        }
+    }
+}
+
+const HEX: &[u8; 16] = b"0123456789ABCDEF";
 
 /// A short, stable fingerprint of a key for logs and traces, which must never show raw keys
 /// (they often hold user ids or emails). FNV-1a, 64 bits, in hex.

@@ -1,18 +1,59 @@
-//! The key's format string: every placeholder must name one of the function's arguments.
+//! The key's template: literal text and placeholders, each naming one of the function's
+//! arguments (`"user:{id}"`, `"search:{query:?}:{page}"`).
 
 use syn::LitStr;
 
-/// The names of the arguments `key` refers to, each once, in order; an error naming the
-/// first placeholder that is positional or names no argument of `params`.
-pub(crate) fn placeholders(key: &LitStr, params: &[String]) -> syn::Result<Vec<String>> {
+/// One piece of a key's template.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Segment {
+    /// Text kept as written (`{{` and `}}` read as braces).
+    Literal(String),
+    /// An argument, formatted with `spec` (what follows the `:` in `{page:?}`, or nothing)
+    /// and escaped so that it cannot pass for the template's separators.
+    Argument { name: String, spec: String },
+}
+
+/// A key's template, read.
+#[derive(Debug)]
+pub(crate) struct Template {
+    pub(crate) segments: Vec<Segment>,
+    /// The arguments it names, each once, in order.
+    pub(crate) used: Vec<String>,
+}
+
+impl Template {
+    /// The characters an argument's text is escaped for (beside `%`): the first character of
+    /// each literal between two arguments. An argument then never holds the start of the
+    /// separator after it, so a key reads back into its arguments one way only.
+    pub(crate) fn reserved(&self) -> String {
+        let mut reserved = String::new();
+        for (index, segment) in self.segments.iter().enumerate() {
+            let between = index > 0 && index + 1 < self.segments.len();
+            if let (true, Segment::Literal(text)) = (between, segment)
+                && let Some(first) = text.chars().next()
+                && !reserved.contains(first)
+            {
+                reserved.push(first);
+            }
+        }
+        reserved
+    }
+}
+
+/// Reads `key`; an error names the first placeholder that is positional or names no
+/// argument of `params`, or two placeholders with nothing between them.
+pub(crate) fn parse(key: &LitStr, params: &[String]) -> syn::Result<Template> {
     let text = key.value();
     let fail = |message: String| Err(syn::Error::new(key.span(), message));
+    let mut segments: Vec<Segment> = Vec::new();
+    let mut literal = String::new();
     let mut used: Vec<String> = Vec::new();
     let mut chars = text.chars().peekable();
     while let Some(c) = chars.next() {
         match c {
             '{' if chars.peek() == Some(&'{') => {
                 chars.next();
+                literal.push('{');
             }
             '{' => {
                 let mut inside = String::new();
@@ -23,7 +64,10 @@ pub(crate) fn placeholders(key: &LitStr, params: &[String]) -> syn::Result<Vec<S
                         None => return fail("an unclosed `{` in the key".into()),
                     }
                 }
-                let name = inside.split(':').next().unwrap_or_default().trim();
+                let (name, spec) = match inside.split_once(':') {
+                    Some((name, spec)) => (name.trim(), spec.to_owned()),
+                    None => (inside.trim(), String::new()),
+                };
                 if name.is_empty() || name.chars().all(|c| c.is_ascii_digit()) {
                     return fail(format!(
                         "name the argument in `{{{inside}}}`: a key's placeholders name the \
@@ -35,23 +79,40 @@ pub(crate) fn placeholders(key: &LitStr, params: &[String]) -> syn::Result<Vec<S
                         "the key names `{name}`, which is not an argument of the function"
                     ));
                 }
+                if literal.is_empty() && matches!(segments.last(), Some(Segment::Argument { .. })) {
+                    return fail(format!(
+                        "put a separator before `{{{inside}}}` (as in \"{{a}}:{{b}}\"): two \
+                         placeholders side by side let different calls share a key"
+                    ));
+                }
+                if !literal.is_empty() {
+                    segments.push(Segment::Literal(std::mem::take(&mut literal)));
+                }
+                segments.push(Segment::Argument {
+                    name: name.to_owned(),
+                    spec,
+                });
                 if !used.iter().any(|seen| seen == name) {
                     used.push(name.to_owned());
                 }
             }
             '}' if chars.peek() == Some(&'}') => {
                 chars.next();
+                literal.push('}');
             }
             '}' => return fail("an unmatched `}` in the key (write `}}`)".into()),
-            _ => {}
+            other => literal.push(other),
         }
+    }
+    if !literal.is_empty() {
+        segments.push(Segment::Literal(literal));
     }
     if used.is_empty() && !params.is_empty() {
         return fail(
             "the key names none of the arguments: every call would share one entry".into(),
         );
     }
-    Ok(used)
+    Ok(Template { segments, used })
 }
 
 #[cfg(test)]
@@ -60,31 +121,54 @@ mod tests {
 
     use super::*;
 
-    fn check(key: &str, params: &[&str]) -> Result<Vec<String>, String> {
+    fn check(key: &str, params: &[&str]) -> Result<Template, String> {
         let params: Vec<String> = params.iter().map(ToString::to_string).collect();
-        placeholders(&LitStr::new(key, Span::call_site()), &params).map_err(|e| e.to_string())
+        parse(&LitStr::new(key, Span::call_site()), &params).map_err(|e| e.to_string())
+    }
+
+    fn argument(name: &str, spec: &str) -> Segment {
+        Segment::Argument {
+            name: name.into(),
+            spec: spec.into(),
+        }
     }
 
     #[test]
     fn placeholders_name_arguments() {
+        let template = check("user:{id}:{page:?}:{id}", &["id", "page", "unused"]).unwrap();
+        assert_eq!(template.used, ["id", "page"]);
         assert_eq!(
-            check("user:{id}:{page:?}:{id}", &["id", "page", "unused"]),
-            Ok(vec!["id".to_owned(), "page".to_owned()])
+            template.segments,
+            [
+                Segment::Literal("user:".into()),
+                argument("id", ""),
+                Segment::Literal(":".into()),
+                argument("page", "?"),
+                Segment::Literal(":".into()),
+                argument("id", ""),
+            ]
         );
+        assert_eq!(template.reserved(), ":");
+        let paths = check("v1/{a}/-{b}.json", &["a", "b"]).unwrap();
+        assert_eq!(paths.reserved(), "/");
+        assert_eq!(check("user:{id}", &["id"]).unwrap().reserved(), "");
+        let braces = check("{{literal}}/{id}", &["id"]).unwrap();
         assert_eq!(
-            check("{{literal}}:{id}", &["id"]),
-            Ok(vec!["id".to_owned()])
+            braces.segments,
+            [Segment::Literal("{literal}/".into()), argument("id", "")]
         );
-        assert_eq!(check("constant", &[]), Ok(vec![]));
+        assert!(check("constant", &[]).unwrap().used.is_empty());
     }
 
     #[test]
     fn bad_keys_are_refused_with_the_reason() {
-        assert!(check("user:{}", &["id"]).is_err_and(|e| e.contains("name the argument")));
-        assert!(check("user:{0}", &["id"]).is_err_and(|e| e.contains("name the argument")));
-        assert!(check("user:{name}", &["id"]).is_err_and(|e| e.contains("`name`")));
-        assert!(check("user:{id", &["id"]).is_err_and(|e| e.contains("unclosed")));
-        assert!(check("user:id}", &["id"]).is_err_and(|e| e.contains("unmatched")));
-        assert!(check("user", &["id"]).is_err_and(|e| e.contains("none of the arguments")));
+        let error = |key, params| check(key, params).err().unwrap_or_default();
+        assert!(error("user:{}", &["id"]).contains("name the argument"));
+        assert!(error("user:{0}", &["id"]).contains("name the argument"));
+        assert!(error("user:{name}", &["id"]).contains("`name`"));
+        assert!(error("user:{id", &["id"]).contains("unclosed"));
+        assert!(error("user:id}", &["id"]).contains("unmatched"));
+        assert!(error("user", &["id"]).contains("none of the arguments"));
+        assert!(error("{a}{b}", &["a", "b"]).contains("separator"));
     }
 }

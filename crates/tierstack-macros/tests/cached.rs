@@ -156,3 +156,32 @@ async fn methods_borrow_self_and_take_a_ttl_and_options() {
     assert_eq!(directory.slow(0).await.unwrap(), "slow 0");
     assert!(directory.forget_slow(0).await.unwrap());
 }
+
+#[cached(cache = PAIRS, key = "pair:{left}:{right}")]
+async fn pair(left: &str, right: &str) -> String {
+    format!("{left}|{right}")
+}
+
+static PAIRS: LazyLock<TieredCache<String>> = LazyLock::new(|| cache("pairs"));
+
+#[tokio::test]
+async fn arguments_that_hold_the_separator_never_share_a_key() {
+    assert_eq!(pair("a:b", "c").await.unwrap(), "a:b|c");
+    assert_eq!(
+        pair("a", "b:c").await.unwrap(),
+        "a|b:c",
+        "not the entry of (a:b, c)"
+    );
+    assert_eq!(pair("100%", "x").await.unwrap(), "100%|x");
+    assert_eq!(
+        PAIRS.get("pair:a%3Ab:c").await.unwrap().as_deref(),
+        Some("a:b|c"),
+        "the key's own text is kept, the argument's separator escaped"
+    );
+    assert!(invalidate_pair("a", "b:c").await.unwrap());
+    assert_eq!(PAIRS.get("pair:a:b%3Ac").await.unwrap(), None);
+    assert_eq!(
+        PAIRS.get("pair:a%3Ab:c").await.unwrap().as_deref(),
+        Some("a:b|c")
+    );
+}
