@@ -15,7 +15,7 @@
 //!     .build()?;
 //! let layer = HttpCacheLayer::new(cache).vary_on(["accept-language"]);
 //! // Router::new().route("/products/{id}", get(product)).layer(layer.clone());
-//! // later, when product 7 changes: layer.invalidate_prefix("/products/7").await?;
+//! // later, when product 7 changes: layer.invalidate_path("/products/7").await?;
 //! # let _ = layer;
 //! # Ok(())
 //! # }
@@ -193,7 +193,26 @@ impl HttpCacheLayer {
         &self.shared.cache
     }
 
-    /// Drops every stored response whose path starts with `prefix`, on every instance.
+    /// Drops every stored response of `path` (any query, host or variant), on every
+    /// instance; `/products/7` leaves `/products/70` alone, unlike
+    /// [`invalidate_prefix`](Self::invalidate_prefix). Returns how many the L2 held.
+    ///
+    /// # Errors
+    ///
+    /// The cache's error (an empty path, an L2 failure).
+    pub async fn invalidate_path(&self, path: &str) -> tierstack::Result<u64> {
+        // A key is the path, then `?` and the query, then `#` and the hash of the host and
+        // varying headers; a path holds neither `?` nor `#`.
+        let cache = &self.shared.cache;
+        let mut removed = u64::from(cache.delete(path).await?);
+        for separator in ['?', '#'] {
+            removed += cache.delete_prefix(&format!("{path}{separator}")).await?;
+        }
+        Ok(removed)
+    }
+
+    /// Drops every stored response whose path starts with `prefix` (`/products/7` also drops
+    /// `/products/70`: end it with `/` for a subtree), on every instance.
     ///
     /// # Errors
     ///

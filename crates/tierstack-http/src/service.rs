@@ -320,10 +320,19 @@ impl Shared {
                 let miss = HeaderValue::from_static("MISS");
                 Ok(full(to_store.response.answer(&conditional, false, miss)))
             }
-            Err(_) => lock(&slot)
-                .own
-                .take()
-                .unwrap_or_else(|| Ok(status_only(StatusCode::INTERNAL_SERVER_ERROR))),
+            Err(why) => {
+                if matches!(why, Unshared::NotStored) {
+                    // The fresh answer may no longer be stored: neither may the old one
+                    // answer the requests after it.
+                    if let Err(error) = self.cache.delete(&key).await {
+                        tracing::debug!(error = %error, "outdated response not removed");
+                    }
+                }
+                lock(&slot)
+                    .own
+                    .take()
+                    .unwrap_or_else(|| Ok(status_only(StatusCode::INTERNAL_SERVER_ERROR)))
+            }
         }
     }
 

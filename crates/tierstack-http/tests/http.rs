@@ -15,10 +15,6 @@ use tierstack::TieredCache;
 use tierstack::core::testkit::{MemoryBus, MemoryStore};
 use tierstack_http::{CachedResponse, HttpCacheLayer};
 
-/// What `/flaky` answers: 0 a fresh response, 1 a 503, 2 a response with a cookie. Only
-/// `a_fail_safe_stale_copy_stands_in_for_a_failure_not_for_an_answer` changes it.
-static FLAKY_MODE: AtomicUsize = AtomicUsize::new(0);
-
 /// How many times each handler ran.
 #[derive(Default)]
 struct Calls(AtomicUsize);
@@ -128,7 +124,7 @@ fn app(calls: &Arc<Calls>) -> Router {
         .merge(per_request_routes(calls))
 }
 
-/// Routes whose answer depends on the request (its host, its cookie) or on `FLAKY_MODE`.
+/// Routes whose answer depends on the request: its host, its cookie, its `x-answer`.
 fn per_request_routes(calls: &Arc<Calls>) -> Router {
     let c = Arc::clone(calls);
     let host = move |headers: HeaderMap| {
@@ -153,18 +149,20 @@ fn per_request_routes(calls: &Arc<Calls>) -> Router {
         }
     };
     let c = Arc::clone(calls);
-    let flaky = move || {
+    let flaky = move |headers: HeaderMap| {
         let c = Arc::clone(&c);
         async move {
             let call = c.next();
-            match FLAKY_MODE.load(Ordering::SeqCst) {
-                0 => format!("fresh {call}").into_response(),
-                1 => (StatusCode::SERVICE_UNAVAILABLE, "down").into_response(),
-                _ => (
+            // The request picks the answer (a header the key does not hold, as an origin's
+            // state would be).
+            match headers.get("x-answer").map(|v| v.to_str().unwrap()) {
+                Some("fail") => (StatusCode::SERVICE_UNAVAILABLE, "down").into_response(),
+                Some("cookie") => (
                     [(header::SET_COOKIE, "consent=1")],
                     format!("cookie {call}"),
                 )
                     .into_response(),
+                _ => format!("fresh {call}").into_response(),
             }
         }
     };
@@ -523,20 +521,60 @@ async fn a_fail_safe_stale_copy_stands_in_for_a_failure_not_for_an_answer() {
         .build()
         .unwrap();
     let (base, calls, client) = single(HttpCacheLayer::new(cache)).await;
-    let get = async || {
-        let response = client.get(format!("{base}/flaky")).send().await.unwrap();
+    let get = async |answer: &str| {
+        let request = client
+            .get(format!("{base}/flaky"))
+            .header("x-answer", answer);
+        let response = request.send().await.unwrap();
         (response.status(), response.text().await.unwrap())
     };
-    FLAKY_MODE.store(0, Ordering::SeqCst);
-    assert_eq!(get().await, (StatusCode::OK, "fresh 1".to_owned()));
+    assert_eq!(get("fresh").await, (StatusCode::OK, "fresh 1".to_owned()));
     clock.advance(Duration::from_secs(11));
     // The origin fails: the stale copy answers.
-    FLAKY_MODE.store(1, Ordering::SeqCst);
-    assert_eq!(get().await, (StatusCode::OK, "fresh 1".to_owned()));
+    assert_eq!(get("fail").await, (StatusCode::OK, "fresh 1".to_owned()));
     assert_eq!(calls.count(), 2, "the handler was asked");
     clock.advance(Duration::from_secs(2));
     // The origin answers, with something that may not be stored: that answer goes out.
-    FLAKY_MODE.store(2, Ordering::SeqCst);
-    assert_eq!(get().await, (StatusCode::OK, "cookie 3".to_owned()));
-    FLAKY_MODE.store(0, Ordering::SeqCst);
+    assert_eq!(get("cookie").await, (StatusCode::OK, "cookie 3".to_owned()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_that_may_not_be_stored_removes_the_stored_copy() {
+    let (base, calls, client) = single(layer()).await;
+    let get = async |answer: &str, no_cache: bool| {
+        let mut request = client
+            .get(format!("{base}/flaky"))
+            .header("x-answer", answer);
+        if no_cache {
+            request = request.header(header::CACHE_CONTROL, "no-cache");
+        }
+        request.send().await.unwrap().text().await.unwrap()
+    };
+    assert_eq!(get("fresh", false).await, "fresh 1");
+    assert_eq!(get("fresh", false).await, "fresh 1", "stored");
+    assert_eq!(get("cookie", true).await, "cookie 2");
+    assert_eq!(get("fresh", false).await, "fresh 3", "the old copy went");
+    assert_eq!(calls.count(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_path_is_invalidated_alone_and_with_every_query() {
+    let layer = layer();
+    let (base, calls, client) = single(layer.clone()).await;
+    let get = async |path: &str| {
+        let response = client.get(format!("{base}{path}")).send().await.unwrap();
+        response.text().await.unwrap()
+    };
+    assert_eq!(get("/products/7").await, "product 7 call 1");
+    assert_eq!(get("/products/7?color=red").await, "product 7 call 2");
+    assert_eq!(get("/products/70").await, "product 70 call 3");
+    assert_eq!(layer.invalidate_path("/products/7").await.unwrap(), 2);
+    assert_eq!(get("/products/7").await, "product 7 call 4");
+    assert_eq!(get("/products/7?color=red").await, "product 7 call 5");
+    assert_eq!(
+        get("/products/70").await,
+        "product 70 call 3",
+        "another path"
+    );
+    assert_eq!(calls.count(), 5);
 }
