@@ -458,3 +458,27 @@ async fn get_with_reads_the_tiers_its_options_allow() {
     let coherent = TieredCache::<String>::builder("alone").build().unwrap();
     assert!(coherent.l1_kept_coherent(), "no L2: nothing to share");
 }
+
+#[tokio::test]
+async fn a_read_without_l1_reports_the_ttl_a_touch_gave() {
+    let cache = TieredCache::<String>::builder("no-l1")
+        .l2(Arc::new(tierstack::core::testkit::MemoryStore::new()))
+        .without_l1()
+        .build()
+        .unwrap();
+    cache
+        .set_with_ttl("k", "v".into(), Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert!(cache.touch("k", Duration::from_secs(600)).await.unwrap());
+    let options = cache.default_options();
+    let fetched = cache
+        .get_or_load_with("k", &options, || async {
+            Err::<String, _>(std::io::Error::other("the value is in L2"))
+        })
+        .await
+        .unwrap();
+    assert_eq!(fetched.source, tierstack::Source::L2);
+    let ttl = fetched.ttl.unwrap();
+    assert!(ttl > Duration::from_secs(590), "{ttl:?}");
+}

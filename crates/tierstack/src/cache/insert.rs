@@ -13,6 +13,8 @@ use tokio::time::Instant;
 
 use super::Inner;
 use super::read::{L2Read, Life};
+use super::write::InFlightWrite;
+use crate::freshness::Snapshot;
 use crate::options::EntryOptions;
 
 /// What a conditional write needs the key to hold.
@@ -75,14 +77,57 @@ where
                      (or the options skip L2 writes without an L1)"
                 )));
             }
-            self.keep_inserted(key, value, &life, options);
+            self.keep_inserted(key, value, &life, options, None);
             return Ok(true);
         };
         let bytes = self.encode_with_life(Some(&value), &life)?;
+        // Taken before the write, as `set` takes it: an invalidation that arrives while the
+        // write is in flight keeps this value out of L1.
+        let before = self.freshness.snapshot(key);
+        let in_flight = InFlightWrite::new(self, key);
+        match self
+            .write_if(condition, l2.as_ref(), key, bytes, life.lives, deadline)
+            .await
+        {
+            Ok(true) => {}
+            Ok(false) => {
+                in_flight.finished();
+                return Ok(false);
+            }
+            Err(error) => {
+                // A compare-and-set whose answer was lost may have landed: as after a failed
+                // write, the local copy goes and the others are told.
+                self.after_failed_write(key, &error, deadline).await;
+                in_flight.finished();
+                return Err(error);
+            }
+        }
+        self.keep_inserted(key, value, &life, options, Some(before));
+        if !options.skips().backplane {
+            // A compare-and-set is not among the writes a store announces itself.
+            self.publish(Invalidation::Keys(vec![key.to_owned()]), deadline)
+                .await;
+        }
+        in_flight.finished();
+        Ok(true)
+    }
+
+    /// Writes `bytes` under `key` in L2 if the key meets `condition` there; `true` if it
+    /// wrote. Replaces exactly the bytes it read, and reads again when another write came in
+    /// between.
+    async fn write_if(
+        &self,
+        condition: Condition,
+        l2: &dyn tierstack_core::Store,
+        key: &str,
+        bytes: bytes::Bytes,
+        lives: std::time::Duration,
+        deadline: Instant,
+    ) -> Result<bool> {
+        let operation = condition.operation();
         loop {
             // What the key holds now, as a value (fresh) or not (nothing, a delete's tombstone,
-            // a "not found", a stale or undecodable entry, an entry of a removed tag); the
-            // write replaces exactly the bytes seen.
+            // a "not found", a stale or undecodable entry, an entry of a removed tag).
             let (holds_value, seen) = match self.read_l2(key, deadline, false).await? {
                 L2Read::Hit {
                     value: Some(_),
@@ -105,17 +150,10 @@ where
                 });
             }
             let written = self
-                .write_over_seen(
-                    l2.as_ref(),
-                    key,
-                    bytes.clone(),
-                    life.lives,
-                    seen.as_deref(),
-                    deadline,
-                )
+                .write_over_seen(l2, key, bytes.clone(), lives, seen.as_deref(), deadline)
                 .await?;
             if written {
-                break;
+                return Ok(true);
             }
             // Another write came between the read and this one: look again.
             if Instant::now() >= deadline {
@@ -125,20 +163,22 @@ where
                 });
             }
         }
-        self.keep_inserted(key, value, &life, options);
-        if !options.skips().backplane {
-            // A compare-and-set is not among the writes a store announces itself.
-            self.publish(Invalidation::Keys(vec![key.to_owned()]), deadline)
-                .await;
-        }
-        Ok(true)
     }
 
-    /// Puts what a conditional write wrote in L1, as `set` does.
-    fn keep_inserted(&self, key: &str, value: V, life: &Life, options: &EntryOptions) {
+    /// Puts what a conditional write wrote in L1, as `set` does: unless the key changed since
+    /// `before` (taken before an L2 write), which may mean a newer write or a delete landed.
+    fn keep_inserted(
+        &self,
+        key: &str,
+        value: V,
+        life: &Life,
+        options: &EntryOptions,
+        before: Option<Snapshot>,
+    ) {
         self.forget_kept(key);
+        let unchanged = before.is_none_or(|before| self.freshness.is_current(before));
         let after = self.freshness.bump_key(key);
-        if life.to_l1 && !options.skips().l1_write {
+        if unchanged && life.to_l1 && !options.skips().l1_write {
             self.fill_l1_since(key, Some(value), life, after);
         } else {
             self.evict_local(key);

@@ -413,10 +413,12 @@ where
         // tombstone, a negative entry this call cannot use, a stale entry, bytes that stayed
         // undecodable). After an L2 failure, nothing is known: the value is only written over
         // no entry.
+        // With the store's own time to live: it fills L1, and it is the `Fetched::ttl` a read
+        // answers (a `touch` moved it without rewriting the envelope).
         let read = if skips.l2_read {
             Ok(L2Read::Miss { seen: None })
         } else {
-            self.read_l2(key, deadline, self.l1.is_some()).await
+            self.read_l2(key, deadline, true).await
         };
         let seen = match read {
             Ok(L2Read::Hit { value, life, seen }) => {

@@ -295,7 +295,7 @@ where
     /// After a write of `key` that failed: a write the circuit breaker refused never reached
     /// L2, so only the local copy goes (L2 and the others' copies still agree); any other
     /// failure may have landed, or may still land, and is invalidated everywhere.
-    async fn after_failed_write(
+    pub(super) async fn after_failed_write(
         self: &Arc<Self>,
         key: &str,
         error: &CacheError,
@@ -334,7 +334,7 @@ where
 /// drops the call in between (a timeout of its own, a `select!`), the write may have landed or
 /// may still land: the drop evicts the local copy and tells the other instances, in a detached
 /// task, as a failed write does.
-struct InFlightWrite<'a, V, C>
+pub(super) struct InFlightWrite<'a, V, C>
 where
     V: Clone + Send + Sync + Serialize + DeserializeOwned + 'static,
     C: Codec,
@@ -349,7 +349,7 @@ where
     V: Clone + Send + Sync + Serialize + DeserializeOwned + 'static,
     C: Codec,
 {
-    fn new(cache: &'a Arc<Inner<V, C>>, key: &'a str) -> Self {
+    pub(super) fn new(cache: &'a Arc<Inner<V, C>>, key: &'a str) -> Self {
         Self {
             cache,
             key,
@@ -358,7 +358,7 @@ where
     }
 
     /// The call came back (with whatever outcome): its caller handles it from here.
-    fn finished(mut self) {
+    pub(super) fn finished(mut self) {
         self.armed = false;
     }
 }

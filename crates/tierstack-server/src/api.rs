@@ -1,0 +1,463 @@
+//! The routes of `/v1`: a tenant's entries (one at a time, in bulk, by prefix) and the admin
+//! routes (keys, a tenant's usage, an entry's metadata, flushing a tenant).
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use tierstack::{EntryOptions, Fetched, Source};
+
+use crate::auth::Caller;
+use crate::error::ApiError;
+use crate::server::AppState;
+use crate::tenant::{Limits, TenantName};
+
+/// The header of a value's remaining time to live, in milliseconds.
+pub const TTL_HEADER: &str = "x-ttl-ms";
+/// The header a write may give its TTL in, in seconds (the `ttl` query parameter wins).
+pub const TTL_REQUEST_HEADER: &str = "x-ttl";
+
+type Shared = State<Arc<AppState>>;
+
+/// The tenant a request is for, and its limits; counts the request against its rate.
+async fn tenant(state: &AppState, headers: &HeaderMap) -> Result<(TenantName, Limits), ApiError> {
+    match state.keys.caller(headers).await? {
+        Caller::Tenant(tenant) => {
+            let limits = *state.config.limits_of(&tenant);
+            if let Err(refused) = state.rate.check(&tenant, &limits) {
+                state.usage.of(&tenant).rate_limited();
+                return Err(refused);
+            }
+            Ok((tenant, limits))
+        }
+        // The admin credential has no namespace of its own.
+        Caller::Admin => Err(ApiError::forbidden_for_admin()),
+    }
+}
+
+/// Checks the admin credential.
+async fn admin(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    match state.keys.caller(headers).await? {
+        Caller::Admin => Ok(()),
+        Caller::Tenant(_) => Err(ApiError::forbidden()),
+    }
+}
+
+/// A request body of at most `limit` bytes: refused from its `Content-Length` before a byte
+/// is read, and otherwise never read past the limit.
+async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<u64>().ok());
+    let too_large =
+        || ApiError::too_large("body_too_large", format!("a body is at most {limit} bytes"));
+    if declared.is_some_and(|len| len > limit as u64) {
+        return Err(too_large());
+    }
+    axum::body::to_bytes(body, limit)
+        .await
+        .map_err(|_| too_large())
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct TtlQuery {
+    ttl: Option<String>,
+}
+
+/// The TTL a write asks for: the `ttl` query parameter, else the `x-ttl` header, in seconds.
+fn asked_ttl(query: &TtlQuery, headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
+    let text = match &query.ttl {
+        Some(ttl) => Some(ttl.as_str()),
+        None => headers
+            .get(TTL_REQUEST_HEADER)
+            .map(|v| v.to_str().unwrap_or("not text")),
+    };
+    text.map(|text| {
+        text.trim().parse::<u64>().map_err(|_| {
+            ApiError::bad_request(
+                "invalid_ttl",
+                "a ttl is a whole number of seconds above zero",
+            )
+        })
+    })
+    .transpose()
+}
+
+fn ttl_header(ttl: Option<Duration>) -> Option<(&'static str, HeaderValue)> {
+    let millis = u64::try_from(ttl?.as_millis()).unwrap_or(u64::MAX);
+    Some((TTL_HEADER, HeaderValue::from(millis)))
+}
+
+/// The value of `storage_key` with where it came from, or `None`.
+async fn fetch(state: &AppState, storage_key: &str) -> Result<Option<Fetched<Bytes>>, ApiError> {
+    let options = state.data.default_options();
+    state
+        .data
+        .get_or_load_optional_with(storage_key, &options, || async {
+            Ok::<_, Infallible>(None)
+        })
+        .await
+        .map_err(|error| match error {
+            tierstack::LoadError::Cache(error) => ApiError::from(error),
+            _ => ApiError::unavailable("the read failed"),
+        })
+}
+
+/// `GET /v1/cache/{key}`: the value's bytes, with its remaining TTL in `x-ttl-ms`.
+pub(crate) async fn get_value(
+    State(state): Shared,
+    Path(key): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let (tenant, limits) = tenant(&state, &headers).await?;
+    limits.check_key(&key)?;
+    let found = fetch(&state, &tenant.storage_key(&key)).await?;
+    let usage = state.usage.of(&tenant);
+    let Some(found) = found else {
+        usage.read(false);
+        return Err(ApiError::not_found("entry"));
+    };
+    usage.read(true);
+    let mut response = found.value.into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    if let Some((name, value)) = ttl_header(found.ttl) {
+        response.headers_mut().insert(name, value);
+    }
+    Ok(response)
+}
+
+/// `PUT /v1/cache/{key}?ttl=SECONDS`: stores the body's bytes as sent.
+pub(crate) async fn put_value(
+    State(state): Shared,
+    Path(key): Path<String>,
+    Query(query): Query<TtlQuery>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<StatusCode, ApiError> {
+    let (tenant, limits) = tenant(&state, &headers).await?;
+    limits.check_key(&key)?;
+    let ttl = limits.ttl(asked_ttl(&query, &headers)?)?;
+    let value = read_body(&headers, body, limits.max_value_bytes).await?;
+    let options = state.data.default_options().with_ttl(ttl);
+    let len = value.len();
+    state
+        .data
+        .set_with(&tenant.storage_key(&key), value, &options)
+        .await?;
+    state.usage.of(&tenant).wrote(len);
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `DELETE /v1/cache/{key}`: 204, or 404 if there was none.
+pub(crate) async fn delete_value(
+    State(state): Shared,
+    Path(key): Path<String>,
+    headers: HeaderMap,
+) -> Result<StatusCode, ApiError> {
+    let (tenant, limits) = tenant(&state, &headers).await?;
+    limits.check_key(&key)?;
+    let deleted = state.data.delete(&tenant.storage_key(&key)).await?;
+    state.usage.of(&tenant).deleted();
+    if deleted {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::not_found("entry"))
+    }
+}
+
+#[derive(Serialize)]
+pub(crate) struct Exists {
+    exists: bool,
+}
+
+/// `GET` or `HEAD /v1/cache/{key}/exists`: 200 if it does, 404 if not.
+pub(crate) async fn exists(
+    State(state): Shared,
+    Path(key): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let (tenant, limits) = tenant(&state, &headers).await?;
+    limits.check_key(&key)?;
+    let exists = state.data.exists(&tenant.storage_key(&key)).await?;
+    let status = if exists {
+        StatusCode::OK
+    } else {
+        StatusCode::NOT_FOUND
+    };
+    Ok((status, Json(Exists { exists })).into_response())
+}
+
+/// `POST /v1/cache/{key}/touch?ttl=SECONDS`: gives the entry a new TTL from now.
+pub(crate) async fn touch(
+    State(state): Shared,
+    Path(key): Path<String>,
+    Query(query): Query<TtlQuery>,
+    headers: HeaderMap,
+) -> Result<StatusCode, ApiError> {
+    let (tenant, limits) = tenant(&state, &headers).await?;
+    limits.check_key(&key)?;
+    let ttl = limits.ttl(asked_ttl(&query, &headers)?)?;
+    if state.data.touch(&tenant.storage_key(&key), ttl).await? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::not_found("entry"))
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct PrefixQuery {
+    prefix: String,
+}
+
+#[derive(Serialize)]
+pub(crate) struct Deleted {
+    deleted: u64,
+}
+
+/// `DELETE /v1/cache?prefix=P`: deletes the tenant's entries whose key starts with `P`.
+pub(crate) async fn delete_prefix(
+    State(state): Shared,
+    Query(query): Query<PrefixQuery>,
+    headers: HeaderMap,
+) -> Result<Json<Deleted>, ApiError> {
+    let (tenant, limits) = tenant(&state, &headers).await?;
+    limits.check_key(&query.prefix)?;
+    let deleted = state
+        .data
+        .delete_prefix(&tenant.storage_key(&query.prefix))
+        .await?;
+    state.usage.of(&tenant).deleted();
+    Ok(Json(Deleted { deleted }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct BulkGet {
+    keys: Vec<String>,
+}
+
+#[derive(Serialize)]
+pub(crate) struct BulkValue {
+    key: String,
+    /// The bytes in base64, or `null` for a miss.
+    value: Option<String>,
+}
+
+#[derive(Serialize)]
+pub(crate) struct BulkValues {
+    values: Vec<BulkValue>,
+}
+
+/// The body of a bulk request, as JSON of `T`.
+async fn bulk_body<T: serde::de::DeserializeOwned>(
+    headers: &HeaderMap,
+    body: Body,
+    limits: &Limits,
+) -> Result<T, ApiError> {
+    let bytes = read_body(headers, body, limits.max_bulk_body_bytes).await?;
+    serde_json::from_slice(&bytes).map_err(|e| ApiError::bad_request("invalid_bulk", e.to_string()))
+}
+
+/// `POST /v1/bulk/get` with `{"keys": [...]}`: `{"values": [{"key", "value"}]}`, each value in
+/// base64 or `null`, in the order asked.
+pub(crate) async fn bulk_get(
+    State(state): Shared,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<BulkValues>, ApiError> {
+    let (tenant, limits) = tenant(&state, &headers).await?;
+    let request: BulkGet = bulk_body(&headers, body, &limits).await?;
+    limits.check_bulk(request.keys.len())?;
+    for key in &request.keys {
+        limits.check_key(key)?;
+    }
+    let storage: Vec<String> = request.keys.iter().map(|k| tenant.storage_key(k)).collect();
+    let found = state.data.get_many(&storage).await?;
+    let usage = state.usage.of(&tenant);
+    let values = request
+        .keys
+        .into_iter()
+        .zip(found)
+        .map(|(key, value)| {
+            usage.read(value.is_some());
+            BulkValue {
+                key,
+                value: value.map(|bytes| BASE64.encode(bytes)),
+            }
+        })
+        .collect();
+    Ok(Json(BulkValues { values }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct BulkSet {
+    entries: Vec<BulkEntry>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct BulkEntry {
+    key: String,
+    /// The bytes in base64.
+    value: String,
+    /// Seconds; the default TTL if absent.
+    #[serde(default)]
+    ttl: Option<u64>,
+}
+
+/// `POST /v1/bulk/set` with `{"entries": [{"key", "value" (base64), "ttl"?}]}`. Every entry is
+/// checked before any is written.
+pub(crate) async fn bulk_set(
+    State(state): Shared,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<StatusCode, ApiError> {
+    let (tenant, limits) = tenant(&state, &headers).await?;
+    let request: BulkSet = bulk_body(&headers, body, &limits).await?;
+    limits.check_bulk(request.entries.len())?;
+    let mut writes = Vec::with_capacity(request.entries.len());
+    for entry in request.entries {
+        limits.check_key(&entry.key)?;
+        let ttl = limits.ttl(entry.ttl)?;
+        let value = BASE64.decode(entry.value.as_bytes()).map_err(|_| {
+            ApiError::bad_request(
+                "invalid_bulk",
+                format!("the value of {:?} is not base64", entry.key),
+            )
+        })?;
+        limits.check_value(value.len())?;
+        writes.push((tenant.storage_key(&entry.key), Bytes::from(value), ttl));
+    }
+    let usage = state.usage.of(&tenant);
+    for (key, value, ttl) in writes {
+        let len = value.len();
+        let options: EntryOptions = state.data.default_options().with_ttl(ttl);
+        state.data.set_with(&key, value, &options).await?;
+        usage.wrote(len);
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Serialize)]
+pub(crate) struct CreatedKey {
+    tenant: String,
+    id: String,
+    /// The key itself: shown once, kept nowhere.
+    key: String,
+}
+
+fn tenant_path(name: &str) -> Result<TenantName, ApiError> {
+    TenantName::new(name).map_err(|e| ApiError::bad_request("invalid_tenant", e))
+}
+
+/// `POST /v1/admin/tenants/{tenant}/keys`: a new API key for the tenant.
+pub(crate) async fn create_key(
+    State(state): Shared,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Result<(StatusCode, Json<CreatedKey>), ApiError> {
+    admin(&state, &headers).await?;
+    let tenant = tenant_path(&name)?;
+    let (id, key) = state.keys.create(&tenant).await?;
+    tracing::info!(
+        tenant = tenant.as_str(),
+        key_id = id.as_str(),
+        "API key created"
+    );
+    Ok((
+        StatusCode::CREATED,
+        Json(CreatedKey {
+            tenant: tenant.as_str().to_owned(),
+            id,
+            key,
+        }),
+    ))
+}
+
+/// `DELETE /v1/admin/keys/{id}`: revokes a created key on every instance.
+pub(crate) async fn revoke_key(
+    State(state): Shared,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<StatusCode, ApiError> {
+    admin(&state, &headers).await?;
+    if state.keys.revoke(&id).await? {
+        tracing::info!(key_id = id.as_str(), "API key revoked");
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::not_found("key"))
+    }
+}
+
+/// `DELETE /v1/admin/tenants/{tenant}/cache`: every entry of the tenant.
+pub(crate) async fn flush_tenant(
+    State(state): Shared,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<Deleted>, ApiError> {
+    admin(&state, &headers).await?;
+    let tenant = tenant_path(&name)?;
+    let deleted = state.data.delete_prefix(&tenant.storage_key("")).await?;
+    tracing::info!(tenant = tenant.as_str(), deleted, "tenant flushed");
+    Ok(Json(Deleted { deleted }))
+}
+
+/// `GET /v1/admin/tenants/{tenant}/usage`: this instance's counts for the tenant.
+pub(crate) async fn usage(
+    State(state): Shared,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    admin(&state, &headers).await?;
+    let tenant = tenant_path(&name)?;
+    Ok(Json(state.usage.of(&tenant).snapshot()).into_response())
+}
+
+#[derive(Serialize)]
+pub(crate) struct EntryMeta {
+    size: usize,
+    ttl_ms: Option<u64>,
+    tier: &'static str,
+}
+
+/// `GET /v1/admin/tenants/{tenant}/entries/{key}`: an entry's size, remaining TTL and the
+/// tier that holds it, without its value.
+pub(crate) async fn entry_meta(
+    State(state): Shared,
+    Path((name, key)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Json<EntryMeta>, ApiError> {
+    admin(&state, &headers).await?;
+    let tenant = tenant_path(&name)?;
+    let found = fetch(&state, &tenant.storage_key(&key))
+        .await?
+        .ok_or_else(|| ApiError::not_found("entry"))?;
+    let tier = match found.source {
+        Source::L1 => "l1",
+        Source::L2 => "l2",
+        _ => "loader",
+    };
+    Ok(Json(EntryMeta {
+        size: found.value.len(),
+        ttl_ms: found
+            .ttl
+            .map(|ttl| u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX)),
+        tier,
+    }))
+}

@@ -1,0 +1,47 @@
+//! `tierstack-server`: the cache service. Configured from the environment (see the library's
+//! docs); without any API key configured it makes a development key and prints it once.
+
+use std::process::ExitCode;
+
+use tierstack_server::{KeyHash, Server, ServerConfig, TenantName};
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt().with_target(false).init();
+    match run().await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("tierstack-server: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    let mut config = ServerConfig::from_env()?;
+    if config.keys.is_empty() {
+        // A development key: printed here once, on stdout (never logged), kept nowhere.
+        let key = format!("dev_{:016x}{:016x}", random_u64()?, random_u64()?);
+        config
+            .keys
+            .insert(KeyHash::of(&key), TenantName::new("dev")?);
+        println!("no API key configured: tenant \"dev\" has the key {key}");
+    }
+    let backend = tierstack::StoreConfig::from_env()?.connect().await?;
+    let listener = tokio::net::TcpListener::bind(config.listen).await?;
+    tracing::info!(address = %listener.local_addr()?, "tierstack-server listening");
+    let shutdown = async {
+        let _ = tokio::signal::ctrl_c().await;
+        tracing::info!("shutting down: finishing the requests in flight");
+    };
+    Server::new(config, backend)?
+        .serve(listener, shutdown)
+        .await?;
+    Ok(())
+}
+
+fn random_u64() -> Result<u64, String> {
+    let mut bytes = [0u8; 8];
+    getrandom::fill(&mut bytes).map_err(|e| format!("the system's random source: {e}"))?;
+    Ok(u64::from_le_bytes(bytes))
+}

@@ -1,0 +1,173 @@
+//! The server: its state, its router, and serving it until shutdown.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::http::StatusCode;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use bytes::Bytes;
+use tierstack::core::Store;
+use tierstack::{Backend, CacheError, TieredCache};
+
+use crate::api;
+use crate::auth::{KeyRecord, Keys};
+use crate::config::ServerConfig;
+use crate::error::ApiError;
+use crate::tenant::RateLimiter;
+use crate::usage::Usage;
+
+/// What every request shares.
+pub(crate) struct AppState {
+    pub(crate) config: ServerConfig,
+    /// Every tenant's entries, each tenant under its own prefix.
+    pub(crate) data: TieredCache<Bytes>,
+    pub(crate) keys: Keys,
+    pub(crate) rate: RateLimiter,
+    pub(crate) usage: Usage,
+    /// The L2, for `/readyz`.
+    store: Arc<dyn Store>,
+}
+
+/// The cache service: build it with [`Server::new`], serve it with [`Server::serve`], or take
+/// its [`router`](Server::router) into an app of your own.
+#[derive(Clone)]
+pub struct Server {
+    state: Arc<AppState>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("config", &self.state.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Server {
+    /// A server on `backend` (`StoreConfig::Memory` for the embedded default: this process
+    /// only). Entries are kept in an L1 in front of the backend only where a backplane keeps
+    /// every instance's L1 right (Redis); on a backend without one (Firestore, the in-process
+    /// store) every read goes to it, so that no instance answers a value another instance
+    /// changed, and nothing is held twice in this process.
+    ///
+    /// # Errors
+    ///
+    /// A configuration the caches refuse.
+    pub fn new(config: ServerConfig, backend: Backend) -> Result<Self, CacheError> {
+        let largest_value = std::iter::once(&config.default_limits)
+            .chain(config.limits.values())
+            .map(|limits| limits.max_value_bytes)
+            .max()
+            .unwrap_or(1 << 20);
+        let data = TieredCache::<Bytes>::builder("tierstack-server")
+            // Room for the envelope around the largest value a tenant may write.
+            .max_value_len(largest_value.saturating_add(1024))
+            .max_key_len(config_max_key(&config));
+        let keys =
+            TieredCache::<KeyRecord>::builder("tierstack-server-keys").l1_ttl(config.key_recheck);
+        let store = Arc::clone(&backend.store);
+        let data = if backend.backplane.is_some() {
+            backend.clone().apply(data)
+        } else {
+            backend.clone().apply(data).without_l1()
+        };
+        let (data, keys) = (data.build()?, backend.apply(keys).build()?);
+        let keys = Keys::new(config.keys.clone(), config.admin, keys);
+        Ok(Self {
+            state: Arc::new(AppState {
+                config,
+                data,
+                keys,
+                rate: RateLimiter::default(),
+                usage: Usage::default(),
+                store,
+            }),
+        })
+    }
+
+    /// The routes: `/v1/...`, `/healthz` and `/readyz`.
+    pub fn router(&self) -> Router {
+        let state = Arc::clone(&self.state);
+        let v1 = Router::new()
+            .route(
+                "/v1/cache/{key}",
+                get(api::get_value)
+                    .put(api::put_value)
+                    .delete(api::delete_value),
+            )
+            .route("/v1/cache/{key}/exists", get(api::exists))
+            .route("/v1/cache/{key}/touch", post(api::touch))
+            .route("/v1/cache", delete(api::delete_prefix))
+            .route("/v1/bulk/get", post(api::bulk_get))
+            .route("/v1/bulk/set", post(api::bulk_set))
+            .route("/v1/admin/tenants/{tenant}/keys", post(api::create_key))
+            .route("/v1/admin/keys/{id}", delete(api::revoke_key))
+            .route(
+                "/v1/admin/tenants/{tenant}/cache",
+                delete(api::flush_tenant),
+            )
+            .route("/v1/admin/tenants/{tenant}/usage", get(api::usage))
+            .route(
+                "/v1/admin/tenants/{tenant}/entries/{key}",
+                get(api::entry_meta),
+            )
+            .layer(middleware::from_fn_with_state(
+                Arc::clone(&state),
+                within_timeout,
+            ));
+        v1.route("/healthz", get(|| async { "ok" }))
+            .route("/readyz", get(ready))
+            .with_state(state)
+    }
+
+    /// Serves on `listener` until `shutdown` completes, then finishes the requests in flight.
+    ///
+    /// # Errors
+    ///
+    /// The listener's error.
+    pub async fn serve(
+        self,
+        listener: tokio::net::TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        axum::serve(listener, self.router())
+            .with_graceful_shutdown(shutdown)
+            .await
+    }
+}
+
+fn config_max_key(config: &ServerConfig) -> usize {
+    // A tenant's key, escaped (at most three bytes per byte), after its name and `:`.
+    std::iter::once(&config.default_limits)
+        .chain(config.limits.values())
+        .map(|limits| limits.max_key_bytes)
+        .max()
+        .unwrap_or(256)
+        .saturating_mul(3)
+        .saturating_add(65)
+}
+
+/// Every `/v1` request ends within the configured timeout (504 past it).
+async fn within_timeout(
+    State(state): State<Arc<AppState>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    match tokio::time::timeout(state.config.request_timeout, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => ApiError::timeout().into_response(),
+    }
+}
+
+/// `GET /readyz`: 200 when the backend answers, 503 when it does not.
+async fn ready(State(state): State<Arc<AppState>>) -> Response {
+    let ping = tokio::time::timeout(state.config.request_timeout, state.store.ping()).await;
+    match ping {
+        Ok(Ok(())) => (StatusCode::OK, "ready").into_response(),
+        _ => ApiError::unavailable("the backend does not answer").into_response(),
+    }
+}

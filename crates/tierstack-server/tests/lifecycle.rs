@@ -1,0 +1,191 @@
+//! The server's life: health while its Redis is down, a graceful shutdown with a request in
+//! flight, and secrets (API keys, the admin credential, Redis's password) kept out of its logs.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::io::Write as _;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use common::{ADMIN_KEY, Client, SHOP_KEY, config, memory, start};
+use reqwest::{Method, StatusCode};
+use tierstack::StoreConfig;
+use tierstack_server::Limits;
+use tierstack_test_support::Launch;
+use tierstack_test_support::redis::RedisServer;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const REDIS_PASSWORD: &str = "sentinel-redis-password-7f3a";
+const SENTINEL_KEY: &str = "sentinel-api-key-91c2";
+
+/// Everything the process logs, for the secrets test to search.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Captured {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap_or_else(PoisonError::into_inner)).into_owned()
+    }
+}
+
+async fn redis_backend(server: &RedisServer, password: Option<&str>) -> tierstack::Backend {
+    let url = match password {
+        Some(password) => format!("redis://:{password}@127.0.0.1:{}/", server.port()),
+        None => server.url(),
+    };
+    let config = tierstack::redis::RedisConfig::from_url(&url).unwrap();
+    StoreConfig::Redis(config).connect().await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_stays_up_while_redis_is_down_and_readiness_says_so() {
+    let mut redis = RedisServer::start(&Launch::for_tests(), &[]).unwrap();
+    let server = start(config(Limits::default()), redis_backend(&redis, None).await).await;
+    let anonymous = Client::new(&server.base, None);
+    let shop = Client::new(&server.base, Some(SHOP_KEY));
+    assert_eq!(shop.put("k", "v").await, StatusCode::NO_CONTENT);
+    let status = async |path: &str| {
+        anonymous
+            .request(Method::GET, path)
+            .send()
+            .await
+            .unwrap()
+            .status()
+    };
+    assert_eq!(status("/readyz").await, StatusCode::OK);
+    redis.kill();
+    assert_eq!(status("/healthz").await, StatusCode::OK);
+    assert_eq!(status("/readyz").await, StatusCode::SERVICE_UNAVAILABLE);
+    // A write cannot land: a clear error, not a hang.
+    let refused = shop
+        .request(Method::PUT, "/v1/cache/k")
+        .body("v2")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(Client::code(refused).await, "unavailable");
+    redis.restart();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while status("/readyz").await != StatusCode::OK {
+        assert!(tokio::time::Instant::now() < deadline, "not ready again");
+        tokio::time::sleep(Duration::from_millis(50)).await; // poll loop
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_finishes_the_request_in_flight() {
+    let mut server = start(config(Limits::default()), memory().await).await;
+    let address = server.base.trim_start_matches("http://").to_owned();
+    let mut stream = tokio::net::TcpStream::connect(&address).await.unwrap();
+    // A PUT whose body is half sent when the shutdown starts.
+    let head = format!(
+        "PUT /v1/cache/slow HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {SHOP_KEY}\r\n\
+         Content-Length: 10\r\nConnection: close\r\n\r\nhello"
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await; // real time: the request is read
+    server.shut_down();
+    tokio::time::sleep(Duration::from_millis(100)).await; // real time: the shutdown begins
+    assert!(
+        !server.stopped.is_finished(),
+        "waits for the request in flight"
+    );
+    stream.write_all(b"world").await.unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 204"), "{answer}");
+    tokio::time::timeout(Duration::from_secs(5), &mut server.stopped)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(
+        tokio::net::TcpStream::connect(&address).await.is_err(),
+        "no new connections"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_never_reach_the_logs() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    // Global: the server logs from the runtime's worker threads. Only this test sets it.
+    tracing::subscriber::set_global_default(subscriber).unwrap();
+    let mut redis =
+        RedisServer::start(&Launch::for_tests(), &["--requirepass", REDIS_PASSWORD]).unwrap();
+    let mut config = config(Limits::default());
+    config.keys.insert(
+        tierstack_server::KeyHash::of(SENTINEL_KEY),
+        tierstack_server::TenantName::new("sentinel").unwrap(),
+    );
+    let server = start(config, redis_backend(&redis, Some(REDIS_PASSWORD)).await).await;
+    let tenant = Client::new(&server.base, Some(SENTINEL_KEY));
+    assert_eq!(tenant.put("k", "value").await, StatusCode::NO_CONTENT);
+    let wrong = Client::new(&server.base, Some(&format!("{SENTINEL_KEY}-wrong")));
+    assert_eq!(wrong.get("k").await.0, StatusCode::UNAUTHORIZED);
+    let admin = Client::new(&server.base, Some(ADMIN_KEY));
+    let created: serde_json::Value = admin
+        .request(Method::POST, "/v1/admin/tenants/sentinel/keys")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let created_key = created["key"].as_str().unwrap().to_owned();
+    let id = created["id"].as_str().unwrap().to_owned();
+    admin
+        .request(Method::DELETE, &format!("/v1/admin/keys/{id}"))
+        .send()
+        .await
+        .unwrap();
+    // Failures are logged too: Redis goes away under a request.
+    redis.kill();
+    let failed = tenant
+        .request(Method::PUT, "/v1/cache/k")
+        .body("v")
+        .send()
+        .await
+        .unwrap();
+    let body = failed.text().await.unwrap();
+    for secret in [REDIS_PASSWORD, SENTINEL_KEY, ADMIN_KEY] {
+        assert!(
+            !body.contains(secret),
+            "an error body holds a secret: {body}"
+        );
+    }
+    let _ = std::io::stdout().flush();
+    let logs = captured.text();
+    assert!(
+        logs.contains("API key created"),
+        "the logs were captured: {logs}"
+    );
+    for secret in [
+        REDIS_PASSWORD,
+        SENTINEL_KEY,
+        ADMIN_KEY,
+        created_key.as_str(),
+    ] {
+        assert!(!logs.contains(secret), "the logs hold a secret");
+    }
+}
