@@ -33,7 +33,7 @@ async fn tenant(state: &AppState, headers: &HeaderMap) -> Result<(TenantName, Li
     match state.keys.caller(headers).await? {
         Caller::Tenant(tenant) => {
             let limits = *state.config.limits_of(&tenant);
-            if let Err(refused) = state.rate.check(&tenant, &limits) {
+            if let Err(refused) = state.rate.check(&tenant, &limits).await {
                 state.usage.of(&tenant).rate_limited();
                 return Err(refused);
             }

@@ -27,7 +27,8 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
             .insert(KeyHash::of(&key), TenantName::new("dev")?);
         println!("no API key configured: tenant \"dev\" has the key {key}");
     }
-    let backend = tierstack::StoreConfig::from_env()?.connect().await?;
+    let store = tierstack::StoreConfig::from_env()?;
+    let backend = store.connect().await?;
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     tracing::info!(address = %listener.local_addr()?, "tierstack-server listening");
     let shutdown = async {

@@ -17,7 +17,7 @@ use crate::api;
 use crate::auth::{KeyRecord, Keys};
 use crate::config::ServerConfig;
 use crate::error::ApiError;
-use crate::tenant::RateLimiter;
+use crate::tenant::RateLimits;
 use crate::usage::Usage;
 
 /// What every request shares.
@@ -26,7 +26,7 @@ pub(crate) struct AppState {
     /// Every tenant's entries, each tenant under its own prefix.
     pub(crate) data: TieredCache<Bytes>,
     pub(crate) keys: Keys,
-    pub(crate) rate: RateLimiter,
+    pub(crate) rate: RateLimits,
     pub(crate) usage: Usage,
     /// The L2, for `/readyz`.
     store: Arc<dyn Store>,
@@ -82,11 +82,26 @@ impl Server {
                 config,
                 data,
                 keys,
-                rate: RateLimiter::default(),
+                rate: RateLimits::default(),
                 usage: Usage::default(),
                 store,
             }),
         })
+    }
+
+    /// Counts every tenant's rate in `store`, so that the limit holds across every instance
+    /// that counts there (a sliding window on Redis's clock). While Redis fails, each instance
+    /// counts on its own.
+    ///
+    /// # Panics
+    ///
+    /// If called after the server was cloned or its router taken.
+    #[must_use]
+    pub fn share_rate_limits(mut self, store: tierstack::redis::RedisStore) -> Self {
+        let state = Arc::get_mut(&mut self.state)
+            .unwrap_or_else(|| panic!("share_rate_limits before the server is shared"));
+        state.rate = RateLimits::shared(store);
+        self
     }
 
     /// The routes: `/v1/...`, `/healthz` and `/readyz`.

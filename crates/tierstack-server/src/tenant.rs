@@ -7,7 +7,9 @@ use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use tierstack::CacheError;
 use tierstack::core::key::compose_key;
+use tierstack::redis::{RateLimiter as RedisRateLimiter, RedisStore};
 use tokio::time::Instant;
 
 use crate::error::ApiError;
@@ -196,6 +198,80 @@ impl Limits {
             ));
         }
         Ok(())
+    }
+}
+
+/// The rate limits of every tenant: on this instance, or shared by every instance through
+/// Redis (falling back to this instance's count while Redis fails).
+#[derive(Debug, Default)]
+pub(crate) struct RateLimits {
+    local: RateLimiter,
+    shared: Option<Shared>,
+}
+
+/// Limits counted in Redis: one limiter per tenant, made on its first request.
+#[derive(Debug)]
+struct Shared {
+    store: RedisStore,
+    limiters: Mutex<HashMap<TenantName, (Limits, RedisRateLimiter)>>,
+}
+
+impl RateLimits {
+    /// Limits counted in `store`, shared with every instance that counts there.
+    pub(crate) fn shared(store: RedisStore) -> Self {
+        Self {
+            local: RateLimiter::default(),
+            shared: Some(Shared {
+                store,
+                limiters: Mutex::default(),
+            }),
+        }
+    }
+
+    /// Counts a request of `tenant`; 429 with the seconds to wait if it is over `limits`.
+    pub(crate) async fn check(&self, tenant: &TenantName, limits: &Limits) -> Result<(), ApiError> {
+        if limits.rate_limit == 0 {
+            return Ok(());
+        }
+        let Some(shared) = &self.shared else {
+            return self.local.check(tenant, limits);
+        };
+        match shared.hit(tenant, limits).await {
+            Ok(None) => Ok(()),
+            Ok(Some(retry_after)) => Err(ApiError::rate_limited(retry_after)),
+            Err(error) => {
+                tracing::warn!(error = %error, "shared rate limit unavailable: counting on this instance");
+                self.local.check(tenant, limits)
+            }
+        }
+    }
+}
+
+impl Shared {
+    /// `None` if the request is within the limit, else the seconds to wait.
+    async fn hit(&self, tenant: &TenantName, limits: &Limits) -> Result<Option<u64>, CacheError> {
+        let limiter = {
+            let mut limiters = self.limiters.lock().unwrap_or_else(PoisonError::into_inner);
+            match limiters.get(tenant) {
+                Some((made_for, limiter)) if made_for == limits => limiter.clone(),
+                _ => {
+                    let limiter = RedisRateLimiter::new(
+                        &self.store,
+                        "tierstack-server",
+                        limits.rate_limit,
+                        Duration::from_secs(limits.rate_window_secs),
+                    )?;
+                    limiters.insert(tenant.clone(), (*limits, limiter.clone()));
+                    limiter
+                }
+            }
+        };
+        let decision = limiter.hit(tenant.as_str()).await?;
+        Ok((!decision.allowed).then(|| {
+            let wait = decision.retry_after.unwrap_or(Duration::from_secs(1));
+            // Whole seconds, rounded up: a client that waits that long is let in.
+            wait.as_secs() + u64::from(wait.subsec_nanos() > 0)
+        }))
     }
 }
 

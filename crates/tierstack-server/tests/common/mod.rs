@@ -52,10 +52,19 @@ pub async fn memory() -> Backend {
 }
 
 pub async fn start(config: ServerConfig, backend: Backend) -> Running {
+    start_with(config, backend, |server| async move { server }).await
+}
+
+/// As `start`, with `adapt` applied to the server before it serves.
+pub async fn start_with<F, Fut>(config: ServerConfig, backend: Backend, adapt: F) -> Running
+where
+    F: FnOnce(Server) -> Fut,
+    Fut: std::future::Future<Output = Server>,
+{
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let (shutdown, signal) = oneshot::channel::<()>();
-    let server = Server::new(config, backend).unwrap();
+    let server = adapt(Server::new(config, backend).unwrap()).await;
     let stopped = tokio::spawn(server.serve(listener, async {
         let _ = signal.await;
     }));
