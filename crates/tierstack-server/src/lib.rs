@@ -35,7 +35,9 @@
 //! | `DELETE /v1/admin/tenants/{tenant}/cache` | `{"deleted": n}` |
 //! | `GET /v1/admin/tenants/{tenant}/usage` | this instance's counts and hit ratio |
 //! | `GET /v1/admin/tenants/{tenant}/entries/{key}` | `{"size", "ttl_ms", "tier"}`, no value |
+//! | `GET /metrics` | Prometheus text, to the admin credential ([`Server::with_metrics`]) |
 //! | `GET /healthz`, `GET /readyz` | the process; the backend |
+//! | `GET /openapi.json` | the `OpenAPI` 3.1 document of these routes |
 //!
 //! Keys in paths are percent-encoded (`a%2Fb` for `a/b`).
 //!
@@ -56,6 +58,7 @@ mod api;
 mod auth;
 mod config;
 mod error;
+mod openapi;
 mod server;
 mod tenant;
 mod usage;

@@ -3,22 +3,23 @@
 use std::future::Future;
 use std::sync::Arc;
 
-use axum::Router;
-use axum::extract::{Request, State};
+use axum::extract::{MatchedPath, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
+use axum::{Json, Router};
 use bytes::Bytes;
+use metrics_exporter_prometheus::PrometheusHandle;
 use tierstack::core::Store;
 use tierstack::{Backend, CacheError, TieredCache};
 
-use crate::api;
 use crate::auth::{KeyRecord, Keys};
 use crate::config::ServerConfig;
 use crate::error::ApiError;
 use crate::tenant::RateLimits;
 use crate::usage::Usage;
+use crate::{api, openapi};
 
 /// What every request shares.
 pub(crate) struct AppState {
@@ -30,6 +31,8 @@ pub(crate) struct AppState {
     pub(crate) usage: Usage,
     /// The L2, for `/readyz`.
     store: Arc<dyn Store>,
+    /// What `/metrics` renders, if the process installed a Prometheus recorder.
+    metrics: Option<PrometheusHandle>,
 }
 
 /// The cache service: build it with [`Server::new`], serve it with [`Server::serve`], or take
@@ -85,6 +88,7 @@ impl Server {
                 rate: RateLimits::default(),
                 usage: Usage::default(),
                 store,
+                metrics: None,
             }),
         })
     }
@@ -104,7 +108,22 @@ impl Server {
         self
     }
 
-    /// The routes: `/v1/...`, `/healthz` and `/readyz`.
+    /// Serves `/metrics` (to the admin credential) from `handle`: the recorder the process
+    /// installed (`metrics_exporter_prometheus::PrometheusBuilder::install_recorder`), which
+    /// then holds the cache's `tierstack_*` metrics and the server's own.
+    ///
+    /// # Panics
+    ///
+    /// If called after the server was cloned or its router taken.
+    #[must_use]
+    pub fn with_metrics(mut self, handle: PrometheusHandle) -> Self {
+        let state = Arc::get_mut(&mut self.state)
+            .unwrap_or_else(|| panic!("with_metrics before the server is shared"));
+        state.metrics = Some(handle);
+        self
+    }
+
+    /// The routes: `/v1/...`, `/metrics`, `/healthz`, `/readyz` and `/openapi.json`.
     pub fn router(&self) -> Router {
         let state = Arc::clone(&self.state);
         let v1 = Router::new()
@@ -133,9 +152,12 @@ impl Server {
             .layer(middleware::from_fn_with_state(
                 Arc::clone(&state),
                 within_timeout,
-            ));
+            ))
+            .route("/metrics", get(render_metrics))
+            .layer(middleware::from_fn(count_request));
         v1.route("/healthz", get(|| async { "ok" }))
             .route("/readyz", get(ready))
+            .route("/openapi.json", get(|| async { Json(openapi::document()) }))
             .with_state(state)
     }
 
@@ -185,4 +207,46 @@ async fn ready(State(state): State<Arc<AppState>>) -> Response {
         Ok(Ok(())) => (StatusCode::OK, "ready").into_response(),
         _ => ApiError::unavailable("the backend does not answer").into_response(),
     }
+}
+
+/// Counts each request by route and status class, and times it:
+/// `tierstack_server_requests_total{route, status}` and `tierstack_server_request_seconds{route}`.
+async fn count_request(request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |path| path.as_str().to_owned());
+    let started = std::time::Instant::now();
+    let response = next.run(request).await;
+    let status = match response.status().as_u16() {
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    };
+    metrics::counter!("tierstack_server_requests_total", "route" => route.clone(), "status" => status)
+        .increment(1);
+    metrics::histogram!("tierstack_server_request_seconds", "route" => route)
+        .record(started.elapsed().as_secs_f64());
+    response
+}
+
+/// `GET /metrics`: the Prometheus text format, to the admin credential.
+async fn render_metrics(
+    State(state): State<Arc<AppState>>,
+    headers: axum::http::HeaderMap,
+) -> Result<Response, ApiError> {
+    match state.keys.caller(&headers).await? {
+        crate::auth::Caller::Admin => {}
+        crate::auth::Caller::Tenant(_) => return Err(ApiError::forbidden()),
+    }
+    let Some(handle) = &state.metrics else {
+        return Err(ApiError::not_found("metrics recorder: none was installed"));
+    };
+    let mut response = handle.render().into_response();
+    response.headers_mut().insert(
+        axum::http::header::CONTENT_TYPE,
+        axum::http::HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
+    Ok(response)
 }
