@@ -99,3 +99,125 @@ pub(crate) async fn http_cached_get(sizes: &Sizes) -> Vec<Record> {
         &rounds,
     )
 }
+
+/// Concurrent client tasks of `server_get`, each with its own keep-alive connection.
+const SERVER_TASKS: usize = 64;
+/// The API key both sides are called with.
+const SERVER_KEY: &str = "bench-key-0123456789abcdef";
+
+/// A `GET` of one of `urls` with the tenant's key.
+struct AuthorizedGet {
+    client: reqwest::Client,
+    urls: Arc<Vec<String>>,
+    bearer: String,
+}
+
+impl Workload for AuthorizedGet {
+    async fn op(&self, i: usize) {
+        let response = self
+            .client
+            .get(&self.urls[i % self.urls.len()])
+            .header("authorization", &self.bearer)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("server benchmark request failed: {e}"));
+        assert!(
+            response.status().is_success(),
+            "server benchmark: {}",
+            response.status()
+        );
+        black_box(
+            response
+                .bytes()
+                .await
+                .unwrap_or_else(|e| panic!("server benchmark body failed: {e}")),
+        );
+    }
+}
+
+/// `server_get`: cache hits through `tierstack-server` on the embedded default (its key
+/// checked, its tenant's namespace, its limits), against an axum handler answering the same
+/// bytes from a `HashMap` (the HTTP floor); 64 keep-alive connections.
+pub(crate) async fn server_get(sizes: &Sizes) -> Vec<Record> {
+    use std::collections::HashMap;
+    let value = Bytes::from(vec![b'x'; 1_000]);
+    let map: Arc<HashMap<String, Bytes>> = Arc::new(
+        (0..URLS)
+            .map(|i| (format!("item-{i}"), value.clone()))
+            .collect(),
+    );
+    let floor = Router::new().route(
+        "/v1/cache/{key}",
+        get(
+            move |axum::extract::Path(key): axum::extract::Path<String>| {
+                let map = Arc::clone(&map);
+                async move {
+                    map.get(&key)
+                        .cloned()
+                        .ok_or(axum::http::StatusCode::NOT_FOUND)
+                }
+            },
+        ),
+    );
+    let mut config = tierstack_server::ServerConfig::default();
+    config.keys.insert(
+        tierstack_server::KeyHash::of(SERVER_KEY),
+        tierstack_server::TenantName::new("bench").unwrap_or_else(|e| panic!("{e}")),
+    );
+    // No rate limit: the benchmark measures the service, not its refusals.
+    config.default_limits.rate_limit = 0;
+    let backend = tierstack::StoreConfig::Memory {
+        max_bytes: 64 << 20,
+    }
+    .connect()
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    let service = tierstack_server::Server::new(config, backend).unwrap_or_else(|e| panic!("{e}"));
+    let (floor, served) = (serve(floor).await, serve(service.router()).await);
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(SERVER_TASKS)
+        .build()
+        .unwrap_or_else(|e| panic!("{e}"));
+    for i in 0..URLS {
+        let put = client
+            .put(format!("{served}/v1/cache/item-{i}"))
+            .header("authorization", format!("Bearer {SERVER_KEY}"))
+            .body(value.clone())
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            put.status().is_success(),
+            "server benchmark PUT: {}",
+            put.status()
+        );
+    }
+    let urls = |base: &str| -> Arc<Vec<String>> {
+        Arc::new(
+            (0..URLS)
+                .map(|i| format!("{base}/v1/cache/item-{i}"))
+                .collect(),
+        )
+    };
+    let (floor, served) = (
+        Arc::new(AuthorizedGet {
+            client: client.clone(),
+            urls: urls(&floor),
+            bearer: format!("Bearer {SERVER_KEY}"),
+        }),
+        Arc::new(AuthorizedGet {
+            client,
+            urls: urls(&served),
+            bearer: format!("Bearer {SERVER_KEY}"),
+        }),
+    );
+    let order = shuffled(URLS);
+    let ops = (sizes.redis_ops / SERVER_TASKS).max(1);
+    let rounds = head_to_head(&served, &floor, &order, sizes.rounds, SERVER_TASKS, ops).await;
+    records(
+        "server_get/64conn",
+        &["tierstack-server hit", "axum + HashMap"],
+        1,
+        &rounds,
+    )
+}

@@ -170,6 +170,9 @@ fn run_scenarios(options: &RunOptions) -> Result<Vec<Record>, String> {
         if options.wants("http_cached_get") {
             records.extend(http_scenarios::http_cached_get(&sizes).await);
         }
+        if options.wants("server_get") {
+            records.extend(http_scenarios::server_get(&sizes).await);
+        }
         if options.wants("session_load") {
             records.extend(session_scenarios::session_load(&sizes).await);
         }
