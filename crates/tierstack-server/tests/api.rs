@@ -474,3 +474,40 @@ async fn the_admin_reads_an_entrys_metadata_without_its_value() {
         .unwrap();
     assert_eq!(missing.status(), StatusCode::NOT_FOUND);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_body_over_the_limit_is_refused_without_reading_it_all() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let limits = Limits {
+        max_value_bytes: 1_000,
+        ..Limits::default()
+    };
+    let server = start(config(limits), memory().await).await;
+    let address = server.base.trim_start_matches("http://").to_owned();
+    let mut stream = tokio::net::TcpStream::connect(&address).await.unwrap();
+    // No Content-Length: chunks of 600 bytes, the second one over the limit.
+    let head = format!(
+        "PUT /v1/cache/k HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {SHOP_KEY}\r\n\
+         Transfer-Encoding: chunked\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let chunk = format!("258\r\n{}\r\n", "v".repeat(600));
+    for _ in 0..2 {
+        stream.write_all(chunk.as_bytes()).await.unwrap();
+    }
+    // The answer comes without the rest of the body (which never comes).
+    let mut answer = vec![0u8; 4096];
+    let read = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut answer))
+        .await
+        .expect("answered before the body ended")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer[..read]);
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains("body_too_large"), "{answer}");
+    let shop = Client::new(&server.base, Some(SHOP_KEY));
+    assert_eq!(
+        shop.get("k").await.0,
+        StatusCode::NOT_FOUND,
+        "nothing stored"
+    );
+}
