@@ -18,19 +18,29 @@ const TASKS: usize = 16;
 /// Distinct URLs, each a cache hit after the warm-up.
 const URLS: usize = 100;
 
+/// A `GET` of one of `urls`, with an `Authorization` header if there is one; a failure
+/// status stops the run.
 struct Get {
     client: reqwest::Client,
     urls: Arc<Vec<String>>,
+    authorization: Option<String>,
 }
 
 impl Workload for Get {
     async fn op(&self, i: usize) {
-        let response = self
-            .client
-            .get(&self.urls[i % self.urls.len()])
+        let mut request = self.client.get(&self.urls[i % self.urls.len()]);
+        if let Some(authorization) = &self.authorization {
+            request = request.header("authorization", authorization);
+        }
+        let response = request
             .send()
             .await
             .unwrap_or_else(|e| panic!("http benchmark request failed: {e}"));
+        assert!(
+            response.status().is_success(),
+            "http benchmark: {}",
+            response.status()
+        );
         black_box(
             response
                 .bytes()
@@ -79,10 +89,12 @@ pub(crate) async fn http_cached_get(sizes: &Sizes) -> Vec<Record> {
         Arc::new(Get {
             client: client.clone(),
             urls: urls(&floor),
+            authorization: None,
         }),
         Arc::new(Get {
             client,
             urls: urls(&cached),
+            authorization: None,
         }),
     );
     // Every URL stored before the rounds.
@@ -104,36 +116,6 @@ pub(crate) async fn http_cached_get(sizes: &Sizes) -> Vec<Record> {
 const SERVER_TASKS: usize = 64;
 /// The API key both sides are called with.
 const SERVER_KEY: &str = "bench-key-0123456789abcdef";
-
-/// A `GET` of one of `urls` with the tenant's key.
-struct AuthorizedGet {
-    client: reqwest::Client,
-    urls: Arc<Vec<String>>,
-    bearer: String,
-}
-
-impl Workload for AuthorizedGet {
-    async fn op(&self, i: usize) {
-        let response = self
-            .client
-            .get(&self.urls[i % self.urls.len()])
-            .header("authorization", &self.bearer)
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("server benchmark request failed: {e}"));
-        assert!(
-            response.status().is_success(),
-            "server benchmark: {}",
-            response.status()
-        );
-        black_box(
-            response
-                .bytes()
-                .await
-                .unwrap_or_else(|e| panic!("server benchmark body failed: {e}")),
-        );
-    }
-}
 
 /// `server_get`: cache hits through `tierstack-server` on the embedded default (its key
 /// checked, its tenant's namespace, its limits), against an axum handler answering the same
@@ -200,15 +182,15 @@ pub(crate) async fn server_get(sizes: &Sizes) -> Vec<Record> {
         )
     };
     let (floor, served) = (
-        Arc::new(AuthorizedGet {
+        Arc::new(Get {
             client: client.clone(),
             urls: urls(&floor),
-            bearer: format!("Bearer {SERVER_KEY}"),
+            authorization: Some(format!("Bearer {SERVER_KEY}")),
         }),
-        Arc::new(AuthorizedGet {
+        Arc::new(Get {
             client,
             urls: urls(&served),
-            bearer: format!("Bearer {SERVER_KEY}"),
+            authorization: Some(format!("Bearer {SERVER_KEY}")),
         }),
     );
     let order = shuffled(URLS);

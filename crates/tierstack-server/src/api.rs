@@ -7,12 +7,14 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use bytes::Bytes;
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tierstack::{EntryOptions, Fetched, Source};
 
@@ -27,6 +29,53 @@ pub const TTL_HEADER: &str = "x-ttl-ms";
 pub const TTL_REQUEST_HEADER: &str = "x-ttl";
 
 type Shared = State<Arc<AppState>>;
+
+/// `Path`, with its rejection (a segment that is not UTF-8 once decoded, say) as a JSON error.
+pub(crate) struct ApiPath<T>(T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for ApiPath<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|Path(path)| Self(path))
+            .map_err(|rejection| ApiError::bad_request("invalid_path", rejection.body_text()))
+    }
+}
+
+/// `Query`, with its rejection (an unknown or malformed parameter) as a JSON error.
+pub(crate) struct ApiQuery<T>(T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|Query(query)| Self(query))
+            .map_err(|rejection| ApiError::bad_request("invalid_query", rejection.body_text()))
+    }
+}
+
+/// One entry of the calling tenant: who asks, its limits, and the entry's storage key.
+struct Entry {
+    tenant: TenantName,
+    limits: Limits,
+    storage_key: String,
+}
+
+/// The calling tenant's entry `key`, checked against its limits.
+async fn entry(state: &AppState, headers: &HeaderMap, key: &str) -> Result<Entry, ApiError> {
+    let (tenant, limits) = tenant(state, headers).await?;
+    limits.check_key(key)?;
+    let storage_key = tenant.storage_key(key);
+    Ok(Entry {
+        tenant,
+        limits,
+        storage_key,
+    })
+}
 
 /// The tenant a request is for, and its limits; counts the request against its rate.
 async fn tenant(state: &AppState, headers: &HeaderMap) -> Result<(TenantName, Limits), ApiError> {
@@ -117,13 +166,12 @@ async fn fetch(state: &AppState, storage_key: &str) -> Result<Option<Fetched<Byt
 /// `GET /v1/cache/{key}`: the value's bytes, with its remaining TTL in `x-ttl-ms`.
 pub(crate) async fn get_value(
     State(state): Shared,
-    Path(key): Path<String>,
+    ApiPath(key): ApiPath<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let (tenant, limits) = tenant(&state, &headers).await?;
-    limits.check_key(&key)?;
-    let found = fetch(&state, &tenant.storage_key(&key)).await?;
-    let usage = state.usage.of(&tenant);
+    let entry = entry(&state, &headers, &key).await?;
+    let found = fetch(&state, &entry.storage_key).await?;
+    let usage = state.usage.of(&entry.tenant);
     let Some(found) = found else {
         usage.read(false);
         return Err(ApiError::not_found("entry"));
@@ -143,35 +191,33 @@ pub(crate) async fn get_value(
 /// `PUT /v1/cache/{key}?ttl=SECONDS`: stores the body's bytes as sent.
 pub(crate) async fn put_value(
     State(state): Shared,
-    Path(key): Path<String>,
-    Query(query): Query<TtlQuery>,
+    ApiPath(key): ApiPath<String>,
+    ApiQuery(query): ApiQuery<TtlQuery>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<StatusCode, ApiError> {
-    let (tenant, limits) = tenant(&state, &headers).await?;
-    limits.check_key(&key)?;
-    let ttl = limits.ttl(asked_ttl(&query, &headers)?)?;
-    let value = read_body(&headers, body, limits.max_value_bytes).await?;
+    let entry = entry(&state, &headers, &key).await?;
+    let ttl = entry.limits.ttl(asked_ttl(&query, &headers)?)?;
+    let value = read_body(&headers, body, entry.limits.max_value_bytes).await?;
     let options = state.data.default_options().with_ttl(ttl);
     let len = value.len();
     state
         .data
-        .set_with(&tenant.storage_key(&key), value, &options)
+        .set_with(&entry.storage_key, value, &options)
         .await?;
-    state.usage.of(&tenant).wrote(len);
+    state.usage.of(&entry.tenant).wrote(len);
     Ok(StatusCode::NO_CONTENT)
 }
 
 /// `DELETE /v1/cache/{key}`: 204, or 404 if there was none.
 pub(crate) async fn delete_value(
     State(state): Shared,
-    Path(key): Path<String>,
+    ApiPath(key): ApiPath<String>,
     headers: HeaderMap,
 ) -> Result<StatusCode, ApiError> {
-    let (tenant, limits) = tenant(&state, &headers).await?;
-    limits.check_key(&key)?;
-    let deleted = state.data.delete(&tenant.storage_key(&key)).await?;
-    state.usage.of(&tenant).deleted();
+    let entry = entry(&state, &headers, &key).await?;
+    let deleted = state.data.delete(&entry.storage_key).await?;
+    state.usage.of(&entry.tenant).deleted();
     if deleted {
         Ok(StatusCode::NO_CONTENT)
     } else {
@@ -187,12 +233,11 @@ pub(crate) struct Exists {
 /// `GET` or `HEAD /v1/cache/{key}/exists`: 200 if it does, 404 if not.
 pub(crate) async fn exists(
     State(state): Shared,
-    Path(key): Path<String>,
+    ApiPath(key): ApiPath<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let (tenant, limits) = tenant(&state, &headers).await?;
-    limits.check_key(&key)?;
-    let exists = state.data.exists(&tenant.storage_key(&key)).await?;
+    let entry = entry(&state, &headers, &key).await?;
+    let exists = state.data.exists(&entry.storage_key).await?;
     let status = if exists {
         StatusCode::OK
     } else {
@@ -204,14 +249,13 @@ pub(crate) async fn exists(
 /// `POST /v1/cache/{key}/touch?ttl=SECONDS`: gives the entry a new TTL from now.
 pub(crate) async fn touch(
     State(state): Shared,
-    Path(key): Path<String>,
-    Query(query): Query<TtlQuery>,
+    ApiPath(key): ApiPath<String>,
+    ApiQuery(query): ApiQuery<TtlQuery>,
     headers: HeaderMap,
 ) -> Result<StatusCode, ApiError> {
-    let (tenant, limits) = tenant(&state, &headers).await?;
-    limits.check_key(&key)?;
-    let ttl = limits.ttl(asked_ttl(&query, &headers)?)?;
-    if state.data.touch(&tenant.storage_key(&key), ttl).await? {
+    let entry = entry(&state, &headers, &key).await?;
+    let ttl = entry.limits.ttl(asked_ttl(&query, &headers)?)?;
+    if state.data.touch(&entry.storage_key, ttl).await? {
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(ApiError::not_found("entry"))
@@ -232,16 +276,12 @@ pub(crate) struct Deleted {
 /// `DELETE /v1/cache?prefix=P`: deletes the tenant's entries whose key starts with `P`.
 pub(crate) async fn delete_prefix(
     State(state): Shared,
-    Query(query): Query<PrefixQuery>,
+    ApiQuery(query): ApiQuery<PrefixQuery>,
     headers: HeaderMap,
 ) -> Result<Json<Deleted>, ApiError> {
-    let (tenant, limits) = tenant(&state, &headers).await?;
-    limits.check_key(&query.prefix)?;
-    let deleted = state
-        .data
-        .delete_prefix(&tenant.storage_key(&query.prefix))
-        .await?;
-    state.usage.of(&tenant).deleted();
+    let entry = entry(&state, &headers, &query.prefix).await?;
+    let deleted = state.data.delete_prefix(&entry.storage_key).await?;
+    state.usage.of(&entry.tenant).deleted();
     Ok(Json(Deleted { deleted }))
 }
 
@@ -264,7 +304,7 @@ pub(crate) struct BulkValues {
 }
 
 /// The body of a bulk request, as JSON of `T`.
-async fn bulk_body<T: serde::de::DeserializeOwned>(
+async fn bulk_body<T: DeserializeOwned>(
     headers: &HeaderMap,
     body: Body,
     limits: &Limits,
@@ -369,7 +409,7 @@ fn tenant_path(name: &str) -> Result<TenantName, ApiError> {
 /// `POST /v1/admin/tenants/{tenant}/keys`: a new API key for the tenant.
 pub(crate) async fn create_key(
     State(state): Shared,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
     headers: HeaderMap,
 ) -> Result<(StatusCode, Json<CreatedKey>), ApiError> {
     admin(&state, &headers).await?;
@@ -393,7 +433,7 @@ pub(crate) async fn create_key(
 /// `DELETE /v1/admin/keys/{id}`: revokes a created key on every instance.
 pub(crate) async fn revoke_key(
     State(state): Shared,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     headers: HeaderMap,
 ) -> Result<StatusCode, ApiError> {
     admin(&state, &headers).await?;
@@ -408,7 +448,7 @@ pub(crate) async fn revoke_key(
 /// `DELETE /v1/admin/tenants/{tenant}/cache`: every entry of the tenant.
 pub(crate) async fn flush_tenant(
     State(state): Shared,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
     headers: HeaderMap,
 ) -> Result<Json<Deleted>, ApiError> {
     admin(&state, &headers).await?;
@@ -421,7 +461,7 @@ pub(crate) async fn flush_tenant(
 /// `GET /v1/admin/tenants/{tenant}/usage`: this instance's counts for the tenant.
 pub(crate) async fn usage(
     State(state): Shared,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     admin(&state, &headers).await?;
@@ -440,7 +480,7 @@ pub(crate) struct EntryMeta {
 /// tier that holds it, without its value.
 pub(crate) async fn entry_meta(
     State(state): Shared,
-    Path((name, key)): Path<(String, String)>,
+    ApiPath((name, key)): ApiPath<(String, String)>,
     headers: HeaderMap,
 ) -> Result<Json<EntryMeta>, ApiError> {
     admin(&state, &headers).await?;

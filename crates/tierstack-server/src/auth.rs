@@ -41,13 +41,7 @@ impl KeyHash {
 
     /// The 64 hex digits.
     pub fn to_hex(&self) -> String {
-        use std::fmt::Write as _;
-        self.0
-            .iter()
-            .fold(String::with_capacity(64), |mut hex, byte| {
-                let _ = write!(hex, "{byte:02x}");
-                hex
-            })
+        hex(&self.0)
     }
 
     /// Equal, in time that does not depend on where the two differ.
@@ -88,6 +82,9 @@ pub(crate) struct Keys {
     admin: Option<KeyHash>,
     /// Keys created through the admin API; read past L1 at least every `recheck`.
     created: TieredCache<KeyRecord>,
+    /// How an unknown key is remembered: in this instance's L1 only (an attacker's random
+    /// keys write nothing to the L2), for as long as a created key takes to be seen.
+    unknown: EntryOptions,
 }
 
 impl fmt::Debug for Keys {
@@ -99,18 +96,32 @@ impl fmt::Debug for Keys {
     }
 }
 
+/// `bytes` in lowercase hex.
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut hex, byte| {
+            let _ = write!(hex, "{byte:02x}");
+            hex
+        })
+}
+
 /// `bytes` random bytes from the operating system, in hex; an API key's secret part.
 fn random_hex(bytes: usize) -> Result<String, ApiError> {
-    use std::fmt::Write as _;
     let mut random = vec![0u8; bytes];
     getrandom::fill(&mut random)
         .map_err(|_| ApiError::unavailable("the system's random source failed"))?;
-    Ok(random
-        .iter()
-        .fold(String::with_capacity(bytes * 2), |mut hex, byte| {
-            let _ = write!(hex, "{byte:02x}");
-            hex
-        }))
+    Ok(hex(&random))
+}
+
+/// A new API key: `prefix` and 32 random bytes from the operating system, in hex.
+///
+/// # Errors
+///
+/// The system's random source failed.
+pub fn generate_key(prefix: &str) -> Result<String, ApiError> {
+    Ok(format!("{prefix}{}", random_hex(32)?))
 }
 
 impl Keys {
@@ -118,11 +129,17 @@ impl Keys {
         fixed: HashMap<KeyHash, TenantName>,
         admin: Option<KeyHash>,
         created: TieredCache<KeyRecord>,
+        recheck: Duration,
     ) -> Self {
+        let options = created.default_options();
+        let mut skips: Skips = options.skips();
+        skips.l2_write = true;
+        let unknown = options.with_negative_ttl(recheck).with_skips(skips);
         Self {
             fixed,
             admin,
             created,
+            unknown,
         }
     }
 
@@ -146,12 +163,13 @@ impl Keys {
             return Ok(Caller::Tenant(tenant.clone()));
         }
         // A created key: found by its hash, which the stored record must name exactly.
-        let options = self.negative_options();
         let found = self
             .created
-            .get_or_load_optional_with(&format!("hash:{}", hash.to_hex()), &options, || async {
-                Ok::<_, std::convert::Infallible>(None)
-            })
+            .get_or_load_optional_with(
+                &format!("hash:{}", hash.to_hex()),
+                &self.unknown,
+                || async { Ok::<_, std::convert::Infallible>(None) },
+            )
             .await
             .map_err(|_| ApiError::unavailable("the key registry is not reachable"))?;
         let record = found.map(|fetched| fetched.value);
@@ -167,19 +185,9 @@ impl Keys {
         }
     }
 
-    /// Unknown keys are remembered in this instance's L1 only (an attacker's random keys
-    /// write nothing to the L2), for as long as a created key takes to be seen.
-    fn negative_options(&self) -> EntryOptions {
-        let options = self.created.default_options();
-        let recheck = options.l1_ttl().unwrap_or(Duration::from_secs(5));
-        let mut skips: Skips = options.skips();
-        skips.l2_write = true;
-        options.with_negative_ttl(recheck).with_skips(skips)
-    }
-
     /// A new key for `tenant`: its id and the key itself (shown once, never kept).
     pub(crate) async fn create(&self, tenant: &TenantName) -> Result<(String, String), ApiError> {
-        let key = format!("tsk_{}", random_hex(32)?);
+        let key = generate_key("tsk_")?;
         let id = random_hex(8)?;
         let hash = KeyHash::of(&key).to_hex();
         let record = KeyRecord {

@@ -64,7 +64,7 @@ mod tenant;
 mod usage;
 
 pub use api::{TTL_HEADER, TTL_REQUEST_HEADER};
-pub use auth::KeyHash;
+pub use auth::{KeyHash, generate_key};
 pub use config::{ConfigError, ServerConfig, TenantConfig};
 pub use error::ApiError;
 pub use server::Server;

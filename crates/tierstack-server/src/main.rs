@@ -21,7 +21,7 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     let mut config = ServerConfig::from_env()?;
     if config.keys.is_empty() {
         // A development key: printed here once, on stdout (never logged), kept nowhere.
-        let key = format!("dev_{:016x}{:016x}", random_u64()?, random_u64()?);
+        let key = tierstack_server::generate_key("dev_")?;
         config
             .keys
             .insert(KeyHash::of(&key), TenantName::new("dev")?);
@@ -39,12 +39,6 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         .serve(listener, shutdown)
         .await?;
     Ok(())
-}
-
-fn random_u64() -> Result<u64, String> {
-    let mut bytes = [0u8; 8];
-    getrandom::fill(&mut bytes).map_err(|e| format!("the system's random source: {e}"))?;
-    Ok(u64::from_le_bytes(bytes))
 }
 
 /// Ctrl-C, or SIGTERM (what `docker stop` and Kubernetes send).

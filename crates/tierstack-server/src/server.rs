@@ -61,11 +61,7 @@ impl Server {
     ///
     /// A configuration the caches refuse.
     pub fn new(config: ServerConfig, backend: Backend) -> Result<Self, CacheError> {
-        let largest_value = std::iter::once(&config.default_limits)
-            .chain(config.limits.values())
-            .map(|limits| limits.max_value_bytes)
-            .max()
-            .unwrap_or(1 << 20);
+        let largest_value = largest(&config, |limits| limits.max_value_bytes);
         let data = TieredCache::<Bytes>::builder("tierstack-server")
             // Room for the envelope around the largest value a tenant may write.
             .max_value_len(largest_value.saturating_add(1024))
@@ -79,7 +75,7 @@ impl Server {
             backend.clone().apply(data).without_l1()
         };
         let (data, keys) = (data.build()?, backend.apply(keys).build()?);
-        let keys = Keys::new(config.keys.clone(), config.admin, keys);
+        let keys = Keys::new(config.keys.clone(), config.admin, keys, config.key_recheck);
         Ok(Self {
             state: Arc::new(AppState {
                 config,
@@ -177,13 +173,19 @@ impl Server {
     }
 }
 
-fn config_max_key(config: &ServerConfig) -> usize {
-    // A tenant's key, escaped (at most three bytes per byte), after its name and `:`.
+/// The largest of `limit` over every tenant's limits.
+fn largest(config: &ServerConfig, limit: impl Fn(&crate::tenant::Limits) -> usize) -> usize {
     std::iter::once(&config.default_limits)
         .chain(config.limits.values())
-        .map(|limits| limits.max_key_bytes)
+        .map(limit)
         .max()
-        .unwrap_or(256)
+        .unwrap_or_default()
+}
+
+/// The longest storage key: a tenant's key, escaped (at most three bytes per byte), after its
+/// name (64 bytes at most) and `:`.
+fn config_max_key(config: &ServerConfig) -> usize {
+    largest(config, |limits| limits.max_key_bytes)
         .saturating_mul(3)
         .saturating_add(65)
 }

@@ -88,14 +88,9 @@ async fn instances_share_entries_revocations_and_rate_limits() {
     assert!(over.headers().contains_key("retry-after"));
     // A key created on `a`, used on `b`, revoked on `a`: `b` refuses it at once.
     let admin = Client::new(&a, Some(ADMIN_KEY));
-    let created: serde_json::Value = admin
-        .request(Method::POST, "/v1/admin/tenants/news/keys")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let created = admin
+        .json(Method::POST, "/v1/admin/tenants/news/keys")
+        .await;
     let news_b = Client::new(&b, Some(created["key"].as_str().unwrap()));
     assert_eq!(
         news_b.get("k").await.0,

@@ -8,10 +8,10 @@ use std::io::Write as _;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use common::{ADMIN_KEY, Client, SHOP_KEY, config, memory, start};
+use common::{ADMIN_KEY, Client, SHOP_KEY, config, memory, start, start_router};
 use reqwest::{Method, StatusCode};
 use tierstack::StoreConfig;
-use tierstack_server::Limits;
+use tierstack_server::{Limits, Server};
 use tierstack_test_support::Launch;
 use tierstack_test_support::redis::RedisServer;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -89,7 +89,19 @@ async fn health_stays_up_while_redis_is_down_and_readiness_says_so() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shutdown_finishes_the_request_in_flight() {
-    let mut server = start(config(Limits::default()), memory().await).await;
+    // Told when the request reaches the routes, its headers read.
+    let arrived = Arc::new(tokio::sync::Notify::new());
+    let told = Arc::clone(&arrived);
+    let router = Server::new(config(Limits::default()), memory().await)
+        .unwrap()
+        .router()
+        .layer(axum::middleware::from_fn(
+            move |request: axum::extract::Request, next: axum::middleware::Next| {
+                told.notify_one();
+                next.run(request)
+            },
+        ));
+    let mut server = start_router(router).await;
     let address = server.base.trim_start_matches("http://").to_owned();
     let mut stream = tokio::net::TcpStream::connect(&address).await.unwrap();
     // A PUT whose body is half sent when the shutdown starts.
@@ -98,7 +110,7 @@ async fn a_shutdown_finishes_the_request_in_flight() {
          Content-Length: 10\r\nConnection: close\r\n\r\nhello"
     );
     stream.write_all(head.as_bytes()).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await; // real time: the request is read
+    arrived.notified().await;
     server.shut_down();
     tokio::time::sleep(Duration::from_millis(100)).await; // real time: the shutdown begins
     assert!(
@@ -144,14 +156,9 @@ async fn secrets_never_reach_the_logs() {
     let wrong = Client::new(&server.base, Some(&format!("{SENTINEL_KEY}-wrong")));
     assert_eq!(wrong.get("k").await.0, StatusCode::UNAUTHORIZED);
     let admin = Client::new(&server.base, Some(ADMIN_KEY));
-    let created: serde_json::Value = admin
-        .request(Method::POST, "/v1/admin/tenants/sentinel/keys")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let created = admin
+        .json(Method::POST, "/v1/admin/tenants/sentinel/keys")
+        .await;
     let created_key = created["key"].as_str().unwrap().to_owned();
     let id = created["id"].as_str().unwrap().to_owned();
     admin

@@ -11,14 +11,7 @@ use tierstack_server::Limits;
 async fn every_documented_route_answers_and_unknown_ones_do_not() {
     let server = start(config(Limits::default()), memory().await).await;
     let anonymous = Client::new(&server.base, None);
-    let document: serde_json::Value = anonymous
-        .request(Method::GET, "/openapi.json")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let document = anonymous.json(Method::GET, "/openapi.json").await;
     assert_eq!(document["openapi"], "3.1.0");
     let paths = document["paths"].as_object().unwrap();
     let mut operations = 0;

@@ -295,4 +295,17 @@ async fn a_cache_with_no_tier_refuses_a_conditional_write() {
         matches!(refused, Err(tierstack::CacheError::Configuration(_))),
         "{refused:?}"
     );
+    // An L1 only, and options that skip writing it: nothing would hold the value either.
+    let l1_only = tierstack::TieredCache::<String>::builder("l1")
+        .build()
+        .unwrap();
+    let mut skips = l1_only.default_options().skips();
+    skips.l1_write = true;
+    let skipping = l1_only.default_options().with_skips(skips);
+    let refused = l1_only.set_if_absent("k", "v".into(), &skipping).await;
+    assert!(
+        matches!(refused, Err(tierstack::CacheError::Configuration(_))),
+        "{refused:?}"
+    );
+    assert_eq!(l1_only.get("k").await.unwrap(), None);
 }

@@ -75,6 +75,25 @@ where
     }
 }
 
+/// `router` (a server's, with a layer of the test's) served as `Server::serve` serves it.
+pub async fn start_router(router: axum::Router) -> Running {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let (shutdown, signal) = oneshot::channel::<()>();
+    let stopped = tokio::spawn(async move {
+        axum::serve(listener, router)
+            .with_graceful_shutdown(async {
+                let _ = signal.await;
+            })
+            .await
+    });
+    Running {
+        base,
+        shutdown: Some(shutdown),
+        stopped,
+    }
+}
+
 /// A client speaking with `key`.
 pub struct Client {
     pub http: reqwest::Client,
@@ -120,13 +139,20 @@ impl Client {
         (response.status(), response.text().await.unwrap())
     }
 
-    /// The `code` of an error response.
+    /// The JSON body of `method` on `path`.
+    pub async fn json(&self, method: reqwest::Method, path: &str) -> serde_json::Value {
+        let response = self.request(method, path).send().await.unwrap();
+        response.json().await.unwrap()
+    }
+
+    /// The `code` of an error response; a response without one fails the test.
     pub async fn code(response: reqwest::Response) -> String {
-        let body: serde_json::Value =
-            serde_json::from_str(&response.text().await.unwrap()).unwrap();
+        let text = response.text().await.unwrap();
+        let body: serde_json::Value = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("not a JSON error ({e}): {text:?}"));
         body["error"]["code"]
             .as_str()
-            .unwrap_or_default()
+            .unwrap_or_else(|| panic!("no error code in {text}"))
             .to_owned()
     }
 }

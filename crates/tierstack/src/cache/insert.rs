@@ -54,8 +54,8 @@ where
         options.validate()?;
         let life = Self::life(options, options.ttl());
         let deadline = self.deadline();
-        // The key's lock orders this against the other writes of the key from this instance
-        // (and, without an L2, is what makes the check and the write one step).
+        // The key's lock orders this against the other conditional writes of the key from this
+        // instance.
         let _lock = tokio::time::timeout_at(deadline, self.freshness.lock_key(key))
             .await
             .map_err(|_| CacheError::Timeout {
@@ -63,22 +63,35 @@ where
                 after: self.settings.l2_timeout,
             })?;
         let Some(l2) = self.l2.as_ref().filter(|_| !options.skips().l2_write) else {
-            let now = self.clock.now();
-            let held = self
-                .l1_entry(key)
-                .is_some_and(|entry| entry.value.is_some() && entry.is_fresh_at(now));
-            if held != (condition == Condition::Present) {
-                return Ok(false);
-            }
-            if self.l1.is_none() {
-                // Nothing holds the value: a write that keeps nothing is not one.
+            if self.l1.is_none() || options.skips().l1_write {
+                // Nothing would hold the value: a write that keeps nothing is not one.
                 return Err(CacheError::Configuration(format!(
                     "{operation} needs a tier to write to: this cache has no L1 and no L2 \
-                     (or the options skip L2 writes without an L1)"
+                     (or the options skip the writes of every tier it has)"
                 )));
             }
-            self.keep_inserted(key, value, &life, options, None);
-            return Ok(true);
+            loop {
+                // Taken before the look: a write or delete of the key that lands after it
+                // (they do not take the key's lock) makes this look again.
+                let before = self.freshness.snapshot(key);
+                let now = self.clock.now();
+                let held = self
+                    .l1_entry(key)
+                    .is_some_and(|entry| entry.value.is_some() && entry.is_fresh_at(now));
+                if held != (condition == Condition::Present) {
+                    return Ok(false);
+                }
+                if self.freshness.is_current(before) {
+                    self.keep_inserted(key, value, &life, options, before);
+                    return Ok(true);
+                }
+                if Instant::now() >= deadline {
+                    return Err(CacheError::Timeout {
+                        operation,
+                        after: self.settings.l2_timeout,
+                    });
+                }
+            }
         };
         let bytes = self.encode_with_life(Some(&value), &life)?;
         // Taken before the write, as `set` takes it: an invalidation that arrives while the
@@ -102,7 +115,7 @@ where
                 return Err(error);
             }
         }
-        self.keep_inserted(key, value, &life, options, Some(before));
+        self.keep_inserted(key, value, &life, options, before);
         if !options.skips().backplane {
             // A compare-and-set is not among the writes a store announces itself.
             self.publish(Invalidation::Keys(vec![key.to_owned()]), deadline)
@@ -173,10 +186,10 @@ where
         value: V,
         life: &Life,
         options: &EntryOptions,
-        before: Option<Snapshot>,
+        before: Snapshot,
     ) {
         self.forget_kept(key);
-        let unchanged = before.is_none_or(|before| self.freshness.is_current(before));
+        let unchanged = self.freshness.is_current(before);
         let after = self.freshness.bump_key(key);
         if unchanged && life.to_l1 && !options.skips().l1_write {
             self.fill_l1_since(key, Some(value), life, after);
