@@ -1014,6 +1014,57 @@ async fn a_deaf_instance_still_falls_back_on_its_stale_copy_when_l2_and_the_orig
     assert_eq!(calls.count(), 2, "one attempt in the throttle window");
 }
 
+/// The loss is heard while a load is in flight (the Redis of L2 and of the backplane dies under
+/// it): the stale copy that the failed load re-arms stays, and answers the next failed load.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_loss_heard_during_a_failing_load_keeps_the_stale_copy_it_rearms() {
+    let fx = Fixture::new();
+    let bus = tierstack::core::testkit::MemoryBus::new();
+    let cache = fx
+        .builder("test")
+        .backplane(std::sync::Arc::new(bus.backplane()))
+        .l2_timeout(Duration::from_millis(50))
+        .build()
+        .unwrap();
+    let calls = Calls::default();
+    fetch(&cache, &fail_safe(), loader(&calls, "v1"))
+        .await
+        .unwrap();
+    cache.wait_for_background_fills().await;
+    fx.clock.advance(TTL);
+    fx.faulty.set_failing(true);
+    let stats = cache.clone();
+    let lose_then_fail = || async move {
+        bus.lose_all();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while stats.stats().resyncs == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "never heard of the loss"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await; // poll loop
+        }
+        Err::<String, _>(std::io::Error::other("origin down"))
+    };
+    let first = cache
+        .get_or_load_with("k", &fail_safe(), lose_then_fail)
+        .await
+        .unwrap();
+    assert_eq!((first.value.as_str(), first.stale), ("v1", true));
+    // Within the throttle, the re-armed copy answers without a call; after it, the origin is
+    // tried again and, failing, the copy answers once more.
+    for advance in [Duration::ZERO, THROTTLE] {
+        fx.clock.advance(advance);
+        let stale = fetch(&cache, &fail_safe(), failing(&calls)).await.unwrap();
+        assert_eq!((stale.value.as_str(), stale.stale), ("v1", true));
+    }
+    assert_eq!(
+        calls.count(),
+        2,
+        "the first load, then one attempt after the throttle"
+    );
+}
+
 #[tokio::test]
 async fn the_optional_read_through_takes_options_too() {
     let fx = Fixture::new();

@@ -76,11 +76,12 @@ where
             BackplaneEvent::Lost => {
                 // Deaf: L1 serves nothing as fresh (nobody would say when it changed) and takes
                 // no fills until `Resync` clears it. Its entries stay, as fail-safe's last
-                // resort when L2 and the origin fail too. Set before the bump: a fill that
-                // missed the flag sees the bump and evicts itself.
+                // resort when L2 and the origin fail too. No generation is bumped: a fill that
+                // missed the flag lands in an L1 that serves it only once `Resync` has cleared
+                // it (and that clear's bump evicts a fill landing later), while a bump would
+                // evict the stale copy a failed load re-arms meanwhile: the last resort itself.
                 self.deaf.store(true, Ordering::SeqCst);
                 self.tags.note_all_changed();
-                self.freshness.bump_local();
                 self.recorder.resync();
             }
             // Unknown events: whatever they mean, a clear keeps nothing stale.
