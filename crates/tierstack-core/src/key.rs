@@ -112,8 +112,9 @@ pub fn compose_key(parts: &[&str]) -> String {
 
 /// Appends `part` to `key`, escaping `%` and every character of `reserved` as `%` and the
 /// hex of its UTF-8 bytes, so that a part can never pass for the separators around it: with
-/// the separators of a key's template in `reserved`, two different lists of parts always give
-/// two different keys. `#[cached]` builds its keys with it; [`compose_key`] is the same with
+/// the first character of each separator of a key's template in `reserved`, and no `%` in the
+/// template's own text (a `%` there could read as a part's escape), two different lists of
+/// parts always give two different keys. `#[cached]` builds its keys with it; [`compose_key`] is the same with
 /// `:` as the only separator.
 ///
 /// ```

@@ -22,6 +22,9 @@ struct Kept {
     headers: HeaderMap,
     body: Bytes,
     stored_at_ms: u64,
+    /// Not a response: what a flight answers its waiters when the handler's response may not
+    /// be stored (it is its own request's alone). Never stored, never encoded.
+    unshared: bool,
 }
 
 /// How a stored response is encoded in the L2.
@@ -84,6 +87,7 @@ impl<'de> Deserialize<'de> for CachedResponse {
             headers,
             body: Bytes::from(wire.body.into_owned()),
             stored_at_ms: wire.stored_at_ms,
+            unshared: false,
         })))
     }
 }
@@ -184,7 +188,25 @@ impl CachedResponse {
             headers: stored,
             body,
             stored_at_ms: now_ms(),
+            unshared: false,
         }))
+    }
+
+    /// What a flight answers its waiters when the handler's response may not be stored: no
+    /// response, but word that each must run the handler itself.
+    pub(crate) fn unshared() -> Self {
+        Self(Arc::new(Kept {
+            status: StatusCode::OK,
+            headers: HeaderMap::new(),
+            body: Bytes::new(),
+            stored_at_ms: 0,
+            unshared: true,
+        }))
+    }
+
+    /// Whether this is the [`unshared`](Self::unshared) word rather than a response.
+    pub(crate) fn is_unshared(&self) -> bool {
+        self.0.unshared
     }
 
     /// How long ago it was stored, in whole seconds (the `Age` header).

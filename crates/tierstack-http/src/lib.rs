@@ -23,13 +23,15 @@
 //!
 //! # What is cached
 //!
-//! - `GET` requests, keyed by path, query, host and the values of the headers named in
+//! - `GET` requests, keyed by path, query, every host the request names (its URI's
+//!   authority, `Host`, `X-Forwarded-Host`, `X-Forwarded-Proto`, `Forwarded`: a request whose
+//!   hosts disagree gets an entry of its own) and the values of the headers named in
 //!   [`vary_on`](HttpCacheLayer::vary_on); `HEAD` is answered from a cached `GET` (and passes
 //!   through on a miss). Other methods, requests with `Cache-Control: no-store`, requests with
 //!   `Authorization` (unless [`cache_authorized`](HttpCacheLayer::cache_authorized)) and
 //!   requests with a `Cookie` (unless
-//!   [`cache_requests_with_cookies`](HttpCacheLayer::cache_requests_with_cookies)) pass
-//!   through untouched. `Cache-Control: no-cache` (or `max-age=0`) on a request runs the
+//!   [`cache_requests_with_cookies`](HttpCacheLayer::cache_requests_with_cookies), or `cookie`
+//!   is in `vary_on`) pass through untouched. `Cache-Control: no-cache` (or `max-age=0`) on a request runs the
 //!   handler and stores its fresh response (unless
 //!   [`honor_request_no_cache`](HttpCacheLayer::honor_request_no_cache) is off).
 //! - Responses with a cacheable status (2xx except 206, by default), no `Set-Cookie`, no
@@ -41,11 +43,15 @@
 //! The key holds nothing else: a route whose answer depends on more (the signed-in user, a
 //! header outside `vary_on`) must answer `Cache-Control: private`, or stay outside the layer.
 //! With fail-safe in the cache's options, a stale copy answers when the handler fails (an
-//! error, a 5xx), never in place of a response it gave that may not be stored.
+//! error, a 5xx), never in place of a response it gave that may not be stored: that response
+//! goes to its own request, each request that waited for it runs the handler itself, and the
+//! requests after it run the handler too until one answers what may be stored.
 //!
 //! # What a response gets
 //!
-//! An `ETag` (a hash of the body) when the handler set none; `Age`; `x-cache: HIT` or `MISS`.
+//! An `ETag` (a hash of the body) when the handler set none; `Age`; `x-cache: HIT`, `MISS`, or
+//! `STALE` where this request's handler call failed and fail-safe's copy answered (a request
+//! that waited on that call reads `HIT`).
 //! A request whose `If-None-Match` names the `ETag` gets `304 Not Modified` without running the
 //! handler. Concurrent misses of one key run the handler once; a response that may not be
 //! stored goes only to its own request, and each other waiting request runs the handler
@@ -74,7 +80,8 @@ pub type HttpCacheBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxEr
 /// The error of [`HttpCacheBody`].
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// The header that says whether the cache answered (`HIT`) or the handler did (`MISS`).
+/// The header that says whether the cache answered (`HIT`), the handler did (`MISS`), or the
+/// handler failed and fail-safe's stale copy answered (`STALE`).
 pub const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
 
 /// The default header a handler tags its response with.
@@ -116,6 +123,7 @@ impl HttpCacheLayer {
                 requests: policy::RequestRules {
                     authorized: false,
                     with_cookies: false,
+                    cookies_vary: false,
                     honor_no_cache: true,
                 },
             }),
@@ -142,7 +150,10 @@ impl HttpCacheLayer {
             .into_iter()
             .filter_map(|name| HeaderName::from_bytes(name.as_ref().as_bytes()).ok())
             .collect();
-        self.with(|shared| shared.rules.vary_on = names)
+        self.with(|shared| {
+            shared.requests.cookies_vary = names.contains(&http::header::COOKIE);
+            shared.rules.vary_on = names;
+        })
     }
 
     /// The largest body stored (default 1 MiB); larger ones pass through.
@@ -167,8 +178,9 @@ impl HttpCacheLayer {
 
     /// Whether requests with a `Cookie` header meet the cache (default: no, they pass
     /// through: a handler may answer from the session the cookie names). Turn it on for routes
-    /// that answer the same whatever the cookies (an analytics cookie on a product page), or
-    /// name `cookie` in [`vary_on`](Self::vary_on).
+    /// that answer the same whatever the cookies (an analytics cookie on a product page).
+    /// Naming `cookie` in [`vary_on`](Self::vary_on) lets them in too, each cookie header
+    /// keyed apart (one entry per session: rarely worth it).
     #[must_use]
     pub fn cache_requests_with_cookies(self, cache: bool) -> Self {
         self.with(|shared| shared.requests.with_cookies = cache)

@@ -66,11 +66,18 @@ pub(crate) enum Lookup {
 
 /// What the layer's settings say of requests.
 #[derive(Debug, Clone, Copy)]
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "independent settings, each named for the requests it lets in"
+)]
 pub(crate) struct RequestRules {
     /// Requests with `Authorization` meet the cache.
     pub(crate) authorized: bool,
     /// Requests with `Cookie` meet the cache.
     pub(crate) with_cookies: bool,
+    /// The key holds the `Cookie` header (it is in `vary_on`): requests with one meet the
+    /// cache, each cookie apart.
+    pub(crate) cookies_vary: bool,
     /// A request's `no-cache` (or `max-age=0`) runs the handler instead of answering from the
     /// cache.
     pub(crate) honor_no_cache: bool,
@@ -80,7 +87,7 @@ impl RequestRules {
     pub(crate) fn lookup(self, method: &Method, headers: &HeaderMap) -> Lookup {
         let directives = Directives::of(headers);
         let credentials = (headers.contains_key(AUTHORIZATION) && !self.authorized)
-            || (headers.contains_key(COOKIE) && !self.with_cookies);
+            || (headers.contains_key(COOKIE) && !self.with_cookies && !self.cookies_vary);
         if directives.no_store || credentials {
             return Lookup::Bypass;
         }
@@ -205,6 +212,7 @@ mod tests {
         let rules = RequestRules {
             authorized: false,
             with_cookies: false,
+            cookies_vary: false,
             honor_no_cache: true,
         };
         let get = Method::GET;
@@ -241,6 +249,11 @@ mod tests {
             ..rules
         };
         assert_eq!(allowed.lookup(&get, &cookie), Lookup::ReadThrough);
+        let keyed = RequestRules {
+            cookies_vary: true,
+            ..rules
+        };
+        assert_eq!(keyed.lookup(&get, &cookie), Lookup::ReadThrough);
     }
 
     #[test]

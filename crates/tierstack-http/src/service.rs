@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http::header::HOST;
+use http::header::{FORWARDED, HOST};
 use http::{HeaderName, HeaderValue, Request, Response, StatusCode};
 use http_body::Body;
 use http_body_util::BodyExt;
@@ -19,6 +19,15 @@ use tower_service::Service;
 use crate::entry::{self, CachedResponse};
 use crate::policy::{self, Lookup, Rules};
 use crate::{BoxError, HttpCacheBody};
+
+/// The request headers that say which host (and scheme) a request was addressed to: each is in
+/// the key, whether or not the cache varies on it.
+const ADDRESSED_TO: [HeaderName; 4] = [
+    HOST,
+    HeaderName::from_static("x-forwarded-host"),
+    HeaderName::from_static("x-forwarded-proto"),
+    FORWARDED,
+];
 
 /// What the layer shares between its services.
 #[derive(Clone)]
@@ -132,8 +141,14 @@ where
 }
 
 impl Shared {
-    /// The key of a request: its path and query, then a hash of its host and of the headers
-    /// the cache varies on. Prefix invalidation works on the path, for every host.
+    /// The key of a request: its path and query, then a hash of where it was addressed and of
+    /// the headers the cache varies on. Prefix invalidation works on the path, for every host.
+    ///
+    /// A handler that builds links from the host answers per host: one host's answer must
+    /// never go to another's request. Which of the request's hosts a handler reads (the URI's
+    /// authority, `Host`, or a proxy's `X-Forwarded-Host` or `Forwarded`) is its own business,
+    /// so every one of them is in the key: a request whose absolute-form URI names one host and
+    /// whose `Host` names another gets an entry of its own, and cannot poison either's.
     fn key<B>(&self, request: &Request<B>) -> String {
         let uri = request.uri();
         let mut key = uri.path().to_owned();
@@ -143,30 +158,28 @@ impl Shared {
         }
         let mut varying = Sha256::new();
         let mut any = false;
-        // A handler that builds links from the host answers per host: one host's answer
-        // must never go to another's request.
-        let host = uri
-            .authority()
-            .map(|authority| authority.as_str().as_bytes())
-            .or_else(|| request.headers().get(HOST).map(HeaderValue::as_bytes));
-        if let Some(host) = host {
+        let mut add = |name: &[u8], value: &[u8]| {
             any = true;
-            varying.update(b"host\0");
-            varying.update(host);
-            varying.update([0]);
+            // Lengths first: no name or value can run into the next.
+            varying.update((name.len() as u64).to_le_bytes());
+            varying.update(name);
+            varying.update((value.len() as u64).to_le_bytes());
+            varying.update(value);
+        };
+        if let Some(scheme) = uri.scheme() {
+            add(b":scheme", scheme.as_str().as_bytes());
         }
-        for name in &self.rules.vary_on {
+        if let Some(authority) = uri.authority() {
+            add(b":authority", authority.as_str().as_bytes());
+        }
+        for name in ADDRESSED_TO.iter().chain(&self.rules.vary_on) {
             for value in request.headers().get_all(name) {
-                any = true;
-                varying.update(name.as_str().as_bytes());
-                varying.update([0]);
-                varying.update(value.as_bytes());
-                varying.update([0]);
+                add(name.as_str().as_bytes(), value.as_bytes());
             }
         }
         if any {
             key.push('#');
-            for byte in &varying.finalize()[..8] {
+            for byte in &varying.finalize()[..16] {
                 let _ = write!(key, "{byte:02x}");
             }
         }
@@ -245,15 +258,22 @@ impl Shared {
                     let Some(request) = lock(slot).request.take() else {
                         return Err(Unshared::Failed);
                     };
-                    let loaded = self.load(inner, request, slot).await;
-                    if let Err(why) = loaded {
-                        lock(slot).unshared = Some(why);
-                    }
-                    loaded.map(|to_store| {
-                        Loaded::new(to_store.response)
+                    match self.load(inner, request, slot).await {
+                        Ok(to_store) => Ok(Loaded::new(to_store.response)
                             .with_ttl(to_store.ttl)
-                            .with_tags(to_store.tags)
-                    })
+                            .with_tags(to_store.tags)),
+                        // Not a failure: the handler answered, for its own request alone. The
+                        // waiters hear so (and run the handler themselves), fail-safe keeps
+                        // out of it, and nothing is cached.
+                        Err(Unshared::NotStored) => {
+                            lock(slot).unshared = Some(Unshared::NotStored);
+                            Ok(Loaded::new(CachedResponse::unshared()).uncached())
+                        }
+                        Err(Unshared::Failed) => {
+                            lock(slot).unshared = Some(Unshared::Failed);
+                            Err(Unshared::Failed)
+                        }
+                    }
                 })
                 .await
         };
@@ -262,22 +282,28 @@ impl Shared {
             (slot.request.is_none(), slot.own.take(), slot.unshared)
         };
         match (loaded, own) {
-            // The handler answered for this request alone: a stale copy that fail-safe may
-            // hold is no answer to it.
+            // The handler answered for this request alone.
             (_, Some(own)) if matches!(unshared, Some(Unshared::NotStored)) => own,
-            (Ok(stored), _) => {
-                let hit = HeaderValue::from_static(if ran { "MISS" } else { "HIT" });
-                Ok(full(stored.answer(&conditional, false, hit)))
+            (Ok(stored), _) if !stored.is_unshared() => {
+                // Where this request's handler call failed, the answer is fail-safe's copy.
+                let label = match (ran, unshared) {
+                    (true, Some(Unshared::Failed)) => "STALE",
+                    (true, _) => "MISS",
+                    (false, _) => "HIT",
+                };
+                let label = HeaderValue::from_static(label);
+                Ok(full(stored.answer(&conditional, false, label)))
             }
-            (Err(_), Some(own)) => own,
-            (Err(error), None) => {
+            (_, Some(own)) => own,
+            (answer, None) => {
                 let request = lock(&slot).request.take();
-                // Nothing shared (or a cache error): this request runs the handler.
+                // Nothing shared (the leader's response was its own, or it failed, or a cache
+                // error): this request runs the handler.
                 if let Some(request) = request {
                     return inner.call(request).await.map(|r| self.own(r));
                 }
                 // The handler panicked on this request.
-                if let LoadError::Panicked = error {
+                if let Err(LoadError::Panicked) = answer {
                     tracing::warn!("the handler panicked under the HTTP cache");
                 }
                 Ok(status_only(StatusCode::INTERNAL_SERVER_ERROR))

@@ -131,7 +131,11 @@ fn per_request_routes(calls: &Arc<Calls>) -> Router {
         let c = Arc::clone(&c);
         async move {
             c.next();
-            let host = headers.get(header::HOST).cloned();
+            // Behind a proxy, the host the client asked for.
+            let host = headers
+                .get("x-forwarded-host")
+                .or_else(|| headers.get(header::HOST))
+                .cloned();
             format!("links to {}", host.unwrap().to_str().unwrap())
         }
     };
@@ -153,6 +157,9 @@ fn per_request_routes(calls: &Arc<Calls>) -> Router {
         let c = Arc::clone(&c);
         async move {
             let call = c.next();
+            if headers.contains_key("x-slow") {
+                tokio::time::sleep(Duration::from_millis(300)).await; // real time
+            }
             // The request picks the answer (a header the key does not hold, as an origin's
             // state would be).
             match headers.get("x-answer").map(|v| v.to_str().unwrap()) {
@@ -448,6 +455,46 @@ async fn each_host_has_its_own_entries() {
     assert_eq!(calls.count(), 2, "one handler call per host");
 }
 
+/// A request whose hosts disagree (an absolute-form URI naming one host and `Host` another, or
+/// a `X-Forwarded-Host` the proxy did not set) gets an entry of its own: what its handler
+/// built from the host it read never answers another host's requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_whose_hosts_disagree_cannot_poison_another_hosts_entry() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let (base, calls, client) = single(layer()).await;
+    let address = base.trim_start_matches("http://");
+    let mut raw = tokio::net::TcpStream::connect(address).await.unwrap();
+    raw.write_all(
+        b"GET http://victim.example/host HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut answer = String::new();
+    tokio::time::timeout(Duration::from_secs(5), raw.read_to_string(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(answer.ends_with("links to evil.example"), "{answer}");
+    let forwarded = client
+        .get(format!("{base}/host"))
+        .header(header::HOST, "victim.example")
+        .header("x-forwarded-host", "evil.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(forwarded.text().await.unwrap(), "links to evil.example");
+    for _ in 0..2 {
+        let plain = client
+            .get(format!("{base}/host"))
+            .header(header::HOST, "victim.example")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(plain.text().await.unwrap(), "links to victim.example");
+    }
+    assert_eq!(calls.count(), 3, "three keys, the last one cached");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_with_cookies_pass_through_unless_allowed() {
     let (base, calls, client) = single(layer()).await;
@@ -526,16 +573,63 @@ async fn a_fail_safe_stale_copy_stands_in_for_a_failure_not_for_an_answer() {
             .get(format!("{base}/flaky"))
             .header("x-answer", answer);
         let response = request.send().await.unwrap();
-        (response.status(), response.text().await.unwrap())
+        let label = response.headers()["x-cache"].to_str().unwrap().to_owned();
+        (response.status(), response.text().await.unwrap(), label)
     };
-    assert_eq!(get("fresh").await, (StatusCode::OK, "fresh 1".to_owned()));
+    let answer = |text: &str, label: &str| (StatusCode::OK, text.to_owned(), label.to_owned());
+    assert_eq!(get("fresh").await, answer("fresh 1", "MISS"));
     clock.advance(Duration::from_secs(11));
-    // The origin fails: the stale copy answers.
-    assert_eq!(get("fail").await, (StatusCode::OK, "fresh 1".to_owned()));
+    // The origin fails: the stale copy answers, and says so.
+    assert_eq!(get("fail").await, answer("fresh 1", "STALE"));
     assert_eq!(calls.count(), 2, "the handler was asked");
     clock.advance(Duration::from_secs(2));
-    // The origin answers, with something that may not be stored: that answer goes out.
-    assert_eq!(get("cookie").await, (StatusCode::OK, "cookie 3".to_owned()));
+    // The origin answers, with something that may not be stored: that answer goes out...
+    // (the handler's own response, which the cache did not answer: no `x-cache`)...
+    let get_cookie = async || {
+        let request = client
+            .get(format!("{base}/flaky"))
+            .header("x-answer", "cookie");
+        let response = request.send().await.unwrap();
+        let label = response.headers().get("x-cache").cloned();
+        (response.status(), label, response.text().await.unwrap())
+    };
+    let cookie = |text: &str| (StatusCode::OK, None, text.to_owned());
+    assert_eq!(get_cookie().await, cookie("cookie 3"));
+    // ...and the stale copy does not answer the next request in its place (no throttle
+    // window re-armed by a "failure" that was an answer).
+    assert_eq!(get_cookie().await, cookie("cookie 4"));
+    assert_eq!(calls.count(), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_waiting_on_an_answer_that_may_not_be_stored_run_the_handler_themselves() {
+    let clock = tierstack::core::clock::ManualClock::new();
+    let options = tierstack::EntryOptions::default()
+        .with_ttl(Duration::from_secs(10))
+        .with_fail_safe(tierstack::FailSafe::new(Duration::from_secs(600)));
+    let cache = TieredCache::builder("http")
+        .l2(Arc::new(MemoryStore::new()))
+        .clock(Arc::new(clock.clone()))
+        .default_options(options)
+        .build()
+        .unwrap();
+    let (base, calls, client) = single(HttpCacheLayer::new(cache)).await;
+    let get = |answer: &'static str| {
+        let request = client
+            .get(format!("{base}/flaky"))
+            .header("x-answer", answer)
+            .header("x-slow", "1");
+        async move { request.send().await.unwrap().text().await.unwrap() }
+    };
+    assert_eq!(get("fresh").await, "fresh 1");
+    clock.advance(Duration::from_secs(11));
+    // Three requests meet while the slow handler answers the first with a cookie: none of
+    // them gets the stale copy; each gets an answer of its own.
+    let answers = futures_util::future::join_all((0..3).map(|_| get("cookie"))).await;
+    let mut calls_seen: Vec<&str> = answers.iter().map(String::as_str).collect();
+    calls_seen.sort_unstable();
+    assert_eq!(calls_seen, ["cookie 2", "cookie 3", "cookie 4"]);
+    assert_eq!(calls.count(), 4);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -568,6 +662,10 @@ async fn a_path_is_invalidated_alone_and_with_every_query() {
     assert_eq!(get("/products/7").await, "product 7 call 1");
     assert_eq!(get("/products/7?color=red").await, "product 7 call 2");
     assert_eq!(get("/products/70").await, "product 70 call 3");
+    // A prefix delete counts as a change of every key whose L2 write is still on its way (it
+    // cannot tell which it would remove): that fill would be dropped, and the handler asked
+    // again. Here the writes land first.
+    layer.cache().wait_for_background_fills().await;
     assert_eq!(layer.invalidate_path("/products/7").await.unwrap(), 2);
     assert_eq!(get("/products/7").await, "product 7 call 4");
     assert_eq!(get("/products/7?color=red").await, "product 7 call 5");

@@ -3,6 +3,13 @@
 
 use syn::LitStr;
 
+/// The separators every template's arguments are escaped for.
+const ALWAYS_RESERVED: &str = ":/";
+
+/// The format specs a placeholder may have: each keeps every distinction between values
+/// (`{x:.2}` would round two prices into one key; `{s:.3}` cut two names into one).
+const SPECS: [&str; 3] = ["", "?", "#?"];
+
 /// One piece of a key's template.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Segment {
@@ -23,10 +30,12 @@ pub(crate) struct Template {
 
 impl Template {
     /// The characters an argument's text is escaped for (beside `%`): the first character of
-    /// each literal between two arguments. An argument then never holds the start of the
-    /// separator after it, so a key reads back into its arguments one way only.
+    /// each literal between two arguments, so that an argument never holds the start of the
+    /// separator after it and a key reads back into its arguments one way only; and `:` and
+    /// `/` always, so that an argument cannot pass for more of another template that starts
+    /// alike (`"user:{id}"` with `7:x` against `"user:{id}:{tab}"` with `7` and `x`).
     pub(crate) fn reserved(&self) -> String {
-        let mut reserved = String::new();
+        let mut reserved = String::from(ALWAYS_RESERVED);
         for (index, segment) in self.segments.iter().enumerate() {
             let between = index > 0 && index + 1 < self.segments.len();
             if let (true, Segment::Literal(text)) = (between, segment)
@@ -74,6 +83,13 @@ pub(crate) fn parse(key: &LitStr, params: &[String]) -> syn::Result<Template> {
                          function's arguments, as in \"user:{{id}}\""
                     ));
                 }
+                if !SPECS.contains(&spec.as_str()) {
+                    return fail(format!(
+                        "`{{{inside}}}`: a placeholder is `{{{name}}}`, `{{{name}:?}}` or \
+                         `{{{name}:#?}}`; a format spec that rounds, cuts or pads lets \
+                         different arguments share a key"
+                    ));
+                }
                 if !params.iter().any(|param| param == name) {
                     return fail(format!(
                         "the key names `{name}`, which is not an argument of the function"
@@ -101,6 +117,13 @@ pub(crate) fn parse(key: &LitStr, params: &[String]) -> syn::Result<Template> {
                 literal.push('}');
             }
             '}' => return fail("an unmatched `}` in the key (write `}}`)".into()),
+            '%' => {
+                return fail(
+                    "a `%` in the key's text could read as an argument's escape (`%3A`): \
+                     leave it out of the template"
+                        .into(),
+                );
+            }
             other => literal.push(other),
         }
     }
@@ -148,10 +171,11 @@ mod tests {
                 argument("id", ""),
             ]
         );
-        assert_eq!(template.reserved(), ":");
-        let paths = check("v1/{a}/-{b}.json", &["a", "b"]).unwrap();
-        assert_eq!(paths.reserved(), "/");
-        assert_eq!(check("user:{id}", &["id"]).unwrap().reserved(), "");
+        assert_eq!(template.reserved(), ":/");
+        let paths = check("v1/{a}-{b}.json", &["a", "b"]).unwrap();
+        assert_eq!(paths.reserved(), ":/-");
+        assert_eq!(check("user:{id}", &["id"]).unwrap().reserved(), ":/");
+        assert_eq!(check("{a:#?}|{b}", &["a", "b"]).unwrap().reserved(), ":/|");
         let braces = check("{{literal}}/{id}", &["id"]).unwrap();
         assert_eq!(
             braces.segments,
@@ -170,5 +194,9 @@ mod tests {
         assert!(error("user:id}", &["id"]).contains("unmatched"));
         assert!(error("user", &["id"]).contains("none of the arguments"));
         assert!(error("{a}{b}", &["a", "b"]).contains("separator"));
+        assert!(error("user:{id:.2}", &["id"]).contains("format spec"));
+        assert!(error("user:{id:>5}", &["id"]).contains("format spec"));
+        assert!(error("{a}%2{b}", &["a", "b"]).contains("`%`"));
+        assert!(error("100%:{a}", &["a"]).contains("`%`"));
     }
 }

@@ -56,13 +56,16 @@ use signature::{Answer, Checked};
 ///   function call, or `self.cache` in a method taking `&self`.
 /// - `key = "..."` (required): the entry's key, a format string naming the function's
 ///   arguments (`"user:{id}"`, `"search:{query:?}:{page}"`). Every placeholder must name an
-///   argument: the key is the whole identity of a call. Two placeholders need a separator
-///   between them, and each argument's text is escaped (`%` always, and the first character
-///   of each separator between two arguments: `:` in `"{org}:{user}"` becomes `%3A`; see
-///   `tierstack::core::key::push_key_part`), so that different arguments never share a key
-///   (`("a:b", "c")` and `("a", "b:c")` stay apart). The key is
-///   the template and nothing else: two functions on one cache need templates of their own
-///   (`"user:{id}"`, `"orders:{id}"`).
+///   argument: the key is the whole identity of a call. A placeholder is `{x}` (`Display`),
+///   `{x:?}` or `{x:#?}` (`Debug`): a spec that rounds or cuts (`{x:.2}`) would let two
+///   arguments share a key. Two placeholders need a separator between them, the template's
+///   text holds no `%`, and each argument's text is escaped (`%`, `:` and `/` always, and the
+///   first character of each separator between two arguments: `:` in `"{org}:{user}"` becomes
+///   `%3A`; see `tierstack::core::key::push_key_part`), so that different arguments never
+///   share a key (`("a:b", "c")` and `("a", "b:c")` stay apart, and so do `"pair:{a}:{b}"`
+///   with `("x", "y")` and `"pair:{whole}"` with `"x:y"`). The key is the template and
+///   nothing else: two functions on one cache need templates of their own (`"user:{id}"`,
+///   `"orders:{id}"`).
 /// - `ttl = "5m"` (optional): the time to live of this function's entries (`ms`, `s`, `m`, `h`
 ///   or `d`), instead of the cache's default.
 /// - `options = EXPR` (optional, not with `ttl`): the call's `EntryOptions` (fail-safe, a hard

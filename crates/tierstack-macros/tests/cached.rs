@@ -162,6 +162,12 @@ async fn pair(left: &str, right: &str) -> String {
     format!("{left}|{right}")
 }
 
+/// A second function on the same cache, whose template starts as `pair`'s does.
+#[cached(cache = PAIRS, key = "pair:{whole}")]
+async fn whole(whole: &str) -> String {
+    format!("whole {whole}")
+}
+
 static PAIRS: LazyLock<TieredCache<String>> = LazyLock::new(|| cache("pairs"));
 
 #[tokio::test]
@@ -177,6 +183,14 @@ async fn arguments_that_hold_the_separator_never_share_a_key() {
         PAIRS.get("pair:a%3Ab:c").await.unwrap().as_deref(),
         Some("a:b|c"),
         "the key's own text is kept, the argument's separator escaped"
+    );
+    // `:` is escaped in every argument, not only between two: one argument cannot pass for
+    // two of another template that starts alike.
+    assert_eq!(pair("x", "y").await.unwrap(), "x|y");
+    assert_eq!(
+        whole("x:y").await.unwrap(),
+        "whole x:y",
+        "not the entry of (x, y)"
     );
     assert!(invalidate_pair("a", "b:c").await.unwrap());
     assert_eq!(PAIRS.get("pair:a:b%3Ac").await.unwrap(), None);

@@ -26,7 +26,10 @@
 //!   id cycled at login) cannot bring the ended session back when it saves after it. A sliding
 //!   session (`Expiry::OnInactivity`) is saved, and so extended, as tower-sessions asks.
 //! - **load** answers only a record whose expiry date is in the future, even from a backend
-//!   that keeps expired records (Firestore deletes them up to a day late).
+//!   that keeps expired records (Firestore deletes them up to a day late). An L2 that fails
+//!   (or times out) while L1 has no copy is an error, never a missing session: tower-sessions
+//!   answers that request with a 500, and the user stays signed in
+//!   ([`EntryOptions::with_l2_errors_returned`]).
 //! - **delete** (a logout, an id cycled at login against session fixation) removes the record
 //!   from both tiers, and the backplane makes every other instance drop its copy.
 //! - **Without a backplane** (an L2 such as Firestore, which has none), another instance's L1
@@ -87,8 +90,14 @@ impl TieredSessionStore {
 
     /// The options of a session's reads and writes: living `ttl`, and past L1 when other
     /// instances' writes would not reach it.
+    ///
+    /// A read returns an L2 failure as an error: read as a miss, it would log the user out.
     fn options(&self, ttl: Duration) -> EntryOptions {
-        let options = self.cache.default_options().with_ttl(ttl);
+        let options = self
+            .cache
+            .default_options()
+            .with_ttl(ttl)
+            .with_l2_errors_returned(true);
         if self.use_l1 {
             return options;
         }

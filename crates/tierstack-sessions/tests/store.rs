@@ -135,8 +135,8 @@ async fn a_failing_backend_is_an_error_not_a_lost_session() {
     assert!(store.create(&mut session).await.is_err());
     assert!(store.save(&session).await.is_err());
     assert!(
-        store.load(&session.id).await.is_ok(),
-        "a read answers from L1 (a miss here)"
+        store.load(&session.id).await.is_err(),
+        "a failed read is no missing session: that would log its user out"
     );
     faulty.set_failing(false);
     store.create(&mut session).await.unwrap();

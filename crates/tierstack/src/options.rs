@@ -35,6 +35,7 @@ pub struct EntryOptions {
     eager_refresh: Option<f64>,
     load_lease: Option<LoadLease>,
     write_recovery: bool,
+    l2_errors_returned: bool,
     skips: Skips,
 }
 
@@ -90,6 +91,7 @@ impl Default for EntryOptions {
             eager_refresh: None,
             load_lease: None,
             write_recovery: false,
+            l2_errors_returned: false,
             skips: Skips {
                 l1_read: false,
                 l1_write: false,
@@ -236,6 +238,21 @@ impl EntryOptions {
     /// Whether a write that the L2 failed is kept for a replay.
     pub fn write_recovery(&self) -> bool {
         self.write_recovery
+    }
+
+    /// Whether a plain read ([`get_with`](crate::TieredCache::get_with)) that L1 cannot answer
+    /// returns an L2 failure (an error, a timeout, the breaker open) as an error, instead of
+    /// reading it as a miss (the default). For values where "not found" has a consequence that
+    /// a failure must not have: a session read as missing logs its user out.
+    #[must_use]
+    pub fn with_l2_errors_returned(mut self, returned: bool) -> Self {
+        self.l2_errors_returned = returned;
+        self
+    }
+
+    /// Whether a plain read returns an L2 failure as an error.
+    pub fn l2_errors_returned(&self) -> bool {
+        self.l2_errors_returned
     }
 
     /// Leaves tiers (or the backplane) out of the call; see [`Skips`].

@@ -1476,3 +1476,23 @@ async fn a_write_while_deaf_leaves_no_older_copy_to_fall_back_on() {
         "{answer:?}"
     );
 }
+
+#[tokio::test]
+async fn a_plain_read_may_return_an_l2_failure_instead_of_a_miss() {
+    let fx = Fixture::new();
+    let cache = fx.cache();
+    cache.set("cached", "v".into()).await.unwrap();
+    fx.faulty.set_failing(true);
+    let strict = cache.default_options().with_l2_errors_returned(true);
+    assert!(cache.get_with("k", &strict).await.is_err());
+    assert_eq!(
+        cache.get_with("k", &cache.default_options()).await.unwrap(),
+        None,
+        "by default a failure reads as a miss"
+    );
+    assert_eq!(
+        cache.get_with("cached", &strict).await.unwrap().as_deref(),
+        Some("v"),
+        "L1 answers without asking the L2"
+    );
+}

@@ -214,13 +214,18 @@ where
     /// [`get`](Self::get), with `options`' [`Skips`](crate::Skips): `l1_read` reads L2 even
     /// when L1 holds the key, `l2_read` reads L1 only, and `l1_write` keeps what L2 answered
     /// out of L1. For a value other instances change without a backplane to tell this one:
-    /// read it from L2 every time.
+    /// read it from L2 every time. With
+    /// [`with_l2_errors_returned`](EntryOptions::with_l2_errors_returned), an L2 failure is
+    /// an error rather than a miss.
     ///
     /// # Errors
     ///
-    /// As [`get`](Self::get).
+    /// As [`get`](Self::get), and the L2's error (a
+    /// [`CacheError::Timeout`](tierstack_core::CacheError::Timeout), say) when the options return L2 errors.
     pub async fn get_with(&self, key: &str, options: &EntryOptions) -> Result<Option<V>> {
-        self.inner.get_with(key, options.skips()).await
+        self.inner
+            .get_with(key, options.skips(), options.l2_errors_returned())
+            .await
     }
 
     /// Whether other instances' writes reach this cache's L1 at once: `true` with a backplane,

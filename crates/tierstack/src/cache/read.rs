@@ -159,21 +159,29 @@ where
     C: Codec,
 {
     pub(super) async fn get(&self, key: &str) -> Result<Option<V>> {
-        self.get_with(key, Skips::default()).await
+        self.get_with(key, Skips::default(), false).await
     }
 
-    pub(super) async fn get_with(&self, key: &str, skips: Skips) -> Result<Option<V>> {
+    /// A plain read; an L2 failure (counted and logged) reads as a miss unless
+    /// `l2_errors_returned`.
+    pub(super) async fn get_with(
+        &self,
+        key: &str,
+        skips: Skips,
+        l2_errors_returned: bool,
+    ) -> Result<Option<V>> {
         self.check_key(key)?;
         if !skips.l1_read
             && let Some(hit) = self.l1_get(key)
         {
             return Ok(hit);
         }
-        // A miss, or an L2 failure (counted and logged) read as one.
-        if !skips.l2_read
-            && let Ok(Some(hit)) = self.l2_lookup(key, self.deadline(), !skips.l1_write).await
-        {
-            return Ok(hit);
+        if !skips.l2_read {
+            match self.l2_lookup(key, self.deadline(), !skips.l1_write).await {
+                Ok(Some(hit)) => return Ok(hit),
+                Err(error) if l2_errors_returned => return Err(error),
+                Ok(None) | Err(_) => {}
+            }
         }
         self.recorder.miss(key);
         Ok(None)
