@@ -1,7 +1,6 @@
 //! A response as the cache stores it, its `ETag`, and what it answers to a request (the response,
 //! its headers alone for `HEAD`, or `304 Not Modified`).
 
-use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -51,6 +50,7 @@ impl Serialize for CachedResponse {
             .0
             .headers
             .iter()
+            .filter(|(name, _)| storable(name))
             .map(|(name, value)| StoredHeader {
                 name: name.as_str().to_owned(),
                 value: value.as_bytes().to_vec(),
@@ -84,7 +84,7 @@ impl<'de> Deserialize<'de> for CachedResponse {
         }
         Ok(Self(Arc::new(Kept {
             status: StatusCode::from_u16(wire.status).unwrap_or(StatusCode::OK),
-            headers,
+            headers: with_answer_slots(headers),
             body: Bytes::from(wire.body.into_owned()),
             stored_at_ms: wire.stored_at_ms,
             unshared: false,
@@ -111,9 +111,27 @@ fn hop_by_hop(name: &HeaderName) -> bool {
         || name.as_str() == "keep-alive"
 }
 
-/// Whether a response header may be stored and replayed to other clients.
+/// Whether a response header may be stored and replayed to other clients (`Age` and
+/// `x-cache` are the layer's, set on each answer).
 fn storable(name: &HeaderName) -> bool {
-    name != SET_COOKIE && name != AGE && !hop_by_hop(name)
+    name != SET_COOKIE && name != AGE && name != crate::X_CACHE && !hop_by_hop(name)
+}
+
+/// Gives `headers` the entries each answer sets (`Age`, `x-cache`), so that an answer's copy
+/// replaces their values in place instead of growing the map.
+fn with_answer_slots(mut headers: HeaderMap) -> HeaderMap {
+    headers.insert(AGE, HeaderValue::from_static("0"));
+    headers.insert(crate::X_CACHE, HeaderValue::from_static("MISS"));
+    headers
+}
+
+/// Appends the lowercase hex of `bytes` to `out`.
+pub(crate) fn push_hex(out: &mut String, bytes: &[u8]) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for byte in bytes {
+        out.push(char::from(HEX[usize::from(byte >> 4)]));
+        out.push(char::from(HEX[usize::from(byte & 0xf)]));
+    }
 }
 
 /// The headers a response's `Connection` header names: they belong to the connection too.
@@ -133,9 +151,7 @@ pub(crate) fn etag_of(body: &[u8]) -> HeaderValue {
     let digest = Sha256::digest(body);
     let mut tag = String::with_capacity(34);
     tag.push('"');
-    for byte in &digest[..16] {
-        let _ = write!(tag, "{byte:02x}");
-    }
+    push_hex(&mut tag, &digest[..16]);
     tag.push('"');
     HeaderValue::from_str(&tag).unwrap_or_else(|_| HeaderValue::from_static("\"\""))
 }
@@ -173,7 +189,7 @@ impl CachedResponse {
         skip: &HeaderName,
     ) -> Self {
         let connection = named_by_connection(headers);
-        let mut stored = HeaderMap::with_capacity(headers.len() + 1);
+        let mut stored = HeaderMap::with_capacity(headers.len() + 3);
         for (name, value) in headers {
             let per_connection = connection.iter().any(|named| named == name.as_str());
             if name != skip && storable(name) && !per_connection {
@@ -185,7 +201,7 @@ impl CachedResponse {
         }
         Self(Arc::new(Kept {
             status,
-            headers: stored,
+            headers: with_answer_slots(stored),
             body,
             stored_at_ms: now_ms(),
             unshared: false,

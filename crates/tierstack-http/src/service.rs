@@ -1,7 +1,6 @@
 //! The layer's service: which requests meet the cache, the read-through call around the
 //! handler, and the handler's own response where nothing is shared.
 
-use std::fmt::Write as _;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -179,9 +178,7 @@ impl Shared {
         }
         if any {
             key.push('#');
-            for byte in &varying.finalize()[..16] {
-                let _ = write!(key, "{byte:02x}");
-            }
+            entry::push_hex(&mut key, &varying.finalize()[..16]);
         }
         key
     }
