@@ -552,21 +552,30 @@ async fn a_client_no_cache_can_be_ignored() {
     assert_eq!(calls.count(), 1);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_fail_safe_stale_copy_stands_in_for_a_failure_not_for_an_answer() {
+/// A cache on a hand-moved clock whose responses live 10 s, then stay 10 minutes as fail-safe's
+/// fallback, the origin left alone for `throttle` after a failure.
+fn fail_safe_cache(
+    throttle: Duration,
+) -> (
+    tierstack::core::clock::ManualClock,
+    TieredCache<CachedResponse>,
+) {
     let clock = tierstack::core::clock::ManualClock::new();
     let options = tierstack::EntryOptions::default()
         .with_ttl(Duration::from_secs(10))
-        .with_fail_safe(
-            tierstack::FailSafe::new(Duration::from_secs(600))
-                .with_throttle(Duration::from_secs(1)),
-        );
+        .with_fail_safe(tierstack::FailSafe::new(Duration::from_secs(600)).with_throttle(throttle));
     let cache = TieredCache::builder("http")
         .l2(Arc::new(MemoryStore::new()))
         .clock(Arc::new(clock.clone()))
         .default_options(options)
         .build()
         .unwrap();
+    (clock, cache)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fail_safe_stale_copy_stands_in_for_a_failure_not_for_an_answer() {
+    let (clock, cache) = fail_safe_cache(Duration::from_secs(1));
     let (base, calls, client) = single(HttpCacheLayer::new(cache)).await;
     let get = async |answer: &str| {
         let request = client
@@ -603,16 +612,7 @@ async fn a_fail_safe_stale_copy_stands_in_for_a_failure_not_for_an_answer() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_waiting_on_an_answer_that_may_not_be_stored_run_the_handler_themselves() {
-    let clock = tierstack::core::clock::ManualClock::new();
-    let options = tierstack::EntryOptions::default()
-        .with_ttl(Duration::from_secs(10))
-        .with_fail_safe(tierstack::FailSafe::new(Duration::from_secs(600)));
-    let cache = TieredCache::builder("http")
-        .l2(Arc::new(MemoryStore::new()))
-        .clock(Arc::new(clock.clone()))
-        .default_options(options)
-        .build()
-        .unwrap();
+    let (clock, cache) = fail_safe_cache(Duration::from_secs(30));
     let (base, calls, client) = single(HttpCacheLayer::new(cache)).await;
     let get = |answer: &'static str| {
         let request = client

@@ -12,16 +12,21 @@ use time::{Duration, OffsetDateTime};
 use tower_sessions::session::{Id, Record};
 use tower_sessions::{ExpiredDeletion, SessionStore};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn expired_sessions_are_swept_from_firestore() {
+/// The emulator's configuration, with a collection of this test's own.
+fn config(collection: &str) -> FirestoreConfig {
     let (host, project) = tierstack_test_support::firestore::emulator();
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_nanos();
-    let config = FirestoreConfig::new(&project)
+    FirestoreConfig::new(&project)
         .emulator_host(&host)
-        .collection(&format!("sessions-{nanos}"));
+        .collection(&format!("{collection}-{nanos}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_sessions_are_swept_from_firestore() {
+    let config = config("sessions");
     // The store's clock decides what has expired: moved by hand past the sessions' hour.
     let clock = ManualClock::new();
     let firestore = Arc::new(
@@ -86,14 +91,7 @@ async fn expired_sessions_are_swept_from_firestore() {
 /// bring the session back (`set_if_present`: Firestore's compare-and-set).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_save_beside_a_logout_keeps_the_session_ended_on_firestore() {
-    let (host, project) = tierstack_test_support::firestore::emulator();
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    let config = FirestoreConfig::new(&project)
-        .emulator_host(&host)
-        .collection(&format!("sessions-logout-{nanos}"));
+    let config = config("sessions-logout");
     let firestore = Arc::new(FirestoreStore::connect(&config).await.unwrap());
     let instance = || {
         let cache = cache_builder("sessions")

@@ -963,9 +963,8 @@ async fn touch_does_not_make_a_stale_value_fresh() {
     assert_eq!((stale.value.as_str(), stale.stale), ("v1", true));
 }
 
-/// A cache with a backplane that loaded `k` = `v1` with fail-safe, then lost its subscription
-/// (the Redis of both L2 and the backplane went away), and has heard of the loss.
-async fn deaf_after_loading_v1() -> (
+/// A cache with a backplane that loaded `k` = `v1` with fail-safe.
+async fn loaded_v1_with_a_backplane() -> (
     Fixture,
     tierstack::core::testkit::MemoryBus,
     TieredCache<String>,
@@ -984,6 +983,11 @@ async fn deaf_after_loading_v1() -> (
         .await
         .unwrap();
     cache.wait_for_background_fills().await;
+    (fx, bus, cache, calls)
+}
+
+/// Loses every subscription of `bus` and waits until `cache` has heard of it.
+async fn lose_and_hear(bus: &tierstack::core::testkit::MemoryBus, cache: &TieredCache<String>) {
     bus.lose_all();
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while cache.stats().resyncs == 0 {
@@ -993,6 +997,18 @@ async fn deaf_after_loading_v1() -> (
         );
         tokio::time::sleep(Duration::from_millis(5)).await; // poll loop
     }
+}
+
+/// A cache with a backplane that loaded `k` = `v1` with fail-safe, then lost its subscription
+/// (the Redis of both L2 and the backplane went away), and has heard of the loss.
+async fn deaf_after_loading_v1() -> (
+    Fixture,
+    tierstack::core::testkit::MemoryBus,
+    TieredCache<String>,
+    Calls,
+) {
+    let (fx, bus, cache, calls) = loaded_v1_with_a_backplane().await;
+    lose_and_hear(&bus, &cache).await;
     (fx, bus, cache, calls)
 }
 
@@ -1018,32 +1034,12 @@ async fn a_deaf_instance_still_falls_back_on_its_stale_copy_when_l2_and_the_orig
 /// it): the stale copy that the failed load re-arms stays, and answers the next failed load.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_loss_heard_during_a_failing_load_keeps_the_stale_copy_it_rearms() {
-    let fx = Fixture::new();
-    let bus = tierstack::core::testkit::MemoryBus::new();
-    let cache = fx
-        .builder("test")
-        .backplane(std::sync::Arc::new(bus.backplane()))
-        .l2_timeout(Duration::from_millis(50))
-        .build()
-        .unwrap();
-    let calls = Calls::default();
-    fetch(&cache, &fail_safe(), loader(&calls, "v1"))
-        .await
-        .unwrap();
-    cache.wait_for_background_fills().await;
+    let (fx, bus, cache, calls) = loaded_v1_with_a_backplane().await;
     fx.clock.advance(TTL);
     fx.faulty.set_failing(true);
-    let stats = cache.clone();
+    let hearing = cache.clone();
     let lose_then_fail = || async move {
-        bus.lose_all();
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while stats.stats().resyncs == 0 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "never heard of the loss"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await; // poll loop
-        }
+        lose_and_hear(&bus, &hearing).await;
         Err::<String, _>(std::io::Error::other("origin down"))
     };
     let first = cache
