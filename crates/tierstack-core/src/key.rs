@@ -114,8 +114,8 @@ pub fn compose_key(parts: &[&str]) -> String {
 /// hex of its UTF-8 bytes, so that a part can never pass for the separators around it: with
 /// the first character of each separator of a key's template in `reserved`, and no `%` in the
 /// template's own text (a `%` there could read as a part's escape), two different lists of
-/// parts always give two different keys. `#[cached]` builds its keys with it; [`compose_key`] is the same with
-/// `:` as the only separator.
+/// parts always give two different keys. [`compose_key`] calls it with `:` as the only
+/// separator; `#[cached]` with every ASCII punctuation and whitespace character.
 ///
 /// ```
 /// use tierstack_core::key::push_key_part;

@@ -3,8 +3,20 @@
 
 use syn::LitStr;
 
-/// The separators every template's arguments are escaped for.
-const ALWAYS_RESERVED: &str = ":/";
+/// Whether `c` separates a key's words: ASCII punctuation and whitespace. Arguments are
+/// escaped for every one of them, and a placeholder stands between them (or at an end of the
+/// key), so an argument is always one whole word of its key.
+pub(crate) fn is_separator(c: char) -> bool {
+    c.is_ascii_punctuation() || c.is_ascii_whitespace()
+}
+
+/// Every separator, as the set `push_key_part` escapes in an argument's text.
+pub(crate) fn separators() -> String {
+    (0..=127u8)
+        .map(char::from)
+        .filter(|&c| is_separator(c))
+        .collect()
+}
 
 /// The format specs a placeholder may have: each keeps every distinction between values
 /// (`{x:.2}` would round two prices into one key; `{s:.3}` cut two names into one).
@@ -28,29 +40,9 @@ pub(crate) struct Template {
     pub(crate) used: Vec<String>,
 }
 
-impl Template {
-    /// The characters an argument's text is escaped for (beside `%`): the first character of
-    /// each literal between two arguments, so that an argument never holds the start of the
-    /// separator after it and a key reads back into its arguments one way only; and `:` and
-    /// `/` always, so that an argument cannot pass for more of another template that starts
-    /// alike (`"user:{id}"` with `7:x` against `"user:{id}:{tab}"` with `7` and `x`).
-    pub(crate) fn reserved(&self) -> String {
-        let mut reserved = String::from(ALWAYS_RESERVED);
-        for (index, segment) in self.segments.iter().enumerate() {
-            let between = index > 0 && index + 1 < self.segments.len();
-            if let (true, Segment::Literal(text)) = (between, segment)
-                && let Some(first) = text.chars().next()
-                && !reserved.contains(first)
-            {
-                reserved.push(first);
-            }
-        }
-        reserved
-    }
-}
-
-/// Reads `key`; an error names the first placeholder that is positional or names no
-/// argument of `params`, or two placeholders with nothing between them.
+/// Reads `key`; an error names the first placeholder that is positional, names no argument
+/// of `params`, or does not stand between separators (two placeholders side by side, or a
+/// word character next to one).
 pub(crate) fn parse(key: &LitStr, params: &[String]) -> syn::Result<Template> {
     let text = key.value();
     let fail = |message: String| Err(syn::Error::new(key.span(), message));
@@ -95,10 +87,13 @@ pub(crate) fn parse(key: &LitStr, params: &[String]) -> syn::Result<Template> {
                         "the key names `{name}`, which is not an argument of the function"
                     ));
                 }
-                if literal.is_empty() && matches!(segments.last(), Some(Segment::Argument { .. })) {
+                let after_argument =
+                    literal.is_empty() && matches!(segments.last(), Some(Segment::Argument { .. }));
+                if after_argument || literal.chars().last().is_some_and(|c| !is_separator(c)) {
                     return fail(format!(
-                        "put a separator before `{{{inside}}}` (as in \"{{a}}:{{b}}\"): two \
-                         placeholders side by side let different calls share a key"
+                        "put a separator (ASCII punctuation such as `:` or `/`) right before \
+                         `{{{inside}}}`, as in \"user:{{id}}\" or \"{{a}}:{{b}}\": an argument \
+                         must be a whole word of the key, or different calls could share one"
                     ));
                 }
                 if !literal.is_empty() {
@@ -124,7 +119,19 @@ pub(crate) fn parse(key: &LitStr, params: &[String]) -> syn::Result<Template> {
                         .into(),
                 );
             }
-            other => literal.push(other),
+            other => {
+                if literal.is_empty()
+                    && !is_separator(other)
+                    && let Some(Segment::Argument { name, .. }) = segments.last()
+                {
+                    return fail(format!(
+                        "put a separator (ASCII punctuation such as `:` or `.`) right after \
+                         `{{{name}}}`, before `{other}`: an argument must be a whole word of \
+                         the key, or different calls could share one"
+                    ));
+                }
+                literal.push(other);
+            }
         }
     }
     if !literal.is_empty() {
@@ -171,17 +178,27 @@ mod tests {
                 argument("id", ""),
             ]
         );
-        assert_eq!(template.reserved(), ":/");
         let paths = check("v1/{a}-{b}.json", &["a", "b"]).unwrap();
-        assert_eq!(paths.reserved(), ":/-");
-        assert_eq!(check("user:{id}", &["id"]).unwrap().reserved(), ":/");
-        assert_eq!(check("{a:#?}|{b}", &["a", "b"]).unwrap().reserved(), ":/|");
+        assert_eq!(paths.used, ["a", "b"]);
+        assert!(check("{a:#?}|{b}", &["a", "b"]).is_ok());
+        assert!(check("report {year} {month}", &["year", "month"]).is_ok());
         let braces = check("{{literal}}/{id}", &["id"]).unwrap();
         assert_eq!(
             braces.segments,
             [Segment::Literal("{literal}/".into()), argument("id", "")]
         );
         assert!(check("constant", &[]).unwrap().used.is_empty());
+    }
+
+    #[test]
+    fn separators_are_ascii_punctuation_and_whitespace() {
+        let all = separators();
+        for c in [':', '/', '-', '.', '_', '%', '{', ' ', '\t'] {
+            assert!(all.contains(c), "{c:?}");
+        }
+        for c in ['a', 'Z', '0', '\u{e9}', '\u{2013}'] {
+            assert!(!all.contains(c), "{c:?}");
+        }
     }
 
     #[test]
@@ -194,6 +211,9 @@ mod tests {
         assert!(error("user:id}", &["id"]).contains("unmatched"));
         assert!(error("user", &["id"]).contains("none of the arguments"));
         assert!(error("{a}{b}", &["a", "b"]).contains("separator"));
+        assert!(error("user{id}", &["id"]).contains("right before `{id}`"));
+        assert!(error("user:{id}x", &["id"]).contains("right after `{id}`"));
+        assert!(error("{a}:{b}json", &["a", "b"]).contains("right after `{b}`"));
         assert!(error("user:{id:.2}", &["id"]).contains("format spec"));
         assert!(error("user:{id:>5}", &["id"]).contains("format spec"));
         assert!(error("{a}%2{b}", &["a", "b"]).contains("`%`"));

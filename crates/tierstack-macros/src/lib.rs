@@ -58,14 +58,19 @@ use signature::{Answer, Checked};
 ///   arguments (`"user:{id}"`, `"search:{query:?}:{page}"`). Every placeholder must name an
 ///   argument: the key is the whole identity of a call. A placeholder is `{x}` (`Display`),
 ///   `{x:?}` or `{x:#?}` (`Debug`): a spec that rounds or cuts (`{x:.2}`) would let two
-///   arguments share a key. Two placeholders need a separator between them, the template's
-///   text holds no `%`, and each argument's text is escaped (`%`, `:` and `/` always, and the
-///   first character of each separator between two arguments: `:` in `"{org}:{user}"` becomes
-///   `%3A`; see `tierstack::core::key::push_key_part`), so that different arguments never
-///   share a key (`("a:b", "c")` and `("a", "b:c")` stay apart, and so do `"pair:{a}:{b}"`
-///   with `("x", "y")` and `"pair:{whole}"` with `"x:y"`). The key is the template and
-///   nothing else: two functions on one cache need templates of their own (`"user:{id}"`,
-///   `"orders:{id}"`).
+///   arguments share a key. The argument's text is its identity: two values that print alike
+///   share an entry, so format with a `Display` or `Debug` that tells them apart.
+///
+///   Keys never mix calls up. Each placeholder stands between separators (ASCII punctuation
+///   or whitespace) or at an end of the key, the template's text holds no `%`, and every
+///   separator in an argument's text is escaped (`%3A` for `:`, `%2D` for `-`; see
+///   `tierstack::core::key::push_key_part`), so an argument is always one whole word of its
+///   key: within a template, different arguments give different keys (`("a:b", "c")` and
+///   `("a", "b:c")` under `"pair:{a}:{b}"`), and two templates' keys meet only when the
+///   templates have the same separators in the same order and, at each word, the same text or
+///   a placeholder (`"user:{id}"` never meets `"user:{id}.json"`, `"v1/{a}-{b}"` or
+///   `"orders:{id}"`, but meets `"{kind}:{id}"` when `kind` is `user`). Give each function on
+///   a cache a leading word of its own.
 /// - `ttl = "5m"` (optional): the time to live of this function's entries (`ms`, `s`, `m`, `h`
 ///   or `d`), instead of the cache's default.
 /// - `options = EXPR` (optional, not with `ttl`): the call's `EntryOptions` (fail-safe, a hard
@@ -208,10 +213,10 @@ fn call_options(ttl: Option<&LitStr>, options: Option<&Expr>) -> syn::Result<Opt
 }
 
 /// The expression that builds a call's key from its template: the literal text as written,
-/// each argument formatted and then escaped for the template's separators, so that two calls
-/// with different arguments never share a key.
+/// each argument formatted and then escaped for every separator, so that it is one whole word
+/// of the key and two calls with different arguments never share a key.
 fn key_builder(template: &key::Template) -> TokenStream2 {
-    let reserved = template.reserved();
+    let reserved = key::separators();
     let pushes = template.segments.iter().map(|segment| match segment {
         key::Segment::Literal(text) => quote! { __tierstack_key.push_str(#text); },
         key::Segment::Argument { name, spec } => {

@@ -140,7 +140,7 @@ async fn methods_borrow_self_and_take_a_ttl_and_options() {
     assert_eq!(directory.loads.load(Ordering::SeqCst), 1);
     let ttl = directory
         .cache
-        .ttl("search:\"ada\":2")
+        .ttl("search:%22ada%22:2")
         .await
         .unwrap()
         .unwrap();
@@ -197,5 +197,58 @@ async fn arguments_that_hold_the_separator_never_share_a_key() {
     assert_eq!(
         PAIRS.get("pair:a%3Ab:c").await.unwrap().as_deref(),
         Some("a:b|c")
+    );
+}
+
+#[cached(cache = FILES, key = "v1/{name}.json")]
+async fn file(name: &str) -> String {
+    format!("file {name}")
+}
+
+/// Reads `v1/x-y.json` too, when its arguments are `x` and `y`.
+#[cached(cache = FILES, key = "v1/{stem}-{variant}.json")]
+async fn variant(stem: &str, variant: &str) -> String {
+    format!("variant {stem} {variant}")
+}
+
+#[cached(cache = FILES, key = "user:{id}")]
+async fn user(id: &str) -> String {
+    format!("user {id}")
+}
+
+/// Reads `user:7.json` too, when its argument is `7`.
+#[cached(cache = FILES, key = "user:{id}.json")]
+async fn user_json(id: u32) -> String {
+    format!("user json {id}")
+}
+
+static FILES: LazyLock<TieredCache<String>> = LazyLock::new(|| cache("files"));
+
+#[tokio::test]
+async fn an_argument_never_passes_for_another_templates_punctuation() {
+    assert_eq!(variant("x", "y").await.unwrap(), "variant x y");
+    assert_eq!(
+        file("x-y").await.unwrap(),
+        "file x-y",
+        "not the entry of (x, y)"
+    );
+    assert_eq!(user_json(7).await.unwrap(), "user json 7");
+    assert_eq!(
+        user("7.json").await.unwrap(),
+        "user 7.json",
+        "not the entry of 7"
+    );
+    assert_eq!(
+        FILES.get("v1/x%2Dy.json").await.unwrap().as_deref(),
+        Some("file x-y"),
+        "every ASCII punctuation character of an argument is escaped"
+    );
+    assert_eq!(
+        FILES.get("user:7%2Ejson").await.unwrap().as_deref(),
+        Some("user 7.json")
+    );
+    assert_eq!(
+        FILES.get("user:7.json").await.unwrap().as_deref(),
+        Some("user json 7")
     );
 }
