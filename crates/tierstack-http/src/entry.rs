@@ -2,15 +2,17 @@
 //! its headers alone for `HEAD`, or `304 Not Modified`).
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{AGE, CONNECTION, CONTENT_LENGTH, ETAG, IF_NONE_MATCH, SET_COOKIE};
 use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use tierstack::core::clock::Timestamp;
 
-/// A stored response: status, headers (the `ETag` among them), body, and when it was stored.
+/// A stored response: status, headers (the `ETag` among them), body, when it was stored and
+/// for how long it is fresh.
 /// Cloning is cheap (shared): an L1 hit clones it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CachedResponse(Arc<Kept>);
@@ -21,6 +23,9 @@ struct Kept {
     headers: HeaderMap,
     body: Bytes,
     stored_at_ms: u64,
+    /// How long after `stored_at_ms` it is fresh (its TTL): an answer older than that is a
+    /// stale copy fail-safe kept, and says so.
+    fresh_for_ms: u64,
     /// Not a response: what a flight answers its waiters when the handler's response may not
     /// be stored (it is its own request's alone). Never stored, never encoded.
     unshared: bool,
@@ -34,6 +39,7 @@ struct Wire<'a> {
     #[serde(with = "serde_bytes", borrow)]
     body: std::borrow::Cow<'a, [u8]>,
     stored_at_ms: u64,
+    fresh_for_ms: u64,
 }
 
 /// One header of a stored response.
@@ -61,6 +67,7 @@ impl Serialize for CachedResponse {
             headers,
             body: std::borrow::Cow::Borrowed(&self.0.body),
             stored_at_ms: self.0.stored_at_ms,
+            fresh_for_ms: self.0.fresh_for_ms,
         }
         .serialize(serializer)
     }
@@ -87,6 +94,7 @@ impl<'de> Deserialize<'de> for CachedResponse {
             headers: with_answer_slots(headers),
             body: Bytes::from(wire.body.into_owned()),
             stored_at_ms: wire.stored_at_ms,
+            fresh_for_ms: wire.fresh_for_ms,
             unshared: false,
         })))
     }
@@ -156,14 +164,6 @@ pub(crate) fn etag_of(body: &[u8]) -> HeaderValue {
     HeaderValue::from_str(&tag).unwrap_or_else(|_| HeaderValue::from_static("\"\""))
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |since| {
-            u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
-        })
-}
-
 /// Whether the `If-None-Match` values name `etag` (or are `*`). Weak comparison, as RFC 9110
 /// asks of `If-None-Match`: `W/"x"` matches `"x"`.
 pub(crate) fn not_modified(if_none_match: &[HeaderValue], etag: Option<&HeaderValue>) -> bool {
@@ -180,13 +180,15 @@ pub(crate) fn not_modified(if_none_match: &[HeaderValue], etag: Option<&HeaderVa
 }
 
 impl CachedResponse {
-    /// A response to store, with an `ETag` among its headers (the handler's own, else one of
-    /// its body), without the layer's tag header (`skip`), `Age`, or hop-by-hop headers.
+    /// A response to store, stored at `now` and fresh for `ttl`, with an `ETag` among its
+    /// headers (the handler's own, else one of its body), without the layer's tag header
+    /// (`skip`), `Age`, or hop-by-hop headers.
     pub(crate) fn new(
         status: StatusCode,
         headers: &HeaderMap,
         body: Bytes,
         skip: &HeaderName,
+        (now, ttl): (Timestamp, Duration),
     ) -> Self {
         let connection = named_by_connection(headers);
         let mut stored = HeaderMap::with_capacity(headers.len() + 3);
@@ -203,7 +205,8 @@ impl CachedResponse {
             status,
             headers: with_answer_slots(stored),
             body,
-            stored_at_ms: now_ms(),
+            stored_at_ms: now.as_millis(),
+            fresh_for_ms: u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX),
             unshared: false,
         }))
     }
@@ -216,6 +219,7 @@ impl CachedResponse {
             headers: HeaderMap::new(),
             body: Bytes::new(),
             stored_at_ms: 0,
+            fresh_for_ms: 0,
             unshared: true,
         }))
     }
@@ -225,23 +229,31 @@ impl CachedResponse {
         self.0.unshared
     }
 
-    /// How long ago it was stored, in whole seconds (the `Age` header).
-    fn age(&self) -> Duration {
-        Duration::from_millis(now_ms().saturating_sub(self.0.stored_at_ms))
+    /// How long before `now` it was stored (the `Age` header, in whole seconds).
+    fn age(&self, now: Timestamp) -> Duration {
+        Timestamp::from_millis(self.0.stored_at_ms).until(now)
     }
 
-    /// What it answers to a request whose `If-None-Match` is `if_none_match`: `304 Not
-    /// Modified` if that names its `ETag`, else itself (without the body, for `HEAD`). `Age`
-    /// and `hit` (the layer's `x-cache` header) are added.
+    /// What it answers at `now` to a request whose `If-None-Match` is `if_none_match`: `304
+    /// Not Modified` if that names its `ETag`, else itself (without the body, for `HEAD`).
+    /// `Age` and `label` (the layer's `x-cache` header) are added; a copy past its freshness
+    /// (which fail-safe kept, answering for a failed handler or re-armed for the throttle
+    /// after one) is labelled `STALE` whatever `label` says.
     pub(crate) fn answer(
         &self,
         if_none_match: &[HeaderValue],
         head: bool,
-        hit: HeaderValue,
+        (label, now): (HeaderValue, Timestamp),
     ) -> Response<Bytes> {
         let mut headers = self.0.headers.clone();
-        headers.insert(AGE, HeaderValue::from(self.age().as_secs()));
-        headers.insert(crate::X_CACHE, hit);
+        let age = self.age(now);
+        headers.insert(AGE, HeaderValue::from(age.as_secs()));
+        let label = if age > Duration::from_millis(self.0.fresh_for_ms) {
+            HeaderValue::from_static("STALE")
+        } else {
+            label
+        };
+        headers.insert(crate::X_CACHE, label);
         let (status, body) = if not_modified(if_none_match, headers.get(ETAG)) {
             // A 304 carries the validators and caching headers, not the representation's.
             headers.remove(CONTENT_LENGTH);
@@ -291,6 +303,22 @@ mod tests {
         assert!(!not_modified(&[], Some(&etag)));
     }
 
+    const MINUTE: Duration = Duration::from_secs(60);
+    const NOW: Timestamp = Timestamp::from_millis(1_000_000_000);
+
+    impl Kept {
+        fn clone_of(stored: &CachedResponse) -> Self {
+            Self {
+                status: stored.0.status,
+                headers: stored.0.headers.clone(),
+                body: stored.0.body.clone(),
+                stored_at_ms: stored.0.stored_at_ms,
+                fresh_for_ms: stored.0.fresh_for_ms,
+                unshared: stored.0.unshared,
+            }
+        }
+    }
+
     #[test]
     fn per_connection_headers_and_cookies_are_never_stored_or_replayed() {
         let mut headers = HeaderMap::new();
@@ -298,8 +326,9 @@ mod tests {
         headers.insert("x-hop", HeaderValue::from_static("1"));
         headers.insert("x-kept", HeaderValue::from_static("1"));
         let skip = HeaderName::from_static("x-tags");
-        let stored = CachedResponse::new(StatusCode::OK, &headers, Bytes::new(), &skip);
-        let answer = stored.answer(&[], false, HeaderValue::from_static("HIT"));
+        let stored =
+            CachedResponse::new(StatusCode::OK, &headers, Bytes::new(), &skip, (NOW, MINUTE));
+        let answer = stored.answer(&[], false, (HeaderValue::from_static("HIT"), NOW));
         assert!(answer.headers().get("x-hop").is_none());
         assert!(answer.headers().get(CONNECTION).is_none());
         assert!(answer.headers().get("x-kept").is_some());
@@ -318,6 +347,7 @@ mod tests {
             ],
             body: std::borrow::Cow::Borrowed(b"".as_slice()),
             stored_at_ms: 0,
+            fresh_for_ms: 0,
         };
         let bytes = serde_json::to_vec(&wire).unwrap_or_default();
         let read: CachedResponse =
@@ -335,14 +365,20 @@ mod tests {
         );
         headers.insert("x-tags", HeaderValue::from_static("a"));
         let skip = HeaderName::from_static("x-tags");
-        let stored = CachedResponse::new(StatusCode::OK, &headers, Bytes::from("body"), &skip);
+        let stored = CachedResponse::new(
+            StatusCode::OK,
+            &headers,
+            Bytes::from("body"),
+            &skip,
+            (NOW, MINUTE),
+        );
         let wire = serde_json::to_vec(&stored).unwrap_or_default();
         assert_eq!(
             serde_json::from_slice::<CachedResponse>(&wire).ok(),
             Some(stored.clone())
         );
         let hit = HeaderValue::from_static("HIT");
-        let full = stored.answer(&[], false, hit.clone());
+        let full = stored.answer(&[], false, (hit.clone(), NOW));
         assert_eq!(
             (full.status(), full.body().as_ref()),
             (StatusCode::OK, b"body".as_ref())
@@ -357,15 +393,40 @@ mod tests {
             .get(ETAG)
             .cloned()
             .unwrap_or_else(|| etag_of(b""));
-        let head = stored.answer(&[], true, hit.clone());
+        let head = stored.answer(&[], true, (hit.clone(), NOW));
         assert!(head.body().is_empty() && head.status() == StatusCode::OK);
         assert_eq!(
             head.headers().get(CONTENT_LENGTH),
             Some(&HeaderValue::from(4)),
             "HEAD says how long the GET's body is"
         );
-        let not_modified = stored.answer(&[etag], false, hit);
+        let not_modified = stored.answer(&[etag], false, (hit, NOW));
         assert_eq!(not_modified.status(), StatusCode::NOT_MODIFIED);
         assert!(not_modified.body().is_empty());
+    }
+
+    #[test]
+    fn a_copy_past_its_freshness_is_labelled_stale_whatever_the_caller_says() {
+        let skip = HeaderName::from_static("x-tags");
+        let fresh = CachedResponse::new(
+            StatusCode::OK,
+            &HeaderMap::new(),
+            Bytes::new(),
+            &skip,
+            (NOW, MINUTE),
+        );
+        let hit = HeaderValue::from_static("HIT");
+        let label = |stored: &CachedResponse| {
+            stored.answer(&[], false, (hit.clone(), NOW)).headers()[crate::X_CACHE].clone()
+        };
+        assert_eq!(label(&fresh), "HIT");
+        let mut kept = Kept::clone_of(&fresh);
+        kept.stored_at_ms -= 2 * 60_000;
+        let stale = CachedResponse(Arc::new(kept));
+        assert_eq!(label(&stale), "STALE");
+        assert_eq!(
+            stale.answer(&[], false, (hit.clone(), NOW)).headers()[AGE],
+            "120"
+        );
     }
 }

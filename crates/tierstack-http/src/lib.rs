@@ -23,9 +23,12 @@
 //!
 //! # What is cached
 //!
-//! - `GET` requests, keyed by path, query, every host the request names (its URI's
-//!   authority, `Host`, `X-Forwarded-Host`, `X-Forwarded-Proto`, `Forwarded`: a request whose
-//!   hosts disagree gets an entry of its own) and the values of the headers named in
+//! - `GET` requests, keyed by path, query, everything that says where the request was
+//!   addressed (its URI's scheme and authority; `Host`, `X-Forwarded-Host`,
+//!   `X-Forwarded-Proto`, `X-Forwarded-Port`, `X-Forwarded-Prefix`, `X-Forwarded-Scheme`,
+//!   `X-Forwarded-Ssl`, `X-Original-Host`; the `host` and `proto` of `Forwarded`, not its
+//!   `for` or `by`: a request whose hosts disagree gets an entry of its own, and every client
+//!   shares one) and the values of the headers named in
 //!   [`vary_on`](HttpCacheLayer::vary_on); `HEAD` is answered from a cached `GET` (and passes
 //!   through on a miss). Other methods, requests with `Cache-Control: no-store`, requests with
 //!   `Authorization` (unless [`cache_authorized`](HttpCacheLayer::cache_authorized)) and
@@ -44,14 +47,17 @@
 //! header outside `vary_on`) must answer `Cache-Control: private`, or stay outside the layer.
 //! With fail-safe in the cache's options, a stale copy answers when the handler fails (an
 //! error, a 5xx), never in place of a response it gave that may not be stored: that response
-//! goes to its own request, each request that waited for it runs the handler itself, and the
-//! requests after it run the handler too until one answers what may be stored.
+//! goes to its own request, each request that waited for it runs the handler itself, the
+//! requests after it run the handler too until one answers what may be stored, and the stale
+//! copy is removed (it is outdated by that answer).
 //!
 //! # What a response gets
 //!
-//! An `ETag` (a hash of the body) when the handler set none; `Age`; `x-cache: HIT`, `MISS`, or
-//! `STALE` where this request's handler call failed and fail-safe's copy answered (a request
-//! that waited on that call reads `HIT`).
+//! An `ETag` (a hash of the body) when the handler set none; `Age` (by the cache's
+//! [clock](tierstack::TieredCache::clock)); `x-cache: MISS` when this request's handler call
+//! answered, `HIT` from the cache, and `STALE` for a copy past its freshness that fail-safe
+//! kept (answering for a handler that failed, panicked or timed out, or left in place for the
+//! throttle after one).
 //! A request whose `If-None-Match` names the `ETag` gets `304 Not Modified` without running the
 //! handler. Concurrent misses of one key run the handler once; a response that may not be
 //! stored goes only to its own request, and each other waiting request runs the handler
@@ -68,6 +74,7 @@ use tierstack::TieredCache;
 use tower_layer::Layer;
 
 mod entry;
+mod key;
 mod policy;
 mod service;
 
@@ -139,7 +146,9 @@ impl HttpCacheLayer {
 
     /// The request headers responses may vary on (`Accept-Language`, `Accept-Encoding`...):
     /// their values are part of the key, and a response whose `Vary` names any other header
-    /// is not stored. Invalid header names are skipped.
+    /// is not stored. Invalid header names are skipped. A header that says where a request
+    /// was addressed and is not among those the key always holds (a proxy's own, say) belongs
+    /// here too.
     #[must_use]
     pub fn vary_on<I, N>(self, headers: I) -> Self
     where

@@ -7,26 +7,17 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http::header::{FORWARDED, HOST};
 use http::{HeaderName, HeaderValue, Request, Response, StatusCode};
 use http_body::Body;
 use http_body_util::BodyExt;
-use sha2::{Digest, Sha256};
+use tierstack::core::clock::Timestamp;
 use tierstack::{LoadError, Loaded, TieredCache};
 use tower_service::Service;
 
 use crate::entry::{self, CachedResponse};
+use crate::key;
 use crate::policy::{self, Lookup, Rules};
 use crate::{BoxError, HttpCacheBody};
-
-/// The request headers that say which host (and scheme) a request was addressed to: each is in
-/// the key, whether or not the cache varies on it.
-const ADDRESSED_TO: [HeaderName; 4] = [
-    HOST,
-    HeaderName::from_static("x-forwarded-host"),
-    HeaderName::from_static("x-forwarded-proto"),
-    FORWARDED,
-];
 
 /// What the layer shares between its services.
 #[derive(Clone)]
@@ -140,47 +131,13 @@ where
 }
 
 impl Shared {
-    /// The key of a request: its path and query, then a hash of where it was addressed and of
-    /// the headers the cache varies on. Prefix invalidation works on the path, for every host.
-    ///
-    /// A handler that builds links from the host answers per host: one host's answer must
-    /// never go to another's request. Which of the request's hosts a handler reads (the URI's
-    /// authority, `Host`, or a proxy's `X-Forwarded-Host` or `Forwarded`) is its own business,
-    /// so every one of them is in the key: a request whose absolute-form URI names one host and
-    /// whose `Host` names another gets an entry of its own, and cannot poison either's.
+    /// The time by the cache's clock.
+    fn now(&self) -> Timestamp {
+        self.cache.clock().now()
+    }
+
     fn key<B>(&self, request: &Request<B>) -> String {
-        let uri = request.uri();
-        let mut key = uri.path().to_owned();
-        if let Some(query) = uri.query() {
-            key.push('?');
-            key.push_str(query);
-        }
-        let mut varying = Sha256::new();
-        let mut any = false;
-        let mut add = |name: &[u8], value: &[u8]| {
-            any = true;
-            // Lengths first: no name or value can run into the next.
-            varying.update((name.len() as u64).to_le_bytes());
-            varying.update(name);
-            varying.update((value.len() as u64).to_le_bytes());
-            varying.update(value);
-        };
-        if let Some(scheme) = uri.scheme() {
-            add(b":scheme", scheme.as_str().as_bytes());
-        }
-        if let Some(authority) = uri.authority() {
-            add(b":authority", authority.as_str().as_bytes());
-        }
-        for name in ADDRESSED_TO.iter().chain(&self.rules.vary_on) {
-            for value in request.headers().get_all(name) {
-                add(name.as_str().as_bytes(), value.as_bytes());
-            }
-        }
-        if any {
-            key.push('#');
-            entry::push_hex(&mut key, &varying.finalize()[..16]);
-        }
-        key
+        key::of(request, &self.rules.vary_on)
     }
 
     /// The handler's own response, as it goes to its request: without the tag header, which is
@@ -214,7 +171,7 @@ impl Shared {
                 if let Ok(Some(stored)) = self.cache.get(&key).await {
                     let hit = HeaderValue::from_static("HIT");
                     let conditional = entry::if_none_match(request.headers());
-                    return Ok(full(stored.answer(&conditional, true, hit)));
+                    return Ok(full(stored.answer(&conditional, true, (hit, self.now()))));
                 }
                 inner.call(request).await.map(|r| self.own(r))
             }
@@ -280,7 +237,14 @@ impl Shared {
         };
         match (loaded, own) {
             // The handler answered for this request alone.
-            (_, Some(own)) if matches!(unshared, Some(Unshared::NotStored)) => own,
+            (_, Some(own)) if matches!(unshared, Some(Unshared::NotStored)) => {
+                // A stale copy fail-safe keeps is outdated by that answer: it must not stand
+                // in for a later failure. Without fail-safe, a miss left nothing to remove.
+                if options.fail_safe().is_some() {
+                    self.forget_outdated(&key).await;
+                }
+                own
+            }
             (Ok(stored), _) if !stored.is_unshared() => {
                 // Where this request's handler call failed, the answer is fail-safe's copy.
                 let label = match (ran, unshared) {
@@ -289,7 +253,11 @@ impl Shared {
                     (false, _) => "HIT",
                 };
                 let label = HeaderValue::from_static(label);
-                Ok(full(stored.answer(&conditional, false, label)))
+                Ok(full(stored.answer(
+                    &conditional,
+                    false,
+                    (label, self.now()),
+                )))
             }
             (_, Some(own)) => own,
             (answer, None) => {
@@ -341,21 +309,29 @@ impl Shared {
                     tracing::debug!(error = %error, "refreshed response not cached");
                 }
                 let miss = HeaderValue::from_static("MISS");
-                Ok(full(to_store.response.answer(&conditional, false, miss)))
+                Ok(full(to_store.response.answer(
+                    &conditional,
+                    false,
+                    (miss, self.now()),
+                )))
             }
             Err(why) => {
                 if matches!(why, Unshared::NotStored) {
-                    // The fresh answer may no longer be stored: neither may the old one
-                    // answer the requests after it.
-                    if let Err(error) = self.cache.delete(&key).await {
-                        tracing::debug!(error = %error, "outdated response not removed");
-                    }
+                    self.forget_outdated(&key).await;
                 }
                 lock(&slot)
                     .own
                     .take()
                     .unwrap_or_else(|| Ok(status_only(StatusCode::INTERNAL_SERVER_ERROR)))
             }
+        }
+    }
+
+    /// Removes the copy stored under `key` after the handler answered what may not be stored:
+    /// neither may the old copy answer the requests after it.
+    async fn forget_outdated(&self, key: &str) {
+        if let Err(error) = self.cache.delete(key).await {
+            tracing::debug!(error = %error, "outdated response not removed");
         }
     }
 
@@ -421,6 +397,7 @@ impl Shared {
             &parts.headers,
             collected.to_bytes(),
             &self.tag_header,
+            (self.now(), ttl),
         );
         Ok(ToStore {
             response: stored,

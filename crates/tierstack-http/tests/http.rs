@@ -164,6 +164,7 @@ fn per_request_routes(calls: &Arc<Calls>) -> Router {
             // state would be).
             match headers.get("x-answer").map(|v| v.to_str().unwrap()) {
                 Some("fail") => (StatusCode::SERVICE_UNAVAILABLE, "down").into_response(),
+                Some("panic") => panic!("the handler panicked, as asked"),
                 Some("cookie") => (
                     [(header::SET_COOKIE, "consent=1")],
                     format!("cookie {call}"),
@@ -608,6 +609,59 @@ async fn a_fail_safe_stale_copy_stands_in_for_a_failure_not_for_an_answer() {
     // window re-armed by a "failure" that was an answer).
     assert_eq!(get_cookie().await, cookie("cookie 4"));
     assert_eq!(calls.count(), 4);
+}
+
+/// What a request of `/flaky` got: status, body and `x-cache` label (`-` for none).
+async fn flaky(client: &reqwest::Client, base: &str, answer: &str) -> (StatusCode, String, String) {
+    let request = client
+        .get(format!("{base}/flaky"))
+        .header("x-answer", answer);
+    let response = request.send().await.unwrap();
+    let label = response
+        .headers()
+        .get("x-cache")
+        .map_or("-", |v| v.to_str().unwrap())
+        .to_owned();
+    (response.status(), response.text().await.unwrap(), label)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_answer_of_a_stale_copy_says_stale() {
+    let (clock, cache) = fail_safe_cache(Duration::from_secs(30));
+    let (base, calls, client) = single(HttpCacheLayer::new(cache)).await;
+    let stale = (StatusCode::OK, "fresh 1".to_owned(), "STALE".to_owned());
+    assert_eq!(flaky(&client, &base, "fresh").await.2, "MISS");
+    clock.advance(Duration::from_secs(11));
+    // A handler that panics: fail-safe's copy answers, labelled as what it is.
+    assert_eq!(flaky(&client, &base, "panic").await, stale);
+    // Within the throttle the origin is left alone: the re-armed copy is still stale.
+    assert_eq!(flaky(&client, &base, "fresh").await, stale);
+    assert_eq!(calls.count(), 2);
+    clock.advance(Duration::from_secs(31));
+    assert_eq!(
+        flaky(&client, &base, "fresh").await,
+        (StatusCode::OK, "fresh 3".to_owned(), "MISS".to_owned())
+    );
+    assert_eq!(flaky(&client, &base, "fresh").await.2, "HIT");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_that_may_not_be_stored_outdates_the_stale_copy() {
+    let (clock, cache) = fail_safe_cache(Duration::from_secs(1));
+    let (base, calls, client) = single(HttpCacheLayer::new(cache)).await;
+    assert_eq!(flaky(&client, &base, "fresh").await.1, "fresh 1");
+    clock.advance(Duration::from_secs(11));
+    assert_eq!(flaky(&client, &base, "cookie").await.1, "cookie 2");
+    // The origin fails next: the copy from before its last answer does not stand in.
+    assert_eq!(
+        flaky(&client, &base, "fail").await,
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "down".to_owned(),
+            "-".to_owned()
+        )
+    );
+    assert_eq!(calls.count(), 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

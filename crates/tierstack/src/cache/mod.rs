@@ -186,8 +186,10 @@ impl<V, C> TieredCache<V, C> {
         self.inner.l2_call(op, self.inner.deadline(), call).await
     }
 
-    /// The clock entries are written with.
-    pub(crate) fn clock(&self) -> &SharedClock {
+    /// The clock the cache tells time by: the builder's [`clock`](TieredCacheBuilder::clock),
+    /// else the system's. Integrations that stamp times of their own beside the cache's (an
+    /// HTTP response's `Age`) read this one, so that a test's manual clock moves them alike.
+    pub fn clock(&self) -> &SharedClock {
         &self.inner.clock
     }
 }
