@@ -51,8 +51,14 @@ pub(crate) fn of<B>(request: &Request<B>, vary_on: &[HeaderName]) -> String {
     if let Some(scheme) = uri.scheme() {
         add(b":scheme", scheme.as_str().as_bytes());
     }
-    if let Some(authority) = uri.authority() {
-        add(b":authority", authority.as_str().as_bytes());
+    // An HTTP/2 request names its host in the URI's authority, an HTTP/1 request in `Host`:
+    // the same host is the same key over both. A `Host` that names another host than the
+    // authority is in the key as well.
+    let authority = uri
+        .authority()
+        .map(|authority| authority.as_str().as_bytes());
+    if let Some(authority) = authority {
+        add(HOST.as_str().as_bytes(), authority);
     }
     for value in request.headers().get_all(FORWARDED) {
         for (name, value) in forwarded_pairs(value.as_bytes()) {
@@ -73,6 +79,9 @@ pub(crate) fn of<B>(request: &Request<B>, vary_on: &[HeaderName]) -> String {
     // A `vary_on` naming `forwarded` keeps all of it, `for` included, as asked.
     for name in ADDRESSED_TO.iter().chain(vary_on) {
         for value in request.headers().get_all(name) {
+            if name == HOST && Some(value.as_bytes()) == authority {
+                continue;
+            }
             add(name.as_str().as_bytes(), value.as_bytes());
         }
     }
@@ -172,5 +181,28 @@ mod tests {
             key(&[("x-forwarded-host", "a"), ("x-forwarded-port", "1")]),
             key(&[("x-forwarded-host", "a1")]),
         );
+    }
+
+    #[test]
+    fn a_host_named_twice_alike_is_one_key() {
+        let request = |uri: &str, host: Option<&str>| {
+            let mut request = Request::get(uri);
+            if let Some(host) = host {
+                request = request.header(HOST, host);
+            }
+            of(&request.body(()).unwrap(), &[])
+        };
+        // HTTP/2: the authority, with or without `Host`.
+        let http_2 = request("https://a.example/a", None);
+        assert_eq!(request("https://a.example/a", Some("a.example")), http_2);
+        assert_ne!(request("https://a.example/a", Some("b.example")), http_2);
+        assert_ne!(
+            request("http://a.example/a", None),
+            http_2,
+            "the scheme is in the key"
+        );
+        // HTTP/1 in absolute form is the same key as HTTP/2; in origin form (no scheme) it
+        // is another.
+        assert_ne!(request("/a", Some("a.example")), http_2);
     }
 }

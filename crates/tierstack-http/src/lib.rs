@@ -28,7 +28,8 @@
 //!   `X-Forwarded-Proto`, `X-Forwarded-Port`, `X-Forwarded-Prefix`, `X-Forwarded-Scheme`,
 //!   `X-Forwarded-Ssl`, `X-Original-Host`; the `host` and `proto` of `Forwarded`, not its
 //!   `for` or `by`: a request whose hosts disagree gets an entry of its own, and every client
-//!   shares one) and the values of the headers named in
+//!   shares one; an HTTP/2 request, whose URI names its scheme, and an HTTP/1 request, whose
+//!   URI does not, get one entry each) and the values of the headers named in
 //!   [`vary_on`](HttpCacheLayer::vary_on); `HEAD` is answered from a cached `GET` (and passes
 //!   through on a miss). Other methods, requests with `Cache-Control: no-store`, requests with
 //!   `Authorization` (unless [`cache_authorized`](HttpCacheLayer::cache_authorized)) and

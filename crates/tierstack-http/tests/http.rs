@@ -15,9 +15,10 @@ use tierstack::TieredCache;
 use tierstack::core::testkit::{MemoryBus, MemoryStore};
 use tierstack_http::{CachedResponse, HttpCacheLayer};
 
-/// How many times each handler ran.
+/// How many times each handler ran, and how many requests reached the server (outside the
+/// layer).
 #[derive(Default)]
-struct Calls(AtomicUsize);
+struct Calls(AtomicUsize, AtomicUsize);
 
 impl Calls {
     fn next(&self) -> usize {
@@ -25,6 +26,13 @@ impl Calls {
     }
     fn count(&self) -> usize {
         self.0.load(Ordering::SeqCst)
+    }
+    /// Waits until `n` requests have reached the server (at most five seconds).
+    async fn arrived(&self, n: usize) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while self.1.load(Ordering::SeqCst) < n && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(1)).await; // poll loop
+        }
     }
 }
 
@@ -157,8 +165,11 @@ fn per_request_routes(calls: &Arc<Calls>) -> Router {
         let c = Arc::clone(&c);
         async move {
             let call = c.next();
-            if headers.contains_key("x-slow") {
-                tokio::time::sleep(Duration::from_millis(300)).await; // real time
+            // Held until as many requests as it names reached the server, and a little
+            // more: those that meet this call in the layer have joined its flight by then.
+            if let Some(n) = headers.get("x-hold-for") {
+                c.arrived(n.to_str().unwrap().parse().unwrap()).await;
+                tokio::time::sleep(Duration::from_millis(50)).await; // real time: a margin
             }
             // The request picks the answer (a header the key does not hold, as an origin's
             // state would be).
@@ -199,7 +210,13 @@ fn cache(l2: &Arc<MemoryStore>, bus: &MemoryBus) -> TieredCache<CachedResponse> 
 async fn serve(layer: HttpCacheLayer, calls: &Arc<Calls>) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
-    let router = app(calls).layer(layer);
+    let arrivals = Arc::clone(calls);
+    let router = app(calls).layer(layer).layer(axum::middleware::map_request(
+        move |request: axum::extract::Request| {
+            arrivals.1.fetch_add(1, Ordering::SeqCst);
+            std::future::ready(request)
+        },
+    ));
     tokio::spawn(async move { axum::serve(listener, router).await });
     format!("http://{address}")
 }
@@ -668,18 +685,18 @@ async fn an_answer_that_may_not_be_stored_outdates_the_stale_copy() {
 async fn requests_waiting_on_an_answer_that_may_not_be_stored_run_the_handler_themselves() {
     let (clock, cache) = fail_safe_cache(Duration::from_secs(30));
     let (base, calls, client) = single(HttpCacheLayer::new(cache)).await;
-    let get = |answer: &'static str| {
+    let get = |answer: &'static str, hold_for: &'static str| {
         let request = client
             .get(format!("{base}/flaky"))
             .header("x-answer", answer)
-            .header("x-slow", "1");
+            .header("x-hold-for", hold_for);
         async move { request.send().await.unwrap().text().await.unwrap() }
     };
-    assert_eq!(get("fresh").await, "fresh 1");
+    assert_eq!(get("fresh", "1").await, "fresh 1");
     clock.advance(Duration::from_secs(11));
-    // Three requests meet while the slow handler answers the first with a cookie: none of
-    // them gets the stale copy; each gets an answer of its own.
-    let answers = futures_util::future::join_all((0..3).map(|_| get("cookie"))).await;
+    // Three requests meet while the handler, held until all of them arrived, answers the
+    // first with a cookie: none of them gets the stale copy; each gets an answer of its own.
+    let answers = futures_util::future::join_all((0..3).map(|_| get("cookie", "4"))).await;
     let mut calls_seen: Vec<&str> = answers.iter().map(String::as_str).collect();
     calls_seen.sort_unstable();
     assert_eq!(calls_seen, ["cookie 2", "cookie 3", "cookie 4"]);

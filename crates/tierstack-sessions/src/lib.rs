@@ -27,8 +27,9 @@
 //!   session (`Expiry::OnInactivity`) is saved, and so extended, as tower-sessions asks.
 //! - **load** answers only a record whose expiry date is in the future, even from a backend
 //!   that keeps expired records (Firestore deletes them up to a day late). An L2 that fails
-//!   (or times out) while L1 has no copy is an error, never a missing session: tower-sessions
-//!   answers that request with a 500, and the user stays signed in
+//!   (or times out) while L1 has no copy is an error, never a missing session: it reaches the
+//!   handler through `Session::get` and friends (a handler that answers it with `?` gives a
+//!   500), the cookie stays, and the user stays signed in
 //!   ([`EntryOptions::with_l2_errors_returned`]).
 //! - **delete** (a logout, an id cycled at login against session fixation) removes the record
 //!   from both tiers, and the backplane makes every other instance drop its copy.

@@ -309,3 +309,50 @@ async fn a_cache_with_no_tier_refuses_a_conditional_write() {
     );
     assert_eq!(l1_only.get("k").await.unwrap(), None);
 }
+
+/// An instance cut off from its backplane holds nothing in L1 it can vouch for: a conditional
+/// write that leaves L2 alone judges the key as a plain read does, not by an L1 copy that
+/// another instance may have deleted meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deaf_l1_vouches_for_nothing_in_a_conditional_write() {
+    let bus = tierstack::core::testkit::MemoryBus::new();
+    let cache = tierstack::TieredCache::<String>::builder("deaf")
+        .l2(Arc::new(MemoryStore::new()))
+        .backplane(Arc::new(bus.backplane()))
+        .build()
+        .unwrap();
+    let mut skips = cache.default_options().skips();
+    skips.l2_write = true;
+    let l1_only = cache.default_options().with_skips(skips);
+    cache.set_with("k", "v1".into(), &l1_only).await.unwrap();
+    assert!(
+        !cache
+            .set_if_absent("k", "v2".into(), &l1_only)
+            .await
+            .unwrap(),
+        "while it hears, its L1 copy is a value"
+    );
+    bus.lose_all();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+    while cache.stats().resyncs == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never heard the loss"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await; // poll loop
+    }
+    // Its L1 still holds v1 (kept as fail-safe's last resort), which nobody would say was
+    // deleted meanwhile.
+    assert!(
+        cache
+            .set_if_absent("k", "v4".into(), &l1_only)
+            .await
+            .unwrap(),
+        "a deaf L1 copy does not make the key present"
+    );
+    assert_eq!(
+        cache.get("k").await.unwrap(),
+        None,
+        "as a plain read does not read it"
+    );
+}

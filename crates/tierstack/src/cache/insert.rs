@@ -75,9 +75,11 @@ where
                 // (they do not take the key's lock) makes this look again.
                 let before = self.freshness.snapshot(key);
                 let now = self.clock.now();
-                let held = self
-                    .l1_entry(key)
-                    .is_some_and(|entry| entry.value.is_some() && entry.is_fresh_at(now));
+                // As a plain read sees it: a stale value is no value, and a deaf L1 holds
+                // nothing it can vouch for.
+                let held = self.l1_entry(key).is_some_and(|entry| {
+                    entry.value.is_some() && entry.is_fresh_at(now) && self.trusted_fresh(&entry)
+                });
                 if held != (condition == Condition::Present) {
                     return Ok(false);
                 }

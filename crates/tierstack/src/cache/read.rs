@@ -246,7 +246,7 @@ where
     /// Whether a plain read may answer `entry` (already known fresh): not a stale value that
     /// fail-safe re-armed (those answer read-through calls only, see `serving`), and not while
     /// deaf.
-    fn trusted_fresh(&self, entry: &L1Entry<V>) -> bool {
+    pub(super) fn trusted_fresh(&self, entry: &L1Entry<V>) -> bool {
         !entry.stale && !self.is_deaf()
     }
 
