@@ -48,10 +48,12 @@ mod connection;
 mod errors;
 mod managed;
 mod pushing;
+mod quota;
 mod store;
 mod structures;
 
 pub use backplane::RedisBackplane;
 pub use config::RedisConfig;
+pub use quota::{QuotaDecision, QuotaLedger, QuotaLimits, QuotaUsage, QuotaWrite};
 pub use store::{DEFAULT_MAX_VALUE_LEN, RedisStore};
 pub use structures::{CappedList, Lease, RateDecision, RateLimiter, Sessions};

@@ -36,14 +36,14 @@ const STRUCTURE_MARK: char = '@';
 
 /// The Redis key of a structure: the store's prefix, `@`, then its kind and `parts`, each
 /// escaped and joined by `:`.
-fn structure_key(store: &RedisStore, kind: &str, parts: &[&str]) -> String {
+pub(crate) fn structure_key(store: &RedisStore, kind: &str, parts: &[&str]) -> String {
     let mut all = Vec::with_capacity(parts.len() + 1);
     all.push(kind);
     all.extend_from_slice(parts);
     store.redis_key(&format!("{STRUCTURE_MARK}{}", compose_key(&all)))
 }
 
-fn millis(ttl: Duration) -> u64 {
+pub(crate) fn millis(ttl: Duration) -> u64 {
     u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX)
 }
 

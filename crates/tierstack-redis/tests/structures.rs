@@ -331,3 +331,103 @@ async fn session_ids_with_braces_keep_their_keys_together() {
         }
     }
 }
+
+const QUOTA: tierstack_redis::QuotaLimits = tierstack_redis::QuotaLimits {
+    max_entries: 3,
+    max_bytes: 100,
+};
+
+fn write(member: &str, size: u64, ttl: Duration) -> tierstack_redis::QuotaWrite<'_> {
+    tierstack_redis::QuotaWrite { member, size, ttl }
+}
+
+#[tokio::test]
+async fn the_quota_ledger_counts_live_entries_and_bytes_per_subject() {
+    use tierstack_redis::{QuotaDecision, QuotaLedger, QuotaUsage};
+    let minute = Duration::from_secs(60);
+    let usage = |entries, bytes| QuotaUsage { entries, bytes };
+    for store in stores("quota").await {
+        let ledger = QuotaLedger::new(&store, "server").unwrap();
+        let reserve = async |subject: &str, writes: &[tierstack_redis::QuotaWrite<'_>]| {
+            ledger.reserve(subject, QUOTA, writes).await.unwrap()
+        };
+        assert_eq!(
+            reserve("t{1}:a", &[write("a", 40, minute), write("b", 40, minute)]).await,
+            QuotaDecision::Admitted(usage(2, 80))
+        );
+        // Replacing an entry counts its change in size; a batch naming a key twice, its last.
+        assert_eq!(
+            reserve("t{1}:a", &[write("a", 10, minute), write("a", 20, minute)]).await,
+            QuotaDecision::Admitted(usage(2, 60))
+        );
+        assert_eq!(
+            reserve("t{1}:a", &[write("c", 41, minute)]).await,
+            QuotaDecision::TooManyBytes(usage(2, 60)),
+            "a refused write records nothing"
+        );
+        assert_eq!(
+            reserve("t{1}:a", &[write("c", 1, minute), write("d", 1, minute)]).await,
+            QuotaDecision::TooManyEntries(usage(2, 60)),
+            "a batch is refused whole"
+        );
+        assert_eq!(
+            reserve("other", &[write("c", 100, minute)]).await,
+            QuotaDecision::Admitted(usage(1, 100)),
+            "subjects count apart"
+        );
+        assert_eq!(ledger.release("t{1}:a", &["a", "zz"]).await.unwrap(), 1);
+        assert_eq!(ledger.usage("t{1}:a").await.unwrap(), usage(1, 40));
+        // Entries leave at their TTL, also after a touch moved it.
+        assert_eq!(
+            reserve("t{1}:a", &[write("short", 10, Duration::from_millis(300))]).await,
+            QuotaDecision::Admitted(usage(2, 50))
+        );
+        assert!(
+            ledger
+                .touch("t{1}:a", "b", Duration::from_millis(300))
+                .await
+                .unwrap()
+        );
+        assert!(!ledger.touch("t{1}:a", "none", minute).await.unwrap());
+        // real time: expiry goes by the server's clock.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(ledger.usage("t{1}:a").await.unwrap(), usage(0, 0));
+        // Prefix releases match the prefix literally (`*` is no wildcard here).
+        reserve(
+            "p",
+            &[
+                write("x*1", 1, minute),
+                write("x*2", 1, minute),
+                write("xy", 1, minute),
+            ],
+        )
+        .await;
+        assert_eq!(ledger.release_prefix("p", "x*").await.unwrap(), 2);
+        assert_eq!(ledger.usage("p").await.unwrap(), usage(1, 1));
+        ledger.clear("p").await.unwrap();
+        assert_eq!(ledger.usage("p").await.unwrap(), usage(0, 0));
+    }
+}
+
+#[tokio::test]
+async fn concurrent_reservations_never_pass_the_quota() {
+    let store = common::standalone("quota-race").await;
+    let ledger = tierstack_redis::QuotaLedger::new(&store, "race").unwrap();
+    let tasks: Vec<_> = (0..40)
+        .map(|i| {
+            let ledger = ledger.clone();
+            tokio::spawn(async move {
+                let member = format!("k{i}");
+                let writes = [write(&member, 10, Duration::from_secs(60))];
+                let decision = ledger.reserve("one", QUOTA, &writes).await.unwrap();
+                matches!(decision, tierstack_redis::QuotaDecision::Admitted(_))
+            })
+        })
+        .collect();
+    let mut admitted = 0;
+    for task in tasks {
+        admitted += usize::from(task.await.unwrap());
+    }
+    assert_eq!(admitted, 3);
+    assert_eq!(ledger.usage("one").await.unwrap().entries, 3);
+}
