@@ -20,6 +20,7 @@ use tierstack::{EntryOptions, Fetched, Source};
 
 use crate::auth::Caller;
 use crate::error::ApiError;
+use crate::quota::{QuotaReport, Room};
 use crate::server::AppState;
 use crate::tenant::{Limits, TenantName};
 
@@ -201,10 +202,26 @@ pub(crate) async fn put_value(
     let value = read_body(&headers, body, entry.limits.max_value_bytes).await?;
     let options = state.data.default_options().with_ttl(ttl);
     let len = value.len();
+    let room = Room {
+        key: &key,
+        value_bytes: len,
+        ttl,
+    };
     state
+        .quotas
+        .reserve(&entry.tenant, &entry.limits, &[room])
+        .await?;
+    let written = state
         .data
         .set_with(&entry.storage_key, value, &options)
-        .await?;
+        .await;
+    if let Err(error) = written {
+        state
+            .quotas
+            .release(&entry.tenant, &entry.limits, &[&key])
+            .await;
+        return Err(error.into());
+    }
     state.usage.of(&entry.tenant).wrote(len);
     Ok(StatusCode::NO_CONTENT)
 }
@@ -217,6 +234,10 @@ pub(crate) async fn delete_value(
 ) -> Result<StatusCode, ApiError> {
     let entry = entry(&state, &headers, &key).await?;
     let deleted = state.data.delete(&entry.storage_key).await?;
+    state
+        .quotas
+        .release(&entry.tenant, &entry.limits, &[&key])
+        .await;
     state.usage.of(&entry.tenant).deleted();
     if deleted {
         Ok(StatusCode::NO_CONTENT)
@@ -256,6 +277,10 @@ pub(crate) async fn touch(
     let entry = entry(&state, &headers, &key).await?;
     let ttl = entry.limits.ttl(asked_ttl(&query, &headers)?)?;
     if state.data.touch(&entry.storage_key, ttl).await? {
+        state
+            .quotas
+            .touch(&entry.tenant, &entry.limits, &key, ttl)
+            .await;
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(ApiError::not_found("entry"))
@@ -281,6 +306,10 @@ pub(crate) async fn delete_prefix(
 ) -> Result<Json<Deleted>, ApiError> {
     let entry = entry(&state, &headers, &query.prefix).await?;
     let deleted = state.data.delete_prefix(&entry.storage_key).await?;
+    state
+        .quotas
+        .release_prefix(&entry.tenant, &entry.limits, &query.prefix)
+        .await;
     state.usage.of(&entry.tenant).deleted();
     Ok(Json(Deleted { deleted }))
 }
@@ -382,14 +411,34 @@ pub(crate) async fn bulk_set(
             )
         })?;
         limits.check_value(value.len())?;
-        writes.push((tenant.storage_key(&entry.key), Bytes::from(value), ttl));
+        writes.push((entry.key, Bytes::from(value), ttl));
     }
+    let rooms: Vec<Room<'_>> = writes
+        .iter()
+        .map(|(key, value, ttl)| Room {
+            key,
+            value_bytes: value.len(),
+            ttl: *ttl,
+        })
+        .collect();
+    state.quotas.reserve(&tenant, &limits, &rooms).await?;
     let usage = state.usage.of(&tenant);
-    for (key, value, ttl) in writes {
-        let len = value.len();
-        let options: EntryOptions = state.data.default_options().with_ttl(ttl);
-        state.data.set_with(&key, value, &options).await?;
-        usage.wrote(len);
+    for (index, (key, value, ttl)) in writes.iter().enumerate() {
+        let options: EntryOptions = state.data.default_options().with_ttl(*ttl);
+        let written = state
+            .data
+            .set_with(&tenant.storage_key(key), value.clone(), &options)
+            .await;
+        if let Err(error) = written {
+            // The writes not made give their room back.
+            let unmade: Vec<&str> = writes[index..]
+                .iter()
+                .map(|(key, ..)| key.as_str())
+                .collect();
+            state.quotas.release(&tenant, &limits, &unmade).await;
+            return Err(error.into());
+        }
+        usage.wrote(value.len());
     }
     Ok(StatusCode::NO_CONTENT)
 }
@@ -454,11 +503,22 @@ pub(crate) async fn flush_tenant(
     admin(&state, &headers).await?;
     let tenant = tenant_path(&name)?;
     let deleted = state.data.delete_prefix(&tenant.storage_key("")).await?;
+    state.quotas.clear(&tenant).await;
     tracing::info!(tenant = tenant.as_str(), deleted, "tenant flushed");
     Ok(Json(Deleted { deleted }))
 }
 
-/// `GET /v1/admin/tenants/{tenant}/usage`: this instance's counts for the tenant.
+#[derive(Serialize)]
+pub(crate) struct UsageAnswer {
+    /// This instance's counts.
+    #[serde(flatten)]
+    counts: crate::usage::Snapshot,
+    /// What the tenant holds against its quota (every instance's, where they share it).
+    quota: QuotaReport,
+}
+
+/// `GET /v1/admin/tenants/{tenant}/usage`: this instance's counts for the tenant, and what
+/// it holds against its quota.
 pub(crate) async fn usage(
     State(state): Shared,
     ApiPath(name): ApiPath<String>,
@@ -466,7 +526,10 @@ pub(crate) async fn usage(
 ) -> Result<Response, ApiError> {
     admin(&state, &headers).await?;
     let tenant = tenant_path(&name)?;
-    Ok(Json(state.usage.of(&tenant).snapshot()).into_response())
+    let limits = state.config.limits_of(&tenant);
+    let quota = state.quotas.report(&tenant, limits).await?;
+    let counts = state.usage.of(&tenant).snapshot();
+    Ok(Json(UsageAnswer { counts, quota }).into_response())
 }
 
 #[derive(Serialize)]

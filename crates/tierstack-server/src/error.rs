@@ -93,6 +93,11 @@ impl ApiError {
         Self::new(StatusCode::PAYLOAD_TOO_LARGE, code, message)
     }
 
+    /// 507: the write would take the tenant past its quota of entries or bytes.
+    pub(crate) fn over_quota(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::INSUFFICIENT_STORAGE, "quota_exceeded", message)
+    }
+
     /// 429: the tenant's rate limit; retry after `retry_after`.
     pub(crate) fn rate_limited(retry_after_secs: u64) -> Self {
         Self {

@@ -59,6 +59,7 @@ mod auth;
 mod config;
 mod error;
 mod openapi;
+mod quota;
 mod server;
 mod tenant;
 mod usage;

@@ -29,15 +29,20 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     }
     let store = tierstack::StoreConfig::from_env()?;
     let backend = store.connect().await?;
-    let listener = tokio::net::TcpListener::bind(config.listen).await?;
+    let listen = config.listen;
+    let mut server = Server::new(config, backend)?;
+    // On Redis, every instance counts rates and quotas there together.
+    if let tierstack::StoreConfig::Redis(redis) = &store {
+        let counting = tierstack::redis::RedisStore::connect(redis).await?;
+        server = server.share_quotas(&counting)?.share_rate_limits(counting);
+    }
+    let listener = tokio::net::TcpListener::bind(listen).await?;
     tracing::info!(address = %listener.local_addr()?, "tierstack-server listening");
     let shutdown = async {
         stop_signal().await;
         tracing::info!("shutting down: finishing the requests in flight");
     };
-    Server::new(config, backend)?
-        .serve(listener, shutdown)
-        .await?;
+    server.serve(listener, shutdown).await?;
     Ok(())
 }
 

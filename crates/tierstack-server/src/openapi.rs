@@ -59,7 +59,7 @@ pub(crate) const ROUTES: &[(&str, &str, &str, bool)] = &[
     (
         "get",
         "/v1/admin/tenants/{tenant}/usage",
-        "This instance's counts for tenant",
+        "This instance's counts for tenant, and its usage against its quota",
         true,
     ),
     (

@@ -17,6 +17,7 @@ use tierstack::{Backend, CacheError, TieredCache};
 use crate::auth::{KeyRecord, Keys};
 use crate::config::ServerConfig;
 use crate::error::ApiError;
+use crate::quota::Quotas;
 use crate::tenant::RateLimits;
 use crate::usage::Usage;
 use crate::{api, openapi};
@@ -28,6 +29,7 @@ pub(crate) struct AppState {
     pub(crate) data: TieredCache<Bytes>,
     pub(crate) keys: Keys,
     pub(crate) rate: RateLimits,
+    pub(crate) quotas: Quotas,
     pub(crate) usage: Usage,
     /// The L2, for `/readyz`.
     store: Arc<dyn Store>,
@@ -82,6 +84,7 @@ impl Server {
                 data,
                 keys,
                 rate: RateLimits::default(),
+                quotas: Quotas::default(),
                 usage: Usage::default(),
                 store,
                 metrics: None,
@@ -102,6 +105,30 @@ impl Server {
             .unwrap_or_else(|| panic!("share_rate_limits before the server is shared"));
         state.rate = RateLimits::shared(store);
         self
+    }
+
+    /// Counts every tenant's entries and bytes against its quota in `store`, so that the
+    /// quota holds across every instance that counts there. Without it, each instance counts
+    /// the writes it made (right for one instance; with several, a tenant may hold up to its
+    /// quota on each). While Redis fails, writes are refused with 503: a write that cannot be
+    /// counted is not made.
+    ///
+    /// # Errors
+    ///
+    /// The store's key prefix leaves no room for the ledger's keys.
+    ///
+    /// # Panics
+    ///
+    /// If called after the server was cloned or its router taken.
+    pub fn share_quotas(
+        mut self,
+        store: &tierstack::redis::RedisStore,
+    ) -> Result<Self, CacheError> {
+        let ledger = tierstack::redis::QuotaLedger::new(store, "tierstack-server")?;
+        let state = Arc::get_mut(&mut self.state)
+            .unwrap_or_else(|| panic!("share_quotas before the server is shared"));
+        state.quotas = Quotas::shared(ledger);
+        Ok(self)
     }
 
     /// Serves `/metrics` (to the admin credential) from `handle`: the recorder the process

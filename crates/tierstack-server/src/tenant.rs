@@ -85,6 +85,10 @@ pub struct Limits {
     pub default_ttl_secs: u64,
     /// The longest TTL a write may ask for, in seconds.
     pub max_ttl_secs: u64,
+    /// The most live entries the tenant may hold (0: no quota).
+    pub max_entries: u64,
+    /// The most bytes (keys and values) the tenant's live entries may hold (0: no quota).
+    pub max_bytes: u64,
 }
 
 impl Default for Limits {
@@ -98,6 +102,8 @@ impl Default for Limits {
             rate_window_secs: 60,
             default_ttl_secs: 3_600,
             max_ttl_secs: 30 * 86_400,
+            max_entries: 1_000_000,
+            max_bytes: 1 << 30,
         }
     }
 }

@@ -516,3 +516,100 @@ async fn a_streamed_body_over_the_limit_is_refused_without_reading_it_all() {
         "nothing stored"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_over_its_quota_gets_507_until_it_frees_room() {
+    let limits = Limits {
+        max_entries: 3,
+        max_bytes: 40,
+        ..Limits::default()
+    };
+    let server = start(config(limits), memory().await).await;
+    let (shop, blog) = (
+        Client::new(&server.base, Some(SHOP_KEY)),
+        Client::new(&server.base, Some(BLOG_KEY)),
+    );
+    // Each entry counts its key and its value: "a" + 9 bytes = 10.
+    for key in ["a", "b", "c"] {
+        assert_eq!(shop.put(key, "123456789").await, StatusCode::NO_CONTENT);
+    }
+    let over = shop
+        .request(Method::PUT, "/v1/cache/d")
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(over.status(), StatusCode::INSUFFICIENT_STORAGE);
+    assert_eq!(Client::code(over).await, "quota_exceeded");
+    assert_eq!(
+        shop.get("d").await.0,
+        StatusCode::NOT_FOUND,
+        "nothing written"
+    );
+    // Replacing an entry counts its change in size: within the bytes, then past them.
+    assert_eq!(shop.put("a", "1").await, StatusCode::NO_CONTENT);
+    assert_eq!(
+        shop.put("b", &"x".repeat(30)).await,
+        StatusCode::INSUFFICIENT_STORAGE
+    );
+    assert_eq!(blog.put("d", "other tenant").await, StatusCode::NO_CONTENT);
+    // A bulk write that would pass the quota is refused whole.
+    let bulk = serde_json::json!({"entries": [{"key": "e", "value": "eA=="}]});
+    let refused = shop
+        .request(Method::POST, "/v1/bulk/set")
+        .json(&bulk)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), StatusCode::INSUFFICIENT_STORAGE);
+    let admin = Client::new(&server.base, Some(ADMIN_KEY));
+    let usage = admin
+        .json(Method::GET, "/v1/admin/tenants/shop/usage")
+        .await;
+    assert_eq!(
+        usage["quota"],
+        serde_json::json!({"entries": 3, "bytes": 22, "max_entries": 3, "max_bytes": 40})
+    );
+    // A delete, a prefix delete and a flush give room back.
+    assert_eq!(
+        shop.request(Method::DELETE, "/v1/cache/c")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(shop.put("d", "x").await, StatusCode::NO_CONTENT);
+    let deleted = shop
+        .request(Method::DELETE, "/v1/cache?prefix=b")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), StatusCode::OK);
+    assert_eq!(
+        bulk_set_status(&shop, &bulk).await,
+        StatusCode::NO_CONTENT,
+        "room freed by the prefix delete"
+    );
+    let flushed = admin
+        .request(Method::DELETE, "/v1/admin/tenants/shop/cache")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(flushed.status(), StatusCode::OK);
+    let usage = admin
+        .json(Method::GET, "/v1/admin/tenants/shop/usage")
+        .await;
+    assert_eq!(usage["quota"]["entries"], 0);
+    assert_eq!(usage["quota"]["bytes"], 0);
+}
+
+async fn bulk_set_status(client: &Client, bulk: &serde_json::Value) -> StatusCode {
+    let response = client
+        .request(Method::POST, "/v1/bulk/set")
+        .json(bulk)
+        .send()
+        .await
+        .unwrap();
+    response.status()
+}

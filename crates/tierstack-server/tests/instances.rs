@@ -22,12 +22,18 @@ fn redis_config(test: &str) -> RedisConfig {
         .key_prefix(&format!("t-server-{test}-{nanos}:"))
 }
 
-/// An instance on `redis`, with its rate limits counted there.
+/// An instance on `redis`, with its rate limits and quotas counted there.
 async fn instance(redis: &RedisConfig, limits: Limits) -> (common::Running, String) {
     let backend = StoreConfig::Redis(redis.clone()).connect().await.unwrap();
     let running = common::start_with(config(limits), backend, |server| {
         let store = redis.clone();
-        async move { server.share_rate_limits(RedisStore::connect(&store).await.unwrap()) }
+        async move {
+            let store = RedisStore::connect(&store).await.unwrap();
+            server
+                .share_quotas(&store)
+                .unwrap()
+                .share_rate_limits(store)
+        }
     })
     .await;
     let base = running.base.clone();
@@ -112,4 +118,68 @@ async fn instances_share_entries_revocations_and_rate_limits() {
         );
         tokio::time::sleep(Duration::from_millis(5)).await; // poll loop
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_share_one_quota() {
+    let redis = redis_config("quotas");
+    let limits = Limits {
+        max_entries: 2,
+        ..Limits::default()
+    };
+    let ((_a, a), (_b, b)) = (
+        instance(&redis, limits).await,
+        instance(&redis, limits).await,
+    );
+    let (shop_a, shop_b) = (
+        Client::new(&a, Some(SHOP_KEY)),
+        Client::new(&b, Some(SHOP_KEY)),
+    );
+    assert_eq!(shop_a.put("k1", "1").await, StatusCode::NO_CONTENT);
+    assert_eq!(shop_b.put("k2", "2").await, StatusCode::NO_CONTENT);
+    assert_eq!(
+        shop_a.put("k3", "3").await,
+        StatusCode::INSUFFICIENT_STORAGE,
+        "b's entry counts on a"
+    );
+    let deleted = shop_b
+        .request(Method::DELETE, "/v1/cache/k1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), StatusCode::NO_CONTENT);
+    assert_eq!(
+        shop_a.put("k3", "3").await,
+        StatusCode::NO_CONTENT,
+        "a's entry deleted on b gave its room back"
+    );
+    let usage = Client::new(&b, Some(ADMIN_KEY))
+        .json(Method::GET, "/v1/admin/tenants/shop/usage")
+        .await;
+    assert_eq!(usage["quota"]["entries"], 2);
+    // Concurrent writes of new keys on both instances never pass the quota together.
+    let flushed = Client::new(&a, Some(ADMIN_KEY))
+        .request(Method::DELETE, "/v1/admin/tenants/shop/cache")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(flushed.status(), StatusCode::OK);
+    let writes: Vec<_> = (0..10)
+        .map(|i| {
+            let base = if i % 2 == 0 { a.clone() } else { b.clone() };
+            tokio::spawn(async move {
+                let client = Client::new(&base, Some(SHOP_KEY));
+                client.put(&format!("n{i}"), "v").await
+            })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for write in writes {
+        statuses.push(write.await.unwrap());
+    }
+    let admitted = statuses
+        .iter()
+        .filter(|status| **status == StatusCode::NO_CONTENT)
+        .count();
+    assert_eq!(admitted, 2, "{statuses:?}");
 }
