@@ -1,6 +1,7 @@
 //! Conditional writes: `set_if_absent`, a write that never replaces another writer's value (a
-//! new session under a fresh id, a handle created once), and `set_if_present`, one that never
-//! brings back a value someone removed (a session saved after its logout).
+//! new session under a fresh id, a handle created once), `set_if_present`, one that never
+//! brings back a value someone removed (a session saved after its logout), and
+//! `compare_and_set`, one that replaces (or removes) only the value its caller read.
 
 use std::sync::Arc;
 
@@ -18,19 +19,39 @@ use crate::freshness::Snapshot;
 use crate::options::EntryOptions;
 
 /// What a conditional write needs the key to hold.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Condition {
+pub(super) enum Condition<'a, V> {
     /// No fresh value.
     Absent,
     /// A fresh value.
     Present,
+    /// A fresh value this says is the one expected.
+    Holds(&'a (dyn Fn(&V) -> bool + Sync)),
 }
 
-impl Condition {
+// By hand: a derive would ask `V: Copy`, and the condition holds only a reference.
+impl<V> Clone for Condition<'_, V> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<V> Copy for Condition<'_, V> {}
+
+impl<V> Condition<'_, V> {
     fn operation(self) -> &'static str {
         match self {
             Self::Absent => "set_if_absent",
             Self::Present => "set_if_present",
+            Self::Holds(_) => "compare_and_set",
+        }
+    }
+
+    /// Whether a key holding `value` (a fresh one, or none) meets the condition.
+    fn met_by(self, value: Option<&V>) -> bool {
+        match self {
+            Self::Absent => value.is_none(),
+            Self::Present => value.is_some(),
+            Self::Holds(expected) => value.is_some_and(expected),
         }
     }
 }
@@ -40,12 +61,13 @@ where
     V: Clone + Send + Sync + Serialize + DeserializeOwned + 'static,
     C: Codec,
 {
-    /// Writes `value` under `key` if the key meets `condition`; `true` if it wrote.
+    /// Writes `value` under `key` (or removes the key, for `None`) if the key meets
+    /// `condition`; `true` if it did.
     pub(super) async fn set_if(
         self: &Arc<Self>,
-        condition: Condition,
+        condition: Condition<'_, V>,
         key: &str,
-        value: V,
+        value: Option<V>,
         options: &EntryOptions,
     ) -> Result<bool> {
         let operation = condition.operation();
@@ -77,10 +99,10 @@ where
                 let now = self.clock.now();
                 // As a plain read sees it: a stale value is no value, and a deaf L1 holds
                 // nothing it can vouch for.
-                let held = self.l1_entry(key).is_some_and(|entry| {
-                    entry.value.is_some() && entry.is_fresh_at(now) && self.trusted_fresh(&entry)
-                });
-                if held != (condition == Condition::Present) {
+                let entry = self
+                    .l1_entry(key)
+                    .filter(|entry| entry.is_fresh_at(now) && self.trusted_fresh(entry));
+                if !condition.met_by(entry.as_ref().and_then(|entry| entry.value.as_ref())) {
                     return Ok(false);
                 }
                 if self.freshness.is_current(before) {
@@ -95,13 +117,17 @@ where
                 }
             }
         };
-        let bytes = self.encode_with_life(Some(&value), &life)?;
+        let (bytes, lives) = match &value {
+            Some(value) => (self.encode_with_life(Some(value), &life)?, life.lives),
+            // A tombstone, as `delete` writes: a load running anywhere may only write over it.
+            None => self.tombstone(),
+        };
         // Taken before the write, as `set` takes it: an invalidation that arrives while the
         // write is in flight keeps this value out of L1.
         let before = self.freshness.snapshot(key);
         let in_flight = InFlightWrite::new(self, key);
         match self
-            .write_if(condition, l2.as_ref(), key, bytes, life.lives, deadline)
+            .write_if(condition, l2.as_ref(), key, bytes, lives, deadline)
             .await
         {
             Ok(true) => {}
@@ -132,7 +158,7 @@ where
     /// between.
     async fn write_if(
         &self,
-        condition: Condition,
+        condition: Condition<'_, V>,
         l2: &dyn tierstack_core::Store,
         key: &str,
         bytes: bytes::Bytes,
@@ -143,19 +169,20 @@ where
         loop {
             // What the key holds now, as a value (fresh) or not (nothing, a delete's tombstone,
             // a "not found", a stale or undecodable entry, an entry of a removed tag).
-            let (holds_value, seen) = match self.read_l2(key, deadline, false).await? {
+            let (held, seen) = match self.read_l2(key, deadline, false).await? {
                 L2Read::Hit {
-                    value: Some(_),
+                    value: Some(value),
                     life,
                     seen,
-                } if !life.stale => (true, seen),
+                } if !life.stale => (Some(value), seen),
                 L2Read::Hit { seen, .. } | L2Read::Stale { seen, .. } | L2Read::Miss { seen } => {
-                    (false, seen)
+                    (None, seen)
                 }
             };
-            if holds_value != (condition == Condition::Present) {
+            if !condition.met_by(held.as_ref()) {
                 return Ok(false);
             }
+            let holds_value = held.is_some();
             if holds_value && seen.is_none() {
                 // The value is a write kept for a replay while the L2 fails: what the L2
                 // holds is not known, so neither is whether the condition holds there.
@@ -182,10 +209,11 @@ where
 
     /// Puts what a conditional write wrote in L1, as `set` does: unless the key changed since
     /// `before` (taken before an L2 write), which may mean a newer write or a delete landed.
+    /// A removal (`None`) leaves nothing in L1.
     fn keep_inserted(
         &self,
         key: &str,
-        value: V,
+        value: Option<V>,
         life: &Life,
         options: &EntryOptions,
         before: Snapshot,
@@ -193,10 +221,11 @@ where
         self.forget_kept(key);
         let unchanged = self.freshness.is_current(before);
         let after = self.freshness.bump_key(key);
-        if unchanged && life.to_l1 && !options.skips().l1_write {
-            self.fill_l1_since(key, Some(value), life, after);
-        } else {
-            self.evict_local(key);
+        match value {
+            Some(value) if unchanged && life.to_l1 && !options.skips().l1_write => {
+                self.fill_l1_since(key, Some(value), life, after);
+            }
+            _ => self.evict_local(key),
         }
     }
 }

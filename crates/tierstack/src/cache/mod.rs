@@ -514,7 +514,7 @@ where
     /// is kept for a replay: whether the key held a value is not known).
     pub async fn set_if_absent(&self, key: &str, value: V, options: &EntryOptions) -> Result<bool> {
         self.inner
-            .set_if(insert::Condition::Absent, key, value, options)
+            .set_if(insert::Condition::Absent, key, Some(value), options)
             .await
     }
 
@@ -551,7 +551,51 @@ where
         options: &EntryOptions,
     ) -> Result<bool> {
         self.inner
-            .set_if(insert::Condition::Present, key, value, options)
+            .set_if(insert::Condition::Present, key, Some(value), options)
+            .await
+    }
+
+    /// Writes `new` under `key` with `options` (or removes the key, for `None`) only if the key
+    /// holds a fresh value equal to `current`: `true` if it did, `false` if the key held
+    /// another value or none. Optimistic concurrency: read a value, compute the next one, and
+    /// write it only if nobody changed the key meanwhile; on `false`, read again.
+    ///
+    /// As with [`set_if_absent`](Self::set_if_absent), it replaces exactly the bytes it read
+    /// in L2, by compare-and-set: of concurrent calls that read the same value, one wins; a
+    /// write or delete on any instance between the read and the write makes it look again.
+    /// A removal leaves a tombstone, as [`delete`](Self::delete) does. The other instances
+    /// evict their copies.
+    ///
+    /// ```
+    /// # async fn run() -> tierstack::Result<()> {
+    /// let cache = tierstack::TieredCache::<u32>::builder("stock").build()?;
+    /// let options = cache.default_options();
+    /// cache.set("item:7", 3).await?;
+    /// assert!(cache.compare_and_set("item:7", &3, Some(2), &options).await?);
+    /// assert!(!cache.compare_and_set("item:7", &3, Some(1), &options).await?, "it is 2 now");
+    /// assert!(cache.compare_and_set("item:7", &2, None, &options).await?);
+    /// assert_eq!(cache.get("item:7").await?, None);
+    /// # Ok(())
+    /// # }
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(run()).unwrap();
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// As [`set_if_absent`](Self::set_if_absent).
+    pub async fn compare_and_set(
+        &self,
+        key: &str,
+        current: &V,
+        new: Option<V>,
+        options: &EntryOptions,
+    ) -> Result<bool>
+    where
+        V: PartialEq,
+    {
+        let expected = |held: &V| held == current;
+        self.inner
+            .set_if(insert::Condition::Holds(&expected), key, new, options)
             .await
     }
 

@@ -94,6 +94,18 @@ where
         Ok(())
     }
 
+    /// A delete's tombstone, written now, and how long it lives.
+    pub(super) fn tombstone(&self) -> (bytes::Bytes, std::time::Duration) {
+        let now = self.clock.now();
+        let ttl = self.settings.tombstone_ttl;
+        let tombstone = envelope::encode_tombstone::<C>(
+            now,
+            now.saturating_add(ttl),
+            envelope::tombstone_nonce(),
+        );
+        (tombstone, ttl)
+    }
+
     pub(super) async fn delete(
         self: &Arc<Self>,
         key: &str,
@@ -111,13 +123,7 @@ where
         let in_flight = InFlightWrite::new(self, key);
         // A tombstone, not a removal: a load that is running anywhere saw the key before it,
         // and may only write its value over what it saw.
-        let now = self.clock.now();
-        let ttl = self.settings.tombstone_ttl;
-        let tombstone = envelope::encode_tombstone::<C>(
-            now,
-            now.saturating_add(ttl),
-            envelope::tombstone_nonce(),
-        );
+        let (tombstone, ttl) = self.tombstone();
         let keep = options.write_recovery().then(|| tombstone.clone());
         let removed = if let Some(l2) = &self.l2 {
             let store_key = self.namespace.store_key(key);
