@@ -123,25 +123,45 @@ async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Byte
 #[serde(deny_unknown_fields)]
 pub(crate) struct TtlQuery {
     ttl: Option<String>,
+    ttl_ms: Option<String>,
 }
 
-/// The TTL a write asks for: the `ttl` query parameter, else the `x-ttl` header, in seconds.
-fn asked_ttl(query: &TtlQuery, headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
+/// The TTL a write asks for: the `ttl_ms` query parameter in milliseconds, else `ttl`, else
+/// the `x-ttl` header, in seconds.
+fn asked_ttl(query: &TtlQuery, headers: &HeaderMap) -> Result<Option<Duration>, ApiError> {
+    let invalid = || {
+        ApiError::bad_request(
+            "invalid_ttl",
+            "a ttl is a whole number of seconds (or of milliseconds, ttl_ms) above zero",
+        )
+    };
+    let parse = |text: &str| text.trim().parse::<u64>().map_err(|_| invalid());
+    if let Some(millis) = &query.ttl_ms {
+        return parse(millis).map(|millis| Some(Duration::from_millis(millis)));
+    }
     let text = match &query.ttl {
         Some(ttl) => Some(ttl.as_str()),
         None => headers
             .get(TTL_REQUEST_HEADER)
             .map(|v| v.to_str().unwrap_or("not text")),
     };
-    text.map(|text| {
-        text.trim().parse::<u64>().map_err(|_| {
-            ApiError::bad_request(
-                "invalid_ttl",
-                "a ttl is a whole number of seconds above zero",
-            )
-        })
-    })
-    .transpose()
+    text.map(|text| parse(text).map(Duration::from_secs))
+        .transpose()
+}
+
+/// A TTL given in a JSON body: `ttl_ms`, else `ttl` in seconds.
+fn body_ttl(ttl_ms: Option<u64>, ttl: Option<u64>) -> Option<Duration> {
+    match (ttl_ms, ttl) {
+        (Some(millis), _) => Some(Duration::from_millis(millis)),
+        (None, secs) => secs.map(Duration::from_secs),
+    }
+}
+
+/// Whether a write asks to create the key only (`If-None-Match: *`).
+fn create_only(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::IF_NONE_MATCH)
+        .is_some_and(|value| value.as_bytes().trim_ascii() == b"*")
 }
 
 fn ttl_header(ttl: Option<Duration>) -> Option<(&'static str, HeaderValue)> {
@@ -189,7 +209,8 @@ pub(crate) async fn get_value(
     Ok(response)
 }
 
-/// `PUT /v1/cache/{key}?ttl=SECONDS`: stores the body's bytes as sent.
+/// `PUT /v1/cache/{key}?ttl=SECONDS`: stores the body's bytes as sent; with
+/// `If-None-Match: *`, only if the key holds no value (412 if it does).
 pub(crate) async fn put_value(
     State(state): Shared,
     ApiPath(key): ApiPath<String>,
@@ -211,16 +232,30 @@ pub(crate) async fn put_value(
         .quotas
         .reserve(&entry.tenant, &entry.limits, &[room])
         .await?;
-    let written = state
-        .data
-        .set_with(&entry.storage_key, value, &options)
-        .await;
-    if let Err(error) = written {
+    let written = if create_only(&headers) {
         state
-            .quotas
-            .release(&entry.tenant, &entry.limits, &[&key])
-            .await;
-        return Err(error.into());
+            .data
+            .set_if_absent(&entry.storage_key, value, &options)
+            .await
+    } else {
+        state
+            .data
+            .set_with(&entry.storage_key, value, &options)
+            .await
+            .map(|()| true)
+    };
+    match written {
+        Ok(true) => {}
+        // The key held a value: its room stays counted (at the size asked for, until the
+        // key is written or deleted again).
+        Ok(false) => return Err(ApiError::precondition_failed()),
+        Err(error) => {
+            state
+                .quotas
+                .release(&entry.tenant, &entry.limits, &[&key])
+                .await;
+            return Err(error.into());
+        }
     }
     state.usage.of(&entry.tenant).wrote(len);
     Ok(StatusCode::NO_CONTENT)
@@ -244,6 +279,81 @@ pub(crate) async fn delete_value(
     } else {
         Err(ApiError::not_found("entry"))
     }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct CompareAndSet {
+    /// The bytes the key must hold, in base64.
+    current: String,
+    /// The bytes to write in their place, in base64; `null` removes the key.
+    new: Option<String>,
+    /// The new value's TTL in milliseconds (else `ttl`, in seconds; else the default).
+    #[serde(default)]
+    ttl_ms: Option<u64>,
+    #[serde(default)]
+    ttl: Option<u64>,
+}
+
+fn base64_field(name: &str, text: &str) -> Result<Bytes, ApiError> {
+    BASE64
+        .decode(text.as_bytes())
+        .map(Bytes::from)
+        .map_err(|_| ApiError::bad_request("invalid_body", format!("{name} is not base64")))
+}
+
+/// `POST /v1/cache/{key}/cas` with `{"current", "new", "ttl_ms"?}`: writes `new` (or removes
+/// the key, for `null`) only if the key holds exactly `current`; 204 if it did, 412 if not.
+pub(crate) async fn compare_and_set(
+    State(state): Shared,
+    ApiPath(key): ApiPath<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<StatusCode, ApiError> {
+    let entry = entry(&state, &headers, &key).await?;
+    // Room for two values in base64, and the rest of the JSON.
+    let limit = entry
+        .limits
+        .max_value_bytes
+        .saturating_mul(3)
+        .saturating_add(1024);
+    let bytes = read_body(&headers, body, limit).await?;
+    let request: CompareAndSet = serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::bad_request("invalid_body", e.to_string()))?;
+    let current = base64_field("current", &request.current)?;
+    let new = match &request.new {
+        Some(text) => Some(base64_field("new", text)?),
+        None => None,
+    };
+    let ttl = entry.limits.ttl(body_ttl(request.ttl_ms, request.ttl))?;
+    if let Some(new) = &new {
+        entry.limits.check_value(new.len())?;
+        let room = Room {
+            key: &key,
+            value_bytes: new.len(),
+            ttl,
+        };
+        state
+            .quotas
+            .reserve(&entry.tenant, &entry.limits, &[room])
+            .await?;
+    }
+    let options = state.data.default_options().with_ttl(ttl);
+    let removal = new.is_none();
+    let swapped = state
+        .data
+        .compare_and_set(&entry.storage_key, &current, new, &options)
+        .await?;
+    if !swapped {
+        return Err(ApiError::precondition_failed());
+    }
+    if removal {
+        state
+            .quotas
+            .release(&entry.tenant, &entry.limits, &[&key])
+            .await;
+    }
+    Ok(StatusCode::NO_CONTENT)
 }
 
 #[derive(Serialize)]
@@ -388,6 +498,9 @@ pub(crate) struct BulkEntry {
     /// Seconds; the default TTL if absent.
     #[serde(default)]
     ttl: Option<u64>,
+    /// Milliseconds, instead of `ttl`.
+    #[serde(default)]
+    ttl_ms: Option<u64>,
 }
 
 /// `POST /v1/bulk/set` with `{"entries": [{"key", "value" (base64), "ttl"?}]}`. Every entry is
@@ -403,7 +516,7 @@ pub(crate) async fn bulk_set(
     let mut writes = Vec::with_capacity(request.entries.len());
     for entry in request.entries {
         limits.check_key(&entry.key)?;
-        let ttl = limits.ttl(entry.ttl)?;
+        let ttl = limits.ttl(body_ttl(entry.ttl_ms, entry.ttl))?;
         let value = BASE64.decode(entry.value.as_bytes()).map_err(|_| {
             ApiError::bad_request(
                 "invalid_bulk",

@@ -93,6 +93,15 @@ impl ApiError {
         Self::new(StatusCode::PAYLOAD_TOO_LARGE, code, message)
     }
 
+    /// 412: a conditional write whose condition did not hold.
+    pub(crate) fn precondition_failed() -> Self {
+        Self::new(
+            StatusCode::PRECONDITION_FAILED,
+            "precondition_failed",
+            "the key does not hold what the write asked for",
+        )
+    }
+
     /// 507: the write would take the tenant past its quota of entries or bytes.
     pub(crate) fn over_quota(message: impl Into<String>) -> Self {
         Self::new(StatusCode::INSUFFICIENT_STORAGE, "quota_exceeded", message)

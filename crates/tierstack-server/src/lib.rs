@@ -22,11 +22,12 @@
 //!
 //! | route | answers |
 //! |---|---|
-//! | `PUT /v1/cache/{key}?ttl=SECONDS` (or header `x-ttl`) | 204; the body's bytes stored as sent |
+//! | `PUT /v1/cache/{key}?ttl=SECONDS` (`ttl_ms`, or header `x-ttl`) | 204; with `If-None-Match: *`, 412 where a value is |
 //! | `GET /v1/cache/{key}` | 200 with the bytes and `x-ttl-ms`; 404 |
 //! | `DELETE /v1/cache/{key}` | 204; 404 |
 //! | `GET`/`HEAD /v1/cache/{key}/exists` | 200 or 404, `{"exists": bool}` |
 //! | `POST /v1/cache/{key}/touch?ttl=SECONDS` | 204; 404 |
+//! | `POST /v1/cache/{key}/cas` `{"current", "new", "ttl_ms"?}` | 204 if swapped; 412 |
 //! | `DELETE /v1/cache?prefix=P` | `{"deleted": n}`, the tenant's keys under `P` |
 //! | `POST /v1/bulk/get` `{"keys": [...]}` | `{"values": [{"key", "value": base64 or null}]}` |
 //! | `POST /v1/bulk/set` `{"entries": [{"key", "value": base64, "ttl"?}]}` | 204 |

@@ -40,6 +40,12 @@ pub(crate) const ROUTES: &[(&str, &str, &str, bool)] = &[
     ("post", "/v1/bulk/set", "Write many keys", false),
     (
         "post",
+        "/v1/cache/{key}/cas",
+        "Replace or remove key only if it holds the given bytes",
+        false,
+    ),
+    (
+        "post",
         "/v1/admin/tenants/{tenant}/keys",
         "Create an API key for tenant (shown once)",
         true,
@@ -85,6 +91,7 @@ fn parameters(path: &str) -> Vec<Value> {
     }
     if path.ends_with("/touch") || path == "/v1/cache/{key}" {
         found.push(json!({"name": "ttl", "in": "query", "required": false, "schema": {"type": "integer", "minimum": 1}}));
+        found.push(json!({"name": "ttl_ms", "in": "query", "required": false, "schema": {"type": "integer", "minimum": 1}}));
     }
     found
 }

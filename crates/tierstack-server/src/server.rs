@@ -158,6 +158,7 @@ impl Server {
             )
             .route("/v1/cache/{key}/exists", get(api::exists))
             .route("/v1/cache/{key}/touch", post(api::touch))
+            .route("/v1/cache/{key}/cas", post(api::compare_and_set))
             .route("/v1/cache", delete(api::delete_prefix))
             .route("/v1/bulk/get", post(api::bulk_get))
             .route("/v1/bulk/set", post(api::bulk_set))

@@ -145,19 +145,21 @@ impl Limits {
         }
     }
 
-    /// The TTL of a write: `asked` (seconds), or the default.
-    pub(crate) fn ttl(&self, asked: Option<u64>) -> Result<Duration, ApiError> {
+    /// The TTL of a write: `asked`, or the default.
+    pub(crate) fn ttl(&self, asked: Option<Duration>) -> Result<Duration, ApiError> {
         match asked {
             None => Ok(Duration::from_secs(self.default_ttl_secs)),
-            Some(0) => Err(ApiError::bad_request(
+            Some(Duration::ZERO) => Err(ApiError::bad_request(
                 "invalid_ttl",
-                "a ttl is a whole number of seconds above zero",
+                "a ttl is a whole number of seconds (or of milliseconds, ttl_ms) above zero",
             )),
-            Some(secs) if secs > self.max_ttl_secs => Err(ApiError::bad_request(
-                "invalid_ttl",
-                format!("a ttl is at most {} seconds", self.max_ttl_secs),
-            )),
-            Some(secs) => Ok(Duration::from_secs(secs)),
+            Some(ttl) if ttl > Duration::from_secs(self.max_ttl_secs) => {
+                Err(ApiError::bad_request(
+                    "invalid_ttl",
+                    format!("a ttl is at most {} seconds", self.max_ttl_secs),
+                ))
+            }
+            Some(ttl) => Ok(ttl),
         }
     }
 
@@ -367,12 +369,20 @@ mod tests {
     fn ttls_and_sizes() {
         let limits = Limits::default();
         assert_eq!(limits.ttl(None), Ok(Duration::from_secs(3_600)));
-        assert_eq!(limits.ttl(Some(5)), Ok(Duration::from_secs(5)));
         assert_eq!(
-            limits.ttl(Some(0)).map_err(|e| e.code()),
+            limits.ttl(Some(Duration::from_secs(5))),
+            Ok(Duration::from_secs(5))
+        );
+        assert_eq!(
+            limits.ttl(Some(Duration::ZERO)).map_err(|e| e.code()),
             Err("invalid_ttl")
         );
-        assert!(limits.ttl(Some(limits.max_ttl_secs + 1)).is_err());
+        let longest = Duration::from_secs(limits.max_ttl_secs);
+        assert!(
+            limits
+                .ttl(Some(longest + Duration::from_millis(1)))
+                .is_err()
+        );
         assert!(limits.check_value(1 << 20).is_ok());
         assert_eq!(
             limits.check_value((1 << 20) + 1).map_err(|e| e.code()),

@@ -613,3 +613,92 @@ async fn bulk_set_status(client: &Client, bulk: &serde_json::Value) -> StatusCod
         .unwrap();
     response.status()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conditional_writes_create_once_and_swap_only_what_was_read() {
+    let server = start(config(Limits::default()), memory().await).await;
+    let shop = Client::new(&server.base, Some(SHOP_KEY));
+    let create = async |value: &str| {
+        let response = shop
+            .request(Method::PUT, "/v1/cache/k?ttl_ms=60000")
+            .header("if-none-match", "*")
+            .body(value.to_owned())
+            .send()
+            .await
+            .unwrap();
+        response.status()
+    };
+    assert_eq!(create("first").await, StatusCode::NO_CONTENT);
+    assert_eq!(create("second").await, StatusCode::PRECONDITION_FAILED);
+    assert_eq!(shop.get("k").await.1, "first");
+    let cas = async |current: &str, new: Option<&str>| {
+        let b64 = |text: &str| base64_of(text.as_bytes());
+        let body = serde_json::json!({
+            "current": b64(current),
+            "new": new.map(b64),
+            "ttl_ms": 1500,
+        });
+        let response = shop
+            .request(Method::POST, "/v1/cache/k/cas")
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status();
+        if status != StatusCode::NO_CONTENT {
+            assert_eq!(Client::code(response).await, "precondition_failed");
+        }
+        status
+    };
+    assert_eq!(
+        cas("other", Some("x")).await,
+        StatusCode::PRECONDITION_FAILED
+    );
+    assert_eq!(cas("first", Some("swapped")).await, StatusCode::NO_CONTENT);
+    let swapped = shop
+        .request(Method::GET, "/v1/cache/k")
+        .send()
+        .await
+        .unwrap();
+    let ttl: u64 = swapped.headers()["x-ttl-ms"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        ttl <= 1500 && ttl > 1000,
+        "the swap's own TTL in milliseconds: {ttl}"
+    );
+    assert_eq!(swapped.text().await.unwrap(), "swapped");
+    assert_eq!(cas("swapped", None).await, StatusCode::NO_CONTENT);
+    assert_eq!(shop.get("k").await.0, StatusCode::NOT_FOUND);
+    assert_eq!(
+        cas("swapped", Some("back")).await,
+        StatusCode::PRECONDITION_FAILED
+    );
+    assert_eq!(
+        create("again").await,
+        StatusCode::NO_CONTENT,
+        "the key is free again"
+    );
+    let bad = shop
+        .request(Method::POST, "/v1/cache/k/cas")
+        .json(&serde_json::json!({"current": "not base64!", "new": null}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(Client::code(bad).await, "invalid_body");
+    let zero = shop
+        .request(Method::PUT, "/v1/cache/k?ttl_ms=0")
+        .body("v")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(Client::code(zero).await, "invalid_ttl");
+}
+
+fn base64_of(bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
