@@ -196,10 +196,81 @@ pub(crate) async fn server_get(sizes: &Sizes) -> Vec<Record> {
     let order = shuffled(URLS);
     let ops = (sizes.redis_ops / SERVER_TASKS).max(1);
     let rounds = head_to_head(&served, &floor, &order, sizes.rounds, SERVER_TASKS, ops).await;
-    records(
+    let mut found = records(
         "server_get/64conn",
         &["tierstack-server hit", "axum + HashMap"],
         1,
         &rounds,
-    )
+    );
+    let floor_rate = found.get(1).map_or(f64::NAN, |floor| floor.ops_per_sec);
+    found.extend(redis_benchmark_context(floor_rate, sizes));
+    found
+}
+
+/// For context, Redis itself at the same concurrency: `redis-benchmark` GETs of a 1,000-byte
+/// value from 64 connections against the benchmark's Redis (`REDIS_URL`), as a row whose ratio
+/// is the HTTP floor's rate over Redis's (not interleaved: one run after the rounds). Left out,
+/// with a line saying why, where `redis-benchmark` or `REDIS_URL` is missing.
+fn redis_benchmark_context(floor_rate: f64, sizes: &Sizes) -> Option<Record> {
+    let url = std::env::var("REDIS_URL").ok()?;
+    let (host, port) = url
+        .trim_start_matches("redis://")
+        .trim_end_matches('/')
+        .rsplit_once(':')?;
+    let requests = (sizes.redis_ops.max(SERVER_TASKS) * 4).to_string();
+    let tasks = SERVER_TASKS.to_string();
+    let args = [
+        "-h", host, "-p", port, "-c", &tasks, "-n", &requests, "-t", "set,get", "-d", "1000",
+        "--csv",
+    ];
+    let output = match std::process::Command::new("redis-benchmark")
+        .args(args)
+        .output()
+    {
+        Ok(output) if output.status.success() => output,
+        Ok(output) => {
+            eprintln!(
+                "server_get: redis-benchmark failed ({}): no context row",
+                output.status
+            );
+            return None;
+        }
+        Err(error) => {
+            eprintln!("server_get: redis-benchmark not run ({error}): no context row");
+            return None;
+        }
+    };
+    // "test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms","p95_latency_ms",
+    // "p99_latency_ms","max_latency_ms"
+    let text = String::from_utf8_lossy(&output.stdout);
+    let row: Vec<f64> = text
+        .lines()
+        .find(|line| line.starts_with("\"GET\""))?
+        .split(',')
+        .skip(1)
+        .map(|field| field.trim_matches('"').parse().unwrap_or(f64::NAN))
+        .collect();
+    let (rate, p50_ms, p99_ms) = (*row.first()?, *row.get(3)?, *row.get(5)?);
+    let nanos = |ms: f64| {
+        Duration::try_from_secs_f64(ms / 1e3)
+            .ok()
+            .and_then(|latency| u64::try_from(latency.as_nanos()).ok())
+            .unwrap_or_default()
+    };
+    let ratio = floor_rate / rate;
+    Some(Record {
+        scenario: "server_get/64conn".into(),
+        system: "redis-benchmark GET (context, not interleaved)".into(),
+        baseline: "axum + HashMap".into(),
+        ratio,
+        ratio_min: ratio,
+        ratio_max: ratio,
+        ops_per_sec: rate,
+        p50_ns: nanos(p50_ms),
+        p99_ns: nanos(p99_ms),
+        loader_calls: None,
+        l2_commands: None,
+        errors: None,
+        recovery_ms: None,
+    })
 }
