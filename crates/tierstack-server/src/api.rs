@@ -1,7 +1,6 @@
 //! The routes of `/v1`: a tenant's entries (one at a time, in bulk, by prefix) and the admin
 //! routes (keys, a tenant's usage, an entry's metadata, flushing a tenant).
 
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -169,28 +168,22 @@ fn ttl_header(ttl: Option<Duration>) -> Option<(&'static str, HeaderValue)> {
     Some((TTL_HEADER, HeaderValue::from(millis)))
 }
 
-/// The value of `storage_key` with where it came from, or `None`.
+/// The value of `storage_key` with where it came from and its remaining TTL, or `None`. A
+/// plain read: an entry is a tenant's value, never an origin's to load. A backend that fails
+/// is an error (503), never a miss: a client must not take it for a missing entry.
 async fn fetch(state: &AppState, storage_key: &str) -> Result<Option<Fetched<Bytes>>, ApiError> {
-    let options = state.data.default_options();
-    state
-        .data
-        .get_or_load_optional_with(storage_key, &options, || async {
-            Ok::<_, Infallible>(None)
-        })
-        .await
-        .map_err(|error| match error {
-            tierstack::LoadError::Cache(error) => ApiError::from(error),
-            _ => ApiError::unavailable("the read failed"),
-        })
+    let options = state.data.default_options().with_l2_errors_returned(true);
+    Ok(state.data.get_fetched(storage_key, &options).await?)
 }
 
 /// `GET /v1/cache/{key}`: the value's bytes, with its remaining TTL in `x-ttl-ms`.
 pub(crate) async fn get_value(
     State(state): Shared,
     ApiPath(key): ApiPath<String>,
-    headers: HeaderMap,
+    // The request, not a `HeaderMap`: that extractor copies every header, on the hot path.
+    request: axum::extract::Request,
 ) -> Result<Response, ApiError> {
-    let entry = entry(&state, &headers, &key).await?;
+    let entry = entry(&state, request.headers(), &key).await?;
     let found = fetch(&state, &entry.storage_key).await?;
     let usage = state.usage.of(&entry.tenant);
     let Some(found) = found else {

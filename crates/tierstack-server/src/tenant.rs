@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -16,8 +16,15 @@ use crate::error::ApiError;
 
 /// A tenant's name: 1 to 64 of `[a-z0-9_-]`. It starts every storage key of the tenant, and
 /// holds no `:`, which ends it there.
-#[derive(Clone, PartialEq, Eq, Hash, Serialize)]
-pub struct TenantName(String);
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct TenantName(Arc<str>);
+
+// Cloned on every request: shared, not copied.
+impl Serialize for TenantName {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.0)
+    }
+}
 
 impl TenantName {
     /// `name`, if it is a valid tenant name.
@@ -32,7 +39,7 @@ impl TenantName {
                 .bytes()
                 .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
         if valid {
-            Ok(Self(name.to_owned()))
+            Ok(Self(Arc::from(name)))
         } else {
             Err("a tenant name is 1 to 64 of a-z, 0-9, _ and -".into())
         }

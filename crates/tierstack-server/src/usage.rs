@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, PoisonError, RwLock};
 
 use serde::Serialize;
 
@@ -13,12 +13,18 @@ use crate::tenant::TenantName;
 /// tenants there are).
 #[derive(Debug, Default)]
 pub(crate) struct Usage {
-    tenants: Mutex<HashMap<TenantName, Arc<Counters>>>,
+    tenants: RwLock<HashMap<TenantName, Arc<Counters>>>,
 }
 
 impl Usage {
     pub(crate) fn of(&self, tenant: &TenantName) -> Arc<Counters> {
-        let mut tenants = self.tenants.lock().unwrap_or_else(PoisonError::into_inner);
+        // Every request asks: a shared read, and a write only for a tenant's first.
+        let tenants = self.tenants.read().unwrap_or_else(PoisonError::into_inner);
+        if let Some(counters) = tenants.get(tenant) {
+            return Arc::clone(counters);
+        }
+        drop(tenants);
+        let mut tenants = self.tenants.write().unwrap_or_else(PoisonError::into_inner);
         Arc::clone(tenants.entry(tenant.clone()).or_default())
     }
 }

@@ -79,6 +79,13 @@ async fn health_stays_up_while_redis_is_down_and_readiness_says_so() {
         .unwrap();
     assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(Client::code(refused).await, "unavailable");
+    // Nor can a read: an error, never a miss a client would take for a missing entry.
+    let unread = shop
+        .request(Method::GET, "/v1/cache/k")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unread.status(), StatusCode::SERVICE_UNAVAILABLE);
     redis.restart();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while status("/readyz").await != StatusCode::OK {

@@ -12,7 +12,7 @@ use common::{Calls, Fixture, loader};
 use tierstack::core::Store;
 use tierstack::core::clock::Clock;
 use tierstack::core::envelope::Envelope;
-use tierstack::{BincodeCodec, CacheError, JsonCodec, TieredCache};
+use tierstack::{BincodeCodec, CacheError, JsonCodec, Source, TieredCache};
 
 #[tokio::test]
 async fn a_miss_loads_once_and_fills_both_tiers() {
@@ -481,4 +481,50 @@ async fn a_read_without_l1_reports_the_ttl_a_touch_gave() {
     assert_eq!(fetched.source, tierstack::Source::L2);
     let ttl = fetched.ttl.unwrap();
     assert!(ttl > Duration::from_secs(590), "{ttl:?}");
+}
+
+/// `get_fetched` is a plain read that says where the value came from and how long it lives:
+/// L1 or L2, the TTL an `expire` moved included, nothing loaded.
+#[tokio::test]
+async fn a_plain_read_answers_its_source_and_remaining_ttl() {
+    let fixture = Fixture::new();
+    let cache = fixture.cache();
+    let options = cache.default_options();
+    cache
+        .set_with_ttl("k", "v".into(), Duration::from_secs(60))
+        .await
+        .unwrap();
+    let found = cache.get_fetched("k", &options).await.unwrap().unwrap();
+    assert_eq!(
+        (found.value.as_str(), found.source, found.stale),
+        ("v", Source::L1, false)
+    );
+    assert_eq!(
+        found.ttl,
+        Some(Duration::from_secs(60)),
+        "the manual clock stood still"
+    );
+    fixture.clock.advance(Duration::from_secs(10));
+    assert!(cache.touch("k", Duration::from_secs(300)).await.unwrap());
+    cache.invalidate_local("k");
+    let found = cache.get_fetched("k", &options).await.unwrap().unwrap();
+    assert_eq!(found.source, Source::L2);
+    assert_eq!(
+        found.ttl,
+        Some(Duration::from_secs(300)),
+        "the deadline touch moved"
+    );
+    assert_eq!(cache.get_fetched("missing", &options).await.unwrap(), None);
+    fixture.faulty.set_failing(true);
+    cache.invalidate_local("k");
+    assert_eq!(
+        cache.get_fetched("k", &options).await.unwrap(),
+        None,
+        "a failure reads as a miss"
+    );
+    let strict = options.with_l2_errors_returned(true);
+    assert!(
+        cache.get_fetched("k", &strict).await.is_err(),
+        "unless asked otherwise"
+    );
 }

@@ -230,6 +230,36 @@ where
             .await
     }
 
+    /// [`get_with`](Self::get_with), answering where the value came from ([`Source::L1`] or
+    /// [`Source::L2`]) and its remaining TTL. A plain read: nothing is loaded, and no task is
+    /// started (a service that serves stored values, not an origin's, reads with it).
+    ///
+    /// ```
+    /// # async fn run() -> tierstack::Result<()> {
+    /// use std::time::Duration;
+    /// let cache = tierstack::TieredCache::<String>::builder("tokens").build()?;
+    /// cache.set_with_ttl("t", "abc".into(), Duration::from_secs(60)).await?;
+    /// let found = cache.get_fetched("t", &cache.default_options()).await?.unwrap();
+    /// assert_eq!(found.source, tierstack::Source::L1);
+    /// assert!(found.ttl.unwrap() <= Duration::from_secs(60));
+    /// # Ok(())
+    /// # }
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(run()).unwrap();
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// As [`get_with`](Self::get_with).
+    pub async fn get_fetched(
+        &self,
+        key: &str,
+        options: &EntryOptions,
+    ) -> Result<Option<Fetched<V>>> {
+        self.inner
+            .get_fetched(key, options.skips(), options.l2_errors_returned())
+            .await
+    }
+
     /// Whether other instances' writes reach this cache's L1 at once: `true` with a backplane,
     /// and when there is nothing to share (no L2); `false` for an L2 without a backplane,
     /// where L1 copies live out their TTL whatever other instances write.

@@ -17,7 +17,7 @@ use tokio::time::Instant;
 
 use super::Inner;
 use crate::freshness::Snapshot;
-use crate::options::{EntryOptions, Skips};
+use crate::options::{EntryOptions, Fetched, Skips, Source};
 use crate::stats::L2Op;
 
 /// How long an entry is fresh, and how long it stays stored (stale in between), from now; and
@@ -177,8 +177,47 @@ where
             return Ok(hit);
         }
         if !skips.l2_read {
-            match self.l2_lookup(key, self.deadline(), !skips.l1_write).await {
-                Ok(Some(hit)) => return Ok(hit),
+            match self
+                .l2_lookup(key, self.deadline(), !skips.l1_write, false)
+                .await
+            {
+                Ok(Some((hit, _))) => return Ok(hit),
+                Err(error) if l2_errors_returned => return Err(error),
+                Ok(None) | Err(_) => {}
+            }
+        }
+        self.recorder.miss(key);
+        Ok(None)
+    }
+
+    /// [`get_with`](Self::get_with), with where the value came from and its remaining TTL.
+    pub(super) async fn get_fetched(
+        &self,
+        key: &str,
+        skips: Skips,
+        l2_errors_returned: bool,
+    ) -> Result<Option<Fetched<V>>> {
+        self.check_key(key)?;
+        if !skips.l1_read
+            && let Some(entry) = self.l1_entry(key)
+        {
+            let now = self.clock.now();
+            if entry.is_fresh_at(now) && self.trusted_fresh(&entry) {
+                self.recorder.l1_hit(key);
+                let ttl = now.until(entry.fresh_until);
+                return Ok(entry
+                    .value
+                    .map(|value| Fetched::new_fresh(value, Source::L1, Some(ttl))));
+            }
+        }
+        if !skips.l2_read {
+            match self
+                .l2_lookup(key, self.deadline(), !skips.l1_write, true)
+                .await
+            {
+                Ok(Some((hit, ttl))) => {
+                    return Ok(hit.map(|value| Fetched::new_fresh(value, Source::L2, Some(ttl))));
+                }
                 Err(error) if l2_errors_returned => return Err(error),
                 Ok(None) | Err(_) => {}
             }
@@ -194,8 +233,8 @@ where
         }
         // Like `get`: an L2 that fails reads as a miss.
         Ok(matches!(
-            self.l2_lookup(key, self.deadline(), true).await,
-            Ok(Some(Some(_)))
+            self.l2_lookup(key, self.deadline(), true, false).await,
+            Ok(Some((Some(_), _)))
         ))
     }
 
@@ -307,15 +346,19 @@ where
 
     /// Reads `key` from L2 and fills L1 on a hit: `Some(v)` a hit (`v` is `None` for a negative
     /// entry), `None` a miss. Counts the hit; a miss is counted by the caller.
+    /// A plain read of L2: `Some((value, fresh for))` for a fresh entry (`None` as the value
+    /// of a negative one), filling L1 with it if `to_l1`. The time it is fresh for counts an
+    /// `expire` that moved the entry's deadline only where L1 is filled or `with_ttl` asks.
     pub(super) async fn l2_lookup(
         &self,
         key: &str,
         deadline: Instant,
         to_l1: bool,
-    ) -> Result<Option<Option<V>>> {
+        with_ttl: bool,
+    ) -> Result<Option<(Option<V>, Duration)>> {
         let snapshot = self.freshness.snapshot(key);
         let to_l1 = to_l1 && self.l1.is_some();
-        match self.read_l2(key, deadline, to_l1).await? {
+        match self.read_l2(key, deadline, to_l1 || with_ttl).await? {
             L2Read::Hit { value, life, .. } if !life.stale => {
                 self.recorder.l2_hit(key);
                 if to_l1 {
@@ -323,7 +366,7 @@ where
                         self.freshness.is_current(snapshot)
                     });
                 }
-                Ok(Some(value))
+                Ok(Some((value, life.fresh)))
             }
             // A plain read serves fresh values only; a stale one is a loader's fallback.
             L2Read::Hit { .. } | L2Read::Miss { .. } | L2Read::Stale { .. } => Ok(None),
