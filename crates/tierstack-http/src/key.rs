@@ -60,19 +60,21 @@ pub(crate) fn of<B>(request: &Request<B>, vary_on: &[HeaderName]) -> String {
     if let Some(authority) = authority {
         add(HOST.as_str().as_bytes(), authority);
     }
+    // Read twice: as RFC 7239 says (quotes hold `,` and `;`), and as the common extractors
+    // do (split at every `,` and `;`, quotes trimmed). A handler reads it one way or the
+    // other, so each way's host and proto are in the key: `for="x;host=evil"` is no host to
+    // the first and `evil` to the second.
     for value in request.headers().get_all(FORWARDED) {
-        for (name, value) in forwarded_pairs(value.as_bytes()) {
-            if FORWARDED_ADDRESS
+        let value = value.as_bytes();
+        let parsed = forwarded_pairs(value).map(|pair| (b"forwarded;" as &[u8], pair));
+        let naive = naive_forwarded_pairs(value).map(|pair| (b"forwarded-naive;" as &[u8], pair));
+        for (reading, (name, value)) in parsed.chain(naive) {
+            if let Some(wanted) = FORWARDED_ADDRESS
                 .iter()
-                .any(|wanted| name.eq_ignore_ascii_case(wanted.as_bytes()))
+                .find(|wanted| name.eq_ignore_ascii_case(wanted.as_bytes()))
             {
                 // The parameter's name in lower case: `Host=` and `host=` say the same.
-                let name = if name.eq_ignore_ascii_case(b"host") {
-                    &b"forwarded;host"[..]
-                } else {
-                    &b"forwarded;proto"[..]
-                };
-                add(name, value);
+                add(&[reading, wanted.as_bytes()].concat(), value);
             }
         }
     }
@@ -127,6 +129,20 @@ fn forwarded_pairs(value: &[u8]) -> impl Iterator<Item = (&[u8], &[u8])> {
     })
 }
 
+/// The `name=value` pairs of a `Forwarded` value read as the common extractors read it:
+/// split at every `,` and `;`, quotes around a value trimmed.
+fn naive_forwarded_pairs(value: &[u8]) -> impl Iterator<Item = (&[u8], &[u8])> {
+    value
+        .split(|&byte| byte == b',' || byte == b';')
+        .filter_map(|pair| {
+            let equals = pair.iter().position(|&byte| byte == b'=')?;
+            let value = pair[equals + 1..].trim_ascii();
+            let value = value.strip_prefix(b"\"").unwrap_or(value);
+            let value = value.strip_suffix(b"\"").unwrap_or(value);
+            Some((pair[..equals].trim_ascii(), value))
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -173,6 +189,19 @@ mod tests {
         assert_eq!(key(&[("forwarded", "for=1.2.3.4")]), plain);
         assert_ne!(key(&[("forwarded", "host=b.example")]), host);
         assert_ne!(key(&[("forwarded", "proto=https")]), plain);
+        // A host that only a reader blind to quotes sees is in the key too.
+        for hidden in [
+            r#"for="x;host=evil.example""#,
+            r#"for="x;host=evil.example"#,
+            r#"for="a\";host=evil;x=\"""#,
+        ] {
+            assert_ne!(key(&[("forwarded", hidden)]), plain, "{hidden}");
+        }
+        // A quoted client address (IPv6 is always quoted) keeps clients together.
+        assert_eq!(
+            key(&[("forwarded", r#"for="[2001:db8::1]:4711";host=a.example"#)]),
+            host
+        );
         for name in ADDRESSED_TO {
             assert_ne!(key(&[(name.as_str(), "x")]), plain, "{name}");
         }

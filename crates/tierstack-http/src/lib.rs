@@ -45,12 +45,16 @@
 //!   else `max-age`, else the cache's default TTL.
 //!
 //! The key holds nothing else: a route whose answer depends on more (the signed-in user, a
-//! header outside `vary_on`) must answer `Cache-Control: private`, or stay outside the layer.
+//! header outside `vary_on`, a proxy header the key does not hold such as `X-Forwarded-Server`,
+//! `X-Host`, `X-Forwarded-Uri`, `X-Original-URL` or `X-Rewrite-URL`) must name it in
+//! `vary_on`, answer `Cache-Control: private`, or stay outside the layer.
 //! With fail-safe in the cache's options, a stale copy answers when the handler fails (an
 //! error, a 5xx), never in place of a response it gave that may not be stored: that response
-//! goes to its own request, each request that waited for it runs the handler itself, the
-//! requests after it run the handler too until one answers what may be stored, and the stale
-//! copy is removed (it is outdated by that answer).
+//! goes to its own request, each request that waited for it runs the handler itself, and the
+//! requests after it run the handler too until one answers what may be stored. The stale copy
+//! stays for a later failure (a response that may not be stored does not invalidate a stored
+//! one: RFC 9111, 4.4), except after a `no-cache` request, whose answer replaces or removes
+//! it.
 //!
 //! # What a response gets
 //!
@@ -58,7 +62,10 @@
 //! [clock](tierstack::TieredCache::clock)); `x-cache: MISS` when this request's handler call
 //! answered, `HIT` from the cache, and `STALE` for a copy past its freshness that fail-safe
 //! kept (answering for a handler that failed, panicked or timed out, or left in place for the
-//! throttle after one).
+//! throttle after one). Staleness is HTTP's: an age past the response's own freshness
+//! lifetime (`s-maxage`, `max-age` or the default TTL), even where the cache's TTL jitter keeps
+//! the copy a little longer; a copy that `expire_tag` turned into a fallback before that age
+//! still reads `HIT`.
 //! A request whose `If-None-Match` names the `ETag` gets `304 Not Modified` without running the
 //! handler. Concurrent misses of one key run the handler once; a response that may not be
 //! stored goes only to its own request, and each other waiting request runs the handler

@@ -237,14 +237,11 @@ impl Shared {
         };
         match (loaded, own) {
             // The handler answered for this request alone.
-            (_, Some(own)) if matches!(unshared, Some(Unshared::NotStored)) => {
-                // A stale copy fail-safe keeps is outdated by that answer: it must not stand
-                // in for a later failure. Without fail-safe, a miss left nothing to remove.
-                if options.fail_safe().is_some() {
-                    self.forget_outdated(&key).await;
-                }
-                own
-            }
+            // A stale copy fail-safe keeps stays: a response that may not be stored does not
+            // invalidate a stored one (RFC 9111, 4.4: only unsafe methods do), and removing
+            // it would cost an L2 write per such answer and could remove a fresh copy another
+            // instance stored meanwhile.
+            (_, Some(own)) if matches!(unshared, Some(Unshared::NotStored)) => own,
             (Ok(stored), _) if !stored.is_unshared() => {
                 // Where this request's handler call failed, the answer is fail-safe's copy.
                 let label = match (ran, unshared) {

@@ -27,10 +27,14 @@ impl Calls {
     fn count(&self) -> usize {
         self.0.load(Ordering::SeqCst)
     }
-    /// Waits until `n` requests have reached the server (at most five seconds).
+    /// Waits until `n` requests have reached the server; fails past ten seconds.
     async fn arrived(&self, n: usize) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        while self.1.load(Ordering::SeqCst) < n && tokio::time::Instant::now() < deadline {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while self.1.load(Ordering::SeqCst) < n {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{n} requests never arrived"
+            );
             tokio::time::sleep(Duration::from_millis(1)).await; // poll loop
         }
     }
@@ -662,21 +666,18 @@ async fn every_answer_of_a_stale_copy_says_stale() {
     assert_eq!(flaky(&client, &base, "fresh").await.2, "HIT");
 }
 
+/// An answer that may not be stored leaves fail-safe its copy (as an HTTP cache keeps a stored
+/// response when a GET's response may not be stored): a later failure gets it, as STALE.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_answer_that_may_not_be_stored_outdates_the_stale_copy() {
+async fn an_answer_that_may_not_be_stored_leaves_fail_safe_its_copy() {
     let (clock, cache) = fail_safe_cache(Duration::from_secs(1));
     let (base, calls, client) = single(HttpCacheLayer::new(cache)).await;
     assert_eq!(flaky(&client, &base, "fresh").await.1, "fresh 1");
     clock.advance(Duration::from_secs(11));
     assert_eq!(flaky(&client, &base, "cookie").await.1, "cookie 2");
-    // The origin fails next: the copy from before its last answer does not stand in.
     assert_eq!(
         flaky(&client, &base, "fail").await,
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "down".to_owned(),
-            "-".to_owned()
-        )
+        (StatusCode::OK, "fresh 1".to_owned(), "STALE".to_owned())
     );
     assert_eq!(calls.count(), 3);
 }

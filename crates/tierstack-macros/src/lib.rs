@@ -70,7 +70,9 @@ use signature::{Answer, Checked};
 ///   templates have the same separators in the same order and, at each word, the same text or
 ///   a placeholder (`"user:{id}"` never meets `"user:{id}.json"`, `"v1/{a}-{b}"` or
 ///   `"orders:{id}"`, but meets `"{kind}:{id}"` when `kind` is `user`). Give each function on
-///   a cache a leading word of its own.
+///   a cache a template of its own with a leading word of its own, and no template a leading
+///   placeholder. Escaping makes keys longer (`%2D` for each `-`): a long `{x:?}` argument
+///   can pass the cache's `max_key_len`, and is then refused as `InvalidKey`.
 /// - `ttl = "5m"` (optional): the time to live of this function's entries (`ms`, `s`, `m`, `h`
 ///   or `d`), instead of the cache's default.
 /// - `options = EXPR` (optional, not with `ttl`): the call's `EntryOptions` (fail-safe, a hard

@@ -97,8 +97,19 @@ where
                 // (they do not take the key's lock) makes this look again.
                 let before = self.freshness.snapshot(key);
                 let now = self.clock.now();
-                // As a plain read sees it: a stale value is no value, and a deaf L1 holds
-                // nothing it can vouch for.
+                // A deaf L1 (its backplane lost) can neither vouch for a copy nor keep a new
+                // one (it takes no fills until it hears again): whether the condition holds
+                // is not known, and a write would keep nothing.
+                if self.is_deaf() {
+                    return Err(CacheError::Backend {
+                        operation,
+                        transient: true,
+                        source: "the backplane is lost: without L2, a conditional write waits \
+                                 until this instance hears again"
+                            .into(),
+                    });
+                }
+                // As a plain read sees it: a stale value is no value.
                 let entry = self
                     .l1_entry(key)
                     .filter(|entry| entry.is_fresh_at(now) && self.trusted_fresh(entry));

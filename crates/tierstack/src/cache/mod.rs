@@ -541,7 +541,10 @@ where
     /// # Errors
     ///
     /// As [`set_with`](Self::set_with); an L2 that fails or times out fails the call (nothing
-    /// is kept for a replay: whether the key held a value is not known).
+    /// is kept for a replay: whether the key held a value is not known). Without L2 (or
+    /// skipping its writes), a transient [`CacheError::Backend`](tierstack_core::CacheError::Backend)
+    /// while this instance's backplane is lost: its L1 can neither vouch for a copy nor keep a
+    /// new one until it hears again.
     pub async fn set_if_absent(&self, key: &str, value: V, options: &EntryOptions) -> Result<bool> {
         self.inner
             .set_if(insert::Condition::Absent, key, Some(value), options)
