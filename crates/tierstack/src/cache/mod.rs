@@ -230,9 +230,10 @@ where
             .await
     }
 
-    /// [`get_with`](Self::get_with), answering where the value came from ([`Source::L1`] or
-    /// [`Source::L2`]) and its remaining TTL. A plain read: nothing is loaded, and no task is
-    /// started (a service that serves stored values, not an origin's, reads with it).
+    /// [`get_with`](Self::get_with), answering where the value came from
+    /// ([`Source::L1`](crate::Source::L1) or [`Source::L2`](crate::Source::L2)) and its
+    /// remaining TTL. A plain read: nothing is loaded, and no task is started (a service that
+    /// serves stored values, not an origin's, reads with it).
     ///
     /// ```
     /// # async fn run() -> tierstack::Result<()> {
