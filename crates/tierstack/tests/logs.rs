@@ -76,4 +76,20 @@ async fn an_entry_of_another_type_is_logged_without_its_value() {
     let logged = logs.text();
     assert!(logged.contains("undecodable"), "{logged}");
     assert!(!logged.contains("hunter2"), "{logged}");
+    // A breaker that opens says so in one line (in this test: one test per binary).
+    let guarded = fx
+        .builder("guarded")
+        .l2_circuit_breaker(tierstack::CircuitBreaker::new(2, Duration::from_secs(60)))
+        .build()
+        .unwrap();
+    fx.faulty.set_failing(true);
+    for key in ["a", "b", "c"] {
+        assert_eq!(guarded.get(key).await.unwrap(), None);
+    }
+    let logged = logs.text();
+    assert_eq!(
+        logged.matches("L2 circuit breaker opened").count(),
+        1,
+        "{logged}"
+    );
 }

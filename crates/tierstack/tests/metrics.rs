@@ -109,3 +109,90 @@ async fn hits_misses_loads_and_l2_errors_are_counted_per_tier() {
         (1, 1, 3, 1)
     );
 }
+
+/// The counters of the resilience features: the L2 breaker's changes of state, tag
+/// invalidations and writes kept for a replay.
+#[tokio::test]
+async fn breaker_changes_tag_invalidations_and_kept_writes_are_counted() {
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let fx = Fixture::new();
+    let cache = metrics::with_local_recorder(&recorder, || {
+        fx.builder("resilient")
+            .l2_circuit_breaker(tierstack::CircuitBreaker::new(2, Duration::from_secs(60)))
+            .write_recovery(tierstack::WriteRecovery::new(100))
+            .build()
+            .unwrap()
+    });
+    let options = cache.default_options();
+    cache
+        .set_with_tags("tagged", "v".into(), &["t"], &options)
+        .await
+        .unwrap();
+    cache.invalidate_tag("t").await.unwrap();
+    let leased = options.with_load_lease(tierstack::LoadLease::new(Duration::from_secs(10)));
+    let loaded = cache
+        .get_or_load_inline("leased", &leased, || async {
+            Ok::<_, std::io::Error>("v".to_owned())
+        })
+        .await
+        .unwrap();
+    assert_eq!(loaded, "v");
+    fx.faulty.set_failing(true);
+    let recovering = options.with_write_recovery(true);
+    cache
+        .set_with("kept", "v".into(), &recovering)
+        .await
+        .unwrap();
+    for key in ["a", "b", "c"] {
+        assert_eq!(cache.get(key).await.unwrap(), None);
+    }
+    let snapshot: Vec<_> = snapshotter
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .map(|(key, _, _, value)| {
+            let key = key.key();
+            let labels = key
+                .labels()
+                .map(|l| (l.key().to_owned(), l.value().to_owned()))
+                .collect();
+            (key.name().to_owned(), labels, value)
+        })
+        .collect();
+    let cache_label = ("cache", "resilient");
+    assert_eq!(
+        counter(
+            &snapshot,
+            "tierstack_l2_circuit_changes_total",
+            &[cache_label, ("state", "open")]
+        ),
+        1
+    );
+    assert_eq!(
+        counter(
+            &snapshot,
+            "tierstack_tag_invalidations_total",
+            &[cache_label, ("mode", "remove")]
+        ),
+        1
+    );
+    assert_eq!(
+        counter(
+            &snapshot,
+            "tierstack_write_recovery_total",
+            &[cache_label, ("outcome", "kept")]
+        ),
+        1
+    );
+    assert_eq!(
+        counter(
+            &snapshot,
+            "tierstack_load_leases_total",
+            &[cache_label, ("outcome", "taken")]
+        ),
+        1
+    );
+    let stats = cache.stats();
+    assert_eq!((stats.l2_circuit_opens, stats.writes_kept), (1, 1));
+}
