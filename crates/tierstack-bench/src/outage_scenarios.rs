@@ -1,11 +1,11 @@
 //! `l2_outage`: reads through an L2 outage, with the L2 circuit breaker against without it.
 //!
-//! 64 tasks read 1,000 warm keys (one read per millisecond each) for a second, then Redis is
-//! paused (`CLIENT PAUSE … ALL`: connections stay open and nothing answers, as a stopped
-//! process) for 5 s, then it answers again and the reads go on for 2 s. The origin fails
+//! 64 tasks read 1,000 warm keys (one read per millisecond each) for a second, then the Redis
+//! server is stopped (`SIGSTOP` to its process, found by `INFO server`: connections stay open
+//! and nothing answers) for 5 s and started again (`SIGCONT`), and the reads go on for 2 s. The origin fails
 //! throughout the outage, so fail-safe's copies carry the reads. The round's time per operation
 //! is the p99 latency of the reads made during the outage (so the ratio is one of p99s); it
-//! also counts failed reads and the milliseconds from the end of the pause to the first L2 hit.
+//! also counts failed reads and the milliseconds from the restart to the first L2 hit.
 
 use std::hint::black_box;
 use std::sync::Arc;
@@ -60,16 +60,46 @@ async fn warm_cache(breaker: bool, round: usize) -> TieredCache<String> {
     cache
 }
 
-/// Pauses every client of the Redis server for `OUTAGE`; it answers again on its own.
-async fn pause_redis() {
-    let mut admin = raw_connection().await;
-    let paused: redis::RedisResult<()> = redis::cmd("CLIENT")
-        .arg("PAUSE")
-        .arg(OUTAGE.as_millis().to_string())
-        .arg("ALL")
-        .query_async(&mut admin)
-        .await;
-    paused.unwrap_or_else(|e| fail(e));
+/// The benchmark's Redis server process, stopped: started again when dropped, so that no
+/// failure of the benchmark leaves it stopped.
+struct Stopped(String);
+
+impl Stopped {
+    /// Stops the Redis server's process (`SIGSTOP`), found by the `process_id` its `INFO`
+    /// gives (the benchmark's Redis runs on this machine).
+    async fn redis() -> Self {
+        let mut admin = raw_connection().await;
+        let info: String = redis::cmd("INFO")
+            .arg("server")
+            .query_async(&mut admin)
+            .await
+            .unwrap_or_else(|e| fail(e));
+        let pid = info
+            .lines()
+            .find_map(|line| line.strip_prefix("process_id:"))
+            .map_or_else(
+                || fail("INFO server names no process_id"),
+                |pid| pid.trim().to_owned(),
+            );
+        signal("-STOP", &pid);
+        Self(pid)
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        signal("-CONT", &self.0);
+    }
+}
+
+fn signal(which: &str, pid: &str) {
+    let sent = std::process::Command::new("kill")
+        .args([which, pid])
+        .status()
+        .unwrap_or_else(|e| fail(e));
+    if !sent.success() {
+        fail(format!("kill {which} {pid}: {sent}"));
+    }
 }
 
 /// Milliseconds from `since` to the cache's first L2 hit after it, watched until `until`.
@@ -131,8 +161,9 @@ async fn round(breaker: bool, round: usize) -> Round {
         .collect();
     tokio::time::sleep_until(outage_from.into()).await;
     origin_down.store(true, Ordering::Relaxed);
-    pause_redis().await;
+    let stopped = Stopped::redis().await;
     tokio::time::sleep_until(outage_to.into()).await;
+    drop(stopped);
     origin_down.store(false, Ordering::Relaxed);
     let recovery_ms = first_l2_hit(&cache, outage_to, started + BEFORE + OUTAGE + AFTER).await;
     let mut samples = Vec::new();
