@@ -5,6 +5,11 @@
 //! released (deleted) or when its TTL has passed, so a subject's usage follows its live entries
 //! without a scan of the keyspace. Every call is one script, so a reservation is atomic: two
 //! instances cannot both admit the write that crosses the quota.
+//!
+//! A reservation never lowers what the ledger holds for an entry: it keeps the larger size and
+//! the later expiry of the old record and the write's, since the write may fail (or its
+//! condition not hold) and leave the old value in place. Once the write has landed,
+//! [`settle`](QuotaLedger::settle) records it exactly; a reservation says when that is needed.
 
 use std::fmt;
 use std::sync::LazyLock;
@@ -38,46 +43,76 @@ const PURGE: &str = r"
       redis.call('HDEL', KEYS[1], member)
       redis.call('ZREM', KEYS[2], member)
     end
+    -- The total is the sum of the sizes: with no sizes (released, or expired in Redis with
+    -- the hash), there is nothing to count.
+    if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('DEL', KEYS[3]) end
 ";
 
 /// Admits a batch of writes if, all together, they keep the subject within its quota (or do
-/// not raise what is already over it). ARGV: purge limit, max entries, max bytes, then
-/// (member, size, ttl ms) per write. Returns {0 admitted | 1 entries | 2 bytes, entries, bytes}.
+/// not raise what is already over it). An entry's record only grows: the larger size and the
+/// later expiry of the old record and the write's. ARGV: purge limit, max entries, max bytes,
+/// then (member, size, ttl ms) per write. Returns {0 admitted | 1 entries | 2 bytes, entries,
+/// bytes, 1 if a record holds more than its write asked (to settle once written)}.
 static RESERVE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         r"{PURGE}
         local entries = redis.call('HLEN', KEYS[1])
         local bytes = tonumber(redis.call('GET', KEYS[3]) or '0')
-        local new_entries, new_bytes, longest = entries, bytes, 0
-        local seen = {{}}
+        local new_entries, new_bytes, longest, grown = entries, bytes, 0, 0
+        local sizes, expiries = {{}}, {{}}
         for i = 4, #ARGV, 3 do
           local member, size, ttl = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
-          local old = seen[member]
-          if old == nil then old = tonumber(redis.call('HGET', KEYS[1], member) or '-1') end
+          local old = sizes[member]
+          local old_expiry = expiries[member]
+          if old == nil then
+            old = tonumber(redis.call('HGET', KEYS[1], member) or '-1')
+            old_expiry = tonumber(redis.call('ZSCORE', KEYS[2], member) or '0')
+          end
+          local kept = size
           if old < 0 then
             new_entries = new_entries + 1
             new_bytes = new_bytes + size
           else
-            new_bytes = new_bytes - old + size
+            if old > size then kept = old; grown = 1 end
+            new_bytes = new_bytes - old + kept
           end
-          seen[member] = size
-          if ttl > longest then longest = ttl end
+          local expiry = now + ttl
+          if old_expiry > expiry then expiry = old_expiry; grown = 1 end
+          sizes[member], expiries[member] = kept, expiry
+          if expiry - now > longest then longest = expiry - now end
         end
         if new_entries > tonumber(ARGV[2]) and new_entries > entries then
-          return {{1, entries, bytes}}
+          return {{1, entries, bytes, 0}}
         end
         if new_bytes > tonumber(ARGV[3]) and new_bytes > bytes then
-          return {{2, entries, bytes}}
+          return {{2, entries, bytes, 0}}
         end
-        for i = 4, #ARGV, 3 do
-          redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
-          redis.call('ZADD', KEYS[2], now + tonumber(ARGV[i + 2]), ARGV[i])
+        for member, size in pairs(sizes) do
+          redis.call('HSET', KEYS[1], member, size)
+          redis.call('ZADD', KEYS[2], expiries[member], member)
         end
         redis.call('INCRBY', KEYS[3], new_bytes - bytes)
         for _, key in ipairs(KEYS) do
           if redis.call('PTTL', key) < longest then redis.call('PEXPIRE', key, longest) end
         end
-        return {{0, new_entries, new_bytes}}"
+        return {{0, new_entries, new_bytes, grown}}"
+    ))
+});
+
+/// Records writes that landed exactly: the size and expiry each asked for, for members still
+/// in the ledger. ARGV: purge limit, then (member, size, ttl ms) per write.
+static SETTLE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        r"{PURGE}
+        for i = 2, #ARGV, 3 do
+          local old = redis.call('HGET', KEYS[1], ARGV[i])
+          if old then
+            redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+            redis.call('INCRBY', KEYS[3], tonumber(ARGV[i + 1]) - tonumber(old))
+            redis.call('ZADD', KEYS[2], now + tonumber(ARGV[i + 2]), ARGV[i])
+          end
+        end
+        return 0"
     ))
 });
 
@@ -147,6 +182,10 @@ pub struct QuotaUsage {
 pub enum QuotaDecision {
     /// Recorded; the usage with the writes.
     Admitted(QuotaUsage),
+    /// Recorded, and a record holds more than its write asked (an old value's larger size or
+    /// later expiry, kept in case the write does not land): [`settle`](QuotaLedger::settle)
+    /// the writes once they have landed. The usage with the writes.
+    AdmittedToSettle(QuotaUsage),
     /// Refused: the writes would pass the entry quota. The usage without them.
     TooManyEntries(QuotaUsage),
     /// Refused: the writes would pass the byte quota. The usage without them.
@@ -241,14 +280,40 @@ impl QuotaLedger {
                 .arg(write.size)
                 .arg(millis(write.ttl));
         }
-        let (verdict, entries, bytes): (u8, u64, u64) =
+        let (verdict, entries, bytes, grown): (u8, u64, u64, u8) =
             self.conn.script("quota reserve", &invocation).await?;
         let usage = QuotaUsage { entries, bytes };
         Ok(match verdict {
+            0 if grown == 1 => QuotaDecision::AdmittedToSettle(usage),
             0 => QuotaDecision::Admitted(usage),
             1 => QuotaDecision::TooManyEntries(usage),
             _ => QuotaDecision::TooManyBytes(usage),
         })
+    }
+
+    /// Records `writes` of `subject`, which landed, exactly as they asked (after a
+    /// reservation that answered [`QuotaDecision::AdmittedToSettle`]). Members no longer in
+    /// the ledger (deleted meanwhile) stay out.
+    ///
+    /// # Errors
+    ///
+    /// An invalid subject, a TTL out of range, or a failed Redis call.
+    pub async fn settle(&self, subject: &str, writes: &[QuotaWrite<'_>]) -> Result<()> {
+        let keys = self.keys(subject)?;
+        let mut invocation = SETTLE.prepare_invoke();
+        for key in &keys {
+            invocation.key(key);
+        }
+        invocation.arg(PURGE_PER_CALL);
+        for write in writes {
+            validate_ttl(write.ttl)?;
+            invocation
+                .arg(write.member)
+                .arg(write.size)
+                .arg(millis(write.ttl));
+        }
+        let _: u8 = self.conn.script("quota settle", &invocation).await?;
+        Ok(())
     }
 
     /// Drops `members` of `subject` (deleted entries). Answers how many were in the ledger.

@@ -355,10 +355,19 @@ async fn the_quota_ledger_counts_live_entries_and_bytes_per_subject() {
             reserve("t{1}:a", &[write("a", 40, minute), write("b", 40, minute)]).await,
             QuotaDecision::Admitted(usage(2, 80))
         );
-        // Replacing an entry counts its change in size; a batch naming a key twice, its last.
+        // A reservation keeps the larger of the old and new record (the write may not land);
+        // once written, the settle records it exactly: a batch naming a key twice, its last.
+        let shrink = [write("a", 10, minute), write("a", 20, minute)];
         assert_eq!(
-            reserve("t{1}:a", &[write("a", 10, minute), write("a", 20, minute)]).await,
-            QuotaDecision::Admitted(usage(2, 60))
+            reserve("t{1}:a", &shrink).await,
+            QuotaDecision::AdmittedToSettle(usage(2, 80))
+        );
+        ledger.settle("t{1}:a", &shrink[1..]).await.unwrap();
+        assert_eq!(ledger.usage("t{1}:a").await.unwrap(), usage(2, 60));
+        // A failed write's reservation leaves the old record alone (it cannot lower it).
+        assert_eq!(
+            reserve("t{1}:a", &[write("b", 1, Duration::from_millis(1))]).await,
+            QuotaDecision::AdmittedToSettle(usage(2, 60))
         );
         assert_eq!(
             reserve("t{1}:a", &[write("c", 41, minute)]).await,
@@ -406,6 +415,14 @@ async fn the_quota_ledger_counts_live_entries_and_bytes_per_subject() {
         assert_eq!(ledger.usage("p").await.unwrap(), usage(1, 1));
         ledger.clear("p").await.unwrap();
         assert_eq!(ledger.usage("p").await.unwrap(), usage(0, 0));
+        // The total never outlives the sizes it sums: a long-lived release, then a short entry
+        // that expires with the ledger's keys, leaves nothing counted.
+        reserve("drift", &[write("long", 100, Duration::from_secs(3600))]).await;
+        ledger.release("drift", &["long"]).await.unwrap();
+        reserve("drift", &[write("short", 50, Duration::from_millis(300))]).await;
+        // real time: the ledger's own keys expire in Redis.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(ledger.usage("drift").await.unwrap(), usage(0, 0));
     }
 }
 

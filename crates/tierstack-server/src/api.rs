@@ -216,14 +216,14 @@ pub(crate) async fn put_value(
     let value = read_body(&headers, body, entry.limits.max_value_bytes).await?;
     let options = state.data.default_options().with_ttl(ttl);
     let len = value.len();
-    let room = Room {
+    let room = [Room {
         key: &key,
         value_bytes: len,
         ttl,
-    };
-    state
+    }];
+    let reserved = state
         .quotas
-        .reserve(&entry.tenant, &entry.limits, &[room])
+        .reserve(&entry.tenant, &entry.limits, &room)
         .await?;
     let written = if create_only(&headers) {
         state
@@ -237,18 +237,12 @@ pub(crate) async fn put_value(
             .await
             .map(|()| true)
     };
+    // A write that did not land (its condition did not hold, or it failed) leaves the
+    // reservation as it is: no smaller than the old value's record, which may still be there.
     match written {
-        Ok(true) => {}
-        // The key held a value: its room stays counted (at the size asked for, until the
-        // key is written or deleted again).
+        Ok(true) => state.quotas.settle(&entry.tenant, &room, reserved).await,
         Ok(false) => return Err(ApiError::precondition_failed()),
-        Err(error) => {
-            state
-                .quotas
-                .release(&entry.tenant, &entry.limits, &[&key])
-                .await;
-            return Err(error.into());
-        }
+        Err(error) => return Err(error.into()),
     }
     state.usage.of(&entry.tenant).wrote(len);
     Ok(StatusCode::NO_CONTENT)
@@ -261,11 +255,12 @@ pub(crate) async fn delete_value(
     headers: HeaderMap,
 ) -> Result<StatusCode, ApiError> {
     let entry = entry(&state, &headers, &key).await?;
-    let deleted = state.data.delete(&entry.storage_key).await?;
+    // Released first: a write racing the delete is then counted, never left out.
     state
         .quotas
         .release(&entry.tenant, &entry.limits, &[&key])
         .await;
+    let deleted = state.data.delete(&entry.storage_key).await?;
     state.usage.of(&entry.tenant).deleted();
     if deleted {
         Ok(StatusCode::NO_CONTENT)
@@ -319,32 +314,46 @@ pub(crate) async fn compare_and_set(
         None => None,
     };
     let ttl = entry.limits.ttl(body_ttl(request.ttl_ms, request.ttl))?;
-    if let Some(new) = &new {
-        entry.limits.check_value(new.len())?;
-        let room = Room {
-            key: &key,
-            value_bytes: new.len(),
-            ttl,
-        };
-        state
-            .quotas
-            .reserve(&entry.tenant, &entry.limits, &[room])
-            .await?;
-    }
+    let new_len = new.as_ref().map(Bytes::len);
+    let room = new_len.map(|len| Room {
+        key: &key,
+        value_bytes: len,
+        ttl,
+    });
+    let reserved = match &room {
+        Some(room) => {
+            entry.limits.check_value(room.value_bytes)?;
+            let rooms = std::slice::from_ref(room);
+            Some(
+                state
+                    .quotas
+                    .reserve(&entry.tenant, &entry.limits, rooms)
+                    .await?,
+            )
+        }
+        None => None,
+    };
     let options = state.data.default_options().with_ttl(ttl);
-    let removal = new.is_none();
     let swapped = state
         .data
         .compare_and_set(&entry.storage_key, &current, new, &options)
         .await?;
+    // A swap that did not happen leaves the reservation: no smaller than the value that stays.
     if !swapped {
         return Err(ApiError::precondition_failed());
     }
-    if removal {
-        state
-            .quotas
-            .release(&entry.tenant, &entry.limits, &[&key])
-            .await;
+    match (room, reserved) {
+        (Some(room), Some(reserved)) => {
+            let rooms = std::slice::from_ref(&room);
+            state.quotas.settle(&entry.tenant, rooms, reserved).await;
+        }
+        // A removal gives the room back once done (a removal that did not happen keeps it).
+        _ => {
+            state
+                .quotas
+                .release(&entry.tenant, &entry.limits, &[&key])
+                .await;
+        }
     }
     Ok(StatusCode::NO_CONTENT)
 }
@@ -361,7 +370,8 @@ pub(crate) async fn exists(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let entry = entry(&state, &headers, &key).await?;
-    let exists = state.data.exists(&entry.storage_key).await?;
+    // As `GET`: a backend that fails is an error, never a "no".
+    let exists = fetch(&state, &entry.storage_key).await?.is_some();
     let status = if exists {
         StatusCode::OK
     } else {
@@ -408,11 +418,12 @@ pub(crate) async fn delete_prefix(
     headers: HeaderMap,
 ) -> Result<Json<Deleted>, ApiError> {
     let entry = entry(&state, &headers, &query.prefix).await?;
-    let deleted = state.data.delete_prefix(&entry.storage_key).await?;
+    // Released first, as for one key's delete.
     state
         .quotas
         .release_prefix(&entry.tenant, &entry.limits, &query.prefix)
         .await;
+    let deleted = state.data.delete_prefix(&entry.storage_key).await?;
     state.usage.of(&entry.tenant).deleted();
     Ok(Json(Deleted { deleted }))
 }
@@ -527,25 +538,18 @@ pub(crate) async fn bulk_set(
             ttl: *ttl,
         })
         .collect();
-    state.quotas.reserve(&tenant, &limits, &rooms).await?;
+    let reserved = state.quotas.reserve(&tenant, &limits, &rooms).await?;
     let usage = state.usage.of(&tenant);
-    for (index, (key, value, ttl)) in writes.iter().enumerate() {
+    for (key, value, ttl) in &writes {
         let options: EntryOptions = state.data.default_options().with_ttl(*ttl);
-        let written = state
+        // A failure leaves the reservation: no smaller than what may be stored.
+        state
             .data
             .set_with(&tenant.storage_key(key), value.clone(), &options)
-            .await;
-        if let Err(error) = written {
-            // The writes not made give their room back.
-            let unmade: Vec<&str> = writes[index..]
-                .iter()
-                .map(|(key, ..)| key.as_str())
-                .collect();
-            state.quotas.release(&tenant, &limits, &unmade).await;
-            return Err(error.into());
-        }
+            .await?;
         usage.wrote(value.len());
     }
+    state.quotas.settle(&tenant, &rooms, reserved).await;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -608,8 +612,8 @@ pub(crate) async fn flush_tenant(
 ) -> Result<Json<Deleted>, ApiError> {
     admin(&state, &headers).await?;
     let tenant = tenant_path(&name)?;
-    let deleted = state.data.delete_prefix(&tenant.storage_key("")).await?;
     state.quotas.clear(&tenant).await;
+    let deleted = state.data.delete_prefix(&tenant.storage_key("")).await?;
     tracing::info!(tenant = tenant.as_str(), deleted, "tenant flushed");
     Ok(Json(Deleted { deleted }))
 }

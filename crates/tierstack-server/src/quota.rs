@@ -8,7 +8,7 @@
 //! whose write timed out but landed, until that key is written or deleted again.
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -46,6 +46,17 @@ pub(crate) struct QuotaReport {
 pub(crate) struct Quotas {
     local: LocalLedger,
     shared: Option<QuotaLedger>,
+    /// Added to each entry's TTL in the ledger: the data's TTL starts when its write lands,
+    /// after the reservation, so the ledger's record must outlive it (by as long as a request
+    /// may take), or a touch right after the write would find no record to move.
+    slack: Duration,
+}
+
+/// What a reservation asks of the write's caller once the write has landed.
+#[must_use]
+pub(crate) struct Reserved {
+    /// The ledger kept an old record's larger size or later expiry: settle it.
+    settle: bool,
 }
 
 /// The limits of `limits` as the ledger takes them (0: none).
@@ -63,42 +74,55 @@ fn unavailable(error: &tierstack::CacheError) -> ApiError {
 }
 
 impl Quotas {
+    /// Quotas counted on this instance; records outlive their entries by `slack`.
+    pub(crate) fn local(slack: Duration) -> Self {
+        Self {
+            local: LocalLedger::default(),
+            shared: None,
+            slack,
+        }
+    }
+
     /// Quotas counted in Redis, shared with every instance that counts there.
-    pub(crate) fn shared(ledger: QuotaLedger) -> Self {
+    pub(crate) fn shared(ledger: QuotaLedger, slack: Duration) -> Self {
         Self {
             local: LocalLedger::default(),
             shared: Some(ledger),
+            slack,
         }
+    }
+
+    fn ledger_writes<'a>(&self, rooms: &'a [Room<'a>]) -> Vec<QuotaWrite<'a>> {
+        rooms
+            .iter()
+            .map(|room| QuotaWrite {
+                member: room.key,
+                size: room.size(),
+                ttl: room.ttl.saturating_add(self.slack),
+            })
+            .collect()
     }
 
     /// Records `writes` of `tenant` if together they keep it within its quota: 507 with the
     /// reason if not (nothing recorded), 503 if the shared ledger cannot be reached (a write
-    /// that cannot be counted is not made).
+    /// that cannot be counted is not made). A record never shrinks here: the write may not
+    /// land. Once it has, [`settle`](Self::settle) it.
     pub(crate) async fn reserve(
         &self,
         tenant: &TenantName,
         limits: &Limits,
-        writes: &[Room<'_>],
-    ) -> Result<(), ApiError> {
+        rooms: &[Room<'_>],
+    ) -> Result<Reserved, ApiError> {
         let Some(quota) = quota_limits(limits) else {
-            return Ok(());
+            return Ok(Reserved { settle: false });
         };
+        let writes = self.ledger_writes(rooms);
         let decision = match &self.shared {
-            Some(ledger) => {
-                let writes: Vec<QuotaWrite<'_>> = writes
-                    .iter()
-                    .map(|room| QuotaWrite {
-                        member: room.key,
-                        size: room.size(),
-                        ttl: room.ttl,
-                    })
-                    .collect();
-                ledger
-                    .reserve(tenant.as_str(), quota, &writes)
-                    .await
-                    .map_err(|error| unavailable(&error))?
-            }
-            None => self.local.reserve(tenant, quota, writes),
+            Some(ledger) => ledger
+                .reserve(tenant.as_str(), quota, &writes)
+                .await
+                .map_err(|error| unavailable(&error))?,
+            None => self.local.reserve(tenant, quota, &writes),
         };
         match decision {
             QuotaDecision::TooManyEntries(usage) => Err(ApiError::over_quota(format!(
@@ -109,12 +133,31 @@ impl Quotas {
                 "the tenant's entries hold {} bytes, and its quota is {}",
                 usage.bytes, quota.max_bytes
             ))),
-            _ => Ok(()),
+            QuotaDecision::AdmittedToSettle(_) => Ok(Reserved { settle: true }),
+            _ => Ok(Reserved { settle: false }),
         }
     }
 
-    /// Gives back the room of `keys` of `tenant` (deleted, or a write that failed). A ledger
-    /// that cannot be reached keeps counting them until their TTL: logged, not an error.
+    /// Records `rooms` exactly once their writes have landed, where the reservation kept more.
+    /// A ledger that cannot be reached keeps the larger record until its expiry: logged.
+    pub(crate) async fn settle(&self, tenant: &TenantName, rooms: &[Room<'_>], reserved: Reserved) {
+        if !reserved.settle {
+            return;
+        }
+        let writes = self.ledger_writes(rooms);
+        match &self.shared {
+            Some(ledger) => {
+                if let Err(error) = ledger.settle(tenant.as_str(), &writes).await {
+                    tracing::warn!(error = %error, "quota not settled: counted larger until the TTL");
+                }
+            }
+            None => self.local.settle(tenant, &writes),
+        }
+    }
+
+    /// Gives back the room of `keys` of `tenant`, before they are deleted (a write racing the
+    /// delete then stays counted, rather than uncounted). A ledger that cannot be reached
+    /// keeps counting them until their TTL: logged, not an error.
     pub(crate) async fn release(&self, tenant: &TenantName, limits: &Limits, keys: &[&str]) {
         if quota_limits(limits).is_none() {
             return;
@@ -125,11 +168,11 @@ impl Quotas {
                     tracing::warn!(error = %error, "quota not released: counted until the TTL");
                 }
             }
-            None => self.local.release(tenant, |key| keys.contains(&key)),
+            None => self.local.release(tenant, keys),
         }
     }
 
-    /// Gives back the room of `tenant`'s keys under `prefix`.
+    /// Gives back the room of `tenant`'s keys under `prefix`, before they are deleted.
     pub(crate) async fn release_prefix(&self, tenant: &TenantName, limits: &Limits, prefix: &str) {
         if quota_limits(limits).is_none() {
             return;
@@ -140,11 +183,11 @@ impl Quotas {
                     tracing::warn!(error = %error, "quota not released: counted until the TTL");
                 }
             }
-            None => self.local.release(tenant, |key| key.starts_with(prefix)),
+            None => self.local.release_prefix(tenant, prefix),
         }
     }
 
-    /// Gives back all of `tenant`'s room (flushed).
+    /// Gives back all of `tenant`'s room, before it is flushed.
     pub(crate) async fn clear(&self, tenant: &TenantName) {
         match &self.shared {
             Some(ledger) => {
@@ -152,7 +195,7 @@ impl Quotas {
                     tracing::warn!(error = %error, "quota not cleared: counted until the TTL");
                 }
             }
-            None => self.local.release(tenant, |_| true),
+            None => self.local.clear(tenant),
         }
     }
 
@@ -167,6 +210,7 @@ impl Quotas {
         if quota_limits(limits).is_none() {
             return;
         }
+        let ttl = ttl.saturating_add(self.slack);
         match &self.shared {
             Some(ledger) => {
                 if let Err(error) = ledger.touch(tenant.as_str(), key, ttl).await {
@@ -199,10 +243,14 @@ impl Quotas {
     }
 }
 
-/// The ledger of this instance: per tenant, each entry's size and expiry.
+/// At most this many expired entries leave a tenant's book per call: a call's work stays
+/// bounded however many expired since the last one.
+const PURGE_PER_CALL: usize = 1_000;
+
+/// The ledger of this instance: a book per tenant, each behind its own lock.
 #[derive(Debug, Default)]
 struct LocalLedger {
-    tenants: Mutex<HashMap<TenantName, Book>>,
+    tenants: Mutex<HashMap<TenantName, Arc<Mutex<Book>>>>,
 }
 
 /// One tenant's entries.
@@ -216,9 +264,11 @@ struct Book {
 
 impl Book {
     fn purge(&mut self, now: Instant) {
-        while let Some((expires, _)) = self.by_expiry.first()
-            && *expires <= now
-        {
+        for _ in 0..PURGE_PER_CALL {
+            match self.by_expiry.first() {
+                Some((expires, _)) if *expires <= now => {}
+                _ => return,
+            }
             if let Some((_, key)) = self.by_expiry.pop_first() {
                 self.remove(&key);
             }
@@ -232,6 +282,14 @@ impl Book {
         }
     }
 
+    /// Records `key` at `size`, expiring at `expires`.
+    fn put(&mut self, key: &str, size: u64, expires: Instant) {
+        self.remove(key);
+        self.entries.insert(key.to_owned(), (size, expires));
+        self.by_expiry.insert((expires, key.to_owned()));
+        self.bytes += size;
+    }
+
     fn usage(&self) -> QuotaUsage {
         QuotaUsage {
             entries: self.entries.len() as u64,
@@ -242,34 +300,42 @@ impl Book {
 
 impl LocalLedger {
     fn book<T>(&self, tenant: &TenantName, use_it: impl FnOnce(&mut Book) -> T) -> T {
-        let mut tenants = self.tenants.lock().unwrap_or_else(PoisonError::into_inner);
-        let book = tenants.entry(tenant.clone()).or_default();
+        let book = {
+            let mut tenants = self.tenants.lock().unwrap_or_else(PoisonError::into_inner);
+            Arc::clone(tenants.entry(tenant.clone()).or_default())
+        };
+        let mut book = book.lock().unwrap_or_else(PoisonError::into_inner);
         book.purge(Instant::now());
-        use_it(book)
+        use_it(&mut book)
     }
 
+    /// As `QuotaLedger::reserve`: a record only grows here.
     fn reserve(
         &self,
         tenant: &TenantName,
         quota: QuotaLimits,
-        writes: &[Room<'_>],
+        writes: &[QuotaWrite<'_>],
     ) -> QuotaDecision {
         self.book(tenant, |book| {
             let before = book.usage();
-            let (mut entries, mut bytes) = (before.entries, before.bytes);
-            let mut seen: HashMap<&str, u64> = HashMap::new();
-            for room in writes {
-                let old = seen
-                    .get(room.key)
-                    .copied()
-                    .or_else(|| book.entries.get(room.key).map(|(size, _)| *size));
-                if let Some(old) = old {
-                    bytes = bytes - old + room.size();
+            let (mut entries, mut bytes, mut grown) = (before.entries, before.bytes, false);
+            let now = Instant::now();
+            let mut records: HashMap<&str, (u64, Instant)> = HashMap::new();
+            for write in writes {
+                let old = records
+                    .get(write.member)
+                    .or_else(|| book.entries.get(write.member))
+                    .copied();
+                let mut record = (write.size, now + write.ttl);
+                if let Some((old_size, old_expiry)) = old {
+                    grown |= old_size > write.size || old_expiry > record.1;
+                    record = (old_size.max(write.size), old_expiry.max(record.1));
+                    bytes = bytes - old_size + record.0;
                 } else {
                     entries += 1;
-                    bytes += room.size();
+                    bytes += record.0;
                 }
-                seen.insert(room.key, room.size());
+                records.insert(write.member, record);
             }
             if entries > quota.max_entries && entries > before.entries {
                 return QuotaDecision::TooManyEntries(before);
@@ -277,25 +343,42 @@ impl LocalLedger {
             if bytes > quota.max_bytes && bytes > before.bytes {
                 return QuotaDecision::TooManyBytes(before);
             }
-            let now = Instant::now();
-            for room in writes {
-                book.remove(room.key);
-                let expires = now + room.ttl;
-                book.entries
-                    .insert(room.key.to_owned(), (room.size(), expires));
-                book.by_expiry.insert((expires, room.key.to_owned()));
-                book.bytes += room.size();
+            for (key, (size, expires)) in records {
+                book.put(key, size, expires);
             }
-            QuotaDecision::Admitted(book.usage())
+            if grown {
+                QuotaDecision::AdmittedToSettle(book.usage())
+            } else {
+                QuotaDecision::Admitted(book.usage())
+            }
         })
     }
 
-    fn release(&self, tenant: &TenantName, released: impl Fn(&str) -> bool) {
+    fn settle(&self, tenant: &TenantName, writes: &[QuotaWrite<'_>]) {
+        self.book(tenant, |book| {
+            let now = Instant::now();
+            for write in writes {
+                if book.entries.contains_key(write.member) {
+                    book.put(write.member, write.size, now + write.ttl);
+                }
+            }
+        });
+    }
+
+    fn release(&self, tenant: &TenantName, keys: &[&str]) {
+        self.book(tenant, |book| {
+            for key in keys {
+                book.remove(key);
+            }
+        });
+    }
+
+    fn release_prefix(&self, tenant: &TenantName, prefix: &str) {
         self.book(tenant, |book| {
             let keys: Vec<String> = book
                 .entries
                 .keys()
-                .filter(|key| released(key))
+                .filter(|key| key.starts_with(prefix))
                 .cloned()
                 .collect();
             for key in keys {
@@ -304,13 +387,14 @@ impl LocalLedger {
         });
     }
 
+    fn clear(&self, tenant: &TenantName) {
+        self.book(tenant, |book| *book = Book::default());
+    }
+
     fn touch(&self, tenant: &TenantName, key: &str, ttl: Duration) {
         self.book(tenant, |book| {
-            if let Some(&(size, expires)) = book.entries.get(key) {
-                book.by_expiry.remove(&(expires, key.to_owned()));
-                let expires = Instant::now() + ttl;
-                book.entries.insert(key.to_owned(), (size, expires));
-                book.by_expiry.insert((expires, key.to_owned()));
+            if let Some(&(size, _)) = book.entries.get(key) {
+                book.put(key, size, Instant::now() + ttl);
             }
         });
     }
@@ -324,14 +408,6 @@ impl LocalLedger {
 mod tests {
     use super::*;
 
-    fn room(key: &str, value_bytes: usize, ttl_ms: u64) -> Room<'_> {
-        Room {
-            key,
-            value_bytes,
-            ttl: Duration::from_millis(ttl_ms),
-        }
-    }
-
     #[test]
     fn the_local_ledger_counts_as_the_shared_one() {
         let ledger = LocalLedger::default();
@@ -341,40 +417,51 @@ mod tests {
             max_bytes: 100,
         };
         let usage = |entries, bytes| QuotaUsage { entries, bytes };
-        let minute = 60_000;
+        let minute = Duration::from_secs(60);
+        let write = |member, size, ttl| QuotaWrite { member, size, ttl };
         assert_eq!(
             ledger.reserve(
                 &tenant,
                 quota,
-                &[room("a", 39, minute), room("b", 39, minute)]
+                &[write("a", 40, minute), write("b", 40, minute)]
             ),
             QuotaDecision::Admitted(usage(2, 80))
         );
+        // A smaller write keeps the larger record until it is settled.
+        let shrink = [write("a", 10, minute), write("a", 20, minute)];
         assert_eq!(
-            ledger.reserve(
-                &tenant,
-                quota,
-                &[room("a", 9, minute), room("a", 19, minute)]
-            ),
-            QuotaDecision::Admitted(usage(2, 60))
+            ledger.reserve(&tenant, quota, &shrink),
+            QuotaDecision::AdmittedToSettle(usage(2, 80))
         );
+        ledger.settle(&tenant, &shrink[1..]);
+        assert_eq!(ledger.usage(&tenant), usage(2, 60));
         assert_eq!(
-            ledger.reserve(&tenant, quota, &[room("c", 40, minute)]),
+            ledger.reserve(&tenant, quota, &[write("c", 41, minute)]),
             QuotaDecision::TooManyBytes(usage(2, 60))
         );
         assert_eq!(
             ledger.reserve(
                 &tenant,
                 quota,
-                &[room("c", 0, minute), room("d", 0, minute)]
+                &[write("c", 0, minute), write("d", 0, minute)]
             ),
             QuotaDecision::TooManyEntries(usage(2, 60))
         );
-        ledger.release(&tenant, |key| key == "a");
+        ledger.release(&tenant, &["a"]);
         assert_eq!(ledger.usage(&tenant), usage(1, 40));
-        ledger.reserve(&tenant, quota, &[room("short", 9, 1)]);
-        ledger.touch(&tenant, "b", Duration::from_millis(1));
+        let moment = Duration::from_millis(1);
+        ledger.reserve(&tenant, quota, &[write("short", 9, moment)]);
+        ledger.touch(&tenant, "b", moment);
         std::thread::sleep(Duration::from_millis(5)); // real time: both entries expire
+        assert_eq!(ledger.usage(&tenant), usage(0, 0));
+        ledger.reserve(
+            &tenant,
+            quota,
+            &[write("p/1", 1, minute), write("q", 1, minute)],
+        );
+        ledger.release_prefix(&tenant, "p/");
+        assert_eq!(ledger.usage(&tenant), usage(1, 1));
+        ledger.clear(&tenant);
         assert_eq!(ledger.usage(&tenant), usage(0, 0));
     }
 }

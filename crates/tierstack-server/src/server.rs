@@ -78,13 +78,14 @@ impl Server {
         };
         let (data, keys) = (data.build()?, backend.apply(keys).build()?);
         let keys = Keys::new(config.keys.clone(), config.admin, keys, config.key_recheck);
+        let request_timeout = config.request_timeout;
         Ok(Self {
             state: Arc::new(AppState {
                 config,
                 data,
                 keys,
                 rate: RateLimits::default(),
-                quotas: Quotas::default(),
+                quotas: Quotas::local(request_timeout),
                 usage: Usage::default(),
                 store,
                 metrics: None,
@@ -127,7 +128,7 @@ impl Server {
         let ledger = tierstack::redis::QuotaLedger::new(store, "tierstack-server")?;
         let state = Arc::get_mut(&mut self.state)
             .unwrap_or_else(|| panic!("share_quotas before the server is shared"));
-        state.quotas = Quotas::shared(ledger);
+        state.quotas = Quotas::shared(ledger, state.config.request_timeout);
         Ok(self)
     }
 

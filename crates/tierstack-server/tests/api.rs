@@ -702,3 +702,46 @@ fn base64_of(bytes: &[u8]) -> String {
     use base64::Engine as _;
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
+
+/// A write that does not land (a condition that does not hold) cannot shrink what the quota
+/// counts for the value that stays: a tenant cannot hide a large value behind a failed small one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_conditional_write_leaves_the_stored_value_counted() {
+    let limits = Limits {
+        max_bytes: 40,
+        ..Limits::default()
+    };
+    let server = start(config(limits), memory().await).await;
+    let shop = Client::new(&server.base, Some(SHOP_KEY));
+    assert_eq!(shop.put("a", &"x".repeat(30)).await, StatusCode::NO_CONTENT);
+    let sneaky = shop
+        .request(Method::PUT, "/v1/cache/a?ttl_ms=1")
+        .header("if-none-match", "*")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(sneaky.status(), StatusCode::PRECONDITION_FAILED);
+    let cas = shop
+        .request(Method::POST, "/v1/cache/a/cas")
+        .json(&serde_json::json!({"current": "d3Jvbmc=", "new": "", "ttl_ms": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cas.status(), StatusCode::PRECONDITION_FAILED);
+    tokio::time::sleep(Duration::from_millis(20)).await; // real time: past the 1 ms asked
+    let admin = Client::new(&server.base, Some(ADMIN_KEY));
+    let usage = admin
+        .json(Method::GET, "/v1/admin/tenants/shop/usage")
+        .await;
+    assert_eq!(usage["quota"]["bytes"], 31, "{usage}");
+    assert_eq!(
+        shop.put("b", &"y".repeat(10)).await,
+        StatusCode::INSUFFICIENT_STORAGE
+    );
+    // A smaller value that lands is counted as it is.
+    assert_eq!(shop.put("a", "small").await, StatusCode::NO_CONTENT);
+    let usage = admin
+        .json(Method::GET, "/v1/admin/tenants/shop/usage")
+        .await;
+    assert_eq!(usage["quota"]["bytes"], 6, "{usage}");
+}

@@ -371,3 +371,123 @@ async fn a_deaf_l1_refuses_conditional_writes_until_it_hears_again() {
             .unwrap()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compare_and_set_replaces_or_removes_only_the_value_it_was_given() {
+    for l2 in [Some(Arc::new(MemoryStore::new())), None] {
+        let shared = l2.is_some();
+        let caches = instances(2, l2.as_ref());
+        let (a, b) = (&caches[0], &caches[1]);
+        let options = a.default_options();
+        let cas = async |current: &str, new: Option<&str>| {
+            a.compare_and_set("k", &current.to_owned(), new.map(str::to_owned), &options)
+                .await
+                .unwrap()
+        };
+        assert!(
+            !cas("v1", Some("v2")).await,
+            "shared: {shared}: no value yet"
+        );
+        a.set("k", "v1".into()).await.unwrap();
+        assert!(!cas("other", Some("v2")).await, "shared: {shared}");
+        assert!(cas("v1", Some("v2")).await, "shared: {shared}");
+        assert_eq!(a.get("k").await.unwrap().as_deref(), Some("v2"));
+        if shared {
+            // The other instance read v2 and wrote v3: a's view of v2 no longer holds.
+            let b_options = b.default_options();
+            assert_eq!(b.get("k").await.unwrap().as_deref(), Some("v2"));
+            assert!(
+                b.compare_and_set("k", &"v2".to_owned(), Some("v3".into()), &b_options)
+                    .await
+                    .unwrap()
+            );
+            assert!(!cas("v2", Some("v4")).await, "b's write came between");
+            assert!(cas("v3", None).await, "a removal");
+            assert_eq!(a.get("k").await.unwrap(), None);
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+            while b.get("k").await.unwrap().is_some() {
+                assert!(tokio::time::Instant::now() < deadline, "b kept its copy");
+                tokio::time::sleep(Duration::from_millis(5)).await; // poll loop
+            }
+        } else {
+            assert!(cas("v2", None).await, "a removal");
+            assert_eq!(a.get("k").await.unwrap(), None);
+        }
+        assert!(!cas("v3", Some("v5")).await, "shared: {shared}: removed");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn of_concurrent_compare_and_sets_over_one_value_exactly_one_wins() {
+    let caches = instances(3, Some(&Arc::new(MemoryStore::new())));
+    caches[0].set("counter", "0".into()).await.unwrap();
+    let mut calls = Vec::new();
+    for i in 0..30 {
+        let cache = caches[i % caches.len()].clone();
+        calls.push(tokio::spawn(async move {
+            let options = cache.default_options();
+            cache
+                .compare_and_set(
+                    "counter",
+                    &"0".to_owned(),
+                    Some(format!("writer {i}")),
+                    &options,
+                )
+                .await
+                .unwrap()
+                .then_some(i)
+        }));
+    }
+    let mut winners = Vec::new();
+    for call in calls {
+        winners.extend(call.await.unwrap());
+    }
+    assert_eq!(winners.len(), 1, "{winners:?}");
+    // The other instances drop "0" when the winner's invalidation reaches them.
+    let expected = Some(format!("writer {}", winners[0]));
+    for cache in &caches {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while cache.get("counter").await.unwrap() != expected {
+            assert!(tokio::time::Instant::now() < deadline, "never converged");
+            tokio::time::sleep(Duration::from_millis(5)).await; // poll loop
+        }
+    }
+}
+
+/// Without an L2, a conditional write tells the other instances, as `set` does: each drops
+/// its own copy of the key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_l2_a_conditional_write_tells_the_others() {
+    let caches = instances(2, None);
+    let (a, b) = (&caches[0], &caches[1]);
+    b.set("k", "b's own".into()).await.unwrap();
+    let options = a.default_options();
+    assert!(a.set_if_absent("k", "a's".into(), &options).await.unwrap());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while b.get("k").await.unwrap().is_some() {
+        assert!(tokio::time::Instant::now() < deadline, "b kept its copy");
+        tokio::time::sleep(Duration::from_millis(5)).await; // poll loop
+    }
+}
+
+#[tokio::test]
+async fn compare_and_set_does_not_see_a_stale_copy_as_its_value() {
+    let fixture = Fixture::new();
+    let options = tierstack::EntryOptions::default()
+        .with_ttl(Duration::from_secs(1))
+        .with_fail_safe(FailSafe::new(Duration::from_secs(600)));
+    let cache = fixture
+        .builder("cas")
+        .default_options(options)
+        .build()
+        .unwrap();
+    cache.set("k", "v1".into()).await.unwrap();
+    fixture.clock.advance(Duration::from_secs(2));
+    assert!(
+        !cache
+            .compare_and_set("k", &"v1".to_owned(), Some("v2".into()), &options)
+            .await
+            .unwrap(),
+        "a value past its TTL is no value"
+    );
+}

@@ -118,6 +118,11 @@ where
                 }
                 if self.freshness.is_current(before) {
                     self.keep_inserted(key, value, &life, options, before);
+                    // As `set` does: without an L2, the others hold copies of their own.
+                    if self.l2.is_none() && !options.skips().backplane {
+                        self.publish(Invalidation::Keys(vec![key.to_owned()]), deadline)
+                            .await;
+                    }
                     return Ok(true);
                 }
                 if Instant::now() >= deadline {
