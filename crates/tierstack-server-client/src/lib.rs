@@ -54,7 +54,8 @@ const TTL_HEADER: &str = "x-ttl-ms";
 pub struct ServerStore {
     http: reqwest::Client,
     base: String,
-    authorization: String,
+    /// `Bearer <key>`, marked sensitive (kept out of the client's own debug output).
+    authorization: reqwest::header::HeaderValue,
     max_key_len: usize,
     max_bulk: usize,
 }
@@ -89,18 +90,27 @@ impl ServerStore {
     ///
     /// # Errors
     ///
-    /// [`CacheError::Configuration`] for a base URL that is not `http://...`.
+    /// [`CacheError::Configuration`] for a base URL that is not `http://host[:port]` (user
+    /// names and passwords belong in the API key, not the URL), or an API key that cannot be
+    /// a header.
     pub fn with_client(http: reqwest::Client, base: &str, api_key: &str) -> Result<Self> {
         let base = base.trim_end_matches('/').to_owned();
-        if !base.starts_with("http://") || base.len() == "http://".len() {
+        let host = base.strip_prefix("http://").unwrap_or_default();
+        if host.is_empty() || host.contains(['@', '/', '?', '#']) {
             return Err(CacheError::Configuration(
                 "the server's base URL is http://host:port".into(),
             ));
         }
+        // The key is never in the message: it is a secret.
+        let mut authorization =
+            reqwest::header::HeaderValue::from_str(&format!("Bearer {api_key}")).map_err(|_| {
+                CacheError::Configuration("the API key holds characters a header cannot".into())
+            })?;
+        authorization.set_sensitive(true);
         Ok(Self {
             http,
             base,
-            authorization: format!("Bearer {api_key}"),
+            authorization,
             max_key_len: 256,
             max_bulk: 100,
         })

@@ -122,4 +122,15 @@ async fn the_servers_refusals_are_errors_never_misses() {
         store.get(".").await,
         Err(CacheError::Configuration(_))
     ));
+    for base in ["http://user:secret@127.0.0.1:1", "https://x", "http://"] {
+        let refused = ServerStore::new(base, API_KEY).err().unwrap();
+        assert!(!refused.to_string().contains("secret"), "{refused}");
+    }
+    let refused = ServerStore::new(&base, "key\r\nx-injected: 1")
+        .err()
+        .unwrap();
+    assert!(
+        matches!(refused, CacheError::Configuration(_)),
+        "{refused:?}"
+    );
 }
