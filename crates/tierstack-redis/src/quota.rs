@@ -248,6 +248,20 @@ impl QuotaLedger {
         Ok([key("sizes"), key("expiries"), key("bytes")])
     }
 
+    /// `script` on `subject`'s three keys, with the purge limit as its first argument.
+    fn invocation(
+        &self,
+        script: &'static Script,
+        subject: &str,
+    ) -> Result<redis::ScriptInvocation<'static>> {
+        let mut invocation = script.prepare_invoke();
+        for key in self.keys(subject)? {
+            invocation.key(key);
+        }
+        invocation.arg(PURGE_PER_CALL);
+        Ok(invocation)
+    }
+
     /// Records `writes` for `subject` if together they keep it within `limits` (a write that
     /// replaces an entry counts only its change in size). A batch that would pass a quota is
     /// refused whole, and a batch that lowers the usage is admitted even over a quota (one
@@ -262,15 +276,10 @@ impl QuotaLedger {
         limits: QuotaLimits,
         writes: &[QuotaWrite<'_>],
     ) -> Result<QuotaDecision> {
-        let keys = self.keys(subject)?;
-        let mut invocation = RESERVE.prepare_invoke();
-        for key in &keys {
-            invocation.key(key);
-        }
+        let mut invocation = self.invocation(&RESERVE, subject)?;
         // Lua reads numbers as doubles: a limit past 2^53 is as good as none.
         let cap = |limit: u64| limit.min(1 << 53);
         invocation
-            .arg(PURGE_PER_CALL)
             .arg(cap(limits.max_entries))
             .arg(cap(limits.max_bytes));
         for write in writes {
@@ -299,12 +308,7 @@ impl QuotaLedger {
     ///
     /// An invalid subject, a TTL out of range, or a failed Redis call.
     pub async fn settle(&self, subject: &str, writes: &[QuotaWrite<'_>]) -> Result<()> {
-        let keys = self.keys(subject)?;
-        let mut invocation = SETTLE.prepare_invoke();
-        for key in &keys {
-            invocation.key(key);
-        }
-        invocation.arg(PURGE_PER_CALL);
+        let mut invocation = self.invocation(&SETTLE, subject)?;
         for write in writes {
             validate_ttl(write.ttl)?;
             invocation
@@ -322,12 +326,7 @@ impl QuotaLedger {
     ///
     /// An invalid subject or a failed Redis call.
     pub async fn release(&self, subject: &str, members: &[&str]) -> Result<u64> {
-        let keys = self.keys(subject)?;
-        let mut invocation = RELEASE.prepare_invoke();
-        for key in &keys {
-            invocation.key(key);
-        }
-        invocation.arg(PURGE_PER_CALL);
+        let mut invocation = self.invocation(&RELEASE, subject)?;
         for member in members {
             invocation.arg(*member);
         }
@@ -373,12 +372,8 @@ impl QuotaLedger {
     /// An invalid subject, a TTL out of range, or a failed Redis call.
     pub async fn touch(&self, subject: &str, member: &str, ttl: Duration) -> Result<bool> {
         validate_ttl(ttl)?;
-        let keys = self.keys(subject)?;
-        let mut invocation = TOUCH.prepare_invoke();
-        for key in &keys {
-            invocation.key(key);
-        }
-        invocation.arg(PURGE_PER_CALL).arg(member).arg(millis(ttl));
+        let mut invocation = self.invocation(&TOUCH, subject)?;
+        invocation.arg(member).arg(millis(ttl));
         let touched: u8 = self.conn.script("quota touch", &invocation).await?;
         Ok(touched == 1)
     }
@@ -389,12 +384,7 @@ impl QuotaLedger {
     ///
     /// An invalid subject or a failed Redis call.
     pub async fn usage(&self, subject: &str) -> Result<QuotaUsage> {
-        let keys = self.keys(subject)?;
-        let mut invocation = USAGE.prepare_invoke();
-        for key in &keys {
-            invocation.key(key);
-        }
-        invocation.arg(PURGE_PER_CALL);
+        let invocation = self.invocation(&USAGE, subject)?;
         let (entries, bytes): (u64, u64) = self.conn.script("quota usage", &invocation).await?;
         Ok(QuotaUsage { entries, bytes })
     }

@@ -7,7 +7,9 @@ use std::time::Duration;
 use common::{Calls, Fixture, loader};
 use metrics_util::debugging::{DebugValue, DebuggingRecorder};
 
-type Snapshot = [(String, Vec<(String, String)>, DebugValue)];
+/// A metric: its name, labels and value.
+type Metric = (String, Vec<(String, String)>, DebugValue);
+type Snapshot = [Metric];
 
 fn counter(snapshot: &Snapshot, name: &str, labels: &[(&str, &str)]) -> u64 {
     snapshot
@@ -23,6 +25,23 @@ fn counter(snapshot: &Snapshot, name: &str, labels: &[(&str, &str)]) -> u64 {
             _ => 0,
         })
         .sum()
+}
+
+/// Every metric the recorder holds: its name, labels and value.
+fn flatten(snapshotter: &metrics_util::debugging::Snapshotter) -> Vec<Metric> {
+    snapshotter
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .map(|(key, _, _, value)| {
+            let key = key.key();
+            let labels = key
+                .labels()
+                .map(|l| (l.key().to_owned(), l.value().to_owned()))
+                .collect();
+            (key.name().to_owned(), labels, value)
+        })
+        .collect()
 }
 
 #[tokio::test]
@@ -44,19 +63,7 @@ async fn hits_misses_loads_and_l2_errors_are_counted_per_tier() {
         .put_raw("metered:c", b"junk".to_vec(), Duration::from_secs(60));
     cache.get("c").await.unwrap(); // corrupt entry
 
-    let snapshot: Vec<_> = snapshotter
-        .snapshot()
-        .into_vec()
-        .into_iter()
-        .map(|(key, _, _, value)| {
-            let key = key.key();
-            let labels = key
-                .labels()
-                .map(|l| (l.key().to_owned(), l.value().to_owned()))
-                .collect();
-            (key.name().to_owned(), labels, value)
-        })
-        .collect();
+    let snapshot = flatten(&snapshotter);
     let cache_label = ("cache", "metered");
     assert_eq!(
         counter(
@@ -147,19 +154,7 @@ async fn breaker_changes_tag_invalidations_and_kept_writes_are_counted() {
     for key in ["a", "b", "c"] {
         assert_eq!(cache.get(key).await.unwrap(), None);
     }
-    let snapshot: Vec<_> = snapshotter
-        .snapshot()
-        .into_vec()
-        .into_iter()
-        .map(|(key, _, _, value)| {
-            let key = key.key();
-            let labels = key
-                .labels()
-                .map(|l| (l.key().to_owned(), l.value().to_owned()))
-                .collect();
-            (key.name().to_owned(), labels, value)
-        })
-        .collect();
+    let snapshot = flatten(&snapshotter);
     let cache_label = ("cache", "resilient");
     assert_eq!(
         counter(
