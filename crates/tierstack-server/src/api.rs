@@ -470,7 +470,9 @@ pub(crate) async fn bulk_get(
         limits.check_key(key)?;
     }
     let storage: Vec<String> = request.keys.iter().map(|k| tenant.storage_key(k)).collect();
-    let found = state.data.get_many(&storage).await?;
+    // As `GET`: a backend that fails is an error, never misses.
+    let options = state.data.default_options().with_l2_errors_returned(true);
+    let found = state.data.get_many_with(&storage, &options).await?;
     let usage = state.usage.of(&tenant);
     let values = request
         .keys

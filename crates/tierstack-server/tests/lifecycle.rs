@@ -86,6 +86,19 @@ async fn health_stays_up_while_redis_is_down_and_readiness_says_so() {
         .await
         .unwrap();
     assert_eq!(unread.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let bulk = shop
+        .request(Method::POST, "/v1/bulk/get")
+        .json(&serde_json::json!({"keys": ["k"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bulk.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let exists = shop
+        .request(Method::GET, "/v1/cache/k/exists")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(exists.status(), StatusCode::SERVICE_UNAVAILABLE);
     redis.restart();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while status("/readyz").await != StatusCode::OK {

@@ -527,4 +527,7 @@ async fn a_plain_read_answers_its_source_and_remaining_ttl() {
         cache.get_fetched("k", &strict).await.is_err(),
         "unless asked otherwise"
     );
+    // The same for a batch.
+    assert_eq!(cache.get_many_with(&["k"], &options).await.unwrap(), [None]);
+    assert!(cache.get_many_with(&["k"], &strict).await.is_err());
 }

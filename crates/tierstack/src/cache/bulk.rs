@@ -68,6 +68,16 @@ where
         Ok(looked.found.into_iter().map(Option::flatten).collect())
     }
 
+    /// `get_many` with `options`' skips and, if they ask, an L2 failure as an error.
+    pub(super) async fn get_many_with<K: AsRef<str>>(
+        &self,
+        keys: &[K],
+        options: &EntryOptions,
+    ) -> Result<Vec<Option<V>>> {
+        let looked = self.lookup_many(keys, &options.without_fail_safe()).await?;
+        Ok(looked.found.into_iter().map(Option::flatten).collect())
+    }
+
     pub(super) async fn get_or_load_many<K, F, Fut, E>(
         &self,
         keys: &[K],
@@ -95,7 +105,10 @@ where
             mut found,
             mut seen,
             mut fallbacks,
-        } = self.lookup_many(keys, options).await?;
+        } = self
+            // A read-through batch loads what L2 could not answer.
+            .lookup_many(keys, &options.with_l2_errors_returned(false))
+            .await?;
         let mut missing = Vec::new();
         let mut watches = Vec::new();
         for (index, key) in keys.iter().map(AsRef::as_ref).enumerate() {
@@ -290,6 +303,7 @@ where
         };
         let (entries, answered) = match read {
             Ok(entries) if entries.len() == refs.len() => (entries, true),
+            Err(error) if options.l2_errors_returned() => return Err(error),
             // A failed L2 (counted and logged) reads as misses.
             Ok(_) | Err(_) => (vec![None; refs.len()], false),
         };

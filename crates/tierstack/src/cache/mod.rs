@@ -452,6 +452,22 @@ where
         self.inner.get_many(keys).await
     }
 
+    /// [`get_many`](Self::get_many) with `options`' [`Skips`](crate::Skips) and, with
+    /// [`with_l2_errors_returned`](EntryOptions::with_l2_errors_returned), an L2 failure as an
+    /// error rather than misses (a service answering for its clients, which must not take a
+    /// failure for missing entries).
+    ///
+    /// # Errors
+    ///
+    /// As [`get_many`](Self::get_many), and the L2's error when the options return L2 errors.
+    pub async fn get_many_with<K: AsRef<str>>(
+        &self,
+        keys: &[K],
+        options: &EntryOptions,
+    ) -> Result<Vec<Option<V>>> {
+        self.inner.get_many_with(keys, options).await
+    }
+
     /// The values under `keys`, in order: from L1, then from L2 in one round trip, then from one
     /// call of `loader` with the keys still missing (each once). Keys the loader leaves out of its
     /// map have no value (and are negatively cached if configured). Loaded values are written to
