@@ -250,12 +250,17 @@ fn redis_benchmark_context(floor_rate: f64, sizes: &Sizes) -> Option<Record> {
         .skip(1)
         .map(|field| field.trim_matches('"').parse().unwrap_or(f64::NAN))
         .collect();
-    let (rate, p50_ms, p99_ms) = (*row.first()?, *row.get(3)?, *row.get(5)?);
+    let (rate, median_ms, tail_ms) = (*row.first()?, *row.get(3)?, *row.get(5)?);
     let nanos = |ms: f64| {
         Duration::try_from_secs_f64(ms / 1e3)
             .ok()
             .and_then(|latency| u64::try_from(latency.as_nanos()).ok())
-            .unwrap_or_default()
+    };
+    let (Some(p50_ns), Some(p99_ns)) = (nanos(median_ms), nanos(tail_ms)) else {
+        eprintln!(
+            "server_get: redis-benchmark's latencies did not read as numbers: no context row"
+        );
+        return None;
     };
     let ratio = floor_rate / rate;
     Some(Record {
@@ -266,8 +271,8 @@ fn redis_benchmark_context(floor_rate: f64, sizes: &Sizes) -> Option<Record> {
         ratio_min: ratio,
         ratio_max: ratio,
         ops_per_sec: rate,
-        p50_ns: nanos(p50_ms),
-        p99_ns: nanos(p99_ms),
+        p50_ns,
+        p99_ns,
         loader_calls: None,
         l2_commands: None,
         errors: None,

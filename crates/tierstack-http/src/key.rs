@@ -120,6 +120,7 @@ fn forwarded_pairs(value: &[u8]) -> impl Iterator<Item = (&[u8], &[u8])> {
                 })
                 .unwrap_or(rest.len());
             let pair = &rest[..end];
+            // Past the separator; at the end of the value (no separator), nothing is left.
             rest = rest.get(end + 1..).unwrap_or_default();
             if let Some(equals) = pair.iter().position(|&byte| byte == b'=') {
                 return Some((pair[..equals].trim_ascii(), pair[equals + 1..].trim_ascii()));

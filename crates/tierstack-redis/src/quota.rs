@@ -282,13 +282,7 @@ impl QuotaLedger {
         invocation
             .arg(cap(limits.max_entries))
             .arg(cap(limits.max_bytes));
-        for write in writes {
-            validate_ttl(write.ttl)?;
-            invocation
-                .arg(write.member)
-                .arg(write.size)
-                .arg(millis(write.ttl));
-        }
+        push_writes(&mut invocation, writes)?;
         let (verdict, entries, bytes, grown): (u8, u64, u64, u8) =
             self.conn.script("quota reserve", &invocation).await?;
         let usage = QuotaUsage { entries, bytes };
@@ -309,13 +303,7 @@ impl QuotaLedger {
     /// An invalid subject, a TTL out of range, or a failed Redis call.
     pub async fn settle(&self, subject: &str, writes: &[QuotaWrite<'_>]) -> Result<()> {
         let mut invocation = self.invocation(&SETTLE, subject)?;
-        for write in writes {
-            validate_ttl(write.ttl)?;
-            invocation
-                .arg(write.member)
-                .arg(write.size)
-                .arg(millis(write.ttl));
-        }
+        push_writes(&mut invocation, writes)?;
         let _: u8 = self.conn.script("quota settle", &invocation).await?;
         Ok(())
     }
@@ -403,6 +391,21 @@ impl QuotaLedger {
         let _: u64 = self.conn.query("quota clear", &delete).await?;
         Ok(())
     }
+}
+
+/// Appends each write's member, size and TTL in milliseconds to a script's arguments.
+fn push_writes(
+    invocation: &mut redis::ScriptInvocation<'_>,
+    writes: &[QuotaWrite<'_>],
+) -> Result<()> {
+    for write in writes {
+        validate_ttl(write.ttl)?;
+        invocation
+            .arg(write.member)
+            .arg(write.size)
+            .arg(millis(write.ttl));
+    }
+    Ok(())
 }
 
 /// `text` with the characters `MATCH` patterns read specially escaped.

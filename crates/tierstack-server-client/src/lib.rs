@@ -95,8 +95,10 @@ impl ServerStore {
     /// a header.
     pub fn with_client(http: reqwest::Client, base: &str, api_key: &str) -> Result<Self> {
         let base = base.trim_end_matches('/').to_owned();
-        let host = base.strip_prefix("http://").unwrap_or_default();
-        if host.is_empty() || host.contains(['@', '/', '?', '#']) {
+        let valid = base
+            .strip_prefix("http://")
+            .is_some_and(|host| !host.is_empty() && !host.contains(['@', '/', '?', '#']));
+        if !valid {
             return Err(CacheError::Configuration(
                 "the server's base URL is http://host:port".into(),
             ));

@@ -74,11 +74,8 @@ struct ErrorDetail {
 /// The server's refusal as an error: its status, `code` and message.
 pub(crate) async fn error_of(operation: &'static str, response: Response) -> CacheError {
     let status = response.status();
-    let endpoint = response
-        .url()
-        .host_str()
-        .map(str::to_owned)
-        .unwrap_or_default();
+    // Host and port, as a transport error names them (base URLs hold no credentials).
+    let endpoint = response.url().authority().to_owned();
     let body = read_capped(response).await;
     let detail = serde_json::from_slice::<ErrorBody>(&body).map_or_else(
         |_| format!("HTTP {status}"),
