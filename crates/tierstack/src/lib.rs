@@ -84,6 +84,7 @@ pub use lease::LoadLease;
 pub use options::{EntryOptions, FailSafe, Fetched, Loaded, Skips, Source};
 pub use recovery::WriteRecovery;
 pub use stats::CacheStats;
+pub use tierstack_core::envelope::{Compression, Encryption, EncryptionKey, KeyRing};
 pub use tierstack_core::{
     Backplane, BincodeCodec, BoxError, CacheError, Codec, JsonCodec, Result, Store,
 };

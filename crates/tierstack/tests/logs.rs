@@ -92,4 +92,35 @@ async fn an_entry_of_another_type_is_logged_without_its_value() {
         1,
         "{logged}"
     );
+    fx.faulty.set_failing(false);
+    // Entries that do not open under a cache's key ring: logged by the kind of problem, never
+    // with the key or the value (also in this test: one test per binary).
+    let sentinel_key = "5e471e15e471e15e471e15e471e15e471e15e471e15e471e15e471e15e471e15";
+    let sealed = |keys: &str| {
+        fx.builder("sealed")
+            .without_l1()
+            .encryption(tierstack::Encryption::new(
+                tierstack::KeyRing::parse(keys).unwrap(),
+            ))
+            .build()
+            .unwrap()
+    };
+    let writer = sealed(&format!("7:{sentinel_key}"));
+    writer.set("a", "hunter2-sealed".into()).await.unwrap();
+    writer.set("b", "hunter2-sealed".into()).await.unwrap();
+    let copied = tierstack::core::Store::get(&*fx.l2, "sealed:b")
+        .await
+        .unwrap()
+        .unwrap();
+    fx.l2
+        .put_raw("sealed:a", copied.to_vec(), Duration::from_secs(60));
+    assert_eq!(writer.get("a").await.unwrap(), None);
+    let other_ring = sealed(&format!("8:{}", "0".repeat(64)));
+    assert_eq!(other_ring.get("b").await.unwrap(), None);
+    let logged = logs.text();
+    assert!(logged.contains("does not authenticate"), "{logged}");
+    assert!(logged.contains("key ring does not hold"), "{logged}");
+    assert!(!logged.contains("hunter2"), "{logged}");
+    assert!(!logged.contains("5e471e15"), "{logged}");
+    assert!(!format!("{writer:?} {other_ring:?}").contains("5e471e15"));
 }

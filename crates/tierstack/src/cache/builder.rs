@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tierstack_core::clock::{SharedClock, system_clock};
-use tierstack_core::envelope::HEADER_LEN;
+use tierstack_core::envelope::{Compression, Encryption, HEADER_LEN, Sealing};
 use tierstack_core::key::{DEFAULT_MAX_STORE_KEY_LEN, Namespace};
 use tierstack_core::store::validate_ttl;
 use tierstack_core::{Backplane, BincodeCodec, CacheError, Codec, Result, Store};
@@ -64,6 +64,7 @@ impl<V> TieredCacheBuilder<V, BincodeCodec> {
                 l2_timeout: Duration::from_secs(1),
                 tombstone_ttl: Duration::from_mins(1),
                 tag_record_ttl: DEFAULT_TAG_RECORD_TTL,
+                sealing: Sealing::none(),
             },
             l2_fill: L2Fill::DEFAULT,
             l2_circuit_breaker: None,
@@ -172,6 +173,25 @@ where
     /// larger L2 entries are read as misses.
     pub fn max_value_len(mut self, len: usize) -> Self {
         self.settings.max_value_len = len;
+        self
+    }
+
+    /// Compresses the L2 payloads of at least [`Compression::min_size`] bytes (default: none
+    /// compressed). Any cache reads compressed entries, with or without this setting;
+    /// decompressing more than [`max_value_len`](Self::max_value_len) reads as a miss.
+    pub fn compression(mut self, compression: Compression) -> Self {
+        self.settings.sealing = self.settings.sealing.compression(compression);
+        self
+    }
+
+    /// Encrypts every L2 entry with the key ring's current key (default: plaintext), and
+    /// decrypts with any of its keys. An entry that does not authenticate (tampered, copied from
+    /// another key, namespace or tenant) or names a key the ring lacks reads as a counted miss
+    /// and is deleted; so does a plaintext entry unless
+    /// [`Encryption::accept_plaintext`] allows it. Entries are compressed before they are
+    /// encrypted. See `docs/operations.md` for key rotation.
+    pub fn encryption(mut self, encryption: Encryption) -> Self {
+        self.settings.sealing = self.settings.sealing.encryption(encryption);
         self
     }
 

@@ -419,7 +419,7 @@ where
                 (None, Some(negative)) => Self::life(&options.without_fail_safe(), negative),
                 (None, None) => continue,
             };
-            match self.encode_with_life(value.as_ref(), &life) {
+            match self.encode_with_life(watch.key(), value.as_ref(), &life) {
                 Ok(bytes) => writes.push((watch, value, life, bytes, seen)),
                 Err(error) => {
                     tracing::warn!(cache = %self.namespace, key = %fingerprint(watch.key()), error = %error, "loaded value not cached");

@@ -134,7 +134,7 @@ where
             }
         };
         let (bytes, lives) = match &value {
-            Some(value) => (self.encode_with_life(Some(value), &life)?, life.lives),
+            Some(value) => (self.encode_with_life(key, Some(value), &life)?, life.lives),
             // A tombstone, as `delete` writes: a load running anywhere may only write over it.
             None => self.tombstone(),
         };

@@ -540,13 +540,8 @@ where
                 expires_at: fallback.expires_at,
                 stale: true,
             };
-            let rearmed = envelope::encode_tagged_entry(
-                &self.codec,
-                Some(&fallback.value),
-                lifetime,
-                fallback.tags.as_ref(),
-                self.settings.max_value_len,
-            );
+            let rearmed =
+                self.encode_entry(key, Some(&fallback.value), lifetime, fallback.tags.as_ref());
             if let (Ok(bytes), false) = (rearmed, lives.is_zero()) {
                 // Best effort: a failure is counted and logged, and the origin is tried again
                 // sooner.
@@ -604,7 +599,7 @@ where
             let kept = life.to_l1 && self.l1.is_some() && !self.is_deaf();
             return kept.then_some(life.fresh);
         }
-        let bytes = match self.encode_with_life(value, &life) {
+        let bytes = match self.encode_with_life(&key, value, &life) {
             Ok(bytes) => bytes,
             Err(error) => {
                 // Served to the callers, but cached in neither tier.

@@ -19,6 +19,7 @@ use std::time::Duration;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tierstack_core::clock::SharedClock;
+use tierstack_core::envelope::Sealing;
 use tierstack_core::key::{Namespace, validate_key};
 use tierstack_core::store::MAX_TTL;
 use tierstack_core::tag::validate_tags;
@@ -93,7 +94,7 @@ impl<V, C: fmt::Debug> fmt::Debug for TieredCache<V, C> {
     }
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Settings {
     /// The options of calls that name none.
     defaults: EntryOptions,
@@ -103,6 +104,8 @@ struct Settings {
     tombstone_ttl: Duration,
     /// How long a tag's record lives past its last invalidation.
     tag_record_ttl: Duration,
+    /// Compression and encryption of L2 payloads.
+    sealing: Sealing,
 }
 
 struct Inner<V, C> {

@@ -1,6 +1,7 @@
 //! The read path: L1, then L2 (filling L1 with the L2 entry's remaining time), decoding, and
 //! what becomes of an entry that does not decode.
 
+use std::borrow::Cow;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -8,7 +9,7 @@ use bytes::Bytes;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tierstack_core::clock::Timestamp;
-use tierstack_core::envelope::{self, Envelope, Lifetime};
+use tierstack_core::envelope::{self, Envelope, EnvelopeError, Lifetime};
 use tierstack_core::key::fingerprint;
 use tierstack_core::tag::{TagStamps, TagVerdict};
 use tierstack_core::{Codec, Result};
@@ -136,19 +137,35 @@ enum Decoded<V> {
 
 /// Why an L2 entry did not decode, for the log: never the payload, which serde's messages may
 /// quote.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 enum Undecodable {
     /// Not an envelope of this cache: garbage, truncated, another version, codec or size.
     Envelope,
     /// An envelope whose payload is not a value of this cache's type (a deploy changed it).
     Payload,
+    /// A sealed payload that does not open here (or a plaintext one where encryption is
+    /// required).
+    Sealed(EnvelopeError),
 }
 
 impl Undecodable {
-    fn describe(self) -> &'static str {
+    fn describe(&self) -> &'static str {
         match self {
             Self::Envelope => "not a tierstack envelope of this codec and size",
             Self::Payload => "the payload does not decode as this cache's value type",
+            Self::Sealed(EnvelopeError::UnknownKey { .. }) => {
+                "encrypted with a key this cache's key ring does not hold"
+            }
+            Self::Sealed(EnvelopeError::Unauthentic) => {
+                "the encrypted payload does not authenticate under this key"
+            }
+            Self::Sealed(EnvelopeError::PlaintextRefused) => {
+                "a plaintext entry where encryption is required"
+            }
+            Self::Sealed(EnvelopeError::TooLarge { .. }) => {
+                "the payload decompresses to more than max_value_len"
+            }
+            Self::Sealed(_) => "the compressed payload is corrupt",
         }
     }
 }
@@ -301,8 +318,13 @@ where
         self.deaf.load(std::sync::atomic::Ordering::SeqCst)
     }
 
-    /// The envelope of `value` (or of a negative entry) written now for `life`.
-    pub(super) fn encode_with_life(&self, value: Option<&V>, life: &Life) -> Result<Bytes> {
+    /// The envelope of `value` (or of a negative entry) under `key`, written now for `life`.
+    pub(super) fn encode_with_life(
+        &self,
+        key: &str,
+        value: Option<&V>,
+        life: &Life,
+    ) -> Result<Bytes> {
         let now = self.clock.now();
         let lifetime = Lifetime {
             written_at: now,
@@ -310,11 +332,31 @@ where
             expires_at: now.saturating_add(life.lives),
             stale: life.stale,
         };
-        envelope::encode_tagged_entry(
+        self.encode_entry(key, value, lifetime, life.tags.as_ref())
+    }
+
+    /// The envelope of `value` under `key`, sealed as this cache seals its payloads.
+    pub(super) fn encode_entry(
+        &self,
+        key: &str,
+        value: Option<&V>,
+        lifetime: Lifetime,
+        tags: Option<&TagStamps>,
+    ) -> Result<Bytes> {
+        let sealing = &self.settings.sealing;
+        // Encryption authenticates the store key; the plain path needs none.
+        let store_key = if sealing.is_plain() {
+            String::new()
+        } else {
+            self.namespace.store_key(key)
+        };
+        envelope::encode_sealed(
             &self.codec,
             value,
             lifetime,
-            life.tags.as_ref(),
+            tags,
+            sealing,
+            &store_key,
             self.settings.max_value_len,
         )
     }
@@ -422,7 +464,7 @@ where
         ttl: Duration,
         deadline: Instant,
     ) -> L2Read<V> {
-        match self.decode_entry(&bytes) {
+        match self.decode_entry(key, &bytes) {
             Decoded::Live {
                 value,
                 written_at,
@@ -513,18 +555,28 @@ where
         }
     }
 
-    /// Decodes an L2 entry.
-    fn decode_entry(&self, bytes: &[u8]) -> Decoded<V> {
-        let Ok(envelope) = Envelope::parse::<C>(bytes, self.settings.max_value_len) else {
+    /// Decodes the L2 entry of `key`.
+    fn decode_entry(&self, key: &str, bytes: &[u8]) -> Decoded<V> {
+        let max = self.settings.max_value_len;
+        let Ok(envelope) = Envelope::parse::<C>(bytes, max) else {
             return Decoded::Undecodable(Undecodable::Envelope);
         };
         if envelope.tombstone {
             return Decoded::Tombstone;
         }
+        let sealing = &self.settings.sealing;
+        let payload = if envelope.is_sealed() || !sealing.is_plain() {
+            match sealing.open(&envelope, &self.namespace.store_key(key), max) {
+                Ok(payload) => payload,
+                Err(err) => return Decoded::Undecodable(Undecodable::Sealed(err)),
+            }
+        } else {
+            Cow::Borrowed(envelope.payload)
+        };
         let value = if envelope.negative {
             None
         } else {
-            match self.codec.decode::<V>(envelope.payload) {
+            match self.codec.decode::<V>(&payload) {
                 Ok(value) => Some(value),
                 Err(_) => return Decoded::Undecodable(Undecodable::Payload),
             }

@@ -41,7 +41,7 @@ where
             life.tags = self.stamp_tags(tags, self.deadline()).await?;
         }
         let skips = options.skips();
-        let bytes = self.encode_with_life(Some(&value), &life)?;
+        let bytes = self.encode_with_life(key, Some(&value), &life)?;
         // Taken before the write: an invalidation of the key that arrives while the write is in
         // flight (another instance's write, which may have landed after this one) keeps this
         // value out of L1, so that every instance converges on what L2 holds.

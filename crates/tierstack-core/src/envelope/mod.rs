@@ -1,19 +1,26 @@
 //! The versioned envelope around every value written to an L2.
 //!
-//! Layout (version 1, integers little-endian):
+//! Layout (integers little-endian):
 //!
 //! | bytes | field |
 //! |---|---|
 //! | 2 | magic `TS` |
-//! | 1 | format version (1) |
+//! | 1 | format version: 1, or 2 for a sealed (compressed or encrypted) entry |
 //! | 1 | codec id ([`Codec::ID`]) |
-//! | 1 | flags: bit 0 = negative entry (a cached "not found"); bit 1 = tombstone; bit 2 = fresh-until field present; bit 3 = stale; bit 4 = tags present; others reserved |
+//! | 1 | flags: bit 0 = negative entry (a cached "not found"); bit 1 = tombstone; bit 2 = fresh-until field present; bit 3 = stale; bit 4 = tags present; bit 5 = compressed (version 2); bit 6 = encrypted (version 2); bit 7 reserved |
 //! | 8 | written at, ms since the Unix epoch |
 //! | 8 | expires at, ms since the Unix epoch |
 //! | 4 | payload length |
 //! | 8 | fresh until, ms since the Unix epoch (only with flag bit 2) |
 //! | t | tags (only with flag bit 4): a count (1 to 16), then per tag its length (1 byte), its UTF-8 bytes, and the incarnation and counter of its record (8 bytes each) |
-//! | n | payload |
+//! | 5 | compression (only with flag bit 5): the algorithm (1 = LZ4 block), then the payload's length before compression (4 bytes) |
+//! | 29 | encryption (only with flag bit 6): the algorithm (1 = XChaCha20-Poly1305), the key's id in the ring (4 bytes), the nonce (24 bytes) |
+//! | n | payload: the codec's bytes, compressed if flag bit 5, then encrypted if flag bit 6 (the ciphertext followed by its 16-byte tag) |
+//!
+//! Version 2 is version 1 with the two sealing flags and their fields. An entry that is neither
+//! compressed nor encrypted is still written as version 1, byte for byte as before, so that
+//! instances of an earlier release keep reading it during a rolling upgrade. See [`Sealing`] for
+//! what encryption authenticates.
 //!
 //! *Fail-safe* entries live past their time to live: they are fresh until *fresh until* and stay
 //! in the store, stale, until *expires at*, as a fallback for when the origin fails. An envelope
@@ -32,6 +39,14 @@
 //! Parsing checks every field before it touches the payload: bytes that are truncated, of another
 //! version or codec, carry unknown flags, or claim a payload over the cap are an [`EnvelopeError`]
 //! (which readers treat as a miss), never a panic and never an allocation.
+//! [`Sealing::open`] then decrypts and decompresses, refusing a decompressed size over the cap
+//! before it allocates.
+
+mod keys;
+mod sealing;
+
+pub use keys::{EncryptionKey, KEY_LEN, KeyRing, MAX_KEYS};
+pub use sealing::{Compression, DEFAULT_COMPRESSION_THRESHOLD, Encryption, Sealing, decompress};
 
 use bytes::Bytes;
 use serde::Serialize;
@@ -43,7 +58,10 @@ use crate::tag::TagStamps;
 
 /// The first two bytes of every envelope.
 pub const MAGIC: [u8; 2] = *b"TS";
+/// The version of plain entries (and of tombstones).
 const VERSION: u8 = 1;
+/// The version of sealed entries: version 1 with the compression and encryption fields.
+const VERSION_SEALED: u8 = 2;
 /// The size of the envelope header in bytes.
 pub const HEADER_LEN: usize = 25;
 /// Where the expiry (ms since the Unix epoch, 8 bytes little-endian) sits in the header: a store
@@ -56,7 +74,14 @@ const FLAG_TOMBSTONE: u8 = 0b0000_0010;
 const FLAG_FRESH_UNTIL: u8 = 0b0000_0100;
 const FLAG_STALE: u8 = 0b0000_1000;
 const FLAG_TAGS: u8 = 0b0001_0000;
-const KNOWN_FLAGS: u8 = FLAG_NEGATIVE | FLAG_TOMBSTONE | FLAG_FRESH_UNTIL | FLAG_STALE | FLAG_TAGS;
+const FLAG_COMPRESSED: u8 = 0b0010_0000;
+const FLAG_ENCRYPTED: u8 = 0b0100_0000;
+const PLAIN_FLAGS: u8 = FLAG_NEGATIVE | FLAG_TOMBSTONE | FLAG_FRESH_UNTIL | FLAG_STALE | FLAG_TAGS;
+const SEALING_FLAGS: u8 = FLAG_COMPRESSED | FLAG_ENCRYPTED;
+/// The length of the compression field: the algorithm and the length before compression.
+const COMPRESSION_LEN: usize = 5;
+/// The length of the encryption field: the algorithm, the key id and the nonce.
+const ENCRYPTION_LEN: usize = 1 + 4 + sealing::NONCE_LEN;
 /// The length of the optional fresh-until field.
 const FRESH_UNTIL_LEN: usize = 8;
 /// The length of a tombstone's payload: its nonce.
@@ -86,7 +111,7 @@ pub enum EnvelopeError {
         /// The reader's codec id.
         expected: u8,
     },
-    /// Flags this build does not understand (compression, encryption are reserved).
+    /// Flags this build does not understand (or sealing flags in a version 1 envelope).
     #[error("unknown envelope flags {0:#04x}")]
     UnknownFlags(u8),
     /// The declared payload length does not match the bytes present.
@@ -106,7 +131,7 @@ pub enum EnvelopeError {
         /// The payload length.
         len: usize,
     },
-    /// The payload is larger than the reader accepts.
+    /// The payload (stored, or claimed after decompression) is larger than the reader accepts.
     #[error("payload of {len} bytes exceeds the cap of {max}")]
     TooLarge {
         /// The payload length.
@@ -114,6 +139,27 @@ pub enum EnvelopeError {
         /// The cap.
         max: usize,
     },
+    /// A compression or encryption field that is truncated or names an unknown algorithm.
+    #[error("malformed compression or encryption field")]
+    MalformedSealing,
+    /// A compressed payload that is corrupt or does not expand to its declared length.
+    #[error("the compressed payload does not decompress to its declared length")]
+    Decompression,
+    /// Encrypted with a key this reader's ring does not hold (removed, or never added here).
+    #[error("encrypted with key id {id}, which the key ring does not hold")]
+    UnknownKey {
+        /// The key id in the envelope.
+        id: u32,
+    },
+    /// The ciphertext did not authenticate: tampered, truncated, or copied from another key.
+    #[error("the encrypted payload does not authenticate under this key")]
+    Unauthentic,
+    /// A plaintext entry read by a cache that requires encryption.
+    #[error("a plaintext entry where encryption is required")]
+    PlaintextRefused,
+    /// The system's random number generator failed (no nonce could be drawn).
+    #[error("no randomness for a nonce")]
+    NoRandomness,
 }
 
 impl From<EnvelopeError> for CacheError {
@@ -138,10 +184,24 @@ pub struct Envelope<'a> {
     pub fresh_until: Timestamp,
     /// Whether this is a stale value written back after the origin failed.
     pub stale: bool,
-    /// The codec's bytes.
+    /// The stored payload: the codec's bytes, unless the entry is sealed (see
+    /// [`is_sealed`](Self::is_sealed) and [`Sealing::open`]).
     pub payload: &'a [u8],
     /// The tag section, checked, if the entry is tagged (see [`tags`](Self::tags)).
     tag_section: Option<&'a [u8]>,
+    /// The payload's length before compression, if it is compressed.
+    compression: Option<usize>,
+    /// The key id and nonce, if the payload is encrypted.
+    encryption: Option<Sealed<'a>>,
+    /// Every byte before the payload (what encryption authenticates, less the expiry).
+    authenticated: &'a [u8],
+}
+
+/// The encryption field of a parsed envelope.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Sealed<'a> {
+    key_id: u32,
+    nonce: &'a [u8; sealing::NONCE_LEN],
 }
 
 impl<'a> Envelope<'a> {
@@ -153,9 +213,11 @@ impl<'a> Envelope<'a> {
         if header[0..2] != MAGIC {
             return Err(EnvelopeError::BadMagic);
         }
-        if header[2] != VERSION {
-            return Err(EnvelopeError::UnknownVersion(header[2]));
-        }
+        let known_flags = match header[2] {
+            VERSION => PLAIN_FLAGS,
+            VERSION_SEALED => PLAIN_FLAGS | SEALING_FLAGS,
+            other => return Err(EnvelopeError::UnknownVersion(other)),
+        };
         if header[3] != C::ID {
             return Err(EnvelopeError::CodecMismatch {
                 found: header[3],
@@ -164,7 +226,7 @@ impl<'a> Envelope<'a> {
         }
         let flags = header[4];
         let both = FLAG_NEGATIVE | FLAG_TOMBSTONE;
-        if flags & !KNOWN_FLAGS != 0 || flags & both == both {
+        if flags & !known_flags != 0 || flags & both == both {
             return Err(EnvelopeError::UnknownFlags(flags));
         }
         let tombstone = flags & FLAG_TOMBSTONE != 0;
@@ -187,13 +249,18 @@ impl<'a> Envelope<'a> {
             };
             (Some(section), payload)
         };
+        let (compression, encryption, payload) = split_sealing_fields(flags, payload)?;
         if declared != payload.len() {
             return Err(EnvelopeError::LengthMismatch {
                 declared,
                 present: payload.len(),
             });
         }
-        if tombstone && (declared != TOMBSTONE_PAYLOAD_LEN || tag_section.is_some()) {
+        if tombstone
+            && (declared != TOMBSTONE_PAYLOAD_LEN
+                || tag_section.is_some()
+                || flags & SEALING_FLAGS != 0)
+        {
             return Err(EnvelopeError::MalformedTombstone { len: declared });
         }
         if declared > max_payload {
@@ -211,7 +278,31 @@ impl<'a> Envelope<'a> {
             stale: flags & FLAG_STALE != 0,
             payload,
             tag_section,
+            compression,
+            encryption,
+            authenticated: &bytes[..bytes.len() - payload.len()],
         })
+    }
+
+    /// Whether the payload is compressed or encrypted: [`Sealing::open`] gives the codec's
+    /// bytes.
+    pub fn is_sealed(&self) -> bool {
+        self.compression.is_some() || self.encryption.is_some()
+    }
+
+    /// Whether the payload is encrypted.
+    pub fn is_encrypted(&self) -> bool {
+        self.encryption.is_some()
+    }
+
+    /// The id of the key that encrypted the payload, if it is encrypted.
+    pub fn key_id(&self) -> Option<u32> {
+        self.encryption.map(|sealed| sealed.key_id)
+    }
+
+    /// The payload's length before compression, if it is compressed.
+    pub fn uncompressed_len(&self) -> Option<usize> {
+        self.compression
     }
 
     /// The entry's tags with the versions it was written under, if it is tagged.
@@ -224,6 +315,45 @@ impl<'a> Envelope<'a> {
         let header = bytes.first_chunk::<HEADER_LEN>()?;
         (header[0..2] == MAGIC).then(|| Timestamp::from_millis(read_u64(header, EXPIRES_AT.start)))
     }
+}
+
+/// Splits the compression and encryption fields that `flags` announce off the front of `rest`.
+#[expect(clippy::type_complexity, reason = "a private helper of parse")]
+fn split_sealing_fields(
+    flags: u8,
+    rest: &[u8],
+) -> Result<(Option<usize>, Option<Sealed<'_>>, &[u8]), EnvelopeError> {
+    let (compression, rest) = if flags & FLAG_COMPRESSED == 0 {
+        (None, rest)
+    } else {
+        let Some(([sealing::COMPRESSION_LZ4, len @ ..], rest)) =
+            rest.split_first_chunk::<COMPRESSION_LEN>()
+        else {
+            return Err(EnvelopeError::MalformedSealing);
+        };
+        (Some(u32::from_le_bytes(*len) as usize), rest)
+    };
+    let (encryption, rest) = if flags & FLAG_ENCRYPTED == 0 {
+        (None, rest)
+    } else {
+        let Some((field, rest)) = rest.split_first_chunk::<ENCRYPTION_LEN>() else {
+            return Err(EnvelopeError::MalformedSealing);
+        };
+        let (algorithm, id_and_nonce) = field.split_at(1);
+        let (key_id, nonce) = id_and_nonce.split_at(4);
+        let (Ok(key_id), Ok(nonce)) = (<[u8; 4]>::try_from(key_id), nonce.try_into()) else {
+            return Err(EnvelopeError::MalformedSealing);
+        };
+        if algorithm[0] != sealing::ENCRYPTION_XCHACHA20_POLY1305 || rest.len() < sealing::TAG_LEN {
+            return Err(EnvelopeError::MalformedSealing);
+        }
+        let sealed = Sealed {
+            key_id: u32::from_le_bytes(key_id),
+            nonce,
+        };
+        (Some(sealed), rest)
+    };
+    Ok((compression, encryption, rest))
 }
 
 /// Encodes `value` (or a negative entry for `None`) with `codec` into an envelope.
@@ -282,6 +412,24 @@ pub fn encode_tagged_entry<C: Codec, T: Serialize + ?Sized>(
     tags: Option<&TagStamps>,
     max_len: usize,
 ) -> Result<Bytes> {
+    encode_sealed(codec, value, lifetime, tags, &Sealing::none(), "", max_len)
+}
+
+/// [`encode_tagged_entry`] sealed by `sealing` for the store key `store_key` (which encryption
+/// authenticates: the entry decrypts under this key only).
+///
+/// Fails with [`CacheError::ValueTooLarge`] when the envelope, sealed or not, would exceed
+/// `max_len` bytes: compression does not raise the limit, so that every reader can hold what it
+/// decompresses.
+pub fn encode_sealed<C: Codec, T: Serialize + ?Sized>(
+    codec: &C,
+    value: Option<&T>,
+    lifetime: Lifetime,
+    tags: Option<&TagStamps>,
+    sealing: &Sealing,
+    store_key: &str,
+    max_len: usize,
+) -> Result<Bytes> {
     let tags = tags.filter(|tags| !tags.is_empty());
     let fresh_until = lifetime.fresh_until.min(lifetime.expires_at);
     let with_field = fresh_until != lifetime.expires_at || lifetime.stale;
@@ -310,23 +458,85 @@ pub fn encode_tagged_entry<C: Codec, T: Serialize + ?Sized>(
         tags.write_section(&mut out);
     }
     let payload_start = out.len();
-    if let Some(value) = value {
-        codec.encode_into(value, &mut out)?;
+    if sealing.is_plain() {
+        if let Some(value) = value {
+            codec.encode_into(value, &mut out)?;
+        }
+        set_payload_len(&mut out, payload_start, max_len)?;
+        return Ok(Bytes::from(out));
     }
-    let max = max_len.min(HEADER_LEN + u32::MAX as usize);
-    if out.len() > max {
+    let mut raw = Vec::new();
+    if let Some(value) = value {
+        codec.encode_into(value, &mut raw)?;
+    }
+    check_len(payload_start + raw.len(), max_len)?;
+    let compressed = sealing.compress(&raw);
+    if compressed.is_some() {
+        out[4] |= FLAG_COMPRESSED;
+        out.push(sealing::COMPRESSION_LZ4);
+        #[expect(
+            clippy::cast_possible_truncation,
+            reason = "checked against max_len above"
+        )]
+        out.extend_from_slice(&(raw.len() as u32).to_le_bytes());
+    }
+    let body = compressed.unwrap_or(raw);
+    let encryption = sealing.encryption_header().map_err(CacheError::from)?;
+    let tag_len = if encryption.is_some() {
+        sealing::TAG_LEN
+    } else {
+        0
+    };
+    if let Some((key_id, nonce)) = &encryption {
+        out[4] |= FLAG_ENCRYPTED;
+        out.push(sealing::ENCRYPTION_XCHACHA20_POLY1305);
+        out.extend_from_slice(&key_id.to_le_bytes());
+        out.extend_from_slice(nonce.as_slice());
+    }
+    if out[4] & SEALING_FLAGS != 0 {
+        out[2] = VERSION_SEALED;
+    }
+    let sealed_start = out.len();
+    check_len(sealed_start + body.len() + tag_len, max_len)?;
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "checked against max_len above"
+    )]
+    let payload_len = (body.len() + tag_len) as u32;
+    out[21..25].copy_from_slice(&payload_len.to_le_bytes());
+    out.extend_from_slice(&body);
+    let Some((_, nonce)) = encryption else {
+        return Ok(Bytes::from(out));
+    };
+    let (authenticated, payload) = out.split_at_mut(sealed_start);
+    let tag = sealing
+        .encrypt(store_key, authenticated, &nonce, payload)
+        .map_err(CacheError::from)?;
+    out.extend_from_slice(tag.as_slice());
+    Ok(Bytes::from(out))
+}
+
+/// Refuses an envelope of `len` bytes over `max_len` (or over what the length field holds).
+fn check_len(len: usize, max_len: usize) -> Result<()> {
+    if len > max_len.min(HEADER_LEN + u32::MAX as usize) {
         return Err(CacheError::ValueTooLarge {
-            size: out.len(),
+            size: len,
             max: max_len,
         });
     }
-    let payload_len =
-        u32::try_from(out.len() - payload_start).map_err(|_| CacheError::ValueTooLarge {
-            size: out.len(),
-            max: max_len,
-        })?;
+    Ok(())
+}
+
+/// Checks the plain envelope in `out` against `max_len` and writes its payload length.
+fn set_payload_len(out: &mut [u8], payload_start: usize, max_len: usize) -> Result<()> {
+    check_len(out.len(), max_len)?;
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "checked against max_len above"
+    )]
+    let payload_len = (out.len() - payload_start) as u32;
     out[21..25].copy_from_slice(&payload_len.to_le_bytes());
-    Ok(Bytes::from(out))
+    Ok(())
 }
 
 /// Encodes a tombstone for a cache of codec `C`: the marker a delete leaves for `expires_at`.

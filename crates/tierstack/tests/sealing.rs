@@ -1,0 +1,233 @@
+//! Compression and encryption of L2 entries through the cache: round trips between instances,
+//! rotation, tampered, swapped and planted bytes read as counted misses and are deleted, and no
+//! key reaches `Debug`.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Calls, Fixture, loader};
+use tierstack::core::Store as _;
+use tierstack::core::envelope::Envelope;
+use tierstack::{BincodeCodec, Compression, Encryption, EncryptionKey, KeyRing, TieredCache};
+
+const KEY_1: &str = "1111111111111111111111111111111111111111111111111111111111111111";
+const KEY_2: &str = "2222222222222222222222222222222222222222222222222222222222222222";
+
+fn ring(text: &str) -> KeyRing {
+    KeyRing::parse(text).unwrap()
+}
+
+fn encrypted(fx: &Fixture, namespace: &str, keys: &str) -> TieredCache<String> {
+    fx.builder(namespace)
+        .without_l1()
+        .encryption(Encryption::new(ring(keys)))
+        .build()
+        .unwrap()
+}
+
+fn json_like(records: usize) -> String {
+    (0..records)
+        .map(|i| format!("{{\"id\":{i},\"name\":\"user {i}\",\"active\":true}}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+async fn stored(fx: &Fixture, store_key: &str) -> Vec<u8> {
+    fx.l2.get(store_key).await.unwrap().unwrap().to_vec()
+}
+
+#[tokio::test]
+async fn instances_sharing_a_ring_read_each_others_entries_and_l2_holds_no_plaintext() {
+    let fx = Fixture::new();
+    let writer = encrypted(&fx, "users", &format!("1:{KEY_1}"));
+    let reader = encrypted(&fx, "users", &format!("1:{KEY_1}"));
+    writer.set("42", "alice@example.com".into()).await.unwrap();
+    assert_eq!(
+        reader.get("42").await.unwrap().as_deref(),
+        Some("alice@example.com")
+    );
+    let bytes = stored(&fx, "users:42").await;
+    assert!(
+        !bytes.windows(5).any(|w| w == b"alice"),
+        "the value is not in L2 in clear"
+    );
+    let envelope = Envelope::parse::<BincodeCodec>(&bytes, 1 << 20).unwrap();
+    assert_eq!(envelope.key_id(), Some(1));
+    // A loaded value and a cached "not found" are encrypted too.
+    let calls = Calls::default();
+    let loaded = writer
+        .get_or_load("7", loader(&calls, "bob"))
+        .await
+        .unwrap();
+    assert_eq!(loaded, "bob");
+    assert!(
+        Envelope::parse::<BincodeCodec>(&stored(&fx, "users:7").await, 1 << 20)
+            .unwrap()
+            .is_encrypted()
+    );
+    assert_eq!(reader.get("7").await.unwrap().as_deref(), Some("bob"));
+    assert_eq!(reader.stats().corrupt_entries, 0);
+}
+
+#[tokio::test]
+async fn rotation_without_a_flush() {
+    let fx = Fixture::new();
+    let old = encrypted(&fx, "users", &format!("1:{KEY_1}"));
+    old.set("a", "written with key 1".into()).await.unwrap();
+    // Step 1 on every instance: key 2 added, decrypting only. Step 2: key 2 current.
+    let added = encrypted(&fx, "users", &format!("1:{KEY_1} 2:{KEY_2}"));
+    assert_eq!(
+        added.get("a").await.unwrap().as_deref(),
+        Some("written with key 1")
+    );
+    let rotated = encrypted(&fx, "users", &format!("2:{KEY_2} 1:{KEY_1}"));
+    rotated.set("b", "written with key 2".into()).await.unwrap();
+    let key_of = |bytes: Vec<u8>| {
+        Envelope::parse::<BincodeCodec>(&bytes, 1 << 20)
+            .unwrap()
+            .key_id()
+    };
+    assert_eq!(key_of(stored(&fx, "users:b").await), Some(2));
+    for cache in [&added, &rotated] {
+        assert_eq!(
+            cache.get("a").await.unwrap().as_deref(),
+            Some("written with key 1")
+        );
+        assert_eq!(
+            cache.get("b").await.unwrap().as_deref(),
+            Some("written with key 2")
+        );
+    }
+    // Step 3: key 1 removed. Its entries read as counted misses, and a read-through load
+    // replaces them with key 2.
+    let removed = encrypted(&fx, "users", &format!("2:{KEY_2}"));
+    assert_eq!(
+        removed.get("b").await.unwrap().as_deref(),
+        Some("written with key 2")
+    );
+    let calls = Calls::default();
+    let reloaded = removed
+        .get_or_load("a", loader(&calls, "reloaded"))
+        .await
+        .unwrap();
+    assert_eq!((reloaded.as_str(), calls.count()), ("reloaded", 1));
+    assert_eq!(removed.stats().corrupt_entries, 1);
+    assert_eq!(key_of(stored(&fx, "users:a").await), Some(2));
+}
+
+#[tokio::test]
+async fn tampered_swapped_and_planted_entries_are_counted_misses_and_deleted() {
+    let fx = Fixture::new();
+    let cache = encrypted(&fx, "users", &format!("1:{KEY_1}"));
+    cache.set("alice", "alice's profile".into()).await.unwrap();
+    cache
+        .set("mallory", "mallory's profile".into())
+        .await
+        .unwrap();
+    let alice = stored(&fx, "users:alice").await;
+    // Mallory copies her own ciphertext over Alice's key: it does not decrypt there.
+    fx.l2.put_raw(
+        "users:alice",
+        stored(&fx, "users:mallory").await,
+        Duration::from_secs(60),
+    );
+    assert_eq!(cache.get("alice").await.unwrap(), None);
+    assert!(fx.l2.get("users:alice").await.unwrap().is_none(), "deleted");
+    // The same ciphertext under another namespace and under another tenant's key.
+    let other = encrypted(&fx, "admins", &format!("1:{KEY_1}"));
+    fx.l2
+        .put_raw("admins:alice", alice.clone(), Duration::from_secs(60));
+    assert_eq!(other.get("alice").await.unwrap(), None);
+    fx.l2.put_raw(
+        "users:tenant-b:alice",
+        alice.clone(),
+        Duration::from_secs(60),
+    );
+    assert_eq!(cache.get("tenant-b:alice").await.unwrap(), None);
+    // A flipped bit in the ciphertext, and a plaintext entry planted by someone without the key.
+    let mut flipped = alice.clone();
+    let last = flipped.len() - 20;
+    flipped[last] ^= 1;
+    fx.l2
+        .put_raw("users:alice", flipped, Duration::from_secs(60));
+    assert_eq!(cache.get("alice").await.unwrap(), None);
+    let plain = fx.builder("users").without_l1().build().unwrap();
+    plain.set("planted", "admin=true".into()).await.unwrap();
+    assert_eq!(cache.get("planted").await.unwrap(), None);
+    assert!(fx.l2.get("users:planted").await.unwrap().is_none());
+    assert_eq!(cache.stats().corrupt_entries, 4);
+    assert_eq!(other.stats().corrupt_entries, 1);
+    // While migrating, plaintext entries still read.
+    plain
+        .set("legacy", "written before encryption".into())
+        .await
+        .unwrap();
+    let migrating = fx
+        .builder("users")
+        .without_l1()
+        .encryption(Encryption::new(ring(&format!("1:{KEY_1}"))).accept_plaintext(true))
+        .build()
+        .unwrap();
+    assert_eq!(
+        migrating.get("legacy").await.unwrap().as_deref(),
+        Some("written before encryption")
+    );
+    // A cache without the ring reads encrypted entries as misses.
+    cache.set("secret", "s".into()).await.unwrap();
+    assert_eq!(plain.get("secret").await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn compressed_entries_are_smaller_and_read_by_any_instance() {
+    let fx = Fixture::new();
+    let compressing = fx
+        .builder("docs")
+        .without_l1()
+        .compression(Compression::lz4())
+        .build()
+        .unwrap();
+    let plain = fx.builder("docs").without_l1().build().unwrap();
+    let value = json_like(1_500);
+    compressing.set("big", value.clone()).await.unwrap();
+    plain.set("big-plain", value.clone()).await.unwrap();
+    let (small, large) = (
+        stored(&fx, "docs:big").await.len(),
+        stored(&fx, "docs:big-plain").await.len(),
+    );
+    assert!(small * 3 < large, "{small} vs {large}");
+    assert_eq!(plain.get("big").await.unwrap(), Some(value.clone()));
+    assert_eq!(compressing.get("big-plain").await.unwrap(), Some(value));
+    // Compression does not raise the value limit: every reader can hold what it decompresses.
+    let capped = fx
+        .builder("docs")
+        .compression(Compression::lz4())
+        .max_value_len(4_096)
+        .build()
+        .unwrap();
+    assert!(matches!(
+        capped.set("too-big", json_like(500)).await,
+        Err(tierstack::CacheError::ValueTooLarge { .. })
+    ));
+    // A reader with a smaller limit reads a larger compressed entry as a counted miss.
+    assert_eq!(capped.get("big").await.unwrap(), None);
+    assert_eq!(capped.stats().corrupt_entries, 1);
+}
+
+#[tokio::test]
+async fn keys_never_appear_in_debug_output() {
+    let fx = Fixture::new();
+    let key = EncryptionKey::from_hex(KEY_2).unwrap();
+    let ring = KeyRing::new(9, &key);
+    let encryption = Encryption::new(ring.clone());
+    let shown = format!("{key:?} {ring:?} {encryption:?}");
+    let cache = fx.builder("users").encryption(encryption).build().unwrap();
+    let shown = format!("{shown} {cache:?}");
+    assert!(!shown.contains(&KEY_2[..16]), "{shown}");
+    assert!(!shown.contains("34, 34, 34"), "{shown}");
+    assert!(
+        shown.contains("KeyRing { current: 9, ids: [9], .. }"),
+        "{shown}"
+    );
+}
