@@ -10,10 +10,13 @@
 //! - `release <major|minor|patch|X.Y.Z> [--dry-run]`: version bump, changelogs, packaging, tag;
 //!   `release --check-tag vX.Y.Z`: the tag names the release of the commit it is on.
 //! - `deny`: licenses, advisories and duplicate versions with cargo-deny.
+//! - `fuzz [--runs N]`: the envelope decoder under libFuzzer (nightly and cargo-fuzz), from and
+//!   back into the kept corpus `fuzz/corpus/envelope`.
 
 mod bench;
 mod ci;
 mod cmd;
+mod fuzz;
 mod release;
 mod services;
 mod tidy;
@@ -35,7 +38,8 @@ commands:
   release <major|minor|patch|X.Y.Z> [--dry-run]
                                             bump, update changelogs, package, commit and tag
   release --check-tag vX.Y.Z                the tag names this commit's release (release.yml)
-  deny [CHECK ...]                          cargo-deny: licenses, advisories, bans, sources";
+  deny [CHECK ...]                          cargo-deny: licenses, advisories, bans, sources
+  fuzz [--runs N]                           the envelope decoder under libFuzzer (default 1M runs)";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -56,6 +60,7 @@ fn main() -> ExitCode {
         ["bench", rest @ ..] => bench::run_bench(rest),
         ["release", rest @ ..] => release::run_release(rest),
         ["deny", checks @ ..] => ci::deny(checks),
+        ["fuzz", rest @ ..] => fuzz::run_fuzz(rest),
         ["help" | "--help" | "-h"] => {
             println!("{USAGE}");
             Ok(())

@@ -65,6 +65,9 @@ pub(crate) struct Record {
     /// over rounds, where measured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) recovery_ms: Option<u64>,
+    /// The bytes one value takes in the store, where measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) stored_bytes: Option<u64>,
 }
 
 /// `TieredCache::get` of key `i`: the tierstack side of the read scenarios. (`i` is an index
@@ -307,6 +310,7 @@ pub(crate) fn records(
                     recoveries.sort_unstable();
                     recoveries.get(recoveries.len() / 2).copied()
                 },
+                stored_bytes: None,
             }
         })
         .collect()

@@ -277,5 +277,6 @@ fn redis_benchmark_context(floor_rate: f64, sizes: &Sizes) -> Option<Record> {
         l2_commands: None,
         errors: None,
         recovery_ms: None,
+        stored_bytes: None,
     })
 }

@@ -13,6 +13,7 @@
 
 mod chart;
 mod dataset_scenarios;
+mod envelope_scenarios;
 mod firestore_scenarios;
 mod harness;
 mod http_scenarios;
@@ -128,80 +129,8 @@ fn run_scenarios(options: &RunOptions) -> Result<Vec<Record>, String> {
         .build()
         .map_err(|e| e.to_string())?;
     Ok(runtime.block_on(async {
-        let mut records = Vec::new();
-        if options.wants("l1_hit") {
-            // A hundred hot keys, then the 10,000 of a larger working set.
-            for key_count in [100, sizes.keys] {
-                for tasks in [1, 2] {
-                    records.extend(scenarios::l1_hit(&sizes, tasks, key_count).await);
-                }
-            }
-        }
-        if options.wants("l1_hit_eager") {
-            records.extend(policy_scenarios::l1_hit_eager(&sizes).await);
-        }
-        if options.wants("failsafe_outage") {
-            records.extend(policy_scenarios::failsafe_outage(&sizes).await);
-        }
-        if options.wants("eager_refresh") {
-            records.extend(policy_scenarios::eager_refresh(&sizes).await);
-        }
-        if options.wants("soft_timeout") {
-            records.extend(policy_scenarios::soft_timeout(&sizes).await);
-        }
-        if options.wants("dataset_read") {
-            records.extend(dataset_scenarios::dataset_read(&sizes).await);
-        }
-        if options.wants("l2_hit_memory") {
-            records.extend(scenarios::l2_hit_memory(&sizes).await);
-        }
-        if options.wants("stampede") {
-            records.extend(scenarios::stampede(&sizes).await);
-        }
-        if options.wants("stampede_redis") {
-            records.extend(redis_scenarios::stampede_redis(&sizes).await);
-        }
-        if options.wants("stampede_distributed") {
-            records.extend(redis_scenarios::stampede_distributed(&sizes).await);
-        }
-        if options.wants("l2_outage") {
-            records.extend(outage_scenarios::l2_outage(&sizes).await);
-        }
-        if options.wants("http_cached_get") {
-            records.extend(http_scenarios::http_cached_get(&sizes).await);
-        }
-        if options.wants("server_get") {
-            records.extend(http_scenarios::server_get(&sizes).await);
-        }
-        if options.wants("session_load") {
-            records.extend(session_scenarios::session_load(&sizes).await);
-        }
-        if options.wants("tag_invalidation") {
-            records.extend(tag_scenarios::tag_invalidation(&sizes).await);
-        }
-        if options.wants("l2_hit_redis") {
-            records.extend(redis_scenarios::l2_hit_redis(&sizes).await);
-            records.extend(redis_scenarios::l2_hit_redis_cold_l1(&sizes).await);
-        }
-        if options.wants("get_many_redis") {
-            records.extend(redis_scenarios::get_many_redis(&sizes).await);
-        }
-        if options.wants("write_through_redis") {
-            records.extend(redis_scenarios::write_through_redis(&sizes).await);
-        }
-        if options.wants("invalidation_lag") {
-            records.extend(redis_scenarios::invalidation_lag(&sizes).await);
-        }
-        if options.wants("mixed_zipf") {
-            records.extend(redis_scenarios::mixed_zipf(&sizes).await);
-            records.extend(redis_scenarios::mixed_zipf_churn(&sizes).await);
-        }
-        if options.wants("l2_hit_firestore") {
-            records.extend(firestore_scenarios::l2_hit_firestore(&sizes).await);
-        }
-        if options.wants("get_many_firestore") {
-            records.extend(firestore_scenarios::get_many_firestore(&sizes).await);
-        }
+        let mut records = local_scenarios(options, &sizes).await;
+        records.extend(server_scenarios(options, &sizes).await);
         if records.iter().any(|r| {
             r.scenario.contains("redis")
                 || r.scenario.starts_with("stampede")
@@ -215,4 +144,94 @@ fn run_scenarios(options: &RunOptions) -> Result<Vec<Record>, String> {
         }
         records
     }))
+}
+
+/// The scenarios that need no server.
+async fn local_scenarios(options: &RunOptions, sizes: &Sizes) -> Vec<Record> {
+    let mut records = Vec::new();
+    if options.wants("l1_hit") {
+        // A hundred hot keys, then the 10,000 of a larger working set.
+        for key_count in [100, sizes.keys] {
+            for tasks in [1, 2] {
+                records.extend(scenarios::l1_hit(sizes, tasks, key_count).await);
+            }
+        }
+    }
+    if options.wants("l1_hit_eager") {
+        records.extend(policy_scenarios::l1_hit_eager(sizes).await);
+    }
+    if options.wants("failsafe_outage") {
+        records.extend(policy_scenarios::failsafe_outage(sizes).await);
+    }
+    if options.wants("eager_refresh") {
+        records.extend(policy_scenarios::eager_refresh(sizes).await);
+    }
+    if options.wants("soft_timeout") {
+        records.extend(policy_scenarios::soft_timeout(sizes).await);
+    }
+    if options.wants("dataset_read") {
+        records.extend(dataset_scenarios::dataset_read(sizes).await);
+    }
+    if options.wants("l2_hit_memory") {
+        records.extend(scenarios::l2_hit_memory(sizes).await);
+    }
+    if options.wants("stampede") {
+        records.extend(scenarios::stampede(sizes).await);
+    }
+    records
+}
+
+/// The scenarios on Redis (started by `cargo xtask bench`), the Firestore emulator or a local
+/// HTTP server.
+async fn server_scenarios(options: &RunOptions, sizes: &Sizes) -> Vec<Record> {
+    let mut records = Vec::new();
+    if options.wants("stampede_redis") {
+        records.extend(redis_scenarios::stampede_redis(sizes).await);
+    }
+    if options.wants("stampede_distributed") {
+        records.extend(redis_scenarios::stampede_distributed(sizes).await);
+    }
+    if options.wants("l2_outage") {
+        records.extend(outage_scenarios::l2_outage(sizes).await);
+    }
+    if options.wants("http_cached_get") {
+        records.extend(http_scenarios::http_cached_get(sizes).await);
+    }
+    if options.wants("server_get") {
+        records.extend(http_scenarios::server_get(sizes).await);
+    }
+    if options.wants("session_load") {
+        records.extend(session_scenarios::session_load(sizes).await);
+    }
+    if options.wants("tag_invalidation") {
+        records.extend(tag_scenarios::tag_invalidation(sizes).await);
+    }
+    if options.wants("envelope_codec") {
+        records.extend(envelope_scenarios::envelope_codec(sizes).await);
+    }
+    if options.wants("l2_hit_redis") {
+        records.extend(redis_scenarios::l2_hit_redis(sizes).await);
+        records.extend(redis_scenarios::l2_hit_redis_cold_l1(sizes).await);
+        records.extend(envelope_scenarios::l2_hit_redis_encrypted(sizes).await);
+    }
+    if options.wants("get_many_redis") {
+        records.extend(redis_scenarios::get_many_redis(sizes).await);
+    }
+    if options.wants("write_through_redis") {
+        records.extend(redis_scenarios::write_through_redis(sizes).await);
+    }
+    if options.wants("invalidation_lag") {
+        records.extend(redis_scenarios::invalidation_lag(sizes).await);
+    }
+    if options.wants("mixed_zipf") {
+        records.extend(redis_scenarios::mixed_zipf(sizes).await);
+        records.extend(redis_scenarios::mixed_zipf_churn(sizes).await);
+    }
+    if options.wants("l2_hit_firestore") {
+        records.extend(firestore_scenarios::l2_hit_firestore(sizes).await);
+    }
+    if options.wants("get_many_firestore") {
+        records.extend(firestore_scenarios::get_many_firestore(sizes).await);
+    }
+    records
 }

@@ -56,7 +56,8 @@ impl Entry {
     /// anything else as `None`.
     fn decode(bytes: &[u8]) -> Option<Self> {
         if let Ok(envelope) = Envelope::parse::<BincodeCodec>(bytes, MAX_ENTRY_LEN) {
-            if envelope.negative || envelope.tombstone {
+            // A handle map never seals its entries: sealed bytes are not its own.
+            if envelope.negative || envelope.tombstone || envelope.is_sealed() {
                 return None;
             }
             return BincodeCodec::default().decode(envelope.payload).ok();

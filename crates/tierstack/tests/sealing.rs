@@ -231,3 +231,88 @@ async fn keys_never_appear_in_debug_output() {
         "{shown}"
     );
 }
+
+/// Fail-safe re-arms a stale value in L2 by writing it again, sealed: never a plaintext value
+/// that `accept_plaintext` let through (anyone with L2 access may have planted it, and sealing
+/// would make it authentic); an encrypted one, yes.
+#[tokio::test]
+async fn fail_safe_never_seals_a_plaintext_value_it_serves() {
+    use tierstack::{EntryOptions, FailSafe};
+    let ttl = Duration::from_secs(10);
+    let options = EntryOptions::default().with_ttl(ttl).with_fail_safe(
+        FailSafe::new(Duration::from_secs(3_600)).with_throttle(Duration::from_secs(30)),
+    );
+    let failing = || std::future::ready(Err::<String, _>(std::io::Error::other("origin down")));
+    let fx = Fixture::new();
+    let plain = fx.builder("users").without_l1().build().unwrap();
+    plain
+        .get_or_load_with("legacy", &options, || {
+            std::future::ready(Ok::<_, std::io::Error>("planted".to_owned()))
+        })
+        .await
+        .unwrap();
+    let migrating = fx
+        .builder("users")
+        .without_l1()
+        .encryption(Encryption::new(ring(&format!("1:{KEY_1}"))).accept_plaintext(true))
+        .build()
+        .unwrap();
+    migrating
+        .get_or_load_with("sealed", &options, || {
+            std::future::ready(Ok::<_, std::io::Error>("sealed".to_owned()))
+        })
+        .await
+        .unwrap();
+    fx.clock.advance(ttl);
+    let before = (
+        stored(&fx, "users:legacy").await,
+        stored(&fx, "users:sealed").await,
+    );
+    for key in ["legacy", "sealed"] {
+        let stale = migrating
+            .get_or_load_with(key, &options, failing)
+            .await
+            .unwrap();
+        assert!(stale.stale, "{key}");
+    }
+    let legacy = stored(&fx, "users:legacy").await;
+    assert_eq!(legacy, before.0, "the plaintext entry is left as it was");
+    assert!(
+        !Envelope::parse::<BincodeCodec>(&legacy, 1 << 20)
+            .unwrap()
+            .is_encrypted()
+    );
+    let sealed = stored(&fx, "users:sealed").await;
+    assert_ne!(sealed, before.1, "the encrypted entry is re-armed");
+    let rearmed = Envelope::parse::<BincodeCodec>(&sealed, 1 << 20).unwrap();
+    assert!(rearmed.is_encrypted() && rearmed.stale);
+}
+
+/// An entry under a key this instance lacks is left for the instances that have it (a rollout
+/// in progress), while tampered bytes are deleted.
+#[tokio::test]
+async fn entries_of_a_key_this_instance_lacks_are_left_in_place() {
+    let fx = Fixture::new();
+    let rotated = encrypted(&fx, "users", &format!("2:{KEY_2} 1:{KEY_1}"));
+    let behind = encrypted(&fx, "users", &format!("1:{KEY_1}"));
+    let plain = fx.builder("users").without_l1().build().unwrap();
+    rotated.set("k", "v".into()).await.unwrap();
+    assert_eq!(behind.get("k").await.unwrap(), None);
+    assert_eq!(plain.get("k").await.unwrap(), None);
+    assert_eq!(
+        behind.stats().corrupt_entries + plain.stats().corrupt_entries,
+        2
+    );
+    assert_eq!(
+        rotated.get("k").await.unwrap().as_deref(),
+        Some("v"),
+        "still there"
+    );
+    // A load on the instance that lacks the key replaces the entry with one of its own.
+    let calls = Calls::default();
+    assert_eq!(
+        behind.get_or_load("k", loader(&calls, "v1")).await.unwrap(),
+        "v1"
+    );
+    assert_eq!(rotated.get("k").await.unwrap().as_deref(), Some("v1"));
+}

@@ -211,7 +211,9 @@ impl fmt::Debug for KeyRing {
 }
 
 fn cipher(key: &EncryptionKey) -> XChaCha20Poly1305 {
-    XChaCha20Poly1305::new(&(*key.0).into())
+    // From the slice: no copy of the key on this stack frame. The length is the type's.
+    XChaCha20Poly1305::new_from_slice(&key.0[..])
+        .unwrap_or_else(|_| unreachable!("a key of {KEY_LEN} bytes"))
 }
 
 #[cfg(test)]

@@ -154,6 +154,9 @@ pub enum EnvelopeError {
     /// The ciphertext did not authenticate: tampered, truncated, or copied from another key.
     #[error("the encrypted payload does not authenticate under this key")]
     Unauthentic,
+    /// An encrypted entry read by a cache that does not encrypt.
+    #[error("an encrypted entry, and no key ring to open it")]
+    EncryptionNotConfigured,
     /// A plaintext entry read by a cache that requires encryption.
     #[error("a plaintext entry where encryption is required")]
     PlaintextRefused,
@@ -184,8 +187,9 @@ pub struct Envelope<'a> {
     pub fresh_until: Timestamp,
     /// Whether this is a stale value written back after the origin failed.
     pub stale: bool,
-    /// The stored payload: the codec's bytes, unless the entry is sealed (see
-    /// [`is_sealed`](Self::is_sealed) and [`Sealing::open`]).
+    /// The stored payload: the codec's bytes only if the entry is not sealed. Check
+    /// [`is_sealed`](Self::is_sealed), or read every entry through [`Sealing::open`], which
+    /// gives the codec's bytes of both.
     pub payload: &'a [u8],
     /// The tag section, checked, if the entry is tagged (see [`tags`](Self::tags)).
     tag_section: Option<&'a [u8]>,

@@ -5,7 +5,17 @@
 //! Encryption authenticates, beside the payload, the store key the entry was written under and
 //! every byte of the envelope before the payload except the expiry (which stores rewrite when
 //! they change a time to live): a ciphertext copied under another key, namespace or tenant, or
-//! given other flags, tags or lifetimes, does not decrypt.
+//! given other flags, tags, a write time or a fresh-until, does not decrypt.
+//!
+//! What it does not stop, by design of a cache without state of its own: someone who can write
+//! to the L2 can put back an earlier ciphertext of the *same* key (a replay, also over a
+//! delete's tombstone, which carries no secret and is not encrypted), extend an entry's expiry,
+//! or delete entries. What stays readable in the L2: the key, the tag names, the timestamps,
+//! whether an entry is a cached "not found", the key id and the payload's length (compressed
+//! length with compression: do not compress values that mix secrets with text an attacker
+//! chooses, as compression then leaks through length). Two applications that share a key ring
+//! and a Redis under different key prefixes can read each other's entries under the same
+//! namespaced key: give each its own ring.
 
 use std::borrow::Cow;
 
@@ -23,6 +33,8 @@ pub(super) const ENCRYPTION_XCHACHA20_POLY1305: u8 = 1;
 pub(super) const NONCE_LEN: usize = 24;
 /// The length of the authentication tag after the ciphertext.
 pub(super) const TAG_LEN: usize = 16;
+/// The most an LZ4 block expands: a run costs one byte per 255 bytes of output.
+const MAX_LZ4_RATIO: usize = 255;
 
 /// The default size from which payloads are compressed: below it, LZ4 rarely saves enough to
 /// pay for itself.
@@ -71,9 +83,9 @@ impl Compression {
 /// Authenticated encryption of every entry with a [`KeyRing`]'s current key.
 ///
 /// By default a cache that encrypts refuses to read plaintext entries (they read as misses and
-/// are replaced): an attacker with write access to the L2 cannot plant a value. While moving an
-/// existing cache to encryption, [`accept_plaintext`](Self::accept_plaintext) reads the entries
-/// written before it.
+/// are replaced): someone with write access to the L2 but without the key cannot plant a new
+/// value (see the [module](self) for what they can still do). While moving an existing cache to
+/// encryption, [`accept_plaintext`](Self::accept_plaintext) reads the entries written before it.
 #[derive(Debug, Clone)]
 pub struct Encryption {
     ring: KeyRing,
@@ -174,7 +186,7 @@ impl Sealing {
         payload: &mut [u8],
     ) -> Result<Tag, EnvelopeError> {
         let Some(encryption) = &self.encryption else {
-            return Err(EnvelopeError::Unauthentic);
+            return Err(EnvelopeError::EncryptionNotConfigured);
         };
         let data = associated_data(store_key, authenticated);
         encryption
@@ -195,11 +207,10 @@ impl Sealing {
     ) -> Result<Cow<'a, [u8]>, EnvelopeError> {
         let body: Cow<'a, [u8]> = match &envelope.encryption {
             Some(sealed) => {
-                let Some(cipher) = self
-                    .encryption
-                    .as_ref()
-                    .and_then(|encryption| encryption.ring.get(sealed.key_id))
-                else {
+                let Some(encryption) = &self.encryption else {
+                    return Err(EnvelopeError::EncryptionNotConfigured);
+                };
+                let Some(cipher) = encryption.ring.get(sealed.key_id) else {
                     return Err(EnvelopeError::UnknownKey { id: sealed.key_id });
                 };
                 // Parsing checked that the payload holds a tag.
@@ -230,11 +241,18 @@ impl Sealing {
 }
 
 /// Decompresses an LZ4 block that claims to expand to `raw_len` bytes: a claim over `max` is
-/// refused before anything is allocated, and a block that expands to anything but its claim is
-/// an error (the output buffer has exactly the claimed size, so it cannot grow past it).
+/// refused before anything is allocated, and so is one that no block of this length can reach
+/// (LZ4 expands at most 255 to 1); a block that expands to anything but its claim is an error
+/// (the output buffer has exactly the claimed size, so it cannot grow past it).
+///
+/// Public for the fuzz body (`testkit::fuzz`); caches decompress through [`Sealing::open`].
+#[doc(hidden)]
 pub fn decompress(block: &[u8], raw_len: usize, max: usize) -> Result<Vec<u8>, EnvelopeError> {
     if raw_len > max {
         return Err(EnvelopeError::TooLarge { len: raw_len, max });
+    }
+    if raw_len > block.len().saturating_mul(MAX_LZ4_RATIO).saturating_add(16) {
+        return Err(EnvelopeError::Decompression);
     }
     let mut out = vec![0; raw_len];
     match lz4_flex::block::decompress_into(block, &mut out) {
@@ -460,6 +478,11 @@ mod tests {
             decompress(b"\xff\xff\xff", 10, MAX),
             Err(EnvelopeError::Decompression)
         );
+        // A tiny block that claims the whole cap is refused before the cap is allocated.
+        assert_eq!(
+            decompress(&[0x1f, 0], MAX, MAX),
+            Err(EnvelopeError::Decompression)
+        );
         // The same through an envelope: its claimed length rewritten to 4 GiB - 1.
         let sealing = Sealing::none().compression(Compression::lz4());
         let mut bytes = seal(&sealing, Some(&large_value()), KEY);
@@ -583,7 +606,7 @@ mod tests {
         let encrypted = seal(&strict, Some("x"), KEY);
         assert_eq!(
             open(&Sealing::none(), &encrypted, KEY),
-            Err(EnvelopeError::UnknownKey { id: 1 })
+            Err(EnvelopeError::EncryptionNotConfigured)
         );
         let compressed = seal(
             &Sealing::none().compression(Compression::lz4()),

@@ -7,10 +7,12 @@
 //!   [`store_conformance_tests!`](crate::store_conformance_tests).
 //! - [`backplane_conformance`]: the one suite of `Backplane` behaviour that every backplane
 //!   runs, through [`backplane_conformance_tests!`](crate::backplane_conformance_tests).
+//! - [`fuzz`]: the envelope decoder's fuzz body and seeds (`cargo xtask fuzz`).
 
 pub mod backplane_conformance;
 pub mod conformance;
 mod faulty;
+pub mod fuzz;
 mod memory;
 
 pub use faulty::{FaultyStore, InjectedFault};

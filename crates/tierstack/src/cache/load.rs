@@ -533,7 +533,9 @@ where
         if self.l1.is_some() && !options.skips().l1_write {
             let entry = life.l1_entry(Some(fallback.value.clone()), now);
             self.replace_l1_entry(key, entry, watch);
-        } else if let (Some(l2), Some(seen)) = (&self.l2, &fallback.bytes) {
+        } else if let (Some(l2), Some(seen)) = (&self.l2, &fallback.bytes)
+            && self.may_reseal(seen)
+        {
             let lifetime = Lifetime {
                 written_at: now,
                 fresh_until: now.saturating_add(life.fresh),

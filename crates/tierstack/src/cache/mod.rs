@@ -173,6 +173,12 @@ impl<V, C> TieredCache<V, C> {
         self.inner.namespace.as_str()
     }
 
+    /// How this cache seals its L2 payloads, for the modules that keep records of their own
+    /// beside its entries (a dataset's index is sealed as the entries are).
+    pub(crate) fn sealing(&self) -> &Sealing {
+        &self.inner.settings.sealing
+    }
+
     /// The L2, for the modules that keep records of their own beside the cache's entries (a
     /// dataset's index and lease).
     pub(crate) fn store(&self) -> Option<&Arc<dyn Store>> {

@@ -149,12 +149,26 @@ enum Undecodable {
 }
 
 impl Undecodable {
+    /// Whether the entry is encrypted with a key this instance lacks (removed from its ring,
+    /// not yet added to it, or no ring at all): likely sound for another instance during a
+    /// rollout, so it is left in place; a load here replaces it (a load's write replaces what
+    /// its read saw).
+    fn is_foreign_key(&self) -> bool {
+        matches!(
+            self,
+            Self::Sealed(EnvelopeError::UnknownKey { .. } | EnvelopeError::EncryptionNotConfigured)
+        )
+    }
+
     fn describe(&self) -> &'static str {
         match self {
             Self::Envelope => "not a tierstack envelope of this codec and size",
             Self::Payload => "the payload does not decode as this cache's value type",
             Self::Sealed(EnvelopeError::UnknownKey { .. }) => {
                 "encrypted with a key this cache's key ring does not hold"
+            }
+            Self::Sealed(EnvelopeError::EncryptionNotConfigured) => {
+                "encrypted, and this cache has no key ring"
             }
             Self::Sealed(EnvelopeError::Unauthentic) => {
                 "the encrypted payload does not authenticate under this key"
@@ -333,6 +347,16 @@ where
             stale: life.stale,
         };
         self.encode_entry(key, value, lifetime, life.tags.as_ref())
+    }
+
+    /// Whether a value read from the L2 bytes `seen` may be written back sealed (as fail-safe
+    /// re-arms a stale value): not when this cache encrypts and the bytes were plaintext, which
+    /// only [`Encryption::accept_plaintext`](tierstack_core::envelope::Encryption) let through
+    /// and which anyone with write access to the L2 may have planted: sealing it would make it
+    /// authentic.
+    pub(super) fn may_reseal(&self, seen: &[u8]) -> bool {
+        self.settings.sealing.encryption_setting().is_none()
+            || Envelope::parse::<C>(seen, usize::MAX).is_ok_and(|e| e.is_encrypted())
     }
 
     /// The envelope of `value` under `key`, sealed as this cache seals its payloads.
@@ -593,7 +617,8 @@ where
 
     /// Counts and logs (the key's fingerprint and the kind of problem, never the bytes) an L2
     /// entry that did not decode, and removes it unless the key was written meanwhile (the
-    /// removal compares the bytes). Returns whether it removed them.
+    /// removal compares the bytes) or it is sound but not for this instance's keys (see
+    /// [`Undecodable::is_foreign_key`]). Returns whether it removed them.
     async fn discard_undecodable(
         &self,
         key: &str,
@@ -602,6 +627,15 @@ where
         deadline: Instant,
     ) -> bool {
         self.recorder.corrupt_entry();
+        if reason.is_foreign_key() {
+            tracing::warn!(
+                cache = %self.namespace,
+                key = %fingerprint(key),
+                reason = reason.describe(),
+                "L2 entry this instance cannot decrypt read as a miss"
+            );
+            return false;
+        }
         tracing::warn!(
             cache = %self.namespace,
             key = %fingerprint(key),

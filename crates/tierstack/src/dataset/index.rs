@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tierstack_core::clock::Timestamp;
-use tierstack_core::envelope::{self, Envelope};
+use tierstack_core::envelope::{self, Envelope, Lifetime, Sealing};
 use tierstack_core::{BincodeCodec, Codec, Result};
 
 /// The largest index stored or read (about 300,000 keys of 32 bytes). A store may hold less in
@@ -41,26 +41,45 @@ pub(super) struct Index {
 }
 
 impl Index {
-    /// The index as stored: in the cache's envelope (so that a format change is detected),
-    /// living `lives`.
-    pub(super) fn encode(&self, now: Timestamp, lives: Duration) -> Result<Bytes> {
-        envelope::encode(
-            &BincodeCodec::default(),
+    /// The index as stored under `store_key`: in the cache's envelope (so that a format change
+    /// is detected), sealed as the cache seals its entries (it holds every key and a
+    /// fingerprint of every value), living `lives`.
+    pub(super) fn encode(
+        &self,
+        sealing: &Sealing,
+        store_key: &str,
+        now: Timestamp,
+        lives: Duration,
+    ) -> Result<Bytes> {
+        let expires_at = now.saturating_add(lives);
+        let lifetime = Lifetime {
+            written_at: now,
+            fresh_until: expires_at,
+            expires_at,
+            stale: false,
+        };
+        let codec = BincodeCodec::default();
+        envelope::encode_sealed(
+            &codec,
             Some(self),
-            now,
-            now.saturating_add(lives),
+            lifetime,
+            None,
+            sealing,
+            store_key,
             MAX_INDEX_LEN,
         )
     }
 
-    /// An index read back; `None` for anything that is not one (a format this version does
-    /// not read is rebuilt by the next refresh).
-    pub(super) fn decode(bytes: &[u8]) -> Option<Self> {
+    /// An index read back from `store_key`; `None` for anything that is not one, or does not
+    /// open as `sealing` reads (a format this version does not read, or an index planted
+    /// without the key, is rebuilt by the next refresh).
+    pub(super) fn decode(sealing: &Sealing, store_key: &str, bytes: &[u8]) -> Option<Self> {
         let envelope = Envelope::parse::<BincodeCodec>(bytes, MAX_INDEX_LEN).ok()?;
         if envelope.negative || envelope.tombstone {
             return None;
         }
-        BincodeCodec::default().decode(envelope.payload).ok()
+        let payload = sealing.open(&envelope, store_key, MAX_INDEX_LEN).ok()?;
+        BincodeCodec::default().decode(&payload).ok()
     }
 }
 
@@ -100,11 +119,42 @@ mod tests {
                 written_at: 900,
             },
         );
+        let now = Timestamp::from_millis(1_000);
+        let plain = Sealing::none();
         let bytes = index
-            .encode(Timestamp::from_millis(1_000), Duration::from_secs(60))
+            .encode(&plain, "ns!dataset:index", now, Duration::from_secs(60))
             .unwrap();
-        assert_eq!(Index::decode(&bytes), Some(index));
-        assert_eq!(Index::decode(b"not an index"), None);
+        assert_eq!(
+            Index::decode(&plain, "ns!dataset:index", &bytes),
+            Some(index.clone())
+        );
+        assert_eq!(
+            Index::decode(&plain, "ns!dataset:index", b"not an index"),
+            None
+        );
+        // Sealed: it opens under its own key only, and a cache that requires encryption
+        // ignores a plaintext index.
+        let ring = tierstack_core::envelope::KeyRing::new(
+            1,
+            &tierstack_core::envelope::EncryptionKey::from_bytes([3; 32]),
+        );
+        let sealed = Sealing::none().encryption(tierstack_core::envelope::Encryption::new(ring));
+        let bytes_sealed = index
+            .encode(&sealed, "ns!dataset:index", now, Duration::from_secs(60))
+            .unwrap();
+        assert_eq!(
+            Index::decode(&sealed, "ns!dataset:index", &bytes_sealed),
+            Some(index)
+        );
+        assert_eq!(
+            Index::decode(&sealed, "other!dataset:index", &bytes_sealed),
+            None
+        );
+        assert_eq!(Index::decode(&sealed, "ns!dataset:index", &bytes), None);
+        assert_eq!(
+            Index::decode(&plain, "ns!dataset:index", &bytes_sealed),
+            None
+        );
     }
 
     #[test]

@@ -332,7 +332,10 @@ where
         };
         let key = self.index_key();
         let stored = self.cache.store_call(L2Op::Get, store.get(&key)).await?;
-        if let Some(index) = stored.as_deref().and_then(Index::decode) {
+        if let Some(index) = stored
+            .as_deref()
+            .and_then(|bytes| Index::decode(self.cache.sealing(), &key, bytes))
+        {
             self.know(Arc::new(index));
         }
         Ok(self.known_index().generation)
@@ -348,15 +351,17 @@ where
     ) -> CacheResult<(Arc<Index>, Option<Bytes>)> {
         let mut read = None;
         if let Some(store) = store {
-            read = self
-                .cache
-                .store_call(L2Op::Get, store.get(&self.index_key()))
-                .await?;
+            let key = self.index_key();
+            read = self.cache.store_call(L2Op::Get, store.get(&key)).await?;
             let ours = {
                 let stored = self.stored.lock().unwrap_or_else(PoisonError::into_inner);
                 stored.is_some() && *stored == read
             };
-            if !ours && let Some(index) = read.as_deref().and_then(Index::decode) {
+            if !ours
+                && let Some(index) = read
+                    .as_deref()
+                    .and_then(|bytes| Index::decode(self.cache.sealing(), &key, bytes))
+            {
                 self.know(Arc::new(index));
             }
         }
@@ -372,8 +377,8 @@ where
         read: Option<Bytes>,
     ) -> Result<(), DatasetError> {
         let lives = self.settings.entry_ttl();
-        let bytes = next.encode(self.cache.clock().now(), lives)?;
         let key = self.index_key();
+        let bytes = next.encode(self.cache.sealing(), &key, self.cache.clock().now(), lives)?;
         let stored = if let Some(read) = read {
             let replace = store.compare_and_set(&key, &read, Some((bytes.clone(), lives)));
             self.cache.store_call(L2Op::Set, replace).await?
