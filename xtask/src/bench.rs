@@ -85,6 +85,8 @@ pub(crate) fn check() -> Result<(), String> {
         "l2_outage",
         "l2_hit_redis",
         "l2_hit_redis_cold_l1",
+        "l2_hit_redis_encrypted",
+        "envelope_codec",
         "get_many_redis",
         "write_through_redis",
         "invalidation_lag",
@@ -147,6 +149,18 @@ fn check_promises(records: &[serde_json::Value]) -> Result<(), String> {
                 ));
             }
         }
+    }
+    // Compression stores a 64 KB JSON-like value in at most 0.3 of its plain size (sizes do not
+    // depend on timing).
+    let stored = |system: &str| {
+        record(records, "envelope_codec/64KB", system)
+            .map(|record| record["stored_bytes"].as_f64().unwrap_or(f64::NAN))
+    };
+    let (compressed, plain) = (stored("compressed")?, stored("plain")?);
+    if compressed > 0.3 * plain || compressed.is_nan() || plain.is_nan() {
+        return Err(format!(
+            "bench-check: a 64 KB JSON-like value compressed to {compressed} bytes of {plain}"
+        ));
     }
     // Four instances sharing a load lease load a cold key once between them (in every round:
     // the record keeps the most).

@@ -212,6 +212,8 @@ async fn server_scenarios(options: &RunOptions, sizes: &Sizes) -> Vec<Record> {
     if options.wants("l2_hit_redis") {
         records.extend(redis_scenarios::l2_hit_redis(sizes).await);
         records.extend(redis_scenarios::l2_hit_redis_cold_l1(sizes).await);
+    }
+    if options.wants("l2_hit_redis_encrypted") {
         records.extend(envelope_scenarios::l2_hit_redis_encrypted(sizes).await);
     }
     if options.wants("get_many_redis") {
