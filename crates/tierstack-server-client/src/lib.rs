@@ -57,6 +57,7 @@ pub struct ServerStore {
     /// `Bearer <key>`, marked sensitive (kept out of the client's own debug output).
     authorization: reqwest::header::HeaderValue,
     max_key_len: usize,
+    max_value_len: usize,
     max_bulk: usize,
 }
 
@@ -66,6 +67,7 @@ impl fmt::Debug for ServerStore {
         f.debug_struct("ServerStore")
             .field("base", &self.base)
             .field("max_key_len", &self.max_key_len)
+            .field("max_value_len", &self.max_value_len)
             .field("max_bulk", &self.max_bulk)
             .finish_non_exhaustive()
     }
@@ -114,8 +116,17 @@ impl ServerStore {
             base,
             authorization,
             max_key_len: 256,
+            max_value_len: 1 << 20,
             max_bulk: 100,
         })
+    }
+
+    /// The largest value read from the server (1 MiB by default, as the server's default
+    /// limit): a longer answer is an error, and is not read past this size.
+    #[must_use]
+    pub fn max_value_len(mut self, max: usize) -> Self {
+        self.max_value_len = max;
+        self
     }
 
     /// The longest key the server takes for this tenant (256 by default, as the server's
@@ -182,10 +193,8 @@ impl ServerStore {
                     .get(TTL_HEADER)
                     .and_then(|value| value.to_str().ok()?.parse::<u64>().ok())
                     .map_or(Duration::ZERO, Duration::from_millis);
-                let value = response
-                    .bytes()
-                    .await
-                    .map_err(|error| wire::transport_error("get", &self.base, error))?;
+                let value =
+                    wire::read_body("get", &self.base, response, self.max_value_len).await?;
                 Ok(Some((value, ttl)))
             }
             StatusCode::NOT_FOUND => Ok(None),
@@ -235,7 +244,9 @@ impl Store for ServerStore {
             if response.status() != StatusCode::OK {
                 return Err(wire::error_of("get_many", response).await);
             }
-            found.extend(wire::bulk_values(response, chunk.len()).await?);
+            found.extend(
+                wire::bulk_values(&self.base, response, chunk.len(), self.max_value_len).await?,
+            );
         }
         Ok(found)
     }
@@ -374,7 +385,7 @@ impl Store for ServerStore {
         if response.status() != StatusCode::OK {
             return Err(wire::error_of("delete_prefix", response).await);
         }
-        wire::deleted_count(response).await
+        wire::deleted_count(&self.base, response).await
     }
 
     async fn ping(&self) -> Result<()> {

@@ -101,6 +101,31 @@ pub(crate) async fn error_of(operation: &'static str, response: Response) -> Cac
     }
 }
 
+/// `response`'s body, or an error once it passes `cap` bytes: a server (or whatever answers
+/// in its place) cannot make the client allocate without bound.
+pub(crate) async fn read_body(
+    operation: &'static str,
+    base: &str,
+    mut response: Response,
+    cap: usize,
+) -> Result<Bytes, CacheError> {
+    let mut body = Vec::new();
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|error| transport_error(operation, base, error))?
+    {
+        if body.len() + chunk.len() > cap {
+            return Err(malformed(
+                operation,
+                format!("an answer of more than {cap} bytes"),
+            ));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(Bytes::from(body))
+}
+
 /// At most [`MAX_ERROR_BODY`] bytes of `response`'s body.
 async fn read_capped(mut response: Response) -> Vec<u8> {
     let mut body = Vec::new();
@@ -134,13 +159,14 @@ struct BulkValue {
 
 /// The values of a bulk read of `expected` keys, in order.
 pub(crate) async fn bulk_values(
+    base: &str,
     response: Response,
     expected: usize,
+    max_value_len: usize,
 ) -> Result<Vec<Option<Bytes>>, CacheError> {
-    let body = response
-        .bytes()
-        .await
-        .map_err(|error| malformed("get_many", error.without_url().to_string()))?;
+    // Each value in base64 (4 bytes per 3) and its JSON around it.
+    let cap = expected.saturating_mul(max_value_len.saturating_mul(4) / 3 + 64);
+    let body = read_body("get_many", base, response, cap.saturating_add(64)).await?;
     let values: BulkValues = serde_json::from_slice(&body)
         .map_err(|error| malformed("get_many", format!("not a bulk answer: {error}")))?;
     if values.values.len() != expected {
@@ -169,11 +195,8 @@ struct Deleted {
 }
 
 /// The count of a prefix delete's answer.
-pub(crate) async fn deleted_count(response: Response) -> Result<u64, CacheError> {
-    let body = response
-        .bytes()
-        .await
-        .map_err(|error| malformed("delete_prefix", error.without_url().to_string()))?;
+pub(crate) async fn deleted_count(base: &str, response: Response) -> Result<u64, CacheError> {
+    let body = read_body("delete_prefix", base, response, MAX_ERROR_BODY).await?;
     serde_json::from_slice::<Deleted>(&body)
         .map(|deleted| deleted.deleted)
         .map_err(|error| malformed("delete_prefix", format!("not a count: {error}")))

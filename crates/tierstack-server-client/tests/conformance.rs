@@ -134,3 +134,43 @@ async fn the_servers_refusals_are_errors_never_misses() {
         "{refused:?}"
     );
 }
+
+/// An answer larger than the client's `max_value_len` is an error, read no further than that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_over_the_clients_value_limit_are_errors() {
+    let base = server(Limits::default()).await;
+    let store = ServerStore::new(&base, API_KEY).unwrap();
+    let value = bytes::Bytes::from(vec![7; 4_000]);
+    store
+        .set("big", value.clone(), Duration::from_secs(60))
+        .await
+        .unwrap();
+    store
+        .set(
+            "small",
+            bytes::Bytes::from_static(b"ok"),
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
+    let strict = ServerStore::new(&base, API_KEY)
+        .unwrap()
+        .max_value_len(1_000);
+    let refused = strict.get("big").await;
+    assert!(
+        matches!(
+            &refused,
+            Err(CacheError::Backend {
+                transient: false,
+                ..
+            })
+        ),
+        "{refused:?}"
+    );
+    assert_eq!(
+        strict.get("small").await.unwrap().as_deref(),
+        Some(&b"ok"[..])
+    );
+    assert!(strict.get_many(&["small", "big"]).await.is_err());
+    assert_eq!(store.get("big").await.unwrap(), Some(value));
+}

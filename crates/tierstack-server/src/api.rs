@@ -125,9 +125,21 @@ pub(crate) struct TtlQuery {
     ttl_ms: Option<String>,
 }
 
-/// The TTL a write asks for: the `ttl_ms` query parameter in milliseconds, else `ttl`, else
-/// the `x-ttl` header, in seconds.
+/// The TTL a write asks for: the `ttl_ms` query parameter in milliseconds, or `ttl`, or the
+/// `x-ttl` header, in seconds; more than one of them is refused (which one wins would be a
+/// guess).
 fn asked_ttl(query: &TtlQuery, headers: &HeaderMap) -> Result<Option<Duration>, ApiError> {
+    let given = [
+        query.ttl_ms.is_some(),
+        query.ttl.is_some(),
+        headers.contains_key(TTL_REQUEST_HEADER),
+    ];
+    if given.into_iter().filter(|given| *given).count() > 1 {
+        return Err(ApiError::bad_request(
+            "invalid_ttl",
+            "give one TTL: the ttl or ttl_ms parameter, or the x-ttl header",
+        ));
+    }
     let invalid = || {
         ApiError::bad_request(
             "invalid_ttl",
@@ -148,19 +160,36 @@ fn asked_ttl(query: &TtlQuery, headers: &HeaderMap) -> Result<Option<Duration>, 
         .transpose()
 }
 
-/// A TTL given in a JSON body: `ttl_ms`, else `ttl` in seconds.
-fn body_ttl(ttl_ms: Option<u64>, ttl: Option<u64>) -> Option<Duration> {
+/// A TTL given in a JSON body: `ttl_ms`, or `ttl` in seconds; not both.
+fn body_ttl(ttl_ms: Option<u64>, ttl: Option<u64>) -> Result<Option<Duration>, ApiError> {
     match (ttl_ms, ttl) {
-        (Some(millis), _) => Some(Duration::from_millis(millis)),
-        (None, secs) => secs.map(Duration::from_secs),
+        (Some(_), Some(_)) => Err(ApiError::bad_request(
+            "invalid_ttl",
+            "give one TTL: ttl or ttl_ms",
+        )),
+        (Some(millis), None) => Ok(Some(Duration::from_millis(millis))),
+        (None, secs) => Ok(secs.map(Duration::from_secs)),
     }
 }
 
-/// Whether a write asks to create the key only (`If-None-Match: *`).
-fn create_only(headers: &HeaderMap) -> bool {
-    headers
-        .get(header::IF_NONE_MATCH)
-        .is_some_and(|value| value.as_bytes().trim_ascii() == b"*")
+/// Whether a write asks to create the key only (`If-None-Match: *`). Other preconditions
+/// (`If-Match`, an entity tag in `If-None-Match`) are refused: entries carry no entity tags,
+/// and ignoring a condition would write what its sender meant to guard.
+fn create_only(headers: &HeaderMap) -> Result<bool, ApiError> {
+    let unsupported = || {
+        ApiError::bad_request(
+            "unsupported_precondition",
+            "only If-None-Match: * is supported (compare-and-set is POST /v1/cache/{key}/cas)",
+        )
+    };
+    if headers.contains_key(header::IF_MATCH) {
+        return Err(unsupported());
+    }
+    match headers.get(header::IF_NONE_MATCH) {
+        None => Ok(false),
+        Some(value) if value.as_bytes().trim_ascii() == b"*" => Ok(true),
+        Some(_) => Err(unsupported()),
+    }
 }
 
 fn ttl_header(ttl: Option<Duration>) -> Option<(&'static str, HeaderValue)> {
@@ -213,6 +242,7 @@ pub(crate) async fn put_value(
 ) -> Result<StatusCode, ApiError> {
     let entry = entry(&state, &headers, &key).await?;
     let ttl = entry.limits.ttl(asked_ttl(&query, &headers)?)?;
+    let create_only = create_only(&headers)?;
     let value = read_body(&headers, body, entry.limits.max_value_bytes).await?;
     let options = state.data.default_options().with_ttl(ttl);
     let len = value.len();
@@ -225,7 +255,7 @@ pub(crate) async fn put_value(
         .quotas
         .reserve(&entry.tenant, &entry.limits, &room)
         .await?;
-    let written = if create_only(&headers) {
+    let written = if create_only {
         state
             .data
             .set_if_absent(&entry.storage_key, value, &options)
@@ -313,7 +343,7 @@ pub(crate) async fn compare_and_set(
         Some(text) => Some(base64_field("new", text)?),
         None => None,
     };
-    let ttl = entry.limits.ttl(body_ttl(request.ttl_ms, request.ttl))?;
+    let ttl = entry.limits.ttl(body_ttl(request.ttl_ms, request.ttl)?)?;
     let new_len = new.as_ref().map(Bytes::len);
     let room = new_len.map(|len| Room {
         key: &key,
@@ -522,7 +552,7 @@ pub(crate) async fn bulk_set(
     let mut writes = Vec::with_capacity(request.entries.len());
     for entry in request.entries {
         limits.check_key(&entry.key)?;
-        let ttl = limits.ttl(body_ttl(entry.ttl_ms, entry.ttl))?;
+        let ttl = limits.ttl(body_ttl(entry.ttl_ms, entry.ttl)?)?;
         let value = BASE64.decode(entry.value.as_bytes()).map_err(|_| {
             ApiError::bad_request(
                 "invalid_bulk",

@@ -22,7 +22,7 @@
 //!
 //! | route | answers |
 //! |---|---|
-//! | `PUT /v1/cache/{key}?ttl=SECONDS` (`ttl_ms`, or header `x-ttl`) | 204; with `If-None-Match: *`, 412 where a value is |
+//! | `PUT /v1/cache/{key}?ttl=SECONDS` (or `ttl_ms`, or header `x-ttl`: one of them) | 204; with `If-None-Match: *`, 412 where a value is; other preconditions are refused (400 `unsupported_precondition`) |
 //! | `GET /v1/cache/{key}` | 200 with the bytes and `x-ttl-ms`; 404 |
 //! | `DELETE /v1/cache/{key}` | 204; 404 |
 //! | `GET`/`HEAD /v1/cache/{key}/exists` | 200 or 404, `{"exists": bool}` |
@@ -30,7 +30,7 @@
 //! | `POST /v1/cache/{key}/cas` `{"current", "new", "ttl_ms"?}` | 204 if swapped; 412 |
 //! | `DELETE /v1/cache?prefix=P` | `{"deleted": n}`, the tenant's keys under `P` |
 //! | `POST /v1/bulk/get` `{"keys": [...]}` | `{"values": [{"key", "value": base64 or null}]}` |
-//! | `POST /v1/bulk/set` `{"entries": [{"key", "value": base64, "ttl"?}]}` | 204 |
+//! | `POST /v1/bulk/set` `{"entries": [{"key", "value": base64, "ttl"? or "ttl_ms"?}]}` | 204 |
 //! | `POST /v1/admin/tenants/{tenant}/keys` | 201 `{"tenant", "id", "key"}`: the key, shown once |
 //! | `DELETE /v1/admin/keys/{id}` | 204; every instance refuses the key within `key_recheck` |
 //! | `DELETE /v1/admin/tenants/{tenant}/cache` | `{"deleted": n}` |

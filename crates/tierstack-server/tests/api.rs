@@ -317,6 +317,11 @@ async fn bulk_reads_and_writes() {
             "/v1/bulk/set",
             "invalid_ttl",
         ),
+        (
+            serde_json::json!({"entries": [{"key": "x", "value": "AA==", "ttl": 5, "ttl_ms": 5000}]}),
+            "/v1/bulk/set",
+            "invalid_ttl",
+        ),
     ];
     for (body, path, code) in refused {
         let response = shop
@@ -387,6 +392,12 @@ async fn bad_input_gets_a_clear_error() {
             StatusCode::PAYLOAD_TOO_LARGE,
             "body_too_large",
         ),
+        (
+            "/v1/cache/k?ttl=5&ttl_ms=5000",
+            "v".to_owned(),
+            StatusCode::BAD_REQUEST,
+            "invalid_ttl",
+        ),
     ];
     for (path, body, status, code) in cases {
         let response = shop
@@ -397,6 +408,24 @@ async fn bad_input_gets_a_clear_error() {
             .unwrap();
         assert_eq!(response.status(), status, "{path}");
         assert_eq!(Client::code(response).await, code, "{path}");
+    }
+    // Two TTLs at once, and preconditions the server cannot honour: refused, not guessed at or
+    // ignored.
+    let refused = [
+        ("x-ttl", "5", "/v1/cache/k?ttl=5", "invalid_ttl"),
+        ("if-match", "\"abc\"", "/v1/cache/k", "unsupported_precondition"),
+        ("if-none-match", "\"abc\"", "/v1/cache/k", "unsupported_precondition"),
+    ];
+    for (name, value, path, code) in refused {
+        let response = shop
+            .request(Method::PUT, path)
+            .header(name, value)
+            .body("v")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST, "{name}");
+        assert_eq!(Client::code(response).await, code, "{name}");
     }
     assert_eq!(
         shop.get("k").await,
