@@ -20,7 +20,8 @@ use crate::redis_scenarios::{config, fail};
 const MAX: usize = 1 << 20;
 const STORE_KEY: &str = "bench:profile";
 
-/// A JSON document of user records, about `bytes` long: the kind of value caches hold.
+/// A JSON document of user records, at least `bytes` long (a record more): the kind of value
+/// caches hold.
 pub(crate) fn json_like(bytes: usize, seed: usize) -> String {
     let names = [
         "alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi",
@@ -28,7 +29,7 @@ pub(crate) fn json_like(bytes: usize, seed: usize) -> String {
     let mut out = String::from("[");
     let mut state = 0x9e37_79b9_7f4a_7c15_u64 ^ seed as u64;
     let mut id = 0;
-    while out.len() < bytes.saturating_sub(120) {
+    while out.len() < bytes {
         state ^= state << 13;
         state ^= state >> 7;
         state ^= state << 17;
@@ -146,8 +147,17 @@ pub(crate) async fn envelope_codec(sizes: &Sizes) -> Vec<Record> {
         .await;
         let names: Vec<&str> = systems.iter().map(|(name, _)| *name).collect();
         let mut measured = records(&format!("envelope_codec/{label}"), &names, 0, &rounds);
-        for (record, (_, codecs)) in measured.iter_mut().zip(&systems) {
-            record.stored_bytes = Some(codecs.encode(&values[0]).len() as u64);
+        for (record, (name, codecs)) in measured.iter_mut().zip(&systems) {
+            let stored = codecs.encode(&values[0]);
+            let parsed =
+                Envelope::parse::<BincodeCodec>(&stored, MAX).unwrap_or_else(|e| panic!("{e}"));
+            // A compressing system that did not compress would measure nothing.
+            assert_eq!(
+                parsed.uncompressed_len().is_some(),
+                name.starts_with("compressed"),
+                "envelope_codec/{label}: {name}"
+            );
+            record.stored_bytes = Some(stored.len() as u64);
         }
         out.extend(measured);
     }

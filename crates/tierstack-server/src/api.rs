@@ -129,12 +129,10 @@ pub(crate) struct TtlQuery {
 /// `x-ttl` header, in seconds; more than one of them is refused (which one wins would be a
 /// guess).
 fn asked_ttl(query: &TtlQuery, headers: &HeaderMap) -> Result<Option<Duration>, ApiError> {
-    let given = [
-        query.ttl_ms.is_some(),
-        query.ttl.is_some(),
-        headers.contains_key(TTL_REQUEST_HEADER),
-    ];
-    if given.into_iter().filter(|given| *given).count() > 1 {
+    let given = usize::from(query.ttl_ms.is_some())
+        + usize::from(query.ttl.is_some())
+        + headers.get_all(TTL_REQUEST_HEADER).iter().count();
+    if given > 1 {
         return Err(ApiError::bad_request(
             "invalid_ttl",
             "give one TTL: the ttl or ttl_ms parameter, or the x-ttl header",
@@ -172,24 +170,48 @@ fn body_ttl(ttl_ms: Option<u64>, ttl: Option<u64>) -> Result<Option<Duration>, A
     }
 }
 
-/// Whether a write asks to create the key only (`If-None-Match: *`). Other preconditions
-/// (`If-Match`, an entity tag in `If-None-Match`) are refused: entries carry no entity tags,
-/// and ignoring a condition would write what its sender meant to guard.
+/// Whether a `PUT` asks to create the key only (one `If-None-Match: *`); every other
+/// precondition is refused, as [`refuse_preconditions`] does.
 fn create_only(headers: &HeaderMap) -> Result<bool, ApiError> {
-    let unsupported = || {
-        ApiError::bad_request(
+    let mut asked = headers.get_all(header::IF_NONE_MATCH).iter();
+    match (asked.next(), asked.next()) {
+        (Some(value), None) if value.as_bytes().trim_ascii() == b"*" => {
+            refuse_preconditions_but(headers, Some(&header::IF_NONE_MATCH))?;
+            Ok(true)
+        }
+        _ => refuse_preconditions(headers).map(|()| false),
+    }
+}
+
+/// Refuses a write that carries a precondition (`If-Match`, `If-None-Match`,
+/// `If-Unmodified-Since`): entries carry no entity tags or dates, and ignoring a condition
+/// would write or delete what its sender meant to guard. (`PUT` honours `If-None-Match: *`;
+/// compare-and-set is `POST /v1/cache/{key}/cas`.)
+fn refuse_preconditions(headers: &HeaderMap) -> Result<(), ApiError> {
+    refuse_preconditions_but(headers, None)
+}
+
+fn refuse_preconditions_but(
+    headers: &HeaderMap,
+    allowed: Option<&header::HeaderName>,
+) -> Result<(), ApiError> {
+    let conditions = [
+        header::IF_MATCH,
+        header::IF_NONE_MATCH,
+        header::IF_UNMODIFIED_SINCE,
+    ];
+    let refused = conditions
+        .iter()
+        .filter(|name| allowed != Some(*name))
+        .any(|name| headers.contains_key(name));
+    if refused {
+        return Err(ApiError::bad_request(
             "unsupported_precondition",
-            "only If-None-Match: * is supported (compare-and-set is POST /v1/cache/{key}/cas)",
-        )
-    };
-    if headers.contains_key(header::IF_MATCH) {
-        return Err(unsupported());
+            "only If-None-Match: * on PUT is supported (compare-and-set is POST \
+             /v1/cache/{key}/cas)",
+        ));
     }
-    match headers.get(header::IF_NONE_MATCH) {
-        None => Ok(false),
-        Some(value) if value.as_bytes().trim_ascii() == b"*" => Ok(true),
-        Some(_) => Err(unsupported()),
-    }
+    Ok(())
 }
 
 fn ttl_header(ttl: Option<Duration>) -> Option<(&'static str, HeaderValue)> {
@@ -285,6 +307,7 @@ pub(crate) async fn delete_value(
     headers: HeaderMap,
 ) -> Result<StatusCode, ApiError> {
     let entry = entry(&state, &headers, &key).await?;
+    refuse_preconditions(&headers)?;
     // Released first: a write racing the delete is then counted, never left out.
     state
         .quotas
@@ -329,6 +352,7 @@ pub(crate) async fn compare_and_set(
     body: Body,
 ) -> Result<StatusCode, ApiError> {
     let entry = entry(&state, &headers, &key).await?;
+    refuse_preconditions(&headers)?;
     // Room for two values in base64, and the rest of the JSON.
     let limit = entry
         .limits
@@ -418,6 +442,7 @@ pub(crate) async fn touch(
     headers: HeaderMap,
 ) -> Result<StatusCode, ApiError> {
     let entry = entry(&state, &headers, &key).await?;
+    refuse_preconditions(&headers)?;
     let ttl = entry.limits.ttl(asked_ttl(&query, &headers)?)?;
     if state.data.touch(&entry.storage_key, ttl).await? {
         state
@@ -448,6 +473,7 @@ pub(crate) async fn delete_prefix(
     headers: HeaderMap,
 ) -> Result<Json<Deleted>, ApiError> {
     let entry = entry(&state, &headers, &query.prefix).await?;
+    refuse_preconditions(&headers)?;
     // Released first, as for one key's delete.
     state
         .quotas
@@ -547,6 +573,7 @@ pub(crate) async fn bulk_set(
     body: Body,
 ) -> Result<StatusCode, ApiError> {
     let (tenant, limits) = tenant(&state, &headers).await?;
+    refuse_preconditions(&headers)?;
     let request: BulkSet = bulk_body(&headers, body, &limits).await?;
     limits.check_bulk(request.entries.len())?;
     let mut writes = Vec::with_capacity(request.entries.len());

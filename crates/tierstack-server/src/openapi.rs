@@ -8,7 +8,7 @@ pub(crate) const ROUTES: &[(&str, &str, &str, bool)] = &[
     (
         "put",
         "/v1/cache/{key}",
-        "Store the body's bytes under key (ttl: query or x-ttl, seconds)",
+        "Store the body's bytes under key (one TTL: ttl or x-ttl in seconds, or ttl_ms; If-None-Match: * creates only; other preconditions answer 400)",
         false,
     ),
     (
@@ -80,7 +80,7 @@ pub(crate) const ROUTES: &[(&str, &str, &str, bool)] = &[
     ("get", "/openapi.json", "This document", false),
 ];
 
-fn parameters(path: &str) -> Vec<Value> {
+fn parameters(method: &str, path: &str) -> Vec<Value> {
     let mut found: Vec<Value> = path
         .split('/')
         .filter_map(|segment| segment.strip_prefix('{')?.strip_suffix('}'))
@@ -89,9 +89,16 @@ fn parameters(path: &str) -> Vec<Value> {
     if path == "/v1/cache" {
         found.push(json!({"name": "prefix", "in": "query", "required": true, "schema": {"type": "string"}}));
     }
-    if path.ends_with("/touch") || path == "/v1/cache/{key}" {
+    // The TTL of a write: one of these (two answer 400 invalid_ttl).
+    if (method, path) == ("post", "/v1/cache/{key}/touch")
+        || (method, path) == ("put", "/v1/cache/{key}")
+    {
         found.push(json!({"name": "ttl", "in": "query", "required": false, "schema": {"type": "integer", "minimum": 1}}));
         found.push(json!({"name": "ttl_ms", "in": "query", "required": false, "schema": {"type": "integer", "minimum": 1}}));
+        found.push(json!({"name": "x-ttl", "in": "header", "required": false, "schema": {"type": "integer", "minimum": 1}}));
+    }
+    if (method, path) == ("put", "/v1/cache/{key}") {
+        found.push(json!({"name": "If-None-Match", "in": "header", "required": false, "schema": {"type": "string", "enum": ["*"]}}));
     }
     found
 }
@@ -103,7 +110,7 @@ pub(crate) fn document() -> Value {
         let open = matches!(*path, "/healthz" | "/readyz" | "/openapi.json");
         let mut operation = json!({
             "summary": summary,
-            "parameters": parameters(path),
+            "parameters": parameters(method, path),
             "responses": {
                 "default": {"description": "an error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
             }

@@ -409,12 +409,39 @@ async fn bad_input_gets_a_clear_error() {
         assert_eq!(response.status(), status, "{path}");
         assert_eq!(Client::code(response).await, code, "{path}");
     }
-    // Two TTLs at once, and preconditions the server cannot honour: refused, not guessed at or
-    // ignored.
+    assert_eq!(
+        shop.get("k").await,
+        (StatusCode::OK, "kept".to_owned()),
+        "no refused write touched the value"
+    );
+    assert_eq!(
+        shop.put("k", &"v".repeat(1_000)).await,
+        StatusCode::NO_CONTENT,
+        "at the limit"
+    );
+}
+
+/// Two TTLs at once, and preconditions the server cannot honour: refused, not guessed at or
+/// ignored, on every route that writes or deletes; the value stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preconditions_and_two_ttls_are_refused() {
+    let server = start(config(Limits::default()), memory().await).await;
+    let shop = Client::new(&server.base, Some(SHOP_KEY));
+    assert_eq!(shop.put("k", "kept").await, StatusCode::NO_CONTENT);
     let refused = [
         ("x-ttl", "5", "/v1/cache/k?ttl=5", "invalid_ttl"),
-        ("if-match", "\"abc\"", "/v1/cache/k", "unsupported_precondition"),
-        ("if-none-match", "\"abc\"", "/v1/cache/k", "unsupported_precondition"),
+        (
+            "if-match",
+            "\"abc\"",
+            "/v1/cache/k",
+            "unsupported_precondition",
+        ),
+        (
+            "if-none-match",
+            "\"abc\"",
+            "/v1/cache/k",
+            "unsupported_precondition",
+        ),
     ];
     for (name, value, path, code) in refused {
         let response = shop
@@ -427,16 +454,70 @@ async fn bad_input_gets_a_clear_error() {
         assert_eq!(response.status(), StatusCode::BAD_REQUEST, "{name}");
         assert_eq!(Client::code(response).await, code, "{name}");
     }
-    assert_eq!(
-        shop.get("k").await,
-        (StatusCode::OK, "kept".to_owned()),
-        "no refused write touched the value"
-    );
-    assert_eq!(
-        shop.put("k", &"v".repeat(1_000)).await,
-        StatusCode::NO_CONTENT,
-        "at the limit"
-    );
+    // The same on every route that writes or deletes, and a header given twice.
+    let guarded = [
+        (Method::DELETE, "/v1/cache/k", ""),
+        (Method::POST, "/v1/cache/k/touch?ttl=5", ""),
+        (Method::DELETE, "/v1/cache?prefix=k", ""),
+        (
+            Method::POST,
+            "/v1/cache/k/cas",
+            r#"{"current": "a2VwdA==", "new": "eA=="}"#,
+        ),
+        (
+            Method::POST,
+            "/v1/bulk/set",
+            r#"{"entries": [{"key": "k", "value": "eA=="}]}"#,
+        ),
+    ];
+    for (method, path, body) in guarded {
+        for (name, value) in [
+            ("if-match", "*"),
+            ("if-unmodified-since", "Sat, 05 Dec 2026 00:00:00 GMT"),
+        ] {
+            let response = shop
+                .request(method.clone(), path)
+                .header(name, value)
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(
+                response.status(),
+                StatusCode::BAD_REQUEST,
+                "{method} {path} {name}"
+            );
+            assert_eq!(
+                Client::code(response).await,
+                "unsupported_precondition",
+                "{path}"
+            );
+        }
+    }
+    let twice = [
+        ("x-ttl", "5", "x-ttl", "6", "invalid_ttl"),
+        (
+            "if-none-match",
+            "*",
+            "if-none-match",
+            "\"e\"",
+            "unsupported_precondition",
+        ),
+    ];
+    for (first, first_value, second, second_value, code) in twice {
+        let response = shop
+            .request(Method::PUT, "/v1/cache/k")
+            .header(first, first_value)
+            .header(second, second_value)
+            .body("v")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST, "{first} twice");
+        assert_eq!(Client::code(response).await, code, "{first} twice");
+    }
+    assert_eq!(shop.get("k").await, (StatusCode::OK, "kept".to_owned()));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

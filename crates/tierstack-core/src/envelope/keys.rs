@@ -120,14 +120,17 @@ impl KeyRing {
     }
 
     /// Parses a ring from text: entries `ID:HEX` (a decimal id, a colon and 64 hexadecimal
-    /// digits), separated by commas, spaces or new lines; lines starting with `#` are comments.
-    /// The first entry is the current key, the others only decrypt.
+    /// digits), separated by commas, spaces or new lines; a `#` starts a comment that runs to
+    /// the end of its line. The first entry is the current key, the others only decrypt.
     ///
     /// Errors name the entry by its position and never repeat key material.
     pub fn parse(text: &str) -> Result<Self> {
         let entries = text
             .lines()
-            .filter(|line| !line.trim_start().starts_with('#'))
+            .map(|line| {
+                line.split_once('#')
+                    .map_or(line, |(entries, _comment)| entries)
+            })
             .flat_map(|line| line.split(|c: char| c == ',' || c.is_whitespace()))
             .filter(|entry| !entry.is_empty());
         let mut ring: Option<Self> = None;
@@ -225,7 +228,7 @@ mod tests {
 
     #[test]
     fn the_first_entry_is_current_and_every_key_is_held() {
-        let ring = KeyRing::parse(&format!("# rotated on 2026-12-05\n2:{HEX_2}\n1:{HEX_1}\n"))
+        let ring = KeyRing::parse(&format!("# rotated\n2:{HEX_2}  # current\n1:{HEX_1}\n"))
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(ring.current_id(), 2);
         assert_eq!(ring.ids().collect::<Vec<_>>(), [2, 1]);

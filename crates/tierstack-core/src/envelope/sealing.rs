@@ -10,12 +10,13 @@
 //! What it does not stop, by design of a cache without state of its own: someone who can write
 //! to the L2 can put back an earlier ciphertext of the *same* key (a replay, also over a
 //! delete's tombstone, which carries no secret and is not encrypted), extend an entry's expiry,
-//! or delete entries. What stays readable in the L2: the key, the tag names, the timestamps,
-//! whether an entry is a cached "not found", the key id and the payload's length (compressed
-//! length with compression: do not compress values that mix secrets with text an attacker
-//! chooses, as compression then leaks through length). Two applications that share a key ring
-//! and a Redis under different key prefixes can read each other's entries under the same
-//! namespaced key: give each its own ring.
+//! delete entries, or wind a tag's record back (records are not encrypted) to revive the
+//! entries its tag invalidated. What stays readable in the L2: the key, the tag names, the
+//! timestamps, whether an entry is a cached "not found", the key id and the payload's length
+//! (with compression, both lengths: do not compress values that mix secrets with text an
+//! attacker chooses, as compression then leaks through length). Two applications that share a
+//! key ring and a Redis under different key prefixes can read each other's entries under the
+//! same namespaced key: give each its own ring.
 
 use std::borrow::Cow;
 

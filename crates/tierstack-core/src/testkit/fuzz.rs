@@ -4,7 +4,8 @@
 //! The first byte of the input picks what is exercised; the rest is the input:
 //!
 //! - 0: parse as an envelope and open with no sealing configured;
-//! - 1: the same with compression configured;
+//! - 1: the same with compression configured and a cap of [`FUZZ_SMALL_MAX`] (the caps'
+//!   edges);
 //! - 2: with encryption required (the ring of [`ring`]);
 //! - 3: with encryption, accepting plaintext;
 //! - 4: LZ4 decompression of the rest after a 4-byte claimed length;
@@ -23,6 +24,8 @@ use crate::envelope::{
 
 /// The cap the fuzz body reads with: small, so that a bomb shows at once.
 pub const FUZZ_MAX: usize = 64 * 1024;
+/// The smaller cap of mode 1.
+pub const FUZZ_SMALL_MAX: usize = 1024;
 /// The store key every fuzzed envelope is opened under.
 pub const FUZZ_STORE_KEY: &str = "fuzz:key";
 
@@ -71,17 +74,18 @@ pub fn envelope(data: &[u8]) {
             }
         }
         5 => round_trip(rest),
-        reader => open(&sealings()[usize::from(reader)], rest),
+        1 => open(&sealings()[1], rest, FUZZ_SMALL_MAX),
+        reader => open(&sealings()[usize::from(reader)], rest, FUZZ_MAX),
     }
 }
 
-fn open(sealing: &Sealing, bytes: &[u8]) {
-    let Ok(parsed) = Envelope::parse::<BincodeCodec>(bytes, FUZZ_MAX) else {
+fn open(sealing: &Sealing, bytes: &[u8], max: usize) {
+    let Ok(parsed) = Envelope::parse::<BincodeCodec>(bytes, max) else {
         return;
     };
     let _ = parsed.tags();
-    if let Ok(payload) = sealing.open(&parsed, FUZZ_STORE_KEY, FUZZ_MAX) {
-        assert!(payload.len() <= FUZZ_MAX);
+    if let Ok(payload) = sealing.open(&parsed, FUZZ_STORE_KEY, max) {
+        assert!(payload.len() <= max);
         let _ = BincodeCodec::default().decode::<Vec<String>>(&payload);
     }
 }

@@ -149,17 +149,6 @@ enum Undecodable {
 }
 
 impl Undecodable {
-    /// Whether the entry is encrypted with a key this instance lacks (removed from its ring,
-    /// not yet added to it, or no ring at all): likely sound for another instance during a
-    /// rollout, so it is left in place; a load here replaces it (a load's write replaces what
-    /// its read saw).
-    fn is_foreign_key(&self) -> bool {
-        matches!(
-            self,
-            Self::Sealed(EnvelopeError::UnknownKey { .. } | EnvelopeError::EncryptionNotConfigured)
-        )
-    }
-
     fn describe(&self) -> &'static str {
         match self {
             Self::Envelope => "not a tierstack envelope of this codec and size",
@@ -617,8 +606,10 @@ where
 
     /// Counts and logs (the key's fingerprint and the kind of problem, never the bytes) an L2
     /// entry that did not decode, and removes it unless the key was written meanwhile (the
-    /// removal compares the bytes) or it is sound but not for this instance's keys (see
-    /// [`Undecodable::is_foreign_key`]). Returns whether it removed them.
+    /// removal compares the bytes). Entries of a key this instance's ring lacks are removed
+    /// too: an entry that stayed would let anyone who can write to the L2 make every read of a
+    /// key a miss for good (key rotation adds a key everywhere before it encrypts with it, so
+    /// sound entries are not lost this way). Returns whether it removed them.
     async fn discard_undecodable(
         &self,
         key: &str,
@@ -627,15 +618,6 @@ where
         deadline: Instant,
     ) -> bool {
         self.recorder.corrupt_entry();
-        if reason.is_foreign_key() {
-            tracing::warn!(
-                cache = %self.namespace,
-                key = %fingerprint(key),
-                reason = reason.describe(),
-                "L2 entry this instance cannot decrypt read as a miss"
-            );
-            return false;
-        }
         tracing::warn!(
             cache = %self.namespace,
             key = %fingerprint(key),

@@ -72,10 +72,15 @@ impl Index {
 
     /// An index read back from `store_key`; `None` for anything that is not one, or does not
     /// open as `sealing` reads (a format this version does not read, or an index planted
-    /// without the key, is rebuilt by the next refresh).
+    /// without the key, is rebuilt by the next refresh). A cache that encrypts reads no
+    /// plaintext index, even while it accepts plaintext entries: the next refresh would write
+    /// its stamps back encrypted, making what anyone could have planted authentic.
     pub(super) fn decode(sealing: &Sealing, store_key: &str, bytes: &[u8]) -> Option<Self> {
         let envelope = Envelope::parse::<BincodeCodec>(bytes, MAX_INDEX_LEN).ok()?;
         if envelope.negative || envelope.tombstone {
+            return None;
+        }
+        if sealing.encryption_setting().is_some() && !envelope.is_encrypted() {
             return None;
         }
         let payload = sealing.open(&envelope, store_key, MAX_INDEX_LEN).ok()?;
@@ -155,6 +160,14 @@ mod tests {
             Index::decode(&plain, "ns!dataset:index", &bytes_sealed),
             None
         );
+        let migrating = Sealing::none().encryption(
+            tierstack_core::envelope::Encryption::new(tierstack_core::envelope::KeyRing::new(
+                1,
+                &tierstack_core::envelope::EncryptionKey::from_bytes([3; 32]),
+            ))
+            .accept_plaintext(true),
+        );
+        assert_eq!(Index::decode(&migrating, "ns!dataset:index", &bytes), None);
     }
 
     #[test]
