@@ -12,13 +12,13 @@ use std::fmt;
 use std::path::Path;
 use std::sync::Arc;
 
-use chacha20poly1305::XChaCha20Poly1305;
-use chacha20poly1305::aead::KeyInit;
+use aes_gcm_siv::Aes256GcmSiv;
+use aes_gcm_siv::aead::KeyInit;
 use zeroize::Zeroizing;
 
 use crate::error::{CacheError, Result};
 
-/// The length of a key in bytes (XChaCha20-Poly1305 takes 256-bit keys).
+/// The length of a key in bytes (AES-256-GCM-SIV takes 256-bit keys).
 pub const KEY_LEN: usize = 32;
 
 /// The most keys a ring holds: rotation needs two or three, and every key costs a lookup only
@@ -86,7 +86,7 @@ fn hex_digit(c: u8) -> Option<u8> {
 pub struct KeyRing {
     current: u32,
     /// Every key with its id, the current one first. Each cipher zeroizes its key when dropped.
-    keys: Arc<[(u32, XChaCha20Poly1305)]>,
+    keys: Arc<[(u32, Aes256GcmSiv)]>,
 }
 
 impl KeyRing {
@@ -192,12 +192,12 @@ impl KeyRing {
     }
 
     /// The cipher of the current key.
-    pub(crate) fn current(&self) -> &XChaCha20Poly1305 {
+    pub(crate) fn current(&self) -> &Aes256GcmSiv {
         &self.keys[0].1
     }
 
     /// The cipher of the key `id`, if the ring holds it.
-    pub(crate) fn get(&self, id: u32) -> Option<&XChaCha20Poly1305> {
+    pub(crate) fn get(&self, id: u32) -> Option<&Aes256GcmSiv> {
         self.keys
             .iter()
             .find_map(|(held, cipher)| (*held == id).then_some(cipher))
@@ -213,9 +213,9 @@ impl fmt::Debug for KeyRing {
     }
 }
 
-fn cipher(key: &EncryptionKey) -> XChaCha20Poly1305 {
+fn cipher(key: &EncryptionKey) -> Aes256GcmSiv {
     // From the slice: no copy of the key on this stack frame. The length is the type's.
-    XChaCha20Poly1305::new_from_slice(&key.0[..])
+    Aes256GcmSiv::new_from_slice(&key.0[..])
         .unwrap_or_else(|_| unreachable!("a key of {KEY_LEN} bytes"))
 }
 

@@ -14,7 +14,7 @@
 //! | 8 | fresh until, ms since the Unix epoch (only with flag bit 2) |
 //! | t | tags (only with flag bit 4): a count (1 to 16), then per tag its length (1 byte), its UTF-8 bytes, and the incarnation and counter of its record (8 bytes each) |
 //! | 5 | compression (only with flag bit 5): the algorithm (1 = LZ4 block), then the payload's length before compression (4 bytes) |
-//! | 29 | encryption (only with flag bit 6): the algorithm (1 = XChaCha20-Poly1305), the key's id in the ring (4 bytes), the nonce (24 bytes) |
+//! | 17 | encryption (only with flag bit 6): the algorithm (1 = AES-256-GCM-SIV), the key's id in the ring (4 bytes), the nonce (12 bytes) |
 //! | n | payload: the codec's bytes, compressed if flag bit 5, then encrypted if flag bit 6 (the ciphertext followed by its 16-byte tag) |
 //!
 //! Version 2 is version 1 with the two sealing flags and their fields. An entry that is neither

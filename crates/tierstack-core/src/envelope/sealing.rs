@@ -1,5 +1,5 @@
 //! Sealing: what a cache does to a payload between its codec and the L2. Compression first
-//! (LZ4 blocks, above a size threshold), then authenticated encryption (XChaCha20-Poly1305 with a
+//! (LZ4 blocks, above a size threshold), then authenticated encryption (AES-256-GCM-SIV with a
 //! [`KeyRing`]).
 //!
 //! Encryption authenticates, beside the payload, the store key the entry was written under and
@@ -20,18 +20,19 @@
 
 use std::borrow::Cow;
 
-use chacha20poly1305::aead::{AeadInOut, Generate};
-use chacha20poly1305::{Tag, XNonce};
+use aes_gcm_siv::aead::{AeadInOut, Generate};
+use aes_gcm_siv::{Nonce, Tag};
 
 use super::keys::KeyRing;
 use super::{EXPIRES_AT, EnvelopeError};
 
 /// The id of LZ4 block compression in the envelope.
 pub(super) const COMPRESSION_LZ4: u8 = 1;
-/// The id of XChaCha20-Poly1305 in the envelope.
+/// The id of AES-256-GCM-SIV in the envelope.
 pub(super) const ENCRYPTION_XCHACHA20_POLY1305: u8 = 1;
-/// The length of a nonce (192 bits: random nonces never repeat in practice).
-pub(super) const NONCE_LEN: usize = 24;
+/// The length of a nonce (96 bits, random: AES-GCM-SIV derives a key per nonce, and a nonce
+/// drawn twice reveals only that two equal values under equal headers are equal).
+pub(super) const NONCE_LEN: usize = 12;
 /// The length of the authentication tag after the ciphertext.
 pub(super) const TAG_LEN: usize = 16;
 /// The most an LZ4 block expands: a run costs one byte per 255 bytes of output.
@@ -169,11 +170,11 @@ impl Sealing {
     }
 
     /// The current key's id and a fresh nonce, when this sealing encrypts.
-    pub(super) fn encryption_header(&self) -> Result<Option<(u32, XNonce)>, EnvelopeError> {
+    pub(super) fn encryption_header(&self) -> Result<Option<(u32, Nonce)>, EnvelopeError> {
         let Some(encryption) = &self.encryption else {
             return Ok(None);
         };
-        let nonce = XNonce::try_generate().map_err(|_| EnvelopeError::NoRandomness)?;
+        let nonce = Nonce::try_generate().map_err(|_| EnvelopeError::NoRandomness)?;
         Ok(Some((encryption.ring.current_id(), nonce)))
     }
 
@@ -183,7 +184,7 @@ impl Sealing {
         &self,
         store_key: &str,
         authenticated: &[u8],
-        nonce: &XNonce,
+        nonce: &Nonce,
         payload: &mut [u8],
     ) -> Result<Tag, EnvelopeError> {
         let Some(encryption) = &self.encryption else {
@@ -217,7 +218,7 @@ impl Sealing {
                 // Parsing checked that the payload holds a tag.
                 let (ciphertext, tag) = envelope.payload.split_at(envelope.payload.len() - TAG_LEN);
                 let tag = Tag::try_from(tag).map_err(|_| EnvelopeError::Unauthentic)?;
-                let nonce = XNonce::from(*sealed.nonce);
+                let nonce = Nonce::from(*sealed.nonce);
                 let data = associated_data(store_key, envelope.authenticated);
                 let mut plain = ciphertext.to_vec();
                 cipher
@@ -668,5 +669,5 @@ mod tests {
         ));
     }
 
-    const ENCRYPTION_FIELD: usize = 29;
+    const ENCRYPTION_FIELD: usize = 17;
 }
