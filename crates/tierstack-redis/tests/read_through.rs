@@ -22,10 +22,7 @@ struct Service {
 
 impl Service {
     async fn new(test: &str) -> Self {
-        let config = RedisConfig::from_url(&common::redis_url())
-            .unwrap()
-            .key_prefix(&common::unique_prefix(test));
-        let raw = RedisStore::connect(&config).await.unwrap();
+        let (config, raw) = common::prefixed(test).await;
         Self { config, raw }
     }
 

@@ -27,6 +27,15 @@ fn encrypted(fx: &Fixture, namespace: &str, keys: &str) -> TieredCache<String> {
         .unwrap()
 }
 
+/// An instance moving to encryption: it writes encrypted entries and still reads plaintext.
+fn migrating(fx: &Fixture) -> TieredCache<String> {
+    fx.builder("users")
+        .without_l1()
+        .encryption(Encryption::new(ring(&format!("1:{KEY_1}"))).accept_plaintext(true))
+        .build()
+        .unwrap()
+}
+
 fn json_like(records: usize) -> String {
     (0..records)
         .map(|i| format!("{{\"id\":{i},\"name\":\"user {i}\",\"active\":true}}"))
@@ -164,12 +173,7 @@ async fn tampered_swapped_and_planted_entries_are_counted_misses_and_deleted() {
         .set("legacy", "written before encryption".into())
         .await
         .unwrap();
-    let migrating = fx
-        .builder("users")
-        .without_l1()
-        .encryption(Encryption::new(ring(&format!("1:{KEY_1}"))).accept_plaintext(true))
-        .build()
-        .unwrap();
+    let migrating = migrating(&fx);
     assert_eq!(
         migrating.get("legacy").await.unwrap().as_deref(),
         Some("written before encryption")
@@ -251,12 +255,7 @@ async fn fail_safe_never_seals_a_plaintext_value_it_serves() {
         })
         .await
         .unwrap();
-    let migrating = fx
-        .builder("users")
-        .without_l1()
-        .encryption(Encryption::new(ring(&format!("1:{KEY_1}"))).accept_plaintext(true))
-        .build()
-        .unwrap();
+    let migrating = migrating(&fx);
     migrating
         .get_or_load_with("sealed", &options, || {
             std::future::ready(Ok::<_, std::io::Error>("sealed".to_owned()))

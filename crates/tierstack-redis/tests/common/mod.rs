@@ -29,6 +29,16 @@ pub fn unique_prefix(test: &str) -> String {
     format!("t-{test}-{nanos}:")
 }
 
+/// The configuration of the run's Redis under a key prefix of `test`'s own, and a store on it
+/// to look at what Redis holds.
+pub async fn prefixed(test: &str) -> (RedisConfig, RedisStore) {
+    let config = RedisConfig::from_url(&redis_url())
+        .unwrap()
+        .key_prefix(&unique_prefix(test));
+    let raw = RedisStore::connect(&config).await.unwrap();
+    (config, raw)
+}
+
 pub async fn standalone(test: &str) -> RedisStore {
     let config = RedisConfig::from_url(&redis_url())
         .unwrap()
