@@ -36,6 +36,26 @@
 //! [`tag`](crate::tag)); readers compare them with the records to tell whether a tag was
 //! invalidated since.
 //!
+//! # Encryption
+//!
+//! Encryption authenticates, beside the payload, the store key the entry was written under and
+//! every byte of the envelope before the payload except the expiry (which stores rewrite when
+//! they change a time to live): a ciphertext copied under another key, namespace or tenant, or
+//! given other flags, tags, a write time or a fresh-until, does not decrypt.
+//!
+//! What it does not stop, by design of a cache without state of its own: someone who can write
+//! to the L2 can put back an earlier ciphertext of the *same* key (a replay, also over a
+//! delete's tombstone, which carries no secret and is not encrypted), extend an entry's expiry,
+//! delete entries, or wind a tag's record back (records are not encrypted) to revive the
+//! entries its tag invalidated. What stays readable in the L2: the key, the tag names, the
+//! timestamps, whether an entry is a cached "not found", the key id and the payload's length
+//! (with compression, both lengths: do not compress values that mix secrets with text an
+//! attacker chooses, as compression then leaks through length). Two applications that share a
+//! key ring and a Redis under different key prefixes can read each other's entries under the
+//! same namespaced key: give each its own ring.
+//!
+//! # Parsing
+//!
 //! Parsing checks every field before it touches the payload: bytes that are truncated, of another
 //! version or codec, carry unknown flags, or claim a payload over the cap are an [`EnvelopeError`]
 //! (which readers treat as a miss), never a panic and never an allocation.

@@ -2,21 +2,8 @@
 //! (LZ4 blocks, above a size threshold), then authenticated encryption (AES-256-GCM-SIV with a
 //! [`KeyRing`]).
 //!
-//! Encryption authenticates, beside the payload, the store key the entry was written under and
-//! every byte of the envelope before the payload except the expiry (which stores rewrite when
-//! they change a time to live): a ciphertext copied under another key, namespace or tenant, or
-//! given other flags, tags, a write time or a fresh-until, does not decrypt.
-//!
-//! What it does not stop, by design of a cache without state of its own: someone who can write
-//! to the L2 can put back an earlier ciphertext of the *same* key (a replay, also over a
-//! delete's tombstone, which carries no secret and is not encrypted), extend an entry's expiry,
-//! delete entries, or wind a tag's record back (records are not encrypted) to revive the
-//! entries its tag invalidated. What stays readable in the L2: the key, the tag names, the
-//! timestamps, whether an entry is a cached "not found", the key id and the payload's length
-//! (with compression, both lengths: do not compress values that mix secrets with text an
-//! attacker chooses, as compression then leaks through length). Two applications that share a
-//! key ring and a Redis under different key prefixes can read each other's entries under the
-//! same namespaced key: give each its own ring.
+//! What encryption authenticates and what it does not stop: see the [envelope](crate::envelope)
+//! module.
 
 use std::borrow::Cow;
 
@@ -86,7 +73,7 @@ impl Compression {
 ///
 /// By default a cache that encrypts refuses to read plaintext entries (they read as misses and
 /// are replaced): someone with write access to the L2 but without the key cannot plant a new
-/// value (see the [module](self) for what they can still do). While moving an existing cache to
+/// value (see the [envelope](crate::envelope) module for what they can still do). While moving an existing cache to
 /// encryption, [`accept_plaintext`](Self::accept_plaintext) reads the entries written before it.
 #[derive(Debug, Clone)]
 pub struct Encryption {
