@@ -313,3 +313,61 @@ async fn entries_of_a_key_this_instance_lacks_are_deleted() {
     );
     assert_eq!(rotated.get("k").await.unwrap().as_deref(), Some("v1"));
 }
+
+/// Bad sealed bytes in L2, through the cache: a truncated encrypted entry, a compressed entry
+/// whose claimed length was rewritten to 4 GiB (a bomb) and one whose block was cut, each a
+/// counted miss that is deleted; and a value too large to write leaves the old one in place.
+#[tokio::test]
+async fn truncated_and_bomb_entries_are_counted_misses_and_nothing_is_lost() {
+    let fx = Fixture::new();
+    let cache = fx
+        .builder("docs")
+        .without_l1()
+        .compression(Compression::lz4())
+        .encryption(Encryption::new(ring(&format!("1:{KEY_1}"))))
+        .max_value_len(64 * 1024)
+        .build()
+        .unwrap();
+    let compressing = fx
+        .builder("docs")
+        .without_l1()
+        .compression(Compression::lz4())
+        .max_value_len(64 * 1024)
+        .build()
+        .unwrap();
+    cache.set("sealed", json_like(200)).await.unwrap();
+    compressing.set("packed", json_like(200)).await.unwrap();
+    let sealed = stored(&fx, "docs:sealed").await;
+    let packed = stored(&fx, "docs:packed").await;
+    let parsed = Envelope::parse::<BincodeCodec>(&packed, 1 << 20).unwrap();
+    // The compression field's length sits just before the payload.
+    let claim_at = packed.len() - parsed.payload.len() - 4;
+    let mut bomb = packed.clone();
+    bomb[claim_at..claim_at + 4].copy_from_slice(&u32::MAX.to_le_bytes());
+    let mut cut_block = packed.clone();
+    cut_block.truncate(packed.len() - 10);
+    let payload_len = u32::try_from(parsed.payload.len() - 10).unwrap();
+    cut_block[21..25].copy_from_slice(&payload_len.to_le_bytes());
+    let cases = [
+        ("truncated", &cache, sealed[..sealed.len() - 1].to_vec()),
+        ("bomb", &compressing, bomb),
+        ("cut-block", &compressing, cut_block),
+    ];
+    for (i, (name, reader, bytes)) in cases.into_iter().enumerate() {
+        fx.l2
+            .put_raw(&format!("docs:{name}"), bytes, Duration::from_secs(60));
+        assert_eq!(reader.get(name).await.unwrap(), None, "{name}");
+        let counted = cache.stats().corrupt_entries + compressing.stats().corrupt_entries;
+        assert_eq!(counted, i as u64 + 1, "{name} counted");
+        assert!(
+            fx.l2.get(&format!("docs:{name}")).await.unwrap().is_none(),
+            "{name} deleted"
+        );
+    }
+    // Too large before compression: refused, and the value written before stays.
+    assert!(matches!(
+        cache.set("sealed", json_like(5_000)).await,
+        Err(tierstack::CacheError::ValueTooLarge { .. })
+    ));
+    assert_eq!(cache.get("sealed").await.unwrap(), Some(json_like(200)));
+}

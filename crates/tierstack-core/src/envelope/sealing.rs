@@ -151,6 +151,15 @@ impl Sealing {
         self.encryption.as_ref()
     }
 
+    /// Whether this sealing vouches for `envelope`'s contents: it does not encrypt, or the entry
+    /// is encrypted (and so authenticated once it opens). A plaintext entry that a cache which
+    /// encrypts reads under [`Encryption::accept_plaintext`] may have been planted by anyone
+    /// with write access to the L2: nothing built from it may be written back sealed, which
+    /// would make it authentic.
+    pub fn vouches_for(&self, envelope: &super::Envelope<'_>) -> bool {
+        self.encryption.is_none() || envelope.is_encrypted()
+    }
+
     /// The compressed form of `raw`, when this sealing compresses and it pays.
     pub(super) fn compress(&self, raw: &[u8]) -> Option<Vec<u8>> {
         self.compression.and_then(|c| c.compress(raw))

@@ -339,13 +339,11 @@ where
     }
 
     /// Whether a value read from the L2 bytes `seen` may be written back sealed (as fail-safe
-    /// re-arms a stale value): not when this cache encrypts and the bytes were plaintext, which
-    /// only [`Encryption::accept_plaintext`](tierstack_core::envelope::Encryption) let through
-    /// and which anyone with write access to the L2 may have planted: sealing it would make it
-    /// authentic.
+    /// re-arms a stale value): only if this cache's sealing vouches for them
+    /// ([`Sealing::vouches_for`](tierstack_core::envelope::Sealing::vouches_for)).
     pub(super) fn may_reseal(&self, seen: &[u8]) -> bool {
-        self.settings.sealing.encryption_setting().is_none()
-            || Envelope::parse::<C>(seen, usize::MAX).is_ok_and(|e| e.is_encrypted())
+        Envelope::parse::<C>(seen, usize::MAX)
+            .is_ok_and(|envelope| self.settings.sealing.vouches_for(&envelope))
     }
 
     /// The envelope of `value` under `key`, sealed as this cache seals its payloads.

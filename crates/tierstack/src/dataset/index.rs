@@ -80,7 +80,7 @@ impl Index {
         if envelope.negative || envelope.tombstone {
             return None;
         }
-        if sealing.encryption_setting().is_some() && !envelope.is_encrypted() {
+        if !sealing.vouches_for(&envelope) {
             return None;
         }
         let payload = sealing.open(&envelope, store_key, MAX_INDEX_LEN).ok()?;
