@@ -368,7 +368,7 @@ fn split_sealing_fields(
         let (Ok(key_id), Ok(nonce)) = (<[u8; 4]>::try_from(key_id), nonce.try_into()) else {
             return Err(EnvelopeError::MalformedSealing);
         };
-        if algorithm[0] != sealing::ENCRYPTION_XCHACHA20_POLY1305 || rest.len() < sealing::TAG_LEN {
+        if algorithm[0] != sealing::ENCRYPTION_AES_256_GCM_SIV || rest.len() < sealing::TAG_LEN {
             return Err(EnvelopeError::MalformedSealing);
         }
         let sealed = Sealed {
@@ -513,7 +513,7 @@ pub fn encode_sealed<C: Codec, T: Serialize + ?Sized>(
     };
     if let Some((key_id, nonce)) = &encryption {
         out[4] |= FLAG_ENCRYPTED;
-        out.push(sealing::ENCRYPTION_XCHACHA20_POLY1305);
+        out.push(sealing::ENCRYPTION_AES_256_GCM_SIV);
         out.extend_from_slice(&key_id.to_le_bytes());
         out.extend_from_slice(nonce.as_slice());
     }

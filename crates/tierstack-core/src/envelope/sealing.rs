@@ -16,7 +16,7 @@ use super::{EXPIRES_AT, EnvelopeError};
 /// The id of LZ4 block compression in the envelope.
 pub(super) const COMPRESSION_LZ4: u8 = 1;
 /// The id of AES-256-GCM-SIV in the envelope.
-pub(super) const ENCRYPTION_XCHACHA20_POLY1305: u8 = 1;
+pub(super) const ENCRYPTION_AES_256_GCM_SIV: u8 = 1;
 /// The length of a nonce (96 bits, random: AES-GCM-SIV derives a key per nonce, and a nonce
 /// drawn twice reveals only that two equal values under equal headers are equal).
 pub(super) const NONCE_LEN: usize = 12;
