@@ -48,12 +48,54 @@ pub(crate) fn run(step: Option<&str>) -> Result<(), String> {
     if let Some(step) = step {
         return run_step(step);
     }
+    report_free_space();
     for step in STEPS {
         eprintln!("\n== ci: {step}");
         run_step(step)?;
     }
     eprintln!("\n== ci: all steps passed");
     Ok(())
+}
+
+/// About what a cold run needs on the target folder's disk: the debug builds of clippy, doc and
+/// the ~75 test binaries, and the release build of the benchmarks (about 7.5 GB measured).
+const COLD_RUN_NEEDS_GB: u64 = 10;
+
+/// Prints the free space where the builds go, and warns below what a cold run needs: a full
+/// disk shows up as a linker killed by SIGBUS, far from its cause.
+fn report_free_space() {
+    let target = crate::cmd::target_dir();
+    let probe = if target.exists() {
+        target
+    } else {
+        crate::cmd::root()
+    };
+    let output = std::process::Command::new("df")
+        .args(["-Pk"])
+        .arg(&probe)
+        .output();
+    let free_kb = output.ok().and_then(|out| {
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.lines()
+            .nth(1)?
+            .split_whitespace()
+            .nth(3)?
+            .parse::<u64>()
+            .ok()
+    });
+    match free_kb {
+        Some(kb) => {
+            let gb = kb / (1024 * 1024);
+            eprintln!("ci: {gb} GB free for {}", probe.display());
+            if gb < COLD_RUN_NEEDS_GB {
+                eprintln!(
+                    "ci: warning: a cold run needs about {COLD_RUN_NEEDS_GB} GB; free space or \
+                     point CARGO_TARGET_DIR at a larger disk"
+                );
+            }
+        }
+        None => eprintln!("ci: could not read the free space of {}", probe.display()),
+    }
 }
 
 /// Starts the servers the tests need, runs every test, and stops the servers whatever happened.

@@ -12,14 +12,14 @@ use std::fmt;
 use std::path::Path;
 use std::sync::Arc;
 
-use aes_gcm_siv::Aes256GcmSiv;
-use aes_gcm_siv::aead::KeyInit;
 use zeroize::Zeroizing;
+
+use super::xaes::XaesKey;
 
 use crate::error::{CacheError, Result};
 
-/// The length of a key in bytes (AES-256-GCM-SIV takes 256-bit keys).
-pub const KEY_LEN: usize = 32;
+/// The length of a key in bytes (XAES-256-GCM takes 256-bit keys).
+pub const KEY_LEN: usize = super::xaes::KEY_LEN;
 
 /// The most keys a ring holds: rotation needs two or three, and every key costs a lookup only
 /// when an entry names it.
@@ -85,8 +85,8 @@ fn hex_digit(c: u8) -> Option<u8> {
 #[derive(Clone)]
 pub struct KeyRing {
     current: u32,
-    /// Every key with its id, the current one first. Each cipher zeroizes its key when dropped.
-    keys: Arc<[(u32, Aes256GcmSiv)]>,
+    /// Every key with its id, the current one first. Each zeroizes its key material when dropped.
+    keys: Arc<[(u32, Arc<XaesKey>)]>,
 }
 
 impl KeyRing {
@@ -192,15 +192,15 @@ impl KeyRing {
     }
 
     /// The cipher of the current key.
-    pub(crate) fn current(&self) -> &Aes256GcmSiv {
+    pub(crate) fn current(&self) -> &XaesKey {
         &self.keys[0].1
     }
 
     /// The cipher of the key `id`, if the ring holds it.
-    pub(crate) fn get(&self, id: u32) -> Option<&Aes256GcmSiv> {
+    pub(crate) fn get(&self, id: u32) -> Option<&XaesKey> {
         self.keys
             .iter()
-            .find_map(|(held, cipher)| (*held == id).then_some(cipher))
+            .find_map(|(held, cipher)| (*held == id).then_some(&**cipher))
     }
 }
 
@@ -213,10 +213,8 @@ impl fmt::Debug for KeyRing {
     }
 }
 
-fn cipher(key: &EncryptionKey) -> Aes256GcmSiv {
-    // From the slice: no copy of the key on this stack frame. The length is the type's.
-    Aes256GcmSiv::new_from_slice(&key.0[..])
-        .unwrap_or_else(|_| unreachable!("a key of {KEY_LEN} bytes"))
+fn cipher(key: &EncryptionKey) -> Arc<XaesKey> {
+    Arc::new(XaesKey::new(&key.0))
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@
 //! | 8 | fresh until, ms since the Unix epoch (only with flag bit 2) |
 //! | t | tags (only with flag bit 4): a count (1 to 16), then per tag its length (1 byte), its UTF-8 bytes, and the incarnation and counter of its record (8 bytes each) |
 //! | 5 | compression (only with flag bit 5): the algorithm (1 = LZ4 block), then the payload's length before compression (4 bytes) |
-//! | 17 | encryption (only with flag bit 6): the algorithm (1 = AES-256-GCM-SIV), the key's id in the ring (4 bytes), the nonce (12 bytes) |
+//! | 29 | encryption (only with flag bit 6): the algorithm (1 = XAES-256-GCM), the key's id in the ring (4 bytes), the nonce (24 bytes) |
 //! | n | payload: the codec's bytes, compressed if flag bit 5, then encrypted if flag bit 6 (the ciphertext followed by its 16-byte tag) |
 //!
 //! Version 2 is version 1 with the two sealing flags and their fields. An entry that is neither
@@ -64,6 +64,7 @@
 
 mod keys;
 mod sealing;
+mod xaes;
 
 pub use keys::{EncryptionKey, KEY_LEN, KeyRing, MAX_KEYS};
 pub use sealing::{Compression, DEFAULT_COMPRESSION_THRESHOLD, Encryption, Sealing, decompress};
@@ -101,7 +102,7 @@ const SEALING_FLAGS: u8 = FLAG_COMPRESSED | FLAG_ENCRYPTED;
 /// The length of the compression field: the algorithm and the length before compression.
 const COMPRESSION_LEN: usize = 5;
 /// The length of the encryption field: the algorithm, the key id and the nonce.
-const ENCRYPTION_LEN: usize = 1 + 4 + sealing::NONCE_LEN;
+const ENCRYPTION_LEN: usize = 1 + 4 + xaes::NONCE_LEN;
 /// The length of the optional fresh-until field.
 const FRESH_UNTIL_LEN: usize = 8;
 /// The length of a tombstone's payload: its nonce.
@@ -225,7 +226,7 @@ pub struct Envelope<'a> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Sealed<'a> {
     key_id: u32,
-    nonce: &'a [u8; sealing::NONCE_LEN],
+    nonce: &'a [u8; xaes::NONCE_LEN],
 }
 
 impl<'a> Envelope<'a> {
@@ -368,7 +369,7 @@ fn split_sealing_fields(
         let (Ok(key_id), Ok(nonce)) = (<[u8; 4]>::try_from(key_id), nonce.try_into()) else {
             return Err(EnvelopeError::MalformedSealing);
         };
-        if algorithm[0] != sealing::ENCRYPTION_AES_256_GCM_SIV || rest.len() < sealing::TAG_LEN {
+        if algorithm[0] != sealing::ENCRYPTION_XAES_256_GCM || rest.len() < xaes::TAG_LEN {
             return Err(EnvelopeError::MalformedSealing);
         }
         let sealed = Sealed {
@@ -505,17 +506,17 @@ pub fn encode_sealed<C: Codec, T: Serialize + ?Sized>(
         out.extend_from_slice(&(raw.len() as u32).to_le_bytes());
     }
     let body = compressed.unwrap_or(raw);
-    let encryption = sealing.encryption_header().map_err(CacheError::from)?;
+    let encryption = sealing.sealer().map_err(CacheError::from)?;
     let tag_len = if encryption.is_some() {
-        sealing::TAG_LEN
+        xaes::TAG_LEN
     } else {
         0
     };
-    if let Some((key_id, nonce)) = &encryption {
+    if let Some((key_id, sealer)) = &encryption {
         out[4] |= FLAG_ENCRYPTED;
-        out.push(sealing::ENCRYPTION_AES_256_GCM_SIV);
+        out.push(sealing::ENCRYPTION_XAES_256_GCM);
         out.extend_from_slice(&key_id.to_le_bytes());
-        out.extend_from_slice(nonce.as_slice());
+        out.extend_from_slice(&sealer.nonce);
     }
     if out[4] & SEALING_FLAGS != 0 {
         out[2] = VERSION_SEALED;
@@ -529,13 +530,12 @@ pub fn encode_sealed<C: Codec, T: Serialize + ?Sized>(
     let payload_len = (body.len() + tag_len) as u32;
     out[21..25].copy_from_slice(&payload_len.to_le_bytes());
     out.extend_from_slice(&body);
-    let Some((_, nonce)) = encryption else {
+    let Some((_, sealer)) = encryption else {
         return Ok(Bytes::from(out));
     };
     let (authenticated, payload) = out.split_at_mut(sealed_start);
-    let tag = sealing
-        .encrypt(store_key, authenticated, &nonce, payload)
-        .map_err(CacheError::from)?;
+    let tag =
+        sealing::encrypt(&sealer, store_key, authenticated, payload).map_err(CacheError::from)?;
     out.extend_from_slice(tag.as_slice());
     Ok(Bytes::from(out))
 }

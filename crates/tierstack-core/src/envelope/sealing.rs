@@ -1,5 +1,5 @@
 //! Sealing: what a cache does to a payload between its codec and the L2. Compression first
-//! (LZ4 blocks, above a size threshold), then authenticated encryption (AES-256-GCM-SIV with a
+//! (LZ4 blocks, above a size threshold), then authenticated encryption (XAES-256-GCM with a
 //! [`KeyRing`]).
 //!
 //! What encryption authenticates and what it does not stop: see the [envelope](crate::envelope)
@@ -7,21 +7,15 @@
 
 use std::borrow::Cow;
 
-use aes_gcm_siv::aead::{AeadInOut, Generate};
-use aes_gcm_siv::{Nonce, Tag};
-
 use super::keys::KeyRing;
+use super::xaes::TAG_LEN;
+use super::xaes::{Sealer, XaesError};
 use super::{EXPIRES_AT, EnvelopeError};
 
 /// The id of LZ4 block compression in the envelope.
 pub(super) const COMPRESSION_LZ4: u8 = 1;
-/// The id of AES-256-GCM-SIV in the envelope.
-pub(super) const ENCRYPTION_AES_256_GCM_SIV: u8 = 1;
-/// The length of a nonce (96 bits, random: AES-GCM-SIV derives a key per nonce, and a nonce
-/// drawn twice reveals only that two equal values under equal headers are equal).
-pub(super) const NONCE_LEN: usize = 12;
-/// The length of the authentication tag after the ciphertext.
-pub(super) const TAG_LEN: usize = 16;
+/// The id of XAES-256-GCM in the envelope.
+pub(super) const ENCRYPTION_XAES_256_GCM: u8 = 1;
 /// The most an LZ4 block expands: a run costs one byte per 255 bytes of output.
 const MAX_LZ4_RATIO: usize = 255;
 
@@ -165,33 +159,18 @@ impl Sealing {
         self.compression.and_then(|c| c.compress(raw))
     }
 
-    /// The current key's id and a fresh nonce, when this sealing encrypts.
-    pub(super) fn encryption_header(&self) -> Result<Option<(u32, Nonce)>, EnvelopeError> {
+    /// The current key's id and what one write encrypts with (a fresh nonce and its cipher),
+    /// when this sealing encrypts.
+    pub(super) fn sealer(&self) -> Result<Option<(u32, Sealer)>, EnvelopeError> {
         let Some(encryption) = &self.encryption else {
             return Ok(None);
         };
-        let nonce = Nonce::try_generate().map_err(|_| EnvelopeError::NoRandomness)?;
-        Ok(Some((encryption.ring.current_id(), nonce)))
-    }
-
-    /// Encrypts `payload` in place with the current key and returns its tag. `authenticated`
-    /// is the envelope before the payload, complete.
-    pub(super) fn encrypt(
-        &self,
-        store_key: &str,
-        authenticated: &[u8],
-        nonce: &Nonce,
-        payload: &mut [u8],
-    ) -> Result<Tag, EnvelopeError> {
-        let Some(encryption) = &self.encryption else {
-            return Err(EnvelopeError::EncryptionNotConfigured);
-        };
-        let data = associated_data(store_key, authenticated);
-        encryption
+        let sealer = encryption
             .ring
             .current()
-            .encrypt_inout_detached(nonce, &data, payload.into())
-            .map_err(|_| EnvelopeError::Unauthentic)
+            .sealer()
+            .map_err(EnvelopeError::from)?;
+        Ok(Some((encryption.ring.current_id(), sealer)))
     }
 
     /// The codec's bytes of a parsed envelope read under `store_key`: decrypted and
@@ -208,19 +187,14 @@ impl Sealing {
                 let Some(encryption) = &self.encryption else {
                     return Err(EnvelopeError::EncryptionNotConfigured);
                 };
-                let Some(cipher) = encryption.ring.get(sealed.key_id) else {
+                let Some(key) = encryption.ring.get(sealed.key_id) else {
                     return Err(EnvelopeError::UnknownKey { id: sealed.key_id });
                 };
                 // Parsing checked that the payload holds a tag.
                 let (ciphertext, tag) = envelope.payload.split_at(envelope.payload.len() - TAG_LEN);
-                let tag = Tag::try_from(tag).map_err(|_| EnvelopeError::Unauthentic)?;
-                let nonce = Nonce::from(*sealed.nonce);
+                let tag = tag.try_into().map_err(|_| EnvelopeError::Unauthentic)?;
                 let data = associated_data(store_key, envelope.authenticated);
-                let mut plain = ciphertext.to_vec();
-                cipher
-                    .decrypt_inout_detached(&nonce, &data, plain.as_mut_slice().into(), &tag)
-                    .map_err(|_| EnvelopeError::Unauthentic)?;
-                Cow::Owned(plain)
+                Cow::Owned(key.open(sealed.nonce, &data, ciphertext, tag)?)
             }
             None if self
                 .encryption
@@ -256,6 +230,27 @@ pub fn decompress(block: &[u8], raw_len: usize, max: usize) -> Result<Vec<u8>, E
     match lz4_flex::block::decompress_into(block, &mut out) {
         Ok(len) if len == raw_len => Ok(out),
         _ => Err(EnvelopeError::Decompression),
+    }
+}
+
+/// Encrypts `payload` in place with `sealer` and returns its tag. `authenticated` is the
+/// envelope before the payload, complete.
+pub(super) fn encrypt(
+    sealer: &Sealer,
+    store_key: &str,
+    authenticated: &[u8],
+    payload: &mut [u8],
+) -> Result<aes_gcm::Tag, EnvelopeError> {
+    let data = associated_data(store_key, authenticated);
+    Ok(sealer.seal(&data, payload)?)
+}
+
+impl From<XaesError> for EnvelopeError {
+    fn from(err: XaesError) -> Self {
+        match err {
+            XaesError::NoRandomness => Self::NoRandomness,
+            XaesError::Unauthentic => Self::Unauthentic,
+        }
     }
 }
 
@@ -665,5 +660,5 @@ mod tests {
         ));
     }
 
-    const ENCRYPTION_FIELD: usize = 17;
+    const ENCRYPTION_FIELD: usize = 29;
 }
