@@ -516,7 +516,7 @@ pub fn encode_sealed<C: Codec, T: Serialize + ?Sized>(
         out[4] |= FLAG_ENCRYPTED;
         out.push(sealing::ENCRYPTION_XAES_256_GCM);
         out.extend_from_slice(&key_id.to_le_bytes());
-        out.extend_from_slice(&sealer.nonce);
+        out.extend_from_slice(sealer.nonce());
     }
     if out[4] & SEALING_FLAGS != 0 {
         out[2] = VERSION_SEALED;
@@ -535,7 +535,7 @@ pub fn encode_sealed<C: Codec, T: Serialize + ?Sized>(
     };
     let (authenticated, payload) = out.split_at_mut(sealed_start);
     let tag =
-        sealing::encrypt(&sealer, store_key, authenticated, payload).map_err(CacheError::from)?;
+        sealing::encrypt(sealer, store_key, authenticated, payload).map_err(CacheError::from)?;
     out.extend_from_slice(tag.as_slice());
     Ok(Bytes::from(out))
 }

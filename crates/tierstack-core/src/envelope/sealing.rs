@@ -190,9 +190,11 @@ impl Sealing {
                 let Some(key) = encryption.ring.get(sealed.key_id) else {
                     return Err(EnvelopeError::UnknownKey { id: sealed.key_id });
                 };
-                // Parsing checked that the payload holds a tag.
-                let (ciphertext, tag) = envelope.payload.split_at(envelope.payload.len() - TAG_LEN);
-                let tag = tag.try_into().map_err(|_| EnvelopeError::Unauthentic)?;
+                // Parsing checked that the payload holds a tag; `payload` is public, though.
+                let (ciphertext, tag) = envelope
+                    .payload
+                    .split_last_chunk::<TAG_LEN>()
+                    .ok_or(EnvelopeError::Unauthentic)?;
                 let data = associated_data(store_key, envelope.authenticated);
                 Cow::Owned(key.open(sealed.nonce, &data, ciphertext, tag)?)
             }
@@ -236,7 +238,7 @@ pub fn decompress(block: &[u8], raw_len: usize, max: usize) -> Result<Vec<u8>, E
 /// Encrypts `payload` in place with `sealer` and returns its tag. `authenticated` is the
 /// envelope before the payload, complete.
 pub(super) fn encrypt(
-    sealer: &Sealer,
+    sealer: Sealer,
     store_key: &str,
     authenticated: &[u8],
     payload: &mut [u8],
