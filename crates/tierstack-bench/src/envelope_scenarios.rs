@@ -80,16 +80,10 @@ struct Codecs {
 impl Codecs {
     fn encode(&self, value: &String) -> bytes::Bytes {
         let now = Timestamp::from_millis(1_000);
-        let lifetime = Lifetime {
-            written_at: now,
-            fresh_until: now.saturating_add(Duration::from_secs(60)),
-            expires_at: now.saturating_add(Duration::from_secs(60)),
-            stale: false,
-        };
         envelope::encode_sealed(
             &BincodeCodec::default(),
             Some(value),
-            lifetime,
+            Lifetime::plain(now, now.saturating_add(Duration::from_secs(60))),
             None,
             &self.sealing,
             STORE_KEY,

@@ -178,6 +178,9 @@ async fn local_scenarios(options: &RunOptions, sizes: &Sizes) -> Vec<Record> {
     if options.wants("stampede") {
         records.extend(scenarios::stampede(sizes).await);
     }
+    if options.wants("envelope_codec") {
+        records.extend(envelope_scenarios::envelope_codec(sizes).await);
+    }
     records
 }
 
@@ -205,9 +208,6 @@ async fn server_scenarios(options: &RunOptions, sizes: &Sizes) -> Vec<Record> {
     }
     if options.wants("tag_invalidation") {
         records.extend(tag_scenarios::tag_invalidation(sizes).await);
-    }
-    if options.wants("envelope_codec") {
-        records.extend(envelope_scenarios::envelope_codec(sizes).await);
     }
     if options.wants("l2_hit_redis") {
         records.extend(redis_scenarios::l2_hit_redis(sizes).await);

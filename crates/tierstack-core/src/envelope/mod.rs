@@ -391,13 +391,12 @@ pub fn encode<C: Codec, T: Serialize + ?Sized>(
     expires_at: Timestamp,
     max_len: usize,
 ) -> Result<Bytes> {
-    let lifetime = Lifetime {
-        written_at,
-        fresh_until: expires_at,
-        expires_at,
-        stale: false,
-    };
-    encode_entry(codec, value, lifetime, max_len)
+    encode_entry(
+        codec,
+        value,
+        Lifetime::plain(written_at, expires_at),
+        max_len,
+    )
 }
 
 /// When an entry was written, until when it is fresh, and when it leaves the store.
@@ -411,6 +410,18 @@ pub struct Lifetime {
     pub expires_at: Timestamp,
     /// A stale value written back after the origin failed.
     pub stale: bool,
+}
+
+impl Lifetime {
+    /// An entry written at `written_at`, fresh until it expires at `expires_at` (no fail-safe).
+    pub fn plain(written_at: Timestamp, expires_at: Timestamp) -> Self {
+        Self {
+            written_at,
+            fresh_until: expires_at,
+            expires_at,
+            stale: false,
+        }
+    }
 }
 
 /// Encodes `value` (or a negative entry for `None`) with `codec` into an envelope with

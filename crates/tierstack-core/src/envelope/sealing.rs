@@ -8,8 +8,7 @@
 use std::borrow::Cow;
 
 use super::keys::KeyRing;
-use super::xaes::TAG_LEN;
-use super::xaes::{Sealer, XaesError};
+use super::xaes::{Sealer, TAG_LEN, XaesError};
 use super::{EXPIRES_AT, EnvelopeError};
 
 /// The id of LZ4 block compression in the envelope.

@@ -51,18 +51,10 @@ impl Index {
         now: Timestamp,
         lives: Duration,
     ) -> Result<Bytes> {
-        let expires_at = now.saturating_add(lives);
-        let lifetime = Lifetime {
-            written_at: now,
-            fresh_until: expires_at,
-            expires_at,
-            stale: false,
-        };
-        let codec = BincodeCodec::default();
         envelope::encode_sealed(
-            &codec,
+            &BincodeCodec::default(),
             Some(self),
-            lifetime,
+            Lifetime::plain(now, now.saturating_add(lives)),
             None,
             sealing,
             store_key,
@@ -106,6 +98,7 @@ pub(super) fn fingerprint<V: Serialize>(value: &V) -> Result<u128> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tierstack_core::envelope::{Encryption, EncryptionKey, KeyRing};
 
     #[test]
     fn an_index_survives_its_encoding() {
@@ -139,11 +132,8 @@ mod tests {
         );
         // Sealed: it opens under its own key only, and a cache that requires encryption
         // ignores a plaintext index.
-        let ring = tierstack_core::envelope::KeyRing::new(
-            1,
-            &tierstack_core::envelope::EncryptionKey::from_bytes([3; 32]),
-        );
-        let sealed = Sealing::none().encryption(tierstack_core::envelope::Encryption::new(ring));
+        let ring = KeyRing::new(1, &EncryptionKey::from_bytes([3; 32]));
+        let sealed = Sealing::none().encryption(Encryption::new(ring.clone()));
         let bytes_sealed = index
             .encode(&sealed, "ns!dataset:index", now, Duration::from_secs(60))
             .unwrap();
@@ -160,13 +150,7 @@ mod tests {
             Index::decode(&plain, "ns!dataset:index", &bytes_sealed),
             None
         );
-        let migrating = Sealing::none().encryption(
-            tierstack_core::envelope::Encryption::new(tierstack_core::envelope::KeyRing::new(
-                1,
-                &tierstack_core::envelope::EncryptionKey::from_bytes([3; 32]),
-            ))
-            .accept_plaintext(true),
-        );
+        let migrating = Sealing::none().encryption(Encryption::new(ring).accept_plaintext(true));
         assert_eq!(Index::decode(&migrating, "ns!dataset:index", &bytes), None);
     }
 
