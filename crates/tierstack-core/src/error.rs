@@ -117,6 +117,9 @@ pub enum KeyProblem {
     },
     /// A namespace contained a character outside `[A-Za-z0-9_.-]`.
     BadNamespaceChar,
+    /// The key is `.` or `..`, which a store reached through URL paths cannot carry: URLs
+    /// resolve them away, encoded or not.
+    DotSegment,
 }
 
 impl std::fmt::Display for KeyProblem {
@@ -126,6 +129,9 @@ impl std::fmt::Display for KeyProblem {
             Self::TooLong { len, max } => write!(f, "key is {len} bytes, the maximum is {max}"),
             Self::BadNamespaceChar => {
                 f.write_str("namespaces may only contain ASCII letters, digits, '_', '-' and '.'")
+            }
+            Self::DotSegment => {
+                f.write_str("the keys \".\" and \"..\" cannot travel in a URL path")
             }
         }
     }

@@ -18,13 +18,16 @@
 //! Every call is one request, except:
 //! - [`replace`](Store::replace), which reads the value and swaps it by compare-and-set
 //!   (looking again while other writers come between, at most 64 times);
-//! - [`expire`](Store::expire), which reads the value first: a delete's tombstone (see
-//!   `tierstack_core::envelope`) is no entry to extend;
+//! - [`expire`](Store::expire), which reads the value and writes the same bytes back with the
+//!   new TTL by compare-and-set (at most 3 times while other writers come between): a delete's
+//!   tombstone (see `tierstack_core::envelope`) is no entry to extend, and a tombstone written
+//!   between the read and the write is left as it is;
 //! - bulk reads and writes, sent [`max_bulk`](ServerStore::max_bulk) keys a request.
 //!
 //! The server keeps the tenant's entries apart from every other tenant's, and answers within
 //! its own limits (key and value sizes, TTLs, rate, quota): a refusal is an error here, never
-//! a miss. Keys `.` and `..` cannot be sent (URLs normalise them away) and are refused.
+//! a miss. Keys `.` and `..` cannot be sent (URLs normalise them away) and are refused as
+//! invalid keys ([`KeyProblem::DotSegment`]).
 //! Transport: plain HTTP (a sidecar, a private network); put TLS in front where the network is
 //! not private.
 
@@ -38,7 +41,7 @@ use bytes::Bytes;
 use reqwest::{Method, RequestBuilder, Response, StatusCode};
 use tierstack_core::key::validate_key;
 use tierstack_core::store::{StoreWrite, StoredEntry, validate_prefix, validate_ttl};
-use tierstack_core::{CacheError, Result, Store};
+use tierstack_core::{CacheError, KeyProblem, Result, Store};
 
 mod wire;
 
@@ -48,6 +51,10 @@ const REPLACE_ATTEMPTS: usize = 64;
 
 /// The header of a value's remaining TTL in the server's answers.
 const TTL_HEADER: &str = "x-ttl-ms";
+
+/// How many times [`expire`](Store::expire) reads and rewrites an entry when other writers
+/// come between its read and its rewrite.
+const EXPIRE_ATTEMPTS: usize = 3;
 
 /// A [`Store`] on a `tierstack-server`, as one tenant (its API key).
 #[derive(Clone)]
@@ -154,9 +161,9 @@ impl ServerStore {
     fn entry_path(&self, key: &str, rest: &str) -> Result<String> {
         validate_key(key, self.max_key_len)?;
         if key == "." || key == ".." {
-            return Err(CacheError::Configuration(format!(
-                "the key {key:?} cannot be sent in a URL path (URLs normalise it away)"
-            )));
+            return Err(CacheError::InvalidKey {
+                reason: KeyProblem::DotSegment,
+            });
         }
         Ok(format!("/v1/cache/{}{rest}", wire::encode_segment(key)))
     }
@@ -356,19 +363,27 @@ impl Store for ServerStore {
 
     async fn expire(&self, key: &str, ttl: Duration) -> Result<bool> {
         validate_ttl(ttl)?;
-        match self.get(key).await? {
-            None => return Ok(false),
+        // The server's `touch` cannot tell a tombstone from a value (the bytes are the
+        // tenant's), and a touch after a read races a delete's tombstone. So the bytes read are
+        // written back with the new TTL only if they are still there.
+        for _ in 0..EXPIRE_ATTEMPTS {
+            let Some(value) = self.get(key).await? else {
+                return Ok(false);
+            };
             // A delete's tombstone is no entry: left as it is.
-            Some(value) if tierstack_core::envelope::is_tombstone(&value) => return Ok(false),
-            Some(_) => {}
+            if tierstack_core::envelope::is_tombstone(&value) {
+                return Ok(false);
+            }
+            if self
+                .compare_and_swap(key, &value, Some((&value, ttl)))
+                .await?
+            {
+                return Ok(true);
+            }
         }
-        let path = format!(
-            "{}?ttl_ms={}",
-            self.entry_path(key, "/touch")?,
-            wire::millis(ttl)
-        );
-        let request = self.request(Method::POST, &path);
-        self.flag("expire", request, StatusCode::NOT_FOUND).await
+        // Rewritten under every attempt: each read saw a live entry, and the writes after it
+        // set their own TTLs, so the expire counts as done before them.
+        Ok(true)
     }
 
     async fn ttl(&self, key: &str) -> Result<Option<Duration>> {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tierstack_core::testkit::conformance::{Harness, TimeControl};
-use tierstack_core::{CacheError, Store};
+use tierstack_core::{CacheError, KeyProblem, Store};
 use tierstack_server::{KeyHash, Limits, Server, ServerConfig, TenantName};
 use tierstack_server_client::ServerStore;
 
@@ -118,10 +118,24 @@ async fn the_servers_refusals_are_errors_never_misses() {
         nobody.get("k").await,
         Err(CacheError::Connection { .. })
     ));
-    assert!(matches!(
-        store.get(".").await,
-        Err(CacheError::Configuration(_))
-    ));
+    for dots in [".", ".."] {
+        assert!(matches!(
+            store.get(dots).await,
+            Err(CacheError::InvalidKey {
+                reason: KeyProblem::DotSegment
+            })
+        ));
+    }
+    // Dots within a key travel as they are.
+    store
+        .set(
+            "...",
+            bytes::Bytes::from_static(b"v"),
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
+    assert_eq!(store.get("...").await.unwrap().as_deref(), Some(&b"v"[..]));
     for base in ["http://user:secret@127.0.0.1:1", "https://x", "http://"] {
         let refused = ServerStore::new(base, API_KEY).err().unwrap();
         assert!(!refused.to_string().contains("secret"), "{refused}");
@@ -173,4 +187,40 @@ async fn answers_over_the_clients_value_limit_are_errors() {
     );
     assert!(strict.get_many(&["small", "big"]).await.is_err());
     assert_eq!(store.get("big").await.unwrap(), Some(value));
+}
+
+/// `expire` racing a delete's tombstone never extends the tombstone: it rewrites only the bytes
+/// it read. (Reading and then touching the key, as it once did, extends a tombstone written in
+/// between.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expire_racing_a_tombstone_leaves_it_alone() {
+    use tierstack_core::clock::Timestamp;
+    use tierstack_core::envelope::{encode_tombstone, is_tombstone, tombstone_nonce};
+    let base = server(Limits::default()).await;
+    let expirer = ServerStore::new(&base, API_KEY).unwrap();
+    let deleter = ServerStore::new(&base, API_KEY).unwrap();
+    let short = Duration::from_secs(2);
+    let long = Duration::from_secs(3600);
+    for round in 0..200 {
+        let key = format!("race-{round}");
+        expirer
+            .set(&key, bytes::Bytes::from_static(b"value"), long)
+            .await
+            .unwrap();
+        let tombstone = encode_tombstone::<tierstack_core::codec::BincodeCodec>(
+            Timestamp::EPOCH,
+            Timestamp::from_millis(1),
+            tombstone_nonce(),
+        );
+        let (extended, written) = tokio::join!(
+            expirer.expire(&key, long),
+            deleter.set(&key, tombstone, short)
+        );
+        extended.unwrap();
+        written.unwrap();
+        let stored = expirer.get(&key).await.unwrap().unwrap();
+        assert!(is_tombstone(&stored), "round {round}: the delete came last");
+        let ttl = expirer.ttl(&key).await.unwrap().unwrap();
+        assert!(ttl <= short, "round {round}: the tombstone lives {ttl:?}");
+    }
 }
