@@ -18,16 +18,15 @@
 //! Every call is one request, except:
 //! - [`replace`](Store::replace), which reads the value and swaps it by compare-and-set
 //!   (looking again while other writers come between, at most 64 times);
-//! - [`expire`](Store::expire), which reads the value and writes the same bytes back with the
-//!   new TTL by compare-and-set (at most 3 times while other writers come between): a delete's
-//!   tombstone (see `tierstack_core::envelope`) is no entry to extend, and a tombstone written
-//!   between the read and the write is left as it is;
+//! - [`expire`](Store::expire), which reads the value first: a delete's tombstone (see
+//!   `tierstack_core::envelope`) is no entry to extend (one written between the read and the
+//!   touch is extended, and still reads as no entry);
 //! - bulk reads and writes, sent [`max_bulk`](ServerStore::max_bulk) keys a request.
 //!
 //! The server keeps the tenant's entries apart from every other tenant's, and answers within
 //! its own limits (key and value sizes, TTLs, rate, quota): a refusal is an error here, never
-//! a miss. Keys `.` and `..` cannot be sent (URLs normalise them away) and are refused as
-//! invalid keys ([`KeyProblem::DotSegment`]).
+//! a miss. Keys `.` and `..` cannot be sent in a URL path (URLs resolve them away) and are
+//! refused as invalid keys ([`KeyProblem::DotSegment`]) by every call, bulk calls included.
 //! Transport: plain HTTP (a sidecar, a private network); put TLS in front where the network is
 //! not private.
 
@@ -51,10 +50,6 @@ const REPLACE_ATTEMPTS: usize = 64;
 
 /// The header of a value's remaining TTL in the server's answers.
 const TTL_HEADER: &str = "x-ttl-ms";
-
-/// How many times [`expire`](Store::expire) reads and rewrites an entry when other writers
-/// come between its read and its rewrite.
-const EXPIRE_ATTEMPTS: usize = 3;
 
 /// A [`Store`] on a `tierstack-server`, as one tenant (its API key).
 #[derive(Clone)]
@@ -159,13 +154,21 @@ impl ServerStore {
 
     /// The path of `key`'s entry (and `rest`, such as `/touch`).
     fn entry_path(&self, key: &str, rest: &str) -> Result<String> {
+        self.check_key(key)?;
+        Ok(format!("/v1/cache/{}{rest}", wire::encode_segment(key)))
+    }
+
+    /// Refuses what no path of this client can carry: the core's key rules, and `.` and `..`,
+    /// which URLs resolve away (refused in bulk calls too, so that every key a bulk call
+    /// writes can be read on its own).
+    fn check_key(&self, key: &str) -> Result<()> {
         validate_key(key, self.max_key_len)?;
         if key == "." || key == ".." {
             return Err(CacheError::InvalidKey {
                 reason: KeyProblem::DotSegment,
             });
         }
-        Ok(format!("/v1/cache/{}{rest}", wire::encode_segment(key)))
+        Ok(())
     }
 
     async fn send(&self, operation: &'static str, request: RequestBuilder) -> Result<Response> {
@@ -243,7 +246,7 @@ impl Store for ServerStore {
         let mut found = Vec::with_capacity(keys.len());
         for chunk in keys.chunks(self.max_bulk) {
             for key in chunk {
-                validate_key(key, self.max_key_len)?;
+                self.check_key(key)?;
             }
             let body = serde_json::json!({ "keys": chunk });
             let request = wire::json(self.request(Method::POST, "/v1/bulk/get"), &body);
@@ -281,7 +284,7 @@ impl Store for ServerStore {
         for chunk in writes.chunks(self.max_bulk) {
             let mut entries = Vec::with_capacity(chunk.len());
             for write in chunk {
-                validate_key(write.key, self.max_key_len)?;
+                self.check_key(write.key)?;
                 validate_ttl(write.ttl)?;
                 entries.push(serde_json::json!({
                     "key": write.key,
@@ -363,27 +366,23 @@ impl Store for ServerStore {
 
     async fn expire(&self, key: &str, ttl: Duration) -> Result<bool> {
         validate_ttl(ttl)?;
-        // The server's `touch` cannot tell a tombstone from a value (the bytes are the
-        // tenant's), and a touch after a read races a delete's tombstone. So the bytes read are
-        // written back with the new TTL only if they are still there.
-        for _ in 0..EXPIRE_ATTEMPTS {
-            let Some(value) = self.get(key).await? else {
-                return Ok(false);
-            };
+        match self.get(key).await? {
+            None => return Ok(false),
             // A delete's tombstone is no entry: left as it is.
-            if tierstack_core::envelope::is_tombstone(&value) {
-                return Ok(false);
-            }
-            if self
-                .compare_and_swap(key, &value, Some((&value, ttl)))
-                .await?
-            {
-                return Ok(true);
-            }
+            Some(value) if tierstack_core::envelope::is_tombstone(&value) => return Ok(false),
+            Some(_) => {}
         }
-        // Rewritten under every attempt: each read saw a live entry, and the writes after it
-        // set their own TTLs, so the expire counts as done before them.
-        Ok(true)
+        // A delete's tombstone written between the read and the touch is extended: it still
+        // reads as no entry, and a later write replaces it. Writing the read bytes back by
+        // compare-and-set instead would cost two uploads of the value and pass the server's
+        // quota reservation as a write.
+        let path = format!(
+            "{}?ttl_ms={}",
+            self.entry_path(key, "/touch")?,
+            wire::millis(ttl)
+        );
+        let request = self.request(Method::POST, &path);
+        self.flag("expire", request, StatusCode::NOT_FOUND).await
     }
 
     async fn ttl(&self, key: &str) -> Result<Option<Duration>> {
