@@ -855,3 +855,42 @@ async fn a_failed_conditional_write_leaves_the_stored_value_counted() {
         .await;
     assert_eq!(usage["quota"]["bytes"], 6, "{usage}");
 }
+
+/// A compare-and-set removal gives the room back before it removes (as a delete does, so that
+/// a write racing it stays counted); one whose condition does not hold counts the value that
+/// stays again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_compare_and_set_removal_leaves_the_stored_value_counted() {
+    let limits = Limits {
+        max_bytes: 40,
+        ..Limits::default()
+    };
+    let server = start(config(limits), memory().await).await;
+    let shop = Client::new(&server.base, Some(SHOP_KEY));
+    let admin = Client::new(&server.base, Some(ADMIN_KEY));
+    let value = "x".repeat(30);
+    assert_eq!(shop.put("a", &value).await, StatusCode::NO_CONTENT);
+    let removal = |current: String| {
+        shop.request(Method::POST, "/v1/cache/a/cas")
+            .json(&serde_json::json!({"current": current, "new": null}))
+            .send()
+    };
+    let failed = removal(base64_of(b"wrong")).await.unwrap();
+    assert_eq!(failed.status(), StatusCode::PRECONDITION_FAILED);
+    let usage = admin
+        .json(Method::GET, "/v1/admin/tenants/shop/usage")
+        .await;
+    assert_eq!(usage["quota"]["bytes"], 31, "{usage}");
+    assert_eq!(usage["quota"]["entries"], 1, "{usage}");
+    assert_eq!(
+        shop.put("b", &"y".repeat(10)).await,
+        StatusCode::INSUFFICIENT_STORAGE
+    );
+    let removed = removal(base64_of(value.as_bytes())).await.unwrap();
+    assert_eq!(removed.status(), StatusCode::NO_CONTENT);
+    let usage = admin
+        .json(Method::GET, "/v1/admin/tenants/shop/usage")
+        .await;
+    assert_eq!(usage["quota"]["bytes"], 0, "{usage}");
+    assert_eq!(shop.put("b", &"y".repeat(10)).await, StatusCode::NO_CONTENT);
+}
