@@ -20,8 +20,9 @@
 //!   (looking again while other writers come between, at most 64 times);
 //! - [`expire`](Store::expire), which reads the value first: a delete's tombstone (see
 //!   `tierstack_core::envelope`) is no entry to extend (one written between the read and the
-//!   touch is extended, and still reads as no entry);
-//! - bulk reads and writes, sent [`max_bulk`](ServerStore::max_bulk) keys a request.
+//!   touch is extended, and `expire` answers `true`; it still reads as no entry);
+//! - bulk reads and writes, sent [`max_bulk`](ServerStore::max_bulk) keys a request (every
+//!   key is checked before the first request).
 //!
 //! The server keeps the tenant's entries apart from every other tenant's, and answers within
 //! its own limits (key and value sizes, TTLs, rate, quota): a refusal is an error here, never
@@ -243,11 +244,11 @@ impl Store for ServerStore {
     }
 
     async fn get_many(&self, keys: &[&str]) -> Result<Vec<Option<Bytes>>> {
+        for key in keys {
+            self.check_key(key)?;
+        }
         let mut found = Vec::with_capacity(keys.len());
         for chunk in keys.chunks(self.max_bulk) {
-            for key in chunk {
-                self.check_key(key)?;
-            }
             let body = serde_json::json!({ "keys": chunk });
             let request = wire::json(self.request(Method::POST, "/v1/bulk/get"), &body);
             let response = self.send("get_many", request).await?;
@@ -281,11 +282,14 @@ impl Store for ServerStore {
     }
 
     async fn set_many(&self, writes: &[StoreWrite<'_>]) -> Result<()> {
+        // Every write is checked before the first request: a refused one writes nothing.
+        for write in writes {
+            self.check_key(write.key)?;
+            validate_ttl(write.ttl)?;
+        }
         for chunk in writes.chunks(self.max_bulk) {
             let mut entries = Vec::with_capacity(chunk.len());
             for write in chunk {
-                self.check_key(write.key)?;
-                validate_ttl(write.ttl)?;
                 entries.push(serde_json::json!({
                     "key": write.key,
                     "value": BASE64.encode(&write.value),

@@ -136,6 +136,18 @@ async fn the_servers_refusals_are_errors_never_misses() {
         };
         assert!(dot_segment(&store.set_many(&[write]).await));
     }
+    // A refused key in a later request of a bulk write writes nothing before it.
+    let chunked = ServerStore::new(&base, API_KEY).unwrap().max_bulk(1);
+    let writes: Vec<_> = ["first", ".."]
+        .into_iter()
+        .map(|key| tierstack_core::store::StoreWrite {
+            key,
+            value: bytes::Bytes::from_static(b"v"),
+            ttl: Duration::from_secs(60),
+        })
+        .collect();
+    assert!(dot_segment(&chunked.set_many(&writes).await));
+    assert_eq!(chunked.get("first").await.unwrap(), None);
     // Dots within a key travel as they are.
     store
         .set(

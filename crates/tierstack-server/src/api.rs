@@ -15,7 +15,7 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use bytes::Bytes;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use tierstack::{EntryOptions, Fetched, Skips, Source};
+use tierstack::{EntryOptions, Fetched, Source};
 
 use crate::auth::Caller;
 use crate::error::ApiError;
@@ -387,64 +387,29 @@ pub(crate) async fn compare_and_set(
         }
         None => None,
     };
-    // A removal gives the room back first, as a delete does: a write racing it stays counted.
-    if room.is_none() {
-        state
-            .quotas
-            .release(&entry.tenant, &entry.limits, &[&key])
-            .await;
-    }
     let options = state.data.default_options().with_ttl(ttl);
     let swapped = state
         .data
         .compare_and_set(&entry.storage_key, &current, new, &options)
         .await?;
+    // A swap that did not happen leaves the reservation: no smaller than the value that stays.
     if !swapped {
-        // A write's reservation stays: no smaller than the value that stays. A removal that
-        // did not happen counts again what the key holds.
-        if room.is_none() {
-            recount(&state, &entry, &key).await;
-        }
         return Err(ApiError::precondition_failed());
     }
-    if let (Some(room), Some(reserved)) = (room, reserved) {
-        let rooms = std::slice::from_ref(&room);
-        state.quotas.settle(&entry.tenant, rooms, reserved).await;
+    match (room, reserved) {
+        (Some(room), Some(reserved)) => {
+            let rooms = std::slice::from_ref(&room);
+            state.quotas.settle(&entry.tenant, rooms, reserved).await;
+        }
+        // A removal gives the room back once done (a removal that did not happen keeps it).
+        _ => {
+            state
+                .quotas
+                .release(&entry.tenant, &entry.limits, &[&key])
+                .await;
+        }
     }
     Ok(StatusCode::NO_CONTENT)
-}
-
-/// Counts `key`'s entry, as the backend holds it, against its tenant's quota again: after a
-/// removal that gave its room back did not happen. It counted before, so it fits unless writes
-/// filled the room meanwhile; then it stays uncounted (logged).
-async fn recount(state: &AppState, entry: &Entry, key: &str) {
-    let skips = Skips {
-        l1_read: true,
-        ..Skips::default()
-    };
-    let options = state.data.default_options().with_skips(skips);
-    let Ok(Some(found)) = state.data.get_fetched(&entry.storage_key, &options).await else {
-        return;
-    };
-    let Some(ttl) = found.ttl else { return };
-    let room = Room {
-        key,
-        value_bytes: found.value.len(),
-        ttl,
-    };
-    let rooms = std::slice::from_ref(&room);
-    if let Ok(reserved) = state
-        .quotas
-        .reserve(&entry.tenant, &entry.limits, rooms)
-        .await
-    {
-        state.quotas.settle(&entry.tenant, rooms, reserved).await;
-    } else {
-        tracing::warn!(
-            tenant = entry.tenant.as_str(),
-            "an entry a failed compare-and-set removal gave back is not counted again"
-        );
-    }
 }
 
 #[derive(Serialize)]
