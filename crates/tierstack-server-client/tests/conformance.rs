@@ -126,37 +126,25 @@ async fn the_servers_refusals_are_errors_never_misses() {
             })
         )
     };
+    let write = |key| tierstack_core::store::StoreWrite {
+        key,
+        value: bytes::Bytes::from_static(b"v"),
+        ttl: Duration::from_secs(60),
+    };
     for dots in [".", ".."] {
         assert!(dot_segment(&store.get(dots).await.map(drop)));
         assert!(dot_segment(&store.get_many(&["ok", dots]).await.map(drop)));
-        let write = tierstack_core::store::StoreWrite {
-            key: dots,
-            value: bytes::Bytes::from_static(b"v"),
-            ttl: Duration::from_secs(60),
-        };
-        assert!(dot_segment(&store.set_many(&[write]).await));
+        assert!(dot_segment(&store.set_many(&[write(dots)]).await));
     }
     // A refused key in a later request of a bulk write writes nothing before it.
     let chunked = ServerStore::new(&base, API_KEY).unwrap().max_bulk(1);
-    let writes: Vec<_> = ["first", ".."]
-        .into_iter()
-        .map(|key| tierstack_core::store::StoreWrite {
-            key,
-            value: bytes::Bytes::from_static(b"v"),
-            ttl: Duration::from_secs(60),
-        })
-        .collect();
-    assert!(dot_segment(&chunked.set_many(&writes).await));
+    assert!(dot_segment(
+        &chunked.set_many(&[write("first"), write("..")]).await
+    ));
     assert_eq!(chunked.get("first").await.unwrap(), None);
-    // Dots within a key travel as they are.
-    store
-        .set(
-            "...",
-            bytes::Bytes::from_static(b"v"),
-            Duration::from_secs(60),
-        )
-        .await
-        .unwrap();
+    // Dots within a key travel in a URL path as they are.
+    let dots = write("...");
+    store.set(dots.key, dots.value, dots.ttl).await.unwrap();
     assert_eq!(store.get("...").await.unwrap().as_deref(), Some(&b"v"[..]));
     for base in ["http://user:secret@127.0.0.1:1", "https://x", "http://"] {
         let refused = ServerStore::new(base, API_KEY).err().unwrap();
