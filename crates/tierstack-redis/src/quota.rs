@@ -135,6 +135,48 @@ static RELEASE: LazyLock<Script> = LazyLock::new(|| {
     ))
 });
 
+/// Takes a member out of the ledger. ARGV: purge limit, member. Returns {size, expiry in ms
+/// on the server's clock}, or nothing if it was not in the ledger.
+static TAKE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        r"{PURGE}
+        local size = redis.call('HGET', KEYS[1], ARGV[2])
+        if not size then return {{}} end
+        local expiry = redis.call('ZSCORE', KEYS[2], ARGV[2])
+        redis.call('DECRBY', KEYS[3], size)
+        redis.call('HDEL', KEYS[1], ARGV[2])
+        redis.call('ZREM', KEYS[2], ARGV[2])
+        return {{tonumber(size), tonumber(expiry or '0')}}"
+    ))
+});
+
+/// Puts a taken record back, with no quota check (it was counted before): merged with a
+/// record written meanwhile, the larger size and the later expiry. ARGV: purge limit, member,
+/// size, expiry in ms on the server's clock. Returns 1 if it is in the ledger after.
+static RESTORE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        r"{PURGE}
+        local member, size, expiry = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+        if expiry <= now then return 0 end
+        local old = redis.call('HGET', KEYS[1], member)
+        if old then
+          old = tonumber(old)
+          local old_expiry = tonumber(redis.call('ZSCORE', KEYS[2], member) or '0')
+          if old > size then size = old end
+          if old_expiry > expiry then expiry = old_expiry end
+          redis.call('INCRBY', KEYS[3], size - old)
+        else
+          redis.call('INCRBY', KEYS[3], size)
+        end
+        redis.call('HSET', KEYS[1], member, size)
+        redis.call('ZADD', KEYS[2], expiry, member)
+        for _, key in ipairs(KEYS) do
+          if redis.call('PTTL', key) < expiry - now then redis.call('PEXPIRE', key, expiry - now) end
+        end
+        return 1"
+    ))
+});
+
 /// Gives a member a new expiry. ARGV: purge limit, member, ttl ms. Returns 1 if it was in
 /// the ledger.
 static TOUCH: LazyLock<Script> = LazyLock::new(|| {
@@ -190,6 +232,23 @@ pub enum QuotaDecision {
     TooManyEntries(QuotaUsage),
     /// Refused: the writes would pass the byte quota. The usage without them.
     TooManyBytes(QuotaUsage),
+}
+
+/// A member's record as [`QuotaLedger::take`] took it out of the ledger, to
+/// [`restore`](QuotaLedger::restore) if what it was taken for did not happen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuotaRecord {
+    size: u64,
+    /// On the server's clock, in milliseconds.
+    expiry_ms: u64,
+}
+
+impl QuotaRecord {
+    /// The size it counted.
+    #[must_use]
+    pub fn size(&self) -> u64 {
+        self.size
+    }
 }
 
 /// One write to reserve room for.
@@ -319,6 +378,44 @@ impl QuotaLedger {
             invocation.arg(*member);
         }
         self.conn.script("quota release", &invocation).await
+    }
+
+    /// Takes `member` of `subject` out of the ledger before a removal that may not happen,
+    /// and answers its record (`None` if it held none). Give it back with
+    /// [`restore`](Self::restore) if the removal did not happen. Released before the removal
+    /// rather than after it, a write of the same member racing the removal stays counted: its
+    /// reservation makes a record of its own, which a restore merges with, and which nothing
+    /// drops if the removal happened.
+    ///
+    /// # Errors
+    ///
+    /// An invalid subject or a failed Redis call.
+    pub async fn take(&self, subject: &str, member: &str) -> Result<Option<QuotaRecord>> {
+        let mut invocation = self.invocation(&TAKE, subject)?;
+        invocation.arg(member);
+        let record: Vec<u64> = self.conn.script("quota take", &invocation).await?;
+        Ok(match record[..] {
+            [size, expiry_ms] => Some(QuotaRecord { size, expiry_ms }),
+            _ => None,
+        })
+    }
+
+    /// Puts back `record` of `member`, which [`take`](Self::take) took, with no quota check
+    /// (it was counted before it was taken). If the member was written meanwhile, its record
+    /// keeps the larger size and the later expiry of the two. Answers whether the member is
+    /// in the ledger after (not if the record expired meanwhile).
+    ///
+    /// # Errors
+    ///
+    /// An invalid subject or a failed Redis call.
+    pub async fn restore(&self, subject: &str, member: &str, record: QuotaRecord) -> Result<bool> {
+        let mut invocation = self.invocation(&RESTORE, subject)?;
+        invocation
+            .arg(member)
+            .arg(record.size)
+            .arg(record.expiry_ms);
+        let restored: u8 = self.conn.script("quota restore", &invocation).await?;
+        Ok(restored == 1)
     }
 
     /// Drops every member of `subject` that starts with `prefix`, a round of `HSCAN` at a

@@ -426,6 +426,62 @@ async fn the_quota_ledger_counts_live_entries_and_bytes_per_subject() {
     }
 }
 
+/// A record taken out before a removal goes back whole if the removal does not happen, merged
+/// with one written meanwhile, and not at all once expired.
+#[tokio::test]
+async fn a_taken_record_goes_back_merged_with_a_newer_one() {
+    use tierstack_redis::{QuotaLedger, QuotaUsage};
+    let minute = Duration::from_secs(60);
+    let usage = |entries, bytes| QuotaUsage { entries, bytes };
+    for store in stores("quota-take").await {
+        let ledger = QuotaLedger::new(&store, "server").unwrap();
+        ledger
+            .reserve(
+                "t",
+                QUOTA,
+                &[write("a", 40, minute), write("b", 30, minute)],
+            )
+            .await
+            .unwrap();
+        let taken = ledger.take("t", "a").await.unwrap().unwrap();
+        assert_eq!(taken.size(), 40);
+        assert_eq!(ledger.usage("t").await.unwrap(), usage(1, 30));
+        assert_eq!(ledger.take("t", "a").await.unwrap(), None, "taken once");
+        assert!(ledger.restore("t", "a", taken).await.unwrap());
+        assert_eq!(ledger.usage("t").await.unwrap(), usage(2, 70));
+        // Written meanwhile, smaller and shorter-lived: the restore keeps the larger size, and
+        // the later expiry (the entry outlives a 300 ms sleep).
+        let taken = ledger.take("t", "a").await.unwrap().unwrap();
+        ledger
+            .reserve("t", QUOTA, &[write("a", 5, Duration::from_millis(300))])
+            .await
+            .unwrap();
+        assert!(ledger.restore("t", "a", taken).await.unwrap());
+        assert_eq!(ledger.usage("t").await.unwrap(), usage(2, 70));
+        // No quota check: the record was counted before it was taken.
+        let taken = ledger.take("t", "a").await.unwrap().unwrap();
+        ledger
+            .reserve("t", QUOTA, &[write("c", 70, minute)])
+            .await
+            .unwrap();
+        assert!(ledger.restore("t", "a", taken).await.unwrap());
+        assert_eq!(ledger.usage("t").await.unwrap(), usage(3, 140));
+        // real time: past the 300 ms write's expiry, the restored record still counts.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(ledger.usage("t").await.unwrap(), usage(3, 140));
+        // An expired record stays out, and brings no ledger keys back.
+        ledger
+            .reserve("short", QUOTA, &[write("s", 9, Duration::from_millis(100))])
+            .await
+            .unwrap();
+        let taken = ledger.take("short", "s").await.unwrap().unwrap();
+        // real time: the taken record's expiry passes.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!ledger.restore("short", "s", taken).await.unwrap());
+        assert_eq!(ledger.usage("short").await.unwrap(), usage(0, 0));
+    }
+}
+
 #[tokio::test]
 async fn concurrent_reservations_never_pass_the_quota() {
     let store = common::standalone("quota-race").await;

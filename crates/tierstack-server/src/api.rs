@@ -368,48 +368,81 @@ pub(crate) async fn compare_and_set(
         None => None,
     };
     let ttl = entry.limits.ttl(body_ttl(request.ttl_ms, request.ttl)?)?;
-    let new_len = new.as_ref().map(Bytes::len);
-    let room = new_len.map(|len| Room {
-        key: &key,
-        value_bytes: len,
-        ttl,
-    });
-    let reserved = match &room {
-        Some(room) => {
-            entry.limits.check_value(room.value_bytes)?;
-            let rooms = std::slice::from_ref(room);
-            Some(
-                state
-                    .quotas
-                    .reserve(&entry.tenant, &entry.limits, rooms)
-                    .await?,
-            )
-        }
-        None => None,
-    };
     let options = state.data.default_options().with_ttl(ttl);
+    let swapped = match new {
+        Some(new) => swap_in(&state, &entry, &key, &current, new, ttl, &options).await?,
+        None => remove_if_current(&state, entry, key, current, options).await?,
+    };
+    if swapped {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::precondition_failed())
+    }
+}
+
+/// Writes `new` over `key` if it holds `current`, within the tenant's quota.
+async fn swap_in(
+    state: &AppState,
+    entry: &Entry,
+    key: &str,
+    current: &Bytes,
+    new: Bytes,
+    ttl: Duration,
+    options: &EntryOptions,
+) -> Result<bool, ApiError> {
+    entry.limits.check_value(new.len())?;
+    let room = Room {
+        key,
+        value_bytes: new.len(),
+        ttl,
+    };
+    let rooms = std::slice::from_ref(&room);
+    let reserved = state
+        .quotas
+        .reserve(&entry.tenant, &entry.limits, rooms)
+        .await?;
     let swapped = state
         .data
-        .compare_and_set(&entry.storage_key, &current, new, &options)
+        .compare_and_set(&entry.storage_key, current, Some(new), options)
         .await?;
     // A swap that did not happen leaves the reservation: no smaller than the value that stays.
-    if !swapped {
-        return Err(ApiError::precondition_failed());
+    if swapped {
+        state.quotas.settle(&entry.tenant, rooms, reserved).await;
     }
-    match (room, reserved) {
-        (Some(room), Some(reserved)) => {
-            let rooms = std::slice::from_ref(&room);
-            state.quotas.settle(&entry.tenant, rooms, reserved).await;
+    Ok(swapped)
+}
+
+/// Removes `key` if it holds `current`. Its record leaves the quota ledger first and goes
+/// back if the removal does not happen (or fails: it may not have happened), so that a write
+/// of the same key racing the removal stays counted. The three steps run in a task of their
+/// own: a request dropped between them (a timeout, a client gone) must not leave the record
+/// out while the value stays.
+async fn remove_if_current(
+    state: &Arc<AppState>,
+    entry: Entry,
+    key: String,
+    current: Bytes,
+    options: EntryOptions,
+) -> Result<bool, ApiError> {
+    let state = Arc::clone(state);
+    let removal = tokio::spawn(async move {
+        let taken = state.quotas.take(&entry.tenant, &entry.limits, &key).await;
+        let removed = state
+            .data
+            .compare_and_set(&entry.storage_key, &current, None, &options)
+            .await;
+        if let (Some(taken), false) = (taken, matches!(removed, Ok(true))) {
+            state.quotas.restore(&entry.tenant, &key, taken).await;
         }
-        // A removal gives the room back once done (a removal that did not happen keeps it).
-        _ => {
-            state
-                .quotas
-                .release(&entry.tenant, &entry.limits, &[&key])
-                .await;
+        removed
+    });
+    match removal.await {
+        Ok(removed) => Ok(removed?),
+        Err(error) => {
+            tracing::error!(error = %error, "a compare-and-set removal did not finish");
+            Err(ApiError::unavailable("the removal did not finish"))
         }
     }
-    Ok(StatusCode::NO_CONTENT)
 }
 
 #[derive(Serialize)]

@@ -5,14 +5,18 @@
 //! delete, a prefix delete or a flush gives it back, and an entry leaves the count at its TTL.
 //! It may count an entry the backend dropped early (evicted under memory pressure, say) until
 //! that entry's TTL passes. It can miss an entry whose write raced a delete of the same key, or
-//! whose write timed out but landed, until that key is written or deleted again.
+//! whose write timed out but landed, until that key is written or deleted again. A
+//! compare-and-set removal takes the record out before it removes and puts it back if the
+//! removal does not happen, so a write racing it stays counted.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use tierstack::redis::{QuotaDecision, QuotaLedger, QuotaLimits, QuotaUsage, QuotaWrite};
+use tierstack::redis::{
+    QuotaDecision, QuotaLedger, QuotaLimits, QuotaRecord, QuotaUsage, QuotaWrite,
+};
 
 use crate::error::ApiError;
 use crate::tenant::{Limits, TenantName};
@@ -57,6 +61,13 @@ pub(crate) struct Quotas {
 pub(crate) struct Reserved {
     /// The ledger kept an old record's larger size or later expiry: settle it.
     settle: bool,
+}
+
+/// A record [`Quotas::take`] took out of the ledger, to [`restore`](Quotas::restore).
+#[must_use]
+pub(crate) enum Taken {
+    Local { size: u64, expires: Instant },
+    Shared(QuotaRecord),
 }
 
 /// The limits of `limits` as the ledger takes them (0: none).
@@ -172,6 +183,52 @@ impl Quotas {
         }
     }
 
+    /// Takes `key`'s record out of `tenant`'s ledger before a removal that may not happen:
+    /// [`restore`](Self::restore) it if the removal did not. A write of `key` racing the
+    /// removal then stays counted (released after the removal instead, that write's record
+    /// would go with it). A ledger that cannot be reached takes nothing: the entry stays
+    /// counted until its TTL, logged.
+    pub(crate) async fn take(
+        &self,
+        tenant: &TenantName,
+        limits: &Limits,
+        key: &str,
+    ) -> Option<Taken> {
+        quota_limits(limits)?;
+        match &self.shared {
+            Some(ledger) => match ledger.take(tenant.as_str(), key).await {
+                Ok(record) => record.map(Taken::Shared),
+                Err(error) => {
+                    tracing::warn!(error = %error, "quota not released: counted until the TTL");
+                    None
+                }
+            },
+            None => self
+                .local
+                .take(tenant, key)
+                .map(|(size, expires)| Taken::Local { size, expires }),
+        }
+    }
+
+    /// Puts back a record [`take`](Self::take) took, with no quota check: it was counted
+    /// before. Merged with a record written meanwhile (the larger size, the later expiry). A
+    /// ledger that cannot be reached leaves the entry uncounted until it is written or
+    /// deleted again: logged.
+    pub(crate) async fn restore(&self, tenant: &TenantName, key: &str, taken: Taken) {
+        match (taken, &self.shared) {
+            (Taken::Shared(record), Some(ledger)) => {
+                if let Err(error) = ledger.restore(tenant.as_str(), key, record).await {
+                    tracing::warn!(error = %error, "quota not restored: uncounted until rewritten");
+                }
+            }
+            (Taken::Local { size, expires }, None) => {
+                self.local.restore(tenant, key, size, expires);
+            }
+            // A record goes back to the ledger it came from; a server has one.
+            _ => {}
+        }
+    }
+
     /// Gives back the room of `tenant`'s keys under `prefix`, before they are deleted.
     pub(crate) async fn release_prefix(&self, tenant: &TenantName, limits: &Limits, prefix: &str) {
         if quota_limits(limits).is_none() {
@@ -275,11 +332,12 @@ impl Book {
         }
     }
 
-    fn remove(&mut self, key: &str) {
-        if let Some((size, expires)) = self.entries.remove(key) {
-            self.bytes -= size;
-            self.by_expiry.remove(&(expires, key.to_owned()));
-        }
+    /// Drops `key`'s record, and answers it.
+    fn remove(&mut self, key: &str) -> Option<(u64, Instant)> {
+        let (size, expires) = self.entries.remove(key)?;
+        self.bytes -= size;
+        self.by_expiry.remove(&(expires, key.to_owned()));
+        Some((size, expires))
     }
 
     /// Records `key` at `size`, expiring at `expires`.
@@ -373,6 +431,24 @@ impl LocalLedger {
         });
     }
 
+    fn take(&self, tenant: &TenantName, key: &str) -> Option<(u64, Instant)> {
+        self.book(tenant, |book| book.remove(key))
+    }
+
+    /// As `QuotaLedger::restore`: no quota check, merged with a record written meanwhile.
+    fn restore(&self, tenant: &TenantName, key: &str, size: u64, expires: Instant) {
+        self.book(tenant, |book| {
+            if expires <= Instant::now() {
+                return;
+            }
+            let (size, expires) = match book.entries.get(key) {
+                Some(&(old_size, old_expires)) => (size.max(old_size), expires.max(old_expires)),
+                None => (size, expires),
+            };
+            book.put(key, size, expires);
+        });
+    }
+
     fn release_prefix(&self, tenant: &TenantName, prefix: &str) {
         self.book(tenant, |book| {
             let keys: Vec<String> = book
@@ -463,5 +539,34 @@ mod tests {
         assert_eq!(ledger.usage(&tenant), usage(1, 1));
         ledger.clear(&tenant);
         assert_eq!(ledger.usage(&tenant), usage(0, 0));
+    }
+
+    #[test]
+    fn a_taken_record_goes_back_merged_with_a_newer_one() {
+        let ledger = LocalLedger::default();
+        let tenant = TenantName::new("t").unwrap();
+        let quota = QuotaLimits {
+            max_entries: 2,
+            max_bytes: 100,
+        };
+        let usage = |entries, bytes| QuotaUsage { entries, bytes };
+        let minute = Duration::from_secs(60);
+        let write = |member, size| QuotaWrite {
+            member,
+            size,
+            ttl: minute,
+        };
+        ledger.reserve(&tenant, quota, &[write("a", 40)]);
+        let (size, expires) = ledger.take(&tenant, "a").unwrap();
+        assert_eq!((size, ledger.usage(&tenant)), (40, usage(0, 0)));
+        assert_eq!(ledger.take(&tenant, "a"), None, "taken once");
+        // Written meanwhile, smaller: the restore keeps the larger size, with no quota check.
+        ledger.reserve(&tenant, quota, &[write("a", 5), write("b", 60)]);
+        ledger.restore(&tenant, "a", size, expires);
+        assert_eq!(ledger.usage(&tenant), usage(2, 100));
+        // An expired record stays out.
+        let (size, _) = ledger.take(&tenant, "a").unwrap();
+        ledger.restore(&tenant, "a", size, Instant::now());
+        assert_eq!(ledger.usage(&tenant), usage(1, 60));
     }
 }

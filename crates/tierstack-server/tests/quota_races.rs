@@ -1,0 +1,262 @@
+//! A compare-and-set removal racing a write of the same key, ordered step by step, on both
+//! quota ledgers (this instance's, and the one shared in Redis): whatever the order, the value
+//! that stays is counted.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use common::{ADMIN_KEY, Client, SHOP_KEY, config, memory};
+use reqwest::{Method, StatusCode};
+use tierstack::StoreConfig;
+use tierstack::core::{CacheError, Result, Store};
+use tierstack::redis::{RedisConfig, RedisStore};
+use tierstack_server::Limits;
+use tokio::sync::Notify;
+
+/// Where a [`HeldRemoval`] stops a compare-and-set removal.
+#[derive(Debug, Clone, Copy)]
+enum Hold {
+    /// Before the store sees it: it will find the value written meanwhile, and not remove.
+    BeforeSwap,
+    /// After the store removed: a write lands between the removal and its answer.
+    AfterSwap,
+    /// Not held: it fails, as a store that is down.
+    Fail,
+}
+
+/// A store that stops its first compare-and-set (the removal's: it writes a tombstone; the
+/// test's plain writes take no compare-and-set) where told, signals `reached`, and goes on
+/// once it gets `go`.
+#[derive(Debug)]
+struct HeldRemoval {
+    inner: Arc<dyn Store>,
+    hold: Hold,
+    armed: AtomicBool,
+    reached: Notify,
+    go: Notify,
+}
+
+impl HeldRemoval {
+    /// Stops the first call that comes here; the others pass.
+    async fn stop_here(&self) {
+        if self.armed.swap(false, Ordering::SeqCst) {
+            self.reached.notify_one();
+            self.go.notified().await;
+        }
+    }
+}
+
+#[async_trait]
+impl Store for HeldRemoval {
+    async fn get(&self, key: &str) -> Result<Option<Bytes>> {
+        self.inner.get(key).await
+    }
+    async fn set(&self, key: &str, value: Bytes, ttl: Duration) -> Result<()> {
+        self.inner.set(key, value, ttl).await
+    }
+    async fn set_if_absent(&self, key: &str, value: Bytes, ttl: Duration) -> Result<bool> {
+        self.inner.set_if_absent(key, value, ttl).await
+    }
+    async fn replace(&self, key: &str, value: Bytes, ttl: Duration) -> Result<Option<Bytes>> {
+        self.inner.replace(key, value, ttl).await
+    }
+    async fn compare_and_set(
+        &self,
+        key: &str,
+        current: &[u8],
+        new: Option<(Bytes, Duration)>,
+    ) -> Result<bool> {
+        match self.hold {
+            Hold::BeforeSwap => {
+                self.stop_here().await;
+                self.inner.compare_and_set(key, current, new).await
+            }
+            Hold::AfterSwap => {
+                let removed = self.inner.compare_and_set(key, current, new).await;
+                self.stop_here().await;
+                removed
+            }
+            Hold::Fail => Err(CacheError::backend(
+                "compare_and_set",
+                true,
+                "the store is down",
+            )),
+        }
+    }
+    async fn delete(&self, key: &str) -> Result<bool> {
+        self.inner.delete(key).await
+    }
+    async fn expire(&self, key: &str, ttl: Duration) -> Result<bool> {
+        self.inner.expire(key, ttl).await
+    }
+    async fn ttl(&self, key: &str) -> Result<Option<Duration>> {
+        self.inner.ttl(key).await
+    }
+    async fn delete_prefix(&self, prefix: &str) -> Result<u64> {
+        self.inner.delete_prefix(prefix).await
+    }
+    async fn ping(&self) -> Result<()> {
+        self.inner.ping().await
+    }
+}
+
+/// Which quota ledger the server counts in.
+#[derive(Debug, Clone, Copy)]
+enum Ledger {
+    Local,
+    Redis,
+}
+
+fn limits() -> Limits {
+    Limits {
+        max_entries: 10,
+        max_bytes: 1_000,
+        ..Limits::default()
+    }
+}
+
+/// A server counting in `ledger`, its backend's store wrapped to hold its removal at `stop`.
+async fn server(ledger: Ledger, stop: Hold) -> (common::Running, Arc<HeldRemoval>) {
+    let redis = match ledger {
+        Ledger::Local => None,
+        Ledger::Redis => Some(
+            RedisConfig::from_url(&tierstack_test_support::redis::redis_url())
+                .unwrap()
+                .key_prefix(&unique_prefix()),
+        ),
+    };
+    let mut backend = match &redis {
+        None => memory().await,
+        Some(redis) => StoreConfig::Redis(redis.clone()).connect().await.unwrap(),
+    };
+    let held = Arc::new(HeldRemoval {
+        inner: Arc::clone(&backend.store),
+        hold: stop,
+        armed: AtomicBool::new(true),
+        reached: Notify::new(),
+        go: Notify::new(),
+    });
+    backend.store = held.clone();
+    let running = common::start_with(config(limits()), backend, |server| async move {
+        match redis {
+            None => server,
+            Some(redis) => server
+                .share_quotas(&RedisStore::connect(&redis).await.unwrap())
+                .unwrap(),
+        }
+    })
+    .await;
+    (running, held)
+}
+
+fn unique_prefix() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("t-server-quota-race-{nanos}:")
+}
+
+/// Starts a removal of `key` if it holds `current`, and answers its status once done.
+fn remove_if_current(base: &str, key: &str, current: &str) -> tokio::task::JoinHandle<StatusCode> {
+    use base64::Engine as _;
+    let shop = Client::new(base, Some(SHOP_KEY));
+    let path = format!("/v1/cache/{key}/cas");
+    let current = base64::engine::general_purpose::STANDARD.encode(current);
+    tokio::spawn(async move {
+        shop.request(Method::POST, &path)
+            .json(&serde_json::json!({"current": current, "new": null}))
+            .send()
+            .await
+            .unwrap()
+            .status()
+    })
+}
+
+/// The shop tenant's (entries, bytes) as its quota counts them.
+async fn counted(base: &str) -> (u64, u64) {
+    let usage = Client::new(base, Some(ADMIN_KEY))
+        .json(Method::GET, "/v1/admin/tenants/shop/usage")
+        .await;
+    let quota = &usage["quota"];
+    (
+        quota["entries"].as_u64().unwrap(),
+        quota["bytes"].as_u64().unwrap(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_landing_after_a_removal_stays_counted() {
+    for ledger in [Ledger::Local, Ledger::Redis] {
+        let (server, held) = server(ledger, Hold::AfterSwap).await;
+        let shop = Client::new(&server.base, Some(SHOP_KEY));
+        assert_eq!(shop.put("k", "old value").await, StatusCode::NO_CONTENT);
+        let removal = remove_if_current(&server.base, "k", "old value");
+        held.reached.notified().await;
+        // The removal has removed, but not answered: a write of the same key lands.
+        assert_eq!(shop.put("k", "new").await, StatusCode::NO_CONTENT);
+        held.go.notify_one();
+        assert_eq!(removal.await.unwrap(), StatusCode::NO_CONTENT, "{ledger:?}");
+        let got = shop
+            .request(Method::GET, "/v1/cache/k")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(got.bytes().await.unwrap().as_ref(), b"new", "{ledger:?}");
+        assert_eq!(counted(&server.base).await, (1, 4), "{ledger:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removal_that_does_not_happen_gives_its_record_back() {
+    for ledger in [Ledger::Local, Ledger::Redis] {
+        let (server, held) = server(ledger, Hold::BeforeSwap).await;
+        let shop = Client::new(&server.base, Some(SHOP_KEY));
+        assert_eq!(shop.put("k", "old value").await, StatusCode::NO_CONTENT);
+        let removal = remove_if_current(&server.base, "k", "old value");
+        held.reached.notified().await;
+        // The record is out while the removal runs; a write of the same key lands first.
+        assert_eq!(shop.put("k", "new").await, StatusCode::NO_CONTENT);
+        held.go.notify_one();
+        assert_eq!(
+            removal.await.unwrap(),
+            StatusCode::PRECONDITION_FAILED,
+            "{ledger:?}"
+        );
+        // Restored over the write's record: the larger of the two, until the key is written
+        // again (never less than the value that stays).
+        assert_eq!(counted(&server.base).await, (1, 10), "{ledger:?}");
+        assert_eq!(shop.put("k", "newer").await, StatusCode::NO_CONTENT);
+        assert_eq!(counted(&server.base).await, (1, 6), "{ledger:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removal_that_fails_leaves_the_value_counted() {
+    for ledger in [Ledger::Local, Ledger::Redis] {
+        let (server, _held) = server(ledger, Hold::Fail).await;
+        let shop = Client::new(&server.base, Some(SHOP_KEY));
+        assert_eq!(shop.put("k", "old value").await, StatusCode::NO_CONTENT);
+        let removal = remove_if_current(&server.base, "k", "old value");
+        assert_eq!(
+            removal.await.unwrap(),
+            StatusCode::SERVICE_UNAVAILABLE,
+            "{ledger:?}"
+        );
+        assert_eq!(counted(&server.base).await, (1, 10), "{ledger:?}");
+        // A removal that happens gives the room back.
+        let removed = shop
+            .request(Method::DELETE, "/v1/cache/k")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(removed.status(), StatusCode::NO_CONTENT);
+        assert_eq!(counted(&server.base).await, (0, 0), "{ledger:?}");
+    }
+}
