@@ -9,7 +9,15 @@
 //! A reservation never lowers what the ledger holds for an entry: it keeps the larger size and
 //! the later expiry of the old record and the write's, since the write may fail (or its
 //! condition not hold) and leave the old value in place. Once the write has landed,
-//! [`settle`](QuotaLedger::settle) records it exactly; a reservation says when that is needed.
+//! [`settle`](QuotaLedger::settle) records it exactly, also when a delete released its record
+//! while it was in flight: settle every write that lands.
+//!
+//! A removal that may not happen (a compare-and-set, a delete that can fail)
+//! [`hold`](QuotaLedger::hold)s the entry's record rather than releasing it: the record keeps
+//! counting, apart from any record a write of the entry makes meanwhile, until
+//! [`finish`](QuotaLedger::finish) drops it or merges it back. Releasing first would free room
+//! that a removal which then fails never gave up; releasing after would drop the record of a
+//! write that landed in between.
 
 use std::fmt;
 use std::sync::LazyLock;
@@ -99,18 +107,23 @@ static RESERVE: LazyLock<Script> = LazyLock::new(|| {
     ))
 });
 
-/// Records writes that landed exactly: the size and expiry each asked for, for members still
-/// in the ledger. ARGV: purge limit, then (member, size, ttl ms) per write.
+/// Records writes that landed exactly: the size and expiry each asked for, whether or not
+/// the ledger still held a record for them (a delete may have released one while the write
+/// was in flight). ARGV: purge limit, then (member, size, ttl ms) per write.
 static SETTLE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         r"{PURGE}
+        local longest = 0
         for i = 2, #ARGV, 3 do
-          local old = redis.call('HGET', KEYS[1], ARGV[i])
-          if old then
-            redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
-            redis.call('INCRBY', KEYS[3], tonumber(ARGV[i + 1]) - tonumber(old))
-            redis.call('ZADD', KEYS[2], now + tonumber(ARGV[i + 2]), ARGV[i])
-          end
+          local member, size, ttl = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
+          local old = tonumber(redis.call('HGET', KEYS[1], member) or '0')
+          redis.call('HSET', KEYS[1], member, size)
+          redis.call('INCRBY', KEYS[3], size - old)
+          redis.call('ZADD', KEYS[2], now + ttl, member)
+          if ttl > longest then longest = ttl end
+        end
+        for _, key in ipairs(KEYS) do
+          if redis.call('PTTL', key) < longest then redis.call('PEXPIRE', key, longest) end
         end
         return 0"
     ))
@@ -135,55 +148,70 @@ static RELEASE: LazyLock<Script> = LazyLock::new(|| {
     ))
 });
 
-/// Takes a member out of the ledger. ARGV: purge limit, member. Returns {size, expiry in ms
-/// on the server's clock}, or nothing if it was not in the ledger.
-static TAKE: LazyLock<Script> = LazyLock::new(|| {
+/// Holds a member's record for a removal in flight: moves it to the member's held record
+/// (the field `\xFF` + member, which no UTF-8 member can spell), where it still counts, unless
+/// one is held already. ARGV: purge limit, member. Returns 1 if it held a record.
+static HOLD: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         r"{PURGE}
-        local size = redis.call('HGET', KEYS[1], ARGV[2])
-        if not size then return {{}} end
-        local expiry = redis.call('ZSCORE', KEYS[2], ARGV[2])
-        redis.call('DECRBY', KEYS[3], size)
-        redis.call('HDEL', KEYS[1], ARGV[2])
-        redis.call('ZREM', KEYS[2], ARGV[2])
-        return {{tonumber(size), tonumber(expiry or '0')}}"
-    ))
-});
-
-/// Puts a taken record back, with no quota check (it was counted before): merged with a
-/// record written meanwhile, the larger size and the later expiry. ARGV: purge limit, member,
-/// size, expiry in ms on the server's clock. Returns 1 if it is in the ledger after.
-static RESTORE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(&format!(
-        r"{PURGE}
-        local member, size, expiry = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
-        if expiry <= now then return 0 end
-        local old = redis.call('HGET', KEYS[1], member)
-        if old then
-          old = tonumber(old)
-          local old_expiry = tonumber(redis.call('ZSCORE', KEYS[2], member) or '0')
-          if old > size then size = old end
-          if old_expiry > expiry then expiry = old_expiry end
-          redis.call('INCRBY', KEYS[3], size - old)
-        else
-          redis.call('INCRBY', KEYS[3], size)
-        end
-        redis.call('HSET', KEYS[1], member, size)
-        redis.call('ZADD', KEYS[2], expiry, member)
-        for _, key in ipairs(KEYS) do
-          if redis.call('PTTL', key) < expiry - now then redis.call('PEXPIRE', key, expiry - now) end
-        end
+        local member = ARGV[2]
+        local held = '\255' .. member
+        if redis.call('HEXISTS', KEYS[1], held) == 1 then return 0 end
+        local size = redis.call('HGET', KEYS[1], member)
+        if not size then return 0 end
+        local expiry = redis.call('ZSCORE', KEYS[2], member)
+        redis.call('HDEL', KEYS[1], member)
+        redis.call('ZREM', KEYS[2], member)
+        redis.call('HSET', KEYS[1], held, size)
+        redis.call('ZADD', KEYS[2], expiry, held)
         return 1"
     ))
 });
 
-/// Gives a member a new expiry. ARGV: purge limit, member, ttl ms. Returns 1 if it was in
-/// the ledger.
+/// Ends a hold: drops the held record if the removal happened, else merges it back into the
+/// member's record (one written meanwhile: the larger size and the later expiry). ARGV: purge
+/// limit, member, 1 if removed. Returns 1 if a held record was there.
+static FINISH: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        r"{PURGE}
+        local member = ARGV[2]
+        local held = '\255' .. member
+        local size = redis.call('HGET', KEYS[1], held)
+        if not size then return 0 end
+        size = tonumber(size)
+        local expiry = tonumber(redis.call('ZSCORE', KEYS[2], held))
+        redis.call('HDEL', KEYS[1], held)
+        redis.call('ZREM', KEYS[2], held)
+        if ARGV[3] == '1' then
+          redis.call('DECRBY', KEYS[3], size)
+          return 1
+        end
+        local old = redis.call('HGET', KEYS[1], member)
+        if old then
+          old = tonumber(old)
+          local old_expiry = tonumber(redis.call('ZSCORE', KEYS[2], member) or '0')
+          redis.call('DECRBY', KEYS[3], math.min(old, size))
+          if old > size then size = old end
+          if old_expiry > expiry then expiry = old_expiry end
+        end
+        redis.call('HSET', KEYS[1], member, size)
+        redis.call('ZADD', KEYS[2], expiry, member)
+        return 1"
+    ))
+});
+
+/// Gives a member (and its held record, if any) a new expiry. ARGV: purge limit, member, ttl
+/// ms. Returns 1 if it was in the ledger.
 static TOUCH: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         r"{PURGE}
-        if redis.call('HEXISTS', KEYS[1], ARGV[2]) == 0 then return 0 end
         local ttl = tonumber(ARGV[3])
+        -- A record held by a removal in flight follows the entry too, in case it comes back.
+        local held = '\255' .. ARGV[2]
+        if redis.call('HEXISTS', KEYS[1], held) == 1 then
+          redis.call('ZADD', KEYS[2], now + ttl, held)
+        end
+        if redis.call('HEXISTS', KEYS[1], ARGV[2]) == 0 then return 0 end
         redis.call('ZADD', KEYS[2], now + ttl, ARGV[2])
         for _, key in ipairs(KEYS) do
           if redis.call('PTTL', key) < ttl then redis.call('PEXPIRE', key, ttl) end
@@ -225,30 +253,13 @@ pub enum QuotaDecision {
     /// Recorded; the usage with the writes.
     Admitted(QuotaUsage),
     /// Recorded, and a record holds more than its write asked (an old value's larger size or
-    /// later expiry, kept in case the write does not land): [`settle`](QuotaLedger::settle)
-    /// the writes once they have landed. The usage with the writes.
+    /// later expiry, kept in case the write does not land) until the writes are
+    /// [`settle`](QuotaLedger::settle)d. The usage with the writes.
     AdmittedToSettle(QuotaUsage),
     /// Refused: the writes would pass the entry quota. The usage without them.
     TooManyEntries(QuotaUsage),
     /// Refused: the writes would pass the byte quota. The usage without them.
     TooManyBytes(QuotaUsage),
-}
-
-/// A member's record as [`QuotaLedger::take`] took it out of the ledger, to
-/// [`restore`](QuotaLedger::restore) if what it was taken for did not happen.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct QuotaRecord {
-    size: u64,
-    /// On the server's clock, in milliseconds.
-    expiry_ms: u64,
-}
-
-impl QuotaRecord {
-    /// The size it counted.
-    #[must_use]
-    pub fn size(&self) -> u64 {
-        self.size
-    }
 }
 
 /// One write to reserve room for.
@@ -353,9 +364,11 @@ impl QuotaLedger {
         })
     }
 
-    /// Records `writes` of `subject`, which landed, exactly as they asked (after a
-    /// reservation that answered [`QuotaDecision::AdmittedToSettle`]). Members no longer in
-    /// the ledger (deleted meanwhile) stay out.
+    /// Records `writes` of `subject`, which landed, exactly as they asked: a record the
+    /// reservation kept larger shrinks to the write, and one a delete released while the
+    /// write was in flight comes back (if that delete landed after the write, the record
+    /// counts an entry that is gone until its TTL: high, never low). No quota check: the
+    /// writes were admitted by their reservation.
     ///
     /// # Errors
     ///
@@ -380,42 +393,36 @@ impl QuotaLedger {
         self.conn.script("quota release", &invocation).await
     }
 
-    /// Takes `member` of `subject` out of the ledger before a removal that may not happen,
-    /// and answers its record (`None` if it held none). Give it back with
-    /// [`restore`](Self::restore) if the removal did not happen. Released before the removal
-    /// rather than after it, a write of the same member racing the removal stays counted: its
-    /// reservation makes a record of its own, which a restore merges with, and which nothing
-    /// drops if the removal happened.
+    /// Holds `member`'s record for a removal that may not happen: it stays counted, apart
+    /// from the member's record, until [`finish`](Self::finish) drops it (the removal
+    /// happened) or merges it back (it did not), or until its expiry. A write of the member
+    /// while the removal runs makes a record of its own, which the removal leaves alone. Answers
+    /// whether it held a record: not if the member has none, or one is held already (by
+    /// another removal, which finishes it). Only a hold that answered `true` is finished.
     ///
     /// # Errors
     ///
     /// An invalid subject or a failed Redis call.
-    pub async fn take(&self, subject: &str, member: &str) -> Result<Option<QuotaRecord>> {
-        let mut invocation = self.invocation(&TAKE, subject)?;
+    pub async fn hold(&self, subject: &str, member: &str) -> Result<bool> {
+        let mut invocation = self.invocation(&HOLD, subject)?;
         invocation.arg(member);
-        let record: Vec<u64> = self.conn.script("quota take", &invocation).await?;
-        Ok(match record[..] {
-            [size, expiry_ms] => Some(QuotaRecord { size, expiry_ms }),
-            _ => None,
-        })
+        let held: u8 = self.conn.script("quota hold", &invocation).await?;
+        Ok(held == 1)
     }
 
-    /// Puts back `record` of `member`, which [`take`](Self::take) took, with no quota check
-    /// (it was counted before it was taken). If the member was written meanwhile, its record
-    /// keeps the larger size and the later expiry of the two. Answers whether the member is
-    /// in the ledger after (not if the record expired meanwhile).
+    /// Ends a [`hold`](Self::hold) of `member`: drops the held record if `removed`, else
+    /// merges it back into the member's record with no quota check (it was counted all
+    /// along), keeping the larger size and the later expiry of a record written meanwhile.
     ///
     /// # Errors
     ///
-    /// An invalid subject or a failed Redis call.
-    pub async fn restore(&self, subject: &str, member: &str, record: QuotaRecord) -> Result<bool> {
-        let mut invocation = self.invocation(&RESTORE, subject)?;
-        invocation
-            .arg(member)
-            .arg(record.size)
-            .arg(record.expiry_ms);
-        let restored: u8 = self.conn.script("quota restore", &invocation).await?;
-        Ok(restored == 1)
+    /// An invalid subject or a failed Redis call (the held record then counts until its
+    /// expiry).
+    pub async fn finish(&self, subject: &str, member: &str, removed: bool) -> Result<()> {
+        let mut invocation = self.invocation(&FINISH, subject)?;
+        invocation.arg(member).arg(u8::from(removed));
+        let _: u8 = self.conn.script("quota finish", &invocation).await?;
+        Ok(())
     }
 
     /// Drops every member of `subject` that starts with `prefix`, a round of `HSCAN` at a
@@ -437,9 +444,14 @@ impl QuotaLedger {
                 .arg(&pattern)
                 .arg("COUNT")
                 .arg(SCAN_COUNT);
-            let (next, pairs): (u64, Vec<String>) = self.conn.query("quota scan", &scan).await?;
-            // HSCAN answers field, value, field, value...
-            let members: Vec<&str> = pairs.iter().step_by(2).map(String::as_str).collect();
+            let (next, pairs): (u64, Vec<Vec<u8>>) = self.conn.query("quota scan", &scan).await?;
+            // HSCAN answers field, value, field, value... Held records (not UTF-8) stay: their
+            // removals finish them.
+            let members: Vec<&str> = pairs
+                .iter()
+                .step_by(2)
+                .filter_map(|field| std::str::from_utf8(field).ok())
+                .collect();
             if !members.is_empty() {
                 released += self.release(subject, &members).await?;
             }

@@ -426,59 +426,60 @@ async fn the_quota_ledger_counts_live_entries_and_bytes_per_subject() {
     }
 }
 
-/// A record taken out before a removal goes back whole if the removal does not happen, merged
-/// with one written meanwhile, and not at all once expired.
+/// A record held for a removal keeps counting until the removal is known to have happened;
+/// a write landing meanwhile counts apart, and is never dropped with it.
 #[tokio::test]
-async fn a_taken_record_goes_back_merged_with_a_newer_one() {
-    use tierstack_redis::{QuotaLedger, QuotaUsage};
+async fn a_held_record_counts_until_its_removal_happens() {
+    use tierstack_redis::{QuotaDecision, QuotaLedger, QuotaUsage};
     let minute = Duration::from_secs(60);
     let usage = |entries, bytes| QuotaUsage { entries, bytes };
-    for store in stores("quota-take").await {
+    for store in stores("quota-hold").await {
         let ledger = QuotaLedger::new(&store, "server").unwrap();
         ledger
-            .reserve(
-                "t",
-                QUOTA,
-                &[write("a", 40, minute), write("b", 30, minute)],
-            )
+            .reserve("t", QUOTA, &[write("a", 40, minute)])
             .await
             .unwrap();
-        let taken = ledger.take("t", "a").await.unwrap().unwrap();
-        assert_eq!(taken.size(), 40);
-        assert_eq!(ledger.usage("t").await.unwrap(), usage(1, 30));
-        assert_eq!(ledger.take("t", "a").await.unwrap(), None, "taken once");
-        assert!(ledger.restore("t", "a", taken).await.unwrap());
-        assert_eq!(ledger.usage("t").await.unwrap(), usage(2, 70));
-        // Written meanwhile, smaller and shorter-lived: the restore keeps the larger size, and
-        // the later expiry (the entry outlives a 300 ms sleep).
-        let taken = ledger.take("t", "a").await.unwrap().unwrap();
+        assert!(ledger.hold("t", "a").await.unwrap());
+        assert!(!ledger.hold("t", "a").await.unwrap(), "held once");
+        assert!(!ledger.hold("t", "none").await.unwrap());
+        assert_eq!(
+            ledger
+                .reserve("t", QUOTA, &[write("b", 61, minute)])
+                .await
+                .unwrap(),
+            QuotaDecision::TooManyBytes(usage(1, 40)),
+            "a held record still counts"
+        );
+        // A write of the key meanwhile counts apart; a removal that did not happen merges
+        // back: the larger size.
         ledger
-            .reserve("t", QUOTA, &[write("a", 5, Duration::from_millis(300))])
+            .reserve("t", QUOTA, &[write("a", 5, minute)])
             .await
             .unwrap();
-        assert!(ledger.restore("t", "a", taken).await.unwrap());
-        assert_eq!(ledger.usage("t").await.unwrap(), usage(2, 70));
-        // No quota check: the record was counted before it was taken.
-        let taken = ledger.take("t", "a").await.unwrap().unwrap();
+        ledger.settle("t", &[write("a", 5, minute)]).await.unwrap();
+        assert_eq!(ledger.usage("t").await.unwrap(), usage(2, 45));
+        ledger.finish("t", "a", false).await.unwrap();
+        assert_eq!(ledger.usage("t").await.unwrap(), usage(1, 40));
+        // A removal that happened drops the held record and leaves a write's, even one whose
+        // reservation it held (the write settles after it).
+        assert!(ledger.hold("t", "a").await.unwrap());
+        ledger.finish("t", "a", true).await.unwrap();
+        assert_eq!(ledger.usage("t").await.unwrap(), usage(0, 0));
+        ledger.settle("t", &[write("a", 7, minute)]).await.unwrap();
+        assert_eq!(ledger.usage("t").await.unwrap(), usage(1, 7));
+        // A prefix release leaves held records to their removals.
+        assert!(ledger.hold("t", "a").await.unwrap());
+        assert_eq!(ledger.release_prefix("t", "").await.unwrap(), 0);
+        assert_eq!(ledger.usage("t").await.unwrap(), usage(1, 7));
+        // A touch moves a held record's expiry too.
         ledger
-            .reserve("t", QUOTA, &[write("c", 70, minute)])
+            .touch("t", "a", Duration::from_millis(200))
             .await
             .unwrap();
-        assert!(ledger.restore("t", "a", taken).await.unwrap());
-        assert_eq!(ledger.usage("t").await.unwrap(), usage(3, 140));
-        // real time: past the 300 ms write's expiry, the restored record still counts.
-        tokio::time::sleep(Duration::from_millis(400)).await;
-        assert_eq!(ledger.usage("t").await.unwrap(), usage(3, 140));
-        // An expired record stays out, and brings no ledger keys back.
-        ledger
-            .reserve("short", QUOTA, &[write("s", 9, Duration::from_millis(100))])
-            .await
-            .unwrap();
-        let taken = ledger.take("short", "s").await.unwrap().unwrap();
-        // real time: the taken record's expiry passes.
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        assert!(!ledger.restore("short", "s", taken).await.unwrap());
-        assert_eq!(ledger.usage("short").await.unwrap(), usage(0, 0));
+        // real time: the touched expiry passes, on the server's clock.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        ledger.finish("t", "a", false).await.unwrap();
+        assert_eq!(ledger.usage("t").await.unwrap(), usage(0, 0));
     }
 }
 

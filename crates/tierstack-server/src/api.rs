@@ -308,12 +308,15 @@ pub(crate) async fn delete_value(
 ) -> Result<StatusCode, ApiError> {
     let entry = entry(&state, &headers, &key).await?;
     refuse_preconditions(&headers)?;
-    // Released first: a write racing the delete is then counted, never left out.
+    // Held, not released: a delete that fails frees no room, and a write racing it stays
+    // counted.
+    let held = state.quotas.hold(&entry.tenant, &entry.limits, &key).await;
+    let deleted = state.data.delete(&entry.storage_key).await;
     state
         .quotas
-        .release(&entry.tenant, &entry.limits, &[&key])
+        .finish(&entry.tenant, &key, held, deleted.is_ok())
         .await;
-    let deleted = state.data.delete(&entry.storage_key).await?;
+    let deleted = deleted?;
     state.usage.of(&entry.tenant).deleted();
     if deleted {
         Ok(StatusCode::NO_CONTENT)
@@ -371,7 +374,7 @@ pub(crate) async fn compare_and_set(
     let options = state.data.default_options().with_ttl(ttl);
     let swapped = match new {
         Some(new) => swap_in(&state, &entry, &key, &current, new, ttl, &options).await?,
-        None => remove_if_current(&state, entry, key, current, options).await?,
+        None => remove_if_current(&state, &entry, &key, &current, &options).await?,
     };
     if swapped {
         Ok(StatusCode::NO_CONTENT)
@@ -412,37 +415,26 @@ async fn swap_in(
     Ok(swapped)
 }
 
-/// Removes `key` if it holds `current`. Its record leaves the quota ledger first and goes
-/// back if the removal does not happen (or fails: it may not have happened), so that a write
-/// of the same key racing the removal stays counted. The three steps run in a task of their
-/// own: a request dropped between them (a timeout, a client gone) must not leave the record
-/// out while the value stays.
+/// Removes `key` if it holds `current`. Its quota record is held meanwhile: a removal that
+/// does not happen (or fails) frees no room, and a write of the key racing it stays counted.
 async fn remove_if_current(
-    state: &Arc<AppState>,
-    entry: Entry,
-    key: String,
-    current: Bytes,
-    options: EntryOptions,
+    state: &AppState,
+    entry: &Entry,
+    key: &str,
+    current: &Bytes,
+    options: &EntryOptions,
 ) -> Result<bool, ApiError> {
-    let state = Arc::clone(state);
-    let removal = tokio::spawn(async move {
-        let taken = state.quotas.take(&entry.tenant, &entry.limits, &key).await;
-        let removed = state
-            .data
-            .compare_and_set(&entry.storage_key, &current, None, &options)
-            .await;
-        if let (Some(taken), false) = (taken, matches!(removed, Ok(true))) {
-            state.quotas.restore(&entry.tenant, &key, taken).await;
-        }
-        removed
-    });
-    match removal.await {
-        Ok(removed) => Ok(removed?),
-        Err(error) => {
-            tracing::error!(error = %error, "a compare-and-set removal did not finish");
-            Err(ApiError::unavailable("the removal did not finish"))
-        }
-    }
+    let held = state.quotas.hold(&entry.tenant, &entry.limits, key).await;
+    let removed = state
+        .data
+        .compare_and_set(&entry.storage_key, current, None, options)
+        .await;
+    let happened = matches!(removed, Ok(true));
+    state
+        .quotas
+        .finish(&entry.tenant, key, held, happened)
+        .await;
+    Ok(removed?)
 }
 
 #[derive(Serialize)]

@@ -3,20 +3,23 @@
 //!
 //! The ledger follows the writes the server makes: a write reserves room before it lands, a
 //! delete, a prefix delete or a flush gives it back, and an entry leaves the count at its TTL.
-//! It may count an entry the backend dropped early (evicted under memory pressure, say) until
-//! that entry's TTL passes. It can miss an entry whose write raced a delete of the same key, or
-//! whose write timed out but landed, until that key is written or deleted again. A
-//! compare-and-set removal takes the record out before it removes and puts it back if the
-//! removal does not happen, so a write racing it stays counted.
+//! It may count an entry the backend dropped early (evicted under memory pressure, say), or one
+//! a delete removed after a racing write of it had landed and settled, until that entry's TTL
+//! passes. It can miss an entry whose write failed (timed out, say) but landed, if a delete of
+//! its key released the reservation meanwhile, until that key is written or deleted again.
+//!
+//! Every write that lands is settled: recorded exactly, also when a removal released or held
+//! its record while it was in flight. A delete or a compare-and-set removal holds the entry's
+//! record (it keeps counting) and drops it once the removal has happened, or merges it back if
+//! not. A write racing a removal of its key is thus counted, and a removal that fails frees no
+//! room while it runs.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use tierstack::redis::{
-    QuotaDecision, QuotaLedger, QuotaLimits, QuotaRecord, QuotaUsage, QuotaWrite,
-};
+use tierstack::redis::{QuotaDecision, QuotaLedger, QuotaLimits, QuotaUsage, QuotaWrite};
 
 use crate::error::ApiError;
 use crate::tenant::{Limits, TenantName};
@@ -56,19 +59,16 @@ pub(crate) struct Quotas {
     slack: Duration,
 }
 
-/// What a reservation asks of the write's caller once the write has landed.
+/// A reservation, to [`settle`](Quotas::settle) once its writes have landed.
 #[must_use]
 pub(crate) struct Reserved {
-    /// The ledger kept an old record's larger size or later expiry: settle it.
-    settle: bool,
+    /// Whether the tenant has a quota (else nothing was recorded).
+    counted: bool,
 }
 
-/// A record [`Quotas::take`] took out of the ledger, to [`restore`](Quotas::restore).
+/// Whether [`Quotas::hold`] held a record, to [`finish`](Quotas::finish).
 #[must_use]
-pub(crate) enum Taken {
-    Local { size: u64, expires: Instant },
-    Shared(QuotaRecord),
-}
+pub(crate) struct Held(bool);
 
 /// The limits of `limits` as the ledger takes them (0: none).
 fn quota_limits(limits: &Limits) -> Option<QuotaLimits> {
@@ -125,7 +125,7 @@ impl Quotas {
         rooms: &[Room<'_>],
     ) -> Result<Reserved, ApiError> {
         let Some(quota) = quota_limits(limits) else {
-            return Ok(Reserved { settle: false });
+            return Ok(Reserved { counted: false });
         };
         let writes = self.ledger_writes(rooms);
         let decision = match &self.shared {
@@ -144,88 +144,64 @@ impl Quotas {
                 "the tenant's entries hold {} bytes, and its quota is {}",
                 usage.bytes, quota.max_bytes
             ))),
-            QuotaDecision::AdmittedToSettle(_) => Ok(Reserved { settle: true }),
-            _ => Ok(Reserved { settle: false }),
+            _ => Ok(Reserved { counted: true }),
         }
     }
 
-    /// Records `rooms` exactly once their writes have landed, where the reservation kept more.
-    /// A ledger that cannot be reached keeps the larger record until its expiry: logged.
+    /// Records `rooms` exactly once their writes have landed: smaller than the reservation
+    /// kept, or back after a delete released them while the writes were in flight. A ledger
+    /// that cannot be reached keeps the reservation until its expiry: logged.
     pub(crate) async fn settle(&self, tenant: &TenantName, rooms: &[Room<'_>], reserved: Reserved) {
-        if !reserved.settle {
+        if !reserved.counted {
             return;
         }
         let writes = self.ledger_writes(rooms);
         match &self.shared {
             Some(ledger) => {
                 if let Err(error) = ledger.settle(tenant.as_str(), &writes).await {
-                    tracing::warn!(error = %error, "quota not settled: counted larger until the TTL");
+                    tracing::warn!(error = %error, "quota not settled: counted as reserved until the TTL");
                 }
             }
             None => self.local.settle(tenant, &writes),
         }
     }
 
-    /// Gives back the room of `keys` of `tenant`, before they are deleted (a write racing the
-    /// delete then stays counted, rather than uncounted). A ledger that cannot be reached
-    /// keeps counting them until their TTL: logged, not an error.
-    pub(crate) async fn release(&self, tenant: &TenantName, limits: &Limits, keys: &[&str]) {
+    /// Holds `key`'s record for a removal that may not happen (a delete, a compare-and-set
+    /// removal): it keeps counting, apart from the record of a write of `key` that lands
+    /// meanwhile, until [`finish`](Self::finish) drops it or merges it back. Releasing first
+    /// would free room that a failed removal never gave up; releasing after would drop the
+    /// record of that write. A ledger that cannot be reached holds nothing (the record stays,
+    /// counting until its TTL): logged.
+    pub(crate) async fn hold(&self, tenant: &TenantName, limits: &Limits, key: &str) -> Held {
         if quota_limits(limits).is_none() {
+            return Held(false);
+        }
+        match &self.shared {
+            Some(ledger) => match ledger.hold(tenant.as_str(), key).await {
+                Ok(held) => Held(held),
+                Err(error) => {
+                    tracing::warn!(error = %error, "quota not held: counted until the TTL");
+                    Held(false)
+                }
+            },
+            None => Held(self.local.hold(tenant, key)),
+        }
+    }
+
+    /// Ends a [`hold`](Self::hold): drops the held record if `removed`, else merges it back
+    /// (no quota check: it counted all along). A request dropped before this leaves the held
+    /// record counting until its TTL.
+    pub(crate) async fn finish(&self, tenant: &TenantName, key: &str, held: Held, removed: bool) {
+        if !held.0 {
             return;
         }
         match &self.shared {
             Some(ledger) => {
-                if let Err(error) = ledger.release(tenant.as_str(), keys).await {
-                    tracing::warn!(error = %error, "quota not released: counted until the TTL");
+                if let Err(error) = ledger.finish(tenant.as_str(), key, removed).await {
+                    tracing::warn!(error = %error, "quota hold not finished: counted until the TTL");
                 }
             }
-            None => self.local.release(tenant, keys),
-        }
-    }
-
-    /// Takes `key`'s record out of `tenant`'s ledger before a removal that may not happen:
-    /// [`restore`](Self::restore) it if the removal did not. A write of `key` racing the
-    /// removal then stays counted (released after the removal instead, that write's record
-    /// would go with it). A ledger that cannot be reached takes nothing: the entry stays
-    /// counted until its TTL, logged.
-    pub(crate) async fn take(
-        &self,
-        tenant: &TenantName,
-        limits: &Limits,
-        key: &str,
-    ) -> Option<Taken> {
-        quota_limits(limits)?;
-        match &self.shared {
-            Some(ledger) => match ledger.take(tenant.as_str(), key).await {
-                Ok(record) => record.map(Taken::Shared),
-                Err(error) => {
-                    tracing::warn!(error = %error, "quota not released: counted until the TTL");
-                    None
-                }
-            },
-            None => self
-                .local
-                .take(tenant, key)
-                .map(|(size, expires)| Taken::Local { size, expires }),
-        }
-    }
-
-    /// Puts back a record [`take`](Self::take) took, with no quota check: it was counted
-    /// before. Merged with a record written meanwhile (the larger size, the later expiry). A
-    /// ledger that cannot be reached leaves the entry uncounted until it is written or
-    /// deleted again: logged.
-    pub(crate) async fn restore(&self, tenant: &TenantName, key: &str, taken: Taken) {
-        match (taken, &self.shared) {
-            (Taken::Shared(record), Some(ledger)) => {
-                if let Err(error) = ledger.restore(tenant.as_str(), key, record).await {
-                    tracing::warn!(error = %error, "quota not restored: uncounted until rewritten");
-                }
-            }
-            (Taken::Local { size, expires }, None) => {
-                self.local.restore(tenant, key, size, expires);
-            }
-            // A record goes back to the ledger it came from; a server has one.
-            _ => {}
+            None => self.local.finish(tenant, key, removed),
         }
     }
 
@@ -310,12 +286,20 @@ struct LocalLedger {
     tenants: Mutex<HashMap<TenantName, Arc<Mutex<Book>>>>,
 }
 
-/// One tenant's entries.
+/// A record in a tenant's book: an entry's, or one a removal in flight holds (as
+/// `QuotaLedger::hold`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum Slot {
+    Entry(String),
+    Held(String),
+}
+
+/// One tenant's records; every one counts.
 #[derive(Debug, Default)]
 struct Book {
-    entries: HashMap<String, (u64, Instant)>,
-    /// The same entries by expiry, to drop the expired ones in order.
-    by_expiry: BTreeSet<(Instant, String)>,
+    records: HashMap<Slot, (u64, Instant)>,
+    /// The same records by expiry, to drop the expired ones in order.
+    by_expiry: BTreeSet<(Instant, Slot)>,
     bytes: u64,
 }
 
@@ -326,31 +310,35 @@ impl Book {
                 Some((expires, _)) if *expires <= now => {}
                 _ => return,
             }
-            if let Some((_, key)) = self.by_expiry.pop_first() {
-                self.remove(&key);
+            if let Some((_, slot)) = self.by_expiry.pop_first() {
+                self.remove(&slot);
             }
         }
     }
 
-    /// Drops `key`'s record, and answers it.
-    fn remove(&mut self, key: &str) -> Option<(u64, Instant)> {
-        let (size, expires) = self.entries.remove(key)?;
+    /// Drops `slot`'s record, and answers it.
+    fn remove(&mut self, slot: &Slot) -> Option<(u64, Instant)> {
+        let (size, expires) = self.records.remove(slot)?;
         self.bytes -= size;
-        self.by_expiry.remove(&(expires, key.to_owned()));
+        self.by_expiry.remove(&(expires, slot.clone()));
         Some((size, expires))
     }
 
-    /// Records `key` at `size`, expiring at `expires`.
-    fn put(&mut self, key: &str, size: u64, expires: Instant) {
-        self.remove(key);
-        self.entries.insert(key.to_owned(), (size, expires));
-        self.by_expiry.insert((expires, key.to_owned()));
+    /// Records `slot` at `size`, expiring at `expires`.
+    fn put(&mut self, slot: Slot, size: u64, expires: Instant) {
+        self.remove(&slot);
+        self.records.insert(slot.clone(), (size, expires));
+        self.by_expiry.insert((expires, slot));
         self.bytes += size;
+    }
+
+    fn entry(&self, key: &str) -> Option<(u64, Instant)> {
+        self.records.get(&Slot::Entry(key.to_owned())).copied()
     }
 
     fn usage(&self) -> QuotaUsage {
         QuotaUsage {
-            entries: self.entries.len() as u64,
+            entries: self.records.len() as u64,
             bytes: self.bytes,
         }
     }
@@ -382,8 +370,8 @@ impl LocalLedger {
             for write in writes {
                 let old = records
                     .get(write.member)
-                    .or_else(|| book.entries.get(write.member))
-                    .copied();
+                    .copied()
+                    .or_else(|| book.entry(write.member));
                 let mut record = (write.size, now + write.ttl);
                 if let Some((old_size, old_expiry)) = old {
                     grown |= old_size > write.size || old_expiry > record.1;
@@ -402,7 +390,7 @@ impl LocalLedger {
                 return QuotaDecision::TooManyBytes(before);
             }
             for (key, (size, expires)) in records {
-                book.put(key, size, expires);
+                book.put(Slot::Entry(key.to_owned()), size, expires);
             }
             if grown {
                 QuotaDecision::AdmittedToSettle(book.usage())
@@ -412,53 +400,64 @@ impl LocalLedger {
         })
     }
 
+    /// As `QuotaLedger::settle`: exactly, whether or not a record is there.
     fn settle(&self, tenant: &TenantName, writes: &[QuotaWrite<'_>]) {
         self.book(tenant, |book| {
             let now = Instant::now();
             for write in writes {
-                if book.entries.contains_key(write.member) {
-                    book.put(write.member, write.size, now + write.ttl);
+                book.put(
+                    Slot::Entry(write.member.to_owned()),
+                    write.size,
+                    now + write.ttl,
+                );
+            }
+        });
+    }
+
+    /// As `QuotaLedger::hold`.
+    fn hold(&self, tenant: &TenantName, key: &str) -> bool {
+        self.book(tenant, |book| {
+            let held = Slot::Held(key.to_owned());
+            if book.records.contains_key(&held) {
+                return false;
+            }
+            match book.remove(&Slot::Entry(key.to_owned())) {
+                Some((size, expires)) => {
+                    book.put(held, size, expires);
+                    true
                 }
+                None => false,
             }
-        });
+        })
     }
 
-    fn release(&self, tenant: &TenantName, keys: &[&str]) {
+    /// As `QuotaLedger::finish`.
+    fn finish(&self, tenant: &TenantName, key: &str, removed: bool) {
         self.book(tenant, |book| {
-            for key in keys {
-                book.remove(key);
-            }
-        });
-    }
-
-    fn take(&self, tenant: &TenantName, key: &str) -> Option<(u64, Instant)> {
-        self.book(tenant, |book| book.remove(key))
-    }
-
-    /// As `QuotaLedger::restore`: no quota check, merged with a record written meanwhile.
-    fn restore(&self, tenant: &TenantName, key: &str, size: u64, expires: Instant) {
-        self.book(tenant, |book| {
-            if expires <= Instant::now() {
+            let Some((size, expires)) = book.remove(&Slot::Held(key.to_owned())) else {
+                return;
+            };
+            if removed {
                 return;
             }
-            let (size, expires) = match book.entries.get(key) {
-                Some(&(old_size, old_expires)) => (size.max(old_size), expires.max(old_expires)),
+            let (size, expires) = match book.entry(key) {
+                Some((old_size, old_expires)) => (size.max(old_size), expires.max(old_expires)),
                 None => (size, expires),
             };
-            book.put(key, size, expires);
+            book.put(Slot::Entry(key.to_owned()), size, expires);
         });
     }
 
     fn release_prefix(&self, tenant: &TenantName, prefix: &str) {
         self.book(tenant, |book| {
-            let keys: Vec<String> = book
-                .entries
+            let slots: Vec<Slot> = book
+                .records
                 .keys()
-                .filter(|key| key.starts_with(prefix))
+                .filter(|slot| matches!(slot, Slot::Entry(key) if key.starts_with(prefix)))
                 .cloned()
                 .collect();
-            for key in keys {
-                book.remove(&key);
+            for slot in slots {
+                book.remove(&slot);
             }
         });
     }
@@ -467,10 +466,14 @@ impl LocalLedger {
         self.book(tenant, |book| *book = Book::default());
     }
 
+    /// As `QuotaLedger::touch`: the entry's record, and a held one.
     fn touch(&self, tenant: &TenantName, key: &str, ttl: Duration) {
         self.book(tenant, |book| {
-            if let Some(&(size, _)) = book.entries.get(key) {
-                book.put(key, size, Instant::now() + ttl);
+            let expires = Instant::now() + ttl;
+            for slot in [Slot::Held(key.to_owned()), Slot::Entry(key.to_owned())] {
+                if let Some(&(size, _)) = book.records.get(&slot) {
+                    book.put(slot, size, expires);
+                }
             }
         });
     }
@@ -523,7 +526,8 @@ mod tests {
             ),
             QuotaDecision::TooManyEntries(usage(2, 60))
         );
-        ledger.release(&tenant, &["a"]);
+        assert!(ledger.hold(&tenant, "a"));
+        ledger.finish(&tenant, "a", true);
         assert_eq!(ledger.usage(&tenant), usage(1, 40));
         let moment = Duration::from_millis(1);
         ledger.reserve(&tenant, quota, &[write("short", 9, moment)]);
@@ -542,11 +546,11 @@ mod tests {
     }
 
     #[test]
-    fn a_taken_record_goes_back_merged_with_a_newer_one() {
+    fn a_held_record_counts_until_its_removal_happens() {
         let ledger = LocalLedger::default();
         let tenant = TenantName::new("t").unwrap();
         let quota = QuotaLimits {
-            max_entries: 2,
+            max_entries: 3,
             max_bytes: 100,
         };
         let usage = |entries, bytes| QuotaUsage { entries, bytes };
@@ -557,16 +561,34 @@ mod tests {
             ttl: minute,
         };
         ledger.reserve(&tenant, quota, &[write("a", 40)]);
-        let (size, expires) = ledger.take(&tenant, "a").unwrap();
-        assert_eq!((size, ledger.usage(&tenant)), (40, usage(0, 0)));
-        assert_eq!(ledger.take(&tenant, "a"), None, "taken once");
-        // Written meanwhile, smaller: the restore keeps the larger size, with no quota check.
-        ledger.reserve(&tenant, quota, &[write("a", 5), write("b", 60)]);
-        ledger.restore(&tenant, "a", size, expires);
-        assert_eq!(ledger.usage(&tenant), usage(2, 100));
-        // An expired record stays out.
-        let (size, _) = ledger.take(&tenant, "a").unwrap();
-        ledger.restore(&tenant, "a", size, Instant::now());
-        assert_eq!(ledger.usage(&tenant), usage(1, 60));
+        assert!(ledger.hold(&tenant, "a"));
+        assert!(!ledger.hold(&tenant, "a"), "held once");
+        assert!(!ledger.hold(&tenant, "none"));
+        // Held, it still counts: no room for 61 more bytes.
+        assert_eq!(
+            ledger.reserve(&tenant, quota, &[write("b", 61)]),
+            QuotaDecision::TooManyBytes(usage(1, 40))
+        );
+        // A write of the key meanwhile counts apart; a removal that did not happen merges
+        // back: the larger size.
+        ledger.reserve(&tenant, quota, &[write("a", 5)]);
+        ledger.settle(&tenant, &[write("a", 5)]);
+        assert_eq!(ledger.usage(&tenant), usage(2, 45));
+        ledger.finish(&tenant, "a", false);
+        assert_eq!(ledger.usage(&tenant), usage(1, 40));
+        // A removal that happened drops the held record, and leaves a newer write's.
+        assert!(ledger.hold(&tenant, "a"));
+        ledger.settle(&tenant, &[write("a", 7)]);
+        ledger.finish(&tenant, "a", true);
+        assert_eq!(ledger.usage(&tenant), usage(1, 7));
+        // A touch moves the held record's expiry too: it merges back with it.
+        assert!(ledger.hold(&tenant, "a"));
+        ledger.finish(&tenant, "a", true);
+        ledger.settle(&tenant, &[write("c", 9)]);
+        assert!(ledger.hold(&tenant, "c"));
+        ledger.touch(&tenant, "c", Duration::from_millis(1));
+        std::thread::sleep(Duration::from_millis(5)); // real time: the touched expiry passes
+        ledger.finish(&tenant, "c", false);
+        assert_eq!(ledger.usage(&tenant), usage(0, 0));
     }
 }

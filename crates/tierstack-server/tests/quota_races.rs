@@ -28,11 +28,13 @@ enum Hold {
     AfterSwap,
     /// Not held: it fails, as a store that is down.
     Fail,
+    /// Not the removal: the first plain write, before the store sees it.
+    Write,
 }
 
 /// A store that stops its first compare-and-set (the removal's: it writes a tombstone; the
-/// test's plain writes take no compare-and-set) where told, signals `reached`, and goes on
-/// once it gets `go`.
+/// test's plain writes take no compare-and-set), or its first plain write, where told, signals
+/// `reached`, and goes on once it gets `go`.
 #[derive(Debug)]
 struct HeldRemoval {
     inner: Arc<dyn Store>,
@@ -43,6 +45,13 @@ struct HeldRemoval {
 }
 
 impl HeldRemoval {
+    /// Waits until a call has stopped here (failing the test after ten seconds).
+    async fn stopped(&self) {
+        tokio::time::timeout(Duration::from_secs(10), self.reached.notified())
+            .await
+            .expect("the held call never came");
+    }
+
     /// Stops the first call that comes here; the others pass.
     async fn stop_here(&self) {
         if self.armed.swap(false, Ordering::SeqCst) {
@@ -58,6 +67,9 @@ impl Store for HeldRemoval {
         self.inner.get(key).await
     }
     async fn set(&self, key: &str, value: Bytes, ttl: Duration) -> Result<()> {
+        if matches!(self.hold, Hold::Write) {
+            self.stop_here().await;
+        }
         self.inner.set(key, value, ttl).await
     }
     async fn set_if_absent(&self, key: &str, value: Bytes, ttl: Duration) -> Result<bool> {
@@ -87,6 +99,7 @@ impl Store for HeldRemoval {
                 true,
                 "the store is down",
             )),
+            Hold::Write => self.inner.compare_and_set(key, current, new).await,
         }
     }
     async fn delete(&self, key: &str) -> Result<bool> {
@@ -198,7 +211,7 @@ async fn a_write_landing_after_a_removal_stays_counted() {
         let shop = Client::new(&server.base, Some(SHOP_KEY));
         assert_eq!(shop.put("k", "old value").await, StatusCode::NO_CONTENT);
         let removal = remove_if_current(&server.base, "k", "old value");
-        held.reached.notified().await;
+        held.stopped().await;
         // The removal has removed, but not answered: a write of the same key lands.
         assert_eq!(shop.put("k", "new").await, StatusCode::NO_CONTENT);
         held.go.notify_one();
@@ -220,7 +233,7 @@ async fn a_removal_that_does_not_happen_gives_its_record_back() {
         let shop = Client::new(&server.base, Some(SHOP_KEY));
         assert_eq!(shop.put("k", "old value").await, StatusCode::NO_CONTENT);
         let removal = remove_if_current(&server.base, "k", "old value");
-        held.reached.notified().await;
+        held.stopped().await;
         // The record is out while the removal runs; a write of the same key lands first.
         assert_eq!(shop.put("k", "new").await, StatusCode::NO_CONTENT);
         held.go.notify_one();
@@ -258,5 +271,67 @@ async fn a_removal_that_fails_leaves_the_value_counted() {
             .unwrap();
         assert_eq!(removed.status(), StatusCode::NO_CONTENT);
         assert_eq!(counted(&server.base).await, (0, 0), "{ledger:?}");
+    }
+}
+
+/// A removal frees no room until it has happened: its record still counts while it runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removal_in_flight_frees_no_room() {
+    for ledger in [Ledger::Local, Ledger::Redis] {
+        let (server, held) = server(ledger, Hold::BeforeSwap).await;
+        let shop = Client::new(&server.base, Some(SHOP_KEY));
+        let big = "x".repeat(990);
+        assert_eq!(shop.put("k", &big).await, StatusCode::NO_CONTENT);
+        let removal = remove_if_current(&server.base, "k", &big);
+        held.stopped().await;
+        assert_eq!(
+            shop.put("other", &big).await,
+            StatusCode::INSUFFICIENT_STORAGE,
+            "{ledger:?}"
+        );
+        held.go.notify_one();
+        assert_eq!(removal.await.unwrap(), StatusCode::NO_CONTENT, "{ledger:?}");
+        assert_eq!(counted(&server.base).await, (0, 0), "{ledger:?}");
+        assert_eq!(shop.put("other", &big).await, StatusCode::NO_CONTENT);
+    }
+}
+
+/// A write reserved before a removal of its key and landing after it is counted once it lands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_reserved_before_a_removal_and_landing_after_it_is_counted() {
+    for ledger in [Ledger::Local, Ledger::Redis] {
+        for removal in ["cas", "delete"] {
+            let (server, held) = server(ledger, Hold::Write).await;
+            let shop = Client::new(&server.base, Some(SHOP_KEY));
+            let writer = Client::new(&server.base, Some(SHOP_KEY));
+            // The first plain write stops before the store: the old value's, written as a
+            // compare-and-set swap-in (not held) so that the stopped write is the second one.
+            let create = shop
+                .request(Method::PUT, "/v1/cache/k")
+                .header("if-none-match", "*")
+                .body("old value")
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(create.status(), StatusCode::NO_CONTENT);
+            let write = tokio::spawn(async move { writer.put("k", "a larger new value").await });
+            held.stopped().await;
+            // The write has reserved; the removal runs whole before it lands.
+            let removed = match removal {
+                "cas" => remove_if_current(&server.base, "k", "old value")
+                    .await
+                    .unwrap(),
+                _ => shop
+                    .request(Method::DELETE, "/v1/cache/k")
+                    .send()
+                    .await
+                    .unwrap()
+                    .status(),
+            };
+            assert_eq!(removed, StatusCode::NO_CONTENT, "{ledger:?} {removal}");
+            held.go.notify_one();
+            assert_eq!(write.await.unwrap(), StatusCode::NO_CONTENT);
+            assert_eq!(counted(&server.base).await, (1, 19), "{ledger:?} {removal}");
+        }
     }
 }
