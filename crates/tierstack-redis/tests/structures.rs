@@ -351,24 +351,26 @@ async fn the_quota_ledger_counts_live_entries_and_bytes_per_subject() {
         let reserve = async |subject: &str, writes: &[tierstack_redis::QuotaWrite<'_>]| {
             ledger.reserve(subject, QUOTA, writes).await.unwrap()
         };
+        let two = [write("a", 40, minute), write("b", 40, minute)];
         assert_eq!(
-            reserve("t{1}:a", &[write("a", 40, minute), write("b", 40, minute)]).await,
+            reserve("t{1}:a", &two).await,
             QuotaDecision::Admitted(usage(2, 80))
         );
+        ledger.settle("t{1}:a", &two, true).await.unwrap();
         // A reservation keeps the larger of the old and new record (the write may not land);
-        // once written, the settle records it exactly: a batch naming a key twice, its last.
-        let shrink = [write("a", 10, minute), write("a", 20, minute)];
+        // once landed, the settle records it exactly.
+        let smaller = [write("a", 20, minute)];
         assert_eq!(
-            reserve("t{1}:a", &shrink).await,
-            QuotaDecision::AdmittedToSettle(usage(2, 80))
+            reserve("t{1}:a", &smaller).await,
+            QuotaDecision::Admitted(usage(2, 80))
         );
-        ledger.settle("t{1}:a", &shrink[1..]).await.unwrap();
+        ledger.settle("t{1}:a", &smaller, true).await.unwrap();
         assert_eq!(ledger.usage("t{1}:a").await.unwrap(), usage(2, 60));
-        // A failed write's reservation leaves the old record alone (it cannot lower it).
-        assert_eq!(
-            reserve("t{1}:a", &[write("b", 1, Duration::from_millis(1))]).await,
-            QuotaDecision::AdmittedToSettle(usage(2, 60))
-        );
+        // A write that did not land leaves the old record alone.
+        let failed = [write("b", 1, Duration::from_millis(1))];
+        reserve("t{1}:a", &failed).await;
+        ledger.settle("t{1}:a", &failed, false).await.unwrap();
+        assert_eq!(ledger.usage("t{1}:a").await.unwrap(), usage(2, 60));
         assert_eq!(
             reserve("t{1}:a", &[write("c", 41, minute)]).await,
             QuotaDecision::TooManyBytes(usage(2, 60)),
@@ -384,13 +386,19 @@ async fn the_quota_ledger_counts_live_entries_and_bytes_per_subject() {
             QuotaDecision::Admitted(usage(1, 100)),
             "subjects count apart"
         );
-        assert_eq!(ledger.release("t{1}:a", &["a", "zz"]).await.unwrap(), 1);
+        assert_eq!(
+            ledger.hold("t{1}:a", &["a", "zz"]).await.unwrap(),
+            [true, false]
+        );
+        ledger.finish("t{1}:a", &["a"], true).await.unwrap();
         assert_eq!(ledger.usage("t{1}:a").await.unwrap(), usage(1, 40));
         // Entries leave at their TTL, also after a touch moved it.
+        let short = [write("short", 10, Duration::from_millis(300))];
         assert_eq!(
-            reserve("t{1}:a", &[write("short", 10, Duration::from_millis(300))]).await,
+            reserve("t{1}:a", &short).await,
             QuotaDecision::Admitted(usage(2, 50))
         );
+        ledger.settle("t{1}:a", &short, true).await.unwrap();
         assert!(
             ledger
                 .touch("t{1}:a", "b", Duration::from_millis(300))
@@ -401,25 +409,31 @@ async fn the_quota_ledger_counts_live_entries_and_bytes_per_subject() {
         // real time: expiry goes by the server's clock.
         tokio::time::sleep(Duration::from_millis(400)).await;
         assert_eq!(ledger.usage("t{1}:a").await.unwrap(), usage(0, 0));
-        // Prefix releases match the prefix literally (`*` is no wildcard here).
-        reserve(
-            "p",
-            &[
-                write("x*1", 1, minute),
-                write("x*2", 1, minute),
-                write("xy", 1, minute),
-            ],
-        )
-        .await;
-        assert_eq!(ledger.release_prefix("p", "x*").await.unwrap(), 2);
+        // Prefix holds match the prefix literally (`*` is no wildcard here).
+        let three = [
+            write("x*1", 1, minute),
+            write("x*2", 1, minute),
+            write("xy", 1, minute),
+        ];
+        reserve("p", &three).await;
+        ledger.settle("p", &three, true).await.unwrap();
+        let mut held = ledger.hold_prefix("p", "x*").await.unwrap();
+        held.sort();
+        assert_eq!(held, ["x*1", "x*2"]);
+        ledger.finish("p", &held, true).await.unwrap();
         assert_eq!(ledger.usage("p").await.unwrap(), usage(1, 1));
         ledger.clear("p").await.unwrap();
         assert_eq!(ledger.usage("p").await.unwrap(), usage(0, 0));
-        // The total never outlives the sizes it sums: a long-lived release, then a short entry
-        // that expires with the ledger's keys, leaves nothing counted.
-        reserve("drift", &[write("long", 100, Duration::from_secs(3600))]).await;
-        ledger.release("drift", &["long"]).await.unwrap();
-        reserve("drift", &[write("short", 50, Duration::from_millis(300))]).await;
+        // The total never outlives the sizes it sums: a long-lived entry removed, then a short
+        // one that expires with the ledger's keys, leaves nothing counted.
+        let long = [write("long", 100, Duration::from_secs(3600))];
+        reserve("drift", &long).await;
+        ledger.settle("drift", &long, true).await.unwrap();
+        ledger.hold("drift", &["long"]).await.unwrap();
+        ledger.finish("drift", &["long"], true).await.unwrap();
+        let short = [write("short", 50, Duration::from_millis(300))];
+        reserve("drift", &short).await;
+        ledger.settle("drift", &short, true).await.unwrap();
         // real time: the ledger's own keys expire in Redis.
         tokio::time::sleep(Duration::from_millis(400)).await;
         assert_eq!(ledger.usage("drift").await.unwrap(), usage(0, 0));
@@ -427,21 +441,23 @@ async fn the_quota_ledger_counts_live_entries_and_bytes_per_subject() {
 }
 
 /// A record held for a removal keeps counting until the removal is known to have happened;
-/// a write landing meanwhile counts apart, and is never dropped with it.
+/// a write in flight keeps it even then; overlapping writes and touches keep the larger record.
 #[tokio::test]
-async fn a_held_record_counts_until_its_removal_happens() {
+async fn held_records_and_writes_in_flight_never_count_low() {
     use tierstack_redis::{QuotaDecision, QuotaLedger, QuotaUsage};
     let minute = Duration::from_secs(60);
     let usage = |entries, bytes| QuotaUsage { entries, bytes };
     for store in stores("quota-hold").await {
         let ledger = QuotaLedger::new(&store, "server").unwrap();
-        ledger
-            .reserve("t", QUOTA, &[write("a", 40, minute)])
-            .await
-            .unwrap();
-        assert!(ledger.hold("t", "a").await.unwrap());
-        assert!(!ledger.hold("t", "a").await.unwrap(), "held once");
-        assert!(!ledger.hold("t", "none").await.unwrap());
+        let a40 = [write("a", 40, minute)];
+        ledger.reserve("t", QUOTA, &a40).await.unwrap();
+        ledger.settle("t", &a40, true).await.unwrap();
+        assert_eq!(ledger.hold("t", &["a"]).await.unwrap(), [true]);
+        assert_eq!(
+            ledger.hold("t", &["a"]).await.unwrap(),
+            [false],
+            "held once"
+        );
         assert_eq!(
             ledger
                 .reserve("t", QUOTA, &[write("b", 61, minute)])
@@ -452,34 +468,68 @@ async fn a_held_record_counts_until_its_removal_happens() {
         );
         // A write of the key meanwhile counts apart; a removal that did not happen merges
         // back: the larger size.
-        ledger
-            .reserve("t", QUOTA, &[write("a", 5, minute)])
-            .await
-            .unwrap();
-        ledger.settle("t", &[write("a", 5, minute)]).await.unwrap();
+        let a5 = [write("a", 5, minute)];
+        ledger.reserve("t", QUOTA, &a5).await.unwrap();
+        ledger.settle("t", &a5, true).await.unwrap();
         assert_eq!(ledger.usage("t").await.unwrap(), usage(2, 45));
-        ledger.finish("t", "a", false).await.unwrap();
+        ledger.finish("t", &["a"], false).await.unwrap();
         assert_eq!(ledger.usage("t").await.unwrap(), usage(1, 40));
-        // A removal that happened drops the held record and leaves a write's, even one whose
-        // reservation it held (the write settles after it).
-        assert!(ledger.hold("t", "a").await.unwrap());
-        ledger.finish("t", "a", true).await.unwrap();
+        // A removal that happened while a write of the key was in flight keeps the record
+        // (the write may land after it); the write's settle then records it exactly.
+        let a7 = [write("a", 7, minute)];
+        ledger.reserve("t", QUOTA, &a7).await.unwrap();
+        assert_eq!(ledger.hold("t", &["a"]).await.unwrap(), [true]);
+        ledger.finish("t", &["a"], true).await.unwrap();
+        assert_eq!(ledger.usage("t").await.unwrap(), usage(1, 40));
+        ledger.settle("t", &a7, true).await.unwrap();
+        assert_eq!(ledger.usage("t").await.unwrap(), usage(1, 7));
+        // With nothing in flight, a removal that happened drops the record.
+        assert_eq!(ledger.hold("t", &["a"]).await.unwrap(), [true]);
+        ledger.finish("t", &["a"], true).await.unwrap();
         assert_eq!(ledger.usage("t").await.unwrap(), usage(0, 0));
-        ledger.settle("t", &[write("a", 7, minute)]).await.unwrap();
-        assert_eq!(ledger.usage("t").await.unwrap(), usage(1, 7));
-        // A prefix release leaves held records to their removals.
-        assert!(ledger.hold("t", "a").await.unwrap());
-        assert_eq!(ledger.release_prefix("t", "").await.unwrap(), 0);
-        assert_eq!(ledger.usage("t").await.unwrap(), usage(1, 7));
-        // A touch moves a held record's expiry too.
+        // Overlapping writes land in an unknown order: the larger one is kept.
+        let (big, small) = ([write("c", 50, minute)], [write("c", 1, minute)]);
+        ledger.reserve("t", QUOTA, &big).await.unwrap();
+        ledger.reserve("t", QUOTA, &small).await.unwrap();
+        ledger.settle("t", &big, true).await.unwrap();
+        ledger.settle("t", &small, true).await.unwrap();
+        assert_eq!(ledger.usage("t").await.unwrap(), usage(1, 50));
+        // Alone again, a write is recorded exactly.
+        ledger.reserve("t", QUOTA, &small).await.unwrap();
+        ledger.settle("t", &small, true).await.unwrap();
+        assert_eq!(ledger.usage("t").await.unwrap(), usage(1, 1));
+        // A touch while a write is in flight keeps the later expiry past the settle.
+        let brief = [write("c", 1, Duration::from_millis(200))];
+        ledger.reserve("t", QUOTA, &brief).await.unwrap();
+        ledger.touch("t", "c", minute).await.unwrap();
+        ledger.settle("t", &brief, true).await.unwrap();
+        // A prefix hold leaves held records to their removals.
+        assert_eq!(ledger.hold("t", &["c"]).await.unwrap(), [true]);
+        assert!(ledger.hold_prefix("t", "").await.unwrap().is_empty());
+        // real time: past the brief write's 200 ms, the touch's minute still counts it.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(ledger.usage("t").await.unwrap(), usage(1, 1));
+        // A touch moves a held record's expiry (and the ledger keys') too.
         ledger
-            .touch("t", "a", Duration::from_millis(200))
+            .touch("t", "c", Duration::from_millis(200))
             .await
             .unwrap();
-        // real time: the touched expiry passes, on the server's clock.
+        // real time: past the touched expiry.
         tokio::time::sleep(Duration::from_millis(300)).await;
-        ledger.finish("t", "a", false).await.unwrap();
+        ledger.finish("t", &["c"], false).await.unwrap();
         assert_eq!(ledger.usage("t").await.unwrap(), usage(0, 0));
+        // A write whose caller never settles stays in flight for `in_flight_for`.
+        let ledger = ledger.in_flight_for(Duration::from_millis(100)).unwrap();
+        let d = [write("d", 3, minute)];
+        ledger.reserve("u", QUOTA, &d).await.unwrap();
+        ledger.hold("u", &["d"]).await.unwrap();
+        ledger.finish("u", &["d"], true).await.unwrap();
+        assert_eq!(ledger.usage("u").await.unwrap(), usage(1, 3));
+        // real time: past the in-flight deadline, a removal drops the record.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        ledger.hold("u", &["d"]).await.unwrap();
+        ledger.finish("u", &["d"], true).await.unwrap();
+        assert_eq!(ledger.usage("u").await.unwrap(), usage(0, 0));
     }
 }
 

@@ -289,12 +289,15 @@ pub(crate) async fn put_value(
             .await
             .map(|()| true)
     };
-    // A write that did not land (its condition did not hold, or it failed) leaves the
-    // reservation as it is: no smaller than the old value's record, which may still be there.
-    match written {
-        Ok(true) => state.quotas.settle(&entry.tenant, &room, reserved).await,
-        Ok(false) => return Err(ApiError::precondition_failed()),
-        Err(error) => return Err(error.into()),
+    // A write that failed may have landed: it is not settled, and its reservation (no
+    // smaller than the old value's record) stays.
+    let landed = written?;
+    state
+        .quotas
+        .settle(&entry.tenant, &room, reserved, landed)
+        .await;
+    if !landed {
+        return Err(ApiError::precondition_failed());
     }
     state.usage.of(&entry.tenant).wrote(len);
     Ok(StatusCode::NO_CONTENT)
@@ -310,11 +313,14 @@ pub(crate) async fn delete_value(
     refuse_preconditions(&headers)?;
     // Held, not released: a delete that fails frees no room, and a write racing it stays
     // counted.
-    let held = state.quotas.hold(&entry.tenant, &entry.limits, &key).await;
+    let held = state
+        .quotas
+        .hold(&entry.tenant, &entry.limits, &[&key])
+        .await;
     let deleted = state.data.delete(&entry.storage_key).await;
     state
         .quotas
-        .finish(&entry.tenant, &key, held, deleted.is_ok())
+        .finish(&entry.tenant, held, deleted.is_ok())
         .await;
     let deleted = deleted?;
     state.usage.of(&entry.tenant).deleted();
@@ -408,10 +414,10 @@ async fn swap_in(
         .data
         .compare_and_set(&entry.storage_key, current, Some(new), options)
         .await?;
-    // A swap that did not happen leaves the reservation: no smaller than the value that stays.
-    if swapped {
-        state.quotas.settle(&entry.tenant, rooms, reserved).await;
-    }
+    state
+        .quotas
+        .settle(&entry.tenant, rooms, reserved, swapped)
+        .await;
     Ok(swapped)
 }
 
@@ -424,16 +430,16 @@ async fn remove_if_current(
     current: &Bytes,
     options: &EntryOptions,
 ) -> Result<bool, ApiError> {
-    let held = state.quotas.hold(&entry.tenant, &entry.limits, key).await;
+    let held = state
+        .quotas
+        .hold(&entry.tenant, &entry.limits, &[key])
+        .await;
     let removed = state
         .data
         .compare_and_set(&entry.storage_key, current, None, options)
         .await;
     let happened = matches!(removed, Ok(true));
-    state
-        .quotas
-        .finish(&entry.tenant, key, held, happened)
-        .await;
+    state.quotas.finish(&entry.tenant, held, happened).await;
     Ok(removed?)
 }
 
@@ -499,12 +505,17 @@ pub(crate) async fn delete_prefix(
 ) -> Result<Json<Deleted>, ApiError> {
     let entry = entry(&state, &headers, &query.prefix).await?;
     refuse_preconditions(&headers)?;
-    // Released first, as for one key's delete.
+    // Held, as for one key's delete: a prefix delete that fails (or is dropped) frees no room.
+    let held = state
+        .quotas
+        .hold_prefix(&entry.tenant, &entry.limits, &query.prefix)
+        .await;
+    let deleted = state.data.delete_prefix(&entry.storage_key).await;
     state
         .quotas
-        .release_prefix(&entry.tenant, &entry.limits, &query.prefix)
+        .finish(&entry.tenant, held, deleted.is_ok())
         .await;
-    let deleted = state.data.delete_prefix(&entry.storage_key).await?;
+    let deleted = deleted?;
     state.usage.of(&entry.tenant).deleted();
     Ok(Json(Deleted { deleted }))
 }
@@ -626,14 +637,15 @@ pub(crate) async fn bulk_set(
     let usage = state.usage.of(&tenant);
     for (key, value, ttl) in &writes {
         let options: EntryOptions = state.data.default_options().with_ttl(*ttl);
-        // A failure leaves the reservation: no smaller than what may be stored.
+        // A failure is not settled (some writes landed, the rest may have): the reservations
+        // stay, no smaller than what may be stored.
         state
             .data
             .set_with(&tenant.storage_key(key), value.clone(), &options)
             .await?;
         usage.wrote(value.len());
     }
-    state.quotas.settle(&tenant, &rooms, reserved).await;
+    state.quotas.settle(&tenant, &rooms, reserved, true).await;
     Ok(StatusCode::NO_CONTENT)
 }
 

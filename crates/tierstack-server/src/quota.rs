@@ -1,18 +1,15 @@
 //! Quotas per tenant: how many entries and bytes (of keys and values) a tenant's live entries
 //! may hold. Counted on this instance, or in Redis by every instance together.
 //!
-//! The ledger follows the writes the server makes: a write reserves room before it lands, a
-//! delete, a prefix delete or a flush gives it back, and an entry leaves the count at its TTL.
-//! It may count an entry the backend dropped early (evicted under memory pressure, say), or one
-//! a delete removed after a racing write of it had landed and settled, until that entry's TTL
-//! passes. It can miss an entry whose write failed (timed out, say) but landed, if a delete of
-//! its key released the reservation meanwhile, until that key is written or deleted again.
-//!
-//! Every write that lands is settled: recorded exactly, also when a removal released or held
-//! its record while it was in flight. A delete or a compare-and-set removal holds the entry's
-//! record (it keeps counting) and drops it once the removal has happened, or merges it back if
-//! not. A write racing a removal of its key is thus counted, and a removal that fails frees no
-//! room while it runs.
+//! The ledger follows the protocol of `QuotaLedger` (in `tierstack-redis`), here or in Redis:
+//! a write reserves room before it is made and settles once its outcome is known; a delete, a
+//! compare-and-set removal and a prefix delete hold the records they may remove and finish
+//! them once their outcome is known (a held record keeps counting; one whose removal happened
+//! while a write of its key was in flight stays); an entry leaves the count at its TTL. The
+//! count can run high, until the entry's TTL: an entry the backend dropped early (evicted), one
+//! removed after an overlapping write, a request dropped mid-removal. It does not run low while
+//! every write lands within [`in_flight_for`] of its reservation, except after a flush that
+//! failed (the flush forgets the tenant's records first).
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -59,16 +56,16 @@ pub(crate) struct Quotas {
     slack: Duration,
 }
 
-/// A reservation, to [`settle`](Quotas::settle) once its writes have landed.
+/// A reservation, to [`settle`](Quotas::settle) once its writes' outcome is known.
 #[must_use]
 pub(crate) struct Reserved {
     /// Whether the tenant has a quota (else nothing was recorded).
     counted: bool,
 }
 
-/// Whether [`Quotas::hold`] held a record, to [`finish`](Quotas::finish).
+/// The keys whose records [`Quotas::hold`] held, to [`finish`](Quotas::finish).
 #[must_use]
-pub(crate) struct Held(bool);
+pub(crate) struct Held(Vec<String>);
 
 /// The limits of `limits` as the ledger takes them (0: none).
 fn quota_limits(limits: &Limits) -> Option<QuotaLimits> {
@@ -82,6 +79,12 @@ fn quota_limits(limits: &Limits) -> Option<QuotaLimits> {
 fn unavailable(error: &tierstack::CacheError) -> ApiError {
     tracing::warn!(error = %error, "the quota ledger is unavailable");
     ApiError::unavailable("the quota ledger is unavailable")
+}
+
+/// How long a write whose request was dropped counts as in flight: twice `request_timeout`,
+/// past which its write has landed or never will.
+pub(crate) fn in_flight_for(request_timeout: Duration) -> Duration {
+    request_timeout.saturating_mul(2)
 }
 
 impl Quotas {
@@ -117,7 +120,7 @@ impl Quotas {
     /// Records `writes` of `tenant` if together they keep it within its quota: 507 with the
     /// reason if not (nothing recorded), 503 if the shared ledger cannot be reached (a write
     /// that cannot be counted is not made). A record never shrinks here: the write may not
-    /// land. Once it has, [`settle`](Self::settle) it.
+    /// land. Once its outcome is known, [`settle`](Self::settle) it.
     pub(crate) async fn reserve(
         &self,
         tenant: &TenantName,
@@ -133,7 +136,9 @@ impl Quotas {
                 .reserve(tenant.as_str(), quota, &writes)
                 .await
                 .map_err(|error| unavailable(&error))?,
-            None => self.local.reserve(tenant, quota, &writes),
+            None => self
+                .local
+                .reserve(tenant, quota, &writes, in_flight_for(self.slack)),
         };
         match decision {
             QuotaDecision::TooManyEntries(usage) => Err(ApiError::over_quota(format!(
@@ -148,75 +153,92 @@ impl Quotas {
         }
     }
 
-    /// Records `rooms` exactly once their writes have landed: smaller than the reservation
-    /// kept, or back after a delete released them while the writes were in flight. A ledger
-    /// that cannot be reached keeps the reservation until its expiry: logged.
-    pub(crate) async fn settle(&self, tenant: &TenantName, rooms: &[Room<'_>], reserved: Reserved) {
+    /// Ends a reservation once its writes' outcome is known: `landed` or not (a condition
+    /// did not hold). A write that failed is not settled (it may have landed): it stays in
+    /// flight until [`in_flight_for`] passes, and its reservation counts until its TTL. A
+    /// ledger that cannot be reached leaves the same: logged.
+    pub(crate) async fn settle(
+        &self,
+        tenant: &TenantName,
+        rooms: &[Room<'_>],
+        reserved: Reserved,
+        landed: bool,
+    ) {
         if !reserved.counted {
             return;
         }
         let writes = self.ledger_writes(rooms);
         match &self.shared {
             Some(ledger) => {
-                if let Err(error) = ledger.settle(tenant.as_str(), &writes).await {
+                if let Err(error) = ledger.settle(tenant.as_str(), &writes, landed).await {
                     tracing::warn!(error = %error, "quota not settled: counted as reserved until the TTL");
                 }
             }
-            None => self.local.settle(tenant, &writes),
+            None => self.local.settle(tenant, &writes, landed),
         }
     }
 
-    /// Holds `key`'s record for a removal that may not happen (a delete, a compare-and-set
-    /// removal): it keeps counting, apart from the record of a write of `key` that lands
-    /// meanwhile, until [`finish`](Self::finish) drops it or merges it back. Releasing first
-    /// would free room that a failed removal never gave up; releasing after would drop the
-    /// record of that write. A ledger that cannot be reached holds nothing (the record stays,
-    /// counting until its TTL): logged.
-    pub(crate) async fn hold(&self, tenant: &TenantName, limits: &Limits, key: &str) -> Held {
+    /// Holds the records of `keys` for a removal that may not happen (`QuotaLedger::hold`):
+    /// they keep counting until [`finish`](Self::finish)ed. A ledger that cannot be reached
+    /// holds nothing (the records stay, counting until their TTL): logged.
+    pub(crate) async fn hold(&self, tenant: &TenantName, limits: &Limits, keys: &[&str]) -> Held {
         if quota_limits(limits).is_none() {
-            return Held(false);
+            return Held(Vec::new());
+        }
+        let outcome = match &self.shared {
+            Some(ledger) => match ledger.hold(tenant.as_str(), keys).await {
+                Ok(outcome) => outcome,
+                Err(error) => {
+                    tracing::warn!(error = %error, "quota not held: counted until the TTL");
+                    return Held(Vec::new());
+                }
+            },
+            None => self.local.hold(tenant, keys),
+        };
+        Held(
+            keys.iter()
+                .zip(outcome)
+                .filter(|(_, held)| *held)
+                .map(|(key, _)| (*key).to_owned())
+                .collect(),
+        )
+    }
+
+    /// Holds the records of `tenant`'s keys under `prefix`, as [`hold`](Self::hold).
+    pub(crate) async fn hold_prefix(
+        &self,
+        tenant: &TenantName,
+        limits: &Limits,
+        prefix: &str,
+    ) -> Held {
+        if quota_limits(limits).is_none() {
+            return Held(Vec::new());
         }
         match &self.shared {
-            Some(ledger) => match ledger.hold(tenant.as_str(), key).await {
+            Some(ledger) => match ledger.hold_prefix(tenant.as_str(), prefix).await {
                 Ok(held) => Held(held),
                 Err(error) => {
                     tracing::warn!(error = %error, "quota not held: counted until the TTL");
-                    Held(false)
+                    Held(Vec::new())
                 }
             },
-            None => Held(self.local.hold(tenant, key)),
+            None => Held(self.local.hold_prefix(tenant, prefix)),
         }
     }
 
-    /// Ends a [`hold`](Self::hold): drops the held record if `removed`, else merges it back
-    /// (no quota check: it counted all along). A request dropped before this leaves the held
-    /// record counting until its TTL.
-    pub(crate) async fn finish(&self, tenant: &TenantName, key: &str, held: Held, removed: bool) {
-        if !held.0 {
+    /// Ends a [`hold`](Self::hold) once the removal's outcome is known (`QuotaLedger::finish`).
+    /// A request dropped before this leaves the held records counting until their TTL.
+    pub(crate) async fn finish(&self, tenant: &TenantName, held: Held, removed: bool) {
+        if held.0.is_empty() {
             return;
         }
         match &self.shared {
             Some(ledger) => {
-                if let Err(error) = ledger.finish(tenant.as_str(), key, removed).await {
+                if let Err(error) = ledger.finish(tenant.as_str(), &held.0, removed).await {
                     tracing::warn!(error = %error, "quota hold not finished: counted until the TTL");
                 }
             }
-            None => self.local.finish(tenant, key, removed),
-        }
-    }
-
-    /// Gives back the room of `tenant`'s keys under `prefix`, before they are deleted.
-    pub(crate) async fn release_prefix(&self, tenant: &TenantName, limits: &Limits, prefix: &str) {
-        if quota_limits(limits).is_none() {
-            return;
-        }
-        match &self.shared {
-            Some(ledger) => {
-                if let Err(error) = ledger.release_prefix(tenant.as_str(), prefix).await {
-                    tracing::warn!(error = %error, "quota not released: counted until the TTL");
-                }
-            }
-            None => self.local.release_prefix(tenant, prefix),
+            None => self.local.finish(tenant, &held.0, removed),
         }
     }
 
@@ -276,31 +298,43 @@ impl Quotas {
     }
 }
 
-/// At most this many expired entries leave a tenant's book per call: a call's work stays
-/// bounded however many expired since the last one.
+/// At most this many expired records (and as many expired in-flight marks) leave a tenant's
+/// book per call: a call's work stays bounded however many expired since the last one.
 const PURGE_PER_CALL: usize = 1_000;
 
-/// The ledger of this instance: a book per tenant, each behind its own lock.
+/// The ledger of this instance, as `QuotaLedger` keeps it in Redis: a book per tenant, each
+/// behind its own lock.
 #[derive(Debug, Default)]
 struct LocalLedger {
     tenants: Mutex<HashMap<TenantName, Arc<Mutex<Book>>>>,
 }
 
-/// A record in a tenant's book: an entry's, or one a removal in flight holds (as
-/// `QuotaLedger::hold`).
+/// A record in a tenant's book: an entry's, or one a removal in flight holds.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 enum Slot {
     Entry(String),
     Held(String),
 }
 
-/// One tenant's records; every one counts.
+/// The writes of one key in flight.
+#[derive(Debug, Clone, Copy)]
+struct InFlight {
+    count: u32,
+    /// Whether another write or a touch overlapped them.
+    overlapped: bool,
+    deadline: Instant,
+}
+
+/// One tenant's records (every one counts) and writes in flight.
 #[derive(Debug, Default)]
 struct Book {
     records: HashMap<Slot, (u64, Instant)>,
     /// The same records by expiry, to drop the expired ones in order.
     by_expiry: BTreeSet<(Instant, Slot)>,
     bytes: u64,
+    writes: HashMap<String, InFlight>,
+    /// The same keys by deadline, to drop the abandoned ones in order.
+    by_deadline: BTreeSet<(Instant, String)>,
 }
 
 impl Book {
@@ -308,10 +342,19 @@ impl Book {
         for _ in 0..PURGE_PER_CALL {
             match self.by_expiry.first() {
                 Some((expires, _)) if *expires <= now => {}
-                _ => return,
+                _ => break,
             }
             if let Some((_, slot)) = self.by_expiry.pop_first() {
                 self.remove(&slot);
+            }
+        }
+        for _ in 0..PURGE_PER_CALL {
+            match self.by_deadline.first() {
+                Some((deadline, _)) if *deadline <= now => {}
+                _ => return,
+            }
+            if let Some((_, key)) = self.by_deadline.pop_first() {
+                self.writes.remove(&key);
             }
         }
     }
@@ -332,8 +375,47 @@ impl Book {
         self.bytes += size;
     }
 
+    /// Records `key`'s entry at the larger size and later expiry of `record` and the one
+    /// there.
+    fn merge(&mut self, key: &str, (size, expires): (u64, Instant)) {
+        let (size, expires) = match self.entry(key) {
+            Some((old_size, old_expires)) => (size.max(old_size), expires.max(old_expires)),
+            None => (size, expires),
+        };
+        self.put(Slot::Entry(key.to_owned()), size, expires);
+    }
+
     fn entry(&self, key: &str) -> Option<(u64, Instant)> {
         self.records.get(&Slot::Entry(key.to_owned())).copied()
+    }
+
+    /// Marks a write of `key` in flight until `deadline` (or its settle).
+    fn start_write(&mut self, key: &str, deadline: Instant) {
+        let write = self.writes.entry(key.to_owned()).or_insert(InFlight {
+            count: 0,
+            overlapped: false,
+            deadline,
+        });
+        write.count += 1;
+        write.overlapped |= write.count > 1;
+        let old = std::mem::replace(&mut write.deadline, deadline);
+        self.by_deadline.remove(&(old, key.to_owned()));
+        self.by_deadline.insert((deadline, key.to_owned()));
+    }
+
+    /// Ends a write of `key`: whether other writes or a touch overlapped it.
+    fn end_write(&mut self, key: &str) -> bool {
+        let Some(write) = self.writes.get_mut(key) else {
+            return false;
+        };
+        let overlapped = write.overlapped;
+        write.count -= 1;
+        if write.count == 0 {
+            let deadline = write.deadline;
+            self.writes.remove(key);
+            self.by_deadline.remove(&(deadline, key.to_owned()));
+        }
+        overlapped
     }
 
     fn usage(&self) -> QuotaUsage {
@@ -355,16 +437,17 @@ impl LocalLedger {
         use_it(&mut book)
     }
 
-    /// As `QuotaLedger::reserve`: a record only grows here.
+    /// As `QuotaLedger::reserve`.
     fn reserve(
         &self,
         tenant: &TenantName,
         quota: QuotaLimits,
         writes: &[QuotaWrite<'_>],
+        in_flight: Duration,
     ) -> QuotaDecision {
         self.book(tenant, |book| {
             let before = book.usage();
-            let (mut entries, mut bytes, mut grown) = (before.entries, before.bytes, false);
+            let (mut entries, mut bytes) = (before.entries, before.bytes);
             let now = Instant::now();
             let mut records: HashMap<&str, (u64, Instant)> = HashMap::new();
             for write in writes {
@@ -374,7 +457,6 @@ impl LocalLedger {
                     .or_else(|| book.entry(write.member));
                 let mut record = (write.size, now + write.ttl);
                 if let Some((old_size, old_expiry)) = old {
-                    grown |= old_size > write.size || old_expiry > record.1;
                     record = (old_size.max(write.size), old_expiry.max(record.1));
                     bytes = bytes - old_size + record.0;
                 } else {
@@ -392,72 +474,82 @@ impl LocalLedger {
             for (key, (size, expires)) in records {
                 book.put(Slot::Entry(key.to_owned()), size, expires);
             }
-            if grown {
-                QuotaDecision::AdmittedToSettle(book.usage())
-            } else {
-                QuotaDecision::Admitted(book.usage())
+            for write in writes {
+                book.start_write(write.member, now + in_flight);
             }
+            QuotaDecision::Admitted(book.usage())
         })
     }
 
-    /// As `QuotaLedger::settle`: exactly, whether or not a record is there.
-    fn settle(&self, tenant: &TenantName, writes: &[QuotaWrite<'_>]) {
+    /// As `QuotaLedger::settle`.
+    fn settle(&self, tenant: &TenantName, writes: &[QuotaWrite<'_>], landed: bool) {
         self.book(tenant, |book| {
             let now = Instant::now();
             for write in writes {
-                book.put(
-                    Slot::Entry(write.member.to_owned()),
-                    write.size,
-                    now + write.ttl,
-                );
+                let overlapped = book.end_write(write.member);
+                if !landed {
+                    continue;
+                }
+                let record = (write.size, now + write.ttl);
+                if overlapped {
+                    book.merge(write.member, record);
+                } else {
+                    book.put(Slot::Entry(write.member.to_owned()), record.0, record.1);
+                }
             }
         });
     }
 
     /// As `QuotaLedger::hold`.
-    fn hold(&self, tenant: &TenantName, key: &str) -> bool {
+    fn hold(&self, tenant: &TenantName, keys: &[&str]) -> Vec<bool> {
         self.book(tenant, |book| {
-            let held = Slot::Held(key.to_owned());
-            if book.records.contains_key(&held) {
-                return false;
-            }
-            match book.remove(&Slot::Entry(key.to_owned())) {
-                Some((size, expires)) => {
-                    book.put(held, size, expires);
-                    true
-                }
-                None => false,
-            }
+            keys.iter()
+                .map(|key| {
+                    let held = Slot::Held((*key).to_owned());
+                    if book.records.contains_key(&held) {
+                        return false;
+                    }
+                    match book.remove(&Slot::Entry((*key).to_owned())) {
+                        Some((size, expires)) => {
+                            book.put(held, size, expires);
+                            true
+                        }
+                        None => false,
+                    }
+                })
+                .collect()
         })
     }
 
-    /// As `QuotaLedger::finish`.
-    fn finish(&self, tenant: &TenantName, key: &str, removed: bool) {
-        self.book(tenant, |book| {
-            let Some((size, expires)) = book.remove(&Slot::Held(key.to_owned())) else {
-                return;
-            };
-            if removed {
-                return;
-            }
-            let (size, expires) = match book.entry(key) {
-                Some((old_size, old_expires)) => (size.max(old_size), expires.max(old_expires)),
-                None => (size, expires),
-            };
-            book.put(Slot::Entry(key.to_owned()), size, expires);
+    /// As `QuotaLedger::hold_prefix`.
+    fn hold_prefix(&self, tenant: &TenantName, prefix: &str) -> Vec<String> {
+        let keys: Vec<String> = self.book(tenant, |book| {
+            book.records
+                .keys()
+                .filter_map(|slot| match slot {
+                    Slot::Entry(key) if key.starts_with(prefix) => Some(key.clone()),
+                    _ => None,
+                })
+                .collect()
         });
+        let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+        let outcome = self.hold(tenant, &refs);
+        keys.into_iter()
+            .zip(outcome)
+            .filter_map(|(key, held)| held.then_some(key))
+            .collect()
     }
 
-    fn release_prefix(&self, tenant: &TenantName, prefix: &str) {
+    /// As `QuotaLedger::finish`.
+    fn finish(&self, tenant: &TenantName, keys: &[String], removed: bool) {
         self.book(tenant, |book| {
-            let slots: Vec<Slot> = book
-                .records
-                .keys()
-                .filter(|slot| matches!(slot, Slot::Entry(key) if key.starts_with(prefix)))
-                .cloned()
-                .collect();
-            for slot in slots {
-                book.remove(&slot);
+            for key in keys {
+                let Some(record) = book.remove(&Slot::Held(key.clone())) else {
+                    continue;
+                };
+                if !removed || book.writes.contains_key(key) {
+                    book.merge(key, record);
+                }
             }
         });
     }
@@ -466,9 +558,12 @@ impl LocalLedger {
         self.book(tenant, |book| *book = Book::default());
     }
 
-    /// As `QuotaLedger::touch`: the entry's record, and a held one.
+    /// As `QuotaLedger::touch`.
     fn touch(&self, tenant: &TenantName, key: &str, ttl: Duration) {
         self.book(tenant, |book| {
+            if let Some(write) = book.writes.get_mut(key) {
+                write.overlapped = true;
+            }
             let expires = Instant::now() + ttl;
             for slot in [Slot::Held(key.to_owned()), Slot::Entry(key.to_owned())] {
                 if let Some(&(size, _)) = book.records.get(&slot) {
@@ -487,108 +582,136 @@ impl LocalLedger {
 mod tests {
     use super::*;
 
-    #[test]
-    fn the_local_ledger_counts_as_the_shared_one() {
-        let ledger = LocalLedger::default();
-        let tenant = TenantName::new("t").unwrap();
-        let quota = QuotaLimits {
-            max_entries: 3,
-            max_bytes: 100,
-        };
-        let usage = |entries, bytes| QuotaUsage { entries, bytes };
-        let minute = Duration::from_secs(60);
-        let write = |member, size, ttl| QuotaWrite { member, size, ttl };
-        assert_eq!(
-            ledger.reserve(
-                &tenant,
-                quota,
-                &[write("a", 40, minute), write("b", 40, minute)]
-            ),
-            QuotaDecision::Admitted(usage(2, 80))
-        );
-        // A smaller write keeps the larger record until it is settled.
-        let shrink = [write("a", 10, minute), write("a", 20, minute)];
-        assert_eq!(
-            ledger.reserve(&tenant, quota, &shrink),
-            QuotaDecision::AdmittedToSettle(usage(2, 80))
-        );
-        ledger.settle(&tenant, &shrink[1..]);
-        assert_eq!(ledger.usage(&tenant), usage(2, 60));
-        assert_eq!(
-            ledger.reserve(&tenant, quota, &[write("c", 41, minute)]),
-            QuotaDecision::TooManyBytes(usage(2, 60))
-        );
-        assert_eq!(
-            ledger.reserve(
-                &tenant,
-                quota,
-                &[write("c", 0, minute), write("d", 0, minute)]
-            ),
-            QuotaDecision::TooManyEntries(usage(2, 60))
-        );
-        assert!(ledger.hold(&tenant, "a"));
-        ledger.finish(&tenant, "a", true);
-        assert_eq!(ledger.usage(&tenant), usage(1, 40));
-        let moment = Duration::from_millis(1);
-        ledger.reserve(&tenant, quota, &[write("short", 9, moment)]);
-        ledger.touch(&tenant, "b", moment);
-        std::thread::sleep(Duration::from_millis(5)); // real time: both entries expire
-        assert_eq!(ledger.usage(&tenant), usage(0, 0));
-        ledger.reserve(
-            &tenant,
-            quota,
-            &[write("p/1", 1, minute), write("q", 1, minute)],
-        );
-        ledger.release_prefix(&tenant, "p/");
-        assert_eq!(ledger.usage(&tenant), usage(1, 1));
-        ledger.clear(&tenant);
-        assert_eq!(ledger.usage(&tenant), usage(0, 0));
+    const QUOTA: QuotaLimits = QuotaLimits {
+        max_entries: 3,
+        max_bytes: 100,
+    };
+    const MINUTE: Duration = Duration::from_secs(60);
+
+    fn usage(entries: u64, bytes: u64) -> QuotaUsage {
+        QuotaUsage { entries, bytes }
+    }
+
+    fn write(member: &str, size: u64, ttl: Duration) -> QuotaWrite<'_> {
+        QuotaWrite { member, size, ttl }
+    }
+
+    fn held(keys: &[&str]) -> Vec<String> {
+        keys.iter().map(|key| (*key).to_owned()).collect()
     }
 
     #[test]
-    fn a_held_record_counts_until_its_removal_happens() {
+    fn the_local_ledger_counts_as_the_shared_one() {
         let ledger = LocalLedger::default();
-        let tenant = TenantName::new("t").unwrap();
-        let quota = QuotaLimits {
-            max_entries: 3,
-            max_bytes: 100,
-        };
-        let usage = |entries, bytes| QuotaUsage { entries, bytes };
-        let minute = Duration::from_secs(60);
-        let write = |member, size| QuotaWrite {
-            member,
-            size,
-            ttl: minute,
-        };
-        ledger.reserve(&tenant, quota, &[write("a", 40)]);
-        assert!(ledger.hold(&tenant, "a"));
-        assert!(!ledger.hold(&tenant, "a"), "held once");
-        assert!(!ledger.hold(&tenant, "none"));
-        // Held, it still counts: no room for 61 more bytes.
+        let t = TenantName::new("t").unwrap();
+        let reserve = |writes: &[QuotaWrite<'_>]| ledger.reserve(&t, QUOTA, writes, MINUTE);
+        let two = [write("a", 40, MINUTE), write("b", 40, MINUTE)];
+        assert_eq!(reserve(&two), QuotaDecision::Admitted(usage(2, 80)));
+        ledger.settle(&t, &two, true);
+        // A reservation keeps the larger record until the write lands.
+        let smaller = [write("a", 20, MINUTE)];
+        assert_eq!(reserve(&smaller), QuotaDecision::Admitted(usage(2, 80)));
+        ledger.settle(&t, &smaller, true);
+        assert_eq!(ledger.usage(&t), usage(2, 60));
+        let failed = [write("b", 1, Duration::from_millis(1))];
+        let _ = reserve(&failed);
+        ledger.settle(&t, &failed, false);
+        assert_eq!(ledger.usage(&t), usage(2, 60));
         assert_eq!(
-            ledger.reserve(&tenant, quota, &[write("b", 61)]),
-            QuotaDecision::TooManyBytes(usage(1, 40))
+            reserve(&[write("c", 41, MINUTE)]),
+            QuotaDecision::TooManyBytes(usage(2, 60))
         );
-        // A write of the key meanwhile counts apart; a removal that did not happen merges
-        // back: the larger size.
-        ledger.reserve(&tenant, quota, &[write("a", 5)]);
-        ledger.settle(&tenant, &[write("a", 5)]);
-        assert_eq!(ledger.usage(&tenant), usage(2, 45));
-        ledger.finish(&tenant, "a", false);
-        assert_eq!(ledger.usage(&tenant), usage(1, 40));
-        // A removal that happened drops the held record, and leaves a newer write's.
-        assert!(ledger.hold(&tenant, "a"));
-        ledger.settle(&tenant, &[write("a", 7)]);
-        ledger.finish(&tenant, "a", true);
-        assert_eq!(ledger.usage(&tenant), usage(1, 7));
-        // A touch moves the held record's expiry too: it merges back with it.
-        assert!(ledger.hold(&tenant, "a"));
-        ledger.finish(&tenant, "a", true);
-        ledger.settle(&tenant, &[write("c", 9)]);
-        assert!(ledger.hold(&tenant, "c"));
-        ledger.touch(&tenant, "c", Duration::from_millis(1));
-        std::thread::sleep(Duration::from_millis(5)); // real time: the touched expiry passes
-        ledger.finish(&tenant, "c", false);
-        assert_eq!(ledger.usage(&tenant), usage(0, 0));
+        assert_eq!(
+            reserve(&[write("c", 0, MINUTE), write("d", 0, MINUTE)]),
+            QuotaDecision::TooManyEntries(usage(2, 60))
+        );
+        assert_eq!(ledger.hold(&t, &["a", "zz"]), [true, false]);
+        ledger.finish(&t, &held(&["a"]), true);
+        assert_eq!(ledger.usage(&t), usage(1, 40));
+        let moment = Duration::from_millis(1);
+        let short = [write("short", 9, moment)];
+        let _ = reserve(&short);
+        ledger.settle(&t, &short, true);
+        ledger.touch(&t, "b", moment);
+        std::thread::sleep(Duration::from_millis(5)); // real time: both entries expire
+        assert_eq!(ledger.usage(&t), usage(0, 0));
+        let two = [write("p/1", 1, MINUTE), write("q", 1, MINUTE)];
+        let _ = reserve(&two);
+        ledger.settle(&t, &two, true);
+        let prefixed = ledger.hold_prefix(&t, "p/");
+        assert_eq!(prefixed, ["p/1"]);
+        ledger.finish(&t, &prefixed, true);
+        assert_eq!(ledger.usage(&t), usage(1, 1));
+        ledger.clear(&t);
+        assert_eq!(ledger.usage(&t), usage(0, 0));
+    }
+
+    /// As `held_records_and_writes_in_flight_never_count_low` on Redis.
+    #[test]
+    fn held_records_and_writes_in_flight_never_count_low() {
+        let ledger = LocalLedger::default();
+        let t = TenantName::new("t").unwrap();
+        let reserve = |writes: &[QuotaWrite<'_>]| ledger.reserve(&t, QUOTA, writes, MINUTE);
+        let a40 = [write("a", 40, MINUTE)];
+        let _ = reserve(&a40);
+        ledger.settle(&t, &a40, true);
+        assert_eq!(ledger.hold(&t, &["a"]), [true]);
+        assert_eq!(ledger.hold(&t, &["a"]), [false], "held once");
+        assert_eq!(
+            reserve(&[write("b", 61, MINUTE)]),
+            QuotaDecision::TooManyBytes(usage(1, 40)),
+            "a held record still counts"
+        );
+        let a5 = [write("a", 5, MINUTE)];
+        let _ = reserve(&a5);
+        ledger.settle(&t, &a5, true);
+        assert_eq!(ledger.usage(&t), usage(2, 45));
+        ledger.finish(&t, &held(&["a"]), false);
+        assert_eq!(ledger.usage(&t), usage(1, 40));
+        // A write in flight keeps the record past a removal that happened.
+        let a7 = [write("a", 7, MINUTE)];
+        let _ = reserve(&a7);
+        assert_eq!(ledger.hold(&t, &["a"]), [true]);
+        ledger.finish(&t, &held(&["a"]), true);
+        assert_eq!(ledger.usage(&t), usage(1, 40));
+        ledger.settle(&t, &a7, true);
+        assert_eq!(ledger.usage(&t), usage(1, 7));
+        assert_eq!(ledger.hold(&t, &["a"]), [true]);
+        ledger.finish(&t, &held(&["a"]), true);
+        assert_eq!(ledger.usage(&t), usage(0, 0));
+        // Overlapping writes keep the larger; alone again, exact.
+        let (big, small) = ([write("c", 50, MINUTE)], [write("c", 1, MINUTE)]);
+        let _ = reserve(&big);
+        let _ = reserve(&small);
+        ledger.settle(&t, &big, true);
+        ledger.settle(&t, &small, true);
+        assert_eq!(ledger.usage(&t), usage(1, 50));
+        let _ = reserve(&small);
+        ledger.settle(&t, &small, true);
+        assert_eq!(ledger.usage(&t), usage(1, 1));
+        // A touch overlapping a write keeps its later expiry past the settle.
+        let brief = [write("c", 1, Duration::from_millis(1))];
+        let _ = reserve(&brief);
+        ledger.touch(&t, "c", MINUTE);
+        ledger.settle(&t, &brief, true);
+        std::thread::sleep(Duration::from_millis(5)); // real time: past the brief write's TTL
+        assert_eq!(ledger.usage(&t), usage(1, 1));
+        // A touch moves a held record's expiry.
+        assert_eq!(ledger.hold(&t, &["c"]), [true]);
+        assert!(ledger.hold_prefix(&t, "").is_empty());
+        ledger.touch(&t, "c", Duration::from_millis(1));
+        std::thread::sleep(Duration::from_millis(5)); // real time: past the touched expiry
+        ledger.finish(&t, &held(&["c"]), false);
+        assert_eq!(ledger.usage(&t), usage(0, 0));
+        // A write never settled stays in flight until its deadline.
+        let d = [write("d", 3, MINUTE)];
+        let _ = ledger.reserve(&t, QUOTA, &d, Duration::from_millis(1));
+        assert_eq!(ledger.hold(&t, &["d"]), [true]);
+        ledger.finish(&t, &held(&["d"]), true);
+        assert_eq!(ledger.usage(&t), usage(1, 3));
+        std::thread::sleep(Duration::from_millis(5)); // real time: past the deadline
+        assert_eq!(ledger.hold(&t, &["d"]), [true]);
+        ledger.finish(&t, &held(&["d"]), true);
+        assert_eq!(ledger.usage(&t), usage(0, 0));
     }
 }

@@ -125,7 +125,9 @@ impl Server {
         mut self,
         store: &tierstack::redis::RedisStore,
     ) -> Result<Self, CacheError> {
-        let ledger = tierstack::redis::QuotaLedger::new(store, "tierstack-server")?;
+        let ledger = tierstack::redis::QuotaLedger::new(store, "tierstack-server")?.in_flight_for(
+            crate::quota::in_flight_for(self.state.config.request_timeout),
+        )?;
         let state = Arc::get_mut(&mut self.state)
             .unwrap_or_else(|| panic!("share_quotas before the server is shared"));
         state.quotas = Quotas::shared(ledger, state.config.request_timeout);

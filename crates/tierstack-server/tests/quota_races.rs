@@ -1,6 +1,6 @@
-//! A compare-and-set removal racing a write of the same key, ordered step by step, on both
-//! quota ledgers (this instance's, and the one shared in Redis): whatever the order, the value
-//! that stays is counted.
+//! Removals (compare-and-set, delete, prefix delete) racing writes of the same key, ordered
+//! step by step, on both quota ledgers (this instance's, and the one shared in Redis):
+//! whatever the order, and whatever fails or is dropped, the value that stays is counted.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -26,10 +26,13 @@ enum Hold {
     BeforeSwap,
     /// After the store removed: a write lands between the removal and its answer.
     AfterSwap,
-    /// Not held: it fails, as a store that is down.
+    /// Not held: it fails, as a store that is down (and so do deletes).
     Fail,
     /// Not the removal: the first plain write, before the store sees it.
     Write,
+    /// The first plain write, as a command sent that lands later: it waits for `go` in a task
+    /// of its own, which the caller's timeout does not stop.
+    WriteLandingLate,
 }
 
 /// A store that stops its first compare-and-set (the removal's: it writes a tombstone; the
@@ -42,6 +45,8 @@ struct HeldRemoval {
     armed: AtomicBool,
     reached: Notify,
     go: Notify,
+    /// What lets a write landing late land.
+    late: Arc<Notify>,
 }
 
 impl HeldRemoval {
@@ -67,8 +72,22 @@ impl Store for HeldRemoval {
         self.inner.get(key).await
     }
     async fn set(&self, key: &str, value: Bytes, ttl: Duration) -> Result<()> {
-        if matches!(self.hold, Hold::Write) {
-            self.stop_here().await;
+        match self.hold {
+            Hold::Write => self.stop_here().await,
+            Hold::WriteLandingLate if self.armed.swap(false, Ordering::SeqCst) => {
+                self.reached.notify_one();
+                let (inner, gate, key) = (
+                    Arc::clone(&self.inner),
+                    Arc::clone(&self.late),
+                    key.to_owned(),
+                );
+                let landing = tokio::spawn(async move {
+                    gate.notified().await;
+                    inner.set(&key, value, ttl).await
+                });
+                return landing.await.unwrap();
+            }
+            _ => {}
         }
         self.inner.set(key, value, ttl).await
     }
@@ -76,6 +95,10 @@ impl Store for HeldRemoval {
         self.inner.set_if_absent(key, value, ttl).await
     }
     async fn replace(&self, key: &str, value: Bytes, ttl: Duration) -> Result<Option<Bytes>> {
+        // A delete's tombstone.
+        if matches!(self.hold, Hold::Fail) {
+            return Err(CacheError::backend("replace", true, "the store is down"));
+        }
         self.inner.replace(key, value, ttl).await
     }
     async fn compare_and_set(
@@ -99,10 +122,15 @@ impl Store for HeldRemoval {
                 true,
                 "the store is down",
             )),
-            Hold::Write => self.inner.compare_and_set(key, current, new).await,
+            Hold::Write | Hold::WriteLandingLate => {
+                self.inner.compare_and_set(key, current, new).await
+            }
         }
     }
     async fn delete(&self, key: &str) -> Result<bool> {
+        if matches!(self.hold, Hold::Fail) {
+            return Err(CacheError::backend("delete", true, "the store is down"));
+        }
         self.inner.delete(key).await
     }
     async fn expire(&self, key: &str, ttl: Duration) -> Result<bool> {
@@ -112,6 +140,13 @@ impl Store for HeldRemoval {
         self.inner.ttl(key).await
     }
     async fn delete_prefix(&self, prefix: &str) -> Result<u64> {
+        if matches!(self.hold, Hold::Fail) {
+            return Err(CacheError::backend(
+                "delete_prefix",
+                true,
+                "the store is down",
+            ));
+        }
         self.inner.delete_prefix(prefix).await
     }
     async fn ping(&self) -> Result<()> {
@@ -136,6 +171,15 @@ fn limits() -> Limits {
 
 /// A server counting in `ledger`, its backend's store wrapped to hold its removal at `stop`.
 async fn server(ledger: Ledger, stop: Hold) -> (common::Running, Arc<HeldRemoval>) {
+    server_timing_out(ledger, stop, Duration::from_secs(10)).await
+}
+
+/// As `server`, with requests ending after `request_timeout`.
+async fn server_timing_out(
+    ledger: Ledger,
+    stop: Hold,
+    request_timeout: Duration,
+) -> (common::Running, Arc<HeldRemoval>) {
     let redis = match ledger {
         Ledger::Local => None,
         Ledger::Redis => Some(
@@ -154,9 +198,12 @@ async fn server(ledger: Ledger, stop: Hold) -> (common::Running, Arc<HeldRemoval
         armed: AtomicBool::new(true),
         reached: Notify::new(),
         go: Notify::new(),
+        late: Arc::new(Notify::new()),
     });
     backend.store = held.clone();
-    let running = common::start_with(config(limits()), backend, |server| async move {
+    let mut config = config(limits());
+    config.request_timeout = request_timeout;
+    let running = common::start_with(config, backend, |server| async move {
         match redis {
             None => server,
             Some(redis) => server
@@ -251,7 +298,7 @@ async fn a_removal_that_does_not_happen_gives_its_record_back() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_removal_that_fails_leaves_the_value_counted() {
+async fn removals_that_fail_leave_the_value_counted() {
     for ledger in [Ledger::Local, Ledger::Redis] {
         let (server, _held) = server(ledger, Hold::Fail).await;
         let shop = Client::new(&server.base, Some(SHOP_KEY));
@@ -263,14 +310,11 @@ async fn a_removal_that_fails_leaves_the_value_counted() {
             "{ledger:?}"
         );
         assert_eq!(counted(&server.base).await, (1, 10), "{ledger:?}");
-        // A removal that happens gives the room back.
-        let removed = shop
-            .request(Method::DELETE, "/v1/cache/k")
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(removed.status(), StatusCode::NO_CONTENT);
-        assert_eq!(counted(&server.base).await, (0, 0), "{ledger:?}");
+        for path in ["/v1/cache/k", "/v1/cache?prefix=k"] {
+            let removed = shop.request(Method::DELETE, path).send().await.unwrap();
+            assert_eq!(removed.status(), StatusCode::SERVICE_UNAVAILABLE, "{path}");
+            assert_eq!(counted(&server.base).await, (1, 10), "{ledger:?} {path}");
+        }
     }
 }
 
@@ -333,5 +377,52 @@ async fn a_write_reserved_before_a_removal_and_landing_after_it_is_counted() {
             assert_eq!(write.await.unwrap(), StatusCode::NO_CONTENT);
             assert_eq!(counted(&server.base).await, (1, 19), "{ledger:?} {removal}");
         }
+    }
+}
+
+/// A write whose request timed out, and whose command lands after a delete of its key, stays
+/// counted: the delete keeps the record while the write is in flight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_landing_after_its_request_was_dropped_stays_counted() {
+    for ledger in [Ledger::Local, Ledger::Redis] {
+        let (server, held) =
+            server_timing_out(ledger, Hold::WriteLandingLate, Duration::from_millis(300)).await;
+        let shop = Client::new(&server.base, Some(SHOP_KEY));
+        let create = tokio::spawn(
+            shop.request(Method::PUT, "/v1/cache/k")
+                .body("a larger new value")
+                .send(),
+        );
+        held.stopped().await;
+        // The write's request ends (504) with its command not landed yet.
+        assert_eq!(
+            create.await.unwrap().unwrap().status(),
+            StatusCode::GATEWAY_TIMEOUT
+        );
+        let deleted = shop
+            .request(Method::DELETE, "/v1/cache/k")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(deleted.status(), StatusCode::NOT_FOUND, "{ledger:?}");
+        held.late.notify_one();
+        // The command lands; the ledger still counts it.
+        let stored = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                let got = shop
+                    .request(Method::GET, "/v1/cache/k")
+                    .send()
+                    .await
+                    .unwrap();
+                if got.status() == StatusCode::OK {
+                    return got.bytes().await.unwrap();
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await; // poll loop
+            }
+        })
+        .await
+        .expect("the late write never landed");
+        assert_eq!(stored.as_ref(), b"a larger new value");
+        assert_eq!(counted(&server.base).await, (1, 19), "{ledger:?}");
     }
 }
