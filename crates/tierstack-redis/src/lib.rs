@@ -54,6 +54,6 @@ mod structures;
 
 pub use backplane::RedisBackplane;
 pub use config::RedisConfig;
-pub use quota::{QuotaDecision, QuotaLedger, QuotaLimits, QuotaUsage, QuotaWrite};
+pub use quota::{QuotaDecision, QuotaLedger, QuotaLimits, QuotaTicket, QuotaUsage, QuotaWrite};
 pub use store::{DEFAULT_MAX_VALUE_LEN, RedisStore};
 pub use structures::{CappedList, Lease, RateDecision, RateLimiter, Sessions};

@@ -6,28 +6,26 @@
 //! entries without a scan of the keyspace. Every call is one script, so a reservation is
 //! atomic: two instances cannot both admit the write that crosses the quota.
 //!
-//! The protocol, for a caller that writes and removes entries elsewhere (a cache):
+//! The protocol, for a caller that writes, touches and removes entries elsewhere (a cache):
+//! every operation on an entry begins here before it is made, under a [`QuotaTicket`] of its
+//! own, and ends here once its outcome is known. A write begins with
+//! [`reserve`](QuotaLedger::reserve) (checked against the quota) and ends with
+//! [`settle`](QuotaLedger::settle); a touch with [`begin_touch`](QuotaLedger::begin_touch) and
+//! [`end_touch`](QuotaLedger::end_touch); a removal with
+//! [`begin_removal`](QuotaLedger::begin_removal) and [`end_removal`](QuotaLedger::end_removal).
+//! While it runs, an operation only ever raises what the entry counts for (a reservation keeps
+//! the larger size and the later expiry, a touch the later expiry, a removal nothing). At its
+//! end it is recorded exactly (the written size and expiry, the touched expiry, the entry
+//! gone) only if it ran alone: if another operation on the entry was in flight at any point
+//! while it ran, the order in which they reached the data is not known, so the record keeps
+//! the larger size and the later expiry, and a removal leaves it until its TTL. An operation
+//! whose outcome is not known (it failed, or its caller was dropped) never ends: it stays in
+//! flight for [`in_flight_for`](QuotaLedger::in_flight_for).
 //!
-//! - A write [`reserve`](QuotaLedger::reserve)s room before it is made, and is
-//!   [`settle`](QuotaLedger::settle)d once its outcome is known. A reservation never lowers an
-//!   entry's record (the write may fail and leave the old value), and marks the write in
-//!   flight until it settles or, if its caller never settles (dropped), for
-//!   [`in_flight_for`](QuotaLedger::in_flight_for). A settle records the write exactly, unless
-//!   another write or a touch of the entry overlapped it: the order in which
-//!   overlapping writes landed is not known, so the record keeps the larger size and the later
-//!   expiry.
-//! - A removal [`hold`](QuotaLedger::hold)s the records it may remove, and
-//!   [`finish`](QuotaLedger::finish)es them once its outcome is known. A held record keeps
-//!   counting, apart from the record of a write that lands meanwhile; a removal that happened
-//!   drops it, unless a write of the entry is in flight (it may land after the removal), and
-//!   one that did not merges it back.
-//!
-//! So the count can run high (an entry removed after an overlapping write, a caller dropped
-//! mid-removal: until the entry's TTL) but not low, whatever the order in which calls from
-//! several instances interleave, as long as every write reserves first, lands within
-//! [`in_flight_for`](QuotaLedger::in_flight_for) of its reservation, and every removal holds,
-//! and Redis does not evict the ledger's keys (run it with `maxmemory-policy noeviction`, or
-//! on a Redis whose evictions spare these keys).
+//! So the count can run high (until the entry's TTL) but not low, whatever the order in which
+//! calls from several instances interleave, as long as every operation reaches the data within
+//! `in_flight_for` of its beginning and Redis does not evict the ledger's keys (run it with
+//! `maxmemory-policy noeviction`, or where evictions spare these keys).
 
 use std::fmt;
 use std::sync::LazyLock;
@@ -40,28 +38,34 @@ use tierstack_core::store::validate_ttl;
 
 use crate::connection::Connection;
 use crate::store::RedisStore;
-use crate::structures::{millis, structure_key};
+use crate::structures::{millis, structure_key, unique_token};
 
-/// At most this many expired records (and as many expired in-flight marks) are dropped from a
+/// At most this many expired records (and as many expired tickets) are dropped from a
 /// subject's ledger per call: a call's work stays bounded however many expired since the last.
 const PURGE_PER_CALL: u32 = 1_000;
 
-/// Entries looked at per `HSCAN` round of a prefix hold.
-const SCAN_COUNT: u32 = 1_000;
+/// Entries looked at per `HSCAN` round of a prefix removal, and members per script.
+const CHUNK: usize = 1_000;
 
-/// How long a write stays in flight if its caller never settles it, by default.
+/// How long an operation stays in flight if it never ends, by default.
 const DEFAULT_IN_FLIGHT: Duration = Duration::from_secs(30);
 
 /// The common start of every ledger script: the server's time, and the expired records and
-/// in-flight marks dropped (at most `ARGV[1]` of each). KEYS: sizes (hash: member, or `\xFF`
-/// and member for a held record, to size), expiries (sorted set of the same), bytes (string),
-/// writes (hash: member to the count of writes in flight, `\xFF` and member to 1 if they
-/// overlapped), writes' deadlines (sorted set of members). No UTF-8 member starts with the
-/// byte `\xFF`.
-const PURGE: &str = r"
+/// tickets dropped (at most `ARGV[1]` of each), and the helpers of the operations. KEYS: sizes
+/// (hash: member to size), expiries (sorted set: member to expiry), bytes (string), marks
+/// (hash: member to the count of its operations in flight, and `\xFF` and member to 1 once two
+/// overlapped), tickets (sorted set: ticket, `\xFF` and member, to the operation's deadline).
+/// No UTF-8 member starts with the byte `\xFF`; a ticket is 32 hex digits. `ARGV[2]` is the
+/// operation's ticket, where it has one.
+const PRELUDE: &str = r"
     local t = redis.call('TIME')
     local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
     local limit = tonumber(ARGV[1])
+    local function drop_mark(member)
+      if redis.call('HINCRBY', KEYS[4], member, -1) <= 0 then
+        redis.call('HDEL', KEYS[4], member, '\255' .. member)
+      end
+    end
     local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, limit)
     for _, member in ipairs(expired) do
       local size = redis.call('HGET', KEYS[1], member)
@@ -70,9 +74,9 @@ const PURGE: &str = r"
       redis.call('ZREM', KEYS[2], member)
     end
     local abandoned = redis.call('ZRANGEBYSCORE', KEYS[5], '-inf', now, 'LIMIT', 0, limit)
-    for _, member in ipairs(abandoned) do
-      redis.call('HDEL', KEYS[4], member, '\255' .. member)
-      redis.call('ZREM', KEYS[5], member)
+    for _, token in ipairs(abandoned) do
+      redis.call('ZREM', KEYS[5], token)
+      drop_mark(string.sub(token, 34))
     end
     -- The total is the sum of the sizes: with no sizes (released, or expired in Redis with
     -- the hash), there is nothing to count.
@@ -82,24 +86,56 @@ const PURGE: &str = r"
         if redis.call('PTTL', key) < ms then redis.call('PEXPIRE', key, ms) end
       end
     end
-    local function in_flight(member)
-      return tonumber(redis.call('HGET', KEYS[4], member) or '0') > 0
+    -- Marks `member`'s operation under this ticket in flight until `deadline`.
+    local function begin_op(member, deadline)
+      local token = ARGV[2] .. '\255' .. member
+      if redis.call('ZSCORE', KEYS[5], token) then
+        -- The same entry twice in one batch: its writes land in an unknown order.
+        redis.call('HSET', KEYS[4], '\255' .. member, 1)
+        return
+      end
+      redis.call('ZADD', KEYS[5], deadline, token)
+      if redis.call('HINCRBY', KEYS[4], member, 1) > 1 then
+        redis.call('HSET', KEYS[4], '\255' .. member, 1)
+      end
+    end
+    -- Ends `member`'s operation under this ticket: whether it ran alone (not if its ticket
+    -- expired meanwhile: what overlapped it is not known).
+    local function end_op(member)
+      local token = ARGV[2] .. '\255' .. member
+      if redis.call('ZREM', KEYS[5], token) == 0 then return false end
+      local alone = redis.call('HEXISTS', KEYS[4], '\255' .. member) == 0
+      drop_mark(member)
+      return alone
+    end
+    -- Records `member` at `size` and `expiry`, or at the larger of those and its record.
+    local function record(member, size, expiry, exactly)
+      local old = redis.call('HGET', KEYS[1], member)
+      if old and not exactly then
+        local old_expiry = tonumber(redis.call('ZSCORE', KEYS[2], member) or '0')
+        if tonumber(old) > size then size = tonumber(old) end
+        if old_expiry > expiry then expiry = old_expiry end
+      end
+      redis.call('HSET', KEYS[1], member, size)
+      redis.call('INCRBY', KEYS[3], size - tonumber(old or '0'))
+      redis.call('ZADD', KEYS[2], expiry, member)
+      return expiry
     end
 ";
 
-/// Admits a batch of writes if, all together, they keep the subject within its quota (or do
-/// not raise what is already over it), and marks each in flight. An entry's record only
-/// grows: the larger size and the later expiry of the old record and the write's. ARGV: purge
-/// limit, max entries, max bytes, in-flight ms, then (member, size, ttl ms) per write. Returns
-/// {0 admitted | 1 entries | 2 bytes, entries, bytes}.
+/// Begins a batch of writes if, all together, they keep the subject within its quota (or do
+/// not raise what is already over it). An entry's record only grows: the larger size and the
+/// later expiry of the old record and the write's. ARGV: purge limit, ticket, in-flight ms,
+/// max entries, max bytes, then (member, size, ttl ms) per write. Returns {0 admitted |
+/// 1 entries | 2 bytes, entries, bytes}.
 static RESERVE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
-        r"{PURGE}
+        r"{PRELUDE}
         local entries = redis.call('HLEN', KEYS[1])
         local bytes = tonumber(redis.call('GET', KEYS[3]) or '0')
-        local new_entries, new_bytes, longest = entries, bytes, tonumber(ARGV[4])
+        local new_entries, new_bytes, longest = entries, bytes, tonumber(ARGV[3])
         local sizes, expiries = {{}}, {{}}
-        for i = 5, #ARGV, 3 do
+        for i = 6, #ARGV, 3 do
           local member, size, ttl = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
           local old = sizes[member]
           local old_expiry = expiries[member]
@@ -120,10 +156,10 @@ static RESERVE: LazyLock<Script> = LazyLock::new(|| {
           sizes[member], expiries[member] = kept, expiry
           if expiry - now > longest then longest = expiry - now end
         end
-        if new_entries > tonumber(ARGV[2]) and new_entries > entries then
+        if new_entries > tonumber(ARGV[4]) and new_entries > entries then
           return {{1, entries, bytes}}
         end
-        if new_bytes > tonumber(ARGV[3]) and new_bytes > bytes then
+        if new_bytes > tonumber(ARGV[5]) and new_bytes > bytes then
           return {{2, entries, bytes}}
         end
         for member, size in pairs(sizes) do
@@ -131,47 +167,25 @@ static RESERVE: LazyLock<Script> = LazyLock::new(|| {
           redis.call('ZADD', KEYS[2], expiries[member], member)
         end
         redis.call('INCRBY', KEYS[3], new_bytes - bytes)
-        local deadline = now + tonumber(ARGV[4])
-        for i = 5, #ARGV, 3 do
-          local member = ARGV[i]
-          -- Overlapping writes (a batch naming a key twice, too) land in an unknown order.
-          if redis.call('HINCRBY', KEYS[4], member, 1) > 1 then
-            redis.call('HSET', KEYS[4], '\255' .. member, 1)
-          end
-          redis.call('ZADD', KEYS[5], deadline, member)
-        end
+        for i = 6, #ARGV, 3 do begin_op(ARGV[i], now + tonumber(ARGV[3])) end
         keep_keys(longest)
         return {{0, new_entries, new_bytes}}"
     ))
 });
 
-/// Ends writes: each is no longer in flight, and one that landed is recorded as it asked,
-/// unless another write or a touch overlapped it (then the record keeps the larger
-/// size and the later expiry), and whether or not a removal dropped its record meanwhile.
-/// ARGV: purge limit, 1 if the writes landed, then (member, size, ttl ms) per write.
+/// Ends a batch of writes: each that landed is recorded as it asked if it ran alone, else at
+/// the larger record. ARGV: purge limit, ticket, 1 if landed, then (member, size, ttl ms) per
+/// write.
 static SETTLE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
-        r"{PURGE}
-        local landed = ARGV[2] == '1'
+        r"{PRELUDE}
+        local landed = ARGV[3] == '1'
         local longest = 0
-        for i = 3, #ARGV, 3 do
+        for i = 4, #ARGV, 3 do
           local member, size, ttl = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
-          local overlapped = redis.call('HEXISTS', KEYS[4], '\255' .. member) == 1
-          if redis.call('HINCRBY', KEYS[4], member, -1) <= 0 then
-            redis.call('HDEL', KEYS[4], member, '\255' .. member)
-            redis.call('ZREM', KEYS[5], member)
-          end
+          local alone = end_op(member)
           if landed then
-            local expiry = now + ttl
-            local old = redis.call('HGET', KEYS[1], member)
-            if old and overlapped then
-              local old_expiry = tonumber(redis.call('ZSCORE', KEYS[2], member) or '0')
-              if tonumber(old) > size then size = tonumber(old) end
-              if old_expiry > expiry then expiry = old_expiry end
-            end
-            redis.call('HSET', KEYS[1], member, size)
-            redis.call('INCRBY', KEYS[3], size - tonumber(old or '0'))
-            redis.call('ZADD', KEYS[2], expiry, member)
+            local expiry = record(member, size, now + ttl, alone)
             if expiry - now > longest then longest = expiry - now end
           end
         end
@@ -180,98 +194,105 @@ static SETTLE: LazyLock<Script> = LazyLock::new(|| {
     ))
 });
 
-/// Holds members' records for a removal: moves each to its held record (`\xFF` and member),
-/// where it still counts, unless one is held already. ARGV: purge limit, then the members.
-/// Returns, per member, 1 if it held a record.
-static HOLD: LazyLock<Script> = LazyLock::new(|| {
+/// Begins a removal of members: their records stay as they are. ARGV: purge limit, ticket,
+/// in-flight ms, then the members.
+static BEGIN_REMOVAL: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
-        r"{PURGE}
-        local held_now = {{}}
-        for i = 2, #ARGV do
-          local member = ARGV[i]
-          local held = '\255' .. member
-          local size = redis.call('HGET', KEYS[1], member)
-          if size and redis.call('HEXISTS', KEYS[1], held) == 0 then
-            local expiry = redis.call('ZSCORE', KEYS[2], member)
-            redis.call('HDEL', KEYS[1], member)
-            redis.call('ZREM', KEYS[2], member)
-            redis.call('HSET', KEYS[1], held, size)
-            redis.call('ZADD', KEYS[2], expiry, held)
-            held_now[#held_now + 1] = 1
-          else
-            held_now[#held_now + 1] = 0
-          end
-        end
-        return held_now"
-    ))
-});
-
-/// Ends holds: a held record whose removal happened is dropped, unless a write of the member
-/// is in flight (it may land after the removal); otherwise it merges back into the member's
-/// record (one written meanwhile: the larger size and the later expiry). ARGV: purge limit,
-/// 1 if removed, then the members.
-static FINISH: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(&format!(
-        r"{PURGE}
-        local removed = ARGV[2] == '1'
-        local longest = 0
-        for i = 3, #ARGV do
-          local member = ARGV[i]
-          local held = '\255' .. member
-          local size = redis.call('HGET', KEYS[1], held)
-          if size then
-            size = tonumber(size)
-            local expiry = tonumber(redis.call('ZSCORE', KEYS[2], held) or '0')
-            redis.call('HDEL', KEYS[1], held)
-            redis.call('ZREM', KEYS[2], held)
-            if removed and not in_flight(member) then
-              redis.call('DECRBY', KEYS[3], size)
-            else
-              local old = redis.call('HGET', KEYS[1], member)
-              if old then
-                old = tonumber(old)
-                local old_expiry = tonumber(redis.call('ZSCORE', KEYS[2], member) or '0')
-                redis.call('DECRBY', KEYS[3], math.min(old, size))
-                if old > size then size = old end
-                if old_expiry > expiry then expiry = old_expiry end
-              end
-              redis.call('HSET', KEYS[1], member, size)
-              redis.call('ZADD', KEYS[2], expiry, member)
-              if expiry - now > longest then longest = expiry - now end
-            end
-          end
-        end
-        keep_keys(longest)
+        r"{PRELUDE}
+        for i = 4, #ARGV do begin_op(ARGV[i], now + tonumber(ARGV[3])) end
+        keep_keys(tonumber(ARGV[3]))
         return 0"
     ))
 });
 
-/// Gives a member's record and its held record (if any) a new expiry; a write in flight then
-/// counts as overlapped. ARGV: purge limit, member, ttl ms. Returns 1 if it had a record.
-static TOUCH: LazyLock<Script> = LazyLock::new(|| {
+/// Ends a removal of members: the record of each that ran alone goes if the removal happened.
+/// ARGV: purge limit, ticket, 1 if removed, then the members.
+static END_REMOVAL: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
-        r"{PURGE}
-        local member, ttl = ARGV[2], tonumber(ARGV[3])
-        if in_flight(member) then redis.call('HSET', KEYS[4], '\255' .. member, 1) end
-        local touched = 0
-        for _, record in ipairs({{'\255' .. member, member}}) do
-          if redis.call('HEXISTS', KEYS[1], record) == 1 then
-            redis.call('ZADD', KEYS[2], now + ttl, record)
-            touched = 1
+        r"{PRELUDE}
+        local removed = ARGV[3] == '1'
+        for i = 4, #ARGV do
+          local member = ARGV[i]
+          if end_op(member) and removed then
+            local size = redis.call('HGET', KEYS[1], member)
+            if size then
+              redis.call('DECRBY', KEYS[3], size)
+              redis.call('HDEL', KEYS[1], member)
+              redis.call('ZREM', KEYS[2], member)
+            end
           end
         end
-        if touched == 1 then keep_keys(ttl) end
-        return redis.call('HEXISTS', KEYS[1], member)"
+        return 0"
+    ))
+});
+
+/// Begins a touch: the record's expiry becomes the later of its own and the touch's. ARGV:
+/// purge limit, ticket, in-flight ms, member, ttl ms.
+static BEGIN_TOUCH: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        r"{PRELUDE}
+        local member, ttl = ARGV[4], tonumber(ARGV[5])
+        begin_op(member, now + tonumber(ARGV[3]))
+        local expiry = tonumber(redis.call('ZSCORE', KEYS[2], member) or '0')
+        if redis.call('HEXISTS', KEYS[1], member) == 1 and expiry < now + ttl then
+          redis.call('ZADD', KEYS[2], now + ttl, member)
+        end
+        keep_keys(math.max(ttl, tonumber(ARGV[3])))
+        return 0"
+    ))
+});
+
+/// Ends a touch: if it touched the entry and ran alone, the record's expiry is the touch's.
+/// ARGV: purge limit, ticket, 1 if touched, member, ttl ms.
+static END_TOUCH: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        r"{PRELUDE}
+        local member, ttl = ARGV[4], tonumber(ARGV[5])
+        if end_op(member) and ARGV[3] == '1' and redis.call('HEXISTS', KEYS[1], member) == 1 then
+          redis.call('ZADD', KEYS[2], now + ttl, member)
+        end
+        return 0"
     ))
 });
 
 /// The subject's usage after the purge. ARGV: purge limit. Returns {entries, bytes}.
 static USAGE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
-        r"{PURGE}
+        r"{PRELUDE}
         return {{redis.call('HLEN', KEYS[1]), tonumber(redis.call('GET', KEYS[3]) or '0')}}"
     ))
 });
+
+/// One operation's name in the ledger, from its beginning to its end: each begins under a
+/// ticket of its own.
+#[derive(Clone, PartialEq, Eq)]
+pub struct QuotaTicket(String);
+
+impl QuotaTicket {
+    /// A fresh ticket, unique to the call.
+    #[must_use]
+    pub fn new() -> Self {
+        Self(unique_token())
+    }
+}
+
+impl Default for QuotaTicket {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Debug for QuotaTicket {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("QuotaTicket").field(&self.0).finish()
+    }
+}
+
+impl AsRef<str> for QuotaTicket {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
 
 /// How much a subject may hold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -295,8 +316,8 @@ pub struct QuotaUsage {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum QuotaDecision {
-    /// Recorded; the usage with the writes. [`settle`](QuotaLedger::settle) them once their
-    /// outcome is known.
+    /// Recorded and begun; the usage with the writes. [`settle`](QuotaLedger::settle) them
+    /// once their outcome is known.
     Admitted(QuotaUsage),
     /// Refused: the writes would pass the entry quota. The usage without them.
     TooManyEntries(QuotaUsage),
@@ -319,8 +340,8 @@ pub struct QuotaWrite<'a> {
 /// module's documentation for the protocol its callers follow.
 ///
 /// A subject's ledger is five keys sharing a hash tag (one cluster slot):
-/// `PREFIX @quota:NAME:{SUBJECT}:sizes`, `:expiries`, `:bytes`, `:writes` and `:deadlines`,
-/// which expire with the subject's longest-lived record.
+/// `PREFIX @quota:NAME:{SUBJECT}:sizes`, `:expiries`, `:bytes`, `:marks` and `:tickets`, which
+/// expire with the subject's longest-lived record or operation.
 #[derive(Clone)]
 pub struct QuotaLedger {
     conn: Connection,
@@ -352,9 +373,9 @@ impl QuotaLedger {
         })
     }
 
-    /// How long a reserved write counts as in flight if it is never settled (its caller was
-    /// dropped, say): at least as long as a write may take to land (30 s by default). While a
-    /// write is in flight, a removal of its entry keeps the entry's record.
+    /// How long an operation counts as in flight if it never ends (its caller was dropped,
+    /// or it failed): at least as long as an operation may take to reach the data (30 s by
+    /// default). An operation overlapping one in flight is not recorded exactly.
     ///
     /// # Errors
     ///
@@ -379,8 +400,8 @@ impl QuotaLedger {
             key("sizes"),
             key("expiries"),
             key("bytes"),
-            key("writes"),
-            key("deadlines"),
+            key("marks"),
+            key("tickets"),
         ])
     }
 
@@ -398,12 +419,12 @@ impl QuotaLedger {
         Ok(invocation)
     }
 
-    /// Records `writes` for `subject` if together they keep it within `limits` (a write that
-    /// replaces an entry counts only its change in size), and marks them in flight. A batch
-    /// that would pass a quota is refused whole (nothing recorded), and a batch that lowers
-    /// the usage is admitted even over a quota (one that was lowered, say). A record never
-    /// shrinks here: the write may not land. Once their outcome is known,
-    /// [`settle`](Self::settle) the writes.
+    /// Begins `writes` of `subject` under `ticket` if together they keep it within `limits`
+    /// (a write that replaces an entry counts only its change in size). A batch that would
+    /// pass a quota is refused whole (nothing recorded, nothing begun), and a batch that
+    /// lowers the usage is admitted even over a quota (one that was lowered, say). A record
+    /// never shrinks here: the write may not land. Once their outcome is known,
+    /// [`settle`](Self::settle) the writes under the same ticket.
     ///
     /// # Errors
     ///
@@ -413,14 +434,16 @@ impl QuotaLedger {
         subject: &str,
         limits: QuotaLimits,
         writes: &[QuotaWrite<'_>],
+        ticket: &QuotaTicket,
     ) -> Result<QuotaDecision> {
         let mut invocation = self.invocation(&RESERVE, subject)?;
         // Lua reads numbers as doubles: a limit past 2^53 is as good as none.
         let cap = |limit: u64| limit.min(1 << 53);
         invocation
+            .arg(ticket.as_ref())
+            .arg(millis(self.in_flight))
             .arg(cap(limits.max_entries))
-            .arg(cap(limits.max_bytes))
-            .arg(millis(self.in_flight));
+            .arg(cap(limits.max_bytes));
         push_writes(&mut invocation, writes)?;
         let (verdict, entries, bytes): (u8, u64, u64) =
             self.conn.script("quota reserve", &invocation).await?;
@@ -433,12 +456,10 @@ impl QuotaLedger {
     }
 
     /// Ends reserved `writes` of `subject` once their outcome is known: `landed` (each wrote
-    /// its value) or not (a condition did not hold: the old value stays). Writes that landed
-    /// are recorded as they asked, even if a removal dropped their record meanwhile, unless
-    /// another write or a touch of the entry overlapped them: then the record keeps
-    /// the larger size and the later expiry (which of them landed last is not known). A write
-    /// whose outcome is not known (it failed, and may have landed) is not settled: it stays in
-    /// flight for [`in_flight_for`](Self::in_flight_for), and its reservation until its TTL.
+    /// its value) or not (a condition did not hold: the old value stays). A write that landed
+    /// is recorded as it asked (even if a removal dropped its record meanwhile) if it ran
+    /// alone, else at the larger size and later expiry of its record and its own. A write
+    /// whose outcome is not known (it failed, and may have landed) is not settled.
     ///
     /// # Errors
     ///
@@ -447,45 +468,55 @@ impl QuotaLedger {
         &self,
         subject: &str,
         writes: &[QuotaWrite<'_>],
+        ticket: &QuotaTicket,
         landed: bool,
     ) -> Result<()> {
         let mut invocation = self.invocation(&SETTLE, subject)?;
-        invocation.arg(u8::from(landed));
+        invocation.arg(ticket.as_ref()).arg(u8::from(landed));
         push_writes(&mut invocation, writes)?;
         let _: u8 = self.conn.script("quota settle", &invocation).await?;
         Ok(())
     }
 
-    /// Holds the records of `members` of `subject` for a removal that may not happen: they
-    /// keep counting, apart from the record of a write that lands meanwhile, until
-    /// [`finish`](Self::finish) drops or merges them back, or until their expiry. Answers, per
-    /// member, whether it held a record: not if the member has none, or one is held already
-    /// (by another removal, which finishes it). Finish only the members held.
+    /// Begins a removal of `members` of `subject` under `ticket`: their records keep
+    /// counting until [`end_removal`](Self::end_removal).
     ///
     /// # Errors
     ///
     /// An invalid subject or a failed Redis call.
-    pub async fn hold(&self, subject: &str, members: &[&str]) -> Result<Vec<bool>> {
-        let mut invocation = self.invocation(&HOLD, subject)?;
-        for member in members {
-            invocation.arg(*member);
+    pub async fn begin_removal<S: AsRef<str>>(
+        &self,
+        subject: &str,
+        members: &[S],
+        ticket: &QuotaTicket,
+    ) -> Result<()> {
+        for chunk in members.chunks(CHUNK) {
+            let mut invocation = self.invocation(&BEGIN_REMOVAL, subject)?;
+            invocation.arg(ticket.as_ref()).arg(millis(self.in_flight));
+            for member in chunk {
+                invocation.arg(member.as_ref());
+            }
+            let _: u8 = self.conn.script("quota begin removal", &invocation).await?;
         }
-        let held: Vec<u8> = self.conn.script("quota hold", &invocation).await?;
-        Ok(held.into_iter().map(|held| held == 1).collect())
+        Ok(())
     }
 
-    /// [`hold`](Self::hold)s every member of `subject` that starts with `prefix`, a round of
-    /// `HSCAN` at a time, and answers those it held.
+    /// Begins a removal of every member of `subject` that starts with `prefix`, a round of
+    /// `HSCAN` at a time, and answers them (to end the removal with).
     ///
     /// # Errors
     ///
-    /// An invalid subject or a failed Redis call (members held before it stay held until
-    /// their expiry: counted).
-    pub async fn hold_prefix(&self, subject: &str, prefix: &str) -> Result<Vec<String>> {
+    /// An invalid subject or a failed Redis call.
+    pub async fn begin_removal_of_prefix(
+        &self,
+        subject: &str,
+        prefix: &str,
+        ticket: &QuotaTicket,
+    ) -> Result<Vec<String>> {
         let [sizes, ..] = self.keys(subject)?;
         let pattern = format!("{}*", glob_escape(prefix));
         let mut cursor: u64 = 0;
-        let mut held = Vec::new();
+        let mut members = Vec::new();
         loop {
             let mut scan = cmd("HSCAN");
             scan.arg(&sizes)
@@ -493,73 +524,94 @@ impl QuotaLedger {
                 .arg("MATCH")
                 .arg(&pattern)
                 .arg("COUNT")
-                .arg(SCAN_COUNT);
-            let (next, pairs): (u64, Vec<Vec<u8>>) = self.conn.query("quota scan", &scan).await?;
-            // HSCAN answers field, value, field, value... Held records (not UTF-8) are
-            // another removal's.
-            let members: Vec<&str> = pairs
-                .iter()
-                .step_by(2)
-                .filter_map(|field| std::str::from_utf8(field).ok())
-                .collect();
-            if !members.is_empty() {
-                let outcome = self.hold(subject, &members).await?;
-                held.extend(
-                    members
-                        .iter()
-                        .zip(outcome)
-                        .filter(|(_, held)| *held)
-                        .map(|(member, _)| (*member).to_owned()),
-                );
-            }
+                .arg(CHUNK);
+            let (next, pairs): (u64, Vec<String>) = self.conn.query("quota scan", &scan).await?;
+            // HSCAN answers field, value, field, value...
+            let found: Vec<String> = pairs.into_iter().step_by(2).collect();
+            self.begin_removal(subject, &found, ticket).await?;
+            members.extend(found);
             if next == 0 {
-                return Ok(held);
+                return Ok(members);
             }
             cursor = next;
         }
     }
 
-    /// Ends the holds of `members` of `subject` once the removal's outcome is known:
-    /// `removed` drops each held record, unless a write of the member is in flight (it may
-    /// land after the removal: the record stays until the write settles); a removal that did
-    /// not happen (or whose outcome is not known) merges each back, with no quota check (it
-    /// counted all along), keeping the larger size and the later expiry of a record written
-    /// meanwhile.
+    /// Ends the removal of `members` of `subject` under `ticket` once its outcome is known:
+    /// the record of each member it removed goes if the removal ran alone; otherwise (an
+    /// overlapping write may have landed after it) it stays until its TTL. A removal that did
+    /// not happen leaves the records as they are. One whose outcome is not known (it failed,
+    /// and may have removed) is not ended.
     ///
     /// # Errors
     ///
-    /// An invalid subject or a failed Redis call (the held records then count until their
-    /// expiry).
-    pub async fn finish<S: AsRef<str>>(
+    /// An invalid subject or a failed Redis call (the records then count until their TTL).
+    pub async fn end_removal<S: AsRef<str>>(
         &self,
         subject: &str,
         members: &[S],
+        ticket: &QuotaTicket,
         removed: bool,
     ) -> Result<()> {
-        if members.is_empty() {
-            return Ok(());
+        for chunk in members.chunks(CHUNK) {
+            let mut invocation = self.invocation(&END_REMOVAL, subject)?;
+            invocation.arg(ticket.as_ref()).arg(u8::from(removed));
+            for member in chunk {
+                invocation.arg(member.as_ref());
+            }
+            let _: u8 = self.conn.script("quota end removal", &invocation).await?;
         }
-        let mut invocation = self.invocation(&FINISH, subject)?;
-        invocation.arg(u8::from(removed));
-        for member in members {
-            invocation.arg(member.as_ref());
-        }
-        let _: u8 = self.conn.script("quota finish", &invocation).await?;
         Ok(())
     }
 
-    /// Gives `member` of `subject` (and its held record, if any) a new TTL from now. Answers
-    /// whether it had a record.
+    /// Begins a touch of `member` of `subject` under `ticket` that gives it `ttl` from now:
+    /// its record's expiry becomes the later of its own and the touch's, until
+    /// [`end_touch`](Self::end_touch).
     ///
     /// # Errors
     ///
     /// An invalid subject, a TTL out of range, or a failed Redis call.
-    pub async fn touch(&self, subject: &str, member: &str, ttl: Duration) -> Result<bool> {
+    pub async fn begin_touch(
+        &self,
+        subject: &str,
+        member: &str,
+        ttl: Duration,
+        ticket: &QuotaTicket,
+    ) -> Result<()> {
         validate_ttl(ttl)?;
-        let mut invocation = self.invocation(&TOUCH, subject)?;
-        invocation.arg(member).arg(millis(ttl));
-        let touched: u8 = self.conn.script("quota touch", &invocation).await?;
-        Ok(touched == 1)
+        let mut invocation = self.invocation(&BEGIN_TOUCH, subject)?;
+        invocation
+            .arg(ticket.as_ref())
+            .arg(millis(self.in_flight))
+            .arg(member)
+            .arg(millis(ttl));
+        let _: u8 = self.conn.script("quota begin touch", &invocation).await?;
+        Ok(())
+    }
+
+    /// Ends a touch begun with [`begin_touch`](Self::begin_touch) (the same `ttl`): if it
+    /// `touched` the entry and ran alone, the record's expiry is the touch's (earlier, maybe).
+    ///
+    /// # Errors
+    ///
+    /// An invalid subject, a TTL out of range, or a failed Redis call.
+    pub async fn end_touch(
+        &self,
+        subject: &str,
+        member: &str,
+        ttl: Duration,
+        ticket: &QuotaTicket,
+        touched: bool,
+    ) -> Result<()> {
+        validate_ttl(ttl)?;
+        let mut invocation = self.invocation(&END_TOUCH, subject)?;
+        invocation
+            .arg(ticket.as_ref())
+            .arg(u8::from(touched))
+            .arg(member)
+            .arg(millis(ttl));
+        let _: u8 = self.conn.script("quota end touch", &invocation).await?;
+        Ok(())
     }
 
     /// What `subject` holds now.
@@ -573,7 +625,8 @@ impl QuotaLedger {
         Ok(QuotaUsage { entries, bytes })
     }
 
-    /// Forgets everything `subject` holds (its entries were flushed).
+    /// Forgets everything `subject` holds (its entries were flushed), operations in flight
+    /// included.
     ///
     /// # Errors
     ///

@@ -48,7 +48,7 @@ pub(crate) fn millis(ttl: Duration) -> u64 {
 }
 
 /// A random 128-bit token in hex, unique per call (random seed, process id, time, counter).
-fn unique_token() -> String {
+pub(crate) fn unique_token() -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let mut hasher = RandomState::new().build_hasher();
     hasher.write_u32(std::process::id());

@@ -341,195 +341,289 @@ fn write(member: &str, size: u64, ttl: Duration) -> tierstack_redis::QuotaWrite<
     tierstack_redis::QuotaWrite { member, size, ttl }
 }
 
+/// One write, alone: reserved, then settled.
+async fn write_alone(
+    ledger: &tierstack_redis::QuotaLedger,
+    subject: &str,
+    writes: &[tierstack_redis::QuotaWrite<'_>],
+) -> tierstack_redis::QuotaDecision {
+    let ticket = tierstack_redis::QuotaTicket::new();
+    let decision = ledger
+        .reserve(subject, QUOTA, writes, &ticket)
+        .await
+        .unwrap();
+    ledger.settle(subject, writes, &ticket, true).await.unwrap();
+    decision
+}
+
+/// One removal, alone, that happened.
+async fn remove_alone(ledger: &tierstack_redis::QuotaLedger, subject: &str, members: &[&str]) {
+    let ticket = tierstack_redis::QuotaTicket::new();
+    ledger
+        .begin_removal(subject, members, &ticket)
+        .await
+        .unwrap();
+    ledger
+        .end_removal(subject, members, &ticket, true)
+        .await
+        .unwrap();
+}
+
 #[tokio::test]
 async fn the_quota_ledger_counts_live_entries_and_bytes_per_subject() {
-    use tierstack_redis::{QuotaDecision, QuotaLedger, QuotaUsage};
+    use tierstack_redis::{QuotaDecision, QuotaLedger, QuotaTicket, QuotaUsage};
     let minute = Duration::from_secs(60);
     let usage = |entries, bytes| QuotaUsage { entries, bytes };
     for store in stores("quota").await {
         let ledger = QuotaLedger::new(&store, "server").unwrap();
-        let reserve = async |subject: &str, writes: &[tierstack_redis::QuotaWrite<'_>]| {
-            ledger.reserve(subject, QUOTA, writes).await.unwrap()
-        };
-        let two = [write("a", 40, minute), write("b", 40, minute)];
         assert_eq!(
-            reserve("t{1}:a", &two).await,
+            write_alone(
+                &ledger,
+                "t{1}:a",
+                &[write("a", 40, minute), write("b", 40, minute)]
+            )
+            .await,
             QuotaDecision::Admitted(usage(2, 80))
         );
-        ledger.settle("t{1}:a", &two, true).await.unwrap();
         // A reservation keeps the larger of the old and new record (the write may not land);
-        // once landed, the settle records it exactly.
+        // once landed, alone, the settle records it exactly.
+        let ticket = QuotaTicket::new();
         let smaller = [write("a", 20, minute)];
         assert_eq!(
-            reserve("t{1}:a", &smaller).await,
+            ledger
+                .reserve("t{1}:a", QUOTA, &smaller, &ticket)
+                .await
+                .unwrap(),
             QuotaDecision::Admitted(usage(2, 80))
         );
-        ledger.settle("t{1}:a", &smaller, true).await.unwrap();
+        ledger
+            .settle("t{1}:a", &smaller, &ticket, true)
+            .await
+            .unwrap();
         assert_eq!(ledger.usage("t{1}:a").await.unwrap(), usage(2, 60));
         // A write that did not land leaves the old record alone.
+        let ticket = QuotaTicket::new();
         let failed = [write("b", 1, Duration::from_millis(1))];
-        reserve("t{1}:a", &failed).await;
-        ledger.settle("t{1}:a", &failed, false).await.unwrap();
+        ledger
+            .reserve("t{1}:a", QUOTA, &failed, &ticket)
+            .await
+            .unwrap();
+        ledger
+            .settle("t{1}:a", &failed, &ticket, false)
+            .await
+            .unwrap();
         assert_eq!(ledger.usage("t{1}:a").await.unwrap(), usage(2, 60));
+        let ticket = QuotaTicket::new();
         assert_eq!(
-            reserve("t{1}:a", &[write("c", 41, minute)]).await,
+            ledger
+                .reserve("t{1}:a", QUOTA, &[write("c", 41, minute)], &ticket)
+                .await
+                .unwrap(),
             QuotaDecision::TooManyBytes(usage(2, 60)),
             "a refused write records nothing"
         );
         assert_eq!(
-            reserve("t{1}:a", &[write("c", 1, minute), write("d", 1, minute)]).await,
+            ledger
+                .reserve(
+                    "t{1}:a",
+                    QUOTA,
+                    &[write("c", 1, minute), write("d", 1, minute)],
+                    &ticket
+                )
+                .await
+                .unwrap(),
             QuotaDecision::TooManyEntries(usage(2, 60)),
             "a batch is refused whole"
         );
         assert_eq!(
-            reserve("other", &[write("c", 100, minute)]).await,
+            write_alone(&ledger, "other", &[write("c", 100, minute)]).await,
             QuotaDecision::Admitted(usage(1, 100)),
             "subjects count apart"
         );
-        assert_eq!(
-            ledger.hold("t{1}:a", &["a", "zz"]).await.unwrap(),
-            [true, false]
-        );
-        ledger.finish("t{1}:a", &["a"], true).await.unwrap();
+        remove_alone(&ledger, "t{1}:a", &["a", "zz"]).await;
         assert_eq!(ledger.usage("t{1}:a").await.unwrap(), usage(1, 40));
         // Entries leave at their TTL, also after a touch moved it.
-        let short = [write("short", 10, Duration::from_millis(300))];
-        assert_eq!(
-            reserve("t{1}:a", &short).await,
-            QuotaDecision::Admitted(usage(2, 50))
-        );
-        ledger.settle("t{1}:a", &short, true).await.unwrap();
-        assert!(
-            ledger
-                .touch("t{1}:a", "b", Duration::from_millis(300))
-                .await
-                .unwrap()
-        );
-        assert!(!ledger.touch("t{1}:a", "none", minute).await.unwrap());
+        write_alone(
+            &ledger,
+            "t{1}:a",
+            &[write("short", 10, Duration::from_millis(300))],
+        )
+        .await;
+        let ticket = QuotaTicket::new();
+        let brief = Duration::from_millis(300);
+        ledger
+            .begin_touch("t{1}:a", "b", brief, &ticket)
+            .await
+            .unwrap();
+        ledger
+            .end_touch("t{1}:a", "b", brief, &ticket, true)
+            .await
+            .unwrap();
         // real time: expiry goes by the server's clock.
         tokio::time::sleep(Duration::from_millis(400)).await;
         assert_eq!(ledger.usage("t{1}:a").await.unwrap(), usage(0, 0));
-        // Prefix holds match the prefix literally (`*` is no wildcard here).
-        let three = [
-            write("x*1", 1, minute),
-            write("x*2", 1, minute),
-            write("xy", 1, minute),
-        ];
-        reserve("p", &three).await;
-        ledger.settle("p", &three, true).await.unwrap();
-        let mut held = ledger.hold_prefix("p", "x*").await.unwrap();
-        held.sort();
-        assert_eq!(held, ["x*1", "x*2"]);
-        ledger.finish("p", &held, true).await.unwrap();
+    }
+}
+
+/// A prefix removal begins on the members under the prefix only; a flush forgets all; the
+/// ledger's keys expire with its last record.
+#[tokio::test]
+async fn prefix_removals_flushes_and_the_ledgers_own_expiry() {
+    use tierstack_redis::{QuotaLedger, QuotaTicket, QuotaUsage};
+    let minute = Duration::from_secs(60);
+    let usage = |entries, bytes| QuotaUsage { entries, bytes };
+    for store in stores("quota-prefix").await {
+        let ledger = QuotaLedger::new(&store, "server").unwrap();
+        // Prefix removals match the prefix literally (`*` is no wildcard here).
+        write_alone(
+            &ledger,
+            "p",
+            &[
+                write("x*1", 1, minute),
+                write("x*2", 1, minute),
+                write("xy", 1, minute),
+            ],
+        )
+        .await;
+        let ticket = QuotaTicket::new();
+        let mut begun = ledger
+            .begin_removal_of_prefix("p", "x*", &ticket)
+            .await
+            .unwrap();
+        begun.sort();
+        assert_eq!(begun, ["x*1", "x*2"]);
+        ledger
+            .end_removal("p", &begun, &ticket, true)
+            .await
+            .unwrap();
         assert_eq!(ledger.usage("p").await.unwrap(), usage(1, 1));
         ledger.clear("p").await.unwrap();
         assert_eq!(ledger.usage("p").await.unwrap(), usage(0, 0));
         // The total never outlives the sizes it sums: a long-lived entry removed, then a short
         // one that expires with the ledger's keys, leaves nothing counted.
-        let long = [write("long", 100, Duration::from_secs(3600))];
-        reserve("drift", &long).await;
-        ledger.settle("drift", &long, true).await.unwrap();
-        ledger.hold("drift", &["long"]).await.unwrap();
-        ledger.finish("drift", &["long"], true).await.unwrap();
-        let short = [write("short", 50, Duration::from_millis(300))];
-        reserve("drift", &short).await;
-        ledger.settle("drift", &short, true).await.unwrap();
+        write_alone(
+            &ledger,
+            "drift",
+            &[write("long", 100, Duration::from_secs(3600))],
+        )
+        .await;
+        remove_alone(&ledger, "drift", &["long"]).await;
+        write_alone(
+            &ledger,
+            "drift",
+            &[write("short", 50, Duration::from_millis(300))],
+        )
+        .await;
         // real time: the ledger's own keys expire in Redis.
         tokio::time::sleep(Duration::from_millis(400)).await;
         assert_eq!(ledger.usage("drift").await.unwrap(), usage(0, 0));
     }
 }
 
-/// A record held for a removal keeps counting until the removal is known to have happened;
-/// a write in flight keeps it even then; overlapping writes and touches keep the larger record.
+/// Operations on one entry that overlap never leave it counted low: the record keeps the
+/// larger size and the later expiry, and a removal keeps it.
 #[tokio::test]
-async fn held_records_and_writes_in_flight_never_count_low() {
-    use tierstack_redis::{QuotaDecision, QuotaLedger, QuotaUsage};
+async fn overlapping_operations_never_count_low() {
+    use tierstack_redis::{QuotaDecision, QuotaLedger, QuotaTicket, QuotaUsage};
     let minute = Duration::from_secs(60);
     let usage = |entries, bytes| QuotaUsage { entries, bytes };
-    for store in stores("quota-hold").await {
+    for store in stores("quota-overlap").await {
         let ledger = QuotaLedger::new(&store, "server").unwrap();
-        let a40 = [write("a", 40, minute)];
-        ledger.reserve("t", QUOTA, &a40).await.unwrap();
-        ledger.settle("t", &a40, true).await.unwrap();
-        assert_eq!(ledger.hold("t", &["a"]).await.unwrap(), [true]);
-        assert_eq!(
-            ledger.hold("t", &["a"]).await.unwrap(),
-            [false],
-            "held once"
-        );
+        write_alone(&ledger, "t", &[write("a", 40, minute)]).await;
+        // A removal in flight frees no room.
+        let removal = QuotaTicket::new();
+        ledger.begin_removal("t", &["a"], &removal).await.unwrap();
         assert_eq!(
             ledger
-                .reserve("t", QUOTA, &[write("b", 61, minute)])
+                .reserve("t", QUOTA, &[write("b", 61, minute)], &QuotaTicket::new())
                 .await
                 .unwrap(),
             QuotaDecision::TooManyBytes(usage(1, 40)),
-            "a held record still counts"
         );
-        // A write of the key meanwhile counts apart; a removal that did not happen merges
-        // back: the larger size.
-        let a5 = [write("a", 5, minute)];
-        ledger.reserve("t", QUOTA, &a5).await.unwrap();
-        ledger.settle("t", &a5, true).await.unwrap();
-        assert_eq!(ledger.usage("t").await.unwrap(), usage(2, 45));
-        ledger.finish("t", &["a"], false).await.unwrap();
-        assert_eq!(ledger.usage("t").await.unwrap(), usage(1, 40));
-        // A removal that happened while a write of the key was in flight keeps the record
-        // (the write may land after it); the write's settle then records it exactly.
-        let a7 = [write("a", 7, minute)];
-        ledger.reserve("t", QUOTA, &a7).await.unwrap();
-        assert_eq!(ledger.hold("t", &["a"]).await.unwrap(), [true]);
-        ledger.finish("t", &["a"], true).await.unwrap();
-        assert_eq!(ledger.usage("t").await.unwrap(), usage(1, 40));
-        ledger.settle("t", &a7, true).await.unwrap();
-        assert_eq!(ledger.usage("t").await.unwrap(), usage(1, 7));
-        // With nothing in flight, a removal that happened drops the record.
-        assert_eq!(ledger.hold("t", &["a"]).await.unwrap(), [true]);
-        ledger.finish("t", &["a"], true).await.unwrap();
-        assert_eq!(ledger.usage("t").await.unwrap(), usage(0, 0));
-        // Overlapping writes land in an unknown order: the larger one is kept.
-        let (big, small) = ([write("c", 50, minute)], [write("c", 1, minute)]);
-        ledger.reserve("t", QUOTA, &big).await.unwrap();
-        ledger.reserve("t", QUOTA, &small).await.unwrap();
-        ledger.settle("t", &big, true).await.unwrap();
-        ledger.settle("t", &small, true).await.unwrap();
-        assert_eq!(ledger.usage("t").await.unwrap(), usage(1, 50));
-        // Alone again, a write is recorded exactly.
-        ledger.reserve("t", QUOTA, &small).await.unwrap();
-        ledger.settle("t", &small, true).await.unwrap();
-        assert_eq!(ledger.usage("t").await.unwrap(), usage(1, 1));
-        // A touch while a write is in flight keeps the later expiry past the settle.
-        let brief = [write("c", 1, Duration::from_millis(200))];
-        ledger.reserve("t", QUOTA, &brief).await.unwrap();
-        ledger.touch("t", "c", minute).await.unwrap();
-        ledger.settle("t", &brief, true).await.unwrap();
-        // A prefix hold leaves held records to their removals.
-        assert_eq!(ledger.hold("t", &["c"]).await.unwrap(), [true]);
-        assert!(ledger.hold_prefix("t", "").await.unwrap().is_empty());
-        // real time: past the brief write's 200 ms, the touch's minute still counts it.
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        assert_eq!(ledger.usage("t").await.unwrap(), usage(1, 1));
-        // A touch moves a held record's expiry (and the ledger keys') too.
+        // A write overlapping it: the removal keeps the record, the write keeps the larger.
+        let (w, small) = (QuotaTicket::new(), [write("a", 5, minute)]);
+        ledger.reserve("t", QUOTA, &small, &w).await.unwrap();
         ledger
-            .touch("t", "c", Duration::from_millis(200))
+            .end_removal("t", &["a"], &removal, true)
             .await
             .unwrap();
-        // real time: past the touched expiry.
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        ledger.finish("t", &["c"], false).await.unwrap();
-        assert_eq!(ledger.usage("t").await.unwrap(), usage(0, 0));
-        // A write whose caller never settles stays in flight for `in_flight_for`.
-        let ledger = ledger.in_flight_for(Duration::from_millis(100)).unwrap();
-        let d = [write("d", 3, minute)];
-        ledger.reserve("u", QUOTA, &d).await.unwrap();
-        ledger.hold("u", &["d"]).await.unwrap();
-        ledger.finish("u", &["d"], true).await.unwrap();
-        assert_eq!(ledger.usage("u").await.unwrap(), usage(1, 3));
-        // real time: past the in-flight deadline, a removal drops the record.
+        ledger.settle("t", &small, &w, true).await.unwrap();
+        assert_eq!(ledger.usage("t").await.unwrap(), usage(1, 40));
+        // Alone again, exact.
+        write_alone(&ledger, "t", &small).await;
+        assert_eq!(ledger.usage("t").await.unwrap(), usage(1, 5));
+        // A removal overlapping a write keeps the record, also when its own ticket expired
+        // before it ended (what else overlapped it is then not known).
+        let (w, d) = (QuotaTicket::new(), [write("d", 3, minute)]);
+        ledger.reserve("t", QUOTA, &d, &w).await.unwrap();
+        let short = ledger
+            .clone()
+            .in_flight_for(Duration::from_millis(100))
+            .unwrap();
+        let removal = QuotaTicket::new();
+        short.begin_removal("t", &["d"], &removal).await.unwrap();
+        // real time: past the removal's deadline.
         tokio::time::sleep(Duration::from_millis(200)).await;
-        ledger.hold("u", &["d"]).await.unwrap();
-        ledger.finish("u", &["d"], true).await.unwrap();
-        assert_eq!(ledger.usage("u").await.unwrap(), usage(0, 0));
+        short
+            .end_removal("t", &["d"], &removal, true)
+            .await
+            .unwrap();
+        ledger.settle("t", &d, &w, true).await.unwrap();
+        assert_eq!(ledger.usage("t").await.unwrap(), usage(2, 8));
+        remove_alone(&ledger, "t", &["d"]).await;
+        assert_eq!(ledger.usage("t").await.unwrap(), usage(1, 5));
+        // Two writes overlapping: the larger is kept, whichever settles last.
+        let (one, two) = (QuotaTicket::new(), QuotaTicket::new());
+        let (big, small) = ([write("c", 50, minute)], [write("c", 1, minute)]);
+        ledger.reserve("t", QUOTA, &big, &one).await.unwrap();
+        ledger.reserve("t", QUOTA, &small, &two).await.unwrap();
+        ledger.settle("t", &big, &one, true).await.unwrap();
+        ledger.settle("t", &small, &two, true).await.unwrap();
+        assert_eq!(ledger.usage("t").await.unwrap(), usage(2, 55));
+        // A batch naming a key twice: its writes land in an unknown order.
+        let twice = [write("c", 1, minute), write("c", 2, minute)];
+        write_alone(&ledger, "t", &twice).await;
+        assert_eq!(ledger.usage("t").await.unwrap(), usage(2, 55));
+        write_alone(&ledger, "t", &small).await;
+        assert_eq!(ledger.usage("t").await.unwrap(), usage(2, 6));
+        // A touch overlapping a brief write keeps its later expiry past the write's settle;
+        // a touch alone sets the expiry it asked, earlier or later.
+        let (w, brief) = (
+            QuotaTicket::new(),
+            [write("c", 1, Duration::from_millis(200))],
+        );
+        ledger.reserve("t", QUOTA, &brief, &w).await.unwrap();
+        let touch = QuotaTicket::new();
+        ledger.begin_touch("t", "c", minute, &touch).await.unwrap();
+        ledger
+            .end_touch("t", "c", minute, &touch, true)
+            .await
+            .unwrap();
+        ledger.settle("t", &brief, &w, true).await.unwrap();
+        // real time: past the brief write's 200 ms, the touch's minute still counts it.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(ledger.usage("t").await.unwrap(), usage(2, 6));
+        let (touch, moment) = (QuotaTicket::new(), Duration::from_millis(200));
+        ledger.begin_touch("t", "c", moment, &touch).await.unwrap();
+        ledger
+            .end_touch("t", "c", moment, &touch, true)
+            .await
+            .unwrap();
+        // real time: past the touched 200 ms.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(ledger.usage("t").await.unwrap(), usage(1, 5));
+        // A touch whose end never comes (dropped) leaves the later expiry.
+        let (touch, moment) = (QuotaTicket::new(), Duration::from_millis(200));
+        ledger.begin_touch("t", "a", minute, &touch).await.unwrap();
+        let again = QuotaTicket::new();
+        ledger.begin_touch("t", "a", moment, &again).await.unwrap();
+        ledger
+            .end_touch("t", "a", moment, &again, true)
+            .await
+            .unwrap();
+        // real time: past the second touch's 200 ms.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(ledger.usage("t").await.unwrap(), usage(1, 5));
     }
 }
 
@@ -543,7 +637,11 @@ async fn concurrent_reservations_never_pass_the_quota() {
             tokio::spawn(async move {
                 let member = format!("k{i}");
                 let writes = [write(&member, 10, Duration::from_secs(60))];
-                let decision = ledger.reserve("one", QUOTA, &writes).await.unwrap();
+                let ticket = tierstack_redis::QuotaTicket::new();
+                let decision = ledger
+                    .reserve("one", QUOTA, &writes, &ticket)
+                    .await
+                    .unwrap();
                 matches!(decision, tierstack_redis::QuotaDecision::Admitted(_))
             })
         })

@@ -311,18 +311,14 @@ pub(crate) async fn delete_value(
 ) -> Result<StatusCode, ApiError> {
     let entry = entry(&state, &headers, &key).await?;
     refuse_preconditions(&headers)?;
-    // Held, not released: a delete that fails frees no room, and a write racing it stays
-    // counted.
-    let held = state
+    // The record counts until the delete has happened (one that fails frees no room), and
+    // stays if another operation on the key overlapped the delete.
+    let begun = state
         .quotas
-        .hold(&entry.tenant, &entry.limits, &[&key])
+        .begin_removal(&entry.tenant, &entry.limits, &[&key])
         .await;
-    let deleted = state.data.delete(&entry.storage_key).await;
-    state
-        .quotas
-        .finish(&entry.tenant, held, deleted.is_ok())
-        .await;
-    let deleted = deleted?;
+    let deleted = state.data.delete(&entry.storage_key).await?;
+    state.quotas.end_removal(&entry.tenant, begun, true).await;
     state.usage.of(&entry.tenant).deleted();
     if deleted {
         Ok(StatusCode::NO_CONTENT)
@@ -421,8 +417,8 @@ async fn swap_in(
     Ok(swapped)
 }
 
-/// Removes `key` if it holds `current`. Its quota record is held meanwhile: a removal that
-/// does not happen (or fails) frees no room, and a write of the key racing it stays counted.
+/// Removes `key` if it holds `current`. Its quota record counts until the removal has
+/// happened, and stays if another operation on the key overlapped it.
 async fn remove_if_current(
     state: &AppState,
     entry: &Entry,
@@ -430,17 +426,20 @@ async fn remove_if_current(
     current: &Bytes,
     options: &EntryOptions,
 ) -> Result<bool, ApiError> {
-    let held = state
+    let begun = state
         .quotas
-        .hold(&entry.tenant, &entry.limits, &[key])
+        .begin_removal(&entry.tenant, &entry.limits, &[key])
         .await;
+    // A removal that failed may have happened: it does not end, and the record counts.
     let removed = state
         .data
         .compare_and_set(&entry.storage_key, current, None, options)
+        .await?;
+    state
+        .quotas
+        .end_removal(&entry.tenant, begun, removed)
         .await;
-    let happened = matches!(removed, Ok(true));
-    state.quotas.finish(&entry.tenant, held, happened).await;
-    Ok(removed?)
+    Ok(removed)
 }
 
 #[derive(Serialize)]
@@ -475,11 +474,18 @@ pub(crate) async fn touch(
     let entry = entry(&state, &headers, &key).await?;
     refuse_preconditions(&headers)?;
     let ttl = entry.limits.ttl(asked_ttl(&query, &headers)?)?;
-    if state.data.touch(&entry.storage_key, ttl).await? {
-        state
-            .quotas
-            .touch(&entry.tenant, &entry.limits, &key, ttl)
-            .await;
+    // The record's expiry is the later of the old and the new until the touch is known to
+    // have landed: a touch that fails or is dropped never leaves the entry counted short.
+    let begun = state
+        .quotas
+        .begin_touch(&entry.tenant, &entry.limits, &key, ttl)
+        .await;
+    let touched = state.data.touch(&entry.storage_key, ttl).await?;
+    state
+        .quotas
+        .end_touch(&entry.tenant, begun, ttl, touched)
+        .await;
+    if touched {
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(ApiError::not_found("entry"))
@@ -505,17 +511,13 @@ pub(crate) async fn delete_prefix(
 ) -> Result<Json<Deleted>, ApiError> {
     let entry = entry(&state, &headers, &query.prefix).await?;
     refuse_preconditions(&headers)?;
-    // Held, as for one key's delete: a prefix delete that fails (or is dropped) frees no room.
-    let held = state
+    // As for one key's delete: a prefix delete that fails (or is dropped) frees no room.
+    let begun = state
         .quotas
-        .hold_prefix(&entry.tenant, &entry.limits, &query.prefix)
+        .begin_removal_of_prefix(&entry.tenant, &entry.limits, &query.prefix)
         .await;
-    let deleted = state.data.delete_prefix(&entry.storage_key).await;
-    state
-        .quotas
-        .finish(&entry.tenant, held, deleted.is_ok())
-        .await;
-    let deleted = deleted?;
+    let deleted = state.data.delete_prefix(&entry.storage_key).await?;
+    state.quotas.end_removal(&entry.tenant, begun, true).await;
     state.usage.of(&entry.tenant).deleted();
     Ok(Json(Deleted { deleted }))
 }

@@ -2,21 +2,22 @@
 //! may hold. Counted on this instance, or in Redis by every instance together.
 //!
 //! The ledger follows the protocol of `QuotaLedger` (in `tierstack-redis`), here or in Redis:
-//! a write reserves room before it is made and settles once its outcome is known; a delete, a
-//! compare-and-set removal and a prefix delete hold the records they may remove and finish
-//! them once their outcome is known (a held record keeps counting; one whose removal happened
-//! while a write of its key was in flight stays); an entry leaves the count at its TTL. The
-//! count can run high, until the entry's TTL: an entry the backend dropped early (evicted), one
-//! removed after an overlapping write, a request dropped mid-removal. It does not run low while
-//! every write lands within [`in_flight_for`] of its reservation, except after a flush that
-//! failed (the flush forgets the tenant's records first).
+//! every write, touch and removal of an entry begins in the ledger before it is made and ends
+//! once its outcome is known; while it runs it only raises what the entry counts for, and at
+//! its end it is recorded exactly only if no other operation on the entry overlapped it. So
+//! the count can run high until an entry's TTL (an entry the backend evicted, operations that
+//! overlapped, a request dropped mid-operation) but not low, while every operation reaches the
+//! data within [`in_flight_for`] of its beginning; an admin flush forgets the tenant's records
+//! first, and a write dropped before it that lands after it is not counted.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use tierstack::redis::{QuotaDecision, QuotaLedger, QuotaLimits, QuotaUsage, QuotaWrite};
+use tierstack::redis::{
+    QuotaDecision, QuotaLedger, QuotaLimits, QuotaTicket, QuotaUsage, QuotaWrite,
+};
 
 use crate::error::ApiError;
 use crate::tenant::{Limits, TenantName};
@@ -59,13 +60,17 @@ pub(crate) struct Quotas {
 /// A reservation, to [`settle`](Quotas::settle) once its writes' outcome is known.
 #[must_use]
 pub(crate) struct Reserved {
-    /// Whether the tenant has a quota (else nothing was recorded).
-    counted: bool,
+    /// `None` if the tenant has no quota (nothing was recorded).
+    ticket: Option<QuotaTicket>,
 }
 
-/// The keys whose records [`Quotas::hold`] held, to [`finish`](Quotas::finish).
+/// A removal or a touch begun, to end once its outcome is known: its ticket (`None` if the
+/// tenant has no quota or the ledger could not be reached) and its keys.
 #[must_use]
-pub(crate) struct Held(Vec<String>);
+pub(crate) struct Begun {
+    ticket: Option<QuotaTicket>,
+    keys: Vec<String>,
+}
 
 /// The limits of `limits` as the ledger takes them (0: none).
 fn quota_limits(limits: &Limits) -> Option<QuotaLimits> {
@@ -81,14 +86,16 @@ fn unavailable(error: &tierstack::CacheError) -> ApiError {
     ApiError::unavailable("the quota ledger is unavailable")
 }
 
-/// How long a write whose request was dropped counts as in flight: twice `request_timeout`,
-/// past which its write has landed or never will.
+/// How long an operation whose request was dropped counts as in flight, and how long the
+/// ledger's records outlive their entries: twice `request_timeout`, past which the operation
+/// has reached the data or never will.
 pub(crate) fn in_flight_for(request_timeout: Duration) -> Duration {
     request_timeout.saturating_mul(2)
 }
 
 impl Quotas {
-    /// Quotas counted on this instance; records outlive their entries by `slack`.
+    /// Quotas counted on this instance; operations stay in flight, and records outlive their
+    /// entries, by `slack`.
     pub(crate) fn local(slack: Duration) -> Self {
         Self {
             local: LocalLedger::default(),
@@ -117,10 +124,10 @@ impl Quotas {
             .collect()
     }
 
-    /// Records `writes` of `tenant` if together they keep it within its quota: 507 with the
+    /// Begins `writes` of `tenant` if together they keep it within its quota: 507 with the
     /// reason if not (nothing recorded), 503 if the shared ledger cannot be reached (a write
-    /// that cannot be counted is not made). A record never shrinks here: the write may not
-    /// land. Once its outcome is known, [`settle`](Self::settle) it.
+    /// that cannot be counted is not made). Once their outcome is known,
+    /// [`settle`](Self::settle) them.
     pub(crate) async fn reserve(
         &self,
         tenant: &TenantName,
@@ -128,17 +135,18 @@ impl Quotas {
         rooms: &[Room<'_>],
     ) -> Result<Reserved, ApiError> {
         let Some(quota) = quota_limits(limits) else {
-            return Ok(Reserved { counted: false });
+            return Ok(Reserved { ticket: None });
         };
         let writes = self.ledger_writes(rooms);
+        let ticket = QuotaTicket::new();
         let decision = match &self.shared {
             Some(ledger) => ledger
-                .reserve(tenant.as_str(), quota, &writes)
+                .reserve(tenant.as_str(), quota, &writes, &ticket)
                 .await
                 .map_err(|error| unavailable(&error))?,
             None => self
                 .local
-                .reserve(tenant, quota, &writes, in_flight_for(self.slack)),
+                .reserve(tenant, quota, &writes, &ticket, self.slack),
         };
         match decision {
             QuotaDecision::TooManyEntries(usage) => Err(ApiError::over_quota(format!(
@@ -149,14 +157,16 @@ impl Quotas {
                 "the tenant's entries hold {} bytes, and its quota is {}",
                 usage.bytes, quota.max_bytes
             ))),
-            _ => Ok(Reserved { counted: true }),
+            _ => Ok(Reserved {
+                ticket: Some(ticket),
+            }),
         }
     }
 
     /// Ends a reservation once its writes' outcome is known: `landed` or not (a condition
-    /// did not hold). A write that failed is not settled (it may have landed): it stays in
-    /// flight until [`in_flight_for`] passes, and its reservation counts until its TTL. A
-    /// ledger that cannot be reached leaves the same: logged.
+    /// did not hold). A write that failed (it may have landed) is not settled: it stays in
+    /// flight, and its reservation counts until its TTL. A ledger that cannot be reached
+    /// leaves the same: logged.
     pub(crate) async fn settle(
         &self,
         tenant: &TenantName,
@@ -164,81 +174,176 @@ impl Quotas {
         reserved: Reserved,
         landed: bool,
     ) {
-        if !reserved.counted {
+        let Some(ticket) = reserved.ticket else {
             return;
-        }
+        };
         let writes = self.ledger_writes(rooms);
         match &self.shared {
             Some(ledger) => {
-                if let Err(error) = ledger.settle(tenant.as_str(), &writes, landed).await {
+                if let Err(error) = ledger
+                    .settle(tenant.as_str(), &writes, &ticket, landed)
+                    .await
+                {
                     tracing::warn!(error = %error, "quota not settled: counted as reserved until the TTL");
                 }
             }
-            None => self.local.settle(tenant, &writes, landed),
+            None => self.local.settle(tenant, &writes, &ticket, landed),
         }
     }
 
-    /// Holds the records of `keys` for a removal that may not happen (`QuotaLedger::hold`):
-    /// they keep counting until [`finish`](Self::finish)ed. A ledger that cannot be reached
-    /// holds nothing (the records stay, counting until their TTL): logged.
-    pub(crate) async fn hold(&self, tenant: &TenantName, limits: &Limits, keys: &[&str]) -> Held {
-        if quota_limits(limits).is_none() {
-            return Held(Vec::new());
-        }
-        let outcome = match &self.shared {
-            Some(ledger) => match ledger.hold(tenant.as_str(), keys).await {
-                Ok(outcome) => outcome,
-                Err(error) => {
-                    tracing::warn!(error = %error, "quota not held: counted until the TTL");
-                    return Held(Vec::new());
-                }
-            },
-            None => self.local.hold(tenant, keys),
-        };
-        Held(
-            keys.iter()
-                .zip(outcome)
-                .filter(|(_, held)| *held)
-                .map(|(key, _)| (*key).to_owned())
-                .collect(),
-        )
+    /// Begins a removal of `keys` (their records keep counting until it ends). A ledger that
+    /// cannot be reached begins nothing: the records stay, counted until their TTL (logged).
+    pub(crate) async fn begin_removal(
+        &self,
+        tenant: &TenantName,
+        limits: &Limits,
+        keys: &[&str],
+    ) -> Begun {
+        let keys = keys.iter().map(|key| (*key).to_owned()).collect();
+        self.begin(limits, keys, async |ticket, keys| {
+            if let Some(ledger) = &self.shared {
+                return ledger.begin_removal(tenant.as_str(), keys, ticket).await;
+            }
+            self.local.begin_removal(tenant, keys, ticket, self.slack);
+            Ok(())
+        })
+        .await
     }
 
-    /// Holds the records of `tenant`'s keys under `prefix`, as [`hold`](Self::hold).
-    pub(crate) async fn hold_prefix(
+    /// Begins a removal of `tenant`'s keys under `prefix`, as [`begin_removal`](Self::begin_removal).
+    pub(crate) async fn begin_removal_of_prefix(
         &self,
         tenant: &TenantName,
         limits: &Limits,
         prefix: &str,
-    ) -> Held {
+    ) -> Begun {
         if quota_limits(limits).is_none() {
-            return Held(Vec::new());
+            return Begun {
+                ticket: None,
+                keys: Vec::new(),
+            };
         }
-        match &self.shared {
-            Some(ledger) => match ledger.hold_prefix(tenant.as_str(), prefix).await {
-                Ok(held) => Held(held),
-                Err(error) => {
-                    tracing::warn!(error = %error, "quota not held: counted until the TTL");
-                    Held(Vec::new())
+        let ticket = QuotaTicket::new();
+        let keys = match &self.shared {
+            Some(ledger) => {
+                match ledger
+                    .begin_removal_of_prefix(tenant.as_str(), prefix, &ticket)
+                    .await
+                {
+                    Ok(keys) => keys,
+                    Err(error) => {
+                        tracing::warn!(error = %error, "quota removal not begun: counted until the TTL");
+                        return Begun {
+                            ticket: None,
+                            keys: Vec::new(),
+                        };
+                    }
                 }
-            },
-            None => Held(self.local.hold_prefix(tenant, prefix)),
+            }
+            None => self
+                .local
+                .begin_removal_of_prefix(tenant, prefix, &ticket, self.slack),
+        };
+        Begun {
+            ticket: Some(ticket),
+            keys,
         }
     }
 
-    /// Ends a [`hold`](Self::hold) once the removal's outcome is known (`QuotaLedger::finish`).
-    /// A request dropped before this leaves the held records counting until their TTL.
-    pub(crate) async fn finish(&self, tenant: &TenantName, held: Held, removed: bool) {
-        if held.0.is_empty() {
+    /// Ends a removal once its outcome is known: `removed`, or not. One whose outcome is not
+    /// known (it failed) is not ended: its records count until their TTL.
+    pub(crate) async fn end_removal(&self, tenant: &TenantName, begun: Begun, removed: bool) {
+        let Some(ticket) = begun.ticket else {
             return;
-        }
+        };
         match &self.shared {
             Some(ledger) => {
-                if let Err(error) = ledger.finish(tenant.as_str(), &held.0, removed).await {
-                    tracing::warn!(error = %error, "quota hold not finished: counted until the TTL");
+                if let Err(error) = ledger
+                    .end_removal(tenant.as_str(), &begun.keys, &ticket, removed)
+                    .await
+                {
+                    tracing::warn!(error = %error, "quota removal not ended: counted until the TTL");
                 }
             }
-            None => self.local.finish(tenant, &held.0, removed),
+            None => self
+                .local
+                .end_removal(tenant, &begun.keys, &ticket, removed),
+        }
+    }
+
+    /// Begins a touch of `key` giving it `ttl` from now: its record's expiry becomes the
+    /// later of its own and the touch's until the touch ends.
+    pub(crate) async fn begin_touch(
+        &self,
+        tenant: &TenantName,
+        limits: &Limits,
+        key: &str,
+        ttl: Duration,
+    ) -> Begun {
+        let ttl = ttl.saturating_add(self.slack);
+        self.begin(limits, vec![key.to_owned()], async |ticket, _| {
+            if let Some(ledger) = &self.shared {
+                return ledger.begin_touch(tenant.as_str(), key, ttl, ticket).await;
+            }
+            self.local.begin_touch(tenant, key, ttl, ticket, self.slack);
+            Ok(())
+        })
+        .await
+    }
+
+    /// Ends a touch begun with [`begin_touch`](Self::begin_touch) (the same `ttl`), once its
+    /// outcome is known: whether it `touched` the entry. One that failed is not ended.
+    pub(crate) async fn end_touch(
+        &self,
+        tenant: &TenantName,
+        begun: Begun,
+        ttl: Duration,
+        touched: bool,
+    ) {
+        let (Some(ticket), [key]) = (begun.ticket, begun.keys.as_slice()) else {
+            return;
+        };
+        let ttl = ttl.saturating_add(self.slack);
+        match &self.shared {
+            Some(ledger) => {
+                if let Err(error) = ledger
+                    .end_touch(tenant.as_str(), key, ttl, &ticket, touched)
+                    .await
+                {
+                    tracing::warn!(error = %error, "quota touch not ended: counted until the later expiry");
+                }
+            }
+            None => self.local.end_touch(tenant, key, ttl, &ticket, touched),
+        }
+    }
+
+    /// Begins an operation on `keys` with `begin`, under a new ticket: nothing if the tenant
+    /// has no quota, and nothing (logged) if the ledger cannot be reached.
+    async fn begin(
+        &self,
+        limits: &Limits,
+        keys: Vec<String>,
+        begin: impl AsyncFnOnce(&QuotaTicket, &[String]) -> tierstack::Result<()>,
+    ) -> Begun {
+        if quota_limits(limits).is_none() {
+            return Begun {
+                ticket: None,
+                keys: Vec::new(),
+            };
+        }
+        let ticket = QuotaTicket::new();
+        match begin(&ticket, &keys).await {
+            Ok(()) => Begun {
+                ticket: Some(ticket),
+                keys,
+            },
+            Err(error) => {
+                tracing::warn!(error = %error, "quota operation not begun: counted until the TTL");
+                Begun {
+                    ticket: None,
+                    keys: Vec::new(),
+                }
+            }
         }
     }
 
@@ -251,28 +356,6 @@ impl Quotas {
                 }
             }
             None => self.local.clear(tenant),
-        }
-    }
-
-    /// Moves the expiry of `tenant`'s `key` to `ttl` from now.
-    pub(crate) async fn touch(
-        &self,
-        tenant: &TenantName,
-        limits: &Limits,
-        key: &str,
-        ttl: Duration,
-    ) {
-        if quota_limits(limits).is_none() {
-            return;
-        }
-        let ttl = ttl.saturating_add(self.slack);
-        match &self.shared {
-            Some(ledger) => {
-                if let Err(error) = ledger.touch(tenant.as_str(), key, ttl).await {
-                    tracing::warn!(error = %error, "quota expiry not moved");
-                }
-            }
-            None => self.local.touch(tenant, key, ttl),
         }
     }
 
@@ -298,8 +381,8 @@ impl Quotas {
     }
 }
 
-/// At most this many expired records (and as many expired in-flight marks) leave a tenant's
-/// book per call: a call's work stays bounded however many expired since the last one.
+/// At most this many expired records (and as many expired tickets) leave a tenant's book per
+/// call: a call's work stays bounded however many expired since the last one.
 const PURGE_PER_CALL: usize = 1_000;
 
 /// The ledger of this instance, as `QuotaLedger` keeps it in Redis: a book per tenant, each
@@ -309,32 +392,26 @@ struct LocalLedger {
     tenants: Mutex<HashMap<TenantName, Arc<Mutex<Book>>>>,
 }
 
-/// A record in a tenant's book: an entry's, or one a removal in flight holds.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-enum Slot {
-    Entry(String),
-    Held(String),
-}
-
-/// The writes of one key in flight.
-#[derive(Debug, Clone, Copy)]
-struct InFlight {
+/// The operations on one key in flight.
+#[derive(Debug, Default)]
+struct Marks {
     count: u32,
-    /// Whether another write or a touch overlapped them.
+    /// Whether two overlapped since the count was last zero.
     overlapped: bool,
-    deadline: Instant,
 }
 
-/// One tenant's records (every one counts) and writes in flight.
+/// One tenant's records and operations in flight.
 #[derive(Debug, Default)]
 struct Book {
-    records: HashMap<Slot, (u64, Instant)>,
+    records: HashMap<String, (u64, Instant)>,
     /// The same records by expiry, to drop the expired ones in order.
-    by_expiry: BTreeSet<(Instant, Slot)>,
+    by_expiry: BTreeSet<(Instant, String)>,
     bytes: u64,
-    writes: HashMap<String, InFlight>,
-    /// The same keys by deadline, to drop the abandoned ones in order.
-    by_deadline: BTreeSet<(Instant, String)>,
+    marks: HashMap<String, Marks>,
+    /// Each operation in flight (ticket, key) with its deadline.
+    tickets: HashMap<(String, String), Instant>,
+    /// The same by deadline, to drop the abandoned ones in order.
+    by_deadline: BTreeSet<(Instant, String, String)>,
 }
 
 impl Book {
@@ -344,78 +421,78 @@ impl Book {
                 Some((expires, _)) if *expires <= now => {}
                 _ => break,
             }
-            if let Some((_, slot)) = self.by_expiry.pop_first() {
-                self.remove(&slot);
+            if let Some((_, key)) = self.by_expiry.pop_first() {
+                self.remove(&key);
             }
         }
         for _ in 0..PURGE_PER_CALL {
             match self.by_deadline.first() {
-                Some((deadline, _)) if *deadline <= now => {}
+                Some((deadline, _, _)) if *deadline <= now => {}
                 _ => return,
             }
-            if let Some((_, key)) = self.by_deadline.pop_first() {
-                self.writes.remove(&key);
+            if let Some((_, ticket, key)) = self.by_deadline.pop_first() {
+                self.tickets.remove(&(ticket, key.clone()));
+                self.drop_mark(&key);
             }
         }
     }
 
-    /// Drops `slot`'s record, and answers it.
-    fn remove(&mut self, slot: &Slot) -> Option<(u64, Instant)> {
-        let (size, expires) = self.records.remove(slot)?;
-        self.bytes -= size;
-        self.by_expiry.remove(&(expires, slot.clone()));
-        Some((size, expires))
+    fn drop_mark(&mut self, key: &str) {
+        if let Some(marks) = self.marks.get_mut(key) {
+            marks.count = marks.count.saturating_sub(1);
+            if marks.count == 0 {
+                self.marks.remove(key);
+            }
+        }
     }
 
-    /// Records `slot` at `size`, expiring at `expires`.
-    fn put(&mut self, slot: Slot, size: u64, expires: Instant) {
-        self.remove(&slot);
-        self.records.insert(slot.clone(), (size, expires));
-        self.by_expiry.insert((expires, slot));
-        self.bytes += size;
+    /// As the script's `begin_op`.
+    fn begin_op(&mut self, ticket: &QuotaTicket, key: &str, deadline: Instant) {
+        let id = (ticket.as_ref().to_owned(), key.to_owned());
+        let marks = self.marks.entry(key.to_owned()).or_default();
+        if self.tickets.contains_key(&id) {
+            marks.overlapped = true;
+            return;
+        }
+        marks.count += 1;
+        marks.overlapped |= marks.count > 1;
+        self.by_deadline
+            .insert((deadline, id.0.clone(), id.1.clone()));
+        self.tickets.insert(id, deadline);
     }
 
-    /// Records `key`'s entry at the larger size and later expiry of `record` and the one
-    /// there.
-    fn merge(&mut self, key: &str, (size, expires): (u64, Instant)) {
-        let (size, expires) = match self.entry(key) {
-            Some((old_size, old_expires)) => (size.max(old_size), expires.max(old_expires)),
-            None => (size, expires),
-        };
-        self.put(Slot::Entry(key.to_owned()), size, expires);
-    }
-
-    fn entry(&self, key: &str) -> Option<(u64, Instant)> {
-        self.records.get(&Slot::Entry(key.to_owned())).copied()
-    }
-
-    /// Marks a write of `key` in flight until `deadline` (or its settle).
-    fn start_write(&mut self, key: &str, deadline: Instant) {
-        let write = self.writes.entry(key.to_owned()).or_insert(InFlight {
-            count: 0,
-            overlapped: false,
-            deadline,
-        });
-        write.count += 1;
-        write.overlapped |= write.count > 1;
-        let old = std::mem::replace(&mut write.deadline, deadline);
-        self.by_deadline.remove(&(old, key.to_owned()));
-        self.by_deadline.insert((deadline, key.to_owned()));
-    }
-
-    /// Ends a write of `key`: whether other writes or a touch overlapped it.
-    fn end_write(&mut self, key: &str) -> bool {
-        let Some(write) = self.writes.get_mut(key) else {
+    /// As the script's `end_op`: whether the operation ran alone.
+    fn end_op(&mut self, ticket: &QuotaTicket, key: &str) -> bool {
+        let id = (ticket.as_ref().to_owned(), key.to_owned());
+        let Some(deadline) = self.tickets.remove(&id) else {
             return false;
         };
-        let overlapped = write.overlapped;
-        write.count -= 1;
-        if write.count == 0 {
-            let deadline = write.deadline;
-            self.writes.remove(key);
-            self.by_deadline.remove(&(deadline, key.to_owned()));
+        self.by_deadline.remove(&(deadline, id.0, id.1));
+        let alone = self.marks.get(key).is_none_or(|marks| !marks.overlapped);
+        self.drop_mark(key);
+        alone
+    }
+
+    /// Drops `key`'s record.
+    fn remove(&mut self, key: &str) {
+        if let Some((size, expires)) = self.records.remove(key) {
+            self.bytes -= size;
+            self.by_expiry.remove(&(expires, key.to_owned()));
         }
-        overlapped
+    }
+
+    /// Records `key` at `size` and `expires`, or at the larger of those and its record.
+    fn record(&mut self, key: &str, size: u64, expires: Instant, exactly: bool) {
+        let (size, expires) = match self.records.get(key) {
+            Some(&(old_size, old_expires)) if !exactly => {
+                (size.max(old_size), expires.max(old_expires))
+            }
+            _ => (size, expires),
+        };
+        self.remove(key);
+        self.records.insert(key.to_owned(), (size, expires));
+        self.by_expiry.insert((expires, key.to_owned()));
+        self.bytes += size;
     }
 
     fn usage(&self) -> QuotaUsage {
@@ -443,6 +520,7 @@ impl LocalLedger {
         tenant: &TenantName,
         quota: QuotaLimits,
         writes: &[QuotaWrite<'_>],
+        ticket: &QuotaTicket,
         in_flight: Duration,
     ) -> QuotaDecision {
         self.book(tenant, |book| {
@@ -454,7 +532,7 @@ impl LocalLedger {
                 let old = records
                     .get(write.member)
                     .copied()
-                    .or_else(|| book.entry(write.member));
+                    .or_else(|| book.records.get(write.member).copied());
                 let mut record = (write.size, now + write.ttl);
                 if let Some((old_size, old_expiry)) = old {
                     record = (old_size.max(write.size), old_expiry.max(record.1));
@@ -472,105 +550,131 @@ impl LocalLedger {
                 return QuotaDecision::TooManyBytes(before);
             }
             for (key, (size, expires)) in records {
-                book.put(Slot::Entry(key.to_owned()), size, expires);
+                book.record(key, size, expires, true);
             }
             for write in writes {
-                book.start_write(write.member, now + in_flight);
+                book.begin_op(ticket, write.member, now + in_flight);
             }
             QuotaDecision::Admitted(book.usage())
         })
     }
 
     /// As `QuotaLedger::settle`.
-    fn settle(&self, tenant: &TenantName, writes: &[QuotaWrite<'_>], landed: bool) {
+    fn settle(
+        &self,
+        tenant: &TenantName,
+        writes: &[QuotaWrite<'_>],
+        ticket: &QuotaTicket,
+        landed: bool,
+    ) {
         self.book(tenant, |book| {
             let now = Instant::now();
             for write in writes {
-                let overlapped = book.end_write(write.member);
-                if !landed {
-                    continue;
-                }
-                let record = (write.size, now + write.ttl);
-                if overlapped {
-                    book.merge(write.member, record);
-                } else {
-                    book.put(Slot::Entry(write.member.to_owned()), record.0, record.1);
+                let alone = book.end_op(ticket, write.member);
+                if landed {
+                    book.record(write.member, write.size, now + write.ttl, alone);
                 }
             }
         });
     }
 
-    /// As `QuotaLedger::hold`.
-    fn hold(&self, tenant: &TenantName, keys: &[&str]) -> Vec<bool> {
+    /// As `QuotaLedger::begin_removal`.
+    fn begin_removal(
+        &self,
+        tenant: &TenantName,
+        keys: &[String],
+        ticket: &QuotaTicket,
+        in_flight: Duration,
+    ) {
         self.book(tenant, |book| {
-            keys.iter()
-                .map(|key| {
-                    let held = Slot::Held((*key).to_owned());
-                    if book.records.contains_key(&held) {
-                        return false;
-                    }
-                    match book.remove(&Slot::Entry((*key).to_owned())) {
-                        Some((size, expires)) => {
-                            book.put(held, size, expires);
-                            true
-                        }
-                        None => false,
-                    }
-                })
-                .collect()
+            let deadline = Instant::now() + in_flight;
+            for key in keys {
+                book.begin_op(ticket, key, deadline);
+            }
+        });
+    }
+
+    /// As `QuotaLedger::begin_removal_of_prefix`.
+    fn begin_removal_of_prefix(
+        &self,
+        tenant: &TenantName,
+        prefix: &str,
+        ticket: &QuotaTicket,
+        in_flight: Duration,
+    ) -> Vec<String> {
+        self.book(tenant, |book| {
+            let keys: Vec<String> = book
+                .records
+                .keys()
+                .filter(|key| key.starts_with(prefix))
+                .cloned()
+                .collect();
+            let deadline = Instant::now() + in_flight;
+            for key in &keys {
+                book.begin_op(ticket, key, deadline);
+            }
+            keys
         })
     }
 
-    /// As `QuotaLedger::hold_prefix`.
-    fn hold_prefix(&self, tenant: &TenantName, prefix: &str) -> Vec<String> {
-        let keys: Vec<String> = self.book(tenant, |book| {
-            book.records
-                .keys()
-                .filter_map(|slot| match slot {
-                    Slot::Entry(key) if key.starts_with(prefix) => Some(key.clone()),
-                    _ => None,
-                })
-                .collect()
-        });
-        let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
-        let outcome = self.hold(tenant, &refs);
-        keys.into_iter()
-            .zip(outcome)
-            .filter_map(|(key, held)| held.then_some(key))
-            .collect()
-    }
-
-    /// As `QuotaLedger::finish`.
-    fn finish(&self, tenant: &TenantName, keys: &[String], removed: bool) {
+    /// As `QuotaLedger::end_removal`.
+    fn end_removal(
+        &self,
+        tenant: &TenantName,
+        keys: &[String],
+        ticket: &QuotaTicket,
+        removed: bool,
+    ) {
         self.book(tenant, |book| {
             for key in keys {
-                let Some(record) = book.remove(&Slot::Held(key.clone())) else {
-                    continue;
-                };
-                if !removed || book.writes.contains_key(key) {
-                    book.merge(key, record);
+                if book.end_op(ticket, key) && removed {
+                    book.remove(key);
                 }
+            }
+        });
+    }
+
+    /// As `QuotaLedger::begin_touch`.
+    fn begin_touch(
+        &self,
+        tenant: &TenantName,
+        key: &str,
+        ttl: Duration,
+        ticket: &QuotaTicket,
+        in_flight: Duration,
+    ) {
+        self.book(tenant, |book| {
+            let now = Instant::now();
+            book.begin_op(ticket, key, now + in_flight);
+            if let Some(&(size, expires)) = book.records.get(key)
+                && expires < now + ttl
+            {
+                book.record(key, size, now + ttl, true);
+            }
+        });
+    }
+
+    /// As `QuotaLedger::end_touch`.
+    fn end_touch(
+        &self,
+        tenant: &TenantName,
+        key: &str,
+        ttl: Duration,
+        ticket: &QuotaTicket,
+        touched: bool,
+    ) {
+        self.book(tenant, |book| {
+            if book.end_op(ticket, key)
+                && touched
+                && let Some(&(size, _)) = book.records.get(key)
+            {
+                book.record(key, size, Instant::now() + ttl, true);
             }
         });
     }
 
     fn clear(&self, tenant: &TenantName) {
         self.book(tenant, |book| *book = Book::default());
-    }
-
-    /// As `QuotaLedger::touch`.
-    fn touch(&self, tenant: &TenantName, key: &str, ttl: Duration) {
-        self.book(tenant, |book| {
-            if let Some(write) = book.writes.get_mut(key) {
-                write.overlapped = true;
-            }
-            let expires = Instant::now() + ttl;
-            for slot in [Slot::Held(key.to_owned()), Slot::Entry(key.to_owned())] {
-                if let Some(&(size, _)) = book.records.get(&slot) {
-                    book.put(slot, size, expires);
-                }
-            }
-        });
     }
 
     fn usage(&self, tenant: &TenantName) -> QuotaUsage {
@@ -587,6 +691,7 @@ mod tests {
         max_bytes: 100,
     };
     const MINUTE: Duration = Duration::from_secs(60);
+    const MOMENT: Duration = Duration::from_millis(1);
 
     fn usage(entries: u64, bytes: u64) -> QuotaUsage {
         QuotaUsage { entries, bytes }
@@ -596,122 +701,157 @@ mod tests {
         QuotaWrite { member, size, ttl }
     }
 
-    fn held(keys: &[&str]) -> Vec<String> {
+    fn keys(keys: &[&str]) -> Vec<String> {
         keys.iter().map(|key| (*key).to_owned()).collect()
     }
 
+    /// A tenant's book, with the protocol's operations run alone.
+    struct Alone {
+        ledger: LocalLedger,
+        t: TenantName,
+    }
+
+    impl Alone {
+        fn new() -> Self {
+            Self {
+                ledger: LocalLedger::default(),
+                t: TenantName::new("t").unwrap(),
+            }
+        }
+
+        fn reserve(&self, writes: &[QuotaWrite<'_>], ticket: &QuotaTicket) -> QuotaDecision {
+            self.ledger.reserve(&self.t, QUOTA, writes, ticket, MINUTE)
+        }
+
+        fn write(&self, writes: &[QuotaWrite<'_>]) -> QuotaDecision {
+            let ticket = QuotaTicket::new();
+            let decision = self.reserve(writes, &ticket);
+            self.ledger.settle(&self.t, writes, &ticket, true);
+            decision
+        }
+
+        fn remove(&self, removed: &[&str]) {
+            let ticket = QuotaTicket::new();
+            self.ledger
+                .begin_removal(&self.t, &keys(removed), &ticket, MINUTE);
+            self.ledger
+                .end_removal(&self.t, &keys(removed), &ticket, true);
+        }
+
+        fn touch(&self, key: &str, ttl: Duration) {
+            let ticket = QuotaTicket::new();
+            self.ledger.begin_touch(&self.t, key, ttl, &ticket, MINUTE);
+            self.ledger.end_touch(&self.t, key, ttl, &ticket, true);
+        }
+
+        fn usage(&self) -> QuotaUsage {
+            self.ledger.usage(&self.t)
+        }
+    }
+
+    /// As `the_quota_ledger_counts_live_entries_and_bytes_per_subject` on Redis.
     #[test]
     fn the_local_ledger_counts_as_the_shared_one() {
-        let ledger = LocalLedger::default();
-        let t = TenantName::new("t").unwrap();
-        let reserve = |writes: &[QuotaWrite<'_>]| ledger.reserve(&t, QUOTA, writes, MINUTE);
+        let book = Alone::new();
         let two = [write("a", 40, MINUTE), write("b", 40, MINUTE)];
-        assert_eq!(reserve(&two), QuotaDecision::Admitted(usage(2, 80)));
-        ledger.settle(&t, &two, true);
-        // A reservation keeps the larger record until the write lands.
+        assert_eq!(book.write(&two), QuotaDecision::Admitted(usage(2, 80)));
+        let ticket = QuotaTicket::new();
         let smaller = [write("a", 20, MINUTE)];
-        assert_eq!(reserve(&smaller), QuotaDecision::Admitted(usage(2, 80)));
-        ledger.settle(&t, &smaller, true);
-        assert_eq!(ledger.usage(&t), usage(2, 60));
-        let failed = [write("b", 1, Duration::from_millis(1))];
-        let _ = reserve(&failed);
-        ledger.settle(&t, &failed, false);
-        assert_eq!(ledger.usage(&t), usage(2, 60));
         assert_eq!(
-            reserve(&[write("c", 41, MINUTE)]),
+            book.reserve(&smaller, &ticket),
+            QuotaDecision::Admitted(usage(2, 80))
+        );
+        book.ledger.settle(&book.t, &smaller, &ticket, true);
+        assert_eq!(book.usage(), usage(2, 60));
+        let (ticket, failed) = (QuotaTicket::new(), [write("b", 1, MOMENT)]);
+        let _ = book.reserve(&failed, &ticket);
+        book.ledger.settle(&book.t, &failed, &ticket, false);
+        assert_eq!(book.usage(), usage(2, 60));
+        assert_eq!(
+            book.reserve(&[write("c", 41, MINUTE)], &QuotaTicket::new()),
             QuotaDecision::TooManyBytes(usage(2, 60))
         );
         assert_eq!(
-            reserve(&[write("c", 0, MINUTE), write("d", 0, MINUTE)]),
+            book.reserve(
+                &[write("c", 0, MINUTE), write("d", 0, MINUTE)],
+                &QuotaTicket::new()
+            ),
             QuotaDecision::TooManyEntries(usage(2, 60))
         );
-        assert_eq!(ledger.hold(&t, &["a", "zz"]), [true, false]);
-        ledger.finish(&t, &held(&["a"]), true);
-        assert_eq!(ledger.usage(&t), usage(1, 40));
-        let moment = Duration::from_millis(1);
-        let short = [write("short", 9, moment)];
-        let _ = reserve(&short);
-        ledger.settle(&t, &short, true);
-        ledger.touch(&t, "b", moment);
+        book.remove(&["a", "zz"]);
+        assert_eq!(book.usage(), usage(1, 40));
+        book.write(&[write("short", 9, MOMENT)]);
+        book.touch("b", MOMENT);
         std::thread::sleep(Duration::from_millis(5)); // real time: both entries expire
-        assert_eq!(ledger.usage(&t), usage(0, 0));
-        let two = [write("p/1", 1, MINUTE), write("q", 1, MINUTE)];
-        let _ = reserve(&two);
-        ledger.settle(&t, &two, true);
-        let prefixed = ledger.hold_prefix(&t, "p/");
-        assert_eq!(prefixed, ["p/1"]);
-        ledger.finish(&t, &prefixed, true);
-        assert_eq!(ledger.usage(&t), usage(1, 1));
-        ledger.clear(&t);
-        assert_eq!(ledger.usage(&t), usage(0, 0));
+        assert_eq!(book.usage(), usage(0, 0));
+        book.write(&[write("p/1", 1, MINUTE), write("q", 1, MINUTE)]);
+        let ticket = QuotaTicket::new();
+        let begun = book
+            .ledger
+            .begin_removal_of_prefix(&book.t, "p/", &ticket, MINUTE);
+        assert_eq!(begun, ["p/1"]);
+        book.ledger.end_removal(&book.t, &begun, &ticket, true);
+        assert_eq!(book.usage(), usage(1, 1));
+        book.ledger.clear(&book.t);
+        assert_eq!(book.usage(), usage(0, 0));
     }
 
-    /// As `held_records_and_writes_in_flight_never_count_low` on Redis.
+    /// As `overlapping_operations_never_count_low` on Redis.
     #[test]
-    fn held_records_and_writes_in_flight_never_count_low() {
-        let ledger = LocalLedger::default();
-        let t = TenantName::new("t").unwrap();
-        let reserve = |writes: &[QuotaWrite<'_>]| ledger.reserve(&t, QUOTA, writes, MINUTE);
-        let a40 = [write("a", 40, MINUTE)];
-        let _ = reserve(&a40);
-        ledger.settle(&t, &a40, true);
-        assert_eq!(ledger.hold(&t, &["a"]), [true]);
-        assert_eq!(ledger.hold(&t, &["a"]), [false], "held once");
+    fn overlapping_operations_never_count_low() {
+        let book = Alone::new();
+        let (ledger, t) = (&book.ledger, &book.t);
+        book.write(&[write("a", 40, MINUTE)]);
+        let removal = QuotaTicket::new();
+        ledger.begin_removal(t, &keys(&["a"]), &removal, MINUTE);
         assert_eq!(
-            reserve(&[write("b", 61, MINUTE)]),
+            book.reserve(&[write("b", 61, MINUTE)], &QuotaTicket::new()),
             QuotaDecision::TooManyBytes(usage(1, 40)),
-            "a held record still counts"
+            "a removal in flight frees no room"
         );
-        let a5 = [write("a", 5, MINUTE)];
-        let _ = reserve(&a5);
-        ledger.settle(&t, &a5, true);
-        assert_eq!(ledger.usage(&t), usage(2, 45));
-        ledger.finish(&t, &held(&["a"]), false);
-        assert_eq!(ledger.usage(&t), usage(1, 40));
-        // A write in flight keeps the record past a removal that happened.
-        let a7 = [write("a", 7, MINUTE)];
-        let _ = reserve(&a7);
-        assert_eq!(ledger.hold(&t, &["a"]), [true]);
-        ledger.finish(&t, &held(&["a"]), true);
-        assert_eq!(ledger.usage(&t), usage(1, 40));
-        ledger.settle(&t, &a7, true);
-        assert_eq!(ledger.usage(&t), usage(1, 7));
-        assert_eq!(ledger.hold(&t, &["a"]), [true]);
-        ledger.finish(&t, &held(&["a"]), true);
-        assert_eq!(ledger.usage(&t), usage(0, 0));
-        // Overlapping writes keep the larger; alone again, exact.
+        let (w, small) = (QuotaTicket::new(), [write("a", 5, MINUTE)]);
+        let _ = book.reserve(&small, &w);
+        ledger.end_removal(t, &keys(&["a"]), &removal, true);
+        ledger.settle(t, &small, &w, true);
+        assert_eq!(book.usage(), usage(1, 40));
+        book.write(&small);
+        assert_eq!(book.usage(), usage(1, 5));
+        // A removal overlapping a write keeps the record, also when its own ticket expired
+        // before it ended (what else overlapped it is then not known).
+        let (w, d) = (QuotaTicket::new(), [write("d", 3, MINUTE)]);
+        let _ = book.reserve(&d, &w);
+        let removal = QuotaTicket::new();
+        ledger.begin_removal(t, &keys(&["d"]), &removal, MOMENT);
+        std::thread::sleep(Duration::from_millis(5)); // real time: past the removal's deadline
+        ledger.end_removal(t, &keys(&["d"]), &removal, true);
+        ledger.settle(t, &d, &w, true);
+        assert_eq!(book.usage(), usage(2, 8));
+        book.remove(&["d"]);
+        assert_eq!(book.usage(), usage(1, 5));
+        let (one, two) = (QuotaTicket::new(), QuotaTicket::new());
         let (big, small) = ([write("c", 50, MINUTE)], [write("c", 1, MINUTE)]);
-        let _ = reserve(&big);
-        let _ = reserve(&small);
-        ledger.settle(&t, &big, true);
-        ledger.settle(&t, &small, true);
-        assert_eq!(ledger.usage(&t), usage(1, 50));
-        let _ = reserve(&small);
-        ledger.settle(&t, &small, true);
-        assert_eq!(ledger.usage(&t), usage(1, 1));
-        // A touch overlapping a write keeps its later expiry past the settle.
-        let brief = [write("c", 1, Duration::from_millis(1))];
-        let _ = reserve(&brief);
-        ledger.touch(&t, "c", MINUTE);
-        ledger.settle(&t, &brief, true);
+        let _ = book.reserve(&big, &one);
+        let _ = book.reserve(&small, &two);
+        ledger.settle(t, &big, &one, true);
+        ledger.settle(t, &small, &two, true);
+        assert_eq!(book.usage(), usage(2, 55));
+        book.write(&[write("c", 1, MINUTE), write("c", 2, MINUTE)]);
+        assert_eq!(book.usage(), usage(2, 55), "a batch naming a key twice");
+        book.write(&small);
+        assert_eq!(book.usage(), usage(2, 6));
+        let (w, brief) = (QuotaTicket::new(), [write("c", 1, MOMENT)]);
+        let _ = book.reserve(&brief, &w);
+        book.touch("c", MINUTE);
+        ledger.settle(t, &brief, &w, true);
         std::thread::sleep(Duration::from_millis(5)); // real time: past the brief write's TTL
-        assert_eq!(ledger.usage(&t), usage(1, 1));
-        // A touch moves a held record's expiry.
-        assert_eq!(ledger.hold(&t, &["c"]), [true]);
-        assert!(ledger.hold_prefix(&t, "").is_empty());
-        ledger.touch(&t, "c", Duration::from_millis(1));
-        std::thread::sleep(Duration::from_millis(5)); // real time: past the touched expiry
-        ledger.finish(&t, &held(&["c"]), false);
-        assert_eq!(ledger.usage(&t), usage(0, 0));
-        // A write never settled stays in flight until its deadline.
-        let d = [write("d", 3, MINUTE)];
-        let _ = ledger.reserve(&t, QUOTA, &d, Duration::from_millis(1));
-        assert_eq!(ledger.hold(&t, &["d"]), [true]);
-        ledger.finish(&t, &held(&["d"]), true);
-        assert_eq!(ledger.usage(&t), usage(1, 3));
-        std::thread::sleep(Duration::from_millis(5)); // real time: past the deadline
-        assert_eq!(ledger.hold(&t, &["d"]), [true]);
-        ledger.finish(&t, &held(&["d"]), true);
-        assert_eq!(ledger.usage(&t), usage(0, 0));
+        assert_eq!(book.usage(), usage(2, 6));
+        book.touch("c", MOMENT);
+        std::thread::sleep(Duration::from_millis(5)); // real time: past the touched TTL
+        assert_eq!(book.usage(), usage(1, 5));
+        // A touch that never ends leaves the later expiry.
+        ledger.begin_touch(t, "a", MINUTE, &QuotaTicket::new(), MINUTE);
+        book.touch("a", MOMENT);
+        std::thread::sleep(Duration::from_millis(5)); // real time: past the second touch's TTL
+        assert_eq!(book.usage(), usage(1, 5));
     }
 }

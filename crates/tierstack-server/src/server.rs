@@ -17,7 +17,7 @@ use tierstack::{Backend, CacheError, TieredCache};
 use crate::auth::{KeyRecord, Keys};
 use crate::config::ServerConfig;
 use crate::error::ApiError;
-use crate::quota::Quotas;
+use crate::quota::{Quotas, in_flight_for};
 use crate::tenant::RateLimits;
 use crate::usage::Usage;
 use crate::{api, openapi};
@@ -85,7 +85,7 @@ impl Server {
                 data,
                 keys,
                 rate: RateLimits::default(),
-                quotas: Quotas::local(request_timeout),
+                quotas: Quotas::local(in_flight_for(request_timeout)),
                 usage: Usage::default(),
                 store,
                 metrics: None,
@@ -125,12 +125,11 @@ impl Server {
         mut self,
         store: &tierstack::redis::RedisStore,
     ) -> Result<Self, CacheError> {
-        let ledger = tierstack::redis::QuotaLedger::new(store, "tierstack-server")?.in_flight_for(
-            crate::quota::in_flight_for(self.state.config.request_timeout),
-        )?;
+        let ledger = tierstack::redis::QuotaLedger::new(store, "tierstack-server")?
+            .in_flight_for(in_flight_for(self.state.config.request_timeout))?;
         let state = Arc::get_mut(&mut self.state)
             .unwrap_or_else(|| panic!("share_quotas before the server is shared"));
-        state.quotas = Quotas::shared(ledger, state.config.request_timeout);
+        state.quotas = Quotas::shared(ledger, in_flight_for(state.config.request_timeout));
         Ok(self)
     }
 
