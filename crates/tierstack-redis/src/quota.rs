@@ -20,7 +20,10 @@
 //! while it ran, the order in which they reached the data is not known, so the record keeps
 //! the larger size and the later expiry, and a removal leaves it until its TTL. An operation
 //! whose outcome is not known (it failed, or its caller was dropped) never ends: it stays in
-//! flight for [`in_flight_for`](QuotaLedger::in_flight_for).
+//! flight for [`in_flight_for`](QuotaLedger::in_flight_for). A touch in flight also raises the
+//! expiry of a record made while it runs (it may reach the data after the write). A subject
+//! runs one prefix removal at a time, so that the operations it begins stay within one per
+//! entry.
 //!
 //! So the count can run high (until the entry's TTL) but not low, whatever the order in which
 //! calls from several instances interleave, as long as every operation reaches the data within
@@ -63,8 +66,13 @@ const PRELUDE: &str = r"
     local limit = tonumber(ARGV[1])
     local function drop_mark(member)
       if redis.call('HINCRBY', KEYS[4], member, -1) <= 0 then
-        redis.call('HDEL', KEYS[4], member, '\255' .. member)
+        redis.call('HDEL', KEYS[4], member, '\255' .. member, '\254' .. member)
       end
+    end
+    -- The latest expiry a touch in flight gave `member` (0 if none): a record made while it
+    -- runs lives at least as long, in case the touch reaches the data after the write.
+    local function touched_until(member)
+      return tonumber(redis.call('HGET', KEYS[4], '\254' .. member) or '0')
     end
     local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, limit)
     for _, member in ipairs(expired) do
@@ -116,6 +124,7 @@ const PRELUDE: &str = r"
         if tonumber(old) > size then size = tonumber(old) end
         if old_expiry > expiry then expiry = old_expiry end
       end
+      if not exactly then expiry = math.max(expiry, touched_until(member)) end
       redis.call('HSET', KEYS[1], member, size)
       redis.call('INCRBY', KEYS[3], size - tonumber(old or '0'))
       redis.call('ZADD', KEYS[2], expiry, member)
@@ -151,7 +160,7 @@ static RESERVE: LazyLock<Script> = LazyLock::new(|| {
             if old > size then kept = old end
             new_bytes = new_bytes - old + kept
           end
-          local expiry = now + ttl
+          local expiry = math.max(now + ttl, touched_until(member))
           if old_expiry > expiry then expiry = old_expiry end
           sizes[member], expiries[member] = kept, expiry
           if expiry - now > longest then longest = expiry - now end
@@ -189,7 +198,7 @@ static SETTLE: LazyLock<Script> = LazyLock::new(|| {
             if expiry - now > longest then longest = expiry - now end
           end
         end
-        keep_keys(longest)
+        if longest > 0 then keep_keys(longest) end
         return 0"
     ))
 });
@@ -226,13 +235,17 @@ static END_REMOVAL: LazyLock<Script> = LazyLock::new(|| {
     ))
 });
 
-/// Begins a touch: the record's expiry becomes the later of its own and the touch's. ARGV:
-/// purge limit, ticket, in-flight ms, member, ttl ms.
+/// Begins a touch: the record's expiry becomes the later of its own and the touch's, and so
+/// does that of a record made while the touch runs. ARGV: purge limit, ticket, in-flight ms,
+/// member, ttl ms.
 static BEGIN_TOUCH: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         r"{PRELUDE}
         local member, ttl = ARGV[4], tonumber(ARGV[5])
         begin_op(member, now + tonumber(ARGV[3]))
+        if touched_until(member) < now + ttl then
+          redis.call('HSET', KEYS[4], '\254' .. member, now + ttl)
+        end
         local expiry = tonumber(redis.call('ZSCORE', KEYS[2], member) or '0')
         if redis.call('HEXISTS', KEYS[1], member) == 1 and expiry < now + ttl then
           redis.call('ZADD', KEYS[2], now + ttl, member)
@@ -242,14 +255,46 @@ static BEGIN_TOUCH: LazyLock<Script> = LazyLock::new(|| {
     ))
 });
 
-/// Ends a touch: if it touched the entry and ran alone, the record's expiry is the touch's.
-/// ARGV: purge limit, ticket, 1 if touched, member, ttl ms.
+/// Ends a touch that touched the entry: its record's expiry is the touch's if it ran alone,
+/// else the later of its own and the touch's. ARGV: purge limit, ticket, 1 if touched,
+/// member, ttl ms.
 static END_TOUCH: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         r"{PRELUDE}
         local member, ttl = ARGV[4], tonumber(ARGV[5])
-        if end_op(member) and ARGV[3] == '1' and redis.call('HEXISTS', KEYS[1], member) == 1 then
-          redis.call('ZADD', KEYS[2], now + ttl, member)
+        local alone = end_op(member)
+        local expiry = redis.call('ZSCORE', KEYS[2], member)
+        if ARGV[3] == '1' and redis.call('HEXISTS', KEYS[1], member) == 1 then
+          if alone or tonumber(expiry or '0') < now + ttl then
+            redis.call('ZADD', KEYS[2], now + ttl, member)
+          end
+          keep_keys(ttl)
+        end
+        return 0"
+    ))
+});
+
+/// Claims the subject's one prefix removal in flight, for the in-flight time: at most one at a
+/// time, so that the tickets a prefix removal begins stay within one per entry. ARGV: purge
+/// limit, ticket, in-flight ms. Returns 1 if claimed.
+static CLAIM_PREFIX: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        r"{PRELUDE}
+        local claim = redis.call('HGET', KEYS[4], '\253')
+        if claim and tonumber(string.sub(claim, 33)) > now then return 0 end
+        redis.call('HSET', KEYS[4], '\253', ARGV[2] .. (now + tonumber(ARGV[3])))
+        keep_keys(tonumber(ARGV[3]))
+        return 1"
+    ))
+});
+
+/// Gives up the claim of the prefix removal under this ticket. ARGV: purge limit, ticket.
+static RELEASE_PREFIX: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        r"{PRELUDE}
+        local claim = redis.call('HGET', KEYS[4], '\253')
+        if claim and string.sub(claim, 1, 32) == ARGV[2] then
+          redis.call('HDEL', KEYS[4], '\253')
         end
         return 0"
     ))
@@ -502,7 +547,10 @@ impl QuotaLedger {
     }
 
     /// Begins a removal of every member of `subject` that starts with `prefix`, a round of
-    /// `HSCAN` at a time, and answers them (to end the removal with).
+    /// `HSCAN` at a time, and answers them, to end the removal with
+    /// [`end_removal_of_prefix`](Self::end_removal_of_prefix). A subject has at most one prefix
+    /// removal in flight (so that the operations it begins stay within one per entry):
+    /// `None` while another one is (until it ends, or for `in_flight_for` if it never does).
     ///
     /// # Errors
     ///
@@ -512,7 +560,13 @@ impl QuotaLedger {
         subject: &str,
         prefix: &str,
         ticket: &QuotaTicket,
-    ) -> Result<Vec<String>> {
+    ) -> Result<Option<Vec<String>>> {
+        let mut claim = self.invocation(&CLAIM_PREFIX, subject)?;
+        claim.arg(ticket.as_ref()).arg(millis(self.in_flight));
+        let claimed: u8 = self.conn.script("quota claim prefix", &claim).await?;
+        if claimed == 0 {
+            return Ok(None);
+        }
         let [sizes, ..] = self.keys(subject)?;
         let pattern = format!("{}*", glob_escape(prefix));
         let mut cursor: u64 = 0;
@@ -531,10 +585,30 @@ impl QuotaLedger {
             self.begin_removal(subject, &found, ticket).await?;
             members.extend(found);
             if next == 0 {
-                return Ok(members);
+                return Ok(Some(members));
             }
             cursor = next;
         }
+    }
+
+    /// Ends a removal begun with [`begin_removal_of_prefix`](Self::begin_removal_of_prefix),
+    /// as [`end_removal`](Self::end_removal), and lets the next prefix removal begin.
+    ///
+    /// # Errors
+    ///
+    /// An invalid subject or a failed Redis call.
+    pub async fn end_removal_of_prefix(
+        &self,
+        subject: &str,
+        members: &[String],
+        ticket: &QuotaTicket,
+        removed: bool,
+    ) -> Result<()> {
+        self.end_removal(subject, members, ticket, removed).await?;
+        let mut release = self.invocation(&RELEASE_PREFIX, subject)?;
+        release.arg(ticket.as_ref());
+        let _: u8 = self.conn.script("quota release prefix", &release).await?;
+        Ok(())
     }
 
     /// Ends the removal of `members` of `subject` under `ticket` once its outcome is known:

@@ -489,18 +489,39 @@ async fn prefix_removals_flushes_and_the_ledgers_own_expiry() {
         let mut begun = ledger
             .begin_removal_of_prefix("p", "x*", &ticket)
             .await
+            .unwrap()
             .unwrap();
         begun.sort();
         assert_eq!(begun, ["x*1", "x*2"]);
+        let other = QuotaTicket::new();
+        assert_eq!(
+            ledger
+                .begin_removal_of_prefix("p", "x", &other)
+                .await
+                .unwrap(),
+            None,
+            "one prefix removal at a time"
+        );
         ledger
-            .end_removal("p", &begun, &ticket, true)
+            .end_removal_of_prefix("p", &begun, &ticket, true)
+            .await
+            .unwrap();
+        assert_eq!(ledger.usage("p").await.unwrap(), usage(1, 1));
+        let begun = ledger
+            .begin_removal_of_prefix("p", "x", &other)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(begun, ["xy"]);
+        ledger
+            .end_removal_of_prefix("p", &begun, &other, false)
             .await
             .unwrap();
         assert_eq!(ledger.usage("p").await.unwrap(), usage(1, 1));
         ledger.clear("p").await.unwrap();
         assert_eq!(ledger.usage("p").await.unwrap(), usage(0, 0));
         // The total never outlives the sizes it sums: a long-lived entry removed, then a short
-        // one that expires with the ledger's keys, leaves nothing counted.
+        // one that expires, leaves nothing counted.
         write_alone(
             &ledger,
             "drift",
@@ -514,7 +535,7 @@ async fn prefix_removals_flushes_and_the_ledgers_own_expiry() {
             &[write("short", 50, Duration::from_millis(300))],
         )
         .await;
-        // real time: the ledger's own keys expire in Redis.
+        // real time: past the short entry's expiry, on the server's clock.
         tokio::time::sleep(Duration::from_millis(400)).await;
         assert_eq!(ledger.usage("drift").await.unwrap(), usage(0, 0));
     }
@@ -552,23 +573,21 @@ async fn overlapping_operations_never_count_low() {
         // Alone again, exact.
         write_alone(&ledger, "t", &small).await;
         assert_eq!(ledger.usage("t").await.unwrap(), usage(1, 5));
-        // A removal overlapping a write keeps the record, also when its own ticket expired
-        // before it ended (what else overlapped it is then not known).
-        let (w, d) = (QuotaTicket::new(), [write("d", 3, minute)]);
-        ledger.reserve("t", QUOTA, &d, &w).await.unwrap();
+        // A removal whose ticket expired before it ended keeps the record: what overlapped
+        // it is not known (here, a write that began and settled meanwhile).
         let short = ledger
             .clone()
             .in_flight_for(Duration::from_millis(100))
             .unwrap();
         let removal = QuotaTicket::new();
         short.begin_removal("t", &["d"], &removal).await.unwrap();
+        write_alone(&ledger, "t", &[write("d", 3, minute)]).await;
         // real time: past the removal's deadline.
         tokio::time::sleep(Duration::from_millis(200)).await;
         short
             .end_removal("t", &["d"], &removal, true)
             .await
             .unwrap();
-        ledger.settle("t", &d, &w, true).await.unwrap();
         assert_eq!(ledger.usage("t").await.unwrap(), usage(2, 8));
         remove_alone(&ledger, "t", &["d"]).await;
         assert_eq!(ledger.usage("t").await.unwrap(), usage(1, 5));
@@ -586,23 +605,7 @@ async fn overlapping_operations_never_count_low() {
         assert_eq!(ledger.usage("t").await.unwrap(), usage(2, 55));
         write_alone(&ledger, "t", &small).await;
         assert_eq!(ledger.usage("t").await.unwrap(), usage(2, 6));
-        // A touch overlapping a brief write keeps its later expiry past the write's settle;
-        // a touch alone sets the expiry it asked, earlier or later.
-        let (w, brief) = (
-            QuotaTicket::new(),
-            [write("c", 1, Duration::from_millis(200))],
-        );
-        ledger.reserve("t", QUOTA, &brief, &w).await.unwrap();
-        let touch = QuotaTicket::new();
-        ledger.begin_touch("t", "c", minute, &touch).await.unwrap();
-        ledger
-            .end_touch("t", "c", minute, &touch, true)
-            .await
-            .unwrap();
-        ledger.settle("t", &brief, &w, true).await.unwrap();
-        // real time: past the brief write's 200 ms, the touch's minute still counts it.
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        assert_eq!(ledger.usage("t").await.unwrap(), usage(2, 6));
+        // A touch alone sets the expiry it asked, earlier or later.
         let (touch, moment) = (QuotaTicket::new(), Duration::from_millis(200));
         ledger.begin_touch("t", "c", moment, &touch).await.unwrap();
         ledger
@@ -612,18 +615,38 @@ async fn overlapping_operations_never_count_low() {
         // real time: past the touched 200 ms.
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert_eq!(ledger.usage("t").await.unwrap(), usage(1, 5));
-        // A touch whose end never comes (dropped) leaves the later expiry.
-        let (touch, moment) = (QuotaTicket::new(), Duration::from_millis(200));
-        ledger.begin_touch("t", "a", minute, &touch).await.unwrap();
-        let again = QuotaTicket::new();
-        ledger.begin_touch("t", "a", moment, &again).await.unwrap();
+        let brief = Duration::from_millis(200);
+        // A touch overlapping a brief write of a new key keeps the touch's expiry.
+        let (w, e) = (QuotaTicket::new(), [write("e", 1, brief)]);
+        ledger.reserve("t", QUOTA, &e, &w).await.unwrap();
+        let touch = QuotaTicket::new();
+        ledger.begin_touch("t", "e", minute, &touch).await.unwrap();
         ledger
-            .end_touch("t", "a", moment, &again, true)
+            .end_touch("t", "e", minute, &touch, true)
             .await
             .unwrap();
-        // real time: past the second touch's 200 ms.
+        ledger.settle("t", &e, &w, true).await.unwrap();
+        // A touch begun before a key had any record, and never ended (dropped), keeps the
+        // record a write makes meanwhile.
+        ledger
+            .begin_touch("t", "n", minute, &QuotaTicket::new())
+            .await
+            .unwrap();
+        write_alone(&ledger, "t", &[write("n", 1, brief)]).await;
+        // A touch that never ends leaves the later expiry, past a shorter touch's end.
+        ledger
+            .begin_touch("t", "a", minute, &QuotaTicket::new())
+            .await
+            .unwrap();
+        let again = QuotaTicket::new();
+        ledger.begin_touch("t", "a", brief, &again).await.unwrap();
+        ledger
+            .end_touch("t", "a", brief, &again, true)
+            .await
+            .unwrap();
+        // real time: past the brief writes' and the shorter touch's 200 ms.
         tokio::time::sleep(Duration::from_millis(300)).await;
-        assert_eq!(ledger.usage("t").await.unwrap(), usage(1, 5));
+        assert_eq!(ledger.usage("t").await.unwrap(), usage(3, 7));
     }
 }
 

@@ -479,7 +479,7 @@ pub(crate) async fn touch(
     let begun = state
         .quotas
         .begin_touch(&entry.tenant, &entry.limits, &key, ttl)
-        .await;
+        .await?;
     let touched = state.data.touch(&entry.storage_key, ttl).await?;
     state
         .quotas
@@ -515,7 +515,7 @@ pub(crate) async fn delete_prefix(
     let begun = state
         .quotas
         .begin_removal_of_prefix(&entry.tenant, &entry.limits, &query.prefix)
-        .await;
+        .await?;
     let deleted = state.data.delete_prefix(&entry.storage_key).await?;
     state.quotas.end_removal(&entry.tenant, begun, true).await;
     state.usage.of(&entry.tenant).deleted();

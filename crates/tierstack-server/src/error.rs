@@ -102,6 +102,11 @@ impl ApiError {
         )
     }
 
+    /// 409: the request conflicts with one still running.
+    pub(crate) fn conflict(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, code, message)
+    }
+
     /// 507: the write would take the tenant past its quota of entries or bytes.
     pub(crate) fn over_quota(message: impl Into<String>) -> Self {
         Self::new(StatusCode::INSUFFICIENT_STORAGE, "quota_exceeded", message)

@@ -28,7 +28,7 @@
 //! | `GET`/`HEAD /v1/cache/{key}/exists` | 200 or 404, `{"exists": bool}` |
 //! | `POST /v1/cache/{key}/touch?ttl=SECONDS` | 204; 404 |
 //! | `POST /v1/cache/{key}/cas` `{"current", "new", "ttl_ms"?}` | 204 if swapped; 412 |
-//! | `DELETE /v1/cache?prefix=P` | `{"deleted": n}`, the tenant's keys under `P` |
+//! | `DELETE /v1/cache?prefix=P` | `{"deleted": n}`, the tenant's keys under `P`; 409 while another of the tenant's runs |
 //! | `POST /v1/bulk/get` `{"keys": [...]}` | `{"values": [{"key", "value": base64 or null}]}` |
 //! | `POST /v1/bulk/set` `{"entries": [{"key", "value": base64, "ttl"? or "ttl_ms"?}]}` | 204 |
 //! | `POST /v1/admin/tenants/{tenant}/keys` | 201 `{"tenant", "id", "key"}`: the key, shown once |

@@ -33,7 +33,7 @@ pub(crate) const ROUTES: &[(&str, &str, &str, bool)] = &[
     (
         "delete",
         "/v1/cache",
-        "Delete the tenant's keys under prefix",
+        "Delete the tenant's keys under prefix (409 prefix_delete_running while another of the tenant's runs)",
         false,
     ),
     ("post", "/v1/bulk/get", "Read many keys", false),

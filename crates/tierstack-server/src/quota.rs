@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
+use tierstack::core::store::MAX_TTL;
 use tierstack::redis::{
     QuotaDecision, QuotaLedger, QuotaLimits, QuotaTicket, QuotaUsage, QuotaWrite,
 };
@@ -65,11 +66,29 @@ pub(crate) struct Reserved {
 }
 
 /// A removal or a touch begun, to end once its outcome is known: its ticket (`None` if the
-/// tenant has no quota or the ledger could not be reached) and its keys.
+/// tenant has no quota or the ledger could not be reached), its keys, and whether it is the
+/// tenant's prefix removal.
 #[must_use]
 pub(crate) struct Begun {
     ticket: Option<QuotaTicket>,
     keys: Vec<String>,
+    prefix: bool,
+}
+
+impl Begun {
+    fn nothing() -> Self {
+        Self {
+            ticket: None,
+            keys: Vec::new(),
+            prefix: false,
+        }
+    }
+}
+
+/// What the ledger records for an entry that lives `ttl`: its records outlive their entries
+/// by the slack (an entry's TTL starts when its write lands), within the longest TTL.
+fn ledger_ttl(ttl: Duration, slack: Duration) -> Duration {
+    ttl.saturating_add(slack).min(MAX_TTL)
 }
 
 /// The limits of `limits` as the ledger takes them (0: none).
@@ -119,7 +138,7 @@ impl Quotas {
             .map(|room| QuotaWrite {
                 member: room.key,
                 size: room.size(),
-                ttl: room.ttl.saturating_add(self.slack),
+                ttl: ledger_ttl(room.ttl, self.slack),
             })
             .collect()
     }
@@ -199,29 +218,37 @@ impl Quotas {
         limits: &Limits,
         keys: &[&str],
     ) -> Begun {
-        let keys = keys.iter().map(|key| (*key).to_owned()).collect();
-        self.begin(limits, keys, async |ticket, keys| {
-            if let Some(ledger) = &self.shared {
-                return ledger.begin_removal(tenant.as_str(), keys, ticket).await;
+        if quota_limits(limits).is_none() {
+            return Begun::nothing();
+        }
+        let ticket = QuotaTicket::new();
+        if let Some(ledger) = &self.shared {
+            if let Err(error) = ledger.begin_removal(tenant.as_str(), keys, &ticket).await {
+                tracing::warn!(error = %error, "quota removal not begun: counted until the TTL");
+                return Begun::nothing();
             }
-            self.local.begin_removal(tenant, keys, ticket, self.slack);
-            Ok(())
-        })
-        .await
+        } else {
+            self.local.begin_removal(tenant, keys, &ticket, self.slack);
+        }
+        Begun {
+            ticket: Some(ticket),
+            keys: keys.iter().map(|key| (*key).to_owned()).collect(),
+            prefix: false,
+        }
     }
 
-    /// Begins a removal of `tenant`'s keys under `prefix`, as [`begin_removal`](Self::begin_removal).
+    /// Begins a removal of `tenant`'s keys under `prefix`, as
+    /// [`begin_removal`](Self::begin_removal): 409 while another prefix removal of the tenant
+    /// runs (a tenant runs one at a time, so that what it begins stays within one operation
+    /// per entry).
     pub(crate) async fn begin_removal_of_prefix(
         &self,
         tenant: &TenantName,
         limits: &Limits,
         prefix: &str,
-    ) -> Begun {
+    ) -> Result<Begun, ApiError> {
         if quota_limits(limits).is_none() {
-            return Begun {
-                ticket: None,
-                keys: Vec::new(),
-            };
+            return Ok(Begun::nothing());
         }
         let ticket = QuotaTicket::new();
         let keys = match &self.shared {
@@ -233,10 +260,7 @@ impl Quotas {
                     Ok(keys) => keys,
                     Err(error) => {
                         tracing::warn!(error = %error, "quota removal not begun: counted until the TTL");
-                        return Begun {
-                            ticket: None,
-                            keys: Vec::new(),
-                        };
+                        return Ok(Begun::nothing());
                     }
                 }
             }
@@ -244,10 +268,17 @@ impl Quotas {
                 .local
                 .begin_removal_of_prefix(tenant, prefix, &ticket, self.slack),
         };
-        Begun {
+        let keys = keys.ok_or_else(|| {
+            ApiError::conflict(
+                "prefix_delete_running",
+                "another prefix delete of this tenant is running; retry once it is done",
+            )
+        })?;
+        Ok(Begun {
             ticket: Some(ticket),
             keys,
-        }
+            prefix: true,
+        })
     }
 
     /// Ends a removal once its outcome is known: `removed`, or not. One whose outcome is not
@@ -258,37 +289,54 @@ impl Quotas {
         };
         match &self.shared {
             Some(ledger) => {
-                if let Err(error) = ledger
-                    .end_removal(tenant.as_str(), &begun.keys, &ticket, removed)
-                    .await
-                {
+                let ended = if begun.prefix {
+                    ledger
+                        .end_removal_of_prefix(tenant.as_str(), &begun.keys, &ticket, removed)
+                        .await
+                } else {
+                    ledger
+                        .end_removal(tenant.as_str(), &begun.keys, &ticket, removed)
+                        .await
+                };
+                if let Err(error) = ended {
                     tracing::warn!(error = %error, "quota removal not ended: counted until the TTL");
                 }
             }
             None => self
                 .local
-                .end_removal(tenant, &begun.keys, &ticket, removed),
+                .end_removal(tenant, &begun.keys, &ticket, removed, begun.prefix),
         }
     }
 
     /// Begins a touch of `key` giving it `ttl` from now: its record's expiry becomes the
-    /// later of its own and the touch's until the touch ends.
+    /// later of its own and the touch's until the touch ends. 503 if the shared ledger cannot
+    /// be reached: a touch that cannot be counted is not made.
     pub(crate) async fn begin_touch(
         &self,
         tenant: &TenantName,
         limits: &Limits,
         key: &str,
         ttl: Duration,
-    ) -> Begun {
-        let ttl = ttl.saturating_add(self.slack);
-        self.begin(limits, vec![key.to_owned()], async |ticket, _| {
-            if let Some(ledger) = &self.shared {
-                return ledger.begin_touch(tenant.as_str(), key, ttl, ticket).await;
-            }
-            self.local.begin_touch(tenant, key, ttl, ticket, self.slack);
-            Ok(())
+    ) -> Result<Begun, ApiError> {
+        if quota_limits(limits).is_none() {
+            return Ok(Begun::nothing());
+        }
+        let ttl = ledger_ttl(ttl, self.slack);
+        let ticket = QuotaTicket::new();
+        match &self.shared {
+            Some(ledger) => ledger
+                .begin_touch(tenant.as_str(), key, ttl, &ticket)
+                .await
+                .map_err(|error| unavailable(&error))?,
+            None => self
+                .local
+                .begin_touch(tenant, key, ttl, &ticket, self.slack),
+        }
+        Ok(Begun {
+            ticket: Some(ticket),
+            keys: vec![key.to_owned()],
+            prefix: false,
         })
-        .await
     }
 
     /// Ends a touch begun with [`begin_touch`](Self::begin_touch) (the same `ttl`), once its
@@ -303,7 +351,7 @@ impl Quotas {
         let (Some(ticket), [key]) = (begun.ticket, begun.keys.as_slice()) else {
             return;
         };
-        let ttl = ttl.saturating_add(self.slack);
+        let ttl = ledger_ttl(ttl, self.slack);
         match &self.shared {
             Some(ledger) => {
                 if let Err(error) = ledger
@@ -314,36 +362,6 @@ impl Quotas {
                 }
             }
             None => self.local.end_touch(tenant, key, ttl, &ticket, touched),
-        }
-    }
-
-    /// Begins an operation on `keys` with `begin`, under a new ticket: nothing if the tenant
-    /// has no quota, and nothing (logged) if the ledger cannot be reached.
-    async fn begin(
-        &self,
-        limits: &Limits,
-        keys: Vec<String>,
-        begin: impl AsyncFnOnce(&QuotaTicket, &[String]) -> tierstack::Result<()>,
-    ) -> Begun {
-        if quota_limits(limits).is_none() {
-            return Begun {
-                ticket: None,
-                keys: Vec::new(),
-            };
-        }
-        let ticket = QuotaTicket::new();
-        match begin(&ticket, &keys).await {
-            Ok(()) => Begun {
-                ticket: Some(ticket),
-                keys,
-            },
-            Err(error) => {
-                tracing::warn!(error = %error, "quota operation not begun: counted until the TTL");
-                Begun {
-                    ticket: None,
-                    keys: Vec::new(),
-                }
-            }
         }
     }
 
@@ -398,6 +416,9 @@ struct Marks {
     count: u32,
     /// Whether two overlapped since the count was last zero.
     overlapped: bool,
+    /// The latest expiry a touch in flight gave the key: a record made meanwhile lives at
+    /// least as long.
+    touched_until: Option<Instant>,
 }
 
 /// One tenant's records and operations in flight.
@@ -412,6 +433,8 @@ struct Book {
     tickets: HashMap<(String, String), Instant>,
     /// The same by deadline, to drop the abandoned ones in order.
     by_deadline: BTreeSet<(Instant, String, String)>,
+    /// The ticket of the tenant's one prefix removal in flight, and its deadline.
+    prefix_claim: Option<(String, Instant)>,
 }
 
 impl Book {
@@ -481,13 +504,23 @@ impl Book {
         }
     }
 
-    /// Records `key` at `size` and `expires`, or at the larger of those and its record.
+    /// The latest expiry a touch in flight gave `key`.
+    fn touched_until(&self, key: &str) -> Option<Instant> {
+        self.marks.get(key).and_then(|marks| marks.touched_until)
+    }
+
+    /// Records `key` at `size` and `expires`, or at the larger of those and its record (and
+    /// of the expiry a touch in flight gave it).
     fn record(&mut self, key: &str, size: u64, expires: Instant, exactly: bool) {
         let (size, expires) = match self.records.get(key) {
             Some(&(old_size, old_expires)) if !exactly => {
                 (size.max(old_size), expires.max(old_expires))
             }
             _ => (size, expires),
+        };
+        let expires = match self.touched_until(key) {
+            Some(touched) if !exactly => expires.max(touched),
+            _ => expires,
         };
         self.remove(key);
         self.records.insert(key.to_owned(), (size, expires));
@@ -533,7 +566,11 @@ impl LocalLedger {
                     .get(write.member)
                     .copied()
                     .or_else(|| book.records.get(write.member).copied());
-                let mut record = (write.size, now + write.ttl);
+                let expires = now + write.ttl;
+                let expires = book
+                    .touched_until(write.member)
+                    .map_or(expires, |touched| touched.max(expires));
+                let mut record = (write.size, expires);
                 if let Some((old_size, old_expiry)) = old {
                     record = (old_size.max(write.size), old_expiry.max(record.1));
                     bytes = bytes - old_size + record.0;
@@ -579,17 +616,17 @@ impl LocalLedger {
     }
 
     /// As `QuotaLedger::begin_removal`.
-    fn begin_removal(
+    fn begin_removal<S: AsRef<str>>(
         &self,
         tenant: &TenantName,
-        keys: &[String],
+        keys: &[S],
         ticket: &QuotaTicket,
         in_flight: Duration,
     ) {
         self.book(tenant, |book| {
             let deadline = Instant::now() + in_flight;
             for key in keys {
-                book.begin_op(ticket, key, deadline);
+                book.begin_op(ticket, key.as_ref(), deadline);
             }
         });
     }
@@ -601,35 +638,53 @@ impl LocalLedger {
         prefix: &str,
         ticket: &QuotaTicket,
         in_flight: Duration,
-    ) -> Vec<String> {
+    ) -> Option<Vec<String>> {
         self.book(tenant, |book| {
+            let now = Instant::now();
+            if book
+                .prefix_claim
+                .as_ref()
+                .is_some_and(|(_, deadline)| *deadline > now)
+            {
+                return None;
+            }
+            let deadline = now + in_flight;
+            book.prefix_claim = Some((ticket.as_ref().to_owned(), deadline));
             let keys: Vec<String> = book
                 .records
                 .keys()
                 .filter(|key| key.starts_with(prefix))
                 .cloned()
                 .collect();
-            let deadline = Instant::now() + in_flight;
             for key in &keys {
                 book.begin_op(ticket, key, deadline);
             }
-            keys
+            Some(keys)
         })
     }
 
-    /// As `QuotaLedger::end_removal`.
+    /// As `QuotaLedger::end_removal` (and `end_removal_of_prefix` for a `prefix` removal).
     fn end_removal(
         &self,
         tenant: &TenantName,
         keys: &[String],
         ticket: &QuotaTicket,
         removed: bool,
+        prefix: bool,
     ) {
         self.book(tenant, |book| {
             for key in keys {
                 if book.end_op(ticket, key) && removed {
                     book.remove(key);
                 }
+            }
+            if prefix
+                && book
+                    .prefix_claim
+                    .as_ref()
+                    .is_some_and(|(claim, _)| claim == ticket.as_ref())
+            {
+                book.prefix_claim = None;
             }
         });
     }
@@ -646,6 +701,9 @@ impl LocalLedger {
         self.book(tenant, |book| {
             let now = Instant::now();
             book.begin_op(ticket, key, now + in_flight);
+            if let Some(marks) = book.marks.get_mut(key) {
+                marks.touched_until = marks.touched_until.max(Some(now + ttl));
+            }
             if let Some(&(size, expires)) = book.records.get(key)
                 && expires < now + ttl
             {
@@ -664,11 +722,12 @@ impl LocalLedger {
         touched: bool,
     ) {
         self.book(tenant, |book| {
-            if book.end_op(ticket, key)
-                && touched
-                && let Some(&(size, _)) = book.records.get(key)
-            {
-                book.record(key, size, Instant::now() + ttl, true);
+            let alone = book.end_op(ticket, key);
+            if touched && let Some(&(size, expires)) = book.records.get(key) {
+                let touched_until = Instant::now() + ttl;
+                if alone || expires < touched_until {
+                    book.record(key, size, touched_until, true);
+                }
             }
         });
     }
@@ -735,7 +794,7 @@ mod tests {
             self.ledger
                 .begin_removal(&self.t, &keys(removed), &ticket, MINUTE);
             self.ledger
-                .end_removal(&self.t, &keys(removed), &ticket, true);
+                .end_removal(&self.t, &keys(removed), &ticket, true, false);
         }
 
         fn touch(&self, key: &str, ttl: Duration) {
@@ -788,9 +847,25 @@ mod tests {
         let ticket = QuotaTicket::new();
         let begun = book
             .ledger
-            .begin_removal_of_prefix(&book.t, "p/", &ticket, MINUTE);
+            .begin_removal_of_prefix(&book.t, "p/", &ticket, MINUTE)
+            .unwrap();
         assert_eq!(begun, ["p/1"]);
-        book.ledger.end_removal(&book.t, &begun, &ticket, true);
+        let other = QuotaTicket::new();
+        assert_eq!(
+            book.ledger
+                .begin_removal_of_prefix(&book.t, "q", &other, MINUTE),
+            None,
+            "one prefix removal at a time"
+        );
+        book.ledger
+            .end_removal(&book.t, &begun, &ticket, true, true);
+        assert_eq!(book.usage(), usage(1, 1));
+        let begun = book
+            .ledger
+            .begin_removal_of_prefix(&book.t, "q", &other, MINUTE)
+            .unwrap();
+        book.ledger
+            .end_removal(&book.t, &begun, &other, false, true);
         assert_eq!(book.usage(), usage(1, 1));
         book.ledger.clear(&book.t);
         assert_eq!(book.usage(), usage(0, 0));
@@ -811,20 +886,20 @@ mod tests {
         );
         let (w, small) = (QuotaTicket::new(), [write("a", 5, MINUTE)]);
         let _ = book.reserve(&small, &w);
-        ledger.end_removal(t, &keys(&["a"]), &removal, true);
+        ledger.end_removal(t, &keys(&["a"]), &removal, true, false);
         ledger.settle(t, &small, &w, true);
         assert_eq!(book.usage(), usage(1, 40));
         book.write(&small);
         assert_eq!(book.usage(), usage(1, 5));
-        // A removal overlapping a write keeps the record, also when its own ticket expired
-        // before it ended (what else overlapped it is then not known).
-        let (w, d) = (QuotaTicket::new(), [write("d", 3, MINUTE)]);
-        let _ = book.reserve(&d, &w);
+        // A removal whose ticket expired before it ended keeps the record: what overlapped
+        // it is not known (here, a write that began and settled meanwhile).
         let removal = QuotaTicket::new();
         ledger.begin_removal(t, &keys(&["d"]), &removal, MOMENT);
-        std::thread::sleep(Duration::from_millis(5)); // real time: past the removal's deadline
-        ledger.end_removal(t, &keys(&["d"]), &removal, true);
+        let (w, d) = (QuotaTicket::new(), [write("d", 3, MINUTE)]);
+        let _ = book.reserve(&d, &w);
         ledger.settle(t, &d, &w, true);
+        std::thread::sleep(Duration::from_millis(5)); // real time: past the removal's deadline
+        ledger.end_removal(t, &keys(&["d"]), &removal, true, false);
         assert_eq!(book.usage(), usage(2, 8));
         book.remove(&["d"]);
         assert_eq!(book.usage(), usage(1, 5));
@@ -839,19 +914,30 @@ mod tests {
         assert_eq!(book.usage(), usage(2, 55), "a batch naming a key twice");
         book.write(&small);
         assert_eq!(book.usage(), usage(2, 6));
-        let (w, brief) = (QuotaTicket::new(), [write("c", 1, MOMENT)]);
-        let _ = book.reserve(&brief, &w);
-        book.touch("c", MINUTE);
-        ledger.settle(t, &brief, &w, true);
-        std::thread::sleep(Duration::from_millis(5)); // real time: past the brief write's TTL
-        assert_eq!(book.usage(), usage(2, 6));
         book.touch("c", MOMENT);
         std::thread::sleep(Duration::from_millis(5)); // real time: past the touched TTL
-        assert_eq!(book.usage(), usage(1, 5));
+        assert_eq!(
+            book.usage(),
+            usage(1, 5),
+            "a touch alone sets the TTL it asked"
+        );
+        // A touch overlapping a brief write of a new key keeps the touch's expiry.
+        let (w, brief) = (QuotaTicket::new(), [write("e", 1, MOMENT)]);
+        let _ = book.reserve(&brief, &w);
+        book.touch("e", MINUTE);
+        ledger.settle(t, &brief, &w, true);
+        // A touch begun before a key had any record, and never ended (dropped), keeps the
+        // record a write makes meanwhile.
+        ledger.begin_touch(t, "n", MINUTE, &QuotaTicket::new(), MINUTE);
+        let (w, brief) = (QuotaTicket::new(), [write("n", 1, MOMENT)]);
+        let _ = book.reserve(&brief, &w);
+        ledger.settle(t, &brief, &w, true);
+        std::thread::sleep(Duration::from_millis(5)); // real time: past the brief writes' TTL
+        assert_eq!(book.usage(), usage(3, 7));
         // A touch that never ends leaves the later expiry.
         ledger.begin_touch(t, "a", MINUTE, &QuotaTicket::new(), MINUTE);
         book.touch("a", MOMENT);
         std::thread::sleep(Duration::from_millis(5)); // real time: past the second touch's TTL
-        assert_eq!(book.usage(), usage(1, 5));
+        assert_eq!(book.usage(), usage(3, 7));
     }
 }

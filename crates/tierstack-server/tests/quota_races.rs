@@ -1,6 +1,7 @@
-//! Removals (compare-and-set, delete, prefix delete) racing writes of the same key, ordered
-//! step by step, on both quota ledgers (this instance's, and the one shared in Redis):
-//! whatever the order, and whatever fails or is dropped, the value that stays is counted.
+//! Removals (compare-and-set, delete, prefix delete), writes and touches of the same key
+//! racing, ordered step by step, on both quota ledgers (this instance's, and the one shared in
+//! Redis): whatever the order, and whatever fails or is dropped, the value that stays is
+//! counted.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -358,8 +359,9 @@ async fn a_write_reserved_before_a_removal_and_landing_after_it_is_counted() {
             let (server, held) = server(ledger, Hold::Write).await;
             let shop = Client::new(&server.base, Some(SHOP_KEY));
             let writer = Client::new(&server.base, Some(SHOP_KEY));
-            // The first plain write stops before the store: the old value's, written as a
-            // compare-and-set swap-in (not held) so that the stopped write is the second one.
+            // The first plain write stops before the store: the old value's is written with
+            // If-None-Match (a conditional write, not held), so that the stopped one is the
+            // new value's.
             let create = shop
                 .request(Method::PUT, "/v1/cache/k")
                 .header("if-none-match", "*")
@@ -396,7 +398,7 @@ async fn a_write_reserved_before_a_removal_and_landing_after_it_is_counted() {
 async fn a_write_landing_after_its_request_was_dropped_stays_counted() {
     for ledger in [Ledger::Local, Ledger::Redis] {
         let (server, held) =
-            server_timing_out(ledger, Hold::WriteLandingLate, Duration::from_secs(1)).await;
+            server_timing_out(ledger, Hold::WriteLandingLate, Duration::from_secs(2)).await;
         let shop = Client::new(&server.base, Some(SHOP_KEY));
         let create = tokio::spawn(
             shop.request(Method::PUT, "/v1/cache/k")
@@ -448,7 +450,7 @@ async fn a_write_landing_after_its_request_was_dropped_stays_counted() {
 async fn a_touch_whose_request_was_dropped_keeps_the_entry_counted() {
     for ledger in [Ledger::Local, Ledger::Redis] {
         let (server, held) =
-            server_timing_out(ledger, Hold::TouchAnswerLost, Duration::from_millis(300)).await;
+            server_timing_out(ledger, Hold::TouchAnswerLost, Duration::from_secs(1)).await;
         let shop = Client::new(&server.base, Some(SHOP_KEY));
         let put = shop
             .request(Method::PUT, "/v1/cache/k?ttl_ms=200")
@@ -463,10 +465,18 @@ async fn a_touch_whose_request_was_dropped_keeps_the_entry_counted() {
             .send()
             .await
             .unwrap();
-        assert_eq!(touch.status(), StatusCode::GATEWAY_TIMEOUT, "{ledger:?}");
+        // Its answer lost: the cache's L2 timeout (503) or the request's (504).
+        assert!(
+            matches!(
+                touch.status(),
+                StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT
+            ),
+            "{ledger:?}: {}",
+            touch.status()
+        );
         // real time: past the old record's expiry (the 200 ms TTL and the ledger's slack of
-        // twice the 300 ms request timeout).
-        tokio::time::sleep(Duration::from_millis(1_200).saturating_sub(written.elapsed())).await;
+        // twice the 1 s request timeout).
+        tokio::time::sleep(Duration::from_millis(2_600).saturating_sub(written.elapsed())).await;
         let got = shop
             .request(Method::GET, "/v1/cache/k")
             .send()
