@@ -56,8 +56,10 @@ const DEFAULT_IN_FLIGHT: Duration = Duration::from_secs(30);
 /// The common start of every ledger script: the server's time, and the expired records and
 /// tickets dropped (at most `ARGV[1]` of each), and the helpers of the operations. KEYS: sizes
 /// (hash: member to size), expiries (sorted set: member to expiry), bytes (string), marks
-/// (hash: member to the count of its operations in flight, and `\xFF` and member to 1 once two
-/// overlapped), tickets (sorted set: ticket, `\xFF` and member, to the operation's deadline).
+/// (hash: member to the count of its operations in flight, `\xFF` and member to 1 once two
+/// overlapped, `\xFE` and member to the latest expiry a touch in flight gave it, and `\xFD` to
+/// the ticket and deadline of the prefix removal in flight), tickets (sorted set: ticket,
+/// `\xFF` and member, to the operation's deadline).
 /// No UTF-8 member starts with the byte `\xFF`; a ticket is 32 hex digits. `ARGV[2]` is the
 /// operation's ticket, where it has one.
 const PRELUDE: &str = r"
@@ -567,6 +569,23 @@ impl QuotaLedger {
         if claimed == 0 {
             return Ok(None);
         }
+        match self.begin_members_of_prefix(subject, prefix, ticket).await {
+            Ok(members) => Ok(Some(members)),
+            Err(error) => {
+                // Best effort: the claim lapses after `in_flight_for` anyway.
+                let _ = self.release_prefix(subject, ticket).await;
+                Err(error)
+            }
+        }
+    }
+
+    /// Begins a removal of every member under `prefix`, a round of `HSCAN` at a time.
+    async fn begin_members_of_prefix(
+        &self,
+        subject: &str,
+        prefix: &str,
+        ticket: &QuotaTicket,
+    ) -> Result<Vec<String>> {
         let [sizes, ..] = self.keys(subject)?;
         let pattern = format!("{}*", glob_escape(prefix));
         let mut cursor: u64 = 0;
@@ -585,7 +604,7 @@ impl QuotaLedger {
             self.begin_removal(subject, &found, ticket).await?;
             members.extend(found);
             if next == 0 {
-                return Ok(Some(members));
+                return Ok(members);
             }
             cursor = next;
         }
@@ -605,6 +624,11 @@ impl QuotaLedger {
         removed: bool,
     ) -> Result<()> {
         self.end_removal(subject, members, ticket, removed).await?;
+        self.release_prefix(subject, ticket).await
+    }
+
+    /// Gives up the prefix removal claim held under `ticket`.
+    async fn release_prefix(&self, subject: &str, ticket: &QuotaTicket) -> Result<()> {
         let mut release = self.invocation(&RELEASE_PREFIX, subject)?;
         release.arg(ticket.as_ref());
         let _: u8 = self.conn.script("quota release prefix", &release).await?;

@@ -922,17 +922,18 @@ mod tests {
             "a touch alone sets the TTL it asked"
         );
         // A touch overlapping a brief write of a new key keeps the touch's expiry.
-        let (w, brief) = (QuotaTicket::new(), [write("e", 1, MOMENT)]);
+        let brief_ttl = Duration::from_millis(50);
+        let (w, brief) = (QuotaTicket::new(), [write("e", 1, brief_ttl)]);
         let _ = book.reserve(&brief, &w);
         book.touch("e", MINUTE);
         ledger.settle(t, &brief, &w, true);
         // A touch begun before a key had any record, and never ended (dropped), keeps the
         // record a write makes meanwhile.
         ledger.begin_touch(t, "n", MINUTE, &QuotaTicket::new(), MINUTE);
-        let (w, brief) = (QuotaTicket::new(), [write("n", 1, MOMENT)]);
+        let (w, brief) = (QuotaTicket::new(), [write("n", 1, brief_ttl)]);
         let _ = book.reserve(&brief, &w);
         ledger.settle(t, &brief, &w, true);
-        std::thread::sleep(Duration::from_millis(5)); // real time: past the brief writes' TTL
+        std::thread::sleep(Duration::from_millis(80)); // real time: past the brief writes' TTL
         assert_eq!(book.usage(), usage(3, 7));
         // A touch that never ends leaves the later expiry.
         ledger.begin_touch(t, "a", MINUTE, &QuotaTicket::new(), MINUTE);

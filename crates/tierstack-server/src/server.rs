@@ -110,9 +110,10 @@ impl Server {
 
     /// Counts every tenant's entries and bytes against its quota in `store`, so that the
     /// quota holds across every instance that counts there. Without it, each instance counts
-    /// the writes it made (right for one instance; with several, a tenant may hold up to its
-    /// quota on each). While Redis fails, writes are refused with 503: a write that cannot be
-    /// counted is not made.
+    /// the operations it made: right for one instance only (with several, a tenant may hold
+    /// up to its quota on each, and more: a touch through another instance keeps an entry
+    /// alive past the record of the instance that wrote it). While Redis fails, writes and
+    /// touches are refused with 503: what cannot be counted is not made.
     ///
     /// # Errors
     ///

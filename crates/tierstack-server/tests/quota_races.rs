@@ -36,6 +36,8 @@ enum Hold {
     WriteLandingLate,
     /// The first touch, after the store has touched: its answer never comes back.
     TouchAnswerLost,
+    /// The first prefix delete, before the store sees it.
+    PrefixDelete,
 }
 
 /// A store that stops its first compare-and-set (the removal's: it writes a tombstone; the
@@ -125,7 +127,7 @@ impl Store for HeldRemoval {
                 true,
                 "the store is down",
             )),
-            Hold::Write | Hold::WriteLandingLate | Hold::TouchAnswerLost => {
+            Hold::Write | Hold::WriteLandingLate | Hold::TouchAnswerLost | Hold::PrefixDelete => {
                 self.inner.compare_and_set(key, current, new).await
             }
         }
@@ -153,6 +155,9 @@ impl Store for HeldRemoval {
                 true,
                 "the store is down",
             ));
+        }
+        if matches!(self.hold, Hold::PrefixDelete) {
+            self.stop_here().await;
         }
         self.inner.delete_prefix(prefix).await
     }
@@ -489,5 +494,38 @@ async fn a_touch_whose_request_was_dropped_keeps_the_entry_counted() {
         );
         assert_eq!(counted(&server.base).await, (1, 6), "{ledger:?}");
         drop(held);
+    }
+}
+
+/// A tenant runs one prefix delete at a time: the quota's operations a prefix delete begins
+/// stay within one per entry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_runs_one_prefix_delete_at_a_time() {
+    for ledger in [Ledger::Local, Ledger::Redis] {
+        let (server, held) = server(ledger, Hold::PrefixDelete).await;
+        let shop = Client::new(&server.base, Some(SHOP_KEY));
+        assert_eq!(shop.put("p/1", "value").await, StatusCode::NO_CONTENT);
+        let first = tokio::spawn(shop.request(Method::DELETE, "/v1/cache?prefix=p/").send());
+        held.stopped().await;
+        let second = shop
+            .request(Method::DELETE, "/v1/cache?prefix=q/")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(second.status(), StatusCode::CONFLICT, "{ledger:?}");
+        assert_eq!(Client::code(second).await, "prefix_delete_running");
+        held.go.notify_one();
+        assert_eq!(first.await.unwrap().unwrap().status(), StatusCode::OK);
+        assert_eq!(counted(&server.base).await, (0, 0), "{ledger:?}");
+        let third = shop
+            .request(Method::DELETE, "/v1/cache?prefix=q/")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            third.status(),
+            StatusCode::OK,
+            "{ledger:?}: the claim was released"
+        );
     }
 }
