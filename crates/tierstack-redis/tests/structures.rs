@@ -369,6 +369,24 @@ async fn remove_alone(ledger: &tierstack_redis::QuotaLedger, subject: &str, memb
         .unwrap();
 }
 
+/// One touch that touched, begun and ended (alone, unless another operation is in flight).
+async fn touch_alone(
+    ledger: &tierstack_redis::QuotaLedger,
+    subject: &str,
+    member: &str,
+    ttl: Duration,
+) {
+    let ticket = tierstack_redis::QuotaTicket::new();
+    ledger
+        .begin_touch(subject, member, ttl, &ticket)
+        .await
+        .unwrap();
+    ledger
+        .end_touch(subject, member, ttl, &ticket, true)
+        .await
+        .unwrap();
+}
+
 #[tokio::test]
 async fn the_quota_ledger_counts_live_entries_and_bytes_per_subject() {
     use tierstack_redis::{QuotaDecision, QuotaLedger, QuotaTicket, QuotaUsage};
@@ -449,16 +467,7 @@ async fn the_quota_ledger_counts_live_entries_and_bytes_per_subject() {
             &[write("short", 10, Duration::from_millis(300))],
         )
         .await;
-        let ticket = QuotaTicket::new();
-        let brief = Duration::from_millis(300);
-        ledger
-            .begin_touch("t{1}:a", "b", brief, &ticket)
-            .await
-            .unwrap();
-        ledger
-            .end_touch("t{1}:a", "b", brief, &ticket, true)
-            .await
-            .unwrap();
+        touch_alone(&ledger, "t{1}:a", "b", Duration::from_millis(300)).await;
         // real time: expiry goes by the server's clock.
         tokio::time::sleep(Duration::from_millis(400)).await;
         assert_eq!(ledger.usage("t{1}:a").await.unwrap(), usage(0, 0));
@@ -606,12 +615,7 @@ async fn overlapping_operations_never_count_low() {
         write_alone(&ledger, "t", &small).await;
         assert_eq!(ledger.usage("t").await.unwrap(), usage(2, 6));
         // A touch alone sets the expiry it asked, earlier or later.
-        let (touch, moment) = (QuotaTicket::new(), Duration::from_millis(200));
-        ledger.begin_touch("t", "c", moment, &touch).await.unwrap();
-        ledger
-            .end_touch("t", "c", moment, &touch, true)
-            .await
-            .unwrap();
+        touch_alone(&ledger, "t", "c", Duration::from_millis(200)).await;
         // real time: past the touched 200 ms.
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert_eq!(ledger.usage("t").await.unwrap(), usage(1, 5));
@@ -619,12 +623,7 @@ async fn overlapping_operations_never_count_low() {
         // A touch overlapping a brief write of a new key keeps the touch's expiry.
         let (w, e) = (QuotaTicket::new(), [write("e", 1, brief)]);
         ledger.reserve("t", QUOTA, &e, &w).await.unwrap();
-        let touch = QuotaTicket::new();
-        ledger.begin_touch("t", "e", minute, &touch).await.unwrap();
-        ledger
-            .end_touch("t", "e", minute, &touch, true)
-            .await
-            .unwrap();
+        touch_alone(&ledger, "t", "e", minute).await;
         ledger.settle("t", &e, &w, true).await.unwrap();
         // A touch begun before a key had any record, and never ended (dropped), keeps the
         // record a write makes meanwhile.
@@ -638,12 +637,7 @@ async fn overlapping_operations_never_count_low() {
             .begin_touch("t", "a", minute, &QuotaTicket::new())
             .await
             .unwrap();
-        let again = QuotaTicket::new();
-        ledger.begin_touch("t", "a", brief, &again).await.unwrap();
-        ledger
-            .end_touch("t", "a", brief, &again, true)
-            .await
-            .unwrap();
+        touch_alone(&ledger, "t", "a", brief).await;
         // real time: past the brief writes' and the shorter touch's 200 ms.
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert_eq!(ledger.usage("t").await.unwrap(), usage(3, 7));
