@@ -527,6 +527,30 @@ async fn prefix_removals_flushes_and_the_ledgers_own_expiry() {
             .await
             .unwrap();
         assert_eq!(ledger.usage("p").await.unwrap(), usage(1, 1));
+        // A claim that is never released lapses after `in_flight_for`.
+        let short = ledger
+            .clone()
+            .in_flight_for(Duration::from_millis(100))
+            .unwrap();
+        let dropped = QuotaTicket::new();
+        let begun = short.begin_removal_of_prefix("p", "x", &dropped).await;
+        assert_eq!(begun.unwrap().unwrap(), ["xy"]);
+        let next = QuotaTicket::new();
+        assert_eq!(
+            ledger
+                .begin_removal_of_prefix("p", "x", &next)
+                .await
+                .unwrap(),
+            None
+        );
+        // real time: past the dropped removal's claim.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let begun = ledger.begin_removal_of_prefix("p", "x", &next).await;
+        let begun = begun.unwrap().unwrap();
+        ledger
+            .end_removal_of_prefix("p", &begun, &next, false)
+            .await
+            .unwrap();
         ledger.clear("p").await.unwrap();
         assert_eq!(ledger.usage("p").await.unwrap(), usage(0, 0));
         // The total never outlives the sizes it sums: a long-lived entry removed, then a short
@@ -641,6 +665,21 @@ async fn overlapping_operations_never_count_low() {
         // real time: past the brief writes' and the shorter touch's 200 ms.
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert_eq!(ledger.usage("t").await.unwrap(), usage(3, 7));
+        // Once a dropped touch's ticket lapses, it raises nothing: a write alone is exact.
+        let short = ledger
+            .clone()
+            .in_flight_for(Duration::from_millis(100))
+            .unwrap();
+        short
+            .begin_touch("u", "z", minute, &QuotaTicket::new())
+            .await
+            .unwrap();
+        // real time: past the touch's in-flight time.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        write_alone(&ledger, "u", &[write("z", 1, brief)]).await;
+        // real time: past the write's 200 ms.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(ledger.usage("u").await.unwrap(), usage(0, 0));
     }
 }
 

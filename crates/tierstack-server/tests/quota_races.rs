@@ -442,7 +442,7 @@ async fn a_touch_whose_request_was_dropped_keeps_the_entry_counted() {
             server_timing_out(ledger, Hold::TouchAnswerLost, Duration::from_secs(1)).await;
         let shop = Client::new(&server.base, Some(SHOP_KEY));
         let put = shop
-            .request(Method::PUT, "/v1/cache/k?ttl_ms=200")
+            .request(Method::PUT, "/v1/cache/k?ttl_ms=1000")
             .body("value")
             .send()
             .await
@@ -463,9 +463,9 @@ async fn a_touch_whose_request_was_dropped_keeps_the_entry_counted() {
             "{ledger:?}: {}",
             touch.status()
         );
-        // real time: past the old record's expiry (the 200 ms TTL and the ledger's slack of
-        // twice the 1 s request timeout).
-        tokio::time::sleep(Duration::from_millis(2_600).saturating_sub(written.elapsed())).await;
+        // real time: past the old record's expiry (the 1 s TTL, which the touch must reach the
+        // data within, and the ledger's slack of twice the 1 s request timeout).
+        tokio::time::sleep(Duration::from_millis(3_500).saturating_sub(written.elapsed())).await;
         let got = shop
             .request(Method::GET, "/v1/cache/k")
             .send()
