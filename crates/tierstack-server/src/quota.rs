@@ -10,7 +10,9 @@
 //! data within [`in_flight_for`] of its beginning; an admin flush forgets the tenant's records
 //! first, and a write dropped before it that lands after it is not counted.
 
+use std::borrow::Borrow;
 use std::collections::{BTreeSet, HashMap};
+use std::hash::Hash;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -421,18 +423,75 @@ struct Marks {
     touched_until: Option<Instant>,
 }
 
-/// One tenant's records and operations in flight.
+/// A map whose entries each carry a deadline, kept in deadline order too, so that the
+/// passed ones leave first.
+#[derive(Debug)]
+struct Expiring<K, V> {
+    entries: HashMap<K, (V, Instant)>,
+    by_deadline: BTreeSet<(Instant, K)>,
+}
+
+impl<K, V> Default for Expiring<K, V> {
+    fn default() -> Self {
+        Self {
+            entries: HashMap::new(),
+            by_deadline: BTreeSet::new(),
+        }
+    }
+}
+
+impl<K: Hash + Eq + Ord + Clone, V> Expiring<K, V> {
+    fn get<Q: Hash + Eq + ?Sized>(&self, key: &Q) -> Option<&(V, Instant)>
+    where
+        K: Borrow<Q>,
+    {
+        self.entries.get(key)
+    }
+
+    /// Puts `value` under `key` until `deadline`, in place of what was there.
+    fn insert(&mut self, key: K, value: V, deadline: Instant) {
+        self.remove(&key);
+        self.by_deadline.insert((deadline, key.clone()));
+        self.entries.insert(key, (value, deadline));
+    }
+
+    fn remove<Q: Hash + Eq + ?Sized>(&mut self, key: &Q) -> Option<(V, Instant)>
+    where
+        K: Borrow<Q>,
+    {
+        let (key, (value, deadline)) = self.entries.remove_entry(key)?;
+        self.by_deadline.remove(&(deadline, key));
+        Some((value, deadline))
+    }
+
+    /// Takes out the entry whose deadline passed first, if one has by `now`.
+    fn pop_passed(&mut self, now: Instant) -> Option<(K, V)> {
+        let (deadline, _) = self.by_deadline.first()?;
+        if *deadline > now {
+            return None;
+        }
+        let (_, key) = self.by_deadline.pop_first()?;
+        let (value, _) = self.entries.remove(&key)?;
+        Some((key, value))
+    }
+
+    fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    fn keys(&self) -> impl Iterator<Item = &K> {
+        self.entries.keys()
+    }
+}
+
+/// One tenant's records (sizes, until their expiry) and operations in flight.
 #[derive(Debug, Default)]
 struct Book {
-    records: HashMap<String, (u64, Instant)>,
-    /// The same records by expiry, to drop the expired ones in order.
-    by_expiry: BTreeSet<(Instant, String)>,
+    records: Expiring<String, u64>,
     bytes: u64,
     marks: HashMap<String, Marks>,
-    /// Each operation in flight (ticket, key) with its deadline.
-    tickets: HashMap<(String, String), Instant>,
-    /// The same by deadline, to drop the abandoned ones in order.
-    by_deadline: BTreeSet<(Instant, String, String)>,
+    /// Each operation in flight, (ticket, key), until its deadline.
+    tickets: Expiring<(String, String), ()>,
     /// The ticket of the tenant's one prefix removal in flight, and its deadline.
     prefix_claim: Option<(String, Instant)>,
 }
@@ -440,23 +499,16 @@ struct Book {
 impl Book {
     fn purge(&mut self, now: Instant) {
         for _ in 0..PURGE_PER_CALL {
-            match self.by_expiry.first() {
-                Some((expires, _)) if *expires <= now => {}
-                _ => break,
-            }
-            if let Some((_, key)) = self.by_expiry.pop_first() {
-                self.remove(&key);
-            }
+            let Some((_, size)) = self.records.pop_passed(now) else {
+                break;
+            };
+            self.bytes -= size;
         }
         for _ in 0..PURGE_PER_CALL {
-            match self.by_deadline.first() {
-                Some((deadline, _, _)) if *deadline <= now => {}
-                _ => return,
-            }
-            if let Some((_, ticket, key)) = self.by_deadline.pop_first() {
-                self.tickets.remove(&(ticket, key.clone()));
-                self.drop_mark(&key);
-            }
+            let Some(((_, key), ())) = self.tickets.pop_passed(now) else {
+                return;
+            };
+            self.drop_mark(&key);
         }
     }
 
@@ -473,24 +525,21 @@ impl Book {
     fn begin_op(&mut self, ticket: &QuotaTicket, key: &str, deadline: Instant) {
         let id = (ticket.as_ref().to_owned(), key.to_owned());
         let marks = self.marks.entry(key.to_owned()).or_default();
-        if self.tickets.contains_key(&id) {
+        if self.tickets.get(&id).is_some() {
             marks.overlapped = true;
             return;
         }
         marks.count += 1;
         marks.overlapped |= marks.count > 1;
-        self.by_deadline
-            .insert((deadline, id.0.clone(), id.1.clone()));
-        self.tickets.insert(id, deadline);
+        self.tickets.insert(id, (), deadline);
     }
 
     /// As the script's `end_op`: whether the operation ran alone.
     fn end_op(&mut self, ticket: &QuotaTicket, key: &str) -> bool {
         let id = (ticket.as_ref().to_owned(), key.to_owned());
-        let Some(deadline) = self.tickets.remove(&id) else {
+        if self.tickets.remove(&id).is_none() {
             return false;
-        };
-        self.by_deadline.remove(&(deadline, id.0, id.1));
+        }
         let alone = self.marks.get(key).is_none_or(|marks| !marks.overlapped);
         self.drop_mark(key);
         alone
@@ -498,9 +547,8 @@ impl Book {
 
     /// Drops `key`'s record.
     fn remove(&mut self, key: &str) {
-        if let Some((size, expires)) = self.records.remove(key) {
+        if let Some((size, _)) = self.records.remove(key) {
             self.bytes -= size;
-            self.by_expiry.remove(&(expires, key.to_owned()));
         }
     }
 
@@ -523,8 +571,7 @@ impl Book {
             _ => expires,
         };
         self.remove(key);
-        self.records.insert(key.to_owned(), (size, expires));
-        self.by_expiry.insert((expires, key.to_owned()));
+        self.records.insert(key.to_owned(), size, expires);
         self.bytes += size;
     }
 

@@ -52,6 +52,8 @@ struct HeldRemoval {
     go: Notify,
     /// What lets a write landing late land.
     late: Arc<Notify>,
+    /// Told once the write landing late has landed.
+    landed: Arc<Notify>,
 }
 
 impl HeldRemoval {
@@ -81,14 +83,17 @@ impl Store for HeldRemoval {
             Hold::Write => self.stop_here().await,
             Hold::WriteLandingLate if self.armed.swap(false, Ordering::SeqCst) => {
                 self.reached.notify_one();
-                let (inner, gate, key) = (
+                let (inner, gate, landed, key) = (
                     Arc::clone(&self.inner),
                     Arc::clone(&self.late),
+                    Arc::clone(&self.landed),
                     key.to_owned(),
                 );
                 let landing = tokio::spawn(async move {
                     gate.notified().await;
-                    inner.set(&key, value, ttl).await
+                    let written = inner.set(&key, value, ttl).await;
+                    landed.notify_one();
+                    written
                 });
                 return landing.await.unwrap();
             }
@@ -211,6 +216,7 @@ async fn server_timing_out(
         reached: Notify::new(),
         go: Notify::new(),
         late: Arc::new(Notify::new()),
+        landed: Arc::new(Notify::new()),
     });
     backend.store = held.clone();
     let mut config = config(limits());
@@ -413,22 +419,19 @@ async fn a_write_landing_after_its_request_was_dropped_stays_counted() {
         assert_eq!(deleted.status(), StatusCode::NOT_FOUND, "{ledger:?}");
         held.late.notify_one();
         // The command lands; the ledger still counts it.
-        let stored = tokio::time::timeout(Duration::from_secs(10), async {
-            loop {
-                let got = shop
-                    .request(Method::GET, "/v1/cache/k")
-                    .send()
-                    .await
-                    .unwrap();
-                if got.status() == StatusCode::OK {
-                    return got.bytes().await.unwrap();
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await; // poll loop
-            }
-        })
-        .await
-        .expect("the late write never landed");
-        assert_eq!(stored.as_ref(), b"a larger new value");
+        tokio::time::timeout(Duration::from_secs(10), held.landed.notified())
+            .await
+            .expect("the late write never landed");
+        let stored = shop
+            .request(Method::GET, "/v1/cache/k")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(stored.status(), StatusCode::OK, "{ledger:?}");
+        assert_eq!(
+            stored.bytes().await.unwrap().as_ref(),
+            b"a larger new value"
+        );
         assert_eq!(counted(&server.base).await, (1, 19), "{ledger:?}");
     }
 }
