@@ -6,15 +6,19 @@
 mod common;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::{Calls, Fixture, loader};
 use tierstack::core::Store;
+use tierstack::core::clock::{Clock, ManualClock, Timestamp};
 use tierstack::core::envelope::Envelope;
 use tierstack::{
     BincodeCodec, CacheEvent, EntryOptions, FailSafe, Fetched, LoadError, Loaded, Skips, Source,
     StaleReason, TieredCache,
 };
+use tokio::sync::Notify;
 
 const TTL: Duration = Duration::from_secs(10);
 const MAX_STALE: Duration = Duration::from_secs(3600);
@@ -1490,5 +1494,72 @@ async fn a_plain_read_may_return_an_l2_failure_instead_of_a_miss() {
         cache.get_with("cached", &strict).await.unwrap().as_deref(),
         Some("v"),
         "L1 answers without asking the L2"
+    );
+}
+
+/// A manual clock whose next reading, once armed, stops the thread that reads it until the
+/// test lets it go: a task preempted at a chosen point. It calls itself the system clock so
+/// that L1 reads do not read it (its time moves by hand, far from any real deadline).
+#[derive(Debug)]
+struct PausingClock {
+    time: ManualClock,
+    armed: AtomicBool,
+    reached: Notify,
+    resume: Mutex<std::sync::mpsc::Receiver<()>>,
+}
+
+impl Clock for PausingClock {
+    fn now(&self) -> Timestamp {
+        if self.armed.swap(false, Ordering::SeqCst) {
+            self.reached.notify_one();
+            let _ = self.resume.lock().unwrap().recv();
+        }
+        self.time.now()
+    }
+
+    fn is_system_clock(&self) -> bool {
+        true
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delete_between_a_hit_and_its_eager_refresh_is_not_undone() {
+    let fx = Fixture::new();
+    let (resume, paused) = std::sync::mpsc::channel();
+    let clock = Arc::new(PausingClock {
+        time: fx.clock.clone(),
+        armed: AtomicBool::new(false),
+        reached: Notify::new(),
+        resume: Mutex::new(paused),
+    });
+    let cache = Arc::new(fx.builder("test").clock(clock.clone()).build().unwrap());
+    let calls = Calls::default();
+    let options = EntryOptions::default()
+        .with_ttl(TTL)
+        .with_eager_refresh(0.5);
+    fetch(&cache, &options, loader(&calls, "v1")).await.unwrap();
+    fx.clock.advance(Duration::from_secs(6));
+
+    // The hit reads v1 from L1, due for a refresh, and stops at its clock reading; the key is
+    // deleted meanwhile.
+    clock.armed.store(true, Ordering::SeqCst);
+    let hit = tokio::spawn({
+        let (cache, options, calls) = (cache.clone(), options, calls.clone());
+        async move { fetch(&cache, &options, failing(&calls)).await }
+    });
+    clock.reached.notified().await;
+    assert!(cache.delete("k").await.unwrap());
+    resume.send(()).unwrap();
+    assert_eq!(
+        hit.await.unwrap().unwrap().value,
+        "v1",
+        "read before the delete"
+    );
+
+    let after = fetch(&cache, &options, loader(&calls, "v2")).await.unwrap();
+    assert_eq!(
+        (after.value.as_str(), after.source),
+        ("v2", Source::Loader),
+        "the hit's refresh put the deleted value back in L1"
     );
 }

@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use tierstack_core::clock::Timestamp;
 use tierstack_core::{CacheError, Codec};
 use tokio::runtime::Handle;
 use tokio::time::Instant;
@@ -101,7 +102,7 @@ where
                 Some(value) if serving => {
                     self.recorder.l1_hit(key);
                     if entry.refresh_at.is_some_and(|at| now >= at) {
-                        self.refresh(key, flight, options, &entry, loader);
+                        self.refresh(key, flight, options, now, loader);
                     }
                     return Ok(Some(if entry.stale {
                         Fetched::new_stale(value.clone(), Source::L1)
@@ -165,12 +166,15 @@ where
     /// once. The entry's refresh time is cleared first, so that later hits do not start another
     /// one; the refresh's value comes with its own. (A refresh that caches nothing, or fails,
     /// leaves the value until its TTL without refreshing it early again.)
+    ///
+    /// The entry cleared is the one L1 holds once the key is watched, not the one the hit read:
+    /// a write or delete that landed in between must not be undone by putting that one back.
     fn refresh<F, Fut, E>(
         self: &Arc<Self>,
         key: &str,
         flight: FlightKind,
         options: &EntryOptions,
-        entry: &L1Entry<V>,
+        now: Timestamp,
         loader: F,
     ) where
         F: FnOnce() -> Fut + Send + 'static,
@@ -184,13 +188,19 @@ where
             return;
         }
         let watch = self.freshness.watch(key);
+        let Some(entry) = self
+            .l1_entry(key)
+            .filter(|entry| entry.refresh_at.is_some_and(|at| now >= at))
+        else {
+            return;
+        };
         if let Role::Lead(guard) = self.flights.join_or_lead(key, flight.kind, watch.stamp()) {
             self.recorder.eager_refresh(key);
             self.replace_l1_entry(
                 key,
                 L1Entry {
                     refresh_at: None,
-                    ..entry.clone()
+                    ..entry
                 },
                 &watch,
             );
