@@ -142,6 +142,10 @@ const HEX: &[u8; 16] = b"0123456789ABCDEF";
 
 /// A short, stable fingerprint of a key for logs and traces, which must never show raw keys
 /// (they often hold user ids or emails). FNV-1a, 64 bits, in hex.
+///
+/// It hides a key from a reader of the logs, not from someone who guesses it: the hash is
+/// unkeyed, so a key from a small space (a numeric id, a known email) is found again by
+/// fingerprinting every candidate.
 pub fn fingerprint(key: &str) -> KeyFingerprint {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     for byte in key.bytes() {
