@@ -14,13 +14,15 @@ use std::borrow::Borrow;
 use std::collections::{BTreeSet, HashMap};
 use std::hash::Hash;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde::Serialize;
 use tierstack::core::store::MAX_TTL;
 use tierstack::redis::{
     QuotaDecision, QuotaLedger, QuotaLimits, QuotaTicket, QuotaUsage, QuotaWrite,
 };
+// Tokio's clock: the real one, which tests can pause and move.
+use tokio::time::Instant;
 
 use crate::error::ApiError;
 use crate::tenant::{Limits, TenantName};
@@ -856,8 +858,8 @@ mod tests {
     }
 
     /// As `the_quota_ledger_counts_live_entries_and_bytes_per_subject` on Redis.
-    #[test]
-    fn the_local_ledger_counts_as_the_shared_one() {
+    #[tokio::test(start_paused = true)]
+    async fn the_local_ledger_counts_as_the_shared_one() {
         let book = Alone::new();
         let two = [write("a", 40, MINUTE), write("b", 40, MINUTE)];
         assert_eq!(book.write(&two), QuotaDecision::Admitted(usage(2, 80)));
@@ -888,7 +890,7 @@ mod tests {
         assert_eq!(book.usage(), usage(1, 40));
         book.write(&[write("short", 9, MOMENT)]);
         book.touch("b", MOMENT);
-        std::thread::sleep(Duration::from_millis(5)); // real time: both entries expire
+        tokio::time::advance(Duration::from_millis(5)).await; // both entries expire
         assert_eq!(book.usage(), usage(0, 0));
         book.write(&[write("p/1", 1, MINUTE), write("q", 1, MINUTE)]);
         let ticket = QuotaTicket::new();
@@ -919,8 +921,8 @@ mod tests {
     }
 
     /// As `overlapping_operations_never_count_low` on Redis.
-    #[test]
-    fn overlapping_operations_never_count_low() {
+    #[tokio::test(start_paused = true)]
+    async fn overlapping_operations_never_count_low() {
         let book = Alone::new();
         let (ledger, t) = (&book.ledger, &book.t);
         book.write(&[write("a", 40, MINUTE)]);
@@ -945,7 +947,7 @@ mod tests {
         let (w, d) = (QuotaTicket::new(), [write("d", 3, MINUTE)]);
         let _ = book.reserve(&d, &w);
         ledger.settle(t, &d, &w, true);
-        std::thread::sleep(Duration::from_millis(5)); // real time: past the removal's deadline
+        tokio::time::advance(Duration::from_millis(5)).await; // past the removal's deadline
         ledger.end_removal(t, &keys(&["d"]), &removal, true, false);
         assert_eq!(book.usage(), usage(2, 8));
         book.remove(&["d"]);
@@ -962,7 +964,7 @@ mod tests {
         book.write(&small);
         assert_eq!(book.usage(), usage(2, 6));
         book.touch("c", MOMENT);
-        std::thread::sleep(Duration::from_millis(5)); // real time: past the touched TTL
+        tokio::time::advance(Duration::from_millis(5)).await; // past the touched TTL
         assert_eq!(
             book.usage(),
             usage(1, 5),
@@ -980,12 +982,12 @@ mod tests {
         let (w, brief) = (QuotaTicket::new(), [write("n", 1, brief_ttl)]);
         let _ = book.reserve(&brief, &w);
         ledger.settle(t, &brief, &w, true);
-        std::thread::sleep(Duration::from_millis(80)); // real time: past the brief writes' TTL
+        tokio::time::advance(Duration::from_millis(80)).await; // past the brief writes' TTL
         assert_eq!(book.usage(), usage(3, 7));
         // A touch that never ends leaves the later expiry.
         ledger.begin_touch(t, "a", MINUTE, &QuotaTicket::new(), MINUTE);
         book.touch("a", MOMENT);
-        std::thread::sleep(Duration::from_millis(5)); // real time: past the second touch's TTL
+        tokio::time::advance(Duration::from_millis(5)).await; // past the second touch's TTL
         assert_eq!(book.usage(), usage(3, 7));
     }
 }
