@@ -537,15 +537,16 @@ impl QuotaLedger {
         members: &[S],
         ticket: &QuotaTicket,
     ) -> Result<()> {
-        for chunk in members.chunks(CHUNK) {
-            let mut invocation = self.invocation(&BEGIN_REMOVAL, subject)?;
-            invocation.arg(ticket.as_ref()).arg(millis(self.in_flight));
-            for member in chunk {
-                invocation.arg(member.as_ref());
-            }
-            let _: u8 = self.conn.script("quota begin removal", &invocation).await?;
-        }
-        Ok(())
+        let in_flight = millis(self.in_flight);
+        self.per_member_chunk(
+            &BEGIN_REMOVAL,
+            "quota begin removal",
+            subject,
+            ticket,
+            in_flight,
+            members,
+        )
+        .await
     }
 
     /// Begins a removal of every member of `subject` that starts with `prefix`, a round of
@@ -651,13 +652,37 @@ impl QuotaLedger {
         ticket: &QuotaTicket,
         removed: bool,
     ) -> Result<()> {
+        let removed = u64::from(removed);
+        self.per_member_chunk(
+            &END_REMOVAL,
+            "quota end removal",
+            subject,
+            ticket,
+            removed,
+            members,
+        )
+        .await
+    }
+
+    /// Runs `script` on `members` of `subject` under `ticket`, [`CHUNK`] members a call (a
+    /// script's arguments are all in Redis's memory at once): each call's arguments are the
+    /// ticket, `argument`, then its members.
+    async fn per_member_chunk<S: AsRef<str>>(
+        &self,
+        script: &'static Script,
+        operation: &'static str,
+        subject: &str,
+        ticket: &QuotaTicket,
+        argument: u64,
+        members: &[S],
+    ) -> Result<()> {
         for chunk in members.chunks(CHUNK) {
-            let mut invocation = self.invocation(&END_REMOVAL, subject)?;
-            invocation.arg(ticket.as_ref()).arg(u8::from(removed));
+            let mut invocation = self.invocation(script, subject)?;
+            invocation.arg(ticket.as_ref()).arg(argument);
             for member in chunk {
                 invocation.arg(member.as_ref());
             }
-            let _: u8 = self.conn.script("quota end removal", &invocation).await?;
+            let _: u8 = self.conn.script(operation, &invocation).await?;
         }
         Ok(())
     }

@@ -107,6 +107,85 @@ async fn health_stays_up_while_redis_is_down_and_readiness_says_so() {
     }
 }
 
+/// The remaining time of `key` in milliseconds, as a GET answers it.
+async fn ttl_ms(client: &Client, key: &str) -> u64 {
+    let got = client
+        .request(Method::GET, &format!("/v1/cache/{key}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(got.status(), StatusCode::OK, "{key}");
+    got.headers()["x-ttl-ms"].to_str().unwrap().parse().unwrap()
+}
+
+/// Quotas counted on a Redis of their own: while it is down, what the ledger cannot count is not
+/// made (writes and touches answer 503 and change nothing); reads and deletes go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_an_unreachable_quota_ledger_cannot_count_is_not_made() {
+    let mut ledger = RedisServer::start(&Launch::for_tests(), &[]).unwrap();
+    let ledger_config = tierstack::redis::RedisConfig::from_url(&ledger.url()).unwrap();
+    let server = common::start_with(
+        config(Limits::default()),
+        memory().await,
+        |server| async move {
+            let store = tierstack::redis::RedisStore::connect(&ledger_config)
+                .await
+                .unwrap();
+            server.share_quotas(&store).unwrap()
+        },
+    )
+    .await;
+    let shop = Client::new(&server.base, Some(SHOP_KEY));
+    let put = |key: &'static str, ttl: u64| {
+        shop.request(Method::PUT, &format!("/v1/cache/{key}?ttl={ttl}"))
+            .body("v")
+            .send()
+    };
+    for key in ["k", "other"] {
+        assert_eq!(put(key, 60).await.unwrap().status(), StatusCode::NO_CONTENT);
+    }
+    ledger.kill();
+    assert_eq!(
+        put("new", 60).await.unwrap().status(),
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    assert_eq!(
+        put("k", 6_000).await.unwrap().status(),
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    let touched = shop
+        .request(Method::POST, "/v1/cache/k/touch?ttl=6000")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(touched.status(), StatusCode::SERVICE_UNAVAILABLE);
+    // Nothing changed: `k` keeps its value and its TTL of 60 s, `new` was not written.
+    let ttl = ttl_ms(&shop, "k").await;
+    assert!(ttl <= 60_000, "neither rewritten nor touched: {ttl}");
+    assert_eq!(shop.get("new").await.0, StatusCode::NOT_FOUND);
+    // Deletes are not refused: the records of what they remove count on until their TTL
+    // (too much, never too little).
+    let deleted = shop
+        .request(Method::DELETE, "/v1/cache/k")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), StatusCode::NO_CONTENT);
+    let by_prefix = shop.json(Method::DELETE, "/v1/cache?prefix=other").await;
+    assert_eq!(by_prefix["deleted"], 1, "{by_prefix}");
+    for key in ["k", "other"] {
+        assert_eq!(shop.get(key).await.0, StatusCode::NOT_FOUND, "{key}");
+    }
+    // Back (empty: it keeps nothing on disk), the ledger counts again.
+    ledger.restart();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while put("new", 60).await.unwrap().status() != StatusCode::NO_CONTENT {
+        assert!(tokio::time::Instant::now() < deadline, "writes not back");
+        tokio::time::sleep(Duration::from_millis(50)).await; // poll loop
+    }
+    assert_eq!(shop.get("new").await, (StatusCode::OK, "v".to_owned()));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shutdown_finishes_the_request_in_flight() {
     // Told when the request reaches the routes, its headers read.
