@@ -9,7 +9,7 @@ const WITHOUT_FIRESTORE: &str = "l1_hit,failsafe_outage,eager_refresh,soft_timeo
                                  l2_hit_memory,stampede,l2_hit_redis,get_many_redis,\
                                  write_through_redis,invalidation_lag,mixed_zipf,l2_outage,\
                                  dataset_read,tag_invalidation,session_load,\
-                                 http_cached_get,server_get,envelope_codec";
+                                 http_cached_get,server_get,server_put,envelope_codec";
 const WITH_FIRESTORE: &str = "l2_hit_firestore,get_many_firestore";
 
 /// The benchmark's phases: scenarios, the one server running while they run, and whether the
@@ -79,6 +79,7 @@ pub(crate) fn check() -> Result<(), String> {
         "session_load",
         "http_cached_get",
         "server_get",
+        "server_put",
         "stampede",
         "stampede_redis",
         "stampede_distributed",

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use tierstack::TieredCache;
 use tierstack_http::HttpCacheLayer;
 
-use crate::harness::{Record, Sizes, Workload, head_to_head, records, shuffled};
+use crate::harness::{Record, Sizes, Workload, head_to_head, records, run_round, shuffled};
 
 const TASKS: usize = 16;
 /// Distinct URLs, each a cache hit after the warm-up.
@@ -141,25 +141,9 @@ pub(crate) async fn server_get(sizes: &Sizes) -> Vec<Record> {
             },
         ),
     );
-    let mut config = tierstack_server::ServerConfig::default();
-    config.keys.insert(
-        tierstack_server::KeyHash::of(SERVER_KEY),
-        tierstack_server::TenantName::new("bench").unwrap_or_else(|e| panic!("{e}")),
-    );
-    // No rate limit: the benchmark measures the service, not its refusals.
-    config.default_limits.rate_limit = 0;
-    let backend = tierstack::StoreConfig::Memory {
-        max_bytes: 64 << 20,
-    }
-    .connect()
-    .await
-    .unwrap_or_else(|e| panic!("{e}"));
-    let service = tierstack_server::Server::new(config, backend).unwrap_or_else(|e| panic!("{e}"));
+    let service = bench_server().await;
     let (floor, served) = (serve(floor).await, serve(service.router()).await);
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(SERVER_TASKS)
-        .build()
-        .unwrap_or_else(|e| panic!("{e}"));
+    let client = server_client();
     for i in 0..URLS {
         let put = client
             .put(format!("{served}/v1/cache/item-{i}"))
@@ -174,13 +158,6 @@ pub(crate) async fn server_get(sizes: &Sizes) -> Vec<Record> {
             put.status()
         );
     }
-    let urls = |base: &str| -> Arc<Vec<String>> {
-        Arc::new(
-            (0..URLS)
-                .map(|i| format!("{base}/v1/cache/item-{i}"))
-                .collect(),
-        )
-    };
     let (floor, served) = (
         Arc::new(Get {
             client: client.clone(),
@@ -205,6 +182,128 @@ pub(crate) async fn server_get(sizes: &Sizes) -> Vec<Record> {
     let floor_rate = found.get(1).map_or(f64::NAN, |floor| floor.ops_per_sec);
     found.extend(redis_benchmark_context(floor_rate, sizes));
     found
+}
+
+/// `tierstack-server` on the embedded default with one tenant (`SERVER_KEY`) and no rate
+/// limit: the benchmark measures the service, not its refusals.
+async fn bench_server() -> tierstack_server::Server {
+    let mut config = tierstack_server::ServerConfig::default();
+    config.keys.insert(
+        tierstack_server::KeyHash::of(SERVER_KEY),
+        tierstack_server::TenantName::new("bench").unwrap_or_else(|e| panic!("{e}")),
+    );
+    config.default_limits.rate_limit = 0;
+    let backend = tierstack::StoreConfig::Memory {
+        max_bytes: 64 << 20,
+    }
+    .connect()
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    tierstack_server::Server::new(config, backend).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// The client of the server scenarios: a keep-alive connection per task.
+fn server_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .pool_max_idle_per_host(SERVER_TASKS)
+        .build()
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// The URLs of the server scenarios' keys under `base`.
+fn urls(base: &str) -> Arc<Vec<String>> {
+    Arc::new(
+        (0..URLS)
+            .map(|i| format!("{base}/v1/cache/item-{i}"))
+            .collect(),
+    )
+}
+
+/// A `PUT` of `value` to one of `urls` as the benchmark's tenant; anything but a success
+/// stops the run.
+struct Put {
+    client: reqwest::Client,
+    urls: Arc<Vec<String>>,
+    value: Bytes,
+}
+
+impl Workload for Put {
+    async fn op(&self, i: usize) {
+        let response = self
+            .client
+            .put(&self.urls[i % self.urls.len()])
+            .header("authorization", format!("Bearer {SERVER_KEY}"))
+            .body(self.value.clone())
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("server benchmark PUT failed: {e}"));
+        assert!(
+            response.status().is_success(),
+            "server benchmark PUT: {}",
+            response.status()
+        );
+    }
+}
+
+/// `server_put`: writes of 1 KiB values through `tierstack-server` on the embedded default,
+/// its quotas counted in process and then on Redis (`REDIS_URL`, shared by instances: two
+/// more round trips a write), against an axum handler that stores the body in a `HashMap`
+/// (the HTTP floor); 64 keep-alive connections.
+pub(crate) async fn server_put(sizes: &Sizes) -> Vec<Record> {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    let map: Arc<Mutex<HashMap<String, Bytes>>> = Arc::default();
+    let floor = Router::new().route(
+        "/v1/cache/{key}",
+        axum::routing::put(
+            move |axum::extract::Path(key): axum::extract::Path<String>, body: Bytes| {
+                let map = Arc::clone(&map);
+                async move {
+                    map.lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .insert(key, body);
+                    axum::http::StatusCode::NO_CONTENT
+                }
+            },
+        ),
+    );
+    let redis = crate::redis_scenarios::config("server-put:");
+    let store = tierstack::redis::RedisStore::connect(&redis)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let shared = bench_server()
+        .await
+        .share_quotas(&store)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let local = serve(bench_server().await.router()).await;
+    let (shared, floor) = (serve(shared.router()).await, serve(floor).await);
+    let client = server_client();
+    let value = Bytes::from(vec![b'x'; 1_000]);
+    let put = |base: &str| {
+        Arc::new(Put {
+            client: client.clone(),
+            urls: urls(base),
+            value: value.clone(),
+        })
+    };
+    let systems = [put(&local), put(&shared), put(&floor)];
+    let order = shuffled(URLS);
+    let ops = (sizes.redis_ops / SERVER_TASKS).max(1);
+    let rounds = crate::harness::interleave(systems.len(), sizes.rounds, |system| {
+        let (systems, order) = (&systems, &order);
+        async move { run_round(&systems[system], order, SERVER_TASKS, ops).await }
+    })
+    .await;
+    records(
+        "server_put/64conn",
+        &[
+            "tierstack-server, local quotas",
+            "tierstack-server, quotas on Redis",
+            "axum + HashMap",
+        ],
+        2,
+        &rounds,
+    )
 }
 
 /// For context, Redis itself at the same concurrency: `redis-benchmark` GETs of a 1,000-byte

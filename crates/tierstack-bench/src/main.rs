@@ -203,6 +203,9 @@ async fn server_scenarios(options: &RunOptions, sizes: &Sizes) -> Vec<Record> {
     if options.wants("server_get") {
         records.extend(http_scenarios::server_get(sizes).await);
     }
+    if options.wants("server_put") {
+        records.extend(http_scenarios::server_put(sizes).await);
+    }
     if options.wants("session_load") {
         records.extend(session_scenarios::session_load(sizes).await);
     }
