@@ -709,3 +709,45 @@ async fn concurrent_reservations_never_pass_the_quota() {
     assert_eq!(admitted, 3);
     assert_eq!(ledger.usage("one").await.unwrap().entries, 3);
 }
+
+/// The ledger's keys outlive every record they hold: a longer record lengthens their life, a
+/// shorter one never shortens it.
+#[tokio::test]
+async fn the_ledgers_keys_outlive_their_records() {
+    let server = common::private_redis(&[]);
+    let store = RedisStore::connect(&RedisConfig::from_url(&server.url()).unwrap())
+        .await
+        .unwrap();
+    let ledger = tierstack_redis::QuotaLedger::new(&store, "server").unwrap();
+    // Every key on the (private) server with its remaining time in ms.
+    let pttls = || -> Vec<(String, i64)> {
+        let keys = server.cli(&["--scan"]);
+        let found: Vec<_> = keys
+            .lines()
+            .map(|key| {
+                let pttl = server.cli(&["PTTL", key]).trim().parse().unwrap();
+                (key.to_owned(), pttl)
+            })
+            .collect();
+        assert!(found.len() >= 3, "sizes, expiries and bytes: {found:?}");
+        found
+    };
+    let hour = Duration::from_secs(3600);
+    let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap();
+    write_alone(&ledger, "s", &[write("a", 10, hour)]).await;
+    for (key, pttl) in pttls() {
+        // A second for the test's own slowness.
+        assert!(pttl > ms(hour) - 1_000, "{key}: {pttl}");
+        assert!(pttl <= ms(hour), "{key}: {pttl}");
+    }
+    write_alone(&ledger, "s", &[write("b", 10, 2 * hour)]).await;
+    let after_longer = pttls();
+    for (key, pttl) in &after_longer {
+        assert!(*pttl > ms(2 * hour) - 1_000, "{key}: {pttl}");
+    }
+    write_alone(&ledger, "s", &[write("c", 10, Duration::from_secs(1))]).await;
+    for ((key, before), (_, after)) in after_longer.iter().zip(pttls()) {
+        assert!(after > ms(2 * hour) - 1_000, "{key}: {before} then {after}");
+    }
+    assert_eq!(ledger.usage("s").await.unwrap().entries, 3);
+}
