@@ -245,7 +245,7 @@ impl Workload for Put {
     }
 }
 
-/// `server_put`: writes of 1 KiB values through `tierstack-server` on the embedded default,
+/// `server_put`: writes of 1,000-byte values through `tierstack-server` on the embedded default,
 /// its quotas counted in process and then on Redis (`REDIS_URL`, shared by instances: two
 /// more round trips a write), against an axum handler that stores the body in a `HashMap`
 /// (the HTTP floor); 64 keep-alive connections.
@@ -267,7 +267,9 @@ pub(crate) async fn server_put(sizes: &Sizes) -> Vec<Record> {
             },
         ),
     );
-    let redis = crate::redis_scenarios::config("server-put:");
+    // A slow ledger call must not end the run: a 503 stops it.
+    let redis =
+        crate::redis_scenarios::config("server-put:").response_timeout(Duration::from_secs(10));
     let store = tierstack::redis::RedisStore::connect(&redis)
         .await
         .unwrap_or_else(|e| panic!("{e}"));

@@ -139,6 +139,7 @@ fn run_scenarios(options: &RunOptions) -> Result<Vec<Record>, String> {
                 || r.scenario.starts_with("l2_outage")
                 || r.scenario.starts_with("tag_")
                 || r.scenario.starts_with("session_")
+                || r.scenario.starts_with("server_put")
         }) {
             redis_scenarios::cleanup().await;
         }

@@ -714,40 +714,49 @@ async fn concurrent_reservations_never_pass_the_quota() {
 /// shorter one never shortens it.
 #[tokio::test]
 async fn the_ledgers_keys_outlive_their_records() {
+    use std::collections::BTreeMap;
+    use tokio::time::Instant;
     let server = common::private_redis(&[]);
     let store = RedisStore::connect(&RedisConfig::from_url(&server.url()).unwrap())
         .await
         .unwrap();
     let ledger = tierstack_redis::QuotaLedger::new(&store, "server").unwrap();
-    // Every key on the (private) server with its remaining time in ms.
-    let pttls = || -> Vec<(String, i64)> {
-        let keys = server.cli(&["--scan"]);
-        let found: Vec<_> = keys
+    // The remaining time in ms of each key on the (private) server, by the part of its name
+    // after the subject: exactly the ledger's sizes, expiries and total once writes ended.
+    let pttls = || -> BTreeMap<String, i64> {
+        let found: BTreeMap<_, _> = server
+            .cli(&["--scan"])
             .lines()
             .map(|key| {
                 let pttl = server.cli(&["PTTL", key]).trim().parse().unwrap();
-                (key.to_owned(), pttl)
+                let part = key.rsplit(':').next().unwrap().to_owned();
+                (part, pttl)
             })
             .collect();
-        assert!(found.len() >= 3, "sizes, expiries and bytes: {found:?}");
+        let parts: Vec<_> = found.keys().map(String::as_str).collect();
+        assert_eq!(parts, ["bytes", "expiries", "sizes"], "{found:?}");
         found
     };
+    // Every key lives at least `at_least` minus the time since `since`, and at most `at_most`.
+    let check = |since: Instant, at_least: Duration, at_most: Duration| {
+        let found = pttls();
+        let lower = at_least.saturating_sub(since.elapsed()).as_millis();
+        for (part, pttl) in found {
+            let pttl = u128::try_from(pttl).unwrap_or_else(|_| panic!("{part}: {pttl}"));
+            assert!(
+                pttl >= lower && pttl <= at_most.as_millis(),
+                "{part}: {pttl}"
+            );
+        }
+    };
     let hour = Duration::from_secs(3600);
-    let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap();
+    let started = Instant::now();
     write_alone(&ledger, "s", &[write("a", 10, hour)]).await;
-    for (key, pttl) in pttls() {
-        // A second for the test's own slowness.
-        assert!(pttl > ms(hour) - 1_000, "{key}: {pttl}");
-        assert!(pttl <= ms(hour), "{key}: {pttl}");
-    }
+    check(started, hour, hour);
+    let started = Instant::now();
     write_alone(&ledger, "s", &[write("b", 10, 2 * hour)]).await;
-    let after_longer = pttls();
-    for (key, pttl) in &after_longer {
-        assert!(*pttl > ms(2 * hour) - 1_000, "{key}: {pttl}");
-    }
+    check(started, 2 * hour, 2 * hour);
     write_alone(&ledger, "s", &[write("c", 10, Duration::from_secs(1))]).await;
-    for ((key, before), (_, after)) in after_longer.iter().zip(pttls()) {
-        assert!(after > ms(2 * hour) - 1_000, "{key}: {before} then {after}");
-    }
+    check(started, 2 * hour, 2 * hour);
     assert_eq!(ledger.usage("s").await.unwrap().entries, 3);
 }

@@ -118,8 +118,21 @@ async fn ttl_ms(client: &Client, key: &str) -> u64 {
     got.headers()["x-ttl-ms"].to_str().unwrap().parse().unwrap()
 }
 
-/// Quotas counted on a Redis of their own: while it is down, what the ledger cannot count is not
-/// made (writes and touches answer 503 and change nothing); reads and deletes go on.
+/// What the shop tenant's quota counts: entries and bytes.
+async fn counted(base: &str) -> (u64, u64) {
+    let usage = Client::new(base, Some(ADMIN_KEY))
+        .json(Method::GET, "/v1/admin/tenants/shop/usage")
+        .await;
+    let quota = &usage["quota"];
+    (
+        quota["entries"].as_u64().unwrap(),
+        quota["bytes"].as_u64().unwrap(),
+    )
+}
+
+/// Quotas counted on a Redis of their own: while it cannot be reached, what the ledger cannot
+/// count is not made (writes and touches answer 503 and change nothing); reads and deletes go
+/// on, and what they removed stays counted (too much, never too little).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn what_an_unreachable_quota_ledger_cannot_count_is_not_made() {
     let mut ledger = RedisServer::start(&Launch::for_tests(), &[]).unwrap();
@@ -136,54 +149,87 @@ async fn what_an_unreachable_quota_ledger_cannot_count_is_not_made() {
     )
     .await;
     let shop = Client::new(&server.base, Some(SHOP_KEY));
-    let put = |key: &'static str, ttl: u64| {
+    let put = |key: &'static str, value: &'static str, ttl: u64| {
         shop.request(Method::PUT, &format!("/v1/cache/{key}?ttl={ttl}"))
-            .body("v")
+            .body(value)
             .send()
     };
-    for key in ["k", "other"] {
-        assert_eq!(put(key, 60).await.unwrap().status(), StatusCode::NO_CONTENT);
+    let refused = async |response: reqwest::Response| {
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(Client::code(response).await, "unavailable");
+    };
+    for key in ["k", "gone", "gone-too"] {
+        assert_eq!(
+            put(key, "v", 60).await.unwrap().status(),
+            StatusCode::NO_CONTENT
+        );
     }
-    ledger.kill();
-    assert_eq!(
-        put("new", 60).await.unwrap().status(),
-        StatusCode::SERVICE_UNAVAILABLE
-    );
-    assert_eq!(
-        put("k", 6_000).await.unwrap().status(),
-        StatusCode::SERVICE_UNAVAILABLE
-    );
-    let touched = shop
-        .request(Method::POST, "/v1/cache/k/touch?ttl=6000")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(touched.status(), StatusCode::SERVICE_UNAVAILABLE);
-    // Nothing changed: `k` keeps its value and its TTL of 60 s, `new` was not written.
+    // An entry's bytes are its key's and its value's.
+    assert_eq!(counted(&server.base).await, (3, 16));
+
+    // The ledger's Redis up, keeping what it counted, but refusing this server (a password).
+    ledger.cli(&["CONFIG", "SET", "requirepass", "ledger-password"]);
+    let auth = ["-a", "ledger-password", "--no-auth-warning"];
+    ledger.cli(&[&auth[..], &["CLIENT", "KILL", "TYPE", "normal"]].concat());
+    refused(put("new", "v", 60).await.unwrap()).await;
+    refused(put("k", "v2", 6_000).await.unwrap()).await;
+    refused(
+        shop.request(Method::POST, "/v1/cache/k/touch?ttl=6000")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(shop.get("k").await, (StatusCode::OK, "v".to_owned()));
     let ttl = ttl_ms(&shop, "k").await;
     assert!(ttl <= 60_000, "neither rewritten nor touched: {ttl}");
     assert_eq!(shop.get("new").await.0, StatusCode::NOT_FOUND);
-    // Deletes are not refused: the records of what they remove count on until their TTL
-    // (too much, never too little).
+    let deleted = shop
+        .request(Method::DELETE, "/v1/cache/gone")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), StatusCode::NO_CONTENT);
+    assert_eq!(shop.get("gone").await.0, StatusCode::NOT_FOUND);
+    ledger.cli(&[&auth[..], &["CONFIG", "SET", "requirepass", ""]].concat());
+    // Reachable again, the ledger still counts the deleted entry, until its TTL.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let usage = Client::new(&server.base, Some(ADMIN_KEY))
+            .request(Method::GET, "/v1/admin/tenants/shop/usage")
+            .send()
+            .await
+            .unwrap();
+        if usage.status() == StatusCode::OK {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "ledger not back");
+        tokio::time::sleep(Duration::from_millis(50)).await; // poll loop
+    }
+    assert_eq!(counted(&server.base).await, (3, 16));
+
+    // The ledger's Redis gone.
+    ledger.kill();
+    refused(put("new", "v", 60).await.unwrap()).await;
+    let by_prefix = shop.json(Method::DELETE, "/v1/cache?prefix=gone-").await;
+    assert_eq!(by_prefix["deleted"], 1, "{by_prefix}");
     let deleted = shop
         .request(Method::DELETE, "/v1/cache/k")
         .send()
         .await
         .unwrap();
     assert_eq!(deleted.status(), StatusCode::NO_CONTENT);
-    let by_prefix = shop.json(Method::DELETE, "/v1/cache?prefix=other").await;
-    assert_eq!(by_prefix["deleted"], 1, "{by_prefix}");
-    for key in ["k", "other"] {
-        assert_eq!(shop.get(key).await.0, StatusCode::NOT_FOUND, "{key}");
-    }
-    // Back (empty: it keeps nothing on disk), the ledger counts again.
+    // Back empty (it keeps nothing on disk), the ledger counts again; exactly here, since
+    // every entry was deleted while it was away (a ledger that loses what it counted while
+    // entries stay counts them low: see docs/server.md).
     ledger.restart();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while put("new", 60).await.unwrap().status() != StatusCode::NO_CONTENT {
+    while put("new", "v", 60).await.unwrap().status() != StatusCode::NO_CONTENT {
         assert!(tokio::time::Instant::now() < deadline, "writes not back");
         tokio::time::sleep(Duration::from_millis(50)).await; // poll loop
     }
     assert_eq!(shop.get("new").await, (StatusCode::OK, "v".to_owned()));
+    assert_eq!(counted(&server.base).await, (1, 4));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
