@@ -295,7 +295,20 @@ async fn secrets_never_reach_the_logs() {
         tierstack_server::KeyHash::of(SENTINEL_KEY),
         tierstack_server::TenantName::new("sentinel").unwrap(),
     );
-    let server = start(config, redis_backend(&redis, Some(REDIS_PASSWORD)).await).await;
+    // As the binary runs on Redis: quotas and rate limits counted there too.
+    let url = format!("redis://:{REDIS_PASSWORD}@127.0.0.1:{}/", redis.port());
+    let backend = redis_backend(&redis, Some(REDIS_PASSWORD)).await;
+    let server = common::start_with(config, backend, |server| async move {
+        let counting = tierstack::redis::RedisConfig::from_url(&url).unwrap();
+        let counting = tierstack::redis::RedisStore::connect(&counting)
+            .await
+            .unwrap();
+        server
+            .share_quotas(&counting)
+            .unwrap()
+            .share_rate_limits(counting)
+    })
+    .await;
     let tenant = Client::new(&server.base, Some(SENTINEL_KEY));
     assert_eq!(tenant.put("k", "value").await, StatusCode::NO_CONTENT);
     let wrong = Client::new(&server.base, Some(&format!("{SENTINEL_KEY}-wrong")));
@@ -331,6 +344,10 @@ async fn secrets_never_reach_the_logs() {
     assert!(
         logs.contains("API key created"),
         "the logs were captured: {logs}"
+    );
+    assert!(
+        logs.contains("the quota ledger is unavailable"),
+        "the ledger's failure was logged: {logs}"
     );
     for secret in [
         REDIS_PASSWORD,
