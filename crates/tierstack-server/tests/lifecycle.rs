@@ -8,7 +8,7 @@ use std::io::Write as _;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use common::{ADMIN_KEY, Client, SHOP_KEY, config, memory, start, start_router};
+use common::{ADMIN_KEY, Client, SHOP_KEY, config, counted, memory, start, start_router};
 use reqwest::{Method, StatusCode};
 use tierstack::StoreConfig;
 use tierstack_server::{Limits, Server};
@@ -116,18 +116,6 @@ async fn ttl_ms(client: &Client, key: &str) -> u64 {
         .unwrap();
     assert_eq!(got.status(), StatusCode::OK, "{key}");
     got.headers()["x-ttl-ms"].to_str().unwrap().parse().unwrap()
-}
-
-/// What the shop tenant's quota counts: entries and bytes.
-async fn counted(base: &str) -> (u64, u64) {
-    let usage = Client::new(base, Some(ADMIN_KEY))
-        .json(Method::GET, "/v1/admin/tenants/shop/usage")
-        .await;
-    let quota = &usage["quota"];
-    (
-        quota["entries"].as_u64().unwrap(),
-        quota["bytes"].as_u64().unwrap(),
-    )
 }
 
 /// Quotas counted on a Redis of their own: while it cannot be reached, what the ledger cannot

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use common::{ADMIN_KEY, Client, SHOP_KEY, config, memory};
+use common::{Client, SHOP_KEY, config, counted, memory};
 use reqwest::{Method, StatusCode};
 use tierstack::StoreConfig;
 use tierstack::core::{CacheError, Result, Store};
@@ -255,18 +255,6 @@ fn remove_if_current(base: &str, key: &str, current: &str) -> tokio::task::JoinH
             .unwrap()
             .status()
     })
-}
-
-/// The shop tenant's (entries, bytes) as its quota counts them.
-async fn counted(base: &str) -> (u64, u64) {
-    let usage = Client::new(base, Some(ADMIN_KEY))
-        .json(Method::GET, "/v1/admin/tenants/shop/usage")
-        .await;
-    let quota = &usage["quota"];
-    (
-        quota["entries"].as_u64().unwrap(),
-        quota["bytes"].as_u64().unwrap(),
-    )
 }
 
 /// A write of the key landing while a compare-and-set removal runs, after the removal reached

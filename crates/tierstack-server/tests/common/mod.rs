@@ -41,6 +41,18 @@ impl Running {
     }
 }
 
+/// What the shop tenant's quota counts, as the admin API answers it: entries and bytes.
+pub async fn counted(base: &str) -> (u64, u64) {
+    let usage = Client::new(base, Some(ADMIN_KEY))
+        .json(reqwest::Method::GET, "/v1/admin/tenants/shop/usage")
+        .await;
+    let quota = &usage["quota"];
+    (
+        quota["entries"].as_u64().unwrap(),
+        quota["bytes"].as_u64().unwrap(),
+    )
+}
+
 /// The embedded default: the in-process store.
 pub async fn memory() -> Backend {
     tierstack::StoreConfig::Memory {
