@@ -224,6 +224,7 @@ fn urls(base: &str) -> Arc<Vec<String>> {
 struct Put {
     client: reqwest::Client,
     urls: Arc<Vec<String>>,
+    authorization: String,
     value: Bytes,
 }
 
@@ -232,7 +233,7 @@ impl Workload for Put {
         let response = self
             .client
             .put(&self.urls[i % self.urls.len()])
-            .header("authorization", format!("Bearer {SERVER_KEY}"))
+            .header("authorization", &self.authorization)
             .body(self.value.clone())
             .send()
             .await
@@ -285,6 +286,7 @@ pub(crate) async fn server_put(sizes: &Sizes) -> Vec<Record> {
         Arc::new(Put {
             client: client.clone(),
             urls: urls(base),
+            authorization: format!("Bearer {SERVER_KEY}"),
             value: value.clone(),
         })
     };
