@@ -409,15 +409,14 @@ where
         to_l1: bool,
         with_ttl: bool,
     ) -> Result<Option<(Option<V>, Duration)>> {
-        let snapshot = self.freshness.snapshot(key);
         let to_l1 = to_l1 && self.l1.is_some();
+        // Taken before the read, for the fill only: a read that fills no L1 hashes no key.
+        let snapshot = to_l1.then(|| self.freshness.snapshot(key));
         match self.read_l2(key, deadline, to_l1 || with_ttl).await? {
             L2Read::Hit { value, life, .. } if !life.stale => {
                 self.recorder.l2_hit(key);
-                if to_l1 {
-                    self.fill_l1(key, value.clone(), &life, || {
-                        self.freshness.is_current(snapshot)
-                    });
+                if let Some(snapshot) = snapshot {
+                    self.fill_l1_since(key, value.clone(), &life, snapshot);
                 }
                 Ok(Some((value, life.fresh)))
             }
