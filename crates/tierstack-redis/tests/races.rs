@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::private_redis;
+use common::{Partition, RedisServer, private_redis};
 use tierstack::TieredCache;
 use tierstack_redis::{RedisBackplane, RedisConfig, RedisStore};
 
@@ -36,16 +36,22 @@ impl Rng {
 }
 
 /// Three instances: two on a store and a backplane of their own, one on a store paired with its
-/// backplane. A short L2 timeout keeps calls during the outage short.
-async fn instances(config: &RedisConfig) -> Vec<TieredCache<String>> {
+/// backplane; the first reaches Redis through `first`, the others through `others`. Short
+/// timeouts keep calls during a fault short.
+async fn instances(first: &RedisConfig, others: &RedisConfig) -> Vec<TieredCache<String>> {
     let mut caches = Vec::new();
-    for paired in [false, false, true] {
+    for (config, paired) in [(first, false), (others, false), (others, true)] {
+        let config = config
+            .clone()
+            .connect_timeout(Duration::from_millis(250))
+            .response_timeout(Duration::from_millis(250))
+            .backplane_ping_interval(Some(Duration::from_millis(200)));
         let (store, backplane) = if paired {
-            RedisStore::connect_with_backplane(config).await.unwrap()
+            RedisStore::connect_with_backplane(&config).await.unwrap()
         } else {
             (
-                RedisStore::connect(config).await.unwrap(),
-                RedisBackplane::connect(config).await.unwrap(),
+                RedisStore::connect(&config).await.unwrap(),
+                RedisBackplane::connect(&config).await.unwrap(),
             )
         };
         caches.push(
@@ -119,13 +125,23 @@ async fn all_agree_with_redis(
     Ok(())
 }
 
+/// What goes wrong under the racing calls.
+enum Fault {
+    /// The server is killed and restarted on its port; `args` are its extra arguments.
+    Restart { args: Vec<String> },
+    /// The first instance's link to the server goes silent, closing nothing, then comes back;
+    /// with `forget`, the connections it had stay silent for good (a NAT that lost their
+    /// state) and only new ones pass.
+    Partition { forget: bool },
+}
+
 /// Sixteen tasks race writes, deletes, read-through loads and reads of 512 keys over three
 /// instances, while the server is killed and restarted under them, empty. Once the calls stop,
 /// every instance serves what Redis holds, for every key, without waiting out a TTL: no L1 keeps
 /// a value that a write or a delete during the outage, or the data the restart lost, made stale.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn instances_racing_through_a_restart_agree_with_redis_once_the_calls_stop() {
-    race_through_a_restart(&[]).await;
+    race_through(Fault::Restart { args: Vec::new() }).await;
 }
 
 /// The same with a server that keeps every acknowledged write on disk (`appendfsync always`)
@@ -142,28 +158,49 @@ async fn instances_racing_through_a_restart_with_its_data_agree_with_redis() {
             .as_nanos()
     ));
     std::fs::create_dir_all(&dir).unwrap();
-    let dir_arg = dir.to_string_lossy().into_owned();
-    race_through_a_restart(&[
-        "--dir",
-        &dir_arg,
-        "--appendonly",
-        "yes",
-        "--appendfsync",
-        "always",
-    ])
-    .await;
+    let args = ["--dir", &dir.to_string_lossy(), "--appendonly", "yes"]
+        .into_iter()
+        .chain(["--appendfsync", "always"])
+        .map(str::to_owned)
+        .collect();
+    race_through(Fault::Restart { args }).await;
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-async fn race_through_a_restart(server_args: &[&str]) {
-    let mut server = private_redis(server_args);
-    let config = RedisConfig::from_url(&server.url())
-        .unwrap()
-        .response_timeout(Duration::from_millis(250));
-    let caches = Arc::new(instances(&config).await);
+/// The same while one instance is cut off from Redis by a partition that sends no reset, and
+/// the others go on writing: the cut-off instance misses their invalidations, and must not
+/// serve what it held once the link is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_racing_through_a_silent_partition_agrees_with_redis_once_the_calls_stop() {
+    race_through(Fault::Partition { forget: false }).await;
+}
+
+/// The same when the partition's end leaves the cut-off instance's connections silent for
+/// good: it must find them dead and connect again, on its store and on its backplane.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_whose_connections_were_forgotten_agrees_with_redis_once_the_calls_stop() {
+    race_through(Fault::Partition { forget: true }).await;
+}
+
+async fn race_through(fault: Fault) {
+    let args = match &fault {
+        Fault::Restart { args } => args.iter().map(String::as_str).collect(),
+        Fault::Partition { .. } => Vec::new(),
+    };
+    let mut server: RedisServer = private_redis(&args);
+    let direct = RedisConfig::from_url(&server.url()).unwrap();
+    let partition = match fault {
+        Fault::Partition { .. } => Some(Partition::start(server.port()).await),
+        Fault::Restart { .. } => None,
+    };
+    let first = match &partition {
+        Some(partition) => RedisConfig::from_url(&partition.url()).unwrap(),
+        None => direct.clone(),
+    };
+    let caches = Arc::new(instances(&first, &direct).await);
     let redis = TieredCache::<String>::builder("svc")
         .without_l1()
-        .l2(Arc::new(RedisStore::connect(&config).await.unwrap()))
+        .l2(Arc::new(RedisStore::connect(&direct).await.unwrap()))
         .build()
         .unwrap();
     let stop = Arc::new(AtomicBool::new(false));
@@ -179,13 +216,24 @@ async fn race_through_a_restart(server_args: &[&str]) {
         })
         .collect();
 
-    // real time: the calls race against a live server, a dead one, then a restarted one.
+    // real time: the calls race against a sound server, through the fault, and after it.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    server.kill();
-    // real time: down for longer than the L2 timeout and the driver's reconnect attempts.
+    match (&fault, &partition) {
+        (Fault::Partition { .. }, Some(partition)) => partition.freeze(),
+        _ => server.kill(),
+    }
+    // real time: longer than the timeouts, the pings and the driver's reconnect attempts.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    server.restart();
-    // real time: calls go on against the restarted server, briefly.
+    match (&fault, &partition) {
+        (Fault::Partition { forget }, Some(partition)) => {
+            if *forget {
+                partition.forget_open_connections();
+            }
+            partition.thaw();
+        }
+        _ => server.restart(),
+    }
+    // real time: calls go on after the fault, briefly.
     tokio::time::sleep(Duration::from_millis(200)).await;
     stop.store(true, Ordering::SeqCst);
     let (mut calls, mut failed) = (0, 0);
@@ -196,11 +244,11 @@ async fn race_through_a_restart(server_args: &[&str]) {
     }
     assert!(
         failed > 0,
-        "no call failed in {calls}: the outage was not seen"
+        "no call failed in {calls}: the fault was not seen"
     );
     assert!(
         failed < calls,
-        "every one of {calls} calls failed: no race ran against a live server"
+        "every one of {calls} calls failed: no race ran against a sound server"
     );
 
     let deadline = Instant::now() + Duration::from_secs(10);

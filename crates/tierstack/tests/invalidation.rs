@@ -5,6 +5,7 @@
 mod common;
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::Fixture;
@@ -328,6 +329,74 @@ async fn a_failed_publish_is_tried_again() {
     writer.set("k", "v2".into()).await.unwrap();
     assert_eq!(writer.stats().publish_errors, 1, "the first publish failed");
     eventually(async || reader.get("k").await.unwrap() == Some("v2".into())).await;
+}
+
+/// A backplane member that refuses its first `refusals` publishes: a backplane cut off for
+/// longer than a publish and its one retry.
+#[derive(Debug)]
+struct RefusesPublishes {
+    inner: tierstack::core::testkit::MemoryBackplane,
+    refusals: std::sync::atomic::AtomicU32,
+}
+
+#[async_trait::async_trait]
+impl tierstack::core::Backplane for RefusesPublishes {
+    async fn publish(
+        &self,
+        namespace: &str,
+        invalidation: &tierstack::core::backplane::Invalidation,
+    ) -> tierstack::core::Result<()> {
+        let refused = self
+            .refusals
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |left| {
+                left.checked_sub(1)
+            })
+            .is_ok();
+        if refused {
+            return Err(tierstack::core::CacheError::backend(
+                "publish", true, "refused",
+            ));
+        }
+        self.inner.publish(namespace, invalidation).await
+    }
+
+    fn subscribe(&self) -> tierstack::core::backplane::Subscription {
+        self.inner.subscribe()
+    }
+}
+
+/// A publish that fails, and fails again when tried once more, is held and sent until the
+/// backplane takes it, without a breaker and without another write: the others hear of the
+/// write once the backplane is back. (After the second failure it used to be dropped, and
+/// the others served the old value until it expired.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_that_fails_twice_is_sent_once_the_backplane_is_back() {
+    let l2 = Arc::new(MemoryStore::new());
+    let bus = MemoryBus::new();
+    let writer = TieredCache::<String>::builder("shared")
+        .l2(l2.clone())
+        .backplane(Arc::new(RefusesPublishes {
+            inner: bus.backplane(),
+            refusals: 5.into(),
+        }))
+        .l2_timeout(Duration::from_millis(20))
+        .build()
+        .unwrap();
+    let reader = TieredCache::<String>::builder("shared")
+        .l2(l2.clone())
+        .backplane(Arc::new(bus.backplane()))
+        .default_ttl(Duration::from_hours(1))
+        .build()
+        .unwrap();
+    reader.set("k", "v1".into()).await.unwrap();
+    assert_eq!(reader.get("k").await.unwrap(), Some("v1".into()), "in L1");
+    writer.set("k", "v2".into()).await.unwrap();
+    eventually(async || reader.get("k").await.unwrap() == Some("v2".into())).await;
+    assert_eq!(
+        writer.stats().publish_errors,
+        5,
+        "every refusal was counted"
+    );
 }
 
 /// A `set` whose caller gives up while its invalidation is being published has written L2: the

@@ -1,9 +1,13 @@
-//! Publishing invalidations: by the operation's deadline, retried once later when it fails, and
-//! with a backplane circuit breaker, held while the breaker is open and sent once it closes.
+//! Publishing invalidations: by the operation's deadline, and tried once more later when it
+//! fails; one that fails again is held and sent once the backplane answers. With a backplane
+//! circuit breaker, invalidations are also held while the breaker is open, and sent once it
+//! closes.
 //!
 //! A held invalidation is kept in a bounded set (keys, prefixes, or "everything" once the set is
 //! full), not in a task per publish: an outage of the backplane costs neither a task nor a
-//! timeout per write, and the other instances still hear of every change afterwards.
+//! timeout per write, and the other instances still hear of every change afterwards (an
+//! instance cut off from Redis for longer than two L2 timeouts used to drop what it could not
+//! publish, and the others kept their copies until they expired).
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -15,7 +19,7 @@ use tierstack_core::{CacheError, Codec};
 use tokio::time::Instant;
 
 use super::Inner;
-use crate::breaker::{Admission, CircuitState, Outcome, ProbeGuard};
+use crate::breaker::{Admission, Breaker, CircuitState, Outcome, ProbeGuard};
 use crate::stats::Guarded;
 
 /// The most keys held while the backplane's breaker is open; past it, everything is.
@@ -31,11 +35,12 @@ pub(super) enum Published {
     Sent,
     /// It failed (counted and logged).
     Failed,
-    /// The backplane's breaker is open: held, and sent once it closes.
+    /// Held, and sent later: the backplane's breaker is open.
     Held,
 }
 
-/// The invalidations held while the backplane's breaker is open.
+/// The invalidations held until the backplane takes them: while its breaker is open, and those
+/// that failed twice.
 #[derive(Debug, Default)]
 pub(super) struct Held {
     state: Mutex<HeldState>,
@@ -169,7 +174,8 @@ where
     /// L2 call took it all, and may still land), the publish goes on in a detached task,
     /// bounded by the L2 timeout: the caller returns on time and the others still evict. A
     /// publish that fails is tried once more an L2 timeout later, in a detached task: the write
-    /// stands, and the others must hear of it. One the breaker holds is sent when it closes.
+    /// stands, and the others must hear of it. One that fails again is held until the backplane
+    /// takes it; one the breaker holds is sent when it closes.
     pub(super) async fn publish(self: &Arc<Self>, invalidation: Invalidation, deadline: Instant) {
         if self.backplane.is_none() {
             return;
@@ -189,8 +195,8 @@ where
     }
 
     /// One L2 timeout from now, in a detached task: evicts the keys of `invalidation` here
-    /// again and publishes it again. Serves a write of unknown fate (it may land late, after
-    /// someone re-read the old value) and a publish that failed.
+    /// again and publishes it again, holding it if that fails too. Serves a write of unknown
+    /// fate (it may land late, after someone re-read the old value) and a publish that failed.
     pub(super) fn invalidate_again_later(self: &Arc<Self>, invalidation: Invalidation) {
         self.detach(|this| async move {
             tokio::time::sleep(this.settings.l2_timeout).await;
@@ -200,7 +206,9 @@ where
                 }
             }
             let deadline = this.deadline();
-            this.publish_by(&invalidation, deadline).await;
+            if this.publish_by(&invalidation, deadline).await == Published::Failed {
+                this.hold(&invalidation);
+            }
         });
     }
 
@@ -279,24 +287,24 @@ where
         }
     }
 
-    /// Holds `invalidation` while the backplane's breaker is open. The first one held starts
-    /// a task that, once the breaker lets a probe through, sends what is held (the first
-    /// message being the probe), and again every `open_for` until nothing is: a cache that
-    /// publishes nothing more still gets its held invalidations out.
+    /// Holds `invalidation` until the backplane takes it. The first one held starts a task
+    /// that sends what is held every `open_for` of the breaker (once it lets a probe through,
+    /// the first message being the probe), or every L2 timeout without one, until nothing is:
+    /// a cache that publishes nothing more still gets its held invalidations out.
     fn hold(self: &Arc<Self>, invalidation: &Invalidation) {
         if !self.held.hold(invalidation) {
             return;
         }
-        let (Ok(runtime), Some(breaker)) = (
-            tokio::runtime::Handle::try_current(),
-            &self.backplane_breaker,
-        ) else {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             // Nowhere to send from: sent when a publish closes the breaker, and the next one
             // held starts a task.
             self.held.sender_gone();
             return;
         };
-        let every = breaker.open_for();
+        let every = self
+            .backplane_breaker
+            .as_ref()
+            .map_or(self.settings.l2_timeout, Breaker::open_for);
         let cache = Arc::downgrade(self);
         let mut sender = SenderTask {
             held: Arc::clone(&self.held),
@@ -314,8 +322,7 @@ where
         });
     }
 
-    /// Sends the invalidations held while the backplane's breaker was open, in a task of its
-    /// own; what fails to go out is held again (the breaker may open again meanwhile).
+    /// Sends the invalidations held, in a task of its own; what fails to go out is held again.
     fn release_held(self: &Arc<Self>) {
         if self.held.is_empty() {
             return;
@@ -335,11 +342,17 @@ where
             return;
         }
         tracing::info!(cache = %self.namespace, messages = held.len(), "sending invalidations held while the backplane was down");
-        for invalidation in held {
+        let mut held = held.into_iter();
+        while let Some(invalidation) = held.next() {
             let deadline = self.deadline();
             if self.publish_by(&invalidation, deadline).await == Published::Failed {
-                // Tried once more later (held again if the breaker opened meanwhile).
-                self.invalidate_again_later(invalidation);
+                // The backplane is not answering: this one and the rest wait for the next
+                // round of the sending task, rather than a timeout each now.
+                self.hold(&invalidation);
+                for rest in held {
+                    self.hold(&rest);
+                }
+                return;
             }
         }
     }
@@ -347,7 +360,7 @@ where
     fn publish_failed(&self, error: &CacheError) {
         self.recorder.publish_error();
         if let Some(suppressed) = self.l2_failures.should_log() {
-            tracing::warn!(cache = %self.namespace, error = %error, suppressed, "invalidation not published; other instances keep their L1 copy until it expires");
+            tracing::warn!(cache = %self.namespace, error = %error, suppressed, "invalidation not published; it is sent again until the backplane takes it");
         }
     }
 }
