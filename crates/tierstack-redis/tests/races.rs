@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use common::{Partition, RedisServer, private_redis};
-use tierstack::TieredCache;
+use tierstack::{CircuitBreaker, EntryOptions, FailSafe, TieredCache, WriteRecovery};
 use tierstack_redis::{RedisBackplane, RedisConfig, RedisStore};
 
 /// Enough keys that the calls after the restart leave most of them alone: what an instance
@@ -35,10 +35,24 @@ impl Rng {
     }
 }
 
+/// How the instances are configured.
+#[derive(Clone, Copy)]
+enum Policies {
+    /// The defaults.
+    Plain,
+    /// What a service that must ride out outages turns on: circuit breakers on L2 and on the
+    /// backplane, fail-safe, and write recovery (writes that fail are kept and replayed).
+    Resilient,
+}
+
 /// Three instances: two on a store and a backplane of their own, one on a store paired with its
 /// backplane; the first reaches Redis through `first`, the others through `others`. Short
 /// timeouts keep calls during a fault short.
-async fn instances(first: &RedisConfig, others: &RedisConfig) -> Vec<TieredCache<String>> {
+async fn instances(
+    first: &RedisConfig,
+    others: &RedisConfig,
+    policies: Policies,
+) -> Vec<TieredCache<String>> {
     let mut caches = Vec::new();
     for (config, paired) in [(first, false), (others, false), (others, true)] {
         let config = config
@@ -54,57 +68,147 @@ async fn instances(first: &RedisConfig, others: &RedisConfig) -> Vec<TieredCache
                 RedisBackplane::connect(&config).await.unwrap(),
             )
         };
-        caches.push(
-            TieredCache::builder("svc")
-                .l2(Arc::new(store))
-                .backplane(Arc::new(backplane))
-                .default_ttl(Duration::from_hours(1))
-                .l2_timeout(Duration::from_millis(250))
-                .build()
-                .unwrap(),
-        );
+        let builder = TieredCache::builder("svc")
+            .l2(Arc::new(store))
+            .backplane(Arc::new(backplane))
+            .default_ttl(Duration::from_hours(1))
+            .l2_timeout(Duration::from_millis(250));
+        let builder = match policies {
+            Policies::Plain => builder,
+            Policies::Resilient => builder
+                .l2_circuit_breaker(CircuitBreaker::new(3, Duration::from_millis(300)))
+                .backplane_circuit_breaker(CircuitBreaker::new(3, Duration::from_millis(300)))
+                .write_recovery(
+                    WriteRecovery::new(10_000).with_retry_interval(Duration::from_millis(200)),
+                )
+                .default_options(
+                    EntryOptions::default()
+                        .with_ttl(Duration::from_hours(1))
+                        .with_fail_safe(FailSafe::new(Duration::from_hours(1)))
+                        .with_write_recovery(true),
+                ),
+        };
+        caches.push(builder.build().unwrap());
     }
     caches
 }
 
-/// One task's calls until `stop`: read-through loads (each load answers a value no other load
-/// answers), writes, deletes and plain reads of random keys on random instances. Errors are
-/// expected while the server is down; what counts is where the instances end up. Returns how
-/// many calls it made and how many failed.
-async fn race(
-    caches: Arc<Vec<TieredCache<String>>>,
-    seed: u64,
-    stop: Arc<AtomicBool>,
-    values: Arc<AtomicU64>,
-) -> (u64, u64) {
-    let mut rng = Rng(seed);
-    let (mut calls, mut failed) = (0, 0);
-    while !stop.load(Ordering::SeqCst) && calls < MAX_OPS_PER_TASK {
-        let cache = &caches[rng.below(caches.len())];
-        let key = key(rng.below(KEYS));
-        let value = || format!("v{}", values.fetch_add(1, Ordering::SeqCst));
-        let ok = match rng.below(10) {
-            0..=3 => cache
-                .get_or_load(&key, || async { Ok::<_, Infallible>(value()) })
-                .await
-                .is_ok(),
-            4..=6 => cache.set(&key, value()).await.is_ok(),
-            7 => cache.delete(&key).await.is_ok(),
-            _ => cache.get(&key).await.is_ok(),
-        };
-        calls += 1;
-        if !ok {
-            failed += 1;
+/// The service's own database, which the cache is in front of: loads read a key's row, and a
+/// write changes the row and then the cache, under the row's lock (so that the cache sees each
+/// key's writes in the database's order, as a service that writes through under a row lock
+/// does).
+struct Origin {
+    rows: Vec<tokio::sync::Mutex<Option<String>>>,
+}
+
+impl Origin {
+    fn new() -> Self {
+        Self {
+            rows: (0..KEYS).map(|_| tokio::sync::Mutex::new(None)).collect(),
         }
     }
-    (calls, failed)
+
+    /// What a load of row `i` answers now: its value, or a marker for a row that is absent.
+    async fn load(&self, i: usize) -> String {
+        self.rows[i]
+            .lock()
+            .await
+            .clone()
+            .unwrap_or_else(|| "absent".to_owned())
+    }
+}
+
+/// Where the race is: whether the fault is over, whether to stop, the database, and the
+/// counter that makes every written value unique.
+struct Course {
+    fault_over: AtomicBool,
+    stop: AtomicBool,
+    origin: Origin,
+    values: AtomicU64,
+}
+
+/// What one task's calls came to.
+#[derive(Default)]
+struct Tally {
+    calls: u64,
+    failed: u64,
+    /// Calls that succeeded once the fault was over.
+    ok_after_fault: u64,
+}
+
+/// One task's calls until `stop`: read-through loads from the database, writes and deletes
+/// (the database's row first, then the cache), and plain reads, of random keys on random
+/// instances. Errors are expected during the fault; what counts is where the instances end up.
+async fn race(caches: Arc<Vec<TieredCache<String>>>, seed: u64, course: Arc<Course>) -> Tally {
+    let mut rng = Rng(seed);
+    let mut tally = Tally::default();
+    while !course.stop.load(Ordering::SeqCst) && tally.calls < MAX_OPS_PER_TASK {
+        let after_fault = course.fault_over.load(Ordering::SeqCst);
+        let cache = &caches[rng.below(caches.len())];
+        let i = rng.below(KEYS);
+        let key = key(i);
+        let ok = match rng.below(10) {
+            0..=3 => cache
+                .get_or_load(&key, || async {
+                    Ok::<_, Infallible>(course.origin.load(i).await)
+                })
+                .await
+                .is_ok(),
+            4..=6 => {
+                let mut row = course.origin.rows[i].lock().await;
+                let value = format!("v{}", course.values.fetch_add(1, Ordering::SeqCst));
+                *row = Some(value.clone());
+                cache.set(&key, value).await.is_ok()
+            }
+            7 => {
+                let mut row = course.origin.rows[i].lock().await;
+                *row = None;
+                cache.delete(&key).await.is_ok()
+            }
+            _ => cache.get(&key).await.is_ok(),
+        };
+        tally.calls += 1;
+        if !ok {
+            tally.failed += 1;
+        } else if after_fault {
+            tally.ok_after_fault += 1;
+        }
+    }
+    tally
+}
+
+/// A directory of the test's own, removed when dropped (the test failing too).
+struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    fn new() -> Self {
+        let dir = std::env::temp_dir().join(format!(
+            "tierstack-races-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// Whether every instance serves, for every key, what Redis holds under it (read by an
-/// instance without L1 that returns L2 errors rather than reading them as misses).
-async fn all_agree_with_redis(
+/// instance without L1 that returns L2 errors rather than reading them as misses) or what the
+/// database holds: an instance may keep a value it loaded while Redis was out of reach, but
+/// nothing a write or a delete has replaced since.
+async fn none_serves_a_replaced_value(
     caches: &[TieredCache<String>],
     redis: &TieredCache<String>,
+    origin: &Origin,
 ) -> Result<(), String> {
     let strict = redis.default_options().with_l2_errors_returned(true);
     for i in 0..KEYS {
@@ -113,11 +217,13 @@ async fn all_agree_with_redis(
             .get_with(&key, &strict)
             .await
             .map_err(|e| format!("Redis: {e}"))?;
+        let current = Some(origin.load(i).await);
         for (n, cache) in caches.iter().enumerate() {
             let served = cache.get(&key).await.map_err(|e| e.to_string())?;
-            if served != held {
+            if served != held && served != current {
                 return Err(format!(
-                    "instance {n} serves {served:?} for {key}, Redis holds {held:?}"
+                    "instance {n} serves {served:?} for {key}: Redis holds {held:?}, the \
+                     database {current:?}"
                 ));
             }
         }
@@ -141,7 +247,15 @@ enum Fault {
 /// a value that a write or a delete during the outage, or the data the restart lost, made stale.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn instances_racing_through_a_restart_agree_with_redis_once_the_calls_stop() {
-    race_through(Fault::Restart { args: Vec::new() }).await;
+    race_through(Fault::Restart { args: Vec::new() }, Policies::Plain).await;
+}
+
+/// The same with circuit breakers, fail-safe and write recovery on: the writes kept during the
+/// outage are replayed once Redis is back, and the instances still end up serving what Redis
+/// holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resilient_instances_racing_through_a_restart_agree_with_redis_once_the_calls_stop() {
+    race_through(Fault::Restart { args: Vec::new() }, Policies::Resilient).await;
 }
 
 /// The same with a server that keeps every acknowledged write on disk (`appendfsync always`)
@@ -149,22 +263,13 @@ async fn instances_racing_through_a_restart_agree_with_redis_once_the_calls_stop
 /// in Redis, and those written or deleted since, on any instance, must not lose to them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn instances_racing_through_a_restart_with_its_data_agree_with_redis() {
-    let dir = std::env::temp_dir().join(format!(
-        "tierstack-races-{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    let args = ["--dir", &dir.to_string_lossy(), "--appendonly", "yes"]
+    let dir = TempDir::new();
+    let args = ["--dir", &dir.0.to_string_lossy(), "--appendonly", "yes"]
         .into_iter()
         .chain(["--appendfsync", "always"])
         .map(str::to_owned)
         .collect();
-    race_through(Fault::Restart { args }).await;
-    std::fs::remove_dir_all(&dir).unwrap();
+    race_through(Fault::Restart { args }, Policies::Plain).await;
 }
 
 /// The same while one instance is cut off from Redis by a partition that sends no reset, and
@@ -172,17 +277,23 @@ async fn instances_racing_through_a_restart_with_its_data_agree_with_redis() {
 /// serve what it held once the link is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_instance_racing_through_a_silent_partition_agrees_with_redis_once_the_calls_stop() {
-    race_through(Fault::Partition { forget: false }).await;
+    race_through(Fault::Partition { forget: false }, Policies::Plain).await;
 }
 
 /// The same when the partition's end leaves the cut-off instance's connections silent for
 /// good: it must find them dead and connect again, on its store and on its backplane.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_instance_whose_connections_were_forgotten_agrees_with_redis_once_the_calls_stop() {
-    race_through(Fault::Partition { forget: true }).await;
+    race_through(Fault::Partition { forget: true }, Policies::Plain).await;
 }
 
-async fn race_through(fault: Fault) {
+/// The same with circuit breakers, fail-safe and write recovery on, on every instance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resilient_instance_whose_connections_were_forgotten_agrees_with_redis() {
+    race_through(Fault::Partition { forget: true }, Policies::Resilient).await;
+}
+
+async fn race_through(fault: Fault, policies: Policies) {
     let args = match &fault {
         Fault::Restart { args } => args.iter().map(String::as_str).collect(),
         Fault::Partition { .. } => Vec::new(),
@@ -197,30 +308,30 @@ async fn race_through(fault: Fault) {
         Some(partition) => RedisConfig::from_url(&partition.url()).unwrap(),
         None => direct.clone(),
     };
-    let caches = Arc::new(instances(&first, &direct).await);
+    let caches = Arc::new(instances(&first, &direct, policies).await);
     let redis = TieredCache::<String>::builder("svc")
         .without_l1()
         .l2(Arc::new(RedisStore::connect(&direct).await.unwrap()))
         .build()
         .unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let values = Arc::new(AtomicU64::new(0));
+    let course = Arc::new(Course {
+        fault_over: AtomicBool::new(false),
+        stop: AtomicBool::new(false),
+        origin: Origin::new(),
+        values: AtomicU64::new(0),
+    });
     let tasks: Vec<_> = (1..=16_u64)
         .map(|seed| {
-            tokio::spawn(race(
-                caches.clone(),
-                seed.wrapping_mul(0x9e37_79b9_7f4a_7c15),
-                stop.clone(),
-                values.clone(),
-            ))
+            let seed = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            tokio::spawn(race(caches.clone(), seed, course.clone()))
         })
         .collect();
 
     // real time: the calls race against a sound server, through the fault, and after it.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    match (&fault, &partition) {
-        (Fault::Partition { .. }, Some(partition)) => partition.freeze(),
-        _ => server.kill(),
+    match &partition {
+        Some(partition) => partition.freeze(),
+        None => server.kill(),
     }
     // real time: longer than the timeouts, the pings and the driver's reconnect attempts.
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -231,37 +342,59 @@ async fn race_through(fault: Fault) {
             }
             partition.thaw();
         }
-        _ => server.restart(),
+        // Off the runtime's workers: it waits for the server to answer.
+        _ => {
+            server = tokio::task::spawn_blocking(move || {
+                server.restart();
+                server
+            })
+            .await
+            .unwrap();
+        }
     }
+    course.fault_over.store(true, Ordering::SeqCst);
     // real time: calls go on after the fault, briefly.
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    stop.store(true, Ordering::SeqCst);
-    let (mut calls, mut failed) = (0, 0);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    course.stop.store(true, Ordering::SeqCst);
+    let mut all = Tally::default();
     for task in tasks {
-        let (made, lost) = task.await.unwrap();
-        calls += made;
-        failed += lost;
+        // Each call is bounded by the L2 timeout; a task that does not end is a hang.
+        let tally = tokio::time::timeout(Duration::from_secs(30), task)
+            .await
+            .expect("a racing task ends once told to stop")
+            .unwrap();
+        all.calls += tally.calls;
+        all.failed += tally.failed;
+        all.ok_after_fault += tally.ok_after_fault;
     }
+    let Tally {
+        calls,
+        failed,
+        ok_after_fault,
+    } = all;
+    // Failed L2 calls, whether the caller saw them fail or a policy answered for them.
+    let l2_errors: u64 = caches.iter().map(|cache| cache.stats().l2_errors).sum();
     assert!(
-        failed > 0,
-        "no call failed in {calls}: the fault was not seen"
+        l2_errors > 0,
+        "no L2 call failed in {calls} calls: the fault was not seen"
     );
     assert!(
-        failed < calls,
-        "every one of {calls} calls failed: no race ran against a sound server"
+        ok_after_fault > 0,
+        "no call succeeded after the fault ({calls} calls, {failed} failed)"
     );
 
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        match all_agree_with_redis(&caches, &redis).await {
+        match none_serves_a_replaced_value(&caches, &redis, &course.origin).await {
             Ok(()) => break,
             Err(disagreement) => assert!(
                 Instant::now() < deadline,
-                "not agreed within 10 s of the last call ({calls} calls, {failed} failed): \
-                 {disagreement}"
+                "not agreed within 10 s of the last call ({calls} calls, {failed} failed, \
+                 {l2_errors} failed L2 calls): {disagreement}"
             ),
         }
         // poll loop: reconnections and the backplane's resync take their own time.
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    drop(server);
 }

@@ -38,7 +38,8 @@ pub struct CacheStats {
     pub tag_invalidations: u64,
     /// Resyncs: the subscription was lost (L1 no longer trusted) or came back (L1 cleared).
     pub resyncs: u64,
-    /// Invalidations that could not be published.
+    /// Publishes that failed: each attempt counts, the rounds that send held invalidations
+    /// again included.
     pub publish_errors: u64,
     /// Whole-namespace invalidations made because too many single-key ones were waiting (L2
     /// failing the writes of a busy service): each cleared this L1 and the other instances'.

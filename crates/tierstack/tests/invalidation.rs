@@ -369,7 +369,7 @@ impl tierstack::core::Backplane for RefusesPublishes {
 /// backplane takes it, without a breaker and without another write: the others hear of the
 /// write once the backplane is back. (After the second failure it used to be dropped, and
 /// the others served the old value until it expired.)
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn a_publish_that_fails_twice_is_sent_once_the_backplane_is_back() {
     let l2 = Arc::new(MemoryStore::new());
     let bus = MemoryBus::new();
@@ -397,6 +397,28 @@ async fn a_publish_that_fails_twice_is_sent_once_the_backplane_is_back() {
         5,
         "every refusal was counted"
     );
+}
+
+/// A backplane that refuses every publish for good is tried ever less often: the pause between
+/// two rounds of sending what is held doubles from the L2 timeout up to 10 s. In a minute,
+/// with a 100 ms L2 timeout: the write's publish (0 s), its retry (0.1 s), then rounds at
+/// 0.2, 0.4, 0.8, 1.6, 3.2, 6.4 and 12.8 s, and every 10 s from there (22.8 to 52.8 s): 13
+/// publishes, not the 600 of a retry every L2 timeout.
+#[tokio::test(start_paused = true)]
+async fn a_backplane_that_refuses_for_good_is_tried_ever_less_often() {
+    let bus = MemoryBus::new();
+    let writer = TieredCache::<String>::builder("shared")
+        .l2(Arc::new(MemoryStore::new()))
+        .backplane(Arc::new(RefusesPublishes {
+            inner: bus.backplane(),
+            refusals: u32::MAX.into(),
+        }))
+        .l2_timeout(Duration::from_millis(100))
+        .build()
+        .unwrap();
+    writer.set("k", "v".into()).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(60)).await; // paused clock: timer to timer
+    assert_eq!(writer.stats().publish_errors, 13);
 }
 
 /// A `set` whose caller gives up while its invalidation is being published has written L2: the

@@ -356,6 +356,62 @@ async fn a_value_loaded_after_a_kept_delete_is_cached_over_what_the_l2_holds() {
     assert_eq!(b.get("k").await.unwrap(), Some("reloaded".into()));
 }
 
+/// The fill that replaces what a kept delete hid in the L2 tells the other instances: one that
+/// read the old value again after the delete (which never reached the L2) holds it in L1. (It
+/// used to keep serving it: the fill published nothing, and the delete's replay, finding the
+/// loaded value newer, stood down.) Found by the races test (tierstack-redis `races.rs`).
+#[tokio::test(start_paused = true)]
+async fn a_value_loaded_over_a_kept_delete_reaches_an_instance_that_reread_the_old_one() {
+    loaded_over_a_kept_delete(false).await;
+}
+
+/// The same for a batch's fill (`get_or_load_many`).
+#[tokio::test(start_paused = true)]
+async fn a_batch_loaded_over_a_kept_delete_reaches_an_instance_that_reread_the_old_one() {
+    loaded_over_a_kept_delete(true).await;
+}
+
+async fn loaded_over_a_kept_delete(batched: bool) {
+    let fx = Fixture::new();
+    let bus = MemoryBus::new();
+    let (a, a_l2) = instance(&fx, &bus, 100);
+    let (b, _) = instance(&fx, &bus, 100);
+    b.set("k", "deleted".into()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(10)).await; // paused clock: A hears of it
+    fx.clock.advance(Duration::from_millis(5));
+    a_l2.set_failing(true);
+    assert!(a.delete_with("k", &recovering()).await.is_ok());
+    a_l2.set_failing(false);
+    tokio::time::sleep(Duration::from_millis(10)).await; // paused clock: B hears of the delete
+    // The delete never reached the L2: B reads the old value again, into its L1.
+    assert_eq!(b.get("k").await.unwrap(), Some("deleted".into()));
+    fx.clock.advance(Duration::from_millis(5));
+    if batched {
+        let loaded = a
+            .get_or_load_many(&["k"], |keys: Vec<String>| async move {
+                let loaded = keys.into_iter().map(|key| (key, "reloaded".to_string()));
+                Ok::<_, std::io::Error>(loaded.collect())
+            })
+            .await
+            .unwrap();
+        assert_eq!(loaded, vec![Some("reloaded".to_string())]);
+    } else {
+        let loaded = a
+            .get_or_load("k", || async {
+                Ok::<_, std::io::Error>("reloaded".to_string())
+            })
+            .await
+            .unwrap();
+        assert_eq!(loaded, "reloaded");
+    }
+    a.wait_for_background_fills().await;
+    tokio::time::sleep(Duration::from_millis(10)).await; // paused clock: B hears of the fill
+    assert_eq!(b.get("k").await.unwrap(), Some("reloaded".into()));
+    tokio::time::sleep(RETRY * 2).await; // paused clock: the replay stands down
+    assert_eq!(a.stats().writes_superseded, 1);
+    assert_eq!(b.get("k").await.unwrap(), Some("reloaded".into()));
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_value_loaded_over_a_stale_kept_write_lands_in_an_empty_l2() {
     let fx = Fixture::new();

@@ -17,6 +17,7 @@ use tierstack_core::backplane::Invalidation;
 use tokio::sync::Semaphore;
 
 use super::Inner;
+use super::publish::Published;
 
 /// How many detached invalidation tasks may run at once.
 pub(super) const MAX_DETACHED: usize = 1024;
@@ -112,6 +113,9 @@ where
         self.clear_local();
         self.recorder.detached_sweep();
         let deadline = self.deadline();
-        self.publish_by(&Invalidation::All, deadline).await;
+        if self.publish_by(&Invalidation::All, deadline).await == Published::Failed {
+            // Held until the backplane takes it, as a publish that failed twice is.
+            self.hold(Invalidation::All);
+        }
     }
 }

@@ -11,8 +11,9 @@ use bytes::Bytes;
 use futures_util::FutureExt;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use tierstack_core::backplane::Invalidation;
 use tierstack_core::clock::Timestamp;
-use tierstack_core::envelope::{self, Lifetime};
+use tierstack_core::envelope::{self, Envelope, Lifetime};
 use tierstack_core::key::fingerprint;
 use tierstack_core::store::validate_ttl;
 use tierstack_core::tag::{TagStamps, TagVerdict, validate_tags};
@@ -649,8 +650,14 @@ where
     /// The key's lock orders the check and the write before any later `delete` or `touch` of the
     /// key from this cache (they take it too, and bump the key before they release it), and
     /// `delete_prefix` waits for every lock.
+    ///
+    /// What the read saw is usually nothing or a tombstone, which no instance holds in L1. But
+    /// while this cache keeps a delete of the key for a replay, its read sees a miss over
+    /// whatever the L2 still holds, which may be a live entry the other instances hold: the
+    /// write then tells them, as the kept delete's replay would have (it now finds the loaded
+    /// value newer and stands down).
     async fn write_loaded(
-        &self,
+        self: &Arc<Self>,
         bytes: Bytes,
         ttl: Duration,
         watch: &KeyWatch,
@@ -678,7 +685,16 @@ where
             )
             .await;
         match written {
-            Ok(true) => Written::Yes,
+            Ok(true) => {
+                if seen
+                    .as_deref()
+                    .is_some_and(|seen| Self::others_may_hold(seen))
+                {
+                    let key = watch.key().to_owned();
+                    self.publish(Invalidation::Keys(vec![key]), deadline).await;
+                }
+                Written::Yes
+            }
             // Another writer stored a value meanwhile, or deleted the key; either is newer than
             // the load, so let the next read take it from L2.
             Ok(false) => Written::No,
@@ -710,6 +726,12 @@ where
             }
         };
         self.l2_call(L2Op::Set, deadline, write).await
+    }
+
+    /// Whether other instances may hold the entry of `bytes` in L1: it is a value or a cached
+    /// "not found", not a tombstone or bytes that do not decode.
+    pub(super) fn others_may_hold(bytes: &[u8]) -> bool {
+        Envelope::parse::<C>(bytes, usize::MAX).is_ok_and(|envelope| !envelope.tombstone)
     }
 
     /// Takes back the L1 fill of a background write that L2 did not take, unless the key itself

@@ -11,6 +11,7 @@
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -19,7 +20,7 @@ use tierstack_core::{CacheError, Codec};
 use tokio::time::Instant;
 
 use super::Inner;
-use crate::breaker::{Admission, Breaker, CircuitState, Outcome, ProbeGuard};
+use crate::breaker::{Admission, CircuitState, Outcome, ProbeGuard};
 use crate::stats::Guarded;
 
 /// The most keys held while the backplane's breaker is open; past it, everything is.
@@ -28,6 +29,11 @@ const MAX_HELD_KEYS: usize = 10_000;
 const MAX_HELD_PREFIXES: usize = 64;
 /// How many keys one invalidation names when many are sent at once (held ones, replayed ones).
 pub(super) const KEYS_PER_MESSAGE: usize = 64;
+/// Without a backplane breaker, the longest pause between two rounds of sending what is held
+/// (unless the L2 timeout is longer): each round the backplane does not take doubles the pause
+/// from the first, so a backplane that refuses for good costs a publish every 10 s, not every
+/// L2 timeout. With a breaker, its `open_for` paces the rounds.
+const MAX_HELD_PAUSE: Duration = Duration::from_secs(10);
 
 /// What a publish did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,7 +41,7 @@ pub(super) enum Published {
     Sent,
     /// It failed (counted and logged).
     Failed,
-    /// Held, and sent later: the backplane's breaker is open.
+    /// Held, and sent later: the backplane's breaker is open, or has just opened.
     Held,
 }
 
@@ -63,21 +69,22 @@ impl HeldState {
 }
 
 impl Held {
-    /// Holds `invalidation`; whether a task must be started to send what is held (none is).
-    fn hold(&self, invalidation: &Invalidation) -> bool {
+    /// Holds `invalidation`; whether the caller, which `can_send` (it can start a task), must
+    /// start the task that sends what is held (none runs).
+    fn hold(&self, invalidation: Invalidation, can_send: bool) -> bool {
         let mut state = self.lock();
-        let start_sender = !state.sender;
-        state.sender = true;
+        let start_sender = can_send && !state.sender;
+        state.sender |= start_sender;
         if state.everything {
             return start_sender;
         }
         match invalidation {
             Invalidation::Keys(keys) if state.keys.len() + keys.len() <= MAX_HELD_KEYS => {
-                state.keys.extend(keys.iter().cloned());
+                state.keys.extend(keys);
             }
-            Invalidation::Prefix(prefix) if state.prefixes.contains(prefix) => {}
+            Invalidation::Prefix(prefix) if state.prefixes.contains(&prefix) => {}
             Invalidation::Prefix(prefix) if state.prefixes.len() < MAX_HELD_PREFIXES => {
-                state.prefixes.push(prefix.clone());
+                state.prefixes.push(prefix);
             }
             _ => {
                 state.keys = HashSet::new();
@@ -124,8 +131,8 @@ impl Held {
         Some(self.take())
     }
 
-    /// The sending task is gone without stopping (none could be started, or it was cancelled
-    /// with its runtime): the next invalidation held starts another.
+    /// The sending task is gone without stopping (cancelled with its runtime, or panicked):
+    /// the next invalidation held starts another.
     fn sender_gone(&self) {
         self.lock().sender = false;
     }
@@ -207,7 +214,7 @@ where
             }
             let deadline = this.deadline();
             if this.publish_by(&invalidation, deadline).await == Published::Failed {
-                this.hold(&invalidation);
+                this.hold(invalidation);
             }
         });
     }
@@ -230,7 +237,7 @@ where
                     self.recorder.circuit(Guarded::Backplane, state);
                 }
                 if let Admission::Refused { .. } = admission {
-                    self.hold(invalidation);
+                    self.hold(invalidation.clone());
                     return Published::Held;
                 }
                 admission
@@ -264,7 +271,7 @@ where
             if moved == Some(CircuitState::Open) {
                 // This one is held too, with those that follow (and sent with them, not
                 // retried on its own).
-                self.hold(invalidation);
+                self.hold(invalidation.clone());
                 held = true;
             }
             if moved == Some(CircuitState::Closed) {
@@ -289,35 +296,44 @@ where
 
     /// Holds `invalidation` until the backplane takes it. The first one held starts a task
     /// that sends what is held every `open_for` of the breaker (once it lets a probe through,
-    /// the first message being the probe), or every L2 timeout without one, until nothing is:
-    /// a cache that publishes nothing more still gets its held invalidations out.
-    fn hold(self: &Arc<Self>, invalidation: &Invalidation) {
-        if !self.held.hold(invalidation) {
+    /// the first message being the probe: the breaker paces the attempts), or, without one,
+    /// after an L2 timeout, doubling the pause after each round the backplane does not take
+    /// (up to [`MAX_HELD_PAUSE`]), until nothing is held: a cache that publishes nothing more
+    /// still gets its held invalidations out. The task holds the cache weakly, and ends with
+    /// it.
+    pub(super) fn hold(self: &Arc<Self>, invalidation: Invalidation) {
+        let runtime = tokio::runtime::Handle::try_current().ok();
+        if !self.held.hold(invalidation, runtime.is_some()) {
             return;
         }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            // Nowhere to send from: sent when a publish closes the breaker, and the next one
-            // held starts a task.
-            self.held.sender_gone();
-            return;
+        // Started only from within a runtime; outside one, what is held goes out with the
+        // task the next hold from within one starts, or when a publish closes the breaker.
+        let Some(runtime) = runtime else { return };
+        let (every, longest) = match &self.backplane_breaker {
+            Some(breaker) => (breaker.open_for(), breaker.open_for()),
+            None => (
+                self.settings.l2_timeout,
+                self.settings.l2_timeout.max(MAX_HELD_PAUSE),
+            ),
         };
-        let every = self
-            .backplane_breaker
-            .as_ref()
-            .map_or(self.settings.l2_timeout, Breaker::open_for);
         let cache = Arc::downgrade(self);
         let mut sender = SenderTask {
             held: Arc::clone(&self.held),
             stopped: false,
         };
         runtime.spawn(async move {
+            let mut pause = every;
             loop {
-                tokio::time::sleep(every).await;
+                tokio::time::sleep(pause).await;
                 let Some(this) = cache.upgrade() else { return };
                 let Some(held) = sender.take_or_stop() else {
                     return;
                 };
-                this.send_held(held).await;
+                pause = if this.send_held(held).await {
+                    every
+                } else {
+                    pause.saturating_mul(2).min(longest)
+                };
             }
         });
     }
@@ -337,24 +353,40 @@ where
         });
     }
 
-    async fn send_held(self: &Arc<Self>, held: Vec<Invalidation>) {
-        if held.is_empty() {
-            return;
-        }
-        tracing::info!(cache = %self.namespace, messages = held.len(), "sending invalidations held while the backplane was down");
+    /// Sends `held`, stopping at the first message the backplane does not take: that one and
+    /// the rest are held again, for the sending task's next round (rather than a timeout each
+    /// now). Whether everything went out.
+    async fn send_held(self: &Arc<Self>, held: Vec<Invalidation>) -> bool {
+        let messages = held.len();
         let mut held = held.into_iter();
         while let Some(invalidation) = held.next() {
             let deadline = self.deadline();
-            if self.publish_by(&invalidation, deadline).await == Published::Failed {
-                // The backplane is not answering: this one and the rest wait for the next
-                // round of the sending task, rather than a timeout each now.
-                self.hold(&invalidation);
-                for rest in held {
-                    self.hold(&rest);
+            match self.publish_by(&invalidation, deadline).await {
+                Published::Sent => {
+                    // A write of unknown fate may have landed since it was held, after this
+                    // instance read the key again: its copy goes too.
+                    if let Invalidation::Keys(keys) = &invalidation {
+                        for key in keys {
+                            self.evict_local(key);
+                        }
+                    }
                 }
-                return;
+                outcome => {
+                    // `Held`: the breaker held this one itself.
+                    if outcome == Published::Failed {
+                        self.hold(invalidation);
+                    }
+                    for rest in held {
+                        self.hold(rest);
+                    }
+                    return false;
+                }
             }
         }
+        if messages > 0 {
+            tracing::info!(cache = %self.namespace, messages, "sent the invalidations held while the backplane did not take them");
+        }
+        true
     }
 
     fn publish_failed(&self, error: &CacheError) {
@@ -372,14 +404,14 @@ mod tests {
     #[test]
     fn a_sender_gone_without_stopping_lets_the_next_hold_start_another() {
         let held = Arc::new(Held::default());
-        assert!(held.hold(&Invalidation::Keys(vec!["a".into()])));
+        assert!(held.hold(Invalidation::Keys(vec!["a".into()]), true));
         let sender = SenderTask {
             held: Arc::clone(&held),
             stopped: false,
         };
         // Cancelled with its runtime while it slept.
         drop(sender);
-        assert!(held.hold(&Invalidation::Keys(vec!["b".into()])));
+        assert!(held.hold(Invalidation::Keys(vec!["b".into()]), true));
         let mut sender = SenderTask {
             held: Arc::clone(&held),
             stopped: false,
@@ -387,29 +419,40 @@ mod tests {
         assert!(sender.take_or_stop().is_some());
         assert!(sender.take_or_stop().is_none(), "stopped: nothing held");
         drop(sender);
-        assert!(held.hold(&Invalidation::Keys(vec!["c".into()])));
+        assert!(held.hold(Invalidation::Keys(vec!["c".into()]), true));
         assert!(
-            !held.hold(&Invalidation::Keys(vec!["d".into()])),
+            !held.hold(Invalidation::Keys(vec!["d".into()]), true),
             "one sender"
         );
     }
 
     #[test]
+    fn a_hold_that_cannot_start_a_sender_leaves_it_to_the_next_that_can() {
+        let held = Held::default();
+        assert!(!held.hold(Invalidation::Keys(vec!["a".into()]), false));
+        assert!(held.hold(Invalidation::Keys(vec!["b".into()]), true));
+        assert_eq!(held.take().len(), 1, "both keys in one message");
+    }
+
+    #[test]
     fn held_keys_past_the_bound_become_everything() {
         let held = Held::default();
-        assert!(held.hold(&Invalidation::Keys(vec!["a".into(), "b".into()])));
-        assert!(!held.hold(&Invalidation::Prefix("p:".into())), "one sender");
-        assert!(!held.hold(&Invalidation::Prefix("p:".into())));
+        assert!(held.hold(Invalidation::Keys(vec!["a".into(), "b".into()]), true));
+        assert!(
+            !held.hold(Invalidation::Prefix("p:".into()), true),
+            "one sender"
+        );
+        assert!(!held.hold(Invalidation::Prefix("p:".into()), true));
         let sent = held.take();
         assert_eq!(sent.len(), 2, "the same prefix is held once: {sent:?}");
         assert!(held.is_empty());
         assert_eq!(held.take_or_stop(), None);
         assert!(
-            held.hold(&Invalidation::Keys(vec!["c".into()])),
+            held.hold(Invalidation::Keys(vec!["c".into()]), true),
             "sender ended"
         );
         let many: Vec<String> = (0..=MAX_HELD_KEYS).map(|i| i.to_string()).collect();
-        held.hold(&Invalidation::Keys(many));
+        held.hold(Invalidation::Keys(many), true);
         assert_eq!(held.take(), vec![Invalidation::All]);
     }
 }
