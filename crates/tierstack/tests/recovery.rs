@@ -323,41 +323,9 @@ async fn a_later_write_of_another_instance_is_read_over_a_kept_one() {
     assert_eq!(b.get("k").await.unwrap(), Some("b's, later".into()));
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_value_loaded_after_a_kept_delete_is_cached_over_what_the_l2_holds() {
-    let fx = Fixture::new();
-    let bus = MemoryBus::new();
-    let (a, a_l2) = instance(&fx, &bus, 100);
-    let (b, _) = instance(&fx, &bus, 100);
-    b.set("k", "deleted".into()).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(10)).await; // paused clock: A hears of it
-    fx.clock.advance(Duration::from_millis(5));
-    a_l2.set_failing(true);
-    assert!(a.delete_with("k", &recovering()).await.is_ok());
-    a_l2.set_failing(false);
-    fx.clock.advance(Duration::from_millis(5));
-    let loaded = a
-        .get_or_load("k", || async {
-            Ok::<_, std::io::Error>("reloaded".to_string())
-        })
-        .await
-        .unwrap();
-    assert_eq!(loaded, "reloaded");
-    a.wait_for_background_fills().await;
-    let stored = fx.l2.get("test:k").await.unwrap().unwrap();
-    let envelope = Envelope::parse::<BincodeCodec>(&stored, usize::MAX).unwrap();
-    let value: String = BincodeCodec::default().decode(envelope.payload).unwrap();
-    assert_eq!(
-        value, "reloaded",
-        "the fill replaced the deleted value in L2"
-    );
-    // The fill replaced the deleted value in L2; the replayed delete does not remove it.
-    tokio::time::sleep(RETRY * 2).await; // paused clock: the replay
-    assert_eq!(b.get("k").await.unwrap(), Some("reloaded".into()));
-}
-
-/// The fill that replaces what a kept delete hid in the L2 tells the other instances: one that
-/// read the old value again after the delete (which never reached the L2) holds it in L1. (It
+/// A value loaded after a kept delete is cached over what the L2 holds (the delete never
+/// reached it), and the fill tells the other instances: one that read the old value again
+/// after the delete holds it in L1. The replayed delete, older, does not remove it. (It
 /// used to keep serving it: the fill published nothing, and the delete's replay, finding the
 /// loaded value newer, stood down.) Found by the races test (tierstack-redis `races.rs`).
 #[tokio::test(start_paused = true)]
@@ -405,6 +373,13 @@ async fn loaded_over_a_kept_delete(batched: bool) {
         assert_eq!(loaded, "reloaded");
     }
     a.wait_for_background_fills().await;
+    let stored = fx.l2.get("test:k").await.unwrap().unwrap();
+    let envelope = Envelope::parse::<BincodeCodec>(&stored, usize::MAX).unwrap();
+    let value: String = BincodeCodec::default().decode(envelope.payload).unwrap();
+    assert_eq!(
+        value, "reloaded",
+        "the fill replaced the deleted value in L2"
+    );
     tokio::time::sleep(Duration::from_millis(10)).await; // paused clock: B hears of the fill
     assert_eq!(b.get("k").await.unwrap(), Some("reloaded".into()));
     tokio::time::sleep(RETRY * 2).await; // paused clock: the replay stands down
