@@ -421,6 +421,43 @@ async fn a_backplane_that_refuses_for_good_is_tried_ever_less_often() {
     assert_eq!(writer.stats().publish_errors, 13);
 }
 
+/// Held invalidations go out as soon as a publish gets through again, not at the sending task's
+/// next round: after four refusals (at 0, 1, 2 and 4 s with a 1 s L2 timeout) the next round
+/// would be at 8 s, but a write at 4.5 s, whose publish goes through, releases them.
+#[tokio::test(start_paused = true)]
+async fn held_invalidations_go_out_with_the_first_publish_that_gets_through() {
+    let l2 = Arc::new(MemoryStore::new());
+    let bus = MemoryBus::new();
+    let writer = TieredCache::<String>::builder("shared")
+        .l2(l2.clone())
+        .backplane(Arc::new(RefusesPublishes {
+            inner: bus.backplane(),
+            refusals: 4.into(),
+        }))
+        .l2_timeout(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let reader = TieredCache::<String>::builder("shared")
+        .l2(l2.clone())
+        .backplane(Arc::new(bus.backplane()))
+        .default_ttl(Duration::from_hours(1))
+        .build()
+        .unwrap();
+    reader.set("k", "v1".into()).await.unwrap();
+    assert_eq!(reader.get("k").await.unwrap(), Some("v1".into()), "in L1");
+    writer.set("k", "v2".into()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(4_500)).await; // paused clock: four refusals
+    assert_eq!(writer.stats().publish_errors, 4);
+    assert_eq!(
+        reader.get("k").await.unwrap(),
+        Some("v1".into()),
+        "still held"
+    );
+    writer.set("other", "o".into()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(10)).await; // paused clock: the release goes out
+    assert_eq!(reader.get("k").await.unwrap(), Some("v2".into()));
+}
+
 /// A `set` whose caller gives up while its invalidation is being published has written L2: the
 /// others are still told, by a detached task. (The cancelled publish used to be the only one.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

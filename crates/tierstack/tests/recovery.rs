@@ -12,7 +12,7 @@ use common::Fixture;
 use tierstack::core::envelope::Envelope;
 use tierstack::core::testkit::{FaultyStore, MemoryBus};
 use tierstack::core::{BincodeCodec, CacheError, Codec as _, Store as _};
-use tierstack::{EntryOptions, TieredCache, WriteRecovery};
+use tierstack::{EntryOptions, FailSafe, TieredCache, WriteRecovery};
 
 const RETRY: Duration = Duration::from_millis(500);
 
@@ -385,6 +385,35 @@ async fn loaded_over_a_kept_delete(batched: bool) {
     tokio::time::sleep(RETRY * 2).await; // paused clock: the replay stands down
     assert_eq!(a.stats().writes_superseded, 1);
     assert_eq!(b.get("k").await.unwrap(), Some("reloaded".into()));
+}
+
+/// A load over a live entry that no kept delete hid (here a fail-safe entry past its fresh
+/// time) tells nobody, as before: the others' copies are theirs to refresh, and a refresh on
+/// one instance must not empty every other's L1.
+#[tokio::test(start_paused = true)]
+async fn a_reload_over_a_live_entry_tells_nobody() {
+    let fx = Fixture::new();
+    let bus = MemoryBus::new();
+    let (a, _) = instance(&fx, &bus, 100);
+    let (b, _) = instance(&fx, &bus, 100);
+    let options = EntryOptions::default()
+        .with_ttl(Duration::from_secs(60))
+        .with_fail_safe(FailSafe::new(Duration::from_secs(3600)));
+    let load = |value: &'static str| async move { Ok::<_, std::io::Error>(value.to_string()) };
+    let first = a.get_or_load_inline("k", &options, || load("v1")).await;
+    assert_eq!(first.unwrap(), "v1");
+    tokio::time::sleep(Duration::from_millis(10)).await; // paused clock: anything sent arrives
+    let heard = b.stats().invalidations_received;
+    fx.clock.advance(Duration::from_secs(61));
+    let reloaded = a.get_or_load_inline("k", &options, || load("v2")).await;
+    assert_eq!(reloaded.unwrap(), "v2");
+    a.wait_for_background_fills().await;
+    let stored = fx.l2.get("test:k").await.unwrap().unwrap();
+    let envelope = Envelope::parse::<BincodeCodec>(&stored, usize::MAX).unwrap();
+    let value: String = BincodeCodec::default().decode(envelope.payload).unwrap();
+    assert_eq!(value, "v2", "the reload wrote over the live entry");
+    tokio::time::sleep(Duration::from_millis(10)).await; // paused clock: anything sent arrives
+    assert_eq!(b.stats().invalidations_received, heard);
 }
 
 #[tokio::test(start_paused = true)]

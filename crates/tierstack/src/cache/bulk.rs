@@ -429,7 +429,7 @@ where
                 }
             }
         }
-        // Keys whose write replaced an entry the other instances may hold (see `write_loaded`).
+        // Keys whose write replaced an entry a kept delete hid (see `write_loaded`).
         let mut replaced = Vec::new();
         let written: Vec<bool> = match (&self.l2, &locks) {
             (Some(l2), Some(_)) if !options.skips().l2_write => {
@@ -454,7 +454,7 @@ where
                     for ((watch, _, _, _, seen), result) in chunk.iter().zip(&results) {
                         let over = seen
                             .as_deref()
-                            .is_some_and(|seen| Self::others_may_hold(seen));
+                            .is_some_and(|seen| self.hidden_by_kept_delete(watch.key(), seen));
                         if over && matches!(result, Ok(true)) {
                             replaced.push(watch.key().to_owned());
                         }

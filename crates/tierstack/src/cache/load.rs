@@ -651,11 +651,12 @@ where
     /// key from this cache (they take it too, and bump the key before they release it), and
     /// `delete_prefix` waits for every lock.
     ///
-    /// What the read saw is usually nothing or a tombstone, which no instance holds in L1. But
-    /// while this cache keeps a delete of the key for a replay, its read sees a miss over
-    /// whatever the L2 still holds, which may be a live entry the other instances hold: the
-    /// write then tells them, as the kept delete's replay would have (it now finds the loaded
-    /// value newer and stands down).
+    /// While this cache keeps a delete of the key for a replay, its read sees a miss over
+    /// whatever the L2 still holds, which may be a live entry the other instances hold: a
+    /// write over it then tells them (once the key's lock is released), as the kept delete's
+    /// replay would have (it now finds the loaded value newer and stands down). Other loads
+    /// over a live entry (an eager refresh, a fail-safe entry's reload, an entry of an
+    /// invalidated tag) tell nobody, as before: the others' copies are theirs to refresh.
     async fn write_loaded(
         self: &Arc<Self>,
         bytes: Bytes,
@@ -667,7 +668,7 @@ where
             return Written::Yes;
         };
         let deadline = self.deadline();
-        let Ok(_lock) = tokio::time::timeout_at(deadline, self.freshness.lock_watched(watch)).await
+        let Ok(lock) = tokio::time::timeout_at(deadline, self.freshness.lock_watched(watch)).await
         else {
             return Written::Failed;
         };
@@ -684,17 +685,17 @@ where
                 deadline,
             )
             .await;
+        let tell = matches!(written, Ok(true))
+            && seen
+                .as_deref()
+                .is_some_and(|seen| self.hidden_by_kept_delete(watch.key(), seen));
+        drop(lock);
+        if tell {
+            let key = watch.key().to_owned();
+            self.publish(Invalidation::Keys(vec![key]), deadline).await;
+        }
         match written {
-            Ok(true) => {
-                if seen
-                    .as_deref()
-                    .is_some_and(|seen| Self::others_may_hold(seen))
-                {
-                    let key = watch.key().to_owned();
-                    self.publish(Invalidation::Keys(vec![key]), deadline).await;
-                }
-                Written::Yes
-            }
+            Ok(true) => Written::Yes,
             // Another writer stored a value meanwhile, or deleted the key; either is newer than
             // the load, so let the next read take it from L2.
             Ok(false) => Written::No,
@@ -728,10 +729,12 @@ where
         self.l2_call(L2Op::Set, deadline, write).await
     }
 
-    /// Whether other instances may hold the entry of `bytes` in L1: it is a value or a cached
-    /// "not found", not a tombstone or bytes that do not decode.
-    pub(super) fn others_may_hold(bytes: &[u8]) -> bool {
-        Envelope::parse::<C>(bytes, usize::MAX).is_ok_and(|envelope| !envelope.tombstone)
+    /// Whether `seen`, what a load's read of `key` saw in the L2, is an entry the other
+    /// instances may hold in L1 (a value or a cached "not found", not a tombstone or bytes that
+    /// do not decode) that only a delete this cache keeps for a replay hid from the read.
+    pub(super) fn hidden_by_kept_delete(&self, key: &str, seen: &[u8]) -> bool {
+        self.kept_write(key).is_some()
+            && Envelope::parse::<C>(seen, usize::MAX).is_ok_and(|envelope| !envelope.tombstone)
     }
 
     /// Takes back the L1 fill of a background write that L2 did not take, unless the key itself

@@ -282,7 +282,15 @@ where
             probe.disarm();
         }
         match result {
-            Ok(()) => Published::Sent,
+            Ok(()) => {
+                // The backplane takes messages again: what is held goes out now, not at the
+                // sending task's next round, which may be seconds away after a long outage.
+                // (With a breaker, the publish that closes it releases them.)
+                if self.backplane_breaker.is_none() {
+                    self.release_held();
+                }
+                Published::Sent
+            }
             Err(error) => {
                 self.publish_failed(&error);
                 if held {
