@@ -380,15 +380,7 @@ async fn run_the_fault(
     tokio::time::sleep(Duration::from_millis(500)).await;
     match partition {
         Some(partition) => partition.freeze(),
-        // Off the runtime's workers: it waits for the process to end.
-        None => {
-            server = tokio::task::spawn_blocking(move || {
-                server.kill();
-                server
-            })
-            .await
-            .unwrap();
-        }
+        None => server = off_the_workers(server, RedisServer::kill).await,
     }
     // real time: longer than the timeouts, the pings and the driver's reconnect attempts.
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -399,20 +391,23 @@ async fn run_the_fault(
             }
             partition.thaw();
         }
-        // Off the runtime's workers: it waits for the server to answer.
-        _ => {
-            server = tokio::task::spawn_blocking(move || {
-                server.restart();
-                server
-            })
-            .await
-            .unwrap();
-        }
+        _ => server = off_the_workers(server, RedisServer::restart).await,
     }
     course.fault_over.store(true, Ordering::SeqCst);
     // real time: calls go on after the fault, briefly.
     tokio::time::sleep(Duration::from_millis(300)).await;
     server
+}
+
+/// Runs `act` on `server` off the runtime's workers: it waits for the process to end or to
+/// answer.
+async fn off_the_workers(mut server: RedisServer, act: fn(&mut RedisServer)) -> RedisServer {
+    tokio::task::spawn_blocking(move || {
+        act(&mut server);
+        server
+    })
+    .await
+    .unwrap()
 }
 
 /// Waits until no instance serves a replaced value, then checks that each serves from L1 again.

@@ -365,31 +365,41 @@ impl tierstack::core::Backplane for RefusesPublishes {
     }
 }
 
-/// A publish that fails, and fails again when tried once more, is held and sent until the
-/// backplane takes it, without a breaker and without another write: the others hear of the
-/// write once the backplane is back. (After the second failure it used to be dropped, and
-/// the others served the old value until it expired.)
-#[tokio::test(start_paused = true)]
-async fn a_publish_that_fails_twice_is_sent_once_the_backplane_is_back() {
+/// A writer whose backplane refuses its first `refusals` publishes, and a reader holding `k`
+/// = `v1` in L1, on one L2 and one bus.
+async fn refused_writer_and_reader(
+    refusals: u32,
+    l2_timeout: Duration,
+) -> (TieredCache<String>, TieredCache<String>) {
     let l2 = Arc::new(MemoryStore::new());
     let bus = MemoryBus::new();
     let writer = TieredCache::<String>::builder("shared")
         .l2(l2.clone())
         .backplane(Arc::new(RefusesPublishes {
             inner: bus.backplane(),
-            refusals: 5.into(),
+            refusals: refusals.into(),
         }))
-        .l2_timeout(Duration::from_millis(20))
+        .l2_timeout(l2_timeout)
         .build()
         .unwrap();
     let reader = TieredCache::<String>::builder("shared")
-        .l2(l2.clone())
+        .l2(l2)
         .backplane(Arc::new(bus.backplane()))
         .default_ttl(Duration::from_hours(1))
         .build()
         .unwrap();
     reader.set("k", "v1".into()).await.unwrap();
     assert_eq!(reader.get("k").await.unwrap(), Some("v1".into()), "in L1");
+    (writer, reader)
+}
+
+/// A publish that fails, and fails again when tried once more, is held and sent until the
+/// backplane takes it, without a breaker and without another write: the others hear of the
+/// write once the backplane is back. (After the second failure it used to be dropped, and
+/// the others served the old value until it expired.)
+#[tokio::test(start_paused = true)]
+async fn a_publish_that_fails_twice_is_sent_once_the_backplane_is_back() {
+    let (writer, reader) = refused_writer_and_reader(5, Duration::from_millis(20)).await;
     writer.set("k", "v2".into()).await.unwrap();
     eventually(async || reader.get("k").await.unwrap() == Some("v2".into())).await;
     assert_eq!(
@@ -426,25 +436,7 @@ async fn a_backplane_that_refuses_for_good_is_tried_ever_less_often() {
 /// would be at 8 s, but a write at 4.5 s, whose publish goes through, releases them.
 #[tokio::test(start_paused = true)]
 async fn held_invalidations_go_out_with_the_first_publish_that_gets_through() {
-    let l2 = Arc::new(MemoryStore::new());
-    let bus = MemoryBus::new();
-    let writer = TieredCache::<String>::builder("shared")
-        .l2(l2.clone())
-        .backplane(Arc::new(RefusesPublishes {
-            inner: bus.backplane(),
-            refusals: 4.into(),
-        }))
-        .l2_timeout(Duration::from_secs(1))
-        .build()
-        .unwrap();
-    let reader = TieredCache::<String>::builder("shared")
-        .l2(l2.clone())
-        .backplane(Arc::new(bus.backplane()))
-        .default_ttl(Duration::from_hours(1))
-        .build()
-        .unwrap();
-    reader.set("k", "v1".into()).await.unwrap();
-    assert_eq!(reader.get("k").await.unwrap(), Some("v1".into()), "in L1");
+    let (writer, reader) = refused_writer_and_reader(4, Duration::from_secs(1)).await;
     writer.set("k", "v2".into()).await.unwrap();
     tokio::time::sleep(Duration::from_millis(4_500)).await; // paused clock: four refusals
     assert_eq!(writer.stats().publish_errors, 4);

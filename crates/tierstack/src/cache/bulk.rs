@@ -4,7 +4,6 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -14,12 +13,10 @@ use serde::de::DeserializeOwned;
 use tierstack_core::key::fingerprint;
 use tierstack_core::{Codec, Result};
 
-use tierstack_core::backplane::Invalidation;
 use tierstack_core::envelope;
 
 use super::Inner;
 use super::load::Fallback;
-use super::publish::KEYS_PER_MESSAGE;
 use super::read::L2Read;
 use crate::error::LoadError;
 use crate::events::StaleReason;
@@ -82,7 +79,7 @@ where
     }
 
     pub(super) async fn get_or_load_many<K, F, Fut, E>(
-        self: &Arc<Self>,
+        &self,
         keys: &[K],
         options: &EntryOptions,
         loader: F,
@@ -390,7 +387,7 @@ where
     /// there (as a single key's fill does; the writes go out together), then to L1, skipping
     /// keys that changed since their watch began.
     async fn store_loaded_many(
-        self: &Arc<Self>,
+        &self,
         watches: &[KeyWatch],
         values: &[Option<V>],
         seen: Vec<Option<Bytes>>,
@@ -429,8 +426,6 @@ where
                 }
             }
         }
-        // Keys whose write replaced an entry a kept delete hid (see `write_loaded`).
-        let mut replaced = Vec::new();
         let written: Vec<bool> = match (&self.l2, &locks) {
             (Some(l2), Some(_)) if !options.skips().l2_write => {
                 let mut written = Vec::with_capacity(writes.len());
@@ -451,14 +446,6 @@ where
                     // Like a single fill: L1 keeps a value that L2 did not refuse (a failing L2
                     // keeps serving from L1), and drops one that lost to another writer.
                     let results = futures_util::future::join_all(calls).await;
-                    for ((watch, _, _, _, seen), result) in chunk.iter().zip(&results) {
-                        let over = seen
-                            .as_deref()
-                            .is_some_and(|seen| self.hidden_by_kept_delete(watch.key(), seen));
-                        if over && matches!(result, Ok(true)) {
-                            replaced.push(watch.key().to_owned());
-                        }
-                    }
                     written.extend(results.into_iter().map(|result| result.unwrap_or(true)));
                 }
                 written
@@ -473,10 +460,6 @@ where
                     self.freshness.watch_is_current(watch)
                 });
             }
-        }
-        for keys in replaced.chunks(KEYS_PER_MESSAGE) {
-            self.publish(Invalidation::Keys(keys.to_vec()), deadline)
-                .await;
         }
     }
 }

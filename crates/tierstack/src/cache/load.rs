@@ -11,9 +11,8 @@ use bytes::Bytes;
 use futures_util::FutureExt;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tierstack_core::backplane::Invalidation;
 use tierstack_core::clock::Timestamp;
-use tierstack_core::envelope::{self, Envelope, Lifetime};
+use tierstack_core::envelope::{self, Lifetime};
 use tierstack_core::key::fingerprint;
 use tierstack_core::store::validate_ttl;
 use tierstack_core::tag::{TagStamps, TagVerdict, validate_tags};
@@ -650,15 +649,8 @@ where
     /// The key's lock orders the check and the write before any later `delete` or `touch` of the
     /// key from this cache (they take it too, and bump the key before they release it), and
     /// `delete_prefix` waits for every lock.
-    ///
-    /// While this cache keeps a delete of the key for a replay, its read sees a miss over
-    /// whatever the L2 still holds, which may be a live entry the other instances hold: a
-    /// write over it then tells them (once the key's lock is released), as the kept delete's
-    /// replay would have (it now finds the loaded value newer and stands down). Other loads
-    /// over a live entry (an eager refresh, a fail-safe entry's reload, an entry of an
-    /// invalidated tag) tell nobody, as before: the others' copies are theirs to refresh.
     async fn write_loaded(
-        self: &Arc<Self>,
+        &self,
         bytes: Bytes,
         ttl: Duration,
         watch: &KeyWatch,
@@ -668,7 +660,7 @@ where
             return Written::Yes;
         };
         let deadline = self.deadline();
-        let Ok(lock) = tokio::time::timeout_at(deadline, self.freshness.lock_watched(watch)).await
+        let Ok(_lock) = tokio::time::timeout_at(deadline, self.freshness.lock_watched(watch)).await
         else {
             return Written::Failed;
         };
@@ -685,15 +677,6 @@ where
                 deadline,
             )
             .await;
-        let tell = matches!(written, Ok(true))
-            && seen
-                .as_deref()
-                .is_some_and(|seen| self.hidden_by_kept_delete(watch.key(), seen));
-        drop(lock);
-        if tell {
-            let key = watch.key().to_owned();
-            self.publish(Invalidation::Keys(vec![key]), deadline).await;
-        }
         match written {
             Ok(true) => Written::Yes,
             // Another writer stored a value meanwhile, or deleted the key; either is newer than
@@ -727,14 +710,6 @@ where
             }
         };
         self.l2_call(L2Op::Set, deadline, write).await
-    }
-
-    /// Whether `seen`, what a load's read of `key` saw in the L2, is an entry the other
-    /// instances may hold in L1 (a value or a cached "not found", not a tombstone or bytes that
-    /// do not decode) that only a delete this cache keeps for a replay hid from the read.
-    pub(super) fn hidden_by_kept_delete(&self, key: &str, seen: &[u8]) -> bool {
-        self.kept_write(key).is_some()
-            && Envelope::parse::<C>(seen, usize::MAX).is_ok_and(|envelope| !envelope.tombstone)
     }
 
     /// Takes back the L1 fill of a background write that L2 did not take, unless the key itself

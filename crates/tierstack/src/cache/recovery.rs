@@ -181,12 +181,15 @@ where
         });
     }
 
-    /// Replays every kept write, oldest first, until the L2 fails; tells the other instances of
-    /// the keys written, and evicts this instance's copy of the superseded ones. Each write
+    /// Replays every kept write, oldest first, until the L2 fails; evicts this instance's copy
+    /// of the superseded ones, and tells the other instances of the keys written and of the
+    /// superseded ones. What superseded a kept write may not have been announced: a load here
+    /// that the kept write hid from the L2's entry replaces that entry without a message, and
+    /// the others may still hold it. Each write
     /// stays kept until it is done with (it counts toward the bound, and reads see it).
     async fn replay_kept(self: &Arc<Self>, queue: &RecoveryQueue) {
-        let mut written = Vec::new();
-        let (mut superseded, mut expired) = (0, 0);
+        let (mut written, mut superseded) = (Vec::new(), Vec::new());
+        let mut expired = 0;
         for (key, kept) in queue.snapshot() {
             // Replaced by a later write (replayed next time) or forgotten (a prefix delete, a
             // later write that reached the L2) since the snapshot.
@@ -197,7 +200,7 @@ where
                 Ok(Replayed::Written) => written.push(key.to_string()),
                 Ok(Replayed::Superseded) => {
                     self.evict_local(&key);
-                    superseded += 1;
+                    superseded.push(key.to_string());
                 }
                 Ok(Replayed::Expired) => expired += 1,
                 // Something changed the key here while it replayed: looked at again next time,
@@ -214,19 +217,21 @@ where
         self.recorder
             .recovery(RecoveryOutcome::Replayed, written.len() as u64);
         self.recorder
-            .recovery(RecoveryOutcome::Superseded, superseded);
+            .recovery(RecoveryOutcome::Superseded, superseded.len() as u64);
         self.recorder.recovery(RecoveryOutcome::Dropped, expired);
-        if written.is_empty() && superseded == 0 {
+        if written.is_empty() && superseded.is_empty() {
             return;
         }
         tracing::info!(
             cache = %self.namespace,
             replayed = written.len(),
-            superseded,
+            superseded = superseded.len(),
             expired,
             "writes kept during an L2 failure replayed"
         );
-        for keys in written.chunks(KEYS_PER_MESSAGE) {
+        let mut changed = written;
+        changed.extend(superseded);
+        for keys in changed.chunks(KEYS_PER_MESSAGE) {
             let deadline = self.deadline();
             // Retried once later if it fails (the backplane may come back after the L2).
             self.publish(Invalidation::Keys(keys.to_vec()), deadline)
