@@ -22,6 +22,7 @@ use crate::config::RedisConfig;
 use crate::errors::map_error;
 use crate::managed::ManagedSocket;
 use crate::pushing::PushingSocket;
+use crate::take_back::{self, Sent, TakeBack};
 
 #[derive(Clone)]
 enum Link {
@@ -32,6 +33,7 @@ enum Link {
 }
 
 /// What one request goes on: the link's connection at the time of the call.
+#[derive(Clone)]
 enum Handle {
     Managed(ConnectionManager),
     Direct(MultiplexedConnection),
@@ -93,6 +95,8 @@ pub(crate) struct Connection {
     link: Link,
     /// The in-flight bound. (async-lock's semaphore: tokio's takes a lock on every release.)
     permits: Arc<async_lock::Semaphore>,
+    /// The bound on writes being taken back (see [`TakeBack`]).
+    take_backs: Arc<async_lock::Semaphore>,
     response_timeout: Duration,
     /// How long a connect may take: the connect timeout plus one round trip to log in.
     connect_limit: Duration,
@@ -216,6 +220,7 @@ impl Connection {
         Ok(Self {
             link,
             permits: Arc::new(async_lock::Semaphore::new(config.max_in_flight)),
+            take_backs: Arc::new(async_lock::Semaphore::new(take_back::MAX_PENDING)),
             response_timeout: config.response_timeout,
             connect_limit: limit,
             endpoint,
@@ -300,6 +305,39 @@ impl Connection {
     ) -> Result<T> {
         self.guarded(operation, |mut handle| async move {
             cmd.query_async(&mut handle).await
+        })
+        .await
+    }
+
+    /// A write, [`query`](Self::query) as any command, that is taken back if it gets no reply
+    /// (see [`TakeBack`]): a `SET` whose call times out must not land later over what was
+    /// written since.
+    pub(crate) async fn write<T: FromRedisValue>(
+        &self,
+        operation: &'static str,
+        cmd: &Cmd,
+    ) -> Result<T> {
+        self.guarded(operation, |mut handle| async move {
+            let take_back = TakeBack::arm(handle.clone(), Sent::Command(cmd), &self.take_backs);
+            let result = cmd.query_async(&mut handle).await;
+            take_back.disarm_if_answered(&result);
+            result
+        })
+        .await
+    }
+
+    /// [`write`](Self::write) of a pipeline. In a cluster every command of it must address
+    /// one slot.
+    pub(crate) async fn write_pipeline<T: FromRedisValue>(
+        &self,
+        operation: &'static str,
+        pipe: &Pipeline,
+    ) -> Result<T> {
+        self.guarded(operation, |mut handle| async move {
+            let take_back = TakeBack::arm(handle.clone(), Sent::Pipeline(pipe), &self.take_backs);
+            let result = pipe.query_async(&mut handle).await;
+            take_back.disarm_if_answered(&result);
+            result
         })
         .await
     }

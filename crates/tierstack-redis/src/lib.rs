@@ -51,6 +51,7 @@ mod pushing;
 mod quota;
 mod store;
 mod structures;
+mod take_back;
 
 pub use backplane::RedisBackplane;
 pub use config::RedisConfig;

@@ -60,6 +60,17 @@ const COMPARE_AND_SET_SCRIPT: &str = "local kind = redis.call('TYPE', KEYS[1]).o
      else redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) end
      return 1";
 
+/// What becomes of a write that gets no reply and reaches Redis later.
+#[derive(Clone, Copy)]
+enum Late {
+    /// It lands: a delete, a tombstone or an expiry landing late over a newer write costs
+    /// that write a reload at most.
+    Lands,
+    /// It is taken back (see `take_back`): a value landing late over a newer one would be
+    /// served for its whole TTL.
+    TakenBack,
+}
+
 /// How many keys one SCAN step asks for, and one UNLINK removes, during `delete_prefix`.
 const SCAN_BATCH: usize = 1_000;
 
@@ -291,19 +302,24 @@ impl RedisStore {
     /// eviction announced for a write that the server refused is harmless.
     ///
     /// The write's refusal is the call's error; a refused publish (the write stands) is an
-    /// error too, naming `publish`, because other instances keep their copy.
+    /// error too, naming `publish`, because other instances keep their copy. With
+    /// `Late::TakenBack`, a `SET` that gets no reply is taken back (see `take_back`).
     async fn write_announced<T: FromRedisValue>(
         &self,
         operation: &'static str,
         write: Cmd,
         announcements: Vec<Vec<u8>>,
+        late: Late,
     ) -> Result<T> {
         let Some(announcer) = self
             .announcer
             .as_ref()
             .filter(|_| !announcements.is_empty())
         else {
-            return self.conn.query(operation, &write).await;
+            return match late {
+                Late::TakenBack => self.conn.write(operation, &write).await,
+                Late::Lands => self.conn.query(operation, &write).await,
+            };
         };
         let mut pipeline = Pipeline::with_capacity(1 + announcements.len());
         // Each command's own reply, a refusal included: the write and the publish fail apart.
@@ -314,7 +330,10 @@ impl RedisStore {
             publish.arg("PUBLISH").arg(&announcer.channel).arg(message);
             pipeline.add_command(publish);
         }
-        let replies: Vec<Value> = self.conn.pipeline(operation, &pipeline).await?;
+        let replies: Vec<Value> = match late {
+            Late::TakenBack => self.conn.write_pipeline(operation, &pipeline).await?,
+            Late::Lands => self.conn.pipeline(operation, &pipeline).await?,
+        };
         let mut replies = replies.into_iter();
         let written = replies
             .next()
@@ -496,7 +515,7 @@ impl Store for RedisStore {
         let mut command = self.key_command("SET", key, 3, value.len() + MILLIS_ARGS_LEN)?;
         command.arg(value.as_ref()).arg("PX").arg(millis(ttl));
         let announcements = self.announcements([key]);
-        self.write_announced::<()>("set", command, announcements)
+        self.write_announced::<()>("set", command, announcements, Late::TakenBack)
             .await
     }
 
@@ -533,7 +552,7 @@ impl Store for RedisStore {
                         .ignore();
                 }
             }
-            async move { self.conn.pipeline::<()>("set", &pipeline).await }
+            async move { self.conn.write_pipeline::<()>("set", &pipeline).await }
         });
         for result in futures_util::future::join_all(requests).await {
             result?;
@@ -568,7 +587,7 @@ impl Store for RedisStore {
             .arg("GET");
         let announcements = self.announcements([key]);
         match self
-            .write_announced::<Option<Vec<u8>>>("set", command, announcements.clone())
+            .write_announced::<Option<Vec<u8>>>("set", command, announcements.clone(), Late::Lands)
             .await
         {
             Ok(old) => Ok(old.map(Bytes::from)),
@@ -577,7 +596,7 @@ impl Store for RedisStore {
             Err(error) if is_wrong_type(&error) => {
                 let mut command = self.key_command("SET", key, 3, value.len() + MILLIS_ARGS_LEN)?;
                 command.arg(value.as_ref()).arg("PX").arg(millis(ttl));
-                self.write_announced::<()>("set", command, announcements)
+                self.write_announced::<()>("set", command, announcements, Late::Lands)
                     .await?;
                 Ok(Some(Bytes::new()))
             }
@@ -586,7 +605,7 @@ impl Store for RedisStore {
             Err(error) if is_out_of_memory(&error) => {
                 let command = self.key_command("UNLINK", key, 0, 0)?;
                 let removed: u64 = self
-                    .write_announced("delete", command, announcements)
+                    .write_announced("delete", command, announcements, Late::Lands)
                     .await?;
                 Ok((removed > 0).then(Bytes::new))
             }
@@ -638,7 +657,7 @@ impl Store for RedisStore {
         let command = self.key_command("UNLINK", key, 0, 0)?;
         let announcements = self.announcements([key]);
         let removed: u64 = self
-            .write_announced("delete", command, announcements)
+            .write_announced("delete", command, announcements, Late::Lands)
             .await?;
         Ok(removed > 0)
     }
@@ -655,7 +674,9 @@ impl Store for RedisStore {
                 command.arg(key);
             }
             let announcements = self.announcements(keys.iter().copied());
-            return self.write_announced("delete", command, announcements).await;
+            return self
+                .write_announced("delete", command, announcements, Late::Lands)
+                .await;
         }
         self.unlink(&redis_keys).await
     }
@@ -686,7 +707,7 @@ impl Store for RedisStore {
             .arg(&expires_at.to_le_bytes()[..]);
         let announcements = self.announcements([key]);
         let updated: u64 = self
-            .write_announced("expire", command, announcements)
+            .write_announced("expire", command, announcements, Late::Lands)
             .await?;
         Ok(updated > 0)
     }

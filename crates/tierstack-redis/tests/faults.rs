@@ -507,11 +507,13 @@ async fn two_writers(server: &RedisServer, paired: bool) -> [TieredCache<String>
     caches.try_into().unwrap()
 }
 
-/// A write that times out may still land (the server had it queued). The writer must not leave
-/// the others serving the old value: with a paired store the announcement lands with the write;
-/// otherwise the writer invalidates on failure, and again one timeout later.
+/// A write that times out may still land (the server had it queued); the store takes it back
+/// right after (see `a_write_that_timed_out_behind_a_partition_does_not_land_over_a_later_one`).
+/// The writer must not leave the others serving the old value: with a paired store the
+/// announcement lands with the write (and again with its take-back); otherwise the writer
+/// invalidates on failure, and again one timeout later.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_timed_out_write_that_lands_later_still_reaches_every_instance() {
+async fn a_timed_out_write_that_lands_later_leaves_no_instance_serving_the_old_value() {
     for paired in [true, false] {
         let server = private_redis(&[]);
         let [a, b] = two_writers(&server, paired).await;
@@ -521,14 +523,16 @@ async fn a_timed_out_write_that_lands_later_still_reaches_every_instance() {
         server.cli(&["CLIENT", "PAUSE", "600", "WRITE"]);
         let err = a.set("k", "new".into()).await.unwrap_err();
         assert!(matches!(err, CacheError::Timeout { .. }), "{err:?}");
-        eventually(&format!("paired {paired}: the write landed"), async || {
-            server.cli(&["GET", "late:k"]).contains("new")
-        })
+        eventually(
+            &format!("paired {paired}: landed and taken back"),
+            async || server.cli(&["EXISTS", "late:k"]).trim() == "0",
+        )
         .await;
         for (name, cache) in [("the writer", &a), ("the other", &b)] {
-            eventually(&format!("paired {paired}: {name} serves it"), async || {
-                cache.get("k").await.unwrap().as_deref() == Some("new")
-            })
+            eventually(
+                &format!("paired {paired}: {name} serves no old value"),
+                async || cache.get("k").await.unwrap().is_none(),
+            )
             .await;
         }
     }
@@ -570,4 +574,81 @@ async fn a_paused_server_opens_the_circuit_breaker_and_it_closes_after_the_pause
     }
     cache.invalidate_local("k");
     assert_eq!(cache.get("k").await.unwrap(), Some("v".into()));
+}
+
+/// A `SET` held by a partition past its timeout reaches Redis once the link heals, after the
+/// writes that came since: the store takes it back (a compare-and-delete sent after it on the
+/// same connection), so Redis does not keep the older value for its whole TTL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_that_timed_out_behind_a_partition_does_not_land_over_a_later_one() {
+    let (server, relay, store) = store_behind_relay().await;
+    let direct = RedisStore::connect(&RedisConfig::from_url(&server.url()).unwrap())
+        .await
+        .unwrap();
+    relay.freeze();
+    let err = store
+        .set("silent", "late".into(), Duration::from_secs(60))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, CacheError::Timeout { .. }), "{err:?}");
+    direct
+        .set("silent", "later".into(), Duration::from_secs(60))
+        .await
+        .unwrap();
+    relay.thaw();
+    // Answered on the same connection, so after the late write and its take-back.
+    eventually("the healed link answers", async || {
+        store.exists("x").await.is_ok()
+    })
+    .await;
+    let held = direct.get("silent").await.unwrap();
+    assert_ne!(held.as_deref(), Some(&b"late"[..]), "the late write stayed");
+    // The take-back (answered before the read above) removes only what the late write put:
+    // a write after it stays.
+    direct
+        .set("silent", "latest".into(), Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(
+        direct.get("silent").await.unwrap().as_deref(),
+        Some(&b"latest"[..])
+    );
+}
+
+/// The same when the cache gives up on the write first (its L2 timeout is shorter than the
+/// store's): the store's call is dropped unanswered, and the write is still taken back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_the_cache_gave_up_on_does_not_land_over_a_later_one() {
+    let (server, relay, store) = store_behind_relay().await;
+    let cache: TieredCache<String> = TieredCache::builder("late")
+        .l2(Arc::new(store))
+        .l2_timeout(Duration::from_millis(50))
+        .build()
+        .unwrap();
+    let other: TieredCache<String> = TieredCache::builder("late")
+        .l2(Arc::new(
+            RedisStore::connect(&RedisConfig::from_url(&server.url()).unwrap())
+                .await
+                .unwrap(),
+        ))
+        .without_l1()
+        .build()
+        .unwrap();
+    relay.freeze();
+    let err = cache.set("k", "late".into()).await.unwrap_err();
+    assert!(matches!(err, CacheError::Timeout { .. }), "{err:?}");
+    other.set("k", "later".into()).await.unwrap();
+    relay.thaw();
+    // The take-back was queued by a task when the call was dropped, during the partition:
+    // behind the late write on its connection, and before this read.
+    let strict = cache.default_options().with_l2_errors_returned(true);
+    eventually("the healed link answers", async || {
+        cache.get_with("x", &strict).await.is_ok()
+    })
+    .await;
+    assert_ne!(
+        other.get("k").await.unwrap().as_deref(),
+        Some("late"),
+        "the late write stayed"
+    );
 }

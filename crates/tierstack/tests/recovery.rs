@@ -55,6 +55,8 @@ async fn a_write_the_l2_failed_is_kept_and_replayed_once_it_answers() {
     a.set("k", "old".into()).await.unwrap();
     tokio::time::sleep(RETRY).await; // paused clock: B hears of the write
     assert_eq!(b.get("k").await.unwrap(), Some("old".into()));
+    // A millisecond later (a write of the same millisecond is another test's).
+    fx.clock.advance(Duration::from_millis(1));
     a_l2.set_failing(true);
     a.set_with("k", "new".into(), &recovering()).await.unwrap();
     assert!(a.delete_with("gone", &recovering()).await.is_ok());
@@ -95,6 +97,35 @@ async fn a_replay_never_overwrites_a_later_write_of_another_instance() {
     for cache in [&a, &b] {
         assert_eq!(cache.get("k").await.unwrap(), Some("b's, later".into()));
         assert_eq!(cache.get("d").await.unwrap(), None);
+    }
+}
+
+/// Write times are in milliseconds: a write of another instance in the same millisecond as a
+/// kept one may have come before it or after it. The replay writes neither: it removes the
+/// entry, and every instance then loads the origin's value. (A replay that won the tie kept
+/// an older value in the L2 for its whole TTL when the other write was the later one; the
+/// races test found it.)
+#[tokio::test(start_paused = true)]
+async fn a_replay_removes_a_write_of_the_same_millisecond_rather_than_guess_the_order() {
+    let fx = Fixture::new();
+    let bus = MemoryBus::new();
+    let (a, a_l2) = instance(&fx, &bus, 100);
+    let (b, _) = instance(&fx, &bus, 100);
+    a_l2.set_failing(true);
+    a.set_with("k", "a's, kept".into(), &recovering())
+        .await
+        .unwrap();
+    b.set("k", "b's, same millisecond".into()).await.unwrap();
+    a_l2.set_failing(false);
+    tokio::time::sleep(RETRY * 2).await; // paused clock: the replay
+    assert_eq!(a.stats().writes_replayed, 1);
+    assert!(!fx.holds("test:k").await, "neither write stays in L2");
+    for cache in [&a, &b] {
+        assert_eq!(
+            reload(cache).await,
+            "reloaded",
+            "told, and loads the origin's"
+        );
     }
 }
 
@@ -437,4 +468,66 @@ async fn a_value_loaded_over_a_stale_kept_write_lands_in_an_empty_l2() {
     let envelope = Envelope::parse::<BincodeCodec>(&stored, usize::MAX).unwrap();
     let value: String = BincodeCodec::default().decode(envelope.payload).unwrap();
     assert_eq!(value, "fresh");
+}
+
+/// A load that began before another instance's kept write, and whose fill reaches the L2 first
+/// (after the outage), loses to that write's replay: the loaded value is as old as its
+/// loader's start, and the entry says so. (Stamped with the time of its fill, it passed for
+/// newer and the replay stood down: the L2 kept the older value for its whole TTL.)
+#[tokio::test(start_paused = true)]
+async fn a_load_that_began_before_a_kept_write_loses_to_its_replay() {
+    for batched in [false, true] {
+        let fx = Fixture::new();
+        // Apart, as when the outage takes the backplane down too: A does not hear of B's
+        // write before its fill.
+        let (a, _) = instance(&fx, &MemoryBus::new(), 100);
+        let (b, b_l2) = instance(&fx, &MemoryBus::new(), 100);
+        let release = Arc::new(tokio::sync::Notify::new());
+        let started = Arc::new(tokio::sync::Notify::new());
+        let load = {
+            let (a, release, started) = (a.clone(), release.clone(), started.clone());
+            tokio::spawn(async move {
+                // The database's value when the loader reads it.
+                if batched {
+                    a.get_or_load_many(&["k"], |_| async move {
+                        started.notify_one();
+                        release.notified().await;
+                        Ok::<_, std::io::Error>(std::collections::HashMap::from([(
+                            "k".to_owned(),
+                            "loaded before".to_owned(),
+                        )]))
+                    })
+                    .await
+                    .map(|_| ())
+                } else {
+                    a.get_or_load("k", || async move {
+                        started.notify_one();
+                        release.notified().await;
+                        Ok::<_, std::io::Error>("loaded before".to_owned())
+                    })
+                    .await
+                    .map(|_| ())
+                }
+            })
+        };
+        started.notified().await;
+        // Meanwhile, B writes the key during its outage: kept for a replay.
+        fx.clock.advance(Duration::from_millis(5));
+        b_l2.set_failing(true);
+        b.set_with("k", "written later".into(), &recovering())
+            .await
+            .unwrap();
+        // The load's fill reaches the L2 later still, before B's replay.
+        fx.clock.advance(Duration::from_millis(5));
+        release.notify_one();
+        load.await.unwrap().unwrap();
+        a.wait_for_background_fills().await;
+        b_l2.set_failing(false);
+        tokio::time::sleep(RETRY * 2).await; // paused clock: B's replay
+        assert_eq!(b.stats().writes_replayed, 1, "batched {batched}");
+        let stored = fx.l2.get("test:k").await.unwrap().expect("cached in L2");
+        let envelope = Envelope::parse::<BincodeCodec>(&stored, usize::MAX).unwrap();
+        let value: String = BincodeCodec::default().decode(envelope.payload).unwrap();
+        assert_eq!(value, "written later", "batched {batched}");
+    }
 }

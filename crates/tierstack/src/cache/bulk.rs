@@ -10,6 +10,7 @@ use bytes::Bytes;
 use futures_util::FutureExt;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use tierstack_core::clock::Timestamp;
 use tierstack_core::key::fingerprint;
 use tierstack_core::{Codec, Result};
 
@@ -17,7 +18,7 @@ use tierstack_core::envelope;
 
 use super::Inner;
 use super::load::Fallback;
-use super::read::L2Read;
+use super::read::{L2Read, Life};
 use crate::error::LoadError;
 use crate::events::StaleReason;
 use crate::freshness::{KeyWatch, Snapshot};
@@ -129,6 +130,7 @@ where
             return Ok(found.into_iter().map(Option::flatten).collect());
         }
         let started = Instant::now();
+        let loaded_since = self.clock.now();
         let request: Vec<String> = missing.iter().map(|m| m.key.to_owned()).collect();
         let run = AssertUnwindSafe(async move { loader(request).await }).catch_unwind();
         // The hard timeout cancels the batch loader (it runs in the caller's task).
@@ -152,7 +154,7 @@ where
                     .map(|missing| origin_values.remove(missing.key))
                     .collect();
                 let seen = missing.iter_mut().map(|missing| missing.seen.take());
-                self.store_loaded_many(&watches, &values, seen.collect(), options)
+                self.store_loaded_many(&watches, &values, seen.collect(), options, loaded_since)
                     .await;
                 values
             }
@@ -385,13 +387,15 @@ where
 
     /// Writes what a batched loader returned to L2, each key over exactly what its read saw
     /// there (as a single key's fill does; the writes go out together), then to L1, skipping
-    /// keys that changed since their watch began.
+    /// keys that changed since their watch began. Their entries record when the loader
+    /// started as their write time, as a single key's fill does (see `Caching::since`).
     async fn store_loaded_many(
         &self,
         watches: &[KeyWatch],
         values: &[Option<V>],
         seen: Vec<Option<Bytes>>,
         options: &EntryOptions,
+        loaded_since: Timestamp,
     ) {
         let deadline = self.deadline();
         // As for a single key's fill: under the keys' locks, a `delete` or `touch` of one of them
@@ -418,6 +422,10 @@ where
                 (Some(_), _) => Self::life(options, options.ttl()),
                 (None, Some(negative)) => Self::life(&options.without_fail_safe(), negative),
                 (None, None) => continue,
+            };
+            let life = Life {
+                written_at: Some(loaded_since),
+                ..life
             };
             match self.encode_with_life(watch.key(), value.as_ref(), &life) {
                 Ok(bytes) => writes.push((watch, value, life, bytes, seen)),

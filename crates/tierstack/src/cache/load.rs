@@ -203,6 +203,7 @@ where
         let key = key.as_str();
         self.recorder.miss(key);
         let started = Instant::now();
+        let loaded_since = self.clock.now();
         // A panicking loader is caught here and becomes every waiter's outcome.
         let run = AssertUnwindSafe(guard.run_marked(async move { loader().await })).catch_unwind();
         let ran = match hard_deadline {
@@ -231,7 +232,7 @@ where
                     ttl.or(options.negative_ttl())
                 };
                 let caching = self
-                    .caching_of(key, ttl.filter(|_| cache), &tags, tag_mark)
+                    .caching_of(key, ttl.filter(|_| cache), &tags, tag_mark, loaded_since)
                     .await;
                 let cached_for = match (lease, caching) {
                     (Some(lease), caching) => {
@@ -279,10 +280,15 @@ where
         ttl: Option<Duration>,
         tags: &[String],
         tag_mark: u64,
+        since: Timestamp,
     ) -> Option<Caching> {
         let ttl = ttl?;
         if tags.is_empty() {
-            return Some(Caching { ttl, tags: None });
+            return Some(Caching {
+                ttl,
+                tags: None,
+                since,
+            });
         }
         let tags = match validate_tags(tags) {
             Ok(tags) => tags,
@@ -302,7 +308,11 @@ where
             tracing::debug!(cache = %self.namespace, key = %fingerprint(key), "a tag of the loaded value changed during the load: not cached");
             return None;
         }
-        Some(Caching { ttl, tags: stamps })
+        Some(Caching {
+            ttl,
+            tags: stamps,
+            since,
+        })
     }
 
     /// A flight whose loader failed, panicked or timed out (or that timed out waiting for
@@ -576,7 +586,7 @@ where
         inline: bool,
     ) -> Option<Duration> {
         let key = watch.key().to_owned();
-        let Caching { ttl, tags } = caching;
+        let Caching { ttl, tags, since } = caching;
         if let Err(error) = validate_ttl(ttl) {
             // A loader's own TTL (adaptive options) out of range: served, not cached.
             tracing::warn!(cache = %self.namespace, key = %fingerprint(&key), error = %error, "loaded value not cached");
@@ -587,6 +597,7 @@ where
             Some(_) => Self::life(options, ttl),
             None => Self::life(&options.without_fail_safe(), ttl),
         };
+        life.written_at = Some(since);
         if tags.is_some() {
             if let Err(error) = self.check_tagged_life(&life) {
                 tracing::warn!(cache = %self.namespace, key = %fingerprint(&key), error = %error, "loaded value not cached");
@@ -759,6 +770,12 @@ impl<V: Clone> Fallback<V> {
 pub(super) struct Caching {
     pub(super) ttl: Duration,
     pub(super) tags: Option<TagStamps>,
+    /// When the loader started: the value is at least that recent, and its entry records
+    /// that time as its write time. A write kept for a replay from after it then wins over
+    /// the loaded value, and one from before it loses (`replay_one`), whichever reaches the
+    /// L2 first: a fill written after an outage must not pass for newer than a write made
+    /// during it.
+    pub(super) since: Timestamp,
 }
 
 /// Why a load gave no value.

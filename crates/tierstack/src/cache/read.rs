@@ -321,7 +321,8 @@ where
         self.deaf.load(std::sync::atomic::Ordering::SeqCst)
     }
 
-    /// The envelope of `value` (or of a negative entry) under `key`, written now for `life`.
+    /// The envelope of `value` (or of a negative entry) under `key`, written now for `life`;
+    /// its write time is `life`'s, if it has one (a loaded value's: when its loader started).
     pub(super) fn encode_with_life(
         &self,
         key: &str,
@@ -330,7 +331,7 @@ where
     ) -> Result<Bytes> {
         let now = self.clock.now();
         let lifetime = Lifetime {
-            written_at: now,
+            written_at: life.written_at.map_or(now, |at| at.min(now)),
             fresh_until: now.saturating_add(life.fresh),
             expires_at: now.saturating_add(life.lives),
             stale: life.stale,

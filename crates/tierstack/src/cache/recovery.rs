@@ -283,12 +283,19 @@ where
                 match current {
                     None => ReplayWrite::IfAbsent,
                     Some(current) if current == kept.bytes => return Ok(Replayed::Written),
-                    // Write times are in milliseconds: a tie goes to the replay (the usual
-                    // case is this instance's own write just before the failed one).
                     Some(current)
                         if stored_written_at(&current).is_ok_and(|at| at > written_at) =>
                     {
                         return Ok(Replayed::Superseded);
+                    }
+                    // Write times are in milliseconds: a tie does not say which write came
+                    // first (this instance's own just before the failed one, or another
+                    // instance's in the same millisecond). Neither value is written: the entry
+                    // is removed, and the next read loads the origin's.
+                    Some(current)
+                        if stored_written_at(&current).is_ok_and(|at| at == written_at) =>
+                    {
+                        ReplayWrite::RemoveUnordered(current)
                     }
                     Some(current) => ReplayWrite::Over(current),
                 }
@@ -311,6 +318,10 @@ where
                     } else {
                         Replayed::Expired
                     });
+                }
+                ReplayWrite::RemoveUnordered(current) => {
+                    let removal = l2.compare_and_set(&store_key, &current, None);
+                    self.l2_call(L2Op::Delete, deadline, removal).await?
                 }
                 ReplayWrite::IfAbsent => {
                     let write = l2.set_if_absent(&store_key, kept.bytes.clone(), ttl);
@@ -338,6 +349,9 @@ enum ReplayWrite {
     Over(Bytes),
     /// The kept write has expired: remove exactly these (older) bytes.
     Remove(Bytes),
+    /// These bytes were written in the same millisecond as the kept write: remove exactly
+    /// them (neither is known to be the later).
+    RemoveUnordered(Bytes),
 }
 
 /// The replay task's hold on its queue: a task that ends without finishing (cancelled with its
