@@ -22,7 +22,7 @@ use crate::config::RedisConfig;
 use crate::errors::map_error;
 use crate::managed::ManagedSocket;
 use crate::pushing::PushingSocket;
-use crate::take_back::{self, Sent, TakeBack};
+use crate::take_back::{Pending, Sent, TakeBack};
 
 #[derive(Clone)]
 enum Link {
@@ -96,7 +96,7 @@ pub(crate) struct Connection {
     /// The in-flight bound. (async-lock's semaphore: tokio's takes a lock on every release.)
     permits: Arc<async_lock::Semaphore>,
     /// The bound on writes being taken back (see [`TakeBack`]).
-    take_backs: Arc<async_lock::Semaphore>,
+    take_backs: Arc<Pending>,
     response_timeout: Duration,
     /// How long a connect may take: the connect timeout plus one round trip to log in.
     connect_limit: Duration,
@@ -220,7 +220,7 @@ impl Connection {
         Ok(Self {
             link,
             permits: Arc::new(async_lock::Semaphore::new(config.max_in_flight)),
-            take_backs: Arc::new(async_lock::Semaphore::new(take_back::MAX_PENDING)),
+            take_backs: Arc::new(Pending::new()),
             response_timeout: config.response_timeout,
             connect_limit: limit,
             endpoint,
@@ -318,7 +318,12 @@ impl Connection {
         cmd: &Cmd,
     ) -> Result<T> {
         self.guarded(operation, |mut handle| async move {
-            let take_back = TakeBack::arm(handle.clone(), Sent::Command(cmd), &self.take_backs);
+            let take_back = TakeBack::arm(
+                handle.clone(),
+                Sent::Command(cmd),
+                &self.take_backs,
+                self.is_cluster(),
+            );
             let result = cmd.query_async(&mut handle).await;
             take_back.disarm_if_answered(&result);
             result
@@ -334,7 +339,12 @@ impl Connection {
         pipe: &Pipeline,
     ) -> Result<T> {
         self.guarded(operation, |mut handle| async move {
-            let take_back = TakeBack::arm(handle.clone(), Sent::Pipeline(pipe), &self.take_backs);
+            let take_back = TakeBack::arm(
+                handle.clone(),
+                Sent::Pipeline(pipe),
+                &self.take_backs,
+                self.is_cluster(),
+            );
             let result = pipe.query_async(&mut handle).await;
             take_back.disarm_if_answered(&result);
             result

@@ -1,32 +1,45 @@
 //! Taking back a write whose reply never came.
 //!
-//! A `SET` that times out may still be on its way: held by a partition, it reaches Redis when
-//! the link heals, seconds later, over whatever was written since, and stays for its whole TTL.
-//! Its caller was told it failed; the writes after it were told they succeeded. So a write
-//! that gets no reply (its call times out, or its caller gives up on it) is followed, on the same
-//! connection, by one compare-and-delete per `SET` it sent: the key is removed if it holds
-//! exactly the value that write put there. Redis runs one connection's commands in order, so
-//! whenever the write arrives, its take-back runs after it; if a later write got there first,
-//! the take-back finds another value and leaves it.
+//! A `SET` that times out may still be on its way: held by a partition, or queued at a stalled
+//! server, it reaches Redis seconds later, over whatever was written since, and would stay for
+//! its whole TTL. Its caller was told it failed; the writes after it were told they succeeded.
+//! So a write that gets no reply (its call times out, or its caller gives up on it) is followed,
+//! on the same connection, by one script per `SET` it sent: if the key holds exactly that value
+//! (compared by SHA-1, so the value is not sent twice), it expires [`LINGER`] later. Redis runs
+//! one connection's commands in order, so whenever the write arrives, its take-back runs after
+//! it; a later write that got there first is left alone. The key lingers rather than goes at
+//! once: a load's `SET NX` queued behind it (a value read before the write) still finds it
+//! there and is refused, as it would be without the take-back.
 //!
-//! What is left: a read between the late write and its take-back (they arrive together and
-//! run back to back, so only if they are split across reads); a connection replaced in
-//! between, whose late bytes are no longer ordered with the take-back (it is sent on the
-//! replaced one while it still exists). At most [`MAX_PENDING`] take-backs wait at once;
-//! beyond that a write is not taken back (logged).
+//! Best effort, and what is left:
+//! - a read of the late value before it expires (its remaining life is at most [`LINGER`],
+//!   and the write's `PUBLISH`es are sent again after the take-back);
+//! - a connection replaced in between: standalone, the take-back goes on the write's
+//!   connection while it exists; in a cluster, redis-rs's cluster client routes it to whichever
+//!   connection serves the slot then, so a late write and its take-back may not be ordered;
+//! - a write never sent (its caller gave up before it left) whose take-back finds the same bytes
+//!   written since by another call (the cache's entries carry their write time, so two differ
+//!   unless written in the same millisecond);
+//! - at most [`MAX_PENDING`] take-backs wait at once per connection; beyond that a write is
+//!   not taken back (logged once per burst).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use redis::aio::ConnectionLike;
 use redis::{Arg, Cmd, Pipeline, RedisResult, Value};
 
-/// Removes `KEYS[1]` if it holds exactly `ARGV[1]` (a key of another type is left alone).
+/// Makes `KEYS[1]` expire in `ARGV[2]` milliseconds if it holds a value whose SHA-1 is
+/// `ARGV[1]` (a key of another type is left alone).
 const TAKE_BACK_SCRIPT: &str = "if redis.call('TYPE', KEYS[1]).ok == 'string'
-     and redis.call('GET', KEYS[1]) == ARGV[1] then
-       redis.call('UNLINK', KEYS[1]) return 1
+     and redis.sha1hex(redis.call('GET', KEYS[1])) == ARGV[1] then
+       redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1
      end
      return 0";
+
+/// How long a taken-back value stays before it expires.
+pub(crate) const LINGER: Duration = Duration::from_secs(1);
 
 /// The most take-backs waiting for their reply at once, per connection.
 pub(crate) const MAX_PENDING: usize = 1024;
@@ -43,33 +56,54 @@ pub(crate) enum Sent<'a> {
     Pipeline(&'a Pipeline),
 }
 
+/// The bound on a connection's pending take-backs, and whether the last one was turned away
+/// (so that a burst is logged once).
+pub(crate) struct Pending {
+    permits: Arc<async_lock::Semaphore>,
+    refusing: AtomicBool,
+}
+
+impl Pending {
+    pub(crate) fn new() -> Self {
+        Self {
+            permits: Arc::new(async_lock::Semaphore::new(MAX_PENDING)),
+            refusing: AtomicBool::new(false),
+        }
+    }
+}
+
 /// A write on its way. Dropped armed, it sends the take-back of each `SET` it holds on
 /// `connection`, on a task of its own.
 pub(crate) struct TakeBack<'a, H: ConnectionLike + Send + 'static> {
     connection: Option<H>,
     sent: Sent<'a>,
-    pending: &'a Arc<async_lock::Semaphore>,
+    pending: &'a Pending,
+    /// A cluster connection: its driver retries a request on other connections, so the last
+    /// attempt's answer says nothing of the first.
+    cluster: bool,
 }
 
 impl<'a, H: ConnectionLike + Send + 'static> TakeBack<'a, H> {
-    pub(crate) fn arm(
-        connection: H,
-        sent: Sent<'a>,
-        pending: &'a Arc<async_lock::Semaphore>,
-    ) -> Self {
+    pub(crate) fn arm(connection: H, sent: Sent<'a>, pending: &'a Pending, cluster: bool) -> Self {
         Self {
             connection: Some(connection),
             sent,
             pending,
+            cluster,
         }
     }
 
-    /// Keeps the write if Redis answered it (applied, or refused): only a write with no
-    /// answer may still be on its way.
+    /// Keeps the write if Redis answered it (applied, or refused) or if it never left (the
+    /// connection was refused): only a write with no answer may still be on its way.
     pub(crate) fn disarm_if_answered<T>(mut self, result: &RedisResult<T>) {
-        let unanswered = result.as_ref().is_err_and(|error| {
-            error.is_io_error() || error.is_timeout() || error.is_connection_dropped()
-        });
+        let unanswered = match result {
+            Ok(_) => false,
+            Err(error) if error.is_connection_refusal() => false,
+            Err(_) if self.cluster => true,
+            Err(error) => {
+                error.is_io_error() || error.is_timeout() || error.is_connection_dropped()
+            }
+        };
         if !unanswered {
             self.connection = None;
         }
@@ -87,13 +121,17 @@ impl<H: ConnectionLike + Send + 'static> Drop for TakeBack<'_, H> {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        let Some(permit) = self.pending.try_acquire_arc() else {
-            tracing::warn!(
-                pending = MAX_PENDING,
-                "a Redis write that got no reply is not taken back: too many take-backs wait"
-            );
+        let Some(permit) = self.pending.permits.try_acquire_arc() else {
+            if !self.pending.refusing.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    pending = MAX_PENDING,
+                    "Redis writes that got no reply are not taken back: too many take-backs \
+                     wait (logged once until one is taken back again)"
+                );
+            }
             return;
         };
+        self.pending.refusing.store(false, Ordering::Relaxed);
         runtime.spawn(async move {
             let reply = tokio::time::timeout(PATIENCE, undo.query_async::<Value>(&mut connection));
             let _ = reply.await;
@@ -102,14 +140,15 @@ impl<H: ConnectionLike + Send + 'static> Drop for TakeBack<'_, H> {
     }
 }
 
-/// The compare-and-deletes that take back each `SET key value …` of `sent`, if it holds any,
-/// followed by a copy of each `PUBLISH` it sent: an instance that read the late value in
-/// between hears of the key again.
+/// The take-backs of each `SET key value …` of `sent`, if it holds any, followed by a copy of
+/// each `PUBLISH` it sent: an instance that read the late value in between hears of the key
+/// again.
 fn take_backs(sent: Sent<'_>) -> Option<Pipeline> {
     let commands: Vec<&Cmd> = match sent {
         Sent::Command(command) => vec![command],
         Sent::Pipeline(pipeline) => pipeline.cmd_iter().collect(),
     };
+    let linger = u64::try_from(LINGER.as_millis()).unwrap_or(u64::MAX);
     let mut undo = Pipeline::new();
     let mut sets = 0;
     for command in &commands {
@@ -122,7 +161,8 @@ fn take_backs(sent: Sent<'_>) -> Option<Pipeline> {
                 .arg(TAKE_BACK_SCRIPT)
                 .arg(1)
                 .arg(key)
-                .arg(value)
+                .arg(sha1_smol::Sha1::from(value).digest().to_string())
+                .arg(linger)
                 .ignore();
             sets += 1;
         }
@@ -160,26 +200,32 @@ mod tests {
     }
 
     #[test]
-    fn each_set_is_taken_back_by_its_key_and_value_and_its_publishes_sent_again() {
+    fn each_set_is_taken_back_by_its_key_and_digest_and_its_publishes_sent_again() {
         let mut sent = Pipeline::new();
         sent.cmd("SET").arg("k1").arg(b"v1").arg("PX").arg(1000);
         sent.cmd("PUBLISH").arg("channel").arg("k1");
         sent.cmd("set").arg("k2").arg(b"v2").arg("PX").arg(1000);
         let undo = take_backs(Sent::Pipeline(&sent)).unwrap();
         let script = TAKE_BACK_SCRIPT.as_bytes().to_vec();
-        let eval = |key: &[u8], value: &[u8]| {
+        let eval = |key: &[u8], digest: &str| {
             vec![
                 b"EVAL".to_vec(),
                 script.clone(),
                 b"1".to_vec(),
                 key.to_vec(),
-                value.to_vec(),
+                digest.as_bytes().to_vec(),
+                b"1000".to_vec(),
             ]
         };
         let publish = vec![b"PUBLISH".to_vec(), b"channel".to_vec(), b"k1".to_vec()];
+        // SHA-1 of "v1" and "v2", as Redis's `sha1hex` spells them.
         assert_eq!(
             args(&undo),
-            vec![eval(b"k1", b"v1"), eval(b"k2", b"v2"), publish]
+            vec![
+                eval(b"k1", "5a6df720540c20d95d530d3fd6885511223d5d20"),
+                eval(b"k2", "a1047eab1035d58682a53557e0b2a75edbfd15fd"),
+                publish
+            ]
         );
     }
 

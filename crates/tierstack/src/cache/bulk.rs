@@ -423,11 +423,12 @@ where
                 (None, Some(negative)) => Self::life(&options.without_fail_safe(), negative),
                 (None, None) => continue,
             };
-            let life = Life {
+            // The entry records when the loader started; L1's eager refresh counts from now.
+            let recorded = Life {
                 written_at: Some(loaded_since),
-                ..life
+                ..life.clone()
             };
-            match self.encode_with_life(watch.key(), value.as_ref(), &life) {
+            match self.encode_with_life(watch.key(), value.as_ref(), &recorded) {
                 Ok(bytes) => writes.push((watch, value, life, bytes, seen)),
                 Err(error) => {
                     tracing::warn!(cache = %self.namespace, key = %fingerprint(watch.key()), error = %error, "loaded value not cached");

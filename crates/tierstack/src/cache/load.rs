@@ -597,7 +597,6 @@ where
             Some(_) => Self::life(options, ttl),
             None => Self::life(&options.without_fail_safe(), ttl),
         };
-        life.written_at = Some(since);
         if tags.is_some() {
             if let Err(error) = self.check_tagged_life(&life) {
                 tracing::warn!(cache = %self.namespace, key = %fingerprint(&key), error = %error, "loaded value not cached");
@@ -612,7 +611,13 @@ where
             let kept = life.to_l1 && self.l1.is_some() && !self.is_deaf();
             return kept.then_some(life.fresh);
         }
-        let bytes = match self.encode_with_life(&key, value, &life) {
+        // The entry records when the loader started (see `Caching::since`); L1 counts the
+        // value's age for eager refresh from now, as before.
+        let recorded = Life {
+            written_at: Some(since),
+            ..life.clone()
+        };
+        let bytes = match self.encode_with_life(&key, value, &recorded) {
             Ok(bytes) => bytes,
             Err(error) => {
                 // Served to the callers, but cached in neither tier.

@@ -13,7 +13,7 @@ use bytes::Bytes;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tierstack_core::backplane::Invalidation;
-use tierstack_core::envelope::Envelope;
+use tierstack_core::envelope::{self, Envelope};
 use tierstack_core::{CacheError, Codec, Result};
 use tokio::time::Instant;
 
@@ -291,10 +291,14 @@ where
                     // Write times are in milliseconds: a tie does not say which write came
                     // first (this instance's own just before the failed one, or another
                     // instance's in the same millisecond). Neither value is written: the entry
-                    // is removed, and the next read loads the origin's.
+                    // is removed, and the next read loads the origin's. A delete's tombstone
+                    // stays (it keeps out a load that saw the key before it).
                     Some(current)
                         if stored_written_at(&current).is_ok_and(|at| at == written_at) =>
                     {
+                        if envelope::is_tombstone(&current) {
+                            return Ok(Replayed::Superseded);
+                        }
                         ReplayWrite::RemoveUnordered(current)
                     }
                     Some(current) => ReplayWrite::Over(current),
@@ -321,7 +325,12 @@ where
                 }
                 ReplayWrite::RemoveUnordered(current) => {
                     let removal = l2.compare_and_set(&store_key, &current, None);
-                    self.l2_call(L2Op::Delete, deadline, removal).await?
+                    if self.l2_call(L2Op::Delete, deadline, removal).await? {
+                        // The kept write is not in the L2 either: this instance's copy goes
+                        // too, and the others hear of the key.
+                        return Ok(Replayed::Superseded);
+                    }
+                    continue;
                 }
                 ReplayWrite::IfAbsent => {
                     let write = l2.set_if_absent(&store_key, kept.bytes.clone(), ttl);
