@@ -22,7 +22,8 @@ use crate::config::RedisConfig;
 use crate::errors::map_error;
 use crate::managed::ManagedSocket;
 use crate::pushing::PushingSocket;
-use crate::take_back::{Pending, Sent, TakeBack};
+pub(crate) use crate::take_back::Sent;
+use crate::take_back::{Pending, TakeBack};
 
 #[derive(Clone)]
 enum Link {
@@ -309,43 +310,22 @@ impl Connection {
         .await
     }
 
-    /// A write, [`query`](Self::query) as any command, that is taken back if it gets no reply
-    /// (see [`TakeBack`]): a `SET` whose call times out must not land later over what was
-    /// written since.
+    /// A write (one command, or a pipeline whose commands all address one slot in a
+    /// cluster), sent as [`query`](Self::query) sends any, that is taken back if it gets no
+    /// reply (see [`TakeBack`]): a `SET` whose call times out must not land later over what
+    /// was written since.
     pub(crate) async fn write<T: FromRedisValue>(
         &self,
         operation: &'static str,
-        cmd: &Cmd,
+        sent: Sent<'_>,
     ) -> Result<T> {
         self.guarded(operation, |mut handle| async move {
-            let take_back = TakeBack::arm(
-                handle.clone(),
-                Sent::Command(cmd),
-                &self.take_backs,
-                self.is_cluster(),
-            );
-            let result = cmd.query_async(&mut handle).await;
-            take_back.disarm_if_answered(&result);
-            result
-        })
-        .await
-    }
-
-    /// [`write`](Self::write) of a pipeline. In a cluster every command of it must address
-    /// one slot.
-    pub(crate) async fn write_pipeline<T: FromRedisValue>(
-        &self,
-        operation: &'static str,
-        pipe: &Pipeline,
-    ) -> Result<T> {
-        self.guarded(operation, |mut handle| async move {
-            let take_back = TakeBack::arm(
-                handle.clone(),
-                Sent::Pipeline(pipe),
-                &self.take_backs,
-                self.is_cluster(),
-            );
-            let result = pipe.query_async(&mut handle).await;
+            let take_back =
+                TakeBack::arm(handle.clone(), sent, &self.take_backs, self.is_cluster());
+            let result = match sent {
+                Sent::Command(cmd) => cmd.query_async(&mut handle).await,
+                Sent::Pipeline(pipe) => pipe.query_async(&mut handle).await,
+            };
             take_back.disarm_if_answered(&result);
             result
         })

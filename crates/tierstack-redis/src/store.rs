@@ -19,7 +19,7 @@ use tierstack_core::{CacheError, Result};
 
 use crate::backplane::RedisBackplane;
 use crate::config::RedisConfig;
-use crate::connection::{Connection, by_slot};
+use crate::connection::{Connection, Sent, by_slot};
 use crate::errors::{is_out_of_memory, is_wrong_type};
 
 /// `expire` of one key: its TTL and, if its bytes are an envelope, the expiry written in them,
@@ -317,7 +317,7 @@ impl RedisStore {
             .filter(|_| !announcements.is_empty())
         else {
             return match late {
-                Late::TakenBack => self.conn.write(operation, &write).await,
+                Late::TakenBack => self.conn.write(operation, Sent::Command(&write)).await,
                 Late::Lands => self.conn.query(operation, &write).await,
             };
         };
@@ -331,7 +331,11 @@ impl RedisStore {
             pipeline.add_command(publish);
         }
         let replies: Vec<Value> = match late {
-            Late::TakenBack => self.conn.write_pipeline(operation, &pipeline).await?,
+            Late::TakenBack => {
+                self.conn
+                    .write(operation, Sent::Pipeline(&pipeline))
+                    .await?
+            }
             Late::Lands => self.conn.pipeline(operation, &pipeline).await?,
         };
         let mut replies = replies.into_iter();
@@ -552,7 +556,11 @@ impl Store for RedisStore {
                         .ignore();
                 }
             }
-            async move { self.conn.write_pipeline::<()>("set", &pipeline).await }
+            async move {
+                self.conn
+                    .write::<()>("set", Sent::Pipeline(&pipeline))
+                    .await
+            }
         });
         for result in futures_util::future::join_all(requests).await {
             result?;

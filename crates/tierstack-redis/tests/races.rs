@@ -3,49 +3,21 @@
 
 mod common;
 
-use std::convert::Infallible;
+#[path = "../../tierstack-test-support/races/model.rs"]
+mod model;
+
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use common::{Partition, RedisServer, private_redis};
-use tierstack::{CircuitBreaker, EntryOptions, FailSafe, TieredCache, WriteRecovery};
+use model::{Course, Origin, Policies, key, settle, start_racing, stop_racing};
+use tierstack::TieredCache;
 use tierstack_redis::{RedisBackplane, RedisConfig, RedisStore};
 
 /// Enough keys that the calls after the restart leave most of them alone: what an instance
 /// serves for those was settled by the outage and the restart alone.
 const KEYS: usize = 512;
-/// A bound on each task's calls, whatever the machine's speed: far above what a task makes in
-/// the race's 2.3 s (about 20,000 while a breaker answers calls at once), so that the bound
-/// never ends a task before the fault is over.
-const MAX_OPS_PER_TASK: u64 = 1_000_000;
-
-fn key(i: usize) -> String {
-    format!("k{i}")
-}
-
-/// A small deterministic generator (xorshift), so that each task's mix of calls is the same
-/// from run to run; the interleaving is not.
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: usize) -> usize {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        usize::try_from(self.0 % n as u64).unwrap()
-    }
-}
-
-/// How the instances are configured.
-#[derive(Clone, Copy)]
-enum Policies {
-    /// The defaults.
-    Plain,
-    /// What a service that must ride out outages turns on: circuit breakers on L2 and on the
-    /// backplane, fail-safe, and write recovery (writes that fail are kept and replayed).
-    Resilient,
-}
 
 /// Three instances: two on a store and a backplane of their own, one on a store paired with its
 /// backplane; the first reaches Redis through `first`, the others through `others`. Short
@@ -75,115 +47,9 @@ async fn instances(
             .backplane(Arc::new(backplane))
             .default_ttl(Duration::from_hours(1))
             .l2_timeout(Duration::from_millis(250));
-        let builder = match policies {
-            Policies::Plain => builder,
-            Policies::Resilient => builder
-                .l2_circuit_breaker(CircuitBreaker::new(3, Duration::from_millis(300)))
-                .backplane_circuit_breaker(CircuitBreaker::new(3, Duration::from_millis(300)))
-                .write_recovery(
-                    WriteRecovery::new(10_000).with_retry_interval(Duration::from_millis(200)),
-                )
-                .default_options(
-                    EntryOptions::default()
-                        .with_ttl(Duration::from_hours(1))
-                        .with_fail_safe(FailSafe::new(Duration::from_hours(1)))
-                        .with_write_recovery(true),
-                ),
-        };
-        caches.push(builder.build().unwrap());
+        caches.push(policies.apply(builder).build().unwrap());
     }
     caches
-}
-
-/// The service's own database, which the cache is in front of: loads read a key's row, and a
-/// write changes the row and then the cache, under the row's lock (so that the cache sees each
-/// key's writes in the database's order, as a service that writes through under a row lock
-/// does).
-struct Origin {
-    rows: Vec<tokio::sync::Mutex<Option<String>>>,
-    /// Whether the last write or delete of each row failed in the cache (the caller was told).
-    failed: Vec<AtomicBool>,
-}
-
-impl Origin {
-    fn new() -> Self {
-        Self {
-            rows: (0..KEYS).map(|_| tokio::sync::Mutex::new(None)).collect(),
-            failed: (0..KEYS).map(|_| AtomicBool::new(false)).collect(),
-        }
-    }
-
-    /// What a load of row `i` answers now: its value, or a marker for a row that is absent.
-    async fn load(&self, i: usize) -> String {
-        self.rows[i]
-            .lock()
-            .await
-            .clone()
-            .unwrap_or_else(|| "absent".to_owned())
-    }
-}
-
-/// Where the race is: whether the fault is over, whether to stop, the database, and the
-/// counter that makes every written value unique.
-struct Course {
-    fault_over: AtomicBool,
-    stop: AtomicBool,
-    origin: Origin,
-    values: AtomicU64,
-}
-
-/// What one task's calls came to.
-#[derive(Default)]
-struct Tally {
-    calls: u64,
-    failed: u64,
-    /// Calls that succeeded once the fault was over.
-    ok_after_fault: u64,
-}
-
-/// One task's calls until `stop`: read-through loads from the database, writes and deletes
-/// (the database's row first, then the cache), and plain reads, of random keys on random
-/// instances. Errors are expected during the fault; what counts is where the instances end up.
-async fn race(caches: Arc<Vec<TieredCache<String>>>, seed: u64, course: Arc<Course>) -> Tally {
-    let mut rng = Rng(seed);
-    let mut tally = Tally::default();
-    while !course.stop.load(Ordering::SeqCst) && tally.calls < MAX_OPS_PER_TASK {
-        let after_fault = course.fault_over.load(Ordering::SeqCst);
-        let cache = &caches[rng.below(caches.len())];
-        let i = rng.below(KEYS);
-        let key = key(i);
-        let ok = match rng.below(10) {
-            0..=3 => cache
-                .get_or_load(&key, || async {
-                    Ok::<_, Infallible>(course.origin.load(i).await)
-                })
-                .await
-                .is_ok(),
-            4..=6 => {
-                let mut row = course.origin.rows[i].lock().await;
-                let value = format!("v{}", course.values.fetch_add(1, Ordering::SeqCst));
-                *row = Some(value.clone());
-                let ok = cache.set(&key, value).await.is_ok();
-                course.origin.failed[i].store(!ok, Ordering::SeqCst);
-                ok
-            }
-            7 => {
-                let mut row = course.origin.rows[i].lock().await;
-                *row = None;
-                let ok = cache.delete(&key).await.is_ok();
-                course.origin.failed[i].store(!ok, Ordering::SeqCst);
-                ok
-            }
-            _ => cache.get(&key).await.is_ok(),
-        };
-        tally.calls += 1;
-        if !ok {
-            tally.failed += 1;
-        } else if after_fault {
-            tally.ok_after_fault += 1;
-        }
-    }
-    tally
 }
 
 /// A directory of the test's own, removed when dropped (the test failing too).
@@ -208,36 +74,6 @@ impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
-}
-
-/// Whether every instance serves, for every key, what Redis holds under it (read by an
-/// instance without L1 that returns L2 errors rather than reading them as misses) or what the
-/// database holds: an instance may keep a value it loaded while Redis was out of reach, but
-/// nothing a write or a delete has replaced since.
-async fn none_serves_a_replaced_value(
-    caches: &[TieredCache<String>],
-    redis: &TieredCache<String>,
-    origin: &Origin,
-) -> Result<(), String> {
-    let strict = redis.default_options().with_l2_errors_returned(true);
-    for i in 0..KEYS {
-        let key = key(i);
-        let held = redis
-            .get_with(&key, &strict)
-            .await
-            .map_err(|e| format!("Redis: {e}"))?;
-        let current = Some(origin.load(i).await);
-        for (n, cache) in caches.iter().enumerate() {
-            let served = cache.get(&key).await.map_err(|e| e.to_string())?;
-            if served != held && served != current {
-                return Err(format!(
-                    "instance {n} serves {served:?} for {key}: Redis holds {held:?}, the \
-                     database {current:?}"
-                ));
-            }
-        }
-    }
-    Ok(())
 }
 
 /// What goes wrong under the racing calls.
@@ -341,37 +177,14 @@ async fn race_through(fault: Fault, policies: Policies) {
         .l2(Arc::new(RedisStore::connect(&direct).await.unwrap()))
         .build()
         .unwrap();
-    let course = Arc::new(Course {
-        fault_over: AtomicBool::new(false),
-        stop: AtomicBool::new(false),
-        origin: Origin::new(),
-        values: AtomicU64::new(0),
-    });
-    let tasks: Vec<_> = (1..=16_u64)
-        .map(|seed| {
-            let seed = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15);
-            tokio::spawn(race(caches.clone(), seed, course.clone()))
-        })
-        .collect();
-
+    let course = Course::new(KEYS);
+    let tasks = start_racing(&caches, &course);
     server = run_the_fault(server, &fault, partition.as_ref(), &course).await;
-    course.stop.store(true, Ordering::SeqCst);
-    let mut all = Tally::default();
-    for task in tasks {
-        // Each call is bounded by the L2 timeout; a task that does not end is a hang.
-        let tally = tokio::time::timeout(Duration::from_secs(30), task)
-            .await
-            .expect("a racing task ends once told to stop")
-            .unwrap();
-        all.calls += tally.calls;
-        all.failed += tally.failed;
-        all.ok_after_fault += tally.ok_after_fault;
-    }
-    let Tally {
+    let model::Tally {
         calls,
         failed,
         ok_after_fault,
-    } = all;
+    } = stop_racing(&course, tasks).await;
     // Failed L2 calls, whether the caller saw them fail or a policy answered for them.
     let l2_errors: u64 = caches.iter().map(|cache| cache.stats().l2_errors).sum();
     assert!(
@@ -385,7 +198,7 @@ async fn race_through(fault: Fault, policies: Policies) {
 
     settle(
         &caches,
-        &redis,
+        ("Redis", &redis),
         &course.origin,
         &format!("{calls} calls, {failed} failed, {l2_errors} failed L2 calls"),
     )
@@ -407,7 +220,7 @@ async fn redis_keeps_no_value_a_successful_write_replaced(
 ) {
     let strict = redis.default_options().with_l2_errors_returned(true);
     let deadline = Instant::now() + Duration::from_secs(5);
-    for i in 0..KEYS {
+    for i in 0..origin.keys() {
         if origin.failed[i].load(Ordering::SeqCst) {
             continue;
         }
@@ -486,40 +299,4 @@ async fn off_the_workers(mut server: RedisServer, act: fn(&mut RedisServer)) -> 
     })
     .await
     .unwrap()
-}
-
-/// Waits until no instance serves a replaced value, then checks that each serves from L1 again.
-async fn settle(
-    caches: &[TieredCache<String>],
-    redis: &TieredCache<String>,
-    origin: &Origin,
-    race: &str,
-) {
-    // Twice the longest pause between two rounds of sending held invalidations (10 s).
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        match none_serves_a_replaced_value(caches, redis, origin).await {
-            Ok(()) => break,
-            Err(disagreement) => assert!(
-                Instant::now() < deadline,
-                "not agreed within 20 s of the last call ({race}): {disagreement}"
-            ),
-        }
-        // poll loop: reconnections and the backplane's resync take their own time.
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    // Not agreeing by reading everything from Redis: every instance hears its backplane
-    // again, so its L1 serves (a deaf one keeps nothing in L1).
-    for (n, cache) in caches.iter().enumerate() {
-        let hits = cache.stats().l1_hits;
-        for _ in 0..2 {
-            for i in 0..KEYS {
-                cache.get(&key(i)).await.unwrap();
-            }
-        }
-        assert!(
-            cache.stats().l1_hits > hits,
-            "instance {n} serves nothing from L1"
-        );
-    }
 }
