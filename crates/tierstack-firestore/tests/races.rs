@@ -9,7 +9,10 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use model::{Course, Policies, settle, start_racing, stop_racing};
+use model::{
+    Course, Policies, l2_keeps_no_value_a_successful_write_replaced, settle, start_racing,
+    stop_racing,
+};
 use tierstack::TieredCache;
 use tierstack_firestore::{FirestoreConfig, FirestoreStore};
 use tierstack_redis::{RedisBackplane, RedisConfig};
@@ -154,5 +157,9 @@ async fn race_through(fault: Fault, policies: Policies) {
         "no call succeeded after the fault ({race})"
     );
     settle(&caches, ("Firestore", &firestore), &course.origin, &race).await;
+    if matches!(policies, Policies::Plain) {
+        l2_keeps_no_value_a_successful_write_replaced(("Firestore", &firestore), &course.origin)
+            .await;
+    }
     drop((emulator, redis));
 }

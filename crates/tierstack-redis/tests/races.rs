@@ -8,10 +8,13 @@ mod model;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{Partition, RedisServer, private_redis};
-use model::{Course, Origin, Policies, key, settle, start_racing, stop_racing};
+use model::{
+    Course, Policies, l2_keeps_no_value_a_successful_write_replaced, settle, start_racing,
+    stop_racing,
+};
 use tierstack::TieredCache;
 use tierstack_redis::{RedisBackplane, RedisConfig, RedisStore};
 
@@ -204,47 +207,9 @@ async fn race_through(fault: Fault, policies: Policies) {
     )
     .await;
     if matches!(policies, Policies::Plain) {
-        redis_keeps_no_value_a_successful_write_replaced(&redis, &course.origin).await;
+        l2_keeps_no_value_a_successful_write_replaced(("Redis", &redis), &course.origin).await;
     }
     drop(server);
-}
-
-/// Whether Redis holds, within a few seconds, for every key whose last write or delete
-/// succeeded, the database's value or nothing: no write that timed out landed later over it
-/// for good (a taken-back one lingers a second). (Write recovery answers a failed write with
-/// success and replays it later; its cases are not checked here: see the note in
-/// `docs/backends/redis.md`.)
-async fn redis_keeps_no_value_a_successful_write_replaced(
-    redis: &TieredCache<String>,
-    origin: &Origin,
-) {
-    let strict = redis.default_options().with_l2_errors_returned(true);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    for i in 0..origin.keys() {
-        if origin.failed[i].load(Ordering::SeqCst) {
-            continue;
-        }
-        loop {
-            let held = redis.get_with(&key(i), &strict).await.unwrap();
-            let current = origin.rows[i].lock().await.clone();
-            // A load of an absent row caches its marker.
-            let agrees = match held.as_deref() {
-                None => true,
-                Some("absent") => current.is_none(),
-                Some(value) => current.as_deref() == Some(value),
-            };
-            if agrees {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "Redis holds {held:?} for {}, which a successful write replaced with {current:?}",
-                key(i)
-            );
-            // poll loop: a taken-back write expires a second after its take-back.
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
 }
 
 /// Lets the calls race against a sound server, through `fault`, and briefly after it; returns

@@ -264,3 +264,42 @@ pub async fn settle(
         );
     }
 }
+
+/// Whether the L2 (read by `l2`, as in [`settle`]) holds, within a few seconds, for every key
+/// whose last write or delete succeeded, the database's value or nothing: no write that timed
+/// out landed later over it for good (a taken-back one lingers a second). Write recovery
+/// answers a failed write with success and replays it later; its races are not checked with
+/// this (see the note in `docs/backends/redis.md`).
+pub async fn l2_keeps_no_value_a_successful_write_replaced(
+    (l2_name, l2): (&str, &TieredCache<String>),
+    origin: &Origin,
+) {
+    let strict = l2.default_options().with_l2_errors_returned(true);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    for i in 0..origin.keys() {
+        if origin.failed[i].load(Ordering::SeqCst) {
+            continue;
+        }
+        loop {
+            let held = l2.get_with(&key(i), &strict).await.unwrap();
+            let current = origin.rows[i].lock().await.clone();
+            // A load of an absent row caches its marker.
+            let agrees = match held.as_deref() {
+                None => true,
+                Some("absent") => current.is_none(),
+                Some(value) => current.as_deref() == Some(value),
+            };
+            if agrees {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{l2_name} holds {held:?} for {}, which a successful write replaced with \
+                 {current:?}",
+                key(i)
+            );
+            // poll loop: a taken-back write expires a second after its take-back.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
