@@ -101,25 +101,40 @@ async fn a_replay_never_overwrites_a_later_write_of_another_instance() {
 }
 
 /// Write times are in milliseconds: a write of another instance in the same millisecond as a
-/// kept one may have come before it or after it. The replay writes neither: it removes the
-/// entry, and every instance then loads the origin's value. (A replay that won the tie kept
-/// an older value in the L2 for its whole TTL when the other write was the later one; the
-/// races test found it.)
+/// kept one may have come before it or after it. The replay writes neither: a tombstone of
+/// that millisecond replaces the entry, the replaying instance drops its own copy, and the
+/// next read loads the origin's value. A third instance's kept write from an earlier
+/// millisecond, replayed after, still loses to it. (A replay that won the tie kept an older
+/// value in the L2 for its whole TTL when the other write was the later one; one that removed
+/// the entry let the earlier write in. The races test found both.)
 #[tokio::test(start_paused = true)]
 async fn a_replay_removes_a_write_of_the_same_millisecond_rather_than_guess_the_order() {
     let fx = Fixture::new();
-    // Apart, as when the outage takes the backplane down too: A does not hear of B's write.
+    // Apart, as when the outage takes the backplane down too: none hears of the others.
     let (a, a_l2) = instance(&fx, &MemoryBus::new(), 100);
     let (b, _) = instance(&fx, &MemoryBus::new(), 100);
+    let (c, c_l2) = instance(&fx, &MemoryBus::new(), 100);
+    c_l2.set_failing(true);
+    c.set_with("k", "c's, kept, earlier".into(), &recovering())
+        .await
+        .unwrap();
+    fx.clock.advance(Duration::from_millis(1));
     a_l2.set_failing(true);
     a.set_with("k", "a's, kept".into(), &recovering())
         .await
         .unwrap();
     b.set("k", "b's, same millisecond".into()).await.unwrap();
     a_l2.set_failing(false);
-    tokio::time::sleep(RETRY * 2).await; // paused clock: the replay
+    tokio::time::sleep(RETRY * 2).await; // paused clock: A's replay
     assert_eq!(a.stats().writes_superseded, 1);
-    assert!(!fx.holds("test:k").await, "neither write stays in L2");
+    c_l2.set_failing(false);
+    tokio::time::sleep(RETRY * 2).await; // paused clock: C's replay
+    assert_eq!(c.stats().writes_superseded, 1, "the earlier write loses");
+    let stored = fx.l2.get("test:k").await.unwrap().expect("a tombstone");
+    assert!(
+        tierstack::core::envelope::is_tombstone(&stored),
+        "neither write stays in L2"
+    );
     // A's own copy of its kept write goes too: it serves nothing, then the origin's value.
     assert_eq!(a.get("k").await.unwrap(), None);
     assert_eq!(reload(&a).await, "reloaded");

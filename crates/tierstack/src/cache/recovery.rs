@@ -290,9 +290,11 @@ where
                     }
                     // Write times are in milliseconds: a tie does not say which write came
                     // first (this instance's own just before the failed one, or another
-                    // instance's in the same millisecond). Neither value is written: the entry
-                    // is removed, and the next read loads the origin's. A delete's tombstone
-                    // stays (it keeps out a load that saw the key before it).
+                    // instance's in the same millisecond). Neither value is written: a
+                    // tombstone of that millisecond replaces the entry, so that the next read
+                    // loads the origin's value and a replay of an older write still finds a
+                    // later one there (a removal left nothing to lose to). A delete's
+                    // tombstone stays as it is.
                     Some(current)
                         if stored_written_at(&current).is_ok_and(|at| at == written_at) =>
                     {
@@ -324,7 +326,13 @@ where
                     });
                 }
                 ReplayWrite::RemoveUnordered(current) => {
-                    let removal = l2.compare_and_set(&store_key, &current, None);
+                    let ttl = self.settings.tombstone_ttl;
+                    let tombstone = envelope::encode_tombstone::<C>(
+                        written_at,
+                        now.saturating_add(ttl),
+                        envelope::tombstone_nonce(),
+                    );
+                    let removal = l2.compare_and_set(&store_key, &current, Some((tombstone, ttl)));
                     if self.l2_call(L2Op::Delete, deadline, removal).await? {
                         // The kept write is not in the L2 either: this instance's copy goes
                         // too, and the others hear of the key.
@@ -358,8 +366,8 @@ enum ReplayWrite {
     Over(Bytes),
     /// The kept write has expired: remove exactly these (older) bytes.
     Remove(Bytes),
-    /// These bytes were written in the same millisecond as the kept write: remove exactly
-    /// them (neither is known to be the later).
+    /// These bytes were written in the same millisecond as the kept write: replace exactly
+    /// them with a tombstone of that millisecond (neither is known to be the later).
     RemoveUnordered(Bytes),
 }
 
