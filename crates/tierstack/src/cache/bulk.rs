@@ -18,7 +18,7 @@ use tierstack_core::envelope;
 
 use super::Inner;
 use super::load::Fallback;
-use super::read::{L2Read, Life};
+use super::read::L2Read;
 use crate::error::LoadError;
 use crate::events::StaleReason;
 use crate::freshness::{KeyWatch, Snapshot};
@@ -423,12 +423,7 @@ where
                 (None, Some(negative)) => Self::life(&options.without_fail_safe(), negative),
                 (None, None) => continue,
             };
-            // The entry records when the loader started; L1's eager refresh counts from now.
-            let recorded = Life {
-                written_at: Some(loaded_since),
-                ..life.clone()
-            };
-            match self.encode_with_life(watch.key(), value.as_ref(), &recorded) {
+            match self.encode_loaded(watch.key(), value.as_ref(), &life, loaded_since) {
                 Ok(bytes) => writes.push((watch, value, life, bytes, seen)),
                 Err(error) => {
                     tracing::warn!(cache = %self.namespace, key = %fingerprint(watch.key()), error = %error, "loaded value not cached");

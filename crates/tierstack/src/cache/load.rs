@@ -611,13 +611,7 @@ where
             let kept = life.to_l1 && self.l1.is_some() && !self.is_deaf();
             return kept.then_some(life.fresh);
         }
-        // The entry records when the loader started (see `Caching::since`); L1 counts the
-        // value's age for eager refresh from now, as before.
-        let recorded = Life {
-            written_at: Some(since),
-            ..life.clone()
-        };
-        let bytes = match self.encode_with_life(&key, value, &recorded) {
+        let bytes = match self.encode_loaded(&key, value, &life, since) {
             Ok(bytes) => bytes,
             Err(error) => {
                 // Served to the callers, but cached in neither tier.

@@ -321,17 +321,38 @@ where
         self.deaf.load(std::sync::atomic::Ordering::SeqCst)
     }
 
-    /// The envelope of `value` (or of a negative entry) under `key`, written now for `life`;
-    /// its write time is `life`'s, if it has one (a loaded value's: when its loader started).
+    /// The envelope of `value` (or of a negative entry) under `key`, written now for `life`.
     pub(super) fn encode_with_life(
         &self,
         key: &str,
         value: Option<&V>,
         life: &Life,
     ) -> Result<Bytes> {
+        self.encode_since(key, value, life, None)
+    }
+
+    /// [`encode_with_life`](Self::encode_with_life) of a loaded value: its write time is
+    /// `since`, when its loader started (see `Caching::since`); it lives from now.
+    pub(super) fn encode_loaded(
+        &self,
+        key: &str,
+        value: Option<&V>,
+        life: &Life,
+        since: Timestamp,
+    ) -> Result<Bytes> {
+        self.encode_since(key, value, life, Some(since))
+    }
+
+    fn encode_since(
+        &self,
+        key: &str,
+        value: Option<&V>,
+        life: &Life,
+        since: Option<Timestamp>,
+    ) -> Result<Bytes> {
         let now = self.clock.now();
         let lifetime = Lifetime {
-            written_at: life.written_at.map_or(now, |at| at.min(now)),
+            written_at: since.map_or(now, |since| since.min(now)),
             fresh_until: now.saturating_add(life.fresh),
             expires_at: now.saturating_add(life.lives),
             stale: life.stale,

@@ -13,7 +13,7 @@ use bytes::Bytes;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tierstack_core::backplane::Invalidation;
-use tierstack_core::envelope::{self, Envelope};
+use tierstack_core::envelope::Envelope;
 use tierstack_core::{CacheError, Codec, Result};
 use tokio::time::Instant;
 
@@ -264,16 +264,14 @@ where
             let current = self
                 .l2_call(L2Op::Get, deadline, l2.get(&store_key))
                 .await?;
-            let stored_written_at = |bytes: &Bytes| {
-                Envelope::parse::<C>(bytes, usize::MAX).map(|stored| stored.written_at)
-            };
             let write = if expires_at <= now {
                 // Nothing left to write, but what the kept write replaced must not come back
                 // (a kept delete's tombstone outlived by the value it deleted): an entry older
                 // than it is removed.
                 match current {
                     Some(current)
-                        if stored_written_at(&current).is_ok_and(|at| at < written_at) =>
+                        if Envelope::parse::<C>(&current, usize::MAX)
+                            .is_ok_and(|stored| stored.written_at < written_at) =>
                     {
                         ReplayWrite::Remove(current)
                     }
@@ -283,27 +281,25 @@ where
                 match current {
                     None => ReplayWrite::IfAbsent,
                     Some(current) if current == kept.bytes => return Ok(Replayed::Written),
-                    Some(current)
-                        if stored_written_at(&current).is_ok_and(|at| at > written_at) =>
-                    {
-                        return Ok(Replayed::Superseded);
-                    }
-                    // Write times are in milliseconds: a tie does not say which write came
-                    // first (this instance's own just before the failed one, or another
-                    // instance's in the same millisecond). Neither value is written: a
-                    // tombstone of that millisecond replaces the entry, so that the next read
-                    // loads the origin's value and a replay of an older write still finds a
-                    // later one there (a removal left nothing to lose to). A delete's
-                    // tombstone stays as it is.
-                    Some(current)
-                        if stored_written_at(&current).is_ok_and(|at| at == written_at) =>
-                    {
-                        if envelope::is_tombstone(&current) {
+                    Some(current) => match Envelope::parse::<C>(&current, usize::MAX) {
+                        Ok(stored) if stored.written_at > written_at => {
                             return Ok(Replayed::Superseded);
                         }
-                        ReplayWrite::RemoveUnordered(current)
-                    }
-                    Some(current) => ReplayWrite::Over(current),
+                        // Write times are in milliseconds: a tie does not say which write came
+                        // first (this instance's own just before the failed one, or another
+                        // instance's in the same millisecond). Neither value is written: a
+                        // tombstone of that millisecond replaces the entry, so that the next
+                        // read loads the origin's value and a replay of an older write still
+                        // finds a later one there (a removal left nothing to lose to). A
+                        // delete's tombstone stays as it is.
+                        Ok(stored) if stored.written_at == written_at => {
+                            if stored.tombstone {
+                                return Ok(Replayed::Superseded);
+                            }
+                            ReplayWrite::Unordered(current)
+                        }
+                        _ => ReplayWrite::Over(current),
+                    },
                 }
             };
             let Ok(_lock) =
@@ -325,14 +321,9 @@ where
                         Replayed::Expired
                     });
                 }
-                ReplayWrite::RemoveUnordered(current) => {
-                    let ttl = self.settings.tombstone_ttl;
-                    let tombstone = envelope::encode_tombstone::<C>(
-                        written_at,
-                        now.saturating_add(ttl),
-                        envelope::tombstone_nonce(),
-                    );
-                    let removal = l2.compare_and_set(&store_key, &current, Some((tombstone, ttl)));
+                ReplayWrite::Unordered(current) => {
+                    let tombstone = self.tombstone_written_at(written_at);
+                    let removal = l2.compare_and_set(&store_key, &current, Some(tombstone));
                     if self.l2_call(L2Op::Delete, deadline, removal).await? {
                         // The kept write is not in the L2 either: this instance's copy goes
                         // too, and the others hear of the key.
@@ -368,7 +359,7 @@ enum ReplayWrite {
     Remove(Bytes),
     /// These bytes were written in the same millisecond as the kept write: replace exactly
     /// them with a tombstone of that millisecond (neither is known to be the later).
-    RemoveUnordered(Bytes),
+    Unordered(Bytes),
 }
 
 /// The replay task's hold on its queue: a task that ends without finishing (cancelled with its

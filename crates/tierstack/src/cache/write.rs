@@ -10,6 +10,7 @@ use std::sync::Arc;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tierstack_core::backplane::Invalidation;
+use tierstack_core::clock::Timestamp;
 use tierstack_core::envelope;
 use tierstack_core::store::validate_ttl;
 use tierstack_core::{CacheError, Codec, Result};
@@ -96,11 +97,19 @@ where
 
     /// A delete's tombstone, written now, and how long it lives.
     pub(super) fn tombstone(&self) -> (bytes::Bytes, std::time::Duration) {
-        let now = self.clock.now();
+        self.tombstone_written_at(self.clock.now())
+    }
+
+    /// A tombstone that records `written_at` as its write time (a replay's, for a write of
+    /// another millisecond to be ordered against), living from now.
+    pub(super) fn tombstone_written_at(
+        &self,
+        written_at: Timestamp,
+    ) -> (bytes::Bytes, std::time::Duration) {
         let ttl = self.settings.tombstone_ttl;
         let tombstone = envelope::encode_tombstone::<C>(
-            now,
-            now.saturating_add(ttl),
+            written_at,
+            self.clock.now().saturating_add(ttl),
             envelope::tombstone_nonce(),
         );
         (tombstone, ttl)
