@@ -40,6 +40,9 @@ impl Rng {
 pub enum Policies {
     /// The defaults.
     Plain,
+    /// Circuit breakers on L2 and on the backplane, and nothing else: writes fail fast while
+    /// the L2 is down, and are not kept.
+    Breakers,
     /// What a service that must ride out outages turns on: circuit breakers on L2 and on the
     /// backplane, fail-safe, and write recovery (writes that fail are kept and replayed).
     Resilient,
@@ -50,6 +53,9 @@ impl Policies {
     pub fn apply(self, builder: TieredCacheBuilder<String>) -> TieredCacheBuilder<String> {
         match self {
             Self::Plain => builder,
+            Self::Breakers => builder
+                .l2_circuit_breaker(CircuitBreaker::new(3, Duration::from_millis(300)))
+                .backplane_circuit_breaker(CircuitBreaker::new(3, Duration::from_millis(300))),
             Self::Resilient => builder
                 .l2_circuit_breaker(CircuitBreaker::new(3, Duration::from_millis(300)))
                 .backplane_circuit_breaker(CircuitBreaker::new(3, Duration::from_millis(300)))

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use common::Fixture;
 use tierstack::core::testkit::MemoryBus;
 use tierstack::core::{CacheError, Result, Store};
-use tierstack::{CacheEvent, CircuitBreaker, CircuitState, EntryOptions, TieredCache};
+use tierstack::{CacheEvent, CircuitBreaker, CircuitState, EntryOptions, Skips, TieredCache};
 
 const TIMEOUT: Duration = Duration::from_millis(100);
 const OPEN_FOR: Duration = Duration::from_secs(5);
@@ -189,7 +189,7 @@ async fn a_callers_own_short_deadline_does_not_open_it() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_refused_write_evicts_this_instance_only() {
+async fn a_refused_write_tells_the_others_without_waiting_for_the_backplane() {
     let fx = Fixture::new();
     let bus = MemoryBus::new();
     let instance = || {
@@ -201,18 +201,23 @@ async fn a_refused_write_evicts_this_instance_only() {
             .unwrap()
     };
     let (a, b) = (instance(), instance());
-    a.set("k", "old".into()).await.unwrap();
-    tokio::time::sleep(TIMEOUT).await; // paused clock: B's listener takes the set's news
+    for key in ["k", "j"] {
+        a.set(key, "old".into()).await.unwrap();
+    }
+    tokio::time::sleep(TIMEOUT).await; // paused clock: B's listener takes the sets' news
     let heard = b.stats().invalidations_received;
-    assert_eq!(heard, 1);
-    assert_eq!(b.get("k").await.unwrap(), Some("old".into()));
+    assert_eq!(heard, 2);
+    for key in ["k", "j"] {
+        assert_eq!(b.get(key).await.unwrap(), Some("old".into()));
+    }
     fx.faulty.set_failing(true);
     for key in ["x", "y", "z"] {
         a.get(key).await.unwrap();
     }
     assert_eq!(a.stats().l2_circuit_opens, 1);
-    // Refused writes never reached L2: L2 and B's copy still agree, so B is not told, now or
-    // later, and nothing is left running to tell it.
+    // Refused writes fail at once, without a publish's wait, and drop A's own copy: what it
+    // wrote did not land, and the old value is not served as if it were the new one.
+    let started = tokio::time::Instant::now();
     for _ in 0..10 {
         let refused = a.set("k", "new".into()).await.unwrap_err();
         assert!(matches!(refused, CacheError::CircuitOpen { .. }));
@@ -221,13 +226,28 @@ async fn a_refused_write_evicts_this_instance_only() {
             Err(CacheError::CircuitOpen { .. })
         ));
     }
-    tokio::time::sleep(TIMEOUT * 3).await; // paused clock
-    assert_eq!(b.stats().invalidations_received, heard);
-    assert_eq!(a.stats().invalidation_sweeps, 0);
-    assert_eq!(b.get("k").await.unwrap(), Some("old".into()));
-    // A dropped its own copy: what it wrote did not land, and the old value is not served as
-    // if it were the new one.
+    // A write that skips the backplane tells nobody, refused or not.
+    let quiet = EntryOptions::default().with_skips(Skips {
+        backplane: true,
+        ..Skips::default()
+    });
+    let refused = a.set_with("j", "new".into(), &quiet).await.unwrap_err();
+    assert!(matches!(refused, CacheError::CircuitOpen { .. }));
+    assert_eq!(started.elapsed(), Duration::ZERO);
     assert_eq!(a.get("k").await.unwrap(), None);
+    // The data behind "k" changed (that is why it was written): B hears of it once, when the
+    // held invalidation goes out, and drops its copy; of "j" it hears nothing.
+    assert_eq!(b.stats().invalidations_received, heard);
+    tokio::time::sleep(TIMEOUT * 3).await; // paused clock: the held set's sender runs
+    assert_eq!(b.stats().invalidations_received, heard + 1);
+    assert_eq!(a.stats().invalidation_sweeps, 0);
+    fx.faulty.set_failing(false);
+    let l2_hits = b.stats().l2_hits;
+    assert_eq!(b.get("j").await.unwrap(), Some("old".into()));
+    assert_eq!(b.stats().l2_hits, l2_hits, "B still had its copy of j");
+    // L2 still holds the old value of "k" (the writes never reached it): B reads it again.
+    assert_eq!(b.get("k").await.unwrap(), Some("old".into()));
+    assert_eq!(b.stats().l2_hits, l2_hits + 1);
 }
 
 #[test]

@@ -154,7 +154,8 @@ where
             Err(error) => {
                 // A compare-and-set whose answer was lost may have landed: as after a failed
                 // write, the local copy goes and the others are told.
-                self.after_failed_write(key, &error, deadline).await;
+                self.after_failed_write(key, &error, deadline, !options.skips().backplane)
+                    .await;
                 in_flight.finished();
                 return Err(error);
             }

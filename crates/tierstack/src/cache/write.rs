@@ -61,11 +61,13 @@ where
                 Err(error) if self.keep_for_replay(key, keep, &error) => {
                     // Kept: served here as written; the others hear of it at the replay (and
                     // now, if the failed write may have landed).
-                    self.tell_of_kept_write(key, &error, deadline).await;
+                    self.tell_of_kept_write(key, &error, deadline, !skips.backplane)
+                        .await;
                     kept = true;
                 }
                 Err(error) => {
-                    self.after_failed_write(key, &error, deadline).await;
+                    self.after_failed_write(key, &error, deadline, !skips.backplane)
+                        .await;
                     in_flight.finished();
                     return Err(error);
                 }
@@ -170,11 +172,13 @@ where
                 Ok(removed || in_l1)
             }
             Err(error) if self.keep_for_replay(key, keep, &error) => {
-                self.tell_of_kept_write(key, &error, deadline).await;
+                self.tell_of_kept_write(key, &error, deadline, !skips.backplane)
+                    .await;
                 Ok(in_l1)
             }
             Err(error) => {
-                self.after_failed_write(key, &error, deadline).await;
+                self.after_failed_write(key, &error, deadline, !skips.backplane)
+                    .await;
                 Err(error)
             }
         };
@@ -258,7 +262,8 @@ where
                 match extended {
                     Ok(existed) => existed,
                     Err(error) => {
-                        self.after_failed_write(key, &error, deadline).await;
+                        self.after_failed_write(key, &error, deadline, !skips.backplane)
+                            .await;
                         in_flight.finished();
                         return Err(error);
                     }
@@ -292,34 +297,58 @@ where
         Ok(existed)
     }
 
-    /// After a write of `key` that failed and was kept for a replay: if it may have landed (it
-    /// was not refused by the breaker), the other instances evict their copy now; the replay
-    /// tells them again.
+    /// After a write of `key` that failed and was kept for a replay: the other instances evict
+    /// their copy now (one the breaker refused, unless the call skips the backplane: see
+    /// [`tell_of_refused_write`](Self::tell_of_refused_write)); the replay tells them again.
     async fn tell_of_kept_write(
         self: &Arc<Self>,
         key: &str,
         error: &CacheError,
         deadline: Instant,
+        announce: bool,
     ) {
-        if !matches!(error, CacheError::CircuitOpen { .. }) {
+        if matches!(error, CacheError::CircuitOpen { .. }) {
+            if announce {
+                self.tell_of_refused_write(key);
+            }
+        } else {
             self.publish(Invalidation::Keys(vec![key.to_owned()]), deadline)
                 .await;
         }
     }
 
-    /// After a write of `key` that failed: a write the circuit breaker refused never reached
-    /// L2, so only the local copy goes (L2 and the others' copies still agree); any other
-    /// failure may have landed, or may still land, and is invalidated everywhere.
+    /// After a write of `key` that failed: one the circuit breaker refused never reached L2, so
+    /// the others are told as of a write that landed, if the call `announce`s its writes (see
+    /// [`tell_of_refused_write`](Self::tell_of_refused_write)); any other failure may have
+    /// landed, or may still land, and is invalidated everywhere, now and once more later,
+    /// whatever the call skips.
     pub(super) async fn after_failed_write(
         self: &Arc<Self>,
         key: &str,
         error: &CacheError,
         deadline: Instant,
+        announce: bool,
     ) {
         if matches!(error, CacheError::CircuitOpen { .. }) {
             self.evict_local(key);
+            if announce {
+                self.tell_of_refused_write(key);
+            }
         } else {
             self.invalidate_after_failure(key, deadline).await;
+        }
+    }
+
+    /// A write of `key` the L2 breaker refused did not change L2, but the application writes
+    /// because its data changed: the other instances drop their copy too, and read L2 again
+    /// (the old value while it holds one; the loader's, once it holds none, as after a
+    /// restart that lost it). The invalidation is held, not published: a refused write fails
+    /// fast, even when the backplane is down with the L2, and the held set goes out at its
+    /// sender's next round (an L2 timeout after it starts, or the backplane breaker's
+    /// `open_for`).
+    fn tell_of_refused_write(self: &Arc<Self>, key: &str) {
+        if self.backplane.is_some() {
+            self.hold(Invalidation::Keys(vec![key.to_owned()]));
         }
     }
 
