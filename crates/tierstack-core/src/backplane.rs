@@ -17,6 +17,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
+use crate::clock::Timestamp;
 use crate::error::{CacheError, Result};
 
 /// What to evict from every other instance's L1.
@@ -25,8 +26,16 @@ use crate::error::{CacheError, Result};
 pub enum Invalidation {
     /// These keys of the namespace.
     Keys(Vec<String>),
-    /// Every key of the namespace that starts with this prefix.
-    Prefix(String),
+    /// Every key of the namespace that starts with `prefix`, deleted at `at`: a receiver
+    /// drops what it knows of those keys, and the writes under the prefix it keeps for a
+    /// replay that were made by then (a later one is newer than the delete, however late the
+    /// message arrives).
+    Prefix {
+        /// The prefix.
+        prefix: String,
+        /// When the delete began.
+        at: Timestamp,
+    },
     /// Every entry of the namespace that carries this tag (see [`tag`](crate::tag)): with
     /// `remove`, gone; else stale (a fail-safe fallback).
     Tag {
@@ -171,7 +180,9 @@ impl BackplaneHub {
     }
 
     /// Decodes a message from the wire and delivers it unless this instance published it.
-    /// Undecodable messages are refused with an error (callers count them) and dropped.
+    /// Undecodable messages are refused with an error (callers count them) and dropped; one
+    /// whose namespace reads but whose invalidation does not (a kind of a newer version) is
+    /// delivered as [`Invalidation::All`] of that namespace.
     ///
     /// The origin sits in the fixed header, so an instance drops its own messages (it receives
     /// every one it publishes) without decoding their body.
@@ -198,7 +209,18 @@ impl BackplaneHub {
         if origin == self.origin {
             return Ok(());
         }
-        let body: WireBody = serde_json::from_slice(body).map_err(CacheError::serialization)?;
+        let body = match serde_json::from_slice::<WireBody>(body) {
+            Ok(body) => body,
+            // An invalidation this version cannot read (a newer instance's kind, during a
+            // rolling upgrade) may have changed any key of its namespace: all of it goes.
+            Err(error) => match serde_json::from_slice::<NamespaceOnly>(body) {
+                Ok(NamespaceOnly { namespace }) => WireBody {
+                    namespace,
+                    invalidation: Invalidation::All,
+                },
+                Err(_) => return Err(CacheError::serialization(error)),
+            },
+        };
         self.deliver(InvalidationMessage {
             namespace: body.namespace,
             invalidation: body.invalidation,
@@ -242,6 +264,12 @@ struct WireBodyRef<'a> {
 struct WireBody {
     namespace: String,
     invalidation: Invalidation,
+}
+
+/// A body read for its namespace alone (serde skips the other fields).
+#[derive(Deserialize)]
+struct NamespaceOnly {
+    namespace: String,
 }
 
 fn random_origin() -> u64 {
@@ -317,6 +345,47 @@ mod tests {
             "a bad body"
         );
         assert!(hub.deliver_wire(&vec![b' '; MAX_MESSAGE_LEN + 1]).is_err());
+    }
+
+    #[tokio::test]
+    async fn an_invalidation_of_an_unknown_kind_invalidates_its_whole_namespace() {
+        let hub = BackplaneHub::new();
+        let mut sub = hub.subscribe();
+        let mut wire = vec![WIRE_VERSION];
+        wire.extend_from_slice(&BackplaneHub::new().origin().to_le_bytes());
+        wire.extend_from_slice(br#"{"namespace":"users","invalidation":{"Newer":{"x":1}}}"#);
+        hub.deliver_wire(&wire).unwrap_or_else(|e| panic!("{e}"));
+        let expected = BackplaneEvent::Invalidate(Arc::new(InvalidationMessage {
+            namespace: "users".into(),
+            invalidation: Invalidation::All,
+        }));
+        assert_eq!(sub.recv().await, Some(expected));
+        // Without a namespace to scope it to, it is refused.
+        let mut nameless = vec![WIRE_VERSION];
+        nameless.extend_from_slice(&BackplaneHub::new().origin().to_le_bytes());
+        nameless.extend_from_slice(br#"{"invalidation":{"Newer":{}}}"#);
+        assert!(hub.deliver_wire(&nameless).is_err());
+    }
+
+    #[test]
+    fn a_prefix_invalidation_carries_its_time_on_the_wire() {
+        let a = BackplaneHub::new();
+        let b = BackplaneHub::new();
+        let invalidation = Invalidation::Prefix {
+            prefix: "user:".into(),
+            at: Timestamp::from_millis(1_700_000_000_123),
+        };
+        let wire = a
+            .encode("users", &invalidation)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let body = std::str::from_utf8(&wire[HEADER_LEN..]).unwrap_or_else(|e| panic!("{e}"));
+        assert!(body.contains("1700000000123"), "{body}");
+        let mut sub = b.subscribe();
+        b.deliver_wire(&wire).unwrap_or_else(|e| panic!("{e}"));
+        let Ok(BackplaneEvent::Invalidate(message)) = sub.receiver.try_recv() else {
+            panic!("nothing delivered");
+        };
+        assert_eq!(message.invalidation, invalidation);
     }
 
     #[tokio::test]

@@ -54,7 +54,7 @@ impl Backplane for Member {
     async fn publish(&self, namespace: &str, invalidation: &Invalidation) -> Result<()> {
         let bus = &self.bus;
         let invalidation = match invalidation {
-            Invalidation::Prefix(_) if bus.flaw == Flaw::PrefixAsAll => Invalidation::All,
+            Invalidation::Prefix { .. } if bus.flaw == Flaw::PrefixAsAll => Invalidation::All,
             other => other.clone(),
         };
         let hub = bus.hubs.lock().unwrap()[self.index].clone();

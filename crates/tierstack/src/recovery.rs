@@ -12,6 +12,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use tierstack_core::clock::Timestamp;
+use tierstack_core::envelope::Envelope;
 use tierstack_core::{CacheError, Result};
 
 /// How a cache keeps the writes that failed to reach its L2, for calls that ask for it
@@ -199,12 +201,16 @@ impl RecoveryQueue {
         self.len.store(state.kept.len(), Ordering::Release);
     }
 
-    /// Forgets the kept writes of every key that starts with `prefix` (a prefix delete came
-    /// after them, and leaves no tombstone a replay could compare with); how many.
-    pub(crate) fn forget_prefix(&self, prefix: &str) -> u64 {
+    /// Forgets the kept writes of every key that starts with `prefix` made at or before `at`
+    /// (a prefix delete began then, and leaves no tombstone a replay could compare with; one of
+    /// the same millisecond is not known to come after it); how many.
+    pub(crate) fn forget_prefix(&self, prefix: &str, at: Timestamp) -> u64 {
         let mut state = self.lock();
         let before = state.kept.len();
-        state.kept.retain(|key, _| !key.starts_with(prefix));
+        state.kept.retain(|key, kept| {
+            !key.starts_with(prefix)
+                || Envelope::written_at_of(&kept.bytes).is_some_and(|written| written > at)
+        });
         self.len.store(state.kept.len(), Ordering::Release);
         (before - state.kept.len()) as u64
     }
@@ -302,7 +308,7 @@ mod tests {
             queue.push(key, Bytes::from("v"));
         }
         let replaying = queue.snapshot();
-        assert_eq!(queue.forget_prefix("p:"), 2);
+        assert_eq!(queue.forget_prefix("p:", Timestamp::EPOCH), 2);
         let still: Vec<bool> = replaying
             .iter()
             .map(|(key, kept)| queue.holds(key, kept))
@@ -310,6 +316,26 @@ mod tests {
         assert_eq!(still, [false, false, true]);
         assert_eq!(queue.kept("p:1"), None);
         assert_eq!(keys_and_bytes(&queue), [("q:1".into(), Bytes::from("v"))]);
+    }
+
+    #[test]
+    fn a_prefix_delete_forgets_only_the_kept_writes_made_by_its_time() {
+        let written_at = |millis| {
+            tierstack_core::envelope::encode_tombstone::<tierstack_core::BincodeCodec>(
+                Timestamp::from_millis(millis),
+                Timestamp::from_millis(millis + 60_000),
+                1,
+            )
+        };
+        let queue = queue(10);
+        queue.push("p:before", written_at(10));
+        queue.push("p:same", written_at(15));
+        queue.push("p:after", written_at(16));
+        queue.push("q:before", written_at(10));
+        assert_eq!(queue.forget_prefix("p:", Timestamp::from_millis(15)), 2);
+        let mut kept: Vec<_> = keys_and_bytes(&queue).into_iter().map(|(k, _)| k).collect();
+        kept.sort();
+        assert_eq!(kept, ["p:after", "q:before"]);
     }
 
     #[test]

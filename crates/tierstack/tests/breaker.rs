@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::Fixture;
+use common::{Fixture, FlakyBackplane};
 use tierstack::core::testkit::MemoryBus;
 use tierstack::core::{CacheError, Result, Store};
 use tierstack::{CacheEvent, CircuitBreaker, CircuitState, EntryOptions, Skips, TieredCache};
@@ -192,62 +192,89 @@ async fn a_callers_own_short_deadline_does_not_open_it() {
 async fn a_refused_write_tells_the_others_without_waiting_for_the_backplane() {
     let fx = Fixture::new();
     let bus = MemoryBus::new();
-    let instance = || {
-        fx.builder("test")
-            .l2_timeout(TIMEOUT)
-            .l2_circuit_breaker(CircuitBreaker::new(3, OPEN_FOR))
-            .backplane(Arc::new(bus.backplane()))
-            .build()
-            .unwrap()
-    };
-    let (a, b) = (instance(), instance());
-    for key in ["k", "j"] {
+    let flaky = Arc::new(FlakyBackplane::new(bus.backplane()));
+    let a = fx
+        .builder("test")
+        .l2_timeout(TIMEOUT)
+        .l2_circuit_breaker(CircuitBreaker::new(3, OPEN_FOR))
+        .backplane(flaky.clone())
+        .build()
+        .unwrap();
+    let b = fx
+        .builder("test")
+        .l2_timeout(TIMEOUT)
+        .backplane(Arc::new(bus.backplane()))
+        .build()
+        .unwrap();
+    // One key per kind of write, and one written with the backplane skipped.
+    let keys = [
+        "set",
+        "delete",
+        "if_absent",
+        "compare",
+        "touch",
+        "quiet",
+        "p:1",
+    ];
+    for key in keys {
         a.set(key, "old".into()).await.unwrap();
     }
     tokio::time::sleep(TIMEOUT).await; // paused clock: B's listener takes the sets' news
-    let heard = b.stats().invalidations_received;
-    assert_eq!(heard, 2);
-    for key in ["k", "j"] {
-        assert_eq!(b.get(key).await.unwrap(), Some("old".into()));
+    for key in keys {
+        assert_eq!(b.get(key).await.unwrap(), Some("old".into()), "{key}");
     }
+    let heard = b.stats().invalidations_received;
     fx.faulty.set_failing(true);
     for key in ["x", "y", "z"] {
         a.get(key).await.unwrap();
     }
     assert_eq!(a.stats().l2_circuit_opens, 1);
-    // Refused writes fail at once, without a publish's wait, and drop A's own copy: what it
-    // wrote did not land, and the old value is not served as if it were the new one.
+    // Refused writes fail at once, even with a backplane that would hang a publish until the
+    // deadline.
+    flaky.set_stalling(true);
+    let refused = |result: Result<()>| {
+        let error = result.unwrap_err();
+        assert!(matches!(error, CacheError::CircuitOpen { .. }), "{error:?}");
+    };
+    let options = EntryOptions::default();
     let started = tokio::time::Instant::now();
-    for _ in 0..10 {
-        let refused = a.set("k", "new".into()).await.unwrap_err();
-        assert!(matches!(refused, CacheError::CircuitOpen { .. }));
-        assert!(matches!(
-            a.delete("k").await,
-            Err(CacheError::CircuitOpen { .. })
-        ));
-    }
-    // A write that skips the backplane tells nobody, refused or not.
-    let quiet = EntryOptions::default().with_skips(Skips {
+    refused(a.set("set", "new".into()).await);
+    refused(a.delete("delete").await.map(drop));
+    refused(
+        a.set_if_absent("if_absent", "new".into(), &options)
+            .await
+            .map(drop),
+    );
+    let old = String::from("old");
+    let compared = a.compare_and_set("compare", &old, Some("new".into()), &options);
+    refused(compared.await.map(drop));
+    refused(a.touch("touch", Duration::from_secs(600)).await.map(drop));
+    let quiet = options.with_skips(Skips {
         backplane: true,
         ..Skips::default()
     });
-    let refused = a.set_with("j", "new".into(), &quiet).await.unwrap_err();
-    assert!(matches!(refused, CacheError::CircuitOpen { .. }));
+    refused(a.set_with("quiet", "new".into(), &quiet).await);
+    refused(a.delete_prefix("p:").await.map(drop));
     assert_eq!(started.elapsed(), Duration::ZERO);
-    assert_eq!(a.get("k").await.unwrap(), None);
-    // The data behind "k" changed (that is why it was written): B hears of it once, when the
-    // held invalidation goes out, and drops its copy; of "j" it hears nothing.
-    assert_eq!(b.stats().invalidations_received, heard);
+    // A dropped its own copies: what it wrote did not land, and the old value is not served
+    // as if it were the new one.
+    assert_eq!(a.get("set").await.unwrap(), None);
+    flaky.set_stalling(false);
     tokio::time::sleep(TIMEOUT * 3).await; // paused clock: the held set's sender runs
-    assert_eq!(b.stats().invalidations_received, heard + 1);
+    assert!(b.stats().invalidations_received > heard);
     assert_eq!(a.stats().invalidation_sweeps, 0);
+    // The data behind each write changed (that is why it was written): B dropped its copy and
+    // reads L2 (failing: a miss). A refused `touch` changed no data, and a call that skips the
+    // backplane tells nobody: B still serves those from L1.
+    for key in ["set", "delete", "if_absent", "compare", "p:1"] {
+        assert_eq!(b.get(key).await.unwrap(), None, "{key}");
+    }
+    for key in ["touch", "quiet"] {
+        assert_eq!(b.get(key).await.unwrap(), Some("old".into()), "{key}");
+    }
+    // L2 still holds the old values (the writes never reached it): B reads them again.
     fx.faulty.set_failing(false);
-    let l2_hits = b.stats().l2_hits;
-    assert_eq!(b.get("j").await.unwrap(), Some("old".into()));
-    assert_eq!(b.stats().l2_hits, l2_hits, "B still had its copy of j");
-    // L2 still holds the old value of "k" (the writes never reached it): B reads it again.
-    assert_eq!(b.get("k").await.unwrap(), Some("old".into()));
-    assert_eq!(b.stats().l2_hits, l2_hits + 1);
+    assert_eq!(b.get("set").await.unwrap(), Some("old".into()));
 }
 
 #[test]
@@ -274,42 +301,11 @@ fn a_breaker_out_of_range_is_refused() {
     );
 }
 
-/// A backplane whose publishes fail while told to, over a memory bus.
-#[derive(Debug)]
-struct FlakyBackplane {
-    inner: tierstack::core::testkit::MemoryBackplane,
-    failing: std::sync::atomic::AtomicBool,
-}
-
-#[async_trait::async_trait]
-impl tierstack::core::Backplane for FlakyBackplane {
-    async fn publish(
-        &self,
-        namespace: &str,
-        invalidation: &tierstack::core::backplane::Invalidation,
-    ) -> Result<()> {
-        if self.failing.load(std::sync::atomic::Ordering::SeqCst) {
-            return Err(CacheError::Connection {
-                endpoint: "bus".into(),
-                source: "down".into(),
-            });
-        }
-        self.inner.publish(namespace, invalidation).await
-    }
-
-    fn subscribe(&self) -> tierstack::core::backplane::Subscription {
-        self.inner.subscribe()
-    }
-}
-
 #[tokio::test(start_paused = true)]
 async fn a_backplane_breaker_holds_invalidations_and_sends_them_when_it_closes() {
     let fx = Fixture::new();
     let bus = MemoryBus::new();
-    let flaky = Arc::new(FlakyBackplane {
-        inner: bus.backplane(),
-        failing: std::sync::atomic::AtomicBool::new(false),
-    });
+    let flaky = Arc::new(FlakyBackplane::new(bus.backplane()));
     let a = fx
         .builder("test")
         .l2_timeout(TIMEOUT)
@@ -329,9 +325,7 @@ async fn a_backplane_breaker_holds_invalidations_and_sends_them_when_it_closes()
     for key in ["k1", "k2", "k3"] {
         assert_eq!(b.get(key).await.unwrap(), Some("old".into()));
     }
-    flaky
-        .failing
-        .store(true, std::sync::atomic::Ordering::SeqCst);
+    flaky.set_failing(true);
     // Two failed publishes open it; the writes go on, and nobody waits for the backplane.
     a.set("k1", "new".into()).await.unwrap();
     a.set("k2", "new".into()).await.unwrap();
@@ -344,9 +338,7 @@ async fn a_backplane_breaker_holds_invalidations_and_sends_them_when_it_closes()
     // B still serves its old copies: it was not told.
     assert_eq!(b.get("k3").await.unwrap(), Some("old".into()));
     // The backplane is back: after the open time, a publish probes it and the held ones follow.
-    flaky
-        .failing
-        .store(false, std::sync::atomic::Ordering::SeqCst);
+    flaky.set_failing(false);
     tokio::time::sleep(OPEN_FOR).await; // paused clock
     a.set("probe", "p".into()).await.unwrap();
     tokio::time::sleep(TIMEOUT).await; // paused clock: the held invalidations go out
@@ -359,10 +351,7 @@ async fn a_backplane_breaker_holds_invalidations_and_sends_them_when_it_closes()
 async fn held_invalidations_go_out_without_another_publish_once_the_backplane_is_back() {
     let fx = Fixture::new();
     let bus = MemoryBus::new();
-    let flaky = Arc::new(FlakyBackplane {
-        inner: bus.backplane(),
-        failing: std::sync::atomic::AtomicBool::new(false),
-    });
+    let flaky = Arc::new(FlakyBackplane::new(bus.backplane()));
     let a = fx
         .builder("test")
         .l2_timeout(TIMEOUT)
@@ -378,9 +367,7 @@ async fn held_invalidations_go_out_without_another_publish_once_the_backplane_is
     a.set("k", "old".into()).await.unwrap();
     tokio::time::sleep(TIMEOUT).await; // paused clock: B hears of it
     assert_eq!(b.get("k").await.unwrap(), Some("old".into()));
-    flaky
-        .failing
-        .store(true, std::sync::atomic::Ordering::SeqCst);
+    flaky.set_failing(true);
     a.set("k", "new".into()).await.unwrap();
     a.delete_prefix("p:").await.unwrap();
     assert_eq!(a.stats().backplane_circuit_opens, 1);
@@ -389,9 +376,7 @@ async fn held_invalidations_go_out_without_another_publish_once_the_backplane_is
     assert_eq!(b.get("k").await.unwrap(), Some("old".into()));
     assert_eq!(a.stats().backplane_circuit_opens, 2, "the probe failed");
     // Back: the next probe sends what is held, though this instance writes nothing more.
-    flaky
-        .failing
-        .store(false, std::sync::atomic::Ordering::SeqCst);
+    flaky.set_failing(false);
     tokio::time::sleep(OPEN_FOR + TIMEOUT).await; // paused clock
     assert_eq!(b.get("k").await.unwrap(), Some("new".into()));
 }

@@ -8,7 +8,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::Fixture;
+use common::{Fixture, FlakyBackplane};
 use tierstack::core::envelope::Envelope;
 use tierstack::core::testkit::{FaultyStore, MemoryBus};
 use tierstack::core::{BincodeCodec, CacheError, Codec as _, Store as _};
@@ -220,6 +220,47 @@ async fn a_prefix_delete_after_a_kept_write_wins_over_its_replay() {
     assert_eq!((stats.writes_replayed, stats.writes_superseded), (1, 1));
     assert!(!fx.holds("test:p:1").await);
     assert!(fx.holds("test:q:1").await);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_prefix_delete_heard_late_leaves_the_writes_kept_after_it() {
+    let fx = Fixture::new();
+    let bus = MemoryBus::new();
+    let (a, a_l2) = instance(&fx, &bus, 100);
+    // B deletes the prefix while its backplane is down: the others hear of it only later.
+    let b_backplane = Arc::new(FlakyBackplane::new(bus.backplane()));
+    let b = TieredCache::<String>::builder("test")
+        .l2(fx.l2.clone())
+        .clock(Arc::new(fx.clock.clone()))
+        .backplane(b_backplane.clone())
+        .l2_timeout(Duration::from_millis(100))
+        .build()
+        .unwrap();
+    a_l2.set_failing(true);
+    a.set_with("p:before", "kept".into(), &recovering())
+        .await
+        .unwrap();
+    fx.clock.advance(Duration::from_millis(1));
+    b_backplane.set_failing(true);
+    b.delete_prefix("p:").await.unwrap();
+    fx.clock.advance(Duration::from_millis(1));
+    // Made after the delete: newer than it, however late its message comes.
+    a.set_with("p:after", "kept".into(), &recovering())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await; // paused clock: B holds the message
+    assert_eq!(a.stats().invalidations_received, 0);
+    b_backplane.set_failing(false);
+    // paused clock: B's next round of sending what it held (its pause doubles while it fails)
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(a.stats().invalidations_received, 1);
+    a_l2.set_failing(false);
+    tokio::time::sleep(RETRY * 2).await; // paused clock: the replay
+    let stats = a.stats();
+    assert_eq!((stats.writes_replayed, stats.writes_superseded), (1, 1));
+    assert!(!fx.holds("test:p:before").await);
+    assert!(fx.holds("test:p:after").await, "the later write was lost");
+    assert_eq!(b_reads(&fx, &bus, "p:after").await, Some("kept".into()));
 }
 
 #[tokio::test(start_paused = true)]

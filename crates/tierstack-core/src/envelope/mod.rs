@@ -89,6 +89,8 @@ pub const HEADER_LEN: usize = 25;
 /// that changes an entry's time to live rewrites it there, so that readers can take the
 /// remaining time from the bytes.
 pub const EXPIRES_AT: std::ops::Range<usize> = 13..21;
+/// Where the write time (ms since the Unix epoch, 8 bytes little-endian) starts in the header.
+const WRITTEN_AT: usize = 5;
 
 const FLAG_NEGATIVE: u8 = 0b0000_0001;
 const FLAG_TOMBSTONE: u8 = 0b0000_0010;
@@ -255,8 +257,8 @@ impl<'a> Envelope<'a> {
             return Err(EnvelopeError::UnknownFlags(flags));
         }
         let tombstone = flags & FLAG_TOMBSTONE != 0;
-        let written_at = read_u64(header, 5);
-        let expires_at = read_u64(header, 13);
+        let written_at = read_u64(header, WRITTEN_AT);
+        let expires_at = read_u64(header, EXPIRES_AT.start);
         let declared = read_u32(header, 21) as usize;
         let (fresh_until, payload) = if flags & FLAG_FRESH_UNTIL == 0 {
             (expires_at, payload)
@@ -339,6 +341,12 @@ impl<'a> Envelope<'a> {
     pub fn expires_at_of(bytes: &[u8]) -> Option<Timestamp> {
         let header = bytes.first_chunk::<HEADER_LEN>()?;
         (header[0..2] == MAGIC).then(|| Timestamp::from_millis(read_u64(header, EXPIRES_AT.start)))
+    }
+
+    /// Reads only the write time of an envelope (a value's or a tombstone's).
+    pub fn written_at_of(bytes: &[u8]) -> Option<Timestamp> {
+        let header = bytes.first_chunk::<HEADER_LEN>()?;
+        (header[0..2] == MAGIC).then(|| Timestamp::from_millis(read_u64(header, WRITTEN_AT)))
     }
 }
 

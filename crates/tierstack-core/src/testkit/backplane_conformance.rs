@@ -24,6 +24,7 @@ use crate::backplane::{
     Backplane, BackplaneEvent, BackplaneHub, Invalidation, InvalidationMessage, MAX_MESSAGE_LEN,
     Subscription,
 };
+use crate::clock::Timestamp;
 use crate::error::CacheError;
 
 /// The longest a case waits for one event (a lost subscription noticed, one regained, a message
@@ -170,8 +171,20 @@ pub async fn keys_prefixes_and_everything_arrive_intact(h: &BackplaneHarness) {
             keys(&["a:b", "ü/ñ", "a*b?[c]", "\"{}\"", "\u{0}nul", " "]),
         ),
         message("users", keys(&[])),
-        message("users", Invalidation::Prefix("user:ü:*".to_owned())),
-        message("sessions", Invalidation::Prefix(String::new())),
+        message(
+            "users",
+            Invalidation::Prefix {
+                prefix: "user:ü:*".to_owned(),
+                at: Timestamp::from_millis(1_700_000_000_123),
+            },
+        ),
+        message(
+            "sessions",
+            Invalidation::Prefix {
+                prefix: String::new(),
+                at: Timestamp::EPOCH,
+            },
+        ),
         message("users", Invalidation::All),
         message("", Invalidation::All),
     ];

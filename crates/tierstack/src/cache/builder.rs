@@ -239,7 +239,7 @@ where
     /// are served by L1, fail-safe and the loader at once instead of after a timeout each, and
     /// writes fail with [`CacheError::CircuitOpen`] without waiting for L2 (a refused write
     /// never reached L2; it evicts this instance's copy, and the other instances are told
-    /// soon after, without a wait: the application's data changed). Then one
+    /// with the held invalidations, without a wait: the application's data changed). Then one
     /// call at a time probes the L2; the first that succeeds closes the breaker. Each change is a
     /// [`CacheEvent::L2Circuit`](crate::CacheEvent::L2Circuit), a count in
     /// `tierstack_l2_circuit_changes_total` and one log line.

@@ -44,8 +44,8 @@ where
                             self.lease_waiters.wake(key);
                         }
                     }
-                    Invalidation::Prefix(prefix) => {
-                        self.forget_kept_prefix(prefix);
+                    Invalidation::Prefix { prefix, at } => {
+                        self.forget_kept_prefix(prefix, *at);
                         self.freshness.bump_all();
                         if let Some(l1) = &self.l1 {
                             l1.invalidate_prefix(prefix);

@@ -16,11 +16,13 @@ use std::time::Duration;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tierstack_core::backplane::Invalidation;
+use tierstack_core::clock::Timestamp;
 use tierstack_core::{CacheError, Codec};
 use tokio::time::Instant;
 
 use super::Inner;
 use crate::breaker::{Admission, CircuitState, Outcome, ProbeGuard};
+use crate::burst_log::BurstLog;
 use crate::stats::Guarded;
 
 /// The most keys held while the backplane's breaker is open; past it, everything is.
@@ -45,17 +47,29 @@ pub(super) enum Published {
     Held,
 }
 
+/// What a hold does when the set has no room for an invalidation as named.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum WhenFull {
+    /// Holds everything instead: a change the others must hear of.
+    HoldEverything,
+    /// Drops it (logged once per burst): a notice the others can do without, worth less than
+    /// their whole L1s, fail-safe's fallbacks included.
+    Drop,
+}
+
 /// The invalidations held until the backplane takes them: while its breaker is open, and those
 /// that failed twice.
 #[derive(Debug, Default)]
 pub(super) struct Held {
     state: Mutex<HeldState>,
+    dropped: BurstLog,
 }
 
 #[derive(Debug, Default)]
 struct HeldState {
     keys: HashSet<String>,
-    prefixes: Vec<String>,
+    /// Each prefix once, with the latest time it was deleted at (which covers the earlier).
+    prefixes: Vec<(String, Timestamp)>,
     /// Too much was held to name: the whole namespace is invalidated on release.
     everything: bool,
     /// Whether a task will send what is held once the breaker lets a probe through.
@@ -66,32 +80,67 @@ impl HeldState {
     fn is_empty(&self) -> bool {
         self.keys.is_empty() && self.prefixes.is_empty() && !self.everything
     }
+
+    /// Whether `invalidation` fits as named (keys or a prefix held already take no more room).
+    fn has_room_for(&self, invalidation: &Invalidation) -> bool {
+        match invalidation {
+            Invalidation::Keys(keys) => {
+                let new = keys.iter().filter(|key| !self.keys.contains(*key)).count();
+                self.keys.len() + new <= MAX_HELD_KEYS
+            }
+            Invalidation::Prefix { prefix, .. } => {
+                self.prefixes.len() < MAX_HELD_PREFIXES
+                    || self.prefixes.iter().any(|(held, _)| held == prefix)
+            }
+            _ => false,
+        }
+    }
+
+    /// Adds `invalidation`, or everything if it does not fit.
+    fn add(&mut self, invalidation: Invalidation) {
+        if self.everything {
+            return;
+        }
+        if !self.has_room_for(&invalidation) {
+            self.keys = HashSet::new();
+            self.prefixes = Vec::new();
+            self.everything = true;
+            return;
+        }
+        match invalidation {
+            Invalidation::Keys(keys) => self.keys.extend(keys),
+            Invalidation::Prefix { prefix, at } => {
+                match self.prefixes.iter_mut().find(|(held, _)| *held == prefix) {
+                    Some((_, held_at)) => *held_at = (*held_at).max(at),
+                    None => self.prefixes.push((prefix, at)),
+                }
+            }
+            // Only keys and prefixes have room (see `has_room_for`).
+            _ => {}
+        }
+    }
 }
 
 impl Held {
-    /// Holds `invalidation`; whether the caller, which `can_send` (it can start a task), must
-    /// start the task that sends what is held (none runs).
-    fn hold(&self, invalidation: Invalidation, can_send: bool) -> bool {
+    /// Holds `invalidation` (or, if it does not fit, does what `when_full` says); whether the
+    /// caller, which `can_send` (it can start a task), must start the task that sends what is
+    /// held (none runs). A dropped invalidation starts nothing.
+    fn hold(&self, invalidation: Invalidation, can_send: bool, when_full: WhenFull) -> bool {
         let mut state = self.lock();
+        if when_full == WhenFull::Drop && !state.everything && !state.has_room_for(&invalidation) {
+            drop(state);
+            if let Some(suppressed) = self.dropped.should_log() {
+                tracing::warn!(
+                    suppressed,
+                    "too many invalidations held: the notice of a write that never reached the \
+                     L2 was dropped"
+                );
+            }
+            return false;
+        }
         let start_sender = can_send && !state.sender;
         state.sender |= start_sender;
-        if state.everything {
-            return start_sender;
-        }
-        match invalidation {
-            Invalidation::Keys(keys) if state.keys.len() + keys.len() <= MAX_HELD_KEYS => {
-                state.keys.extend(keys);
-            }
-            Invalidation::Prefix(prefix) if state.prefixes.contains(&prefix) => {}
-            Invalidation::Prefix(prefix) if state.prefixes.len() < MAX_HELD_PREFIXES => {
-                state.prefixes.push(prefix);
-            }
-            _ => {
-                state.keys = HashSet::new();
-                state.prefixes = Vec::new();
-                state.everything = true;
-            }
-        }
+        state.add(invalidation);
         start_sender
     }
 
@@ -115,7 +164,12 @@ impl Held {
             .chunks(KEYS_PER_MESSAGE)
             .map(|chunk| Invalidation::Keys(chunk.to_vec()))
             .collect();
-        out.extend(state.prefixes.into_iter().map(Invalidation::Prefix));
+        out.extend(
+            state
+                .prefixes
+                .into_iter()
+                .map(|(prefix, at)| Invalidation::Prefix { prefix, at }),
+        );
         out
     }
 
@@ -310,8 +364,21 @@ where
     /// still gets its held invalidations out. The task holds the cache weakly, and ends with
     /// it.
     pub(super) fn hold(self: &Arc<Self>, invalidation: Invalidation) {
+        self.hold_unless_full(invalidation, WhenFull::HoldEverything);
+    }
+
+    /// [`hold`](Self::hold), doing what `when_full` says if the set has no room for
+    /// `invalidation`.
+    pub(super) fn hold_unless_full(
+        self: &Arc<Self>,
+        invalidation: Invalidation,
+        when_full: WhenFull,
+    ) {
+        if self.backplane.is_none() {
+            return;
+        }
         let runtime = tokio::runtime::Handle::try_current().ok();
-        if !self.held.hold(invalidation, runtime.is_some()) {
+        if !self.held.hold(invalidation, runtime.is_some(), when_full) {
             return;
         }
         // Started only from within a runtime; outside one, what is held goes out with the
@@ -412,14 +479,22 @@ mod tests {
     #[test]
     fn a_sender_gone_without_stopping_lets_the_next_hold_start_another() {
         let held = Arc::new(Held::default());
-        assert!(held.hold(Invalidation::Keys(vec!["a".into()]), true));
+        assert!(held.hold(
+            Invalidation::Keys(vec!["a".into()]),
+            true,
+            WhenFull::HoldEverything
+        ));
         let sender = SenderTask {
             held: Arc::clone(&held),
             stopped: false,
         };
         // Cancelled with its runtime while it slept.
         drop(sender);
-        assert!(held.hold(Invalidation::Keys(vec!["b".into()]), true));
+        assert!(held.hold(
+            Invalidation::Keys(vec!["b".into()]),
+            true,
+            WhenFull::HoldEverything
+        ));
         let mut sender = SenderTask {
             held: Arc::clone(&held),
             stopped: false,
@@ -427,9 +502,17 @@ mod tests {
         assert!(sender.take_or_stop().is_some());
         assert!(sender.take_or_stop().is_none(), "stopped: nothing held");
         drop(sender);
-        assert!(held.hold(Invalidation::Keys(vec!["c".into()]), true));
+        assert!(held.hold(
+            Invalidation::Keys(vec!["c".into()]),
+            true,
+            WhenFull::HoldEverything
+        ));
         assert!(
-            !held.hold(Invalidation::Keys(vec!["d".into()]), true),
+            !held.hold(
+                Invalidation::Keys(vec!["d".into()]),
+                true,
+                WhenFull::HoldEverything
+            ),
             "one sender"
         );
     }
@@ -437,30 +520,80 @@ mod tests {
     #[test]
     fn a_hold_that_cannot_start_a_sender_leaves_it_to_the_next_that_can() {
         let held = Held::default();
-        assert!(!held.hold(Invalidation::Keys(vec!["a".into()]), false));
-        assert!(held.hold(Invalidation::Keys(vec!["b".into()]), true));
+        assert!(!held.hold(
+            Invalidation::Keys(vec!["a".into()]),
+            false,
+            WhenFull::HoldEverything
+        ));
+        assert!(held.hold(
+            Invalidation::Keys(vec!["b".into()]),
+            true,
+            WhenFull::HoldEverything
+        ));
         assert_eq!(held.take().len(), 1, "both keys in one message");
     }
 
     #[test]
     fn held_keys_past_the_bound_become_everything() {
         let held = Held::default();
-        assert!(held.hold(Invalidation::Keys(vec!["a".into(), "b".into()]), true));
+        assert!(held.hold(
+            Invalidation::Keys(vec!["a".into(), "b".into()]),
+            true,
+            WhenFull::HoldEverything
+        ));
+        let prefix = |millis| Invalidation::Prefix {
+            prefix: "p:".into(),
+            at: Timestamp::from_millis(millis),
+        };
         assert!(
-            !held.hold(Invalidation::Prefix("p:".into()), true),
+            !held.hold(prefix(20), true, WhenFull::HoldEverything),
             "one sender"
         );
-        assert!(!held.hold(Invalidation::Prefix("p:".into()), true));
+        assert!(!held.hold(prefix(10), true, WhenFull::HoldEverything));
         let sent = held.take();
         assert_eq!(sent.len(), 2, "the same prefix is held once: {sent:?}");
+        assert_eq!(sent[1], prefix(20), "at the later of its times");
         assert!(held.is_empty());
         assert_eq!(held.take_or_stop(), None);
         assert!(
-            held.hold(Invalidation::Keys(vec!["c".into()]), true),
+            held.hold(
+                Invalidation::Keys(vec!["c".into()]),
+                true,
+                WhenFull::HoldEverything
+            ),
             "sender ended"
         );
         let many: Vec<String> = (0..=MAX_HELD_KEYS).map(|i| i.to_string()).collect();
-        held.hold(Invalidation::Keys(many), true);
+        held.hold(Invalidation::Keys(many), true, WhenFull::HoldEverything);
+        assert_eq!(held.take(), vec![Invalidation::All]);
+    }
+
+    #[test]
+    fn a_notice_that_does_not_fit_is_dropped_rather_than_held_as_everything() {
+        let held = Held::default();
+        let full: Vec<String> = (0..MAX_HELD_KEYS).map(|i| i.to_string()).collect();
+        assert!(held.hold(Invalidation::Keys(full), true, WhenFull::HoldEverything));
+        let key = |key: &str| Invalidation::Keys(vec![key.to_owned()]);
+        // A key held already takes no room, for either kind of hold.
+        assert!(!held.hold(key("0"), true, WhenFull::Drop));
+        assert!(!held.hold(key("0"), true, WhenFull::HoldEverything));
+        assert!(!held.hold(key("new"), true, WhenFull::Drop));
+        let sent = held.take();
+        assert!(
+            !sent.contains(&Invalidation::All),
+            "dropped, not everything"
+        );
+        let named: usize = sent
+            .iter()
+            .map(|message| match message {
+                Invalidation::Keys(keys) => keys.len(),
+                _ => 0,
+            })
+            .sum();
+        assert_eq!(named, MAX_HELD_KEYS);
+        let full: Vec<String> = (0..MAX_HELD_KEYS).map(|i| i.to_string()).collect();
+        held.hold(Invalidation::Keys(full), true, WhenFull::HoldEverything);
+        held.hold(key("new"), true, WhenFull::HoldEverything);
         assert_eq!(held.take(), vec![Invalidation::All]);
     }
 }

@@ -13,6 +13,7 @@ use bytes::Bytes;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tierstack_core::backplane::Invalidation;
+use tierstack_core::clock::Timestamp;
 use tierstack_core::envelope::Envelope;
 use tierstack_core::{CacheError, Codec, Result};
 use tokio::time::Instant;
@@ -38,12 +39,13 @@ enum Replayed {
 }
 
 impl<V, C> Inner<V, C> {
-    /// A prefix delete (here or on another instance) came after the kept writes under
-    /// `prefix`: they are dropped, as superseded. It leaves no tombstone that a replay could
-    /// compare its write time with.
-    pub(super) fn forget_kept_prefix(&self, prefix: &str) {
+    /// A prefix delete (here or on another instance) began at `at`: the kept writes under
+    /// `prefix` made by then are dropped, as superseded (it leaves no tombstone that a replay
+    /// could compare their write time with). Later ones stay, however late the delete's
+    /// message arrives.
+    pub(super) fn forget_kept_prefix(&self, prefix: &str, at: Timestamp) {
         if let Some(queue) = &self.recovery {
-            let forgotten = queue.forget_prefix(prefix);
+            let forgotten = queue.forget_prefix(prefix, at);
             self.recorder
                 .recovery(RecoveryOutcome::Superseded, forgotten);
         }

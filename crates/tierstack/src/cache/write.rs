@@ -17,6 +17,7 @@ use tierstack_core::{CacheError, Codec, Result};
 use tokio::time::Instant;
 
 use super::Inner;
+use super::publish::WhenFull;
 use super::read::Life;
 use crate::options::{EntryOptions, Skips};
 use crate::stats::L2Op;
@@ -37,11 +38,23 @@ where
         validate_ttl(options.ttl())?;
         options.validate()?;
         let mut life = Self::life(options, options.ttl());
+        let skips = options.skips();
         if !tags.is_empty() {
             self.check_tagged_life(&life)?;
-            life.tags = self.stamp_tags(tags, self.deadline()).await?;
+            match self.stamp_tags(tags, self.deadline()).await {
+                Ok(stamps) => life.tags = stamps,
+                Err(error) => {
+                    // The L2 failed before the value was written: as for a refused write.
+                    if error.is_transient() {
+                        self.evict_local(key);
+                        if !skips.backplane && !skips.l2_write {
+                            self.tell_of_refused_write(key);
+                        }
+                    }
+                    return Err(error);
+                }
+            }
         }
-        let skips = options.skips();
         let bytes = self.encode_with_life(key, Some(&value), &life)?;
         // Taken before the write: an invalidation of the key that arrives while the write is in
         // flight (another instance's write, which may have landed after this one) keeps this
@@ -198,7 +211,8 @@ where
             return Ok(0);
         }
         let deadline = self.deadline();
-        self.forget_kept_prefix(prefix);
+        let at = self.clock.now();
+        self.forget_kept_prefix(prefix, at);
         // Loads that began before this call skip their L2 write from now on; the barrier waits
         // for those already writing, so the scan below sees (and removes) them.
         self.freshness.bump_all();
@@ -226,10 +240,20 @@ where
             l1.invalidate_prefix(prefix);
         }
         // Whatever the scan did, it may have removed entries: the others evict too (a call
-        // that skips the backplane tells them only when the outcome is unknown).
-        if !skips.backplane || removed.is_err() {
-            self.publish(Invalidation::Prefix(prefix.to_owned()), deadline)
-                .await;
+        // that skips the backplane tells them only when the outcome is unknown). One the
+        // breaker refused removed nothing: told as a refused write is, without a wait.
+        let invalidation = Invalidation::Prefix {
+            prefix: prefix.to_owned(),
+            at,
+        };
+        match &removed {
+            Err(CacheError::CircuitOpen { .. }) if !skips.backplane => {
+                self.hold_unless_full(invalidation, WhenFull::Drop);
+            }
+            Err(CacheError::CircuitOpen { .. }) => {}
+            Err(_) => self.publish(invalidation, deadline).await,
+            Ok(_) if !skips.backplane => self.publish(invalidation, deadline).await,
+            Ok(_) => {}
         }
         removed
     }
@@ -262,8 +286,8 @@ where
                 match extended {
                     Ok(existed) => existed,
                     Err(error) => {
-                        self.after_failed_write(key, &error, deadline, !skips.backplane)
-                            .await;
+                        // A refused `touch` changed no data: the others' copies stand.
+                        self.after_failed_write(key, &error, deadline, false).await;
                         in_flight.finished();
                         return Err(error);
                     }
@@ -339,17 +363,16 @@ where
         }
     }
 
-    /// A write of `key` the L2 breaker refused did not change L2, but the application writes
-    /// because its data changed: the other instances drop their copy too, and read L2 again
-    /// (the old value while it holds one; the loader's, once it holds none, as after a
-    /// restart that lost it). The invalidation is held, not published: a refused write fails
-    /// fast, even when the backplane is down with the L2, and the held set goes out at its
-    /// sender's next round (an L2 timeout after it starts, or the backplane breaker's
-    /// `open_for`).
+    /// A write of `key` that never reached L2 (the L2 breaker refused it) did not change L2,
+    /// but the application writes because its data changed: the other instances drop their
+    /// copy too, and read L2 again (the old value while it holds one; the loader's, once it
+    /// holds none, as after a restart that lost it). The invalidation is held, not published:
+    /// a refused write fails fast, even when the backplane is down with the L2; it goes out
+    /// with the held invalidations. It is a notice the others can do without: when the held
+    /// set is full it is dropped, never turned into an invalidation of everything, which
+    /// would empty every L1 of the fallbacks it keeps through the outage.
     fn tell_of_refused_write(self: &Arc<Self>, key: &str) {
-        if self.backplane.is_some() {
-            self.hold(Invalidation::Keys(vec![key.to_owned()]));
-        }
+        self.hold_unless_full(Invalidation::Keys(vec![key.to_owned()]), WhenFull::Drop);
     }
 
     /// After a write of `key` that failed or timed out, and so may still land: evicts the local

@@ -94,3 +94,54 @@ pub fn instances(
         })
         .collect()
 }
+
+/// A backplane whose publishes fail, or never answer, while told to, over a memory bus.
+#[derive(Debug)]
+pub struct FlakyBackplane {
+    inner: tierstack::core::testkit::MemoryBackplane,
+    failing: std::sync::atomic::AtomicBool,
+    stalling: std::sync::atomic::AtomicBool,
+}
+
+impl FlakyBackplane {
+    pub fn new(inner: tierstack::core::testkit::MemoryBackplane) -> Self {
+        Self {
+            inner,
+            failing: std::sync::atomic::AtomicBool::new(false),
+            stalling: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    pub fn set_failing(&self, failing: bool) {
+        self.failing.store(failing, Ordering::SeqCst);
+    }
+
+    /// Publishes made while stalling never answer (their caller's deadline ends them).
+    pub fn set_stalling(&self, stalling: bool) {
+        self.stalling.store(stalling, Ordering::SeqCst);
+    }
+}
+
+#[async_trait::async_trait]
+impl tierstack::core::Backplane for FlakyBackplane {
+    async fn publish(
+        &self,
+        namespace: &str,
+        invalidation: &tierstack::core::backplane::Invalidation,
+    ) -> tierstack::core::Result<()> {
+        if self.stalling.load(Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
+        if self.failing.load(Ordering::SeqCst) {
+            return Err(tierstack::core::CacheError::Connection {
+                endpoint: "bus".into(),
+                source: "down".into(),
+            });
+        }
+        self.inner.publish(namespace, invalidation).await
+    }
+
+    fn subscribe(&self) -> tierstack::core::backplane::Subscription {
+        self.inner.subscribe()
+    }
+}
