@@ -180,9 +180,10 @@ impl BackplaneHub {
     }
 
     /// Decodes a message from the wire and delivers it unless this instance published it.
-    /// Undecodable messages are refused with an error (callers count them) and dropped; one
-    /// whose namespace reads but whose invalidation does not (a kind of a newer version) is
-    /// delivered as [`Invalidation::All`] of that namespace.
+    /// Undecodable messages are refused with an error (callers count and log them) and
+    /// dropped; one whose namespace reads but whose invalidation does not (a kind of a newer
+    /// version) is delivered as [`Invalidation::All`] of that namespace, and still answered
+    /// with an error.
     ///
     /// The origin sits in the fixed header, so an instance drops its own messages (it receives
     /// every one it publishes) without decoding their body.
@@ -211,15 +212,21 @@ impl BackplaneHub {
         }
         let body = match serde_json::from_slice::<WireBody>(body) {
             Ok(body) => body,
-            // An invalidation this version cannot read (a newer instance's kind, during a
-            // rolling upgrade) may have changed any key of its namespace: all of it goes.
-            Err(error) => match serde_json::from_slice::<NamespaceOnly>(body) {
-                Ok(NamespaceOnly { namespace }) => WireBody {
-                    namespace,
+            Err(error) => {
+                // An invalidation this version cannot read (a kind of a newer version, during
+                // a rolling upgrade) may have changed any key of its namespace: all of it
+                // goes, and the caller still hears of the message as undecodable.
+                let unread = serde_json::from_slice::<UnreadInvalidation>(body)
+                    .map_err(|_| CacheError::serialization(error))?;
+                self.deliver(InvalidationMessage {
+                    namespace: unread.namespace,
                     invalidation: Invalidation::All,
-                },
-                Err(_) => return Err(CacheError::serialization(error)),
-            },
+                });
+                return Err(CacheError::serialization(
+                    "a backplane invalidation of a kind this version does not know: its whole \
+                     namespace was invalidated",
+                ));
+            }
         };
         self.deliver(InvalidationMessage {
             namespace: body.namespace,
@@ -266,10 +273,13 @@ struct WireBody {
     invalidation: Invalidation,
 }
 
-/// A body read for its namespace alone (serde skips the other fields).
+/// A body whose invalidation did not decode, read for its namespace alone.
 #[derive(Deserialize)]
-struct NamespaceOnly {
+struct UnreadInvalidation {
     namespace: String,
+    /// Required: a body without an invalidation stays an error.
+    #[serde(rename = "invalidation")]
+    _invalidation: serde::de::IgnoredAny,
 }
 
 fn random_origin() -> u64 {
@@ -354,17 +364,30 @@ mod tests {
         let mut wire = vec![WIRE_VERSION];
         wire.extend_from_slice(&BackplaneHub::new().origin().to_le_bytes());
         wire.extend_from_slice(br#"{"namespace":"users","invalidation":{"Newer":{"x":1}}}"#);
-        hub.deliver_wire(&wire).unwrap_or_else(|e| panic!("{e}"));
+        let error = hub.deliver_wire(&wire).unwrap_err();
+        assert!(error.to_string().contains("whole namespace"), "{error}");
         let expected = BackplaneEvent::Invalidate(Arc::new(InvalidationMessage {
             namespace: "users".into(),
             invalidation: Invalidation::All,
         }));
         assert_eq!(sub.recv().await, Some(expected));
-        // Without a namespace to scope it to, it is refused.
-        let mut nameless = vec![WIRE_VERSION];
-        nameless.extend_from_slice(&BackplaneHub::new().origin().to_le_bytes());
-        nameless.extend_from_slice(br#"{"invalidation":{"Newer":{}}}"#);
-        assert!(hub.deliver_wire(&nameless).is_err());
+        // Without a namespace to scope it to, or without an invalidation, nothing is
+        // delivered.
+        for body in [
+            &br#"{"invalidation":{"Newer":{}}}"#[..],
+            br#"{"namespace":"users"}"#,
+        ] {
+            let mut wire = vec![WIRE_VERSION];
+            wire.extend_from_slice(&BackplaneHub::new().origin().to_le_bytes());
+            wire.extend_from_slice(body);
+            assert!(hub.deliver_wire(&wire).is_err());
+        }
+        hub.resync();
+        assert_eq!(
+            sub.recv().await,
+            Some(BackplaneEvent::Resync),
+            "nothing delivered"
+        );
     }
 
     #[test]

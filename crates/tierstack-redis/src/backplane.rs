@@ -237,7 +237,7 @@ fn on_push(
                 && from.as_slice() == channel.as_bytes()
                 && let Err(error) = hub.deliver_wire(message)
             {
-                tracing::warn!(error = %error, "undecodable backplane message dropped");
+                tracing::warn!(error = %error, "undecodable backplane message");
             }
         }
         PushKind::Disconnection if !hearing.deaf.swap(true, Ordering::SeqCst) => {
@@ -384,7 +384,7 @@ async fn listen(
                 message = messages.next() => match message {
                     Some(message) => {
                         if let Err(error) = hub.deliver_wire(message.get_payload_bytes()) {
-                            tracing::warn!(error = %error, "undecodable backplane message dropped");
+                            tracing::warn!(error = %error, "undecodable backplane message");
                         }
                     }
                     None => break,

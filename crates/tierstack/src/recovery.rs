@@ -201,15 +201,20 @@ impl RecoveryQueue {
         self.len.store(state.kept.len(), Ordering::Release);
     }
 
-    /// Forgets the kept writes of every key that starts with `prefix` made at or before `at`
-    /// (a prefix delete began then, and leaves no tombstone a replay could compare with; one of
-    /// the same millisecond is not known to come after it); how many.
-    pub(crate) fn forget_prefix(&self, prefix: &str, at: Timestamp) -> u64 {
+    /// Forgets the kept writes of every key that starts with `prefix` made at or before `at`,
+    /// or all of them without a time (a prefix delete began then, and leaves no tombstone a
+    /// replay could compare with; one of the same millisecond is not known to come after it);
+    /// how many.
+    pub(crate) fn forget_prefix(&self, prefix: &str, at: Option<Timestamp>) -> u64 {
         let mut state = self.lock();
         let before = state.kept.len();
         state.kept.retain(|key, kept| {
-            !key.starts_with(prefix)
-                || Envelope::written_at_of(&kept.bytes).is_some_and(|written| written > at)
+            let after_the_delete = || {
+                at.is_some_and(|at| {
+                    Envelope::written_at_of(&kept.bytes).is_some_and(|written| written > at)
+                })
+            };
+            !key.starts_with(prefix) || after_the_delete()
         });
         self.len.store(state.kept.len(), Ordering::Release);
         (before - state.kept.len()) as u64
@@ -308,7 +313,7 @@ mod tests {
             queue.push(key, Bytes::from("v"));
         }
         let replaying = queue.snapshot();
-        assert_eq!(queue.forget_prefix("p:", Timestamp::EPOCH), 2);
+        assert_eq!(queue.forget_prefix("p:", None), 2);
         let still: Vec<bool> = replaying
             .iter()
             .map(|(key, kept)| queue.holds(key, kept))
@@ -332,7 +337,10 @@ mod tests {
         queue.push("p:same", written_at(15));
         queue.push("p:after", written_at(16));
         queue.push("q:before", written_at(10));
-        assert_eq!(queue.forget_prefix("p:", Timestamp::from_millis(15)), 2);
+        assert_eq!(
+            queue.forget_prefix("p:", Some(Timestamp::from_millis(15))),
+            2
+        );
         let mut kept: Vec<_> = keys_and_bytes(&queue).into_iter().map(|(k, _)| k).collect();
         kept.sort();
         assert_eq!(kept, ["p:after", "q:before"]);

@@ -211,6 +211,7 @@ async fn a_refused_write_tells_the_others_without_waiting_for_the_backplane() {
         "set",
         "delete",
         "if_absent",
+        "tagged",
         "compare",
         "touch",
         "quiet",
@@ -248,6 +249,11 @@ async fn a_refused_write_tells_the_others_without_waiting_for_the_backplane() {
     let old = String::from("old");
     let compared = a.compare_and_set("compare", &old, Some("new".into()), &options);
     refused(compared.await.map(drop));
+    // A tagged write reads its tags' records first: refused there, it never wrote either.
+    refused(
+        a.set_with_tags("tagged", "new".into(), &["t"], &options)
+            .await,
+    );
     refused(a.touch("touch", Duration::from_secs(600)).await.map(drop));
     let quiet = options.with_skips(Skips {
         backplane: true,
@@ -266,7 +272,7 @@ async fn a_refused_write_tells_the_others_without_waiting_for_the_backplane() {
     // The data behind each write changed (that is why it was written): B dropped its copy and
     // reads L2 (failing: a miss). A refused `touch` changed no data, and a call that skips the
     // backplane tells nobody: B still serves those from L1.
-    for key in ["set", "delete", "if_absent", "compare", "p:1"] {
+    for key in ["set", "delete", "if_absent", "compare", "tagged", "p:1"] {
         assert_eq!(b.get(key).await.unwrap(), None, "{key}");
     }
     for key in ["touch", "quiet"] {

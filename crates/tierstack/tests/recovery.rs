@@ -12,7 +12,7 @@ use common::{Fixture, FlakyBackplane};
 use tierstack::core::envelope::Envelope;
 use tierstack::core::testkit::{FaultyStore, MemoryBus};
 use tierstack::core::{BincodeCodec, CacheError, Codec as _, Store as _};
-use tierstack::{EntryOptions, FailSafe, TieredCache, WriteRecovery};
+use tierstack::{CircuitBreaker, EntryOptions, FailSafe, TieredCache, WriteRecovery};
 
 const RETRY: Duration = Duration::from_millis(500);
 
@@ -261,6 +261,49 @@ async fn a_prefix_delete_heard_late_leaves_the_writes_kept_after_it() {
     assert!(!fx.holds("test:p:before").await);
     assert!(fx.holds("test:p:after").await, "the later write was lost");
     assert_eq!(b_reads(&fx, &bus, "p:after").await, Some("kept".into()));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_prefix_delete_the_breaker_refused_leaves_every_kept_write() {
+    let fx = Fixture::new();
+    let bus = MemoryBus::new();
+    let (b, b_l2) = instance(&fx, &bus, 100);
+    let a_l2 = FaultyStore::new(fx.l2.clone());
+    let a = TieredCache::<String>::builder("test")
+        .l2(Arc::new(a_l2.clone()))
+        .clock(Arc::new(fx.clock.clone()))
+        .backplane(Arc::new(bus.backplane()))
+        .l2_timeout(Duration::from_millis(100))
+        .l2_circuit_breaker(CircuitBreaker::new(1, Duration::from_secs(5)))
+        .write_recovery(WriteRecovery::new(100).with_retry_interval(RETRY))
+        .build()
+        .unwrap();
+    a_l2.set_failing(true);
+    b_l2.set_failing(true);
+    // Each keeps a write; A's failure opens its breaker.
+    a.set_with("p:1", "kept".into(), &recovering())
+        .await
+        .unwrap();
+    b.set_with("p:2", "kept".into(), &recovering())
+        .await
+        .unwrap();
+    fx.clock.advance(Duration::from_millis(1));
+    tokio::time::sleep(Duration::from_millis(10)).await; // paused clock: B hears of A's write
+    let heard = b.stats().invalidations_received;
+    let refused = a.delete_prefix("p:").await.unwrap_err();
+    assert!(
+        matches!(refused, CacheError::CircuitOpen { .. }),
+        "{refused:?}"
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await; // paused clock: B hears of the delete
+    assert_eq!(b.stats().invalidations_received, heard + 1);
+    // The delete deleted nothing: the kept writes, newer than what the L2 holds, stay.
+    a_l2.set_failing(false);
+    b_l2.set_failing(false);
+    tokio::time::sleep(Duration::from_secs(6)).await; // paused clock: breaker, then replays
+    assert_eq!(a.stats().writes_superseded + b.stats().writes_superseded, 0);
+    assert!(fx.holds("test:p:1").await, "A's kept write was lost");
+    assert!(fx.holds("test:p:2").await, "B's kept write was lost");
 }
 
 #[tokio::test(start_paused = true)]

@@ -45,7 +45,7 @@ where
                         }
                     }
                     Invalidation::Prefix { prefix, at } => {
-                        self.forget_kept_prefix(prefix, *at);
+                        self.forget_kept_prefix(prefix, Some(*at));
                         self.freshness.bump_all();
                         if let Some(l1) = &self.l1 {
                             l1.invalidate_prefix(prefix);

@@ -96,27 +96,24 @@ impl HeldState {
         }
     }
 
-    /// Adds `invalidation`, or everything if it does not fit.
+    /// Adds `invalidation`, or everything if it does not fit. Prefixes stay named beside
+    /// everything while they fit: a prefix delete's message also tells the others which kept
+    /// writes it superseded, which an invalidation of everything does not.
     fn add(&mut self, invalidation: Invalidation) {
-        if self.everything {
-            return;
-        }
-        if !self.has_room_for(&invalidation) {
-            self.keys = HashSet::new();
-            self.prefixes = Vec::new();
-            self.everything = true;
-            return;
-        }
+        let fits = self.has_room_for(&invalidation);
         match invalidation {
-            Invalidation::Keys(keys) => self.keys.extend(keys),
-            Invalidation::Prefix { prefix, at } => {
+            Invalidation::Prefix { prefix, at } if fits => {
                 match self.prefixes.iter_mut().find(|(held, _)| *held == prefix) {
                     Some((_, held_at)) => *held_at = (*held_at).max(at),
                     None => self.prefixes.push((prefix, at)),
                 }
             }
-            // Only keys and prefixes have room (see `has_room_for`).
-            _ => {}
+            Invalidation::Keys(keys) if fits && !self.everything => self.keys.extend(keys),
+            // Keys, a tag or everything: what everything covers.
+            _ => {
+                self.keys = HashSet::new();
+                self.everything = true;
+            }
         }
     }
 }
@@ -127,7 +124,11 @@ impl Held {
     /// held (none runs). A dropped invalidation starts nothing.
     fn hold(&self, invalidation: Invalidation, can_send: bool, when_full: WhenFull) -> bool {
         let mut state = self.lock();
-        if when_full == WhenFull::Drop && !state.everything && !state.has_room_for(&invalidation) {
+        let droppable = matches!(
+            invalidation,
+            Invalidation::Keys(_) | Invalidation::Prefix { .. }
+        );
+        if when_full == WhenFull::Drop && droppable && !state.has_room_for(&invalidation) {
             drop(state);
             if let Some(suppressed) = self.dropped.should_log() {
                 tracing::warn!(
@@ -156,14 +157,14 @@ impl Held {
             },
         );
         drop(guard);
-        if state.everything {
-            return vec![Invalidation::All];
-        }
         let keys: Vec<String> = state.keys.into_iter().collect();
-        let mut out: Vec<Invalidation> = keys
-            .chunks(KEYS_PER_MESSAGE)
-            .map(|chunk| Invalidation::Keys(chunk.to_vec()))
-            .collect();
+        let mut out: Vec<Invalidation> = if state.everything {
+            vec![Invalidation::All]
+        } else {
+            keys.chunks(KEYS_PER_MESSAGE)
+                .map(|chunk| Invalidation::Keys(chunk.to_vec()))
+                .collect()
+        };
         out.extend(
             state
                 .prefixes
@@ -595,5 +596,19 @@ mod tests {
         held.hold(Invalidation::Keys(full), true, WhenFull::HoldEverything);
         held.hold(key("new"), true, WhenFull::HoldEverything);
         assert_eq!(held.take(), vec![Invalidation::All]);
+    }
+
+    #[test]
+    fn held_prefixes_stay_named_beside_everything() {
+        let held = Held::default();
+        let prefix = Invalidation::Prefix {
+            prefix: "p:".into(),
+            at: Timestamp::from_millis(20),
+        };
+        held.hold(prefix.clone(), true, WhenFull::HoldEverything);
+        let many: Vec<String> = (0..=MAX_HELD_KEYS).map(|i| i.to_string()).collect();
+        held.hold(Invalidation::Keys(many), true, WhenFull::HoldEverything);
+        held.hold(Invalidation::Keys(vec!["k".into()]), true, WhenFull::Drop);
+        assert_eq!(held.take(), vec![Invalidation::All, prefix]);
     }
 }

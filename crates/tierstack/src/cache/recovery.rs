@@ -39,11 +39,12 @@ enum Replayed {
 }
 
 impl<V, C> Inner<V, C> {
-    /// A prefix delete (here or on another instance) began at `at`: the kept writes under
-    /// `prefix` made by then are dropped, as superseded (it leaves no tombstone that a replay
-    /// could compare their write time with). Later ones stay, however late the delete's
-    /// message arrives.
-    pub(super) fn forget_kept_prefix(&self, prefix: &str, at: Timestamp) {
+    /// A prefix delete began: the kept writes under `prefix` made by then are dropped, as
+    /// superseded (it leaves no tombstone that a replay could compare their write time with).
+    /// Another instance's began `at` (by its clock: instances' clocks are assumed in step, as
+    /// for the replay's comparisons), and later writes stay however late its message arrives;
+    /// this instance's own (`None`) came after every write it keeps.
+    pub(super) fn forget_kept_prefix(&self, prefix: &str, at: Option<Timestamp>) {
         if let Some(queue) = &self.recovery {
             let forgotten = queue.forget_prefix(prefix, at);
             self.recorder

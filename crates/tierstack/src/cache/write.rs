@@ -6,6 +6,7 @@
 //! never before: told first, one could evict, re-read the old value and keep it.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -212,7 +213,10 @@ where
         }
         let deadline = self.deadline();
         let at = self.clock.now();
-        self.forget_kept_prefix(prefix, at);
+        // Whether the scan began: only then are the writes kept under the prefix forgotten,
+        // here and on the other instances. A call refused or given up before it deleted
+        // nothing, and forgetting them would lose writes newer than what the L2 holds.
+        let scanned = AtomicBool::new(false);
         // Loads that began before this call skip their L2 write from now on; the barrier waits
         // for those already writing, so the scan below sees (and removes) them.
         self.freshness.bump_all();
@@ -224,8 +228,14 @@ where
                     .await
                     .is_ok()
                 {
-                    self.l2_call(L2Op::Delete, deadline, l2.delete_prefix(&store_prefix))
-                        .await
+                    let scan = async {
+                        // Every write kept here was made before this call: all of them go,
+                        // by that order rather than by a clock that may step back.
+                        self.forget_kept_prefix(prefix, None);
+                        scanned.store(true, Ordering::SeqCst);
+                        l2.delete_prefix(&store_prefix).await
+                    };
+                    self.l2_call(L2Op::Delete, deadline, scan).await
                 } else {
                     Err(CacheError::Timeout {
                         operation: L2Op::Delete.label(),
@@ -241,10 +251,15 @@ where
         }
         // Whatever the scan did, it may have removed entries: the others evict too (a call
         // that skips the backplane tells them only when the outcome is unknown). One the
-        // breaker refused removed nothing: told as a refused write is, without a wait.
+        // breaker refused removed nothing: told as a refused write is, without a wait. The
+        // others forget what they keep under the prefix only if the scan began.
         let invalidation = Invalidation::Prefix {
             prefix: prefix.to_owned(),
-            at,
+            at: if scanned.load(Ordering::SeqCst) {
+                at
+            } else {
+                Timestamp::EPOCH
+            },
         };
         match &removed {
             Err(CacheError::CircuitOpen { .. }) if !skips.backplane => {
