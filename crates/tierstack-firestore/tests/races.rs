@@ -157,10 +157,6 @@ async fn race_through(fault: Fault, policies: Policies) {
         "no call succeeded after the fault ({race})"
     );
     settle(&caches, ("Firestore", &firestore), &course.origin, &race).await;
-    // Write recovery acknowledges a failed write and replays it later: not checked this way.
-    if !matches!(policies, Policies::Resilient) {
-        l2_keeps_no_value_a_successful_write_replaced(("Firestore", &firestore), &course.origin)
-            .await;
-    }
+    l2_keeps_no_value_a_successful_write_replaced(("Firestore", &firestore), &course.origin).await;
     drop((emulator, redis));
 }
