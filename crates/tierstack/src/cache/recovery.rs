@@ -245,8 +245,9 @@ where
     /// Writes one kept write over what the L2 holds for `key`, unless that is newer.
     ///
     /// The write itself is made under the key's lock, and only if the kept write is still the
-    /// one kept and nothing wrote the key here since the replay began: a prefix delete (which
-    /// forgets the kept writes under it before it waits for the keys' locks and scans), a
+    /// one kept and nothing wrote the key here since the replay began: a prefix delete (which,
+    /// once the L2 admits its call, forgets the kept writes under it, then waits for the keys'
+    /// locks and scans), a
     /// delete or a write of this instance either comes after it (and removes or replaces it)
     /// or makes it stand down.
     async fn replay_one(&self, queue: &RecoveryQueue, key: &str, kept: &Kept) -> Result<Replayed> {

@@ -233,6 +233,9 @@ where
                         // by that order rather than by a clock that may step back.
                         self.forget_kept_prefix(prefix, None);
                         scanned.store(true, Ordering::SeqCst);
+                        // A replay that found its write still kept, under the key's lock,
+                        // before the forget may be writing it now: the scan comes after.
+                        self.freshness.wait_for_writes().await;
                         l2.delete_prefix(&store_prefix).await
                     };
                     self.l2_call(L2Op::Delete, deadline, scan).await
