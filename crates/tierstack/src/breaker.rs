@@ -169,6 +169,11 @@ impl Breaker {
         self.settings.open_for()
     }
 
+    /// Whether calls go through (no run of failures has opened it).
+    pub(crate) fn is_closed(&self) -> bool {
+        matches!(self.lock().phase, Phase::Closed { .. })
+    }
+
     /// Whether a call may go to the L2 now, and the state it moved to, if it moved.
     pub(crate) fn admit(&self) -> (Admission, Option<CircuitState>) {
         let now = Instant::now();

@@ -283,6 +283,44 @@ async fn a_refused_write_tells_the_others_without_waiting_for_the_backplane() {
     assert_eq!(b.get("set").await.unwrap(), Some("old".into()));
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_refused_write_reaches_the_others_within_an_l2_timeout_through_a_closed_backplane_breaker()
+ {
+    let fx = Fixture::new();
+    let bus = MemoryBus::new();
+    let a = fx
+        .builder("test")
+        .l2_timeout(TIMEOUT)
+        .l2_circuit_breaker(CircuitBreaker::new(3, OPEN_FOR))
+        .backplane(Arc::new(bus.backplane()))
+        .backplane_circuit_breaker(CircuitBreaker::new(3, OPEN_FOR))
+        .build()
+        .unwrap();
+    let b = fx
+        .builder("test")
+        .backplane(Arc::new(bus.backplane()))
+        .build()
+        .unwrap();
+    a.set("k", "old".into()).await.unwrap();
+    tokio::time::sleep(TIMEOUT).await; // paused clock: B hears of the write
+    assert_eq!(b.get("k").await.unwrap(), Some("old".into()));
+    let heard = b.stats().invalidations_received;
+    fx.faulty.set_failing(true);
+    for key in ["x", "y", "z"] {
+        a.get(key).await.unwrap();
+    }
+    let refused = a.set("k", "new".into()).await.unwrap_err();
+    assert!(
+        matches!(refused, CacheError::CircuitOpen { .. }),
+        "{refused:?}"
+    );
+    // The backplane takes messages: the notice does not wait for the backplane breaker's
+    // `open_for` (5 s).
+    tokio::time::sleep(TIMEOUT * 2).await; // paused clock: the held set's first round
+    assert_eq!(b.stats().invalidations_received, heard + 1);
+    assert_eq!(a.stats().backplane_circuit_opens, 0);
+}
+
 #[test]
 fn a_breaker_out_of_range_is_refused() {
     let fx = Fixture::new();

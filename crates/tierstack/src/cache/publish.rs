@@ -359,7 +359,8 @@ where
 
     /// Holds `invalidation` until the backplane takes it. The first one held starts a task
     /// that sends what is held every `open_for` of the breaker (once it lets a probe through,
-    /// the first message being the probe: the breaker paces the attempts), or, without one,
+    /// the first message being the probe: the breaker paces the attempts; the first round
+    /// comes after an L2 timeout if the breaker was closed when it started), or, without one,
     /// after an L2 timeout, doubling the pause after each round the backplane does not take
     /// (up to [`MAX_HELD_PAUSE`]), until nothing is held: a cache that publishes nothing more
     /// still gets its held invalidations out. The task holds the cache weakly, and ends with
@@ -392,13 +393,19 @@ where
                 self.settings.l2_timeout.max(MAX_HELD_PAUSE),
             ),
         };
+        // Held while the backplane's breaker is closed (a write the L2 breaker refused): the
+        // backplane is taking messages, and the first round need not wait for an `open_for`.
+        let first = match &self.backplane_breaker {
+            Some(breaker) if breaker.is_closed() => self.settings.l2_timeout.min(every),
+            _ => every,
+        };
         let cache = Arc::downgrade(self);
         let mut sender = SenderTask {
             held: Arc::clone(&self.held),
             stopped: false,
         };
         runtime.spawn(async move {
-            let mut pause = every;
+            let mut pause = first;
             loop {
                 tokio::time::sleep(pause).await;
                 let Some(this) = cache.upgrade() else { return };
