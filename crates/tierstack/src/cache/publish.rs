@@ -96,10 +96,11 @@ impl HeldState {
         }
     }
 
-    /// Adds `invalidation`, or everything if it does not fit. Prefixes stay named beside
-    /// everything while they fit: a prefix delete's message also tells the others which kept
-    /// writes it superseded, which an invalidation of everything does not.
-    fn add(&mut self, invalidation: Invalidation) {
+    /// Adds `invalidation`; one that does not fit makes everything held instead, unless
+    /// `when_full` drops it (a named one: keys or a prefix). Whether it is held. Prefixes stay
+    /// named beside everything while they fit: a prefix delete's message also tells the others
+    /// which kept writes it superseded, which an invalidation of everything does not.
+    fn add(&mut self, invalidation: Invalidation, when_full: WhenFull) -> bool {
         let fits = self.has_room_for(&invalidation);
         match invalidation {
             Invalidation::Prefix { prefix, at } if fits => {
@@ -108,13 +109,19 @@ impl HeldState {
                     None => self.prefixes.push((prefix, at)),
                 }
             }
-            Invalidation::Keys(keys) if fits && !self.everything => self.keys.extend(keys),
-            // Keys, a tag or everything: what everything covers.
+            // Everything covers them already.
+            Invalidation::Keys(_) if self.everything => {}
+            Invalidation::Keys(keys) if fits => self.keys.extend(keys),
+            Invalidation::Keys(_) | Invalidation::Prefix { .. } if when_full == WhenFull::Drop => {
+                return false;
+            }
+            // Too many keys or prefixes, a tag, or everything.
             _ => {
                 self.keys = HashSet::new();
                 self.everything = true;
             }
         }
+        true
     }
 }
 
@@ -124,11 +131,7 @@ impl Held {
     /// held (none runs). A dropped invalidation starts nothing.
     fn hold(&self, invalidation: Invalidation, can_send: bool, when_full: WhenFull) -> bool {
         let mut state = self.lock();
-        let droppable = matches!(
-            invalidation,
-            Invalidation::Keys(_) | Invalidation::Prefix { .. }
-        );
-        if when_full == WhenFull::Drop && droppable && !state.has_room_for(&invalidation) {
+        if !state.add(invalidation, when_full) {
             drop(state);
             if let Some(suppressed) = self.dropped.should_log() {
                 tracing::warn!(
@@ -141,7 +144,6 @@ impl Held {
         }
         let start_sender = can_send && !state.sender;
         state.sender |= start_sender;
-        state.add(invalidation);
         start_sender
     }
 
