@@ -5,15 +5,22 @@
 //! its whole TTL. Its caller was told it failed; the writes after it were told they succeeded.
 //! So a write that gets no reply (its call times out, or its caller gives up on it) is followed,
 //! on the same connection, by one script per `SET` it sent: if the key holds exactly that value
-//! (compared by SHA-1, so the value is not sent twice), it expires [`LINGER`] later. Redis runs
-//! one connection's commands in order, so whenever the write arrives, its take-back runs after
-//! it; a later write that got there first is left alone. The key lingers rather than goes at
-//! once: a load's `SET NX` queued behind it (a value read before the write) still finds it
-//! there and is refused, as it would be without the take-back.
+//! (compared by SHA-1, so the value is not sent twice), it is replaced: a cache entry (an
+//! envelope) by a tombstone stamped with the server's time, for the rest of the entry's TTL;
+//! other bytes expire [`LINGER`] later. Redis runs one connection's commands in order, so
+//! whenever the write arrives, its take-back runs after it; a later write that got there first
+//! is left alone. The key is not emptied at once: a load's `SET NX` queued behind it (a value
+//! read before the write) still finds it there and is refused, as it would be without the
+//! take-back. And a tombstone rather than a lingering value or an empty key: the late value may
+//! have landed over a later write (sent on another connection, of another instance), and a
+//! replay of a write kept by a cache with write recovery compares write times with what the key
+//! holds; the tombstone, newer than anything written before the take-back, makes it stand down.
 //!
 //! Best effort, and what is left:
-//! - a read of the late value before it expires (its remaining life is at most [`LINGER`],
-//!   and the write's `PUBLISH`es are sent again after the take-back);
+//! - a read of a late value that is no cache entry before it expires (its remaining life is at
+//!   most [`LINGER`], and the write's `PUBLISH`es are sent again after the take-back);
+//! - the server's clock against the caches': a tombstone stamped earlier than a write it
+//!   replaced (a server clock behind theirs) does not make an older kept write stand down;
 //! - a connection replaced in between: standalone, the take-back goes on the write's
 //!   connection while it exists; in a cluster, redis-rs's cluster client routes it to whichever
 //!   connection serves the slot then, so a late write and its take-back may not be ordered;
@@ -23,12 +30,13 @@
 //! - at most [`MAX_PENDING`] take-backs wait at once per connection; beyond that a write is
 //!   not taken back (logged once per burst).
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use redis::aio::ConnectionLike;
 use redis::{Arg, Cmd, Pipeline, RedisResult, Value};
+use tierstack_core::envelope;
 
 /// Makes `KEYS[1]` expire in `ARGV[2]` milliseconds if it holds a value whose SHA-1 is
 /// `ARGV[1]` (a key of another type is left alone).
@@ -38,11 +46,41 @@ const TAKE_BACK_SCRIPT: &str = "if redis.call('TYPE', KEYS[1]).ok == 'string'
      end
      return 0";
 
+/// The take-back of a cache entry (an envelope): if `KEYS[1]` holds a value whose SHA-1 is
+/// `ARGV[1]`, replaces it with the tombstone `ARGV[2]` stamped with the server's time as its
+/// write time, for the value's remaining TTL or `ARGV[3]` ms if that is shorter. A replay of a write kept before then (by a cache with
+/// write recovery) then finds a newer delete and stands down, where a lingering value would
+/// pass for what the key holds (it may hide a later write that it landed over), and an empty
+/// key for one that nothing newer was written to.
+static TOMBSTONE_SCRIPT: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "if redis.call('TYPE', KEYS[1]).ok == 'string'
+           and redis.sha1hex(redis.call('GET', KEYS[1])) == ARGV[1] then
+           local now = redis.call('TIME')
+           local millis = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+           local ttl = redis.call('PTTL', KEYS[1])
+           if ttl <= 0 or ttl > tonumber(ARGV[3]) then ttl = ARGV[3] end
+           redis.call('SET', KEYS[1], string.sub(ARGV[2], 1, {before})
+             .. struct.pack('<I8', millis) .. string.sub(ARGV[2], {after}), 'PX', ttl)
+           return 1
+         end
+         return 0",
+        before = envelope::WRITTEN_AT.start,
+        after = envelope::WRITTEN_AT.end + 1,
+    )
+});
+
 /// How long a taken-back value stays before it expires.
 pub(crate) const LINGER: Duration = Duration::from_secs(1);
 
 /// The most take-backs waiting for their reply at once, per connection.
 pub(crate) const MAX_PENDING: usize = 1024;
+
+/// The longest a take-back's tombstone stays: as long as a delete's, by default. Long enough
+/// for the replays of writes kept during the outage (they run once the server answers again);
+/// short enough not to hide, for the whole TTL of a fail-safe entry, the stale copies that
+/// readers keep as fallbacks (a tombstone reads as a delete).
+const TOMBSTONE_FOR: Duration = Duration::from_secs(60);
 
 /// How long a take-back keeps its connection open waiting for its reply. Its bytes are on
 /// their way well before; keeping the connection open keeps them ordered behind the write
@@ -134,7 +172,17 @@ impl<H: ConnectionLike + Send + 'static> Drop for TakeBack<'_, H> {
         self.pending.refusing.store(false, Ordering::Relaxed);
         runtime.spawn(async move {
             let reply = tokio::time::timeout(PATIENCE, undo.query_async::<Value>(&mut connection));
-            let _ = reply.await;
+            // A refusal (a missing ACL right, say) is no fault of the connection's: said, or the
+            // late write would stay for its TTL unnoticed.
+            if let Ok(Err(error)) = reply.await
+                && !error.is_io_error()
+                && !error.is_timeout()
+            {
+                tracing::warn!(
+                    error = %error,
+                    "a Redis write that got no reply could not be taken back"
+                );
+            }
             drop(permit);
         });
     }
@@ -149,6 +197,7 @@ fn take_backs(sent: Sent<'_>) -> Option<Pipeline> {
         Sent::Pipeline(pipeline) => pipeline.cmd_iter().collect(),
     };
     let linger = u64::try_from(LINGER.as_millis()).unwrap_or(u64::MAX);
+    let tombstone_for = u64::try_from(TOMBSTONE_FOR.as_millis()).unwrap_or(u64::MAX);
     let mut undo = Pipeline::new();
     let mut sets = 0;
     for command in &commands {
@@ -157,13 +206,26 @@ fn take_backs(sent: Sent<'_>) -> Option<Pipeline> {
             (args.next(), args.next(), args.next())
             && name.eq_ignore_ascii_case(b"SET")
         {
-            undo.cmd("EVAL")
-                .arg(TAKE_BACK_SCRIPT)
-                .arg(1)
-                .arg(key)
-                .arg(sha1_smol::Sha1::from(value).digest().to_string())
-                .arg(linger)
-                .ignore();
+            let digest = sha1_smol::Sha1::from(value).digest().to_string();
+            match envelope::tombstone_in_place_of(value) {
+                Some(tombstone) => undo
+                    .cmd("EVAL")
+                    .arg(TOMBSTONE_SCRIPT.as_str())
+                    .arg(1)
+                    .arg(key)
+                    .arg(digest)
+                    .arg(tombstone.as_ref())
+                    .arg(tombstone_for)
+                    .ignore(),
+                None => undo
+                    .cmd("EVAL")
+                    .arg(TAKE_BACK_SCRIPT)
+                    .arg(1)
+                    .arg(key)
+                    .arg(digest)
+                    .arg(linger)
+                    .ignore(),
+            };
             sets += 1;
         }
     }
@@ -227,6 +289,48 @@ mod tests {
                 publish
             ]
         );
+    }
+
+    #[test]
+    fn a_cache_entry_is_taken_back_to_a_tombstone_of_its_codec_and_expiry() {
+        use tierstack_core::BincodeCodec;
+        use tierstack_core::clock::Timestamp;
+        let value = envelope::encode(
+            &BincodeCodec::default(),
+            Some("v"),
+            Timestamp::from_millis(1_000),
+            Timestamp::from_millis(61_000),
+            usize::MAX,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let mut sent = Cmd::new();
+        sent.arg("SET")
+            .arg("k")
+            .arg(value.as_ref())
+            .arg("PX")
+            .arg(60_000);
+        let undo = args(&take_backs(Sent::Command(&sent)).unwrap_or_else(|| panic!("a SET")));
+        assert_eq!(undo.len(), 1);
+        let [eval, script, keys, key, digest, tombstone, longest] = undo[0].as_slice() else {
+            panic!("seven arguments: {undo:?}");
+        };
+        assert_eq!(longest, b"60000");
+        assert_eq!(
+            (eval.as_slice(), keys.as_slice(), key.as_slice()),
+            (b"EVAL".as_slice(), b"1".as_slice(), b"k".as_slice())
+        );
+        assert_eq!(script, TOMBSTONE_SCRIPT.as_bytes());
+        assert_eq!(
+            digest,
+            sha1_smol::Sha1::from(&value)
+                .digest()
+                .to_string()
+                .as_bytes()
+        );
+        let parsed = envelope::Envelope::parse::<BincodeCodec>(tombstone, usize::MAX)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(parsed.tombstone);
+        assert_eq!(parsed.expires_at, Timestamp::from_millis(61_000));
     }
 
     #[test]

@@ -467,7 +467,8 @@ async fn a_refused_publish_keeps_the_write_and_is_counted() {
     assert_eq!(caches[0].get("k").await.unwrap().as_deref(), Some("v"));
 }
 
-/// The ACL that docs/backends/redis.md recommends for the cache and its backplane.
+/// The ACL that docs/backends/redis.md recommends for the cache and its backplane, the
+/// take-back of a write that timed out included.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_documented_acl_is_enough_for_the_cache_and_its_backplane() {
     let server = private_redis(&[]);
@@ -488,6 +489,7 @@ async fn the_documented_acl_is_enough_for_the_cache_and_its_backplane() {
         "+pttl",
         "+type",
         "+eval",
+        "+time",
         "+scan",
         "+ping",
         "+publish",
@@ -522,6 +524,24 @@ async fn the_documented_acl_is_enough_for_the_cache_and_its_backplane() {
         let stats = cache.stats();
         assert_eq!((stats.l2_errors, stats.publish_errors), (0, 0), "{stats:?}");
     }
+    // A write that times out is taken back to a tombstone (its script reads the server's
+    // clock and the entry's TTL).
+    let impatient =
+        RedisStore::connect(&config.clone().response_timeout(Duration::from_millis(200)))
+            .await
+            .unwrap();
+    let cache: TieredCache<String> = TieredCache::builder("acl")
+        .l2(Arc::new(impatient))
+        .without_l1()
+        .build()
+        .unwrap();
+    server.cli(&["CLIENT", "PAUSE", "600", "WRITE"]);
+    assert!(cache.set("late", "v".into()).await.is_err());
+    eventually("taken back to a tombstone", async || {
+        // A tombstone is 33 bytes; the late entry is longer.
+        server.cli(&["STRLEN", "shop:acl:late"]).trim() == "33"
+    })
+    .await;
     assert!(
         server.cli(&["ACL", "LOG"]).trim().is_empty(),
         "nothing was denied: {}",

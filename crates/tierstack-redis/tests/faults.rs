@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 
 use common::{Partition, RedisServer, private_redis};
 use tierstack::TieredCache;
-use tierstack_core::{CacheError, Store};
+use tierstack_core::clock::{Clock, SystemClock, Timestamp};
+use tierstack_core::envelope::{self, Envelope};
+use tierstack_core::{BincodeCodec, CacheError, Store};
 use tierstack_redis::{RedisConfig, RedisStore};
 
 fn loader(
@@ -523,9 +525,18 @@ async fn a_timed_out_write_that_lands_later_leaves_no_instance_serving_the_old_v
         server.cli(&["CLIENT", "PAUSE", "600", "WRITE"]);
         let err = a.set("k", "new".into()).await.unwrap_err();
         assert!(matches!(err, CacheError::Timeout { .. }), "{err:?}");
+        // Taken back to a tombstone.
+        let raw = RedisStore::connect(&RedisConfig::from_url(&server.url()).unwrap())
+            .await
+            .unwrap();
         eventually(
             &format!("paired {paired}: landed and taken back"),
-            async || server.cli(&["EXISTS", "late:k"]).trim() == "0",
+            async || {
+                raw.get("late:k")
+                    .await
+                    .unwrap()
+                    .is_some_and(|bytes| envelope::is_tombstone(&bytes))
+            },
         )
         .await;
         for (name, cache) in [("the writer", &a), ("the other", &b)] {
@@ -622,6 +633,76 @@ async fn a_write_that_timed_out_behind_a_partition_does_not_land_over_a_later_on
     assert!(!lingers_at_most_a_second(&server, "silent"));
 }
 
+/// The same for a cache entry (an envelope): the take-back leaves, for the rest of the late
+/// value's TTL, a tombstone stamped with the time of the take-back, so that a write kept for a
+/// replay before then stands down rather than compare itself with the late value (which hid the
+/// later write it landed over) or with an empty key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_cache_entry_is_taken_back_to_a_tombstone_of_the_take_backs_time() {
+    let (server, relay, store) = store_behind_relay().await;
+    let direct = RedisStore::connect(&RedisConfig::from_url(&server.url()).unwrap())
+        .await
+        .unwrap();
+    let entry = |value: &str| {
+        let now = SystemClock.now();
+        envelope::encode(
+            &BincodeCodec::default(),
+            Some(value),
+            now,
+            now.saturating_add(Duration::from_secs(60)),
+            usize::MAX,
+        )
+        .unwrap()
+    };
+    relay.freeze();
+    let late = entry("late");
+    let err = store
+        .set("silent", late.clone(), Duration::from_secs(600))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, CacheError::Timeout { .. }), "{err:?}");
+    direct
+        .set("silent", entry("later"), Duration::from_secs(600))
+        .await
+        .unwrap();
+    let before = server_time(&server);
+    relay.thaw();
+    eventually("the healed link answers", async || {
+        store.exists("x").await.is_ok()
+    })
+    .await;
+    let after = server_time(&server);
+    let held = direct.get("silent").await.unwrap().unwrap();
+    let tombstone = Envelope::parse::<BincodeCodec>(&held, usize::MAX).unwrap();
+    assert!(tombstone.tombstone, "the late entry stays");
+    assert!(
+        (before..=after).contains(&tombstone.written_at),
+        "stamped with the take-back's time: {:?}, between {before:?} and {after:?}",
+        tombstone.written_at
+    );
+    assert_eq!(Some(tombstone.expires_at), Envelope::expires_at_of(&late));
+    // For as long as a delete's tombstone, not the late entry's TTL.
+    let pttl: i64 = server.cli(&["PTTL", "silent"]).trim().parse().unwrap();
+    assert!(
+        (50_000..=60_000).contains(&pttl),
+        "a minute at most: {pttl} ms left"
+    );
+    assert!(
+        !direct
+            .set_if_absent("silent", entry("loaded before"), Duration::from_secs(60))
+            .await
+            .unwrap()
+    );
+}
+
+/// The server's clock (`TIME`), to the millisecond.
+fn server_time(server: &RedisServer) -> Timestamp {
+    let reply = server.cli(&["TIME"]);
+    let mut fields = reply.split_whitespace().map(|f| f.parse::<u64>().unwrap());
+    let (seconds, micros) = (fields.next().unwrap(), fields.next().unwrap());
+    Timestamp::from_millis(seconds * 1000 + micros / 1000)
+}
+
 /// Whether `key` is absent or expires within a second (a taken-back write lingers that long).
 fn lingers_at_most_a_second(server: &RedisServer, key: &str) -> bool {
     let pttl: i64 = server.cli(&["PTTL", key]).trim().parse().unwrap();
@@ -659,8 +740,10 @@ async fn a_write_the_cache_gave_up_on_does_not_land_over_a_later_one() {
         cache.get_with("x", &strict).await.is_ok()
     })
     .await;
-    assert!(
-        lingers_at_most_a_second(&server, "late:k"),
+    // A cache entry is taken back to a tombstone: it reads as a miss, at once.
+    assert_eq!(
+        other.get("k").await.unwrap(),
+        None,
         "the late write stays for its TTL"
     );
 }

@@ -89,8 +89,10 @@ pub const HEADER_LEN: usize = 25;
 /// that changes an entry's time to live rewrites it there, so that readers can take the
 /// remaining time from the bytes.
 pub const EXPIRES_AT: std::ops::Range<usize> = 13..21;
-/// Where the write time (ms since the Unix epoch, 8 bytes little-endian) starts in the header.
-const WRITTEN_AT: usize = 5;
+/// Where the write time (ms since the Unix epoch, 8 bytes little-endian) sits in the header: a
+/// store that takes back a late write stamps its tombstone's time there (see
+/// [`tombstone_in_place_of`]).
+pub const WRITTEN_AT: std::ops::Range<usize> = 5..13;
 
 const FLAG_NEGATIVE: u8 = 0b0000_0001;
 const FLAG_TOMBSTONE: u8 = 0b0000_0010;
@@ -234,6 +236,11 @@ struct Sealed<'a> {
 impl<'a> Envelope<'a> {
     /// Parses `bytes` written with codec `C`, refusing payloads over `max_payload` bytes.
     pub fn parse<C: Codec>(bytes: &'a [u8], max_payload: usize) -> Result<Self, EnvelopeError> {
+        Self::parse_as(bytes, C::ID, max_payload)
+    }
+
+    /// [`parse`](Self::parse) for the codec whose id is `codec`.
+    fn parse_as(bytes: &'a [u8], codec: u8, max_payload: usize) -> Result<Self, EnvelopeError> {
         let Some((header, payload)) = bytes.split_first_chunk::<HEADER_LEN>() else {
             return Err(EnvelopeError::Truncated { len: bytes.len() });
         };
@@ -245,10 +252,10 @@ impl<'a> Envelope<'a> {
             VERSION_SEALED => PLAIN_FLAGS | SEALING_FLAGS,
             other => return Err(EnvelopeError::UnknownVersion(other)),
         };
-        if header[3] != C::ID {
+        if header[3] != codec {
             return Err(EnvelopeError::CodecMismatch {
                 found: header[3],
-                expected: C::ID,
+                expected: codec,
             });
         }
         let flags = header[4];
@@ -257,7 +264,7 @@ impl<'a> Envelope<'a> {
             return Err(EnvelopeError::UnknownFlags(flags));
         }
         let tombstone = flags & FLAG_TOMBSTONE != 0;
-        let written_at = read_u64(header, WRITTEN_AT);
+        let written_at = read_u64(header, WRITTEN_AT.start);
         let expires_at = read_u64(header, EXPIRES_AT.start);
         let declared = read_u32(header, 21) as usize;
         let (fresh_until, payload) = if flags & FLAG_FRESH_UNTIL == 0 {
@@ -346,7 +353,7 @@ impl<'a> Envelope<'a> {
     /// Reads only the write time of an envelope (a value's or a tombstone's).
     pub fn written_at_of(bytes: &[u8]) -> Option<Timestamp> {
         let header = bytes.first_chunk::<HEADER_LEN>()?;
-        (header[0..2] == MAGIC).then(|| Timestamp::from_millis(read_u64(header, WRITTEN_AT)))
+        (header[0..2] == MAGIC).then(|| Timestamp::from_millis(read_u64(header, WRITTEN_AT.start)))
     }
 }
 
@@ -602,6 +609,30 @@ pub fn encode_tombstone<C: Codec>(
     Bytes::from(out)
 }
 
+/// A tombstone to leave in place of the envelope `bytes` (of a value, or itself a tombstone):
+/// of the same codec, expiring when they do, with a fresh nonce and their write time. `None`
+/// if `bytes` are not a whole, well-formed envelope (of any codec): bytes that only begin like
+/// one are no cache entry.
+///
+/// A store that takes back a write which landed late writes this over it, with the time of the
+/// take-back at [`WRITTEN_AT`]: a replay of a write kept before then sees a newer delete rather
+/// than the late value (which may hide a later write) or an empty key.
+pub fn tombstone_in_place_of(bytes: &[u8]) -> Option<Bytes> {
+    let header = bytes.first_chunk::<HEADER_LEN>()?;
+    Envelope::parse_as(bytes, header[3], usize::MAX).ok()?;
+    let mut out = Vec::with_capacity(HEADER_LEN + TOMBSTONE_PAYLOAD_LEN);
+    out.extend_from_slice(&MAGIC);
+    out.push(VERSION);
+    out.push(header[3]);
+    out.push(FLAG_TOMBSTONE);
+    out.extend_from_slice(&header[WRITTEN_AT]);
+    out.extend_from_slice(&header[EXPIRES_AT]);
+    #[expect(clippy::cast_possible_truncation, reason = "a constant of 8")]
+    out.extend_from_slice(&(TOMBSTONE_PAYLOAD_LEN as u32).to_le_bytes());
+    out.extend_from_slice(&tombstone_nonce().to_le_bytes());
+    Some(Bytes::from(out))
+}
+
 /// Whether `bytes` are a tombstone (of any codec). A store's
 /// [`expire`](crate::Store::expire) checks it: a tombstone is no entry, and extending one would
 /// keep a delete's marker alive as if it were a value.
@@ -778,6 +809,35 @@ mod tests {
         let env = Envelope::parse::<Bin>(&bytes, MAX).unwrap_or_else(|e| panic!("{e}"));
         assert!(env.negative);
         assert!(env.payload.is_empty());
+    }
+
+    #[test]
+    fn a_tombstone_in_place_of_a_value_keeps_its_codec_times_and_expiry() {
+        let tombstone = tombstone_in_place_of(&sample()).unwrap_or_else(|| panic!("an envelope"));
+        let env = Envelope::parse::<Bin>(&tombstone, MAX).unwrap_or_else(|e| panic!("{e}"));
+        assert!(env.tombstone);
+        assert_eq!(env.written_at.as_millis(), 1_000);
+        assert_eq!(env.expires_at.as_millis(), 61_000);
+        // A JSON cache does not read it as one of its own.
+        assert!(Envelope::parse::<JsonCodec>(&tombstone, MAX).is_err());
+        let again = tombstone_in_place_of(&sample()).unwrap_or_else(|| panic!("an envelope"));
+        assert_ne!(tombstone, again, "each carries a nonce of its own");
+        assert!(tombstone_in_place_of(b"plain bytes, no envelope of any kind").is_none());
+        assert!(tombstone_in_place_of(&sample()[..HEADER_LEN - 1]).is_none());
+        // Bytes that only begin like an envelope are no cache entry.
+        let mut foreign = sample().to_vec();
+        foreign.push(0);
+        assert!(tombstone_in_place_of(&foreign).is_none());
+        let json = encode(
+            &JsonCodec,
+            Some("hello"),
+            Timestamp::from_millis(1_000),
+            Timestamp::from_millis(61_000),
+            MAX,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let of_json = tombstone_in_place_of(&json).unwrap_or_else(|| panic!("an envelope"));
+        assert!(Envelope::parse::<JsonCodec>(&of_json, MAX).is_ok_and(|env| env.tombstone));
     }
 
     #[test]
