@@ -59,7 +59,8 @@ static TOMBSTONE_SCRIPT: LazyLock<String> = LazyLock::new(|| {
            local now = redis.call('TIME')
            local millis = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
            local ttl = redis.call('PTTL', KEYS[1])
-           if ttl <= 0 or ttl > tonumber(ARGV[3]) then ttl = ARGV[3] end
+           if ttl == 0 then return 0 end
+           if ttl < 0 or ttl > tonumber(ARGV[3]) then ttl = tonumber(ARGV[3]) end
            redis.call('SET', KEYS[1], string.sub(ARGV[2], 1, {before})
              .. struct.pack('<I8', millis) .. string.sub(ARGV[2], {after}), 'PX', ttl)
            return 1
@@ -99,6 +100,9 @@ pub(crate) enum Sent<'a> {
 pub(crate) struct Pending {
     permits: Arc<async_lock::Semaphore>,
     refusing: AtomicBool,
+    /// Whether the last take-back that got an answer was refused, so that a burst of refusals
+    /// (a missing ACL right, say) is logged once.
+    refused: Arc<AtomicBool>,
 }
 
 impl Pending {
@@ -106,6 +110,7 @@ impl Pending {
         Self {
             permits: Arc::new(async_lock::Semaphore::new(MAX_PENDING)),
             refusing: AtomicBool::new(false),
+            refused: Arc::new(AtomicBool::new(false)),
         }
     }
 }
@@ -170,18 +175,23 @@ impl<H: ConnectionLike + Send + 'static> Drop for TakeBack<'_, H> {
             return;
         };
         self.pending.refusing.store(false, Ordering::Relaxed);
+        let refused = Arc::clone(&self.pending.refused);
         runtime.spawn(async move {
             let reply = tokio::time::timeout(PATIENCE, undo.query_async::<Value>(&mut connection));
-            // A refusal (a missing ACL right, say) is no fault of the connection's: said, or the
-            // late write would stay for its TTL unnoticed.
-            if let Ok(Err(error)) = reply.await
-                && !error.is_io_error()
-                && !error.is_timeout()
-            {
-                tracing::warn!(
-                    error = %error,
-                    "a Redis write that got no reply could not be taken back"
-                );
+            // A refusal (a missing ACL right, say) is no fault of the connection's: said once
+            // per burst, or late writes would stay for their TTL unnoticed.
+            match reply.await {
+                Ok(Err(error)) if !error.is_io_error() && !error.is_timeout() => {
+                    if !refused.swap(true, Ordering::Relaxed) {
+                        tracing::warn!(
+                            error = %error,
+                            "Redis refused the take-back of a write that got no reply, or the \
+                             publishes sent again with it (logged once until one is accepted)"
+                        );
+                    }
+                }
+                Ok(Ok(_)) => refused.store(false, Ordering::Relaxed),
+                Ok(Err(_)) | Err(_) => {}
             }
             drop(permit);
         });

@@ -655,38 +655,43 @@ async fn a_late_cache_entry_is_taken_back_to_a_tombstone_of_the_take_backs_time(
         .unwrap()
     };
     relay.freeze();
+    // One with a TTL past the tombstone's longest (a minute), one within it.
     let late = entry("late");
-    let err = store
-        .set("silent", late.clone(), Duration::from_secs(600))
-        .await
-        .unwrap_err();
-    assert!(matches!(err, CacheError::Timeout { .. }), "{err:?}");
-    direct
-        .set("silent", entry("later"), Duration::from_secs(600))
-        .await
-        .unwrap();
+    for (key, ttl) in [("silent", 600), ("shorter", 30)] {
+        let err = store
+            .set(key, late.clone(), Duration::from_secs(ttl))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, CacheError::Timeout { .. }), "{err:?}");
+        direct
+            .set(key, entry("later"), Duration::from_secs(ttl))
+            .await
+            .unwrap();
+    }
     let before = server_time(&server);
     relay.thaw();
-    eventually("the healed link answers", async || {
-        store.exists("x").await.is_ok()
-    })
-    .await;
+    for key in ["silent", "shorter"] {
+        eventually("taken back to a tombstone", async || {
+            let held = direct.get(key).await.unwrap().unwrap();
+            envelope::is_tombstone(&held)
+        })
+        .await;
+    }
     let after = server_time(&server);
-    let held = direct.get("silent").await.unwrap().unwrap();
-    let tombstone = Envelope::parse::<BincodeCodec>(&held, usize::MAX).unwrap();
-    assert!(tombstone.tombstone, "the late entry stays");
-    assert!(
-        (before..=after).contains(&tombstone.written_at),
-        "stamped with the take-back's time: {:?}, between {before:?} and {after:?}",
-        tombstone.written_at
-    );
-    assert_eq!(Some(tombstone.expires_at), Envelope::expires_at_of(&late));
-    // For as long as a delete's tombstone, not the late entry's TTL.
-    let pttl: i64 = server.cli(&["PTTL", "silent"]).trim().parse().unwrap();
-    assert!(
-        (50_000..=60_000).contains(&pttl),
-        "a minute at most: {pttl} ms left"
-    );
+    for (key, left) in [("silent", 50_000..=60_000), ("shorter", 20_000..=30_000)] {
+        let held = direct.get(key).await.unwrap().unwrap();
+        let tombstone = Envelope::parse::<BincodeCodec>(&held, usize::MAX).unwrap();
+        assert!(tombstone.tombstone);
+        assert!(
+            (before..=after).contains(&tombstone.written_at),
+            "stamped with the take-back's time: {:?}, between {before:?} and {after:?}",
+            tombstone.written_at
+        );
+        assert_eq!(Some(tombstone.expires_at), Envelope::expires_at_of(&late));
+        // For the rest of the entry's TTL, at most a minute (a delete's tombstone's).
+        let pttl: i64 = server.cli(&["PTTL", key]).trim().parse().unwrap();
+        assert!(left.contains(&pttl), "{key}: {pttl} ms left");
+    }
     assert!(
         !direct
             .set_if_absent("silent", entry("loaded before"), Duration::from_secs(60))

@@ -180,7 +180,8 @@ async fn instances_racing_through_a_stalled_cluster_node_agree_with_redis() {
 /// The same with circuit breakers, fail-safe and write recovery on. Before a take-back left a
 /// tombstone, about one run in fifteen failed: late writes landed over a write answered first,
 /// and replays of older kept writes compared themselves with them (see "Late writes and
-/// replays" in `docs/backends/redis.md`).
+/// replays" in `docs/backends/redis.md`). Since, one run in about a hundred still has (a cause
+/// not yet found: see there).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resilient_instances_racing_through_a_stalled_cluster_node_agree_with_redis() {
     race_through_a_cluster(Policies::Resilient).await;
@@ -203,7 +204,7 @@ async fn race_through_a_cluster(policies: Policies) {
     tokio::time::sleep(Duration::from_millis(500)).await;
     signal_group(group, "-STOP");
     // real time: longer than the timeouts and the pings, shorter than the cluster's node
-    // timeout (2 s), so that the other nodes do not mark it failing.
+    // timeout (5 s), so that the other nodes do not mark it failing.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     signal_group(group, "-CONT");
     course.fault_over.store(true, Ordering::SeqCst);

@@ -229,7 +229,7 @@ impl RedisCluster {
                 .args(["--save", "", "--appendonly", "no"])
                 .args(["--cluster-enabled", "yes"])
                 .args(["--cluster-config-file", "nodes.conf"])
-                .args(["--cluster-node-timeout", "2000"]);
+                .args(["--cluster-node-timeout", "5000"]);
             let name = format!("redis-cluster-{port}");
             let mut node = ServerProcess::spawn(launch, &name, &mut command)?;
             node.wait_ready(Duration::from_secs(15), || {

@@ -610,7 +610,8 @@ pub fn encode_tombstone<C: Codec>(
 }
 
 /// A tombstone to leave in place of the envelope `bytes` (of a value, or itself a tombstone):
-/// of the same codec, expiring when they do, with a fresh nonce and their write time. `None`
+/// of the same codec, with their expiry in its header (the store chooses how long it keeps the
+/// tombstone itself), a fresh nonce and their write time. `None`
 /// if `bytes` are not a whole, well-formed envelope (of any codec): bytes that only begin like
 /// one are no cache entry.
 ///
