@@ -634,7 +634,7 @@ async fn a_write_that_timed_out_behind_a_partition_does_not_land_over_a_later_on
 }
 
 /// The same for a cache entry (an envelope): the take-back leaves, for the rest of the late
-/// value's TTL, a tombstone stamped with the time of the take-back, so that a write kept for a
+/// value's TTL or a minute, a tombstone stamped with the time of the take-back, so that a write kept for a
 /// replay before then stands down rather than compare itself with the late value (which hid the
 /// later write it landed over) or with an empty key.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
