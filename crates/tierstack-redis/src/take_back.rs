@@ -217,25 +217,18 @@ fn take_backs(sent: Sent<'_>) -> Option<Pipeline> {
             && name.eq_ignore_ascii_case(b"SET")
         {
             let digest = sha1_smol::Sha1::from(value).digest().to_string();
-            match envelope::tombstone_in_place_of(value) {
-                Some(tombstone) => undo
-                    .cmd("EVAL")
-                    .arg(TOMBSTONE_SCRIPT.as_str())
-                    .arg(1)
-                    .arg(key)
-                    .arg(digest)
-                    .arg(tombstone.as_ref())
-                    .arg(tombstone_for)
-                    .ignore(),
-                None => undo
-                    .cmd("EVAL")
-                    .arg(TAKE_BACK_SCRIPT)
-                    .arg(1)
-                    .arg(key)
-                    .arg(digest)
-                    .arg(linger)
-                    .ignore(),
+            // A cache entry becomes a tombstone; other bytes linger, then expire.
+            let tombstone = envelope::tombstone_in_place_of(value);
+            let script = match tombstone {
+                Some(_) => TOMBSTONE_SCRIPT.as_str(),
+                None => TAKE_BACK_SCRIPT,
             };
+            let call = undo.cmd("EVAL").arg(script).arg(1).arg(key).arg(digest);
+            match &tombstone {
+                Some(tombstone) => call.arg(tombstone.as_ref()).arg(tombstone_for),
+                None => call.arg(linger),
+            }
+            .ignore();
             sets += 1;
         }
     }

@@ -143,6 +143,14 @@ impl Store for Refusing {
     }
 }
 
+/// A second instance on `fx`'s L2 that hears `bus`, with no policies of its own.
+fn listener(fx: &Fixture, bus: &MemoryBus) -> TieredCache<String> {
+    fx.builder("test")
+        .backplane(Arc::new(bus.backplane()))
+        .build()
+        .unwrap()
+}
+
 fn refusal() -> CacheError {
     CacheError::backend("call", false, "WRONGTYPE")
 }
@@ -296,11 +304,7 @@ async fn a_refused_write_reaches_the_others_within_an_l2_timeout_through_a_close
         .backplane_circuit_breaker(CircuitBreaker::new(3, OPEN_FOR))
         .build()
         .unwrap();
-    let b = fx
-        .builder("test")
-        .backplane(Arc::new(bus.backplane()))
-        .build()
-        .unwrap();
+    let b = listener(&fx, &bus);
     a.set("k", "old".into()).await.unwrap();
     tokio::time::sleep(TIMEOUT).await; // paused clock: B hears of the write
     assert_eq!(b.get("k").await.unwrap(), Some("old".into()));
@@ -357,11 +361,7 @@ async fn a_backplane_breaker_holds_invalidations_and_sends_them_when_it_closes()
         .backplane_circuit_breaker(CircuitBreaker::new(2, OPEN_FOR))
         .build()
         .unwrap();
-    let b = fx
-        .builder("test")
-        .backplane(Arc::new(bus.backplane()))
-        .build()
-        .unwrap();
+    let b = listener(&fx, &bus);
     for key in ["k1", "k2", "k3"] {
         a.set(key, "old".into()).await.unwrap();
     }
@@ -403,11 +403,7 @@ async fn held_invalidations_go_out_without_another_publish_once_the_backplane_is
         .backplane_circuit_breaker(CircuitBreaker::new(1, OPEN_FOR))
         .build()
         .unwrap();
-    let b = fx
-        .builder("test")
-        .backplane(Arc::new(bus.backplane()))
-        .build()
-        .unwrap();
+    let b = listener(&fx, &bus);
     a.set("k", "old".into()).await.unwrap();
     tokio::time::sleep(TIMEOUT).await; // paused clock: B hears of it
     assert_eq!(b.get("k").await.unwrap(), Some("old".into()));

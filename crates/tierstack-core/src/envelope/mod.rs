@@ -596,10 +596,20 @@ pub fn encode_tombstone<C: Codec>(
     expires_at: Timestamp,
     nonce: u64,
 ) -> Bytes {
+    tombstone_of_codec(C::ID, written_at, expires_at, nonce)
+}
+
+/// [`encode_tombstone`] for the codec whose id is `codec`.
+fn tombstone_of_codec(
+    codec: u8,
+    written_at: Timestamp,
+    expires_at: Timestamp,
+    nonce: u64,
+) -> Bytes {
     let mut out = Vec::with_capacity(HEADER_LEN + TOMBSTONE_PAYLOAD_LEN);
     out.extend_from_slice(&MAGIC);
     out.push(VERSION);
-    out.push(C::ID);
+    out.push(codec);
     out.push(FLAG_TOMBSTONE);
     out.extend_from_slice(&written_at.as_millis().to_le_bytes());
     out.extend_from_slice(&expires_at.as_millis().to_le_bytes());
@@ -619,19 +629,14 @@ pub fn encode_tombstone<C: Codec>(
 /// take-back at [`WRITTEN_AT`]: a replay of a write kept before then sees a newer delete rather
 /// than the late value (which may hide a later write) or an empty key.
 pub fn tombstone_in_place_of(bytes: &[u8]) -> Option<Bytes> {
-    let header = bytes.first_chunk::<HEADER_LEN>()?;
-    Envelope::parse_as(bytes, header[3], usize::MAX).ok()?;
-    let mut out = Vec::with_capacity(HEADER_LEN + TOMBSTONE_PAYLOAD_LEN);
-    out.extend_from_slice(&MAGIC);
-    out.push(VERSION);
-    out.push(header[3]);
-    out.push(FLAG_TOMBSTONE);
-    out.extend_from_slice(&header[WRITTEN_AT]);
-    out.extend_from_slice(&header[EXPIRES_AT]);
-    #[expect(clippy::cast_possible_truncation, reason = "a constant of 8")]
-    out.extend_from_slice(&(TOMBSTONE_PAYLOAD_LEN as u32).to_le_bytes());
-    out.extend_from_slice(&tombstone_nonce().to_le_bytes());
-    Some(Bytes::from(out))
+    let codec = *bytes.get(3)?;
+    let envelope = Envelope::parse_as(bytes, codec, usize::MAX).ok()?;
+    Some(tombstone_of_codec(
+        codec,
+        envelope.written_at,
+        envelope.expires_at,
+        tombstone_nonce(),
+    ))
 }
 
 /// Whether `bytes` are a tombstone (of any codec). A store's
