@@ -3,6 +3,9 @@
 //! A `SET` that times out may still be on its way: held by a partition, or queued at a stalled
 //! server, it reaches Redis seconds later, over whatever was written since, and would stay for
 //! its whole TTL. Its caller was told it failed; the writes after it were told they succeeded.
+//! A delete's tombstone landing late is no better: its older write time passes for the key's
+//! last write, and a cache with write recovery replays a kept write older than the one it hid
+//! over it.
 //! So a write that gets no reply (its call times out, or its caller gives up on it) is followed,
 //! on the same connection, by one script per `SET` it sent: if the key holds exactly that value
 //! (compared by SHA-1, so the value is not sent twice), it is replaced: a cache entry (an
@@ -51,10 +54,13 @@ const TAKE_BACK_SCRIPT: &str = "if redis.call('TYPE', KEYS[1]).ok == 'string'
 /// write time, for the value's remaining TTL or `ARGV[3]` ms if that is shorter. A replay of a write kept before then (by a cache with
 /// write recovery) then finds a newer delete and stands down, where a lingering value would
 /// pass for what the key holds (it may hide a later write that it landed over), and an empty
-/// key for one that nothing newer was written to.
+/// key for one that nothing newer was written to. It asks for its effects to be replicated
+/// (`TIME` before a write): the default since Redis 5, and a no-op since 7, but a 6.2 server may
+/// be configured to replicate whole scripts, which it would refuse.
 static TOMBSTONE_SCRIPT: LazyLock<String> = LazyLock::new(|| {
     format!(
-        "if redis.call('TYPE', KEYS[1]).ok == 'string'
+        "if redis.replicate_commands then redis.replicate_commands() end
+         if redis.call('TYPE', KEYS[1]).ok == 'string'
            and redis.sha1hex(redis.call('GET', KEYS[1])) == ARGV[1] then
            local now = redis.call('TIME')
            local millis = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
