@@ -712,7 +712,8 @@ async fn a_late_delete_is_taken_back_to_a_tombstone_of_the_take_backs_time() {
         .unwrap();
     // Stamped well before the take-back, whatever the clocks' resolution.
     let deleted_at = Timestamp::from_millis(SystemClock.now().as_millis() - 10_000);
-    let expires_at = deleted_at.saturating_add(Duration::from_secs(60));
+    // A tombstone TTL past the minute a value's take-back is held to: it keeps it.
+    let expires_at = deleted_at.saturating_add(Duration::from_secs(120));
     let late = envelope::encode_tombstone::<BincodeCodec>(deleted_at, expires_at, 7);
     let later = envelope::encode(
         &BincodeCodec::default(),
@@ -724,7 +725,7 @@ async fn a_late_delete_is_taken_back_to_a_tombstone_of_the_take_backs_time() {
     .unwrap();
     relay.freeze();
     let err = store
-        .replace("deleted", late.clone(), Duration::from_secs(60))
+        .replace("deleted", late.clone(), Duration::from_secs(120))
         .await
         .unwrap_err();
     assert!(matches!(err, CacheError::Timeout { .. }), "{err:?}");
@@ -748,6 +749,8 @@ async fn a_late_delete_is_taken_back_to_a_tombstone_of_the_take_backs_time() {
         tombstone.written_at
     );
     assert_eq!(tombstone.expires_at, expires_at);
+    let pttl: i64 = server.cli(&["PTTL", "deleted"]).trim().parse().unwrap();
+    assert!((100_000..=120_000).contains(&pttl), "{pttl} ms left");
 }
 
 /// The server's clock (`TIME`), to the millisecond.
