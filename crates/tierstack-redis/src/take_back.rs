@@ -10,9 +10,9 @@
 //! on the same connection, by one script per `SET` it sent: if the key holds exactly that value
 //! (compared by SHA-1, so the value is not sent twice), it is replaced: a cache entry (an
 //! envelope) by a tombstone stamped with the server's time, for the rest of the entry's TTL
-//! (a value's at most [`TOMBSTONE_FOR`]); other bytes expire [`LINGER`] later. Redis runs one connection's commands in order, so
-//! whenever the write arrives, its take-back runs after it; a later write that got there first
-//! is left alone. The key is not emptied at once: a load's `SET NX` queued behind it (a value
+//! (a value's at most [`TOMBSTONE_FOR`]); other bytes expire [`LINGER`] later. Redis runs one
+//! connection's commands in order, so whenever the write arrives, its take-back runs after it;
+//! a later write that got there first is left alone. The key is not emptied at once: a load's `SET NX` queued behind it (a value
 //! read before the write) still finds it there and is refused, as it would be without the
 //! take-back. And a tombstone rather than a lingering value or an empty key: the late value may
 //! have landed over a later write (sent on another connection, of another instance), and a
@@ -29,9 +29,12 @@
 //!   connection serves the slot then, so a late write and its take-back may not be ordered;
 //! - a write never sent (its caller gave up before it left) whose take-back finds the same bytes
 //!   written since by another call (the cache's entries carry their write time, so two differ
-//!   unless written in the same millisecond);
+//!   unless written in the same millisecond, or by a replay of the same kept write);
 //! - at most [`MAX_PENDING`] take-backs wait at once per connection; beyond that a write is
-//!   not taken back (logged once per burst).
+//!   not taken back (logged once per burst);
+//! - removals and expiries (`UNLINK`, `expire`) are not taken back: landing late over a later
+//!   write, they empty the key (at once, or when a shortened TTL runs out), and the replay of an
+//!   older kept write may then fill it.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock};
