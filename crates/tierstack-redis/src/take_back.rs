@@ -3,9 +3,6 @@
 //! A `SET` that times out may still be on its way: held by a partition, or queued at a stalled
 //! server, it reaches Redis seconds later, over whatever was written since, and would stay for
 //! its whole TTL. Its caller was told it failed; the writes after it were told they succeeded.
-//! A delete's tombstone landing late is no better: its older write time passes for the key's
-//! last write, and a cache with write recovery replays a kept write older than the one it hid
-//! over it.
 //! So a write that gets no reply (its call times out, or its caller gives up on it) is followed,
 //! on the same connection, by one script per `SET` it sent: if the key holds exactly that value
 //! (compared by SHA-1, so the value is not sent twice), it is replaced: a cache entry (an
@@ -32,9 +29,10 @@
 //!   unless written in the same millisecond, or by a replay of the same kept write);
 //! - at most [`MAX_PENDING`] take-backs wait at once per connection; beyond that a write is
 //!   not taken back (logged once per burst);
-//! - removals and expiries (`UNLINK`, `expire`) are not taken back: landing late over a later
-//!   write, they empty the key (at once, or when a shortened TTL runs out), and the replay of an
-//!   older kept write may then fill it.
+//! - deletes, removals and expiries are not taken back (the store sends them as plain queries):
+//!   landing late over a later write, a delete's tombstone passes for the key's last write, and
+//!   an `UNLINK` or a shortened TTL empties the key; the replay of an older kept write may then
+//!   write over it or into it.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock};
