@@ -131,8 +131,10 @@ impl Connection {
                 let manager = ConnectionManagerConfig::new()
                     .set_connection_timeout(Some(config.connect_timeout))
                     .set_response_timeout(None)
-                    .set_number_of_retries(1)
-                    .set_max_delay(Duration::from_secs(1));
+                    // One connect attempt per reconnect, with no backoff to sleep through: the
+                    // requests that find the connection lost start the attempts, and one that
+                    // waits on an attempt (see `guarded`) fails at once while the server is down.
+                    .set_number_of_retries(0);
                 Ok(Link::Standalone(Arc::new(
                     ManagedSocket::connect(client, manager).await?,
                 )))
@@ -242,7 +244,7 @@ impl Connection {
     /// A standalone socket hears whether its request was answered (see [`ManagedSocket`]).
     async fn guarded<T, F, Fut>(&self, operation: &'static str, request: F) -> Result<T>
     where
-        F: FnOnce(Handle) -> Fut,
+        F: Fn(Handle) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
         let limit = self.response_timeout;
@@ -266,9 +268,22 @@ impl Connection {
             };
             let (handle, socket) = self.link.handle().await;
             sent_on = socket;
-            request(handle)
-                .await
-                .map_err(|error| map_error(operation, &self.endpoint, limit, error))
+            let mut result = request(handle).await;
+            // A standalone manager that failed to reconnect keeps that failure until a request
+            // finds it: that request fails without being sent and starts a new attempt. Once the
+            // server is back, the first call would fail for nothing (and a breaker's probe with
+            // it, keeping the L2 away for one more open time), so a request that never left is
+            // sent once more, on the attempt it started, within the same time limit.
+            if socket.is_some()
+                && result
+                    .as_ref()
+                    .is_err_and(RedisError::is_connection_refusal)
+            {
+                let (handle, socket) = self.link.handle().await;
+                sent_on = socket;
+                result = request(handle).await;
+            }
+            result.map_err(|error| map_error(operation, &self.endpoint, limit, error))
         };
         let result = match tokio::time::timeout(limit, call).await {
             Ok(result) => result,
@@ -368,10 +383,13 @@ impl Connection {
             port: node.1,
         });
         let value = self
-            .guarded(operation, |handle| async move {
-                match handle {
-                    Handle::Cluster(mut c) => c.route_command(cmd.clone(), routing).await,
-                    mut standalone => cmd.query_async(&mut standalone).await,
+            .guarded(operation, |handle| {
+                let routing = routing.clone();
+                async move {
+                    match handle {
+                        Handle::Cluster(mut c) => c.route_command(cmd.clone(), routing).await,
+                        mut standalone => cmd.query_async(&mut standalone).await,
+                    }
                 }
             })
             .await?;

@@ -112,6 +112,41 @@ async fn a_killed_server_degrades_to_l1_and_loader_and_is_used_again_after_resta
     assert!(store.get("kill:after").await.unwrap().is_some());
 }
 
+/// The first call after a killed server is back reaches it. While it was down, each call found
+/// the connection lost and started a reconnect, which the server refused; the last refusal is
+/// not what the next call gets once the server answers again (a circuit breaker's probe would
+/// fail with it, and keep the L2 away for one more open time).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_call_after_a_restart_reaches_the_server() {
+    let mut server = private_redis(&[]);
+    let config = RedisConfig::from_url(&server.url())
+        .unwrap()
+        .connect_timeout(Duration::from_millis(300))
+        .response_timeout(Duration::from_millis(300));
+    let store = RedisStore::connect(&config).await.unwrap();
+    let value = bytes::Bytes::from_static(b"before the restart");
+    store
+        .set("k", value, Duration::from_secs(60))
+        .await
+        .unwrap();
+
+    server.kill();
+    for _ in 0..3 {
+        let error = store.get("k").await.unwrap_err();
+        // Refused at once, not timed out: no attempt waits out a backoff.
+        assert!(
+            error.is_transient() && !matches!(error, CacheError::Timeout { .. }),
+            "{error:?}"
+        );
+    }
+    server.restart();
+    assert_eq!(
+        store.get("k").await.unwrap(),
+        None,
+        "the first call reaches the restarted (empty) server"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_server_fails_requests_within_the_response_timeout_and_queues_nothing() {
     let server = private_redis(&[]);

@@ -256,12 +256,19 @@ pub async fn settle(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // Not agreeing by reading everything from the L2: every instance hears its backplane
-    // again, so its L1 serves (a deaf one keeps nothing in L1).
+    // again, so its L1 serves (a deaf one keeps nothing in L1). Read through: the L2 may hold
+    // nothing (a restart emptied it, and the race stopped before a write reached it again),
+    // and plain reads would then fill no L1 on any instance, deaf or not.
     for (n, cache) in caches.iter().enumerate() {
         let hits = cache.stats().l1_hits;
         for _ in 0..2 {
             for i in 0..origin.keys() {
-                cache.get(&key(i)).await.unwrap();
+                cache
+                    .get_or_load(&key(i), || async {
+                        Ok::<_, Infallible>(origin.load(i).await)
+                    })
+                    .await
+                    .unwrap();
             }
         }
         assert!(
