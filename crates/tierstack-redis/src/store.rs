@@ -64,14 +64,12 @@ const COMPARE_AND_SET_SCRIPT: &str = "local kind = redis.call('TYPE', KEYS[1]).o
 #[derive(Clone, Copy)]
 enum Late {
     /// It lands: a removal or an expiry landing late over a newer write costs that write a
-    /// reload at most, without write recovery. With it, a delete's tombstone landing late
-    /// passes for the key's last write (older than the one it hid) to the replay of a kept
-    /// write, which may then write an older value over it: taking deletes back closed that,
-    /// but made instances racing through a restart with breakers fail to serve from L1 again
-    /// (5 runs in 130, not understood), so it is left open (docs/backends/redis.md).
+    /// reload at most.
     Lands,
     /// It is taken back (see `take_back`): a value landing late over a newer one would be
-    /// served for its whole TTL.
+    /// served for its whole TTL, and a delete's tombstone landing late over one would pass
+    /// for the key's last write (older than the one it hid) to the replay of a write kept by
+    /// a cache with write recovery, which would then write an older value over it.
     TakenBack,
 }
 
@@ -585,9 +583,10 @@ impl Store for RedisStore {
         Ok(reply.is_some())
     }
 
-    /// `SET … GET`, not taken back (see `Late`). A key of another type is replaced by a plain
-    /// `SET`; on a server out of memory (`noeviction`), which refuses every write, the key is
-    /// removed instead: a delete still frees what it can, without its tombstone.
+    /// `SET … GET`, taken back if it gets no reply (a delete's tombstone must not land late
+    /// either, see `Late`). A key of another type is replaced by a plain `SET`; on a server
+    /// out of memory (`noeviction`), which refuses every write, the key is removed instead: a
+    /// delete still frees what it can, without its tombstone.
     async fn replace(&self, key: &str, value: Bytes, ttl: Duration) -> Result<Option<Bytes>> {
         validate_ttl(ttl)?;
         self.check_value(&value)?;
@@ -599,7 +598,12 @@ impl Store for RedisStore {
             .arg("GET");
         let announcements = self.announcements([key]);
         match self
-            .write_announced::<Option<Vec<u8>>>("set", command, announcements.clone(), Late::Lands)
+            .write_announced::<Option<Vec<u8>>>(
+                "set",
+                command,
+                announcements.clone(),
+                Late::TakenBack,
+            )
             .await
         {
             Ok(old) => Ok(old.map(Bytes::from)),
@@ -608,7 +612,7 @@ impl Store for RedisStore {
             Err(error) if is_wrong_type(&error) => {
                 let mut command = self.key_command("SET", key, 3, value.len() + MILLIS_ARGS_LEN)?;
                 command.arg(value.as_ref()).arg("PX").arg(millis(ttl));
-                self.write_announced::<()>("set", command, announcements, Late::Lands)
+                self.write_announced::<()>("set", command, announcements, Late::TakenBack)
                     .await?;
                 Ok(Some(Bytes::new()))
             }

@@ -3,14 +3,17 @@
 //! A `SET` that times out may still be on its way: held by a partition, or queued at a stalled
 //! server, it reaches Redis seconds later, over whatever was written since, and would stay for
 //! its whole TTL. Its caller was told it failed; the writes after it were told they succeeded.
+//! A delete's tombstone landing late is no better: its older write time passes for the key's
+//! last write, and a cache with write recovery replays a kept write older than the one it hid
+//! over it.
 //! So a write that gets no reply (its call times out, or its caller gives up on it) is followed,
 //! on the same connection, by one script per `SET` it sent: if the key holds exactly that value
 //! (compared by SHA-1, so the value is not sent twice), it is replaced: a cache entry (an
 //! envelope) by a tombstone stamped with the server's time, for the rest of the entry's TTL
-//! (at most [`TOMBSTONE_FOR`]); other bytes expire [`LINGER`] later. Redis runs one
+//! (a value's at most [`TOMBSTONE_FOR`]); other bytes expire [`LINGER`] later. Redis runs one
 //! connection's commands in order, so whenever the write arrives, its take-back runs after it;
-//! a later write that got there first is left alone. The key is not emptied at once: a load's
-//! `SET NX` queued behind it (a value read before the write) still finds it there and is refused, as it would be without the
+//! a later write that got there first is left alone. The key is not emptied at once: a load's `SET NX` queued behind it (a value
+//! read before the write) still finds it there and is refused, as it would be without the
 //! take-back. And a tombstone rather than a lingering value or an empty key: the late value may
 //! have landed over a later write (sent on another connection, of another instance), and a
 //! replay of a write kept by a cache with write recovery compares write times with what the key
@@ -29,10 +32,9 @@
 //!   unless written in the same millisecond, or by a replay of the same kept write);
 //! - at most [`MAX_PENDING`] take-backs wait at once per connection; beyond that a write is
 //!   not taken back (logged once per burst);
-//! - deletes, removals and expiries are not taken back (the store sends them as plain queries):
-//!   landing late over a later write, a delete's tombstone passes for the key's last write, and
-//!   an `UNLINK` or a shortened TTL empties the key; the replay of an older kept write may then
-//!   write over it or into it.
+//! - removals and expiries (`UNLINK`, `expire`) are not taken back: landing late over a later
+//!   write, they empty the key (at once, or when a shortened TTL runs out), and the replay of an
+//!   older kept write may then fill it.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock};
@@ -84,7 +86,8 @@ pub(crate) const LINGER: Duration = Duration::from_secs(1);
 /// The most take-backs waiting for their reply at once, per connection.
 pub(crate) const MAX_PENDING: usize = 1024;
 
-/// The longest a take-back's tombstone stays: as long as a delete's, by default. Long enough
+/// The longest a take-back's tombstone stays in place of a value: as long as a delete's, by
+/// default (in place of a late delete's tombstone, it keeps that one's TTL). Long enough
 /// for the replays of writes kept during the outage (they run once the server answers again);
 /// short enough not to hide, for the whole TTL of a fail-safe entry, the stale copies that
 /// readers keep as fallbacks (a tombstone reads as a delete).
@@ -230,9 +233,16 @@ fn take_backs(sent: Sent<'_>) -> Option<Pipeline> {
                 Some(_) => TOMBSTONE_SCRIPT.as_str(),
                 None => TAKE_BACK_SCRIPT,
             };
+            // A late delete's tombstone keeps the rest of its own life (its `PX`, a cache's
+            // `tombstone_ttl`, which may be longer than the minute).
+            let longest = if envelope::is_tombstone(value) {
+                expiry_millis(args).unwrap_or(tombstone_for)
+            } else {
+                tombstone_for
+            };
             let call = undo.cmd("EVAL").arg(script).arg(1).arg(key).arg(digest);
             match &tombstone {
-                Some(tombstone) => call.arg(tombstone.as_ref()).arg(tombstone_for),
+                Some(tombstone) => call.arg(tombstone.as_ref()).arg(longest),
                 None => call.arg(linger),
             }
             .ignore();
@@ -250,6 +260,21 @@ fn take_backs(sent: Sent<'_>) -> Option<Pipeline> {
         }
     }
     Some(undo)
+}
+
+/// The `PX` of a `SET`'s options (`args`, past its value), in milliseconds.
+fn expiry_millis<'a>(mut args: impl Iterator<Item = Arg<&'a [u8]>>) -> Option<u64> {
+    while let Some(arg) = args.next() {
+        if let Arg::Simple(option) = arg
+            && option.eq_ignore_ascii_case(b"PX")
+        {
+            let Arg::Simple(millis) = args.next()? else {
+                return None;
+            };
+            return std::str::from_utf8(millis).ok()?.parse().ok();
+        }
+    }
+    None
 }
 
 #[cfg(test)]
@@ -341,6 +366,39 @@ mod tests {
             .unwrap_or_else(|e| panic!("{e}"));
         assert!(parsed.tombstone);
         assert_eq!(parsed.expires_at, Timestamp::from_millis(61_000));
+    }
+
+    /// The longest life (the script's last argument) of a take-back's tombstone: a minute for a
+    /// value's, whatever its TTL; a late delete's tombstone keeps its own `PX`.
+    #[test]
+    fn a_late_tombstone_keeps_its_own_life_and_a_value_is_capped_at_a_minute() {
+        use tierstack_core::BincodeCodec;
+        use tierstack_core::clock::Timestamp;
+        let (written, expires) = (
+            Timestamp::from_millis(1_000),
+            Timestamp::from_millis(601_000),
+        );
+        let value = envelope::encode(&BincodeCodec::default(), Some("v"), written, expires, 1024)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let tombstone = envelope::encode_tombstone::<BincodeCodec>(written, expires, 7);
+        for (bytes, options, longest) in [
+            (&value, ["PX", "600000"], b"60000".as_slice()),
+            (&tombstone, ["PX", "120000"], b"120000".as_slice()),
+        ] {
+            let mut sent = Cmd::new();
+            sent.arg("SET").arg("k").arg(bytes.as_ref()).arg(&options);
+            let mut replace = sent.clone();
+            replace.arg("GET");
+            for sent in [sent, replace] {
+                let undo =
+                    args(&take_backs(Sent::Command(&sent)).unwrap_or_else(|| panic!("a SET")));
+                assert_eq!(
+                    undo[0].last().map(Vec::as_slice),
+                    Some(longest),
+                    "{options:?}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -735,6 +735,59 @@ async fn a_late_cache_entry_is_taken_back_to_a_tombstone_of_the_take_backs_time(
     );
 }
 
+/// A delete's tombstone (`replace`, `SET … GET`) that lands late over a later write is taken
+/// back the same way: to a tombstone of the take-back's time. Left in place, its older stamp
+/// would pass, to the replay of a write kept by a cache with write recovery, for the key's last
+/// write, and a kept write older than the one it hid would be replayed over it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_delete_is_taken_back_to_a_tombstone_of_the_take_backs_time() {
+    let (server, relay, store) = store_behind_relay().await;
+    let direct = RedisStore::connect(&RedisConfig::from_url(&server.url()).unwrap())
+        .await
+        .unwrap();
+    // Stamped well before the take-back, whatever the clocks' resolution.
+    let deleted_at = Timestamp::from_millis(SystemClock.now().as_millis() - 10_000);
+    // A tombstone TTL past the minute a value's take-back is held to: it keeps it.
+    let expires_at = deleted_at.saturating_add(Duration::from_secs(120));
+    let late = envelope::encode_tombstone::<BincodeCodec>(deleted_at, expires_at, 7);
+    let later = envelope::encode(
+        &BincodeCodec::default(),
+        Some("later"),
+        SystemClock.now(),
+        SystemClock.now().saturating_add(Duration::from_secs(600)),
+        usize::MAX,
+    )
+    .unwrap();
+    relay.freeze();
+    let err = store
+        .replace("deleted", late.clone(), Duration::from_secs(120))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, CacheError::Timeout { .. }), "{err:?}");
+    direct
+        .set("deleted", later, Duration::from_secs(600))
+        .await
+        .unwrap();
+    let before = server_time(&server);
+    relay.thaw();
+    eventually("the late tombstone taken back", async || {
+        let held = direct.get("deleted").await.unwrap().unwrap();
+        envelope::is_tombstone(&held) && held != late
+    })
+    .await;
+    let after = server_time(&server);
+    let held = direct.get("deleted").await.unwrap().unwrap();
+    let tombstone = Envelope::parse::<BincodeCodec>(&held, usize::MAX).unwrap();
+    assert!(
+        (before..=after).contains(&tombstone.written_at),
+        "stamped with the take-back's time: {:?}, between {before:?} and {after:?}",
+        tombstone.written_at
+    );
+    assert_eq!(tombstone.expires_at, expires_at);
+    let pttl: i64 = server.cli(&["PTTL", "deleted"]).trim().parse().unwrap();
+    assert!((100_000..=120_000).contains(&pttl), "{pttl} ms left");
+}
+
 /// The server's clock (`TIME`), to the millisecond.
 fn server_time(server: &RedisServer) -> Timestamp {
     let reply = server.cli(&["TIME"]);
