@@ -131,10 +131,13 @@ impl Connection {
                 let manager = ConnectionManagerConfig::new()
                     .set_connection_timeout(Some(config.connect_timeout))
                     .set_response_timeout(None)
-                    // One connect attempt per reconnect, with no backoff to sleep through: the
-                    // requests that find the connection lost start the attempts, and one that
-                    // waits on an attempt (see `guarded`) fails at once while the server is down.
-                    .set_number_of_retries(0);
+                    // A reconnect is two connect attempts, 0-50 ms apart: the calls that find
+                    // the connection lost start the reconnects, and those that come meanwhile
+                    // wait for it, so a server that is down sees a few attempts per 50 ms per
+                    // connection rather than one per call, and a call fails within 50 ms (twice
+                    // that if it is sent again, see `guarded`).
+                    .set_number_of_retries(1)
+                    .set_min_delay(Duration::from_millis(25));
                 Ok(Link::Standalone(Arc::new(
                     ManagedSocket::connect(client, manager).await?,
                 )))
@@ -273,7 +276,10 @@ impl Connection {
             // finds it: that request fails without being sent and starts a new attempt. Once the
             // server is back, the first call would fail for nothing (and a breaker's probe with
             // it, keeping the L2 away for one more open time), so a request that never left is
-            // sent once more, on the attempt it started, within the same time limit.
+            // sent once more, on the attempt it started, within the same time limit. Only a
+            // refusal: it comes from connecting (socket, TLS and handshake, before any request is
+            // written), where an open socket that fails reports a reset or a broken pipe, and a
+            // timeout may be a request that was sent.
             if socket.is_some()
                 && result
                     .as_ref()

@@ -139,6 +139,10 @@ async fn the_first_call_after_a_restart_reaches_the_server() {
             "{error:?}"
         );
     }
+    // real time: longer than a reconnect's two attempts (at most 50 ms apart), so that the
+    // manager holds the last one's refusal when the server is back, as after any outage that
+    // outlasts a reconnect.
+    tokio::time::sleep(Duration::from_millis(300)).await;
     server.restart();
     assert_eq!(
         store.get("k").await.unwrap(),
