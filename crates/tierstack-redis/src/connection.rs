@@ -280,7 +280,7 @@ impl Connection {
             // refusal: it comes from connecting (socket, TLS and handshake, before any request is
             // written), where an open socket that fails reports a reset or a broken pipe, and a
             // timeout may be a request that was sent.
-            if socket.is_some()
+            if matches!(self.link, Link::Standalone(_))
                 && result
                     .as_ref()
                     .is_err_and(RedisError::is_connection_refusal)

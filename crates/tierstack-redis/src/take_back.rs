@@ -1,22 +1,21 @@
 //! Taking back a write whose reply never came.
 //!
 //! A `SET` that times out may still be on its way: held by a partition, or queued at a stalled
-//! server, it reaches Redis seconds later, over whatever was written since, and would stay for
-//! its whole TTL. Its caller was told it failed; the writes after it were told they succeeded.
-//! A delete's tombstone landing late is no better: its older write time passes for the key's
-//! last write, and a cache with write recovery replays a kept write older than the one it hid
-//! over it.
-//! So a write that gets no reply (its call times out, or its caller gives up on it) is followed,
-//! on the same connection, by one script per `SET` it sent: if the key holds exactly that value
-//! (compared by SHA-1, so the value is not sent twice), it is replaced: a cache entry (an
-//! envelope) by a tombstone stamped with the server's time, for the rest of the entry's TTL
-//! (a value's at most [`TOMBSTONE_FOR`]); other bytes expire [`LINGER`] later. Redis runs one
-//! connection's commands in order, so whenever the write arrives, its take-back runs after it;
-//! a later write that got there first is left alone. The key is not emptied at once: a load's `SET NX` queued behind it (a value
-//! read before the write) still finds it there and is refused, as it would be without the
-//! take-back. And a tombstone rather than a lingering value or an empty key: the late value may
-//! have landed over a later write (sent on another connection, of another instance), and a
-//! replay of a write kept by a cache with write recovery compares write times with what the key
+//! server, it reaches Redis seconds later, over whatever was written since, and would stay for its
+//! whole TTL. Its caller was told it failed; the writes after it were told they succeeded. A
+//! delete's tombstone landing late is no better: its older write time passes for the key's last
+//! write, and a cache with write recovery replays a kept write older than the one it hid over it.
+//! So a write that gets no reply (its call times out, or its caller gives up on it) is followed, on
+//! the same connection, by one script per `SET` it sent: if the key holds exactly that value
+//! (compared by SHA-1, so the value is not sent twice), it is replaced: a cache entry (an envelope)
+//! by a tombstone stamped with the server's time, for the rest of the entry's TTL (a value's at
+//! most [`TOMBSTONE_FOR`]); other bytes expire [`LINGER`] later. Redis runs one connection's
+//! commands in order, so whenever the write arrives, its take-back runs after it; a later write
+//! that got there first is left alone. The key is not emptied at once: a load's `SET NX` queued
+//! behind it (a value read before the write) still finds it there and is refused, as it would be
+//! without the take-back. And a tombstone rather than a lingering value or an empty key: the late
+//! value may have landed over a later write (sent on another connection, of another instance), and
+//! a replay of a write kept by a cache with write recovery compares write times with what the key
 //! holds; the tombstone, newer than anything written before the take-back, makes it stand down.
 //!
 //! Best effort, and what is left:
@@ -53,13 +52,13 @@ const TAKE_BACK_SCRIPT: &str = "if redis.call('TYPE', KEYS[1]).ok == 'string'
      return 0";
 
 /// The take-back of a cache entry (an envelope): if `KEYS[1]` holds a value whose SHA-1 is
-/// `ARGV[1]`, replaces it with the tombstone `ARGV[2]` stamped with the server's time as its
-/// write time, for the value's remaining TTL or `ARGV[3]` ms if that is shorter. A replay of a write kept before then (by a cache with
-/// write recovery) then finds a newer delete and stands down, where a lingering value would
-/// pass for what the key holds (it may hide a later write that it landed over), and an empty
-/// key for one that nothing newer was written to. It asks for its effects to be replicated
-/// (`TIME` before a write): the default since Redis 5, and a no-op since 7, but a 6.2 server may
-/// be configured to replicate whole scripts, which it would refuse.
+/// `ARGV[1]`, replaces it with the tombstone `ARGV[2]` stamped with the server's time as its write
+/// time, for the value's remaining TTL or `ARGV[3]` ms if that is shorter. A replay of a write kept
+/// before then (by a cache with write recovery) then finds a newer delete and stands down, where a
+/// lingering value would pass for what the key holds (it may hide a later write that it landed
+/// over), and an empty key for one that nothing newer was written to. It asks for its effects to be
+/// replicated (`TIME` before a write): the default since Redis 5, and a no-op since 7, but a 6.2
+/// server may be configured to replicate whole scripts, which it would refuse.
 static TOMBSTONE_SCRIPT: LazyLock<String> = LazyLock::new(|| {
     format!(
         "if redis.replicate_commands then redis.replicate_commands() end
