@@ -50,16 +50,55 @@ impl Workload for Get {
     }
 }
 
-/// Serves `router` on a loopback port; answers its base URL.
-async fn serve(router: Router) -> String {
+/// How long a server's graceful stop may take before its task is aborted.
+const STOP_WITHIN: Duration = Duration::from_secs(10);
+
+/// A server on a loopback port. [`stop`](Self::stop) ends it and its connections, so that
+/// nothing of a scenario runs on into the next one.
+struct Served {
+    url: String,
+    shutdown: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Served {
+    /// Stops the server: it closes its idle keep-alive connections and waits for the others,
+    /// for at most `STOP_WITHIN`.
+    async fn stop(self) {
+        let _ = self.shutdown.send(());
+        let mut task = self.task;
+        if tokio::time::timeout(STOP_WITHIN, &mut task).await.is_err() {
+            eprintln!("a benchmark server did not stop within {STOP_WITHIN:?}: aborted");
+            task.abort();
+        }
+    }
+}
+
+/// Serves `router` on a loopback port.
+async fn serve(router: Router) -> Served {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .unwrap_or_else(|e| panic!("bind: {e}"));
     let address = listener
         .local_addr()
         .unwrap_or_else(|e| panic!("address: {e}"));
-    tokio::spawn(async move { axum::serve(listener, router).await });
-    format!("http://{address}")
+    let (shutdown, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        let stopped = async {
+            let _ = stopped.await;
+        };
+        if let Err(error) = axum::serve(listener, router)
+            .with_graceful_shutdown(stopped)
+            .await
+        {
+            eprintln!("a benchmark server failed: {error}");
+        }
+    });
+    Served {
+        url: format!("http://{address}"),
+        shutdown,
+        task,
+    }
 }
 
 pub(crate) async fn http_cached_get(sizes: &Sizes) -> Vec<Record> {
@@ -77,7 +116,7 @@ pub(crate) async fn http_cached_get(sizes: &Sizes) -> Vec<Record> {
     let cached = Router::new()
         .route("/items/{id}", get(route))
         .layer(HttpCacheLayer::new(cache));
-    let (floor, cached) = (serve(floor).await, serve(cached).await);
+    let servers = [serve(floor).await, serve(cached).await];
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(TASKS)
         .build()
@@ -88,12 +127,12 @@ pub(crate) async fn http_cached_get(sizes: &Sizes) -> Vec<Record> {
     let (floor, cached) = (
         Arc::new(Get {
             client: client.clone(),
-            urls: urls(&floor),
+            urls: urls(&servers[0].url),
             authorization: None,
         }),
         Arc::new(Get {
             client,
-            urls: urls(&cached),
+            urls: urls(&servers[1].url),
             authorization: None,
         }),
     );
@@ -104,6 +143,7 @@ pub(crate) async fn http_cached_get(sizes: &Sizes) -> Vec<Record> {
     let order = shuffled(URLS);
     let ops = (sizes.redis_ops / TASKS).max(1);
     let rounds = head_to_head(&cached, &floor, &order, sizes.rounds, TASKS, ops).await;
+    stop_all(servers).await;
     records(
         "http_cached_get/16task",
         &["HttpCacheLayer hit", "handler without the layer"],
@@ -142,7 +182,8 @@ pub(crate) async fn server_get(sizes: &Sizes) -> Vec<Record> {
         ),
     );
     let service = bench_server().await;
-    let (floor, served) = (serve(floor).await, serve(service.router()).await);
+    let servers = [serve(floor).await, serve(service.router()).await];
+    let (floor, served) = (servers[0].url.as_str(), servers[1].url.as_str());
     let client = server_client();
     for i in 0..URLS {
         let put = client
@@ -161,18 +202,19 @@ pub(crate) async fn server_get(sizes: &Sizes) -> Vec<Record> {
     let (floor, served) = (
         Arc::new(Get {
             client: client.clone(),
-            urls: urls(&floor),
+            urls: urls(floor),
             authorization: Some(format!("Bearer {SERVER_KEY}")),
         }),
         Arc::new(Get {
             client,
-            urls: urls(&served),
+            urls: urls(served),
             authorization: Some(format!("Bearer {SERVER_KEY}")),
         }),
     );
     let order = shuffled(URLS);
     let ops = (sizes.redis_ops / SERVER_TASKS).max(1);
     let rounds = head_to_head(&served, &floor, &order, sizes.rounds, SERVER_TASKS, ops).await;
+    stop_all(servers).await;
     let mut found = records(
         "server_get/64conn",
         &["tierstack-server hit", "axum + HashMap"],
@@ -200,6 +242,13 @@ async fn bench_server() -> tierstack_server::Server {
     .await
     .unwrap_or_else(|e| panic!("{e}"));
     tierstack_server::Server::new(config, backend).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Stops `servers`, one after the other.
+async fn stop_all<const N: usize>(servers: [Served; N]) {
+    for server in servers {
+        server.stop().await;
+    }
 }
 
 /// The client of the server scenarios: a keep-alive connection per task.
@@ -278,8 +327,11 @@ pub(crate) async fn server_put(sizes: &Sizes) -> Vec<Record> {
         .await
         .share_quotas(&store)
         .unwrap_or_else(|e| panic!("{e}"));
-    let local = serve(bench_server().await.router()).await;
-    let (shared, floor) = (serve(shared.router()).await, serve(floor).await);
+    let servers = [
+        serve(bench_server().await.router()).await,
+        serve(shared.router()).await,
+        serve(floor).await,
+    ];
     let client = server_client();
     let value = Bytes::from(vec![b'x'; 1_000]);
     let put = |base: &str| {
@@ -290,7 +342,11 @@ pub(crate) async fn server_put(sizes: &Sizes) -> Vec<Record> {
             value: value.clone(),
         })
     };
-    let systems = [put(&local), put(&shared), put(&floor)];
+    let systems = [
+        put(&servers[0].url),
+        put(&servers[1].url),
+        put(&servers[2].url),
+    ];
     let order = shuffled(URLS);
     let ops = (sizes.redis_ops / SERVER_TASKS).max(1);
     let rounds = crate::harness::interleave(systems.len(), sizes.rounds, |system| {
@@ -298,6 +354,7 @@ pub(crate) async fn server_put(sizes: &Sizes) -> Vec<Record> {
         async move { run_round(&systems[system], order, SERVER_TASKS, ops).await }
     })
     .await;
+    stop_all(servers).await;
     records(
         "server_put/64conn",
         &[

@@ -36,6 +36,19 @@ impl Workload for MokaGet {
     }
 }
 
+/// `moka::future::Cache`, the raw moka of the design's benchmark plan (an async service's
+/// natural pick), for context.
+struct MokaFutureGet {
+    cache: moka::future::Cache<String, String>,
+    keys: Arc<Vec<String>>,
+}
+
+impl Workload for MokaFutureGet {
+    async fn op(&self, i: usize) {
+        black_box(self.cache.get(&self.keys[i]).await);
+    }
+}
+
 /// The values of a moka cache with a deadline each, expired by moka at that deadline: what the
 /// L1 asks of moka, without the rest of the cache.
 struct PerEntryDeadline;
@@ -64,7 +77,8 @@ impl Workload for MokaExpiryGet {
 
 /// `TieredCache::get` on an L1 hit vs raw `moka::sync::Cache::get` (the cache type of the L1)
 /// of the same values, over `key_count` hot keys. A third system, moka with a deadline per
-/// entry (as the L1 keeps), shows how much of the difference is moka's per-entry expiry.
+/// entry (as the L1 keeps), shows how much of the difference is moka's per-entry expiry; a
+/// fourth, `moka::future::Cache`, what moka's async cache costs.
 pub(crate) async fn l1_hit(sizes: &Sizes, tasks: usize, key_count: usize) -> Vec<Record> {
     let keys = keys(key_count);
     let capacity = u64::try_from(key_count * 2).unwrap_or(u64::MAX);
@@ -78,6 +92,9 @@ pub(crate) async fn l1_hit(sizes: &Sizes, tasks: usize, key_count: usize) -> Vec
         .max_capacity(capacity)
         .expire_after(PerEntryDeadline)
         .build();
+    let future = moka::future::Cache::builder()
+        .max_capacity(capacity)
+        .build();
     let deadline = Instant::now() + TTL;
     for (i, key) in keys.iter().enumerate() {
         tiered
@@ -86,6 +103,7 @@ pub(crate) async fn l1_hit(sizes: &Sizes, tasks: usize, key_count: usize) -> Vec
             .unwrap_or_else(|e| panic!("{e}"));
         raw.insert(key.clone(), value(i));
         expiring.insert(key.clone(), (value(i), deadline));
+        future.insert(key.clone(), value(i)).await;
     }
     let tiered = Arc::new(TieredGet {
         cache: tiered,
@@ -95,16 +113,26 @@ pub(crate) async fn l1_hit(sizes: &Sizes, tasks: usize, key_count: usize) -> Vec
         cache: expiring,
         keys: keys.clone(),
     });
+    let future = Arc::new(MokaFutureGet {
+        cache: future,
+        keys: keys.clone(),
+    });
     let raw = Arc::new(MokaGet { cache: raw, keys });
     let order = shuffled(key_count);
-    let rounds = interleave(3, sizes.rounds, |system| {
-        let (tiered, raw, expiring, order) =
-            (tiered.clone(), raw.clone(), expiring.clone(), order.clone());
+    let rounds = interleave(4, sizes.rounds, |system| {
+        let (tiered, raw, expiring, future, order) = (
+            tiered.clone(),
+            raw.clone(),
+            expiring.clone(),
+            future.clone(),
+            order.clone(),
+        );
         async move {
             match system {
                 0 => run_round(&tiered, &order, tasks, sizes.ops_per_task).await,
                 1 => run_round(&raw, &order, tasks, sizes.ops_per_task).await,
-                _ => run_round(&expiring, &order, tasks, sizes.ops_per_task).await,
+                2 => run_round(&expiring, &order, tasks, sizes.ops_per_task).await,
+                _ => run_round(&future, &order, tasks, sizes.ops_per_task).await,
             }
         }
     })
@@ -114,7 +142,25 @@ pub(crate) async fn l1_hit(sizes: &Sizes, tasks: usize, key_count: usize) -> Vec
     } else {
         format!("l1_hit/{tasks}task")
     };
-    records(&scenario, &["tierstack", "moka", "moka+expiry"], 1, &rounds)
+    let mut found = records(
+        &scenario,
+        &["tierstack", "moka", "moka+expiry", "moka::future"],
+        1,
+        &rounds,
+    );
+    // And tierstack against moka::future, round by round.
+    let against_future = [rounds[0].clone(), rounds[3].clone()];
+    found.extend(
+        records(
+            &scenario,
+            &["tierstack", "moka::future"],
+            1,
+            &against_future,
+        )
+        .into_iter()
+        .take(1),
+    );
+    found
 }
 
 struct RawStoreGet {
