@@ -119,7 +119,8 @@ pub(crate) fn check() -> Result<(), String> {
     Ok(())
 }
 
-/// The record of `system` in `scenario`.
+/// The record of `system` in `scenario` (the first: `l1_hit`'s have two `tierstack` records,
+/// against two baselines, and no promise looks at them).
 fn record<'a>(
     records: &'a [serde_json::Value],
     scenario: &str,

@@ -53,8 +53,8 @@ impl Workload for Get {
 /// How long a server's graceful stop may take before its task is aborted.
 const STOP_WITHIN: Duration = Duration::from_secs(10);
 
-/// A server on a loopback port. [`stop`](Self::stop) ends it and its connections, so that
-/// nothing of a scenario runs on into the next one.
+/// A server on a loopback port. [`stop`](Self::stop) ends it and, gracefully, its connections,
+/// so that nothing of a scenario runs on into the next one.
 struct Served {
     url: String,
     shutdown: tokio::sync::oneshot::Sender<()>,
@@ -63,13 +63,18 @@ struct Served {
 
 impl Served {
     /// Stops the server: it closes its idle keep-alive connections and waits for the others,
-    /// for at most `STOP_WITHIN`.
+    /// for at most `STOP_WITHIN`. Past that the server is aborted, which ends its accept loop
+    /// only: axum runs each connection as a task of its own.
     async fn stop(self) {
         let _ = self.shutdown.send(());
         let mut task = self.task;
-        if tokio::time::timeout(STOP_WITHIN, &mut task).await.is_err() {
-            eprintln!("a benchmark server did not stop within {STOP_WITHIN:?}: aborted");
-            task.abort();
+        match tokio::time::timeout(STOP_WITHIN, &mut task).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => eprintln!("a benchmark server's task failed: {error}"),
+            Err(_) => {
+                eprintln!("a benchmark server did not stop within {STOP_WITHIN:?}: aborted");
+                task.abort();
+            }
         }
     }
 }

@@ -36,8 +36,8 @@ impl Workload for MokaGet {
     }
 }
 
-/// `moka::future::Cache`, the raw moka of the design's benchmark plan (an async service's
-/// natural pick), for context.
+/// `moka::future::Cache` (an async service's natural pick of raw moka, and this scenario's
+/// baseline before the L1 moved to `moka::sync`), for context.
 struct MokaFutureGet {
     cache: moka::future::Cache<String, String>,
     keys: Arc<Vec<String>>,
