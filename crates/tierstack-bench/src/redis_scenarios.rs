@@ -136,19 +136,93 @@ pub(crate) async fn l2_hit_redis(sizes: &Sizes) -> Vec<Record> {
 
 /// `TieredCache::get` that misses L1 and hits Redis (an L1 of 1 ms TTL, so every read of the
 /// shuffled key stream finds its L1 entry expired: a read of L2, then an L1 fill) vs raw GET +
-/// decode, 64 tasks.
+/// decode, 64 tasks; and, for context, the naive composition's same read (a moka miss, GET,
+/// decode, moka insert), which fills an L1 as tierstack does.
 pub(crate) async fn l2_hit_redis_cold_l1(sizes: &Sizes) -> Vec<Record> {
     let store = RedisStore::connect(&config("bench-cold:"))
         .await
         .unwrap_or_else(|e| fail(e));
     let tiered = TieredCache::builder("bench")
         .l2(Arc::new(store))
-        .l1_ttl(Duration::from_millis(1))
+        .l1_ttl(COLD_L1_TTL)
         .default_ttl(TTL)
         .l2_timeout(BENCH_L2_TIMEOUT)
         .build()
         .unwrap_or_else(|e| fail(e));
-    reads_against_raw_get("l2_hit_redis_cold_l1/64task", "raw-cold:", tiered, sizes).await
+    let (tiered, raw) = seeded("raw-cold:", tiered, sizes.keys).await;
+    let naive = Arc::new(NaiveColdGet {
+        l1: moka::future::Cache::builder()
+            .max_capacity(u64::try_from(sizes.keys).unwrap_or(u64::MAX))
+            .time_to_live(COLD_L1_TTL)
+            .build(),
+        conn: raw.conn.clone(),
+        keys: raw.keys.clone(),
+    });
+    let order = shuffled(sizes.keys);
+    let ops = sizes.redis_ops / 64;
+    let rounds = interleave(3, sizes.rounds, |system| {
+        let (tiered, raw, naive, order) =
+            (tiered.clone(), raw.clone(), naive.clone(), order.clone());
+        async move {
+            match system {
+                0 => run_round(&tiered, &order, 64, ops).await,
+                1 => run_round(&raw, &order, 64, ops).await,
+                _ => run_round(&naive, &order, 64, ops).await,
+            }
+        }
+    })
+    .await;
+    let scenario = "l2_hit_redis_cold_l1/64task";
+    let mut found = records(
+        scenario,
+        &["tierstack", "redis-rs", "naive moka+redis"],
+        1,
+        &rounds,
+    );
+    // And tierstack against the naive composition, round by round.
+    let against_naive = [rounds[0].clone(), rounds[2].clone()];
+    found.extend(
+        records(
+            scenario,
+            &["tierstack", "naive moka+redis"],
+            1,
+            &against_naive,
+        )
+        .into_iter()
+        .take(1),
+    );
+    found
+}
+
+/// How long the cold-L1 scenario's L1 entries live: shorter than a pass over the key stream.
+const COLD_L1_TTL: Duration = Duration::from_millis(1);
+
+/// The naive composition's read of a key its L1 no longer holds: a moka miss, Redis GET and a
+/// decode, then a moka insert.
+struct NaiveColdGet {
+    l1: moka::future::Cache<String, String>,
+    conn: ConnectionManager,
+    keys: Arc<Vec<String>>,
+}
+
+impl Workload for NaiveColdGet {
+    async fn op(&self, i: usize) {
+        let key = &self.keys[i];
+        if let Some(hit) = self.l1.get(key).await {
+            black_box(hit);
+            return;
+        }
+        let mut conn = self.conn.clone();
+        let bytes: Option<Vec<u8>> = redis::cmd("GET")
+            .arg(key)
+            .query_async(&mut conn)
+            .await
+            .ok()
+            .flatten();
+        if let Some(value) = bytes.and_then(|b| BincodeCodec::default().decode::<String>(&b).ok()) {
+            self.l1.insert(key.clone(), value).await;
+        }
+    }
 }
 
 /// Writes the run's keys through `tiered` and, as plain encodings under `raw_prefix`, through a
@@ -159,7 +233,20 @@ async fn reads_against_raw_get(
     tiered: TieredCache<String>,
     sizes: &Sizes,
 ) -> Vec<Record> {
-    let n = sizes.keys;
+    let (tiered, raw) = seeded(raw_prefix, tiered, sizes.keys).await;
+    let order = shuffled(sizes.keys);
+    let ops = sizes.redis_ops / 64;
+    let rounds = head_to_head(&tiered, &raw, &order, sizes.rounds, 64, ops).await;
+    records(scenario, &["tierstack", "redis-rs"], 1, &rounds)
+}
+
+/// Writes `n` keys through `tiered` and, as plain encodings under `raw_prefix`, through a raw
+/// connection: the two sides of a read scenario, each reading its own copy.
+async fn seeded(
+    raw_prefix: &str,
+    tiered: TieredCache<String>,
+    n: usize,
+) -> (Arc<TieredGet>, Arc<RawGet>) {
     let keys = keys(n);
     let raw_keys: Arc<Vec<String>> = Arc::new(
         keys.iter()
@@ -184,10 +271,7 @@ async fn reads_against_raw_get(
         conn: raw,
         keys: raw_keys,
     });
-    let order = shuffled(n);
-    let ops = sizes.redis_ops / 64;
-    let rounds = head_to_head(&tiered, &raw, &order, sizes.rounds, 64, ops).await;
-    records(scenario, &["tierstack", "redis-rs"], 1, &rounds)
+    (tiered, raw)
 }
 
 /// `get_many` of 100 keys vs 100 sequential `get`s, L1 off, one task.
