@@ -267,9 +267,8 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
     sorted[index]
 }
 
-/// Turns each system's rounds into records against `names[baseline]`: each round's ratio is
-/// taken against the baseline's round of the same index (run next to it), and the record gives
-/// their median, minimum and maximum.
+/// Turns each system's rounds into records against `names[baseline]` (see
+/// [`record_against`]).
 pub(crate) fn records(
     scenario: &str,
     names: &[&str],
@@ -278,42 +277,54 @@ pub(crate) fn records(
 ) -> Vec<Record> {
     names
         .iter()
-        .enumerate()
-        .map(|(i, name)| {
-            let mut ratios: Vec<f64> = rounds[i]
-                .iter()
-                .zip(&rounds[baseline])
-                .map(|(mine, base)| mine.nanos_per_op / base.nanos_per_op)
-                .collect();
-            let mut times: Vec<f64> = rounds[i].iter().map(|r| r.nanos_per_op).collect();
-            let mut samples: Vec<u64> = rounds[i]
-                .iter()
-                .flat_map(|r| r.samples.iter().copied())
-                .collect();
-            samples.sort_unstable();
-            Record {
-                scenario: scenario.to_owned(),
-                system: (*name).to_owned(),
-                baseline: names[baseline].to_owned(),
-                ratio: median(&mut ratios),
-                ratio_min: ratios.first().copied().unwrap_or(f64::NAN),
-                ratio_max: ratios.last().copied().unwrap_or(f64::NAN),
-                ops_per_sec: 1e9 / median(&mut times),
-                p50_ns: percentile(&samples, 0.50),
-                p99_ns: percentile(&samples, 0.99),
-                loader_calls: rounds[i].iter().filter_map(|r| r.loader_calls).max(),
-                l2_commands: rounds[i].iter().filter_map(|r| r.l2_commands).max(),
-                errors: rounds[i].iter().filter_map(|r| r.errors).max(),
-                recovery_ms: {
-                    let mut recoveries: Vec<u64> =
-                        rounds[i].iter().filter_map(|r| r.recovery_ms).collect();
-                    recoveries.sort_unstable();
-                    recoveries.get(recoveries.len() / 2).copied()
-                },
-                stored_bytes: None,
-            }
+        .zip(rounds)
+        .map(|(name, system)| {
+            record_against(
+                scenario,
+                (name, system),
+                (names[baseline], &rounds[baseline]),
+            )
         })
         .collect()
+}
+
+/// The record of one system's rounds against a baseline's: each round's ratio is taken against
+/// the baseline's round of the same index (run next to it), and the record gives their median,
+/// minimum and maximum.
+pub(crate) fn record_against(
+    scenario: &str,
+    (name, rounds): (&str, &[Round]),
+    (baseline, baseline_rounds): (&str, &[Round]),
+) -> Record {
+    let mut ratios: Vec<f64> = rounds
+        .iter()
+        .zip(baseline_rounds)
+        .map(|(mine, base)| mine.nanos_per_op / base.nanos_per_op)
+        .collect();
+    let mut times: Vec<f64> = rounds.iter().map(|r| r.nanos_per_op).collect();
+    let mut samples: Vec<u64> = rounds
+        .iter()
+        .flat_map(|r| r.samples.iter().copied())
+        .collect();
+    samples.sort_unstable();
+    let mut recoveries: Vec<u64> = rounds.iter().filter_map(|r| r.recovery_ms).collect();
+    recoveries.sort_unstable();
+    Record {
+        scenario: scenario.to_owned(),
+        system: name.to_owned(),
+        baseline: baseline.to_owned(),
+        ratio: median(&mut ratios),
+        ratio_min: ratios.first().copied().unwrap_or(f64::NAN),
+        ratio_max: ratios.last().copied().unwrap_or(f64::NAN),
+        ops_per_sec: 1e9 / median(&mut times),
+        p50_ns: percentile(&samples, 0.50),
+        p99_ns: percentile(&samples, 0.99),
+        loader_calls: rounds.iter().filter_map(|r| r.loader_calls).max(),
+        l2_commands: rounds.iter().filter_map(|r| r.l2_commands).max(),
+        errors: rounds.iter().filter_map(|r| r.errors).max(),
+        recovery_ms: recoveries.get(recoveries.len() / 2).copied(),
+        stored_bytes: None,
+    }
 }
 
 pub(crate) fn print_table(records: &[Record]) {

@@ -347,11 +347,7 @@ pub(crate) async fn server_put(sizes: &Sizes) -> Vec<Record> {
             value: value.clone(),
         })
     };
-    let systems = [
-        put(&servers[0].url),
-        put(&servers[1].url),
-        put(&servers[2].url),
-    ];
+    let systems = servers.each_ref().map(|server| put(&server.url));
     let order = shuffled(URLS);
     let ops = (sizes.redis_ops / SERVER_TASKS).max(1);
     let rounds = crate::harness::interleave(systems.len(), sizes.rounds, |system| {

@@ -14,7 +14,7 @@ use tierstack_redis::{RedisBackplane, RedisConfig, RedisStore};
 
 use crate::harness::{
     GetMany, Record, Round, SequentialGets, Sizes, TieredGet, Workload, head_to_head, interleave,
-    nanos, records, run_round, shuffled,
+    nanos, record_against, records, run_round, shuffled,
 };
 
 const TTL: Duration = Duration::from_hours(1);
@@ -174,25 +174,17 @@ pub(crate) async fn l2_hit_redis_cold_l1(sizes: &Sizes) -> Vec<Record> {
     ));
     let order = shuffled(sizes.keys);
     let ops = sizes.redis_ops / 64;
-    let rounds = interleave(4, sizes.rounds, |system| {
-        let (tiered, raw, with_ttl, per_entry, order) = (
-            tiered.clone(),
-            raw.clone(),
-            with_ttl.clone(),
-            per_entry.clone(),
-            order.clone(),
-        );
-        async move {
-            match system {
-                0 => run_round(&tiered, &order, 64, ops).await,
-                1 => run_round(&raw, &order, 64, ops).await,
-                2 => run_round(&with_ttl, &order, 64, ops).await,
-                _ => run_round(&per_entry, &order, 64, ops).await,
-            }
+    let (tiered, raw, with_ttl, per_entry, order) = (&tiered, &raw, &with_ttl, &per_entry, &order);
+    let rounds = interleave(4, sizes.rounds, |system| async move {
+        match system {
+            0 => run_round(tiered, order, 64, ops).await,
+            1 => run_round(raw, order, 64, ops).await,
+            2 => run_round(with_ttl, order, 64, ops).await,
+            _ => run_round(per_entry, order, 64, ops).await,
         }
     })
     .await;
-    for naive in [&with_ttl, &per_entry] {
+    for naive in [with_ttl, per_entry] {
         // A hit, or a read that failed and skipped its insert, would make the side look cheaper.
         assert_eq!(
             naive.unexpected.load(Ordering::Relaxed),
@@ -210,12 +202,11 @@ pub(crate) async fn l2_hit_redis_cold_l1(sizes: &Sizes) -> Vec<Record> {
     let mut found = records(scenario, &names, 1, &rounds);
     // And tierstack against each hand-written read, round by round.
     for k in [2, 3] {
-        let pair = [rounds[0].clone(), rounds[k].clone()];
-        found.extend(
-            records(scenario, &[names[0], names[k]], 1, &pair)
-                .into_iter()
-                .take(1),
-        );
+        found.push(record_against(
+            scenario,
+            (names[0], &rounds[0]),
+            (names[k], &rounds[k]),
+        ));
     }
     found
 }

@@ -11,8 +11,8 @@ use tierstack_core::{BincodeCodec, Codec, Store};
 use tierstack_moka::{L1Capacity, MokaStore};
 
 use crate::harness::{
-    Record, Round, Sizes, TieredGet, Workload, head_to_head, interleave, records, run_round,
-    shuffled,
+    Record, Round, Sizes, TieredGet, Workload, head_to_head, interleave, record_against, records,
+    run_round, shuffled,
 };
 
 const TTL: Duration = Duration::from_hours(1);
@@ -119,21 +119,13 @@ pub(crate) async fn l1_hit(sizes: &Sizes, tasks: usize, key_count: usize) -> Vec
     });
     let raw = Arc::new(MokaGet { cache: raw, keys });
     let order = shuffled(key_count);
-    let rounds = interleave(4, sizes.rounds, |system| {
-        let (tiered, raw, expiring, future, order) = (
-            tiered.clone(),
-            raw.clone(),
-            expiring.clone(),
-            future.clone(),
-            order.clone(),
-        );
-        async move {
-            match system {
-                0 => run_round(&tiered, &order, tasks, sizes.ops_per_task).await,
-                1 => run_round(&raw, &order, tasks, sizes.ops_per_task).await,
-                2 => run_round(&expiring, &order, tasks, sizes.ops_per_task).await,
-                _ => run_round(&future, &order, tasks, sizes.ops_per_task).await,
-            }
+    let (tiered, raw, expiring, future, order) = (&tiered, &raw, &expiring, &future, &order);
+    let rounds = interleave(4, sizes.rounds, |system| async move {
+        match system {
+            0 => run_round(tiered, order, tasks, sizes.ops_per_task).await,
+            1 => run_round(raw, order, tasks, sizes.ops_per_task).await,
+            2 => run_round(expiring, order, tasks, sizes.ops_per_task).await,
+            _ => run_round(future, order, tasks, sizes.ops_per_task).await,
         }
     })
     .await;
@@ -142,24 +134,14 @@ pub(crate) async fn l1_hit(sizes: &Sizes, tasks: usize, key_count: usize) -> Vec
     } else {
         format!("l1_hit/{tasks}task")
     };
-    let mut found = records(
-        &scenario,
-        &["tierstack", "moka", "moka+expiry", "moka::future"],
-        1,
-        &rounds,
-    );
+    let names = ["tierstack", "moka", "moka+expiry", "moka::future"];
+    let mut found = records(&scenario, &names, 1, &rounds);
     // And tierstack against moka::future, round by round.
-    let against_future = [rounds[0].clone(), rounds[3].clone()];
-    found.extend(
-        records(
-            &scenario,
-            &["tierstack", "moka::future"],
-            1,
-            &against_future,
-        )
-        .into_iter()
-        .take(1),
-    );
+    found.push(record_against(
+        &scenario,
+        (names[0], &rounds[0]),
+        (names[3], &rounds[3]),
+    ));
     found
 }
 
