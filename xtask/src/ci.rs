@@ -1,5 +1,7 @@
 //! `cargo xtask ci`: the checks CI runs, each step also on its own.
 
+use std::process::Command;
+
 use crate::cmd::{cargo, run as run_command};
 use crate::services::{Services, Which};
 
@@ -38,8 +40,9 @@ fn run_step(step: &str) -> Result<(), String> {
         }),
         "test" => test(),
         "bench-check" => crate::bench::check(),
+        "msrv" => msrv(),
         other => Err(format!(
-            "unknown ci step {other:?}: expected fmt, tidy, clippy, doc, test or bench-check"
+            "unknown ci step {other:?}: expected fmt, tidy, clippy, doc, test, bench-check or msrv"
         )),
     }
 }
@@ -109,6 +112,53 @@ fn test() -> Result<(), String> {
     result
 }
 
+/// `cargo check` of every crate, target and feature with the toolchain of the MSRV the workspace
+/// declares. Not one of [`STEPS`]: that toolchain is installed where the `msrv` job of CI runs,
+/// not on every machine, and a missing one fails with the command that installs it.
+fn msrv() -> Result<(), String> {
+    let manifest = crate::cmd::root().join("Cargo.toml");
+    let text = std::fs::read_to_string(&manifest)
+        .map_err(|e| format!("cannot read {}: {e}", manifest.display()))?;
+    let version = declared_msrv(&text)
+        .ok_or_else(|| format!("{} declares no rust-version", manifest.display()))?;
+    let rustup = |args: &[&str]| {
+        let mut command = Command::new("rustup");
+        command.args(args).current_dir(crate::cmd::root());
+        // Never a download in the middle of a check: a missing toolchain is an error.
+        command.env("RUSTUP_AUTO_INSTALL", "0");
+        command
+    };
+    let installed = rustup(&["run", version, "rustc", "--version"])
+        .output()
+        .is_ok_and(|out| out.status.success());
+    if !installed {
+        return Err(format!(
+            "the MSRV toolchain {version} is not installed (or rustup is missing): run \
+             `rustup toolchain install {version} --profile minimal`"
+        ));
+    }
+    run_command(&mut rustup(&[
+        "run",
+        version,
+        "cargo",
+        "check",
+        "--workspace",
+        "--all-targets",
+        "--all-features",
+    ]))
+}
+
+/// The `rust-version` of a `Cargo.toml`'s text: the first such line, as `1.91`.
+fn declared_msrv(manifest: &str) -> Option<&str> {
+    manifest.lines().find_map(|line| {
+        let value = line
+            .strip_prefix("rust-version")?
+            .trim_start()
+            .strip_prefix('=')?;
+        value.trim().strip_prefix('"')?.strip_suffix('"')
+    })
+}
+
 /// `cargo xtask deny [CHECK ...]`: cargo-deny over licenses, advisories, bans and sources
 /// (`deny.toml`), or the checks named. `advisories` fetches the advisory database from GitHub;
 /// the others run offline.
@@ -125,4 +175,25 @@ pub(crate) fn deny(checks: &[&str]) -> Result<(), String> {
             .args(["deny", "--all-features", "check"])
             .args(checks),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_msrv_is_read_from_the_workspace_manifest() {
+        let text = "[workspace.package]\nrust-version.workspace = true\nrust-version = \"1.91\"\n";
+        assert_eq!(declared_msrv(text), Some("1.91"));
+        assert_eq!(
+            declared_msrv("[package]\nrust-version.workspace = true\n"),
+            None
+        );
+        let manifest = std::fs::read_to_string(crate::cmd::root().join("Cargo.toml")).unwrap();
+        let declared = declared_msrv(&manifest).unwrap();
+        assert!(
+            declared.split('.').all(|part| part.parse::<u32>().is_ok()),
+            "{declared:?}"
+        );
+    }
 }

@@ -2,7 +2,8 @@
 //!
 //! - `ci [fmt|tidy|clippy|doc|test|bench-check]`: every check CI runs, or one step of it.
 //!   `tidy` finds working notes in docs and sleeps that order tests; `test` starts the servers
-//!   the tests need and stops them afterwards.
+//!   the tests need and stops them afterwards. `ci msrv` (the `msrv` job's step, not part of
+//!   `ci`) checks every crate with the toolchain of the declared `rust-version`.
 //! - `services up [all|redis|redis-cluster|firestore]`, `services down`, `services status`: test
 //!   servers on free loopback ports, described in `target/services.env`.
 //! - `bench [--quick]`: the side-by-side benchmarks; writes `target/bench/results.json` and
@@ -30,6 +31,8 @@ const USAGE: &str = "usage: cargo xtask <command>
 commands:
   ci [fmt|tidy|clippy|doc|test|bench-check]
                                             run every CI check, or one step
+  ci msrv                                   cargo check with the declared rust-version's
+                                            toolchain (installed with rustup)
   services up [all|redis|redis-cluster|firestore]
                                             start test servers (writes target/services.env)
   services down                             stop every server `services up` started
