@@ -49,6 +49,19 @@ impl Workload for MokaFutureGet {
     }
 }
 
+/// amalgam-cache's memory-only cache (its own L1, not moka), the peer the read-path issue
+/// measured.
+struct AmalgamGet {
+    cache: amalgam::Cache<String>,
+    keys: Arc<Vec<String>>,
+}
+
+impl Workload for AmalgamGet {
+    async fn op(&self, i: usize) {
+        black_box(self.cache.try_get(&self.keys[i]).await.ok().flatten());
+    }
+}
+
 /// The values of a moka cache with a deadline each, expired by moka at that deadline: what the
 /// L1 asks of moka, without the rest of the cache.
 struct PerEntryDeadline;
@@ -78,7 +91,8 @@ impl Workload for MokaExpiryGet {
 /// `TieredCache::get` on an L1 hit vs raw `moka::sync::Cache::get` (the cache type of the L1)
 /// of the same values, over `key_count` hot keys. A third system, moka with a deadline per
 /// entry (as the L1 keeps), shows how much of the difference is moka's per-entry expiry; a
-/// fourth, `moka::future::Cache`, what moka's async cache costs.
+/// fourth, `moka::future::Cache`, what moka's async cache costs; a fifth, amalgam-cache, where
+/// the peer the read-path issue measured stands (its own L1, each entry with its own duration).
 pub(crate) async fn l1_hit(sizes: &Sizes, tasks: usize, key_count: usize) -> Vec<Record> {
     let keys = keys(key_count);
     let capacity = u64::try_from(key_count * 2).unwrap_or(u64::MAX);
@@ -95,6 +109,11 @@ pub(crate) async fn l1_hit(sizes: &Sizes, tasks: usize, key_count: usize) -> Vec
     let future = moka::future::Cache::builder()
         .max_capacity(capacity)
         .build();
+    let amalgam: amalgam::Cache<String> = amalgam::Cache::builder()
+        .max_capacity(capacity)
+        .default_options(amalgam::options::EntryOptions::new(TTL))
+        .try_build()
+        .unwrap_or_else(|e| panic!("{e}"));
     let deadline = Instant::now() + TTL;
     for (i, key) in keys.iter().enumerate() {
         tiered
@@ -104,7 +123,20 @@ pub(crate) async fn l1_hit(sizes: &Sizes, tasks: usize, key_count: usize) -> Vec
         raw.insert(key.clone(), value(i));
         expiring.insert(key.clone(), (value(i), deadline));
         future.insert(key.clone(), value(i)).await;
+        amalgam
+            .set(key, value(i))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
     }
+    // A miss would make the peer look cheaper: every key must hit.
+    for key in keys.iter() {
+        let hit = amalgam.try_get(key).await.ok().flatten();
+        assert!(hit.is_some(), "amalgam-cache misses {key}");
+    }
+    let amalgam = Arc::new(AmalgamGet {
+        cache: amalgam,
+        keys: keys.clone(),
+    });
     let tiered = Arc::new(TieredGet {
         cache: tiered,
         keys: keys.clone(),
@@ -119,13 +151,15 @@ pub(crate) async fn l1_hit(sizes: &Sizes, tasks: usize, key_count: usize) -> Vec
     });
     let raw = Arc::new(MokaGet { cache: raw, keys });
     let order = shuffled(key_count);
-    let (tiered, raw, expiring, future, order) = (&tiered, &raw, &expiring, &future, &order);
-    let rounds = interleave(4, sizes.rounds, |system| async move {
+    let (tiered, raw, expiring, future, amalgam, order) =
+        (&tiered, &raw, &expiring, &future, &amalgam, &order);
+    let rounds = interleave(5, sizes.rounds, |system| async move {
         match system {
             0 => run_round(tiered, order, tasks, sizes.ops_per_task).await,
             1 => run_round(raw, order, tasks, sizes.ops_per_task).await,
             2 => run_round(expiring, order, tasks, sizes.ops_per_task).await,
-            _ => run_round(future, order, tasks, sizes.ops_per_task).await,
+            3 => run_round(future, order, tasks, sizes.ops_per_task).await,
+            _ => run_round(amalgam, order, tasks, sizes.ops_per_task).await,
         }
     })
     .await;
@@ -134,13 +168,25 @@ pub(crate) async fn l1_hit(sizes: &Sizes, tasks: usize, key_count: usize) -> Vec
     } else {
         format!("l1_hit/{tasks}task")
     };
-    let names = ["tierstack", "moka", "moka+expiry", "moka::future"];
+    let names = [
+        "tierstack",
+        "moka",
+        "moka+expiry",
+        "moka::future",
+        "amalgam-cache",
+    ];
     let mut found = records(&scenario, &names, 1, &rounds);
     // And tierstack against moka::future, round by round.
     found.push(record_against(
         &scenario,
         (names[0], &rounds[0]),
         (names[3], &rounds[3]),
+    ));
+    // And tierstack against the peer, round by round.
+    found.push(record_against(
+        &scenario,
+        (names[0], &rounds[0]),
+        (names[4], &rounds[4]),
     ));
     found
 }
