@@ -105,9 +105,9 @@ impl<V> L1Entry<V> {
 /// bytes. Put `Arc<T>` in when `T` is large.
 ///
 /// The deadlines are the L1's own, not moka's: moka's per-entry expiry (its timer wheel) made a
-/// hit cost about a third more with 10,000 hot keys (`docs/benchmarks.md`, "moka's per-entry
-/// expiry and the L1"). An entry past its deadline is never served; its memory goes at the next
-/// sweep (at most every 10 s, started by a write or by a read that finds an expired
+/// hit with 10,000 hot keys cost 1.12 to 1.45 times as much (`docs/benchmarks.md`, "moka's
+/// per-entry expiry and the L1"). An entry past its deadline is never served; its memory goes at
+/// the next sweep (at most every 10 s, started by a write or by a read that finds an expired
 /// entry, and run by moka's housekeeping as invalidation predicates are), or earlier, when moka
 /// evicts it: nobody reads it any more, so it drifts to the cold end of moka's access order.
 pub struct L1Cache<V> {
