@@ -105,7 +105,7 @@ impl<V> L1Entry<V> {
 /// bytes. Put `Arc<T>` in when `T` is large.
 ///
 /// The deadlines are the L1's own, not moka's: moka's per-entry expiry (its timer wheel) made a
-/// hit with 10,000 hot keys cost 1.12 to 1.45 times as much (`docs/benchmarks.md`, "moka's
+/// hit with 10,000 hot keys cost 1.12 to 1.44 times as much (`docs/benchmarks.md`, "moka's
 /// per-entry expiry and the L1"). An entry past its deadline is never served; its memory goes at
 /// the next sweep (at most every 10 s, started by a write or by a read that finds an expired
 /// entry, and run by moka's housekeeping as invalidation predicates are), or earlier, when moka
