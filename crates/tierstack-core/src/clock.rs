@@ -57,6 +57,12 @@ impl Timestamp {
 pub trait Clock: Send + Sync + fmt::Debug + 'static {
     /// The current time.
     fn now(&self) -> Timestamp;
+
+    /// Whether this is the system's wall clock. Caches whose own expiry already follows the
+    /// system clock (moka's) skip a second deadline check on their hot path when it is.
+    fn is_system_clock(&self) -> bool {
+        false
+    }
 }
 
 /// The system's wall clock.
@@ -66,6 +72,10 @@ pub struct SystemClock;
 impl Clock for SystemClock {
     fn now(&self) -> Timestamp {
         Timestamp::from_system_time(SystemTime::now())
+    }
+
+    fn is_system_clock(&self) -> bool {
+        true
     }
 }
 

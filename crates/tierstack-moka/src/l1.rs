@@ -2,17 +2,13 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use moka::sync::Cache;
 use tierstack_core::clock::{SharedClock, Timestamp, system_clock};
 use tierstack_core::tag::TagStamps;
 
-use crate::expiry::keys_where;
-
-/// How often, at most, the L1 asks moka to drop the entries whose deadline has passed.
-const SWEEP_EVERY: Duration = Duration::from_secs(10);
+use crate::expiry::{Deadline, DeadlineExpiry, keys_where};
 
 /// How an [`L1Cache`] is bounded.
 pub enum L1Capacity<V> {
@@ -99,22 +95,23 @@ impl<V> L1Entry<V> {
     }
 }
 
+impl<V> Deadline for L1Entry<V> {
+    fn expires_at(&self) -> Timestamp {
+        self.expires_at
+    }
+}
+
 /// An in-process cache of decoded values with per-entry expiry.
 ///
-/// A hit clones `V` and compares the entry's deadline with the clock: no decode, no copy of
-/// bytes. Put `Arc<T>` in when `T` is large.
-///
-/// The deadlines are the L1's own, not moka's: moka's per-entry expiry (its timer wheel) made a
-/// hit with 10,000 hot keys cost 1.12 to 1.44 times as much (`docs/benchmarks.md`, "moka's
-/// per-entry expiry and the L1"). An entry past its deadline is never served; its memory goes at
-/// the next sweep (at most every 10 s, started by a write or by a read that finds an expired
-/// entry, and run by moka's housekeeping as invalidation predicates are), or earlier, when moka
-/// evicts it: nobody reads it any more, so it drifts to the cold end of moka's access order.
+/// A hit clones `V` and does nothing else: no decode, no copy of bytes. Put `Arc<T>` in when `T`
+/// is large. moka expires every entry at its own deadline; with an injected clock (tests), every
+/// read also compares the deadline with that clock, so time moved by hand is honoured too.
 pub struct L1Cache<V> {
     cache: Cache<String, L1Entry<V>>,
     clock: SharedClock,
-    /// When the next sweep is due, in milliseconds of `clock` (shared by clones).
-    next_sweep: Arc<AtomicU64>,
+    /// moka expires each entry at its deadline on the system clock; an injected clock needs the
+    /// deadline compared on every read instead.
+    check_deadlines: bool,
 }
 
 impl<V> Clone for L1Cache<V> {
@@ -122,7 +119,7 @@ impl<V> Clone for L1Cache<V> {
         Self {
             cache: self.cache.clone(),
             clock: Arc::clone(&self.clock),
-            next_sweep: Arc::clone(&self.next_sweep),
+            check_deadlines: self.check_deadlines,
         }
     }
 }
@@ -143,7 +140,9 @@ impl<V: Clone + Send + Sync + 'static> L1Cache<V> {
 
     /// An L1 bounded by `capacity`, on `clock`.
     pub fn with_clock(capacity: L1Capacity<V>, clock: SharedClock) -> Self {
-        let builder = Cache::builder().support_invalidation_closures();
+        let builder = Cache::builder().expire_after(DeadlineExpiry {
+            clock: Arc::clone(&clock),
+        });
         let cache = match capacity {
             L1Capacity::Entries(max) => builder.max_capacity(max).build(),
             L1Capacity::Bytes { max_bytes, weigher } => builder
@@ -154,20 +153,17 @@ impl<V: Clone + Send + Sync + 'static> L1Cache<V> {
                 })
                 .build(),
         };
-        let next_sweep = clock.now().saturating_add(SWEEP_EVERY).as_millis();
         Self {
             cache,
+            check_deadlines: !clock.is_system_clock(),
             clock,
-            next_sweep: Arc::new(AtomicU64::new(next_sweep)),
         }
     }
 
     /// The live entry under `key`.
     pub fn get(&self, key: &str) -> Option<L1Entry<V>> {
         let entry = self.cache.get(key)?;
-        let now = self.clock.now();
-        if entry.expires_at <= now {
-            self.sweep_if_due(now);
+        if self.check_deadlines && entry.expires_at <= self.clock.now() {
             return None;
         }
         Some(entry)
@@ -176,33 +172,10 @@ impl<V: Clone + Send + Sync + 'static> L1Cache<V> {
     /// Stores `entry` under `key` until its `expires_at`. An entry whose deadline has already
     /// passed is not stored (and removes what was there).
     pub fn insert(&self, key: String, entry: L1Entry<V>) {
-        let now = self.clock.now();
-        if entry.expires_at > now {
+        if entry.expires_at > self.clock.now() {
             self.cache.insert(key, entry);
         } else {
             self.cache.invalidate(&key);
-        }
-        self.sweep_if_due(now);
-    }
-
-    /// Asks moka to drop every entry whose deadline has passed by `now`, if the last sweep was
-    /// [`SWEEP_EVERY`] ago: one caller registers it, and moka's housekeeping applies it in
-    /// batches. A read meanwhile never gets an expired entry either way.
-    fn sweep_if_due(&self, now: Timestamp) {
-        let due = self.next_sweep.load(Ordering::Relaxed);
-        if now.as_millis() < due {
-            return;
-        }
-        let next = now.saturating_add(SWEEP_EVERY).as_millis();
-        if self
-            .next_sweep
-            .compare_exchange(due, next, Ordering::Relaxed, Ordering::Relaxed)
-            .is_ok()
-        {
-            // Cannot fail: the cache was built with invalidation closures.
-            let _ = self
-                .cache
-                .invalidate_entries_if(move |_, entry| entry.expires_at <= now);
         }
     }
 
@@ -329,52 +302,6 @@ mod tests {
         assert!(cache.get("ab").is_some());
         cache.invalidate_all();
         assert!(cache.get("ab").is_none());
-    }
-
-    #[test]
-    fn expired_entries_leave_memory_at_the_next_sweep() {
-        let clock = ManualClock::new();
-        let cache = l1(&clock);
-        let at = |after: Duration| clock.now().saturating_add(after);
-        for i in 0..10 {
-            let entry = L1Entry::fresh(Some("v".into()), at(Duration::from_secs(1)));
-            cache.insert(format!("short{i}"), entry);
-        }
-        cache.insert(
-            "long".into(),
-            L1Entry::fresh(Some("v".into()), at(Duration::from_hours(1))),
-        );
-        clock.advance(Duration::from_secs(2));
-        assert!(
-            cache.get("short0").is_none(),
-            "never served past its deadline"
-        );
-        cache.run_pending_tasks();
-        assert_eq!(cache.entry_count(), 11, "held until a sweep is due");
-
-        clock.advance(SWEEP_EVERY);
-        let other = L1Entry::fresh(Some("v".into()), at(Duration::from_hours(1)));
-        cache.insert("other".into(), other);
-        cache.run_pending_tasks();
-        assert_eq!(cache.entry_count(), 2, "the write started a sweep");
-        assert!(cache.get("long").is_some() && cache.get("other").is_some());
-
-        // The next sweep waits for its turn, then a read of an expired entry starts it too.
-        cache.insert(
-            "soon".into(),
-            L1Entry::fresh(Some("v".into()), at(Duration::from_secs(1))),
-        );
-        clock.advance(Duration::from_secs(2));
-        cache.run_pending_tasks();
-        assert_eq!(cache.entry_count(), 3);
-        clock.advance(SWEEP_EVERY);
-        assert!(cache.get("soon").is_none());
-        cache.run_pending_tasks();
-        assert_eq!(
-            cache.entry_count(),
-            2,
-            "the read of an expired entry started a sweep"
-        );
     }
 
     #[test]

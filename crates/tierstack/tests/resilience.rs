@@ -1498,8 +1498,8 @@ async fn a_plain_read_may_return_an_l2_failure_instead_of_a_miss() {
 }
 
 /// A manual clock whose next reading, once armed, stops the thread that reads it until the
-/// test lets it go: a task preempted at a chosen point (for a hit, the L1's deadline check,
-/// right after the entry was read).
+/// test lets it go: a task preempted at a chosen point. It calls itself the system clock so
+/// that L1 reads do not read it (its time moves by hand, far from any real deadline).
 #[derive(Debug)]
 struct PausingClock {
     time: ManualClock,
@@ -1515,6 +1515,10 @@ impl Clock for PausingClock {
             let _ = self.resume.lock().unwrap().recv();
         }
         self.time.now()
+    }
+
+    fn is_system_clock(&self) -> bool {
+        true
     }
 }
 
