@@ -119,8 +119,7 @@ fn msrv() -> Result<(), String> {
     let manifest = crate::cmd::root().join("Cargo.toml");
     let text = std::fs::read_to_string(&manifest)
         .map_err(|e| format!("cannot read {}: {e}", manifest.display()))?;
-    let version = declared_msrv(&text)
-        .ok_or_else(|| format!("{} declares no rust-version", manifest.display()))?;
+    let version = crate::release::workspace_package_value(&text, "rust-version")?;
     let rustup = |args: &[&str]| {
         let mut command = Command::new("rustup");
         command.args(args).current_dir(crate::cmd::root());
@@ -148,17 +147,6 @@ fn msrv() -> Result<(), String> {
     ]))
 }
 
-/// The `rust-version` of a `Cargo.toml`'s text: the first such line, as `1.91`.
-fn declared_msrv(manifest: &str) -> Option<&str> {
-    manifest.lines().find_map(|line| {
-        let value = line
-            .strip_prefix("rust-version")?
-            .trim_start()
-            .strip_prefix('=')?;
-        value.trim().strip_prefix('"')?.strip_suffix('"')
-    })
-}
-
 /// `cargo xtask deny [CHECK ...]`: cargo-deny over licenses, advisories, bans and sources
 /// (`deny.toml`), or the checks named. `advisories` fetches the advisory database from GitHub;
 /// the others run offline.
@@ -179,18 +167,19 @@ pub(crate) fn deny(checks: &[&str]) -> Result<(), String> {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use crate::release::workspace_package_value;
 
     #[test]
     fn the_msrv_is_read_from_the_workspace_manifest() {
-        let text = "[workspace.package]\nrust-version.workspace = true\nrust-version = \"1.91\"\n";
-        assert_eq!(declared_msrv(text), Some("1.91"));
-        assert_eq!(
-            declared_msrv("[package]\nrust-version.workspace = true\n"),
-            None
+        let text = "[package]\nrust-version.workspace = true\n\n[workspace.package]\nversion = \"0.1.0\"\nrust-version = \"1.91\"\n";
+        assert_eq!(workspace_package_value(text, "rust-version"), Ok("1.91"));
+        assert_eq!(workspace_package_value(text, "version"), Ok("0.1.0"));
+        assert!(
+            workspace_package_value("[package]\nrust-version.workspace = true\n", "rust-version")
+                .is_err()
         );
         let manifest = std::fs::read_to_string(crate::cmd::root().join("Cargo.toml")).unwrap();
-        let declared = declared_msrv(&manifest).unwrap();
+        let declared = workspace_package_value(&manifest, "rust-version").unwrap();
         assert!(
             declared.split('.').all(|part| part.parse::<u32>().is_ok()),
             "{declared:?}"

@@ -91,19 +91,20 @@ impl fmt::Display for Version {
 
 /// The workspace version in `[workspace.package]`.
 pub(crate) fn workspace_version(manifest: &str) -> Result<Version, String> {
+    Version::parse(workspace_package_value(manifest, "version")?)
+}
+
+/// The string value of `key` in `[workspace.package]` (`version`, `rust-version`).
+pub(crate) fn workspace_package_value<'a>(manifest: &'a str, key: &str) -> Result<&'a str, String> {
     let section = section(manifest, "[workspace.package]")
         .ok_or("the workspace Cargo.toml has no [workspace.package] section")?;
-    for line in section.lines() {
-        if let Some(value) = line.trim().strip_prefix("version") {
-            let value = value
-                .trim()
-                .trim_start_matches('=')
-                .trim()
-                .trim_matches('"');
-            return Version::parse(value);
-        }
-    }
-    Err("[workspace.package] has no version".into())
+    section
+        .lines()
+        .find_map(|line| {
+            let value = line.trim().strip_prefix(key)?.trim().strip_prefix('=')?;
+            Some(value.trim().trim_matches('"'))
+        })
+        .ok_or_else(|| format!("[workspace.package] has no {key}"))
 }
 
 fn section<'a>(manifest: &'a str, header: &str) -> Option<&'a str> {
