@@ -253,7 +253,7 @@ pub fn stop_group(name: &str, group: u32, mut leader: Option<&mut Child>) {
     }
 }
 
-/// A port free on 127.0.0.1.
+/// A port free on 127.0.0.1, outside the kernel's ephemeral range (see [`free_ports`]).
 pub fn free_port() -> Result<u16, String> {
     Ok(free_ports(1, false)?[0])
 }
@@ -261,28 +261,93 @@ pub fn free_port() -> Result<u16, String> {
 /// `count` distinct ports free on 127.0.0.1 (for cluster nodes, `with_bus`: each with port +
 /// 10000, its cluster bus, free too). All are held until all are found, so that none is picked
 /// twice or is another's bus port.
+///
+/// They lie outside the kernel's ephemeral range (`ip_local_port_range`): a server the tests
+/// restart binds its port again, and while it is down the kernel could hand an ephemeral port
+/// to an outgoing connection, or to a client reconnecting to that very port, which then
+/// connects to itself (TCP's simultaneous open). Either holds the port and the restart fails.
+/// Where the range leaves no room, ports come from the kernel as before.
 pub fn free_ports(count: usize, with_bus: bool) -> Result<Vec<u16>, String> {
+    let bus = if with_bus { CLUSTER_BUS_OFFSET } else { 0 };
+    let ephemeral = ephemeral_range();
+    let outside = |port: u32| !ephemeral.contains(&port) && u16::try_from(port).is_ok();
+    let candidates: Vec<u16> = (FIRST_TEST_PORT..=u32::from(u16::MAX) - bus)
+        .filter(|&port| outside(port) && (bus == 0 || outside(port + bus)))
+        .filter_map(|port| u16::try_from(port).ok())
+        .collect();
     let mut held = Vec::new();
     let mut ports = Vec::new();
-    for _ in 0..100 {
+    let mut draw = Draw::seeded();
+    for _ in 0..1_000 {
         if ports.len() == count {
             return Ok(ports);
         }
-        let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+        let listener = if candidates.len() < 1_000 {
+            TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?
+        } else {
+            match TcpListener::bind(("127.0.0.1", candidates[draw.below(candidates.len())])) {
+                Ok(listener) => listener,
+                Err(_) => continue,
+            }
+        };
         let port = listener.local_addr().map_err(|e| e.to_string())?.port();
+        if ports.contains(&port) {
+            continue;
+        }
         if !with_bus {
             held.push(listener);
             ports.push(port);
             continue;
         }
-        if port < 55_000
-            && let Ok(bus) = TcpListener::bind(("127.0.0.1", port + 10_000))
+        let bus_port = u32::from(port) + bus;
+        if let Ok(bus_port) = u16::try_from(bus_port)
+            && let Ok(bus) = TcpListener::bind(("127.0.0.1", bus_port))
         {
             held.extend([listener, bus]);
             ports.push(port);
         }
     }
     Err("not enough free loopback ports".into())
+}
+
+/// Where test ports start: clear of the well-known and most registered services' ports.
+const FIRST_TEST_PORT: u32 = 10_000;
+/// A Redis Cluster node's bus port is its port plus this.
+const CLUSTER_BUS_OFFSET: u32 = 10_000;
+
+/// The kernel's ephemeral port range (Linux's default when it cannot be read).
+fn ephemeral_range() -> std::ops::RangeInclusive<u32> {
+    let read = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok();
+    let bounds: Option<Vec<u32>> = read.map(|text| {
+        text.split_whitespace()
+            .filter_map(|word| word.parse().ok())
+            .collect()
+    });
+    match bounds.as_deref() {
+        Some(&[low, high]) if low <= high => low..=high,
+        _ => 32_768..=60_999,
+    }
+}
+
+/// A small random sequence (xorshift) seeded by the process and the time, so that test
+/// processes started together draw different ports.
+struct Draw(u64);
+
+impl Draw {
+    fn seeded() -> Self {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |since| since.subsec_nanos());
+        Self((u64::from(std::process::id()) << 32 | u64::from(nanos)) | 1)
+    }
+
+    /// A number below `n` (`n` > 0).
+    fn below(&mut self, n: usize) -> usize {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        usize::try_from(self.0 % u64::try_from(n).unwrap_or(u64::MAX)).unwrap_or(0)
+    }
 }
 
 /// Fails, saying how to install it, unless `program` is on `PATH`.

@@ -90,3 +90,30 @@ fn a_missing_program_is_an_error_that_says_how_to_install_it() {
     );
     assert!(tierstack_test_support::process::require("sh", "").is_ok());
 }
+
+#[test]
+fn test_ports_are_free_distinct_and_outside_the_ephemeral_range() {
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .unwrap_or_else(|e| panic!("cannot read the ephemeral port range: {e}"));
+    let bounds: Vec<u16> = range
+        .split_whitespace()
+        .map(|word| word.parse().unwrap())
+        .collect();
+    let ephemeral = bounds[0]..=bounds[1];
+    for with_bus in [false, true] {
+        let ports = tierstack_test_support::process::free_ports(6, with_bus).unwrap();
+        let mut distinct = ports.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        assert_eq!(distinct.len(), 6, "{ports:?}");
+        for port in ports {
+            assert!(!ephemeral.contains(&port), "{port} is ephemeral");
+            assert!(std::net::TcpListener::bind(("127.0.0.1", port)).is_ok());
+            if with_bus {
+                let bus = port + 10_000;
+                assert!(!ephemeral.contains(&bus), "bus {bus} is ephemeral");
+                assert!(std::net::TcpListener::bind(("127.0.0.1", bus)).is_ok());
+            }
+        }
+    }
+}
