@@ -179,9 +179,9 @@ async fn instances_racing_through_a_stalled_cluster_node_agree_with_redis() {
 
 /// The same with circuit breakers, fail-safe and write recovery on. Before a take-back left a
 /// tombstone, about one run in fifteen failed: late writes landed over a write answered first,
-/// and replays of older kept writes compared themselves with them (see "Late writes and
-/// replays" in `docs/backends/redis.md`). Since, one run in about a hundred still has (a cause
-/// not yet found: see there).
+/// and replays of older kept writes compared themselves with them; then about one in 135, until
+/// a late delete's tombstone was taken back too (see "Late writes and replays" in
+/// `docs/backends/redis.md`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resilient_instances_racing_through_a_stalled_cluster_node_agree_with_redis() {
     race_through_a_cluster(Policies::Resilient).await;

@@ -283,9 +283,9 @@ pub async fn settle(
 
 /// Whether the L2 (read by `l2`, as in [`settle`]) holds, within a few seconds, for every key
 /// whose last write or delete succeeded, the database's value or nothing: no write that timed
-/// out landed later over it for good (a taken-back one lingers a second). With write recovery,
-/// a failed write kept for a replay counts as a success (the caller was told so): its replay
-/// must not land over a later write either.
+/// out landed later over it for good (on Redis a late one reads as deleted once its take-back
+/// lands). With write recovery, a failed write kept for a replay counts as a success (the
+/// caller was told so): its replay must not land over a later write either.
 pub async fn l2_keeps_no_value_a_successful_write_replaced(
     (l2_name, l2): (&str, &TieredCache<String>),
     origin: &Origin,
@@ -314,7 +314,7 @@ pub async fn l2_keeps_no_value_a_successful_write_replaced(
                  {current:?}",
                 key(i)
             );
-            // poll loop: a taken-back write expires a second after its take-back.
+            // poll loop: a late Redis write stands until its take-back lands.
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
