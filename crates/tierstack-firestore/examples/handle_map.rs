@@ -89,13 +89,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         gemini.created.load(Ordering::SeqCst)
     );
 
-    println!("2. the server restarts: a new instance finds the mapping in Firestore");
+    println!(
+        "2. the server restarts: a request looks the mapping up in Firestore, creating nothing"
+    );
     drop((a, b));
     let restarted = instance().await?;
-    println!(
-        "   after restart: {}",
-        restarted.get_or_create("account123_user456").await?
-    );
+    let found = restarted.get("account123_user456").await?;
+    println!("   after restart: {}", found.as_deref().unwrap_or("(none)"));
     println!(
         "   resources created: {}",
         gemini.created.load(Ordering::SeqCst)

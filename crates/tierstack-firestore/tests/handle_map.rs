@@ -1,6 +1,6 @@
 //! Seed 000 on Firestore: a persistent map from a user key to an expensive remote resource,
-//! created at most once when instances start together, surviving restarts, validated against
-//! the remote, and cleaned up through the sweep when it expires.
+//! created at most once when instances start together, surviving restarts, looked up without
+//! creating, validated against the remote, and cleaned up through the sweep when it expires.
 #![allow(clippy::unwrap_used)]
 
 use std::collections::HashSet;
@@ -91,8 +91,17 @@ async fn handles_are_created_once_survive_restarts_and_are_cleaned_up() {
     );
     assert_eq!(gemini.created.load(Ordering::SeqCst), 1);
 
-    // Validated against the remote: a resource deleted there is recreated.
+    // A lookup on the request path finds it, creating nothing.
+    assert_eq!(
+        restarted.get("account123_user456").await.unwrap(),
+        Some(handle.clone())
+    );
+
+    // Validated against the remote: a resource deleted there is no longer looked up, and is
+    // recreated.
     gemini.delete(&handle).await.unwrap();
+    assert_eq!(restarted.get("account123_user456").await.unwrap(), None);
+    assert_eq!(gemini.created.load(Ordering::SeqCst), 1);
     let replacement = restarted.get_or_create("account123_user456").await.unwrap();
     assert_ne!(replacement, handle);
     assert_eq!(gemini.created.load(Ordering::SeqCst), 2);

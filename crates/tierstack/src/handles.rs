@@ -82,7 +82,10 @@ impl Entry {
 ///   it created and takes its successor's handle: exactly one resource per key survives.
 /// - **Validated**: a stored handle whose resource no longer exists is replaced.
 /// - **Cleaned up**: [`HandleMap::release`] deletes the remote resource of an expired entry,
-///   from a store's sweep callback (Firestore's `sweep_expired_with`).
+///   from a store's sweep callback (Firestore's `sweep_expired_with`). Give resources a time to
+///   live of their own, no longer than the map's (Gemini's cached contents take one): nothing
+///   releases an entry that expires on Redis (the server drops it), nor one that Firestore's
+///   `set_if_absent` replaces, expired, before a sweep reached it.
 ///
 /// Entries are the cache's envelope around a claim or a handle; raw handles written by earlier
 /// versions still read.
@@ -135,6 +138,35 @@ impl<R: Remote> HandleMap<R> {
                 return Ok(handle);
             }
         }
+    }
+
+    /// The handle of `key` if one is stored and its resource still exists; `None` otherwise,
+    /// creating nothing (a request path that would rather go without the resource than wait
+    /// for its creation, while [`get_or_create`](Self::get_or_create) runs elsewhere). A
+    /// handle whose resource is gone is forgotten, as `get_or_create` would; a key being
+    /// created by another instance reads as `None`.
+    ///
+    /// # Errors
+    ///
+    /// The store's errors; the remote's, as [`CacheError::Loader`].
+    pub async fn get(&self, key: &str) -> Result<Option<String>> {
+        let Some(stored) = self.store.get(key).await? else {
+            return Ok(None);
+        };
+        let Some(Entry::Handle(handle)) = Entry::decode(&stored) else {
+            return Ok(None);
+        };
+        if self
+            .remote
+            .exists(&handle)
+            .await
+            .map_err(CacheError::Loader)?
+        {
+            return Ok(Some(handle));
+        }
+        // Only this entry: a handle stored since (a new creation) stays.
+        self.store.compare_and_set(key, &stored, None).await?;
+        Ok(None)
     }
 
     async fn step(&self, key: &str, deadline: Instant) -> Result<Step> {
@@ -387,6 +419,38 @@ mod tests {
             map(&store, &remote).get_or_create("k").await.unwrap(),
             successor
         );
+    }
+
+    /// A lookup creates nothing: `None` before any creation and while another instance holds
+    /// the claim, the handle once stored, and `None` again (the entry forgotten) once the
+    /// resource is gone.
+    #[tokio::test]
+    async fn a_lookup_creates_nothing_and_forgets_a_lost_resource() {
+        let store = Arc::new(MemoryStore::new());
+        let remote = Arc::new(FakeRemote::default());
+        let map = map(&store, &remote);
+        assert_eq!(map.get("k").await.unwrap(), None);
+        assert_eq!(
+            *remote.created.lock().unwrap(),
+            0,
+            "a lookup creates nothing"
+        );
+        let claim = Entry::Claimed { token: 7 }
+            .encode(Duration::from_secs(5))
+            .unwrap();
+        store.set("k", claim, Duration::from_secs(5)).await.unwrap();
+        assert_eq!(map.get("k").await.unwrap(), None, "being created elsewhere");
+        store.delete("k").await.unwrap();
+        let handle = map.get_or_create("k").await.unwrap();
+        assert_eq!(map.get("k").await.unwrap(), Some(handle.clone()));
+        remote.delete(&handle).await.unwrap();
+        assert_eq!(map.get("k").await.unwrap(), None);
+        assert_eq!(
+            store.get("k").await.unwrap(),
+            None,
+            "the lost handle is forgotten"
+        );
+        assert_eq!(*remote.created.lock().unwrap(), 1);
     }
 
     /// Handles written by earlier versions (raw bytes) still read, and a sweep releases them.
