@@ -33,6 +33,9 @@
 //!   ([`EntryOptions::with_l2_errors_returned`]).
 //! - **delete** (a logout, an id cycled at login against session fixation) removes the record
 //!   from both tiers, and the backplane makes every other instance drop its copy.
+//! - **Log out everywhere**: with [`TieredSessionStore::with_user_field`] each session carries
+//!   its user as a tag, and [`TieredSessionStore::end_user_sessions`] ends all of a user's
+//!   sessions with one tag invalidation, on every instance, scanning nothing.
 //! - **Without a backplane** (an L2 such as Firestore, which has none), another instance's L1
 //!   would keep a logged-out session: the store then reads and writes sessions in L2 only and
 //!   leaves L1 out ([`TieredCache::l1_kept_coherent`]). Every load is then an L2 read.
@@ -62,9 +65,17 @@ const CREATE_ATTEMPTS: usize = 8;
 
 /// A builder for the cache a [`TieredSessionStore`] keeps sessions in: a `TieredCache` of
 /// session records, encoded as JSON, under `namespace`.
+///
+/// Tags' records are kept for a year, so that sessions tagged by user
+/// ([`TieredSessionStore::with_user_field`]) may live that long.
 pub fn cache_builder(namespace: &str) -> TieredCacheBuilder<Record, JsonCodec> {
-    TieredCache::<Record>::builder(namespace).codec(JsonCodec)
+    TieredCache::<Record>::builder(namespace)
+        .codec(JsonCodec)
+        .tag_record_ttl(TAG_RECORD_TTL)
 }
+
+/// How long [`cache_builder`]'s tag records live: the longest a session tagged by user may.
+const TAG_RECORD_TTL: Duration = Duration::from_hours(24 * 366);
 
 /// A [`SessionStore`] on a [`TieredCache`]; see the [crate docs](crate). Cloning is cheap.
 #[derive(Debug, Clone)]
@@ -72,6 +83,13 @@ pub struct TieredSessionStore {
     cache: TieredCache<Record, JsonCodec>,
     /// Whether sessions may be kept in L1: only where other instances' logouts reach it.
     use_l1: bool,
+    /// The field of a session's data that names its user, if sessions are tagged by user.
+    user_field: Option<String>,
+}
+
+/// The tag of `user`'s sessions.
+fn user_tag(user: &str) -> String {
+    format!("user:{user}")
 }
 
 impl TieredSessionStore {
@@ -86,7 +104,51 @@ impl TieredSessionStore {
                  of other instances' logouts"
             );
         }
-        Self { cache, use_l1 }
+        Self {
+            cache,
+            use_l1,
+            user_field: None,
+        }
+    }
+
+    /// Tags every session with its user, read from the field `field` of its data (a string or
+    /// a number, as the app stored it at login: `session.insert("user_id", id)`), so that
+    /// [`end_user_sessions`](Self::end_user_sessions) ends them all at once, on every instance.
+    /// A session without the field (not signed in yet) carries no tag. A tagged session may live
+    /// at most the cache's `tag_record_ttl` ([`cache_builder`] sets a year), and a user id
+    /// whose tag is not allowed (over 123 bytes, or with control characters) fails its write.
+    #[must_use]
+    pub fn with_user_field(mut self, field: impl Into<String>) -> Self {
+        self.user_field = Some(field.into());
+        self
+    }
+
+    /// Ends every session of `user` on every instance (log out everywhere): each reads as
+    /// missing from then on, without scanning anything, and a request of one of them that
+    /// saves afterwards brings nothing back. Sessions created afterwards are not touched. Needs
+    /// [`with_user_field`](Self::with_user_field) on the stores that write the sessions. With a
+    /// backplane the other instances see it at once; without one (an L2 such as Firestore),
+    /// within 30 seconds (how long an instance trusts what it read of a tag).
+    ///
+    /// # Errors
+    ///
+    /// [`CacheError::InvalidTag`] for a user id whose tag is not allowed (empty, over 123 bytes,
+    /// or with control characters); the L2's error if the tag could not be invalidated (then
+    /// nothing changed).
+    pub async fn end_user_sessions(&self, user: &str) -> Result<(), CacheError> {
+        self.cache.invalidate_tag(&user_tag(user)).await
+    }
+
+    /// The tags of `record`: its user's, if sessions are tagged by user and it names one.
+    fn tags(&self, record: &Record) -> Vec<String> {
+        let Some(field) = &self.user_field else {
+            return Vec::new();
+        };
+        match record.data.get(field) {
+            Some(serde_json::Value::String(user)) => vec![user_tag(user)],
+            Some(serde_json::Value::Number(user)) => vec![user_tag(&user.to_string())],
+            _ => Vec::new(),
+        }
     }
 
     /// The options of a session's reads and writes: living `ttl`, and past L1 when other
@@ -139,7 +201,7 @@ impl SessionStore for TieredSessionStore {
             let key = record.id.to_string();
             let created = self
                 .cache
-                .set_if_absent(&key, record.clone(), &options)
+                .set_if_absent_with_tags(&key, record.clone(), &self.tags(record), &options)
                 .await
                 .map_err(|e| backend(&e))?;
             if created {
@@ -160,7 +222,7 @@ impl SessionStore for TieredSessionStore {
         };
         let saved = self
             .cache
-            .set_if_present(&key, record.clone(), &self.options(ttl))
+            .set_if_present_with_tags(&key, record.clone(), &self.tags(record), &self.options(ttl))
             .await
             .map_err(|e| backend(&e))?;
         if !saved {

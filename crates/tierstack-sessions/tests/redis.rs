@@ -87,6 +87,85 @@ async fn a_save_beside_a_logout_keeps_the_session_ended_with_or_without_a_backpl
     }
 }
 
+/// A session of `user` (`None`: not signed in yet).
+fn session_of(user: Option<&str>) -> Record {
+    let mut session = record();
+    session.data.clear();
+    if let Some(user) = user {
+        session
+            .data
+            .insert("user".to_owned(), serde_json::json!(user));
+    }
+    session
+}
+
+async fn eventually(mut check: impl AsyncFnMut() -> bool) {
+    let deadline = std::time::Instant::now() + StdDuration::from_secs(5);
+    while !check().await {
+        assert!(std::time::Instant::now() < deadline, "not within 5 s");
+        // poll loop: the backplane delivers in its own time.
+        tokio::time::sleep(StdDuration::from_millis(10)).await;
+    }
+}
+
+/// Log out everywhere: every session of one user, created on either instance, reads as ended
+/// on both (with a backplane, within its delivery; on the instance that ended them and on one
+/// that starts afterwards, at once either way). Other users' and anonymous sessions stay; a
+/// request that loaded one of the ended sessions and saves afterwards brings nothing back; a
+/// session created afterwards is current.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ending_a_users_sessions_ends_each_of_them_on_every_instance() {
+    let server = server();
+    for backplane in [true, false] {
+        let tagged = async || {
+            instance(&server.url(), backplane)
+                .await
+                .with_user_field("user")
+        };
+        let (a, b) = (tagged().await, tagged().await);
+        let (mut ada_a, mut ada_b) = (session_of(Some("ada")), session_of(Some("ada")));
+        let (mut grace, mut anonymous) = (session_of(Some("grace")), session_of(None));
+        a.create(&mut ada_a).await.unwrap();
+        b.create(&mut ada_b).await.unwrap();
+        a.create(&mut grace).await.unwrap();
+        b.create(&mut anonymous).await.unwrap();
+        let mut loaded = b.load(&ada_a.id).await.unwrap().unwrap();
+
+        b.end_user_sessions("ada").await.unwrap();
+        let fresh = tagged().await;
+        for store in [&b, &fresh] {
+            assert_eq!(store.load(&ada_a.id).await.unwrap(), None);
+            assert_eq!(store.load(&ada_b.id).await.unwrap(), None);
+        }
+        if backplane {
+            eventually(async || {
+                a.load(&ada_a.id).await.unwrap().is_none()
+                    && a.load(&ada_b.id).await.unwrap().is_none()
+            })
+            .await;
+        }
+        for store in [&a, &b, &fresh] {
+            assert_eq!(store.load(&grace.id).await.unwrap(), Some(grace.clone()));
+            assert_eq!(
+                store.load(&anonymous.id).await.unwrap(),
+                Some(anonymous.clone())
+            );
+        }
+        // The request that loaded ada's session before the logout saves after it.
+        loaded.data.insert("visits".into(), serde_json::json!(2));
+        b.save(&loaded).await.unwrap();
+        assert_eq!(
+            tagged().await.load(&ada_a.id).await.unwrap(),
+            None,
+            "backplane {backplane}: the save brought the session back"
+        );
+        // Signed in again: current everywhere.
+        let mut again = session_of(Some("ada"));
+        a.create(&mut again).await.unwrap();
+        eventually(async || b.load(&again.id).await.unwrap() == Some(again.clone())).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_server_is_an_error_not_a_signed_out_user() {
     let mut server = server();

@@ -200,6 +200,114 @@ async fn expire_keeps_a_fallback_only_for_fail_safe_entries_and_remove_keeps_non
     }
 }
 
+/// Conditional writes carry tags too: a session created and saved tagged with its user is
+/// ended on every instance by one invalidation of the tag, and a save that runs after it
+/// (a request that began before the logout) brings nothing back. A session created after the
+/// invalidation is current.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conditional_writes_carry_tags_and_an_invalidated_tag_ends_them_everywhere() {
+    let caches = instances(2, Some(&Arc::new(MemoryStore::new())));
+    let (a, b) = (&caches[0], &caches[1]);
+    let options = a.default_options();
+    let tags = ["user:7"];
+    assert!(
+        a.set_if_absent_with_tags("s1", "v1".into(), &tags, &options)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !b.set_if_absent_with_tags("s1", "other".into(), &tags, &options)
+            .await
+            .unwrap(),
+        "a value is there"
+    );
+    assert!(
+        b.set_if_present_with_tags("s1", "v2".into(), &tags, &options)
+            .await
+            .unwrap()
+    );
+    a.set_if_absent_with_tags("s2", "w1".into(), &["user:8"], &options)
+        .await
+        .unwrap();
+    for cache in [a, b] {
+        eventually(async || cache.get("s1").await.unwrap() == Some("v2".into())).await;
+    }
+    a.invalidate_tag("user:7").await.unwrap();
+    assert_eq!(a.get("s1").await.unwrap(), None);
+    eventually(async || b.get("s1").await.unwrap().is_none()).await;
+    assert!(
+        !b.set_if_present_with_tags("s1", "v3".into(), &tags, &options)
+            .await
+            .unwrap(),
+        "an entry of an invalidated tag holds no value"
+    );
+    for cache in [a, b] {
+        assert_eq!(cache.get("s1").await.unwrap(), None, "not brought back");
+        assert_eq!(
+            cache.get("s2").await.unwrap(),
+            Some("w1".into()),
+            "another tag"
+        );
+    }
+    assert!(
+        b.set_if_absent_with_tags("s1", "new".into(), &tags, &options)
+            .await
+            .unwrap()
+    );
+    for cache in [a, b] {
+        eventually(async || cache.get("s1").await.unwrap() == Some("new".into())).await;
+    }
+    let bad = a
+        .set_if_absent_with_tags("s3", "v".into(), &[""], &options)
+        .await;
+    assert!(matches!(bad, Err(CacheError::InvalidTag { .. })), "{bad:?}");
+    assert_eq!(a.get("s3").await.unwrap(), None, "nothing written");
+}
+
+/// Without a backplane, an instance learns of another's invalidation only when it reads the
+/// tag's record again (a recheck later). A write must not stamp what it remembers: an entry
+/// stamped with the version before the invalidation reads as removed on every instance that
+/// knows the current one (a session created right after its user was logged out everywhere
+/// would be ended at once elsewhere).
+#[tokio::test]
+async fn without_a_backplane_a_write_stamps_the_current_version() {
+    let l2 = Arc::new(MemoryStore::new());
+    let instance = || {
+        TieredCache::<String>::builder("svc")
+            .l2(l2.clone())
+            .build()
+            .unwrap()
+    };
+    let (a, b) = (instance(), instance());
+    let options = a.default_options();
+    a.set_with_tags("order:1", "o1".into(), &["user:7"], &options)
+        .await
+        .unwrap();
+    b.invalidate_tag("user:7").await.unwrap();
+    assert_eq!(b.get("order:1").await.unwrap(), None);
+    // `a` still remembers the record it read before the invalidation.
+    a.set_with_tags("order:2", "o2".into(), &["user:7"], &options)
+        .await
+        .unwrap();
+    assert!(
+        a.set_if_absent_with_tags("order:3", "o3".into(), &["user:7"], &options)
+            .await
+            .unwrap()
+    );
+    for (name, cache) in [("a", &a), ("b", &b), ("a third", &instance())] {
+        assert_eq!(
+            cache.get("order:2").await.unwrap(),
+            Some("o2".into()),
+            "{name}"
+        );
+        assert_eq!(
+            cache.get("order:3").await.unwrap(),
+            Some("o3".into()),
+            "{name}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn bad_tags_are_refused_clearly_and_nothing_is_written() {
     let cache = Fixture::new().cache();

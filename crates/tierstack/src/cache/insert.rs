@@ -63,19 +63,26 @@ where
 {
     /// Writes `value` under `key` (or removes the key, for `None`) if the key meets
     /// `condition`; `true` if it did.
+    /// A written value carries `tags`, stamped with their current versions.
     pub(super) async fn set_if(
         self: &Arc<Self>,
         condition: Condition<'_, V>,
         key: &str,
         value: Option<V>,
         options: &EntryOptions,
+        tags: &[Arc<str>],
     ) -> Result<bool> {
         let operation = condition.operation();
         self.check_key(key)?;
         validate_ttl(options.ttl())?;
         options.validate()?;
-        let life = Self::life(options, options.ttl());
+        let mut life = Self::life(options, options.ttl());
         let deadline = self.deadline();
+        if !tags.is_empty() {
+            // Before the key's lock: the versions may take an L2 read.
+            self.check_tagged_life(&life)?;
+            life.tags = self.stamp_tags(tags, deadline).await?;
+        }
         // The key's lock orders this against the other conditional writes of the key from this
         // instance.
         let _lock = tokio::time::timeout_at(deadline, self.freshness.lock_key(key))

@@ -573,7 +573,7 @@ where
     /// new one until it hears again.
     pub async fn set_if_absent(&self, key: &str, value: V, options: &EntryOptions) -> Result<bool> {
         self.inner
-            .set_if(insert::Condition::Absent, key, Some(value), options)
+            .set_if(insert::Condition::Absent, key, Some(value), options, &[])
             .await
     }
 
@@ -610,7 +610,61 @@ where
         options: &EntryOptions,
     ) -> Result<bool> {
         self.inner
-            .set_if(insert::Condition::Present, key, Some(value), options)
+            .set_if(insert::Condition::Present, key, Some(value), options, &[])
+            .await
+    }
+
+    /// [`set_if_absent`](Self::set_if_absent), the value carrying `tags` as
+    /// [`set_with_tags`](Self::set_with_tags) writes them: a new session tagged with its user,
+    /// so that one [`invalidate_tag`](Self::invalidate_tag) ends every session of the user.
+    ///
+    /// # Errors
+    ///
+    /// As [`set_if_absent`](Self::set_if_absent) and [`set_with_tags`](Self::set_with_tags).
+    pub async fn set_if_absent_with_tags<T: AsRef<str>>(
+        &self,
+        key: &str,
+        value: V,
+        tags: &[T],
+        options: &EntryOptions,
+    ) -> Result<bool> {
+        let tags = validate_tags(tags)?;
+        self.inner
+            .set_if(insert::Condition::Absent, key, Some(value), options, &tags)
+            .await
+    }
+
+    /// [`set_if_present`](Self::set_if_present), the value carrying `tags` as
+    /// [`set_with_tags`](Self::set_with_tags) writes them. An entry of an invalidated tag holds
+    /// no value: once the tag is invalidated, the write answers `false` and keeps nothing.
+    ///
+    /// ```
+    /// # async fn run() -> tierstack::Result<()> {
+    /// let cache = tierstack::TieredCache::<String>::builder("sessions").build()?;
+    /// let options = cache.default_options();
+    /// cache.set_if_absent_with_tags("s1", "cart".into(), &["user:7"], &options).await?;
+    /// assert!(cache.set_if_present_with_tags("s1", "cart+1".into(), &["user:7"], &options).await?);
+    /// cache.invalidate_tag("user:7").await?; // log user 7 out everywhere
+    /// assert!(!cache.set_if_present_with_tags("s1", "cart+2".into(), &["user:7"], &options).await?);
+    /// assert_eq!(cache.get("s1").await?, None);
+    /// # Ok(())
+    /// # }
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(run()).unwrap();
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// As [`set_if_present`](Self::set_if_present) and [`set_with_tags`](Self::set_with_tags).
+    pub async fn set_if_present_with_tags<T: AsRef<str>>(
+        &self,
+        key: &str,
+        value: V,
+        tags: &[T],
+        options: &EntryOptions,
+    ) -> Result<bool> {
+        let tags = validate_tags(tags)?;
+        self.inner
+            .set_if(insert::Condition::Present, key, Some(value), options, &tags)
             .await
     }
 
@@ -654,7 +708,7 @@ where
     {
         let expected = |held: &V| held == current;
         self.inner
-            .set_if(insert::Condition::Holds(&expected), key, new, options)
+            .set_if(insert::Condition::Holds(&expected), key, new, options, &[])
             .await
     }
 

@@ -17,18 +17,25 @@ use crate::stats::L2Op;
 use crate::tags::record_key;
 
 impl<V, C> Inner<V, C> {
-    /// The records of `tags` (`None`: no record), from what this instance knows, else read
-    /// from the L2 in one call. A record read with less than half its TTL left is given a
-    /// whole one again (it is in use), so that records of live tags do not lapse.
+    /// The records of `tags` (`None`: no record), from what this instance knows (unless
+    /// `read_anew`, with an L2), else read from the L2 in one call. A record read with less
+    /// than half its TTL left is given a whole one again (it is in use), so that records of
+    /// live tags do not lapse.
     async fn tag_records(
         &self,
         tags: &[&str],
         deadline: Instant,
+        read_anew: bool,
     ) -> Result<Vec<Option<TagRecord>>> {
+        let read_anew = read_anew && self.l2.is_some();
         let mut records = Vec::with_capacity(tags.len());
         let mut unknown = Vec::new();
         for (index, tag) in tags.iter().enumerate() {
-            let known = self.tags.known(tag);
+            let known = if read_anew {
+                None
+            } else {
+                self.tags.known(tag)
+            };
             if known.is_none() {
                 unknown.push(index);
             }
@@ -138,7 +145,12 @@ impl<V, C> Inner<V, C> {
             return Ok(None);
         }
         let names: Vec<&str> = tags.iter().map(|tag| &**tag).collect();
-        let records = self.tag_records(&names, deadline).await?;
+        // Without a backplane no message tells this instance that a tag changed: what it knows
+        // may be a recheck old, and an entry stamped with an older version reads as removed on
+        // every instance that knows better (a session created just after its user was logged
+        // out everywhere would be ended at once elsewhere). A write reads the versions anew.
+        let read_anew = self.backplane.is_none();
+        let records = self.tag_records(&names, deadline, read_anew).await?;
         let mut stamps = Vec::with_capacity(tags.len());
         for (tag, known) in tags.iter().zip(records) {
             let record = self.record_for_stamp(tag, known, deadline).await?;
@@ -157,7 +169,7 @@ impl<V, C> Inner<V, C> {
             return Ok(verdict);
         }
         let names: Vec<&str> = stamps.iter().map(|(tag, _)| &**tag).collect();
-        let records = self.tag_records(&names, deadline).await?;
+        let records = self.tag_records(&names, deadline, false).await?;
         Ok(stamps
             .iter()
             .zip(&records)
