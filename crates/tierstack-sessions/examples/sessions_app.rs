@@ -1,6 +1,7 @@
 //! A small axum app with server-side sessions in a tierstack cache: `POST /login?user=NAME`
 //! starts a signed-in session (with a new id, against session fixation), `GET /counter`
-//! counts the session's visits, `POST /logout` ends it on every instance.
+//! counts the session's visits, `POST /logout` ends it on every instance, and
+//! `POST /logout-everywhere` ends every session of its user (each browser they signed in from).
 //!
 //! Run on the embedded default, or with the sessions in Redis or Firestore (then start two
 //! instances on two ports: a session started on one is served by the other, and a logout on
@@ -15,7 +16,7 @@
 use std::collections::HashMap;
 
 use axum::Router;
-use axum::extract::Query;
+use axum::extract::{Query, State};
 use axum::routing::{get, post};
 use tierstack::StoreConfig;
 use tierstack_sessions::{TieredSessionStore, cache_builder};
@@ -23,14 +24,19 @@ use tower_sessions::{Expiry, Session, SessionManagerLayer};
 
 /// The app's routes over `store`; sessions end after `idle` without a request.
 pub(crate) fn router(store: TieredSessionStore, idle: time::Duration) -> Router {
-    let sessions = SessionManagerLayer::new(store)
+    // Each session is tagged with the user `login` stores, so that all of a user's sessions
+    // can be ended at once.
+    let store = store.with_user_field("user");
+    let sessions = SessionManagerLayer::new(store.clone())
         .with_secure(false)
         .with_expiry(Expiry::OnInactivity(idle));
     Router::new()
         .route("/login", post(login))
         .route("/counter", get(counter))
         .route("/logout", post(logout))
+        .route("/logout-everywhere", post(logout_everywhere))
         .layer(sessions)
+        .with_state(store)
 }
 
 async fn login(session: Session, Query(query): Query<HashMap<String, String>>) -> String {
@@ -58,6 +64,17 @@ async fn logout(session: Session) -> &'static str {
     match session.flush().await {
         Ok(()) => "signed out",
         Err(_) => "the session store failed",
+    }
+}
+
+/// Ends every session of the signed-in user, on every instance (a password change would).
+async fn logout_everywhere(State(store): State<TieredSessionStore>, session: Session) -> String {
+    let Some(user) = session.get::<String>("user").await.ok().flatten() else {
+        return "not signed in".into();
+    };
+    match store.end_user_sessions(&user).await {
+        Ok(()) => format!("signed {user} out everywhere"),
+        Err(_) => "the session store failed".into(),
     }
 }
 

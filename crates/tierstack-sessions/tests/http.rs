@@ -136,6 +136,52 @@ async fn a_logged_out_cookie_replayed_on_another_instance_is_refused() {
     }
 }
 
+/// A user signed in from two browsers, on two instances, ends both sessions from one of them:
+/// the other browser is signed out on either instance, another user's session stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logging_out_everywhere_ends_a_users_sessions_in_every_browser() {
+    let prefix = prefix("everywhere");
+    let hour = time::Duration::hours(1);
+    let (a, b) = (instance(&prefix, hour).await, instance(&prefix, hour).await);
+    let (laptop, phone, other) = (browser(), browser(), browser());
+    for (browser, base, user) in [
+        (&laptop, &a, "ada"),
+        (&phone, &b, "ada"),
+        (&other, &b, "grace"),
+    ] {
+        assert_eq!(
+            text(browser.post(format!("{base}/login?user={user}"))).await,
+            format!("signed in as {user}")
+        );
+    }
+    // Each instance reads (and keeps in L1) the sessions the other started.
+    assert_eq!(text(phone.get(format!("{a}/counter"))).await, "ada: 1");
+    assert_eq!(text(laptop.get(format!("{b}/counter"))).await, "ada: 1");
+    assert_eq!(
+        text(laptop.post(format!("{a}/logout-everywhere"))).await,
+        "signed ada out everywhere"
+    );
+    // At once on `a`, which ended them; on `b`, which started the phone's session and keeps it
+    // in L1, within the backplane's delivery time.
+    assert_eq!(
+        text(laptop.get(format!("{a}/counter"))).await,
+        "anonymous: 1"
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    loop {
+        let answer = text(phone.get(format!("{b}/counter"))).await;
+        if answer == "anonymous: 1" {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "b still serves the phone's session: {answer}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await; // poll loop
+    }
+    assert_eq!(text(other.get(format!("{a}/counter"))).await, "grace: 1");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_session_expires() {
     let prefix = prefix("expiry");
