@@ -15,6 +15,11 @@
 //! | `CACHE_MEMORY_MAX_BYTES` | the `memory` backend's budget, at least 1 | 268435456 (256 MiB) |
 //! | `REDIS_URL` | `redis://[user[:password]@]host[:port][/db]` (`rediss://` with TLS) | required for `redis` without a cluster |
 //! | `REDIS_CLUSTER_URLS` | comma-separated node URLs: a Redis Cluster | |
+//! | `REDIS_HOST` | instead of `REDIS_URL`: the server's host name or address | |
+//! | `REDIS_PORT` | with `REDIS_HOST`: its port | 6379 |
+//! | `REDIS_DB` | with `REDIS_HOST`: the database number | 0 |
+//! | `REDIS_USERNAME` | with `REDIS_HOST`: an ACL user (needs `REDIS_PASSWORD`) | `default` |
+//! | `REDIS_PASSWORD` | with `REDIS_HOST`: the password (never logged) | none |
 //! | `REDIS_KEY_PREFIX` | prefix of every Redis key | empty |
 //! | `REDIS_RESPONSE_TIMEOUT_MS` | per-request timeout, from 1 to 3600000 | 500 |
 //! | `FIRESTORE_PROJECT_ID` | Google Cloud project | required for `firestore` |
@@ -178,8 +183,15 @@ impl StoreConfig {
 #[cfg(feature = "redis")]
 fn redis_from_vars(var: &impl Fn(&str) -> Option<String>) -> Result<StoreConfig> {
     use tierstack_redis::RedisConfig;
-    let mut config = match (var("REDIS_CLUSTER_URLS"), var("REDIS_URL")) {
-        (Some(urls), _) => {
+    let host = var("REDIS_HOST");
+    let mut config = match (var("REDIS_CLUSTER_URLS"), var("REDIS_URL"), host) {
+        (Some(_), _, Some(_)) | (_, Some(_), Some(_)) => {
+            return Err(CacheError::Configuration(
+                "set REDIS_HOST (with REDIS_PORT, REDIS_DB, REDIS_PASSWORD) or a URL                  (REDIS_URL, REDIS_CLUSTER_URLS), not both"
+                    .into(),
+            ));
+        }
+        (Some(urls), _, None) => {
             let urls: Vec<&str> = urls
                 .split(',')
                 .map(str::trim)
@@ -187,10 +199,11 @@ fn redis_from_vars(var: &impl Fn(&str) -> Option<String>) -> Result<StoreConfig>
                 .collect();
             RedisConfig::cluster(&urls)?
         }
-        (None, Some(url)) => RedisConfig::from_url(&url)?,
-        (None, None) => {
+        (None, Some(url), None) => RedisConfig::from_url(&url)?,
+        (None, None, Some(host)) => redis_from_parts(var, host.trim())?,
+        (None, None, None) => {
             return Err(CacheError::Configuration(
-                "CACHE_BACKEND=redis needs REDIS_URL or REDIS_CLUSTER_URLS".into(),
+                "CACHE_BACKEND=redis needs REDIS_URL, REDIS_HOST or REDIS_CLUSTER_URLS".into(),
             ));
         }
     };
@@ -209,6 +222,51 @@ fn redis_from_vars(var: &impl Fn(&str) -> Option<String>) -> Result<StoreConfig>
         })?;
     }
     Ok(StoreConfig::Redis(config))
+}
+
+/// One server from `REDIS_HOST` and its companions (`REDIS_PORT`, `REDIS_DB`,
+/// `REDIS_USERNAME`, `REDIS_PASSWORD`), as services that predate URLs configure it.
+#[cfg(feature = "redis")]
+fn redis_from_parts(
+    var: &impl Fn(&str) -> Option<String>,
+    host: &str,
+) -> Result<tierstack_redis::RedisConfig> {
+    fn number<T: std::str::FromStr>(
+        var: &impl Fn(&str) -> Option<String>,
+        name: &str,
+        default: T,
+        what: &str,
+    ) -> Result<T> {
+        match var(name) {
+            None => Ok(default),
+            Some(text) => text.trim().parse().map_err(|_| {
+                CacheError::Configuration(format!("{name} must be {what}, not {text:?}"))
+            }),
+        }
+    }
+    if host.is_empty() {
+        return Err(CacheError::Configuration("REDIS_HOST is empty".into()));
+    }
+    let port: u16 = number(var, "REDIS_PORT", 6379, "a port number from 1 to 65535")?;
+    if port == 0 {
+        return Err(CacheError::Configuration(
+            "REDIS_PORT must be a port number from 1 to 65535, not \"0\"".into(),
+        ));
+    }
+    let db: i64 = number(var, "REDIS_DB", 0, "a database number from 0")?;
+    if db < 0 {
+        return Err(CacheError::Configuration(format!(
+            "REDIS_DB must be a database number from 0, not \"{db}\""
+        )));
+    }
+    let config = tierstack_redis::RedisConfig::from_parts(host, port, db)?;
+    match (var("REDIS_USERNAME"), var("REDIS_PASSWORD")) {
+        (username, Some(password)) => Ok(config.credentials(username.as_deref(), &password)),
+        (Some(_), None) => Err(CacheError::Configuration(
+            "REDIS_USERNAME needs REDIS_PASSWORD".into(),
+        )),
+        (None, None) => Ok(config),
+    }
 }
 
 #[cfg(not(feature = "redis"))]
@@ -320,6 +378,51 @@ mod tests {
         ]))
         .unwrap();
         assert!(format!("{cluster:?}").contains("cluster: true"));
+    }
+
+    /// The variables of services that configure Redis by its parts (`REDIS_HOST`, ...).
+    #[cfg(feature = "redis")]
+    #[test]
+    fn redis_by_host_port_db_and_password_keeps_the_password_hidden() {
+        let config = StoreConfig::from_vars(vars(&[
+            ("CACHE_BACKEND", "redis"),
+            ("REDIS_HOST", "10.0.0.3"),
+            ("REDIS_PORT", "6380"),
+            ("REDIS_DB", "2"),
+            ("REDIS_PASSWORD", "p@ss:w/rd#1"),
+        ]))
+        .unwrap();
+        let debug = format!("{config:?}");
+        assert!(debug.contains("10.0.0.3:6380"), "{debug}");
+        assert!(!debug.contains("p@ss"), "{debug}");
+        let StoreConfig::Redis(redis) = &config else {
+            panic!("{debug}")
+        };
+        assert_eq!(redis.endpoint(), "10.0.0.3:6380");
+        let defaults = StoreConfig::from_vars(vars(&[
+            ("CACHE_BACKEND", "redis"),
+            ("REDIS_HOST", "cache.internal"),
+        ]))
+        .unwrap();
+        assert!(format!("{defaults:?}").contains("cache.internal:6379"));
+        for (bad, named) in [
+            (vec![("REDIS_PORT", "0")], "REDIS_PORT"),
+            (vec![("REDIS_PORT", "65536")], "REDIS_PORT"),
+            (vec![("REDIS_DB", "-1")], "REDIS_DB"),
+            (vec![("REDIS_DB", "one")], "REDIS_DB"),
+            (vec![("REDIS_USERNAME", "svc")], "REDIS_PASSWORD"),
+            (vec![("REDIS_URL", "redis://h/")], "not both"),
+            (vec![("REDIS_HOST", " ")], "REDIS_HOST is empty"),
+        ] {
+            let mut settings = vec![("CACHE_BACKEND", "redis"), ("REDIS_HOST", "h")];
+            settings.retain(|(name, _)| !bad.iter().any(|(b, _)| b == name));
+            settings.extend(bad.iter().copied());
+            let err = StoreConfig::from_vars(vars(&settings)).unwrap_err();
+            assert!(
+                matches!(&err, CacheError::Configuration(m) if m.contains(named)),
+                "{bad:?}: {err:?}"
+            );
+        }
     }
 
     #[cfg(feature = "redis")]

@@ -42,6 +42,63 @@ async fn redis_by_environment_comes_with_its_backplane() {
     }
 }
 
+/// A server that wants a password, configured by its parts as the services tierstack replaces
+/// configure it (`REDIS_HOST`, `REDIS_PORT`, `REDIS_DB`, `REDIS_PASSWORD`): the password is
+/// sent (a password that contains URL syntax needs no escaping), and a wrong one is an
+/// authentication error that does not show it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_by_host_and_password_reaches_a_server_that_wants_one() {
+    use tierstack::CacheError;
+    use tierstack_test_support::Launch;
+    use tierstack_test_support::redis::RedisServer;
+    let password = "p@ss:w/rd#1";
+    let server = RedisServer::start(&Launch::for_tests(), &["--requirepass", password]).unwrap();
+    let port = server.port().to_string();
+    let connect = async |password: &str| {
+        let vars = [
+            ("CACHE_BACKEND", "redis"),
+            ("REDIS_HOST", "127.0.0.1"),
+            ("REDIS_PORT", port.as_str()),
+            ("REDIS_DB", "3"),
+            ("REDIS_PASSWORD", password),
+        ];
+        let var = |name: &str| {
+            vars.iter()
+                .find(|(key, _)| *key == name)
+                .map(|(_, value)| (*value).to_owned())
+        };
+        StoreConfig::from_vars(var).unwrap().connect().await
+    };
+    let backend = connect(password).await.unwrap();
+    let cache: TieredCache<String> = backend.apply(TieredCache::builder("env")).build().unwrap();
+    cache.set("k", "v".into()).await.unwrap();
+    assert_eq!(cache.get("k").await.unwrap(), Some("v".into()));
+    assert_eq!(
+        server
+            .cli(&[
+                "-a",
+                password,
+                "--no-auth-warning",
+                "-n",
+                "3",
+                "exists",
+                "env:k"
+            ])
+            .trim(),
+        "1",
+        "written to database 3"
+    );
+    let wrong = connect("not-it").await.unwrap_err();
+    assert!(
+        matches!(wrong, CacheError::Authentication { .. }),
+        "{wrong:?}"
+    );
+    assert!(
+        !format!("{wrong} {wrong:?}").contains("not-it"),
+        "{wrong:?}"
+    );
+}
+
 #[tokio::test]
 async fn memory_by_environment_has_no_backplane() {
     let config =
