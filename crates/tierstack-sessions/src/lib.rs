@@ -114,9 +114,11 @@ impl TieredSessionStore {
     /// Tags every session with its user, read from the field `field` of its data (a string or
     /// a number, as the app stored it at login: `session.insert("user_id", id)`), so that
     /// [`end_user_sessions`](Self::end_user_sessions) ends them all at once, on every instance.
-    /// A session without the field (not signed in yet) carries no tag. A tagged session may live
-    /// at most the cache's `tag_record_ttl` ([`cache_builder`] sets a year), and a user id
-    /// whose tag is not allowed (over 123 bytes, or with control characters) fails its write.
+    /// A session without the field (not signed in yet) carries no tag. The id is taken as the
+    /// data's JSON spells it: `42` and `"42"` are the same user, `42.0` another. A tagged
+    /// session is kept at most a year (what [`cache_builder`]'s tag records allow: a cache
+    /// built otherwise must allow as long with its `tag_record_ttl`), and a user id whose
+    /// tag is not allowed (over 123 bytes, or with control characters) fails its write.
     #[must_use]
     pub fn with_user_field(mut self, field: impl Into<String>) -> Self {
         self.user_field = Some(field.into());
@@ -132,8 +134,8 @@ impl TieredSessionStore {
     ///
     /// # Errors
     ///
-    /// [`CacheError::InvalidTag`] for a user id whose tag is not allowed (empty, over 123 bytes,
-    /// or with control characters); the L2's error if the tag could not be invalidated (then
+    /// [`CacheError::InvalidTag`] for a user id whose tag is not allowed (over 123 bytes, or
+    /// with control characters); the L2's error if the tag could not be invalidated (then
     /// nothing changed).
     pub async fn end_user_sessions(&self, user: &str) -> Result<(), CacheError> {
         self.cache.invalidate_tag(&user_tag(user)).await
@@ -185,6 +187,16 @@ fn remaining(record: &Record) -> Option<Duration> {
         .map(|left| left.min(tierstack::core::store::MAX_TTL))
 }
 
+/// How long a session with `tags` is kept for `ttl` of its own: a tagged entry may not outlive
+/// its tags' records.
+fn kept_for(ttl: Duration, tags: &[String]) -> Duration {
+    if tags.is_empty() {
+        ttl
+    } else {
+        ttl.min(TAG_RECORD_TTL)
+    }
+}
+
 fn backend(error: &CacheError) -> session_store::Error {
     session_store::Error::Backend(error.to_string())
 }
@@ -196,12 +208,13 @@ impl SessionStore for TieredSessionStore {
             // Expired already: nothing to keep.
             return Ok(());
         };
-        let options = self.options(ttl);
+        let tags = self.tags(record);
+        let options = self.options(kept_for(ttl, &tags));
         for _ in 0..CREATE_ATTEMPTS {
             let key = record.id.to_string();
             let created = self
                 .cache
-                .set_if_absent_with_tags(&key, record.clone(), &self.tags(record), &options)
+                .set_if_absent_with_tags(&key, record.clone(), &tags, &options)
                 .await
                 .map_err(|e| backend(&e))?;
             if created {
@@ -220,9 +233,15 @@ impl SessionStore for TieredSessionStore {
             self.cache.delete(&key).await.map_err(|e| backend(&e))?;
             return Ok(());
         };
+        let tags = self.tags(record);
         let saved = self
             .cache
-            .set_if_present_with_tags(&key, record.clone(), &self.tags(record), &self.options(ttl))
+            .set_if_present_with_tags(
+                &key,
+                record.clone(),
+                &tags,
+                &self.options(kept_for(ttl, &tags)),
+            )
             .await
             .map_err(|e| backend(&e))?;
         if !saved {

@@ -122,7 +122,9 @@ async fn ending_a_users_sessions_ends_each_of_them_on_every_instance() {
                 .await
                 .with_user_field("user")
         };
-        let (a, b) = (tagged().await, tagged().await);
+        // `c` reads ada's session before the logout and nothing of her after it but her new
+        // session: what it knows of her tag is behind that session's stamp.
+        let (a, b, c) = (tagged().await, tagged().await, tagged().await);
         let (mut ada_a, mut ada_b) = (session_of(Some("ada")), session_of(Some("ada")));
         let (mut grace, mut anonymous) = (session_of(Some("grace")), session_of(None));
         a.create(&mut ada_a).await.unwrap();
@@ -130,6 +132,7 @@ async fn ending_a_users_sessions_ends_each_of_them_on_every_instance() {
         a.create(&mut grace).await.unwrap();
         b.create(&mut anonymous).await.unwrap();
         let mut loaded = b.load(&ada_a.id).await.unwrap().unwrap();
+        assert_eq!(c.load(&ada_b.id).await.unwrap(), Some(ada_b.clone()));
 
         b.end_user_sessions("ada").await.unwrap();
         let fresh = tagged().await;
@@ -159,10 +162,20 @@ async fn ending_a_users_sessions_ends_each_of_them_on_every_instance() {
             None,
             "backplane {backplane}: the save brought the session back"
         );
-        // Signed in again: current everywhere.
+        // Signed in again: current everywhere, at once without a backplane too (a session is
+        // read from the server then), on `c` as well.
         let mut again = session_of(Some("ada"));
         a.create(&mut again).await.unwrap();
-        eventually(async || b.load(&again.id).await.unwrap() == Some(again.clone())).await;
+        if backplane {
+            eventually(async || b.load(&again.id).await.unwrap() == Some(again.clone())).await;
+        }
+        for (name, store) in [("a", &a), ("b", &b), ("c", &c)] {
+            assert_eq!(
+                store.load(&again.id).await.unwrap(),
+                Some(again.clone()),
+                "backplane {backplane}: {name} takes the new session for ended"
+            );
+        }
     }
 }
 

@@ -192,3 +192,31 @@ async fn without_a_backplane_sessions_bypass_l1() {
     assert_eq!(b.load(&session.id).await.unwrap(), None);
     assert_eq!(b.cache().stats().l1_hits, 0, "L1 never answered");
 }
+
+/// A session tagged with its user that would outlive the tags' records (a "remember me" of two
+/// years) is kept for a year rather than failing every create and save.
+#[tokio::test]
+async fn a_tagged_session_longer_than_the_tag_records_is_kept_for_a_year() {
+    let store = stores(1).remove(0).with_user_field("user");
+    let mut session = record(Duration::days(730));
+    store.create(&mut session).await.unwrap();
+    session.data.insert("visits".into(), serde_json::json!(1));
+    store.save(&session).await.unwrap();
+    assert_eq!(
+        store.load(&session.id).await.unwrap(),
+        Some(session.clone())
+    );
+    let ttl = store
+        .cache()
+        .ttl(&session.id.to_string())
+        .await
+        .unwrap()
+        .unwrap();
+    let year = StdDuration::from_secs(366 * 24 * 3600);
+    assert!(
+        ttl <= year && ttl + StdDuration::from_secs(60) > year,
+        "{ttl:?}"
+    );
+    store.end_user_sessions("ada").await.unwrap();
+    assert_eq!(store.load(&session.id).await.unwrap(), None);
+}

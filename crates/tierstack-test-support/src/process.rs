@@ -275,12 +275,19 @@ pub fn free_ports(count: usize, with_bus: bool) -> Result<Vec<u16>, String> {
         .filter(|&port| outside(port) && (bus == 0 || outside(port + bus)))
         .filter_map(|port| u16::try_from(port).ok())
         .collect();
+    // Ports handed out before in this process are not handed out again: a server of another
+    // test may be down for a restart, its port free for a moment.
+    let mut handed_out = HANDED_OUT
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let mut held = Vec::new();
     let mut ports = Vec::new();
     let mut draw = Draw::seeded();
-    for _ in 0..1_000 {
-        if ports.len() == count {
-            return Ok(ports);
+    let mut attempts = 0;
+    while ports.len() < count {
+        attempts += 1;
+        if attempts > 1_000 {
+            return Err("not enough free loopback ports".into());
         }
         let listener = if candidates.len() < 1_000 {
             TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?
@@ -291,7 +298,7 @@ pub fn free_ports(count: usize, with_bus: bool) -> Result<Vec<u16>, String> {
             }
         };
         let port = listener.local_addr().map_err(|e| e.to_string())?.port();
-        if ports.contains(&port) {
+        if handed_out.contains(&port) {
             continue;
         }
         if !with_bus {
@@ -301,14 +308,25 @@ pub fn free_ports(count: usize, with_bus: bool) -> Result<Vec<u16>, String> {
         }
         let bus_port = u32::from(port) + bus;
         if let Ok(bus_port) = u16::try_from(bus_port)
+            && !handed_out.contains(&bus_port)
             && let Ok(bus) = TcpListener::bind(("127.0.0.1", bus_port))
         {
             held.extend([listener, bus]);
             ports.push(port);
         }
     }
-    Err("not enough free loopback ports".into())
+    for &port in &ports {
+        handed_out.insert(port);
+        if with_bus {
+            handed_out.extend(u16::try_from(u32::from(port) + bus).ok());
+        }
+    }
+    Ok(ports)
 }
+
+/// The ports [`free_ports`] handed out in this process.
+static HANDED_OUT: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+    std::sync::Mutex::new(std::collections::BTreeSet::new());
 
 /// Where test ports start: clear of the well-known and most registered services' ports.
 const FIRST_TEST_PORT: u32 = 10_000;

@@ -91,6 +91,7 @@ fn a_missing_program_is_an_error_that_says_how_to_install_it() {
     assert!(tierstack_test_support::process::require("sh", "").is_ok());
 }
 
+#[cfg(target_os = "linux")]
 #[test]
 fn test_ports_are_free_distinct_and_outside_the_ephemeral_range() {
     let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
@@ -100,8 +101,14 @@ fn test_ports_are_free_distinct_and_outside_the_ephemeral_range() {
         .map(|word| word.parse().unwrap())
         .collect();
     let ephemeral = bounds[0]..=bounds[1];
+    let mut earlier = Vec::new();
     for with_bus in [false, true] {
         let ports = tierstack_test_support::process::free_ports(6, with_bus).unwrap();
+        assert!(
+            ports.iter().all(|port| !earlier.contains(port)),
+            "handed out again: {ports:?} after {earlier:?}"
+        );
+        earlier.extend(ports.iter().copied());
         let mut distinct = ports.clone();
         distinct.sort_unstable();
         distinct.dedup();

@@ -144,7 +144,8 @@ impl<R: Remote> HandleMap<R> {
     /// creating nothing (a request path that would rather go without the resource than wait
     /// for its creation, while [`get_or_create`](Self::get_or_create) runs elsewhere). A
     /// handle whose resource is gone is forgotten, as `get_or_create` would; a key being
-    /// created by another instance reads as `None`.
+    /// created by another instance reads as `None`. It waits for the store and for the
+    /// remote's `exists` (bound that call in [`Remote`] if the remote can hang).
     ///
     /// # Errors
     ///
@@ -164,8 +165,11 @@ impl<R: Remote> HandleMap<R> {
         {
             return Ok(Some(handle));
         }
-        // Only this entry: a handle stored since (a new creation) stays.
-        self.store.compare_and_set(key, &stored, None).await?;
+        // Only this entry: a handle stored since (a new creation) stays. Best effort: the
+        // answer is known, and the next lookup or creation forgets it if this one fails.
+        if let Err(error) = self.store.compare_and_set(key, &stored, None).await {
+            tracing::debug!(error = %error, "could not forget a handle whose resource is gone");
+        }
         Ok(None)
     }
 

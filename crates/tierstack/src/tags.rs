@@ -141,11 +141,21 @@ impl TagRegistry {
     }
 
     /// What the known records say of `stamps` (the worst of its tags), or `None` if a tag is
-    /// unknown.
+    /// unknown, or (with an L2) known behind the stamp: a stamp newer than the known record,
+    /// of another incarnation, or of a tag known to have none was taken from a record read
+    /// since, by a write here or on another instance; judged by what is known, the entry would
+    /// read as removed until the next recheck (a session created after its user was logged
+    /// out everywhere, say). The caller reads such records anew.
     pub(crate) fn verdict_now(&self, stamps: &TagStamps) -> Option<TagVerdict> {
         let mut verdict = TagVerdict::Current;
         for (tag, version) in stamps.iter() {
             let record = self.known(tag)?;
+            let behind = record.is_none_or(|record| {
+                record.incarnation != version.incarnation || record.counter < version.counter
+            });
+            if self.shared && behind {
+                return None;
+            }
             verdict = verdict.max(TagRecord::judge(record.as_ref(), version));
         }
         Some(verdict)
@@ -277,21 +287,29 @@ mod tests {
 
     #[test]
     fn verdicts_take_the_worst_tag_and_need_every_tag_known() {
-        let (registry, _clock) = registry(true);
+        let (shared, _clock) = registry(true);
         let (a, b) = (TagRecord::create(), TagRecord::create());
         let stamps = TagStamps::new(vec![("a".into(), a.version()), ("b".into(), b.version())])
             .unwrap_or_else(|e| panic!("{e}"));
-        registry.remember("a", Some(a));
-        assert_eq!(registry.verdict_now(&stamps), None);
-        registry.remember("b", Some(b));
-        assert_eq!(registry.verdict_now(&stamps), Some(TagVerdict::Current));
-        registry.remember("b", Some(TagRecord::next(Some(&b), true)));
-        assert_eq!(registry.verdict_now(&stamps), Some(TagVerdict::Removed));
-        registry.remember("b", None);
-        assert_eq!(
-            registry.verdict_now(&stamps),
-            Some(TagVerdict::Removed),
-            "no record"
-        );
+        shared.remember("a", Some(a));
+        assert_eq!(shared.verdict_now(&stamps), None);
+        shared.remember("b", Some(b));
+        assert_eq!(shared.verdict_now(&stamps), Some(TagVerdict::Current));
+        shared.remember("b", Some(TagRecord::next(Some(&b), true)));
+        assert_eq!(shared.verdict_now(&stamps), Some(TagVerdict::Removed));
+        // Known behind the stamp (none, an older counter, another incarnation): to be read
+        // anew, not judged by it.
+        shared.remember("b", None);
+        assert_eq!(shared.verdict_now(&stamps), None, "no record");
+        let newer = TagRecord::next(Some(&a), true);
+        let ahead =
+            TagStamps::new(vec![("a".into(), newer.version())]).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(shared.verdict_now(&ahead), None, "an older record");
+        shared.remember("a", Some(TagRecord::create()));
+        assert_eq!(shared.verdict_now(&ahead), None, "another incarnation");
+        // Without an L2 the instance's own records are the truth.
+        let (local, _clock) = registry(false);
+        local.remember("b", None);
+        assert_eq!(local.verdict_now(&stamps), Some(TagVerdict::Removed));
     }
 }

@@ -226,9 +226,11 @@ async fn conditional_writes_carry_tags_and_an_invalidated_tag_ends_them_everywhe
             .await
             .unwrap()
     );
-    a.set_if_absent_with_tags("s2", "w1".into(), &["user:8"], &options)
-        .await
-        .unwrap();
+    assert!(
+        a.set_if_absent_with_tags("s2", "w1".into(), &["user:8"], &options)
+            .await
+            .unwrap()
+    );
     for cache in [a, b] {
         eventually(async || cache.get("s1").await.unwrap() == Some("v2".into())).await;
     }
@@ -278,11 +280,13 @@ async fn without_a_backplane_a_write_stamps_the_current_version() {
             .build()
             .unwrap()
     };
-    let (a, b) = (instance(), instance());
+    let (a, b, c) = (instance(), instance(), instance());
     let options = a.default_options();
     a.set_with_tags("order:1", "o1".into(), &["user:7"], &options)
         .await
         .unwrap();
+    // `c` reads the tag's record before the invalidation, and hears nothing of it.
+    assert_eq!(c.get("order:1").await.unwrap(), Some("o1".into()));
     b.invalidate_tag("user:7").await.unwrap();
     assert_eq!(b.get("order:1").await.unwrap(), None);
     // `a` still remembers the record it read before the invalidation.
@@ -294,7 +298,10 @@ async fn without_a_backplane_a_write_stamps_the_current_version() {
             .await
             .unwrap()
     );
-    for (name, cache) in [("a", &a), ("b", &b), ("a third", &instance())] {
+    // Stamped with the current version, they are current everywhere, also on `c`, whose
+    // record is behind their stamps: it reads the record anew rather than take them for
+    // removed (and a conditional write there finds the value).
+    for (name, cache) in [("c", &c), ("a", &a), ("b", &b), ("a fourth", &instance())] {
         assert_eq!(
             cache.get("order:2").await.unwrap(),
             Some("o2".into()),
@@ -306,6 +313,14 @@ async fn without_a_backplane_a_write_stamps_the_current_version() {
             "{name}"
         );
     }
+    assert!(
+        !c.set_if_absent_with_tags("order:2", "other".into(), &["user:7"], &options)
+            .await
+            .unwrap(),
+        "a value is there"
+    );
+    // What `c` read before the invalidation is removed, on `c` too once it read the record.
+    assert_eq!(c.get("order:1").await.unwrap(), None);
 }
 
 #[tokio::test]

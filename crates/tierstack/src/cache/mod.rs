@@ -636,7 +636,9 @@ where
 
     /// [`set_if_present`](Self::set_if_present), the value carrying `tags` as
     /// [`set_with_tags`](Self::set_with_tags) writes them. An entry of an invalidated tag holds
-    /// no value: once the tag is invalidated, the write answers `false` and keeps nothing.
+    /// no value: once the invalidation is known here, the write answers `false` and keeps
+    /// nothing. One that races the invalidation may answer `true`, its value stamped with the
+    /// version before it, and so read as removed.
     ///
     /// ```
     /// # async fn run() -> tierstack::Result<()> {
@@ -734,7 +736,9 @@ where
     ///
     /// As [`set_with`](Self::set_with), and [`CacheError::InvalidTag`](tierstack_core::CacheError::InvalidTag) for a tag that is not
     /// allowed (nothing is written). With an L2, the tags' current versions are read from it
-    /// unless this instance knows them: its failure fails the write.
+    /// unless this instance knows them (without a backplane, or while it is lost, always: no
+    /// message would have told it of a change): its failure fails the write, unless this
+    /// instance knows every tag.
     pub async fn set_with_tags<T: AsRef<str>>(
         &self,
         key: &str,

@@ -3,6 +3,7 @@
 //! announced).
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -145,12 +146,20 @@ impl<V, C> Inner<V, C> {
             return Ok(None);
         }
         let names: Vec<&str> = tags.iter().map(|tag| &**tag).collect();
-        // Without a backplane no message tells this instance that a tag changed: what it knows
-        // may be a recheck old, and an entry stamped with an older version reads as removed on
-        // every instance that knows better (a session created just after its user was logged
-        // out everywhere would be ended at once elsewhere). A write reads the versions anew.
-        let read_anew = self.backplane.is_none();
-        let records = self.tag_records(&names, deadline, read_anew).await?;
+        // Without a backplane (or while it is lost) no message tells this instance that a tag
+        // changed: what it knows may be a recheck old, and an entry stamped with an older
+        // version reads as removed on every instance that knows better (a session created
+        // just after its user was logged out everywhere would be ended at once elsewhere). A
+        // write reads the versions anew; if the L2 fails, what is known stamps it (a write
+        // kept for a replay needs its stamps), and unknown tags fail it as before.
+        let read_anew = self.backplane.is_none() || self.deaf.load(Ordering::SeqCst);
+        let records = match self.tag_records(&names, deadline, read_anew).await {
+            Ok(records) => records,
+            Err(error) if read_anew && error.is_transient() => {
+                self.tag_records(&names, deadline, false).await?
+            }
+            Err(error) => return Err(error),
+        };
         let mut stamps = Vec::with_capacity(tags.len());
         for (tag, known) in tags.iter().zip(records) {
             let record = self.record_for_stamp(tag, known, deadline).await?;
@@ -168,8 +177,9 @@ impl<V, C> Inner<V, C> {
         if let Some(verdict) = self.tags.verdict_now(stamps) {
             return Ok(verdict);
         }
+        // A tag unknown, or known behind the stamp: read them all anew (one call either way).
         let names: Vec<&str> = stamps.iter().map(|(tag, _)| &**tag).collect();
-        let records = self.tag_records(&names, deadline, false).await?;
+        let records = self.tag_records(&names, deadline, true).await?;
         Ok(stamps
             .iter()
             .zip(&records)
