@@ -172,6 +172,18 @@ impl TieredSessionStore {
         options.with_skips(skips)
     }
 
+    /// The options of a session's writes, living `ttl`. A tagged one may not outlive its tags'
+    /// records: it is kept at most [`TAG_RECORD_TTL`], without the defaults' fail-safe or
+    /// jitter (which would lengthen its life; a session is never loaded, so neither serves).
+    fn write_options(&self, ttl: Duration, tags: &[String]) -> EntryOptions {
+        if tags.is_empty() {
+            return self.options(ttl);
+        }
+        self.options(ttl.min(TAG_RECORD_TTL))
+            .without_fail_safe()
+            .with_jitter(0.0)
+    }
+
     /// The cache the sessions live in.
     pub fn cache(&self) -> &TieredCache<Record, JsonCodec> {
         &self.cache
@@ -187,16 +199,6 @@ fn remaining(record: &Record) -> Option<Duration> {
         .map(|left| left.min(tierstack::core::store::MAX_TTL))
 }
 
-/// How long a session with `tags` is kept for `ttl` of its own: a tagged entry may not outlive
-/// its tags' records.
-fn kept_for(ttl: Duration, tags: &[String]) -> Duration {
-    if tags.is_empty() {
-        ttl
-    } else {
-        ttl.min(TAG_RECORD_TTL)
-    }
-}
-
 fn backend(error: &CacheError) -> session_store::Error {
     session_store::Error::Backend(error.to_string())
 }
@@ -209,7 +211,7 @@ impl SessionStore for TieredSessionStore {
             return Ok(());
         };
         let tags = self.tags(record);
-        let options = self.options(kept_for(ttl, &tags));
+        let options = self.write_options(ttl, &tags);
         for _ in 0..CREATE_ATTEMPTS {
             let key = record.id.to_string();
             let created = self
@@ -236,12 +238,7 @@ impl SessionStore for TieredSessionStore {
         let tags = self.tags(record);
         let saved = self
             .cache
-            .set_if_present_with_tags(
-                &key,
-                record.clone(),
-                &tags,
-                &self.options(kept_for(ttl, &tags)),
-            )
+            .set_if_present_with_tags(&key, record.clone(), &tags, &self.write_options(ttl, &tags))
             .await
             .map_err(|e| backend(&e))?;
         if !saved {

@@ -412,6 +412,43 @@ async fn a_version_decides_what_changed() {
     assert_eq!(tools.get("a").await.unwrap(), Some("v2 second".into()));
 }
 
+/// The L2 loses everything (a Redis restarted without its data, a flush): the next refresh
+/// writes every entry again, though the index known here says each is in place and unchanged
+/// (compared with it, they would stay missing for half their TTL).
+#[tokio::test(start_paused = true)]
+async fn a_refresh_after_the_l2_lost_everything_writes_every_entry_again() {
+    let fx = Fixture::new();
+    let source = Source::with(&[("a", "1"), ("b", "2")]);
+    let cache = fx.builder("tools").without_l1().build().unwrap();
+    let tools = Dataset::builder(cache, source.fetch_all())
+        .refresh_every(EVERY)
+        .start()
+        .await
+        .unwrap();
+    let mut events = tools.events();
+    assert_eq!(tools.get("a").await.unwrap(), Some("1".into()));
+    fx.l2.delete_prefix("tools").await.unwrap();
+    assert_eq!(tools.get("a").await.unwrap(), None, "lost with the L2");
+    tokio::time::sleep(EVERY).await; // paused clock: one refresh
+    let Ok(DatasetEvent::Refreshed(report)) = events.recv().await else {
+        panic!("no refresh");
+    };
+    assert_eq!(report.entries, 2);
+    assert_eq!(tools.get("a").await.unwrap(), Some("1".into()));
+    assert_eq!(tools.get("b").await.unwrap(), Some("2".into()));
+    // The index is back too: the refresh after writes nothing unchanged.
+    let before = fx.l2.get("tools:a").await.unwrap();
+    tokio::time::sleep(EVERY).await; // paused clock: one refresh
+    let Ok(DatasetEvent::Refreshed(_)) = events.recv().await else {
+        panic!("no refresh");
+    };
+    assert_eq!(
+        fx.l2.get("tools:a").await.unwrap(),
+        before,
+        "not rewritten again"
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn an_l2_that_fails_a_refresh_gets_its_writes_at_the_next() {
     let fx = Fixture::new();

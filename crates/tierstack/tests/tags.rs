@@ -636,3 +636,114 @@ async fn a_cleared_l1_judges_tagged_entries_from_the_l2_again() {
         .unwrap();
     assert_eq!(loaded, "b2");
 }
+
+/// An L2 whose tag records cannot be read (every read of a key holding `!tag:` fails while
+/// `failing`), the entries still can: a Redis that times out on some calls, say.
+#[derive(Debug)]
+struct RecordsFail {
+    inner: Arc<MemoryStore>,
+    failing: std::sync::atomic::AtomicBool,
+}
+
+impl RecordsFail {
+    fn check(&self, key: &str) -> tierstack::Result<()> {
+        if self.failing.load(Ordering::SeqCst) && key.contains("!tag:") {
+            return Err(CacheError::Timeout {
+                operation: "get",
+                after: Duration::from_millis(1),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for RecordsFail {
+    async fn get(&self, key: &str) -> tierstack::Result<Option<bytes::Bytes>> {
+        self.check(key)?;
+        self.inner.get(key).await
+    }
+    async fn set(&self, key: &str, value: bytes::Bytes, ttl: Duration) -> tierstack::Result<()> {
+        self.inner.set(key, value, ttl).await
+    }
+    async fn set_if_absent(
+        &self,
+        key: &str,
+        value: bytes::Bytes,
+        ttl: Duration,
+    ) -> tierstack::Result<bool> {
+        self.inner.set_if_absent(key, value, ttl).await
+    }
+    async fn replace(
+        &self,
+        key: &str,
+        value: bytes::Bytes,
+        ttl: Duration,
+    ) -> tierstack::Result<Option<bytes::Bytes>> {
+        self.inner.replace(key, value, ttl).await
+    }
+    async fn compare_and_set(
+        &self,
+        key: &str,
+        current: &[u8],
+        new: Option<(bytes::Bytes, Duration)>,
+    ) -> tierstack::Result<bool> {
+        self.inner.compare_and_set(key, current, new).await
+    }
+    async fn delete(&self, key: &str) -> tierstack::Result<bool> {
+        self.inner.delete(key).await
+    }
+    async fn expire(&self, key: &str, ttl: Duration) -> tierstack::Result<bool> {
+        self.inner.expire(key, ttl).await
+    }
+    async fn ttl(&self, key: &str) -> tierstack::Result<Option<Duration>> {
+        self.check(key)?;
+        self.inner.ttl(key).await
+    }
+    async fn delete_prefix(&self, prefix: &str) -> tierstack::Result<u64> {
+        self.inner.delete_prefix(prefix).await
+    }
+    async fn ping(&self) -> tierstack::Result<()> {
+        self.inner.ping().await
+    }
+}
+
+/// A tagged entry whose tags' records cannot be read is not known to be current, nor gone: a
+/// read returning L2 errors fails (a session's load, which must not sign its user out), a plain
+/// read misses as on a failed L2, and a conditional write fails rather than replace it. Once
+/// the records read again, the entry is there, untouched.
+#[tokio::test]
+async fn an_entry_whose_tag_records_cannot_be_read_is_neither_gone_nor_replaced() {
+    let l2 = Arc::new(RecordsFail {
+        inner: Arc::new(MemoryStore::new()),
+        failing: std::sync::atomic::AtomicBool::new(false),
+    });
+    let writer = TieredCache::<String>::builder("svc")
+        .l2(l2.clone())
+        .build()
+        .unwrap();
+    let options = writer.default_options();
+    writer
+        .set_with_tags("s1", "v".into(), &["user:7"], &options)
+        .await
+        .unwrap();
+    // Another instance, without L1: every read judges the L2's entry, and it knows no record.
+    let reader = TieredCache::<String>::builder("svc")
+        .without_l1()
+        .l2(l2.clone())
+        .build()
+        .unwrap();
+    l2.failing.store(true, Ordering::SeqCst);
+    let strict = reader.default_options().with_l2_errors_returned(true);
+    let read = reader.get_with("s1", &strict).await;
+    assert!(matches!(read, Err(CacheError::Timeout { .. })), "{read:?}");
+    assert_eq!(
+        reader.get("s1").await.unwrap(),
+        None,
+        "a miss, as on a failed L2"
+    );
+    let replaced = reader.set_if_absent("s1", "other".into(), &options).await;
+    assert!(replaced.is_err(), "{replaced:?}");
+    l2.failing.store(false, Ordering::SeqCst);
+    assert_eq!(reader.get("s1").await.unwrap(), Some("v".into()));
+}

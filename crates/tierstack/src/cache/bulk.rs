@@ -317,12 +317,28 @@ where
                     self.read_with_kept(key, kept, entry, !answered, deadline)
                         .await
                 }
-                (None, Some((bytes, ttl))) => self.classify(key, bytes, ttl, deadline).await,
+                (None, Some(found)) => self.batch_entry(key, found, deadline, options).await?,
                 (None, None) => L2Read::Miss { seen: None },
             };
             self.take_l2_read(key, index, read, options, snapshot, &mut looked);
         }
         Ok(looked)
+    }
+
+    /// One entry of a batch's L2 read, as [`classify`](Self::classify) reads it. One whose
+    /// tags' records cannot be read is the error if the options return L2 errors, else a miss
+    /// with nothing known to replace, as on a failed L2.
+    async fn batch_entry(
+        &self,
+        key: &str,
+        (bytes, ttl): (Bytes, Duration),
+        deadline: tokio::time::Instant,
+        options: &EntryOptions,
+    ) -> Result<L2Read<V>> {
+        match self.classify(key, bytes, ttl, deadline).await {
+            Err(_) if !options.l2_errors_returned() => Ok(L2Read::Miss { seen: None }),
+            read => read,
+        }
     }
 
     /// What one key's L2 read in a batch answers, or leaves to load (and fall back on).

@@ -737,8 +737,8 @@ where
     /// As [`set_with`](Self::set_with), and [`CacheError::InvalidTag`](tierstack_core::CacheError::InvalidTag) for a tag that is not
     /// allowed (nothing is written). With an L2, the tags' current versions are read from it
     /// unless this instance knows them (without a backplane, or while it is lost, always: no
-    /// message would have told it of a change): its failure fails the write, unless this
-    /// instance knows every tag.
+    /// message would have told it of a change): its failure fails the write, unless it is
+    /// transient and this instance knows a record of every tag (then those stamp it).
     pub async fn set_with_tags<T: AsRef<str>>(
         &self,
         key: &str,

@@ -481,21 +481,27 @@ where
                 .read_with_kept(key, kept, found, l2_failed, deadline)
                 .await);
         }
-        Ok(match found? {
+        match found? {
             Some((bytes, ttl)) => self.classify(key, bytes, ttl, deadline).await,
-            None => L2Read::Miss { seen: None },
-        })
+            None => Ok(L2Read::Miss { seen: None }),
+        }
     }
 
     /// What the bytes read under `key` are to this cache. Undecodable bytes are discarded: the
     /// read goes on as a miss.
+    ///
+    /// # Errors
+    ///
+    /// A tagged entry whose tags' records could not be read: whether it is current is not
+    /// known, as when the L2 fails (a miss would sign a session's user out, or let a
+    /// conditional write replace a live value).
     pub(super) async fn classify(
         &self,
         key: &str,
         bytes: Bytes,
         ttl: Duration,
         deadline: Instant,
-    ) -> L2Read<V> {
+    ) -> Result<L2Read<V>> {
         match self.decode_entry(key, &bytes) {
             Decoded::Live {
                 value,
@@ -506,28 +512,24 @@ where
                 tags,
             } => {
                 // A tag invalidated since: removed, or stale if it was expired and the entry
-                // has a fail-safe life to be stale in. A record that cannot be read leaves the
-                // entry only as a fallback.
+                // has a fail-safe life to be stale in.
                 let verdict = match &tags {
                     None => TagVerdict::Current,
-                    Some(stamps) => self
-                        .tag_verdict(stamps, deadline)
-                        .await
-                        .unwrap_or(TagVerdict::Expired),
+                    Some(stamps) => self.tag_verdict(stamps, deadline).await?,
                 };
                 let fail_safe = fresh_until != expires_at || stale;
                 match verdict {
                     TagVerdict::Current => {}
                     TagVerdict::Expired if fail_safe && self.clock.now() < expires_at => {
-                        return L2Read::Stale {
+                        return Ok(L2Read::Stale {
                             value,
                             expires_at,
                             seen: Some(bytes),
                             tags,
-                        };
+                        });
                     }
                     TagVerdict::Expired | TagVerdict::Removed => {
-                        return L2Read::Miss { seen: Some(bytes) };
+                        return Ok(L2Read::Miss { seen: Some(bytes) });
                     }
                 }
                 // A plain entry is fresh for as long as the store keeps it (a store's `expire`
@@ -560,7 +562,7 @@ where
                     tags: tags.clone(),
                 }
                 .under(&self.settings.defaults);
-                if is_fresh {
+                Ok(if is_fresh {
                     L2Read::Hit {
                         value,
                         life,
@@ -573,16 +575,16 @@ where
                         seen: Some(bytes),
                         tags,
                     }
-                }
+                })
             }
-            Decoded::Tombstone => L2Read::Miss { seen: Some(bytes) },
+            Decoded::Tombstone => Ok(L2Read::Miss { seen: Some(bytes) }),
             Decoded::Undecodable(reason) => {
                 let removed = self
                     .discard_undecodable(key, &bytes, reason, deadline)
                     .await;
-                L2Read::Miss {
+                Ok(L2Read::Miss {
                     seen: (!removed).then_some(bytes),
-                }
+                })
             }
         }
     }

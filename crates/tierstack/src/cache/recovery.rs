@@ -120,28 +120,48 @@ where
             let newer = Envelope::parse::<C>(bytes, usize::MAX)
                 .is_ok_and(|stored| stored.written_at > written_at);
             if newer {
-                return self.classify(key, bytes.clone(), *ttl, deadline).await;
+                // The L2's answer is later than the kept write, unless its tags' records could
+                // not be read: then as if the L2 had failed, the kept write answers.
+                if let Ok(read) = self.classify(key, bytes.clone(), *ttl, deadline).await {
+                    return read;
+                }
+                return self.read_kept(key, kept, None, expires_at, deadline).await;
             }
         }
         let stored = found.filter(|_| !l2_failed).map(|(bytes, _)| bytes);
+        self.read_kept(key, kept, stored, expires_at, deadline)
+            .await
+    }
+
+    /// A read that the kept write `kept` (expiring at `expires_at`) answers; `stored` is what
+    /// the L2 holds, which a load is to replace.
+    async fn read_kept(
+        &self,
+        key: &str,
+        kept: Bytes,
+        stored: Option<Bytes>,
+        expires_at: Timestamp,
+        deadline: Instant,
+    ) -> L2Read<V> {
         if expires_at <= self.clock.now() {
             return L2Read::Miss { seen: stored };
         }
-        // What a load is to replace is what the L2 holds, not the kept bytes.
+        // What a load is to replace is what the L2 holds, not the kept bytes. Kept bytes whose
+        // tags' records cannot be read are no value to serve.
         match self.classify(key, kept, Duration::ZERO, deadline).await {
-            L2Read::Miss { .. } => L2Read::Miss { seen: stored },
-            L2Read::Stale {
+            Ok(L2Read::Miss { .. }) | Err(_) => L2Read::Miss { seen: stored },
+            Ok(L2Read::Stale {
                 value,
                 expires_at,
                 tags,
                 ..
-            } => L2Read::Stale {
+            }) => L2Read::Stale {
                 value,
                 expires_at,
                 seen: stored,
                 tags,
             },
-            L2Read::Hit { value, life, .. } => L2Read::Hit {
+            Ok(L2Read::Hit { value, life, .. }) => L2Read::Hit {
                 value,
                 life,
                 seen: stored,

@@ -32,7 +32,8 @@
 //! backplane work as everywhere else. Beside them the dataset stores an *index* (every key with
 //! a fingerprint of its value and when it was written), which a refresh compares the new
 //! `fetch_all` with: a changed or new value is written, a key that is gone is deleted, and an
-//! unchanged one is left alone (rewritten only when half its TTL has passed).
+//! unchanged one is left alone (rewritten only when half its TTL has passed). An L2 found
+//! without its index (restarted without its data, flushed) gets every entry written again.
 //!
 //! With an L2, instances share the work: each interval, the one that holds the refresh lease
 //! (an L2 entry living one and a half intervals, renewed by its holder at each attempt)

@@ -342,8 +342,6 @@ where
     }
 
     /// The index a refresh starts from: the L2's (another instance may have refreshed last),
-    /// else the one known here.
-    /// The index a refresh starts from: the L2's (another instance may have refreshed last),
     /// else the one known here; and the bytes read, which the new index must replace.
     async fn current_index(
         &self,
@@ -408,6 +406,11 @@ where
         let started = tokio::time::Instant::now();
         let store = self.cache.store().cloned();
         let (previous, read) = self.current_index(store.as_ref()).await?;
+        // An L2 that holds no index (a server restarted without its data, a flush, an
+        // eviction) has likely lost the entries too: compared with the index known here, they
+        // would look unchanged and stay missing for half their TTL. Every entry is written
+        // again; what the known index lists beyond the fetch is still removed.
+        let rewrite_all = store.is_some() && read.is_none();
         let limit = self.settings.fetch_timeout();
         let fetch = tokio::time::timeout(limit, (self.fetch_all)());
         let fetched = match stop {
@@ -425,7 +428,7 @@ where
             return Err(DatasetError::NotRefresher);
         }
         let now = self.cache.clock().now().as_millis();
-        let mut plan = self.plan(&previous, fetched, now);
+        let mut plan = self.plan(&previous, fetched, now, rewrite_all);
         self.apply(&previous, &mut plan, now).await;
         let mut next = plan.next;
         let took = started.elapsed();
@@ -457,8 +460,15 @@ where
 
     /// What a refresh must write and remove, comparing `fetched` with `previous` at `now`:
     /// a value whose fingerprint differs (or a new key) is written, and so is an unchanged one
-    /// written more than half its TTL ago; a key `fetched` lacks is removed.
-    fn plan(&self, previous: &Index, fetched: Vec<(String, V)>, now: u64) -> Plan<V> {
+    /// written more than half its TTL ago (or any, with `rewrite_all`); a key `fetched` lacks
+    /// is removed.
+    fn plan(
+        &self,
+        previous: &Index,
+        fetched: Vec<(String, V)>,
+        now: u64,
+        rewrite_all: bool,
+    ) -> Plan<V> {
         // A key that appears twice keeps its last value.
         let fetched: HashMap<String, V> = fetched.into_iter().collect();
         let half_life =
@@ -492,7 +502,8 @@ where
             };
             match previous.entries.get(&key) {
                 Some(stamp)
-                    if stamp.fingerprint == fingerprint
+                    if !rewrite_all
+                        && stamp.fingerprint == fingerprint
                         && now.saturating_sub(stamp.written_at) < half_life =>
                 {
                     plan.next.entries.insert(key, *stamp);
