@@ -66,16 +66,19 @@ const CREATE_ATTEMPTS: usize = 8;
 /// A builder for the cache a [`TieredSessionStore`] keeps sessions in: a `TieredCache` of
 /// session records, encoded as JSON, under `namespace`.
 ///
-/// Tags' records are kept for a year, so that sessions tagged by user
-/// ([`TieredSessionStore::with_user_field`]) may live that long.
+/// Tags' records are kept for four years from their last renewal, so that a session tagged
+/// by user ([`TieredSessionStore::with_user_field`]), kept at most a year, never outlives its
+/// user's record: a record in use is renewed when read with less than half its time left.
 pub fn cache_builder(namespace: &str) -> TieredCacheBuilder<Record, JsonCodec> {
     TieredCache::<Record>::builder(namespace)
         .codec(JsonCodec)
         .tag_record_ttl(TAG_RECORD_TTL)
 }
 
-/// How long [`cache_builder`]'s tag records live: the longest a session tagged by user may.
-const TAG_RECORD_TTL: Duration = Duration::from_hours(24 * 366);
+/// How long [`cache_builder`]'s tag records live.
+const TAG_RECORD_TTL: Duration = Duration::from_hours(24 * 366 * 4);
+/// The longest a session tagged by user is kept.
+const TAGGED_SESSION_TTL: Duration = Duration::from_hours(24 * 366);
 
 /// A [`SessionStore`] on a [`TieredCache`]; see the [crate docs](crate). Cloning is cheap.
 #[derive(Debug, Clone)]
@@ -116,9 +119,9 @@ impl TieredSessionStore {
     /// [`end_user_sessions`](Self::end_user_sessions) ends them all at once, on every instance.
     /// A session without the field (not signed in yet) carries no tag. The id is taken as the
     /// data's JSON spells it: `42` and `"42"` are the same user, `42.0` another. A tagged
-    /// session is kept at most a year (what [`cache_builder`]'s tag records allow: a cache
-    /// built otherwise must allow as long with its `tag_record_ttl`), and a user id whose
-    /// tag is not allowed (over 123 bytes, or with control characters) fails its write.
+    /// session is kept at most a year (a cache built otherwise than by [`cache_builder`] must
+    /// allow as long with its `tag_record_ttl`, and better four times as long), and a user id
+    /// whose tag is not allowed (over 123 bytes, or with control characters) fails its write.
     #[must_use]
     pub fn with_user_field(mut self, field: impl Into<String>) -> Self {
         self.user_field = Some(field.into());
@@ -173,13 +176,13 @@ impl TieredSessionStore {
     }
 
     /// The options of a session's writes, living `ttl`. A tagged one may not outlive its tags'
-    /// records: it is kept at most [`TAG_RECORD_TTL`], without the defaults' fail-safe or
+    /// records: it is kept at most [`TAGGED_SESSION_TTL`], without the defaults' fail-safe or
     /// jitter (which would lengthen its life; a session is never loaded, so neither serves).
     fn write_options(&self, ttl: Duration, tags: &[String]) -> EntryOptions {
         if tags.is_empty() {
             return self.options(ttl);
         }
-        self.options(ttl.min(TAG_RECORD_TTL))
+        self.options(ttl.min(TAGGED_SESSION_TTL))
             .without_fail_safe()
             .with_jitter(0.0)
     }

@@ -638,18 +638,38 @@ async fn a_cleared_l1_judges_tagged_entries_from_the_l2_again() {
 }
 
 /// An L2 whose tag records cannot be read (every read of a key holding `!tag:` fails while
-/// `failing`), the entries still can: a Redis that times out on some calls, say.
+/// `failing`), the entries still can: a Redis that times out on some calls, say. While
+/// `writes_failing`, every write fails too.
 #[derive(Debug)]
 struct RecordsFail {
     inner: Arc<MemoryStore>,
     failing: std::sync::atomic::AtomicBool,
+    writes_failing: std::sync::atomic::AtomicBool,
 }
 
 impl RecordsFail {
+    fn new() -> Self {
+        Self {
+            inner: Arc::new(MemoryStore::new()),
+            failing: std::sync::atomic::AtomicBool::new(false),
+            writes_failing: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
     fn check(&self, key: &str) -> tierstack::Result<()> {
         if self.failing.load(Ordering::SeqCst) && key.contains("!tag:") {
             return Err(CacheError::Timeout {
                 operation: "get",
+                after: Duration::from_millis(1),
+            });
+        }
+        Ok(())
+    }
+
+    fn check_write(&self) -> tierstack::Result<()> {
+        if self.writes_failing.load(Ordering::SeqCst) {
+            return Err(CacheError::Timeout {
+                operation: "set",
                 after: Duration::from_millis(1),
             });
         }
@@ -664,6 +684,7 @@ impl Store for RecordsFail {
         self.inner.get(key).await
     }
     async fn set(&self, key: &str, value: bytes::Bytes, ttl: Duration) -> tierstack::Result<()> {
+        self.check_write()?;
         self.inner.set(key, value, ttl).await
     }
     async fn set_if_absent(
@@ -672,6 +693,7 @@ impl Store for RecordsFail {
         value: bytes::Bytes,
         ttl: Duration,
     ) -> tierstack::Result<bool> {
+        self.check_write()?;
         self.inner.set_if_absent(key, value, ttl).await
     }
     async fn replace(
@@ -680,6 +702,7 @@ impl Store for RecordsFail {
         value: bytes::Bytes,
         ttl: Duration,
     ) -> tierstack::Result<Option<bytes::Bytes>> {
+        self.check_write()?;
         self.inner.replace(key, value, ttl).await
     }
     async fn compare_and_set(
@@ -688,6 +711,7 @@ impl Store for RecordsFail {
         current: &[u8],
         new: Option<(bytes::Bytes, Duration)>,
     ) -> tierstack::Result<bool> {
+        self.check_write()?;
         self.inner.compare_and_set(key, current, new).await
     }
     async fn delete(&self, key: &str) -> tierstack::Result<bool> {
@@ -714,10 +738,7 @@ impl Store for RecordsFail {
 /// the records read again, the entry is there, untouched.
 #[tokio::test]
 async fn an_entry_whose_tag_records_cannot_be_read_is_neither_gone_nor_replaced() {
-    let l2 = Arc::new(RecordsFail {
-        inner: Arc::new(MemoryStore::new()),
-        failing: std::sync::atomic::AtomicBool::new(false),
-    });
+    let l2 = Arc::new(RecordsFail::new());
     let writer = TieredCache::<String>::builder("svc")
         .l2(l2.clone())
         .build()
@@ -746,4 +767,51 @@ async fn an_entry_whose_tag_records_cannot_be_read_is_neither_gone_nor_replaced(
     assert!(replaced.is_err(), "{replaced:?}");
     l2.failing.store(false, Ordering::SeqCst);
     assert_eq!(reader.get("s1").await.unwrap(), Some("v".into()));
+}
+
+/// A write kept for a replay never answers for a later write of the key that cannot be
+/// judged (its tags' records cannot be read): the read fails as a failed L2 read would,
+/// rather than serve the older kept value.
+#[tokio::test]
+async fn a_kept_write_does_not_answer_for_a_later_entry_that_cannot_be_judged() {
+    let l2 = Arc::new(RecordsFail::new());
+    let clock = tierstack::core::clock::ManualClock::new();
+    let instance = |recovering: bool| {
+        let builder = TieredCache::<String>::builder("svc")
+            .without_l1()
+            .l2(l2.clone())
+            .clock(Arc::new(clock.clone()));
+        if recovering {
+            // A replay an hour away: the kept write stays kept for the whole test.
+            builder
+                .write_recovery(
+                    tierstack::WriteRecovery::new(16).with_retry_interval(Duration::from_hours(1)),
+                )
+                .default_options(EntryOptions::default().with_write_recovery(true))
+        } else {
+            builder
+        }
+        .build()
+        .unwrap()
+    };
+    let (a, b) = (instance(true), instance(false));
+    l2.writes_failing.store(true, Ordering::SeqCst);
+    a.set("k", "kept".into()).await.unwrap();
+    l2.writes_failing.store(false, Ordering::SeqCst);
+    assert_eq!(
+        a.get("k").await.unwrap(),
+        Some("kept".into()),
+        "the kept write answers"
+    );
+    clock.advance(Duration::from_secs(1));
+    b.set_with_tags("k", "later".into(), &["t"], &b.default_options())
+        .await
+        .unwrap();
+    l2.failing.store(true, Ordering::SeqCst);
+    let strict = a.default_options().with_l2_errors_returned(true);
+    let read = a.get_with("k", &strict).await;
+    assert!(matches!(read, Err(CacheError::Timeout { .. })), "{read:?}");
+    assert_eq!(a.get("k").await.unwrap(), None, "not the older kept value");
+    l2.failing.store(false, Ordering::SeqCst);
+    assert_eq!(a.get("k").await.unwrap(), Some("later".into()));
 }

@@ -312,30 +312,37 @@ where
         let reads = missing.iter().zip(entries).zip(snapshots).zip(kept_before);
         for (((&index, entry), snapshot), kept_before) in reads {
             let key = keys[index].as_ref();
-            let read = match (self.kept_write(key).or(kept_before), entry) {
-                (Some(kept), entry) => {
-                    self.read_with_kept(key, kept, entry, !answered, deadline)
-                        .await
-                }
-                (None, Some(found)) => self.batch_entry(key, found, deadline, options).await?,
-                (None, None) => L2Read::Miss { seen: None },
-            };
+            let kept = self.kept_write(key).or(kept_before);
+            let read = self
+                .batch_read(key, kept, entry, answered, deadline, options)
+                .await?;
             self.take_l2_read(key, index, read, options, snapshot, &mut looked);
         }
         Ok(looked)
     }
 
-    /// One entry of a batch's L2 read, as [`classify`](Self::classify) reads it. One whose
-    /// tags' records cannot be read is the error if the options return L2 errors, else a miss
-    /// with nothing known to replace, as on a failed L2.
-    async fn batch_entry(
+    /// One key's entry in a batch's L2 read (`entry`; nothing if the read was not `answered`),
+    /// as a read sees it beside a write of the key kept for a replay (`kept`). One whose tags'
+    /// records cannot be read is the error if the options return L2 errors, else a miss with
+    /// nothing known to replace, as on a failed L2.
+    async fn batch_read(
         &self,
         key: &str,
-        (bytes, ttl): (Bytes, Duration),
+        kept: Option<Bytes>,
+        entry: Option<(Bytes, Duration)>,
+        answered: bool,
         deadline: tokio::time::Instant,
         options: &EntryOptions,
     ) -> Result<L2Read<V>> {
-        match self.classify(key, bytes, ttl, deadline).await {
+        let read = match (kept, entry) {
+            (Some(kept), entry) => {
+                self.read_with_kept(key, kept, entry, !answered, deadline)
+                    .await
+            }
+            (None, Some((bytes, ttl))) => self.classify(key, bytes, ttl, deadline).await,
+            (None, None) => Ok(L2Read::Miss { seen: None }),
+        };
+        match read {
             Err(_) if !options.l2_errors_returned() => Ok(L2Read::Miss { seen: None }),
             read => read,
         }

@@ -477,9 +477,9 @@ where
                 Ok(found) => (found, false),
                 Err(_) => (None, true),
             };
-            return Ok(self
+            return self
                 .read_with_kept(key, kept, found, l2_failed, deadline)
-                .await);
+                .await;
         }
         match found? {
             Some((bytes, ttl)) => self.classify(key, bytes, ttl, deadline).await,

@@ -102,6 +102,12 @@ where
     /// kept one when the L2 failed (a recovered L2 may still hold what a kept delete removed).
     /// A kept write that has expired reads as a miss; its replay still removes the older
     /// value. A load after a kept write's miss replaces what the L2 holds, not the kept bytes.
+    ///
+    /// # Errors
+    ///
+    /// As [`classify`](Self::classify), for the L2's answer when it is the later, or for the
+    /// kept write when it answers: an entry whose tags' records cannot be read is not known
+    /// to be current (never does the kept write answer for a later one that cannot be judged).
     pub(super) async fn read_with_kept(
         &self,
         key: &str,
@@ -109,64 +115,46 @@ where
         found: Option<(Bytes, Duration)>,
         l2_failed: bool,
         deadline: Instant,
-    ) -> L2Read<V> {
+    ) -> Result<L2Read<V>> {
         let kept_at = Envelope::parse::<C>(&kept, usize::MAX)
             .map(|envelope| (envelope.written_at, envelope.expires_at));
         let Ok((written_at, expires_at)) = kept_at else {
             // Unreachable: the cache encoded these bytes itself.
-            return L2Read::Miss { seen: None };
+            return Ok(L2Read::Miss { seen: None });
         };
         if let (Some((bytes, ttl)), false) = (&found, l2_failed) {
             let newer = Envelope::parse::<C>(bytes, usize::MAX)
                 .is_ok_and(|stored| stored.written_at > written_at);
             if newer {
-                // The L2's answer is later than the kept write, unless its tags' records could
-                // not be read: then as if the L2 had failed, the kept write answers.
-                if let Ok(read) = self.classify(key, bytes.clone(), *ttl, deadline).await {
-                    return read;
-                }
-                return self.read_kept(key, kept, None, expires_at, deadline).await;
+                return self.classify(key, bytes.clone(), *ttl, deadline).await;
             }
         }
         let stored = found.filter(|_| !l2_failed).map(|(bytes, _)| bytes);
-        self.read_kept(key, kept, stored, expires_at, deadline)
-            .await
-    }
-
-    /// A read that the kept write `kept` (expiring at `expires_at`) answers; `stored` is what
-    /// the L2 holds, which a load is to replace.
-    async fn read_kept(
-        &self,
-        key: &str,
-        kept: Bytes,
-        stored: Option<Bytes>,
-        expires_at: Timestamp,
-        deadline: Instant,
-    ) -> L2Read<V> {
         if expires_at <= self.clock.now() {
-            return L2Read::Miss { seen: stored };
+            return Ok(L2Read::Miss { seen: stored });
         }
-        // What a load is to replace is what the L2 holds, not the kept bytes. Kept bytes whose
-        // tags' records cannot be read are no value to serve.
-        match self.classify(key, kept, Duration::ZERO, deadline).await {
-            Ok(L2Read::Miss { .. }) | Err(_) => L2Read::Miss { seen: stored },
-            Ok(L2Read::Stale {
-                value,
-                expires_at,
-                tags,
-                ..
-            }) => L2Read::Stale {
-                value,
-                expires_at,
-                seen: stored,
-                tags,
+        // What a load is to replace is what the L2 holds, not the kept bytes.
+        Ok(
+            match self.classify(key, kept, Duration::ZERO, deadline).await? {
+                L2Read::Miss { .. } => L2Read::Miss { seen: stored },
+                L2Read::Stale {
+                    value,
+                    expires_at,
+                    tags,
+                    ..
+                } => L2Read::Stale {
+                    value,
+                    expires_at,
+                    seen: stored,
+                    tags,
+                },
+                L2Read::Hit { value, life, .. } => L2Read::Hit {
+                    value,
+                    life,
+                    seen: stored,
+                },
             },
-            Ok(L2Read::Hit { value, life, .. }) => L2Read::Hit {
-                value,
-                life,
-                seen: stored,
-            },
-        }
+        )
     }
 
     /// A write of `key` reached the L2: an earlier kept write of it has nothing left to do.

@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
@@ -43,6 +44,9 @@ pub(super) struct Shared<V, C> {
     /// The bytes of the index this instance last stored: read back unchanged, they need no
     /// decoding (a large dataset's index is the bulk of a refresh's own work).
     stored: Mutex<Option<Bytes>>,
+    /// Whether the L2 refused this instance's last index for good (too large for it): its
+    /// absence from the L2 then says nothing of the entries.
+    index_refused: AtomicBool,
     status: Mutex<Status>,
     /// One refresh at a time on this instance (the periodic one, `refresh_now`).
     refreshing: tokio::sync::Mutex<()>,
@@ -82,6 +86,7 @@ where
             token: Bytes::copy_from_slice(&fastrand::u128(..).to_le_bytes()),
             index: Mutex::default(),
             stored: Mutex::default(),
+            index_refused: AtomicBool::new(false),
             status: Mutex::default(),
             refreshing: tokio::sync::Mutex::new(()),
             events: broadcast::channel(64).0,
@@ -409,8 +414,12 @@ where
         // An L2 that holds no index (a server restarted without its data, a flush, an
         // eviction) has likely lost the entries too: compared with the index known here, they
         // would look unchanged and stay missing for half their TTL. Every entry is written
-        // again; what the known index lists beyond the fetch is still removed.
-        let rewrite_all = store.is_some() && read.is_none();
+        // again; what the known index lists beyond the fetch is still removed. Not when the
+        // L2 refused the last index for good (too large): every refresh would write it all.
+        let rewrite_all = store.is_some()
+            && read.is_none()
+            && previous.generation > 0
+            && !self.index_refused.load(Ordering::SeqCst);
         let limit = self.settings.fetch_timeout();
         let fetch = tokio::time::timeout(limit, (self.fetch_all)());
         let fetched = match stop {
@@ -441,7 +450,11 @@ where
         // Stored even when some writes failed: what did land is known, and the rest is
         // written again next time.
         if let Some(store) = &store {
-            self.store_index(store, &next, read).await?;
+            let stored = self.store_index(store, &next, read).await;
+            let refused =
+                matches!(&stored, Err(DatasetError::Cache(error)) if !error.is_transient());
+            self.index_refused.store(refused, Ordering::SeqCst);
+            stored?;
         }
         if let Some(first) = plan.first_error {
             return Err(DatasetError::Apply {
@@ -479,6 +492,7 @@ where
                 entries: HashMap::with_capacity(fetched.len()),
                 ..Index::default()
             },
+            rewrite_all,
             writes: Vec::new(),
             removals: previous
                 .entries
@@ -561,6 +575,9 @@ where
 /// What a refresh does to the cache, and the index it builds meanwhile.
 struct Plan<V> {
     next: Index,
+    /// Whether every entry is written again: one that fails is then kept with no stamp, so that
+    /// the next refresh writes it again too.
+    rewrite_all: bool,
     /// Key, value, fingerprint, and whether it changed (or is new) rather than only aged.
     writes: Vec<(String, V, u128, bool)>,
     removals: Vec<String>,
@@ -578,10 +595,15 @@ impl<V> Plan<V> {
     /// with a stamp that matches no value: the write may have landed all the same), so that
     /// the next refresh writes or removes it again.
     fn keep(&mut self, previous: &Index, key: String, error: CacheError) {
-        let stamp = previous.entries.get(&key).copied().unwrap_or(Stamp {
+        let none = Stamp {
             fingerprint: 0,
             written_at: 0,
-        });
+        };
+        let stamp = if self.rewrite_all {
+            none
+        } else {
+            previous.entries.get(&key).copied().unwrap_or(none)
+        };
         self.next.entries.insert(key, stamp);
         self.failure(error);
     }
