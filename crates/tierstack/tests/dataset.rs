@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::Fixture;
+use common::{Fixture, PickyStore};
 use tierstack::TieredCache;
 use tierstack::core::Store as _;
 use tierstack::core::testkit::MemoryBus;
@@ -449,6 +449,44 @@ async fn a_refresh_after_the_l2_lost_everything_writes_every_entry_again() {
         before,
         "not rewritten again"
     );
+}
+
+/// An index the L2 refuses for good (grown too large for it) is not in the L2: the refresher
+/// must not take its absence for a lost L2 and write every entry again at each attempt.
+#[tokio::test(start_paused = true)]
+async fn an_index_the_l2_refuses_does_not_make_every_refresh_a_full_rewrite() {
+    let l2 = Arc::new(PickyStore::new());
+    let source = Source::with(&[("a", "1"), ("b", "2")]);
+    let cache = TieredCache::<String>::builder("tools")
+        .without_l1()
+        .l2(l2.clone())
+        .build()
+        .unwrap();
+    let tools = Dataset::builder(cache, source.fetch_all())
+        .refresh_every(EVERY)
+        .start()
+        .await
+        .unwrap();
+    let mut events = tools.events();
+    // The dataset grows past what the L2 takes as one index, and the old one is gone.
+    l2.fail_writes_of(Some("!dataset:index"), false);
+    l2.delete("tools!dataset:index").await.unwrap();
+    source.put("c", "3");
+    tokio::time::sleep(EVERY).await; // paused clock: one refresh
+    let Ok(DatasetEvent::RefreshFailed { .. }) = events.recv().await else {
+        panic!("the index was stored");
+    };
+    let written = l2.writes_of("tools:");
+    // paused clock: the retries of a whole interval, each failing to store the index.
+    tokio::time::sleep(EVERY).await;
+    let failed = tools.state().consecutive_failures;
+    assert!(failed > 1, "no retry ran");
+    assert_eq!(
+        l2.writes_of("tools:"),
+        written,
+        "{failed} retries rewrote entries"
+    );
+    assert_eq!(tools.get("c").await.unwrap(), Some("3".into()));
 }
 
 #[tokio::test(start_paused = true)]

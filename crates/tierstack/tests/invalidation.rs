@@ -56,12 +56,17 @@ async fn a_write_on_one_instance_evicts_every_other_l1() {
             assert_eq!(cache.get("k").await.unwrap(), Some("v2".into()));
         }
     }
-    // Each instance receives the other writers' messages, never its own.
-    let received: Vec<u64> = caches
-        .iter()
-        .map(|c| c.stats().invalidations_received)
-        .collect();
-    assert_eq!(received, vec![1, 1, 2]);
+    // Each instance receives the other writers' messages, never its own. Two writers' messages
+    // travel independently: the first write's may still be on its way to the third instance
+    // once the second's has arrived (seen once in a loaded run).
+    let received = || -> Vec<u64> {
+        caches
+            .iter()
+            .map(|c| c.stats().invalidations_received)
+            .collect()
+    };
+    eventually(async || received() == [1, 1, 2]).await;
+    assert_eq!(received(), vec![1, 1, 2], "no more than that");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use common::{Fixture, instances};
+use common::{Fixture, PickyStore, instances};
 use tierstack::core::Store;
 use tierstack::core::tag::{MAX_TAG_LEN, MAX_TAGS, TagProblem, TagRecord};
 use tierstack::core::testkit::{MemoryBus, MemoryStore};
@@ -637,108 +637,13 @@ async fn a_cleared_l1_judges_tagged_entries_from_the_l2_again() {
     assert_eq!(loaded, "b2");
 }
 
-/// An L2 whose tag records cannot be read (every read of a key holding `!tag:` fails while
-/// `failing`), the entries still can: a Redis that times out on some calls, say. While
-/// `writes_failing`, every write fails too.
-#[derive(Debug)]
-struct RecordsFail {
-    inner: Arc<MemoryStore>,
-    failing: std::sync::atomic::AtomicBool,
-    writes_failing: std::sync::atomic::AtomicBool,
-}
-
-impl RecordsFail {
-    fn new() -> Self {
-        Self {
-            inner: Arc::new(MemoryStore::new()),
-            failing: std::sync::atomic::AtomicBool::new(false),
-            writes_failing: std::sync::atomic::AtomicBool::new(false),
-        }
-    }
-
-    fn check(&self, key: &str) -> tierstack::Result<()> {
-        if self.failing.load(Ordering::SeqCst) && key.contains("!tag:") {
-            return Err(CacheError::Timeout {
-                operation: "get",
-                after: Duration::from_millis(1),
-            });
-        }
-        Ok(())
-    }
-
-    fn check_write(&self) -> tierstack::Result<()> {
-        if self.writes_failing.load(Ordering::SeqCst) {
-            return Err(CacheError::Timeout {
-                operation: "set",
-                after: Duration::from_millis(1),
-            });
-        }
-        Ok(())
-    }
-}
-
-#[async_trait::async_trait]
-impl Store for RecordsFail {
-    async fn get(&self, key: &str) -> tierstack::Result<Option<bytes::Bytes>> {
-        self.check(key)?;
-        self.inner.get(key).await
-    }
-    async fn set(&self, key: &str, value: bytes::Bytes, ttl: Duration) -> tierstack::Result<()> {
-        self.check_write()?;
-        self.inner.set(key, value, ttl).await
-    }
-    async fn set_if_absent(
-        &self,
-        key: &str,
-        value: bytes::Bytes,
-        ttl: Duration,
-    ) -> tierstack::Result<bool> {
-        self.check_write()?;
-        self.inner.set_if_absent(key, value, ttl).await
-    }
-    async fn replace(
-        &self,
-        key: &str,
-        value: bytes::Bytes,
-        ttl: Duration,
-    ) -> tierstack::Result<Option<bytes::Bytes>> {
-        self.check_write()?;
-        self.inner.replace(key, value, ttl).await
-    }
-    async fn compare_and_set(
-        &self,
-        key: &str,
-        current: &[u8],
-        new: Option<(bytes::Bytes, Duration)>,
-    ) -> tierstack::Result<bool> {
-        self.check_write()?;
-        self.inner.compare_and_set(key, current, new).await
-    }
-    async fn delete(&self, key: &str) -> tierstack::Result<bool> {
-        self.inner.delete(key).await
-    }
-    async fn expire(&self, key: &str, ttl: Duration) -> tierstack::Result<bool> {
-        self.inner.expire(key, ttl).await
-    }
-    async fn ttl(&self, key: &str) -> tierstack::Result<Option<Duration>> {
-        self.check(key)?;
-        self.inner.ttl(key).await
-    }
-    async fn delete_prefix(&self, prefix: &str) -> tierstack::Result<u64> {
-        self.inner.delete_prefix(prefix).await
-    }
-    async fn ping(&self) -> tierstack::Result<()> {
-        self.inner.ping().await
-    }
-}
-
 /// A tagged entry whose tags' records cannot be read is not known to be current, nor gone: a
 /// read returning L2 errors fails (a session's load, which must not sign its user out), a plain
 /// read misses as on a failed L2, and a conditional write fails rather than replace it. Once
 /// the records read again, the entry is there, untouched.
 #[tokio::test]
 async fn an_entry_whose_tag_records_cannot_be_read_is_neither_gone_nor_replaced() {
-    let l2 = Arc::new(RecordsFail::new());
+    let l2 = Arc::new(PickyStore::new());
     let writer = TieredCache::<String>::builder("svc")
         .l2(l2.clone())
         .build()
@@ -754,7 +659,7 @@ async fn an_entry_whose_tag_records_cannot_be_read_is_neither_gone_nor_replaced(
         .l2(l2.clone())
         .build()
         .unwrap();
-    l2.failing.store(true, Ordering::SeqCst);
+    l2.fail_reads_of(Some("!tag:"));
     let strict = reader.default_options().with_l2_errors_returned(true);
     let read = reader.get_with("s1", &strict).await;
     assert!(matches!(read, Err(CacheError::Timeout { .. })), "{read:?}");
@@ -765,7 +670,7 @@ async fn an_entry_whose_tag_records_cannot_be_read_is_neither_gone_nor_replaced(
     );
     let replaced = reader.set_if_absent("s1", "other".into(), &options).await;
     assert!(replaced.is_err(), "{replaced:?}");
-    l2.failing.store(false, Ordering::SeqCst);
+    l2.fail_reads_of(None);
     assert_eq!(reader.get("s1").await.unwrap(), Some("v".into()));
 }
 
@@ -774,7 +679,7 @@ async fn an_entry_whose_tag_records_cannot_be_read_is_neither_gone_nor_replaced(
 /// rather than serve the older kept value.
 #[tokio::test]
 async fn a_kept_write_does_not_answer_for_a_later_entry_that_cannot_be_judged() {
-    let l2 = Arc::new(RecordsFail::new());
+    let l2 = Arc::new(PickyStore::new());
     let clock = tierstack::core::clock::ManualClock::new();
     let instance = |recovering: bool| {
         let builder = TieredCache::<String>::builder("svc")
@@ -795,9 +700,9 @@ async fn a_kept_write_does_not_answer_for_a_later_entry_that_cannot_be_judged() 
         .unwrap()
     };
     let (a, b) = (instance(true), instance(false));
-    l2.writes_failing.store(true, Ordering::SeqCst);
+    l2.fail_writes_of(Some(""), true);
     a.set("k", "kept".into()).await.unwrap();
-    l2.writes_failing.store(false, Ordering::SeqCst);
+    l2.fail_writes_of(None, true);
     assert_eq!(
         a.get("k").await.unwrap(),
         Some("kept".into()),
@@ -807,11 +712,11 @@ async fn a_kept_write_does_not_answer_for_a_later_entry_that_cannot_be_judged() 
     b.set_with_tags("k", "later".into(), &["t"], &b.default_options())
         .await
         .unwrap();
-    l2.failing.store(true, Ordering::SeqCst);
+    l2.fail_reads_of(Some("!tag:"));
     let strict = a.default_options().with_l2_errors_returned(true);
     let read = a.get_with("k", &strict).await;
     assert!(matches!(read, Err(CacheError::Timeout { .. })), "{read:?}");
     assert_eq!(a.get("k").await.unwrap(), None, "not the older kept value");
-    l2.failing.store(false, Ordering::SeqCst);
+    l2.fail_reads_of(None);
     assert_eq!(a.get("k").await.unwrap(), Some("later".into()));
 }

@@ -451,9 +451,12 @@ where
         // written again next time.
         if let Some(store) = &store {
             let stored = self.store_index(store, &next, read).await;
-            let refused =
-                matches!(&stored, Err(DatasetError::Cache(error)) if !error.is_transient());
-            self.index_refused.store(refused, Ordering::SeqCst);
+            // A transient failure says nothing of whether the L2 takes this index.
+            match &stored {
+                Err(DatasetError::Cache(error)) if error.is_transient() => {}
+                Err(DatasetError::Cache(_)) => self.index_refused.store(true, Ordering::SeqCst),
+                _ => self.index_refused.store(false, Ordering::SeqCst),
+            }
             stored?;
         }
         if let Some(first) = plan.first_error {
@@ -575,8 +578,8 @@ where
 /// What a refresh does to the cache, and the index it builds meanwhile.
 struct Plan<V> {
     next: Index,
-    /// Whether every entry is written again: one that fails is then kept with no stamp, so that
-    /// the next refresh writes it again too.
+    /// Whether every entry is written again: one that fails is then kept as if written long
+    /// ago, so that the next refresh writes it again too.
     rewrite_all: bool,
     /// Key, value, fingerprint, and whether it changed (or is new) rather than only aged.
     writes: Vec<(String, V, u128, bool)>,
@@ -595,14 +598,18 @@ impl<V> Plan<V> {
     /// with a stamp that matches no value: the write may have landed all the same), so that
     /// the next refresh writes or removes it again.
     fn keep(&mut self, previous: &Index, key: String, error: CacheError) {
-        let none = Stamp {
+        let stamp = previous.entries.get(&key).copied().unwrap_or(Stamp {
             fingerprint: 0,
             written_at: 0,
-        };
+        });
+        // In a full rewrite, aged out: written again next time, not counted as changed.
         let stamp = if self.rewrite_all {
-            none
+            Stamp {
+                written_at: 0,
+                ..stamp
+            }
         } else {
-            previous.entries.get(&key).copied().unwrap_or(none)
+            stamp
         };
         self.next.entries.insert(key, stamp);
         self.failure(error);

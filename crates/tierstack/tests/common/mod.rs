@@ -145,3 +145,122 @@ impl tierstack::core::Backplane for FlakyBackplane {
         self.inner.subscribe()
     }
 }
+
+/// An in-memory L2 that fails some keys only: reads (`get`, `ttl`) of keys that contain one
+/// pattern time out, and writes of keys that contain another fail, with a timeout or refused
+/// for good (too large). A Redis that times out on some calls, or a Firestore that refuses a
+/// document over 1 MiB, say.
+#[derive(Debug, Default)]
+pub struct PickyStore {
+    inner: MemoryStore,
+    failing_reads: std::sync::Mutex<Option<&'static str>>,
+    failing_writes: std::sync::Mutex<Option<(&'static str, bool)>>,
+    written: std::sync::Mutex<Vec<String>>,
+}
+
+impl PickyStore {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Reads of keys containing `pattern` time out (`None`: none do).
+    pub fn fail_reads_of(&self, pattern: Option<&'static str>) {
+        *self.failing_reads.lock().unwrap() = pattern;
+    }
+
+    /// Writes of keys containing `pattern` fail (`None`: none do): with a timeout if
+    /// `transient`, else refused as too large.
+    pub fn fail_writes_of(&self, pattern: Option<&'static str>, transient: bool) {
+        *self.failing_writes.lock().unwrap() = pattern.map(|pattern| (pattern, transient));
+    }
+
+    fn check_read(&self, key: &str) -> tierstack::Result<()> {
+        match *self.failing_reads.lock().unwrap() {
+            Some(pattern) if key.contains(pattern) => Err(tierstack::CacheError::Timeout {
+                operation: "get",
+                after: Duration::from_millis(1),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// How many writes of keys containing `pattern` were made (not failed here).
+    pub fn writes_of(&self, pattern: &str) -> usize {
+        let written = self.written.lock().unwrap();
+        written.iter().filter(|key| key.contains(pattern)).count()
+    }
+
+    fn check_write(&self, key: &str) -> tierstack::Result<()> {
+        self.check_write_failure(key)?;
+        self.written.lock().unwrap().push(key.to_owned());
+        Ok(())
+    }
+
+    fn check_write_failure(&self, key: &str) -> tierstack::Result<()> {
+        match *self.failing_writes.lock().unwrap() {
+            Some((pattern, true)) if key.contains(pattern) => Err(tierstack::CacheError::Timeout {
+                operation: "set",
+                after: Duration::from_millis(1),
+            }),
+            Some((pattern, false)) if key.contains(pattern) => {
+                Err(tierstack::CacheError::ValueTooLarge { size: 2, max: 1 })
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl tierstack::core::Store for PickyStore {
+    async fn get(&self, key: &str) -> tierstack::Result<Option<bytes::Bytes>> {
+        self.check_read(key)?;
+        self.inner.get(key).await
+    }
+    async fn set(&self, key: &str, value: bytes::Bytes, ttl: Duration) -> tierstack::Result<()> {
+        self.check_write(key)?;
+        self.inner.set(key, value, ttl).await
+    }
+    async fn set_if_absent(
+        &self,
+        key: &str,
+        value: bytes::Bytes,
+        ttl: Duration,
+    ) -> tierstack::Result<bool> {
+        self.check_write(key)?;
+        self.inner.set_if_absent(key, value, ttl).await
+    }
+    async fn replace(
+        &self,
+        key: &str,
+        value: bytes::Bytes,
+        ttl: Duration,
+    ) -> tierstack::Result<Option<bytes::Bytes>> {
+        self.check_write(key)?;
+        self.inner.replace(key, value, ttl).await
+    }
+    async fn compare_and_set(
+        &self,
+        key: &str,
+        current: &[u8],
+        new: Option<(bytes::Bytes, Duration)>,
+    ) -> tierstack::Result<bool> {
+        self.check_write(key)?;
+        self.inner.compare_and_set(key, current, new).await
+    }
+    async fn delete(&self, key: &str) -> tierstack::Result<bool> {
+        self.inner.delete(key).await
+    }
+    async fn expire(&self, key: &str, ttl: Duration) -> tierstack::Result<bool> {
+        self.inner.expire(key, ttl).await
+    }
+    async fn ttl(&self, key: &str) -> tierstack::Result<Option<Duration>> {
+        self.check_read(key)?;
+        self.inner.ttl(key).await
+    }
+    async fn delete_prefix(&self, prefix: &str) -> tierstack::Result<u64> {
+        self.inner.delete_prefix(prefix).await
+    }
+    async fn ping(&self) -> tierstack::Result<()> {
+        self.inner.ping().await
+    }
+}
