@@ -187,7 +187,8 @@ fn redis_from_vars(var: &impl Fn(&str) -> Option<String>) -> Result<StoreConfig>
     let mut config = match (var("REDIS_CLUSTER_URLS"), var("REDIS_URL"), host) {
         (Some(_), _, Some(_)) | (_, Some(_), Some(_)) => {
             return Err(CacheError::Configuration(
-                "set REDIS_HOST (with REDIS_PORT, REDIS_DB, REDIS_PASSWORD) or a URL                  (REDIS_URL, REDIS_CLUSTER_URLS), not both"
+                "set REDIS_HOST (with REDIS_PORT, REDIS_DB, REDIS_PASSWORD) or a URL \
+                 (REDIS_URL, REDIS_CLUSTER_URLS), not both"
                     .into(),
             ));
         }
@@ -231,35 +232,27 @@ fn redis_from_parts(
     var: &impl Fn(&str) -> Option<String>,
     host: &str,
 ) -> Result<tierstack_redis::RedisConfig> {
+    /// The variable `name` as a `T`, if set.
     fn number<T: std::str::FromStr>(
         var: &impl Fn(&str) -> Option<String>,
         name: &str,
-        default: T,
         what: &str,
-    ) -> Result<T> {
-        match var(name) {
-            None => Ok(default),
-            Some(text) => text.trim().parse().map_err(|_| {
-                CacheError::Configuration(format!("{name} must be {what}, not {text:?}"))
-            }),
-        }
+    ) -> Result<Option<T>> {
+        var(name)
+            .map(|text| {
+                text.trim().parse().map_err(|_| {
+                    CacheError::Configuration(format!("{name} must be {what}, not {text:?}"))
+                })
+            })
+            .transpose()
     }
     if host.is_empty() {
         return Err(CacheError::Configuration("REDIS_HOST is empty".into()));
     }
-    let port: u16 = number(var, "REDIS_PORT", 6379, "a port number from 1 to 65535")?;
-    if port == 0 {
-        return Err(CacheError::Configuration(
-            "REDIS_PORT must be a port number from 1 to 65535, not \"0\"".into(),
-        ));
-    }
-    let db: i64 = number(var, "REDIS_DB", 0, "a database number from 0")?;
-    if db < 0 {
-        return Err(CacheError::Configuration(format!(
-            "REDIS_DB must be a database number from 0, not \"{db}\""
-        )));
-    }
-    let config = tierstack_redis::RedisConfig::from_parts(host, port, db)?;
+    let port = number(var, "REDIS_PORT", "a port number from 1 to 65535")?
+        .map_or(6379, std::num::NonZeroU16::get);
+    let db: u32 = number(var, "REDIS_DB", "a database number from 0")?.unwrap_or(0);
+    let config = tierstack_redis::RedisConfig::from_parts(host, port, i64::from(db))?;
     match (var("REDIS_USERNAME"), var("REDIS_PASSWORD")) {
         (username, Some(password)) => Ok(config.credentials(username.as_deref(), &password)),
         (Some(_), None) => Err(CacheError::Configuration(
@@ -411,7 +404,10 @@ mod tests {
             (vec![("REDIS_DB", "-1")], "REDIS_DB"),
             (vec![("REDIS_DB", "one")], "REDIS_DB"),
             (vec![("REDIS_USERNAME", "svc")], "REDIS_PASSWORD"),
-            (vec![("REDIS_URL", "redis://h/")], "not both"),
+            (
+                vec![("REDIS_URL", "redis://h/")],
+                "or a URL (REDIS_URL, REDIS_CLUSTER_URLS), not both",
+            ),
             (vec![("REDIS_HOST", " ")], "REDIS_HOST is empty"),
         ] {
             let mut settings = vec![("CACHE_BACKEND", "redis"), ("REDIS_HOST", "h")];

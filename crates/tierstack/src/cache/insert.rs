@@ -62,8 +62,8 @@ where
     C: Codec,
 {
     /// Writes `value` under `key` (or removes the key, for `None`) if the key meets
-    /// `condition`; `true` if it did.
-    /// A written value carries `tags`, stamped with their current versions.
+    /// `condition`; `true` if it did. A written value carries `tags`, stamped with their
+    /// current versions.
     pub(super) async fn set_if(
         self: &Arc<Self>,
         condition: Condition<'_, V>,

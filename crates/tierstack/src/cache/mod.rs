@@ -40,6 +40,9 @@ use crate::options::{EntryOptions, Fetched, Loaded};
 use crate::recovery::RecoveryQueue;
 use crate::stats::{CacheStats, Recorder};
 
+/// The tags of an untagged write.
+const NO_TAGS: &[&str] = &[];
+
 mod background;
 mod builder;
 mod bulk;
@@ -572,8 +575,7 @@ where
     /// while this instance's backplane is lost: its L1 can neither vouch for a copy nor keep a
     /// new one until it hears again.
     pub async fn set_if_absent(&self, key: &str, value: V, options: &EntryOptions) -> Result<bool> {
-        self.inner
-            .set_if(insert::Condition::Absent, key, Some(value), options, &[])
+        self.set_if_absent_with_tags(key, value, NO_TAGS, options)
             .await
     }
 
@@ -609,8 +611,7 @@ where
         value: V,
         options: &EntryOptions,
     ) -> Result<bool> {
-        self.inner
-            .set_if(insert::Condition::Present, key, Some(value), options, &[])
+        self.set_if_present_with_tags(key, value, NO_TAGS, options)
             .await
     }
 
