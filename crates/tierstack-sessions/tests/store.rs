@@ -221,3 +221,26 @@ async fn a_tagged_session_is_kept_at_most_a_year() {
     store.end_user_sessions("ada").await.unwrap();
     assert_eq!(store.load(&session.id).await.unwrap(), None);
 }
+
+/// A user id whose tag is not allowed (over 123 bytes) is a clear error, for the write of its
+/// session (nothing is kept, nothing else is touched) and for ending its sessions.
+#[tokio::test]
+async fn a_user_id_too_long_for_a_tag_is_a_clear_error_and_keeps_nothing() {
+    let store = stores(1).remove(0).with_user_field("user");
+    let mut other = record(Duration::hours(1));
+    store.create(&mut other).await.unwrap();
+    let long = "u".repeat(124);
+    let mut session = record(Duration::hours(1));
+    session
+        .data
+        .insert("user".to_owned(), serde_json::json!(long.clone()));
+    let error = store.create(&mut session).await.unwrap_err();
+    assert!(error.to_string().contains("tag"), "{error}");
+    assert_eq!(store.load(&session.id).await.unwrap(), None, "nothing kept");
+    let ended = store.end_user_sessions(&long).await.unwrap_err();
+    assert!(
+        matches!(ended, tierstack::CacheError::InvalidTag { .. }),
+        "{ended:?}"
+    );
+    assert_eq!(store.load(&other.id).await.unwrap(), Some(other.clone()));
+}
