@@ -7,8 +7,8 @@ use crate::services::{Services, Which};
 /// The scenarios that need only Redis (or nothing); the rest need the Firestore emulator.
 const WITHOUT_FIRESTORE: &str = "l1_hit,failsafe_outage,eager_refresh,soft_timeout,\
                                  l2_hit_memory,stampede,l2_hit_redis,get_many_redis,\
-                                 write_through_redis,invalidation_lag,mixed_zipf,l2_outage,\
-                                 dataset_read,tag_invalidation,session_load,\
+                                 set_many_redis,write_through_redis,invalidation_lag,mixed_zipf,\
+                                 l2_outage,dataset_read,tag_invalidation,session_load,\
                                  http_cached_get,server_get,server_put,envelope_codec";
 const WITH_FIRESTORE: &str = "l2_hit_firestore,get_many_firestore";
 
@@ -89,6 +89,7 @@ pub(crate) fn check() -> Result<(), String> {
         "l2_hit_redis_encrypted",
         "envelope_codec",
         "get_many_redis",
+        "set_many_redis",
         "write_through_redis",
         "invalidation_lag",
         "mixed_zipf",

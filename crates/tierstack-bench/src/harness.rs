@@ -84,7 +84,7 @@ impl Workload for TieredGet {
 }
 
 /// The first key of the 100-key batch of operation `i`.
-fn batch_start(i: usize, keys: usize) -> usize {
+pub(crate) fn batch_start(i: usize, keys: usize) -> usize {
     (i * 100) % (keys - 100)
 }
 

@@ -223,6 +223,9 @@ async fn server_scenarios(options: &RunOptions, sizes: &Sizes) -> Vec<Record> {
     if options.wants("get_many_redis") {
         records.extend(redis_scenarios::get_many_redis(sizes).await);
     }
+    if options.wants("set_many_redis") {
+        records.extend(redis_scenarios::set_many_redis(sizes).await);
+    }
     if options.wants("write_through_redis") {
         records.extend(redis_scenarios::write_through_redis(sizes).await);
     }

@@ -13,8 +13,8 @@ use tierstack_moka::L1Capacity;
 use tierstack_redis::{RedisBackplane, RedisConfig, RedisStore};
 
 use crate::harness::{
-    GetMany, Record, Round, SequentialGets, Sizes, TieredGet, Workload, head_to_head, interleave,
-    nanos, record_against, records, run_round, shuffled,
+    GetMany, Record, Round, SequentialGets, Sizes, TieredGet, Workload, batch_start, head_to_head,
+    interleave, nanos, record_against, records, run_round, shuffled,
 };
 
 const TTL: Duration = Duration::from_hours(1);
@@ -431,6 +431,67 @@ pub(crate) async fn write_through_redis(sizes: &Sizes) -> Vec<Record> {
     records(
         "write_through_redis/1task",
         &["tierstack set+publish", "redis-rs SET"],
+        1,
+        &rounds,
+    )
+}
+
+/// `set_many` of 100 entries: one call, its writes at once.
+struct SetMany {
+    cache: TieredCache<String>,
+    keys: Arc<Vec<String>>,
+}
+
+impl Workload for SetMany {
+    async fn op(&self, i: usize) {
+        let start = batch_start(i, self.keys.len());
+        let batch = (start..start + 100).map(|j| (self.keys[j].as_str(), value(j)));
+        black_box(self.cache.set_many(batch).await.ok());
+    }
+}
+
+/// The same 100 entries as [`SetMany`], one `set` after the other.
+struct SequentialSets {
+    cache: TieredCache<String>,
+    keys: Arc<Vec<String>>,
+}
+
+impl Workload for SequentialSets {
+    async fn op(&self, i: usize) {
+        let start = batch_start(i, self.keys.len());
+        for j in start..start + 100 {
+            black_box(self.cache.set(&self.keys[j], value(j)).await.ok());
+        }
+    }
+}
+
+/// `set_many` of 100 entries vs 100 sequential `set`s, with L1 and a paired backplane (each
+/// write publishes its invalidation), one task.
+pub(crate) async fn set_many_redis(sizes: &Sizes) -> Vec<Record> {
+    let keys = keys(sizes.keys);
+    let config = config("bench-set-many:");
+    let (store, backplane) = RedisStore::connect_with_backplane(&config)
+        .await
+        .unwrap_or_else(|e| fail(e));
+    let cache = TieredCache::builder("bench")
+        .l2(Arc::new(store))
+        .backplane(Arc::new(backplane))
+        .l1_capacity(L1Capacity::Entries(100_000))
+        .default_ttl(TTL)
+        .l2_timeout(BENCH_L2_TIMEOUT)
+        .build()
+        .unwrap_or_else(|e| fail(e));
+    let many = Arc::new(SetMany {
+        cache: cache.clone(),
+        keys: keys.clone(),
+    });
+    let sequential = Arc::new(SequentialSets { cache, keys });
+    let order = shuffled(sizes.keys);
+    let ops = (sizes.redis_ops / 1000).max(20);
+    let rounds = head_to_head(&many, &sequential, &order, sizes.rounds, 1, ops).await;
+    records(
+        "set_many_redis/100keys",
+        &["set_many", "100 sequential sets"],
         1,
         &rounds,
     )

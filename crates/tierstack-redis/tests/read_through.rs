@@ -208,3 +208,43 @@ async fn another_instance_writing_during_the_load_keeps_its_value() {
             .unwrap();
     assert_eq!(value, "written by B", "Redis holds B's write, not A's load");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_writes_reach_redis_and_every_instance() {
+    let service = Service::new("rt-bulk").await;
+    let a = service.instance(L2Fill::DEFAULT).await;
+    let b = service.instance(L2Fill::DEFAULT).await;
+    let batch = |version: &str| {
+        (0..200)
+            .map(|i| (format!("k{i}"), format!("{version}{i}")))
+            .collect::<Vec<_>>()
+    };
+    a.set_many(batch("old")).await.unwrap();
+    for i in 0..200 {
+        // Into B's L1.
+        let value = b.get(&format!("k{i}")).await.unwrap();
+        assert_eq!(value, Some(format!("old{i}")));
+    }
+    a.set_many(batch("new")).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    for i in 0..200 {
+        let key = format!("k{i}");
+        while b.get(&key).await.unwrap() != Some(format!("new{i}")) {
+            assert!(std::time::Instant::now() < deadline, "B kept {key}");
+            // poll loop
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    let keys: Vec<String> = (0..100).map(|i| format!("k{i}")).collect();
+    assert_eq!(a.delete_many(&keys).await.unwrap(), 100);
+    for i in 0..200 {
+        let key = format!("k{i}");
+        assert_eq!(service.in_l2(&key).await, i >= 100, "{key}");
+        let expected = (i >= 100).then(|| format!("new{i}"));
+        while b.get(&key).await.unwrap() != expected {
+            assert!(std::time::Instant::now() < deadline, "B kept {key}");
+            // poll loop
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}

@@ -52,6 +52,7 @@ mod l2;
 mod lease;
 mod listener;
 mod load;
+mod many;
 mod publish;
 mod read;
 mod recovery;
@@ -541,6 +542,38 @@ where
         self.inner.set(key, value, options, &[]).await
     }
 
+    /// Writes every `(key, value)` of `entries` with the default TTL, as [`set`](Self::set)
+    /// writes one, many at once: their L2 commands share round trips and their invalidations
+    /// share messages. Of two entries with the same key, the later one is written.
+    ///
+    /// # Errors
+    ///
+    /// Bad input in any entry (an invalid key, a value over the maximum) refuses the whole call
+    /// before anything is written. Otherwise every entry is written, and the first failed
+    /// write's error (in the order of `entries`) is returned; each failed write is handled as
+    /// [`set_with_ttl`](Self::set_with_ttl) says, and the others stand.
+    pub async fn set_many<K: AsRef<str>>(
+        &self,
+        entries: impl IntoIterator<Item = (K, V)>,
+    ) -> Result<()> {
+        let options = self.inner.settings.defaults;
+        self.inner.set_many(entries, &options).await
+    }
+
+    /// [`set_many`](Self::set_many) with this call's `options`, as
+    /// [`set_with`](Self::set_with) takes them (each entry draws its own jitter).
+    ///
+    /// # Errors
+    ///
+    /// As [`set_many`](Self::set_many), and options out of range.
+    pub async fn set_many_with<K: AsRef<str>>(
+        &self,
+        entries: impl IntoIterator<Item = (K, V)>,
+        options: &EntryOptions,
+    ) -> Result<()> {
+        self.inner.set_many(entries, options).await
+    }
+
     /// Deletes the expired entries the L2 keeps until its own expiry runs (Firestore's TTL
     /// policy deletes them up to a day late; they are never read meanwhile), returning how
     /// many. Stores that expire entries themselves (Redis, moka) answer 0, as does a cache
@@ -806,6 +839,33 @@ where
     /// As [`delete`](Self::delete).
     pub async fn delete_with(&self, key: &str, options: &EntryOptions) -> Result<bool> {
         self.inner.delete(key, options).await
+    }
+
+    /// Deletes every key of `keys`, as [`delete`](Self::delete) deletes one, many at once;
+    /// returns how many of them held a value (a key listed twice counts once).
+    ///
+    /// # Errors
+    ///
+    /// An invalid key refuses the whole call before anything is deleted. Otherwise every key
+    /// is deleted, and the first failed delete's error (in the order of `keys`) is returned;
+    /// each failed delete is handled as [`delete`](Self::delete) says, and the others stand.
+    pub async fn delete_many<K: AsRef<str>>(&self, keys: &[K]) -> Result<u64> {
+        let options = self.inner.settings.defaults;
+        self.inner.delete_many(keys, &options).await
+    }
+
+    /// [`delete_many`](Self::delete_many) with this call's `options`, as
+    /// [`delete_with`](Self::delete_with) takes them.
+    ///
+    /// # Errors
+    ///
+    /// As [`delete_many`](Self::delete_many).
+    pub async fn delete_many_with<K: AsRef<str>>(
+        &self,
+        keys: &[K],
+        options: &EntryOptions,
+    ) -> Result<u64> {
+        self.inner.delete_many(keys, options).await
     }
 
     /// Removes every key that starts with `prefix` (literally) from both tiers and tells the other
