@@ -207,6 +207,12 @@ impl<V: Clone + Send + Sync + 'static> L1Cache<V> {
         self.cache.entry_count()
     }
 
+    /// An estimate of the entries' total weight: bytes as the weigher counts them for an L1
+    /// bounded by bytes, else the number of entries (moka counts lazily).
+    pub fn weighted_size(&self) -> u64 {
+        self.cache.weighted_size()
+    }
+
     /// Runs moka's pending housekeeping, so that counts are exact (for tests and reports).
     pub fn run_pending_tasks(&self) {
         self.cache.run_pending_tasks();
@@ -327,6 +333,11 @@ mod tests {
             cache.entry_count() <= 100,
             "{} entries",
             cache.entry_count()
+        );
+        assert!(
+            (9_000..=10_000).contains(&cache.weighted_size()),
+            "{} bytes",
+            cache.weighted_size()
         );
     }
 

@@ -5,7 +5,7 @@ use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use metrics::{Counter, Histogram};
+use metrics::{Counter, Gauge, Histogram};
 use tierstack_core::key::fingerprint;
 
 use crate::breaker::CircuitState;
@@ -70,6 +70,11 @@ pub struct CacheStats {
     pub writes_superseded: u64,
     /// Writes not kept (the queue was full) or kept but not replayed (expired first).
     pub writes_dropped: u64,
+    /// The entries L1 holds (0 without L1).
+    pub l1_entries: u64,
+    /// What L1 holds by its bound's measure: bytes as the weigher counts them for an L1
+    /// bounded by bytes ([`L1Capacity::Bytes`](crate::moka::L1Capacity::Bytes)), else entries.
+    pub l1_weighted_size: u64,
 }
 
 impl CacheStats {
@@ -269,6 +274,8 @@ struct Handles {
     leases: [Counter; 3],
     /// Per recovery outcome: kept, replayed, superseded, dropped.
     recovery: [Counter; 4],
+    l1_entries: Gauge,
+    l1_weighted_size: Gauge,
 }
 
 impl Recorder {
@@ -316,6 +323,8 @@ impl Recorder {
             recovery: RecoveryOutcome::ALL.map(|outcome| {
                 metrics::counter!("tierstack_write_recovery_total", "cache" => cache.clone(), "outcome" => outcome.label())
             }),
+            l1_entries: metrics::gauge!("tierstack_l1_entries", "cache" => cache.clone()),
+            l1_weighted_size: metrics::gauge!("tierstack_l1_weighted_size", "cache" => cache.clone()),
         };
         Self {
             l1_hits: StripedCounter::default(),
@@ -340,6 +349,13 @@ impl Recorder {
             cache: cache_name,
             metrics,
         }
+    }
+
+    /// L1's size as moka last counted it: entries, and their weight.
+    #[expect(clippy::cast_precision_loss, reason = "a gauge, exact up to 2^53")]
+    pub(crate) fn l1_size(&self, entries: u64, weighted: u64) {
+        self.metrics.l1_entries.set(entries as f64);
+        self.metrics.l1_weighted_size.set(weighted as f64);
     }
 
     pub(crate) fn l1_hit(&self, key: &str) {
@@ -538,6 +554,8 @@ impl Recorder {
             writes_replayed: get(&self.recovery[RecoveryOutcome::Replayed as usize]),
             writes_superseded: get(&self.recovery[RecoveryOutcome::Superseded as usize]),
             writes_dropped: get(&self.recovery[RecoveryOutcome::Dropped as usize]),
+            l1_entries: 0,
+            l1_weighted_size: 0,
         }
     }
 }

@@ -191,3 +191,59 @@ async fn breaker_changes_tag_invalidations_and_kept_writes_are_counted() {
     let stats = cache.stats();
     assert_eq!((stats.l2_circuit_opens, stats.writes_kept), (1, 1));
 }
+
+fn gauge(snapshot: &Snapshot, name: &str, cache: &str) -> Option<f64> {
+    snapshot.iter().find_map(|(n, labels, value)| match value {
+        DebugValue::Gauge(value)
+            if n == name && labels.iter().any(|(k, v)| k == "cache" && v == cache) =>
+        {
+            Some(value.0)
+        }
+        _ => None,
+    })
+}
+
+#[tokio::test]
+async fn l1_size_is_reported_by_gauges_and_stats() {
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let fx = Fixture::new();
+    let weigher: tierstack::moka::Weigher<String> =
+        std::sync::Arc::new(|key: &str, value: &String| {
+            u32::try_from(key.len() + value.len()).unwrap()
+        });
+    let capacity = tierstack::moka::L1Capacity::Bytes {
+        max_bytes: 1 << 20,
+        weigher,
+    };
+    let cache = metrics::with_local_recorder(&recorder, || {
+        fx.builder("sized").l1_capacity(capacity).build().unwrap()
+    });
+    for i in 0..10 {
+        // 100 bytes each: a key of 2, a value of 98.
+        cache.set(&format!("k{i}"), "x".repeat(98)).await.unwrap();
+    }
+    let filled = flatten(&snapshotter);
+    let reported = gauge(&filled, "tierstack_l1_entries", "sized");
+    assert!(
+        reported.is_some_and(|entries| entries <= 10.0),
+        "the fills report moka's count as it goes: {reported:?}"
+    );
+    let stats = cache.stats();
+    assert_eq!((stats.l1_entries, stats.l1_weighted_size), (10, 1_000));
+    let snapshot = flatten(&snapshotter);
+    assert_eq!(
+        gauge(&snapshot, "tierstack_l1_entries", "sized"),
+        Some(10.0)
+    );
+    assert_eq!(
+        gauge(&snapshot, "tierstack_l1_weighted_size", "sized"),
+        Some(1_000.0)
+    );
+    cache.invalidate_local("k0");
+    let stats = cache.stats();
+    assert_eq!((stats.l1_entries, stats.l1_weighted_size), (9, 900));
+    let without_l1 = fx.builder("none").without_l1().build().unwrap();
+    without_l1.set("k", "v".into()).await.unwrap();
+    assert_eq!(without_l1.stats().l1_entries, 0);
+}

@@ -519,6 +519,7 @@ where
         if !self.freshness.watch_is_current(watch) {
             l1.invalidate(key);
         }
+        self.report_l1_size(l1);
     }
 
     /// Fail-safe: answers a stale value after the loader failed, and re-arms it so that it

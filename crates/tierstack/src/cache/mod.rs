@@ -964,9 +964,19 @@ where
         self.inner.recorder.subscribe()
     }
 
-    /// The counters of this cache since it was built.
+    /// The counters of this cache since it was built, and L1's size now (moka's pending
+    /// housekeeping runs first, so that the size is exact).
     pub fn stats(&self) -> CacheStats {
-        self.inner.recorder.snapshot()
+        let mut stats = self.inner.recorder.snapshot();
+        if let Some(l1) = &self.inner.l1 {
+            // moka counts lazily: its pending housekeeping first, for exact sizes.
+            l1.run_pending_tasks();
+            (stats.l1_entries, stats.l1_weighted_size) = (l1.entry_count(), l1.weighted_size());
+            self.inner
+                .recorder
+                .l1_size(stats.l1_entries, stats.l1_weighted_size);
+        }
+        stats
     }
 }
 
@@ -977,6 +987,11 @@ where
 {
     fn check_key(&self, key: &str) -> Result<()> {
         validate_key(key, self.settings.max_key_len)
+    }
+
+    /// L1's size as moka last counted it, to the gauges: on every fill, the place it grows.
+    fn report_l1_size(&self, l1: &L1Cache<V>) {
+        self.recorder.l1_size(l1.entry_count(), l1.weighted_size());
     }
 
     /// The life of an entry written with `options` and `ttl` (jittered): fresh for the TTL,

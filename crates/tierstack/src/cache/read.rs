@@ -679,6 +679,7 @@ where
         if !still_current() {
             l1.invalidate(key);
         }
+        self.report_l1_size(l1);
     }
 
     /// [`fill_l1`](Self::fill_l1) checked against a striped snapshot.
