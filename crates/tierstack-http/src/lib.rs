@@ -67,7 +67,8 @@
 //! the copy a little longer; a copy that `expire_tag` turned into a fallback before that age
 //! still reads `HIT`.
 //! A request whose `If-None-Match` names the `ETag` gets `304 Not Modified` without running the
-//! handler. Concurrent misses of one key run the handler once; a response that may not be
+//! handler; so does a `GET` or `HEAD` whose handler answered a `200` the layer does not store
+//! (or passes by) with an `ETag` it names, once the handler ran. Concurrent misses of one key run the handler once; a response that may not be
 //! stored goes only to its own request, and each other waiting request runs the handler
 //! itself. A handler can tag a response with the `x-tierstack-tags` header (a comma-separated
 //! list; [`tag_header`](HttpCacheLayer::tag_header) renames it), which the layer removes:

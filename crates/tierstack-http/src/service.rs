@@ -7,7 +7,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http::{HeaderName, HeaderValue, Request, Response, StatusCode};
+use http::header::{CONTENT_LENGTH, CONTENT_TYPE, ETAG};
+use http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode};
 use http_body::Body;
 use http_body_util::BodyExt;
 use tierstack::core::clock::Timestamp;
@@ -141,13 +142,28 @@ impl Shared {
     }
 
     /// The handler's own response, as it goes to its request: without the tag header, which is
-    /// for the layer.
-    fn own<B>(&self, mut response: Response<B>) -> Response<HttpCacheBody>
+    /// for the layer, and `304 Not Modified` instead of a `200` whose `ETag` the request's
+    /// `conditional` (its `If-None-Match`, for a `GET` or `HEAD`) names, as for a stored one.
+    fn own<B>(
+        &self,
+        mut response: Response<B>,
+        conditional: &[HeaderValue],
+    ) -> Response<HttpCacheBody>
     where
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
         response.headers_mut().remove(&self.tag_header);
+        if response.status() == StatusCode::OK
+            && entry::not_modified(conditional, response.headers().get(ETAG))
+        {
+            // The body is dropped unread; a 304 carries the headers but the representation's.
+            let (mut parts, _body) = response.into_parts();
+            parts.status = StatusCode::NOT_MODIFIED;
+            parts.headers.remove(CONTENT_LENGTH);
+            parts.headers.remove(CONTENT_TYPE);
+            return full(Response::from_parts(parts, Bytes::new()));
+        }
         boxed(response)
     }
 
@@ -165,15 +181,24 @@ impl Shared {
         ResBody::Error: Into<BoxError>,
     {
         match self.requests.lookup(request.method(), request.headers()) {
-            Lookup::Bypass => inner.call(request).await.map(|r| self.own(r)),
+            Lookup::Bypass => {
+                // `If-None-Match` asks a `GET` or `HEAD` for a 304; of other methods, a 412
+                // that only the handler can decide on.
+                let conditional = if matches!(*request.method(), Method::GET | Method::HEAD) {
+                    entry::if_none_match(request.headers())
+                } else {
+                    Vec::new()
+                };
+                inner.call(request).await.map(|r| self.own(r, &conditional))
+            }
             Lookup::Head => {
                 let key = self.key(&request);
+                let conditional = entry::if_none_match(request.headers());
                 if let Ok(Some(stored)) = self.cache.get(&key).await {
                     let hit = HeaderValue::from_static("HIT");
-                    let conditional = entry::if_none_match(request.headers());
                     return Ok(full(stored.answer(&conditional, true, (hit, self.now()))));
                 }
-                inner.call(request).await.map(|r| self.own(r))
+                inner.call(request).await.map(|r| self.own(r, &conditional))
             }
             Lookup::ReadThrough => self.read_through(inner, request).await,
             Lookup::Refresh => self.refresh(inner, request).await,
@@ -262,7 +287,7 @@ impl Shared {
                 // Nothing shared (the leader's response was its own, or it failed, or a cache
                 // error): this request runs the handler.
                 if let Some(request) = request {
-                    return inner.call(request).await.map(|r| self.own(r));
+                    return inner.call(request).await.map(|r| self.own(r, &conditional));
                 }
                 // The handler panicked on this request.
                 if let Err(LoadError::Panicked) = answer {
@@ -347,6 +372,7 @@ impl Shared {
         ResBody: Body<Data = Bytes> + Send + 'static,
         ResBody::Error: Into<BoxError>,
     {
+        let conditional = entry::if_none_match(request.headers());
         let response = match inner.call(request).await {
             Ok(response) => response,
             Err(error) => {
@@ -368,7 +394,8 @@ impl Shared {
                 } else {
                     Unshared::NotStored
                 };
-                lock(slot).own = Some(Ok(self.own(Response::from_parts(parts, body))));
+                let own = self.own(Response::from_parts(parts, body), &conditional);
+                lock(slot).own = Some(Ok(own));
                 return Err(why);
             }
         };

@@ -134,6 +134,22 @@ fn app(calls: &Arc<Calls>) -> Router {
         .route("/slow", get(slow))
         .route("/products/{id}", get(product))
         .merge(per_request_routes(calls))
+        .merge(private_routes(calls))
+}
+
+/// A route whose responses may not be stored (`private`), with an `ETag`.
+fn private_routes(calls: &Arc<Calls>) -> Router {
+    let c = Arc::clone(calls);
+    let private = move || {
+        let c = Arc::clone(&c);
+        async move {
+            c.next();
+            let headers = [(header::CACHE_CONTROL, "private"), (header::ETAG, "\"v1\"")];
+            (headers, "mine")
+        }
+    };
+    let private_post = || async { ([(header::ETAG, "\"v1\"")], "posted") };
+    Router::new().route("/private", get(private).post(private_post))
 }
 
 /// Routes whose answer depends on the request: its host, its cookie, its `x-answer`.
@@ -235,6 +251,50 @@ fn layer() -> HttpCacheLayer {
     HttpCacheLayer::new(cache(&Arc::new(MemoryStore::new()), &MemoryBus::new()))
         .vary_on(["accept-language"])
         .max_body_bytes(1_000)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_not_stored_still_answers_conditional_requests() {
+    let (base, calls, client) = single(layer()).await;
+    let url = format!("{base}/private");
+    let conditional = |tag: &'static str| client.get(&url).header(header::IF_NONE_MATCH, tag);
+    let matching = conditional("\"v1\"").send().await.unwrap();
+    assert_eq!(matching.status(), StatusCode::NOT_MODIFIED);
+    assert_eq!(matching.headers()[header::ETAG], "\"v1\"");
+    assert_eq!(matching.headers()[header::CACHE_CONTROL], "private");
+    assert!(!matching.headers().contains_key(header::CONTENT_TYPE));
+    assert!(matching.text().await.unwrap().is_empty());
+    let other = conditional("\"v0\", \"v2\"").send().await.unwrap();
+    assert_eq!(other.status(), StatusCode::OK);
+    assert_eq!(other.text().await.unwrap(), "mine");
+    // Weak comparison; a HEAD too; a request the layer passes by (credentials) too.
+    let weak = client
+        .head(&url)
+        .header(header::IF_NONE_MATCH, "W/\"v1\"")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(weak.status(), StatusCode::NOT_MODIFIED);
+    let bypassed = conditional("\"v1\"")
+        .header(header::AUTHORIZATION, "Bearer t")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bypassed.status(), StatusCode::NOT_MODIFIED);
+    assert_eq!(
+        calls.count(),
+        4,
+        "the handler answered each: nothing was stored"
+    );
+    // Not for another method: `If-None-Match` there is the handler's to judge.
+    let posted = client
+        .post(&url)
+        .header(header::IF_NONE_MATCH, "\"v1\"")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(posted.status(), StatusCode::OK);
+    assert_eq!(posted.text().await.unwrap(), "posted");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -119,7 +119,8 @@ impl Freshness {
         }
     }
 
-    fn stripe(&self, key: &str) -> usize {
+    /// The stripe of `key`: keys of one stripe share a generation and a lock.
+    pub(crate) fn stripe(&self, key: &str) -> usize {
         let mut state = self.hasher.build_hasher();
         key.hash(&mut state);
         #[expect(clippy::cast_possible_truncation, reason = "reduced modulo STRIPES")]

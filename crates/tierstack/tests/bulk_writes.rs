@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use common::{Fixture, PickyStore, instances};
+use tierstack::core::clock::ManualClock;
 use tierstack::core::testkit::MemoryStore;
 use tierstack::{CacheError, EntryOptions, TieredCache};
 
@@ -79,9 +80,9 @@ async fn of_two_entries_with_one_key_the_later_is_written() {
 }
 
 #[tokio::test]
-async fn bad_input_anywhere_refuses_the_whole_call_and_writes_nothing() {
+async fn a_bad_key_or_bad_options_refuse_the_whole_call_and_write_nothing() {
     let fx = Fixture::new();
-    let cache = fx.builder("test").max_value_len(64).build().unwrap();
+    let cache = fx.cache();
     cache.set("kept", "before".into()).await.unwrap();
     let before = fx.faulty.calls();
     let empty_key = vec![
@@ -90,61 +91,106 @@ async fn bad_input_anywhere_refuses_the_whole_call_and_writes_nothing() {
     ];
     let error = cache.set_many(empty_key).await.unwrap_err();
     assert!(matches!(error, CacheError::InvalidKey { .. }), "{error:?}");
-    let too_large = vec![
-        ("kept".to_owned(), "after".to_owned()),
-        ("big".to_owned(), "x".repeat(1_000)),
+    // A bad key is refused even where a later entry of the same key replaces it.
+    let long_key = vec![
+        ("x".repeat(10_000), "v".to_owned()),
+        ("x".repeat(10_000), "w".to_owned()),
     ];
-    let error = cache.set_many(too_large).await.unwrap_err();
-    assert!(
-        matches!(error, CacheError::ValueTooLarge { .. }),
-        "{error:?}"
-    );
+    let error = cache.set_many(long_key).await.unwrap_err();
+    assert!(matches!(error, CacheError::InvalidKey { .. }), "{error:?}");
+    let batch = || vec![("kept".to_owned(), "after".to_owned())];
     let zero_ttl = EntryOptions::default().with_ttl(Duration::ZERO);
-    let error = cache
-        .set_many_with(vec![("kept".to_owned(), "after".to_owned())], &zero_ttl)
-        .await
-        .unwrap_err();
+    let error = cache.set_many_with(batch(), &zero_ttl).await.unwrap_err();
     assert!(matches!(error, CacheError::InvalidTtl { .. }), "{error:?}");
+    let bad_jitter = EntryOptions::default().with_jitter(2.0);
+    let error = cache.set_many_with(batch(), &bad_jitter).await.unwrap_err();
+    assert!(matches!(error, CacheError::Configuration(_)), "{error:?}");
     let error = cache.delete_many(&["kept", ""]).await.unwrap_err();
     assert!(matches!(error, CacheError::InvalidKey { .. }), "{error:?}");
     assert_eq!(fx.faulty.calls(), before, "no L2 call at all");
     assert_eq!(cache.get("kept").await.unwrap().as_deref(), Some("before"));
-    assert!(fx.holds("test:kept").await);
+    // Empty calls do nothing.
+    cache
+        .set_many(Vec::<(String, String)>::new())
+        .await
+        .unwrap();
+    assert_eq!(cache.delete_many::<&str>(&[]).await.unwrap(), 0);
+    assert_eq!(fx.faulty.calls(), before);
 }
 
 #[tokio::test]
-async fn a_failed_write_returns_its_error_and_the_other_writes_stand() {
+async fn a_value_over_the_maximum_is_refused_alone() {
+    let fx = Fixture::new();
+    let cache = fx.builder("test").max_value_len(64).build().unwrap();
+    cache.set("big", "before".into()).await.unwrap();
+    let batch = vec![
+        ("big".to_owned(), "x".repeat(1_000)),
+        ("small".to_owned(), "v".to_owned()),
+    ];
+    let error = cache.set_many(batch).await.unwrap_err();
+    assert!(
+        matches!(error, CacheError::ValueTooLarge { .. }),
+        "{error:?}"
+    );
+    let other = fx.cache();
+    assert_eq!(other.get("big").await.unwrap().as_deref(), Some("before"));
+    assert_eq!(other.get("small").await.unwrap().as_deref(), Some("v"));
+}
+
+#[tokio::test]
+async fn failed_writes_return_the_first_error_and_the_other_writes_stand() {
     let l2 = Arc::new(PickyStore::new());
+    let bus = tierstack::core::testkit::MemoryBus::new();
     let build = || {
         TieredCache::<String>::builder("test")
             .l2(l2.clone())
+            .backplane(Arc::new(bus.backplane()))
             .build()
             .unwrap()
     };
-    let cache = build();
+    let (cache, other) = (build(), build());
+    let keys = ["bad-1", "k0", "bad-2", "k1"];
     cache
-        .set_many(
-            entries(0..3, "old")
-                .into_iter()
-                .chain([("bad".to_owned(), "old".to_owned())]),
-        )
+        .set_many(keys.map(|key| (key, "old".to_owned())))
         .await
         .unwrap();
-    l2.fail_writes_of(Some("bad"), true);
-    let batch = entries(0..3, "new")
-        .into_iter()
-        .chain([("bad".to_owned(), "new".to_owned())]);
-    let error = cache.set_many(batch).await.unwrap_err();
-    assert!(matches!(error, CacheError::Timeout { .. }), "{error:?}");
-    l2.fail_writes_of(None, false);
-    let other = build();
-    for i in 0..3 {
-        let key = format!("k{i}");
-        assert_eq!(cache.get(&key).await.unwrap(), Some(format!("new{i}")));
-        assert_eq!(other.get(&key).await.unwrap(), Some(format!("new{i}")));
+    for key in keys {
+        // Into the other instance's L1.
+        assert_eq!(other.get(key).await.unwrap().as_deref(), Some("old"));
     }
-    // The failed write left no local copy to serve: this instance reads L2 again.
-    assert_eq!(cache.get("bad").await.unwrap().as_deref(), Some("old"));
+    l2.fail_writes_of(Some("bad-1"), true);
+    let error = cache
+        .set_many(keys.map(|key| (key, "new".to_owned())))
+        .await
+        .unwrap_err();
+    assert!(matches!(error, CacheError::Timeout { .. }), "{error:?}");
+    // The first failed write's error, in the order of the call: refused for good, then a
+    // timeout.
+    l2.fail_writes_of(Some("bad"), false);
+    let refused = cache
+        .set_many(keys.map(|key| (key, "newer".to_owned())))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(refused, CacheError::ValueTooLarge { .. }),
+        "{refused:?}"
+    );
+    l2.fail_writes_of(None, false);
+    for key in ["k0", "k1"] {
+        assert_eq!(cache.get(key).await.unwrap().as_deref(), Some("newer"));
+        eventually(async || other.get(key).await.unwrap().as_deref() == Some("newer")).await;
+    }
+    // bad-2 was written by the first call. After a failed write, the writer and the others
+    // read L2 again.
+    for (key, in_l2) in [("bad-1", "old"), ("bad-2", "new")] {
+        assert_eq!(cache.get(key).await.unwrap().as_deref(), Some(in_l2));
+        eventually(async || {
+            let l2_hits = other.stats().l2_hits;
+            other.get(key).await.unwrap();
+            other.stats().l2_hits > l2_hits
+        })
+        .await;
+    }
 }
 
 #[tokio::test]
@@ -253,13 +299,117 @@ async fn the_writes_of_a_call_are_in_flight_together() {
         .l2(l2.clone())
         .build()
         .unwrap();
-    cache.set_many(entries(0..32, "v")).await.unwrap();
-    assert_eq!(l2.most(), 32, "every write at once");
-    let keys: Vec<String> = (0..32).map(|i| format!("k{i}")).collect();
-    assert_eq!(cache.delete_many(&keys).await.unwrap(), 32);
-    // A delete holds its key's lock stripe (one of 256) through its L2 call, so that two
-    // keys of one stripe wait for each other.
-    assert!(l2.most() >= 16, "deletes in flight together");
+    cache.set_many(entries(0..100, "v")).await.unwrap();
+    assert_eq!(l2.most(), 64, "as many at once as the call allows");
+    let keys: Vec<String> = (0..100).map(|i| format!("k{i}")).collect();
+    assert_eq!(cache.delete_many(&keys).await.unwrap(), 100);
+    assert_eq!(l2.most(), 64, "no delete waits for another's lock");
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_writer_keeps_every_value_it_wrote_in_l1() {
+    // Writes of keys that share a freshness stripe, made at once, would each read the other's
+    // as a change and leave L1 unfilled.
+    let cache = TieredCache::<String>::builder("test")
+        .l2(Arc::new(SlowWrites::default()))
+        .build()
+        .unwrap();
+    cache.set_many(entries(0..300, "v")).await.unwrap();
+    for i in 0..300 {
+        assert_eq!(
+            cache.get(&format!("k{i}")).await.unwrap(),
+            Some(format!("v{i}"))
+        );
+    }
+    let stats = cache.stats();
+    assert_eq!(
+        (stats.l1_hits, stats.l2_hits),
+        (300, 0),
+        "every read an L1 hit"
+    );
+}
+
+/// An L2 whose every write moves the clock on by 100 ms.
+#[derive(Debug)]
+struct ClockedWrites {
+    inner: MemoryStore,
+    clock: ManualClock,
+}
+
+#[async_trait::async_trait]
+impl tierstack::core::Store for ClockedWrites {
+    async fn get(&self, key: &str) -> tierstack::Result<Option<bytes::Bytes>> {
+        self.inner.get(key).await
+    }
+    async fn set(&self, key: &str, value: bytes::Bytes, ttl: Duration) -> tierstack::Result<()> {
+        self.clock.advance(Duration::from_millis(100));
+        self.inner.set(key, value, ttl).await
+    }
+    async fn set_if_absent(
+        &self,
+        key: &str,
+        value: bytes::Bytes,
+        ttl: Duration,
+    ) -> tierstack::Result<bool> {
+        self.inner.set_if_absent(key, value, ttl).await
+    }
+    async fn replace(
+        &self,
+        key: &str,
+        value: bytes::Bytes,
+        ttl: Duration,
+    ) -> tierstack::Result<Option<bytes::Bytes>> {
+        self.inner.replace(key, value, ttl).await
+    }
+    async fn compare_and_set(
+        &self,
+        key: &str,
+        current: &[u8],
+        new: Option<(bytes::Bytes, Duration)>,
+    ) -> tierstack::Result<bool> {
+        self.inner.compare_and_set(key, current, new).await
+    }
+    async fn delete(&self, key: &str) -> tierstack::Result<bool> {
+        self.inner.delete(key).await
+    }
+    async fn expire(&self, key: &str, ttl: Duration) -> tierstack::Result<bool> {
+        self.inner.expire(key, ttl).await
+    }
+    async fn ttl(&self, key: &str) -> tierstack::Result<Option<Duration>> {
+        self.inner.ttl(key).await
+    }
+    async fn delete_prefix(&self, prefix: &str) -> tierstack::Result<u64> {
+        self.inner.delete_prefix(prefix).await
+    }
+    async fn ping(&self) -> tierstack::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn each_entry_lives_its_ttl_from_its_own_write() {
+    let clock = ManualClock::new();
+    let l2 = Arc::new(ClockedWrites {
+        inner: MemoryStore::with_clock(Arc::new(clock.clone())),
+        clock: clock.clone(),
+    });
+    let build = || {
+        TieredCache::<String>::builder("test")
+            .l2(l2.clone())
+            .clock(Arc::new(clock.clone()))
+            .default_ttl(Duration::from_mins(1))
+            .build()
+            .unwrap()
+    };
+    build().set_many(entries(0..100, "v")).await.unwrap();
+    // 10 s passed over the 100 writes; the last of them was written, and encoded, at their end.
+    let reader = build();
+    let mut longest = Duration::ZERO;
+    for i in 0..100 {
+        let ttl = reader.ttl(&format!("k{i}")).await.unwrap().unwrap();
+        longest = longest.max(ttl);
+    }
+    assert!(longest >= Duration::from_secs(59), "{longest:?}");
 }
 
 #[tokio::test]

@@ -1,16 +1,19 @@
-//! Bulk writes: `set_many` and `delete_many`, each key written as `set` and `delete` write it,
-//! many at once.
+//! Bulk writes: `set_many` and `delete_many`, each key written by `set` and `delete` as a call
+//! of its own, many at once.
 //!
-//! The keys' writes run concurrently, so that their L2 commands share round trips (a
-//! multiplexed Redis connection pipelines them) and their invalidations share the publisher's
-//! batches, while every key keeps the single-key path's guarantees: its lock, its freshness
-//! check, its recovery when L2 fails.
+//! Up to [`BULK_WRITE_CONCURRENCY`] writes are in flight, so that their Redis commands share
+//! round trips (a multiplexed connection pipelines them), while every key keeps the single-key
+//! path's guarantees: its freshness check, its lock, its recovery when L2 fails. Two keys of one
+//! freshness stripe are never written at once: they share a generation (a write of either would
+//! read as a change of the other, which then leaves L1 unfilled) and a lock (a delete of either
+//! would wait for the other's round trip).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::future::Future;
 use std::sync::Arc;
 
 use futures_util::StreamExt;
-use futures_util::stream;
+use futures_util::stream::FuturesUnordered;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tierstack_core::store::validate_ttl;
@@ -20,7 +23,7 @@ use super::Inner;
 use crate::options::EntryOptions;
 
 /// How many of one bulk call's writes are in flight at once: enough to fill a round trip,
-/// few enough that a call of a million keys does not hold a million futures.
+/// few enough that a call of a million keys holds only this many writes' futures.
 const BULK_WRITE_CONCURRENCY: usize = 64;
 
 impl<V, C> Inner<V, C>
@@ -35,25 +38,22 @@ where
     ) -> Result<()> {
         validate_ttl(options.ttl())?;
         options.validate()?;
-        let entries = last_of_each_key(entries.into_iter().collect(), |(key, _)| key.as_ref());
-        // Every key checked and every value encoded before anything is written: bad input
-        // refuses the whole call and writes nothing.
-        let mut writes = Vec::with_capacity(entries.len());
-        for (key, value) in &entries {
-            let key = key.as_ref();
-            self.check_key(key)?;
-            let life = Self::life(options, options.ttl());
-            let bytes = self.encode_with_life(key, Some(value), &life)?;
-            writes.push((key.to_owned(), value.clone(), bytes, life));
+        let entries: Vec<(K, V)> = entries.into_iter().collect();
+        for (key, _) in &entries {
+            self.check_key(key.as_ref())?;
         }
-        // Owned keys: a closure taking borrowed ones would make the call's future lose `Send`
-        // (a higher-ranked lifetime the compiler cannot prove it for).
-        let outcomes: Vec<Result<()>> = stream::iter(writes)
-            .map(|(key, value, bytes, life)| async move {
-                self.write_encoded(&key, value, bytes, life, options).await
-            })
-            .buffered(BULK_WRITE_CONCURRENCY)
-            .collect()
+        let writes = last_of_each_key(entries, |(key, _)| key.as_ref())
+            .into_iter()
+            .map(|(key, value)| (key.as_ref().to_owned(), value))
+            .collect();
+        // Each value is encoded by its own write, just before it is sent: its envelope's times
+        // count from then, as the L2's TTL does.
+        let outcomes = self
+            .spread_over_stripes(
+                writes,
+                |(key, _)| key,
+                |(key, value)| async move { self.set(&key, value, options, &[]).await },
+            )
             .await;
         outcomes.into_iter().collect()
     }
@@ -63,15 +63,17 @@ where
         keys: &[K],
         options: &EntryOptions,
     ) -> Result<u64> {
-        let keys = last_of_each_key(keys.iter().map(AsRef::as_ref).collect(), |key| *key);
-        for key in &keys {
-            self.check_key(key)?;
+        for key in keys {
+            self.check_key(key.as_ref())?;
         }
-        let keys: Vec<String> = keys.into_iter().map(str::to_owned).collect();
-        let outcomes: Vec<Result<bool>> = stream::iter(keys)
-            .map(|key| async move { self.delete(&key, options).await })
-            .buffered(BULK_WRITE_CONCURRENCY)
-            .collect()
+        let keys = last_of_each_key(keys.iter().map(AsRef::as_ref).collect(), |key| *key)
+            .into_iter()
+            .map(str::to_owned)
+            .collect();
+        let outcomes = self
+            .spread_over_stripes(keys, String::as_str, |key| async move {
+                self.delete(&key, options).await
+            })
             .await;
         let mut removed = 0;
         for outcome in outcomes {
@@ -79,11 +81,57 @@ where
         }
         Ok(removed)
     }
+
+    /// Runs `call` on every item, up to [`BULK_WRITE_CONCURRENCY`] at once and never two items
+    /// whose keys share a freshness stripe at once; the outcomes in the items' order. A slow
+    /// call holds back only the items of its stripe.
+    async fn spread_over_stripes<T, R, Fut>(
+        &self,
+        items: Vec<T>,
+        key_of: impl Fn(&T) -> &str,
+        call: impl Fn(T) -> Fut,
+    ) -> Vec<R>
+    where
+        Fut: Future<Output = R>,
+    {
+        let count = items.len();
+        // Per stripe, its items in order; `ready` holds the stripes with items and none in
+        // flight, in the order of their first item.
+        let mut queues: Vec<VecDeque<(usize, T)>> = Vec::new();
+        let mut queue_of_stripe = HashMap::new();
+        for (index, item) in items.into_iter().enumerate() {
+            let stripe = self.freshness.stripe(key_of(&item));
+            let queue = *queue_of_stripe.entry(stripe).or_insert_with(|| {
+                queues.push(VecDeque::new());
+                queues.len() - 1
+            });
+            queues[queue].push_back((index, item));
+        }
+        let mut ready: VecDeque<usize> = (0..queues.len()).collect();
+        let mut outcomes: Vec<Option<R>> = (0..count).map(|_| None).collect();
+        let mut running = FuturesUnordered::new();
+        loop {
+            while running.len() < BULK_WRITE_CONCURRENCY
+                && let Some(queue) = ready.pop_front()
+                && let Some((index, item)) = queues[queue].pop_front()
+            {
+                let called = call(item);
+                running.push(async move { (queue, index, called.await) });
+            }
+            let Some((queue, index, outcome)) = running.next().await else {
+                break;
+            };
+            outcomes[index] = Some(outcome);
+            if !queues[queue].is_empty() {
+                ready.push_back(queue);
+            }
+        }
+        outcomes.into_iter().flatten().collect()
+    }
 }
 
 /// `items` with only the last of those that share a key, in their order: of two writes of one
-/// key in one call, the later wins, as if they ran one after the other (run at once, either
-/// could land last).
+/// key in one call, the later wins, as if they ran one after the other.
 fn last_of_each_key<T>(items: Vec<T>, key_of: impl Fn(&T) -> &str) -> Vec<T> {
     let mut seen = HashSet::with_capacity(items.len());
     let later: Vec<bool> = items

@@ -542,16 +542,24 @@ where
         self.inner.set(key, value, options, &[]).await
     }
 
-    /// Writes every `(key, value)` of `entries` with the default TTL, as [`set`](Self::set)
-    /// writes one, many at once: their L2 commands share round trips and their invalidations
-    /// share messages. Of two entries with the same key, the later one is written.
+    /// Writes every `(key, value)` of `entries` with the default TTL, each as
+    /// [`set`](Self::set) writes one, up to 64 at once: on Redis their commands share round
+    /// trips. Of two entries with the same key, the later is written. Keys of one freshness
+    /// stripe are written one after the other, so that each value stays in this instance's L1.
+    ///
+    /// The call is not atomic and its duration is not bounded by the L2 timeout (each write
+    /// is). Cancelled, it leaves the writes it finished, and the ones in flight handled as a
+    /// cancelled `set`'s; the rest are not made. A batch written while the L2 fails fast makes
+    /// every failed write tell the other instances twice; past 1,024 such notices waiting they
+    /// become one clear of every instance's L1 of the namespace: give the cache an
+    /// [L2 circuit breaker](TieredCacheBuilder::l2_circuit_breaker) for large batches.
     ///
     /// # Errors
     ///
-    /// Bad input in any entry (an invalid key, a value over the maximum) refuses the whole call
-    /// before anything is written. Otherwise every entry is written, and the first failed
-    /// write's error (in the order of `entries`) is returned; each failed write is handled as
-    /// [`set_with_ttl`](Self::set_with_ttl) says, and the others stand.
+    /// An invalid key in any entry refuses the whole call before anything is written. Each
+    /// value is encoded by its own write: one over the maximum is refused alone. Every write is
+    /// attempted, and the first error (in the order of `entries`) is returned; each failed
+    /// write is handled as [`set_with_ttl`](Self::set_with_ttl) says, and the others stand.
     pub async fn set_many<K: AsRef<str>>(
         &self,
         entries: impl IntoIterator<Item = (K, V)>,
@@ -565,7 +573,7 @@ where
     ///
     /// # Errors
     ///
-    /// As [`set_many`](Self::set_many), and options out of range.
+    /// As [`set_many`](Self::set_many); options out of range refuse the whole call.
     pub async fn set_many_with<K: AsRef<str>>(
         &self,
         entries: impl IntoIterator<Item = (K, V)>,
@@ -841,14 +849,17 @@ where
         self.inner.delete(key, options).await
     }
 
-    /// Deletes every key of `keys`, as [`delete`](Self::delete) deletes one, many at once;
-    /// returns how many of them held a value (a key listed twice counts once).
+    /// Deletes every key of `keys`, each as [`delete`](Self::delete) deletes one, up to 64 at
+    /// once; returns how many of them held a value, as `delete` answers (a key listed twice is
+    /// deleted once). Not atomic, and not bounded by the L2 timeout, as
+    /// [`set_many`](Self::set_many).
     ///
     /// # Errors
     ///
-    /// An invalid key refuses the whole call before anything is deleted. Otherwise every key
-    /// is deleted, and the first failed delete's error (in the order of `keys`) is returned;
-    /// each failed delete is handled as [`delete`](Self::delete) says, and the others stand.
+    /// An invalid key refuses the whole call before anything is deleted. Every delete is
+    /// attempted, and the first error (in the order of `keys`) is returned, without the count
+    /// of the others; each failed delete is handled as [`delete`](Self::delete) says, and the
+    /// others stand.
     pub async fn delete_many<K: AsRef<str>>(&self, keys: &[K]) -> Result<u64> {
         let options = self.inner.settings.defaults;
         self.inner.delete_many(keys, &options).await

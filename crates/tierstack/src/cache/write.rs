@@ -57,20 +57,6 @@ where
             }
         }
         let bytes = self.encode_with_life(key, Some(&value), &life)?;
-        self.write_encoded(key, value, bytes, life, options).await
-    }
-
-    /// Writes `value`, already checked and encoded as `bytes` for `life`, through the tiers
-    /// `options` leave: L2, then L1, then the other instances are told.
-    pub(super) async fn write_encoded(
-        self: &Arc<Self>,
-        key: &str,
-        value: V,
-        bytes: bytes::Bytes,
-        life: Life,
-        options: &EntryOptions,
-    ) -> Result<()> {
-        let skips = options.skips();
         // Taken before the write: an invalidation of the key that arrives while the write is in
         // flight (another instance's write, which may have landed after this one) keeps this
         // value out of L1, so that every instance converges on what L2 holds.
