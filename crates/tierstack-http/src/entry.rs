@@ -5,7 +5,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{AGE, CONNECTION, CONTENT_LENGTH, ETAG, IF_NONE_MATCH, SET_COOKIE};
+use http::header::{
+    AGE, CACHE_CONTROL, CONNECTION, CONTENT_LOCATION, DATE, ETAG, EXPIRES, IF_MATCH, IF_NONE_MATCH,
+    IF_UNMODIFIED_SINCE, LAST_MODIFIED, SET_COOKIE, VARY,
+};
 use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -255,13 +258,14 @@ impl CachedResponse {
         };
         headers.insert(crate::X_CACHE, label);
         let (status, body) = if not_modified(if_none_match, headers.get(ETAG)) {
-            // A 304 carries the validators and caching headers, not the representation's.
-            headers.remove(CONTENT_LENGTH);
-            headers.remove(http::header::CONTENT_TYPE);
+            headers = headers_of_304(&headers);
             (StatusCode::NOT_MODIFIED, Bytes::new())
         } else if head {
             // The length of the body a GET would get, not of the empty one sent.
-            headers.insert(CONTENT_LENGTH, HeaderValue::from(self.0.body.len()));
+            headers.insert(
+                http::header::CONTENT_LENGTH,
+                HeaderValue::from(self.0.body.len()),
+            );
             (self.0.status, Bytes::new())
         } else {
             (self.0.status, self.0.body.clone())
@@ -273,9 +277,39 @@ impl CachedResponse {
     }
 }
 
-/// The `If-None-Match` values of a request's headers (usually none: nothing is copied then).
+/// The `If-None-Match` values of a request's headers (usually none: nothing is copied then);
+/// none where the request has an `If-Match` or `If-Unmodified-Since`, which come first (RFC
+/// 9110, 13.2.2) and which only the handler can judge.
 pub(crate) fn if_none_match(request: &HeaderMap) -> Vec<HeaderValue> {
+    if request.contains_key(IF_MATCH) || request.contains_key(IF_UNMODIFIED_SINCE) {
+        return Vec::new();
+    }
     request.get_all(IF_NONE_MATCH).iter().cloned().collect()
+}
+
+/// The headers a `304 Not Modified` carries of those of the response it stands for: the
+/// validators, the caching headers and those RFC 9110 (15.4.5) names, `Set-Cookie`, and the
+/// layer's own; none that describe the body not sent (its length, type, encoding or range).
+pub(crate) fn headers_of_304(headers: &HeaderMap) -> HeaderMap {
+    const KEPT: [HeaderName; 10] = [
+        ETAG,
+        CACHE_CONTROL,
+        EXPIRES,
+        VARY,
+        CONTENT_LOCATION,
+        DATE,
+        LAST_MODIFIED,
+        SET_COOKIE,
+        AGE,
+        crate::X_CACHE,
+    ];
+    let mut kept = HeaderMap::new();
+    for (name, value) in headers {
+        if KEPT.contains(name) {
+            kept.append(name.clone(), value.clone());
+        }
+    }
+    kept
 }
 
 #[cfg(test)]
@@ -396,7 +430,7 @@ mod tests {
         let head = stored.answer(&[], true, (hit.clone(), NOW));
         assert!(head.body().is_empty() && head.status() == StatusCode::OK);
         assert_eq!(
-            head.headers().get(CONTENT_LENGTH),
+            head.headers().get(http::header::CONTENT_LENGTH),
             Some(&HeaderValue::from(4)),
             "HEAD says how long the GET's body is"
         );

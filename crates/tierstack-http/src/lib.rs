@@ -67,10 +67,11 @@
 //! the copy a little longer; a copy that `expire_tag` turned into a fallback before that age
 //! still reads `HIT`.
 //! A request whose `If-None-Match` names the `ETag` gets `304 Not Modified` without running the
-//! handler; so does a `GET` or `HEAD` whose handler answered a `200` the layer does not store
-//! (or passes by) with an `ETag` it names, once the handler ran. Concurrent misses of one key run the handler once; a response that may not be
-//! stored goes only to its own request, and each other waiting request runs the handler
-//! itself. A handler can tag a response with the `x-tierstack-tags` header (a comma-separated
+//! handler (one with `If-Match` or `If-Unmodified-Since` is the handler's to judge);
+//! [`revalidate_unstored`](HttpCacheLayer::revalidate_unstored) extends it to responses the
+//! layer does not store. Concurrent misses of one key run the handler once; a response that
+//! may not be stored goes only to its own request, and each other waiting request runs the
+//! handler itself. A handler can tag a response with the `x-tierstack-tags` header (a comma-separated
 //! list; [`tag_header`](HttpCacheLayer::tag_header) renames it), which the layer removes:
 //! [`invalidate_tag`](HttpCacheLayer::invalidate_tag) then drops every response carrying it,
 //! on every instance.
@@ -136,6 +137,7 @@ impl HttpCacheLayer {
                     default_ttl,
                 },
                 tag_header: DEFAULT_TAG_HEADER,
+                revalidate_unstored: false,
                 requests: policy::RequestRules {
                     authorized: false,
                     with_cookies: false,
@@ -210,6 +212,17 @@ impl HttpCacheLayer {
     #[must_use]
     pub fn honor_request_no_cache(self, honor: bool) -> Self {
         self.with(|shared| shared.requests.honor_no_cache = honor)
+    }
+
+    /// Whether a `GET` or `HEAD` whose `If-None-Match` names the `ETag` of a `200` the layer
+    /// does not store (`private`, `no-store`, a cookie, a request it passes by) gets
+    /// `304 Not Modified` instead, once the handler ran (default: no, the handler's `200`).
+    /// Turn it on only where a handler's `ETag` names the body it sends: one that personalises
+    /// the body under an `ETag` of the resource's version would have a browser shared by two
+    /// users keep showing the first user's page to the second.
+    #[must_use]
+    pub fn revalidate_unstored(self, revalidate: bool) -> Self {
+        self.with(|shared| shared.revalidate_unstored = revalidate)
     }
 
     /// The response header a handler tags its response with (default `x-tierstack-tags`).

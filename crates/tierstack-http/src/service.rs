@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http::header::{CONTENT_LENGTH, CONTENT_TYPE, ETAG};
+use http::header::ETAG;
 use http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode};
 use http_body::Body;
 use http_body_util::BodyExt;
@@ -27,6 +27,8 @@ pub(crate) struct Shared {
     pub(crate) rules: Rules,
     pub(crate) tag_header: HeaderName,
     pub(crate) requests: policy::RequestRules,
+    /// Whether a `200` the layer does not store answers a conditional request with a 304.
+    pub(crate) revalidate_unstored: bool,
 }
 
 /// The [`Service`] of an [`HttpCacheLayer`](crate::HttpCacheLayer) around `S`.
@@ -142,8 +144,9 @@ impl Shared {
     }
 
     /// The handler's own response, as it goes to its request: without the tag header, which is
-    /// for the layer, and `304 Not Modified` instead of a `200` whose `ETag` the request's
-    /// `conditional` (its `If-None-Match`, for a `GET` or `HEAD`) names, as for a stored one.
+    /// for the layer, and, with [`revalidate_unstored`](crate::HttpCacheLayer::revalidate_unstored),
+    /// `304 Not Modified` instead of a `200` whose `ETag` the request's `conditional` (its
+    /// `If-None-Match`, for a `GET` or `HEAD`) names, as for a stored one.
     fn own<B>(
         &self,
         mut response: Response<B>,
@@ -154,14 +157,14 @@ impl Shared {
         B::Error: Into<BoxError>,
     {
         response.headers_mut().remove(&self.tag_header);
-        if response.status() == StatusCode::OK
+        if self.revalidate_unstored
+            && response.status() == StatusCode::OK
             && entry::not_modified(conditional, response.headers().get(ETAG))
         {
-            // The body is dropped unread; a 304 carries the headers but the representation's.
+            // The body is dropped unread.
             let (mut parts, _body) = response.into_parts();
             parts.status = StatusCode::NOT_MODIFIED;
-            parts.headers.remove(CONTENT_LENGTH);
-            parts.headers.remove(CONTENT_TYPE);
+            parts.headers = entry::headers_of_304(&parts.headers);
             return full(Response::from_parts(parts, Bytes::new()));
         }
         boxed(response)

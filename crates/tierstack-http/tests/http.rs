@@ -144,7 +144,11 @@ fn private_routes(calls: &Arc<Calls>) -> Router {
         let c = Arc::clone(&c);
         async move {
             c.next();
-            let headers = [(header::CACHE_CONTROL, "private"), (header::ETAG, "\"v1\"")];
+            let headers = [
+                (header::CACHE_CONTROL, "private"),
+                (header::ETAG, "\"v1\""),
+                (header::CONTENT_LANGUAGE, "en"),
+            ];
             (headers, "mine")
         }
     };
@@ -254,16 +258,34 @@ fn layer() -> HttpCacheLayer {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_response_not_stored_still_answers_conditional_requests() {
-    let (base, calls, client) = single(layer()).await;
+async fn a_response_not_stored_answers_conditional_requests_when_asked_to() {
+    let (base, _, client) = single(layer()).await;
+    let url = format!("{base}/private");
+    let by_default = client
+        .get(&url)
+        .header(header::IF_NONE_MATCH, "\"v1\"")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(by_default.status(), StatusCode::OK, "the handler's answer");
+    let (base, calls, client) = single(layer().revalidate_unstored(true)).await;
     let url = format!("{base}/private");
     let conditional = |tag: &'static str| client.get(&url).header(header::IF_NONE_MATCH, tag);
     let matching = conditional("\"v1\"").send().await.unwrap();
     assert_eq!(matching.status(), StatusCode::NOT_MODIFIED);
     assert_eq!(matching.headers()[header::ETAG], "\"v1\"");
     assert_eq!(matching.headers()[header::CACHE_CONTROL], "private");
-    assert!(!matching.headers().contains_key(header::CONTENT_TYPE));
+    for about_the_body in [header::CONTENT_TYPE, header::CONTENT_LANGUAGE] {
+        assert!(!matching.headers().contains_key(about_the_body));
+    }
     assert!(matching.text().await.unwrap().is_empty());
+    // `If-Match` comes before `If-None-Match`: the handler's to judge.
+    let with_if_match = conditional("\"v1\"")
+        .header(header::IF_MATCH, "\"v0\"")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(with_if_match.status(), StatusCode::OK);
     let other = conditional("\"v0\", \"v2\"").send().await.unwrap();
     assert_eq!(other.status(), StatusCode::OK);
     assert_eq!(other.text().await.unwrap(), "mine");
@@ -283,7 +305,7 @@ async fn a_response_not_stored_still_answers_conditional_requests() {
     assert_eq!(bypassed.status(), StatusCode::NOT_MODIFIED);
     assert_eq!(
         calls.count(),
-        4,
+        5,
         "the handler answered each: nothing was stored"
     );
     // Not for another method: `If-None-Match` there is the handler's to judge.

@@ -27,6 +27,11 @@ pub enum L1Capacity<V> {
 /// The weight of one entry, in bytes.
 pub type Weigher<V> = Arc<dyn Fn(&str, &V) -> u32 + Send + Sync>;
 
+/// What a negative entry (no value for the weigher to weigh) weighs besides its key: moka's
+/// overhead per entry, which [`L1Capacity::Bytes`] asks a weigher to add, so that a flood of
+/// keys that are not found stays within the budget too.
+pub const NEGATIVE_ENTRY_OVERHEAD: u32 = 300;
+
 impl<V> Clone for L1Capacity<V> {
     fn clone(&self) -> Self {
         match self {
@@ -149,7 +154,9 @@ impl<V: Clone + Send + Sync + 'static> L1Cache<V> {
                 .max_capacity(max_bytes)
                 .weigher(move |key: &String, entry: &L1Entry<V>| match &entry.value {
                     Some(value) => weigher(key, value),
-                    None => u32::try_from(key.len()).unwrap_or(u32::MAX),
+                    None => u32::try_from(key.len())
+                        .unwrap_or(u32::MAX)
+                        .saturating_add(NEGATIVE_ENTRY_OVERHEAD),
                 })
                 .build(),
         };
@@ -338,6 +345,24 @@ mod tests {
             (9_000..=10_000).contains(&cache.weighted_size()),
             "{} bytes",
             cache.weighted_size()
+        );
+    }
+
+    #[test]
+    fn a_negative_entry_weighs_its_key_and_the_overhead() {
+        let weigher: Weigher<String> = Arc::new(|_: &str, _: &String| 1);
+        let cache: L1Cache<String> = L1Cache::new(L1Capacity::Bytes {
+            max_bytes: 10_000,
+            weigher,
+        });
+        let deadline = tierstack_core::clock::SystemClock
+            .now()
+            .saturating_add(Duration::from_mins(1));
+        cache.insert("none".into(), L1Entry::fresh(None, deadline));
+        cache.run_pending_tasks();
+        assert_eq!(
+            cache.weighted_size(),
+            4 + u64::from(NEGATIVE_ENTRY_OVERHEAD)
         );
     }
 

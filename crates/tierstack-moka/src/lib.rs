@@ -29,5 +29,5 @@ mod expiry;
 mod l1;
 mod store;
 
-pub use l1::{L1Cache, L1Capacity, L1Entry, Weigher};
+pub use l1::{L1Cache, L1Capacity, L1Entry, NEGATIVE_ENTRY_OVERHEAD, Weigher};
 pub use store::MokaStore;

@@ -70,10 +70,12 @@ pub struct CacheStats {
     pub writes_superseded: u64,
     /// Writes not kept (the queue was full) or kept but not replayed (expired first).
     pub writes_dropped: u64,
-    /// The entries L1 holds (0 without L1).
+    /// The entries L1 holds (0 without L1), as moka last counted them: its housekeeping runs
+    /// as the cache is used.
     pub l1_entries: u64,
-    /// What L1 holds by its bound's measure: bytes as the weigher counts them for an L1
-    /// bounded by bytes ([`L1Capacity::Bytes`](crate::moka::L1Capacity::Bytes)), else entries.
+    /// What L1 holds by its bound's measure, as moka last counted it: bytes as the weigher
+    /// counts them for an L1 bounded by bytes
+    /// ([`L1Capacity::Bytes`](crate::moka::L1Capacity::Bytes)), else entries.
     pub l1_weighted_size: u64,
 }
 

@@ -164,8 +164,7 @@ async fn failed_writes_return_the_first_error_and_the_other_writes_stand() {
         .await
         .unwrap_err();
     assert!(matches!(error, CacheError::Timeout { .. }), "{error:?}");
-    // The first failed write's error, in the order of the call: refused for good, then a
-    // timeout.
+    // Then both refused for good.
     l2.fail_writes_of(Some("bad"), false);
     let refused = cache
         .set_many(keys.map(|key| (key, "newer".to_owned())))
@@ -216,23 +215,36 @@ async fn delete_many_removes_from_both_tiers_counts_and_the_others_evict() {
     assert_eq!(third.get("k0").await.unwrap(), None);
 }
 
-/// An L2 whose writes take 10 ms (50 ms for a value that says "slow"), counting how many are
-/// in flight at most.
+/// An L2 whose writes take 10 ms (50 ms for a value that says "slow"), counting them and how
+/// many are in flight at most. A value that says "fail-slow" times out after its 50 ms; one
+/// that says "fail-fast" is refused at once.
 #[derive(Debug, Default)]
 struct SlowWrites {
     inner: MemoryStore,
     in_flight: AtomicUsize,
     most: AtomicUsize,
+    writes: AtomicUsize,
 }
 
 impl SlowWrites {
-    async fn write(&self, value: &[u8]) {
+    async fn write(&self, value: &[u8]) -> tierstack::Result<()> {
+        let says = |word: &[u8]| value.windows(word.len()).any(|window| window == word);
+        if says(b"fail-fast") {
+            return Err(CacheError::ValueTooLarge { size: 2, max: 1 });
+        }
+        self.writes.fetch_add(1, Ordering::SeqCst);
         let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
         self.most.fetch_max(now, Ordering::SeqCst);
-        let slow = value.windows(4).any(|window| window == b"slow");
         // paused clock: the writes overlap only if they are made together.
-        tokio::time::sleep(Duration::from_millis(if slow { 50 } else { 10 })).await;
+        tokio::time::sleep(Duration::from_millis(if says(b"slow") { 50 } else { 10 })).await;
         self.in_flight.fetch_sub(1, Ordering::SeqCst);
+        if says(b"fail-slow") {
+            return Err(CacheError::Timeout {
+                operation: "set",
+                after: Duration::from_millis(50),
+            });
+        }
+        Ok(())
     }
 
     /// The most writes in flight at once since the last call.
@@ -247,7 +259,7 @@ impl tierstack::core::Store for SlowWrites {
         self.inner.get(key).await
     }
     async fn set(&self, key: &str, value: bytes::Bytes, ttl: Duration) -> tierstack::Result<()> {
-        self.write(&value).await;
+        self.write(&value).await?;
         self.inner.set(key, value, ttl).await
     }
     async fn set_if_absent(
@@ -264,7 +276,7 @@ impl tierstack::core::Store for SlowWrites {
         value: bytes::Bytes,
         ttl: Duration,
     ) -> tierstack::Result<Option<bytes::Bytes>> {
-        self.write(&value).await;
+        self.write(&value).await?;
         self.inner.replace(key, value, ttl).await
     }
     async fn compare_and_set(
@@ -410,6 +422,40 @@ async fn each_entry_lives_its_ttl_from_its_own_write() {
         longest = longest.max(ttl);
     }
     assert!(longest >= Duration::from_secs(59), "{longest:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_first_error_is_that_of_the_first_failed_entry_not_the_first_to_fail() {
+    let cache = TieredCache::<String>::builder("test")
+        .l2(Arc::new(SlowWrites::default()))
+        .build()
+        .unwrap();
+    let batch = vec![
+        ("a".to_owned(), "fail-slow".to_owned()),
+        ("b".to_owned(), "fail-fast".to_owned()),
+        ("c".to_owned(), "v".to_owned()),
+    ];
+    let error = cache.set_many(batch).await.unwrap_err();
+    assert!(matches!(error, CacheError::Timeout { .. }), "{error:?}");
+    assert_eq!(cache.get("c").await.unwrap().as_deref(), Some("v"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_key_listed_twice_is_written_once() {
+    let l2 = Arc::new(SlowWrites::default());
+    let cache = TieredCache::<String>::builder("test")
+        .l2(l2.clone())
+        .build()
+        .unwrap();
+    let batch = vec![
+        ("a".to_owned(), "1".to_owned()),
+        ("b".to_owned(), "2".to_owned()),
+        ("a".to_owned(), "3".to_owned()),
+    ];
+    cache.set_many(batch).await.unwrap();
+    assert_eq!(l2.writes.swap(0, Ordering::SeqCst), 2);
+    assert_eq!(cache.delete_many(&["a", "b", "a"]).await.unwrap(), 2);
+    assert_eq!(l2.writes.load(Ordering::SeqCst), 2, "a tombstone each");
 }
 
 #[tokio::test]

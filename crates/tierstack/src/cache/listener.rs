@@ -47,9 +47,7 @@ where
                     Invalidation::Prefix { prefix, at } => {
                         self.forget_kept_prefix(prefix, Some(*at));
                         self.freshness.bump_all();
-                        if let Some(l1) = &self.l1 {
-                            l1.invalidate_prefix(prefix);
-                        }
+                        self.evict_prefix_locally(prefix);
                         self.lease_waiters.wake_all();
                     }
                     // Nothing to evict: each tagged entry is judged against the tag when read.

@@ -126,6 +126,7 @@ where
                 ready.push_back(queue);
             }
         }
+        debug_assert!(outcomes.iter().all(Option::is_some), "every item ran once");
         outcomes.into_iter().flatten().collect()
     }
 }

@@ -544,8 +544,9 @@ where
 
     /// Writes every `(key, value)` of `entries` with the default TTL, each as
     /// [`set`](Self::set) writes one, up to 64 at once: on Redis their commands share round
-    /// trips. Of two entries with the same key, the later is written. Keys of one freshness
-    /// stripe are written one after the other, so that each value stays in this instance's L1.
+    /// trips. Of two entries with the same key, the later is written. Two writes of one call
+    /// never make each other's value leave this instance's L1 (keys that share a generation
+    /// of the cache's freshness checks are written one after the other).
     ///
     /// The call is not atomic and its duration is not bounded by the L2 timeout (each write
     /// is). Cancelled, it leaves the writes it finished, and the ones in flight handled as a
@@ -975,17 +976,11 @@ where
         self.inner.recorder.subscribe()
     }
 
-    /// The counters of this cache since it was built, and L1's size now (moka's pending
-    /// housekeeping runs first, so that the size is exact).
+    /// The counters of this cache since it was built, and L1's size as moka last counted it.
     pub fn stats(&self) -> CacheStats {
         let mut stats = self.inner.recorder.snapshot();
         if let Some(l1) = &self.inner.l1 {
-            // moka counts lazily: its pending housekeeping first, for exact sizes.
-            l1.run_pending_tasks();
             (stats.l1_entries, stats.l1_weighted_size) = (l1.entry_count(), l1.weighted_size());
-            self.inner
-                .recorder
-                .l1_size(stats.l1_entries, stats.l1_weighted_size);
         }
         stats
     }
@@ -998,11 +993,6 @@ where
 {
     fn check_key(&self, key: &str) -> Result<()> {
         validate_key(key, self.settings.max_key_len)
-    }
-
-    /// L1's size as moka last counted it, to the gauges: on every fill, the place it grows.
-    fn report_l1_size(&self, l1: &L1Cache<V>) {
-        self.recorder.l1_size(l1.entry_count(), l1.weighted_size());
     }
 
     /// The life of an entry written with `options` and `ttl` (jittered): fresh for the TTL,
@@ -1028,6 +1018,7 @@ where
         self.freshness.bump_key(key);
         if let Some(l1) = &self.l1 {
             l1.invalidate(key);
+            self.report_l1_size(l1);
         }
     }
 
@@ -1037,6 +1028,7 @@ where
         self.freshness.bump_local_key(key);
         if let Some(l1) = &self.l1 {
             l1.invalidate(key);
+            self.report_l1_size(l1);
         }
     }
 
@@ -1045,6 +1037,21 @@ where
         self.freshness.bump_local();
         if let Some(l1) = &self.l1 {
             l1.invalidate_all();
+            self.report_l1_size(l1);
         }
+    }
+
+    /// Removes every key under `prefix` from L1 (the caller has bumped the generations).
+    fn evict_prefix_locally(&self, prefix: &str) {
+        if let Some(l1) = &self.l1 {
+            l1.invalidate_prefix(prefix);
+            self.report_l1_size(l1);
+        }
+    }
+
+    /// L1's size as moka last counted it (its housekeeping runs as the cache is used), to the
+    /// gauges: at every fill and removal this cache makes.
+    fn report_l1_size(&self, l1: &L1Cache<V>) {
+        self.recorder.l1_size(l1.entry_count(), l1.weighted_size());
     }
 }

@@ -206,9 +206,7 @@ where
         }
         if skips.l2_write {
             self.freshness.bump_local();
-            if let Some(l1) = &self.l1 {
-                l1.invalidate_prefix(prefix);
-            }
+            self.evict_prefix_locally(prefix);
             return Ok(0);
         }
         let deadline = self.deadline();
@@ -249,9 +247,7 @@ where
             None => Ok(0),
         };
         self.freshness.bump_all();
-        if let Some(l1) = &self.l1 {
-            l1.invalidate_prefix(prefix);
-        }
+        self.evict_prefix_locally(prefix);
         // Whatever the scan did, it may have removed entries: the others evict too (a call
         // that skips the backplane tells them only when the outcome is unknown). One the
         // breaker refused removed nothing: told as a refused write is, without a wait. The
