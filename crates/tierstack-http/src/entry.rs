@@ -257,19 +257,21 @@ impl CachedResponse {
             label
         };
         headers.insert(crate::X_CACHE, label);
-        let (status, body) = if not_modified(if_none_match, headers.get(ETAG)) {
-            headers = headers_of_304(&headers);
-            (StatusCode::NOT_MODIFIED, Bytes::new())
-        } else if head {
-            // The length of the body a GET would get, not of the empty one sent.
-            headers.insert(
-                http::header::CONTENT_LENGTH,
-                HeaderValue::from(self.0.body.len()),
-            );
-            (self.0.status, Bytes::new())
-        } else {
-            (self.0.status, self.0.body.clone())
-        };
+        // A 304 stands only for a success (RFC 9110, 13.2.1): a stored 404 answers as itself.
+        let (status, body) =
+            if self.0.status.is_success() && not_modified(if_none_match, headers.get(ETAG)) {
+                headers = headers_of_304(&headers);
+                (StatusCode::NOT_MODIFIED, Bytes::new())
+            } else if head {
+                // The length of the body a GET would get, not of the empty one sent.
+                headers.insert(
+                    http::header::CONTENT_LENGTH,
+                    HeaderValue::from(self.0.body.len()),
+                );
+                (self.0.status, Bytes::new())
+            } else {
+                (self.0.status, self.0.body.clone())
+            };
         let mut response = Response::new(body);
         *response.status_mut() = status;
         *response.headers_mut() = headers;
@@ -434,9 +436,24 @@ mod tests {
             Some(&HeaderValue::from(4)),
             "HEAD says how long the GET's body is"
         );
-        let not_modified = stored.answer(&[etag], false, (hit, NOW));
+        let not_modified = stored.answer(&[etag.clone()], false, (hit.clone(), NOW));
         assert_eq!(not_modified.status(), StatusCode::NOT_MODIFIED);
         assert!(not_modified.body().is_empty());
+        let kept = not_modified.headers();
+        assert_eq!(kept.get(ETAG), Some(&etag));
+        assert!(kept.contains_key(AGE) && kept.contains_key(crate::X_CACHE));
+        assert!(!kept.contains_key(http::header::CONTENT_TYPE));
+        // Only a success stands for a 304.
+        let missing = CachedResponse::new(
+            StatusCode::NOT_FOUND,
+            &headers,
+            Bytes::from("none"),
+            &skip,
+            (NOW, MINUTE),
+        );
+        let star = HeaderValue::from_static("*");
+        let answer = missing.answer(&[star], false, (hit, NOW));
+        assert_eq!(answer.status(), StatusCode::NOT_FOUND);
     }
 
     #[test]

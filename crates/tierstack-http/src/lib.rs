@@ -67,7 +67,8 @@
 //! the copy a little longer; a copy that `expire_tag` turned into a fallback before that age
 //! still reads `HIT`.
 //! A request whose `If-None-Match` names the `ETag` gets `304 Not Modified` without running the
-//! handler (one with `If-Match` or `If-Unmodified-Since` is the handler's to judge);
+//! handler (one with `If-Match` or `If-Unmodified-Since` passes the cache by: the handler
+//! judges it);
 //! [`revalidate_unstored`](HttpCacheLayer::revalidate_unstored) extends it to responses the
 //! layer does not store. Concurrent misses of one key run the handler once; a response that
 //! may not be stored goes only to its own request, and each other waiting request runs the
@@ -118,6 +119,7 @@ impl std::fmt::Debug for HttpCacheLayer {
             .field("namespace", &self.shared.cache.namespace())
             .field("vary_on", &self.shared.rules.vary_on)
             .field("max_body", &self.shared.rules.max_body)
+            .field("revalidate_unstored", &self.shared.revalidate_unstored)
             .finish_non_exhaustive()
     }
 }

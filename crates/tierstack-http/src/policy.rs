@@ -3,7 +3,9 @@
 
 use std::time::Duration;
 
-use http::header::{AUTHORIZATION, CACHE_CONTROL, COOKIE, SET_COOKIE, VARY};
+use http::header::{
+    AUTHORIZATION, CACHE_CONTROL, COOKIE, IF_MATCH, IF_UNMODIFIED_SINCE, SET_COOKIE, VARY,
+};
 use http::{HeaderMap, HeaderName, Method, StatusCode};
 
 /// The directives of a `Cache-Control` header this cache acts on.
@@ -88,7 +90,11 @@ impl RequestRules {
         let directives = Directives::of(headers);
         let credentials = (headers.contains_key(AUTHORIZATION) && !self.authorized)
             || (headers.contains_key(COOKIE) && !self.with_cookies && !self.cookies_vary);
-        if directives.no_store || credentials {
+        // Preconditions that come before `If-None-Match` (RFC 9110, 13.2.2) and that only the
+        // handler can judge (a `412`): the request meets the handler, not the cache.
+        let preconditions =
+            headers.contains_key(IF_MATCH) || headers.contains_key(IF_UNMODIFIED_SINCE);
+        if directives.no_store || credentials || preconditions {
             return Lookup::Bypass;
         }
         let refresh = self.honor_no_cache && (directives.no_cache || directives.max_age == Some(0));

@@ -15,7 +15,8 @@ pub enum L1Capacity<V> {
     /// At most this many entries.
     Entries(u64),
     /// At most this many bytes, as the weigher counts them. Add ~300 bytes of moka overhead per
-    /// entry to the weigher to bound real memory.
+    /// entry to the weigher to bound real memory. A negative entry (no value to weigh) weighs
+    /// its key and [`NEGATIVE_ENTRY_OVERHEAD`].
     Bytes {
         /// The budget in bytes.
         max_bytes: u64,

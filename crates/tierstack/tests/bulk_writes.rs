@@ -430,11 +430,17 @@ async fn the_first_error_is_that_of_the_first_failed_entry_not_the_first_to_fail
         .l2(Arc::new(SlowWrites::default()))
         .build()
         .unwrap();
-    let batch = vec![
-        ("a".to_owned(), "fail-slow".to_owned()),
-        ("b".to_owned(), "fail-fast".to_owned()),
-        ("c".to_owned(), "v".to_owned()),
-    ];
+    // Several that fail fast, so that one at least has a stripe of its own and fails first.
+    let batch = [("a", "fail-slow")]
+        .into_iter()
+        .chain((0..8).map(|i| {
+            (
+                ["b0", "b1", "b2", "b3", "b4", "b5", "b6", "b7"][i],
+                "fail-fast",
+            )
+        }))
+        .chain([("c", "v")])
+        .map(|(key, value)| (key.to_owned(), value.to_owned()));
     let error = cache.set_many(batch).await.unwrap_err();
     assert!(matches!(error, CacheError::Timeout { .. }), "{error:?}");
     assert_eq!(cache.get("c").await.unwrap().as_deref(), Some("v"));

@@ -976,11 +976,15 @@ where
         self.inner.recorder.subscribe()
     }
 
-    /// The counters of this cache since it was built, and L1's size as moka last counted it.
+    /// The counters of this cache since it was built, and L1's size as moka last counted it
+    /// (also reported to the `tierstack_l1_*` gauges: call it from a metrics scrape, say, for
+    /// gauges that follow a cache at rest).
     pub fn stats(&self) -> CacheStats {
         let mut stats = self.inner.recorder.snapshot();
         if let Some(l1) = &self.inner.l1 {
             (stats.l1_entries, stats.l1_weighted_size) = (l1.entry_count(), l1.weighted_size());
+            // And to the gauges, which an idle cache would not otherwise update.
+            self.inner.report_l1_size(l1);
         }
         stats
     }
@@ -1049,8 +1053,9 @@ where
         }
     }
 
-    /// L1's size as moka last counted it (its housekeeping runs as the cache is used), to the
-    /// gauges: at every fill and removal this cache makes.
+    /// L1's size as moka last counted it, to the gauges: at every fill and removal this cache
+    /// makes, and at `stats()`. moka counts in its housekeeping, which runs as the cache is
+    /// used, before the operation that triggers it: a removal shows at a later report.
     fn report_l1_size(&self, l1: &L1Cache<V>) {
         self.recorder.l1_size(l1.entry_count(), l1.weighted_size());
     }
