@@ -436,7 +436,7 @@ mod tests {
             Some(&HeaderValue::from(4)),
             "HEAD says how long the GET's body is"
         );
-        let not_modified = stored.answer(&[etag.clone()], false, (hit.clone(), NOW));
+        let not_modified = stored.answer(std::slice::from_ref(&etag), false, (hit.clone(), NOW));
         assert_eq!(not_modified.status(), StatusCode::NOT_MODIFIED);
         assert!(not_modified.body().is_empty());
         let kept = not_modified.headers();
