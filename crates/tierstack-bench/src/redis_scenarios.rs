@@ -399,14 +399,13 @@ impl Workload for RawSet {
     }
 }
 
-/// `set` (write-through, with the invalidation publish) vs raw SET, one task.
-pub(crate) async fn write_through_redis(sizes: &Sizes) -> Vec<Record> {
-    let keys = keys(sizes.keys);
-    let config = config("bench-write:");
-    let (store, backplane) = RedisStore::connect_with_backplane(&config)
+/// A cache writing through to Redis under `prefix`, with L1 and a paired backplane (each
+/// write publishes its invalidation in its own round trip).
+async fn write_through_cache(prefix: &str) -> TieredCache<String> {
+    let (store, backplane) = RedisStore::connect_with_backplane(&config(prefix))
         .await
         .unwrap_or_else(|e| fail(e));
-    let cache = TieredCache::builder("bench")
+    TieredCache::builder("bench")
         .l2(Arc::new(store))
         .backplane(Arc::new(backplane))
         .l1_capacity(L1Capacity::Entries(100_000))
@@ -414,7 +413,13 @@ pub(crate) async fn write_through_redis(sizes: &Sizes) -> Vec<Record> {
         // Throughput is measured here, not failure handling: never give up on a slow call.
         .l2_timeout(BENCH_L2_TIMEOUT)
         .build()
-        .unwrap_or_else(|e| fail(e));
+        .unwrap_or_else(|e| fail(e))
+}
+
+/// `set` (write-through, with the invalidation publish) vs raw SET, one task.
+pub(crate) async fn write_through_redis(sizes: &Sizes) -> Vec<Record> {
+    let keys = keys(sizes.keys);
+    let cache = write_through_cache("bench-write:").await;
     let raw_keys = Arc::new(
         keys.iter()
             .map(|k| format!("{}raw-write:{k}", run_prefix()))
@@ -469,18 +474,7 @@ impl Workload for SequentialSets {
 /// write publishes its invalidation), one task.
 pub(crate) async fn set_many_redis(sizes: &Sizes) -> Vec<Record> {
     let keys = keys(sizes.keys);
-    let config = config("bench-set-many:");
-    let (store, backplane) = RedisStore::connect_with_backplane(&config)
-        .await
-        .unwrap_or_else(|e| fail(e));
-    let cache = TieredCache::builder("bench")
-        .l2(Arc::new(store))
-        .backplane(Arc::new(backplane))
-        .l1_capacity(L1Capacity::Entries(100_000))
-        .default_ttl(TTL)
-        .l2_timeout(BENCH_L2_TIMEOUT)
-        .build()
-        .unwrap_or_else(|e| fail(e));
+    let cache = write_through_cache("bench-set-many:").await;
     let many = Arc::new(SetMany {
         cache: cache.clone(),
         keys: keys.clone(),

@@ -217,13 +217,14 @@ async fn delete_many_removes_from_both_tiers_counts_and_the_others_evict() {
 
 /// An L2 whose writes take 10 ms (50 ms for a value that says "slow"), counting them and how
 /// many are in flight at most. A value that says "fail-slow" times out after its 50 ms; one
-/// that says "fail-fast" is refused at once.
+/// that says "fail-fast" is refused at once. With a `clock`, each write moves it on by 100 ms.
 #[derive(Debug, Default)]
 struct SlowWrites {
     inner: MemoryStore,
     in_flight: AtomicUsize,
     most: AtomicUsize,
     writes: AtomicUsize,
+    clock: Option<ManualClock>,
 }
 
 impl SlowWrites {
@@ -233,6 +234,9 @@ impl SlowWrites {
             return Err(CacheError::ValueTooLarge { size: 2, max: 1 });
         }
         self.writes.fetch_add(1, Ordering::SeqCst);
+        if let Some(clock) = &self.clock {
+            clock.advance(Duration::from_millis(100));
+        }
         let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
         self.most.fetch_max(now, Ordering::SeqCst);
         // paused clock: the writes overlap only if they are made together.
@@ -341,69 +345,13 @@ async fn the_writer_keeps_every_value_it_wrote_in_l1() {
     );
 }
 
-/// An L2 whose every write moves the clock on by 100 ms.
-#[derive(Debug)]
-struct ClockedWrites {
-    inner: MemoryStore,
-    clock: ManualClock,
-}
-
-#[async_trait::async_trait]
-impl tierstack::core::Store for ClockedWrites {
-    async fn get(&self, key: &str) -> tierstack::Result<Option<bytes::Bytes>> {
-        self.inner.get(key).await
-    }
-    async fn set(&self, key: &str, value: bytes::Bytes, ttl: Duration) -> tierstack::Result<()> {
-        self.clock.advance(Duration::from_millis(100));
-        self.inner.set(key, value, ttl).await
-    }
-    async fn set_if_absent(
-        &self,
-        key: &str,
-        value: bytes::Bytes,
-        ttl: Duration,
-    ) -> tierstack::Result<bool> {
-        self.inner.set_if_absent(key, value, ttl).await
-    }
-    async fn replace(
-        &self,
-        key: &str,
-        value: bytes::Bytes,
-        ttl: Duration,
-    ) -> tierstack::Result<Option<bytes::Bytes>> {
-        self.inner.replace(key, value, ttl).await
-    }
-    async fn compare_and_set(
-        &self,
-        key: &str,
-        current: &[u8],
-        new: Option<(bytes::Bytes, Duration)>,
-    ) -> tierstack::Result<bool> {
-        self.inner.compare_and_set(key, current, new).await
-    }
-    async fn delete(&self, key: &str) -> tierstack::Result<bool> {
-        self.inner.delete(key).await
-    }
-    async fn expire(&self, key: &str, ttl: Duration) -> tierstack::Result<bool> {
-        self.inner.expire(key, ttl).await
-    }
-    async fn ttl(&self, key: &str) -> tierstack::Result<Option<Duration>> {
-        self.inner.ttl(key).await
-    }
-    async fn delete_prefix(&self, prefix: &str) -> tierstack::Result<u64> {
-        self.inner.delete_prefix(prefix).await
-    }
-    async fn ping(&self) -> tierstack::Result<()> {
-        Ok(())
-    }
-}
-
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn each_entry_lives_its_ttl_from_its_own_write() {
     let clock = ManualClock::new();
-    let l2 = Arc::new(ClockedWrites {
+    let l2 = Arc::new(SlowWrites {
         inner: MemoryStore::with_clock(Arc::new(clock.clone())),
-        clock: clock.clone(),
+        clock: Some(clock.clone()),
+        ..SlowWrites::default()
     });
     let build = || {
         TieredCache::<String>::builder("test")
