@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{
-    AGE, CACHE_CONTROL, CONNECTION, CONTENT_LOCATION, DATE, ETAG, EXPIRES, IF_MATCH, IF_NONE_MATCH,
-    IF_UNMODIFIED_SINCE, LAST_MODIFIED, SET_COOKIE, VARY,
+    AGE, CACHE_CONTROL, CONNECTION, CONTENT_LOCATION, DATE, ETAG, EXPIRES, IF_NONE_MATCH,
+    LAST_MODIFIED, SET_COOKIE, VARY,
 };
 use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
 use serde::{Deserialize, Serialize};
@@ -283,7 +283,7 @@ impl CachedResponse {
 /// none where the request has an `If-Match` or `If-Unmodified-Since`, which come first (RFC
 /// 9110, 13.2.2) and which only the handler can judge.
 pub(crate) fn if_none_match(request: &HeaderMap) -> Vec<HeaderValue> {
-    if request.contains_key(IF_MATCH) || request.contains_key(IF_UNMODIFIED_SINCE) {
+    if crate::policy::has_earlier_preconditions(request) {
         return Vec::new();
     }
     request.get_all(IF_NONE_MATCH).iter().cloned().collect()

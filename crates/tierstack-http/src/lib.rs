@@ -68,12 +68,12 @@
 //! still reads `HIT`.
 //! A request whose `If-None-Match` names the `ETag` gets `304 Not Modified` without running the
 //! handler (one with `If-Match` or `If-Unmodified-Since` passes the cache by: the handler
-//! judges it);
-//! [`revalidate_unstored`](HttpCacheLayer::revalidate_unstored) extends it to responses the
-//! layer does not store. Concurrent misses of one key run the handler once; a response that
-//! may not be stored goes only to its own request, and each other waiting request runs the
-//! handler itself. A handler can tag a response with the `x-tierstack-tags` header (a comma-separated
-//! list; [`tag_header`](HttpCacheLayer::tag_header) renames it), which the layer removes:
+//! judges it); [`revalidate_unstored`](HttpCacheLayer::revalidate_unstored) extends it to
+//! responses the layer does not store. Concurrent misses of one key run the handler once; a
+//! response that may not be stored goes only to its own request, and each other waiting
+//! request runs the handler itself. A handler can tag a response with the `x-tierstack-tags`
+//! header (a comma-separated list; [`tag_header`](HttpCacheLayer::tag_header) renames it),
+//! which the layer removes:
 //! [`invalidate_tag`](HttpCacheLayer::invalidate_tag) then drops every response carrying it,
 //! on every instance.
 

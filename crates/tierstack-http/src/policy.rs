@@ -85,16 +85,19 @@ pub(crate) struct RequestRules {
     pub(crate) honor_no_cache: bool,
 }
 
+/// Whether a request has preconditions that come before `If-None-Match` (RFC 9110, 13.2.2):
+/// `If-Match` or `If-Unmodified-Since`.
+pub(crate) fn has_earlier_preconditions(headers: &HeaderMap) -> bool {
+    headers.contains_key(IF_MATCH) || headers.contains_key(IF_UNMODIFIED_SINCE)
+}
+
 impl RequestRules {
     pub(crate) fn lookup(self, method: &Method, headers: &HeaderMap) -> Lookup {
         let directives = Directives::of(headers);
         let credentials = (headers.contains_key(AUTHORIZATION) && !self.authorized)
             || (headers.contains_key(COOKIE) && !self.with_cookies && !self.cookies_vary);
-        // Preconditions that come before `If-None-Match` (RFC 9110, 13.2.2) and that only the
-        // handler can judge (a `412`): the request meets the handler, not the cache.
-        let preconditions =
-            headers.contains_key(IF_MATCH) || headers.contains_key(IF_UNMODIFIED_SINCE);
-        if directives.no_store || credentials || preconditions {
+        // Only the handler can judge those preconditions (a `412`).
+        if directives.no_store || credentials || has_earlier_preconditions(headers) {
             return Lookup::Bypass;
         }
         let refresh = self.honor_no_cache && (directives.no_cache || directives.max_age == Some(0));

@@ -7,23 +7,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use common::{Fixture, PickyStore, instances};
+use common::{Fixture, PickyStore, eventually, instances};
 use tierstack::core::clock::ManualClock;
 use tierstack::core::testkit::MemoryStore;
 use tierstack::{CacheError, EntryOptions, TieredCache};
 
-/// Polls `check` until it holds (the backplane delivers in a task of its own).
-async fn eventually(mut check: impl AsyncFnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while !check().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "condition not reached within 5 s"
-        );
-        // poll loop
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
+/// How long a condition polled for may take.
+const WITHIN: Duration = Duration::from_secs(5);
 
 fn entries(range: std::ops::Range<usize>, version: &str) -> Vec<(String, String)> {
     range
@@ -48,7 +38,10 @@ async fn set_many_writes_both_tiers_and_the_other_instances_evict_their_copies()
     for i in 0..100 {
         let key = format!("k{i}");
         assert_eq!(writer.get(&key).await.unwrap(), Some(format!("new{i}")));
-        eventually(async || reader.get(&key).await.unwrap() == Some(format!("new{i}"))).await;
+        eventually(WITHIN, async || {
+            reader.get(&key).await.unwrap() == Some(format!("new{i}"))
+        })
+        .await;
     }
     // A third instance reads them from L2.
     let third = &instances(1, Some(&l2))[0];
@@ -177,13 +170,16 @@ async fn failed_writes_return_the_first_error_and_the_other_writes_stand() {
     l2.fail_writes_of(None, false);
     for key in ["k0", "k1"] {
         assert_eq!(cache.get(key).await.unwrap().as_deref(), Some("newer"));
-        eventually(async || other.get(key).await.unwrap().as_deref() == Some("newer")).await;
+        eventually(WITHIN, async || {
+            other.get(key).await.unwrap().as_deref() == Some("newer")
+        })
+        .await;
     }
     // bad-2 was written by the first call. After a failed write, the writer and the others
     // read L2 again.
     for (key, in_l2) in [("bad-1", "old"), ("bad-2", "new")] {
         assert_eq!(cache.get(key).await.unwrap().as_deref(), Some(in_l2));
-        eventually(async || {
+        eventually(WITHIN, async || {
             let l2_hits = other.stats().l2_hits;
             other.get(key).await.unwrap();
             other.stats().l2_hits > l2_hits
@@ -208,7 +204,7 @@ async fn delete_many_removes_from_both_tiers_counts_and_the_others_evict() {
     assert_eq!(removed, 2, "the two keys that held a value, k0 once");
     for key in ["k0", "k1"] {
         assert_eq!(writer.get(key).await.unwrap(), None);
-        eventually(async || reader.get(key).await.unwrap().is_none()).await;
+        eventually(WITHIN, async || reader.get(key).await.unwrap().is_none()).await;
     }
     assert_eq!(reader.get("k2").await.unwrap().as_deref(), Some("v2"));
     let third = &instances(1, Some(&l2))[0];

@@ -8,21 +8,13 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use common::Fixture;
+use common::{Fixture, eventually};
 use tierstack::TieredCache;
 use tierstack::core::testkit::{MemoryBus, MemoryStore};
 use tokio::sync::Notify;
 
-async fn eventually(mut check: impl AsyncFnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
-    while !check().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "condition not reached within a second"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
+/// How long a condition polled for may take.
+const WITHIN: Duration = Duration::from_secs(1);
 
 fn instances(count: usize) -> (Arc<MemoryStore>, MemoryBus, Vec<TieredCache<String>>) {
     let l2 = Arc::new(MemoryStore::new());
@@ -48,7 +40,10 @@ async fn a_write_on_one_instance_evicts_every_other_l1() {
     }
     caches[1].set("k", "v2".into()).await.unwrap();
     for cache in &caches {
-        eventually(async || cache.get("k").await.unwrap() == Some("v2".into())).await;
+        eventually(WITHIN, async || {
+            cache.get("k").await.unwrap() == Some("v2".into())
+        })
+        .await;
     }
     // Once delivered, no instance serves the old value again.
     for cache in &caches {
@@ -65,7 +60,7 @@ async fn a_write_on_one_instance_evicts_every_other_l1() {
             .map(|c| c.stats().invalidations_received)
             .collect()
     };
-    eventually(async || received() == [1, 1, 2]).await;
+    eventually(WITHIN, async || received() == [1, 1, 2]).await;
     assert_eq!(received(), vec![1, 1, 2], "no more than that");
 }
 
@@ -83,7 +78,7 @@ async fn deletes_and_prefix_deletes_reach_every_instance() {
     caches[2].delete("b:1").await.unwrap();
     caches[2].delete_prefix("a:").await.unwrap();
     for cache in &caches {
-        eventually(async || {
+        eventually(WITHIN, async || {
             cache.get("a:1").await.unwrap().is_none()
                 && cache.get("a:2").await.unwrap().is_none()
                 && cache.get("b:1").await.unwrap().is_none()
@@ -96,7 +91,10 @@ async fn deletes_and_prefix_deletes_reach_every_instance() {
 async fn a_resync_clears_l1() {
     let (l2, bus, caches) = instances(2);
     caches[0].set("k", "v1".into()).await.unwrap();
-    eventually(async || caches[1].stats().invalidations_received == 1).await;
+    eventually(WITHIN, async || {
+        caches[1].stats().invalidations_received == 1
+    })
+    .await;
     assert_eq!(caches[1].get("k").await.unwrap(), Some("v1".into()));
     // A write whose invalidation is lost (a writer without the backplane)...
     let other: TieredCache<String> = TieredCache::builder("shared")
@@ -111,7 +109,10 @@ async fn a_resync_clears_l1() {
     );
     // ...is repaired by the resync that follows a lost subscription.
     bus.resync_all();
-    eventually(async || caches[1].get("k").await.unwrap() == Some("v2".into())).await;
+    eventually(WITHIN, async || {
+        caches[1].get("k").await.unwrap() == Some("v2".into())
+    })
+    .await;
     assert!(caches[1].stats().resyncs >= 1);
 }
 
@@ -217,10 +218,10 @@ async fn a_dropped_cache_stops_listening() {
         2,
         "the dropped caches are gone at once: only the test and the survivor hold the L2"
     );
-    eventually(async || metrics.num_alive_tasks() == before + 1).await;
+    eventually(WITHIN, async || metrics.num_alive_tasks() == before + 1).await;
     survivor.set("k", "v".into()).await.unwrap();
     bus.resync_all();
-    eventually(async || survivor.stats().resyncs == 1).await;
+    eventually(WITHIN, async || survivor.stats().resyncs == 1).await;
 }
 
 /// While the subscription is lost, writes of other instances go unannounced: a deaf instance
@@ -234,7 +235,7 @@ async fn a_deaf_instance_serves_from_l2_until_it_hears_again() {
     writer.set("k", "v1".into()).await.unwrap();
     assert_eq!(deaf.get("k").await.unwrap(), Some("v1".into()));
     bus.lose_all();
-    eventually(async || deaf.stats().resyncs == 1).await;
+    eventually(WITHIN, async || deaf.stats().resyncs == 1).await;
     let hits = deaf.stats().l1_hits;
     assert_eq!(deaf.get("k").await.unwrap(), Some("v1".into()));
     assert_eq!(deaf.get("k").await.unwrap(), Some("v1".into()));
@@ -246,7 +247,7 @@ async fn a_deaf_instance_serves_from_l2_until_it_hears_again() {
     writer.set("k", "v2".into()).await.unwrap(); // nobody hears of it
     assert_eq!(deaf.get("k").await.unwrap(), Some("v2".into()));
     bus.resync_all();
-    eventually(async || deaf.stats().resyncs == 2).await;
+    eventually(WITHIN, async || deaf.stats().resyncs == 2).await;
     assert_eq!(deaf.get("k").await.unwrap(), Some("v2".into()));
     assert_eq!(deaf.get("k").await.unwrap(), Some("v2".into()));
     assert_eq!(deaf.stats().l1_hits, hits + 1, "filled again once it hears");
@@ -333,7 +334,10 @@ async fn a_failed_publish_is_tried_again() {
     assert_eq!(reader.get("k").await.unwrap(), Some("v1".into()), "in L1");
     writer.set("k", "v2".into()).await.unwrap();
     assert_eq!(writer.stats().publish_errors, 1, "the first publish failed");
-    eventually(async || reader.get("k").await.unwrap() == Some("v2".into())).await;
+    eventually(WITHIN, async || {
+        reader.get("k").await.unwrap() == Some("v2".into())
+    })
+    .await;
 }
 
 /// A backplane member that refuses its first `refusals` publishes: a backplane cut off for
@@ -406,7 +410,10 @@ async fn refused_writer_and_reader(
 async fn a_publish_that_fails_twice_is_sent_once_the_backplane_is_back() {
     let (writer, reader) = refused_writer_and_reader(5, Duration::from_millis(20)).await;
     writer.set("k", "v2".into()).await.unwrap();
-    eventually(async || reader.get("k").await.unwrap() == Some("v2".into())).await;
+    eventually(WITHIN, async || {
+        reader.get("k").await.unwrap() == Some("v2".into())
+    })
+    .await;
     assert_eq!(
         writer.stats().publish_errors,
         5,
@@ -486,5 +493,8 @@ async fn a_set_cancelled_while_publishing_still_reaches_the_others() {
         .expect("the publish starts");
     set.abort();
     assert!(set.await.unwrap_err().is_cancelled());
-    eventually(async || reader.get("k").await.unwrap() == Some("v2".into())).await;
+    eventually(WITHIN, async || {
+        reader.get("k").await.unwrap() == Some("v2".into())
+    })
+    .await;
 }

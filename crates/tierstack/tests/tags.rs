@@ -8,23 +8,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use common::{Fixture, PickyStore, instances};
+use common::{Fixture, PickyStore, eventually, instances};
 use tierstack::core::Store;
 use tierstack::core::tag::{MAX_TAG_LEN, MAX_TAGS, TagProblem, TagRecord};
 use tierstack::core::testkit::{MemoryBus, MemoryStore};
 use tierstack::{CacheError, EntryOptions, FailSafe, Loaded, Source, TieredCache};
 use tokio::sync::Notify;
 
-async fn eventually(mut check: impl AsyncFnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
-    while !check().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "condition not reached within two seconds"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await; // poll loop
-    }
-}
+/// How long a condition polled for may take.
+const WITHIN: Duration = Duration::from_secs(2);
 
 /// Fail-safe whose stale answers are re-tried after a millisecond.
 fn fail_safe(cache: &TieredCache<String>) -> EntryOptions {
@@ -71,7 +63,7 @@ async fn a_removed_tag_misses_on_every_instance_and_leaves_the_rest() {
     // At once on the instance that invalidated; within the delivery time on the other.
     assert_eq!(b.get("order:1").await.unwrap(), None);
     assert_eq!(b.get("order:2").await.unwrap(), None);
-    eventually(async || a.get("order:1").await.unwrap().is_none()).await;
+    eventually(WITHIN, async || a.get("order:1").await.unwrap().is_none()).await;
     for cache in [a, b] {
         assert_eq!(cache.get("order:2").await.unwrap(), None, "one tag of two");
         assert_eq!(cache.get("order:3").await.unwrap(), Some("o3".into()));
@@ -84,7 +76,10 @@ async fn a_removed_tag_misses_on_every_instance_and_leaves_the_rest() {
         .await
         .unwrap();
     for cache in [a, b] {
-        eventually(async || cache.get("order:1").await.unwrap() == Some("o1 v2".into())).await;
+        eventually(WITHIN, async || {
+            cache.get("order:1").await.unwrap() == Some("o1 v2".into())
+        })
+        .await;
     }
 }
 
@@ -113,7 +108,7 @@ async fn a_tag_invalidated_while_its_load_runs_keeps_the_value_out() {
         if on_other_instance {
             b.invalidate_tag("user:7").await.unwrap();
             // The message has reached `a` once `a` counts it.
-            eventually(async || a.stats().invalidations_received == 1).await;
+            eventually(WITHIN, async || a.stats().invalidations_received == 1).await;
         } else {
             a.invalidate_tag("user:7").await.unwrap();
         }
@@ -181,7 +176,10 @@ async fn expire_keeps_a_fallback_only_for_fail_safe_entries_and_remove_keeps_non
         (reloaded.value.as_str(), reloaded.source),
         ("fresh", Source::Loader)
     );
-    eventually(async || b.get("safe").await.unwrap() == Some("fresh".into())).await;
+    eventually(WITHIN, async || {
+        b.get("safe").await.unwrap() == Some("fresh".into())
+    })
+    .await;
     // A removal leaves no fallback, not even the stale copies re-armed above.
     a.set_with_tags("other", "x".into(), &["t"], &safe)
         .await
@@ -193,7 +191,7 @@ async fn expire_keeps_a_fallback_only_for_fail_safe_entries_and_remove_keeps_non
     );
     let heard = a.stats().invalidations_received;
     b.invalidate_tag("t").await.unwrap();
-    eventually(async || a.stats().invalidations_received > heard).await;
+    eventually(WITHIN, async || a.stats().invalidations_received > heard).await;
     for cache in [a, b] {
         assert_eq!(failing_load(cache, "safe", &fail_safe(cache)).await, None);
         assert_eq!(failing_load(cache, "other", &fail_safe(cache)).await, None);
@@ -232,11 +230,14 @@ async fn conditional_writes_carry_tags_and_an_invalidated_tag_ends_them_everywhe
             .unwrap()
     );
     for cache in [a, b] {
-        eventually(async || cache.get("s1").await.unwrap() == Some("v2".into())).await;
+        eventually(WITHIN, async || {
+            cache.get("s1").await.unwrap() == Some("v2".into())
+        })
+        .await;
     }
     a.invalidate_tag("user:7").await.unwrap();
     assert_eq!(a.get("s1").await.unwrap(), None);
-    eventually(async || b.get("s1").await.unwrap().is_none()).await;
+    eventually(WITHIN, async || b.get("s1").await.unwrap().is_none()).await;
     assert!(
         !b.set_if_present_with_tags("s1", "v3".into(), &tags, &options)
             .await
@@ -257,7 +258,10 @@ async fn conditional_writes_carry_tags_and_an_invalidated_tag_ends_them_everywhe
             .unwrap()
     );
     for cache in [a, b] {
-        eventually(async || cache.get("s1").await.unwrap() == Some("new".into())).await;
+        eventually(WITHIN, async || {
+            cache.get("s1").await.unwrap() == Some("new".into())
+        })
+        .await;
     }
     let bad = a
         .set_if_absent_with_tags("s3", "v".into(), &[""], &options)
@@ -426,7 +430,7 @@ async fn without_an_l2_tags_reach_every_instance_through_the_backplane() {
     }
     a.invalidate_tag("t").await.unwrap();
     assert_eq!(a.get("a").await.unwrap(), None);
-    eventually(async || b.get("b").await.unwrap().is_none()).await;
+    eventually(WITHIN, async || b.get("b").await.unwrap().is_none()).await;
     assert_eq!(b.get("plain-b").await.unwrap(), Some("p".into()));
     assert_eq!(a.get("plain-a").await.unwrap(), Some("p".into()));
     for (cache, own) in [(a, "a"), (b, "b")] {
@@ -560,7 +564,7 @@ async fn a_tag_message_this_build_would_refuse_is_dropped() {
             .await
             .unwrap();
     }
-    eventually(async || cache.stats().invalidations_received == 3).await;
+    eventually(WITHIN, async || cache.stats().invalidations_received == 3).await;
     assert_eq!(cache.get("k").await.unwrap(), Some("v".into()));
 }
 

@@ -731,7 +731,6 @@ where
         let Some(l1) = &self.l1 else { return };
         if self.freshness.own_key_unchanged(watch) {
             l1.invalidate(watch.key());
-            self.report_l1_size(l1);
         }
     }
 }

@@ -97,33 +97,32 @@ where
         let count = items.len();
         // Per stripe, its items in order; `ready` holds the stripes with items and none in
         // flight, in the order of their first item.
-        let mut queues: Vec<VecDeque<(usize, T)>> = Vec::new();
-        let mut queue_of_stripe = HashMap::new();
+        let mut queues: HashMap<usize, VecDeque<(usize, T)>> = HashMap::new();
+        let mut ready = VecDeque::new();
         for (index, item) in items.into_iter().enumerate() {
             let stripe = self.freshness.stripe(key_of(&item));
-            let queue = *queue_of_stripe.entry(stripe).or_insert_with(|| {
-                queues.push(VecDeque::new());
-                queues.len() - 1
+            let queue = queues.entry(stripe).or_insert_with(|| {
+                ready.push_back(stripe);
+                VecDeque::new()
             });
-            queues[queue].push_back((index, item));
+            queue.push_back((index, item));
         }
-        let mut ready: VecDeque<usize> = (0..queues.len()).collect();
         let mut outcomes: Vec<Option<R>> = (0..count).map(|_| None).collect();
         let mut running = FuturesUnordered::new();
         loop {
             while running.len() < BULK_WRITE_CONCURRENCY
-                && let Some(queue) = ready.pop_front()
-                && let Some((index, item)) = queues[queue].pop_front()
+                && let Some(stripe) = ready.pop_front()
+                && let Some((index, item)) = queues.get_mut(&stripe).and_then(VecDeque::pop_front)
             {
                 let called = call(item);
-                running.push(async move { (queue, index, called.await) });
+                running.push(async move { (stripe, index, called.await) });
             }
-            let Some((queue, index, outcome)) = running.next().await else {
+            let Some((stripe, index, outcome)) = running.next().await else {
                 break;
             };
             outcomes[index] = Some(outcome);
-            if !queues[queue].is_empty() {
-                ready.push_back(queue);
+            if queues.get(&stripe).is_some_and(|queue| !queue.is_empty()) {
+                ready.push_back(stripe);
             }
         }
         debug_assert!(outcomes.iter().all(Option::is_some), "every item ran once");

@@ -1022,7 +1022,6 @@ where
         self.freshness.bump_key(key);
         if let Some(l1) = &self.l1 {
             l1.invalidate(key);
-            self.report_l1_size(l1);
         }
     }
 
@@ -1032,7 +1031,6 @@ where
         self.freshness.bump_local_key(key);
         if let Some(l1) = &self.l1 {
             l1.invalidate(key);
-            self.report_l1_size(l1);
         }
     }
 
@@ -1041,7 +1039,6 @@ where
         self.freshness.bump_local();
         if let Some(l1) = &self.l1 {
             l1.invalidate_all();
-            self.report_l1_size(l1);
         }
     }
 
@@ -1049,13 +1046,12 @@ where
     fn evict_prefix_locally(&self, prefix: &str) {
         if let Some(l1) = &self.l1 {
             l1.invalidate_prefix(prefix);
-            self.report_l1_size(l1);
         }
     }
 
-    /// L1's size as moka last counted it, to the gauges: at every fill and removal this cache
-    /// makes, and at `stats()`. moka counts in its housekeeping, which runs as the cache is
-    /// used, before the operation that triggers it: a removal shows at a later report.
+    /// L1's size as moka last counted it, to the gauges: at every fill (where it grows) and at
+    /// `stats()`. moka counts in its housekeeping, which runs as the cache is used and before
+    /// the operation that triggers it, so a report at a removal would not show it anyway.
     fn report_l1_size(&self, l1: &L1Cache<V>) {
         self.recorder.l1_size(l1.entry_count(), l1.weighted_size());
     }

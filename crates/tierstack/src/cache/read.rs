@@ -673,7 +673,6 @@ where
             // and drop the older copy this value replaces (it stays as a last resort otherwise).
             // A stale copy answers only as fail-safe's last resort, deaf or not: it is kept.
             l1.invalidate(key);
-            self.report_l1_size(l1);
             return;
         }
         l1.insert(key.to_owned(), life.l1_entry(value, self.clock.now()));

@@ -48,6 +48,20 @@ impl Fixture {
     }
 }
 
+/// Polls `check` until it holds, failing the test after `within` (a backplane delivers in a
+/// task of its own).
+pub async fn eventually(within: Duration, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + within;
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition not reached within {within:?}"
+        );
+        // poll loop
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// Counts calls of a loader.
 #[derive(Clone, Default)]
 pub struct Calls(Arc<AtomicUsize>);
